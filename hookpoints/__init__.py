@@ -1,1 +1,3 @@
 """hookpoints."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,84 @@
+"""Shared rich consoles and output formats (table, csv, json) for command results."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import sys
+
+import pyarrow as pa
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+out = Console()
+err = Console(stderr=True)
+
+FORMATS = ("table", "csv", "json")
+
+
+def progress() -> Progress:
+    """A progress bar on stderr for long work (examples done, rate, time left)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    )
+
+
+def render(rows: pa.Table | list[dict], fmt: str = "table", *, title: str | None = None) -> None:
+    """Print rows as a rich table, CSV, or JSON (a list of row objects)."""
+    if isinstance(rows, pa.Table):
+        columns, records = rows.column_names, rows.to_pylist()
+    else:
+        records = rows
+        columns = list(records[0]) if records else []
+    if fmt == "json":
+        sys.stdout.write(json.dumps(records, default=_plain, ensure_ascii=False, indent=1) + "\n")
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        for record in records:
+            writer.writerow([_cell(record[c], csv_cell=True) for c in columns])
+    else:
+        table = Table(title=title, show_lines=False, header_style="bold cyan")
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for record in records:
+            table.add_row(*[_cell(record[c]) for c in columns])
+        out.print(table)
+        out.print(f"[dim]{len(records)} row{'s' if len(records) != 1 else ''}[/dim]")
+
+
+def _plain(value):
+    if isinstance(value, (datetime.datetime, datetime.date)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def _cell(value, *, csv_cell: bool = False) -> str:
+    if value is None:
+        return "" if csv_cell else "[dim]null[/dim]"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):
+        if csv_cell:
+            return json.dumps(value, default=_plain)
+        shown = ", ".join(_cell(v, csv_cell=True) for v in value[:6])
+        return f"[{shown}{', …' if len(value) > 6 else ''}] ({len(value)})"
+    if isinstance(value, (datetime.datetime, datetime.date)):
+        return value.isoformat(timespec="seconds")
+    return str(value)

@@ -1,0 +1,167 @@
+"""What an adapter knows about a model family: canonical names, the class to load, and probe inputs.
+
+An adapter lists *stacks* (a ModuleList of layers that share a layout, e.g. SeamlessM4T v2's text decoder)
+and the *points* inside every layer of a stack, plus *singles* outside the stacks (embeddings, final norm).
+Everything else (widths, neuron axes, which positions a tensor indexes) is measured by the shape probe.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hookpoints.inputs import ModelInputs
+from hookpoints.points import INPUT_SUFFIX, HookPoint
+
+LAYER_OUTPUT = "hook_resid_post"
+
+
+@dataclass(frozen=True)
+class Point:
+    """A hook point inside every layer of a stack."""
+
+    submodule: str  # canonical name inside the layer: "ffn.fc1", "attn.hook_q", "hook_resid_post"
+    module: str | None = None  # module path inside the layer ("" = the layer itself); default: submodule
+    io: str = "output"
+    part: tuple[int, int] | None = None  # (index, count) of equal neuron slices (GPT-2's fused qkv)
+    heads: str | None = None  # config attribute with the head count, for [heads, d_head] neurons
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A ModuleList of layers that share one layout."""
+
+    component: str  # speech_encoder, text_encoder, text_decoder, audio_encoder, lm, encoder
+    layers: str  # module path of the ModuleList
+    prefix: str  # canonical name prefix: "text_decoder.layers" -> text_decoder.layers.{l}.{submodule}
+    points: tuple[Point, ...]
+    config: str | None = None  # attribute of the model config holding this stack's sub-config, if any
+    output: str = LAYER_OUTPUT  # the point that is the whole layer's output
+
+
+@dataclass(frozen=True)
+class Single:
+    """A hook point outside the layer stacks (embeddings, final norms, projectors)."""
+
+    name: str
+    module: str
+    component: str
+    submodule: str
+    io: str = "output"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A model family: how it is named, which class loads it, and how to probe it."""
+
+    name: str
+    model_types: tuple[str, ...]
+    stacks: tuple[Stack, ...] = ()
+    singles: tuple[Single, ...] = ()
+    components: dict[str, str] = field(default_factory=dict)  # module path prefix -> component
+
+    # -- loading and inputs (overridden per family) -----------------------------------------------------
+
+    def model_class(self, config, modality: str) -> type[nn.Module]:
+        raise NotImplementedError
+
+    def modalities(self, config) -> tuple[str, ...]:
+        """The input modalities this family's models take (the first is the default)."""
+        return ("text",)
+
+    def probe_inputs(self, model: nn.Module) -> ModelInputs:
+        """A tiny batch of 2 whose position counts differ per space (so the probe can tell them apart)."""
+        raise NotImplementedError
+
+    def text_inputs(self, model: nn.Module, tokenizer, texts: list[str]) -> ModelInputs:
+        raise NotImplementedError
+
+    # -- naming -----------------------------------------------------------------------------------------
+
+    def hook_points(self, model: nn.Module) -> list[HookPoint]:
+        """The canonical hook points present in this model (not yet probed)."""
+        modules = dict(model.named_modules())
+        points = []
+        for stack in self.stacks:
+            layers = modules.get(stack.layers)
+            if layers is None:
+                continue  # e.g. no speech encoder in SeamlessM4Tv2ForTextToText
+            config = getattr(model.config, stack.config) if stack.config else model.config
+            for layer in range(len(layers)):
+                base = f"{stack.layers}.{layer}"
+                for point in stack.points:
+                    module = base if point.module == "" else f"{base}.{point.module or point.submodule}"
+                    if module not in modules:
+                        continue
+                    heads = getattr(config, point.heads, None) if point.heads else None
+                    points.append(
+                        HookPoint(
+                            name=f"{stack.prefix}.{layer}.{point.submodule}",
+                            module=module,
+                            io=point.io,
+                            component=stack.component,
+                            layer=layer,
+                            submodule=point.submodule,
+                            part=point.part,
+                            heads=heads,
+                            canonical=True,
+                            layer_output=point.submodule == stack.output,
+                            aliases=_module_alias(module, point.io, point.part),
+                        )
+                    )
+        for single in self.singles:
+            if single.module in modules:
+                points.append(
+                    HookPoint(
+                        name=single.name,
+                        module=single.module,
+                        io=single.io,
+                        component=single.component,
+                        submodule=single.submodule,
+                        canonical=True,
+                        aliases=_module_alias(single.module, single.io, None),
+                    )
+                )
+        return points
+
+    def locate(self, module: str) -> tuple[str | None, int | None, str | None]:
+        """(component, layer, submodule) of a bare module path."""
+        for stack in self.stacks:
+            match = re.match(rf"^{re.escape(stack.layers)}\.(\d+)(?:\.(.+))?$", module)
+            if match:
+                return stack.component, int(match.group(1)), match.group(2) or ""
+        for prefix, component in self.components.items():
+            if module == prefix or module.startswith(prefix + "."):
+                return component, None, module[len(prefix) + 1 :] or None
+        return None, None, None
+
+
+def _module_alias(module: str, io: str, part: tuple[int, int] | None) -> tuple[str, ...]:
+    if part is not None:
+        return ()
+    return (module if io == "output" else module + INPUT_SUFFIX,)
+
+
+def token_batch(tokenizer, texts: list[str], *, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and attention mask ([batch, tokens] each) for ``texts``."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    encoded = tokenizer(
+        texts,
+        padding=True,
+        truncation=max_length is not None,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def random_ids(model: nn.Module, batch: int, length: int, *, low: int = 4, high: int | None = None) -> torch.Tensor:
+    """Random token ids in ``[low, high)`` (default: the vocabulary past the first special ids), for probing."""
+    high = high or model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(low, max(low + 1, high), (batch, length), generator=generator)

@@ -1,0 +1,88 @@
+"""Qwen2-Audio: a Whisper-style audio encoder, a projector, and a Qwen2 language model.
+
+The audio encoder's layers are ``audio_encoder.layers.{l}.*`` (Whisper's layout); the language model uses
+TransformerLens names (``blocks.{l}.hook_resid_post`` ...) as for any decoder-only LM. Spaces: ``audio``
+(mel frames), ``audio_encoder`` (encoder positions, half the frames), ``audio_tokens`` (after the encoder's
+average pooling: the positions that replace the prompt's audio tokens) and ``input`` (the LM's tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen2AudioForConditionalGeneration
+
+from hookpoints.adapters.base import Adapter, Single, Stack, random_ids, token_batch
+from hookpoints.adapters.decoder_lm import LLAMA_BLOCK
+from hookpoints.adapters.whisper import ENCODER_LAYER
+from hookpoints.inputs import ModelInputs
+
+
+class Qwen2Audio(Adapter):
+    def modalities(self, config):
+        return ("text", "speech")
+
+    def model_class(self, config, modality):
+        return Qwen2AudioForConditionalGeneration
+
+    def probe_inputs(self, model):
+        config = model.config
+        frames = 2 * config.audio_config.max_source_positions
+        features = torch.randn(2, config.audio_config.num_mel_bins, frames, generator=torch.Generator().manual_seed(0))
+        feature_mask = torch.ones(2, frames, dtype=torch.long)
+        encoder_lengths, token_lengths = model.model.audio_tower._get_feat_extract_output_lengths(feature_mask.sum(-1))
+        n_audio = int(token_lengths[0])
+        text = random_ids(model, 2, 4, high=min(config.audio_token_id, model.get_input_embeddings().num_embeddings))
+        ids = torch.cat([torch.full((2, n_audio), config.audio_token_id), text], dim=1)
+        mask = torch.ones_like(ids)
+        return ModelInputs(
+            {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "input_features": features,
+                "feature_attention_mask": feature_mask,
+            },
+            {
+                "input": mask.bool(),
+                "audio": feature_mask.bool(),
+                "audio_encoder": _lengths_mask(encoder_lengths, frames // 2),
+                "audio_tokens": _lengths_mask(token_lengths, n_audio),
+            },
+        )
+
+    def text_inputs(self, model, tokenizer, texts):
+        ids, mask = token_batch(tokenizer, texts, max_length=model.config.text_config.max_position_embeddings)
+        return ModelInputs({"input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})
+
+
+def _lengths_mask(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    return torch.arange(total)[None, :] < lengths[:, None]  # [batch, total]
+
+
+QWEN2_AUDIO = Qwen2Audio(
+    name="qwen2_audio",
+    model_types=("qwen2_audio",),
+    stacks=(
+        Stack(
+            "audio_encoder",
+            "model.audio_tower.layers",
+            "audio_encoder.layers",
+            ENCODER_LAYER,
+            config="audio_config",
+        ),
+        Stack("lm", "model.language_model.layers", "blocks", LLAMA_BLOCK, config="text_config"),
+    ),
+    singles=(
+        Single("audio_encoder.conv1", "model.audio_tower.conv1", "audio_encoder", "conv1"),
+        Single("audio_encoder.conv2", "model.audio_tower.conv2", "audio_encoder", "conv2"),
+        Single("audio_encoder.layer_norm", "model.audio_tower.layer_norm", "audio_encoder", "layer_norm"),
+        Single("audio_projector.linear", "model.multi_modal_projector.linear", "audio_projector", "linear"),
+        Single("hook_embed", "model.language_model.embed_tokens", "lm", "hook_embed"),
+        Single("ln_final.hook_normalized", "model.language_model.norm", "lm", "ln_final.hook_normalized"),
+    ),
+    components={
+        "model.audio_tower": "audio_encoder",
+        "model.multi_modal_projector": "audio_projector",
+        "model.language_model": "lm",
+        "lm_head": "lm",
+    },
+)

@@ -1,0 +1,141 @@
+"""SeamlessM4T v2: the Conformer speech encoder, the NLLB-style text encoder and the shared text decoder.
+
+Canonical names follow Table 1 of seeds/seamless-m4t-v2-neurons.txt:
+``speech_encoder.layers.{l}.conv_module.depthwise_conv``, ``text_encoder.layers.{l}.ffn.fc1``,
+``text_decoder.layers.{l}.cross_attention.k_proj`` ...; ``{stack}.layers.{l}.hook_resid_post`` is a layer's
+output. The Conformer conv module is ``[batch, channels, time]``: its neurons are channels (axis 1); its
+``pointwise_conv1`` has 2 x d_model channels (before the GLU). Speech loads
+``SeamlessM4Tv2ForSpeechToText``, text ``SeamlessM4Tv2ForTextToText``; both share the text decoder's names.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import SeamlessM4Tv2ForSpeechToText, SeamlessM4Tv2ForTextToText
+
+from hookpoints.adapters.base import Adapter, Point, Stack, random_ids, token_batch
+from hookpoints.inputs import ModelInputs
+
+SPEECH_ENCODER_SUBMODULES = (
+    "ffn1_layer_norm",
+    "ffn1.intermediate_dense",
+    "ffn1.output_dense",
+    "self_attn_layer_norm",
+    "self_attn.linear_q",
+    "self_attn.linear_k",
+    "self_attn.linear_v",
+    "self_attn.linear_out",
+    "conv_module.layer_norm",
+    "conv_module.pointwise_conv1",
+    "conv_module.glu",
+    "conv_module.depthwise_conv",
+    "conv_module.depthwise_layer_norm",
+    "conv_module.pointwise_conv2",
+    "ffn2_layer_norm",
+    "ffn2.intermediate_dense",
+    "ffn2.output_dense",
+)
+TEXT_ENCODER_SUBMODULES = (
+    "self_attn_layer_norm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "ffn_layer_norm",
+    "ffn.fc1",
+    "ffn.fc2",
+)
+TEXT_DECODER_SUBMODULES = (
+    "self_attn_layer_norm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "cross_attention_layer_norm",
+    "cross_attention.q_proj",
+    "cross_attention.k_proj",
+    "cross_attention.v_proj",
+    "cross_attention.out_proj",
+    "ffn_layer_norm",
+    "ffn.fc1",
+    "ffn.fc2",
+)
+#: Table 1's components, per module group (the paper's "modules").
+TABLE1 = {
+    "speech_encoder": SPEECH_ENCODER_SUBMODULES,
+    "text_encoder": TEXT_ENCODER_SUBMODULES,
+    "text_decoder": TEXT_DECODER_SUBMODULES,
+}
+
+
+def _points(submodules: tuple[str, ...]) -> tuple[Point, ...]:
+    return (*(Point(name) for name in submodules), Point("hook_resid_post", ""))
+
+
+class Seamless(Adapter):
+    def modalities(self, config):
+        return ("text", "speech")
+
+    def model_class(self, config, modality):
+        return SeamlessM4Tv2ForSpeechToText if modality == "speech" else SeamlessM4Tv2ForTextToText
+
+    def probe_inputs(self, model):
+        decoder = torch.full((2, 3), model.config.decoder_start_token_id)
+        if hasattr(model, "speech_encoder"):
+            features = torch.randn(2, 70, model.config.feature_projection_input_dim, generator=_seeded())
+            mask = torch.ones(2, 70, dtype=torch.long)
+            return self._speech(model, features, mask, decoder)
+        ids = random_ids(model, 2, 11)
+        mask = ids.new_ones(ids.shape)
+        return ModelInputs(
+            {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder},
+            {"input": mask.bool(), "decoder": torch.ones(decoder.shape, dtype=torch.bool)},
+        )
+
+    def text_inputs(self, model, tokenizer, texts):
+        ids, mask = token_batch(tokenizer, texts, max_length=model.config.max_position_embeddings)
+        decoder = torch.full((len(texts), 1), model.config.decoder_start_token_id)
+        return ModelInputs(
+            {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder},
+            {"input": mask.bool(), "decoder": torch.ones(decoder.shape, dtype=torch.bool)},
+        )
+
+    def _speech(self, model, features, mask, decoder) -> ModelInputs:
+        """Speech inputs; the encoder space is the adaptor's subsampled frames."""
+        lengths = model._compute_sub_sample_lengths_from_attention_mask(mask).long()  # [batch]
+        full = int(model._compute_sub_sample_lengths_from_attention_mask(torch.ones_like(mask[:1]))[0])
+        encoder = torch.arange(full)[None, :] < lengths[:, None]
+        return ModelInputs(
+            {"input_features": features, "attention_mask": mask, "decoder_input_ids": decoder},
+            {
+                "input": mask.bool(),
+                "encoder": encoder,
+                "decoder": torch.ones(decoder.shape, dtype=torch.bool),
+            },
+        )
+
+
+def _seeded() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+SEAMLESS_M4T_V2 = Seamless(
+    name="seamless_m4t_v2",
+    model_types=("seamless_m4t_v2",),
+    stacks=(
+        Stack(
+            "speech_encoder",
+            "speech_encoder.encoder.layers",
+            "speech_encoder.layers",
+            _points(SPEECH_ENCODER_SUBMODULES),
+        ),
+        Stack("text_encoder", "text_encoder.layers", "text_encoder.layers", _points(TEXT_ENCODER_SUBMODULES)),
+        Stack("text_decoder", "text_decoder.layers", "text_decoder.layers", _points(TEXT_DECODER_SUBMODULES)),
+    ),
+    components={
+        "speech_encoder": "speech_encoder",
+        "text_encoder": "text_encoder",
+        "text_decoder": "text_decoder",
+        "lm_head": "text_decoder",
+    },
+)

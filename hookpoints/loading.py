@@ -1,0 +1,91 @@
+"""Loading a checkpoint (hub id or local folder) into a HookedModel, with clear errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from hookpoints.adapters import adapter_for
+from hookpoints.model import HookedModel
+from store.errors import UserError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load(
+    source: str | Path,
+    *,
+    modality: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> HookedModel:
+    """Load ``source`` (a folder written by ``save_pretrained``, or a hub id) for recording.
+
+    ``modality`` picks the class for families with several (SeamlessM4T v2: ``text`` loads the text-to-text
+    model, ``speech`` the speech-to-text one); the default is the family's first.
+    """
+    source = str(source)
+    _check_source(source)
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (ValueError, KeyError) as error:
+        raise UserError(f"model {source}: unknown architecture ({_one_line(error)})") from None
+    except OSError as error:
+        raise UserError(
+            f"cannot load model {source}: {_one_line(error)} (give a folder written by save_pretrained, "
+            "or a hub id where the hub is reachable)"
+        ) from None
+    adapter = adapter_for(config.model_type)
+    modalities = adapter.modalities(config)
+    modality = modality or modalities[0]
+    if modality not in modalities:
+        raise UserError(f"model {source} ({config.model_type}) takes {' or '.join(modalities)} input, not {modality}")
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    model_class = adapter.model_class(config, modality)
+    try:
+        model = model_class.from_pretrained(source, dtype=DTYPES[dtype]).to(device)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load model weights from {source}: {_one_line(error)}") from None
+    return HookedModel(
+        model,
+        adapter,
+        tokenizer=_optional(AutoTokenizer, source),
+        processor=_optional(AutoFeatureExtractor, source) if modality == "speech" else None,
+        source=source,
+        modality=modality,
+    )
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' info messages and weight-loading bars out of hookpoints' own output."""
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _check_source(source: str) -> None:
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {source} has no config.json: give a folder written by save_pretrained")
+        return
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local or not _HUB_ID.match(source):
+        raise UserError(f"model path {source} does not exist")
+
+
+def _optional(loader, source: str):
+    try:
+        return loader.from_pretrained(source)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]

@@ -1,0 +1,140 @@
+"""Hook points: named places in a model whose activations can be recorded or edited.
+
+A hook point names one tensor: a module's output (or its first input), optionally one equal slice of its
+neurons. Adapters give the tensors researchers talk about canonical names
+(``text_decoder.layers.3.cross_attention.k_proj``, ``blocks.0.hook_resid_pre``); every module path of
+``model.named_modules()`` is a hook name too, so nothing is out of reach.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+from store.errors import UserError
+
+INPUT_SUFFIX = ":input"
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """One named tensor of a model, with what the shape probe learnt about it.
+
+    ``width`` neurons lie on ``neuron_axis`` of the module's tensor (2 for ``[batch, pos, d_model]``, 1 for a
+    Conformer conv's ``[batch, channels, time]``); ``time_axis`` indexes the positions of ``space``
+    (``input`` tokens or frames, ``encoder`` outputs, ``decoder`` tokens), or is None when the tensor holds one
+    vector per example. ``unavailable`` says why a hook point cannot be recorded, if it cannot.
+    """
+
+    name: str
+    module: str
+    io: str = "output"  # "output", or "input" (the module's first input)
+    component: str | None = None
+    layer: int | None = None
+    submodule: str | None = None
+    part: tuple[int, int] | None = None  # (index, count): one of `count` equal slices of the neurons
+    heads: int | None = None  # attention heads, when the neurons read as [heads, d_head]
+    canonical: bool = False  # named by an adapter (not a bare module path)
+    layer_output: bool = False  # the output of a whole layer (what layer-wise analyses compare)
+    aliases: tuple[str, ...] = ()
+    # Filled in by the shape probe:
+    width: int | None = None
+    neuron_axis: int | None = None
+    time_axis: int | None = None
+    space: str | None = None
+    order: int = -1  # when the tensor appears in a forward pass (nnsight needs requests in this order)
+    unavailable: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The neurons' own shape: ``(heads, d_head)`` for attention projections, else ``(width,)``."""
+        if self.heads and self.width and self.width % self.heads == 0:
+            return (self.heads, self.width // self.heads)
+        return (self.width or 0,)
+
+    def row(self) -> dict:
+        """The hook point as a row of the store's ``hooks`` table."""
+        return {
+            "hook": self.name,
+            "module": self.module,
+            "io": self.io,
+            "component": self.component,
+            "layer": self.layer,
+            "submodule": self.submodule,
+            "width": self.width,
+            "shape": list(self.shape),
+            "neuron_axis": self.neuron_axis,
+            "space": self.space,
+            "layer_output": self.layer_output,
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class HookPointSet:
+    """All hook points of a model: look-up by name or alias, and selection by glob."""
+
+    def __init__(self, points: Iterable[HookPoint]):
+        self._points: dict[str, HookPoint] = {}
+        self._names: dict[str, str] = {}  # every name and alias -> canonical name
+        for point in sorted(points, key=lambda p: (p.order < 0, p.order, p.name)):
+            self._points[point.name] = point
+            for name in (point.name, *point.aliases):
+                self._names.setdefault(name, point.name)
+
+    def __iter__(self) -> Iterator[HookPoint]:
+        return iter(self._points.values())
+
+    def __len__(self) -> int:
+        return len(self._points)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def listed(self) -> list[HookPoint]:
+        """What ``hookpoints hooks`` shows by default: the canonical names, or every module output if none."""
+        canonical = [p for p in self if p.canonical]
+        return canonical or [p for p in self if p.unavailable is None and INPUT_SUFFIX not in p.name]
+
+    def get(self, name: str) -> HookPoint:
+        """The hook point called ``name`` (a canonical name, an alias or a module path)."""
+        if name in self._names:
+            return self._points[self._names[name]]
+        raise UserError(f"no hook point is called {name!r}; {self._closest(name)}")
+
+    def select(self, patterns: Iterable[str]) -> list[HookPoint]:
+        """The recordable hook points matching any of the glob ``patterns``, in execution order."""
+        chosen: dict[str, HookPoint] = {}
+        for pattern in patterns:
+            if not any(ch in pattern for ch in "*?["):
+                point = self.get(pattern)
+                if point.unavailable:
+                    raise UserError(f"hook point {pattern!r} cannot be recorded: {point.unavailable}")
+                chosen[point.name] = point
+                continue
+            # `module:input` names only match patterns that ask for inputs.
+            inputs = INPUT_SUFFIX in pattern
+            matches = [
+                self._points[canonical]
+                for name, canonical in self._names.items()
+                if (INPUT_SUFFIX in name) == inputs and fnmatch.fnmatchcase(name, pattern)
+            ]
+            usable = [point for point in matches if point.unavailable is None]
+            if not usable:
+                reason = f" ({matches[0].unavailable})" if matches else ""
+                raise UserError(
+                    f"hook pattern {pattern!r} matches no recordable hook point{reason}; {self._closest(pattern)}"
+                )
+            chosen.update((point.name, point) for point in usable)
+        return sorted(chosen.values(), key=lambda p: p.order)
+
+    def _closest(self, name: str) -> str:
+        probe = name.replace("*", "0").replace("?", "x")
+        names = [p.name for p in self.listed()] + [n for n in self._names if n not in self._points]
+        close = difflib.get_close_matches(probe, names, n=5, cutoff=0.5)
+        if not close:
+            return "run `hookpoints hooks MODEL` to list the names"
+        return "closest: " + ", ".join(close)

@@ -1,0 +1,49 @@
+"""Pooling a hook's activations over positions, per example, with padding excluded."""
+
+from __future__ import annotations
+
+import torch
+
+from hookpoints.points import HookPoint
+from hookpoints.probe import first_tensor
+
+POOLINGS = ("mean", "last", "max", "none")
+
+
+def positions_first(value, point: HookPoint) -> torch.Tensor:
+    """The hook's tensor as ``[batch, pos, width]`` (``pos`` = 1 when it has no time axis)."""
+    tensor = first_tensor(value)
+    if point.time_axis is None:
+        tensor = tensor.reshape(tensor.shape[0], 1, -1)
+    else:
+        tensor = tensor.movedim(point.time_axis, 1).flatten(2)
+    if point.part:
+        index, count = point.part
+        width = tensor.shape[-1] // count
+        tensor = tensor[..., index * width : (index + 1) * width]
+    return tensor
+
+
+def pool(value, point: HookPoint, mask: torch.Tensor | None, method: str) -> torch.Tensor:
+    """Pool one hook's activations over the valid positions of each example, in float32.
+
+    Returns ``[batch, width]``, or for ``none`` the ``[valid positions, width]`` rows in the row-major order
+    of ``mask.nonzero()``.
+    """
+    x = positions_first(value, point).float()  # [batch, pos, width]
+    if point.time_axis is None or mask is None:
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    valid = mask.to(x.device, torch.bool)  # [batch, pos]
+    if x.shape[0] == 1:  # broadcast over the batch (position embeddings)
+        x = x.expand(valid.shape[0], -1, -1)
+    if method == "none":
+        return x[valid]  # [valid positions, width]
+    if method == "mean":
+        total = torch.where(valid[..., None], x, 0.0).sum(1)
+        return total / valid.sum(1, keepdim=True).clamp(min=1)
+    if method == "max":
+        return torch.where(valid[..., None], x, float("-inf")).amax(1)
+    if method == "last":
+        last = valid.shape[1] - 1 - valid.flip(1).int().argmax(1)  # [batch]
+        return x[torch.arange(x.shape[0], device=x.device), last]
+    raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {method!r}")

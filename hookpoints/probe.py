@@ -1,0 +1,104 @@
+"""The shape probe: one small forward pass that measures every module's tensors.
+
+Plain torch hooks on every module record, for its first input and its output, the tensor's shape, when it
+appeared, and how often the module ran. A hook point's layout follows from the shape: axis 0 is the batch,
+the axis whose length equals one space's length (the probe batch gives every space a different length) is
+the time axis, and the remaining axes hold the neurons.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from hookpoints.inputs import ModelInputs
+from hookpoints.points import HookPoint
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the probe saw of one tensor."""
+
+    shape: tuple[int, ...] | None  # None when the value holds no tensor
+    order: int
+    calls: int = 1
+
+
+def first_tensor(value):
+    """The tensor a hook point means: the value itself, the first item of a tuple, or of a ModelOutput."""
+    if isinstance(value, Mapping):
+        value = next(iter(value.values()), None)
+    while isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def observe(model: nn.Module, inputs: ModelInputs) -> dict[tuple[str, str], Seen]:
+    """Run ``model`` once on ``inputs``; map (module path, "input" | "output") to what was seen."""
+    counter = itertools.count()
+    seen: dict[tuple[str, str], Seen] = {}
+
+    def note(key: tuple[str, str], value) -> None:
+        if key in seen:
+            seen[key] = replace(seen[key], calls=seen[key].calls + 1)
+            return
+        tensor = first_tensor(value)
+        seen[key] = Seen(tuple(tensor.shape) if tensor is not None else None, next(counter))
+
+    def on_input(name):
+        def hook(module, args, kwargs):
+            note((name, "input"), args[0] if args else next(iter(kwargs.values()), None))
+
+        return hook
+
+    def on_output(name):
+        def hook(module, args, output):
+            note((name, "output"), output)
+
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(on_input(name), with_kwargs=True))
+            handles.append(module.register_forward_hook(on_output(name)))
+    try:
+        with torch.inference_mode():
+            model(**inputs.kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def measure(point: HookPoint, seen: Seen | None, lengths: dict[str, int], batch: int) -> HookPoint:
+    """``point`` with its layout filled in (or ``unavailable`` set to the reason it cannot be recorded)."""
+    if seen is None:
+        return replace(point, unavailable="its module does not run in a forward pass of this model and input")
+    if seen.calls > 1:
+        return replace(point, order=seen.order, unavailable=f"its module runs {seen.calls} times per forward pass")
+    shape = seen.shape
+    if shape is None:
+        return replace(point, order=seen.order, unavailable="its value is not a tensor")
+    if len(shape) < 2 or shape[0] not in (batch, 1):  # 1: broadcast over the batch (position embeddings)
+        return replace(point, order=seen.order, unavailable=f"its tensor has no batch axis (shape {list(shape)})")
+    time = [(axis, space) for axis in range(1, len(shape)) for space, n in lengths.items() if shape[axis] == n]
+    if len({axis for axis, _ in time}) > 1:
+        return replace(point, order=seen.order, unavailable=f"its tensor has several position axes ({list(shape)})")
+    if len(time) > 1:
+        return replace(point, order=seen.order, unavailable=f"its positions match several spaces ({list(shape)})")
+    time_axis, space = time[0] if time else (None, None)
+    neuron_axes = [axis for axis in range(1, len(shape)) if axis != time_axis]
+    if not neuron_axes or neuron_axes != list(range(neuron_axes[0], neuron_axes[-1] + 1)):
+        return replace(point, order=seen.order, unavailable=f"its tensor has no neuron axis ({list(shape)})")
+    width = math.prod(shape[axis] for axis in neuron_axes)
+    if point.part:
+        if width % point.part[1]:
+            return replace(point, order=seen.order, unavailable=f"{width} neurons do not split in {point.part[1]}")
+        width //= point.part[1]
+    return replace(point, width=width, neuron_axis=neuron_axes[0], time_axis=time_axis, space=space, order=seen.order)

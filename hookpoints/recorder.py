@@ -1,0 +1,121 @@
+"""Recording: a manifest through a model, pooled activations at the chosen hook points into a store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+import hookpoints
+from hookpoints.manifest import Manifest
+from hookpoints.model import HookedModel
+from hookpoints.points import HookPoint
+from hookpoints.pooling import POOLINGS
+from store.catalog import Store
+from store.errors import UserError
+from store.writer import DEFAULT_BUFFER_BYTES, HookRows, open_run
+
+STORAGE_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class RecordSummary:
+    run: str
+    recorded: int  # examples recorded by this call
+    skipped: int  # examples already in the run (resume)
+    hooks: int
+    seconds: float
+
+
+def record(
+    model: HookedModel,
+    manifest: Manifest,
+    store: Store,
+    run: str,
+    *,
+    hooks: list[str] | None = None,
+    pooling: str = "mean",
+    batch_size: int = 8,
+    dtype: str = "float32",
+    task: str = "forward",
+    if_exists: str = "error",
+    max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    on_batch: Callable[[int], None] | None = None,
+) -> RecordSummary:
+    """Record every example of ``manifest`` at ``hooks`` (globs; default: the model's listed hook points).
+
+    One nnsight trace per batch; each hook is pooled per example over its valid positions (``pooling``:
+    mean, last, max, or none to keep every position). Batches are formed from examples of similar length,
+    which gives the same values as batch size 1 (to float tolerance) with less padding.
+    ``if_exists``: error, resume (record only what is missing) or overwrite.
+    """
+    if pooling not in POOLINGS:
+        raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+    if dtype not in STORAGE_DTYPES:
+        raise UserError(f"storage dtype must be float32 or float16, not {dtype!r}")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, not {batch_size}")
+    points = model.select(hooks)
+    started = time.perf_counter()
+    settings = {"model": model.source, "task": task, "pooling": pooling, "dtype": dtype}
+    config = {
+        "hooks": hooks or [],
+        "batch_size": batch_size,
+        "modality": model.modality,
+        "model_class": type(model.model).__name__,
+        "adapter": model.adapter.name,
+        "manifest": str(manifest.path),
+        "versions": {"hookpoints": hookpoints.__version__, "torch": torch.__version__},
+    }
+    writer = open_run(
+        store,
+        run,
+        settings=settings,
+        config=config,
+        hooks=[point.row() for point in points],
+        examples_schema=manifest.table.schema,
+        if_exists=if_exists,
+        max_buffer_bytes=max_buffer_bytes,
+    )
+    todo = [row for row, example in enumerate(manifest.ids) if example not in writer.done]
+    lengths = [len(text) for text in manifest.column("text")]
+    todo.sort(key=lambda row: lengths[row])  # similar lengths together: less padding
+    try:
+        for start in range(0, len(todo), batch_size):
+            examples = manifest.table.take(todo[start : start + batch_size])
+            writer.add(examples, _record_batch(model, examples, points, pooling))
+            if on_batch:
+                on_batch(examples.num_rows)
+    except BaseException as error:
+        _finish_quietly(writer, f"{type(error).__name__}: {error}")
+        raise
+    writer.finish("complete")
+    return RecordSummary(run, len(todo), len(manifest) - len(todo), len(points), time.perf_counter() - started)
+
+
+def _record_batch(model: HookedModel, examples: pa.Table, points: list[HookPoint], pooling: str) -> dict[str, HookRows]:
+    ids = examples["example_id"].to_pylist()
+    inputs = model.text_inputs(examples["text"].to_pylist())
+    pooled = model.pooled(inputs, points, pooling)
+    rows = {}
+    for point in points:
+        values = pooled[point.name].cpu().numpy()
+        if pooling != "none":
+            rows[point.name] = HookRows(ids, values)  # [batch, width]
+        elif point.time_axis is None:
+            rows[point.name] = HookRows(ids, values)  # one vector per example: no positions
+        else:
+            where = inputs.masks[point.space].nonzero().cpu().numpy()  # [valid positions, (example, position)]
+            rows[point.name] = HookRows([ids[i] for i in where[:, 0]], values, where[:, 1])
+    return rows
+
+
+def _finish_quietly(writer, message: str) -> None:
+    """Keep what was recorded and mark the run failed, without hiding the original error."""
+    try:
+        writer.finish("failed", message=message[:500])
+    except Exception:  # noqa: BLE001 - the original error matters more
+        pass

@@ -1,0 +1,190 @@
+"""The store: Delta tables under one root (local folder or S3 prefix), shared by a team.
+
+Tables (docs/store.md): ``store_meta`` (schema version, registered tables), ``run_events`` (append-only run
+log), ``hooks``, ``examples`` and ``activations``, plus the tables analyses register (``scores`` ...).
+Every write is an atomic Delta commit; nothing in a store is executable (Parquet + JSON logs only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from store import tables
+from store.errors import UserError
+from store.location import StoreLocation
+from store.schema import CORE_TABLES, RUN_EVENTS, RUN_NAME, SCHEMA_VERSION, TableSpec
+
+RUN_SETTINGS = ("model", "task", "pooling", "dtype")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run's latest state, from the ``run_events`` log."""
+
+    run: str
+    status: str
+    model: str
+    task: str
+    pooling: str
+    dtype: str
+    config: dict
+
+
+class Store:
+    """An activation store. Open one with :meth:`Store.open`; query it with :meth:`Store.query`."""
+
+    def __init__(self, location: StoreLocation):
+        self.location = location
+
+    # -- opening ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, where: str | Path, *, create: bool = False, storage_options: dict[str, str] | None = None) -> Store:
+        """Open the store at ``where``; with ``create``, make a new one there if there is none."""
+        location = StoreLocation.parse(where, storage_options)
+        store = cls(location)
+        if tables.exists(location, "store_meta"):
+            store._check_schema_version()
+            return store
+        if not create:
+            raise UserError(f"{where} is not a hookpoints store (no store_meta table): check the path")
+        if location.is_local:
+            _check_local_folder(Path(location.uri))
+        for spec in CORE_TABLES.values():
+            store.ensure_table(spec)
+        store._append_meta({"schema_version": str(SCHEMA_VERSION), "created_at": _now().isoformat()})
+        return store
+
+    def _check_schema_version(self) -> None:
+        version = self.meta().get("schema_version")
+        if version != str(SCHEMA_VERSION):
+            raise UserError(
+                f"store {self.location.uri} has schema version {version}, this hookpoints reads version "
+                f"{SCHEMA_VERSION}: use the hookpoints release that wrote it"
+            )
+
+    # -- tables ----------------------------------------------------------------------------------------
+
+    def meta(self) -> dict[str, str]:
+        rows = tables.dataset(self.location, "store_meta").to_table().to_pylist()
+        return {row["key"]: row["value"] for row in rows}
+
+    def _append_meta(self, values: dict[str, str]) -> None:
+        data = pa.table({"key": list(values), "value": list(values.values())}, schema=CORE_TABLES["store_meta"].schema)
+        tables.append(self.location, CORE_TABLES["store_meta"], data)
+
+    def ensure_table(self, spec: TableSpec) -> None:
+        """Create ``spec``'s table if it is missing and register it so SQL sessions show it."""
+        if tables.exists(self.location, spec.name):
+            return
+        tables.create(self.location, spec)
+        if spec.name != "store_meta":
+            self._append_meta({f"table:{spec.name}": json.dumps({"partition_by": list(spec.partition_by)})})
+
+    def table_names(self) -> list[str]:
+        return sorted(key.removeprefix("table:") for key in self.meta() if key.startswith("table:"))
+
+    def append(self, spec: TableSpec, data: pa.Table, *, merge_schema: bool = False) -> None:
+        """Append rows to a table as one atomic commit (creating the table first if needed)."""
+        self.ensure_table(spec)
+        tables.append(self.location, spec, data, merge_schema=merge_schema)
+
+    def dataset(self, table: str):
+        """The current version of a table as a ``pyarrow.dataset.Dataset``."""
+        return tables.dataset(self.location, table)
+
+    # -- runs ------------------------------------------------------------------------------------------
+
+    def run_info(self, run: str) -> RunInfo | None:
+        """The run's latest state, or None if there is no such run (or it was deleted)."""
+        events = self.dataset("run_events").to_table(filter=pc.field("run") == run).to_pylist()
+        if not events:
+            return None
+        latest = max(events, key=lambda row: row["event_at"])
+        if latest["status"] == "deleted":
+            return None
+        settings = {key: latest[key] for key in RUN_SETTINGS}
+        return RunInfo(run=run, status=latest["status"], config=json.loads(latest["config"] or "{}"), **settings)
+
+    def log_run_event(self, run: str, status: str, settings: dict, config: dict, message: str = "") -> None:
+        row = {
+            "run": run,
+            "status": status,
+            "event_at": _now(),
+            "config": json.dumps(config, sort_keys=True, default=str),
+            "message": message,
+            **{key: settings.get(key) for key in RUN_SETTINGS},
+        }
+        tables.append(self.location, CORE_TABLES["run_events"], pa.Table.from_pylist([row], schema=RUN_EVENTS))
+
+    def run_hooks(self, run: str) -> pa.Table:
+        return self.dataset("hooks").to_table(filter=pc.field("run") == run)
+
+    def delete_run(self, run: str) -> None:
+        """Remove a run's rows from every run-partitioned table, then log it as deleted."""
+        info = self.run_info(run)
+        if info is None:
+            raise UserError(f"there is no run {run!r} in store {self.location.uri}")
+        for name in ["activations", "examples", "hooks", *self.table_names()]:
+            if name in ("store_meta", "run_events") or not tables.exists(self.location, name):
+                continue
+            if "run" in self.dataset(name).schema.names:
+                tables.delete(self.location, name, f"run = '{run}'")
+        self.log_run_event(run, "deleted", {key: getattr(info, key) for key in RUN_SETTINGS}, info.config)
+
+    def recorded_example_ids(self, run: str, n_hooks: int) -> set[str]:
+        """Ids of the examples whose activations are committed at all ``n_hooks`` hooks of the run."""
+        con = duckdb.connect()
+        con.register("activations", self.dataset("activations"))
+        rows = con.execute(
+            "SELECT example_id FROM activations WHERE run = $run GROUP BY example_id HAVING count(DISTINCT hook) = $n",
+            {"run": run, "n": n_hooks},
+        ).fetchall()
+        return {row[0] for row in rows}
+
+    # -- queries ---------------------------------------------------------------------------------------
+
+    def query(self):
+        """A read-only DuckDB session over this store's current version (see store.query)."""
+        from store.query import QuerySession
+
+        return QuerySession(self)
+
+
+def validate_run_name(run: str) -> str:
+    if not RUN_NAME.match(run or ""):
+        raise UserError(
+            f"run name {run!r} is not allowed: use letters, digits, '_', '-' and '.', starting with a "
+            "letter or digit (at most 128 characters)"
+        )
+    return run
+
+
+def _check_local_folder(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise UserError(f"store path {root} is a file: give a folder")
+    if root.is_dir() and any(root.iterdir()):
+        raise UserError(f"{root} is a folder that is not a hookpoints store and is not empty: pick an empty folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(
+            f"cannot write to store folder {root}: {error.strerror or error}; pick a folder you can write"
+        ) from None
+    if not os.access(root, os.W_OK):
+        raise UserError(f"cannot write to store folder {root}: pick a folder you can write")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

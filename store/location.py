@@ -1,0 +1,47 @@
+"""Where a store lives: a local folder or an S3-compatible prefix (``s3://bucket/prefix``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Environment variables passed to Delta Lake's object store for ``s3://`` stores.
+_S3_ENV = {
+    "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
+    "AWS_REGION": "AWS_REGION",
+    "AWS_DEFAULT_REGION": "AWS_REGION",
+    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN": "AWS_SESSION_TOKEN",
+    "AWS_ALLOW_HTTP": "AWS_ALLOW_HTTP",
+}
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """The root URI of a store plus the options Delta Lake needs to reach it."""
+
+    uri: str
+    storage_options: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, where: str | Path, storage_options: dict[str, str] | None = None) -> StoreLocation:
+        text = str(where)
+        if "://" in text:
+            options = {}
+            if text.startswith("s3://"):
+                options = {key: os.environ[env] for env, key in _S3_ENV.items() if env in os.environ}
+                endpoint = options.get("AWS_ENDPOINT_URL", "")
+                if endpoint.startswith("http://"):
+                    options.setdefault("AWS_ALLOW_HTTP", "true")
+            options.update(storage_options or {})
+            return cls(text.rstrip("/"), options)
+        return cls(str(Path(text).expanduser().resolve()), dict(storage_options or {}))
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.uri
+
+    def table_uri(self, table: str) -> str:
+        return f"{self.uri}/{table}"

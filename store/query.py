@@ -1,0 +1,111 @@
+"""Read-only SQL over a store with DuckDB.
+
+A session registers each Delta table's current version as an Arrow dataset (DuckDB scans it with filter
+and projection pushdown, so ``WHERE run = 'x' AND hook = 'y'`` reads only that partition) and defines the
+views of docs/store.md. Then it turns off DuckDB's file access and locks its configuration, and it accepts
+only SELECT statements: nothing run through a session can change the store or read other files.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pyarrow as pa
+
+from store.catalog import Store
+from store.errors import UserError
+
+_CORE = ("run_events", "hooks", "examples", "activations")
+_READ_ONLY_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+# IEEE 754 half (as the int16 bit pattern) -> FLOAT, for float16 runs.
+_F16_MACRO = """
+CREATE MACRO f16_to_float(b) AS (
+    CASE
+        WHEN ((b::INTEGER & 32767) >> 10) = 31 THEN
+            CASE WHEN (b::INTEGER & 1023) = 0 THEN 'inf'::FLOAT ELSE 'nan'::FLOAT END
+        WHEN ((b::INTEGER & 32767) >> 10) = 0 THEN ((b::INTEGER & 1023) * pow(2, -24))::FLOAT
+        ELSE ((1024 + (b::INTEGER & 1023)) * pow(2, ((b::INTEGER & 32767) >> 10) - 25))::FLOAT
+    END * CASE WHEN b < 0 THEN -1 ELSE 1 END
+)
+"""
+
+_VIEWS = {
+    "runs": """
+        SELECT run, model, task, pooling, dtype, created_at, status, event_at AS updated_at, config, message
+        FROM (
+            SELECT *,
+                max(event_at) FILTER (WHERE status = 'recording') OVER (PARTITION BY run) AS created_at,
+                row_number() OVER (PARTITION BY run ORDER BY event_at DESC) AS latest
+            FROM _run_events
+        )
+        WHERE latest = 1 AND status <> 'deleted'
+    """,
+    "hooks": """
+        SELECT run, hook, component, layer, submodule, width, module, io, shape, neuron_axis, space, layer_output
+        FROM _hooks
+    """,
+    "examples": "SELECT run, example_id, * EXCLUDE (run, example_id) FROM _examples",
+    "activations": "SELECT run, hook, example_id, position, {activation} AS activation FROM _activations",
+    "neurons": """
+        SELECT run, hook, example_id, position,
+            generate_subscripts(activation, 1) - 1 AS neuron, unnest(activation) AS value
+        FROM activations
+    """,
+}
+
+
+class QuerySession:
+    """A read-only DuckDB connection over one consistent version of a store."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.con = duckdb.connect()
+        self._f16_runs = False
+        for table in store.table_names():
+            dataset = store.dataset(table)
+            if table == "run_events":
+                self._f16_runs = "float16" in dataset.to_table(columns=["dtype"])["dtype"].to_pylist()
+            # Core tables sit behind the views below; analysis tables (scores, ...) are shown as they are.
+            self.con.register(f"_{table}" if table in _CORE else table, dataset)
+        self.con.execute(_F16_MACRO)
+        activation = (
+            "coalesce(activation, list_transform(activation_f16, lambda b: f16_to_float(b)))"
+            if self._f16_runs
+            else "activation"
+        )
+        for name, sql in _VIEWS.items():
+            self.con.execute(f"CREATE VIEW {name} AS {sql.format(activation=activation)}")
+        self.con.execute("SET enable_external_access = false")
+        self.con.execute("SET lock_configuration = true")
+
+    def sql(self, text: str, params: dict | None = None) -> pa.Table:
+        """Run one read-only statement and return its result as an Arrow table."""
+        try:
+            statements = self.con.extract_statements(text)
+        except duckdb.Error as error:
+            raise UserError(f"SQL does not parse: {_first_line(error)}") from None
+        if len(statements) != 1:
+            raise UserError(f"give exactly one SQL statement (got {len(statements)})")
+        kind = statements[0].type
+        if kind not in _READ_ONLY_TYPES:
+            raise UserError(f"the store is read-only through SQL: {kind.name} statements are refused; use SELECT")
+        try:
+            return self.con.sql(text, params=params).to_arrow_table()
+        except duckdb.Error as error:
+            raise UserError(f"SQL failed: {_first_line(error)}") from None
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> QuerySession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _first_line(error: Exception) -> str:
+    """DuckDB's message without the caret-marked excerpt (keeps a "Did you mean" hint)."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    kept = [line for line in lines if line and not line.startswith("LINE") and set(line) != {"^"}]
+    return " ".join(kept[:2])

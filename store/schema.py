@@ -1,0 +1,89 @@
+"""Arrow schemas of the store's tables: the contract teammates query (docs/store.md describes them).
+
+Every table is a Delta Lake table under the store's root, one folder per table. Vectors are stored as
+``list<float32>`` (Delta Lake has no fixed-size list and no float16; float16 runs store the IEEE half
+bit patterns in ``activation_f16`` as ``list<int16>`` and the DuckDB views decode them).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A Delta table of the store: its folder name, initial schema and partition columns."""
+
+    name: str
+    schema: pa.Schema
+    partition_by: tuple[str, ...] = ()
+
+
+STORE_META = pa.schema([("key", pa.string()), ("value", pa.string())])
+
+#: Append-only log of run state changes; the ``runs`` view keeps each run's latest event.
+RUN_EVENTS = pa.schema(
+    [
+        ("run", pa.string()),
+        ("status", pa.string()),  # recording | complete | failed | deleted
+        ("event_at", pa.timestamp("us", tz="UTC")),
+        ("model", pa.string()),
+        ("task", pa.string()),
+        ("pooling", pa.string()),
+        ("dtype", pa.string()),
+        ("config", pa.string()),  # JSON
+        ("message", pa.string()),
+    ]
+)
+
+HOOKS = pa.schema(
+    [
+        ("run", pa.string()),
+        ("hook", pa.string()),
+        ("module", pa.string()),
+        ("io", pa.string()),
+        ("component", pa.string()),
+        ("layer", pa.int32()),
+        ("submodule", pa.string()),
+        ("width", pa.int32()),
+        ("shape", pa.list_(pa.int32())),
+        ("neuron_axis", pa.int32()),
+        ("space", pa.string()),
+        ("layer_output", pa.bool_()),
+    ]
+)
+
+#: The examples table starts with these; every manifest column is added (schema merge) as runs arrive.
+EXAMPLES_BASE = pa.schema([("run", pa.string()), ("example_id", pa.string())])
+
+ACTIVATIONS = pa.schema(
+    [
+        ("run", pa.string()),
+        ("hook", pa.string()),
+        ("example_id", pa.string()),
+        ("position", pa.int32()),  # null when pooled; the position in its sequence when pooling is none
+        ("activation", pa.list_(pa.float32())),  # [width], float32 runs
+        ("activation_f16", pa.list_(pa.int16())),  # [width], float16 runs: IEEE half bit patterns
+    ]
+)
+
+CORE_TABLES: dict[str, TableSpec] = {
+    spec.name: spec
+    for spec in (
+        TableSpec("store_meta", STORE_META),
+        TableSpec("run_events", RUN_EVENTS),
+        TableSpec("hooks", HOOKS, ("run",)),
+        TableSpec("examples", EXAMPLES_BASE, ("run",)),
+        TableSpec("activations", ACTIVATIONS, ("run", "hook")),
+    )
+}
+
+#: Columns the store adds to each example; a manifest may not use these names.
+RESERVED_EXAMPLE_COLUMNS = {"run", "example_id", "hook", "position", "activation", "activation_f16"}
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -1,0 +1,82 @@
+"""Thin, retrying wrappers around the Delta Lake tables of a store (one folder per table)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+from deltalake import DeltaTable, WriterProperties, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+from store.location import StoreLocation
+from store.schema import TableSpec
+
+#: About 1,000 rows per row group lets DuckDB parallelise scans and skip row groups by statistics.
+ROW_GROUP_ROWS = 1024
+_COMMIT_RETRIES = 20
+
+
+def _writer_properties() -> WriterProperties:
+    return WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression="ZSTD", compression_level=1)
+
+
+def exists(location: StoreLocation, table: str) -> bool:
+    return DeltaTable.is_deltatable(location.table_uri(table), storage_options=location.storage_options)
+
+
+def create(location: StoreLocation, spec: TableSpec) -> None:
+    """Create an empty table with its schema and partitioning; a table that exists is left alone."""
+    DeltaTable.create(
+        location.table_uri(spec.name),
+        spec.schema,
+        partition_by=list(spec.partition_by) or None,
+        mode="ignore",
+        storage_options=location.storage_options,
+    )
+
+
+def open_table(location: StoreLocation, table: str) -> DeltaTable:
+    try:
+        return DeltaTable(location.table_uri(table), storage_options=location.storage_options)
+    except TableNotFoundError as error:
+        raise FileNotFoundError(f"table {table!r} is missing from store {location.uri}") from error
+
+
+def dataset(location: StoreLocation, table: str) -> pads.Dataset:
+    """The table's current version as an Arrow dataset (DuckDB scans it with filter/projection pushdown)."""
+    return open_table(location, table).to_pyarrow_dataset()
+
+
+def _retrying(commit: Callable[[], object]) -> None:
+    """Run a commit, retrying with jittered backoff when a concurrent writer committed first."""
+    for attempt in range(_COMMIT_RETRIES):
+        try:
+            commit()
+            return
+        except CommitFailedError:
+            if attempt == _COMMIT_RETRIES - 1:
+                raise
+            time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
+
+
+def append(location: StoreLocation, spec: TableSpec, data: pa.Table, *, merge_schema: bool = False) -> None:
+    """Append ``data`` as one atomic commit: readers see all of it or none of it."""
+    _retrying(
+        lambda: write_deltalake(
+            location.table_uri(spec.name),
+            data,
+            partition_by=list(spec.partition_by) or None,
+            mode="append",
+            schema_mode="merge" if merge_schema else None,
+            storage_options=location.storage_options,
+            writer_properties=_writer_properties(),
+        )
+    )
+
+
+def delete(location: StoreLocation, table: str, predicate: str) -> None:
+    """Delete the rows matching a Delta predicate (partition predicates only drop whole files)."""
+    _retrying(lambda: open_table(location, table).delete(predicate))
