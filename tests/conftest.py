@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny seeded models saved to disk and loaded back by path, stores, manifests, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Tests never reach a model hub: everything is built locally and loaded by path.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from hookpoints.tiny import build_tiny  # noqa: E402
+from store.catalog import Store  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir(family, seed=0)``: the folder of a tiny seeded model (built once per session)."""
+    built: dict[tuple[str, int], Path] = {}
+
+    def build(family: str, seed: int = 0) -> Path:
+        if (family, seed) not in built:
+            built[family, seed] = build_tiny(family, tmp_path_factory.mktemp(f"{family}-{seed}"), seed=seed)
+        return built[family, seed]
+
+    return build
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store.open(tmp_path / "store", create=True)
+
+
+@pytest.fixture
+def write_manifest(tmp_path):
+    """``write_manifest(rows, name="manifest.jsonl")``: a JSONL manifest file of ``rows``."""
+
+    def write(rows: list[dict], name: str = "manifest.jsonl") -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``run_cli(*args)`` -> (exit code, stdout, stderr), through the same entry point as the console script."""
+    from cli.main import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = 0
+        try:
+            main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
