@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from cli.console import out, progress, render
+from cli.console import counting, out, render
 
 MINILM_RUN = "minilm-text"
 SEAMLESS_RUN = "seamless-tiny-text"
@@ -84,8 +84,7 @@ def command(store_path: str, model: str | None) -> None:
         ]
         for run, source, label, modality in stages:
             hooked = load(source, modality=modality)
-            with progress() as bar:
-                task = bar.add_task(f"{label}", total=len(corpus))
+            with counting(label) as (on_start, on_batch):
                 summary = record(
                     hooked,
                     corpus,
@@ -94,7 +93,8 @@ def command(store_path: str, model: str | None) -> None:
                     pooling="mean",
                     batch_size=16,
                     if_exists="overwrite",
-                    on_batch=lambda n, bar=bar, task=task: bar.advance(task, n),
+                    on_start=on_start,
+                    on_batch=on_batch,
                 )
             out.print(f"  {run}: {summary.recorded} examples x {summary.hooks} hook points in {summary.seconds:.1f} s")
 

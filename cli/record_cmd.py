@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.console import err, out, progress
+from cli.console import counting, err, out
 
 
 @click.command("record")
@@ -64,18 +64,18 @@ def command(
     from hookpoints.loading import load
     from hookpoints.manifest import read_manifest
     from hookpoints.recorder import record
-    from store.catalog import Store
+    from store.catalog import Store, validate_run_name
     from store.errors import UserError
 
     if resume and overwrite:
         raise UserError("give --resume or --overwrite, not both")
+    validate_run_name(run)
     manifest = read_manifest(data)
     with err.status(f"loading {model}"):
         hooked = load(model, modality=modality, dtype=model_dtype, device=device)
-        points = hooked.select(list(patterns) or None)
+        hooked.select(list(patterns) or None)  # bad hook patterns fail here, before the store is touched
     store = Store.open(store_path, create=True)
-    with progress() as bar:
-        task = bar.add_task(f"recording {run}", total=len(manifest))
+    with counting(f"recording {run}") as (on_start, on_batch):
         summary = record(
             hooked,
             manifest,
@@ -86,10 +86,10 @@ def command(
             batch_size=batch_size,
             dtype=dtype,
             if_exists="resume" if resume else "overwrite" if overwrite else "error",
-            on_batch=lambda n: bar.advance(task, n),
+            on_start=on_start,
+            on_batch=on_batch,
         )
-        bar.update(task, completed=len(manifest))
     out.print(
-        f"recorded {summary.recorded} examples ({summary.skipped} already there) at {len(points)} hook points "
+        f"recorded {summary.recorded} examples ({summary.skipped} already there) at {summary.hooks} hook points "
         f"into run [bold]{run}[/bold] of {store.location.uri} in {summary.seconds:.1f} s"
     )

@@ -80,7 +80,21 @@ def _check_source(source: str) -> None:
         raise UserError(f"model path {source} does not exist")
 
 
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
 def _optional(loader, source: str):
+    folder = Path(source).expanduser()
+    if loader is AutoTokenizer and folder.is_dir() and not any((folder / f).exists() for f in _TOKENIZER_FILES):
+        return None  # transformers would build an empty tokenizer from the config alone
     try:
         return loader.from_pretrained(source)
     except (OSError, ValueError, KeyError, TypeError):

@@ -43,6 +43,7 @@ def record(
     task: str = "forward",
     if_exists: str = "error",
     max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> RecordSummary:
     """Record every example of ``manifest`` at ``hooks`` (globs; default: the model's listed hook points).
@@ -50,7 +51,8 @@ def record(
     One nnsight trace per batch; each hook is pooled per example over its valid positions (``pooling``:
     mean, last, max, or none to keep every position). Batches are formed from examples of similar length,
     which gives the same values as batch size 1 (to float tolerance) with less padding.
-    ``if_exists``: error, resume (record only what is missing) or overwrite.
+    ``if_exists``: error, resume (record only what is missing) or overwrite. ``on_start(n)`` is called once
+    everything is checked and ``n`` examples are about to be recorded; ``on_batch(k)`` after each batch.
     """
     if pooling not in POOLINGS:
         raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
@@ -83,6 +85,8 @@ def record(
     todo = [row for row, example in enumerate(manifest.ids) if example not in writer.done]
     lengths = [len(text) for text in manifest.column("text")]
     todo.sort(key=lambda row: lengths[row])  # similar lengths together: less padding
+    if on_start:
+        on_start(len(todo))
     try:
         for start in range(0, len(todo), batch_size):
             examples = manifest.table.take(todo[start : start + batch_size])

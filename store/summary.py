@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from store import tables
@@ -26,7 +27,7 @@ def table_sizes(store: Store) -> list[dict]:
     """Files, rows and bytes of every table's current version."""
     rows = []
     for name in store.table_names():
-        actions = tables.open_table(store.location, name).get_add_actions(flatten=True)
+        actions = pa.table(tables.open_table(store.location, name).get_add_actions(flatten=True))
         rows.append(
             {
                 "table": name,
