@@ -8,7 +8,6 @@ Every write is an atomic Delta commit; nothing in a store is executable (Parquet
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +42,7 @@ class Store:
 
     def __init__(self, location: StoreLocation):
         self.location = location
+        self._tables: set[str] = set()  # tables known to exist (checked once per Store object)
 
     # -- opening ---------------------------------------------------------------------------------------
 
@@ -83,11 +83,13 @@ class Store:
 
     def ensure_table(self, spec: TableSpec) -> None:
         """Create ``spec``'s table if it is missing and register it so SQL sessions show it."""
-        if tables.exists(self.location, spec.name):
+        if spec.name in self._tables:
             return
-        tables.create(self.location, spec)
-        if spec.name != "store_meta":
-            self._append_meta({f"table:{spec.name}": json.dumps({"partition_by": list(spec.partition_by)})})
+        if not tables.exists(self.location, spec.name):
+            tables.create(self.location, spec)
+            if spec.name != "store_meta":
+                self._append_meta({f"table:{spec.name}": json.dumps({"partition_by": list(spec.partition_by)})})
+        self._tables.add(spec.name)
 
     def table_names(self) -> list[str]:
         return sorted(key.removeprefix("table:") for key in self.meta() if key.startswith("table:"))
@@ -182,8 +184,6 @@ def _check_local_folder(root: Path) -> None:
         raise UserError(
             f"cannot write to store folder {root}: {error.strerror or error}; pick a folder you can write"
         ) from None
-    if not os.access(root, os.W_OK):
-        raise UserError(f"cannot write to store folder {root}: pick a folder you can write")
 
 
 def _now() -> datetime:
