@@ -291,11 +291,7 @@ class LabelSetPlan:
         if not tied.any():
             sums = self._pair_sums(idx, None)
         else:
-            n = idx.shape[1]
-            gpos = np.empty(idx.shape, dtype=np.int64)  # [m, examples] end of each tie run
-            gpos[:, :-1] = np.where(same, n, np.arange(n - 1))
-            gpos[:, -1] = n - 1
-            gpos = np.minimum.accumulate(gpos[:, ::-1], axis=1)[:, ::-1]
+            gpos = _run_ends(~same)  # [m, examples] sorted position ending each tie run
             if tied.all():
                 sums = self._pair_sums(idx, gpos)
             else:
@@ -319,7 +315,7 @@ class LabelSetPlan:
         num within-class max rank there (float64, a broadcast ``[examples]`` row when untied);
         den_all rank among all examples there (float64).
         """
-        labs = fam.labels[idx]  # [m, examples] class of each sorted position
+        labs = np.take(fam.labels, idx)  # [m, examples] class of each sorted position
         g = np.argsort(labs, axis=1, kind="stable")  # radix sort: classes in score order
         den_all = np.empty(g.shape)
         if gpos is None:
@@ -330,14 +326,11 @@ class LabelSetPlan:
         for j in range(m):
             np.take(gpos[j], g[j], out=key[j])
         np.add(key, 1.0, out=den_all)
-        end = np.empty_like(g)
         brk = key[:, 1:] != key[:, :-1]
-        brk |= fam.seg_break
-        end[:, :-1] = np.where(brk, np.arange(n - 1), n)
-        end[:, -1] = n - 1
-        end = np.minimum.accumulate(end[:, ::-1], axis=1)[:, ::-1]  # last slot of each run
-        num = end - fam.seg_start
-        return g, np.add(num, 1.0), den_all
+        brk |= fam.seg_break  # [m, examples - 1] slot k ends a run (value or class changes)
+        end = _run_ends(brk)  # last slot of each run
+        end -= fam.seg_start
+        return g, np.add(end, 1.0), den_all
 
     def _pair_sums(self, idx: np.ndarray, gpos: np.ndarray | None) -> list[np.ndarray]:
         """For each (P, Q) pair: ``[m, classes of P]`` sums of TP/N over each class's members."""
@@ -371,6 +364,19 @@ class LabelSetPlan:
                     np.divide(num, ratio, out=ratio)
                 sums[k] = np.add.reduceat(ratio, fam.reduce_idx, axis=1)[:, : fam.n_classes]
         return sums
+
+
+def _run_ends(brk: np.ndarray) -> np.ndarray:
+    """Last position of the run each position is in, ``[m, n]`` int64.
+
+    brk: ``[m, n - 1]`` bool, True where position p ends a run (p + 1 starts a new one).
+    """
+    m, n1 = brk.shape
+    end = np.empty((m, n1 + 1), dtype=np.int64)
+    end[:, ::-1] = np.arange(n1 + 1)  # reversed, so the accumulate below reads forward
+    np.copyto(end[:, 1:], n1, where=~brk[:, ::-1])
+    np.minimum.accumulate(end, axis=1, out=end)
+    return end[:, ::-1]
 
 
 def _default_threads() -> int:
