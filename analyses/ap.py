@@ -195,7 +195,7 @@ class LabelSetPlan:
         self._atom = atom.reshape(-1).astype(np.int64)  # [examples]
         self._abits = max(1, (len(sig) - 1).bit_length())
         cnt_off = np.concatenate([[0], np.cumsum([f.n_classes + 1 for f in fams])])
-        self._n_cnt = int(cnt_off[-1])  # counter slot n_cnt holds the count over all examples
+        self._n_cnt = int(cnt_off[-1])  # N counter slot n_cnt means "all examples"
         acc_off = np.concatenate([[0], np.cumsum([fams[p].n_classes + 1 for p, _ in self._pairs])])
         cols = [sig[:, f] + cnt_off[f] for f in range(len(fams))]
         for k, (p, q) in enumerate(self._pairs):
@@ -487,11 +487,11 @@ def _scan_py(keys, abits, tab, n_fam, n_pairs, n_cnt, out):  # pragma: no cover 
     """One pass over each row of sorted keys ``[m, examples]``; ``out`` ``[m, acc slots]`` sums of TP/N.
 
     tab ``[atoms, n_fam + 3 n_pairs]``: the atom's counter slot in each family, then per pair
-    its accumulator, TP counter and N counter slots (slot ``n_cnt`` = all examples).
+    its accumulator, TP counter and N counter slots (``n_cnt`` = all examples: no counter).
     """
     m, n = keys.shape
     amask = (np.int64(1) << abits) - 1
-    cnt = np.zeros(n_cnt + 1, np.float64)
+    cnt = np.zeros(n_cnt, np.float64)
     acc = np.zeros(out.shape[1], np.float64)
     for j in range(m):
         row = keys[j]
@@ -507,12 +507,16 @@ def _scan_py(keys, abits, tab, n_fam, n_pairs, n_cnt, out):  # pragma: no cover 
                 tr = tab[row[t] & amask]
                 for f in range(n_fam):
                     cnt[tr[f]] += 1.0
-            cnt[n_cnt] = q
+            inv_all = 1.0 / q  # N over all examples is the sorted position
             for t in range(p, q):  # ... then score its members: TP(>= s) / N(>= s)
                 tr = tab[row[t] & amask]
                 for k in range(n_pairs):
                     c = n_fam + 3 * k
-                    acc[tr[c]] += cnt[tr[c + 1]] / cnt[tr[c + 2]]
+                    d = tr[c + 2]
+                    if d == n_cnt:
+                        acc[tr[c]] += cnt[tr[c + 1]] * inv_all
+                    else:
+                        acc[tr[c]] += cnt[tr[c + 1]] / cnt[d]
             p = q
         out[j, :] = acc
 
