@@ -50,7 +50,7 @@ DEFAULT_BLOCK = 16  # neurons per work unit
 # Peak scratch per (neuron of a block, example), measured with tracemalloc at 12k examples and
 # the 32-set benchmark plan: numba = int64 keys + float32 copy; numpy = about a dozen
 # [block, examples] temporaries.
-_SCRATCH_BYTES = {"numba": 12, "numpy": 112}
+_SCRATCH_BYTES = {"numba": 12, "numpy": 120}
 
 
 class _NonFinite(Exception):
@@ -328,15 +328,16 @@ class LabelSetPlan:
         same ``[m, examples - 1]`` bool, position p ties with p + 1.
         """
         m, n = xb.shape
+        if not np.isfinite(xb).all():
+            raise _NonFinite
         f32 = np.empty((m, n), dtype=np.float32)
         if xb.dtype == np.float32:
             np.add(xb, np.float32(0.0), out=f32)  # -0.0 -> +0.0 (they tie); contiguous copy
             exact = True
         else:
-            np.add(xb, 0.0, out=f32, casting="same_kind")
+            with np.errstate(over="ignore"):
+                np.add(xb, 0.0, out=f32, casting="same_kind")
             exact = bool(np.equal(f32, xb).all())  # float64 that is exactly float32 takes the fast path
-        if not np.isfinite(f32).all() or (not exact and not np.isfinite(xb).all()):
-            raise _NonFinite
         if exact:
             bits = self._bits
             i = f32.view(np.int32)
@@ -449,16 +450,19 @@ def _pack_py(src, atom, abits, f32, keys):  # pragma: no cover - compiled by num
     """Sort keys for rows ``src`` ``[m, examples]``: ``(descending score bits << abits) | atom``.
 
     Copies ``src`` into the float32 scratch ``f32`` on the way. Returns (non-finite count,
-    count of float64 values float32 would round).
+    count of float64 values float32 would round); the keys are only written when both are 0.
     """
     m, n = src.shape
+    bad = 0
     inexact = 0
     if src.strides[0] < src.strides[1]:  # neuron axis contiguous: walk examples in the outer loop
         for i in range(n):
             for j in range(m):
                 v = src[j, i]
                 w = np.float32(v)
-                if w != v:
+                if not np.isfinite(v):
+                    bad += 1
+                elif w != v:
                     inexact += 1
                 f32[j, i] = w
     else:
@@ -466,16 +470,17 @@ def _pack_py(src, atom, abits, f32, keys):  # pragma: no cover - compiled by num
             for i in range(n):
                 v = src[j, i]
                 w = np.float32(v)
-                if w != v:
+                if not np.isfinite(v):
+                    bad += 1
+                elif w != v:
                     inexact += 1
                 f32[j, i] = w
+    if bad or inexact:
+        return bad, inexact
     bits = f32.view(np.int32)
-    bad = 0
     for j in range(m):
         for i in range(n):
             b = bits[j, i]
-            if (b & 0x7F800000) == 0x7F800000:
-                bad += 1
             if b == -2147483648:  # -0.0 ties with +0.0
                 b = 0
             o = b ^ ((b >> 31) & 0x7FFFFFFF)  # int32 in the order of the floats

@@ -92,7 +92,7 @@ def make_chunk(seed: int, j0: int, m: int, cell: np.ndarray, ties: str) -> np.nd
     shift = rng.standard_normal((m, N_LANG * N_MOD), dtype=np.float32) * np.float32(0.3)
     x += shift[:, cell]
     relu = np.arange(j0, j0 + m) % 8 == 0
-    np.maximum(x[relu], 0, out=x[relu])
+    x[relu] = np.maximum(x[relu], 0)
     if ties == "float16":
         x = x.astype(np.float16).astype(np.float32)
     return x
