@@ -18,7 +18,8 @@ Every label set is scored from one sort per neuron:
   ``(order-preserving score bits << b) | atom``, where the atom says which class of every family
   the example is in; numpy's SIMD sort orders them; one pass over the sorted keys keeps a
   counter per class (TP and N are counters) and adds TP/N into one accumulator per
-  (pair, class). A tie run is counted first and scored after, which gives sklearn's ties.
+  (pair, class). A tie run is counted first and scored after, which gives sklearn's ties;
+  its examples are scored once per atom, times their number (as sklearn does per threshold).
   Cost per (neuron, example): ~10 ns sort + ~3 ns per family and pair, independent of how
   many classes a family has.
 * numpy backend (fallback): the same sort, then per family a stable radix argsort of the class
@@ -498,6 +499,8 @@ def _scan_py(keys, abits, tab, n_fam, n_pairs, n_cnt, out):  # pragma: no cover 
     amask = (np.int64(1) << abits) - 1
     cnt = np.zeros(n_cnt, np.float64)
     acc = np.zeros(out.shape[1], np.float64)
+    run_cnt = np.zeros(tab.shape[0], np.float64)  # members of each atom in the current tie run
+    run_atoms = np.empty(min(n, tab.shape[0]), np.int64)  # the atoms seen in it
     for j in range(m):
         row = keys[j]
         cnt[:] = 0.0
@@ -508,13 +511,11 @@ def _scan_py(keys, abits, tab, n_fam, n_pairs, n_cnt, out):  # pragma: no cover 
             q = p + 1
             while q < n and (row[q] >> abits) == hi:
                 q += 1
-            for t in range(p, q):  # count the whole tie run first ...
-                tr = tab[row[t] & amask]
+            inv_all = 1.0 / q  # N over all examples is the sorted position
+            if q == p + 1:  # no tie: count the example, then add its TP(>= s) / N(>= s)
+                tr = tab[row[p] & amask]
                 for f in range(n_fam):
                     cnt[tr[f]] += 1.0
-            inv_all = 1.0 / q  # N over all examples is the sorted position
-            for t in range(p, q):  # ... then score its members: TP(>= s) / N(>= s)
-                tr = tab[row[t] & amask]
                 for k in range(n_pairs):
                     c = n_fam + 3 * k
                     d = tr[c + 2]
@@ -522,6 +523,29 @@ def _scan_py(keys, abits, tab, n_fam, n_pairs, n_cnt, out):  # pragma: no cover 
                         acc[tr[c]] += cnt[tr[c + 1]] * inv_all
                     else:
                         acc[tr[c]] += cnt[tr[c + 1]] / cnt[d]
+            else:  # tie run: count all of it first, then score each atom once, times its members
+                n_run = 0
+                for t in range(p, q):
+                    a = row[t] & amask
+                    tr = tab[a]
+                    for f in range(n_fam):
+                        cnt[tr[f]] += 1.0
+                    if run_cnt[a] == 0.0:
+                        run_atoms[n_run] = a
+                        n_run += 1
+                    run_cnt[a] += 1.0
+                for r in range(n_run):
+                    a = run_atoms[r]
+                    w = run_cnt[a]
+                    run_cnt[a] = 0.0
+                    tr = tab[a]
+                    for k in range(n_pairs):
+                        c = n_fam + 3 * k
+                        d = tr[c + 2]
+                        if d == n_cnt:
+                            acc[tr[c]] += w * (cnt[tr[c + 1]] * inv_all)
+                        else:
+                            acc[tr[c]] += w * (cnt[tr[c + 1]] / cnt[d])
             p = q
         out[j, :] = acc
 
