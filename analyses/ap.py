@@ -557,8 +557,22 @@ def _numba_kernels():
         import numba
     except ImportError:
         return None
-    jit = numba.njit(nogil=True, cache=True, boundscheck=False)
-    return jit(_pack_py), jit(_scan_py)
+    from numba import float32, float64, int64, types, uint32
+
+    jit = functools.partial(numba.njit, nogil=True, cache=True, boundscheck=False)
+    # Explicit signatures, compiled once: contiguous float32 rows (the fast path), then
+    # any-layout ("A") float32 / float64 so that every other layout needs no further compile.
+    counts = types.UniTuple(int64, 2)
+    pack = jit(
+        [
+            counts(float32[:, ::1], int64[::1], int64, float32[:, ::1], int64[:, ::1]),
+            counts(float32[:, :], int64[::1], int64, float32[:, ::1], int64[:, ::1]),
+            counts(float64[:, :], int64[::1], int64, float32[:, ::1], int64[:, ::1]),
+        ]
+    )(_pack_py)
+    scan_sig = types.none(int64[:, ::1], int64, uint32[:, ::1], int64, int64, int64, float64[:, ::1])
+    scan = jit([scan_sig])(_scan_py)
+    return pack, scan
 
 
 def _resolve_backend(backend: str):
