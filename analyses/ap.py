@@ -20,8 +20,8 @@ Every label set is scored from one sort per neuron:
   counter per class (TP and N are counters) and adds TP/N into one accumulator per
   (pair, class). A tie run is counted first and scored after, which gives sklearn's ties;
   its examples are scored once per atom, times their number (as sklearn does per threshold).
-  Cost per (neuron, example): ~10 ns sort + ~3 ns per family and pair, independent of how
-  many classes a family has.
+  Cost per (neuron, example) on one Zen 3 core: ~10 ns sort + ~12 ns counter pass for the
+  paper's 32 label sets (3 families, 4 pairs), independent of how many classes a family has.
 * numpy backend (fallback): the same sort, then per family a stable radix argsort of the class
   ids in score order lays each class out as a segment in descending order, where the k-th
   member has TP = k and N = 1 + its sorted position; ~3x slower than numba.
