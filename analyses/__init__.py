@@ -1,1 +1,2 @@
 """analyses."""
+from .ap import average_precision as average_precision
