@@ -27,8 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from analyses.cluster_measures import centroid_stats, pairwise_distances, silhouettes
-from analyses.layers import LayerHook, read_layer, resolve_pooling, run_settings
-from analyses.layers import layer_hooks as find_layer_hooks
+from analyses.layers import LayerHook, layer_hooks, read_layer, resolve_pooling, run_settings
 from analyses.subsets import Subset, select_subset
 from store.catalog import Store
 from store.errors import UserError
@@ -152,7 +151,7 @@ def cluster_layers(
     with store.query() as session:
         recorded = run_settings(session, run)
         pooling = resolve_pooling(recorded, settings.pooling)
-        hooks = find_layer_hooks(session, run, list(settings.hooks))
+        hooks = layer_hooks(session, run, list(settings.hooks))
         subset = select_subset(session, run, settings.where, list(settings.labels))
         labellings = [_labelling(subset, name) for name in settings.labels]
         sample = sample_rows(len(subset), settings.sample, settings.seed)

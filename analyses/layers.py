@@ -103,6 +103,8 @@ def read_layer(
     session: QuerySession, subset: Subset, hook: LayerHook, settings: RunSettings, pooling: str
 ) -> np.ndarray:
     """The hook's pooled vectors of the subset's examples, ``[examples, width]`` float32, row i = example i."""
+    if settings.run != subset.run:
+        raise ValueError(f"settings of run {settings.run!r} given for a subset of run {subset.run!r}")
     params = {"run": subset.run, "hook": hook.hook}
     source = f"""
         FROM _activations a JOIN ({subset.sql()}) s USING (example_id)

@@ -87,7 +87,7 @@ def select_subset(session: QuerySession, run: str, where: str | None, labels: li
         if label not in columns:
             known = ", ".join(c for c in columns if c not in ("run", "example_id"))
             raise UserError(f"label column {label!r} is not in the examples table; it has: {known}")
-    selected = ", ".join(["example_id", *(quote_name(label) for label in labels)])
+    selected = ", ".join(["example_id", *(quote_name(label) for label in labels if label != "example_id")])
     try:
         table = session.sql(subset_sql(where, selected) + " ORDER BY example_id", {"run": run})
     except UserError as error:

@@ -107,15 +107,18 @@ def analyse(store, run: str, settings, folder: Path | None, *, fmt: str = "table
     """Compute, store, print and plot one clustering analysis; returns its result."""
     from analyses.clusters import cluster_layers, write_clusters
 
-    with progress() as bar:
-        task = bar.add_task(f"clustering {run}", total=None)
+    bar = progress()  # shown once every check on the input has passed
+
+    def start(layers: int) -> None:
+        bar.start()
+        bar.add_task(f"clustering {run}", total=layers)
+
+    try:
         result = cluster_layers(
-            store,
-            run,
-            settings,
-            on_start=lambda n: bar.update(task, total=n),
-            on_layer=lambda hook: bar.advance(task),
+            store, run, settings, on_start=start, on_layer=lambda hook: bar.advance(bar.task_ids[0])
         )
+    finally:
+        bar.stop()
     write_clusters(store, result)
     note = err if fmt == "json" else out
     note.print(_scope(result), highlight=False)
