@@ -126,6 +126,13 @@ def read_layer(
     for batch in session.batches(query, params):
         rows = batch.column("row").to_numpy().astype(np.int64)  # [batch]
         values = _vectors(batch, hook)  # [batch, width]
+        finite = np.isfinite(values).all(1)
+        if not finite.all():
+            bad = subset.example_ids[int(rows[np.flatnonzero(~finite)[0]])]
+            raise UserError(
+                f"hook {hook.hook} of run {subset.run!r} holds NaN or infinite activations (example {bad!r}): "
+                "leave such examples out with --where, or record them again"
+            )
         if reduce is None:
             matrix[rows] = values
             filled[rows] += 1
@@ -134,12 +141,6 @@ def read_layer(
     _check_complete(subset, hook, filled, positions=reduce is not None)
     if reduce == "mean":
         matrix /= filled[:, None]
-    if not np.isfinite(matrix).all():
-        bad = subset.example_ids[int(np.flatnonzero(~np.isfinite(matrix).all(1))[0])]
-        raise UserError(
-            f"hook {hook.hook} of run {subset.run!r} holds NaN or infinite activations (example {bad!r}): "
-            "leave such examples out with --where, or record them again"
-        )
     return matrix
 
 

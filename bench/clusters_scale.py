@@ -124,8 +124,6 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="Reuse the store at --root if it is there.")
     args = parser.parse_args()
     n, width = args.examples, args.width
-    from sklearn.metrics import davies_bouldin_score, silhouette_score
-
     results: dict[str, float] = {}
     store_root = args.root / "store"
     if args.keep and (store_root / "store_meta").exists():
@@ -144,6 +142,30 @@ def main() -> None:
         peak_reset()
         x, results["read_layer_s"] = timed(lambda: read_layer(session, subset, hook, settings, "last"))
         results["read_layer_peak_added_gib"] = peak_gib() - before
+    measure_in_memory(x, subset, results)
+    del x
+
+    before = rss_gib()
+    peak_reset()
+    result, seconds = timed(lambda: cluster_layers(store, "big", ClusterSettings(labels=("language", "semantic_id"))))
+    results["analysis_s"] = seconds
+    results["analysis_per_layer_s"] = seconds / len(result.layers)
+    results["analysis_peak_added_gib"] = peak_gib() - before
+    results["analysis_rows"] = len(result.rows)
+    for row in result.rows:
+        if row["measure"] in ("silhouette", "davies_bouldin"):
+            results[f"value_l{row['layer']}_{row['label']}_{row['measure']}_{row['space']}"] = row["value"]
+
+    results.update(examples=n, width=width, layers=args.layers, cpus=os.cpu_count(), load=os.getloadavg()[0])
+    (args.root / "results.json").write_text(json.dumps(results, indent=1))
+    report(results)
+
+
+def measure_in_memory(x: np.ndarray, subset, results: dict) -> None:
+    """Davies-Bouldin, silhouette and t-SNE on one layer's matrix, hookpoints against scikit-learn."""
+    from sklearn.metrics import davies_bouldin_score, silhouette_score
+
+    n = len(x)
     results["layer_gib"] = x.nbytes / 2**30
     codes = {}
     for name in ("language", "semantic_id"):
@@ -167,30 +189,10 @@ def main() -> None:
             total += seconds
             results[f"sil{size}_{name}_abs_diff"] = abs(stats[i].silhouette - theirs)
         results[f"sil{size}_both_labels_sklearn_s"] = total
-        # sklearn's own sampling (sample_size=...) draws its permutation over all n rows and copies the sample
-        _, results[f"sil{size}_sklearn_sample_size_one_label_s"] = timed(
-            lambda size=size: silhouette_score(x, codes["language"], sample_size=size, random_state=0)
-        )
 
     sample = x[sample_rows(n, 2000, 0)]
     _, results["tsne2000_1_thread_s"] = timed(lambda: tsne_map(sample, 30.0, 0, threads=1))
     _, results["tsne2000_all_threads_s"] = timed(lambda: tsne_map(sample, 30.0, 0, threads=None))
-    del x, sample
-
-    before = rss_gib()
-    peak_reset()
-    result, seconds = timed(lambda: cluster_layers(store, "big", ClusterSettings(labels=("language", "semantic_id"))))
-    results["analysis_s"] = seconds
-    results["analysis_per_layer_s"] = seconds / len(result.layers)
-    results["analysis_peak_added_gib"] = peak_gib() - before
-    results["analysis_rows"] = len(result.rows)
-    for row in result.rows:
-        if row["measure"] in ("silhouette", "davies_bouldin"):
-            results[f"value_l{row['layer']}_{row['label']}_{row['measure']}_{row['space']}"] = row["value"]
-
-    results.update(examples=n, width=width, layers=args.layers, cpus=os.cpu_count(), load=os.getloadavg()[0])
-    (args.root / "results.json").write_text(json.dumps(results, indent=1))
-    report(results)
 
 
 def report(r: dict) -> None:
