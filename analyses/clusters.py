@@ -260,7 +260,16 @@ def _check_numbers(settings: ClusterSettings) -> None:
 
 def _labelling(subset: Subset, name: str) -> Labelling:
     """Codes for one label column; a label that cannot form clusters is a clear error."""
-    values = pc.cast(subset.table[name], pa.string())
+    column = subset.table[name]
+    kind = column.type
+    if not (
+        pa.types.is_string(kind) or pa.types.is_integer(kind) or pa.types.is_boolean(kind) or pa.types.is_null(kind)
+    ):
+        raise UserError(
+            f"label {name!r} holds {kind} values: cluster by a column of text, integers or booleans "
+            "(or derive one in the manifest)"
+        )
+    values = pc.cast(column, pa.string())
     encoded = pc.dictionary_encode(values).combine_chunks()
     codes = encoded.indices.to_numpy(zero_copy_only=False)
     codes = np.where(encoded.indices.is_null().to_numpy(zero_copy_only=False), -1, codes).astype(np.int64)

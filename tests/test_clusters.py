@@ -255,3 +255,15 @@ def test_deleting_a_run_deletes_its_cluster_rows(synthetic):
     store.delete_run("syn")
     with store.query() as session:
         assert session.sql("SELECT count(*) AS n FROM clusters")["n"][0].as_py() == 0
+
+
+def test_a_label_of_numbers_with_fractions_or_lists_is_refused(store):
+    examples, vectors = clustered(layers=1)
+    for i, example in enumerate(examples):
+        example.update(score=i / 7, tags=["a", "b"][: 1 + i % 2], turn=i % 2)
+    write_run(store, "typed", examples, vectors)
+    for label, kind in (("score", "double"), ("tags", "list<")):
+        with pytest.raises(UserError, match=f"label {label!r} holds {kind}.* values: cluster by a column of text"):
+            cluster_layers(store, "typed", ClusterSettings(labels=(label,), tsne=False))
+    result = cluster_layers(store, "typed", ClusterSettings(labels=("turn",), tsne=False))  # integers are fine
+    assert result.labellings[0].classes == ["0", "1"]
