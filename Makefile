@@ -28,4 +28,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/recording_overhead.py
 
 clean:
-	rm -rf $(VENV) demo-store .pytest_cache
+	rm -rf $(VENV) demo-store demo-store-plots .pytest_cache

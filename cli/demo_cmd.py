@@ -105,4 +105,7 @@ def command(store_path: str, model: str | None) -> None:
             out.rule(title, style="dim")
             out.print(f"[dim]{sql}[/dim]", highlight=False)
             render(session.sql(sql))
+    from cli.clusters_cmd import default_plot_folder, demo_stage
+
+    demo_stage(store, default_plot_folder(store), corpus_run=MINILM_RUN)
     out.print(f'\nYour turn: hookpoints sql --store {store_path} "SELECT * FROM hooks LIMIT 5"')

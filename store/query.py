@@ -80,6 +80,25 @@ class QuerySession:
 
     def sql(self, text: str, params: dict | None = None) -> pa.Table:
         """Run one read-only statement and return its result as an Arrow table."""
+        self._check_read_only(text)
+        try:
+            return self.con.sql(text, params=params).to_arrow_table()
+        except duckdb.Error as error:
+            raise UserError(f"SQL failed: {_first_line(error)}") from None
+
+    def batches(self, text: str, params: dict | None = None, *, rows: int = 4096) -> pa.RecordBatchReader:
+        """Like :meth:`sql`, but stream the result as Arrow record batches of at most ``rows`` rows.
+
+        For results too big to hold twice (a layer's activations over 100,000 examples): the caller copies
+        each batch where it belongs and drops it.
+        """
+        self._check_read_only(text)
+        try:
+            return self.con.sql(text, params=params).to_arrow_reader(rows)
+        except duckdb.Error as error:
+            raise UserError(f"SQL failed: {_first_line(error)}") from None
+
+    def _check_read_only(self, text: str) -> None:
         try:
             statements = self.con.extract_statements(text)
         except duckdb.Error as error:
@@ -89,10 +108,6 @@ class QuerySession:
         kind = statements[0].type
         if kind not in _READ_ONLY_TYPES:
             raise UserError(f"the store is read-only through SQL: {kind.name} statements are refused; use SELECT")
-        try:
-            return self.con.sql(text, params=params).to_arrow_table()
-        except duckdb.Error as error:
-            raise UserError(f"SQL failed: {_first_line(error)}") from None
 
     def close(self) -> None:
         self.con.close()

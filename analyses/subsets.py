@@ -1,0 +1,98 @@
+"""Example subsets: the examples of one run that a SQL predicate over the ``examples`` table picks.
+
+``--where "language IN ('en', 'de') AND modality = 'text'"`` is any DuckDB boolean expression over the
+examples view's columns (run, example_id and every manifest column). The predicate is kept inside one pair of
+parentheses (checked before DuckDB sees it), so it can only narrow the run's examples, never reach past them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from store.errors import UserError
+from store.query import QuerySession
+
+
+@dataclass(frozen=True)
+class Subset:
+    """The examples of ``run`` matched by ``where``, sorted by ``example_id``, with the asked label columns."""
+
+    run: str
+    where: str  # "" when every example of the run counts
+    table: pa.Table  # example_id first, then the label columns; row i is the subset's example i
+
+    @property
+    def example_ids(self) -> list[str]:
+        return self.table["example_id"].to_pylist()
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def sql(self) -> str:
+        """A SELECT giving each example of the subset its row (``example_id``, ``row``), for joins."""
+        return subset_sql(self.where, "example_id, row_number() OVER (ORDER BY example_id) - 1 AS row")
+
+
+def check_predicate(where: str) -> str:
+    """``where`` stripped, refused if it could close the parentheses it is put in (or end the statement)."""
+    text = (where or "").strip()
+    depth, quote, i = 0, None, 0
+    while i < len(text):
+        char = text[i]
+        if quote:
+            if char == quote:
+                quote = None
+        elif char in "'\"":
+            quote = char
+        elif text.startswith("--", i) or text.startswith("/*", i):
+            raise UserError(f"--where {where!r}: comments are not allowed in a predicate; remove them")
+        elif char == ";":
+            raise UserError(f"--where {where!r}: give one boolean expression, without ';'")
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                raise UserError(f"--where {where!r}: a ')' has no matching '('; fix the parentheses")
+        i += 1
+    if quote:
+        raise UserError(f"--where {where!r}: a quoted string or name is not closed; close it")
+    if depth:
+        raise UserError(f"--where {where!r}: a '(' is not closed; fix the parentheses")
+    return text
+
+
+def subset_sql(where: str, columns: str) -> str:
+    """SELECT ``columns`` FROM the run's examples (parameter ``$run``) matching ``where``."""
+    predicate = f"({where})" if where else "true"
+    return f"SELECT {columns} FROM (SELECT * FROM examples WHERE run = $run) WHERE {predicate}"
+
+
+def example_columns(session: QuerySession) -> list[str]:
+    """The columns of the examples view (run, example_id, then every manifest column any run brought)."""
+    return session.sql("SELECT * FROM examples LIMIT 0").column_names
+
+
+def quote_name(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def select_subset(session: QuerySession, run: str, where: str | None, labels: list[str]) -> Subset:
+    """The examples of ``run`` matching ``where``, with the ``labels`` columns; clear errors for bad input."""
+    where = check_predicate(where or "")
+    columns = example_columns(session)
+    for label in labels:
+        if label not in columns:
+            known = ", ".join(c for c in columns if c not in ("run", "example_id"))
+            raise UserError(f"label column {label!r} is not in the examples table; it has: {known}")
+    selected = ", ".join(["example_id", *(quote_name(label) for label in labels if label != "example_id")])
+    try:
+        table = session.sql(subset_sql(where, selected) + " ORDER BY example_id", {"run": run})
+    except UserError as error:
+        raise UserError(f"--where {where!r} does not work on the examples table: {error}") from None
+    if table.num_rows == 0:
+        scope = f" matching --where {where!r}" if where else ""
+        raise UserError(f"run {run!r} has no examples{scope}: check the run name and the predicate")
+    return Subset(run, where, table)
