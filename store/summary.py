@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from store import tables
@@ -13,7 +14,7 @@ def run_summary(store: Store) -> list[dict]:
     with store.query() as session:
         return session.sql(
             """
-            SELECT r.run, r.model, r.task, r.pooling, r.dtype, r.status,
+            SELECT r.run, r.model, r.task, r.pooling, r.dtype, r.status, r.shards_complete || '/' || r.shards AS shards,
                    (SELECT count(*) FROM examples e WHERE e.run = r.run) AS examples,
                    (SELECT count(*) FROM hooks h WHERE h.run = r.run) AS hooks,
                    r.created_at
@@ -26,7 +27,7 @@ def table_sizes(store: Store) -> list[dict]:
     """Files, rows and bytes of every table's current version."""
     rows = []
     for name in store.table_names():
-        actions = tables.open_table(store.location, name).get_add_actions(flatten=True)
+        actions = pa.table(tables.open_table(store.location, name).get_add_actions(flatten=True))
         rows.append(
             {
                 "table": name,
