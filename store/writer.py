@@ -220,7 +220,8 @@ class RunWriter:
                 raise ValueError("one flush holds more than 2**31 values: lower max_buffer_bytes")
             offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32))
             if self.float16:
-                half = values.astype(np.float16)  # [rows, width]; values beyond float16's range become inf
+                with np.errstate(over="ignore"):  # values beyond float16's range become inf (and are flagged)
+                    half = values.astype(np.float16)  # [rows, width]
                 finite = np.isfinite(half).all(axis=1)
                 f32 = pa.nulls(n, ACTIVATIONS.field("activation").type)
                 f16 = pa.ListArray.from_arrays(offsets, pa.array(half.view(np.int16).ravel()))
