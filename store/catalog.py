@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from store import tables
 from store.errors import UserError
-from store.location import StoreLocation
+from store.location import StoreLocation, storage_error
 from store.runs import runs_sql, shard_states_sql
 from store.schema import CORE_TABLES, RUN_EVENTS, RUN_NAME, SCHEMA_VERSION, TableSpec
 
@@ -80,7 +80,7 @@ class Store:
             for spec in CORE_TABLES.values():
                 store.ensure_table(spec)
         except OSError as error:
-            raise UserError(f"cannot create a store at {location.uri}: {_one_line(error)}") from None
+            raise UserError(f"cannot create a store at {location.uri}: {storage_error(error)}") from None
         if "schema_version" not in store.meta():
             store._append_meta({"schema_version": str(SCHEMA_VERSION), "created_at": _now().isoformat()})
         return store
@@ -268,11 +268,9 @@ def _exists(location: StoreLocation, table: str, where) -> bool:
     try:
         return tables.exists(location, table)
     except OSError as error:
-        raise UserError(f"cannot reach store {where}: {_one_line(error)}") from None
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())[:300]
+        raise UserError(
+            f"cannot reach store {where}: {storage_error(error)} (check the URI, AWS_ENDPOINT_URL and credentials)"
+        ) from None
 
 
 def _now() -> datetime:
