@@ -148,12 +148,16 @@ def _connect(workers: int, gpus_per_worker: float):
         import ray
     except ImportError:
         raise UserError("--ray needs Ray Data: pip install 'hookpoints[ray]'") from None
+    import ray.data
+
+    # hookpoints shows its own progress bar; Ray's notes still go to its log files (/tmp/ray/session_*)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    for name in ("ray", "ray.data"):  # set after ray.data is imported: importing it configures its logger
+        logging.getLogger(name).setLevel(logging.ERROR)
     if ray.is_initialized():
         return ray, False
-    for name in ("ray", "ray.data"):  # hookpoints shows its own progress; Ray's notes go to its log files
-        logging.getLogger(name).setLevel(logging.ERROR)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ray.data.DataContext.get_current().print_on_execution_start = False
     env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
     runtime_env = {"env_vars": env} if env else None
     if os.environ.get("RAY_ADDRESS"):
