@@ -1,17 +1,23 @@
 """A store on S3-compatible storage: a real HTTP server (moto) on 127.0.0.1, started and stopped here.
 
 Every command works the same on ``s3://bucket/prefix`` as on a local folder (same values, same answers);
-shards commit side by side through S3's conditional writes; a damaged object is found and named.
+shards commit side by side through S3's conditional writes (tests/test_store_concurrency.py runs writer
+processes on a local store); a damaged object is found and named.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from store.catalog import Store
+from store.runs import in_shard
 from store.verify import verify
+from store.writer import HookRows, open_run
 from tests.moto_server import BUCKET, moto_server, s3_client
 from tests.store_checks import assert_exactly_once
 
@@ -64,20 +70,37 @@ def test_every_command_works_the_same_on_s3_and_on_a_local_folder(s3, run_cli, g
     assert not [key for key in keys if key.endswith("/")]  # no zero-byte directory markers
 
 
-def test_shards_record_into_s3_at_once(s3, cli_process, gpt2_dir, texts_manifest):
-    manifest = texts_manifest(16)
-    ids = [json.loads(line)["id"] for line in manifest.read_text().splitlines()]
+def test_shards_commit_into_s3_at_once(s3):
+    """Four writers (shards of one run) commit side by side through S3's conditional writes."""
     where = f"s3://{BUCKET}/shards/store"
-    Store.open(where, create=True)
-    args = ["record", "--model", str(gpt2_dir), "--data", str(manifest), "--store", where, "--run", "r"]
-    args += ["--hooks", HOOKS[0], "--batch-size", "2", "--buffer-mb", "0"]
-    processes = [cli_process(*args, "--shard", f"{index}/2", env=s3) for index in range(2)]
-    for process in processes:
-        _, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr
-    store = Store.open(where)
-    assert_exactly_once(store, "r", ids, 1)
-    assert store.run_info("r").status == "complete"
+    store = Store.open(where, create=True)
+    ids = [f"ex{i}" for i in range(40)]
+    hooks = [{"hook": f"h{i}", "width": 3, "layer": i} for i in range(2)]
+    settings = {"model": "m", "task": "forward", "pooling": "mean", "dtype": "float32"}
+    errors = []
+
+    def shard(index: int) -> None:
+        try:
+            writer = open_run(store, "r", settings=settings, config={}, hooks=hooks, shard=(index, 4),
+                              examples_schema=pa.schema([("example_id", pa.string())]), max_buffer_bytes=0)  # fmt: skip
+            mine = [example for example in ids if in_shard(example, (index, 4))]
+            for first in range(0, len(mine), 2):
+                batch = mine[first : first + 2]
+                values = np.full((len(batch), 3), index, np.float32)  # [batch, width]
+                writer.add(pa.table({"example_id": batch}), {h["hook"]: HookRows(batch, values) for h in hooks})
+            writer.finish()
+        except Exception as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=shard, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert_exactly_once(store, "r", ids, len(hooks))
+    info = store.run_info("r")
+    assert (info.status, info.shards_complete) == ("complete", 4)
 
 
 def test_a_truncated_object_on_s3_is_found_and_named(s3, run_cli, gpt2_dir, texts_manifest):
