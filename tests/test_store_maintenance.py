@@ -52,7 +52,10 @@ def test_readers_of_an_older_snapshot_keep_reading_until_the_retention_allows_va
     store = small_files_store
     old = store.query()  # a teammate's session, opened before the maintenance
     expected = old.sql(QUERY).to_pylist()
-    store.delete_run("b")
+    code, out, err = run_cli("store", "delete", store.location.uri, "--run", "b")
+    assert code == 0 and "deleted run b" in out, err
+    code, _, err = run_cli("store", "delete", store.location.uri, "--run", "b")
+    assert code == 2 and "there is no run 'b'" in err
     assert run_cli("store", "compact", store.location.uri)[0] == 0
     assert run_cli("store", "vacuum", store.location.uri)[0] == 0  # default retention: one week
     assert old.sql(QUERY).to_pylist() == expected  # its files are all still there
