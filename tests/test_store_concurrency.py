@@ -7,8 +7,12 @@ shows a half-written batch (an example at some hooks only, an activation without
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 from store.catalog import Store
 from store.errors import UserError
@@ -98,30 +102,74 @@ def test_shards_and_another_run_record_at_once_while_reading(tmp_path, gpt2_dir,
     assert reader.partial >= 1, f"the reader never caught a recording mid-way ({reader.snapshots} snapshots)"
 
 
-def test_two_processes_recording_the_same_shard_never_duplicate(tmp_path, gpt2_dir, texts_manifest, cli_process):
-    """A second ``--resume`` of a run that is still recording: one of the two is fenced, nothing is doubled."""
-    from deltalake import DeltaTable
+# The CLI, held after its first activations commit until the file argv[1] exists (so that a second
+# process is sure to start while this one still has work to commit).
+HOLD_AFTER_FIRST_COMMIT = """
+import os, sys, time
+import store.commits as commits
+real = commits.write_deltalake
+def write_then_hold(target, data, **options):
+    real(target, data, **options)
+    if target.table_uri.rstrip("/").endswith("/activations"):
+        while not os.path.exists(sys.argv[1]):
+            time.sleep(0.02)
+commits.write_deltalake = write_then_hold
+from cli.main import main
+main(sys.argv[2:])
+"""
 
+
+def test_two_processes_recording_the_same_shard_never_duplicate(tmp_path, gpt2_dir, texts_manifest, cli_process):
+    """A second ``--resume`` while the run is still recording: one of the two is fenced, nothing is doubled."""
     manifest = texts_manifest(30)
     ids = [json.loads(line)["id"] for line in manifest.read_text().splitlines()]
-    store_path = tmp_path / "store"
-    first = cli_process(*_record_args(gpt2_dir, manifest, store_path, "r"))
-    deadline = time.monotonic() + 300
-    while first.poll() is None and time.monotonic() < deadline:  # until the first has committed something
-        try:
-            if DeltaTable(str(store_path / "activations")).version() >= 1:
-                break
-        except Exception:  # noqa: BLE001 - not created yet
-            pass
-        time.sleep(0.01)
-    second = cli_process(*_record_args(gpt2_dir, manifest, store_path, "r", "--resume"))
-    results = [process.communicate(timeout=600) + (process.returncode,) for process in (first, second)]
-    for _, stderr, code in results:
-        assert code == 0 or (code == 2 and "another process committed" in stderr), stderr
+    store_path, go = tmp_path / "store", tmp_path / "go"
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AFTER_FIRST_COMMIT, str(go), *_record_args(gpt2_dir, manifest, store_path, "r")],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: _events(store_path, "recording") and _activation_version(store_path) >= 1)
+        second = cli_process(*_record_args(gpt2_dir, manifest, store_path, "r", "--resume"))
+        _wait_for(lambda: _events(store_path, "resumed"))  # the second has opened the run
+        time.sleep(0.5)
+        go.touch()  # both now record what is left
+        results = [(*process.communicate(timeout=600), process.returncode) for process in (first, second)]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    codes = sorted(code for *_, code in results)
+    assert codes == [0, 2], results
+    fenced = next(stderr for _, stderr, code in results if code == 2)
+    assert "another process committed to run 'r' while this one was recording" in fenced
 
     store = Store.open(store_path)
-    if any(code for *_, code in results):  # one was fenced: finish the run
-        final = cli_process(*_record_args(gpt2_dir, manifest, store_path, "r", "--resume"))
-        assert final.wait(timeout=600) == 0, final.stderr.read()
-    assert_exactly_once(store, "r", ids, len(HOOKS))
-    assert store.run_info("r").status == "complete"
+    assert_exactly_once(store, "r", ids, len(HOOKS))  # the fenced process wrote nothing twice
+    assert store.run_info("r").status == "complete"  # the other finished the run
+
+
+def _wait_for(condition, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _activation_version(store_path) -> int:
+    from deltalake import DeltaTable
+
+    try:
+        return DeltaTable(str(store_path / "activations")).version()
+    except Exception:  # noqa: BLE001 - not created yet
+        return -1
+
+
+def _events(store_path, status: str) -> bool:
+    try:
+        events = Store.open(store_path).dataset("run_events").to_table(columns=["status"])["status"].to_pylist()
+    except (UserError, FileNotFoundError, OSError):
+        return False
+    return status in events
