@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/recording_overhead.py
+	$(BIN)/python bench/team_store.py
 
 clean:
 	rm -rf $(VENV) demo-store demo-store-plots .pytest_cache

@@ -45,6 +45,21 @@ from cli.console import counting, err, out
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an existing run: record only missing examples.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run of that name.")
+@click.option(
+    "--shard",
+    metavar="I/N",
+    help="Record only shard I of N of the examples (0-based); run one process per shard, on any machines.",
+)
+@click.option(
+    "--buffer-mb",
+    type=float,
+    default=64,
+    show_default=True,
+    help="Commit at least every this many MB of activations (what a crash can lose).",
+)
+@click.option("--ray", "use_ray", is_flag=True, help="Run the model in a Ray actor pool (RAY_ADDRESS: a cluster).")
+@click.option("--workers", type=int, default=1, show_default=True, help="With --ray: actors, one model each.")
+@click.option("--remote", is_flag=True, help="Run MODEL (a hub id) on NDIF through nnsight (needs NDIF_API_KEY).")
 def command(
     model,
     data,
@@ -59,6 +74,11 @@ def command(
     device,
     resume,
     overwrite,
+    shard,
+    buffer_mb,
+    use_ray,
+    workers,
+    remote,
 ) -> None:
     """Record pooled activations of MODEL on the examples of --data into --store."""
     from hookpoints.loading import load
@@ -66,16 +86,34 @@ def command(
     from hookpoints.recorder import record
     from store.catalog import Store, validate_run_name
     from store.errors import UserError
+    from store.runs import parse_shard
 
     if resume and overwrite:
         raise UserError("give --resume or --overwrite, not both")
+    if use_ray and remote:
+        raise UserError("give --ray or --remote, not both (NDIF runs the model for you)")
+    if buffer_mb < 0:
+        raise UserError(f"--buffer-mb must be 0 or more, not {buffer_mb}")
+    shard_of = parse_shard(shard)
     validate_run_name(run)
     manifest = read_manifest(data)
+    run_batches = None
     with err.status(f"loading {model}"):
-        hooked = load(model, modality=modality, dtype=model_dtype, device=device)
+        if remote:
+            from hookpoints.remote import load_remote
+
+            hooked = load_remote(model, modality=modality, dtype=model_dtype)
+        else:
+            # With --ray the model runs in the actors; here it only tells the hook points apart.
+            hooked = load(model, modality=modality, dtype=model_dtype, device="cpu" if use_ray else device)
         hooked.select(list(patterns) or None)  # bad hook patterns fail here, before the store is touched
+    if use_ray:
+        from hookpoints.scale_out import ray_runner
+
+        options = {"modality": hooked.modality, "dtype": model_dtype, "device": device}
+        run_batches = ray_runner(model, load_options=options, workers=workers, batch_size=batch_size)
     store = Store.open(store_path, create=True)
-    with counting(f"recording {run}") as (on_start, on_batch):
+    with counting(f"recording {run}" + (f" shard {shard}" if shard else "")) as (on_start, on_batch):
         summary = record(
             hooked,
             manifest,
@@ -88,8 +126,12 @@ def command(
             if_exists="resume" if resume else "overwrite" if overwrite else "error",
             on_start=on_start,
             on_batch=on_batch,
+            shard=shard_of,
+            max_buffer_bytes=int(buffer_mb * 2**20),
+            run_batches=run_batches,
         )
+    others = f", {summary.other_shards} left to other shards" if summary.other_shards else ""
     out.print(
-        f"recorded {summary.recorded} examples ({summary.skipped} already there) at {summary.hooks} hook points "
-        f"into run [bold]{run}[/bold] of {store.location.uri} in {summary.seconds:.1f} s"
+        f"recorded {summary.recorded} examples ({summary.skipped} already there{others}) at {summary.hooks} hook "
+        f"points into run [bold]{run}[/bold] of {store.location.uri} in {summary.seconds:.1f} s"
     )

@@ -33,6 +33,8 @@ class HookedModel:
         processor=None,
         source: str = "",
         modality: str = "text",
+        traced=None,
+        remote: bool | str = False,
     ):
         self.model = model.eval()
         self.adapter = adapter
@@ -40,9 +42,14 @@ class HookedModel:
         self.processor = processor
         self.source = source
         self.modality = modality
-        with warnings.catch_warnings():  # nnsight notes it serves a submodule called `output` as `E_output`
-            warnings.simplefilter("ignore", UserWarning)
-            self.traced = nnsight.NNsight(self.model)
+        # remote: traces run on NDIF (True) or through nnsight's local simulation of it ("local"); the model
+        # wrapper must then be remotable (hookpoints.remote builds one).
+        self.remote = remote
+        if traced is None:
+            with warnings.catch_warnings():  # nnsight notes it serves a submodule called `output` as `E_output`
+                warnings.simplefilter("ignore", UserWarning)
+                traced = nnsight.NNsight(self.model)
+        self.traced = traced
         # module path -> envoy; by path, so submodules nnsight renames (BERT's `output`) are found too.
         root = self.traced.path
         self._envoys = {path.removeprefix(root).removeprefix("."): envoy for path, envoy in self.traced.named_modules()}
@@ -71,7 +78,10 @@ class HookedModel:
         return self.hook_points.select(patterns)
 
     def _probe(self) -> HookPointSet:
-        inputs = self.adapter.probe_inputs(self.model).to(self.device)
+        weights = next(self.model.parameters()).device
+        inputs = self.adapter.probe_inputs(self.model).to(weights)
+        if weights.type == "meta":  # a remote model's local stand-in: HF mask code calls .item() on the mask
+            inputs.kwargs.pop("attention_mask", None)  # (all ones in the probe batch anyway)
         seen = observe(self.model, inputs)
         lengths = {space: mask.shape[1] for space, mask in inputs.masks.items()}
         canonical = self.adapter.hook_points(self.model)
@@ -92,7 +102,8 @@ class HookedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the model's device (the CPU for a remote model, whose weights are on NDIF)."""
+        return torch.device("cpu") if self.remote else next(self.model.parameters()).device
 
     def text_inputs(self, texts: list[str]) -> ModelInputs:
         """Tokenised, right-padded text inputs with their position masks."""
@@ -107,7 +118,8 @@ class HookedModel:
         The trace stops after the last requested tensor, so later layers and the LM head do not run.
         """
         saved = {}
-        with torch.inference_mode(), self.traced.trace(**inputs.kwargs) as tracer:
+        options = {"remote": self.remote} if self.remote else {}
+        with torch.inference_mode(), self.traced.trace(**inputs.kwargs, **options) as tracer:
             for point in sorted(points, key=lambda p: p.order):
                 envoy = self._envoys[point.module]
                 value = envoy.output if point.io == "output" else envoy.input

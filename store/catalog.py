@@ -8,6 +8,8 @@ Every write is an atomic Delta commit; nothing in a store is executable (Parquet
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +20,8 @@ import pyarrow.compute as pc
 
 from store import tables
 from store.errors import UserError
-from store.location import StoreLocation
+from store.location import StoreLocation, storage_error
+from store.runs import runs_sql, shard_states_sql
 from store.schema import CORE_TABLES, RUN_EVENTS, RUN_NAME, SCHEMA_VERSION, TableSpec
 
 RUN_SETTINGS = ("model", "task", "pooling", "dtype")
@@ -26,15 +29,17 @@ RUN_SETTINGS = ("model", "task", "pooling", "dtype")
 
 @dataclass(frozen=True)
 class RunInfo:
-    """A run's latest state, from the ``run_events`` log."""
+    """A run's state, from the ``run_events`` log (store/runs.py): settings of its latest event."""
 
     run: str
-    status: str
+    status: str  # recording | complete | failed, over all its shards
     model: str
     task: str
     pooling: str
     dtype: str
     config: dict
+    shards: int = 1
+    shards_complete: int = 0
 
 
 class Store:
@@ -47,29 +52,64 @@ class Store:
     # -- opening ---------------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, where: str | Path, *, create: bool = False, storage_options: dict[str, str] | None = None) -> Store:
-        """Open the store at ``where``; with ``create``, make a new one there if there is none."""
+    def open(
+        cls,
+        where: str | Path,
+        *,
+        create: bool = False,
+        storage_options: dict[str, str] | None = None,
+        check_version: bool = True,
+    ) -> Store:
+        """Open the store at ``where``; with ``create``, make a new one there if there is none.
+
+        A store of another schema version is refused with what to do (``check_version=False`` is for
+        ``hookpoints store migrate`` and ``verify``, which handle old versions themselves).
+        """
         location = StoreLocation.parse(where, storage_options)
         store = cls(location)
-        if tables.exists(location, "store_meta"):
-            store._check_schema_version()
-            return store
-        if not create:
+        if _exists(location, "store_meta", where):
+            being_created = create and "schema_version" not in store.meta()  # by a concurrent process
+            if not being_created:
+                if check_version:
+                    store._check_schema_version()
+                return store
+        elif not create:
             raise UserError(f"{where} is not a hookpoints store (no store_meta table): check the path")
-        if location.is_local:
+        elif location.is_local:
             _check_local_folder(Path(location.uri))
-        for spec in CORE_TABLES.values():
-            store.ensure_table(spec)
-        store._append_meta({"schema_version": str(SCHEMA_VERSION), "created_at": _now().isoformat()})
+        try:
+            for spec in CORE_TABLES.values():
+                store.ensure_table(spec)
+        except OSError as error:
+            raise UserError(f"cannot create a store at {location.uri}: {storage_error(error)}") from None
+        if "schema_version" not in store.meta():
+            store._append_meta({"schema_version": str(SCHEMA_VERSION), "created_at": _now().isoformat()})
         return store
 
-    def _check_schema_version(self) -> None:
+    def schema_version(self) -> int | None:
+        """The schema version the store was written with (None if store_meta does not say)."""
         version = self.meta().get("schema_version")
-        if version != str(SCHEMA_VERSION):
+        try:
+            return int(version)
+        except (TypeError, ValueError):
+            return None
+
+    def _check_schema_version(self) -> None:
+        version = self.schema_version()
+        if version == SCHEMA_VERSION:
+            return
+        uri = self.location.uri
+        if version is None:
+            raise UserError(f"store {uri} does not record a valid schema version: run `hookpoints store verify {uri}`")
+        if version < SCHEMA_VERSION:
             raise UserError(
-                f"store {self.location.uri} has schema version {version}, this hookpoints reads version "
-                f"{SCHEMA_VERSION}: use the hookpoints release that wrote it"
+                f"store {uri} has schema version {version}, older than this hookpoints' {SCHEMA_VERSION}: run "
+                f"`hookpoints store migrate {uri}` once (it only adds columns; readers can keep reading)"
             )
+        raise UserError(
+            f"store {uri} has schema version {version}, written by a newer hookpoints (this one reads "
+            f"{SCHEMA_VERSION}): upgrade hookpoints to use it"
+        )
 
     # -- tables ----------------------------------------------------------------------------------------
 
@@ -106,23 +146,54 @@ class Store:
     # -- runs ------------------------------------------------------------------------------------------
 
     def run_info(self, run: str) -> RunInfo | None:
-        """The run's latest state, or None if there is no such run (or it was deleted)."""
-        events = self.dataset("run_events").to_table(filter=pc.field("run") == run).to_pylist()
-        if not events:
+        """The run's state, or None if there is no such run (or it was deleted)."""
+        rows = self._run_events_sql(run, f"SELECT * FROM ({runs_sql('_run_events')})")
+        if not rows:
             return None
-        latest = max(events, key=lambda row: row["event_at"])
-        if latest["status"] == "deleted":
-            return None
-        settings = {key: latest[key] for key in RUN_SETTINGS}
-        return RunInfo(run=run, status=latest["status"], config=json.loads(latest["config"] or "{}"), **settings)
+        row = rows[0]
+        return RunInfo(
+            run=run,
+            status=row["status"],
+            config=json.loads(row["config"] or "{}"),
+            shards=row["shards"],
+            shards_complete=row["shards_complete"],
+            **{key: row[key] for key in RUN_SETTINGS},
+        )
 
-    def log_run_event(self, run: str, status: str, settings: dict, config: dict, message: str = "") -> None:
+    def shard_states(self, run: str) -> dict[int, str]:
+        """Each shard of the run that has started: its latest status (recording, resumed, complete, failed)."""
+        rows = self._run_events_sql(run, shard_states_sql("_run_events"))
+        return {row["shard_index"]: row["status"] for row in rows}
+
+    def _run_events_sql(self, run: str, sql: str) -> list[dict]:
+        events = self.dataset("run_events").to_table(filter=pc.field("run") == run)
+        con = duckdb.connect()
+        try:
+            con.register("_run_events", events)
+            return con.sql(sql).to_arrow_table().to_pylist()
+        finally:
+            con.close()
+
+    def log_run_event(
+        self,
+        run: str,
+        status: str,
+        settings: dict,
+        config: dict,
+        message: str = "",
+        *,
+        shard: tuple[int, int] | None = (0, 1),
+    ) -> None:
+        """Append one event to the run log (``shard=None``: about the whole run, e.g. its deletion)."""
         row = {
             "run": run,
             "status": status,
             "event_at": _now(),
             "config": json.dumps(config, sort_keys=True, default=str),
             "message": message,
+            "shard": None if shard is None else shard[0],
+            "shards": None if shard is None else shard[1],
+            "writer": f"{socket.gethostname()}:{os.getpid()}",
             **{key: settings.get(key) for key in RUN_SETTINGS},
         }
         tables.append(self.location, CORE_TABLES["run_events"], pa.Table.from_pylist([row], schema=RUN_EVENTS))
@@ -140,16 +211,24 @@ class Store:
                 continue
             if "run" in self.dataset(name).schema.names:
                 tables.delete(self.location, name, f"run = '{run}'")
-        self.log_run_event(run, "deleted", {key: getattr(info, key) for key in RUN_SETTINGS}, info.config)
+        settings = {key: getattr(info, key) for key in RUN_SETTINGS}
+        self.log_run_event(run, "deleted", settings, info.config, shard=None)
 
-    def recorded_example_ids(self, run: str, n_hooks: int) -> set[str]:
-        """Ids of the examples whose activations are committed at all ``n_hooks`` hooks of the run."""
+    def recorded_example_ids(self, run: str, n_hooks: int, activations=None) -> set[str]:
+        """Ids of the examples whose activations are committed at all ``n_hooks`` hooks of the run.
+
+        ``activations``: the snapshot to look in (a dataset; default: the table's current version).
+        """
         con = duckdb.connect()
-        con.register("activations", self.dataset("activations"))
-        rows = con.execute(
-            "SELECT example_id FROM activations WHERE run = $run GROUP BY example_id HAVING count(DISTINCT hook) = $n",
-            {"run": run, "n": n_hooks},
-        ).fetchall()
+        try:
+            con.register("activations", self.dataset("activations") if activations is None else activations)
+            rows = con.execute(
+                "SELECT example_id FROM activations WHERE run = $run "
+                "GROUP BY example_id HAVING count(DISTINCT hook) = $n",
+                {"run": run, "n": n_hooks},
+            ).fetchall()
+        finally:
+            con.close()
         return {row[0] for row in rows}
 
     # -- queries ---------------------------------------------------------------------------------------
@@ -173,16 +252,25 @@ def validate_run_name(run: str) -> str:
 def _check_local_folder(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise UserError(f"store path {root} is a file: give a folder")
-    if root.is_dir() and any(root.iterdir()):
+    if root.is_dir() and any(entry.name not in CORE_TABLES for entry in root.iterdir()):
         raise UserError(f"{root} is a folder that is not a hookpoints store and is not empty: pick an empty folder")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / ".write-test"
+        probe = root / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
         raise UserError(
             f"cannot write to store folder {root}: {error.strerror or error}; pick a folder you can write"
+        ) from None
+
+
+def _exists(location: StoreLocation, table: str, where) -> bool:
+    try:
+        return tables.exists(location, table)
+    except OSError as error:
+        raise UserError(
+            f"cannot reach store {where}: {storage_error(error)} (check the URI, AWS_ENDPOINT_URL and credentials)"
         ) from None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,3 +46,18 @@ class StoreLocation:
 
     def table_uri(self, table: str) -> str:
         return f"{self.uri}/{table}"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_S3_ERROR = re.compile(r"<Code>(?P<code>[^<]+)</Code>\s*<Message>(?P<message>[^<]+)</Message>")
+
+
+def storage_error(error: Exception) -> str:
+    """The gist of an object-store error (delta-rs nests causes over many coloured lines) on one line."""
+    text = _ANSI.sub("", str(error))
+    s3 = _S3_ERROR.search(text)
+    if s3:
+        return f"{s3['message']} ({s3['code']})"
+    causes = [" ".join(part.split()) for part in text.split("\u21b3")]  # delta-rs marks each cause with ↳
+    causes = [cause for cause in causes if cause]
+    return "; ".join(causes[-2:])[:300] if causes else type(error).__name__

@@ -13,8 +13,12 @@ import pyarrow as pa
 
 from store.catalog import Store
 from store.errors import UserError
+from store.runs import runs_sql
 
 _CORE = ("run_events", "hooks", "examples", "activations")
+#: Writers commit hooks, then examples, then activations, then the run's status; a session takes its
+#: snapshots in the reverse order, so whatever it sees refers only to rows it also sees.
+_SNAPSHOT_ORDER = ("store_meta", "run_events", "activations", "examples", "hooks")
 _READ_ONLY_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 # IEEE 754 half (as the int16 bit pattern) -> FLOAT, for float16 runs.
@@ -30,22 +34,13 @@ CREATE MACRO f16_to_float(b) AS (
 """
 
 _VIEWS = {
-    "runs": """
-        SELECT run, model, task, pooling, dtype, created_at, status, event_at AS updated_at, config, message
-        FROM (
-            SELECT *,
-                max(event_at) FILTER (WHERE status = 'recording') OVER (PARTITION BY run) AS created_at,
-                row_number() OVER (PARTITION BY run ORDER BY event_at DESC) AS latest
-            FROM _run_events
-        )
-        WHERE latest = 1 AND status <> 'deleted'
-    """,
+    "runs": runs_sql("_run_events"),
     "hooks": """
         SELECT run, hook, component, layer, submodule, width, module, io, shape, neuron_axis, space, layer_output
         FROM _hooks
     """,
     "examples": "SELECT run, example_id, * EXCLUDE (run, example_id) FROM _examples",
-    "activations": "SELECT run, hook, example_id, position, {activation} AS activation FROM _activations",
+    "activations": "SELECT run, hook, example_id, position, {activation} AS activation, finite FROM _activations",
     "neurons": """
         SELECT run, hook, example_id, position,
             generate_subscripts(activation, 1) - 1 AS neuron, unnest(activation) AS value
@@ -61,7 +56,8 @@ class QuerySession:
         self.store = store
         self.con = duckdb.connect()
         self._f16_runs = False
-        for table in store.table_names():
+        names = store.table_names()
+        for table in sorted(names, key=lambda name: (_SNAPSHOT_ORDER + (name,)).index(name)):
             dataset = store.dataset(table)
             if table == "run_events":
                 self._f16_runs = "float16" in dataset.to_table(columns=["dtype"])["dtype"].to_pylist()

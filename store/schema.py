@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+#: Version 2 added ``run_events.shard/shards/writer`` and ``activations.finite`` (store/migrate.py upgrades 1).
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ STORE_META = pa.schema([("key", pa.string()), ("value", pa.string())])
 RUN_EVENTS = pa.schema(
     [
         ("run", pa.string()),
-        ("status", pa.string()),  # recording | complete | failed | deleted
+        ("status", pa.string()),  # recording | resumed | complete | failed (per shard) | deleted (whole run)
         ("event_at", pa.timestamp("us", tz="UTC")),
         ("model", pa.string()),
         ("task", pa.string()),
@@ -38,6 +39,9 @@ RUN_EVENTS = pa.schema(
         ("dtype", pa.string()),
         ("config", pa.string()),  # JSON
         ("message", pa.string()),
+        ("shard", pa.int32()),  # which shard of the run the event is about (null: the whole run)
+        ("shards", pa.int32()),  # how many shards the run is recorded in
+        ("writer", pa.string()),  # host:pid of the process that logged it
     ]
 )
 
@@ -69,6 +73,7 @@ ACTIVATIONS = pa.schema(
         ("position", pa.int32()),  # null when pooled; the position in its sequence when pooling is none
         ("activation", pa.list_(pa.float32())),  # [width], float32 runs
         ("activation_f16", pa.list_(pa.int16())),  # [width], float16 runs: IEEE half bit patterns
+        ("finite", pa.bool_()),  # false when the stored vector holds NaN or inf (flagged by the writer)
     ]
 )
 
@@ -84,6 +89,6 @@ CORE_TABLES: dict[str, TableSpec] = {
 }
 
 #: Columns the store adds to each example; a manifest may not use these names.
-RESERVED_EXAMPLE_COLUMNS = {"run", "example_id", "hook", "position", "activation", "activation_f16"}
+RESERVED_EXAMPLE_COLUMNS = {"run", "example_id", "hook", "position", "activation", "activation_f16", "finite"}
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -14,7 +14,7 @@ def run_summary(store: Store) -> list[dict]:
     with store.query() as session:
         return session.sql(
             """
-            SELECT r.run, r.model, r.task, r.pooling, r.dtype, r.status,
+            SELECT r.run, r.model, r.task, r.pooling, r.dtype, r.status, r.shards_complete || '/' || r.shards AS shards,
                    (SELECT count(*) FROM examples e WHERE e.run = r.run) AS examples,
                    (SELECT count(*) FROM hooks h WHERE h.run = r.run) AS hooks,
                    r.created_at

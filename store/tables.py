@@ -8,8 +8,10 @@ from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 from deltalake import DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.fs import DeltaStorageHandler
 
 from store.location import StoreLocation
 from store.schema import TableSpec
@@ -19,7 +21,7 @@ ROW_GROUP_ROWS = 1024
 _COMMIT_RETRIES = 20
 
 
-def _writer_properties() -> WriterProperties:
+def writer_properties() -> WriterProperties:
     return WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression="ZSTD", compression_level=1)
 
 
@@ -28,14 +30,22 @@ def exists(location: StoreLocation, table: str) -> bool:
 
 
 def create(location: StoreLocation, spec: TableSpec) -> None:
-    """Create an empty table with its schema and partitioning; a table that exists is left alone."""
-    DeltaTable.create(
-        location.table_uri(spec.name),
-        spec.schema,
-        partition_by=list(spec.partition_by) or None,
-        mode="ignore",
-        storage_options=location.storage_options,
-    )
+    """Create an empty table with its schema and partitioning; a table that exists is left alone.
+
+    Two processes creating the same table at once both try to commit its version 0; the one that loses
+    finds the table there and goes on.
+    """
+    try:
+        DeltaTable.create(
+            location.table_uri(spec.name),
+            spec.schema,
+            partition_by=list(spec.partition_by) or None,
+            mode="ignore",
+            storage_options=location.storage_options,
+        )
+    except Exception:
+        if not exists(location, spec.name):
+            raise
 
 
 def open_table(location: StoreLocation, table: str) -> DeltaTable:
@@ -72,7 +82,7 @@ def append(location: StoreLocation, spec: TableSpec, data: pa.Table, *, merge_sc
             mode="append",
             schema_mode="merge" if merge_schema else None,
             storage_options=location.storage_options,
-            writer_properties=_writer_properties(),
+            writer_properties=writer_properties(),
         )
     )
 
@@ -80,3 +90,19 @@ def append(location: StoreLocation, spec: TableSpec, data: pa.Table, *, merge_sc
 def delete(location: StoreLocation, table: str, predicate: str) -> None:
     """Delete the rows matching a Delta predicate (partition predicates only drop whole files)."""
     _retrying(lambda: open_table(location, table).delete(predicate))
+
+
+def filesystem(location: StoreLocation, table: str | None = None) -> pafs.FileSystem:
+    """A pyarrow filesystem rooted at the table's folder (or the store's root), through Delta's object store.
+
+    Paths are relative (``_delta_log/00000000000000000000.json``, ``run=r1/hook=h/part-....parquet``); the
+    same credentials and endpoint as the tables', local folder or S3 alike.
+    """
+    uri = location.uri if table is None else location.table_uri(table)
+    return pafs.PyFileSystem(DeltaStorageHandler(uri, location.storage_options))
+
+
+def list_files(location: StoreLocation, table: str | None = None) -> dict[str, int]:
+    """Every file under the table's folder (or the store's root), recursively: relative path -> size."""
+    infos = filesystem(location, table).get_file_info(pafs.FileSelector("", recursive=True, allow_not_found=True))
+    return {info.path: info.size for info in infos if info.type == pafs.FileType.File}

@@ -1,8 +1,19 @@
-"""Streaming a run's activations into the store with bounded memory.
+"""Streaming a run's activations into the store with bounded memory, exactly once per example and hook.
 
 A :class:`RunWriter` buffers recorded rows until ``max_buffer_bytes`` and then commits them: first the
-examples, then the activations of every hook in one Delta commit. A reader therefore never sees an example
-at some hooks and not others, and a killed recording loses at most the unflushed buffer.
+examples, then the activations of every hook in one Delta commit, so a reader never sees an example at some
+hooks and not others. Every commit carries the writer's numbered application transaction
+(store/commits.py), which makes a killed-and-resumed recording exactly once:
+
+- SIGKILL at any moment loses at most the uncommitted buffer; each commit is all or nothing;
+- killed between the examples commit and the activations commit: the resumed writer finds the examples
+  already there and records their activations without adding the examples again;
+- ``--resume`` records the examples not yet committed at every hook, counted in the same table snapshot the
+  writer's first commit builds on, so a process that commits to the same shard in the meantime fences this
+  one (:class:`store.commits.WriterFenced`) instead of duplicating rows.
+
+Shards of one run (``shard=(I, N)``) record disjoint examples (store.runs.in_shard) under their own
+application ids, so they commit side by side; the run is complete when every shard is.
 """
 
 from __future__ import annotations
@@ -15,7 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from store.catalog import RUN_SETTINGS, Store, validate_run_name
+from store.commits import FencedAppender, WriterFenced, app_id, append_once
 from store.errors import UserError
+from store.runs import check_shard
 from store.schema import ACTIVATIONS, CORE_TABLES, HOOKS, RESERVED_EXAMPLE_COLUMNS
 
 DEFAULT_BUFFER_BYTES = 64 * 2**20
@@ -29,6 +42,15 @@ class HookRows:
     values: np.ndarray  # [rows, width] float32
     positions: np.ndarray | None = None  # [rows] int32, only when every position is kept
 
+    def without(self, skip: set[str]) -> HookRows:
+        """The rows of examples not in ``skip``."""
+        keep = np.array([example not in skip for example in self.example_ids], dtype=bool)
+        return HookRows(
+            [example for example, kept in zip(self.example_ids, keep, strict=True) if kept],
+            self.values[keep],
+            None if self.positions is None else self.positions[keep],
+        )
+
 
 def open_run(
     store: Store,
@@ -39,50 +61,74 @@ def open_run(
     hooks: list[dict],
     examples_schema: pa.Schema,
     if_exists: str = "error",
+    shard: tuple[int, int] = (0, 1),
     max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
 ) -> RunWriter:
-    """Start (or resume, or overwrite) a run and return its writer.
+    """Start (or resume, or overwrite) a run, or one shard of it, and return its writer.
 
     ``settings`` holds model, task, pooling and dtype; ``hooks`` one dict per hook point (the ``hooks``
-    table's columns); ``examples_schema`` the manifest columns that go into ``examples``. Everything is
-    checked before anything is written, so a refused run leaves the store as it was.
+    table's columns); ``examples_schema`` the manifest columns that go into ``examples``; ``shard`` which of
+    the run's ``N`` shards this writer records. Everything is checked before anything is written, so a
+    refused run leaves the store as it was.
     """
     validate_run_name(run)
+    index, count = check_shard(shard)
     if if_exists not in ("error", "resume", "overwrite"):
         raise ValueError(f"if_exists must be error, resume or overwrite, not {if_exists!r}")
     examples_cast = _examples_casts(store, examples_schema)
     info = store.run_info(run)
-    if info is not None and if_exists == "error":
-        raise UserError(
-            f"run {run!r} already exists in {store.location.uri} (status {info.status}): pass --resume to "
-            "continue it or --overwrite to replace it, or choose another run name"
-        )
-    if info is not None and if_exists == "resume":
-        _check_resumable(store, run, info, settings, hooks)
     if info is not None and if_exists == "overwrite":
+        if count > 1:
+            raise UserError(
+                f"--overwrite deletes all of run {run!r}, which other shards may be recording: delete it first "
+                f"(`hookpoints store delete {store.location.uri} --run {run}`), then start its shards"
+            )
         store.delete_run(run)
         info = None
+    states = {} if info is None else store.shard_states(run)
+    if info is not None:
+        _check_shards(store, run, info, count)
+        _check_resumable(store, run, info, settings, hooks)
+        if index in states and if_exists == "error":
+            part = f"run {run!r}" if count == 1 else f"shard {index}/{count} of run {run!r}"
+            also = " or --overwrite to replace it" if count == 1 else ""
+            raise UserError(
+                f"{part} already exists in {store.location.uri} (status {states[index]}): pass --resume to "
+                f"continue it{also}, or choose another run name"
+            )
 
-    hook_names = [hook["hook"] for hook in hooks]
-    done: set[str] = set()
-    present: set[str] = set()
-    if info is None:
-        store.log_run_event(run, "recording", settings, config)
-    else:
-        store.log_run_event(run, "resumed", settings, config)
-        done = store.recorded_example_ids(run, len(hook_names))
+    what = f"run {run!r}" if count == 1 else f"shard {index}/{count} of run {run!r}"
+    resuming = index in states
+    store.log_run_event(run, "resumed" if resuming else "recording", settings, config, shard=(index, count))
+    rows = pa.Table.from_pylist([{"run": run, **hook} for hook in hooks], schema=HOOKS)
+    append_once(store.location, CORE_TABLES["hooks"], f"run={run}/hooks", rows, present=_has_run(run))
+    app = app_id(run, (index, count))
+    examples = FencedAppender(store.location, CORE_TABLES["examples"], app, what=what)
+    activations = FencedAppender(store.location, CORE_TABLES["activations"], app, what=what)
+    # What is already there is read from the very snapshots the writer's commits build on (see the docstring).
+    done, present = set(), set()
+    if info is not None:
+        done = store.recorded_example_ids(run, len(hooks), activations.dataset())
         present = set(
-            store.dataset("examples")
-            .to_table(columns=["example_id"], filter=pc.field("run") == run)["example_id"]
-            .to_pylist()
+            examples.dataset().to_table(columns=["example_id"], filter=pc.field("run") == run)["example_id"].to_pylist()
         )
-    if store.run_hooks(run).num_rows == 0:  # a new run, or one killed before its hooks were committed
-        store.append(CORE_TABLES["hooks"], pa.Table.from_pylist([{"run": run, **h} for h in hooks], schema=HOOKS))
-    return RunWriter(store, run, settings, config, hook_names, done, present, examples_cast, max_buffer_bytes)
+    return RunWriter(
+        store,
+        run,
+        settings,
+        config,
+        [hook["hook"] for hook in hooks],
+        done=done,
+        examples_present=present,
+        examples_cast=examples_cast,
+        max_buffer_bytes=max_buffer_bytes,
+        shard=(index, count),
+        appenders=(examples, activations),
+    )
 
 
 class RunWriter:
-    """Buffers a run's rows and commits them atomically; use :func:`open_run` to get one."""
+    """Buffers a run's (or shard's) rows and commits them atomically; use :func:`open_run` to get one."""
 
     def __init__(
         self,
@@ -91,28 +137,47 @@ class RunWriter:
         settings: dict[str, str],
         config: dict,
         hooks: list[str],
+        *,
         done: set[str],
         examples_present: set[str],
         examples_cast: pa.Schema,
         max_buffer_bytes: int,
+        shard: tuple[int, int],
+        appenders: tuple[FencedAppender, FencedAppender],
     ):
         self.store, self.run, self.settings, self.config = store, run, settings, config
         self.hooks = hooks
+        self.shard = shard
         self.done = done  # example ids committed at every hook
         self.float16 = settings["dtype"] == "float16"
         self.max_buffer_bytes = max_buffer_bytes
+        self.fenced = False  # another process took over this shard: commit and log nothing more
         self._examples_cast = examples_cast
+        self._examples_appender, self._activations_appender = appenders
         self._examples: list[pa.Table] = []
         self._rows: dict[str, list[HookRows]] = defaultdict(list)
+        self._buffered_ids: set[str] = set()
         self._buffered = 0
         self._examples_present = examples_present  # example ids already in the examples table
 
     def add(self, examples: pa.Table, rows: dict[str, HookRows]) -> None:
-        """Buffer one batch: its manifest rows (``example_id`` + labels) and every hook's vectors."""
+        """Buffer one batch: its manifest rows (``example_id`` + labels) and every hook's vectors.
+
+        Examples already committed or buffered are dropped (a retried batch is never stored twice).
+        """
         missing = set(self.hooks) - set(rows)
         if missing:
             raise ValueError(f"batch is missing hooks {sorted(missing)[:3]}")
+        ids = examples["example_id"].to_pylist()
+        seen = {example for example in ids if example in self.done or example in self._buffered_ids}
+        if seen:
+            examples = examples.filter(pa.array([example not in seen for example in ids]))
+            rows = {hook: rows[hook].without(seen) for hook in self.hooks}
+            ids = examples["example_id"].to_pylist()
+        if not ids:
+            return
         self._examples.append(examples)
+        self._buffered_ids.update(ids)
         for hook in self.hooks:
             self._rows[hook].append(rows[hook])
             self._buffered += rows[hook].values.nbytes
@@ -124,21 +189,27 @@ class RunWriter:
         if not self._examples:
             return
         examples = pa.concat_tables(self._examples)
-        new = [i for i, ex in enumerate(examples["example_id"].to_pylist()) if ex not in self._examples_present]
-        if new:
-            rows = examples.take(new).cast(self._examples_cast)
-            rows = rows.add_column(0, "run", pa.array([self.run] * rows.num_rows, pa.string()))
-            self.store.append(CORE_TABLES["examples"], rows, merge_schema=True)
-        self.store.append(CORE_TABLES["activations"], self._activations_table())
         ids = examples["example_id"].to_pylist()
-        self._examples_present.update(ids)
+        new = [i for i, example in enumerate(ids) if example not in self._examples_present]
+        try:
+            if new:
+                rows = examples.take(new).cast(self._examples_cast)
+                rows = rows.add_column(0, "run", pa.array([self.run] * rows.num_rows, pa.string()))
+                self._examples_appender.append(rows, merge_schema=True)
+                self._examples_present.update(ids)
+            self._activations_appender.append(self._activations_table())
+        except WriterFenced:
+            self.fenced = True
+            raise
         self.done.update(ids)
-        self._examples, self._rows, self._buffered = [], defaultdict(list), 0
+        self._examples, self._rows, self._buffered_ids, self._buffered = [], defaultdict(list), set(), 0
 
     def finish(self, status: str = "complete", message: str = "") -> None:
-        """Flush what is buffered and log the run's new status (complete, or failed with a message)."""
+        """Flush what is buffered and log the shard's new status (complete, or failed with a message)."""
+        if self.fenced:
+            return
         self.flush()
-        self.store.log_run_event(self.run, status, self.settings, self.config, message)
+        self.store.log_run_event(self.run, status, self.settings, self.config, message, shard=self.shard)
 
     def _activations_table(self) -> pa.Table:
         pieces = []
@@ -149,10 +220,13 @@ class RunWriter:
                 raise ValueError("one flush holds more than 2**31 values: lower max_buffer_bytes")
             offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32))
             if self.float16:
-                bits = values.astype(np.float16).view(np.int16).ravel()
+                with np.errstate(over="ignore"):  # values beyond float16's range become inf (and are flagged)
+                    half = values.astype(np.float16)  # [rows, width]
+                finite = np.isfinite(half).all(axis=1)
                 f32 = pa.nulls(n, ACTIVATIONS.field("activation").type)
-                f16 = pa.ListArray.from_arrays(offsets, pa.array(bits))
+                f16 = pa.ListArray.from_arrays(offsets, pa.array(half.view(np.int16).ravel()))
             else:
+                finite = np.isfinite(values).all(axis=1)
                 f32 = pa.ListArray.from_arrays(offsets, pa.array(values.ravel()))
                 f16 = pa.nulls(n, ACTIVATIONS.field("activation_f16").type)
             positions = [chunk.positions for chunk in chunks]
@@ -171,11 +245,33 @@ class RunWriter:
                         position,
                         f32,
                         f16,
+                        pa.array(finite, pa.bool_()),
                     ],
                     schema=ACTIVATIONS,
                 )
             )
         return pa.concat_tables(pieces)
+
+
+def _has_run(run: str):
+    def present(dataset) -> bool:
+        return dataset.count_rows(filter=pc.field("run") == run) > 0
+
+    return present
+
+
+def _check_shards(store: Store, run: str, info, count: int) -> None:
+    if info.shards == count:
+        return
+    if info.shards == 1:
+        raise UserError(
+            f"run {run!r} is recorded without --shard: resume it without --shard (or --overwrite it, or "
+            "choose another run name)"
+        )
+    raise UserError(
+        f"run {run!r} is recorded in {info.shards} shards: pass --shard I/{info.shards} "
+        f"(0 <= I < {info.shards}) to record or resume one of them"
+    )
 
 
 def _examples_casts(store: Store, schema: pa.Schema) -> pa.Schema:

@@ -62,3 +62,53 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tiny_model_dir) -> Path:
+    """A tiny seeded GPT-2 (2 layers, d=64): the model the store tests record."""
+    return tiny_model_dir("gpt2")
+
+
+@pytest.fixture
+def texts_manifest(write_manifest):
+    """``texts_manifest(n)``: a manifest of ``n`` short texts of varied length, with a label column."""
+
+    def make(n: int, name: str = "texts.jsonl") -> Path:
+        words = "the quick brown fox jumps over a lazy dog while seven birds sing".split()
+        texts = [" ".join(words[j % len(words)] for j in range(i, i + 3 + i % 7)) for i in range(n)]
+        rows = [{"id": f"ex{i:04d}", "text": text, "group": i % 3} for i, text in enumerate(texts)]
+        return write_manifest(rows, name)
+
+    return make
+
+
+@pytest.fixture
+def cli_process():
+    """``cli_process(*args, env=None)``: the hookpoints CLI as a real OS process (Popen, output piped)."""
+    import subprocess
+    import sys
+
+    started = []
+
+    def start(*args: str, env: dict | None = None) -> subprocess.Popen:
+        environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cli", *args],
+            cwd=REPO,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

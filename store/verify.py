@@ -1,0 +1,303 @@
+"""``hookpoints store verify``: check that a store is whole and consistent, and name what is not.
+
+Checks, in order:
+
+1. the schema version, every core table's log, and its columns and types (store/schema.py);
+2. every data file the current version refers to: present, of the size the log recorded, a readable
+   Parquet footer with the logged row count, and every page decodable (a truncated or damaged file is named);
+3. nothing else lives in the store: only Parquet files and Delta's JSON logs (no pickle or anything else
+   that runs code when read); files not in the current version are counted (vacuum removes them);
+4. activations: each vector's width is its hook's width, exactly one of ``activation``/``activation_f16``
+   is set, and no NaN or inf unless the writer flagged the row (``finite = false``);
+5. integrity: no duplicate example, hook or activation row; every activation's example and hook exist; no
+   rows of deleted runs; every example of a complete run is recorded at every hook of the run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from store import tables
+from store.catalog import Store
+from store.runs import runs_sql
+from store.schema import CORE_TABLES, SCHEMA_VERSION
+
+#: Files Delta Lake itself keeps in a table's ``_delta_log`` folder.
+_LOG_FILE = re.compile(
+    r"^_delta_log/(\d{20}\.json|\d{20}\.checkpoint(\.\d+\.\d+)?\.parquet|_last_checkpoint|\d{20}\.crc"
+    r"|_commit_[0-9a-f-]+\.json\.tmp|\.tmp/.*)$"
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # error | warning | info
+    table: str
+    message: str
+
+
+@dataclass
+class VerifyReport:
+    findings: list[Finding] = field(default_factory=list)
+    tables: list[dict] = field(default_factory=list)  # table, version, files, rows, MiB
+
+    @property
+    def ok(self) -> bool:
+        return not any(finding.level == "error" for finding in self.findings)
+
+    def add(self, level: str, table: str, message: str) -> None:
+        self.findings.append(Finding(level, table, message))
+
+
+def verify(store: Store, *, on_file: Callable[[str], None] | None = None) -> VerifyReport:
+    """Run every check; ``on_file(path)`` is called as each data file is read (for a progress bar)."""
+    report = VerifyReport()
+    version = store.schema_version()
+    if version != SCHEMA_VERSION:
+        older = version is not None and version < SCHEMA_VERSION
+        hint = "run `hookpoints store migrate`" if older else "use the hookpoints that wrote it"
+        report.add("error", "store_meta", f"schema version {version}, this hookpoints checks {SCHEMA_VERSION}: {hint}")
+        return report
+    names = ["store_meta", *store.table_names()]
+    missing = [name for name in CORE_TABLES if name not in names]
+    for name in missing:
+        report.add("error", name, "table is not registered in store_meta or missing")
+    widths = _hook_widths(store) if "hooks" in names else {}
+    for name in names:
+        _check_table(store, name, widths, report, on_file)
+    _check_root(store, names, report)
+    if not missing and report.ok:
+        _check_integrity(store, report)
+    return report
+
+
+def data_files(store: Store) -> int:
+    """How many data files the current version of every table refers to (the progress bar's total)."""
+    return sum(tables.open_table(store.location, name).get_add_actions().num_rows for name in _names(store))
+
+
+def _names(store: Store) -> list[str]:
+    return ["store_meta", *store.table_names()]
+
+
+# -- tables and files --------------------------------------------------------------------------------------
+
+
+def _check_table(store: Store, name: str, widths: dict, report: VerifyReport, on_file) -> None:
+    try:
+        table = tables.open_table(store.location, name)
+        schema = pa.schema(table.schema().to_arrow())
+        actions = pa.table(table.get_add_actions(flatten=True))
+    except Exception as error:  # noqa: BLE001 - any failure to read the log is the finding
+        report.add("error", name, f"cannot read the table's log: {_one_line(error)}")
+        return
+    spec = CORE_TABLES.get(name)
+    if spec is not None:
+        for wanted in spec.schema:
+            if wanted.name not in schema.names:
+                report.add("error", name, f"column {wanted.name!r} is missing")
+            elif schema.field(wanted.name).type != wanted.type:
+                found = schema.field(wanted.name).type
+                report.add("error", name, f"column {wanted.name!r} is {found}, expected {wanted.type}")
+    listing = tables.list_files(store.location, name)
+    partitions = [column for column in actions.column_names if column.startswith("partition.")]
+    nonfinite: Counter = Counter()
+    for row in actions.select(["path", "size_bytes", "num_records", *partitions]).to_pylist():
+        path = row["path"]
+        if on_file:
+            on_file(f"{name}/{path}")
+        data = _read_file(store, name, path, row, listing, report)
+        if data is not None and name == "activations":
+            _check_vectors(name, path, data, row, widths, report, nonfinite)
+    for (run, hook), count in sorted(nonfinite.items()):
+        report.add("warning", name, f"run {run!r}, hook {hook!r}: {count} vectors hold NaN or inf (flagged)")
+    referenced = set(actions["path"].to_pylist())
+    foreign = [path for path in listing if path not in referenced and not _is_store_file(path)]
+    for path in foreign:
+        report.add("error", name, f"unexpected file {path}: a store holds only Parquet files and Delta logs; remove it")
+    stale = [p for p in listing if p.endswith(".parquet") and not p.startswith("_delta_log/") and p not in referenced]
+    if stale:
+        report.add(
+            "info",
+            name,
+            f"{len(stale)} files not in the current version (replaced, deleted, or left by an interrupted write); "
+            "`hookpoints store vacuum` deletes them after the retention period",
+        )
+    report.tables.append(
+        {
+            "table": name,
+            "version": table.version(),
+            "files": actions.num_rows,
+            "rows": int(pc.sum(actions["num_records"]).as_py() or 0),
+            "MiB": round((pc.sum(actions["size_bytes"]).as_py() or 0) / 2**20, 2),
+        }
+    )
+
+
+def _read_file(store: Store, name: str, path: str, row: dict, listing: dict, report: VerifyReport):
+    where = f"{name}/{path}"
+    if path not in listing:
+        report.add("error", name, f"file {where} is missing (the log refers to it)")
+        return None
+    if listing[path] != row["size_bytes"]:
+        report.add(
+            "error",
+            name,
+            f"file {where} is damaged: {listing[path]} bytes, the log recorded {row['size_bytes']} (truncated?)",
+        )
+        return None
+    try:
+        with tables.filesystem(store.location, name).open_input_file(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            rows = parquet.metadata.num_rows
+            if row["num_records"] is not None and rows != row["num_records"]:
+                report.add("error", name, f"file {where} holds {rows} rows, the log recorded {row['num_records']}")
+                return None
+            return parquet.read()
+    except Exception as error:  # noqa: BLE001 - an unreadable file is the finding
+        report.add("error", name, f"file {where} is damaged: {_one_line(error)}")
+        return None
+
+
+def _is_store_file(path: str) -> bool:
+    return bool(_LOG_FILE.match(path)) or (path.endswith(".parquet") and not path.startswith("_delta_log/"))
+
+
+def _check_root(store: Store, names: list[str], report: VerifyReport) -> None:
+    """Nothing outside the tables' folders (e.g. a pickle dropped next to them)."""
+    for path in tables.list_files(store.location):
+        top = path.split("/", 1)[0]
+        if top not in names and top not in CORE_TABLES:
+            report.add("error", "store", f"unexpected file {path}: it belongs to no table of the store; remove it")
+
+
+# -- activation vectors ------------------------------------------------------------------------------------
+
+
+def _hook_widths(store: Store) -> dict[tuple[str, str], int]:
+    hooks = store.dataset("hooks").to_table(columns=["run", "hook", "width"]).to_pylist()
+    return {(row["run"], row["hook"]): row["width"] for row in hooks}
+
+
+def _check_vectors(name, path, data: pa.Table, row: dict, widths, report: VerifyReport, nonfinite) -> None:
+    where = f"{name}/{path}"
+    run, hook = row.get("partition.run"), row.get("partition.hook")
+    width = widths.get((run, hook))
+    if width is None:
+        return  # reported by the integrity check (an activation of an unknown hook)
+    f32, f16 = data["activation"], data["activation_f16"]
+    both = pc.sum(pc.and_(f32.is_valid(), f16.is_valid())).as_py() or 0
+    neither = pc.sum(pc.and_(f32.is_null(), f16.is_null())).as_py() or 0
+    if both or neither:
+        report.add("error", name, f"file {where}: {both + neither} rows do not hold exactly one activation vector")
+        return
+    nonfinite_rows = np.zeros(data.num_rows, dtype=bool)
+    for column, is_bad in ((f32, _nonfinite_f32), (f16, _nonfinite_f16)):
+        set_rows = np.asarray(column.is_valid())
+        if not set_rows.any():
+            continue
+        present = column.combine_chunks().filter(pa.array(set_rows))
+        lengths = np.asarray(pc.list_value_length(present))
+        wrong = int((lengths != width).sum())
+        if wrong:
+            report.add("error", name, f"file {where}: {wrong} vectors are not {width} wide (the width of {hook!r})")
+            return
+        values = np.asarray(present.flatten()).reshape(-1, width)  # [rows, width]
+        nonfinite_rows[set_rows] = is_bad(values).any(axis=1)
+    finite = data["finite"] if "finite" in data.column_names else pa.nulls(data.num_rows, pa.bool_())  # (v1 files)
+    flagged = np.asarray(pc.fill_null(pc.invert(finite), False))  # the writer said: not finite
+    unflagged = int((nonfinite_rows & ~flagged).sum())
+    if unflagged:
+        report.add("error", name, f"file {where}: {unflagged} vectors hold NaN or inf the writer did not flag")
+    if flagged.any():
+        nonfinite[run, hook] += int(flagged.sum())
+
+
+def _nonfinite_f32(values: np.ndarray) -> np.ndarray:
+    return ~np.isfinite(values)
+
+
+def _nonfinite_f16(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.int32) & 0x7C00) == 0x7C00  # exponent all ones: inf or NaN
+
+
+# -- integrity across tables -------------------------------------------------------------------------------
+
+_INTEGRITY = [
+    (
+        "examples",
+        "SELECT run, example_id, count(*) AS n FROM _examples GROUP BY ALL HAVING n > 1",
+        "example {example_id!r} of run {run!r} is stored {n} times",
+    ),
+    (
+        "hooks",
+        "SELECT run, hook, count(*) AS n FROM _hooks GROUP BY ALL HAVING n > 1",
+        "hook {hook!r} of run {run!r} is stored {n} times",
+    ),
+    (
+        "activations",
+        """SELECT run, hook, example_id, position, count(*) AS n FROM _activations
+           GROUP BY ALL HAVING n > 1""",
+        "example {example_id!r} (position {position}) at hook {hook!r} of run {run!r} is stored {n} times",
+    ),
+    (
+        "activations",
+        """SELECT DISTINCT a.run, a.example_id FROM _activations a
+           ANTI JOIN _examples e ON a.run = e.run AND a.example_id = e.example_id""",
+        "activations of example {example_id!r} in run {run!r}, which is not in examples",
+    ),
+    (
+        "activations",
+        """SELECT DISTINCT a.run, a.hook FROM _activations a
+           ANTI JOIN _hooks h ON a.run = h.run AND a.hook = h.hook""",
+        "activations at hook {hook!r} in run {run!r}, which is not in hooks",
+    ),
+    (
+        "store",
+        """SELECT DISTINCT run FROM (SELECT run FROM _examples UNION ALL SELECT run FROM _hooks
+           UNION ALL SELECT run FROM _activations) ANTI JOIN runs USING (run)""",
+        "rows of run {run!r}, which is deleted or was never started",
+    ),
+    (
+        "activations",
+        """WITH n_hooks AS (SELECT run, count(*) AS hooks FROM _hooks GROUP BY run),
+                recorded AS (SELECT run, example_id, count(DISTINCT hook) AS hooks FROM _activations GROUP BY ALL)
+           SELECT e.run, count(*) AS n FROM _examples e JOIN runs r USING (run) JOIN n_hooks h USING (run)
+           LEFT JOIN recorded a USING (run, example_id)
+           WHERE r.status = 'complete' AND coalesce(a.hooks, 0) <> h.hooks GROUP BY e.run""",
+        "run {run!r} is complete but {n} of its examples are not recorded at every hook",
+    ),
+]
+
+
+def _check_integrity(store: Store, report: VerifyReport) -> None:
+    con = duckdb.connect()
+    try:
+        for name in ("run_events", "activations", "examples", "hooks"):
+            dataset = store.dataset(name)
+            columns = [c for c in ("run", "hook", "example_id", "position", "width") if c in dataset.schema.names]
+            if name == "run_events":
+                columns = dataset.schema.names
+            con.register(f"_{name}", dataset.to_table(columns=columns))
+        con.execute(f"CREATE VIEW runs AS {runs_sql('_run_events')}")
+        for table, sql, message in _INTEGRITY:
+            rows = con.sql(sql).to_arrow_table().to_pylist()
+            for row in rows[:20]:
+                report.add("error", table, message.format(**row))
+            if len(rows) > 20:
+                report.add("error", table, f"... and {len(rows) - 20} more like that")
+    finally:
+        con.close()
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]

@@ -1,0 +1,162 @@
+"""Crash safety: recordings killed with SIGKILL, then resumed, store every example exactly once at every hook.
+
+Real OS processes of the CLI are killed: at random moments while they commit, and at the exact windows that
+matter (right after the examples commit of a flush, before its activations commit; with a commit's Parquet
+file written but its log entry not; right after an activations commit). Values are then compared with plain
+torch forward hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from deltalake import DeltaTable
+
+from hookpoints.loading import load
+from store.catalog import Store
+from store.verify import verify
+from tests.store_checks import assert_exactly_once
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+N_EXAMPLES = 40
+
+# Runs the CLI with Delta commits wrapped: on the Nth commit to TABLE, SIGKILL this process right after the
+# commit ("after"), or after writing a stray Parquet file but before committing ("mid": what a kill during a
+# commit leaves behind).
+KILL_AT_COMMIT = """
+import os, shutil, signal, sys, uuid
+from pathlib import Path
+import store.commits as commits
+real = commits.write_deltalake
+table, nth, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+seen = 0
+def write_then_die(target, data, **options):
+    global seen
+    if not target.table_uri.rstrip("/").endswith("/" + table):
+        return real(target, data, **options)
+    seen += 1
+    if seen == nth and when == "mid":
+        root = Path(target.table_uri.removeprefix("file://"))
+        some = next(root.rglob("*.parquet"))
+        shutil.copy(some, some.with_name(f"part-00000-{uuid.uuid4()}-c000.zstd.parquet"))
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(target, data, **options)
+    if seen == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+commits.write_deltalake = write_then_die
+from cli.main import main
+main(sys.argv[4:])
+"""
+
+
+@pytest.fixture
+def recording(tmp_path, gpt2_dir, texts_manifest):
+    manifest = texts_manifest(N_EXAMPLES)
+    store_path = tmp_path / "store"
+    args = ["record", "--model", str(gpt2_dir), "--data", str(manifest), "--store", str(store_path), "--run", "r"]
+    for hook in HOOKS:
+        args += ["--hooks", hook]
+    args += ["--batch-size", "2", "--buffer-mb", "0"]  # a commit pair per batch: many moments to be killed in
+    ids = [json.loads(line)["id"] for line in manifest.read_text().splitlines()]
+    texts = [json.loads(line)["text"] for line in manifest.read_text().splitlines()]
+    return store_path, args, ids, texts
+
+
+def _activation_commits(store_path) -> int:
+    try:
+        return DeltaTable(str(store_path / "activations")).version()
+    except Exception:  # noqa: BLE001 - not created yet
+        return -1
+
+
+def test_sigkill_in_each_commit_window_and_at_random_moments_then_resume(recording, cli_process, gpt2_dir):
+    store_path, args, ids, texts = recording
+    windows = [
+        ("examples", 2, "after"),  # examples of a flush committed, its activations not
+        ("activations", 2, "mid"),  # a commit's Parquet file written, its log entry not
+        ("activations", 3, "after"),  # activations committed, the next flush not started
+    ]
+    for attempt, (table, nth, when) in enumerate(windows):
+        resume = ["--resume"] if attempt else []
+        process = subprocess.run(
+            [sys.executable, "-c", KILL_AT_COMMIT, table, str(nth), when, *args, *resume],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert process.returncode == -signal.SIGKILL, process.stderr
+    store = Store.open(store_path)
+    activations = DeltaTable(str(store_path / "activations")).to_pyarrow_dataset().count_rows()
+    assert 0 < activations < len(ids) * len(HOOKS)
+
+    rng = random.Random(20261121)
+    kills = 0
+    for _ in range(2):
+        process = cli_process(*args, "--resume")
+        # Wait until this process has committed a batch or two, then kill it at a random moment.
+        start, wanted = _activation_commits(store_path), rng.randint(1, 2)
+        deadline = time.monotonic() + 180
+        while process.poll() is None and time.monotonic() < deadline:
+            if _activation_commits(store_path) >= start + wanted:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.25))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+    assert kills >= 1, "the recordings finished before they could be killed: give them more work"
+    assert store.run_info("r").status == "recording"  # killed: nothing said complete
+
+    final = cli_process(*args, "--resume")
+    _, stderr = final.communicate(timeout=300)
+    assert final.returncode == 0, stderr
+    assert_exactly_once(store, "r", ids, len(HOOKS))
+    assert store.run_info("r").status == "complete"
+    report = verify(store)
+    assert report.ok, report.findings
+    assert any("not in the current version" in finding.message for finding in report.findings)  # the stray file
+    _assert_values_match_torch_hooks(store, gpt2_dir, ids, texts)
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+
+def _assert_values_match_torch_hooks(store: Store, model_dir, ids: list[str], texts: list[str]) -> None:
+    """Stored mean-pooled block outputs equal plain torch forward hooks, one example at a time."""
+    model = load(model_dir)
+    blocks = model.model.transformer.h
+    with store.query() as session:
+        stored = session.sql(
+            "SELECT hook, example_id, activation FROM activations WHERE run = 'r' AND example_id IN (SELECT "
+            "example_id FROM examples WHERE run = 'r' ORDER BY example_id LIMIT 6)"
+        ).to_pylist()
+    by_id = dict(zip(ids, texts, strict=True))
+    for row in stored:
+        layer = int(row["hook"].split(".")[1])
+        captured: dict = {}
+
+        def keep(module, args, out, captured=captured):
+            captured["value"] = out[0] if isinstance(out, tuple) else out
+
+        handle = blocks[layer].register_forward_hook(keep)
+        try:
+            inputs = model.text_inputs([by_id[row["example_id"]]])
+            with torch.no_grad():
+                model.model(**inputs.kwargs)
+        finally:
+            handle.remove()
+        expected = captured["value"][0].mean(0).numpy()  # [d_model]: one example, no padding
+        np.testing.assert_allclose(np.array(row["activation"]), expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,98 @@
+"""``store compact`` and ``store vacuum``: fewer files, same rows, and safe for readers within the retention."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hookpoints.loading import load
+from hookpoints.manifest import read_manifest
+from hookpoints.recorder import record
+from store import tables
+from store.catalog import Store
+from store.errors import UserError
+from store.maintenance import vacuum
+from store.verify import verify
+
+QUERY = "SELECT run, hook, example_id, activation FROM activations ORDER BY ALL"
+
+
+@pytest.fixture
+def small_files_store(tmp_path, gpt2_dir):
+    """Two runs, each committed in many small files (a commit per batch of 2)."""
+    rows = [{"id": f"ex{i}", "text": f"a sentence of {i} words " * (1 + i % 2), "lang": "en"} for i in range(10)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    store = Store.open(tmp_path / "store", create=True)
+    model, manifest = load(gpt2_dir), read_manifest(tmp_path / "m.jsonl")
+    for run in ("a", "b"):
+        record(model, manifest, store, run, hooks=["blocks.*.hook_resid_post"], batch_size=2, max_buffer_bytes=0)
+    return store
+
+
+def _data_files(store: Store, table: str) -> int:
+    return sum(not path.startswith("_delta_log/") for path in tables.list_files(store.location, table))
+
+
+def test_compact_merges_files_and_keeps_every_row(small_files_store, run_cli):
+    store = small_files_store
+    with store.query() as session:
+        before = session.sql(QUERY).to_pylist()
+    files_before = tables.open_table(store.location, "activations").get_add_actions().num_rows
+    code, out, err = run_cli("store", "compact", store.location.uri)
+    assert code == 0, err
+    files_after = tables.open_table(store.location, "activations").get_add_actions().num_rows
+    assert files_after == 4 < files_before  # one file per partition: 2 runs x 2 hooks
+    with store.query() as session:
+        assert session.sql(QUERY).to_pylist() == before
+    assert verify(store).ok
+
+
+def test_readers_of_an_older_snapshot_keep_reading_until_the_retention_allows_vacuum(small_files_store, run_cli):
+    store = small_files_store
+    old = store.query()  # a teammate's session, opened before the maintenance
+    expected = old.sql(QUERY).to_pylist()
+    code, out, err = run_cli("store", "delete", store.location.uri, "--run", "b")
+    assert code == 0 and "deleted run b" in out, err
+    code, _, err = run_cli("store", "delete", store.location.uri, "--run", "b")
+    assert code == 2 and "there is no run 'b'" in err
+    assert run_cli("store", "compact", store.location.uri)[0] == 0
+    assert run_cli("store", "vacuum", store.location.uri)[0] == 0  # default retention: one week
+    assert old.sql(QUERY).to_pylist() == expected  # its files are all still there
+    stale = _data_files(store, "activations")
+
+    code, _, err = run_cli("store", "vacuum", store.location.uri, "--retention-hours", "0", "--force")
+    assert code == 0, err
+    assert _data_files(store, "activations") == 2 < stale  # only the compacted files of run a remain
+    with pytest.raises(UserError):  # past the retention, an old snapshot may lose its files
+        old.sql(QUERY)
+    old.close()
+    with store.query() as session:
+        assert session.sql(QUERY).to_pylist() == [row for row in expected if row["run"] == "a"]
+    assert verify(store).ok
+
+
+def test_vacuum_deletes_files_a_killed_writer_left(small_files_store):
+    store = small_files_store
+    folder = store.location.uri + "/activations/run=a"
+    from pathlib import Path
+
+    some = next(Path(folder).rglob("*.parquet"))
+    stray = some.with_name("part-00000-00000000-0000-0000-0000-000000000000-c000.zstd.parquet")
+    stray.write_bytes(some.read_bytes())  # what a commit killed before its log entry leaves
+    assert vacuum(store, retention_hours=0, dry_run=True, force=True)
+    assert stray.exists()  # a dry run deletes nothing
+    vacuum(store, retention_hours=0, force=True)
+    assert not stray.exists()
+    assert verify(store).ok
+
+
+def test_vacuum_refuses_a_retention_that_would_break_readers(small_files_store, run_cli):
+    files = tables.list_files(small_files_store.location)
+    code, _, err = run_cli("store", "vacuum", small_files_store.location.uri, "--retention-hours", "0")
+    assert code == 2
+    assert "can delete files that running SQL sessions or recorders still use" in err
+    code, _, err = run_cli("store", "vacuum", small_files_store.location.uri, "--retention-hours", "-1", "--force")
+    assert code == 2
+    assert "retention must be a whole number of hours, 0 or more" in err
+    assert tables.list_files(small_files_store.location) == files
