@@ -123,16 +123,3 @@ def test_reserved_manifest_columns_are_refused(store):
             hooks=HOOKS,
             examples_schema=bad.schema,
         )
-
-
-def test_newer_schema_version_gets_a_clear_message(tmp_path):
-    from store import tables
-    from store.location import StoreLocation
-    from store.schema import CORE_TABLES
-
-    location = StoreLocation.parse(tmp_path / "future")
-    spec = CORE_TABLES["store_meta"]
-    tables.create(location, spec)
-    tables.append(location, spec, pa.table({"key": ["schema_version"], "value": ["99"]}, schema=spec.schema))
-    with pytest.raises(UserError, match="schema version 99, this hookpoints reads version 1"):
-        Store.open(location.uri)
