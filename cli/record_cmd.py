@@ -9,7 +9,12 @@ from cli.console import err, out, progress
 
 @click.command("record")
 @click.option("--model", required=True, help="Folder written by save_pretrained, or a hub id.")
-@click.option("--data", required=True, type=click.Path(), help="Manifest: .jsonl, .csv or .parquet with id, text.")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(),
+    help="Manifest (.jsonl, .csv or .parquet with id, text and/or audio) or a FLEURS folder.",
+)
 @click.option("--store", "store_path", required=True, help="Store folder or s3:// URI (created if missing).")
 @click.option("--run", required=True, help="Name of this recording in the store.")
 @click.option(
@@ -34,7 +39,25 @@ from cli.console import err, out, progress
     show_default=True,
     help="Storage precision of the activations.",
 )
-@click.option("--modality", type=click.Choice(["text", "speech"]), help="Input the model is loaded for.")
+@click.option(
+    "--task",
+    type=click.Choice(["forward", "asr", "s2tt", "t2tt"]),
+    default="forward",
+    show_default=True,
+    help="forward pass, or greedy ASR / speech-to-text / text-to-text translation (decoder recorded over the output).",
+)
+@click.option("--tgt-lang", help="Target language: s2tt/t2tt default eng; asr default each example's language.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Generation length limit.")
+@click.option("--per-step", is_flag=True, help="Keep decoder hooks per generation step (position = step).")
+@click.option("--frames", type=int, help="Fix speech features to N frames by truncation / zero-padding (paper: 300).")
+@click.option("--split", help="FLEURS split (train, dev, test; default test).")
+@click.option("--languages", help="FLEURS languages, comma-separated (de_de or de).")
+@click.option("--limit", type=int, help="FLEURS recordings per language at most.")
+@click.option(
+    "--modality",
+    type=click.Choice(["text", "speech"]),
+    help="Input for task forward (default: speech if the data has audio).",
+)
 @click.option(
     "--model-dtype",
     type=click.Choice(["float32", "float16", "bfloat16"]),
@@ -54,6 +77,14 @@ def command(
     pooling,
     batch_size,
     dtype,
+    task,
+    tgt_lang,
+    max_new_tokens,
+    per_step,
+    frames,
+    split,
+    languages,
+    limit,
     modality,
     model_dtype,
     device,
@@ -61,21 +92,26 @@ def command(
     overwrite,
 ) -> None:
     """Record pooled activations of MODEL on the examples of --data into --store."""
-    from hookpoints.loading import load
-    from hookpoints.manifest import read_manifest
+    from hookpoints.loading import load, model_modalities
+    from hookpoints.manifest import read_data
     from hookpoints.recorder import record
+    from hookpoints.tasks import get_task, input_modality
     from store.catalog import Store
     from store.errors import UserError
 
     if resume and overwrite:
         raise UserError("give --resume or --overwrite, not both")
-    manifest = read_manifest(data)
+    spec = get_task(task)
+    chosen = tuple(code.strip() for code in languages.split(",") if code.strip()) if languages else None
+    manifest = read_data(data, required=(), split=split, languages=chosen, limit=limit)
+    has_audio = "audio" in manifest.table.column_names
+    modality = input_modality(spec, modality, has_audio, model_modalities(model))
     with err.status(f"loading {model}"):
         hooked = load(model, modality=modality, dtype=model_dtype, device=device)
         points = hooked.select(list(patterns) or None)
     store = Store.open(store_path, create=True)
     with progress() as bar:
-        task = bar.add_task(f"recording {run}", total=len(manifest))
+        bar_task = bar.add_task(f"recording {run} ({task})", total=len(manifest))
         summary = record(
             hooked,
             manifest,
@@ -85,10 +121,15 @@ def command(
             pooling=pooling,
             batch_size=batch_size,
             dtype=dtype,
+            task=task,
+            tgt_lang=tgt_lang,
+            max_new_tokens=max_new_tokens,
+            per_step=per_step,
+            frames=frames,
             if_exists="resume" if resume else "overwrite" if overwrite else "error",
-            on_batch=lambda n: bar.advance(task, n),
+            on_batch=lambda n: bar.advance(bar_task, n),
         )
-        bar.update(task, completed=len(manifest))
+        bar.update(bar_task, completed=len(manifest))
     out.print(
         f"recorded {summary.recorded} examples ({summary.skipped} already there) at {len(points)} hook points "
         f"into run [bold]{run}[/bold] of {store.location.uri} in {summary.seconds:.1f} s"

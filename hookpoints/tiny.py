@@ -141,6 +141,9 @@ def _config(family: str, vocab: int):
             t2u_variance_predictor_embed_dim=16,
             t2u_variance_predictor_hidden_dim=16,
             decoder_start_token_id=3,
+            # Larger than the default 0.02, so that greedy output differs between inputs (with the default,
+            # every input generates the same token): generation-time recording is then tested on real variety.
+            initializer_range=0.3,
             **ids,
         )
     raise ValueError(f"no tiny config for {family!r}")
@@ -170,6 +173,10 @@ def build_tiny(family: str, directory: str | Path, *, seed: int = 0, texts: list
     }
     torch.manual_seed(seed)
     model = classes[family](config).eval()
+    if family == "seamless_m4t_v2":  # as in the real checkpoint's generation_config.json
+        model.generation_config.text_decoder_lang_to_code_id = {
+            token.strip("_"): tokenizer.convert_tokens_to_ids(token) for token in LANGUAGE_TOKENS
+        }
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     if family in ("whisper", "qwen2_audio"):
