@@ -26,6 +26,10 @@ DEFAULT_TEXTS = [
 ]
 
 
+#: Whisper-style encoders take fixed windows: 2 x AUDIO_POSITIONS mel frames at 100 per second (5 s here).
+AUDIO_POSITIONS = 250
+
+
 def tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = 300) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``texts`` (works offline, any script)."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -89,7 +93,7 @@ def _config(family: str, vocab: int):
             encoder_ffn_dim=128,
             decoder_ffn_dim=128,
             num_mel_bins=80,
-            max_source_positions=50,
+            max_source_positions=AUDIO_POSITIONS,
             max_target_positions=64,
             decoder_start_token_id=2,
             **ids,
@@ -101,11 +105,16 @@ def _config(family: str, vocab: int):
             "encoder_attention_heads": 4,
             "encoder_ffn_dim": 128,
             "num_mel_bins": 80,
-            "max_source_positions": 50,
+            "max_source_positions": AUDIO_POSITIONS,
         }
         return tf.Qwen2AudioConfig(
             audio_config=audio, text_config={"model_type": "qwen2", **small}, audio_token_id=vocab - 1
         )
+    if family == "ultravox":
+        from hookpoints.models.ultravox import UltravoxConfig
+
+        whisper = _config("whisper", vocab).to_dict()
+        return UltravoxConfig(audio_config=whisper, text_config=_config("llama", vocab).to_dict(), hidden_size=128)
     if family == "seamless_m4t_v2":
         return tf.SeamlessM4Tv2Config(
             vocab_size=vocab,
@@ -149,7 +158,7 @@ def _config(family: str, vocab: int):
     raise ValueError(f"no tiny config for {family!r}")
 
 
-FAMILIES = ("gpt2", "llama", "qwen2", "bert", "whisper", "qwen2_audio", "seamless_m4t_v2")
+FAMILIES = ("gpt2", "llama", "qwen2", "bert", "whisper", "qwen2_audio", "ultravox", "seamless_m4t_v2")
 
 
 def build_tiny(family: str, directory: str | Path, *, seed: int = 0, texts: list[str] | None = None) -> Path:
@@ -157,6 +166,7 @@ def build_tiny(family: str, directory: str | Path, *, seed: int = 0, texts: list
     import transformers as tf
 
     from hookpoints.loading import quiet_transformers
+    from hookpoints.models.ultravox import UltravoxModel
 
     quiet_transformers()
     directory = Path(directory)
@@ -169,6 +179,7 @@ def build_tiny(family: str, directory: str | Path, *, seed: int = 0, texts: list
         "bert": tf.BertModel,
         "whisper": tf.WhisperForConditionalGeneration,
         "qwen2_audio": tf.Qwen2AudioForConditionalGeneration,
+        "ultravox": UltravoxModel,
         "seamless_m4t_v2": tf.SeamlessM4Tv2Model,
     }
     torch.manual_seed(seed)
@@ -179,8 +190,9 @@ def build_tiny(family: str, directory: str | Path, *, seed: int = 0, texts: list
         }
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    if family in ("whisper", "qwen2_audio"):
-        tf.WhisperFeatureExtractor(feature_size=80).save_pretrained(directory)
+    if family in ("whisper", "qwen2_audio", "ultravox"):
+        window = 2 * AUDIO_POSITIONS // 100  # seconds
+        tf.WhisperFeatureExtractor(feature_size=80, chunk_length=window).save_pretrained(directory)
     if family == "seamless_m4t_v2":
         tf.SeamlessM4TFeatureExtractor().save_pretrained(directory)
     return directory
