@@ -20,6 +20,8 @@ from store.errors import UserError
 SAMPLE_RATE = 16_000
 #: Below this, speech has lost the bands models listen to; upsampling cannot bring them back.
 MIN_SAMPLE_RATE = 8_000
+#: Shorter recordings give no feature frame (fbank windows are 25 ms).
+MIN_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,11 @@ def inspect_audio(path: str | Path, example_id: str) -> AudioInfo:
         )
     if found.frames == 0:
         raise UserError(f"example {example_id!r}: audio file {path} holds no samples; remove the example or fix it")
+    if found.seconds < MIN_SECONDS:
+        raise UserError(
+            f"example {example_id!r}: audio file {path} lasts {found.seconds * 1000:.0f} ms; speech models need at "
+            f"least {MIN_SECONDS * 1000:.0f} ms: remove the example"
+        )
     return found
 
 

@@ -54,7 +54,7 @@ class Generation:
         kwargs["decoder_input_ids"] = self.sequences[:, :-1].to(self.sequences.device)
         masks = dict(inputs.masks)
         masks["decoder"] = self.decoder_mask
-        return ModelInputs(kwargs, masks)
+        return ModelInputs(kwargs, masks, dict(inputs.extras))
 
 
 class TokenCollector:

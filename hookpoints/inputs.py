@@ -19,6 +19,8 @@ class ModelInputs:
 
     kwargs: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # space -> [batch, positions] bool
+    #: Adapter-private facts about the batch that are no model argument (e.g. the frames each example has alone).
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -26,7 +28,8 @@ class ModelInputs:
 
     def to(self, device: torch.device | str) -> ModelInputs:
         move = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.kwargs.items()}
-        return ModelInputs(move, {k: v.to(device) for k, v in self.masks.items()})
+        masks = {k: v.to(device) for k, v in self.masks.items()}
+        return ModelInputs(move, masks, {k: v.to(device) for k, v in self.extras.items()})
 
 
 def fixed_frames(

@@ -161,8 +161,13 @@ def _config(family: str, vocab: int):
 FAMILIES = ("gpt2", "llama", "qwen2", "bert", "whisper", "qwen2_audio", "ultravox", "seamless_m4t_v2")
 
 
-def build_tiny(family: str, directory: str | Path, *, seed: int = 0, texts: list[str] | None = None) -> Path:
-    """Build a seeded tiny ``family`` model and save it (with tokenizer / feature extractor) to ``directory``."""
+def build_tiny(
+    family: str, directory: str | Path, *, seed: int = 0, texts: list[str] | None = None, vocab_size: int = 300
+) -> Path:
+    """Build a seeded tiny ``family`` model and save it (with tokenizer / feature extractor) to ``directory``.
+
+    The tokenizer is trained on ``texts`` (a few default sentences) up to ``vocab_size`` tokens.
+    """
     import transformers as tf
 
     from hookpoints.loading import quiet_transformers
@@ -170,7 +175,7 @@ def build_tiny(family: str, directory: str | Path, *, seed: int = 0, texts: list
 
     quiet_transformers()
     directory = Path(directory)
-    tokenizer = tiny_tokenizer(texts)
+    tokenizer = tiny_tokenizer(texts, vocab_size=vocab_size)
     config = _config(family, len(tokenizer))
     classes = {
         "gpt2": tf.GPT2LMHeadModel,
@@ -188,6 +193,7 @@ def build_tiny(family: str, directory: str | Path, *, seed: int = 0, texts: list
         model.generation_config.text_decoder_lang_to_code_id = {
             token.strip("_"): tokenizer.convert_tokens_to_ids(token) for token in LANGUAGE_TOKENS
         }
+        model.generation_config._from_model_config = False  # else loading rebuilds it from the model config
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     if family in ("whisper", "qwen2_audio", "ultravox"):

@@ -110,7 +110,13 @@ class Seamless(Adapter):
         batch = processor(waveforms, sampling_rate=16_000, return_tensors="pt", padding=True)
         features, mask = fixed_frames(batch["input_features"], batch["attention_mask"], frames, time_axis=1)
         decoder = torch.full((len(waveforms), 1), model.config.decoder_start_token_id)
-        return self._speech(model, features, mask, decoder)
+        inputs = self._speech(model, features, mask, decoder)
+        # The frames each utterance has alone: 25 ms fbank frames every 10 ms, stacked in pairs; an odd last
+        # frame is stacked with padding and masked, but it is still there (and the length adaptor reads it).
+        fbank = torch.tensor([1 + (len(wave) - 400) // 160 for wave in waveforms])
+        present = (fbank + 1) // 2
+        inputs.extras["frames"] = present if frames is None else present.clamp(max=frames)
+        return inputs
 
     def source_inputs(self, model, tokenizer, texts, languages):
         """``__src__ text </s>``: the text encoder's input as SeamlessM4T's tokenizer builds it for src_lang."""
@@ -158,16 +164,17 @@ class Seamless(Adapter):
 
         The adaptor's convolutions (kernel 8, stride 8) read past a short example's last frame: alone, they
         read zero padding; in a padded batch they read the encoder's outputs at padding frames, which changes
-        the example's last encoder positions (by about 1e-2 in a tiny model). Zeroing those frames makes a
-        padded batch give what each example gives alone.
+        the example's last encoder positions (by about 1e-2 in a tiny model). Zeroing the frames an example
+        does not have alone (``extras["frames"]``) makes a padded batch give what each example gives alone.
         """
         adapter = getattr(getattr(model, "speech_encoder", None), "adapter", None)
-        mask = inputs.masks.get("input")
-        if adapter is None or mask is None or "input_features" not in inputs.kwargs or bool(mask.all()):
+        present = inputs.extras.get("frames")  # [batch]
+        width = inputs.kwargs["input_features"].shape[1] if "input_features" in inputs.kwargs else 0
+        if adapter is None or present is None or bool((present == width).all()):
             yield
             return
         handles = []
-        valid = mask.bool()  # [batch, frames]
+        valid = torch.arange(width, device=present.device)[None, :] < present[:, None]  # [batch, frames]
         for layer in adapter.layers:
 
             def zero_padding(module, args, valid=valid):
