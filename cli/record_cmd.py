@@ -110,8 +110,13 @@ def command(
         hooked = load(model, modality=modality, dtype=model_dtype, device=device)
         points = hooked.select(list(patterns) or None)
     store = Store.open(store_path, create=True)
-    with progress() as bar:
-        bar_task = bar.add_task(f"recording {run} ({task})", total=len(manifest))
+    bar, bars = progress(), []
+
+    def start(total: int) -> None:  # after every check passed: a refused run shows only its error
+        bar.start()
+        bars.append(bar.add_task(f"recording {run} ({task})", total=total))
+
+    try:
         summary = record(
             hooked,
             manifest,
@@ -127,9 +132,11 @@ def command(
             per_step=per_step,
             frames=frames,
             if_exists="resume" if resume else "overwrite" if overwrite else "error",
-            on_batch=lambda n: bar.advance(bar_task, n),
+            on_start=start,
+            on_batch=lambda n: bar.advance(bars[0], n),
         )
-        bar.update(bar_task, completed=len(manifest))
+    finally:
+        bar.stop()
     out.print(
         f"recorded {summary.recorded} examples ({summary.skipped} already there) at {len(points)} hook points "
         f"into run [bold]{run}[/bold] of {store.location.uri} in {summary.seconds:.1f} s"

@@ -68,6 +68,7 @@ def record(
     frames: int | None = None,
     if_exists: str = "error",
     max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> RecordSummary:
     """Record every example of ``manifest`` at ``hooks`` (globs; default: the model's listed hook points).
@@ -80,7 +81,8 @@ def record(
     ``max_new_tokens``), save the text with the example, and pool decoder hooks over the generated tokens;
     with ``per_step`` decoder hooks keep one row per generation step instead (``position`` = step).
     ``frames`` fixes speech features to that many frames (truncation / masked zero-padding; the paper: 300).
-    ``if_exists``: error, resume (record only what is missing) or overwrite.
+    ``if_exists``: error, resume (record only what is missing) or overwrite. Everything is checked before
+    anything is written; then ``on_start`` gets the number of examples to record, ``on_batch`` each batch's.
     """
     if pooling not in POOLINGS:
         raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
@@ -131,6 +133,8 @@ def record(
     todo = [row for row, example in enumerate(manifest.ids) if example not in writer.done]
     todo.sort(key=lambda row: plan.sizes[row])  # similar lengths together: less padding
     step_pooling = (lambda point: "none" if point.space == "decoder" else pooling) if per_step else pooling
+    if on_start:
+        on_start(len(todo))
     try:
         for start in range(0, len(todo), batch_size):
             rows = todo[start : start + batch_size]

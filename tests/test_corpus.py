@@ -43,9 +43,9 @@ def median_f0(samples: np.ndarray, rate: int) -> float:
     return float(np.median(pitches))
 
 
-@pytest.fixture(scope="module")
-def manifests(tmp_path_factory):
-    return corpus_manifests(tmp_path_factory.mktemp("corpus"), limit=1)
+@pytest.fixture
+def manifests(corpus):
+    return corpus
 
 
 def test_speech_manifest_labels_and_audio(manifests):
