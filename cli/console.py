@@ -6,6 +6,8 @@ import csv
 import datetime
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pyarrow as pa
 from rich.console import Console
@@ -19,7 +21,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-out = Console()
+# Piped output (files, grep, tests) gets wide lines instead of folded table cells.
+out = Console() if Console().is_terminal else Console(width=200)
 err = Console(stderr=True)
 
 FORMATS = ("table", "csv", "json")
@@ -35,6 +38,23 @@ def progress() -> Progress:
         TimeRemainingColumn(),
         console=err,
     )
+
+
+@contextmanager
+def counting(label: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """``(on_start, on_batch)`` callbacks driving a progress bar that appears only once work starts."""
+    bar = progress()
+    task = bar.add_task(label, start=False)
+
+    def on_start(total: int) -> None:
+        bar.update(task, total=total)
+        bar.start()
+        bar.start_task(task)
+
+    try:
+        yield on_start, lambda n: bar.advance(task, n)
+    finally:
+        bar.stop()
 
 
 def render(rows: pa.Table | list[dict], fmt: str = "table", *, title: str | None = None) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from cli.console import out, progress, render
+from cli.console import counting, out, progress, render
 
 MINILM_RUN = "minilm-text"
 SEAMLESS_RUNS = {  # run -> (task, input)
@@ -158,8 +158,7 @@ def _record(demo: Demo, run: str, source: str, label: str, modality: str, **opti
 
     manifest = read_data(demo.speech_manifest if modality == "speech" else demo.text_manifest, required=())
     hooked = load(source, modality=modality)
-    with progress() as bar:
-        task = bar.add_task(label, total=len(manifest))
+    with counting(label) as (on_start, on_batch):
         summary = record(
             hooked,
             manifest,
@@ -168,7 +167,8 @@ def _record(demo: Demo, run: str, source: str, label: str, modality: str, **opti
             pooling="mean",
             batch_size=16,
             if_exists="overwrite",
-            on_batch=lambda n: bar.advance(task, n),
+            on_start=on_start,
+            on_batch=on_batch,
             **options,
         )
     out.print(f"  {run}: {summary.recorded} examples x {summary.hooks} hook points in {summary.seconds:.1f} s")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.console import err, out, progress
+from cli.console import counting, err, out
 
 
 @click.command("record")
@@ -96,27 +96,23 @@ def command(
     from hookpoints.manifest import read_data
     from hookpoints.recorder import record
     from hookpoints.tasks import get_task, input_modality
-    from store.catalog import Store
+    from store.catalog import Store, validate_run_name
     from store.errors import UserError
 
     if resume and overwrite:
         raise UserError("give --resume or --overwrite, not both")
+    validate_run_name(run)
     spec = get_task(task)
     chosen = tuple(code.strip() for code in languages.split(",") if code.strip()) if languages else None
     manifest = read_data(data, required=(), split=split, languages=chosen, limit=limit)
     has_audio = "audio" in manifest.table.column_names
     modality = input_modality(spec, modality, has_audio, model_modalities(model))
+    manifest.require("audio" if modality == "speech" else "text")
     with err.status(f"loading {model}"):
         hooked = load(model, modality=modality, dtype=model_dtype, device=device)
-        points = hooked.select(list(patterns) or None)
+        hooked.select(list(patterns) or None)  # bad hook patterns fail here, before the store is touched
     store = Store.open(store_path, create=True)
-    bar, bars = progress(), []
-
-    def start(total: int) -> None:  # after every check passed: a refused run shows only its error
-        bar.start()
-        bars.append(bar.add_task(f"recording {run} ({task})", total=total))
-
-    try:
+    with counting(f"recording {run} ({task})") as (on_start, on_batch):
         summary = record(
             hooked,
             manifest,
@@ -132,12 +128,10 @@ def command(
             per_step=per_step,
             frames=frames,
             if_exists="resume" if resume else "overwrite" if overwrite else "error",
-            on_start=start,
-            on_batch=lambda n: bar.advance(bars[0], n),
+            on_start=on_start,
+            on_batch=on_batch,
         )
-    finally:
-        bar.stop()
     out.print(
-        f"recorded {summary.recorded} examples ({summary.skipped} already there) at {len(points)} hook points "
+        f"recorded {summary.recorded} examples ({summary.skipped} already there) at {summary.hooks} hook points "
         f"into run [bold]{run}[/bold] of {store.location.uri} in {summary.seconds:.1f} s"
     )

@@ -44,6 +44,10 @@ class Manifest:
         """The folder relative paths in the manifest (``audio``) start from."""
         return self.path if self.path.is_dir() else self.path.parent
 
+    def require(self, column: str) -> None:
+        """Check that every example has a non-empty ``column`` (the input a run reads)."""
+        _require(self.table, f"{'FLEURS folder' if self.path.is_dir() else 'manifest'} {self.path}", column, self.ids)
+
     def audio_path(self, value: str) -> Path:
         """An ``audio`` value as a path: absolute as given, relative from the manifest's folder."""
         path = Path(value).expanduser()
@@ -86,9 +90,8 @@ def checked(table: pa.Table, source: str, *, required: tuple[str, ...], id_colum
     """``table`` with ids checked (present, unique) and renamed to ``example_id``, and required inputs present."""
     if table.num_rows == 0:
         raise UserError(f"{source} has no rows")
-    for column in (id_column, *required):
-        if column not in table.column_names:
-            raise UserError(f"{source} has no {column!r} column (it has: {', '.join(table.column_names)}): add it")
+    if id_column not in table.column_names:
+        raise UserError(f"{source} has no {id_column!r} column (it has: {', '.join(table.column_names)}): add it")
     if id_column != "example_id" and "example_id" in table.column_names:
         raise UserError(f"{source} has an 'example_id' column: the store names ids that way, call it 'id'")
     ids = [None if value is None else str(value) for value in table[id_column].to_pylist()]
@@ -102,13 +105,19 @@ def checked(table: pa.Table, source: str, *, required: tuple[str, ...], id_colum
             f"{' ...' if len(duplicates) > 3 else ''}): ids must be unique"
         )
     for column in required:
-        values = table[column].to_pylist()
-        empty = [ids[i] for i, value in enumerate(values) if not isinstance(value, str) or not value.strip()]
-        if empty:
-            what = "text" if column == "text" else f"{column!r}"
-            raise UserError(f"{source}: example {empty[0]!r} has empty {what}; give it one or remove the example")
+        _require(table, source, column, ids)
     rest = table.drop_columns([id_column])
     return rest.add_column(0, "example_id", pa.array(ids, pa.string()))
+
+
+def _require(table: pa.Table, source: str, column: str, ids: list[str]) -> None:
+    if column not in table.column_names:
+        raise UserError(f"{source} has no {column!r} column (it has: {', '.join(table.column_names)}): add it")
+    values = table[column].to_pylist()
+    empty = [ids[i] for i, value in enumerate(values) if not isinstance(value, str) or not value.strip()]
+    if empty:
+        what = "text" if column == "text" else f"{column!r}"
+        raise UserError(f"{source}: example {empty[0]!r} has empty {what}; give it one or remove the example")
 
 
 def _read_jsonl(path: Path) -> pa.Table:

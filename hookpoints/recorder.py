@@ -26,9 +26,13 @@ STORAGE_DTYPES = ("float32", "float16")
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
-#: Columns the recorder adds to each example row (``modality`` only when the manifest has none).
-TASK_COLUMNS = {"task": pa.string()}
-GENERATION_COLUMNS = {"tgt_lang": pa.string(), "generated_text": pa.string(), "generated_tokens": pa.int32()}
+#: Columns generating tasks add to each example row (forward runs keep exactly the manifest's columns).
+GENERATION_COLUMNS = {
+    "task": pa.string(),
+    "tgt_lang": pa.string(),
+    "generated_text": pa.string(),
+    "generated_tokens": pa.int32(),
+}
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,8 @@ def record(
     ``max_new_tokens``), save the text with the example, and pool decoder hooks over the generated tokens;
     with ``per_step`` decoder hooks keep one row per generation step instead (``position`` = step).
     ``frames`` fixes speech features to that many frames (truncation / masked zero-padding; the paper: 300).
-    ``if_exists``: error, resume (record only what is missing) or overwrite. Everything is checked before
-    anything is written; then ``on_start`` gets the number of examples to record, ``on_batch`` each batch's.
+    ``if_exists``: error, resume (record only what is missing) or overwrite. ``on_start(n)`` is called once
+    everything is checked and ``n`` examples are about to be recorded; ``on_batch(k)`` after each batch.
     """
     if pooling not in POOLINGS:
         raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
@@ -142,7 +146,6 @@ def record(
             activations, columns = _record_batch(
                 model, examples, rows, plan, points, step_pooling, frames=frames, max_new_tokens=max_new_tokens
             )
-            columns = {"task": [task] * len(rows), "modality": [model.modality] * len(rows), **columns}
             for name, kind in added.items():
                 examples = examples.append_column(pa.field(name, kind), pa.array(columns[name], kind))
             writer.add(examples, activations)
@@ -200,11 +203,7 @@ def _plan(model: HookedModel, manifest: Manifest, task: Task, tgt_lang: str | No
 
 
 def _added_columns(manifest: Manifest, task: Task) -> dict[str, pa.DataType]:
-    added = dict(TASK_COLUMNS)
-    if "modality" not in manifest.table.column_names:
-        added["modality"] = pa.string()
-    if task.generates:
-        added.update(GENERATION_COLUMNS)
+    added = dict(GENERATION_COLUMNS) if task.generates else {}
     clash = [name for name in added if name in manifest.table.column_names]
     if clash:
         raise UserError(
@@ -241,6 +240,7 @@ def _record_batch(
         inputs = generation.teacher_forced(inputs)
         step_offset = generation.prompt_length - 1  # decoder position of step 0
         columns = {
+            "task": [plan.task.name] * len(rows),
             "tgt_lang": targets,
             "generated_text": model.decode(generation),
             "generated_tokens": generation.lengths.tolist(),
