@@ -44,8 +44,13 @@ def pool_positions(x: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Te
     if method == "none":
         return x[valid]  # [valid positions, width]
     if method == "mean":
-        total = torch.where(valid[..., None], x, 0.0).sum(1)
-        return total / valid.sum(1, keepdim=True).clamp(min=1)
+        counts = valid.sum(1, keepdim=True).clamp(min=1)  # [batch, 1]
+        # A batched matmul with the 0/1 mask reads x once and writes only [batch, width]...
+        total = torch.bmm(valid[:, None, :].to(x.dtype), x)[:, 0]  # [batch, width]
+        if not torch.isfinite(total).all():
+            # ...but 0 * inf = nan: if padding holds non-finite values, mask them out instead.
+            total = torch.where(valid[..., None], x, 0.0).sum(1)
+        return total / counts
     if method == "max":
         return torch.where(valid[..., None], x, float("-inf")).amax(1)
     if method == "last":

@@ -162,11 +162,18 @@ FAMILIES = ("gpt2", "llama", "qwen2", "bert", "whisper", "qwen2_audio", "ultravo
 
 
 def build_tiny(
-    family: str, directory: str | Path, *, seed: int = 0, texts: list[str] | None = None, vocab_size: int = 300
+    family: str,
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    texts: list[str] | None = None,
+    vocab_size: int = 300,
+    sizes: dict | None = None,
 ) -> Path:
     """Build a seeded tiny ``family`` model and save it (with tokenizer / feature extractor) to ``directory``.
 
-    The tokenizer is trained on ``texts`` (a few default sentences) up to ``vocab_size`` tokens.
+    The tokenizer is trained on ``texts`` (a few default sentences) up to ``vocab_size`` tokens; ``sizes``
+    overrides config attributes (e.g. ``hidden_size`` for benchmark-sized models).
     """
     import transformers as tf
 
@@ -177,6 +184,8 @@ def build_tiny(
     directory = Path(directory)
     tokenizer = tiny_tokenizer(texts, vocab_size=vocab_size)
     config = _config(family, len(tokenizer))
+    for name, value in (sizes or {}).items():
+        setattr(config, name, value)
     classes = {
         "gpt2": tf.GPT2LMHeadModel,
         "llama": tf.LlamaForCausalLM,
