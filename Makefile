@@ -34,6 +34,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/recording_overhead.py
 	$(BIN)/python bench/speech_recording.py
+	$(BIN)/python bench/speech_recording.py --threads 2 --clock wall
 
 clean:
 	rm -rf $(VENV) demo-store .pytest_cache

@@ -48,9 +48,12 @@ class Generation:
         start = self.prompt_length
         return self.sequences[example, start : start + int(self.lengths[example])].tolist()
 
-    def teacher_forced(self, inputs: ModelInputs) -> ModelInputs:
-        """``inputs`` with the decoder fed ``prompt + generated[:-1]`` and its ``decoder`` space = the steps."""
+    def teacher_forced(self, inputs: ModelInputs, *, encoder_outputs=None) -> ModelInputs:
+        """``inputs`` with the decoder fed ``prompt + generated[:-1]`` and its ``decoder`` space = the steps;
+        with ``encoder_outputs``, the encoder's input is replaced by its output (the encoder does not run)."""
         kwargs = dict(inputs.kwargs)
+        if encoder_outputs is not None:
+            kwargs = {**without_encoder_inputs(kwargs), "encoder_outputs": encoder_outputs}
         kwargs["decoder_input_ids"] = self.sequences[:, :-1].to(self.sequences.device)
         masks = dict(inputs.masks)
         masks["decoder"] = self.decoder_mask
@@ -73,7 +76,12 @@ class TokenCollector:
         return torch.cat(self.chunks, dim=1)  # [batch, prompt + steps]
 
 
-def greedy_kwargs(model, max_new_tokens: int) -> dict:
+def without_encoder_inputs(kwargs: dict) -> dict:
+    """Forward arguments without what only the encoder reads (the attention mask stays: it masks cross-attention)."""
+    return {key: value for key, value in kwargs.items() if key not in ("input_features", "input_ids", "inputs_embeds")}
+
+
+def greedy_kwargs(max_new_tokens: int) -> dict:
     """Arguments that make ``generate`` greedy and deterministic, whatever the checkpoint's defaults."""
     return {
         "max_new_tokens": max_new_tokens,

@@ -8,13 +8,14 @@ from collections.abc import Callable
 import nnsight
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
 
 from hookpoints.adapters.base import Adapter
-from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after
+from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
 from hookpoints.pooling import pool, pool_positions, positions_first
-from hookpoints.probe import measure, observe
+from hookpoints.probe import first_tensor, measure, observe
 from store.errors import UserError
 
 #: A pooling method for every hook point, or a function choosing one per hook point.
@@ -140,12 +141,54 @@ class HookedModel:
         """``[batch, prompt]`` decoder ids that start generation into each target language."""
         return self.adapter.decoder_prompt(self.model, self.tokenizer, targets).to(self.device)
 
-    def generate(self, inputs: ModelInputs, prompt: torch.Tensor, max_new_tokens: int) -> Generation:
-        """Greedy decoding from ``prompt`` (no hooks): the sequences the teacher-forced pass will read."""
+    def generate(
+        self, inputs: ModelInputs, prompt: torch.Tensor, max_new_tokens: int, *, encoder_outputs=None
+    ) -> Generation:
+        """Greedy decoding from ``prompt`` (no hooks); from ``encoder_outputs`` when given (no encoder run)."""
         kwargs = {**inputs.kwargs, "decoder_input_ids": prompt}
+        if encoder_outputs is not None:
+            kwargs = {**without_encoder_inputs(kwargs), "encoder_outputs": encoder_outputs}
+            if "input_features" in inputs.kwargs:
+                kwargs["inputs"] = None  # SeamlessM4T's speech generate() looks up its input under this name too
         with torch.inference_mode(), self.adapter.batch_guard(self.model, inputs):
-            sequences = self.model.generate(**kwargs, **greedy_kwargs(self.model, max_new_tokens))
+            sequences = self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
         return self._generation(sequences, prompt.shape[1])
+
+    def pooled_generating(
+        self, inputs: ModelInputs, prompt: torch.Tensor, points: list[HookPoint], pooling: Pooling, max_new_tokens: int
+    ) -> tuple[dict[str, torch.Tensor], Generation]:
+        """Record a generating task: the encoder once, greedy generation, one teacher-forced decoder pass.
+
+        1. One traced pass through the encoder records its hook points and keeps its output (then stops).
+        2. ``generate`` decodes from that output: the encoder does not run again.
+        3. One traced pass of the decoder over ``prompt + generated[:-1]`` (hookpoints.generation) records the
+           decoder's hook points, pooled over the generated tokens' steps.
+        """
+        encoder = self._module_path(self.model.get_encoder())
+        inside = [p for p in points if p.module == encoder or p.module.startswith(encoder + ".")]
+        method = pooling if callable(pooling) else (lambda point: pooling)
+        saved = {}
+        with (
+            torch.inference_mode(),
+            self.adapter.batch_guard(self.model, inputs),
+            self.traced.trace(**inputs.kwargs) as tracer,
+        ):
+            for point in sorted(inside, key=lambda p: p.order):
+                envoy = self._envoys[point.module]
+                value = envoy.output if point.io == "output" else envoy.input
+                saved[point.name] = pool(value, point, inputs.masks.get(point.space), method(point)).save()
+            encoded = self._envoys[encoder].output.save()
+            tracer.stop()
+        encoder_outputs = BaseModelOutput(last_hidden_state=first_tensor(encoded))
+        generation = self.generate(inputs, prompt, max_new_tokens, encoder_outputs=encoder_outputs)
+        decoder_inputs = generation.teacher_forced(inputs, encoder_outputs=encoder_outputs)
+        outside = [p for p in points if p.name not in saved]
+        pooled = {name: tensor.detach() for name, tensor in saved.items()}
+        pooled.update(self.pooled(decoder_inputs, outside, method) if outside else {})
+        return pooled, generation
+
+    def _module_path(self, module: nn.Module) -> str:
+        return next(path for path, candidate in self.model.named_modules() if candidate is module)
 
     def decode(self, generation: Generation) -> list[str]:
         """The generated text of every example (special tokens and EOS left out)."""
@@ -206,7 +249,7 @@ class HookedModel:
             with (
                 torch.inference_mode(),
                 self.adapter.batch_guard(self.model, inputs),
-                self.traced.trace(fn="generate", **kwargs, **greedy_kwargs(self.model, max_new_tokens)) as tracer,
+                self.traced.trace(fn="generate", **kwargs, **greedy_kwargs(max_new_tokens)) as tracer,
             ):
                 for step in tracer.iter[:max_new_tokens]:
                     for point in ordered:

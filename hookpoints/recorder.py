@@ -234,10 +234,13 @@ def _record_batch(
         inputs = model.text_inputs(examples["text"].to_pylist())
     columns: dict[str, list] = {}
     step_offset = 0
+    method = pooling if callable(pooling) else (lambda point: pooling)
     if plan.task.generates:
         targets = [plan.targets[row] for row in rows]
-        generation = model.generate(inputs, model.decoder_prompt(targets), max_new_tokens)
-        inputs = generation.teacher_forced(inputs)
+        pooled, generation = model.pooled_generating(
+            inputs, model.decoder_prompt(targets), points, method, max_new_tokens
+        )
+        inputs = generation.teacher_forced(inputs)  # for its masks: decoder positions = generation steps
         step_offset = generation.prompt_length - 1  # decoder position of step 0
         columns = {
             "task": [plan.task.name] * len(rows),
@@ -245,8 +248,8 @@ def _record_batch(
             "generated_text": model.decode(generation),
             "generated_tokens": generation.lengths.tolist(),
         }
-    method = pooling if callable(pooling) else (lambda point: pooling)
-    pooled = model.pooled(inputs, points, method)
+    else:
+        pooled = model.pooled(inputs, points, method)
     activations = {}
     for point in points:
         values = pooled[point.name].cpu().numpy()

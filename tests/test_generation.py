@@ -75,20 +75,23 @@ def test_teacher_forced_pass_equals_per_step_recording(speech_model, text_model,
     assert any(p.submodule == "cross_attention.k_proj" for p in points)  # runs at step 0 only (KV cache)
     assert sum(p.space == "decoder" for p in points) >= 20
 
-    generation = model.generate(inputs, prompt, STEPS)
+    # what the recorder does: encoder once, generate from its output, one teacher-forced decoder pass
+    ours, generation = model.pooled_generating(inputs, prompt, points, "mean", STEPS)
     lengths = generation.lengths.tolist()
     assert min(lengths) < STEPS and max(lengths) == STEPS, lengths  # some stopped early, some did not
-    teacher_forced = generation.teacher_forced(inputs)
-    # mean: every hook point (encoder hooks and cross-attention keys/values run at step 0 only)
+    # reference: hooks at every step of generate (encoder hooks and cross-attention keys/values at step 0)
     reference, stepped = model.pooled_per_step(inputs, prompt, points, "mean", STEPS)
     assert torch.equal(stepped.sequences, generation.sequences)
-    assert_pooled_equal(model.pooled(teacher_forced, points, "mean"), reference)
+    assert_pooled_equal(ours, reference)
     # every step kept: the teacher-forced rows at the step positions are the per-step rows (so any pooling
     # of them agrees too: pooling is one function of these rows and the step mask)
     decoder = [p for p in points if p.space == "decoder"]
+    ours, _ = model.pooled_generating(inputs, prompt, decoder, "none", STEPS)
     reference, _ = model.pooled_per_step(inputs, prompt, decoder, "none", STEPS)
-    assert_pooled_equal(model.pooled(teacher_forced, decoder, "none"), reference)
+    assert_pooled_equal(ours, reference)
     assert reference[decoder[0].name].shape[0] == sum(lengths)
+    # and the teacher-forced pass over the whole model (encoder run again) agrees as well
+    assert_pooled_equal(model.pooled(generation.teacher_forced(inputs), decoder, "none"), reference)
 
 
 def plain_hook_reference(model, waveform: np.ndarray, modules: list[str], steps: int) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 from transformers import SeamlessM4Tv2ForSpeechToText, SeamlessM4Tv2ForTextToText
 
 from hookpoints.adapters.base import Adapter, Point, Stack, random_ids, token_batch
+from hookpoints.features import seamless_features
 from hookpoints.inputs import ModelInputs, fixed_frames
 
 SPEECH_ENCODER_SUBMODULES = (
@@ -107,7 +108,7 @@ class Seamless(Adapter):
 
     def speech_inputs(self, model, processor, tokenizer, waveforms, *, frames=None):
         """160-dim stacked fbank frames (50 per second) from the checkpoint's SeamlessM4TFeatureExtractor."""
-        batch = processor(waveforms, sampling_rate=16_000, return_tensors="pt", padding=True)
+        batch = seamless_features(processor, waveforms)  # the extractor's output, computed faster
         features, mask = fixed_frames(batch["input_features"], batch["attention_mask"], frames, time_axis=1)
         decoder = torch.full((len(waveforms), 1), model.config.decoder_start_token_id)
         inputs = self._speech(model, features, mask, decoder)
