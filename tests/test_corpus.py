@@ -91,3 +91,11 @@ def test_missing_espeak_is_a_clear_error(monkeypatch, tmp_path):
 def test_unknown_corpus_language():
     with pytest.raises(UserError, match="no language 'xx'"):
         corpus_rows(languages=("xx",))
+
+
+def test_corpus_command_writes_manifests(run_cli, tmp_path):
+    code, out, err = run_cli("corpus", "--out", str(tmp_path), "--limit", "1", "--text-only")
+    assert code == 0, err
+    assert (tmp_path / "text-limit1.jsonl").is_file() and "6 rows" in out
+    code, _, err = run_cli("corpus", "--out", str(tmp_path), "--limit", "0")
+    assert code == 2 and "limit must be at least 1" in err
