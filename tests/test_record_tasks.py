@@ -199,3 +199,20 @@ def test_audio_lost_mid_run_keeps_what_was_recorded(run_cli, seamless, corpus, t
     assert code == 0, err
     assert "recorded 6 examples (6 already there)" in " ".join(out.split())
     assert sql(store, "SELECT count(DISTINCT example_id) AS n FROM activations") == [{"n": 12}]
+
+
+def test_null_filters_on_columns_a_later_run_added(run_cli, seamless, corpus, tmp_path):
+    """A forward run's examples lack generated_text; SQL must count them as NULL (pushdown got this wrong)."""
+    store = tmp_path / "store"
+    hook = ["--hooks", "text_decoder.layers.0.ffn.fc1"]
+    assert record(run_cli, seamless, corpus.text, store, "fwd", *hook)[0] == 0
+    assert (
+        record(run_cli, seamless, corpus.text, store, "gen", "--task", "t2tt", "--max-new-tokens", "2", *hook)[0] == 0
+    )
+    rows = sql(
+        store,
+        "SELECT run, count(*) FILTER (WHERE generated_text IS NOT NULL) AS filled, "
+        "count(*) FILTER (WHERE generated_text IS NULL) AS empty FROM examples GROUP BY run ORDER BY run",
+    )
+    assert rows == [{"run": "fwd", "filled": 0, "empty": 6}, {"run": "gen", "filled": 6, "empty": 0}]
+    assert sql(store, "SELECT count(*) AS n FROM examples WHERE generated_text IS NOT NULL") == [{"n": 6}]
