@@ -167,16 +167,13 @@ class HookedModel:
         encoder = self._module_path(self.model.get_encoder())
         inside = [p for p in points if p.module == encoder or p.module.startswith(encoder + ".")]
         method = pooling if callable(pooling) else (lambda point: pooling)
-        saved = {}
+        saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
         with (
             torch.inference_mode(),
             self.adapter.batch_guard(self.model, inputs),
             self.traced.trace(**inputs.kwargs) as tracer,
         ):
-            for point in sorted(inside, key=lambda p: p.order):
-                envoy = self._envoys[point.module]
-                value = envoy.output if point.io == "output" else envoy.input
-                saved[point.name] = pool(value, point, inputs.masks.get(point.space), method(point)).save()
+            saved.update(self._request(inside, inputs, method))
             encoded = self._envoys[encoder].output.save()
             tracer.stop()
         encoder_outputs = BaseModelOutput(last_hidden_state=first_tensor(encoded))
@@ -211,18 +208,26 @@ class HookedModel:
         The trace stops after the last requested tensor, so later layers and the LM head do not run.
         """
         method = pooling if callable(pooling) else (lambda point: pooling)
-        saved = {}
+        saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
         with (
             torch.inference_mode(),
             self.adapter.batch_guard(self.model, inputs),
             self.traced.trace(**inputs.kwargs) as tracer,
         ):
-            for point in sorted(points, key=lambda p: p.order):
-                envoy = self._envoys[point.module]
-                value = envoy.output if point.io == "output" else envoy.input
-                saved[point.name] = pool(value, point, inputs.masks.get(point.space), method(point)).save()
+            saved.update(self._request(points, inputs, method))
             tracer.stop()
         return {name: tensor.detach() for name, tensor in saved.items()}
+
+    def _request(
+        self, points: list[HookPoint], inputs: ModelInputs, method: Callable[[HookPoint], str]
+    ) -> dict[str, torch.Tensor]:
+        """Inside a trace: each hook point's pooled value, requested in execution order (as nnsight needs)."""
+        saved = {}
+        for point in sorted(points, key=lambda p: p.order):
+            envoy = self._envoys[point.module]
+            value = envoy.output if point.io == "output" else envoy.input
+            saved[point.name] = pool(value, point, inputs.masks.get(point.space), method(point)).save()
+        return saved
 
     def pooled_per_step(
         self,
