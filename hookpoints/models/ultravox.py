@@ -8,6 +8,8 @@ registers ``model_type="ultravox"`` with ``AutoConfig``. So a hub checkpoint loa
 remote code: its ``model.safetensors`` holds the projector, and ``audio_model_id`` / ``text_model_id`` name
 the Whisper and LLaMA checkpoints whose weights fill the other two parts (as Ultravox's own code does).
 
+hookpoints records it with forward passes (the LALM paper's setting); generation is not wired up.
+
 Speech goes in as log-mel features (``audio_values``, ``[batch, mels, frames]``, up to the encoder's
 window) with ``audio_lens`` (real frames per example); the projector's output replaces ``audio_token_len``
 placeholder embeddings from ``audio_token_start_idx`` of each prompt.
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.activations import get_activation
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.masking_utils import create_bidirectional_mask
@@ -124,7 +126,7 @@ class UltravoxProjector(nn.Module):
         return self.ln_post(self.linear_2(hidden))
 
 
-class UltravoxModel(PreTrainedModel, GenerationMixin):
+class UltravoxModel(PreTrainedModel):
     config_class = UltravoxConfig
     config: UltravoxConfig
     base_model_prefix = ""
@@ -196,15 +198,6 @@ class UltravoxModel(PreTrainedModel, GenerationMixin):
                 start, length = int(audio_token_start_idx[i]), int(audio_token_len[i])
                 inputs_embeds[i, start : start + length] = tokens[i, :length]
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
-
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, **kwargs):
-        audio = {key: kwargs.pop(key, None) for key in ("audio_values", "audio_lens", "audio_token_start_idx")}
-        audio["audio_token_len"] = kwargs.pop("audio_token_len", None)
-        inputs = self.language_model.prepare_inputs_for_generation(input_ids, past_key_values, **kwargs)
-        first = past_key_values is None or past_key_values.get_seq_length() == 0
-        if first:  # the audio is read once, with the prompt
-            inputs.update(audio)
-        return inputs
 
 
 def _fill(part: nn.Module, prefix: str, missing: set[str], load) -> None:
