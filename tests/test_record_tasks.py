@@ -149,8 +149,11 @@ def test_bad_examples_are_named(run_cli, seamless, corpus, tmp_path, write_manif
     soundfile.write(stereo, np.zeros((8000, 2), dtype=np.float32), 16_000)
     low = tmp_path / "low.wav"
     soundfile.write(low, np.zeros(4000, dtype=np.float32), 4_000)
+    broken = tmp_path / "broken.wav"
+    broken.write_text("not audio")
     cases = [
         ({"id": "a", "audio": "missing.wav"}, ["example 'a'", "does not exist"]),
+        ({"id": "u", "audio": str(broken)}, ["example 'u'", "cannot read audio file", "give a WAV or FLAC file"]),
         ({"id": "b", "audio": str(stereo)}, ["example 'b'", "2 channels; give mono audio"]),
         ({"id": "c", "audio": str(low)}, ["example 'c'", "4000 Hz"]),
         ({"id": "d", "audio": str(audio), "language": "tlh"}, ["example 'd'", "unknown target language 'tlh'"]),
