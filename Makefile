@@ -7,9 +7,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup speech-tools demo test lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) speech-tools
+
+# espeak-ng (Debian package) speaks the bundled corpus; the demo and the tests synthesise it on first use
+# into a cache (~/.cache/hookpoints, or $$HOOKPOINTS_CACHE). CI runs as root; elsewhere apt-get runs via sudo.
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+speech-tools:
+	@command -v espeak-ng >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng; }
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,16 +24,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: setup
 	$(BIN)/hookpoints demo
 
-test: $(STAMP)
+test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: setup
 	$(BIN)/python bench/recording_overhead.py
 	$(BIN)/python bench/team_store.py
+	$(BIN)/python bench/speech_recording.py
+	$(BIN)/python bench/speech_recording.py --threads 2 --clock wall
 
 clean:
 	rm -rf $(VENV) demo-store demo-store-plots .pytest_cache

@@ -9,7 +9,12 @@ from cli.console import counting, err, out
 
 @click.command("record")
 @click.option("--model", required=True, help="Folder written by save_pretrained, or a hub id.")
-@click.option("--data", required=True, type=click.Path(), help="Manifest: .jsonl, .csv or .parquet with id, text.")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(),
+    help="Manifest (.jsonl, .csv or .parquet with id, text and/or audio) or a FLEURS folder.",
+)
 @click.option("--store", "store_path", required=True, help="Store folder or s3:// URI (created if missing).")
 @click.option("--run", required=True, help="Name of this recording in the store.")
 @click.option(
@@ -34,7 +39,25 @@ from cli.console import counting, err, out
     show_default=True,
     help="Storage precision of the activations.",
 )
-@click.option("--modality", type=click.Choice(["text", "speech"]), help="Input the model is loaded for.")
+@click.option(
+    "--task",
+    type=click.Choice(["forward", "asr", "s2tt", "t2tt"]),
+    default="forward",
+    show_default=True,
+    help="forward pass, or greedy ASR / speech-to-text / text-to-text translation (decoder recorded over the output).",
+)
+@click.option("--tgt-lang", help="Target language: s2tt/t2tt default eng; asr default each example's language.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Generation length limit.")
+@click.option("--per-step", is_flag=True, help="Keep decoder hooks per generation step (position = step).")
+@click.option("--frames", type=int, help="Fix speech features to N frames by truncation / zero-padding (paper: 300).")
+@click.option("--split", help="FLEURS split (train, dev, test; default test).")
+@click.option("--languages", help="FLEURS languages, comma-separated (de_de or de).")
+@click.option("--limit", type=int, help="FLEURS recordings per language at most.")
+@click.option(
+    "--modality",
+    type=click.Choice(["text", "speech"]),
+    help="Input for task forward (default: speech if the data has audio).",
+)
 @click.option(
     "--model-dtype",
     type=click.Choice(["float32", "float16", "bfloat16"]),
@@ -69,6 +92,14 @@ def command(
     pooling,
     batch_size,
     dtype,
+    task,
+    tgt_lang,
+    max_new_tokens,
+    per_step,
+    frames,
+    split,
+    languages,
+    limit,
     modality,
     model_dtype,
     device,
@@ -81,9 +112,10 @@ def command(
     remote,
 ) -> None:
     """Record pooled activations of MODEL on the examples of --data into --store."""
-    from hookpoints.loading import load
-    from hookpoints.manifest import read_manifest
+    from hookpoints.loading import load, model_modalities
+    from hookpoints.manifest import read_data
     from hookpoints.recorder import record
+    from hookpoints.tasks import get_task, input_modality
     from store.catalog import Store, validate_run_name
     from store.errors import UserError
     from store.runs import parse_shard
@@ -96,7 +128,12 @@ def command(
         raise UserError(f"--buffer-mb must be 0 or more, not {buffer_mb}")
     shard_of = parse_shard(shard)
     validate_run_name(run)
-    manifest = read_manifest(data)
+    spec = get_task(task)
+    chosen = tuple(code.strip() for code in languages.split(",") if code.strip()) if languages else None
+    manifest = read_data(data, required=(), split=split, languages=chosen, limit=limit)
+    has_audio = "audio" in manifest.table.column_names
+    modality = input_modality(spec, modality, has_audio, model_modalities(model))
+    manifest.require("audio" if modality == "speech" else "text")
     run_batches = None
     with err.status(f"loading {model}"):
         if remote:
@@ -113,7 +150,8 @@ def command(
         options = {"modality": hooked.modality, "dtype": model_dtype, "device": device}
         run_batches = ray_runner(model, load_options=options, workers=workers, batch_size=batch_size)
     store = Store.open(store_path, create=True)
-    with counting(f"recording {run}" + (f" shard {shard}" if shard else "")) as (on_start, on_batch):
+    label = f"recording {run} ({task})" + (f" shard {shard}" if shard else "")
+    with counting(label) as (on_start, on_batch):
         summary = record(
             hooked,
             manifest,
@@ -123,6 +161,11 @@ def command(
             pooling=pooling,
             batch_size=batch_size,
             dtype=dtype,
+            task=task,
+            tgt_lang=tgt_lang,
+            max_new_tokens=max_new_tokens,
+            per_step=per_step,
+            frames=frames,
             if_exists="resume" if resume else "overwrite" if overwrite else "error",
             on_start=on_start,
             on_batch=on_batch,

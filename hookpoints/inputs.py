@@ -19,6 +19,8 @@ class ModelInputs:
 
     kwargs: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # space -> [batch, positions] bool
+    #: Adapter-private facts about the batch that are no model argument (e.g. the frames each example has alone).
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -26,4 +28,24 @@ class ModelInputs:
 
     def to(self, device: torch.device | str) -> ModelInputs:
         move = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.kwargs.items()}
-        return ModelInputs(move, {k: v.to(device) for k, v in self.masks.items()})
+        masks = {k: v.to(device) for k, v in self.masks.items()}
+        return ModelInputs(move, masks, {k: v.to(device) for k, v in self.extras.items()})
+
+
+def fixed_frames(
+    features: torch.Tensor, mask: torch.Tensor, frames: int | None, *, time_axis: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and frame mask cut or zero-padded to ``frames`` frames (unchanged when ``frames`` is None).
+
+    Padded frames are masked (attention mask 0), so they change neither the model's values for real frames
+    nor the pooling. ``features``: ``[batch, frames, dims]`` (time_axis 1) or ``[batch, dims, frames]`` (2).
+    """
+    if frames is None:
+        return features, mask
+    have = features.shape[time_axis]
+    if have >= frames:
+        return features.narrow(time_axis, 0, frames), mask[:, :frames]
+    shape = list(features.shape)
+    shape[time_axis] = frames - have
+    features = torch.cat([features, features.new_zeros(shape)], dim=time_axis)
+    return features, torch.cat([mask, mask.new_zeros((mask.shape[0], frames - have))], dim=1)

@@ -63,6 +63,18 @@ def load(
     )
 
 
+def model_modalities(source: str | Path) -> tuple[str, ...]:
+    """The input modalities a checkpoint's family takes (its first is the default), from its config alone."""
+    source = str(source)
+    _check_source(source)
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (ValueError, KeyError, OSError) as error:
+        raise UserError(f"cannot read the config of model {source}: {_one_line(error)}") from None
+    return adapter_for(config.model_type).modalities(config)
+
+
 def quiet_transformers() -> None:
     """Keep transformers' info messages and weight-loading bars out of hookpoints' own output."""
     hf_logging.set_verbosity_error()

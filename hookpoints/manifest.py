@@ -1,7 +1,9 @@
 """Manifests: the examples to record, as JSONL, CSV or Parquet, with an ``id``, the input, and labels.
 
-Every column besides ``id`` is kept with the example in the store's ``examples`` table (``id`` becomes
-``example_id``), so labels such as language, modality or speaker can be used in SQL and in analyses.
+Speech examples name a WAV/FLAC file in an ``audio`` column (relative to the manifest's folder); a FLEURS
+folder can be given instead of a manifest (:func:`read_data`). Every column besides ``id`` is kept with the
+example in the store's ``examples`` table (``id`` becomes ``example_id``), so labels such as language,
+modality or speaker can be used in SQL and in analyses.
 """
 
 from __future__ import annotations
@@ -37,6 +39,24 @@ class Manifest:
     def column(self, name: str) -> list:
         return self.table[name].to_pylist()
 
+    @property
+    def base(self) -> Path:
+        """The folder relative paths in the manifest (``audio``) start from."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def require(self, column: str) -> None:
+        """Check that every example has a non-empty ``column`` (the input a run reads)."""
+        _require(self.table, f"{'FLEURS folder' if self.path.is_dir() else 'manifest'} {self.path}", column, self.ids)
+
+    def audio_path(self, value: str) -> Path:
+        return audio_path(self.base, value)
+
+
+def audio_path(base: Path, value: str) -> Path:
+    """An ``audio`` value as a path: absolute as given, relative from the manifest's folder ``base``."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
 
 def read_manifest(path: str | Path, *, required: tuple[str, ...] = ("text",)) -> Manifest:
     """Read and check a manifest; every problem is a one-line :class:`UserError` naming what to fix."""
@@ -47,33 +67,61 @@ def read_manifest(path: str | Path, *, required: tuple[str, ...] = ("text",)) ->
     if kind is None:
         raise UserError(f"manifest {path}: unknown format {path.suffix!r}; use .jsonl, .csv or .parquet")
     table = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[kind](path)
+    return Manifest(path, checked(table, f"manifest {path}", required=required, id_column="id"))
+
+
+def read_data(
+    path: str | Path,
+    *,
+    required: tuple[str, ...] = ("text",),
+    split: str | None = None,
+    languages: tuple[str, ...] | None = None,
+    limit: int | None = None,
+) -> Manifest:
+    """A manifest file, or a FLEURS folder (``split``, ``languages`` and ``limit`` apply to FLEURS only)."""
+    path = Path(path)
+    if path.is_dir():
+        from hookpoints.fleurs import read_fleurs
+
+        table = read_fleurs(path, split=split or "test", languages=languages, limit=limit)
+        return Manifest(path, checked(table, f"FLEURS folder {path}", required=required, id_column="id"))
+    if split or languages or limit is not None:
+        raise UserError("--split, --languages and --limit apply to a FLEURS folder, not to a manifest file")
+    return read_manifest(path, required=required)
+
+
+def checked(table: pa.Table, source: str, *, required: tuple[str, ...], id_column: str = "example_id") -> pa.Table:
+    """``table`` with ids checked (present, unique) and renamed to ``example_id``, and required inputs present."""
     if table.num_rows == 0:
-        raise UserError(f"manifest {path} has no rows")
-    for column in ("id", *required):
-        if column not in table.column_names:
-            raise UserError(
-                f"manifest {path} has no {column!r} column (it has: {', '.join(table.column_names)}): add it"
-            )
-    if "example_id" in table.column_names:
-        raise UserError(f"manifest {path} has an 'example_id' column: the store names ids that way, call it 'id'")
-    ids = [None if value is None else str(value) for value in table["id"].to_pylist()]
+        raise UserError(f"{source} has no rows")
+    if id_column not in table.column_names:
+        raise UserError(f"{source} has no {id_column!r} column (it has: {', '.join(table.column_names)}): add it")
+    if id_column != "example_id" and "example_id" in table.column_names:
+        raise UserError(f"{source} has an 'example_id' column: the store names ids that way, call it 'id'")
+    ids = [None if value is None else str(value) for value in table[id_column].to_pylist()]
     missing = [row for row, value in enumerate(ids, start=1) if not value]
     if missing:
-        raise UserError(f"manifest {path}: row {missing[0]} has no id; every example needs a unique id")
+        raise UserError(f"{source}: row {missing[0]} has no id; every example needs a unique id")
     duplicates = [value for value, count in Counter(ids).items() if count > 1]
     if duplicates:
         raise UserError(
-            f"manifest {path} has duplicate ids ({', '.join(repr(d) for d in duplicates[:3])}"
+            f"{source} has duplicate ids ({', '.join(repr(d) for d in duplicates[:3])}"
             f"{' ...' if len(duplicates) > 3 else ''}): ids must be unique"
         )
-    if "text" in required:
-        texts = table["text"].to_pylist()
-        empty = [ids[i] for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
-        if empty:
-            raise UserError(f"manifest {path}: example {empty[0]!r} has empty text; give it text or remove it")
-    rest = table.drop_columns(["id"])
-    table = rest.add_column(0, "example_id", pa.array(ids, pa.string()))
-    return Manifest(path, table)
+    for column in required:
+        _require(table, source, column, ids)
+    rest = table.drop_columns([id_column])
+    return rest.add_column(0, "example_id", pa.array(ids, pa.string()))
+
+
+def _require(table: pa.Table, source: str, column: str, ids: list[str]) -> None:
+    if column not in table.column_names:
+        raise UserError(f"{source} has no {column!r} column (it has: {', '.join(table.column_names)}): add it")
+    values = table[column].to_pylist()
+    empty = [ids[i] for i, value in enumerate(values) if not isinstance(value, str) or not value.strip()]
+    if empty:
+        what = "text" if column == "text" else f"{column!r}"
+        raise UserError(f"{source}: example {empty[0]!r} has empty {what}; give it one or remove the example")
 
 
 def _read_jsonl(path: Path) -> pa.Table:

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import nnsight
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
 
 from hookpoints.adapters.base import Adapter
+from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
-from hookpoints.pooling import pool
-from hookpoints.probe import measure, observe
+from hookpoints.pooling import pool, pool_positions, positions_first
+from hookpoints.probe import first_tensor, measure, observe
 from store.errors import UserError
+
+#: A pooling method for every hook point, or a function choosing one per hook point.
+Pooling = str | Callable[[HookPoint], str]
 
 
 class HookedModel:
@@ -111,18 +117,180 @@ class HookedModel:
             raise UserError(f"model {self.source} has no tokenizer: save one next to it (tokenizer.save_pretrained)")
         return self.adapter.text_inputs(self.model, self.tokenizer, texts).to(self.device)
 
-    def pooled(self, inputs: ModelInputs, points: list[HookPoint], pooling: str) -> dict[str, torch.Tensor]:
+    def speech_inputs(self, waveforms: list, *, frames: int | None = None) -> ModelInputs:
+        """Inputs for 16 kHz mono ``waveforms`` (``[samples]`` arrays), through the checkpoint's feature extractor."""
+        if self.modality != "speech":
+            raise UserError(f"model {self.source} was loaded for {self.modality} input; load it with modality speech")
+        if self.processor is None:
+            raise UserError(
+                f"model {self.source} has no feature extractor: save one next to it (feature_extractor.save_pretrained)"
+            )
+        inputs = self.adapter.speech_inputs(self.model, self.processor, self.tokenizer, waveforms, frames=frames)
+        return inputs.to(self.device)
+
+    def source_inputs(self, texts: list[str], languages: list[str]) -> ModelInputs:
+        """Text inputs marked with their source languages (model codes, e.g. ``deu``), for translation."""
+        if self.tokenizer is None:
+            raise UserError(f"model {self.source} has no tokenizer: save one next to it (tokenizer.save_pretrained)")
+        return self.adapter.source_inputs(self.model, self.tokenizer, texts, languages).to(self.device)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """What this model can be asked to do on its input (``forward``, ``asr``, ``s2tt``, ``t2tt``)."""
+        return self.adapter.tasks(self.model.config, self.modality)
+
+    def language_token(self, code: str) -> int | None:
+        """The token id naming language ``code`` (``deu``), or None if the model does not know it."""
+        return self.adapter.language_token(self.model, self.tokenizer, code)
+
+    @property
+    def languages(self) -> list[str]:
+        """Language codes the model can be told (source or target), e.g. ``['cmn', 'deu', 'eng', ...]``."""
+        return self.adapter.languages(self.model, self.tokenizer)
+
+    def decoder_prompt(self, targets: list[str]) -> torch.Tensor:
+        """``[batch, prompt]`` decoder ids that start generation into each target language."""
+        return self.adapter.decoder_prompt(self.model, self.tokenizer, targets).to(self.device)
+
+    def generate(
+        self, inputs: ModelInputs, prompt: torch.Tensor, max_new_tokens: int, *, encoder_outputs=None
+    ) -> Generation:
+        """Greedy decoding from ``prompt`` (no hooks); from ``encoder_outputs`` when given (no encoder run)."""
+        kwargs = {**inputs.kwargs, "decoder_input_ids": prompt}
+        if encoder_outputs is not None:
+            kwargs = {**without_encoder_inputs(kwargs), "encoder_outputs": encoder_outputs}
+            if "input_features" in inputs.kwargs:
+                kwargs["inputs"] = None  # SeamlessM4T's speech generate() looks up its input under this name too
+        with torch.inference_mode(), self.adapter.batch_guard(self.model, inputs):
+            sequences = self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
+        return self._generation(sequences, prompt.shape[1])
+
+    def pooled_generating(
+        self, inputs: ModelInputs, prompt: torch.Tensor, points: list[HookPoint], pooling: Pooling, max_new_tokens: int
+    ) -> tuple[dict[str, torch.Tensor], Generation]:
+        """Record a generating task: the encoder once, greedy generation, one teacher-forced decoder pass.
+
+        1. One traced pass through the encoder records its hook points and keeps its output (then stops).
+        2. ``generate`` decodes from that output: the encoder does not run again.
+        3. One traced pass of the decoder over ``prompt + generated[:-1]`` (hookpoints.generation) records the
+           decoder's hook points, pooled over the generated tokens' steps.
+        """
+        encoder = self._module_path(self.model.get_encoder())
+        inside = [p for p in points if p.module == encoder or p.module.startswith(encoder + ".")]
+        methods = _methods(inside, pooling)
+        saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
+        with (
+            torch.inference_mode(),
+            self.adapter.batch_guard(self.model, inputs),
+            self.traced.trace(**inputs.kwargs) as tracer,
+        ):
+            saved.update(self._request(inside, inputs, methods))
+            encoded = self._envoys[encoder].output.save()
+            tracer.stop()
+        encoder_outputs = BaseModelOutput(last_hidden_state=first_tensor(encoded))
+        generation = self.generate(inputs, prompt, max_new_tokens, encoder_outputs=encoder_outputs)
+        decoder_inputs = generation.teacher_forced(inputs, encoder_outputs=encoder_outputs)
+        outside = [p for p in points if p.name not in saved]
+        pooled = {name: tensor.detach() for name, tensor in saved.items()}
+        pooled.update(self.pooled(decoder_inputs, outside, pooling) if outside else {})
+        return pooled, generation
+
+    def _module_path(self, module: nn.Module) -> str:
+        return next(path for path, candidate in self.model.named_modules() if candidate is module)
+
+    def decode(self, generation: Generation) -> list[str]:
+        """The generated text of every example (special tokens and EOS left out)."""
+        tokens = [generation.generated(i) for i in range(generation.sequences.shape[0])]
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+    def _generation(self, sequences: torch.Tensor, prompt_length: int) -> Generation:
+        eos = self.model.generation_config.eos_token_id
+        return Generation(sequences, prompt_length, lengths_after(sequences, prompt_length, eos))
+
+    def envoy(self, point: HookPoint):
+        """The nnsight envoy of a hook point's module (to read or edit it inside a trace)."""
+        return self._envoys[point.module]
+
+    def pooled(self, inputs: ModelInputs, points: list[HookPoint], pooling: Pooling) -> dict[str, torch.Tensor]:
         """One nnsight trace over the batch; each hook point pooled per example, in float32.
 
         Returns hook name -> ``[batch, width]`` (or ``[valid positions, width]`` for pooling ``none``).
+        ``pooling`` is a method for every hook point or a function choosing one per hook point.
         The trace stops after the last requested tensor, so later layers and the LM head do not run.
         """
-        saved = {}
+        methods = _methods(points, pooling)
+        saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
         options = {"remote": self.remote} if self.remote else {}
-        with torch.inference_mode(), self.traced.trace(**inputs.kwargs, **options) as tracer:
-            for point in sorted(points, key=lambda p: p.order):
-                envoy = self._envoys[point.module]
-                value = envoy.output if point.io == "output" else envoy.input
-                saved[point.name] = pool(value, point, inputs.masks.get(point.space), pooling).save()
+        with (
+            torch.inference_mode(),
+            self.adapter.batch_guard(self.model, inputs),
+            self.traced.trace(**inputs.kwargs, **options) as tracer,
+        ):
+            saved.update(self._request(points, inputs, methods))
             tracer.stop()
         return {name: tensor.detach() for name, tensor in saved.items()}
+
+    def _request(
+        self, points: list[HookPoint], inputs: ModelInputs, methods: dict[str, str]
+    ) -> dict[str, torch.Tensor]:
+        """Inside a trace: each hook point's pooled value, requested in execution order (as nnsight needs).
+
+        ``methods`` (hook name -> pooling) is plain data: a remote trace (NDIF) ships the trace's code and
+        what it refers to, and a function of a hookpoints module would make the server import that module.
+        """
+        saved = {}
+        for point in sorted(points, key=lambda p: p.order):
+            envoy = self._envoys[point.module]
+            value = envoy.output if point.io == "output" else envoy.input
+            saved[point.name] = pool(value, point, inputs.masks.get(point.space), methods[point.name]).save()
+        return saved
+
+    def pooled_per_step(
+        self,
+        inputs: ModelInputs,
+        prompt: torch.Tensor,
+        points: list[HookPoint],
+        pooling: str,
+        max_new_tokens: int,
+    ) -> tuple[dict[str, torch.Tensor], Generation]:
+        """Record with hooks at every step of ``generate`` (the reference the teacher-forced pass is tested on).
+
+        Decoder hooks keep each step's newest position (step 0: the prompt's last), pooled over the steps each
+        example took; other hooks (encoders, cross-attention keys and values: they run once, at step 0) are
+        pooled over their positions as in :meth:`pooled`.
+        """
+        ordered = sorted(points, key=lambda p: p.order)
+        once: dict[str, torch.Tensor] = {}
+        steps: dict[str, list[torch.Tensor]] = {p.name: [] for p in ordered if p.space == "decoder"}
+        collector = TokenCollector()
+        kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
+        with warnings.catch_warnings():
+            # A batch whose examples all stop early ends the step loop before max_new_tokens; nnsight warns.
+            warnings.simplefilter("ignore", UserWarning)
+            with (
+                torch.inference_mode(),
+                self.adapter.batch_guard(self.model, inputs),
+                self.traced.trace(fn="generate", **kwargs, **greedy_kwargs(max_new_tokens)) as tracer,
+            ):
+                for step in tracer.iter[:max_new_tokens]:
+                    for point in ordered:
+                        if point.space != "decoder" and step > 0:
+                            continue
+                        envoy = self._envoys[point.module]
+                        value = envoy.output if point.io == "output" else envoy.input
+                        if point.space == "decoder":
+                            newest = positions_first(value, point)[:, -1:, :].float()  # [batch, 1, width]
+                            steps[point.name].append(newest.save())
+                        else:
+                            once[point.name] = pool(value, point, inputs.masks.get(point.space), pooling).save()
+        generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
+        pooled = {name: tensor.detach() for name, tensor in once.items()}
+        for name, values in steps.items():
+            stacked = torch.cat(values, dim=1)  # [batch, steps, width]
+            pooled[name] = pool_positions(stacked, generation.step_mask, pooling)
+        return pooled, generation
+
+
+def _methods(points: list[HookPoint], pooling: Pooling) -> dict[str, str]:
+    """Hook name -> pooling method (``pooling`` is one method for all, or a function of the hook point)."""
+    return {point.name: pooling(point) if callable(pooling) else pooling for point in points}

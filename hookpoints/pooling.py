@@ -33,6 +33,11 @@ def pool(value, point: HookPoint, mask: torch.Tensor | None, method: str) -> tor
     x = positions_first(value, point).float()  # [batch, pos, width]
     if point.time_axis is None or mask is None:
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return pool_positions(x, mask, method)
+
+
+def pool_positions(x: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
+    """Pool ``x`` (``[batch, pos, width]``) over the positions where ``mask`` (``[batch, pos]``) is true."""
     valid = mask.to(x.device, torch.bool)  # [batch, pos]
     if x.shape[0] == 1:  # broadcast over the batch (position embeddings)
         x = x.expand(valid.shape[0], -1, -1)

@@ -5,15 +5,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import torch
 
 import hookpoints
-from hookpoints.manifest import Manifest
+from hookpoints.audio import inspect_audio, load_audio
+from hookpoints.manifest import Manifest, audio_path
 from hookpoints.model import HookedModel
 from hookpoints.points import HookPoint
 from hookpoints.pooling import POOLINGS
+from hookpoints.tasks import Task, get_task, source_languages, target_languages
 from store.catalog import Store
 from store.errors import UserError
 from store.runs import check_shard, in_shard
@@ -21,9 +24,16 @@ from store.writer import DEFAULT_BUFFER_BYTES, HookRows, open_run
 
 STORAGE_DTYPES = ("float32", "float16")
 
-#: Runs batches somewhere else (hookpoints.scale_out: a Ray actor pool): gets the example batches, the hook
-#: points and the pooling, yields each batch's examples with their rows (in any order).
-BatchRunner = Callable[[Iterable[pa.Table], list[HookPoint], str], Iterator[tuple[pa.Table, dict[str, HookRows]]]]
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+#: Columns generating tasks add to each example row (forward runs keep exactly the manifest's columns).
+GENERATION_COLUMNS = {
+    "task": pa.string(),
+    "tgt_lang": pa.string(),
+    "generated_text": pa.string(),
+    "generated_tokens": pa.int32(),
+}
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,38 @@ class RecordSummary:
     other_shards: int = 0  # examples of the manifest that other shards record
 
 
+@dataclass(frozen=True)
+class BatchJob:
+    """How to record a batch, besides the model, the hook points and the examples (a Ray actor gets it too)."""
+
+    task: str
+    pooling: str
+    per_step: bool = False  # decoder hooks keep one row per generation step
+    frames: int | None = None  # speech features fixed to this many frames
+    max_new_tokens: int = 128
+    tgt_lang: str | None = None
+    base: str = "."  # the manifest's folder: relative audio paths start there
+
+    def method(self, point: HookPoint) -> str:
+        """The pooling of one hook point (with per_step, decoder hooks keep every step)."""
+        return "none" if self.per_step and point.space == "decoder" else self.pooling
+
+
+#: Runs batches somewhere else (hookpoints.scale_out: a Ray actor pool): gets the example batches, the hook
+#: points and the job, yields each batch's examples with its hook rows and added columns (in any order).
+BatchRunner = Callable[
+    [Iterable[pa.Table], list[HookPoint], BatchJob], Iterator[tuple[pa.Table, dict[str, HookRows], dict[str, list]]]
+]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every example needs, checked before anything is written."""
+
+    task: Task
+    sizes: list[float]  # per manifest row: characters or seconds (batches group similar sizes)
+
+
 def record(
     model: HookedModel,
     manifest: Manifest,
@@ -48,6 +90,10 @@ def record(
     batch_size: int = 8,
     dtype: str = "float32",
     task: str = "forward",
+    tgt_lang: str | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    per_step: bool = False,
+    frames: int | None = None,
     if_exists: str = "error",
     max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     on_start: Callable[[int], None] | None = None,
@@ -60,6 +106,11 @@ def record(
     One nnsight trace per batch; each hook is pooled per example over its valid positions (``pooling``:
     mean, last, max, or none to keep every position). Batches are formed from examples of similar length,
     which gives the same values as batch size 1 (to float tolerance) with less padding.
+
+    ``task`` (forward, asr, s2tt, t2tt; see hookpoints.tasks): generating tasks decode greedily (at most
+    ``max_new_tokens``), save the text with the example, and pool decoder hooks over the generated tokens;
+    with ``per_step`` decoder hooks keep one row per generation step instead (``position`` = step).
+    ``frames`` fixes speech features to that many frames (truncation / masked zero-padding; the paper: 300).
     ``if_exists``: error, resume (record only what is missing) or overwrite. ``shard=(I, N)`` records only
     the examples of shard I of N (several processes can record one run side by side). ``run_batches`` runs
     the model somewhere else (hookpoints.scale_out); the rows are committed here either way.
@@ -72,10 +123,20 @@ def record(
         raise UserError(f"storage dtype must be float32 or float16, not {dtype!r}")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, not {batch_size}")
+    if max_new_tokens < 1:
+        raise UserError(f"max new tokens must be at least 1, not {max_new_tokens}")
+    if frames is not None and frames < 1:
+        raise UserError(f"frames must be at least 1, not {frames}")
     check_shard(shard)
+    plan = _plan(model, manifest, get_task(task), tgt_lang)
+    if per_step and not plan.task.generates:
+        raise UserError(f"per-step recording needs a generating task (asr, s2tt, t2tt), not {task}")
+    if frames is not None and model.modality != "speech":
+        raise UserError("frames applies to speech input; this run reads text")
     points = model.select(hooks)
     started = time.perf_counter()
-    settings = {"model": model.source, "task": task, "pooling": pooling, "dtype": dtype}
+    stored_pooling = f"{pooling}+steps" if per_step else pooling
+    settings = {"model": model.source, "task": task, "pooling": stored_pooling, "dtype": dtype}
     config = {
         "hooks": hooks or [],
         "batch_size": batch_size,
@@ -83,33 +144,43 @@ def record(
         "model_class": type(model.model).__name__,
         "adapter": model.adapter.name,
         "manifest": str(manifest.path),
+        "tgt_lang": tgt_lang,
+        "max_new_tokens": max_new_tokens if plan.task.generates else None,
+        "per_step": per_step,
+        "frames": frames,
         "versions": {"hookpoints": hookpoints.__version__, "torch": torch.__version__},
     }
+    added = _added_columns(manifest, plan.task)
+    schema = manifest.table.schema
+    for name, kind in added.items():
+        schema = schema.append(pa.field(name, kind))
     writer = open_run(
         store,
         run,
         settings=settings,
         config=config,
         hooks=[point.row() for point in points],
-        examples_schema=manifest.table.schema,
+        examples_schema=schema,
         if_exists=if_exists,
         shard=shard,
         max_buffer_bytes=max_buffer_bytes,
     )
     mine = [row for row, example in enumerate(manifest.ids) if in_shard(example, shard)]
     todo = [row for row in mine if manifest.ids[row] not in writer.done]
-    lengths = [len(text) for text in manifest.column("text")]
-    todo.sort(key=lambda row: lengths[row])  # similar lengths together: less padding
+    todo.sort(key=lambda row: plan.sizes[row])  # similar lengths together: less padding
+    job = BatchJob(task, pooling, per_step, frames, max_new_tokens, tgt_lang, str(manifest.base))
     batches = (manifest.table.take(todo[start : start + batch_size]) for start in range(0, len(todo), batch_size))
     if run_batches is None:
-        results = ((examples, _record_batch(model, examples, points, pooling)) for examples in batches)
+        results = ((examples, *record_batch(model, examples, points, job)) for examples in batches)
     else:
-        results = run_batches(batches, points, pooling)
+        results = run_batches(batches, points, job)
     if on_start:
         on_start(len(todo))
     try:
-        for examples, rows in results:
-            writer.add(examples, rows)
+        for examples, activations, columns in results:
+            for name, kind in added.items():
+                examples = examples.append_column(pa.field(name, kind), pa.array(columns[name], kind))
+            writer.add(examples, activations)
             if on_batch:
                 on_batch(examples.num_rows)
     except BaseException as error:
@@ -117,25 +188,108 @@ def record(
         raise
     writer.finish("complete")
     seconds = time.perf_counter() - started
-    skipped, others = len(mine) - len(todo), len(manifest) - len(mine)
-    return RecordSummary(run, len(todo), skipped, len(points), seconds, shard, others)
+    return RecordSummary(run, len(todo), len(mine) - len(todo), len(points), seconds, shard, len(manifest) - len(mine))
 
 
-def _record_batch(model: HookedModel, examples: pa.Table, points: list[HookPoint], pooling: str) -> dict[str, HookRows]:
+def _plan(model: HookedModel, manifest: Manifest, task: Task, tgt_lang: str | None) -> _Plan:
+    """Check the task against the model and every example's input; nothing is written before this passes."""
+    if task.name not in model.tasks:
+        raise UserError(
+            f"model {model.source} ({model.adapter.name}, {model.modality} input) cannot do task {task.name}; "
+            f"it can do: {', '.join(model.tasks)}"
+            + ("" if model.modality != "text" or task.modality != "speech" else " (task needs speech input)")
+        )
+    ids = manifest.ids
+    columns = manifest.table.column_names
+    if model.modality == "speech":
+        if "audio" not in columns:
+            raise UserError(f"{manifest.path} has no 'audio' column: speech input needs a WAV/FLAC path per example")
+        values = manifest.column("audio")
+        audio = []
+        for example, value in zip(ids, values, strict=True):
+            if not isinstance(value, str) or not value.strip():
+                raise UserError(f"example {example!r} has no audio file; give one or remove the example")
+            audio.append(manifest.audio_path(value))
+        sizes = [inspect_audio(path, example).seconds for path, example in zip(audio, ids, strict=True)]
+    else:
+        if "text" not in columns:
+            raise UserError(f"{manifest.path} has no 'text' column: text input needs one")
+        texts = manifest.column("text")
+        for example, text in zip(ids, texts, strict=True):
+            if not isinstance(text, str) or not text.strip():
+                raise UserError(f"example {example!r} has empty text; give it text or remove it")
+        sizes = [len(text) for text in texts]
+    languages = manifest.column("language") if "language" in columns else None
+    sources = source_languages(task, languages, ids) if task.needs_source_language else None
+    targets = target_languages(task, languages, tgt_lang, ids)
+    for kind, codes in (("source", sources), ("target", targets)):
+        for example, code in zip(ids, codes or [], strict=False):
+            if model.language_token(code) is None:
+                known = model.languages
+                listed = ", ".join(known[:12]) + (" ..." if len(known) > 12 else "")
+                raise UserError(
+                    f"example {example!r}: unknown {kind} language {code!r} for model {model.source}"
+                    + (f"; it knows: {listed}" if known else "")
+                )
+    return _Plan(task, sizes)
+
+
+def _added_columns(manifest: Manifest, task: Task) -> dict[str, pa.DataType]:
+    added = dict(GENERATION_COLUMNS) if task.generates else {}
+    clash = [name for name in added if name in manifest.table.column_names]
+    if clash:
+        raise UserError(
+            f"manifest column {clash[0]!r} is written by the recorder (task {task.name}): rename that column"
+        )
+    return added
+
+
+def record_batch(
+    model: HookedModel, examples: pa.Table, points: list[HookPoint], job: BatchJob
+) -> tuple[dict[str, HookRows], dict[str, list]]:
+    """One batch: inputs, generation if the task generates, one traced pass; the hooks' rows and new columns.
+
+    Everything is read from the batch's own columns (audio, text, language), so a Ray actor can run it too.
+    """
+    task = get_task(job.task)
     ids = examples["example_id"].to_pylist()
-    inputs = model.text_inputs(examples["text"].to_pylist())
-    pooled = model.pooled(inputs, points, pooling)
-    rows = {}
+    columns = examples.column_names
+    languages = examples["language"].to_pylist() if "language" in columns else None
+    if model.modality == "speech":
+        paths = [audio_path(Path(job.base), value) for value in examples["audio"].to_pylist()]
+        waveforms = [load_audio(path, example) for path, example in zip(paths, ids, strict=True)]
+        inputs = model.speech_inputs(waveforms, frames=job.frames)
+    elif task.needs_source_language:
+        inputs = model.source_inputs(examples["text"].to_pylist(), source_languages(task, languages, ids))
+    else:
+        inputs = model.text_inputs(examples["text"].to_pylist())
+    added: dict[str, list] = {}
+    step_offset = 0
+    if task.generates:
+        targets = target_languages(task, languages, job.tgt_lang, ids)
+        pooled, generation = model.pooled_generating(
+            inputs, model.decoder_prompt(targets), points, job.method, job.max_new_tokens
+        )
+        inputs = generation.teacher_forced(inputs)  # for its masks: decoder positions = generation steps
+        step_offset = generation.prompt_length - 1  # decoder position of step 0
+        added = {
+            "task": [task.name] * len(ids),
+            "tgt_lang": targets,
+            "generated_text": model.decode(generation),
+            "generated_tokens": generation.lengths.tolist(),
+        }
+    else:
+        pooled = model.pooled(inputs, points, job.method)
+    activations = {}
     for point in points:
         values = pooled[point.name].cpu().numpy()
-        if pooling != "none":
-            rows[point.name] = HookRows(ids, values)  # [batch, width]
-        elif point.time_axis is None:
-            rows[point.name] = HookRows(ids, values)  # one vector per example: no positions
-        else:
-            where = inputs.masks[point.space].nonzero().cpu().numpy()  # [valid positions, (example, position)]
-            rows[point.name] = HookRows([ids[i] for i in where[:, 0]], values, where[:, 1])
-    return rows
+        if job.method(point) != "none" or point.time_axis is None:
+            activations[point.name] = HookRows(ids, values)  # [batch, width]: one vector per example
+            continue
+        where = inputs.masks[point.space].nonzero().cpu().numpy()  # [valid positions, (example, position)]
+        positions = where[:, 1] - (step_offset if point.space == "decoder" else 0)
+        activations[point.name] = HookRows([ids[i] for i in where[:, 0]], values, positions)
+    return activations, added
 
 
 def _finish_quietly(writer, message: str) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from hookpoints.points import HookPoint
+from hookpoints.recorder import BatchJob, record_batch
 from store.errors import UserError
 from store.writer import HookRows
 
@@ -46,7 +47,7 @@ def ray_runner(
     if gpus_per_worker is None:
         gpus_per_worker = 1.0 if str(options.get("device", "cpu")).startswith("cuda") else 0.0
 
-    def run(batches: Iterable[pa.Table], points: list[HookPoint], pooling: str) -> Iterator:
+    def run(batches: Iterable[pa.Table], points: list[HookPoint], job: BatchJob) -> Iterator:
         pending = [batch for batch in batches if batch.num_rows]
         if not pending:
             return
@@ -63,7 +64,7 @@ def ray_runner(
                     "source": source,
                     "options": options,
                     "hooks": names,
-                    "pooling": pooling,
+                    "job": job,
                     "threads": threads,
                 },
                 batch_size=batch_size,
@@ -76,7 +77,7 @@ def ray_runner(
                 warnings.filterwarnings("ignore", module=r"ray\.")  # e.g. fewer blocks than actors
                 for out in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                     examples = todo.take([row_of[example] for example in out["example_id"].to_pylist()])
-                    yield examples, decode(out, names, widths)
+                    yield examples, *decode(out, names, widths)
         finally:
             if started:
                 ray.shutdown()
@@ -87,7 +88,7 @@ def ray_runner(
 class _Recorder:
     """A Ray actor: loads the model once, then records batches of examples (manifest rows)."""
 
-    def __init__(self, source: str, options: dict, hooks: list[str], pooling: str, threads: int):
+    def __init__(self, source: str, options: dict, hooks: list[str], job: BatchJob, threads: int):
         import torch
 
         from hookpoints.loading import load
@@ -96,17 +97,18 @@ class _Recorder:
         self.model = load(source, **options)
         by_name = {point.name: point for point in self.model.select(hooks)}
         self.points = [by_name[name] for name in hooks]
-        self.pooling = pooling
+        self.job = job
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from hookpoints.recorder import _record_batch
-
-        rows = _record_batch(self.model, batch, self.points, self.pooling)
-        return encode(batch["example_id"].to_pylist(), rows, [point.name for point in self.points])
+        rows, added = record_batch(self.model, batch, self.points, self.job)
+        return encode(batch["example_id"].to_pylist(), rows, [point.name for point in self.points], added)
 
 
-def encode(example_ids: list[str], rows: dict[str, HookRows], hooks: list[str]) -> pa.Table:
-    """One row per example: per hook ``i`` its vectors flattened (``h{i}``) and, if kept, positions (``p{i}``).
+def encode(
+    example_ids: list[str], rows: dict[str, HookRows], hooks: list[str], added: dict[str, list] | None = None
+) -> pa.Table:
+    """One row per example: per hook ``i`` its vectors flattened (``h{i}``) and, if kept, positions (``p{i}``),
+    plus the columns the task adds to the example (``c:{name}``: generated text ...).
 
     An example is the unit Ray may split blocks at, so every example arrives with all its hooks.
     """
@@ -124,11 +126,13 @@ def encode(example_ids: list[str], rows: dict[str, HookRows], hooks: list[str]) 
         if hook_rows.positions is not None:
             positions = hook_rows.positions[order].astype(np.int32)
             columns[f"p{i}"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(positions))
+    for name, values in (added or {}).items():
+        columns[f"c:{name}"] = pa.array(values)
     return pa.table(columns)
 
 
-def decode(batch: pa.Table, hooks: list[str], widths: list[int]) -> dict[str, HookRows]:
-    """The inverse of :func:`encode`: hook name -> its rows, as the writer takes them."""
+def decode(batch: pa.Table, hooks: list[str], widths: list[int]) -> tuple[dict[str, HookRows], dict[str, list]]:
+    """The inverse of :func:`encode`: hook name -> its rows (as the writer takes them), and the added columns."""
     example_ids = batch["example_id"].to_pylist()
     rows = {}
     for i, (hook, width) in enumerate(zip(hooks, widths, strict=True)):
@@ -140,7 +144,8 @@ def decode(batch: pa.Table, hooks: list[str], widths: list[int]) -> dict[str, Ho
         if f"p{i}" in batch.column_names:
             positions = np.asarray(batch[f"p{i}"].combine_chunks().flatten(), dtype=np.int32)
         rows[hook] = HookRows(ids, values, positions)
-    return rows
+    added = {name[2:]: batch[name].to_pylist() for name in batch.column_names if name.startswith("c:")}
+    return rows, added
 
 
 def _connect(workers: int, gpus_per_worker: float):

@@ -26,6 +26,10 @@ DEFAULT_TEXTS = [
 ]
 
 
+#: Whisper-style encoders take fixed windows: 2 x AUDIO_POSITIONS mel frames at 100 per second (5 s here).
+AUDIO_POSITIONS = 250
+
+
 def tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = 300) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``texts`` (works offline, any script)."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -89,7 +93,7 @@ def _config(family: str, vocab: int):
             encoder_ffn_dim=128,
             decoder_ffn_dim=128,
             num_mel_bins=80,
-            max_source_positions=50,
+            max_source_positions=AUDIO_POSITIONS,
             max_target_positions=64,
             decoder_start_token_id=2,
             **ids,
@@ -101,11 +105,16 @@ def _config(family: str, vocab: int):
             "encoder_attention_heads": 4,
             "encoder_ffn_dim": 128,
             "num_mel_bins": 80,
-            "max_source_positions": 50,
+            "max_source_positions": AUDIO_POSITIONS,
         }
         return tf.Qwen2AudioConfig(
             audio_config=audio, text_config={"model_type": "qwen2", **small}, audio_token_id=vocab - 1
         )
+    if family == "ultravox":
+        from hookpoints.models.ultravox import UltravoxConfig
+
+        whisper = _config("whisper", vocab).to_dict()
+        return UltravoxConfig(audio_config=whisper, text_config=_config("llama", vocab).to_dict(), hidden_size=128)
     if family == "seamless_m4t_v2":
         return tf.SeamlessM4Tv2Config(
             vocab_size=vocab,
@@ -141,24 +150,42 @@ def _config(family: str, vocab: int):
             t2u_variance_predictor_embed_dim=16,
             t2u_variance_predictor_hidden_dim=16,
             decoder_start_token_id=3,
+            # Larger than the default 0.02, so that greedy output differs between inputs (with the default,
+            # every input generates the same token): generation-time recording is then tested on real variety.
+            initializer_range=0.3,
             **ids,
         )
     raise ValueError(f"no tiny config for {family!r}")
 
 
-FAMILIES = ("gpt2", "llama", "qwen2", "bert", "whisper", "qwen2_audio", "seamless_m4t_v2")
+FAMILIES = ("gpt2", "llama", "qwen2", "bert", "whisper", "qwen2_audio", "ultravox", "seamless_m4t_v2")
 
 
-def build_tiny(family: str, directory: str | Path, *, seed: int = 0, texts: list[str] | None = None) -> Path:
-    """Build a seeded tiny ``family`` model and save it (with tokenizer / feature extractor) to ``directory``."""
+def build_tiny(
+    family: str,
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    texts: list[str] | None = None,
+    vocab_size: int = 300,
+    sizes: dict | None = None,
+) -> Path:
+    """Build a seeded tiny ``family`` model and save it (with tokenizer / feature extractor) to ``directory``.
+
+    The tokenizer is trained on ``texts`` (a few default sentences) up to ``vocab_size`` tokens; ``sizes``
+    overrides config attributes (e.g. ``hidden_size`` for benchmark-sized models).
+    """
     import transformers as tf
 
     from hookpoints.loading import quiet_transformers
+    from hookpoints.models.ultravox import UltravoxModel
 
     quiet_transformers()
     directory = Path(directory)
-    tokenizer = tiny_tokenizer(texts)
+    tokenizer = tiny_tokenizer(texts, vocab_size=vocab_size)
     config = _config(family, len(tokenizer))
+    for name, value in (sizes or {}).items():
+        setattr(config, name, value)
     classes = {
         "gpt2": tf.GPT2LMHeadModel,
         "llama": tf.LlamaForCausalLM,
@@ -166,14 +193,21 @@ def build_tiny(family: str, directory: str | Path, *, seed: int = 0, texts: list
         "bert": tf.BertModel,
         "whisper": tf.WhisperForConditionalGeneration,
         "qwen2_audio": tf.Qwen2AudioForConditionalGeneration,
+        "ultravox": UltravoxModel,
         "seamless_m4t_v2": tf.SeamlessM4Tv2Model,
     }
     torch.manual_seed(seed)
     model = classes[family](config).eval()
+    if family == "seamless_m4t_v2":  # as in the real checkpoint's generation_config.json
+        model.generation_config.text_decoder_lang_to_code_id = {
+            token.strip("_"): tokenizer.convert_tokens_to_ids(token) for token in LANGUAGE_TOKENS
+        }
+        model.generation_config._from_model_config = False  # else loading rebuilds it from the model config
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    if family in ("whisper", "qwen2_audio"):
-        tf.WhisperFeatureExtractor(feature_size=80).save_pretrained(directory)
+    if family in ("whisper", "qwen2_audio", "ultravox"):
+        window = 2 * AUDIO_POSITIONS // 100  # seconds
+        tf.WhisperFeatureExtractor(feature_size=80, chunk_length=window).save_pretrained(directory)
     if family == "seamless_m4t_v2":
         tf.SeamlessM4TFeatureExtractor().save_pretrained(directory)
     return directory

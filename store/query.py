@@ -61,6 +61,11 @@ class QuerySession:
             dataset = store.dataset(table)
             if table == "run_events":
                 self._f16_runs = "float16" in dataset.to_table(columns=["dtype"])["dtype"].to_pylist()
+            if table == "examples":
+                # Examples gain columns as runs arrive (schema merge). Filters pushed into the Arrow dataset
+                # count rows of files older than a column as valid for `IS NOT NULL` (pyarrow 26), so this
+                # small table (one row per example and run) is read whole and DuckDB filters it.
+                dataset = dataset.to_table()
             # Core tables sit behind the views below; analysis tables (scores, ...) are shown as they are.
             self.con.register(f"_{table}" if table in _CORE else table, dataset)
         self.con.execute(_F16_MACRO)

@@ -12,9 +12,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from hookpoints.tiny import build_tiny  # noqa: E402
 from store.catalog import Store  # noqa: E402
+
+# Tests run tiny models: intra-op threads only add overhead, and on a busy machine their spinning costs several
+# times the work.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +33,14 @@ def tiny_model_dir(tmp_path_factory):
         return built[family, seed]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The bundled corpus' first meaning in its 6 languages: text and espeak-ng speech manifests (made once)."""
+    from hookpoints.corpus import corpus_manifests
+
+    return corpus_manifests(tmp_path_factory.mktemp("corpus"), limit=1)
 
 
 @pytest.fixture

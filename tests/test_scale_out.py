@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from hookpoints.loading import load
 from hookpoints.manifest import read_manifest
-from hookpoints.recorder import _record_batch, record
+from hookpoints.recorder import BatchJob, record, record_batch
 from hookpoints.scale_out import decode, encode
 from store.catalog import Store
 from store.verify import verify
@@ -24,9 +24,12 @@ def test_encoding_for_ray_round_trips_every_position(gpt2_dir):
     model = load(gpt2_dir)
     points = model.select(HOOKS)
     examples = pa.table({"example_id": ["a", "b", "c"], "text": ["one", "two words here", "three words"]})
-    rows = _record_batch(model, examples, points, "none")  # every position kept
+    rows, added = record_batch(model, examples, points, BatchJob("forward", "none"))  # every position kept
+    assert added == {}
     names = [point.name for point in points]
-    decoded = decode(encode(["a", "b", "c"], rows, names), names, [point.width for point in points])
+    generated = {"generated_text": ["x", "y", "z"]}
+    decoded, columns = decode(encode(["a", "b", "c"], rows, names, generated), names, [p.width for p in points])
+    assert columns == generated
     for name in names:
         order = np.lexsort((rows[name].positions, [ord(e) for e in rows[name].example_ids]))
         assert decoded[name].example_ids == [rows[name].example_ids[i] for i in order]

@@ -8,9 +8,10 @@ from hookpoints.adapters.decoder_lm import GPT2, LLAMA
 from hookpoints.adapters.generic import GENERIC
 from hookpoints.adapters.qwen2_audio import QWEN2_AUDIO
 from hookpoints.adapters.seamless import SEAMLESS_M4T_V2
+from hookpoints.adapters.ultravox import ULTRAVOX
 from hookpoints.adapters.whisper import WHISPER
 
-ADAPTERS: tuple[Adapter, ...] = (SEAMLESS_M4T_V2, GPT2, LLAMA, BERT, WHISPER, QWEN2_AUDIO)
+ADAPTERS: tuple[Adapter, ...] = (SEAMLESS_M4T_V2, GPT2, LLAMA, BERT, WHISPER, QWEN2_AUDIO, ULTRAVOX)
 
 
 def adapter_for(model_type: str) -> Adapter:

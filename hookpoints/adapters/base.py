@@ -8,6 +8,7 @@ Everything else (widths, neuron axes, which positions a tensor indexes) is measu
 from __future__ import annotations
 
 import re
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +79,38 @@ class Adapter:
 
     def text_inputs(self, model: nn.Module, tokenizer, texts: list[str]) -> ModelInputs:
         raise NotImplementedError
+
+    # -- speech and tasks (overridden by families that take speech or generate) -------------------------
+
+    def tasks(self, config, modality: str) -> tuple[str, ...]:
+        """The tasks (hookpoints.tasks) this family runs on ``modality`` input; every model can do forward."""
+        return ("forward",)
+
+    def speech_inputs(
+        self, model: nn.Module, processor, tokenizer, waveforms: list, *, frames: int | None = None
+    ) -> ModelInputs:
+        """Inputs for 16 kHz ``waveforms``; ``frames`` fixes the feature frames by truncation / zero-padding."""
+        raise NotImplementedError
+
+    def source_inputs(self, model: nn.Module, tokenizer, texts: list[str], languages: list[str]) -> ModelInputs:
+        """Text inputs marked with their source language (model codes); plain text inputs by default."""
+        return self.text_inputs(model, tokenizer, texts)
+
+    def language_token(self, model: nn.Module, tokenizer, code: str) -> int | None:
+        """The token id that names language ``code`` (``deu``) for this model, or None if it has none."""
+        return None
+
+    def languages(self, model: nn.Module, tokenizer) -> list[str]:
+        """The language codes the model can be told (for error messages); none by default."""
+        return []
+
+    def decoder_prompt(self, model: nn.Module, tokenizer, targets: list[str]) -> torch.Tensor:
+        """``[batch, prompt]`` decoder token ids that start generation into each target language."""
+        raise NotImplementedError
+
+    def batch_guard(self, model: nn.Module, inputs: ModelInputs) -> AbstractContextManager:
+        """Held around every forward pass of a padded batch: fixes that keep padding out of the values."""
+        return nullcontext()
 
     # -- naming -----------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from transformers import Qwen2AudioForConditionalGeneration
 
 from hookpoints.adapters.base import Adapter, Single, Stack, random_ids, token_batch
 from hookpoints.adapters.decoder_lm import LLAMA_BLOCK
-from hookpoints.adapters.whisper import ENCODER_LAYER
+from hookpoints.adapters.whisper import ENCODER_LAYER, lengths_mask, window_features
 from hookpoints.inputs import ModelInputs
 
 
@@ -44,8 +44,8 @@ class Qwen2Audio(Adapter):
             {
                 "input": mask.bool(),
                 "audio": feature_mask.bool(),
-                "audio_encoder": _lengths_mask(encoder_lengths, frames // 2),
-                "audio_tokens": _lengths_mask(token_lengths, n_audio),
+                "audio_encoder": lengths_mask(encoder_lengths, frames // 2),
+                "audio_tokens": lengths_mask(token_lengths, n_audio),
             },
         )
 
@@ -53,9 +53,42 @@ class Qwen2Audio(Adapter):
         ids, mask = token_batch(tokenizer, texts, max_length=model.config.text_config.max_position_embeddings)
         return ModelInputs({"input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})
 
+    def speech_inputs(self, model, processor, tokenizer, waveforms, *, frames=None):
+        """A speech prompt: the audio's tokens (wrapped in ``<|audio_bos|>``/``<|audio_eos|>`` when the
+        tokenizer has them), as Qwen2-Audio's processor expands ``<|AUDIO|>``; right-padded."""
+        features, frame_mask = window_features(processor, waveforms, frames)
+        tower = model.model.audio_tower
+        encoder_lengths, token_lengths = tower._get_feat_extract_output_lengths(frame_mask.sum(-1))
+        ids, mask = audio_prompts(tokenizer, token_lengths.tolist(), model.config.audio_token_id)
+        window = features.shape[-1]
+        return ModelInputs(
+            {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "input_features": features,
+                "feature_attention_mask": frame_mask.long(),
+            },
+            {
+                "input": mask.bool(),
+                "audio": frame_mask,
+                "audio_encoder": lengths_mask(encoder_lengths, window // 2),
+                "audio_tokens": lengths_mask(token_lengths, (window // 2 - 2) // 2 + 1),
+            },
+        )
 
-def _lengths_mask(lengths: torch.Tensor, total: int) -> torch.Tensor:
-    return torch.arange(total)[None, :] < lengths[:, None]  # [batch, total]
+
+def audio_prompts(tokenizer, counts: list[int], audio_token: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[batch, tokens]`` ids and mask: per example ``counts[i]`` audio tokens, wrapped when possible."""
+    wrap = [tokenizer.convert_tokens_to_ids(t) for t in ("<|audio_bos|>", "<|audio_eos|>")]
+    wrap = wrap if all(isinstance(t, int) and t != tokenizer.unk_token_id for t in wrap) else None
+    rows = [([wrap[0]] if wrap else []) + [audio_token] * n + ([wrap[1]] if wrap else []) for n in counts]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
 
 
 QWEN2_AUDIO = Qwen2Audio(

@@ -10,11 +10,14 @@ output. The Conformer conv module is ``[batch, channels, time]``: its neurons ar
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from transformers import SeamlessM4Tv2ForSpeechToText, SeamlessM4Tv2ForTextToText
 
 from hookpoints.adapters.base import Adapter, Point, Stack, random_ids, token_batch
-from hookpoints.inputs import ModelInputs
+from hookpoints.features import seamless_features
+from hookpoints.inputs import ModelInputs, fixed_frames
 
 SPEECH_ENCODER_SUBMODULES = (
     "ffn1_layer_norm",
@@ -99,6 +102,96 @@ class Seamless(Adapter):
             {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder},
             {"input": mask.bool(), "decoder": torch.ones(decoder.shape, dtype=torch.bool)},
         )
+
+    def tasks(self, config, modality):
+        return ("forward", "asr", "s2tt") if modality == "speech" else ("forward", "t2tt")
+
+    def speech_inputs(self, model, processor, tokenizer, waveforms, *, frames=None):
+        """160-dim stacked fbank frames (50 per second) from the checkpoint's SeamlessM4TFeatureExtractor."""
+        batch = seamless_features(processor, waveforms)  # the extractor's output, computed faster
+        features, mask = fixed_frames(batch["input_features"], batch["attention_mask"], frames, time_axis=1)
+        decoder = torch.full((len(waveforms), 1), model.config.decoder_start_token_id)
+        inputs = self._speech(model, features, mask, decoder)
+        # The frames each utterance has alone: 25 ms fbank frames every 10 ms, stacked in pairs; an odd last
+        # frame is stacked with padding and masked, but it is still there (and the length adaptor reads it).
+        fbank = torch.tensor([1 + (len(wave) - 400) // 160 for wave in waveforms])
+        present = (fbank + 1) // 2
+        inputs.extras["frames"] = present if frames is None else present.clamp(max=frames)
+        return inputs
+
+    def source_inputs(self, model, tokenizer, texts, languages):
+        """``__src__ text </s>``: the text encoder's input as SeamlessM4T's tokenizer builds it for src_lang."""
+        rows = []
+        for text, code in zip(texts, languages, strict=True):
+            body = tokenizer(text, add_special_tokens=False)["input_ids"]
+            rows.append([self.language_token(model, tokenizer, code), *body, tokenizer.eos_token_id])
+        rows = [row[: model.config.max_position_embeddings] for row in rows]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        decoder = torch.full((len(texts), 1), model.config.decoder_start_token_id)
+        return ModelInputs(
+            {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder},
+            {"input": mask.bool(), "decoder": torch.ones(decoder.shape, dtype=torch.bool)},
+        )
+
+    def language_token(self, model, tokenizer, code):
+        mapping = getattr(model.generation_config, "text_decoder_lang_to_code_id", None) or {}
+        if code in mapping:
+            return int(mapping[code])
+        if tokenizer is None:
+            return None
+        token = tokenizer.convert_tokens_to_ids(f"__{code}__")
+        return None if token is None or token == tokenizer.unk_token_id else int(token)
+
+    def languages(self, model, tokenizer):
+        mapping = getattr(model.generation_config, "text_decoder_lang_to_code_id", None) or {}
+        if mapping:
+            return sorted(mapping)
+        tokens = getattr(tokenizer, "additional_special_tokens", None) or []
+        return sorted(t.strip("_") for t in tokens if len(t) > 4 and t.startswith("__") and t.endswith("__"))
+
+    def decoder_prompt(self, model, tokenizer, targets):
+        """``</s> __tgt__``: what ``generate(tgt_lang=...)`` starts the text decoder with."""
+        start = model.config.decoder_start_token_id
+        return torch.tensor([[start, self.language_token(model, tokenizer, code)] for code in targets])
+
+    @contextmanager
+    def batch_guard(self, model, inputs):
+        """Zero padded frames before the length adaptor's strided convolutions.
+
+        The adaptor's convolutions (kernel 8, stride 8) read past a short example's last frame: alone, they
+        read zero padding; in a padded batch they read the encoder's outputs at padding frames, which changes
+        the example's last encoder positions (by about 1e-2 in a tiny model). Zeroing the frames an example
+        does not have alone (``extras["frames"]``) makes a padded batch give what each example gives alone.
+        """
+        adapter = getattr(getattr(model, "speech_encoder", None), "adapter", None)
+        present = inputs.extras.get("frames")  # [batch]
+        width = inputs.kwargs["input_features"].shape[1] if "input_features" in inputs.kwargs else 0
+        if adapter is None or present is None or bool((present == width).all()):
+            yield
+            return
+        handles = []
+        valid = torch.arange(width, device=present.device)[None, :] < present[:, None]  # [batch, frames]
+        for layer in adapter.layers:
+
+            def zero_padding(module, args, valid=valid):
+                x = args[0]  # [batch, channels, time]
+                return (x * valid[:, None, : x.shape[-1]].to(x.dtype),)
+
+            handles.append(layer.residual_conv.register_forward_pre_hook(zero_padding))
+            handles.append(layer.self_attn_conv.register_forward_pre_hook(zero_padding))
+            lengths = layer._compute_sub_sample_lengths_from_attention_mask(valid).long()
+            full = int(layer._compute_sub_sample_lengths_from_attention_mask(torch.ones_like(valid[:1]))[0])
+            valid = torch.arange(full, device=valid.device)[None, :] < lengths[:, None]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _speech(self, model, features, mask, decoder) -> ModelInputs:
         """Speech inputs; the encoder space is the adaptor's subsampled frames."""

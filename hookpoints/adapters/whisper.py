@@ -13,6 +13,7 @@ from transformers import WhisperForConditionalGeneration
 
 from hookpoints.adapters.base import Adapter, Point, Single, Stack
 from hookpoints.inputs import ModelInputs
+from store.errors import UserError
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 ENCODER_LAYER = (
@@ -55,6 +56,39 @@ class Whisper(Adapter):
                 "decoder": torch.ones(decoder.shape, dtype=torch.bool),
             },
         )
+
+    def speech_inputs(self, model, processor, tokenizer, waveforms, *, frames=None):
+        features, frame_mask = window_features(processor, waveforms, frames)
+        decoder = torch.full((len(waveforms), 1), model.config.decoder_start_token_id)
+        encoder_lengths = (frame_mask.sum(1) - 1) // 2 + 1  # conv2: kernel 3, stride 2, padding 1
+        return ModelInputs(
+            {"input_features": features, "decoder_input_ids": decoder},
+            {
+                "input": frame_mask,
+                "encoder": lengths_mask(encoder_lengths, features.shape[-1] // 2),
+                "decoder": torch.ones(decoder.shape, dtype=torch.bool),
+            },
+        )
+
+
+def window_features(processor, waveforms, frames: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mel features in the extractor's fixed window (``[batch, mels, window]``) and the real frames' mask.
+
+    Whisper-style encoders always read the whole window (30 s in the real models): the silence after an
+    utterance is part of the input, but the mask keeps it out of pooling.
+    """
+    if frames is not None:
+        raise UserError(
+            "--frames applies to models that read variable-length speech (SeamlessM4T); Whisper-style encoders "
+            "read a fixed window: drop --frames"
+        )
+    batch = processor(waveforms, sampling_rate=16_000, return_tensors="pt", return_attention_mask=True)
+    return batch["input_features"], batch["attention_mask"].bool()
+
+
+def lengths_mask(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """``[batch, total]``: true at the first ``lengths[i]`` positions of row ``i``."""
+    return torch.arange(total)[None, :] < lengths[:, None]
 
 
 WHISPER = Whisper(

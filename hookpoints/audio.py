@@ -1,0 +1,100 @@
+"""Reading speech: mono WAV/FLAC files, checked, resampled to the 16 kHz every supported model expects.
+
+Problems are :class:`UserError` s that name the example and say what to fix. :func:`inspect_audio` reads only
+the header (cheap: the recorder checks every file before it writes anything); :func:`load_audio` reads the
+samples and resamples them with a polyphase filter (``scipy.signal.resample_poly``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+import soundfile
+from scipy.signal import resample_poly
+
+from store.errors import UserError
+
+SAMPLE_RATE = 16_000
+#: Below this, speech has lost the bands models listen to; upsampling cannot bring them back.
+MIN_SAMPLE_RATE = 8_000
+#: Shorter recordings give no feature frame (fbank windows are 25 ms).
+MIN_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a file's header says."""
+
+    path: Path
+    sample_rate: int
+    channels: int
+    frames: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def inspect_audio(path: str | Path, example_id: str) -> AudioInfo:
+    """Check that ``path`` is a readable mono recording at a usable sample rate, from its header."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"example {example_id!r}: audio file {path} does not exist; fix the manifest's audio column "
+            "(paths are relative to the manifest)"
+        )
+    try:
+        info = soundfile.info(str(path))
+    except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
+        raise UserError(
+            f"example {example_id!r}: cannot read audio file {path} ({_one_line(error)}); give a WAV or FLAC file"
+        ) from None
+    found = AudioInfo(path, int(info.samplerate), int(info.channels), int(info.frames))
+    if found.channels != 1:
+        raise UserError(
+            f"example {example_id!r}: audio file {path} has {found.channels} channels; give mono audio "
+            f"(e.g. `sox {path.name} -c 1 mono.wav`)"
+        )
+    if found.sample_rate < MIN_SAMPLE_RATE:
+        raise UserError(
+            f"example {example_id!r}: audio file {path} is sampled at {found.sample_rate} Hz; speech models need "
+            f"at least {MIN_SAMPLE_RATE} Hz (16000 Hz is best): export it again at 16 kHz"
+        )
+    if found.frames == 0:
+        raise UserError(f"example {example_id!r}: audio file {path} holds no samples; remove the example or fix it")
+    if found.seconds < MIN_SECONDS:
+        raise UserError(
+            f"example {example_id!r}: audio file {path} lasts {found.seconds * 1000:.0f} ms; speech models need at "
+            f"least {MIN_SECONDS * 1000:.0f} ms: remove the example"
+        )
+    return found
+
+
+def load_audio(path: str | Path, example_id: str) -> np.ndarray:
+    """The recording as float32 samples in [-1, 1] at 16 kHz (``[samples]``)."""
+    info = inspect_audio(path, example_id)
+    try:
+        samples, rate = soundfile.read(str(info.path), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
+        raise UserError(
+            f"example {example_id!r}: cannot decode audio file {info.path} ({_one_line(error)}); "
+            "the file is damaged: export it again"
+        ) from None
+    if samples.shape[0] == 0:
+        raise UserError(f"example {example_id!r}: audio file {info.path} holds no samples; fix or remove it")
+    return resample(samples[:, 0], rate)
+
+
+def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    """``samples`` at ``rate`` Hz resampled to ``target`` Hz (22,050 -> 16,000 is up 320, down 441)."""
+    if rate == target:
+        return np.ascontiguousarray(samples, dtype=np.float32)
+    divisor = gcd(rate, target)
+    return resample_poly(samples, target // divisor, rate // divisor).astype(np.float32)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:200]

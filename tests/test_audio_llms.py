@@ -1,0 +1,165 @@
+"""Audio LLMs (Qwen2-Audio; Ultravox = Whisper encoder + projector + LLaMA) and Whisper on speech and text.
+
+Per-layer outputs (``blocks.{l}.hook_resid_post``) pooled by ``last`` and ``mean``, as in the LALM paper, are
+checked against plain torch hooks on the language model's layers with inputs built the way each model's own
+processor builds them, one example at a time.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperForConditionalGeneration
+
+from hookpoints.loading import load
+from hookpoints.models.ultravox import UltravoxConfig, UltravoxModel
+from store.catalog import Store
+
+
+def speech(corpus, count: int = 4) -> list[tuple[str, np.ndarray]]:
+    rows = [json.loads(line) for line in corpus.speech.read_text().splitlines()][:count]
+    return [(r["id"], soundfile.read(str(corpus.speech.parent / r["audio"]), dtype="float32")[0]) for r in rows]
+
+
+def layer_outputs(model, layers: str, kwargs: dict, valid: torch.Tensor) -> dict[str, dict[int, torch.Tensor]]:
+    """Every LM layer's output for one example: last valid position and mean over valid positions."""
+    modules = dict(model.named_modules())
+    seen = {}
+    handles = [
+        modules[f"{layers}.{i}"].register_forward_hook(
+            lambda m, a, out, i=i: seen.__setitem__(i, out if isinstance(out, torch.Tensor) else out[0])
+        )
+        for i in range(len(modules[layers]))
+    ]
+    try:
+        with torch.inference_mode():
+            model(**kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        "last": {i: x[valid].reshape(-1, x.shape[-1])[-1] for i, x in seen.items()},
+        "mean": {i: x[valid].reshape(-1, x.shape[-1]).mean(0) for i, x in seen.items()},
+    }
+
+
+def recorded(run_cli, model_dir, manifest, tmp_path, pooling: str, modality: str) -> dict[tuple[str, int], list]:
+    store = tmp_path / f"store-{pooling}-{modality}"
+    code, _, err = run_cli(
+        "record", "--model", str(model_dir), "--data", str(manifest), "--store", str(store), "--run", "r",
+        "--modality", modality, "--pooling", pooling, "--batch-size", "4", "--hooks", "blocks.*.hook_resid_post",
+    )  # fmt: skip
+    assert code == 0, err
+    with Store.open(store).query() as session:
+        rows = session.sql(
+            "SELECT a.example_id, h.layer, a.activation FROM activations a JOIN hooks h USING (run, hook)"
+        ).to_pylist()
+    return {(r["example_id"], r["layer"]): r["activation"] for r in rows}
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_qwen2_audio_layer_outputs_on_speech_and_text(run_cli, tiny_model_dir, corpus, tmp_path, pooling):
+    model_dir = tiny_model_dir("qwen2_audio")
+    hooked = load(model_dir, modality="speech")
+    model, processor = hooked.model, hooked.processor
+    stored = recorded(run_cli, model_dir, corpus.speech, tmp_path, pooling, "speech")
+    for example, samples in speech(corpus):
+        features = processor(samples, sampling_rate=16_000, return_tensors="pt", return_attention_mask=True)
+        _, tokens = model.model.audio_tower._get_feat_extract_output_lengths(features["attention_mask"].sum(-1))
+        ids = torch.full((1, int(tokens)), model.config.audio_token_id)  # what the processor expands <|AUDIO|> to
+        kwargs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "input_features": features["input_features"],
+            "feature_attention_mask": features["attention_mask"],
+        }
+        expected = layer_outputs(model, "model.language_model.layers", kwargs, torch.ones_like(ids, dtype=torch.bool))
+        for layer, vector in expected[pooling].items():
+            torch.testing.assert_close(torch.tensor(stored[example, layer]), vector, atol=2e-5, rtol=1e-4)
+
+    stored = recorded(run_cli, model_dir, corpus.text, tmp_path, pooling, "text")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for row in [json.loads(line) for line in corpus.text.read_text().splitlines()][:3]:
+        ids = tokenizer(row["text"], return_tensors="pt")["input_ids"]
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        expected = layer_outputs(model, "model.language_model.layers", kwargs, torch.ones_like(ids, dtype=torch.bool))
+        for layer, vector in expected[pooling].items():
+            torch.testing.assert_close(torch.tensor(stored[row["id"], layer]), vector, atol=2e-5, rtol=1e-4)
+
+
+def test_ultravox_layer_outputs_on_speech(run_cli, tiny_model_dir, corpus, tmp_path):
+    model_dir = tiny_model_dir("ultravox")
+    hooked = load(model_dir, modality="speech")
+    model, processor = hooked.model, hooked.processor
+    stored = recorded(run_cli, model_dir, corpus.speech, tmp_path, "last", "speech")
+    for example, samples in speech(corpus):
+        features = processor(samples, sampling_rate=16_000, return_tensors="pt", padding="longest")["input_features"]
+        frames = features.shape[-1]
+        tokens = -(-((frames - 1) // 2 + 1) // model.config.stack_factor)  # ceil(encoder positions / stack)
+        ids = torch.tensor([[hooked.tokenizer.eos_token_id] * tokens])
+        kwargs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "audio_values": features,
+            "audio_lens": torch.tensor([frames]),
+            "audio_token_start_idx": torch.tensor([0]),
+            "audio_token_len": torch.tensor([tokens]),
+        }
+        expected = layer_outputs(model, "language_model.model.layers", kwargs, torch.ones_like(ids, dtype=torch.bool))
+        for layer, vector in expected["last"].items():
+            torch.testing.assert_close(torch.tensor(stored[example, layer]), vector, atol=2e-5, rtol=1e-4)
+
+
+def test_ultravox_projector_and_batching(tiny_model_dir, corpus):
+    """The projector stacks 8 encoder positions per audio token; padded batches give batch-size-1 values."""
+    hooked = load(tiny_model_dir("ultravox"), modality="speech")
+    points = hooked.select(["audio_encoder.layers.*.hook_resid_post", "audio_projector.*", "blocks.*.hook_resid_post"])
+    assert {p.space for p in points} == {"audio_encoder", "audio_tokens", "input"}
+    waves = [samples for _, samples in speech(corpus, 5)]
+    batched = hooked.pooled(hooked.speech_inputs(waves), points, "mean")
+    for i, wave in enumerate(waves):
+        alone = hooked.pooled(hooked.speech_inputs([wave]), points, "mean")
+        for name, value in alone.items():
+            torch.testing.assert_close(batched[name][i], value[0], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_ultravox_loads_like_the_hub_checkpoints(tiny_model_dir, tmp_path):
+    """A checkpoint holding only the projector takes the encoder and the LM from audio_model_id / text_model_id."""
+    whisper_dir, llama_dir = tiny_model_dir("whisper"), tiny_model_dir("llama")
+    whisper = WhisperForConditionalGeneration.from_pretrained(whisper_dir)
+    llama = AutoModelForCausalLM.from_pretrained(llama_dir)
+    config = UltravoxConfig(
+        audio_config=whisper.config.to_dict(),
+        text_config=llama.config.to_dict(),
+        audio_model_id=str(whisper_dir),
+        text_model_id=str(llama_dir),
+        hidden_size=128,
+    )
+    full = UltravoxModel(config)
+    projector = {f"multi_modal_projector.{k}": v for k, v in full.multi_modal_projector.state_dict().items()}
+    full.save_pretrained(tmp_path / "ultravox", state_dict=projector)
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(tmp_path / "ultravox")
+
+    loaded = load(tmp_path / "ultravox", modality="text").model
+    for name, value in whisper.model.encoder.state_dict().items():
+        assert torch.equal(loaded.audio_tower.state_dict()[name], value), name
+    for name, value in llama.state_dict().items():
+        assert torch.equal(loaded.language_model.state_dict()[name], value), name
+    for name, value in full.multi_modal_projector.state_dict().items():
+        assert torch.equal(loaded.multi_modal_projector.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("family", ["whisper", "qwen2_audio"])
+def test_whisper_style_batches_equal_batch_size_one(tiny_model_dir, corpus, family):
+    hooked = load(tiny_model_dir(family), modality="speech")
+    points = hooked.select()
+    waves = [samples for _, samples in speech(corpus, 4)]
+    batched = hooked.pooled(hooked.speech_inputs(waves), points, "mean")
+    for i, wave in enumerate(waves):
+        alone = hooked.pooled(hooked.speech_inputs([wave]), points, "mean")
+        for name, value in alone.items():
+            torch.testing.assert_close(batched[name][i], value[0], atol=2e-5, rtol=1e-4, msg=name)

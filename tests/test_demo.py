@@ -1,0 +1,60 @@
+"""``hookpoints demo --limit 1``: every stage runs end to end on the bundled corpus and fills the store."""
+
+from __future__ import annotations
+
+from store.catalog import Store
+
+
+def test_demo_runs_end_to_end(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOOKPOINTS_CACHE", str(tmp_path / "cache"))
+    store = tmp_path / "demo-store"
+    code, out, err = run_cli("demo", "--store", str(store), "--limit", "1")
+    assert code == 0, err
+    with Store.open(store).query() as session:
+        runs = session.sql("SELECT run, task, status FROM runs ORDER BY run").to_pylist()
+        examples = session.sql(
+            "SELECT run, modality, count(*) AS n FROM examples GROUP BY ALL ORDER BY run"
+        ).to_pylist()
+        components = session.sql(
+            "SELECT run, component, count(DISTINCT submodule) - 1 AS n FROM hooks "
+            "WHERE component IS NOT NULL AND run LIKE 'seamless-%' GROUP BY ALL ORDER BY ALL"
+        ).to_pylist()
+        texts = session.sql("SELECT count(*) AS n FROM examples WHERE generated_text IS NOT NULL").to_pylist()
+    assert runs == [
+        {"run": "minilm-paraphrases", "task": "forward", "status": "complete"},
+        {"run": "minilm-text", "task": "forward", "status": "complete"},
+        {"run": "seamless-asr", "task": "asr", "status": "complete"},
+        {"run": "seamless-s2tt", "task": "s2tt", "status": "complete"},
+        {"run": "seamless-t2tt", "task": "t2tt", "status": "complete"},
+    ]
+    assert examples == [
+        {"run": "minilm-paraphrases", "modality": None, "n": 52},
+        {"run": "minilm-text", "modality": "text", "n": 6},
+        {"run": "seamless-asr", "modality": "speech", "n": 12},
+        {"run": "seamless-s2tt", "modality": "speech", "n": 12},
+        {"run": "seamless-t2tt", "modality": "text", "n": 6},
+    ]
+    # Table 1: 17 speech encoder, 8 text encoder and 13 decoder components (plus each layer's output)
+    assert {(c["run"], c["component"]): c["n"] for c in components} == {
+        ("seamless-asr", "speech_encoder"): 17,
+        ("seamless-asr", "text_decoder"): 13,
+        ("seamless-s2tt", "speech_encoder"): 17,
+        ("seamless-s2tt", "text_decoder"): 13,
+        ("seamless-t2tt", "text_encoder"): 8,
+        ("seamless-t2tt", "text_decoder"): 13,
+    }
+    assert texts == [{"n": 30}]
+    flat = " ".join(out.split())
+    for title in (
+        "what the store holds",
+        "Generated text (greedy)",
+        "Shared decoder, speech vs text input",
+        "Representation spaces: a trained encoder on paraphrase pairs",
+    ):
+        assert title in flat
+    assert "Your turn: hookpoints sql --store" in flat
+
+
+def test_demo_bad_limit(run_cli, tmp_path):
+    code, _, err = run_cli("demo", "--store", str(tmp_path / "s"), "--limit", "0")
+    assert code == 2 and "--limit must be at least 1" in err

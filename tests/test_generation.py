@@ -1,0 +1,188 @@
+"""Generation-time recording: one teacher-forced pass equals hooks at every step of ``generate``.
+
+Two references: hookpoints' own per-step recording through nnsight (``HookedModel.pooled_per_step``), and
+plain torch forward hooks on the decoder modules during ``model.generate`` (no nnsight), one example at a
+time, against what ``hookpoints record`` wrote to the store.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hookpoints.loading import load
+from store.catalog import Store
+
+STEPS = 8
+
+
+def waveforms(count: int, seed: int = 0) -> list[np.ndarray]:
+    """Speech-like test signals (a gliding tone in noise), 0.6 to 2.2 s: a batch with padding."""
+    rng = np.random.default_rng(seed)
+    waves = []
+    for i in range(count):
+        n = int(16_000 * (0.6 + 1.6 * i / max(1, count - 1)))
+        t = np.arange(n) / 16_000
+        glide = np.sin(2 * np.pi * (150 + 60 * i) * t * (1 + t))
+        waves.append((0.3 * glide + 0.05 * rng.standard_normal(n)).astype(np.float32))
+    return waves
+
+
+@pytest.fixture(scope="module")
+def speech_model(tiny_model_dir):
+    return load(tiny_model_dir("seamless_m4t_v2"), modality="speech")
+
+
+@pytest.fixture(scope="module")
+def text_model(tiny_model_dir):
+    return load(tiny_model_dir("seamless_m4t_v2"), modality="text")
+
+
+def early_stopping(model, inputs, prompt, monkeypatch) -> None:
+    """Make EOS a token that some examples generate and others never: lengths then differ."""
+    new = model.generate(inputs, prompt, STEPS).sequences[:, prompt.shape[1] :]  # [batch, steps]
+    candidates = []
+    for token in new.unique().tolist():
+        found = (new == token).any(1)
+        if 0 < int(found.sum()) < new.shape[0]:
+            first = int((new == token).int().argmax(1)[found].max())  # the latest first appearance
+            candidates.append((first, -int(found.sum()), token))
+    assert candidates, "every example generates the same tokens: choose other inputs"
+    monkeypatch.setattr(model.model.generation_config, "eos_token_id", max(candidates)[2])
+
+
+def assert_pooled_equal(ours: dict, reference: dict) -> None:
+    assert ours.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("modality", ["speech", "text"])
+def test_teacher_forced_pass_equals_per_step_recording(speech_model, text_model, modality, monkeypatch):
+    if modality == "speech":
+        model = speech_model
+        inputs = model.speech_inputs(waveforms(5, seed=1))
+    else:
+        model = text_model
+        texts = ["Das Wetter ist schön.", "Hoy hace buen tiempo y vamos a la playa.", "今天天气很好。", "Bonjour"]
+        inputs = model.source_inputs(texts, ["deu", "spa", "cmn", "fra"])
+    prompt = model.decoder_prompt(["eng"] * inputs.batch_size)
+    early_stopping(model, inputs, prompt, monkeypatch)
+    points = model.select()  # every Table 1 component of the encoder(s) and the decoder
+    assert any(p.submodule == "cross_attention.k_proj" for p in points)  # runs at step 0 only (KV cache)
+    assert sum(p.space == "decoder" for p in points) >= 20
+
+    # what the recorder does: encoder once, generate from its output, one teacher-forced decoder pass
+    ours, generation = model.pooled_generating(inputs, prompt, points, "mean", STEPS)
+    lengths = generation.lengths.tolist()
+    assert min(lengths) < STEPS and max(lengths) == STEPS, lengths  # some stopped early, some did not
+    # reference: hooks at every step of generate (encoder hooks and cross-attention keys/values at step 0)
+    reference, stepped = model.pooled_per_step(inputs, prompt, points, "mean", STEPS)
+    assert torch.equal(stepped.sequences, generation.sequences)
+    assert_pooled_equal(ours, reference)
+    # every step kept: the teacher-forced rows at the step positions are the per-step rows (so any pooling
+    # of them agrees too: pooling is one function of these rows and the step mask)
+    decoder = [p for p in points if p.space == "decoder"]
+    ours, _ = model.pooled_generating(inputs, prompt, decoder, "none", STEPS)
+    reference, _ = model.pooled_per_step(inputs, prompt, decoder, "none", STEPS)
+    assert_pooled_equal(ours, reference)
+    assert reference[decoder[0].name].shape[0] == sum(lengths)
+    # and the teacher-forced pass over the whole model (encoder run again) agrees as well
+    assert_pooled_equal(model.pooled(generation.teacher_forced(inputs), decoder, "none"), reference)
+
+
+def plain_hook_reference(model, waveform: np.ndarray, modules: list[str], steps: int) -> dict[str, torch.Tensor]:
+    """Decoder modules' outputs at every step of plain ``generate`` (torch hooks, batch size 1), mean-pooled."""
+    inner = model.model
+    batch = model.processor([waveform], sampling_rate=16_000, return_tensors="pt")
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    lookup = dict(inner.named_modules())
+    handles = [
+        lookup[name].register_forward_hook(lambda m, a, out, name=name: seen[name].append(out[0, -1].clone()))
+        for name in modules
+    ]
+    try:
+        with torch.inference_mode():
+            sequences = inner.generate(
+                input_features=batch["input_features"],
+                attention_mask=batch["attention_mask"],
+                tgt_lang="eng",
+                max_new_tokens=steps,
+                do_sample=False,
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    new = sequences[0, 2:].tolist()
+    eos = inner.generation_config.eos_token_id
+    used = new.index(eos) + 1 if eos in new else len(new)
+    return {name: torch.stack(values[:used]).mean(0) for name, values in seen.items()}, used
+
+
+def test_recorded_decoder_values_match_plain_hooks_during_generate(tiny_model_dir, tmp_path, write_manifest, run_cli):
+    """hookpoints record (batched, teacher-forced) -> SQL == torch hooks during HF generate, one example at a time."""
+    import soundfile
+
+    rows = []
+    for i, wave in enumerate(waveforms(4, seed=1)):
+        soundfile.write(tmp_path / f"u{i}.wav", wave, 16_000, subtype="FLOAT")
+        rows.append({"id": f"u{i}", "audio": f"u{i}.wav", "language": "de"})
+    manifest = write_manifest(rows)
+    hooks = ["text_decoder.layers.*.ffn.fc1", "text_decoder.layers.*.self_attn.v_proj"]
+    code, _, err = run_cli(
+        "record", "--model", str(tiny_model_dir("seamless_m4t_v2")), "--data", str(manifest),
+        "--store", str(tmp_path / "store"), "--run", "s2tt", "--task", "s2tt", "--max-new-tokens", str(STEPS),
+        "--batch-size", "4", *[arg for hook in hooks for arg in ("--hooks", hook)],
+    )  # fmt: skip
+    assert code == 0, err
+    code, out, err = run_cli(
+        "sql", "--store", str(tmp_path / "store"), "--format", "json",
+        "SELECT a.example_id, h.module, a.activation, e.generated_tokens FROM activations a "
+        "JOIN hooks h USING (run, hook) JOIN examples e USING (run, example_id) WHERE a.run = 's2tt'",
+    )  # fmt: skip
+    assert code == 0, err
+    stored = json.loads(out)
+    assert len(stored) == 4 * 4
+    model = load(tiny_model_dir("seamless_m4t_v2"), modality="speech")
+    modules = sorted({row["module"] for row in stored})
+    for i, wave in enumerate(waveforms(4, seed=1)):
+        reference, used = plain_hook_reference(model, wave, modules, STEPS)
+        for row in (r for r in stored if r["example_id"] == f"u{i}"):
+            assert row["generated_tokens"] == used
+            expected = reference[row["module"]].flatten()
+            torch.testing.assert_close(torch.tensor(row["activation"]), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_per_step_option_stores_one_row_per_generation_step(tiny_model_dir, tmp_path, write_manifest, run_cli):
+    texts = {"de": "Das Wetter ist heute sehr schön.", "fr": "Il fait beau.", "ja": "今日はいい天気です。"}
+    manifest = write_manifest([{"id": lang, "text": text, "language": lang} for lang, text in texts.items()])
+    store_path = str(tmp_path / "store")
+    code, _, err = run_cli(
+        "record", "--model", str(tiny_model_dir("seamless_m4t_v2")), "--data", str(manifest), "--store", store_path,
+        "--run", "steps", "--task", "t2tt", "--per-step", "--max-new-tokens", "5",
+        "--hooks", "text_decoder.layers.1.ffn.fc2", "--hooks", "text_encoder.layers.0.ffn.fc1",
+    )  # fmt: skip
+    assert code == 0, err
+    store = Store.open(store_path)
+    with store.query() as session:
+        runs = session.sql("SELECT pooling FROM runs").to_pylist()
+        rows = session.sql(
+            "SELECT a.example_id, a.hook, a.position, a.activation, e.generated_tokens FROM activations a "
+            "JOIN examples e USING (run, example_id) ORDER BY a.hook, a.example_id, a.position"
+        ).to_pylist()
+    assert runs == [{"pooling": "mean+steps"}]
+    model = load(tiny_model_dir("seamless_m4t_v2"), modality="text")
+    points = model.select(["text_decoder.layers.1.ffn.fc2", "text_encoder.layers.0.ffn.fc1"])
+    for example, text in texts.items():
+        inputs = model.source_inputs([text], [{"de": "deu", "fr": "fra", "ja": "jpn"}[example]])
+        reference, generation = model.pooled_per_step(inputs, model.decoder_prompt(["eng"]), points, "none", 5)
+        decoder = [r for r in rows if r["example_id"] == example and r["hook"].startswith("text_decoder")]
+        assert [r["position"] for r in decoder] == list(range(int(generation.lengths[0])))
+        assert decoder[0]["generated_tokens"] == len(decoder)
+        stored = torch.tensor([r["activation"] for r in decoder])
+        torch.testing.assert_close(stored, reference[points[1].name], atol=2e-5, rtol=1e-4)
+        encoder = [r for r in rows if r["example_id"] == example and r["hook"].startswith("text_encoder")]
+        assert len(encoder) == 1 and encoder[0]["position"] is None  # encoder hooks stay pooled (mean)
