@@ -172,6 +172,25 @@ class Adapter:
         return None, None, None
 
 
+class TokenAdapter(Adapter):
+    """Families fed token ids (decoder-only LMs, BERT encoders): probed with random ids, record tokenised text."""
+
+    def probe_inputs(self, model):
+        ids = random_ids(model, 2, 11)
+        mask = ids.new_ones(ids.shape)
+        return ModelInputs({"input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})
+
+    def text_inputs(self, model, tokenizer, texts):
+        ids, mask = token_batch(tokenizer, texts, max_length=max_positions(model))
+        return ModelInputs({"input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest input the (text) model takes, from its config."""
+    config = model.config.get_text_config()
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def _module_alias(module: str, io: str, part: tuple[int, int] | None) -> tuple[str, ...]:
     if part is not None:
         return ()

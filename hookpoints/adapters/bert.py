@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from transformers import AutoModel
 
-from hookpoints.adapters.base import Adapter, Point, Single, Stack, random_ids, token_batch
-from hookpoints.inputs import ModelInputs
+from hookpoints.adapters.base import Point, Single, Stack, TokenAdapter
 
 BERT_BLOCK = (
     Point("hook_resid_pre", "", io="input"),
@@ -29,18 +28,9 @@ BERT_BLOCK = (
 )
 
 
-class Encoder(Adapter):
+class Encoder(TokenAdapter):
     def model_class(self, config, modality):
         return AutoModel
-
-    def probe_inputs(self, model):
-        ids = random_ids(model, 2, 11)
-        mask = ids.new_ones(ids.shape)
-        return ModelInputs({"input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})
-
-    def text_inputs(self, model, tokenizer, texts):
-        ids, mask = token_batch(tokenizer, texts, max_length=model.config.max_position_embeddings)
-        return ModelInputs({"input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})
 
 
 BERT = Encoder(

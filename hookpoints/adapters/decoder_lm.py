@@ -11,27 +11,12 @@ from __future__ import annotations
 
 from transformers import AutoModelForCausalLM
 
-from hookpoints.adapters.base import Adapter, Point, Single, Stack, random_ids, token_batch
-from hookpoints.inputs import ModelInputs
+from hookpoints.adapters.base import Point, Single, Stack, TokenAdapter
 
 
-class DecoderLM(Adapter):
+class DecoderLM(TokenAdapter):
     def model_class(self, config, modality):
         return AutoModelForCausalLM
-
-    def probe_inputs(self, model):
-        ids = random_ids(model, 2, 11)
-        mask = ids.new_ones(ids.shape)
-        return ModelInputs({"input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})
-
-    def text_inputs(self, model, tokenizer, texts):
-        ids, mask = token_batch(tokenizer, texts, max_length=_max_positions(model))
-        return ModelInputs({"input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})
-
-
-def _max_positions(model) -> int | None:
-    config = model.config.get_text_config()
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 GPT2_BLOCK = (
