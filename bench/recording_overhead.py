@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,25 +90,25 @@ def overhead(directory: Path, scratch: Path) -> dict:
         return pooled
 
     store = Store.open(scratch / "overhead-store", create=True)
-    ids_list = [f"x{i}" for i in range(BATCH)]
-    import pyarrow as pa
-
-    examples = pa.table({"example_id": ids_list})
     writer = open_run(
         store,
         "bench",
         settings={"model": "gpt2-6x256", "task": "forward", "pooling": "mean", "dtype": "float32"},
         config={},
         hooks=[p.row() for p in points],
-        examples_schema=examples.schema,
+        examples_schema=pa.schema([("example_id", pa.string())]),
     )
 
     def hookpoints_pooled():
         return model.pooled(inputs, points, "mean")
 
-    def add_batch():
+    counter = iter(range(10**9))
+
+    def add_batch():  # fresh example ids every batch: the writer drops examples it already holds
         pooled = model.pooled(inputs, points, "mean")
-        writer.add(examples, {name: HookRows(ids_list, value.numpy()) for name, value in pooled.items()})
+        ids = [f"x{next(counter)}" for _ in range(BATCH)]
+        batch = pa.table({"example_id": ids})
+        writer.add(batch, {name: HookRows(ids, value.numpy()) for name, value in pooled.items()})
 
     batch_bytes = BATCH * sum(p.width for p in points) * 4
     batches_per_commit = -(-writer.max_buffer_bytes // batch_bytes)
@@ -153,14 +154,14 @@ def bytes_per_value(directory: Path, scratch: Path) -> dict:
     from hookpoints.manifest import read_manifest
     from hookpoints.recorder import record
 
-    rows = [{"id": f"x{i}", "text": f"sentence number {i} about the weather"} for i in range(64)]
+    rows = [{"id": f"x{i}", "text": f"sentence number {i} about the weather"} for i in range(1024)]
     path = scratch / "manifest.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = load(directory)
     result = {}
     for dtype in ("float32", "float16"):
         store = Store.open(scratch / f"bytes-{dtype}", create=True)
-        record(model, read_manifest(path), store, "r", dtype=dtype, batch_size=16)
+        record(model, read_manifest(path), store, "r", dtype=dtype, batch_size=32)
         files = list((scratch / f"bytes-{dtype}" / "activations").rglob("*.parquet"))
         size = sum(f.stat().st_size for f in files)
         values = len(rows) * sum(p.width for p in model.select())
