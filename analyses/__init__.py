@@ -1,2 +1,3 @@
 """analyses."""
+
 from .ap import average_precision as average_precision

@@ -95,8 +95,7 @@ def _as_bool_matrix(a, name: str, n: int) -> np.ndarray:
         raise ValueError(f"{name} must be [sets, examples]; got an array of shape {a.shape}")
     if a.shape[1] != n:
         raise ValueError(
-            f"{name} has {a.shape[1]} examples per set but scores have {n} examples (rows); "
-            "pass one entry per example"
+            f"{name} has {a.shape[1]} examples per set but scores have {n} examples (rows); pass one entry per example"
         )
     if a.dtype != bool:
         if not (np.issubdtype(a.dtype, np.integer) and np.isin(a, (0, 1)).all()):
@@ -129,9 +128,7 @@ class LabelSetPlan:
             if am.shape[0] == 1 and n_sets > 1:
                 am = np.broadcast_to(am, ls.shape)
             if am.shape[0] != n_sets:
-                raise ValueError(
-                    f"among has {am.shape[0]} sets but label_sets has {n_sets}; pass one mask per set"
-                )
+                raise ValueError(f"among has {am.shape[0]} sets but label_sets has {n_sets}; pass one mask per set")
         self.n_examples = n
         self.n_sets = n_sets
 
@@ -142,9 +139,7 @@ class LabelSetPlan:
             where = f"label set {s}" if n_sets > 1 else "labels"
             scope = "" if am is None else f" among the {n_in} examples of its 'among' mask"
             if n_pos == 0:
-                raise ValueError(
-                    f"{where} has no positive examples{scope}; AP is undefined - give it >= 1 True"
-                )
+                raise ValueError(f"{where} has no positive examples{scope}; AP is undefined - give it >= 1 True")
             if n_pos == n_in:
                 raise ValueError(
                     f"{where} has no negative examples{scope} (all {n_in} positive); "
