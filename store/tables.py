@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 from deltalake import DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
@@ -46,7 +47,15 @@ def open_table(location: StoreLocation, table: str) -> DeltaTable:
 
 
 def dataset(location: StoreLocation, table: str) -> pads.Dataset:
-    """The table's current version as an Arrow dataset (DuckDB scans it with filter/projection pushdown)."""
+    """The table's current version as an Arrow dataset (DuckDB scans it with filter/projection pushdown).
+
+    Local tables are read through Arrow's native file system. Delta's default (a Python file system handler
+    that Arrow's I/O threads call back into) costs the GIL on every read, and a scan abandoned half-way
+    (``LIMIT``) left those threads calling into a finalising interpreter at exit: the process crashed or hung.
+    """
+    if location.is_local:
+        filesystem = pafs.SubTreeFileSystem(location.table_uri(table), pafs.LocalFileSystem())
+        return open_table(location, table).to_pyarrow_dataset(filesystem=filesystem)
     return open_table(location, table).to_pyarrow_dataset()
 
 
@@ -75,6 +84,36 @@ def append(location: StoreLocation, spec: TableSpec, data: pa.Table, *, merge_sc
             writer_properties=_writer_properties(),
         )
     )
+
+
+def replace(
+    location: StoreLocation,
+    spec: TableSpec,
+    data: Callable[[], pa.RecordBatchReader | pa.Table],
+    predicate: str,
+) -> None:
+    """Replace the rows matching a Delta ``predicate`` with ``data()`` in one atomic commit.
+
+    Readers see the old rows or the new ones, never a mix, and a failed write changes nothing. Every new row
+    must match ``predicate``. ``data`` is called again when a concurrent commit forces a retry (a reader can be
+    consumed only once).
+    """
+    _retrying(
+        lambda: write_deltalake(
+            location.table_uri(spec.name),
+            data(),
+            partition_by=list(spec.partition_by) or None,
+            mode="overwrite",
+            predicate=predicate,
+            storage_options=location.storage_options,
+            writer_properties=_writer_properties(),
+        )
+    )
+
+
+def sql_string(value: str) -> str:
+    """``value`` as a single-quoted SQL string literal (for Delta predicates)."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def delete(location: StoreLocation, table: str, predicate: str) -> None:
