@@ -125,7 +125,7 @@ def activation_gini(
     per_layer: dict[tuple[str, int], list[np.ndarray]] = {}
     for hook in layered:
         for part in neuron_slices(hook.width, len(examples), memory_bytes):
-            x = reader.read(hook, part)  # [examples, neurons]
+            x = reader.read(hook, part, reuse=True)  # [examples, neurons]
             if not np.isfinite(x).all():
                 raise UserError(
                     f"hook {hook.hook} holds NaN or infinite activations: leave it out with --hooks, or record "

@@ -202,7 +202,7 @@ def rank(
     for hook in job.hooks:
         for part in neuron_slices(hook.width, n, memory_bytes):
             t0 = time.perf_counter()
-            x = reader.read(hook, part)  # [examples, neurons of the slice]
+            x = reader.read(hook, part, reuse=True)  # [examples, neurons of the slice]
             t1, c1 = time.perf_counter(), _cpu()
             try:
                 ap[:, offset + part.start : offset + part.stop] = plan.score(x, threads=threads)

@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analyses.selection import Overlap, panel_of, panel_order  # noqa: E402
 
@@ -69,6 +70,7 @@ def distribution_figure(counts: pa.Table, component: str, k: int, title: str) ->
             ax.set_ylabel("Neuron count")
             if layers:
                 ax.set_xticks(layers if len(layers) <= 12 else layers[:: max(1, len(layers) // 12)])
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(axis="y", alpha=0.3)
         for col in range(2):
             axes[row][col].set_ylim(0, max(1, peak) * 1.08)
