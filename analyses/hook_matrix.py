@@ -133,22 +133,19 @@ class HookMatrixReader:
         self.examples = examples
         self.dataset = store.dataset("activations")  # one consistent version for every hook
         self._lookup = {run: examples.ids(run) for run in examples.group.runs}
-        self._buffer = np.empty(0, np.float32)
 
-    def read(self, hook: HookInfo, neurons: slice | None = None, *, reuse: bool = False) -> np.ndarray:
+    def read(self, hook: HookInfo, neurons: slice | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
         """``[examples, neurons]`` float32, row i = example i of the set (every example must be there).
 
-        ``reuse``: fill one buffer kept across calls (no fresh pages to fault in per hook); the matrix is then
-        only valid until the next ``read``.
+        ``out``: a flat float32 buffer to fill (reused across hooks: no fresh pages to fault in); the matrix is
+        a view of it.
         """
         j0, j1, _ = (neurons or slice(0, hook.width)).indices(hook.width)
         shape = (len(self.examples), j1 - j0)
-        if reuse:
-            if self._buffer.size < shape[0] * shape[1]:
-                self._buffer = np.empty(shape[0] * shape[1], np.float32)
-            out = self._buffer[: shape[0] * shape[1]].reshape(shape)  # [examples, neurons]
+        if out is None:
+            out = np.empty(shape, np.float32)  # [examples, neurons]
         else:
-            out = np.empty(shape, np.float32)
+            out = out[: shape[0] * shape[1]].reshape(shape)
         filled = np.zeros(len(self.examples), np.int32)  # vectors seen per example
         for run in self.examples.group.runs:
             start, stop = self.examples.offsets[run]

@@ -87,7 +87,7 @@ def check_name(name: str) -> str:
 
 def slug(text: str, limit: int = 100) -> str:
     """A label-set-name-safe version of ``text`` (``language = 'de'`` -> ``language_de``)."""
-    cleaned = re.sub(r"[^A-Za-z0-9.=+-]+", "_", text.lower()).strip("_.=+-")
+    cleaned = re.sub(r"[^A-Za-z0-9.+-]+", "_", text.lower()).strip("_.+-")
     return (cleaned or "x")[:limit].rstrip("_")
 
 

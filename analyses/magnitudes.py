@@ -63,7 +63,7 @@ def layer_magnitudes(
         raise UserError("none of the chosen hook points belongs to a layer: pick layer hook points with --hooks")
     runs = ", ".join(sql_literal(run) for run in examples.group.runs)
     names = ", ".join(sql_literal(h.hook) for h in layered)
-    value = "list_avg(list_transform(a.activation, x -> abs(x)))" if absolute else "list_avg(a.activation)"
+    value = "list_avg(list_transform(a.activation, lambda x: abs(x)))" if absolute else "list_avg(a.activation)"
     groups = ", ".join(f"e.{quote_name(c)}" for c in by)
     where = "" if examples.where is None else f" AND ({examples.where})"
     sql = f"""
@@ -123,9 +123,12 @@ def activation_gini(
     onehot[groups.index, np.arange(len(examples))] = 1.0
     onehot /= onehot.sum(axis=1, keepdims=True)
     per_layer: dict[tuple[str, int], list[np.ndarray]] = {}
+    buffer = np.empty(0, np.float32)
     for hook in layered:
         for part in neuron_slices(hook.width, len(examples), memory_bytes):
-            x = reader.read(hook, part, reuse=True)  # [examples, neurons]
+            if buffer.size < len(examples) * (part.stop - part.start):
+                buffer = np.empty(len(examples) * (part.stop - part.start), np.float32)
+            x = reader.read(hook, part, out=buffer)  # [examples, neurons]
             if not np.isfinite(x).all():
                 raise UserError(
                     f"hook {hook.hook} holds NaN or infinite activations: leave it out with --hooks, or record "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -35,7 +36,7 @@ from store.schema import TableSpec
 from store.tables import sql_string
 
 DEFAULT_KS = (500, 1000, 2500, 5000)
-DEFAULT_MEMORY_BYTES = 2 * 2**30  # for one hook's (slice's) float32 matrix
+DEFAULT_MEMORY_BYTES = 2 * 2**30  # for the two hook matrices (or neuron slices) in memory at a time
 
 SCORES_SCHEMA = pa.schema(
     [
@@ -195,15 +196,35 @@ def rank(
     ap = np.empty((n_sets, job.n_neurons), np.float64)  # [sets, neurons]
     neuron_hook = np.repeat(np.arange(len(job.hooks), dtype=np.int32), [h.width for h in job.hooks])
     neuron_index = np.concatenate([np.arange(h.width, dtype=np.int32) for h in job.hooks])
-    timings = {"read_s": 0.0, "kernel_s": 0.0, "kernel_cpu_s": 0.0}
+    timings = {"read_s": 0.0, "read_wait_s": 0.0, "kernel_s": 0.0, "kernel_cpu_s": 0.0}
     if on_start:
         on_start(job.n_neurons)
+    # (hook, first neuron of the hook in `ap`, neuron slice); two slices are in memory at a time
+    tasks = []
     offset = 0
     for hook in job.hooks:
-        for part in neuron_slices(hook.width, n, memory_bytes):
+        tasks += [(hook, offset, part) for part in neuron_slices(hook.width, n, memory_bytes // 2)]
+        offset += hook.width
+    size = max(n * (part.stop - part.start) for _, _, part in tasks)
+    buffers = [np.empty(size, np.float32) for _ in range(min(2, len(tasks)))]
+
+    def load(i: int) -> np.ndarray:
+        hook, _, part = tasks[i]
+        t0 = time.perf_counter()
+        x = reader.read(hook, part, out=buffers[i % 2])  # [examples, neurons of the slice]
+        timings["read_s"] += time.perf_counter() - t0
+        return x
+
+    # the next slice is read (Arrow decodes with the GIL released) while the kernel scores this one
+    with ThreadPoolExecutor(max_workers=1) as prefetch:
+        pending = prefetch.submit(load, 0)
+        for i, (hook, offset, part) in enumerate(tasks):
             t0 = time.perf_counter()
-            x = reader.read(hook, part, reuse=True)  # [examples, neurons of the slice]
+            x = pending.result()
             t1, c1 = time.perf_counter(), _cpu()
+            timings["read_wait_s"] += t1 - t0
+            if i + 1 < len(tasks):
+                pending = prefetch.submit(load, i + 1)
             try:
                 ap[:, offset + part.start : offset + part.stop] = plan.score(x, threads=threads)
             except ValueError as error:
@@ -214,13 +235,10 @@ def rank(
                     f"({str(error).split(' values in ')[-1].split(';')[0]}, neurons counted from {part.start}): "
                     "leave the hook out with --hooks, or record the run again"
                 ) from None
-            timings["read_s"] += t1 - t0
             timings["kernel_s"] += time.perf_counter() - t1
             timings["kernel_cpu_s"] += _cpu() - c1
-            del x
             if on_progress:
                 on_progress(part.stop - part.start)
-        offset += hook.width
     t0 = time.perf_counter()
     top_rank, bottom_rank = _ranks(ap, neuron_hook, [h.component for h in job.hooks])
     timings["rank_s"] = time.perf_counter() - t0

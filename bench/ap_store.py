@@ -63,17 +63,31 @@ def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-class LoadSampler:
-    """Samples the 1-minute load average every few seconds (the machine is shared)."""
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
-    def __init__(self, every: float = 5.0):
+
+class LoadSampler:
+    """Samples the 1-minute load average and this process's resident memory (peak per phase)."""
+
+    def __init__(self, every: float = 0.5):
         self.samples: list[float] = []
+        self.peak_rss: dict[str, float] = {}
+        self.phase = "start"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
 
     def _run(self, every: float) -> None:
+        ticks = 0
         while not self._stop.wait(every):
-            self.samples.append(os.getloadavg()[0])
+            rss = rss_mb()
+            self.peak_rss[self.phase] = max(self.peak_rss.get(self.phase, 0.0), rss)
+            ticks += 1
+            if ticks % 10 == 0:
+                self.samples.append(os.getloadavg()[0])
 
     def __enter__(self):
         self._thread.start()
@@ -84,7 +98,8 @@ class LoadSampler:
 
     def summary(self) -> dict:
         s = self.samples or [os.getloadavg()[0]]
-        return {"load_min": min(s), "load_mean": float(np.mean(s)), "load_max": max(s)}
+        peaks = {f"peak_rss_mb_{phase}": round(mb) for phase, mb in self.peak_rss.items()}
+        return {"load_min": min(s), "load_mean": float(np.mean(s)), "load_max": max(s), **peaks}
 
 
 def hooks(layers: int) -> list[dict]:
@@ -196,8 +211,11 @@ def rank(args) -> dict:
     load_start = load()
     with LoadSampler() as sampler:
         t0, c0 = time.perf_counter(), cpu_s()
+        u0, s0 = os.times().user, os.times().system
+        sampler.phase = "plan"
         job = plan_ranking(store, [RUN], presets=["all"], ks=(500, 1000, 2500, 5000))
         plan_s = time.perf_counter() - t0
+        sampler.phase = "rank"
         done = [0]
 
         def progress(n: int) -> None:
@@ -208,6 +226,7 @@ def rank(args) -> dict:
 
         ranking = rank(store, job, memory_bytes=int(args.memory_gb * 2**30), threads=args.threads, on_progress=progress)
         t1 = time.perf_counter()
+        sampler.phase = "write_scores"
         write_scores(store, ranking)
         write_s = time.perf_counter() - t1
         wall, cpu = time.perf_counter() - t0, cpu_s() - c0
@@ -215,7 +234,8 @@ def rank(args) -> dict:
         "neurons": job.n_neurons,
         "examples": len(job.examples),
         "label_sets": len(job.masks.label_sets),
-        "families": None,
+        "cpu_user_s": os.times().user - u0,
+        "cpu_sys_s": os.times().system - s0,
         "wall_s": wall,
         "cpu_s": cpu,
         "plan_s": plan_s,

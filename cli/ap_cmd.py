@@ -117,9 +117,9 @@ def command(
         write_scores(store, ranking)
     t = ranking.timings
     out.print(
-        f"scored in {t['read_s'] + t['kernel_s']:.1f} s (reading {t['read_s']:.1f} s, "
-        f"AP kernel {t['kernel_s']:.1f} s); "
-        f"{len(job.masks.label_sets) * job.n_neurons:,} rows in table [bold]scores[/bold] (run = '{job.group.key}')"
+        f"scored in {t['read_wait_s'] + t['kernel_s']:.1f} s (AP kernel {t['kernel_s']:.1f} s, waiting for reads "
+        f"{t['read_wait_s']:.1f} s); {len(job.masks.label_sets) * job.n_neurons:,} rows in table [bold]scores[/bold] "
+        f"(run = '{job.group.key}')"
     )
     names = [ls.name for ls in job.masks.label_sets]
     report(store, job.group.key, names, report_k, plots_dir)
@@ -227,12 +227,12 @@ def report_modality_overlaps(session, run: str, label_sets: list[str], k: int, p
             result = overlap(session, (run, by_modality[first]), (run, by_modality[second]), component, k, side)
             languages = [name.split("/")[-1] for name in result.rows]
             columns = [name.split("/")[-1] for name in result.columns]
+            out.print(f"[bold]{component}: neurons shared by {side}-{k} unimodal language sets, {first} vs {second}")
             render(
                 [
                     {f"{first} \\ {second}": language, **{c: int(v) for c, v in zip(columns, counts, strict=True)}}
                     for language, counts in zip(languages, result.counts, strict=True)
-                ],
-                title=f"{component}: neurons shared by {side}-{k} unimodal language sets, {first} vs {second}",
+                ]
             )
             if plots_dir is not None:
                 from cli.selectivity_plots import overlap_figure, safe, save
@@ -242,16 +242,21 @@ def report_modality_overlaps(session, run: str, label_sets: list[str], k: int, p
     return paths
 
 
-def demo_stage(store, run: str, plots_dir: Path, *, ks: tuple[int, ...] = (50, 100)) -> list[Path]:
-    """The demo's selectivity stage: unimodal language-specific neurons of ``run``, a summary and figures."""
+def demo_stage(store, runs: list[str], plots_dir: Path, *, ks: tuple[int, ...] = (20, 50)) -> list[Path]:
+    """The demo's selectivity stage: language-specific neurons of ``runs`` (all four settings when the runs hold
+    both modalities, else the unimodal one), a summary and figures in ``plots_dir``."""
+    from analyses.examples import open_runs, select_examples
     from analyses.ranking import plan_ranking, rank, write_scores
 
-    job = plan_ranking(store, [run], presets=["unimodal"], ks=ks)
-    with counting(f"AP ranking of {run} (neurons)") as (on_start, on_progress):
+    with store.query() as session:
+        modalities = select_examples(session, open_runs(session, runs)).values(session, "modality") or []
+    presets = ["all"] if len(modalities) > 1 else ["unimodal"]
+    job = plan_ranking(store, runs, presets=presets, ks=ks)
+    with counting(f"AP ranking of {job.group.key} (neurons)") as (on_start, on_progress):
         ranking = rank(store, job, on_start=on_start, on_progress=on_progress)
     write_scores(store, ranking)
     out.print(
-        f"  ranked {job.n_neurons:,} neurons of {run} against {len(job.masks.label_sets)} languages "
-        f"({len(job.examples)} examples) into table scores"
+        f"  ranked {job.n_neurons:,} neurons of {job.group.key} ({len(job.examples)} examples) against "
+        f"{len(job.masks.label_sets)} label sets (preset {presets[0]}) into table scores"
     )
     return report(store, job.group.key, [ls.name for ls in job.masks.label_sets], min(ks), plots_dir)

@@ -105,4 +105,8 @@ def command(store_path: str, model: str | None) -> None:
             out.rule(title, style="dim")
             out.print(f"[dim]{sql}[/dim]", highlight=False)
             render(session.sql(sql))
+    from cli.ap_cmd import demo_stage
+
+    out.rule("[bold]Language-specific neurons: AP ranking (hookpoints ap)")
+    demo_stage(store, [SEAMLESS_RUN], Path(f"{store_path.rstrip('/')}-plots"))
     out.print(f'\nYour turn: hookpoints sql --store {store_path} "SELECT * FROM hooks LIMIT 5"')

@@ -74,13 +74,14 @@ def command(
         for component in [c for c in shared if not components or c in components]:
             for chosen in ("bottom", "top") if side == "both" else (side,):
                 result = overlap_matrix(session, (run, rows), (columns_run, columns), component, k, chosen)
+                if fmt == "table":
+                    out.print(f"[bold]{component}: neurons shared by {chosen}-{k} selections")
                 render(
                     [
                         {"rows \\ columns": name, **{c: int(v) for c, v in zip(columns, counts, strict=True)}}
                         for name, counts in zip(rows, result.counts, strict=True)
                     ],
                     fmt,
-                    title=f"{component}: neurons shared by {chosen}-{k} selections",
                 )
                 if plots_dir is not None:
                     from cli.selectivity_plots import overlap_figure, safe, save
