@@ -36,6 +36,7 @@ from store.schema import TableSpec
 from store.tables import sql_string
 
 DEFAULT_KS = (500, 1000, 2500, 5000)
+WRITE_BATCH_ROWS = 8192
 DEFAULT_MEMORY_BYTES = 2 * 2**30  # for the two hook matrices (or neuron slices) in memory at a time
 
 SCORES_SCHEMA = pa.schema(
@@ -269,7 +270,7 @@ def _ranks(ap: np.ndarray, neuron_hook: np.ndarray, hook_components: list[str]) 
 
 
 def score_batches(ranking: Ranking, computed_at: datetime | None = None) -> Iterator[pa.RecordBatch]:
-    """The ranking as ``scores`` rows, one record batch per label set."""
+    """The ranking as ``scores`` rows, label set by label set, in batches of ``WRITE_BATCH_ROWS``."""
     job = ranking.job
     computed_at = computed_at or datetime.now(UTC)
     n = job.n_neurons
@@ -312,7 +313,9 @@ def score_batches(ranking: Ranking, computed_at: datetime | None = None) -> Iter
             "group_size": size_col,
             "computed_at": pa.repeat(pa.scalar(computed_at, pa.timestamp("us", tz="UTC")), n),
         }
-        yield pa.record_batch([columns[f.name].cast(f.type) for f in SCORES_SCHEMA], schema=SCORES_SCHEMA)
+        batch = pa.record_batch([columns[f.name].cast(f.type) for f in SCORES_SCHEMA], schema=SCORES_SCHEMA)
+        for start in range(0, n, WRITE_BATCH_ROWS):  # Delta's writer buffers less of small batches
+            yield batch.slice(start, WRITE_BATCH_ROWS)
 
 
 def _smallest_k(rank: np.ndarray, ks: np.ndarray) -> pa.Array:

@@ -7,6 +7,7 @@ four settings over them = 32 label sets. Three steps, each its own process (so p
     python bench/ap_store.py write --store /tmp/ap-bench          # synthetic activations into a store
     python bench/ap_store.py rank  --store /tmp/ap-bench          # the timed ranking + scores table
     python bench/ap_store.py check --store /tmp/ap-bench          # sklearn loop on a sample: same APs?
+    python bench/ap_store.py read  --store /tmp/ap-bench          # reading alone (files and their size matter)
 
 Activations: Gaussian noise plus a per-neuron shift for each language x modality cell (so APs spread), and
 1 neuron in 8 through ReLU (exact zeros: long tie runs), written through the recorder's RunWriter.
@@ -251,6 +252,37 @@ def rank(args) -> dict:
     return result
 
 
+def read(args) -> dict:
+    """Reading alone: every hook of the run into its ``[examples, neurons]`` matrix (no kernel)."""
+    from analyses.examples import open_runs, select_examples
+    from analyses.hook_matrix import HookMatrixReader, shared_hooks
+
+    store = Store.open(args.store)
+    with store.query() as session:
+        group = open_runs(session, [RUN])
+        chosen = select_examples(session, group)
+        hook_list = shared_hooks(session, group.runs)
+    reader = HookMatrixReader(store, chosen)
+    files = sum(1 for _ in Path(args.store, "activations").rglob("*.parquet"))
+    buffer = np.empty(len(chosen) * max(h.width for h in hook_list), np.float32)
+    t0, c0 = time.perf_counter(), cpu_s()
+    for hook in hook_list:
+        reader.read(hook, out=buffer)
+    wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+    values = len(chosen) * sum(h.width for h in hook_list)
+    result = {
+        "files": files,
+        "values": values,
+        "read_wall_s": wall,
+        "read_cpu_s": cpu,
+        "wall_ns_per_value": 1e9 * wall / values,
+        "cpu_ns_per_value": 1e9 * cpu / values,
+        "load": load(),
+    }
+    print(json.dumps(result, indent=1))
+    return result
+
+
 def check(args) -> dict:
     """The per-neuron sklearn loop (as ml-selfcond / lang_neuron do) on a sample of neurons: time and APs."""
     from sklearn.metrics import average_precision_score
@@ -311,7 +343,7 @@ def check(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["write", "rank", "check"])
+    parser.add_argument("step", choices=["write", "rank", "read", "check"])
     parser.add_argument("--store", default="/tmp/ap-bench-store")
     parser.add_argument("--examples", type=int, default=12000)
     parser.add_argument("--layers", type=int, default=24)
@@ -325,7 +357,7 @@ def main() -> None:
     parser.add_argument("--json", help="append the result to this JSON-lines file")
     args = parser.parse_args()
     print(f"{args.step}: load average {load()}, {len(os.sched_getaffinity(0))} cores", flush=True)
-    result = {"write": write, "rank": rank, "check": check}[args.step](args)
+    result = {"write": write, "rank": rank, "read": read, "check": check}[args.step](args)
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({"step": args.step, **result}) + "\n")

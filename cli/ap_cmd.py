@@ -158,7 +158,7 @@ def report(
     with store.query() as session:
         summary = ap_summary(session, run, label_sets)
         order = {name: i for i, name in enumerate(label_sets)}
-        summary.sort(key=lambda r: (order.get(r["label_set"], len(order)), r["component"]))
+        summary.sort(key=lambda r: (order.get(r["label_set"], len(order)), _component_order(r["component"])))
         for row in summary:
             component = row["component"]
             if components and component not in components:
@@ -190,6 +190,11 @@ def report(
     if paths:
         out.print(f"plots: {len(paths)} files in {plots_dir} (e.g. {paths[0].name})")
     return paths
+
+
+def _component_order(component: str) -> tuple[int, str]:
+    """Encoders before decoders (the order inputs flow through the model), then by name."""
+    return (0 if "encoder" in component else 1 if "decoder" in component else 2, component)
 
 
 def _shares(counts: dict[str, int]) -> str:
