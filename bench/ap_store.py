@@ -8,6 +8,7 @@ four settings over them = 32 label sets. Three steps, each its own process (so p
     python bench/ap_store.py rank  --store /tmp/ap-bench          # the timed ranking + scores table
     python bench/ap_store.py check --store /tmp/ap-bench          # sklearn loop on a sample: same APs?
     python bench/ap_store.py read  --store /tmp/ap-bench          # reading alone (files and their size matter)
+    python bench/ap_store.py formats                             # Parquet decode cost per column encoding
 
 Activations: Gaussian noise plus a per-neuron shift for each language x modality cell (so APs spread), and
 1 neuron in 8 through ReLU (exact zeros: long tie runs), written through the recorder's RunWriter.
@@ -283,6 +284,39 @@ def read(args) -> dict:
     return result
 
 
+def formats(args) -> dict:
+    """Decode cost of one [1000, 8192] float32 block stored as Parquet in a few encodings (single thread)."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    x = np.random.default_rng(args.seed).standard_normal((1000, 8192), dtype=np.float32)
+    offsets = pa.array(np.arange(0, 1001 * 8192, 8192, dtype=np.int32))
+    tables = {
+        "list<float32>": pa.table({"a": pa.ListArray.from_arrays(offsets, pa.array(x.ravel()))}),
+        "binary blob": pa.table({"a": pa.array([row.tobytes() for row in x], pa.binary())}),
+    }
+    result = {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "block.parquet"
+        for (name, table), compression in [(t, c) for t in tables.items() for c in ("zstd", "lz4", "none")]:
+            level = 1 if compression == "zstd" else None
+            pq.write_table(table, path, compression=compression, compression_level=level, row_group_size=1024)
+            best = min(_timed(lambda: pq.read_table(path, use_threads=False)) for _ in range(5))
+            result[f"{name}, {compression}"] = {
+                "ns_per_value": round(1e9 * best / x.size, 2),
+                "bytes_per_value": round(path.stat().st_size / x.size, 2),
+            }
+    print(json.dumps(result, indent=1))
+    return result
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def check(args) -> dict:
     """The per-neuron sklearn loop (as ml-selfcond / lang_neuron do) on a sample of neurons: time and APs."""
     from sklearn.metrics import average_precision_score
@@ -343,7 +377,7 @@ def check(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["write", "rank", "read", "check"])
+    parser.add_argument("step", choices=["write", "rank", "read", "check", "formats"])
     parser.add_argument("--store", default="/tmp/ap-bench-store")
     parser.add_argument("--examples", type=int, default=12000)
     parser.add_argument("--layers", type=int, default=24)
@@ -357,7 +391,8 @@ def main() -> None:
     parser.add_argument("--json", help="append the result to this JSON-lines file")
     args = parser.parse_args()
     print(f"{args.step}: load average {load()}, {len(os.sched_getaffinity(0))} cores", flush=True)
-    result = {"write": write, "rank": rank, "read": read, "check": check}[args.step](args)
+    steps = {"write": write, "rank": rank, "read": read, "check": check, "formats": formats}
+    result = steps[args.step](args)
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({"step": args.step, **result}) + "\n")
