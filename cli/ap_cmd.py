@@ -172,6 +172,7 @@ def report(
                     "pos / among": f"{row['n_positive']} / {row['n_among']}",
                     "max AP": f"{row['max_ap']:.3f} {row['best_neuron']}",
                     "median AP": round(row["median_ap"], 3),
+                    "min AP": round(row["min_ap"], 3),
                     f"top-{k}": _shares(top),
                     f"bottom-{k}": _shares(bottom),
                     "Gini top/bottom": f"{selection_gini(counts, 'top', gini_unit):.3f} / "

@@ -20,8 +20,9 @@ ROW_GROUP_ROWS = 1024
 _COMMIT_RETRIES = 20
 
 
-def _writer_properties() -> WriterProperties:
-    return WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression="ZSTD", compression_level=1)
+def _writer_properties(spec: TableSpec | None = None) -> WriterProperties:
+    rows = (spec.row_group_rows if spec is not None else None) or ROW_GROUP_ROWS
+    return WriterProperties(max_row_group_size=rows, compression="ZSTD", compression_level=1)
 
 
 def exists(location: StoreLocation, table: str) -> bool:
@@ -81,7 +82,7 @@ def append(location: StoreLocation, spec: TableSpec, data: pa.Table, *, merge_sc
             mode="append",
             schema_mode="merge" if merge_schema else None,
             storage_options=location.storage_options,
-            writer_properties=_writer_properties(),
+            writer_properties=_writer_properties(spec),
         )
     )
 
@@ -106,7 +107,7 @@ def replace(
             mode="overwrite",
             predicate=predicate,
             storage_options=location.storage_options,
-            writer_properties=_writer_properties(),
+            writer_properties=_writer_properties(spec),
         )
     )
 

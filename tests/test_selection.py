@@ -9,6 +9,7 @@ from selectivity_helpers import DECODER, ENCODER, examples_table, hook_rows, wri
 from analyses import gini
 from analyses.ranking import plan_ranking, rank, write_scores
 from analyses.selection import (
+    ap_summary,
     layer_counts,
     overlap,
     panel_of,
@@ -103,6 +104,23 @@ def test_selected_neurons_and_stored_sets(ranked):
             stored_sets(session, "s2tt+t2tt", ["multimodal/*"])
         with pytest.raises(UserError, match="side must be top or bottom"):
             selected_neurons(session, "s2tt+t2tt", "modality/speech", K, side="middle")
+
+
+def test_ap_summary_equals_the_ranking(ranked):
+    store, result = ranked
+    names = [ls.name for ls in result.job.masks.label_sets]
+    with store.query() as session:
+        summary = {(r["label_set"], r["component"]): r for r in ap_summary(session, "s2tt+t2tt", names)}
+    assert len(summary) == len(names)
+    inside = np.flatnonzero(result.component_mask("text_decoder"))
+    for s, name in enumerate(names):
+        row, ap = summary[name, "text_decoder"], result.ap[s, inside]
+        assert (row["max_ap"], row["min_ap"]) == (ap.max(), ap.min())
+        assert row["median_ap"] == pytest.approx(np.median(ap))
+        best = inside[np.argmax(ap)]  # first of any tie: the hook order breaks ties
+        hook = result.job.hooks[result.neuron_hook[best]].hook
+        assert row["best_neuron"] == f"{hook}[{result.neuron_index[best]}]"
+        assert (row["n_positive"], row["n_among"]) == (result.job.masks.n_positive[s], result.job.masks.n_among[s])
 
 
 @pytest.mark.parametrize(
