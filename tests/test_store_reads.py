@@ -1,4 +1,4 @@
-"""Reading the store: a scan that DuckDB abandons half-way (LIMIT) must not crash or hang the process at exit."""
+"""Store additions: a scan abandoned half-way (LIMIT) exits cleanly; atomic replace; per-table row groups."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 from selectivity_helpers import DECODER, examples_table, hook_rows, write_run
 
 from store.catalog import Store
+from store.schema import TableSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = """
@@ -30,3 +34,23 @@ def test_limit_over_many_files_exits_cleanly(tmp_path):
         )
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.strip() == "2"
+
+
+def test_replace_is_atomic_and_tables_choose_their_row_groups(tmp_path):
+    store = Store.open(tmp_path / "store", create=True)
+    spec = TableSpec("t", pa.schema([("key", pa.string()), ("v", pa.int64())]), ("key",), row_group_rows=4096)
+    store.append(spec, pa.table({"key": ["a"] * 5000 + ["b"] * 3, "v": range(5003)}, schema=spec.schema))
+    files = list((tmp_path / "store" / "t").rglob("*.parquet"))
+    assert sorted(pq.ParquetFile(f).metadata.row_group(0).num_rows for f in files) == [3, 4096]
+
+    def rows() -> dict:
+        table = store.dataset("t").to_table()
+        return {
+            key: sorted(v for k, v in zip(table["key"].to_pylist(), table["v"].to_pylist()) if k == key) for key in "ab"
+        }
+
+    store.replace(spec, lambda: pa.table({"key": ["b"], "v": [-1]}, schema=spec.schema), "key = 'b'")
+    assert rows() == {"a": list(range(5000)), "b": [-1]}
+    with pytest.raises(Exception, match="failed validation"):  # a new row outside the predicate: nothing changes
+        store.replace(spec, lambda: pa.table({"key": ["a", "b"], "v": [7, 7]}, schema=spec.schema), "key = 'b'")
+    assert rows() == {"a": list(range(5000)), "b": [-1]}
