@@ -45,9 +45,8 @@ def test_replace_is_atomic_and_tables_choose_their_row_groups(tmp_path):
 
     def rows() -> dict:
         table = store.dataset("t").to_table()
-        return {
-            key: sorted(v for k, v in zip(table["key"].to_pylist(), table["v"].to_pylist()) if k == key) for key in "ab"
-        }
+        pairs = list(zip(table["key"].to_pylist(), table["v"].to_pylist(), strict=True))
+        return {key: sorted(v for k, v in pairs if k == key) for key in "ab"}
 
     store.replace(spec, lambda: pa.table({"key": ["b"], "v": [-1]}, schema=spec.schema), "key = 'b'")
     assert rows() == {"a": list(range(5000)), "b": [-1]}
