@@ -8,6 +8,7 @@ from selectivity_helpers import DECODER, ENCODER, examples_table, hook_rows, wri
 from sklearn.metrics import average_precision_score
 
 from analyses import ranking as ranking_module
+from analyses.hook_matrix import neuron_slices
 from analyses.labels import LabelSet, custom_label_set
 from analyses.ranking import plan_ranking, rank, write_scores
 from store.catalog import Store
@@ -150,3 +151,25 @@ def test_where_narrows_the_examples(two_runs):
     x = matrix(values, job, hook.hook)
     expected = [average_precision_score(job.masks.positive[0], x[:, j]) for j in range(hook.width)]
     np.testing.assert_allclose(result.ap[0, : hook.width], expected, rtol=1e-12)
+
+
+def test_a_hook_wider_than_the_memory_budget_is_read_in_neuron_slices(tmp_path):
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(7, "text", seed=3)
+    values = write_run(store, "wide", examples, hook_rows("lm", 1, {"mlp.hook_post": 40}, layer_output=False))
+    job = plan_ranking(store, ["wide"], presets=["unimodal"], ks=(3,))
+    whole = rank(store, job)
+    budget = 2 * 4 * len(job.examples) * 16  # two 16-neuron slices in memory
+    assert [(p.start, p.stop) for p in neuron_slices(40, len(job.examples), budget // 2)] == [
+        (0, 16),
+        (16, 32),
+        (32, 40),
+    ]
+    sliced = rank(store, job, memory_bytes=budget)
+    np.testing.assert_array_equal(sliced.ap, whole.ap)
+    x = values["lm.layers.0.mlp.hook_post"]
+    order = np.argsort(examples["example_id"].to_numpy(zero_copy_only=False))  # the job's example order
+    for s in range(len(job.masks.label_sets)):
+        y = job.masks.positive[s]
+        expected = [average_precision_score(y, x[order, j]) for j in range(40)]
+        np.testing.assert_allclose(sliced.ap[s], expected, rtol=1e-12)
