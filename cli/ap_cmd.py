@@ -102,8 +102,9 @@ def command(
         language_column=language_column,
         modality_column=modality_column,
     )
-    report_k = _report_k(job.ks, report_k)
     sizes = {c: sum(h.width for h in job.hooks if h.component == c) for c in job.components}
+    report_k = _report_k(job.ks, report_k, min(sizes.values()))
+    check_plots_dir(plots_dir)
     out.print(
         f"ranking [bold]{job.n_neurons:,}[/bold] neurons ({', '.join(f'{c} {n:,}' for c, n in sizes.items())}) "
         f"of run(s) [bold]{job.group.key}[/bold] over {len(job.examples):,} examples against "
@@ -129,14 +130,31 @@ def command(
     )
 
 
-def _report_k(ks: tuple[int, ...], report_k: int | None) -> int:
+def _report_k(ks: tuple[int, ...], report_k: int | None, smallest_group: int) -> int:
     from store.errors import UserError
 
     if report_k is None:
         return 1000 if 1000 in ks else min(ks)
-    if report_k < 1:
-        raise UserError(f"--report-k must be at least 1, not {report_k}")
+    if not 1 <= report_k <= smallest_group:
+        raise UserError(f"--report-k must be between 1 and the smallest module group's {smallest_group:,} neurons")
     return report_k
+
+
+def check_plots_dir(folder: Path | None) -> None:
+    """Make the plots folder now, so that a bad path fails before any work is done."""
+    from store.errors import UserError
+
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(
+            f"cannot write plots to {folder}: {error.strerror or error}; pick a folder you can write"
+        ) from None
 
 
 def report(

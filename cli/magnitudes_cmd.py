@@ -28,8 +28,10 @@ def command(store_path, runs, by, where, patterns, components, absolute, scale, 
     from analyses.examples import open_runs, select_examples
     from analyses.hook_matrix import shared_hooks
     from analyses.magnitudes import activation_gini, example_groups, group_columns, layer_magnitudes
+    from cli.ap_cmd import check_plots_dir
     from store.catalog import Store
 
+    check_plots_dir(plots_dir)
     store = Store.open(store_path)
     with store.query() as session:
         group = open_runs(session, list(runs))

@@ -39,10 +39,11 @@ def command(
     """Counts per layer x submodule, Gini and overlaps of the neurons selected by a ranking (hookpoints ap)."""
     from analyses.selection import overlap as overlap_matrix
     from analyses.selection import run_key, selected_neurons, stored_sets
-    from cli.ap_cmd import report
+    from cli.ap_cmd import check_plots_dir, report
     from store.catalog import Store
     from store.errors import UserError
 
+    check_plots_dir(plots_dir)
     store = Store.open(store_path)
     run = run_key(runs)
     with store.query() as session:

@@ -88,6 +88,7 @@ def test_magnitudes_table_and_plots(store_path, tmp_path, run_cli):
         (["ap", "--run", "s2tt", "--preset", "modality"], "shared decoder"),
         (["ap", "--run", "s2tt", "--preset", "unimodal", "--memory-gb", "0"], "--memory-gb must be positive"),
         (["ap", "--run", "s2tt", "--preset", "unimodal", "--k", "2", "--report-k", "0"], "--report-k"),
+        (["ap", "--run", "s2tt", "--preset", "unimodal", "--k", "2", "--plots", "/proc/plots"], "cannot write plots"),
         (["selection", "--run", "nope"], "no ranking of run"),
         (["magnitudes", "--run", "s2tt", "--by", "speaker"], "--by 'speaker' is not a column"),
         (["magnitudes", "--run", "s2tt", "--where", "language = "], "--where"),
