@@ -9,9 +9,11 @@ write ``def my_stage(demo: Demo) -> None`` and insert it into ``STAGES`` before 
 3. :func:`record_seamless`: SeamlessM4T v2 (a seeded tiny one unless ``--model``) at every Table 1
    component: ASR and S2TT (X -> eng) on the speech, T2TT (X -> eng) on the text, decoders recorded over
    the generated tokens.
-4. :func:`cluster_spaces`: representation spaces (the LALM paper): MiniLM on paraphrase pairs, then
+4. :func:`rank_neurons`: language- and modality-specific neurons of S2TT + T2TT (AP ranking, the four
+   settings), with figures.
+5. :func:`cluster_spaces`: representation spaces (the LALM paper): MiniLM on paraphrase pairs, then
    language vs meaning clusters of the corpus run, layer by layer, with plots.
-5. :func:`show_store`: what the store holds, and the queries.
+6. :func:`show_store`: what the store holds, and the queries.
 """
 
 from __future__ import annotations
@@ -143,6 +145,16 @@ def cluster_spaces(demo: Demo) -> None:
     demo_stage(demo.store, default_plot_folder(demo.store), corpus_run=corpus_run)
 
 
+def rank_neurons(demo: Demo) -> None:
+    """Language- and modality-specific neurons (the SeamlessM4T paper): AP ranking of S2TT and T2TT together, so
+    the decoder's neurons are ranked in all four settings, with a summary and figures."""
+    from cli.ap_cmd import demo_stage
+    from cli.clusters_cmd import default_plot_folder
+
+    out.rule("[bold]Language- and modality-specific neurons: AP ranking (hookpoints ap)")
+    demo_stage(demo.store, ["seamless-s2tt", "seamless-t2tt"], default_plot_folder(demo.store))
+
+
 def show_store(demo: Demo) -> None:
     from store.summary import run_summary
 
@@ -157,7 +169,7 @@ def show_store(demo: Demo) -> None:
 
 
 #: The demo, in order. Later issues add their stages before show_store.
-STAGES: list[Stage] = [prepare_corpus, record_minilm, record_seamless, cluster_spaces, show_store]
+STAGES: list[Stage] = [prepare_corpus, record_minilm, record_seamless, rank_neurons, cluster_spaces, show_store]
 
 
 def _record(demo: Demo, run: str, source: str, label: str, modality: str, **options) -> None:

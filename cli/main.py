@@ -26,9 +26,31 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from cli import clusters_cmd, corpus_cmd, demo_cmd, hooks_cmd, record_cmd, sql_cmd, store_cmd
+    from cli import (
+        ap_cmd,
+        clusters_cmd,
+        corpus_cmd,
+        demo_cmd,
+        hooks_cmd,
+        magnitudes_cmd,
+        record_cmd,
+        selection_cmd,
+        sql_cmd,
+        store_cmd,
+    )
 
-    for module in (hooks_cmd, record_cmd, sql_cmd, store_cmd, clusters_cmd, corpus_cmd, demo_cmd):
+    for module in (
+        hooks_cmd,
+        record_cmd,
+        sql_cmd,
+        store_cmd,
+        ap_cmd,
+        selection_cmd,
+        magnitudes_cmd,
+        clusters_cmd,
+        corpus_cmd,
+        demo_cmd,
+    ):
         cli.add_command(module.command)
 
 

@@ -139,6 +139,11 @@ class Store:
         self.ensure_table(spec)
         tables.append(self.location, spec, data, merge_schema=merge_schema)
 
+    def replace(self, spec: TableSpec, data, predicate: str) -> None:
+        """Replace the rows matching ``predicate`` with ``data()`` (a table or reader) as one atomic commit."""
+        self.ensure_table(spec)
+        tables.replace(self.location, spec, data, predicate)
+
     def dataset(self, table: str):
         """The current version of a table as a ``pyarrow.dataset.Dataset``."""
         return tables.dataset(self.location, table)

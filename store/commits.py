@@ -79,7 +79,7 @@ class FencedAppender:
                     partition_by=list(self.spec.partition_by) or None,
                     mode="append",
                     schema_mode="merge" if merge_schema else None,
-                    writer_properties=tables.writer_properties(),
+                    writer_properties=tables.writer_properties(self.spec),
                     commit_properties=CommitProperties(
                         app_transactions=[Transaction(self.app, target), Transaction(self.own, target)]
                     ),
@@ -117,7 +117,7 @@ def append_once(location: StoreLocation, spec: TableSpec, app: str, data: pa.Tab
                 data,
                 partition_by=list(spec.partition_by) or None,
                 mode="append",
-                writer_properties=tables.writer_properties(),
+                writer_properties=tables.writer_properties(spec),
                 commit_properties=CommitProperties(app_transactions=[Transaction(app, number)]),
             )
             return True

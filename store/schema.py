@@ -23,6 +23,7 @@ class TableSpec:
     name: str
     schema: pa.Schema
     partition_by: tuple[str, ...] = ()
+    row_group_rows: int | None = None  # Parquet row group size (None: the store's default, tables.ROW_GROUP_ROWS)
 
 
 STORE_META = pa.schema([("key", pa.string()), ("value", pa.string())])

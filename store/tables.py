@@ -21,8 +21,10 @@ ROW_GROUP_ROWS = 1024
 _COMMIT_RETRIES = 20
 
 
-def writer_properties() -> WriterProperties:
-    return WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression="ZSTD", compression_level=1)
+def writer_properties(spec: TableSpec | None = None) -> WriterProperties:
+    """Parquet settings for a table: zstd level 1, the spec's row group size (or the store's default)."""
+    rows = (spec.row_group_rows if spec is not None else None) or ROW_GROUP_ROWS
+    return WriterProperties(max_row_group_size=rows, compression="ZSTD", compression_level=1)
 
 
 def exists(location: StoreLocation, table: str) -> bool:
@@ -56,7 +58,15 @@ def open_table(location: StoreLocation, table: str) -> DeltaTable:
 
 
 def dataset(location: StoreLocation, table: str) -> pads.Dataset:
-    """The table's current version as an Arrow dataset (DuckDB scans it with filter/projection pushdown)."""
+    """The table's current version as an Arrow dataset (DuckDB scans it with filter/projection pushdown).
+
+    Local tables are read through Arrow's native file system. Delta's default (a Python file system handler
+    that Arrow's I/O threads call back into) costs the GIL on every read, and a scan abandoned half-way
+    (``LIMIT``) left those threads calling into a finalising interpreter at exit: the process crashed or hung.
+    """
+    if location.is_local:
+        filesystem = pafs.SubTreeFileSystem(location.table_uri(table), pafs.LocalFileSystem())
+        return open_table(location, table).to_pyarrow_dataset(filesystem=filesystem)
     return open_table(location, table).to_pyarrow_dataset()
 
 
@@ -82,9 +92,39 @@ def append(location: StoreLocation, spec: TableSpec, data: pa.Table, *, merge_sc
             mode="append",
             schema_mode="merge" if merge_schema else None,
             storage_options=location.storage_options,
-            writer_properties=writer_properties(),
+            writer_properties=writer_properties(spec),
         )
     )
+
+
+def replace(
+    location: StoreLocation,
+    spec: TableSpec,
+    data: Callable[[], pa.RecordBatchReader | pa.Table],
+    predicate: str,
+) -> None:
+    """Replace the rows matching a Delta ``predicate`` with ``data()`` in one atomic commit.
+
+    Readers see the old rows or the new ones, never a mix, and a failed write changes nothing. Every new row
+    must match ``predicate``. ``data`` is called again when a concurrent commit forces a retry (a reader can be
+    consumed only once).
+    """
+    _retrying(
+        lambda: write_deltalake(
+            location.table_uri(spec.name),
+            data(),
+            partition_by=list(spec.partition_by) or None,
+            mode="overwrite",
+            predicate=predicate,
+            storage_options=location.storage_options,
+            writer_properties=writer_properties(spec),
+        )
+    )
+
+
+def sql_string(value: str) -> str:
+    """``value`` as a single-quoted SQL string literal (for Delta predicates)."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def delete(location: StoreLocation, table: str, predicate: str) -> None:

@@ -20,6 +20,10 @@ def test_demo_runs_end_to_end(run_cli, tmp_path, monkeypatch):
             "WHERE component IS NOT NULL AND run LIKE 'seamless-%' GROUP BY ALL ORDER BY ALL"
         ).to_pylist()
         texts = session.sql("SELECT count(*) AS n FROM examples WHERE generated_text IS NOT NULL").to_pylist()
+        scores = session.sql(
+            "SELECT preset, count(DISTINCT label_set) AS sets FROM scores "
+            "WHERE run = 'seamless-s2tt+seamless-t2tt' GROUP BY preset ORDER BY preset"
+        ).to_pylist()
     assert runs == [
         {"run": "minilm-paraphrases", "task": "forward", "status": "complete"},
         {"run": "minilm-text", "task": "forward", "status": "complete"},
@@ -44,12 +48,21 @@ def test_demo_runs_end_to_end(run_cli, tmp_path, monkeypatch):
         ("seamless-t2tt", "text_decoder"): 13,
     }
     assert texts == [{"n": 30}]
+    # the paper's four settings over S2TT + T2TT: 12 unimodal, 6 multimodal, 2 modality, 12 language-modality
+    assert [(r["preset"], r["sets"]) for r in scores] == [
+        ("language-modality", 12),
+        ("modality", 2),
+        ("multimodal", 6),
+        ("unimodal", 6 * 2),
+    ]
+    assert (store.parent / "demo-store-plots").is_dir() and any((store.parent / "demo-store-plots").glob("*.png"))
     flat = " ".join(out.split())
     for title in (
         "what the store holds",
         "Generated text (greedy)",
         "Shared decoder, speech vs text input",
         "Representation spaces: a trained encoder on paraphrase pairs",
+        "Language- and modality-specific neurons",
     ):
         assert title in flat
     assert "Your turn: hookpoints sql --store" in flat

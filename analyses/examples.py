@@ -1,0 +1,203 @@
+"""The examples an analysis compares: those of one or more runs, in one fixed order, and their label masks.
+
+Runs are analysed together when they hold the same kind of vectors (the same pooling): e.g. a speech-to-text
+run and a text-to-text run of SeamlessM4T share the text decoder's hook points, and a ranking over both
+compares speech-conditioned with text-conditioned decoding. Row i of every matrix an analysis reads is
+example i of the :class:`ExampleSet`: sorted by run, then example_id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from analyses.labels import LabelSet, check_predicate, quote_name
+from store.errors import UserError
+from store.query import QuerySession
+
+RUN_KEY_SEPARATOR = "+"  # not allowed in run names, so a key names its runs unambiguously
+
+
+@dataclass(frozen=True)
+class RunGroup:
+    """Runs analysed together: all recorded with the same pooling (one vector per example)."""
+
+    runs: tuple[str, ...]  # sorted
+    pooling: str
+    dtypes: dict[str, str]  # run -> float32 | float16 (how its vectors are stored)
+
+    @property
+    def key(self) -> str:
+        """The runs as one name (``s2tt+t2tt``): the ``run`` column of the tables analyses write."""
+        return RUN_KEY_SEPARATOR.join(self.runs)
+
+
+def open_runs(session: QuerySession, runs: list[str] | tuple[str, ...]) -> RunGroup:
+    """Check that ``runs`` exist and can be analysed together (same pooling, one vector per example)."""
+    if not runs:
+        raise UserError("give at least one --run")
+    names = sorted(set(runs))
+    rows = {
+        row["run"]: row
+        for row in session.sql(
+            "SELECT run, pooling, dtype, status FROM runs WHERE list_contains($runs, run)", {"runs": names}
+        ).to_pylist()
+    }
+    missing = [run for run in names if run not in rows]
+    if missing:
+        known = session.sql("SELECT run FROM runs ORDER BY run")["run"].to_pylist()
+        listed = ", ".join(known[:10]) + (" ..." if len(known) > 10 else "") if known else "none"
+        raise UserError(f"there is no run {missing[0]!r} in this store (runs: {listed})")
+    poolings = {rows[run]["pooling"] for run in names}
+    if len(poolings) > 1:
+        detail = ", ".join(f"{run}: {rows[run]['pooling']}" for run in names)
+        raise UserError(f"runs analysed together must share their pooling ({detail}): pass runs recorded alike")
+    pooling = poolings.pop()
+    if pooling == "none":
+        raise UserError(
+            f"run {names[0]!r} keeps every position (pooling none), but this analysis compares one vector per "
+            "example: record with --pooling mean (the paper's choice)"
+        )
+    return RunGroup(tuple(names), pooling, {run: rows[run]["dtype"] for run in names})
+
+
+@dataclass(frozen=True)
+class ExampleSet:
+    """The examples of a :class:`RunGroup` matching ``where``, sorted by (run, example_id)."""
+
+    group: RunGroup
+    where: str | None
+    table: pa.Table  # run, example_id; row i is example i of every matrix
+    offsets: dict[str, tuple[int, int]]  # run -> its rows [start, stop)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def ids(self, run: str) -> pa.Array:
+        start, stop = self.offsets[run]
+        return self.table["example_id"].slice(start, stop - start).combine_chunks()
+
+    def base_sql(self, columns: str) -> str:
+        """SELECT ``columns`` over these examples (parameter ``$runs``), in the set's order."""
+        where = "" if self.where is None else f" AND ({self.where})"
+        return f"SELECT {columns} FROM examples WHERE list_contains($runs, run){where} ORDER BY run, example_id"
+
+    def columns(self, session: QuerySession) -> list[str]:
+        return session.sql("SELECT * FROM examples LIMIT 0").column_names
+
+    def values(self, session: QuerySession, column: str) -> list | None:
+        """Distinct non-null values of an examples column among these examples (None: no such column)."""
+        if column not in self.columns(session):
+            return None
+        where = "" if self.where is None else f" AND ({self.where})"
+        rows = session.sql(
+            f"SELECT DISTINCT {quote_name(column)} AS v FROM examples WHERE list_contains($runs, run){where} "
+            "AND v IS NOT NULL ORDER BY v",
+            {"runs": list(self.group.runs)},
+        )
+        return rows["v"].to_pylist()
+
+    def mask(self, session: QuerySession, predicate: str, option: str) -> np.ndarray:
+        """``[examples]`` bool: the predicate over each example (NULL -> False)."""
+        try:
+            result = session.sql(self.base_sql(f"({predicate}) AS v"), {"runs": list(self.group.runs)})
+        except UserError as error:
+            columns = ", ".join(c for c in self.columns(session) if c not in ("example_id",))
+            raise UserError(f"{option} {predicate!r} does not work on the examples ({columns}): {error}") from None
+        column = result["v"]
+        if not (pa.types.is_boolean(column.type) or pa.types.is_null(column.type)):
+            raise UserError(
+                f"{option} {predicate!r} gives {column.type} values, not true/false: write a condition, "
+                "e.g. \"language = 'de'\""
+            )
+        if len(column) != len(self):
+            raise UserError(f"{option} {predicate!r} changed the examples it was evaluated over: simplify it")
+        return (
+            pc.fill_null(column, False).to_numpy(zero_copy_only=False).astype(bool)
+            if len(column)
+            else np.zeros(0, bool)
+        )
+
+
+def select_examples(session: QuerySession, group: RunGroup, where: str | None = None) -> ExampleSet:
+    """The examples of ``group``'s runs (matching ``where``), in (run, example_id) order."""
+    where = None if where is None else check_predicate(where, "--where")
+    probe = ExampleSet(group, where, pa.table({"run": pa.array([], pa.string())}), {})
+    try:
+        table = session.sql(probe.base_sql("run, example_id"), {"runs": list(group.runs)})
+    except UserError as error:
+        raise UserError(f"--where {where!r} does not work on the examples table: {error}") from None
+    runs = table["run"].to_numpy(zero_copy_only=False)
+    offsets = {}
+    for run in group.runs:
+        rows = np.flatnonzero(runs == run)
+        if len(rows) == 0:
+            scope = f" matching --where {where!r}" if where else ""
+            raise UserError(f"run {run!r} has no examples{scope}: check the run name and the predicate")
+        offsets[run] = (int(rows[0]), int(rows[-1]) + 1)
+    ids = table["example_id"]
+    if pc.count_distinct(pc.binary_join_element_wise(table["run"], ids, "\x00")).as_py() != table.num_rows:
+        raise UserError(
+            f"the examples table lists an example twice in run(s) {', '.join(group.runs)}: the run is damaged"
+        )
+    return ExampleSet(group, where, table.select(["run", "example_id"]), offsets)
+
+
+@dataclass(frozen=True)
+class LabelMasks:
+    """Positives and "among" masks of label sets over an :class:`ExampleSet`."""
+
+    label_sets: list[LabelSet]
+    positive: np.ndarray  # [sets, examples] bool (already restricted to among)
+    among: np.ndarray  # [sets, examples] bool
+
+    @property
+    def n_positive(self) -> np.ndarray:
+        return self.positive.sum(axis=1)
+
+    @property
+    def n_among(self) -> np.ndarray:
+        return self.among.sum(axis=1)
+
+
+def label_masks(session: QuerySession, examples: ExampleSet, label_sets: list[LabelSet]) -> LabelMasks:
+    """Evaluate each label set's predicates; refuse sets with no positive or no negative example."""
+    if not label_sets:
+        raise UserError("no label sets to rank: give --preset or --positive")
+    names = [ls.name for ls in label_sets]
+    dup = next((name for name in names if names.count(name) > 1), None)
+    if dup:
+        raise UserError(f"label set {dup!r} is given twice: give each label set its own --name")
+    cache: dict[str, np.ndarray] = {}
+
+    def mask(predicate: str | None, option: str) -> np.ndarray:
+        if predicate is None:
+            return np.ones(len(examples), bool)
+        if predicate not in cache:
+            cache[predicate] = examples.mask(session, predicate, option)
+        return cache[predicate]
+
+    n = len(examples)
+    positive = np.zeros((len(label_sets), n), bool)
+    among = np.zeros((len(label_sets), n), bool)
+    for s, ls in enumerate(label_sets):
+        among[s] = mask(ls.among, "--among")
+        positive[s] = mask(ls.positive, "--positive") & among[s]
+        n_in, n_pos = int(among[s].sum()), int(positive[s].sum())
+        scope = f"among the {n_in} examples of --among {ls.among!r}" if ls.among else f"among the {n_in} examples"
+        if n_in == 0:
+            raise UserError(f"label set {ls.name}: --among {ls.among!r} matches no example; check its values")
+        if n_pos == 0:
+            raise UserError(
+                f"label set {ls.name} has no positive examples ({ls.positive!r}) {scope}: AP is undefined; "
+                'check the predicate\'s values (hookpoints sql ... "SELECT DISTINCT language FROM examples")'
+            )
+        if n_pos == n_in:
+            raise UserError(
+                f"label set {ls.name} has no negative examples: all {n_in} examples match {ls.positive!r}; "
+                "AP is undefined - widen --among or narrow --positive"
+            )
+    return LabelMasks(list(label_sets), positive, among)

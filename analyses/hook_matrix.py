@@ -1,0 +1,201 @@
+"""Hook points shared by a group of runs, and their pooled activations as ``[examples, neurons]`` matrices.
+
+A hook's vectors are read straight from its Delta partition (run, hook) as Arrow record batches (only that
+partition's files are opened), each batch's ``list<float32>`` (or float16 bit patterns) viewed as
+``[rows, width]`` without a copy, and copied once into the matrix at its examples' rows. Memory: the matrix
+plus one batch. A slice of the neurons can be read alone (``neurons=slice(j0, j1)``), so a hook wider than a
+memory budget is read in several passes (:func:`neuron_slices`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from analyses.examples import ExampleSet
+from store.catalog import Store
+from store.errors import UserError
+from store.query import QuerySession
+
+#: Rows per Arrow batch read from the store.
+BATCH_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class HookInfo:
+    """A hook point of the runs: where its neurons sit in the model."""
+
+    hook: str
+    component: str  # module group (speech_encoder, text_encoder, text_decoder, ...); "other" if unknown
+    layer: int | None
+    submodule: str
+    width: int
+    order: int  # position in the first run's hooks table (execution order when recorded)
+
+
+def shared_hooks(
+    session: QuerySession,
+    runs: tuple[str, ...],
+    *,
+    patterns: list[str] | None = None,
+    components: list[str] | None = None,
+    layer_outputs: bool = False,
+) -> list[HookInfo]:
+    """The hook points every run recorded (same width), optionally narrowed by globs and components.
+
+    Default: every shared hook except whole-layer outputs (``hook_resid_post``: the residual stream, not a
+    submodule's neurons; Table 1 of the paper lists submodules only). ``patterns`` pick hooks by name instead.
+    """
+    per_run = {}
+    for run in runs:
+        rows = session.sql(
+            "SELECT hook, component, layer, submodule, width, layer_output FROM hooks WHERE run = $run",
+            {"run": run},
+        ).to_pylist()
+        if not rows:
+            raise UserError(f"run {run!r} recorded no hook points")
+        per_run[run] = rows
+    first = per_run[runs[0]]
+    common = set.intersection(*({row["hook"] for row in rows} for rows in per_run.values()))
+    if not common:
+        raise UserError(f"runs {', '.join(runs)} share no hook point: analyse them one at a time")
+    widths = {run: {row["hook"]: row["width"] for row in rows} for run, rows in per_run.items()}
+    hooks = []
+    for order, row in enumerate(first):
+        if row["hook"] not in common:
+            continue
+        sizes = {widths[run][row["hook"]] for run in runs}
+        if len(sizes) > 1:
+            raise UserError(
+                f"hook {row['hook']} has different widths in runs {', '.join(runs)} ({sorted(sizes)}): "
+                "these runs come from different models; analyse them one at a time"
+            )
+        hooks.append((row, order))
+
+    def info(row, order) -> HookInfo:
+        return HookInfo(
+            row["hook"],
+            row["component"] or "other",
+            row["layer"],
+            row["submodule"] or row["hook"],
+            int(row["width"]),
+            order,
+        )
+
+    if patterns:
+        chosen = [(row, o) for row, o in hooks if any(fnmatch.fnmatchcase(row["hook"], p) for p in patterns)]
+        if not chosen:
+            names = sorted(row["hook"] for row, _ in hooks)
+            raise UserError(
+                f"--hooks {' '.join(patterns)} matches no hook point the run(s) share; they have "
+                f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+            )
+    else:
+        chosen = [(row, o) for row, o in hooks if layer_outputs or not row["layer_output"]]
+        if not chosen:
+            raise UserError(f"run(s) {', '.join(runs)} hold only layer outputs: pick hook points with --hooks GLOB")
+    result = [info(row, o) for row, o in chosen]
+    if components:
+        present = sorted({h.component for h in result})
+        unknown = [c for c in components if c not in present]
+        if unknown:
+            per_run_components = [{row["component"] or "other" for row in rows} for rows in per_run.values()]
+            why = ""
+            if unknown[0] in set.union(*per_run_components) - set.intersection(*per_run_components):
+                why = (
+                    f" ({unknown[0]} is recorded in only some of the runs: it saw one modality; analyse it on "
+                    "its own run, e.g. with --preset unimodal)"
+                )
+            raise UserError(
+                f"component {unknown[0]!r} is not among the hook points of run(s) {', '.join(runs)}: they share "
+                f"{', '.join(present)}{why}"
+            )
+        result = [h for h in result if h.component in components]
+    return result
+
+
+def neuron_slices(width: int, n_examples: int, memory_bytes: int, multiple: int = 16) -> list[slice]:
+    """Neuron ranges of a hook whose float32 ``[examples, neurons]`` matrix fits ``memory_bytes`` each."""
+    per_neuron = 4 * max(1, n_examples)
+    step = max(multiple, memory_bytes // per_neuron // multiple * multiple)
+    return [slice(j0, min(width, j0 + step)) for j0 in range(0, width, step)]
+
+
+class HookMatrixReader:
+    """Reads hook matrices of an :class:`ExampleSet` from one snapshot of the activations table."""
+
+    def __init__(self, store: Store, examples: ExampleSet):
+        self.examples = examples
+        self.dataset = store.dataset("activations")  # one consistent version for every hook
+        self._lookup = {run: examples.ids(run) for run in examples.group.runs}
+
+    def read(self, hook: HookInfo, neurons: slice | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
+        """``[examples, neurons]`` float32, row i = example i of the set (every example must be there).
+
+        ``out``: a flat float32 buffer to fill (reused across hooks: no fresh pages to fault in); the matrix is
+        a view of it.
+        """
+        j0, j1, _ = (neurons or slice(0, hook.width)).indices(hook.width)
+        shape = (len(self.examples), j1 - j0)
+        if out is None:
+            out = np.empty(shape, np.float32)  # [examples, neurons]
+        else:
+            out = out[: shape[0] * shape[1]].reshape(shape)
+        filled = np.zeros(len(self.examples), np.int32)  # vectors seen per example
+        for run in self.examples.group.runs:
+            start, stop = self.examples.offsets[run]
+            for rows, values in self._batches(run, hook):
+                keep = rows >= 0  # rows of examples outside the set (--where) are skipped
+                if not keep.all():
+                    rows, values = rows[keep], values[keep]
+                rows += start
+                if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
+                    out[rows[0] : rows[-1] + 1] = values[:, j0:j1]
+                else:
+                    out[rows] = values[:, j0:j1]
+                np.add.at(filled, rows, 1)
+            self._check_complete(run, hook, filled[start:stop])
+        return out
+
+    def _batches(self, run: str, hook: HookInfo) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(row of each vector in the run's examples or -1, ``[rows, width]`` vectors) per Arrow batch."""
+        column = "activation_f16" if self.examples.group.dtypes[run] == "float16" else "activation"
+        scanner = self.dataset.scanner(
+            columns=["example_id", column],
+            filter=(pc.field("run") == run) & (pc.field("hook") == hook.hook),
+            batch_size=BATCH_ROWS,
+        )
+        for batch in scanner.to_batches():
+            if batch.num_rows == 0:
+                continue
+            rows = pc.index_in(batch.column(0), value_set=self._lookup[run])
+            rows = pc.fill_null(rows, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+            yield rows, _vectors(batch.column(1), batch.num_rows, hook, run)
+
+    def _check_complete(self, run: str, hook: HookInfo, filled: np.ndarray) -> None:
+        missing = np.flatnonzero(filled == 0)
+        if len(missing):
+            example = self.examples.ids(run)[int(missing[0])].as_py()
+            raise UserError(
+                f"run {run!r} has no activations at {hook.hook} for {len(missing)} of its {len(filled)} examples "
+                f"(e.g. {example!r}): finish the recording (hookpoints record --resume) or leave them out with --where"
+            )
+        if (filled > 1).any():
+            raise UserError(f"run {run!r} holds more than one vector per example at {hook.hook}: the run is damaged")
+
+
+def _vectors(column: pa.Array, n_rows: int, hook: HookInfo, run: str) -> np.ndarray:
+    """A batch's list column as ``[rows, width]`` (float32 view without a copy; float16 bits viewed as half)."""
+    if column.null_count:
+        raise UserError(f"run {run!r} stores empty vectors at {hook.hook}: the run is damaged (record it again)")
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    if flat.dtype == np.int16:
+        flat = flat.view(np.float16)
+    if flat.size != n_rows * hook.width:
+        raise UserError(f"run {run!r} holds vectors at {hook.hook} whose width is not {hook.width}: the run is damaged")
+    return flat.reshape(n_rows, hook.width)

@@ -1,0 +1,155 @@
+"""Layer-wise activation magnitudes and their inequality (Experiment 3, seeds/seamless-m4t-v2-neurons.txt 3.4, 5.3).
+
+Magnitude of layer l for example X (section 3.4): the mean-pooled activations averaged over the neurons of
+each submodule m of the layer, then over the layer's submodules M(l)::
+
+    s^(l)(X) = 1/|M(l)| sum_{m in M(l)} 1/J^(m) sum_j [s^(l,m)(X)]_j
+
+averaged over the examples of each group (e.g. language x modality). Figure 6 shows each group's deviation
+from the mean trend: the group's magnitude minus the mean over groups at that layer. Both are one SQL
+statement over the store (:func:`layer_magnitudes`). ``absolute=True`` averages |s| instead (signed means
+of layer norms and projections can cancel; the paper's formula is signed).
+
+Inequality (section 5.3: "non-dominant conditions rely on a smaller subset of highly active units"): for each
+group and layer, the Gini coefficient over the layer's neurons of their mean absolute pooled activation over
+the group's examples (:func:`activation_gini`, streamed hook by hook in numpy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from analyses.examples import ExampleSet
+from analyses.gini import gini
+from analyses.hook_matrix import HookInfo, HookMatrixReader, neuron_slices
+from analyses.labels import quote_name, sql_literal
+from store.catalog import Store
+from store.errors import UserError
+from store.query import QuerySession
+
+DEFAULT_GROUPS = ("language", "modality")
+
+
+def group_columns(session: QuerySession, examples: ExampleSet, by: list[str] | None) -> list[str]:
+    """The examples columns to group by: ``by``, or those of language and modality that exist."""
+    columns = examples.columns(session)
+    if by:
+        for column in by:
+            if column not in columns:
+                shown = ", ".join(c for c in columns if c not in ("run", "example_id"))
+                raise UserError(f"--by {column!r} is not a column of the examples table; it has {shown}")
+        return list(dict.fromkeys(by))
+    found = [c for c in DEFAULT_GROUPS if c in columns]
+    if not found:
+        raise UserError("the examples have no language or modality column: name the columns to group by with --by")
+    return found
+
+
+def layer_magnitudes(
+    session: QuerySession,
+    examples: ExampleSet,
+    hooks: list[HookInfo],
+    by: list[str],
+    *,
+    absolute: bool = False,
+) -> pa.Table:
+    """Per (component, layer, group): mean magnitude, deviation from the mean over groups, examples counted."""
+    layered = [h for h in hooks if h.layer is not None]
+    if not layered:
+        raise UserError("none of the chosen hook points belongs to a layer: pick layer hook points with --hooks")
+    runs = ", ".join(sql_literal(run) for run in examples.group.runs)
+    names = ", ".join(sql_literal(h.hook) for h in layered)
+    value = "list_avg(list_transform(a.activation, lambda x: abs(x)))" if absolute else "list_avg(a.activation)"
+    groups = ", ".join(f"e.{quote_name(c)}" for c in by)
+    where = "" if examples.where is None else f" AND ({examples.where})"
+    sql = f"""
+        WITH per_hook AS (
+            SELECT a.run, a.example_id, a.hook, {value} AS m
+            FROM activations a WHERE a.run IN ({runs}) AND a.hook IN ({names})
+        ), per_layer AS (
+            SELECT p.run, p.example_id, h.component, h.layer, avg(p.m) AS magnitude
+            FROM per_hook p JOIN hooks h ON h.run = p.run AND h.hook = p.hook
+            GROUP BY ALL
+        ), chosen AS (
+            SELECT * FROM examples WHERE run IN ({runs}){where}
+        ), grouped AS (
+            SELECT l.component, l.layer, {groups}, avg(l.magnitude) AS magnitude, count(*) AS examples
+            FROM per_layer l JOIN chosen e ON e.run = l.run AND e.example_id = l.example_id
+            GROUP BY ALL
+        )
+        SELECT *, magnitude - avg(magnitude) OVER (PARTITION BY component, layer) AS deviation
+        FROM grouped ORDER BY component, layer, {", ".join(quote_name(c) for c in by)}
+    """
+    return session.sql(sql)
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Each example's group (a combination of the ``by`` columns' values)."""
+
+    columns: list[str]
+    labels: list[tuple]  # [groups] the values of each group
+    index: np.ndarray  # [examples] int group of each example
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def example_groups(session: QuerySession, examples: ExampleSet, by: list[str]) -> Groups:
+    table = session.sql(examples.base_sql(", ".join(quote_name(c) for c in by)), {"runs": list(examples.group.runs)})
+    rows = list(zip(*(table[c].to_pylist() for c in by), strict=True)) if by else [()] * len(examples)
+    labels = sorted(set(rows), key=lambda row: tuple("" if v is None else str(v) for v in row))
+    lookup = {label: i for i, label in enumerate(labels)}
+    return Groups(list(by), labels, np.array([lookup[row] for row in rows], np.int64))
+
+
+def activation_gini(
+    store: Store,
+    examples: ExampleSet,
+    hooks: list[HookInfo],
+    groups: Groups,
+    *,
+    memory_bytes: int = 2 * 2**30,
+    on_progress: Callable[[int], None] | None = None,
+) -> pa.Table:
+    """Per (component, layer, group): Gini over the layer's neurons of their mean |activation| in the group."""
+    layered = [h for h in hooks if h.layer is not None]
+    reader = HookMatrixReader(store, examples)
+    onehot = np.zeros((len(groups), len(examples)), np.float32)  # [groups, examples]
+    onehot[groups.index, np.arange(len(examples))] = 1.0
+    onehot /= onehot.sum(axis=1, keepdims=True)
+    per_layer: dict[tuple[str, int], list[np.ndarray]] = {}
+    buffer = np.empty(0, np.float32)
+    for hook in layered:
+        for part in neuron_slices(hook.width, len(examples), memory_bytes):
+            if buffer.size < len(examples) * (part.stop - part.start):
+                buffer = np.empty(len(examples) * (part.stop - part.start), np.float32)
+            x = reader.read(hook, part, out=buffer)  # [examples, neurons]
+            if not np.isfinite(x).all():
+                raise UserError(
+                    f"hook {hook.hook} holds NaN or infinite activations: leave it out with --hooks, or record "
+                    "the run again"
+                )
+            np.abs(x, out=x)
+            per_layer.setdefault((hook.component, hook.layer), []).append(onehot @ x)  # [groups, neurons]
+            if on_progress:
+                on_progress(part.stop - part.start)
+    rows = []
+    for (component, layer), parts in per_layer.items():
+        means = np.concatenate(parts, axis=1)  # [groups, layer neurons]
+        coefficients = gini(means, axis=1)
+        for g, label in enumerate(groups.labels):
+            rows.append(
+                {
+                    "component": component,
+                    "layer": layer,
+                    **dict(zip(groups.columns, label, strict=True)),
+                    "gini": float(coefficients[g]),
+                    "neurons": means.shape[1],
+                }
+            )
+    return pa.Table.from_pylist(rows)

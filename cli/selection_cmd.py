@@ -1,0 +1,96 @@
+"""``hookpoints selection``: where the top-k / bottom-k neurons of ranked label sets are, from the scores table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cli.console import FORMATS, out, render
+
+
+@click.command("selection")
+@click.option("--store", "store_path", required=True, help="Store folder or s3:// URI.")
+@click.option("--run", "runs", multiple=True, required=True, help="The run(s) of the ranking (as given to ap).")
+@click.option("--label-set", "patterns", multiple=True, metavar="GLOB", help="Label sets to show (default: all).")
+@click.option("--component", "components", multiple=True, help="Only these module groups (repeatable).")
+@click.option("--k", "k", type=int, default=1000, show_default=True, help="Size of the top-k / bottom-k selection.")
+@click.option(
+    "--gini-unit",
+    type=click.Choice(["layer_submodule", "submodule", "layer"]),
+    default="layer_submodule",
+    show_default=True,
+    help="Cells the selection's Gini is computed over.",
+)
+@click.option(
+    "--overlap",
+    nargs=2,
+    metavar="ROWS COLUMNS",
+    help="Also the overlap matrix between two label set globs, e.g. 'unimodal/speech/*' 'unimodal/text/*'.",
+)
+@click.option("--overlap-run", "overlap_runs", multiple=True, help="Run(s) of the COLUMNS ranking (default: --run).")
+@click.option("--side", type=click.Choice(["top", "bottom", "both"]), default="both", show_default=True)
+@click.option("--list", "list_neurons", is_flag=True, help="List the selected neurons of one label set.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), help="Write figures here.")
+def command(
+    store_path, runs, patterns, components, k, gini_unit, overlap, overlap_runs, side, list_neurons, fmt, plots_dir
+) -> None:
+    """Counts per layer x submodule, Gini and overlaps of the neurons selected by a ranking (hookpoints ap)."""
+    from analyses.selection import overlap as overlap_matrix
+    from analyses.selection import run_key, selected_neurons, stored_sets
+    from cli.ap_cmd import check_plots_dir, report
+    from store.catalog import Store
+    from store.errors import UserError
+
+    check_plots_dir(plots_dir)
+    store = Store.open(store_path)
+    run = run_key(runs)
+    with store.query() as session:
+        sets = stored_sets(session, run, list(patterns) or None)
+        if list_neurons:
+            if len(sets) != 1:
+                raise UserError(f"--list shows one label set; --label-set matches {len(sets)}: narrow it")
+            component = components[0] if len(components) == 1 else None
+            render(selected_neurons(session, run, sets[0].label_set, k, side=side, component=component), fmt)
+            return
+    report(
+        store,
+        run,
+        [s.label_set for s in sets],
+        k,
+        plots_dir,
+        components=list(components) or None,
+        gini_unit=gini_unit,
+        overlaps=overlap is None,
+    )
+    if overlap is None:
+        return
+    columns_run = run_key(overlap_runs) if overlap_runs else run
+    with store.query() as session:
+        rows = [s.label_set for s in stored_sets(session, run, [overlap[0]])]
+        cols_sets = stored_sets(session, columns_run, [overlap[1]])
+        columns = [s.label_set for s in cols_sets]
+        shared = sorted(set.intersection(*(set(s.components) for s in cols_sets)) & set(sets[0].components))
+        for component in [c for c in shared if not components or c in components]:
+            for chosen in ("bottom", "top") if side == "both" else (side,):
+                result = overlap_matrix(session, (run, rows), (columns_run, columns), component, k, chosen)
+                if fmt == "table":
+                    out.print(f"[bold]{component}: neurons shared by {chosen}-{k} selections")
+                render(
+                    [
+                        {"rows \\ columns": name, **{c: int(v) for c, v in zip(columns, counts, strict=True)}}
+                        for name, counts in zip(rows, result.counts, strict=True)
+                    ],
+                    fmt,
+                )
+                if plots_dir is not None:
+                    from cli.selectivity_plots import overlap_figure, safe, save
+
+                    title = f"{overlap[0]} (run {run}) vs {overlap[1]} (run {columns_run})"
+                    paths = save(
+                        overlap_figure(result, title),
+                        plots_dir,
+                        f"overlap-{safe(run)}-{safe(overlap[0])}-{safe(overlap[1])}-{component}-{chosen}{k}",
+                    )
+                    out.print(f"plot: {paths[0]}")

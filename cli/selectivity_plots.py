@@ -1,0 +1,173 @@
+"""Plots of neuron selectivity and activation magnitudes (matplotlib, Agg backend; each figure as PNG and SVG).
+
+- selected neurons per layer, stacked by submodule, bottom-k | top-k, one row per panel (attention / FFN /
+  convolution): Figures 2, 4 and 7-48 of seeds/seamless-m4t-v2-neurons.txt,
+- overlap between two families of selections as an annotated matrix (Figure 3),
+- magnitudes by layer and their deviation from the mean trend (Figure 6), and activation Gini by layer.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from analyses.selection import Overlap, panel_of, panel_order  # noqa: E402
+
+PANEL_TITLES = {"attention": "Attention", "ffn": "FFN", "convolution": "Convolution", "other": "Other"}
+LINESTYLES = ["-", "--", ":", "-."]
+
+
+def save(fig: plt.Figure, folder: Path, stem: str) -> list[Path]:
+    """Write ``fig`` as ``folder/stem.png`` and ``.svg``; returns both paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{stem}.png", folder / f"{stem}.svg"]
+    for path in paths:
+        fig.savefig(path, dpi=130 if path.suffix == ".png" else None, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def safe(name: str) -> str:
+    """A file-name-safe version of a label set or run name."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_")
+
+
+def distribution_figure(counts: pa.Table, component: str, k: int, title: str) -> plt.Figure:
+    """Selected neurons per layer, stacked by submodule: a row per panel, bottom-k left and top-k right.
+
+    ``counts``: analyses.selection.layer_counts (layer, submodule, neurons, top, bottom).
+    """
+    rows = counts.to_pylist()
+    layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
+    submodules = sorted({r["submodule"] for r in rows})
+    panels = [p for p in panel_order(component) if any(panel_of(s) == p for s in submodules)]
+    fig, axes = plt.subplots(len(panels), 2, figsize=(12, 3.3 * len(panels)), squeeze=False)
+    value = {(r["layer"], r["submodule"], side): r[side] for r in rows for side in ("top", "bottom")}
+    letter = iter("abcdefghijklmnopqrstuvwxyz")
+    for row, panel in enumerate(panels):
+        members = [s for s in submodules if panel_of(s) == panel]
+        colours = plt.get_cmap("tab20" if len(members) > 10 else "tab10")
+        peak = 0
+        for col, side in enumerate(("bottom", "top")):
+            ax = axes[row][col]
+            base = np.zeros(len(layers))
+            for i, submodule in enumerate(members):
+                heights = np.array([value.get((layer, submodule, side), 0) for layer in layers], dtype=float)
+                ax.bar(layers, heights, bottom=base, color=colours(i % colours.N), label=submodule, width=0.8)
+                base += heights
+            peak = max(peak, base.max() if len(base) else 0)
+            ax.set_title(f"({next(letter)}) {side.capitalize()} {PANEL_TITLES[panel]}", fontsize=10)
+            ax.set_xlabel("Layer index")
+            ax.set_ylabel("Neuron count")
+            if layers:
+                ax.set_xticks(layers if len(layers) <= 12 else layers[:: max(1, len(layers) // 12)])
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(axis="y", alpha=0.3)
+        for col in range(2):
+            axes[row][col].set_ylim(0, max(1, peak) * 1.08)
+        axes[row][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.suptitle(f"{title}\n{component}: bottom-{k} and top-{k} neurons by layer and submodule", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def short_labels(names: list[str]) -> tuple[list[str], str]:
+    """Label set names without their shared path prefix (``unimodal/speech/de`` -> ``de``), and the prefix."""
+    parts = [name.split("/") for name in names]
+    common = 0
+    while all(len(p) > common + 1 for p in parts) and len({tuple(p[: common + 1]) for p in parts}) == 1:
+        common += 1
+    prefix = "/".join(parts[0][:common])
+    return ["/".join(p[common:]) for p in parts], prefix
+
+
+def overlap_figure(result: Overlap, title: str) -> plt.Figure:
+    """Shared neurons between row and column selections, as an annotated matrix (Figure 3)."""
+    rows, row_prefix = short_labels(result.rows)
+    cols, col_prefix = short_labels(result.columns)
+    size = 0.6 * max(len(rows), len(cols)) + 2.5
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    image = ax.imshow(result.counts, cmap="Blues", vmin=0)
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(col_prefix or "columns")
+    ax.set_ylabel(row_prefix or "rows")
+    top = result.counts.max() if result.counts.size else 0
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            shade = "white" if top and result.counts[i, j] > 0.6 * top else "black"
+            ax.text(j, i, str(result.counts[i, j]), ha="center", va="center", color=shade, fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="shared neurons")
+    ax.set_title(f"{title}\n{result.component}: {result.side}-{result.k} overlap", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _group_styles(table: pa.Table, by: list[str]) -> list[tuple[tuple, dict]]:
+    """(group values, line style) for each group: colour by the first column, line style by the second."""
+    groups = sorted(set(zip(*(table[c].to_pylist() for c in by), strict=True)), key=lambda g: tuple(str(v) for v in g))
+    firsts = sorted({str(g[0]) for g in groups})
+    seconds = sorted({str(g[1]) for g in groups}) if len(by) > 1 else []
+    colours = plt.get_cmap("tab10")
+    styles = []
+    for group in groups:
+        style = {"color": colours(firsts.index(str(group[0])) % 10)}
+        if seconds:
+            style["linestyle"] = LINESTYLES[seconds.index(str(group[1])) % len(LINESTYLES)]
+        styles.append((group, style))
+    return styles
+
+
+def _series(table: pa.Table, by: list[str], component: str, group: tuple, column: str) -> tuple[list, list]:
+    rows = [
+        r
+        for r in table.to_pylist()
+        if r["component"] == component and tuple(r[c] for c in by) == group and r["layer"] is not None
+    ]
+    rows.sort(key=lambda r: r["layer"])
+    return [r["layer"] for r in rows], [r[column] for r in rows]
+
+
+def magnitude_figure(table: pa.Table, by: list[str], component: str, scale: float, title: str) -> plt.Figure:
+    """Mean magnitude by layer, and deviation from the mean trend (x ``scale``) by layer, one line per group."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for group, style in _group_styles(table, by):
+        label = " · ".join(str(v) for v in group)
+        layers, values = _series(table, by, component, group, "magnitude")
+        axes[0].plot(layers, values, marker="o", markersize=3, label=label, **style)
+        layers, values = _series(table, by, component, group, "deviation")
+        axes[1].plot(layers, np.array(values) * scale, marker="o", markersize=3, label=label, **style)
+    axes[0].set_title("(a) layer-wise activation magnitude", fontsize=10)
+    axes[1].set_title(f"(b) deviation from the mean trend (x{scale:g})", fontsize=10)
+    axes[1].axhline(0, color="black", linewidth=0.8)
+    for ax in axes:
+        ax.set_xlabel("Layer index")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.suptitle(f"{title}\n{component}", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def activation_gini_figure(table: pa.Table, by: list[str], component: str, title: str) -> plt.Figure:
+    """Gini of the neurons' mean |activation| by layer, one line per group."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for group, style in _group_styles(table, by):
+        layers, values = _series(table, by, component, group, "gini")
+        ax.plot(layers, values, marker="o", markersize=3, label=" · ".join(str(v) for v in group), **style)
+    ax.set_xlabel("Layer index")
+    ax.set_ylabel("Gini of mean |activation| over neurons")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(f"{title}\n{component}: activation inequality by layer", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,119 @@
+"""hookpoints ap / selection / magnitudes from the command line, the demo's stage, and bad input as one line."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+from selectivity_helpers import DECODER, ENCODER, examples_table, hook_rows, write_run
+
+from store.catalog import Store
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "store"
+    store = Store.open(path, create=True)
+    speech = examples_table(6, "speech", seed=1, prefix="s")
+    text = examples_table(6, "text", seed=2, prefix="t")
+    write_run(store, "s2tt", speech, hook_rows("speech_encoder", 2, ENCODER) + hook_rows("text_decoder", 2, DECODER))
+    write_run(store, "t2tt", text, hook_rows("text_encoder", 2, ENCODER) + hook_rows("text_decoder", 2, DECODER))
+    return str(path)
+
+
+def test_ap_ranks_reports_plots_and_stores(store_path, tmp_path, run_cli):
+    plots = tmp_path / "plots"
+    code, out, err = run_cli(
+        "ap", "--store", store_path, "--run", "s2tt", "--run", "t2tt", "--preset", "unimodal", "--preset", "modality",
+        "--k", "4", "--k", "8", "--plots", str(plots),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "ranking 40 neurons (text_decoder 40) of run(s) s2tt+t2tt over 36 examples against 8 label set(s)" in out
+    for name in ("unimodal/speech/de", "unimodal/text/ja", "modality/text"):
+        assert name in out
+    assert "neurons shared by bottom-4 unimodal language sets, speech vs text" in out  # Figure 3's matrix
+    pngs = sorted(p.name for p in plots.glob("*.png"))
+    assert "ap-s2tt_t2tt-modality_speech-text_decoder-k4.png" in pngs
+    assert "overlap-s2tt_t2tt-text_decoder-top4.png" in pngs
+    assert len(list(plots.glob("*.svg"))) == len(pngs) == 8 + 2
+    code, out, _ = run_cli(
+        "sql", "--store", store_path, "--format", "json",
+        "SELECT label_set, count(*) AS n, count(*) FILTER (WHERE top_rank <= 4) AS top4 FROM scores "
+        "WHERE run = 's2tt+t2tt' GROUP BY label_set ORDER BY label_set",
+    )  # fmt: skip
+    rows = json.loads(out)
+    assert len(rows) == 8 and all(r["n"] == 40 and r["top4"] == 4 for r in rows)
+
+
+def test_selection_lists_overlaps_and_neurons(store_path, tmp_path, run_cli):
+    code, _, err = run_cli("ap", "--store", store_path, "--run", "s2tt", "--preset", "unimodal", "--k", "5")
+    assert code == 0, err
+    code, out, err = run_cli(
+        "selection", "--store", store_path, "--run", "s2tt", "--k", "5", "--component", "speech_encoder",
+        "--overlap", "unimodal/speech/*", "unimodal/speech/*", "--side", "top", "--plots", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "speech_encoder" in out and "neurons shared by top-5 selections" in out
+    code, out, err = run_cli(
+        "selection", "--store", store_path, "--run", "s2tt", "--label-set", "unimodal/speech/en", "--list",
+        "--k", "3", "--side", "top", "--component", "text_decoder", "--format", "json",
+    )  # fmt: skip
+    assert code == 0, err
+    listed = json.loads(out)
+    assert sorted(r["top_rank"] for r in listed) == [1, 2, 3]
+
+
+def test_magnitudes_table_and_plots(store_path, tmp_path, run_cli):
+    code, out, err = run_cli(
+        "magnitudes", "--store", store_path, "--run", "s2tt", "--run", "t2tt", "--plots", str(tmp_path), "--absolute"
+    )
+    assert code == 0, err
+    assert "layer-wise mean |activation| of run(s) s2tt+t2tt by language, modality" in out
+    assert "deviation x1000" in out and "Gini over each layer" in out
+    assert {p.name for p in tmp_path.glob("*.png")} == {
+        "magnitudes-s2tt_t2tt-text_decoder.png",
+        "activation-gini-s2tt_t2tt-text_decoder.png",
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["ap", "--run", "s2tt", "--among", "language = 'de'"], "give --positive too"),
+        (["ap", "--run", "s2tt"], "give a label set"),
+        (["ap", "--run", "s2tt", "--positive", "language = = 'de'"], "does not work on the examples"),
+        (["ap", "--run", "s2tt", "--positive", "language = 'xx'"], "no positive examples"),
+        (["ap", "--run", "s2tt", "--preset", "unimodal", "--k", "500"], "k=500 is larger than module group"),
+        (["ap", "--run", "s2tt", "--preset", "modality"], "shared decoder"),
+        (["ap", "--run", "s2tt", "--preset", "unimodal", "--memory-gb", "0"], "--memory-gb must be positive"),
+        (["ap", "--run", "s2tt", "--preset", "unimodal", "--k", "2", "--report-k", "0"], "--report-k"),
+        (["ap", "--run", "s2tt", "--preset", "unimodal", "--k", "2", "--plots", "/proc/plots"], "cannot write plots"),
+        (["selection", "--run", "nope"], "no ranking of run"),
+        (["magnitudes", "--run", "s2tt", "--by", "speaker"], "--by 'speaker' is not a column"),
+        (["magnitudes", "--run", "s2tt", "--where", "language = "], "--where"),
+    ],
+)
+def test_bad_input_is_one_line(store_path, run_cli, args, expected):
+    code, out, err = run_cli(args[0], "--store", store_path, *args[1:])
+    assert code == 2, (out, err)
+    assert expected in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 or err.count("error:") == 1
+
+
+def test_demo_stage_on_a_recorded_seamless_run(tiny_model_dir, tmp_path, capsys):
+    from cli.ap_cmd import demo_stage
+    from hookpoints.loading import load
+    from hookpoints.manifest import read_manifest
+    from hookpoints.recorder import record
+
+    corpus = read_manifest(resources.files("hookpoints") / "data" / "corpus.jsonl")
+    manifest = type(corpus)(corpus.path, corpus.table.slice(0, 60))  # 10 meanings x 6 languages
+    store = Store.open(tmp_path / "store", create=True)
+    hooked = load(str(tiny_model_dir("seamless_m4t_v2")), modality="text")
+    record(hooked, manifest, store, "seamless-text", batch_size=20)
+    paths = demo_stage(store, ["seamless-text"], tmp_path / "plots", ks=(20, 50))
+    out = capsys.readouterr().out
+    assert "against 6 label sets (preset unimodal)" in out
+    assert "unimodal/" in out and "text_encoder" in out and "text_decoder" in out
+    assert len(paths) == 2 * 6 * 2 and all(p.exists() for p in paths)  # 6 languages x 2 groups, PNG + SVG

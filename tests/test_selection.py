@@ -1,0 +1,143 @@
+"""Counts, Gini, overlaps and neuron lists read from the scores table, against the in-memory ranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from selectivity_helpers import DECODER, ENCODER, examples_table, hook_rows, write_run
+
+from analyses import gini
+from analyses.ranking import plan_ranking, rank, write_scores
+from analyses.selection import (
+    ap_summary,
+    layer_counts,
+    overlap,
+    panel_of,
+    panel_shares,
+    selected_neurons,
+    selection_gini,
+    stored_sets,
+)
+from store.catalog import Store
+from store.errors import UserError
+
+K = 6
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory):
+    store = Store.open(tmp_path_factory.mktemp("selection") / "store", create=True)
+    speech = examples_table(8, "speech", seed=1, prefix="s")
+    text = examples_table(8, "text", seed=2, prefix="t")
+    write_run(store, "s2tt", speech, hook_rows("speech_encoder", 3, ENCODER) + hook_rows("text_decoder", 3, DECODER))
+    write_run(store, "t2tt", text, hook_rows("text_encoder", 3, ENCODER) + hook_rows("text_decoder", 3, DECODER))
+    job = plan_ranking(store, ["s2tt", "t2tt"], presets=["unimodal", "modality"], ks=(K, 2 * K))
+    result = rank(store, job)
+    write_scores(store, result)
+    return store, result
+
+
+def cells(result, s: int, side: str) -> dict[tuple[int, str], int]:
+    """Selected neurons per (layer, submodule), from the ranking arrays (independent of SQL)."""
+    chosen = result.selected(s, "text_decoder", K, side)
+    counts: dict[tuple[int, str], int] = {}
+    for i in chosen:
+        hook = result.job.hooks[result.neuron_hook[i]]
+        counts[hook.layer, hook.submodule] = counts.get((hook.layer, hook.submodule), 0) + 1
+    return counts
+
+
+def test_counts_per_layer_and_submodule_and_their_gini(ranked):
+    store, result = ranked
+    names = [ls.name for ls in result.job.masks.label_sets]
+    with store.query() as session:
+        for s, name in enumerate(names):
+            counts = layer_counts(session, "s2tt+t2tt", name, "text_decoder", K)
+            assert counts.num_rows == 3 * len(DECODER)  # every cell, also the empty ones
+            for side in ("top", "bottom"):
+                got = {(r["layer"], r["submodule"]): r[side] for r in counts.to_pylist() if r[side]}
+                assert got == cells(result, s, side)
+                assert sum(counts[side].to_pylist()) == K
+                full = [got.get((layer, sub), 0) for layer in range(3) for sub in DECODER]
+                assert selection_gini(counts, side) == pytest.approx(gini(full))
+                per_sub = [sum(got.get((layer, sub), 0) for layer in range(3)) for sub in DECODER]
+                assert selection_gini(counts, side, "submodule") == pytest.approx(gini(per_sub))
+                shares = panel_shares(counts, side, "text_decoder")
+                assert sum(shares.values()) == K and set(shares) <= {"attention", "ffn"}
+        with pytest.raises(UserError, match="larger than module group"):
+            layer_counts(session, "s2tt+t2tt", names[0], "text_decoder", 10_000)
+
+
+def test_overlap_matrix_equals_set_intersections(ranked):
+    store, result = ranked
+    names = [ls.name for ls in result.job.masks.label_sets]
+    rows = [n for n in names if n.startswith("unimodal/speech/")]
+    cols = [n for n in names if n.startswith("unimodal/text/")]
+    with store.query() as session:
+        for side in ("top", "bottom"):
+            got = overlap(session, ("s2tt+t2tt", rows), ("s2tt+t2tt", cols), "text_decoder", K, side)
+            for i, a in enumerate(rows):
+                for j, b in enumerate(cols):
+                    sa = set(result.selected(names.index(a), "text_decoder", K, side))
+                    sb = set(result.selected(names.index(b), "text_decoder", K, side))
+                    assert got.counts[i, j] == len(sa & sb)
+            diagonal = overlap(session, ("s2tt+t2tt", rows), ("s2tt+t2tt", rows), "text_decoder", K, side)
+            assert (np.diag(diagonal.counts) == K).all()
+
+
+def test_selected_neurons_and_stored_sets(ranked):
+    store, result = ranked
+    with store.query() as session:
+        sets = stored_sets(session, "s2tt+t2tt", ["modality/*"])
+        assert [s.label_set for s in sets] == ["modality/speech", "modality/text"]
+        assert sets[0].components == {"text_decoder": sum(DECODER.values()) * 3}
+        both = selected_neurons(session, "s2tt+t2tt", "modality/speech", K, side="both")
+        s = [ls.name for ls in result.job.masks.label_sets].index("modality/speech")
+        expected = set(result.selected(s, "text_decoder", K, "top")) | set(
+            result.selected(s, "text_decoder", K, "bottom")
+        )
+        names = {(result.job.hooks[result.neuron_hook[i]].hook, int(result.neuron_index[i])) for i in expected}
+        assert {(r["hook"], r["neuron"]) for r in both.to_pylist()} == names
+        with pytest.raises(UserError, match="no ranking of run"):
+            stored_sets(session, "s2tt")
+        with pytest.raises(UserError, match="matches no label set"):
+            stored_sets(session, "s2tt+t2tt", ["multimodal/*"])
+        with pytest.raises(UserError, match="side must be top or bottom"):
+            selected_neurons(session, "s2tt+t2tt", "modality/speech", K, side="middle")
+
+
+def test_ap_summary_equals_the_ranking(ranked):
+    store, result = ranked
+    names = [ls.name for ls in result.job.masks.label_sets]
+    with store.query() as session:
+        summary = {(r["label_set"], r["component"]): r for r in ap_summary(session, "s2tt+t2tt", names)}
+    assert len(summary) == len(names)
+    inside = np.flatnonzero(result.component_mask("text_decoder"))
+    for s, name in enumerate(names):
+        row, ap = summary[name, "text_decoder"], result.ap[s, inside]
+        assert (row["max_ap"], row["min_ap"]) == (ap.max(), ap.min())
+        assert row["median_ap"] == pytest.approx(np.median(ap))
+        best = inside[np.argmax(ap)]  # first of any tie: the hook order breaks ties
+        hook = result.job.hooks[result.neuron_hook[best]].hook
+        assert row["best_neuron"] == f"{hook}[{result.neuron_index[best]}]"
+        assert (row["n_positive"], row["n_among"]) == (result.job.masks.n_positive[s], result.job.masks.n_among[s])
+
+
+@pytest.mark.parametrize(
+    ("submodule", "panel"),
+    [
+        ("self_attn_layer_norm", "attention"),
+        ("cross_attention.k_proj", "attention"),
+        ("self_attn.linear_q", "attention"),
+        ("ffn1_layer_norm", "ffn"),
+        ("ffn.fc1", "ffn"),
+        ("ffn2.intermediate_dense", "ffn"),
+        ("conv_module.pointwise_conv1", "convolution"),
+        ("conv_module.layer_norm", "convolution"),
+        ("mlp.hook_pre", "ffn"),
+        ("attn.hook_q", "attention"),
+        ("hook_resid_pre", "other"),
+    ],
+)
+def test_panels_follow_the_papers_figures(submodule, panel):
+    assert panel_of(submodule) == panel
