@@ -198,7 +198,11 @@ def demo_stage(store, plots_dir: Path, *, corpus_run: str | None = None) -> None
     analyse(store, DEMO_RUN, settings, plots_dir)
     if corpus_run and store.run_info(corpus_run) is not None:
         out.rule(f"[bold]Language and meaning clusters of run {corpus_run}, layer by layer")
-        analyse(store, corpus_run, ClusterSettings(labels=("language", "semantic_id")), plots_dir)
+        # t-SNE needs more points than its perplexity (30 by default): a quick demo run has fewer.
+        with store.query() as session:
+            n = session.sql("SELECT count(*) AS n FROM examples WHERE run = $r", {"r": corpus_run})["n"][0].as_py()
+        perplexity = min(30.0, max(2.0, (n - 1) / 3))
+        analyse(store, corpus_run, ClusterSettings(labels=("language", "semantic_id"), perplexity=perplexity), plots_dir)
 
 
 def _scope(result) -> str:

@@ -11,6 +11,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from hookpoints.adapters.base import Adapter
+from hookpoints.editing import NeuronEdit, apply_edit
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
@@ -60,6 +61,7 @@ class HookedModel:
         root = self.traced.path
         self._envoys = {path.removeprefix(root).removeprefix("."): envoy for path, envoy in self.traced.named_modules()}
         self._points: HookPointSet | None = None
+        self._every_step: frozenset[str] | None = None
 
     @classmethod
     def from_pretrained(cls, source: str, **options) -> HookedModel:
@@ -194,6 +196,78 @@ class HookedModel:
         pooled = {name: tensor.detach() for name, tensor in saved.items()}
         pooled.update(self.pooled(decoder_inputs, outside, pooling) if outside else {})
         return pooled, generation
+
+    def generate_edited(
+        self,
+        inputs: ModelInputs,
+        prompt: torch.Tensor,
+        edits: list[NeuronEdit],
+        max_new_tokens: int,
+        *,
+        record: list[HookPoint] = (),
+    ) -> tuple[Generation, dict[str, list[torch.Tensor]]]:
+        """Greedy decoding from ``prompt`` with every edit applied at every position of every call.
+
+        One nnsight trace of ``generate``: at each step, each edited hook point's tensor is edited as its
+        module runs (decoder hooks at every step, the prompt's positions included; encoders and
+        cross-attention keys and values at step 0, the only time they run). ``record`` hook points are
+        saved after the edits, per call: name -> ``[batch, pos, width]`` tensors, one per call (the test that
+        edits land exactly where they should). Without edits the output equals :meth:`generate`'s.
+        """
+        every_step = self.modules_run_every_step(inputs, prompt)
+        by_point: dict[str, list[NeuronEdit]] = {}
+        for edit in edits:
+            by_point.setdefault(edit.point.name, []).append(edit)
+        targets = {edit.point.name: edit.point for edit in edits} | {point.name: point for point in record}
+        ordered = sorted(targets.values(), key=lambda p: p.order)
+        recorded: dict[str, list[torch.Tensor]] = {point.name: [] for point in record}
+        wanted = {point.name for point in record}
+        collector = TokenCollector()
+        kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
+        with warnings.catch_warnings():
+            # A batch whose examples all stop early ends the step loop before max_new_tokens; nnsight warns.
+            warnings.simplefilter("ignore", UserWarning)
+            with (
+                torch.inference_mode(),
+                self.adapter.batch_guard(self.model, inputs),
+                self.traced.trace(fn="generate", **kwargs, **greedy_kwargs(max_new_tokens)) as tracer,
+            ):
+                for step in tracer.iter[:max_new_tokens]:
+                    for point in ordered:
+                        if step > 0 and point.module not in every_step:
+                            continue  # it ran at step 0 only (an encoder, cross-attention keys/values)
+                        envoy = self._envoys[point.module]
+                        value = envoy.output if point.io == "output" else envoy.input
+                        for edit in by_point.get(point.name, ()):
+                            apply_edit(value, edit)
+                        if point.name in wanted:
+                            recorded[point.name].append(positions_first(value, point).clone().save())
+        generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
+        return generation, recorded
+
+    def modules_run_every_step(self, inputs: ModelInputs, prompt: torch.Tensor) -> frozenset[str]:
+        """Module paths that run at every step of ``generate`` (not only at step 0), found once by watching
+        two steps of a one-example generation with plain forward hooks."""
+        if self._every_step is None:
+            calls: dict[str, int] = {}
+            handles = [
+                module.register_forward_hook(lambda *_, path=path: calls.__setitem__(path, calls.get(path, 0) + 1))
+                for path, module in self.model.named_modules()
+                if path
+            ]
+            first = {name: value[:1] for name, value in inputs.kwargs.items()}
+            one = ModelInputs(
+                first, {k: v[:1] for k, v in inputs.masks.items()}, {k: v[:1] for k, v in inputs.extras.items()}
+            )
+            try:
+                with torch.inference_mode(), self.adapter.batch_guard(self.model, one):
+                    kwargs = {**first, "decoder_input_ids": prompt[:1], **greedy_kwargs(3), "min_new_tokens": 3}
+                    self.model.generate(**kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            self._every_step = frozenset(path for path, count in calls.items() if count >= 3)
+        return self._every_step
 
     def _module_path(self, module: nn.Module) -> str:
         return next(path for path, candidate in self.model.named_modules() if candidate is module)

@@ -12,6 +12,7 @@ import torch
 
 import hookpoints
 from hookpoints.audio import inspect_audio, load_audio
+from hookpoints.inputs import ModelInputs
 from hookpoints.manifest import Manifest, audio_path
 from hookpoints.model import HookedModel
 from hookpoints.points import HookPoint
@@ -72,7 +73,7 @@ BatchRunner = Callable[
 
 
 @dataclass(frozen=True)
-class _Plan:
+class ExamplePlan:
     """What every example needs, checked before anything is written."""
 
     task: Task
@@ -128,7 +129,7 @@ def record(
     if frames is not None and frames < 1:
         raise UserError(f"frames must be at least 1, not {frames}")
     check_shard(shard)
-    plan = _plan(model, manifest, get_task(task), tgt_lang)
+    plan = plan_examples(model, manifest, get_task(task), tgt_lang)
     if per_step and not plan.task.generates:
         raise UserError(f"per-step recording needs a generating task (asr, s2tt, t2tt), not {task}")
     if frames is not None and model.modality != "speech":
@@ -191,7 +192,7 @@ def record(
     return RecordSummary(run, len(todo), len(mine) - len(todo), len(points), seconds, shard, len(manifest) - len(mine))
 
 
-def _plan(model: HookedModel, manifest: Manifest, task: Task, tgt_lang: str | None) -> _Plan:
+def plan_examples(model: HookedModel, manifest: Manifest, task: Task, tgt_lang: str | None) -> ExamplePlan:
     """Check the task against the model and every example's input; nothing is written before this passes."""
     if task.name not in model.tasks:
         raise UserError(
@@ -231,7 +232,7 @@ def _plan(model: HookedModel, manifest: Manifest, task: Task, tgt_lang: str | No
                     f"example {example!r}: unknown {kind} language {code!r} for model {model.source}"
                     + (f"; it knows: {listed}" if known else "")
                 )
-    return _Plan(task, sizes)
+    return ExamplePlan(task, sizes)
 
 
 def _added_columns(manifest: Manifest, task: Task) -> dict[str, pa.DataType]:
@@ -244,6 +245,24 @@ def _added_columns(manifest: Manifest, task: Task) -> dict[str, pa.DataType]:
     return added
 
 
+def batch_inputs(model: HookedModel, examples: pa.Table, job: BatchJob) -> tuple[ModelInputs, list[str] | None]:
+    """A batch's model inputs (speech, or text marked with its source language where the task needs it) and
+    the model code of the language each example is generated into (None for tasks that do not generate)."""
+    task = get_task(job.task)
+    ids = examples["example_id"].to_pylist()
+    languages = examples["language"].to_pylist() if "language" in examples.column_names else None
+    if model.modality == "speech":
+        paths = [audio_path(Path(job.base), value) for value in examples["audio"].to_pylist()]
+        waveforms = [load_audio(path, example) for path, example in zip(paths, ids, strict=True)]
+        inputs = model.speech_inputs(waveforms, frames=job.frames)
+    elif task.needs_source_language:
+        inputs = model.source_inputs(examples["text"].to_pylist(), source_languages(task, languages, ids))
+    else:
+        inputs = model.text_inputs(examples["text"].to_pylist())
+    targets = target_languages(task, languages, job.tgt_lang, ids) if task.generates else None
+    return inputs, targets
+
+
 def record_batch(
     model: HookedModel, examples: pa.Table, points: list[HookPoint], job: BatchJob
 ) -> tuple[dict[str, HookRows], dict[str, list]]:
@@ -253,20 +272,10 @@ def record_batch(
     """
     task = get_task(job.task)
     ids = examples["example_id"].to_pylist()
-    columns = examples.column_names
-    languages = examples["language"].to_pylist() if "language" in columns else None
-    if model.modality == "speech":
-        paths = [audio_path(Path(job.base), value) for value in examples["audio"].to_pylist()]
-        waveforms = [load_audio(path, example) for path, example in zip(paths, ids, strict=True)]
-        inputs = model.speech_inputs(waveforms, frames=job.frames)
-    elif task.needs_source_language:
-        inputs = model.source_inputs(examples["text"].to_pylist(), source_languages(task, languages, ids))
-    else:
-        inputs = model.text_inputs(examples["text"].to_pylist())
+    inputs, targets = batch_inputs(model, examples, job)
     added: dict[str, list] = {}
     step_offset = 0
     if task.generates:
-        targets = target_languages(task, languages, job.tgt_lang, ids)
         pooled, generation = model.pooled_generating(
             inputs, model.decoder_prompt(targets), points, job.method, job.max_new_tokens
         )

@@ -1,0 +1,113 @@
+"""``hookpoints intervene``: median replacement (or mean, zero, constant, steering) of selected neurons during
+generation, against random neurons of the same number; scored, stored, tabled and plotted (Figure 5)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from analyses.interventions import KINDS, NEURON_TYPES, SIDES
+from cli.console import counting, out, render
+from cli.intervene_sweep import PAPER_SEED, SweepSpec, plan_sweep, run_sweep
+
+PAPER_KS = (500, 1000, 2500, 5000)
+
+
+@click.command("intervene")
+@click.option("--store", "store_path", required=True, help="Store folder or s3:// URI.")
+@click.option("--run", "runs", multiple=True, required=True, help="The runs the neurons were ranked over (repeatable).")
+@click.option("--task", "tasks", multiple=True, required=True, type=click.Choice(["asr", "s2tt", "t2tt"]))
+@click.option(
+    "--type", "neuron_types", multiple=True, type=click.Choice([t for t in NEURON_TYPES if t != "none"]),
+    default=("unimodal", "random"), show_default=True, help="Neuron types to replace (repeatable).",
+)  # fmt: skip
+@click.option(
+    "--k", "ks", multiple=True, type=int, default=PAPER_KS, show_default=True, help="Neurons per module group."
+)
+@click.option("--side", type=click.Choice(SIDES), default="top", show_default=True, help="Top-k, bottom-k or both.")
+@click.option("--kind", type=click.Choice(KINDS), default="median", show_default=True, help="What neurons become.")
+@click.option("--value", type=float, help="The constant (--kind constant) or steering scale (--kind steer).")
+@click.option("--seed", type=int, default=PAPER_SEED, show_default=True, help="Seed of the random neurons.")
+@click.option("--random-like", help="The neuron type whose counts per module group random draws match.")
+@click.option(
+    "--neurons",
+    multiple=True,
+    metavar="HOOK:IDX",
+    help="Explicit neurons, e.g. 'text_decoder.layers.3.ffn.fc1:0,5,7-9'.",
+)
+@click.option("--language", "languages", multiple=True, help="Languages (manifest labels) to generate from.")
+@click.option("--limit", type=int, default=100, show_default=True, help="Generations per language (the paper: 100).")
+@click.option(
+    "--stats-run", "stats_runs", multiple=True, help="Run the medians/means come from (default: the --run of the task)."
+)
+@click.option("--stats-where", metavar="PRED", help="Examples the statistics are computed over; may name {language}.")
+@click.option("--data", help="Manifest or FLEURS folder to generate from (default: the statistics run's manifest).")
+@click.option("--model", help="Model folder or hub id (default: the statistics run's model).")
+@click.option("--tgt-lang", help="Target language of translation (default eng: X -> En, as in the paper).")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--frames", type=int, help="Fix speech features to this many frames (the paper: 300).")
+@click.option("--reference-column", help="Column holding each example's reference text.")
+@click.option("--pair-column", default="semantic_id", show_default=True, help="Column pairing translations.")
+@click.option("--sweep", "sweep_name", help="Name of the sweep in the store (default: sweep-<UTC time>).")
+@click.option("--overwrite", is_flag=True, help="Replace a sweep of the same name.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), help="Figure 5 goes here.")
+def command(store_path, sweep_name, overwrite, plots_dir, **options) -> None:
+    """Replace selected neurons during generation and score what happens (seeds paper, Experiment 2)."""
+    from store.catalog import Store
+
+    name = sweep_name or datetime.now(UTC).strftime("sweep-%Y%m%dT%H%M%S")
+    spec = SweepSpec(
+        sweep=name,
+        **{key: tuple(value) if isinstance(value, (list, tuple)) else value for key, value in options.items()},
+        if_exists="overwrite" if overwrite else "error",
+    )
+    store = Store.open(store_path)
+    scores = sweep(store, spec, plots_dir)
+    out.print(f"sweep {name}: {scores.num_rows} scores; SQL: SELECT * FROM intervention_scores WHERE sweep = '{name}'")
+
+
+def sweep(store, spec: SweepSpec, plots_dir: Path | None):
+    """Plan, run with progress, print the table and write Figure 5; returns the corpus scores."""
+    from cli.intervention_plots import plot_sweep
+    from hookpoints.loading import load
+
+    models = {}
+
+    def load_model(source: str, modality: str):
+        if (source, modality) not in models:
+            models[source, modality] = load(source, modality=modality)
+        return models[source, modality]
+
+    cells = plan_sweep(store, spec, load_model)
+    total = sum(cell.examples.num_rows * len(cell.conditions) for cell in cells)
+    conditions = {c.fields["condition"] for cell in cells for c in cell.conditions}
+    with counting(f"sweep {spec.sweep}: {len(conditions)} conditions x {len(cells)} task-languages (generations)") as (
+        on_start,
+        on_batch,
+    ):
+        on_start(total)
+        scores = run_sweep(store, spec, cells, on_batch)
+    render(score_table(scores), title=f"intervention scores ({spec.sweep}): mean over languages")
+    if plots_dir is not None:
+        for path in plot_sweep(scores, spec.sweep, plots_dir):
+            if path.suffix == ".png":
+                out.print(f"  figure: {path}")
+    return scores
+
+
+def score_table(scores) -> list[dict]:
+    """Rows per (task, condition): the metric's mean over languages and each language's score."""
+    rows: dict[tuple[str, str], dict] = {}
+    for row in scores.to_pylist():
+        entry = rows.setdefault(
+            (row["task"], row["condition"]),
+            {"task": row["task"], "condition": row["condition"], "neurons": row["n_neurons"], "metric": row["metric"]},
+        )
+        entry[row["language"]] = round(row["score"], 3)
+    for entry in rows.values():
+        values = [v for key, v in entry.items() if key not in ("task", "condition", "neurons", "metric")]
+        entry["mean"] = round(sum(values) / len(values), 3)
+    return list(rows.values())

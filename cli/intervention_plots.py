@@ -1,0 +1,69 @@
+"""Figure 5 of seeds/seamless-m4t-v2-neurons.txt: intervention score against k, one line per neuron type.
+
+One panel per task, scores averaged over the swept languages; the unedited generation (``none``) is a dashed
+horizontal line. Translation plots the combined score (0.6 BLEU + 0.4 chrF, higher is better), ASR the error
+rate (WER/CER, lower is better).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pyarrow as pa  # noqa: E402
+from matplotlib.ticker import NullLocator, ScalarFormatter  # noqa: E402
+
+from cli.selectivity_plots import safe, save  # noqa: E402
+
+TASK_TITLES = {"asr": "ASR", "s2tt": "Speech-to-text translation", "t2tt": "Text-to-text translation"}
+METRIC_LABELS = {"combined": "0.6 BLEU + 0.4 chrF", "wer": "WER", "cer": "CER", "wer/cer": "WER / CER"}
+
+
+def mean_by_type(scores: pa.Table, task: str) -> tuple[dict[str, dict[int, float]], float | None, str]:
+    """Per neuron type, k -> score averaged over languages; the ``none`` level; the metric's label."""
+    rows = [r for r in scores.to_pylist() if r["task"] == task]
+    metrics = sorted({r["metric"] for r in rows})
+    sums: dict[tuple[str, int], list[float]] = {}
+    for row in rows:
+        sums.setdefault((row["neuron_type"], row["k"]), []).append(row["score"])
+    lines: dict[str, dict[int, float]] = {}
+    for (neuron_type, k), values in sorted(sums.items()):
+        if neuron_type != "none":
+            lines.setdefault(neuron_type, {})[k] = sum(values) / len(values)
+    none = sums.get(("none", 0))
+    return lines, (sum(none) / len(none) if none else None), "/".join(metrics)
+
+
+def figure5(scores: pa.Table, title: str) -> plt.Figure:
+    """Score against k per neuron type, one panel per task (``scores``: intervention_scores rows)."""
+    tasks = list(dict.fromkeys(scores["task"].to_pylist()))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        lines, none, metric = mean_by_type(scores, task)
+        for neuron_type, points in lines.items():
+            ks = sorted(points)
+            style = {"color": "black", "linestyle": ":"} if neuron_type == "random" else {}
+            ax.plot(ks, [points[k] for k in ks], marker="o", label=neuron_type, **style)
+        if none is not None:
+            ax.axhline(none, color="grey", linestyle="--", linewidth=1, label="no intervention")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({k for points in lines.values() for k in points}))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("k (neurons per module group)")
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.set_title(TASK_TITLES.get(task, task))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep(scores: pa.Table, sweep: str, folder: Path) -> list[Path]:
+    """Figure 5 of a sweep into ``folder`` (PNG and SVG)."""
+    return save(figure5(scores, f"Interventions: {sweep}"), folder, f"interventions-{safe(sweep)}")
