@@ -202,7 +202,8 @@ def demo_stage(store, plots_dir: Path, *, corpus_run: str | None = None) -> None
         with store.query() as session:
             n = session.sql("SELECT count(*) AS n FROM examples WHERE run = $r", {"r": corpus_run})["n"][0].as_py()
         perplexity = min(30.0, max(2.0, (n - 1) / 3))
-        analyse(store, corpus_run, ClusterSettings(labels=("language", "semantic_id"), perplexity=perplexity), plots_dir)
+        settings = ClusterSettings(labels=("language", "semantic_id"), perplexity=perplexity)
+        analyse(store, corpus_run, settings, plots_dir)
 
 
 def _scope(result) -> str:

@@ -1,0 +1,216 @@
+"""Intervention sweeps over a real (tiny) recording: selections, values from the store, scores, the command.
+
+One store for the module: the tiny SeamlessM4T v2 records S2TT (12 espeak-ng utterances) and T2TT (6
+sentences) of the corpus' first meaning, and the decoder is ranked in the paper's four settings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sacrebleu.metrics import BLEU, CHRF
+
+from analyses.interventions import (
+    Selection,
+    explicit_selection,
+    random_selection,
+    replacement_values,
+    scored_selection,
+)
+from analyses.ranking import plan_ranking, rank, write_scores
+from analyses.text_scores import corpus_scores, sentence_scores
+from hookpoints.loading import load
+from hookpoints.manifest import read_manifest
+from hookpoints.recorder import record
+from store.catalog import Store
+from store.errors import UserError
+
+RANKING = "s2tt+t2tt"
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_model_dir, corpus, tmp_path_factory):
+    model_dir = tiny_model_dir("seamless_m4t_v2")
+    store = Store.open(tmp_path_factory.mktemp("interventions") / "store", create=True)
+    for run, modality, path in (("s2tt", "speech", corpus.speech), ("t2tt", "text", corpus.text)):
+        model = load(model_dir, modality=modality)
+        manifest = read_manifest(path, required=("audio",) if modality == "speech" else ("text",))
+        hooks = ["text_decoder.layers.*.ffn.fc1", "text_decoder.layers.*.cross_attention.v_proj"]
+        record(model, manifest, store, run, hooks=hooks, task=run, max_new_tokens=6, batch_size=6)
+    write_scores(store, rank(store, plan_ranking(store, ["s2tt", "t2tt"], presets=["all"], ks=(5, 10))))
+    return store, model_dir
+
+
+def _activations(store: Store, run: str, hook: str, where: str = "TRUE") -> np.ndarray:
+    with store.query() as session:
+        rows = session.sql(
+            f"""SELECT a.activation FROM activations a JOIN examples e USING (run, example_id)
+                WHERE a.run = '{run}' AND a.hook = '{hook}' AND {where}"""
+        )["activation"].to_pylist()
+    return np.array(rows, np.float64)  # [examples, width]
+
+
+def test_scored_selection_is_the_top_k_by_ap(swept):
+    store, _ = swept
+    with store.query() as session:
+        selection = scored_selection(session, RANKING, "unimodal/speech/de", 5, "top")
+        scores = session.sql(
+            f"SELECT hook, neuron, ap FROM scores WHERE run = '{RANKING}' AND label_set = 'unimodal/speech/de'"
+        ).to_pylist()
+        both = scored_selection(session, RANKING, "unimodal/speech/de", 5, "both")
+    chosen = set(zip(selection.neurons["hook"].to_pylist(), selection.neurons["neuron"].to_pylist(), strict=True))
+    inside = [r["ap"] for r in scores if (r["hook"], r["neuron"]) in chosen]
+    outside = [r["ap"] for r in scores if (r["hook"], r["neuron"]) not in chosen]
+    assert len(inside) == 5 and min(inside) >= max(outside)  # the 5 highest APs (ties broken by hook order)
+    assert selection.per_component() == {"text_decoder": 5} and both.neurons.num_rows == 10
+
+
+def test_medians_and_means_come_from_the_store(swept):
+    store, _ = swept
+    with store.query() as session:
+        selection = scored_selection(session, RANKING, "multimodal/ja", 10, "both")
+        medians = replacement_values(session, selection, "median", run="s2tt")
+        means_ja = replacement_values(session, selection, "mean", run="s2tt", where="language = 'ja'")
+        steer = replacement_values(session, selection, "steer", run="s2tt", where="language = 'ja'", value=2.0)
+        assert np.array_equal(replacement_values(session, selection, "zero"), np.zeros(20))
+        assert np.array_equal(replacement_values(session, selection, "constant", value=1.5), np.full(20, 1.5))
+    hooks, neurons = selection.neurons["hook"].to_pylist(), selection.neurons["neuron"].to_pylist()
+    for i, (hook, neuron) in enumerate(zip(hooks, neurons, strict=True)):
+        every = _activations(store, "s2tt", hook)[:, neuron]
+        ja = _activations(store, "s2tt", hook, "e.language = 'ja'")[:, neuron]
+        assert len(every) == 12 and len(ja) == 2
+        assert medians[i] == pytest.approx(np.median(every), rel=1e-6, abs=1e-7)
+        assert means_ja[i] == pytest.approx(ja.mean(), rel=1e-6, abs=1e-7)
+        assert steer[i] == pytest.approx(2.0 * (ja.mean() - every.mean()), rel=1e-5, abs=1e-6)
+
+
+def test_random_neurons_match_counts_and_seed(swept):
+    store, _ = swept
+    with store.query() as session:
+        like = scored_selection(session, RANKING, "modality/text", 10, "top")
+        a = random_selection(session, RANKING, like, seed=1234)
+        b = random_selection(session, RANKING, like, seed=1234)
+        c = random_selection(session, RANKING, like, seed=7)
+        universe = session.sql(
+            f"SELECT hook, neuron FROM scores WHERE run = '{RANKING}' AND label_set = 'modality/text'"
+        )
+    assert a.per_component() == like.per_component() == {"text_decoder": 10}
+    assert a.neurons.equals(b.neurons) and not a.neurons.equals(c.neurons)
+    assert a.seed == 1234 and a.matched == "modality/text"
+    pairs = list(zip(a.neurons["hook"].to_pylist(), a.neurons["neuron"].to_pylist(), strict=True))
+    ranked = set(zip(universe["hook"].to_pylist(), universe["neuron"].to_pylist(), strict=True))
+    assert len(set(pairs)) == 10 and set(pairs) <= ranked
+
+
+def test_bad_selections_are_refused(swept):
+    store, _ = swept
+    with store.query() as session:
+        with pytest.raises(UserError, match="k=5000 is larger than module group text_decoder"):
+            scored_selection(session, RANKING, "unimodal/speech/de", 5000, "top")
+        with pytest.raises(UserError, match="matches no label set"):
+            scored_selection(session, RANKING, "unimodal/speech/xx", 5, "top")
+        with pytest.raises(UserError, match="has no ranking of run"):
+            scored_selection(session, "nope", "unimodal/speech/de", 5, "top")
+        selection = scored_selection(session, RANKING, "unimodal/speech/de", 5, "top")
+        with pytest.raises(UserError, match="empty subset"):
+            replacement_values(session, selection, "median", run="s2tt", where="language = 'xx'")
+        with pytest.raises(UserError, match="needs --value"):
+            replacement_values(session, selection, "constant")
+        with pytest.raises(UserError, match="did not record hook"):
+            replacement_values(session, _explicit("text_decoder.layers.0.ffn.fc2:1"), "median", run="s2tt")
+    with pytest.raises(UserError, match="out of range for hook .*width 4"):
+        explicit_selection(["h.fc1:1,4"], {"h.fc1": ("text_decoder", 4)})
+    with pytest.raises(UserError, match="no hook point 'h.fc9'"):
+        explicit_selection(["h.fc9:1"], {"h.fc1": ("text_decoder", 4)})
+    with pytest.raises(UserError, match="write HOOK:INDICES"):
+        explicit_selection(["h.fc1"], {"h.fc1": ("text_decoder", 4)})
+
+
+def _explicit(spec: str) -> Selection:
+    return explicit_selection([spec], {spec.split(":")[0]: ("text_decoder", 128)})
+
+
+def test_scores_equal_sacrebleu_and_jiwer():
+    import jiwer
+
+    refs = ["The cat sat on the mat.", "A dog runs in the park!"]
+    hyps = ["the cat sat on a mat", "a dog ran in park"]
+    scores = corpus_scores("s2tt", refs, hyps, "eng")
+    bleu, chrf = BLEU().corpus_score(hyps, [refs]).score, CHRF().corpus_score(hyps, [refs]).score
+    assert scores["bleu"] == pytest.approx(bleu) and scores["chrf"] == pytest.approx(chrf)
+    assert scores["score"] == pytest.approx(0.6 * bleu + 0.4 * chrf) and scores["metric"] == "combined"
+    asr = corpus_scores("asr", refs, hyps, "en")
+    assert asr["metric"] == "wer"
+    assert asr["score"] == pytest.approx(jiwer.wer(["the cat sat on the mat", "a dog runs in the park"], hyps))
+    zh = corpus_scores("asr", ["今天天气很好。"], ["今天天汽很好"], "zh")
+    assert zh["metric"] == "cer" and zh["score"] == pytest.approx(jiwer.cer(["今天天气很好"], ["今天天汽很好"]))
+    assert corpus_scores("asr", ["x"], ["x"], "ja_jp")["metric"] == "cer"
+    one = sentence_scores("t2tt", refs[0], hyps[0], "eng")
+    expected = BLEU(effective_order=True).sentence_score(hyps[0], [refs[0]]).score
+    assert one["bleu"] == pytest.approx(expected)
+
+
+def test_intervene_command_stores_and_plots(swept, run_cli, tmp_path):
+    store, model_dir = swept
+    args = ["intervene", "--store", str(store.location.uri), "--run", "s2tt", "--run", "t2tt"]
+    args += ["--task", "s2tt", "--task", "t2tt", "--type", "unimodal", "--type", "modality", "--type", "random"]
+    args += ["--k", "5", "--k", "10", "--language", "de", "--language", "ja", "--max-new-tokens", "6"]
+    args += ["--model", str(model_dir), "--sweep", "t", "--plots", str(tmp_path / "plots")]
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    assert (tmp_path / "plots" / "interventions-t.png").is_file()
+    with store.query() as session:
+        per_condition = session.sql(
+            """SELECT task, condition, count(*) AS n, count(DISTINCT language) AS languages, any_value(n_neurons) AS k
+               FROM interventions WHERE sweep = 't' GROUP BY ALL ORDER BY ALL"""
+        ).to_pylist()
+        rows = session.sql(
+            "SELECT task, language, reference, generated_text, bleu, chrf, score FROM interventions WHERE sweep = 't'"
+        ).to_pylist()
+        edited = session.sql(
+            """SELECT condition, task, language, count(*) AS n, bool_and(NOT add) AS set
+               FROM intervention_neurons WHERE sweep = 't' GROUP BY ALL"""
+        ).to_pylist()
+        scores = session.sql("SELECT * FROM intervention_scores WHERE sweep = 't'").to_pylist()
+    # s2tt: 2 speech utterances per language; t2tt: 1 sentence per language; 7 conditions each
+    conditions = {"none", "unimodal/top/k=5", "modality/top/k=5", "random/k=5"}
+    conditions |= {c.replace("k=5", "k=10") for c in conditions if c != "none"}
+    assert {r["condition"] for r in per_condition} == conditions
+    assert {(r["task"], r["n"], r["languages"]) for r in per_condition} == {("s2tt", 4, 2), ("t2tt", 2, 2)}
+    assert all(r["k"] == (0 if r["condition"] == "none" else int(r["condition"].split("=")[1])) for r in per_condition)
+    for row in rows:  # sentence scores recomputed from the stored texts
+        bleu = BLEU(effective_order=True).sentence_score(row["generated_text"], [row["reference"]]).score
+        chrf = CHRF().sentence_score(row["generated_text"], [row["reference"]]).score
+        assert row["bleu"] == pytest.approx(bleu) and row["score"] == pytest.approx(0.6 * bleu + 0.4 * chrf)
+    assert {r["n"] for r in edited if "k=5" in r["condition"]} == {5} and all(r["set"] for r in edited)
+    assert len(scores) == 2 * 2 * 7 and {s["seed"] for s in scores if s["neuron_type"] == "random"} == {1234}
+    assert "intervention scores (t)" in " ".join(out.split())
+
+
+def test_intervene_bad_input_writes_nothing(swept, run_cli):
+    store, model_dir = swept
+    base = ["intervene", "--store", str(store.location.uri), "--run", "s2tt", "--run", "t2tt", "--task", "t2tt"]
+    base += ["--model", str(model_dir), "--max-new-tokens", "4", "--language", "de"]
+    cases = [
+        (["--k", "100000", "--sweep", "b1"], "is larger than module group text_decoder"),
+        (["--k", "5", "--stats-where", "language = 'xx'", "--sweep", "b2"], "empty subset"),
+        (["--k", "5", "--neurons", "text_decoder.layers.0.ffn.fc1:100000", "--sweep", "b3"], "out of range"),
+        (["--k", "5", "--neurons", "text_decoder.layers.9.ffn.fc1:1", "--sweep", "b4"], "no hook point"),
+        (["--k", "5", "--type", "random", "--sweep", "b5"], "random neurons match the counts"),
+        (["--k", "5", "--language", "xx", "--sweep", "b6"], "no example in language 'xx'"),
+        (["--k", "5", "--kind", "constant", "--sweep", "b7"], "needs --value"),
+        (["--k", "5", "--sweep", "bad name!"], "label set name|not allowed"),
+    ]
+    for extra, message in cases:
+        code, _, err = run_cli(*base, *extra)
+        assert code != 0 and any(m in err for m in message.split("|")), (extra, err)
+        assert "Traceback" not in err
+    with store.query() as session:
+        if "interventions" in store.table_names():
+            names = session.sql("SELECT DISTINCT sweep FROM interventions")["sweep"].to_pylist()
+            assert not any(name.startswith("b") for name in names)
+    # a sweep name already in the store is refused
+    code, _, _ = run_cli(*base, "--k", "5", "--sweep", "dup")
+    assert code == 0
+    code, _, err = run_cli(*base, "--k", "5", "--sweep", "dup")
+    assert code != 0 and "already in the store" in err
