@@ -11,9 +11,11 @@ write ``def my_stage(demo: Demo) -> None`` and insert it into ``STAGES`` before 
    the generated tokens.
 4. :func:`rank_neurons`: language- and modality-specific neurons of S2TT + T2TT (AP ranking, the four
    settings), with figures.
-5. :func:`cluster_spaces`: representation spaces (the LALM paper): MiniLM on paraphrase pairs, then
+5. :func:`intervene`: median replacement of those neurons during S2TT and T2TT against random neurons
+   (Experiment 2), scored and plotted.
+6. :func:`cluster_spaces`: representation spaces (the LALM paper): MiniLM on paraphrase pairs, then
    language vs meaning clusters of the corpus run, layer by layer, with plots.
-6. :func:`show_store`: what the store holds, and the queries.
+7. :func:`show_store`: what the store holds, and the queries.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ SEAMLESS_RUNS = {  # run -> (task, input)
 }
 TINY_MAX_NEW_TOKENS = 12  # a tiny random model's output is noise: a few tokens show the mechanics
 MAX_NEW_TOKENS = 128
+DEMO_KS = (10, 50, 200)  # neurons per module group (the paper's 500-5,000 are for a 24-layer decoder)
 
 
 @dataclass
@@ -155,6 +158,34 @@ def rank_neurons(demo: Demo) -> None:
     demo_stage(demo.store, ["seamless-s2tt", "seamless-t2tt"], default_plot_folder(demo.store))
 
 
+def intervene(demo: Demo) -> None:
+    """Median replacement of language- and modality-specific neurons during S2TT and T2TT, against random
+    neurons of the same number (the SeamlessM4T paper's Experiment 2, scaled down), with Figure 5."""
+    from cli.clusters_cmd import default_plot_folder
+    from cli.intervene_cmd import sweep
+    from cli.intervene_sweep import SweepSpec
+
+    out.rule("[bold]Interventions: median replacement during generation (hookpoints intervene)")
+    spec = SweepSpec(
+        sweep="demo",
+        runs=("seamless-s2tt", "seamless-t2tt"),
+        tasks=("s2tt", "t2tt"),
+        neuron_types=("unimodal", "modality", "random"),
+        ks=DEMO_KS,
+        limit=2,
+        max_new_tokens=MAX_NEW_TOKENS if demo.model else TINY_MAX_NEW_TOKENS,
+        if_exists="overwrite",
+    )
+    sweep(demo.store, spec, default_plot_folder(demo.store))
+    demo.queries.append(
+        (
+            "Intervention scores by neuron type and k, averaged over languages (Figure 5's numbers)",
+            """SELECT task, neuron_type, k, round(avg(score), 2) AS combined_score, sum(n_generations) AS generations
+FROM intervention_scores WHERE sweep = 'demo' GROUP BY ALL ORDER BY task, neuron_type, k""",
+        )
+    )
+
+
 def show_store(demo: Demo) -> None:
     from store.summary import run_summary
 
@@ -169,7 +200,15 @@ def show_store(demo: Demo) -> None:
 
 
 #: The demo, in order. Later issues add their stages before show_store.
-STAGES: list[Stage] = [prepare_corpus, record_minilm, record_seamless, rank_neurons, cluster_spaces, show_store]
+STAGES: list[Stage] = [
+    prepare_corpus,
+    record_minilm,
+    record_seamless,
+    rank_neurons,
+    intervene,
+    cluster_spaces,
+    show_store,
+]
 
 
 def _record(demo: Demo, run: str, source: str, label: str, modality: str, **options) -> None:

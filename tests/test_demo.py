@@ -20,6 +20,11 @@ def test_demo_runs_end_to_end(run_cli, tmp_path, monkeypatch):
             "WHERE component IS NOT NULL AND run LIKE 'seamless-%' GROUP BY ALL ORDER BY ALL"
         ).to_pylist()
         texts = session.sql("SELECT count(*) AS n FROM examples WHERE generated_text IS NOT NULL").to_pylist()
+        sweep = session.sql(
+            "SELECT task, count(DISTINCT condition) AS conditions, count(DISTINCT language) AS languages, "
+            "count(*) AS n "
+            "FROM intervention_scores WHERE sweep = 'demo' GROUP BY task ORDER BY task"
+        ).to_pylist()
         scores = session.sql(
             "SELECT preset, count(DISTINCT label_set) AS sets FROM scores "
             "WHERE run = 'seamless-s2tt+seamless-t2tt' GROUP BY preset ORDER BY preset"
@@ -55,6 +60,12 @@ def test_demo_runs_end_to_end(run_cli, tmp_path, monkeypatch):
         ("multimodal", 6),
         ("unimodal", 6 * 2),
     ]
+    # none + (unimodal, modality, random) x 3 ks, over the 5 source languages (X -> English)
+    assert sweep == [
+        {"task": "s2tt", "conditions": 10, "languages": 5, "n": 50},
+        {"task": "t2tt", "conditions": 10, "languages": 5, "n": 50},
+    ]
+    assert (store.parent / "demo-store-plots" / "interventions-demo.png").is_file()
     assert (store.parent / "demo-store-plots").is_dir() and any((store.parent / "demo-store-plots").glob("*.png"))
     flat = " ".join(out.split())
     for title in (
@@ -63,6 +74,7 @@ def test_demo_runs_end_to_end(run_cli, tmp_path, monkeypatch):
         "Shared decoder, speech vs text input",
         "Representation spaces: a trained encoder on paraphrase pairs",
         "Language- and modality-specific neurons",
+        "Interventions: median replacement during generation",
     ):
         assert title in flat
     assert "Your turn: hookpoints sql --store" in flat
