@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from analyses.labels import check_predicate, quote_name
 from store.errors import UserError
 from store.query import QuerySession
 
@@ -35,35 +36,6 @@ class Subset:
         return subset_sql(self.where, "example_id, row_number() OVER (ORDER BY example_id) - 1 AS row")
 
 
-def check_predicate(where: str) -> str:
-    """``where`` stripped, refused if it could close the parentheses it is put in (or end the statement)."""
-    text = (where or "").strip()
-    depth, quote, i = 0, None, 0
-    while i < len(text):
-        char = text[i]
-        if quote:
-            if char == quote:
-                quote = None
-        elif char in "'\"":
-            quote = char
-        elif text.startswith("--", i) or text.startswith("/*", i):
-            raise UserError(f"--where {where!r}: comments are not allowed in a predicate; remove them")
-        elif char == ";":
-            raise UserError(f"--where {where!r}: give one boolean expression, without ';'")
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-            if depth < 0:
-                raise UserError(f"--where {where!r}: a ')' has no matching '('; fix the parentheses")
-        i += 1
-    if quote:
-        raise UserError(f"--where {where!r}: a quoted string or name is not closed; close it")
-    if depth:
-        raise UserError(f"--where {where!r}: a '(' is not closed; fix the parentheses")
-    return text
-
-
 def subset_sql(where: str, columns: str) -> str:
     """SELECT ``columns`` FROM the run's examples (parameter ``$run``) matching ``where``."""
     predicate = f"({where})" if where else "true"
@@ -75,13 +47,9 @@ def example_columns(session: QuerySession) -> list[str]:
     return session.sql("SELECT * FROM examples LIMIT 0").column_names
 
 
-def quote_name(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def select_subset(session: QuerySession, run: str, where: str | None, labels: list[str]) -> Subset:
     """The examples of ``run`` matching ``where``, with the ``labels`` columns; clear errors for bad input."""
-    where = check_predicate(where or "")
+    where = check_predicate(where, "--where") if where and where.strip() else ""
     columns = example_columns(session)
     for label in labels:
         if label not in columns:

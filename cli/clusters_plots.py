@@ -16,20 +16,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from analyses.clusters import ClusterResult, Labelling, LayerResult  # noqa: E402
+from cli.figures import safe, save  # noqa: E402
 
 #: Above this many classes a map gets no legend (colours repeat).
 LEGEND_MAX_CLASSES = 20
 MEASURE_TITLES = {"silhouette": "silhouette (higher: tighter clusters)", "davies_bouldin": "Davies-Bouldin (lower)"}
-
-
-def save(fig: plt.Figure, folder: Path, stem: str) -> list[Path]:
-    """Write ``fig`` as ``folder/stem.png`` and ``.svg``; returns both paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{stem}.png", folder / f"{stem}.svg"]
-    for path in paths:
-        fig.savefig(path, dpi=130 if path.suffix == ".png" else None, bbox_inches="tight")
-    plt.close(fig)
-    return paths
 
 
 def plot_all(result: ClusterResult, folder: Path, *, dendrogram_layers: list[int] | None = None) -> list[Path]:
@@ -38,11 +29,11 @@ def plot_all(result: ClusterResult, folder: Path, *, dendrogram_layers: list[int
     paths = save(measures_figure(result), folder, f"{stem}-measures")
     for labelling in result.labellings:
         if result.settings.tsne:
-            paths += save(tsne_figure(result, labelling), folder, f"{stem}-tsne-{_safe(labelling.name)}")
+            paths += save(tsne_figure(result, labelling), folder, f"{stem}-tsne-{safe(labelling.name)}")
         layers = _dendrogram_layers(result, labelling, dendrogram_layers)
         if layers:
             figure = dendrogram_figure(result, labelling, layers)
-            paths += save(figure, folder, f"{stem}-dendrogram-{_safe(labelling.name)}")
+            paths += save(figure, folder, f"{stem}-dendrogram-{safe(labelling.name)}")
     return paths
 
 
@@ -158,7 +149,3 @@ def _caption(result: ClusterResult) -> str:
         else f"{len(result.subset)} examples"
     )
     return f"run {result.run}{subset}, {result.pooling} pooling, {sample}"
-
-
-def _safe(name: str) -> str:
-    return "".join(char if char.isalnum() or char in "-_." else "_" for char in name)

@@ -56,7 +56,8 @@ def command(store_path, runs, by, where, patterns, components, absolute, scale, 
             title="Gini over each layer's neurons of their mean |activation| in the group",
         )
     if plots_dir is not None:
-        from cli.selectivity_plots import activation_gini_figure, magnitude_figure, safe, save
+        from cli.figures import safe, save
+        from cli.selectivity_plots import activation_gini_figure, magnitude_figure
 
         paths = []
         for component in dict.fromkeys(magnitudes["component"].to_pylist()):

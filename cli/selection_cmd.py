@@ -85,7 +85,8 @@ def command(
                     fmt,
                 )
                 if plots_dir is not None:
-                    from cli.selectivity_plots import overlap_figure, safe, save
+                    from cli.figures import safe, save
+                    from cli.selectivity_plots import overlap_figure
 
                     title = f"{overlap[0]} (run {run}) vs {overlap[1]} (run {columns_run})"
                     paths = save(

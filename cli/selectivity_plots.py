@@ -8,9 +8,6 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -24,21 +21,6 @@ from analyses.selection import Overlap, panel_of, panel_order  # noqa: E402
 
 PANEL_TITLES = {"attention": "Attention", "ffn": "FFN", "convolution": "Convolution", "other": "Other"}
 LINESTYLES = ["-", "--", ":", "-."]
-
-
-def save(fig: plt.Figure, folder: Path, stem: str) -> list[Path]:
-    """Write ``fig`` as ``folder/stem.png`` and ``.svg``; returns both paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{stem}.png", folder / f"{stem}.svg"]
-    for path in paths:
-        fig.savefig(path, dpi=130 if path.suffix == ".png" else None, bbox_inches="tight")
-    plt.close(fig)
-    return paths
-
-
-def safe(name: str) -> str:
-    """A file-name-safe version of a label set or run name."""
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_")
 
 
 def distribution_figure(counts: pa.Table, component: str, k: int, title: str) -> plt.Figure:

@@ -330,38 +330,22 @@ class HookedModel:
         """Record with hooks at every step of ``generate`` (the reference the teacher-forced pass is tested on).
 
         Decoder hooks keep each step's newest position (step 0: the prompt's last), pooled over the steps each
-        example took; other hooks (encoders, cross-attention keys and values: they run once, at step 0) are
-        pooled over their positions as in :meth:`pooled`.
+        example took; hooks that run once (encoders, cross-attention keys and values, at step 0) are pooled over
+        their positions as in :meth:`pooled`.
         """
-        ordered = sorted(points, key=lambda p: p.order)
-        once: dict[str, torch.Tensor] = {}
-        steps: dict[str, list[torch.Tensor]] = {p.name: [] for p in ordered if p.space == "decoder"}
-        collector = TokenCollector()
-        kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
-        with warnings.catch_warnings():
-            # A batch whose examples all stop early ends the step loop before max_new_tokens; nnsight warns.
-            warnings.simplefilter("ignore", UserWarning)
-            with (
-                torch.inference_mode(),
-                self.adapter.batch_guard(self.model, inputs),
-                self.traced.trace(fn="generate", **kwargs, **greedy_kwargs(max_new_tokens)) as tracer,
-            ):
-                for step in tracer.iter[:max_new_tokens]:
-                    for point in ordered:
-                        if point.space != "decoder" and step > 0:
-                            continue
-                        envoy = self._envoys[point.module]
-                        value = envoy.output if point.io == "output" else envoy.input
-                        if point.space == "decoder":
-                            newest = positions_first(value, point)[:, -1:, :].float()  # [batch, 1, width]
-                            steps[point.name].append(newest.save())
-                        else:
-                            once[point.name] = pool(value, point, inputs.masks.get(point.space), pooling).save()
-        generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
-        pooled = {name: tensor.detach() for name, tensor in once.items()}
-        for name, values in steps.items():
-            stacked = torch.cat(values, dim=1)  # [batch, steps, width]
-            pooled[name] = pool_positions(stacked, generation.step_mask, pooling)
+        generation, seen = self.generate_edited(inputs, prompt, [], max_new_tokens, record=points)
+        every_step = self.modules_run_every_step(inputs, prompt)
+        pooled = {}
+        for point in points:
+            calls = [call.float() for call in seen[point.name]]  # [batch, pos, width] per call
+            if point.space == "decoder" and point.module in every_step:
+                newest = torch.cat([call[:, -1:, :] for call in calls], dim=1)  # [batch, steps, width]
+                pooled[point.name] = pool_positions(newest, generation.step_mask, pooling)
+                continue
+            mask = inputs.masks.get(point.space) if point.time_axis is not None else None
+            if mask is None:
+                mask = torch.ones(calls[0].shape[:2], dtype=torch.bool)
+            pooled[point.name] = pool_positions(calls[0], mask, pooling)
         return pooled, generation
 
 
