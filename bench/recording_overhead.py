@@ -4,8 +4,9 @@ Model: GPT-2 sized down to 6 layers, d_model 256 (8 heads, vocabulary 5,000), ba
 - bare: ``model(**inputs)``
 - torch hooks: plain forward (pre-)hooks on the same tensors, mean-pooled over positions in the hook
 - hookpoints: one nnsight trace saving every hook point pooled (mean), then the rows handed to the store
-  writer, which commits to Delta tables every 64 MiB (timed over enough batches to include commits, the
-  final one too); separately, the cost of one commit of one batch (8 examples x every hook).
+  writer, which commits to Delta tables every 64 MiB (per batch, the commits spread over the batches of a
+  buffer); separately, the cost of one commit of one batch (8 examples x every hook).
+The four are timed call by call in turn (round robin), so other jobs on the machine slow them alike.
 Also: bytes on disk per stored value (float32 and float16 storage), and peak memory of a recording of N and
 10 N examples (bounded by the writer's buffer, not the manifest).
 
@@ -15,6 +16,7 @@ Run: ``.venv/bin/python bench/recording_overhead.py`` (prints a Markdown report;
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,7 +38,7 @@ from hookpoints.tiny import build_tiny, tiny_tokenizer  # noqa: E402
 from store.catalog import Store  # noqa: E402
 from store.writer import HookRows, open_run  # noqa: E402
 
-BATCH, SEQ, REPEATS = 8, 128, 15
+BATCH, SEQ, BUFFERS = 8, 128, 1
 
 
 def build_model(directory: Path) -> Path:
@@ -49,14 +51,10 @@ def build_model(directory: Path) -> Path:
     return directory
 
 
-def median_ms(fn) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+def call_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
 
 
 def overhead(directory: Path, scratch: Path) -> dict:
@@ -113,13 +111,6 @@ def overhead(directory: Path, scratch: Path) -> dict:
     batch_bytes = BATCH * sum(p.width for p in points) * 4
     batches_per_commit = -(-writer.max_buffer_bytes // batch_bytes)
 
-    def hookpoints_store():  # per batch, commits included: one buffer's worth of batches, then the flush
-        start = time.perf_counter()
-        for _ in range(batches_per_commit):
-            add_batch()
-        writer.flush()
-        return (time.perf_counter() - start) * 1000 / batches_per_commit
-
     def one_commit():
         add_batch()
         start = time.perf_counter()
@@ -131,21 +122,28 @@ def overhead(directory: Path, scratch: Path) -> dict:
     mine = hookpoints_pooled()
     worst = max(float((reference[p.name] - mine[p.name]).abs().max()) for p in points)
 
-    rounds = {name: [] for name in ("bare", "torch hooks", "hookpoints (pooled)", "hookpoints + store")}
-    for _ in range(3):  # interleave to share the machine's noise
-        rounds["bare"].append(median_ms(bare))
-        rounds["torch hooks"].append(median_ms(torch_hooks))
-        rounds["hookpoints (pooled)"].append(median_ms(hookpoints_pooled))
-        rounds["hookpoints + store"].append(hookpoints_store())
-        print(".", end="", file=sys.stderr, flush=True)
+    # Round robin, one call of each in turn: blocks of calls of one kind would each meet different load from
+    # other jobs (2 torch threads on 2 shared cores slow down up to 10x when another process wakes up).
+    # The buffer starts empty, so the writer commits inside every batches_per_commit-th add_batch.
+    calls = {"bare": bare, "torch hooks": torch_hooks, "hookpoints (pooled)": hookpoints_pooled}
+    calls["hookpoints + store"] = add_batch
+    times = {name: [] for name in calls}
+    for _ in range(BUFFERS * batches_per_commit):
+        for name, fn in calls.items():
+            times[name].append(call_ms(fn))
+    timings = {name: statistics.median(values) for name, values in times.items()}
+    committing = times["hookpoints + store"][batches_per_commit - 1 :: batches_per_commit]
+    buffer_commit_ms = statistics.median(committing) - timings["hookpoints + store"]
+    # per batch: the batch without a commit (median), plus its share of one full buffer's commit
+    timings["hookpoints + store"] += buffer_commit_ms / batches_per_commit
     commit_ms = statistics.median(one_commit() for _ in range(5))
     writer.finish()
-    timings = {name: min(values) for name, values in rounds.items()}
     return {
         "hook_points": len(points),
         "max_abs_diff": worst,
         "ms": timings,
         "commit_ms": commit_ms,
+        "buffer_commit_ms": buffer_commit_ms,
         "batches_per_commit": batches_per_commit,
     }
 
@@ -170,7 +168,7 @@ def bytes_per_value(directory: Path, scratch: Path) -> dict:
 
 
 MEMORY_CHILD = """  # the tiny GPT-2 (d 64): many examples quickly, several buffer flushes
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {root!r})
 from hookpoints.loading import load
 from hookpoints.manifest import read_manifest
@@ -179,7 +177,8 @@ from store.catalog import Store
 model = load({model!r})
 store = Store.open({store!r}, create=True)
 record(model, read_manifest({manifest!r}), store, "r", batch_size=16, max_buffer_bytes=16 * 2**20)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+# VmHWM, not getrusage's ru_maxrss: after fork + exec, ru_maxrss keeps the parent's peak (this benchmark's ~4 GB)
+print(json.dumps(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))))
 """
 
 
@@ -191,11 +190,12 @@ def peak_memory(directory: Path, scratch: Path, n: int) -> float:
         root=str(ROOT), model=str(directory), store=str(scratch / f"mem-{n}"), manifest=str(path)
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1]) / 1024  # MiB
+    return json.loads(output.strip().splitlines()[-1]) / 1024  # kB -> MiB
 
 
 def main() -> None:
     torch.set_num_threads(2)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         directory = build_model(scratch / "gpt2-6x256")
@@ -203,7 +203,10 @@ def main() -> None:
         sizes = bytes_per_value(directory, scratch)
         tiny = build_tiny("gpt2", scratch / "tiny-gpt2")
         memory = {n: peak_memory(tiny, scratch, n) for n in (2000, 20000)}
+    load_after = os.getloadavg()
     ms = result["ms"]
+    before, after = (" / ".join(f"{x:.2f}" for x in load) for load in (load_before, load_after))
+    print(f"Load average (1 / 5 / 15 min) before: {before}, after: {after}; {os.cpu_count()} cores\n")
     print(f"## Recording overhead (GPT-2 6 x 256, batch {BATCH} x {SEQ} tokens, {result['hook_points']} hook points)\n")
     print("| | ms per batch | x bare forward |")
     print("|---|---:|---:|")
@@ -211,7 +214,8 @@ def main() -> None:
         print(f"| {name} | {value:.1f} | {value / ms['bare']:.2f} |")
     print(
         f"\none commit of one batch ({BATCH} examples x {result['hook_points']} hooks): {result['commit_ms']:.0f} ms; "
-        f"the writer commits every {result['batches_per_commit']} batches (64 MiB)"
+        f"the writer commits every {result['batches_per_commit']} batches (64 MiB), "
+        f"one commit of a full buffer: {result['buffer_commit_ms']:.0f} ms"
     )
     print(f"\nmax |torch hooks - hookpoints| over all pooled values: {result['max_abs_diff']:.2e}\n")
     print("| storage | bytes on disk per stored value |")
