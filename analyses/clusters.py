@@ -25,13 +25,13 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from hookpoints.analyses.cluster_measures import centroid_stats, pairwise_distances, silhouettes
+from hookpoints.analyses.layers import LayerHook, layer_hooks, read_layer, resolve_pooling, run_settings
+from hookpoints.analyses.subsets import Subset, select_subset
+from hookpoints.store.catalog import Store
+from hookpoints.store.schema import TableSpec
 
-from analyses.cluster_measures import centroid_stats, pairwise_distances, silhouettes
-from analyses.layers import LayerHook, layer_hooks, read_layer, resolve_pooling, run_settings
-from analyses.subsets import Subset, select_subset
-from store.catalog import Store
-from store.errors import UserError
-from store.schema import TableSpec
+from hookpoints.errors import UserError
 
 #: Centroid distances and dendrograms are kept for labels with at most this many classes.
 MAX_CENTROID_CLASSES = 100

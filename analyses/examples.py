@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from hookpoints.analyses.labels import LabelSet, check_predicate, quote_name
+from hookpoints.store.query import QuerySession
 
-from analyses.labels import LabelSet, check_predicate, quote_name
-from store.errors import UserError
-from store.query import QuerySession
+from hookpoints.errors import UserError
 
 RUN_KEY_SEPARATOR = "+"  # not allowed in run names, so a key names its runs unambiguously
 

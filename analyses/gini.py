@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from store.errors import UserError
+from hookpoints.errors import UserError
 
 __all__ = ["gini"]
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from hookpoints.analyses.examples import ExampleSet
+from hookpoints.store.catalog import Store
+from hookpoints.store.query import QuerySession
 
-from analyses.examples import ExampleSet
-from store.catalog import Store
-from store.errors import UserError
-from store.query import QuerySession
+from hookpoints.errors import UserError
 
 #: Rows per Arrow batch read from the store.
 BATCH_ROWS = 1024

@@ -10,8 +10,7 @@ All are partitioned by sweep; a sweep's rows of one (task, language) are committ
 from __future__ import annotations
 
 import pyarrow as pa
-
-from store.schema import TableSpec
+from hookpoints.store.schema import TableSpec
 
 #: What defines a condition: one neuron type (or none) x k x kind, applied the same way to every generation.
 CONDITION_FIELDS = [

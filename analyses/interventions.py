@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from hookpoints.analyses.labels import PRESETS, check_predicate, slug
+from hookpoints.analyses.selection import selected_neurons, stored_sets
+from hookpoints.store.query import QuerySession
 
-from analyses.labels import PRESETS, check_predicate, slug
-from analyses.selection import selected_neurons, stored_sets
-from store.errors import UserError
-from store.query import QuerySession
+from hookpoints.errors import UserError
 
 #: Neuron types of a sweep: the four settings of the selectivity analysis, random neurons, or none at all.
 NEURON_TYPES = (*PRESETS, "random", "none")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from store.errors import UserError
+from hookpoints.errors import UserError
 
 PRESETS = ("unimodal", "multimodal", "modality", "language-modality")
 #: The presets that compare modalities (defined only where both modalities pass: the shared decoder).

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from hookpoints.analyses.subsets import Subset
+from hookpoints.store.query import QuerySession
 
-from analyses.subsets import Subset
-from store.errors import UserError
-from store.query import QuerySession
+from hookpoints.errors import UserError
 
 POOLINGS = ("last", "mean", "max")
 

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from hookpoints.analyses.examples import ExampleSet
+from hookpoints.analyses.gini import gini
+from hookpoints.analyses.hook_matrix import HookInfo, HookMatrixReader, neuron_slices
+from hookpoints.analyses.labels import quote_name, sql_literal
+from hookpoints.store.catalog import Store
+from hookpoints.store.query import QuerySession
 
-from analyses.examples import ExampleSet
-from analyses.gini import gini
-from analyses.hook_matrix import HookInfo, HookMatrixReader, neuron_slices
-from analyses.labels import quote_name, sql_literal
-from store.catalog import Store
-from store.errors import UserError
-from store.query import QuerySession
+from hookpoints.errors import UserError
 
 DEFAULT_GROUPS = ("language", "modality")
 

@@ -25,15 +25,15 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
+from hookpoints.analyses.ap import LabelSetPlan
+from hookpoints.analyses.examples import ExampleSet, LabelMasks, RunGroup, label_masks, open_runs, select_examples
+from hookpoints.analyses.hook_matrix import HookInfo, HookMatrixReader, neuron_slices, shared_hooks
+from hookpoints.analyses.labels import MODALITY_PRESETS, PRESETS, LabelSet, preset_label_sets
+from hookpoints.store.catalog import Store
+from hookpoints.store.schema import TableSpec
+from hookpoints.store.tables import sql_string
 
-from analyses.ap import LabelSetPlan
-from analyses.examples import ExampleSet, LabelMasks, RunGroup, label_masks, open_runs, select_examples
-from analyses.hook_matrix import HookInfo, HookMatrixReader, neuron_slices, shared_hooks
-from analyses.labels import MODALITY_PRESETS, PRESETS, LabelSet, preset_label_sets
-from store.catalog import Store
-from store.errors import UserError
-from store.schema import TableSpec
-from store.tables import sql_string
+from hookpoints.errors import UserError
 
 DEFAULT_KS = (500, 1000, 2500, 5000)
 WRITE_BATCH_ROWS = 8192

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from hookpoints.analyses.examples import RUN_KEY_SEPARATOR
+from hookpoints.analyses.gini import gini
+from hookpoints.store.query import QuerySession
 
-from analyses.examples import RUN_KEY_SEPARATOR
-from analyses.gini import gini
-from store.errors import UserError
-from store.query import QuerySession
+from hookpoints.errors import UserError
 
 SIDES = ("top", "bottom")
 GINI_UNITS = ("layer_submodule", "submodule", "layer")

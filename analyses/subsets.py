@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
+from hookpoints.analyses.labels import check_predicate, quote_name
+from hookpoints.store.query import QuerySession
 
-from analyses.labels import check_predicate, quote_name
-from store.errors import UserError
-from store.query import QuerySession
+from hookpoints.errors import UserError
 
 
 @dataclass(frozen=True)

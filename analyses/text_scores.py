@@ -17,7 +17,7 @@ import unicodedata
 import jiwer
 from sacrebleu.metrics import BLEU, CHRF
 
-from store.errors import UserError
+from hookpoints.errors import UserError
 
 #: Languages scored by characters (CER; BLEU tokenised by characters): ISO 639-1 and SeamlessM4T codes.
 CHARACTER_LANGUAGES = frozenset({"zh", "ja", "cmn", "cmn_Hant", "jpn", "yue", "zho", "th", "tha"})

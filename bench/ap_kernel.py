@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analyses.ap import LabelSetPlan, average_precision  # noqa: E402
+from hookpoints.analyses.ap import LabelSetPlan, average_precision  # noqa: E402
 
 N_LANG, N_MOD = 6, 2
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from store.catalog import Store  # noqa: E402
+from hookpoints.store.catalog import Store  # noqa: E402
 
 LANGUAGES = ["de", "en", "es", "fr", "ja", "zh"]
 MODALITIES = ["speech", "text"]
@@ -156,7 +156,7 @@ def activations(hook_index: int, width: int, cell: np.ndarray, rows: slice, seed
 
 
 def write(args) -> dict:
-    from store.writer import HookRows, open_run
+    from hookpoints.store.writer import HookRows, open_run
 
     store = Store.open(args.store, create=True)
     table, cell = examples(args.examples, args.seed)
@@ -207,7 +207,7 @@ def write(args) -> dict:
 
 
 def rank(args) -> dict:
-    from analyses.ranking import plan_ranking, rank, write_scores
+    from hookpoints.analyses.ranking import plan_ranking, rank, write_scores
 
     store = Store.open(args.store)
     load_start = load()
@@ -255,8 +255,8 @@ def rank(args) -> dict:
 
 def read(args) -> dict:
     """Reading alone: every hook of the run into its ``[examples, neurons]`` matrix (no kernel)."""
-    from analyses.examples import open_runs, select_examples
-    from analyses.hook_matrix import HookMatrixReader, shared_hooks
+    from hookpoints.analyses.examples import open_runs, select_examples
+    from hookpoints.analyses.hook_matrix import HookMatrixReader, shared_hooks
 
     store = Store.open(args.store)
     with store.query() as session:
@@ -319,11 +319,10 @@ def _timed(fn) -> float:
 
 def check(args) -> dict:
     """The per-neuron sklearn loop (as ml-selfcond / lang_neuron do) on a sample of neurons: time and APs."""
+    from hookpoints.analyses.examples import label_masks, open_runs, select_examples
+    from hookpoints.analyses.hook_matrix import HookMatrixReader, shared_hooks
+    from hookpoints.analyses.ranking import preset_sets
     from sklearn.metrics import average_precision_score
-
-    from analyses.examples import label_masks, open_runs, select_examples
-    from analyses.hook_matrix import HookMatrixReader, shared_hooks
-    from analyses.ranking import preset_sets
 
     store = Store.open(args.store)
     rng = np.random.default_rng(args.seed + 7)

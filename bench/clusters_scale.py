@@ -31,12 +31,12 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analyses.cluster_measures import centroid_stats, silhouettes  # noqa: E402
-from analyses.clusters import ClusterSettings, cluster_layers, sample_rows, tsne_map  # noqa: E402
-from analyses.layers import layer_hooks, read_layer, run_settings  # noqa: E402
-from analyses.subsets import select_subset  # noqa: E402
-from store.catalog import Store  # noqa: E402
-from store.writer import HookRows, open_run  # noqa: E402
+from hookpoints.analyses.cluster_measures import centroid_stats, silhouettes  # noqa: E402
+from hookpoints.analyses.clusters import ClusterSettings, cluster_layers, sample_rows, tsne_map  # noqa: E402
+from hookpoints.analyses.layers import layer_hooks, read_layer, run_settings  # noqa: E402
+from hookpoints.analyses.subsets import select_subset  # noqa: E402
+from hookpoints.store.catalog import Store  # noqa: E402
+from hookpoints.store.writer import HookRows, open_run  # noqa: E402
 
 LANGUAGES, MEANINGS, CHUNK = 8, 1000, 2000
 

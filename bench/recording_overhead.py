@@ -30,13 +30,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hookpoints.store.catalog import Store  # noqa: E402
+from hookpoints.store.writer import HookRows, open_run  # noqa: E402
+
 from hookpoints.inputs import ModelInputs  # noqa: E402
 from hookpoints.loading import load  # noqa: E402
 from hookpoints.pooling import pool  # noqa: E402
 from hookpoints.probe import first_tensor  # noqa: E402
 from hookpoints.tiny import build_tiny, tiny_tokenizer  # noqa: E402
-from store.catalog import Store  # noqa: E402
-from store.writer import HookRows, open_run  # noqa: E402
 
 BATCH, SEQ, BUFFERS = 8, 128, 1
 
@@ -173,7 +174,7 @@ sys.path.insert(0, {root!r})
 from hookpoints.loading import load
 from hookpoints.manifest import read_manifest
 from hookpoints.recorder import record
-from store.catalog import Store
+from hookpoints.store.catalog import Store
 model = load({model!r})
 store = Store.open({store!r}, create=True)
 record(model, read_manifest({manifest!r}), store, "r", batch_size=16, max_buffer_bytes=16 * 2**20)

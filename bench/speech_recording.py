@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hookpoints.store.catalog import Store
 
 from hookpoints.audio import load_audio
 from hookpoints.corpus import corpus_manifests, corpus_rows
@@ -31,7 +32,6 @@ from hookpoints.loading import load
 from hookpoints.manifest import read_data
 from hookpoints.recorder import record
 from hookpoints.tiny import build_tiny
-from store.catalog import Store
 
 MODELS = {  # SeamlessM4T v2 large: d=1024, 24 layers per stack, ffn 8192 / 4096
     "d=256, 4 layers per stack, ffn 1024": {

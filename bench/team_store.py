@@ -34,17 +34,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deltalake import write_deltalake  # noqa: E402
+from hookpoints.store import tables  # noqa: E402
+from hookpoints.store.catalog import Store  # noqa: E402
+from hookpoints.store.commits import FencedAppender  # noqa: E402
+from hookpoints.store.schema import ACTIVATIONS, CORE_TABLES  # noqa: E402
+from hookpoints.store.writer import HookRows, open_run  # noqa: E402
 
 from hookpoints.loading import load, quiet_transformers  # noqa: E402
 from hookpoints.manifest import read_manifest  # noqa: E402
 from hookpoints.recorder import record  # noqa: E402
 from hookpoints.scale_out import ray_runner  # noqa: E402
 from hookpoints.tiny import tiny_tokenizer  # noqa: E402
-from store import tables  # noqa: E402
-from store.catalog import Store  # noqa: E402
-from store.commits import FencedAppender  # noqa: E402
-from store.schema import ACTIVATIONS, CORE_TABLES  # noqa: E402
-from store.writer import HookRows, open_run  # noqa: E402
 from tests.moto_server import BUCKET, moto_server  # noqa: E402
 
 EXAMPLES, HOOKS, WIDTH, BATCH = 2048, 8, 1024, 64

@@ -1,5 +1,5 @@
 """`python -m cli ...` runs the hookpoints command (same as the console script)."""
 
-from cli.main import main
+from hookpoints.cli.main import main
 
 main()

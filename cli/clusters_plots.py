@@ -14,9 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
-
-from analyses.clusters import ClusterResult, Labelling, LayerResult  # noqa: E402
-from cli.figures import safe, save  # noqa: E402
+from hookpoints.analyses.clusters import ClusterResult, Labelling, LayerResult  # noqa: E402
+from hookpoints.cli.figures import safe, save  # noqa: E402
 
 #: Above this many classes a map gets no legend (colours repeat).
 LEGEND_MAX_CLASSES = 20

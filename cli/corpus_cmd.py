@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import click
-
-from cli.console import out, progress
+from hookpoints.cli.console import out, progress
 
 
 @click.command("corpus")

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
-
-from cli.console import counting, out, progress, render
+from hookpoints.cli.console import counting, out, progress, render
 
 MINILM_RUN = "minilm-text"
 SEAMLESS_RUNS = {  # run -> (task, input)
@@ -141,7 +140,7 @@ GROUP BY h.layer ORDER BY h.layer""",
 
 
 def cluster_spaces(demo: Demo) -> None:
-    from cli.clusters_cmd import default_plot_folder, demo_stage
+    from hookpoints.cli.clusters_cmd import default_plot_folder, demo_stage
 
     # Language clusters need two sentences per language at least (--limit 1 has one).
     corpus_run = MINILM_RUN if demo.limit is None or demo.limit >= 2 else None
@@ -151,8 +150,8 @@ def cluster_spaces(demo: Demo) -> None:
 def rank_neurons(demo: Demo) -> None:
     """Language- and modality-specific neurons (the SeamlessM4T paper): AP ranking of S2TT and T2TT together, so
     the decoder's neurons are ranked in all four settings, with a summary and figures."""
-    from cli.ap_cmd import demo_stage
-    from cli.clusters_cmd import default_plot_folder
+    from hookpoints.cli.ap_cmd import demo_stage
+    from hookpoints.cli.clusters_cmd import default_plot_folder
 
     out.rule("[bold]Language- and modality-specific neurons: AP ranking (hookpoints ap)")
     demo_stage(demo.store, ["seamless-s2tt", "seamless-t2tt"], default_plot_folder(demo.store))
@@ -161,9 +160,9 @@ def rank_neurons(demo: Demo) -> None:
 def intervene(demo: Demo) -> None:
     """Median replacement of language- and modality-specific neurons during S2TT and T2TT, against random
     neurons of the same number (the SeamlessM4T paper's Experiment 2, scaled down), with Figure 5."""
-    from cli.clusters_cmd import default_plot_folder
-    from cli.intervene_cmd import sweep
-    from cli.intervene_sweep import SweepSpec
+    from hookpoints.cli.clusters_cmd import default_plot_folder
+    from hookpoints.cli.intervene_cmd import sweep
+    from hookpoints.cli.intervene_sweep import SweepSpec
 
     out.rule("[bold]Interventions: median replacement during generation (hookpoints intervene)")
     spec = SweepSpec(
@@ -187,7 +186,7 @@ FROM intervention_scores WHERE sweep = 'demo' GROUP BY ALL ORDER BY task, neuron
 
 
 def show_store(demo: Demo) -> None:
-    from store.summary import run_summary
+    from hookpoints.store.summary import run_summary
 
     render(run_summary(demo.store), title="what the store holds")
     queries = [("Runs in the store", "SELECT run, model, task, pooling, status FROM runs ORDER BY created_at")]
@@ -247,9 +246,9 @@ def _record(demo: Demo, run: str, source: str, label: str, modality: str, **opti
 def command(store_path: str, model: str | None, limit: int | None, threads: int | None) -> None:
     """Record the bundled corpus into a local store and show what SQL over it looks like."""
     import torch
+    from hookpoints.store.catalog import Store
 
-    from store.catalog import Store
-    from store.errors import UserError
+    from hookpoints.errors import UserError
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, not {limit}")

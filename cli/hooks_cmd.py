@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import click
-
-from cli.console import render
+from hookpoints.cli.console import render
 
 
 @click.command("hooks")

@@ -7,10 +7,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
-
-from analyses.interventions import KINDS, NEURON_TYPES, SIDES
-from cli.console import counting, out, render
-from cli.intervene_sweep import PAPER_SEED, SweepSpec, plan_sweep, run_sweep
+from hookpoints.analyses.interventions import KINDS, NEURON_TYPES, SIDES
+from hookpoints.cli.console import counting, out, render
+from hookpoints.cli.intervene_sweep import PAPER_SEED, SweepSpec, plan_sweep, run_sweep
 
 PAPER_KS = (500, 1000, 2500, 5000)
 
@@ -56,7 +55,7 @@ PAPER_KS = (500, 1000, 2500, 5000)
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), help="Figure 5 goes here.")
 def command(store_path, sweep_name, overwrite, plots_dir, **options) -> None:
     """Replace selected neurons during generation and score what happens (seeds paper, Experiment 2)."""
-    from store.catalog import Store
+    from hookpoints.store.catalog import Store
 
     name = sweep_name or datetime.now(UTC).strftime("sweep-%Y%m%dT%H%M%S")
     spec = SweepSpec(
@@ -71,7 +70,8 @@ def command(store_path, sweep_name, overwrite, plots_dir, **options) -> None:
 
 def sweep(store, spec: SweepSpec, plots_dir: Path | None):
     """Plan, run with progress, print the table and write Figure 5; returns the corpus scores."""
-    from cli.intervention_plots import plot_sweep
+    from hookpoints.cli.intervention_plots import plot_sweep
+
     from hookpoints.loading import load
 
     models = {}

@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-
-from analyses.intervention_tables import INTERVENTION_NEURONS, INTERVENTION_SCORES, INTERVENTIONS, TABLES
-from analyses.interventions import (
+from hookpoints.analyses.intervention_tables import INTERVENTION_NEURONS, INTERVENTION_SCORES, INTERVENTIONS, TABLES
+from hookpoints.analyses.interventions import (
     KINDS,
     NEURON_TYPES,
     SIDES,
@@ -33,19 +32,20 @@ from analyses.interventions import (
     replacement_values,
     scored_selection,
 )
-from analyses.labels import check_name
-from analyses.selection import run_key
-from analyses.text_scores import corpus_scores, sentence_scores
+from hookpoints.analyses.labels import check_name
+from hookpoints.analyses.selection import run_key
+from hookpoints.analyses.text_scores import corpus_scores, sentence_scores
+from hookpoints.store import tables
+from hookpoints.store.catalog import Store
+from hookpoints.store.tables import sql_string
+
 from hookpoints.editing import NeuronEdit
+from hookpoints.errors import UserError
 from hookpoints.languages import model_code
 from hookpoints.manifest import Manifest, read_data
 from hookpoints.model import HookedModel
 from hookpoints.recorder import BatchJob, batch_inputs, plan_examples
 from hookpoints.tasks import DEFAULT_TARGET, get_task
-from store import tables
-from store.catalog import Store
-from store.errors import UserError
-from store.tables import sql_string
 
 PAPER_SEED = 1234  # "a fixed random seed of 1234" (Appendix G)
 

@@ -15,9 +15,8 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow as pa  # noqa: E402
+from hookpoints.cli.figures import safe, save  # noqa: E402
 from matplotlib.ticker import NullLocator, ScalarFormatter  # noqa: E402
-
-from cli.figures import safe, save  # noqa: E402
 
 TASK_TITLES = {"asr": "ASR", "s2tt": "Speech-to-text translation", "t2tt": "Text-to-text translation"}
 METRIC_LABELS = {"combined": "0.6 BLEU + 0.4 chrF", "wer": "WER", "cer": "CER", "wer/cer": "WER / CER"}

@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-
-from cli.console import counting, out, render
+from hookpoints.cli.console import counting, out, render
 
 
 @click.command("magnitudes")
@@ -25,11 +24,11 @@ from cli.console import counting, out, render
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), help="Write figures here.")
 def command(store_path, runs, by, where, patterns, components, absolute, scale, with_gini, plots_dir) -> None:
     """Mean pooled activation per layer and group (section 3.4), deviation from the mean trend (Figure 6)."""
-    from analyses.examples import open_runs, select_examples
-    from analyses.hook_matrix import shared_hooks
-    from analyses.magnitudes import activation_gini, example_groups, group_columns, layer_magnitudes
-    from cli.ap_cmd import check_plots_dir
-    from store.catalog import Store
+    from hookpoints.analyses.examples import open_runs, select_examples
+    from hookpoints.analyses.hook_matrix import shared_hooks
+    from hookpoints.analyses.magnitudes import activation_gini, example_groups, group_columns, layer_magnitudes
+    from hookpoints.cli.ap_cmd import check_plots_dir
+    from hookpoints.store.catalog import Store
 
     check_plots_dir(plots_dir)
     store = Store.open(store_path)
@@ -56,8 +55,8 @@ def command(store_path, runs, by, where, patterns, components, absolute, scale, 
             title="Gini over each layer's neurons of their mean |activation| in the group",
         )
     if plots_dir is not None:
-        from cli.figures import safe, save
-        from cli.selectivity_plots import activation_gini_figure, magnitude_figure
+        from hookpoints.cli.figures import safe, save
+        from hookpoints.cli.selectivity_plots import activation_gini_figure, magnitude_figure
 
         paths = []
         for component in dict.fromkeys(magnitudes["component"].to_pylist()):

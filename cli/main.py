@@ -6,57 +6,57 @@ Errors in what the user gave (paths, names, manifests, SQL) print as one line an
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
 import click
+from hookpoints.cli.console import err
 from rich.markup import escape
 
-from cli.console import err
-from store.errors import UserError
+from hookpoints.errors import UserError
+
+# name -> (module under hookpoints.cli, one-line help). Modules are imported only when their command runs, so
+# `hookpoints --help`, `sql` and `store` never import torch, transformers or nnsight.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "hooks": ("hooks_cmd", "List a model's hook points."),
+    "record": ("record_cmd", "Record activations of a manifest at hook points into a store."),
+    "sql": ("sql_cmd", "Run a read-only SQL query over a store."),
+    "store": ("store_cmd", "Inspect and maintain a store (info, verify, compact, vacuum, delete, migrate)."),
+    "ap": ("ap_cmd", "Rank neurons by average precision against label sets (language/modality selectivity)."),
+    "selection": ("selection_cmd", "Top-k neuron selections of ranked label sets, with Gini and overlaps."),
+    "magnitudes": ("magnitudes_cmd", "Mean activation magnitude per layer and group, and its deviation."),
+    "intervene": ("intervene_cmd", "Replace selected neurons during generation and score what happens."),
+    "clusters": ("clusters_cmd", "Per-layer clustering of examples by labels (silhouette, DB, t-SNE)."),
+    "corpus": ("corpus_cmd", "Write the bundled 6-language corpus (text and espeak-ng speech)."),
+    "demo": ("demo_cmd", "Record the bundled corpus into a local store and run every analysis on it."),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """A click group that imports a command's module only when that command is run (or its --help shown)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module = importlib.import_module(f"hookpoints.cli.{COMMANDS[name][0]}")
+        return module.command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for name, (_, short) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="hookpoints")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Named hook points over HuggingFace models, and an activation store you can query with SQL."""
     ctx.obj = {"debug": debug}
-
-
-def _register() -> None:
-    from cli import (
-        ap_cmd,
-        clusters_cmd,
-        corpus_cmd,
-        demo_cmd,
-        hooks_cmd,
-        intervene_cmd,
-        magnitudes_cmd,
-        record_cmd,
-        selection_cmd,
-        sql_cmd,
-        store_cmd,
-    )
-
-    for module in (
-        hooks_cmd,
-        record_cmd,
-        sql_cmd,
-        store_cmd,
-        ap_cmd,
-        selection_cmd,
-        magnitudes_cmd,
-        intervene_cmd,
-        clusters_cmd,
-        corpus_cmd,
-        demo_cmd,
-    ):
-        cli.add_command(module.command)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> None:

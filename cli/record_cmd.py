@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import click
-
-from cli.console import counting, err, out
+from hookpoints.cli.console import counting, err, out
 
 
 @click.command("record")
@@ -112,13 +111,14 @@ def command(
     remote,
 ) -> None:
     """Record pooled activations of MODEL on the examples of --data into --store."""
+    from hookpoints.store.catalog import Store, validate_run_name
+    from hookpoints.store.runs import parse_shard
+
+    from hookpoints.errors import UserError
     from hookpoints.loading import load, model_modalities
     from hookpoints.manifest import read_data
     from hookpoints.recorder import record
     from hookpoints.tasks import get_task, input_modality
-    from store.catalog import Store, validate_run_name
-    from store.errors import UserError
-    from store.runs import parse_shard
 
     if resume and overwrite:
         raise UserError("give --resume or --overwrite, not both")

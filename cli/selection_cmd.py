@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-
-from cli.console import FORMATS, out, render
+from hookpoints.cli.console import FORMATS, out, render
 
 
 @click.command("selection")
@@ -37,11 +36,12 @@ def command(
     store_path, runs, patterns, components, k, gini_unit, overlap, overlap_runs, side, list_neurons, fmt, plots_dir
 ) -> None:
     """Counts per layer x submodule, Gini and overlaps of the neurons selected by a ranking (hookpoints ap)."""
-    from analyses.selection import overlap as overlap_matrix
-    from analyses.selection import run_key, selected_neurons, stored_sets
-    from cli.ap_cmd import check_plots_dir, report
-    from store.catalog import Store
-    from store.errors import UserError
+    from hookpoints.analyses.selection import overlap as overlap_matrix
+    from hookpoints.analyses.selection import run_key, selected_neurons, stored_sets
+    from hookpoints.cli.ap_cmd import check_plots_dir, report
+    from hookpoints.store.catalog import Store
+
+    from hookpoints.errors import UserError
 
     check_plots_dir(plots_dir)
     store = Store.open(store_path)
@@ -85,8 +85,8 @@ def command(
                     fmt,
                 )
                 if plots_dir is not None:
-                    from cli.figures import safe, save
-                    from cli.selectivity_plots import overlap_figure
+                    from hookpoints.cli.figures import safe, save
+                    from hookpoints.cli.selectivity_plots import overlap_figure
 
                     title = f"{overlap[0]} (run {run}) vs {overlap[1]} (run {columns_run})"
                     paths = save(

@@ -15,9 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+from hookpoints.analyses.selection import Overlap, panel_of, panel_order  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from analyses.selection import Overlap, panel_of, panel_order  # noqa: E402
 
 PANEL_TITLES = {"attention": "Attention", "ffn": "FFN", "convolution": "Convolution", "other": "Other"}
 LINESTYLES = ["-", "--", ":", "-."]

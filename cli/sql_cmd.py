@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import click
-
-from cli.console import FORMATS, render
+from hookpoints.cli.console import FORMATS, render
 
 
 @click.command("sql")
@@ -13,7 +12,7 @@ from cli.console import FORMATS, render
 @click.argument("query")
 def command(store_path: str, fmt: str, query: str) -> None:
     """Run one read-only SELECT over the store's views: runs, hooks, examples, activations, neurons."""
-    from store.catalog import Store
+    from hookpoints.store.catalog import Store
 
     with Store.open(store_path).query() as session:
         render(session.sql(query), fmt)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import sys
 
 import click
+from hookpoints.cli.console import err, out, progress, render
 from rich.markup import escape
-
-from cli.console import err, out, progress, render
 
 
 @click.group("store")
@@ -19,8 +18,8 @@ def command() -> None:
 @click.argument("store_path", metavar="STORE")
 def info(store_path: str) -> None:
     """What STORE holds: runs, their examples and hook points, and table sizes."""
-    from store.catalog import Store
-    from store.summary import run_summary, table_sizes
+    from hookpoints.store.catalog import Store
+    from hookpoints.store.summary import run_summary, table_sizes
 
     store = Store.open(store_path)
     meta = store.meta()
@@ -36,9 +35,9 @@ def verify(store_path: str) -> None:
 
     Exits with status 1 when something is wrong (each problem is listed with the file or row it is in).
     """
-    from store.catalog import Store
-    from store.verify import data_files
-    from store.verify import verify as run_verify
+    from hookpoints.store.catalog import Store
+    from hookpoints.store.verify import data_files
+    from hookpoints.store.verify import verify as run_verify
 
     store = Store.open(store_path, check_version=False)
     with progress() as bar:
@@ -62,8 +61,8 @@ def verify(store_path: str) -> None:
 @click.option("--target-mb", type=float, default=64, show_default=True, help="Size of the merged files.")
 def compact(store_path: str, target_mb: float) -> None:
     """Merge STORE's small files into larger ones (safe while others read and record)."""
-    from store.catalog import Store
-    from store.maintenance import compact as run_compact
+    from hookpoints.store.catalog import Store
+    from hookpoints.store.maintenance import compact as run_compact
 
     store = Store.open(store_path)
     with err.status("compacting"):
@@ -84,8 +83,8 @@ def compact(store_path: str, target_mb: float) -> None:
 @click.option("--force", is_flag=True, help="Allow a retention under 1 hour (only when nobody else uses the store).")
 def vacuum(store_path: str, retention_hours: int, dry_run: bool, force: bool) -> None:
     """Delete files of STORE that no recent table version uses (replaced, deleted, or never committed)."""
-    from store.catalog import Store
-    from store.maintenance import vacuum as run_vacuum
+    from hookpoints.store.catalog import Store
+    from hookpoints.store.maintenance import vacuum as run_vacuum
 
     store = Store.open(store_path)
     with err.status("vacuuming"):
@@ -97,9 +96,9 @@ def vacuum(store_path: str, retention_hours: int, dry_run: bool, force: bool) ->
 @click.argument("store_path", metavar="STORE")
 def migrate(store_path: str) -> None:
     """Upgrade STORE, written by an older hookpoints, to this version's schema (adds columns only)."""
-    from store.catalog import Store
-    from store.migrate import migrate as run_migrate
-    from store.schema import SCHEMA_VERSION
+    from hookpoints.store.catalog import Store
+    from hookpoints.store.migrate import migrate as run_migrate
+    from hookpoints.store.schema import SCHEMA_VERSION
 
     store = Store.open(store_path, check_version=False)
     steps = run_migrate(store)
@@ -113,7 +112,7 @@ def migrate(store_path: str) -> None:
 @click.option("--run", required=True, help="The run to delete (all its shards).")
 def delete(store_path: str, run: str) -> None:
     """Delete a run's rows from STORE (its files go at the next vacuum after the retention period)."""
-    from store.catalog import Store
+    from hookpoints.store.catalog import Store
 
     store = Store.open(store_path)
     store.delete_run(run)

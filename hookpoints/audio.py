@@ -15,7 +15,7 @@ import numpy as np
 import soundfile
 from scipy.signal import resample_poly
 
-from store.errors import UserError
+from hookpoints.errors import UserError
 
 SAMPLE_RATE = 16_000
 #: Below this, speech has lost the bands models listen to; upsampling cannot bring them back.

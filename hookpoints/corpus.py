@@ -26,7 +26,7 @@ from pathlib import Path
 import soundfile
 
 from hookpoints.audio import SAMPLE_RATE, resample
-from store.errors import UserError
+from hookpoints.errors import UserError
 
 #: espeak-ng voice per corpus language (Mandarin from pinyin, Japanese from kana: see data/README.md).
 VOICES = {"en": "en", "de": "de", "es": "es", "fr": "fr", "zh": "cmn-latn-pinyin", "ja": "ja"}

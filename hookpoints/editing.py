@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from hookpoints.errors import UserError
 from hookpoints.points import HookPoint
 from hookpoints.probe import first_tensor
-from store.errors import UserError
 
 
 @dataclass(frozen=True)

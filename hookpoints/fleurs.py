@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from hookpoints.errors import UserError
 from hookpoints.languages import FLEURS_LANGUAGES
-from store.errors import UserError
 
 SPLITS = ("train", "dev", "test")
 _COLUMNS = ("sentence_id", "file_name", "raw_transcription", "transcription", "phonemes", "num_samples", "gender")

@@ -10,8 +10,8 @@ from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from hookpoints.adapters import adapter_for
+from hookpoints.errors import UserError
 from hookpoints.model import HookedModel
-from store.errors import UserError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

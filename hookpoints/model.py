@@ -12,12 +12,12 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from hookpoints.adapters.base import Adapter
 from hookpoints.editing import NeuronEdit, apply_edit
+from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
 from hookpoints.pooling import pool, pool_positions, positions_first
 from hookpoints.probe import first_tensor, measure, observe
-from store.errors import UserError
 
 #: A pooling method for every hook point, or a function choosing one per hook point.
 Pooling = str | Callable[[HookPoint], str]

@@ -13,7 +13,7 @@ import fnmatch
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
-from store.errors import UserError
+from hookpoints.errors import UserError
 
 INPUT_SUFFIX = ":input"
 

@@ -12,16 +12,16 @@ import torch
 
 import hookpoints
 from hookpoints.audio import inspect_audio, load_audio
+from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
 from hookpoints.manifest import Manifest, audio_path
 from hookpoints.model import HookedModel
 from hookpoints.points import HookPoint
 from hookpoints.pooling import POOLINGS
+from hookpoints.store.catalog import Store
+from hookpoints.store.runs import check_shard, in_shard
+from hookpoints.store.writer import DEFAULT_BUFFER_BYTES, HookRows, open_run
 from hookpoints.tasks import Task, get_task, source_languages, target_languages
-from store.catalog import Store
-from store.errors import UserError
-from store.runs import check_shard, in_shard
-from store.writer import DEFAULT_BUFFER_BYTES, HookRows, open_run
 
 STORAGE_DTYPES = ("float32", "float16")
 

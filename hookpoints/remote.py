@@ -20,9 +20,9 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from hookpoints.adapters import adapter_for
+from hookpoints.errors import UserError
 from hookpoints.loading import DTYPES, quiet_transformers
 from hookpoints.model import HookedModel
-from store.errors import UserError
 
 
 def load_remote(source: str, *, modality: str | None = None, dtype: str = "bfloat16") -> HookedModel:

@@ -21,10 +21,10 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
+from hookpoints.errors import UserError
 from hookpoints.points import HookPoint
 from hookpoints.recorder import BatchJob, record_batch
-from store.errors import UserError
-from store.writer import HookRows
+from hookpoints.store.writer import HookRows
 
 
 def ray_runner(

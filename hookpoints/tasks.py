@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hookpoints.errors import UserError
 from hookpoints.languages import model_code
-from store.errors import UserError
 
 
 @dataclass(frozen=True)

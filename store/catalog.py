@@ -17,12 +17,12 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+from hookpoints.store import tables
+from hookpoints.store.location import StoreLocation, storage_error
+from hookpoints.store.runs import runs_sql, shard_states_sql
+from hookpoints.store.schema import CORE_TABLES, RUN_EVENTS, RUN_NAME, SCHEMA_VERSION, TableSpec
 
-from store import tables
-from store.errors import UserError
-from store.location import StoreLocation, storage_error
-from store.runs import runs_sql, shard_states_sql
-from store.schema import CORE_TABLES, RUN_EVENTS, RUN_NAME, SCHEMA_VERSION, TableSpec
+from hookpoints.errors import UserError
 
 RUN_SETTINGS = ("model", "task", "pooling", "dtype")
 
@@ -240,7 +240,7 @@ class Store:
 
     def query(self):
         """A read-only DuckDB session over this store's current version (see store.query)."""
-        from store.query import QuerySession
+        from hookpoints.store.query import QuerySession
 
         return QuerySession(self)
 

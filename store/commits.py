@@ -27,11 +27,11 @@ import uuid
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError
+from hookpoints.store import tables
+from hookpoints.store.location import StoreLocation
+from hookpoints.store.schema import TableSpec
 
-from store import tables
-from store.errors import UserError
-from store.location import StoreLocation
-from store.schema import TableSpec
+from hookpoints.errors import UserError
 
 _RETRIES = 20
 

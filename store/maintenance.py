@@ -18,10 +18,10 @@ import random
 import time
 
 from deltalake.exceptions import CommitFailedError
+from hookpoints.store import tables
+from hookpoints.store.catalog import Store
 
-from store import tables
-from store.catalog import Store
-from store.errors import UserError
+from hookpoints.errors import UserError
 
 #: Delta Lake's own default (``delta.deletedFileRetentionDuration``): one week.
 DEFAULT_RETENTION_HOURS = 168

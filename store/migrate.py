@@ -10,11 +10,11 @@ interrupted is simply run again (each step skips what is already done).
 from __future__ import annotations
 
 from deltalake.schema import Field
+from hookpoints.store import tables
+from hookpoints.store.catalog import Store
+from hookpoints.store.schema import CORE_TABLES, SCHEMA_VERSION
 
-from store import tables
-from store.catalog import Store
-from store.errors import UserError
-from store.schema import CORE_TABLES, SCHEMA_VERSION
+from hookpoints.errors import UserError
 
 #: version -> {table: columns that version added} (the columns' types come from store/schema.py)
 ADDED_COLUMNS: dict[int, dict[str, list[str]]] = {

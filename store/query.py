@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import duckdb
 import pyarrow as pa
+from hookpoints.store.catalog import Store
+from hookpoints.store.runs import runs_sql
 
-from store.catalog import Store
-from store.errors import UserError
-from store.runs import runs_sql
+from hookpoints.errors import UserError
 
 _CORE = ("run_events", "hooks", "examples", "activations")
 #: Writers commit hooks, then examples, then activations, then the run's status; a session takes its

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from store.errors import UserError
+from hookpoints.errors import UserError
 
 #: Per shard: its latest status. ``{events}`` is the name of a relation with ``run_events``' columns.
 SHARD_STATES_SQL = """

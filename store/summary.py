@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from store import tables
-from store.catalog import Store
+from hookpoints.store import tables
+from hookpoints.store.catalog import Store
 
 
 def run_summary(store: Store) -> list[dict]:

@@ -12,9 +12,8 @@ import pyarrow.fs as pafs
 from deltalake import DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.fs import DeltaStorageHandler
-
-from store.location import StoreLocation
-from store.schema import TableSpec
+from hookpoints.store.location import StoreLocation
+from hookpoints.store.schema import TableSpec
 
 #: About 1,000 rows per row group lets DuckDB parallelise scans and skip row groups by statistics.
 ROW_GROUP_ROWS = 1024

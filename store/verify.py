@@ -25,11 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from store import tables
-from store.catalog import Store
-from store.runs import runs_sql
-from store.schema import CORE_TABLES, SCHEMA_VERSION
+from hookpoints.store import tables
+from hookpoints.store.catalog import Store
+from hookpoints.store.runs import runs_sql
+from hookpoints.store.schema import CORE_TABLES, SCHEMA_VERSION
 
 #: Files Delta Lake itself keeps in a table's ``_delta_log`` folder.
 _LOG_FILE = re.compile(

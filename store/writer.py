@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from hookpoints.store.catalog import RUN_SETTINGS, Store, validate_run_name
+from hookpoints.store.commits import FencedAppender, WriterFenced, app_id, append_once
+from hookpoints.store.runs import check_shard
+from hookpoints.store.schema import ACTIVATIONS, CORE_TABLES, HOOKS, RESERVED_EXAMPLE_COLUMNS
 
-from store.catalog import RUN_SETTINGS, Store, validate_run_name
-from store.commits import FencedAppender, WriterFenced, app_id, append_once
-from store.errors import UserError
-from store.runs import check_shard
-from store.schema import ACTIVATIONS, CORE_TABLES, HOOKS, RESERVED_EXAMPLE_COLUMNS
+from hookpoints.errors import UserError
 
 DEFAULT_BUFFER_BYTES = 64 * 2**20
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-
-from store.catalog import Store
-from store.writer import HookRows, open_run
+from hookpoints.store.catalog import Store
+from hookpoints.store.writer import HookRows, open_run
 
 
 def hook_row(layer: int, width: int, *, name: str | None = None, layer_output: bool = True) -> dict:

@@ -13,9 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hookpoints.store.catalog import Store  # noqa: E402
 
 from hookpoints.tiny import build_tiny  # noqa: E402
-from store.catalog import Store  # noqa: E402
 
 # Tests run tiny models: intra-op threads only add overhead, and on a busy machine their spinning costs several
 # times the work.
@@ -63,7 +63,7 @@ def write_manifest(tmp_path):
 @pytest.fixture
 def run_cli(capsys):
     """``run_cli(*args)`` -> (exit code, stdout, stderr), through the same entry point as the console script."""
-    from cli.main import main
+    from hookpoints.cli.main import main
 
     def run(*args: str) -> tuple[int, str, str]:
         code = 0

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-
-from store.catalog import Store
-from store.writer import HookRows, open_run
+from hookpoints.store.catalog import Store
+from hookpoints.store.writer import HookRows, open_run
 
 LANGUAGES = ["de", "en", "ja"]
 

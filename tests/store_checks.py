@@ -6,8 +6,7 @@ from collections import Counter
 
 import pyarrow.compute as pc
 from deltalake import DeltaTable
-
-from store.catalog import Store
+from hookpoints.store.catalog import Store
 
 
 def table_rows(store: Store, table: str, run: str, columns: list[str]) -> list[tuple]:

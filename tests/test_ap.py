@@ -4,10 +4,9 @@ import importlib.util
 
 import numpy as np
 import pytest
+from hookpoints.analyses import average_precision
+from hookpoints.analyses.ap import LabelSetPlan, average_precision_many, neuron_chunk_size
 from sklearn.metrics import average_precision_score
-
-from analyses import average_precision
-from analyses.ap import LabelSetPlan, average_precision_many, neuron_chunk_size
 
 BACKENDS = [
     "numpy",

@@ -6,9 +6,8 @@ import json
 from importlib import resources
 
 import pytest
+from hookpoints.store.catalog import Store
 from selectivity_helpers import DECODER, ENCODER, examples_table, hook_rows, write_run
-
-from store.catalog import Store
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +101,8 @@ def test_bad_input_is_one_line(store_path, run_cli, args, expected):
 
 
 def test_demo_stage_on_a_recorded_seamless_run(tiny_model_dir, tmp_path, capsys):
-    from cli.ap_cmd import demo_stage
+    from hookpoints.cli.ap_cmd import demo_stage
+
     from hookpoints.loading import load
     from hookpoints.manifest import read_manifest
     from hookpoints.recorder import record

@@ -7,7 +7,7 @@ import pytest
 import soundfile
 
 from hookpoints.audio import SAMPLE_RATE, inspect_audio, load_audio
-from store.errors import UserError
+from hookpoints.errors import UserError
 
 
 def tone(rate: int, seconds: float, hz: float = 440.0, channels: int = 1) -> np.ndarray:

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from hookpoints.store.catalog import Store
 from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperForConditionalGeneration
 
 from hookpoints.loading import load
 from hookpoints.models.ultravox import UltravoxConfig, UltravoxModel
-from store.catalog import Store
 
 
 def speech(corpus, count: int = 4) -> list[tuple[str, np.ndarray]]:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from store.errors import UserError
+from hookpoints.errors import UserError
 
 ROWS = [{"id": "a", "text": "Hello there.", "language": "en"}, {"id": "b", "text": "Guten Tag.", "language": "de"}]
 

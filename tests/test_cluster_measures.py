@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hookpoints.analyses.cluster_measures import centroid_stats, pairwise_distances, silhouettes
+from hookpoints.analyses.clusters import sample_rows
 from scipy.spatial.distance import cdist, pdist, squareform
 from sklearn.metrics import davies_bouldin_score, silhouette_samples, silhouette_score
-
-from analyses.cluster_measures import centroid_stats, pairwise_distances, silhouettes
-from analyses.clusters import sample_rows
 
 
 @pytest.fixture

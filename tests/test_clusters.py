@@ -7,12 +7,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from clusters_helpers import clustered, hook_row, write_run
+from hookpoints.analyses.clusters import CLUSTERS_TABLE, ClusterSettings, cluster_layers, write_clusters
+from hookpoints.analyses.layers import layer_hooks, read_layer, run_settings
+from hookpoints.analyses.subsets import select_subset
 from sklearn.metrics import davies_bouldin_score, silhouette_score
 
-from analyses.clusters import CLUSTERS_TABLE, ClusterSettings, cluster_layers, write_clusters
-from analyses.layers import layer_hooks, read_layer, run_settings
-from analyses.subsets import select_subset
-from store.errors import UserError
+from hookpoints.errors import UserError
 
 
 def value(result, hook, label, measure, space="original"):
@@ -232,7 +232,7 @@ def test_non_finite_activations_are_named(store):
 
 
 def test_missing_activations_are_an_error_not_a_silent_gap(store):
-    from store.schema import CORE_TABLES
+    from hookpoints.store.schema import CORE_TABLES
 
     examples, vectors = clustered(layers=2)
     write_run(store, "gap", examples, vectors)

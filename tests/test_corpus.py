@@ -11,7 +11,7 @@ import soundfile
 
 from hookpoints import corpus
 from hookpoints.corpus import LANGUAGES, VARIANTS, corpus_manifests, corpus_rows
-from store.errors import UserError
+from hookpoints.errors import UserError
 
 
 def test_corpus_is_parallel_across_six_languages():

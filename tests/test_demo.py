@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from store.catalog import Store
+from hookpoints.store.catalog import Store
 
 
 def test_demo_runs_end_to_end(run_cli, tmp_path, monkeypatch):

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from hookpoints.editing import NeuronEdit, apply_edit
+from hookpoints.errors import UserError
 from hookpoints.loading import load
 from hookpoints.points import HookPoint
 from hookpoints.pooling import positions_first
-from store.errors import UserError
 
 
 def _point(**kw) -> HookPoint:

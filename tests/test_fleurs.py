@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile
+from hookpoints.store.catalog import Store
 
+from hookpoints.errors import UserError
 from hookpoints.manifest import read_data
-from store.catalog import Store
-from store.errors import UserError
 
 SENTENCES = {  # FLEURS sentence id -> transcription per language
     "1001": {"de_de": "Das ist ein Test.", "ja_jp": "これはテストです。"},

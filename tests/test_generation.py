@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from hookpoints.store.catalog import Store
 
 from hookpoints.loading import load
-from store.catalog import Store
 
 STEPS = 8
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from hookpoints.analyses import gini
 
-from analyses import gini
-from store.errors import UserError
+from hookpoints.errors import UserError
 
 
 def gini_mad(x: np.ndarray) -> float:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from hookpoints.adapters.seamless import TABLE1
+from hookpoints.errors import UserError
 from hookpoints.loading import load
 from hookpoints.tiny import FAMILIES
-from store.errors import UserError
 
 LAYERS = 2  # every tiny model has 2 layers per stack
 

@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sacrebleu.metrics import BLEU, CHRF
-
-from analyses.interventions import (
+from hookpoints.analyses.interventions import (
     Selection,
     explicit_selection,
     random_selection,
     replacement_values,
     scored_selection,
 )
-from analyses.ranking import plan_ranking, rank, write_scores
-from analyses.text_scores import corpus_scores, sentence_scores
+from hookpoints.analyses.ranking import plan_ranking, rank, write_scores
+from hookpoints.analyses.text_scores import corpus_scores, sentence_scores
+from hookpoints.store.catalog import Store
+from sacrebleu.metrics import BLEU, CHRF
+
+from hookpoints.errors import UserError
 from hookpoints.loading import load
 from hookpoints.manifest import read_manifest
 from hookpoints.recorder import record
-from store.catalog import Store
-from store.errors import UserError
 
 RANKING = "s2tt+t2tt"
 

@@ -1,9 +1,9 @@
 """Label sets: predicate checks, the paper's four presets, names."""
 
 import pytest
+from hookpoints.analyses.labels import check_predicate, custom_label_set, preset_label_sets, slug
 
-from analyses.labels import check_predicate, custom_label_set, preset_label_sets, slug
-from store.errors import UserError
+from hookpoints.errors import UserError
 
 LANGUAGES = ["de", "en", "es", "fr", "ja", "zh"]
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from hookpoints.errors import UserError
 from hookpoints.loading import load
-from store.errors import UserError
 
 
 def test_bad_model_sources(tmp_path):

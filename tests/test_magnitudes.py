@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hookpoints.analyses import gini
+from hookpoints.analyses.examples import open_runs, select_examples
+from hookpoints.analyses.hook_matrix import shared_hooks
+from hookpoints.analyses.magnitudes import activation_gini, example_groups, group_columns, layer_magnitudes
+from hookpoints.store.catalog import Store
 from selectivity_helpers import DECODER, examples_table, hook_rows, write_run
 
-from analyses import gini
-from analyses.examples import open_runs, select_examples
-from analyses.hook_matrix import shared_hooks
-from analyses.magnitudes import activation_gini, example_groups, group_columns, layer_magnitudes
-from store.catalog import Store
-from store.errors import UserError
+from hookpoints.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from hookpoints.errors import UserError
 from hookpoints.manifest import read_manifest
-from store.errors import UserError
 
 ROWS = [{"id": "001", "text": "Hello.", "language": "en"}, {"id": "002", "text": "Hallo.", "language": "de"}]
 

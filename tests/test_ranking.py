@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hookpoints.analyses import ranking as ranking_module
+from hookpoints.analyses.hook_matrix import neuron_slices
+from hookpoints.analyses.labels import LabelSet, custom_label_set
+from hookpoints.analyses.ranking import plan_ranking, rank, write_scores
+from hookpoints.store.catalog import Store
 from selectivity_helpers import DECODER, ENCODER, examples_table, hook_rows, write_run
 from sklearn.metrics import average_precision_score
-
-from analyses import ranking as ranking_module
-from analyses.hook_matrix import neuron_slices
-from analyses.labels import LabelSet, custom_label_set
-from analyses.ranking import plan_ranking, rank, write_scores
-from store.catalog import Store
 
 SUMMARY = "SELECT label_set, count(*) AS n, max(ks) AS ks, max(computed_at) AS at FROM scores GROUP BY label_set"
 

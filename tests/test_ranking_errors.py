@@ -6,13 +6,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from hookpoints.analyses.labels import LabelSet, custom_label_set
+from hookpoints.analyses.ranking import plan_ranking, rank, write_scores
+from hookpoints.store.catalog import Store
+from hookpoints.store.schema import CORE_TABLES
 from selectivity_helpers import DECODER, ENCODER, examples_table, hook_rows, planted_values, write_run
 
-from analyses.labels import LabelSet, custom_label_set
-from analyses.ranking import plan_ranking, rank, write_scores
-from store.catalog import Store
-from store.errors import UserError
-from store.schema import CORE_TABLES
+from hookpoints.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from hookpoints.store.catalog import Store
 
 from hookpoints.loading import load
-from store.catalog import Store
 
 
 def record(run_cli, model, data, store, run, *args):

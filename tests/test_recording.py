@@ -11,10 +11,10 @@ import torch
 from deltalake import DeltaTable
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, SeamlessM4Tv2ForTextToText
 
+from hookpoints.errors import UserError
 from hookpoints.loading import load
 from hookpoints.manifest import read_manifest
 from hookpoints.recorder import record
-from store.errors import UserError
 
 ROWS = [
     {"id": "a", "text": "Hello there.", "language": "en", "score": 1},
@@ -125,7 +125,7 @@ def test_examples_keep_every_manifest_column(tiny_model_dir, write_manifest, sto
 
 
 def test_float16_storage_reads_back_as_rounded_float32(tiny_model_dir, write_manifest, tmp_path):
-    from store.catalog import Store
+    from hookpoints.store.catalog import Store
 
     model = load(tiny_model_dir("gpt2"))
     manifest = read_manifest(write_manifest(ROWS))

@@ -13,16 +13,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from hookpoints.store.catalog import Store
 from transformers import AutoConfig
 
 from hookpoints.adapters import adapter_for
+from hookpoints.errors import UserError
 from hookpoints.loading import load
 from hookpoints.manifest import read_manifest
 from hookpoints.model import HookedModel
 from hookpoints.recorder import record
 from hookpoints.remote import load_remote, simulate_remote
-from store.catalog import Store
-from store.errors import UserError
 
 HOOKS = ["blocks.*.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.1.attn.hook_z"]
 QUERY = "SELECT hook, example_id, activation FROM activations WHERE run = $run ORDER BY hook, example_id"

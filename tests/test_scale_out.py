@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pyarrow as pa
+from hookpoints.store.catalog import Store
+from hookpoints.store.verify import verify
 
 from hookpoints.loading import load
 from hookpoints.manifest import read_manifest
 from hookpoints.recorder import BatchJob, record, record_batch
 from hookpoints.scale_out import decode, encode
-from store.catalog import Store
-from store.verify import verify
 from tests.store_checks import assert_exactly_once
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"]

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from selectivity_helpers import DECODER, ENCODER, examples_table, hook_rows, write_run
-
-from analyses import gini
-from analyses.ranking import plan_ranking, rank, write_scores
-from analyses.selection import (
+from hookpoints.analyses import gini
+from hookpoints.analyses.ranking import plan_ranking, rank, write_scores
+from hookpoints.analyses.selection import (
     ap_summary,
     layer_counts,
     overlap,
@@ -18,8 +16,10 @@ from analyses.selection import (
     selection_gini,
     stored_sets,
 )
-from store.catalog import Store
-from store.errors import UserError
+from hookpoints.store.catalog import Store
+from selectivity_helpers import DECODER, ENCODER, examples_table, hook_rows, write_run
+
+from hookpoints.errors import UserError
 
 K = 6
 

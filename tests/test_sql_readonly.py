@@ -14,12 +14,12 @@ import re
 from pathlib import Path
 
 import pytest
+from hookpoints.store import tables
+from hookpoints.store.catalog import Store
 
 from hookpoints.loading import load
 from hookpoints.manifest import read_manifest
 from hookpoints.recorder import record
-from store import tables
-from store.catalog import Store
 
 REPO = Path(__file__).resolve().parent.parent
 

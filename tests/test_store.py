@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from hookpoints.store.catalog import Store
+from hookpoints.store.writer import HookRows, open_run
 
-from store.catalog import Store
-from store.errors import UserError
-from store.writer import HookRows, open_run
+from hookpoints.errors import UserError
 
 HOOKS = [
     {

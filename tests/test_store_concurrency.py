@@ -14,9 +14,10 @@ import threading
 import time
 from pathlib import Path
 
-from store.catalog import Store
-from store.errors import UserError
-from store.verify import verify
+from hookpoints.store.catalog import Store
+from hookpoints.store.verify import verify
+
+from hookpoints.errors import UserError
 from tests.store_checks import assert_exactly_once
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"]
@@ -106,7 +107,7 @@ def test_shards_and_another_run_record_at_once_while_reading(tmp_path, gpt2_dir,
 # process is sure to start while this one still has work to commit).
 HOLD_AFTER_FIRST_COMMIT = """
 import os, sys, time
-import store.commits as commits
+import hookpoints.store.commits as commits
 real = commits.write_deltalake
 def write_then_hold(target, data, **options):
     real(target, data, **options)
@@ -114,7 +115,7 @@ def write_then_hold(target, data, **options):
         while not os.path.exists(sys.argv[1]):
             time.sleep(0.02)
 commits.write_deltalake = write_then_hold
-from cli.main import main
+from hookpoints.cli.main import main
 main(sys.argv[2:])
 """
 

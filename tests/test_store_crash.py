@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 from deltalake import DeltaTable
+from hookpoints.store.catalog import Store
+from hookpoints.store.verify import verify
 
 from hookpoints.loading import load
-from store.catalog import Store
-from store.verify import verify
 from tests.store_checks import assert_exactly_once
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
@@ -36,7 +36,7 @@ N_EXAMPLES = 40
 KILL_AT_COMMIT = """
 import os, shutil, signal, sys, uuid
 from pathlib import Path
-import store.commits as commits
+import hookpoints.store.commits as commits
 real = commits.write_deltalake
 table, nth, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 seen = 0
@@ -54,7 +54,7 @@ def write_then_die(target, data, **options):
     if seen == nth:
         os.kill(os.getpid(), signal.SIGKILL)
 commits.write_deltalake = write_then_die
-from cli.main import main
+from hookpoints.cli.main import main
 main(sys.argv[4:])
 """
 

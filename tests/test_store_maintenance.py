@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from hookpoints.store import tables
+from hookpoints.store.catalog import Store
+from hookpoints.store.maintenance import vacuum
+from hookpoints.store.verify import verify
 
+from hookpoints.errors import UserError
 from hookpoints.loading import load
 from hookpoints.manifest import read_manifest
 from hookpoints.recorder import record
-from store import tables
-from store.catalog import Store
-from store.errors import UserError
-from store.maintenance import vacuum
-from store.verify import verify
 
 QUERY = "SELECT run, hook, example_id, activation FROM activations ORDER BY ALL"
 

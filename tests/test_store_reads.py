@@ -10,15 +10,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hookpoints.store.catalog import Store
+from hookpoints.store.schema import TableSpec
 from selectivity_helpers import DECODER, examples_table, hook_rows, write_run
-
-from store.catalog import Store
-from store.schema import TableSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = """
 import sys
-from store.catalog import Store
+from hookpoints.store.catalog import Store
 with Store.open(sys.argv[1]).query() as session:
     print(session.sql("SELECT hook, activation FROM activations LIMIT 2").num_rows)
 """

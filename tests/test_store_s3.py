@@ -13,11 +13,11 @@ import threading
 import numpy as np
 import pyarrow as pa
 import pytest
+from hookpoints.store.catalog import Store
+from hookpoints.store.runs import in_shard
+from hookpoints.store.verify import verify
+from hookpoints.store.writer import HookRows, open_run
 
-from store.catalog import Store
-from store.runs import in_shard
-from store.verify import verify
-from store.writer import HookRows, open_run
 from tests.moto_server import BUCKET, moto_server, s3_client
 from tests.store_checks import assert_exactly_once
 

@@ -7,15 +7,15 @@ import json
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
+from hookpoints.store.catalog import Store
+from hookpoints.store.migrate import ADDED_COLUMNS
+from hookpoints.store.schema import CORE_TABLES, SCHEMA_VERSION
+from hookpoints.store.verify import verify
 
+from hookpoints.errors import UserError
 from hookpoints.loading import load
 from hookpoints.manifest import Manifest, read_manifest
 from hookpoints.recorder import record
-from store.catalog import Store
-from store.errors import UserError
-from store.migrate import ADDED_COLUMNS
-from store.schema import CORE_TABLES, SCHEMA_VERSION
-from store.verify import verify
 from tests.store_checks import assert_exactly_once
 
 HOOK = "blocks.0.hook_resid_post"

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+from hookpoints.store.commits import WriterFenced
+from hookpoints.store.runs import in_shard, parse_shard
+from hookpoints.store.writer import HookRows, open_run
 
-from store.commits import WriterFenced
-from store.errors import UserError
-from store.runs import in_shard, parse_shard
-from store.writer import HookRows, open_run
+from hookpoints.errors import UserError
 from tests.store_checks import assert_exactly_once
 
 HOOKS = [
@@ -141,7 +141,7 @@ def test_two_runs_starting_at_once_register_their_hooks_once(store):
 
 
 def _versions(store) -> dict:
-    from store import tables
+    from hookpoints.store import tables
 
     return {name: tables.open_table(store.location, name).version() for name in store.table_names()}
 
@@ -158,7 +158,7 @@ def test_examples_of_a_shard_hold_the_manifest_labels(store):
 
 def test_a_commit_that_landed_although_it_reported_an_error_is_not_repeated(store, monkeypatch):
     """E.g. S3 stored the commit but its reply was lost: the writer finds its own commit and goes on."""
-    import store.commits as commits
+    import hookpoints.store.commits as commits
 
     real = commits.write_deltalake
     calls = []
@@ -179,7 +179,7 @@ def test_a_commit_that_landed_although_it_reported_an_error_is_not_repeated(stor
 
 
 def test_a_commit_that_failed_reports_its_error(store, monkeypatch):
-    import store.commits as commits
+    import hookpoints.store.commits as commits
 
     def fails(table, data, **options):
         raise OSError("no space left on device")

@@ -9,14 +9,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
+from hookpoints.store import tables
+from hookpoints.store.catalog import Store
+from hookpoints.store.schema import ACTIVATIONS, CORE_TABLES
+from hookpoints.store.verify import verify
 
 from hookpoints.loading import load
 from hookpoints.manifest import read_manifest
 from hookpoints.recorder import record
-from store import tables
-from store.catalog import Store
-from store.schema import ACTIVATIONS, CORE_TABLES
-from store.verify import verify
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 
@@ -104,7 +104,7 @@ def test_nan_is_an_error_unless_the_writer_flagged_it(copy):
 
 
 def test_flagged_nan_is_a_warning(tmp_path, gpt2_dir):
-    from store.writer import HookRows, open_run
+    from hookpoints.store.writer import HookRows, open_run
 
     store = Store.open(tmp_path / "store", create=True)
     hooks = [{"hook": "h", "width": 2, "layer": 0}]

@@ -15,9 +15,9 @@ import torch
 from hookpoints.adapters.base import Adapter, Single, Stack, random_ids, token_batch
 from hookpoints.adapters.decoder_lm import LLAMA_BLOCK
 from hookpoints.adapters.whisper import ENCODER_LAYER, lengths_mask
+from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
 from hookpoints.models.ultravox import UltravoxModel, audio_token_lengths, encoder_lengths
-from store.errors import UserError
 
 
 class Ultravox(Adapter):

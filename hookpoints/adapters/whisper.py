@@ -12,8 +12,8 @@ import torch
 from transformers import WhisperForConditionalGeneration
 
 from hookpoints.adapters.base import Adapter, Point, Single, Stack
+from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
-from store.errors import UserError
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 ENCODER_LAYER = (

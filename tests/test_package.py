@@ -1,0 +1,58 @@
+"""One import root, and a CLI that starts without the model libraries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+HEAVY = ("torch", "transformers", "nnsight", "matplotlib", "scipy", "sklearn", "numba")
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sys.modules))"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return set(out.split())
+
+
+def test_cli_imports_no_model_library():
+    loaded = _modules_after("import hookpoints.cli.main")
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+
+
+def test_light_commands_import_no_model_library():
+    for argv in (["--help"], ["sql", "--help"], ["store", "info", "--help"]):
+        loaded = _modules_after(
+            "from hookpoints.cli.main import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass"
+        )
+        assert not loaded & set(HEAVY), (argv, sorted(loaded & set(HEAVY)))
+
+
+def test_wheel_holds_one_top_level_package(tmp_path):
+    """A built wheel installs everything under ``hookpoints`` (store, analyses and cli folders included)."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+        + ["-w", str(tmp_path), str(root)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("hookpoints-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert tops == {"hookpoints"}, tops
+    for module in ("hookpoints/store/catalog.py", "hookpoints/analyses/ap.py", "hookpoints/cli/main.py"):
+        assert module in names
+
+
+def test_store_analyses_cli_are_subpackages():
+    import hookpoints.analyses
+    import hookpoints.cli
+    import hookpoints.store
+
+    assert hookpoints.store.__name__ == "hookpoints.store"
+    assert Path(hookpoints.store.__file__).parent.name == "store"
+    assert Path(hookpoints.cli.__file__).parent.name == "cli"
