@@ -7,7 +7,7 @@ over a chosen example subset of a run: the per-neuron median (the paper's), or m
 steering vector added to them (``alpha * (mean over the subset - mean over the run)``).
 
 Everything here only reads the store; the model side applies the edits (hookpoints.editing) and the CLI
-runs the sweep (cli/intervene_sweep.py).
+runs the sweep (analyses/intervention_sweep.py).
 """
 
 from __future__ import annotations

@@ -224,8 +224,8 @@ def _shares(counts: dict[str, int]) -> str:
 
 
 def _plot_distribution(counts, run: str, label_set: str, component: str, k: int, folder: Path) -> list[Path]:
-    from hookpoints.cli.figures import safe, save
-    from hookpoints.cli.selectivity_plots import distribution_figure
+    from hookpoints.analyses.figures import safe, save
+    from hookpoints.analyses.figures_selectivity import distribution_figure
 
     figure = distribution_figure(counts, component, k, f"{label_set} (run {run})")
     return save(figure, folder, f"ap-{safe(run)}-{safe(label_set)}-{component}-k{k}")
@@ -260,8 +260,8 @@ def report_modality_overlaps(session, run: str, label_sets: list[str], k: int, p
                 ]
             )
             if plots_dir is not None:
-                from hookpoints.cli.figures import safe, save
-                from hookpoints.cli.selectivity_plots import overlap_figure
+                from hookpoints.analyses.figures import safe, save
+                from hookpoints.analyses.figures_selectivity import overlap_figure
 
                 title = f"unimodal language neurons, {first} vs {second} (run {run})"
                 paths += save(overlap_figure(result, title), plots_dir, f"overlap-{safe(run)}-{component}-{side}{k}")

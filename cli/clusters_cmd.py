@@ -120,7 +120,7 @@ def analyse(store, run: str, settings, folder: Path | None, *, fmt: str = "table
             if layer.example_distances is not None:
                 render(_distance_table(result, layer), title=f"Euclidean distances at {layer.hook.hook}")
     if folder is not None:
-        from hookpoints.cli.clusters_plots import plot_all
+        from hookpoints.analyses.figures_clusters import plot_all
 
         paths = plot_all(result, folder, dendrogram_layers=dendrogram_layers)
         note.print(f"plots ({len(paths)} files, PNG and SVG) in [bold]{folder}[/bold]:", highlight=False)

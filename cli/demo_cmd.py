@@ -160,9 +160,9 @@ def rank_neurons(demo: Demo) -> None:
 def intervene(demo: Demo) -> None:
     """Median replacement of language- and modality-specific neurons during S2TT and T2TT, against random
     neurons of the same number (the SeamlessM4T paper's Experiment 2, scaled down), with Figure 5."""
+    from hookpoints.analyses.intervention_sweep import SweepSpec
     from hookpoints.cli.clusters_cmd import default_plot_folder
     from hookpoints.cli.intervene_cmd import sweep
-    from hookpoints.cli.intervene_sweep import SweepSpec
 
     out.rule("[bold]Interventions: median replacement during generation (hookpoints intervene)")
     spec = SweepSpec(

@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
+from hookpoints.analyses.intervention_sweep import PAPER_SEED, SweepSpec, plan_sweep, run_sweep
 from hookpoints.analyses.interventions import KINDS, NEURON_TYPES, SIDES
 from hookpoints.cli.console import counting, out, render
-from hookpoints.cli.intervene_sweep import PAPER_SEED, SweepSpec, plan_sweep, run_sweep
 
 PAPER_KS = (500, 1000, 2500, 5000)
 
@@ -70,7 +70,7 @@ def command(store_path, sweep_name, overwrite, plots_dir, **options) -> None:
 
 def sweep(store, spec: SweepSpec, plots_dir: Path | None):
     """Plan, run with progress, print the table and write Figure 5; returns the corpus scores."""
-    from hookpoints.cli.intervention_plots import plot_sweep
+    from hookpoints.analyses.figures_interventions import plot_sweep
 
     from hookpoints.loading import load
 

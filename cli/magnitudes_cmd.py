@@ -55,8 +55,8 @@ def command(store_path, runs, by, where, patterns, components, absolute, scale, 
             title="Gini over each layer's neurons of their mean |activation| in the group",
         )
     if plots_dir is not None:
-        from hookpoints.cli.figures import safe, save
-        from hookpoints.cli.selectivity_plots import activation_gini_figure, magnitude_figure
+        from hookpoints.analyses.figures import safe, save
+        from hookpoints.analyses.figures_selectivity import activation_gini_figure, magnitude_figure
 
         paths = []
         for component in dict.fromkeys(magnitudes["component"].to_pylist()):

@@ -85,8 +85,8 @@ def command(
                     fmt,
                 )
                 if plots_dir is not None:
-                    from hookpoints.cli.figures import safe, save
-                    from hookpoints.cli.selectivity_plots import overlap_figure
+                    from hookpoints.analyses.figures import safe, save
+                    from hookpoints.analyses.figures_selectivity import overlap_figure
 
                     title = f"{overlap[0]} (run {run}) vs {overlap[1]} (run {columns_run})"
                     paths = save(

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow as pa  # noqa: E402
-from hookpoints.cli.figures import safe, save  # noqa: E402
+from hookpoints.analyses.figures import safe, save  # noqa: E402
 from matplotlib.ticker import NullLocator, ScalarFormatter  # noqa: E402
 
 TASK_TITLES = {"asr": "ASR", "s2tt": "Speech-to-text translation", "t2tt": "Text-to-text translation"}

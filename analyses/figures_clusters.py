@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 from hookpoints.analyses.clusters import ClusterResult, Labelling, LayerResult  # noqa: E402
-from hookpoints.cli.figures import safe, save  # noqa: E402
+from hookpoints.analyses.figures import safe, save  # noqa: E402
 
 #: Above this many classes a map gets no legend (colours repeat).
 LEGEND_MAX_CLASSES = 20
