@@ -15,8 +15,10 @@ setup: $(STAMP) speech-tools
 # into a cache (~/.cache/hookpoints, or $$HOOKPOINTS_CACHE). CI runs as root; elsewhere apt-get runs via sudo.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
+# chromium (Debian package) opens the HTML report in the tests, headless.
 speech-tools:
 	@command -v espeak-ng >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng; }
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
