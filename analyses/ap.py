@@ -628,6 +628,9 @@ def average_precision(scores, labels, *, threads: int | None = None, backend: st
     """AP of each neuron column of ``scores`` ``[examples, neurons]`` against ``labels`` ``[examples]``.
 
     Returns float64 ``[neurons]`` equal to sklearn's ``average_precision_score`` per column.
+
+    >>> average_precision(np.array([[0.9], [0.1], [0.8]]), np.array([1, 0, 1]))
+    array([1.])
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:

@@ -65,7 +65,10 @@ CLUSTERS_TABLE = TableSpec("clusters", CLUSTERS_SCHEMA, ("run",))
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    """What to measure. ``labels``: examples columns; ``where``: a SQL predicate over the examples table."""
+    """What to measure. ``labels``: examples columns; ``where``: a SQL predicate over the examples table.
+
+    >>> result = cluster_layers(store, "r1", ClusterSettings(labels=("language",), tsne=False))
+    """
 
     labels: tuple[str, ...]
     where: str = ""
@@ -142,6 +145,9 @@ def cluster_layers(
 
     Every check on the input runs before the first layer is read. ``on_start(layers)`` and
     ``on_layer(hook)`` report progress.
+
+    >>> result = cluster_layers(store, "r1", ClusterSettings(labels=("language",), sample=500))
+    >>> measures_figure(result)
     """
     if not settings.labels:
         raise UserError("give at least one label column to cluster by (--label language)")

@@ -36,7 +36,11 @@ class RunGroup:
 
 
 def open_runs(session: QuerySession, runs: list[str] | tuple[str, ...]) -> RunGroup:
-    """Check that ``runs`` exist and can be analysed together (same pooling, one vector per example)."""
+    """Check that ``runs`` exist and can be analysed together (same pooling, one vector per example).
+
+    >>> with store.query() as session:
+    ...     examples = select_examples(session, open_runs(session, ["r1"]))
+    """
     if not runs:
         raise UserError("give at least one --run")
     names = sorted(set(runs))
@@ -123,7 +127,11 @@ class ExampleSet:
 
 
 def select_examples(session: QuerySession, group: RunGroup, where: str | None = None) -> ExampleSet:
-    """The examples of ``group``'s runs (matching ``where``), in (run, example_id) order."""
+    """The examples of ``group``'s runs (matching ``where``), in (run, example_id) order.
+
+    >>> with store.query() as session:
+    ...     examples = select_examples(session, open_runs(session, ["r1"]), where="language = 'de'")
+    """
     where = None if where is None else check_predicate(where, "--where")
     probe = ExampleSet(group, where, pa.table({"run": pa.array([], pa.string())}), {})
     try:

@@ -37,7 +37,10 @@ def plot_all(result: ClusterResult, folder: Path, *, dendrogram_layers: list[int
 
 
 def measures_figure(result: ClusterResult) -> plt.Figure:
-    """Silhouette and Davies-Bouldin against layer: a row per component, a line per label and space."""
+    """Silhouette and Davies-Bouldin against layer: a row per component, a line per label and space.
+
+    >>> figure = measures_figure(cluster_layers(store, "r1", ClusterSettings(labels=("language",))))
+    """
     components = list(dict.fromkeys(layer.hook.component for layer in result.layers))
     measures = list(MEASURE_TITLES)
     fig, axes = plt.subplots(
@@ -76,7 +79,11 @@ def measures_figure(result: ClusterResult) -> plt.Figure:
 
 
 def tsne_figure(result: ClusterResult, labelling: Labelling) -> plt.Figure:
-    """The t-SNE map of every layer in a grid, points coloured by ``labelling``'s classes."""
+    """The t-SNE map of every layer in a grid, points coloured by ``labelling``'s classes.
+
+    >>> result = cluster_layers(store, "r1", ClusterSettings(labels=("language",)))
+    >>> figure = tsne_figure(result, result.labellings[0])
+    """
     layers = [layer for layer in result.layers if layer.tsne is not None]
     columns = min(4, len(layers))
     rows = -(-len(layers) // columns)
@@ -108,7 +115,10 @@ def tsne_figure(result: ClusterResult, labelling: Labelling) -> plt.Figure:
 
 
 def dendrogram_figure(result: ClusterResult, labelling: Labelling, layers: list[LayerResult]) -> plt.Figure:
-    """Hierarchical clustering of ``labelling``'s class centroids at each of ``layers``."""
+    """Hierarchical clustering of ``labelling``'s class centroids at each of ``layers``.
+
+    >>> figure = dendrogram_figure(result, result.labellings[0], result.layers[-1:])
+    """
     from scipy.cluster.hierarchy import dendrogram
 
     height = max(2.8, 0.22 * len(labelling.classes))

@@ -38,7 +38,10 @@ def mean_by_type(scores: pa.Table, task: str) -> tuple[dict[str, dict[int, float
 
 
 def figure5(scores: pa.Table, title: str) -> plt.Figure:
-    """Score against k per neuron type, one panel per task (``scores``: intervention_scores rows)."""
+    """Score against k per neuron type, one panel per task (``scores``: intervention_scores rows).
+
+    >>> figure = figure5(run_sweep(store, spec, cells), "sweep sw1")
+    """
     tasks = list(dict.fromkeys(scores["task"].to_pylist()))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):

@@ -26,6 +26,9 @@ def distribution_figure(counts: pa.Table, component: str, k: int, title: str) ->
     """Selected neurons per layer, stacked by submodule: a row per panel, bottom-k left and top-k right.
 
     ``counts``: analyses.selection.layer_counts (layer, submodule, neurons, top, bottom).
+
+    >>> with store.query() as session:
+    ...     figure = distribution_figure(layer_counts(session, "r1", "de", "lm", 10), "lm", 10, "de")
     """
     rows = counts.to_pylist()
     layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
@@ -72,7 +75,10 @@ def short_labels(names: list[str]) -> tuple[list[str], str]:
 
 
 def overlap_figure(result: Overlap, title: str) -> plt.Figure:
-    """Shared neurons between row and column selections, as an annotated matrix (Figure 3)."""
+    """Shared neurons between row and column selections, as an annotated matrix (Figure 3).
+
+    >>> figure = overlap_figure(overlap(session, run, rows, columns, "text_decoder", 1000), "speech vs text")
+    """
     rows, row_prefix = short_labels(result.rows)
     cols, col_prefix = short_labels(result.columns)
     size = 0.6 * max(len(rows), len(cols)) + 2.5
@@ -119,7 +125,11 @@ def _series(table: pa.Table, by: list[str], component: str, group: tuple, column
 
 
 def magnitude_figure(table: pa.Table, by: list[str], component: str, scale: float, title: str) -> plt.Figure:
-    """Mean magnitude by layer, and deviation from the mean trend (x ``scale``) by layer, one line per group."""
+    """Mean magnitude by layer, and deviation from the mean trend (x ``scale``) by layer, one line per group.
+
+    >>> table = layer_magnitudes(session, examples, hooks, ["language"])
+    >>> figure = magnitude_figure(table, ["language"], "lm", 1.0, "r1")
+    """
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     for group, style in _group_styles(table, by):
         label = " · ".join(str(v) for v in group)
@@ -140,7 +150,10 @@ def magnitude_figure(table: pa.Table, by: list[str], component: str, scale: floa
 
 
 def activation_gini_figure(table: pa.Table, by: list[str], component: str, title: str) -> plt.Figure:
-    """Gini of the neurons' mean |activation| by layer, one line per group."""
+    """Gini of the neurons' mean |activation| by layer, one line per group.
+
+    >>> figure = activation_gini_figure(activation_gini(store, examples, hooks, groups), ["language"], "lm", "r1")
+    """
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for group, style in _group_styles(table, by):
         layers, values = _series(table, by, component, group, "gini")

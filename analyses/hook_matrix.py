@@ -50,6 +50,9 @@ def shared_hooks(
 
     Default: every shared hook except whole-layer outputs (``hook_resid_post``: the residual stream, not a
     submodule's neurons; Table 1 of the paper lists submodules only). ``patterns`` pick hooks by name instead.
+
+    >>> with store.query() as session:
+    ...     hooks = shared_hooks(session, ("r1",), layer_outputs=True)
     """
     per_run = {}
     for run in runs:

@@ -52,7 +52,10 @@ PAPER_SEED = 1234  # "a fixed random seed of 1234" (Appendix G)
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """What to sweep (the CLI's options)."""
+    """What to sweep (the CLI's options).
+
+    >>> spec = SweepSpec("sw1", runs=("s2tt", "t2tt"), tasks=("s2tt",), ks=(500,), limit=10)
+    """
 
     sweep: str
     runs: tuple[str, ...]  # the ranking's runs (the scores' key), and default statistics runs
@@ -108,7 +111,11 @@ class Cell:
 
 
 def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], HookedModel]) -> list[Cell]:
-    """Every (task, language) cell with its conditions, checked, and every edit's values computed."""
+    """Every (task, language) cell with its conditions, checked, and every edit's values computed.
+
+    >>> cells = plan_sweep(store, spec, lambda model, modality: hp.load(model, modality=modality))
+    >>> scores = run_sweep(store, spec, cells)
+    """
     _check_spec(spec)
     ranking = run_key(spec.runs)
     cells = []
@@ -331,7 +338,11 @@ def _edits(model: HookedModel, condition: Condition) -> list[NeuronEdit]:
 def run_sweep(
     store: Store, spec: SweepSpec, cells: list[Cell], on_generations: Callable[[int], None] | None = None
 ) -> pa.Table:
-    """Generate every condition of every cell, score, and commit each cell; returns the corpus scores."""
+    """Generate every condition of every cell, score, and commit each cell; returns the corpus scores.
+
+    >>> scores = run_sweep(store, spec, plan_sweep(store, spec, load_model))
+    >>> figure5(scores, "sw1")
+    """
     for table in TABLES:
         store.ensure_table(table)
     if spec.if_exists == "overwrite":

@@ -57,7 +57,13 @@ def layer_magnitudes(
     *,
     absolute: bool = False,
 ) -> pa.Table:
-    """Per (component, layer, group): mean magnitude, deviation from the mean over groups, examples counted."""
+    """Per (component, layer, group): mean magnitude, deviation from the mean over groups, examples counted.
+
+    >>> with store.query() as session:
+    ...     examples = select_examples(session, open_runs(session, ["r1"]))
+    ...     hooks = shared_hooks(session, ("r1",), layer_outputs=True)
+    ...     table = layer_magnitudes(session, examples, hooks, ["language"])
+    """
     layered = [h for h in hooks if h.layer is not None]
     if not layered:
         raise UserError("none of the chosen hook points belongs to a layer: pick layer hook points with --hooks")
@@ -116,7 +122,14 @@ def activation_gini(
     memory_bytes: int = 2 * 2**30,
     on_progress: Callable[[int], None] | None = None,
 ) -> pa.Table:
-    """Per (component, layer, group): Gini over the layer's neurons of their mean |activation| in the group."""
+    """Per (component, layer, group): Gini over the layer's neurons of their mean |activation| in the group.
+
+    >>> with store.query() as session:
+    ...     examples = select_examples(session, open_runs(session, ["r1"]))
+    ...     hooks = shared_hooks(session, ("r1",), layer_outputs=True)
+    ...     groups = example_groups(session, examples, ["language"])
+    >>> table = activation_gini(store, examples, hooks, groups)
+    """
     layered = [h for h in hooks if h.layer is not None]
     reader = HookMatrixReader(store, examples)
     onehot = np.zeros((len(groups), len(examples)), np.float32)  # [groups, examples]

@@ -123,7 +123,10 @@ def plan_ranking(
     language_column: str = "language",
     modality_column: str = "modality",
 ) -> RankingJob:
-    """Check runs, examples, label sets, hooks and k before reading any activation; clear errors otherwise."""
+    """Check runs, examples, label sets, hooks and k before reading any activation; clear errors otherwise.
+
+    >>> job = plan_ranking(store, ["s2tt", "t2tt"], presets=["unimodal"], ks=(500, 1000))
+    """
     ks = check_ks(ks)
     with store.query() as session:
         group = open_runs(session, runs)
@@ -190,7 +193,11 @@ def rank(
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> Ranking:
-    """Score every neuron of ``job.hooks`` against every label set, hook by hook, and rank within components."""
+    """Score every neuron of ``job.hooks`` against every label set, hook by hook, and rank within components.
+
+    >>> ranking = rank(store, plan_ranking(store, ["r1"], custom=[custom_label_set("language = 'de'")], ks=(10,)))
+    >>> write_scores(store, ranking)
+    """
     masks = job.masks
     plan = LabelSetPlan(masks.positive, masks.among)
     reader = HookMatrixReader(store, job.examples)
@@ -326,7 +333,10 @@ def _smallest_k(rank: np.ndarray, ks: np.ndarray) -> pa.Array:
 
 
 def write_scores(store: Store, ranking: Ranking) -> None:
-    """Replace the ranking's label sets in the ``scores`` table with its rows, in one atomic commit."""
+    """Replace the ranking's label sets in the ``scores`` table with its rows, in one atomic commit.
+
+    >>> write_scores(store, rank(store, job))  # then: store.sql("SELECT * FROM scores")
+    """
     job = ranking.job
     names = ", ".join(sql_string(ls.name) for ls in job.masks.label_sets)
     predicate = f"run = {sql_string(job.group.key)} AND label_set IN ({names})"

@@ -124,6 +124,9 @@ def layer_counts(session: QuerySession, run: str, label_set: str, component: str
     """Per (layer, submodule) of the group: neurons, and how many are in the top-k and the bottom-k.
 
     Every cell of the group is listed, also those no selected neuron falls in (they count for Gini).
+
+    >>> with store.query() as session:
+    ...     counts = layer_counts(session, "r1", "de", "lm", k=10)  # then distribution_figure(counts, ...)
     """
     table = session.sql(
         """SELECT layer, submodule, count(*) AS neurons,
@@ -142,7 +145,10 @@ def layer_counts(session: QuerySession, run: str, label_set: str, component: str
 
 
 def selection_gini(counts: pa.Table, side: str, unit: str = "layer_submodule") -> float:
-    """Gini of a selection's counts over the group's cells (``unit``: layer_submodule, submodule or layer)."""
+    """Gini of a selection's counts over the group's cells (``unit``: layer_submodule, submodule or layer).
+
+    >>> selection_gini(counts, "top")  # counts from layer_counts
+    """
     if unit not in GINI_UNITS:
         raise UserError(f"Gini unit must be one of {', '.join(GINI_UNITS)}, not {unit!r}")
     _rank_column(side)
@@ -188,6 +194,9 @@ def overlap(
 
     ``rows``/``columns``: (run key, label sets). Neurons are matched by hook name and index, so selections of
     different rankings of the same model (e.g. a speech run's and a text run's decoder) compare too.
+
+    >>> with store.query() as session:
+    ...     shared = overlap(session, "s2tt+t2tt", ["unimodal/speech/de"], ["unimodal/text/de"], "text_decoder", 1000)
     """
     rank = _rank_column(side)
     (row_run, row_sets), (col_run, col_sets) = rows, columns
@@ -220,6 +229,9 @@ def selected_neurons(
     """The top-k / bottom-k (or ``side="both"``) neurons of a ranked label set: hook, neuron, ap, ranks.
 
     One row per neuron, ordered by hook and neuron; for interventions (issue 5) and ad hoc analysis.
+
+    >>> with store.query() as session:
+    ...     top = selected_neurons(session, "r1", "de", k=10).to_pandas()
     """
     sides = SIDES if side == "both" else (side,)
     condition = " OR ".join(f"{_rank_column(s)} <= $k" for s in sides)
@@ -240,7 +252,11 @@ def selected_neurons(
 
 
 def ap_summary(session: QuerySession, run: str, label_sets: list[str]) -> list[dict]:
-    """Per (label set, component): examples compared, highest AP and its neuron, median and lowest AP."""
+    """Per (label set, component): examples compared, highest AP and its neuron, median and lowest AP.
+
+    >>> with store.query() as session:
+    ...     rows = ap_summary(session, "r1", ["de"])
+    """
     sets = _literals(label_sets)
     extremes = session.sql(
         f"""SELECT label_set, component, n_positive, n_among, group_size AS neurons, top_rank, bottom_rank, ap,

@@ -21,7 +21,11 @@ from hookpoints.probe import first_tensor
 
 @dataclass(frozen=True)
 class NeuronEdit:
-    """Replace neurons ``neurons`` of ``point`` with ``values`` (or, with ``add``, add ``values`` to them)."""
+    """Replace neurons ``neurons`` of ``point`` with ``values`` (or, with ``add``, add ``values`` to them).
+
+    >>> edit = model.edit("blocks.0.mlp.hook_post", [3, 7], [0.0, 0.0])  # a NeuronEdit
+    >>> model.run_with_edits(["Hi"], [edit])
+    """
 
     point: HookPoint
     neurons: torch.Tensor  # [k] int64: indices into the hook's vector

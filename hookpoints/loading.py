@@ -28,6 +28,8 @@ def load(
 
     ``modality`` picks the class for families with several (SeamlessM4T v2: ``text`` loads the text-to-text
     model, ``speech`` the speech-to-text one); the default is the family's first.
+
+    >>> model = hp.load("path/to/seamless", modality="speech", dtype="float32", device="cpu")
     """
     source = str(source)
     _check_source(source)

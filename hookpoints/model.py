@@ -11,6 +11,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from hookpoints.adapters.base import Adapter
+from hookpoints.api_methods import ModelApi
 from hookpoints.editing import NeuronEdit, apply_edit
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
@@ -23,7 +24,7 @@ from hookpoints.probe import first_tensor, measure, observe
 Pooling = str | Callable[[HookPoint], str]
 
 
-class HookedModel:
+class HookedModel(ModelApi):
     """A model wrapped by nnsight whose tensors are reachable by hook-point name.
 
     >>> model = HookedModel.from_pretrained("facebook/seamless-m4t-v2-large", modality="speech")
@@ -155,9 +156,25 @@ class HookedModel:
         return self.adapter.decoder_prompt(self.model, self.tokenizer, targets).to(self.device)
 
     def generate(
-        self, inputs: ModelInputs, prompt: torch.Tensor, max_new_tokens: int, *, encoder_outputs=None
+        self,
+        inputs: ModelInputs,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        encoder_outputs=None,
+        edits: list[NeuronEdit] | None = None,
     ) -> Generation:
-        """Greedy decoding from ``prompt`` (no hooks); from ``encoder_outputs`` when given (no encoder run)."""
+        """Greedy decoding from ``prompt``; from ``encoder_outputs`` when given (no encoder run).
+
+        With ``edits``, every edit is applied at every step (:meth:`generate_edited`). ``inputs`` may also be
+        strings, waveforms or audio paths (hookpoints.user_inputs).
+        """
+        if not isinstance(inputs, ModelInputs):
+            inputs = self.inputs(inputs)
+        if edits:
+            if encoder_outputs is not None:
+                raise UserError("generate: give edits or encoder_outputs, not both")
+            return self.generate_edited(inputs, prompt, list(edits), max_new_tokens)[0]
         kwargs = {**inputs.kwargs, "decoder_input_ids": prompt}
         if encoder_outputs is not None:
             kwargs = {**without_encoder_inputs(kwargs), "encoder_outputs": encoder_outputs}

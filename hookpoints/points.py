@@ -26,6 +26,9 @@ class HookPoint:
     Conformer conv's ``[batch, channels, time]``); ``time_axis`` indexes the positions of ``space``
     (``input`` tokens or frames, ``encoder`` outputs, ``decoder`` tokens), or is None when the tensor holds one
     vector per example. ``unavailable`` says why a hook point cannot be recorded, if it cannot.
+
+    >>> point = model.hook_points.get("blocks.0.attn.hook_q")
+    >>> point.width, point.shape  # (64, (4, 16)): 4 heads of 16
     """
 
     name: str
@@ -75,7 +78,11 @@ class HookPoint:
 
 
 class HookPointSet:
-    """All hook points of a model: look-up by name or alias, and selection by glob."""
+    """All hook points of a model: look-up by name or alias, and selection by glob.
+
+    >>> [p.name for p in model.hook_points.select(["blocks.*.hook_resid_post"])]
+    ['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post']
+    """
 
     def __init__(self, points: Iterable[HookPoint]):
         self._points: dict[str, HookPoint] = {}

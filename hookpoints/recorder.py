@@ -39,6 +39,12 @@ GENERATION_COLUMNS = {
 
 @dataclass(frozen=True)
 class RecordSummary:
+    """What a recording did (``hp.record`` returns it).
+
+    >>> summary = hp.record(model, "manifest.jsonl", "my-store", run="r1")
+    >>> summary.recorded, summary.seconds
+    """
+
     run: str
     recorded: int  # examples recorded by this call
     skipped: int  # examples of this shard already in the run (resume)

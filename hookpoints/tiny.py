@@ -174,6 +174,8 @@ def build_tiny(
 
     The tokenizer is trained on ``texts`` (a few default sentences) up to ``vocab_size`` tokens; ``sizes``
     overrides config attributes (e.g. ``hidden_size`` for benchmark-sized models).
+
+    >>> model = hp.load(hp.build_tiny("gpt2", "/tmp/tiny-gpt2"))
     """
     import transformers as tf
 
