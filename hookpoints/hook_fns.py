@@ -157,6 +157,8 @@ def mean_ablate(cache, neurons: Sequence[int] | None = None) -> HookFn:
     """
 
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        if hook.name not in cache:
+            raise UserError(f"cannot mean-ablate {hook.name}: the cache does not hold it (cache it with names=...)")
         mean = cache.mean(hook.name).reshape(-1).to(x.device, x.dtype)  # [width]
         flat = _neuron_view(x, hook).clone()
         chosen = list(neurons) if neurons is not None else slice(None)
@@ -174,6 +176,8 @@ def patch(cache) -> HookFn:
     """
 
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        if hook.name not in cache:
+            raise UserError(f"cannot patch {hook.name}: the cache does not hold it (cache it with names=...)")
         source = cache[hook.name]
         if source.shape != x.shape:
             raise UserError(

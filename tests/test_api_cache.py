@@ -1,0 +1,168 @@
+"""``run_with_cache``: the cache's tensors against plain torch hooks, and padded batches against one example."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hookpoints as hp
+from hookpoints.errors import UserError
+from tests.api_helpers import randomise, raw_tensors, sine
+
+TEXTS = ["the quick brown fox jumps over", "a lazy dog", "seven birds sing while the fox sleeps today"]
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_model_dir):
+    model = hp.load(tiny_model_dir("gpt2"))
+    randomise(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def bert(tiny_model_dir):
+    model = hp.load(tiny_model_dir("bert"))
+    randomise(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def seamless_speech(tiny_model_dir):
+    model = hp.load(tiny_model_dir("seamless_m4t_v2"), modality="speech")
+    randomise(model, scale=0.05)
+    return model
+
+
+def test_gpt2_cache_matches_plain_torch_hooks(gpt2):
+    names = ["blocks.*.hook_resid_post", "blocks.1.attn.hook_k", "blocks.0.attn.hook_z", "blocks.0.mlp.hook_post"]
+    output, cache = gpt2.run_with_cache(TEXTS, names=names)
+    inputs = gpt2.inputs(TEXTS)
+    raw = raw_tensors(gpt2, cache.points.values(), inputs)
+    batch, pos = inputs.kwargs["input_ids"].shape
+    heads, d_head = gpt2.model.config.n_head, gpt2.model.config.n_embd // gpt2.model.config.n_head
+    d = gpt2.model.config.n_embd
+    # written out per hook, independently of the layout code: GPT-2's fused c_attn holds q, k, v side by side
+    assert torch.equal(cache["blocks.0.hook_resid_post"], raw["blocks.0.hook_resid_post"])
+    assert cache["blocks.0.hook_resid_post"].shape == (batch, pos, d)
+    k = raw["blocks.1.attn.hook_k"][..., d : 2 * d].reshape(batch, pos, heads, d_head)
+    assert torch.equal(cache["blocks.1.attn.hook_k"], k)
+    z = raw["blocks.0.attn.hook_z"].reshape(batch, pos, heads, d_head)
+    assert torch.equal(cache["blocks.0.attn.hook_z"], z)
+    # the output is the model's own, with the hooks' values feeding it
+    with torch.inference_mode():
+        reference = gpt2.model(**inputs.kwargs).logits
+    assert torch.allclose(output.logits, reference, atol=1e-6)
+    assert torch.equal(cache.mask, inputs.kwargs["attention_mask"].bool())
+    # aliases (module paths) reach the same tensor
+    assert torch.equal(cache["transformer.h.0"], cache["blocks.0.hook_resid_post"])
+
+
+def _check_batch_equals_single(model, examples, names, atol):
+    _, batched = model.run_with_cache(examples, names=names)
+    _, pooled = model.run_with_cache(examples, names=names, pooling="mean")
+    _, last = model.run_with_cache(examples, names=names, pooling="last")
+    checked = 0
+    for i, example in enumerate(examples):
+        _, alone = model.run_with_cache([example], names=names)
+        for name in batched:
+            mask = batched.mask_of(name)
+            if mask is None:
+                assert torch.allclose(batched[name][i], alone[name][0], atol=atol), name
+                continue
+            mine = batched[name][i][mask[i]]  # [valid positions, *d]
+            single = alone[name][0][alone.mask_of(name)[0]]  # alone: SeamlessM4T pads frames to an even count
+            assert mine.shape == single.shape, (name, mine.shape, single.shape)
+            assert torch.allclose(mine, single, atol=atol), (name, (mine - single).abs().max())
+            assert torch.allclose(pooled[name][i], single.float().mean(0), atol=atol), name
+            assert torch.allclose(last[name][i], single[-1].float(), atol=atol), name
+            checked += 1
+    assert checked >= len(examples) * 2
+
+
+def test_gpt2_padded_batch_equals_one_at_a_time(gpt2):
+    _check_batch_equals_single(gpt2, TEXTS, ["blocks.*.hook_resid_post", "blocks.*.attn.hook_q"], 1e-5)
+
+
+def test_bert_cache_and_padding(bert):
+    names = ["blocks.*.hook_resid_post", "blocks.0.attn.hook_v", "blocks.1.attn.hook_z"]
+    _, cache = bert.run_with_cache(TEXTS, names=names)
+    inputs = bert.inputs(TEXTS)
+    raw = raw_tensors(bert, cache.points.values(), inputs)
+    batch, pos = inputs.kwargs["input_ids"].shape
+    heads = bert.model.config.num_attention_heads
+    assert torch.equal(cache["blocks.0.attn.hook_v"], raw["blocks.0.attn.hook_v"].reshape(batch, pos, heads, -1))
+    assert torch.equal(cache["blocks.1.attn.hook_z"], raw["blocks.1.attn.hook_z"].reshape(batch, pos, heads, -1))
+    assert torch.equal(cache["blocks.1.hook_resid_post"], raw["blocks.1.hook_resid_post"])
+    _check_batch_equals_single(bert, TEXTS, names, 1e-5)
+
+
+def test_seamless_speech_cache_matches_torch_hooks_and_single_examples(seamless_speech):
+    waves = [sine(0.9, 200.0), sine(0.45, 330.0), sine(1.3, 150.0)]
+    _, cache = seamless_speech.run_with_cache(waves, names=None)
+    inputs = seamless_speech.inputs(waves)
+    raw = raw_tensors(seamless_speech, cache.points.values(), inputs)
+    for name, tensor in cache.items():
+        point = cache.points[name]
+        x = raw[name]
+        x = x.unsqueeze(1) if point.time_axis is None else x.movedim(point.time_axis, 1)
+        x = x.reshape(*x.shape[:2], -1)
+        if point.time_axis is None:
+            x = x[:, 0]
+        assert torch.equal(tensor.reshape(x.shape), x), name
+    spaces = {cache.points[name].space for name in cache}
+    assert {"input", "encoder"} <= spaces, spaces  # speech frames and the adaptor's subsampled frames
+    conv = [n for n in cache if cache.points[n].time_axis not in (None, 1)]
+    assert conv, "a Conformer conv hook ([batch, channels, time]) is among the listed hook points"
+    names = ["speech_encoder.layers.*.hook_resid_post", *conv[:2], "text_decoder.layers.0.hook_resid_post"]
+    _check_batch_equals_single(seamless_speech, waves, names, 1e-4)
+
+
+def test_audio_paths_and_names_predicate(seamless_speech, tmp_path):
+    import soundfile
+
+    path = tmp_path / "tone.wav"
+    soundfile.write(path, sine(0.6), 16_000, subtype="FLOAT")  # no 16-bit rounding
+    _, from_path = seamless_speech.run_with_cache([str(path)], names=lambda name: name.endswith("hook_resid_post"))
+    _, from_wave = seamless_speech.run_with_cache([sine(0.6)], names=lambda name: name.endswith("hook_resid_post"))
+    assert list(from_path) and all(name.endswith("hook_resid_post") for name in from_path)
+    for name in from_path:
+        assert torch.allclose(from_path[name], from_wave[name], atol=1e-4), name
+
+
+def test_raw_tensor_inputs_and_cache_methods(gpt2):
+    inputs = gpt2.inputs(TEXTS)
+    _, from_text = gpt2.run_with_cache(TEXTS, names="blocks.1.hook_resid_post")
+    _, from_dict = gpt2.run_with_cache(dict(inputs.kwargs), names="blocks.1.hook_resid_post")
+    _, from_ids = gpt2.run_with_cache(inputs.kwargs["input_ids"][:1], names="blocks.1.hook_resid_post")
+    assert torch.equal(from_text["blocks.1.hook_resid_post"], from_dict["blocks.1.hook_resid_post"])
+    assert from_ids["blocks.1.hook_resid_post"].shape[0] == 1
+    assert from_text.to("cpu").keys() == from_text.keys()
+    assert "blocks.1.hook_resid_post" in from_text and len(from_text) == 1
+    mean = from_text.mean("blocks.1.hook_resid_post")
+    x, mask = from_text["blocks.1.hook_resid_post"], from_text.mask
+    assert torch.allclose(mean, x[mask].mean(0))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "names", "pooling", "message"),
+    [
+        (["hi"], "blocks.*.no_such_hook", None, "matches no recordable hook point"),
+        (["hi"], None, "median", "pooling must be one of mean, last, max"),
+        (["hi"], 42, None, "names must be a glob"),
+        ([], None, None, "not an empty list"),
+        ([""], None, None, "empty string"),
+        (["hi", 3], None, None, "mix"),
+        (12, None, None, "inputs must be"),
+    ],
+)
+def test_bad_cache_arguments_are_one_line_user_errors(gpt2, inputs, names, pooling, message):
+    with pytest.raises(UserError) as caught:
+        gpt2.run_with_cache(inputs, names=names, pooling=pooling)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_speech_model_refuses_text_and_bad_waveforms(seamless_speech):
+    with pytest.raises(UserError, match="loaded for speech"):
+        seamless_speech.run_with_cache(["hello there"])
+    with pytest.raises(UserError, match="1-D"):
+        seamless_speech.run_with_cache([sine(0.5).reshape(2, -1)])
