@@ -63,6 +63,7 @@ def test_edit_of_a_per_head_input_equals_a_torch_pre_hook(gpt2):
 
     reference = reference_logits(gpt2, TEXTS, "transformer.h.1.attn.c_proj", change, on_input=True)
     assert torch.allclose(out, reference, atol=1e-6)
+
     # the same edit as a hook function on [batch, pos, head, d_head]: head 1 dim 1 is neuron 17
     def fn(x, hook):
         assert x.shape[-2:] == (4, 16) and hook.name == "blocks.1.attn.hook_z"
