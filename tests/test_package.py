@@ -56,3 +56,30 @@ def test_store_analyses_cli_are_subpackages():
     assert hookpoints.store.__name__ == "hookpoints.store"
     assert Path(hookpoints.store.__file__).parent.name == "store"
     assert Path(hookpoints.cli.__file__).parent.name == "cli"
+
+
+def test_import_hookpoints_imports_no_model_library():
+    loaded = _modules_after("import hookpoints")
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+
+
+def test_every_public_name_resolves_and_shows_an_example():
+    """``__all__`` is the API: each name loads (lazily) and its docstring carries a short example."""
+    import hookpoints
+
+    missing = []
+    for name in hookpoints.__all__:
+        if name == "__version__":
+            continue
+        value = getattr(hookpoints, name)
+        doc = value.__doc__ or ""
+        if ">>>" not in doc:
+            missing.append(name)
+    assert not missing, f"public names without a docstring example: {missing}"
+    assert set(hookpoints.__all__) <= set(dir(hookpoints))
+    try:
+        hookpoints.no_such_name  # noqa: B018
+    except AttributeError as error:
+        assert "no_such_name" in str(error)
+    else:
+        raise AssertionError("an unknown attribute must raise AttributeError")
