@@ -80,8 +80,10 @@ class HookedModel(ModelApi):
             self._points = self._probe()
         return self._points
 
-    def select(self, patterns: list[str] | None = None) -> list[HookPoint]:
+    def select(self, patterns: str | list[str] | None = None) -> list[HookPoint]:
         """Recordable hook points matching glob ``patterns`` (default: the listed ones), in execution order."""
+        if isinstance(patterns, str):
+            patterns = [patterns]
         if not patterns:
             return [p for p in self.hook_points.listed() if p.unavailable is None]
         return self.hook_points.select(patterns)

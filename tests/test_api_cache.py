@@ -166,3 +166,13 @@ def test_speech_model_refuses_text_and_bad_waveforms(seamless_speech):
         seamless_speech.run_with_cache(["hello there"])
     with pytest.raises(UserError, match="1-D"):
         seamless_speech.run_with_cache([sine(0.5).reshape(2, -1)])
+
+
+def test_load_and_select_bad_input(gpt2, tiny_model_dir, tmp_path):
+    assert [p.name for p in gpt2.select("blocks.1.hook_resid_post")] == ["blocks.1.hook_resid_post"]
+    with pytest.raises(UserError, match="does not exist"):
+        hp.load(tmp_path / "no" / "such" / "model")
+    with pytest.raises(UserError, match="takes text input, not speech"):
+        hp.load(tiny_model_dir("gpt2"), modality="speech")
+    with pytest.raises(UserError, match="dtype must be one of"):
+        hp.load(tiny_model_dir("gpt2"), dtype="float8")
