@@ -59,3 +59,21 @@ def test_quickstart_notebook_runs(kernel_name, tmp_path):
     assert "edits == hooks: True" in intervene
     change = float(intervene.split("largest logit change:")[1].split()[0])
     assert change > 0
+
+
+def test_python_api_snippets_are_valid_python_and_use_public_names():
+    """The snippets of docs/python-api.md and the README parse, and every ``hp.NAME`` they use is exported."""
+    import ast
+    import re
+
+    import hookpoints
+
+    root = NOTEBOOK.parents[1]
+    used = set()
+    for page in (root / "docs" / "python-api.md", root / "README.md"):
+        blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
+        assert blocks, page
+        for block in blocks:
+            ast.parse(block)
+            used |= set(re.findall(r"\bhp\.([A-Za-z_]\w*)", block))
+    assert used and not used - set(hookpoints.__all__), sorted(used - set(hookpoints.__all__))
