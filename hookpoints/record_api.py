@@ -34,6 +34,9 @@ def record(
     pooling: str = "mean",
     task: str = "forward",
     progress: bool = True,
+    split: str | None = None,
+    languages: list[str] | None = None,
+    limit: int | None = None,
     **options,
 ) -> RecordSummary:
     """Record ``model``'s activations at ``hooks`` (globs; default: the listed hook points) into run ``run``.
@@ -41,7 +44,8 @@ def record(
     ``data``: a manifest path (JSONL / CSV / Parquet) or a FLEURS folder, a pandas DataFrame, a pyarrow
     Table, or a list of dicts, each with an ``id``, the input (``text``, or ``audio`` paths for a speech
     model) and any label columns. ``store``: a :class:`Store` or a folder / ``s3://`` URI (created if
-    missing). ``options`` are the recorder's (batch_size, dtype, tgt_lang, max_new_tokens, per_step, frames,
+    missing). ``split``, ``languages`` (``["de_de", "ja"]``) and ``limit`` (per language) choose recordings of a
+    FLEURS folder. ``options`` are the recorder's (batch_size, dtype, tgt_lang, max_new_tokens, per_step, frames,
     if_exists, shard; see :func:`hookpoints.recorder.record`).
 
     >>> hp.record(model, [{"id": "a", "text": "Hallo", "language": "de"}], "my-store", run="r1",
@@ -56,7 +60,8 @@ def record(
         raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
     patterns = [hooks] if isinstance(hooks, str) else list(hooks) if hooks else None
     model.select(patterns)  # unknown globs fail here, before the store is touched
-    manifest = as_manifest(data, "audio" if model.modality == "speech" else "text")
+    fleurs = {"split": split, "languages": tuple(languages) if languages else None, "limit": limit}
+    manifest = as_manifest(data, "audio" if model.modality == "speech" else "text", **fleurs)
     store = open_store(store)
     with _progress(f"recording {run} ({task})", progress) as (on_start, on_batch):
         return record_manifest(
@@ -65,12 +70,15 @@ def record(
         )  # fmt: skip
 
 
-def as_manifest(data, input_column: str) -> Manifest:
-    """``data`` (a path, a DataFrame, a pyarrow Table or a list of dicts) as a checked :class:`Manifest`."""
+def as_manifest(data, input_column: str, **fleurs) -> Manifest:
+    """``data`` (a path, a DataFrame, a pyarrow Table or a list of dicts) as a checked :class:`Manifest`;
+    ``fleurs`` (split, languages, limit) choose recordings of a FLEURS folder."""
     if isinstance(data, (str, Path)):
-        manifest = read_data(data, required=())
+        manifest = read_data(data, required=(), **fleurs)
         manifest.require(input_column)
         return manifest
+    if any(value is not None for value in fleurs.values()):
+        raise UserError("split, languages and limit choose recordings of a FLEURS folder, not of in-memory data")
     if type(data).__module__.split(".")[0] == "pandas" and type(data).__name__ == "DataFrame":
         source = "DataFrame"
         try:

@@ -9,6 +9,7 @@ import torch
 
 import hookpoints as hp
 from hookpoints.errors import UserError
+from tests.test_fleurs import fleurs  # noqa: F401 - the fixture: a FLEURS folder
 
 ROWS = [
     {"id": "a", "text": "the quick brown fox", "language": "en"},
@@ -76,6 +77,15 @@ def test_speech_record_from_a_list_with_audio_paths(tiny_model_dir, tmp_path):
         assert torch.allclose(torch.tensor(row["activation"]), expected, atol=1e-4)
 
 
+def test_record_a_fleurs_folder_with_languages_and_limit(tiny_model_dir, fleurs, tmp_path):  # noqa: F811
+    model = hp.load(tiny_model_dir("seamless_m4t_v2"), modality="speech")
+    hooks = "speech_encoder.layers.*.hook_resid_post"
+    summary = hp.record(model, fleurs, tmp_path / "store", run="f", hooks=hooks, languages=["de_de"], limit=2)
+    assert summary.recorded == 2
+    rows = hp.Store.open(tmp_path / "store").sql("SELECT example_id, language FROM examples ORDER BY 1").to_pylist()
+    assert rows == [{"example_id": "de_de-100100", "language": "de"}, {"example_id": "de_de-100101", "language": "de"}]
+
+
 @pytest.mark.parametrize(
     ("data", "options", "message"),
     [
@@ -94,6 +104,7 @@ def test_speech_record_from_a_list_with_audio_paths(tiny_model_dir, tmp_path):
         (ROWS, {"run": "bad name!"}, "run name 'bad name!' is not allowed"),
         (ROWS, {"task": "t2tt"}, "cannot do task t2tt"),
         (ROWS, {"batch_size": 0}, "batch size must be at least 1"),
+        (ROWS, {"limit": 2}, "choose recordings of a FLEURS folder"),
     ],
 )
 def test_bad_record_input_is_a_one_line_user_error(gpt2, tmp_path, data, options, message):
