@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from hookpoints.analyses.examples import run_key
 from hookpoints.analyses.intervention_tables import INTERVENTION_NEURONS, INTERVENTION_SCORES, INTERVENTIONS, TABLES
 from hookpoints.analyses.interventions import (
     KINDS,
@@ -33,7 +34,6 @@ from hookpoints.analyses.interventions import (
     scored_selection,
 )
 from hookpoints.analyses.labels import check_name
-from hookpoints.analyses.selection import run_key
 from hookpoints.analyses.text_scores import corpus_scores, sentence_scores
 from hookpoints.store import tables
 from hookpoints.store.catalog import Store

@@ -27,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 from hookpoints.analyses.ap import LabelSetPlan
 from hookpoints.analyses.examples import ExampleSet, LabelMasks, RunGroup, label_masks, open_runs, select_examples
-from hookpoints.analyses.hook_matrix import HookInfo, HookMatrixReader, neuron_slices, shared_hooks
+from hookpoints.analyses.hook_matrix import HookMatrixReader, neuron_slices, shared_hooks
+from hookpoints.analyses.hooks import StoredHook
 from hookpoints.analyses.labels import MODALITY_PRESETS, PRESETS, LabelSet, preset_label_sets
 from hookpoints.store.catalog import Store
 from hookpoints.store.schema import TableSpec
@@ -76,7 +77,7 @@ class RankingJob:
     group: RunGroup
     examples: ExampleSet
     masks: LabelMasks
-    hooks: list[HookInfo]
+    hooks: list[StoredHook]
     ks: tuple[int, ...]
 
     @property

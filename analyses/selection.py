@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from hookpoints.analyses.examples import RUN_KEY_SEPARATOR
 from hookpoints.analyses.gini import gini
 from hookpoints.store.query import QuerySession
 
@@ -25,11 +24,6 @@ SIDES = ("top", "bottom")
 GINI_UNITS = ("layer_submodule", "submodule", "layer")
 #: Submodule families the figures split a module group into (the paper's attention / FFN / convolution panels).
 PANELS = ("attention", "ffn", "convolution", "other")
-
-
-def run_key(runs: list[str] | tuple[str, ...]) -> str:
-    """The ``run`` value of rankings over these runs (sorted, joined by '+')."""
-    return RUN_KEY_SEPARATOR.join(sorted(set(runs)))
 
 
 def panel_of(submodule: str) -> str:
