@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 from hookpoints.analyses.labels import PRESETS
-from hookpoints.analyses.ranking import DEFAULT_KS
+from hookpoints.analyses.selection import PAPER_KS
 from hookpoints.cli.console import counting, err, out, render
 
 PANEL_SHORT = {"attention": "attn", "ffn": "ffn", "convolution": "conv", "other": "other"}
@@ -47,7 +47,7 @@ PANEL_SHORT = {"attention": "attn", "ffn": "ffn", "convolution": "conv", "other"
     "ks",
     multiple=True,
     type=int,
-    default=DEFAULT_KS,
+    default=PAPER_KS,
     show_default=True,
     help="Top-k / bottom-k sizes per module group (repeatable).",
 )

@@ -11,6 +11,8 @@ from pathlib import Path
 import click
 from hookpoints.cli.console import counting, err, out, render
 
+from hookpoints.settings import VECTOR_POOLINGS
+
 DEMO_RUN = "minilm-paraphrases"
 DEMO_EXAMPLES = ("p01a", "p01b", "p02a", "p02b")
 SHOWN = [  # (measure, space, column title) per label in the summary table
@@ -28,7 +30,7 @@ SHOWN = [  # (measure, space, column title) per label in the summary table
 @click.option("--where", default="", metavar="PRED", help="SQL predicate over the examples table.")
 @click.option(
     "--pooling",
-    type=click.Choice(["last", "mean", "max"]),
+    type=click.Choice(VECTOR_POOLINGS),
     help="Default: last if the run kept every position (pooling none), else the run's own pooling.",
 )
 @click.option(

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import click
 from hookpoints.analyses.intervention_sweep import PAPER_SEED, SweepSpec, plan_sweep, run_sweep
-from hookpoints.analyses.interventions import KINDS, NEURON_TYPES, SIDES
+from hookpoints.analyses.interventions import KINDS, NEURON_TYPES
+from hookpoints.analyses.selection import PAPER_KS, SIDE_CHOICES
 from hookpoints.cli.console import counting, out, render
-
-PAPER_KS = (500, 1000, 2500, 5000)
 
 
 @click.command("intervene")
@@ -25,7 +24,7 @@ PAPER_KS = (500, 1000, 2500, 5000)
 @click.option(
     "--k", "ks", multiple=True, type=int, default=PAPER_KS, show_default=True, help="Neurons per module group."
 )
-@click.option("--side", type=click.Choice(SIDES), default="top", show_default=True, help="Top-k, bottom-k or both.")
+@click.option("--side", type=click.Choice(SIDE_CHOICES), default="top", show_default=True, help="Top, bottom or both.")
 @click.option("--kind", type=click.Choice(KINDS), default="median", show_default=True, help="What neurons become.")
 @click.option("--value", type=float, help="The constant (--kind constant) or steering scale (--kind steer).")
 @click.option("--seed", type=int, default=PAPER_SEED, show_default=True, help="Seed of the random neurons.")
