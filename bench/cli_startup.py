@@ -38,7 +38,7 @@ def small_store(path: Path) -> str:
     ]  # fmt: skip
     examples = pa.table({"example_id": ["a", "b", "c"], "language": ["de", "fr", "de"]})
     settings = {"model": "none", "task": "forward", "pooling": "mean", "dtype": "float32"}
-    writer = open_run(store, "r", settings=settings, config={}, hooks=hooks, examples_schema=examples.schema)
+    writer = open_run(store, "startup-run", settings=settings, config={}, hooks=hooks, examples_schema=examples.schema)
     values = np.arange(12, dtype=np.float32).reshape(3, 4)
     writer.add(examples, {h["hook"]: HookRows(["a", "b", "c"], values) for h in hooks})
     writer.finish("complete")
