@@ -31,6 +31,8 @@ from hookpoints.analyses.selection import (
     stored_sets,
 )
 
+from hookpoints.errors import UserError
+
 
 @dataclass(frozen=True)
 class SelectivityRow:
@@ -109,9 +111,17 @@ def selectivity_report(
 ) -> SelectivityReport:
     """Summarise ranked ``label_sets`` of ``run`` (a run key of the scores table) at selection size ``k``."""
     check_k(k)
+    if not label_sets:
+        raise UserError("give at least one label set to summarise")
     rows = []
     with store.query() as session:
-        summary = ap_summary(session, run, label_sets)
+        summary = ap_summary(session, run, label_sets) if "scores" in store.table_names() else []
+        if not summary:
+            raise UserError(
+                f"the scores table holds no AP of run {run!r} for label set(s) {', '.join(label_sets[:3])}"
+                f"{' ...' if len(label_sets) > 3 else ''}: rank them first (hookpoints ap, or plan_ranking + rank "
+                "+ write_scores)"
+            )
         order = {name: i for i, name in enumerate(label_sets)}
         summary.sort(key=lambda r: (order.get(r["label_set"], len(order)), component_order(r["component"])))
         for row in summary:

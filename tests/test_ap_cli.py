@@ -134,3 +134,21 @@ def test_demo_stage_on_a_recorded_seamless_run(tiny_model_dir, tmp_path, capsys)
     assert "unimodal/" in out and "text_encoder" in out and "text_decoder" in out
     paths = sorted((tmp_path / "plots").iterdir())
     assert len(paths) == 2 * 6 * 2 and all(p.stat().st_size > 0 for p in paths)  # 6 languages x 2 groups, PNG+SVG
+
+
+def test_library_entry_points_refuse_bad_input(tmp_path):
+    from hookpoints.analyses.ap_report import selectivity_report
+    from hookpoints.analyses.demo import run_demo
+
+    from hookpoints.errors import UserError
+
+    store = Store.open(tmp_path / "store", create=True)
+    with pytest.raises(UserError, match="scores table holds no AP of run 'nothing'"):
+        selectivity_report(store, "nothing", ["unimodal/text/de"], 10)
+    with pytest.raises(UserError, match="give at least one label set"):
+        selectivity_report(store, "nothing", [], 10)
+    with pytest.raises(UserError, match="k must be at least 1, not 0"):
+        selectivity_report(store, "nothing", ["unimodal/text/de"], 0)
+    with pytest.raises(UserError, match="limit must be at least 1, not 0"):
+        run_demo(store, limit=0)
+    assert store.table_names() == sorted(store.table_names()) and "scores" not in store.table_names()

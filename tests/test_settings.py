@@ -150,3 +150,23 @@ def test_per_step_run_ranks_like_its_pooled_twin_and_joins_it(step_store):
     assert job.group.key == "mean+mean-steps"
     with pytest.raises(UserError, match="must share their pooling \\(last-steps: last\\+steps, mean: mean\\)"):
         plan_ranking(step_store, ["mean", "last-steps"], presets=["unimodal"], hooks=[DECODER], ks=(4,))
+
+
+def test_hookpoints_ap_ranks_a_per_step_run(step_store, run_cli):
+    code, out, err = run_cli(
+        "ap", "--store", step_store.location.uri, "--run", "max-steps", "--preset", "unimodal",
+        "--hooks", DECODER, "--k", "4",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "damaged" not in out + err and "rows in table scores" in " ".join(out.split())
+    with step_store.query() as session:
+        n = session.sql("SELECT count(*) AS n FROM scores WHERE run = 'max-steps'")["n"][0].as_py()
+    width = next(h.width for h in run_hooks_of(step_store, "max-steps") if h.hook == DECODER)
+    assert n == 2 * width  # two unimodal language sets (de, fr) x the decoder hook's neurons
+
+
+def run_hooks_of(store, run: str):
+    from hookpoints.analyses.hooks import run_hooks
+
+    with store.query() as session:
+        return run_hooks(session, run)
