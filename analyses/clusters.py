@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from hookpoints.analyses.cluster_measures import centroid_stats, pairwise_distances, silhouettes
-from hookpoints.analyses.layers import LayerHook, layer_hooks, read_layer, resolve_pooling, run_settings
+from hookpoints.analyses.hooks import StoredHook
+from hookpoints.analyses.layers import layer_hooks, read_layer, resolve_pooling, run_settings
 from hookpoints.analyses.subsets import Subset, select_subset
 from hookpoints.store.catalog import Store
 from hookpoints.store.schema import TableSpec
@@ -94,7 +95,7 @@ class Labelling:
 
 @dataclass
 class LayerResult:
-    hook: LayerHook
+    hook: StoredHook
     tsne: np.ndarray | None = None  # [sample, 2], row i = the sample's example i
     linkages: dict[str, np.ndarray] = field(default_factory=dict)  # label -> scipy linkage of its centroids
     example_distances: np.ndarray | None = None  # [examples, examples]
@@ -138,7 +139,7 @@ def cluster_layers(
     run: str,
     settings: ClusterSettings,
     *,
-    on_layer: Callable[[LayerHook], None] | None = None,
+    on_layer: Callable[[StoredHook], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> ClusterResult:
     """Measure how the run's examples cluster by each label, layer by layer (nothing is written).
@@ -156,7 +157,7 @@ def cluster_layers(
     _check_numbers(settings)
     with store.query() as session:
         recorded = run_settings(session, run)
-        pooling = resolve_pooling(recorded, settings.pooling)
+        pooling = resolve_pooling(recorded, settings.pooling, run)
         hooks = layer_hooks(session, run, list(settings.hooks))
         subset = select_subset(session, run, settings.where, list(settings.labels))
         labellings = [_labelling(subset, name) for name in settings.labels]
@@ -206,7 +207,7 @@ def tsne_map(x: np.ndarray, perplexity: float, seed: int, threads: int | None = 
 # -- one layer ---------------------------------------------------------------------------------------------
 
 
-def _measure_layer(result: ClusterResult, hook: LayerHook, x: np.ndarray) -> LayerResult:
+def _measure_layer(result: ClusterResult, hook: StoredHook, x: np.ndarray) -> LayerResult:
     from scipy.cluster.hierarchy import linkage
 
     settings, layer = result.settings, LayerResult(hook)

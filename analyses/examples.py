@@ -17,22 +17,59 @@ from hookpoints.analyses.labels import LabelSet, check_predicate, quote_name
 from hookpoints.store.query import QuerySession
 
 from hookpoints.errors import UserError
+from hookpoints.settings import Pooling, RunSettings
 
 RUN_KEY_SEPARATOR = "+"  # not allowed in run names, so a key names its runs unambiguously
 
 
 @dataclass(frozen=True)
 class RunGroup:
-    """Runs analysed together: all recorded with the same pooling (one vector per example)."""
+    """Runs analysed together: all give one vector per example with the same pooling.
+
+    A per-step run (pooling ``mean+steps``) joins runs of its pooling (``mean``): its decoder hooks are pooled
+    over the steps when read (:class:`hookpoints.analyses.hook_matrix.HookMatrixReader`), which gives what the
+    recorder stores without ``--per-step``.
+    """
 
     runs: tuple[str, ...]  # sorted
-    pooling: str
-    dtypes: dict[str, str]  # run -> float32 | float16 (how its vectors are stored)
+    settings: dict[str, RunSettings]  # run -> what it was recorded with
+
+    @property
+    def pooling(self) -> Pooling:
+        return self.settings[self.runs[0]].pooling
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """run -> float32 | float16 (how its vectors are stored)."""
+        return {run: s.dtype.value for run, s in self.settings.items()}
 
     @property
     def key(self) -> str:
         """The runs as one name (``s2tt+t2tt``): the ``run`` column of the tables analyses write."""
-        return RUN_KEY_SEPARATOR.join(self.runs)
+        return run_key(self.runs)
+
+
+def run_key(runs: list[str] | tuple[str, ...]) -> str:
+    """The name of a group of runs in the tables analyses write: sorted, joined by ``+``."""
+    return RUN_KEY_SEPARATOR.join(sorted(set(runs)))
+
+
+def run_settings(session: QuerySession, runs: list[str] | tuple[str, ...]) -> dict[str, RunSettings]:
+    """What each run was recorded with, parsed from the ``runs`` table (one place: RunSettings.from_row)."""
+    names = sorted(set(runs))
+    rows = {
+        row["run"]: row
+        for row in session.sql(
+            "SELECT run, model, task, pooling, dtype, config FROM runs WHERE list_contains($runs, run)",
+            {"runs": names},
+        ).to_pylist()
+    }
+    missing = [run for run in names if run not in rows]
+    if missing:
+        known = session.sql("SELECT run FROM runs ORDER BY run")["run"].to_pylist()
+        listed = ", ".join(known[:10]) + (" ..." if len(known) > 10 else "") if known else "none"
+        raise UserError(f"there is no run {missing[0]!r} in this store (runs: {listed})")
+    return {run: RunSettings.from_row(rows[run]) for run in names}
 
 
 def open_runs(session: QuerySession, runs: list[str] | tuple[str, ...]) -> RunGroup:
@@ -43,29 +80,18 @@ def open_runs(session: QuerySession, runs: list[str] | tuple[str, ...]) -> RunGr
     """
     if not runs:
         raise UserError("give at least one --run")
-    names = sorted(set(runs))
-    rows = {
-        row["run"]: row
-        for row in session.sql(
-            "SELECT run, pooling, dtype, status FROM runs WHERE list_contains($runs, run)", {"runs": names}
-        ).to_pylist()
-    }
-    missing = [run for run in names if run not in rows]
-    if missing:
-        known = session.sql("SELECT run FROM runs ORDER BY run")["run"].to_pylist()
-        listed = ", ".join(known[:10]) + (" ..." if len(known) > 10 else "") if known else "none"
-        raise UserError(f"there is no run {missing[0]!r} in this store (runs: {listed})")
-    poolings = {rows[run]["pooling"] for run in names}
+    settings = run_settings(session, runs)
+    names = sorted(settings)
+    poolings = {s.pooling for s in settings.values()}
     if len(poolings) > 1:
-        detail = ", ".join(f"{run}: {rows[run]['pooling']}" for run in names)
+        detail = ", ".join(f"{run}: {settings[run].stored_pooling()}" for run in names)
         raise UserError(f"runs analysed together must share their pooling ({detail}): pass runs recorded alike")
-    pooling = poolings.pop()
-    if pooling == "none":
+    if poolings.pop() is Pooling.NONE:
         raise UserError(
             f"run {names[0]!r} keeps every position (pooling none), but this analysis compares one vector per "
             "example: record with --pooling mean (the paper's choice)"
         )
-    return RunGroup(tuple(names), pooling, {run: rows[run]["dtype"] for run in names})
+    return RunGroup(tuple(names), settings)
 
 
 @dataclass(frozen=True)

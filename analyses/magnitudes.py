@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 from hookpoints.analyses.examples import ExampleSet
 from hookpoints.analyses.gini import gini
-from hookpoints.analyses.hook_matrix import HookInfo, HookMatrixReader, neuron_slices
+from hookpoints.analyses.hook_matrix import HookMatrixReader, neuron_slices
+from hookpoints.analyses.hooks import StoredHook
 from hookpoints.analyses.labels import quote_name, sql_literal
 from hookpoints.store.catalog import Store
 from hookpoints.store.query import QuerySession
@@ -52,7 +53,7 @@ def group_columns(session: QuerySession, examples: ExampleSet, by: list[str] | N
 def layer_magnitudes(
     session: QuerySession,
     examples: ExampleSet,
-    hooks: list[HookInfo],
+    hooks: list[StoredHook],
     by: list[str],
     *,
     absolute: bool = False,
@@ -116,7 +117,7 @@ def example_groups(session: QuerySession, examples: ExampleSet, by: list[str]) -
 def activation_gini(
     store: Store,
     examples: ExampleSet,
-    hooks: list[HookInfo],
+    hooks: list[StoredHook],
     groups: Groups,
     *,
     memory_bytes: int = 2 * 2**30,

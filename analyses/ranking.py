@@ -27,15 +27,16 @@ import numpy as np
 import pyarrow as pa
 from hookpoints.analyses.ap import LabelSetPlan
 from hookpoints.analyses.examples import ExampleSet, LabelMasks, RunGroup, label_masks, open_runs, select_examples
-from hookpoints.analyses.hook_matrix import HookInfo, HookMatrixReader, neuron_slices, shared_hooks
+from hookpoints.analyses.hook_matrix import HookMatrixReader, neuron_slices, shared_hooks
+from hookpoints.analyses.hooks import StoredHook
 from hookpoints.analyses.labels import MODALITY_PRESETS, PRESETS, LabelSet, preset_label_sets
+from hookpoints.analyses.selection import PAPER_KS, check_ks
 from hookpoints.store.catalog import Store
 from hookpoints.store.schema import TableSpec
 from hookpoints.store.tables import sql_string
 
 from hookpoints.errors import UserError
 
-DEFAULT_KS = (500, 1000, 2500, 5000)
 WRITE_BATCH_ROWS = 8192
 DEFAULT_MEMORY_BYTES = 2 * 2**30  # for the two hook matrices (or neuron slices) in memory at a time
 
@@ -76,7 +77,7 @@ class RankingJob:
     group: RunGroup
     examples: ExampleSet
     masks: LabelMasks
-    hooks: list[HookInfo]
+    hooks: list[StoredHook]
     ks: tuple[int, ...]
 
     @property
@@ -119,7 +120,7 @@ def plan_ranking(
     where: str | None = None,
     hooks: list[str] | None = None,
     components: list[str] | None = None,
-    ks: tuple[int, ...] = DEFAULT_KS,
+    ks: tuple[int, ...] = PAPER_KS,
     language_column: str = "language",
     modality_column: str = "modality",
 ) -> RankingJob:
@@ -148,15 +149,6 @@ def plan_ranking(
                 f"points): pass --k values up to {size:,}"
             )
     return RankingJob(group, examples, masks, chosen, ks)
-
-
-def check_ks(ks) -> tuple[int, ...]:
-    ks = tuple(sorted({int(k) for k in ks}))
-    if not ks:
-        raise UserError("give at least one --k")
-    if ks[0] < 1:
-        raise UserError(f"k must be at least 1, not {ks[0]}")
-    return ks
 
 
 def preset_sets(

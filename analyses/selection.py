@@ -15,21 +15,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from hookpoints.analyses.examples import RUN_KEY_SEPARATOR
 from hookpoints.analyses.gini import gini
 from hookpoints.store.query import QuerySession
 
 from hookpoints.errors import UserError
 
+#: The paper's selection sizes (neurons per module group); the default of ranking and of the sweep.
+PAPER_KS = (500, 1000, 2500, 5000)
+#: The sides of a ranking a selection takes; interventions may also take ``both``.
 SIDES = ("top", "bottom")
+SIDE_CHOICES = (*SIDES, "both")
 GINI_UNITS = ("layer_submodule", "submodule", "layer")
 #: Submodule families the figures split a module group into (the paper's attention / FFN / convolution panels).
 PANELS = ("attention", "ffn", "convolution", "other")
-
-
-def run_key(runs: list[str] | tuple[str, ...]) -> str:
-    """The ``run`` value of rankings over these runs (sorted, joined by '+')."""
-    return RUN_KEY_SEPARATOR.join(sorted(set(runs)))
 
 
 def panel_of(submodule: str) -> str:
@@ -51,16 +49,29 @@ def panel_order(component: str) -> tuple[str, ...]:
     return ("ffn", "attention", "convolution", "other")
 
 
+def check_side(side: str, allowed: tuple[str, ...] = SIDES) -> str:
+    """``side`` if it is one of ``allowed`` (top, bottom; or both where a selection may take both)."""
+    if side not in allowed:
+        raise UserError(f"side must be {' or '.join(allowed)}, not {side!r}")
+    return side
+
+
 def _rank_column(side: str) -> str:
-    if side not in SIDES:
-        raise UserError(f"side must be top or bottom, not {side!r}")
-    return f"{side}_rank"
+    return f"{check_side(side)}_rank"
+
+
+def check_ks(ks) -> tuple[int, ...]:
+    """Selection sizes: at least one, each at least 1; sorted and without repeats (``--k``)."""
+    ks = tuple(sorted({int(k) for k in ks}))
+    if not ks:
+        raise UserError("give at least one --k")
+    if ks[0] < 1:
+        raise UserError(f"k must be at least 1, not {ks[0]}")
+    return ks
 
 
 def check_k(k: int) -> int:
-    if int(k) < 1:
-        raise UserError(f"k must be at least 1, not {k}")
-    return int(k)
+    return check_ks((k,))[0]
 
 
 @dataclass(frozen=True)
@@ -233,7 +244,7 @@ def selected_neurons(
     >>> with store.query() as session:
     ...     top = selected_neurons(session, "r1", "de", k=10).to_pandas()
     """
-    sides = SIDES if side == "both" else (side,)
+    sides = SIDES if check_side(side, SIDE_CHOICES) == "both" else (side,)
     condition = " OR ".join(f"{_rank_column(s)} <= $k" for s in sides)
     component_filter = "" if component is None else " AND component = $component"
     params = {"run": run, "label_set": label_set, "k": check_k(k)}

@@ -5,6 +5,9 @@ from __future__ import annotations
 import click
 from hookpoints.cli.console import counting, err, out
 
+from hookpoints.settings import POOLINGS, STORAGE_DTYPES
+from hookpoints.tasks import TASKS
+
 
 @click.command("record")
 @click.option("--model", required=True, help="Folder written by save_pretrained, or a hub id.")
@@ -25,7 +28,7 @@ from hookpoints.cli.console import counting, err, out
 )
 @click.option(
     "--pooling",
-    type=click.Choice(["mean", "last", "max", "none"]),
+    type=click.Choice(POOLINGS),
     default="mean",
     show_default=True,
     help="Per example over valid positions; none keeps every position.",
@@ -33,14 +36,14 @@ from hookpoints.cli.console import counting, err, out
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "float16"]),
+    type=click.Choice(STORAGE_DTYPES),
     default="float32",
     show_default=True,
     help="Storage precision of the activations.",
 )
 @click.option(
     "--task",
-    type=click.Choice(["forward", "asr", "s2tt", "t2tt"]),
+    type=click.Choice(list(TASKS)),
     default="forward",
     show_default=True,
     help="forward pass, or greedy ASR / speech-to-text / text-to-text translation (decoder recorded over the output).",

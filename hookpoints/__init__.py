@@ -37,6 +37,8 @@ _EXPORTS = {
     "record": "hookpoints.record_api",
     "RecordSummary": "hookpoints.recorder",
     "UserError": "hookpoints.errors",
+    "RunSettings": "hookpoints.settings",
+    "Pooling": "hookpoints.settings",
     # analyses: AP selectivity
     "average_precision": "hookpoints.analyses.ap",
     "custom_label_set": "hookpoints.analyses.labels",
@@ -48,6 +50,8 @@ _EXPORTS = {
     "selected_neurons": "hookpoints.analyses.selection",
     "selection_gini": "hookpoints.analyses.selection",
     "overlap": "hookpoints.analyses.selection",
+    "selectivity_report": "hookpoints.analyses.ap_report",
+    "select_hooks": "hookpoints.analyses.hooks",
     # analyses: Gini, magnitudes, clusters, interventions
     "gini": "hookpoints.analyses.gini",
     "open_runs": "hookpoints.analyses.examples",
@@ -60,6 +64,9 @@ _EXPORTS = {
     "SweepSpec": "hookpoints.analyses.intervention_sweep",
     "plan_sweep": "hookpoints.analyses.intervention_sweep",
     "run_sweep": "hookpoints.analyses.intervention_sweep",
+    "sweep": "hookpoints.analyses.sweeps",
+    "score_table": "hookpoints.analyses.sweeps",
+    "run_demo": "hookpoints.analyses.demo",
     # figures (each returns a matplotlib Figure)
     "distribution_figure": "hookpoints.analyses.figures_selectivity",
     "overlap_figure": "hookpoints.analyses.figures_selectivity",

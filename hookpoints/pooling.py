@@ -6,8 +6,7 @@ import torch
 
 from hookpoints.points import HookPoint
 from hookpoints.probe import first_tensor
-
-POOLINGS = ("mean", "last", "max", "none")
+from hookpoints.settings import POOLINGS
 
 
 def positions_first(value, point: HookPoint) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,14 +18,11 @@ from hookpoints.inputs import ModelInputs
 from hookpoints.manifest import Manifest, audio_path
 from hookpoints.model import HookedModel
 from hookpoints.points import HookPoint
-from hookpoints.pooling import POOLINGS
+from hookpoints.settings import RunSettings
 from hookpoints.store.catalog import Store
 from hookpoints.store.runs import check_shard, in_shard
 from hookpoints.store.writer import DEFAULT_BUFFER_BYTES, HookRows, open_run
 from hookpoints.tasks import Task, get_task, source_languages, target_languages
-
-STORAGE_DTYPES = ("float32", "float16")
-
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -66,9 +64,13 @@ class BatchJob:
     tgt_lang: str | None = None
     base: str = "."  # the manifest's folder: relative audio paths start there
 
+    @cached_property
+    def settings(self) -> RunSettings:
+        return RunSettings(pooling=self.pooling, per_step=self.per_step, task=self.task, frames=self.frames)
+
     def method(self, point: HookPoint) -> str:
         """The pooling of one hook point (with per_step, decoder hooks keep every step)."""
-        return "none" if self.per_step and point.space == "decoder" else self.pooling
+        return self.settings.hook_pooling(point.space).value
 
 
 #: Runs batches somewhere else (hookpoints.scale_out: a Ray actor pool): gets the example batches, the hook
@@ -124,26 +126,27 @@ def record(
     ``on_start(n)`` is called once everything is checked and ``n`` examples are about to be recorded;
     ``on_batch(k)`` after each batch.
     """
-    if pooling not in POOLINGS:
-        raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
-    if dtype not in STORAGE_DTYPES:
-        raise UserError(f"storage dtype must be float32 or float16, not {dtype!r}")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, not {batch_size}")
+    generates = get_task(task).generates
+    settings = RunSettings(
+        pooling=pooling,
+        per_step=per_step,
+        dtype=dtype,
+        task=task,
+        model=model.source,
+        tgt_lang=tgt_lang,
+        frames=frames,
+        max_new_tokens=max_new_tokens if generates else None,
+    )
     if max_new_tokens < 1:
         raise UserError(f"max new tokens must be at least 1, not {max_new_tokens}")
-    if frames is not None and frames < 1:
-        raise UserError(f"frames must be at least 1, not {frames}")
     check_shard(shard)
     plan = plan_examples(model, manifest, get_task(task), tgt_lang)
-    if per_step and not plan.task.generates:
-        raise UserError(f"per-step recording needs a generating task (asr, s2tt, t2tt), not {task}")
     if frames is not None and model.modality != "speech":
         raise UserError("frames applies to speech input; this run reads text")
     points = model.select(hooks)
     started = time.perf_counter()
-    stored_pooling = f"{pooling}+steps" if per_step else pooling
-    settings = {"model": model.source, "task": task, "pooling": stored_pooling, "dtype": dtype}
     config = {
         "hooks": hooks or [],
         "batch_size": batch_size,
@@ -151,10 +154,7 @@ def record(
         "model_class": type(model.model).__name__,
         "adapter": model.adapter.name,
         "manifest": str(manifest.path),
-        "tgt_lang": tgt_lang,
-        "max_new_tokens": max_new_tokens if plan.task.generates else None,
-        "per_step": per_step,
-        "frames": frames,
+        **settings.config(),
         "versions": {"hookpoints": hookpoints.__version__, "torch": torch.__version__},
     }
     added = _added_columns(manifest, plan.task)
@@ -164,7 +164,7 @@ def record(
     writer = open_run(
         store,
         run,
-        settings=settings,
+        settings=settings.columns(),
         config=config,
         hooks=[point.row() for point in points],
         examples_schema=schema,

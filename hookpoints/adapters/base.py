@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from hookpoints.inputs import ModelInputs
-from hookpoints.points import INPUT_SUFFIX, HookPoint
+from hookpoints.points import HookPoint, module_alias
 
 LAYER_OUTPUT = "hook_resid_post"
 
@@ -194,7 +194,7 @@ def max_positions(model: nn.Module) -> int | None:
 def _module_alias(module: str, io: str, part: tuple[int, int] | None) -> tuple[str, ...]:
     if part is not None:
         return ()
-    return (module if io == "output" else module + INPUT_SUFFIX,)
+    return (module_alias(module, io),)
 
 
 def token_batch(tokenizer, texts: list[str], *, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
