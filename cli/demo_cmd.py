@@ -16,6 +16,7 @@ write ``def my_stage(demo: Demo) -> None`` and insert it into ``STAGES`` before 
 6. :func:`cluster_spaces`: representation spaces (the LALM paper): MiniLM on paraphrase pairs, then
    language vs meaning clusters of the corpus run, layer by layer, with plots.
 7. :func:`show_store`: what the store holds, and the queries.
+8. :func:`write_report`: the store's HTML report (``STORE-report.html``), its path printed last.
 """
 
 from __future__ import annotations
@@ -198,6 +199,13 @@ def show_store(demo: Demo) -> None:
     out.print(f'\nYour turn: hookpoints sql --store {demo.store_path} "SELECT * FROM hooks LIMIT 5"')
 
 
+def write_report(demo: Demo) -> None:
+    """The last stage: the store's HTML report (hookpoints report), and its path."""
+    from hookpoints.analyses.report import write_report as report
+
+    out.print(f"report: {report(demo.store)}", highlight=False, soft_wrap=True)
+
+
 #: The demo, in order. Later issues add their stages before show_store.
 STAGES: list[Stage] = [
     prepare_corpus,
@@ -207,6 +215,7 @@ STAGES: list[Stage] = [
     intervene,
     cluster_spaces,
     show_store,
+    write_report,
 ]
 
 
