@@ -9,9 +9,7 @@ from hookpoints.cli.console import err, out
 @click.command("report")
 @click.option("--store", "store_path", required=True, help="Store folder or s3:// URI.")
 @click.option("--run", "runs", multiple=True, help="Only these runs and the analyses over them (repeatable).")
-@click.option(
-    "--out", "out_path", type=click.Path(dir_okay=False), help="HTML file (default: STORE-report.html beside it)."
-)
+@click.option("--out", "out_path", metavar="FILE.html", help="HTML file (default: STORE-report.html beside it).")
 @click.option(
     "--magnitudes/--no-magnitudes",
     default=True,

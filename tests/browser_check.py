@@ -36,7 +36,9 @@ window.addEventListener('load', () => {
 });
 </script>
 """
-CATCH = "<script>window.__errors=[];window.addEventListener('error',e=>window.__errors.push(String(e.message)));</script>"
+CATCH = (
+    "<script>window.__errors=[];window.addEventListener('error',e=>window.__errors.push(String(e.message)));</script>"
+)
 
 
 def chromium() -> str:
@@ -71,7 +73,9 @@ def check_page(html: Path, scratch: Path) -> dict:
 
 def screenshot(html: Path, png: Path, size: tuple[int, int] = (1280, 2400)) -> Path:
     """A screenshot of the top of ``html`` into ``png``."""
-    done = _run([f"--screenshot={png}", f"--window-size={size[0]},{size[1]}", "--hide-scrollbars", html.resolve().as_uri()])
+    done = _run(
+        [f"--screenshot={png}", f"--window-size={size[0]},{size[1]}", "--hide-scrollbars", html.resolve().as_uri()]
+    )
     if not png.is_file():
         raise AssertionError(f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-2000:]}")
     return png
