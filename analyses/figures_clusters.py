@@ -1,5 +1,5 @@
-"""Plots of a clustering analysis, after "Representation spaces of large audio language models"
-(seeds/lalm-representation-spaces.txt):
+"""Plots of a clustering analysis, after "Demystifying Representation Spaces of Multilingual and Multimodal
+Aspects in Large Audio Language Models" (seeds/lalm-representation-spaces.txt):
 
 - measures by layer, one line per label, original space solid and t-SNE dashed (Figures 4 and 13a-b),
 - t-SNE maps per layer in a grid, coloured by a label (Figures 3, 8 and 10),

@@ -1,4 +1,4 @@
-"""Figure 5 of "Language and modality specific neurons in SeamlessM4T v2" (seeds/seamless-m4t-v2-neurons.txt):
+"""Figure 5 of the SeamlessM4T v2 neuron paper (seeds/seamless-m4t-v2-neurons.txt):
 intervention score against k, one line per neuron type.
 
 One panel per task, scores averaged over the swept languages; the unedited generation (``none``) is a dashed

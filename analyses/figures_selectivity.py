@@ -1,6 +1,6 @@
-"""Plots of neuron selectivity and activation magnitudes, after "Language and modality specific neurons in
-SeamlessM4T v2" (seeds/seamless-m4t-v2-neurons.txt). Each function returns a matplotlib Figure; analyses.figures
-saves it (PNG and SVG) or embeds it (the report).
+"""Plots of neuron selectivity and activation magnitudes, after the SeamlessM4T v2 neuron paper
+(seeds/seamless-m4t-v2-neurons.txt). Each function returns a matplotlib Figure; analyses.figures saves it
+(PNG and SVG) or embeds it (the report).
 
 - selected neurons per layer, stacked by submodule, bottom-k | top-k, one row per panel (attention / FFN /
   convolution): Figures 2, 4 and 7-48,
@@ -135,9 +135,7 @@ def _group_legend(ax, table: pa.Table, by: list[str]) -> None:
             Line2D([], [], color="black", linestyle=s["linestyle"], marker=s["marker"], label=v)
             for v, s in seen.items()
         ]
-        ax.legend(
-            handles=handles, title=by[1], fontsize=7, loc="lower left", bbox_to_anchor=(1.01, 0.0), frameon=False
-        )
+        ax.legend(handles=handles, title=by[1], fontsize=7, loc="lower left", bbox_to_anchor=(1.01, 0.0), frameon=False)
 
 
 def _series(table: pa.Table, by: list[str], component: str, group: tuple, column: str) -> tuple[list, list]:

@@ -1,6 +1,7 @@
-"""One self-contained HTML report of a store: its runs, and every figure of "Language and modality specific
-neurons in SeamlessM4T v2" and "Representation spaces of large audio language models" for the analyses it
-holds (docs/report.md). It reads only the store, through SQL aggregates: rankings from ``scores``, sweeps from
+"""One self-contained HTML report of a store: its runs, and every figure of the SeamlessM4T v2 neuron paper
+(seeds/seamless-m4t-v2-neurons.txt) and of "Demystifying Representation Spaces of Multilingual and Multimodal
+Aspects in Large Audio Language Models" (seeds/lalm-representation-spaces.txt) for the analyses it holds
+(docs/report.md). It reads only the store, through SQL aggregates: rankings from ``scores``, sweeps from
 ``intervention_scores``, clustering from ``clusters`` with its stored maps; magnitudes are one aggregate over
 the activations. A store without some analysis says so and names the command that makes it.
 
@@ -23,8 +24,10 @@ from hookpoints.store.catalog import Store
 
 from hookpoints.errors import UserError
 
-SEAMLESS = "Language and modality specific neurons in SeamlessM4T v2"
-LALM = "Representation spaces of large audio language models"
+#: The seed text of the SeamlessM4T v2 paper carries no title (it opens with its abstract), so it is named by
+#: its subject; the LALM paper by its title.
+SEAMLESS = "the SeamlessM4T v2 neuron paper"
+LALM = "Demystifying Representation Spaces of Multilingual and Multimodal Aspects in Large Audio Language Models"
 
 
 def write_report(
@@ -94,8 +97,9 @@ def write_report(
         )
     )
     page.intro.append(
-        f'<p class="note">Figures follow <i>{esc(SEAMLESS)}</i> and <i>{esc(LALM)}</i>; '
-        "figure numbers in the section titles are those papers'.</p>"
+        f'<p class="note">Figures follow {esc(SEAMLESS)} (language- and modality-selective neurons, AP ranking, '
+        "median-replacement interventions, activation magnitudes; its seed text carries no title) and "
+        f"<i>{esc(LALM)}</i>; figure and table numbers in the section titles are those papers'.</p>"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page.html(), encoding="utf-8")

@@ -1,7 +1,8 @@
-"""The report's representation-space sections, after "Representation spaces of large audio language models"
-(seeds/lalm-representation-spaces.txt): for each clustering analysis in the store, silhouette and
-Davies-Bouldin against layer (Figures 4 and 13a-b), the t-SNE grids (Figures 3, 8, 10), centroid dendrograms
-(Figure 13c) and the distance tables between chosen examples (Tables 1-2).
+"""The report's representation-space sections, after "Demystifying Representation Spaces of Multilingual
+and Multimodal Aspects in Large Audio Language Models" (seeds/lalm-representation-spaces.txt): for each
+clustering analysis in the store, silhouette and Davies-Bouldin against layer (Figures 4 and 13a-b), the
+t-SNE grids (Figures 3, 8, 10), centroid dendrograms (Figure 13c) and the distance tables between chosen
+examples (Tables 1-2).
 
 The maps and linkages are read back from ``cluster_maps`` and ``cluster_linkages`` (analyses.cluster_tables)
 and redrawn; nothing is recomputed.

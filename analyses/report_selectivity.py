@@ -1,5 +1,5 @@
-"""The report's AP-ranking and intervention sections, after "Language and modality specific neurons in
-SeamlessM4T v2" (seeds/seamless-m4t-v2-neurons.txt): where each label set's top-k / bottom-k neurons are
+"""The report's AP-ranking and intervention sections, after the SeamlessM4T v2 neuron paper
+(seeds/seamless-m4t-v2-neurons.txt): where each label set's top-k / bottom-k neurons are
 (Figures 2 and 4), speech-vs-text overlaps (Figure 3), the Gini table (section 5.2), layer-wise magnitudes and
 their deviation from the mean trend (Figure 6), and each intervention sweep (Figure 5 and its numbers).
 

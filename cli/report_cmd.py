@@ -14,13 +14,14 @@ from hookpoints.cli.console import err, out
     "--magnitudes/--no-magnitudes",
     default=True,
     show_default=True,
-    help="Layer-wise magnitudes (Figure 6 of 'Language and modality specific neurons in SeamlessM4T v2'): one "
+    help="Layer-wise magnitudes (Figure 6 of the SeamlessM4T v2 neuron paper): one "
     "aggregate over the ranked runs' activations, the report's only scan of them.",
 )
 def command(store_path: str, runs: tuple[str, ...], out_path: str | None, magnitudes: bool) -> None:
-    """Runs, AP rankings (Figures 2-4 and 6 of 'Language and modality specific neurons in SeamlessM4T v2'),
-    intervention sweeps (its Figure 5) and clustering (Figures 3-4, 8, 10, 13 and Tables 1-2 of 'Representation
-    spaces of large audio language models') of a store, in one HTML file with figures inline."""
+    """Runs, AP rankings (Figures 2-4 and 6 of the SeamlessM4T v2 neuron paper), intervention sweeps (its
+    Figure 5) and clustering (Figures 3-4, 8, 10, 13 and Tables 1-2 of 'Demystifying Representation Spaces of
+    Multilingual and Multimodal Aspects in Large Audio Language Models') of a store, in one HTML file with
+    figures inline."""
     from hookpoints.analyses.report import write_report
     from hookpoints.store.catalog import Store
 
