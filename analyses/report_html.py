@@ -17,6 +17,7 @@ import base64
 import html
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1200px; padding: 1em 2em; color: #222; }
@@ -26,7 +27,7 @@ nav ol { line-height: 1.5; }
 table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 0.85em; }
 th, td { border: 1px solid #ccd; padding: 2px 6px; text-align: left; vertical-align: top; }
 th { background: #eef; }
-caption { caption-side: top; text-align: left; font-weight: bold; color: #446; padding: 2px 0; }
+caption { caption-side: top; text-align: left; font-weight: bold; color: #446; padding: 2px 0; white-space: nowrap; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 0.8em 0 1.6em; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
@@ -45,7 +46,7 @@ def esc(value) -> str:
 def cell(value) -> str:
     if isinstance(value, float):
         return f'<td class="num">{value:.4g}</td>'
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, (int, Decimal)) and not isinstance(value, bool):
         return f'<td class="num">{value:,}</td>'
     return f"<td>{esc(value)}</td>"
 

@@ -26,6 +26,31 @@ from hookpoints.analyses.report import write_report  # noqa: E402
 from hookpoints.store.catalog import Store  # noqa: E402
 
 
+def sql_timings(store: Store) -> dict:
+    """The aggregates alone (what grows with the store), without drawing: seconds per query."""
+    from hookpoints.analyses.examples import open_runs, select_examples
+    from hookpoints.analyses.hook_matrix import shared_hooks
+    from hookpoints.analyses.magnitudes import group_columns, layer_magnitudes
+    from hookpoints.analyses.report_selectivity import _layer_counts, rankings
+
+    timings = {}
+    with store.query() as session:
+        for ranking in rankings(session, None):
+            started = time.perf_counter()
+            counts = _layer_counts(session, ranking["ranking"], min(ranking["ks"]))
+            timings["scores_layer_counts_s"] = round(time.perf_counter() - started, 2)
+            timings["label_sets_x_components"] = len(counts)
+            scores = session.sql("SELECT count(*) AS n FROM scores")["n"][0].as_py()
+            timings["scores_rows"] = scores
+            started = time.perf_counter()
+            group = open_runs(session, ranking["runs"])
+            examples = select_examples(session, group)
+            hooks = shared_hooks(session, group.runs)
+            layer_magnitudes(session, examples, hooks, group_columns(session, examples, None))
+            timings["magnitudes_s"] = round(time.perf_counter() - started, 2)
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default="/tmp/ap-bench-store")
@@ -52,6 +77,7 @@ def main() -> None:
             "steps": {k: round(v, 1) for k, v in steps.items() if k != "start"},
             "html_bytes": path.stat().st_size,
         }
+    result["sql"] = sql_timings(store)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(result))
 
