@@ -58,17 +58,14 @@ def test_report_of_every_analysis_renders_in_chromium(full_store, tmp_path):
     ):
         assert title in html, title
     assert "This store holds no" not in html
+    # store text is escaped: a language label and generated text holding tags
+    assert "<b>fr</b>" not in html and "<i>output</i>" not in html
+    assert "&lt;b&gt;fr&lt;/b&gt;" in html and "&lt;i&gt;output&lt;/i&gt;" in html
     assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
     found = assert_renders(path, tmp_path, "report-synthetic.png")
     # 8 label sets (6 unimodal, 2 modality) x 1 component + 2 overlaps (bottom, top) + magnitudes + the sweep
     # + measures + t-SNE and dendrograms of 2 labels
     assert found["images"] == html.count("<img") == 8 + 2 + 1 + 1 + 1 + 2 + 2
-
-
-def test_store_text_is_escaped(full_store, tmp_path):
-    html = write_report(full_store, out=tmp_path / "r.html").read_text()
-    assert "<b>fr</b>" not in html and "<i>output</i>" not in html
-    assert "&lt;b&gt;fr&lt;/b&gt;" in html and "&lt;i&gt;output&lt;/i&gt;" in html
 
 
 def test_maps_and_linkages_are_stored_and_redrawn_not_recomputed(store, tmp_path, monkeypatch):
