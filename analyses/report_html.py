@@ -29,6 +29,7 @@ th, td { border: 1px solid #ccd; padding: 2px 6px; text-align: left; vertical-al
 th { background: #eef; }
 caption { caption-side: top; text-align: left; font-weight: bold; color: #446; padding: 2px 0; white-space: nowrap; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td:first-child { white-space: nowrap; }
 figure { margin: 0.8em 0 1.6em; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; }
