@@ -179,7 +179,11 @@ def cluster_layers(
 
 
 def write_clusters(store: Store, result: ClusterResult) -> None:
-    """Append the result's rows to the store's ``clusters`` table (one atomic commit)."""
+    """Append the result's t-SNE maps and linkages (analyses.cluster_tables), then its rows to the store's
+    ``clusters`` table (one atomic commit each)."""
+    from hookpoints.analyses.cluster_tables import write_maps
+
+    write_maps(store, result)
     store.append(CLUSTERS_TABLE, result.table())
 
 

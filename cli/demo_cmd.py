@@ -104,3 +104,6 @@ def command(store_path: str, model: str | None, limit: int | None, threads: int 
                 out.rule(f"[bold]{HEADINGS[stage.__name__]}")
             show_stage(stage.__name__, demo, stage(demo), plots_dir)
         show_store(demo)
+    from hookpoints.analyses.report import write_report
+
+    out.print(f"report: {write_report(store)}", highlight=False, soft_wrap=True)

@@ -51,9 +51,15 @@ from hookpoints.cli.console import counting, out, render
 @click.option("--pair-column", default="semantic_id", show_default=True, help="Column pairing translations.")
 @click.option("--sweep", "sweep_name", help="Name of the sweep in the store (default: sweep-<UTC time>).")
 @click.option("--overwrite", is_flag=True, help="Replace a sweep of the same name.")
-@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), help="Figure 5 goes here.")
+@click.option(
+    "--plots",
+    "plots_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the score-vs-k plot (Figure 5 of the SeamlessM4T v2 neuron paper).",
+)
 def command(store_path, sweep_name, overwrite, plots_dir, **options) -> None:
-    """Replace selected neurons during generation and score what happens (seeds paper, Experiment 2)."""
+    """Replace selected neurons during generation and score what happens (Experiment 2 and Figure 5 of the
+    SeamlessM4T v2 neuron paper)."""
     from hookpoints.store.catalog import Store
 
     name = sweep_name or datetime.now(UTC).strftime("sweep-%Y%m%dT%H%M%S")

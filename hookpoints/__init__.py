@@ -76,6 +76,9 @@ _EXPORTS = {
     "tsne_figure": "hookpoints.analyses.figures_clusters",
     "dendrogram_figure": "hookpoints.analyses.figures_clusters",
     "figure5": "hookpoints.analyses.figures_interventions",
+    # one self-contained HTML report of a store
+    "report": "hookpoints.analyses.report",
+    "write_report": "hookpoints.analyses.report",
 }
 
 __all__ = ["__version__", *_EXPORTS]
