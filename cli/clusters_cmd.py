@@ -187,7 +187,7 @@ def demo_stage(store, plots_dir: Path, *, corpus_run: str | None = None) -> None
             manifest,
             store,
             DEMO_RUN,
-            hooks=["blocks.*.ln2.hook_normalized"],
+            hooks=["blocks.*.hook_normalized_resid_post"],
             pooling="mean",
             batch_size=16,
             if_exists="overwrite",

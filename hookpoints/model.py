@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 
 import nnsight
 import torch
@@ -11,6 +12,9 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from hookpoints.adapters.base import Adapter
+from hookpoints.attention import eager as eager_attention
+from hookpoints.attention import install as install_attention_hooks
+from hookpoints.attention import needs_eager
 from hookpoints.editing import NeuronEdit, apply_edit
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
@@ -53,6 +57,7 @@ class HookedModel:
         # wrapper must then be remotable (hookpoints.remote builds one).
         self.remote = remote
         if traced is None:
+            install_attention_hooks(self.model)  # rot q/k, scores, patterns (hookpoints.attention)
             with warnings.catch_warnings():  # nnsight notes it serves a submodule called `output` as `E_output`
                 warnings.simplefilter("ignore", UserWarning)
                 traced = nnsight.NNsight(self.model)
@@ -81,8 +86,8 @@ class HookedModel:
 
     def select(self, patterns: list[str] | None = None) -> list[HookPoint]:
         """Recordable hook points matching glob ``patterns`` (default: the listed ones), in execution order."""
-        if not patterns:
-            return [p for p in self.hook_points.listed() if p.unavailable is None]
+        if not patterns:  # attention maps only when named: they hold a row per query position
+            return [p for p in self.hook_points.listed() if p.unavailable is None and p.key_space is None]
         return self.hook_points.select(patterns)
 
     def _probe(self) -> HookPointSet:
@@ -90,7 +95,8 @@ class HookedModel:
         inputs = self.adapter.probe_inputs(self.model).to(weights)
         if weights.type == "meta":  # a remote model's local stand-in: HF mask code calls .item() on the mask
             inputs.kwargs.pop("attention_mask", None)  # (all ones in the probe batch anyway)
-        seen = observe(self.model, inputs)
+        with eager_attention():
+            seen = observe(self.model, inputs)
         lengths = {space: mask.shape[1] for space, mask in inputs.masks.items()}
         canonical = self.adapter.hook_points(self.model)
         named = {(p.module, p.io) for p in canonical if p.part is None}
@@ -101,10 +107,17 @@ class HookedModel:
                     component, layer, submodule = self.adapter.locate(module)
                     name = module if io == "output" else module + INPUT_SUFFIX
                     bare.append(HookPoint(name, module, io, component, layer, submodule))
-        return HookPointSet(
-            measure(point, seen.get((point.module, point.io)), lengths, inputs.batch_size)
-            for point in (*canonical, *bare)
-        )
+        measured = (measure(p, seen.get((p.module, p.io)), lengths, inputs.batch_size) for p in (*canonical, *bare))
+        return HookPointSet(self._key_layout(point) for point in measured)
+
+    def _key_layout(self, point: HookPoint) -> HookPoint:
+        """An attention map's row layout: its key axis padded to the key space's longest length."""
+        if point.key_space is None or point.unavailable:
+            return point
+        keys = self.adapter.key_positions(self.model, point.key_space)
+        if keys is None:
+            return replace(point, unavailable=f"the longest {point.key_space} length of this model is unknown")
+        return replace(point, keys=keys, width=point.heads * keys)
 
     # -- inputs and recording --------------------------------------------------------------------------
 
@@ -184,6 +197,7 @@ class HookedModel:
         with (
             torch.inference_mode(),
             self.adapter.batch_guard(self.model, inputs),
+            eager_attention(needs_eager(p.module for p in points)),
             self.traced.trace(**inputs.kwargs) as tracer,
         ):
             saved.update(self._request(inside, inputs, methods))
@@ -230,6 +244,7 @@ class HookedModel:
             with (
                 torch.inference_mode(),
                 self.adapter.batch_guard(self.model, inputs),
+                eager_attention(needs_eager(p.module for p in ordered)),
                 self.traced.trace(fn="generate", **kwargs, **greedy_kwargs(max_new_tokens)) as tracer,
             ):
                 for step in tracer.iter[:max_new_tokens]:
@@ -298,6 +313,7 @@ class HookedModel:
         with (
             torch.inference_mode(),
             self.adapter.batch_guard(self.model, inputs),
+            eager_attention(needs_eager(p.module for p in points)),
             self.traced.trace(**inputs.kwargs, **options) as tracer,
         ):
             saved.update(self._request(points, inputs, methods))
@@ -313,10 +329,14 @@ class HookedModel:
         what it refers to, and a function of a hookpoints module would make the server import that module.
         """
         saved = {}
+        values = {}  # (module, io) -> value: several hook points read one tensor (a norm's input)
         for point in sorted(points, key=lambda p: p.order):
-            envoy = self._envoys[point.module]
-            value = envoy.output if point.io == "output" else envoy.input
-            saved[point.name] = pool(value, point, inputs.masks.get(point.space), methods[point.name]).save()
+            key = (point.module, point.io)
+            if key not in values:
+                envoy = self._envoys[point.module]
+                values[key] = envoy.output if point.io == "output" else envoy.input
+            mask, key_mask = inputs.masks.get(point.space), inputs.masks.get(point.key_space)
+            saved[point.name] = pool(values[key], point, mask, methods[point.name], key_mask).save()
         return saved
 
     def pooled_per_step(

@@ -13,6 +13,7 @@ import fnmatch
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
+from hookpoints.derived import MAP_HOOKS
 from hookpoints.errors import UserError
 
 INPUT_SUFFIX = ":input"
@@ -39,11 +40,15 @@ class HookPoint:
     canonical: bool = False  # named by an adapter (not a bare module path)
     layer_output: bool = False  # the output of a whole layer (what layer-wise analyses compare)
     aliases: tuple[str, ...] = ()
+    derived: str | None = None  # computed from the module's tensor (hookpoints.derived): "ln_normalized", ...
+    eps: float | None = None  # the norm's epsilon, for derived norm values
     # Filled in by the shape probe:
     width: int | None = None
     neuron_axis: int | None = None
     time_axis: int | None = None
     space: str | None = None
+    keys: int | None = None  # attention maps: key positions a row holds (the key space's longest length)
+    key_space: str | None = None  # attention maps: the positions the keys index
     order: int = -1  # when the tensor appears in a forward pass (nnsight needs requests in this order)
     unavailable: str | None = None
 
@@ -115,12 +120,16 @@ class HookPointSet:
                     raise UserError(f"hook point {pattern!r} cannot be recorded: {point.unavailable}")
                 chosen[point.name] = point
                 continue
-            # `module:input` names only match patterns that ask for inputs.
+            # `module:input` names only match patterns that ask for inputs; attention maps (big: a row of
+            # [head, key_pos] per query position) only patterns that name them (`blocks.*.attn.hook_pattern`).
             inputs = INPUT_SUFFIX in pattern
+            maps = any(hook in pattern for hook in MAP_HOOKS)
             matches = [
                 self._points[canonical]
                 for name, canonical in self._names.items()
-                if (INPUT_SUFFIX in name) == inputs and fnmatch.fnmatchcase(name, pattern)
+                if (INPUT_SUFFIX in name) == inputs
+                and (self._points[canonical].key_space is None or maps)
+                and fnmatch.fnmatchcase(name, pattern)
             ]
             usable = [point for point in matches if point.unavailable is None]
             if not usable:

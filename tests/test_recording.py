@@ -53,7 +53,7 @@ def reference(directory, family: str, text: str, module: str, io: str, pooling: 
     ("family", "hooks", "pooling"),
     [
         ("gpt2", ["blocks.1.mlp.hook_pre", "blocks.0.attn.hook_z"], "mean"),
-        ("bert", ["blocks.1.ln2.hook_normalized", "blocks.0.mlp.hook_post"], "last"),
+        ("bert", ["blocks.1.hook_normalized_resid_post", "blocks.0.mlp.hook_post"], "last"),
         ("seamless_m4t_v2", ["text_encoder.layers.1.ffn.fc1", "text_decoder.layers.0.cross_attention.v_proj"], "max"),
         ("gpt2", ["blocks.0.hook_resid_post"], "none"),
     ],

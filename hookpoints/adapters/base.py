@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hookpoints.derived import norm_kind
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import INPUT_SUFFIX, HookPoint
 
@@ -29,6 +30,7 @@ class Point:
     io: str = "output"
     part: tuple[int, int] | None = None  # (index, count) of equal neuron slices (GPT-2's fused qkv)
     heads: str | None = None  # config attribute with the head count, for [heads, d_head] neurons
+    derived: str | None = None  # "normalized" / "scale": TransformerLens' norm internals, from the norm's input
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Single:
     component: str
     submodule: str
     io: str = "output"
+    derived: str | None = None  # as Point.derived
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class Adapter:
     stacks: tuple[Stack, ...] = ()
     singles: tuple[Single, ...] = ()
     components: dict[str, str] = field(default_factory=dict)  # module path prefix -> component
+    #: (canonical name or in-layer suffix, alias): other names of the same tensor (TransformerLens 4's, ...)
+    renames: tuple[tuple[str, str], ...] = ()
 
     # -- loading and inputs (overridden per family) -----------------------------------------------------
 
@@ -130,11 +135,13 @@ class Adapter:
                     if module not in modules:
                         continue
                     heads = getattr(config, point.heads, None) if point.heads else None
+                    name = f"{stack.prefix}.{layer}.{point.submodule}"
+                    derived = _derived(modules[module], point.derived, name)
                     points.append(
                         HookPoint(
-                            name=f"{stack.prefix}.{layer}.{point.submodule}",
+                            name=name,
                             module=module,
-                            io=point.io,
+                            io="input" if derived else point.io,
                             component=stack.component,
                             layer=layer,
                             submodule=point.submodule,
@@ -142,23 +149,43 @@ class Adapter:
                             heads=heads,
                             canonical=True,
                             layer_output=point.submodule == stack.output,
-                            aliases=_module_alias(module, point.io, point.part),
+                            aliases=self.aliases(name) + (() if derived else _module_alias(module, point.io, point.part)),
+                            derived=derived and derived[0],
+                            eps=derived and derived[1],
                         )
                     )
         for single in self.singles:
             if single.module in modules:
+                derived = _derived(modules[single.module], single.derived, single.name)
                 points.append(
                     HookPoint(
                         name=single.name,
                         module=single.module,
-                        io=single.io,
+                        io="input" if derived else single.io,
                         component=single.component,
                         submodule=single.submodule,
                         canonical=True,
-                        aliases=_module_alias(single.module, single.io, None),
+                        aliases=self.aliases(single.name)
+                        + (() if derived else _module_alias(single.module, single.io, None)),
+                        derived=derived and derived[0],
+                        eps=derived and derived[1],
                     )
                 )
         return points
+
+    def aliases(self, name: str) -> tuple[str, ...]:
+        """Other names of the canonical hook point ``name`` (from ``renames``)."""
+        found = []
+        for canonical, alias in self.renames:
+            if name == canonical:
+                found.append(alias)
+            elif name.endswith("." + canonical):
+                found.append(name[: -len(canonical)] + alias)
+        return tuple(found)
+
+    def key_positions(self, model: nn.Module, space: str) -> int | None:
+        """The most key positions an attention map over ``space`` can have (its row layout in the store)."""
+        return max_positions(model)
 
     def locate(self, module: str) -> tuple[str | None, int | None, str | None]:
         """(component, layer, submodule) of a bare module path."""
@@ -189,6 +216,15 @@ def max_positions(model: nn.Module) -> int | None:
     """The longest input the (text) model takes, from its config."""
     config = model.config.get_text_config()
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def _derived(module: nn.Module, what: str | None, name: str) -> tuple[str, float] | None:
+    if what is None:
+        return None
+    kind = norm_kind(module, what)
+    if kind is None:
+        raise TypeError(f"{name}: {type(module).__name__} is neither a LayerNorm nor an RMSNorm")
+    return kind
 
 
 def _module_alias(module: str, io: str, part: tuple[int, int] | None) -> tuple[str, ...]:

@@ -16,9 +16,12 @@ from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+#: attention maps ([batch, head, query_pos, key_pos], hookpoints.attention): recorded only when named
+MAPS = ("hook_attn_scores", "hook_pattern")
 ENCODER_LAYER = (
     Point("self_attn_layer_norm"),
     *(Point(f"self_attn.{name}") for name in ATTENTION),
+    *(Point(f"self_attn.{name}") for name in MAPS),
     Point("final_layer_norm"),
     Point("fc1"),
     Point("fc2"),
@@ -27,8 +30,10 @@ ENCODER_LAYER = (
 DECODER_LAYER = (
     Point("self_attn_layer_norm"),
     *(Point(f"self_attn.{name}") for name in ATTENTION),
+    *(Point(f"self_attn.{name}") for name in MAPS),
     Point("encoder_attn_layer_norm"),
     *(Point(f"encoder_attn.{name}") for name in ATTENTION),
+    *(Point(f"encoder_attn.{name}") for name in MAPS),
     Point("final_layer_norm"),
     Point("fc1"),
     Point("fc2"),
@@ -42,6 +47,10 @@ class Whisper(Adapter):
 
     def model_class(self, config, modality):
         return WhisperForConditionalGeneration
+
+    def key_positions(self, model, space):
+        config = model.config
+        return config.max_source_positions if space == "encoder" else config.max_target_positions
 
     def probe_inputs(self, model):
         config = model.config
