@@ -95,12 +95,16 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if not hasattr(module, "hook_pattern"):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     query = module.hook_rot_q(query.transpose(1, 2)).transpose(1, 2)  # hooked as [batch, pos, head, d_head]
     key = module.hook_rot_k(key.transpose(1, 2)).transpose(1, 2)
     native_sdpa = getattr(module, "hookpoints_native", None) == "sdpa" and kwargs.get("position_bias") is None
     if native_sdpa and not getattr(_STATE, "eager", False):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # [batch, head, key_pos, d_head]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling

@@ -46,8 +46,12 @@ class HookedModel:
         modality: str = "text",
         traced=None,
         remote: bool | str = False,
+        prepend_bos: bool = False,
     ):
         self.model = model.eval()
+        # TransformerLens prepends BOS to text (GPT-2 and LLaMA by default); hookpoints feeds exactly what the
+        # tokenizer emits unless this is set (recording and text_inputs read it; the run's config keeps it).
+        self.prepend_bos = prepend_bos
         self.adapter = adapter
         self.tokenizer = tokenizer
         self.processor = processor
@@ -127,10 +131,13 @@ class HookedModel:
         return torch.device("cpu") if self.remote else next(self.model.parameters()).device
 
     def text_inputs(self, texts: list[str]) -> ModelInputs:
-        """Tokenised, right-padded text inputs with their position masks."""
+        """Tokenised, right-padded text inputs with their position masks (BOS first with ``prepend_bos``)."""
         if self.tokenizer is None:
             raise UserError(f"model {self.source} has no tokenizer: save one next to it (tokenizer.save_pretrained)")
-        return self.adapter.text_inputs(self.model, self.tokenizer, texts).to(self.device)
+        inputs = self.adapter.text_inputs(self.model, self.tokenizer, texts)
+        if self.prepend_bos:
+            inputs = self.adapter.with_bos(self.model, self.tokenizer, inputs)
+        return inputs.to(self.device)
 
     def speech_inputs(self, waveforms: list, *, frames: int | None = None) -> ModelInputs:
         """Inputs for 16 kHz mono ``waveforms`` (``[samples]`` arrays), through the checkpoint's feature extractor."""

@@ -167,7 +167,7 @@ def randomise_norms_and_biases(model: torch.nn.Module, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for module in model.modules():
-            norm = type(module).__name__.endswith("Norm") or isinstance(module, torch.nn.modules.normalization.LayerNorm)
+            norm = type(module).__name__.endswith("Norm") or isinstance(module, torch.nn.LayerNorm)
             for name, parameter in module.named_parameters(recurse=False):
                 noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
                 if norm and name == "weight":

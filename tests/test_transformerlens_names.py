@@ -46,7 +46,9 @@ def check_norm(got, name: str, x: torch.Tensor, module, eps: float, centre: bool
     bias = getattr(module, "bias", None)
     output = normalized * module.weight + (0 if bias is None else bias)
     if centre:  # torch's own LayerNorm agrees with TransformerLens' arithmetic
-        torch.testing.assert_close(output, F.layer_norm(x, x.shape[-1:], module.weight, bias, eps), atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(
+            output, F.layer_norm(x, x.shape[-1:], module.weight, bias, eps), atol=2e-5, rtol=2e-5
+        )
     return output
 
 
@@ -189,7 +191,7 @@ def test_bert(tiny_model_dir):
     ids, got = recorded(model, ["blocks.*", "hook_*", "embed.*"])
     hf = model.model
     cfg = hf.config
-    heads, eps, d = cfg.num_attention_heads, cfg.layer_norm_eps, cfg.hidden_size
+    heads, eps = cfg.num_attention_heads, cfg.layer_norm_eps
     emb = hf.embeddings
     word, pos, token_type = emb.word_embeddings.weight[ids], emb.position_embeddings.weight[: len(ids)], None
     token_type = emb.token_type_embeddings.weight[torch.zeros_like(ids)]

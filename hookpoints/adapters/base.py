@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from hookpoints.derived import norm_kind
+from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import INPUT_SUFFIX, HookPoint
 
@@ -85,6 +86,10 @@ class Adapter:
     def text_inputs(self, model: nn.Module, tokenizer, texts: list[str]) -> ModelInputs:
         raise NotImplementedError
 
+    def with_bos(self, model: nn.Module, tokenizer, inputs: ModelInputs) -> ModelInputs:
+        """``inputs`` with the BOS token first in every example (TransformerLens' ``prepend_bos``)."""
+        raise UserError(f"prepend_bos applies to token-fed text models (decoder-only LMs, BERT), not {self.name}")
+
     # -- speech and tasks (overridden by families that take speech or generate) -------------------------
 
     def tasks(self, config, modality: str) -> tuple[str, ...]:
@@ -149,7 +154,8 @@ class Adapter:
                             heads=heads,
                             canonical=True,
                             layer_output=point.submodule == stack.output,
-                            aliases=self.aliases(name) + (() if derived else _module_alias(module, point.io, point.part)),
+                            aliases=self.aliases(name)
+                            + (() if derived else _module_alias(module, point.io, point.part)),
                             derived=derived and derived[0],
                             eps=derived and derived[1],
                         )
@@ -210,6 +216,20 @@ class TokenAdapter(Adapter):
     def text_inputs(self, model, tokenizer, texts):
         ids, mask = token_batch(tokenizer, texts, max_length=max_positions(model))
         return ModelInputs({"input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})
+
+    def with_bos(self, model, tokenizer, inputs):
+        """Prepend BOS where the tokenizer did not already put one first (as TransformerLens does)."""
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+        if bos is None:
+            raise UserError("prepend_bos: the tokenizer has no BOS (or CLS) token")
+        ids, mask = inputs.kwargs["input_ids"], inputs.kwargs["attention_mask"]  # [batch, tokens], right-padded
+        if bool((ids[:, 0] == bos).all()):
+            return inputs
+        ids = torch.cat([ids.new_full((ids.shape[0], 1), bos), ids], dim=1)
+        mask = torch.cat([mask.new_ones((mask.shape[0], 1)), mask], dim=1)
+        limit = max_positions(model)
+        ids, mask = (ids[:, :limit], mask[:, :limit]) if limit else (ids, mask)
+        return ModelInputs({**inputs.kwargs, "input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})
 
 
 def max_positions(model: nn.Module) -> int | None:

@@ -63,7 +63,11 @@ BERT = Encoder(
         Single("hook_full_embed", "embeddings", "encoder", "hook_full_embed"),
         Single("embed.ln.hook_scale", "embeddings.LayerNorm", "encoder", "embed.ln.hook_scale", derived="scale"),
         Single(
-            "embed.ln.hook_normalized", "embeddings.LayerNorm", "encoder", "embed.ln.hook_normalized", derived="normalized"
+            "embed.ln.hook_normalized",
+            "embeddings.LayerNorm",
+            "encoder",
+            "embed.ln.hook_normalized",
+            derived="normalized",
         ),
     ),
     components={"embeddings": "encoder", "encoder": "encoder", "pooler": "encoder"},

@@ -26,7 +26,9 @@ class DecoderLM(TokenAdapter):
 
 def norm_points(tl: str, module: str) -> tuple[Point, Point]:
     """TransformerLens' ``{tl}.hook_scale`` and ``{tl}.hook_normalized``, computed from ``module``'s input."""
-    return Point(f"{tl}.hook_scale", module, derived="scale"), Point(f"{tl}.hook_normalized", module, derived="normalized")
+    return Point(f"{tl}.hook_scale", module, derived="scale"), Point(
+        f"{tl}.hook_normalized", module, derived="normalized"
+    )
 
 
 def map_points(attn: str, heads: str) -> tuple[Point, Point]:

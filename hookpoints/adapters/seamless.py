@@ -235,8 +235,18 @@ SEAMLESS_M4T_V2 = Seamless(
             "speech_encoder.layers",
             _points(SPEECH_ENCODER_SUBMODULES, MAPS["speech_encoder"]),
         ),
-        Stack("text_encoder", "text_encoder.layers", "text_encoder.layers", _points(TEXT_ENCODER_SUBMODULES, MAPS["text_encoder"])),
-        Stack("text_decoder", "text_decoder.layers", "text_decoder.layers", _points(TEXT_DECODER_SUBMODULES, MAPS["text_decoder"])),
+        Stack(
+            "text_encoder",
+            "text_encoder.layers",
+            "text_encoder.layers",
+            _points(TEXT_ENCODER_SUBMODULES, MAPS["text_encoder"]),
+        ),
+        Stack(
+            "text_decoder",
+            "text_decoder.layers",
+            "text_decoder.layers",
+            _points(TEXT_DECODER_SUBMODULES, MAPS["text_decoder"]),
+        ),
     ),
     components={
         "speech_encoder": "speech_encoder",
