@@ -10,9 +10,9 @@ model at :func:`attention`, which calls them:
   ``sdpa`` implementation's function, with the additive float mask of the ``eager`` one): the model's output
   equals the stock model's to float rounding;
 - inside :func:`eager` (what hookpoints enters when a trace asks for scores or patterns), and always for a
-  model that ran on ``eager`` (SeamlessM4T's Conformer, with its relative position bias), it computes
-  ``softmax(q k^T * scaling + bias + mask)`` itself, as the families' ``eager_attention_forward`` does, through
-  the two map hooks, and returns the pattern as the attention weights.
+  model that ran on ``eager``, it computes ``softmax(q k^T * scaling + position_bias + mask)`` itself, as the
+  families' ``eager_attention_forward`` does (a boolean mask, as SeamlessM4T's Conformer hands over, becomes
+  0 / the dtype's minimum), through the two map hooks, and returns the pattern as the attention weights.
 
 Masked entries of the scores hold the additive mask (about ``-3.4e38``, TransformerLens: ``-inf``); a
 pattern's masked entries are 0. Grouped-query keys are repeated per query head before the scores.
@@ -100,7 +100,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         )
     query = module.hook_rot_q(query.transpose(1, 2)).transpose(1, 2)  # hooked as [batch, pos, head, d_head]
     key = module.hook_rot_k(key.transpose(1, 2)).transpose(1, 2)
-    native_sdpa = getattr(module, "hookpoints_native", None) == "sdpa" and kwargs.get("position_bias") is None
+    native_sdpa = getattr(module, "hookpoints_native", None) == "sdpa"
     if native_sdpa and not getattr(_STATE, "eager", False):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -112,7 +112,12 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     if kwargs.get("position_bias") is not None:
         scores = scores + kwargs["position_bias"]
     if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        if mask.dtype == torch.bool:  # True = attend (SeamlessM4T's Conformer hands over boolean chunk masks)
+            mask = torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(
+                ~mask, torch.finfo(scores.dtype).min
+            )
+        scores = scores + mask
     scores = module.hook_attn_scores(scores)
     pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     pattern = module.hook_pattern(pattern)

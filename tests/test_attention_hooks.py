@@ -194,3 +194,29 @@ def test_max_bytes_refuses_before_writing(tiny_model_dir, texts_manifest, tmp_pa
     for row in first:
         vector = torch.tensor(row["activation"]).view(4, 256)
         torch.testing.assert_close(vector.sum(-1), torch.ones(4))
+
+
+def test_seamless_speech_maps_keep_the_output_and_sum_to_one(tiny_model_dir):
+    """The Conformer hands a boolean chunk mask and a relative position bias to its attention function."""
+    import numpy as np
+
+    folder = tiny_model_dir("seamless_m4t_v2")
+    model = load(folder, modality="speech")
+    rng = np.random.default_rng(0)
+    inputs = model.speech_inputs([rng.standard_normal(16_000 * s).astype("float32") * 0.1 for s in (1, 2)])
+    kwargs = {**inputs.kwargs, "decoder_input_ids": torch.tensor([[3, 5, 6], [3, 5, 6]])}
+    stock = tf.SeamlessM4Tv2ForSpeechToText.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = stock(**kwargs)
+        with eager():  # the path a recording of patterns takes
+            got = model.model(**kwargs)
+    torch.testing.assert_close(got.encoder_last_hidden_state, expected.encoder_last_hidden_state, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(got.logits, expected.logits, atol=5e-5, rtol=1e-4)
+    name = "speech_encoder.layers.0.self_attn.hook_pattern"
+    point = model.hook_points.get(name)
+    rows = model.pooled(inputs, [point], "none")[name]  # [valid frames, head * keys]
+    frames = inputs.masks[point.space]
+    for example, mine in enumerate(rows_by_example(rows, frames)):
+        pattern = mine.view(mine.shape[0], point.heads, point.keys)
+        torch.testing.assert_close(pattern.sum(-1), torch.ones(mine.shape[0], point.heads))
+        assert (pattern[..., int(frames[example].sum()) :] == 0).all()

@@ -107,7 +107,9 @@ def test_batched_recording_equals_batch_size_one(tiny_model_dir, family, pooling
     singles = [model.pooled(model.text_inputs([text]), points, pooling) for text in texts]
     for point in points:
         expected = torch.cat([single[point.name] for single in singles])
-        torch.testing.assert_close(batched[point.name], expected, atol=1e-5, rtol=1e-4, msg=point.name)
+        # float32 rounding of padded attention grows with the values (random norm gains and biases)
+        atol = 1e-5 * max(1.0, float(expected.abs().max()) / 4)
+        torch.testing.assert_close(batched[point.name], expected, atol=atol, rtol=1e-4, msg=point.name)
 
 
 def test_examples_keep_every_manifest_column(tiny_model_dir, write_manifest, store):
