@@ -292,3 +292,21 @@ def test_every_name_equals_transformerlens(tiny_model_dir, tmp_path, family):
         else:
             expected = expected.reshape(actual.shape[0], -1)  # [pos, heads * d_head] ...
         torch.testing.assert_close(actual, expected, atol=5e-5, rtol=5e-5, msg=f"{family} {name}")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_prepend_bos_matches_transformerlens_text_input(tiny_model_dir, tmp_path):
+    """TransformerLens tokenises text with BOS first by default; hookpoints does so with prepend_bos."""
+    folder = tiny_model_dir("gpt2")
+    model = load(folder, prepend_bos=True)
+    peer = transformerlens_model("gpt2", folder, tmp_path)
+    peer.set_tokenizer(model.tokenizer)
+    inputs = model.text_inputs([TEXT])
+    assert torch.equal(inputs.kwargs["input_ids"], peer.to_tokens(TEXT))  # BOS, then the tokenizer's ids
+    with torch.no_grad():
+        _, cache = peer.run_with_cache(TEXT)  # TransformerLens' default text path
+    name = "blocks.1.hook_resid_post"
+    got = model.pooled(inputs, model.select([name]), "none")[name]
+    torch.testing.assert_close(got, cache[name][0], atol=5e-5, rtol=5e-5)
+    without = load(folder).pooled(load(folder).text_inputs([TEXT]), model.select([name]), "mean")[name]
+    assert not torch.allclose(without, got.mean(0, keepdim=True), atol=1e-4)  # the BOS changes every position
