@@ -6,13 +6,14 @@ four identity submodules, as TransformerLens' HookPoints (``hook_rot_q``, ``hook
 head, d_head]``; ``hook_attn_scores``, ``hook_pattern``: ``[batch, head, query_pos, key_pos]``), and points the
 model at :func:`attention`, which calls them:
 
-- for a model that ran on ``sdpa`` it passes the rotary q/k through their hooks and runs PyTorch's SDPA (the
-  ``sdpa`` implementation's function, with the additive float mask of the ``eager`` one): the model's output
-  equals the stock model's to float rounding;
+- for a model that ran on ``sdpa`` it passes the rotary q/k through their hooks and runs the ``sdpa``
+  implementation's function with its own masks (boolean, or None for plain causal attention): the model's
+  output equals the stock model's;
 - inside :func:`eager` (what hookpoints enters when a trace asks for scores or patterns), and always for a
   model that ran on ``eager``, it computes ``softmax(q k^T * scaling + position_bias + mask)`` itself, as the
-  families' ``eager_attention_forward`` does (a boolean mask, as SeamlessM4T's Conformer hands over, becomes
-  0 / the dtype's minimum), through the two map hooks, and returns the pattern as the attention weights.
+  families' ``eager_attention_forward`` does (a boolean mask becomes 0 / the dtype's minimum; no mask on a causal
+  module, SDPA's ``is_causal`` case, becomes the causal mask), through the two map hooks, and returns the
+  pattern as the attention weights.
 
 Masked entries of the scores hold the additive mask (about ``-3.4e38``, TransformerLens: ``-inf``); a
 pattern's masked entries are 0. Grouped-query keys are repeated per query head before the scores.
@@ -111,9 +112,12 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [batch, head, query_pos, key_pos]
     if kwargs.get("position_bias") is not None:
         scores = scores + kwargs["position_bias"]
-    if attention_mask is not None:
-        mask = attention_mask[:, :, :, : key.shape[-2]]
-        if mask.dtype == torch.bool:  # True = attend (SeamlessM4T's Conformer hands over boolean chunk masks)
+    mask = attention_mask
+    if mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True):  # SDPA's is_causal case
+        mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()[None, None]
+    if mask is not None:
+        mask = mask[:, :, :, : key.shape[-2]]
+        if mask.dtype == torch.bool:  # True = attend (SDPA-format masks, SeamlessM4T's Conformer chunk masks)
             mask = torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(
                 ~mask, torch.finfo(scores.dtype).min
             )
@@ -128,8 +132,8 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
     if NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
         AttentionInterface.register(NAME, attention)
-        AttentionMaskInterface.register(NAME, eager_mask)
+        AttentionMaskInterface.register(NAME, sdpa_mask)  # boolean or None (causal): SDPA's fast paths
