@@ -4,7 +4,8 @@ Names mirror SeamlessM4T's so that the two can be compared: ``speech_encoder.lay
 ``text_decoder.layers.{l}.encoder_attn.k_proj`` ... Whisper's convolutions are ``[batch, channels, time]``
 (neurons on axis 1); ``conv1`` runs at the mel frame rate (space ``input``), everything after ``conv2`` at half
 of it (space ``encoder``). ``{self_attn,encoder_attn}.hook_attn_scores`` / ``hook_pattern`` are the attention
-maps (``[batch, head, query_pos, key_pos]``; the decoder's cross-attention over encoder positions; hookpoints.attention).
+maps (``[batch, head, query_pos, key_pos]``; the decoder's cross-attention over encoder positions;
+hookpoints.attention).
 """
 
 from __future__ import annotations
