@@ -220,3 +220,17 @@ def test_seamless_speech_maps_keep_the_output_and_sum_to_one(tiny_model_dir):
         pattern = mine.view(mine.shape[0], point.heads, point.keys)
         torch.testing.assert_close(pattern.sum(-1), torch.ones(mine.shape[0], point.heads))
         assert (pattern[..., int(frames[example].sum()) :] == 0).all()
+
+
+def test_record_max_bytes_from_python(tiny_model_dir, texts_manifest, store):
+    from hookpoints.manifest import read_data
+    from hookpoints.recorder import record
+
+    model = load(tiny_model_dir("bert"))
+    manifest = read_data(str(texts_manifest(4)), required=("text",))
+    hooks = ["blocks.0.attn.hook_attn_scores"]
+    with pytest.raises(UserError, match="over --max-bytes"):
+        record(model, manifest, store, "r", hooks=hooks, pooling="none", max_bytes=1000)
+    assert store.run_info("r") is None  # refused before anything was written
+    summary = record(model, manifest, store, "r", hooks=hooks, pooling="mean", max_bytes=4 * 4 * 256 * 4)
+    assert summary.recorded == 4  # pooled: one [head, key_pos] row per example fits the same budget
