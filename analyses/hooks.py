@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from hookpoints.store.query import QuerySession
 
 from hookpoints.errors import UserError
-from hookpoints.points import HookNames, module_alias
+from hookpoints.points import DERIVED_SUFFIXES, HookNames, module_alias
 
 COLUMNS = "hook, module, io, component, layer, submodule, width, space, layer_output"
 
@@ -70,10 +70,14 @@ def run_hooks(session: QuerySession, run: str) -> list[StoredHook]:
 
 def hook_names(hooks: list[StoredHook]) -> HookNames:
     """Names and aliases of stored hooks (module-path aliases only where one hook has that module and io)."""
-    shared = Counter((h.module, h.io) for h in hooks)
+    # derived points (a norm's hook_normalized / hook_scale, computed from its input) never take the module's alias
+    derived = {h.hook for h in hooks if h.hook.endswith(DERIVED_SUFFIXES)}
+    shared = Counter((h.module, h.io) for h in hooks if h.hook not in derived)
     return HookNames(
-        (h.hook, (module_alias(h.module, h.io),) if h.module and shared[h.module, h.io] == 1 else ()) for h in hooks
-    )
+        (h.hook, (module_alias(h.module, h.io),) if h.module and h.hook not in derived and shared[h.module, h.io] == 1
+         else ())
+        for h in hooks
+    )  # fmt: skip
 
 
 def select_hooks(hooks: list[StoredHook], patterns: list[str], owner: str) -> list[StoredHook]:

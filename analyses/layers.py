@@ -1,7 +1,7 @@
 """Per-layer representations of a run, read from the store one hook point at a time.
 
 A layer's representation of an example is the output of the whole layer (the hooks table's ``layer_output``
-rows: ``blocks.{l}.hook_resid_post`` of decoder LMs and SeamlessM4T, ``blocks.{l}.ln2.hook_normalized`` of
+rows: ``blocks.{l}.hook_resid_post`` of decoder LMs and SeamlessM4T, ``blocks.{l}.hook_normalized_resid_post`` of
 BERT), which is the output of its last sublayer (seeds/lalm-representation-spaces.txt, section 3.1), pooled
 over the example's positions by ``last`` token (the paper's choice) or ``mean``.
 

@@ -13,10 +13,13 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from hookpoints.attention import eager as eager_attention
+from hookpoints.attention import needs_eager
 from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import HookPoint
 from hookpoints.pooling import pool_positions, positions_first
+from hookpoints.probe import first_tensor
 
 CACHE_POOLINGS = ("mean", "last", "max")
 #: Which hook points to cache: globs, or a function of the hook name (TransformerLens' ``names_filter``).
@@ -99,6 +102,10 @@ class ActivationCache(Mapping):
         pooled = {}
         for name, tensor in self._tensors.items():
             point = self.points[name]
+            if point.keys is not None:
+                raise UserError(
+                    f"hook {name} is an attention map [batch, head, query_pos, key_pos]: ask for it without pooling"
+                )
             if point.time_axis is None:
                 pooled[name] = tensor.float()  # one vector per example already
                 continue
@@ -125,7 +132,12 @@ class ActivationCache(Mapping):
 
 
 def hook_tensor(value, point: HookPoint, batch: int) -> torch.Tensor:
-    """A hook point's tensor in cache layout: ``[batch, pos, *shape]`` (``[batch, *shape]`` without positions)."""
+    """A hook point's tensor in cache layout: ``[batch, pos, *shape]`` (``[batch, *shape]`` without positions).
+
+    Attention maps keep TransformerLens' ``[batch, head, query_pos, key_pos]``.
+    """
+    if point.keys is not None:
+        return first_tensor(value)
     x = positions_first(value, point)  # [batch or 1, pos, width]
     if x.shape[0] == 1 and batch > 1:  # broadcast over the batch (position embeddings)
         x = x.expand(batch, -1, -1)
@@ -143,6 +155,7 @@ def run_with_cache(model, inputs: ModelInputs, points: list[HookPoint], pooling:
     with (
         torch.inference_mode(),
         model.adapter.batch_guard(model.model, inputs),
+        eager_attention(needs_eager(p.module for p in points)),
         model.traced.trace(**inputs.kwargs),
     ):
         for point in sorted(points, key=lambda p: p.order):  # nnsight needs requests in execution order

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from hookpoints.adapters import adapter_for
+from hookpoints.adapters.base import Adapter
 from hookpoints.errors import UserError
 from hookpoints.model import HookedModel
 
@@ -23,6 +24,7 @@ def load(
     modality: str | None = None,
     dtype: str = "float32",
     device: str = "cpu",
+    prepend_bos: bool = False,
 ) -> HookedModel:
     """Load ``source`` (a folder written by ``save_pretrained``, or a hub id) for recording.
 
@@ -50,6 +52,8 @@ def load(
         raise UserError(f"model {source} ({config.model_type}) takes {' or '.join(modalities)} input, not {modality}")
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if prepend_bos and adapter.with_bos.__func__ is Adapter.with_bos:
+        raise UserError(f"prepend_bos applies to decoder-only LMs and BERT, not {config.model_type}: drop it")
     model_class = adapter.model_class(config, modality)
     try:
         model = model_class.from_pretrained(source, dtype=DTYPES[dtype]).to(device)
@@ -62,6 +66,7 @@ def load(
         processor=_optional(AutoFeatureExtractor, source) if modality == "speech" else None,
         source=source,
         modality=modality,
+        prepend_bos=prepend_bos,
     )
 
 

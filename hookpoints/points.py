@@ -13,9 +13,12 @@ import fnmatch
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
+from hookpoints.derived import MAP_HOOKS
 from hookpoints.errors import UserError
 
 INPUT_SUFFIX = ":input"
+#: hook points computed from a norm's input (TransformerLens' meaning): never a module-path alias
+DERIVED_SUFFIXES = ("hook_normalized", "hook_scale")
 
 
 @dataclass(frozen=True)
@@ -42,11 +45,15 @@ class HookPoint:
     canonical: bool = False  # named by an adapter (not a bare module path)
     layer_output: bool = False  # the output of a whole layer (what layer-wise analyses compare)
     aliases: tuple[str, ...] = ()
+    derived: str | None = None  # computed from the module's tensor (hookpoints.derived): "ln_normalized", ...
+    eps: float | None = None  # the norm's epsilon, for derived norm values
     # Filled in by the shape probe:
     width: int | None = None
     neuron_axis: int | None = None
     time_axis: int | None = None
     space: str | None = None
+    keys: int | None = None  # attention maps: key positions a row holds (the key space's longest length)
+    key_space: str | None = None  # attention maps: the positions the keys index
     order: int = -1  # when the tensor appears in a forward pass (nnsight needs requests in this order)
     unavailable: str | None = None
 
@@ -107,7 +114,7 @@ class HookNames:
                 self._names.setdefault(name, canonical)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.names
+        return name in self._names
 
     def canonical(self, name: str) -> str | None:
         """The canonical name ``name`` stands for (itself, or the hook it is an alias of), or None."""
@@ -174,6 +181,9 @@ class HookPointSet:
                 chosen[point.name] = point
                 continue
             matches = [self._points[canonical] for canonical in self.names.match(pattern)]
+            if is_glob(pattern) and not any(hook in pattern for hook in MAP_HOOKS):
+                # attention maps (big: a row of [head, key_pos] per query position) only when a pattern names them
+                matches = [point for point in matches if point.key_space is None]
             usable = [point for point in matches if point.unavailable is None]
             if not usable:
                 reason = f" ({matches[0].unavailable})" if matches else ""

@@ -19,6 +19,7 @@ from hookpoints.manifest import Manifest, audio_path
 from hookpoints.model import HookedModel
 from hookpoints.points import HookPoint
 from hookpoints.settings import RunSettings
+from hookpoints.sizes import check_budget, example_bytes
 from hookpoints.store.catalog import Store
 from hookpoints.store.runs import check_shard, in_shard
 from hookpoints.store.writer import DEFAULT_BUFFER_BYTES, HookRows, open_run
@@ -109,6 +110,7 @@ def record(
     on_batch: Callable[[int], None] | None = None,
     shard: tuple[int, int] = (0, 1),
     run_batches: BatchRunner | None = None,
+    max_bytes: int | None = None,
 ) -> RecordSummary:
     """Record every example of ``manifest`` at ``hooks`` (globs; default: the model's listed hook points).
 
@@ -123,8 +125,10 @@ def record(
     ``if_exists``: error, resume (record only what is missing) or overwrite. ``shard=(I, N)`` records only
     the examples of shard I of N (several processes can record one run side by side). ``run_batches`` runs
     the model somewhere else (hookpoints.scale_out); the rows are committed here either way.
-    ``on_start(n)`` is called once everything is checked and ``n`` examples are about to be recorded;
-    ``on_batch(k)`` after each batch.
+    ``max_bytes`` refuses, before anything is written, a recording whose estimated size is larger
+    (hookpoints.sizes: every example as long as the longest batch's longest; attention maps with pooling
+    ``none`` grow with the square of the length). ``on_start(n)`` is called once everything is checked and
+    ``n`` examples are about to be recorded; ``on_batch(k)`` after each batch.
     """
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, not {batch_size}")
@@ -155,8 +159,15 @@ def record(
         "adapter": model.adapter.name,
         "manifest": str(manifest.path),
         **settings.config(),
+        "prepend_bos": model.prepend_bos,
         "versions": {"hookpoints": hookpoints.__version__, "torch": torch.__version__},
     }
+    job = BatchJob(task, pooling, per_step, frames, max_new_tokens, tgt_lang, str(manifest.base))
+    if max_bytes is not None:  # before anything is written (resume: counts the shard's examples already there)
+        rows = [r for r, example in enumerate(manifest.ids) if in_shard(example, shard)]
+        rows.sort(key=plan.sizes.__getitem__)
+        if rows:
+            _check_size(model, manifest.table.take(rows[-batch_size:]), points, job, len(rows), max_bytes, dtype)
     added = _added_columns(manifest, plan.task)
     schema = manifest.table.schema
     for name, kind in added.items():
@@ -175,7 +186,6 @@ def record(
     mine = [row for row, example in enumerate(manifest.ids) if in_shard(example, shard)]
     todo = [row for row in mine if manifest.ids[row] not in writer.done]
     todo.sort(key=lambda row: plan.sizes[row])  # similar lengths together: less padding
-    job = BatchJob(task, pooling, per_step, frames, max_new_tokens, tgt_lang, str(manifest.base))
     batches = (manifest.table.take(todo[start : start + batch_size]) for start in range(0, len(todo), batch_size))
     if run_batches is None:
         results = ((examples, *record_batch(model, examples, points, job)) for examples in batches)
@@ -196,6 +206,25 @@ def record(
     writer.finish("complete")
     seconds = time.perf_counter() - started
     return RecordSummary(run, len(todo), len(mine) - len(todo), len(points), seconds, shard, len(manifest) - len(mine))
+
+
+def _check_size(
+    model: HookedModel,
+    longest: pa.Table,
+    points: list[HookPoint],
+    job: BatchJob,
+    examples: int,
+    budget: int,
+    dtype: str,
+) -> None:
+    """Refuse a recording over ``budget`` bytes, estimated from the inputs of the longest examples."""
+    inputs, _ = batch_inputs(model, longest, job)
+    positions = {space: int(mask.sum(1).max()) for space, mask in inputs.masks.items()}
+    if get_task(job.task).generates:  # decoder positions: the prompt and every generated token
+        positions["decoder"] = positions.get("decoder", 1) + job.max_new_tokens
+    per_example = example_bytes(points, job.method, positions, dtype)
+    biggest = max(points, key=lambda p: example_bytes([p], job.method, positions, dtype), default=None)
+    check_budget(per_example * examples, budget, examples, per_example, biggest)
 
 
 def plan_examples(model: HookedModel, manifest: Manifest, task: Task, tgt_lang: str | None) -> ExamplePlan:
