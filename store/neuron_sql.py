@@ -101,8 +101,8 @@ def neuron_stats(
     Example: ``neuron_stats(session, "encoder.layers.3.%", group_by="language", stats="avg, median")``.
     """
     spec = StatSpec.parse(stats)
-    if memory_bytes < 2**20:
-        raise UserError(f"neuron_stats: memory_bytes {memory_bytes} is too small; give at least 1 MiB")
+    if memory_bytes < 4096:
+        raise UserError(f"neuron_stats: memory_bytes {memory_bytes} is too small; give at least 4096")
     columns = _group_columns(session, group_by)
     where = _checked_predicate(session, examples_where)
     targets = session.sql(
@@ -258,7 +258,7 @@ def _row_groups(ids: pa.Array, groups: _Groups) -> np.ndarray:
 def _percentiles(session, run, hook, width, groups: _Groups, spec, count, kept, memory_bytes) -> dict:
     """Percentiles per group and neuron, reading the hook in neuron slices of at most ``memory_bytes``."""
     rows = int(count.sum())
-    step = max(1, min(width, memory_bytes // (2 * 4 * max(rows, 1))))  # the block and one group's copy
+    step = max(1, min(width, memory_bytes // (12 * max(rows, 1))))  # float32 block + a group's float64 copy
     qs = np.array([q for _, q in spec.percentiles])
     result = np.empty((len(qs), int(kept.sum()), width))  # [percentiles, groups kept, width]
     starts = np.concatenate([[0], np.cumsum(count)])  # rows of group g: starts[g]:starts[g + 1]
@@ -275,7 +275,7 @@ def _percentiles(session, run, hook, width, groups: _Groups, spec, count, kept, 
                 block[fill[g] : fill[g] + len(mine)] = x[mine, j0:j1]
                 fill[g] += len(mine)
         for k, g in enumerate(np.flatnonzero(kept)):
-            result[:, k, j0:j1] = np.quantile(block[starts[g] : starts[g + 1]], qs, axis=0)
+            result[:, k, j0:j1] = np.quantile(block[starts[g] : starts[g + 1]].astype(np.float64), qs, axis=0)
     return {name: result[i] for i, (name, _) in enumerate(spec.percentiles)}
 
 
@@ -302,9 +302,13 @@ def _assemble(parts: list[dict], columns: list[str], spec: StatSpec) -> pa.Table
 # -- the SQL surface --------------------------------------------------------------------------------------
 
 
-def prepare(session, text: str) -> None:
-    """Compute every ``neuron_stats(...)`` call of the statement and register its result for the macro."""
-    if "neuron_stats" not in text.lower():
+def prepare(session, text: str, params: dict | None = None) -> None:
+    """Before a statement runs: refuse a plan that would hold the ``neurons`` long form in memory, and
+    compute every ``neuron_stats(...)`` call of the statement (registered under the name the macro reads)."""
+    lowered = text.lower()
+    if "neurons" in lowered.replace("neuron_stats", ""):
+        _check_plan(session, text, params)
+    if "neuron_stats" not in lowered:
         return
     tree = json.loads(session.con.execute("SELECT json_serialize_sql($q)", {"q": text}).fetchall()[0][0])
     if tree.get("error"):
@@ -315,6 +319,40 @@ def prepare(session, text: str) -> None:
         if name not in session.neuron_stats_results:
             session.neuron_stats_results[name] = neuron_stats(session, hooks, **args)
             session.con.register(name, session.neuron_stats_results[name])
+
+
+def _check_plan(session, text: str, params: dict | None) -> None:
+    """UserError if a join would build its hash table from the unnested vectors (memory grows with the data).
+
+    DuckDB holds a join's right input (its build side) in memory; the session keeps joins in the order written
+    (store/query.py), so ``FROM neurons n JOIN examples e`` streams the long form and ``FROM examples e JOIN
+    neurons n`` would hold all of it (13 GB for one layer of 4,000 examples).
+    """
+    try:
+        rows = session.con.execute("EXPLAIN (FORMAT json) " + text, params or {}).fetchall()
+    except Exception:
+        return  # the statement itself reports the error when it runs
+    for _, plan in rows:
+        if any(_builds_long_form(node) for node in json.loads(plan)):
+            raise UserError(
+                "this query would hold every value of `neurons` in memory (the right side of a join is held "
+                "whole): put neurons first, e.g. FROM neurons n JOIN examples e USING (run, example_id), or use "
+                "neuron_stats(...) for per-neuron statistics (docs/store.md)"
+            )
+
+
+def _builds_long_form(node: dict) -> bool:
+    children = node.get("children", [])
+    name = str(node.get("name", "")).upper()
+    if ("JOIN" in name or "CROSS_PRODUCT" in name) and len(children) == 2 and _has_unnest(children[1]):
+        return True
+    return any(_builds_long_form(child) for child in children)
+
+
+def _has_unnest(node: dict) -> bool:
+    if "UNNEST" in str(node.get("name", "")).upper() and "activation" in json.dumps(node):
+        return True
+    return any(_has_unnest(child) for child in node.get("children", []))
 
 
 def _calls(node):

@@ -90,7 +90,7 @@ class QuerySession:
     def sql(self, text: str, params: dict | None = None) -> pa.Table:
         """Run one read-only statement and return its result as an Arrow table."""
         self._check_read_only(text)
-        neuron_sql.prepare(self, text)
+        neuron_sql.prepare(self, text, params)
         try:
             return self.con.sql(text, params=params).to_arrow_table()
         except duckdb.Error as error:
@@ -103,7 +103,7 @@ class QuerySession:
         each batch where it belongs and drops it.
         """
         self._check_read_only(text)
-        neuron_sql.prepare(self, text)
+        neuron_sql.prepare(self, text, params)
         try:
             return self.con.sql(text, params=params).to_arrow_reader(rows)
         except duckdb.Error as error:
