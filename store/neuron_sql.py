@@ -92,7 +92,7 @@ def neuron_stats(
 ) -> pa.Table:
     """Per (run, hook, group, neuron) statistics over the stored rows of the hooks matching ``hooks``.
 
-    ``hooks``: a hook name or a SQL LIKE pattern (``'text_decoder.layers.0.%'``); ``group_by``: examples
+    ``hooks``: a hook name (exactly) or a SQL LIKE pattern (``'text_decoder.layers.0.%'``); ``group_by``: examples
     columns, comma-separated; ``stats``: any of count, sum, avg, stddev (sample), variance (sample), min, max,
     median, pNN (linear interpolation, as DuckDB's ``quantile_cont``); ``run``: one run (default: every run
     holding a matching hook); ``examples_where``: a predicate over the examples' columns. The same numbers as
@@ -109,6 +109,8 @@ def neuron_stats(
         "SELECT run, hook, width FROM hooks WHERE hook LIKE $hooks AND ($run = '' OR run = $run) ORDER BY run, hook",
         {"hooks": hooks, "run": run},
     ).to_pylist()
+    if any(row["hook"] == hooks for row in targets):  # an exact name: not a pattern ('_' is a LIKE wildcard)
+        targets = [row for row in targets if row["hook"] == hooks]
     if not targets:
         scope = f"run {run!r}" if run else "any run"
         raise UserError(f"neuron_stats: no hook of {scope} matches {hooks!r} (a hook name or LIKE pattern, '%' for any)")
