@@ -13,6 +13,12 @@ Queries: the issue's per-neuron mean per language over a whole layer; mean and s
 8,192-wide ffn.fc1; its median per language (the quantile path: neuron slices in a fixed memory budget).
 
     python bench/neuron_queries.py --examples 4000 40000            # ~6 min, 3 GB of disk at 40,000
+    python bench/neuron_queries.py --encodings --examples 2000      # store size and read cost, before/after
+
+``--encodings``: the Parquet settings before issue 17 (dictionary on the vector columns) against the current
+ones (no dictionary, BYTE_STREAM_SPLIT; store/tables.py): bytes per value of bench/recording_overhead.py's
+GPT-2 recording (1,024 examples, float32 and float16), and the read cost (``bench/ap_store.py read``: every
+hook into its matrix, as the AP ranking reads) of an AP-shaped store of ``--examples`` x one layer.
 """
 
 from __future__ import annotations
@@ -112,15 +118,76 @@ def measure(store: Path, examples: int, args) -> list[dict]:
     return rows
 
 
+def encodings(args) -> list[dict]:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import ap_store
+    import recording_overhead
+    from hookpoints.store import tables
+
+    settings = {
+        "dictionary (before)": ap_store.legacy_writer_properties,
+        "byte_stream_split (now)": tables.writer_properties,
+    }
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as folder:
+        scratch = Path(folder)
+        model = recording_overhead.build_model(scratch / "gpt2")
+        for i, (name, properties) in enumerate(settings.items()):
+            tables.writer_properties = properties  # the writers look it up in the module at each commit
+            sizes = recording_overhead.bytes_per_value(model, scratch / f"gpt2-{i}")
+            rows.append({"encoding": name, **{f"{k} bytes/value": round(v, 2) for k, v in sizes.items()}})
+        for n in args.examples:
+            stores = {name: scratch / f"ap-{i}-{n}" for i, name in enumerate(settings)}
+            for store, legacy in zip(stores.values(), (True, False), strict=True):
+                write = ["bench/ap_store.py", "write", "--store", str(store), "--examples", str(n), "--layers", "1"]
+                write += ["--flush-rows", "1000"] + (["--legacy-encoding"] if legacy else [])
+                subprocess.run([sys.executable, *write], check=True, cwd=ROOT, capture_output=True)
+            reads = {name: [] for name in stores}
+            for _ in range(3):  # interleaved: the machine's load moves
+                for name, store in stores.items():
+                    out = subprocess.run(
+                        [sys.executable, "bench/ap_store.py", "read", "--store", str(store)],
+                        check=True,
+                        cwd=ROOT,
+                        capture_output=True,
+                        text=True,
+                    ).stdout
+                    reads[name].append(json.loads(out[out.index("{") :]))
+            for name, store in stores.items():
+                size = sum(f.stat().st_size for f in (store / "activations").rglob("*.parquet"))
+                best = min(reads[name], key=lambda r: r["read_cpu_s"])
+                values = best["values"]
+                rows.append(
+                    {
+                        "encoding": name,
+                        "ap store examples": n,
+                        "bytes/value": round(size / values, 2),
+                        "read cpu ns/value (best of 3)": round(best["cpu_ns_per_value"], 2),
+                        "read wall ns/value (best of 3)": round(best["wall_ns_per_value"], 2),
+                    }
+                )
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, nargs="+", default=[4000, 40000])
     parser.add_argument("--natural-max", type=int, default=4000, help="run the long-form query up to this size")
     parser.add_argument("--cap-mb", type=float, default=4096, help="kill a child above this resident size")
     parser.add_argument("--tmp", default=tempfile.gettempdir())
+    parser.add_argument("--encodings", action="store_true", help="store size and read cost before/after issue 17")
     parser.add_argument("--json", help="append the rows to this JSON-lines file")
     args = parser.parse_args()
     print(f"load average {os.getloadavg()}, {len(os.sched_getaffinity(0))} cores", flush=True)
+    if args.encodings:
+        rows = encodings(args)
+        print(f"load average {os.getloadavg()}")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        return
     rows = []
     for n in args.examples:
         store = Path(tempfile.mkdtemp(prefix=f"neuron-queries-{n}-", dir=args.tmp))

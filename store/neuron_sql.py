@@ -113,7 +113,9 @@ def neuron_stats(
         targets = [row for row in targets if row["hook"] == hooks]
     if not targets:
         scope = f"run {run!r}" if run else "any run"
-        raise UserError(f"neuron_stats: no hook of {scope} matches {hooks!r} (a hook name or LIKE pattern, '%' for any)")
+        raise UserError(
+            f"neuron_stats: no hook of {scope} matches {hooks!r} (a hook name or LIKE pattern, '%' for any)"
+        )
     parts = []
     for run_name in dict.fromkeys(row["run"] for row in targets):
         groups = _example_groups(session, run_name, columns, where)
@@ -148,7 +150,9 @@ def _checked_predicate(session, where: str) -> str:
     statements = tree.get("statements", [])
     node = statements[0]["node"] if len(statements) == 1 else {}
     if tree.get("error") or node.get("type") != "SELECT_NODE" or node.get("modifiers"):
-        raise UserError(f"neuron_stats: examples_where {where!r} is not one boolean SQL expression, e.g. \"language = 'de'\"")
+        raise UserError(
+            f"neuron_stats: examples_where {where!r} is not one boolean SQL expression, e.g. \"language = 'de'\""
+        )
     return f"({where})"
 
 
@@ -193,7 +197,9 @@ def _batches(session, run: str, hook: str, *, vectors: bool = True):
         else:
             half = False
         if column.null_count:
-            raise UserError(f"neuron_stats: hook {hook} of run {run!r} has rows without a vector; run hookpoints store verify")
+            raise UserError(
+                f"neuron_stats: hook {hook} of run {run!r} has rows without a vector; run hookpoints store verify"
+            )
         flat = column.values.to_numpy(zero_copy_only=False)
         rows = batch.num_rows
         x = flat[column.offsets[0].as_py() : column.offsets[rows].as_py()].reshape(rows, -1)  # [rows, width]
@@ -214,7 +220,9 @@ def _hook_stats(session, run, hook, width, groups: _Groups, spec: StatSpec, memo
             count += np.bincount(group[group >= 0], minlength=n_groups)
             continue
         if x.shape[1] != width:
-            raise UserError(f"neuron_stats: hook {hook} of run {run!r} stores vectors of {x.shape[1]}, not its width {width}")
+            raise UserError(
+                f"neuron_stats: hook {hook} of run {run!r} stores vectors of {x.shape[1]}, not its width {width}"
+            )
         group = _row_groups(ids, groups)
         for g in np.unique(group[group >= 0]):
             xs = x[group == g]  # [rows of g, width]
@@ -388,5 +396,7 @@ def _call_arguments(function: dict) -> tuple[str, dict[str, str]]:
         else:
             positional.append(literal.get("text", ""))
     if len(positional) != 1:
-        raise UserError("neuron_stats: give one hook name or LIKE pattern first, e.g. neuron_stats('encoder.layers.3.%')")
+        raise UserError(
+            "neuron_stats: give one hook name or LIKE pattern first, e.g. neuron_stats('encoder.layers.3.%')"
+        )
     return positional[0], named

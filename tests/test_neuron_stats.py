@@ -31,9 +31,19 @@ def _write(store: Store, run: str, dtype: str, n: int, seed: int, positions: boo
     modality = np.where(rng.random(n) < 0.5, "speech", "text")
     examples = pa.table({"example_id": ids, "language": language.tolist(), "modality": modality.tolist()})
     hooks = [
-        {"hook": h, "module": h, "io": "output", "component": "enc", "layer": int(h.split(".")[2]),
-         "submodule": h.split(".")[-1], "width": w, "shape": [w], "neuron_axis": 2, "space": "enc",
-         "layer_output": False}
+        {
+            "hook": h,
+            "module": h,
+            "io": "output",
+            "component": "enc",
+            "layer": int(h.split(".")[2]),
+            "submodule": h.split(".")[-1],
+            "width": w,
+            "shape": [w],
+            "neuron_axis": 2,
+            "space": "enc",
+            "layer_output": False,
+        }
         for h, w in WIDTHS.items()
     ]
     settings = {"model": "synthetic", "task": "forward", "pooling": "none" if positions else "mean", "dtype": dtype}
@@ -45,7 +55,7 @@ def _write(store: Store, run: str, dtype: str, n: int, seed: int, positions: boo
         rows_ids = [ids[start + i] for i, r in enumerate(repeats) for _ in range(r)]
         batch = {}
         for h, w in WIDTHS.items():
-            x = (rng.standard_normal((len(rows_ids), w)) * rng.uniform(0.5, 3, w) + rng.uniform(-2, 2, w))
+            x = rng.standard_normal((len(rows_ids), w)) * rng.uniform(0.5, 3, w) + rng.uniform(-2, 2, w)
             x = x.astype(np.float32)  # [rows, width]
             pos = np.concatenate([np.arange(r) for r in repeats]).astype(np.int32) if positions else None
             batch[h] = HookRows(rows_ids, x, pos)
@@ -91,15 +101,17 @@ STATS = "count, sum, avg, stddev, variance, min, max, median, p10, p99.5"
 def test_equals_numpy_by_label(stats_store, run, memory_bytes):
     store, data = stats_store
     with store.query() as session:
-        result = neuron_stats(session, "enc.layers.%", group_by="language, modality", stats=STATS, run=run,
-                              memory_bytes=memory_bytes)
+        result = neuron_stats(
+            session, "enc.layers.%", group_by="language, modality", stats=STATS, run=run, memory_bytes=memory_bytes
+        )
     assert result.column_names == ["run", "hook", "language", "modality", "neuron", *STATS.replace(" ", "").split(",")]
     checked = 0
     for hook, (x, labels) in data[run].items():
         for language, modality in sorted(set(labels)):
             mine = np.array([label == (language, modality) for label in labels])
             rows = result.filter(
-                (pa.compute.field("hook") == hook) & (pa.compute.field("language") == language)
+                (pa.compute.field("hook") == hook)
+                & (pa.compute.field("language") == language)
                 & (pa.compute.field("modality") == modality)
             ).sort_by("neuron")
             assert rows["neuron"].to_pylist() == list(range(WIDTHS[hook]))
@@ -120,7 +132,9 @@ def test_slices_when_the_budget_is_small(stats_store, monkeypatch):
     with store.query() as session:
         result = neuron_stats(session, "enc.layers.1.fc1", stats="median", run="f32", memory_bytes=4096)
         x, _ = data["f32"]["enc.layers.1.fc1"]
-        np.testing.assert_allclose(result.sort_by("neuron")["median"].to_numpy(), np.median(x.astype(np.float64), axis=0))
+        np.testing.assert_allclose(
+            result.sort_by("neuron")["median"].to_numpy(), np.median(x.astype(np.float64), axis=0)
+        )
     # a count pass (ids only), then 24 neurons in slices of 4096 // (12 * 70) = 4: 6 passes
     assert [k.get("vectors", True) for k in calls] == [False] + [True] * 6
 
@@ -139,16 +153,23 @@ def test_sql_macro_equals_natural_query_and_cli(stats_store, run_cli):
     for column in ("avg", "stddev", "median", "p90", "min", "count"):
         np.testing.assert_allclose(b[column].to_numpy(), a[column].to_numpy(), rtol=1e-6, atol=1e-6)
     assert again.num_rows == 3 * 3 * len(WIDTHS)
-    code, out, _ = run_cli("sql", "--store", store.location.uri, "--format", "csv",
-                           "SELECT count(*) AS n FROM neuron_stats('enc.layers.0.fc2', run := 'f32')")
+    code, out, _ = run_cli(
+        "sql",
+        "--store",
+        store.location.uri,
+        "--format",
+        "csv",
+        "SELECT count(*) AS n FROM neuron_stats('enc.layers.0.fc2', run := 'f32')",
+    )
     assert code == 0 and out.split() == ["n", "8"]
 
 
 def test_examples_where(stats_store):
     store, data = stats_store
     with store.query() as session:
-        result = neuron_stats(session, "enc.layers.1.fc1", run="f32", stats="avg",
-                              examples_where="language = 'de' AND modality <> 'text'")
+        result = neuron_stats(
+            session, "enc.layers.1.fc1", run="f32", stats="avg", examples_where="language = 'de' AND modality <> 'text'"
+        )
     x, labels = data["f32"]["enc.layers.1.fc1"]
     mine = np.array([label == ("de", "speech") for label in labels])
     np.testing.assert_allclose(result.sort_by("neuron")["avg"].to_numpy(), x[mine].mean(axis=0, dtype=np.float64))
