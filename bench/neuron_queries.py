@@ -52,9 +52,10 @@ NATURAL = {
     f"JOIN examples e USING (run, example_id) WHERE n.hook = '{FC1}' GROUP BY ALL",
 }
 
-# numpy over the same Arrow data: each hook's rows as one [rows, width] matrix, then per-group reductions.
+# numpy over the same Arrow data: each hook's rows copied into one [rows, width] float32 matrix, then
+# numpy's reductions per group (float32 in, as a user would write them).
 NUMPY = """
-import sys, json, numpy as np, pyarrow.compute as pc
+import sys, numpy as np, pyarrow.compute as pc
 from hookpoints.store.catalog import Store
 store, pattern, by, stats = sys.argv[1:5]
 s = Store.open(store)
@@ -62,18 +63,28 @@ ex = s.dataset("examples").to_table()
 hooks = s.dataset("hooks").to_table(columns=["hook", "width"]).to_pylist()
 prefix = pattern.rstrip("%")
 chosen = [h for h in hooks if (h["hook"].startswith(prefix) if pattern.endswith("%") else h["hook"] == pattern)]
-labels = ex[by].to_numpy(zero_copy_only=False) if by else np.zeros(ex.num_rows, object)
+labels = ex[by].to_numpy(zero_copy_only=False) if by else np.zeros(ex.num_rows, np.int8)
 names, group_of = np.unique(labels, return_inverse=True)
 out = 0
 for h in chosen:
-    t = s.dataset("activations").to_table(columns=["example_id", "activation"], filter=pc.field("hook") == h["hook"])
-    x = t["activation"].combine_chunks().values.to_numpy().reshape(t.num_rows, -1)  # [rows, width]
-    g = group_of[pc.index_in(t["example_id"], value_set=ex["example_id"]).to_numpy()]
+    where = pc.field("hook") == h["hook"]
+    data = s.dataset("activations")
+    x = np.empty((data.count_rows(filter=where), h["width"]), np.float32)  # [rows, width]
+    g = np.empty(len(x), np.int64)
+    i = 0
+    for b in data.to_batches(columns=["example_id", "activation"], filter=where):
+        x[i : i + b.num_rows] = b["activation"].values.to_numpy().reshape(b.num_rows, -1)
+        g[i : i + b.num_rows] = group_of[pc.index_in(b["example_id"], value_set=ex["example_id"]).to_numpy()]
+        i += b.num_rows
     for k in range(len(names)):
-        xs = x[g == k]
-        if "avg" in stats: out += xs.mean(axis=0).size
-        if "stddev" in stats: out += xs.std(axis=0, ddof=1).size
-        if "median" in stats: out += np.median(xs, axis=0).size
+        xs = x if len(names) == 1 else x[g == k]  # [rows of group k, width]
+        if "avg" in stats:
+            out += xs.mean(axis=0).size
+        if "stddev" in stats:
+            out += xs.std(axis=0, ddof=1).size
+        if "median" in stats:
+            out += np.median(xs, axis=0).size
+    del x
 print(out)
 """
 

@@ -37,6 +37,8 @@ MOMENTS = ("count", "sum", "avg", "stddev", "variance", "min", "max")
 DEFAULT_STATS = "count, avg, stddev, min, max"
 _PERCENTILE = re.compile(r"^p(\d{1,2}(\.\d+)?|100)$")
 _BATCH_ROWS = 1024
+#: Arrow's scan reads ahead this many files and batches (its defaults, 4 and 16, hold up to 64 batches).
+READAHEAD = {"fragment_readahead": 1, "batch_readahead": 2}
 
 MACRO = f"""
 CREATE MACRO neuron_stats(hooks, {", ".join(f"{name} := ''" for name in ARGUMENTS)}) AS TABLE
@@ -184,6 +186,7 @@ def _batches(session, run: str, hook: str, *, vectors: bool = True):
         columns=["example_id", *vectors],
         filter=(pc.field("run") == run) & (pc.field("hook") == hook),
         batch_size=_BATCH_ROWS,
+        **READAHEAD,
     )
     for batch in scan:
         if batch.num_rows == 0:
