@@ -24,7 +24,7 @@ WIDTHS = {"enc.layers.0.fc1": 24, "enc.layers.0.fc2": 8, "enc.layers.1.fc1": 24}
 LANGUAGES = np.array(["de", "en", "fr"])
 
 
-def _write(store: Store, run: str, dtype: str, n: int, seed: int, positions: bool) -> dict:
+def _write(store: Store, run: str, dtype: str, n: int, seed: int, positions: bool, buffer: int = 2**26) -> dict:
     rng = np.random.default_rng(seed)
     ids = [f"{run}-{i:03d}" for i in range(n)]
     language = LANGUAGES[rng.choice(3, size=n, p=[0.5, 0.3, 0.2])]
@@ -47,7 +47,9 @@ def _write(store: Store, run: str, dtype: str, n: int, seed: int, positions: boo
         for h, w in WIDTHS.items()
     ]
     settings = {"model": "synthetic", "task": "forward", "pooling": "none" if positions else "mean", "dtype": dtype}
-    writer = open_run(store, run, settings=settings, config={}, hooks=hooks, examples_schema=examples.schema)
+    writer = open_run(
+        store, run, settings=settings, config={}, hooks=hooks, examples_schema=examples.schema, max_buffer_bytes=buffer
+    )
     written = {}
     for start in range(0, n, 16):  # several commits, several batches
         stop = min(n, start + 16)
@@ -222,3 +224,24 @@ def test_vectors_written_without_dictionary(stats_store):
         encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
         for column in ("activation.list.element", "activation_f16.list.element"):
             assert "BYTE_STREAM_SPLIT" in encodings[column] and "RLE_DICTIONARY" not in encodings[column]
+
+
+def test_compaction_keeps_the_vector_encoding(tmp_path):
+    """``store compact`` rewrites files with the same per-column settings (store/maintenance.py)."""
+    from deltalake import DeltaTable
+    from hookpoints.store.maintenance import compact
+
+    store = Store.open(tmp_path / "store", create=True)
+    data = _write(store, "small", "float32", 64, 3, False, buffer=1)  # a commit per batch: 4 files per hook
+    before = len(list((tmp_path / "store" / "activations").rglob("*.parquet")))
+    compact(store)
+    live = DeltaTable(str(tmp_path / "store" / "activations")).file_uris()
+    assert len(live) == len(WIDTHS) < before
+    for uri in live:
+        meta = pq.ParquetFile(uri.removeprefix("file://")).metadata.row_group(0)
+        encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+        assert "BYTE_STREAM_SPLIT" in encodings["activation.list.element"]
+        assert "RLE_DICTIONARY" not in encodings["activation.list.element"]
+    with Store.open(tmp_path / "store").query() as session:
+        result = neuron_stats(session, "enc.layers.0.fc2", stats="avg").sort_by("neuron")
+    np.testing.assert_allclose(result["avg"].to_numpy(), data["enc.layers.0.fc2"][0].mean(axis=0, dtype=np.float64))
