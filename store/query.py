@@ -109,6 +109,13 @@ class QuerySession:
         except duckdb.Error as error:
             raise UserError(f"SQL failed: {_first_line(error)}") from None
 
+    def neuron_stats(self, hooks: str, **options) -> pa.Table:
+        """Per-neuron statistics of the hooks matching ``hooks`` (store/neuron_sql.py; options as there).
+
+        Example: ``session.neuron_stats("text_decoder.layers.0.%", group_by="language", stats="avg, median")``.
+        """
+        return neuron_sql.neuron_stats(self, hooks, **options)
+
     def _check_read_only(self, text: str) -> None:
         try:
             statements = self.con.extract_statements(text)
