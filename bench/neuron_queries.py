@@ -145,6 +145,7 @@ def encodings(args) -> list[dict]:
         model = recording_overhead.build_model(scratch / "gpt2")
         for i, (name, properties) in enumerate(settings.items()):
             tables.writer_properties = properties  # the writers look it up in the module at each commit
+            (scratch / f"gpt2-{i}").mkdir()
             sizes = recording_overhead.bytes_per_value(model, scratch / f"gpt2-{i}")
             rows.append({"encoding": name, **{f"{k} bytes/value": round(v, 2) for k, v in sizes.items()}})
         for n in args.examples:
