@@ -124,7 +124,7 @@ def test_equals_numpy_by_label(stats_store, run, memory_bytes):
 
 
 def test_slices_when_the_budget_is_small(stats_store, monkeypatch):
-    """A budget smaller than the hook's block reads it in neuron slices (one pass each): same medians."""
+    """A budget smaller than the hook's block takes the medians over spilled neuron slices: same medians."""
     store, data = stats_store
     import hookpoints.store.neuron_sql as module
 
@@ -137,8 +137,8 @@ def test_slices_when_the_budget_is_small(stats_store, monkeypatch):
         np.testing.assert_allclose(
             result.sort_by("neuron")["median"].to_numpy(), np.median(x.astype(np.float64), axis=0)
         )
-    # a count pass (ids only), then 24 neurons in slices of 4096 // (12 * 70) = 4: 6 passes
-    assert [k.get("vectors", True) for k in calls] == [False] + [True] * 6
+    # a count pass (ids only), then one decode for the 6 slices of 4096 // (12 * 70) = 4 neurons
+    assert [k.get("vectors", True) for k in calls] == [False, True]
 
 
 def test_sql_macro_equals_natural_query_and_cli(stats_store, run_cli):
