@@ -116,6 +116,8 @@ def sql_command(store: Path, sql: str) -> list[str]:
 def measure(store: Path, examples: int, args) -> list[dict]:
     rows = []
     for name, (pattern, by, stats) in QUERIES.items():
+        if args.queries and name not in args.queries:
+            continue
         group = f", group_by := '{by}'" if by else ""
         sql = f"SELECT count(*) FROM neuron_stats('{pattern}'{group}, stats := '{stats}')"
         numpy = [sys.executable, "-c", NUMPY, str(store), pattern, by, stats]
@@ -189,6 +191,7 @@ def main() -> None:
     parser.add_argument("--natural-max", type=int, default=4000, help="run the long-form query up to this size")
     parser.add_argument("--cap-mb", type=float, default=4096, help="kill a child above this resident size")
     parser.add_argument("--tmp", default=tempfile.gettempdir())
+    parser.add_argument("--queries", nargs="+", choices=list(QUERIES), help="only these queries (default: all)")
     parser.add_argument("--encodings", action="store_true", help="store size and read cost before/after issue 17")
     parser.add_argument("--json", help="append the rows to this JSON-lines file")
     args = parser.parse_args()
@@ -213,7 +216,7 @@ def main() -> None:
             shutil.rmtree(store, ignore_errors=True)
     if len(args.examples) > 1:
         small, large = min(args.examples), max(args.examples)
-        for name in QUERIES:
+        for name in args.queries or QUERIES:
             a, b = (next(r for r in rows if r["examples"] == n and r["query"] == name) for n in (small, large))
             ratio = b["neuron_stats"]["peak_rss_mb"] / a["neuron_stats"]["peak_rss_mb"]
             print(f"{name}: {large / small:.0f}x the examples -> neuron_stats peak memory x{ratio:.2f}")

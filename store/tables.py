@@ -24,8 +24,8 @@ def writer_properties(spec: TableSpec | None = None, schema: pa.Schema | None = 
     """Parquet settings for a table: zstd level 1, the spec's row group size (or the store's default).
 
     Vector columns (``list<float32>``, ``list<int16>``: activations) are written without a dictionary, in
-    BYTE_STREAM_SPLIT encoding: distinct floats gain nothing from a dictionary (float32 cost 5.4 bytes per
-    value with one, 3.3 now; float16 about 2.0 either way; decode no slower; measured in docs/store.md).
+    BYTE_STREAM_SPLIT encoding: distinct floats gain nothing from a dictionary (float32 cost 4.0-5.4 bytes
+    per value with one, 3.2-3.3 now; float16 2.0, now 1.7; about 15% more decode CPU; docs/store.md).
     delta-rs addresses only top-level columns by name, so the vectors get the default column settings and
     every other column its own (plain encoding: BYTE_STREAM_SPLIT is not defined for strings or booleans).
     """
