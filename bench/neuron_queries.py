@@ -7,7 +7,7 @@ child process (wall time, peak RSS sampled every 20 ms, killed above --cap-mb):
 - ``neuron_stats``: ``hookpoints sql "SELECT * FROM neuron_stats(...)"`` through the CLI (start-up included);
 - ``numpy``: the same statistics in numpy over the same Arrow data (each hook read into ``[rows, width]``);
 - ``natural``: the long-form ``SELECT ... FROM neurons n JOIN examples e ... GROUP BY ALL`` (only at sizes up
-  to --natural-max: it is 15-30x slower).
+  to --natural-max: 2.7-30x numpy on a quiet machine, docs/store.md).
 
 Queries: the issue's per-neuron mean per language over a whole layer; mean and standard deviation of the
 8,192-wide ffn.fc1; its median per language (the quantile path: neuron slices in a fixed memory budget).
