@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import duckdb
 import pyarrow as pa
-from hookpoints.store import neuron_sql
+from hookpoints.store import neuron_sql, neuron_surface
 from hookpoints.store.catalog import Store
 from hookpoints.store.runs import runs_sql
 
@@ -73,7 +73,7 @@ class QuerySession:
             # Core tables sit behind the views below; analysis tables (scores, ...) are shown as they are.
             self.con.register(f"_{table}" if table in _CORE else table, dataset)
         self.con.execute(_F16_MACRO)
-        self.con.execute(neuron_sql.MACRO)
+        self.con.execute(neuron_surface.MACRO)
         activation = (
             "coalesce(activation, list_transform(activation_f16, lambda b: f16_to_float(b)))"
             if self._f16_runs
@@ -90,7 +90,7 @@ class QuerySession:
     def sql(self, text: str, params: dict | None = None) -> pa.Table:
         """Run one read-only statement and return its result as an Arrow table."""
         self._check_read_only(text)
-        neuron_sql.prepare(self, text, params)
+        neuron_surface.prepare(self, text, params)
         try:
             return self.con.sql(text, params=params).to_arrow_table()
         except duckdb.Error as error:
@@ -103,7 +103,7 @@ class QuerySession:
         each batch where it belongs and drops it.
         """
         self._check_read_only(text)
-        neuron_sql.prepare(self, text, params)
+        neuron_surface.prepare(self, text, params)
         try:
             return self.con.sql(text, params=params).to_arrow_reader(rows)
         except duckdb.Error as error:
