@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 from hookpoints.analyses.labels import PRESETS, check_predicate, slug
 from hookpoints.analyses.selection import SIDE_CHOICES, check_side, selected_neurons, stored_sets
+from hookpoints.store.neuron_sql import neuron_stats
 from hookpoints.store.query import QuerySession
 
 from hookpoints.errors import UserError
@@ -230,21 +231,14 @@ def _statistic(session: QuerySession, selection: Selection, function: str, run: 
             f"no example of run {run!r} matches --stats-where {where!r}: a {function} over an empty subset; "
             "check the values with hookpoints sql"
         )
-    literals = ", ".join("'" + hook.replace("'", "''") + "'" for hook in hooks)
-    result = session.sql(
-        f"""WITH chosen AS (SELECT unnest($hooks) AS hook, unnest($neurons) AS neuron)
-            SELECT chosen.hook, chosen.neuron, {function}(a.activation[chosen.neuron + 1]) AS value
-            FROM activations a JOIN chosen ON a.hook = chosen.hook
-            WHERE a.run = $run AND a.hook IN ({literals})
-              AND a.example_id IN (SELECT example_id FROM examples WHERE run = $run AND {subset})
-            GROUP BY ALL""",
-        {
-            "run": run,
-            "hooks": selection.neurons["hook"].to_pylist(),
-            "neurons": selection.neurons["neuron"].to_pylist(),
-        },
-    ).to_pylist()
-    values = {(row["hook"], row["neuron"]): row["value"] for row in result}
+    # Per-neuron statistics streamed hook by hook in bounded memory (store/neuron_sql.py), not a join of the
+    # activations to the selection (whose memory grew with the examples).
+    values = {}
+    for hook in hooks:
+        stats = neuron_stats(session, hook, stats=function, run=run, examples_where=where or "")
+        column = stats[function].to_numpy()
+        for neuron, value in zip(stats["neuron"].to_pylist(), column, strict=True):
+            values[hook, neuron] = float(value)
     order = list(zip(selection.neurons["hook"].to_pylist(), selection.neurons["neuron"].to_pylist(), strict=True))
     for hook, neuron in order:
         if values.get((hook, neuron)) is None or not np.isfinite(values[hook, neuron]):
