@@ -110,9 +110,8 @@ class HookedModel(ModelApi):
         named = {(p.module, p.io) for p in canonical if p.part is None}
         bare = []
         for module, instance in self.model.named_modules():
-            if isinstance(instance, AttentionHook):  # named by the adapter; its input is its output
-                continue
-            for io in ("output", "input"):
+            # an attention hook's input is its output: only the output gets a (module-path) name
+            for io in ("output",) if isinstance(instance, AttentionHook) else ("output", "input"):
                 if module and (module, io) not in named:
                     component, layer, submodule = self.adapter.locate(module)
                     name = module if io == "output" else module + INPUT_SUFFIX

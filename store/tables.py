@@ -35,11 +35,18 @@ def writer_properties(spec: TableSpec | None = None, schema: pa.Schema | None = 
     if schema is None or not any(_is_vector(field.type) for field in schema):
         return WriterProperties(**settings)
     plain = ColumnProperties(dictionary_enabled=False, encoding="PLAIN")
+    if any(_is_nested(field.type) and not _is_vector(field.type) for field in schema):
+        # another nested column (list<string>, ...) would get the default too: BYTE_STREAM_SPLIT is undefined there
+        return WriterProperties(**settings, default_column_properties=plain)
     return WriterProperties(
         **settings,
         default_column_properties=ColumnProperties(dictionary_enabled=False, encoding="BYTE_STREAM_SPLIT"),
         column_properties={field.name: plain for field in schema if not _is_vector(field.type)},
     )
+
+
+def _is_nested(kind: pa.DataType) -> bool:
+    return pa.types.is_nested(kind)
 
 
 def _is_vector(kind: pa.DataType) -> bool:
