@@ -10,6 +10,7 @@ import click
 from hookpoints.analyses.intervention_sweep import PAPER_SEED, SweepSpec, plan_sweep, run_sweep
 from hookpoints.analyses.interventions import KINDS, NEURON_TYPES, SIDES
 from hookpoints.cli.console import counting, out, render
+from hookpoints.cli.placement_options import load_options, placement_options
 
 PAPER_KS = (500, 1000, 2500, 5000)
 
@@ -53,10 +54,14 @@ PAPER_KS = (500, 1000, 2500, 5000)
 @click.option("--sweep", "sweep_name", help="Name of the sweep in the store (default: sweep-<UTC time>).")
 @click.option("--overwrite", is_flag=True, help="Replace a sweep of the same name.")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), help="Figure 5 goes here.")
-def command(store_path, sweep_name, overwrite, plots_dir, **options) -> None:
+@placement_options
+def command(
+    store_path, sweep_name, overwrite, plots_dir, device, model_dtype, device_map, offload_folder, **options
+) -> None:
     """Replace selected neurons during generation and score what happens (seeds paper, Experiment 2)."""
     from hookpoints.store.catalog import Store
 
+    placement = load_options(device, model_dtype, device_map, offload_folder)
     name = sweep_name or datetime.now(UTC).strftime("sweep-%Y%m%dT%H%M%S")
     spec = SweepSpec(
         sweep=name,
@@ -64,11 +69,11 @@ def command(store_path, sweep_name, overwrite, plots_dir, **options) -> None:
         if_exists="overwrite" if overwrite else "error",
     )
     store = Store.open(store_path)
-    scores = sweep(store, spec, plots_dir)
+    scores = sweep(store, spec, plots_dir, placement)
     out.print(f"sweep {name}: {scores.num_rows} scores; SQL: SELECT * FROM intervention_scores WHERE sweep = '{name}'")
 
 
-def sweep(store, spec: SweepSpec, plots_dir: Path | None):
+def sweep(store, spec: SweepSpec, plots_dir: Path | None, placement: dict | None = None):
     """Plan, run with progress, print the table and write Figure 5; returns the corpus scores."""
     from hookpoints.analyses.figures_interventions import plot_sweep
 
@@ -78,7 +83,7 @@ def sweep(store, spec: SweepSpec, plots_dir: Path | None):
 
     def load_model(source: str, modality: str):
         if (source, modality) not in models:
-            models[source, modality] = load(source, modality=modality)
+            models[source, modality] = load(source, modality=modality, **(placement or {}))
         return models[source, modality]
 
     cells = plan_sweep(store, spec, load_model)

@@ -15,6 +15,7 @@ from hookpoints.editing import NeuronEdit, apply_edit
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
+from hookpoints.placement import execution_device
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
 from hookpoints.pooling import pool, pool_positions, positions_first
 from hookpoints.probe import first_tensor, measure, observe
@@ -86,8 +87,8 @@ class HookedModel:
         return self.hook_points.select(patterns)
 
     def _probe(self) -> HookPointSet:
-        weights = next(self.model.parameters()).device
-        inputs = self.adapter.probe_inputs(self.model).to(weights)
+        weights = execution_device(self.model)  # meta: a remote model's stand-in (offloaded weights are not)
+        inputs = self.adapter.probe_inputs(self.model).to(weights, self.model.dtype)
         if weights.type == "meta":  # a remote model's local stand-in: HF mask code calls .item() on the mask
             inputs.kwargs.pop("attention_mask", None)  # (all ones in the probe batch anyway)
         seen = observe(self.model, inputs)
@@ -110,8 +111,9 @@ class HookedModel:
 
     @property
     def device(self) -> torch.device:
-        """Where inputs go: the model's device (the CPU for a remote model, whose weights are on NDIF)."""
-        return torch.device("cpu") if self.remote else next(self.model.parameters()).device
+        """Where inputs go: the model's device (its main device when accelerate split it over several; the CPU
+        for a remote model, whose weights are on NDIF)."""
+        return torch.device("cpu") if self.remote else execution_device(self.model)
 
     def text_inputs(self, texts: list[str]) -> ModelInputs:
         """Tokenised, right-padded text inputs with their position masks."""
@@ -128,7 +130,7 @@ class HookedModel:
                 f"model {self.source} has no feature extractor: save one next to it (feature_extractor.save_pretrained)"
             )
         inputs = self.adapter.speech_inputs(self.model, self.processor, self.tokenizer, waveforms, frames=frames)
-        return inputs.to(self.device)
+        return inputs.to(self.device, self.model.dtype)  # features in the model's precision (bf16 on a GPU)
 
     def source_inputs(self, texts: list[str], languages: list[str]) -> ModelInputs:
         """Text inputs marked with their source languages (model codes, e.g. ``deu``), for translation."""
