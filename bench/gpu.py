@@ -64,6 +64,7 @@ from transformers import (  # noqa: E402
     AutoTokenizer,
     GenerationConfig,
     LlamaConfig,
+    LlamaForCausalLM,
     SeamlessM4Tv2Config,
 )
 
@@ -113,7 +114,7 @@ def build(family: str, folder: Path, placement: Placement, smoke: bool) -> Hooke
         config = LlamaConfig(**(LLAMA_SMOKE if smoke else LLAMA_1B), bos_token_id=1, eos_token_id=2)
         modality = "text"
     adapter = adapter_for(config.model_type)
-    model_class = adapter.model_class(config, modality)
+    model_class = adapter.model_class(config, modality) if family == "seamless" else LlamaForCausalLM
     torch.manual_seed(0)
     with torch.device(placement.torch_device()):
         model = model_class._from_config(config, dtype=placement.torch_dtype()).eval()
@@ -233,6 +234,7 @@ def throughput(model: HookedModel, family: str, args, store: Store) -> dict:
         "batch": args.batch,
         "positions": size,
         "examples_per_call": examples,
+        "stored_mb_per_call": width * examples * 2 / 1e6,  # float16 storage
         "seconds": seconds,
         "examples_per_second": {name: examples / s for name, s in seconds.items()},
         "x_bare_throughput": {name: seconds["bare forward"] / s for name, s in seconds.items()},
@@ -352,13 +354,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models on any device (a check of the script)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=4, help="batches per timed call")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=3, help="batches per timed call")
     parser.add_argument("--frames", type=int, default=300, help="speech frames per example (the paper: 300)")
     parser.add_argument("--tokens-in", type=int, default=256, help="tokens per LM example")
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--neurons", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--check", type=int, default=4, help="examples compared with CPU float32")
     parser.add_argument("--only", choices=("seamless", "llama"), help="one model only")
     parser.add_argument("--json", type=Path, help="write the report here (default: $OUT/gpu.json if OUT is set)")
@@ -375,29 +377,34 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "smoke": args.smoke,
         "throughput": [], "interventions": [], "values": {},
     }  # fmt: skip
+    target = args.json or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else None)
+
+    def save(stage: str) -> None:  # after every stage: a run cut short keeps what it measured
+        print(f"{stage} at {time.perf_counter() - begun:.1f} s", file=sys.stderr, flush=True)
+        if target:
+            target.write_text(json.dumps(report, indent=2))
+            target.with_suffix(".md").write_text(markdown(report) + "\n")
+
+    begun = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         store = Store.open(folder / "store", create=True)
         for family in ("seamless", "llama"):
             if args.only and family != args.only:
                 continue
-            started = time.perf_counter()
             model = build(family, folder, placement, args.smoke)
-            print(f"{family}: built in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+            save(f"{family}: built")
             report["throughput"].append(throughput(model, family, args, store))
-            print(f"{family}: throughput done at {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+            save(f"{family}: throughput")
             if family == "seamless":
                 report["interventions"] = interventions(model, args)
-                print(f"{family}: interventions at {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+                save(f"{family}: interventions")
             report["values"][family] = check_values(model, family, folder, args)
-            print(f"{family}: values checked at {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+            save(f"{family}: values")
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print(markdown(report))
-    target = args.json or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else None)
-    if target:
-        target.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

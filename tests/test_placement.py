@@ -201,3 +201,42 @@ def test_device_map_option_parsing(tmp_path):
         parse_device_map(str(tmp_path / "missing.json"))
     with pytest.raises(UserError, match="must be an object"):
         parse_device_map(str(tmp_path / "list.json") if (tmp_path / "list.json").write_text("[1]") else "")
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--device-map", "{model: cpu"], "--device-map is not valid JSON"),
+        (["--device-map", '{"model.layers.1": "disk"}'], "give an offload folder"),
+        (["--device", "tpu:9"], "device must be auto, cpu"),
+    ],
+)
+def test_cli_placement_options_refuse_bad_input(tiny_model_dir, write_manifest, tmp_path, run_cli, extra, expected):
+    from tests.test_cli import one_line_error
+
+    manifest = write_manifest([{"id": "a", "text": "Hello there."}])
+    args = ["record", "--model", str(tiny_model_dir("llama")), "--data", str(manifest), "--store", str(tmp_path / "s")]
+    code, _, err = run_cli(*args, "--run", "r", *extra)
+    one_line_error(code, err, expected)
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_records_a_split_model(tiny_model_dir, write_manifest, tmp_path, run_cli):
+    manifest = write_manifest([{"id": "a", "text": "Hello there."}, {"id": "b", "text": "Hoy hace sol."}])
+    split = json.dumps(SPLIT)
+    base = ["record", "--model", str(tiny_model_dir("llama")), "--data", str(manifest), "--hooks", "blocks.1.*"]
+    code, out, err = run_cli(*base, "--store", str(tmp_path / "s"), "--run", "split", "--device", "cpu",
+                             "--device-map", split, "--offload-folder", str(tmp_path / "off"))  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(*base, "--store", str(tmp_path / "s"), "--run", "whole", "--model-dtype", "float32")
+    assert code == 0, err
+    from hookpoints.store.catalog import Store
+
+    with Store.open(tmp_path / "s").query() as session:
+        rows = session.sql(
+            "SELECT s.activation AS s, w.activation AS w FROM activations s JOIN activations w "
+            "ON s.hook = w.hook AND s.example_id = w.example_id AND w.run = 'whole' WHERE s.run = 'split'"
+        ).to_pylist()
+    assert len(rows) > 2
+    for row in rows:
+        np.testing.assert_allclose(row["s"], row["w"], rtol=1e-6, atol=1e-6)
