@@ -49,6 +49,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import transformers.configuration_utils as _configuration  # noqa: E402
+
+if not hasattr(_configuration, "SubConfigSpec"):  # transformers < 5.2x (the GPU machine had 5.17): only the
+
+    class SubConfigSpec:  # Ultravox config names it at import, and Ultravox is not benchmarked here
+        def __init__(self, config_class, model_type=None, init_kwargs=None, optional=False):
+            self.config_class, self.model_type, self.init_kwargs, self.optional = (
+                config_class, model_type, init_kwargs, optional,
+            )  # fmt: skip
+
+    _configuration.SubConfigSpec = SubConfigSpec
+
 try:  # installed: store/, analyses/, cli/ are hookpoints.store, ... (setuptools package-dir)
     import hookpoints.store  # noqa: F401
 except ModuleNotFoundError:  # a bare checkout (the GPU machine): the same mapping by package path
