@@ -82,7 +82,8 @@ from transformers import (  # noqa: E402
 
 from hookpoints.adapters import adapter_for  # noqa: E402
 from hookpoints.adapters.seamless import TABLE1  # noqa: E402
-from hookpoints.editing import NeuronEdit  # noqa: E402
+from hookpoints.direct import pooled_direct  # noqa: E402
+from hookpoints.editing import NeuronEdit, apply_edit  # noqa: E402
 from hookpoints.host_copy import HostCopy, one_behind  # noqa: E402
 from hookpoints.inputs import ModelInputs  # noqa: E402
 from hookpoints.loading import quiet_transformers  # noqa: E402
@@ -185,9 +186,10 @@ class Recording:
     """The recorder's pipeline over prepared batches: pooled on the device, copied one batch behind, and
     (with a store) handed to the run writer."""
 
-    def __init__(self, model: HookedModel, points, store: Store | None, batch: int):
+    def __init__(self, model: HookedModel, points, store: Store | None, batch: int, direct: bool = False):
         self.model, self.points, self.store, self.batch = model, points, store, batch
         self.calls = 0
+        self.pooled = (lambda *a: pooled_direct(model, *a)) if direct else model.pooled  # nnsight trace or hooks
 
     def __call__(self, batches: list[ModelInputs]) -> None:
         writer = None
@@ -201,7 +203,7 @@ class Recording:
 
         def started():
             for k, inputs in enumerate(batches):
-                pooled = self.model.pooled(inputs, self.points, "mean")
+                pooled = self.pooled(inputs, self.points, "mean")
                 yield k, HostCopy(pooled)
 
         for k, copy_ in one_behind(started(), lambda item: item):
@@ -214,9 +216,9 @@ class Recording:
             writer.finish("complete")
 
 
-def throughput(model: HookedModel, family: str, args, store: Store) -> dict:
+def throughput(model: HookedModel, family: str, args, store: Store, batch: int, with_store: bool) -> dict:
     size = args.frames if family == "seamless" else args.tokens_in
-    batches = [batch_of(model, args.batch, size, seed) for seed in range(args.batches)]
+    batches = [batch_of(model, batch, size, seed) for seed in range(args.batches)]
     points = table1_points(model, family)
 
     def bare():
@@ -232,18 +234,19 @@ def throughput(model: HookedModel, family: str, args, store: Store) -> dict:
     cases = {
         "bare forward": bare,
         **({"bare forward, no LM head": body} if family == "llama" else {}),
-        "recording (pooled, to host)": lambda: Recording(model, points, None, args.batch)(batches),
-        "recording + store": lambda: Recording(model, points, store, args.batch)(batches),
+        "recording (pooled, to host)": lambda: Recording(model, points, None, batch)(batches),
+        "recording, torch hooks (pooled, to host)": lambda: Recording(model, points, None, batch, direct=True)(batches),
+        **({"recording + store": lambda: Recording(model, points, store, batch)(batches)} if with_store else {}),
     }
     seconds = timed(cases, args.rounds, model.device)
-    examples = args.batch * args.batches
+    examples = batch * args.batches
     width = sum(p.width for p in points)
     return {
         "family": family,
         "parameters": sum(p.numel() for p in model.model.parameters()),
         "hooks": len(points),
         "values_per_example": width,
-        "batch": args.batch,
+        "batch": batch,
         "positions": size,
         "examples_per_call": examples,
         "stored_mb_per_call": width * examples * 2 / 1e6,  # float16 storage
@@ -275,14 +278,33 @@ def interventions(model: HookedModel, args) -> list[dict]:
             "plain generate": lambda i=inputs, p=prompt: model.generate(i, p, args.gen_tokens),
             "traced, no edit": lambda i=inputs, p=prompt: model.generate_edited(i, p, [], args.gen_tokens),
             "median replacement": lambda i=inputs, p=prompt: model.generate_edited(i, p, edits, args.gen_tokens),
+            "same replacement (torch hooks)": lambda i=inputs, p=prompt: hooked_generate(model, i, p, edits, args),
         }
         seconds = timed(cases, args.rounds, model.device)
-        results.append({
+        edited, hooked = cases["median replacement"]()[0], cases["same replacement (torch hooks)"]()
+        same = torch.equal(edited.sequences, hooked.sequences)
+        results.append({"same_tokens_as_torch_hooks": same,
             "batch": batch, "tokens": args.gen_tokens, "neurons": sum(len(e.neurons) for e in edits),
             "hooks_edited": len(edits), "seconds": seconds,
             "x_plain": {name: s / seconds["plain generate"] for name, s in seconds.items()},
         })  # fmt: skip
     return results
+
+
+def hooked_generate(model: HookedModel, inputs: ModelInputs, prompt: torch.Tensor, edits, args):
+    """The reference: the same edits applied by plain torch hooks (``apply_edit``) around plain generate."""
+    handles = []
+    for edit in edits:
+        module = model.model.get_submodule(edit.point.module)
+        if edit.point.io == "input":
+            handles.append(module.register_forward_pre_hook(lambda m, a, edit=edit: apply_edit(a[0], edit)))
+        else:
+            handles.append(module.register_forward_hook(lambda m, a, out, edit=edit: apply_edit(out, edit)))
+    try:
+        return model.generate(inputs, prompt, args.gen_tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def check_values(model: HookedModel, family: str, folder: Path, args) -> dict:
@@ -351,6 +373,9 @@ def markdown(report: dict) -> str:
                 label = f"{case} ({row['neurons']} neurons)" if case == "median replacement" else case
                 ms, ratio = 1000 * seconds, row["x_plain"][case]
                 lines.append(f"| {label} | {row['batch']} | {row['tokens']} | {ms:.0f} | {ratio:.2f} |")
+    for row in report.get("interventions", []):
+        same = "the same" if row["same_tokens_as_torch_hooks"] else "DIFFERENT"
+        lines.append(f"\nBatch {row['batch']}: nnsight and torch-hook replacement generate {same} tokens.")
     lines += ["", "| values vs CPU float32 | examples | hooks | rel. error median | p95 | max (hook) |",
               "|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for family, check in report["values"].items():
@@ -366,7 +391,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models on any device (a check of the script)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=lambda text: [int(b) for b in text.split(",")], default=[32, 128],
+                        help="batch sizes, comma-separated (the store is timed at the first)")  # fmt: skip
     parser.add_argument("--batches", type=int, default=3, help="batches per timed call")
     parser.add_argument("--frames", type=int, default=300, help="speech frames per example (the paper: 300)")
     parser.add_argument("--tokens-in", type=int, default=256, help="tokens per LM example")
@@ -378,7 +404,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the report here (default: $OUT/gpu.json if OUT is set)")
     args = parser.parse_args()
     if args.smoke:
-        args.batch, args.batches, args.frames, args.tokens_in, args.gen_tokens = 2, 2, 40, 16, 3
+        args.batch, args.batches, args.frames, args.tokens_in, args.gen_tokens = [2, 3], 2, 40, 16, 3
         args.rounds, args.check, args.neurons = 1, 2, 50
     quiet_transformers()
     placement = Placement(args.device, args.dtype)
@@ -406,7 +432,8 @@ def main() -> None:
                 continue
             model = build(family, folder, placement, args.smoke)
             save(f"{family}: built")
-            report["throughput"].append(throughput(model, family, args, store))
+            for k, batch in enumerate(args.batch):
+                report["throughput"].append(throughput(model, family, args, store, batch, with_store=k == 0))
             save(f"{family}: throughput")
             if family == "seamless":
                 report["interventions"] = interventions(model, args)

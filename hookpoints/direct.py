@@ -1,0 +1,69 @@
+"""Pooled recording through plain torch forward hooks: the same values as ``HookedModel.pooled``'s nnsight
+trace, with less work per hook point (the GPU path; a remote model needs the trace).
+
+Each hook point's module gets a forward (pre-)hook that pools its tensor with :func:`hookpoints.pooling.pool`;
+the hook of the last point in execution order then stops the forward pass (as the trace's ``tracer.stop()``),
+so later layers and the LM head do not run.
+
+>>> pooled = pooled_direct(model, inputs, model.select(["blocks.0.*"]), "mean")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hookpoints.inputs import ModelInputs
+from hookpoints.points import HookPoint
+from hookpoints.pooling import pool
+
+
+class _Stop(Exception):
+    """Raised by the last hook: everything asked for is pooled."""
+
+
+def pooled_direct(model, inputs: ModelInputs, points: list[HookPoint], pooling) -> dict[str, torch.Tensor]:
+    """Hook name -> ``[batch, width]`` float32 (``[valid positions, width]`` for ``none``), as
+    ``HookedModel.pooled``; ``pooling`` is a method or a function of the hook point."""
+    methods = {point.name: pooling(point) if callable(pooling) else pooling for point in points}
+    pooled: dict[str, torch.Tensor] = {}
+    last = max(points, key=lambda p: p.order).name if points else None
+    modules = dict(model.model.named_modules())
+    handles = []
+
+    def keeper(point: HookPoint):
+        mask = inputs.masks.get(point.space)
+
+        def keep(value) -> None:
+            if point.name in pooled:
+                raise RuntimeError(f"hook {point.name}'s module ran twice in one forward pass")
+            pooled[point.name] = pool(value, point, mask, methods[point.name])
+            if point.name == last and len(pooled) == len(points):
+                raise _Stop
+
+        return keep
+
+    for point in points:
+        keep = keeper(point)
+        module = modules[point.module]
+        if point.io == "input":
+            hook = module.register_forward_pre_hook(lambda m, args, kwargs, keep=keep: keep(_first(args, kwargs)),
+                                                    with_kwargs=True)  # fmt: skip
+        else:
+            hook = module.register_forward_hook(lambda m, args, output, keep=keep: keep(output))
+        handles.append(hook)
+    try:
+        with torch.inference_mode(), model.adapter.batch_guard(model.model, inputs):
+            model.model(**inputs.kwargs)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [point.name for point in points if point.name not in pooled]
+    if missing:
+        raise RuntimeError(f"hook points {missing[:3]} did not run in the forward pass")
+    return pooled
+
+
+def _first(args: tuple, kwargs: dict):
+    return args[0] if args else next(iter(kwargs.values()), None)
