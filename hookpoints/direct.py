@@ -14,7 +14,7 @@ import torch
 
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import HookPoint
-from hookpoints.pooling import pool
+from hookpoints.pooling import pool, unpadded_spaces
 
 
 class _Stop(Exception):
@@ -28,6 +28,7 @@ def pooled_direct(model, inputs: ModelInputs, points: list[HookPoint], pooling) 
     pooled: dict[str, torch.Tensor] = {}
     last = max(points, key=lambda p: p.order).name if points else None
     modules = dict(model.model.named_modules())
+    full = unpadded_spaces(inputs.masks, model.device)
     handles = []
 
     def keeper(point: HookPoint):
@@ -36,7 +37,7 @@ def pooled_direct(model, inputs: ModelInputs, points: list[HookPoint], pooling) 
         def keep(value) -> None:
             if point.name in pooled:
                 raise RuntimeError(f"hook {point.name}'s module ran twice in one forward pass")
-            pooled[point.name] = pool(value, point, mask, methods[point.name])
+            pooled[point.name] = pool(value, point, mask, methods[point.name], point.space in full)
             if point.name == last and len(pooled) == len(points):
                 raise _Stop
 

@@ -17,7 +17,7 @@ from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, len
 from hookpoints.inputs import ModelInputs
 from hookpoints.placement import execution_device
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
-from hookpoints.pooling import pool, pool_positions, positions_first
+from hookpoints.pooling import pool, pool_positions, positions_first, unpadded_spaces
 from hookpoints.probe import first_tensor, measure, observe
 
 #: A pooling method for every hook point, or a function choosing one per hook point.
@@ -297,28 +297,31 @@ class HookedModel:
         methods = _methods(points, pooling)
         saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
         options = {"remote": self.remote} if self.remote else {}
+        full = unpadded_spaces(inputs.masks, self.device)
         with (
             torch.inference_mode(),
             self.adapter.batch_guard(self.model, inputs),
             self.traced.trace(**inputs.kwargs, **options) as tracer,
         ):
-            saved.update(self._request(points, inputs, methods))
+            saved.update(self._request(points, inputs, methods, full))
             tracer.stop()
         return {name: tensor.detach() for name, tensor in saved.items()}
 
     def _request(
-        self, points: list[HookPoint], inputs: ModelInputs, methods: dict[str, str]
+        self, points: list[HookPoint], inputs: ModelInputs, methods: dict[str, str], full: frozenset[str] = frozenset()
     ) -> dict[str, torch.Tensor]:
         """Inside a trace: each hook point's pooled value, requested in execution order (as nnsight needs).
 
         ``methods`` (hook name -> pooling) is plain data: a remote trace (NDIF) ships the trace's code and
         what it refers to, and a function of a hookpoints module would make the server import that module.
+        ``full``: the spaces without padding in this batch (pooled without a mask).
         """
         saved = {}
         for point in sorted(points, key=lambda p: p.order):
             envoy = self._envoys[point.module]
             value = envoy.output if point.io == "output" else envoy.input
-            saved[point.name] = pool(value, point, inputs.masks.get(point.space), methods[point.name]).save()
+            mask, method = inputs.masks.get(point.space), methods[point.name]
+            saved[point.name] = pool(value, point, mask, method, point.space in full).save()
         return saved
 
     def pooled_per_step(
