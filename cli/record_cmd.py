@@ -144,9 +144,11 @@ def command(
             hooked = load(model, modality=modality, **local)
         hooked.select(list(patterns) or None)  # bad hook patterns fail here, before the store is touched
     if use_ray:
+        from hookpoints.placement import resolve_device
         from hookpoints.scale_out import ray_runner
 
-        options = {"modality": hooked.modality, **placement}
+        # "auto" resolved here: Ray gives an actor a GPU only when the device names CUDA.
+        options = {"modality": hooked.modality, **placement, "device": str(resolve_device(device))}
         run_batches = ray_runner(model, load_options=options, workers=workers, batch_size=batch_size)
     store = Store.open(store_path, create=True)
     label = f"recording {run} ({task})" + (f" shard {shard}" if shard else "")

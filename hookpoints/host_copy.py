@@ -48,9 +48,19 @@ class HostCopy:
 
 def one_behind(started: Iterable[T], finish: Callable[[T], object]) -> Iterator:
     """``finish`` each item of ``started`` only once the next one has been started (the last at the end):
-    batch k's copies to the host complete while batch k + 1 runs."""
+    batch k's copies to the host complete while batch k + 1 runs. If starting an item fails, the item before
+    it is still finished and yielded (its rows get written) before the error goes on."""
+    items = iter(started)
     pending: list[T] = []
-    for item in started:
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            break
+        except BaseException:
+            if pending:
+                yield finish(pending.pop())
+            raise
         pending.append(item)
         if len(pending) == 2:
             yield finish(pending.pop(0))

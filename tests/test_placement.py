@@ -256,3 +256,15 @@ def test_unpadded_pooling_equals_the_masked_one(method):
     got = pool_all(x, method)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, pool_positions(x, full, method), rtol=1e-6, atol=1e-6)
+
+
+def test_one_behind_still_writes_the_batch_before_a_failing_one():
+    def started():
+        yield 0
+        raise OSError("file lost")
+
+    written = []
+    with pytest.raises(OSError, match="file lost"):
+        for k in one_behind(started(), lambda k: k):
+            written.append(k)
+    assert written == [0]
