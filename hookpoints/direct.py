@@ -1,9 +1,10 @@
-"""Pooled recording through plain torch forward hooks: the same values as ``HookedModel.pooled``'s nnsight
-trace, with less work per hook point (the GPU path; a remote model needs the trace).
+"""Pooled recording through plain torch forward hooks: the reference the nnsight trace is checked against.
 
-Each hook point's module gets a forward (pre-)hook that pools its tensor with :func:`hookpoints.pooling.pool`;
-the hook of the last point in execution order then stops the forward pass (as the trace's ``tracer.stop()``),
-so later layers and the LM head do not run.
+:func:`pooled_direct` gives exactly ``HookedModel.pooled``'s values (``tests/test_direct.py``) without nnsight:
+each hook point's module gets a forward (pre-)hook that pools its tensor with :func:`hookpoints.pooling.pool`,
+and the hook of the last point in execution order stops the forward pass (as the trace's ``tracer.stop()``).
+The recorder does not use it: on an H200 it measured exactly as fast as the trace (docs/benchmarks.md, GPU),
+so the cost of recording there is the pooling, not nnsight. ``bench/gpu.py`` times it beside the trace.
 
 >>> pooled = pooled_direct(model, inputs, model.select(["blocks.0.*"]), "mean")  # doctest: +SKIP
 """
