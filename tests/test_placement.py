@@ -268,3 +268,11 @@ def test_one_behind_still_writes_the_batch_before_a_failing_one():
         for k in one_behind(started(), lambda k: k):
             written.append(k)
     assert written == [0]
+
+
+def test_intervene_refuses_a_bad_device_map_before_anything(tmp_path, run_cli):
+    from tests.test_cli import one_line_error
+
+    args = ["intervene", "--store", str(tmp_path / "nostore"), "--run", "r", "--task", "asr"]
+    code, _, err = run_cli(*args, "--device-map", "[1, 2]")
+    one_line_error(code, err, "give auto, balanced, balanced_low_0, sequential, a JSON object or a JSON file")
