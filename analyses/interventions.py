@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from hookpoints.analyses.labels import PRESETS, check_predicate, slug
-from hookpoints.analyses.selection import selected_neurons, stored_sets
+from hookpoints.analyses.selection import SIDE_CHOICES, check_side, selected_neurons, stored_sets
+from hookpoints.store.neuron_sql import neuron_stats
 from hookpoints.store.query import QuerySession
 
 from hookpoints.errors import UserError
@@ -27,7 +28,6 @@ from hookpoints.errors import UserError
 NEURON_TYPES = (*PRESETS, "random", "none")
 #: What selected neurons become: statistics of the store (median, mean), fixed values, or a steering shift.
 KINDS = ("median", "mean", "zero", "constant", "steer")
-SIDES = ("top", "bottom", "both")
 NEURON_SCHEMA = pa.schema([("component", pa.string()), ("hook", pa.string()), ("neuron", pa.int32())])
 
 
@@ -73,8 +73,7 @@ def scored_selection(
     session: QuerySession, ranking: str, label_set: str, k: int, side: str, neuron_type: str | None = None
 ) -> Selection:
     """Top-k / bottom-k / both of a ranked label set, k per module group (checked against each group's size)."""
-    if side not in SIDES:
-        raise UserError(f"side must be one of {', '.join(SIDES)}, not {side!r}")
+    check_side(side, SIDE_CHOICES)
     stored = next((s for s in stored_sets(session, ranking, [label_set]) if s.label_set == label_set), None)
     if stored is None:
         raise UserError(f"give one label set by name, not the pattern {label_set!r}")
@@ -232,21 +231,14 @@ def _statistic(session: QuerySession, selection: Selection, function: str, run: 
             f"no example of run {run!r} matches --stats-where {where!r}: a {function} over an empty subset; "
             "check the values with hookpoints sql"
         )
-    literals = ", ".join("'" + hook.replace("'", "''") + "'" for hook in hooks)
-    result = session.sql(
-        f"""WITH chosen AS (SELECT unnest($hooks) AS hook, unnest($neurons) AS neuron)
-            SELECT chosen.hook, chosen.neuron, {function}(a.activation[chosen.neuron + 1]) AS value
-            FROM activations a JOIN chosen ON a.hook = chosen.hook
-            WHERE a.run = $run AND a.hook IN ({literals})
-              AND a.example_id IN (SELECT example_id FROM examples WHERE run = $run AND {subset})
-            GROUP BY ALL""",
-        {
-            "run": run,
-            "hooks": selection.neurons["hook"].to_pylist(),
-            "neurons": selection.neurons["neuron"].to_pylist(),
-        },
-    ).to_pylist()
-    values = {(row["hook"], row["neuron"]): row["value"] for row in result}
+    # Per-neuron statistics streamed hook by hook in bounded memory (store/neuron_sql.py), not a join of the
+    # activations to the selection (whose memory grew with the examples).
+    values = {}
+    for hook in hooks:
+        stats = neuron_stats(session, hook, stats=function, run=run, examples_where=where or "")
+        column = stats[function].to_numpy()
+        for neuron, value in zip(stats["neuron"].to_pylist(), column, strict=True):
+            values[hook, neuron] = float(value)
     order = list(zip(selection.neurons["hook"].to_pylist(), selection.neurons["neuron"].to_pylist(), strict=True))
     for hook, neuron in order:
         if values.get((hook, neuron)) is None or not np.isfinite(values[hook, neuron]):

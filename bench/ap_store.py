@@ -9,6 +9,7 @@ four settings over them = 32 label sets. Three steps, each its own process (so p
     python bench/ap_store.py check --store /tmp/ap-bench          # sklearn loop on a sample: same APs?
     python bench/ap_store.py read  --store /tmp/ap-bench          # reading alone (files and their size matter)
     python bench/ap_store.py formats                             # Parquet decode cost per column encoding
+    python bench/ap_store.py write --legacy-encoding ...         # the writer settings before issue 17 (dictionary)
 
 Activations: Gaussian noise plus a per-neuron shift for each language x modality cell (so APs spread), and
 1 neuron in 8 through ReLU (exact zeros: long tie runs), written through the recorder's RunWriter.
@@ -155,8 +156,21 @@ def activations(hook_index: int, width: int, cell: np.ndarray, rows: slice, seed
     return x
 
 
+def legacy_writer_properties(spec=None, schema=None):
+    """The store's Parquet settings before issue 17: zstd 1, dictionary on every column (vectors included)."""
+    from deltalake import WriterProperties
+    from hookpoints.store import tables
+
+    rows = (spec.row_group_rows if spec is not None else None) or tables.ROW_GROUP_ROWS
+    return WriterProperties(max_row_group_size=rows, compression="ZSTD", compression_level=1)
+
+
 def write(args) -> dict:
+    from hookpoints.store import tables
     from hookpoints.store.writer import HookRows, open_run
+
+    if args.legacy_encoding:
+        tables.writer_properties = legacy_writer_properties
 
     store = Store.open(args.store, create=True)
     table, cell = examples(args.examples, args.seed)
@@ -195,6 +209,7 @@ def write(args) -> dict:
         "hooks": len(rows_meta),
         "neurons": sum(h["width"] for h in rows_meta),
         "dtype": args.dtype,
+        "encoding": "legacy (dictionary)" if args.legacy_encoding else "current",
         "flush_rows": args.flush_rows,
         "files": files,
         "bytes": size,
@@ -387,6 +402,7 @@ def main() -> None:
     parser.add_argument("--sample-hooks", type=int, default=6)
     parser.add_argument("--sample-neurons", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--legacy-encoding", action="store_true", help="write with the settings before issue 17")
     parser.add_argument("--json", help="append the result to this JSON-lines file")
     args = parser.parse_args()
     print(f"{args.step}: load average {load()}, {len(os.sched_getaffinity(0))} cores", flush=True)

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import click
 from hookpoints.cli.console import FORMATS, render
+from hookpoints.cli.sql_export import EXPORT_FORMATS
 
 
 @click.command("sql")
 @click.option("--store", "store_path", required=True, help="Store folder or s3:// URI.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS + EXPORT_FORMATS), default="table", show_default=True)
+@click.option("--out", "out_path", metavar="FILE", help="File for --format parquet or arrow (vectors stay lists).")
 @click.argument("query")
-def command(store_path: str, fmt: str, query: str) -> None:
+def command(store_path: str, fmt: str, out_path: str | None, query: str) -> None:
     """Run one read-only SELECT over the store's views: runs, hooks, examples, activations, neurons."""
+    from hookpoints.cli.sql_export import check_export, export
     from hookpoints.store.catalog import Store
 
+    path = check_export(fmt, out_path)
     with Store.open(store_path).query() as session:
+        if path is not None:
+            rows = export(session.batches(query), fmt, path)
+            click.echo(f"{rows} rows -> {path}", err=True)
+            return
         render(session.sql(query), fmt)

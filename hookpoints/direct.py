@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from hookpoints.attention import eager as eager_attention
+from hookpoints.attention import needs_eager
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import HookPoint
 from hookpoints.pooling import pool, unpadded_spaces
@@ -33,12 +35,12 @@ def pooled_direct(model, inputs: ModelInputs, points: list[HookPoint], pooling) 
     handles = []
 
     def keeper(point: HookPoint):
-        mask = inputs.masks.get(point.space)
+        mask, key_mask = inputs.masks.get(point.space), inputs.masks.get(point.key_space)
 
         def keep(value) -> None:
             if point.name in pooled:
                 raise RuntimeError(f"hook {point.name}'s module ran twice in one forward pass")
-            pooled[point.name] = pool(value, point, mask, methods[point.name], point.space in full)
+            pooled[point.name] = pool(value, point, mask, methods[point.name], key_mask, point.space in full)
             if point.name == last and len(pooled) == len(points):
                 raise _Stop
 
@@ -54,7 +56,11 @@ def pooled_direct(model, inputs: ModelInputs, points: list[HookPoint], pooling) 
             hook = module.register_forward_hook(lambda m, args, output, keep=keep: keep(output))
         handles.append(hook)
     try:
-        with torch.inference_mode(), model.adapter.batch_guard(model.model, inputs):
+        with (
+            torch.inference_mode(),
+            model.adapter.batch_guard(model.model, inputs),
+            eager_attention(needs_eager(p.module for p in points)),
+        ):
             model.model(**inputs.kwargs)
     except _Stop:
         pass

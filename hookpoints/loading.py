@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from hookpoints.adapters import adapter_for
+from hookpoints.adapters.base import Adapter
 from hookpoints.errors import UserError
 from hookpoints.model import HookedModel
 from hookpoints.placement import DTYPES, DeviceMap, Placement
@@ -25,6 +26,7 @@ def load(
     device: str = "auto",
     device_map: DeviceMap | None = None,
     offload_folder: str | Path | None = None,
+    prepend_bos: bool = False,
 ) -> HookedModel:
     """Load ``source`` (a folder written by ``save_pretrained``, or a hub id) for recording.
 
@@ -34,8 +36,7 @@ def load(
     (auto: CUDA if present, bf16 where the GPU supports it, float32 on the CPU; a device map splits the
     model over devices or offloads part of it, via accelerate).
 
-    >>> load("path/to/model", device="cpu", dtype="bfloat16").model.dtype  # doctest: +SKIP
-    torch.bfloat16
+    >>> model = hp.load("path/to/seamless", modality="speech", dtype="float32", device="cpu")
     """
     source = str(source)
     _check_source(source)
@@ -56,6 +57,8 @@ def load(
         raise UserError(f"model {source} ({config.model_type}) takes {' or '.join(modalities)} input, not {modality}")
     placement = Placement(device, dtype, device_map, None if offload_folder is None else str(offload_folder))
     options = placement.from_pretrained_kwargs()  # checks device, dtype and map before any weight is read
+    if prepend_bos and adapter.with_bos.__func__ is Adapter.with_bos:
+        raise UserError(f"prepend_bos applies to decoder-only LMs and BERT, not {config.model_type}: drop it")
     model_class = adapter.model_class(config, modality)
     try:
         model = placement.place(model_class.from_pretrained(source, **options))
@@ -68,6 +71,7 @@ def load(
         processor=_optional(AutoFeatureExtractor, source) if modality == "speech" else None,
         source=source,
         modality=modality,
+        prepend_bos=prepend_bos,
     )
 
 

@@ -38,7 +38,8 @@ def compact(store: Store, *, target_mb: float = DEFAULT_TARGET_MB) -> list[dict]
         before = _files(store, name)
         metrics = _retrying(
             lambda name=name: tables.open_table(store.location, name).optimize.compact(
-                target_size=int(target_mb * 2**20), writer_properties=tables.writer_properties()
+                target_size=int(target_mb * 2**20),
+                writer_properties=tables.writer_properties(schema=store.dataset(name).schema),
             )
         )
         table = tables.open_table(store.location, name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import duckdb
 import pyarrow as pa
+from hookpoints.store import neuron_sql, neuron_surface
 from hookpoints.store.catalog import Store
 from hookpoints.store.runs import runs_sql
 
@@ -56,6 +57,8 @@ class QuerySession:
         self.store = store
         self.con = duckdb.connect()
         self._f16_runs = False
+        self.datasets = {}  # table -> the Arrow dataset (or table) this session reads: one snapshot
+        self.neuron_stats_results: dict[str, pa.Table] = {}  # neuron_stats(...) calls computed so far
         names = store.table_names()
         for table in sorted(names, key=lambda name: (_SNAPSHOT_ORDER + (name,)).index(name)):
             dataset = store.dataset(table)
@@ -66,9 +69,11 @@ class QuerySession:
                 # count rows of files older than a column as valid for `IS NOT NULL` (pyarrow 26), so this
                 # small table (one row per example and run) is read whole and DuckDB filters it.
                 dataset = dataset.to_table()
+            self.datasets[table] = dataset
             # Core tables sit behind the views below; analysis tables (scores, ...) are shown as they are.
             self.con.register(f"_{table}" if table in _CORE else table, dataset)
         self.con.execute(_F16_MACRO)
+        self.con.execute(neuron_surface.MACRO)
         activation = (
             "coalesce(activation, list_transform(activation_f16, lambda b: f16_to_float(b)))"
             if self._f16_runs
@@ -76,12 +81,16 @@ class QuerySession:
         )
         for name, sql in _VIEWS.items():
             self.con.execute(f"CREATE VIEW {name} AS {sql.format(activation=activation)}")
+        # A join's build side is its right input as written (docs/store.md): the optimizer misjudges the
+        # `neurons` long form (an Arrow scan has no row estimate) as one row and would hold all of it.
+        self.con.execute("SET disabled_optimizers = 'build_side_probe_side'")
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
 
     def sql(self, text: str, params: dict | None = None) -> pa.Table:
         """Run one read-only statement and return its result as an Arrow table."""
         self._check_read_only(text)
+        neuron_surface.prepare(self, text, params)
         try:
             return self.con.sql(text, params=params).to_arrow_table()
         except duckdb.Error as error:
@@ -94,10 +103,18 @@ class QuerySession:
         each batch where it belongs and drops it.
         """
         self._check_read_only(text)
+        neuron_surface.prepare(self, text, params)
         try:
             return self.con.sql(text, params=params).to_arrow_reader(rows)
         except duckdb.Error as error:
             raise UserError(f"SQL failed: {_first_line(error)}") from None
+
+    def neuron_stats(self, hooks: str, **options) -> pa.Table:
+        """Per-neuron statistics of the hooks matching ``hooks`` (store/neuron_sql.py; options as there).
+
+        Example: ``session.neuron_stats("text_decoder.layers.0.%", group_by="language", stats="avg, median")``.
+        """
+        return neuron_sql.neuron_stats(self, hooks, **options)
 
     def _check_read_only(self, text: str) -> None:
         try:

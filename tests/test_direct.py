@@ -36,3 +36,14 @@ def test_direct_hooks_stop_after_the_last_point(tiny_model_dir):
         handle.remove()
     assert not ran  # the LM head never ran
     assert pooled.keys() == {point.name for point in points}
+
+
+def test_direct_hooks_equal_the_trace_on_attention_maps_and_norm_scales(tiny_model_dir):
+    model = load(tiny_model_dir("llama"), device="cpu")
+    inputs = model.text_inputs(TEXTS)
+    points = model.select(["blocks.0.attn.hook_pattern", "blocks.1.ln1.hook_scale", "blocks.1.ln1.hook_normalized"])
+    assert len(points) == 3
+    expected = model.pooled(inputs, points, "mean")
+    got = pooled_direct(model, inputs, points, "mean")
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)

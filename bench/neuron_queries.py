@@ -1,0 +1,231 @@
+"""Benchmark: per-neuron SQL at scale (docs/store.md "Per-neuron statistics", docs/benchmarks.md).
+
+For each size, an AP-benchmark-shaped store (bench/ap_store.py: one text decoder layer = 13 hook points,
+20,480 neurons, 6 languages x 2 modalities) is written to a temporary folder, then each query runs in its own
+child process (wall time, peak RSS sampled every 20 ms, killed above --cap-mb):
+
+- ``neuron_stats``: ``hookpoints sql "SELECT * FROM neuron_stats(...)"`` through the CLI (start-up included);
+- ``numpy``: the same statistics in numpy over the same Arrow data (each hook read into ``[rows, width]``);
+- ``natural``: the long-form ``SELECT ... FROM neurons n JOIN examples e ... GROUP BY ALL`` (only at sizes up
+  to --natural-max: 2.7-30x numpy on a quiet machine, docs/store.md).
+
+Queries: the issue's per-neuron mean per language over a whole layer; mean and standard deviation of the
+8,192-wide ffn.fc1; its median per language (the quantile path: neuron slices in a fixed memory budget).
+
+    python bench/neuron_queries.py --examples 4000 40000            # ~6 min, 3 GB of disk at 40,000
+    python bench/neuron_queries.py --encodings --examples 2000      # store size and read cost, before/after
+
+``--encodings``: the Parquet settings before issue 17 (dictionary on the vector columns) against the current
+ones (no dictionary, BYTE_STREAM_SPLIT; store/tables.py): bytes per value of bench/recording_overhead.py's
+GPT-2 recording (1,024 examples, float32 and float16), and the read cost (``bench/ap_store.py read``: every
+hook into its matrix, as the AP ranking reads) of an AP-shaped store of ``--examples`` x one layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYER = "text_decoder.layers.0.%"
+FC1 = "text_decoder.layers.0.ffn.fc1"
+QUERIES = {
+    "layer avg by language": (LAYER, "language", "avg"),
+    "fc1 avg, stddev": (FC1, "", "avg, stddev"),
+    "fc1 median by language": (FC1, "language", "median"),
+}
+NATURAL = {
+    "layer avg by language": "SELECT n.hook, e.language, n.neuron, avg(n.value) AS avg FROM neurons n "
+    f"JOIN examples e USING (run, example_id) WHERE n.hook LIKE '{LAYER}' GROUP BY ALL",
+    "fc1 avg, stddev": "SELECT hook, neuron, avg(value) AS avg, stddev(value) AS stddev FROM neurons "
+    f"WHERE hook = '{FC1}' GROUP BY ALL",
+    "fc1 median by language": "SELECT n.hook, e.language, n.neuron, median(n.value) AS median FROM neurons n "
+    f"JOIN examples e USING (run, example_id) WHERE n.hook = '{FC1}' GROUP BY ALL",
+}
+
+# numpy over the same Arrow data: each hook's rows copied into one [rows, width] float32 matrix, then
+# numpy's reductions per group (float32 in, as a user would write them).
+NUMPY = """
+import sys, numpy as np, pyarrow.compute as pc
+from hookpoints.store.catalog import Store
+store, pattern, by, stats = sys.argv[1:5]
+s = Store.open(store)
+ex = s.dataset("examples").to_table()
+hooks = s.dataset("hooks").to_table(columns=["hook", "width"]).to_pylist()
+prefix = pattern.rstrip("%")
+chosen = [h for h in hooks if (h["hook"].startswith(prefix) if pattern.endswith("%") else h["hook"] == pattern)]
+labels = ex[by].to_numpy(zero_copy_only=False) if by else np.zeros(ex.num_rows, np.int8)
+names, group_of = np.unique(labels, return_inverse=True)
+out = 0
+for h in chosen:
+    where = pc.field("hook") == h["hook"]
+    data = s.dataset("activations")
+    x = np.empty((data.count_rows(filter=where), h["width"]), np.float32)  # [rows, width]
+    g = np.empty(len(x), np.int64)
+    i = 0
+    for b in data.to_batches(columns=["example_id", "activation"], filter=where):
+        x[i : i + b.num_rows] = b["activation"].values.to_numpy().reshape(b.num_rows, -1)
+        g[i : i + b.num_rows] = group_of[pc.index_in(b["example_id"], value_set=ex["example_id"]).to_numpy()]
+        i += b.num_rows
+    for k in range(len(names)):
+        xs = x if len(names) == 1 else x[g == k]  # [rows of group k, width]
+        if "avg" in stats:
+            out += xs.mean(axis=0).size
+        if "stddev" in stats:
+            out += xs.std(axis=0, ddof=1).size
+        if "median" in stats:
+            out += np.median(xs, axis=0).size
+    del x
+print(out)
+"""
+
+
+def child(command: list[str], cap_mb: float) -> dict:
+    """Run ``command``; its wall time and peak RSS (sampled), killed above ``cap_mb``."""
+    t0 = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    watched, peak, killed = psutil.Process(process.pid), 0.0, False
+    while process.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss / 2**20)
+        except psutil.NoSuchProcess:
+            break
+        if peak > cap_mb:
+            process.kill()
+            killed = True
+        time.sleep(0.02)
+    out, err = process.communicate()
+    if process.returncode and not killed:
+        raise SystemExit(f"{' '.join(command[:3])} failed: {err.strip()[-500:]}")
+    return {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak), "killed": killed}
+
+
+def sql_command(store: Path, sql: str) -> list[str]:
+    return [str(ROOT / ".venv/bin/hookpoints"), "sql", "--store", str(store), "--format", "csv", sql]
+
+
+def measure(store: Path, examples: int, args) -> list[dict]:
+    rows = []
+    for name, (pattern, by, stats) in QUERIES.items():
+        if args.queries and name not in args.queries:
+            continue
+        group = f", group_by := '{by}'" if by else ""
+        sql = f"SELECT count(*) FROM neuron_stats('{pattern}'{group}, stats := '{stats}')"
+        numpy = [sys.executable, "-c", NUMPY, str(store), pattern, by, stats]
+        fast, reference = child(sql_command(store, sql), args.cap_mb), child(numpy, args.cap_mb)
+        row = {"examples": examples, "query": name, "neuron_stats": fast, "numpy": reference}
+        row["time_ratio"] = round(fast["wall_s"] / reference["wall_s"], 2)
+        if examples <= args.natural_max:
+            row["natural"] = child(sql_command(store, f"SELECT count(*) FROM ({NATURAL[name]})"), args.cap_mb)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def encodings(args) -> list[dict]:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import ap_store
+    import recording_overhead
+    from hookpoints.store import tables
+
+    settings = {
+        "dictionary (before)": ap_store.legacy_writer_properties,
+        "byte_stream_split (now)": tables.writer_properties,
+    }
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as folder:
+        scratch = Path(folder)
+        model = recording_overhead.build_model(scratch / "gpt2")
+        for i, (name, properties) in enumerate(settings.items()):
+            tables.writer_properties = properties  # the writers look it up in the module at each commit
+            (scratch / f"gpt2-{i}").mkdir()
+            sizes = recording_overhead.bytes_per_value(model, scratch / f"gpt2-{i}")
+            rows.append({"encoding": name, **{f"{k} bytes/value": round(v, 2) for k, v in sizes.items()}})
+        for n in args.examples:
+            stores = {name: scratch / f"ap-{i}-{n}" for i, name in enumerate(settings)}
+            for store, legacy in zip(stores.values(), (True, False), strict=True):
+                write = ["bench/ap_store.py", "write", "--store", str(store), "--examples", str(n), "--layers", "1"]
+                write += ["--flush-rows", "1000"] + (["--legacy-encoding"] if legacy else [])
+                subprocess.run([sys.executable, *write], check=True, cwd=ROOT, capture_output=True)
+            reads = {name: [] for name in stores}
+            for _ in range(3):  # interleaved: the machine's load moves
+                for name, store in stores.items():
+                    out = subprocess.run(
+                        [sys.executable, "bench/ap_store.py", "read", "--store", str(store)],
+                        check=True,
+                        cwd=ROOT,
+                        capture_output=True,
+                        text=True,
+                    ).stdout
+                    reads[name].append(json.loads(out[out.index("{") :]))
+            for name, store in stores.items():
+                size = sum(f.stat().st_size for f in (store / "activations").rglob("*.parquet"))
+                best = min(reads[name], key=lambda r: r["read_cpu_s"])
+                values = best["values"]
+                rows.append(
+                    {
+                        "encoding": name,
+                        "ap store examples": n,
+                        "bytes/value": round(size / values, 2),
+                        "read cpu ns/value (best of 3)": round(best["cpu_ns_per_value"], 2),
+                        "read wall ns/value (best of 3)": round(best["wall_ns_per_value"], 2),
+                    }
+                )
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, nargs="+", default=[4000, 40000])
+    parser.add_argument("--natural-max", type=int, default=4000, help="run the long-form query up to this size")
+    parser.add_argument("--cap-mb", type=float, default=4096, help="kill a child above this resident size")
+    parser.add_argument("--tmp", default=tempfile.gettempdir())
+    parser.add_argument("--queries", nargs="+", choices=list(QUERIES), help="only these queries (default: all)")
+    parser.add_argument("--encodings", action="store_true", help="store size and read cost before/after issue 17")
+    parser.add_argument("--json", help="append the rows to this JSON-lines file")
+    args = parser.parse_args()
+    print(f"load average {os.getloadavg()}, {len(os.sched_getaffinity(0))} cores", flush=True)
+    if args.encodings:
+        rows = encodings(args)
+        print(f"load average {os.getloadavg()}")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        return
+    rows = []
+    for n in args.examples:
+        store = Path(tempfile.mkdtemp(prefix=f"neuron-queries-{n}-", dir=args.tmp))
+        try:
+            write = [sys.executable, "bench/ap_store.py", "write", "--store", str(store), "--examples", str(n)]
+            subprocess.run([*write, "--layers", "1", "--flush-rows", "1000"], check=True, cwd=ROOT, capture_output=True)
+            size = sum(f.stat().st_size for f in (store / "activations").rglob("*.parquet"))
+            print(f"{n} examples: {size / 2**20:.0f} MiB of activations", flush=True)
+            rows += measure(store, n, args)
+        finally:
+            shutil.rmtree(store, ignore_errors=True)
+    if len(args.examples) > 1:
+        small, large = min(args.examples), max(args.examples)
+        for name in args.queries or QUERIES:
+            a, b = (next(r for r in rows if r["examples"] == n and r["query"] == name) for n in (small, large))
+            ratio = b["neuron_stats"]["peak_rss_mb"] / a["neuron_stats"]["peak_rss_mb"]
+            print(f"{name}: {large / small:.0f}x the examples -> neuron_stats peak memory x{ratio:.2f}")
+    print(f"load average {os.getloadavg()}")
+    if args.json:
+        with open(args.json, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The SQL surface of ``neuron_stats`` (store/neuron_sql.py) and the session's guard on the ``neurons`` view.
+
+Every session defines the table macro :data:`MACRO`; before a statement runs, :func:`prepare` finds each
+``neuron_stats(...)`` call in DuckDB's own parse tree (``json_serialize_sql``), computes it, and registers
+the result under the name the macro reads (``query_table``). It also refuses a statement whose plan would
+hold the ``neurons`` long form in a join's hash table (memory growing with the data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from hookpoints.store.neuron_sql import ARGUMENTS, neuron_stats
+
+from hookpoints.errors import UserError
+
+MACRO = f"""
+CREATE MACRO neuron_stats(hooks, {", ".join(f"{name} := ''" for name in ARGUMENTS)}) AS TABLE
+FROM query_table('_neuron_stats_' || md5(concat_ws(chr(31), hooks, {", ".join(ARGUMENTS)})))
+"""
+
+
+def table_name(hooks: str, args: dict[str, str]) -> str:
+    """The name the macro reads a call's result from (the md5 of its arguments, as the macro computes it)."""
+    key = "\x1f".join([hooks, *(args.get(name, "") for name in ARGUMENTS)])
+    return "_neuron_stats_" + hashlib.md5(key.encode()).hexdigest()
+
+
+def prepare(session, text: str, params: dict | None = None) -> None:
+    """Before a statement runs: refuse a plan that would hold the ``neurons`` long form in memory, and
+    compute every ``neuron_stats(...)`` call of the statement (registered under the name the macro reads)."""
+    lowered = text.lower()
+    if "neurons" in lowered.replace("neuron_stats", ""):
+        _check_plan(session, text, params)
+    if "neuron_stats" not in lowered:
+        return
+    tree = json.loads(session.con.execute("SELECT json_serialize_sql($q)", {"q": text}).fetchall()[0][0])
+    if tree.get("error"):
+        return  # the statement itself reports the parse error
+    for call in _calls(tree):
+        hooks, args = _call_arguments(call)
+        name = table_name(hooks, args)
+        if name not in session.neuron_stats_results:
+            session.neuron_stats_results[name] = neuron_stats(session, hooks, **args)
+            session.con.register(name, session.neuron_stats_results[name])
+
+
+def _check_plan(session, text: str, params: dict | None) -> None:
+    """UserError if a join would build its hash table from the unnested vectors (memory grows with the data).
+
+    DuckDB holds a join's right input (its build side) in memory; the session keeps joins in the order written
+    (store/query.py), so ``FROM neurons n JOIN examples e`` streams the long form and ``FROM examples e JOIN
+    neurons n`` would hold all of it (13 GB for one layer of 4,000 examples).
+    """
+    try:
+        rows = session.con.execute("EXPLAIN (FORMAT json) " + text, params or {}).fetchall()
+    except Exception:
+        return  # the statement itself reports the error when it runs
+    for _, plan in rows:
+        if any(_builds_long_form(node) for node in json.loads(plan)):
+            raise UserError(
+                "this query would hold every value of `neurons` in memory (the right side of a join is held "
+                "whole): put neurons first, e.g. FROM neurons n JOIN examples e USING (run, example_id), or use "
+                "neuron_stats(...) for per-neuron statistics (docs/store.md)"
+            )
+
+
+def _builds_long_form(node: dict) -> bool:
+    children = node.get("children", [])
+    name = str(node.get("name", "")).upper()
+    if ("JOIN" in name or "CROSS_PRODUCT" in name) and len(children) == 2 and _has_unnest(children[1]):
+        return True
+    return any(_builds_long_form(child) for child in children)
+
+
+def _has_unnest(node: dict) -> bool:
+    if "UNNEST" in str(node.get("name", "")).upper() and "activation" in json.dumps(node):
+        return True
+    return any(_has_unnest(child) for child in node.get("children", []))
+
+
+def _calls(node):
+    if isinstance(node, dict):
+        function = node.get("function") if node.get("type") == "TABLE_FUNCTION" else None
+        if isinstance(function, dict) and str(function.get("function_name", "")).lower() == "neuron_stats":
+            yield function
+        for value in node.values():
+            yield from _calls(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _calls(value)
+
+
+def _call_arguments(function: dict) -> tuple[str, dict[str, str]]:
+    positional, named = [], {}
+    for argument in function.get("arguments", []):
+        expression = argument.get("expression", {})
+        literal = expression.get("literal", {}) if expression.get("class") == "CONSTANT" else {}
+        name = argument.get("name") or ""
+        if literal.get("kind") != "STRING":
+            what = f"argument {name!r}" if name else "the hook pattern"
+            raise UserError(
+                f"neuron_stats: {what} must be a quoted string constant, e.g. neuron_stats('encoder.layers.3.%', "
+                "group_by := 'language')"
+            )
+        if name:
+            if name.lower() not in ARGUMENTS:
+                raise UserError(f"neuron_stats: unknown argument {name!r}; it takes {', '.join(ARGUMENTS)}")
+            named[name.lower()] = literal.get("text", "")
+        else:
+            positional.append(literal.get("text", ""))
+    if len(positional) != 1:
+        raise UserError(
+            "neuron_stats: give one hook name or LIKE pattern first, e.g. neuron_stats('encoder.layers.3.%')"
+        )
+    return positional[0], named
