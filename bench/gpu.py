@@ -68,7 +68,8 @@ except ModuleNotFoundError:  # a bare checkout (the GPU machine): the same mappi
 
     hookpoints.__path__.append(str(ROOT))
 
-from gpu_models import SAMPLE_RATE, batch_of, build, table1_points, waveforms  # noqa: E402 (bench/, the script's folder)
+sys.path.insert(0, str(ROOT / "bench"))
+from gpu_models import SAMPLE_RATE, batch_of, build, table1_points, waveforms  # noqa: E402
 from hookpoints.store.catalog import Store  # noqa: E402
 from hookpoints.store.writer import HookRows, open_run  # noqa: E402
 
