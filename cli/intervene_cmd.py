@@ -11,6 +11,7 @@ from hookpoints.analyses.intervention_sweep import PAPER_SEED, SweepSpec
 from hookpoints.analyses.interventions import KINDS, NEURON_TYPES
 from hookpoints.analyses.selection import PAPER_KS, SIDE_CHOICES
 from hookpoints.cli.console import counting, out, render
+from hookpoints.cli.placement_options import load_options, placement_options
 
 
 @click.command("intervene")
@@ -57,11 +58,15 @@ from hookpoints.cli.console import counting, out, render
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder for the score-vs-k plot (Figure 5 of the SeamlessM4T v2 neuron paper).",
 )
-def command(store_path, sweep_name, overwrite, plots_dir, **options) -> None:
+@placement_options
+def command(
+    store_path, sweep_name, overwrite, plots_dir, device, model_dtype, device_map, offload_folder, **options
+) -> None:
     """Replace selected neurons during generation and score what happens (Experiment 2 and Figure 5 of the
     SeamlessM4T v2 neuron paper)."""
     from hookpoints.store.catalog import Store
 
+    placement = load_options(device, model_dtype, device_map, offload_folder)
     name = sweep_name or datetime.now(UTC).strftime("sweep-%Y%m%dT%H%M%S")
     spec = SweepSpec(
         sweep=name,
@@ -69,15 +74,27 @@ def command(store_path, sweep_name, overwrite, plots_dir, **options) -> None:
         if_exists="overwrite" if overwrite else "error",
     )
     store = Store.open(store_path)
-    scores = sweep(store, spec, plots_dir)
+    scores = sweep(store, spec, plots_dir, placement)
     out.print(f"sweep {name}: {scores.num_rows} scores; SQL: SELECT * FROM intervention_scores WHERE sweep = '{name}'")
 
 
-def sweep(store, spec, plots_dir: Path | None):
-    """Run the sweep with a progress bar, print the table and write Figure 5; returns the corpus scores."""
+def sweep(store, spec, plots_dir: Path | None, placement: dict | None = None):
+    """Run the sweep with a progress bar, print the table and write Figure 5; returns the corpus scores.
+    ``placement``: the models' load options (device, dtype, device map)."""
     from hookpoints.analyses.sweeps import sweep as run
 
-    scores = run(store, spec, progress=counting)
+    load_model = None
+    if placement:
+        from hookpoints.loading import load
+
+        models = {}
+
+        def load_model(source: str, modality: str):
+            if (source, modality) not in models:
+                models[source, modality] = load(source, modality=modality, **placement)
+            return models[source, modality]
+
+    scores = run(store, spec, progress=counting, load_model=load_model)
     show_sweep(scores, spec.sweep, plots_dir)
     return scores
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from hookpoints.cli.console import counting, err, out
+from hookpoints.cli.placement_options import load_options, placement_options
 
 from hookpoints.settings import POOLINGS, STORAGE_DTYPES
 from hookpoints.tasks import TASKS
@@ -60,14 +61,7 @@ from hookpoints.tasks import TASKS
     type=click.Choice(["text", "speech"]),
     help="Input for task forward (default: speech if the data has audio).",
 )
-@click.option(
-    "--model-dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    default="float32",
-    show_default=True,
-    help="Precision the model runs in.",
-)
-@click.option("--device", default="cpu", show_default=True)
+@placement_options
 @click.option("--resume", is_flag=True, help="Continue an existing run: record only missing examples.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run of that name.")
 @click.option(
@@ -111,8 +105,10 @@ def command(
     languages,
     limit,
     modality,
-    model_dtype,
     device,
+    model_dtype,
+    device_map,
+    offload_folder,
     resume,
     overwrite,
     shard,
@@ -141,6 +137,7 @@ def command(
     if buffer_mb < 0:
         raise UserError(f"--buffer-mb must be 0 or more, not {buffer_mb}")
     shard_of = parse_shard(shard)
+    placement = load_options(device, model_dtype, device_map, offload_folder)
     budget = parse_size(max_bytes) if max_bytes is not None else None
     validate_run_name(run)
     spec = get_task(task)
@@ -154,16 +151,20 @@ def command(
         if remote:
             from hookpoints.remote import load_remote
 
-            hooked = load_remote(model, modality=modality, dtype=model_dtype)
+            # NDIF places the model; the local stand-in's precision is the one asked for (auto: float32).
+            hooked = load_remote(model, modality=modality, dtype="float32" if model_dtype == "auto" else model_dtype)
         else:
             # With --ray the model runs in the actors; here it only tells the hook points apart.
-            device_here = "cpu" if use_ray else device
-            hooked = load(model, modality=modality, dtype=model_dtype, device=device_here, prepend_bos=prepend_bos)
+            local = {**placement, "device": "cpu", "device_map": None} if use_ray else placement
+            hooked = load(model, modality=modality, prepend_bos=prepend_bos, **local)
         hooked.select(list(patterns) or None)  # bad hook patterns fail here, before the store is touched
     if use_ray:
+        from hookpoints.placement import resolve_device
         from hookpoints.scale_out import ray_runner
 
-        options = {"modality": hooked.modality, "dtype": model_dtype, "device": device, "prepend_bos": prepend_bos}
+        # "auto" resolved here: Ray gives an actor a GPU only when the device names CUDA.
+        device_here = str(resolve_device(device))
+        options = {"modality": hooked.modality, **placement, "device": device_here, "prepend_bos": prepend_bos}
         run_batches = ray_runner(model, load_options=options, workers=workers, batch_size=batch_size)
     store = Store.open(store_path, create=True)
     label = f"recording {run} ({task})" + (f" shard {shard}" if shard else "")

@@ -10,7 +10,7 @@ generation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,9 @@ class NeuronEdit:
     neurons: torch.Tensor  # [k] int64: indices into the hook's vector
     values: torch.Tensor  # [k] float: the replacement values, or the steering vector's entries
     add: bool = False
+    #: (device, dtype, neuron shape) -> (one [k] index per neuron dimension, [k] values): placed once, reused
+    #: at every step of a generation and every later call.
+    _placed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.point.derived or self.point.keys is not None:
@@ -61,15 +64,25 @@ def apply_edit(value, edit: NeuronEdit) -> None:
         view, lead = tensor, 1  # [batch, *neurons]
     else:
         view, lead = tensor.movedim(point.time_axis, 1), 2  # [batch, pos, *neurons] (a view of the tensor)
-    shape = view.shape[lead:]
-    flat = edit.neurons.to(tensor.device)
-    if point.part:
-        index, count = point.part
-        flat = flat + index * (shape.numel() // count)
-    coordinates = torch.unravel_index(flat, tuple(shape))  # one [k] index per neuron dimension
-    where = (slice(None),) * lead + tuple(coordinates)
-    values = edit.values.to(tensor.device, tensor.dtype)  # [k], broadcast over batch and positions
+    coordinates, values = placed(edit, tuple(view.shape[lead:]), tensor.device, tensor.dtype)
+    where = (slice(None),) * lead + coordinates
     if edit.add:
         view[where] = view[where] + values
     else:
         view[where] = values
+
+
+def placed(
+    edit: NeuronEdit, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The edit's neuron coordinates in a ``shape`` neuron block and its values, on ``device`` in ``dtype``;
+    computed and copied once per hook's device, dtype and shape, then reused (no copy per step)."""
+    key = (device, dtype, shape)
+    if key not in edit._placed:
+        flat = edit.neurons.to(device)
+        if edit.point.part:
+            index, count = edit.point.part
+            flat = flat + index * (torch.Size(shape).numel() // count)
+        coordinates = tuple(torch.unravel_index(flat, shape))  # one [k] index per neuron dimension
+        edit._placed[key] = (coordinates, edit.values.to(device, dtype))  # [k], broadcast over batch and positions
+    return edit._placed[key]

@@ -29,8 +29,16 @@ class ModelInputs:
     def batch_size(self) -> int:
         return next(iter(self.masks.values())).shape[0]
 
-    def to(self, device: torch.device | str) -> ModelInputs:
-        move = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.kwargs.items()}
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelInputs:
+        """On ``device``; with ``dtype``, floating-point model arguments (speech features) cast to it too."""
+
+        def move_one(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            cast = dtype if dtype is not None and value.is_floating_point() else None
+            return value.to(device, cast, non_blocking=True)
+
+        move = {k: move_one(v) for k, v in self.kwargs.items()}
         masks = {k: v.to(device) for k, v in self.masks.items()}
         return ModelInputs(move, masks, {k: v.to(device) for k, v in self.extras.items()})
 

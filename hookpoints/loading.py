@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -13,23 +12,29 @@ from hookpoints.adapters import adapter_for
 from hookpoints.adapters.base import Adapter
 from hookpoints.errors import UserError
 from hookpoints.model import HookedModel
+from hookpoints.placement import DTYPES, DeviceMap, Placement
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+__all__ = ["DTYPES", "load", "model_modalities", "quiet_transformers"]
 
 
 def load(
     source: str | Path,
     *,
     modality: str | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: DeviceMap | None = None,
+    offload_folder: str | Path | None = None,
     prepend_bos: bool = False,
 ) -> HookedModel:
     """Load ``source`` (a folder written by ``save_pretrained``, or a hub id) for recording.
 
     ``modality`` picks the class for families with several (SeamlessM4T v2: ``text`` loads the text-to-text
     model, ``speech`` the speech-to-text one); the default is the family's first.
+    ``device`` / ``dtype`` / ``device_map`` / ``offload_folder``: see :class:`hookpoints.placement.Placement`
+    (auto: CUDA if present, bf16 where the GPU supports it, float32 on the CPU; a device map splits the
+    model over devices or offloads part of it, via accelerate).
 
     >>> model = hp.load("path/to/seamless", modality="speech", dtype="float32", device="cpu")
     """
@@ -50,13 +55,13 @@ def load(
     modality = modality or modalities[0]
     if modality not in modalities:
         raise UserError(f"model {source} ({config.model_type}) takes {' or '.join(modalities)} input, not {modality}")
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    placement = Placement(device, dtype, device_map, None if offload_folder is None else str(offload_folder))
+    options = placement.from_pretrained_kwargs()  # checks device, dtype and map before any weight is read
     if prepend_bos and adapter.with_bos.__func__ is Adapter.with_bos:
         raise UserError(f"prepend_bos applies to decoder-only LMs and BERT, not {config.model_type}: drop it")
     model_class = adapter.model_class(config, modality)
     try:
-        model = model_class.from_pretrained(source, dtype=DTYPES[dtype]).to(device)
+        model = placement.place(model_class.from_pretrained(source, **options))
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load model weights from {source}: {_one_line(error)}") from None
     return HookedModel(

@@ -21,8 +21,9 @@ from hookpoints.editing import NeuronEdit, apply_edit
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
+from hookpoints.placement import execution_device
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
-from hookpoints.pooling import pool, pool_positions, positions_first
+from hookpoints.pooling import pool, pool_positions, positions_first, unpadded_spaces
 from hookpoints.probe import first_tensor, measure, observe
 
 #: A pooling method for every hook point, or a function choosing one per hook point.
@@ -99,8 +100,8 @@ class HookedModel(ModelApi):
         return self.hook_points.select(patterns)
 
     def _probe(self) -> HookPointSet:
-        weights = next(self.model.parameters()).device
-        inputs = self.adapter.probe_inputs(self.model).to(weights)
+        weights = execution_device(self.model)  # meta: a remote model's stand-in (offloaded weights are not)
+        inputs = self.adapter.probe_inputs(self.model).to(weights, self.model.dtype)
         if weights.type == "meta":  # a remote model's local stand-in: HF mask code calls .item() on the mask
             inputs.kwargs.pop("attention_mask", None)  # (all ones in the probe batch anyway)
         with eager_attention():
@@ -132,8 +133,9 @@ class HookedModel(ModelApi):
 
     @property
     def device(self) -> torch.device:
-        """Where inputs go: the model's device (the CPU for a remote model, whose weights are on NDIF)."""
-        return torch.device("cpu") if self.remote else next(self.model.parameters()).device
+        """Where inputs go: the model's device (its main device when accelerate split it over several; the CPU
+        for a remote model, whose weights are on NDIF)."""
+        return torch.device("cpu") if self.remote else execution_device(self.model)
 
     def text_inputs(self, texts: list[str]) -> ModelInputs:
         """Tokenised, right-padded text inputs with their position masks (BOS first with ``prepend_bos``)."""
@@ -153,7 +155,7 @@ class HookedModel(ModelApi):
                 f"model {self.source} has no feature extractor: save one next to it (feature_extractor.save_pretrained)"
             )
         inputs = self.adapter.speech_inputs(self.model, self.processor, self.tokenizer, waveforms, frames=frames)
-        return inputs.to(self.device)
+        return inputs.to(self.device, self.model.dtype)  # features in the model's precision (bf16 on a GPU)
 
     def source_inputs(self, texts: list[str], languages: list[str]) -> ModelInputs:
         """Text inputs marked with their source languages (model codes, e.g. ``deu``), for translation."""
@@ -338,23 +340,25 @@ class HookedModel(ModelApi):
         methods = _methods(points, pooling)
         saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
         options = {"remote": self.remote} if self.remote else {}
+        full = unpadded_spaces(inputs.masks, self.device)
         with (
             torch.inference_mode(),
             self.adapter.batch_guard(self.model, inputs),
             eager_attention(needs_eager(p.module for p in points)),
             self.traced.trace(**inputs.kwargs, **options) as tracer,
         ):
-            saved.update(self._request(points, inputs, methods))
+            saved.update(self._request(points, inputs, methods, full))
             tracer.stop()
         return {name: tensor.detach() for name, tensor in saved.items()}
 
     def _request(
-        self, points: list[HookPoint], inputs: ModelInputs, methods: dict[str, str]
+        self, points: list[HookPoint], inputs: ModelInputs, methods: dict[str, str], full: frozenset[str] = frozenset()
     ) -> dict[str, torch.Tensor]:
         """Inside a trace: each hook point's pooled value, requested in execution order (as nnsight needs).
 
         ``methods`` (hook name -> pooling) is plain data: a remote trace (NDIF) ships the trace's code and
         what it refers to, and a function of a hookpoints module would make the server import that module.
+        ``full``: the spaces without padding in this batch (pooled without a mask).
         """
         saved = {}
         values = {}  # (module, io) -> value: several hook points read one tensor (a norm's input)
@@ -364,7 +368,8 @@ class HookedModel(ModelApi):
                 envoy = self._envoys[point.module]
                 values[key] = envoy.output if point.io == "output" else envoy.input
             mask, key_mask = inputs.masks.get(point.space), inputs.masks.get(point.key_space)
-            saved[point.name] = pool(values[key], point, mask, methods[point.name], key_mask).save()
+            method, unpadded = methods[point.name], point.space in full
+            saved[point.name] = pool(values[key], point, mask, method, key_mask, unpadded).save()
         return saved
 
     def pooled_per_step(

@@ -33,28 +33,60 @@ def positions_first(value, point: HookPoint, key_mask: torch.Tensor | None = Non
 
 
 def pool(
-    value, point: HookPoint, mask: torch.Tensor | None, method: str, key_mask: torch.Tensor | None = None
+    value,
+    point: HookPoint,
+    mask: torch.Tensor | None,
+    method: str,
+    key_mask: torch.Tensor | None = None,
+    all_valid: bool = False,
 ) -> torch.Tensor:
     """Pool one hook's activations over the valid positions of each example, in float32.
 
     Returns ``[batch, width]``, or for ``none`` the ``[valid positions, width]`` rows in the row-major order
-    of ``mask.nonzero()``.
+    of ``mask.nonzero()``. It runs where the tensor lives (on the GPU for a model there), and half-precision
+    activations (bf16, fp16) are summed in float32, so a mean over many positions loses nothing more.
+    ``all_valid``: the caller knows every position of ``mask`` is valid (see :func:`unpadded_spaces`).
     """
-    x = positions_first(value, point, key_mask).float()  # [batch, pos, width]
-    if point.time_axis is None or mask is None:
-        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    x = positions_first(value, point, key_mask)  # [batch, pos, width], the model's dtype
+    if point.time_axis is None or mask is None or all_valid and x.shape[0] == mask.shape[0]:
+        return pool_all(x, method)
     return pool_positions(x, mask, method)
 
 
+def pool_all(x: torch.Tensor, method: str) -> torch.Tensor:
+    """Pool ``x`` (``[batch, pos, width]``) over every position, in float32: one pass, no mask."""
+    if method == "none":
+        return x.reshape(-1, x.shape[-1]).float()  # [batch * pos, width], row-major as mask.nonzero()
+    if method == "mean":
+        return x.sum(1, dtype=torch.float32) / x.shape[1]
+    if method == "max":
+        return x.amax(1).float()
+    if method == "last":
+        return x[:, -1].float()
+    raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {method!r}")
+
+
+def unpadded_spaces(masks: dict[str, torch.Tensor], device: torch.device) -> frozenset[str]:
+    """The spaces whose every position is valid in this batch, on a GPU, where pooling them without a mask
+    reads each tensor once instead of three times; on the CPU none (its masked matmul reads once already)."""
+    if device.type in ("cpu", "meta"):
+        return frozenset()
+    return frozenset(space for space, mask in masks.items() if bool(mask.all()))
+
+
 def pool_positions(x: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
-    """Pool ``x`` (``[batch, pos, width]``) over the positions where ``mask`` (``[batch, pos]``) is true."""
+    """Pool ``x`` (``[batch, pos, width]``) over the positions where ``mask`` (``[batch, pos]``) is true; the
+    result is float32 whatever ``x``'s precision (nothing here waits for a GPU, but ``none``'s row count)."""
     valid = mask.to(x.device, torch.bool)  # [batch, pos]
     if x.shape[0] == 1:  # broadcast over the batch (position embeddings)
         x = x.expand(valid.shape[0], -1, -1)
     if method == "none":
-        return x[valid]  # [valid positions, width]
+        return x[valid].float()  # [valid positions, width]
     if method == "mean":
         counts = valid.sum(1, keepdim=True).clamp(min=1)  # [batch, 1]
+        if x.device.type != "cpu":  # no host sync on a GPU
+            return masked_sum(x, valid) / counts
+        x = x.float()
         # A batched matmul with the 0/1 mask reads x once and writes only [batch, width]...
         total = torch.bmm(valid[:, None, :].to(x.dtype), x)[:, 0]  # [batch, width]
         if not torch.isfinite(total).all():
@@ -62,8 +94,14 @@ def pool_positions(x: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Te
             total = torch.where(valid[..., None], x, 0.0).sum(1)
         return total / counts
     if method == "max":
-        return torch.where(valid[..., None], x, float("-inf")).amax(1)
+        return torch.where(valid[..., None], x, float("-inf")).amax(1).float()
     if method == "last":
         last = valid.shape[1] - 1 - valid.flip(1).int().argmax(1)  # [batch]
-        return x[torch.arange(x.shape[0], device=x.device), last]
+        return x[torch.arange(x.shape[0], device=x.device), last].float()
     raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {method!r}")
+
+
+def masked_sum(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[batch, width]`` float32 sums of ``x`` (``[batch, pos, width]``, any precision) over the positions
+    where ``valid`` is true, accumulated in float32; nothing waits for the device (the GPU mean's path)."""
+    return torch.where(valid[..., None], x, 0).sum(1, dtype=torch.float32)

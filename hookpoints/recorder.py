@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 
 import hookpoints
 from hookpoints.audio import inspect_audio, load_audio
 from hookpoints.errors import UserError
+from hookpoints.host_copy import HostCopy, one_behind
 from hookpoints.inputs import ModelInputs
 from hookpoints.manifest import Manifest, audio_path
 from hookpoints.model import HookedModel
@@ -187,8 +189,9 @@ def record(
     todo = [row for row in mine if manifest.ids[row] not in writer.done]
     todo.sort(key=lambda row: plan.sizes[row])  # similar lengths together: less padding
     batches = (manifest.table.take(todo[start : start + batch_size]) for start in range(0, len(todo), batch_size))
-    if run_batches is None:
-        results = ((examples, *record_batch(model, examples, points, job)) for examples in batches)
+    if run_batches is None:  # batch k's rows reach the host while batch k + 1 runs
+        running = (start_batch(model, examples, points, job) for examples in batches)
+        results = one_behind(running, lambda batch: (batch.examples, *batch.finish()))
     else:
         results = run_batches(batches, points, job)
     if on_start:
@@ -305,6 +308,30 @@ def record_batch(
 
     Everything is read from the batch's own columns (audio, text, language), so a Ray actor can run it too.
     """
+    return start_batch(model, examples, points, job).finish()
+
+
+@dataclass
+class StartedBatch:
+    """A batch whose pooled rows are on their way to the host (:class:`hookpoints.host_copy.HostCopy`)."""
+
+    examples: pa.Table
+    copy: HostCopy
+    rows: dict[str, tuple[list[str], np.ndarray | None]]  # hook -> (example id per row, position per row)
+    added: dict[str, list]
+
+    def finish(self) -> tuple[dict[str, HookRows], dict[str, list]]:
+        """Wait for the copies; the hooks' rows and the batch's new columns."""
+        values = self.copy.wait()
+        activations = {
+            name: HookRows(ids, values[name]) if positions is None else HookRows(ids, values[name], positions)
+            for name, (ids, positions) in self.rows.items()
+        }
+        return activations, self.added
+
+
+def start_batch(model: HookedModel, examples: pa.Table, points: list[HookPoint], job: BatchJob) -> StartedBatch:
+    """Run one batch and start its pooled rows' copies to the host (see :func:`record_batch`)."""
     task = get_task(job.task)
     ids = examples["example_id"].to_pylist()
     inputs, targets = batch_inputs(model, examples, job)
@@ -324,16 +351,16 @@ def record_batch(
         }
     else:
         pooled = model.pooled(inputs, points, job.method)
-    activations = {}
+    copy = HostCopy({point.name: pooled[point.name] for point in points})
+    rows: dict[str, tuple[list[str], np.ndarray | None]] = {}
     for point in points:
-        values = pooled[point.name].cpu().numpy()
         if job.method(point) != "none" or point.time_axis is None:
-            activations[point.name] = HookRows(ids, values)  # [batch, width]: one vector per example
+            rows[point.name] = (ids, None)  # [batch, width]: one vector per example
             continue
         where = inputs.masks[point.space].nonzero().cpu().numpy()  # [valid positions, (example, position)]
         positions = where[:, 1] - (step_offset if point.space == "decoder" else 0)
-        activations[point.name] = HookRows([ids[i] for i in where[:, 0]], values, positions)
-    return activations, added
+        rows[point.name] = ([ids[i] for i in where[:, 0]], positions)
+    return StartedBatch(examples, copy, rows, added)
 
 
 def _finish_quietly(writer, message: str) -> None:

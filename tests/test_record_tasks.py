@@ -179,7 +179,7 @@ def test_audio_lost_mid_run_keeps_what_was_recorded(run_cli, seamless, corpus, t
     manifest = data / corpus.speech.name
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     longest = max(rows, key=lambda row: soundfile.info(str(data / row["audio"])).duration)
-    original = recorder.record_batch
+    original = recorder.start_batch  # (record() runs batches through start_batch, one batch behind)
     calls = []
 
     def first_batch_then_lose_a_file(*args, **kwargs):
@@ -188,7 +188,7 @@ def test_audio_lost_mid_run_keeps_what_was_recorded(run_cli, seamless, corpus, t
             (data / longest["audio"]).rename(data / "moved.flac")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(recorder, "record_batch", first_batch_then_lose_a_file)
+    monkeypatch.setattr(recorder, "start_batch", first_batch_then_lose_a_file)
     store = tmp_path / "store"
     assert_refused(record(run_cli, seamless, manifest, store, "r", "--task", "asr", "--batch-size", "6",
                           "--max-new-tokens", "3"),

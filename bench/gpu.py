@@ -1,0 +1,374 @@
+"""Recording and interventions on a GPU: throughput against the bare model, values against CPU float32.
+
+Two models with random weights, built from their configs directly on the device in the chosen precision
+(``--dtype``, default auto: bf16 on a GPU that has it):
+
+- **SeamlessM4T v2 large, speech to text**: the large checkpoint's sizes (``SeamlessM4Tv2Config()``
+  defaults: d_model 1,024, 24 Conformer speech-encoder layers, 24 text-decoder layers, FFN 8,192 / 4,096,
+  16 heads, vocabulary 256,102); speech of 6 s fixed to 300 frames (the paper's setting).
+- **a 1 B decoder LM**: Llama 3.2 1B's sizes (d_model 2,048, 16 layers, FFN 8,192, 32 heads / 8 KV heads,
+  vocabulary 128,256): 1.24 B parameters.
+
+Timed, interleaved call by call, CUDA-synchronised, medians over ``--rounds``:
+
+- **bare forward**: ``model(**inputs)`` under ``inference_mode``;
+- **recording**: every Table 1 hook point (Seamless: speech encoder and text decoder; Llama: every listed
+  hook point) mean-pooled on the GPU in float32, rows copied to pinned host memory without blocking, one
+  batch behind (hookpoints.recorder's own pipeline: ``start_batch`` / ``one_behind``); with ``+ store``
+  the rows go through the store's run writer too (Delta tables on local disk, float16 storage);
+- **plain generate** against **1,000-neuron median replacement** during generation
+  (``HookedModel.generate_edited``; Seamless, text decoder, Table 1 components of all 24 layers), exactly
+  ``--tokens`` new tokens, batch 1 (the paper's) and batch 8.
+
+Values: a few examples recorded on the device through ``hookpoints.recorder.record`` (read back from the
+store) against the same weights in float32 on the CPU; per hook the relative error ||device - cpu|| / ||cpu||.
+
+Run: ``python bench/gpu.py`` on a GPU (about 4 minutes on an H100/H200; prints Markdown, writes
+``$OUT/gpu.json`` when ``OUT`` is set or ``--json PATH``); ``python bench/gpu.py --smoke`` on a CPU at tiny
+sizes (a check of the script, numbers meaningless). docs/benchmarks.md holds the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import soundfile
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import transformers.configuration_utils as _configuration  # noqa: E402
+
+if not hasattr(_configuration, "SubConfigSpec"):  # transformers < 5.2x (the GPU machine had 5.17): only the
+
+    class SubConfigSpec:  # Ultravox config names it at import, and Ultravox is not benchmarked here
+        def __init__(self, config_class, model_type=None, init_kwargs=None, optional=False):
+            self.config_class, self.model_type, self.init_kwargs, self.optional = (
+                config_class, model_type, init_kwargs, optional,
+            )  # fmt: skip
+
+    _configuration.SubConfigSpec = SubConfigSpec
+
+try:  # installed: store/, analyses/, cli/ are hookpoints.store, ... (setuptools package-dir)
+    import hookpoints.store  # noqa: F401
+except ModuleNotFoundError:  # a bare checkout (the GPU machine): the same mapping by package path
+    import hookpoints
+
+    hookpoints.__path__.append(str(ROOT))
+
+sys.path.insert(0, str(ROOT / "bench"))
+from gpu_models import SAMPLE_RATE, batch_of, build, table1_points, waveforms  # noqa: E402
+from hookpoints.store.catalog import Store  # noqa: E402
+from hookpoints.store.writer import HookRows, open_run  # noqa: E402
+
+from hookpoints.adapters.seamless import TABLE1  # noqa: E402
+from hookpoints.direct import pooled_direct  # noqa: E402
+from hookpoints.editing import NeuronEdit, apply_edit  # noqa: E402
+from hookpoints.host_copy import HostCopy, one_behind  # noqa: E402
+from hookpoints.inputs import ModelInputs  # noqa: E402
+from hookpoints.loading import quiet_transformers  # noqa: E402
+from hookpoints.manifest import read_manifest  # noqa: E402
+from hookpoints.model import HookedModel  # noqa: E402
+from hookpoints.placement import Placement  # noqa: E402
+from hookpoints.recorder import record  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(cases: dict, rounds: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each case, interleaved call by call after one warm-up each."""
+    for case in cases.values():
+        case()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, case in cases.items():
+            sync(device)
+            start = time.perf_counter()
+            case()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+class Recording:
+    """The recorder's pipeline over prepared batches: pooled on the device, copied one batch behind, and
+    (with a store) handed to the run writer."""
+
+    def __init__(self, model: HookedModel, points, store: Store | None, batch: int, direct: bool = False):
+        self.model, self.points, self.store, self.batch = model, points, store, batch
+        self.calls = 0
+        self.pooled = (lambda *a: pooled_direct(model, *a)) if direct else model.pooled  # nnsight trace or hooks
+
+    def __call__(self, batches: list[ModelInputs]) -> None:
+        writer = None
+        if self.store is not None:
+            self.calls += 1
+            writer = open_run(
+                self.store, f"bench-{self.calls}", settings={"model": self.model.source, "task": "forward",
+                "pooling": "mean", "dtype": "float16"}, config={}, hooks=[p.row() for p in self.points],
+                examples_schema=pa.schema([("example_id", pa.string())]), if_exists="overwrite",
+            )  # fmt: skip
+
+        def started():
+            for k, inputs in enumerate(batches):
+                pooled = self.pooled(inputs, self.points, "mean")
+                yield k, HostCopy(pooled)
+
+        for k, copy_ in one_behind(started(), lambda item: item):
+            values = copy_.wait()
+            if writer is not None:
+                ids = [f"{self.calls}-{k}-{i}" for i in range(self.batch)]
+                rows = {p.name: HookRows(ids, values[p.name]) for p in self.points}
+                writer.add(pa.table({"example_id": ids}), rows)
+        if writer is not None:
+            writer.finish("complete")
+
+
+def throughput(model: HookedModel, family: str, args, store: Store, batch: int, with_store: bool) -> dict:
+    size = args.frames if family == "seamless" else args.tokens_in
+    batches = [batch_of(model, batch, size, seed) for seed in range(args.batches)]
+    points = table1_points(model, family)
+
+    def bare():
+        with torch.inference_mode():
+            for inputs in batches:
+                model.model(**inputs.kwargs)
+
+    def body():  # a causal LM without its head: what recording runs (its trace stops after the last hook)
+        with torch.inference_mode():
+            for inputs in batches:
+                model.model.model(**inputs.kwargs)
+
+    cases = {
+        "bare forward": bare,
+        **({"bare forward, no LM head": body} if family == "llama" else {}),
+        "recording (pooled, to host)": lambda: Recording(model, points, None, batch)(batches),
+        "recording, torch hooks (pooled, to host)": lambda: Recording(model, points, None, batch, direct=True)(batches),
+        **({"recording + store": lambda: Recording(model, points, store, batch)(batches)} if with_store else {}),
+    }
+    seconds = timed(cases, args.rounds, model.device)
+    examples = batch * args.batches
+    width = sum(p.width for p in points)
+    return {
+        "family": family,
+        "parameters": sum(p.numel() for p in model.model.parameters()),
+        "hooks": len(points),
+        "values_per_example": width,
+        "batch": batch,
+        "positions": size,
+        "examples_per_call": examples,
+        "stored_mb_per_call": width * examples * 2 / 1e6,  # float16 storage
+        "seconds": seconds,
+        "examples_per_second": {name: examples / s for name, s in seconds.items()},
+        "x_bare_throughput": {name: seconds["bare forward"] / s for name, s in seconds.items()},
+    }
+
+
+def interventions(model: HookedModel, args) -> list[dict]:
+    """Plain generate against a 1,000-neuron median replacement (Seamless text decoder, Table 1 components)."""
+    points = model.select([f"text_decoder.layers.*.{sub}" for sub in TABLE1["text_decoder"]])
+    generator = torch.Generator().manual_seed(1234)
+    widths = torch.tensor([p.width for p in points])
+    flat = torch.randperm(int(widths.sum()), generator=generator)[: args.neurons].sort().values
+    starts = torch.cumsum(widths, 0) - widths
+    which = torch.searchsorted(starts, flat, right=True) - 1
+    edits = [
+        NeuronEdit(point, flat[which == i] - starts[i], torch.randn(int((which == i).sum()), generator=generator))
+        for i, point in enumerate(points)
+        if (which == i).any()
+    ]
+    model.model.generation_config.min_new_tokens = args.gen_tokens  # exactly N new tokens
+    results = []
+    for batch in (1, 8):
+        inputs = batch_of(model, batch, args.frames, 100 + batch)
+        prompt = model.decoder_prompt(["eng"] * batch)
+        cases = {
+            "plain generate": lambda i=inputs, p=prompt: model.generate(i, p, args.gen_tokens),
+            "traced, no edit": lambda i=inputs, p=prompt: model.generate_edited(i, p, [], args.gen_tokens),
+            "median replacement": lambda i=inputs, p=prompt: model.generate_edited(i, p, edits, args.gen_tokens),
+            "same replacement (torch hooks)": lambda i=inputs, p=prompt: hooked_generate(model, i, p, edits, args),
+        }
+        seconds = timed(cases, args.rounds, model.device)
+        edited, hooked = cases["median replacement"]()[0], cases["same replacement (torch hooks)"]()
+        same = torch.equal(edited.sequences, hooked.sequences)
+        results.append({"same_tokens_as_torch_hooks": same,
+            "batch": batch, "tokens": args.gen_tokens, "neurons": sum(len(e.neurons) for e in edits),
+            "hooks_edited": len(edits), "seconds": seconds,
+            "x_plain": {name: s / seconds["plain generate"] for name, s in seconds.items()},
+        })  # fmt: skip
+    return results
+
+
+def hooked_generate(model: HookedModel, inputs: ModelInputs, prompt: torch.Tensor, edits, args):
+    """The reference: the same edits applied by plain torch hooks (``apply_edit``) around plain generate."""
+    handles = []
+    for edit in edits:
+        module = model.model.get_submodule(edit.point.module)
+        if edit.point.io == "input":
+            handles.append(module.register_forward_pre_hook(lambda m, a, edit=edit: apply_edit(a[0], edit)))
+        else:
+            handles.append(module.register_forward_hook(lambda m, a, out, edit=edit: apply_edit(out, edit)))
+    try:
+        return model.generate(inputs, prompt, args.gen_tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def check_values(model: HookedModel, family: str, folder: Path, args) -> dict:
+    """A few examples through ``record`` on the device (read back from the store) against CPU float32."""
+    points = table1_points(model, family)
+    manifest_rows = []
+    if family == "seamless":
+        for i, wave in enumerate(waveforms(args.check, args.frames / 50, 7)):
+            path = folder / f"check-{i}.wav"
+            soundfile.write(path, wave, SAMPLE_RATE)
+            manifest_rows.append({"id": f"x{i}", "audio": str(path)})
+    else:
+        texts = ["The quick brown fox jumps over the lazy dog.", "Das Wetter ist heute schön.", "Hoy hace sol.",
+                 "Il fait beau aujourd'hui, n'est-ce pas ?"]  # fmt: skip
+        manifest_rows = [{"id": f"x{i}", "text": texts[i % len(texts)]} for i in range(args.check)]
+    path = folder / f"check-{family}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in manifest_rows))
+    manifest = read_manifest(path, required=("audio",) if family == "seamless" else ("text",))
+    store = Store.open(folder / f"check-store-{family}", create=True)
+    record(model, manifest, store, "device", hooks=[p.name for p in points], batch_size=args.check,
+           frames=args.frames if family == "seamless" else None)  # fmt: skip
+    reference = HookedModel(
+        copy.deepcopy(model.model).to("cpu", torch.float32), model.adapter, tokenizer=model.tokenizer,
+        processor=model.processor, source=model.source, modality=model.modality,
+    )  # fmt: skip
+    record(reference, manifest, store, "cpu", hooks=[p.name for p in points], batch_size=1,
+           frames=args.frames if family == "seamless" else None)  # fmt: skip
+    with store.query() as session:
+        rows = session.sql(
+            "SELECT d.hook, d.example_id, d.activation AS device, c.activation AS cpu FROM activations d "
+            "JOIN activations c ON c.run = 'cpu' AND c.hook = d.hook AND c.example_id = d.example_id "
+            "WHERE d.run = 'device'"
+        ).to_pylist()
+    assert len(rows) == len(points) * args.check, f"{len(rows)} rows compared, expected {len(points) * args.check}"
+    errors: dict[str, list[float]] = {}
+    for row in rows:
+        device, cpu = np.array(row["device"], np.float64), np.array(row["cpu"], np.float64)
+        errors.setdefault(row["hook"], []).append(np.linalg.norm(device - cpu) / max(np.linalg.norm(cpu), 1e-12))
+    worst = {hook: max(values) for hook, values in errors.items()}
+    ranked = sorted(worst.values())
+    return {
+        "examples": args.check,
+        "hooks": len(worst),
+        "relative_error_median": ranked[len(ranked) // 2],
+        "relative_error_p95": ranked[int(0.95 * (len(ranked) - 1))],
+        "relative_error_max": ranked[-1],
+        "worst_hook": max(worst, key=worst.get),
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Device: {report['device']}; dtype {report['dtype']}; torch {report['torch']}; {report['date']}", ""]
+    lines += ["| model | parameters | hooks | values / example | batch x positions | case | examples/s | x bare |",
+              "|---|---:|---:|---:|---|---|---:|---:|"]  # fmt: skip
+    for row in report["throughput"]:
+        for case, rate in row["examples_per_second"].items():
+            lines.append(
+                f"| {row['family']} | {row['parameters'] / 1e9:.2f} B | {row['hooks']} | {row['values_per_example']:,} "
+                f"| {row['batch']} x {row['positions']} | {case} | {rate:.1f} | {row['x_bare_throughput'][case]:.2f} |"
+            )
+    if report.get("interventions"):
+        lines += ["", "| generation (Seamless) | batch | new tokens | ms per call | x plain generate |",
+                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for row in report["interventions"]:
+            for case, seconds in row["seconds"].items():
+                label = f"{case} ({row['neurons']} neurons)" if case == "median replacement" else case
+                ms, ratio = 1000 * seconds, row["x_plain"][case]
+                lines.append(f"| {label} | {row['batch']} | {row['tokens']} | {ms:.0f} | {ratio:.2f} |")
+    for row in report.get("interventions", []):
+        same = "the same" if row["same_tokens_as_torch_hooks"] else "DIFFERENT"
+        lines.append(f"\nBatch {row['batch']}: nnsight and torch-hook replacement generate {same} tokens.")
+    lines += ["", "| values vs CPU float32 | examples | hooks | rel. error median | p95 | max (hook) |",
+              "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for family, check in report["values"].items():
+        lines.append(
+            f"| {family} | {check['examples']} | {check['hooks']} | {check['relative_error_median']:.2e} | "
+            f"{check['relative_error_p95']:.2e} | {check['relative_error_max']:.2e} ({check['worst_hook']}) |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny models on any device (a check of the script)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--batch", type=lambda text: [int(b) for b in text.split(",")], default=[32, 128],
+                        help="batch sizes, comma-separated (the store is timed at the first)")  # fmt: skip
+    parser.add_argument("--batches", type=int, default=3, help="batches per timed call")
+    parser.add_argument("--frames", type=int, default=300, help="speech frames per example (the paper: 300)")
+    parser.add_argument("--tokens-in", type=int, default=256, help="tokens per LM example")
+    parser.add_argument("--gen-tokens", type=int, default=32)
+    parser.add_argument("--neurons", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--check", type=int, default=4, help="examples compared with CPU float32")
+    parser.add_argument("--only", choices=("seamless", "llama"), help="one model only")
+    parser.add_argument("--json", type=Path, help="write the report here (default: $OUT/gpu.json if OUT is set)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.batch, args.batches, args.frames, args.tokens_in, args.gen_tokens = [2, 3], 2, 40, 16, 3
+        args.rounds, args.check, args.neurons = 1, 2, 50
+    quiet_transformers()
+    placement = Placement(args.device, args.dtype)
+    device = placement.torch_device()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    report = {
+        "device": name, "dtype": str(placement.torch_dtype()).removeprefix("torch."), "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "smoke": args.smoke,
+        "throughput": [], "interventions": [], "values": {},
+    }  # fmt: skip
+    target = args.json or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else None)
+
+    def save(stage: str) -> None:  # after every stage: a run cut short keeps what it measured
+        print(f"{stage} at {time.perf_counter() - begun:.1f} s", file=sys.stderr, flush=True)
+        if target:
+            target.write_text(json.dumps(report, indent=2))
+            target.with_suffix(".md").write_text(markdown(report) + "\n")
+
+    begun = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        store = Store.open(folder / "store", create=True)
+        for family in ("seamless", "llama"):
+            if args.only and family != args.only:
+                continue
+            model = build(family, folder, placement, args.smoke)
+            save(f"{family}: built")
+            for k, batch in enumerate(args.batch):
+                report["throughput"].append(throughput(model, family, args, store, batch, with_store=k == 0))
+            save(f"{family}: throughput")
+            if family == "seamless":
+                report["interventions"] = interventions(model, args)
+                save(f"{family}: interventions")
+            report["values"][family] = check_values(model, family, folder, args)
+            save(f"{family}: values")
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
