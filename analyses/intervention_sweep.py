@@ -44,7 +44,7 @@ from hookpoints.errors import UserError
 from hookpoints.languages import model_code
 from hookpoints.manifest import Manifest, read_data
 from hookpoints.model import HookedModel
-from hookpoints.recorder import BatchJob, batch_inputs, plan_examples
+from hookpoints.recorder import BatchJob, batch_inputs, known_sources, plan_examples
 from hookpoints.tasks import DEFAULT_TARGET, get_task
 
 PAPER_SEED = 1234  # "a fixed random seed of 1234" (Appendix G)
@@ -345,7 +345,8 @@ def run_sweep(
         prepared = []
         for examples in batches:
             inputs, targets = batch_inputs(cell.model, examples, cell.job)
-            prepared.append((examples, inputs, cell.model.decoder_prompt(targets)))
+            prompt = cell.model.decoder_prompt(targets, task=cell.job.task, sources=known_sources(examples))
+            prepared.append((examples, inputs, prompt))
         rows, scores, neurons = [], [], []
         for condition in cell.conditions:
             texts, lengths = [], []

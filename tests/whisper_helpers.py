@@ -18,3 +18,12 @@ def ct2_folder() -> Path:
 def words(text: str) -> str:
     """Lower-case words without punctuation (how WER is scored here)."""
     return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
+
+
+def converted_whisper(folder: Path) -> Path:
+    """The package's model converted into ``folder`` (once: reused when the folder has it already)."""
+    from hookpoints.convert_ct2 import convert_ct2_whisper
+
+    if not (folder / "model.safetensors").is_file():
+        convert_ct2_whisper(ct2_folder(), folder)
+    return folder
