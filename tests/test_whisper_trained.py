@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import jiwer
+import numpy as np
 import pytest
 import torch
 from hookpoints.store.catalog import Store
@@ -76,3 +77,88 @@ def test_asr_transcripts_equal_plain_generate_and_ctranslate2(whisper, asr_store
     assert sum(a == b for a, b in zip(stored, original, strict=True)) >= len(rows) - 1
     wer = jiwer.wer([words(row["text"]) for row in rows], [words(text) for text in stored])
     assert wer < 0.4
+
+
+def test_stored_decoder_steps_equal_teacher_forced_forward_and_hooks_during_generate(whisper, asr_store, english):
+    """Per generated token: the store == a plain teacher-forced forward == torch hooks at each step of generate."""
+    with asr_store.query() as session:
+        rows = session.sql(
+            "SELECT a.example_id, a.position, a.activation, e.generated_text, e.generated_tokens, e.audio "
+            "FROM activations a JOIN examples e USING (run, example_id) "
+            "WHERE a.run = 'asr' AND a.hook = 'text_decoder.layers.2.fc1' ORDER BY a.example_id, a.position"
+        ).to_pylist()
+    example = rows[0]["example_id"]
+    mine = [row for row in rows if row["example_id"] == example]
+    assert [row["position"] for row in mine] == list(range(mine[0]["generated_tokens"]))
+    stored = torch.tensor([row["activation"] for row in mine])  # [steps, 1536]
+    features = whisper.processor(
+        [load_audio(english.parent / mine[0]["audio"], example)], sampling_rate=16_000, return_tensors="pt"
+    ).input_features
+    inner, module = whisper.model, whisper.model.model.decoder.layers[2].fc1
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda m, a, out: seen.append(out[0].clone()))
+    try:
+        with torch.inference_mode():
+            prompt = whisper.decoder_prompt(["eng"], task="asr")[0].tolist()
+            plain = inner.generate(features, decoder_input_ids=torch.tensor([prompt]), max_new_tokens=64)
+            per_step = torch.stack([call[-1] for call in seen])  # each step's newest position
+            seen.clear()
+            body = whisper.tokenizer(mine[0]["generated_text"], add_special_tokens=False)["input_ids"]
+            tokens = prompt + body + [inner.generation_config.eos_token_id]
+            assert len(tokens) == len(prompt) + len(mine)
+            inner(input_features=features, decoder_input_ids=torch.tensor([tokens[:-1]]))
+            forced = seen[0][len(prompt) - 1 :]  # [steps, 1536]: position prompt-1+k is step k
+    finally:
+        handle.remove()
+    assert whisper.tokenizer.decode(plain[0], skip_special_tokens=True) == mine[0]["generated_text"]
+    torch.testing.assert_close(stored, forced, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(stored, per_step[: len(mine)], atol=2e-5, rtol=1e-4)
+
+
+def test_a_misaligned_teacher_forced_pass_fails_loudly(whisper, english, monkeypatch):
+    """Drop the prompt's last token from what the teacher-forced pass reads (the bug Whisper's generate invited):
+    the check of the LM head's logits against generate's must raise, not record shifted values."""
+    from hookpoints.generation import Generation
+
+    original = Generation.teacher_forced
+
+    def shifted(self, inputs, *, encoder_outputs=None):
+        forced = original(self, inputs, encoder_outputs=encoder_outputs)
+        ids = forced.kwargs["decoder_input_ids"]
+        forced.kwargs["decoder_input_ids"] = torch.cat([ids[:, :1], ids[:, 2:], ids[:, -1:]], dim=1)
+        return forced
+
+    monkeypatch.setattr(Generation, "teacher_forced", shifted)
+    manifest = read_manifest(english, required=("audio",))
+    inputs = whisper.speech_inputs([load_audio(manifest.audio_path(manifest.column("audio")[0]), "x")])
+    points = whisper.select(["text_decoder.layers.0.fc1"])
+    with pytest.raises(RuntimeError, match="teacher-forced pass does not reproduce"):
+        whisper.pooled_generating(inputs, whisper.decoder_prompt(["eng"]), points, "mean", 16)
+
+
+def test_tiny_en_refuses_translation(whisper, english, tmp_path):
+    from hookpoints.errors import UserError
+
+    store = Store.open(tmp_path / "store", create=True)
+    with pytest.raises(UserError, match="cannot do task s2tt; it can do: forward, asr"):
+        record(whisper, read_manifest(english, required=("audio",)), store, "t", task="s2tt")
+
+
+def test_content_clusters_grow_and_voice_fades_across_the_encoder(whisper, english, tmp_path):
+    """The LALM paper's direction for speech (seeds/lalm-representation-spaces.txt): over the encoder's layers,
+    silhouette by meaning (semantic_id) rises and silhouette by voice falls. The direction, not the digits."""
+    from hookpoints.analyses.clusters import ClusterSettings, cluster_layers
+
+    store = Store.open(tmp_path / "store", create=True)
+    hooks = ["speech_encoder.layers.*.hook_resid_post"]
+    record(whisper, read_manifest(english, required=("audio",)), store, "fwd", hooks=hooks, batch_size=6)
+    settings = ClusterSettings(labels=("voice", "semantic_id"), tsne=False, pooling="mean")
+    result = cluster_layers(store, "fwd", settings)
+    silhouette = {label: [] for label in settings.labels}
+    for row in sorted(result.rows, key=lambda r: r["layer"]):
+        if row["measure"] == "silhouette" and row["space"] == "original":
+            silhouette[row["label"]].append(row["value"])
+    voice, meaning = silhouette["voice"], silhouette["semantic_id"]
+    assert len(voice) == len(meaning) == 4
+    assert voice[-1] < voice[0] and meaning[-1] > meaning[0]
+    assert np.polyfit(range(4), voice, 1)[0] < 0 < np.polyfit(range(4), meaning, 1)[0]
