@@ -144,16 +144,23 @@ def test_tiny_en_refuses_translation(whisper, english, tmp_path):
         record(whisper, read_manifest(english, required=("audio",)), store, "t", task="s2tt")
 
 
-def test_content_clusters_grow_and_voice_fades_across_the_encoder(whisper, english, tmp_path):
+@pytest.fixture(scope="module")
+def forward_store(whisper, english, tmp_path_factory):
+    """A forward run of the encoder (layer outputs and fc1 neurons, mean-pooled over the real frames)."""
+    store = Store.open(tmp_path_factory.mktemp("forward") / "store", create=True)
+    store.path = str(store.location.uri)
+    hooks = ["speech_encoder.layers.*.hook_resid_post", "speech_encoder.layers.*.fc1"]
+    record(whisper, read_manifest(english, required=("audio",)), store, "fwd", hooks=hooks, batch_size=6)
+    return store
+
+
+def test_content_clusters_grow_and_voice_fades_across_the_encoder(forward_store):
     """The LALM paper's direction for speech (seeds/lalm-representation-spaces.txt): over the encoder's layers,
     silhouette by meaning (semantic_id) rises and silhouette by voice falls. The direction, not the digits."""
     from hookpoints.analyses.clusters import ClusterSettings, cluster_layers
 
-    store = Store.open(tmp_path / "store", create=True)
-    hooks = ["speech_encoder.layers.*.hook_resid_post"]
-    record(whisper, read_manifest(english, required=("audio",)), store, "fwd", hooks=hooks, batch_size=6)
     settings = ClusterSettings(labels=("voice", "semantic_id"), tsne=False, pooling="mean")
-    result = cluster_layers(store, "fwd", settings)
+    result = cluster_layers(forward_store, "fwd", settings)
     silhouette = {label: [] for label in settings.labels}
     for row in sorted(result.rows, key=lambda r: r["layer"]):
         if row["measure"] == "silhouette" and row["space"] == "original":
@@ -162,3 +169,26 @@ def test_content_clusters_grow_and_voice_fades_across_the_encoder(whisper, engli
     assert len(voice) == len(meaning) == 4
     assert voice[-1] < voice[0] and meaning[-1] > meaning[0]
     assert np.polyfit(range(4), voice, 1)[0] < 0 < np.polyfit(range(4), meaning, 1)[0]
+
+
+def test_replacing_top_voice_neurons_moves_wer_further_than_random_ones(forward_store, run_cli):
+    """ap ranks encoder fc1 neurons by a custom label set (voice f3); intervene replaces the top 1,000 with their
+    medians during ASR, against 1,000 random neurons of the same module group and no intervention."""
+    store = forward_store.path
+    code, _, err = run_cli("ap", "--store", store, "--run", "fwd", "--positive", "voice = 'f3'", "--name", "voice-f3")
+    assert code == 0, err
+    code, _, err = run_cli(
+        "intervene", "--store", store, "--run", "fwd", "--task", "asr", "--label-set", "voice-f3", "--k", "1000",
+        "--max-new-tokens", "40", "--sweep", "voice", "--batch-size", "12",
+    )  # fmt: skip
+    assert code == 0, err
+    with forward_store.query() as session:
+        rows = session.sql(
+            "SELECT condition, neuron_type, n_neurons, score FROM intervention_scores WHERE metric = 'wer'"
+        ).to_pylist()
+    wer = {row["condition"]: row for row in rows}
+    assert set(wer) == {"none", "label-set:voice-f3/top/k=1000", "random/k=1000"}
+    assert wer["random/k=1000"]["n_neurons"] == wer["label-set:voice-f3/top/k=1000"]["n_neurons"] == 1000
+    base = wer["none"]["score"]
+    assert base < 0.4
+    assert wer["label-set:voice-f3/top/k=1000"]["score"] - base > wer["random/k=1000"]["score"] - base
