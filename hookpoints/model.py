@@ -226,6 +226,8 @@ class HookedModel:
         saved after the edits, per call: name -> ``[batch, pos, width]`` tensors, one per call (the test that
         edits land exactly where they should). Without edits the output equals :meth:`generate`'s.
         """
+        if not record and not self.remote:
+            return self._generate_with_torch_hooks(inputs, prompt, edits, max_new_tokens), {}
         every_step = self.modules_run_every_step(inputs, prompt)
         by_point: dict[str, list[NeuronEdit]] = {}
         for edit in edits:
@@ -256,6 +258,32 @@ class HookedModel:
                             recorded[point.name].append(positions_first(value, point).clone().save())
         generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
         return generation, recorded
+
+    def _generate_with_torch_hooks(
+        self, inputs: ModelInputs, prompt: torch.Tensor, edits: list[NeuronEdit], max_new_tokens: int
+    ) -> Generation:
+        """:meth:`generate_edited` without recording: the same :func:`apply_edit` on the same tensors at every call,
+        from plain torch hooks (nnsight's per-edit hand-off costs ~0.1 ms per hook point and step, which
+        dominates a small model's step; bench/whisper_interventions.py)."""
+        modules = dict(self.model.named_modules())
+        handles = []
+        for edit in edits:
+            module = modules[edit.point.module]
+            if edit.point.io == "output":
+                handles.append(module.register_forward_hook(lambda m, a, out, edit=edit: apply_edit(out, edit)))
+            else:
+                handles.append(module.register_forward_pre_hook(lambda m, args, edit=edit: apply_edit(args, edit)))
+        collector = TokenCollector()
+        kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
+        try:
+            with torch.inference_mode(), self.adapter.batch_guard(self.model, inputs):
+                self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
+        finally:
+            for handle in handles:
+                handle.remove()
+        generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
+        check_prompt(generation, prompt)
+        return generation
 
     def modules_run_every_step(self, inputs: ModelInputs, prompt: torch.Tensor) -> frozenset[str]:
         """Module paths that run at every step of ``generate`` (not only at step 0), found once by watching
