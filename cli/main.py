@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "intervene": ("intervene_cmd", "Replace selected neurons during generation and score what happens."),
     "clusters": ("clusters_cmd", "Per-layer clustering of examples by labels (silhouette, DB, t-SNE)."),
     "corpus": ("corpus_cmd", "Write the bundled 6-language corpus (text and espeak-ng speech)."),
-    "convert": ("convert_cmd", "Convert a model from another runtime (CTranslate2 Whisper) into a folder hookpoints loads."),
+    "convert": ("convert_cmd", "Convert a CTranslate2 Whisper model into a folder hookpoints loads."),
     "demo": ("demo_cmd", "Record the bundled corpus into a local store and run every analysis on it."),
 }
 
