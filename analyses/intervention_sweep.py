@@ -32,7 +32,7 @@ from hookpoints.analyses.interventions import (
     replacement_values,
     scored_selection,
 )
-from hookpoints.analyses.labels import check_name
+from hookpoints.analyses.labels import check_name, slug
 from hookpoints.analyses.selection import PAPER_KS, SIDE_CHOICES, check_ks, check_side
 from hookpoints.analyses.text_scores import corpus_scores, sentence_scores
 from hookpoints.store import tables
@@ -44,7 +44,7 @@ from hookpoints.errors import UserError
 from hookpoints.languages import model_code
 from hookpoints.manifest import Manifest, read_data
 from hookpoints.model import HookedModel
-from hookpoints.recorder import BatchJob, batch_inputs, plan_examples
+from hookpoints.recorder import BatchJob, batch_inputs, known_sources, plan_examples
 from hookpoints.tasks import DEFAULT_TARGET, get_task
 
 PAPER_SEED = 1234  # "a fixed random seed of 1234" (Appendix G)
@@ -60,7 +60,7 @@ class SweepSpec:
     sweep: str
     runs: tuple[str, ...]  # the ranking's runs (the scores' key), and default statistics runs
     tasks: tuple[str, ...]
-    neuron_types: tuple[str, ...] = ("unimodal", "random")
+    neuron_types: tuple[str, ...] = ()  # () = unimodal + random, or random alone beside label_sets / neurons
     ks: tuple[int, ...] = PAPER_KS
     side: str = "top"
     kind: str = "median"
@@ -68,6 +68,7 @@ class SweepSpec:
     seed: int = PAPER_SEED
     random_like: str | None = None  # the neuron type random draws match (default: the first ranked one)
     neurons: tuple[str, ...] = ()  # explicit HOOK:INDICES
+    label_sets: tuple[str, ...] = ()  # any label sets ranked in scores (custom ap --name too); may name {language}
     languages: tuple[str, ...] = ()  # manifest labels (default: every language of the data but the target)
     limit: int = 100  # generations per language
     stats_runs: tuple[str, ...] = ()
@@ -166,11 +167,18 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
     return cells
 
 
+def neuron_types(spec: SweepSpec) -> tuple[str, ...]:
+    """The swept neuron types; none given: unimodal and random, or random alone beside label sets / neurons."""
+    if spec.neuron_types:
+        return spec.neuron_types
+    return ("random",) if spec.label_sets or spec.neurons else ("unimodal", "random")
+
+
 def _check_spec(spec: SweepSpec) -> None:
     check_name(spec.sweep)
     if not spec.tasks:
         raise UserError("give at least one --task (asr, s2tt, t2tt)")
-    for neuron_type in spec.neuron_types:
+    for neuron_type in neuron_types(spec):
         if neuron_type not in NEURON_TYPES:
             raise UserError(f"--type must be one of {', '.join(NEURON_TYPES)}, not {neuron_type!r}")
     if spec.kind not in KINDS:
@@ -179,11 +187,16 @@ def _check_spec(spec: SweepSpec) -> None:
     check_ks(spec.ks)
     if spec.limit < 1 or spec.batch_size < 1 or spec.max_new_tokens < 1:
         raise UserError("--limit, --batch-size and --max-new-tokens must be at least 1")
-    ranked = [t for t in spec.neuron_types if t not in ("random", "none")]
-    if "random" in spec.neuron_types and not ranked:
-        raise UserError("random neurons match the counts of a ranked neuron type: add one (e.g. --type unimodal)")
+    ranked = [t for t in neuron_types(spec) if t not in ("random", "none")] + list(spec.label_sets)
+    if "random" in neuron_types(spec) and not ranked and not spec.neurons:
+        raise UserError(
+            "random neurons match the counts of ranked or explicit neurons: add --type unimodal, --label-set NAME "
+            "or --neurons"
+        )
     if spec.random_like and spec.random_like not in ranked:
-        raise UserError(f"--random-like {spec.random_like!r} is not one of the swept types ({', '.join(ranked)})")
+        raise UserError(
+            f"--random-like {spec.random_like!r} is not one of the swept types or label sets ({', '.join(ranked)})"
+        )
     if spec.if_exists not in ("error", "overwrite"):
         raise UserError(f"if_exists must be error or overwrite, not {spec.if_exists!r}")
 
@@ -219,6 +232,7 @@ def _examples_by_language(spec: SweepSpec, manifest: Manifest, task: str, target
     languages = [str(v) for v in table["language"].to_pylist()]
     present = sorted(set(languages))
     chosen = list(spec.languages) or [lang for lang in present if target is None or model_code(lang) != target]
+    chosen = chosen or present  # single-language data: its own language, even where it is the target
     for language in chosen:
         if language not in present:
             raise UserError(f"no example in language {language!r} in {manifest.path}; it has {', '.join(present)}")
@@ -273,22 +287,44 @@ def _conditions(session, spec: SweepSpec, ranking: str, common: dict, modality: 
     # The reference level (no edit, through the same traced generation) is always measured.
     none = {**common, **base, "condition": "none", "neuron_type": "none", "kind": None, "value": None}
     conditions.append(Condition(none, None, np.zeros(0)))
-    ranked = [t for t in spec.neuron_types if t not in ("random", "none")]
-    like_type = spec.random_like or (ranked[0] if ranked else None)
-    for k in spec.ks:
+    types = neuron_types(spec)
+    # (neuron type or None, label set, the name --random-like may give): presets first, then label sets by name
+    ranked = [(t, label_set_for(t, language, modality), t) for t in types if t not in ("random", "none")]
+    ranked += [(None, _named(name, language, modality), name) for name in spec.label_sets]
+    like_name = spec.random_like or (ranked[0][2] if ranked else None)
+    for k in spec.ks if ranked else ():
         like = None
-        for neuron_type in ranked:
-            label_set = label_set_for(neuron_type, language, modality)
+        for neuron_type, label_set, given in ranked:
             selection = scored_selection(session, ranking, label_set, k, spec.side, neuron_type)
-            if neuron_type == like_type:
+            name = f"{neuron_type}/{spec.side}/k={k}" if neuron_type else f"label-set:{label_set}/{spec.side}/k={k}"
+            if like is None and like_name in (given, label_set):
                 like = selection
-            conditions.append(_condition(session, spec, common, selection, f"{neuron_type}/{spec.side}/k={k}"))
-        if "random" in spec.neuron_types and like is not None:
+            conditions.append(_condition(session, spec, common, selection, name))
+        if "random" in types and like is not None:
             selection = random_selection(session, ranking, like, spec.seed)
             conditions.append(_condition(session, spec, common, selection, f"random/k={k}"))
     if explicit is not None:
         conditions.append(_condition(session, spec, common, explicit, "explicit"))
+        if "random" in types and not ranked:  # random neurons as many per module group as the explicit ones
+            universe = _any_label_set(session, ranking)
+            selection = random_selection(session, ranking, explicit, spec.seed, label_set=universe)
+            conditions.append(_condition(session, spec, common, selection, "random/explicit"))
     return conditions
+
+
+def _named(name: str, language: str, modality: str | None) -> str:
+    """A label set name as given, ``{language}`` / ``{modality}`` filled in (slugged as ap writes them)."""
+    return name.replace("{language}", slug(str(language))).replace("{modality}", slug(str(modality or "")))
+
+
+def _any_label_set(session, ranking: str) -> str:
+    """A label set ranked in ``ranking`` (its scores list every ranked neuron: the random draws' universe)."""
+    rows = session.sql(
+        "SELECT label_set FROM scores WHERE run = $run ORDER BY label_set LIMIT 1", {"run": ranking}
+    ).to_pylist()
+    if not rows:
+        raise UserError(f"nothing is ranked over {ranking!r}: random neurons are drawn from a ranking's neurons")
+    return rows[0]["label_set"]
 
 
 def _condition(session, spec: SweepSpec, common: dict, selection: Selection, name: str) -> Condition:
@@ -354,7 +390,8 @@ def run_sweep(
         prepared = []
         for examples in batches:
             inputs, targets = batch_inputs(cell.model, examples, cell.job)
-            prepared.append((examples, inputs, cell.model.decoder_prompt(targets)))
+            prompt = cell.model.decoder_prompt(targets, task=cell.job.task, sources=known_sources(examples))
+            prepared.append((examples, inputs, prompt))
         rows, scores, neurons = [], [], []
         for condition in cell.conditions:
             texts, lengths = [], []

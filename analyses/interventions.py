@@ -76,7 +76,9 @@ def scored_selection(
     check_side(side, SIDE_CHOICES)
     stored = next((s for s in stored_sets(session, ranking, [label_set]) if s.label_set == label_set), None)
     if stored is None:
-        raise UserError(f"give one label set by name, not the pattern {label_set!r}")
+        if any(char in label_set for char in "*?["):
+            raise UserError(f"give one label set by name, not the pattern {label_set!r}")
+        raise UserError(f"no label set {label_set!r} is ranked over {ranking!r}: rank it with hookpoints ap first")
     for component, size in stored.components.items():
         if k > size:
             raise UserError(

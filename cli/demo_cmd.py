@@ -16,6 +16,7 @@ HEADINGS = {  # stage -> rule printed before it runs
     "rank_neurons": "Language- and modality-specific neurons: AP ranking (hookpoints ap)",
     "intervene": "Interventions: median replacement during generation (hookpoints intervene)",
     "cluster_spaces": "Representation spaces: a trained encoder on paraphrase pairs (hookpoints clusters)",
+    "trained_speech": "Trained speech: Whisper tiny.en (hookpoints convert ct2-whisper, record, ap, intervene)",
 }
 
 
@@ -98,7 +99,10 @@ def command(store_path: str, model: str | None, limit: int | None, threads: int 
     out.print(f"store: {store.location.uri}")
     plots_dir = default_plot_folder(store)
     with tempfile.TemporaryDirectory() as scratch:
-        demo = Demo(store, Path(scratch), limit=limit, model=model, progress=counting)
+        demo = Demo(
+            store, Path(scratch), limit=limit, model=model, progress=counting,
+            say=lambda message: out.print(message, highlight=False),
+        )  # fmt: skip
         for stage in STAGES:
             if stage.__name__ in HEADINGS:
                 out.rule(f"[bold]{HEADINGS[stage.__name__]}")

@@ -20,7 +20,7 @@ from hookpoints.cli.placement_options import load_options, placement_options
 @click.option("--task", "tasks", multiple=True, required=True, type=click.Choice(["asr", "s2tt", "t2tt"]))
 @click.option(
     "--type", "neuron_types", multiple=True, type=click.Choice([t for t in NEURON_TYPES if t != "none"]),
-    default=("unimodal", "random"), show_default=True, help="Neuron types to replace (repeatable).",
+    help="Neuron types to replace (repeatable; default: unimodal random, or random beside --label-set/--neurons).",
 )  # fmt: skip
 @click.option(
     "--k", "ks", multiple=True, type=int, default=PAPER_KS, show_default=True, help="Neurons per module group."
@@ -35,6 +35,10 @@ from hookpoints.cli.placement_options import load_options, placement_options
     multiple=True,
     metavar="HOOK:IDX",
     help="Explicit neurons, e.g. 'text_decoder.layers.3.ffn.fc1:0,5,7-9'.",
+)
+@click.option(
+    "--label-set", "label_sets", multiple=True, metavar="NAME",
+    help="Any label set ranked in scores, e.g. an 'ap --name' one; may name {language} (repeatable).",
 )
 @click.option("--language", "languages", multiple=True, help="Languages (manifest labels) to generate from.")
 @click.option("--limit", type=int, default=100, show_default=True, help="Generations per language (the paper: 100).")

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "clusters": ("clusters_cmd", "Per-layer clustering of examples by labels (silhouette, DB, t-SNE)."),
     "corpus": ("corpus_cmd", "Write the bundled 6-language corpus (text and espeak-ng speech)."),
     "report": ("report_cmd", "One self-contained HTML report of a store's runs and analyses, figures inline."),
+    "convert": ("convert_cmd", "Convert a CTranslate2 Whisper model into a folder hookpoints loads."),
     "demo": ("demo_cmd", "Record the bundled corpus into a local store and run every analysis on it."),
 }
 

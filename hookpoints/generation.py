@@ -25,6 +25,7 @@ class Generation:
     sequences: torch.Tensor  # [batch, prompt + steps]
     prompt_length: int
     lengths: torch.Tensor  # [batch] generated tokens per example, EOS included
+    fingerprint: object = None  # hookpoints.alignment.Fingerprint: generate's top logits per step, if kept
 
     @property
     def steps(self) -> int:

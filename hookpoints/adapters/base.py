@@ -114,9 +114,16 @@ class Adapter:
         """The language codes the model can be told (for error messages); none by default."""
         return []
 
-    def decoder_prompt(self, model: nn.Module, tokenizer, targets: list[str]) -> torch.Tensor:
-        """``[batch, prompt]`` decoder token ids that start generation into each target language."""
+    def decoder_prompt(
+        self, model: nn.Module, tokenizer, targets: list[str], *, task: str = "asr", sources: list[str] | None = None
+    ) -> torch.Tensor:
+        """``[batch, prompt]`` decoder token ids that start ``task`` into each target language (``sources``: the
+        inputs' own languages, where known; Whisper names the source language when it translates)."""
         raise NotImplementedError
+
+    def generate_kwargs(self, kwargs: dict) -> dict:
+        """``generate`` arguments when the encoder's output replaces its input (some families need more)."""
+        return kwargs
 
     def batch_guard(self, model: nn.Module, inputs: ModelInputs) -> AbstractContextManager:
         """Held around every forward pass of a padded batch: fixes that keep padding out of the values."""

@@ -167,7 +167,11 @@ class Seamless(Adapter):
         tokens = getattr(tokenizer, "additional_special_tokens", None) or []
         return sorted(t.strip("_") for t in tokens if len(t) > 4 and t.startswith("__") and t.endswith("__"))
 
-    def decoder_prompt(self, model, tokenizer, targets):
+    def generate_kwargs(self, kwargs):
+        """SeamlessM4T's speech ``generate()`` also looks its input up under ``inputs``: set it to None."""
+        return {**kwargs, "inputs": None}
+
+    def decoder_prompt(self, model, tokenizer, targets, *, task="asr", sources=None):
         """``</s> __tgt__``: what ``generate(tgt_lang=...)`` starts the text decoder with."""
         start = model.config.decoder_start_token_id
         return torch.tensor([[start, self.language_token(model, tokenizer, code)] for code in targets])

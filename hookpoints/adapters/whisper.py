@@ -16,6 +16,10 @@ from transformers import WhisperForConditionalGeneration
 from hookpoints.adapters.base import Adapter, Point, Single, Stack
 from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
+from hookpoints.languages import SEAMLESS_CODES
+
+#: Model codes (``eng``, ``cmn``) -> Whisper's language tokens' codes (``en``, ``zh``).
+WHISPER_CODES = {three: two for two, three in SEAMLESS_CODES.items()}
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 #: attention maps ([batch, head, query_pos, key_pos], hookpoints.attention): recorded only when named
@@ -53,6 +57,43 @@ class Whisper(Adapter):
     def key_positions(self, model, space):
         config = model.config
         return config.max_source_positions if space == "encoder" else config.max_target_positions
+    def tasks(self, config, modality):
+        """asr (``<|transcribe|>``) everywhere; s2tt (``<|translate|>``, X -> English) on multilingual checkpoints
+        only: English-only (``.en``) ones were never trained to translate."""
+        return ("forward", "asr", "s2tt") if multilingual(config) else ("forward", "asr")
+
+    def language_token(self, model, tokenizer, code):
+        """``<|en|>`` for ``eng``; an English-only checkpoint knows English only."""
+        if tokenizer is None or (not multilingual(model.config) and code != "eng"):
+            return None
+        return tokenizer.get_vocab().get(f"<|{WHISPER_CODES.get(code, code)}|>")
+
+    def languages(self, model, tokenizer):
+        if not multilingual(model.config):
+            return ["eng"]
+        lang_to_id = getattr(model.generation_config, "lang_to_id", None) or {}
+        codes = [token.strip("<|>") for token in lang_to_id]
+        return sorted(SEAMLESS_CODES.get(code, code) for code in codes)
+
+    def decoder_prompt(self, model, tokenizer, targets, *, task="asr", sources=None):
+        """What Whisper's decoder starts from: ``<|startoftranscript|>`` [``<|lang|>`` ``<|transcribe|>`` or
+        ``<|translate|>``] ``<|notimestamps|>``; English-only checkpoints take no language or task token.
+
+        asr names the speech's language (= the target), s2tt the *source* language and translates into English.
+        """
+        vocab = tokenizer.get_vocab()
+        start, plain = model.config.decoder_start_token_id, vocab["<|notimestamps|>"]
+        if not multilingual(model.config):
+            return torch.tensor([[start, plain]] * len(targets))
+        if task == "s2tt":
+            if any(target != "eng" for target in targets):
+                raise UserError("Whisper translates into English only: give --tgt-lang eng (or none)")
+            if sources is None:
+                raise UserError("task s2tt with Whisper needs each speech's language: add a 'language' column")
+            languages, marker = sources, vocab["<|translate|>"]
+        else:
+            languages, marker = targets, vocab["<|transcribe|>"]
+        return torch.tensor([[start, self.language_token(model, tokenizer, code), marker, plain] for code in languages])
 
     def probe_inputs(self, model):
         config = model.config
@@ -80,6 +121,11 @@ class Whisper(Adapter):
                 "decoder": torch.ones(decoder.shape, dtype=torch.bool),
             },
         )
+
+
+def multilingual(config) -> bool:
+    """transformers' rule: English-only Whisper checkpoints have 51,864 tokens, multilingual ones more."""
+    return config.vocab_size >= 51865
 
 
 def window_features(processor, waveforms, frames: int | None) -> tuple[torch.Tensor, torch.Tensor]:
