@@ -215,7 +215,7 @@ class Store:
             if name in ("store_meta", "run_events") or not tables.exists(self.location, name):
                 continue
             if "run" in self.dataset(name).schema.names:
-                tables.delete(self.location, name, f"run = '{run}'")
+                tables.delete(self.location, name, tables.equals("run", run))
         settings = {key: getattr(info, key) for key in RUN_SETTINGS}
         self.log_run_event(run, "deleted", settings, info.config, shard=None)
 

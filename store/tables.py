@@ -69,7 +69,7 @@ def dataset(location: StoreLocation, table: str) -> pads.Dataset:
     return open_table(location, table).to_pyarrow_dataset()
 
 
-def _retrying(commit: Callable[[], object]) -> None:
+def retrying(commit: Callable[[], object]) -> None:
     """Run a commit, retrying with jittered backoff when a concurrent writer committed first."""
     for attempt in range(_COMMIT_RETRIES):
         try:
@@ -83,7 +83,7 @@ def _retrying(commit: Callable[[], object]) -> None:
 
 def append(location: StoreLocation, spec: TableSpec, data: pa.Table, *, merge_schema: bool = False) -> None:
     """Append ``data`` as one atomic commit: readers see all of it or none of it."""
-    _retrying(
+    retrying(
         lambda: write_deltalake(
             location.table_uri(spec.name),
             data,
@@ -108,7 +108,7 @@ def replace(
     must match ``predicate``. ``data`` is called again when a concurrent commit forces a retry (a reader can be
     consumed only once).
     """
-    _retrying(
+    retrying(
         lambda: write_deltalake(
             location.table_uri(spec.name),
             data(),
@@ -122,13 +122,25 @@ def replace(
 
 
 def sql_string(value: str) -> str:
-    """``value`` as a single-quoted SQL string literal (for Delta predicates)."""
+    """``value`` as a single-quoted SQL string literal: the one way a value enters a Delta predicate.
+
+    Example: ``f"run = {sql_string(run)}"`` stays one comparison even for a run named ``x' OR '1'='1``.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"sql_string quotes strings, not {type(value).__name__}")
     return "'" + value.replace("'", "''") + "'"
+
+
+def equals(column: str, value: str) -> str:
+    """A Delta predicate ``column = 'value'`` with the value quoted (``column`` is one of ours, never input)."""
+    if not column.isidentifier():
+        raise ValueError(f"not a plain column name: {column!r}")
+    return f"{column} = {sql_string(value)}"
 
 
 def delete(location: StoreLocation, table: str, predicate: str) -> None:
     """Delete the rows matching a Delta predicate (partition predicates only drop whole files)."""
-    _retrying(lambda: open_table(location, table).delete(predicate))
+    retrying(lambda: open_table(location, table).delete(predicate))
 
 
 def filesystem(location: StoreLocation, table: str | None = None) -> pafs.FileSystem:

@@ -19,6 +19,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 import duckdb
 import numpy as np
@@ -76,6 +77,7 @@ def verify(store: Store, *, on_file: Callable[[str], None] | None = None) -> Ver
     _check_root(store, names, report)
     if not missing and report.ok:
         _check_integrity(store, report)
+        _check_runs(store, report)
     return report
 
 
@@ -111,7 +113,7 @@ def _check_table(store: Store, name: str, widths: dict, report: VerifyReport, on
     partitions = [column for column in actions.column_names if column.startswith("partition.")]
     nonfinite: Counter = Counter()
     for row in actions.select(["path", "size_bytes", "num_records", *partitions]).to_pylist():
-        path = row["path"]
+        path = row["path"] = unquote(row["path"])  # the log holds paths URL-encoded (``hook=%253Ainput``)
         if on_file:
             on_file(f"{name}/{path}")
         data = _read_file(store, name, path, row, listing, report)
@@ -119,7 +121,7 @@ def _check_table(store: Store, name: str, widths: dict, report: VerifyReport, on
             _check_vectors(name, path, data, row, widths, report, nonfinite)
     for (run, hook), count in sorted(nonfinite.items()):
         report.add("warning", name, f"run {run!r}, hook {hook!r}: {count} vectors hold NaN or inf (flagged)")
-    referenced = set(actions["path"].to_pylist())
+    referenced = {unquote(path) for path in actions["path"].to_pylist()}
     foreign = [path for path in listing if path not in referenced and not _is_store_file(path)]
     for path in foreign:
         report.add("error", name, f"unexpected file {path}: a store holds only Parquet files and Delta logs; remove it")
@@ -294,6 +296,20 @@ def _check_integrity(store: Store, report: VerifyReport) -> None:
                 report.add("error", table, message.format(**row))
             if len(rows) > 20:
                 report.add("error", table, f"... and {len(rows) - 20} more like that")
+    finally:
+        con.close()
+
+
+def _check_runs(store: Store, report: VerifyReport) -> None:
+    """Runs that failed, or were left recording: not damage, but they need a --resume (or an --overwrite)."""
+    con = duckdb.connect()
+    try:
+        con.register("_run_events", store.dataset("run_events").to_table())
+        rows = con.sql(f"SELECT run, status, message FROM ({runs_sql('_run_events')}) WHERE status <> 'complete'")
+        for row in rows.to_arrow_table().to_pylist():
+            said = f": {row['message']}" if row["message"] else ""
+            what = "failed" if row["status"] == "failed" else "is still recording (or its process was killed)"
+            report.add("warning", "runs", f"run {row['run']!r} {what}{said}")
     finally:
         con.close()
 
