@@ -120,3 +120,20 @@ def test_sql_string_refuses_what_it_cannot_quote():
         tables.sql_string(1)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         tables.equals("run = 'a' OR 1", "x")
+
+
+def test_a_predicate_cannot_reach_the_examples_of_runs_not_named(store):
+    """The escape that let a ranking count other runs' examples (n_among 2,428 for a run of 396)."""
+    from hookpoints.analyses.examples import open_runs, select_examples
+
+    fill(store, "mine", seed=1)
+    fill(store, "other", seed=2, columns={"example_id": ["a", "b", "c", "d"], "text": ["x", "y", "z", "w"]})
+    with store.query() as session:
+        group = open_runs(session, ["mine"])
+        escape = "$$'$$) OR run IS NOT NULL OR ($$'$$ = ''"
+        with pytest.raises(UserError, match="does not parse"):
+            select_examples(session, group, escape)
+        with pytest.raises(UserError, match="has no examples"):
+            select_examples(session, group, "run = 'other'")
+        examples = select_examples(session, group, "run <> '' OR true")
+        assert len(examples) == 3 and examples.mask(session, "true", "--among").sum() == 3
