@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +26,8 @@ from hookpoints.store.schema import CORE_TABLES, RUN_EVENTS, RUN_NAME, SCHEMA_VE
 from hookpoints.errors import UserError
 
 RUN_SETTINGS = ("model", "task", "pooling", "dtype")
+#: A table of the store is a folder directly under its root: a plain name, never a path.
+TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,9 @@ class Store:
         self._tables.add(spec.name)
 
     def table_names(self) -> list[str]:
-        return sorted(key.removeprefix("table:") for key in self.meta() if key.startswith("table:"))
+        """The tables store_meta registers (a name that is not a plain name is ignored; verify reports it)."""
+        names = (key.removeprefix("table:") for key in self.meta() if key.startswith("table:"))
+        return sorted(name for name in names if TABLE_NAME.match(name))
 
     def append(self, spec: TableSpec, data: pa.Table, *, merge_schema: bool = False) -> None:
         """Append rows to a table as one atomic commit (creating the table first if needed)."""
