@@ -123,7 +123,8 @@ def _not_scalar() -> frozenset[str]:
     rows = (
         _cursor()
         .execute(
-            "SELECT DISTINCT lower(function_name) FROM duckdb_functions() WHERE function_type NOT IN ('scalar', 'macro')"
+            "SELECT DISTINCT lower(function_name) FROM duckdb_functions() "
+            "WHERE function_type NOT IN ('scalar', 'macro')"
         )
         .fetchall()
     )

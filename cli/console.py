@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,10 +21,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 # Piped output (files, grep, tests) gets wide lines instead of folded table cells.
-out = Console() if Console().is_terminal else Console(width=200)
-err = Console(stderr=True)
+# Emoji codes off: text from a store or an error message (``:-1:``) prints as written.
+out = Console(emoji=False) if Console().is_terminal else Console(width=200, emoji=False)
+err = Console(stderr=True, emoji=False)
 
 FORMATS = ("table", "csv", "json")
 
@@ -65,7 +68,7 @@ def render(rows: pa.Table | list[dict], fmt: str = "table", *, title: str | None
         records = rows
         columns = list(records[0]) if records else []
     if fmt == "json":
-        sys.stdout.write(json.dumps(records, default=_plain, ensure_ascii=False, indent=1) + "\n")
+        sys.stdout.write(strict_json(records, indent=1) + "\n")
     elif fmt == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)
@@ -74,15 +77,30 @@ def render(rows: pa.Table | list[dict], fmt: str = "table", *, title: str | None
     else:
         table = Table(title=title, show_lines=False, header_style="bold cyan")
         for column in columns:
-            table.add_column(column, overflow="fold")
-        for record in records:
-            table.add_row(*[_cell(record[c]) for c in columns])
+            table.add_column(Text(column), overflow="fold")
+        for record in records:  # cells are Text, never markup: "[/INST]" or ":-1:" from a store print as written
+            table.add_row(*[Text("null", "dim") if record[c] is None else Text(_cell(record[c])) for c in columns])
         out.print(table)
-        out.print(f"[dim]{len(records)} row{'s' if len(records) != 1 else ''}[/dim]")
+        out.print(Text(f"{len(records)} row{'s' if len(records) != 1 else ''}", "dim"))
+
+
+def strict_json(value, indent: int | None = None) -> str:
+    """JSON that strict parsers accept: NaN and infinities as null, timestamps as ISO text, bytes as hex."""
+    return json.dumps(_finite(value), default=_plain, ensure_ascii=False, allow_nan=False, indent=indent)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    return value
 
 
 def _plain(value):
-    if isinstance(value, (datetime.datetime, datetime.date)):
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
         return value.isoformat()
     if isinstance(value, bytes):
         return value.hex()
