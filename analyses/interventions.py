@@ -166,6 +166,8 @@ def _indices(text: str, width: int, hook: str) -> list[int]:
         low, _, high = part.partition("-")
         if not low.isdigit() or (high and not high.isdigit()):
             raise UserError(f"--neurons {hook}:{text}: {part!r} is not an index or a range like 7-9")
+        if high and int(high) < int(low):
+            raise UserError(f"--neurons {hook}:{text}: range {part!r} runs backwards; write it {high}-{low}")
         for index in range(int(low), int(high or low) + 1):
             if index >= width:
                 raise UserError(f"neuron {index} is out of range for hook {hook} (width {width}: 0..{width - 1})")

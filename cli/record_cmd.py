@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from hookpoints.cli.console import counting, err, out
+from hookpoints.cli.params import FiniteFloat
 
 
 @click.command("record")
@@ -30,7 +31,7 @@ from hookpoints.cli.console import counting, err, out
     show_default=True,
     help="Per example over valid positions; none keeps every position.",
 )
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option(
     "--dtype",
     type=click.Choice(["float32", "float16"]),
@@ -74,7 +75,7 @@ from hookpoints.cli.console import counting, err, out
 )
 @click.option(
     "--buffer-mb",
-    type=float,
+    type=FiniteFloat(0),
     default=64,
     show_default=True,
     help="Commit at least every this many MB of activations (what a crash can lose).",

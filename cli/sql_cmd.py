@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from hookpoints.cli.console import FORMATS
+from hookpoints.cli.params import FiniteFloat
 
 
 @click.command("sql")
@@ -11,7 +12,7 @@ from hookpoints.cli.console import FORMATS
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(0, strict=True),
     default=600,
     show_default=True,
     help="Stop the query after this many seconds.",

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from hookpoints.adapters import adapter_for
+from hookpoints.adapters import ADAPTERS, adapter_for
 from hookpoints.errors import UserError
 from hookpoints.model import HookedModel
 
@@ -31,6 +34,7 @@ def load(
     """
     source = str(source)
     _check_source(source)
+    check_device(device)
     quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(source)
@@ -42,6 +46,7 @@ def load(
             "or a hub id where the hub is reachable)"
         ) from None
     adapter = adapter_for(config.model_type)
+    _check_supported(source, config, adapter)
     modalities = adapter.modalities(config)
     modality = modality or modalities[0]
     if modality not in modalities:
@@ -49,10 +54,7 @@ def load(
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     model_class = adapter.model_class(config, modality)
-    try:
-        model = model_class.from_pretrained(source, dtype=DTYPES[dtype]).to(device)
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load model weights from {source}: {_one_line(error)}") from None
+    model = _load_weights(model_class, source, DTYPES[dtype], device)
     return HookedModel(
         model,
         adapter,
@@ -90,6 +92,93 @@ def _check_source(source: str) -> None:
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
     if looks_local or not _HUB_ID.match(source):
         raise UserError(f"model path {source} does not exist")
+    if not _in_hub_cache(source) and not _hub_reachable():
+        raise UserError(
+            f"model {source}: there is no such folder here, and the hub is not reachable (nor is it cached) to "
+            "fetch it as a hub id: check the path"
+        )
+
+
+def _in_hub_cache(source: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(source, "config.json"), str)
+    except ValueError:  # not a valid repository id
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers at all (offline mode, no DNS or no route: False at once, not after retries)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_device(device: str) -> None:
+    """Refuse a device that does not exist here, naming those that do (before anything is loaded)."""
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise UserError(
+            f"--device {device!r} is not a device name ({_one_line(error)}); e.g. cpu, cuda, cuda:0"
+        ) from None
+    if chosen.type == "cpu":
+        return
+    count = torch.cuda.device_count() if chosen.type == "cuda" else 0
+    if chosen.type == "mps" and torch.backends.mps.is_available():
+        return
+    if chosen.type == "cuda" and count and (chosen.index is None or chosen.index < count):
+        return
+    have = ["cpu", *(f"cuda:{i}" for i in range(count))] + (["mps"] if torch.backends.mps.is_available() else [])
+    raise UserError(f"--device {device}: there is no such device here; devices: {', '.join(have)}")
+
+
+def _check_supported(source: str, config, adapter) -> None:
+    """A family without its own adapter is recorded generically only if it is a decoder-only or encoder text model."""
+    if adapter.name != "generic":
+        return
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    text = (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
+    if text and not getattr(config, "is_encoder_decoder", False):
+        return
+    families = sorted({kind for each in ADAPTERS for kind in each.model_types})
+    raise UserError(
+        f"model {source} is a {config.model_type} model, which hookpoints does not support: supported are "
+        f"{', '.join(families)}, and other decoder-only or encoder-only text models"
+    )
+
+
+def _load_weights(model_class, source: str, dtype, device: str):
+    """The model's weights, with the known ways a checkpoint folder is broken said in one line."""
+    from safetensors import SafetensorError
+
+    try:
+        return model_class.from_pretrained(source, dtype=dtype).to(device)
+    except SafetensorError as error:
+        raise UserError(
+            f"the weights file of {source} is damaged or truncated ({_one_line(error)}): save or download it again"
+        ) from None
+    except RuntimeError as error:
+        if "size mismatch" in str(error) or "ignore_mismatched_sizes" in str(error):
+            raise UserError(
+                f"the weights of {source} do not match its config.json (tensor sizes differ): use the config "
+                "the weights were saved with"
+            ) from None
+        raise
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load model weights from {source}: {_one_line(error)}") from None
 
 
 _TOKENIZER_FILES = (
