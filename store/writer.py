@@ -19,16 +19,20 @@ application ids, so they commit side by side; the run is complete when every sha
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from deltalake.exceptions import CommitFailedError, DeltaError
 from hookpoints.store import overwrite
 from hookpoints.store.catalog import RUN_SETTINGS, Store, validate_run_name
 from hookpoints.store.commits import FencedAppender, WriterFenced, app_id, append_once
 from hookpoints.store.runs import check_shard
 from hookpoints.store.schema import ACTIVATIONS, CORE_TABLES, HOOKS, RESERVED_EXAMPLE_COLUMNS
+from hookpoints.store.verify_logs import one_line
 
 from hookpoints.errors import UserError
 
@@ -76,9 +80,10 @@ def open_run(
     index, count = check_shard(shard)
     if if_exists not in ("error", "resume", "overwrite"):
         raise ValueError(f"if_exists must be error, resume or overwrite, not {if_exists!r}")
-    examples_cast = _examples_casts(store, examples_schema)
-    overwrite.recover(store, run)  # an earlier overwrite killed while swapping in: finish it first
-    info = store.run_info(run)
+    with damage_said(store, run):
+        examples_cast = _examples_casts(store, examples_schema)
+        overwrite.recover(store, run)  # an earlier overwrite killed while swapping in: finish it first
+        info = store.run_info(run)
     replaces = None  # the run an overwrite records aside and swaps in when complete (store/overwrite.py)
     if info is not None and if_exists == "overwrite":
         if count > 1:
@@ -88,10 +93,12 @@ def open_run(
             )
         overwrite.discard(store, run)
         replaces, run, info = run, overwrite.staging_name(run), None
-    states = {} if info is None else store.shard_states(run)
+    with damage_said(store, run):
+        states = {} if info is None else store.shard_states(run)
+        if info is not None:
+            _check_shards(store, run, info, count)
+            _check_resumable(store, run, info, settings, hooks)
     if info is not None:
-        _check_shards(store, run, info, count)
-        _check_resumable(store, run, info, settings, hooks)
         if index in states and if_exists == "error":
             part = f"run {run!r}" if count == 1 else f"shard {index}/{count} of run {run!r}"
             also = " or --overwrite to replace it" if count == 1 else ""
@@ -111,10 +118,13 @@ def open_run(
     # What is already there is read from the very snapshots the writer's commits build on (see the docstring).
     done, present = set(), set()
     if info is not None:
-        done = store.recorded_example_ids(run, len(hooks), activations.dataset())
-        present = set(
-            examples.dataset().to_table(columns=["example_id"], filter=pc.field("run") == run)["example_id"].to_pylist()
-        )
+        with damage_said(store, run, log=(settings, config, (index, count))):
+            done = store.recorded_example_ids(run, len(hooks), activations.dataset())
+            present = set(
+                examples.dataset()
+                .to_table(columns=["example_id"], filter=pc.field("run") == run)["example_id"]
+                .to_pylist()
+            )
     return RunWriter(
         store,
         run,
@@ -129,6 +139,28 @@ def open_run(
         appenders=(examples, activations),
         replaces=replaces,
     )
+
+
+@contextmanager
+def damage_said(store: Store, run: str, *, log: tuple | None = None):
+    """Turn a failure to read what the store holds into a UserError saying the store is damaged and what to run.
+
+    ``log=(settings, config, shard)``: also log the shard failed with that message (it was already started).
+    """
+    try:
+        yield
+    except (OSError, pa.ArrowException, duckdb.Error, DeltaError) as error:
+        if isinstance(error, CommitFailedError):
+            raise
+        uri = store.location.uri
+        message = (
+            f"store {uri} is damaged, so run {run!r} cannot be continued ({one_line(error)[:200]}): run "
+            f"`hookpoints store verify {uri}` to see what is damaged"
+        )
+        if log is not None:
+            settings, config, shard = log
+            store.log_run_event(run, "failed", settings, config, message[:1000], shard=shard)
+        raise UserError(message) from None
 
 
 class RunWriter:

@@ -137,3 +137,30 @@ def test_a_predicate_cannot_reach_the_examples_of_runs_not_named(store):
             select_examples(session, group, "run = 'other'")
         examples = select_examples(session, group, "run <> '' OR true")
         assert len(examples) == 3 and examples.mask(session, "true", "--among").sum() == 3
+
+
+def test_store_info_shows_a_failed_recording_and_its_message(store, run_cli):
+    fill(store, "r1", seed=1)
+    writer = overwrite_r1(store)
+    writer.finish("failed", "RuntimeError: out of memory")
+    code, out, _ = run_cli("store", "info", store.location.uri)
+    assert code == 0
+    line = next(line for line in out.splitlines() if "r1~overwrite" in line)
+    assert "failed" in line and "overwrite of run 'r1' failed" in out
+
+
+@pytest.mark.parametrize("damage", ["missing data file", "truncated log entry"])
+def test_resume_on_a_damaged_store_says_it_is_damaged(store, damage):
+    fill(store, "r1")
+    root = Path(store.location.uri)
+    if damage == "missing data file":
+        next(p for p in (root / "activations").rglob("*.parquet") if "_delta_log" not in p.parts).unlink()
+    else:
+        entry = sorted((root / "examples" / "_delta_log").glob("*.json"))[-1]
+        entry.write_bytes(entry.read_bytes()[:40])
+    schema = pa.table({"example_id": ["a"], "text": ["x"]}).schema
+    with pytest.raises(
+        UserError, match=r"is damaged, so run 'r1' cannot be continued .*hookpoints store verify"
+    ) as caught:
+        open_run(store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema, if_exists="resume")
+    assert "\n" not in str(caught.value) and "<unknown>" not in str(caught.value)
