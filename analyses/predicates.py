@@ -5,13 +5,14 @@ knows (``'...'``, ``E'...'``, ``$$...$$``, ``"..."``) is read exactly as DuckDB 
 only when it is one expression (no FROM, WHERE, alias, second statement) built from column names, constants,
 operators and scalar functions: no subquery, aggregate, window, table function, parameter, ``*`` or
 qualified name (``examples.run``), so it can only test one example's own columns. The checked expression is
-then re-rendered by DuckDB (``json_deserialize_sql``), and callers evaluate it over the runs they name
-only (``FROM (SELECT * FROM examples WHERE <runs>) WHERE <predicate>``).
+kept as written when ``(<predicate>)`` parses to the very same expression, and re-rendered by DuckDB
+(``json_deserialize_sql``) otherwise (a trailing ``--`` comment would swallow what follows it); callers
+evaluate it over the runs they name only (``FROM (SELECT * FROM examples WHERE <runs>) WHERE <predicate>``).
 
 Example::
 
-    check_predicate("language = 'de' AND modality = 'speech'", "--positive")
-    # -> '(("language" = \\'de\\') AND ("modality" = \\'speech\\'))'
+    check_predicate("language = 'de' AND modality = 'speech'", "--positive")  # returned as given
+    check_predicate("language = 'de' -- German", "--positive")  # -> '(("language" = \\'de\\'))'
 """
 
 from __future__ import annotations
@@ -51,9 +52,29 @@ def check_predicate(text: str | None, option: str, columns: list[str] | None = N
     if not plain:
         raise UserError(f"{option} {text!r}: give one boolean expression over the examples' columns, nothing more")
     _check_expression(select[0], text, option, {c.lower() for c in columns} if columns is not None else None)
+    if _same_in_parentheses(text, select[0]):
+        return text  # as the user wrote it: shown in tables and messages as given
     tree = json.dumps({"error": False, "statements": [{"node": node, "named_param_map": []}]})
     sql = _cursor().execute("SELECT json_deserialize_sql($q)", {"q": tree}).fetchone()[0]
     return f"({sql.removeprefix('SELECT ').strip()})"
+
+
+def _same_in_parentheses(text: str, expression: dict) -> bool:
+    """Whether ``(text)`` parses to the very same expression (false for e.g. a trailing ``--`` comment, which
+    would swallow the closing parenthesis and what follows it in the query it is put into)."""
+    result = json.loads(_cursor().execute("SELECT json_serialize_sql($q)", {"q": f"SELECT ({text})"}).fetchone()[0])
+    if result.get("error") or len(result["statements"]) != 1:
+        return False
+    wrapped = result["statements"][0]["node"]["select_list"]
+    return len(wrapped) == 1 and _without_locations(wrapped[0]) == _without_locations(expression)
+
+
+def _without_locations(node):
+    if isinstance(node, dict):
+        return {k: _without_locations(v) for k, v in node.items() if not k.startswith("query_location")}
+    if isinstance(node, list):
+        return [_without_locations(item) for item in node]
+    return node
 
 
 def _parse(text: str, option: str) -> dict:

@@ -75,6 +75,8 @@ class Store:
             if not being_created:
                 if check_version:
                     store._check_schema_version()
+                if create and location.is_local:  # opened to write: delta-rs panics on a read-only folder
+                    _check_writable(Path(location.uri))
                 return store
         elif not create:
             raise UserError(f"{where} is not a hookpoints store (no store_meta table): check the path")
@@ -273,6 +275,17 @@ def _check_local_folder(root: Path) -> None:
         raise UserError(
             f"cannot write to store folder {root}: {error.strerror or error}; pick a folder you can write"
         ) from None
+
+
+def _check_writable(root: Path) -> None:
+    """Refuse a local store whose tables this process cannot write (instead of a Rust panic at the first commit)."""
+    for name in CORE_TABLES:
+        log = root / name / "_delta_log"
+        if log.is_dir() and not os.access(log, os.W_OK | os.X_OK):
+            raise UserError(
+                f"store {root} is read-only for this user ({log} cannot be written): record into a store you can "
+                "write, or ask its owner for write access"
+            )
 
 
 def _exists(location: StoreLocation, table: str, where) -> bool:

@@ -164,3 +164,17 @@ def test_resume_on_a_damaged_store_says_it_is_damaged(store, damage):
     ) as caught:
         open_run(store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema, if_exists="resume")
     assert "\n" not in str(caught.value) and "<unknown>" not in str(caught.value)
+
+
+def test_a_read_only_store_is_refused_before_recording(store, monkeypatch):
+    """(Tests run as root here, for whom nothing is read-only: the permission answer is stood in for.)"""
+    import os
+
+    fill(store, "r1")
+    before = checksums(Path(store.location.uri))
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if "_delta_log" in str(path) else real(path, mode))
+    with pytest.raises(UserError, match="is read-only for this user"):
+        Store.open(store.location.uri, create=True)
+    assert Store.open(store.location.uri).run_info("r1").status == "complete"  # reading is fine
+    assert checksums(Path(store.location.uri)) == before
