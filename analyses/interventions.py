@@ -20,6 +20,7 @@ import pyarrow as pa
 from hookpoints.analyses.labels import PRESETS, check_predicate, slug
 from hookpoints.analyses.selection import selected_neurons, stored_sets
 from hookpoints.store.query import QuerySession
+from hookpoints.store.quoting import sql_string
 
 from hookpoints.errors import UserError
 
@@ -234,7 +235,7 @@ def _statistic(session: QuerySession, selection: Selection, function: str, run: 
             f"no example of run {run!r} matches --stats-where {where!r}: a {function} over an empty subset; "
             "check the values with hookpoints sql"
         )
-    literals = ", ".join("'" + hook.replace("'", "''") + "'" for hook in hooks)
+    literals = ", ".join(sql_string(hook) for hook in hooks)
     result = session.sql(
         f"""WITH chosen AS (SELECT unnest($hooks) AS hook, unnest($neurons) AS neuron)
             SELECT chosen.hook, chosen.neuron, {function}(a.activation[chosen.neuron + 1]) AS value

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from hookpoints.analyses import predicates
+from hookpoints.store.quoting import sql_string
 
 from hookpoints.errors import UserError
 
@@ -51,6 +51,8 @@ class LabelSet:
 
 def check_predicate(text: str | None, option: str, columns: list[str] | None = None) -> str:
     """One safe boolean expression, checked by DuckDB's parser (analyses/predicates.py), or a UserError."""
+    from hookpoints.analyses import predicates  # DuckDB only when a predicate is checked (CLI start-up)
+
     return predicates.check_predicate(text, option, columns)
 
 
@@ -87,7 +89,7 @@ def sql_literal(value) -> str:
         return "TRUE" if value else "FALSE"
     if isinstance(value, (int, float)):
         return repr(value)
-    return "'" + str(value).replace("'", "''") + "'"
+    return sql_string(str(value))
 
 
 def preset_label_sets(

@@ -13,6 +13,7 @@ from deltalake import DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.fs import DeltaStorageHandler
 from hookpoints.store.location import StoreLocation
+from hookpoints.store.quoting import equals, sql_string  # noqa: F401 - the one quoting helper, used via tables
 from hookpoints.store.schema import TableSpec
 
 #: About 1,000 rows per row group lets DuckDB parallelise scans and skip row groups by statistics.
@@ -119,23 +120,6 @@ def replace(
             writer_properties=writer_properties(spec),
         )
     )
-
-
-def sql_string(value: str) -> str:
-    """``value`` as a single-quoted SQL string literal: the one way a value enters a Delta predicate.
-
-    Example: ``f"run = {sql_string(run)}"`` stays one comparison even for a run named ``x' OR '1'='1``.
-    """
-    if not isinstance(value, str):
-        raise TypeError(f"sql_string quotes strings, not {type(value).__name__}")
-    return "'" + value.replace("'", "''") + "'"
-
-
-def equals(column: str, value: str) -> str:
-    """A Delta predicate ``column = 'value'`` with the value quoted (``column`` is one of ours, never input)."""
-    if not column.isidentifier():
-        raise ValueError(f"not a plain column name: {column!r}")
-    return f"{column} = {sql_string(value)}"
 
 
 def delete(location: StoreLocation, table: str, predicate: str) -> None:
