@@ -56,7 +56,7 @@ PANEL_SHORT = {"attention": "attn", "ffn": "ffn", "convolution": "conv", "other"
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), help="Write figures here.")
 @click.option(
     "--memory-gb",
-    type=FiniteFloat(0, strict=True),
+    type=FiniteFloat(),
     default=2.0,
     show_default=True,
     help="Budget for one hook's matrix.",
