@@ -101,18 +101,34 @@ class QuerySession:
 
     def batches(
         self, text: str, params: dict | None = None, *, rows: int = 4096, timeout: float | None = None
-    ) -> Iterator[pa.RecordBatch]:
+    ) -> pa.RecordBatchReader:
         """Like :meth:`sql`, but stream the result as Arrow record batches of at most ``rows`` rows.
 
         For results too big to hold (a layer's activations over 100,000 examples, a 2 M-row SELECT printed
-        as CSV): the caller handles each batch and drops it. ``timeout`` covers the whole stream.
+        as CSV): the caller handles each batch and drops it. ``timeout`` covers the whole stream (until the
+        reader is exhausted or dropped).
         """
         self._check_read_only(text)
-        with self.deadline(timeout):
+        deadline = self.deadline(timeout)
+        deadline.__enter__()
+        try:
+            reader = self.con.sql(text, params=params).to_arrow_reader(rows)
+        except duckdb.Error as error:
+            deadline.__exit__(None, None, None)
+            raise self._failure(error, timeout) from None
+        except BaseException:
+            deadline.__exit__(None, None, None)
+            raise
+
+        def stream() -> Iterator[pa.RecordBatch]:
             try:
-                yield from self.con.sql(text, params=params).to_arrow_reader(rows)
+                yield from reader
             except duckdb.Error as error:
                 raise self._failure(error, timeout) from None
+            finally:
+                deadline.__exit__(None, None, None)
+
+        return pa.RecordBatchReader.from_batches(reader.schema, stream())
 
     @contextmanager
     def deadline(self, seconds: float | None):

@@ -65,8 +65,15 @@ def test_a_query_past_its_timeout_is_stopped(texts_store, run_cli):
     )
     assert code == 2 and "timeout of 0.5 s" in err
     assert time.perf_counter() - started < 30
-    with texts_store.query() as session, pytest.raises(UserError, match="timeout of 0.2 s"):
-        session.sql("SELECT count(*) FROM range(10000000000000)", timeout=0.2)
+    with texts_store.query() as session:
+        with pytest.raises(UserError, match="timeout of 0.2 s"):
+            session.sql("SELECT count(*) FROM range(10000000000000)", timeout=0.2)
+        with pytest.raises(UserError, match="timeout of 0.2 s"):
+            for _ in session.batches("SELECT * FROM range(10000000000000) WHERE range % 7 = 99", timeout=0.2):
+                pass
+        assert session.sql("SELECT 1 AS x")["x"].to_pylist() == [1]  # the session is usable afterwards
+        time.sleep(0.3)  # and no timer of a finished query interrupts a later one
+        assert session.sql("SELECT count(*) AS n FROM range(3000000)")["n"].to_pylist() == [3000000]
 
 
 @pytest.mark.parametrize("value", ["nan", "0", "-1", "inf"])
