@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import datetime
 import sys
-from collections.abc import Iterable
 
 import pyarrow as pa
 from hookpoints.cli.console import out, strict_json
@@ -25,7 +24,7 @@ from rich.text import Text
 TABLE_ROWS = 1000
 
 
-def write_stream(batches: Iterable[pa.RecordBatch], fmt: str) -> int:
+def write_stream(batches: pa.RecordBatchReader, fmt: str) -> int:
     """Write every batch in ``fmt`` (table, csv, json); the number of rows written."""
     if fmt == "csv":
         return _csv(batches)
@@ -35,11 +34,9 @@ def write_stream(batches: Iterable[pa.RecordBatch], fmt: str) -> int:
 
 
 def _csv(batches) -> int:
-    writer, rows, header = csv.writer(sys.stdout), 0, False
+    writer, rows = csv.writer(sys.stdout), 0
+    writer.writerow(batches.schema.names)  # also for an empty result
     for batch in batches:
-        if not header:
-            writer.writerow(batch.schema.names)
-            header = True
         for record in batch.to_pylist():
             writer.writerow([_csv_cell(value) for value in record.values()])
         rows += batch.num_rows
@@ -63,12 +60,10 @@ def json_line(value) -> str:
 
 
 def _table(batches) -> int:
-    table, rows, more = None, 0, False
+    table, rows, more = Table(show_lines=False, header_style="bold cyan"), 0, False
+    for name in batches.schema.names:
+        table.add_column(Text(name), overflow="fold")
     for batch in batches:
-        if table is None:
-            table = Table(show_lines=False, header_style="bold cyan")
-            for name in batch.schema.names:
-                table.add_column(Text(name), overflow="fold")
         for record in batch.to_pylist():
             if rows == TABLE_ROWS:
                 more = True
@@ -77,8 +72,7 @@ def _table(batches) -> int:
             rows += 1
         if more:
             break
-    if table is not None:
-        out.print(table)
+    out.print(table)
     if more:
         out.print(
             Text(f"first {TABLE_ROWS} rows shown; there are more: use --format csv or json for all, or LIMIT", "dim")
