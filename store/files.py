@@ -20,8 +20,10 @@ import time
 import uuid
 from urllib.parse import quote
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake.transaction import AddAction
 from hookpoints.store import tables
@@ -34,12 +36,14 @@ _STATS_TYPES = (pa.types.is_string, pa.types.is_integer, pa.types.is_boolean, pa
 
 def write_files(location: StoreLocation, spec: TableSpec, data: pa.Table) -> list[AddAction]:
     """Write ``data`` as one checksummed Parquet file per partition; the actions that commit them."""
-    filesystem = tables.filesystem(location, spec.name)
+    filesystem = _filesystem(location, spec.name)
     keys = list(spec.partition_by)
     actions = []
     for values, part in _partitions(data, keys) if keys else [((), data)]:
         folder = "/".join(f"{key}={quote(str(value), safe='')}" for key, value in zip(keys, values, strict=True))
         path = (folder + "/" if folder else "") + f"part-{uuid.uuid4()}.zstd.parquet"
+        if folder:
+            filesystem.create_dir(folder, recursive=True)
         body = part.drop_columns(keys)
         with filesystem.open_output_stream(path) as sink:
             pq.write_table(
@@ -57,14 +61,37 @@ def write_files(location: StoreLocation, spec: TableSpec, data: pa.Table) -> lis
 
 
 def _partitions(data: pa.Table, keys: list[str]):
-    """(partition values, rows) for each distinct combination of ``keys`` in ``data``."""
-    combos = data.select(keys).group_by(keys).aggregate([]).to_pylist()
-    for combo in combos:
-        mask = None
-        for key in keys:
-            test = pc.is_null(data[key]) if combo[key] is None else pc.equal(data[key], combo[key])
-            mask = test if mask is None else pc.and_(mask, test)
-        yield tuple(combo[key] for key in keys), data.filter(mask)
+    """(partition values, rows) for each distinct combination of ``keys``: zero-copy slices of ``data``
+    (sorted by ``keys`` first unless its rows already come grouped, as the run writer's do)."""
+    starts = _run_starts(data, keys)
+    if len(starts) != data.select(keys).group_by(keys).aggregate([]).num_rows:
+        data = data.take(pc.sort_indices(data, [(key, "ascending") for key in keys]))
+        starts = _run_starts(data, keys)
+    bounds = [*starts.tolist(), data.num_rows]
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        part = data.slice(start, stop - start)
+        yield tuple(part[key][0].as_py() for key in keys), part
+
+
+def _run_starts(data: pa.Table, keys: list[str]) -> np.ndarray:
+    """Row indices where the combination of ``keys`` changes (0 first)."""
+    n = data.num_rows
+    change = np.zeros(n, dtype=bool)
+    if n:
+        change[0] = True
+    for key in keys:
+        column = data[key].combine_chunks()
+        differs = pc.fill_null(pc.not_equal(column.slice(1), column.slice(0, n - 1)), True)
+        both_null = pc.and_(column.slice(1).is_null(), column.slice(0, n - 1).is_null())
+        change[1:] |= np.asarray(pc.and_(differs, pc.invert(both_null)), dtype=bool)
+    return np.flatnonzero(change)
+
+
+def _filesystem(location: StoreLocation, table: str) -> pafs.FileSystem:
+    """Arrow's native file system for a local store (no Python call per write), Delta's object store otherwise."""
+    if location.is_local:
+        return pafs.SubTreeFileSystem(location.table_uri(table), pafs.LocalFileSystem())
+    return tables.filesystem(location, table)
 
 
 def _stats(body: pa.Table) -> str:
