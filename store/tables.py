@@ -10,11 +10,13 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from deltalake import DeltaTable, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 from deltalake.fs import DeltaStorageHandler
-from hookpoints.store.location import StoreLocation
+from hookpoints.store.location import StoreLocation, without_backtrace
 from hookpoints.store.quoting import equals, sql_string  # noqa: F401 - the one quoting helper, used via tables
 from hookpoints.store.schema import TableSpec
+
+from hookpoints.errors import UserError
 
 #: About 1,000 rows per row group lets DuckDB parallelise scans and skip row groups by statistics.
 ROW_GROUP_ROWS = 1024
@@ -55,6 +57,11 @@ def open_table(location: StoreLocation, table: str) -> DeltaTable:
         return DeltaTable(location.table_uri(table), storage_options=location.storage_options)
     except TableNotFoundError as error:
         raise FileNotFoundError(f"table {table!r} is missing from store {location.uri}") from error
+    except DeltaError as error:  # a damaged log (delta-rs: "Kernel error: Json error ...")
+        raise UserError(
+            f"table {table!r} of store {location.uri} cannot be read ({without_backtrace(error)[:200]}): its log "
+            f"is damaged; run `hookpoints store verify {location.uri}` to see what"
+        ) from None
 
 
 def dataset(location: StoreLocation, table: str) -> pads.Dataset:

@@ -30,6 +30,8 @@ from hookpoints.store.catalog import Store
 from hookpoints.store.runs import runs_sql
 from hookpoints.store.schema import CORE_TABLES, SCHEMA_VERSION
 
+from hookpoints.errors import UserError
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -54,6 +56,8 @@ class VerifyReport:
 def verify(store: Store, *, on_file: Callable[[str], None] | None = None) -> VerifyReport:
     """Run every check; ``on_file(path)`` is called as each data file is read (for a progress bar)."""
     report = VerifyReport()
+    if verify_logs.check_logs(store, ["store_meta"], report):
+        return report  # nothing else can be found without the store's own table
     version = store.schema_version()
     if version != SCHEMA_VERSION:
         older = version is not None and version < SCHEMA_VERSION
@@ -64,7 +68,7 @@ def verify(store: Store, *, on_file: Callable[[str], None] | None = None) -> Ver
     missing = [name for name in CORE_TABLES if name not in names]
     for name in missing:
         report.add("error", name, "table is not registered in store_meta or missing")
-    broken = verify_logs.check_logs(store, names, report)
+    broken = verify_logs.check_logs(store, names[1:], report)
     widths = _hook_widths(store) if "hooks" in names and "hooks" not in broken else {}
     for name in names:
         if name not in broken:
@@ -79,7 +83,11 @@ def verify(store: Store, *, on_file: Callable[[str], None] | None = None) -> Ver
 def data_files(store: Store) -> int:
     """How many data files the current version of every table refers to (the progress bar's total)."""
     total = 0
-    for name in ["store_meta", *store.table_names()]:
+    try:
+        names = ["store_meta", *store.table_names()]
+    except UserError:
+        return 0  # store_meta itself is damaged: verify says so
+    for name in names:
         try:
             total += tables.open_table(store.location, name).get_add_actions().num_rows
         except BaseException as error:  # noqa: BLE001 - a damaged log is verify's finding, not a crash here

@@ -22,13 +22,13 @@ from urllib.parse import unquote
 
 from hookpoints.store import tables
 from hookpoints.store.catalog import TABLE_NAME, Store
+from hookpoints.store.location import without_backtrace
 
 _COMMIT = re.compile(r"^_delta_log/(\d{20})\.json$")
 #: Files Delta Lake itself keeps in a table's ``_delta_log`` folder (commits, checkpoints, their helpers).
 LOG_FILE = re.compile(
     r"^_delta_log/(\d{20}\.json|\d{20}\.checkpoint(\.\d+\.\d+)?\.parquet|_last_checkpoint|\d{20}\.crc)$"
 )
-_BACKTRACE = re.compile(r"\s+\d+: (<unknown>|\S+ at ).*$", re.S)
 
 
 def registered_names(store: Store, report) -> list[str]:
@@ -101,4 +101,4 @@ def is_parquet(store: Store, table: str, path: str) -> bool:
 
 def one_line(error: BaseException) -> str:
     """An error's message on one line, without delta-rs' Rust backtrace."""
-    return " ".join(_BACKTRACE.sub("", str(error)).split())[:300]
+    return without_backtrace(error)

@@ -6,13 +6,16 @@ import shutil
 
 import pytest
 from hookpoints.store.catalog import Store
+from hookpoints.store.location import StoreLocation
 from hookpoints.store.verify import verify
 
 from tests.hostile_helpers import fill
 
 
 def errors(store: Store) -> list[str]:
-    return [f"{f.table}: {f.message}" for f in verify(Store.open(store.location.uri)).findings if f.level == "error"]
+    """verify's errors, from a Store object made without reading anything (its store_meta may be damaged)."""
+    fresh = Store(StoreLocation.parse(store.location.uri))
+    return [f"{f.table}: {f.message}" for f in verify(fresh).findings if f.level == "error"]
 
 
 def data_file(root, table="activations"):
@@ -38,10 +41,12 @@ def test_flipped_bytes_in_a_parquet_file_of_unchanged_size_are_found_by_page_che
     assert any(path.name in message and "damaged" in message for message in found), found
 
 
+@pytest.mark.parametrize("table", ["activations", "store_meta"])
 @pytest.mark.parametrize("case", ["truncated", "garbage", "deleted", "outside"])
-def test_a_damaged_delta_log_is_named_without_a_backtrace(store, tmp_path, case):
+def test_a_damaged_delta_log_is_named_without_a_backtrace(store, tmp_path, case, table):
     fill(store, "r1")
-    log = tmp_path / "store" / "activations" / "_delta_log"
+    log = tmp_path / "store" / table / "_delta_log"
+    assert '"path":"' in sorted(log.glob("*.json"))[-1].read_text()  # the last entry adds a file
     entry = sorted(log.glob("*.json"))[-1]
     if case == "truncated":
         entry.write_bytes(entry.read_bytes()[:50])
@@ -50,9 +55,9 @@ def test_a_damaged_delta_log_is_named_without_a_backtrace(store, tmp_path, case)
     elif case == "deleted":
         shutil.rmtree(log)
     else:
-        entry.write_text(entry.read_text().replace('"path":"run=r1/hook=h0/', '"path":"../../../elsewhere/'))
+        entry.write_text(entry.read_text().replace('"path":"', '"path":"../../../elsewhere/', 1))
     found = errors(store)
-    assert len(found) == 1 and "activations" in found[0], found
+    assert len(found) == 1 and table in found[0], found
     named = "_delta_log is missing" if case == "deleted" else entry.name
     assert named in found[0] and "<unknown>" not in found[0] and "\n" not in found[0]
     if case == "outside":
