@@ -143,3 +143,23 @@ def test_a_truncated_audio_file_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:20000])
     with pytest.raises(UserError, match="is truncated .* export it again"):
         load_audio(path, "a")
+
+
+def test_record_overwrite_with_a_clashing_manifest_keeps_the_old_run(tmp_path, run_cli, gpt2_dir, write_manifest):
+    """The issue's data-loss case end to end: `--overwrite` with a manifest column `Language` where the store
+    has `language` (Delta refused it at commit, after the old run was deleted)."""
+    store_path = tmp_path / "store"
+    good = write_manifest([{"id": f"x{i}", "text": f"hi {i}", "language": "en"} for i in range(3)], "good.jsonl")
+    code, _, err = run_cli(*record_args(gpt2_dir, good, store_path, "--hooks", "blocks.0.*"))
+    assert code == 0, err
+    before = checksums(store_path)
+    clash = write_manifest([{"id": "x0", "text": "hi", "Language": "de"}], "clash.jsonl")
+    assert_refused(
+        run_cli,
+        record_args(gpt2_dir, clash, store_path, "--hooks", "blocks.0.*", "--overwrite"),
+        "case",
+        store_path,
+        before,
+    )
+    code, out, _ = run_cli("sql", "--store", str(store_path), "--format", "csv", "SELECT status FROM runs")
+    assert out.splitlines() == ["status", "complete"]
