@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from hookpoints.analyses.cluster_measures import centroid_stats, pairwise_distances, silhouettes
-from hookpoints.analyses.layers import LayerHook, layer_hooks, read_layer, resolve_pooling, run_settings
+from hookpoints.analyses.hooks import StoredHook
+from hookpoints.analyses.layers import layer_hooks, read_layer, resolve_pooling, run_settings
 from hookpoints.analyses.subsets import Subset, select_subset
 from hookpoints.store.catalog import Store
 from hookpoints.store.schema import TableSpec
@@ -65,7 +66,10 @@ CLUSTERS_TABLE = TableSpec("clusters", CLUSTERS_SCHEMA, ("run",))
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    """What to measure. ``labels``: examples columns; ``where``: a SQL predicate over the examples table."""
+    """What to measure. ``labels``: examples columns; ``where``: a SQL predicate over the examples table.
+
+    >>> result = cluster_layers(store, "r1", ClusterSettings(labels=("language",), tsne=False))
+    """
 
     labels: tuple[str, ...]
     where: str = ""
@@ -91,7 +95,7 @@ class Labelling:
 
 @dataclass
 class LayerResult:
-    hook: LayerHook
+    hook: StoredHook
     tsne: np.ndarray | None = None  # [sample, 2], row i = the sample's example i
     linkages: dict[str, np.ndarray] = field(default_factory=dict)  # label -> scipy linkage of its centroids
     example_distances: np.ndarray | None = None  # [examples, examples]
@@ -135,13 +139,16 @@ def cluster_layers(
     run: str,
     settings: ClusterSettings,
     *,
-    on_layer: Callable[[LayerHook], None] | None = None,
+    on_layer: Callable[[StoredHook], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> ClusterResult:
     """Measure how the run's examples cluster by each label, layer by layer (nothing is written).
 
     Every check on the input runs before the first layer is read. ``on_start(layers)`` and
     ``on_layer(hook)`` report progress.
+
+    >>> result = cluster_layers(store, "r1", ClusterSettings(labels=("language",), sample=500))
+    >>> measures_figure(result)
     """
     if not settings.labels:
         raise UserError("give at least one label column to cluster by (--label language)")
@@ -150,7 +157,7 @@ def cluster_layers(
     _check_numbers(settings)
     with store.query() as session:
         recorded = run_settings(session, run)
-        pooling = resolve_pooling(recorded, settings.pooling)
+        pooling = resolve_pooling(recorded, settings.pooling, run)
         hooks = layer_hooks(session, run, list(settings.hooks))
         subset = select_subset(session, run, settings.where, list(settings.labels))
         labellings = [_labelling(subset, name) for name in settings.labels]
@@ -172,7 +179,11 @@ def cluster_layers(
 
 
 def write_clusters(store: Store, result: ClusterResult) -> None:
-    """Append the result's rows to the store's ``clusters`` table (one atomic commit)."""
+    """Append the result's t-SNE maps and linkages (analyses.cluster_tables), then its rows to the store's
+    ``clusters`` table (one atomic commit each)."""
+    from hookpoints.analyses.cluster_tables import write_maps
+
+    write_maps(store, result)
     store.append(CLUSTERS_TABLE, result.table())
 
 
@@ -200,7 +211,7 @@ def tsne_map(x: np.ndarray, perplexity: float, seed: int, threads: int | None = 
 # -- one layer ---------------------------------------------------------------------------------------------
 
 
-def _measure_layer(result: ClusterResult, hook: LayerHook, x: np.ndarray) -> LayerResult:
+def _measure_layer(result: ClusterResult, hook: StoredHook, x: np.ndarray) -> LayerResult:
     from scipy.cluster.hierarchy import linkage
 
     settings, layer = result.settings, LayerResult(hook)

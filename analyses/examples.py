@@ -17,33 +17,51 @@ from hookpoints.analyses.labels import LabelSet, check_predicate, quote_name
 from hookpoints.store.query import QuerySession
 
 from hookpoints.errors import UserError
+from hookpoints.settings import Pooling, RunSettings
 
 RUN_KEY_SEPARATOR = "+"  # not allowed in run names, so a key names its runs unambiguously
 
 
 @dataclass(frozen=True)
 class RunGroup:
-    """Runs analysed together: all recorded with the same pooling (one vector per example)."""
+    """Runs analysed together: all give one vector per example with the same pooling.
+
+    A per-step run (pooling ``mean+steps``) joins runs of its pooling (``mean``): its decoder hooks are pooled
+    over the steps when read (:class:`hookpoints.analyses.hook_matrix.HookMatrixReader`), which gives what the
+    recorder stores without ``--per-step``.
+    """
 
     runs: tuple[str, ...]  # sorted
-    pooling: str
-    dtypes: dict[str, str]  # run -> float32 | float16 (how its vectors are stored)
+    settings: dict[str, RunSettings]  # run -> what it was recorded with
+
+    @property
+    def pooling(self) -> Pooling:
+        return self.settings[self.runs[0]].pooling
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """run -> float32 | float16 (how its vectors are stored)."""
+        return {run: s.dtype.value for run, s in self.settings.items()}
 
     @property
     def key(self) -> str:
         """The runs as one name (``s2tt+t2tt``): the ``run`` column of the tables analyses write."""
-        return RUN_KEY_SEPARATOR.join(self.runs)
+        return run_key(self.runs)
 
 
-def open_runs(session: QuerySession, runs: list[str] | tuple[str, ...]) -> RunGroup:
-    """Check that ``runs`` exist and can be analysed together (same pooling, one vector per example)."""
-    if not runs:
-        raise UserError("give at least one --run")
+def run_key(runs: list[str] | tuple[str, ...]) -> str:
+    """The name of a group of runs in the tables analyses write: sorted, joined by ``+``."""
+    return RUN_KEY_SEPARATOR.join(sorted(set(runs)))
+
+
+def run_settings(session: QuerySession, runs: list[str] | tuple[str, ...]) -> dict[str, RunSettings]:
+    """What each run was recorded with, parsed from the ``runs`` table (one place: RunSettings.from_row)."""
     names = sorted(set(runs))
     rows = {
         row["run"]: row
         for row in session.sql(
-            "SELECT run, pooling, dtype, status FROM runs WHERE list_contains($runs, run)", {"runs": names}
+            "SELECT run, model, task, pooling, dtype, config FROM runs WHERE list_contains($runs, run)",
+            {"runs": names},
         ).to_pylist()
     }
     missing = [run for run in names if run not in rows]
@@ -51,17 +69,29 @@ def open_runs(session: QuerySession, runs: list[str] | tuple[str, ...]) -> RunGr
         known = session.sql("SELECT run FROM runs ORDER BY run")["run"].to_pylist()
         listed = ", ".join(known[:10]) + (" ..." if len(known) > 10 else "") if known else "none"
         raise UserError(f"there is no run {missing[0]!r} in this store (runs: {listed})")
-    poolings = {rows[run]["pooling"] for run in names}
+    return {run: RunSettings.from_row(rows[run]) for run in names}
+
+
+def open_runs(session: QuerySession, runs: list[str] | tuple[str, ...]) -> RunGroup:
+    """Check that ``runs`` exist and can be analysed together (same pooling, one vector per example).
+
+    >>> with store.query() as session:
+    ...     examples = select_examples(session, open_runs(session, ["r1"]))
+    """
+    if not runs:
+        raise UserError("give at least one --run")
+    settings = run_settings(session, runs)
+    names = sorted(settings)
+    poolings = {s.pooling for s in settings.values()}
     if len(poolings) > 1:
-        detail = ", ".join(f"{run}: {rows[run]['pooling']}" for run in names)
+        detail = ", ".join(f"{run}: {settings[run].stored_pooling()}" for run in names)
         raise UserError(f"runs analysed together must share their pooling ({detail}): pass runs recorded alike")
-    pooling = poolings.pop()
-    if pooling == "none":
+    if poolings.pop() is Pooling.NONE:
         raise UserError(
             f"run {names[0]!r} keeps every position (pooling none), but this analysis compares one vector per "
             "example: record with --pooling mean (the paper's choice)"
         )
-    return RunGroup(tuple(names), pooling, {run: rows[run]["dtype"] for run in names})
+    return RunGroup(tuple(names), settings)
 
 
 @dataclass(frozen=True)
@@ -124,7 +154,11 @@ class ExampleSet:
 
 
 def select_examples(session: QuerySession, group: RunGroup, where: str | None = None) -> ExampleSet:
-    """The examples of ``group``'s runs (matching ``where``), in (run, example_id) order."""
+    """The examples of ``group``'s runs (matching ``where``), in (run, example_id) order.
+
+    >>> with store.query() as session:
+    ...     examples = select_examples(session, open_runs(session, ["r1"]), where="language = 'de'")
+    """
     where = None if where is None else check_predicate(where, "--where")
     probe = ExampleSet(group, where, pa.table({"run": pa.array([], pa.string())}), {})
     try:

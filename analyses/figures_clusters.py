@@ -1,12 +1,17 @@
-"""Plots of a clustering analysis (matplotlib, Agg backend; each figure as PNG and SVG).
+"""Plots of a clustering analysis, after "Demystifying Representation Spaces of Multilingual and Multimodal
+Aspects in Large Audio Language Models" (seeds/lalm-representation-spaces.txt):
 
 - measures by layer, one line per label, original space solid and t-SNE dashed (Figures 4 and 13a-b),
 - t-SNE maps per layer in a grid, coloured by a label (Figures 3, 8 and 10),
 - dendrograms of a label's class centroids at chosen layers (Figure 13c).
+
+The figures draw a :class:`ClusterMaps`, built from a fresh analysis (:func:`from_result`) or read back from the
+store (analyses.report_clusters), so the CLI and the report draw the same figures.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -14,31 +19,84 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
-from hookpoints.analyses.clusters import ClusterResult, Labelling, LayerResult  # noqa: E402
-from hookpoints.analyses.figures import safe, save  # noqa: E402
+import numpy as np  # noqa: E402
+from hookpoints.analyses.figures import integer_axis, safe, save  # noqa: E402
 
-#: Above this many classes a map gets no legend (colours repeat).
+#: Up to this many classes a map gets a legend (distinct colours of tab20); above, classes are named at their
+#: centroids on the map (colours repeat).
 LEGEND_MAX_CLASSES = 20
 MEASURE_TITLES = {"silhouette": "silhouette (higher: tighter clusters)", "davies_bouldin": "Davies-Bouldin (lower)"}
 
 
-def plot_all(result: ClusterResult, folder: Path, *, dendrogram_layers: list[int] | None = None) -> list[Path]:
-    """Every plot of ``result`` into ``folder``; returns the files written."""
-    stem = f"clusters-{result.run}"
-    paths = save(measures_figure(result), folder, f"{stem}-measures")
-    for labelling in result.labellings:
-        if result.settings.tsne:
-            paths += save(tsne_figure(result, labelling), folder, f"{stem}-tsne-{safe(labelling.name)}")
-        layers = _dendrogram_layers(result, labelling, dendrogram_layers)
+@dataclass
+class MapLayer:
+    """One layer's t-SNE map (``[sample, 2]``, row i = sample example i) and its centroid linkages by label."""
+
+    hook: str
+    component: str | None
+    layer: int | None
+    tsne: np.ndarray | None = None
+    linkages: dict[str, np.ndarray] = field(default_factory=dict)  # label -> scipy linkage [classes - 1, 4]
+
+    @property
+    def title(self) -> str:
+        component = f"{self.component} " if self.component else ""
+        return f"{component}layer {self.layer}" if self.layer is not None else self.hook
+
+
+@dataclass
+class MapLabelling:
+    """A label's classes and each sample example's class code (-1: no label)."""
+
+    name: str
+    classes: list[str]
+    codes: np.ndarray  # [sample] int
+
+
+@dataclass
+class ClusterMaps:
+    """What the clustering figures draw. ``rows``: clusters-table rows (component, layer, label, measure,
+    space, value); ``caption``: names the run, subset, pooling and sample."""
+
+    run: str
+    caption: str
+    rows: list[dict]
+    labellings: list[MapLabelling]
+    layers: list[MapLayer]
+    linkage: str = "average"
+
+
+def from_result(result) -> ClusterMaps:
+    """The figures' view of an analyses.clusters.ClusterResult."""
+    layers = [
+        MapLayer(layer.hook.hook, layer.hook.component, layer.hook.layer, layer.tsne, dict(layer.linkages))
+        for layer in result.layers
+    ]
+    labellings = [MapLabelling(lab.name, lab.classes, lab.codes[result.sample]) for lab in result.labellings]
+    return ClusterMaps(result.run, caption(result), result.rows, labellings, layers, result.settings.linkage)
+
+
+def plot_all(result, folder: Path, *, dendrogram_layers: list[int] | None = None) -> list[Path]:
+    """Every plot of ``result`` (a ClusterResult or ClusterMaps) into ``folder``; returns the files written."""
+    maps = result if isinstance(result, ClusterMaps) else from_result(result)
+    stem = f"clusters-{safe(maps.run)}"
+    paths = save(measures_figure(maps), folder, f"{stem}-measures")
+    for labelling in maps.labellings:
+        if any(layer.tsne is not None for layer in maps.layers):
+            paths += save(tsne_figure(maps, labelling), folder, f"{stem}-tsne-{safe(labelling.name)}")
+        layers = dendrogram_layers_of(maps, labelling.name, dendrogram_layers)
         if layers:
-            figure = dendrogram_figure(result, labelling, layers)
+            figure = dendrogram_figure(maps, labelling, layers)
             paths += save(figure, folder, f"{stem}-dendrogram-{safe(labelling.name)}")
     return paths
 
 
-def measures_figure(result: ClusterResult) -> plt.Figure:
-    """Silhouette and Davies-Bouldin against layer: a row per component, a line per label and space."""
-    components = list(dict.fromkeys(layer.hook.component for layer in result.layers))
+def measures_figure(maps: ClusterMaps) -> plt.Figure:
+    """Silhouette and Davies-Bouldin against layer: a row per component, a line per label and space.
+
+    >>> figure = measures_figure(from_result(cluster_layers(store, "r1", ClusterSettings(labels=("language",)))))
+    """
+    components = list(dict.fromkeys(layer.component for layer in maps.layers))
     measures = list(MEASURE_TITLES)
     fig, axes = plt.subplots(
         len(components), len(measures), figsize=(5.2 * len(measures), 3.4 * len(components)), squeeze=False
@@ -47,11 +105,11 @@ def measures_figure(result: ClusterResult) -> plt.Figure:
     for row, component in enumerate(components):
         for col, measure in enumerate(measures):
             ax = axes[row][col]
-            for index, labelling in enumerate(result.labellings):
+            for index, labelling in enumerate(maps.labellings):
                 for space, style in (("original", "-"), ("tsne", "--")):
                     points = sorted(
                         (r["layer"] if r["layer"] is not None else i, r["value"])
-                        for i, r in enumerate(result.rows)
+                        for i, r in enumerate(maps.rows)
                         if r["component"] == component
                         and r["label"] == labelling.name
                         and r["measure"] == measure
@@ -63,6 +121,7 @@ def measures_figure(result: ClusterResult) -> plt.Figure:
                         ax.plot(xs, ys, style, marker="o", ms=3.5, color=colours(index % 10), label=name)
             ax.set_title(f"{component or 'layers'}: {MEASURE_TITLES[measure]}", fontsize=10)
             ax.set_xlabel("layer")
+            integer_axis(ax.xaxis)
             ax.grid(alpha=0.3)
             if measure == "silhouette":
                 ax.axhline(0, color="grey", lw=0.8)
@@ -70,45 +129,61 @@ def measures_figure(result: ClusterResult) -> plt.Figure:
             if values and min(values) > 0 and max(values) / min(values) > 20:
                 ax.set_yscale("log")  # t-SNE maps can make one class pair's ratio dwarf the rest
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.suptitle(_caption(result), fontsize=10)
+    labels = ", ".join(labelling.name for labelling in maps.labellings)
+    fig.suptitle(f"clusters by {labels}; {maps.caption}", fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def tsne_figure(result: ClusterResult, labelling: Labelling) -> plt.Figure:
-    """The t-SNE map of every layer in a grid, points coloured by ``labelling``'s classes."""
-    layers = [layer for layer in result.layers if layer.tsne is not None]
+def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> plt.Figure:
+    """The t-SNE map of every layer in a grid, points coloured by ``labelling``'s classes.
+
+    Up to LEGEND_MAX_CLASSES classes get distinct colours and a legend; more get their names written at
+    their centroid on every map (colours repeat, names do not).
+
+    >>> maps = from_result(cluster_layers(store, "r1", ClusterSettings(labels=("language",))))
+    >>> figure = tsne_figure(maps, maps.labellings[0])
+    """
+    layers = [layer for layer in maps.layers if layer.tsne is not None]
     columns = min(4, len(layers))
     rows = -(-len(layers) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 3.1 * rows), squeeze=False)
-    codes = labelling.codes[result.sample]
+    codes = labelling.codes
+    many = len(labelling.classes) > LEGEND_MAX_CLASSES
     colours = plt.get_cmap("tab20" if len(labelling.classes) > 10 else "tab10")
     for ax, layer in zip(axes.flat, layers, strict=False):
         ax.scatter(*layer.tsne[codes < 0].T, s=6, c="lightgrey", label="(no label)")
         for code, name in enumerate(labelling.classes):
             mine = codes == code
             ax.scatter(*layer.tsne[mine].T, s=9, color=colours(code % colours.N), label=name, alpha=0.85)
-        ax.set_title(_layer_title(layer), fontsize=9)
+            if many and mine.any():
+                centre = np.median(layer.tsne[mine], axis=0)
+                ax.annotate(name, centre, fontsize=6, ha="center", va="center", alpha=0.9)
+        ax.set_title(layer.title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in axes.flat[len(layers) :]:
         ax.axis("off")
-    if len(labelling.classes) <= LEGEND_MAX_CLASSES:
+    if not many:
         handles, names = axes.flat[0].get_legend_handles_labels()
         shown = [(h, n) for h, n in zip(handles, names, strict=True) if n != "(no label)" or (codes < 0).any()]
         fig.legend(
             *zip(*shown, strict=True), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title=labelling.name
         )
+    named = "classes named at their centroids" if many else "legend"
     fig.suptitle(
-        f"t-SNE per layer, coloured by {labelling.name} ({len(labelling.classes)} classes); {_caption(result)}",
+        f"t-SNE per layer, coloured by {labelling.name} ({len(labelling.classes)} classes, {named})\n{maps.caption}",
         fontsize=10,
     )
     fig.tight_layout()
     return fig
 
 
-def dendrogram_figure(result: ClusterResult, labelling: Labelling, layers: list[LayerResult]) -> plt.Figure:
-    """Hierarchical clustering of ``labelling``'s class centroids at each of ``layers``."""
+def dendrogram_figure(maps: ClusterMaps, labelling: MapLabelling, layers: list[MapLayer]) -> plt.Figure:
+    """Hierarchical clustering of ``labelling``'s class centroids at each of ``layers``.
+
+    >>> figure = dendrogram_figure(maps, maps.labellings[0], maps.layers[-1:])
+    """
     from scipy.cluster.hierarchy import dendrogram
 
     height = max(2.8, 0.22 * len(labelling.classes))
@@ -116,31 +191,30 @@ def dendrogram_figure(result: ClusterResult, labelling: Labelling, layers: list[
     for ax, layer in zip(axes[0], layers, strict=True):
         tree = layer.linkages[labelling.name]
         dendrogram(tree, labels=labelling.classes, orientation="left", ax=ax, leaf_font_size=8, color_threshold=0)
-        ax.set_title(_layer_title(layer), fontsize=9)
-        ax.set_xlabel("Euclidean distance")
+        ax.set_title(layer.title, fontsize=9)
+        ax.set_xlabel("Euclidean distance between centroids")
     fig.suptitle(
-        f"{result.settings.linkage}-linkage clustering of {labelling.name} centroids; {_caption(result)}", fontsize=10
+        f"{maps.linkage}-linkage clustering of {labelling.name} centroids ({len(labelling.classes)} classes)\n"
+        f"{maps.caption}",
+        fontsize=10,
     )
     fig.tight_layout()
     return fig
 
 
-def _dendrogram_layers(result: ClusterResult, labelling: Labelling, chosen: list[int] | None) -> list[LayerResult]:
-    layers = [layer for layer in result.layers if labelling.name in layer.linkages]
+def dendrogram_layers_of(maps: ClusterMaps, label: str, chosen: list[int] | None) -> list[MapLayer]:
+    """The layers to draw dendrograms of: ``chosen`` layer numbers, or the first, middle and last."""
+    layers = [layer for layer in maps.layers if label in layer.linkages]
     if not layers:
         return []
     if chosen is None:
         picks = sorted({0, len(layers) // 2, len(layers) - 1})
         return [layers[i] for i in picks]
-    return [layer for layer in layers if layer.hook.layer in chosen]
+    return [layer for layer in layers if layer.layer in chosen]
 
 
-def _layer_title(layer: LayerResult) -> str:
-    component = f"{layer.hook.component} " if layer.hook.component else ""
-    return f"{component}layer {layer.hook.layer}" if layer.hook.layer is not None else layer.hook.hook
-
-
-def _caption(result: ClusterResult) -> str:
+def caption(result) -> str:
+    """Run, subset, pooling and sample of a ClusterResult, for titles."""
     subset = f" where {result.subset.where}" if result.subset.where else ""
     sample = (
         f"sample {len(result.sample)} of {len(result.subset)}, seed {result.settings.seed}"

@@ -1,4 +1,5 @@
-"""Figure 5 of seeds/seamless-m4t-v2-neurons.txt: intervention score against k, one line per neuron type.
+"""Figure 5 of the SeamlessM4T v2 neuron paper (seeds/seamless-m4t-v2-neurons.txt):
+intervention score against k, one line per neuron type.
 
 One panel per task, scores averaged over the swept languages; the unedited generation (``none``) is a dashed
 horizontal line. Translation plots the combined score (0.6 BLEU + 0.4 chrF, higher is better), ASR the error
@@ -38,7 +39,10 @@ def mean_by_type(scores: pa.Table, task: str) -> tuple[dict[str, dict[int, float
 
 
 def figure5(scores: pa.Table, title: str) -> plt.Figure:
-    """Score against k per neuron type, one panel per task (``scores``: intervention_scores rows)."""
+    """Score against k per neuron type, one panel per task (``scores``: intervention_scores rows).
+
+    >>> figure = figure5(run_sweep(store, spec, cells), "sweep sw1")
+    """
     tasks = list(dict.fromkeys(scores["task"].to_pylist()))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
@@ -58,11 +62,27 @@ def figure5(scores: pa.Table, title: str) -> plt.Figure:
         ax.set_title(TASK_TITLES.get(task, task))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
 
+def sweep_title(scores: pa.Table, sweep: str) -> str:
+    """Names the sweep, the ranking its neurons come from, the kind of edit and the ks."""
+    rows = scores.to_pylist()
+    rankings = sorted({r["ranking"] for r in rows if r.get("ranking")})
+    kinds = sorted({r["kind"] for r in rows if r.get("kind")})
+    ks = sorted({r["k"] for r in rows if r.get("k")})
+    parts = [f"sweep {sweep}"]
+    if rankings:
+        parts.append(f"neurons of ranking {', '.join(rankings)}")
+    if kinds:
+        parts.append(f"{'/'.join(kinds)} replacement")
+    if ks:
+        parts.append(f"k = {', '.join(str(k) for k in ks)}")
+    return "Interventions: " + "; ".join(parts)
+
+
 def plot_sweep(scores: pa.Table, sweep: str, folder: Path) -> list[Path]:
     """Figure 5 of a sweep into ``folder`` (PNG and SVG)."""
-    return save(figure5(scores, f"Interventions: {sweep}"), folder, f"interventions-{safe(sweep)}")
+    return save(figure5(scores, sweep_title(scores, sweep)), folder, f"interventions-{safe(sweep)}")

@@ -1,7 +1,9 @@
-"""Plots of neuron selectivity and activation magnitudes (matplotlib, Agg backend; each figure as PNG and SVG).
+"""Plots of neuron selectivity and activation magnitudes, after the SeamlessM4T v2 neuron paper
+(seeds/seamless-m4t-v2-neurons.txt). Each function returns a matplotlib Figure; analyses.figures saves it
+(PNG and SVG) or embeds it (the report).
 
 - selected neurons per layer, stacked by submodule, bottom-k | top-k, one row per panel (attention / FFN /
-  convolution): Figures 2, 4 and 7-48 of seeds/seamless-m4t-v2-neurons.txt,
+  convolution): Figures 2, 4 and 7-48,
 - overlap between two families of selections as an annotated matrix (Figure 3),
 - magnitudes by layer and their deviation from the mean trend (Figure 6), and activation Gini by layer.
 """
@@ -15,17 +17,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+from hookpoints.analyses.figures import integer_axis  # noqa: E402
 from hookpoints.analyses.selection import Overlap, panel_of, panel_order  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 PANEL_TITLES = {"attention": "Attention", "ffn": "FFN", "convolution": "Convolution", "other": "Other"}
 LINESTYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D"]
 
 
 def distribution_figure(counts: pa.Table, component: str, k: int, title: str) -> plt.Figure:
     """Selected neurons per layer, stacked by submodule: a row per panel, bottom-k left and top-k right.
 
     ``counts``: analyses.selection.layer_counts (layer, submodule, neurons, top, bottom).
+
+    >>> with store.query() as session:
+    ...     figure = distribution_figure(layer_counts(session, "r1", "de", "lm", 10), "lm", 10, "de")
     """
     rows = counts.to_pylist()
     layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
@@ -72,7 +80,10 @@ def short_labels(names: list[str]) -> tuple[list[str], str]:
 
 
 def overlap_figure(result: Overlap, title: str) -> plt.Figure:
-    """Shared neurons between row and column selections, as an annotated matrix (Figure 3)."""
+    """Shared neurons between row and column selections, as an annotated matrix (Figure 3).
+
+    >>> figure = overlap_figure(overlap(session, run, rows, columns, "text_decoder", 1000), "speech vs text")
+    """
     rows, row_prefix = short_labels(result.rows)
     cols, col_prefix = short_labels(result.columns)
     size = 0.6 * max(len(rows), len(cols)) + 2.5
@@ -87,14 +98,16 @@ def overlap_figure(result: Overlap, title: str) -> plt.Figure:
         for j in range(len(cols)):
             shade = "white" if top and result.counts[i, j] > 0.6 * top else "black"
             ax.text(j, i, str(result.counts[i, j]), ha="center", va="center", color=shade, fontsize=8)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="shared neurons")
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="shared neurons")
+    integer_axis(bar.ax.yaxis)
     ax.set_title(f"{title}\n{result.component}: {result.side}-{result.k} overlap", fontsize=10)
     fig.tight_layout()
     return fig
 
 
 def _group_styles(table: pa.Table, by: list[str]) -> list[tuple[tuple, dict]]:
-    """(group values, line style) for each group: colour by the first column, line style by the second."""
+    """(group values, line style) for each group: colour by the first column, line style and marker by the
+    second (speech solid with circles, text dashed with squares)."""
     groups = sorted(set(zip(*(table[c].to_pylist() for c in by), strict=True)), key=lambda g: tuple(str(v) for v in g))
     firsts = sorted({str(g[0]) for g in groups})
     seconds = sorted({str(g[1]) for g in groups}) if len(by) > 1 else []
@@ -103,9 +116,32 @@ def _group_styles(table: pa.Table, by: list[str]) -> list[tuple[tuple, dict]]:
     for group in groups:
         style = {"color": colours(firsts.index(str(group[0])) % 10)}
         if seconds:
-            style["linestyle"] = LINESTYLES[seconds.index(str(group[1])) % len(LINESTYLES)]
+            index = seconds.index(str(group[1]))
+            style["linestyle"] = LINESTYLES[index % len(LINESTYLES)]
+            style["marker"] = MARKERS[index % len(MARKERS)]
         styles.append((group, style))
     return styles
+
+
+def _group_legend(ax, table: pa.Table, by: list[str]) -> None:
+    """Two legends: colour = the first column's values, line style and marker = the second's (e.g. modality)."""
+    styles = _group_styles(table, by)
+    firsts = dict.fromkeys(str(g[0]) for g, _ in styles)
+    colour_of = {str(g[0]): s["color"] for g, s in styles}
+    handles = [Line2D([], [], color=colour_of[v], lw=2, label=v) for v in firsts]
+    first = ax.legend(
+        handles=handles, title=by[0], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False
+    )
+    if len(by) > 1:
+        ax.add_artist(first)
+        seen: dict[str, dict] = {}
+        for group, style in styles:
+            seen.setdefault(str(group[1]), style)
+        handles = [
+            Line2D([], [], color="black", linestyle=s["linestyle"], marker=s["marker"], label=v)
+            for v, s in seen.items()
+        ]
+        ax.legend(handles=handles, title=by[1], fontsize=7, loc="lower left", bbox_to_anchor=(1.01, 0.0), frameon=False)
 
 
 def _series(table: pa.Table, by: list[str], component: str, group: tuple, column: str) -> tuple[list, list]:
@@ -119,36 +155,47 @@ def _series(table: pa.Table, by: list[str], component: str, group: tuple, column
 
 
 def magnitude_figure(table: pa.Table, by: list[str], component: str, scale: float, title: str) -> plt.Figure:
-    """Mean magnitude by layer, and deviation from the mean trend (x ``scale``) by layer, one line per group."""
+    """Mean magnitude by layer, and deviation from the mean trend (x ``scale``) by layer, one line per group.
+
+    >>> table = layer_magnitudes(session, examples, hooks, ["language"])
+    >>> figure = magnitude_figure(table, ["language"], "lm", 1.0, "r1")
+    """
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     for group, style in _group_styles(table, by):
         label = " · ".join(str(v) for v in group)
+        style = {"marker": "o", **style}
         layers, values = _series(table, by, component, group, "magnitude")
-        axes[0].plot(layers, values, marker="o", markersize=3, label=label, **style)
+        axes[0].plot(layers, values, markersize=3, label=label, **style)
         layers, values = _series(table, by, component, group, "deviation")
-        axes[1].plot(layers, np.array(values) * scale, marker="o", markersize=3, label=label, **style)
+        axes[1].plot(layers, np.array(values) * scale, markersize=3, label=label, **style)
     axes[0].set_title("(a) layer-wise activation magnitude", fontsize=10)
     axes[1].set_title(f"(b) deviation from the mean trend (x{scale:g})", fontsize=10)
     axes[1].axhline(0, color="black", linewidth=0.8)
     for ax in axes:
         ax.set_xlabel("Layer index")
+        integer_axis(ax.xaxis)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    _group_legend(axes[1], table, by)
     fig.suptitle(f"{title}\n{component}", fontsize=11)
     fig.tight_layout()
     return fig
 
 
 def activation_gini_figure(table: pa.Table, by: list[str], component: str, title: str) -> plt.Figure:
-    """Gini of the neurons' mean |activation| by layer, one line per group."""
+    """Gini of the neurons' mean |activation| by layer, one line per group.
+
+    >>> figure = activation_gini_figure(activation_gini(store, examples, hooks, groups), ["language"], "lm", "r1")
+    """
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for group, style in _group_styles(table, by):
         layers, values = _series(table, by, component, group, "gini")
-        ax.plot(layers, values, marker="o", markersize=3, label=" · ".join(str(v) for v in group), **style)
+        style = {"marker": "o", **style}
+        ax.plot(layers, values, markersize=3, label=" · ".join(str(v) for v in group), **style)
     ax.set_xlabel("Layer index")
+    integer_axis(ax.xaxis)
     ax.set_ylabel("Gini of mean |activation| over neurons")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    _group_legend(ax, table, by)
     ax.set_title(f"{title}\n{component}: activation inequality by layer", fontsize=10)
     fig.tight_layout()
     return fig

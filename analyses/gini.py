@@ -23,6 +23,9 @@ def gini(values, axis: int = -1) -> np.ndarray | float:
 
     NaN, infinite or negative values are refused: the coefficient is defined for amounts, so take ``abs``
     of signed activations first (docs/gini.md).
+
+    >>> gini([1.0, 1.0, 1.0, 1.0]), gini([0.0, 0.0, 0.0, 4.0])
+    (0.0, 0.75)
     """
     x = np.asarray(values, dtype=np.float64)
     if x.ndim == 0:

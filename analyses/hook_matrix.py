@@ -9,14 +9,13 @@ memory budget is read in several passes (:func:`neuron_slices`).
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from hookpoints.analyses.examples import ExampleSet
+from hookpoints.analyses.hooks import StoredHook, run_hooks, select_hooks
 from hookpoints.store.catalog import Store
 from hookpoints.store.query import QuerySession
 
@@ -26,18 +25,6 @@ from hookpoints.errors import UserError
 BATCH_ROWS = 1024
 
 
-@dataclass(frozen=True)
-class HookInfo:
-    """A hook point of the runs: where its neurons sit in the model."""
-
-    hook: str
-    component: str  # module group (speech_encoder, text_encoder, text_decoder, ...); "other" if unknown
-    layer: int | None
-    submodule: str
-    width: int
-    order: int  # position in the first run's hooks table (execution order when recorded)
-
-
 def shared_hooks(
     session: QuerySession,
     runs: tuple[str, ...],
@@ -45,66 +32,47 @@ def shared_hooks(
     patterns: list[str] | None = None,
     components: list[str] | None = None,
     layer_outputs: bool = False,
-) -> list[HookInfo]:
+) -> list[StoredHook]:
     """The hook points every run recorded (same width), optionally narrowed by globs and components.
 
     Default: every shared hook except whole-layer outputs (``hook_resid_post``: the residual stream, not a
-    submodule's neurons; Table 1 of the paper lists submodules only). ``patterns`` pick hooks by name instead.
+    submodule's neurons; Table 1 of the paper lists submodules only). ``patterns`` pick hooks by name, alias or
+    glob (:func:`hookpoints.analyses.hooks.select_hooks`) instead.
+
+    >>> with store.query() as session:
+    ...     hooks = shared_hooks(session, ("r1",), layer_outputs=True)
     """
     per_run = {}
     for run in runs:
-        rows = session.sql(
-            "SELECT hook, component, layer, submodule, width, layer_output FROM hooks WHERE run = $run",
-            {"run": run},
-        ).to_pylist()
-        if not rows:
+        per_run[run] = run_hooks(session, run)
+        if not per_run[run]:
             raise UserError(f"run {run!r} recorded no hook points")
-        per_run[run] = rows
-    first = per_run[runs[0]]
-    common = set.intersection(*({row["hook"] for row in rows} for rows in per_run.values()))
+    common = set.intersection(*({h.hook for h in hooks} for hooks in per_run.values()))
     if not common:
         raise UserError(f"runs {', '.join(runs)} share no hook point: analyse them one at a time")
-    widths = {run: {row["hook"]: row["width"] for row in rows} for run, rows in per_run.items()}
-    hooks = []
-    for order, row in enumerate(first):
-        if row["hook"] not in common:
+    widths = {run: {h.hook: h.width for h in hooks} for run, hooks in per_run.items()}
+    shared = []
+    for hook in per_run[runs[0]]:
+        if hook.hook not in common:
             continue
-        sizes = {widths[run][row["hook"]] for run in runs}
+        sizes = {widths[run][hook.hook] for run in runs}
         if len(sizes) > 1:
             raise UserError(
-                f"hook {row['hook']} has different widths in runs {', '.join(runs)} ({sorted(sizes)}): "
+                f"hook {hook.hook} has different widths in runs {', '.join(runs)} ({sorted(sizes)}): "
                 "these runs come from different models; analyse them one at a time"
             )
-        hooks.append((row, order))
-
-    def info(row, order) -> HookInfo:
-        return HookInfo(
-            row["hook"],
-            row["component"] or "other",
-            row["layer"],
-            row["submodule"] or row["hook"],
-            int(row["width"]),
-            order,
-        )
-
+        shared.append(hook)
     if patterns:
-        chosen = [(row, o) for row, o in hooks if any(fnmatch.fnmatchcase(row["hook"], p) for p in patterns)]
-        if not chosen:
-            names = sorted(row["hook"] for row, _ in hooks)
-            raise UserError(
-                f"--hooks {' '.join(patterns)} matches no hook point the run(s) share; they have "
-                f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
-            )
+        result = select_hooks(shared, patterns, "the run(s) share")
     else:
-        chosen = [(row, o) for row, o in hooks if layer_outputs or not row["layer_output"]]
-        if not chosen:
+        result = [h for h in shared if layer_outputs or not h.layer_output]
+        if not result:
             raise UserError(f"run(s) {', '.join(runs)} hold only layer outputs: pick hook points with --hooks GLOB")
-    result = [info(row, o) for row, o in chosen]
     if components:
         present = sorted({h.component for h in result})
         unknown = [c for c in components if c not in present]
         if unknown:
-            per_run_components = [{row["component"] or "other" for row in rows} for rows in per_run.values()]
+            per_run_components = [{h.component for h in hooks} for hooks in per_run.values()]
             why = ""
             if unknown[0] in set.union(*per_run_components) - set.intersection(*per_run_components):
                 why = (
@@ -134,7 +102,7 @@ class HookMatrixReader:
         self.dataset = store.dataset("activations")  # one consistent version for every hook
         self._lookup = {run: examples.ids(run) for run in examples.group.runs}
 
-    def read(self, hook: HookInfo, neurons: slice | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
+    def read(self, hook: StoredHook, neurons: slice | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
         """``[examples, neurons]`` float32, row i = example i of the set (every example must be there).
 
         ``out``: a flat float32 buffer to fill (reused across hooks: no fresh pages to fault in); the matrix is
@@ -149,6 +117,10 @@ class HookMatrixReader:
         filled = np.zeros(len(self.examples), np.int32)  # vectors seen per example
         for run in self.examples.group.runs:
             start, stop = self.examples.offsets[run]
+            if self.examples.group.settings[run].rows_per_example(hook.space) == "steps":
+                self._read_steps(run, hook, j0, j1, out[start:stop], filled[start:stop])
+                self._check_complete(run, hook, filled[start:stop])
+                continue
             for rows, values in self._batches(run, hook):
                 keep = rows >= 0  # rows of examples outside the set (--where) are skipped
                 if not keep.all():
@@ -162,11 +134,12 @@ class HookMatrixReader:
             self._check_complete(run, hook, filled[start:stop])
         return out
 
-    def _batches(self, run: str, hook: HookInfo) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(row of each vector in the run's examples or -1, ``[rows, width]`` vectors) per Arrow batch."""
+    def _batches(self, run: str, hook: StoredHook, *, positions: bool = False) -> Iterator[tuple]:
+        """(row of each vector in the run's examples or -1, ``[rows, width]`` vectors) per Arrow batch; with
+        ``positions``, also each vector's position (generation step)."""
         column = "activation_f16" if self.examples.group.dtypes[run] == "float16" else "activation"
         scanner = self.dataset.scanner(
-            columns=["example_id", column],
+            columns=["example_id", column, "position"] if positions else ["example_id", column],
             filter=(pc.field("run") == run) & (pc.field("hook") == hook.hook),
             batch_size=BATCH_ROWS,
         )
@@ -175,9 +148,45 @@ class HookMatrixReader:
                 continue
             rows = pc.index_in(batch.column(0), value_set=self._lookup[run])
             rows = pc.fill_null(rows, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-            yield rows, _vectors(batch.column(1), batch.num_rows, hook, run)
+            values = _vectors(batch.column(1), batch.num_rows, hook, run)
+            if positions:
+                steps = batch.column(2)
+                if steps.null_count:
+                    raise UserError(f"run {run!r} mixes pooled and per-step rows at {hook.hook}: the run is damaged")
+                yield rows, values, steps.to_numpy(zero_copy_only=False).astype(np.int64)
+            else:
+                yield rows, values
 
-    def _check_complete(self, run: str, hook: HookInfo, filled: np.ndarray) -> None:
+    def _read_steps(self, run: str, hook: StoredHook, j0: int, j1: int, out: np.ndarray, filled: np.ndarray) -> None:
+        """A per-step run's decoder hook: its step rows pooled per example with the run's pooling, which is what
+        the recorder stores without ``--per-step`` (the mean, max or last over the generated tokens)."""
+        how = self.examples.group.settings[run].pooling.value
+        out.fill(-np.inf if how == "max" else 0.0)  # [run's examples, neurons]
+        last = np.full(len(filled), -1, np.int64)  # step of the vector kept per example (last pooling)
+        for rows, values, steps in self._batches(run, hook, positions=True):
+            keep = rows >= 0
+            rows, values, steps = rows[keep], values[keep, j0:j1], steps[keep]
+            if not len(rows):
+                continue
+            order = np.lexsort((steps, rows))  # by example, then step
+            rows, values, steps = rows[order], values[order], steps[order]
+            starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+            targets = rows[starts]
+            if how == "mean":
+                out[targets] += np.add.reduceat(values, starts, axis=0)
+            elif how == "max":
+                out[targets] = np.maximum(out[targets], np.maximum.reduceat(values, starts, axis=0))
+            else:  # last: the latest step seen so far
+                ends = np.r_[starts[1:], len(rows)] - 1
+                newer = steps[ends] > last[targets]
+                out[targets[newer]] = values[ends[newer]]
+                last[targets[newer]] = steps[ends[newer]]
+            filled[targets] += np.diff(np.r_[starts, len(rows)]).astype(filled.dtype)
+        if how == "mean":
+            out /= np.maximum(filled, 1)[:, None]
+        filled[filled > 1] = 1  # one pooled vector per example
+
+    def _check_complete(self, run: str, hook: StoredHook, filled: np.ndarray) -> None:
         missing = np.flatnonzero(filled == 0)
         if len(missing):
             example = self.examples.ids(run)[int(missing[0])].as_py()
@@ -189,7 +198,7 @@ class HookMatrixReader:
             raise UserError(f"run {run!r} holds more than one vector per example at {hook.hook}: the run is damaged")
 
 
-def _vectors(column: pa.Array, n_rows: int, hook: HookInfo, run: str) -> np.ndarray:
+def _vectors(column: pa.Array, n_rows: int, hook: StoredHook, run: str) -> np.ndarray:
     """A batch's list column as ``[rows, width]`` (float32 view without a copy; float16 bits viewed as half)."""
     if column.null_count:
         raise UserError(f"run {run!r} stores empty vectors at {hook.hook}: the run is damaged (record it again)")

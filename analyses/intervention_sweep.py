@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from hookpoints.analyses.examples import run_key
 from hookpoints.analyses.intervention_tables import INTERVENTION_NEURONS, INTERVENTION_SCORES, INTERVENTIONS, TABLES
 from hookpoints.analyses.interventions import (
     KINDS,
     NEURON_TYPES,
-    SIDES,
     Selection,
     explicit_selection,
     label_set_for,
@@ -33,7 +33,7 @@ from hookpoints.analyses.interventions import (
     scored_selection,
 )
 from hookpoints.analyses.labels import check_name
-from hookpoints.analyses.selection import run_key
+from hookpoints.analyses.selection import PAPER_KS, SIDE_CHOICES, check_ks, check_side
 from hookpoints.analyses.text_scores import corpus_scores, sentence_scores
 from hookpoints.store import tables
 from hookpoints.store.catalog import Store
@@ -52,13 +52,16 @@ PAPER_SEED = 1234  # "a fixed random seed of 1234" (Appendix G)
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """What to sweep (the CLI's options)."""
+    """What to sweep (the CLI's options).
+
+    >>> spec = SweepSpec("sw1", runs=("s2tt", "t2tt"), tasks=("s2tt",), ks=(500,), limit=10)
+    """
 
     sweep: str
     runs: tuple[str, ...]  # the ranking's runs (the scores' key), and default statistics runs
     tasks: tuple[str, ...]
     neuron_types: tuple[str, ...] = ("unimodal", "random")
-    ks: tuple[int, ...] = (500, 1000, 2500, 5000)
+    ks: tuple[int, ...] = PAPER_KS
     side: str = "top"
     kind: str = "median"
     value: float | None = None
@@ -108,7 +111,11 @@ class Cell:
 
 
 def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], HookedModel]) -> list[Cell]:
-    """Every (task, language) cell with its conditions, checked, and every edit's values computed."""
+    """Every (task, language) cell with its conditions, checked, and every edit's values computed.
+
+    >>> cells = plan_sweep(store, spec, lambda model, modality: hp.load(model, modality=modality))
+    >>> scores = run_sweep(store, spec, cells)
+    """
     _check_spec(spec)
     ranking = run_key(spec.runs)
     cells = []
@@ -168,10 +175,8 @@ def _check_spec(spec: SweepSpec) -> None:
             raise UserError(f"--type must be one of {', '.join(NEURON_TYPES)}, not {neuron_type!r}")
     if spec.kind not in KINDS:
         raise UserError(f"--kind must be one of {', '.join(KINDS)}, not {spec.kind!r}")
-    if spec.side not in SIDES:
-        raise UserError(f"--side must be one of {', '.join(SIDES)}, not {spec.side!r}")
-    if any(k < 1 for k in spec.ks):
-        raise UserError(f"--k must be at least 1, not {min(spec.ks)}")
+    check_side(spec.side, SIDE_CHOICES)
+    check_ks(spec.ks)
     if spec.limit < 1 or spec.batch_size < 1 or spec.max_new_tokens < 1:
         raise UserError("--limit, --batch-size and --max-new-tokens must be at least 1")
     ranked = [t for t in spec.neuron_types if t not in ("random", "none")]
@@ -331,7 +336,11 @@ def _edits(model: HookedModel, condition: Condition) -> list[NeuronEdit]:
 def run_sweep(
     store: Store, spec: SweepSpec, cells: list[Cell], on_generations: Callable[[int], None] | None = None
 ) -> pa.Table:
-    """Generate every condition of every cell, score, and commit each cell; returns the corpus scores."""
+    """Generate every condition of every cell, score, and commit each cell; returns the corpus scores.
+
+    >>> scores = run_sweep(store, spec, plan_sweep(store, spec, load_model))
+    >>> figure5(scores, "sw1")
+    """
     for table in TABLES:
         store.ensure_table(table)
     if spec.if_exists == "overwrite":

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from hookpoints.analyses.labels import PRESETS, check_predicate, slug
-from hookpoints.analyses.selection import selected_neurons, stored_sets
+from hookpoints.analyses.selection import SIDE_CHOICES, check_side, selected_neurons, stored_sets
 from hookpoints.store.query import QuerySession
 from hookpoints.store.quoting import sql_string
 
@@ -28,7 +28,6 @@ from hookpoints.errors import UserError
 NEURON_TYPES = (*PRESETS, "random", "none")
 #: What selected neurons become: statistics of the store (median, mean), fixed values, or a steering shift.
 KINDS = ("median", "mean", "zero", "constant", "steer")
-SIDES = ("top", "bottom", "both")
 NEURON_SCHEMA = pa.schema([("component", pa.string()), ("hook", pa.string()), ("neuron", pa.int32())])
 
 
@@ -74,8 +73,7 @@ def scored_selection(
     session: QuerySession, ranking: str, label_set: str, k: int, side: str, neuron_type: str | None = None
 ) -> Selection:
     """Top-k / bottom-k / both of a ranked label set, k per module group (checked against each group's size)."""
-    if side not in SIDES:
-        raise UserError(f"side must be one of {', '.join(SIDES)}, not {side!r}")
+    check_side(side, SIDE_CHOICES)
     stored = next((s for s in stored_sets(session, ranking, [label_set]) if s.label_set == label_set), None)
     if stored is None:
         raise UserError(f"give one label set by name, not the pattern {label_set!r}")

@@ -72,7 +72,10 @@ def slug(text: str, limit: int = 100) -> str:
 
 
 def custom_label_set(positive: str, among: str | None = None, name: str | None = None) -> LabelSet:
-    """A label set from ``--positive`` / ``--among`` predicates (named after them unless ``name`` is given)."""
+    """A label set from ``--positive`` / ``--among`` predicates (named after them unless ``name`` is given).
+
+    >>> custom_label_set("language = 'de'", among="modality = 'speech'", name="de-speech")
+    """
     positive = check_predicate(positive, "--positive")
     among = None if among is None else check_predicate(among, "--among")
     if name is None:

@@ -1,11 +1,13 @@
 """Per-layer representations of a run, read from the store one hook point at a time.
 
 A layer's representation of an example is the output of the whole layer (the hooks table's ``layer_output``
-rows: ``blocks.{l}.hook_resid_post`` of decoder LMs and SeamlessM4T, ``blocks.{l}.ln2.hook_normalized`` of
+rows: ``blocks.{l}.hook_resid_post`` of decoder LMs and SeamlessM4T, ``blocks.{l}.hook_normalized_resid_post`` of
 BERT), which is the output of its last sublayer (seeds/lalm-representation-spaces.txt, section 3.1), pooled
 over the example's positions by ``last`` token (the paper's choice) or ``mean``.
 
-Pooling: a run recorded pooled (mean, last or max) gives only that pooling. A run recorded with pooling
+Pooling (:meth:`hookpoints.settings.RunSettings.analysis_pooling`): a run recorded pooled (mean, last or max)
+gives only that pooling; a per-step run (``mean+steps``) gives its own, its decoder hooks' steps pooled here.
+A run recorded with pooling
 ``none`` keeps every valid position, and any pooling is derived from it here: ``last`` in SQL
 (``arg_max(activation, position)``), ``mean`` and ``max`` by streaming the positions through numpy. Both
 equal what the recorder would have stored (padding is never stored, so it never counts).
@@ -17,99 +19,56 @@ needs its matrix plus one batch of memory.
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from hookpoints.analyses import examples
+from hookpoints.analyses.hooks import StoredHook, run_hooks, select_hooks
 from hookpoints.analyses.subsets import Subset
 from hookpoints.store.query import QuerySession
 
 from hookpoints.errors import UserError
-
-POOLINGS = ("last", "mean", "max")
-
-
-@dataclass(frozen=True)
-class LayerHook:
-    """One hook point of a run that stands for a layer."""
-
-    hook: str
-    component: str | None
-    layer: int | None
-    width: int
-    positional: bool  # the hook has positions (a token or frame axis), so pooling applies
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    run: str
-    pooling: str  # as recorded: mean | last | max | none
-    dtype: str  # float32 | float16
+from hookpoints.settings import RunSettings
 
 
 def run_settings(session: QuerySession, run: str) -> RunSettings:
-    rows = session.sql("SELECT pooling, dtype FROM runs WHERE run = $run", {"run": run}).to_pylist()
-    if not rows:
-        runs = session.sql("SELECT run FROM runs ORDER BY run")["run"].to_pylist()
-        listed = ", ".join(runs[:10]) + (" ..." if len(runs) > 10 else "") if runs else "none"
-        raise UserError(f"there is no run {run!r} in this store (runs: {listed})")
-    return RunSettings(run, rows[0]["pooling"], rows[0]["dtype"])
+    """What ``run`` was recorded with (a UserError if the store has no such run)."""
+    return examples.run_settings(session, [run])[run]
 
 
-def resolve_pooling(settings: RunSettings, requested: str | None) -> str:
+def resolve_pooling(settings: RunSettings, requested: str | None, run: str = "this run") -> str:
     """The pooling to analyse: the requested one if the run can give it (default: last, or the run's own)."""
-    if requested is not None and requested not in POOLINGS:
-        raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, not {requested!r}")
-    if settings.pooling == "none":
-        return requested or "last"
-    if requested in (None, settings.pooling):
-        return settings.pooling
-    raise UserError(
-        f"run {settings.run!r} was recorded with pooling {settings.pooling}, which cannot give {requested}: "
-        f"analyse it with --pooling {settings.pooling}, or record it again with --pooling {requested} "
-        "(or --pooling none, which keeps every position)"
-    )
+    return settings.analysis_pooling(requested, run).value
 
 
-def layer_hooks(session: QuerySession, run: str, patterns: list[str] | None = None) -> list[LayerHook]:
-    """The run's layer-output hooks (or those matching glob ``patterns``), by component and layer."""
-    rows = session.sql(
-        "SELECT hook, component, layer, width, space, layer_output FROM hooks WHERE run = $run", {"run": run}
-    ).to_pylist()
+def layer_hooks(session: QuerySession, run: str, patterns: list[str] | None = None) -> list[StoredHook]:
+    """The run's layer-output hooks (or those ``patterns`` select), by component and layer."""
+    hooks = run_hooks(session, run)
     if patterns:
-        chosen = [row for row in rows if any(fnmatch.fnmatchcase(row["hook"], p) for p in patterns)]
-        if not chosen:
-            raise UserError(
-                f"--hooks {' '.join(patterns)} matches no hook point of run {run!r}; it recorded "
-                f"{', '.join(sorted(row['hook'] for row in rows)[:8])}{' ...' if len(rows) > 8 else ''}"
-            )
+        chosen = select_hooks(hooks, patterns, f"of run {run!r}")
     else:
-        chosen = [row for row in rows if row["layer_output"]]
+        chosen = [h for h in hooks if h.layer_output]
         if not chosen:
             raise UserError(
                 f"run {run!r} recorded no layer outputs (hooks like blocks.*.hook_resid_post): record them, or "
                 "pick the hook points to compare with --hooks GLOB"
             )
-    chosen.sort(key=lambda row: (row["component"] or "", row["layer"] if row["layer"] is not None else -1, row["hook"]))
-    return [
-        LayerHook(row["hook"], row["component"], row["layer"], int(row["width"]), row["space"] is not None)
-        for row in chosen
-    ]
+    return sorted(chosen, key=lambda h: (h.component, h.layer if h.layer is not None else -1, h.hook))
 
 
 def read_layer(
-    session: QuerySession, subset: Subset, hook: LayerHook, settings: RunSettings, pooling: str
+    session: QuerySession, subset: Subset, hook: StoredHook, settings: RunSettings, pooling: str
 ) -> np.ndarray:
-    """The hook's pooled vectors of the subset's examples, ``[examples, width]`` float32, row i = example i."""
-    if settings.run != subset.run:
-        raise ValueError(f"settings of run {settings.run!r} given for a subset of run {subset.run!r}")
+    """The hook's pooled vectors of the subset's examples, ``[examples, width]`` float32, row i = example i.
+
+    ``pooling`` comes from :func:`resolve_pooling`: rows per position (pooling none) or per generation step
+    (a per-step run's decoder hooks) are pooled here; a pooled hook is read as it is.
+    """
     params = {"run": subset.run, "hook": hook.hook}
     source = f"""
         FROM _activations a JOIN ({subset.sql()}) s USING (example_id)
         WHERE a.run = $run AND a.hook = $hook"""
-    if settings.pooling != "none" or not hook.positional:
+    if settings.rows_per_example(hook.space) == "one":
         query, reduce = f"SELECT s.row, a.activation, a.activation_f16 {source}", None
     elif pooling == "last":
         query = (
@@ -144,7 +103,7 @@ def read_layer(
     return matrix
 
 
-def _vectors(batch: pa.RecordBatch, hook: LayerHook) -> np.ndarray:
+def _vectors(batch: pa.RecordBatch, hook: StoredHook) -> np.ndarray:
     """The batch's vectors as ``[rows, width]`` float32 (a zero-copy view for float32 runs)."""
     column = batch.column("activation")
     if column.null_count == len(column):  # a float16 run: IEEE half bit patterns
@@ -170,7 +129,7 @@ def _reduce_into(matrix: np.ndarray, filled: np.ndarray, rows: np.ndarray, value
     filled[targets] += np.diff(np.r_[starts, len(rows)])
 
 
-def _check_complete(subset: Subset, hook: LayerHook, filled: np.ndarray, *, positions: bool) -> None:
+def _check_complete(subset: Subset, hook: StoredHook, filled: np.ndarray, *, positions: bool) -> None:
     missing = np.flatnonzero(filled == 0)
     if len(missing):
         example = subset.example_ids[int(missing[0])]

@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 from hookpoints.analyses.examples import ExampleSet
 from hookpoints.analyses.gini import gini
-from hookpoints.analyses.hook_matrix import HookInfo, HookMatrixReader, neuron_slices
+from hookpoints.analyses.hook_matrix import HookMatrixReader, neuron_slices
+from hookpoints.analyses.hooks import StoredHook
 from hookpoints.analyses.labels import quote_name, sql_literal
 from hookpoints.store.catalog import Store
 from hookpoints.store.query import QuerySession
@@ -52,12 +53,18 @@ def group_columns(session: QuerySession, examples: ExampleSet, by: list[str] | N
 def layer_magnitudes(
     session: QuerySession,
     examples: ExampleSet,
-    hooks: list[HookInfo],
+    hooks: list[StoredHook],
     by: list[str],
     *,
     absolute: bool = False,
 ) -> pa.Table:
-    """Per (component, layer, group): mean magnitude, deviation from the mean over groups, examples counted."""
+    """Per (component, layer, group): mean magnitude, deviation from the mean over groups, examples counted.
+
+    >>> with store.query() as session:
+    ...     examples = select_examples(session, open_runs(session, ["r1"]))
+    ...     hooks = shared_hooks(session, ("r1",), layer_outputs=True)
+    ...     table = layer_magnitudes(session, examples, hooks, ["language"])
+    """
     layered = [h for h in hooks if h.layer is not None]
     if not layered:
         raise UserError("none of the chosen hook points belongs to a layer: pick layer hook points with --hooks")
@@ -110,13 +117,20 @@ def example_groups(session: QuerySession, examples: ExampleSet, by: list[str]) -
 def activation_gini(
     store: Store,
     examples: ExampleSet,
-    hooks: list[HookInfo],
+    hooks: list[StoredHook],
     groups: Groups,
     *,
     memory_bytes: int = 2 * 2**30,
     on_progress: Callable[[int], None] | None = None,
 ) -> pa.Table:
-    """Per (component, layer, group): Gini over the layer's neurons of their mean |activation| in the group."""
+    """Per (component, layer, group): Gini over the layer's neurons of their mean |activation| in the group.
+
+    >>> with store.query() as session:
+    ...     examples = select_examples(session, open_runs(session, ["r1"]))
+    ...     hooks = shared_hooks(session, ("r1",), layer_outputs=True)
+    ...     groups = example_groups(session, examples, ["language"])
+    >>> table = activation_gini(store, examples, hooks, groups)
+    """
     layered = [h for h in hooks if h.layer is not None]
     reader = HookMatrixReader(store, examples)
     onehot = np.zeros((len(groups), len(examples)), np.float32)  # [groups, examples]

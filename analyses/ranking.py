@@ -27,15 +27,16 @@ import numpy as np
 import pyarrow as pa
 from hookpoints.analyses.ap import LabelSetPlan
 from hookpoints.analyses.examples import ExampleSet, LabelMasks, RunGroup, label_masks, open_runs, select_examples
-from hookpoints.analyses.hook_matrix import HookInfo, HookMatrixReader, neuron_slices, shared_hooks
+from hookpoints.analyses.hook_matrix import HookMatrixReader, neuron_slices, shared_hooks
+from hookpoints.analyses.hooks import StoredHook
 from hookpoints.analyses.labels import MODALITY_PRESETS, PRESETS, LabelSet, preset_label_sets
+from hookpoints.analyses.selection import PAPER_KS, check_ks
 from hookpoints.store.catalog import Store
 from hookpoints.store.schema import TableSpec
 from hookpoints.store.tables import sql_string
 
 from hookpoints.errors import UserError
 
-DEFAULT_KS = (500, 1000, 2500, 5000)
 WRITE_BATCH_ROWS = 8192
 DEFAULT_MEMORY_BYTES = 2 * 2**30  # for the two hook matrices (or neuron slices) in memory at a time
 
@@ -76,7 +77,7 @@ class RankingJob:
     group: RunGroup
     examples: ExampleSet
     masks: LabelMasks
-    hooks: list[HookInfo]
+    hooks: list[StoredHook]
     ks: tuple[int, ...]
 
     @property
@@ -119,11 +120,14 @@ def plan_ranking(
     where: str | None = None,
     hooks: list[str] | None = None,
     components: list[str] | None = None,
-    ks: tuple[int, ...] = DEFAULT_KS,
+    ks: tuple[int, ...] = PAPER_KS,
     language_column: str = "language",
     modality_column: str = "modality",
 ) -> RankingJob:
-    """Check runs, examples, label sets, hooks and k before reading any activation; clear errors otherwise."""
+    """Check runs, examples, label sets, hooks and k before reading any activation; clear errors otherwise.
+
+    >>> job = plan_ranking(store, ["s2tt", "t2tt"], presets=["unimodal"], ks=(500, 1000))
+    """
     ks = check_ks(ks)
     with store.query() as session:
         group = open_runs(session, runs)
@@ -145,15 +149,6 @@ def plan_ranking(
                 f"points): pass --k values up to {size:,}"
             )
     return RankingJob(group, examples, masks, chosen, ks)
-
-
-def check_ks(ks) -> tuple[int, ...]:
-    ks = tuple(sorted({int(k) for k in ks}))
-    if not ks:
-        raise UserError("give at least one --k")
-    if ks[0] < 1:
-        raise UserError(f"k must be at least 1, not {ks[0]}")
-    return ks
 
 
 def preset_sets(
@@ -190,7 +185,11 @@ def rank(
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> Ranking:
-    """Score every neuron of ``job.hooks`` against every label set, hook by hook, and rank within components."""
+    """Score every neuron of ``job.hooks`` against every label set, hook by hook, and rank within components.
+
+    >>> ranking = rank(store, plan_ranking(store, ["r1"], custom=[custom_label_set("language = 'de'")], ks=(10,)))
+    >>> write_scores(store, ranking)
+    """
     masks = job.masks
     plan = LabelSetPlan(masks.positive, masks.among)
     reader = HookMatrixReader(store, job.examples)
@@ -326,7 +325,10 @@ def _smallest_k(rank: np.ndarray, ks: np.ndarray) -> pa.Array:
 
 
 def write_scores(store: Store, ranking: Ranking) -> None:
-    """Replace the ranking's label sets in the ``scores`` table with its rows, in one atomic commit."""
+    """Replace the ranking's label sets in the ``scores`` table with its rows, in one atomic commit.
+
+    >>> write_scores(store, rank(store, job))  # then: store.sql("SELECT * FROM scores")
+    """
     job = ranking.job
     names = ", ".join(sql_string(ls.name) for ls in job.masks.label_sets)
     predicate = f"run = {sql_string(job.group.key)} AND label_set IN ({names})"

@@ -15,22 +15,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from hookpoints.analyses.examples import RUN_KEY_SEPARATOR
 from hookpoints.analyses.gini import gini
 from hookpoints.store.query import QuerySession
 from hookpoints.store.quoting import sql_string
 
 from hookpoints.errors import UserError
 
+#: The paper's selection sizes (neurons per module group); the default of ranking and of the sweep.
+PAPER_KS = (500, 1000, 2500, 5000)
+#: The sides of a ranking a selection takes; interventions may also take ``both``.
 SIDES = ("top", "bottom")
+SIDE_CHOICES = (*SIDES, "both")
 GINI_UNITS = ("layer_submodule", "submodule", "layer")
 #: Submodule families the figures split a module group into (the paper's attention / FFN / convolution panels).
 PANELS = ("attention", "ffn", "convolution", "other")
-
-
-def run_key(runs: list[str] | tuple[str, ...]) -> str:
-    """The ``run`` value of rankings over these runs (sorted, joined by '+')."""
-    return RUN_KEY_SEPARATOR.join(sorted(set(runs)))
 
 
 def panel_of(submodule: str) -> str:
@@ -52,16 +50,29 @@ def panel_order(component: str) -> tuple[str, ...]:
     return ("ffn", "attention", "convolution", "other")
 
 
+def check_side(side: str, allowed: tuple[str, ...] = SIDES) -> str:
+    """``side`` if it is one of ``allowed`` (top, bottom; or both where a selection may take both)."""
+    if side not in allowed:
+        raise UserError(f"side must be {' or '.join(allowed)}, not {side!r}")
+    return side
+
+
 def _rank_column(side: str) -> str:
-    if side not in SIDES:
-        raise UserError(f"side must be top or bottom, not {side!r}")
-    return f"{side}_rank"
+    return f"{check_side(side)}_rank"
+
+
+def check_ks(ks) -> tuple[int, ...]:
+    """Selection sizes: at least one, each at least 1; sorted and without repeats (``--k``)."""
+    ks = tuple(sorted({int(k) for k in ks}))
+    if not ks:
+        raise UserError("give at least one --k")
+    if ks[0] < 1:
+        raise UserError(f"k must be at least 1, not {ks[0]}")
+    return ks
 
 
 def check_k(k: int) -> int:
-    if int(k) < 1:
-        raise UserError(f"k must be at least 1, not {k}")
-    return int(k)
+    return check_ks((k,))[0]
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,9 @@ def layer_counts(session: QuerySession, run: str, label_set: str, component: str
     """Per (layer, submodule) of the group: neurons, and how many are in the top-k and the bottom-k.
 
     Every cell of the group is listed, also those no selected neuron falls in (they count for Gini).
+
+    >>> with store.query() as session:
+    ...     counts = layer_counts(session, "r1", "de", "lm", k=10)  # then distribution_figure(counts, ...)
     """
     table = session.sql(
         """SELECT layer, submodule, count(*) AS neurons,
@@ -143,7 +157,10 @@ def layer_counts(session: QuerySession, run: str, label_set: str, component: str
 
 
 def selection_gini(counts: pa.Table, side: str, unit: str = "layer_submodule") -> float:
-    """Gini of a selection's counts over the group's cells (``unit``: layer_submodule, submodule or layer)."""
+    """Gini of a selection's counts over the group's cells (``unit``: layer_submodule, submodule or layer).
+
+    >>> selection_gini(counts, "top")  # counts from layer_counts
+    """
     if unit not in GINI_UNITS:
         raise UserError(f"Gini unit must be one of {', '.join(GINI_UNITS)}, not {unit!r}")
     _rank_column(side)
@@ -189,6 +206,9 @@ def overlap(
 
     ``rows``/``columns``: (run key, label sets). Neurons are matched by hook name and index, so selections of
     different rankings of the same model (e.g. a speech run's and a text run's decoder) compare too.
+
+    >>> with store.query() as session:
+    ...     shared = overlap(session, "s2tt+t2tt", ["unimodal/speech/de"], ["unimodal/text/de"], "text_decoder", 1000)
     """
     rank = _rank_column(side)
     (row_run, row_sets), (col_run, col_sets) = rows, columns
@@ -221,8 +241,11 @@ def selected_neurons(
     """The top-k / bottom-k (or ``side="both"``) neurons of a ranked label set: hook, neuron, ap, ranks.
 
     One row per neuron, ordered by hook and neuron; for interventions (issue 5) and ad hoc analysis.
+
+    >>> with store.query() as session:
+    ...     top = selected_neurons(session, "r1", "de", k=10).to_pandas()
     """
-    sides = SIDES if side == "both" else (side,)
+    sides = SIDES if check_side(side, SIDE_CHOICES) == "both" else (side,)
     condition = " OR ".join(f"{_rank_column(s)} <= $k" for s in sides)
     component_filter = "" if component is None else " AND component = $component"
     params = {"run": run, "label_set": label_set, "k": check_k(k)}
@@ -241,7 +264,11 @@ def selected_neurons(
 
 
 def ap_summary(session: QuerySession, run: str, label_sets: list[str]) -> list[dict]:
-    """Per (label set, component): examples compared, highest AP and its neuron, median and lowest AP."""
+    """Per (label set, component): examples compared, highest AP and its neuron, median and lowest AP.
+
+    >>> with store.query() as session:
+    ...     rows = ap_summary(session, "r1", ["de"])
+    """
     sets = _literals(label_sets)
     extremes = session.sql(
         f"""SELECT label_set, component, n_positive, n_among, group_size AS neurons, top_rank, bottom_rank, ap,

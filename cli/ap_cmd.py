@@ -1,7 +1,7 @@
 """``hookpoints ap``: rank neurons by average precision against label sets, into the store's ``scores`` table.
 
-Also the summary every selectivity command prints (per label set and module group: AP range, where the
-top-k / bottom-k neurons are, their Gini), its plots, and the demo's stage.
+Also how every selectivity command prints the summary of ranked label sets
+(:func:`hookpoints.analyses.ap_report.selectivity_report`) and saves its figures.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 from hookpoints.analyses.labels import PRESETS
-from hookpoints.analyses.ranking import DEFAULT_KS
+from hookpoints.analyses.selection import PAPER_KS
 from hookpoints.cli.console import counting, err, out, render
 from hookpoints.cli.params import FiniteFloat
 
@@ -48,7 +48,7 @@ PANEL_SHORT = {"attention": "attn", "ffn": "ffn", "convolution": "conv", "other"
     "ks",
     multiple=True,
     type=int,
-    default=DEFAULT_KS,
+    default=PAPER_KS,
     show_default=True,
     help="Top-k / bottom-k sizes per module group (repeatable).",
 )
@@ -175,52 +175,64 @@ def report(
     gini_unit: str = "layer_submodule",
     overlaps: bool = True,
 ) -> list[Path]:
-    """Print the summary of ranked label sets (and plot them); returns the files written."""
-    from hookpoints.analyses.selection import ap_summary, layer_counts, panel_shares, selection_gini
+    """Print the summary of ranked label sets (and save its figures); returns the files written."""
+    from hookpoints.analyses.ap_report import selectivity_report
+
+    summary = selectivity_report(
+        store, run, label_sets, k, components=components, gini_unit=gini_unit, overlaps=overlaps
+    )
+    show_report(summary)
+    return save_figures(summary, plots_dir)
+
+
+def save_figures(summary, plots_dir: Path | None) -> list[Path]:
+    """Save a selectivity report's figures (PNG and SVG) into ``plots_dir``; returns the files."""
+    from hookpoints.analyses.figures import save
 
     paths: list[Path] = []
-    rows = []
-    with store.query() as session:
-        summary = ap_summary(session, run, label_sets)
-        order = {name: i for i, name in enumerate(label_sets)}
-        summary.sort(key=lambda r: (order.get(r["label_set"], len(order)), _component_order(r["component"])))
-        for row in summary:
-            component = row["component"]
-            if components and component not in components:
-                continue
-            counts = layer_counts(session, run, row["label_set"], component, k)
-            top, bottom = panel_shares(counts, "top", component), panel_shares(counts, "bottom", component)
-            rows.append(
-                {
-                    "label set": row["label_set"],
-                    "component": component,
-                    "pos / among": f"{row['n_positive']} / {row['n_among']}",
-                    "max AP": f"{row['max_ap']:.3f} {row['best_neuron']}",
-                    "median AP": round(row["median_ap"], 3),
-                    "min AP": round(row["min_ap"], 3),
-                    f"top-{k}": _shares(top),
-                    f"bottom-{k}": _shares(bottom),
-                    "Gini top/bottom": f"{selection_gini(counts, 'top', gini_unit):.3f} / "
-                    f"{selection_gini(counts, 'bottom', gini_unit):.3f}",
-                }
-            )
-            if plots_dir is not None:
-                paths += _plot_distribution(counts, run, row["label_set"], component, k, plots_dir)
-        render(rows, title=f"AP selectivity of run(s) {run} (Gini over {gini_unit.replace('_', ' x ')} cells)")
-        out.print(
-            "[dim]pos / among: positive examples / examples compared (AP of a random neuron ~ their ratio); "
-            f"top-{k} / bottom-{k}: where the group's {k} highest / lowest-AP neurons are[/dim]"
-        )
-        if overlaps:
-            paths += report_modality_overlaps(session, run, label_sets, k, plots_dir)
+    if plots_dir is None:
+        return paths
+    for name, figure in summary.figures():
+        paths += save(figure, plots_dir, name)
     if paths:
         out.print(f"plots: {len(paths)} files in {plots_dir} (e.g. {paths[0].name})")
     return paths
 
 
-def _component_order(component: str) -> tuple[int, str]:
-    """Encoders before decoders (the order inputs flow through the model), then by name."""
-    return (0 if "encoder" in component else 1 if "decoder" in component else 2, component)
+def show_report(summary) -> None:
+    """Print a :class:`hookpoints.analyses.ap_report.SelectivityReport` as tables."""
+    k = summary.k
+    rows = [
+        {
+            "label set": row.label_set,
+            "component": row.component,
+            "pos / among": f"{row.n_positive} / {row.n_among}",
+            "max AP": f"{row.max_ap:.3f} {row.best_neuron}",
+            "median AP": round(row.median_ap, 3),
+            "min AP": round(row.min_ap, 3),
+            f"top-{k}": _shares(row.top),
+            f"bottom-{k}": _shares(row.bottom),
+            "Gini top/bottom": f"{row.gini_top:.3f} / {row.gini_bottom:.3f}",
+        }
+        for row in summary.rows
+    ]
+    render(
+        rows, title=f"AP selectivity of run(s) {summary.run} (Gini over {summary.gini_unit.replace('_', ' x ')} cells)"
+    )
+    out.print(
+        "[dim]pos / among: positive examples / examples compared (AP of a random neuron ~ their ratio); "
+        f"top-{k} / bottom-{k}: where the group's {k} highest / lowest-AP neurons are[/dim]"
+    )
+    for o in summary.overlaps:
+        out.print(
+            f"[bold]{o.component}: neurons shared by {o.side}-{k} unimodal language sets, {o.first} vs {o.second}"
+        )
+        render(
+            [
+                {f"{o.first} \\ {o.second}": language, **{c: int(v) for c, v in zip(o.columns, counts, strict=True)}}
+                for language, counts in zip(o.languages, o.result.counts, strict=True)
+            ]
+        )
 
 
 def _shares(counts: dict[str, int]) -> str:
@@ -228,68 +240,3 @@ def _shares(counts: dict[str, int]) -> str:
     if not total:
         return "-"
     return " · ".join(f"{PANEL_SHORT[p]} {100 * n / total:.0f}%" for p, n in counts.items())
-
-
-def _plot_distribution(counts, run: str, label_set: str, component: str, k: int, folder: Path) -> list[Path]:
-    from hookpoints.analyses.figures import safe, save
-    from hookpoints.analyses.figures_selectivity import distribution_figure
-
-    figure = distribution_figure(counts, component, k, f"{label_set} (run {run})")
-    return save(figure, folder, f"ap-{safe(run)}-{safe(label_set)}-{component}-k{k}")
-
-
-def report_modality_overlaps(session, run: str, label_sets: list[str], k: int, plots_dir: Path | None) -> list[Path]:
-    """For unimodal label sets of two modalities: the overlap of their selections over languages (Figure 3)."""
-    from hookpoints.analyses.selection import overlap, stored_sets
-
-    unimodal = [s for s in stored_sets(session, run, label_sets) if s.preset == "unimodal"]
-    by_modality: dict[str, list[str]] = {}
-    for s in unimodal:
-        parts = s.label_set.split("/")
-        if len(parts) == 3:
-            by_modality.setdefault(parts[1], []).append(s.label_set)
-    modalities = sorted(by_modality)
-    paths: list[Path] = []
-    if len(modalities) < 2:
-        return paths
-    first, second = modalities[0], modalities[1]
-    components = sorted(set.intersection(*(set(s.components) for s in unimodal)))
-    for component in components:
-        for side in ("bottom", "top"):
-            result = overlap(session, (run, by_modality[first]), (run, by_modality[second]), component, k, side)
-            languages = [name.split("/")[-1] for name in result.rows]
-            columns = [name.split("/")[-1] for name in result.columns]
-            out.print(f"[bold]{component}: neurons shared by {side}-{k} unimodal language sets, {first} vs {second}")
-            render(
-                [
-                    {f"{first} \\ {second}": language, **{c: int(v) for c, v in zip(columns, counts, strict=True)}}
-                    for language, counts in zip(languages, result.counts, strict=True)
-                ]
-            )
-            if plots_dir is not None:
-                from hookpoints.analyses.figures import safe, save
-                from hookpoints.analyses.figures_selectivity import overlap_figure
-
-                title = f"unimodal language neurons, {first} vs {second} (run {run})"
-                paths += save(overlap_figure(result, title), plots_dir, f"overlap-{safe(run)}-{component}-{side}{k}")
-    return paths
-
-
-def demo_stage(store, runs: list[str], plots_dir: Path, *, ks: tuple[int, ...] = (20, 50)) -> list[Path]:
-    """The demo's selectivity stage: language-specific neurons of ``runs`` (all four settings when the runs hold
-    both modalities, else the unimodal one), a summary and figures in ``plots_dir``."""
-    from hookpoints.analyses.examples import open_runs, select_examples
-    from hookpoints.analyses.ranking import plan_ranking, rank, write_scores
-
-    with store.query() as session:
-        modalities = select_examples(session, open_runs(session, runs)).values(session, "modality") or []
-    presets = ["all"] if len(modalities) > 1 else ["unimodal"]
-    job = plan_ranking(store, runs, presets=presets, ks=ks)
-    with counting(f"AP ranking of {job.group.key} (neurons)") as (on_start, on_progress):
-        ranking = rank(store, job, on_start=on_start, on_progress=on_progress)
-    write_scores(store, ranking)
-    out.print(
-        f"  ranked {job.n_neurons:,} neurons of {job.group.key} ({len(job.examples)} examples) against "
-        f"{len(job.masks.label_sets)} label sets (preset {presets[0]}) into table scores"
-    )
-    return report(store, job.group.key, [ls.name for ls in job.masks.label_sets], min(ks), plots_dir)

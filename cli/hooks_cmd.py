@@ -36,6 +36,7 @@ def command(model: str, patterns: tuple[str, ...], show_all: bool, modality: str
             "layer": p.layer,
             "submodule": p.submodule,
             "width": p.width,
+            **sizes(hooked, p, fmt),
             **(
                 {}
                 if fmt == "json"
@@ -48,3 +49,15 @@ def command(model: str, patterns: tuple[str, ...], show_all: bool, modality: str
         for p in points
     ]
     render(rows, fmt, title=f"{len(rows)} hook points of {model}")
+
+
+def sizes(hooked, point, fmt: str) -> dict:
+    """Float32 bytes one example writes at ``point``: pooled (one row), and with pooling none at the longest
+    input (a row per position; an attention map's row is [head, key_pos], so it grows with length squared)."""
+    from hookpoints.sizes import human, row_bytes
+
+    longest = hooked.adapter.key_positions(hooked.model, point.space) if point.time_axis is not None else 1
+    per_example = row_bytes(point) * longest if longest else None
+    if fmt == "json":
+        return {"bytes_pooled": row_bytes(point), "bytes_none_max": per_example}
+    return {"pooled": human(row_bytes(point)), "none (longest)": human(per_example) if per_example else "?"}

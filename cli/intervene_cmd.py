@@ -7,11 +7,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
-from hookpoints.analyses.intervention_sweep import PAPER_SEED, SweepSpec, plan_sweep, run_sweep
-from hookpoints.analyses.interventions import KINDS, NEURON_TYPES, SIDES
+from hookpoints.analyses.intervention_sweep import PAPER_SEED, SweepSpec
+from hookpoints.analyses.interventions import KINDS, NEURON_TYPES
+from hookpoints.analyses.selection import PAPER_KS, SIDE_CHOICES
 from hookpoints.cli.console import counting, out, render
-
-PAPER_KS = (500, 1000, 2500, 5000)
 
 
 @click.command("intervene")
@@ -25,7 +24,7 @@ PAPER_KS = (500, 1000, 2500, 5000)
 @click.option(
     "--k", "ks", multiple=True, type=int, default=PAPER_KS, show_default=True, help="Neurons per module group."
 )
-@click.option("--side", type=click.Choice(SIDES), default="top", show_default=True, help="Top-k, bottom-k or both.")
+@click.option("--side", type=click.Choice(SIDE_CHOICES), default="top", show_default=True, help="Top, bottom or both.")
 @click.option("--kind", type=click.Choice(KINDS), default="median", show_default=True, help="What neurons become.")
 @click.option("--value", type=float, help="The constant (--kind constant) or steering scale (--kind steer).")
 @click.option("--seed", type=int, default=PAPER_SEED, show_default=True, help="Seed of the random neurons.")
@@ -52,9 +51,15 @@ PAPER_KS = (500, 1000, 2500, 5000)
 @click.option("--pair-column", default="semantic_id", show_default=True, help="Column pairing translations.")
 @click.option("--sweep", "sweep_name", help="Name of the sweep in the store (default: sweep-<UTC time>).")
 @click.option("--overwrite", is_flag=True, help="Replace a sweep of the same name.")
-@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), help="Figure 5 goes here.")
+@click.option(
+    "--plots",
+    "plots_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the score-vs-k plot (Figure 5 of the SeamlessM4T v2 neuron paper).",
+)
 def command(store_path, sweep_name, overwrite, plots_dir, **options) -> None:
-    """Replace selected neurons during generation and score what happens (seeds paper, Experiment 2)."""
+    """Replace selected neurons during generation and score what happens (Experiment 2 and Figure 5 of the
+    SeamlessM4T v2 neuron paper)."""
     from hookpoints.store.catalog import Store
 
     name = sweep_name or datetime.now(UTC).strftime("sweep-%Y%m%dT%H%M%S")
@@ -68,46 +73,22 @@ def command(store_path, sweep_name, overwrite, plots_dir, **options) -> None:
     out.print(f"sweep {name}: {scores.num_rows} scores; SQL: SELECT * FROM intervention_scores WHERE sweep = '{name}'")
 
 
-def sweep(store, spec: SweepSpec, plots_dir: Path | None):
-    """Plan, run with progress, print the table and write Figure 5; returns the corpus scores."""
-    from hookpoints.analyses.figures_interventions import plot_sweep
+def sweep(store, spec, plots_dir: Path | None):
+    """Run the sweep with a progress bar, print the table and write Figure 5; returns the corpus scores."""
+    from hookpoints.analyses.sweeps import sweep as run
 
-    from hookpoints.loading import load
-
-    models = {}
-
-    def load_model(source: str, modality: str):
-        if (source, modality) not in models:
-            models[source, modality] = load(source, modality=modality)
-        return models[source, modality]
-
-    cells = plan_sweep(store, spec, load_model)
-    total = sum(cell.examples.num_rows * len(cell.conditions) for cell in cells)
-    conditions = {c.fields["condition"] for cell in cells for c in cell.conditions}
-    with counting(f"sweep {spec.sweep}: {len(conditions)} conditions x {len(cells)} task-languages (generations)") as (
-        on_start,
-        on_batch,
-    ):
-        on_start(total)
-        scores = run_sweep(store, spec, cells, on_batch)
-    render(score_table(scores), title=f"intervention scores ({spec.sweep}): mean over languages")
-    if plots_dir is not None:
-        for path in plot_sweep(scores, spec.sweep, plots_dir):
-            if path.suffix == ".png":
-                out.print(f"  figure: {path}")
+    scores = run(store, spec, progress=counting)
+    show_sweep(scores, spec.sweep, plots_dir)
     return scores
 
 
-def score_table(scores) -> list[dict]:
-    """Rows per (task, condition): the metric's mean over languages and each language's score."""
-    rows: dict[tuple[str, str], dict] = {}
-    for row in scores.to_pylist():
-        entry = rows.setdefault(
-            (row["task"], row["condition"]),
-            {"task": row["task"], "condition": row["condition"], "neurons": row["n_neurons"], "metric": row["metric"]},
-        )
-        entry[row["language"]] = round(row["score"], 3)
-    for entry in rows.values():
-        values = [v for key, v in entry.items() if key not in ("task", "condition", "neurons", "metric")]
-        entry["mean"] = round(sum(values) / len(values), 3)
-    return list(rows.values())
+def show_sweep(scores, name: str, plots_dir: Path | None) -> None:
+    """Print a sweep's score table and write Figure 5 into ``plots_dir``."""
+    from hookpoints.analyses.figures_interventions import plot_sweep
+    from hookpoints.analyses.sweeps import score_table
+
+    render(score_table(scores), title=f"intervention scores ({name}): mean over languages")
+    if plots_dir is not None:
+        for path in plot_sweep(scores, name, plots_dir):
+            if path.suffix == ".png":
+                out.print(f"  figure: {path}")

@@ -23,7 +23,8 @@ from hookpoints.cli.console import counting, out, render
 @click.option("--gini/--no-gini", "with_gini", default=True, show_default=True, help="Also activation inequality.")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), help="Write figures here.")
 def command(store_path, runs, by, where, patterns, components, absolute, scale, with_gini, plots_dir) -> None:
-    """Mean pooled activation per layer and group (section 3.4), deviation from the mean trend (Figure 6)."""
+    """Mean pooled activation per layer and group, and its deviation from the mean trend (section 3.4 and
+    Figure 6 of the SeamlessM4T v2 neuron paper)."""
     from hookpoints.analyses.examples import open_runs, select_examples
     from hookpoints.analyses.hook_matrix import shared_hooks
     from hookpoints.analyses.magnitudes import activation_gini, example_groups, group_columns, layer_magnitudes

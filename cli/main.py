@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "intervene": ("intervene_cmd", "Replace selected neurons during generation and score what happens."),
     "clusters": ("clusters_cmd", "Per-layer clustering of examples by labels (silhouette, DB, t-SNE)."),
     "corpus": ("corpus_cmd", "Write the bundled 6-language corpus (text and espeak-ng speech)."),
+    "report": ("report_cmd", "One self-contained HTML report of a store's runs and analyses, figures inline."),
     "demo": ("demo_cmd", "Record the bundled corpus into a local store and run every analysis on it."),
 }
 

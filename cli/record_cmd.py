@@ -6,6 +6,9 @@ import click
 from hookpoints.cli.console import counting, err, out
 from hookpoints.cli.params import FiniteFloat
 
+from hookpoints.settings import POOLINGS, STORAGE_DTYPES
+from hookpoints.tasks import TASKS
+
 
 @click.command("record")
 @click.option("--model", required=True, help="Folder written by save_pretrained, or a hub id.")
@@ -26,7 +29,7 @@ from hookpoints.cli.params import FiniteFloat
 )
 @click.option(
     "--pooling",
-    type=click.Choice(["mean", "last", "max", "none"]),
+    type=click.Choice(POOLINGS),
     default="mean",
     show_default=True,
     help="Per example over valid positions; none keeps every position.",
@@ -34,14 +37,14 @@ from hookpoints.cli.params import FiniteFloat
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "float16"]),
+    type=click.Choice(STORAGE_DTYPES),
     default="float32",
     show_default=True,
     help="Storage precision of the activations.",
 )
 @click.option(
     "--task",
-    type=click.Choice(["forward", "asr", "s2tt", "t2tt"]),
+    type=click.Choice(list(TASKS)),
     default="forward",
     show_default=True,
     help="forward pass, or greedy ASR / speech-to-text / text-to-text translation (decoder recorded over the output).",
@@ -83,6 +86,14 @@ from hookpoints.cli.params import FiniteFloat
 @click.option("--ray", "use_ray", is_flag=True, help="Run the model in a Ray actor pool (RAY_ADDRESS: a cluster).")
 @click.option("--workers", type=int, default=1, show_default=True, help="With --ray: actors, one model each.")
 @click.option("--remote", is_flag=True, help="Run MODEL (a hub id) on NDIF through nnsight (needs NDIF_API_KEY).")
+@click.option(
+    "--prepend-bos", is_flag=True, help="Put the BOS token first in every text, as TransformerLens does by default."
+)
+@click.option(
+    "--max-bytes",
+    metavar="SIZE",
+    help="Refuse the recording if its estimated size exceeds SIZE (2G, 500M, bytes); see `hookpoints hooks`.",
+)
 def command(
     model,
     data,
@@ -110,6 +121,8 @@ def command(
     use_ray,
     workers,
     remote,
+    prepend_bos,
+    max_bytes,
 ) -> None:
     """Record pooled activations of MODEL on the examples of --data into --store."""
     from hookpoints.store.catalog import Store, validate_run_name
@@ -119,6 +132,7 @@ def command(
     from hookpoints.loading import load, model_modalities
     from hookpoints.manifest import read_data
     from hookpoints.recorder import record
+    from hookpoints.sizes import parse_size
     from hookpoints.tasks import get_task, input_modality
 
     if resume and overwrite:
@@ -128,6 +142,7 @@ def command(
     if buffer_mb < 0:
         raise UserError(f"--buffer-mb must be 0 or more, not {buffer_mb}")
     shard_of = parse_shard(shard)
+    budget = parse_size(max_bytes) if max_bytes is not None else None
     validate_run_name(run)
     spec = get_task(task)
     chosen = tuple(code.strip() for code in languages.split(",") if code.strip()) if languages else None
@@ -143,12 +158,13 @@ def command(
             hooked = load_remote(model, modality=modality, dtype=model_dtype)
         else:
             # With --ray the model runs in the actors; here it only tells the hook points apart.
-            hooked = load(model, modality=modality, dtype=model_dtype, device="cpu" if use_ray else device)
+            device_here = "cpu" if use_ray else device
+            hooked = load(model, modality=modality, dtype=model_dtype, device=device_here, prepend_bos=prepend_bos)
         hooked.select(list(patterns) or None)  # bad hook patterns fail here, before the store is touched
     if use_ray:
         from hookpoints.scale_out import ray_runner
 
-        options = {"modality": hooked.modality, "dtype": model_dtype, "device": device}
+        options = {"modality": hooked.modality, "dtype": model_dtype, "device": device, "prepend_bos": prepend_bos}
         run_batches = ray_runner(model, load_options=options, workers=workers, batch_size=batch_size)
     store = Store.open(store_path, create=True)
     label = f"recording {run} ({task})" + (f" shard {shard}" if shard else "")
@@ -173,6 +189,7 @@ def command(
             shard=shard_of,
             max_buffer_bytes=int(buffer_mb * 2**20),
             run_batches=run_batches,
+            max_bytes=budget,
         )
     others = f", {summary.other_shards} left to other shards" if summary.other_shards else ""
     out.print(

@@ -36,8 +36,9 @@ def command(
     store_path, runs, patterns, components, k, gini_unit, overlap, overlap_runs, side, list_neurons, fmt, plots_dir
 ) -> None:
     """Counts per layer x submodule, Gini and overlaps of the neurons selected by a ranking (hookpoints ap)."""
+    from hookpoints.analyses.examples import run_key
     from hookpoints.analyses.selection import overlap as overlap_matrix
-    from hookpoints.analyses.selection import run_key, selected_neurons, stored_sets
+    from hookpoints.analyses.selection import selected_neurons, stored_sets
     from hookpoints.cli.ap_cmd import check_plots_dir, report
     from hookpoints.store.catalog import Store
 

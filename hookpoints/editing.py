@@ -21,7 +21,11 @@ from hookpoints.probe import first_tensor
 
 @dataclass(frozen=True)
 class NeuronEdit:
-    """Replace neurons ``neurons`` of ``point`` with ``values`` (or, with ``add``, add ``values`` to them)."""
+    """Replace neurons ``neurons`` of ``point`` with ``values`` (or, with ``add``, add ``values`` to them).
+
+    >>> edit = model.edit("blocks.0.mlp.hook_post", [3, 7], [0.0, 0.0])  # a NeuronEdit
+    >>> model.run_with_edits(["Hi"], [edit])
+    """
 
     point: HookPoint
     neurons: torch.Tensor  # [k] int64: indices into the hook's vector
@@ -29,6 +33,14 @@ class NeuronEdit:
     add: bool = False
 
     def __post_init__(self):
+        if self.point.derived or self.point.keys is not None:
+            raise UserError(
+                f"hook {self.point.name} is computed from {self.point.module}'s {self.point.io} and cannot be edited; "
+                f"edit {self.point.module}{'' if self.point.io == 'output' else ':input'} instead"
+                if self.point.derived
+                else f"hook {self.point.name} is an attention map and cannot be edited by neuron; "
+                "edit the attention's q/k/v or z hook points instead"
+            )
         width = self.point.width or 0
         if self.neurons.dim() != 1 or self.values.shape != self.neurons.shape:
             raise UserError(

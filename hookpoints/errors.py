@@ -6,4 +6,9 @@ class UserError(Exception):
 
     The CLI prints it without a traceback (unless ``--debug``). Every layer raises it, so it lives at the
     bottom of the import graph (cli -> analyses -> store, cli -> hookpoints -> store).
+
+    >>> try:
+    ...     hp.load("no/such/folder/")
+    >>> except hp.UserError as error:
+    ...     print(error)  # model path no/such/folder/ does not exist
     """

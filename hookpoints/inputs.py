@@ -15,6 +15,9 @@ class ModelInputs:
     model), ``encoder`` (encoder outputs, when they are downsampled from the input), ``decoder`` (decoder
     tokens), ``audio``/``audio_encoder`` (an audio LLM's audio frames). Pooling uses these masks, so padding
     never counts.
+
+    >>> batch = model.inputs(["Hallo Welt", "Hi"])  # a ModelInputs
+    >>> batch.masks["input"].shape  # [batch, tokens]
     """
 
     kwargs: dict[str, torch.Tensor]

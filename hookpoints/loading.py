@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from hookpoints.adapters import ADAPTERS, adapter_for
+from hookpoints.adapters.base import Adapter
 from hookpoints.errors import UserError
 from hookpoints.model import HookedModel
 
@@ -26,11 +27,14 @@ def load(
     modality: str | None = None,
     dtype: str = "float32",
     device: str = "cpu",
+    prepend_bos: bool = False,
 ) -> HookedModel:
     """Load ``source`` (a folder written by ``save_pretrained``, or a hub id) for recording.
 
     ``modality`` picks the class for families with several (SeamlessM4T v2: ``text`` loads the text-to-text
     model, ``speech`` the speech-to-text one); the default is the family's first.
+
+    >>> model = hp.load("path/to/seamless", modality="speech", dtype="float32", device="cpu")
     """
     source = str(source)
     _check_source(source)
@@ -53,6 +57,8 @@ def load(
         raise UserError(f"model {source} ({config.model_type}) takes {' or '.join(modalities)} input, not {modality}")
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if prepend_bos and adapter.with_bos.__func__ is Adapter.with_bos:
+        raise UserError(f"prepend_bos applies to decoder-only LMs and BERT, not {config.model_type}: drop it")
     model_class = adapter.model_class(config, modality)
     model = _load_weights(model_class, source, DTYPES[dtype], device)
     return HookedModel(
@@ -62,6 +68,7 @@ def load(
         processor=_optional(AutoFeatureExtractor, source) if modality == "speech" else None,
         source=source,
         modality=modality,
+        prepend_bos=prepend_bos,
     )
 
 

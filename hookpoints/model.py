@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 
 import nnsight
 import torch
@@ -11,6 +12,11 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from hookpoints.adapters.base import Adapter
+from hookpoints.api_methods import ModelApi
+from hookpoints.attention import Hook as AttentionHook
+from hookpoints.attention import eager as eager_attention
+from hookpoints.attention import install as install_attention_hooks
+from hookpoints.attention import needs_eager
 from hookpoints.editing import NeuronEdit, apply_edit
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
@@ -23,7 +29,7 @@ from hookpoints.probe import first_tensor, measure, observe
 Pooling = str | Callable[[HookPoint], str]
 
 
-class HookedModel:
+class HookedModel(ModelApi):
     """A model wrapped by nnsight whose tensors are reachable by hook-point name.
 
     >>> model = HookedModel.from_pretrained("facebook/seamless-m4t-v2-large", modality="speech")
@@ -42,8 +48,12 @@ class HookedModel:
         modality: str = "text",
         traced=None,
         remote: bool | str = False,
+        prepend_bos: bool = False,
     ):
         self.model = model.eval()
+        # TransformerLens prepends BOS to text (GPT-2 and LLaMA by default); hookpoints feeds exactly what the
+        # tokenizer emits unless this is set (recording and text_inputs read it; the run's config keeps it).
+        self.prepend_bos = prepend_bos
         self.adapter = adapter
         self.tokenizer = tokenizer
         self.processor = processor
@@ -53,6 +63,7 @@ class HookedModel:
         # wrapper must then be remotable (hookpoints.remote builds one).
         self.remote = remote
         if traced is None:
+            install_attention_hooks(self.model)  # rot q/k, scores, patterns (hookpoints.attention)
             with warnings.catch_warnings():  # nnsight notes it serves a submodule called `output` as `E_output`
                 warnings.simplefilter("ignore", UserWarning)
                 traced = nnsight.NNsight(self.model)
@@ -79,10 +90,12 @@ class HookedModel:
             self._points = self._probe()
         return self._points
 
-    def select(self, patterns: list[str] | None = None) -> list[HookPoint]:
+    def select(self, patterns: str | list[str] | None = None) -> list[HookPoint]:
         """Recordable hook points matching glob ``patterns`` (default: the listed ones), in execution order."""
-        if not patterns:
-            return [p for p in self.hook_points.listed() if p.unavailable is None]
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        if not patterns:  # attention maps only when named: they hold a row per query position
+            return [p for p in self.hook_points.listed() if p.unavailable is None and p.key_space is None]
         return self.hook_points.select(patterns)
 
     def _probe(self) -> HookPointSet:
@@ -90,21 +103,31 @@ class HookedModel:
         inputs = self.adapter.probe_inputs(self.model).to(weights)
         if weights.type == "meta":  # a remote model's local stand-in: HF mask code calls .item() on the mask
             inputs.kwargs.pop("attention_mask", None)  # (all ones in the probe batch anyway)
-        seen = observe(self.model, inputs)
+        with eager_attention():
+            seen = observe(self.model, inputs)
         lengths = {space: mask.shape[1] for space, mask in inputs.masks.items()}
         canonical = self.adapter.hook_points(self.model)
         named = {(p.module, p.io) for p in canonical if p.part is None}
         bare = []
-        for module, _ in self.model.named_modules():
+        for module, instance in self.model.named_modules():
+            if isinstance(instance, AttentionHook):  # named by the adapter; its input is its output
+                continue
             for io in ("output", "input"):
                 if module and (module, io) not in named:
                     component, layer, submodule = self.adapter.locate(module)
                     name = module if io == "output" else module + INPUT_SUFFIX
                     bare.append(HookPoint(name, module, io, component, layer, submodule))
-        return HookPointSet(
-            measure(point, seen.get((point.module, point.io)), lengths, inputs.batch_size)
-            for point in (*canonical, *bare)
-        )
+        measured = (measure(p, seen.get((p.module, p.io)), lengths, inputs.batch_size) for p in (*canonical, *bare))
+        return HookPointSet(self._key_layout(point) for point in measured)
+
+    def _key_layout(self, point: HookPoint) -> HookPoint:
+        """An attention map's row layout: its key axis padded to the key space's longest length."""
+        if point.key_space is None or point.unavailable:
+            return point
+        keys = self.adapter.key_positions(self.model, point.key_space)
+        if keys is None:
+            return replace(point, unavailable=f"the longest {point.key_space} length of this model is unknown")
+        return replace(point, keys=keys, width=point.heads * keys)
 
     # -- inputs and recording --------------------------------------------------------------------------
 
@@ -114,10 +137,13 @@ class HookedModel:
         return torch.device("cpu") if self.remote else next(self.model.parameters()).device
 
     def text_inputs(self, texts: list[str]) -> ModelInputs:
-        """Tokenised, right-padded text inputs with their position masks."""
+        """Tokenised, right-padded text inputs with their position masks (BOS first with ``prepend_bos``)."""
         if self.tokenizer is None:
             raise UserError(f"model {self.source} has no tokenizer: save one next to it (tokenizer.save_pretrained)")
-        return self.adapter.text_inputs(self.model, self.tokenizer, texts).to(self.device)
+        inputs = self.adapter.text_inputs(self.model, self.tokenizer, texts)
+        if self.prepend_bos:
+            inputs = self.adapter.with_bos(self.model, self.tokenizer, inputs)
+        return inputs.to(self.device)
 
     def speech_inputs(self, waveforms: list, *, frames: int | None = None) -> ModelInputs:
         """Inputs for 16 kHz mono ``waveforms`` (``[samples]`` arrays), through the checkpoint's feature extractor."""
@@ -155,9 +181,25 @@ class HookedModel:
         return self.adapter.decoder_prompt(self.model, self.tokenizer, targets).to(self.device)
 
     def generate(
-        self, inputs: ModelInputs, prompt: torch.Tensor, max_new_tokens: int, *, encoder_outputs=None
+        self,
+        inputs: ModelInputs,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        encoder_outputs=None,
+        edits: list[NeuronEdit] | None = None,
     ) -> Generation:
-        """Greedy decoding from ``prompt`` (no hooks); from ``encoder_outputs`` when given (no encoder run)."""
+        """Greedy decoding from ``prompt``; from ``encoder_outputs`` when given (no encoder run).
+
+        With ``edits``, every edit is applied at every step (:meth:`generate_edited`). ``inputs`` may also be
+        strings, waveforms or audio paths (hookpoints.user_inputs).
+        """
+        if not isinstance(inputs, ModelInputs):
+            inputs = self.inputs(inputs)
+        if edits:
+            if encoder_outputs is not None:
+                raise UserError("generate: give edits or encoder_outputs, not both")
+            return self.generate_edited(inputs, prompt, list(edits), max_new_tokens)[0]
         kwargs = {**inputs.kwargs, "decoder_input_ids": prompt}
         if encoder_outputs is not None:
             kwargs = {**without_encoder_inputs(kwargs), "encoder_outputs": encoder_outputs}
@@ -184,6 +226,7 @@ class HookedModel:
         with (
             torch.inference_mode(),
             self.adapter.batch_guard(self.model, inputs),
+            eager_attention(needs_eager(p.module for p in points)),
             self.traced.trace(**inputs.kwargs) as tracer,
         ):
             saved.update(self._request(inside, inputs, methods))
@@ -230,6 +273,7 @@ class HookedModel:
             with (
                 torch.inference_mode(),
                 self.adapter.batch_guard(self.model, inputs),
+                eager_attention(needs_eager(p.module for p in ordered)),
                 self.traced.trace(fn="generate", **kwargs, **greedy_kwargs(max_new_tokens)) as tracer,
             ):
                 for step in tracer.iter[:max_new_tokens]:
@@ -298,6 +342,7 @@ class HookedModel:
         with (
             torch.inference_mode(),
             self.adapter.batch_guard(self.model, inputs),
+            eager_attention(needs_eager(p.module for p in points)),
             self.traced.trace(**inputs.kwargs, **options) as tracer,
         ):
             saved.update(self._request(points, inputs, methods))
@@ -313,10 +358,14 @@ class HookedModel:
         what it refers to, and a function of a hookpoints module would make the server import that module.
         """
         saved = {}
+        values = {}  # (module, io) -> value: several hook points read one tensor (a norm's input)
         for point in sorted(points, key=lambda p: p.order):
-            envoy = self._envoys[point.module]
-            value = envoy.output if point.io == "output" else envoy.input
-            saved[point.name] = pool(value, point, inputs.masks.get(point.space), methods[point.name]).save()
+            key = (point.module, point.io)
+            if key not in values:
+                envoy = self._envoys[point.module]
+                values[key] = envoy.output if point.io == "output" else envoy.input
+            mask, key_mask = inputs.masks.get(point.space), inputs.masks.get(point.key_space)
+            saved[point.name] = pool(values[key], point, mask, methods[point.name], key_mask).save()
         return saved
 
     def pooled_per_step(

@@ -13,9 +13,12 @@ import fnmatch
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
+from hookpoints.derived import MAP_HOOKS
 from hookpoints.errors import UserError
 
 INPUT_SUFFIX = ":input"
+#: hook points computed from a norm's input (TransformerLens' meaning): never a module-path alias
+DERIVED_SUFFIXES = ("hook_normalized", "hook_scale")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,9 @@ class HookPoint:
     Conformer conv's ``[batch, channels, time]``); ``time_axis`` indexes the positions of ``space``
     (``input`` tokens or frames, ``encoder`` outputs, ``decoder`` tokens), or is None when the tensor holds one
     vector per example. ``unavailable`` says why a hook point cannot be recorded, if it cannot.
+
+    >>> point = model.hook_points.get("blocks.0.attn.hook_q")
+    >>> point.width, point.shape  # (64, (4, 16)): 4 heads of 16
     """
 
     name: str
@@ -39,11 +45,15 @@ class HookPoint:
     canonical: bool = False  # named by an adapter (not a bare module path)
     layer_output: bool = False  # the output of a whole layer (what layer-wise analyses compare)
     aliases: tuple[str, ...] = ()
+    derived: str | None = None  # computed from the module's tensor (hookpoints.derived): "ln_normalized", ...
+    eps: float | None = None  # the norm's epsilon, for derived norm values
     # Filled in by the shape probe:
     width: int | None = None
     neuron_axis: int | None = None
     time_axis: int | None = None
     space: str | None = None
+    keys: int | None = None  # attention maps: key positions a row holds (the key space's longest length)
+    key_space: str | None = None  # attention maps: the positions the keys index
     order: int = -1  # when the tensor appears in a forward pass (nnsight needs requests in this order)
     unavailable: str | None = None
 
@@ -74,16 +84,70 @@ class HookPoint:
         return asdict(self)
 
 
+def module_alias(module: str, io: str) -> str:
+    """The bare module path that also names a hook point: ``module``, or ``module:input`` for its input."""
+    return module if io == "output" else module + INPUT_SUFFIX
+
+
+def is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+class HookNames:
+    """Names and aliases of hook points, and the one rule that selects them by name or glob.
+
+    Used on a model's hook points (:class:`HookPointSet`) and on the hooks a store holds
+    (``hookpoints.analyses.hooks``), so ``--hooks`` picks the same hooks in ``record`` and in every analysis.
+    A pattern without ``*?[`` is a name or an alias; a glob matches names and aliases, and ``module:input``
+    names only match globs that ask for inputs (``*:input``).
+
+    Example::
+
+        names = HookNames([("blocks.0.hook_resid_post", ("transformer.h.0",))])
+        names.match("transformer.h.*")   # ['blocks.0.hook_resid_post']
+    """
+
+    def __init__(self, entries: Iterable[tuple[str, Iterable[str]]]):
+        self._names: dict[str, str] = {}  # every name and alias -> canonical name
+        for canonical, aliases in entries:
+            for name in (canonical, *aliases):
+                self._names.setdefault(name, canonical)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def canonical(self, name: str) -> str | None:
+        """The canonical name ``name`` stands for (itself, or the hook it is an alias of), or None."""
+        return self._names.get(name)
+
+    def aliases(self) -> list[str]:
+        return [name for name, canonical in self._names.items() if name != canonical]
+
+    def match(self, pattern: str) -> list[str]:
+        """Canonical names ``pattern`` selects, each once, in the order they were given."""
+        if not is_glob(pattern):
+            return [self._names[pattern]] if pattern in self._names else []
+        inputs = INPUT_SUFFIX in pattern
+        chosen = {
+            canonical: None
+            for name, canonical in self._names.items()
+            if (INPUT_SUFFIX in name) == inputs and fnmatch.fnmatchcase(name, pattern)
+        }
+        return list(chosen)
+
+
 class HookPointSet:
-    """All hook points of a model: look-up by name or alias, and selection by glob."""
+    """All hook points of a model: look-up by name or alias, and selection by glob.
+
+    >>> [p.name for p in model.hook_points.select(["blocks.*.hook_resid_post"])]
+    ['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post']
+    """
 
     def __init__(self, points: Iterable[HookPoint]):
         self._points: dict[str, HookPoint] = {}
-        self._names: dict[str, str] = {}  # every name and alias -> canonical name
         for point in sorted(points, key=lambda p: (p.order < 0, p.order, p.name)):
             self._points[point.name] = point
-            for name in (point.name, *point.aliases):
-                self._names.setdefault(name, point.name)
+        self.names = HookNames((p.name, p.aliases) for p in self._points.values())
 
     def __iter__(self) -> Iterator[HookPoint]:
         return iter(self._points.values())
@@ -92,7 +156,7 @@ class HookPointSet:
         return len(self._points)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._names
+        return name in self.names
 
     def listed(self) -> list[HookPoint]:
         """What ``hookpoints hooks`` shows by default: the canonical names, or every module output if none."""
@@ -101,27 +165,25 @@ class HookPointSet:
 
     def get(self, name: str) -> HookPoint:
         """The hook point called ``name`` (a canonical name, an alias or a module path)."""
-        if name in self._names:
-            return self._points[self._names[name]]
+        canonical = self.names.canonical(name)
+        if canonical is not None:
+            return self._points[canonical]
         raise UserError(f"no hook point is called {name!r}; {self._closest(name)}")
 
     def select(self, patterns: Iterable[str]) -> list[HookPoint]:
         """The recordable hook points matching any of the glob ``patterns``, in execution order."""
         chosen: dict[str, HookPoint] = {}
         for pattern in patterns:
-            if not any(ch in pattern for ch in "*?["):
+            if not is_glob(pattern):
                 point = self.get(pattern)
                 if point.unavailable:
                     raise UserError(f"hook point {pattern!r} cannot be recorded: {point.unavailable}")
                 chosen[point.name] = point
                 continue
-            # `module:input` names only match patterns that ask for inputs.
-            inputs = INPUT_SUFFIX in pattern
-            matches = [
-                self._points[canonical]
-                for name, canonical in self._names.items()
-                if (INPUT_SUFFIX in name) == inputs and fnmatch.fnmatchcase(name, pattern)
-            ]
+            matches = [self._points[canonical] for canonical in self.names.match(pattern)]
+            if is_glob(pattern) and not any(hook in pattern for hook in MAP_HOOKS):
+                # attention maps (big: a row of [head, key_pos] per query position) only when a pattern names them
+                matches = [point for point in matches if point.key_space is None]
             usable = [point for point in matches if point.unavailable is None]
             if not usable:
                 reason = f" ({matches[0].unavailable})" if matches else ""
@@ -133,7 +195,7 @@ class HookPointSet:
 
     def _closest(self, name: str) -> str:
         probe = name.replace("*", "0").replace("?", "x")
-        names = [p.name for p in self.listed()] + [n for n in self._names if n not in self._points]
+        names = [p.name for p in self.listed()] + self.names.aliases()
         close = difflib.get_close_matches(probe, names, n=5, cutoff=0.5)
         if not close:
             return "run `hookpoints hooks MODEL` to list the names"

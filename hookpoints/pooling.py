@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import torch
 
+from hookpoints.derived import derive_norm, map_rows
 from hookpoints.points import HookPoint
 from hookpoints.probe import first_tensor
+from hookpoints.settings import POOLINGS
 
-POOLINGS = ("mean", "last", "max", "none")
 
+def positions_first(value, point: HookPoint, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The hook's tensor as ``[batch, pos, width]`` (``pos`` = 1 when it has no time axis).
 
-def positions_first(value, point: HookPoint) -> torch.Tensor:
-    """The hook's tensor as ``[batch, pos, width]`` (``pos`` = 1 when it has no time axis)."""
+    Derived hook points are computed here (hookpoints.derived): a norm's normalised value or scale from its
+    input; an attention map as ``[batch, query_pos, head * keys]``, keys past ``key_mask`` set to 0.
+    """
     tensor = first_tensor(value)
+    if point.derived:
+        tensor = derive_norm(tensor, point.derived, point.eps)
+    if point.keys is not None:
+        return map_rows(tensor, point.keys, key_mask, point.name)
     if point.time_axis is None:
         tensor = tensor.reshape(tensor.shape[0], 1, -1)
     else:
@@ -24,13 +32,15 @@ def positions_first(value, point: HookPoint) -> torch.Tensor:
     return tensor
 
 
-def pool(value, point: HookPoint, mask: torch.Tensor | None, method: str) -> torch.Tensor:
+def pool(
+    value, point: HookPoint, mask: torch.Tensor | None, method: str, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Pool one hook's activations over the valid positions of each example, in float32.
 
     Returns ``[batch, width]``, or for ``none`` the ``[valid positions, width]`` rows in the row-major order
     of ``mask.nonzero()``.
     """
-    x = positions_first(value, point).float()  # [batch, pos, width]
+    x = positions_first(value, point, key_mask).float()  # [batch, pos, width]
     if point.time_axis is None or mask is None:
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     return pool_positions(x, mask, method)

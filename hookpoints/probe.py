@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from hookpoints.derived import is_map
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import HookPoint
 
@@ -85,6 +86,8 @@ def measure(point: HookPoint, seen: Seen | None, lengths: dict[str, int], batch:
     shape = seen.shape
     if shape is None:
         return replace(point, order=seen.order, unavailable="its value is not a tensor")
+    if is_map(point.module):
+        return _measure_map(point, shape, seen.order, lengths)
     if len(shape) < 2 or shape[0] not in (batch, 1):  # 1: broadcast over the batch (position embeddings)
         return replace(point, order=seen.order, unavailable=f"its tensor has no batch axis (shape {list(shape)})")
     time = [(axis, space) for axis in range(1, len(shape)) for space, n in lengths.items() if shape[axis] == n]
@@ -101,4 +104,17 @@ def measure(point: HookPoint, seen: Seen | None, lengths: dict[str, int], batch:
         if width % point.part[1]:
             return replace(point, order=seen.order, unavailable=f"{width} neurons do not split in {point.part[1]}")
         width //= point.part[1]
+    if point.derived and point.derived.endswith("scale"):
+        width = 1  # one divisor per position: [batch, pos, 1]
     return replace(point, width=width, neuron_axis=neuron_axes[0], time_axis=time_axis, space=space, order=seen.order)
+
+
+def _measure_map(point: HookPoint, shape: tuple[int, ...], order: int, lengths: dict[str, int]) -> HookPoint:
+    """An attention map ``[batch, head, query_pos, key_pos]``: positions are queries, neurons [head, key]."""
+    spaces = [[space for space, n in lengths.items() if n == shape[axis]] for axis in (2, 3)]
+    if len(shape) != 4 or len(spaces[0]) != 1 or len(spaces[1]) != 1:
+        return replace(point, order=order, unavailable=f"its attention map's positions are ambiguous ({list(shape)})")
+    # keys (the row layout) are set by the model, which knows the key space's longest length
+    return replace(
+        point, heads=shape[1], neuron_axis=1, time_axis=2, space=spaces[0][0], key_space=spaces[1][0], order=order
+    )

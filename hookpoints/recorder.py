@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,14 +18,12 @@ from hookpoints.inputs import ModelInputs
 from hookpoints.manifest import Manifest, audio_path
 from hookpoints.model import HookedModel
 from hookpoints.points import HookPoint
-from hookpoints.pooling import POOLINGS
+from hookpoints.settings import RunSettings
+from hookpoints.sizes import check_budget, example_bytes
 from hookpoints.store.catalog import Store
 from hookpoints.store.runs import check_shard, in_shard
 from hookpoints.store.writer import DEFAULT_BUFFER_BYTES, HookRows, open_run
 from hookpoints.tasks import Task, get_task, source_languages, target_languages
-
-STORAGE_DTYPES = ("float32", "float16")
-
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -39,6 +38,12 @@ GENERATION_COLUMNS = {
 
 @dataclass(frozen=True)
 class RecordSummary:
+    """What a recording did (``hp.record`` returns it).
+
+    >>> summary = hp.record(model, "manifest.jsonl", "my-store", run="r1")
+    >>> summary.recorded, summary.seconds
+    """
+
     run: str
     recorded: int  # examples recorded by this call
     skipped: int  # examples of this shard already in the run (resume)
@@ -60,9 +65,13 @@ class BatchJob:
     tgt_lang: str | None = None
     base: str = "."  # the manifest's folder: relative audio paths start there
 
+    @cached_property
+    def settings(self) -> RunSettings:
+        return RunSettings(pooling=self.pooling, per_step=self.per_step, task=self.task, frames=self.frames)
+
     def method(self, point: HookPoint) -> str:
         """The pooling of one hook point (with per_step, decoder hooks keep every step)."""
-        return "none" if self.per_step and point.space == "decoder" else self.pooling
+        return self.settings.hook_pooling(point.space).value
 
 
 #: Runs batches somewhere else (hookpoints.scale_out: a Ray actor pool): gets the example batches, the hook
@@ -101,6 +110,7 @@ def record(
     on_batch: Callable[[int], None] | None = None,
     shard: tuple[int, int] = (0, 1),
     run_batches: BatchRunner | None = None,
+    max_bytes: int | None = None,
 ) -> RecordSummary:
     """Record every example of ``manifest`` at ``hooks`` (globs; default: the model's listed hook points).
 
@@ -115,29 +125,32 @@ def record(
     ``if_exists``: error, resume (record only what is missing) or overwrite. ``shard=(I, N)`` records only
     the examples of shard I of N (several processes can record one run side by side). ``run_batches`` runs
     the model somewhere else (hookpoints.scale_out); the rows are committed here either way.
-    ``on_start(n)`` is called once everything is checked and ``n`` examples are about to be recorded;
-    ``on_batch(k)`` after each batch.
+    ``max_bytes`` refuses, before anything is written, a recording whose estimated size is larger
+    (hookpoints.sizes: every example as long as the longest batch's longest; attention maps with pooling
+    ``none`` grow with the square of the length). ``on_start(n)`` is called once everything is checked and
+    ``n`` examples are about to be recorded; ``on_batch(k)`` after each batch.
     """
-    if pooling not in POOLINGS:
-        raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
-    if dtype not in STORAGE_DTYPES:
-        raise UserError(f"storage dtype must be float32 or float16, not {dtype!r}")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, not {batch_size}")
+    generates = get_task(task).generates
+    settings = RunSettings(
+        pooling=pooling,
+        per_step=per_step,
+        dtype=dtype,
+        task=task,
+        model=model.source,
+        tgt_lang=tgt_lang,
+        frames=frames,
+        max_new_tokens=max_new_tokens if generates else None,
+    )
     if max_new_tokens < 1:
         raise UserError(f"max new tokens must be at least 1, not {max_new_tokens}")
-    if frames is not None and frames < 1:
-        raise UserError(f"frames must be at least 1, not {frames}")
     check_shard(shard)
     plan = plan_examples(model, manifest, get_task(task), tgt_lang)
-    if per_step and not plan.task.generates:
-        raise UserError(f"per-step recording needs a generating task (asr, s2tt, t2tt), not {task}")
     if frames is not None and model.modality != "speech":
         raise UserError("frames applies to speech input; this run reads text")
     points = model.select(hooks)
     started = time.perf_counter()
-    stored_pooling = f"{pooling}+steps" if per_step else pooling
-    settings = {"model": model.source, "task": task, "pooling": stored_pooling, "dtype": dtype}
     config = {
         "hooks": hooks or [],
         "batch_size": batch_size,
@@ -145,12 +158,16 @@ def record(
         "model_class": type(model.model).__name__,
         "adapter": model.adapter.name,
         "manifest": str(manifest.path),
-        "tgt_lang": tgt_lang,
-        "max_new_tokens": max_new_tokens if plan.task.generates else None,
-        "per_step": per_step,
-        "frames": frames,
+        **settings.config(),
+        "prepend_bos": model.prepend_bos,
         "versions": {"hookpoints": hookpoints.__version__, "torch": torch.__version__},
     }
+    job = BatchJob(task, pooling, per_step, frames, max_new_tokens, tgt_lang, str(manifest.base))
+    if max_bytes is not None:  # before anything is written (resume: counts the shard's examples already there)
+        rows = [r for r, example in enumerate(manifest.ids) if in_shard(example, shard)]
+        rows.sort(key=plan.sizes.__getitem__)
+        if rows:
+            _check_size(model, manifest.table.take(rows[-batch_size:]), points, job, len(rows), max_bytes, dtype)
     added = _added_columns(manifest, plan.task)
     schema = manifest.table.schema
     for name, kind in added.items():
@@ -158,7 +175,7 @@ def record(
     writer = open_run(
         store,
         run,
-        settings=settings,
+        settings=settings.columns(),
         config=config,
         hooks=[point.row() for point in points],
         examples_schema=schema,
@@ -169,7 +186,6 @@ def record(
     mine = [row for row, example in enumerate(manifest.ids) if in_shard(example, shard)]
     todo = [row for row in mine if manifest.ids[row] not in writer.done]
     todo.sort(key=lambda row: plan.sizes[row])  # similar lengths together: less padding
-    job = BatchJob(task, pooling, per_step, frames, max_new_tokens, tgt_lang, str(manifest.base))
     batches = (manifest.table.take(todo[start : start + batch_size]) for start in range(0, len(todo), batch_size))
     if run_batches is None:
         results = ((examples, *record_batch(model, examples, points, job)) for examples in batches)
@@ -190,6 +206,25 @@ def record(
     writer.finish("complete")
     seconds = time.perf_counter() - started
     return RecordSummary(run, len(todo), len(mine) - len(todo), len(points), seconds, shard, len(manifest) - len(mine))
+
+
+def _check_size(
+    model: HookedModel,
+    longest: pa.Table,
+    points: list[HookPoint],
+    job: BatchJob,
+    examples: int,
+    budget: int,
+    dtype: str,
+) -> None:
+    """Refuse a recording over ``budget`` bytes, estimated from the inputs of the longest examples."""
+    inputs, _ = batch_inputs(model, longest, job)
+    positions = {space: int(mask.sum(1).max()) for space, mask in inputs.masks.items()}
+    if get_task(job.task).generates:  # decoder positions: the prompt and every generated token
+        positions["decoder"] = positions.get("decoder", 1) + job.max_new_tokens
+    per_example = example_bytes(points, job.method, positions, dtype)
+    biggest = max(points, key=lambda p: example_bytes([p], job.method, positions, dtype), default=None)
+    check_budget(per_example * examples, budget, examples, per_example, biggest)
 
 
 def plan_examples(model: HookedModel, manifest: Manifest, task: Task, tgt_lang: str | None) -> ExamplePlan:

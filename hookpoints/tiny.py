@@ -158,6 +158,24 @@ def _config(family: str, vocab: int):
     raise ValueError(f"no tiny config for {family!r}")
 
 
+def randomise_norms_and_biases(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every norm gain and every bias a random value (HF initialises them to exactly 1 and 0).
+
+    With gain 1 and bias 0, definitions that differ by them coincide (TransformerLens' ``hook_normalized`` is
+    the value before the gain and bias): fixtures that check values must not hide such differences.
+    """
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            norm = type(module).__name__.endswith("Norm") or isinstance(module, torch.nn.LayerNorm)
+            for name, parameter in module.named_parameters(recurse=False):
+                noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+                if norm and name == "weight":
+                    parameter.copy_(1 + 0.3 * noise)
+                elif name.endswith("bias"):
+                    parameter.copy_(0.1 * noise)
+
+
 FAMILIES = ("gpt2", "llama", "qwen2", "bert", "whisper", "qwen2_audio", "ultravox", "seamless_m4t_v2")
 
 
@@ -174,6 +192,8 @@ def build_tiny(
 
     The tokenizer is trained on ``texts`` (a few default sentences) up to ``vocab_size`` tokens; ``sizes``
     overrides config attributes (e.g. ``hidden_size`` for benchmark-sized models).
+
+    >>> model = hp.load(hp.build_tiny("gpt2", "/tmp/tiny-gpt2"))
     """
     import transformers as tf
 
@@ -198,6 +218,7 @@ def build_tiny(
     }
     torch.manual_seed(seed)
     model = classes[family](config).eval()
+    randomise_norms_and_biases(model, seed)
     if family == "seamless_m4t_v2":  # as in the real checkpoint's generation_config.json
         model.generation_config.text_decoder_lang_to_code_id = {
             token.strip("_"): tokenizer.convert_tokens_to_ids(token) for token in LANGUAGE_TOKENS

@@ -101,7 +101,9 @@ def test_bad_input_is_one_line(store_path, run_cli, args, expected):
 
 
 def test_demo_stage_on_a_recorded_seamless_run(tiny_model_dir, tmp_path, capsys):
-    from hookpoints.cli.ap_cmd import demo_stage
+    """The demo's ranking stage is a library function returning data; the CLI prints it and saves the figures."""
+    from hookpoints.analyses.demo import Demo, rank_neurons
+    from hookpoints.cli.demo_cmd import show_stage
 
     from hookpoints.loading import load
     from hookpoints.manifest import read_manifest
@@ -112,8 +114,41 @@ def test_demo_stage_on_a_recorded_seamless_run(tiny_model_dir, tmp_path, capsys)
     store = Store.open(tmp_path / "store", create=True)
     hooked = load(str(tiny_model_dir("seamless_m4t_v2")), modality="text")
     record(hooked, manifest, store, "seamless-text", batch_size=20)
-    paths = demo_stage(store, ["seamless-text"], tmp_path / "plots", ks=(20, 50))
+    demo = Demo(store, tmp_path)
+    ranked = rank_neurons(demo, ("seamless-text",), ks=(20, 50))
+    assert capsys.readouterr().out == ""  # the library prints nothing
+    assert ranked.presets == ("unimodal",) and len(ranked.job.masks.label_sets) == 6
+    report = ranked.report
+    assert report.k == 20 and report.overlaps == []  # one modality: no speech-vs-text overlap
+    assert {(r.component, r.label_set.split("/")[0]) for r in report.rows} == {
+        ("text_encoder", "unimodal"),
+        ("text_decoder", "unimodal"),
+    }
+    for row in report.rows:  # the top-20 of each group is counted in full, by panel and by layer
+        assert sum(row.top.values()) == 20 and sum(row.bottom.values()) == 20
+        assert row.counts.column("top").to_numpy().sum() == 20
+        assert row.min_ap <= row.median_ap <= row.max_ap
+    show_stage("rank_neurons", demo, ranked, tmp_path / "plots")
     out = capsys.readouterr().out
     assert "against 6 label sets (preset unimodal)" in out
     assert "unimodal/" in out and "text_encoder" in out and "text_decoder" in out
-    assert len(paths) == 2 * 6 * 2 and all(p.exists() for p in paths)  # 6 languages x 2 groups, PNG + SVG
+    paths = sorted((tmp_path / "plots").iterdir())
+    assert len(paths) == 2 * 6 * 2 and all(p.stat().st_size > 0 for p in paths)  # 6 languages x 2 groups, PNG+SVG
+
+
+def test_library_entry_points_refuse_bad_input(tmp_path):
+    from hookpoints.analyses.ap_report import selectivity_report
+    from hookpoints.analyses.demo import run_demo
+
+    from hookpoints.errors import UserError
+
+    store = Store.open(tmp_path / "store", create=True)
+    with pytest.raises(UserError, match="scores table holds no AP of run 'nothing'"):
+        selectivity_report(store, "nothing", ["unimodal/text/de"], 10)
+    with pytest.raises(UserError, match="give at least one label set"):
+        selectivity_report(store, "nothing", [], 10)
+    with pytest.raises(UserError, match="k must be at least 1, not 0"):
+        selectivity_report(store, "nothing", ["unimodal/text/de"], 0)
+    with pytest.raises(UserError, match="limit must be at least 1, not 0"):
+        run_demo(store, limit=0)
+    assert store.table_names() == sorted(store.table_names()) and "scores" not in store.table_names()

@@ -26,7 +26,7 @@ def test_hooks_json_and_table(tiny_model_dir, run_cli):
     code, out, err = run_cli("hooks", directory, "--modality", "speech", "--format", "json")
     assert code == 0, err
     rows = json.loads(out)
-    assert set(rows[0]) == {"name", "component", "layer", "submodule", "width"}
+    assert set(rows[0]) == {"name", "component", "layer", "submodule", "width", "bytes_pooled", "bytes_none_max"}
     conv = next(r for r in rows if r["name"] == "speech_encoder.layers.0.conv_module.pointwise_conv1")
     assert conv == {
         "name": "speech_encoder.layers.0.conv_module.pointwise_conv1",
@@ -34,6 +34,8 @@ def test_hooks_json_and_table(tiny_model_dir, run_cli):
         "layer": 0,
         "submodule": "conv_module.pointwise_conv1",
         "width": 128,
+        "bytes_pooled": 128 * 4,  # float32, one row per example
+        "bytes_none_max": 128 * 4 * 256,  # a row per position of the longest input (max_position_embeddings)
     }
     code, out, _ = run_cli("hooks", directory, "--filter", "text_decoder.layers.*.cross_attention.*_proj")
     assert code == 0 and "8 hook points" in out and "cross_attention.k_proj" in out

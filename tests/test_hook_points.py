@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hookpoints.adapters.seamless import TABLE1
+from hookpoints.adapters.seamless import MAPS, TABLE1
 from hookpoints.errors import UserError
 from hookpoints.loading import load
 from hookpoints.tiny import FAMILIES
@@ -36,7 +36,8 @@ def test_seamless_speech_has_every_table1_component(tiny_model_dir):
         by_component.setdefault(point.component, set()).add(point.submodule)
     assert set(by_component) == {"speech_encoder", "text_decoder"}
     for component in by_component:
-        assert by_component[component] == set(TABLE1[component]) | {"hook_resid_post"}
+        # + the attention maps (hookpoints.attention), which are recorded only when named
+        assert by_component[component] == set(TABLE1[component]) | set(MAPS[component]) | {"hook_resid_post"}
 
     get = model.hook_points.get
     d = config.hidden_size

@@ -56,3 +56,52 @@ def test_store_analyses_cli_are_subpackages():
     assert hookpoints.store.__name__ == "hookpoints.store"
     assert Path(hookpoints.store.__file__).parent.name == "store"
     assert Path(hookpoints.cli.__file__).parent.name == "cli"
+
+
+def test_import_hookpoints_imports_no_model_library():
+    loaded = _modules_after("import hookpoints")
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+
+
+def test_every_public_name_resolves_and_shows_an_example():
+    """``__all__`` is the API: each name loads (lazily) and its docstring carries a short example."""
+    import hookpoints
+
+    missing = []
+    for name in hookpoints.__all__:
+        if name == "__version__":
+            continue
+        value = getattr(hookpoints, name)
+        doc = value.__doc__ or ""
+        if ">>>" not in doc:
+            missing.append(name)
+    assert not missing, f"public names without a docstring example: {missing}"
+    assert set(hookpoints.__all__) <= set(dir(hookpoints))
+    try:
+        hookpoints.no_such_name  # noqa: B018
+    except AttributeError as error:
+        assert "no_such_name" in str(error)
+    else:
+        raise AssertionError("an unknown attribute must raise AttributeError")
+
+
+def test_store_commands_on_a_real_store_import_no_model_library(tmp_path):
+    """``sql`` and ``store info`` over a store with a run: no torch, transformers, nnsight, sklearn, scipy, ..."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "cli_startup", Path(__file__).resolve().parents[1] / "bench" / "cli_startup.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    store = bench.small_store(tmp_path / "store")
+    for argv in (["sql", "--store", store, "SELECT count(*) AS n FROM activations"], ["store", "info", store]):
+        out = subprocess.run(
+            [sys.executable, "-c", "from hookpoints.cli.main import main\n"
+             f"main({argv!r})\nimport sys; print('MODULES', ' '.join(sys.modules))"],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        shown, modules = out.split("MODULES")
+        loaded = set(modules.split())
+        assert not loaded & set(HEAVY), (argv, sorted(loaded & set(HEAVY)))
+        assert ("6" if argv[0] == "sql" else "startup-run") in shown  # the command did its work: 3 examples x 2 hooks

@@ -53,7 +53,7 @@ def reference(directory, family: str, text: str, module: str, io: str, pooling: 
     ("family", "hooks", "pooling"),
     [
         ("gpt2", ["blocks.1.mlp.hook_pre", "blocks.0.attn.hook_z"], "mean"),
-        ("bert", ["blocks.1.ln2.hook_normalized", "blocks.0.mlp.hook_post"], "last"),
+        ("bert", ["blocks.1.hook_normalized_resid_post", "blocks.0.mlp.hook_post"], "last"),
         ("seamless_m4t_v2", ["text_encoder.layers.1.ffn.fc1", "text_decoder.layers.0.cross_attention.v_proj"], "max"),
         ("gpt2", ["blocks.0.hook_resid_post"], "none"),
     ],
@@ -107,7 +107,9 @@ def test_batched_recording_equals_batch_size_one(tiny_model_dir, family, pooling
     singles = [model.pooled(model.text_inputs([text]), points, pooling) for text in texts]
     for point in points:
         expected = torch.cat([single[point.name] for single in singles])
-        torch.testing.assert_close(batched[point.name], expected, atol=1e-5, rtol=1e-4, msg=point.name)
+        # float32 rounding of padded attention grows with the values (random norm gains and biases)
+        atol = 1e-5 * max(1.0, float(expected.abs().max()) / 4)
+        torch.testing.assert_close(batched[point.name], expected, atol=atol, rtol=1e-4, msg=point.name)
 
 
 def test_examples_keep_every_manifest_column(tiny_model_dir, write_manifest, store):
@@ -204,7 +206,7 @@ def test_existing_run_is_refused_resumed_or_overwritten(tiny_model_dir, write_ma
     ("kwargs", "message"),
     [
         ({"pooling": "median"}, "pooling must be one of mean, last, max, none"),
-        ({"dtype": "int8"}, "storage dtype must be float32 or float16"),
+        ({"dtype": "int8"}, "storage dtype must be one of float32, float16"),
         ({"batch_size": 0}, "batch size must be at least 1"),
         ({"hooks": ["blocks.9.*"]}, "matches no recordable hook point"),
     ],

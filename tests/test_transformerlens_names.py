@@ -1,14 +1,20 @@
 """TransformerLens names resolve to the tensors TransformerLens gives them.
 
-Each test recomputes a whole forward pass by hand from the checkpoint's weights, following
-TransformerLens' definitions (HookedTransformer / HookedEncoder without weight processing), and compares every
-named tensor with what hookpoints records (pooling ``none``: every position).
+Each family is checked twice, on tiny checkpoints whose every parameter is random (norm gains and biases
+included, hookpoints.tiny): against a whole forward pass recomputed by hand from the weights with the
+arithmetic TransformerLens documents (HookedTransformer / HookedEncoder without weight processing), and against
+the real TransformerLens 3.9 (``test_every_name_equals_transformerlens``). Every named tensor is compared with
+what hookpoints records (pooling ``none``: every position).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -19,8 +25,37 @@ TEXT = "The weather is nice today, and the river is calm."
 
 def recorded(model, patterns):
     inputs = model.text_inputs([TEXT])
+    patterns = [*patterns, "*.hook_pattern", "*.hook_attn_scores"]  # attention maps only match when named
     values = model.pooled(inputs, model.select(patterns), "none")  # hook -> [positions, width]
     return inputs.kwargs["input_ids"][0], values
+
+
+def tl_norm(x: torch.Tensor, eps: float, centre: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """TransformerLens' (hook_scale, hook_normalized): before the gain and bias."""
+    if centre:
+        x = x - x.mean(-1, keepdim=True)
+    scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()  # [pos, 1]
+    return scale, x / scale
+
+
+def check_norm(got, name: str, x: torch.Tensor, module, eps: float, centre: bool = True) -> torch.Tensor:
+    """The norm's TransformerLens hooks and its module output (under its module path); returns the output."""
+    scale, normalized = tl_norm(x, eps, centre)
+    close(got[f"{name}.hook_scale"], scale, f"{name}.hook_scale")
+    close(got[f"{name}.hook_normalized"], normalized, f"{name}.hook_normalized")
+    bias = getattr(module, "bias", None)
+    output = normalized * module.weight + (0 if bias is None else bias)
+    if centre:  # torch's own LayerNorm agrees with TransformerLens' arithmetic
+        torch.testing.assert_close(
+            output, F.layer_norm(x, x.shape[-1:], module.weight, bias, eps), atol=2e-5, rtol=2e-5
+        )
+    return output
+
+
+def map_of(recorded_rows: torch.Tensor, heads: int, keys: int) -> torch.Tensor:
+    """A recorded attention map ([query_pos, head * max_keys] rows) as [head, query_pos, key_pos]."""
+    queries = recorded_rows.shape[0]
+    return recorded_rows.view(queries, heads, -1)[:, :, :keys].transpose(0, 1)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
@@ -28,22 +63,31 @@ def close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
     torch.testing.assert_close(actual, expected, atol=2e-5, rtol=2e-5, msg=name)
 
 
-def attention(q, k, v, heads: int, kv_heads: int, causal: bool) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d_head) [+ causal mask]) v, heads merged back: [pos, heads * d_head]."""
+def attention(q, k, v, heads: int, kv_heads: int, causal: bool, got=None, name: str = "") -> torch.Tensor:
+    """softmax(q k^T / sqrt(d_head) [+ causal mask]) v, heads merged back: [pos, heads * d_head].
+
+    With ``got``, also checks the recorded ``{name}.attn.hook_attn_scores`` and ``hook_pattern``.
+    """
     pos = q.shape[0]
     d_head = q.shape[1] // heads
     q = q.view(pos, heads, d_head).transpose(0, 1)  # [heads, pos, d_head]
     k = k.view(pos, kv_heads, d_head).transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
     v = v.view(pos, kv_heads, d_head).transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
     scores = q @ k.transpose(1, 2) / math.sqrt(d_head)  # [heads, pos, pos]
-    if causal:
-        scores = scores.masked_fill(torch.ones(pos, pos, dtype=torch.bool).triu(1), float("-inf"))
-    return (scores.softmax(-1) @ v).transpose(0, 1).reshape(pos, heads * d_head)
+    masked = torch.ones(pos, pos, dtype=torch.bool).triu(1) if causal else torch.zeros(pos, pos, dtype=torch.bool)
+    scores = scores.masked_fill(masked, float("-inf"))
+    pattern = scores.softmax(-1)
+    if got is not None:
+        recorded_scores = map_of(got[f"{name}.attn.hook_attn_scores"], heads, pos)
+        close(recorded_scores.masked_fill(masked, 0), scores.masked_fill(masked, 0), "hook_attn_scores")
+        assert (recorded_scores[:, masked] < -1e30).all()  # masked: the additive mask (TransformerLens: -inf)
+        close(map_of(got[f"{name}.attn.hook_pattern"], heads, pos), pattern, "hook_pattern")
+    return (pattern @ v).transpose(0, 1).reshape(pos, heads * d_head)
 
 
 def test_gpt2(tiny_model_dir):
     model = load(tiny_model_dir("gpt2"))
-    ids, got = recorded(model, ["blocks.*", "hook_*", "ln_final.*"])
+    ids, got = recorded(model, ["blocks.*", "hook_*", "ln_final.*", "transformer.h.*.ln_1"])
     hf = model.model.transformer
     cfg = model.model.config
     heads, eps = cfg.n_head, cfg.layer_norm_epsilon
@@ -58,19 +102,18 @@ def test_gpt2(tiny_model_dir):
     for layer, block in enumerate(hf.h):
         name = f"blocks.{layer}"
         close(got[f"{name}.hook_resid_pre"], resid, f"{name}.hook_resid_pre")
-        ln1 = F.layer_norm(resid, (cfg.n_embd,), block.ln_1.weight, block.ln_1.bias, eps)
-        close(got[f"{name}.ln1.hook_normalized"], ln1, "ln1")
+        ln1 = check_norm(got, f"{name}.ln1", resid, block.ln_1, eps)
+        close(got[f"transformer.h.{layer}.ln_1"], ln1, "the ln_1 module's output")
         q, k, v = conv1d(ln1, block.attn.c_attn).split(cfg.n_embd, dim=-1)
         for key, value in (("q", q), ("k", k), ("v", v)):
             close(got[f"{name}.attn.hook_{key}"], value, f"hook_{key}")
-        z = attention(q, k, v, heads, heads, causal=True)
+        z = attention(q, k, v, heads, heads, causal=True, got=got, name=name)
         close(got[f"{name}.attn.hook_z"], z, "hook_z")
         attn_out = conv1d(z, block.attn.c_proj)
         close(got[f"{name}.hook_attn_out"], attn_out, "hook_attn_out")
         resid_mid = resid + attn_out
         close(got[f"{name}.hook_resid_mid"], resid_mid, "hook_resid_mid")
-        ln2 = F.layer_norm(resid_mid, (cfg.n_embd,), block.ln_2.weight, block.ln_2.bias, eps)
-        close(got[f"{name}.ln2.hook_normalized"], ln2, "ln2")
+        ln2 = check_norm(got, f"{name}.ln2", resid_mid, block.ln_2, eps)
         pre = conv1d(ln2, block.mlp.c_fc)
         close(got[f"{name}.mlp.hook_pre"], pre, "mlp.hook_pre")
         post = 0.5 * pre * (1 + torch.tanh(math.sqrt(2 / math.pi) * (pre + 0.044715 * pre**3)))  # gelu_new
@@ -79,8 +122,12 @@ def test_gpt2(tiny_model_dir):
         close(got[f"{name}.hook_mlp_out"], mlp_out, "hook_mlp_out")
         resid = resid_mid + mlp_out
         close(got[f"{name}.hook_resid_post"], resid, "hook_resid_post")
-    final = F.layer_norm(resid, (cfg.n_embd,), hf.ln_f.weight, hf.ln_f.bias, eps)
-    close(got["ln_final.hook_normalized"], final, "ln_final")
+    check_norm(got, "ln_final", resid, hf.ln_f, eps)
+
+
+def linear(x, module):
+    """A Linear layer by hand (Qwen2's q/k/v have biases)."""
+    return x @ module.weight.T + (0 if module.bias is None else module.bias)
 
 
 def rms_norm(x, weight, eps):
@@ -96,8 +143,9 @@ def rotate(x, cos, sin, heads):
     return (x * cos[:, None] + rotated * sin[:, None]).reshape(pos, -1)
 
 
-def test_llama(tiny_model_dir):
-    model = load(tiny_model_dir("llama"))
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama(tiny_model_dir, family):
+    model = load(tiny_model_dir(family))
     ids, got = recorded(model, ["blocks.*", "hook_embed", "ln_final.*"])
     hf = model.model.model
     cfg = model.model.config
@@ -110,20 +158,22 @@ def test_llama(tiny_model_dir):
     for layer, block in enumerate(hf.layers):
         name = f"blocks.{layer}"
         close(got[f"{name}.hook_resid_pre"], resid, "hook_resid_pre")
-        ln1 = rms_norm(resid, block.input_layernorm.weight, eps)
-        close(got[f"{name}.ln1.hook_normalized"], ln1, "ln1")
+        ln1 = check_norm(got, f"{name}.ln1", resid, block.input_layernorm, eps, centre=False)
+        close(ln1, rms_norm(resid, block.input_layernorm.weight, eps), "RMSNorm")
         attn = block.self_attn
-        q, k, v = ln1 @ attn.q_proj.weight.T, ln1 @ attn.k_proj.weight.T, ln1 @ attn.v_proj.weight.T
+        q, k, v = (linear(ln1, attn.q_proj), linear(ln1, attn.k_proj), linear(ln1, attn.v_proj))
         for key, value in (("q", q), ("k", k), ("v", v)):  # before rotary, as TransformerLens' hook_q/k
             close(got[f"{name}.attn.hook_{key}"], value, f"hook_{key}")
-        z = attention(rotate(q, cos, sin, heads), rotate(k, cos, sin, kv_heads), v, heads, kv_heads, causal=True)
+        rot_q, rot_k = rotate(q, cos, sin, heads), rotate(k, cos, sin, kv_heads)
+        close(got[f"{name}.attn.hook_rot_q"], rot_q, "hook_rot_q")
+        close(got[f"{name}.attn.hook_rot_k"], rot_k, "hook_rot_k")
+        z = attention(rot_q, rot_k, v, heads, kv_heads, causal=True, got=got, name=name)
         close(got[f"{name}.attn.hook_z"], z, "hook_z")
         attn_out = z @ attn.o_proj.weight.T
         close(got[f"{name}.hook_attn_out"], attn_out, "hook_attn_out")
         resid_mid = resid + attn_out
         close(got[f"{name}.hook_resid_mid"], resid_mid, "hook_resid_mid")
-        ln2 = rms_norm(resid_mid, block.post_attention_layernorm.weight, eps)
-        close(got[f"{name}.ln2.hook_normalized"], ln2, "ln2")
+        ln2 = check_norm(got, f"{name}.ln2", resid_mid, block.post_attention_layernorm, eps, centre=False)
         pre, pre_linear = ln2 @ block.mlp.gate_proj.weight.T, ln2 @ block.mlp.up_proj.weight.T
         close(got[f"{name}.mlp.hook_pre"], pre, "mlp.hook_pre")
         close(got[f"{name}.mlp.hook_pre_linear"], pre_linear, "mlp.hook_pre_linear")
@@ -133,7 +183,7 @@ def test_llama(tiny_model_dir):
         close(got[f"{name}.hook_mlp_out"], mlp_out, "hook_mlp_out")
         resid = resid_mid + mlp_out
         close(got[f"{name}.hook_resid_post"], resid, "hook_resid_post")
-    close(got["ln_final.hook_normalized"], rms_norm(resid, hf.norm.weight, eps), "ln_final")
+    check_norm(got, "ln_final", resid, hf.norm, eps, centre=False)
 
 
 def test_bert(tiny_model_dir):
@@ -141,18 +191,14 @@ def test_bert(tiny_model_dir):
     ids, got = recorded(model, ["blocks.*", "hook_*", "embed.*"])
     hf = model.model
     cfg = hf.config
-    heads, eps, d = cfg.num_attention_heads, cfg.layer_norm_eps, cfg.hidden_size
+    heads, eps = cfg.num_attention_heads, cfg.layer_norm_eps
     emb = hf.embeddings
     word, pos, token_type = emb.word_embeddings.weight[ids], emb.position_embeddings.weight[: len(ids)], None
     token_type = emb.token_type_embeddings.weight[torch.zeros_like(ids)]
     close(got["hook_embed"], word, "hook_embed")
     close(got["hook_pos_embed"], pos, "hook_pos_embed")
     close(got["hook_token_type_embed"], token_type, "hook_token_type_embed")
-    resid = F.layer_norm(word + pos + token_type, (d,), emb.LayerNorm.weight, emb.LayerNorm.bias, eps)
-    close(got["embed.ln.hook_normalized"], resid, "embed.ln")
-
-    def linear(x, module):
-        return x @ module.weight.T + module.bias
+    resid = check_norm(got, "embed.ln", word + pos + token_type, emb.LayerNorm, eps)
 
     for layer, block in enumerate(hf.encoder.layer):
         name = f"blocks.{layer}"
@@ -161,15 +207,13 @@ def test_bert(tiny_model_dir):
         q, k, v = linear(resid, self_attn.query), linear(resid, self_attn.key), linear(resid, self_attn.value)
         for key, value in (("q", q), ("k", k), ("v", v)):
             close(got[f"{name}.attn.hook_{key}"], value, f"hook_{key}")
-        z = attention(q, k, v, heads, heads, causal=False)
+        z = attention(q, k, v, heads, heads, causal=False, got=got, name=name)
         close(got[f"{name}.attn.hook_z"], z, "hook_z")
         attn_out = linear(z, block.attention.output.dense)
         close(got[f"{name}.hook_attn_out"], attn_out, "hook_attn_out")
         resid_mid = resid + attn_out
         close(got[f"{name}.hook_resid_mid"], resid_mid, "hook_resid_mid")
-        norm1 = block.attention.output.LayerNorm
-        ln1 = F.layer_norm(resid_mid, (d,), norm1.weight, norm1.bias, eps)
-        close(got[f"{name}.ln1.hook_normalized"], ln1, "ln1")
+        ln1 = check_norm(got, f"{name}.ln1", resid_mid, block.attention.output.LayerNorm, eps)
         pre = linear(ln1, block.intermediate.dense)
         close(got[f"{name}.mlp.hook_pre"], pre, "mlp.hook_pre")
         post = F.gelu(pre)
@@ -178,5 +222,91 @@ def test_bert(tiny_model_dir):
         close(got[f"{name}.hook_mlp_out"], mlp_out, "hook_mlp_out")
         resid_post = ln1 + mlp_out
         close(got[f"{name}.hook_resid_post"], resid_post, "hook_resid_post")
-        resid = F.layer_norm(resid_post, (d,), block.output.LayerNorm.weight, block.output.LayerNorm.bias, eps)
-        close(got[f"{name}.ln2.hook_normalized"], resid, "ln2")
+        resid = check_norm(got, f"{name}.ln2", resid_post, block.output.LayerNorm, eps)
+        close(got[f"{name}.hook_normalized_resid_post"], resid, "hook_normalized_resid_post")
+
+
+# -- against the real TransformerLens 3.9 (HookedTransformer / HookedEncoder, weights unprocessed) ----------
+
+#: TransformerLens names hookpoints does not give: the unembedding and BERT's MLM head are not hook points.
+NOT_GIVEN = ("unembed.", "mlm_head.")
+
+
+def transformerlens_model(family: str, folder: Path, scratch: Path):
+    """The checkpoint in ``folder`` as a TransformerLens model, loaded offline with every processing step off."""
+    import transformers as tf
+    from transformer_lens import HookedEncoder, HookedTransformer
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+    from transformer_lens.pretrained import weight_conversions
+
+    copy = scratch / "model"  # TransformerLens' config conversion misreads a path that contains "llama"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    if family == "gpt2":
+        config["n_ctx"] = config["n_positions"]  # TransformerLens reads GPT-2's context length as n_ctx
+    if family == "bert":
+        config["architectures"] = ["BertForMaskedLM"]  # the BERT class TransformerLens' config loader knows
+    (copy / "config.json").write_text(json.dumps(config))
+    cfg = get_pretrained_model_config(str(copy), fold_ln=False, device="cpu")
+    if family == "bert":
+        hf = tf.BertForPreTraining(tf.BertConfig.from_pretrained(copy))  # its weight converter reads both heads
+        missing, _ = hf.bert.load_state_dict(tf.BertModel.from_pretrained(copy).state_dict(), strict=False)
+        assert not [name for name in missing if not name.startswith("pooler")], missing
+        model = HookedEncoder(cfg)
+        model.load_state_dict(weight_conversions.convert_bert_weights(hf, cfg), strict=False)
+        return model.eval()
+    hf = tf.AutoModelForCausalLM.from_pretrained(copy)
+    model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(
+        getattr(weight_conversions, f"convert_{family}_weights")(hf, cfg),
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    return model.eval()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # HookedTransformer: deprecated in favour of 4.x's bridge
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "bert"])
+def test_every_name_equals_transformerlens(tiny_model_dir, tmp_path, family):
+    model = load(tiny_model_dir(family))
+    peer = transformerlens_model(family, tiny_model_dir(family), tmp_path)
+    ids = model.text_inputs([TEXT]).kwargs["input_ids"]  # [1, pos]: the same tokens for both (no BOS added)
+    with torch.no_grad():
+        _, cache = peer.run_with_cache(ids)
+    names = [name for name in cache.keys() if not name.startswith(NOT_GIVEN)]
+    assert len(names) > 20
+    missing = [name for name in names if name not in model.hook_points]
+    assert not missing, f"TransformerLens names hookpoints lacks: {missing}"
+    got = model.pooled(model.text_inputs([TEXT]), model.select(names), "none")  # name -> [pos, width]
+    for name in names:
+        expected, actual = cache[name][0], got[model.hook_points.get(name).name]  # drop TL's batch axis
+        if name.endswith(("hook_pattern", "hook_attn_scores")):  # [head, query, key]
+            heads, queries, keys = expected.shape
+            actual = map_of(actual, heads, keys)
+            masked = torch.isinf(expected)  # TransformerLens masks with -inf, HF with the dtype's minimum
+            assert (actual[masked] < -1e30).all(), name
+            expected, actual = expected.masked_fill(masked, 0), actual.masked_fill(masked, 0)
+        else:
+            expected = expected.reshape(actual.shape[0], -1)  # [pos, heads * d_head] ...
+        torch.testing.assert_close(actual, expected, atol=5e-5, rtol=5e-5, msg=f"{family} {name}")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_prepend_bos_matches_transformerlens_text_input(tiny_model_dir, tmp_path):
+    """TransformerLens tokenises text with BOS first by default; hookpoints does so with prepend_bos."""
+    folder = tiny_model_dir("gpt2")
+    model = load(folder, prepend_bos=True)
+    peer = transformerlens_model("gpt2", folder, tmp_path)
+    peer.set_tokenizer(model.tokenizer)
+    inputs = model.text_inputs([TEXT])
+    assert torch.equal(inputs.kwargs["input_ids"], peer.to_tokens(TEXT))  # BOS, then the tokenizer's ids
+    with torch.no_grad():
+        _, cache = peer.run_with_cache(TEXT)  # TransformerLens' default text path
+    name = "blocks.1.hook_resid_post"
+    got = model.pooled(inputs, model.select([name]), "none")[name]
+    torch.testing.assert_close(got, cache[name][0], atol=5e-5, rtol=5e-5)
+    without = load(folder).pooled(load(folder).text_inputs([TEXT]), model.select([name]), "mean")[name]
+    assert not torch.allclose(without, got.mean(0, keepdim=True), atol=1e-4)  # the BOS changes every position

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hookpoints.derived import norm_kind
+from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
-from hookpoints.points import INPUT_SUFFIX, HookPoint
+from hookpoints.points import HookPoint, module_alias
 
 LAYER_OUTPUT = "hook_resid_post"
 
@@ -29,6 +31,7 @@ class Point:
     io: str = "output"
     part: tuple[int, int] | None = None  # (index, count) of equal neuron slices (GPT-2's fused qkv)
     heads: str | None = None  # config attribute with the head count, for [heads, d_head] neurons
+    derived: str | None = None  # "normalized" / "scale": TransformerLens' norm internals, from the norm's input
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Single:
     component: str
     submodule: str
     io: str = "output"
+    derived: str | None = None  # as Point.derived
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class Adapter:
     stacks: tuple[Stack, ...] = ()
     singles: tuple[Single, ...] = ()
     components: dict[str, str] = field(default_factory=dict)  # module path prefix -> component
+    #: (canonical name or in-layer suffix, alias): other names of the same tensor (TransformerLens 4's, ...)
+    renames: tuple[tuple[str, str], ...] = ()
 
     # -- loading and inputs (overridden per family) -----------------------------------------------------
 
@@ -79,6 +85,10 @@ class Adapter:
 
     def text_inputs(self, model: nn.Module, tokenizer, texts: list[str]) -> ModelInputs:
         raise NotImplementedError
+
+    def with_bos(self, model: nn.Module, tokenizer, inputs: ModelInputs) -> ModelInputs:
+        """``inputs`` with the BOS token first in every example (TransformerLens' ``prepend_bos``)."""
+        raise UserError(f"prepend_bos applies to token-fed text models (decoder-only LMs, BERT), not {self.name}")
 
     # -- speech and tasks (overridden by families that take speech or generate) -------------------------
 
@@ -130,11 +140,13 @@ class Adapter:
                     if module not in modules:
                         continue
                     heads = getattr(config, point.heads, None) if point.heads else None
+                    name = f"{stack.prefix}.{layer}.{point.submodule}"
+                    derived = _derived(modules[module], point.derived, name)
                     points.append(
                         HookPoint(
-                            name=f"{stack.prefix}.{layer}.{point.submodule}",
+                            name=name,
                             module=module,
-                            io=point.io,
+                            io="input" if derived else point.io,
                             component=stack.component,
                             layer=layer,
                             submodule=point.submodule,
@@ -142,23 +154,44 @@ class Adapter:
                             heads=heads,
                             canonical=True,
                             layer_output=point.submodule == stack.output,
-                            aliases=_module_alias(module, point.io, point.part),
+                            aliases=self.aliases(name)
+                            + (() if derived else _module_alias(module, point.io, point.part)),
+                            derived=derived and derived[0],
+                            eps=derived and derived[1],
                         )
                     )
         for single in self.singles:
             if single.module in modules:
+                derived = _derived(modules[single.module], single.derived, single.name)
                 points.append(
                     HookPoint(
                         name=single.name,
                         module=single.module,
-                        io=single.io,
+                        io="input" if derived else single.io,
                         component=single.component,
                         submodule=single.submodule,
                         canonical=True,
-                        aliases=_module_alias(single.module, single.io, None),
+                        aliases=self.aliases(single.name)
+                        + (() if derived else _module_alias(single.module, single.io, None)),
+                        derived=derived and derived[0],
+                        eps=derived and derived[1],
                     )
                 )
         return points
+
+    def aliases(self, name: str) -> tuple[str, ...]:
+        """Other names of the canonical hook point ``name`` (from ``renames``)."""
+        found = []
+        for canonical, alias in self.renames:
+            if name == canonical:
+                found.append(alias)
+            elif name.endswith("." + canonical):
+                found.append(name[: -len(canonical)] + alias)
+        return tuple(found)
+
+    def key_positions(self, model: nn.Module, space: str) -> int | None:
+        """The most key positions an attention map over ``space`` can have (its row layout in the store)."""
+        return max_positions(model)
 
     def locate(self, module: str) -> tuple[str | None, int | None, str | None]:
         """(component, layer, submodule) of a bare module path."""
@@ -184,6 +217,20 @@ class TokenAdapter(Adapter):
         ids, mask = token_batch(tokenizer, texts, max_length=max_positions(model))
         return ModelInputs({"input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})
 
+    def with_bos(self, model, tokenizer, inputs):
+        """Prepend BOS where the tokenizer did not already put one first (as TransformerLens does)."""
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+        if bos is None:
+            raise UserError("prepend_bos: the tokenizer has no BOS (or CLS) token")
+        ids, mask = inputs.kwargs["input_ids"], inputs.kwargs["attention_mask"]  # [batch, tokens], right-padded
+        if bool((ids[:, 0] == bos).all()):
+            return inputs
+        ids = torch.cat([ids.new_full((ids.shape[0], 1), bos), ids], dim=1)
+        mask = torch.cat([mask.new_ones((mask.shape[0], 1)), mask], dim=1)
+        limit = max_positions(model)
+        ids, mask = (ids[:, :limit], mask[:, :limit]) if limit else (ids, mask)
+        return ModelInputs({**inputs.kwargs, "input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})
+
 
 def max_positions(model: nn.Module) -> int | None:
     """The longest input the (text) model takes, from its config."""
@@ -191,10 +238,19 @@ def max_positions(model: nn.Module) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+def _derived(module: nn.Module, what: str | None, name: str) -> tuple[str, float] | None:
+    if what is None:
+        return None
+    kind = norm_kind(module, what)
+    if kind is None:
+        raise TypeError(f"{name}: {type(module).__name__} is neither a LayerNorm nor an RMSNorm")
+    return kind
+
+
 def _module_alias(module: str, io: str, part: tuple[int, int] | None) -> tuple[str, ...]:
     if part is not None:
         return ()
-    return (module if io == "output" else module + INPUT_SUFFIX,)
+    return (module_alias(module, io),)
 
 
 def token_batch(tokenizer, texts: list[str], *, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

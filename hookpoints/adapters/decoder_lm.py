@@ -2,9 +2,14 @@
 
 Each TransformerLens name resolves to the tensor TransformerLens gives it for an unprocessed model
 (``HookedTransformer.from_pretrained_no_processing``): ``blocks.{l}.hook_resid_pre`` is the block's input,
-``attn.hook_q/k/v`` the query/key/value projections before rotary embeddings (neurons read as
-``[heads, d_head]``), ``attn.hook_z`` the attention output before the output projection, ``mlp.hook_pre`` the
-MLP pre-activation (the gate projection in gated MLPs), ``mlp.hook_post`` the input of the down projection.
+``ln1.hook_scale`` / ``ln1.hook_normalized`` the norm's divisor and its input divided by it (before the
+gain and bias; computed from the norm's input, hookpoints.derived; the norm module's own output is its
+module path, e.g. ``transformer.h.0.ln_1``), ``attn.hook_q/k/v`` the query/key/value projections before rotary
+embeddings (neurons read as ``[heads, d_head]``), ``attn.hook_rot_q/k`` after them, ``attn.hook_attn_scores``
+/ ``attn.hook_pattern`` the masked scaled scores and their softmax (``[batch, head, query_pos, key_pos]``),
+``attn.hook_z`` the attention output before the output projection, ``mlp.hook_pre`` the MLP pre-activation
+(the gate projection in gated MLPs), ``mlp.hook_post`` the input of the down projection. TransformerLens 4's
+TransformerBridge names of the same tensors are aliases (``RENAMES``).
 """
 
 from __future__ import annotations
@@ -19,16 +24,32 @@ class DecoderLM(TokenAdapter):
         return AutoModelForCausalLM
 
 
+def norm_points(tl: str, module: str) -> tuple[Point, Point]:
+    """TransformerLens' ``{tl}.hook_scale`` and ``{tl}.hook_normalized``, computed from ``module``'s input."""
+    return Point(f"{tl}.hook_scale", module, derived="scale"), Point(
+        f"{tl}.hook_normalized", module, derived="normalized"
+    )
+
+
+def map_points(attn: str, heads: str) -> tuple[Point, Point]:
+    """``attn.hook_attn_scores`` and ``attn.hook_pattern`` of the attention module ``attn``."""
+    return (
+        Point("attn.hook_attn_scores", f"{attn}.hook_attn_scores", heads=heads),
+        Point("attn.hook_pattern", f"{attn}.hook_pattern", heads=heads),
+    )
+
+
 GPT2_BLOCK = (
     Point("hook_resid_pre", "", io="input"),
-    Point("ln1.hook_normalized", "ln_1"),
+    *norm_points("ln1", "ln_1"),
     Point("attn.hook_q", "attn.c_attn", part=(0, 3), heads="n_head"),
     Point("attn.hook_k", "attn.c_attn", part=(1, 3), heads="n_head"),
     Point("attn.hook_v", "attn.c_attn", part=(2, 3), heads="n_head"),
+    *map_points("attn", "n_head"),
     Point("attn.hook_z", "attn.c_proj", io="input", heads="n_head"),
     Point("hook_attn_out", "attn"),
     Point("hook_resid_mid", "ln_2", io="input"),
-    Point("ln2.hook_normalized", "ln_2"),
+    *norm_points("ln2", "ln_2"),
     Point("mlp.hook_pre", "mlp.c_fc"),
     Point("mlp.hook_post", "mlp.c_proj", io="input"),
     Point("hook_mlp_out", "mlp"),
@@ -38,20 +59,42 @@ GPT2_BLOCK = (
 #: LLaMA, Qwen2, Mistral and their kin share this layer layout.
 LLAMA_BLOCK = (
     Point("hook_resid_pre", "", io="input"),
-    Point("ln1.hook_normalized", "input_layernorm"),
+    *norm_points("ln1", "input_layernorm"),
     Point("attn.hook_q", "self_attn.q_proj", heads="num_attention_heads"),
     Point("attn.hook_k", "self_attn.k_proj", heads="num_key_value_heads"),
     Point("attn.hook_v", "self_attn.v_proj", heads="num_key_value_heads"),
+    Point("attn.hook_rot_q", "self_attn.hook_rot_q", heads="num_attention_heads"),
+    Point("attn.hook_rot_k", "self_attn.hook_rot_k", heads="num_key_value_heads"),
+    *map_points("self_attn", "num_attention_heads"),
     Point("attn.hook_z", "self_attn.o_proj", io="input", heads="num_attention_heads"),
     Point("hook_attn_out", "self_attn"),
     Point("hook_resid_mid", "post_attention_layernorm", io="input"),
-    Point("ln2.hook_normalized", "post_attention_layernorm"),
+    *norm_points("ln2", "post_attention_layernorm"),
     Point("mlp.hook_pre", "mlp.gate_proj"),
     Point("mlp.hook_pre_linear", "mlp.up_proj"),
     Point("mlp.hook_post", "mlp.down_proj", io="input"),
     Point("hook_mlp_out", "mlp"),
     Point("hook_resid_post", ""),
 )
+
+#: TransformerLens 4 (TransformerBridge) names of the same tensors (its BlockBridge, AttentionBridge,
+#: MLPBridge / GatedMLPBridge and embedding ``hook_aliases``, read inverted).
+RENAMES = (
+    ("hook_resid_pre", "hook_in"),
+    ("hook_resid_mid", "ln2.hook_in"),
+    ("hook_resid_post", "hook_out"),
+    ("attn.hook_q", "attn.q.hook_out"),
+    ("attn.hook_k", "attn.k.hook_out"),
+    ("attn.hook_v", "attn.v.hook_out"),
+    ("attn.hook_z", "attn.o.hook_in"),
+    ("hook_attn_out", "attn.hook_out"),
+    ("mlp.hook_post", "mlp.out.hook_in"),
+    ("hook_mlp_out", "mlp.hook_out"),
+    ("hook_embed", "embed.hook_out"),
+    ("hook_pos_embed", "pos_embed.hook_out"),
+)
+GPT2_RENAMES = (*RENAMES, ("mlp.hook_pre", "mlp.in.hook_out"))
+GATED_RENAMES = (*RENAMES, ("mlp.hook_pre", "mlp.gate.hook_out"), ("mlp.hook_pre_linear", "mlp.in.hook_out"))
 
 GPT2 = DecoderLM(
     name="gpt2",
@@ -60,9 +103,11 @@ GPT2 = DecoderLM(
     singles=(
         Single("hook_embed", "transformer.wte", "lm", "hook_embed"),
         Single("hook_pos_embed", "transformer.wpe", "lm", "hook_pos_embed"),
-        Single("ln_final.hook_normalized", "transformer.ln_f", "lm", "ln_final.hook_normalized"),
+        Single("ln_final.hook_scale", "transformer.ln_f", "lm", "ln_final.hook_scale", derived="scale"),
+        Single("ln_final.hook_normalized", "transformer.ln_f", "lm", "ln_final.hook_normalized", derived="normalized"),
     ),
     components={"transformer": "lm", "lm_head": "lm"},
+    renames=GPT2_RENAMES,
 )
 
 LLAMA = DecoderLM(
@@ -71,7 +116,9 @@ LLAMA = DecoderLM(
     stacks=(Stack("lm", "model.layers", "blocks", LLAMA_BLOCK),),
     singles=(
         Single("hook_embed", "model.embed_tokens", "lm", "hook_embed"),
-        Single("ln_final.hook_normalized", "model.norm", "lm", "ln_final.hook_normalized"),
+        Single("ln_final.hook_scale", "model.norm", "lm", "ln_final.hook_scale", derived="scale"),
+        Single("ln_final.hook_normalized", "model.norm", "lm", "ln_final.hook_normalized", derived="normalized"),
     ),
     components={"model": "lm", "lm_head": "lm"},
+    renames=GATED_RENAMES,
 )

@@ -71,8 +71,21 @@ TABLE1 = {
 }
 
 
-def _points(submodules: tuple[str, ...]) -> tuple[Point, ...]:
-    return (*(Point(name) for name in submodules), Point("hook_resid_post", ""))
+#: Attention maps ([batch, head, query_pos, key_pos], hookpoints.attention) per stack: recorded only when named.
+MAPS = {
+    "speech_encoder": ("self_attn.hook_attn_scores", "self_attn.hook_pattern"),
+    "text_encoder": ("self_attn.hook_attn_scores", "self_attn.hook_pattern"),
+    "text_decoder": (
+        "self_attn.hook_attn_scores",
+        "self_attn.hook_pattern",
+        "cross_attention.hook_attn_scores",
+        "cross_attention.hook_pattern",
+    ),
+}
+
+
+def _points(submodules: tuple[str, ...], maps: tuple[str, ...] = ()) -> tuple[Point, ...]:
+    return (*(Point(name) for name in (*submodules, *maps)), Point("hook_resid_post", ""))
 
 
 class Seamless(Adapter):
@@ -220,10 +233,20 @@ SEAMLESS_M4T_V2 = Seamless(
             "speech_encoder",
             "speech_encoder.encoder.layers",
             "speech_encoder.layers",
-            _points(SPEECH_ENCODER_SUBMODULES),
+            _points(SPEECH_ENCODER_SUBMODULES, MAPS["speech_encoder"]),
         ),
-        Stack("text_encoder", "text_encoder.layers", "text_encoder.layers", _points(TEXT_ENCODER_SUBMODULES)),
-        Stack("text_decoder", "text_decoder.layers", "text_decoder.layers", _points(TEXT_DECODER_SUBMODULES)),
+        Stack(
+            "text_encoder",
+            "text_encoder.layers",
+            "text_encoder.layers",
+            _points(TEXT_ENCODER_SUBMODULES, MAPS["text_encoder"]),
+        ),
+        Stack(
+            "text_decoder",
+            "text_decoder.layers",
+            "text_decoder.layers",
+            _points(TEXT_DECODER_SUBMODULES, MAPS["text_decoder"]),
+        ),
     ),
     components={
         "speech_encoder": "speech_encoder",

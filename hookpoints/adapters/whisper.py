@@ -3,7 +3,9 @@
 Names mirror SeamlessM4T's so that the two can be compared: ``speech_encoder.layers.{l}.fc1``,
 ``text_decoder.layers.{l}.encoder_attn.k_proj`` ... Whisper's convolutions are ``[batch, channels, time]``
 (neurons on axis 1); ``conv1`` runs at the mel frame rate (space ``input``), everything after ``conv2`` at half
-of it (space ``encoder``).
+of it (space ``encoder``). ``{self_attn,encoder_attn}.hook_attn_scores`` / ``hook_pattern`` are the attention
+maps (``[batch, head, query_pos, key_pos]``; the decoder's cross-attention over encoder positions;
+hookpoints.attention).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+#: attention maps ([batch, head, query_pos, key_pos], hookpoints.attention): recorded only when named
+MAPS = ("hook_attn_scores", "hook_pattern")
 ENCODER_LAYER = (
     Point("self_attn_layer_norm"),
     *(Point(f"self_attn.{name}") for name in ATTENTION),
+    *(Point(f"self_attn.{name}") for name in MAPS),
     Point("final_layer_norm"),
     Point("fc1"),
     Point("fc2"),
@@ -27,8 +32,10 @@ ENCODER_LAYER = (
 DECODER_LAYER = (
     Point("self_attn_layer_norm"),
     *(Point(f"self_attn.{name}") for name in ATTENTION),
+    *(Point(f"self_attn.{name}") for name in MAPS),
     Point("encoder_attn_layer_norm"),
     *(Point(f"encoder_attn.{name}") for name in ATTENTION),
+    *(Point(f"encoder_attn.{name}") for name in MAPS),
     Point("final_layer_norm"),
     Point("fc1"),
     Point("fc2"),
@@ -42,6 +49,10 @@ class Whisper(Adapter):
 
     def model_class(self, config, modality):
         return WhisperForConditionalGeneration
+
+    def key_positions(self, model, space):
+        config = model.config
+        return config.max_source_positions if space == "encoder" else config.max_target_positions
 
     def probe_inputs(self, model):
         config = model.config

@@ -1,0 +1,65 @@
+"""The TransformerLens-style methods of a HookedModel (``run_with_cache``, ``run_with_hooks``, ...).
+
+Kept apart from hookpoints.model so the model class stays small; the work is done in hookpoints.cache
+(activations by name) and hookpoints.hook_fns (interventions), on inputs from hookpoints.user_inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hookpoints.editing import NeuronEdit
+from hookpoints.inputs import ModelInputs
+
+
+class ModelApi:
+    """Mixed into :class:`~hookpoints.model.HookedModel`: the methods a notebook calls."""
+
+    def inputs(self, inputs) -> ModelInputs:
+        """Strings, waveforms, audio paths or tensors as a padded batch (see hookpoints.user_inputs)."""
+        from hookpoints.user_inputs import as_inputs
+
+        return as_inputs(self, inputs)
+
+    def run_with_cache(self, inputs, names=None, pooling: str | None = None):
+        """One forward pass; ``(output, cache)`` with the ``names`` hook points' tensors (globs or a predicate).
+
+        >>> output, cache = model.run_with_cache(["Hello world", "Hi"], names="blocks.*.hook_resid_post")
+        >>> cache["blocks.0.hook_resid_post"].shape, cache.mask.shape  # [batch, pos, d_model], [batch, pos]
+        """
+        from hookpoints.cache import run_with_cache, select_names
+
+        return run_with_cache(self, self.inputs(inputs), select_names(self, names), pooling)
+
+    def run_with_hooks(self, inputs, fwd_hooks=()):
+        """One forward pass with ``fn(tensor, hook)`` applied at each ``(name or glob, fn)``; the model output.
+
+        >>> model.run_with_hooks(["Hi"], fwd_hooks=[("blocks.0.mlp.hook_post", hp.ablate([3]))]).logits
+        """
+        from hookpoints.hook_fns import resolve_hooks, user_hook
+
+        changes = [(point, user_hook(point, fn)) for point, fn in resolve_hooks(self, fwd_hooks)]
+        return self._forward(self.inputs(inputs), changes)
+
+    def run_with_edits(self, inputs, edits: list[NeuronEdit]):
+        """One forward pass with neuron ``edits`` applied at every position; the model output.
+
+        >>> model.run_with_edits(["Hi"], [model.edit("blocks.0.mlp.hook_post", [3, 7], [0.0, 0.0])]).logits
+        """
+        from hookpoints.hook_fns import edit_hook
+
+        return self._forward(self.inputs(inputs), [(edit.point, edit_hook(edit)) for edit in edits])
+
+    def edit(self, name: str, neurons, values, *, add: bool = False) -> NeuronEdit:
+        """A :class:`NeuronEdit` of hook ``name``: set (or with ``add``, shift) ``neurons`` to ``values``."""
+        neurons = torch.as_tensor(neurons, dtype=torch.long).reshape(-1)
+        values = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+        if values.numel() == 1 and neurons.numel() > 1:
+            values = values.expand(neurons.numel()).clone()
+        return NeuronEdit(self.hook_points.get(name), neurons, values, add=add)
+
+    def _forward(self, inputs: ModelInputs, changes):
+        from hookpoints.hook_fns import hooked
+
+        with torch.inference_mode(), self.adapter.batch_guard(self.model, inputs), hooked(self, changes):
+            return self.model(**inputs.kwargs)

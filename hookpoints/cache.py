@@ -1,0 +1,182 @@
+"""Activations of one forward pass, by hook-point name, in TransformerLens' layout (``run_with_cache``).
+
+A hook point's tensor keeps the batch axis and puts positions second: ``[batch, pos, d]``, per-head hook points
+(``attn.hook_q/k/v/z``) ``[batch, pos, head, d_head]``, and ``[batch, d]`` for a tensor with no position axis.
+The padding masks of every position space come along (``cache.masks``; ``cache.mask_of(name)`` is the one a
+hook's positions use), so padded positions can be left out. ``cache.pooled("mean" | "last" | "max")`` drops the
+position axis, averaging (or taking the last or the largest) over each example's valid positions only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+
+from hookpoints.attention import eager as eager_attention
+from hookpoints.attention import needs_eager
+from hookpoints.errors import UserError
+from hookpoints.inputs import ModelInputs
+from hookpoints.points import HookPoint
+from hookpoints.pooling import pool_positions, positions_first
+from hookpoints.probe import first_tensor
+
+CACHE_POOLINGS = ("mean", "last", "max")
+#: Which hook points to cache: globs, or a function of the hook name (TransformerLens' ``names_filter``).
+Names = str | list[str] | Callable[[str], bool] | None
+
+
+class ActivationCache(Mapping):
+    """Hook name -> tensor, with the padding masks of the batch (like TransformerLens' ``ActivationCache``).
+
+    >>> output, cache = model.run_with_cache(["Hello world", "Hi"], names="blocks.*.hook_resid_post")  # doctest: +SKIP
+    >>> cache["blocks.0.hook_resid_post"].shape  # [batch, pos, d_model]  # doctest: +SKIP
+    torch.Size([2, 3, 64])
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        points: dict[str, HookPoint],
+        masks: dict[str, torch.Tensor],
+        pooling: str | None = None,
+    ):
+        self._tensors = tensors
+        self.points = points  # hook name -> HookPoint (its layout, space and aliases)
+        self.masks = masks  # space -> [batch, pos] bool: which positions are real (not padding)
+        self.pooling = pooling  # None, or how positions were pooled away
+        self._aliases = {alias: point.name for point in points.values() for alias in point.aliases}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[self._name(name)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, name) -> bool:
+        return name in self._tensors or name in self._aliases
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}: {list(t.shape)}" for name, t in list(self._tensors.items())[:4])
+        more = f", ... ({len(self)} in all)" if len(self) > 4 else ""
+        return f"ActivationCache({shown}{more})"
+
+    def _name(self, name: str) -> str:
+        if name in self._tensors:
+            return name
+        if name in self._aliases:
+            return self._aliases[name]
+        raise KeyError(f"{name!r} is not in this cache (it holds: {', '.join(list(self._tensors)[:8])} ...)")
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """``[batch, pos]`` bool: the real (non-padding) positions of the model's input."""
+        return self.masks.get("input")
+
+    def mask_of(self, name: str) -> torch.Tensor | None:
+        """``[batch, pos]`` bool mask of hook ``name``'s positions, or None when it has no position axis."""
+        point = self.points[self._name(name)]
+        if point.time_axis is None or self.pooling:
+            return None
+        return self.masks.get(point.space)
+
+    def to(self, device: torch.device | str) -> ActivationCache:
+        """The cache with every tensor and mask moved to ``device``."""
+        tensors = {name: t.to(device) for name, t in self._tensors.items()}
+        masks = {space: m.to(device) for space, m in self.masks.items()}
+        return ActivationCache(tensors, self.points, masks, self.pooling)
+
+    def pooled(self, method: str) -> ActivationCache:
+        """Each tensor pooled over its example's valid positions: ``[batch, pos, *d] -> [batch, *d]`` (float32).
+
+        >>> cache.pooled("mean")["blocks.0.hook_resid_post"].shape  # [batch, d_model]  # doctest: +SKIP
+        torch.Size([2, 64])
+        """
+        if method not in CACHE_POOLINGS:
+            raise UserError(f"pooling must be one of {', '.join(CACHE_POOLINGS)} or None, not {method!r}")
+        if self.pooling:
+            raise UserError(f"this cache is already pooled ({self.pooling})")
+        pooled = {}
+        for name, tensor in self._tensors.items():
+            point = self.points[name]
+            if point.keys is not None:
+                raise UserError(
+                    f"hook {name} is an attention map [batch, head, query_pos, key_pos]: ask for it without pooling"
+                )
+            if point.time_axis is None:
+                pooled[name] = tensor.float()  # one vector per example already
+                continue
+            mask = self.masks.get(point.space)
+            if mask is None:
+                raise UserError(
+                    f"cannot pool hook {name}: the padding mask of its {point.space!r} positions is unknown for "
+                    "raw tensor inputs; pass strings, waveforms or audio paths, or pool yourself"
+                )
+            flat = tensor.flatten(2).float()  # [batch, pos, width]
+            pooled[name] = pool_positions(flat, mask, method).reshape(tensor.shape[0], *tensor.shape[2:])
+        return ActivationCache(pooled, self.points, self.masks, method)
+
+    def mean(self, name: str) -> torch.Tensor:
+        """Hook ``name``'s mean over every valid position of every example: ``[*d]`` (for mean ablation)."""
+        tensor = self[name].float()
+        point = self.points[self._name(name)]
+        if self.pooling or point.time_axis is None:
+            return tensor.mean(0)
+        mask = self.masks.get(point.space)
+        if mask is None:
+            return tensor.mean((0, 1))
+        return tensor[mask.to(tensor.device)].mean(0)
+
+
+def hook_tensor(value, point: HookPoint, batch: int) -> torch.Tensor:
+    """A hook point's tensor in cache layout: ``[batch, pos, *shape]`` (``[batch, *shape]`` without positions).
+
+    Attention maps keep TransformerLens' ``[batch, head, query_pos, key_pos]``.
+    """
+    if point.keys is not None:
+        return first_tensor(value)
+    x = positions_first(value, point)  # [batch or 1, pos, width]
+    if x.shape[0] == 1 and batch > 1:  # broadcast over the batch (position embeddings)
+        x = x.expand(batch, -1, -1)
+    if point.time_axis is None:
+        x = x[:, 0]  # [batch, width]
+    return x.reshape(*x.shape[:-1], *point.shape)
+
+
+def run_with_cache(model, inputs: ModelInputs, points: list[HookPoint], pooling: str | None = None):
+    """One nnsight trace of ``model`` (a HookedModel) on ``inputs``: ``(output, ActivationCache)``."""
+    if pooling is not None and pooling not in CACHE_POOLINGS:
+        raise UserError(f"pooling must be one of {', '.join(CACHE_POOLINGS)} or None, not {pooling!r}")
+    saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
+    batch = inputs.batch_size
+    with (
+        torch.inference_mode(),
+        model.adapter.batch_guard(model.model, inputs),
+        eager_attention(needs_eager(p.module for p in points)),
+        model.traced.trace(**inputs.kwargs),
+    ):
+        for point in sorted(points, key=lambda p: p.order):  # nnsight needs requests in execution order
+            envoy = model.envoy(point)
+            value = envoy.output if point.io == "output" else envoy.input
+            saved[point.name] = hook_tensor(value, point, batch).clone().save()
+        output = model.traced.output.save()
+    tensors = {point.name: saved[point.name] for point in points}
+    cache = ActivationCache(tensors, {point.name: point for point in points}, dict(inputs.masks))
+    return output, cache.pooled(pooling) if pooling else cache
+
+
+def select_names(model, names: Names) -> list[HookPoint]:
+    """The hook points ``names`` picks: globs (default: the listed ones) or a predicate over hook names."""
+    if callable(names):
+        chosen = [p for p in model.hook_points if p.unavailable is None and names(p.name)]
+        if not chosen:
+            raise UserError("the names filter picks no recordable hook point; list them with model.hook_points")
+        return chosen
+    if isinstance(names, str):
+        names = [names]
+    if names is not None and (not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names)):
+        raise UserError(f"names must be a glob, a list of globs or a function of the hook name, not {names!r}")
+    return model.select(list(names) if names else None)

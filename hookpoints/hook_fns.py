@@ -1,0 +1,205 @@
+"""Interventions in a plain forward pass: hook functions over named hook points, and neuron edits.
+
+``model.run_with_hooks(inputs, fwd_hooks=[(name_or_glob, fn)])`` works as in TransformerLens: ``fn(tensor,
+hook)`` gets the hook point's tensor in cache layout (``[batch, pos, d]``, ``[batch, pos, head, d_head]`` for
+per-head points; see hookpoints.cache) and the :class:`HookPoint` (``hook.name``), and returns a tensor of the
+same shape to replace it (or None after changing it in place). Everything after the hook point reads the new
+values. The ready-made functions below ablate, patch and steer. ``model.run_with_edits(inputs, edits)`` applies
+:class:`~hookpoints.editing.NeuronEdit` s (the edits the intervention sweep makes during generation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from hookpoints.editing import NeuronEdit, apply_edit
+from hookpoints.errors import UserError
+from hookpoints.points import HookPoint
+from hookpoints.probe import first_tensor
+
+#: ``fn(tensor, hook) -> tensor | None``, as in TransformerLens.
+HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor | None]
+
+
+def layout(tensor: torch.Tensor, point: HookPoint) -> torch.Tensor:
+    """The module's tensor in cache layout (a copy): ``[batch, pos, *shape]`` or ``[batch, *shape]``."""
+    base = tensor.unsqueeze(1) if point.time_axis is None else tensor.movedim(point.time_axis, 1)
+    flat = base.reshape(*base.shape[:2], -1)  # [batch, pos, all neurons]
+    if point.part:
+        index, count = point.part
+        width = flat.shape[-1] // count
+        flat = flat[..., index * width : (index + 1) * width]
+    x = flat.reshape(*flat.shape[:2], *point.shape)
+    return (x[:, 0] if point.time_axis is None else x).clone()
+
+
+def write_back(tensor: torch.Tensor, point: HookPoint, new: torch.Tensor) -> None:
+    """Write ``new`` (cache layout) into the module's ``tensor`` in place (the inverse of :func:`layout`)."""
+    expected = layout(tensor, point).shape
+    if tuple(new.shape) != tuple(expected):
+        raise UserError(f"hook function for {point.name} returned shape {list(new.shape)}, expected {list(expected)}")
+    base = tensor.unsqueeze(1) if point.time_axis is None else tensor.movedim(point.time_axis, 1)
+    flat = base.reshape(*base.shape[:2], -1).clone()  # [batch, pos, all neurons]
+    values = new.reshape(*flat.shape[:2], -1).to(flat.dtype)
+    if point.part:
+        index, count = point.part
+        width = flat.shape[-1] // count
+        flat[..., index * width : (index + 1) * width] = values
+    else:
+        flat = values
+    restored = flat.reshape(base.shape)
+    restored = restored.squeeze(1) if point.time_axis is None else restored.movedim(1, point.time_axis)
+    tensor.copy_(restored)
+
+
+@contextmanager
+def hooked(model, edits: Sequence[tuple[HookPoint, Callable[[torch.Tensor], None]]]):
+    """Plain torch hooks that call ``change(tensor)`` on each hook point's tensor (in place) while held."""
+    modules = dict(model.model.named_modules())
+    handles = []
+
+    def on_output(change):
+        return lambda module, args, output: change(_tensor_of(output, module))
+
+    def on_input(change):
+        def hook(module, args, kwargs):
+            change(_tensor_of(args[0] if args else next(iter(kwargs.values()), None), module))
+
+        return hook
+
+    try:
+        for point, change in edits:
+            module = modules[point.module]
+            if point.io == "output":
+                handles.append(module.register_forward_hook(on_output(change)))
+            else:
+                handles.append(module.register_forward_pre_hook(on_input(change), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _tensor_of(value, module) -> torch.Tensor:
+    tensor = first_tensor(value)
+    if tensor is None:
+        raise UserError(f"module {type(module).__name__}'s value holds no tensor to change")
+    return tensor
+
+
+def user_hook(point: HookPoint, fn: HookFn) -> Callable[[torch.Tensor], None]:
+    """``fn`` (TransformerLens style) as an in-place change of the module's tensor."""
+
+    def change(tensor: torch.Tensor) -> None:
+        x = layout(tensor, point)
+        result = fn(x, point)
+        write_back(tensor, point, x if result is None else result)
+
+    return change
+
+
+def edit_hook(edit: NeuronEdit) -> Callable[[torch.Tensor], None]:
+    """A :class:`NeuronEdit` as an in-place change of the module's tensor."""
+    return lambda tensor: apply_edit(tensor, edit)
+
+
+def resolve_hooks(model, fwd_hooks) -> list[tuple[HookPoint, HookFn]]:
+    """``[(name, glob or predicate, fn)]`` -> ``[(HookPoint, fn)]``; unknown names are a UserError."""
+    if not isinstance(fwd_hooks, (list, tuple)):
+        raise UserError(f"fwd_hooks must be a list of (hook name or glob, function) pairs, not {fwd_hooks!r}")
+    resolved = []
+    for item in fwd_hooks:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and callable(item[1])):
+            raise UserError(f"each of fwd_hooks must be a (hook name or glob, function) pair, not {item!r}")
+        names, fn = item
+        if callable(names):
+            points = [p for p in model.hook_points if p.unavailable is None and names(p.name)]
+        elif isinstance(names, str):
+            points = model.select([names])
+        else:
+            raise UserError(f"a hook name must be a string, a glob or a function of the name, not {names!r}")
+        resolved += [(point, fn) for point in points]
+    return resolved
+
+
+# -- ready-made hook functions --------------------------------------------------------------------------
+
+
+def _neuron_view(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+    """``x`` as ``[lead..., width]`` (neurons flat, numbered as in the store)."""
+    lead = 1 if hook.time_axis is None else 2
+    return x.reshape(*x.shape[:lead], -1)
+
+
+def ablate(neurons: Sequence[int] | None = None, value: float = 0.0) -> HookFn:
+    """Set ``neurons`` (flat indices, as in the store; default: all) to ``value`` at every position.
+
+    >>> model.run_with_hooks(["Hi"], fwd_hooks=[("blocks.0.mlp.hook_post", ablate([3, 7]))])  # doctest: +SKIP
+    """
+
+    def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        flat = _neuron_view(x, hook).clone()
+        flat[..., list(neurons) if neurons is not None else slice(None)] = value
+        return flat.reshape(x.shape)
+
+    return fn
+
+
+def mean_ablate(cache, neurons: Sequence[int] | None = None) -> HookFn:
+    """Replace ``neurons`` (default: all) by their mean over ``cache``'s valid positions (TransformerLens' mean
+    ablation; the cache is usually from other inputs).
+
+    >>> _, reference = model.run_with_cache(texts, names="blocks.0.mlp.hook_post")  # doctest: +SKIP
+    >>> model.run_with_hooks(["Hi"], fwd_hooks=[("blocks.0.mlp.hook_post", mean_ablate(reference))])  # doctest: +SKIP
+    """
+
+    def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        if hook.name not in cache:
+            raise UserError(f"cannot mean-ablate {hook.name}: the cache does not hold it (cache it with names=...)")
+        mean = cache.mean(hook.name).reshape(-1).to(x.device, x.dtype)  # [width]
+        flat = _neuron_view(x, hook).clone()
+        chosen = list(neurons) if neurons is not None else slice(None)
+        flat[..., chosen] = mean[chosen]
+        return flat.reshape(x.shape)
+
+    return fn
+
+
+def patch(cache) -> HookFn:
+    """Replace the tensor by the same hook's tensor in ``cache`` (activation patching; same shapes needed).
+
+    >>> _, clean = model.run_with_cache(["The cat"], names="blocks.1.hook_resid_post")  # doctest: +SKIP
+    >>> model.run_with_hooks(["The dog"], fwd_hooks=[("blocks.1.hook_resid_post", patch(clean))])  # doctest: +SKIP
+    """
+
+    def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        if hook.name not in cache:
+            raise UserError(f"cannot patch {hook.name}: the cache does not hold it (cache it with names=...)")
+        source = cache[hook.name]
+        if source.shape != x.shape:
+            raise UserError(
+                f"cannot patch {hook.name}: the cache holds shape {list(source.shape)}, this run {list(x.shape)} "
+                "(patch inputs of the same batch size and length)"
+            )
+        return source.to(x.device, x.dtype)
+
+    return fn
+
+
+def steer(vector, scale: float = 1.0) -> HookFn:
+    """Add ``scale * vector`` (``[d]``, or the hook's ``[head, d_head]``) at every position.
+
+    >>> model.run_with_hooks(["Hi"], fwd_hooks=[("blocks.1.hook_resid_post", steer(direction, 4.0))])  # doctest: +SKIP
+    """
+    vector = torch.as_tensor(vector)
+
+    def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        if vector.numel() != (hook.width or 0):
+            raise UserError(f"steering vector has {vector.numel()} entries, hook {hook.name} has {hook.width} neurons")
+        flat = _neuron_view(x, hook)
+        return (flat + scale * vector.reshape(-1).to(x.device, x.dtype)).reshape(x.shape)
+
+    return fn

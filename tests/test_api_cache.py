@@ -1,0 +1,220 @@
+"""``run_with_cache``: the cache's tensors against plain torch hooks, and padded batches against one example."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hookpoints as hp
+from hookpoints.errors import UserError
+from tests.api_helpers import randomise, raw_tensors, sine
+
+TEXTS = ["the quick brown fox jumps over", "a lazy dog", "seven birds sing while the fox sleeps today"]
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_model_dir):
+    model = hp.load(tiny_model_dir("gpt2"))
+    randomise(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def bert(tiny_model_dir):
+    model = hp.load(tiny_model_dir("bert"))
+    randomise(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def seamless_speech(tiny_model_dir):
+    model = hp.load(tiny_model_dir("seamless_m4t_v2"), modality="speech")
+    randomise(model, scale=0.05)
+    return model
+
+
+def test_gpt2_cache_matches_plain_torch_hooks(gpt2):
+    names = ["blocks.*.hook_resid_post", "blocks.1.attn.hook_k", "blocks.0.attn.hook_z", "blocks.0.mlp.hook_post"]
+    output, cache = gpt2.run_with_cache(TEXTS, names=names)
+    inputs = gpt2.inputs(TEXTS)
+    raw = raw_tensors(gpt2, cache.points.values(), inputs)
+    batch, pos = inputs.kwargs["input_ids"].shape
+    heads, d_head = gpt2.model.config.n_head, gpt2.model.config.n_embd // gpt2.model.config.n_head
+    d = gpt2.model.config.n_embd
+    # written out per hook, independently of the layout code: GPT-2's fused c_attn holds q, k, v side by side
+    assert torch.equal(cache["blocks.0.hook_resid_post"], raw["blocks.0.hook_resid_post"])
+    assert cache["blocks.0.hook_resid_post"].shape == (batch, pos, d)
+    k = raw["blocks.1.attn.hook_k"][..., d : 2 * d].reshape(batch, pos, heads, d_head)
+    assert torch.equal(cache["blocks.1.attn.hook_k"], k)
+    z = raw["blocks.0.attn.hook_z"].reshape(batch, pos, heads, d_head)
+    assert torch.equal(cache["blocks.0.attn.hook_z"], z)
+    # the output is the model's own, with the hooks' values feeding it
+    with torch.inference_mode():
+        reference = gpt2.model(**inputs.kwargs).logits
+    assert torch.allclose(output.logits, reference, atol=1e-6)
+    assert torch.equal(cache.mask, inputs.kwargs["attention_mask"].bool())
+    # aliases (module paths) reach the same tensor
+    assert torch.equal(cache["transformer.h.0"], cache["blocks.0.hook_resid_post"])
+
+
+def _check_batch_equals_single(model, examples, names, atol):
+    _, batched = model.run_with_cache(examples, names=names)
+    _, pooled = model.run_with_cache(examples, names=names, pooling="mean")
+    _, last = model.run_with_cache(examples, names=names, pooling="last")
+    checked = 0
+    for i, example in enumerate(examples):
+        _, alone = model.run_with_cache([example], names=names)
+        for name in batched:
+            mask = batched.mask_of(name)
+            if mask is None:
+                assert torch.allclose(batched[name][i], alone[name][0], atol=atol), name
+                continue
+            mine = batched[name][i][mask[i]]  # [valid positions, *d]
+            single = alone[name][0][alone.mask_of(name)[0]]  # alone: SeamlessM4T pads frames to an even count
+            assert mine.shape == single.shape, (name, mine.shape, single.shape)
+            assert torch.allclose(mine, single, atol=atol), (name, (mine - single).abs().max())
+            assert torch.allclose(pooled[name][i], single.float().mean(0), atol=atol), name
+            assert torch.allclose(last[name][i], single[-1].float(), atol=atol), name
+            checked += 1
+    assert checked >= len(examples) * 2
+
+
+def test_gpt2_padded_batch_equals_one_at_a_time(gpt2):
+    _check_batch_equals_single(gpt2, TEXTS, ["blocks.*.hook_resid_post", "blocks.*.attn.hook_q"], 1e-5)
+
+
+def test_bert_cache_and_padding(bert):
+    names = ["blocks.*.hook_resid_post", "blocks.0.attn.hook_v", "blocks.1.attn.hook_z"]
+    _, cache = bert.run_with_cache(TEXTS, names=names)
+    inputs = bert.inputs(TEXTS)
+    raw = raw_tensors(bert, cache.points.values(), inputs)
+    batch, pos = inputs.kwargs["input_ids"].shape
+    heads = bert.model.config.num_attention_heads
+    assert torch.equal(cache["blocks.0.attn.hook_v"], raw["blocks.0.attn.hook_v"].reshape(batch, pos, heads, -1))
+    assert torch.equal(cache["blocks.1.attn.hook_z"], raw["blocks.1.attn.hook_z"].reshape(batch, pos, heads, -1))
+    assert torch.equal(cache["blocks.1.hook_resid_post"], raw["blocks.1.hook_resid_post"])
+    _check_batch_equals_single(bert, TEXTS, names, 1e-5)
+
+
+def test_seamless_speech_cache_matches_torch_hooks_and_single_examples(seamless_speech):
+    waves = [sine(0.9, 200.0), sine(0.45, 330.0), sine(1.3, 150.0)]
+    _, cache = seamless_speech.run_with_cache(waves, names=None)
+    inputs = seamless_speech.inputs(waves)
+    raw = raw_tensors(seamless_speech, cache.points.values(), inputs)
+    for name, tensor in cache.items():
+        point = cache.points[name]
+        x = raw[name]
+        x = x.unsqueeze(1) if point.time_axis is None else x.movedim(point.time_axis, 1)
+        x = x.reshape(*x.shape[:2], -1)
+        if point.time_axis is None:
+            x = x[:, 0]
+        assert torch.equal(tensor.reshape(x.shape), x), name
+    spaces = {cache.points[name].space for name in cache}
+    assert {"input", "encoder"} <= spaces, spaces  # speech frames and the adaptor's subsampled frames
+    conv = [n for n in cache if cache.points[n].time_axis not in (None, 1)]
+    assert conv, "a Conformer conv hook ([batch, channels, time]) is among the listed hook points"
+    names = ["speech_encoder.layers.*.hook_resid_post", *conv[:2], "text_decoder.layers.0.hook_resid_post"]
+    _check_batch_equals_single(seamless_speech, waves, names, 1e-4)
+
+
+def test_audio_paths_and_names_predicate(seamless_speech, tmp_path):
+    import soundfile
+
+    path = tmp_path / "tone.wav"
+    soundfile.write(path, sine(0.6), 16_000, subtype="FLOAT")  # no 16-bit rounding
+    _, from_path = seamless_speech.run_with_cache([str(path)], names=lambda name: name.endswith("hook_resid_post"))
+    _, from_wave = seamless_speech.run_with_cache([sine(0.6)], names=lambda name: name.endswith("hook_resid_post"))
+    assert list(from_path) and all(name.endswith("hook_resid_post") for name in from_path)
+    for name in from_path:
+        assert torch.allclose(from_path[name], from_wave[name], atol=1e-4), name
+
+
+def test_raw_tensor_inputs_and_cache_methods(gpt2):
+    inputs = gpt2.inputs(TEXTS)
+    _, from_text = gpt2.run_with_cache(TEXTS, names="blocks.1.hook_resid_post")
+    _, from_dict = gpt2.run_with_cache(dict(inputs.kwargs), names="blocks.1.hook_resid_post")
+    _, from_ids = gpt2.run_with_cache(inputs.kwargs["input_ids"][:1], names="blocks.1.hook_resid_post")
+    assert torch.equal(from_text["blocks.1.hook_resid_post"], from_dict["blocks.1.hook_resid_post"])
+    assert from_ids["blocks.1.hook_resid_post"].shape[0] == 1
+    assert from_text.to("cpu").keys() == from_text.keys()
+    assert "blocks.1.hook_resid_post" in from_text and len(from_text) == 1
+    mean = from_text.mean("blocks.1.hook_resid_post")
+    x, mask = from_text["blocks.1.hook_resid_post"], from_text.mask
+    assert torch.allclose(mean, x[mask].mean(0))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "names", "pooling", "message"),
+    [
+        (["hi"], "blocks.*.no_such_hook", None, "matches no recordable hook point"),
+        (["hi"], None, "median", "pooling must be one of mean, last, max"),
+        (["hi"], 42, None, "names must be a glob"),
+        ([], None, None, "not an empty list"),
+        ([""], None, None, "empty string"),
+        (["hi", 3], None, None, "mix"),
+        (12, None, None, "inputs must be"),
+    ],
+)
+def test_bad_cache_arguments_are_one_line_user_errors(gpt2, inputs, names, pooling, message):
+    with pytest.raises(UserError) as caught:
+        gpt2.run_with_cache(inputs, names=names, pooling=pooling)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_speech_model_refuses_text_and_bad_waveforms(seamless_speech):
+    with pytest.raises(UserError, match="loaded for speech"):
+        seamless_speech.run_with_cache(["hello there"])
+    with pytest.raises(UserError, match="1-D"):
+        seamless_speech.run_with_cache([sine(0.5).reshape(2, -1)])
+
+
+def test_load_and_select_bad_input(gpt2, tiny_model_dir, tmp_path):
+    assert [p.name for p in gpt2.select("blocks.1.hook_resid_post")] == ["blocks.1.hook_resid_post"]
+    with pytest.raises(UserError, match="does not exist"):
+        hp.load(tmp_path / "no" / "such" / "model")
+    with pytest.raises(UserError, match="takes text input, not speech"):
+        hp.load(tiny_model_dir("gpt2"), modality="speech")
+    with pytest.raises(UserError, match="dtype must be one of"):
+        hp.load(tiny_model_dir("gpt2"), dtype="float8")
+
+
+def test_gpt2_cache_equals_transformer_lens_run_with_cache(gpt2):
+    """TransformerLens itself, loaded with the same (randomised) weights: same names, shapes and values."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+    c = gpt2.model.config
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
+        d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN",
+        eps=c.layer_norm_epsilon, positional_embedding_type="standard", default_prepend_bos=False,
+    )  # fmt: skip
+    reference = HookedTransformer(cfg)
+    reference.load_state_dict(convert_gpt2_weights(gpt2.model, cfg), strict=False)
+    ids = gpt2.inputs([TEXTS[0]]).kwargs["input_ids"]  # [1, tokens]
+    with torch.inference_mode():
+        logits, expected = reference.run_with_cache(ids)
+    output, cache = gpt2.run_with_cache(ids, names=lambda n: n in expected.cache_dict)
+    assert len(cache) >= 20
+    torch.testing.assert_close(output.logits, logits, atol=1e-5, rtol=1e-5)
+    for name, tensor in cache.items():
+        reference = expected[name]
+        if name.endswith("hook_attn_scores"):  # TransformerLens puts -inf at masked keys; compare the rest
+            kept = torch.isfinite(reference)
+            assert not kept.all()
+            tensor, reference = tensor[kept], reference[kept]
+        torch.testing.assert_close(tensor, reference, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_attention_pattern_in_the_cache_is_transformer_lens_layout(gpt2):
+    """``hook_pattern`` comes back as [batch, head, query_pos, key_pos], rows summing to 1 over unmasked keys."""
+    _, cache = gpt2.run_with_cache(TEXTS[:2], names="blocks.0.attn.hook_pattern")
+    pattern = cache["blocks.0.attn.hook_pattern"]
+    mask = cache.mask  # [batch, pos]
+    assert pattern.shape[:2] == (2, gpt2.model.config.n_head) and pattern.shape[2] == pattern.shape[3] == mask.shape[1]
+    sums = pattern.sum(-1)  # [batch, head, query]
+    for b in range(2):
+        valid = mask[b].bool()
+        torch.testing.assert_close(sums[b][:, valid], torch.ones_like(sums[b][:, valid]), atol=1e-5, rtol=0)
+    with pytest.raises(UserError, match="attention map"):
+        cache.pooled("mean")

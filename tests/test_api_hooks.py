@@ -1,0 +1,162 @@
+"""Interventions in a plain forward pass (``run_with_hooks``, ``run_with_edits``) and ``generate(edits=...)``,
+each against plain torch hooks making the same change on the module's own tensor."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import hookpoints as hp
+from hookpoints.errors import UserError
+from tests.api_helpers import randomise, sine
+
+TEXTS = ["the quick brown fox jumps over", "a lazy dog"]
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_model_dir):
+    model = hp.load(tiny_model_dir("gpt2"))
+    randomise(model)
+    return model
+
+
+@contextmanager
+def torch_hook(model, module_path: str, change, *, on_input: bool = False):
+    """A plain forward (pre-)hook that calls ``change(tensor)`` on the module's first output (or input)."""
+    module = dict(model.model.named_modules())[module_path]
+    if on_input:
+        handle = module.register_forward_pre_hook(lambda m, args: change(args[0]))
+    else:
+        handle = module.register_forward_hook(lambda m, a, out: change(out[0] if isinstance(out, tuple) else out))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def reference_logits(model, texts, module_path, change, **options):
+    inputs = model.inputs(texts)
+    with torch.inference_mode(), torch_hook(model, module_path, change, **options):
+        return model.model(**inputs.kwargs).logits
+
+
+def test_ablate_a_slice_of_a_fused_projection(gpt2):
+    d = gpt2.model.config.n_embd
+    out = gpt2.run_with_hooks(TEXTS, fwd_hooks=[("blocks.0.attn.hook_v", hp.ablate([1, 5]))]).logits
+
+    def change(t):  # c_attn's output is [q | k | v]: v's neurons 1 and 5 sit at 2d + 1 and 2d + 5
+        t[..., [2 * d + 1, 2 * d + 5]] = 0.0
+
+    assert torch.allclose(out, reference_logits(gpt2, TEXTS, "transformer.h.0.attn.c_attn", change), atol=1e-6)
+    plain = gpt2.run_with_hooks(TEXTS).logits
+    assert not torch.allclose(out, plain, atol=1e-4)  # the edit did change the output
+
+
+def test_edit_of_a_per_head_input_equals_a_torch_pre_hook(gpt2):
+    edit = gpt2.edit("blocks.1.attn.hook_z", [0, 17, 63], [1.5, -2.0, 0.25])
+    out = gpt2.run_with_edits(TEXTS, [edit]).logits
+
+    def change(t):
+        t[..., [0, 17, 63]] = torch.tensor([1.5, -2.0, 0.25])
+
+    reference = reference_logits(gpt2, TEXTS, "transformer.h.1.attn.c_proj", change, on_input=True)
+    assert torch.allclose(out, reference, atol=1e-6)
+
+    # the same edit as a hook function on [batch, pos, head, d_head]: head 1 dim 1 is neuron 17
+    def fn(x, hook):
+        assert x.shape[-2:] == (4, 16) and hook.name == "blocks.1.attn.hook_z"
+        x[..., 0, 0], x[..., 1, 1], x[..., 3, 15] = 1.5, -2.0, 0.25  # in place, returns None
+
+    assert torch.allclose(gpt2.run_with_hooks(TEXTS, fwd_hooks=[("blocks.1.attn.hook_z", fn)]).logits, out, atol=1e-6)
+
+
+def test_steer_and_mean_ablate_equal_torch_hooks(gpt2):
+    vector = torch.linspace(-1, 1, gpt2.model.config.n_embd)
+    out = gpt2.run_with_hooks(TEXTS, fwd_hooks=[("blocks.0.hook_resid_post", hp.steer(vector, 3.0))]).logits
+    reference = reference_logits(gpt2, TEXTS, "transformer.h.0", lambda t: t.add_(3.0 * vector))
+    assert torch.allclose(out, reference, atol=1e-5)
+
+    others = ["seven birds sing", "over the lazy fox and the dog"]
+    _, cache = gpt2.run_with_cache(others, names="blocks.0.mlp.hook_post")
+    x, mask = cache["blocks.0.mlp.hook_post"], cache.mask
+    mean = x[mask].mean(0)  # [d_mlp] over the other texts' real tokens
+    out = gpt2.run_with_hooks(TEXTS, fwd_hooks=[("blocks.0.mlp.hook_post", hp.mean_ablate(cache, [2, 9]))]).logits
+
+    def change(t):
+        t[..., [2, 9]] = mean[[2, 9]]
+
+    assert torch.allclose(out, reference_logits(gpt2, TEXTS, "transformer.h.0.mlp.act", change), atol=1e-6)
+
+
+def test_patching_the_last_residual_gives_the_source_logits(gpt2):
+    clean = gpt2.inputs(["the quick brown fox"]).kwargs["input_ids"]  # [1, tokens]
+    corrupt = clean.flip(1)  # same length, other tokens (token ids are inputs too)
+    clean_out, cache = gpt2.run_with_cache(clean, names="blocks.1.hook_resid_post")
+    patched = gpt2.run_with_hooks(corrupt, fwd_hooks=[("blocks.1.hook_resid_post", hp.patch(cache))])
+    assert torch.allclose(patched.logits, clean_out.logits, atol=1e-5)
+    with pytest.raises(UserError, match="cannot patch blocks.0.hook_resid_post: the cache does not hold it"):
+        gpt2.run_with_hooks(corrupt, fwd_hooks=[("blocks.*.hook_resid_post", hp.patch(cache))])
+    with pytest.raises(UserError, match="cannot patch blocks.1.hook_resid_post: the cache holds shape"):
+        gpt2.run_with_hooks(corrupt[:, :-1], fwd_hooks=[("blocks.1.hook_resid_post", hp.patch(cache))])
+
+
+def test_conformer_conv_channels_axis(tiny_model_dir):
+    model = hp.load(tiny_model_dir("seamless_m4t_v2"), modality="speech")
+    randomise(model, scale=0.05)
+    conv = next(p for p in model.select() if p.time_axis == 2)  # [batch, channels, time]
+    waves = [sine(0.7), sine(0.4, 300.0)]
+    out = model.run_with_hooks(waves, fwd_hooks=[(conv.name, hp.ablate([3], value=0.5))])
+    inputs = model.inputs(waves)
+
+    def change(t):
+        t[:, 3, :] = 0.5
+
+    with torch.inference_mode(), model.adapter.batch_guard(model.model, inputs), torch_hook(model, conv.module, change):
+        reference = model.model(**inputs.kwargs)
+    assert torch.allclose(out.logits, reference.logits, atol=1e-5)
+
+
+def test_generate_with_edits_equals_torch_hooks_during_generate(tiny_model_dir):
+    model = hp.load(tiny_model_dir("seamless_m4t_v2"), modality="text")
+    randomise(model, scale=0.05)
+    inputs = model.source_inputs(["Das Wetter ist schön.", "Il fait beau."], ["deu", "fra"])
+    prompt = model.decoder_prompt(["eng", "eng"])
+    neurons = list(range(0, 64, 3))
+    edit = model.edit("text_decoder.layers.0.hook_resid_post", neurons, 4.0)
+    edited = model.generate(inputs, prompt, 8, edits=[edit])
+
+    def change(t):
+        t[..., neurons] = 4.0
+
+    with torch_hook(model, edit.point.module, change):
+        reference = model.generate(inputs, prompt, 8)
+    assert torch.equal(edited.sequences, reference.sequences)
+    assert not torch.equal(edited.sequences, model.generate(inputs, prompt, 8).sequences)
+
+
+@pytest.mark.parametrize(
+    ("hooks", "message"),
+    [
+        ("blocks.0.hook_resid_post", "fwd_hooks must be a list"),
+        ([("blocks.0.hook_resid_post",)], "pair"),
+        ([("blocks.9.hook_nothing", hp.ablate())], "no hook point is called"),
+        ([(3, hp.ablate())], "a hook name must be"),
+        ([("blocks.0.hook_resid_post", lambda x, hook: x[:, :1])], "returned shape"),
+        ([("blocks.0.hook_resid_post", hp.steer(torch.ones(5)))], "steering vector has 5 entries"),
+    ],
+)
+def test_bad_hooks_are_one_line_user_errors(gpt2, hooks, message):
+    with pytest.raises(UserError) as caught:
+        gpt2.run_with_hooks(TEXTS, fwd_hooks=hooks)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_bad_edits_are_user_errors(gpt2):
+    with pytest.raises(UserError, match="out of range"):
+        gpt2.edit("blocks.0.mlp.hook_post", [10_000], [0.0])
+    with pytest.raises(UserError, match="no hook point is called"):
+        gpt2.edit("blocks.0.mlp.nothing", [1], [0.0])
+    with pytest.raises(UserError, match="2 neuron indices but 3 values"):
+        gpt2.edit("blocks.0.mlp.hook_post", [1, 2], [0.0, 1.0, 2.0])

@@ -1,0 +1,123 @@
+"""What a reader notices in the figures: integer layer ticks, speech and text told apart in the magnitudes
+legend, integer ticks on count colorbars, a legend or labelled centroids on t-SNE maps, titles naming the run,
+label set and k; and every figure function returns a Figure that analyses.figures saves or embeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from hookpoints.analyses.figures import png_bytes, save
+from hookpoints.analyses.figures_clusters import ClusterMaps, MapLabelling, MapLayer, measures_figure, tsne_figure
+from hookpoints.analyses.figures_selectivity import distribution_figure, magnitude_figure, overlap_figure
+from hookpoints.analyses.selection import Overlap
+from matplotlib.figure import Figure
+
+
+def tick_values(axis) -> list[float]:
+    low, high = axis.get_view_interval()
+    return [t for t in axis.get_majorticklocs() if low - 1e-9 <= t <= high + 1e-9]
+
+
+def all_integers(values) -> bool:
+    return bool(values) and all(float(v).is_integer() for v in values)
+
+
+def magnitudes_table() -> pa.Table:
+    rows = []
+    rng = np.random.default_rng(0)
+    for layer in range(3):  # 3 layers: matplotlib's default locator would put ticks at 0.5, 1.5
+        for language in ("de", "en"):
+            for modality in ("speech", "text"):
+                rows.append(
+                    {
+                        "component": "text_decoder",
+                        "layer": layer,
+                        "language": language,
+                        "modality": modality,
+                        "magnitude": float(rng.normal()),
+                        "deviation": float(rng.normal()),
+                    }
+                )
+    return pa.Table.from_pylist(rows)
+
+
+def test_magnitudes_layers_are_integers_and_speech_and_text_are_told_apart():
+    fig = magnitude_figure(magnitudes_table(), ["language", "modality"], "text_decoder", 1000.0, "run(s) a+b")
+    assert isinstance(fig, Figure)
+    ax = fig.axes[1]
+    for axes in fig.axes:
+        assert all_integers(tick_values(axes.xaxis))
+    titles = [legend.get_title().get_text() for legend in ax.findobj(lambda o: o.__class__.__name__ == "Legend")]
+    assert sorted(titles) == ["language", "modality"]
+    lines = {line.get_label(): line for line in ax.get_lines() if "·" in line.get_label()}
+    speech, text = lines["de · speech"], lines["de · text"]
+    assert speech.get_color() == text.get_color()  # same language, same colour
+    assert (speech.get_linestyle(), speech.get_marker()) != (text.get_linestyle(), text.get_marker())
+    assert lines["en · speech"].get_marker() == speech.get_marker()
+
+
+def test_overlap_colorbar_counts_are_integers():
+    result = Overlap(
+        ["u/speech/de", "u/speech/en"],
+        ["u/text/de", "u/text/en"],
+        np.array([[3, 0], [1, 2]]),
+        "text_decoder",
+        "top",
+        500,
+    )
+    fig = overlap_figure(result, "unimodal language neurons (run a+b)")
+    colorbar = fig.axes[-1]
+    assert all_integers(tick_values(colorbar.yaxis))
+    assert "top-500" in fig.axes[0].get_title() and "run a+b" in fig.axes[0].get_title()
+
+
+def test_distribution_title_names_label_set_run_and_k():
+    counts = pa.Table.from_pylist(
+        [
+            {"layer": layer, "submodule": sub, "neurons": 8, "top": layer + 1, "bottom": 2}
+            for layer in range(3)
+            for sub in ("self_attn.q_proj", "ffn.fc1")
+        ]
+    )
+    fig = distribution_figure(counts, "text_decoder", 50, "label set modality/text (run a+b)")
+    title = fig._suptitle.get_text()
+    assert "modality/text" in title and "run a+b" in title and "top-50" in title
+    for ax in fig.axes:
+        assert all_integers(tick_values(ax.xaxis)) and all_integers(tick_values(ax.yaxis))
+
+
+def maps(classes: int, points: int = 4) -> tuple[ClusterMaps, MapLabelling]:
+    rng = np.random.default_rng(1)
+    codes = np.repeat(np.arange(classes), points)
+    layers = [MapLayer(f"blocks.{i}.hook_resid_post", "lm", i, rng.normal(size=(len(codes), 2))) for i in range(3)]
+    labelling = MapLabelling("speaker", [f"spk{c:02d}" for c in range(classes)], codes)
+    rows = [
+        {"component": "lm", "layer": i, "label": "speaker", "measure": m, "space": "original", "value": 0.1 * i}
+        for i in range(3)
+        for m in ("silhouette", "davies_bouldin")
+    ]
+    return ClusterMaps("run-x", "run run-x, mean pooling, 12 examples", rows, [labelling], layers), labelling
+
+
+def test_tsne_gets_a_legend_when_colours_are_distinct_and_names_at_centroids_when_they_repeat():
+    few, labelling = maps(5)
+    fig = tsne_figure(few, labelling)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == labelling.classes
+    assert "run run-x" in fig._suptitle.get_text() and "speaker" in fig._suptitle.get_text()
+    many, labelling = maps(30)
+    fig = tsne_figure(many, labelling)
+    assert fig.legends == []
+    for ax in fig.axes[:3]:
+        names = sorted(t.get_text() for t in ax.texts)
+        assert names == sorted(labelling.classes)  # every class named once per map
+
+
+def test_cluster_measures_have_integer_layer_ticks_and_save_writes_png_and_svg(tmp_path):
+    fig = measures_figure(maps(3)[0])
+    assert all(all_integers(tick_values(ax.xaxis)) for ax in fig.axes)
+    assert "speaker" in fig._suptitle.get_text() and "run-x" in fig._suptitle.get_text()
+    paths = save(fig, tmp_path, "m")
+    assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.stat().st_size > 1000 for p in paths)
+    png = png_bytes(measures_figure(maps(3)[0]))
+    assert png.startswith(b"\x89PNG")

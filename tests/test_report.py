@@ -1,0 +1,164 @@
+"""``hookpoints report``: one HTML file from the store alone, checked in headless Chromium; stored t-SNE maps and
+linkages equal the analysis' own; partial stores name what is absent; store text is escaped; bad input is one
+clear error."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+from browser_check import check_page, pixel_spread, screenshot
+from hookpoints.analyses.report import write_report
+from report_helpers import write_report_store
+
+from hookpoints.errors import UserError
+
+
+@pytest.fixture
+def full_store(store):
+    write_report_store(store)
+    return store
+
+
+def assert_renders(html, tmp_path, artefact: str | None = None, *, images: bool = True) -> dict:
+    """The page loads in Chromium without console errors, every image has a size, every contents link has its
+    section, and a screenshot is not blank. Returns the probe's findings."""
+    found = check_page(html, tmp_path)
+    assert found["errors"] == [] and found["console"] == [], found
+    assert (found["images"] > 0) == images and found["broken"] == [], found
+    assert found["toc"] >= 4 and found["missing"] == [], found
+    png = screenshot(html, tmp_path / f"{html.stem}.png")
+    assert pixel_spread(png) > 10, "the screenshot is blank"
+    if artefact and os.environ.get("HOOKPOINTS_ARTEFACTS"):
+        folder = os.environ["HOOKPOINTS_ARTEFACTS"]
+        os.makedirs(folder, exist_ok=True)
+        shutil.copy(png, os.path.join(folder, artefact))
+    return found
+
+
+def test_report_of_every_analysis_renders_in_chromium(full_store, tmp_path):
+    path = write_report(full_store, out=tmp_path / "report.html")
+    html = path.read_text()
+    for title in (
+        "Runs",
+        "Run syn",
+        "AP ranking syn",
+        "Where the top-5 and bottom-5 neurons are (Figures 2 and 4)",
+        "Gini of the selections",
+        "Speech vs text: shared language neurons (Figure 3)",
+        "deviation from the mean trend (Figure 6)",
+        "Sweep syn-sweep",
+        "Silhouette and Davies-Bouldin by layer (Figures 4 and 13)",
+        "t-SNE maps per layer (Figures 3, 8 and 10)",
+        "Dendrograms of class centroids (Figure 13c)",
+        "Distances between chosen examples (Tables 1-2)",
+    ):
+        assert title in html, title
+    assert "This store holds no" not in html
+    # store text is escaped: a language label and generated text holding tags
+    assert "<b>fr</b>" not in html and "<i>output</i>" not in html
+    assert "&lt;b&gt;fr&lt;/b&gt;" in html and "&lt;i&gt;output&lt;/i&gt;" in html
+    assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
+    found = assert_renders(path, tmp_path, "report-synthetic.png")
+    # 8 label sets (6 unimodal, 2 modality) x 1 component + 2 overlaps (bottom, top) + magnitudes + the sweep
+    # + measures + t-SNE and dendrograms of 2 labels
+    assert found["images"] == html.count("<img") == 8 + 2 + 1 + 1 + 1 + 2 + 2
+
+
+def test_maps_and_linkages_are_stored_and_redrawn_not_recomputed(store, tmp_path, monkeypatch):
+    from hookpoints.analyses import clusters
+    from hookpoints.analyses.clusters import ClusterSettings, cluster_layers, write_clusters
+    from hookpoints.analyses.report_clusters import analyses_of, load_maps
+    from scipy.cluster.hierarchy import linkage
+    from sklearn.manifold import TSNE  # noqa: F401 - loaded here so that the patch below is what counts
+
+    write_report_store(store)
+    settings = ClusterSettings(labels=("language",), perplexity=5.0, linkage="complete")
+    result = cluster_layers(store, "syn", settings)
+    write_clusters(store, result)
+    monkeypatch.setattr(clusters, "tsne_map", lambda *a, **k: pytest.fail("the report recomputed a t-SNE map"))
+    with store.query() as session:
+        (info,) = [a for a in analyses_of(session, None) if a["analysis"] == result.analysis]
+        maps = load_maps(session, info)
+        vectors = session.sql(
+            "SELECT a.example_id, a.activation, e.language FROM activations a JOIN examples e USING (run, example_id)"
+            " WHERE a.run = 'syn' AND a.hook = 'text_decoder.layers.2.hook_resid_post' ORDER BY a.example_id"
+        ).to_pylist()
+    assert maps.linkage == "complete"
+    by_hook = {layer.hook: layer for layer in maps.layers}
+    ids = sorted(result.subset.example_ids[row] for row in result.sample)
+    for layer in result.layers:
+        stored = by_hook[layer.hook.hook]
+        order = np.argsort([result.subset.example_ids[row] for row in result.sample])  # the store's id order
+        np.testing.assert_allclose(stored.tsne, layer.tsne[order])
+        np.testing.assert_allclose(stored.linkages["language"], layer.linkages["language"])
+    # the stored linkage of the last layer is scipy's over class centroids computed here from the activations
+    (labelling,) = maps.labellings
+    x = np.array([row["activation"] for row in vectors])  # [examples, width]
+    languages = [row["language"] for row in vectors]
+    centroids = np.array([x[[lang == c for lang in languages]].mean(axis=0) for c in labelling.classes])
+    expected = linkage(centroids, method="complete")
+    np.testing.assert_allclose(by_hook["text_decoder.layers.2.hook_resid_post"].linkages["language"], expected)
+    codes = labelling.codes
+    assert [labelling.classes[c] for c in codes] == [dict(zip(ids, languages, strict=False))[i] for i in ids]
+
+
+def test_a_store_with_only_runs_says_what_is_absent_and_how_to_make_it(store, tmp_path):
+    from clusters_helpers import clustered, write_run
+
+    examples, vectors = clustered()
+    write_run(store, "only", examples, vectors)
+    html = write_report(store, out=tmp_path / "r.html").read_text()
+    assert "Run only" in html
+    for what, command in (
+        ("AP ranking", "hookpoints ap --store"),
+        ("intervention sweep", "hookpoints intervene --store"),
+        ("clustering analysis", "hookpoints clusters --store"),
+    ):
+        assert re.search(f"This store holds no {what}.*?<code>{command}", html), what
+    assert_renders(tmp_path / "r.html", tmp_path, images=False)
+
+
+def test_runs_narrow_the_report_to_their_analyses(full_store, tmp_path):
+    from clusters_helpers import clustered, write_run
+
+    examples, vectors = clustered()
+    write_run(full_store, "other", examples, vectors)
+    html = write_report(full_store, ["other"], tmp_path / "r.html").read_text()
+    assert "Run other" in html and "Run syn" not in html and "AP ranking syn" not in html
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--run", "nope"], "run 'nope' is not in store"),
+        (["--out", "{tmp}"], "is a folder"),
+        (["--out", "{tmp}/report.txt"], "must end in .html"),
+    ],
+)
+def test_bad_input_is_one_clear_error(store, tmp_path, run_cli, args, message):
+    from clusters_helpers import clustered, write_run
+
+    write_run(store, "only", *clustered())
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, out, err = run_cli("report", "--store", str(store.location.uri), *args)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_writes_the_report_and_prints_its_path(full_store, tmp_path, run_cli):
+    target = tmp_path / "out" / "store.html"
+    code, out, err = run_cli("report", "--store", full_store.location.uri, "--out", str(target), "--no-magnitudes")
+    assert code == 0, err
+    assert f"report: {target}" in " ".join(out.split())
+    html = target.read_text()
+    assert "Left out (report --no-magnitudes)" in html
+
+
+def test_python_entry_point_refuses_unknown_runs(full_store, tmp_path):
+    with pytest.raises(UserError, match="not in store"):
+        write_report(full_store, ["ghost"], tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
