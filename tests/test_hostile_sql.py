@@ -74,6 +74,10 @@ def test_a_query_past_its_timeout_is_stopped(texts_store, run_cli):
         assert session.sql("SELECT 1 AS x")["x"].to_pylist() == [1]  # the session is usable afterwards
         time.sleep(0.3)  # and no timer of a finished query interrupts a later one
         assert session.sql("SELECT count(*) AS n FROM range(3000000)")["n"].to_pylist() == [3000000]
+    import hookpoints as hp
+
+    with pytest.raises(UserError, match="timeout of 0.2 s"):
+        hp.Store.open(texts_store.location.uri).sql("SELECT count(*) FROM range(10000000000000)", timeout=0.2)
 
 
 @pytest.mark.parametrize("value", ["nan", "0", "-1", "inf"])
