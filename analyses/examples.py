@@ -112,8 +112,9 @@ class ExampleSet:
 
     def base_sql(self, columns: str) -> str:
         """SELECT ``columns`` over these examples (parameter ``$runs``), in the set's order."""
-        where = "" if self.where is None else f" AND ({self.where})"
-        return f"SELECT {columns} FROM examples WHERE list_contains($runs, run){where} ORDER BY run, example_id"
+        where = "" if self.where is None else f" WHERE {self.where}"
+        runs = "(SELECT * FROM examples WHERE list_contains($runs, run))"  # a predicate sees these runs only
+        return f"SELECT {columns} FROM {runs}{where} ORDER BY run, example_id"
 
     def columns(self, session: QuerySession) -> list[str]:
         return session.sql("SELECT * FROM examples LIMIT 0").column_names
@@ -122,10 +123,10 @@ class ExampleSet:
         """Distinct non-null values of an examples column among these examples (None: no such column)."""
         if column not in self.columns(session):
             return None
-        where = "" if self.where is None else f" AND ({self.where})"
+        where = "" if self.where is None else f" AND {self.where}"
         rows = session.sql(
-            f"SELECT DISTINCT {quote_name(column)} AS v FROM examples WHERE list_contains($runs, run){where} "
-            "AND v IS NOT NULL ORDER BY v",
+            f"SELECT DISTINCT {quote_name(column)} AS v FROM (SELECT * FROM examples WHERE list_contains($runs, run)) "
+            f"WHERE v IS NOT NULL{where} ORDER BY v",
             {"runs": list(self.group.runs)},
         )
         return rows["v"].to_pylist()

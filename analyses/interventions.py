@@ -167,6 +167,8 @@ def _indices(text: str, width: int, hook: str) -> list[int]:
         low, _, high = part.partition("-")
         if not low.isdigit() or (high and not high.isdigit()):
             raise UserError(f"--neurons {hook}:{text}: {part!r} is not an index or a range like 7-9")
+        if high and int(high) < int(low):
+            raise UserError(f"--neurons {hook}:{text}: range {part!r} runs backwards; write it {high}-{low}")
         for index in range(int(low), int(high or low) + 1):
             if index >= width:
                 raise UserError(f"neuron {index} is out of range for hook {hook} (width {width}: 0..{width - 1})")
@@ -237,7 +239,7 @@ def _statistic(session: QuerySession, selection: Selection, function: str, run: 
     # activations to the selection (whose memory grew with the examples).
     values = {}
     for hook in hooks:
-        stats = neuron_stats(session, hook, stats=function, run=run, examples_where=where or "")
+        stats = neuron_stats(session, hook, stats=function, run=run, examples_where=subset if where else "")
         column = stats[function].to_numpy()
         for neuron, value in zip(stats["neuron"].to_pylist(), column, strict=True):
             values[hook, neuron] = float(value)

@@ -26,6 +26,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from hookpoints.store.quoting import sql_string
+
 from hookpoints.errors import UserError
 
 PRESETS = ("unimodal", "multimodal", "modality", "language-modality")
@@ -47,33 +49,11 @@ class LabelSet:
         return self.positive + ("" if self.among is None else f"  among  {self.among}")
 
 
-def check_predicate(text: str | None, option: str) -> str:
-    """``text`` stripped; refused if it could reach past the parentheses it is put in (or is empty)."""
-    text = (text or "").strip()
-    if not text:
-        raise UserError(f"{option} is empty: give a boolean SQL expression, e.g. \"language = 'de'\"")
-    depth, quote = 0, None
-    for i, char in enumerate(text):
-        if quote:
-            if char == quote:
-                quote = None
-        elif char in "'\"":
-            quote = char
-        elif text.startswith("--", i) or text.startswith("/*", i):
-            raise UserError(f"{option} {text!r}: comments are not allowed in a predicate; remove them")
-        elif char == ";":
-            raise UserError(f"{option} {text!r}: give one boolean expression, without ';'")
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-            if depth < 0:
-                raise UserError(f"{option} {text!r}: a ')' has no matching '('; fix the parentheses")
-    if quote:
-        raise UserError(f"{option} {text!r}: a quoted string or name is not closed; close it")
-    if depth:
-        raise UserError(f"{option} {text!r}: a '(' is not closed; fix the parentheses")
-    return text
+def check_predicate(text: str | None, option: str, columns: list[str] | None = None) -> str:
+    """One safe boolean expression, checked by DuckDB's parser (analyses/predicates.py), or a UserError."""
+    from hookpoints.analyses import predicates  # DuckDB only when a predicate is checked (CLI start-up)
+
+    return predicates.check_predicate(text, option, columns)
 
 
 def check_name(name: str) -> str:
@@ -112,7 +92,7 @@ def sql_literal(value) -> str:
         return "TRUE" if value else "FALSE"
     if isinstance(value, (int, float)):
         return repr(value)
-    return "'" + str(value).replace("'", "''") + "'"
+    return sql_string(str(value))
 
 
 def preset_label_sets(

@@ -6,13 +6,14 @@ from __future__ import annotations
 from hookpoints.analyses.labels import quote_name
 from hookpoints.analyses.report_html import Section, absent, esc, table
 from hookpoints.store.query import QuerySession
+from hookpoints.store.quoting import sql_string
 
 SAMPLES_PER_RUN = 6
 
 
 def literals(values: list[str]) -> str:
     """SQL string literals (constants push down to the Delta partitions)."""
-    return ", ".join("'" + value.replace("'", "''") + "'" for value in values)
+    return ", ".join(sql_string(value) for value in values)
 
 
 def columns_of(session: QuerySession, view: str) -> list[str]:

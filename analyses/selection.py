@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 from hookpoints.analyses.gini import gini
 from hookpoints.store.query import QuerySession
+from hookpoints.store.quoting import sql_string
 
 from hookpoints.errors import UserError
 
@@ -298,4 +299,4 @@ def _literals(values: list[str]) -> str:
     """SQL string literals (lists of constants are pushed down to the Delta partitions; parameters are not)."""
     if not values:
         raise UserError("no label sets given")
-    return ", ".join("'" + value.replace("'", "''") + "'" for value in values)
+    return ", ".join(sql_string(value) for value in values)

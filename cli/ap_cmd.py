@@ -12,6 +12,7 @@ import click
 from hookpoints.analyses.labels import PRESETS
 from hookpoints.analyses.selection import PAPER_KS
 from hookpoints.cli.console import counting, err, out, render
+from hookpoints.cli.params import FiniteFloat
 
 PANEL_SHORT = {"attention": "attn", "ffn": "ffn", "convolution": "conv", "other": "other"}
 
@@ -53,8 +54,14 @@ PANEL_SHORT = {"attention": "attn", "ffn": "ffn", "convolution": "conv", "other"
 )
 @click.option("--report-k", type=int, help="k of the summary and plots (default: 1000 if given, else the smallest).")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), help="Write figures here.")
-@click.option("--memory-gb", type=float, default=2.0, show_default=True, help="Budget for one hook's matrix.")
-@click.option("--threads", type=int, help="Kernel threads (default: every core).")
+@click.option(
+    "--memory-gb",
+    type=FiniteFloat(),
+    default=2.0,
+    show_default=True,
+    help="Budget for one hook's matrix.",
+)
+@click.option("--threads", type=click.IntRange(min=1), help="Kernel threads (default: every core).")
 def command(
     store_path,
     runs,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,10 +21,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 # Piped output (files, grep, tests) gets wide lines instead of folded table cells.
-out = Console() if Console().is_terminal else Console(width=200)
-err = Console(stderr=True)
+# Emoji codes off: text from a store or an error message (``:-1:``) prints as written.
+out = Console(emoji=False) if Console().is_terminal else Console(width=200, emoji=False)
+err = Console(stderr=True, emoji=False)
 
 FORMATS = ("table", "csv", "json")
 
@@ -65,7 +68,7 @@ def render(rows: pa.Table | list[dict], fmt: str = "table", *, title: str | None
         records = rows
         columns = list(records[0]) if records else []
     if fmt == "json":
-        sys.stdout.write(json.dumps(records, default=_plain, ensure_ascii=False, indent=1) + "\n")
+        sys.stdout.write(strict_json(records, indent=1) + "\n")
     elif fmt == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)
@@ -82,18 +85,38 @@ def render(rows: pa.Table | list[dict], fmt: str = "table", *, title: str | None
                 for row, value in zip(cells, values, strict=True):
                     row[i] = value
                 width = max([len(column), *(len(v) for v in values if v != NULL)])
-                table.add_column(column, no_wrap=True, overflow="ellipsis", min_width=width)
+                table.add_column(Text(column), no_wrap=True, overflow="ellipsis", min_width=width)
                 needed += width
             else:
-                table.add_column(column, overflow="fold")
+                table.add_column(Text(column), overflow="fold")
                 needed += min(8, max([len(column), *(len(v) for v in values)]))
-        for row in cells:
-            table.add_row(*row)
+        for row in cells:  # cells are Text, never markup: "[/INST]" or ":-1:" from a store print as written
+            table.add_row(*[_text(value) for value in row])
         if needed > out.width:  # the names do not fit side by side: one block per row instead of cut names
             _blocks(columns, cells, title)
             return
         out.print(table)
-        out.print(f"[dim]{len(records)} row{'s' if len(records) != 1 else ''}[/dim]")
+        out.print(Text(f"{len(records)} row{'s' if len(records) != 1 else ''}", "dim"))
+
+
+def strict_json(value, indent: int | None = None) -> str:
+    """JSON that strict parsers accept: NaN and infinities as null, timestamps as ISO text, bytes as hex."""
+    return json.dumps(_finite(value), default=_plain, ensure_ascii=False, allow_nan=False, indent=indent)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    return value
+
+
+def _text(value: str) -> Text:
+    """A cell as literal text (the null marker dimmed)."""
+    return Text("null", "dim") if value is NULL else Text(value)
 
 
 #: Longer path-like cells (with a '/') are shortened in the middle: the start and the file name stay.
@@ -104,13 +127,13 @@ NULL = "[dim]null[/dim]"
 def _blocks(columns: list[str], cells: list[list[str]], title: str | None) -> None:
     """Rows as ``column: value`` blocks (for tables too wide for the terminal)."""
     if title:
-        out.print(f"[bold]{title}[/bold]")
+        out.print(Text(title, "bold"))
     pad = max(len(c) for c in columns)
     for n, row in enumerate(cells, 1):
-        out.print(f"[dim]-- row {n}[/dim]")
+        out.print(Text(f"-- row {n}", "dim"))
         for column, value in zip(columns, row, strict=True):
-            out.print(f"[cyan]{column.rjust(pad)}[/cyan]  {value}", soft_wrap=True)
-    out.print(f"[dim]{len(cells)} row{'s' if len(cells) != 1 else ''}[/dim]")
+            out.print(Text.assemble((column.rjust(pad), "cyan"), "  ", _text(value)), soft_wrap=True)
+    out.print(Text(f"{len(cells)} row{'s' if len(cells) != 1 else ''}", "dim"))
 
 
 def shorten_middle(text: str, limit: int = PATH_LIMIT) -> str:
@@ -128,7 +151,7 @@ def _names(values: list[str]) -> bool:
 
 
 def _plain(value):
-    if isinstance(value, (datetime.datetime, datetime.date)):
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
         return value.isoformat()
     if isinstance(value, bytes):
         return value.hex()

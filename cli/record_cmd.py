@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from hookpoints.cli.console import counting, err, out
+from hookpoints.cli.params import FiniteFloat
 from hookpoints.cli.placement_options import load_options, placement_options
 
 from hookpoints.settings import POOLINGS, STORAGE_DTYPES
@@ -34,7 +35,7 @@ from hookpoints.tasks import TASKS
     show_default=True,
     help="Per example over valid positions; none keeps every position.",
 )
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option(
     "--dtype",
     type=click.Choice(STORAGE_DTYPES),
@@ -71,7 +72,7 @@ from hookpoints.tasks import TASKS
 )
 @click.option(
     "--buffer-mb",
-    type=float,
+    type=FiniteFloat(0),
     default=64,
     show_default=True,
     help="Commit at least every this many MB of activations (what a crash can lose).",

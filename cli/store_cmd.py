@@ -23,7 +23,7 @@ def info(store_path: str) -> None:
 
     store = Store.open(store_path)
     meta = store.meta()
-    out.print(f"[bold]{store.location.uri}[/bold]  schema version {meta.get('schema_version')}")
+    out.print(f"[bold]{escape(store.location.uri)}[/bold]  schema version {escape(str(meta.get('schema_version')))}")
     render(run_summary(store), title="runs")
     render(table_sizes(store), title="tables")
 
@@ -116,4 +116,4 @@ def delete(store_path: str, run: str) -> None:
 
     store = Store.open(store_path)
     store.delete_run(run)
-    out.print(f"deleted run [bold]{run}[/bold] from {store.location.uri}")
+    out.print(f"deleted run [bold]{escape(run)}[/bold] from {escape(store.location.uri)}")

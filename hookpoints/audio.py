@@ -53,6 +53,12 @@ def inspect_audio(path: str | Path, example_id: str) -> AudioInfo:
             f"example {example_id!r}: cannot read audio file {path} ({_one_line(error)}); give a WAV or FLAC file"
         ) from None
     found = AudioInfo(path, int(info.samplerate), int(info.channels), int(info.frames))
+    declared = _wav_declared_bytes(path)
+    if declared is not None and declared[1] < declared[0]:
+        raise UserError(
+            f"example {example_id!r}: audio file {path} is truncated (its header promises {declared[0]} bytes of "
+            f"samples, it holds {declared[1]}): export it again, or remove the example"
+        )
     if found.channels != 1:
         raise UserError(
             f"example {example_id!r}: audio file {path} has {found.channels} channels; give mono audio "
@@ -94,6 +100,23 @@ def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.nd
         return np.ascontiguousarray(samples, dtype=np.float32)
     divisor = gcd(rate, target)
     return resample_poly(samples, target // divisor, rate // divisor).astype(np.float32)
+
+
+def _wav_declared_bytes(path: Path) -> tuple[int, int] | None:
+    """(bytes of samples a WAV header declares, bytes present) or None for other formats (libsndfile reads a
+    truncated WAV as a shorter recording without a word)."""
+    with path.open("rb") as handle:
+        if handle.read(12)[8:12] != b"WAVE":
+            return None
+        size = path.stat().st_size
+        while header := handle.read(8):
+            if len(header) < 8:
+                return None
+            chunk, length = header[:4], int.from_bytes(header[4:], "little")
+            if chunk == b"data":
+                return (length, size - handle.tell()) if length < 0x7FFF0000 else None  # streaming placeholders
+            handle.seek(length + (length & 1), 1)
+    return None
 
 
 def _one_line(error: Exception) -> str:

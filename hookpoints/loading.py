@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from hookpoints.adapters import adapter_for
+from hookpoints.adapters import ADAPTERS, adapter_for
 from hookpoints.adapters.base import Adapter
 from hookpoints.errors import UserError
 from hookpoints.model import HookedModel
@@ -51,6 +54,7 @@ def load(
             "or a hub id where the hub is reachable)"
         ) from None
     adapter = adapter_for(config.model_type)
+    _check_supported(source, config, adapter)
     modalities = adapter.modalities(config)
     modality = modality or modalities[0]
     if modality not in modalities:
@@ -60,10 +64,7 @@ def load(
     if prepend_bos and adapter.with_bos.__func__ is Adapter.with_bos:
         raise UserError(f"prepend_bos applies to decoder-only LMs and BERT, not {config.model_type}: drop it")
     model_class = adapter.model_class(config, modality)
-    try:
-        model = placement.place(model_class.from_pretrained(source, **options))
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load model weights from {source}: {_one_line(error)}") from None
+    model = placement.place(_load_weights(model_class, source, options))
     return HookedModel(
         model,
         adapter,
@@ -102,6 +103,75 @@ def _check_source(source: str) -> None:
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
     if looks_local or not _HUB_ID.match(source):
         raise UserError(f"model path {source} does not exist")
+    if not _in_hub_cache(source) and not _hub_reachable():
+        raise UserError(
+            f"model {source}: there is no such folder here, and the hub is not reachable (nor is it cached) to "
+            "fetch it as a hub id: check the path"
+        )
+
+
+def _in_hub_cache(source: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(source, "config.json"), str)
+    except ValueError:  # not a valid repository id
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers at all (offline mode, no DNS or no route: False at once, not after retries)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_supported(source: str, config, adapter) -> None:
+    """A family without its own adapter is recorded generically only if it is a decoder-only or encoder text model."""
+    if adapter.name != "generic":
+        return
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    text = (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
+    if text and not getattr(config, "is_encoder_decoder", False):
+        return
+    families = sorted({kind for each in ADAPTERS for kind in each.model_types})
+    raise UserError(
+        f"model {source} is a {config.model_type} model, which hookpoints does not support: supported are "
+        f"{', '.join(families)}, and other decoder-only or encoder-only text models"
+    )
+
+
+def _load_weights(model_class, source: str, options: dict):
+    """The model's weights (``options``: the placement's from_pretrained arguments), with the known ways a
+    checkpoint folder is broken said in one line."""
+    from safetensors import SafetensorError
+
+    try:
+        return model_class.from_pretrained(source, **options)
+    except SafetensorError as error:
+        raise UserError(
+            f"the weights file of {source} is damaged or truncated ({_one_line(error)}): save or download it again"
+        ) from None
+    except RuntimeError as error:
+        if "size mismatch" in str(error) or "ignore_mismatched_sizes" in str(error):
+            raise UserError(
+                f"the weights of {source} do not match its config.json (tensor sizes differ): use the config "
+                "the weights were saved with"
+            ) from None
+        raise
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load model weights from {source}: {_one_line(error)}") from None
 
 
 _TOKENIZER_FILES = (

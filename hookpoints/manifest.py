@@ -8,6 +8,7 @@ modality or speaker can be used in SQL and in analyses.
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -126,6 +127,7 @@ def _require(table: pa.Table, source: str, column: str, ids: list[str]) -> None:
 
 def _read_jsonl(path: Path) -> pa.Table:
     rows = []
+    _check_utf8(path)
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -134,11 +136,17 @@ def _read_jsonl(path: Path) -> pa.Table:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise UserError(f"manifest {path}, line {number}: not valid JSON ({error.msg})") from None
+            except RecursionError:
+                raise UserError(
+                    f"manifest {path}, line {number}: JSON nested too deeply to read; flatten that value"
+                ) from None
             if not isinstance(row, dict):
                 raise UserError(f"manifest {path}, line {number}: expected a JSON object per line")
             rows.append(row)
     try:
         return pa.Table.from_pylist(rows)
+    except RecursionError:
+        raise UserError(f"manifest {path}: a value is nested too deeply to store; flatten it") from None
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
         raise UserError(
             f"manifest {path}: a column mixes types ({_one_line(error)}); make each column one type"
@@ -147,6 +155,7 @@ def _read_jsonl(path: Path) -> pa.Table:
 
 def _read_csv(path: Path) -> pa.Table:
     options = pacsv.ConvertOptions(column_types={"id": pa.string()}, strings_can_be_null=False)
+    _check_utf8(path)
     try:
         return pacsv.read_csv(path, convert_options=options)
     except (pa.ArrowInvalid, UnicodeDecodeError) as error:
@@ -158,6 +167,28 @@ def _read_parquet(path: Path) -> pa.Table:
         return pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as error:
         raise UserError(f"manifest {path} is not a readable Parquet file: {_one_line(error)}") from None
+
+
+def _check_utf8(path: Path) -> None:
+    """Refuse a text manifest that is not UTF-8, naming the first bad line (read in 1 MiB blocks)."""
+    decoder, line, offset = codecs.getincrementaldecoder("utf-8")(), 1, 0
+    with path.open("rb") as handle:
+        while block := handle.read(2**20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as error:
+                start = min(max(error.start, 0), len(block) - 1)  # (a character split across blocks: about)
+                line += block[:start].count(b"\n")
+                raise UserError(
+                    f"manifest {path}, line {line}: not UTF-8 (byte 0x{block[start]:02x} at offset "
+                    f"{offset + start}); save the file as UTF-8"
+                ) from None
+            line += block.count(b"\n")
+            offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UserError(f"manifest {path}, line {line}: ends inside a UTF-8 character; save it as UTF-8") from None
 
 
 def _one_line(error: Exception) -> str:

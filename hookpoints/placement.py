@@ -96,7 +96,14 @@ def resolve_device(name: str | torch.device) -> torch.device:
     except (RuntimeError, TypeError):
         raise UserError(f"device must be auto, cpu, cuda or cuda:N, not {name!r}") from None
     if device.type == "cuda" and not cuda_available():
-        raise UserError(f"device {name} asked for, but torch sees no CUDA GPU here (use --device cpu or auto)")
+        raise UserError(
+            f"device {name} asked for, but there is no such device here: torch sees no CUDA GPU (devices: cpu); "
+            "use --device cpu or auto"
+        )
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        have = ", ".join(["cpu", *(f"cuda:{i}" for i in range(count))])
+        raise UserError(f"--device {name}: there is no such device here; devices: {have}")
     return device
 
 

@@ -22,7 +22,8 @@ class Store(CatalogStore):
     def sql(self, query: str, params: dict | None = None, **options) -> pa.Table:
         """Run one read-only SELECT over the store's views (runs, hooks, examples, activations, neurons, ...).
 
-        ``params`` fills ``$name`` placeholders; ``options`` go to the session's ``sql``.
+        ``params`` fills ``$name`` placeholders; ``options`` go to the session's ``sql`` (``timeout=`` seconds:
+        the query is stopped with a one-line error past it).
 
         >>> store.sql("SELECT * FROM examples WHERE run = $run", {"run": "r1"}).to_pandas()  # doctest: +SKIP
         """

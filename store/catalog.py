@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +26,8 @@ from hookpoints.store.schema import CORE_TABLES, RUN_EVENTS, RUN_NAME, SCHEMA_VE
 from hookpoints.errors import UserError
 
 RUN_SETTINGS = ("model", "task", "pooling", "dtype")
+#: A table of the store is a folder directly under its root: a plain name, never a path.
+TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ class Store:
             if not being_created:
                 if check_version:
                     store._check_schema_version()
+                if create and location.is_local:  # opened to write: delta-rs panics on a read-only folder
+                    _check_writable(Path(location.uri))
                 return store
         elif not create:
             raise UserError(f"{where} is not a hookpoints store (no store_meta table): check the path")
@@ -132,7 +137,9 @@ class Store:
         self._tables.add(spec.name)
 
     def table_names(self) -> list[str]:
-        return sorted(key.removeprefix("table:") for key in self.meta() if key.startswith("table:"))
+        """The tables store_meta registers (a name that is not a plain name is ignored; verify reports it)."""
+        names = (key.removeprefix("table:") for key in self.meta() if key.startswith("table:"))
+        return sorted(name for name in names if TABLE_NAME.match(name))
 
     def append(self, spec: TableSpec, data: pa.Table, *, merge_schema: bool = False) -> None:
         """Append rows to a table as one atomic commit (creating the table first if needed)."""
@@ -215,7 +222,7 @@ class Store:
             if name in ("store_meta", "run_events") or not tables.exists(self.location, name):
                 continue
             if "run" in self.dataset(name).schema.names:
-                tables.delete(self.location, name, f"run = '{run}'")
+                tables.delete(self.location, name, tables.equals("run", run))
         settings = {key: getattr(info, key) for key in RUN_SETTINGS}
         self.log_run_event(run, "deleted", settings, info.config, shard=None)
 
@@ -268,6 +275,17 @@ def _check_local_folder(root: Path) -> None:
         raise UserError(
             f"cannot write to store folder {root}: {error.strerror or error}; pick a folder you can write"
         ) from None
+
+
+def _check_writable(root: Path) -> None:
+    """Refuse a local store whose tables this process cannot write (instead of a Rust panic at the first commit)."""
+    for name in CORE_TABLES:
+        log = root / name / "_delta_log"
+        if log.is_dir() and not os.access(log, os.W_OK | os.X_OK):
+            raise UserError(
+                f"store {root} is read-only for this user ({log} cannot be written): record into a store you can "
+                "write, or ask its owner for write access"
+            )
 
 
 def _exists(location: StoreLocation, table: str, where) -> bool:

@@ -27,7 +27,7 @@ import uuid
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError
-from hookpoints.store import tables
+from hookpoints.store import files, tables
 from hookpoints.store.location import StoreLocation
 from hookpoints.store.schema import TableSpec
 
@@ -55,6 +55,7 @@ class FencedAppender:
         self.what = what  # for messages: "shard 0/2 of run 'r1'"
         self.own = f"{app}/writer={uuid.uuid4().hex}"  # this process only: tells its own commits apart
         self.table: DeltaTable = tables.open_table(location, spec.name)
+        self.table_location = location
         self.version = self.table.transaction_version(app) or 0  # the number this writer last committed
 
     def dataset(self):
@@ -64,6 +65,8 @@ class FencedAppender:
     def append(self, data: pa.Table, *, merge_schema: bool = False) -> None:
         """Commit ``data`` as transaction ``version + 1`` of this writer, or raise :class:`WriterFenced`."""
         target = self.version + 1
+        # Files of a fixed-schema append are written once, with page checksums, and only the commit retried.
+        actions = None if merge_schema else files.write_files(self.table_location, self.spec, data)
         for attempt in range(_RETRIES):
             self.table.update_incremental()
             if (self.table.transaction_version(self.app) or 0) != self.version:
@@ -72,18 +75,27 @@ class FencedAppender:
                     "the same run or shard at once?): this one stops so nothing is recorded twice; everything "
                     "committed so far is kept, and --resume continues once only one process is left"
                 )
+            transactions = [Transaction(self.app, target), Transaction(self.own, target)]
+            properties = CommitProperties(app_transactions=transactions)
             try:
-                write_deltalake(
-                    self.table,
-                    data,
-                    partition_by=list(self.spec.partition_by) or None,
-                    mode="append",
-                    schema_mode="merge" if merge_schema else None,
-                    writer_properties=tables.writer_properties(self.spec),
-                    commit_properties=CommitProperties(
-                        app_transactions=[Transaction(self.app, target), Transaction(self.own, target)]
-                    ),
-                )
+                if actions is not None:
+                    self.table.create_write_transaction(
+                        actions,
+                        mode="append",
+                        schema=self.table.schema(),
+                        partition_by=list(self.spec.partition_by) or None,
+                        commit_properties=properties,
+                    )
+                else:
+                    write_deltalake(
+                        self.table,
+                        data,
+                        partition_by=list(self.spec.partition_by) or None,
+                        mode="append",
+                        schema_mode="merge",
+                        writer_properties=tables.writer_properties(self.spec),
+                        commit_properties=properties,
+                    )
                 break
             except CommitFailedError:
                 # A concurrent commit conflicted (same id: the next round fences; a schema change by another

@@ -52,6 +52,14 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _S3_ERROR = re.compile(r"<Code>(?P<code>[^<]+)</Code>\s*<Message>(?P<message>[^<]+)</Message>")
 
 
+_BACKTRACE = re.compile(r"\s+\d+: (<unknown>|\S+ at ).*$", re.S)
+
+
+def without_backtrace(error: BaseException) -> str:
+    """An error's message on one line, without the Rust backtrace delta-rs appends (``0: <unknown> ...``)."""
+    return " ".join(_BACKTRACE.sub("", _ANSI.sub("", str(error))).split())[:300]
+
+
 def storage_error(error: Exception) -> str:
     """The gist of an object-store error (delta-rs nests causes over many coloured lines) on one line."""
     text = _ANSI.sub("", str(error))

@@ -54,5 +54,5 @@ def _add_columns(store: Store, table: str, columns: list[str]) -> list[str]:
 
 def _set_version(store: Store, version: int) -> None:
     tables.open_table(store.location, "store_meta").update(
-        updates={"value": f"'{version}'"}, predicate="key = 'schema_version'"
+        updates={"value": tables.sql_string(str(version))}, predicate=tables.equals("key", "schema_version")
     )

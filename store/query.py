@@ -8,6 +8,12 @@ only SELECT statements: nothing run through a session can change the store or re
 
 from __future__ import annotations
 
+import math
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import duckdb
 import pyarrow as pa
 from hookpoints.store import neuron_sql, neuron_surface
@@ -21,6 +27,7 @@ _CORE = ("run_events", "hooks", "examples", "activations")
 #: snapshots in the reverse order, so whatever it sees refers only to rows it also sees.
 _SNAPSHOT_ORDER = ("store_meta", "run_events", "activations", "examples", "hooks")
 _READ_ONLY_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+_EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(\(\s*[A-Za-z_ ,]*\)\s*)?(ANALY[SZ]E\s+)?", re.I)
 
 # IEEE 754 half (as the int16 bit pattern) -> FLOAT, for float16 runs.
 _F16_MACRO = """
@@ -87,27 +94,81 @@ class QuerySession:
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
 
-    def sql(self, text: str, params: dict | None = None) -> pa.Table:
-        """Run one read-only statement and return its result as an Arrow table."""
-        self._check_read_only(text)
-        neuron_surface.prepare(self, text, params)
-        try:
-            return self.con.sql(text, params=params).to_arrow_table()
-        except duckdb.Error as error:
-            raise UserError(f"SQL failed: {_first_line(error)}") from None
+    def sql(self, text: str, params: dict | None = None, *, timeout: float | None = None) -> pa.Table:
+        """Run one read-only statement and return its result as an Arrow table.
 
-    def batches(self, text: str, params: dict | None = None, *, rows: int = 4096) -> pa.RecordBatchReader:
-        """Like :meth:`sql`, but stream the result as Arrow record batches of at most ``rows`` rows.
-
-        For results too big to hold twice (a layer's activations over 100,000 examples): the caller copies
-        each batch where it belongs and drops it.
+        ``timeout``: seconds after which the query is interrupted (a one-line UserError); None: no limit.
+        Example: ``session.sql("SELECT count(*) FROM neurons", timeout=60)``.
         """
         self._check_read_only(text)
         neuron_surface.prepare(self, text, params)
+        with self.deadline(timeout):
+            try:
+                return self.con.sql(text, params=params).to_arrow_table()
+            except duckdb.Error as error:
+                raise self._failure(error, timeout) from None
+
+    def batches(
+        self, text: str, params: dict | None = None, *, rows: int = 4096, timeout: float | None = None
+    ) -> pa.RecordBatchReader:
+        """Like :meth:`sql`, but stream the result as Arrow record batches of at most ``rows`` rows.
+
+        For results too big to hold (a layer's activations over 100,000 examples, a 2 M-row SELECT printed
+        as CSV): the caller handles each batch and drops it. ``timeout`` covers the whole stream (until the
+        reader is exhausted or dropped).
+        """
+        self._check_read_only(text)
+        neuron_surface.prepare(self, text, params)
+        deadline = self.deadline(timeout)
+        deadline.__enter__()
         try:
-            return self.con.sql(text, params=params).to_arrow_reader(rows)
+            reader = self.con.sql(text, params=params).to_arrow_reader(rows)
         except duckdb.Error as error:
-            raise UserError(f"SQL failed: {_first_line(error)}") from None
+            deadline.__exit__(None, None, None)
+            raise self._failure(error, timeout) from None
+        except BaseException:
+            deadline.__exit__(None, None, None)
+            raise
+
+        def stream() -> Iterator[pa.RecordBatch]:
+            try:
+                yield from reader
+            except duckdb.Error as error:
+                raise self._failure(error, timeout) from None
+            finally:
+                deadline.__exit__(None, None, None)
+
+        return pa.RecordBatchReader.from_batches(reader.schema, stream())
+
+    @contextmanager
+    def deadline(self, seconds: float | None):
+        """Interrupt whatever this session runs once ``seconds`` have passed (DuckDB ``interrupt()``)."""
+        if seconds is None:
+            yield
+            return
+        if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+            raise UserError(f"timeout {seconds!r} is not a positive number of seconds")
+        self._timed_out = False
+
+        def stop() -> None:
+            self._timed_out = True
+            self.con.interrupt()
+
+        timer = threading.Timer(seconds, stop)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _failure(self, error: duckdb.Error, timeout: float | None) -> UserError:
+        if isinstance(error, duckdb.InterruptException) and getattr(self, "_timed_out", False):
+            return UserError(
+                f"the query ran past its timeout of {timeout:g} s and was stopped: narrow it (WHERE run = ..., "
+                "LIMIT) or give a longer --timeout"
+            )
+        return UserError(f"SQL failed: {_first_line(error)}")
 
     def neuron_stats(self, hooks: str, **options) -> pa.Table:
         """Per-neuron statistics of the hooks matching ``hooks`` (store/neuron_sql.py; options as there).
@@ -126,6 +187,11 @@ class QuerySession:
         kind = statements[0].type
         if kind not in _READ_ONLY_TYPES:
             raise UserError(f"the store is read-only through SQL: {kind.name} statements are refused; use SELECT")
+        if kind == duckdb.StatementType.EXPLAIN:  # EXPLAIN ANALYZE runs its statement: check that one too
+            inner = _EXPLAIN.sub("", statements[0].query, count=1)
+            if inner == statements[0].query:
+                raise UserError("EXPLAIN is read as EXPLAIN [ANALYZE] SELECT ...: write it that way")
+            self._check_read_only(inner)
 
     def close(self) -> None:
         self.con.close()

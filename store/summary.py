@@ -16,7 +16,8 @@ def run_summary(store: Store) -> list[dict]:
             SELECT r.run, r.model, r.task, r.pooling, r.dtype, r.status, r.shards_complete || '/' || r.shards AS shards,
                    (SELECT count(*) FROM examples e WHERE e.run = r.run) AS examples,
                    (SELECT count(*) FROM hooks h WHERE h.run = r.run) AS hooks,
-                   r.created_at
+                   r.created_at,
+                   CASE WHEN r.status <> 'complete' THEN r.message END AS message
             FROM runs r ORDER BY r.created_at
             """
         ).to_pylist()

@@ -10,10 +10,13 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from deltalake import ColumnProperties, DeltaTable, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 from deltalake.fs import DeltaStorageHandler
-from hookpoints.store.location import StoreLocation
+from hookpoints.store.location import StoreLocation, without_backtrace
+from hookpoints.store.quoting import equals, sql_string  # noqa: F401 - the one quoting helper, used via tables
 from hookpoints.store.schema import TableSpec
+
+from hookpoints.errors import UserError
 
 #: About 1,000 rows per row group lets DuckDB parallelise scans and skip row groups by statistics.
 ROW_GROUP_ROWS = 1024
@@ -43,6 +46,22 @@ def writer_properties(spec: TableSpec | None = None, schema: pa.Schema | None = 
         default_column_properties=ColumnProperties(dictionary_enabled=False, encoding="BYTE_STREAM_SPLIT"),
         column_properties={field.name: plain for field in schema if not _is_vector(field.type)},
     )
+
+
+def pyarrow_encodings(schema: pa.Schema) -> dict:
+    """The same choice as :func:`writer_properties` for pyarrow's own writer (store/files.py): keyword
+    arguments of ``pq.write_table`` (vectors BYTE_STREAM_SPLIT, everything else plain, no dictionary)."""
+    if any(_is_nested(field.type) and not _is_vector(field.type) for field in schema) or not any(
+        _is_vector(field.type) for field in schema
+    ):
+        return {}
+    encodings = {
+        f"{field.name}.list.element" if _is_vector(field.type) else field.name: (
+            "BYTE_STREAM_SPLIT" if _is_vector(field.type) else "PLAIN"
+        )
+        for field in schema
+    }
+    return {"use_dictionary": False, "column_encoding": encodings}
 
 
 def _is_nested(kind: pa.DataType) -> bool:
@@ -81,6 +100,11 @@ def open_table(location: StoreLocation, table: str) -> DeltaTable:
         return DeltaTable(location.table_uri(table), storage_options=location.storage_options)
     except TableNotFoundError as error:
         raise FileNotFoundError(f"table {table!r} is missing from store {location.uri}") from error
+    except DeltaError as error:  # a damaged log (delta-rs: "Kernel error: Json error ...")
+        raise UserError(
+            f"table {table!r} of store {location.uri} cannot be read ({without_backtrace(error)[:200]}): its log "
+            f"is damaged; run `hookpoints store verify {location.uri}` to see what"
+        ) from None
 
 
 def dataset(location: StoreLocation, table: str) -> pads.Dataset:
@@ -96,7 +120,7 @@ def dataset(location: StoreLocation, table: str) -> pads.Dataset:
     return open_table(location, table).to_pyarrow_dataset()
 
 
-def _retrying(commit: Callable[[], object]) -> None:
+def retrying(commit: Callable[[], object]) -> None:
     """Run a commit, retrying with jittered backoff when a concurrent writer committed first."""
     for attempt in range(_COMMIT_RETRIES):
         try:
@@ -110,7 +134,7 @@ def _retrying(commit: Callable[[], object]) -> None:
 
 def append(location: StoreLocation, spec: TableSpec, data: pa.Table, *, merge_schema: bool = False) -> None:
     """Append ``data`` as one atomic commit: readers see all of it or none of it."""
-    _retrying(
+    retrying(
         lambda: write_deltalake(
             location.table_uri(spec.name),
             data,
@@ -135,7 +159,7 @@ def replace(
     must match ``predicate``. ``data`` is called again when a concurrent commit forces a retry (a reader can be
     consumed only once).
     """
-    _retrying(
+    retrying(
         lambda: write_deltalake(
             location.table_uri(spec.name),
             data(),
@@ -148,14 +172,9 @@ def replace(
     )
 
 
-def sql_string(value: str) -> str:
-    """``value`` as a single-quoted SQL string literal (for Delta predicates)."""
-    return "'" + value.replace("'", "''") + "'"
-
-
 def delete(location: StoreLocation, table: str, predicate: str) -> None:
     """Delete the rows matching a Delta predicate (partition predicates only drop whole files)."""
-    _retrying(lambda: open_table(location, table).delete(predicate))
+    retrying(lambda: open_table(location, table).delete(predicate))
 
 
 def filesystem(location: StoreLocation, table: str | None = None) -> pafs.FileSystem:

@@ -15,26 +15,22 @@ Checks, in order:
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from hookpoints.store import tables
+from hookpoints.store import tables, verify_logs
 from hookpoints.store.catalog import Store
 from hookpoints.store.runs import runs_sql
 from hookpoints.store.schema import CORE_TABLES, SCHEMA_VERSION
 
-#: Files Delta Lake itself keeps in a table's ``_delta_log`` folder.
-_LOG_FILE = re.compile(
-    r"^_delta_log/(\d{20}\.json|\d{20}\.checkpoint(\.\d+\.\d+)?\.parquet|_last_checkpoint|\d{20}\.crc"
-    r"|_commit_[0-9a-f-]+\.json\.tmp|\.tmp/.*)$"
-)
+from hookpoints.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -60,32 +56,44 @@ class VerifyReport:
 def verify(store: Store, *, on_file: Callable[[str], None] | None = None) -> VerifyReport:
     """Run every check; ``on_file(path)`` is called as each data file is read (for a progress bar)."""
     report = VerifyReport()
+    if verify_logs.check_logs(store, ["store_meta"], report):
+        return report  # nothing else can be found without the store's own table
     version = store.schema_version()
     if version != SCHEMA_VERSION:
         older = version is not None and version < SCHEMA_VERSION
         hint = "run `hookpoints store migrate`" if older else "use the hookpoints that wrote it"
         report.add("error", "store_meta", f"schema version {version}, this hookpoints checks {SCHEMA_VERSION}: {hint}")
         return report
-    names = ["store_meta", *store.table_names()]
+    names = ["store_meta", *verify_logs.registered_names(store, report)]
     missing = [name for name in CORE_TABLES if name not in names]
     for name in missing:
         report.add("error", name, "table is not registered in store_meta or missing")
-    widths = _hook_widths(store) if "hooks" in names else {}
+    broken = verify_logs.check_logs(store, names[1:], report)
+    widths = _hook_widths(store) if "hooks" in names and "hooks" not in broken else {}
     for name in names:
-        _check_table(store, name, widths, report, on_file)
+        if name not in broken:
+            _check_table(store, name, widths, report, on_file)
     _check_root(store, names, report)
-    if not missing and report.ok:
+    if not missing and not broken and report.ok:
         _check_integrity(store, report)
+        _check_runs(store, report)
     return report
 
 
 def data_files(store: Store) -> int:
     """How many data files the current version of every table refers to (the progress bar's total)."""
-    return sum(tables.open_table(store.location, name).get_add_actions().num_rows for name in _names(store))
-
-
-def _names(store: Store) -> list[str]:
-    return ["store_meta", *store.table_names()]
+    total = 0
+    try:
+        names = ["store_meta", *store.table_names()]
+    except UserError:
+        return 0  # store_meta itself is damaged: verify says so
+    for name in names:
+        try:
+            total += tables.open_table(store.location, name).get_add_actions().num_rows
+        except BaseException as error:  # noqa: BLE001 - a damaged log is verify's finding, not a crash here
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
+    return total
 
 
 # -- tables and files --------------------------------------------------------------------------------------
@@ -96,7 +104,9 @@ def _check_table(store: Store, name: str, widths: dict, report: VerifyReport, on
         table = tables.open_table(store.location, name)
         schema = pa.schema(table.schema().to_arrow())
         actions = pa.table(table.get_add_actions(flatten=True))
-    except Exception as error:  # noqa: BLE001 - any failure to read the log is the finding
+    except BaseException as error:  # noqa: BLE001 - any failure to read the log (a Rust panic too) is the finding
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
         report.add("error", name, f"cannot read the table's log: {_one_line(error)}")
         return
     spec = CORE_TABLES.get(name)
@@ -111,7 +121,7 @@ def _check_table(store: Store, name: str, widths: dict, report: VerifyReport, on
     partitions = [column for column in actions.column_names if column.startswith("partition.")]
     nonfinite: Counter = Counter()
     for row in actions.select(["path", "size_bytes", "num_records", *partitions]).to_pylist():
-        path = row["path"]
+        path = row["path"] = unquote(row["path"])  # the log holds paths URL-encoded (``hook=%253Ainput``)
         if on_file:
             on_file(f"{name}/{path}")
         data = _read_file(store, name, path, row, listing, report)
@@ -119,8 +129,8 @@ def _check_table(store: Store, name: str, widths: dict, report: VerifyReport, on
             _check_vectors(name, path, data, row, widths, report, nonfinite)
     for (run, hook), count in sorted(nonfinite.items()):
         report.add("warning", name, f"run {run!r}, hook {hook!r}: {count} vectors hold NaN or inf (flagged)")
-    referenced = set(actions["path"].to_pylist())
-    foreign = [path for path in listing if path not in referenced and not _is_store_file(path)]
+    referenced = {unquote(path) for path in actions["path"].to_pylist()}
+    foreign = [path for path in listing if path not in referenced and not _is_store_file(store, name, path)]
     for path in foreign:
         report.add("error", name, f"unexpected file {path}: a store holds only Parquet files and Delta logs; remove it")
     stale = [p for p in listing if p.endswith(".parquet") and not p.startswith("_delta_log/") and p not in referenced]
@@ -156,7 +166,7 @@ def _read_file(store: Store, name: str, path: str, row: dict, listing: dict, rep
         return None
     try:
         with tables.filesystem(store.location, name).open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle)
+            parquet = pq.ParquetFile(handle, page_checksum_verification=True)
             rows = parquet.metadata.num_rows
             if row["num_records"] is not None and rows != row["num_records"]:
                 report.add("error", name, f"file {where} holds {rows} rows, the log recorded {row['num_records']}")
@@ -167,8 +177,12 @@ def _read_file(store: Store, name: str, path: str, row: dict, listing: dict, rep
         return None
 
 
-def _is_store_file(path: str) -> bool:
-    return bool(_LOG_FILE.match(path)) or (path.endswith(".parquet") and not path.startswith("_delta_log/"))
+def _is_store_file(store: Store, table: str, path: str) -> bool:
+    """A Delta log file, or a Parquet file by content (a file's name proves nothing: ``x.pkl.parquet``)."""
+    if verify_logs.LOG_FILE.match(path):
+        return True
+    data = path.endswith(".parquet") and not path.startswith("_delta_log/")
+    return data and verify_logs.is_parquet(store, table, path)
 
 
 def _check_root(store: Store, names: list[str], report: VerifyReport) -> None:
@@ -298,5 +312,19 @@ def _check_integrity(store: Store, report: VerifyReport) -> None:
         con.close()
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())[:300]
+def _check_runs(store: Store, report: VerifyReport) -> None:
+    """Runs that failed, or were left recording: not damage, but they need a --resume (or an --overwrite)."""
+    con = duckdb.connect()
+    try:
+        con.register("_run_events", store.dataset("run_events").to_table())
+        rows = con.sql(f"SELECT run, status, message FROM ({runs_sql('_run_events')}) WHERE status <> 'complete'")
+        for row in rows.to_arrow_table().to_pylist():
+            said = f": {row['message']}" if row["message"] else ""
+            what = "failed" if row["status"] == "failed" else "is still recording (or its process was killed)"
+            report.add("warning", "runs", f"run {row['run']!r} {what}{said}")
+    finally:
+        con.close()
+
+
+def _one_line(error: BaseException) -> str:
+    return verify_logs.one_line(error)

@@ -19,15 +19,20 @@ application ids, so they commit side by side; the run is complete when every sha
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from deltalake.exceptions import CommitFailedError, DeltaError
+from hookpoints.store import overwrite
 from hookpoints.store.catalog import RUN_SETTINGS, Store, validate_run_name
 from hookpoints.store.commits import FencedAppender, WriterFenced, app_id, append_once
 from hookpoints.store.runs import check_shard
 from hookpoints.store.schema import ACTIVATIONS, CORE_TABLES, HOOKS, RESERVED_EXAMPLE_COLUMNS
+from hookpoints.store.verify_logs import one_line
 
 from hookpoints.errors import UserError
 
@@ -75,20 +80,25 @@ def open_run(
     index, count = check_shard(shard)
     if if_exists not in ("error", "resume", "overwrite"):
         raise ValueError(f"if_exists must be error, resume or overwrite, not {if_exists!r}")
-    examples_cast = _examples_casts(store, examples_schema)
-    info = store.run_info(run)
+    with damage_said(store, run):
+        examples_cast = _examples_casts(store, examples_schema)
+        overwrite.recover(store, run)  # an earlier overwrite killed while swapping in: finish it first
+        info = store.run_info(run)
+    replaces = None  # the run an overwrite records aside and swaps in when complete (store/overwrite.py)
     if info is not None and if_exists == "overwrite":
         if count > 1:
             raise UserError(
                 f"--overwrite deletes all of run {run!r}, which other shards may be recording: delete it first "
                 f"(`hookpoints store delete {store.location.uri} --run {run}`), then start its shards"
             )
-        store.delete_run(run)
-        info = None
-    states = {} if info is None else store.shard_states(run)
+        overwrite.discard(store, run)
+        replaces, run, info = run, overwrite.staging_name(run), None
+    with damage_said(store, run):
+        states = {} if info is None else store.shard_states(run)
+        if info is not None:
+            _check_shards(store, run, info, count)
+            _check_resumable(store, run, info, settings, hooks)
     if info is not None:
-        _check_shards(store, run, info, count)
-        _check_resumable(store, run, info, settings, hooks)
         if index in states and if_exists == "error":
             part = f"run {run!r}" if count == 1 else f"shard {index}/{count} of run {run!r}"
             also = " or --overwrite to replace it" if count == 1 else ""
@@ -108,10 +118,13 @@ def open_run(
     # What is already there is read from the very snapshots the writer's commits build on (see the docstring).
     done, present = set(), set()
     if info is not None:
-        done = store.recorded_example_ids(run, len(hooks), activations.dataset())
-        present = set(
-            examples.dataset().to_table(columns=["example_id"], filter=pc.field("run") == run)["example_id"].to_pylist()
-        )
+        with damage_said(store, run, log=(settings, config, (index, count))):
+            done = store.recorded_example_ids(run, len(hooks), activations.dataset())
+            present = set(
+                examples.dataset()
+                .to_table(columns=["example_id"], filter=pc.field("run") == run)["example_id"]
+                .to_pylist()
+            )
     return RunWriter(
         store,
         run,
@@ -124,7 +137,30 @@ def open_run(
         max_buffer_bytes=max_buffer_bytes,
         shard=(index, count),
         appenders=(examples, activations),
+        replaces=replaces,
     )
+
+
+@contextmanager
+def damage_said(store: Store, run: str, *, log: tuple | None = None):
+    """Turn a failure to read what the store holds into a UserError saying the store is damaged and what to run.
+
+    ``log=(settings, config, shard)``: also log the shard failed with that message (it was already started).
+    """
+    try:
+        yield
+    except (OSError, pa.ArrowException, duckdb.Error, DeltaError) as error:
+        if isinstance(error, CommitFailedError):
+            raise
+        uri = store.location.uri
+        message = (
+            f"store {uri} is damaged, so run {run!r} cannot be continued ({one_line(error)[:200]}): run "
+            f"`hookpoints store verify {uri}` to see what is damaged"
+        )
+        if log is not None:
+            settings, config, shard = log
+            store.log_run_event(run, "failed", settings, config, message[:1000], shard=shard)
+        raise UserError(message) from None
 
 
 class RunWriter:
@@ -144,10 +180,12 @@ class RunWriter:
         max_buffer_bytes: int,
         shard: tuple[int, int],
         appenders: tuple[FencedAppender, FencedAppender],
+        replaces: str | None = None,
     ):
         self.store, self.run, self.settings, self.config = store, run, settings, config
         self.hooks = hooks
         self.shard = shard
+        self.replaces = replaces  # an overwrite: the run this staging run is swapped in as once complete
         self.done = done  # example ids committed at every hook
         self.float16 = settings["dtype"] == "float16"
         self.max_buffer_bytes = max_buffer_bytes
@@ -205,11 +243,25 @@ class RunWriter:
         self._examples, self._rows, self._buffered_ids, self._buffered = [], defaultdict(list), set(), 0
 
     def finish(self, status: str = "complete", message: str = "") -> None:
-        """Flush what is buffered and log the shard's new status (complete, or failed with a message)."""
+        """Flush what is buffered and log the shard's new status (complete, or failed with a message).
+
+        A failed shard is logged failed even when its last flush fails too (the flush's error joins the
+        message): a run never stays ``recording`` after its process ended with an error.
+        """
         if self.fenced:
             return
-        self.flush()
-        self.store.log_run_event(self.run, status, self.settings, self.config, message, shard=self.shard)
+        if status == "failed":
+            try:
+                self.flush()
+            except Exception as error:  # noqa: BLE001 - logged with the failure, the original error is raised
+                message = f"{message}; the last {len(self._buffered_ids)} examples were not saved: {error}"
+            if self.replaces is not None:
+                message = f"overwrite of run {self.replaces!r} failed, the old run is kept: {message}"
+        else:
+            self.flush()
+        self.store.log_run_event(self.run, status, self.settings, self.config, message[:1000], shard=self.shard)
+        if status == "complete" and self.replaces is not None:
+            overwrite.swap(self.store, self.replaces, self.settings, self.config)
 
     def _activations_table(self) -> pa.Table:
         pieces = []
@@ -276,12 +328,17 @@ def _check_shards(store: Store, run: str, info, count: int) -> None:
 
 def _examples_casts(store: Store, schema: pa.Schema) -> pa.Schema:
     """The schema manifest columns are written with, checked against the store's examples table."""
-    reserved = RESERVED_EXAMPLE_COLUMNS.intersection(schema.names) - {"example_id"}
-    if reserved:
-        raise UserError(f"manifest column {sorted(reserved)[0]!r} is reserved by the store: rename it")
+    check_column_names(schema.names)
     current = store.dataset("examples").schema
+    stored_names = {name.lower(): name for name in current.names}
     fields = []
     for field in schema:
+        same = stored_names.get(field.name.lower(), field.name)
+        if same != field.name:  # Delta and DuckDB match column names case-insensitively
+            raise UserError(
+                f"manifest column {field.name!r} clashes with the store's examples column {same!r} (names are "
+                f"matched case-insensitively): rename it to {same!r} or to another name"
+            )
         target = pa.string() if pa.types.is_null(field.type) else field.type
         if pa.types.is_large_string(target):
             target = pa.string()
@@ -295,6 +352,20 @@ def _examples_casts(store: Store, schema: pa.Schema) -> pa.Schema:
             target = stored
         fields.append(pa.field(field.name, target))
     return pa.schema(fields)
+
+
+def check_column_names(names: list[str]) -> None:
+    """Refuse manifest columns the store reserves, or two that differ only in case (compared like DuckDB)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if name.lower() in RESERVED_EXAMPLE_COLUMNS and name != "example_id":
+            raise UserError(f"manifest column {name!r} is reserved by the store (names ignore case): rename it")
+        if name.lower() in seen:
+            raise UserError(
+                f"manifest columns {seen[name.lower()]!r} and {name!r} differ only in case, which SQL does not "
+                "tell apart: rename one"
+            )
+        seen[name.lower()] = name
 
 
 def _castable(source: pa.DataType, target: pa.DataType) -> bool:

@@ -81,7 +81,7 @@ def test_magnitudes_table_and_plots(store_path, tmp_path, run_cli):
     [
         (["ap", "--run", "s2tt", "--among", "language = 'de'"], "give --positive too"),
         (["ap", "--run", "s2tt"], "give a label set"),
-        (["ap", "--run", "s2tt", "--positive", "language = = 'de'"], "does not work on the examples"),
+        (["ap", "--run", "s2tt", "--positive", "language = = 'de'"], "does not parse as SQL"),
         (["ap", "--run", "s2tt", "--positive", "language = 'xx'"], "no positive examples"),
         (["ap", "--run", "s2tt", "--preset", "unimodal", "--k", "500"], "k=500 is larger than module group"),
         (["ap", "--run", "s2tt", "--preset", "modality"], "shared decoder"),

@@ -83,7 +83,7 @@ def test_default_plot_folder_is_next_to_the_store(store_path, run_cli):
     ("args", "message"),
     [
         (["--label", "dialect"], "label column 'dialect' is not in the examples table"),
-        (["--label", "language", "--where", "language ="], "does not work on the examples table"),
+        (["--label", "language", "--where", "language ="], "does not parse as SQL"),
         (["--label", "language", "--where", "nope = 1"], "does not work on the examples table"),
         (["--label", "language", "--where", "language = 'l0'"], "has one class only"),
         (["--label", "example_id"], "with a single example"),

@@ -54,15 +54,35 @@ def test_values_are_quoted_as_sql_literals():
     [
         ("", "is empty"),
         ("language = 'de'; DROP TABLE x", "without ';'"),
-        ("language = 'de' -- comment", "comments"),
-        ("language = 'de') OR (1 = 1", "no matching"),
-        ("(language = 'de'", "not closed"),
-        ("language = 'de", "not closed"),
+        ("language = 'de') OR (1 = 1", "does not parse"),
+        ("(language = 'de'", "does not parse"),
+        ("language = 'de", "does not parse"),
+        # quoting forms a hand-written checker did not know: each reached past the parentheses
+        ("$$'$$) OR run IS NOT NULL OR ($$'$$ = ''", "does not parse"),
+        ("E'\\'') OR (true", "does not parse"),
+        ("example_id IN (SELECT example_id FROM examples)", "subquery"),
+        ("count(*) > 1", "not a per-example function"),
+        ("row_number() OVER () < 5", "window function"),
+        ("examples.run = 'x'", "without a table name"),
+        ("language = $run", "parameter"),
+        ("true AS x", "one boolean expression"),
+        ("1 FROM examples WHERE true", "one boolean expression"),
+        ("1 ORDER BY 1", "one boolean expression"),
+        ("(" * 3000 + "1" + ")" * 3000, "cannot be read|does not parse"),
     ],
 )
 def test_bad_predicates_are_refused(text, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message) as caught:
         check_predicate(text, "--positive")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_predicate_is_rendered_by_duckdb_and_may_only_use_the_given_columns():
+    assert check_predicate("language = 'de' -- a comment", "--positive") == "((\"language\" = 'de'))"
+    assert check_predicate("$$it's$$ = text", "--positive") == "$$it's$$ = text"  # same parse in parentheses
+    assert check_predicate("LANGUAGE = 'de'", "--positive", ["language"]) == "LANGUAGE = 'de'"
+    with pytest.raises(UserError, match="no column 'lang'"):
+        check_predicate("lang = 'de'", "--positive", ["language", "text"])
 
 
 def test_custom_label_set_names():

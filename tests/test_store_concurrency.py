@@ -109,12 +109,19 @@ HOLD_AFTER_FIRST_COMMIT = """
 import os, sys, time
 import hookpoints.store.commits as commits
 real = commits.write_deltalake
-def write_then_hold(target, data, **options):
-    real(target, data, **options)
+real_files = commits.DeltaTable.create_write_transaction  # fixed-schema appends commit checksummed files
+def hold(target):
     if target.table_uri.rstrip("/").endswith("/activations"):
         while not os.path.exists(sys.argv[1]):
             time.sleep(0.02)
+def write_then_hold(target, data, **options):
+    real(target, data, **options)
+    hold(target)
+def files_then_hold(self, *args, **options):
+    real_files(self, *args, **options)
+    hold(self)
 commits.write_deltalake = write_then_hold
+commits.DeltaTable.create_write_transaction = files_then_hold
 from hookpoints.cli.main import main
 main(sys.argv[2:])
 """

@@ -38,22 +38,26 @@ import os, shutil, signal, sys, uuid
 from pathlib import Path
 import hookpoints.store.commits as commits
 real = commits.write_deltalake
+real_files = commits.DeltaTable.create_write_transaction  # fixed-schema appends commit checksummed files
 table, nth, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 seen = 0
-def write_then_die(target, data, **options):
+def commit_then_die(target, commit):
     global seen
     if not target.table_uri.rstrip("/").endswith("/" + table):
-        return real(target, data, **options)
+        return commit()
     seen += 1
     if seen == nth and when == "mid":
         root = Path(target.table_uri.removeprefix("file://"))
         some = next(root.rglob("*.parquet"))
         shutil.copy(some, some.with_name(f"part-00000-{uuid.uuid4()}-c000.zstd.parquet"))
         os.kill(os.getpid(), signal.SIGKILL)
-    real(target, data, **options)
+    commit()
     if seen == nth:
         os.kill(os.getpid(), signal.SIGKILL)
-commits.write_deltalake = write_then_die
+commits.write_deltalake = lambda target, data, **options: commit_then_die(target, lambda: real(target, data, **options))
+commits.DeltaTable.create_write_transaction = lambda self, *args, **options: commit_then_die(
+    self, lambda: real_files(self, *args, **options)
+)
 from hookpoints.cli.main import main
 main(sys.argv[4:])
 """

@@ -160,16 +160,25 @@ def test_a_commit_that_landed_although_it_reported_an_error_is_not_repeated(stor
     """E.g. S3 stored the commit but its reply was lost: the writer finds its own commit and goes on."""
     import hookpoints.store.commits as commits
 
-    real = commits.write_deltalake
+    real, real_files = commits.write_deltalake, commits.DeltaTable.create_write_transaction
     calls = []
 
-    def lands_then_fails(table, data, **options):
+    def lands_then_fails(commit, table):
         calls.append(table.table_uri)
-        real(table, data, **options)
+        commit()
         if len(calls) == 2:  # the activations commit of the first flush
             raise OSError("connection reset by peer")
 
-    monkeypatch.setattr(commits, "write_deltalake", lands_then_fails)
+    monkeypatch.setattr(
+        commits,
+        "write_deltalake",
+        lambda table, data, **options: lands_then_fails(lambda: real(table, data, **options), table),
+    )
+    monkeypatch.setattr(
+        commits.DeltaTable,
+        "create_write_transaction",
+        lambda table, *args, **options: lands_then_fails(lambda: real_files(table, *args, **options), table),
+    )
     writer = _open(store)
     writer.add(*_batch(["a", "b"]))
     writer.flush()
@@ -186,6 +195,7 @@ def test_a_commit_that_failed_reports_its_error(store, monkeypatch):
 
     writer = _open(store)
     monkeypatch.setattr(commits, "write_deltalake", fails)
+    monkeypatch.setattr(commits.DeltaTable, "create_write_transaction", lambda *args, **options: fails(None, None))
     writer.add(*_batch(["a"]))
     with pytest.raises(OSError, match="no space left"):
         writer.flush()

@@ -1,0 +1,103 @@
+"""Printing a query's result as it streams: batch by batch, text from the store printed literally.
+
+``csv`` and ``json`` write every row, one batch at a time, so a 2 M-row SELECT never sits in memory; ``json``
+is strict JSON (NaN and infinities become null). ``table`` is for reading on a screen: it shows the first
+:data:`TABLE_ROWS` rows and says when there are more. Cells are rich ``Text``, never markup, so a manifest
+text like ``[/INST]``, ``[bold red]`` or ``:-1:`` prints as written.
+
+Example::
+
+    write_stream(session.batches("SELECT * FROM examples", timeout=600), "csv")
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import sys
+
+import pyarrow as pa
+from hookpoints.cli.console import out, strict_json
+from rich.table import Table
+from rich.text import Text
+
+TABLE_ROWS = 1000
+
+
+def write_stream(batches: pa.RecordBatchReader, fmt: str) -> int:
+    """Write every batch in ``fmt`` (table, csv, json); the number of rows written."""
+    if fmt == "csv":
+        return _csv(batches)
+    if fmt == "json":
+        return _json(batches)
+    return _table(batches)
+
+
+def _csv(batches) -> int:
+    writer, rows = csv.writer(sys.stdout), 0
+    writer.writerow(batches.schema.names)  # also for an empty result
+    for batch in batches:
+        for record in batch.to_pylist():
+            writer.writerow([_csv_cell(value) for value in record.values()])
+        rows += batch.num_rows
+    return rows
+
+
+def _json(batches) -> int:
+    rows = 0
+    sys.stdout.write("[")
+    for batch in batches:
+        for record in batch.to_pylist():
+            sys.stdout.write(("\n" if rows == 0 else ",\n") + json_line(record))
+            rows += 1
+    sys.stdout.write("\n]\n" if rows else "]\n")
+    return rows
+
+
+def json_line(value) -> str:
+    """Strict JSON of one value on one line (console.strict_json)."""
+    return strict_json(value)
+
+
+def _table(batches) -> int:
+    table, rows, more = Table(show_lines=False, header_style="bold cyan"), 0, False
+    for name in batches.schema.names:
+        table.add_column(Text(name), overflow="fold")
+    for batch in batches:
+        for record in batch.to_pylist():
+            if rows == TABLE_ROWS:
+                more = True
+                break
+            table.add_row(*[_text_cell(value) for value in record.values()])
+            rows += 1
+        if more:
+            break
+    out.print(table)
+    if more:
+        out.print(
+            Text(f"first {TABLE_ROWS} rows shown; there are more: use --format csv or json for all, or LIMIT", "dim")
+        )
+    else:
+        out.print(Text(f"{rows} row{'s' if rows != 1 else ''}", "dim"))
+    return rows
+
+
+def _csv_cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict)):
+        return json_line(value)
+    return str(value)
+
+
+def _text_cell(value) -> Text:
+    if value is None:
+        return Text("null", style="dim")
+    if isinstance(value, float):
+        return Text(f"{value:.6g}")
+    if isinstance(value, list):
+        shown = ", ".join(_csv_cell(item) if not isinstance(item, float) else f"{item:.6g}" for item in value[:6])
+        return Text(f"[{shown}{', …' if len(value) > 6 else ''}] ({len(value)})")
+    if isinstance(value, (datetime.datetime, datetime.date)):
+        return Text(value.isoformat(timespec="seconds") if isinstance(value, datetime.datetime) else value.isoformat())
+    return Text(str(value))

@@ -1,0 +1,132 @@
+"""``record --overwrite`` without a moment where the run is lost: record aside, then swap in.
+
+The new recording goes to a staging run, ``<run>~overwrite`` (``~`` is not allowed in run names, so it can
+never be a user's run), while the old run stays untouched and readable. Only when the staging run is
+complete is it swapped in, table by table, each swap one Delta commit that removes the old run's files and
+re-adds the staging run's files under the run's name (the Parquet files do not hold the partition columns,
+so nothing is copied). Then one ``run_events`` commit logs the old run deleted, the new one complete, and the
+staging run deleted.
+
+- The new recording fails (a bad manifest value, a crash, a full disk): the old run is as it was; the
+  staging run is logged ``failed`` with the error (``store info`` and ``verify`` show it) and the next
+  ``--overwrite`` starts it afresh.
+- Killed during the swap (milliseconds): the staging run is complete, so the next ``record`` of that run
+  finishes the swap before anything else (:func:`recover`); each table's swap is idempotent.
+
+Example::
+
+    staging = staging_name("r1")        # "r1~overwrite"
+    ...record into staging...
+    swap(store, "r1", settings, config)
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from urllib.parse import unquote
+
+import pyarrow as pa
+from deltalake.transaction import AddAction, RemoveAction
+from hookpoints.store import tables
+from hookpoints.store.catalog import RUN_SETTINGS, Store, _now
+from hookpoints.store.schema import CORE_TABLES, RUN_EVENTS
+
+STAGING_SUFFIX = "~overwrite"
+#: Tables holding a run's rows, in the order writers commit them (store/writer.py).
+_RUN_TABLES = ("hooks", "examples", "activations")
+
+
+def staging_name(run: str) -> str:
+    """The run an overwrite of ``run`` records into before it is swapped in."""
+    return run + STAGING_SUFFIX
+
+
+def discard(store: Store, run: str) -> None:
+    """Delete what an earlier, unfinished overwrite of ``run`` left (its staging run), if anything."""
+    if store.run_info(staging_name(run)) is not None:
+        store.delete_run(staging_name(run))
+
+
+def recover(store: Store, run: str) -> bool:
+    """Finish an overwrite of ``run`` that was complete but killed during its swap; True if there was one."""
+    info = store.run_info(staging_name(run))
+    if info is None or info.status != "complete":
+        return False
+    swap(store, run, {key: getattr(info, key) for key in RUN_SETTINGS}, info.config)
+    return True
+
+
+def swap(store: Store, run: str, settings: dict, config: dict) -> None:
+    """Replace ``run``'s rows with its complete staging run's, then log the change (see the module docstring)."""
+    staging = staging_name(run)
+    for name in _RUN_TABLES:
+        move_run(store, name, staging, run)
+    old = store.run_info(run)
+    now = _now()
+    base = {"config": json.dumps(config, sort_keys=True, default=str), "writer": "", "shard": None, "shards": None}
+    rows = [
+        {**base, "run": staging, "status": "deleted", "event_at": now, "message": f"swapped in as run {run!r}"},
+        {
+            **base,
+            "run": run,
+            "status": "complete",
+            "event_at": now + timedelta(microseconds=1),
+            "shard": 0,
+            "shards": 1,
+            "message": "overwritten",
+            **{key: settings.get(key) for key in RUN_SETTINGS},
+        },
+    ]
+    if old is not None:
+        deleted = {key: getattr(old, key) for key in RUN_SETTINGS}
+        rows.insert(
+            0,
+            {
+                **base,
+                "run": run,
+                "status": "deleted",
+                "event_at": now,
+                "message": "overwritten",
+                "config": json.dumps(old.config, sort_keys=True, default=str),
+                **deleted,
+            },
+        )
+    tables.append(store.location, CORE_TABLES["run_events"], pa.Table.from_pylist(rows, schema=RUN_EVENTS))
+
+
+def move_run(store: Store, table: str, source: str, target: str) -> None:
+    """One commit: ``target``'s files removed, ``source``'s files re-added as ``target``'s (no copy).
+
+    Nothing to move (already moved by an interrupted swap): the table is left alone.
+    """
+    spec = CORE_TABLES[table]
+
+    def commit() -> None:
+        delta = tables.open_table(store.location, table)
+        files = pa.table(delta.get_add_actions(flatten=False)).to_pylist()
+        moved = [file for file in files if file["partition"]["run"] == source]
+        if not moved:
+            return
+        stamp = int(_now().timestamp() * 1000)
+        actions: list = [
+            AddAction(
+                unquote(file["path"]),  # the log holds paths URL-encoded; the action encodes them again
+                file["size_bytes"],
+                {**file["partition"], "run": target},
+                int(file["modification_time"]),
+                True,
+                json.dumps({"numRecords": file["num_records"]}),
+            )
+            for file in moved
+        ]
+        actions += [
+            RemoveAction(unquote(file["path"]), True, stamp, file["size_bytes"], file["partition"])
+            for file in files
+            if file["partition"]["run"] == target
+        ]
+        delta.create_write_transaction(
+            actions, mode="append", schema=delta.schema(), partition_by=list(spec.partition_by)
+        )
+
+    tables.retrying(commit)

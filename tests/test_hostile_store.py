@@ -1,0 +1,194 @@
+"""Hostile inputs against the store's writers: nothing lost on a failed overwrite, predicates always quoted."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hookpoints.store import tables
+from hookpoints.store.catalog import Store
+from hookpoints.store.overwrite import staging_name
+from hookpoints.store.schema import CORE_TABLES, RUN_EVENTS
+from hookpoints.store.verify import verify
+from hookpoints.store.writer import HookRows, open_run
+
+from hookpoints.errors import UserError
+from tests.hostile_helpers import SETTINGS, checksums, fill, hooks, vectors
+
+
+@pytest.mark.parametrize("column", ["Text", "RUN", "Example_ID", "Hook", "FINITE"])
+def test_overwrite_with_a_column_clashing_by_case_is_refused_before_anything_changes(store, column):
+    fill(store, "r1")
+    before = checksums(Path(store.location.uri))
+    examples = {"example_id": ["a"], column: ["v"]}
+    with pytest.raises(UserError, match="case|reserved") as caught:
+        open_run(
+            store,
+            "r1",
+            settings=SETTINGS,
+            config={},
+            hooks=hooks(),
+            examples_schema=pa.table(examples).schema,
+            if_exists="overwrite",
+        )
+    assert "\n" not in str(caught.value)
+    assert checksums(Path(store.location.uri)) == before
+
+
+def test_a_failed_overwrite_keeps_the_old_run_and_is_logged_failed(store):
+    old = fill(store, "r1", seed=1)
+    before = vectors(store, "r1")
+    writer = overwrite_r1(store)
+    writer.add(pa.table({"example_id": ["a"]}), {h: HookRows(["a"], np.ones((1, 4), np.float32)) for h in old})
+    writer.flush()  # some of the new run is committed (aside) ...
+    writer.finish("failed", "RuntimeError: the model crashed")  # ... then the recording fails
+    assert vectors(store, "r1") == before
+    assert store.run_info("r1").status == "complete"
+    staged = store.run_info(staging_name("r1"))
+    assert staged.status == "failed"
+    report = verify(store)
+    assert report.ok, report.findings
+    assert any("overwrite of run 'r1' failed" in f.message for f in report.findings if f.level == "warning")
+
+
+def test_a_completed_overwrite_swaps_in_the_new_run_without_copying(store):
+    fill(store, "r1", seed=1)
+    fill(store, "r2", seed=2)
+    r2 = vectors(store, "r2")
+    new = fill(store, "r1", seed=3, hook_names=("h0", "h1:input"), if_exists="overwrite")
+    got = vectors(store, "r1")
+    assert got == {(h, e): pytest.approx(new[h][i].tolist()) for h in new for i, e in enumerate("abc")}
+    assert vectors(store, "r2") == r2
+    info = store.run_info("r1")
+    assert info.status == "complete" and store.run_info(staging_name("r1")) is None
+    with store.query() as session:
+        assert session.sql("SELECT run FROM runs ORDER BY run")["run"].to_pylist() == ["r1", "r2"]
+        assert sorted(session.sql("SELECT hook FROM hooks WHERE run = 'r1'")["hook"].to_pylist()) == ["h0", "h1:input"]
+    report = verify(store)
+    assert report.ok, report.findings
+    # and again: overwrite of an overwritten run, then delete
+    fill(store, "r1", seed=4, if_exists="overwrite")
+    assert verify(store).ok
+    store.delete_run("r1")
+    assert vectors(store, "r1") == {} and vectors(store, "r2") == r2
+
+
+def test_an_overwrite_killed_while_swapping_in_is_finished_by_the_next_record(store):
+    from hookpoints.store import overwrite
+
+    fill(store, "r1", seed=1)
+    new = fill(store, "r1x", seed=9)  # a bystander run
+    writer = overwrite_r1(store)
+    writer.add(pa.table({"example_id": ["a"]}), {h: HookRows(["a"], np.full((1, 4), 7, np.float32)) for h in new})
+    writer.replaces = None  # simulate a kill right after the staging run was logged complete
+    writer.finish()
+    writer.replaces = "r1"
+    overwrite.move_run(store, "hooks", staging_name("r1"), "r1")  # ... and after the first table's swap
+    with pytest.raises(UserError, match="already exists"):
+        fill(store, "r1")  # the next record finishes the swap first, then sees the (new) run
+    assert vectors(store, "r1") == {(h, "a"): [7.0] * 4 for h in new}
+    assert verify(store).ok
+
+
+def test_a_run_name_with_quotes_deletes_only_itself(store):
+    """A crafted store: a run named ``x' OR '1'='1`` (run names are validated only when recording)."""
+    fill(store, "keep")
+    hostile = "x' OR '1'='1"
+    row = {"run": hostile, "status": "complete", "event_at": datetime.now(UTC), "shard": 0, "shards": 1, **SETTINGS}
+    tables.append(store.location, CORE_TABLES["run_events"], pa.Table.from_pylist([row], schema=RUN_EVENTS))
+    hook_row = pa.Table.from_pylist([{"run": hostile, **hooks()[0]}], CORE_TABLES["hooks"].schema)
+    tables.append(store.location, CORE_TABLES["hooks"], hook_row)
+    keep = vectors(store, "keep")
+    store.delete_run(hostile)
+    assert vectors(store, "keep") == keep and len(keep) == 6
+    assert Store.open(store.location.uri).run_info("keep").status == "complete"
+
+
+def overwrite_r1(store):
+    schema = pa.table({"example_id": ["a"]}).schema
+    return open_run(
+        store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema, if_exists="overwrite"
+    )
+
+
+def test_sql_string_refuses_what_it_cannot_quote():
+    assert tables.sql_string("x' OR '1'='1") == "'x'' OR ''1''=''1'"
+    with pytest.raises(TypeError):
+        tables.sql_string(1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        tables.equals("run = 'a' OR 1", "x")
+
+
+def test_a_predicate_cannot_reach_the_examples_of_runs_not_named(store):
+    """The escape that let a ranking count other runs' examples (n_among 2,428 for a run of 396)."""
+    from hookpoints.analyses.examples import open_runs, select_examples
+
+    fill(store, "mine", seed=1)
+    fill(store, "other", seed=2, columns={"example_id": ["a", "b", "c", "d"], "text": ["x", "y", "z", "w"]})
+    with store.query() as session:
+        group = open_runs(session, ["mine"])
+        escape = "$$'$$) OR run IS NOT NULL OR ($$'$$ = ''"
+        with pytest.raises(UserError, match="does not parse"):
+            select_examples(session, group, escape)
+        with pytest.raises(UserError, match="has no examples"):
+            select_examples(session, group, "run = 'other'")
+        examples = select_examples(session, group, "run <> '' OR true")
+        assert len(examples) == 3 and examples.mask(session, "true", "--among").sum() == 3
+
+
+def test_store_info_shows_a_failed_recording_and_its_message(store, run_cli):
+    fill(store, "r1", seed=1)
+    writer = overwrite_r1(store)
+    writer.finish("failed", "RuntimeError: out of memory")
+    code, out, _ = run_cli("store", "info", store.location.uri)
+    assert code == 0
+    line = next(line for line in out.splitlines() if "r1~overwrite" in line)
+    assert "failed" in line and "overwrite of run 'r1' failed" in out
+
+
+@pytest.mark.parametrize("damage", ["missing data file", "truncated log entry"])
+def test_resume_on_a_damaged_store_says_it_is_damaged(store, damage):
+    fill(store, "r1")
+    root = Path(store.location.uri)
+    if damage == "missing data file":
+        next(p for p in (root / "activations").rglob("*.parquet") if "_delta_log" not in p.parts).unlink()
+    else:
+        entry = sorted((root / "examples" / "_delta_log").glob("*.json"))[-1]
+        entry.write_bytes(entry.read_bytes()[:40])
+    schema = pa.table({"example_id": ["a"], "text": ["x"]}).schema
+    said = r"(is damaged, so run 'r1' cannot be|table 'examples' .* its log is damaged).*hookpoints store verify"
+    with pytest.raises(UserError, match=said) as caught:
+        open_run(store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema, if_exists="resume")
+    assert "\n" not in str(caught.value) and "<unknown>" not in str(caught.value)
+
+
+def test_a_read_only_store_is_refused_before_recording(store, monkeypatch):
+    """(Tests run as root here, for whom nothing is read-only: the permission answer is stood in for.)"""
+    import os
+
+    fill(store, "r1")
+    before = checksums(Path(store.location.uri))
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if "_delta_log" in str(path) else real(path, mode))
+    with pytest.raises(UserError, match="is read-only for this user"):
+        Store.open(store.location.uri, create=True)
+    assert Store.open(store.location.uri).run_info("r1").status == "complete"  # reading is fine
+    assert checksums(Path(store.location.uri)) == before
+
+
+def test_an_overwritten_run_survives_compaction_and_vacuum(store):
+    """The swapped-in files keep their staging paths; compaction rewrites them, vacuum keeps what is used."""
+    from hookpoints.store.maintenance import compact, vacuum
+
+    fill(store, "r1", seed=1)
+    fill(store, "r1", seed=2, if_exists="overwrite")
+    fill(store, "r1", seed=3, if_exists="resume")  # nothing left to record: a no-op on the swapped-in run
+    expected = vectors(store, "r1")
+    compact(store)
+    vacuum(store, retention_hours=0, force=True)
+    assert vectors(store, "r1") == expected
+    report = verify(store)
+    assert report.ok, report.findings

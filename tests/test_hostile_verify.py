@@ -1,0 +1,88 @@
+"""Hostile stores for ``hookpoints store verify``: real damage named by file, healthy stores passing."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from hookpoints.store.catalog import Store
+from hookpoints.store.location import StoreLocation
+from hookpoints.store.verify import verify
+
+from tests.hostile_helpers import fill
+
+
+def errors(store: Store) -> list[str]:
+    """verify's errors, from a Store object made without reading anything (its store_meta may be damaged)."""
+    fresh = Store(StoreLocation.parse(store.location.uri))
+    return [f"{f.table}: {f.message}" for f in verify(fresh).findings if f.level == "error"]
+
+
+def data_file(root, table="activations"):
+    return sorted(path for path in (root / table).rglob("*.parquet") if "_delta_log" not in path.parts)[0]
+
+
+def test_a_healthy_store_with_input_hooks_passes(store):
+    """Partition paths are URL-encoded in the log (hook=h%253Ainput): decoded, they are found."""
+    fill(store, "r1", hook_names=("blocks.0.mlp:input", "blocks.0.attn:output"))
+    assert errors(store) == []
+
+
+def test_flipped_bytes_in_a_parquet_file_of_unchanged_size_are_found_by_page_checksum(store, tmp_path):
+    fill(store, "r1")
+    root = tmp_path / "store"
+    path = data_file(root)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 3  # inside the first column chunk's pages
+    for offset in (0, 7, 13):
+        data[middle + offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    found = errors(store)
+    assert any(path.name in message and "damaged" in message for message in found), found
+
+
+@pytest.mark.parametrize("table", ["activations", "store_meta"])
+@pytest.mark.parametrize("case", ["truncated", "garbage", "deleted", "outside"])
+def test_a_damaged_delta_log_is_named_without_a_backtrace(store, tmp_path, case, table):
+    fill(store, "r1")
+    log = tmp_path / "store" / table / "_delta_log"
+    assert '"path":"' in sorted(log.glob("*.json"))[-1].read_text()  # the last entry adds a file
+    entry = sorted(log.glob("*.json"))[-1]
+    if case == "truncated":
+        entry.write_bytes(entry.read_bytes()[:50])
+    elif case == "garbage":
+        entry.write_bytes(b"\x00\xff not json\n")
+    elif case == "deleted":
+        shutil.rmtree(log)
+    else:
+        entry.write_text(entry.read_text().replace('"path":"', '"path":"../../../elsewhere/', 1))
+    found = errors(store)
+    assert len(found) == 1 and table in found[0], found
+    named = "_delta_log is missing" if case == "deleted" else entry.name
+    assert named in found[0] and "<unknown>" not in found[0] and "\n" not in found[0]
+    if case == "outside":
+        assert "outside" in found[0]
+
+
+def test_a_table_registered_outside_the_store_is_not_read(store, tmp_path):
+    other = Store.open(tmp_path / "other", create=True)
+    fill(other, "theirs")
+    fill(store, "mine")
+    store._append_meta({"table:../other/activations": "{}"})
+    assert "../other/activations" not in store.table_names()
+    with store.query() as session:
+        assert session.sql("SELECT DISTINCT run FROM activations")["run"].to_pylist() == ["mine"]
+    found = errors(store)
+    assert found == ["store_meta: registers a table named '../other/activations', which is not inside the store"]
+
+
+@pytest.mark.parametrize(
+    "where", ["activations/_delta_log/.tmp/evil.pkl", "activations/run=r1/x.pkl.parquet", "examples/notes.txt"]
+)
+def test_every_file_that_is_not_parquet_data_or_a_log_entry_is_flagged(store, tmp_path, where):
+    fill(store, "r1")
+    path = tmp_path / "store" / where
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00}\x94.")  # a pickle's bytes, never loaded
+    found = errors(store)
+    assert len(found) == 1 and where.split("/", 1)[1] in found[0] and "unexpected file" in found[0], found
