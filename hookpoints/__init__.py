@@ -25,6 +25,8 @@ _EXPORTS = {
     "HookPointSet": "hookpoints.points",
     "ModelInputs": "hookpoints.inputs",
     "build_tiny": "hookpoints.tiny",
+    "Placement": "hookpoints.placement",
+    "convert_ct2_whisper": "hookpoints.convert_ct2",
     # activations and interventions
     "ActivationCache": "hookpoints.cache",
     "NeuronEdit": "hookpoints.editing",
@@ -37,6 +39,7 @@ _EXPORTS = {
     "record": "hookpoints.record_api",
     "RecordSummary": "hookpoints.recorder",
     "UserError": "hookpoints.errors",
+    "neuron_stats": "hookpoints.store.neuron_sql",
     "RunSettings": "hookpoints.settings",
     "Pooling": "hookpoints.settings",
     # analyses: AP selectivity

