@@ -6,16 +6,15 @@ neurons of the same number per module group. Every condition of a (task, languag
 examples and the same inputs; ``none`` (no edit, through the same traced generation) is the reference level.
 
 :func:`plan_sweep` checks everything and computes every edit's values before anything is generated or
-written; :func:`run_sweep` generates, scores and commits each (task, language) as it finishes.
+written; :func:`run_sweep` generates, scores and commits each (task, language) as it finishes. What to sweep
+and its checks: hookpoints.analyses.sweep_spec; the examples and references: hookpoints.analyses.sweep_examples.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,8 +22,6 @@ import torch
 from hookpoints.analyses.examples import run_key
 from hookpoints.analyses.intervention_tables import INTERVENTION_NEURONS, INTERVENTION_SCORES, INTERVENTIONS, TABLES
 from hookpoints.analyses.interventions import (
-    KINDS,
-    NEURON_TYPES,
     Selection,
     explicit_selection,
     label_set_for,
@@ -32,8 +29,9 @@ from hookpoints.analyses.interventions import (
     replacement_values,
     scored_selection,
 )
-from hookpoints.analyses.labels import check_name, slug
-from hookpoints.analyses.selection import PAPER_KS, SIDE_CHOICES, check_ks, check_side
+from hookpoints.analyses.labels import slug
+from hookpoints.analyses.sweep_examples import examples_by_language, stats_run_for, sweep_manifest
+from hookpoints.analyses.sweep_spec import PAPER_SEED, SweepSpec, check_spec, neuron_types
 from hookpoints.analyses.text_scores import corpus_scores, sentence_scores
 from hookpoints.store import tables
 from hookpoints.store.catalog import Store
@@ -42,46 +40,12 @@ from hookpoints.store.tables import sql_string
 from hookpoints.editing import NeuronEdit
 from hookpoints.errors import UserError
 from hookpoints.languages import model_code
-from hookpoints.manifest import Manifest, read_data
+from hookpoints.manifest import Manifest
 from hookpoints.model import HookedModel
 from hookpoints.recorder import BatchJob, batch_inputs, known_sources, plan_examples
 from hookpoints.tasks import DEFAULT_TARGET, get_task
 
-PAPER_SEED = 1234  # "a fixed random seed of 1234" (Appendix G)
-
-
-@dataclass(frozen=True)
-class SweepSpec:
-    """What to sweep (the CLI's options).
-
-    >>> spec = SweepSpec("sw1", runs=("s2tt", "t2tt"), tasks=("s2tt",), ks=(500,), limit=10)
-    """
-
-    sweep: str
-    runs: tuple[str, ...]  # the ranking's runs (the scores' key), and default statistics runs
-    tasks: tuple[str, ...]
-    neuron_types: tuple[str, ...] = ()  # () = unimodal + random, or random alone beside label_sets / neurons
-    ks: tuple[int, ...] = PAPER_KS
-    side: str = "top"
-    kind: str = "median"
-    value: float | None = None
-    seed: int = PAPER_SEED
-    random_like: str | None = None  # the neuron type random draws match (default: the first ranked one)
-    neurons: tuple[str, ...] = ()  # explicit HOOK:INDICES
-    label_sets: tuple[str, ...] = ()  # any label sets ranked in scores (custom ap --name too); may name {language}
-    languages: tuple[str, ...] = ()  # manifest labels (default: every language of the data but the target)
-    limit: int = 100  # generations per language
-    stats_runs: tuple[str, ...] = ()
-    stats_where: str | None = None  # may name {language}
-    data: str | None = None
-    model: str | None = None
-    tgt_lang: str | None = None
-    max_new_tokens: int = 128
-    batch_size: int = 8
-    frames: int | None = None
-    reference_column: str | None = None
-    pair_column: str = "semantic_id"
-    if_exists: str = "error"
+__all__ = ["PAPER_SEED", "Cell", "Condition", "SweepSpec", "neuron_types", "plan_sweep", "run_sweep"]
 
 
 @dataclass
@@ -117,7 +81,7 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
     >>> cells = plan_sweep(store, spec, lambda model, modality: hp.load(model, modality=modality))
     >>> scores = run_sweep(store, spec, cells)
     """
-    _check_spec(spec)
+    check_spec(spec)
     ranking = run_key(spec.runs)
     cells = []
     with store.query() as session:
@@ -133,14 +97,14 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
             task = get_task(task_name)
             if not task.generates:
                 raise UserError(f"interventions score generated text: use asr, s2tt or t2tt, not {task_name}")
-            stats_run = _stats_run(spec, task_name, runs)
+            stats_run = stats_run_for(spec, task_name, runs)
             source = spec.model or runs[stats_run]["model"]
             model = load_model(source, task.modality)
-            manifest = _manifest(spec, runs[stats_run], task.modality)
+            manifest = sweep_manifest(spec, runs[stats_run], task.modality)
             hooks = {p.name: (p.component, p.width) for p in model.hook_points if p.unavailable is None}
             explicit = explicit_selection(list(spec.neurons), hooks) if spec.neurons else None
             tgt = model_code(spec.tgt_lang or DEFAULT_TARGET) if task.target == "given" else None
-            for language, examples, references in _examples_by_language(spec, manifest, task_name, tgt):
+            for language, examples, references in examples_by_language(spec, manifest, task_name, tgt):
                 target = tgt or model_code(language)
                 sub = Manifest(manifest.path, examples)
                 plan_examples(model, sub, task, spec.tgt_lang)  # audio files, texts, language codes
@@ -165,115 +129,6 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
                 )  # fmt: skip
                 cells.append(Cell(task_name, language, target, examples, references, model, job, conditions))
     return cells
-
-
-def neuron_types(spec: SweepSpec) -> tuple[str, ...]:
-    """The swept neuron types; none given: unimodal and random, or random alone beside label sets / neurons."""
-    if spec.neuron_types:
-        return spec.neuron_types
-    return ("random",) if spec.label_sets or spec.neurons else ("unimodal", "random")
-
-
-def _check_spec(spec: SweepSpec) -> None:
-    check_name(spec.sweep)
-    if not spec.tasks:
-        raise UserError("give at least one --task (asr, s2tt, t2tt)")
-    for neuron_type in neuron_types(spec):
-        if neuron_type not in NEURON_TYPES:
-            raise UserError(f"--type must be one of {', '.join(NEURON_TYPES)}, not {neuron_type!r}")
-    if spec.kind not in KINDS:
-        raise UserError(f"--kind must be one of {', '.join(KINDS)}, not {spec.kind!r}")
-    check_side(spec.side, SIDE_CHOICES)
-    check_ks(spec.ks)
-    if spec.limit < 1 or spec.batch_size < 1 or spec.max_new_tokens < 1:
-        raise UserError("--limit, --batch-size and --max-new-tokens must be at least 1")
-    ranked = [t for t in neuron_types(spec) if t not in ("random", "none")] + list(spec.label_sets)
-    if "random" in neuron_types(spec) and not ranked and not spec.neurons:
-        raise UserError(
-            "random neurons match the counts of ranked or explicit neurons: add --type unimodal, --label-set NAME "
-            "or --neurons"
-        )
-    if spec.random_like and spec.random_like not in ranked:
-        raise UserError(
-            f"--random-like {spec.random_like!r} is not one of the swept types or label sets ({', '.join(ranked)})"
-        )
-    if spec.if_exists not in ("error", "overwrite"):
-        raise UserError(f"if_exists must be error or overwrite, not {spec.if_exists!r}")
-
-
-def _stats_run(spec: SweepSpec, task: str, runs: dict[str, dict]) -> str:
-    """The run statistics (and, by default, model and examples) come from: the one recorded with ``task``."""
-    candidates = spec.stats_runs or spec.runs
-    same = [name for name in candidates if runs[name]["task"] == task]
-    if len(same) == 1 or (same and spec.stats_runs):
-        return same[0]
-    if len(candidates) == 1:
-        return candidates[0]
-    raise UserError(
-        f"which run's activations give the {spec.kind} values for task {task}? None of "
-        f"{', '.join(candidates)} was recorded with it: give --stats-run RUN"
-    )
-
-
-def _manifest(spec: SweepSpec, run: dict, modality: str) -> Manifest:
-    path = spec.data or json.loads(run["config"] or "{}").get("manifest")
-    if not path:
-        raise UserError(f"run {run['run']!r} does not say which manifest it recorded: give --data")
-    if not Path(path).exists():
-        raise UserError(f"the manifest of run {run['run']!r} ({path}) is not here: give --data")
-    return read_data(path, required=("audio",) if modality == "speech" else ("text",))
-
-
-def _examples_by_language(spec: SweepSpec, manifest: Manifest, task: str, target: str | None):
-    """(language, the first ``limit`` examples by id, their references) per swept language."""
-    table = manifest.table
-    if "language" not in table.column_names:
-        raise UserError(f"{manifest.path} has no 'language' column: the sweep compares languages")
-    languages = [str(v) for v in table["language"].to_pylist()]
-    present = sorted(set(languages))
-    chosen = list(spec.languages) or [lang for lang in present if target is None or model_code(lang) != target]
-    chosen = chosen or present  # single-language data: its own language, even where it is the target
-    for language in chosen:
-        if language not in present:
-            raise UserError(f"no example in language {language!r} in {manifest.path}; it has {', '.join(present)}")
-        rows = sorted(
-            (i for i, lang in enumerate(languages) if lang == language), key=lambda i: table["example_id"][i].as_py()
-        )
-        examples = table.take(rows[: spec.limit])
-        yield language, examples, _references(spec, table, examples, task, target)
-
-
-def _references(spec: SweepSpec, table: pa.Table, examples: pa.Table, task: str, target: str | None) -> list[str]:
-    """ASR: each example's own text; translation: ``--reference-column``, else the target-language example
-    with the same ``--pair-column`` value (the corpus' and FLEURS' ``semantic_id``)."""
-    ids = examples["example_id"].to_pylist()
-    if spec.reference_column:
-        if spec.reference_column not in examples.column_names:
-            raise UserError(f"the data has no column {spec.reference_column!r} (--reference-column)")
-        refs = examples[spec.reference_column].to_pylist()
-    elif target is None:  # asr: the transcript
-        if "text" not in examples.column_names:
-            raise UserError("ASR is scored against the 'text' column (the transcript): the data has none")
-        refs = examples["text"].to_pylist()
-    else:
-        pair = spec.pair_column
-        if pair not in table.column_names or "text" not in table.column_names:
-            raise UserError(
-                f"translation needs references: give --reference-column, or data with {pair!r} and 'text' columns "
-                f"holding the {target} sentences"
-            )
-        in_target = {
-            key: text
-            for key, text, lang in zip(
-                table[pair].to_pylist(), table["text"].to_pylist(), table["language"].to_pylist(), strict=True
-            )
-            if lang is not None and model_code(str(lang)) == target
-        }
-        refs = [in_target.get(key) for key in examples[pair].to_pylist()]
-    missing = [example for example, ref in zip(ids, refs, strict=True) if not isinstance(ref, str) or not ref.strip()]
-    if missing:
-        raise UserError(f"example {missing[0]!r} has no reference text to score against ({target or 'transcript'})")
-    return refs
 
 
 def _where(where: str | None, language: str) -> str | None:

@@ -3,35 +3,32 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import replace
 
 import nnsight
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutput
 
 from hookpoints.adapters.base import Adapter
-from hookpoints.alignment import CHECK, LogitsFingerprint, check_alignment, check_prompt
+from hookpoints.alignment import CHECK, check_alignment
 from hookpoints.api_methods import ModelApi
 from hookpoints.attention import Hook as AttentionHook
 from hookpoints.attention import eager as eager_attention
 from hookpoints.attention import install as install_attention_hooks
 from hookpoints.attention import needs_eager
-from hookpoints.editing import NeuronEdit, apply_edit
 from hookpoints.errors import UserError
-from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
+from hookpoints.generate_methods import GenerationMethods, Pooling, pooling_methods
+from hookpoints.generation import Generation
 from hookpoints.inputs import ModelInputs
 from hookpoints.placement import execution_device
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
-from hookpoints.pooling import pool, pool_positions, positions_first, unpadded_spaces
-from hookpoints.probe import first_tensor, measure, observe
+from hookpoints.pooling import pool, unpadded_spaces
+from hookpoints.probe import measure, observe
 
-#: A pooling method for every hook point, or a function choosing one per hook point.
-Pooling = str | Callable[[HookPoint], str]
+__all__ = ["HookedModel", "Pooling"]
 
 
-class HookedModel(ModelApi):
+class HookedModel(GenerationMethods, ModelApi):
     """A model wrapped by nnsight whose tensors are reachable by hook-point name.
 
     >>> model = HookedModel.from_pretrained("facebook/seamless-m4t-v2-large", modality="speech")
@@ -186,185 +183,8 @@ class HookedModel(ModelApi):
         prompt = self.adapter.decoder_prompt(self.model, self.tokenizer, targets, task=task, sources=sources)
         return prompt.to(self.device)
 
-    def generate(
-        self,
-        inputs: ModelInputs,
-        prompt: torch.Tensor,
-        max_new_tokens: int,
-        *,
-        encoder_outputs=None,
-        edits: list[NeuronEdit] | None = None,
-    ) -> Generation:
-        """Greedy decoding from ``prompt``; from ``encoder_outputs`` when given (no encoder run).
-
-        With ``edits``, every edit is applied at every step (:meth:`generate_edited`). ``inputs`` may also be
-        strings, waveforms or audio paths (hookpoints.user_inputs).
-        """
-        if not isinstance(inputs, ModelInputs):
-            inputs = self.inputs(inputs)
-        if edits:
-            if encoder_outputs is not None:
-                raise UserError("generate: give edits or encoder_outputs, not both")
-            return self.generate_edited(inputs, prompt, list(edits), max_new_tokens)[0]
-        collector = TokenCollector()
-        kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
-        if encoder_outputs is not None:
-            kwargs = {**without_encoder_inputs(kwargs), "encoder_outputs": encoder_outputs}
-            if "input_features" in inputs.kwargs:
-                kwargs = self.adapter.generate_kwargs(kwargs)
-        fingerprint = LogitsFingerprint(self.model.get_output_embeddings())
-        with torch.inference_mode(), self.adapter.batch_guard(self.model, inputs), fingerprint:
-            self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
-        # What generate returns differs by family (Whisper's drops the prompt and trailing EOS); the streamer
-        # sees exactly the prompt, then each step's tokens.
-        generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
-        check_prompt(generation, prompt)
-        generation.fingerprint = fingerprint.result()
-        return generation
-
-    def pooled_generating(
-        self, inputs: ModelInputs, prompt: torch.Tensor, points: list[HookPoint], pooling: Pooling, max_new_tokens: int
-    ) -> tuple[dict[str, torch.Tensor], Generation]:
-        """Record a generating task: the encoder once, greedy generation, one teacher-forced decoder pass.
-
-        1. One traced pass through the encoder records its hook points and keeps its output (then stops).
-        2. ``generate`` decodes from that output: the encoder does not run again.
-        3. One traced pass of the decoder over ``prompt + generated[:-1]`` (hookpoints.generation) records the
-           decoder's hook points, pooled over the generated tokens' steps.
-        """
-        encoder = self._module_path(self.model.get_encoder())
-        inside = [p for p in points if p.module == encoder or p.module.startswith(encoder + ".")]
-        methods = _methods(inside, pooling)
-        saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
-        with (
-            torch.inference_mode(),
-            self.adapter.batch_guard(self.model, inputs),
-            eager_attention(needs_eager(p.module for p in points)),
-            self.traced.trace(**inputs.kwargs) as tracer,
-        ):
-            saved.update(self._request(inside, inputs, methods))
-            encoded = self._envoys[encoder].output.save()
-            tracer.stop()
-        encoder_outputs = BaseModelOutput(last_hidden_state=first_tensor(encoded))
-        generation = self.generate(inputs, prompt, max_new_tokens, encoder_outputs=encoder_outputs)
-        decoder_inputs = generation.teacher_forced(inputs, encoder_outputs=encoder_outputs)
-        outside = [p for p in points if p.name not in saved]
-        pooled = {name: tensor.detach() for name, tensor in saved.items()}
-        pooled.update(self.pooled(decoder_inputs, outside, pooling, check=generation))
-        return pooled, generation
-
-    def generate_edited(
-        self,
-        inputs: ModelInputs,
-        prompt: torch.Tensor,
-        edits: list[NeuronEdit],
-        max_new_tokens: int,
-        *,
-        record: list[HookPoint] = (),
-    ) -> tuple[Generation, dict[str, list[torch.Tensor]]]:
-        """Greedy decoding from ``prompt`` with every edit applied at every position of every call.
-
-        One nnsight trace of ``generate``: at each step, each edited hook point's tensor is edited as its
-        module runs (decoder hooks at every step, the prompt's positions included; encoders and
-        cross-attention keys and values at step 0, the only time they run). ``record`` hook points are
-        saved after the edits, per call: name -> ``[batch, pos, width]`` tensors, one per call (the test that
-        edits land exactly where they should). Without edits the output equals :meth:`generate`'s.
-        """
-        if not record and not self.remote:
-            return self._generate_with_torch_hooks(inputs, prompt, edits, max_new_tokens), {}
-        every_step = self.modules_run_every_step(inputs, prompt)
-        by_point: dict[str, list[NeuronEdit]] = {}
-        for edit in edits:
-            by_point.setdefault(edit.point.name, []).append(edit)
-        targets = {edit.point.name: edit.point for edit in edits} | {point.name: point for point in record}
-        ordered = sorted(targets.values(), key=lambda p: p.order)
-        recorded: dict[str, list[torch.Tensor]] = {point.name: [] for point in record}
-        wanted = {point.name for point in record}
-        collector = TokenCollector()
-        kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
-        with warnings.catch_warnings():
-            # A batch whose examples all stop early ends the step loop before max_new_tokens; nnsight warns.
-            warnings.simplefilter("ignore", UserWarning)
-            with (
-                torch.inference_mode(),
-                self.adapter.batch_guard(self.model, inputs),
-                eager_attention(needs_eager(p.module for p in ordered)),
-                self.traced.trace(fn="generate", **kwargs, **greedy_kwargs(max_new_tokens)) as tracer,
-            ):
-                for step in tracer.iter[:max_new_tokens]:
-                    for point in ordered:
-                        if step > 0 and point.module not in every_step:
-                            continue  # it ran at step 0 only (an encoder, cross-attention keys/values)
-                        envoy = self._envoys[point.module]
-                        value = envoy.output if point.io == "output" else envoy.input
-                        for edit in by_point.get(point.name, ()):
-                            apply_edit(value, edit)
-                        if point.name in wanted:
-                            recorded[point.name].append(positions_first(value, point).clone().save())
-        generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
-        return generation, recorded
-
-    def _generate_with_torch_hooks(
-        self, inputs: ModelInputs, prompt: torch.Tensor, edits: list[NeuronEdit], max_new_tokens: int
-    ) -> Generation:
-        """:meth:`generate_edited` without recording: the same :func:`apply_edit` on the same tensors at every call,
-        from plain torch hooks (nnsight's per-edit hand-off costs ~0.1 ms per hook point and step, which
-        dominates a small model's step; bench/whisper_interventions.py)."""
-        modules = dict(self.model.named_modules())
-        handles = []
-        for edit in edits:
-            module = modules[edit.point.module]
-            if edit.point.io == "output":
-                handles.append(module.register_forward_hook(lambda m, a, out, edit=edit: apply_edit(out, edit)))
-            else:
-                handles.append(module.register_forward_pre_hook(lambda m, args, edit=edit: apply_edit(args, edit)))
-        collector = TokenCollector()
-        kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
-        try:
-            with torch.inference_mode(), self.adapter.batch_guard(self.model, inputs):
-                self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
-        finally:
-            for handle in handles:
-                handle.remove()
-        generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
-        check_prompt(generation, prompt)
-        return generation
-
-    def modules_run_every_step(self, inputs: ModelInputs, prompt: torch.Tensor) -> frozenset[str]:
-        """Module paths that run at every step of ``generate`` (not only at step 0), found once by watching
-        two steps of a one-example generation with plain forward hooks."""
-        if self._every_step is None:
-            calls: dict[str, int] = {}
-            handles = [
-                module.register_forward_hook(lambda *_, path=path: calls.__setitem__(path, calls.get(path, 0) + 1))
-                for path, module in self.model.named_modules()
-                if path
-            ]
-            first = {name: value[:1] for name, value in inputs.kwargs.items()}
-            one = ModelInputs(
-                first, {k: v[:1] for k, v in inputs.masks.items()}, {k: v[:1] for k, v in inputs.extras.items()}
-            )
-            try:
-                with torch.inference_mode(), self.adapter.batch_guard(self.model, one):
-                    kwargs = {**first, "decoder_input_ids": prompt[:1], **greedy_kwargs(3), "min_new_tokens": 3}
-                    self.model.generate(**kwargs)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            self._every_step = frozenset(path for path, count in calls.items() if count >= 3)
-        return self._every_step
-
     def _module_path(self, module: nn.Module) -> str:
         return next(path for path, candidate in self.model.named_modules() if candidate is module)
-
-    def decode(self, generation: Generation) -> list[str]:
-        """The generated text of every example (special tokens and EOS left out)."""
-        tokens = [generation.generated(i) for i in range(generation.sequences.shape[0])]
-        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-
-    def _generation(self, sequences: torch.Tensor, prompt_length: int) -> Generation:
-        eos = self.model.generation_config.eos_token_id
-        return Generation(sequences, prompt_length, lengths_after(sequences, prompt_length, eos))
 
     def envoy(self, point: HookPoint):
         """The nnsight envoy of a hook point's module (to read or edit it inside a trace)."""
@@ -381,7 +201,7 @@ class HookedModel(ModelApi):
         ``check`` (a teacher-forced pass over that generation): the LM head runs too, and its logits must give
         back the ones ``generate`` saw at every step (:func:`hookpoints.alignment.check_alignment`).
         """
-        methods = _methods(points, pooling)
+        methods = pooling_methods(points, pooling)
         saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
         options = {"remote": self.remote} if self.remote else {}
         full = unpadded_spaces(inputs.masks, self.device)
@@ -421,37 +241,3 @@ class HookedModel(ModelApi):
             method, unpadded = methods[point.name], point.space in full
             saved[point.name] = pool(values[key], point, mask, method, key_mask, unpadded).save()
         return saved
-
-    def pooled_per_step(
-        self,
-        inputs: ModelInputs,
-        prompt: torch.Tensor,
-        points: list[HookPoint],
-        pooling: str,
-        max_new_tokens: int,
-    ) -> tuple[dict[str, torch.Tensor], Generation]:
-        """Record with hooks at every step of ``generate`` (the reference the teacher-forced pass is tested on).
-
-        Decoder hooks keep each step's newest position (step 0: the prompt's last), pooled over the steps each
-        example took; hooks that run once (encoders, cross-attention keys and values, at step 0) are pooled over
-        their positions as in :meth:`pooled`.
-        """
-        generation, seen = self.generate_edited(inputs, prompt, [], max_new_tokens, record=points)
-        every_step = self.modules_run_every_step(inputs, prompt)
-        pooled = {}
-        for point in points:
-            calls = [call.float() for call in seen[point.name]]  # [batch, pos, width] per call
-            if point.space == "decoder" and point.module in every_step:
-                newest = torch.cat([call[:, -1:, :] for call in calls], dim=1)  # [batch, steps, width]
-                pooled[point.name] = pool_positions(newest, generation.step_mask, pooling)
-                continue
-            mask = inputs.masks.get(point.space) if point.time_axis is not None else None
-            if mask is None:
-                mask = torch.ones(calls[0].shape[:2], dtype=torch.bool)
-            pooled[point.name] = pool_positions(calls[0], mask, pooling)
-        return pooled, generation
-
-
-def _methods(points: list[HookPoint], pooling: Pooling) -> dict[str, str]:
-    """Hook name -> pooling method (``pooling`` is one method for all, or a function of the hook point)."""
-    return {point.name: pooling(point) if callable(pooling) else pooling for point in points}
