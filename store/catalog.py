@@ -119,7 +119,7 @@ class Store:
     # -- tables ----------------------------------------------------------------------------------------
 
     def meta(self) -> dict[str, str]:
-        rows = tables.dataset(self.location, "store_meta").to_table().to_pylist()
+        rows = tables.read_whole(self.location, "store_meta").to_pylist()
         return {row["key"]: row["value"] for row in rows}
 
     def _append_meta(self, values: dict[str, str]) -> None:

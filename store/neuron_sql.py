@@ -169,7 +169,7 @@ def _batches(session, run: str, hook: str, *, vectors: bool = True):
 
     ``vectors=False``: only the example ids (``None`` for the matrix), to count rows without decoding.
     """
-    dataset = session.datasets["activations"]
+    dataset = session.dataset("activations")
     names = set(dataset.schema.names)
     vectors = [c for c in ("activation", "activation_f16") if c in names] if vectors else []
     scan = dataset.to_batches(
