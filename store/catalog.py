@@ -17,7 +17,6 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 from hookpoints.store import tables
 from hookpoints.store.location import StoreLocation, storage_error
 from hookpoints.store.runs import runs_sql, shard_states_sql
@@ -178,6 +177,8 @@ class Store:
         return {row["shard_index"]: row["status"] for row in rows}
 
     def _run_events_sql(self, run: str, sql: str) -> list[dict]:
+        import pyarrow.compute as pc  # 40 ms to import: not on the path of `sql` and `store info`
+
         events = self.dataset("run_events").to_table(filter=pc.field("run") == run)
         con = duckdb.connect()
         try:
@@ -211,6 +212,8 @@ class Store:
         tables.append(self.location, CORE_TABLES["run_events"], pa.Table.from_pylist([row], schema=RUN_EVENTS))
 
     def run_hooks(self, run: str) -> pa.Table:
+        import pyarrow.compute as pc
+
         return self.dataset("hooks").to_table(filter=pc.field("run") == run)
 
     def delete_run(self, run: str) -> None:

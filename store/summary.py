@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import pyarrow.compute as pc
 from hookpoints.store import tables
 from hookpoints.store.catalog import Store
 
@@ -40,8 +39,8 @@ def table_sizes(store: Store) -> list[dict]:
             {
                 "table": name,
                 "files": actions.num_rows,
-                "rows": int(pc.sum(actions["num_records"]).as_py() or 0),
-                "MiB": round((pc.sum(actions["size_bytes"]).as_py() or 0) / 2**20, 2),
+                "rows": sum(n or 0 for n in actions["num_records"].to_pylist()),  # no pyarrow.compute: 40 ms
+                "MiB": round(sum(n or 0 for n in actions["size_bytes"].to_pylist()) / 2**20, 2),
             }
         )
     return rows

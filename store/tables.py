@@ -158,11 +158,13 @@ def read_whole(location: StoreLocation, table: str, delta: DeltaTable | None = N
         for field in schema:
             partition = f"partition.{field.name}"
             if field.name in data.column_names:
-                columns.append(data.column(field.name).cast(field.type))
+                column = data.column(field.name)
             elif partition in actions.schema.names:
-                columns.append(pa.repeat(actions.column(partition)[index], data.num_rows).cast(field.type))
+                column = pa.repeat(actions.column(partition)[index], data.num_rows)
             else:
-                columns.append(pa.nulls(data.num_rows, field.type))
+                column = pa.nulls(data.num_rows, field.type)
+            # cast only where needed: a cast imports pyarrow.compute (40 ms)
+            columns.append(column if column.type == field.type else column.cast(field.type))
         parts.append(pa.Table.from_arrays(columns, schema=schema))
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
