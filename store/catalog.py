@@ -50,6 +50,7 @@ class Store:
     def __init__(self, location: StoreLocation):
         self.location = location
         self._tables: set[str] = set()  # tables known to exist (checked once per Store object)
+        self._meta: tuple[int, dict[str, str]] | None = None  # (store_meta's version, its keys and values)
 
     # -- opening ---------------------------------------------------------------------------------------
 
@@ -118,8 +119,12 @@ class Store:
     # -- tables ----------------------------------------------------------------------------------------
 
     def meta(self) -> dict[str, str]:
-        rows = tables.read_whole(self.location, "store_meta").to_pylist()
-        return {row["key"]: row["value"] for row in rows}
+        """store_meta's keys and values (read again only when its Delta version changed)."""
+        delta = tables.open_table(self.location, "store_meta")
+        if self._meta is None or self._meta[0] != delta.version():
+            rows = tables.read_whole(self.location, "store_meta", delta).to_pylist()
+            self._meta = (delta.version(), {row["key"]: row["value"] for row in rows})
+        return dict(self._meta[1])
 
     def _append_meta(self, values: dict[str, str]) -> None:
         data = pa.table({"key": list(values), "value": list(values.values())}, schema=CORE_TABLES["store_meta"].schema)
