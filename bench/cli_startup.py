@@ -49,6 +49,12 @@ def commands(store: str) -> dict[str, list[str]]:
     hookpoints = [sys.executable, "-m", "hookpoints.cli"]
     return {
         "import duckdb, deltalake": [sys.executable, "-c", "import duckdb, deltalake"],
+        # a reference, not a goal: what printing an Arrow result costs to import (pyarrow loads numpy)
+        "import duckdb, deltalake, pyarrow.parquet, click, rich.console": [
+            sys.executable,
+            "-c",
+            "import duckdb, deltalake, pyarrow.parquet, click, rich.console",
+        ],
         "hookpoints --help": [*hookpoints, "--help"],
         'hookpoints sql --store S "SELECT 1"': [*hookpoints, "sql", "--store", store, "SELECT 1"],
         "hookpoints store info S": [*hookpoints, "store", "info", store],

@@ -9,8 +9,8 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -22,6 +22,9 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # Piped output (files, grep, tests) gets wide lines instead of folded table cells.
 # Emoji codes off: text from a store or an error message (``:-1:``) prints as written.
@@ -62,7 +65,7 @@ def counting(label: str) -> Iterator[tuple[Callable[[int], None], Callable[[int]
 
 def render(rows: pa.Table | list[dict], fmt: str = "table", *, title: str | None = None) -> None:
     """Print rows as a rich table, CSV, or JSON (a list of row objects)."""
-    if isinstance(rows, pa.Table):
+    if hasattr(rows, "column_names"):  # an Arrow table (pyarrow is not imported here: `--help` starts faster)
         columns, records = rows.column_names, rows.to_pylist()
     else:
         records = rows

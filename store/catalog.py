@@ -17,7 +17,6 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 from hookpoints.store import tables
 from hookpoints.store.location import StoreLocation, storage_error
 from hookpoints.store.runs import runs_sql, shard_states_sql
@@ -51,6 +50,7 @@ class Store:
     def __init__(self, location: StoreLocation):
         self.location = location
         self._tables: set[str] = set()  # tables known to exist (checked once per Store object)
+        self._meta: tuple[int, dict[str, str]] | None = None  # (store_meta's version, its keys and values)
 
     # -- opening ---------------------------------------------------------------------------------------
 
@@ -119,8 +119,12 @@ class Store:
     # -- tables ----------------------------------------------------------------------------------------
 
     def meta(self) -> dict[str, str]:
-        rows = tables.dataset(self.location, "store_meta").to_table().to_pylist()
-        return {row["key"]: row["value"] for row in rows}
+        """store_meta's keys and values (read again only when its Delta version changed)."""
+        delta = tables.open_table(self.location, "store_meta")
+        if self._meta is None or self._meta[0] != delta.version():
+            rows = tables.read_whole(self.location, "store_meta", delta).to_pylist()
+            self._meta = (delta.version(), {row["key"]: row["value"] for row in rows})
+        return dict(self._meta[1])
 
     def _append_meta(self, values: dict[str, str]) -> None:
         data = pa.table({"key": list(values), "value": list(values.values())}, schema=CORE_TABLES["store_meta"].schema)
@@ -178,6 +182,8 @@ class Store:
         return {row["shard_index"]: row["status"] for row in rows}
 
     def _run_events_sql(self, run: str, sql: str) -> list[dict]:
+        import pyarrow.compute as pc  # 40 ms to import: not on the path of `sql` and `store info`
+
         events = self.dataset("run_events").to_table(filter=pc.field("run") == run)
         con = duckdb.connect()
         try:
@@ -211,6 +217,8 @@ class Store:
         tables.append(self.location, CORE_TABLES["run_events"], pa.Table.from_pylist([row], schema=RUN_EVENTS))
 
     def run_hooks(self, run: str) -> pa.Table:
+        import pyarrow.compute as pc
+
         return self.dataset("hooks").to_table(filter=pc.field("run") == run)
 
     def delete_run(self, run: str) -> None:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import duckdb
 import pyarrow as pa
-from hookpoints.store import neuron_sql, neuron_surface
+from hookpoints.store import neuron_sql, neuron_surface, tables
 from hookpoints.store.catalog import Store
 from hookpoints.store.runs import runs_sql
 
@@ -26,6 +26,13 @@ _CORE = ("run_events", "hooks", "examples", "activations")
 #: Writers commit hooks, then examples, then activations, then the run's status; a session takes its
 #: snapshots in the reverse order, so whatever it sees refers only to rows it also sees.
 _SNAPSHOT_ORDER = ("store_meta", "run_events", "activations", "examples", "hooks")
+#: Read whole (a row per event, hook or example); the others are scanned as Arrow datasets.
+_SMALL = ("store_meta", "run_events", "hooks", "examples")
+_WORD = re.compile(r"[a-z_][a-z0-9_]*")
+#: Words of a statement that lists or reads the catalog, or runs SQL given as a string: all tables are defined.
+_CATALOG = {"show", "describe", "summarize", "information_schema", "pg_catalog", "sqlite_master"}
+_CATALOG |= {"query", "query_table"}
+
 _READ_ONLY_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 _EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(\(\s*[A-Za-z_ ,]*\)\s*)?(ANALY[SZ]E\s+)?", re.I)
 
@@ -55,6 +62,9 @@ _VIEWS = {
         FROM activations
     """,
 }
+#: What each view reads, defined first: a store table, or (`neurons`) another view.
+_VIEW_TABLE = {"runs": "run_events", "hooks": "hooks", "examples": "examples", "activations": "activations"}
+_VIEW_VIEW = {"neurons": "activations"}
 
 
 class QuerySession:
@@ -63,36 +73,90 @@ class QuerySession:
     def __init__(self, store: Store):
         self.store = store
         self.con = duckdb.connect()
-        self._f16_runs = False
-        self.datasets = {}  # table -> the Arrow dataset (or table) this session reads: one snapshot
+        self.datasets = {}  # table -> the Arrow dataset (or table) this session reads, once a statement names it
         self.neuron_stats_results: dict[str, pa.Table] = {}  # neuron_stats(...) calls computed so far
+        # One snapshot: every table's current version is pinned now (its Delta log read, no data), in the
+        # order above; a table's data is registered in DuckDB only when a statement names it (_load), so
+        # `SELECT 1` or a look at `runs` never builds the activations' Arrow dataset (store/tables.py).
         names = store.table_names()
-        for table in sorted(names, key=lambda name: (_SNAPSHOT_ORDER + (name,)).index(name)):
-            dataset = store.dataset(table)
-            if table == "run_events":
-                self._f16_runs = "float16" in dataset.to_table(columns=["dtype"])["dtype"].to_pylist()
-            if table == "examples":
-                # Examples gain columns as runs arrive (schema merge). Filters pushed into the Arrow dataset
-                # count rows of files older than a column as valid for `IS NOT NULL` (pyarrow 26), so this
-                # small table (one row per example and run) is read whole and DuckDB filters it.
-                dataset = dataset.to_table()
-            self.datasets[table] = dataset
-            # Core tables sit behind the views below; analysis tables (scores, ...) are shown as they are.
-            self.con.register(f"_{table}" if table in _CORE else table, dataset)
+        self._snapshots = {
+            table: tables.open_table(store.location, table)
+            for table in sorted(names, key=lambda name: (_SNAPSHOT_ORDER + (name,)).index(name))
+        }
+        self._tables: set[str] = set()  # store tables registered in DuckDB so far
+        self._views: set[str] = set()  # views of _VIEWS created so far
         self.con.execute(_F16_MACRO)
         self.con.execute(neuron_surface.MACRO)
-        activation = (
-            "coalesce(activation, list_transform(activation_f16, lambda b: f16_to_float(b)))"
-            if self._f16_runs
-            else "activation"
-        )
-        for name, sql in _VIEWS.items():
-            self.con.execute(f"CREATE VIEW {name} AS {sql.format(activation=activation)}")
         # A join's build side is its right input as written (docs/store.md): the optimizer misjudges the
         # `neurons` long form (an Arrow scan has no row estimate) as one row and would hold all of it.
         self.con.execute("SET disabled_optimizers = 'build_side_probe_side'")
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
+
+    def dataset(self, table: str):
+        """The session's snapshot of ``table``: an Arrow dataset (activations, analysis tables) or, for the
+        small tables, an Arrow table read whole."""
+        if table not in self.datasets:
+            delta = self._snapshots[table]
+            if table in _SMALL:
+                # Examples gain columns as runs arrive (schema merge). Filters pushed into an Arrow dataset
+                # count rows of files older than a column as valid for `IS NOT NULL` (pyarrow 26), so the small
+                # tables (a row per example, hook or event) are read whole and DuckDB filters them.
+                self.datasets[table] = tables.read_whole(self.store.location, table, delta)
+            else:
+                self.datasets[table] = tables.dataset(self.store.location, table, delta)
+        return self.datasets[table]
+
+    def _load(self, text: str) -> None:
+        """Define every table and view ``text`` may read (each word that names one; a statement that reads
+        the catalog or runs SQL from a string gets all). A name missed here is an unknown table: an error."""
+        words = set(_WORD.findall(text.lower()))
+        if words & _CATALOG or any(word.startswith(("duckdb_", "pragma_")) for word in words):
+            self._define_all()
+            return
+        for word in sorted(words):
+            if word in _VIEWS:
+                self._define_view(word)
+            elif word.removeprefix("_") in _CORE or word in self._snapshots:
+                self._define_table(word.removeprefix("_") if word.removeprefix("_") in _CORE else word)
+
+    def _relation(self, text: str, params: dict | None) -> duckdb.DuckDBPyRelation:
+        """``con.sql``; a name this session has not defined yet (a typo, a table name built in SQL) gets every
+        table and view defined and one more try, so DuckDB's error and its "Did you mean" see them all."""
+        try:
+            return self.con.sql(text, params=params)
+        except duckdb.CatalogException:
+            missing = {*self._snapshots} - self._tables or {*_VIEWS} - self._views
+            if not missing:
+                raise
+            self._define_all()
+            return self.con.sql(text, params=params)
+
+    def _define_all(self) -> None:
+        for table in self._snapshots:
+            self._define_table(table)
+        for view in _VIEWS:
+            self._define_view(view)
+
+    def _define_view(self, name: str) -> None:
+        if name in self._views:
+            return
+        if name in _VIEW_VIEW:
+            self._define_view(_VIEW_VIEW[name])
+        else:
+            self._define_table(_VIEW_TABLE[name])
+        activation = "activation"
+        if name == "activations" and "float16" in self.dataset("run_events")["dtype"].to_pylist():
+            activation = "coalesce(activation, list_transform(activation_f16, lambda b: f16_to_float(b)))"
+        self.con.execute(f"CREATE VIEW {name} AS {_VIEWS[name].format(activation=activation)}")
+        self._views.add(name)
+
+    def _define_table(self, table: str) -> None:
+        if table in self._tables or table not in self._snapshots:
+            return
+        # Core tables sit behind the views; analysis tables (scores, ...) are shown as they are.
+        self.con.register(f"_{table}" if table in _CORE else table, self.dataset(table))
+        self._tables.add(table)
 
     def sql(self, text: str, params: dict | None = None, *, timeout: float | None = None) -> pa.Table:
         """Run one read-only statement and return its result as an Arrow table.
@@ -101,10 +165,11 @@ class QuerySession:
         Example: ``session.sql("SELECT count(*) FROM neurons", timeout=60)``.
         """
         self._check_read_only(text)
+        self._load(text)
         neuron_surface.prepare(self, text, params)
         with self.deadline(timeout):
             try:
-                return self.con.sql(text, params=params).to_arrow_table()
+                return self._relation(text, params).to_arrow_table()
             except duckdb.Error as error:
                 raise self._failure(error, timeout) from None
 
@@ -118,11 +183,12 @@ class QuerySession:
         reader is exhausted or dropped).
         """
         self._check_read_only(text)
+        self._load(text)
         neuron_surface.prepare(self, text, params)
         deadline = self.deadline(timeout)
         deadline.__enter__()
         try:
-            reader = self.con.sql(text, params=params).to_arrow_reader(rows)
+            reader = self._relation(text, params).to_arrow_reader(rows)
         except duckdb.Error as error:
             deadline.__exit__(None, None, None)
             raise self._failure(error, timeout) from None

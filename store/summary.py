@@ -2,38 +2,45 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
-import pyarrow.compute as pc
+from datetime import UTC, datetime, timedelta
+
 from hookpoints.store import tables
 from hookpoints.store.catalog import Store
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def run_summary(store: Store) -> list[dict]:
     """One row per run: settings, status, and how many examples and hook points it holds."""
     with store.query() as session:
-        return session.sql(
+        rows = session.sql(
             """
             SELECT r.run, r.model, r.task, r.pooling, r.dtype, r.status, r.shards_complete || '/' || r.shards AS shards,
                    (SELECT count(*) FROM examples e WHERE e.run = r.run) AS examples,
                    (SELECT count(*) FROM hooks h WHERE h.run = r.run) AS hooks,
-                   r.created_at,
+                   epoch_us(r.created_at) AS created_at,
                    CASE WHEN r.status <> 'complete' THEN r.message END AS message
             FROM runs r ORDER BY r.created_at
             """
         ).to_pylist()
+    # Microseconds, made a datetime here: pyarrow turns a zoned timestamp into Python by importing pandas (0.2-0.9 s).
+    for row in rows:
+        if row["created_at"] is not None:
+            row["created_at"] = _EPOCH + timedelta(microseconds=row["created_at"])
+    return rows
 
 
 def table_sizes(store: Store) -> list[dict]:
     """Files, rows and bytes of every table's current version."""
     rows = []
     for name in store.table_names():
-        actions = pa.table(tables.open_table(store.location, name).get_add_actions(flatten=True))
+        actions = tables.add_actions(tables.open_table(store.location, name))
         rows.append(
             {
                 "table": name,
                 "files": actions.num_rows,
-                "rows": int(pc.sum(actions["num_records"]).as_py() or 0),
-                "MiB": round((pc.sum(actions["size_bytes"]).as_py() or 0) / 2**20, 2),
+                "rows": sum(n or 0 for n in actions["num_records"].to_pylist()),  # no pyarrow.compute: 40 ms
+                "MiB": round(sum(n or 0 for n in actions["size_bytes"].to_pylist()) / 2**20, 2),
             }
         )
     return rows
