@@ -49,18 +49,10 @@ def progress() -> Progress:
 @contextmanager
 def counting(label: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
     """``(on_start, on_batch)`` callbacks driving a progress bar that appears only once work starts."""
-    bar = progress()
-    task = bar.add_task(label, start=False)
+    from hookpoints.progress_bar import bar_callbacks
 
-    def on_start(total: int) -> None:
-        bar.update(task, total=total)
-        bar.start()
-        bar.start_task(task)
-
-    try:
-        yield on_start, lambda n: bar.advance(task, n)
-    finally:
-        bar.stop()
+    with bar_callbacks(progress(), label) as callbacks:
+        yield callbacks
 
 
 def render(rows: pa.Table | list[dict], fmt: str = "table", *, title: str | None = None) -> None:

@@ -122,18 +122,11 @@ def _progress(label: str, show: bool) -> Iterator[tuple[Callable[[int], None], C
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from hookpoints.progress_bar import bar_callbacks
+
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    task = bar.add_task(label, start=False)
-
-    def on_start(total: int) -> None:
-        bar.update(task, total=total)
-        bar.start()
-        bar.start_task(task)
-
-    try:
-        yield on_start, lambda n: bar.advance(task, n)
-    finally:
-        bar.stop()
+    with bar_callbacks(bar, label) as callbacks:
+        yield callbacks
 
 
 def _one_line(error: Exception) -> str:
