@@ -1,7 +1,8 @@
 """Per-step cost of neuron edits during generation: the edit path before issue 16's change against after it.
 
-Both paths edit the same tensors from plain torch forward hooks around ``model.generate`` (what
-``HookedModel.generate_edited`` does when nothing is recorded):
+Both paths edit the same tensors from plain torch forward hooks around the transformers ``generate`` (what
+``HookedModel.generate_edited`` does when nothing is recorded); "plain generate" is the same call without hooks
+(``generate_edited`` with no edit: ``model.generate`` also keeps a logits fingerprint, one more hook per step):
 
 - **before**: main's code up to commit 4195983, kept verbatim below (``legacy_apply_edit``): one hook per edit,
   ``movedim`` + an advanced-indexing ``__setitem__`` (``index_put_``) per call, values cached per edit;
@@ -15,13 +16,15 @@ every text-decoder layer, replaced at every step; one sentence, greedy, exactly 
   the per-op and per-hook host cost (on a GPU: Python + kernel launches);
 - ``medium`` (a realistic CPU case): 6 decoder layers of the large checkpoint's sizes (d_model 1,024, FFN 8,192).
 
-Reported: ms per new token (best and median of interleaved repeats), x plain, us per edited hook call
-((edited - plain) / (edited hook calls)), and aten ops per edited hook per step counted with a TorchDispatchMode
+Reported: this thread's CPU time per new token (``time.thread_time``: torch runs on this one thread, and CPU time
+is far steadier than wall time on a shared machine; on a GPU this thread's time is what a launch-bound step
+waits for), best and median of interleaved repeats, x plain; wall time too; us per edited hook call ((edited -
+plain) / edited hook calls per step); and aten ops per edited hook per step counted with a TorchDispatchMode
 (the difference of 2 and 6 new tokens, so one-off work cancels). All three edited runs (before, after, and an
 independent index-assignment reference) must give the same tokens.
 
-Run: ``.venv/bin/python bench/edit_overhead.py [--tokens 32] [--repeats 7] [--sizes tiny medium]``
-(about 1 minute on 2 shared cores); results in docs/bench-interventions.md and docs/benchmarks.md.
+Run: ``.venv/bin/python bench/edit_overhead.py [--tokens 32] [--repeats 11] [--sizes tiny medium]``
+(about 2 minutes on 2 shared cores); results in docs/bench-interventions.md and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def with_hooks(model, edits, hook_of):
     def run(inputs, prompt, tokens):
         handles = [model.model.get_submodule(e.point.module).register_forward_hook(hook_of(e)) for e in edits]
         try:
-            return model.generate(inputs, prompt, tokens)
+            return model.generate_edited(inputs, prompt, [], tokens)[0]  # HF generate, as the after path runs it
         finally:
             for handle in handles:
                 handle.remove()
@@ -150,7 +153,7 @@ def measure(size: str, args) -> dict:
         return hook
 
     cases = {
-        "plain generate": lambda i, p, n: model.generate(i, p, n),
+        "plain generate": lambda i, p, n: model.generate_edited(i, p, [], n)[0],
         "before (per-edit index_put_)": with_hooks(model, edits, lambda e: lambda m, a, out: legacy_apply_edit(out, e)),
         "after (generate_edited)": lambda i, p, n: model.generate_edited(i, p, edits, n)[0],
     }
@@ -169,40 +172,45 @@ def measure(size: str, args) -> dict:
             counts.append(counter.count)
         ops[name] = (counts[1] - counts[0]) / 4
     model.model.generation_config.min_new_tokens = args.tokens
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    times: dict[str, list[float]] = {name: [] for name in cases}  # this thread's CPU seconds per token
+    wall: dict[str, list[float]] = {name: [] for name in cases}
     load_before = os.getloadavg()[0]
     for _ in range(args.repeats):
         for name, case in cases.items():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             case(inputs, prompt, args.tokens)
-            times[name].append((time.perf_counter() - start) / args.tokens)
+            times[name].append((time.thread_time() - cpu) / args.tokens)
+            wall[name].append((time.perf_counter() - start) / args.tokens)
     load_after = os.getloadavg()[0]
     return {"size": size, "params_m": sum(p.numel() for p in model.model.parameters()) / 1e6, "edits": len(edits),
             "neurons": sum(len(e.neurons) for e in edits), "hooks_per_step": hooks_per_step, "ops": ops,
-            "times": times, "load": (load_before, load_after)}  # fmt: skip
+            "times": times, "wall": wall, "load": (load_before, load_after)}  # fmt: skip
 
 
 def report(result: dict, args) -> str:
     times, ops = result["times"], result["ops"]
     best = {name: min(values) for name, values in times.items()}
     median = {name: statistics.median(values) for name, values in times.items()}
+    wall = {name: statistics.median(values) for name, values in result["wall"].items()}
     plain = "plain generate"
     lines = [
         f"**{result['size']}** ({result['params_m']:,.1f} M parameters): {result['neurons']} neurons in "
         f"{result['edits']} hook points, {result['hooks_per_step']} edited per step; load average "
         f"{result['load'][0]:.1f} before, {result['load'][1]:.1f} after",
         "",
-        f"| path | ms per token, best of {args.repeats} | median | x plain (best) | x plain (median) "
-        "| us per edited hook call (median) | aten ops per edited hook per step |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| path | CPU ms per token, best / median of {args.repeats} | x plain (best / median) "
+        "| wall ms per token (median) | us per edited hook call (best / median) | aten ops per edited hook per step |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    hooks = max(result["hooks_per_step"], 1)
     for name in times:
-        extra = (median[name] - median[plain]) / max(result["hooks_per_step"], 1) * 1e6
-        per_hook = (ops[name] - ops[plain]) / max(result["hooks_per_step"], 1)
-        cells = "" if name == plain else f"{extra:.1f} | {per_hook:.2f}"
+        extra = [(chosen[name] - chosen[plain]) / hooks * 1e6 for chosen in (best, median)]
+        per_hook = (ops[name] - ops[plain]) / hooks
+        cells = "- | -" if name == plain else f"{extra[0]:.1f} / {extra[1]:.1f} | {per_hook:.2f}"
         lines.append(
-            f"| {name} | {best[name] * 1e3:.2f} | {median[name] * 1e3:.2f} | {best[name] / best[plain]:.3f}x "
-            f"| {median[name] / median[plain]:.3f}x | {cells or '- | -'} |"
+            f"| {name} | {best[name] * 1e3:.2f} / {median[name] * 1e3:.2f} "
+            f"| {best[name] / best[plain]:.3f}x / {median[name] / median[plain]:.3f}x | {wall[name] * 1e3:.2f} "
+            f"| {cells} |"
         )
     return "\n".join(lines)
 
@@ -210,7 +218,7 @@ def report(result: dict, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--neurons", type=int, default=1000)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "medium"], choices=list(SIZES))
     args = parser.parse_args()

@@ -92,25 +92,55 @@ def placed(edit: NeuronEdit, block: torch.Size, device: torch.device, dtype: tor
         values = torch.zeros(neuron_shape, dtype=dtype, device=device)
         mask.view(-1)[flat] = True
         values.view(-1)[flat] = edit.values.to(device, dtype)
-        edit._placed[key] = Placed(mask.view(block), values.view(block), edit.add)
+        edit._placed[key] = Placed(mask.view(block), values.view(block), edit.add, point.time_axis)
     return edit._placed[key]
 
 
-@dataclass(frozen=True)
+#: Most elements a tensor may have for an edit by ``where`` (which reads and writes every element, one op) rather
+#: than by indexed assignment (which touches only the edited neurons but costs ~3x the host time per call). A
+#: decoder step's tensors (batch x 1 position) are far below either; a long forward pass is above. On a GPU a
+#: ``where`` over 4 M elements streams ~16 MB, a few microseconds, about one kernel launch (an estimate: no GPU
+#: measured it); on a CPU one over 16 k elements costs about what the indexed assignment does (bench/edit_overhead.py).
+WHERE_MAX = {"cpu": 1 << 14}
+WHERE_MAX_OTHER = 1 << 22
+
+
 class Placed:
     """An edit (or several merged) ready to apply: ``[*block]`` mask and values (or shifts, with ``add``)."""
 
-    mask: torch.Tensor  # [*block] bool: the edited neurons
-    values: torch.Tensor  # [*block]: their values (0 elsewhere)
-    add: bool
+    def __init__(self, mask: torch.Tensor, values: torch.Tensor, add: bool, time_axis: int | None):
+        self.mask = mask  # [*block] bool: the edited neurons (block: the tensor's shape, batch dropped, time 1)
+        self.values = values  # [*block]: their values (0 elsewhere)
+        self.add = add
+        self.time_axis = time_axis
+        self.most = WHERE_MAX.get(mask.device.type, WHERE_MAX_OTHER)
+        self._indexed: tuple | None = None  # (one [k] index per neuron axis, [k] values), made when first needed
 
     def apply(self, tensor: torch.Tensor) -> None:
-        """One in-place ``where`` (one kernel; two with ``add``): the values at the mask, the tensor elsewhere."""
+        """One in-place ``where`` (one kernel; two with ``add``): the values at the mask, the tensor elsewhere;
+        an indexed assignment on tensors over ``WHERE_MAX`` elements."""
+        if tensor.numel() > self.most:
+            return self._apply_indexed(tensor)
         new = tensor + self.values if self.add else self.values
         if tensor.requires_grad:  # out= does not take part in autograd; an in-place copy does
             tensor.copy_(torch.where(self.mask, new, tensor))
         else:
             torch.where(self.mask, new, tensor, out=tensor)
+
+    def _apply_indexed(self, tensor: torch.Tensor) -> None:
+        if self._indexed is None:
+            mask, values = self.mask, self.values  # [*neurons], with the time axis' 1 dropped below
+            if self.time_axis is not None:
+                mask, values = mask.squeeze(self.time_axis - 1), values.squeeze(self.time_axis - 1)
+            coordinates = mask.nonzero(as_tuple=True)  # once per placement (a host sync on a GPU)
+            self._indexed = (coordinates, values[coordinates])
+        coordinates, values = self._indexed
+        if self.time_axis is None:
+            view, lead = tensor, 1  # [batch, *neurons]
+        else:
+            view, lead = tensor.movedim(self.time_axis, 1), 2  # [batch, pos, *neurons] (a view of the tensor)
+        where = (slice(None),) * lead + coordinates
+        view[where] = view[where] + values if self.add else values
 
     def then(self, later: Placed) -> Placed | None:
         """This edit followed by ``later`` as one, or None where they cannot merge exactly (a replacement and a
@@ -118,7 +148,7 @@ class Placed:
         if self.add != later.add or (self.add and bool((self.mask & later.mask).any())):
             return None
         values = self.values + later.values if self.add else torch.where(later.mask, later.values, self.values)
-        return Placed(self.mask | later.mask, values, self.add)
+        return Placed(self.mask | later.mask, values, self.add, self.time_axis)
 
 
 class EditGroup:

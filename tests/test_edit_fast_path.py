@@ -173,6 +173,43 @@ def test_fused_slices_and_layouts_merge_into_one_op():
     assert len(first.ops) > 1  # placing the masks happens on the first call only
 
 
+def _point(**kw) -> HookPoint:
+    return HookPoint(**{"name": "h", "module": "m", **kw})
+
+
+LAYOUTS = [  # (shape with batch 2 and `pos` positions, hook point); neurons numbered as in the store
+    (lambda pos: (2, pos, 8), _point(width=8, neuron_axis=2, time_axis=1)),  # [batch, pos, width]
+    (lambda pos: (2, 8, pos), _point(width=8, neuron_axis=1, time_axis=2)),  # Conformer conv: [batch, chan, time]
+    (lambda pos: (2, pos, 4, 2), _point(width=8, neuron_axis=2, time_axis=1, heads=4)),  # per head
+    (lambda pos: (2, pos, 24), _point(width=8, neuron_axis=2, time_axis=1, part=(2, 3))),  # fused qkv: v
+    (lambda pos: (2 * pos, 8), _point(width=8, neuron_axis=1)),  # one vector per example (batch 2 x pos)
+]
+
+
+@pytest.mark.parametrize("positions", [3, 5000])  # a decoder step's few elements (where) and a long pass (indexed)
+@pytest.mark.parametrize(("shape", "point"), LAYOUTS)
+def test_both_edit_kernels_equal_index_assignment(shape, point, positions):
+    tensor = torch.randn(shape(positions))
+    assert (tensor.numel() > 1 << 14) == (positions > 3)  # the two sizes take the two kernels
+    set_first = NeuronEdit(point, torch.tensor([6, 1, 3]), torch.tensor([10.0, -2.0, 0.5]))
+    set_later = NeuronEdit(point, torch.tensor([3, 7]), torch.tensor([4.0, 8.0]))  # overlaps at 3: wins
+    shift = NeuronEdit(point, torch.tensor([7, 0]), torch.tensor([1.5, -1.0]), add=True)
+    expected = tensor.clone()  # by hand: the cache layout [batch, pos, width], neurons as the store numbers them
+    view = expected.unsqueeze(1) if point.time_axis is None else expected.movedim(point.time_axis, 1)
+    flat = view.reshape(*view.shape[:2], -1).clone()
+    offset = point.part[0] * point.width if point.part else 0
+    for edit in (set_first, set_later, shift):
+        index = edit.neurons + offset
+        flat[..., index] = flat[..., index] + edit.values if edit.add else edit.values
+    expected.copy_(flat.reshape(view.shape).squeeze(1) if point.time_axis is None
+                   else flat.reshape(view.shape).movedim(1, point.time_axis))  # fmt: skip
+    group = EditGroup([set_first, set_later, shift])
+    group.apply(tensor)
+    assert torch.equal(tensor, expected)
+    assert len(group.steps(tensor)) == 2  # the replacements merged; the shift after them
+    assert all((step._indexed is not None) == (positions > 3) for step in group.steps(tensor))  # which kernel ran
+
+
 def test_edits_keep_autograd_working():
     point = HookPoint(name="h", module="m", width=4, neuron_axis=2, time_axis=1)
     x = torch.randn(1, 3, 4, requires_grad=True)
