@@ -7,7 +7,8 @@ Both paths edit the same tensors from plain torch forward hooks around the trans
 - **before**: main's code up to commit 4195983, kept verbatim below (``legacy_apply_edit``): one hook per edit,
   ``movedim`` + an advanced-indexing ``__setitem__`` (``index_put_``) per call, values cached per edit;
 - **after**: ``generate_edited`` now: one hook per edited tensor, one in-place ``torch.where`` from a mask and
-  values placed once (hookpoints.editing.EditGroup).
+  values placed once (hookpoints.editing.EditGroup);
+- **floor**: the same hooks doing nothing: what any torch-hook edit costs before it edits anything.
 
 Model: SeamlessM4T v2 text to text, random weights, 1,000 neurons drawn (seed 1234) over every Table 1 component of
 every text-decoder layer, replaced at every step; one sentence, greedy, exactly N new tokens. Two sizes:
@@ -142,6 +143,7 @@ def measure(size: str, args) -> dict:
     inputs = model.source_inputs(["The quick brown fox jumps over the lazy dog near the river bank."], ["eng"])
     prompt = model.decoder_prompt(["deu"])
     edits = median_replacement(model, sizes["decoder_layers"], args.neurons)
+    one_per_module = list({edit.point.module: edit for edit in edits}.values())  # the hooks the after path adds
     every_step = model.modules_run_every_step(inputs, prompt)
     hooks_per_step = sum(edit.point.module in every_step for edit in edits)
 
@@ -156,11 +158,12 @@ def measure(size: str, args) -> dict:
         "plain generate": lambda i, p, n: model.generate_edited(i, p, [], n)[0],
         "before (per-edit index_put_)": with_hooks(model, edits, lambda e: lambda m, a, out: legacy_apply_edit(out, e)),
         "after (generate_edited)": lambda i, p, n: model.generate_edited(i, p, edits, n)[0],
+        "floor: empty hooks, no edit": with_hooks(model, one_per_module, lambda e: lambda m, a, out: None),
     }
     model.model.generation_config.min_new_tokens = args.tokens
     tokens = {name: case(inputs, prompt, args.tokens).sequences for name, case in cases.items()}  # warm up
     reference = with_hooks(model, edits, reference_hook)(inputs, prompt, args.tokens).sequences
-    for name in list(cases)[1:]:
+    for name in list(cases)[1:3]:
         assert torch.equal(tokens[name], reference), f"{name} generates other tokens than index assignments"
     ops = {}
     for name, case in cases.items():  # aten ops per step: 6 tokens minus 2 tokens, over 4 steps

@@ -186,11 +186,25 @@ class EditGroup:
         """Edit the hook's tensor (the value itself, or the first tensor in a tuple) in place."""
         tensor = value if type(value) is torch.Tensor else first_tensor(value)
         key = (tensor.shape, tensor.dtype, tensor.device)
-        steps = self._seen.get(key)
-        if steps is None:
-            steps = self._seen[key] = self.steps(tensor)
+        seen = self._seen.get(key)
+        if seen is None:
+            steps = self.steps(tensor)
+            one = steps[0] if len(steps) == 1 and not steps[0].add and tensor.numel() <= steps[0].most else None
+            seen = self._seen[key] = (one, steps)  # `one`: a single replacement by where (the usual case)
+        one, steps = seen
+        if one is not None and not tensor.requires_grad:
+            torch.where(one.mask, one.values, tensor, out=tensor)  # what one.apply does, without its checks
+            return
         for step in steps:
             step.apply(tensor)
+
+    def output_hook(self, module, args, output) -> None:
+        """A torch forward hook editing the module's output: ``module.register_forward_hook(group.output_hook)``."""
+        self.apply(output)
+
+    def input_hook(self, module, args) -> None:
+        """A torch forward pre-hook editing the module's first input."""
+        self.apply(args)
 
 
 def groups(edits: list[NeuronEdit]) -> dict[tuple[str, str], EditGroup]:

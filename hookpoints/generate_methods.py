@@ -174,9 +174,9 @@ class GenerationMethods:
         handles = []
         for (path, io), group in groups(edits).items():
             if io == "output":
-                handles.append(modules[path].register_forward_hook(lambda m, a, out, apply=group.apply: apply(out)))
+                handles.append(modules[path].register_forward_hook(group.output_hook))
             else:
-                handles.append(modules[path].register_forward_pre_hook(lambda m, args, apply=group.apply: apply(args)))
+                handles.append(modules[path].register_forward_pre_hook(group.input_hook))
         collector = TokenCollector()
         kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
         try:
