@@ -185,6 +185,8 @@ class EditGroup:
     def apply(self, value) -> None:
         """Edit the hook's tensor (the value itself, or the first tensor in a tuple) in place."""
         tensor = value if type(value) is torch.Tensor else first_tensor(value)
+        if tensor is None:
+            raise UserError(f"hook {self.point.name}: module {self.point.module} passed no tensor to edit")
         key = (tensor.shape, tensor.dtype, tensor.device)
         seen = self._seen.get(key)
         if seen is None:

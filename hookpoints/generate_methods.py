@@ -129,7 +129,7 @@ class GenerationMethods:
             if point.module not in modules:
                 raise UserError(f"hook {point.name} is on module {point.module}, which this model does not have")
         if not record and not self.remote:
-            return self._generate_with_torch_hooks(inputs, prompt, edits, max_new_tokens), {}
+            return self._generate_with_torch_hooks(inputs, prompt, edits, max_new_tokens, modules), {}
         every_step = self.modules_run_every_step(inputs, prompt)
         by_point: dict[str, list[NeuronEdit]] = {}
         for edit in edits:
@@ -164,13 +164,12 @@ class GenerationMethods:
         return generation, recorded
 
     def _generate_with_torch_hooks(
-        self, inputs: ModelInputs, prompt: torch.Tensor, edits: list[NeuronEdit], max_new_tokens: int
+        self, inputs: ModelInputs, prompt: torch.Tensor, edits: list[NeuronEdit], max_new_tokens: int, modules: dict
     ) -> Generation:
         """:meth:`generate_edited` without recording: the same edits on the same tensors at every call, from plain
         torch hooks (nnsight's per-edit hand-off costs ~0.1 ms per hook point and step, which dominates a small
         model's step; bench/whisper_interventions.py). One hook per edited tensor, which makes one in-place
         ``where`` per call from masks placed once (hookpoints.editing.EditGroup; bench/edit_overhead.py)."""
-        modules = dict(self.model.named_modules())
         handles = []
         for (path, io), group in groups(edits).items():
             if io == "output":
