@@ -4,8 +4,10 @@ An edit names neurons by their index in the hook's vector (the index the store's
 ``scores`` use), whatever the tensor's layout: ``[batch, pos, width]`` projections, a Conformer conv's
 ``[batch, channels, time]``, ``[batch, pos, heads, d_head]`` attention heads, or one slice of a fused
 projection (``part``). :func:`apply_edit` changes the module's tensor in place, so everything after the hook
-point reads the edited values. ``HookedModel.generate_edited`` applies edits through nnsight during
-generation.
+point reads the edited values. The edits of one tensor form an :class:`EditGroup`: a mask and values placed
+once on the tensor's device and dtype, then one in-place ``torch.where`` per call (a decoder step's cost is one
+aten op per edited tensor; tests/test_edit_fast_path.py, bench/edit_overhead.py). ``HookedModel.generate_edited``
+applies them from torch hooks, or through nnsight when it also records.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ def block_shape(tensor: torch.Tensor, point: HookPoint) -> torch.Size:
 
 
 def placed(edit: NeuronEdit, block: torch.Size, device: torch.device, dtype: torch.dtype) -> Placed:
-    """The edit as a ``(mask, values)`` pair of ``block`` shape on ``device`` in ``dtype``: True and the edit's
-    value at its neurons, False and 0 elsewhere. Made and copied once per device, dtype and shape, then reused
+    """The edit as a :class:`Placed` mask and values of ``block`` shape on ``device`` in ``dtype``: True and the
+    edit's value at its neurons, False and 0 elsewhere. Made and copied once per device, dtype and shape, then reused
     at every call and generation step (no copy, no allocation per step)."""
     key = (device, dtype, tuple(block))
     if key not in edit._placed:
