@@ -70,22 +70,19 @@ def write_parts(
             encodings[body.schema] = tables.pyarrow_encodings(body.schema)
         folder = "/".join(f"{key}={quote(str(value), safe='')}" for key, value in zip(keys, values, strict=True))
         path = (folder + "/" if folder else "") + f"part-{uuid.uuid4()}.zstd.parquet"
-        encoded = pa.BufferOutputStream()  # the whole file first: a kill never leaves half of one behind
-        pq.write_table(
-            body,
-            encoded,
-            compression="zstd",
-            compression_level=1,
-            row_group_size=rows_per_group,
-            write_page_checksum=True,
-            **encodings[body.schema],
-        )
-        contents = encoded.getvalue()
         if folder:
             filesystem.create_dir(folder, recursive=True)
-        with filesystem.open_output_stream(path) as sink:
-            sink.write(contents)  # one write (one PUT on S3)
-        size = contents.size
+        if location.is_local:  # the whole file in memory first, then one write: a kill leaves no half file
+            encoded = pa.BufferOutputStream()
+            _encode(body, encoded, rows_per_group, encodings[body.schema])
+            contents = encoded.getvalue()
+            with filesystem.open_output_stream(path) as sink:
+                sink.write(contents)
+            size = contents.size
+        else:  # an object store: the object appears whole when the stream closes
+            with filesystem.open_output_stream(path) as sink:
+                _encode(body, sink, rows_per_group, encodings[body.schema])
+            size = filesystem.get_file_info(path).size
         partition = {key: None if value is None else str(value) for key, value in zip(keys, values, strict=True)}
         return AddAction(path, size, partition, int(time.time() * 1000), True, _stats(body))
 
@@ -98,6 +95,19 @@ def write_parts(
         for future in futures:  # on an error: written files stay unreferenced (vacuum removes them)
             future.cancel()
         wait(futures)
+
+
+def _encode(body: pa.Table, sink, rows_per_group: int, encodings: dict) -> None:
+    """Parquet with a CRC on every page, zstd level 1, the table's row group size and vector encodings."""
+    pq.write_table(
+        body,
+        sink,
+        compression="zstd",
+        compression_level=1,
+        row_group_size=rows_per_group,
+        write_page_checksum=True,
+        **encodings,
+    )
 
 
 def _partitions(data: pa.Table, keys: list[str]):
