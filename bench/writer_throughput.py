@@ -11,7 +11,8 @@ interleaved round by round:
 - ``bg w1`` / ``bg wN``: flushes in a background thread, per-hook files written by 1 / N threads.
 
 Then a producer slower than the writer (it sleeps ``--produce`` seconds per batch, as a recorder waits on its
-GPU): the seconds ``add`` blocked it, summed, for ``before`` and ``bg``.
+GPU; default 1.5x the ``before`` writer's time per batch): the seconds ``add`` blocked it, summed, for
+``before`` and the last ``bg`` writer, and the seconds ``finish`` waited for the last flush.
 
 Run: ``.venv/bin/python bench/writer_throughput.py [--rounds 2] [--shapes seamless,llama] [--dtypes float16]
 [--batches 3] [--workers 2]`` (about 2 minutes on 2 cores). At full scale (a 16-core GPU machine):
@@ -84,8 +85,8 @@ def batches(widths: list[int], count: int, seed: int = 0):
         yield pa.table({"example_id": ids}), {f"h{i:03d}": HookRows(ids, pool[w]) for i, w in enumerate(widths)}
 
 
-def run_once(way: str, old, widths, dtype: str, count: int, scratch: Path, produce: float = 0.0) -> tuple[float, float]:
-    """(seconds through add + finish, seconds add blocked the producer) for one writer."""
+def run_once(way: str, old, widths, dtype: str, count: int, scratch: Path, produce: float = 0.0) -> tuple:
+    """(seconds through add + finish, seconds ``add`` blocked the producer, seconds ``finish`` took)."""
     folder = scratch / "store"
     shutil.rmtree(folder, ignore_errors=True)
     store = Store.open(folder, create=True)
@@ -107,11 +108,11 @@ def run_once(way: str, old, widths, dtype: str, count: int, scratch: Path, produ
     at = time.perf_counter()
     writer.finish()
     seconds = time.perf_counter() - started
-    blocked += time.perf_counter() - at
+    finishing = time.perf_counter() - at
     rows = store.dataset("activations").count_rows()
     if rows != count * BATCH * len(widths):
         raise RuntimeError(f"{way}: {rows} activation rows stored, {count * BATCH * len(widths)} expected")
-    return seconds, blocked
+    return seconds, blocked, finishing
 
 
 def main() -> None:
@@ -121,7 +122,12 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float16,float32")
     parser.add_argument("--batches", type=int, default=3, help="batches of 32 examples per writer (a flush each)")
     parser.add_argument("--workers", default="2", help="thread counts to compare besides 1, comma-separated")
-    parser.add_argument("--produce", type=float, default=2.0, help="producer seconds per batch (0: skip)")
+    parser.add_argument(
+        "--produce",
+        type=float,
+        default=0.0,
+        help="producer seconds per batch (default: 1.5x the 'before' writer's seconds per batch)",
+    )
     parser.add_argument("--base", default="4195983", help="the commit whose writer is 'before'")
     args = parser.parse_args()
     old = old_writer(args.base)
@@ -132,15 +138,15 @@ def main() -> None:
         for _ in range(args.rounds):
             for case in cases:
                 for way in ways:
-                    seconds, _ = run_once(way, old, SHAPES[case[0]], case[1], args.batches, Path(scratch))
+                    seconds, *_ = run_once(way, old, SHAPES[case[0]], case[1], args.batches, Path(scratch))
                     times[case, way].append(seconds)
-        blocked = {}
-        if args.produce:
-            case = cases[0]
-            for way in ("before", ways[-1]) * args.rounds:
-                blocked.setdefault(way, []).append(
-                    run_once(way, old, SHAPES[case[0]], case[1], args.batches, Path(scratch), args.produce)
-                )
+                    print(f"{case} {way}: {seconds:.2f} s", file=sys.stderr, flush=True)
+        blocked, case = {}, cases[0]
+        produce = args.produce or 1.5 * statistics.median(times[case, "before"]) / args.batches
+        for way in ("before", ways[-1]) * args.rounds:
+            blocked.setdefault(way, []).append(
+                run_once(way, old, SHAPES[case[0]], case[1], args.batches, Path(scratch), produce)
+            )
     print(f"| shape | dtype | MB per flush | {' | '.join(ways)} |")
     print("|---|---|---:|" + "---:|" * len(ways))
     for shape, dtype in cases:
@@ -151,13 +157,12 @@ def main() -> None:
             seconds = statistics.median(times[(shape, dtype), way])
             cells.append(f"{megabytes * args.batches / seconds:.0f} MB/s ({base / seconds:.2f}x)")
         print(f"| {shape} ({len(SHAPES[shape])} hooks) | {dtype} | {megabytes:.0f} | {' | '.join(cells)} |")
+    print(f"\nA producer slower than the writer ({produce:.2f} s per batch; {case[0]}, {case[1]}), medians:\n")
+    print("| writer | seconds in all | add blocked the producer | per batch | finish |")
+    print("|---|---:|---:|---:|---:|")
     for way, results in blocked.items():
-        total = statistics.median(seconds for seconds, _ in results)
-        waits = statistics.median(wait for _, wait in results)
-        print(
-            f"producer {args.produce:.1f} s/batch, {cases[0]}, {way}: {total:.1f} s in all, add + finish blocked "
-            f"{waits:.2f} s ({waits / args.batches:.2f} s per batch)"
-        )
+        total, waits, finishing = (statistics.median(column) for column in zip(*results, strict=True))
+        print(f"| {way} | {total:.1f} | {waits:.2f} s | {waits / args.batches:.2f} s | {finishing:.2f} s |")
 
 
 if __name__ == "__main__":
