@@ -1,9 +1,9 @@
 """The run writer's throughput (issue 16): stored value bytes per second through ``add`` + ``finish``.
 
-Every Table 1 hook point of a Seamless-sized model (720 hooks, 1,105,920 values per example) or a Llama-1B
--sized one (291 hooks, 763,904 values per example), batches of 32 pooled examples, the default 64 MiB buffer
-(so every batch is one flush, as in bench/gpu.py), on a fresh local store. Writers compared in one run,
-interleaved round by round:
+Every Table 1 hook point of a Seamless-sized model (720 hooks, 1,105,920 values per example) or a
+Llama-1B-sized one (291 hooks, 763,904 values per example), batches of 32 pooled examples, the default
+64 MiB buffer (so every batch is one flush, as in bench/gpu.py; ``--buffer-mb`` to change it), on a fresh
+local store. Writers compared in one run, interleaved round by round:
 
 - ``before``: the writer of the commit this branch started from (``--base``, read with ``git show``):
   synchronous, one Parquet file after the other;
@@ -42,6 +42,7 @@ SHAPES = {  # hook widths: Table 1 of each model (FFN 4,096 / 8,192; d_model 1,0
     "llama": [2048] * 160 + [8192] * 48 + [512] * 83,
 }
 ROOT = Path(__file__).resolve().parent.parent
+BUFFER_MB = 64  # the default (store.writer.DEFAULT_BUFFER_BYTES); --buffer-mb
 
 
 def old_writer(base: str):
@@ -93,10 +94,13 @@ def run_once(way: str, old, widths, dtype: str, count: int, scratch: Path, produ
     options = dict(settings={"model": "m", "task": "forward", "pooling": "mean", "dtype": dtype}, config={},
                    hooks=hooks_of(widths), examples_schema=pa.schema([("example_id", pa.string())]))  # fmt: skip
     if way == "before":
-        writer = old.open_run(store, "r", **options)
+        writer = old.open_run(store, "r", **options, max_buffer_bytes=BUFFER_MB * 2**20)
     else:
         workers = 1 if way == "serial" else int(way.removeprefix("bg w"))
-        writer = open_run(store, "r", workers=workers, background=way != "serial", **options)
+        background = way != "serial"
+        writer = open_run(
+            store, "r", workers=workers, background=background, max_buffer_bytes=BUFFER_MB * 2**20, **options
+        )
     blocked = 0.0
     started = time.perf_counter()
     for examples, rows in batches(widths, count):
@@ -129,7 +133,10 @@ def main() -> None:
         help="producer seconds per batch (default: 1.5x the 'before' writer's seconds per batch)",
     )
     parser.add_argument("--base", default="4195983", help="the commit whose writer is 'before'")
+    parser.add_argument("--buffer-mb", type=int, default=64, help="the writer's buffer (MiB of float32 values)")
     args = parser.parse_args()
+    global BUFFER_MB
+    BUFFER_MB = args.buffer_mb
     old = old_writer(args.base)
     ways = ["before", "serial", "bg w1", *(f"bg w{n}" for n in args.workers.split(",") if n.strip() != "1")]
     cases = [(shape, dtype) for shape in args.shapes.split(",") for dtype in args.dtypes.split(",")]
@@ -147,7 +154,7 @@ def main() -> None:
             blocked.setdefault(way, []).append(
                 run_once(way, old, SHAPES[case[0]], case[1], args.batches, Path(scratch), produce)
             )
-    print(f"| shape | dtype | MB per flush | {' | '.join(ways)} |")
+    print(f"| shape | dtype | MB per batch | {' | '.join(ways)} |")
     print("|---|---|---:|" + "---:|" * len(ways))
     for shape, dtype in cases:
         megabytes = BATCH * sum(SHAPES[shape]) * (2 if dtype == "float16" else 4) / 1e6
