@@ -239,3 +239,48 @@ def test_a_bad_thread_count_is_refused_before_anything_is_written(store, workers
     with pytest.raises(UserError, match="workers must be a whole number of threads, at least 1"):
         _open(store, workers=workers)
     assert store.run_info("r") is None
+
+
+def test_a_recording_whose_background_flush_fails_says_so_in_one_line_and_resumes(
+    run_cli, gpt2_dir, texts_manifest, tmp_path, monkeypatch
+):
+    """Through the recorder and the CLI: the flush error is the command's one-line error, the run is logged
+    failed, what was committed stays, and --resume records the rest exactly once."""
+    from hookpoints.store.catalog import Store
+
+    manifest = texts_manifest(12)
+    where = tmp_path / "store"
+    args = ["record", "--model", str(gpt2_dir), "--data", str(manifest), "--store", str(where), "--run", "r",
+            "--hooks", "blocks.0.hook_resid_post", "--hooks", "blocks.1.hook_mlp_out", "--batch-size", "3",
+            "--buffer-mb", "0"]  # fmt: skip
+    _failing_once(monkeypatch, at_call=2, error=OSError("no space left on device"))
+    code, _, err = run_cli(*args)
+    assert code != 0 and "no space left on device" in err
+    assert "Traceback" not in err
+    store = Store.open(where)
+    assert store.run_info("r").status == "failed"
+    before = store.recorded_example_ids("r", 2)
+    assert before  # the first flush's examples were committed and stay
+    monkeypatch.undo()
+    code, out, err = run_cli(*args, "--resume")
+    assert code == 0, err
+    ids = [json.loads(line)["id"] for line in manifest.read_text().splitlines()]
+    assert_exactly_once(store, "r", ids, 2)
+    assert store.run_info("r").status == "complete"
+
+
+def test_float16_values_are_stored_as_given(store):
+    """A recorder may cast to float16 on its device: the writer stores those bits, the same as its own cast."""
+    from hookpoints.store.catalog import Store
+
+    runs = {}
+    for name, given in (("given", True), ("cast", False)):
+        writer = _open(store, dtype="float16", run=name)
+        for examples, rows in _batches(2, 3):
+            if given:
+                with np.errstate(over="ignore"):
+                    rows = {h: HookRows(r.example_ids, r.values.astype(np.float16)) for h, r in rows.items()}
+            writer.add(examples, rows)
+        writer.finish()
+        runs[name] = _comparable(_stored(Store.open(store.location.uri), name))
+    assert runs["given"] == runs["cast"] and len(runs["given"]) == 2 * 3 * len(HOOKS)
