@@ -87,7 +87,8 @@ def batches(widths: list[int], count: int, seed: int = 0):
 
 
 def run_once(way: str, old, widths, dtype: str, count: int, scratch: Path, produce: float = 0.0) -> tuple:
-    """(seconds through add + finish, seconds ``add`` blocked the producer, seconds ``finish`` took)."""
+    """(seconds through add + finish, seconds ``add`` blocked the producer, seconds ``finish`` took, CPU
+    seconds of the process meanwhile: every thread's, less the producer's sleep)."""
     folder = scratch / "store"
     shutil.rmtree(folder, ignore_errors=True)
     store = Store.open(folder, create=True)
@@ -102,7 +103,7 @@ def run_once(way: str, old, widths, dtype: str, count: int, scratch: Path, produ
             store, "r", workers=workers, background=background, max_buffer_bytes=BUFFER_MB * 2**20, **options
         )
     blocked = 0.0
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for examples, rows in batches(widths, count):
         if produce:
             time.sleep(produce)  # the GPU computing the next batch (the GIL is free meanwhile)
@@ -113,10 +114,11 @@ def run_once(way: str, old, widths, dtype: str, count: int, scratch: Path, produ
     writer.finish()
     seconds = time.perf_counter() - started
     finishing = time.perf_counter() - at
+    cpu = time.process_time() - cpu
     rows = store.dataset("activations").count_rows()
     if rows != count * BATCH * len(widths):
         raise RuntimeError(f"{way}: {rows} activation rows stored, {count * BATCH * len(widths)} expected")
-    return seconds, blocked, finishing
+    return seconds, blocked, finishing, cpu
 
 
 def main() -> None:
@@ -141,12 +143,14 @@ def main() -> None:
     ways = ["before", "serial", "bg w1", *(f"bg w{n}" for n in args.workers.split(",") if n.strip() != "1")]
     cases = [(shape, dtype) for shape in args.shapes.split(",") for dtype in args.dtypes.split(",")]
     times: dict = {(case, way): [] for case in cases for way in ways}
+    cpus: dict = {(case, way): [] for case in cases for way in ways}
     with tempfile.TemporaryDirectory() as scratch:
         for _ in range(args.rounds):
             for case in cases:
                 for way in ways:
-                    seconds, *_ = run_once(way, old, SHAPES[case[0]], case[1], args.batches, Path(scratch))
+                    seconds, _, _, cpu = run_once(way, old, SHAPES[case[0]], case[1], args.batches, Path(scratch))
                     times[case, way].append(seconds)
+                    cpus[case, way].append(cpu)
                     print(f"{case} {way}: {seconds:.2f} s", file=sys.stderr, flush=True)
         blocked, case = {}, cases[0]
         produce = args.produce or 1.5 * statistics.median(times[case, "before"]) / args.batches
@@ -164,11 +168,20 @@ def main() -> None:
             seconds = statistics.median(times[(shape, dtype), way])
             cells.append(f"{megabytes * args.batches / seconds:.0f} MB/s ({base / seconds:.2f}x)")
         print(f"| {shape} ({len(SHAPES[shape])} hooks) | {dtype} | {megabytes:.0f} | {' | '.join(cells)} |")
+    print("\nCPU seconds per GB of values (all threads; less is less work, whatever the load):\n")
+    print(f"| shape | dtype | {' | '.join(ways)} |")
+    print("|---|---|" + "---:|" * len(ways))
+    for shape, dtype in cases:
+        gigabytes = args.batches * BATCH * sum(SHAPES[shape]) * (2 if dtype == "float16" else 4) / 1e9
+        base = statistics.median(cpus[(shape, dtype), "before"])
+        cells = [f"{statistics.median(cpus[(shape, dtype), way]) / gigabytes:.1f} "
+                 f"({statistics.median(cpus[(shape, dtype), way]) / base:.2f}x)" for way in ways]  # fmt: skip
+        print(f"| {shape} | {dtype} | {' | '.join(cells)} |")
     print(f"\nA producer slower than the writer ({produce:.2f} s per batch; {case[0]}, {case[1]}), medians:\n")
     print("| writer | seconds in all | add blocked the producer | per batch | finish |")
     print("|---|---:|---:|---:|---:|")
     for way, results in blocked.items():
-        total, waits, finishing = (statistics.median(column) for column in zip(*results, strict=True))
+        total, waits, finishing, _ = (statistics.median(column) for column in zip(*results, strict=True))
         print(f"| {way} | {total:.1f} | {waits:.2f} s | {waits / args.batches:.2f} s | {finishing:.2f} s |")
 
 
