@@ -1,11 +1,13 @@
 """Streaming a run's activations into the store with bounded memory, exactly once per example and hook.
 
-A :class:`RunWriter` buffers recorded rows until ``max_buffer_bytes`` and then commits them: first the
-examples, then the activations of every hook in one Delta commit, so a reader never sees an example at some
-hooks and not others. Every commit carries the writer's numbered application transaction
+A :class:`RunWriter` buffers recorded rows until ``max_buffer_bytes`` and then commits them in a background
+thread while the producer fills the next buffer (one flush in flight at most): first the examples, then the
+activations of every hook in one Delta commit (their files written by a thread pool), so a reader never sees
+an example at some hooks and not others. Every commit carries the writer's numbered application transaction
 (store/commits.py), which makes a killed-and-resumed recording exactly once:
 
-- SIGKILL at any moment loses at most the uncommitted buffer; each commit is all or nothing;
+- SIGKILL at any moment loses at most the uncommitted buffers (the one filling, the one committing); each
+  commit is all or nothing;
 - killed between the examples commit and the activations commit: the resumed writer finds the examples
   already there and records their activations without adding the examples again;
 - ``--resume`` records the examples not yet committed at every hook, counted in the same table snapshot the
