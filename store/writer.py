@@ -324,9 +324,10 @@ class RunWriter:
 
 
 def _workers(workers: int | None) -> int:
-    """Threads that write one flush's files: ``workers``, or one per CPU (at most 16)."""
+    """Threads that write one flush's files: ``workers``, or one per CPU this process may use (at most 16)."""
     if workers is None:
-        return max(1, min(16, os.cpu_count() or 1))
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(16, usable or 1))
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise UserError(f"workers must be a whole number of threads, at least 1, not {workers!r}")
     return workers
