@@ -241,8 +241,9 @@ def test_a_bad_thread_count_is_refused_before_anything_is_written(store, workers
     assert store.run_info("r") is None
 
 
+@pytest.mark.parametrize("failing", [2, 4])  # a flush in the middle, the last one (its error reaches finish)
 def test_a_recording_whose_background_flush_fails_says_so_in_one_line_and_resumes(
-    run_cli, gpt2_dir, texts_manifest, tmp_path, monkeypatch
+    run_cli, gpt2_dir, texts_manifest, tmp_path, monkeypatch, failing
 ):
     """Through the recorder and the CLI: the flush error is the command's one-line error, the run is logged
     failed, what was committed stays, and --resume records the rest exactly once."""
@@ -253,8 +254,8 @@ def test_a_recording_whose_background_flush_fails_says_so_in_one_line_and_resume
     args = ["record", "--model", str(gpt2_dir), "--data", str(manifest), "--store", str(where), "--run", "r",
             "--hooks", "blocks.0.hook_resid_post", "--hooks", "blocks.1.hook_mlp_out", "--batch-size", "3",
             "--buffer-mb", "0"]  # fmt: skip
-    _failing_once(monkeypatch, at_call=2, error=OSError("no space left on device"))
-    code, _, err = run_cli(*args)
+    _failing_once(monkeypatch, at_call=failing, error=OSError("no space left on device"))
+    code, _, err = run_cli(*args)  # 12 examples, batches of 3: 4 flushes
     assert code != 0 and "no space left on device" in err
     assert "Traceback" not in err
     store = Store.open(where)
