@@ -204,6 +204,7 @@ def record(
             writer.add(examples, activations)
             if on_batch:
                 on_batch(examples.num_rows)
+        writer.flush()  # the last rows, and the error of a background flush, while the run can be logged failed
     except BaseException as error:
         _finish_quietly(writer, f"{type(error).__name__}: {error}")
         raise

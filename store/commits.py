@@ -23,10 +23,13 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError
+from deltalake.transaction import AddAction
 from hookpoints.store import files, tables
 from hookpoints.store.location import StoreLocation
 from hookpoints.store.schema import TableSpec
@@ -64,9 +67,17 @@ class FencedAppender:
 
     def append(self, data: pa.Table, *, merge_schema: bool = False) -> None:
         """Commit ``data`` as transaction ``version + 1`` of this writer, or raise :class:`WriterFenced`."""
-        target = self.version + 1
         # Files of a fixed-schema append are written once, with page checksums, and only the commit retried.
         actions = None if merge_schema else files.write_files(self.table_location, self.spec, data)
+        self._commit(data, actions)
+
+    def append_parts(self, parts: list[tuple[tuple, Callable[[], pa.Table]]], *, pool: Executor | None) -> None:
+        """Like :meth:`append`, for rows given per partition (``files.write_parts``: written by ``pool``'s
+        threads side by side), all committed in one transaction."""
+        self._commit(None, files.write_parts(self.table_location, self.spec, parts, pool=pool))
+
+    def _commit(self, data: pa.Table | None, actions: list[AddAction] | None) -> None:
+        target = self.version + 1
         for attempt in range(_RETRIES):
             self.table.update_incremental()
             if (self.table.transaction_version(self.app) or 0) != self.version:

@@ -18,6 +18,8 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor, wait
 from urllib.parse import quote
 
 import numpy as np
@@ -34,31 +36,85 @@ from hookpoints.store.schema import TableSpec
 _STATS_TYPES = (pa.types.is_string, pa.types.is_integer, pa.types.is_boolean, pa.types.is_floating)
 
 
-def write_files(location: StoreLocation, spec: TableSpec, data: pa.Table) -> list[AddAction]:
+def write_files(
+    location: StoreLocation, spec: TableSpec, data: pa.Table, *, pool: Executor | None = None
+) -> list[AddAction]:
     """Write ``data`` as one checksummed Parquet file per partition; the actions that commit them."""
+    keys = list(spec.partition_by)
+    parts = _partitions(data, keys) if keys else [((), data)]
+    return write_parts(location, spec, [(values, part.drop_columns(keys)) for values, part in parts], pool=pool)
+
+
+def write_parts(
+    location: StoreLocation,
+    spec: TableSpec,
+    parts: list[tuple[tuple, pa.Table | Callable[[], pa.Table]]],
+    *,
+    pool: Executor | None = None,
+) -> list[AddAction]:
+    """Write one checksummed Parquet file per ``(partition values, rows)``; the actions that commit them.
+
+    ``rows`` holds the columns but the partition columns, or is a function that builds them (called in
+    the worker, so building runs in parallel too). With a ``pool`` (threads: pyarrow's Parquet writer and
+    numpy's casts release the GIL) the files are written side by side; the actions come back in the order
+    of ``parts``. Example: ``write_parts(location, spec, [(("r1", "h0"), rows)], pool=threads)``.
+    """
     filesystem = _filesystem(location, spec.name)
     keys = list(spec.partition_by)
-    actions = []
-    for values, part in _partitions(data, keys) if keys else [((), data)]:
+    rows_per_group = spec.row_group_rows or tables.ROW_GROUP_ROWS
+    encodings: dict = {}  # schema -> pq.write_table keywords, the same for every part of one table
+
+    def write(values: tuple, rows) -> AddAction:
+        body = rows() if callable(rows) else rows
+        if body.schema not in encodings:
+            encodings[body.schema] = _options(body.schema)
         folder = "/".join(f"{key}={quote(str(value), safe='')}" for key, value in zip(keys, values, strict=True))
         path = (folder + "/" if folder else "") + f"part-{uuid.uuid4()}.zstd.parquet"
         if folder:
             filesystem.create_dir(folder, recursive=True)
-        body = part.drop_columns(keys)
-        with filesystem.open_output_stream(path) as sink:
-            pq.write_table(
-                body,
-                sink,
-                compression="zstd",
-                compression_level=1,
-                row_group_size=spec.row_group_rows or tables.ROW_GROUP_ROWS,
-                write_page_checksum=True,
-                **tables.pyarrow_encodings(body.schema),
-            )
-        size = filesystem.get_file_info(path).size
+        if location.is_local:  # the whole file in memory first, then one write: a kill leaves no half file
+            encoded = pa.BufferOutputStream()
+            _encode(body, encoded, rows_per_group, encodings[body.schema])
+            contents = encoded.getvalue()
+            with filesystem.open_output_stream(path) as sink:
+                sink.write(contents)
+            size = contents.size
+        else:  # an object store: the object appears whole when the stream closes
+            with filesystem.open_output_stream(path) as sink:
+                _encode(body, sink, rows_per_group, encodings[body.schema])
+            size = filesystem.get_file_info(path).size
         partition = {key: None if value is None else str(value) for key, value in zip(keys, values, strict=True)}
-        actions.append(AddAction(path, size, partition, int(time.time() * 1000), True, _stats(body)))
-    return actions
+        return AddAction(path, size, partition, int(time.time() * 1000), True, _stats(body))
+
+    if pool is None or len(parts) < 2:
+        return [write(values, rows) for values, rows in parts]
+    futures = [pool.submit(write, values, rows) for values, rows in parts]
+    try:
+        return [future.result() for future in futures]
+    finally:
+        for future in futures:  # on an error: written files stay unreferenced (vacuum removes them)
+            future.cancel()
+        wait(futures)
+
+
+def _options(schema: pa.Schema) -> dict:
+    """Encodings (store/tables.py), and Parquet min/max statistics only where a reader can use them: the
+    scalar columns (no reader filters on a vector's elements; computing them cost 3-11% of the encoding)."""
+    scalars = [field.name for field in schema if not pa.types.is_nested(field.type)]
+    return {**tables.pyarrow_encodings(schema), "write_statistics": scalars}
+
+
+def _encode(body: pa.Table, sink, rows_per_group: int, encodings: dict) -> None:
+    """Parquet with a CRC on every page, zstd level 1, the table's row group size and vector encodings."""
+    pq.write_table(
+        body,
+        sink,
+        compression="zstd",
+        compression_level=1,
+        row_group_size=rows_per_group,
+        write_page_checksum=True,
+        **encodings,
+    )
 
 
 def _partitions(data: pa.Table, keys: list[str]):

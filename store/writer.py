@@ -1,11 +1,13 @@
 """Streaming a run's activations into the store with bounded memory, exactly once per example and hook.
 
-A :class:`RunWriter` buffers recorded rows until ``max_buffer_bytes`` and then commits them: first the
-examples, then the activations of every hook in one Delta commit, so a reader never sees an example at some
-hooks and not others. Every commit carries the writer's numbered application transaction
+A :class:`RunWriter` buffers recorded rows until ``max_buffer_bytes`` and then commits them in a background
+thread while the producer fills the next buffer (one flush in flight at most): first the examples, then the
+activations of every hook in one Delta commit (their files written by a thread pool), so a reader never sees
+an example at some hooks and not others. Every commit carries the writer's numbered application transaction
 (store/commits.py), which makes a killed-and-resumed recording exactly once:
 
-- SIGKILL at any moment loses at most the uncommitted buffer; each commit is all or nothing;
+- SIGKILL at any moment loses at most the uncommitted buffers (the one filling, the one committing); each
+  commit is all or nothing;
 - killed between the examples commit and the activations commit: the resumed writer finds the examples
   already there and records their activations without adding the examples again;
 - ``--resume`` records the examples not yet committed at every hook, counted in the same table snapshot the
@@ -18,43 +20,26 @@ application ids, so they commit side by side; the run is complete when every sha
 
 from __future__ import annotations
 
-from collections import defaultdict
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake.exceptions import CommitFailedError, DeltaError
 from hookpoints.store import overwrite
+from hookpoints.store.buffer import Buffer, HookRows
 from hookpoints.store.catalog import RUN_SETTINGS, Store, validate_run_name
 from hookpoints.store.commits import FencedAppender, WriterFenced, app_id, append_once
+from hookpoints.store.example_columns import examples_casts
 from hookpoints.store.runs import check_shard
-from hookpoints.store.schema import ACTIVATIONS, CORE_TABLES, HOOKS, RESERVED_EXAMPLE_COLUMNS
+from hookpoints.store.schema import CORE_TABLES, HOOKS
 from hookpoints.store.verify_logs import one_line
 
 from hookpoints.errors import UserError
 
 DEFAULT_BUFFER_BYTES = 64 * 2**20
-
-
-@dataclass
-class HookRows:
-    """One hook's recorded vectors for a batch: a row per example (pooled) or per position (pooling none)."""
-
-    example_ids: list[str]  # [rows]
-    values: np.ndarray  # [rows, width] float32
-    positions: np.ndarray | None = None  # [rows] int32, only when every position is kept
-
-    def without(self, skip: set[str]) -> HookRows:
-        """The rows of examples not in ``skip``."""
-        keep = np.array([example not in skip for example in self.example_ids], dtype=bool)
-        return HookRows(
-            [example for example, kept in zip(self.example_ids, keep, strict=True) if kept],
-            self.values[keep],
-            None if self.positions is None else self.positions[keep],
-        )
 
 
 def open_run(
@@ -68,20 +53,29 @@ def open_run(
     if_exists: str = "error",
     shard: tuple[int, int] = (0, 1),
     max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    workers: int | None = None,
+    background: bool = True,
 ) -> RunWriter:
     """Start (or resume, or overwrite) a run, or one shard of it, and return its writer.
 
     ``settings`` holds model, task, pooling and dtype; ``hooks`` one dict per hook point (the ``hooks``
     table's columns); ``examples_schema`` the manifest columns that go into ``examples``; ``shard`` which of
-    the run's ``N`` shards this writer records. Everything is checked before anything is written, so a
-    refused run leaves the store as it was.
+    the run's ``N`` shards this writer records; ``workers`` how many threads write a flush's per-hook files
+    (default: one per CPU); ``background=False`` commits in the caller's thread (the writer of before: for
+    comparisons). Everything is checked before anything is written, so a refused run leaves the store as it
+    was. Example::
+
+        writer = open_run(store, "r1", settings=..., config={}, hooks=rows, examples_schema=schema)
+        writer.add(examples, {"blocks.0.hook_resid_post": HookRows(ids, values)})
+        writer.finish()
     """
     validate_run_name(run)
     index, count = check_shard(shard)
+    _workers(workers)  # refused before anything is written
     if if_exists not in ("error", "resume", "overwrite"):
         raise ValueError(f"if_exists must be error, resume or overwrite, not {if_exists!r}")
     with damage_said(store, run):
-        examples_cast = _examples_casts(store, examples_schema)
+        examples_cast = examples_casts(store, examples_schema)
         overwrite.recover(store, run)  # an earlier overwrite killed while swapping in: finish it first
         info = store.run_info(run)
     replaces = None  # the run an overwrite records aside and swaps in when complete (store/overwrite.py)
@@ -138,6 +132,8 @@ def open_run(
         shard=(index, count),
         appenders=(examples, activations),
         replaces=replaces,
+        workers=workers,
+        background=background,
     )
 
 
@@ -164,7 +160,14 @@ def damage_said(store: Store, run: str, *, log: tuple | None = None):
 
 
 class RunWriter:
-    """Buffers a run's (or shard's) rows and commits them atomically; use :func:`open_run` to get one."""
+    """Buffers a run's (or shard's) rows and commits them atomically; use :func:`open_run` to get one.
+
+    A full buffer is committed by a background thread while the producer goes on filling the next one
+    (``background=True``): at most one flush is in flight, so :meth:`add` blocks only while the previous
+    flush still runs, and memory stays at about two buffers. An error of a background flush is raised by the
+    next :meth:`add`, :meth:`flush` or :meth:`finish` (the same exception), and its rows are kept in the buffer
+    for a later flush. Each flush writes its per-hook files with ``workers`` threads.
+    """
 
     def __init__(
         self,
@@ -181,6 +184,8 @@ class RunWriter:
         shard: tuple[int, int],
         appenders: tuple[FencedAppender, FencedAppender],
         replaces: str | None = None,
+        workers: int | None = None,
+        background: bool = True,
     ):
         self.store, self.run, self.settings, self.config = store, run, settings, config
         self.hooks = hooks
@@ -189,20 +194,25 @@ class RunWriter:
         self.done = done  # example ids committed at every hook
         self.float16 = settings["dtype"] == "float16"
         self.max_buffer_bytes = max_buffer_bytes
-        self.fenced = False  # another process took over this shard: commit and log nothing more
+        self.fenced = False  # another process took over this shard (and the caller was told): commit nothing more
+        self.workers = _workers(workers)
         self._examples_cast = examples_cast
         self._examples_appender, self._activations_appender = appenders
-        self._examples: list[pa.Table] = []
-        self._rows: dict[str, list[HookRows]] = defaultdict(list)
-        self._buffered_ids: set[str] = set()
-        self._buffered = 0
-        self._examples_present = examples_present  # example ids already in the examples table
+        self._buffer = Buffer()
+        self._buffered_ids: set[str] = set()  # buffered or in flight: not committed yet
+        self._examples_present = examples_present  # example ids already in the examples table (flush's own)
+        self._files = ThreadPoolExecutor(self.workers, "hookpoints-files") if self.workers > 1 else None
+        self._committer = ThreadPoolExecutor(1, "hookpoints-flush") if background else None
+        self._in_flight: tuple[Buffer, Future] | None = None
 
     def add(self, examples: pa.Table, rows: dict[str, HookRows]) -> None:
         """Buffer one batch: its manifest rows (``example_id`` + labels) and every hook's vectors.
 
-        Examples already committed or buffered are dropped (a retried batch is never stored twice).
+        Examples already committed or buffered are dropped (a retried batch is never stored twice). When the
+        buffer is full its flush starts in the background; an ``add`` that raises the error of the previous
+        flush has not taken its batch.
         """
+        self._settle(block=False)
         missing = set(self.hooks) - set(rows)
         if missing:
             raise ValueError(f"batch is missing hooks {sorted(missing)[:3]}")
@@ -214,33 +224,32 @@ class RunWriter:
             ids = examples["example_id"].to_pylist()
         if not ids:
             return
-        self._examples.append(examples)
+        full = self._buffer.nbytes + sum(rows[hook].values.nbytes for hook in self.hooks) >= self.max_buffer_bytes
+        if full and self._committer is not None:
+            self._settle(block=True)  # the producer waits only while the previous flush still runs
+        self._buffer.add(examples, {hook: rows[hook] for hook in self.hooks})
         self._buffered_ids.update(ids)
-        for hook in self.hooks:
-            self._rows[hook].append(rows[hook])
-            self._buffered += rows[hook].values.nbytes
-        if self._buffered >= self.max_buffer_bytes:
+        if not full:
+            return
+        if self._committer is None:
             self.flush()
+            return
+        buffer, self._buffer = self._buffer, Buffer()
+        self._in_flight = buffer, self._committer.submit(self._commit, buffer)
 
     def flush(self) -> None:
-        """Commit the buffer: examples first, then all hooks' activations in one commit."""
-        if not self._examples:
-            return
-        examples = pa.concat_tables(self._examples)
-        ids = examples["example_id"].to_pylist()
-        new = [i for i, example in enumerate(ids) if example not in self._examples_present]
+        """Commit the buffer now and wait for it (after any flush in flight): examples first, then all hooks'
+        activations in one commit. On an error the rows stay buffered, so a later flush commits them."""
+        self._settle(block=True)
+        buffer, self._buffer = self._buffer, Buffer()
         try:
-            if new:
-                rows = examples.take(new).cast(self._examples_cast)
-                rows = rows.add_column(0, "run", pa.array([self.run] * rows.num_rows, pa.string()))
-                self._examples_appender.append(rows, merge_schema=True)
-                self._examples_present.update(ids)
-            self._activations_appender.append(self._activations_table())
-        except WriterFenced:
-            self.fenced = True
+            self._commit(buffer)
+        except BaseException as error:
+            self._buffer.prepend(buffer)
+            if isinstance(error, WriterFenced):
+                self.fenced = True
             raise
-        self.done.update(ids)
-        self._examples, self._rows, self._buffered_ids, self._buffered = [], defaultdict(list), set(), 0
+        self._committed(buffer)
 
     def finish(self, status: str = "complete", message: str = "") -> None:
         """Flush what is buffered and log the shard's new status (complete, or failed with a message).
@@ -249,60 +258,79 @@ class RunWriter:
         message): a run never stays ``recording`` after its process ended with an error.
         """
         if self.fenced:
-            return
+            return self._close()
         if status == "failed":
+            retried = ""
             try:
-                self.flush()
+                self._settle(block=True)
+            except Exception as error:  # noqa: BLE001 - its rows are buffered again and retried just below
+                retried = f"; a flush failed and was retried ({one_line(error)})"
+            try:
+                if not self.fenced:
+                    self.flush()
             except Exception as error:  # noqa: BLE001 - logged with the failure, the original error is raised
-                message = f"{message}; the last {len(self._buffered_ids)} examples were not saved: {error}"
+                retried = f"; the last {len(self._buffered_ids)} examples were not saved: {one_line(error)}"
+            if self.fenced:
+                return self._close()
+            message += retried
             if self.replaces is not None:
                 message = f"overwrite of run {self.replaces!r} failed, the old run is kept: {message}"
         else:
             self.flush()
+        self._close()
         self.store.log_run_event(self.run, status, self.settings, self.config, message[:1000], shard=self.shard)
         if status == "complete" and self.replaces is not None:
             overwrite.swap(self.store, self.replaces, self.settings, self.config)
 
-    def _activations_table(self) -> pa.Table:
-        pieces = []
-        for hook, chunks in self._rows.items():
-            values = np.concatenate([chunk.values for chunk in chunks]).astype(np.float32, copy=False)
-            n, width = values.shape  # [rows, width]
-            if n * width >= 2**31:
-                raise ValueError("one flush holds more than 2**31 values: lower max_buffer_bytes")
-            offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32))
-            if self.float16:
-                with np.errstate(over="ignore"):  # values beyond float16's range become inf (and are flagged)
-                    half = values.astype(np.float16)  # [rows, width]
-                finite = np.isfinite(half).all(axis=1)
-                f32 = pa.nulls(n, ACTIVATIONS.field("activation").type)
-                f16 = pa.ListArray.from_arrays(offsets, pa.array(half.view(np.int16).ravel()))
-            else:
-                finite = np.isfinite(values).all(axis=1)
-                f32 = pa.ListArray.from_arrays(offsets, pa.array(values.ravel()))
-                f16 = pa.nulls(n, ACTIVATIONS.field("activation_f16").type)
-            positions = [chunk.positions for chunk in chunks]
-            position = (
-                pa.nulls(n, pa.int32())
-                if positions[0] is None
-                else pa.array(np.concatenate(positions).astype(np.int32))
-            )
-            ids = [example for chunk in chunks for example in chunk.example_ids]
-            pieces.append(
-                pa.table(
-                    [
-                        pa.array([self.run] * n),
-                        pa.array([hook] * n),
-                        pa.array(ids, pa.string()),
-                        position,
-                        f32,
-                        f16,
-                        pa.array(finite, pa.bool_()),
-                    ],
-                    schema=ACTIVATIONS,
-                )
-            )
-        return pa.concat_tables(pieces)
+    def _settle(self, *, block: bool) -> None:
+        """Collect the flush in flight (waiting for it if ``block``); raise its error, its rows kept buffered."""
+        if self._in_flight is None:
+            return
+        buffer, future = self._in_flight
+        if not block and not future.done():
+            return
+        error = future.exception()  # waits (an interrupt while waiting leaves the flush in flight)
+        self._in_flight = None
+        if error is None:
+            self._committed(buffer)
+            return
+        self._buffer.prepend(buffer)
+        if isinstance(error, WriterFenced):
+            self.fenced = True
+        raise error
+
+    def _commit(self, buffer: Buffer) -> None:
+        """Examples first, then every hook's activations in one commit (runs in the flush thread)."""
+        if not buffer.ids:
+            return
+        new = [i for i, example in enumerate(buffer.ids) if example not in self._examples_present]
+        if new:
+            rows = pa.concat_tables(buffer.examples).take(new).cast(self._examples_cast)
+            rows = rows.add_column(0, "run", pa.array([self.run] * rows.num_rows, pa.string()))
+            self._examples_appender.append(rows, merge_schema=True)
+            self._examples_present.update(buffer.ids)
+        parts = buffer.parts(self.run, self.hooks, float16=self.float16)
+        self._activations_appender.append_parts(parts, pool=self._files)
+
+    def _committed(self, buffer: Buffer) -> None:
+        self.done.update(buffer.ids)
+        self._buffered_ids.difference_update(buffer.ids)
+
+    def _close(self) -> None:
+        for pool in (self._committer, self._files):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._committer = self._files = None
+
+
+def _workers(workers: int | None) -> int:
+    """Threads that write one flush's files: ``workers``, or one per CPU this process may use (at most 16)."""
+    if workers is None:
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(16, usable or 1))
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise UserError(f"workers must be a whole number of threads, at least 1, not {workers!r}")
+    return workers
 
 
 def _has_run(run: str):
@@ -324,55 +352,6 @@ def _check_shards(store: Store, run: str, info, count: int) -> None:
         f"run {run!r} is recorded in {info.shards} shards: pass --shard I/{info.shards} "
         f"(0 <= I < {info.shards}) to record or resume one of them"
     )
-
-
-def _examples_casts(store: Store, schema: pa.Schema) -> pa.Schema:
-    """The schema manifest columns are written with, checked against the store's examples table."""
-    check_column_names(schema.names)
-    current = store.dataset("examples").schema
-    stored_names = {name.lower(): name for name in current.names}
-    fields = []
-    for field in schema:
-        same = stored_names.get(field.name.lower(), field.name)
-        if same != field.name:  # Delta and DuckDB match column names case-insensitively
-            raise UserError(
-                f"manifest column {field.name!r} clashes with the store's examples column {same!r} (names are "
-                f"matched case-insensitively): rename it to {same!r} or to another name"
-            )
-        target = pa.string() if pa.types.is_null(field.type) else field.type
-        if pa.types.is_large_string(target):
-            target = pa.string()
-        if field.name in current.names and field.name != "run":
-            stored = current.field(field.name).type
-            if stored != target and not _castable(target, stored):
-                raise UserError(
-                    f"manifest column {field.name!r} holds {target} but the store's examples table holds "
-                    f"{stored} in that column: convert the column in the manifest, or rename it"
-                )
-            target = stored
-        fields.append(pa.field(field.name, target))
-    return pa.schema(fields)
-
-
-def check_column_names(names: list[str]) -> None:
-    """Refuse manifest columns the store reserves, or two that differ only in case (compared like DuckDB)."""
-    seen: dict[str, str] = {}
-    for name in names:
-        if name.lower() in RESERVED_EXAMPLE_COLUMNS and name != "example_id":
-            raise UserError(f"manifest column {name!r} is reserved by the store (names ignore case): rename it")
-        if name.lower() in seen:
-            raise UserError(
-                f"manifest columns {seen[name.lower()]!r} and {name!r} differ only in case, which SQL does not "
-                "tell apart: rename one"
-            )
-        seen[name.lower()] = name
-
-
-def _castable(source: pa.DataType, target: pa.DataType) -> bool:
-    numeric = pa.types.is_integer(source) or pa.types.is_floating(source)
-    if numeric and (pa.types.is_integer(target) or pa.types.is_floating(target)):
-        return pa.types.is_floating(target) or pa.types.is_integer(source)
-    return pa.types.is_null(source)
 
 
 def _check_resumable(store: Store, run: str, info, settings: dict[str, str], hooks: list[dict]) -> None:
