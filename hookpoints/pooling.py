@@ -39,8 +39,8 @@ class SpaceMask:
     # Made on first use (a batch whose hooks are all pooled without the mask needs none of them):
 
     @cached_property
-    def valid3(self) -> torch.Tensor:
-        return self.valid[..., None]  # [batch, pos, 1]
+    def padding(self) -> torch.Tensor:
+        return ~self.valid[..., None]  # [batch, pos, 1]
 
     @cached_property
     def counts(self) -> torch.Tensor:
@@ -145,16 +145,16 @@ def pool_prepared(x: torch.Tensor, space: SpaceMask, method: str) -> torch.Tenso
         return pool_all(x, method)
     if method == "mean":
         if space.weights is None:  # a GPU: no host sync
-            return masked_sum(x, space.valid3).div_(space.counts)
+            return _padded_sum(x, space.padding).div_(space.counts)
         x = _float(x)
         # A batched matmul with the mask's weights reads x once and writes only [batch, width]...
         mean = torch.bmm(space.weights, x)[:, 0]  # [batch, width]
         if math.isfinite(mean.sum()):  # (a host sync, on the CPU: cheap)
             return mean
         # ...but 0 * inf = nan: if padding holds non-finite values, mask them out instead.
-        return masked_sum(x, space.valid3).div_(space.counts)
+        return _padded_sum(x, space.padding).div_(space.counts)
     if method == "max":
-        return _float(torch.where(space.valid3, x, float("-inf")).amax(1))
+        return _float(x.masked_fill(space.padding, float("-inf")).amax(1))
     if method == "last":
         return _float(x[space.rows, space.last])
     if method == "none":
@@ -164,11 +164,14 @@ def pool_prepared(x: torch.Tensor, space: SpaceMask, method: str) -> torch.Tenso
 
 def masked_sum(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``[batch, width]`` float32 sums of ``x`` (``[batch, pos, width]``, any precision) over the positions
-    where ``valid`` (``[batch, pos]`` or ``[batch, pos, 1]``) is true, accumulated in float32; nothing waits
-    for the device (the GPU mean's path)."""
-    if valid.dim() == 2:
-        valid = valid[..., None]
-    return torch.where(valid, x, 0).sum(1, dtype=torch.float32)
+    where ``valid`` (``[batch, pos]``) is true, accumulated in float32; nothing waits for the device (the GPU
+    mean's path)."""
+    return _padded_sum(x, ~valid[..., None])
+
+
+def _padded_sum(x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """Sums over positions, in float32, of ``x`` with the ``padding`` (``[batch, pos, 1]``) positions zeroed."""
+    return x.masked_fill(padding, 0).sum(1, dtype=torch.float32)
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
