@@ -81,6 +81,7 @@ from hookpoints.inputs import ModelInputs  # noqa: E402
 from hookpoints.loading import quiet_transformers  # noqa: E402
 from hookpoints.manifest import read_manifest  # noqa: E402
 from hookpoints.model import HookedModel  # noqa: E402
+from hookpoints.op_count import OpCount  # noqa: E402
 from hookpoints.placement import Placement  # noqa: E402
 from hookpoints.recorder import record  # noqa: E402
 
@@ -165,7 +166,15 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
     seconds = timed(cases, args.rounds, model.device)
     examples = batch * args.batches
     width = sum(p.width for p in points)
+    counts = []  # aten operations (= launches, for kernels) per hook point: all hooks minus the last one only
+    for chosen in (points, [max(points, key=lambda p: p.order)]):
+        with OpCount() as ops:
+            HostCopy(model.pooled(batches[0], chosen, "mean")).wait()
+        counts.append(ops)
+    per_hook = {kind: (getattr(counts[0], kind) - getattr(counts[1], kind)) / max(len(points) - 1, 1)
+                for kind in ("total", "kernels", "syncs")}  # fmt: skip
     return {
+        "ops_per_hook": per_hook,
         "family": family,
         "parameters": sum(p.numel() for p in model.model.parameters()),
         "hooks": len(points),
@@ -289,6 +298,11 @@ def markdown(report: dict) -> str:
                 f"| {row['family']} | {row['parameters'] / 1e9:.2f} B | {row['hooks']} | {row['values_per_example']:,} "
                 f"| {row['batch']} x {row['positions']} | {case} | {rate:.1f} | {row['x_bare_throughput'][case]:.2f} |"
             )
+    for row in report["throughput"]:
+        ops = row.get("ops_per_hook", {})
+        lines.append(f"\n{row['family']} batch {row['batch']}: per hook point {ops.get('total', 0):.2f} aten "
+                     f"operations, {ops.get('kernels', 0):.2f} kernels, {ops.get('syncs', 0):.2f} host syncs "
+                     "(recording, mean, with the copy to the host)")  # fmt: skip
     if report.get("interventions"):
         lines += ["", "| generation (Seamless) | batch | new tokens | ms per call | x plain generate |",
                   "|---|---:|---:|---:|---:|"]  # fmt: skip

@@ -63,7 +63,7 @@ class HostCopy:
             if tensor.device.type == "cuda":
                 groups.setdefault((tensor.device, tensor.dtype), {})[name] = tensor
             else:
-                self.host[name] = tensor.detach().cpu()
+                self.host[name] = tensor.detach().cpu() if tensor.requires_grad or not tensor.is_cpu else tensor
         for (device, _), group in groups.items():
             flat, layout = pack(group)
             buffer = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)  # torch caches pinned blocks

@@ -219,7 +219,7 @@ class HookedModel(GenerationMethods, ModelApi):
             tracer.stop()
         if check is not None:
             check_alignment(check, saved.pop(CHECK))
-        return {name: tensor.detach() for name, tensor in saved.items()}
+        return {name: tensor.detach() if tensor.requires_grad else tensor for name, tensor in saved.items()}
 
     def _request(
         self,
