@@ -168,6 +168,7 @@ def host_tail(reps: int) -> dict:
     from hookpoints.host_copy import pack
 
     OpCount = op_counter()
+    torch.set_num_threads(1)  # as the children (a CPU cat of many small tensors loses to threads' start-up)
     generator = torch.Generator().manual_seed(0)
     pooled = {f"h{i}": torch.randn(9, 16 if i % 4 else 64, generator=generator) for i in range(364)}
 

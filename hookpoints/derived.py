@@ -41,9 +41,8 @@ def norm_kind(module: torch.nn.Module, what: str) -> tuple[str, float] | None:
 def derive_norm(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
     """The normalised value (``[..., d]``) or scale (``[..., 1]``) of the norm input ``x``, in float32.
 
-    The arithmetic above, in as few operations as torch has for it (a recording computes this for every
-    hook_normalized / hook_scale of every batch): ``layer_norm`` / ``rms_norm`` without gain and bias for the
-    normalised value, ``var_mean`` for a LayerNorm's scale.
+    The normalised value is ``layer_norm`` / ``rms_norm`` without gain and bias (one operation: a recording
+    computes it for every hook_normalized of every batch), the scale the arithmetic above.
     """
     centre, scale_only = NORM_KINDS[kind]
     x = x if x.dtype == torch.float32 else x.float()
@@ -51,10 +50,8 @@ def derive_norm(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
         norm = torch.nn.functional.layer_norm if centre else torch.nn.functional.rms_norm
         return norm(x, x.shape[-1:], eps=eps)
     if centre:
-        variance = torch.var_mean(x, -1, correction=0, keepdim=True)[0]  # [..., 1]
-    else:
-        variance = x.square().mean(-1, keepdim=True)  # [..., 1]
-    return variance.add_(eps).sqrt_()
+        x = x - x.mean(-1, keepdim=True)
+    return x.square().mean(-1, keepdim=True).add_(eps).sqrt_()  # [..., 1]
 
 
 def is_map(module: str) -> bool:

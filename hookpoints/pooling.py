@@ -28,7 +28,8 @@ class SpaceMask:
     """One space's padding mask, prepared once per batch for all its hook points.
 
     ``full``: every position is valid, so hooks are pooled without the mask (one read of each tensor).
-    ``weights`` (CPU only): ``valid / counts`` as ``[batch, 1, pos]`` float32, the masked mean as one matmul.
+    ``weights`` (CPU only): ``valid / counts`` as ``[batch, 1, pos]`` float32: a mean as one matmul, which on
+    the CPU reads a large tensor faster than a reduction over its middle axis.
     """
 
     def __init__(self, mask: torch.Tensor, full: bool | None = None):
@@ -141,17 +142,16 @@ def pool_prepared(x: torch.Tensor, space: SpaceMask, method: str) -> torch.Tenso
     space = space.on(x.device)
     if x.shape[0] == 1 and space.valid.shape[0] != 1:  # broadcast over the batch (position embeddings)
         x = x.expand(space.valid.shape[0], -1, -1)
-    if space.full:
-        return pool_all(x, method)
-    if method == "mean":
-        if space.weights is None:  # a GPU: no host sync
-            return _padded_sum(x, space.padding).div_(space.counts)
-        x = _float(x)
+    if method == "mean" and space.weights is not None:  # the CPU
         # A batched matmul with the mask's weights reads x once and writes only [batch, width]...
-        mean = torch.bmm(space.weights, x)[:, 0]  # [batch, width]
-        if math.isfinite(mean.sum()):  # (a host sync, on the CPU: cheap)
+        mean = torch.bmm(space.weights, _float(x))[:, 0]  # [batch, width]
+        if space.full or math.isfinite(mean.sum()):  # (a host sync, on the CPU: cheap)
             return mean
         # ...but 0 * inf = nan: if padding holds non-finite values, mask them out instead.
+        return _padded_sum(x, space.padding).div_(space.counts)
+    if space.full:
+        return pool_all(x, method)
+    if method == "mean":  # a GPU: nothing waits for the device
         return _padded_sum(x, space.padding).div_(space.counts)
     if method == "max":
         return _float(x.masked_fill(space.padding, float("-inf")).amax(1))
