@@ -3,7 +3,8 @@
 On a GPU a recording of hundreds of hook points is launch-bound: each hook costs Python, dispatcher calls and
 kernel launches, whatever its tensor's size. This measures that fixed cost on the CPU, where it can be counted
 exactly, for the code of this checkout ("after") and of a git revision ("before", default ``main``), each in
-its own subprocess, the two alternating round by round (one run, interleaved):
+its own subprocess with its models loaded, the parent asking them for one timed call at a time, alternating
+between the two versions call by call (so both meet the same load on a shared machine):
 
 - **launch-bound case**: GPT-2 with 24 layers of d_model 16 (364 hook points), 9 texts (padded, 7-31 tokens)
   or 9 x 24 random tokens (no padding); the forward's arithmetic is negligible. ``HookedModel.pooled`` with
@@ -16,8 +17,9 @@ its own subprocess, the two alternating round by round (one run, interleaved):
   against one packed buffer and one copy per batch (:func:`hookpoints.host_copy.pack`, after).
 - **values**: the pooled values of both versions on the padded batch, max relative difference.
 
-Run: ``.venv/bin/python bench/hook_cost.py [--before main] [--rounds 3]`` (about 2 minutes on 2 shared cores;
-prints Markdown, docs/benchmarks.md has the results).
+Run: ``.venv/bin/python bench/hook_cost.py [--before main] [--rounds 15]`` (about 2 minutes on 2 shared
+cores; prints Markdown, docs/benchmarks.md has the results). The sizes are fixed and small on purpose: the
+launch-bound case is the GPU's regime, measured on its host side; a GPU itself runs ``bench/gpu.py``.
 """
 
 from __future__ import annotations
@@ -102,13 +104,8 @@ def median_ms(calls: dict, reps: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def timed_pooling(model, inputs, selections: dict, reps: int) -> dict[str, float]:
-    """Median ms of ``model.pooled`` (mean) for each selection of hook points, interleaved."""
-    calls = {name: lambda chosen=chosen: model.pooled(inputs, chosen, "mean") for name, chosen in selections.items()}
-    return median_ms(calls, reps)
-
-
-def child(code: Path, folder: Path, reps: int, values_out: Path | None) -> dict:
+def child(code: Path, folder: Path, values_out: Path) -> None:
+    """Count operations and save values, print them, then time one call per case named on stdin (in ms)."""
     sys.path.insert(0, str(code))
     import hookpoints
 
@@ -119,8 +116,8 @@ def child(code: Path, folder: Path, reps: int, values_out: Path | None) -> dict:
     quiet_transformers()
     torch.set_num_threads(1)
     OpCount = op_counter()
-    result: dict = {"ops": {}, "us_per_hook": {}, "real_ms": {}}
-    values = {}
+    result: dict = {"ops": {}}
+    values, calls = {}, {}
     for dtype in ("float32", "bfloat16"):
         model = load(folder / TINY, device="cpu", dtype=dtype)
         points = model.select(None)
@@ -138,8 +135,8 @@ def child(code: Path, folder: Path, reps: int, values_out: Path | None) -> dict:
                 per = {kind: (getattr(many, kind) - getattr(one, kind)) / (len(points) - 1)
                        for kind in ("total", "kernels", "views", "allocations", "syncs")}  # fmt: skip
                 result["ops"][f"{dtype}/{padding}/{method}"] = per
-            ms = timed_pooling(model, inputs, {"all": points, "last": last}, reps)
-            result["us_per_hook"][f"{dtype}/{padding}/mean"] = (ms["all"] - ms["last"]) * 1000 / (len(points) - 1)
+            for name, chosen in (("all", points), ("last", last)):
+                calls[f"tiny/{dtype}/{padding}/{name}"] = lambda m=model, i=inputs, c=chosen: m.pooled(i, c, "mean")
         result["hooks"] = len(points)
     model = load(folder / REAL, device="cpu", dtype="float32")
     points = model.select(None)
@@ -150,13 +147,16 @@ def child(code: Path, folder: Path, reps: int, values_out: Path | None) -> dict:
             with torch.inference_mode():
                 model.model(**inputs.kwargs)
 
-        ms = median_ms({"bare": bare, "pooled": lambda inputs=inputs: model.pooled(inputs, points, "mean")}, reps)
-        result["real_ms"][padding] = ms
-    if values_out:
-        np.savez(
-            values_out, **{f"{key}|{hook}": value for key, pooled in values.items() for hook, value in pooled.items()}
-        )
-    return result
+        calls[f"real/{padding}/bare"] = bare
+        calls[f"real/{padding}/pooled"] = lambda inputs=inputs: model.pooled(inputs, points, "mean")
+    np.savez(values_out, **{f"{key}|{hook}": value for key, pooled in values.items() for hook, value in pooled.items()})
+    for call in calls.values():  # warm-up
+        call()
+    print(json.dumps(result), flush=True)
+    for line in sys.stdin:  # the parent names one case per line
+        start = time.perf_counter()
+        calls[line.strip()]()
+        print(f"{(time.perf_counter() - start) * 1000:.4f}", flush=True)
 
 
 # -- the copy to the host, emulated on CPU tensors (the same in both runs) ---------------------------------------
@@ -195,15 +195,53 @@ def host_tail(reps: int) -> dict:
 # -- the parent ---------------------------------------------------------------------------------------------------
 
 
-def run_child(code: Path, folder: Path, reps: int, values_out: Path | None) -> dict:
-    command = [sys.executable, __file__, "--child", str(code), "--folder", str(folder), "--reps", str(reps)]
-    if values_out:
-        command += ["--values", str(values_out)]
-    env = {**os.environ, "PYTHONPATH": ""}
-    output = subprocess.run(command, capture_output=True, text=True, env=env, cwd=folder)
-    if output.returncode:
-        raise RuntimeError(f"{code}: {output.stderr[-3000:]}")
-    return json.loads(output.stdout.strip().splitlines()[-1])
+class Child:
+    """One version of the code in its own process, timing one call at a time when asked."""
+
+    def __init__(self, code: Path, folder: Path, values_out: Path):
+        command = [sys.executable, __file__, "--child", str(code), "--folder", str(folder), "--values", str(values_out)]
+        env = {**os.environ, "PYTHONPATH": ""}
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                        cwd=folder)  # fmt: skip
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{code}: the child failed (its error is above)")
+        self.static = json.loads(line)
+
+    def time(self, case: str) -> float:
+        self.process.stdin.write(case + "\n")
+        self.process.stdin.flush()
+        return float(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def interleaved(children: dict[str, Child], rounds: int) -> dict[str, dict[str, float]]:
+    """Median ms per case and version: every case, call by call, alternating between the versions."""
+    cases = [
+        f"tiny/{d}/{p}/{n}" for d in ("float32", "bfloat16") for p in ("padded", "unpadded") for n in ("all", "last")
+    ]
+    cases += [f"real/{p}/{n}" for p in ("padded", "unpadded") for n in ("bare", "pooled")]
+    times: dict[str, dict[str, list[float]]] = {name: {case: [] for case in cases} for name in children}
+    for k in range(rounds):
+        for case in cases:
+            for name, child in children.items():
+                times[name][case].append(child.time(case))
+        print(f"round {k + 1}/{rounds}", file=sys.stderr, flush=True)
+    return {name: {case: statistics.median(v) for case, v in per.items()} for name, per in times.items()}
+
+
+def summary(static: dict, ms: dict[str, float]) -> dict:
+    hooks = static["hooks"] - 1
+    us = {}
+    for dtype in ("float32", "bfloat16"):
+        for padding in ("padded", "unpadded"):
+            key = f"tiny/{dtype}/{padding}"
+            us[f"{dtype}/{padding}/mean"] = (ms[f"{key}/all"] - ms[f"{key}/last"]) * 1000 / hooks
+    real = {p: {"bare": ms[f"real/{p}/bare"], "pooled": ms[f"real/{p}/pooled"]} for p in ("padded", "unpadded")}
+    return {**static, "us_per_hook": us, "real_ms": real}
 
 
 def checkout(revision: str, folder: Path) -> Path:
@@ -213,17 +251,6 @@ def checkout(revision: str, folder: Path) -> Path:
                              capture_output=True, check=True).stdout  # fmt: skip
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
     return target
-
-
-def merged(results: list[dict]) -> dict:
-    """Medians over rounds of every timing (operation counts are the same every round)."""
-    out = json.loads(json.dumps(results[0]))
-    for key in out["us_per_hook"]:
-        out["us_per_hook"][key] = statistics.median(r["us_per_hook"][key] for r in results)
-    for padding, calls in out["real_ms"].items():
-        for name in calls:
-            calls[name] = statistics.median(r["real_ms"][padding][name] for r in results)
-    return out
 
 
 def value_difference(before: Path, after: Path) -> dict[str, float]:
@@ -275,31 +302,31 @@ def markdown(before: dict, after: dict, tail: dict, diffs: dict, revision: str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", default="main", help="git revision of the code to compare against")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=7, help="timed calls per case and round")
+    parser.add_argument("--rounds", type=int, default=15, help="timed calls per case and version")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--values", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.folder, args.reps, args.values)))
+        child(args.child, args.folder, args.values)
         return
     loads = [" / ".join(f"{x:.2f}" for x in os.getloadavg())]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sys.path.insert(0, str(ROOT))
         build_models(folder)
-        old_code = checkout(args.before, folder)
-        results: dict[str, list[dict]] = {"before": [], "after": []}
-        for k in range(args.rounds):
-            for name, code in (("before", old_code), ("after", ROOT)):
-                values = folder / f"{name}.npz" if k == 0 else None
-                results[name].append(run_child(code, folder, args.reps, values))
-                print(f"round {k + 1}/{args.rounds}: {name} done", file=sys.stderr, flush=True)
+        codes = {"before": checkout(args.before, folder), "after": ROOT}
+        children = {name: Child(code, folder, folder / f"{name}.npz") for name, code in codes.items()}
+        try:
+            ms = interleaved(children, args.rounds)
+        finally:
+            for each in children.values():
+                each.close()
         diffs = value_difference(folder / "before.npz", folder / "after.npz")
-    tail = host_tail(args.reps * 5)
+        results = {name: summary(children[name].static, ms[name]) for name in children}
+    tail = host_tail(args.rounds * 3)
     loads.append(" / ".join(f"{x:.2f}" for x in os.getloadavg()))
-    print(markdown(merged(results["before"]), merged(results["after"]), tail, diffs, args.before, loads))
+    print(markdown(results["before"], results["after"], tail, diffs, args.before, loads))
 
 
 if __name__ == "__main__":
