@@ -21,8 +21,6 @@ from hookpoints.points import HookPoint
 from hookpoints.probe import first_tensor
 from hookpoints.settings import POOLINGS
 
-HALF = (torch.float16, torch.bfloat16)
-
 
 class SpaceMask:
     """One space's padding mask, prepared once per batch for all its hook points.
@@ -30,6 +28,10 @@ class SpaceMask:
     ``full``: every position is valid, so hooks are pooled without the mask (one read of each tensor).
     ``weights`` (CPU only): ``valid / counts`` as ``[batch, 1, pos]`` float32: a mean as one matmul, which on
     the CPU reads a large tensor faster than a reduction over its middle axis.
+
+    >>> space = SpaceMask(torch.tensor([[True, True, False]]))
+    >>> space.full, space.counts.tolist(), space.last.tolist()
+    (False, [[2.0]], [1])
     """
 
     def __init__(self, mask: torch.Tensor, full: bool | None = None):
