@@ -37,8 +37,13 @@ def pack(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Layout]:
     for name, tensor in tensors.items():
         layout[name] = (start, tuple(tensor.shape))
         start += tensor.numel()
-    flat = torch.cat([tensor.detach().reshape(-1) for tensor in tensors.values()])  # [all values]
+    flat = torch.cat([_plain(tensor).reshape(-1) for tensor in tensors.values()])  # [all values]
     return flat, layout
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without autograd history (no dispatcher call for the usual inference tensor)."""
+    return tensor.detach() if tensor.requires_grad else tensor
 
 
 def unpack(flat: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
@@ -63,7 +68,7 @@ class HostCopy:
             if tensor.device.type == "cuda":
                 groups.setdefault((tensor.device, tensor.dtype), {})[name] = tensor
             else:
-                self.host[name] = tensor.detach().cpu() if tensor.requires_grad or not tensor.is_cpu else tensor
+                self.host[name] = _plain(tensor).cpu()
         for (device, _), group in groups.items():
             flat, layout = pack(group)
             buffer = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)  # torch caches pinned blocks
