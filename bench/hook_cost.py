@@ -104,6 +104,19 @@ def median_ms(calls: dict, reps: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def without_pooling(model, inputs, points) -> None:
+    """``model.pooled`` with the pooling replaced by taking the hook's tensor as it is (the hook machinery)."""
+    import hookpoints.model
+    from hookpoints.probe import first_tensor
+
+    pool = hookpoints.model.pool
+    hookpoints.model.pool = lambda value, *args, **kwargs: first_tensor(value)
+    try:
+        model.pooled(inputs, points, "mean")
+    finally:
+        hookpoints.model.pool = pool
+
+
 def child(code: Path, folder: Path, values_out: Path) -> None:
     """Count operations and save values, print them, then time one call per case named on stdin (in ms)."""
     sys.path.insert(0, str(code))
@@ -137,6 +150,8 @@ def child(code: Path, folder: Path, values_out: Path) -> None:
                 result["ops"][f"{dtype}/{padding}/{method}"] = per
             for name, chosen in (("all", points), ("last", last)):
                 calls[f"tiny/{dtype}/{padding}/{name}"] = lambda m=model, i=inputs, c=chosen: m.pooled(i, c, "mean")
+                if dtype == "float32" and padding == "padded":  # the floor: the trace and hooks, pooling nothing
+                    calls[f"tiny/floor/{name}"] = lambda m=model, i=inputs, c=chosen: without_pooling(m, i, c)
         result["hooks"] = len(points)
     model = load(folder / REAL, device="cpu", dtype="float32")
     points = model.select(None)
@@ -289,6 +304,7 @@ def interleaved(children: dict[str, Child], rounds: int) -> dict[str, dict[str, 
     cases = [
         f"tiny/{d}/{p}/{n}" for d in ("float32", "bfloat16") for p in ("padded", "unpadded") for n in ("all", "last")
     ]
+    cases += ["tiny/floor/all", "tiny/floor/last"]
     cases += [f"real/{p}/{n}" for p in ("padded", "unpadded") for n in ("bare", "pooled")]
     times: dict[str, dict[str, list[float]]] = {name: {case: [] for case in cases} for name in children}
     for k in range(rounds):
@@ -306,6 +322,7 @@ def summary(static: dict, ms: dict[str, float]) -> dict:
         for padding in ("padded", "unpadded"):
             key = f"tiny/{dtype}/{padding}"
             us[f"{dtype}/{padding}/mean"] = (ms[f"{key}/all"] - ms[f"{key}/last"]) * 1000 / hooks
+    us["floor"] = (ms["tiny/floor/all"] - ms["tiny/floor/last"]) * 1000 / hooks
     real = {p: {"bare": ms[f"real/{p}/bare"], "pooled": ms[f"real/{p}/pooled"]} for p in ("padded", "unpadded")}
     return {**static, "us_per_hook": us, "real_ms": real}
 
@@ -347,6 +364,9 @@ def markdown(before: dict, after: dict, tail: dict, diffs: dict, revision: str, 
         lines.append(f"| {dtype} | {padding} | {method} | {old['total']:.2f} | {ops['total']:.2f} | "
                      f"{old['kernels']:.2f} | {ops['kernels']:.2f} | {old['syncs']:.2f} | {ops['syncs']:.2f} | "
                      f"{timing} |")  # fmt: skip
+    lines += ["", f"The hook machinery alone (float32, padded; pooling replaced by taking the tensor as it is): "
+              f"{before['us_per_hook']['floor']:.0f} us per hook before, {after['us_per_hook']['floor']:.0f} after "
+              "(the same code: a check of the timing)."]  # fmt: skip
     lines += ["", f"Realistic CPU case: GPT-2 6 x 256, {after['real_hooks']} hook points, batch 8 x 128 tokens, "
               "mean, float32 (ms per batch):", "",
               "| padding | bare before | pooled before | x bare | bare after | pooled after | x bare |",
