@@ -236,7 +236,7 @@ class HookedModel(GenerationMethods, ModelApi):
         every space is pooled with its mask, and nothing waits for the device.
         """
         if spaces is None:
-            spaces = {space: SpaceMask(mask, full=False) for space, mask in inputs.masks.items()}
+            spaces = {space: SpaceMask(mask, check=False) for space, mask in inputs.masks.items()}
         saved = {}
         values = {}  # (module, io) -> value: several hook points read one tensor (a norm's input)
         for point in sorted(points, key=lambda p: p.order):

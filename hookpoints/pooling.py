@@ -3,7 +3,8 @@
 A recording pools hundreds of hook points per batch, so what every hook of a space shares (its padding mask on
 the device, the counts, each example's last position, whether the batch has padding at all) is prepared once
 per batch (:func:`prepare_masks`), and each hook pays only its own reductions: on a GPU, a mean is one kernel
-without padding and three with (docs/benchmarks.md, "Per-hook cost of recording").
+without padding (or with the same padding in every example) and three with (docs/benchmarks.md, "Per-hook
+cost of recording").
 
 >>> spaces = prepare_masks(inputs.masks)  # once per batch  # doctest: +SKIP
 >>> pool(output, point, spaces[point.space], "mean")  # [batch, width] float32  # doctest: +SKIP
@@ -25,19 +26,28 @@ from hookpoints.settings import POOLINGS
 class SpaceMask:
     """One space's padding mask, prepared once per batch for all its hook points.
 
-    ``full``: every position is valid, so hooks are pooled without the mask (one read of each tensor).
-    ``weights`` (CPU only): ``valid / counts`` as ``[batch, 1, pos]`` float32: a mean as one matmul, which on
-    the CPU reads a large tensor faster than a reduction over its middle axis.
+    ``prefix``: when every example's valid positions are the same first ``prefix`` positions (no padding, or
+    equal-length examples: 6 s of speech fixed to 300 frames has 299 in each), hooks are pooled over that slice
+    without the mask: one read of each tensor, one kernel for a mean. Else None (``check=False``: not looked at,
+    nothing waits for the device). ``weights`` (CPU only): ``valid / counts`` as ``[batch, 1, pos]`` float32: a
+    mean as one matmul, which on the CPU reads a large tensor faster than a reduction over its middle axis.
 
-    >>> space = SpaceMask(torch.tensor([[True, True, False]]))
-    >>> space.full, space.counts.tolist(), space.last.tolist()
-    (False, [[2.0]], [1])
+    >>> space = SpaceMask(torch.tensor([[True, True, False], [True, False, False]]))
+    >>> space.prefix, space.counts.tolist(), space.last.tolist()
+    (None, [[2.0], [1.0]], [1, 0])
+    >>> SpaceMask(torch.tensor([[True, True, False], [True, True, False]])).prefix
+    2
     """
 
-    def __init__(self, mask: torch.Tensor, full: bool | None = None):
+    def __init__(self, mask: torch.Tensor, check: bool = True):
         self.valid = mask.to(dtype=torch.bool)  # [batch, pos]
-        self.full = bool(self.valid.all()) if full is None else full  # one host sync per space and batch
+        self.prefix = _common_prefix(self.valid) if check else None  # one host sync per space and batch
         self._moved: dict[torch.device, SpaceMask] = {}
+
+    @property
+    def full(self) -> bool:
+        """Every position of every example is valid."""
+        return self.prefix == self.valid.shape[1]
 
     # Made on first use (a batch whose hooks are all pooled without the mask needs none of them):
 
@@ -61,20 +71,37 @@ class SpaceMask:
     def weights(self) -> torch.Tensor | None:
         if self.valid.device.type != "cpu":
             return None
-        return (self.valid.float() / self.counts)[:, None, :]  # [batch, 1, pos]
+        weights = self.valid.float() / self.counts  # [batch, pos]
+        if self.prefix is not None:
+            weights = weights[:, : self.prefix].contiguous()  # [batch, prefix]
+        return weights[:, None, :]  # [batch, 1, pos or prefix]
 
     def on(self, device: torch.device) -> SpaceMask:
         """The same mask on ``device`` (a model split over devices), made once per device."""
         if self.valid.device == device:
             return self
         if device not in self._moved:
-            self._moved[device] = SpaceMask(self.valid.to(device), self.full)
+            moved = SpaceMask(self.valid.to(device), check=False)
+            moved.prefix = self.prefix
+            self._moved[device] = moved
         return self._moved[device]
+
+
+def _common_prefix(valid: torch.Tensor) -> int | None:
+    """The length L when every row of ``valid`` (``[batch, pos]``) is L trues then falses, L > 0; else None."""
+    if valid.is_meta or valid.shape[0] == 0:
+        return None
+    lengths = valid.sum(1)  # [batch]
+    prefixes = torch.arange(valid.shape[1], device=valid.device)[None, :] < lengths[:, None]  # [batch, pos]
+    low, high = torch.aminmax(lengths)
+    uniform = (valid == prefixes).all() & (low == high) & (low > 0)
+    length = int(torch.where(uniform, low, -1))  # the one host sync
+    return length if length > 0 else None
 
 
 def prepare_masks(masks: dict[str, torch.Tensor]) -> dict[str, SpaceMask]:
     """Each space's mask prepared for pooling (once per batch; a mask on the meta device stays as it is)."""
-    return {space: SpaceMask(mask, full=False if mask.is_meta else None) for space, mask in masks.items()}
+    return {space: SpaceMask(mask) for space, mask in masks.items()}
 
 
 def positions_first(value, point: HookPoint, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,7 +163,7 @@ def pool_all(x: torch.Tensor, method: str) -> torch.Tensor:
 def pool_positions(x: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
     """Pool ``x`` (``[batch, pos, width]``) over the positions where ``mask`` (``[batch, pos]``) is true; the
     result is float32 whatever ``x``'s precision (nothing here waits for a GPU, but ``none``'s row count)."""
-    return pool_prepared(x, SpaceMask(mask.to(x.device), full=False), method)
+    return pool_prepared(x, SpaceMask(mask.to(x.device), check=False), method)
 
 
 def pool_prepared(x: torch.Tensor, space: SpaceMask, method: str) -> torch.Tensor:
@@ -144,15 +171,19 @@ def pool_prepared(x: torch.Tensor, space: SpaceMask, method: str) -> torch.Tenso
     space = space.on(x.device)
     if x.shape[0] == 1 and space.valid.shape[0] != 1:  # broadcast over the batch (position embeddings)
         x = x.expand(space.valid.shape[0], -1, -1)
+    if space.prefix is not None:  # the same valid positions in every example: the slice, no mask
+        if space.prefix != x.shape[1]:
+            x = x[:, : space.prefix]  # [batch, prefix, width]
+        if method == "mean" and space.weights is not None:  # the CPU: one matmul, no padding in it
+            return torch.bmm(space.weights, _float(x))[:, 0]  # [batch, width]
+        return pool_all(x, method)
     if method == "mean" and space.weights is not None:  # the CPU
         # A batched matmul with the mask's weights reads x once and writes only [batch, width]...
         mean = torch.bmm(space.weights, _float(x))[:, 0]  # [batch, width]
-        if space.full or math.isfinite(mean.sum()):  # (a host sync, on the CPU: cheap)
+        if math.isfinite(mean.sum()):  # (a host sync, on the CPU: cheap)
             return mean
         # ...but 0 * inf = nan: if padding holds non-finite values, mask them out instead.
         return _padded_sum(x, space.padding).div_(space.counts)
-    if space.full:
-        return pool_all(x, method)
     if method == "mean":  # a GPU: nothing waits for the device
         return _padded_sum(x, space.padding).div_(space.counts)
     if method == "max":

@@ -76,22 +76,48 @@ def test_recorded_pooling_equals_pooling_by_hand(tiny_model_dir, family, texts, 
             np.testing.assert_allclose(got.numpy(), want, rtol=2e-5, atol=1e-5, err_msg=f"{point.name} {method}")
 
 
-def junk_batch(junk: float, dtype: torch.dtype):
+PADDINGS = ("none", "ragged", "same")  # no padding; holes anywhere; every example the same 6 of 9 positions
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_speech_with_the_same_padding_in_every_example_equals_pooling_by_hand(tiny_model_dir, dtype):
+    """Equal-length speech fixed to 300 frames: 299 valid in every example, pooled as the slice (no mask)."""
+    model = load(tiny_model_dir("seamless_m4t_v2"), modality="speech", device="cpu", dtype=dtype)
+    generator = np.random.default_rng(5)
+    waves = [(0.1 * generator.standard_normal(6 * 16000)).astype(np.float32) for _ in range(3)]
+    inputs = model.speech_inputs(waves, frames=300)
+    assert prepare_masks(inputs.masks)["input"].prefix == 299
+    points = [p for p in model.select(["speech_encoder.*"]) if p.time_axis is not None and p.space == "input"]
+    assert len(points) > 10 and any(p.time_axis == 2 for p in points)  # the convolution's [batch, channels, time]
+    raw = raw_activations(model, inputs, points)
+    for method in METHODS:
+        pooled = model.pooled(inputs, points, method)
+        for point in points:
+            want = by_hand(raw[point.name], inputs.masks["input"], method)
+            np.testing.assert_allclose(pooled[point.name].numpy(), want, rtol=2e-5, atol=1e-5, err_msg=point.name)
+
+
+def junk_batch(junk: float, dtype: torch.dtype, padding: str = "ragged"):
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(4, 9, 5, generator=generator).to(dtype)  # [batch, pos, width]
     mask = torch.rand(4, 9, generator=generator) > 0.4
     mask[:, 0] = True
     mask[2] = True  # one example without padding
+    if padding != "ragged":
+        mask[:] = True
+        mask[:, 6 if padding == "same" else 9 :] = False
     x[~mask] = junk
     return x, mask
 
 
+@pytest.mark.parametrize("padding", ["ragged", "same"])
 @pytest.mark.parametrize("matmul", [True, False], ids=["cpu-path", "gpu-path"])
 @pytest.mark.parametrize("junk", [0.0, float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_both_mean_paths_ignore_padding_whatever_it_holds(matmul, junk, dtype):
-    x, mask = junk_batch(junk, dtype)
+def test_both_paths_ignore_padding_whatever_it_holds(padding, matmul, junk, dtype):
+    x, mask = junk_batch(junk, dtype, padding)
     space = SpaceMask(mask)
+    assert space.prefix == (6 if padding == "same" else None)  # the same padding everywhere: pooled as a slice
     if not matmul:
         space.weights = None  # what a GPU's mask has: the where-and-sum path
     point = HookPoint("h", "m", time_axis=1, neuron_axis=2, width=5)
@@ -111,34 +137,36 @@ def test_an_unknown_pooling_is_refused_on_every_path():
 
 # Operations per hook point, counted (not timed): on a GPU each kernel is a launch. Bounds measured 2026-11-27
 # (docs/benchmarks.md, "Per-hook cost of recording"); before the change a mean took 17 operations, 8 kernels.
-# (method, padded, path) -> (operations, kernels, host syncs) for float32 and for bfloat16 [batch, pos, width]
+# (method, padding, path) -> (operations, kernels, host syncs) for float32 and for bfloat16 [batch, pos, width]
 # activations; "gpu" is the path a mask on a GPU takes (no matmul weights, nothing waits for the device).
 BOUNDS = {
-    ("mean", False, "gpu"): ((1, 1, 0), (1, 1, 0)),  # mean(dtype=float32): one kernel, no cast
-    ("mean", True, "gpu"): ((3, 3, 0), (3, 3, 0)),  # masked_fill, sum in float32, divide
-    ("mean", False, "cpu"): ((2, 1, 0), (3, 2, 0)),  # a matmul with the weights (bf16: cast first)
-    ("mean", True, "cpu"): ((4, 2, 1), (5, 3, 1)),  # the same, its finiteness checked on the host
-    ("max", False, "gpu"): ((1, 1, 0), (2, 2, 0)),
-    ("max", True, "gpu"): ((2, 2, 0), (3, 3, 0)),
-    ("last", False, "gpu"): ((2, 1, 0), (2, 1, 0)),  # a view and one copy (that casts)
-    ("last", True, "gpu"): ((1, 1, 0), (2, 2, 0)),
-    ("none", False, "gpu"): ((1, 0, 0), (2, 1, 0)),
-    ("none", True, "gpu"): ((1, 1, 0), (2, 2, 0)),
+    ("mean", "none", "gpu"): ((1, 1, 0), (1, 1, 0)),  # mean(dtype=float32): one kernel, no cast
+    ("mean", "same", "gpu"): ((2, 1, 0), (2, 1, 0)),  # the same on a slice (a view)
+    ("mean", "ragged", "gpu"): ((3, 3, 0), (3, 3, 0)),  # masked_fill, sum in float32, divide
+    ("mean", "none", "cpu"): ((2, 1, 0), (3, 2, 0)),  # a matmul with the weights (bf16: cast first)
+    ("mean", "same", "cpu"): ((3, 1, 0), (4, 2, 0)),
+    ("mean", "ragged", "cpu"): ((4, 2, 1), (5, 3, 1)),  # the matmul, its finiteness checked on the host
+    ("max", "none", "gpu"): ((1, 1, 0), (2, 2, 0)),
+    ("max", "ragged", "gpu"): ((2, 2, 0), (3, 3, 0)),
+    ("last", "none", "gpu"): ((2, 1, 0), (2, 1, 0)),  # a view and one copy (that casts)
+    ("last", "ragged", "gpu"): ((1, 1, 0), (2, 2, 0)),
+    ("none", "none", "gpu"): ((1, 0, 0), (2, 1, 0)),
+    ("none", "ragged", "gpu"): ((1, 1, 0), (2, 2, 0)),
 }
 
 
-@pytest.mark.parametrize(("method", "padded", "path"), list(BOUNDS))
+@pytest.mark.parametrize(("method", "padding", "path"), list(BOUNDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_operations_per_hook_stay_bounded(method, padded, path, dtype):
-    x, mask = junk_batch(0.0, dtype)
-    space = SpaceMask(mask if padded else torch.ones_like(mask))
+def test_operations_per_hook_stay_bounded(method, padding, path, dtype):
+    x, mask = junk_batch(0.0, dtype, padding)
+    space = SpaceMask(mask)
     if path == "gpu":
         space.weights = None
     point = HookPoint("h", "m", time_axis=1, neuron_axis=2, width=5)
     pool(x, point, space, method)  # the mask's counts, weights, last positions: once per batch, not per hook
     with OpCount() as ops:
         pool(x, point, space, method)
-    total, kernels, syncs = BOUNDS[method, padded, path][dtype == torch.bfloat16]
+    total, kernels, syncs = BOUNDS[method, padding, path][dtype == torch.bfloat16]
     assert ops.total <= total and ops.kernels <= kernels and ops.syncs <= syncs, ops.by_name
 
 
@@ -166,9 +194,10 @@ def test_prepared_masks_check_padding_once_per_space():
     masks = {"input": torch.ones(2, 4, dtype=torch.bool), "decoder": torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()}
     with OpCount() as ops:
         spaces = prepare_masks(masks)
-    assert spaces["input"].full and not spaces["decoder"].full
+    assert spaces["input"].full and not spaces["decoder"].full and spaces["decoder"].prefix is None
     assert ops.syncs == 2  # one host sync per space and batch, none per hook
-    assert prepare_masks({"input": torch.ones(2, 4, dtype=torch.bool, device="meta")})["input"].full is False
+    assert prepare_masks({"input": torch.ones(2, 4, dtype=torch.bool, device="meta")})["input"].prefix is None
+    assert prepare_masks({"input": torch.zeros(2, 4, dtype=torch.bool)})["input"].prefix is None  # nothing valid
 
 
 def test_one_copy_to_the_host_gives_every_tensor_back():
