@@ -6,13 +6,18 @@ exactly, for the code of this checkout ("after") and of a git revision ("before"
 its own subprocess with its models loaded, the parent asking them for one timed call at a time, alternating
 between the two versions call by call (so both meet the same load on a shared machine):
 
-- **launch-bound case**: GPT-2 with 24 layers of d_model 16 (364 hook points), 9 texts (padded, 7-31 tokens)
-  or 9 x 24 random tokens (no padding); the forward's arithmetic is negligible. ``HookedModel.pooled`` with
-  every hook point against the same call with only the last one (the forward runs as far): the difference over
-  363 hooks is the cost per hook. Operations are counted with :class:`hookpoints.op_count.OpCount` (kernels =
-  operations that compute, i.e. kernel launches on a GPU; views; host syncs).
+- **launch-bound case**: GPT-2 with 24 layers of d_model 16 (364 hook points), 9 texts (padded, 7-31 tokens),
+  9 x 24 random tokens (no padding), or the same with the last 4 positions of every example masked ("same",
+  as equal-length speech fixed to N frames); the forward's arithmetic is negligible. ``HookedModel.pooled``
+  with every hook point against the same call with only the last one (the forward runs as far): the difference
+  over 363 hooks is the cost per hook. Operations are counted with :class:`hookpoints.op_count.OpCount`
+  (kernels = operations that compute, i.e. kernel launches on a GPU; views; host syncs).
 - **realistic CPU case**: GPT-2 6 x 256 (the recording-overhead model), batch 8 x 128 tokens, padded (64-128
   tokens) and not: ms per batch of ``HookedModel.pooled`` (every hook point, mean) and of the bare forward.
+- **the floor**: the launch-bound case with the pooling replaced by taking the tensor as it is (the trace and
+  its hooks alone; the same code in both, so its difference is the timing's resolution between two processes);
+- **the pooling work alone** of the realistic case, in one process: main's and this checkout's pooling
+  functions over the same captured activations (separate processes differ by up to 15% on the same code).
 - **the copy to the host** (the same in both: emulated on CPU tensors): per hook a buffer and a copy (before)
   against one packed buffer and one copy per batch (:func:`hookpoints.host_copy.pack`, after).
 - **values**: the pooled values of both versions on the padded batch, max relative difference.
@@ -85,10 +90,15 @@ def batches(model, real: bool) -> dict:
     mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
     short = ids if real else ids[:, :24]  # the unpadded batch: 8 x 128 or 9 x 24
     full = torch.ones_like(short)
-    return {
+    result = {
         "padded": ModelInputs({"input_ids": ids, "attention_mask": mask}, {"input": mask.bool()}),
         "unpadded": ModelInputs({"input_ids": short, "attention_mask": full}, {"input": full.bool()}),
     }
+    if not real:  # the same padding in every example (as equal-length speech fixed to N frames): 20 of 24 valid
+        same = full.clone()
+        same[:, 20:] = 0
+        result["same"] = ModelInputs({"input_ids": short, "attention_mask": same}, {"input": same.bool()})
+    return result
 
 
 def median_ms(calls: dict, reps: int) -> dict[str, float]:
@@ -302,7 +312,10 @@ class Child:
 def interleaved(children: dict[str, Child], rounds: int) -> dict[str, dict[str, float]]:
     """Median ms per case and version: every case, call by call, alternating between the versions."""
     cases = [
-        f"tiny/{d}/{p}/{n}" for d in ("float32", "bfloat16") for p in ("padded", "unpadded") for n in ("all", "last")
+        f"tiny/{d}/{p}/{n}"
+        for d in ("float32", "bfloat16")
+        for p in ("padded", "unpadded", "same")
+        for n in ("all", "last")
     ]
     cases += ["tiny/floor/all", "tiny/floor/last"]
     cases += [f"real/{p}/{n}" for p in ("padded", "unpadded") for n in ("bare", "pooled")]
@@ -319,7 +332,7 @@ def summary(static: dict, ms: dict[str, float]) -> dict:
     hooks = static["hooks"] - 1
     us = {}
     for dtype in ("float32", "bfloat16"):
-        for padding in ("padded", "unpadded"):
+        for padding in ("padded", "unpadded", "same"):
             key = f"tiny/{dtype}/{padding}"
             us[f"{dtype}/{padding}/mean"] = (ms[f"{key}/all"] - ms[f"{key}/last"]) * 1000 / hooks
     us["floor"] = (ms["tiny/floor/all"] - ms["tiny/floor/last"]) * 1000 / hooks
