@@ -138,12 +138,13 @@ def pool(
     Returns ``[batch, width]``, or for ``none`` the ``[valid positions, width]`` rows in the row-major order
     of ``mask.nonzero()``. It runs where the tensor lives (on the GPU for a model there), and half-precision
     activations (bf16, fp16) are summed in float32, so a mean over many positions loses nothing more.
-    ``mask``: the space's :class:`SpaceMask` (a ``[batch, pos]`` tensor is prepared here, for one-off use).
+    ``mask``: the space's :class:`SpaceMask` (a ``[batch, pos]`` tensor is prepared here, for one-off use,
+    without looking for a common prefix: nothing waits for the device).
     """
     x = positions_first(value, point, key_mask)  # [batch, pos, width], the model's dtype
     if point.time_axis is None or mask is None:
         return pool_all(x, method)
-    space = mask if isinstance(mask, SpaceMask) else SpaceMask(mask)
+    space = mask if isinstance(mask, SpaceMask) else SpaceMask(mask, check=False)
     return pool_prepared(x, space, method)
 
 
