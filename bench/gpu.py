@@ -18,7 +18,8 @@ Timed, interleaved call by call, CUDA-synchronised, medians over ``--rounds``:
   the rows go through the store's run writer too (Delta tables on local disk, float16 storage);
 - **plain generate** against **1,000-neuron median replacement** during generation
   (``HookedModel.generate_edited``; Seamless, text decoder, Table 1 components of all 24 layers), exactly
-  ``--tokens`` new tokens, batch 1 (the paper's) and batch 8.
+  ``--tokens`` new tokens, batch 1 (the paper's) and batch 8; against the same edits by the edit path before
+  issue 16's change (one hook per edit with ``index_put_``: ``legacy_apply_edit`` of bench/edit_overhead.py).
 
 Values: a few examples recorded on the device through ``hookpoints.recorder.record`` (read back from the
 store) against the same weights in float32 on the CPU; per hook the relative error ||device - cpu|| / ||cpu||.
@@ -73,13 +74,14 @@ except ModuleNotFoundError:  # a bare checkout (the GPU machine): the same mappi
     hookpoints.__path__.append(str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
+from edit_overhead import legacy_apply_edit  # noqa: E402  (bench/: the edit path before issue 16's change)
 from gpu_models import SAMPLE_RATE, batch_of, build, table1_points, waveforms  # noqa: E402
 from hookpoints.store.catalog import Store  # noqa: E402
 from hookpoints.store.writer import HookRows, open_run  # noqa: E402
 
 from hookpoints.adapters.seamless import TABLE1  # noqa: E402
 from hookpoints.direct import pooled_direct  # noqa: E402
-from hookpoints.editing import NeuronEdit, apply_edit  # noqa: E402
+from hookpoints.editing import NeuronEdit  # noqa: E402
 from hookpoints.host_copy import HostCopy, one_behind  # noqa: E402
 from hookpoints.inputs import ModelInputs  # noqa: E402
 from hookpoints.loading import quiet_transformers  # noqa: E402
@@ -236,12 +238,12 @@ def interventions(model: HookedModel, args) -> list[dict]:
             "plain generate": lambda i=inputs, p=prompt: model.generate(i, p, args.gen_tokens),
             "traced, no edit": lambda i=inputs, p=prompt: model.generate_edited(i, p, [], args.gen_tokens),
             "median replacement": lambda i=inputs, p=prompt: model.generate_edited(i, p, edits, args.gen_tokens),
-            "same replacement (torch hooks)": lambda i=inputs, p=prompt: hooked_generate(model, i, p, edits, args),
+            "before: per-edit index_put_ hooks": lambda i=inputs, p=prompt: hooked_generate(model, i, p, edits, args),
         }
         seconds = timed(cases, args.rounds, model.device)
-        edited, hooked = cases["median replacement"]()[0], cases["same replacement (torch hooks)"]()
+        edited, hooked = cases["median replacement"]()[0], cases["before: per-edit index_put_ hooks"]()
         same = torch.equal(edited.sequences, hooked.sequences)
-        results.append({"same_tokens_as_torch_hooks": same,
+        results.append({"same_tokens_as_before": same,
             "batch": batch, "tokens": args.gen_tokens, "neurons": sum(len(e.neurons) for e in edits),
             "hooks_edited": len(edits), "seconds": seconds,
             "x_plain": {name: s / seconds["plain generate"] for name, s in seconds.items()},
@@ -250,14 +252,14 @@ def interventions(model: HookedModel, args) -> list[dict]:
 
 
 def hooked_generate(model: HookedModel, inputs: ModelInputs, prompt: torch.Tensor, edits, args):
-    """The reference: the same edits applied by plain torch hooks (``apply_edit``) around plain generate."""
+    """Before: the same edits by main's edit path up to 4195983 (one torch hook per edit, ``index_put_``)."""
     handles = []
     for edit in edits:
         module = model.model.get_submodule(edit.point.module)
         if edit.point.io == "input":
-            handles.append(module.register_forward_pre_hook(lambda m, a, edit=edit: apply_edit(a[0], edit)))
+            handles.append(module.register_forward_pre_hook(lambda m, a, edit=edit: legacy_apply_edit(a[0], edit)))
         else:
-            handles.append(module.register_forward_hook(lambda m, a, out, edit=edit: apply_edit(out, edit)))
+            handles.append(module.register_forward_hook(lambda m, a, out, edit=edit: legacy_apply_edit(out, edit)))
     try:
         return model.generate(inputs, prompt, args.gen_tokens)
     finally:
@@ -344,8 +346,8 @@ def markdown(report: dict) -> str:
                 ms, ratio = 1000 * seconds, row["x_plain"][case]
                 lines.append(f"| {label} | {row['batch']} | {row['tokens']} | {ms:.0f} | {ratio:.2f} |")
     for row in report.get("interventions", []):
-        same = "the same" if row["same_tokens_as_torch_hooks"] else "DIFFERENT"
-        lines.append(f"\nBatch {row['batch']}: nnsight and torch-hook replacement generate {same} tokens.")
+        same = "the same" if row["same_tokens_as_before"] else "DIFFERENT"
+        lines.append(f"\nBatch {row['batch']}: the replacement before and after issue 16 generates {same} tokens.")
     lines += ["", "| values vs CPU float32 | examples | hooks | rel. error median | p95 | max (hook) |",
               "|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for family, check in report["values"].items():

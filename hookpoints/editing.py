@@ -4,12 +4,15 @@ An edit names neurons by their index in the hook's vector (the index the store's
 ``scores`` use), whatever the tensor's layout: ``[batch, pos, width]`` projections, a Conformer conv's
 ``[batch, channels, time]``, ``[batch, pos, heads, d_head]`` attention heads, or one slice of a fused
 projection (``part``). :func:`apply_edit` changes the module's tensor in place, so everything after the hook
-point reads the edited values. ``HookedModel.generate_edited`` applies edits through nnsight during
-generation.
+point reads the edited values. The edits of one tensor form an :class:`EditGroup`: a mask and values placed
+once on the tensor's device and dtype, then one in-place ``torch.where`` per call (a decoder step's cost is one
+aten op per edited tensor; tests/test_edit_fast_path.py, bench/edit_overhead.py). ``HookedModel.generate_edited``
+applies them from torch hooks, or through nnsight when it also records.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -31,8 +34,8 @@ class NeuronEdit:
     neurons: torch.Tensor  # [k] int64: indices into the hook's vector
     values: torch.Tensor  # [k] float: the replacement values, or the steering vector's entries
     add: bool = False
-    #: (device, dtype, neuron shape) -> (one [k] index per neuron dimension, [k] values): placed once, reused
-    #: at every step of a generation and every later call.
+    #: (device, dtype, mask shape) -> Placed (mask and values on the hook's device): placed once, reused at
+    #: every step of a generation and every later call.
     _placed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -58,31 +61,159 @@ class NeuronEdit:
 
 def apply_edit(value, edit: NeuronEdit) -> None:
     """Edit the hook's tensor (a module's output or first input, possibly inside a tuple) in place."""
-    tensor = first_tensor(value)
-    point = edit.point
+    EditGroup([edit]).apply(value)
+
+
+def block_shape(tensor: torch.Tensor, point: HookPoint) -> torch.Size:
+    """``tensor``'s shape without its batch axis and with its time axis set to 1: the shape of an edit's mask,
+    which broadcasts over batch and positions (``[1, width]``, ``[1, heads, d_head]``, ``[channels, 1]``)."""
+    shape = tensor.shape
     if point.time_axis is None:
-        view, lead = tensor, 1  # [batch, *neurons]
-    else:
-        view, lead = tensor.movedim(point.time_axis, 1), 2  # [batch, pos, *neurons] (a view of the tensor)
-    coordinates, values = placed(edit, tuple(view.shape[lead:]), tensor.device, tensor.dtype)
-    where = (slice(None),) * lead + coordinates
-    if edit.add:
-        view[where] = view[where] + values
-    else:
-        view[where] = values
+        return shape[1:]
+    return shape[1 : point.time_axis] + (1,) + shape[point.time_axis + 1 :]
 
 
-def placed(
-    edit: NeuronEdit, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """The edit's neuron coordinates in a ``shape`` neuron block and its values, on ``device`` in ``dtype``;
-    computed and copied once per hook's device, dtype and shape, then reused (no copy per step)."""
-    key = (device, dtype, shape)
+def placed(edit: NeuronEdit, block: torch.Size, device: torch.device, dtype: torch.dtype) -> Placed:
+    """The edit as a :class:`Placed` mask and values of ``block`` shape on ``device`` in ``dtype``: True and the
+    edit's value at its neurons, False and 0 elsewhere. Made and copied once per device, dtype and shape, then reused
+    at every call and generation step (no copy, no allocation per step)."""
+    key = (device, dtype, tuple(block))
     if key not in edit._placed:
+        point = edit.point
+        neuron_shape = [size for axis, size in enumerate(block, 1) if axis != point.time_axis]
+        size, count = math.prod(neuron_shape), point.part[1] if point.part else 1
+        if size != (point.width or 0) * count:  # a tensor unlike the probed one: refuse rather than misplace
+            raise UserError(
+                f"hook {point.name}'s tensor has {size} neurons per position here, the hook point lists "
+                f"{point.width}{f' x {count} parts' if point.part else ''}; edit a hook point of this model"
+            )
         flat = edit.neurons.to(device)
-        if edit.point.part:
-            index, count = edit.point.part
-            flat = flat + index * (torch.Size(shape).numel() // count)
-        coordinates = tuple(torch.unravel_index(flat, shape))  # one [k] index per neuron dimension
-        edit._placed[key] = (coordinates, edit.values.to(device, dtype))  # [k], broadcast over batch and positions
+        if point.part:
+            flat = flat + point.part[0] * point.width
+        mask = torch.zeros(neuron_shape, dtype=torch.bool, device=device)
+        values = torch.zeros(neuron_shape, dtype=dtype, device=device)
+        mask.view(-1)[flat] = True
+        values.view(-1)[flat] = edit.values.to(device, dtype)
+        edit._placed[key] = Placed(mask.view(block), values.view(block), edit.add, point.time_axis)
     return edit._placed[key]
+
+
+#: Most elements a tensor may have for an edit by ``where`` (which reads and writes every element, one op) rather
+#: than by indexed assignment (which touches only the edited neurons but costs ~3x the host time per call). A
+#: decoder step's tensors (batch x 1 position) are far below either; a long forward pass is above. On a GPU a
+#: ``where`` over 4 M elements streams ~16 MB, a few microseconds, about one kernel launch (an estimate: no GPU
+#: measured it); on a CPU one over 16 k elements costs about what the indexed assignment does (bench/edit_overhead.py).
+WHERE_MAX = {"cpu": 1 << 14}
+WHERE_MAX_OTHER = 1 << 22
+
+
+class Placed:
+    """An edit (or several merged) ready to apply: ``[*block]`` mask and values (or shifts, with ``add``)."""
+
+    def __init__(self, mask: torch.Tensor, values: torch.Tensor, add: bool, time_axis: int | None):
+        self.mask = mask  # [*block] bool: the edited neurons (block: the tensor's shape, batch dropped, time 1)
+        self.values = values  # [*block]: their values (0 elsewhere)
+        self.add = add
+        self.time_axis = time_axis
+        self.most = WHERE_MAX.get(mask.device.type, WHERE_MAX_OTHER)
+        self._indexed: tuple | None = None  # (one [k] index per neuron axis, [k] values), made when first needed
+
+    def apply(self, tensor: torch.Tensor) -> None:
+        """One in-place ``where`` (one kernel; two with ``add``): the values at the mask, the tensor elsewhere;
+        an indexed assignment on tensors over ``WHERE_MAX`` elements."""
+        if tensor.numel() > self.most:
+            return self._apply_indexed(tensor)
+        new = tensor + self.values if self.add else self.values
+        if tensor.requires_grad:  # out= does not take part in autograd; an in-place copy does
+            tensor.copy_(torch.where(self.mask, new, tensor))
+        else:
+            torch.where(self.mask, new, tensor, out=tensor)
+
+    def _apply_indexed(self, tensor: torch.Tensor) -> None:
+        if self._indexed is None:
+            mask, values = self.mask, self.values  # [*neurons], with the time axis' 1 dropped below
+            if self.time_axis is not None:
+                mask, values = mask.squeeze(self.time_axis - 1), values.squeeze(self.time_axis - 1)
+            coordinates = mask.nonzero(as_tuple=True)  # once per placement (a host sync on a GPU)
+            self._indexed = (coordinates, values[coordinates])
+        coordinates, values = self._indexed
+        if self.time_axis is None:
+            view, lead = tensor, 1  # [batch, *neurons]
+        else:
+            view, lead = tensor.movedim(self.time_axis, 1), 2  # [batch, pos, *neurons] (a view of the tensor)
+        where = (slice(None),) * lead + coordinates
+        view[where] = view[where] + values if self.add else values
+
+    def then(self, later: Placed) -> Placed | None:
+        """This edit followed by ``later`` as one, or None where they cannot merge exactly (a replacement and a
+        shift, or two shifts of one neuron: t + a + b is not t + (a + b) in floating point)."""
+        if self.add != later.add or (self.add and bool((self.mask & later.mask).any())):
+            return None
+        values = self.values + later.values if self.add else torch.where(later.mask, later.values, self.values)
+        return Placed(self.mask | later.mask, values, self.add, self.time_axis)
+
+
+class EditGroup:
+    """Every edit of one module tensor (one module's output or input), applied as few ``where`` s as exact.
+
+    The merged masks are cached per device, dtype and shape; one group lives for one generation (or forward).
+
+    >>> group = EditGroup([edit_a, edit_b])  # the same module, e.g. GPT-2's fused q and k slices
+    >>> group.apply(tensor)
+    """
+
+    def __init__(self, edits: list[NeuronEdit]):
+        self.edits = list(edits)
+        self.point = self.edits[0].point  # the time axis is the module's, the same for every edit of it
+        self._placed: dict = {}  # (device, dtype, mask shape) -> the merged steps
+        self._seen: dict = {}  # (shape, dtype, device) of a tensor -> the same steps: one look-up per call
+
+    def steps(self, tensor: torch.Tensor) -> list[Placed]:
+        """The merged edits for ``tensor``'s device, dtype and shape (placed on the first call, then reused)."""
+        key = (tensor.device, tensor.dtype, block_shape(tensor, self.point))
+        found = self._placed.get(key)
+        if found is None:
+            found = []
+            for edit in self.edits:
+                one = placed(edit, key[2], tensor.device, tensor.dtype)
+                merged = found[-1].then(one) if found else None
+                if merged is None:
+                    found.append(one)
+                else:
+                    found[-1] = merged
+            self._placed[key] = found
+        return found
+
+    def apply(self, value) -> None:
+        """Edit the hook's tensor (the value itself, or the first tensor in a tuple) in place."""
+        tensor = value if type(value) is torch.Tensor else first_tensor(value)
+        if tensor is None:
+            raise UserError(f"hook {self.point.name}: module {self.point.module} passed no tensor to edit")
+        key = (tensor.shape, tensor.dtype, tensor.device)
+        seen = self._seen.get(key)
+        if seen is None:
+            steps = self.steps(tensor)
+            one = steps[0] if len(steps) == 1 and not steps[0].add and tensor.numel() <= steps[0].most else None
+            seen = self._seen[key] = (one, steps)  # `one`: a single replacement by where (the usual case)
+        one, steps = seen
+        if one is not None and not tensor.requires_grad:
+            torch.where(one.mask, one.values, tensor, out=tensor)  # what one.apply does, without its checks
+            return
+        for step in steps:
+            step.apply(tensor)
+
+    def output_hook(self, module, args, output) -> None:
+        """A torch forward hook editing the module's output: ``module.register_forward_hook(group.output_hook)``."""
+        self.apply(output)
+
+    def input_hook(self, module, args) -> None:
+        """A torch forward pre-hook editing the module's first input."""
+        self.apply(args)
+
+
+def groups(edits: list[NeuronEdit]) -> dict[tuple[str, str], EditGroup]:
+    """The edits grouped by the tensor they change: (module path, "output" | "input") -> its group."""
+    by_tensor: dict[tuple[str, str], list[NeuronEdit]] = {}
+    for edit in edits:
+        by_tensor.setdefault((edit.point.module, edit.point.io), []).append(edit)
+    return {key: EditGroup(group) for key, group in by_tensor.items()}

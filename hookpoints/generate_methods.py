@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from hookpoints.alignment import LogitsFingerprint, check_prompt
 from hookpoints.attention import eager as eager_attention
 from hookpoints.attention import needs_eager
-from hookpoints.editing import NeuronEdit, apply_edit
+from hookpoints.editing import EditGroup, NeuronEdit, groups
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
@@ -124,12 +124,17 @@ class GenerationMethods:
         saved after the edits, per call: name -> ``[batch, pos, width]`` tensors, one per call (the test that
         edits land exactly where they should). Without edits the output equals :meth:`generate`'s.
         """
+        modules = dict(self.model.named_modules())
+        for point in [edit.point for edit in edits] + list(record):
+            if point.module not in modules:
+                raise UserError(f"hook {point.name} is on module {point.module}, which this model does not have")
         if not record and not self.remote:
-            return self._generate_with_torch_hooks(inputs, prompt, edits, max_new_tokens), {}
+            return self._generate_with_torch_hooks(inputs, prompt, edits, max_new_tokens, modules), {}
         every_step = self.modules_run_every_step(inputs, prompt)
         by_point: dict[str, list[NeuronEdit]] = {}
         for edit in edits:
             by_point.setdefault(edit.point.name, []).append(edit)
+        edit_groups = {name: EditGroup(group) for name, group in by_point.items()}
         targets = {edit.point.name: edit.point for edit in edits} | {point.name: point for point in record}
         ordered = sorted(targets.values(), key=lambda p: p.order)
         recorded: dict[str, list[torch.Tensor]] = {point.name: [] for point in record}
@@ -151,27 +156,26 @@ class GenerationMethods:
                             continue  # it ran at step 0 only (an encoder, cross-attention keys/values)
                         envoy = self._envoys[point.module]
                         value = envoy.output if point.io == "output" else envoy.input
-                        for edit in by_point.get(point.name, ()):
-                            apply_edit(value, edit)
+                        if point.name in edit_groups:
+                            edit_groups[point.name].apply(value)
                         if point.name in wanted:
                             recorded[point.name].append(positions_first(value, point).clone().save())
         generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
         return generation, recorded
 
     def _generate_with_torch_hooks(
-        self, inputs: ModelInputs, prompt: torch.Tensor, edits: list[NeuronEdit], max_new_tokens: int
+        self, inputs: ModelInputs, prompt: torch.Tensor, edits: list[NeuronEdit], max_new_tokens: int, modules: dict
     ) -> Generation:
-        """:meth:`generate_edited` without recording: the same :func:`apply_edit` on the same tensors at every call,
-        from plain torch hooks (nnsight's per-edit hand-off costs ~0.1 ms per hook point and step, which
-        dominates a small model's step; bench/whisper_interventions.py)."""
-        modules = dict(self.model.named_modules())
+        """:meth:`generate_edited` without recording: the same edits on the same tensors at every call, from plain
+        torch hooks (nnsight's per-edit hand-off costs ~0.1 ms per hook point and step, which dominates a small
+        model's step; bench/whisper_interventions.py). One hook per edited tensor, which makes one in-place
+        ``where`` per call from masks placed once (hookpoints.editing.EditGroup; bench/edit_overhead.py)."""
         handles = []
-        for edit in edits:
-            module = modules[edit.point.module]
-            if edit.point.io == "output":
-                handles.append(module.register_forward_hook(lambda m, a, out, edit=edit: apply_edit(out, edit)))
+        for (path, io), group in groups(edits).items():
+            if io == "output":
+                handles.append(modules[path].register_forward_hook(group.output_hook))
             else:
-                handles.append(module.register_forward_pre_hook(lambda m, args, edit=edit: apply_edit(args, edit)))
+                handles.append(modules[path].register_forward_pre_hook(group.input_hook))
         collector = TokenCollector()
         kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
         try:

@@ -152,9 +152,10 @@ def test_edit_values_are_placed_once_per_device_and_dtype(tiny_model_dir):
     model = load(tiny_model_dir("llama"), device="cpu")
     point = model.hook_points.get("blocks.0.mlp.hook_post")
     edit = NeuronEdit(point, torch.tensor([1, 4]), torch.tensor([0.5, -2.0]))
-    first = placed(edit, (point.width,), torch.device("cpu"), torch.bfloat16)
-    assert placed(edit, (point.width,), torch.device("cpu"), torch.bfloat16) is first  # cached, not recopied
-    assert first[1].dtype == torch.bfloat16
+    block = torch.Size([1, point.width])  # [pos, width] with positions 1: broadcast over batch and positions
+    first = placed(edit, block, torch.device("cpu"), torch.bfloat16)
+    assert placed(edit, block, torch.device("cpu"), torch.bfloat16) is first  # cached, not recopied
+    assert first.values.dtype == torch.bfloat16 and first.mask.shape == block
     tensor = torch.zeros(2, 3, point.width, dtype=torch.bfloat16)
     apply_edit(tensor, edit)
     assert len(edit._placed) == 1  # apply_edit reused the cached placement
