@@ -24,6 +24,10 @@ Timed, interleaved call by call, CUDA-synchronised, medians over ``--rounds``:
 Values: a few examples recorded on the device through ``hookpoints.recorder.record`` (read back from the
 store) against the same weights in float32 on the CPU; per hook the relative error ||device - cpu|| / ||cpu||.
 
+``--profile`` adds torch.profiler's busiest operations (host and device time) of one recording call per case,
+to tell a launch-bound host from slow pooling kernels. Per case it also counts the aten operations per hook
+point of the recording path (:class:`hookpoints.op_count.OpCount`; on a GPU each kernel is a launch).
+
 Run: ``python bench/gpu.py`` on a GPU (about 4 minutes on an H100/H200; prints Markdown, writes
 ``$OUT/gpu.json`` when ``OUT`` is set or ``--json PATH``); ``python bench/gpu.py --smoke`` on a CPU at tiny
 sizes (a check of the script, numbers meaningless). docs/benchmarks.md holds the results.
@@ -83,6 +87,7 @@ from hookpoints.inputs import ModelInputs  # noqa: E402
 from hookpoints.loading import quiet_transformers  # noqa: E402
 from hookpoints.manifest import read_manifest  # noqa: E402
 from hookpoints.model import HookedModel  # noqa: E402
+from hookpoints.op_count import OpCount  # noqa: E402
 from hookpoints.placement import Placement  # noqa: E402
 from hookpoints.recorder import record  # noqa: E402
 
@@ -167,7 +172,20 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
     seconds = timed(cases, args.rounds, model.device)
     examples = batch * args.batches
     width = sum(p.width for p in points)
+    try:  # aten operations (= launches, for kernels) per hook point: all hooks minus the last one only
+        counts = []
+        for chosen in (points, [max(points, key=lambda p: p.order)]):
+            with OpCount() as ops:
+                HostCopy(model.pooled(batches[0], chosen, "mean")).wait()
+            counts.append(ops)
+        per_hook = {kind: (getattr(counts[0], kind) - getattr(counts[1], kind)) / max(len(points) - 1, 1)
+                    for kind in ("total", "kernels", "syncs")}  # fmt: skip
+    except Exception as error:  # noqa: BLE001 - a count must not cost the device run its timings
+        per_hook = {"error": f"{type(error).__name__}: {error}"[:300]}
+    profile = profiled(lambda: Recording(model, points, None, batch)(batches), model.device) if args.profile else None
     return {
+        "profile": profile,
+        "ops_per_hook": per_hook,
         "family": family,
         "parameters": sum(p.numel() for p in model.model.parameters()),
         "hooks": len(points),
@@ -180,6 +198,22 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
         "examples_per_second": {name: examples / s for name, s in seconds.items()},
         "x_bare_throughput": {name: seconds["bare forward"] / s for name, s in seconds.items()},
     }
+
+
+def profiled(call, device: torch.device) -> str:
+    """torch.profiler's busiest operations of one call (host time, and device time on a GPU): where the
+    recording's time goes (launch-bound host, or the pooling kernels themselves)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        call()
+        sync(device)
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=15)]
+    if device.type == "cuda":
+        tables.append(averages.table(sort_by="self_cuda_time_total", row_limit=15))
+    return "\n".join(tables)
 
 
 def interventions(model: HookedModel, args) -> list[dict]:
@@ -291,6 +325,18 @@ def markdown(report: dict) -> str:
                 f"| {row['family']} | {row['parameters'] / 1e9:.2f} B | {row['hooks']} | {row['values_per_example']:,} "
                 f"| {row['batch']} x {row['positions']} | {case} | {rate:.1f} | {row['x_bare_throughput'][case]:.2f} |"
             )
+    for row in report["throughput"]:
+        ops = row.get("ops_per_hook", {})
+        if "error" in ops:
+            lines.append(f"\n{row['family']} batch {row['batch']}: operations not counted ({ops['error']})")
+            continue
+        lines.append(f"\n{row['family']} batch {row['batch']}: per hook point {ops.get('total', 0):.2f} aten "
+                     f"operations, {ops.get('kernels', 0):.2f} kernels, {ops.get('syncs', 0):.2f} host syncs "
+                     "(recording, mean, with the copy to the host)")  # fmt: skip
+    for row in report["throughput"]:
+        if row.get("profile"):
+            lines += ["", f"Profile, {row['family']} batch {row['batch']} (one recording call):", "```", row["profile"],
+                      "```"]  # fmt: skip
     if report.get("interventions"):
         lines += ["", "| generation (Seamless) | batch | new tokens | ms per call | x plain generate |",
                   "|---|---:|---:|---:|---:|"]  # fmt: skip
@@ -325,6 +371,7 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--neurons", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="torch.profiler tables of one recording call per case")
     parser.add_argument("--check", type=int, default=4, help="examples compared with CPU float32")
     parser.add_argument("--only", choices=("seamless", "llama"), help="one model only")
     parser.add_argument("--json", type=Path, help="write the report here (default: $OUT/gpu.json if OUT is set)")

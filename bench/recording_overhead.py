@@ -35,7 +35,7 @@ from hookpoints.store.writer import HookRows, open_run  # noqa: E402
 
 from hookpoints.inputs import ModelInputs  # noqa: E402
 from hookpoints.loading import load  # noqa: E402
-from hookpoints.pooling import pool  # noqa: E402
+from hookpoints.pooling import pool, prepare_masks  # noqa: E402
 from hookpoints.probe import first_tensor  # noqa: E402
 from hookpoints.tiny import build_tiny, tiny_tokenizer  # noqa: E402
 
@@ -72,11 +72,12 @@ def overhead(directory: Path, scratch: Path) -> dict:
 
     def torch_hooks():
         pooled, handles = {}, []
+        space = prepare_masks(inputs.masks)["input"]  # once per batch, as the recorder does
         for point in points:
             module = hf.get_submodule(point.module)
 
             def keep(value, point=point):
-                pooled[point.name] = pool(value, point, inputs.masks["input"], "mean").cpu()
+                pooled[point.name] = pool(value, point, space, "mean").cpu()
 
             if point.io == "input":
                 handles.append(module.register_forward_pre_hook(lambda m, args, keep=keep: keep(first_tensor(args))))

@@ -39,13 +39,19 @@ def norm_kind(module: torch.nn.Module, what: str) -> tuple[str, float] | None:
 
 
 def derive_norm(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
-    """The normalised value (``[..., d]``) or scale (``[..., 1]``) of the norm input ``x``, in float32."""
+    """The normalised value (``[..., d]``) or scale (``[..., 1]``) of the norm input ``x``, in float32.
+
+    The normalised value is ``layer_norm`` / ``rms_norm`` without gain and bias (one operation: a recording
+    computes it for every hook_normalized of every batch), the scale the arithmetic above.
+    """
     centre, scale_only = NORM_KINDS[kind]
-    x = x.float()
+    x = x if x.dtype == torch.float32 else x.float()
+    if not scale_only:
+        norm = torch.nn.functional.layer_norm if centre else torch.nn.functional.rms_norm
+        return norm(x, x.shape[-1:], eps=eps)
     if centre:
         x = x - x.mean(-1, keepdim=True)
-    scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()  # [..., 1]
-    return scale if scale_only else x / scale
+    return x.square().mean(-1, keepdim=True).add_(eps).sqrt_()  # [..., 1]
 
 
 def is_map(module: str) -> bool:

@@ -17,7 +17,7 @@ from hookpoints.attention import eager as eager_attention
 from hookpoints.attention import needs_eager
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import HookPoint
-from hookpoints.pooling import pool, unpadded_spaces
+from hookpoints.pooling import pool, prepare_masks
 
 
 class _Stop(Exception):
@@ -31,16 +31,17 @@ def pooled_direct(model, inputs: ModelInputs, points: list[HookPoint], pooling) 
     pooled: dict[str, torch.Tensor] = {}
     last = max(points, key=lambda p: p.order).name if points else None
     modules = dict(model.model.named_modules())
-    full = unpadded_spaces(inputs.masks, model.device)
+    spaces = prepare_masks(inputs.masks)
     handles = []
 
     def keeper(point: HookPoint):
-        mask, key_mask = inputs.masks.get(point.space), inputs.masks.get(point.key_space)
+        mask = spaces.get(point.space)
+        key_mask = inputs.masks.get(point.key_space) if point.keys is not None else None
 
         def keep(value) -> None:
             if point.name in pooled:
                 raise RuntimeError(f"hook {point.name}'s module ran twice in one forward pass")
-            pooled[point.name] = pool(value, point, mask, methods[point.name], key_mask, point.space in full)
+            pooled[point.name] = pool(value, point, mask, methods[point.name], key_mask)
             if point.name == last and len(pooled) == len(points):
                 raise _Stop
 

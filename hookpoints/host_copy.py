@@ -1,9 +1,10 @@
-"""Pooled rows on their way from the GPU to the store: pinned memory, non-blocking copies, one event.
+"""Pooled rows on their way from the GPU to the store: pinned memory, one non-blocking copy, one event.
 
-Only pooled rows cross to the CPU. :class:`HostCopy` starts the copies into pinned (page-locked) host
-buffers without waiting, and records a CUDA event after them; the recorder starts the next batch's forward
-pass before it calls :meth:`HostCopy.wait`, so the copies overlap the GPU's next work, and the store writer
-only ever gets finished numpy arrays (it never waits on the GPU). On the CPU nothing is copied.
+Only pooled rows cross to the CPU. :class:`HostCopy` packs a batch's pooled tensors into one flat tensor on
+the GPU (:func:`pack`: one ``cat``) and starts ONE copy of it into a pinned (page-locked) host buffer without
+waiting, then records a CUDA event; the recorder starts the next batch's forward pass before it calls
+:meth:`HostCopy.wait`, so the copy overlaps the GPU's next work, and the store writer only ever gets finished
+numpy arrays (it never waits on the GPU). On the CPU nothing is copied.
 
 >>> rows = HostCopy({"h": torch.ones(2, 3)}).wait()
 >>> rows["h"].shape
@@ -20,30 +21,71 @@ import torch
 
 T = TypeVar("T")
 
+#: name -> (start, shape) of each tensor in a packed flat tensor
+Layout = dict[str, tuple[int, tuple[int, ...]]]
+
+
+def pack(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Layout]:
+    """The tensors (one device, one dtype) as one flat tensor, and where each one lies in it.
+
+    >>> flat, layout = pack({"a": torch.ones(2, 3), "b": torch.zeros(4)})
+    >>> unpack(flat.numpy(), layout)["b"].shape
+    (4,)
+    """
+    layout: Layout = {}
+    start = 0
+    for name, tensor in tensors.items():
+        layout[name] = (start, tuple(tensor.shape))
+        start += tensor.numel()
+    flat = torch.cat([_plain(tensor).reshape(-1) for tensor in tensors.values()])  # [all values]
+    return flat, layout
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without autograd history (no dispatcher call for the usual inference tensor)."""
+    return tensor.detach() if tensor.requires_grad else tensor
+
+
+def unpack(flat: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
+    """Each tensor of :func:`pack`'s ``layout`` as a contiguous view of ``flat``."""
+    return {name: flat[start : start + int(np.prod(shape))].reshape(shape) for name, (start, shape) in layout.items()}
+
 
 class HostCopy:
-    """Copies of ``tensors`` (name -> tensor on any device) to the CPU, started now, awaited by :meth:`wait`."""
+    """Copies of ``tensors`` (name -> tensor on any device) to the CPU, started now, awaited by :meth:`wait`.
+
+    The tensors of one GPU and dtype (every pooled row of a batch: float32) cross in one copy into one pinned
+    buffer, instead of a buffer and a copy per hook point (docs/benchmarks.md, "Per-hook cost of recording").
+    """
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.order = list(tensors)
         self.host: dict[str, torch.Tensor] = {}
-        self.event: torch.cuda.Event | None = None
+        self.packed: list[tuple[torch.Tensor, Layout]] = []  # (pinned buffer, layout)
+        self.events: list[torch.cuda.Event] = []  # one per GPU, after its copy on its current stream
+        groups: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
         for name, tensor in tensors.items():
-            tensor = tensor.detach()
-            if tensor.device.type != "cuda":
-                self.host[name] = tensor.cpu()
-                continue
-            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)  # torch caches pinned blocks
-            buffer.copy_(tensor, non_blocking=True)
-            self.host[name] = buffer
-            self.event = torch.cuda.Event()
-        if self.event is not None:
-            self.event.record()  # after every copy on the current stream
+            if tensor.device.type == "cuda":
+                groups.setdefault((tensor.device, tensor.dtype), {})[name] = tensor
+            else:
+                self.host[name] = _plain(tensor).cpu()
+        for (device, _), group in groups.items():
+            flat, layout = pack(group)
+            buffer = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)  # torch caches pinned blocks
+            buffer.copy_(flat, non_blocking=True)
+            self.packed.append((buffer, layout))
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self.events.append(event)
 
     def wait(self) -> dict[str, np.ndarray]:
-        """The copies as numpy arrays, once the GPU has finished them."""
-        if self.event is not None:
-            self.event.synchronize()
-        return {name: tensor.numpy() for name, tensor in self.host.items()}
+        """The copies as numpy arrays (each contiguous), once the GPU has finished them."""
+        for event in self.events:
+            event.synchronize()
+        arrays = {name: tensor.numpy() for name, tensor in self.host.items()}
+        for buffer, layout in self.packed:
+            arrays.update(unpack(buffer.numpy(), layout))
+        return {name: arrays[name] for name in self.order}
 
 
 def one_behind(started: Iterable[T], finish: Callable[[T], object]) -> Iterator:

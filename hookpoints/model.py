@@ -22,7 +22,7 @@ from hookpoints.generation import Generation
 from hookpoints.inputs import ModelInputs
 from hookpoints.placement import execution_device
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
-from hookpoints.pooling import pool, unpadded_spaces
+from hookpoints.pooling import SpaceMask, pool, prepare_masks
 from hookpoints.probe import measure, observe
 
 __all__ = ["HookedModel", "Pooling"]
@@ -204,14 +204,14 @@ class HookedModel(GenerationMethods, ModelApi):
         methods = pooling_methods(points, pooling)
         saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
         options = {"remote": self.remote} if self.remote else {}
-        full = unpadded_spaces(inputs.masks, self.device)
+        spaces = prepare_masks(inputs.masks)  # once per batch, before the trace (a GPU syncs here, not per hook)
         with (
             torch.inference_mode(),
             self.adapter.batch_guard(self.model, inputs),
             eager_attention(needs_eager(p.module for p in points)),
             self.traced.trace(**inputs.kwargs, **options) as tracer,
         ):
-            saved.update(self._request(points, inputs, methods, full))
+            saved.update(self._request(points, inputs, methods, spaces))
             if check is not None:
                 head = self._envoys[self._module_path(self.model.get_output_embeddings())]
                 logits = head.output[:, check.prompt_length - 1 :, :]  # [batch, steps, vocab]
@@ -219,17 +219,24 @@ class HookedModel(GenerationMethods, ModelApi):
             tracer.stop()
         if check is not None:
             check_alignment(check, saved.pop(CHECK))
-        return {name: tensor.detach() for name, tensor in saved.items()}
+        return {name: tensor.detach() if tensor.requires_grad else tensor for name, tensor in saved.items()}
 
     def _request(
-        self, points: list[HookPoint], inputs: ModelInputs, methods: dict[str, str], full: frozenset[str] = frozenset()
+        self,
+        points: list[HookPoint],
+        inputs: ModelInputs,
+        methods: dict[str, str],
+        spaces: dict[str, SpaceMask] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Inside a trace: each hook point's pooled value, requested in execution order (as nnsight needs).
 
         ``methods`` (hook name -> pooling) is plain data: a remote trace (NDIF) ships the trace's code and
         what it refers to, and a function of a hookpoints module would make the server import that module.
-        ``full``: the spaces without padding in this batch (pooled without a mask).
+        ``spaces``: the batch's masks prepared once (:func:`hookpoints.pooling.prepare_masks`); without them
+        every space is pooled with its mask, and nothing waits for the device.
         """
+        if spaces is None:
+            spaces = {space: SpaceMask(mask, check=False) for space, mask in inputs.masks.items()}
         saved = {}
         values = {}  # (module, io) -> value: several hook points read one tensor (a norm's input)
         for point in sorted(points, key=lambda p: p.order):
@@ -237,7 +244,6 @@ class HookedModel(GenerationMethods, ModelApi):
             if key not in values:
                 envoy = self._envoys[point.module]
                 values[key] = envoy.output if point.io == "output" else envoy.input
-            mask, key_mask = inputs.masks.get(point.space), inputs.masks.get(point.key_space)
-            method, unpadded = methods[point.name], point.space in full
-            saved[point.name] = pool(values[key], point, mask, method, key_mask, unpadded).save()
+            key_mask = inputs.masks.get(point.key_space) if point.keys is not None else None
+            saved[point.name] = pool(values[key], point, spaces.get(point.space), methods[point.name], key_mask).save()
         return saved

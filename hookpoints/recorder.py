@@ -362,13 +362,16 @@ def start_batch(model: HookedModel, examples: pa.Table, points: list[HookPoint],
         pooled = model.pooled(inputs, points, job.method)
     copy = HostCopy({point.name: pooled[point.name] for point in points})
     rows: dict[str, tuple[list[str], np.ndarray | None]] = {}
+    per_space: dict[str, tuple[list[str], np.ndarray]] = {}  # once per space, not per hook (a host sync each)
     for point in points:
         if job.method(point) != "none" or point.time_axis is None:
             rows[point.name] = (ids, None)  # [batch, width]: one vector per example
             continue
-        where = inputs.masks[point.space].nonzero().cpu().numpy()  # [valid positions, (example, position)]
-        positions = where[:, 1] - (step_offset if point.space == "decoder" else 0)
-        rows[point.name] = ([ids[i] for i in where[:, 0]], positions)
+        if point.space not in per_space:
+            where = inputs.masks[point.space].nonzero().cpu().numpy()  # [valid positions, (example, position)]
+            positions = where[:, 1] - (step_offset if point.space == "decoder" else 0)
+            per_space[point.space] = ([ids[i] for i in where[:, 0]], positions)
+        rows[point.name] = per_space[point.space]
     return StartedBatch(examples, copy, rows, added)
 
 

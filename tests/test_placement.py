@@ -245,18 +245,18 @@ def test_cli_records_a_split_model(tiny_model_dir, write_manifest, tmp_path, run
 
 @pytest.mark.parametrize("method", ["mean", "max", "last", "none"])
 def test_unpadded_pooling_equals_the_masked_one(method):
-    from hookpoints.pooling import pool_all, unpadded_spaces
+    from hookpoints.pooling import pool_all, pool_prepared, prepare_masks
 
     x = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     full = torch.ones(3, 6, dtype=torch.bool)
     padded = full.clone()
     padded[0, 4:] = False
-    masks = {"input": full, "decoder": padded}
-    assert unpadded_spaces(masks, torch.device("cpu")) == frozenset()  # the CPU keeps its masked matmul
-    assert unpadded_spaces(masks, torch.device("cuda")) == {"input"}  # on a GPU: only the space without padding
+    spaces = prepare_masks({"input": full, "decoder": padded})
+    assert spaces["input"].full and not spaces["decoder"].full  # checked once per batch, per space
     got = pool_all(x, method)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, pool_positions(x, full, method), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pool_prepared(x, spaces["input"], method), got, rtol=1e-6, atol=1e-6)
 
 
 def test_one_behind_still_writes_the_batch_before_a_failing_one():
