@@ -6,7 +6,8 @@
 #
 #   bash bench/gpu_bundle.sh            # then, through the device tool (carry [".gpu"]):
 #   mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site &&
-#     cd .gpu && timeout 330 python3 bench/gpu.py
+#     cd .gpu && timeout 400 python3 bench/gpu.py --profile &&
+#     timeout 150 python3 bench/writer_throughput.py --workers 8,16
 #
 # PY (default 3.12) is the device's Python; PACKAGES the ones it lacks (pinned from constraints.txt;
 # pyarrow, 78 MiB with the rest, is left out: the device had it when last seen).
@@ -16,6 +17,9 @@ py=${PY:-3.12}
 packages=${PACKAGES:-"nnsight duckdb deltalake arro3-core Deprecated wrapt cloudpickle soundfile accelerate click rich"}
 grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 rm -rf .gpu && mkdir .gpu && git archive HEAD | tar -x -C .gpu
+base=$(sed -n 's/.*"--base", default="\([0-9a-f]*\)".*/\1/p' bench/writer_throughput.py)
+mkdir -p ".gpu/bench/base/$base"  # bench/writer_throughput.py's "before" writer (no .git there)
+for name in files commits writer; do git show "$base:store/$name.py" > ".gpu/bench/base/$base/$name.py"; done
 work=$(mktemp -d)
 pins=()
 for name in $packages; do
