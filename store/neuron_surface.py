@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from hookpoints.store.neuron_rewrite import rewrite
 from hookpoints.store.neuron_sql import ARGUMENTS, neuron_stats
 
 from hookpoints.errors import UserError
@@ -27,23 +28,26 @@ def table_name(hooks: str, args: dict[str, str]) -> str:
     return "_neuron_stats_" + hashlib.md5(key.encode()).hexdigest()
 
 
-def prepare(session, text: str, params: dict | None = None) -> None:
-    """Before a statement runs: refuse a plan that would hold the ``neurons`` long form in memory, and
-    compute every ``neuron_stats(...)`` call of the statement (registered under the name the macro reads)."""
+def prepare(session, text: str, params: dict | None = None) -> str:
+    """Before a statement runs: the statement to run instead (each natural per-neuron GROUP BY over ``neurons``
+    read from ``neuron_stats``, store/neuron_rewrite.py); refuse a plan that would hold the ``neurons`` long
+    form in memory; compute every ``neuron_stats(...)`` call (registered under the name the macro reads)."""
+    text = rewrite(session, text)
     lowered = text.lower()
     if "neurons" in lowered.replace("neuron_stats", ""):
         _check_plan(session, text, params)
     if "neuron_stats" not in lowered:
-        return
+        return text
     tree = json.loads(session.con.execute("SELECT json_serialize_sql($q)", {"q": text}).fetchall()[0][0])
     if tree.get("error"):
-        return  # the statement itself reports the parse error
+        return text  # the statement itself reports the parse error
     for call in _calls(tree):
         hooks, args = _call_arguments(call)
         name = table_name(hooks, args)
         if name not in session.neuron_stats_results:
             session.neuron_stats_results[name] = neuron_stats(session, hooks, **args)
             session.con.register(name, session.neuron_stats_results[name])
+    return text
 
 
 def _check_plan(session, text: str, params: dict | None) -> None:

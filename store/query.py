@@ -75,6 +75,7 @@ class QuerySession:
         self.con = duckdb.connect()
         self.datasets = {}  # table -> the Arrow dataset (or table) this session reads, once a statement names it
         self.neuron_stats_results: dict[str, pa.Table] = {}  # neuron_stats(...) calls computed so far
+        self.rewrite_neuron_groups = True  # natural per-neuron GROUP BY -> neuron_stats (store/neuron_rewrite.py)
         # One snapshot: every table's current version is pinned now (its Delta log read, no data), in the
         # order above; a table's data is registered in DuckDB only when a statement names it (_load), so
         # `SELECT 1` or a look at `runs` never builds the activations' Arrow dataset (store/tables.py).
@@ -166,7 +167,7 @@ class QuerySession:
         """
         self._check_read_only(text)
         self._load(text)
-        neuron_surface.prepare(self, text, params)
+        text = neuron_surface.prepare(self, text, params)
         with self.deadline(timeout):
             try:
                 return self._relation(text, params).to_arrow_table()
@@ -184,7 +185,7 @@ class QuerySession:
         """
         self._check_read_only(text)
         self._load(text)
-        neuron_surface.prepare(self, text, params)
+        text = neuron_surface.prepare(self, text, params)
         deadline = self.deadline(timeout)
         deadline.__enter__()
         try:
