@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 
+import duckdb
 from hookpoints.store.neuron_sql import StatSpec
 
 from hookpoints.errors import UserError
@@ -119,7 +120,10 @@ def _replacement(session, node: dict) -> dict:
         raise _NoRewrite
     run, hooks, where = _where(node.get("where_clause"), column)
     outputs, stats = [], []
-    names = session.con.sql(_deserialize(session, node)).columns  # the names DuckDB gives the original columns
+    try:
+        names = session.con.sql(_deserialize(session, node)).columns  # the names DuckDB gives the columns
+    except duckdb.Error:
+        raise _NoRewrite from None  # the statement reports its own error when it runs
     for item, name in zip(node["select_list"], names, strict=True):
         if item.get("class") == "COLUMN_REF":
             key = column(item)
@@ -176,7 +180,16 @@ def _group_keys(node: dict, column) -> list[str]:
     expressions = node.get("group_expressions") or []
     if not expressions or len(node.get("group_sets") or []) != 1:
         raise _NoRewrite
-    return list(dict.fromkeys(column(expression) for expression in expressions))
+    keys = []
+    for expression in expressions:
+        if expression.get("class") == "CONSTANT":  # GROUP BY 1, 2: positions in the select list
+            literal = expression["literal"]
+            text = str(literal.get("text", literal.get("value", "")))
+            if not text.isdigit() or not 1 <= int(text) <= len(node["select_list"]):
+                raise _NoRewrite
+            expression = node["select_list"][int(text) - 1]
+        keys.append(column(expression))
+    return list(dict.fromkeys(keys))
 
 
 def _where(clause: dict | None, column) -> tuple[str, str | tuple[str, str], list[dict]]:
@@ -303,7 +316,7 @@ def _statistic(item: dict, column) -> tuple[str, str | None]:
 
 
 def _checked_scope(session, run: str, hooks, run_grouped: bool) -> tuple[str, str]:
-    """The run and hook pattern neuron_stats reads; _NoRewrite unless its hooks are exactly the WHERE's and all finite."""
+    """The run and hook pattern neuron_stats reads; _NoRewrite unless its hooks are the WHERE's, all finite."""
     exact = isinstance(hooks, tuple)
     pattern = hooks[1] if exact else hooks
     rows = session.sql(

@@ -1,0 +1,181 @@
+"""The natural per-neuron GROUP BY over ``neurons`` (store/neuron_rewrite.py) equals numpy, run as neuron_stats.
+
+The store of test_neuron_stats.py (a float32 pooled run with uneven label cells, a float16 run with several
+positions per example, every neuron's scale and offset random) plus a run holding NaN and inf. Each natural
+query is compared with numpy over the vectors that were written (independent of both SQL paths), and with
+DuckDB's own long-form plan (the rewrite turned off) in the same session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hookpoints.store.catalog import Store
+from hookpoints.store.neuron_rewrite import rewrite
+from hookpoints.store.writer import HookRows, open_run
+from test_neuron_stats import WIDTHS, _write
+
+from hookpoints.errors import UserError
+
+NUMPY = {
+    "count": lambda x: np.full(x.shape[1], x.shape[0]),
+    "sum": lambda x: x.astype(np.float64).sum(axis=0),
+    "avg": lambda x: x.astype(np.float64).mean(axis=0),
+    "sd": lambda x: x.astype(np.float64).std(axis=0, ddof=1),
+    "var": lambda x: x.astype(np.float64).var(axis=0, ddof=1),
+    "lo": lambda x: x.min(axis=0),
+    "hi": lambda x: x.max(axis=0),
+    "med": lambda x: np.median(x.astype(np.float64), axis=0),
+    "p90": lambda x: np.quantile(x.astype(np.float64), 0.9, axis=0),
+}
+AGGREGATES = (
+    "count(*) AS count, sum(n.value) AS sum, avg(n.value) AS avg, stddev(n.value) AS sd, variance(n.value) AS var, "
+    "min(n.value) AS lo, max(n.value) AS hi, median(n.value) AS med, quantile_cont(n.value, 0.9) AS p90"
+)
+
+
+@pytest.fixture(scope="module")
+def store_data(tmp_path_factory):
+    store = Store.open(tmp_path_factory.mktemp("rewrite") / "store", create=True)
+    data = {"f32": _write(store, "f32", "float32", 70, 11, False), "f16": _write(store, "f16", "float16", 40, 12, True)}
+    data["bad"] = _write_non_finite(store)
+    return store, data
+
+
+def _write_non_finite(store: Store) -> np.ndarray:
+    """Run 'bad': one hook of 4 neurons over 6 examples holding NaN, inf and -inf."""
+    x = np.random.default_rng(3).standard_normal((6, 4)).astype(np.float32)  # [examples, neurons]
+    x[1, 0], x[2, 1], x[3, 1], x[4, 2] = np.nan, np.inf, -np.inf, np.inf
+    examples = pa.table({"example_id": [f"b{i}" for i in range(6)], "language": ["de"] * 6, "modality": ["text"] * 6})
+    hook = {"hook": "enc.layers.0.fc2", "module": "m", "io": "output", "component": "enc", "layer": 0}
+    hook |= {"submodule": "fc2", "width": 4, "shape": [4], "neuron_axis": 2, "space": "enc", "layer_output": False}
+    settings = {"model": "synthetic", "task": "forward", "pooling": "mean", "dtype": "float32"}
+    writer = open_run(store, "bad", settings=settings, config={}, hooks=[hook], examples_schema=examples.schema)
+    writer.add(examples, {"enc.layers.0.fc2": HookRows(examples["example_id"].to_pylist(), x, None)})
+    writer.finish()
+    return x
+
+
+def _by_key(table: pa.Table, keys: list[str]) -> dict:
+    rows = table.to_pylist()
+    return {tuple(row[k] for k in keys): row for row in rows}
+
+
+@pytest.mark.parametrize("run", ["f32", "f16"])
+def test_natural_group_by_equals_numpy(store_data, run):
+    store, data = store_data
+    sql = (
+        f"SELECT n.hook, e.language, n.neuron, {AGGREGATES} FROM neurons n JOIN examples e USING (run, example_id) "
+        f"WHERE n.run = '{run}' AND n.hook LIKE 'enc.layers.%' GROUP BY ALL"
+    )
+    with store.query() as session:
+        session.sql("SELECT 1 FROM neurons n JOIN examples e USING (run, example_id) LIMIT 0")
+        assert "neuron_stats(" in rewrite(session, sql)  # the fast path is the one taken
+        fast = session.sql(sql)
+        session.rewrite_neuron_groups = False
+        slow = session.sql(sql)  # DuckDB's own long-form plan
+    assert fast.schema == slow.schema and fast.num_rows == slow.num_rows
+    mine, duck = _by_key(fast, ["hook", "language", "neuron"]), _by_key(slow, ["hook", "language", "neuron"])
+    assert mine.keys() == duck.keys()
+    checked = 0
+    for hook, (x, labels) in data[run].items():
+        for language in sorted({label[0] for label in labels}):
+            rows = x[np.array([label[0] == language for label in labels])]  # [rows of language, width]
+            for name, reference in NUMPY.items():
+                want = reference(rows)
+                got = np.array([mine[hook, language, j][name] for j in range(WIDTHS[hook])], np.float64)
+                theirs = np.array([duck[hook, language, j][name] for j in range(WIDTHS[hook])], np.float64)
+                float_column = name in ("lo", "hi", "med", "p90")  # FLOAT in DuckDB: compared at float32 precision
+                tolerance = {"rtol": 2e-7, "atol": 1e-6} if float_column else {"rtol": 1e-9, "atol": 1e-9}
+                np.testing.assert_allclose(got, want, **tolerance)
+                np.testing.assert_allclose(theirs, want, **tolerance)
+                checked += 1
+    assert checked == len(NUMPY) * sum(len({label[0] for label in labels}) for _, labels in data[run].values())
+
+
+def test_ungrouped_labels_subquery_and_examples_where(store_data):
+    """No join (one group per neuron), inside a subquery, and a label predicate: rewritten and equal to numpy."""
+    store, data = store_data
+    x, labels = data["f32"]["enc.layers.1.fc1"]
+    speech = np.array([label[1] == "speech" for label in labels])
+    plain = "SELECT hook, neuron, avg(value) AS avg FROM neurons WHERE run = 'f32' AND hook = 'enc.layers.1.fc1' "
+    plain += "GROUP BY 1, 2"
+    nested = (
+        "SELECT t.neuron, t.m FROM (SELECT n.hook, n.neuron, max(n.value) AS m FROM neurons n JOIN examples e "
+        "USING (run, example_id) WHERE n.run = 'f32' AND n.hook = 'enc.layers.1.fc1' AND e.modality = 'speech' "
+        "GROUP BY n.hook, n.neuron) t ORDER BY t.neuron"
+    )
+    with store.query() as session:
+        session.sql("SELECT 1 FROM neurons n JOIN examples e USING (run, example_id) LIMIT 0")
+        assert "neuron_stats(" in rewrite(session, plain) and "neuron_stats(" in rewrite(session, nested)
+        means = session.sql(plain).sort_by("neuron")
+        maxima = session.sql(nested)
+    np.testing.assert_allclose(means["avg"].to_numpy(), x.astype(np.float64).mean(axis=0), rtol=1e-9)
+    np.testing.assert_array_equal(maxima["m"].to_numpy(), x[speech].max(axis=0))
+
+
+def test_non_finite_values_run_as_written(store_data):
+    """NaN/inf: DuckDB's min/max (NaN sorts last) and numpy's differ, so the query is not rewritten."""
+    store, data = store_data
+    x = data["bad"]
+    sql = "SELECT neuron, count(*) AS c, avg(value) AS a, max(value) AS hi FROM neurons WHERE run = 'bad' GROUP BY ALL"
+    with store.query() as session:
+        session.sql("SELECT 1 FROM neurons LIMIT 0")
+        assert rewrite(session, sql.replace("neuron,", "hook, neuron,")) == sql.replace("neuron,", "hook, neuron,")
+        result = session.sql(sql.replace("neuron,", "hook, neuron,")).sort_by("neuron")
+    assert result["c"].to_pylist() == [6] * 4
+    with np.errstate(invalid="ignore"):
+        expected = x.astype(np.float64).mean(axis=0)  # NaN, NaN, inf, finite
+    np.testing.assert_array_equal(result["a"].to_numpy(), expected)
+    assert np.isnan(result["hi"][0].as_py()) and result["hi"][1].as_py() == np.inf
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT hook, neuron, avg(value) FROM neurons WHERE run = 'f32' GROUP BY ALL ORDER BY neuron",  # ORDER BY
+        "SELECT hook, neuron, position, avg(value) FROM neurons WHERE run = 'f16' GROUP BY ALL",  # position
+        "SELECT hook, neuron, avg(DISTINCT value) FROM neurons WHERE run = 'f32' GROUP BY ALL",
+        "SELECT hook, neuron, avg(value) FROM neurons GROUP BY ALL",  # pools the runs: neuron_stats keeps them apart
+        "SELECT hook, neuron, avg(value) FROM neurons WHERE run = 'f32' AND hook = 'enc_layers.0.fc2' GROUP BY ALL",
+        "SELECT hook, neuron, avg(value) FROM neurons WHERE run = 'f32' AND neuron < 3 GROUP BY ALL",
+        "SELECT hook, neuron, quantile_disc(value, 0.5) FROM neurons WHERE run = 'f32' GROUP BY ALL",
+        "SELECT hook, neuron, avg(value) FROM neurons WHERE run = $run GROUP BY ALL",
+        "SELECT hook, neuron, avg(value) FROM examples e JOIN neurons n USING (run, example_id) GROUP BY ALL",
+    ],
+)
+def test_other_forms_run_as_written(store_data, sql):
+    """Anything not provably equal is left to DuckDB (`hook = 'enc_layers...'`: '_' is a LIKE wildcard)."""
+    store, _ = store_data
+    with store.query() as session:
+        session.sql("SELECT 1 FROM neurons n JOIN examples e USING (run, example_id) LIMIT 0")
+        assert rewrite(session, sql) == sql
+
+
+def test_read_only_and_quoting(store_data):
+    """A label predicate with quotes goes through as data; the store's files are unchanged; bad SQL is one line."""
+    store, data = store_data
+    files = sorted(p for p in Path(store.location.uri).rglob("*") if p.is_file())
+    before = {p: hashlib.md5(p.read_bytes()).hexdigest() for p in files}
+    sql = (
+        "SELECT n.hook, n.neuron, count(*) AS c FROM neurons n JOIN examples e USING (run, example_id) "
+        "WHERE n.run = 'f32' AND n.hook = 'enc.layers.0.fc2' AND e.language <> 'x'');DROP TABLE examples;--' "
+        "GROUP BY ALL"
+    )
+    with store.query() as session:
+        session.sql("SELECT 1 FROM neurons n JOIN examples e USING (run, example_id) LIMIT 0")
+        assert "neuron_stats(" in rewrite(session, sql)
+        result = session.sql(sql)
+        assert result["c"].to_pylist() == [70] * WIDTHS["enc.layers.0.fc2"]
+        for bad in (
+            "SELECT hook, neuron, avg(value) FROM neurons WHERE run = 'f32' AND nope = 1 GROUP BY ALL",
+            "SELECT hook, neuron, quantile_cont(value, 2) FROM neurons WHERE run = 'f32' GROUP BY ALL",
+        ):
+            with pytest.raises(UserError) as error:
+                session.sql(bad)
+            assert "\n" not in str(error.value) and str(error.value).startswith("SQL failed")
+    assert {p: hashlib.md5(p.read_bytes()).hexdigest() for p in files} == before
