@@ -90,7 +90,7 @@ def _walk(session, node, tree) -> bool:
 
 def _replacement(session, node: dict) -> dict:
     """The parse tree of ``SELECT <same columns> FROM neuron_stats(...) _ns`` for a natural ``node``."""
-    plain = ("modifiers", "having", "qualify", "sample")
+    plain = ("having", "qualify", "sample")
     if any(node.get(key) for key in plain) or node.get("cte_map", {}).get("map"):
         raise _NoRewrite
     aliases, joined = _sources(node.get("from_table") or {})
@@ -119,7 +119,7 @@ def _replacement(session, node: dict) -> dict:
     ):
         raise _NoRewrite
     run, hooks, where = _where(node.get("where_clause"), column)
-    outputs, stats = [], []
+    outputs, stats, output_keys = [], [], {}
     try:
         names = session.con.sql(_deserialize(session, node)).columns  # the names DuckDB gives the columns
     except duckdb.Error:
@@ -131,6 +131,7 @@ def _replacement(session, node: dict) -> dict:
                 raise _NoRewrite
             source = f'_ns."{key.split(".", 1)[1]}"'
             outputs.append((f"CAST({source} AS BIGINT)" if key == "neurons.neuron" else source, name))
+            output_keys.setdefault(key, name)
             continue
         stat, cast = _statistic(item, column)
         stats.append(stat)
@@ -150,7 +151,44 @@ def _replacement(session, node: dict) -> dict:
     arguments += [f"examples_where := {_quoted(where)}"] if where else []
     select = ", ".join(f"{expression} AS {_identifier(name)}" for expression, name in outputs)
     text = f"SELECT {select} FROM neuron_stats({', '.join(arguments)}) AS _ns"
+    modifiers = _outer_modifiers(node.get("modifiers") or [], column, output_keys, [name for _, name in outputs])
+    if modifiers:  # ORDER BY / LIMIT over the output columns, on the rewritten rows
+        outer = _serialize(session, f"SELECT * FROM ({text}) AS _nq")["statements"][0]["node"]
+        outer["modifiers"] = modifiers
+        return outer
     return _serialize(session, text)["statements"][0]["node"]
+
+
+def _outer_modifiers(modifiers: list[dict], column, output_keys: dict, names: list[str]) -> list[dict]:
+    """ORDER BY (columns, positions, ALL) and constant LIMIT/OFFSET, re-pointed at the output column names."""
+    modifiers = json.loads(json.dumps(modifiers))
+    for modifier in modifiers:
+        if modifier.get("type") == "LIMIT_MODIFIER":
+            if any(modifier.get(k) and modifier[k].get("class") != "CONSTANT" for k in ("limit", "offset")):
+                raise _NoRewrite
+            continue
+        if modifier.get("type") != "ORDER_MODIFIER":
+            raise _NoRewrite  # DISTINCT ...
+        for order in modifier["orders"]:
+            expression = order["expression"]
+            if expression.get("class") == "STAR" and expression.get("columns") is True and not expression.get("expr"):
+                continue  # ORDER BY ALL: the same columns in the same order
+            if expression.get("class") == "CONSTANT" and expression["literal"].get("kind") == "INTEGER":
+                continue  # a position in the select list: the same
+            if expression.get("class") != "COLUMN_REF":
+                raise _NoRewrite
+            last = expression["column_names"][-1]
+            if len(expression["column_names"]) == 1 and last in names:
+                target = last  # an output alias (or a column named as its output)
+            else:
+                try:
+                    target = output_keys.get(column(expression))
+                except _NoRewrite:
+                    target = None
+            if target is None:
+                raise _NoRewrite
+            expression["column_names"] = [target]
+    return modifiers
 
 
 def _sources(table: dict) -> tuple[dict[str, str], bool]:
@@ -188,7 +226,14 @@ def _group_keys(node: dict, column) -> list[str]:
             if not text.isdigit() or not 1 <= int(text) <= len(node["select_list"]):
                 raise _NoRewrite
             expression = node["select_list"][int(text) - 1]
-        keys.append(column(expression))
+        try:
+            keys.append(column(expression))
+        except _NoRewrite:  # GROUP BY an output alias (DuckDB tries the FROM columns first, as column() does)
+            names = expression.get("column_names", [])
+            aliased = [item for item in node["select_list"] if names and [item.get("alias")] == names]
+            if len(aliased) != 1:
+                raise
+            keys.append(column(aliased[0]))
     return list(dict.fromkeys(keys))
 
 

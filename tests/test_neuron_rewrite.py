@@ -100,7 +100,8 @@ def test_natural_group_by_equals_numpy(store_data, run):
 def test_ungrouped_labels_subquery_and_examples_where(store_data):
     """No join (one group per neuron), inside a subquery, and a label predicate: rewritten and equal to numpy."""
     store, data = store_data
-    x, labels = data["f32"]["enc.layers.1.fc1"]
+    hook = "enc.layers.1.fc1"
+    x, labels = data["f32"][hook]
     speech = np.array([label[1] == "speech" for label in labels])
     plain = "SELECT hook, neuron, avg(value) AS avg FROM neurons WHERE run = 'f32' AND hook = 'enc.layers.1.fc1' "
     plain += "GROUP BY 1, 2"
@@ -114,6 +115,12 @@ def test_ungrouped_labels_subquery_and_examples_where(store_data):
         assert "neuron_stats(" in rewrite(session, plain) and "neuron_stats(" in rewrite(session, nested)
         means = session.sql(plain).sort_by("neuron")
         maxima = session.sql(nested)
+        last = f"SELECT n.neuron AS j, sum(value) AS s FROM neurons n WHERE run = 'f32' AND hook = '{hook}' "
+        last += "GROUP BY hook, j ORDER BY n.neuron DESC LIMIT 3"
+        assert "neuron_stats(" in rewrite(session, last)
+        last = session.sql(last)
+    assert last["j"].to_pylist() == [23, 22, 21]
+    np.testing.assert_allclose(last["s"].to_numpy(), x.astype(np.float64).sum(axis=0)[[23, 22, 21]], rtol=1e-9)
     np.testing.assert_allclose(means["avg"].to_numpy(), x.astype(np.float64).mean(axis=0), rtol=1e-9)
     np.testing.assert_array_equal(maxima["m"].to_numpy(), x[speech].max(axis=0))
 
@@ -137,7 +144,7 @@ def test_non_finite_values_run_as_written(store_data):
 @pytest.mark.parametrize(
     "sql",
     [
-        "SELECT hook, neuron, avg(value) FROM neurons WHERE run = 'f32' GROUP BY ALL ORDER BY neuron",  # ORDER BY
+        "SELECT hook, neuron, avg(value) FROM neurons WHERE run = 'f32' GROUP BY ALL ORDER BY avg(value)",
         "SELECT hook, neuron, position, avg(value) FROM neurons WHERE run = 'f16' GROUP BY ALL",  # position
         "SELECT hook, neuron, avg(DISTINCT value) FROM neurons WHERE run = 'f32' GROUP BY ALL",
         "SELECT hook, neuron, avg(value) FROM neurons GROUP BY ALL",  # pools the runs: neuron_stats keeps them apart
