@@ -2,8 +2,10 @@
 
 Every session defines the table macro :data:`MACRO`; before a statement runs, :func:`prepare` finds each
 ``neuron_stats(...)`` call in DuckDB's own parse tree (``json_serialize_sql``), computes it, and registers
-the result under the name the macro reads (``query_table``). It also refuses a statement whose plan would
-hold the ``neurons`` long form in a join's hash table (memory growing with the data).
+the result under the name the macro reads (``query_table``). First it runs the natural per-neuron GROUP BY
+over ``neurons`` as ``neuron_stats`` where exactly equal (store/neuron_rewrite.py). It refuses a statement
+whose plan would hold the ``neurons`` long form in a join's hash table, or a median/quantile/list over it
+that was not rewritten and does not restrict the neurons (memory growing with the data).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def prepare(session, text: str, params: dict | None = None) -> str:
     text = rewrite(session, text)
     lowered = text.lower()
     if "neurons" in lowered.replace("neuron_stats", ""):
+        _check_holistic(session, text)
         _check_plan(session, text, params)
     if "neuron_stats" not in lowered:
         return text
@@ -68,6 +71,83 @@ def _check_plan(session, text: str, params: dict | None) -> None:
                 "whole): put neurons first, e.g. FROM neurons n JOIN examples e USING (run, example_id), or use "
                 "neuron_stats(...) for per-neuron statistics (docs/store.md)"
             )
+
+
+#: Aggregates that keep every value of a group (DuckDB holds them outside its buffer manager: no spilling).
+HOLISTIC = {"median", "quantile", "quantile_cont", "quantile_disc", "mode", "mad", "list", "array_agg"}
+HOLISTIC |= {"string_agg", "group_concat", "listagg", "histogram", "arg_min_n", "arg_max_n"}
+
+
+def _check_holistic(session, text: str) -> None:
+    """UserError for a median/quantile/list over ``neurons`` values left to DuckDB (not rewritten to
+    neuron_stats) unless its WHERE restricts ``neuron`` or ``example_id``: such a state holds every value
+    of every group, so its memory grows with the examples (docs/store.md)."""
+    tree = json.loads(session.con.execute("SELECT json_serialize_sql($q)", {"q": text}).fetchall()[0][0])
+    if tree.get("error") or not getattr(session, "rewrite_neuron_groups", True):  # off: DuckDB's plan as written
+        return
+    for node in _select_nodes(tree):
+        if not _reads_neurons(node.get("from_table") or {}):
+            continue
+        parts = [node.get("select_list"), node.get("having"), node.get("qualify"), node.get("modifiers")]
+        holistic = sorted({name for part in parts for name in _holistic_calls(part)})
+        if holistic and not _restricted(node.get("where_clause")):
+            raise UserError(
+                f"{holistic[0]}(...) over `neurons` keeps every value of each group in memory (it grows with the "
+                "examples): use neuron_stats('hook or pattern', stats := 'median, p95', group_by := 'language') "
+                "or restrict the neurons (WHERE neuron = ...); see docs/store.md"
+            )
+
+
+def _select_nodes(node):
+    if isinstance(node, dict):
+        if node.get("type") == "SELECT_NODE":
+            yield node
+        for value in node.values():
+            yield from _select_nodes(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _select_nodes(value)
+
+
+def _reads_neurons(table: dict) -> bool:
+    if table.get("type") == "BASE_TABLE":
+        return str(table.get("table_name", "")).lower() == "neurons"
+    if table.get("type") == "JOIN":
+        return _reads_neurons(table.get("left") or {}) or _reads_neurons(table.get("right") or {})
+    return False
+
+
+def _holistic_calls(node) -> set[str]:
+    found = set()
+    if isinstance(node, dict):
+        if node.get("type") == "SELECT_NODE":
+            return found  # a subquery is checked on its own
+        if node.get("class") == "FUNCTION" and str(node.get("function_name", "")).lower() in HOLISTIC:
+            found.add(str(node["function_name"]).lower())
+        for value in node.values():
+            found |= _holistic_calls(value)
+    elif isinstance(node, list):
+        for value in node:
+            found |= _holistic_calls(value)
+    return found
+
+
+def _restricted(where: dict | None) -> bool:
+    """True if a top-level AND term of ``where`` reads ``neuron`` or ``example_id`` (a few neurons or examples)."""
+    if not where:
+        return False
+    terms = where["children"] if where.get("type") == "CONJUNCTION_AND" else [where]
+    return any({"neuron", "example_id"} & _column_names(term) for term in terms)
+
+
+def _column_names(node) -> set[str]:
+    if isinstance(node, dict):
+        if node.get("class") == "COLUMN_REF":
+            return {str(node["column_names"][-1]).lower()}
+        return {name for value in node.values() for name in _column_names(value)}
+    if isinstance(node, list):
+        return {name for value in node for name in _column_names(value)}
+    return set()
 
 
 def _builds_long_form(node: dict) -> bool:

@@ -180,9 +180,40 @@ def test_read_only_and_quoting(store_data):
         assert result["c"].to_pylist() == [70] * WIDTHS["enc.layers.0.fc2"]
         for bad in (
             "SELECT hook, neuron, avg(value) FROM neurons WHERE run = 'f32' AND nope = 1 GROUP BY ALL",
-            "SELECT hook, neuron, quantile_cont(value, 2) FROM neurons WHERE run = 'f32' GROUP BY ALL",
+            "SELECT hook, neuron, quantile_cont(value, 2) FROM neurons WHERE run = 'f32' AND neuron = 1 GROUP BY ALL",
         ):
             with pytest.raises(UserError) as error:
                 session.sql(bad)
             assert "\n" not in str(error.value) and str(error.value).startswith("SQL failed")
     assert {p: hashlib.md5(p.read_bytes()).hexdigest() for p in files} == before
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT hook, neuron, quantile_disc(value, 0.5) FROM neurons WHERE run = 'f32' GROUP BY ALL",
+        "SELECT n.example_id, median(n.value) FROM neurons n JOIN examples e USING (run, example_id) GROUP BY ALL",
+        "SELECT hook, neuron, list(value) FROM neurons WHERE run = 'f32' GROUP BY ALL",
+        "SELECT count(*) FROM (SELECT hook, neuron, mode(value) FROM neurons GROUP BY ALL)",
+    ],
+)
+def test_holistic_over_the_long_form_is_refused(store_data, run_cli, sql):
+    """Not rewritten and not restricted to a few neurons: one line that points to neuron_stats (SQL and CLI)."""
+    store, _ = store_data
+    with store.query() as session, pytest.raises(UserError) as error:
+        session.sql(sql)
+    assert "keeps every value of each group" in str(error.value) and "neuron_stats(" in str(error.value)
+    assert "\n" not in str(error.value)
+    code, out, err = run_cli("sql", "--store", store.location.uri, sql)
+    assert code == 2 and "neuron_stats(" in err and out == ""
+
+
+def test_holistic_over_a_few_neurons_runs(store_data):
+    """median of named neurons (a WHERE on neuron) stays DuckDB's, and equals numpy."""
+    store, data = store_data
+    x, _ = data["f32"]["enc.layers.0.fc2"]
+    sql = "SELECT neuron, median(value) AS m FROM neurons WHERE run = 'f32' AND hook = 'enc.layers.0.fc2' "
+    sql += "AND neuron IN (1, 5) GROUP BY neuron ORDER BY neuron"
+    with store.query() as session:
+        result = session.sql(sql)
+    np.testing.assert_allclose(result["m"].to_numpy(), np.median(x[:, [1, 5]].astype(np.float64), axis=0), rtol=1e-6)
