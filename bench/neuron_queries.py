@@ -15,6 +15,13 @@ Queries: the issue's per-neuron mean per language over a whole layer; mean and s
     python bench/neuron_queries.py --examples 4000 40000            # ~6 min, 3 GB of disk at 40,000
     python bench/neuron_queries.py --encodings --examples 2000      # store size and read cost, before/after
 
+``--natural-memory``: peak memory (VmHWM) of the natural GROUP BY over ``neurons`` against the number of
+examples, before (DuckDB's own plan: ``session.rewrite_neuron_groups = False``) and after (rewritten to
+neuron_stats, store/neuron_rewrite.py), each query its own child process, on a reduced store (``--hooks``,
+default 4 hook points x 1,024 neurons) of each ``--examples`` size:
+
+    python bench/neuron_queries.py --natural-memory --examples 500 2000 8000 32000   # ~3 min
+
 ``--encodings``: the Parquet settings before issue 17 (dictionary on the vector columns) against the current
 ones (no dictionary, BYTE_STREAM_SPLIT; store/tables.py): bytes per value of bench/recording_overhead.py's
 GPT-2 recording (1,024 examples, float32 and float16), and the read cost (``bench/ap_store.py read``: every
@@ -87,6 +94,84 @@ for h in chosen:
     del x
 print(out)
 """
+
+
+NATURAL_MEMORY = {
+    "avg by language (join)": "SELECT n.hook, e.language, n.neuron, avg(n.value) AS avg FROM neurons n "
+    "JOIN examples e USING (run, example_id) WHERE n.run = 'decoder-synthetic' GROUP BY ALL",
+    "avg, stddev, min, max (no join)": "SELECT hook, neuron, avg(value), stddev(value), min(value), max(value) "
+    "FROM neurons WHERE run = 'decoder-synthetic' GROUP BY ALL",
+    "median by language (join)": "SELECT n.hook, e.language, n.neuron, median(n.value) AS median FROM neurons n "
+    "JOIN examples e USING (run, example_id) WHERE n.run = 'decoder-synthetic' GROUP BY ALL ORDER BY ALL",
+}
+# One natural query in a session, the rewrite on or off; prints rows, seconds and the peak resident set.
+NATURAL_CHILD = """
+import json, sys, time
+from hookpoints.store.catalog import Store
+store, sql, rewrite = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+t0 = time.perf_counter()
+with Store.open(store).query() as session:
+    session.rewrite_neuron_groups = rewrite
+    rows = session.sql(sql).num_rows
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]
+print(json.dumps({"rows": rows, "wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": int(hwm) // 1024}))
+"""
+# A reduced AP-shaped store: the chosen hook points of decoder layer 0 (bench/ap_store.py's activations).
+REDUCED_STORE = """
+import sys
+sys.path.insert(0, "bench")
+import ap_store
+from hookpoints.store.catalog import Store
+from hookpoints.store.writer import HookRows, open_run
+path, n, keep = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
+table, cell = ap_store.examples(n, 0)
+meta = [h for h in ap_store.hooks(1) if h["submodule"] in keep]
+settings = {"model": "synthetic", "task": "forward", "pooling": "mean", "dtype": "float32"}
+writer = open_run(Store.open(path, create=True), ap_store.RUN, settings=settings, config={}, hooks=meta,
+                  examples_schema=table.schema, max_buffer_bytes=1 << 62)
+ids = table["example_id"].to_pylist()
+for start in range(0, n, 1000):
+    rows = slice(start, min(n, start + 1000))
+    batch = {h["hook"]: HookRows(ids[rows], ap_store.activations(i, h["width"], cell, rows, 0)) for i, h in enumerate(meta)}
+    writer.add(table.slice(rows.start, rows.stop - rows.start), batch)
+    writer.flush()
+writer.finish()
+"""
+
+
+def natural_memory(args) -> list[dict]:
+    """Peak memory of the natural GROUP BY before/after the rewrite, per size (interleaved in one run)."""
+    rows = []
+    for n in args.examples:
+        store = Path(tempfile.mkdtemp(prefix=f"neuron-natural-{n}-", dir=args.tmp))
+        try:
+            subprocess.run([sys.executable, "-c", REDUCED_STORE, str(store), str(n), args.hooks], check=True, cwd=ROOT)
+            for name, sql in NATURAL_MEMORY.items():
+                row = {"examples": n, "query": name}
+                for label, flag in (("before", "0"), ("after", "1")):
+                    process = subprocess.run(
+                        [sys.executable, "-c", NATURAL_CHILD, str(store), sql, flag],
+                        cwd=ROOT,
+                        capture_output=True,
+                        text=True,
+                        timeout=args.child_timeout,
+                    )
+                    lines = process.stdout.strip().splitlines()
+                    row[label] = json.loads(lines[-1]) if process.returncode == 0 and lines else process.stderr[-300:]
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        finally:
+            shutil.rmtree(store, ignore_errors=True)
+    small, large = min(args.examples), max(args.examples)
+    for name in NATURAL_MEMORY:
+        a, b = (next(r for r in rows if r["examples"] == n and r["query"] == name) for n in (small, large))
+        ratios = {
+            label: round(b[label]["peak_rss_mb"] / a[label]["peak_rss_mb"], 2)
+            for label in ("before", "after")
+            if isinstance(a[label], dict) and isinstance(b[label], dict)
+        }
+        print(f"{name}: {large / small:.0f}x the examples -> peak memory x{ratios}", flush=True)
+    return rows
 
 
 def child(command: list[str], cap_mb: float) -> dict:
@@ -194,8 +279,18 @@ def main() -> None:
     parser.add_argument("--queries", nargs="+", choices=list(QUERIES), help="only these queries (default: all)")
     parser.add_argument("--encodings", action="store_true", help="store size and read cost before/after issue 17")
     parser.add_argument("--json", help="append the rows to this JSON-lines file")
+    parser.add_argument("--natural-memory", action="store_true", help="natural GROUP BY memory, before/after rewrite")
+    parser.add_argument("--hooks", default="self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,ffn.fc2")
+    parser.add_argument("--child-timeout", type=float, default=300)
     args = parser.parse_args()
     print(f"load average {os.getloadavg()}, {len(os.sched_getaffinity(0))} cores", flush=True)
+    if args.natural_memory:
+        rows = natural_memory(args)
+        print(f"load average {os.getloadavg()}")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        return
     if args.encodings:
         rows = encodings(args)
         print(f"load average {os.getloadavg()}")
