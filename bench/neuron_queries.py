@@ -107,14 +107,18 @@ NATURAL_MEMORY = {
 # One natural query in a session, the rewrite on or off; prints rows, seconds and the peak resident set.
 NATURAL_CHILD = """
 import json, sys, time
+import numpy as np, pyarrow as pa
 from hookpoints.store.catalog import Store
 store, sql, rewrite = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 t0 = time.perf_counter()
 with Store.open(store).query() as session:
     session.rewrite_neuron_groups = rewrite
-    rows = session.sql(sql).num_rows
+    table = session.sql(sql)
+wall = round(time.perf_counter() - t0, 2)
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]
-print(json.dumps({"rows": rows, "wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": int(hwm) // 1024}))
+sums = {name: float(np.asarray(table[i]).astype(np.float64).sum())
+        for i, name in enumerate(table.column_names) if pa.types.is_floating(table.schema[i].type)}
+print(json.dumps({"rows": table.num_rows, "wall_s": wall, "peak_rss_mb": int(hwm) // 1024, "sums": sums}))
 """
 # A reduced AP-shaped store: the chosen hook points of decoder layer 0 (bench/ap_store.py's activations).
 REDUCED_STORE = """
@@ -132,7 +136,8 @@ writer = open_run(Store.open(path, create=True), ap_store.RUN, settings=settings
 ids = table["example_id"].to_pylist()
 for start in range(0, n, 1000):
     rows = slice(start, min(n, start + 1000))
-    batch = {h["hook"]: HookRows(ids[rows], ap_store.activations(i, h["width"], cell, rows, 0)) for i, h in enumerate(meta)}
+    x = {h["hook"]: ap_store.activations(i, h["width"], cell, rows, 0) for i, h in enumerate(meta)}
+    batch = {hook: HookRows(ids[rows], values) for hook, values in x.items()}
     writer.add(table.slice(rows.start, rows.stop - rows.start), batch)
     writer.flush()
 writer.finish()
@@ -158,6 +163,14 @@ def natural_memory(args) -> list[dict]:
                     )
                     lines = process.stdout.strip().splitlines()
                     row[label] = json.loads(lines[-1]) if process.returncode == 0 and lines else process.stderr[-300:]
+                if all(isinstance(row[k], dict) for k in ("before", "after")):  # the two paths must agree
+                    a, b = row["before"], row["after"]
+                    same = a["rows"] == b["rows"] and a["sums"].keys() == b["sums"].keys()
+                    if not same or any(
+                        abs(a["sums"][k] - b["sums"][k]) > 1e-6 * (1 + abs(a["sums"][k])) for k in a["sums"]
+                    ):
+                        raise SystemExit(f"{name}: the rewritten query disagrees with DuckDB's plan: {a} vs {b}")
+                    del a["sums"], b["sums"]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
