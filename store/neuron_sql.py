@@ -149,19 +149,20 @@ def _checked_predicate(session, where: str) -> str:
 
 
 def _example_groups(session, run: str, columns: list[str], where: str) -> _Groups:
-    selected = "".join(f', "{c}"' for c in columns)
-    table = session.sql(f"SELECT example_id{selected} FROM examples WHERE run = $run AND {where}", {"run": run})
+    """The chosen examples and their group: one per distinct ``columns`` value, NULL included (as GROUP BY)."""
     if not columns:
+        table = session.sql(f"SELECT example_id FROM examples WHERE run = $run AND {where}", {"run": run})
         return _Groups(table["example_id"], np.zeros(table.num_rows, np.int64), pa.table({"_": [0]}).drop(["_"]))
-    keys = table.select(columns)
-    labels = keys.group_by(columns).aggregate([]).sort_by([(c, "ascending") for c in columns])
-    index = pa.table({**{c: labels[c] for c in columns}, "_g": pa.array(np.arange(labels.num_rows))})
-    joined = pa.table({**{c: keys[c] for c in columns}, "_row": pa.array(np.arange(keys.num_rows))}).join(
-        index, columns, join_type="left outer", use_threads=False
+    selected = ", ".join(f'"{c}"' for c in columns)
+    order = ", ".join(f'"{c}" ASC NULLS LAST' for c in columns)  # NULLs are peers: one group, as in GROUP BY
+    table = session.sql(
+        f"SELECT example_id, {selected}, dense_rank() OVER (ORDER BY {order}) - 1 AS _g FROM examples "
+        f"WHERE run = $run AND {where}",
+        {"run": run},
     )
-    group = np.empty(keys.num_rows, np.int64)
-    group[joined["_row"].to_numpy()] = joined["_g"].to_numpy()
-    return _Groups(table["example_id"], group, labels)
+    group = table["_g"].to_numpy().astype(np.int64)  # [examples]
+    _, first = np.unique(group, return_index=True)  # [groups] a row of each group, in group order
+    return _Groups(table["example_id"], group, table.select(columns).take(pa.array(first)))
 
 
 def _batches(session, run: str, hook: str, *, vectors: bool = True):

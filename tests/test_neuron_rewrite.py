@@ -42,22 +42,48 @@ AGGREGATES = (
 def store_data(tmp_path_factory):
     store = Store.open(tmp_path_factory.mktemp("rewrite") / "store", create=True)
     data = {"f32": _write(store, "f32", "float32", 70, 11, False), "f16": _write(store, "f16", "float16", 40, 12, True)}
-    data["bad"] = _write_non_finite(store)
+    data["bad"] = _write_small(store, "bad", "float32", ["de"] * 6, non_finite=True)
+    data["nul"] = _write_small(store, "nul", "float16", ["de", None, "en", None, "de", None], non_finite=False)
     return store, data
 
 
-def _write_non_finite(store: Store) -> np.ndarray:
-    """Run 'bad': one hook of 4 neurons over 6 examples holding NaN, inf and -inf."""
-    x = np.random.default_rng(3).standard_normal((6, 4)).astype(np.float32)  # [examples, neurons]
-    x[1, 0], x[2, 1], x[3, 1], x[4, 2] = np.nan, np.inf, -np.inf, np.inf
-    examples = pa.table({"example_id": [f"b{i}" for i in range(6)], "language": ["de"] * 6, "modality": ["text"] * 6})
+def _write_small(store: Store, run: str, dtype: str, language: list, non_finite: bool) -> np.ndarray:
+    """One hook of 4 neurons over a few examples (values as stored); NaN, inf and -inf if ``non_finite``."""
+    n = len(language)
+    x = (np.random.default_rng(len(run)).standard_normal((n, 4)) * [1, 2, 3, 4] + [0, 1, -1, 2]).astype(np.float32)
+    if non_finite:  # [examples, neurons]
+        x[1, 0], x[2, 1], x[3, 1], x[4, 2] = np.nan, np.inf, -np.inf, np.inf
+    ids = [f"{run}{i}" for i in range(n)]
+    examples = pa.table({"example_id": ids, "language": pa.array(language, pa.string()), "modality": ["text"] * n})
     hook = {"hook": "enc.layers.0.fc2", "module": "m", "io": "output", "component": "enc", "layer": 0}
     hook |= {"submodule": "fc2", "width": 4, "shape": [4], "neuron_axis": 2, "space": "enc", "layer_output": False}
-    settings = {"model": "synthetic", "task": "forward", "pooling": "mean", "dtype": "float32"}
-    writer = open_run(store, "bad", settings=settings, config={}, hooks=[hook], examples_schema=examples.schema)
-    writer.add(examples, {"enc.layers.0.fc2": HookRows(examples["example_id"].to_pylist(), x, None)})
+    settings = {"model": "synthetic", "task": "forward", "pooling": "mean", "dtype": dtype}
+    writer = open_run(store, run, settings=settings, config={}, hooks=[hook], examples_schema=examples.schema)
+    writer.add(examples, {"enc.layers.0.fc2": HookRows(ids, x, None)})
     writer.finish()
-    return x
+    return x.astype(np.float16).astype(np.float32) if dtype == "float16" else x
+
+
+def test_null_labels_are_a_group(store_data):
+    """Examples without a label form their own group, as in GROUP BY (neuron_stats dropped them before)."""
+    store, data = store_data
+    x, language = data["nul"], np.array(["de", None, "en", None, "de", None], dtype=object)
+    sql = (
+        "SELECT n.hook, e.language, n.neuron, avg(n.value) AS a, count(*) AS c FROM neurons n "
+        "JOIN examples e USING (run, example_id) WHERE n.run = 'nul' GROUP BY ALL ORDER BY ALL"
+    )
+    with store.query() as session:
+        session.sql("SELECT 1 FROM neurons n JOIN examples e USING (run, example_id) LIMIT 0")
+        assert "neuron_stats(" in rewrite(session, sql)
+        fast = session.sql(sql)
+        session.rewrite_neuron_groups = False
+        slow = session.sql(sql)
+    assert fast.to_pydict()["language"] == slow.to_pydict()["language"] == ["de"] * 4 + ["en"] * 4 + [None] * 4
+    for k, label in enumerate(["de", "en", None]):
+        rows = x[np.array([value == label for value in language])]
+        np.testing.assert_allclose(fast["a"].to_numpy()[4 * k : 4 * k + 4], rows.mean(axis=0, dtype=np.float64))
+        np.testing.assert_allclose(slow["a"].to_numpy()[4 * k : 4 * k + 4], rows.mean(axis=0, dtype=np.float64))
+        assert fast["c"].to_pylist()[4 * k : 4 * k + 4] == [len(rows)] * 4
 
 
 def _by_key(table: pa.Table, keys: list[str]) -> dict:
