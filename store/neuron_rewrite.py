@@ -139,7 +139,7 @@ def _replacement(session, node: dict) -> dict:
         outputs.append((f"CAST({source} AS {cast})" if cast else source, name))
     if not stats:
         raise _NoRewrite
-    if {"run", "hook", "neuron", "example_id"} & set(labels) or set(labels) & {s for s in stats} | {"_ns", "_nq"}:
+    if set(labels) & {"run", "hook", "neuron", "example_id", *stats}:
         raise _NoRewrite  # a label named like an output column of neuron_stats
     run, pattern = _checked_scope(session, run, hooks, "neurons.run" in keys)
     try:

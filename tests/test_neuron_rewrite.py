@@ -64,7 +64,7 @@ def _write_small(store: Store, run: str, dtype: str, language: list, non_finite:
     return x.astype(np.float16).astype(np.float32) if dtype == "float16" else x
 
 
-def test_null_labels_are_a_group(store_data):
+def test_null_labels_are_a_group(store_data, run_cli):
     """Examples without a label form their own group, as in GROUP BY (neuron_stats dropped them before)."""
     store, data = store_data
     x, language = data["nul"], np.array(["de", None, "en", None, "de", None], dtype=object)
@@ -84,6 +84,13 @@ def test_null_labels_are_a_group(store_data):
         np.testing.assert_allclose(fast["a"].to_numpy()[4 * k : 4 * k + 4], rows.mean(axis=0, dtype=np.float64))
         np.testing.assert_allclose(slow["a"].to_numpy()[4 * k : 4 * k + 4], rows.mean(axis=0, dtype=np.float64))
         assert fast["c"].to_pylist()[4 * k : 4 * k + 4] == [len(rows)] * 4
+    code, out, _ = run_cli("sql", "--store", store.location.uri, "--format", "csv", sql)  # the CLI: same rows
+    lines = out.strip().splitlines()
+    assert (
+        code == 0
+        and len(lines) == 13
+        and [line.split(",")[4] for line in lines[1:]] == [str(c) for c in fast["c"].to_pylist()]
+    )
 
 
 def _by_key(table: pa.Table, keys: list[str]) -> dict:
