@@ -19,12 +19,14 @@ vector finite (NaN/inf: DuckDB's min/max/stddev rules differ from numpy's, so th
 from __future__ import annotations
 
 import json
+import re
 
 import duckdb
 from hookpoints.store.neuron_sql import StatSpec
 
 from hookpoints.errors import UserError
 
+EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(\(\s*[A-Za-z_ ,]*\)\s*)?(ANALY[SZ]E\s+)?", re.I)
 NEURON_COLUMNS = ("run", "hook", "example_id", "position", "neuron", "value")
 #: DuckDB aggregate name -> neuron_stats statistic, and the SQL type DuckDB gives it over FLOAT values.
 AGGREGATES = {
@@ -56,6 +58,9 @@ def rewrite(session, text: str) -> str:
     """
     if not getattr(session, "rewrite_neuron_groups", True) or "neurons" not in text.lower():
         return text
+    explain = EXPLAIN.match(text)
+    if explain and explain.end():  # EXPLAIN [ANALYZE] shows (and runs) the statement that would run
+        return text[: explain.end()] + rewrite(session, text[explain.end() :])
     tree = _serialize(session, text)
     if tree.get("error") or len(tree.get("statements", [])) != 1:
         return text

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from hookpoints.store.neuron_rewrite import rewrite
+from hookpoints.store.neuron_rewrite import EXPLAIN, rewrite
 from hookpoints.store.neuron_sql import ARGUMENTS, neuron_stats
 
 from hookpoints.errors import UserError
@@ -41,7 +41,9 @@ def prepare(session, text: str, params: dict | None = None) -> str:
         _check_plan(session, text, params)
     if "neuron_stats" not in lowered:
         return text
-    tree = json.loads(session.con.execute("SELECT json_serialize_sql($q)", {"q": text}).fetchall()[0][0])
+    explain = EXPLAIN.match(text)  # EXPLAIN [ANALYZE] of a neuron_stats(...) read: its calls are computed too
+    inner = text[explain.end() :] if explain else text
+    tree = json.loads(session.con.execute("SELECT json_serialize_sql($q)", {"q": inner}).fetchall()[0][0])
     if tree.get("error"):
         return text  # the statement itself reports the parse error
     for call in _calls(tree):
@@ -82,6 +84,8 @@ def _check_holistic(session, text: str) -> None:
     """UserError for a median/quantile/list over ``neurons`` values left to DuckDB (not rewritten to
     neuron_stats) unless its WHERE restricts ``neuron`` or ``example_id``: such a state holds every value
     of every group, so its memory grows with the examples (docs/store.md)."""
+    explain = EXPLAIN.match(text)
+    text = text[explain.end() :] if explain else text
     tree = json.loads(session.con.execute("SELECT json_serialize_sql($q)", {"q": text}).fetchall()[0][0])
     if tree.get("error") or not getattr(session, "rewrite_neuron_groups", True):  # off: DuckDB's plan as written
         return

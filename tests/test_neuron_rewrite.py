@@ -250,3 +250,18 @@ def test_holistic_over_a_few_neurons_runs(store_data):
     with store.query() as session:
         result = session.sql(sql)
     np.testing.assert_allclose(result["m"].to_numpy(), np.median(x[:, [1, 5]].astype(np.float64), axis=0), rtol=1e-6)
+
+
+def test_explain_shows_the_rewritten_plan(store_data):
+    """EXPLAIN [ANALYZE] of a natural query explains what runs; of a refused one, is refused too."""
+    store, _ = store_data
+    sql = "SELECT hook, neuron, avg(value) FROM neurons WHERE run = 'f32' GROUP BY ALL"
+    with store.query() as session:
+        plans = [session.sql(f"{prefix} {sql}") for prefix in ("EXPLAIN", "EXPLAIN ANALYZE")]
+        with pytest.raises(UserError, match="keeps every value"):
+            session.sql("EXPLAIN ANALYZE " + sql.replace("avg(value)", "quantile_disc(value, 0.5)"))
+        session.rewrite_neuron_groups = False
+        as_written = session.sql(f"EXPLAIN {sql}")
+    texts = [" ".join(str(v) for v in plan.column(plan.num_columns - 1).to_pylist()).upper() for plan in plans]
+    assert all("UNNEST" not in text and "HASH_GROUP_BY" not in text for text in texts)
+    assert "UNNEST" in " ".join(str(v) for v in as_written.column(as_written.num_columns - 1).to_pylist()).upper()
