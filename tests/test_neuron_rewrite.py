@@ -152,6 +152,11 @@ def test_ungrouped_labels_subquery_and_examples_where(store_data):
         last += "GROUP BY hook, j ORDER BY n.neuron DESC LIMIT 3"
         assert "neuron_stats(" in rewrite(session, last)
         last = session.sql(last)
+        cte = f"WITH s AS (SELECT hook, neuron, min(value) AS lo FROM neurons WHERE run = 'f32' AND hook = '{hook}' "
+        cte += "GROUP BY ALL) SELECT neuron, lo FROM s WHERE neuron < 4 ORDER BY neuron"
+        assert "neuron_stats(" in rewrite(session, cte)
+        cte = session.sql(cte)
+    np.testing.assert_array_equal(cte["lo"].to_numpy(), x.min(axis=0)[:4])
     assert last["j"].to_pylist() == [23, 22, 21]
     np.testing.assert_allclose(last["s"].to_numpy(), x.astype(np.float64).sum(axis=0)[[23, 22, 21]], rtol=1e-9)
     np.testing.assert_allclose(means["avg"].to_numpy(), x.astype(np.float64).mean(axis=0), rtol=1e-9)
