@@ -1,19 +1,12 @@
 """The natural per-neuron GROUP BY over ``neurons``, run as ``neuron_stats(...)`` where that is exactly equal.
 
-A researcher writes ``SELECT n.hook, e.language, n.neuron, avg(n.value) FROM neurons n JOIN examples e USING
-(run, example_id) WHERE n.run = 'r' GROUP BY ALL``. DuckDB runs it as unnest + join + hash aggregate, and its
-peak memory grows with the examples although the groups do not (docs/store.md, "Natural GROUP BY over
-neurons"): not in DuckDB's buffer manager (its peak buffer memory stays ~15-20 MB, so ``memory_limit`` and a
-``temp_directory`` bound nothing), and median/quantile keep every value of a group. Before a statement runs,
-:func:`rewrite` finds each SELECT of that shape in DuckDB's parse tree and replaces it with the same columns
-read from ``neuron_stats(...)`` (bounded memory, numpy's speed); anything it cannot prove equal runs as written.
-
-Rewritten only when every part maps: FROM ``neurons`` alone or ``neurons JOIN examples USING (run, example_id)``;
-GROUP BY (or GROUP BY ALL) over columns that include ``hook`` and ``neuron``, plus ``run`` and examples columns;
-SELECT of those columns and count/sum/avg/stddev/variance/min/max/median/quantile_cont(value, q) (no DISTINCT,
-FILTER, HAVING, ORDER BY, LIMIT); WHERE a conjunction of ``run = '...'``, one ``hook = '...'`` or ``hook LIKE
-'...'`` and predicates over examples columns only; one run in scope unless ``run`` is grouped; every matching
-vector finite (NaN/inf: DuckDB's min/max/stddev rules differ from numpy's, so those run as written).
+``SELECT n.hook, e.language, n.neuron, avg(n.value) FROM neurons n JOIN examples e USING (run, example_id)
+WHERE n.run = 'r' GROUP BY ALL``: DuckDB's unnest + join + hash aggregate grows with the examples (Arrow's scan
+reads ahead outside DuckDB's buffer manager, so ``memory_limit`` bounds nothing; median/quantile keep every
+value). :func:`rewrite` replaces each SELECT of that shape in DuckDB's parse tree with the same columns read
+from ``neuron_stats(...)``; anything it cannot prove equal runs as written. The conditions (FROM, GROUP BY,
+SELECT, WHERE, ORDER BY/LIMIT, one run in scope, finite vectors): docs/store.md, "Natural GROUP BY over
+neurons".
 """
 
 from __future__ import annotations
