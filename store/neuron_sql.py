@@ -182,6 +182,11 @@ def _batches(session, run: str, hook: str, *, vectors: bool = True):
         **READAHEAD,
     )
     for batch in scan:
+        if getattr(session, "_timed_out", False):  # the session's deadline passed (QuerySession.deadline)
+            raise UserError(
+                "the query ran past its timeout and was stopped in neuron_stats: narrow it (one hook, run := ...) "
+                "or give a longer --timeout"
+            )
         if batch.num_rows == 0:
             continue
         if not vectors:

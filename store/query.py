@@ -167,8 +167,8 @@ class QuerySession:
         """
         self._check_read_only(text)
         self._load(text)
-        text = neuron_surface.prepare(self, text, params)
-        with self.deadline(timeout):
+        with self.deadline(timeout):  # covers the neuron_stats(...) reads prepare computes (checked per batch)
+            text = neuron_surface.prepare(self, text, params)
             try:
                 return self._relation(text, params).to_arrow_table()
             except duckdb.Error as error:
@@ -185,10 +185,10 @@ class QuerySession:
         """
         self._check_read_only(text)
         self._load(text)
-        text = neuron_surface.prepare(self, text, params)
         deadline = self.deadline(timeout)
         deadline.__enter__()
         try:
+            text = neuron_surface.prepare(self, text, params)
             reader = self._relation(text, params).to_arrow_reader(rows)
         except duckdb.Error as error:
             deadline.__exit__(None, None, None)
@@ -210,12 +210,12 @@ class QuerySession:
     @contextmanager
     def deadline(self, seconds: float | None):
         """Interrupt whatever this session runs once ``seconds`` have passed (DuckDB ``interrupt()``)."""
+        self._timed_out = False
         if seconds is None:
             yield
             return
         if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
             raise UserError(f"timeout {seconds!r} is not a positive number of seconds")
-        self._timed_out = False
 
         def stop() -> None:
             self._timed_out = True

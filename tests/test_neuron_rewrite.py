@@ -270,3 +270,20 @@ def test_explain_shows_the_rewritten_plan(store_data):
     texts = [" ".join(str(v) for v in plan.column(plan.num_columns - 1).to_pylist()).upper() for plan in plans]
     assert all("UNNEST" not in text and "HASH_GROUP_BY" not in text for text in texts)
     assert "UNNEST" in " ".join(str(v) for v in as_written.column(as_written.num_columns - 1).to_pylist()).upper()
+
+
+def test_timeout_stops_the_rewritten_query(store_data, monkeypatch):
+    """The session's timeout covers the neuron_stats read a natural query became (checked per batch)."""
+    import time
+
+    import hookpoints.store.neuron_sql as module
+
+    store, _ = store_data
+    original = module._row_groups
+    monkeypatch.setattr(module, "_row_groups", lambda *a: time.sleep(0.2) or original(*a))
+    sql = "SELECT hook, neuron, avg(value) FROM neurons WHERE run = 'f16' GROUP BY ALL"
+    with store.query() as session:
+        with pytest.raises(UserError, match="ran past its timeout") as error:
+            session.sql(sql, timeout=0.1)
+        assert "\n" not in str(error.value)
+        assert session.sql(sql).num_rows == sum(WIDTHS.values())  # no timeout: the next statement runs whole
