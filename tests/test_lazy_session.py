@@ -91,3 +91,19 @@ def test_a_misspelt_name_gets_duckdbs_hint(tmp_path):
     store, _, _ = _two_runs(tmp_path)
     with store.query() as session, pytest.raises(UserError, match='Did you mean "neurons"'):
         session.sql("SELECT * FROM neuron")
+
+
+def test_neuron_stats_macro_is_defined_when_named_or_listed(tmp_path):
+    """`SELECT 1` defines no neuron_stats macro (its module imports numpy); naming it, a catalog look or a
+    misspelt name (DuckDB's "Did you mean") still find it."""
+    store, _, _ = _two_runs(tmp_path)
+    with store.query() as session:
+        session.sql("SELECT 1")
+        assert not session._macro
+        listed = session.sql("SELECT function_name FROM duckdb_functions() WHERE function_name = 'neuron_stats'")
+        assert listed["function_name"].to_pylist() == ["neuron_stats"]
+    with store.query() as session, pytest.raises(UserError, match='Did you mean "neuron_stats"'):
+        session.sql("SELECT * FROM nuron_stats('text_decoder.%')")
+    with store.query() as session:
+        got = session.sql("SELECT count(*) AS n FROM neuron_stats('text_decoder.layers.0.%', run := 'a')")
+        assert got["n"].to_pylist()[0] > 0
