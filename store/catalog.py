@@ -11,6 +11,7 @@ import json
 import os
 import re
 import socket
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +56,8 @@ class Store:
         self.location = location
         self._tables: set[str] = set()  # tables known to exist (checked once per Store object)
         self._meta: tuple[int, dict[str, str]] | None = None  # (store_meta's version, its keys and values)
+        self._meta_log = None  # store_meta's DeltaTable, brought up to date at each meta() (0.2 ms; an open: 1.5)
+        self._meta_lock = threading.Lock()
 
     # -- opening ---------------------------------------------------------------------------------------
 
@@ -125,13 +128,22 @@ class Store:
     # -- tables ----------------------------------------------------------------------------------------
 
     def meta(self) -> dict[str, str]:
-        """store_meta's keys and values (read again only when its Delta version changed)."""
-        delta = delta_read.open_table(self.location, "store_meta")
-        if self._meta is None or self._meta[0] != delta.version():
-            rows = delta_read.read_small(delta)
-            keys, values = rows.column("key").to_pylist(), rows.column("value").to_pylist()
-            self._meta = (delta.version(), dict(zip(keys, values, strict=True)))
-        return dict(self._meta[1])
+        """store_meta's keys and values (its log brought up to date; the rows read again only when its Delta
+        version changed)."""
+        with self._meta_lock:
+            if self._meta_log is not None:
+                try:
+                    self._meta_log.update_incremental()  # the latest version, as a fresh open would see it
+                except Exception:  # noqa: BLE001 - a log it cannot follow: the fresh open below says what is wrong
+                    self._meta_log = None
+            if self._meta_log is None:
+                self._meta_log = delta_read.open_table(self.location, "store_meta")
+            delta = self._meta_log
+            if self._meta is None or self._meta[0] != delta.version():
+                rows = delta_read.read_small(delta)
+                keys, values = rows.column("key").to_pylist(), rows.column("value").to_pylist()
+                self._meta = (delta.version(), dict(zip(keys, values, strict=True)))
+            return dict(self._meta[1])
 
     def _append_meta(self, values: dict[str, str]) -> None:
         import pyarrow as pa

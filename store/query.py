@@ -96,6 +96,10 @@ class QuerySession:
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
 
+    def snapshots(self) -> dict:
+        """Each table this session reads -> its ``DeltaTable`` at the version pinned when the session opened."""
+        return dict(self._snapshots)
+
     def dataset(self, table: str):
         """The session's snapshot of ``table``: an Arrow dataset (activations, analysis tables) or, for the
         small tables, an arro3 table read whole (store/delta_read.py: no pyarrow import)."""
