@@ -89,7 +89,7 @@ class QuerySession:
         self._tables: set[str] = set()  # store tables registered in DuckDB so far
         self._views: set[str] = set()  # views of _VIEWS created so far
         self._macro = False  # neuron_stats(...) defined (when a statement names it: its module imports numpy)
-        self.con.execute(_F16_MACRO)
+        self._f16 = False  # f16_to_float defined (3 ms: for a float16 run's activations, or when named)
         # A join's build side is its right input as written (docs/store.md): the optimizer misjudges the
         # `neurons` long form (an Arrow scan has no row estimate) as one row and would hold all of it.
         self.con.execute("SET disabled_optimizers = 'build_side_probe_side'")
@@ -123,6 +123,8 @@ class QuerySession:
         if words & _CATALOG or any(word.startswith(("duckdb_", "pragma_")) for word in words):
             self._define_all()
             return
+        if "f16_to_float" in words:
+            self._define_f16()
         for word in sorted(words):
             if word in _VIEWS:
                 self._define_view(word)
@@ -135,18 +137,24 @@ class QuerySession:
         try:
             return self.con.sql(text, params=params)
         except duckdb.CatalogException:
-            missing = {*self._snapshots} - self._tables or {*_VIEWS} - self._views or not self._macro
+            missing = {*self._snapshots} - self._tables or {*_VIEWS} - self._views or not (self._macro and self._f16)
             if not missing:
                 raise
             self._define_all()
             return self.con.sql(text, params=params)
 
     def _define_all(self) -> None:
+        self._define_f16()
         for table in self._snapshots:
             self._define_table(table)
         for view in _VIEWS:
             self._define_view(view)
         self._define_macro()
+
+    def _define_f16(self) -> None:
+        if not self._f16:
+            self.con.execute(_F16_MACRO)
+            self._f16 = True
 
     def _define_macro(self) -> None:
         if not self._macro:
@@ -173,6 +181,7 @@ class QuerySession:
             self._define_table(_VIEW_TABLE[name])
         activation = "activation"
         if name == "activations" and "float16" in self.dataset("run_events").column("dtype").to_pylist():
+            self._define_f16()
             activation = "coalesce(activation, list_transform(activation_f16, lambda b: f16_to_float(b)))"
         self.con.execute(f"CREATE VIEW {name} AS {_VIEWS[name].format(activation=activation)}")
         self._views.add(name)

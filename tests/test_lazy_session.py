@@ -107,3 +107,7 @@ def test_neuron_stats_macro_is_defined_when_named_or_listed(tmp_path):
     with store.query() as session:
         got = session.sql("SELECT count(*) AS n FROM neuron_stats('text_decoder.layers.0.%', run := 'a')")
         assert got["n"].to_pylist()[0] > 0
+    with store.query() as session:  # the float16 decoder is defined when named, too (0x3C00 is 1.0, 0xC000 -2.0)
+        assert not session._f16
+        got = session.sql("SELECT f16_to_float(15360::SMALLINT) AS one, f16_to_float((-16384)::SMALLINT) AS m2")
+        assert (got["one"].to_pylist(), got["m2"].to_pylist()) == ([1.0], [-2.0])
