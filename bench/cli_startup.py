@@ -8,9 +8,10 @@ every ratio at most 2.
 
 Byte code: an installed package has its modules compiled (pip writes the .pyc files; an editable install writes
 them at the first import). Where ``PYTHONDONTWRITEBYTECODE`` is set (this project's machines set it), hookpoints'
-own modules would be compiled from source on every call (about 20 ms) while the libraries' are not; so the
-commands run with byte code written to a scratch ``PYTHONPYCACHEPREFIX`` during the warm-up call, as installed.
-``--no-bytecode`` measures the other way (every module of ours compiled at each call).
+own modules would be compiled from source on every call while the libraries' are not; so the commands run with
+byte code written to a scratch ``PYTHONPYCACHEPREFIX`` during the warm-up call, as installed. ``--no-bytecode``
+measures the other way (our modules compiled at each call: 5-20 ms by ``-X importtime``, within the noise of
+the wall times on the 2-core box).
 
     .venv/bin/python bench/cli_startup.py             # 15 rounds (about a minute)
     .venv/bin/python bench/cli_startup.py --rounds 40 # steadier medians
