@@ -248,7 +248,8 @@ class QuerySession:
     ) -> tuple[list[str], Iterator[list[tuple]]]:
         """Like :meth:`batches`, but the column names and lists of at most ``rows`` Python tuples, the values
         as Arrow's ``to_pylist`` gives them; DuckDB converts them itself where that is the same (no pyarrow
-        import: store/query_rows.py). Example: ``names, chunks = session.rows("SELECT * FROM hooks")``.
+        import: store/query_rows.py). Like a reader of :meth:`batches`, the chunks hold the session until they
+        are read out or dropped. Example: ``names, chunks = session.rows("SELECT * FROM hooks")``.
         """
         self._check_read_only(text)
         self._load(text)

@@ -37,9 +37,13 @@ def same_as_arrow(kind: duckdb.DuckDBPyType) -> bool:
 
 
 def fetched(con: duckdb.DuckDBPyConnection, rows: int) -> Iterator[list[tuple]]:
-    """The connection's open (streaming) result, ``rows`` rows at a time."""
-    while chunk := con.fetchmany(rows):
-        yield chunk
+    """The connection's open (streaming) result, ``rows`` rows at a time. A reader that stops early (a table
+    shows 1,000 rows) cancels the rest when it is closed or dropped: the session can run its next statement."""
+    try:
+        while chunk := con.fetchmany(rows):
+            yield chunk
+    finally:
+        con.abort()
 
 
 def from_arrow(reader) -> Iterator[list[tuple]]:

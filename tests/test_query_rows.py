@@ -127,8 +127,13 @@ def test_rows_stream_in_chunks_and_keep_the_timeout(store):
             session.rows("SELECT count(*) FROM range(10000000000000)", timeout=0.2)
         assert session.rows("SELECT 42 AS x")[1].__next__() == [(42,)]  # usable afterwards
         names, chunks = session.rows("SELECT hook FROM hooks WHERE run = $run ORDER BY hook", {"run": "b"})
+        got = [row[0] for chunk in chunks for row in chunk]  # read out before the next statement
         reference = session.sql("SELECT hook FROM hooks WHERE run = $run ORDER BY hook", {"run": "b"})
-        assert [row[0] for chunk in chunks for row in chunk] == reference["hook"].to_pylist() != []
+        assert got == reference["hook"].to_pylist() != []
+        names, chunks = session.rows("SELECT * FROM range(100000)", rows=10)
+        assert next(chunks) == [(i,) for i in range(10)]
+        del chunks  # a reader dropped half-way frees the connection for the next statement
+        assert session.sql("SELECT 7 AS x")["x"].to_pylist() == [7]
         explain = [row for chunk in session.rows("EXPLAIN SELECT * FROM hooks")[1] for row in chunk]
         reference = session.sql("EXPLAIN SELECT * FROM hooks")
         assert explain == list(zip(*(c.to_pylist() for c in reference.columns), strict=True))
