@@ -163,14 +163,15 @@ class QuerySession:
             self.con.execute(neuron_surface.MACRO)
             self._macro = True
 
-    def _prepare(self, text: str, params: dict | None) -> None:
+    def _prepare(self, text: str, params: dict | None) -> str:
         """neuron_surface.prepare for a statement that names ``neurons`` or ``neuron_stats`` (others import
-        neither that module nor numpy)."""
-        if "neuron" in text.lower():
-            from hookpoints.store import neuron_surface
+        neither that module nor numpy); the statement to run (``prepare`` may return a rewritten one)."""
+        if "neuron" not in text.lower():
+            return text
+        from hookpoints.store import neuron_surface
 
-            self._define_macro()
-            neuron_surface.prepare(self, text, params)
+        self._define_macro()
+        return neuron_surface.prepare(self, text, params) or text
 
     def _define_view(self, name: str) -> None:
         if name in self._views:
@@ -201,7 +202,7 @@ class QuerySession:
         """
         self._check_read_only(text)
         self._load(text)
-        self._prepare(text, params)
+        text = self._prepare(text, params)
         with self.deadline(timeout):
             try:
                 return self._relation(text, params).to_arrow_table()
@@ -221,7 +222,7 @@ class QuerySession:
 
         self._check_read_only(text)
         self._load(text)
-        self._prepare(text, params)
+        text = self._prepare(text, params)
         deadline = self.deadline(timeout)
         deadline.__enter__()
         try:
@@ -253,10 +254,10 @@ class QuerySession:
         """
         self._check_read_only(text)
         self._load(text)
-        self._prepare(text, params)
         deadline = self.deadline(timeout)
         deadline.__enter__()
         try:
+            text = self._prepare(text, params)
             relation = self._relation(text, params)  # a SELECT is only bound here; an EXPLAIN has run
             names = relation.columns
             if not all(query_rows.same_as_arrow(kind) for kind in relation.types):
