@@ -38,6 +38,9 @@ bench: setup
 	$(BIN)/python bench/team_store.py
 	$(BIN)/python bench/speech_recording.py
 	$(BIN)/python bench/speech_recording.py --threads 2 --clock wall
+	$(BIN)/python bench/hook_cost.py
+	$(BIN)/python bench/edit_overhead.py
+	$(BIN)/python bench/writer_throughput.py
 
 clean:
 	rm -rf $(VENV) demo-store demo-store-plots .pytest_cache

@@ -20,7 +20,7 @@ every text-decoder layer, replaced at every step; one sentence, greedy, exactly 
 Reported: this thread's CPU time per new token (``time.thread_time``: torch runs on this one thread, and CPU time
 is far steadier than wall time on a shared machine; on a GPU this thread's time is what a launch-bound step
 waits for), best and median of interleaved repeats, x plain; wall time too; us per edited hook call ((edited -
-plain) / edited hook calls per step); and aten ops per edited hook per step counted with a TorchDispatchMode
+plain) / edited hook calls per step); and aten ops per edited hook per step counted with OpCount
 (the difference of 2 and 6 new tokens, so one-off work cancels). All three edited runs (before, after, and an
 independent index-assignment reference) must give the same tokens.
 
@@ -40,7 +40,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from hookpoints.adapters.seamless import TEXT_DECODER_SUBMODULES  # noqa: E402
 from hookpoints.editing import NeuronEdit  # noqa: E402
 from hookpoints.loading import load  # noqa: E402
+from hookpoints.op_count import OpCount  # noqa: E402
 from hookpoints.probe import first_tensor  # noqa: E402
 from hookpoints.tiny import build_tiny  # noqa: E402
 
@@ -93,16 +93,6 @@ def legacy_placed(edit, shape, device, dtype):
 
 
 # -- the cases --------------------------------------------------------------------------------------------
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def with_hooks(model, edits, hook_of):
@@ -170,9 +160,9 @@ def measure(size: str, args) -> dict:
         counts = []
         for n in (2, 6):
             model.model.generation_config.min_new_tokens = n
-            with OpCounter() as counter:
+            with OpCount() as counter:
                 case(inputs, prompt, n)
-            counts.append(counter.count)
+            counts.append(counter.total)
         ops[name] = (counts[1] - counts[0]) / 4
     model.model.generation_config.min_new_tokens = args.tokens
     times: dict[str, list[float]] = {name: [] for name in cases}  # this thread's CPU seconds per token

@@ -35,4 +35,4 @@ def command(store_path: str, fmt: str, out_path: str | None, timeout: float, que
             rows = export(session.batches(query, timeout=timeout), fmt, path)
             click.echo(f"{rows} rows -> {path}", err=True)
             return
-        write_stream(session.batches(query, timeout=timeout), fmt)
+        write_stream(*session.rows(query, timeout=timeout), fmt)

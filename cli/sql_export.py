@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import pyarrow as pa
+from typing import TYPE_CHECKING
 
 from hookpoints.errors import UserError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 EXPORT_FORMATS = ("parquet", "arrow")
 
@@ -41,6 +43,8 @@ def export(batches: pa.RecordBatchReader | pa.Table, fmt: str, path: Path) -> in
 
     Written to a temporary name first and renamed, so a failed query leaves no half file behind.
     """
+    import pyarrow as pa  # here: the printed formats of `hookpoints sql` import no pyarrow
+
     reader = batches.to_reader() if isinstance(batches, pa.Table) else batches
     partial = path.with_name(f".{path.name}.partial")
     rows = 0

@@ -7,7 +7,10 @@ text like ``[/INST]``, ``[bold red]`` or ``:-1:`` prints as written.
 
 Example::
 
-    write_stream(session.batches("SELECT * FROM examples", timeout=600), "csv")
+    write_stream(*session.rows("SELECT * FROM examples", timeout=600), "csv")
+
+The rows come from ``QuerySession.rows`` (Python tuples, values as Arrow's ``to_pylist`` gives them), so
+printing imports no pyarrow unless a column's type needs Arrow's conversion (store/query_rows.py).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from __future__ import annotations
 import csv
 import datetime
 import sys
+from collections.abc import Iterable
 
-import pyarrow as pa
 from hookpoints.cli.console import out, strict_json
 from rich.table import Table
 from rich.text import Text
@@ -24,31 +27,31 @@ from rich.text import Text
 TABLE_ROWS = 1000
 
 
-def write_stream(batches: pa.RecordBatchReader, fmt: str) -> int:
-    """Write every batch in ``fmt`` (table, csv, json); the number of rows written."""
+def write_stream(names: list[str], chunks: Iterable[list[tuple]], fmt: str) -> int:
+    """Write every chunk of rows in ``fmt`` (table, csv, json); the number of rows written."""
     if fmt == "csv":
-        return _csv(batches)
+        return _csv(names, chunks)
     if fmt == "json":
-        return _json(batches)
-    return _table(batches)
+        return _json(names, chunks)
+    return _table(names, chunks)
 
 
-def _csv(batches) -> int:
+def _csv(names, chunks) -> int:
     writer, rows = csv.writer(sys.stdout), 0
-    writer.writerow(batches.schema.names)  # also for an empty result
-    for batch in batches:
-        for record in batch.to_pylist():
-            writer.writerow([_csv_cell(value) for value in record.values()])
-        rows += batch.num_rows
+    writer.writerow(names)  # also for an empty result
+    for chunk in chunks:
+        for record in chunk:
+            writer.writerow([_csv_cell(value) for value in record])
+        rows += len(chunk)
     return rows
 
 
-def _json(batches) -> int:
+def _json(names, chunks) -> int:
     rows = 0
     sys.stdout.write("[")
-    for batch in batches:
-        for record in batch.to_pylist():
-            sys.stdout.write(("\n" if rows == 0 else ",\n") + json_line(record))
+    for chunk in chunks:
+        for record in chunk:  # an object per row: a repeated column name keeps its last value
+            sys.stdout.write(("\n" if rows == 0 else ",\n") + json_line(dict(zip(names, record, strict=True))))
             rows += 1
     sys.stdout.write("\n]\n" if rows else "]\n")
     return rows
@@ -59,16 +62,16 @@ def json_line(value) -> str:
     return strict_json(value)
 
 
-def _table(batches) -> int:
+def _table(names, chunks) -> int:
     table, rows, more = Table(show_lines=False, header_style="bold cyan"), 0, False
-    for name in batches.schema.names:
+    for name in names:
         table.add_column(Text(name), overflow="fold")
-    for batch in batches:
-        for record in batch.to_pylist():
+    for chunk in chunks:
+        for record in chunk:
             if rows == TABLE_ROWS:
                 more = True
                 break
-            table.add_row(*[_text_cell(value) for value in record.values()])
+            table.add_row(*[_text_cell(value) for value in record])
             rows += 1
         if more:
             break

@@ -24,8 +24,10 @@ def info(store_path: str) -> None:
     store = Store.open(store_path)
     meta = store.meta()
     out.print(f"[bold]{escape(store.location.uri)}[/bold]  schema version {escape(str(meta.get('schema_version')))}")
-    render(run_summary(store), title="runs")
-    render(table_sizes(store), title="tables")
+    with store.query() as session:  # one snapshot for both: the runs and the sizes agree, each log read once
+        runs, sizes = run_summary(store, session), table_sizes(store, session)
+    render(runs, title="runs")
+    render(sizes, title="tables")
 
 
 @command.command("verify")

@@ -11,18 +11,23 @@ import json
 import os
 import re
 import socket
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
-import pyarrow as pa
-from hookpoints.store import tables
+from hookpoints.store import delta_read
 from hookpoints.store.location import StoreLocation, storage_error
+from hookpoints.store.names import RUN_NAME, SCHEMA_VERSION
 from hookpoints.store.runs import runs_sql, shard_states_sql
-from hookpoints.store.schema import CORE_TABLES, RUN_EVENTS, RUN_NAME, SCHEMA_VERSION, TableSpec
 
 from hookpoints.errors import UserError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from hookpoints.store.schema import TableSpec
 
 RUN_SETTINGS = ("model", "task", "pooling", "dtype")
 #: A table of the store is a folder directly under its root: a plain name, never a path.
@@ -51,6 +56,8 @@ class Store:
         self.location = location
         self._tables: set[str] = set()  # tables known to exist (checked once per Store object)
         self._meta: tuple[int, dict[str, str]] | None = None  # (store_meta's version, its keys and values)
+        self._meta_log = None  # store_meta's DeltaTable, brought up to date at each meta() (0.2 ms; an open: 1.5)
+        self._meta_lock = threading.Lock()
 
     # -- opening ---------------------------------------------------------------------------------------
 
@@ -82,6 +89,8 @@ class Store:
             raise UserError(f"{where} is not a hookpoints store (no store_meta table): check the path")
         elif location.is_local:
             _check_local_folder(Path(location.uri))
+        from hookpoints.store.schema import CORE_TABLES
+
         try:
             for spec in CORE_TABLES.values():
                 store.ensure_table(spec)
@@ -119,23 +128,36 @@ class Store:
     # -- tables ----------------------------------------------------------------------------------------
 
     def meta(self) -> dict[str, str]:
-        """store_meta's keys and values (read again only when its Delta version changed)."""
-        delta = tables.open_table(self.location, "store_meta")
-        if self._meta is None or self._meta[0] != delta.version():
-            rows = tables.read_whole(self.location, "store_meta", delta).to_pylist()
-            self._meta = (delta.version(), {row["key"]: row["value"] for row in rows})
-        return dict(self._meta[1])
+        """store_meta's keys and values (its log brought up to date; the rows read again only when its Delta
+        version changed)."""
+        with self._meta_lock:
+            if self._meta_log is not None:
+                try:
+                    self._meta_log.update_incremental()  # the latest version, as a fresh open would see it
+                except Exception:  # noqa: BLE001 - a log it cannot follow: the fresh open below says what is wrong
+                    self._meta_log = None
+            if self._meta_log is None:
+                self._meta_log = delta_read.open_table(self.location, "store_meta")
+            delta = self._meta_log
+            if self._meta is None or self._meta[0] != delta.version():
+                rows = delta_read.read_small(delta)
+                keys, values = rows.column("key").to_pylist(), rows.column("value").to_pylist()
+                self._meta = (delta.version(), dict(zip(keys, values, strict=True)))
+            return dict(self._meta[1])
 
     def _append_meta(self, values: dict[str, str]) -> None:
+        import pyarrow as pa
+        from hookpoints.store.schema import CORE_TABLES
+
         data = pa.table({"key": list(values), "value": list(values.values())}, schema=CORE_TABLES["store_meta"].schema)
-        tables.append(self.location, CORE_TABLES["store_meta"], data)
+        _table_io().append(self.location, CORE_TABLES["store_meta"], data)
 
     def ensure_table(self, spec: TableSpec) -> None:
         """Create ``spec``'s table if it is missing and register it so SQL sessions show it."""
         if spec.name in self._tables:
             return
-        if not tables.exists(self.location, spec.name):
-            tables.create(self.location, spec)
+        if not delta_read.exists(self.location, spec.name):
+            _table_io().create(self.location, spec)
             if spec.name != "store_meta":
                 self._append_meta({f"table:{spec.name}": json.dumps({"partition_by": list(spec.partition_by)})})
         self._tables.add(spec.name)
@@ -148,16 +170,16 @@ class Store:
     def append(self, spec: TableSpec, data: pa.Table, *, merge_schema: bool = False) -> None:
         """Append rows to a table as one atomic commit (creating the table first if needed)."""
         self.ensure_table(spec)
-        tables.append(self.location, spec, data, merge_schema=merge_schema)
+        _table_io().append(self.location, spec, data, merge_schema=merge_schema)
 
     def replace(self, spec: TableSpec, data, predicate: str) -> None:
         """Replace the rows matching ``predicate`` with ``data()`` (a table or reader) as one atomic commit."""
         self.ensure_table(spec)
-        tables.replace(self.location, spec, data, predicate)
+        _table_io().replace(self.location, spec, data, predicate)
 
     def dataset(self, table: str):
         """The current version of a table as a ``pyarrow.dataset.Dataset``."""
-        return tables.dataset(self.location, table)
+        return _table_io().dataset(self.location, table)
 
     # -- runs ------------------------------------------------------------------------------------------
 
@@ -214,7 +236,10 @@ class Store:
             "writer": f"{socket.gethostname()}:{os.getpid()}",
             **{key: settings.get(key) for key in RUN_SETTINGS},
         }
-        tables.append(self.location, CORE_TABLES["run_events"], pa.Table.from_pylist([row], schema=RUN_EVENTS))
+        import pyarrow as pa
+        from hookpoints.store.schema import CORE_TABLES, RUN_EVENTS
+
+        _table_io().append(self.location, CORE_TABLES["run_events"], pa.Table.from_pylist([row], schema=RUN_EVENTS))
 
     def run_hooks(self, run: str) -> pa.Table:
         import pyarrow.compute as pc
@@ -227,10 +252,10 @@ class Store:
         if info is None:
             raise UserError(f"there is no run {run!r} in store {self.location.uri}")
         for name in ["activations", "examples", "hooks", *self.table_names()]:
-            if name in ("store_meta", "run_events") or not tables.exists(self.location, name):
+            if name in ("store_meta", "run_events") or not delta_read.exists(self.location, name):
                 continue
             if "run" in self.dataset(name).schema.names:
-                tables.delete(self.location, name, tables.equals("run", run))
+                _table_io().delete(self.location, name, _table_io().equals("run", run))
         settings = {key: getattr(info, key) for key in RUN_SETTINGS}
         self.log_run_event(run, "deleted", settings, info.config, shard=None)
 
@@ -269,7 +294,17 @@ def validate_run_name(run: str) -> str:
     return run
 
 
+def _table_io():
+    """store/tables.py, for the methods that write or scan (it imports pyarrow: 0.1 s that `hookpoints sql`
+    and `store info` do without)."""
+    from hookpoints.store import tables
+
+    return tables
+
+
 def _check_local_folder(root: Path) -> None:
+    from hookpoints.store.schema import CORE_TABLES
+
     if root.exists() and not root.is_dir():
         raise UserError(f"store path {root} is a file: give a folder")
     if root.is_dir() and any(entry.name not in CORE_TABLES for entry in root.iterdir()):
@@ -287,6 +322,8 @@ def _check_local_folder(root: Path) -> None:
 
 def _check_writable(root: Path) -> None:
     """Refuse a local store whose tables this process cannot write (instead of a Rust panic at the first commit)."""
+    from hookpoints.store.schema import CORE_TABLES
+
     for name in CORE_TABLES:
         log = root / name / "_delta_log"
         if log.is_dir() and not os.access(log, os.W_OK | os.X_OK):
@@ -298,7 +335,7 @@ def _check_writable(root: Path) -> None:
 
 def _exists(location: StoreLocation, table: str, where) -> bool:
     try:
-        return tables.exists(location, table)
+        return delta_read.exists(location, table)
     except OSError as error:
         raise UserError(
             f"cannot reach store {where}: {storage_error(error)} (check the URI, AWS_ENDPOINT_URL and credentials)"

@@ -13,14 +13,17 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import duckdb
-import pyarrow as pa
-from hookpoints.store import neuron_sql, neuron_surface, tables
+from hookpoints.store import delta_read, query_rows
 from hookpoints.store.catalog import Store
 from hookpoints.store.runs import runs_sql
 
 from hookpoints.errors import UserError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 _CORE = ("run_events", "hooks", "examples", "activations")
 #: Writers commit hooks, then examples, then activations, then the run's status; a session takes its
@@ -81,30 +84,36 @@ class QuerySession:
         # `SELECT 1` or a look at `runs` never builds the activations' Arrow dataset (store/tables.py).
         names = store.table_names()
         self._snapshots = {
-            table: tables.open_table(store.location, table)
+            table: delta_read.open_table(store.location, table)
             for table in sorted(names, key=lambda name: (_SNAPSHOT_ORDER + (name,)).index(name))
         }
         self._tables: set[str] = set()  # store tables registered in DuckDB so far
         self._views: set[str] = set()  # views of _VIEWS created so far
-        self.con.execute(_F16_MACRO)
-        self.con.execute(neuron_surface.MACRO)
+        self._macro = False  # neuron_stats(...) defined (when a statement names it: its module imports numpy)
+        self._f16 = False  # f16_to_float defined (3 ms: for a float16 run's activations, or when named)
         # A join's build side is its right input as written (docs/store.md): the optimizer misjudges the
         # `neurons` long form (an Arrow scan has no row estimate) as one row and would hold all of it.
         self.con.execute("SET disabled_optimizers = 'build_side_probe_side'")
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
 
+    def snapshots(self) -> dict:
+        """Each table this session reads -> its ``DeltaTable`` at the version pinned when the session opened."""
+        return dict(self._snapshots)
+
     def dataset(self, table: str):
         """The session's snapshot of ``table``: an Arrow dataset (activations, analysis tables) or, for the
-        small tables, an Arrow table read whole."""
+        small tables, an arro3 table read whole (store/delta_read.py: no pyarrow import)."""
         if table not in self.datasets:
             delta = self._snapshots[table]
             if table in _SMALL:
                 # Examples gain columns as runs arrive (schema merge). Filters pushed into an Arrow dataset
                 # count rows of files older than a column as valid for `IS NOT NULL` (pyarrow 26), so the small
                 # tables (a row per example, hook or event) are read whole and DuckDB filters them.
-                self.datasets[table] = tables.read_whole(self.store.location, table, delta)
+                self.datasets[table] = delta_read.read_small(delta)
             else:
+                from hookpoints.store import tables
+
                 self.datasets[table] = tables.dataset(self.store.location, table, delta)
         return self.datasets[table]
 
@@ -115,6 +124,8 @@ class QuerySession:
         if words & _CATALOG or any(word.startswith(("duckdb_", "pragma_")) for word in words):
             self._define_all()
             return
+        if "f16_to_float" in words:
+            self._define_f16()
         for word in sorted(words):
             if word in _VIEWS:
                 self._define_view(word)
@@ -127,17 +138,41 @@ class QuerySession:
         try:
             return self.con.sql(text, params=params)
         except duckdb.CatalogException:
-            missing = {*self._snapshots} - self._tables or {*_VIEWS} - self._views
+            missing = {*self._snapshots} - self._tables or {*_VIEWS} - self._views or not (self._macro and self._f16)
             if not missing:
                 raise
             self._define_all()
             return self.con.sql(text, params=params)
 
     def _define_all(self) -> None:
+        self._define_f16()
         for table in self._snapshots:
             self._define_table(table)
         for view in _VIEWS:
             self._define_view(view)
+        self._define_macro()
+
+    def _define_f16(self) -> None:
+        if not self._f16:
+            self.con.execute(_F16_MACRO)
+            self._f16 = True
+
+    def _define_macro(self) -> None:
+        if not self._macro:
+            from hookpoints.store import neuron_surface
+
+            self.con.execute(neuron_surface.MACRO)
+            self._macro = True
+
+    def _prepare(self, text: str, params: dict | None) -> str:
+        """neuron_surface.prepare for a statement that names ``neurons`` or ``neuron_stats`` (others import
+        neither that module nor numpy); the statement to run (``prepare`` may return a rewritten one)."""
+        if "neuron" not in text.lower():
+            return text
+        from hookpoints.store import neuron_surface
+
+        self._define_macro()
+        return neuron_surface.prepare(self, text, params) or text
 
     def _define_view(self, name: str) -> None:
         if name in self._views:
@@ -147,7 +182,8 @@ class QuerySession:
         else:
             self._define_table(_VIEW_TABLE[name])
         activation = "activation"
-        if name == "activations" and "float16" in self.dataset("run_events")["dtype"].to_pylist():
+        if name == "activations" and "float16" in self.dataset("run_events").column("dtype").to_pylist():
+            self._define_f16()
             activation = "coalesce(activation, list_transform(activation_f16, lambda b: f16_to_float(b)))"
         self.con.execute(f"CREATE VIEW {name} AS {_VIEWS[name].format(activation=activation)}")
         self._views.add(name)
@@ -168,7 +204,7 @@ class QuerySession:
         self._check_read_only(text)
         self._load(text)
         with self.deadline(timeout):  # covers the neuron_stats(...) reads prepare computes (checked per batch)
-            text = neuron_surface.prepare(self, text, params)
+            text = self._prepare(text, params)
             try:
                 return self._relation(text, params).to_arrow_table()
             except duckdb.Error as error:
@@ -183,12 +219,14 @@ class QuerySession:
         as CSV): the caller handles each batch and drops it. ``timeout`` covers the whole stream (until the
         reader is exhausted or dropped).
         """
+        import pyarrow as pa
+
         self._check_read_only(text)
         self._load(text)
         deadline = self.deadline(timeout)
         deadline.__enter__()
         try:
-            text = neuron_surface.prepare(self, text, params)
+            text = self._prepare(text, params)
             reader = self._relation(text, params).to_arrow_reader(rows)
         except duckdb.Error as error:
             deadline.__exit__(None, None, None)
@@ -206,6 +244,46 @@ class QuerySession:
                 deadline.__exit__(None, None, None)
 
         return pa.RecordBatchReader.from_batches(reader.schema, stream())
+
+    def rows(
+        self, text: str, params: dict | None = None, *, rows: int = 4096, timeout: float | None = None
+    ) -> tuple[list[str], Iterator[list[tuple]]]:
+        """Like :meth:`batches`, but the column names and lists of at most ``rows`` Python tuples, the values
+        as Arrow's ``to_pylist`` gives them; DuckDB converts them itself where that is the same (no pyarrow
+        import: store/query_rows.py). Like a reader of :meth:`batches`, the chunks hold the session until they
+        are read out or dropped. Example: ``names, chunks = session.rows("SELECT * FROM hooks")``.
+        """
+        self._check_read_only(text)
+        self._load(text)
+        deadline = self.deadline(timeout)
+        deadline.__enter__()
+        try:
+            text = self._prepare(text, params)
+            relation = self._relation(text, params)  # a SELECT is only bound here; an EXPLAIN has run
+            names = relation.columns
+            if not all(query_rows.same_as_arrow(kind) for kind in relation.types):
+                chunks = query_rows.from_arrow(relation.to_arrow_reader(rows))
+            elif self.con.extract_statements(text)[0].type == duckdb.StatementType.SELECT:
+                self.con.execute(text, params)  # streams: fetchmany holds one chunk at a time
+                chunks = query_rows.fetched(self.con, rows)
+            else:
+                chunks = iter([relation.fetchall()])  # EXPLAIN [ANALYZE]: its rows are held, not run again
+        except duckdb.Error as error:
+            deadline.__exit__(None, None, None)
+            raise self._failure(error, timeout) from None
+        except BaseException:
+            deadline.__exit__(None, None, None)
+            raise
+
+        def stream() -> Iterator[list[tuple]]:
+            try:
+                yield from chunks
+            except duckdb.Error as error:
+                raise self._failure(error, timeout) from None
+            finally:
+                deadline.__exit__(None, None, None)
+
+        return names, stream()
 
     @contextmanager
     def deadline(self, seconds: float | None):
@@ -242,6 +320,8 @@ class QuerySession:
 
         Example: ``session.neuron_stats("text_decoder.layers.0.%", group_by="language", stats="avg, median")``.
         """
+        from hookpoints.store import neuron_sql
+
         return neuron_sql.neuron_stats(self, hooks, **options)
 
     def _check_read_only(self, text: str) -> None:

@@ -7,13 +7,10 @@ bit patterns in ``activation_f16`` as ``list<int16>`` and the DuckDB views decod
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import pyarrow as pa
-
-#: Version 2 added ``run_events.shard/shards/writer`` and ``activations.finite`` (store/migrate.py upgrades 1).
-SCHEMA_VERSION = 2
+from hookpoints.store.names import RUN_NAME, SCHEMA_VERSION  # noqa: F401 - defined without pyarrow, used via schema
 
 
 @dataclass(frozen=True)
@@ -91,5 +88,3 @@ CORE_TABLES: dict[str, TableSpec] = {
 
 #: Columns the store adds to each example; a manifest may not use these names.
 RESERVED_EXAMPLE_COLUMNS = {"run", "example_id", "hook", "position", "activation", "activation_f16", "finite"}
-
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

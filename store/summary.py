@@ -3,44 +3,56 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
-from hookpoints.store import tables
+from hookpoints.store import delta_read
 from hookpoints.store.catalog import Store
+
+if TYPE_CHECKING:
+    from hookpoints.store.query import QuerySession
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def run_summary(store: Store) -> list[dict]:
-    """One row per run: settings, status, and how many examples and hook points it holds."""
-    with store.query() as session:
-        rows = session.sql(
-            """
-            SELECT r.run, r.model, r.task, r.pooling, r.dtype, r.status, r.shards_complete || '/' || r.shards AS shards,
-                   (SELECT count(*) FROM examples e WHERE e.run = r.run) AS examples,
-                   (SELECT count(*) FROM hooks h WHERE h.run = r.run) AS hooks,
-                   epoch_us(r.created_at) AS created_at,
-                   CASE WHEN r.status <> 'complete' THEN r.message END AS message
-            FROM runs r ORDER BY r.created_at
-            """
-        ).to_pylist()
-    # Microseconds, made a datetime here: pyarrow turns a zoned timestamp into Python by importing pandas (0.2-0.9 s).
+def run_summary(store: Store, session: QuerySession | None = None) -> list[dict]:
+    """One row per run: settings, status, and how many examples and hook points it holds.
+
+    ``session``: read in its snapshot (default: a new session). Example: ``run_summary(store)[0]["status"]``.
+    """
+    if session is None:
+        with store.query() as session:
+            return run_summary(store, session)
+    names, chunks = session.rows(
+        """
+        SELECT r.run, r.model, r.task, r.pooling, r.dtype, r.status, r.shards_complete || '/' || r.shards AS shards,
+               coalesce(e.n, 0) AS examples, coalesce(h.n, 0) AS hooks,
+               epoch_us(r.created_at) AS created_at,
+               CASE WHEN r.status <> 'complete' THEN r.message END AS message
+        FROM runs r  -- counts grouped once, not a subquery per run (3 ms less at start-up)
+        LEFT JOIN (SELECT run, count(*) AS n FROM examples GROUP BY run) e ON e.run = r.run
+        LEFT JOIN (SELECT run, count(*) AS n FROM hooks GROUP BY run) h ON h.run = r.run
+        ORDER BY r.created_at
+        """
+    )
+    rows = [dict(zip(names, row, strict=True)) for chunk in chunks for row in chunk]
+    # Microseconds, made a datetime here: a zoned timestamp needs pytz in DuckDB, pandas in pyarrow (0.2-0.9 s).
     for row in rows:
         if row["created_at"] is not None:
             row["created_at"] = _EPOCH + timedelta(microseconds=row["created_at"])
     return rows
 
 
-def table_sizes(store: Store) -> list[dict]:
-    """Files, rows and bytes of every table's current version."""
+def table_sizes(store: Store, session: QuerySession | None = None) -> list[dict]:
+    """Files, rows and bytes of every table's current version (or of the versions ``session`` reads: no log
+    read again). Example: ``{row["table"]: row["rows"] for row in table_sizes(store)}``."""
+    if session is None:
+        deltas = {name: delta_read.open_table(store.location, name) for name in store.table_names()}
+    else:
+        deltas = session.snapshots()
     rows = []
-    for name in store.table_names():
-        actions = tables.add_actions(tables.open_table(store.location, name))
+    for name in sorted(deltas):
+        stats = delta_read.file_stats(deltas[name])
         rows.append(
-            {
-                "table": name,
-                "files": actions.num_rows,
-                "rows": sum(n or 0 for n in actions["num_records"].to_pylist()),  # no pyarrow.compute: 40 ms
-                "MiB": round(sum(n or 0 for n in actions["size_bytes"].to_pylist()) / 2**20, 2),
-            }
+            {"table": name, "files": stats["files"], "rows": stats["rows"], "MiB": round(stats["bytes"] / 2**20, 2)}
         )
     return rows

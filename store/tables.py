@@ -5,18 +5,16 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 from deltalake import ColumnProperties, DeltaTable, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError
 from deltalake.fs import DeltaStorageHandler
-from hookpoints.store.location import StoreLocation, without_backtrace
+from hookpoints.store.delta_read import exists, open_table  # noqa: F401 - pyarrow-free, used via tables
+from hookpoints.store.location import StoreLocation
 from hookpoints.store.quoting import equals, sql_string  # noqa: F401 - the one quoting helper, used via tables
 from hookpoints.store.schema import TableSpec
-
-from hookpoints.errors import UserError
 
 #: About 1,000 rows per row group lets DuckDB parallelise scans and skip row groups by statistics.
 ROW_GROUP_ROWS = 1024
@@ -72,10 +70,6 @@ def _is_vector(kind: pa.DataType) -> bool:
     return pa.types.is_list(kind) and (pa.types.is_floating(kind.value_type) or pa.types.is_int16(kind.value_type))
 
 
-def exists(location: StoreLocation, table: str) -> bool:
-    return DeltaTable.is_deltatable(location.table_uri(table), storage_options=location.storage_options)
-
-
 def create(location: StoreLocation, spec: TableSpec) -> None:
     """Create an empty table with its schema and partitioning; a table that exists is left alone.
 
@@ -95,22 +89,10 @@ def create(location: StoreLocation, spec: TableSpec) -> None:
             raise
 
 
-def open_table(location: StoreLocation, table: str) -> DeltaTable:
-    try:
-        return DeltaTable(location.table_uri(table), storage_options=location.storage_options)
-    except TableNotFoundError as error:
-        raise FileNotFoundError(f"table {table!r} is missing from store {location.uri}") from error
-    except DeltaError as error:  # a damaged log (delta-rs: "Kernel error: Json error ...")
-        raise UserError(
-            f"table {table!r} of store {location.uri} cannot be read ({without_backtrace(error)[:200]}): its log "
-            f"is damaged; run `hookpoints store verify {location.uri}` to see what"
-        ) from None
-
-
 def dataset(location: StoreLocation, table: str, delta: DeltaTable | None = None):
     """The table's current version (or ``delta``'s) as a ``pyarrow.dataset.Dataset`` (DuckDB scans it with
     filter/projection pushdown). Building one imports ``pyarrow.dataset``, which imports pandas (0.2-0.9 s):
-    small tables are read with :func:`read_whole` instead.
+    small tables are read with ``delta_read.read_small`` instead.
 
     Local tables are read through Arrow's native file system. Delta's default (a Python file system handler
     that Arrow's I/O threads call back into) costs the GIL on every read, and a scan abandoned half-way
@@ -121,52 +103,6 @@ def dataset(location: StoreLocation, table: str, delta: DeltaTable | None = None
         filesystem = pafs.SubTreeFileSystem(location.table_uri(table), pafs.LocalFileSystem())
         return delta.to_pyarrow_dataset(filesystem=filesystem)
     return delta.to_pyarrow_dataset()
-
-
-def add_actions(delta: DeltaTable) -> pa.Table:
-    """The files of the table's version (``path``, ``size_bytes``, ``num_records``, ``partition.<column>``).
-
-    Read through the Arrow C stream: ``pa.table(...)`` of a foreign object first asks whether it is a pandas
-    DataFrame, which imports pandas (0.2-0.9 s).
-    """
-    return pa.RecordBatchReader.from_stream(delta.get_add_actions(flatten=True)).read_all()
-
-
-def read_whole(location: StoreLocation, table: str, delta: DeltaTable | None = None) -> pa.Table:
-    """The table's current version (or ``delta``'s) read whole, file by file with ``pyarrow.parquet``.
-
-    For the small tables (store_meta, run_events, hooks, examples): no ``pyarrow.dataset`` import, so
-    ``hookpoints sql`` and ``store info`` start fast. Columns follow the table's schema: a file older than a
-    column (schema merge) gets nulls, partition columns come from the log. Example:
-    ``read_whole(store.location, "run_events").num_rows``.
-    """
-    import pyarrow.parquet as pq
-
-    delta = delta if delta is not None else open_table(location, table)
-    schema = pa.schema(delta.schema().to_arrow())
-    actions = add_actions(delta)
-    files = filesystem(location, table) if not location.is_local else None
-    parts = []
-    for index, path in enumerate(actions.column("path").to_pylist()):
-        path = unquote(path)
-        if files is None:
-            data = pq.ParquetFile(f"{location.table_uri(table)}/{path}").read()
-        else:
-            with files.open_input_file(path) as handle:
-                data = pq.ParquetFile(handle).read()
-        columns = []
-        for field in schema:
-            partition = f"partition.{field.name}"
-            if field.name in data.column_names:
-                column = data.column(field.name)
-            elif partition in actions.schema.names:
-                column = pa.repeat(actions.column(partition)[index], data.num_rows)
-            else:
-                column = pa.nulls(data.num_rows, field.type)
-            # cast only where needed: a cast imports pyarrow.compute (40 ms)
-            columns.append(column if column.type == field.type else column.cast(field.type))
-        parts.append(pa.Table.from_arrays(columns, schema=schema))
-    return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
 def retrying(commit: Callable[[], object]) -> None:

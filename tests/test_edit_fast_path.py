@@ -6,27 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from hookpoints.editing import EditGroup, NeuronEdit, apply_edit
 from hookpoints.errors import UserError
 from hookpoints.loading import load
+from hookpoints.op_count import OpCount
 from hookpoints.points import HookPoint
 from tests.api_helpers import randomise
 
 STEPS = 6
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts every aten op dispatched while active (what a GPU would launch or run on the host)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket.__name__))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +109,7 @@ def test_recorded_edited_activations_equal_the_reference(seamless):
 
 
 def test_one_aten_op_per_edited_tensor_per_step(seamless):
-    """Counted with a TorchDispatchMode: each further step of a generation with replacements makes exactly one more
+    """Counted with OpCount: each further step of a generation with replacements makes exactly one more
     op per edited module than a step without (the ``where``), whatever the number of neurons or edits of that
     tensor. Steps are isolated by generating 2 and 6 tokens; what a generation does once (merging two edits of one
     tensor) cancels."""
@@ -141,16 +129,16 @@ def test_one_aten_op_per_edited_tensor_per_step(seamless):
         for steps in (2, 6):
             model.model.generation_config.min_new_tokens = steps  # edited and plain runs take the same steps
             for name, chosen in (("plain", []), ("edited", edits)):
-                with OpCounter() as counter:
+                with OpCount() as counter:
                     model.generate_edited(inputs, prompt, chosen, steps)
-                ops[name, steps] = counter.ops
+                ops[name, steps] = counter.by_name
     finally:
         model.model.generation_config.min_new_tokens = None
-    per_step = {name: (len(ops[name, 6]) - len(ops[name, 2])) / 4 for name in ("plain", "edited")}
+    per_step = {name: (ops[name, 6].total() - ops[name, 2].total()) / 4 for name in ("plain", "edited")}
     assert per_step["edited"] - per_step["plain"] == len(modules)  # 6 edited modules: one op each per step
-    wheres = {name: ops[name, 6].count("where") - ops[name, 2].count("where") for name in ("plain", "edited")}
+    wheres = {name: ops[name, 6]["aten.where"] - ops[name, 2]["aten.where"] for name in ("plain", "edited")}
     assert wheres["edited"] - wheres["plain"] == 4 * len(modules)
-    assert len(ops["edited", 2]) - len(ops["plain", 2]) <= 2 * len(modules) + 2  # 2 steps + merging fc1's edits
+    assert ops["edited", 2].total() - ops["plain", 2].total() <= 2 * len(modules) + 2  # 2 steps + merging fc1's edits
 
 
 def test_fused_slices_and_layouts_merge_into_one_op():
@@ -164,13 +152,13 @@ def test_fused_slices_and_layouts_merge_into_one_op():
     expected[..., [0, 7]] = torch.tensor([1.0, 2.0])
     expected[..., [15, 11]] = torch.tensor([-1.0, 0.5])
     group = EditGroup(edits)
-    with OpCounter() as first:
+    with OpCount() as first:
         group.apply((tensor, None))
-    with OpCounter() as second:
+    with OpCount() as second:
         group.apply(tensor)
     assert torch.equal(tensor, expected)
-    assert len(group.steps(tensor)) == 1 and second.ops == ["where"]
-    assert len(first.ops) > 1  # placing the masks happens on the first call only
+    assert len(group.steps(tensor)) == 1 and second.by_name == {"aten.where": 1}
+    assert first.total > 1  # placing the masks happens on the first call only
 
 
 def _point(**kw) -> HookPoint:

@@ -1,11 +1,13 @@
 """A query session pins every table's version when it opens and registers a table's data only when a
-statement names it; small tables are read whole without ``pyarrow.dataset`` (a fast CLI start, issue 11)."""
+statement names it; small tables are read whole by delta-rs, without pyarrow (a fast CLI start, issue 11)."""
 
 from __future__ import annotations
 
+import duckdb
 import numpy as np
+import pyarrow as pa
 import pytest
-from hookpoints.store import tables
+from hookpoints.store import delta_read, tables
 from hookpoints.store.catalog import Store
 from selectivity_helpers import examples_table, hook_rows, write_run
 
@@ -25,15 +27,28 @@ def _two_runs(tmp_path) -> tuple[Store, dict, dict]:
     return store, a, b
 
 
-def test_read_whole_matches_the_arrow_dataset(tmp_path):
+def test_read_small_matches_the_arrow_dataset(tmp_path):
+    """delta-rs' own reader (no pyarrow) gives the Arrow dataset's rows, columns and, in DuckDB, types."""
     store, _, _ = _two_runs(tmp_path)
     for name in ["store_meta", *store.table_names()]:
-        whole = tables.read_whole(store.location, name)
+        small = delta_read.read_small(delta_read.open_table(store.location, name))
+        whole = pa.RecordBatchReader.from_stream(small).read_all()
         reference = tables.dataset(store.location, name).to_table()
-        assert whole.schema == reference.schema, name
+        assert whole.schema.names == reference.schema.names, name
+        # DataFusion reads strings as string_view; DuckDB reads both as VARCHAR
+        assert [str(f.type).replace("string_view", "string") for f in whole.schema] == [
+            str(f.type) for f in reference.schema
+        ], name
         assert whole.num_rows == reference.num_rows > 0, name
         assert _rows(whole) == _rows(reference), name
-    examples = tables.read_whole(store.location, "examples")
+        con = duckdb.connect()
+        con.register("small", small)
+        con.register("reference", reference)
+        assert con.sql("DESCRIBE small").fetchall() == con.sql("DESCRIBE reference").fetchall(), name
+        assert con.sql("SELECT * FROM small EXCEPT ALL SELECT * FROM reference").fetchall() == [], name
+    examples = pa.RecordBatchReader.from_stream(
+        delta_read.read_small(delta_read.open_table(store.location, "examples"))
+    ).read_all()
     modality = dict(zip(examples["example_id"].to_pylist(), examples["modality"].to_pylist(), strict=True))
     assert {v for k, v in modality.items() if k.startswith("b-")} == {"audio"}
     assert {v for k, v in modality.items() if not k.startswith("b-")} == {None}  # older files: null, not dropped
@@ -76,3 +91,23 @@ def test_a_misspelt_name_gets_duckdbs_hint(tmp_path):
     store, _, _ = _two_runs(tmp_path)
     with store.query() as session, pytest.raises(UserError, match='Did you mean "neurons"'):
         session.sql("SELECT * FROM neuron")
+
+
+def test_neuron_stats_macro_is_defined_when_named_or_listed(tmp_path):
+    """`SELECT 1` defines no neuron_stats macro (its module imports numpy); naming it, a catalog look or a
+    misspelt name (DuckDB's "Did you mean") still find it."""
+    store, _, _ = _two_runs(tmp_path)
+    with store.query() as session:
+        session.sql("SELECT 1")
+        assert not session._macro
+        listed = session.sql("SELECT function_name FROM duckdb_functions() WHERE function_name = 'neuron_stats'")
+        assert listed["function_name"].to_pylist() == ["neuron_stats"]
+    with store.query() as session, pytest.raises(UserError, match='Did you mean "neuron_stats"'):
+        session.sql("SELECT * FROM nuron_stats('text_decoder.%')")
+    with store.query() as session:
+        got = session.sql("SELECT count(*) AS n FROM neuron_stats('text_decoder.layers.0.%', run := 'a')")
+        assert got["n"].to_pylist()[0] > 0
+    with store.query() as session:  # the float16 decoder is defined when named, too (0x3C00 is 1.0, 0xC000 -2.0)
+        assert not session._f16
+        got = session.sql("SELECT f16_to_float(15360::SMALLINT) AS one, f16_to_float((-16384)::SMALLINT) AS m2")
+        assert (got["one"].to_pylist(), got["m2"].to_pylist()) == ([1.0], [-2.0])

@@ -1,0 +1,55 @@
+"""Reading a store's Delta tables without pyarrow: a table's version, its files, a small table's rows.
+
+``hookpoints sql`` and ``store info`` import neither pyarrow nor numpy (about 0.1 s, as long as importing DuckDB
+and Delta Lake): the Delta log is read by delta-rs, a small table's rows by delta-rs' own reader
+(``deltalake.QueryBuilder``: schema merge and partition columns as in the Arrow dataset), and results are arro3
+tables, which DuckDB scans through the Arrow C interface. Example::
+
+    rows = read_small(open_table(store.location, "run_events"))
+    rows.num_rows, rows.column("run").to_pylist()
+"""
+
+from __future__ import annotations
+
+from deltalake import DeltaTable, QueryBuilder
+from deltalake.exceptions import DeltaError, TableNotFoundError
+from hookpoints.store.location import StoreLocation, without_backtrace
+
+from hookpoints.errors import UserError
+
+
+def exists(location: StoreLocation, table: str) -> bool:
+    return DeltaTable.is_deltatable(location.table_uri(table), storage_options=location.storage_options)
+
+
+def open_table(location: StoreLocation, table: str) -> DeltaTable:
+    """The table's current version (its Delta log read, no data)."""
+    try:
+        return DeltaTable(location.table_uri(table), storage_options=location.storage_options)
+    except TableNotFoundError as error:
+        raise FileNotFoundError(f"table {table!r} is missing from store {location.uri}") from error
+    except DeltaError as error:  # a damaged log (delta-rs: "Kernel error: Json error ...")
+        raise UserError(
+            f"table {table!r} of store {location.uri} cannot be read ({without_backtrace(error)[:200]}): its log "
+            f"is damaged; run `hookpoints store verify {location.uri}` to see what"
+        ) from None
+
+
+def read_small(delta: DeltaTable):
+    """The rows of ``delta``'s version, whole, as an arro3 ``Table`` with the table's columns in its order.
+
+    For the small tables (store_meta, run_events, hooks, examples). Strings come as Arrow ``string_view``
+    (DataFusion's choice): DuckDB reads them as VARCHAR, as it does ``string``.
+    """
+    columns = ", ".join('"' + field.name.replace('"', '""') + '"' for field in delta.schema().fields)
+    return QueryBuilder().register("t", delta).execute(f"SELECT {columns} FROM t").read_all()
+
+
+def file_stats(delta: DeltaTable) -> dict[str, int]:
+    """``files``, ``rows`` and ``bytes`` of ``delta``'s version, from its log (no data read)."""
+    actions = delta.get_add_actions(flatten=True)  # an arro3 RecordBatch: no pyarrow
+    return {
+        "files": actions.num_rows,
+        "rows": sum(n or 0 for n in actions.column("num_records").to_pylist()),
+        "bytes": sum(n or 0 for n in actions.column("size_bytes").to_pylist()),
+    }
