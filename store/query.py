@@ -221,29 +221,12 @@ class QuerySession:
         """
         import pyarrow as pa
 
-        self._check_read_only(text)
-        self._load(text)
-        deadline = self.deadline(timeout)
-        deadline.__enter__()
-        try:
-            text = self._prepare(text, params)
+        def start(text: str):
             reader = self._relation(text, params).to_arrow_reader(rows)
-        except duckdb.Error as error:
-            deadline.__exit__(None, None, None)
-            raise self._failure(error, timeout) from None
-        except BaseException:
-            deadline.__exit__(None, None, None)
-            raise
+            return reader.schema, reader
 
-        def stream() -> Iterator[pa.RecordBatch]:
-            try:
-                yield from reader
-            except duckdb.Error as error:
-                raise self._failure(error, timeout) from None
-            finally:
-                deadline.__exit__(None, None, None)
-
-        return pa.RecordBatchReader.from_batches(reader.schema, stream())
+        schema, batches = self._streamed(text, params, timeout, start)
+        return pa.RecordBatchReader.from_batches(schema, batches)
 
     def rows(
         self, text: str, params: dict | None = None, *, rows: int = 4096, timeout: float | None = None
@@ -253,21 +236,27 @@ class QuerySession:
         import: store/query_rows.py). Like a reader of :meth:`batches`, the chunks hold the session until they
         are read out or dropped. Example: ``names, chunks = session.rows("SELECT * FROM hooks")``.
         """
+
+        def start(text: str):
+            relation = self._relation(text, params)  # a SELECT is only bound here; an EXPLAIN has run
+            if not all(query_rows.same_as_arrow(kind) for kind in relation.types):
+                return relation.columns, query_rows.from_arrow(relation.to_arrow_reader(rows))
+            if self.con.extract_statements(text)[0].type == duckdb.StatementType.SELECT:
+                self.con.execute(text, params)  # streams: fetchmany holds one chunk at a time
+                return relation.columns, query_rows.fetched(self.con, rows)
+            return relation.columns, iter([relation.fetchall()])  # EXPLAIN [ANALYZE]: held, not run again
+
+        return self._streamed(text, params, timeout, start)
+
+    def _streamed(self, text: str, params: dict | None, timeout: float | None, start) -> tuple:
+        """``start(prepared statement)`` -> (head, iterator), run under a deadline that lasts until the
+        iterator is read out or dropped; returns the head and a generator over the iterator's items."""
         self._check_read_only(text)
         self._load(text)
         deadline = self.deadline(timeout)
         deadline.__enter__()
         try:
-            text = self._prepare(text, params)
-            relation = self._relation(text, params)  # a SELECT is only bound here; an EXPLAIN has run
-            names = relation.columns
-            if not all(query_rows.same_as_arrow(kind) for kind in relation.types):
-                chunks = query_rows.from_arrow(relation.to_arrow_reader(rows))
-            elif self.con.extract_statements(text)[0].type == duckdb.StatementType.SELECT:
-                self.con.execute(text, params)  # streams: fetchmany holds one chunk at a time
-                chunks = query_rows.fetched(self.con, rows)
-            else:
-                chunks = iter([relation.fetchall()])  # EXPLAIN [ANALYZE]: its rows are held, not run again
+            head, items = start(self._prepare(text, params))
         except duckdb.Error as error:
             deadline.__exit__(None, None, None)
             raise self._failure(error, timeout) from None
@@ -275,15 +264,15 @@ class QuerySession:
             deadline.__exit__(None, None, None)
             raise
 
-        def stream() -> Iterator[list[tuple]]:
+        def stream() -> Iterator:
             try:
-                yield from chunks
+                yield from items
             except duckdb.Error as error:
                 raise self._failure(error, timeout) from None
             finally:
                 deadline.__exit__(None, None, None)
 
-        return names, stream()
+        return head, stream()
 
     @contextmanager
     def deadline(self, seconds: float | None):
