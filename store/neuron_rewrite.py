@@ -16,6 +16,7 @@ import re
 
 import duckdb
 from hookpoints.store.neuron_sql import StatSpec
+from hookpoints.store.sql_tree import is_select, nodes
 
 from hookpoints.errors import UserError
 
@@ -290,34 +291,21 @@ def _constant_test(expression: dict, column) -> tuple[str, str, str] | None:
 def _references(node, column) -> set[str]:
     """Every column an expression reads; a subquery or parameter makes it unusable (_NoRewrite)."""
     found = set()
-    if isinstance(node, dict):
-        if node.get("class") in ("SUBQUERY", "PARAMETER", "LAMBDA") or node.get("type") == "SELECT_NODE":
+    for part in nodes(node):
+        if part.get("class") in ("SUBQUERY", "PARAMETER", "LAMBDA") or is_select(part):
             raise _NoRewrite
-        if node.get("class") == "COLUMN_REF":
-            return {column(node)}
-        for value in node.values():
-            found |= _references(value, column)
-    elif isinstance(node, list):
-        for value in node:
-            found |= _references(value, column)
+        if part.get("class") == "COLUMN_REF":
+            found.add(column(part))
     return found
 
 
 def _unqualified(expression: dict) -> str:
     """An examples predicate without table aliases (as ``examples_where`` reads it)."""
 
-    def strip(node):
-        if isinstance(node, dict):
-            if node.get("class") == "COLUMN_REF":
-                node["column_names"] = node["column_names"][-1:]
-            for value in node.values():
-                strip(value)
-        elif isinstance(node, list):
-            for value in node:
-                strip(value)
-
     copy = json.loads(json.dumps(expression))
-    strip(copy)
+    for node in nodes(copy):
+        if node.get("class") == "COLUMN_REF":
+            node["column_names"] = node["column_names"][-1:]
     return copy
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 
 from hookpoints.store.neuron_rewrite import EXPLAIN, rewrite
 from hookpoints.store.neuron_sql import ARGUMENTS, neuron_stats
+from hookpoints.store.sql_tree import is_select, nodes
 
 from hookpoints.errors import UserError
 
@@ -102,15 +104,8 @@ def _check_holistic(session, text: str) -> None:
             )
 
 
-def _select_nodes(node):
-    if isinstance(node, dict):
-        if node.get("type") == "SELECT_NODE":
-            yield node
-        for value in node.values():
-            yield from _select_nodes(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _select_nodes(value)
+def _select_nodes(tree) -> Iterator[dict]:
+    return (node for node in nodes(tree) if is_select(node))
 
 
 def _reads_neurons(table: dict) -> bool:
@@ -121,19 +116,13 @@ def _reads_neurons(table: dict) -> bool:
     return False
 
 
-def _holistic_calls(node) -> set[str]:
-    found = set()
-    if isinstance(node, dict):
-        if node.get("type") == "SELECT_NODE":
-            return found  # a subquery is checked on its own
-        if node.get("class") == "FUNCTION" and str(node.get("function_name", "")).lower() in HOLISTIC:
-            found.add(str(node["function_name"]).lower())
-        for value in node.values():
-            found |= _holistic_calls(value)
-    elif isinstance(node, list):
-        for value in node:
-            found |= _holistic_calls(value)
-    return found
+def _holistic_calls(part) -> set[str]:
+    """The holistic aggregates ``part`` calls, its subqueries left out (each is checked on its own)."""
+    return {
+        str(node["function_name"]).lower()
+        for node in nodes(part, stop=is_select)
+        if node.get("class") == "FUNCTION" and str(node.get("function_name", "")).lower() in HOLISTIC
+    }
 
 
 def _restricted(where: dict | None) -> bool:
@@ -144,14 +133,8 @@ def _restricted(where: dict | None) -> bool:
     return any({"neuron", "example_id"} & _column_names(term) for term in terms)
 
 
-def _column_names(node) -> set[str]:
-    if isinstance(node, dict):
-        if node.get("class") == "COLUMN_REF":
-            return {str(node["column_names"][-1]).lower()}
-        return {name for value in node.values() for name in _column_names(value)}
-    if isinstance(node, list):
-        return {name for value in node for name in _column_names(value)}
-    return set()
+def _column_names(part) -> set[str]:
+    return {str(node["column_names"][-1]).lower() for node in nodes(part) if node.get("class") == "COLUMN_REF"}
 
 
 def _builds_long_form(node: dict) -> bool:
@@ -168,16 +151,12 @@ def _has_unnest(node: dict) -> bool:
     return any(_has_unnest(child) for child in node.get("children", []))
 
 
-def _calls(node):
-    if isinstance(node, dict):
+def _calls(tree) -> Iterator[dict]:
+    """The ``neuron_stats(...)`` calls in the FROM clauses of ``tree``."""
+    for node in nodes(tree):
         function = node.get("function") if node.get("type") == "TABLE_FUNCTION" else None
         if isinstance(function, dict) and str(function.get("function_name", "")).lower() == "neuron_stats":
             yield function
-        for value in node.values():
-            yield from _calls(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _calls(value)
 
 
 def _call_arguments(function: dict) -> tuple[str, dict[str, str]]:
