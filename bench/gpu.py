@@ -135,7 +135,8 @@ class Recording:
         def started():
             for k, inputs in enumerate(batches):
                 pooled = self.pooled(inputs, self.points, "mean")
-                yield k, HostCopy(pooled)
+                storage = None if self.store is None else torch.float16  # as the recorder does for float16 runs
+                yield k, HostCopy(pooled, dtype=storage)
 
         for k, copy_ in one_behind(started(), lambda item: item):
             values = copy_.wait()

@@ -56,9 +56,10 @@ class HostCopy:
 
     The tensors of one GPU and dtype (every pooled row of a batch: float32) cross in one copy into one pinned
     buffer, instead of a buffer and a copy per hook point (docs/benchmarks.md, "Per-hook cost of recording").
+    ``dtype`` (e.g. float16 for a run stored in float16): cast to it before the copy, on the tensors' device.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+    def __init__(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None):
         self.order = list(tensors)
         self.host: dict[str, torch.Tensor] = {}
         self.packed: list[tuple[torch.Tensor, Layout]] = []  # (pinned buffer, layout)
@@ -68,9 +69,11 @@ class HostCopy:
             if tensor.device.type == "cuda":
                 groups.setdefault((tensor.device, tensor.dtype), {})[name] = tensor
             else:
-                self.host[name] = _plain(tensor).cpu()
+                self.host[name] = _plain(tensor).to("cpu", dtype)
         for (device, _), group in groups.items():
             flat, layout = pack(group)
+            if dtype is not None:
+                flat = flat.to(dtype)  # on the GPU: float16 storage copies half the bytes, and the writer casts none
             buffer = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)  # torch caches pinned blocks
             buffer.copy_(flat, non_blocking=True)
             self.packed.append((buffer, layout))

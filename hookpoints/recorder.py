@@ -67,6 +67,7 @@ class BatchJob:
     max_new_tokens: int = 128
     tgt_lang: str | None = None
     base: str = "."  # the manifest's folder: relative audio paths start there
+    storage: str = "float32"  # the run's --dtype: float16 rows are cast where they were pooled (half the copy)
 
     @cached_property
     def settings(self) -> RunSettings:
@@ -165,7 +166,7 @@ def record(
         "prepend_bos": model.prepend_bos,
         "versions": {"hookpoints": hookpoints.__version__, "torch": torch.__version__},
     }
-    job = BatchJob(task, pooling, per_step, frames, max_new_tokens, tgt_lang, str(manifest.base))
+    job = BatchJob(task, pooling, per_step, frames, max_new_tokens, tgt_lang, str(manifest.base), dtype)
     if max_bytes is not None:  # before anything is written (resume: counts the shard's examples already there)
         rows = [r for r, example in enumerate(manifest.ids) if in_shard(example, shard)]
         rows.sort(key=plan.sizes.__getitem__)
@@ -360,7 +361,8 @@ def start_batch(model: HookedModel, examples: pa.Table, points: list[HookPoint],
         }
     else:
         pooled = model.pooled(inputs, points, job.method)
-    copy = HostCopy({point.name: pooled[point.name] for point in points})
+    storage = torch.float16 if job.storage == "float16" else None  # the writer stores float16 rows as given
+    copy = HostCopy({point.name: pooled[point.name] for point in points}, dtype=storage)
     rows: dict[str, tuple[list[str], np.ndarray | None]] = {}
     per_space: dict[str, tuple[list[str], np.ndarray]] = {}  # once per space, not per hook (a host sync each)
     for point in points:

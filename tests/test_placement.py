@@ -131,6 +131,17 @@ def test_gpu_mean_path_sums_half_precision_in_float32():
         assert pool_positions(x, valid, method).dtype == torch.float32
 
 
+def test_host_copy_casts_to_the_storage_dtype_as_numpy_does():
+    """A float16 run's rows are cast before the copy (on the GPU there): the same bits as the writer's numpy cast,
+    overflow to inf, NaN kept, subnormals and ties rounded to even."""
+    values = torch.tensor([[1.0, 65504.0, 65520.0, 1e5], [-1e5, float("nan"), 1e-7, 2049.0 + 0.5]])  # [2, 4]
+    rows = HostCopy({"h": values}, dtype=torch.float16).wait()
+    assert rows["h"].dtype == np.float16
+    with np.errstate(over="ignore"):
+        expected = values.numpy().astype(np.float16)
+    np.testing.assert_array_equal(rows["h"].view(np.int16), expected.view(np.int16))
+
+
 def test_host_copy_and_one_behind_order():
     rows = HostCopy({"h": torch.arange(6.0).reshape(2, 3)}).wait()
     np.testing.assert_array_equal(rows["h"], np.arange(6.0).reshape(2, 3))
