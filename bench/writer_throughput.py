@@ -5,7 +5,7 @@ Llama-1B-sized one (291 hooks, 763,904 values per example), batches of 32 pooled
 64 MiB buffer (so every batch is one flush, as in bench/gpu.py; ``--buffer-mb`` to change it), on a fresh
 local store. Writers compared in one run, interleaved round by round:
 
-- ``before``: the writer of the commit this branch started from (``--base``, read with ``git show``):
+- ``before``: the writer of a base commit, the one before the change (``--base``, read with ``git show``):
   synchronous, one Parquet file after the other;
 - ``serial``: this writer with ``workers=1, background=False`` (same work, no threads);
 - ``bg w1`` / ``bg wN``: flushes in a background thread, per-hook files written by 1 / N threads.
