@@ -97,6 +97,8 @@ def overhead(directory: Path, scratch: Path) -> dict:
         config={},
         hooks=[p.row() for p in points],
         examples_schema=pa.schema([("example_id", pa.string())]),
+        workers=1,
+        background=False,  # its commits inside add: a background flush would be timed in the other calls
     )
 
     def hookpoints_pooled():

@@ -15,6 +15,7 @@ import torch
 import hookpoints
 from hookpoints.audio import inspect_audio, load_audio
 from hookpoints.errors import UserError
+from hookpoints.heap_trim import HeapTrim
 from hookpoints.host_copy import HostCopy, one_behind
 from hookpoints.inputs import ModelInputs
 from hookpoints.languages import model_code
@@ -198,11 +199,13 @@ def record(
         results = run_batches(batches, points, job)
     if on_start:
         on_start(len(todo))
+    trim = HeapTrim()  # the CPU heap's freed activations back to the OS (hookpoints/heap_trim.py)
     try:
         for examples, activations, columns in results:
             for name, kind in added.items():
                 examples = examples.append_column(pa.field(name, kind), pa.array(columns[name], kind))
             writer.add(examples, activations)
+            trim()
             if on_batch:
                 on_batch(examples.num_rows)
         writer.flush()  # the last rows, and the error of a background flush, while the run can be logged failed
