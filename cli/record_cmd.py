@@ -73,9 +73,9 @@ from hookpoints.tasks import TASKS
 @click.option(
     "--buffer-mb",
     type=FiniteFloat(0),
-    default=64,
-    show_default=True,
-    help="Commit at least every this many MB of activations (what a crash can lose).",
+    default=None,
+    help="Commit at least every this many MB of activations (what a crash can lose). "
+    "[default: 512, or a 32nd of this machine's memory where that is less]",
 )
 @click.option("--ray", "use_ray", is_flag=True, help="Run the model in a Ray actor pool (RAY_ADDRESS: a cluster).")
 @click.option("--workers", type=int, default=1, show_default=True, help="With --ray: actors, one model each.")
@@ -123,6 +123,7 @@ def command(
     """Record pooled activations of MODEL on the examples of --data into --store."""
     from hookpoints.store.catalog import Store, validate_run_name
     from hookpoints.store.runs import parse_shard
+    from hookpoints.store.writer import DEFAULT_BUFFER_BYTES
 
     from hookpoints.errors import UserError
     from hookpoints.loading import load, model_modalities
@@ -135,7 +136,7 @@ def command(
         raise UserError("give --resume or --overwrite, not both")
     if use_ray and remote:
         raise UserError("give --ray or --remote, not both (NDIF runs the model for you)")
-    if buffer_mb < 0:
+    if buffer_mb is not None and buffer_mb < 0:
         raise UserError(f"--buffer-mb must be 0 or more, not {buffer_mb}")
     shard_of = parse_shard(shard)
     placement = load_options(device, model_dtype, device_map, offload_folder)
@@ -188,7 +189,7 @@ def command(
             on_start=on_start,
             on_batch=on_batch,
             shard=shard_of,
-            max_buffer_bytes=int(buffer_mb * 2**20),
+            max_buffer_bytes=DEFAULT_BUFFER_BYTES if buffer_mb is None else int(buffer_mb * 2**20),
             run_batches=run_batches,
             max_bytes=budget,
         )

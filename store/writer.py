@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -39,7 +40,34 @@ from hookpoints.store.verify_logs import one_line
 
 from hookpoints.errors import UserError
 
-DEFAULT_BUFFER_BYTES = 64 * 2**20
+
+def default_buffer_bytes() -> int:
+    """The run writer's default buffer: 512 MiB of vectors, or a 32nd of the memory this process may use where
+    that is less, at least 64 MiB. Every flush writes one Parquet file per hook point, so a small buffer makes
+    small files whose fixed cost (writer set-up, statistics, a file per hook) outweighs their values: on the
+    H200's host, 720 Seamless hook points at 32 examples per flush wrote 89-119 MB/s (bench/writer_throughput.py).
+    Memory: about two buffers (one filling, one being written).
+
+    >>> default_buffer_bytes() // 2**20  # on a machine with 16 GiB or more
+    512
+    """
+    total = 0
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # not POSIX
+        pass
+    try:  # a container's memory limit (cgroup v2), where it is lower
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit)) if total else int(limit)
+    except OSError:
+        pass
+    if not total:
+        return 64 * 2**20
+    return max(64 * 2**20, min(512 * 2**20, total // 32))
+
+
+DEFAULT_BUFFER_BYTES = default_buffer_bytes()
 
 
 def open_run(
@@ -324,10 +352,11 @@ class RunWriter:
 
 
 def _workers(workers: int | None) -> int:
-    """Threads that write one flush's files: ``workers``, or one per CPU this process may use (at most 16)."""
+    """Threads that write one flush's files: ``workers``, or one per CPU this process may use, at most 8 (on
+    the H200's 16-core host 8 threads wrote 1.0-1.3x the MB/s of 16: the rest of a flush holds the GIL)."""
     if workers is None:
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(1, min(16, usable or 1))
+        return max(1, min(8, usable or 1))
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise UserError(f"workers must be a whole number of threads, at least 1, not {workers!r}")
     return workers
