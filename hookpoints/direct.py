@@ -31,7 +31,7 @@ def pooled_direct(model, inputs: ModelInputs, points: list[HookPoint], pooling) 
     pooled: dict[str, torch.Tensor] = {}
     last = max(points, key=lambda p: p.order).name if points else None
     modules = dict(model.model.named_modules())
-    spaces = prepare_masks(inputs.masks)
+    spaces = prepare_masks(inputs.masks, inputs.host_masks)
     handles = []
 
     def keeper(point: HookPoint):

@@ -24,23 +24,41 @@ class ModelInputs:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # space -> [batch, positions] bool
     #: Adapter-private facts about the batch that are no model argument (e.g. the frames each example has alone).
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: The masks and extras as they were on the CPU before :meth:`to` moved them (they are small). Decisions that
+    #: read their values (a common valid prefix, equal lengths) read these, so a batch on a GPU waits for nothing.
+    host_masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    host_extras: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
         return next(iter(self.masks.values())).shape[0]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelInputs:
-        """On ``device``; with ``dtype``, floating-point model arguments (speech features) cast to it too."""
+        """On ``device``; with ``dtype``, floating-point model arguments (speech features) cast to it too.
 
-        def move_one(value):
+        To a GPU, every tensor is copied from pinned memory without blocking: a copy from pageable memory
+        first waits for everything queued on the GPU, which would stop the recorder from preparing the next
+        batch while the GPU still runs this one."""
+        pin = torch.device(device).type == "cuda"
+
+        def move_one(value, cast_to: torch.dtype | None = None):
             if not isinstance(value, torch.Tensor):
                 return value
-            cast = dtype if dtype is not None and value.is_floating_point() else None
-            return value.to(device, cast, non_blocking=True)
+            cast = cast_to if cast_to is not None and value.is_floating_point() else None
+            if pin and value.device.type == "cpu":
+                value = value.pin_memory()
+            return value.to(device, cast, non_blocking=pin)  # to the CPU: blocking, so the values are there
 
-        move = {k: move_one(v) for k, v in self.kwargs.items()}
-        masks = {k: v.to(device) for k, v in self.masks.items()}
-        return ModelInputs(move, masks, {k: v.to(device) for k, v in self.extras.items()})
+        move = {k: move_one(v, dtype) for k, v in self.kwargs.items()}
+        masks = {k: move_one(v) for k, v in self.masks.items()}
+        extras = {k: move_one(v) for k, v in self.extras.items()}
+        host_masks, host_extras = _on_cpu(self.masks, self.host_masks), _on_cpu(self.extras, self.host_extras)
+        return ModelInputs(move, masks, extras, host_masks, host_extras)
+
+
+def _on_cpu(tensors: dict[str, torch.Tensor], kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The CPU copies of ``tensors``: those already kept, else those that are on the CPU now."""
+    return {**{k: v for k, v in tensors.items() if v.device.type == "cpu"}, **kept}
 
 
 def fixed_frames(

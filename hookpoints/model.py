@@ -204,7 +204,8 @@ class HookedModel(GenerationMethods, ModelApi):
         methods = pooling_methods(points, pooling)
         saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
         options = {"remote": self.remote} if self.remote else {}
-        spaces = prepare_masks(inputs.masks)  # once per batch, before the trace (a GPU syncs here, not per hook)
+        # once per batch, before the trace, from the masks' CPU copies: nothing waits for the GPU
+        spaces = prepare_masks(inputs.masks, inputs.host_masks)
         with (
             torch.inference_mode(),
             self.adapter.batch_guard(self.model, inputs),

@@ -39,9 +39,10 @@ class SpaceMask:
     2
     """
 
-    def __init__(self, mask: torch.Tensor, check: bool = True):
+    def __init__(self, mask: torch.Tensor, check: bool = True, host: torch.Tensor | None = None):
         self.valid = mask.to(dtype=torch.bool)  # [batch, pos]
-        self.prefix = _common_prefix(self.valid) if check else None  # one host sync per space and batch
+        # read from ``host`` (the mask's CPU copy) where given: else a GPU mask waits for the device here
+        self.prefix = _common_prefix(self.valid if host is None else host.to(dtype=torch.bool)) if check else None
         self._moved: dict[torch.device, SpaceMask] = {}
 
     @property
@@ -99,9 +100,11 @@ def _common_prefix(valid: torch.Tensor) -> int | None:
     return length if length > 0 else None
 
 
-def prepare_masks(masks: dict[str, torch.Tensor]) -> dict[str, SpaceMask]:
-    """Each space's mask prepared for pooling (once per batch; a mask on the meta device stays as it is)."""
-    return {space: SpaceMask(mask) for space, mask in masks.items()}
+def prepare_masks(masks: dict[str, torch.Tensor], host: dict[str, torch.Tensor] | None = None) -> dict[str, SpaceMask]:
+    """Each space's mask prepared for pooling (once per batch; a mask on the meta device stays as it is).
+    ``host``: the masks' CPU copies (``ModelInputs.host_masks``), read instead of a GPU mask (no host sync)."""
+    host = host or {}
+    return {space: SpaceMask(mask, host=host.get(space)) for space, mask in masks.items()}
 
 
 def positions_first(value, point: HookPoint, key_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -187,12 +187,14 @@ class Seamless(Adapter):
         """
         adapter = getattr(getattr(model, "speech_encoder", None), "adapter", None)
         present = inputs.extras.get("frames")  # [batch]
+        on_host = inputs.host_extras.get("frames", present)  # read on the CPU: a GPU batch waits for nothing
         width = inputs.kwargs["input_features"].shape[1] if "input_features" in inputs.kwargs else 0
-        if adapter is None or present is None or bool((present == width).all()):
+        if adapter is None or present is None or bool((on_host == width).all()):
             yield
             return
         handles = []
         valid = torch.arange(width, device=present.device)[None, :] < present[:, None]  # [batch, frames]
+        full = width
         for layer in adapter.layers:
 
             def zero_padding(module, args, valid=valid):
@@ -202,7 +204,7 @@ class Seamless(Adapter):
             handles.append(layer.residual_conv.register_forward_pre_hook(zero_padding))
             handles.append(layer.self_attn_conv.register_forward_pre_hook(zero_padding))
             lengths = layer._compute_sub_sample_lengths_from_attention_mask(valid).long()
-            full = int(layer._compute_sub_sample_lengths_from_attention_mask(torch.ones_like(valid[:1]))[0])
+            full = int(layer._compute_sub_sample_lengths_from_attention_mask(torch.ones(1, full, dtype=torch.bool))[0])
             valid = torch.arange(full, device=valid.device)[None, :] < lengths[:, None]
         try:
             yield
