@@ -152,6 +152,8 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
     size = args.frames if family == "seamless" else args.tokens_in
     batches = [batch_of(model, batch, size, seed) for seed in range(args.batches)]
     points = table1_points(model, family)
+    # the store's steady state: enough batches that its last flush (which `finish` waits for) is a small part
+    long_run = [batches[k % len(batches)] for k in range(args.store_batches)]
 
     def bare():
         with torch.inference_mode():
@@ -169,9 +171,12 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
         "recording (pooled, to host)": lambda: Recording(model, points, None, batch)(batches),
         "recording, torch hooks (pooled, to host)": lambda: Recording(model, points, None, batch, direct=True)(batches),
         **({"recording + store": lambda: Recording(model, points, store, batch)(batches)} if with_store else {}),
-    }
+        **({f"recording + store, {len(long_run)} batches": lambda: Recording(model, points, store, batch)(long_run)}
+           if with_store and args.store_batches else {}),
+    }  # fmt: skip
     seconds = timed(cases, args.rounds, model.device)
     examples = batch * args.batches
+    counted = {name: batch * len(long_run) if name.endswith(" batches") else examples for name in seconds}
     width = sum(p.width for p in points)
     try:  # aten operations (= launches, for kernels) per hook point: all hooks minus the last one only
         counts = []
@@ -196,8 +201,10 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
         "examples_per_call": examples,
         "stored_mb_per_call": width * examples * 2 / 1e6,  # float16 storage
         "seconds": seconds,
-        "examples_per_second": {name: examples / s for name, s in seconds.items()},
-        "x_bare_throughput": {name: seconds["bare forward"] / s for name, s in seconds.items()},
+        "examples_per_second": {name: counted[name] / s for name, s in seconds.items()},
+        "x_bare_throughput": {
+            name: counted[name] / s / (examples / seconds["bare forward"]) for name, s in seconds.items()
+        },
     }
 
 
@@ -372,6 +379,8 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--neurons", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--store-batches", type=int, default=24,
+                        help="batches of the steady-state store case (0: leave it out)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables of one recording call per case")
     parser.add_argument("--check", type=int, default=4, help="examples compared with CPU float32")
     parser.add_argument("--only", choices=("seamless", "llama"), help="one model only")
@@ -379,7 +388,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.batch, args.batches, args.frames, args.tokens_in, args.gen_tokens = [2, 3], 2, 40, 16, 3
-        args.rounds, args.check, args.neurons = 1, 2, 50
+        args.rounds, args.check, args.neurons, args.store_batches = 1, 2, 50, min(args.store_batches, 4)
     quiet_transformers()
     placement = Placement(args.device, args.dtype)
     device = placement.torch_device()
