@@ -189,9 +189,12 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
     except Exception as error:  # noqa: BLE001 - a count must not cost the device run its timings
         per_hook = {"error": f"{type(error).__name__}: {error}"[:300]}
     profile = profiled(lambda: Recording(model, points, None, batch)(batches), model.device) if args.profile else None
+    syncs = {name: syncs_per_batch(cases[name], len(batches), model.device) for name in ("bare forward",
+             "recording (pooled, to host)")}  # fmt: skip
     return {
         "profile": profile,
         "ops_per_hook": per_hook,
+        "syncs_per_batch": syncs,
         "family": family,
         "parameters": sum(p.numel() for p in model.model.parameters()),
         "hooks": len(points),
@@ -206,6 +209,24 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
             name: counted[name] / s / (examples / seconds["bare forward"]) for name, s in seconds.items()
         },
     }
+
+
+def syncs_per_batch(call, batches: int, device: torch.device) -> dict:
+    """Operations that make the host wait for the GPU (``torch.cuda.set_sync_debug_mode``), per batch of one
+    call, with the first few messages: each one drains the GPU's queue, so the host cannot run ahead."""
+    if device.type != "cuda":
+        return {}
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    found = [f"{Path(w.filename).name}:{w.lineno}" for w in seen if "synchroniz" in str(w.message)]  # where
+    return {"per_batch": len(found) / batches, "first": found[:4]}
 
 
 def profiled(call, device: torch.device) -> str:
@@ -341,6 +362,11 @@ def markdown(report: dict) -> str:
         lines.append(f"\n{row['family']} batch {row['batch']}: per hook point {ops.get('total', 0):.2f} aten "
                      f"operations, {ops.get('kernels', 0):.2f} kernels, {ops.get('syncs', 0):.2f} host syncs "
                      "(recording, mean, with the copy to the host)")  # fmt: skip
+    for row in report["throughput"]:
+        for case, found in row.get("syncs_per_batch", {}).items():
+            if found:
+                lines.append(f"\n{row['family']} batch {row['batch']}, {case}: {found['per_batch']:.1f} host syncs "
+                             f"per batch ({'; '.join(found['first'])})")  # fmt: skip
     for row in report["throughput"]:
         if row.get("profile"):
             lines += ["", f"Profile, {row['family']} batch {row['batch']} (one recording call):", "```", row["profile"],
