@@ -1,6 +1,7 @@
 """Streaming a run's activations into the store with bounded memory, exactly once per example and hook.
 
-A :class:`RunWriter` buffers recorded rows until ``max_buffer_bytes`` and then commits them in a background
+A :class:`RunWriter` buffers recorded rows until ``max_buffer_bytes`` (or until its first rows are
+``max_buffer_seconds`` old) and then commits them in a background
 thread while the producer fills the next buffer (one flush in flight at most): first the examples, then the
 activations of every hook in one Delta commit (their files written by a thread pool), so a reader never sees
 an example at some hooks and not others. Every commit carries the writer's numbered application transaction
@@ -21,6 +22,7 @@ application ids, so they commit side by side; the run is complete when every sha
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +70,9 @@ def default_buffer_bytes() -> int:
 
 
 DEFAULT_BUFFER_BYTES = default_buffer_bytes()
+#: A buffer is also committed once its first rows are this old: a slow recording (a small model on a CPU)
+#: that would take long to fill 512 MiB still commits, and resumes from, at most a minute back.
+DEFAULT_BUFFER_SECONDS = 60.0
 
 
 def open_run(
@@ -81,6 +86,7 @@ def open_run(
     if_exists: str = "error",
     shard: tuple[int, int] = (0, 1),
     max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    max_buffer_seconds: float = DEFAULT_BUFFER_SECONDS,
     workers: int | None = None,
     background: bool = True,
 ) -> RunWriter:
@@ -88,10 +94,11 @@ def open_run(
 
     ``settings`` holds model, task, pooling and dtype; ``hooks`` one dict per hook point (the ``hooks``
     table's columns); ``examples_schema`` the manifest columns that go into ``examples``; ``shard`` which of
-    the run's ``N`` shards this writer records; ``workers`` how many threads write a flush's per-hook files
-    (default: one per CPU); ``background=False`` commits in the caller's thread (the writer of before: for
-    comparisons). Everything is checked before anything is written, so a refused run leaves the store as it
-    was. Example::
+    the run's ``N`` shards this writer records; a buffer is committed at ``max_buffer_bytes`` of vectors or
+    once its first rows are ``max_buffer_seconds`` old; ``workers`` how many threads write a flush's per-hook
+    files (default: one per CPU, at most 8); ``background=False`` commits in the caller's thread (the writer
+    of before: for comparisons). Everything is checked before anything is written, so a refused run leaves the
+    store as it was. Example::
 
         writer = open_run(store, "r1", settings=..., config={}, hooks=rows, examples_schema=schema)
         writer.add(examples, {"blocks.0.hook_resid_post": HookRows(ids, values)})
@@ -100,6 +107,9 @@ def open_run(
     validate_run_name(run)
     index, count = check_shard(shard)
     _workers(workers)  # refused before anything is written
+    seconds_ok = isinstance(max_buffer_seconds, int | float) and not isinstance(max_buffer_seconds, bool)
+    if not (seconds_ok and max_buffer_seconds >= 0):  # NaN fails >= too
+        raise UserError(f"max_buffer_seconds must be a number of seconds, 0 or more, not {max_buffer_seconds!r}")
     if if_exists not in ("error", "resume", "overwrite"):
         raise ValueError(f"if_exists must be error, resume or overwrite, not {if_exists!r}")
     with damage_said(store, run):
@@ -157,6 +167,7 @@ def open_run(
         examples_present=present,
         examples_cast=examples_cast,
         max_buffer_bytes=max_buffer_bytes,
+        max_buffer_seconds=max_buffer_seconds,
         shard=(index, count),
         appenders=(examples, activations),
         replaces=replaces,
@@ -210,6 +221,7 @@ class RunWriter:
         examples_cast: pa.Schema,
         max_buffer_bytes: int,
         shard: tuple[int, int],
+        max_buffer_seconds: float = DEFAULT_BUFFER_SECONDS,
         appenders: tuple[FencedAppender, FencedAppender],
         replaces: str | None = None,
         workers: int | None = None,
@@ -222,6 +234,8 @@ class RunWriter:
         self.done = done  # example ids committed at every hook
         self.float16 = settings["dtype"] == "float16"
         self.max_buffer_bytes = max_buffer_bytes
+        self.max_buffer_seconds = max_buffer_seconds
+        self._filled_since: float | None = None  # time.monotonic() of the buffer's first rows
         self.fenced = False  # another process took over this shard (and the caller was told): commit nothing more
         self.workers = _workers(workers)
         self._examples_cast = examples_cast
@@ -252,13 +266,19 @@ class RunWriter:
             ids = examples["example_id"].to_pylist()
         if not ids:
             return
-        full = self._buffer.nbytes + sum(rows[hook].values.nbytes for hook in self.hooks) >= self.max_buffer_bytes
+        now = time.monotonic()
+        full = (
+            self._buffer.nbytes + sum(rows[hook].values.nbytes for hook in self.hooks) >= self.max_buffer_bytes
+            or now - (self._filled_since or now) >= self.max_buffer_seconds
+        )
         if full and self._committer is not None:
             self._settle(block=True)  # the producer waits only while the previous flush still runs
         self._buffer.add(examples, {hook: rows[hook] for hook in self.hooks})
         self._buffered_ids.update(ids)
         if not full:
+            self._filled_since = self._filled_since or now
             return
+        self._filled_since = None
         if self._committer is None:
             self.flush()
             return
@@ -270,6 +290,7 @@ class RunWriter:
         activations in one commit. On an error the rows stay buffered, so a later flush commits them."""
         self._settle(block=True)
         buffer, self._buffer = self._buffer, Buffer()
+        self._filled_since = None
         try:
             self._commit(buffer)
         except BaseException as error:

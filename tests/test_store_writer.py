@@ -285,3 +285,31 @@ def test_float16_values_are_stored_as_given(store):
         writer.finish()
         runs[name] = _comparable(_stored(Store.open(store.location.uri), name))
     assert runs["given"] == runs["cast"] and len(runs["given"]) == 2 * 3 * len(HOOKS)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_buffer_is_committed_once_its_first_rows_are_max_buffer_seconds_old(store, background):
+    """A slow recording commits (and can resume) at most ``max_buffer_seconds`` back, whatever its buffer size."""
+    batches = list(_batches(4, 3))
+    every = _open(store, run="every", buffer_examples=10**6, max_buffer_seconds=0, background=background)
+    for batch in batches:
+        every.add(*batch)
+        every._settle(block=True)
+    assert len(_activation_commits(store)) == 4  # one commit per batch: each buffer was old enough at once
+    every.finish()
+    never = _open(store, run="never", buffer_examples=10**6, max_buffer_seconds=3600, background=background)
+    for batch in batches:
+        never.add(*batch)
+    never._settle(block=True)
+    assert len(_activation_commits(store)) == 4  # the large buffer, an hour young: nothing committed yet
+    never.finish()
+    assert len(_activation_commits(store)) == 5
+    for run in ("every", "never"):
+        assert_exactly_once(store, run, [f"e{b}-{i}" for b in range(4) for i in range(3)], len(HOOKS))
+
+
+@pytest.mark.parametrize("seconds", [-1, float("nan"), "60", True, None])
+def test_a_bad_buffer_age_is_refused_before_anything_is_written(store, seconds):
+    with pytest.raises(UserError, match="max_buffer_seconds must be a number of seconds, 0 or more"):
+        _open(store, max_buffer_seconds=seconds)
+    assert store.run_info("r") is None
