@@ -186,6 +186,7 @@ def write(args) -> dict:
         examples_schema=table.schema,
         if_exists="overwrite",
         max_buffer_bytes=1 << 62,  # flushed explicitly, once per batch of examples
+        max_buffer_seconds=float("inf"),
     )
     ids = table["example_id"].to_pylist()
     t0, c0 = time.perf_counter(), cpu_s()

@@ -10,11 +10,14 @@
 #     timeout 150 python3 bench/writer_throughput.py --workers 8,16
 #
 # PY (default 3.12) is the device's Python; PACKAGES the ones it lacks (pinned from constraints.txt;
-# pyarrow, 78 MiB with the rest, is left out: the device had it when last seen).
+# pyarrow, 78 MiB with the rest, is left out: the device had it when last seen). nnsight 0.8 imports greenlet,
+# pydantic, httpx and zstandard and soundfile needs cffi: the device of 2026-11-27 15:00 had none of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PY:-3.12}
-packages=${PACKAGES:-"nnsight duckdb deltalake arro3-core Deprecated wrapt cloudpickle soundfile accelerate click rich"}
+packages=${PACKAGES:-"nnsight duckdb deltalake arro3-core Deprecated wrapt cloudpickle soundfile cffi pycparser accelerate click rich
+  greenlet zstandard pydantic pydantic_core annotated-types typing-inspection typing_extensions httpx httpcore anyio sniffio h11
+  certifi idna websocket-client"}
 grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 rm -rf .gpu && mkdir .gpu && git archive HEAD | tar -x -C .gpu
 base=$(sed -n 's/.*"--base", default="\([0-9a-f]*\)".*/\1/p' bench/writer_throughput.py)
