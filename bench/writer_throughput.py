@@ -33,16 +33,24 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from hookpoints.store.catalog import Store
-from hookpoints.store.writer import HookRows, open_run
+
+ROOT = Path(__file__).resolve().parent.parent
+try:  # installed: store/ is hookpoints.store (setuptools package-dir)
+    import hookpoints.store  # noqa: F401
+except ModuleNotFoundError:  # a bare tree (the GPU machine, bench/gpu_bundle.sh): the same mapping by path
+    sys.path.insert(0, str(ROOT))
+    import hookpoints
+
+    hookpoints.__path__.append(str(ROOT))
+from hookpoints.store.catalog import Store  # noqa: E402
+from hookpoints.store.writer import HookRows, open_run  # noqa: E402
 
 BATCH = 32
 SHAPES = {  # hook widths: Table 1 of each model (FFN 4,096 / 8,192; d_model 1,024 / 2,048; k/v 512)
     "seamless": [1024] * 600 + [4096] * 120,
     "llama": [2048] * 160 + [8192] * 48 + [512] * 83,
 }
-ROOT = Path(__file__).resolve().parent.parent
-BUFFER_MB = 64  # the default (store.writer.DEFAULT_BUFFER_BYTES); --buffer-mb
+BUFFER_MB = 64  # --buffer-mb; the runs in docs/benchmarks.md (the default is 512 MiB since, store.writer)
 
 
 def old_writer(base: str):
