@@ -63,11 +63,13 @@ def write_parts(
     keys = list(spec.partition_by)
     rows_per_group = spec.row_group_rows or tables.ROW_GROUP_ROWS
     encodings: dict = {}  # schema -> pq.write_table keywords, the same for every part of one table
+    stats_plans: dict = {}  # schema -> the columns whose min/max go into the Delta statistics
 
     def write(values: tuple, rows) -> AddAction:
         body = rows() if callable(rows) else rows
         if body.schema not in encodings:
             encodings[body.schema] = _options(body.schema)
+            stats_plans[body.schema] = [field.name for field in body.schema if _has_min_max(field.type)]
         folder = "/".join(f"{key}={quote(str(value), safe='')}" for key, value in zip(keys, values, strict=True))
         path = (folder + "/" if folder else "") + f"part-{uuid.uuid4()}.zstd.parquet"
         if folder:
@@ -84,7 +86,8 @@ def write_parts(
                 _encode(body, sink, rows_per_group, encodings[body.schema])
             size = filesystem.get_file_info(path).size
         partition = {key: None if value is None else str(value) for key, value in zip(keys, values, strict=True)}
-        return AddAction(path, size, partition, int(time.time() * 1000), True, _stats(body))
+        statistics = _stats(body, stats_plans[body.schema])
+        return AddAction(path, size, partition, int(time.time() * 1000), True, statistics)
 
     if pool is None or len(parts) < 2:
         return [write(values, rows) for values, rows in parts]
@@ -151,13 +154,17 @@ def _filesystem(location: StoreLocation, table: str) -> pafs.FileSystem:
     return tables.filesystem(location, table)
 
 
-def _stats(body: pa.Table) -> str:
-    """Delta's per-file statistics: row count, null counts, min/max of the scalar columns."""
+def _has_min_max(kind: pa.DataType) -> bool:
+    return any(check(kind) for check in _STATS_TYPES)
+
+
+def _stats(body: pa.Table, min_max: list[str]) -> str:
+    """Delta's per-file statistics: row count, null counts, min/max of the ``min_max`` (scalar) columns."""
     stats: dict = {"numRecords": body.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
     for name in body.column_names:
         column = body[name]
         stats["nullCount"][name] = column.null_count
-        if any(check(column.type) for check in _STATS_TYPES) and column.null_count < len(column):
+        if name in min_max and column.null_count < len(column):
             low, high = (value.as_py() for value in pc.min_max(column).values())
             if isinstance(low, float) and not (math.isfinite(low) and math.isfinite(high)):
                 continue
