@@ -1,0 +1,175 @@
+"""Replacement edits of ``nn.Linear`` outputs folded into the layers' weights while a generation runs.
+
+Replacing output neuron ``j`` of a Linear with ``v`` at every position of every call (a :class:`NeuronEdit`)
+equals setting weight row ``j`` to 0 and ``bias[j]`` to ``v``: ``out_j = x . 0 + v = v`` exactly (a dot product
+with a zero row is exactly 0 for finite ``x``, and the bias is ``v`` rounded to the layer's dtype, as
+``hookpoints.editing.placed`` rounds it). A folded tensor needs no hook: a decoder step with only folded edits
+dispatches no more aten ops than a plain one (tests/test_edit_folding.py). On a GPU, where generation is
+launch-bound, that removes one Python hook and one ``where`` kernel per edited tensor and step.
+
+Only exact folds are made (:meth:`FoldedEdits.why_not`); every other edit keeps its
+:class:`~hookpoints.editing.EditGroup` hook. The original rows are restored when the ``with`` block ends, raised or
+not, so the model is bit-identical afterwards. A one-shot forward hook per folded module compares the module's
+output at the folded neurons with the values on its first call; the comparisons are read once after the
+generation (one host sync), and a mismatch raises ``RuntimeError`` naming the module.
+
+Where folding differs from the hook path: an input holding inf or NaN gives NaN at the folded neurons
+(``0 * inf``), where the hook path gives ``v`` (on the first call the check raises; later calls are not
+checked); and a replacement by ``-0.0`` may come out as ``+0.0`` (equal as numbers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+from torch import nn
+
+from hookpoints.editing import EditGroup, block_shape
+from hookpoints.probe import first_tensor
+
+
+class FoldedEdits:
+    """The foldable edit groups folded into their Linear layers while held; ``rest``: the groups left to hooks.
+
+    >>> folded = FoldedEdits(model.model, groups(edits))  # (module path, io) -> EditGroup
+    >>> with folded:  # rows zeroed, biases set, checks armed; restored on exit
+    ...     model.model.generate(**kwargs)  # with hooks for folded.rest only
+    >>> folded.modules  # the module paths whose edits were folded
+    """
+
+    def __init__(self, model: nn.Module, edit_groups: dict[tuple[str, str], EditGroup]):
+        modules = dict(model.named_modules())
+        # Parameters whose storage another parameter shares (tied weights, flat buffers): never written.
+        storages = Counter(p.untyped_storage().data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
+        self.rest: dict[tuple[str, str], EditGroup] = {}
+        self.folds: list[_Fold] = []
+        for (path, io), group in edit_groups.items():
+            module = modules.get(path)
+            if module is not None and io == "output" and self.why_not(module, group, storages) is None:
+                self.folds.append(_Fold(path, module, group))
+            else:
+                self.rest[path, io] = group
+        self._by_module = {id(fold.module): fold for fold in self.folds}
+        self._flags: list[tuple[str, torch.Tensor]] = []  # (module path, [] bool on the device: output == values)
+
+    @property
+    def modules(self) -> list[str]:
+        return [fold.path for fold in self.folds]
+
+    @staticmethod
+    def why_not(module: nn.Module, group: EditGroup, storages: Counter | None = None) -> str | None:
+        """Why ``group`` (edits of ``module``'s output) cannot be folded exactly, or None when it can."""
+        if type(module) is not nn.Linear:
+            return f"a {type(module).__name__}, not exactly nn.Linear (subclasses compute differently)"
+        if module.bias is None:
+            return "the Linear has no bias"
+        if hasattr(module, "_hf_hook"):
+            return "accelerate hooks it (offloaded or mapped weights)"
+        if module._forward_hooks or torch.nn.modules.module._global_forward_hooks:
+            return "other forward hooks read its output (they would see the edited values)"
+        weight, bias = module.weight, module.bias
+        if weight.is_meta or bias.is_meta or not weight.is_floating_point() or not bias.is_floating_point():
+            return "its weights are not floating-point tensors in memory"
+        if storages is not None and any(storages[p.untyped_storage().data_ptr()] > 1 for p in (weight, bias)):
+            return "its weight or bias is shared with another parameter"
+        for edit in group.edits:
+            point = edit.point
+            count = point.part[1] if point.part else 1
+            if edit.add or point.io != "output" or point.width is None or point.neuron_axis is None:
+                return "an edit adds to its neurons" if edit.add else "an edit is not of a probed output"
+            if module.out_features != point.width * count:
+                return f"hook {point.name} lists {point.width} x {count} neurons, the Linear has {module.out_features}"
+            if point.time_axis is not None and point.time_axis > point.neuron_axis:
+                return f"hook {point.name}'s neurons are not the output's last axis"
+        return None
+
+    def __enter__(self) -> FoldedEdits:
+        try:
+            with torch.no_grad():
+                for fold in self.folds:
+                    fold.apply()
+                    fold.handle = fold.module.register_forward_hook(self._check)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self._restore()
+        if kind is None:
+            self.verify()
+
+    def verify(self) -> None:
+        """Raise ``RuntimeError`` if any folded module's first output differed from the values (one host sync)."""
+        flags, self._flags = self._flags, []
+        if not flags:
+            return
+        same = torch.stack([flag.cpu() for _, flag in flags]).tolist()  # one bool per folded module that ran
+        wrong = [path for (path, _), ok in zip(flags, same, strict=True) if not ok]
+        if wrong:
+            more = f" (and {len(wrong) - 1} more modules)" if len(wrong) > 1 else ""
+            raise RuntimeError(
+                f"folded edits did not land: module {wrong[0]}'s output differs from its replacement values{more} "
+                "(an inf or NaN in its input, or a forward that does not compute x @ weight.T + bias)"
+            )
+
+    def _check(self, module: nn.Module, args, output) -> None:
+        """The one-shot forward hook: compare the folded neurons with the values (on the device, read later)."""
+        fold = self._by_module[id(module)]
+        fold.handle.remove()  # later calls run hook-free
+        fold.handle = None
+        tensor = output if type(output) is torch.Tensor else first_tensor(output)
+        self._flags.append((fold.path, fold.landed(tensor)))
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for fold in self.folds:
+                if fold.handle is not None:
+                    fold.handle.remove()
+                    fold.handle = None
+                fold.restore()
+
+
+class _Fold:
+    """One Linear's replaced output neurons: ``rows`` and their ``values``, and the original rows while folded."""
+
+    def __init__(self, path: str, module: nn.Linear, group: EditGroup):
+        self.path, self.module, self.point = path, module, group.point
+        out = module.out_features
+        chosen = torch.zeros(out, dtype=torch.bool)  # [out]: the replaced rows (later edits win, as in EditGroup)
+        values = torch.zeros(out, dtype=torch.float64)  # [out]: exact for float32 values (rounded once below)
+        for edit in group.edits:
+            rows = edit.neurons.cpu() + (edit.point.part[0] * edit.point.width if edit.point.part else 0)
+            chosen[rows] = True
+            values[rows] = edit.values.to("cpu", torch.float64)
+        rows = chosen.nonzero().squeeze(1)  # [k]
+        self.rows = rows.to(module.weight.device)  # [k] int64
+        self.values = values[rows]  # [k] float64 on the CPU
+        self.saved: tuple[torch.Tensor, torch.Tensor] | None = None  # ([k, in] weight rows, [k] bias entries)
+        self.handle = None  # the one-shot check hook while armed
+
+    def apply(self) -> None:
+        weight, bias = self.module.weight, self.module.bias  # [out, in], [out]
+        self.saved = (weight.index_select(0, self.rows), bias.index_select(0, self.rows))
+        weight.index_fill_(0, self.rows, 0)
+        bias.index_copy_(0, self.rows, self.values.to(bias.device, bias.dtype))
+
+    def restore(self) -> None:
+        if self.saved is not None:
+            self.module.weight.index_copy_(0, self.rows, self.saved[0])
+            self.module.bias.index_copy_(0, self.rows, self.saved[1])
+            self.saved = None
+
+    def landed(self, tensor: torch.Tensor | None) -> torch.Tensor:
+        """[] bool on the device: ``tensor`` (the module's output) holds the values at the folded neurons."""
+        point = self.point
+        if tensor is None or tensor.dim() < 2 or tensor.shape[-1] != self.module.out_features:
+            raise RuntimeError(f"folded module {self.path} returned no [batch, ..., {self.module.out_features}] tensor")
+        if math.prod(block_shape(tensor, point)) != self.module.out_features or point.time_axis == tensor.dim() - 1:
+            raise RuntimeError(
+                f"folded module {self.path}'s output {list(tensor.shape)} is not laid out as {point.name}"
+            )
+        expected = self.values.to(tensor.device, tensor.dtype)  # [k]: as hookpoints.editing.placed rounds them
+        return (tensor.index_select(-1, self.rows) == expected).all()
