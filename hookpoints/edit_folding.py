@@ -22,12 +22,39 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
-from hookpoints.editing import EditGroup, block_shape
+from hookpoints.editing import EditGroup, NeuronEdit, block_shape, groups
 from hookpoints.probe import first_tensor
+
+
+@contextmanager
+def edits_applied(model: nn.Module, edits: list[NeuronEdit], *, fold: bool = True) -> Iterator[FoldedEdits | None]:
+    """Every edit applied to every call of ``model`` while held: replacements of Linear outputs folded into the
+    weights (with ``fold``), one :class:`EditGroup` hook per other edited tensor; the folded edits, if any.
+
+    >>> with edits_applied(model.model, edits) as folded, torch.inference_mode():
+    ...     model.model.generate(**kwargs)
+    """
+    modules = dict(model.named_modules())
+    edit_groups = groups(edits)
+    folded = FoldedEdits(model, edit_groups) if fold else None
+    handles = []
+    try:
+        for (path, io), group in (folded.rest if folded else edit_groups).items():
+            if io == "output":
+                handles.append(modules[path].register_forward_hook(group.output_hook))
+            else:
+                handles.append(modules[path].register_forward_pre_hook(group.input_hook))
+        with folded or nullcontext():  # the weights restored on the way out, raised or not
+            yield folded
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class FoldedEdits:

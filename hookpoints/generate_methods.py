@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 from transformers.modeling_outputs import BaseModelOutput
@@ -17,8 +16,8 @@ from transformers.modeling_outputs import BaseModelOutput
 from hookpoints.alignment import LogitsFingerprint, check_prompt
 from hookpoints.attention import eager as eager_attention
 from hookpoints.attention import needs_eager
-from hookpoints.edit_folding import FoldedEdits
-from hookpoints.editing import EditGroup, NeuronEdit, groups
+from hookpoints.edit_folding import edits_applied
+from hookpoints.editing import EditGroup, NeuronEdit
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
@@ -136,7 +135,7 @@ class GenerationMethods:
             if point.module not in modules:
                 raise UserError(f"hook {point.name} is on module {point.module}, which this model does not have")
         if not record and not self.remote:
-            return self._generate_with_torch_hooks(inputs, prompt, edits, max_new_tokens, modules, fold), {}
+            return self._generate_with_torch_hooks(inputs, prompt, edits, max_new_tokens, fold), {}
         every_step = self.modules_run_every_step(inputs, prompt)
         by_point: dict[str, list[NeuronEdit]] = {}
         for edit in edits:
@@ -176,7 +175,6 @@ class GenerationMethods:
         prompt: torch.Tensor,
         edits: list[NeuronEdit],
         max_new_tokens: int,
-        modules: dict,
         fold: bool = True,
     ) -> Generation:
         """:meth:`generate_edited` without recording: the same edits on the same tensors at every call, from plain
@@ -185,23 +183,14 @@ class GenerationMethods:
         into the weights for the generation and restored after it (hookpoints.edit_folding.FoldedEdits); each
         other edited tensor gets one hook making one in-place ``where`` per call from masks placed once
         (hookpoints.editing.EditGroup; bench/edit_overhead.py)."""
-        edit_groups = groups(edits)
-        folded = FoldedEdits(self.model, edit_groups) if fold else None
-        handles = []
         collector = TokenCollector()
         kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
-        try:
-            for (path, io), group in (folded.rest if folded else edit_groups).items():
-                if io == "output":
-                    handles.append(modules[path].register_forward_hook(group.output_hook))
-                else:
-                    handles.append(modules[path].register_forward_pre_hook(group.input_hook))
-            with folded or nullcontext():  # weights restored on the way out, raised or not
-                with torch.inference_mode(), self.adapter.batch_guard(self.model, inputs):
-                    self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
-        finally:
-            for handle in handles:
-                handle.remove()
+        with (
+            edits_applied(self.model, edits, fold=fold),
+            torch.inference_mode(),
+            self.adapter.batch_guard(self.model, inputs),
+        ):
+            self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
         generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
         check_prompt(generation, prompt)
         return generation
