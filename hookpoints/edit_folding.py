@@ -24,6 +24,7 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from operator import is_ as op_is
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ def edits_applied(model: nn.Module, edits: list[NeuronEdit], *, fold: bool = Tru
     """
     modules = dict(model.named_modules())
     edit_groups = groups(edits)
-    folded = FoldedEdits(model, edit_groups) if fold else None
+    folded = FoldedEdits(model, edit_groups, modules) if fold else None
     handles = []
     try:
         for (path, io), group in (folded.rest if folded else edit_groups).items():
@@ -66,10 +67,12 @@ class FoldedEdits:
     >>> folded.modules  # the module paths whose edits were folded
     """
 
-    def __init__(self, model: nn.Module, edit_groups: dict[tuple[str, str], EditGroup]):
-        modules = dict(model.named_modules())
+    def __init__(self, model: nn.Module, edit_groups: dict[tuple[str, str], EditGroup], modules: dict | None = None):
+        modules = dict(model.named_modules()) if modules is None else modules  # path -> module
         # Parameters whose storage another parameter shares (tied weights, flat buffers): never written.
-        storages = Counter(p.untyped_storage().data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
+        storages = Counter(
+            p.untyped_storage().data_ptr() for m in modules.values() for p in m._parameters.values() if p is not None
+        )
         self.rest: dict[tuple[str, str], EditGroup] = {}
         self.folds: list[_Fold] = []
         for (path, io), group in edit_groups.items():
@@ -131,16 +134,14 @@ class FoldedEdits:
     def verify(self) -> None:
         """Raise ``RuntimeError`` if any folded module's first output differed from the values (one host sync)."""
         flags, self._flags = self._flags, []
-        if not flags:
+        if not flags or bool(torch.cat([same for _, same in flags]).all()):  # [all folded neurons that ran]
             return
-        same = torch.stack([flag.cpu() for _, flag in flags]).tolist()  # one bool per folded module that ran
-        wrong = [path for (path, _), ok in zip(flags, same, strict=True) if not ok]
-        if wrong:
-            more = f" (and {len(wrong) - 1} more modules)" if len(wrong) > 1 else ""
-            raise RuntimeError(
-                f"folded edits did not land: module {wrong[0]}'s output differs from its replacement values{more} "
-                "(an inf or NaN in its input, or a forward that does not compute x @ weight.T + bias)"
-            )
+        wrong = [path for path, same in flags if not bool(same.all())]
+        more = f" (and {len(wrong) - 1} more modules)" if len(wrong) > 1 else ""
+        raise RuntimeError(
+            f"folded edits did not land: module {wrong[0]}'s output differs from its replacement values{more} "
+            "(an inf or NaN in its input, or a forward that does not compute x @ weight.T + bias)"
+        )
 
     def _check(self, module: nn.Module, args, output) -> None:
         """The one-shot forward hook: compare the folded neurons with the values (on the device, read later)."""
@@ -164,24 +165,23 @@ class _Fold:
 
     def __init__(self, path: str, module: nn.Linear, group: EditGroup):
         self.path, self.module, self.point = path, module, group.point
-        out = module.out_features
-        chosen = torch.zeros(out, dtype=torch.bool)  # [out]: the replaced rows (later edits win, as in EditGroup)
-        values = torch.zeros(out, dtype=torch.float64)  # [out]: exact for float32 values (rounded once below)
-        for edit in group.edits:
-            rows = edit.neurons.cpu() + (edit.point.part[0] * edit.point.width if edit.point.part else 0)
-            chosen[rows] = True
-            values[rows] = edit.values.to("cpu", torch.float64)
-        rows = chosen.nonzero().squeeze(1)  # [k]
-        self.rows = rows.to(module.weight.device)  # [k] int64
-        self.values = values[rows]  # [k] float64 on the CPU
+        # [k] int64 on the weights' device, [k] float64 on the CPU, {(device, dtype): [k] values there}
+        self.rows, self.values, self._values_on = _rows(group, module.weight.device)
         self.saved: tuple[torch.Tensor, torch.Tensor] | None = None  # ([k, in] weight rows, [k] bias entries)
         self.handle = None  # the one-shot check hook while armed
+
+    def values_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[k] the values rounded to ``dtype`` (as hookpoints.editing.placed rounds them), placed once."""
+        found = self._values_on.get((device, dtype))
+        if found is None:
+            found = self._values_on[device, dtype] = self.values.to(device, dtype)
+        return found
 
     def apply(self) -> None:
         weight, bias = self.module.weight, self.module.bias  # [out, in], [out]
         self.saved = (weight.index_select(0, self.rows), bias.index_select(0, self.rows))
         weight.index_fill_(0, self.rows, 0)
-        bias.index_copy_(0, self.rows, self.values.to(bias.device, bias.dtype))
+        bias.index_copy_(0, self.rows, self.values_on(bias.device, bias.dtype))
 
     def restore(self) -> None:
         if self.saved is not None:
@@ -190,13 +190,35 @@ class _Fold:
             self.saved = None
 
     def landed(self, tensor: torch.Tensor | None) -> torch.Tensor:
-        """[] bool on the device: ``tensor`` (the module's output) holds the values at the folded neurons."""
-        point = self.point
-        if tensor is None or tensor.dim() < 2 or tensor.shape[-1] != self.module.out_features:
-            raise RuntimeError(f"folded module {self.path} returned no [batch, ..., {self.module.out_features}] tensor")
-        if math.prod(block_shape(tensor, point)) != self.module.out_features or point.time_axis == tensor.dim() - 1:
+        """[n] bool on the device: ``tensor`` (the module's output) holds the values at the folded neurons."""
+        point, out = self.point, self.module.out_features
+        if tensor is None or tensor.dim() < 2 or tensor.shape[-1] != out:
+            raise RuntimeError(f"folded module {self.path} returned no [batch, ..., {out}] tensor")
+        if math.prod(block_shape(tensor, point)) != out or point.time_axis == tensor.dim() - 1:
             raise RuntimeError(
                 f"folded module {self.path}'s output {list(tensor.shape)} is not laid out as {point.name}"
             )
-        expected = self.values.to(tensor.device, tensor.dtype)  # [k]: as hookpoints.editing.placed rounds them
-        return (tensor.index_select(-1, self.rows) == expected).all()
+        expected = self.values_on(tensor.device, tensor.dtype)  # [k]
+        return tensor.index_select(-1, self.rows).eq(expected).view(-1)  # [batch x ... x k]
+
+
+def _rows(group: EditGroup, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The group's replaced rows (a part's offset added; a later edit's value wins, as in EditGroup) and values,
+    made once per device and kept with the group's first edit (as ``placed`` keeps its masks)."""
+    cache = group.edits[0]._placed
+    found = cache.get(("fold", device))
+    if found is not None and len(found[0]) == len(group.edits) and all(map(op_is, found[0], group.edits)):
+        return found[1:]
+    chosen: dict[int, float] = {}
+    for edit in group.edits:
+        offset = edit.point.part[0] * edit.point.width if edit.point.part else 0
+        for neuron, value in zip(edit.neurons.tolist(), edit.values.tolist(), strict=True):  # floats: exact
+            chosen[neuron + offset] = value
+    rows = sorted(chosen)
+    made = (
+        torch.tensor(rows, dtype=torch.int64, device=device),  # [k]
+        torch.tensor([chosen[row] for row in rows], dtype=torch.float64),  # [k]
+        {},
+    )
+    cache["fold", device] = (tuple(group.edits), *made)
+    return made
