@@ -23,9 +23,10 @@ every text-decoder layer, replaced at every step; one sentence, greedy, exactly 
 Reported: this thread's CPU time per new token (``time.thread_time``: torch runs on this one thread, and CPU time
 is far steadier than wall time on a shared machine; on a GPU this thread's time is what a launch-bound step
 waits for), best and median of interleaved repeats, x plain; wall time too; us per edited hook call ((edited -
-plain) / edited hook calls per step); and aten ops per edited hook per step counted with OpCount
-(the difference of 2 and 6 new tokens, so one-off work cancels). All edited runs (before, hooks, folded, and an
-independent index-assignment reference) must give the same tokens.
+plain) / edited hook calls per step); aten ops per edited hook per step counted with OpCount (the difference
+of 2 and 6 new tokens, so one-off work cancels); and the ops a generation makes once beyond plain generate's
+(2 new tokens less 2 steps' worth: placing masks, folding and restoring rows, the fold's check). All edited runs
+(before, hooks, folded, and an independent index-assignment reference) must give the same tokens.
 
 Run: ``.venv/bin/python bench/edit_overhead.py [--tokens 32] [--repeats 11] [--sizes tiny medium]``
 (about 3 minutes on 2 shared cores); results in docs/bench-interventions.md and docs/benchmarks.md.
@@ -162,7 +163,7 @@ def measure(size: str, args) -> dict:
     reference = with_hooks(model, edits, reference_hook)(inputs, prompt, args.tokens).sequences
     for name in list(cases)[1:4]:
         assert torch.equal(tokens[name], reference), f"{name} generates other tokens than index assignments"
-    ops = {}
+    ops, once = {}, {}
     for name, case in cases.items():  # aten ops per step: 6 tokens minus 2 tokens, over 4 steps
         counts = []
         for n in (2, 6):
@@ -171,6 +172,7 @@ def measure(size: str, args) -> dict:
                 case(inputs, prompt, n)
             counts.append(counter.total)
         ops[name] = (counts[1] - counts[0]) / 4
+        once[name] = counts[0] - 2 * ops[name]  # what a generation of 2 steps does besides its steps
     model.model.generation_config.min_new_tokens = args.tokens
     times: dict[str, list[float]] = {name: [] for name in cases}  # this thread's CPU seconds per token
     wall: dict[str, list[float]] = {name: [] for name in cases}
@@ -184,7 +186,7 @@ def measure(size: str, args) -> dict:
     load_after = os.getloadavg()[0]
     return {"size": size, "params_m": sum(p.numel() for p in model.model.parameters()) / 1e6, "edits": len(edits),
             "neurons": sum(len(e.neurons) for e in edits), "hooks_per_step": hooks_per_step, "ops": ops,
-            "hooks_left": hooks_left,
+            "hooks_left": hooks_left, "once": once,
             "times": times, "wall": wall, "load": (load_before, load_after)}  # fmt: skip
 
 
@@ -201,14 +203,16 @@ def report(result: dict, args) -> str:
         f"{result['load'][0]:.1f} before, {result['load'][1]:.1f} after",
         "",
         f"| path | CPU ms per token, best / median of {args.repeats} | x plain (best / median) "
-        "| wall ms per token (median) | us per edited hook call (best / median) | aten ops per edited hook per step |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| wall ms per token (median) | us per edited hook call (best / median) | aten ops per edited hook per step "
+        "| extra aten ops once per generation |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     hooks = max(result["hooks_per_step"], 1)
     for name in times:
         extra = [(chosen[name] - chosen[plain]) / hooks * 1e6 for chosen in (best, median)]
         per_hook = (ops[name] - ops[plain]) / hooks
-        cells = "- | -" if name == plain else f"{extra[0]:.1f} / {extra[1]:.1f} | {per_hook:.2f}"
+        once = result["once"][name] - result["once"][plain]
+        cells = "- | - | -" if name == plain else f"{extra[0]:.1f} / {extra[1]:.1f} | {per_hook:.2f} | {once:,.0f}"
         lines.append(
             f"| {name} | {best[name] * 1e3:.2f} / {median[name] * 1e3:.2f} "
             f"| {best[name] / best[plain]:.3f}x / {median[name] / median[plain]:.3f}x | {wall[name] * 1e3:.2f} "
