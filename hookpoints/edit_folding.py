@@ -100,8 +100,10 @@ class FoldedEdits:
         if module._forward_hooks or torch.nn.modules.module._global_forward_hooks:
             return "other forward hooks read its output (they would see the edited values)"
         weight, bias = module.weight, module.bias
-        if weight.is_meta or bias.is_meta or not weight.is_floating_point() or not bias.is_floating_point():
-            return "its weights are not floating-point tensors in memory"
+        if any(type(p) is not nn.Parameter or p.is_meta or not p.is_floating_point() for p in (weight, bias)):
+            return "its weights are not plain floating-point tensors in memory (quantised, sharded or offloaded)"
+        if weight.is_inference() or bias.is_inference():
+            return "its weights were made under torch.inference_mode and cannot be written outside it"
         if storages is not None and any(storages[p.untyped_storage().data_ptr()] > 1 for p in (weight, bias)):
             return "its weight or bias is shared with another parameter"
         for edit in group.edits:
