@@ -125,8 +125,8 @@ def test_folded_generation_equals_the_hook_path_bit_for_bit(tiny_model_dir, seam
     assert not torch.equal(folded.sequences, model.generate(inputs, prompt, STEPS).sequences)  # the edits matter
 
 
-def _decoder_only(tiny_model_dir, family: str):
-    model = hp.load(tiny_model_dir(family))
+def _decoder_only(tiny_model_dir, family: str, dtype: str = "float32"):
+    model = hp.load(tiny_model_dir(family), dtype=dtype)
     randomise(model, seed=3, scale=0.05)
     batch = model.tokenizer(["Hello there my friend, how are you", "Hi"], padding=True, padding_side="left",
                             return_tensors="pt")  # fmt: skip
@@ -142,9 +142,10 @@ def _generate(model, batch, edits, fold):
     return out.sequences, torch.stack(out.logits), folded  # [batch, prompt + steps], [steps, batch, vocab]
 
 
-def test_decoder_only_lm_folds_qkv_and_keeps_hooks_elsewhere(tiny_model_dir):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decoder_only_lm_folds_qkv_and_keeps_hooks_elsewhere(tiny_model_dir, dtype):
     """Qwen2: q/k/v projections have biases (folded, per-head points); o_proj and the MLP have none (hooks)."""
-    model, batch = _decoder_only(tiny_model_dir, "qwen2")
+    model, batch = _decoder_only(tiny_model_dir, "qwen2", dtype)
     get = model.hook_points.get
     edits = [
         _edit(get("blocks.0.attn.hook_q"), [0, 17, 63], 1),
@@ -157,6 +158,7 @@ def test_decoder_only_lm_folds_qkv_and_keeps_hooks_elsewhere(tiny_model_dir):
     folded_tokens, folded_logits, folded = _generate(model, batch, edits, True)
     hooked_tokens, hooked_logits, none = _generate(model, batch, edits, False)
     assert none is None and folded.modules == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert model.model.get_submodule(folded.modules[0]).weight.dtype == getattr(torch, dtype)
     assert torch.equal(folded_tokens, hooked_tokens) and torch.equal(folded_logits, hooked_logits)
     plain_tokens, plain_logits, _ = _generate(model, batch, [], True)
     assert not torch.equal(folded_logits, plain_logits)
@@ -303,3 +305,29 @@ def test_no_fold_where_it_would_not_be_exact(seamless, tiny_model_dir):
     qwen, batch = _decoder_only(tiny_model_dir, "qwen2")
     o_proj = [_edit(qwen.hook_points.get("blocks.0.hook_attn_out"), [3], 1)]
     assert FoldedEdits(qwen.model, groups(o_proj)).modules == []
+
+
+def test_a_folded_layer_computes_what_the_hook_computes():
+    """One Linear, random 3D input: folded forward == the EditGroup hook's forward, exactly (a fused slice's
+    offset added; a later edit wins at a shared neuron); a group's rows are made once and reused, and made anew
+    when the group's edits differ."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(12, 24))
+    point = hp.HookPoint(name="h", module="0", width=8, neuron_axis=2, time_axis=1, part=(1, 3))  # neurons 8..15
+    whole = dataclasses.replace(point, name="w", width=24, part=None)
+    x = torch.randn(3, 5, 12)  # [batch, pos, in]
+    first = _edit(point, [0, 7], 1)  # flat neurons 8 and 15
+    for later, rows in ((_edit(whole, [8, 23], 2), [8, 15, 23]), (_edit(whole, [3], 3), [3, 8, 15])):
+        edits = [first, later]
+        handle = layer[0].register_forward_hook(groups(edits)[("0", "output")].output_hook)
+        try:
+            expected = layer(x)  # [3, 5, 24]
+        finally:
+            handle.remove()
+        with edits_applied(layer, edits) as folded:
+            got = layer(x)
+        assert folded.modules == ["0"] and folded.folds[0].rows.tolist() == rows
+        assert torch.equal(got, expected) and torch.equal(got[..., 15], first.values[1].expand(3, 5))
+        winner = later.values[0] if 8 in later.neurons.tolist() else first.values[0]
+        assert torch.equal(got[..., 8], winner.expand(3, 5))
+        assert FoldedEdits(layer, groups(edits)).folds[0].rows is folded.folds[0].rows  # made once per group
