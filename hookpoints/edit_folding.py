@@ -15,7 +15,9 @@ generation (one host sync), and a mismatch raises ``RuntimeError`` naming the mo
 
 Where folding differs from the hook path: an input holding inf or NaN gives NaN at the folded neurons
 (``0 * inf``), where the hook path gives ``v`` (on the first call the check raises; later calls are not
-checked); and a replacement by ``-0.0`` may come out as ``+0.0`` (equal as numbers).
+checked); a replacement by ``-0.0`` may come out as ``+0.0`` (equal as numbers); and gradients: the folded
+layer's weight row would get ``x``'s gradient where a hook gives none, so a folded layer refuses to run with
+gradients enabled (``generate_edited`` runs under ``torch.inference_mode``).
 """
 
 from __future__ import annotations
@@ -151,6 +153,11 @@ class FoldedEdits:
         fold.handle.remove()  # later calls run hook-free
         fold.handle = None
         tensor = output if type(output) is torch.Tensor else first_tensor(output)
+        if tensor is not None and tensor.requires_grad:  # d out_j / d weight_j is x here, 0 through a hook
+            raise RuntimeError(
+                f"folded edits of {fold.path} ran with gradients: the weights' gradients would differ from the hook "
+                "path's; run under torch.no_grad / inference_mode, or with fold=False"
+            )
         self._flags.append((fold.path, fold.landed(tensor)))
 
     def _restore(self) -> None:

@@ -321,13 +321,27 @@ def test_a_folded_layer_computes_what_the_hook_computes():
         edits = [first, later]
         handle = layer[0].register_forward_hook(groups(edits)[("0", "output")].output_hook)
         try:
-            expected = layer(x)  # [3, 5, 24]
+            expected = layer(x).detach()  # [3, 5, 24]
         finally:
             handle.remove()
-        with edits_applied(layer, edits) as folded:
+        with torch.no_grad(), edits_applied(layer, edits) as folded:
             got = layer(x)
         assert folded.modules == ["0"] and folded.folds[0].rows.tolist() == rows
         assert torch.equal(got, expected) and torch.equal(got[..., 15], first.values[1].expand(3, 5))
         winner = later.values[0] if 8 in later.neurons.tolist() else first.values[0]
         assert torch.equal(got[..., 8], winner.expand(3, 5))
         assert FoldedEdits(layer, groups(edits)).folds[0].rows is folded.folds[0].rows  # made once per group
+
+
+def test_a_folded_layer_refuses_to_run_with_gradients():
+    """With autograd, d out_j / d weight_j is x after folding but 0 through a hook: refused, weights restored."""
+    layer = nn.Sequential(nn.Linear(6, 4))
+    before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    point = hp.HookPoint(name="h", module="0", width=4, neuron_axis=2, time_axis=1)
+    with pytest.raises(RuntimeError, match="ran with gradients"), edits_applied(layer, [_edit(point, [1], 1)]):
+        layer(torch.randn(2, 3, 6))
+    assert all(torch.equal(before[name], tensor) for name, tensor in layer.state_dict().items())
+    edit = _edit(point, [1], 1)
+    with torch.no_grad(), edits_applied(layer, [edit]) as folded:
+        out = layer(torch.randn(2, 3, 6))  # [2, 3, 4]
+    assert folded.modules == ["0"] and torch.equal(out[..., 1], edit.values[0].expand(2, 3))
