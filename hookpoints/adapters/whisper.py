@@ -57,7 +57,6 @@ class Whisper(Adapter):
     def key_positions(self, model, space):
         config = model.config
         return config.max_source_positions if space == "encoder" else config.max_target_positions
-
     def tasks(self, config, modality):
         """asr (``<|transcribe|>``) everywhere; s2tt (``<|translate|>``, X -> English) on multilingual checkpoints
         only: English-only (``.en``) ones were never trained to translate."""
