@@ -1,4 +1,4 @@
-"""Per-step cost of neuron edits during generation: the edit path before issue 16's change against after it.
+"""Per-step cost of neuron edits during generation: the edit paths before and after issue 16's changes.
 
 Both paths edit the same tensors from plain torch forward hooks around the transformers ``generate`` (what
 ``HookedModel.generate_edited`` does when nothing is recorded); "plain generate" is the same call without hooks
@@ -6,8 +6,11 @@ Both paths edit the same tensors from plain torch forward hooks around the trans
 
 - **before**: main's code up to commit 4195983, kept verbatim below (``legacy_apply_edit``): one hook per edit,
   ``movedim`` + an advanced-indexing ``__setitem__`` (``index_put_``) per call, values cached per edit;
-- **after**: ``generate_edited`` now: one hook per edited tensor, one in-place ``torch.where`` from a mask and
-  values placed once (hookpoints.editing.EditGroup);
+- **hooks**: ``generate_edited(..., fold=False)``: one hook per edited tensor, one in-place ``torch.where`` from a
+  mask and values placed once (hookpoints.editing.EditGroup);
+- **folded**: ``generate_edited`` now (the default): replacements of ``nn.Linear`` outputs folded into the layers'
+  weights for the generation (hookpoints.edit_folding: no hook, no op per step), hooks as above for the rest
+  (here the LayerNorm outputs among the Table 1 components);
 - **floor**: the same hooks doing nothing: what any torch-hook edit costs before it edits anything.
 
 Model: SeamlessM4T v2 text to text, random weights, 1,000 neurons drawn (seed 1234) over every Table 1 component of
@@ -20,12 +23,13 @@ every text-decoder layer, replaced at every step; one sentence, greedy, exactly 
 Reported: this thread's CPU time per new token (``time.thread_time``: torch runs on this one thread, and CPU time
 is far steadier than wall time on a shared machine; on a GPU this thread's time is what a launch-bound step
 waits for), best and median of interleaved repeats, x plain; wall time too; us per edited hook call ((edited -
-plain) / edited hook calls per step); and aten ops per edited hook per step counted with OpCount
-(the difference of 2 and 6 new tokens, so one-off work cancels). All three edited runs (before, after, and an
-independent index-assignment reference) must give the same tokens.
+plain) / edited hook calls per step); aten ops per edited hook per step counted with OpCount (the difference
+of 2 and 6 new tokens, so one-off work cancels); and the ops a generation makes once beyond plain generate's
+(2 new tokens less 2 steps' worth: placing masks, folding and restoring rows, the fold's check). All edited runs
+(before, hooks, folded, and an independent index-assignment reference) must give the same tokens.
 
 Run: ``.venv/bin/python bench/edit_overhead.py [--tokens 32] [--repeats 11] [--sizes tiny medium]``
-(about 2 minutes on 2 shared cores); results in docs/bench-interventions.md and docs/benchmarks.md.
+(about 3 minutes on 2 shared cores); results in docs/bench-interventions.md and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hookpoints.adapters.seamless import TEXT_DECODER_SUBMODULES  # noqa: E402
-from hookpoints.editing import NeuronEdit  # noqa: E402
+from hookpoints.edit_folding import FoldedEdits  # noqa: E402
+from hookpoints.editing import NeuronEdit, groups  # noqa: E402
 from hookpoints.loading import load  # noqa: E402
 from hookpoints.op_count import OpCount  # noqa: E402
 from hookpoints.probe import first_tensor  # noqa: E402
@@ -136,6 +141,8 @@ def measure(size: str, args) -> dict:
     one_per_module = list({edit.point.module: edit for edit in edits}.values())  # the hooks the after path adds
     every_step = model.modules_run_every_step(inputs, prompt)
     hooks_per_step = sum(edit.point.module in every_step for edit in edits)
+    left = FoldedEdits(model.model, groups(edits)).rest  # the tensors the folded path still hooks
+    hooks_left = sum(path in every_step for path, _ in left)
 
     def reference_hook(edit):  # independent: an index assignment on [batch, pos, width]
         def hook(module, args_, output):
@@ -147,15 +154,16 @@ def measure(size: str, args) -> dict:
     cases = {
         "plain generate": lambda i, p, n: model.generate_edited(i, p, [], n)[0],
         "before (per-edit index_put_)": with_hooks(model, edits, lambda e: lambda m, a, out: legacy_apply_edit(out, e)),
-        "after (generate_edited)": lambda i, p, n: model.generate_edited(i, p, edits, n)[0],
+        "hooks (fold=False)": lambda i, p, n: model.generate_edited(i, p, edits, n, fold=False)[0],
+        "folded (generate_edited)": lambda i, p, n: model.generate_edited(i, p, edits, n)[0],
         "floor: empty hooks, no edit": with_hooks(model, one_per_module, lambda e: lambda m, a, out: None),
     }
     model.model.generation_config.min_new_tokens = args.tokens
     tokens = {name: case(inputs, prompt, args.tokens).sequences for name, case in cases.items()}  # warm up
     reference = with_hooks(model, edits, reference_hook)(inputs, prompt, args.tokens).sequences
-    for name in list(cases)[1:3]:
+    for name in list(cases)[1:4]:
         assert torch.equal(tokens[name], reference), f"{name} generates other tokens than index assignments"
-    ops = {}
+    ops, once = {}, {}
     for name, case in cases.items():  # aten ops per step: 6 tokens minus 2 tokens, over 4 steps
         counts = []
         for n in (2, 6):
@@ -164,6 +172,7 @@ def measure(size: str, args) -> dict:
                 case(inputs, prompt, n)
             counts.append(counter.total)
         ops[name] = (counts[1] - counts[0]) / 4
+        once[name] = counts[0] - 2 * ops[name]  # what a generation of 2 steps does besides its steps
     model.model.generation_config.min_new_tokens = args.tokens
     times: dict[str, list[float]] = {name: [] for name in cases}  # this thread's CPU seconds per token
     wall: dict[str, list[float]] = {name: [] for name in cases}
@@ -177,6 +186,7 @@ def measure(size: str, args) -> dict:
     load_after = os.getloadavg()[0]
     return {"size": size, "params_m": sum(p.numel() for p in model.model.parameters()) / 1e6, "edits": len(edits),
             "neurons": sum(len(e.neurons) for e in edits), "hooks_per_step": hooks_per_step, "ops": ops,
+            "hooks_left": hooks_left, "once": once,
             "times": times, "wall": wall, "load": (load_before, load_after)}  # fmt: skip
 
 
@@ -188,18 +198,21 @@ def report(result: dict, args) -> str:
     plain = "plain generate"
     lines = [
         f"**{result['size']}** ({result['params_m']:,.1f} M parameters): {result['neurons']} neurons in "
-        f"{result['edits']} hook points, {result['hooks_per_step']} edited per step; load average "
+        f"{result['edits']} hook points, {result['hooks_per_step']} edited per step ({result['hooks_left']} still "
+        f"hooked when folded: LayerNorm outputs); load average "
         f"{result['load'][0]:.1f} before, {result['load'][1]:.1f} after",
         "",
         f"| path | CPU ms per token, best / median of {args.repeats} | x plain (best / median) "
-        "| wall ms per token (median) | us per edited hook call (best / median) | aten ops per edited hook per step |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| wall ms per token (median) | us per edited hook call (best / median) | aten ops per edited hook per step "
+        "| extra aten ops once per generation |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     hooks = max(result["hooks_per_step"], 1)
     for name in times:
         extra = [(chosen[name] - chosen[plain]) / hooks * 1e6 for chosen in (best, median)]
         per_hook = (ops[name] - ops[plain]) / hooks
-        cells = "- | -" if name == plain else f"{extra[0]:.1f} / {extra[1]:.1f} | {per_hook:.2f}"
+        once = result["once"][name] - result["once"][plain]
+        cells = "- | - | -" if name == plain else f"{extra[0]:.1f} / {extra[1]:.1f} | {per_hook:.2f} | {once:,.0f}"
         lines.append(
             f"| {name} | {best[name] * 1e3:.2f} / {median[name] * 1e3:.2f} "
             f"| {best[name] / best[plain]:.3f}x / {median[name] / median[plain]:.3f}x | {wall[name] * 1e3:.2f} "

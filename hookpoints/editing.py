@@ -7,7 +7,8 @@ projection (``part``). :func:`apply_edit` changes the module's tensor in place, 
 point reads the edited values. The edits of one tensor form an :class:`EditGroup`: a mask and values placed
 once on the tensor's device and dtype, then one in-place ``torch.where`` per call (a decoder step's cost is one
 aten op per edited tensor; tests/test_edit_fast_path.py, bench/edit_overhead.py). ``HookedModel.generate_edited``
-applies them from torch hooks, or through nnsight when it also records.
+applies them from torch hooks, or through nnsight when it also records; from torch hooks, replacements of
+``nn.Linear`` outputs are folded into the layers' weights instead (hookpoints.edit_folding: no hook, no op per step).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class NeuronEdit:
     values: torch.Tensor  # [k] float: the replacement values, or the steering vector's entries
     add: bool = False
     #: (device, dtype, mask shape) -> Placed (mask and values on the hook's device): placed once, reused at
-    #: every step of a generation and every later call.
+    #: every step of a generation and every later call; ("fold", device) -> a folded group's rows
+    #: (hookpoints.edit_folding).
     _placed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):

@@ -16,7 +16,8 @@ from transformers.modeling_outputs import BaseModelOutput
 from hookpoints.alignment import LogitsFingerprint, check_prompt
 from hookpoints.attention import eager as eager_attention
 from hookpoints.attention import needs_eager
-from hookpoints.editing import EditGroup, NeuronEdit, groups
+from hookpoints.edit_folding import edits_applied
+from hookpoints.editing import EditGroup, NeuronEdit
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
@@ -115,6 +116,7 @@ class GenerationMethods:
         max_new_tokens: int,
         *,
         record: list[HookPoint] = (),
+        fold: bool = True,
     ) -> tuple[Generation, dict[str, list[torch.Tensor]]]:
         """Greedy decoding from ``prompt`` with every edit applied at every position of every call.
 
@@ -123,13 +125,17 @@ class GenerationMethods:
         cross-attention keys and values at step 0, the only time they run). ``record`` hook points are
         saved after the edits, per call: name -> ``[batch, pos, width]`` tensors, one per call (the test that
         edits land exactly where they should). Without edits the output equals :meth:`generate`'s.
+
+        Without ``record`` (and not remote), plain torch hooks edit instead of nnsight, and with ``fold`` (the
+        default) replacements of ``nn.Linear`` outputs are folded into the layers' weights for the generation
+        (hookpoints.edit_folding: no hook at all for them, the same values; ``fold=False`` keeps a hook per tensor).
         """
         modules = dict(self.model.named_modules())
         for point in [edit.point for edit in edits] + list(record):
             if point.module not in modules:
                 raise UserError(f"hook {point.name} is on module {point.module}, which this model does not have")
         if not record and not self.remote:
-            return self._generate_with_torch_hooks(inputs, prompt, edits, max_new_tokens, modules), {}
+            return self._generate_with_torch_hooks(inputs, prompt, edits, max_new_tokens, fold), {}
         every_step = self.modules_run_every_step(inputs, prompt)
         by_point: dict[str, list[NeuronEdit]] = {}
         for edit in edits:
@@ -164,26 +170,27 @@ class GenerationMethods:
         return generation, recorded
 
     def _generate_with_torch_hooks(
-        self, inputs: ModelInputs, prompt: torch.Tensor, edits: list[NeuronEdit], max_new_tokens: int, modules: dict
+        self,
+        inputs: ModelInputs,
+        prompt: torch.Tensor,
+        edits: list[NeuronEdit],
+        max_new_tokens: int,
+        fold: bool = True,
     ) -> Generation:
         """:meth:`generate_edited` without recording: the same edits on the same tensors at every call, from plain
         torch hooks (nnsight's per-edit hand-off costs ~0.1 ms per hook point and step, which dominates a small
-        model's step; bench/whisper_interventions.py). One hook per edited tensor, which makes one in-place
-        ``where`` per call from masks placed once (hookpoints.editing.EditGroup; bench/edit_overhead.py)."""
-        handles = []
-        for (path, io), group in groups(edits).items():
-            if io == "output":
-                handles.append(modules[path].register_forward_hook(group.output_hook))
-            else:
-                handles.append(modules[path].register_forward_pre_hook(group.input_hook))
+        model's step; bench/whisper_interventions.py). With ``fold``, replacements of Linear outputs are folded
+        into the weights for the generation and restored after it (hookpoints.edit_folding.FoldedEdits); each
+        other edited tensor gets one hook making one in-place ``where`` per call from masks placed once
+        (hookpoints.editing.EditGroup; bench/edit_overhead.py)."""
         collector = TokenCollector()
         kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
-        try:
-            with torch.inference_mode(), self.adapter.batch_guard(self.model, inputs):
-                self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
-        finally:
-            for handle in handles:
-                handle.remove()
+        with (
+            edits_applied(self.model, edits, fold=fold),
+            torch.inference_mode(),
+            self.adapter.batch_guard(self.model, inputs),
+        ):
+            self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
         generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
         check_prompt(generation, prompt)
         return generation

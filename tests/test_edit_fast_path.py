@@ -84,7 +84,7 @@ def _reference(model, inputs, prompt, edits, record):
 def test_fast_path_generates_the_same_tokens_as_index_assignments(seamless):
     model, inputs, prompt = seamless
     edits = _edits(model)
-    fast, recorded = model.generate_edited(inputs, prompt, edits, STEPS)
+    fast, recorded = model.generate_edited(inputs, prompt, edits, STEPS, fold=False)
     reference, _ = _reference(model, inputs, prompt, edits, [])
     assert recorded == {}
     assert torch.equal(fast.sequences, reference.sequences)
@@ -108,11 +108,13 @@ def test_recorded_edited_activations_equal_the_reference(seamless):
     assert torch.equal(fc1[..., 8], (later.values[0] + shift.values[0]).expand_as(fc1[..., 8]))
 
 
-def test_one_aten_op_per_edited_tensor_per_step(seamless):
+@pytest.mark.parametrize("fold", [False, True])
+def test_aten_ops_per_edited_tensor_per_step(seamless, fold):
     """Counted with OpCount: each further step of a generation with replacements makes exactly one more
     op per edited module than a step without (the ``where``), whatever the number of neurons or edits of that
-    tensor. Steps are isolated by generating 2 and 6 tokens; what a generation does once (merging two edits of one
-    tensor) cancels."""
+    tensor; with the replacements of Linear outputs folded into the weights (the default), none at all. Steps
+    are isolated by generating 2 and 6 tokens; what a generation does once (merging two edits of one tensor,
+    folding and restoring rows, the fold's one-shot check) cancels."""
     model, inputs, prompt = seamless
     point = model.hook_points.get
     layers = [f"text_decoder.layers.{i}" for i in range(2)]
@@ -124,21 +126,28 @@ def test_one_aten_op_per_edited_tensor_per_step(seamless):
     edits.append(NeuronEdit(point("text_decoder.layers.0.ffn.fc1"), torch.tensor([50, 51]), torch.ones(2)))
     modules = {edit.point.module for edit in edits}
     ops = {}
-    model.generate_edited(inputs, prompt, edits, 2)  # warm: masks placed once
+    model.generate_edited(inputs, prompt, edits, 2, fold=fold)  # warm: masks placed once
     try:
         for steps in (2, 6):
             model.model.generation_config.min_new_tokens = steps  # edited and plain runs take the same steps
             for name, chosen in (("plain", []), ("edited", edits)):
                 with OpCount() as counter:
-                    model.generate_edited(inputs, prompt, chosen, steps)
+                    model.generate_edited(inputs, prompt, chosen, steps, fold=fold)
                 ops[name, steps] = counter.by_name
     finally:
         model.model.generation_config.min_new_tokens = None
     per_step = {name: (ops[name, 6].total() - ops[name, 2].total()) / 4 for name in ("plain", "edited")}
-    assert per_step["edited"] - per_step["plain"] == len(modules)  # 6 edited modules: one op each per step
     wheres = {name: ops[name, 6]["aten.where"] - ops[name, 2]["aten.where"] for name in ("plain", "edited")}
-    assert wheres["edited"] - wheres["plain"] == 4 * len(modules)
-    assert ops["edited", 2].total() - ops["plain", 2].total() <= 2 * len(modules) + 2  # 2 steps + merging fc1's edits
+    once = ops["edited", 2].total() - ops["plain", 2].total()
+    if fold:  # 6 Linear outputs replaced: no op per step; once per module: ~10 (CPU) to find the rows, 6 to fold
+        # and restore them, 4 to check (one stack for all)
+        assert per_step["edited"] == per_step["plain"] and wheres["edited"] == wheres["plain"]
+        assert ops["edited", 6] - ops["plain", 6] == ops["edited", 2] - ops["plain", 2]  # op by op
+        assert 0 < once <= 24 * len(modules)
+    else:
+        assert per_step["edited"] - per_step["plain"] == len(modules)  # 6 edited modules: one op each per step
+        assert wheres["edited"] - wheres["plain"] == 4 * len(modules)
+        assert once <= 2 * len(modules) + 2  # 2 steps + merging fc1's edits
 
 
 def test_fused_slices_and_layouts_merge_into_one_op():
