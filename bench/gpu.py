@@ -18,8 +18,10 @@ Timed, interleaved call by call, CUDA-synchronised, medians over ``--rounds``:
   the rows go through the store's run writer too (Delta tables on local disk, float16 storage);
 - **plain generate** against **1,000-neuron median replacement** during generation
   (``HookedModel.generate_edited``; Seamless, text decoder, Table 1 components of all 24 layers), exactly
-  ``--tokens`` new tokens, batch 1 (the paper's) and batch 8; against the same edits by the edit path before
-  issue 16's change (one hook per edit with ``index_put_``: ``legacy_apply_edit`` of bench/edit_overhead.py).
+  ``--tokens`` new tokens, batch 1 (the paper's) and batch 8 (Linear replacements folded into the weights,
+  hookpoints/edit_folding.py); against the same edits without folding (``fold=False``: one ``EditGroup`` hook
+  per edited tensor) and by the edit path before issue 16's change (one hook per edit with ``index_put_``:
+  ``legacy_apply_edit`` of bench/edit_overhead.py).
 
 Values: a few examples recorded on the device through ``hookpoints.recorder.record`` (read back from the
 store) against the same weights in float32 on the CPU; per hook the relative error ||device - cpu|| / ||cpu||.
@@ -267,6 +269,9 @@ def interventions(model: HookedModel, args) -> list[dict]:
             "plain generate": lambda i=inputs, p=prompt: model.generate(i, p, args.gen_tokens),
             "traced, no edit": lambda i=inputs, p=prompt: model.generate_edited(i, p, [], args.gen_tokens),
             "median replacement": lambda i=inputs, p=prompt: model.generate_edited(i, p, edits, args.gen_tokens),
+            "same, no folding (one EditGroup hook per tensor)": lambda i=inputs, p=prompt: model.generate_edited(
+                i, p, edits, args.gen_tokens, fold=False
+            ),
             "before: per-edit index_put_ hooks": lambda i=inputs, p=prompt: hooked_generate(model, i, p, edits, args),
         }
         seconds = timed(cases, args.rounds, model.device)
