@@ -190,7 +190,10 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
                     for kind in ("total", "kernels", "syncs")}  # fmt: skip
     except Exception as error:  # noqa: BLE001 - a count must not cost the device run its timings
         per_hook = {"error": f"{type(error).__name__}: {error}"[:300]}
-    profile = profiled(lambda: Recording(model, points, None, batch)(batches), model.device) if args.profile else None
+    profile = None
+    if args.profile:  # the recording, then the bare forward: what the recording adds, kernel by kernel
+        profile = profiled(lambda: Recording(model, points, None, batch)(batches), model.device)
+        profile += "\n\nThe bare forward, the same batches:\n" + profiled(bare, model.device)
     syncs = {name: syncs_per_batch(cases[name], len(batches), model.device) for name in ("bare forward",
              "recording (pooled, to host)")}  # fmt: skip
     return {
@@ -243,7 +246,7 @@ def profiled(call, device: torch.device) -> str:
     averages = prof.key_averages()
     tables = [averages.table(sort_by="self_cpu_time_total", row_limit=15)]
     if device.type == "cuda":
-        tables.append(averages.table(sort_by="self_cuda_time_total", row_limit=15))
+        tables.append(averages.table(sort_by="self_cuda_time_total", row_limit=30))
     return "\n".join(tables)
 
 
