@@ -25,14 +25,13 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake.exceptions import CommitFailedError, DeltaError
 from hookpoints.store import overwrite
-from hookpoints.store.buffer import Buffer, HookRows
+from hookpoints.store.buffer import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_SECONDS, Buffer, HookRows
 from hookpoints.store.catalog import RUN_SETTINGS, Store, validate_run_name
 from hookpoints.store.commits import FencedAppender, WriterFenced, app_id, append_once
 from hookpoints.store.example_columns import examples_casts
@@ -41,38 +40,6 @@ from hookpoints.store.schema import CORE_TABLES, HOOKS
 from hookpoints.store.verify_logs import one_line
 
 from hookpoints.errors import UserError
-
-
-def default_buffer_bytes() -> int:
-    """The run writer's default buffer: 512 MiB of vectors, or a 32nd of the memory this process may use where
-    that is less, at least 64 MiB. Every flush writes one Parquet file per hook point, so a small buffer makes
-    small files whose fixed cost (writer set-up, statistics, a file per hook) outweighs their values: on the
-    H200's host, 720 Seamless hook points at 32 examples per flush wrote 89-119 MB/s (bench/writer_throughput.py).
-    Memory: about two buffers (one filling, one being written).
-
-    >>> default_buffer_bytes() // 2**20  # on a machine with 16 GiB or more
-    512
-    """
-    total = 0
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):  # not POSIX
-        pass
-    try:  # a container's memory limit (cgroup v2), where it is lower
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit.isdigit():
-            total = min(total, int(limit)) if total else int(limit)
-    except OSError:
-        pass
-    if not total:
-        return 64 * 2**20
-    return max(64 * 2**20, min(512 * 2**20, total // 32))
-
-
-DEFAULT_BUFFER_BYTES = default_buffer_bytes()
-#: A buffer is also committed once its first rows are this old: a slow recording (a small model on a CPU)
-#: that would take long to fill 512 MiB still commits, and resumes from, at most a minute back.
-DEFAULT_BUFFER_SECONDS = 60.0
 
 
 def open_run(
