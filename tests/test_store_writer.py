@@ -313,3 +313,25 @@ def test_a_bad_buffer_age_is_refused_before_anything_is_written(store, seconds):
     with pytest.raises(UserError, match="max_buffer_seconds must be a number of seconds, 0 or more"):
         _open(store, max_buffer_seconds=seconds)
     assert store.run_info("r") is None
+
+
+@pytest.mark.parametrize(
+    ("memory", "limit", "mib"),
+    [(64 << 30, None, 512), (8 << 30, None, 256), (1 << 30, None, 64), (64 << 30, str(4 << 30), 128), (None, None, 64)],
+)
+def test_the_default_buffer_is_a_32nd_of_memory_between_64_and_512_mib(monkeypatch, memory, limit, mib):
+    from hookpoints.store import buffer
+
+    def sysconf(name):
+        if memory is None:
+            raise ValueError(name)
+        return 4096 if name == "SC_PAGE_SIZE" else memory // 4096
+
+    def read_text(self, *args, **kwargs):
+        if limit is None:
+            raise OSError("no cgroup")
+        return limit + "\n"
+
+    monkeypatch.setattr(buffer.os, "sysconf", sysconf)
+    monkeypatch.setattr(buffer.Path, "read_text", read_text)
+    assert buffer.default_buffer_bytes() == mib << 20
