@@ -74,7 +74,7 @@ from hookpoints.tasks import TASKS
     "--buffer-mb",
     type=FiniteFloat(0),
     default=None,
-    help="Commit at least every this many MB of activations (what a crash can lose). "
+    help="Commit at least every this many MB of activations, and at least once a minute (what a crash can lose). "
     "[default: 512, or a 32nd of this machine's memory where that is less]",
 )
 @click.option("--ray", "use_ray", is_flag=True, help="Run the model in a Ray actor pool (RAY_ADDRESS: a cluster).")
