@@ -58,7 +58,8 @@ class Generation:
         kwargs["decoder_input_ids"] = self.sequences[:, :-1].to(self.sequences.device)
         masks = dict(inputs.masks)
         masks["decoder"] = self.decoder_mask
-        return ModelInputs(kwargs, masks, dict(inputs.extras))
+        host = {space: mask for space, mask in inputs.host_masks.items() if space != "decoder"}  # still true
+        return ModelInputs(kwargs, masks, dict(inputs.extras), host, dict(inputs.host_extras))
 
 
 class TokenCollector:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from hookpoints.generation import Generation
 from hookpoints.host_copy import HostCopy, pack, unpack
 from hookpoints.loading import load
 from hookpoints.op_count import OpCount
@@ -238,3 +239,9 @@ def test_a_batch_on_a_device_is_prepared_from_its_cpu_copies(tiny_model_dir, len
         bool((moved.extras["frames"] == 300).all())
     with model.adapter.batch_guard(model.model, moved):
         pass
+    # the teacher-forced pass of a generation keeps the copies that still hold: not the decoder's, which it changes
+    generation = Generation(torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0], [1, 8, 9, 4]]), 1, torch.tensor([3, 2, 3]))
+    forced = generation.teacher_forced(moved)
+    assert "decoder" not in forced.host_masks and forced.host_masks.keys() == moved.host_masks.keys() - {"decoder"}
+    assert torch.equal(forced.masks["decoder"], generation.decoder_mask)
+    assert prepare_masks(forced.masks, forced.host_masks)["input"].prefix == prepared["input"].prefix
