@@ -62,32 +62,32 @@ def write_parts(
     filesystem = _filesystem(location, spec.name)
     keys = list(spec.partition_by)
     rows_per_group = spec.row_group_rows or tables.ROW_GROUP_ROWS
-    encodings: dict = {}  # schema -> pq.write_table keywords, the same for every part of one table
-    stats_plans: dict = {}  # schema -> the columns whose min/max go into the Delta statistics
+    # schema -> (pq.write_table keywords, the columns whose min/max go into the Delta statistics): the same for
+    # every part of one table
+    plans: dict = {}
 
     def write(values: tuple, rows) -> AddAction:
         body = rows() if callable(rows) else rows
-        if body.schema not in encodings:
-            encodings[body.schema] = _options(body.schema)
-            stats_plans[body.schema] = [field.name for field in body.schema if _has_min_max(field.type)]
+        if body.schema not in plans:
+            plans[body.schema] = _options(body.schema), [f.name for f in body.schema if _has_min_max(f.type)]
+        options, min_max = plans[body.schema]
         folder = "/".join(f"{key}={quote(str(value), safe='')}" for key, value in zip(keys, values, strict=True))
         path = (folder + "/" if folder else "") + f"part-{uuid.uuid4()}.zstd.parquet"
         if folder:
             filesystem.create_dir(folder, recursive=True)
         if location.is_local:  # the whole file in memory first, then one write: a kill leaves no half file
             encoded = pa.BufferOutputStream()
-            _encode(body, encoded, rows_per_group, encodings[body.schema])
+            _encode(body, encoded, rows_per_group, options)
             contents = encoded.getvalue()
             with filesystem.open_output_stream(path) as sink:
                 sink.write(contents)
             size = contents.size
         else:  # an object store: the object appears whole when the stream closes
             with filesystem.open_output_stream(path) as sink:
-                _encode(body, sink, rows_per_group, encodings[body.schema])
+                _encode(body, sink, rows_per_group, options)
             size = filesystem.get_file_info(path).size
         partition = {key: None if value is None else str(value) for key, value in zip(keys, values, strict=True)}
-        statistics = _stats(body, stats_plans[body.schema])
-        return AddAction(path, size, partition, int(time.time() * 1000), True, statistics)
+        return AddAction(path, size, partition, int(time.time() * 1000), True, _stats(body, min_max))
 
     if pool is None or len(parts) < 2:
         return [write(values, rows) for values, rows in parts]
