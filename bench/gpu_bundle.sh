@@ -22,7 +22,7 @@ grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/e
 rm -rf .gpu && mkdir .gpu && git archive HEAD | tar -x -C .gpu
 base=$(sed -n 's/.*"--base", default="\([0-9a-f]*\)".*/\1/p' bench/writer_throughput.py)
 mkdir -p ".gpu/bench/base/$base"  # bench/writer_throughput.py's "before" writer (no .git there)
-for name in files commits writer; do git show "$base:store/$name.py" > ".gpu/bench/base/$base/$name.py"; done
+for name in buffer files commits; do git show "$base:store/$name.py" > ".gpu/bench/base/$base/$name.py"; done
 work=$(mktemp -d)
 pins=()
 for name in $packages; do

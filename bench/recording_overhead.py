@@ -99,7 +99,6 @@ def overhead(directory: Path, scratch: Path) -> dict:
         examples_schema=pa.schema([("example_id", pa.string())]),
         max_buffer_bytes=64 * 2**20,  # the size its numbers were measured at (the default is 512 MiB since)
         max_buffer_seconds=float("inf"),  # commits by size only: the per-commit cost is spread over its batches
-        workers=1,
         background=False,  # its commits inside add: a background flush would be timed in the other calls
     )
 

@@ -1,34 +1,42 @@
-"""The run writer's throughput (issue 16): stored value bytes per second through ``add`` + ``finish``.
+"""The run writer's flush beside a recorder (issue 16): how much each slows the other, CPU contention removed.
 
-Every Table 1 hook point of a Seamless-sized model (720 hooks, 1,105,920 values per example) or a
-Llama-1B-sized one (291 hooks, 763,904 values per example), batches of 32 pooled examples, the default
-64 MiB buffer (so every batch is one flush, as in bench/gpu.py; ``--buffer-mb`` to change it), on a fresh
-local store. Writers compared in one run, interleaved round by round:
+A flush (a buffer of every Table 1 hook point of a Seamless-sized model, 720 hooks, or a Llama-1B-sized one,
+291 hooks; ``--rows`` pooled rows per hook) is built, written as one Parquet file per hook and committed to
+Delta, by:
 
-- ``before``: the writer of a base commit, the one before the change (``--base``, read with ``git show``):
-  synchronous, one Parquet file after the other;
-- ``serial``: this writer with ``workers=1, background=False`` (same work, no threads);
-- ``bg w1`` / ``bg wN``: flushes in a background thread, per-hook files written by 1 / N threads.
+- ``before``: the writer of a base commit (``--base``, read with ``git show``): one ``pq.write_table`` per hook
+  from a pool of ``--workers`` threads;
+- ``now``: this tree's (``Buffer.table``, then one ``write_dataset`` per 256 hooks, store/files.py).
 
-Then a producer slower than the writer (it sleeps ``--produce`` seconds per batch, as a recorder waits on its
-GPU; default 1.5x the ``before`` writer's time per batch): the seconds ``add`` blocked it, summed, for
-``before`` and the last ``bg`` writer, and the seconds ``finish`` waited for the last flush.
+The flush runs in a thread pinned, with every thread it starts, to all cores but the first; a probe that
+stands for the recorder runs on the first core alone, so the two meet only at the GIL:
 
-Run: ``.venv/bin/python bench/writer_throughput.py [--rounds 2] [--shapes seamless,llama] [--dtypes float16]
-[--batches 3] [--workers 2]`` (about 2 minutes on 2 cores). At full scale (a 16-core GPU machine):
-``--batches 20 --workers 8,16``. Prints a Markdown table (docs/benchmarks.md, "Run writer").
+- ``python``: pure Python (the GIL never given back);
+- ``torch``: tiny torch operations (the GIL given back and retaken around each, as a launch-bound GPU
+  recorder's kernel launches do).
+
+Reported: the flush's seconds alone and beside each probe, and the probe's rate beside the flush as a share
+of its rate alone (1.00: the flush costs the recorder nothing). The MB/s of the flush alone on the rest of the
+cores is the writer's own ceiling.
+
+Run: ``.venv/bin/python bench/writer_throughput.py [--rounds 2] [--shapes seamless,llama] [--dtypes float16]``
+(about 4 minutes on 2 cores: the flush gets one). Needs 2 cores or more. On a 16-core GPU host: ``--workers 8
+--rows 256`` (the 512 MiB default buffer). Prints a Markdown table (docs/benchmarks.md, "Run writer").
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -42,26 +50,28 @@ except ModuleNotFoundError:  # a bare tree (the GPU machine, bench/gpu_bundle.sh
     import hookpoints
 
     hookpoints.__path__.append(str(ROOT))
-from hookpoints.store.catalog import Store  # noqa: E402
-from hookpoints.store.writer import HookRows, open_run  # noqa: E402
+from hookpoints.store.buffer import Buffer, HookRows  # noqa: E402
+from hookpoints.store.commits import FencedAppender  # noqa: E402
+from hookpoints.store.location import StoreLocation  # noqa: E402
+from hookpoints.store.schema import CORE_TABLES  # noqa: E402
+from hookpoints.store.tables import create  # noqa: E402
 
-BATCH = 32
 SHAPES = {  # hook widths: Table 1 of each model (FFN 4,096 / 8,192; d_model 1,024 / 2,048; k/v 512)
     "seamless": [1024] * 600 + [4096] * 120,
     "llama": [2048] * 160 + [8192] * 48 + [512] * 83,
 }
-BUFFER_MB = 64  # --buffer-mb; the runs in docs/benchmarks.md (the default is 512 MiB since, store.writer)
 
 
-def old_writer(base: str):
-    """store/writer.py (with its files.py and commits.py) as of commit ``base``, loaded beside today's."""
+def old_store(base: str) -> dict:
+    """store/{buffer,files,commits}.py as of commit ``base``, loaded beside today's (each imports the old
+    ones loaded before it)."""
     import hookpoints.store as package
 
-    names = ("files", "commits", "writer")
+    names = ("buffer", "files", "commits")
     saved = {name: sys.modules[f"hookpoints.store.{name}"] for name in names}
     loaded = {}
     try:
-        for name in names:  # each old module imports the old ones loaded before it
+        for name in names:
             copied = ROOT / "bench" / "base" / base / f"{name}.py"  # bench/gpu_bundle.sh: a tree without .git
             source = copied.read_text() if copied.exists() else subprocess.run(
                 ["git", "show", f"{base}:store/{name}.py"], cwd=ROOT, capture_output=True, text=True, check=True
@@ -76,122 +86,153 @@ def old_writer(base: str):
         for name, module in saved.items():
             sys.modules[f"hookpoints.store.{name}"] = module
             setattr(package, name, module)
-    return loaded["writer"]
+    return loaded
 
 
-def hooks_of(widths: list[int]) -> list[dict]:
-    return [
-        {"hook": f"h{i:03d}", "module": f"m{i}", "io": "output", "component": "c", "layer": i, "submodule": "s",
-         "width": w, "shape": [w], "neuron_axis": 1, "space": "input", "layer_output": False}
-        for i, w in enumerate(widths)
-    ]  # fmt: skip
+def buffers(widths: list[int], rows: int, dtype: str, old: dict) -> tuple:
+    """One flush's rows, as the recorder hands them (float16 for a float16 run: cast where pooled), in this
+    tree's buffer and the base's."""
+    rng = np.random.default_rng(0)
+    pool = {w: rng.normal(size=(rows, w)).astype(dtype) for w in set(widths)}  # [rows, width]
+    ids = [f"e{i}" for i in range(rows)]
+    chunks = {f"h{i:03d}": HookRows(ids, pool[w]) for i, w in enumerate(widths)}
+    now, before = Buffer(), old["buffer"].Buffer()
+    for buffer in (now, before):
+        buffer.add(pa.table({"example_id": ids}), chunks)
+    return now, before
 
 
-def batches(widths: list[int], count: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    pool = {w: rng.normal(size=(BATCH, w)).astype(np.float32) for w in set(widths)}  # [batch, width]
-    for b in range(count):
-        ids = [f"{b}-{i}" for i in range(BATCH)]
-        yield pa.table({"example_id": ids}), {f"h{i:03d}": HookRows(ids, pool[w]) for i, w in enumerate(widths)}
+class Flusher:
+    """Flushes (build, files, Delta commit) on a thread pinned to ``cores``: Arrow's threads and the base
+    writer's pool are started from it, so they inherit the pinning."""
+
+    def __init__(self, way: str, buffer, old: dict, cores: set[int], scratch: Path, workers: int):
+        self.way, self.buffer, self.old, self.cores, self.scratch = way, buffer, old, cores, scratch
+        self.workers, self.times = workers, []
+
+    def run(self, count: int, done: list | None = None) -> None:
+        thread = threading.Thread(target=self._flushes, args=(count, done))
+        thread.start()
+        if done is None:
+            thread.join()
+        self.thread = thread
+
+    def _flushes(self, count: int, done: list | None) -> None:
+        os.sched_setaffinity(threading.get_native_id(), self.cores)
+        pool = ThreadPoolExecutor(self.workers) if self.way == "before" else None
+        hooks = sorted(self.buffer.rows)
+        for _ in range(count):
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            location = StoreLocation.parse(self.scratch)
+            spec = CORE_TABLES["activations"]
+            create(location, spec)
+            started = time.perf_counter()
+            if self.way == "before":
+                appender = self.old["commits"].FencedAppender(location, spec, "bench", what="bench")
+                appender.append_parts(self.buffer.parts("r", hooks, float16=self._float16), pool=pool)
+            else:
+                appender = FencedAppender(location, spec, "bench", what="bench")
+                appender.append(self.buffer.table("r", hooks, float16=self._float16))
+            self.times.append(time.perf_counter() - started)
+        if pool is not None:
+            pool.shutdown()
+        if done is not None:
+            done.append(True)
+
+    @property
+    def _float16(self) -> bool:
+        return next(iter(self.buffer.rows.values()))[0].values.dtype == np.float16
 
 
-def run_once(way: str, old, widths, dtype: str, count: int, scratch: Path, produce: float = 0.0) -> tuple:
-    """(seconds through add + finish, seconds ``add`` blocked the producer, seconds ``finish`` took, CPU
-    seconds of the process meanwhile: every thread's, less the producer's sleep)."""
-    folder = scratch / "store"
-    shutil.rmtree(folder, ignore_errors=True)
-    store = Store.open(folder, create=True)
-    options = dict(settings={"model": "m", "task": "forward", "pooling": "mean", "dtype": dtype}, config={},
-                   hooks=hooks_of(widths), examples_schema=pa.schema([("example_id", pa.string())]))  # fmt: skip
-    if way == "before":
-        writer = old.open_run(store, "r", **options, max_buffer_bytes=BUFFER_MB * 2**20)
-    else:
-        workers = 1 if way == "serial" else int(way.removeprefix("bg w"))
-        background = way != "serial"
-        writer = open_run(
-            store, "r", workers=workers, background=background, max_buffer_bytes=BUFFER_MB * 2**20, **options
-        )
-    blocked = 0.0
-    started, cpu = time.perf_counter(), time.process_time()
-    for examples, rows in batches(widths, count):
-        if produce:
-            time.sleep(produce)  # the GPU computing the next batch (the GIL is free meanwhile)
-        at = time.perf_counter()
-        writer.add(examples, rows)
-        blocked += time.perf_counter() - at
-    at = time.perf_counter()
-    writer.finish()
-    seconds = time.perf_counter() - started
-    finishing = time.perf_counter() - at
-    cpu = time.process_time() - cpu
-    rows = store.dataset("activations").count_rows()
-    if rows != count * BATCH * len(widths):
-        raise RuntimeError(f"{way}: {rows} activation rows stored, {count * BATCH * len(widths)} expected")
-    return seconds, blocked, finishing, cpu
+def probe_python(stop: list) -> int:
+    count = 0
+    while not stop:
+        sum(range(200))
+        count += 1
+    return count
+
+
+def probe_torch(stop: list) -> int:
+    import torch
+
+    tensor, count = torch.zeros(16), 0
+    while not stop:
+        for _ in range(20):
+            tensor.add_(1.0)
+        count += 1
+    return count
+
+
+def probe_rate(probe, seconds: float = 2.0) -> float:
+    stop: list = []
+    timer = threading.Timer(seconds, stop.append, args=(True,))
+    timer.start()
+    started = time.perf_counter()
+    return probe(stop) / (time.perf_counter() - started)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--shapes", default="seamless,llama")
-    parser.add_argument("--dtypes", default="float16,float32")
-    parser.add_argument("--batches", type=int, default=3, help="batches of 32 examples per writer (a flush each)")
-    parser.add_argument("--workers", default="2", help="thread counts to compare besides 1, comma-separated")
-    parser.add_argument(
-        "--produce",
-        type=float,
-        default=0.0,
-        help="producer seconds per batch (default: 1.5x the 'before' writer's seconds per batch)",
-    )
-    parser.add_argument("--base", default="4195983", help="the commit whose writer is 'before'")
-    parser.add_argument("--buffer-mb", type=int, default=64, help="the writer's buffer (MiB of float32 values)")
+    parser.add_argument("--dtypes", default="float16")
+    parser.add_argument("--rows", type=int, default=32, help="pooled rows per hook in one flush")
+    parser.add_argument("--flushes", type=int, default=2, help="flushes per measurement (1 beside pure Python)")
+    parser.add_argument("--workers", type=int, default=2, help="the 'before' writer's file threads")
+    parser.add_argument("--base", default="c455c46", help="the commit whose writer is 'before'")
     args = parser.parse_args()
-    global BUFFER_MB
-    BUFFER_MB = args.buffer_mb
-    old = old_writer(args.base)
-    ways = ["before", "serial", "bg w1", *(f"bg w{n}" for n in args.workers.split(",") if n.strip() != "1")]
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        sys.exit("writer_throughput.py needs 2 cores or more: one for the probe, the rest for the flush")
+    os.sched_setaffinity(threading.get_native_id(), {cores[0]})  # this thread runs the probes
+    import torch
+
+    torch.set_num_threads(1)
+    old = old_store(args.base)
+    ways, probes = ("before", "now"), {"python": probe_python, "torch": probe_torch}
     cases = [(shape, dtype) for shape in args.shapes.split(",") for dtype in args.dtypes.split(",")]
-    times: dict = {(case, way): [] for case in cases for way in ways}
-    cpus: dict = {(case, way): [] for case in cases for way in ways}
+    alone: dict = {}  # (case, way) -> flush seconds
+    beside: dict = {}  # (case, probe, way) -> (flush seconds, probe rate / rate alone)
     with tempfile.TemporaryDirectory() as scratch:
-        for _ in range(args.rounds):
-            for case in cases:
+        for case in cases:
+            now, before = buffers(SHAPES[case[0]], args.rows, case[1], old)
+            flushers = {
+                way: Flusher(way, buffer, old, set(cores[1:]), Path(scratch) / way, args.workers)
+                for way, buffer in (("before", before), ("now", now))
+            }
+            for flusher in flushers.values():
+                flusher.run(1)  # warm-up: thread pools started, pages faulted in
+            for _ in range(args.rounds):
                 for way in ways:
-                    seconds, _, _, cpu = run_once(way, old, SHAPES[case[0]], case[1], args.batches, Path(scratch))
-                    times[case, way].append(seconds)
-                    cpus[case, way].append(cpu)
-                    print(f"{case} {way}: {seconds:.2f} s", file=sys.stderr, flush=True)
-        blocked, case = {}, cases[0]
-        produce = args.produce or 1.5 * statistics.median(times[case, "before"]) / args.batches
-        for way in ("before", ways[-1]) * args.rounds:
-            blocked.setdefault(way, []).append(
-                run_once(way, old, SHAPES[case[0]], case[1], args.batches, Path(scratch), produce)
-            )
-    print(f"| shape | dtype | MB per batch | {' | '.join(ways)} |")
-    print("|---|---|---:|" + "---:|" * len(ways))
+                    flusher = flushers[way]
+                    flusher.times = []
+                    flusher.run(args.flushes)
+                    alone.setdefault((case, way), []).extend(flusher.times)
+                    for name, probe in probes.items():
+                        rate = probe_rate(probe)
+                        flusher.times, done = [], []
+                        started = time.perf_counter()
+                        flusher.run(1 if name == "python" else args.flushes, done)
+                        count = probe(done)
+                        share = count / (time.perf_counter() - started) / rate
+                        flusher.thread.join()
+                        beside.setdefault((case, name, way), []).append((statistics.median(flusher.times), share))
+                        print(f"{case} {way} {name}: {beside[case, name, way][-1]}", file=sys.stderr, flush=True)
+    median = statistics.median
+    print(f"Flush of {args.rows} rows per hook on {len(cores) - 1} core(s), a probe on its own core; base "
+          f"{args.base} with {args.workers} file threads; medians of {args.rounds} rounds x {args.flushes} flushes\n")
+    print("| shape | dtype | MB per flush | flush alone: before | now | beside Python: flush before | now | "
+          "probe's rate before | now | beside torch ops: flush before | now | probe's rate before | now |")
+    print("|---|---|---:|" + "---:|" * 10)
     for shape, dtype in cases:
-        megabytes = BATCH * sum(SHAPES[shape]) * (2 if dtype == "float16" else 4) / 1e6
-        base = statistics.median(times[(shape, dtype), "before"])
-        cells = []
-        for way in ways:
-            seconds = statistics.median(times[(shape, dtype), way])
-            cells.append(f"{megabytes * args.batches / seconds:.0f} MB/s ({base / seconds:.2f}x)")
+        megabytes = args.rows * sum(SHAPES[shape]) * (2 if dtype == "float16" else 4) / 1e6
+        cells = [f"{median(alone[(shape, dtype), way]):.2f} s ({megabytes / median(alone[(shape, dtype), way]):.0f} "
+                 "MB/s)" for way in ways]  # fmt: skip
+        for name in probes:
+            runs = {way: beside[(shape, dtype), name, way] for way in ways}
+            cells += [f"{median(s for s, _ in runs[way]):.2f} s" for way in ways]
+            cells += [f"{median(r for _, r in runs[way]):.2f}" for way in ways]
         print(f"| {shape} ({len(SHAPES[shape])} hooks) | {dtype} | {megabytes:.0f} | {' | '.join(cells)} |")
-    print("\nCPU seconds per GB of values (all threads; less is less work, whatever the load):\n")
-    print(f"| shape | dtype | {' | '.join(ways)} |")
-    print("|---|---|" + "---:|" * len(ways))
-    for shape, dtype in cases:
-        gigabytes = args.batches * BATCH * sum(SHAPES[shape]) * (2 if dtype == "float16" else 4) / 1e9
-        base = statistics.median(cpus[(shape, dtype), "before"])
-        cells = [f"{statistics.median(cpus[(shape, dtype), way]) / gigabytes:.1f} "
-                 f"({statistics.median(cpus[(shape, dtype), way]) / base:.2f}x)" for way in ways]  # fmt: skip
-        print(f"| {shape} | {dtype} | {' | '.join(cells)} |")
-    print(f"\nA producer slower than the writer ({produce:.2f} s per batch; {case[0]}, {case[1]}), medians:\n")
-    print("| writer | seconds in all | add blocked the producer | per batch | finish |")
-    print("|---|---:|---:|---:|---:|")
-    for way, results in blocked.items():
-        total, waits, finishing, _ = (statistics.median(column) for column in zip(*results, strict=True))
-        print(f"| {way} | {total:.1f} | {waits:.2f} s | {waits / args.batches:.2f} s | {finishing:.2f} s |")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,19 @@
 """The run writer's buffer (store/writer.py) and the Arrow rows of one hook that a flush writes from it.
 
-A :class:`Buffer` collects batches until the writer flushes it; a flush turns it into one
-``(run, hook)`` partition per hook (:meth:`Buffer.parts`), each built by a function the file-writing threads
-call (store/files.py ``write_parts``), so the float16 casts run in parallel with the Parquet encoding.
+A :class:`Buffer` collects batches until the writer flushes it; a flush turns it into one activations table
+(:meth:`Buffer.table`) that store/files.py writes as one file per hook.
 
 Example::
 
     buffer = Buffer()
     buffer.add(examples, {"h0": HookRows(["a"], np.ones((1, 4), np.float32))})
-    parts = buffer.parts("r1", ["h0"], float16=True)   # [(("r1", "h0"), build)], build() -> pa.Table
+    rows = buffer.table("r1", ["h0"], float16=True)   # run, hook, example_id, ..., activation_f16, finite
 """
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +21,6 @@ import numpy as np
 import pyarrow as pa
 from hookpoints.store.schema import ACTIVATIONS
 
-#: An activations file's columns: the table's, less the partition columns (run, hook).
-BODY = pa.schema([column for column in ACTIVATIONS if column.name not in ("run", "hook")])
 _F16_EXPONENT = 0x7C00  # IEEE half: all exponent bits set means inf or NaN
 
 
@@ -33,7 +29,7 @@ def default_buffer_bytes() -> int:
     that is less, at least 64 MiB. Every flush writes one Parquet file per hook point, so a small buffer makes
     small files whose fixed cost (writer set-up, statistics, a file per hook) outweighs their values: on the
     H200's host, 720 Seamless hook points at 32 examples per flush wrote 89-119 MB/s (bench/writer_throughput.py).
-    Memory: about two buffers (one filling, one being written).
+    Memory: about three buffers (one filling, one being written, and its copy as one table).
 
     >>> default_buffer_bytes() // 2**20  # on a machine with 16 GiB or more
     512
@@ -102,54 +98,74 @@ class Buffer:
         self.ids[:0] = older.ids
         self.nbytes += older.nbytes
 
-    def parts(self, run: str, hooks: list[str], *, float16: bool) -> list[tuple[tuple, Callable[[], pa.Table]]]:
-        """One ``((run, hook), build)`` per hook; ``build()`` returns the hook's rows as :data:`BODY`."""
-        ids: dict[tuple, pa.Array] = {}  # the example ids of chunks shared by every hook (pooled) built once
-        parts = []
-        for hook in hooks:
-            chunks = self.rows[hook]
-            key = tuple(id(chunk.example_ids) for chunk in chunks)
-            if key not in ids:
-                ids[key] = pa.array([example for chunk in chunks for example in chunk.example_ids], pa.string())
-            parts.append(((run, hook), _builder(chunks, ids[key], float16)))
-        return parts
+    def table(self, run: str, hooks: list[str], *, float16: bool) -> pa.Table:
+        """Every hook's buffered rows as one activations table (``run`` and ``hook`` dictionary-encoded), hook
+        after hook, built with a few whole-buffer Arrow and numpy calls: no call per hook that gives the GIL
+        back and waits to retake it (store/files.py).
+
+        float16 runs store the IEEE half bit patterns (``activation_f16``); ``finite`` is false for a row that
+        holds NaN or inf after the cast (values beyond float16's range become inf).
+        """
+        chunks = [(h, chunk) for h, hook in enumerate(hooks) for chunk in self.rows[hook]]
+        if not chunks:
+            return ACTIVATIONS.empty_table()
+        counts = np.array([len(chunk.example_ids) for _, chunk in chunks], np.int64)  # [chunks]
+        widths = np.array([chunk.values.shape[1] for _, chunk in chunks], np.int64)  # [chunks]
+        if int(counts @ widths) >= 2**31:
+            raise ValueError("one flush holds 2**31 values or more: lower max_buffer_bytes")
+        values = pa.concat_arrays([_flat(chunk.values, float16) for _, chunk in chunks])  # [values] one copy
+        offsets = np.zeros(int(counts.sum()) + 1, np.int32)  # [rows + 1]
+        np.cumsum(np.repeat(widths, counts), out=offsets[1:])
+        flat = np.frombuffer(values.buffers()[1], np.uint16 if float16 else np.float32, len(values))
+        ok = (flat & _F16_EXPONENT) != _F16_EXPONENT if float16 else np.isfinite(flat)  # [values]
+        starts = np.minimum(offsets[:-1], max(len(ok) - 1, 0))  # [rows] (an empty vector last: in range)
+        finite = np.logical_and.reduceat(ok, starts) if len(ok) else np.ones(len(starts), bool)
+        finite[offsets[:-1] == offsets[1:]] = True  # an empty vector (reduceat would read its neighbour)
+        vectors = pa.ListArray.from_arrays(pa.array(offsets), values)
+        n = len(offsets) - 1
+        empty = pa.nulls(n, pa.list_(pa.float32() if float16 else pa.int16()))
+        f32, f16 = (empty, vectors) if float16 else (vectors, empty)
+        ids: dict[int, pa.Array] = {}  # pooled rows share their batch's id list across hooks: built once
+        for _, chunk in chunks:
+            if id(chunk.example_ids) not in ids:
+                ids[id(chunk.example_ids)] = pa.array(chunk.example_ids, pa.string())
+        example_ids = pa.concat_arrays([ids[id(chunk.example_ids)] for _, chunk in chunks])
+        if all(chunk.positions is None for _, chunk in chunks):
+            positions = pa.nulls(n, pa.int32())
+        else:
+            positions = pa.concat_arrays([_positions(chunk) for _, chunk in chunks])
+        hook_codes = np.repeat(np.array([h for h, _ in chunks], np.int32), counts)  # [rows]
+        columns = {
+            "run": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([run])),
+            "hook": pa.DictionaryArray.from_arrays(pa.array(hook_codes), pa.array(hooks, pa.string())),
+            "example_id": example_ids,
+            "position": positions,
+            "activation": f32,
+            "activation_f16": f16,
+            "finite": pa.array(finite, pa.bool_()),
+        }
+        batch = pa.record_batch(columns)
+        ends = np.cumsum(np.bincount(hook_codes, minlength=len(hooks))).tolist()  # [hooks] each one's last row + 1
+        # one chunk per hook: Arrow's dataset writer then files each chunk whole (0.6 s instead of 0.8-1.5 s for
+        # 720 Seamless hooks of 32 rows, measured)
+        bounds = zip([0, *ends[:-1]], ends, strict=True)
+        return pa.Table.from_batches([batch.slice(start, stop - start) for start, stop in bounds if stop > start])
 
 
-def _builder(chunks: list[HookRows], ids: pa.Array, float16: bool) -> Callable[[], pa.Table]:
-    return lambda: hook_table(chunks, ids, float16=float16)
+def _flat(values: np.ndarray, float16: bool) -> pa.Array:
+    """A chunk's vectors as one flat Arrow array without a copy: float16 bit patterns (int16) or float32; a chunk
+    of another dtype is cast first (values beyond float16's range become inf, flagged by ``finite``)."""
+    wanted = np.float16 if float16 else np.float32
+    if values.dtype != wanted:
+        with np.errstate(over="ignore"):
+            values = values.astype(np.float32, copy=False).astype(wanted)
+    flat = np.ascontiguousarray(values).reshape(-1)  # [rows * width]
+    kind = pa.int16() if float16 else pa.float32()
+    return pa.Array.from_buffers(kind, len(flat), [None, pa.py_buffer(flat)])
 
 
-def hook_table(chunks: list[HookRows], ids: pa.Array, *, float16: bool) -> pa.Table:
-    """One hook's buffered rows as an activations file's columns (:data:`BODY`), without Python per row.
-
-    float16 runs store the IEEE half bit patterns (``activation_f16``); ``finite`` is false for a row that
-    holds NaN or inf after the cast (values beyond float16's range become inf).
-    """
-    parts = [chunk.values for chunk in chunks]
-    values = parts[0] if len(parts) == 1 else np.concatenate(parts)  # [rows, width]
-    n, width = values.shape
-    if n * width >= 2**31:
-        raise ValueError("one flush holds more than 2**31 values: lower max_buffer_bytes")
-    if len(ids) != n:
-        raise ValueError(f"{n} rows of vectors but {len(ids)} example ids")
-    offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32))
-    if float16:
-        if values.dtype != np.float16:
-            with np.errstate(over="ignore"):  # values beyond float16's range become inf (and are flagged)
-                values = values.astype(np.float32, copy=False).astype(np.float16)
-        bits = np.ascontiguousarray(values).view(np.int16)  # [rows, width]
-        finite = ((bits.view(np.uint16) & _F16_EXPONENT) != _F16_EXPONENT).all(axis=1)
-        f32 = pa.nulls(n, BODY.field("activation").type)
-        f16 = pa.ListArray.from_arrays(offsets, pa.array(bits.ravel()))
-    else:
-        values = np.ascontiguousarray(values, dtype=np.float32)
-        finite = np.isfinite(values).all(axis=1)
-        f32 = pa.ListArray.from_arrays(offsets, pa.array(values.ravel()))
-        f16 = pa.nulls(n, BODY.field("activation_f16").type)
-    positions = [chunk.positions for chunk in chunks]
-    position = (
-        pa.nulls(n, pa.int32())
-        if positions[0] is None
-        else pa.array(np.concatenate(positions).astype(np.int32, copy=False))
-    )
-    return pa.table([ids, position, f32, f16, pa.array(finite, pa.bool_())], schema=BODY)
+def _positions(chunk: HookRows) -> pa.Array:
+    """A chunk's positions, or nulls for pooled rows (a per-step run pools its encoder's hooks only)."""
+    if chunk.positions is None:
+        return pa.nulls(len(chunk.example_ids), pa.int32())
+    return pa.array(np.asarray(chunk.positions, np.int32))

@@ -23,8 +23,6 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import Executor
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
@@ -70,11 +68,6 @@ class FencedAppender:
         # Files of a fixed-schema append are written once, with page checksums, and only the commit retried.
         actions = None if merge_schema else files.write_files(self.table_location, self.spec, data)
         self._commit(data, actions)
-
-    def append_parts(self, parts: list[tuple[tuple, Callable[[], pa.Table]]], *, pool: Executor | None) -> None:
-        """Like :meth:`append`, for rows given per partition (``files.write_parts``: written by ``pool``'s
-        threads side by side), all committed in one transaction."""
-        self._commit(None, files.write_parts(self.table_location, self.spec, parts, pool=pool))
 
     def _commit(self, data: pa.Table | None, actions: list[AddAction] | None) -> None:
         target = self.version + 1

@@ -1,10 +1,17 @@
 """Parquet files with page checksums, written by pyarrow and committed to a Delta table as file actions.
 
 delta-rs' own writer cannot write Parquet page checksums (CRC32 per page), so three flipped bytes in the
-middle of a data file decode to wrong numbers (2.6e37) that nothing notices. The activations are written here
-instead: one file per partition, zstd level 1, the table's row group size, a CRC on every page; the writer
-then commits the files' :class:`AddAction` s in one Delta transaction (store/commits.py), and
+middle of a data file decode to wrong numbers (2.6e37) that nothing notices. Fixed-schema appends are written
+here instead: one file per partition, zstd level 1, the table's row group size, a CRC on every page; the
+writer then commits the files' :class:`AddAction` s in one Delta transaction (store/commits.py), and
 ``hookpoints store verify`` reads every page with checksum verification, naming a damaged file.
+
+A call's files are written by one ``pyarrow.dataset.write_dataset`` per 512 partitions (fewer where few
+files may be open), on Arrow's threads with the GIL released throughout. Writing them one ``pq.write_table``
+after the other, even from a thread pool, gave the GIL back and retook it a few times per file: beside a
+recorder of torch operations that cut the recorder to 0.5-0.6 of its speed, and beside pure Python the writer
+waited out a 5 ms switch interval at each retaking, 17-25 times slower (docs/benchmarks.md, "The run writer
+beside a busy recorder").
 
 Example::
 
@@ -18,15 +25,13 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import Executor, wait
 from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from deltalake.transaction import AddAction
 from hookpoints.store import tables
 from hookpoints.store.location import StoreLocation
@@ -36,115 +41,148 @@ from hookpoints.store.schema import TableSpec
 _STATS_TYPES = (pa.types.is_string, pa.types.is_integer, pa.types.is_boolean, pa.types.is_floating)
 
 
-def write_files(
-    location: StoreLocation, spec: TableSpec, data: pa.Table, *, pool: Executor | None = None
-) -> list[AddAction]:
-    """Write ``data`` as one checksummed Parquet file per partition; the actions that commit them."""
-    keys = list(spec.partition_by)
-    parts = _partitions(data, keys) if keys else [((), data)]
-    return write_parts(location, spec, [(values, part.drop_columns(keys)) for values, part in parts], pool=pool)
+def _partitions_per_call() -> int:
+    """Partitions one ``write_dataset`` call writes: each keeps a file open until the call ends, so half the
+    process' open-file limit (macOS' default 256 -> 128; 1,024 on Linux -> 512), between 64 and 512. Fewer
+    calls give the GIL back fewer times: in two runs of bench/writer_throughput.py a torch-operation recorder
+    beside a Llama flush kept 0.90 of its speed with 256 partitions per call, 0.71 with 100.
 
-
-def write_parts(
-    location: StoreLocation,
-    spec: TableSpec,
-    parts: list[tuple[tuple, pa.Table | Callable[[], pa.Table]]],
-    *,
-    pool: Executor | None = None,
-) -> list[AddAction]:
-    """Write one checksummed Parquet file per ``(partition values, rows)``; the actions that commit them.
-
-    ``rows`` holds the columns but the partition columns, or is a function that builds them (called in
-    the worker, so building runs in parallel too). With a ``pool`` (threads: pyarrow's Parquet writer and
-    numpy's casts release the GIL) the files are written side by side; the actions come back in the order
-    of ``parts``. Example: ``write_parts(location, spec, [(("r1", "h0"), rows)], pool=threads)``.
+    >>> 64 <= _partitions_per_call() <= 512
+    True
     """
-    filesystem = _filesystem(location, spec.name)
-    keys = list(spec.partition_by)
-    rows_per_group = spec.row_group_rows or tables.ROW_GROUP_ROWS
-    # schema -> (pq.write_table keywords, the columns whose min/max go into the Delta statistics): the same for
-    # every part of one table
-    plans: dict = {}
-
-    def write(values: tuple, rows) -> AddAction:
-        body = rows() if callable(rows) else rows
-        if body.schema not in plans:
-            plans[body.schema] = _options(body.schema), [f.name for f in body.schema if _has_min_max(f.type)]
-        options, min_max = plans[body.schema]
-        folder = "/".join(f"{key}={quote(str(value), safe='')}" for key, value in zip(keys, values, strict=True))
-        path = (folder + "/" if folder else "") + f"part-{uuid.uuid4()}.zstd.parquet"
-        if folder:
-            filesystem.create_dir(folder, recursive=True)
-        if location.is_local:  # the whole file in memory first, then one write: a kill leaves no half file
-            encoded = pa.BufferOutputStream()
-            _encode(body, encoded, rows_per_group, options)
-            contents = encoded.getvalue()
-            with filesystem.open_output_stream(path) as sink:
-                sink.write(contents)
-            size = contents.size
-        else:  # an object store: the object appears whole when the stream closes
-            with filesystem.open_output_stream(path) as sink:
-                _encode(body, sink, rows_per_group, options)
-            size = filesystem.get_file_info(path).size
-        partition = {key: None if value is None else str(value) for key, value in zip(keys, values, strict=True)}
-        return AddAction(path, size, partition, int(time.time() * 1000), True, _stats(body, min_max))
-
-    if pool is None or len(parts) < 2:
-        return [write(values, rows) for values, rows in parts]
-    futures = [pool.submit(write, values, rows) for values, rows in parts]
     try:
-        return [future.result() for future in futures]
-    finally:
-        for future in futures:  # on an error: written files stay unreferenced (vacuum removes them)
-            future.cancel()
-        wait(futures)
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # not POSIX
+        return 128
+    soft = 2**20 if soft == resource.RLIM_INFINITY else soft
+    return max(64, min(512, soft // 2))
 
 
-def _options(schema: pa.Schema) -> dict:
-    """Encodings (store/tables.py), and Parquet min/max statistics only where a reader can use them: the
-    scalar columns (no reader filters on a vector's elements; computing them cost 3-11% of the encoding)."""
-    scalars = [field.name for field in schema if not pa.types.is_nested(field.type)]
-    return {**tables.pyarrow_encodings(schema), "write_statistics": scalars}
+#: Partitions written by one ``write_dataset`` call (each keeps a file open until the call ends).
+PARTITIONS_PER_CALL = _partitions_per_call()
+_FOLDER = "__folder"  # the column that names each row's partition folder while writing (not stored)
 
 
-def _encode(body: pa.Table, sink, rows_per_group: int, encodings: dict) -> None:
-    """Parquet with a CRC on every page, zstd level 1, the table's row group size and vector encodings."""
-    pq.write_table(
-        body,
-        sink,
-        compression="zstd",
-        compression_level=1,
-        row_group_size=rows_per_group,
-        write_page_checksum=True,
-        **encodings,
+def write_files(location: StoreLocation, spec: TableSpec, data: pa.Table) -> list[AddAction]:
+    """Write ``data`` as one checksummed Parquet file per partition; the actions that commit them.
+
+    ``data`` holds the table's columns, partition columns included (plain or dictionary-encoded: the run
+    writer passes ``run`` and ``hook`` as dictionaries); a partition's rows keep their order in its file.
+    Example: ``write_files(location, CORE_TABLES["hooks"], rows)`` -> one ``AddAction`` per run.
+    """
+    if data.num_rows == 0:
+        return []
+    keys = list(spec.partition_by)
+    body = data.drop_columns(keys)
+    folders, values, group = _partitions(data, keys)  # [partitions] folder, values; [rows] partition index
+    if np.any(np.diff(group) < 0):  # each partition's rows together, so that a call covers a range of them
+        order = np.argsort(group, kind="stable")
+        body, group = body.take(pa.array(order)), group[order]
+    folder_of_row = pa.DictionaryArray.from_arrays(pa.array(group, pa.int32()), pa.array(folders, pa.string()))
+    table = body.append_column(_FOLDER, folder_of_row)
+    firsts = np.flatnonzero(np.r_[True, np.diff(group) != 0])  # [partitions] each one's first row
+    bounds = [*firsts[::PARTITIONS_PER_CALL].tolist(), len(group)]
+    filesystem = _filesystem(location, spec.name)
+    name = f"part-{uuid.uuid4().hex}-{{i}}.zstd.parquet"  # {i}: Arrow numbers the files of a folder from 0
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        _write(filesystem, table.slice(start, stop - start), name, spec.row_group_rows, keyed=bool(keys))
+    paths = [f"{folder}/{name.format(i=0)}" if folder else name.format(i=0) for folder in folders]
+    infos = filesystem.get_file_info(paths)  # one call for all: sizes
+    stats = _partition_stats(table, folders)
+    now = int(time.time() * 1000)
+    actions = []
+    for info, partition, stat in zip(infos, values, stats, strict=True):
+        if info.type != pafs.FileType.File:  # a partition split over files or lost would commit wrong rows
+            raise RuntimeError(f"writing {spec.name} left no file at {info.path}: nothing was committed")
+        actions.append(AddAction(info.path, info.size, partition, now, True, stat))
+    return actions
+
+
+def _partitions(data: pa.Table, keys: list[str]) -> tuple[list[str], list[dict], np.ndarray]:
+    """The distinct partitions' folders (``run=r1/hook=h0``, values URL-quoted) and values (``{"run": "r1",
+    "hook": "h0"}``: strings or None), ordered by first dictionary code, and each row's partition index."""
+    if not keys:
+        return [""], [{}], np.zeros(data.num_rows, np.int64)
+    codes, labels = [], []
+    for key in keys:
+        column = data[key].combine_chunks()
+        if not pa.types.is_dictionary(column.type):
+            column = pc.dictionary_encode(column, null_encoding="encode")
+        codes.append(pc.fill_null(column.indices, -1).to_numpy().astype(np.int64))
+        labels.append([None if value is None else str(value) for value in column.dictionary.to_pylist()])
+    combos, group = np.unique(np.stack(codes, axis=1), axis=0, return_inverse=True)
+    values = [
+        {key: None if code < 0 else labels[k][code] for k, (key, code) in enumerate(zip(keys, combo, strict=True))}
+        for combo in combos.tolist()
+    ]
+    folders = ["/".join(f"{key}={quote(str(value), safe='')}" for key, value in part.items()) for part in values]
+    return folders, values, group.reshape(-1)
+
+
+def _write(filesystem: pafs.FileSystem, rows: pa.Table, name: str, row_group_rows: int | None, *, keyed: bool):
+    """One ``write_dataset`` call: a file per partition (the ``__folder`` column names each row's folder), zstd
+    level 1, a CRC on every page, the vector encodings of store/tables.py; Arrow's threads, no GIL."""
+    rows_per_group = row_group_rows or tables.ROW_GROUP_ROWS
+    body = rows.drop_columns([_FOLDER])
+    ds.write_dataset(
+        rows if keyed else body,
+        "",
+        filesystem=filesystem,
+        format="parquet",
+        file_options=ds.ParquetFileFormat().make_write_options(**_options(body.schema)),
+        partitioning=ds.DirectoryPartitioning(pa.schema([rows.schema.field(_FOLDER)]), segment_encoding="none")
+        if keyed
+        else None,
+        basename_template=name,
+        existing_data_behavior="overwrite_or_ignore",  # the file names are new; only folders exist already
+        max_open_files=PARTITIONS_PER_CALL + 1,  # no partition's file is closed early: one file each
+        max_rows_per_group=rows_per_group,
+        min_rows_per_group=rows_per_group,
+        preserve_order=True,
     )
 
 
-def _partitions(data: pa.Table, keys: list[str]):
-    """(partition values, rows) for each distinct combination of ``keys``: zero-copy slices of ``data``
-    (sorted by ``keys`` first unless its rows already come grouped, as the run writer's do)."""
-    starts = _run_starts(data, keys)
-    if len(starts) != data.select(keys).group_by(keys).aggregate([]).num_rows:
-        data = data.take(pc.sort_indices(data, [(key, "ascending") for key in keys]))
-        starts = _run_starts(data, keys)
-    bounds = [*starts.tolist(), data.num_rows]
-    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        part = data.slice(start, stop - start)
-        yield tuple(part[key][0].as_py() for key in keys), part
+def _options(schema: pa.Schema) -> dict:
+    """zstd level 1, page CRCs, the encodings of store/tables.py, and Parquet min/max statistics only where a
+    reader can use them: the scalar columns (no reader filters on a vector's elements; computing them cost
+    3-11% of the encoding)."""
+    scalars = [field.name for field in schema if not pa.types.is_nested(field.type)]
+    return {
+        "compression": "zstd",
+        "compression_level": 1,
+        "write_page_checksum": True,
+        "write_statistics": scalars,
+        **tables.pyarrow_encodings(schema),
+    }
 
 
-def _run_starts(data: pa.Table, keys: list[str]) -> np.ndarray:
-    """Row indices where the combination of ``keys`` changes (0 first)."""
-    n = data.num_rows
-    change = np.zeros(n, dtype=bool)
-    if n:
-        change[0] = True
-    for key in keys:
-        column = data[key].combine_chunks()
-        differs = pc.fill_null(pc.not_equal(column.slice(1), column.slice(0, n - 1)), True)
-        both_null = pc.and_(column.slice(1).is_null(), column.slice(0, n - 1).is_null())
-        change[1:] |= np.asarray(pc.and_(differs, pc.invert(both_null)), dtype=bool)
-    return np.flatnonzero(change)
+def _partition_stats(table: pa.Table, folders: list[str]) -> list[str]:
+    """Delta's statistics of each partition's file (in ``folders`` order): rows, null counts, min/max of the
+    scalar columns; one grouped aggregation for all partitions."""
+    columns = [name for name in table.column_names if name != _FOLDER]
+    min_max = [name for name in columns if _has_min_max(table.schema.field(name).type)]
+    aggregations = [("__rows", "count", pc.CountOptions("all"))]
+    aggregations += [(name, "count", pc.CountOptions("only_null")) for name in columns]
+    aggregations += [(name, "min_max") for name in min_max]
+    grouped = table.append_column("__rows", pa.nulls(table.num_rows, pa.int8())).group_by(_FOLDER)
+    result = grouped.aggregate(aggregations)
+    result = {name: result.column(name).to_pylist() for name in result.column_names}
+    by_folder = {}
+    for i, folder in enumerate(result[_FOLDER]):
+        nulls = {name: result[f"{name}_count"][i] for name in columns}
+        ranges = [result[f"{name}_min_max"][i] for name in min_max]
+        stats: dict = {"numRecords": result["__rows_count"][i], "minValues": {}, "maxValues": {}, "nullCount": nulls}
+        for name, span in zip(min_max, ranges, strict=True):
+            low, high = span["min"], span["max"]
+            if low is None or (isinstance(low, float) and not (math.isfinite(low) and math.isfinite(high))):
+                continue
+            if isinstance(low, str) and max(len(low), len(high)) > 32:
+                continue  # Delta truncates long strings in statistics: leave them out rather than mislead
+            stats["minValues"][name], stats["maxValues"][name] = low, high
+        by_folder[folder] = json.dumps(stats)
+    return [by_folder[folder] for folder in folders]
 
 
 def _filesystem(location: StoreLocation, table: str) -> pafs.FileSystem:
@@ -156,19 +194,3 @@ def _filesystem(location: StoreLocation, table: str) -> pafs.FileSystem:
 
 def _has_min_max(kind: pa.DataType) -> bool:
     return any(check(kind) for check in _STATS_TYPES)
-
-
-def _stats(body: pa.Table, min_max: list[str]) -> str:
-    """Delta's per-file statistics: row count, null counts, min/max of the ``min_max`` (scalar) columns."""
-    stats: dict = {"numRecords": body.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
-    for name in body.column_names:
-        column = body[name]
-        stats["nullCount"][name] = column.null_count
-        if name in min_max and column.null_count < len(column):
-            low, high = (value.as_py() for value in pc.min_max(column).values())
-            if isinstance(low, float) and not (math.isfinite(low) and math.isfinite(high)):
-                continue
-            if isinstance(low, str) and max(len(low), len(high)) > 32:
-                continue  # Delta truncates long strings in statistics: leave them out rather than mislead
-            stats["minValues"][name], stats["maxValues"][name] = low, high
-    return json.dumps(stats)

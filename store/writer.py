@@ -3,7 +3,7 @@
 A :class:`RunWriter` buffers recorded rows until ``max_buffer_bytes`` (or until its first rows are
 ``max_buffer_seconds`` old) and then commits them in a background
 thread while the producer fills the next buffer (one flush in flight at most): first the examples, then the
-activations of every hook in one Delta commit (their files written by a thread pool), so a reader never sees
+activations of every hook in one Delta commit (their files written by Arrow's threads), so a reader never sees
 an example at some hooks and not others. Every commit carries the writer's numbered application transaction
 (store/commits.py), which makes a killed-and-resumed recording exactly once:
 
@@ -21,7 +21,6 @@ application ids, so they commit side by side; the run is complete when every sha
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -54,7 +53,6 @@ def open_run(
     shard: tuple[int, int] = (0, 1),
     max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     max_buffer_seconds: float = DEFAULT_BUFFER_SECONDS,
-    workers: int | None = None,
     background: bool = True,
 ) -> RunWriter:
     """Start (or resume, or overwrite) a run, or one shard of it, and return its writer.
@@ -62,8 +60,7 @@ def open_run(
     ``settings`` holds model, task, pooling and dtype; ``hooks`` one dict per hook point (the ``hooks``
     table's columns); ``examples_schema`` the manifest columns that go into ``examples``; ``shard`` which of
     the run's ``N`` shards this writer records; a buffer is committed at ``max_buffer_bytes`` of vectors or
-    once its first rows are ``max_buffer_seconds`` old; ``workers`` how many threads write a flush's per-hook
-    files (default: one per CPU, at most 8); ``background=False`` commits in the caller's thread (the writer
+    once its first rows are ``max_buffer_seconds`` old; ``background=False`` commits in the caller's thread (the writer
     of before: for comparisons). Everything is checked before anything is written, so a refused run leaves the
     store as it was. Example::
 
@@ -73,7 +70,12 @@ def open_run(
     """
     validate_run_name(run)
     index, count = check_shard(shard)
-    _workers(workers)  # refused before anything is written
+    bytes_ok = isinstance(max_buffer_bytes, int) and not isinstance(max_buffer_bytes, bool)
+    if not (bytes_ok and 0 <= max_buffer_bytes <= 2**31):  # a flush's vectors are one Arrow list (int32 offsets)
+        raise UserError(
+            f"max_buffer_bytes must be a whole number of bytes from 0 (a commit per batch) to 2**31 (2 GiB), "
+            f"not {max_buffer_bytes!r}"
+        )
     seconds_ok = isinstance(max_buffer_seconds, int | float) and not isinstance(max_buffer_seconds, bool)
     if not (seconds_ok and max_buffer_seconds >= 0):  # NaN fails >= too
         raise UserError(f"max_buffer_seconds must be a number of seconds, 0 or more, not {max_buffer_seconds!r}")
@@ -138,7 +140,6 @@ def open_run(
         shard=(index, count),
         appenders=(examples, activations),
         replaces=replaces,
-        workers=workers,
         background=background,
     )
 
@@ -170,9 +171,10 @@ class RunWriter:
 
     A full buffer is committed by a background thread while the producer goes on filling the next one
     (``background=True``): at most one flush is in flight, so :meth:`add` blocks only while the previous
-    flush still runs, and memory stays at about two buffers. An error of a background flush is raised by the
+    flush still runs, and memory stays at about three buffers (one filling, one being written, and the copy
+    of it that the files are written from). An error of a background flush is raised by the
     next :meth:`add`, :meth:`flush` or :meth:`finish` (the same exception), and its rows are kept in the buffer
-    for a later flush. Each flush writes its per-hook files with ``workers`` threads.
+    for a later flush. Each flush writes its per-hook files on Arrow's threads (store/files.py).
     """
 
     def __init__(
@@ -191,7 +193,6 @@ class RunWriter:
         max_buffer_seconds: float = DEFAULT_BUFFER_SECONDS,
         appenders: tuple[FencedAppender, FencedAppender],
         replaces: str | None = None,
-        workers: int | None = None,
         background: bool = True,
     ):
         self.store, self.run, self.settings, self.config = store, run, settings, config
@@ -204,13 +205,11 @@ class RunWriter:
         self.max_buffer_seconds = max_buffer_seconds
         self._filled_since: float | None = None  # time.monotonic() of the buffer's first rows
         self.fenced = False  # another process took over this shard (and the caller was told): commit nothing more
-        self.workers = _workers(workers)
         self._examples_cast = examples_cast
         self._examples_appender, self._activations_appender = appenders
         self._buffer = Buffer()
         self._buffered_ids: set[str] = set()  # buffered or in flight: not committed yet
         self._examples_present = examples_present  # example ids already in the examples table (flush's own)
-        self._files = ThreadPoolExecutor(self.workers, "hookpoints-files") if self.workers > 1 else None
         self._committer = ThreadPoolExecutor(1, "hookpoints-flush") if background else None
         self._in_flight: tuple[Buffer, Future] | None = None
 
@@ -325,29 +324,16 @@ class RunWriter:
             rows = rows.add_column(0, "run", pa.array([self.run] * rows.num_rows, pa.string()))
             self._examples_appender.append(rows, merge_schema=True)
             self._examples_present.update(buffer.ids)
-        parts = buffer.parts(self.run, self.hooks, float16=self.float16)
-        self._activations_appender.append_parts(parts, pool=self._files)
+        self._activations_appender.append(buffer.table(self.run, self.hooks, float16=self.float16))
 
     def _committed(self, buffer: Buffer) -> None:
         self.done.update(buffer.ids)
         self._buffered_ids.difference_update(buffer.ids)
 
     def _close(self) -> None:
-        for pool in (self._committer, self._files):
-            if pool is not None:
-                pool.shutdown(wait=True)
-        self._committer = self._files = None
-
-
-def _workers(workers: int | None) -> int:
-    """Threads that write one flush's files: ``workers``, or one per CPU this process may use, at most 8 (on
-    the H200's 16-core host 8 threads wrote 1.0-1.3x the MB/s of 16: the rest of a flush holds the GIL)."""
-    if workers is None:
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(1, min(8, usable or 1))
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise UserError(f"workers must be a whole number of threads, at least 1, not {workers!r}")
-    return workers
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+        self._committer = None
 
 
 def _has_run(run: str):

@@ -1,6 +1,6 @@
-"""The run writer's background flush and parallel file writes (issue 16) store exactly what the serial,
-synchronous writer stored; errors of a background flush reach the caller; the producer waits only for the
-flush before the one it starts."""
+"""The run writer's background flush (issue 16) stores exactly what the serial, synchronous writer stored;
+errors of a background flush reach the caller; the producer waits only for the flush before the one it
+starts."""
 
 from __future__ import annotations
 
@@ -81,11 +81,11 @@ def _activation_commits(store) -> list[int]:
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("positions", [False, True])
-def test_the_background_parallel_writer_stores_what_the_serial_one_did(tmp_path, dtype, positions):
+def test_the_background_writer_stores_what_the_serial_one_did(tmp_path, dtype, positions):
     from hookpoints.store.catalog import Store
 
     stored, commits = {}, {}
-    for way, options in {"serial": dict(workers=1, background=False), "parallel": dict(workers=3)}.items():
+    for way, options in {"serial": dict(background=False), "background": dict()}.items():
         store = Store.open(tmp_path / way, create=True)
         writer = _open(store, dtype=dtype, buffer_examples=6 * (3 if positions else 1), **options)
         for examples, rows in _batches(7, 3, positions=positions):
@@ -96,8 +96,8 @@ def test_the_background_parallel_writer_stores_what_the_serial_one_did(tmp_path,
         assert rows == len(stored[way]) == 7 * 3 * len(HOOKS) * (3 if positions else 1)  # no row twice
         if not positions:
             assert_exactly_once(store, "r", [f"e{b}-{i}" for b in range(7) for i in range(3)], len(HOOKS))
-    assert commits["parallel"] == commits["serial"] == [len(HOOKS)] * 4  # one commit per flush, every hook
-    assert stored["parallel"] == stored["serial"]
+    assert commits["background"] == commits["serial"] == [len(HOOKS)] * 4  # a commit per flush, a file per hook
+    assert stored["background"] == stored["serial"]
     # and both equal numpy's own float32 / float16 rounding of what was added
     expected = {}
     with np.errstate(over="ignore"):  # beyond float16's range: inf, flagged
@@ -109,28 +109,40 @@ def test_the_background_parallel_writer_stores_what_the_serial_one_did(tmp_path,
                     vector = values[r].tolist()
                     finite = bool(np.isfinite(chunk.values[r].astype(np.dtype(dtype))).all())
                     expected[hook, example, position] = (vector, finite)
-    assert stored["parallel"] == _comparable(expected)
+    assert stored["background"] == _comparable(expected)
     assert {finite for _, finite in expected.values()} == {True, False}
 
 
+def _on_activations_append(monkeypatch, wrapper):
+    """Route every activations commit (``FencedAppender.append`` of the activations table) through
+    ``wrapper(commit)``; the examples table's commits go through unchanged."""
+    real = FencedAppender.append
+
+    def append(self, data, **options):
+        if self.spec.name != "activations":
+            return real(self, data, **options)
+        return wrapper(lambda: real(self, data, **options))
+
+    monkeypatch.setattr(FencedAppender, "append", append)
+
+
 def _failing_once(monkeypatch, *, at_call: int, error: Exception):
-    """Make the ``at_call``-th activations commit (append_parts) raise ``error`` once, after writing nothing."""
-    real = FencedAppender.append_parts
+    """Make the ``at_call``-th activations commit raise ``error`` once, after writing nothing."""
     calls = []
 
-    def append_parts(self, parts, *, pool):
+    def fail(commit):
         calls.append(1)
         if len(calls) == at_call:
             raise error
-        return real(self, parts, pool=pool)
+        return commit()
 
-    monkeypatch.setattr(FencedAppender, "append_parts", append_parts)
+    _on_activations_append(monkeypatch, fail)
     return calls
 
 
 def test_an_error_of_the_background_flush_is_raised_by_the_next_call_and_nothing_is_lost(store, monkeypatch):
     calls = _failing_once(monkeypatch, at_call=2, error=OSError("no space left on device"))
-    writer = _open(store, buffer_examples=3, workers=2)
+    writer = _open(store, buffer_examples=3)
     batches = list(_batches(6, 3))
     taken = []  # the example ids of every add that returned
     with pytest.raises(OSError) as caught:
@@ -174,19 +186,18 @@ class _Gate:
 
     def __init__(self, monkeypatch):
         self.open, self.running, self.most, self.started = threading.Event(), 0, 0, threading.Event()
-        real = FencedAppender.append_parts
 
-        def append_parts(appender, parts, *, pool):
+        def held(commit):
             self.running += 1
             self.most = max(self.most, self.running)
             self.started.set()
             try:
                 assert self.open.wait(30), "the gate was never opened"
-                return real(appender, parts, pool=pool)
+                return commit()
             finally:
                 self.running -= 1
 
-        monkeypatch.setattr(FencedAppender, "append_parts", append_parts)
+        _on_activations_append(monkeypatch, held)
 
 
 def test_add_returns_while_its_flush_runs_and_waits_only_for_the_previous_one(store, monkeypatch):
@@ -234,10 +245,12 @@ def test_a_writer_fenced_in_the_background_stops_and_logs_nothing(store):
     assert store.run_info("r").status == "complete"
 
 
-@pytest.mark.parametrize("workers", [0, -2, 1.5, True, "4"])
-def test_a_bad_thread_count_is_refused_before_anything_is_written(store, workers):
-    with pytest.raises(UserError, match="workers must be a whole number of threads, at least 1"):
-        _open(store, workers=workers)
+@pytest.mark.parametrize("size", [-1, 2**31 + 1, 1.5, True, "64"])
+def test_a_bad_buffer_size_is_refused_before_anything_is_written(store, size):
+    settings = {"model": "tiny", "task": "forward", "pooling": "mean", "dtype": "float32"}
+    schema = pa.schema([("example_id", pa.string())])
+    with pytest.raises(UserError, match=r"max_buffer_bytes must be a whole number of bytes from 0 .* to 2\*\*31"):
+        open_run(store, "r", settings=settings, config={}, hooks=HOOKS, examples_schema=schema, max_buffer_bytes=size)
     assert store.run_info("r") is None
 
 
@@ -275,16 +288,18 @@ def test_float16_values_are_stored_as_given(store):
     from hookpoints.store.catalog import Store
 
     runs = {}
-    for name, given in (("given", True), ("cast", False)):
+    for name, given in (("given", set(WIDTHS)), ("cast", set()), ("mixed", {3, 7})):  # widths given as float16
         writer = _open(store, dtype="float16", run=name)
         for examples, rows in _batches(2, 3):
-            if given:
-                with np.errstate(over="ignore"):
-                    rows = {h: HookRows(r.example_ids, r.values.astype(np.float16)) for h, r in rows.items()}
+            with np.errstate(over="ignore"):
+                rows = {
+                    h: HookRows(r.example_ids, r.values.astype(np.float16)) if r.values.shape[1] in given else r
+                    for h, r in rows.items()
+                }
             writer.add(examples, rows)
         writer.finish()
         runs[name] = _comparable(_stored(Store.open(store.location.uri), name))
-    assert runs["given"] == runs["cast"] and len(runs["given"]) == 2 * 3 * len(HOOKS)
+    assert runs["given"] == runs["cast"] == runs["mixed"] and len(runs["given"]) == 2 * 3 * len(HOOKS)
 
 
 @pytest.mark.parametrize("background", [True, False])

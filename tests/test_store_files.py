@@ -1,0 +1,168 @@
+"""store/files.py writes one checksummed Parquet file per partition with one ``write_dataset`` call per
+``PARTITIONS_PER_CALL`` partitions: each file holds exactly its partition's rows in their order, and its Delta
+statistics equal a plain Python computation over those rows."""
+
+from __future__ import annotations
+
+import json
+import math
+from urllib.parse import quote
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hookpoints.store import files
+from hookpoints.store.location import StoreLocation
+from hookpoints.store.schema import TableSpec
+
+SCHEMA = pa.schema(
+    [
+        ("run", pa.string()),
+        ("hook", pa.string()),
+        ("example_id", pa.string()),
+        ("position", pa.int32()),
+        ("score", pa.float64()),
+        ("finite", pa.bool_()),
+        ("vector", pa.list_(pa.float32())),
+    ]
+)
+
+
+def _rows(count: int, seed: int = 0) -> pa.Table:
+    """Shuffled rows over 2 runs x 9 hooks (names that need quoting), nulls, NaN, infinities, long strings."""
+    rng = np.random.default_rng(seed)
+    hooks = ["h:a", "h/b", "h c", "z", "blocks.0.hook_resid_post", "ä", "h%", "x=y", "last"]
+    scores = rng.normal(size=count)
+    scores[rng.random(count) < 0.05] = np.nan
+    scores[:2] = [np.inf, -np.inf]
+    return pa.table(
+        {
+            "run": rng.choice(["r1", "r~2"], count).tolist(),
+            "hook": rng.choice(hooks, count).tolist(),
+            "example_id": [("e" * 40 if i % 50 == 7 else f"e{i % 97}") for i in range(count)],
+            "position": pa.array([None if i % 3 else i for i in range(count)], pa.int32()),
+            "score": pa.array(scores.tolist()).cast(pa.float64()),
+            "finite": pa.array([None if i % 11 == 0 else bool(i % 2) for i in range(count)], pa.bool_()),
+            "vector": pa.array([rng.normal(size=int(rng.integers(0, 5))).tolist() for _ in range(count)],
+                               pa.list_(pa.float32())),
+        }
+    )  # fmt: skip
+
+
+def _expected_stats(rows: list[dict], columns: list[str]) -> dict:
+    """Delta's statistics by hand: rows, nulls, min/max of scalar columns (NaN skipped; a column left out where
+    an infinity is its bound, or a string bound is over 32 characters, or every value is null)."""
+    stats: dict = {"numRecords": len(rows), "minValues": {}, "maxValues": {}, "nullCount": {}}
+    for name in columns:
+        values = [row[name] for row in rows]
+        stats["nullCount"][name] = sum(value is None for value in values)
+        present = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        if name == "vector" or not present:
+            continue
+        low, high = min(present), max(present)
+        if isinstance(low, float) and not (math.isfinite(low) and math.isfinite(high)):
+            continue
+        if isinstance(low, str) and max(len(low), len(high)) > 32:
+            continue
+        stats["minValues"][name], stats["maxValues"][name] = low, high
+    return stats
+
+
+@pytest.mark.parametrize("dictionary", [False, True])
+def test_each_partition_gets_one_file_with_its_rows_in_order_and_its_statistics(tmp_path, monkeypatch, dictionary):
+    monkeypatch.setattr(files, "PARTITIONS_PER_CALL", 4)  # 18 partitions: five write_dataset calls
+    spec = TableSpec("t", SCHEMA, ("run", "hook"), row_group_rows=16)
+    data = _rows(1500)
+    if dictionary:  # as the run writer passes them
+        data = data.set_column(0, "run", data["run"].dictionary_encode()).set_column(
+            1, "hook", data["hook"].dictionary_encode()
+        )
+    location = StoreLocation.parse(tmp_path)
+    (tmp_path / "t").mkdir()
+    actions = files.write_files(location, spec, data)
+
+    expected: dict = {}  # (run, hook) -> rows, in the input's order
+    for row in _rows(1500).to_pylist():
+        expected.setdefault((row["run"], row["hook"]), []).append(row)
+    assert len(actions) == len(expected) == 18
+    body = [name for name in SCHEMA.names if name not in ("run", "hook")]
+    for action in actions:
+        run, hook = action.partition_values["run"], action.partition_values["hook"]
+        folder, name = action.path.rsplit("/", 1)
+        assert folder == f"run={quote(run, safe='')}/hook={quote(hook, safe='')}"
+        path = tmp_path / "t" / action.path
+        assert action.size == path.stat().st_size
+        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        assert max(parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)) <= 16
+        stored = parquet.read().to_pylist()
+        wanted = [{key: row[key] for key in body} for row in expected[run, hook]]
+        assert repr(stored) == repr(wanted)  # repr: NaN equals itself
+        assert json.loads(action.stats) == _expected_stats(wanted, body)
+    on_disk = sorted(p.relative_to(tmp_path / "t").as_posix() for p in (tmp_path / "t").rglob("*.parquet"))
+    assert on_disk == sorted(action.path for action in actions)  # no other file: no partition split in two
+
+
+def test_a_table_without_partitions_is_one_file_and_no_rows_are_no_file(tmp_path):
+    spec = TableSpec("t", SCHEMA.remove(0).remove(0))
+    data = _rows(300).drop_columns(["run", "hook"])
+    location = StoreLocation.parse(tmp_path)
+    (tmp_path / "t").mkdir()
+    (action,) = files.write_files(location, spec, data)
+    assert "/" not in action.path and action.partition_values == {}
+    assert repr(pq.read_table(tmp_path / "t" / action.path).to_pylist()) == repr(data.to_pylist())
+    assert json.loads(action.stats) == _expected_stats(data.to_pylist(), data.column_names)
+    assert files.write_files(location, spec, data.slice(0, 0)) == []
+
+
+def test_a_null_partition_value_is_its_own_partition(tmp_path):
+    spec = TableSpec("t", pa.schema([("label_set", pa.string()), ("x", pa.int64())]), ("label_set",))
+    data = pa.table({"label_set": ["a", None, "a", None], "x": [1, 2, 3, 4]})
+    (tmp_path / "t").mkdir()
+    actions = files.write_files(StoreLocation.parse(tmp_path), spec, data)
+    by_value = {action.partition_values["label_set"]: action for action in actions}
+    assert set(by_value) == {"a", None}
+    assert by_value[None].path.startswith("label_set=None/")
+    assert pq.read_table(tmp_path / "t" / by_value[None].path)["x"].to_pylist() == [2, 4]
+    assert pq.read_table(tmp_path / "t" / by_value["a"].path)["x"].to_pylist() == [1, 3]
+
+
+@pytest.mark.parametrize("float16", [False, True])
+def test_a_flush_table_flags_each_row_by_its_own_values_whatever_the_widths(float16):
+    """Buffer.table computes ``finite`` for all rows at once: rows of different widths (0 included, first and
+    last), NaN/inf at a row's first or last value, and a float32 chunk in a float16 run (cast, overflow -> inf)."""
+    from hookpoints.store.buffer import Buffer, HookRows
+
+    dtype = np.float16 if float16 else np.float32
+    chunks = {
+        "a": HookRows(["x", "y"], np.zeros((2, 0), dtype)),
+        "b": HookRows(["x", "y"], np.array([[np.nan, 1, 2], [1, 2, 3]], dtype)),
+        "c": HookRows(["x", "y"], np.array([[1.0, 2.0], [3.0, 1e6]], np.float32)),  # 1e6: inf in float16
+        "d": HookRows(["x", "y"], np.array([[1, np.inf], [4, 5]], dtype), np.array([7, 9], np.int32)),
+        "e": HookRows(["x", "y"], np.zeros((2, 0), dtype)),
+    }
+    buffer = Buffer()
+    buffer.add(pa.table({"example_id": ["x", "y"]}), chunks)
+    table = buffer.table("r", list(chunks), float16=float16)
+    column = "activation_f16" if float16 else "activation"
+    got = [(row["hook"], row["example_id"], row["position"], row["finite"], len(row[column])) for row in
+           table.to_pylist()]  # fmt: skip
+    expected = []
+    for hook, chunk in chunks.items():
+        with np.errstate(over="ignore"):
+            values = chunk.values.astype(dtype)
+        for r, example in enumerate(chunk.example_ids):
+            position = None if chunk.positions is None else int(chunk.positions[r])
+            expected.append((hook, example, position, bool(np.isfinite(values[r]).all()), values.shape[1]))
+    assert got == expected
+    assert [row["finite"] for row in table.to_pylist()] == [True, True, False, True, True, not float16, False,
+                                                            True, True, True]  # fmt: skip
+    assert table.num_rows == 10
+
+
+@pytest.mark.parametrize(("soft", "per_call"), [(256, 128), (1024, 512), (20000, 512), (50, 64)])
+def test_a_call_keeps_at_most_half_the_open_file_limit_open(monkeypatch, soft, per_call):
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (soft, 2**20))
+    assert files._partitions_per_call() == per_call
