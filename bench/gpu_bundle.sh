@@ -7,7 +7,7 @@
 #   bash bench/gpu_bundle.sh            # then, through the device tool (carry [".gpu"]):
 #   mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site &&
 #     cd .gpu && timeout 400 python3 bench/gpu.py --profile &&
-#     timeout 150 python3 bench/writer_throughput.py --workers 8,16
+#     timeout 300 python3 bench/writer_throughput.py --workers 8 --rows 256
 #
 # PY (default 3.12) is the device's Python; PACKAGES the ones it lacks (pinned from constraints.txt;
 # pyarrow, 78 MiB with the rest, is left out: the device had it when last seen). nnsight 0.8 imports greenlet,
