@@ -132,6 +132,14 @@ def _check_table(store: Store, name: str, widths: dict, report: VerifyReport, on
     referenced = {unquote(path) for path in actions["path"].to_pylist()}
     foreign = [path for path in listing if path not in referenced and not _is_store_file(store, name, path)]
     for path in foreign:
+        if verify_logs.is_cut_short(store, name, path):
+            report.add(
+                "warning",
+                name,
+                f"file {path} was cut short by an interrupted write (no Parquet footer; no commit refers to it): "
+                "`hookpoints store vacuum` deletes it after the retention period",
+            )
+            continue
         report.add("error", name, f"unexpected file {path}: a store holds only Parquet files and Delta logs; remove it")
     stale = [p for p in listing if p.endswith(".parquet") and not p.startswith("_delta_log/") and p not in referenced]
     if stale:

@@ -99,6 +99,23 @@ def is_parquet(store: Store, table: str, path: str) -> bool:
         return False
 
 
+#: The name of an activations (or other fixed-schema) file as store/files.py writes it.
+WRITER_FILE = re.compile(r"(^|/)part-[0-9a-f]{32}-\d+\.zstd\.parquet$")
+
+
+def is_cut_short(store: Store, table: str, path: str) -> bool:
+    """Whether a file that is not Parquet is one of this store's writer's, cut short by an interrupted write
+    (a killed recording): its writer's name, and empty or holding Parquet's leading magic bytes only (Arrow
+    writes a file in pieces; the footer comes last)."""
+    if not WRITER_FILE.search(path):
+        return False
+    try:
+        with tables.filesystem(store.location, table).open_input_file(path) as handle:
+            return handle.size() == 0 or handle.read(4) == b"PAR1"
+    except OSError:
+        return False
+
+
 def one_line(error: BaseException) -> str:
     """An error's message on one line, without delta-rs' Rust backtrace."""
     return without_backtrace(error)

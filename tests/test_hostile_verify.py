@@ -86,3 +86,26 @@ def test_every_file_that_is_not_parquet_data_or_a_log_entry_is_flagged(store, tm
     path.write_bytes(b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00}\x94.")  # a pickle's bytes, never loaded
     found = errors(store)
     assert len(found) == 1 and where.split("/", 1)[1] in found[0] and "unexpected file" in found[0], found
+
+
+@pytest.mark.parametrize(
+    ("contents", "level"),
+    [
+        (b"", "warning"),  # killed right after the file was opened
+        (b"PAR1\x15\x00\x15\x8c\x01", "warning"),  # killed mid-file: the header magic and a page, no footer
+        (b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00}\x94.", "error"),  # a pickle under the writer's name
+    ],
+)
+def test_a_file_cut_short_by_a_killed_writer_is_a_warning_and_anything_else_an_error(store, tmp_path, contents, level):
+    """A recording killed while Arrow writes a flush's files leaves them unreferenced and without a footer; verify
+    says so (the store is fine: no commit refers to them). A file under the same name that is not the start of a
+    Parquet file stays an error."""
+    fill(store, "r1")
+    name = "activations/run=r1/hook=h0/part-" + "ab" * 16 + "-0.zstd.parquet"
+    (tmp_path / "store" / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "store" / name).write_bytes(contents)
+    report = verify(Store.open(tmp_path / "store"))
+    found = [(f.level, f.message) for f in report.findings if name.split("/", 1)[1] in f.message]
+    assert len(found) == 1 and found[0][0] == level, report.findings
+    assert ("cut short by an interrupted write" in found[0][1]) == (level == "warning")
+    assert report.ok == (level == "warning")
