@@ -158,7 +158,7 @@ def _flat(values: np.ndarray, float16: bool) -> pa.Array:
     wanted = np.float16 if float16 else np.float32
     if values.dtype != wanted:
         with np.errstate(over="ignore"):
-            values = values.astype(np.float32, copy=False).astype(wanted)
+            values = values.astype(np.float32, copy=False).astype(wanted, copy=False)
     flat = np.ascontiguousarray(values).reshape(-1)  # [rows * width]
     kind = pa.int16() if float16 else pa.float32()
     return pa.Array.from_buffers(kind, len(flat), [None, pa.py_buffer(flat)])
