@@ -119,8 +119,12 @@ class Recording:
     """The recorder's pipeline over prepared batches: pooled on the device, copied one batch behind, and
     (with a store) handed to the run writer."""
 
-    def __init__(self, model: HookedModel, points, store: Store | None, batch: int, direct: bool = False):
+    def __init__(self, model: HookedModel, points, store: Store | None, batch: int, direct: bool = False,
+                 side_stream: bool = False):  # fmt: skip
         self.model, self.points, self.store, self.batch = model, points, store, batch
+        self.side_stream = side_stream
+        self.values: list[dict[str, np.ndarray]] = []  # with keep=True: every batch's rows, for a check
+        self.keep = False
         self.calls = 0
         self.pooled = (lambda *a: pooled_direct(model, *a)) if direct else model.pooled  # nnsight trace or hooks
 
@@ -138,10 +142,12 @@ class Recording:
             for k, inputs in enumerate(batches):
                 pooled = self.pooled(inputs, self.points, "mean")
                 storage = None if self.store is None else torch.float16  # as the recorder does for float16 runs
-                yield k, HostCopy(pooled, dtype=storage)
+                yield k, HostCopy(pooled, dtype=storage, side_stream=self.side_stream)
 
         for k, copy_ in one_behind(started(), lambda item: item):
             values = copy_.wait()
+            if self.keep:
+                self.values.append({name: array.copy() for name, array in values.items()})
             if writer is not None:
                 ids = [f"{self.calls}-{k}-{i}" for i in range(self.batch)]
                 rows = {p.name: HookRows(ids, values[p.name]) for p in self.points}
@@ -172,6 +178,8 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
         **({"bare forward, no LM head": body} if family == "llama" else {}),
         "recording (pooled, to host)": lambda: Recording(model, points, None, batch)(batches),
         "recording, torch hooks (pooled, to host)": lambda: Recording(model, points, None, batch, direct=True)(batches),
+        **({"recording, copy on a side stream": lambda: Recording(model, points, None, batch, side_stream=True)(
+            batches)} if model.device.type == "cuda" else {}),
         **({"recording + store": lambda: Recording(model, points, store, batch)(batches)} if with_store else {}),
         **({f"recording + store, {len(long_run)} batches": lambda: Recording(model, points, store, batch)(long_run)}
            if with_store and args.store_batches else {}),
@@ -197,6 +205,7 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
     syncs = {name: syncs_per_batch(cases[name], len(batches), model.device) for name in ("bare forward",
              "recording (pooled, to host)")}  # fmt: skip
     return {
+        "side_stream_check": side_stream_check(model, points, batch, (long_run or batches)[:8]),
         "profile": profile,
         "ops_per_hook": per_hook,
         "syncs_per_batch": syncs,
@@ -213,6 +222,31 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
         "x_bare_throughput": {
             name: counted[name] / s / (examples / seconds["bare forward"]) for name, s in seconds.items()
         },
+    }
+
+
+def side_stream_check(model: HookedModel, points, batch: int, batches: list[ModelInputs]) -> dict:
+    """The side-stream copy's rows against the compute-stream copy's, batch by batch, over a pipelined run
+    (batch k + 1's forward pass queued while batch k's copy runs: where a missing stream wait or
+    ``record_stream`` would show as changed values). Pooling is deterministic, so they must be equal."""
+    runs = {}  # (on the CPU both copy alike: a check of this check)
+    for side in (True, False):
+        recording = Recording(model, points, None, batch, side_stream=side)
+        recording.keep = True
+        recording(batches)
+        runs[side] = recording.values
+    differing = [
+        (k, name) for k, (a, b) in enumerate(zip(runs[True], runs[False], strict=True)) for name in a
+        if not np.array_equal(a[name], b[name], equal_nan=True)
+    ]  # fmt: skip
+    worst = max((float(np.nanmax(np.abs(runs[True][k][n] - runs[False][k][n]))) for k, n in differing), default=0.0)
+    return {
+        "batches": len(batches),
+        "hooks": len(points),
+        "equal": not differing,
+        "differing": len(differing),
+        "first_differing": [f"batch {k}: {name}" for k, name in differing[:3]],
+        "max_abs_difference": worst,
     }
 
 
@@ -375,6 +409,13 @@ def markdown(report: dict) -> str:
             if found:
                 lines.append(f"\n{row['family']} batch {row['batch']}, {case}: {found['per_batch']:.1f} host syncs "
                              f"per batch ({'; '.join(found['first'])})")  # fmt: skip
+    for row in report["throughput"]:
+        check = row.get("side_stream_check")
+        if check:
+            verdict = "EQUAL" if check["equal"] else f"DIFFERENT ({check['differing']}: {check['first_differing']})"
+            lines.append(f"\n{row['family']} batch {row['batch']}: side-stream copy against the compute-stream copy, "
+                         f"{check['batches']} batches x {check['hooks']} hooks: {verdict}, max |difference| "
+                         f"{check['max_abs_difference']:.3g}")  # fmt: skip
     for row in report["throughput"]:
         if row.get("profile"):
             lines += ["", f"Profile, {row['family']} batch {row['batch']} (one recording call):", "```", row["profile"],

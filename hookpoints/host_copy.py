@@ -57,9 +57,12 @@ class HostCopy:
     The tensors of one GPU and dtype (every pooled row of a batch: float32) cross in one copy into one pinned
     buffer, instead of a buffer and a copy per hook point (docs/benchmarks.md, "Per-hook cost of recording").
     ``dtype`` (e.g. float16 for a run stored in float16): cast to it before the copy, on the tensors' device.
+    ``side_stream``: copy on a side stream of each GPU (:func:`copy_stream`), so the next batch's kernels on
+    the compute stream do not wait behind the copy (about 4% at batch 128 on an H200, docs/gpu.md). Off by
+    default until ``bench/gpu.py`` has checked it on a GPU (its values against the compute-stream copy's).
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None):
+    def __init__(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None, side_stream: bool = False):
         self.order = list(tensors)
         self.host: dict[str, torch.Tensor] = {}
         self.packed: list[tuple[torch.Tensor, Layout]] = []  # (pinned buffer, layout)
@@ -75,10 +78,18 @@ class HostCopy:
             if dtype is not None:
                 flat = flat.to(dtype)  # on the GPU: float16 storage copies half the bytes, and the writer casts none
             buffer = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)  # torch caches pinned blocks
-            buffer.copy_(flat, non_blocking=True)
+            stream = torch.cuda.current_stream(device)
+            if side_stream:
+                compute, stream = stream, copy_stream(device)
+                stream.wait_stream(compute)  # the copy starts once the rows (and their cast) are computed
+                flat.record_stream(stream)  # the allocator keeps flat's memory until the copy has read it
+                with torch.cuda.stream(stream):
+                    buffer.copy_(flat, non_blocking=True)  # (the pinned buffer's reuse waits on this stream)
+            else:
+                buffer.copy_(flat, non_blocking=True)
             self.packed.append((buffer, layout))
             event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(device))
+            event.record(stream)
             self.events.append(event)
 
     def wait(self) -> dict[str, np.ndarray]:
@@ -89,6 +100,16 @@ class HostCopy:
         for buffer, layout in self.packed:
             arrays.update(unpack(buffer.numpy(), layout))
         return {name: arrays[name] for name in self.order}
+
+
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream :class:`HostCopy` copies on, one per GPU, made once."""
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
 
 
 def one_behind(started: Iterable[T], finish: Callable[[T], object]) -> Iterator:

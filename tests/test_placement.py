@@ -159,6 +159,26 @@ def test_host_copy_and_one_behind_order():
     ]  # fmt: skip
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bench/gpu.py runs this check too)")
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_side_stream_copy_waits_for_the_rows_and_keeps_their_memory(dtype):
+    """The copy on a side stream must start after the rows are computed (a long kernel queued before them) and
+    the rows' memory must not be reused by the compute stream's next work before the copy has read it."""
+    device = torch.device("cuda")
+    copies, expected = [], []
+    for k in range(8):
+        slow = torch.randn(4096, 4096, device=device)
+        for _ in range(20):
+            slow = slow @ slow * 1e-3  # queued work the rows come after: a copy that does not wait reads stale
+        rows = (torch.full((64, 1024), float(k), device=device) + slow[:64, :1].abs() * 0).contiguous()
+        copies.append(HostCopy({"h": rows}, dtype=dtype, side_stream=True))
+        expected.append(np.full((64, 1024), float(k), dtype=np.float16 if dtype else np.float32))
+        del rows
+        torch.empty(64 * 1024 * 4, dtype=torch.uint8, device=device).fill_(255)  # would take the rows' block
+    for copy_, want in zip(copies, expected, strict=True):
+        np.testing.assert_array_equal(copy_.wait()["h"], want)
+
+
 def test_edit_values_are_placed_once_per_device_and_dtype(tiny_model_dir):
     model = load(tiny_model_dir("llama"), device="cpu")
     point = model.hook_points.get("blocks.0.mlp.hook_post")
