@@ -38,8 +38,10 @@ class ModelApi:
         """
         from hookpoints.hook_fns import resolve_hooks, user_hook
 
-        changes = [(point, user_hook(point, fn)) for point, fn in resolve_hooks(self, fwd_hooks)]
-        return self._forward(self.inputs(inputs), changes)
+        inputs = self.inputs(inputs)
+        batch = inputs.batch_size
+        changes = [(point, user_hook(point, fn, batch)) for point, fn in resolve_hooks(self, fwd_hooks)]
+        return self._forward(inputs, changes)
 
     def run_with_edits(self, inputs, edits: list[NeuronEdit]):
         """One forward pass with neuron ``edits`` applied at every position; the model output.
@@ -59,7 +61,14 @@ class ModelApi:
         return NeuronEdit(self.hook_points.get(name), neurons, values, add=add)
 
     def _forward(self, inputs: ModelInputs, changes):
+        from hookpoints.attention import eager, needs_eager
         from hookpoints.hook_fns import hooked
 
-        with torch.inference_mode(), self.adapter.batch_guard(self.model, inputs), hooked(self, changes):
+        maps = needs_eager(point.module for point, _ in changes)  # the SDPA path never calls the map hooks
+        with (
+            torch.inference_mode(),
+            self.adapter.batch_guard(self.model, inputs),
+            eager(maps),
+            hooked(self, changes),
+        ):
             return self.model(**inputs.kwargs)
