@@ -123,6 +123,8 @@ class ActivationCache(Mapping):
         """Hook ``name``'s mean over every valid position of every example: ``[*d]`` (for mean ablation)."""
         tensor = self[name].float()
         point = self.points[self._name(name)]
+        if point.keys is not None:
+            raise UserError(f"hook {name} is an attention map [batch, head, query_pos, key_pos]: average it yourself")
         if self.pooling or point.time_axis is None:
             return tensor.mean(0)
         mask = self.masks.get(point.space)
