@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from hookpoints.editing import NeuronEdit
+from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
 
 
@@ -50,11 +51,16 @@ class ModelApi:
         """
         from hookpoints.hook_fns import edit_hook
 
+        if not isinstance(edits, (list, tuple)) or not all(isinstance(edit, NeuronEdit) for edit in edits):
+            raise UserError(f"edits must be a list of NeuronEdit (model.edit(...)), not {edits!r:.80}")
         return self._forward(self.inputs(inputs), [(edit.point, edit_hook(edit)) for edit in edits])
 
     def edit(self, name: str, neurons, values, *, add: bool = False) -> NeuronEdit:
         """A :class:`NeuronEdit` of hook ``name``: set (or with ``add``, shift) ``neurons`` to ``values``."""
-        neurons = torch.as_tensor(neurons, dtype=torch.long).reshape(-1)
+        given = torch.as_tensor(neurons).reshape(-1)
+        if given.is_floating_point() and not bool((given == given.round()).all()):
+            raise UserError(f"neuron indices must be whole numbers, not {given.tolist()!r:.80}")
+        neurons = given.long()
         values = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
         if values.numel() == 1 and neurons.numel() > 1:
             values = values.expand(neurons.numel()).clone()

@@ -180,6 +180,7 @@ class HookedModel(GenerationMethods, ModelApi):
     ) -> torch.Tensor:
         """``[batch, prompt]`` decoder ids that start ``task`` into each target language (``sources``: the
         inputs' own languages, where the manifest has them)."""
+        self._check_generates()
         prompt = self.adapter.decoder_prompt(self.model, self.tokenizer, targets, task=task, sources=sources)
         return prompt.to(self.device)
 

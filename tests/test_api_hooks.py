@@ -244,3 +244,25 @@ def test_hook_function_returning_no_tensor_is_a_user_error(gpt2, returned):
     with pytest.raises(UserError, match="hook function for blocks.0.hook_resid_post returned") as caught:
         gpt2.run_with_hooks(TEXTS, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: returned)])
     assert "\n" not in str(caught.value)
+
+
+def test_bad_edit_arguments_are_user_errors(gpt2):
+    with pytest.raises(UserError, match=r"neuron indices must be whole numbers, not \[1.5\]"):
+        gpt2.edit("blocks.0.mlp.hook_post", [1.5], [0.0])  # was silently neuron 1
+    edit = gpt2.edit("blocks.0.mlp.hook_post", [1], [0.0])
+    with pytest.raises(UserError, match="edits must be a list of NeuronEdit"):
+        gpt2.run_with_edits(TEXTS, edit)
+    with pytest.raises(UserError, match="edits must be a list of NeuronEdit"):
+        gpt2.run_with_edits(TEXTS, ["blocks.0.mlp.hook_post"])
+
+
+def test_generating_with_a_model_that_does_not_generate_is_a_user_error(gpt2):
+    edit = gpt2.edit("blocks.0.mlp.hook_post", [1], [0.0])
+    for call in (
+        lambda: gpt2.decoder_prompt(["eng"]),
+        lambda: gpt2.generate(TEXTS, torch.tensor([[1], [1]]), 3),
+        lambda: gpt2.generate(TEXTS, torch.tensor([[1], [1]]), 3, edits=[edit]),
+    ):
+        with pytest.raises(UserError, match="does not generate here") as caught:
+            call()
+        assert "\n" not in str(caught.value)
