@@ -149,6 +149,7 @@ def test_raw_tensor_inputs_and_cache_methods(gpt2):
         (["hi"], "blocks.*.no_such_hook", None, "matches no recordable hook point"),
         (["hi"], None, "median", "pooling must be one of mean, last, max"),
         (["hi"], 42, None, "names must be a glob"),
+        (["hi"], [], None, "names is empty"),  # was every listed hook point
         ([], None, None, "not an empty list"),
         ([""], None, None, "empty string"),
         (["hi", 3], None, None, "mix"),
