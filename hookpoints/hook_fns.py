@@ -204,6 +204,18 @@ def _neuron_view(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
     return x.reshape(*x.shape[:lead], -1)
 
 
+def _chosen(neurons: Sequence[int] | int | None, hook: HookPoint) -> list[int] | slice:
+    """``neurons`` as indices into the hook's flat vector (all of them for None); out of range is a UserError."""
+    if neurons is None:
+        return slice(None)
+    chosen = [neurons] if isinstance(neurons, int) else list(neurons)
+    width = hook.width or 0
+    bad = [n for n in chosen if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < width]
+    if bad:
+        raise UserError(f"neuron {bad[0]!r} is out of range for hook {hook.name} (width {width}: 0..{width - 1})")
+    return chosen
+
+
 def ablate(neurons: Sequence[int] | None = None, value: float = 0.0) -> HookFn:
     """Set ``neurons`` (flat indices, as in the store; default: all) to ``value`` at every position.
 
@@ -212,7 +224,7 @@ def ablate(neurons: Sequence[int] | None = None, value: float = 0.0) -> HookFn:
 
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         flat = _neuron_view(x, hook).clone()
-        flat[..., list(neurons) if neurons is not None else slice(None)] = value
+        flat[..., _chosen(neurons, hook)] = value
         return flat.reshape(x.shape)
 
     return fn
@@ -231,7 +243,7 @@ def mean_ablate(cache, neurons: Sequence[int] | None = None) -> HookFn:
             raise UserError(f"cannot mean-ablate {hook.name}: the cache does not hold it (cache it with names=...)")
         mean = cache.mean(hook.name).reshape(-1).to(x.device, x.dtype)  # [width]
         flat = _neuron_view(x, hook).clone()
-        chosen = list(neurons) if neurons is not None else slice(None)
+        chosen = _chosen(neurons, hook)
         flat[..., chosen] = mean[chosen]
         return flat.reshape(x.shape)
 
@@ -264,7 +276,10 @@ def steer(vector, scale: float = 1.0) -> HookFn:
 
     >>> model.run_with_hooks(["Hi"], fwd_hooks=[("blocks.1.hook_resid_post", steer(direction, 4.0))])  # doctest: +SKIP
     """
-    vector = torch.as_tensor(vector)
+    try:
+        vector = torch.as_tensor(vector)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise UserError(f"steering vector must be numbers ([d] or [head, d_head]), not {vector!r:.60}") from error
 
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         if vector.numel() != (hook.width or 0):

@@ -145,6 +145,11 @@ def test_generate_with_edits_equals_torch_hooks_during_generate(tiny_model_dir):
         ([(3, hp.ablate())], "a hook name must be"),
         ([("blocks.0.hook_resid_post", lambda x, hook: x[:, :1])], "returned shape"),
         ([("blocks.0.hook_resid_post", hp.steer(torch.ones(5)))], "steering vector has 5 entries"),
+        (
+            [("blocks.0.mlp.hook_post", hp.ablate([1000]))],
+            "neuron 1000 is out of range for hook blocks.0.mlp.hook_post",
+        ),
+        ([("blocks.0.mlp.hook_post", hp.ablate([-1]))], "neuron -1 is out of range"),  # was the last neuron
     ],
 )
 def test_bad_hooks_are_one_line_user_errors(gpt2, hooks, message):
@@ -266,3 +271,18 @@ def test_generating_with_a_model_that_does_not_generate_is_a_user_error(gpt2):
         with pytest.raises(UserError, match="does not generate here") as caught:
             call()
         assert "\n" not in str(caught.value)
+
+
+def test_ready_made_hook_function_arguments(gpt2):
+    _, cache = gpt2.run_with_cache(TEXTS, names="blocks.0.mlp.hook_post")
+    with pytest.raises(UserError, match="neuron 1000 is out of range"):
+        gpt2.run_with_hooks(TEXTS, fwd_hooks=[("blocks.0.mlp.hook_post", hp.mean_ablate(cache, [1000]))])
+    with pytest.raises(UserError, match="steering vector must be numbers"):
+        hp.steer("abc")
+    one = gpt2.run_with_hooks(TEXTS, fwd_hooks=[("blocks.0.mlp.hook_post", hp.ablate(3))]).logits  # an int: one neuron
+
+    def change(t):
+        t[..., 3] = 0.0
+
+    reference = reference_logits(gpt2, TEXTS, "transformer.h.0.mlp.act", change)
+    assert torch.allclose(one, reference, atol=1e-6)
