@@ -269,7 +269,7 @@ def transformerlens_model(family: str, folder: Path, scratch: Path):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # HookedTransformer: deprecated in favour of 4.x's bridge
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "qwen3", "bert"])
 def test_every_name_equals_transformerlens(tiny_model_dir, tmp_path, family):
     model = load(tiny_model_dir(family))
     peer = transformerlens_model(family, tiny_model_dir(family), tmp_path)
@@ -283,6 +283,8 @@ def test_every_name_equals_transformerlens(tiny_model_dir, tmp_path, family):
     got = model.pooled(model.text_inputs([TEXT]), model.select(names), "none")  # name -> [pos, width]
     for name in names:
         expected, actual = cache[name][0], got[model.hook_points.get(name).name]  # drop TL's batch axis
+        if "_norm.hook_" in name:  # Qwen3's per-head q/k norm: TL runs it on [batch * pos * head, d_head]
+            expected = cache[name].reshape(actual.shape)  # hookpoints: [pos, head * d_head] ([pos, head] scales)
         if name.endswith(("hook_pattern", "hook_attn_scores")):  # [head, query, key]
             heads, queries, keys = expected.shape
             actual = map_of(actual, heads, keys)
