@@ -147,6 +147,8 @@ class HookedModel(GenerationMethods, ModelApi):
     def speech_inputs(self, waveforms: list, *, frames: int | None = None) -> ModelInputs:
         """Inputs for 16 kHz mono ``waveforms`` (``[samples]`` arrays), through the checkpoint's feature extractor."""
         if self.modality != "speech":
+            if "speech" not in self.adapter.modalities(self.model.config):
+                raise UserError(f"model {self.source} ({self.adapter.name}) takes text, not waveforms or audio")
             raise UserError(f"model {self.source} was loaded for {self.modality} input; load it with modality speech")
         if self.processor is None:
             raise UserError(

@@ -154,6 +154,7 @@ def test_raw_tensor_inputs_and_cache_methods(gpt2):
         ([""], None, None, "empty string"),
         (["hi", 3], None, None, "mix"),
         (12, None, None, "inputs must be"),
+        ([sine(0.5)], None, None, "(gpt2) takes text, not waveforms"),  # was: load it with modality speech
     ],
 )
 def test_bad_cache_arguments_are_one_line_user_errors(gpt2, inputs, names, pooling, message):
