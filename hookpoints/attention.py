@@ -12,10 +12,10 @@ model at :func:`attention`, which calls them:
 - for a model that ran on ``eager``, outside :func:`eager`, it runs the family's own ``eager_attention_forward``
   (with the mask made additive as below): the stock arithmetic;
 - inside :func:`eager` (what hookpoints enters when a trace asks for scores or patterns) it computes
-  ``softmax(q k^T * scaling + position_bias + mask)`` itself, as the families' ``eager_attention_forward`` does
-  (Gemma 2's soft-capping included; a boolean mask becomes 0 / the dtype's minimum; no mask on a causal module,
-  SDPA's ``is_causal`` case, becomes the causal mask), through the two map hooks, and returns the pattern as the
-  attention weights.
+  ``softmax(q k^T * scaling + position_bias + mask)`` itself, as the families' ``eager_attention_forward``
+  does (Gemma 2's soft-capping and GPT-OSS's attention sinks included; a boolean mask becomes 0 / the dtype's
+  minimum; no mask on a causal module, SDPA's ``is_causal`` case, becomes the causal mask), through the two
+  map hooks, and returns the pattern as the attention weights.
 
 Models whose attention modules do not call transformers' attention interface (Falcon, GPT-J: they branch on
 the implementation's name and add the mask themselves) are left as they are, without these hook points.
@@ -36,7 +36,6 @@ import torch
 from torch import nn
 
 from hookpoints.derived import MAP_HOOKS
-from hookpoints.errors import UserError
 
 NAME = "hookpoints"
 HOOKS = ("hook_rot_q", "hook_rot_k", *MAP_HOOKS)
@@ -144,8 +143,6 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     own = _family_eager(module)
     if not getattr(_STATE, "eager", False) and own is not None:  # a model that ran eager, no map asked for:
         return own(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)  # its arithmetic
-    if kwargs.get("s_aux") is not None:
-        raise UserError(f"attention maps of {type(module).__name__} (attention sinks) are not supported")
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # [batch, head, key_pos, d_head]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -157,7 +154,13 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     if mask is not None:
         scores = scores + mask
     scores = module.hook_attn_scores(scores)
-    pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    sinks = kwargs.get("s_aux")  # GPT-OSS: one more logit per head, in the softmax but attending to nothing
+    if sinks is not None:
+        sink = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1).to(scores.dtype)
+        pattern = nn.functional.softmax(torch.cat([scores, sink], -1), dim=-1, dtype=torch.float32)[..., :-1]
+        pattern = pattern.to(query.dtype)  # rows sum to less than 1: the rest went to the sink
+    else:
+        pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     pattern = module.hook_pattern(pattern)
     weights = nn.functional.dropout(pattern, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # [batch, query_pos, head, d_head]

@@ -73,3 +73,29 @@ def test_gemma2_eager_and_soft_capped_attention(tmp_path, softcap):
         for i in range(len(TEXTS)):
             real = valid[i]
             torch.testing.assert_close(pattern[i][:, real][:, :, real], expected[i][:, real][:, :, real])
+
+
+def test_gpt_oss_attention_sinks(tmp_path):
+    """GPT-OSS adds a per-head sink logit to the softmax (eager attention): the patterns are HF's eager weights
+    (rows summing to less than 1) and the output is the stock model's, with maps recorded or not."""
+    extra = {"intermediate_size": 64, "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4}
+    extra |= {"num_experts_per_tok": 2, "sliding_window": 4}
+    folder, model_class = build(tmp_path, tf.GptOssConfig, tf.GptOssForCausalLM, **extra)
+    model = load(folder, device="cpu", dtype="float32")
+    with torch.no_grad():  # the sinks start at 0 in a fresh model
+        for layer in model.model.model.layers:
+            layer.self_attn.sinks.normal_(generator=torch.Generator().manual_seed(layer.self_attn.layer_idx))
+    model.model.save_pretrained(folder)
+    inputs = model.inputs(TEXTS)
+    valid = inputs.masks["input"]
+    reference = stock_logits(folder, model_class, inputs, attn_implementation="eager")
+    torch.testing.assert_close(model.run_with_hooks(TEXTS).logits[valid], reference.logits[valid])
+    names = [p.name for p in model.hook_points if p.name.endswith("hook_pattern")]
+    traced, cache = model.run_with_cache(TEXTS, names=names)
+    torch.testing.assert_close(traced.logits[valid], reference.logits[valid], atol=1e-6, rtol=1e-6)
+    for layer, name in enumerate(names):
+        pattern, expected = cache[name], reference.attentions[layer]
+        assert float(pattern[0, :, -1].sum(-1).max()) < 0.999  # some weight went to the sink
+        for i in range(len(TEXTS)):
+            real = valid[i]
+            torch.testing.assert_close(pattern[i][:, real][:, :, real], expected[i][:, real][:, :, real])
