@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from hookpoints.editing import NeuronEdit
+from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
 
 
@@ -38,8 +39,10 @@ class ModelApi:
         """
         from hookpoints.hook_fns import resolve_hooks, user_hook
 
-        changes = [(point, user_hook(point, fn)) for point, fn in resolve_hooks(self, fwd_hooks)]
-        return self._forward(self.inputs(inputs), changes)
+        inputs = self.inputs(inputs)
+        batch = inputs.batch_size
+        changes = [(point, user_hook(point, fn, batch)) for point, fn in resolve_hooks(self, fwd_hooks)]
+        return self._forward(inputs, changes)
 
     def run_with_edits(self, inputs, edits: list[NeuronEdit]):
         """One forward pass with neuron ``edits`` applied at every position; the model output.
@@ -48,18 +51,30 @@ class ModelApi:
         """
         from hookpoints.hook_fns import edit_hook
 
+        if not isinstance(edits, (list, tuple)) or not all(isinstance(edit, NeuronEdit) for edit in edits):
+            raise UserError(f"edits must be a list of NeuronEdit (model.edit(...)), not {edits!r:.80}")
         return self._forward(self.inputs(inputs), [(edit.point, edit_hook(edit)) for edit in edits])
 
     def edit(self, name: str, neurons, values, *, add: bool = False) -> NeuronEdit:
         """A :class:`NeuronEdit` of hook ``name``: set (or with ``add``, shift) ``neurons`` to ``values``."""
-        neurons = torch.as_tensor(neurons, dtype=torch.long).reshape(-1)
+        given = torch.as_tensor(neurons).reshape(-1)
+        if given.is_floating_point() and not bool((given == given.round()).all()):
+            raise UserError(f"neuron indices must be whole numbers, not {given.tolist()!r:.80}")
+        neurons = given.long()
         values = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
         if values.numel() == 1 and neurons.numel() > 1:
             values = values.expand(neurons.numel()).clone()
         return NeuronEdit(self.hook_points.get(name), neurons, values, add=add)
 
     def _forward(self, inputs: ModelInputs, changes):
+        from hookpoints.attention import eager, needs_eager
         from hookpoints.hook_fns import hooked
 
-        with torch.inference_mode(), self.adapter.batch_guard(self.model, inputs), hooked(self, changes):
+        maps = needs_eager(point.module for point, _ in changes)  # the SDPA path never calls the map hooks
+        with (
+            torch.inference_mode(),
+            self.adapter.batch_guard(self.model, inputs),
+            eager(maps),
+            hooked(self, changes),
+        ):
             return self.model(**inputs.kwargs)

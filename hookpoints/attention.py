@@ -9,11 +9,16 @@ model at :func:`attention`, which calls them:
 - for a model that ran on ``sdpa`` it passes the rotary q/k through their hooks and runs the ``sdpa``
   implementation's function with its own masks (boolean, or None for plain causal attention): the model's
   output equals the stock model's;
-- inside :func:`eager` (what hookpoints enters when a trace asks for scores or patterns), and always for a
-  model that ran on ``eager``, it computes ``softmax(q k^T * scaling + position_bias + mask)`` itself, as the
-  families' ``eager_attention_forward`` does (a boolean mask becomes 0 / the dtype's minimum; no mask on a causal
-  module, SDPA's ``is_causal`` case, becomes the causal mask), through the two map hooks, and returns the
-  pattern as the attention weights.
+- for a model that ran on ``eager``, outside :func:`eager`, it runs the family's own ``eager_attention_forward``
+  (with the mask made additive as below): the stock arithmetic;
+- inside :func:`eager` (what hookpoints enters when a trace asks for scores or patterns) it computes
+  ``softmax(q k^T * scaling + position_bias + mask)`` itself, as the families' ``eager_attention_forward``
+  does (Gemma 2's soft-capping and GPT-OSS's attention sinks included; a boolean mask becomes 0 / the dtype's
+  minimum; no mask on a causal module, SDPA's ``is_causal`` case, becomes the causal mask), through the two
+  map hooks, and returns the pattern as the attention weights.
+
+Models whose attention modules do not call transformers' attention interface (Falcon, GPT-J: they branch on
+the implementation's name and add the mask themselves) are left as they are, without these hook points.
 
 Masked entries of the scores hold the additive mask (about ``-3.4e38``, TransformerLens: ``-inf``); a
 pattern's masked entries are 0. Grouped-query keys are repeated per query head before the scores.
@@ -22,6 +27,8 @@ pattern's masked entries are 0. Grouped-query keys are repeated per query head b
 from __future__ import annotations
 
 import contextlib
+import inspect
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 
@@ -53,6 +60,9 @@ def install(model: nn.Module) -> list[str]:
     implementations = {getattr(c, "_attn_implementation", None) for c in configs}
     if not implementations <= {"sdpa", "eager", NAME, None}:
         return []
+    attention_modules = [m for m in model.modules() if _is_attention(m) and getattr(m, "config", None) is not None]
+    if not all(_dispatches(m) for m in attention_modules):
+        return []  # e.g. Falcon: it branches on the implementation's name and would misread hookpoints' masks
     hooked = []
     for path, module in list(model.named_modules()):
         config = getattr(module, "config", None)
@@ -73,6 +83,21 @@ def _is_attention(module: nn.Module) -> bool:
     return name.endswith(("Attention", "SelfAttention")) and any(
         isinstance(child, nn.Linear) or type(child).__name__ == "Conv1D" for child in module.children()
     )
+
+
+def _dispatches(module: nn.Module) -> bool:
+    """Whether an attention module computes attention through transformers' attention interface (the function
+    ``config._attn_implementation`` names), so that it runs hookpoints' function and reads its masks."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+def _family_eager(module: nn.Module):
+    """The module's family's own ``eager_attention_forward`` (its modeling file's), or None."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
 
 @contextlib.contextmanager
@@ -106,24 +131,36 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # [batch, head, key_pos, d_head]
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [batch, head, query_pos, key_pos]
-    if kwargs.get("position_bias") is not None:
-        scores = scores + kwargs["position_bias"]
     mask = attention_mask
     if mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True):  # SDPA's is_causal case
         mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()[None, None]
     if mask is not None:
         mask = mask[:, :, :, : key.shape[-2]]
         if mask.dtype == torch.bool:  # True = attend (SDPA-format masks, SeamlessM4T's Conformer chunk masks)
-            mask = torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(
-                ~mask, torch.finfo(scores.dtype).min
+            mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min
             )
+    own = _family_eager(module)
+    if not getattr(_STATE, "eager", False) and own is not None:  # a model that ran eager, no map asked for:
+        return own(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)  # its arithmetic
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # [batch, head, key_pos, d_head]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [batch, head, query_pos, key_pos]
+    if kwargs.get("softcap") is not None:  # Gemma 2: softcap * tanh(scores / softcap), before the mask
+        scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
+    if kwargs.get("position_bias") is not None:
+        scores = scores + kwargs["position_bias"]
+    if mask is not None:
         scores = scores + mask
     scores = module.hook_attn_scores(scores)
-    pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    sinks = kwargs.get("s_aux")  # GPT-OSS: one more logit per head, in the softmax but attending to nothing
+    if sinks is not None:
+        sink = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1).to(scores.dtype)
+        pattern = nn.functional.softmax(torch.cat([scores, sink], -1), dim=-1, dtype=torch.float32)[..., :-1]
+        pattern = pattern.to(query.dtype)  # rows sum to less than 1: the rest went to the sink
+    else:
+        pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     pattern = module.hook_pattern(pattern)
     weights = nn.functional.dropout(pattern, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # [batch, query_pos, head, d_head]

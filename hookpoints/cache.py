@@ -123,6 +123,8 @@ class ActivationCache(Mapping):
         """Hook ``name``'s mean over every valid position of every example: ``[*d]`` (for mean ablation)."""
         tensor = self[name].float()
         point = self.points[self._name(name)]
+        if point.keys is not None:
+            raise UserError(f"hook {name} is an attention map [batch, head, query_pos, key_pos]: average it yourself")
         if self.pooling or point.time_axis is None:
             return tensor.mean(0)
         mask = self.masks.get(point.space)
@@ -179,4 +181,6 @@ def select_names(model, names: Names) -> list[HookPoint]:
         names = [names]
     if names is not None and (not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names)):
         raise UserError(f"names must be a glob, a list of globs or a function of the hook name, not {names!r}")
+    if names is not None and not names:  # not the default selection: an empty list asks for nothing
+        raise UserError("names is empty: give a glob, a list of globs or a predicate (None: the listed hook points)")
     return model.select(list(names) if names else None)

@@ -24,6 +24,7 @@ from hookpoints.inputs import ModelInputs
 from hookpoints.points import HookPoint
 from hookpoints.pooling import pool_positions, positions_first
 from hookpoints.probe import first_tensor
+from hookpoints.tasks import get_task
 
 #: A pooling method for every hook point, or a function choosing one per hook point.
 Pooling = str | Callable[[HookPoint], str]
@@ -55,6 +56,7 @@ class GenerationMethods:
         With ``edits``, every edit is applied at every step (:meth:`generate_edited`). ``inputs`` may also be
         strings, waveforms or audio paths (hookpoints.user_inputs).
         """
+        self._check_generates()
         if not isinstance(inputs, ModelInputs):
             inputs = self.inputs(inputs)
         if edits:
@@ -130,6 +132,7 @@ class GenerationMethods:
         default) replacements of ``nn.Linear`` outputs are folded into the layers' weights for the generation
         (hookpoints.edit_folding: no hook at all for them, the same values; ``fold=False`` keeps a hook per tensor).
         """
+        self._check_generates()
         modules = dict(self.model.named_modules())
         for point in [edit.point for edit in edits] + list(record):
             if point.module not in modules:
@@ -194,6 +197,14 @@ class GenerationMethods:
         generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
         check_prompt(generation, prompt)
         return generation
+
+    def _check_generates(self) -> None:
+        """A UserError unless the model has a generating task (encoder-decoder families: SeamlessM4T, Whisper)."""
+        if not any(get_task(task).generates for task in self.tasks):
+            raise UserError(
+                f"model {self.source} ({self.adapter.name}, {self.modality} input) does not generate here: "
+                "generate and decoder_prompt are for the encoder-decoder families (SeamlessM4T v2, Whisper)"
+            )
 
     def modules_run_every_step(self, inputs: ModelInputs, prompt: torch.Tensor) -> frozenset[str]:
         """Module paths that run at every step of ``generate`` (not only at step 0), found once by watching

@@ -24,8 +24,12 @@ from hookpoints.probe import first_tensor
 HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor | None]
 
 
-def layout(tensor: torch.Tensor, point: HookPoint) -> torch.Tensor:
-    """The module's tensor in cache layout (a copy): ``[batch, pos, *shape]`` or ``[batch, *shape]``."""
+def layout(tensor: torch.Tensor, point: HookPoint, batch: int | None = None) -> torch.Tensor:
+    """The module's tensor in cache layout (a copy): ``[batch, pos, *shape]`` or ``[batch, *shape]``; attention
+    maps as they are (``[batch, head, query_pos, key_pos]``). A tensor shared by the batch (``[1, pos, d]``
+    position embeddings) is repeated to ``batch`` examples, as the cache shows it."""
+    if point.keys is not None:
+        return tensor.clone()
     base = tensor.unsqueeze(1) if point.time_axis is None else tensor.movedim(point.time_axis, 1)
     flat = base.reshape(*base.shape[:2], -1)  # [batch, pos, all neurons]
     if point.part:
@@ -33,14 +37,32 @@ def layout(tensor: torch.Tensor, point: HookPoint) -> torch.Tensor:
         width = flat.shape[-1] // count
         flat = flat[..., index * width : (index + 1) * width]
     x = flat.reshape(*flat.shape[:2], *point.shape)
-    return (x[:, 0] if point.time_axis is None else x).clone()
+    x = x[:, 0] if point.time_axis is None else x
+    if batch is not None and x.shape[0] == 1 and batch > 1:
+        return x.expand(batch, *x.shape[1:]).clone()
+    return x.clone()
 
 
-def write_back(tensor: torch.Tensor, point: HookPoint, new: torch.Tensor) -> None:
-    """Write ``new`` (cache layout) into the module's ``tensor`` in place (the inverse of :func:`layout`)."""
-    expected = layout(tensor, point).shape
+def write_back(tensor: torch.Tensor, point: HookPoint, new, batch: int | None = None) -> torch.Tensor | None:
+    """Write ``new`` (cache layout) into the module's ``tensor`` in place (the inverse of :func:`layout`).
+
+    Returns a new tensor to replace the module's instead when ``tensor`` is shared by the batch (``[1, ...]``)
+    and ``new`` holds one value per example."""
+    expected = layout(tensor, point, batch).shape
+    if not isinstance(new, torch.Tensor):
+        raise UserError(
+            f"hook function for {point.name} returned {type(new).__name__}; return a tensor of shape "
+            f"{list(expected)} or None (after changing it in place)"
+        )
     if tuple(new.shape) != tuple(expected):
         raise UserError(f"hook function for {point.name} returned shape {list(new.shape)}, expected {list(expected)}")
+    if point.keys is not None:
+        tensor.copy_(new)
+        return None
+    if tensor.shape[0] != new.shape[0]:  # shared by the batch: a tensor of the batch's size replaces it
+        tensor = tensor.expand(new.shape[0], *tensor.shape[1:]).clone()
+        write_back(tensor, point, new)
+        return tensor
     base = tensor.unsqueeze(1) if point.time_axis is None else tensor.movedim(point.time_axis, 1)
     flat = base.reshape(*base.shape[:2], -1).clone()  # [batch, pos, all neurons]
     values = new.reshape(*flat.shape[:2], -1).to(flat.dtype)
@@ -53,20 +75,31 @@ def write_back(tensor: torch.Tensor, point: HookPoint, new: torch.Tensor) -> Non
     restored = flat.reshape(base.shape)
     restored = restored.squeeze(1) if point.time_axis is None else restored.movedim(1, point.time_axis)
     tensor.copy_(restored)
+    return None
 
 
 @contextmanager
-def hooked(model, edits: Sequence[tuple[HookPoint, Callable[[torch.Tensor], None]]]):
-    """Plain torch hooks that call ``change(tensor)`` on each hook point's tensor (in place) while held."""
+def hooked(model, edits: Sequence[tuple[HookPoint, Callable[[torch.Tensor], torch.Tensor | None]]]):
+    """Plain torch hooks that call ``change(tensor)`` on each hook point's tensor while held: it changes the
+    tensor in place, or returns a tensor that replaces it (one of the batch's size, for a tensor the batch shares)."""
     modules = dict(model.model.named_modules())
     handles = []
 
     def on_output(change):
-        return lambda module, args, output: change(_tensor_of(output, module))
+        def hook(module, args, output):
+            new = change(_tensor_of(output, module))
+            return None if new is None else _replaced(output, new)
+
+        return hook
 
     def on_input(change):
         def hook(module, args, kwargs):
-            change(_tensor_of(args[0] if args else next(iter(kwargs.values()), None), module))
+            if args:
+                new = change(_tensor_of(args[0], module))
+                return None if new is None else ((_replaced(args[0], new), *args[1:]), kwargs)
+            key = next(iter(kwargs), None)
+            new = change(_tensor_of(kwargs.get(key), module))
+            return None if new is None else (args, {**kwargs, key: _replaced(kwargs[key], new)})
 
         return hook
 
@@ -83,6 +116,15 @@ def hooked(model, edits: Sequence[tuple[HookPoint, Callable[[torch.Tensor], None
             handle.remove()
 
 
+def _replaced(value, new: torch.Tensor):
+    """``value`` (a tensor, or a tuple whose first item holds it) with its tensor replaced by ``new``."""
+    if isinstance(value, torch.Tensor):
+        return new
+    if isinstance(value, tuple) and value:
+        return (_replaced(value[0], new), *value[1:])
+    raise UserError(f"cannot replace the tensor inside a {type(value).__name__}; change it in place instead")
+
+
 def _tensor_of(value, module) -> torch.Tensor:
     tensor = first_tensor(value)
     if tensor is None:
@@ -90,15 +132,43 @@ def _tensor_of(value, module) -> torch.Tensor:
     return tensor
 
 
-def user_hook(point: HookPoint, fn: HookFn) -> Callable[[torch.Tensor], None]:
-    """``fn`` (TransformerLens style) as an in-place change of the module's tensor."""
+def user_hook(point: HookPoint, fn: HookFn, batch: int | None = None) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """``fn`` (TransformerLens style) as a change of the module's tensor (in place, or a replacement of a
+    tensor the ``batch`` shares). Derived hook points (a norm's ``hook_scale`` / ``hook_normalized``) are computed
+    for ``fn`` to read; changing them is refused (they are no tensor of the model)."""
+    if point.derived:
+        return _read_only(point, fn, batch)
 
-    def change(tensor: torch.Tensor) -> None:
-        x = layout(tensor, point)
+    def change(tensor: torch.Tensor) -> torch.Tensor | None:
+        x = layout(tensor, point, batch)
         result = fn(x, point)
-        write_back(tensor, point, x if result is None else result)
+        return write_back(tensor, point, x if result is None else result, batch)
 
     return change
+
+
+def _read_only(point: HookPoint, fn: HookFn, batch: int | None) -> Callable[[torch.Tensor], None]:
+    from hookpoints.cache import hook_tensor
+
+    def read(tensor: torch.Tensor) -> None:
+        x = hook_tensor(tensor, point, batch or tensor.shape[0])
+        before = x.clone()
+        result = fn(x, point)
+        if result is not None and not isinstance(result, torch.Tensor):
+            raise UserError(f"hook function for {point.name} returned {type(result).__name__}; return None")
+        changed = [t for t in (x, result) if t is not None and not _same(t, before)]
+        if changed:
+            io = "" if point.io == "output" else ":input"
+            raise UserError(
+                f"hook {point.name} is computed from {point.module}'s {point.io} and can be read but not changed "
+                f"by a hook function; change {point.module}{io} (the norm's input) or {point.module} (its output)"
+            )
+
+    return read
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.isclose(a, b.to(a.dtype), rtol=0, atol=0, equal_nan=True).all())
 
 
 def edit_hook(edit: NeuronEdit) -> Callable[[torch.Tensor], None]:
@@ -134,6 +204,18 @@ def _neuron_view(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
     return x.reshape(*x.shape[:lead], -1)
 
 
+def _chosen(neurons: Sequence[int] | int | None, hook: HookPoint) -> list[int] | slice:
+    """``neurons`` as indices into the hook's flat vector (all of them for None); out of range is a UserError."""
+    if neurons is None:
+        return slice(None)
+    chosen = [neurons] if isinstance(neurons, int) else list(neurons)
+    width = hook.width or 0
+    bad = [n for n in chosen if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < width]
+    if bad:
+        raise UserError(f"neuron {bad[0]!r} is out of range for hook {hook.name} (width {width}: 0..{width - 1})")
+    return chosen
+
+
 def ablate(neurons: Sequence[int] | None = None, value: float = 0.0) -> HookFn:
     """Set ``neurons`` (flat indices, as in the store; default: all) to ``value`` at every position.
 
@@ -142,7 +224,7 @@ def ablate(neurons: Sequence[int] | None = None, value: float = 0.0) -> HookFn:
 
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         flat = _neuron_view(x, hook).clone()
-        flat[..., list(neurons) if neurons is not None else slice(None)] = value
+        flat[..., _chosen(neurons, hook)] = value
         return flat.reshape(x.shape)
 
     return fn
@@ -161,7 +243,7 @@ def mean_ablate(cache, neurons: Sequence[int] | None = None) -> HookFn:
             raise UserError(f"cannot mean-ablate {hook.name}: the cache does not hold it (cache it with names=...)")
         mean = cache.mean(hook.name).reshape(-1).to(x.device, x.dtype)  # [width]
         flat = _neuron_view(x, hook).clone()
-        chosen = list(neurons) if neurons is not None else slice(None)
+        chosen = _chosen(neurons, hook)
         flat[..., chosen] = mean[chosen]
         return flat.reshape(x.shape)
 
@@ -194,7 +276,10 @@ def steer(vector, scale: float = 1.0) -> HookFn:
 
     >>> model.run_with_hooks(["Hi"], fwd_hooks=[("blocks.1.hook_resid_post", steer(direction, 4.0))])  # doctest: +SKIP
     """
-    vector = torch.as_tensor(vector)
+    try:
+        vector = torch.as_tensor(vector)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise UserError(f"steering vector must be numbers ([d] or [head, d_head]), not {vector!r:.60}") from error
 
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         if vector.numel() != (hook.width or 0):

@@ -147,6 +147,8 @@ class HookedModel(GenerationMethods, ModelApi):
     def speech_inputs(self, waveforms: list, *, frames: int | None = None) -> ModelInputs:
         """Inputs for 16 kHz mono ``waveforms`` (``[samples]`` arrays), through the checkpoint's feature extractor."""
         if self.modality != "speech":
+            if "speech" not in self.adapter.modalities(self.model.config):
+                raise UserError(f"model {self.source} ({self.adapter.name}) takes text, not waveforms or audio")
             raise UserError(f"model {self.source} was loaded for {self.modality} input; load it with modality speech")
         if self.processor is None:
             raise UserError(
@@ -180,6 +182,7 @@ class HookedModel(GenerationMethods, ModelApi):
     ) -> torch.Tensor:
         """``[batch, prompt]`` decoder ids that start ``task`` into each target language (``sources``: the
         inputs' own languages, where the manifest has them)."""
+        self._check_generates()
         prompt = self.adapter.decoder_prompt(self.model, self.tokenizer, targets, task=task, sources=sources)
         return prompt.to(self.device)
 

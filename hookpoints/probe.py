@@ -105,7 +105,8 @@ def measure(point: HookPoint, seen: Seen | None, lengths: dict[str, int], batch:
             return replace(point, order=seen.order, unavailable=f"{width} neurons do not split in {point.part[1]}")
         width //= point.part[1]
     if point.derived and point.derived.endswith("scale"):
-        width = 1  # one divisor per position: [batch, pos, 1]
+        # one divisor per normalised vector: [batch, pos, 1], or one per head for a per-head norm (Qwen3's q_norm)
+        width = math.prod(shape[axis] for axis in neuron_axes[:-1])
     return replace(point, width=width, neuron_axis=neuron_axes[0], time_axis=time_axis, space=space, order=seen.order)
 
 

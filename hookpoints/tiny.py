@@ -72,6 +72,8 @@ def _config(family: str, vocab: int):
         return tf.LlamaConfig(**small)
     if family == "qwen2":
         return tf.Qwen2Config(**small)
+    if family == "qwen3":  # per-head q/k norms
+        return tf.Qwen3Config(**small, head_dim=16)
     if family == "bert":
         return tf.BertConfig(
             vocab_size=vocab,
@@ -210,6 +212,7 @@ def build_tiny(
         "gpt2": tf.GPT2LMHeadModel,
         "llama": tf.LlamaForCausalLM,
         "qwen2": tf.Qwen2ForCausalLM,
+        "qwen3": tf.Qwen3ForCausalLM,
         "bert": tf.BertModel,
         "whisper": tf.WhisperForConditionalGeneration,
         "qwen2_audio": tf.Qwen2AudioForConditionalGeneration,

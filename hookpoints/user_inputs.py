@@ -10,12 +10,14 @@ mask of every position space (input, encoder, decoder); raw tensors only the ``i
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from hookpoints.adapters.base import max_positions
 from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
 
@@ -33,9 +35,9 @@ def as_inputs(model, inputs) -> ModelInputs:
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     if isinstance(inputs, torch.Tensor) and inputs.dim() == 2 and not inputs.is_floating_point():
-        return _from_kwargs({"input_ids": inputs}).to(model.device)
+        return _from_kwargs(model, {"input_ids": inputs}).to(model.device)
     if isinstance(inputs, Mapping):
-        return _from_kwargs(dict(inputs)).to(model.device)
+        return _from_kwargs(model, dict(inputs)).to(model.device)
     if isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == 1:
         inputs = [inputs]
     if not isinstance(inputs, (list, tuple)) or not inputs:
@@ -65,16 +67,53 @@ def as_inputs(model, inputs) -> ModelInputs:
     return model.text_inputs(texts)
 
 
-def _from_kwargs(kwargs: dict) -> ModelInputs:
-    """Forward arguments given as tensors; the ``input`` space's mask from their attention mask."""
+def _from_kwargs(model, kwargs: dict) -> ModelInputs:
+    """Forward arguments given as tensors; the ``input`` space's mask from their attention mask.
+
+    Token ids are checked against the model (vocabulary, longest input, the mask's shape). A left-padded batch
+    gets position ids counted from each example's first real token (what HF's ``generate`` and TransformerLens
+    do), so a model with absolute positions (GPT-2) gives each example what it gives alone."""
     tensors = {name: value for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
     if not tensors:
         raise UserError("a dict of inputs needs tensors (input_ids, input_features, attention_mask, ...)")
     first = next(iter(tensors.values()))
+    if first.dim() == 0 or first.shape[0] == 0:
+        raise UserError(f"inputs hold no example ({_describe(first)}): give at least one")
     mask = kwargs.get("attention_mask")
+    ids = kwargs.get("input_ids")
+    if isinstance(ids, torch.Tensor):
+        _check_ids(model, ids, mask)
+        if isinstance(mask, torch.Tensor) and "position_ids" not in kwargs and _left_padded(mask):
+            forward = inspect.signature(model.model.forward).parameters
+            if "position_ids" in forward:
+                kwargs = {**kwargs, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
     if mask is None:
         mask = torch.ones(first.shape[:2], dtype=torch.bool)
     return ModelInputs(kwargs, {"input": mask.bool()})
+
+
+def _check_ids(model, ids: torch.Tensor, mask) -> None:
+    """Token ids the model can read: ``[batch, tokens]`` integers within its vocabulary and context."""
+    if ids.dim() != 2 or ids.is_floating_point():
+        raise UserError(f"input_ids must be a [batch, tokens] integer tensor, not {_describe(ids)}")
+    if isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
+        raise UserError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}: give them alike")
+    try:
+        vocab = getattr(model.model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):  # a model without one input embedding
+        vocab = None
+    if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+        raise UserError(f"token id {bad} is out of range for {model.source} (vocabulary of {vocab}: 0..{vocab - 1})")
+    longest = max_positions(model.model)
+    if longest and ids.shape[1] > longest:
+        raise UserError(f"input_ids hold {ids.shape[1]} positions, more than the {longest} {model.source} takes")
+
+
+def _left_padded(mask: torch.Tensor) -> bool:
+    """Whether some example's padding comes before its real tokens."""
+    valid = mask.bool()
+    return bool((valid[:, 1:] & ~valid[:, :-1]).any())
 
 
 def _waveform(item, index: int) -> np.ndarray:

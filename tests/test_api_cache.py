@@ -149,10 +149,12 @@ def test_raw_tensor_inputs_and_cache_methods(gpt2):
         (["hi"], "blocks.*.no_such_hook", None, "matches no recordable hook point"),
         (["hi"], None, "median", "pooling must be one of mean, last, max"),
         (["hi"], 42, None, "names must be a glob"),
+        (["hi"], [], None, "names is empty"),  # was every listed hook point
         ([], None, None, "not an empty list"),
         ([""], None, None, "empty string"),
         (["hi", 3], None, None, "mix"),
         (12, None, None, "inputs must be"),
+        ([sine(0.5)], None, None, "(gpt2) takes text, not waveforms"),  # was: load it with modality speech
     ],
 )
 def test_bad_cache_arguments_are_one_line_user_errors(gpt2, inputs, names, pooling, message):
@@ -218,3 +220,50 @@ def test_attention_pattern_in_the_cache_is_transformer_lens_layout(gpt2):
         torch.testing.assert_close(sums[b][:, valid], torch.ones_like(sums[b][:, valid]), atol=1e-5, rtol=0)
     with pytest.raises(UserError, match="attention map"):
         cache.pooled("mean")
+
+
+def test_left_padded_tensors_give_what_each_example_gives_alone(gpt2):
+    """A left-padded batch (a tokenizer with padding_side="left", as for generation) counts positions from each
+    example's first real token, as TransformerLens and HF's generate do: GPT-2's absolute positions need it."""
+    tokenizer = gpt2.tokenizer
+    tokenizer.padding_side = "left"
+    try:
+        batch = dict(tokenizer(TEXTS, return_tensors="pt", padding=True))
+    finally:
+        tokenizer.padding_side = "right"
+    mask = batch["attention_mask"].bool()
+    assert not mask[:, 0].all()  # some example is padded on the left
+    name = "blocks.0.hook_resid_post"  # hidden_states[1] (the last of them is after ln_f)
+    output, cache = gpt2.run_with_cache(batch, names=name)
+    _, last = gpt2.run_with_cache(batch, names=name, pooling="last")
+    for i in range(len(TEXTS)):
+        ids = batch["input_ids"][i][mask[i]][None]  # the example alone, unpadded
+        with torch.inference_mode():
+            alone = gpt2.model(input_ids=ids, output_hidden_states=True)
+        torch.testing.assert_close(output.logits[i][mask[i]], alone.logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache[name][i][mask[i]], alone.hidden_states[1][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(last[name][i], alone.hidden_states[1][0, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (torch.zeros(0, 5, dtype=torch.long), "no example"),
+        (torch.tensor([[10**6, 2]]), "token id 1000000 is out of range"),
+        (torch.ones(1, 300, dtype=torch.long), "300 positions, more than the 256"),
+        (
+            {"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)},
+            "attention_mask has shape [1, 4], input_ids [1, 3]",
+        ),
+    ],
+)
+def test_bad_token_tensors_are_one_line_user_errors(gpt2, inputs, message):
+    with pytest.raises(UserError) as caught:
+        gpt2.run_with_cache(inputs, names="blocks.0.hook_resid_post")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_mean_of_an_attention_map_is_a_user_error(gpt2):
+    _, cache = gpt2.run_with_cache(TEXTS, names="blocks.0.attn.hook_pattern")
+    with pytest.raises(UserError, match="attention map"):
+        cache.mean("blocks.0.attn.hook_pattern")

@@ -145,6 +145,11 @@ def test_generate_with_edits_equals_torch_hooks_during_generate(tiny_model_dir):
         ([(3, hp.ablate())], "a hook name must be"),
         ([("blocks.0.hook_resid_post", lambda x, hook: x[:, :1])], "returned shape"),
         ([("blocks.0.hook_resid_post", hp.steer(torch.ones(5)))], "steering vector has 5 entries"),
+        (
+            [("blocks.0.mlp.hook_post", hp.ablate([1000]))],
+            "neuron 1000 is out of range for hook blocks.0.mlp.hook_post",
+        ),
+        ([("blocks.0.mlp.hook_post", hp.ablate([-1]))], "neuron -1 is out of range"),  # was the last neuron
     ],
 )
 def test_bad_hooks_are_one_line_user_errors(gpt2, hooks, message):
@@ -160,3 +165,124 @@ def test_bad_edits_are_user_errors(gpt2):
         gpt2.edit("blocks.0.mlp.nothing", [1], [0.0])
     with pytest.raises(UserError, match="2 neuron indices but 3 values"):
         gpt2.edit("blocks.0.mlp.hook_post", [1, 2], [0.0, 1.0, 2.0])
+
+
+# -- hook functions on derived hook points, attention maps and broadcast tensors ----------------------------
+
+
+def test_hook_function_on_a_derived_norm_point_sees_its_value_and_cannot_change_it(gpt2):
+    """``ln1.hook_normalized`` is computed from the norm's input: a hook function reads that value (as
+    run_with_cache gives it), and changing it is refused instead of silently editing the norm's input."""
+    seen = {}
+
+    def read(x, hook):
+        seen[hook.name] = x.clone()
+
+    names = ["blocks.0.ln1.hook_normalized", "blocks.0.ln1.hook_scale"]
+    out = gpt2.run_with_hooks(TEXTS, fwd_hooks=[(name, read) for name in names])
+    _, cache = gpt2.run_with_cache(TEXTS, names=[*names, "blocks.0.hook_resid_pre"])
+    x = cache["blocks.0.hook_resid_pre"]  # by hand, as TransformerLens: centre, divide by the scale
+    centred = x - x.mean(-1, keepdim=True)
+    scale = (centred.pow(2).mean(-1, keepdim=True) + gpt2.model.config.layer_norm_epsilon).sqrt()
+    torch.testing.assert_close(seen["blocks.0.ln1.hook_scale"], scale)
+    torch.testing.assert_close(seen["blocks.0.ln1.hook_normalized"], centred / scale)
+    assert torch.equal(out.logits, gpt2.run_with_hooks(TEXTS).logits)  # reading changed nothing
+    for change in (lambda x, hook: x * 0, lambda x, hook: x.mul_(2)):
+        with pytest.raises(UserError, match="blocks.0.ln1.hook_normalized is computed from") as caught:
+            gpt2.run_with_hooks(TEXTS, fwd_hooks=[("blocks.0.ln1.hook_normalized", change)])
+        assert "\n" not in str(caught.value)
+
+
+def test_hook_function_on_the_attention_pattern_changes_the_output(gpt2):
+    """TransformerLens' pattern ablation: the function gets [batch, head, query, key] and its result is what the
+    attention multiplies the values by (the SDPA fast path would never call it)."""
+    heads = gpt2.model.config.n_head
+    d_head = gpt2.model.config.n_embd // heads
+    calls = []
+
+    def uniform_head_1(pattern, hook):
+        calls.append(pattern.shape)
+        keep = pattern[:, 1] > 0  # the causal, unpadded keys of each query
+        pattern[:, 1] = keep / keep.sum(-1, keepdim=True)  # head 1 averages over them
+
+    out = gpt2.run_with_hooks(TEXTS, fwd_hooks=[("blocks.0.attn.hook_pattern", uniform_head_1)]).logits
+    inputs = gpt2.inputs(TEXTS)
+    batch, pos = inputs.kwargs["input_ids"].shape
+    assert calls == [(batch, heads, pos, pos)]
+    _, cache = gpt2.run_with_cache(TEXTS, names="blocks.0.attn.hook_v")
+    v = cache["blocks.0.attn.hook_v"]  # [batch, key, head, d_head]
+    causal = torch.ones(pos, pos, dtype=torch.bool).tril()
+    keep = causal[None] & inputs.kwargs["attention_mask"].bool()[:, None, :]  # [batch, query, key]
+    mean_v = (keep.float() / keep.sum(-1, keepdim=True)) @ v[:, :, 1]  # [batch, query, d_head]
+
+    def change(z):  # c_proj's input: [batch, pos, heads * d_head]; head 1's slice
+        z[..., d_head : 2 * d_head] = mean_v
+
+    reference = reference_logits(gpt2, TEXTS, "transformer.h.0.attn.c_proj", change, on_input=True)
+    valid = inputs.kwargs["attention_mask"].bool()
+    torch.testing.assert_close(out[valid], reference[valid], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out[valid], gpt2.run_with_hooks(TEXTS).logits[valid], atol=1e-4)
+
+
+def test_hook_function_on_position_embeddings_sees_the_batch(gpt2):
+    """``hook_pos_embed`` is [batch, pos, d] in the cache and in a hook function (as in TransformerLens), and
+    an example's own change stays in that example."""
+    _, cache = gpt2.run_with_cache(TEXTS, names="hook_pos_embed")
+    shapes = []
+
+    def zero_first(x, hook):
+        shapes.append(x.shape)
+        x[0] = 0.0  # the first example's position embeddings only
+
+    out = gpt2.run_with_hooks(TEXTS, fwd_hooks=[("hook_pos_embed", zero_first)]).logits
+    assert shapes == [cache["hook_pos_embed"].shape]
+    plain = gpt2.run_with_hooks(TEXTS).logits
+    assert torch.equal(out[1], plain[1])  # the second example is untouched
+    reference = reference_logits(gpt2, TEXTS[:1], "transformer.wpe", lambda t: t.zero_())
+    torch.testing.assert_close(out[0, : reference.shape[1]], reference[0], atol=1e-5, rtol=1e-5)
+    patched = gpt2.run_with_hooks(TEXTS, fwd_hooks=[("hook_pos_embed", hp.patch(cache))]).logits
+    assert torch.equal(patched, plain)
+
+
+@pytest.mark.parametrize("returned", [3, "x", [1.0]])
+def test_hook_function_returning_no_tensor_is_a_user_error(gpt2, returned):
+    with pytest.raises(UserError, match="hook function for blocks.0.hook_resid_post returned") as caught:
+        gpt2.run_with_hooks(TEXTS, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: returned)])
+    assert "\n" not in str(caught.value)
+
+
+def test_bad_edit_arguments_are_user_errors(gpt2):
+    with pytest.raises(UserError, match=r"neuron indices must be whole numbers, not \[1.5\]"):
+        gpt2.edit("blocks.0.mlp.hook_post", [1.5], [0.0])  # was silently neuron 1
+    edit = gpt2.edit("blocks.0.mlp.hook_post", [1], [0.0])
+    with pytest.raises(UserError, match="edits must be a list of NeuronEdit"):
+        gpt2.run_with_edits(TEXTS, edit)
+    with pytest.raises(UserError, match="edits must be a list of NeuronEdit"):
+        gpt2.run_with_edits(TEXTS, ["blocks.0.mlp.hook_post"])
+
+
+def test_generating_with_a_model_that_does_not_generate_is_a_user_error(gpt2):
+    edit = gpt2.edit("blocks.0.mlp.hook_post", [1], [0.0])
+    for call in (
+        lambda: gpt2.decoder_prompt(["eng"]),
+        lambda: gpt2.generate(TEXTS, torch.tensor([[1], [1]]), 3),
+        lambda: gpt2.generate(TEXTS, torch.tensor([[1], [1]]), 3, edits=[edit]),
+    ):
+        with pytest.raises(UserError, match="does not generate here") as caught:
+            call()
+        assert "\n" not in str(caught.value)
+
+
+def test_ready_made_hook_function_arguments(gpt2):
+    _, cache = gpt2.run_with_cache(TEXTS, names="blocks.0.mlp.hook_post")
+    with pytest.raises(UserError, match="neuron 1000 is out of range"):
+        gpt2.run_with_hooks(TEXTS, fwd_hooks=[("blocks.0.mlp.hook_post", hp.mean_ablate(cache, [1000]))])
+    with pytest.raises(UserError, match="steering vector must be numbers"):
+        hp.steer("abc")
+    one = gpt2.run_with_hooks(TEXTS, fwd_hooks=[("blocks.0.mlp.hook_post", hp.ablate(3))]).logits  # an int: one neuron
+
+    def change(t):
+        t[..., 3] = 0.0
+
+    reference = reference_logits(gpt2, TEXTS, "transformer.h.0.mlp.act", change)
+    assert torch.allclose(one, reference, atol=1e-6)

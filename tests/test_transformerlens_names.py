@@ -269,7 +269,7 @@ def transformerlens_model(family: str, folder: Path, scratch: Path):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # HookedTransformer: deprecated in favour of 4.x's bridge
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "qwen3", "bert"])
 def test_every_name_equals_transformerlens(tiny_model_dir, tmp_path, family):
     model = load(tiny_model_dir(family))
     peer = transformerlens_model(family, tiny_model_dir(family), tmp_path)
@@ -283,6 +283,8 @@ def test_every_name_equals_transformerlens(tiny_model_dir, tmp_path, family):
     got = model.pooled(model.text_inputs([TEXT]), model.select(names), "none")  # name -> [pos, width]
     for name in names:
         expected, actual = cache[name][0], got[model.hook_points.get(name).name]  # drop TL's batch axis
+        if "_norm.hook_" in name:  # Qwen3's per-head q/k norm: TL runs it on [batch * pos * head, d_head]
+            expected = cache[name].reshape(actual.shape)  # hookpoints: [pos, head * d_head] ([pos, head] scales)
         if name.endswith(("hook_pattern", "hook_attn_scores")):  # [head, query, key]
             heads, queries, keys = expected.shape
             actual = map_of(actual, heads, keys)
@@ -310,3 +312,32 @@ def test_prepend_bos_matches_transformerlens_text_input(tiny_model_dir, tmp_path
     torch.testing.assert_close(got, cache[name][0], atol=5e-5, rtol=5e-5)
     without = load(folder).pooled(load(folder).text_inputs([TEXT]), model.select([name]), "mean")[name]
     assert not torch.allclose(without, got.mean(0, keepdim=True), atol=1e-4)  # the BOS changes every position
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_padded_batch_equals_transformerlens_with_its_attention_mask(tiny_model_dir, tmp_path, family):
+    """A right-padded batch of unequal texts (GQA and rotary for LLaMA): every name at every real position, and
+    the maps over real keys, equal TransformerLens given the same tokens and attention mask."""
+    model = load(tiny_model_dir(family))
+    peer = transformerlens_model(family, tiny_model_dir(family), tmp_path)
+    texts = [TEXT, "a calm river", "The weather"]
+    inputs = model.text_inputs(texts)
+    ids, mask = inputs.kwargs["input_ids"], inputs.kwargs["attention_mask"]
+    assert not mask.all()  # padded
+    with torch.no_grad():
+        logits, cache = peer.run_with_cache(ids, attention_mask=mask)
+    names = [name for name in cache.keys() if not name.startswith(NOT_GIVEN)]
+    output, got = model.run_with_cache(inputs, names=names)
+    valid = mask.bool()
+    torch.testing.assert_close(output.logits[valid], logits[valid], atol=5e-5, rtol=5e-5)
+    for name in names:
+        for i in range(len(texts)):
+            actual, expected = got[name][i], cache[name][i]
+            if name.endswith(("hook_pattern", "hook_attn_scores")):  # [head, query, key]: real queries and keys
+                actual, expected = actual[:, valid[i]][:, :, valid[i]], expected[:, valid[i]][:, :, valid[i]]
+                kept = torch.isfinite(expected)  # TransformerLens: -inf at masked keys
+                actual, expected = actual[kept], expected[kept]
+            else:
+                actual, expected = actual[valid[i]], expected[valid[i]]
+            torch.testing.assert_close(actual, expected, atol=5e-5, rtol=5e-5, msg=f"{family} {name} example {i}")

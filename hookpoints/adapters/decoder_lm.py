@@ -14,6 +14,8 @@ TransformerBridge names of the same tensors are aliases (``RENAMES``).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from transformers import AutoModelForCausalLM
 
 from hookpoints.adapters.base import Point, Single, Stack, TokenAdapter
@@ -63,6 +65,9 @@ LLAMA_BLOCK = (
     Point("attn.hook_q", "self_attn.q_proj", heads="num_attention_heads"),
     Point("attn.hook_k", "self_attn.k_proj", heads="num_key_value_heads"),
     Point("attn.hook_v", "self_attn.v_proj", heads="num_key_value_heads"),
+    # Qwen3's per-head RMSNorm of q and k (before rotary); absent modules are skipped (LLaMA, Qwen2, Mistral)
+    *(replace(point, heads="num_attention_heads") for point in norm_points("attn.q_norm", "self_attn.q_norm")),
+    *(replace(point, heads="num_key_value_heads") for point in norm_points("attn.k_norm", "self_attn.k_norm")),
     Point("attn.hook_rot_q", "self_attn.hook_rot_q", heads="num_attention_heads"),
     Point("attn.hook_rot_k", "self_attn.hook_rot_k", heads="num_key_value_heads"),
     *map_points("self_attn", "num_attention_heads"),
