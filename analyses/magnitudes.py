@@ -69,20 +69,20 @@ def layer_magnitudes(
     if not layered:
         raise UserError("none of the chosen hook points belongs to a layer: pick layer hook points with --hooks")
     runs = ", ".join(sql_literal(run) for run in examples.group.runs)
-    names = ", ".join(sql_literal(h.hook) for h in layered)
-    value = "list_avg(list_transform(a.activation, lambda x: abs(x)))" if absolute else "list_avg(a.activation)"
+    value = "list_avg(list_transform(v, lambda x: abs(x)))" if absolute else "list_avg(v)"
     groups = ", ".join(f"e.{quote_name(c)}" for c in by)
     where = "" if examples.where is None else f" AND ({examples.where})"
-    sql = f"""
-        WITH per_hook AS (
-            SELECT a.run, a.example_id, a.hook, {value} AS m
-            FROM activations a WHERE a.run IN ({runs}) AND a.hook IN ({names})
-        ), per_layer AS (
+    ctes = f"""
+        WITH vectors AS ({_pooled_vectors(examples, layered)}
+        ), per_hook AS (
+            SELECT run, example_id, hook, {value} AS m FROM vectors
+        ), chosen AS (
+            SELECT * FROM examples WHERE run IN ({runs}){where}
+        )"""
+    sql = f"""{ctes}, per_layer AS (
             SELECT p.run, p.example_id, h.component, h.layer, avg(p.m) AS magnitude
             FROM per_hook p JOIN hooks h ON h.run = p.run AND h.hook = p.hook
             GROUP BY ALL
-        ), chosen AS (
-            SELECT * FROM examples WHERE run IN ({runs}){where}
         ), grouped AS (
             SELECT l.component, l.layer, {groups}, avg(l.magnitude) AS magnitude, count(*) AS examples
             FROM per_layer l JOIN chosen e ON e.run = l.run AND e.example_id = l.example_id
@@ -91,7 +91,48 @@ def layer_magnitudes(
         SELECT *, magnitude - avg(magnitude) OVER (PARTITION BY component, layer) AS deviation
         FROM grouped ORDER BY component, layer, {", ".join(quote_name(c) for c in by)}
     """
-    return session.sql(sql)
+    table = session.sql(sql)
+    if table.num_rows and not np.isfinite(table["magnitude"].to_numpy(zero_copy_only=False)).all():
+        bad = session.sql(
+            f"""{ctes} SELECT p.hook, count(*) AS n, min(p.example_id) AS example FROM per_hook p
+                JOIN chosen e ON e.run = p.run AND e.example_id = p.example_id
+                WHERE NOT isfinite(p.m) GROUP BY p.hook ORDER BY p.hook"""
+        ).to_pylist()[0]
+        raise UserError(
+            f"hook {bad['hook']} holds NaN or infinite activations ({bad['n']} example(s), e.g. {bad['example']!r}): "
+            "leave it out with --hooks, or record the run again"
+        )
+    return table
+
+
+def _pooled_vectors(examples: ExampleSet, hooks: list[StoredHook]) -> str:
+    """SQL of (run, example_id, hook, v): one vector per example and hook, as the analyses read them.
+
+    A per-step run's decoder hooks hold one row per generation step; they are pooled with the run's pooling
+    (mean, max or last over the steps), as the recorder stores them without ``--per-step`` and as
+    :class:`hookpoints.analyses.hook_matrix.HookMatrixReader` reads them.
+    """
+    parts = []
+    for run in examples.group.runs:
+        settings = examples.group.settings[run]
+        steps = [h.hook for h in hooks if settings.rows_per_example(h.space) == "steps"]
+        one = [h.hook for h in hooks if settings.rows_per_example(h.space) != "steps"]
+        scope = f"FROM activations WHERE run = {sql_literal(run)} AND hook IN "
+        if one:
+            parts.append(f"SELECT run, example_id, hook, activation AS v {scope}({', '.join(map(sql_literal, one))})")
+        if steps:
+            how = settings.pooling.value
+            if how == "last":
+                pooled = "s[-1]"
+            else:
+                per_neuron = "list_avg" if how == "mean" else "list_max"
+                column = f"{per_neuron}(list_transform(s, lambda r: r[i]))"  # neuron i over the steps
+                pooled = f"list_transform(range(1, len(s[1]) + 1), lambda i: {column})"
+            parts.append(
+                f"SELECT run, example_id, hook, {pooled} AS v FROM (SELECT run, example_id, hook, "
+                f"list(activation ORDER BY position) AS s {scope}({', '.join(map(sql_literal, steps))}) GROUP BY ALL)"
+            )
+    return "\n            UNION ALL ".join(parts)
 
 
 @dataclass(frozen=True)
