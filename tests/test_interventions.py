@@ -145,6 +145,14 @@ def test_scores_equal_sacrebleu_and_jiwer():
     zh = corpus_scores("asr", ["今天天气很好。"], ["今天天汽很好"], "zh")
     assert zh["metric"] == "cer" and zh["score"] == pytest.approx(jiwer.cer(["今天天气很好"], ["今天天汽很好"]))
     assert corpus_scores("asr", ["x"], ["x"], "ja_jp")["metric"] == "cer"
+    # BCP 47 / Common Voice codes: zh-CN is Mandarin (CER, BLEU tokenised as zh), ja-JP Japanese
+    cv = corpus_scores("asr", ["今天天气很好。"], ["今天天汽很好"], "zh-CN")
+    assert cv["metric"] == "cer" and cv["score"] == pytest.approx(zh["score"])
+    assert corpus_scores("asr", ["x"], ["x"], "ja-JP")["metric"] == "cer"
+    zh_refs, zh_hyps = ["今天天气很好。"], ["今天天气不错。"]
+    assert corpus_scores("t2tt", zh_refs, zh_hyps, "zh-CN")["bleu"] == pytest.approx(
+        BLEU(tokenize="zh").corpus_score(zh_hyps, [zh_refs]).score
+    )
     one = sentence_scores("t2tt", refs[0], hyps[0], "eng")
     expected = BLEU(effective_order=True).sentence_score(hyps[0], [refs[0]]).score
     assert one["bleu"] == pytest.approx(expected)
@@ -214,3 +222,27 @@ def test_intervene_bad_input_writes_nothing(swept, run_cli):
     assert code == 0
     code, _, err = run_cli(*base, "--k", "5", "--sweep", "dup")
     assert code != 0 and "already in the store" in err
+
+
+def test_a_non_finite_statistics_row_is_refused_not_ranked_into_the_median(tmp_path):
+    """An inf in one example's activation made DuckDB's median rank it as the largest value and come out finite."""
+    from selectivity_helpers import examples_table, hook_rows, write_run
+
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(2, "speech", seed=1)
+    hooks = hook_rows("text_decoder", 1, {"ffn.fc1": 3}, layer_output=False)
+    hook = hooks[0]["hook"]
+    values = np.arange(18, dtype=np.float32).reshape(6, 3)
+    values[1, 1] = np.inf
+    write_run(store, "r", examples, hooks, values={hook: values})
+    bad = examples["example_id"][1].as_py()
+    with store.query() as session:
+        for kind in ("median", "mean"):
+            with pytest.raises(UserError, match=r"holds NaN or infinite activations of .*ffn.fc1\[1\]"):
+                replacement_values(session, _explicit(f"{hook}:1,2"), kind, run="r")
+        # neuron 2 is finite everywhere, and neuron 1 without the bad example: numpy's median
+        assert replacement_values(session, _explicit(f"{hook}:2"), "median", run="r") == pytest.approx(
+            [np.median(values[:, 2])]
+        )
+        kept = replacement_values(session, _explicit(f"{hook}:1"), "median", run="r", where=f"example_id <> '{bad}'")
+    assert kept == pytest.approx([np.median(np.delete(values[:, 1], 1))])
