@@ -131,6 +131,17 @@ class ExampleSet:
         )
         return rows["v"].to_pylist()
 
+    def pairs(self, session: QuerySession, first: str, second: str) -> set[tuple]:
+        """The distinct (first, second) value pairs among these examples, both non-null."""
+        a, b = quote_name(first), quote_name(second)
+        where = "" if self.where is None else f" AND {self.where}"
+        rows = session.sql(
+            f"SELECT DISTINCT {a} AS a, {b} AS b FROM (SELECT * FROM examples WHERE list_contains($runs, run)) "
+            f"WHERE a IS NOT NULL AND b IS NOT NULL{where}",
+            {"runs": list(self.group.runs)},
+        ).to_pylist()
+        return {(row["a"], row["b"]) for row in rows}
+
     def mask(self, session: QuerySession, predicate: str, option: str) -> np.ndarray:
         """``[examples]`` bool: the predicate over each example (NULL -> False)."""
         try:
