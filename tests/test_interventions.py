@@ -246,3 +246,33 @@ def test_a_non_finite_statistics_row_is_refused_not_ranked_into_the_median(tmp_p
         )
         kept = replacement_values(session, _explicit(f"{hook}:1"), "median", run="r", where=f"example_id <> '{bad}'")
     assert kept == pytest.approx([np.median(np.delete(values[:, 1], 1))])
+
+
+def test_default_unimodal_type_finds_a_ranking_without_modality_column(tmp_path):
+    """A manifest without a modality column ranks unimodal/{language}; the sweep's default --type unimodal asked
+    for unimodal/speech/{language} and stopped with "matches no label set"."""
+    from hookpoints.analyses.intervention_sweep import SweepSpec, _conditions
+    from selectivity_helpers import examples_table, hook_rows, write_run
+
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(4, None, seed=1)  # language only
+    hooks = hook_rows("text_decoder", 2, {"ffn.fc1": 6}, layer_output=False)
+    values = write_run(store, "fwd", examples, hooks)
+    write_scores(store, rank(store, plan_ranking(store, ["fwd"], presets=["unimodal"], ks=(3,))))
+    spec = SweepSpec("sw", runs=("fwd",), tasks=("asr",), ks=(3,))
+    common = {"stats_run": "fwd", "stats_where": None}
+    with store.query() as session:
+        conditions = _conditions(session, spec, "fwd", common, "speech", "de", None)
+        top = session.sql(
+            "SELECT hook, neuron FROM scores WHERE label_set = 'unimodal/de' AND top_rank <= 3 ORDER BY hook, neuron"
+        ).to_pylist()
+    names = [c.fields["condition"] for c in conditions]
+    assert names == ["none", "unimodal/top/k=3", "random/k=3"]
+    unimodal = conditions[1]
+    assert unimodal.fields["label_set"] == "unimodal/de"
+    neurons = unimodal.selection.neurons
+    chosen = list(zip(neurons["hook"].to_pylist(), neurons["neuron"].to_pylist(), strict=True))
+    assert chosen == [(r["hook"], r["neuron"]) for r in top]
+    expected = [np.median(values[hook][:, neuron].astype(np.float64)) for hook, neuron in chosen]
+    assert unimodal.values == pytest.approx(expected, rel=1e-6)
+    assert conditions[2].selection.per_component() == {"text_decoder": 3}
