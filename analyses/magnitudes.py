@@ -69,13 +69,10 @@ def layer_magnitudes(
     if not layered:
         raise UserError("none of the chosen hook points belongs to a layer: pick layer hook points with --hooks")
     runs = ", ".join(sql_literal(run) for run in examples.group.runs)
-    value = "list_avg(list_transform(v, lambda x: abs(x)))" if absolute else "list_avg(v)"
     groups = ", ".join(f"e.{quote_name(c)}" for c in by)
     where = "" if examples.where is None else f" AND ({examples.where})"
     ctes = f"""
-        WITH vectors AS ({_pooled_vectors(examples, layered)}
-        ), per_hook AS (
-            SELECT run, example_id, hook, {value} AS m FROM vectors
+        WITH per_hook AS ({_per_hook(examples, layered, absolute)}
         ), chosen AS (
             SELECT * FROM examples WHERE run IN ({runs}){where}
         )"""
@@ -105,13 +102,17 @@ def layer_magnitudes(
     return table
 
 
-def _pooled_vectors(examples: ExampleSet, hooks: list[StoredHook]) -> str:
-    """SQL of (run, example_id, hook, v): one vector per example and hook, as the analyses read them.
+def _per_hook(examples: ExampleSet, hooks: list[StoredHook], absolute: bool) -> str:
+    """SQL of (run, example_id, hook, m): the mean over the neurons of each example's vector at each hook.
 
     A per-step run's decoder hooks hold one row per generation step; they are pooled with the run's pooling
-    (mean, max or last over the steps), as the recorder stores them without ``--per-step`` and as
-    :class:`hookpoints.analyses.hook_matrix.HookMatrixReader` reads them.
+    (mean, max or last over the steps) first, as the recorder stores them without ``--per-step`` and as
+    :class:`hookpoints.analyses.hook_matrix.HookMatrixReader` reads them. The last step's mean, and the mean of
+    the steps' means (signed), need one number per row; |mean| and max pool each neuron over the steps, which
+    holds an example's steps of a hook in memory.
     """
+    absolute_mean = "list_avg(list_transform({v}, lambda x: abs(x)))"
+    mean = absolute_mean if absolute else "list_avg({v})"
     parts = []
     for run in examples.group.runs:
         settings = examples.group.settings[run]
@@ -119,19 +120,20 @@ def _pooled_vectors(examples: ExampleSet, hooks: list[StoredHook]) -> str:
         one = [h.hook for h in hooks if settings.rows_per_example(h.space) != "steps"]
         scope = f"FROM activations WHERE run = {sql_literal(run)} AND hook IN "
         if one:
-            parts.append(f"SELECT run, example_id, hook, activation AS v {scope}({', '.join(map(sql_literal, one))})")
-        if steps:
-            how = settings.pooling.value
-            if how == "last":
-                pooled = "s[-1]"
-            else:
-                per_neuron = "list_avg" if how == "mean" else "list_max"
-                column = f"{per_neuron}(list_transform(s, lambda r: r[i]))"  # neuron i over the steps
-                pooled = f"list_transform(range(1, len(s[1]) + 1), lambda i: {column})"
-            parts.append(
-                f"SELECT run, example_id, hook, {pooled} AS v FROM (SELECT run, example_id, hook, "
-                f"list(activation ORDER BY position) AS s {scope}({', '.join(map(sql_literal, steps))}) GROUP BY ALL)"
-            )
+            m = mean.format(v="activation")
+            parts.append(f"SELECT run, example_id, hook, {m} AS m {scope}({', '.join(map(sql_literal, one))})")
+        if not steps:
+            continue
+        how, rows = settings.pooling.value, f"{scope}({', '.join(map(sql_literal, steps))}) GROUP BY ALL"
+        if how == "last":
+            m = f"arg_max({mean.format(v='activation')}, position)"
+        elif how == "mean" and not absolute:
+            m = "avg(list_avg(activation))"  # every step has the same width: the mean of the pooled vector
+        else:
+            per_neuron = "list_avg" if how == "mean" else "list_max"
+            column = f"{per_neuron}(list_transform(list(activation), lambda r: r[i]))"  # neuron i over the steps
+            m = mean.format(v=f"list_transform(range(1, max(len(activation)) + 1), lambda i: {column})")
+        parts.append(f"SELECT run, example_id, hook, {m} AS m {rows}")
     return "\n            UNION ALL ".join(parts)
 
 
