@@ -276,3 +276,20 @@ def test_default_unimodal_type_finds_a_ranking_without_modality_column(tmp_path)
     expected = [np.median(values[hook][:, neuron].astype(np.float64)) for hook, neuron in chosen]
     assert unimodal.values == pytest.approx(expected, rel=1e-6)
     assert conditions[2].selection.per_component() == {"text_decoder": 3}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"kind": "constant", "value": float("nan")}, "--value must be a finite number, not nan"),
+        ({"kind": "steer", "value": float("inf"), "stats_where": "language = 'de'"}, "--value must be a finite"),
+        ({"seed": -1}, "--seed must be a non-negative integer, not -1"),
+    ],
+)
+def test_sweep_options_that_would_edit_with_nan_or_fail_in_numpy_are_refused(options, message):
+    """--value nan replaced the neurons with NaN without a word; --seed -1 failed deep in numpy's default_rng
+    ("ValueError: expected non-negative integer") after the models were loaded."""
+    from hookpoints.analyses.sweep_spec import SweepSpec, check_spec
+
+    with pytest.raises(UserError, match=message):
+        check_spec(SweepSpec("sw", runs=("s2tt",), tasks=("s2tt",), ks=(5,), **options))
