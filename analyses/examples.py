@@ -137,7 +137,7 @@ class ExampleSet:
         where = "" if self.where is None else f" AND {self.where}"
         rows = session.sql(
             f"SELECT DISTINCT {a} AS a, {b} AS b FROM (SELECT * FROM examples WHERE list_contains($runs, run)) "
-            f"WHERE a IS NOT NULL AND b IS NOT NULL{where}",
+            f"WHERE {a} IS NOT NULL AND {b} IS NOT NULL{where}",
             {"runs": list(self.group.runs)},
         ).to_pylist()
         return {(row["a"], row["b"]) for row in rows}
