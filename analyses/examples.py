@@ -126,7 +126,7 @@ class ExampleSet:
         where = "" if self.where is None else f" AND {self.where}"
         rows = session.sql(
             f"SELECT DISTINCT {quote_name(column)} AS v FROM (SELECT * FROM examples WHERE list_contains($runs, run)) "
-            f"WHERE v IS NOT NULL{where} ORDER BY v",
+            f"WHERE {quote_name(column)} IS NOT NULL{where} ORDER BY v",
             {"runs": list(self.group.runs)},
         )
         return rows["v"].to_pylist()

@@ -200,3 +200,24 @@ def test_presets_skip_a_language_missing_from_one_modality(two_runs):
     s = names.index("unimodal/text/de")
     for j in range(x.shape[1]):
         assert ranking.ap[s, j] == pytest.approx(average_precision_score(labels[among], x[among, j]), abs=1e-12)
+
+
+def test_preset_languages_skip_nulls_even_beside_a_manifest_column_named_v(tmp_path):
+    """The distinct languages were filtered with the alias ``v IS NOT NULL``, which a manifest column ``v``
+    shadows: a null language became a label set ``language = 'None'`` (multimodal/none) and the ranking was
+    refused."""
+    import pyarrow as pa
+
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(3, "speech", seed=1)
+    languages = examples["language"].to_pylist()
+    languages[0] = None
+    examples = examples.set_column(2, "language", pa.array(languages)).append_column("v", pa.array(["x"] * 9))
+    hooks = hook_rows("text_decoder", 1, DECODER)
+    rng = np.random.default_rng(0)
+    write_run(store, "r", examples, hooks, values={h["hook"]: rng.normal(size=(9, h["width"])) for h in hooks})
+    job = plan_ranking(store, ["r"], presets=["unimodal"], ks=(3,))
+    names = [ls.name for ls in job.masks.label_sets]
+    assert names == ["unimodal/speech/de", "unimodal/speech/en", "unimodal/speech/ja"]
+    with store.query() as session:  # what multimodal / language-modality build their sets from
+        assert job.examples.values(session, "language") == ["de", "en", "ja"]
