@@ -152,7 +152,9 @@ def _conditions(session, spec: SweepSpec, ranking: str, common: dict, modality: 
     for k in spec.ks if ranked else ():
         like = None
         for neuron_type, label_set, given in ranked:
-            selection = scored_selection(session, ranking, label_set, k, spec.side, neuron_type)
+            # a --label-set is its own neuron type (as given, {language} unfilled): one line of Figure 5 each
+            kind = neuron_type or f"label-set:{given}"
+            selection = scored_selection(session, ranking, label_set, k, spec.side, kind)
             name = f"{neuron_type}/{spec.side}/k={k}" if neuron_type else f"label-set:{label_set}/{spec.side}/k={k}"
             if like is None and like_name in (given, label_set):
                 like = selection

@@ -7,6 +7,7 @@ sentences) of the corpus' first meaning, and the decoder is ranked in the paper'
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hookpoints.analyses.interventions import (
     Selection,
@@ -293,3 +294,39 @@ def test_sweep_options_that_would_edit_with_nan_or_fail_in_numpy_are_refused(opt
 
     with pytest.raises(UserError, match=message):
         check_spec(SweepSpec("sw", runs=("s2tt",), tasks=("s2tt",), ks=(5,), **options))
+
+
+def test_each_label_set_is_its_own_neuron_type_and_line_of_figure_5(tmp_path):
+    """Two --label-set selections were both neuron_type 'label-set' (or both their preset, e.g. 'unimodal' for
+    unimodal/speech/{language} and unimodal/text/{language}): Figure 5 and the report averaged them into one line."""
+    from hookpoints.analyses.figures_interventions import mean_by_type
+    from hookpoints.analyses.intervention_sweep import SweepSpec, _conditions
+    from hookpoints.analyses.labels import custom_label_set
+    from selectivity_helpers import examples_table, hook_rows, write_run
+
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(4, "speech", seed=1)
+    write_run(store, "fwd", examples, hook_rows("text_decoder", 2, {"ffn.fc1": 6}, layer_output=False))
+    custom = [custom_label_set("language = 'de'", name="is-de"), custom_label_set("language <> 'de'", name="not-de")]
+    write_scores(store, rank(store, plan_ranking(store, ["fwd"], presets=["unimodal"], custom=custom, ks=(3,))))
+    spec = SweepSpec(
+        "sw", runs=("fwd",), tasks=("asr",), ks=(3,), label_sets=("is-de", "not-de", "unimodal/speech/{language}")
+    )
+    with store.query() as session:
+        conditions = _conditions(session, spec, "fwd", {"stats_run": "fwd", "stats_where": None}, "speech", "de", None)
+    types = {c.fields["condition"]: c.fields["neuron_type"] for c in conditions}
+    assert types == {
+        "none": "none",
+        "label-set:is-de/top/k=3": "label-set:is-de",
+        "label-set:not-de/top/k=3": "label-set:not-de",
+        "label-set:unimodal/speech/de/top/k=3": "label-set:unimodal/speech/{language}",
+        "random/k=3": "random",
+    }
+    scores = pa.Table.from_pylist(
+        [{"task": "asr", "metric": "wer", "neuron_type": t, "k": 3 if t != "none" else 0, "score": float(i)}
+         for i, t in enumerate(types.values())]
+    )  # fmt: skip
+    lines, none, _ = mean_by_type(scores, "asr")
+    assert none == 0.0 and {name: line[3] for name, line in lines.items()} == {
+        "label-set:is-de": 1.0, "label-set:not-de": 2.0, "label-set:unimodal/speech/{language}": 3.0, "random": 4.0
+    }  # fmt: skip
