@@ -330,3 +330,23 @@ def test_each_label_set_is_its_own_neuron_type_and_line_of_figure_5(tmp_path):
     assert none == 0.0 and {name: line[3] for name, line in lines.items()} == {
         "label-set:is-de": 1.0, "label-set:not-de": 2.0, "label-set:unimodal/speech/{language}": 3.0, "random": 4.0
     }  # fmt: skip
+
+
+def test_score_table_averages_a_templated_label_set_over_languages_like_figure_5():
+    from hookpoints.analyses.figures_interventions import mean_by_type
+    from hookpoints.analyses.sweeps import score_table
+
+    rows = []
+    for language, base in (("de", 1.0), ("ja", 3.0)):
+        for condition, neuron_type, side, k, shift in (
+            ("none", "none", None, 0, 0.0),
+            (f"label-set:unimodal/speech/{language}/top/k=5", "label-set:unimodal/speech/{language}", "top", 5, 0.5),
+            ("random/k=5", "random", None, 5, 0.25),
+        ):
+            rows.append({"task": "asr", "condition": condition, "neuron_type": neuron_type, "side": side, "k": k,
+                         "n_neurons": k, "metric": "wer", "language": language, "score": base + shift})  # fmt: skip
+    table = score_table(pa.Table.from_pylist(rows))
+    means = {row["condition"]: row["mean"] for row in table}
+    assert means == {"none": 2.0, "label-set:unimodal/speech/{language}/top/k=5": 2.5, "random/k=5": 2.25}
+    lines, none, _ = mean_by_type(pa.Table.from_pylist(rows), "asr")
+    assert none == 2.0 and lines["label-set:unimodal/speech/{language}"][5] == 2.5 and lines["random"][5] == 2.25
