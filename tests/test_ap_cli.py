@@ -175,3 +175,14 @@ def test_hooks_recorded_by_only_some_runs_are_named_not_dropped_silently(tmp_pat
     code, out, err = run_cli(*ap, "--run", "s2tt")
     assert code == 0, err
     assert "left out" not in out
+
+
+def test_selection_refuses_a_bad_overlap_before_printing_the_summary(store_path, run_cli):
+    code, _, err = run_cli("ap", "--store", store_path, "--run", "s2tt", "--preset", "unimodal", "--k", "5")
+    assert code == 0, err
+    code, out, err = run_cli(
+        "selection", "--store", store_path, "--run", "s2tt", "--k", "5",
+        "--overlap", "unimodal/speech/*", "unimodal/speech/*", "--overlap-run", "nope",
+    )  # fmt: skip
+    assert code == 2 and "has no ranking of run(s) 'nope'" in err
+    assert out == ""  # the summary used to be printed first, the error after it
