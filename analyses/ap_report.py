@@ -125,6 +125,13 @@ def selectivity_report(
                 f"{' ...' if len(label_sets) > 3 else ''}: rank them first (hookpoints ap, or plan_ranking + rank "
                 "+ write_scores)"
             )
+        ranked = sorted({r["component"] for r in summary}, key=component_order)
+        unknown = [c for c in components or () if c not in ranked]
+        if unknown:
+            raise UserError(
+                f"component {unknown[0]!r} is not ranked in run(s) {run!r} for these label sets: it has "
+                f"{', '.join(ranked)}"
+            )
         order = {name: i for i, name in enumerate(label_sets)}
         summary.sort(key=lambda r: (order.get(r["label_set"], len(order)), component_order(r["component"])))
         for row in summary:
@@ -149,12 +156,15 @@ def selectivity_report(
                     counts,
                 )
             )
-        shared = modality_overlaps(session, run, label_sets, k) if overlaps else []
+        shared = modality_overlaps(session, run, label_sets, k, components) if overlaps else []
     return SelectivityReport(run, k, gini_unit, rows, shared)
 
 
-def modality_overlaps(session, run: str, label_sets: list[str], k: int) -> list[ModalityOverlap]:
-    """For unimodal label sets of two modalities: the overlap of their selections over languages (Figure 3)."""
+def modality_overlaps(
+    session, run: str, label_sets: list[str], k: int, components: list[str] | None = None
+) -> list[ModalityOverlap]:
+    """For unimodal label sets of two modalities: the overlap of their selections over languages (Figure 3),
+    in every module group both hold (or those of ``components``)."""
     unimodal = [s for s in stored_sets(session, run, label_sets) if s.preset == "unimodal"]
     by_modality: dict[str, list[str]] = {}
     for s in unimodal:
@@ -165,7 +175,8 @@ def modality_overlaps(session, run: str, label_sets: list[str], k: int) -> list[
     if len(modalities) < 2:
         return []
     first, second = modalities[0], modalities[1]
-    components = sorted(set.intersection(*(set(s.components) for s in unimodal)))
+    shared = sorted(set.intersection(*(set(s.components) for s in unimodal)))
+    components = [c for c in shared if not components or c in components]
     return [
         ModalityOverlap(
             component,

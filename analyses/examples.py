@@ -126,10 +126,21 @@ class ExampleSet:
         where = "" if self.where is None else f" AND {self.where}"
         rows = session.sql(
             f"SELECT DISTINCT {quote_name(column)} AS v FROM (SELECT * FROM examples WHERE list_contains($runs, run)) "
-            f"WHERE v IS NOT NULL{where} ORDER BY v",
+            f"WHERE {quote_name(column)} IS NOT NULL{where} ORDER BY v",
             {"runs": list(self.group.runs)},
         )
         return rows["v"].to_pylist()
+
+    def pairs(self, session: QuerySession, first: str, second: str) -> set[tuple]:
+        """The distinct (first, second) value pairs among these examples, both non-null."""
+        a, b = quote_name(first), quote_name(second)
+        where = "" if self.where is None else f" AND {self.where}"
+        rows = session.sql(
+            f"SELECT DISTINCT {a} AS a, {b} AS b FROM (SELECT * FROM examples WHERE list_contains($runs, run)) "
+            f"WHERE {a} IS NOT NULL AND {b} IS NOT NULL{where}",
+            {"runs": list(self.group.runs)},
+        ).to_pylist()
+        return {(row["a"], row["b"]) for row in rows}
 
     def mask(self, session: QuerySession, predicate: str, option: str) -> np.ndarray:
         """``[examples]`` bool: the predicate over each example (NULL -> False)."""

@@ -87,6 +87,31 @@ def shared_hooks(
     return result
 
 
+def left_out(
+    session: QuerySession,
+    runs: tuple[str, ...],
+    chosen: list[StoredHook],
+    *,
+    patterns: list[str] | None = None,
+    layer_outputs: bool = False,
+) -> list[StoredHook]:
+    """Hook points of ``chosen``'s module groups that :func:`shared_hooks` (same ``patterns``) left out because
+    not every run recorded them (e.g. one run recorded layers 0-23 of the decoder, the other 0-11)."""
+    if len(runs) < 2:
+        return []
+    union: dict[str, StoredHook] = {}
+    for run in runs:
+        for hook in run_hooks(session, run):
+            union.setdefault(hook.hook, hook)
+    hooks = list(union.values())
+    if patterns:
+        picked = select_hooks(hooks, patterns, "")
+    else:
+        picked = [h for h in hooks if layer_outputs or not h.layer_output]
+    names, components = {h.hook for h in chosen}, {h.component for h in chosen}
+    return [h for h in picked if h.component in components and h.hook not in names]
+
+
 def neuron_slices(width: int, n_examples: int, memory_bytes: int, multiple: int = 16) -> list[slice]:
     """Neuron ranges of a hook whose float32 ``[examples, neurons]`` matrix fits ``memory_bytes`` each."""
     per_neuron = 4 * max(1, n_examples)

@@ -144,13 +144,17 @@ def _conditions(session, spec: SweepSpec, ranking: str, common: dict, modality: 
     conditions.append(Condition(none, None, np.zeros(0)))
     types = neuron_types(spec)
     # (neuron type or None, label set, the name --random-like may give): presets first, then label sets by name
-    ranked = [(t, label_set_for(t, language, modality), t) for t in types if t not in ("random", "none")]
+    ranked = [
+        (t, _preset_set(session, ranking, t, language, modality), t) for t in types if t not in ("random", "none")
+    ]
     ranked += [(None, _named(name, language, modality), name) for name in spec.label_sets]
     like_name = spec.random_like or (ranked[0][2] if ranked else None)
     for k in spec.ks if ranked else ():
         like = None
         for neuron_type, label_set, given in ranked:
-            selection = scored_selection(session, ranking, label_set, k, spec.side, neuron_type)
+            # a --label-set is its own neuron type (as given, {language} unfilled): one line of Figure 5 each
+            kind = neuron_type or f"label-set:{given}"
+            selection = scored_selection(session, ranking, label_set, k, spec.side, kind)
             name = f"{neuron_type}/{spec.side}/k={k}" if neuron_type else f"label-set:{label_set}/{spec.side}/k={k}"
             if like is None and like_name in (given, label_set):
                 like = selection
@@ -165,6 +169,21 @@ def _conditions(session, spec: SweepSpec, ranking: str, common: dict, modality: 
             selection = random_selection(session, ranking, explicit, spec.seed, label_set=universe)
             conditions.append(_condition(session, spec, common, selection, "random/explicit"))
     return conditions
+
+
+def _preset_set(session, ranking: str, neuron_type: str, language: str, modality: str) -> str:
+    """The label set of a neuron type for the generation; a unimodal ranking of examples without a modality
+    column wrote ``unimodal/{language}`` (one modality: the same comparison), which is used when it is there."""
+    name = label_set_for(neuron_type, language, modality)
+    if neuron_type == "unimodal" and "scores" in session.store.table_names():
+        plain = label_set_for(neuron_type, language, None)
+        stored = session.sql(
+            "SELECT DISTINCT label_set FROM scores WHERE run = $run AND label_set IN ($a, $b) AND top_rank = 1",
+            {"run": ranking, "a": name, "b": plain},
+        )["label_set"].to_pylist()
+        if plain in stored and name not in stored:
+            return plain
+    return name
 
 
 def _named(name: str, language: str, modality: str | None) -> str:

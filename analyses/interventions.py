@@ -237,17 +237,27 @@ def _statistic(session: QuerySession, selection: Selection, function: str, run: 
         )
     # Per-neuron statistics streamed hook by hook in bounded memory (store/neuron_sql.py), not a join of the
     # activations to the selection (whose memory grew with the examples).
-    values = {}
+    # The mean comes along with a median: it is finite only when every value is (a median ranks an inf or NaN
+    # among the values and can come out finite).
+    values, finite = {}, {}
     for hook in hooks:
-        stats = neuron_stats(session, hook, stats=function, run=run, examples_where=subset if where else "")
-        column = stats[function].to_numpy()
-        for neuron, value in zip(stats["neuron"].to_pylist(), column, strict=True):
+        wanted = "avg" if function == "avg" else f"{function}, avg"
+        stats = neuron_stats(session, hook, stats=wanted, run=run, examples_where=subset if where else "")
+        for neuron, value, mean in zip(
+            stats["neuron"].to_pylist(), stats[function].to_numpy(), stats["avg"].to_numpy(), strict=True
+        ):
             values[hook, neuron] = float(value)
+            finite[hook, neuron] = bool(np.isfinite(mean))
     order = list(zip(selection.neurons["hook"].to_pylist(), selection.neurons["neuron"].to_pylist(), strict=True))
     for hook, neuron in order:
-        if values.get((hook, neuron)) is None or not np.isfinite(values[hook, neuron]):
+        if values.get((hook, neuron)) is None:
             raise UserError(
-                f"run {run!r} has no finite value of {hook}[{neuron}] for the chosen examples "
+                f"run {run!r} has no value of {hook}[{neuron}] for the chosen examples "
                 f"(width {widths[hook]}): check the neuron index and --stats-where"
+            )
+        if not finite[hook, neuron]:
+            raise UserError(
+                f"run {run!r} holds NaN or infinite activations of {hook}[{neuron}] for the chosen examples: "
+                "leave those examples out with --stats-where, or record the run again"
             )
     return np.array([values[key] for key in order], np.float64)

@@ -102,11 +102,14 @@ def preset_label_sets(
     *,
     language_column: str = "language",
     modality_column: str = "modality",
+    pairs: set[tuple] | None = None,
 ) -> list[LabelSet]:
     """The label sets of one of the paper's four settings over the ``languages`` and ``modalities`` present.
 
     ``modalities`` None: the examples have no modality column (unimodal then compares languages over all
-    examples). The modality-involving presets need at least two modalities.
+    examples). The modality-involving presets need at least two modalities. ``pairs``: the (language,
+    modality) pairs the examples hold (None: every pair); a language missing from a modality (no English text
+    in an X -> English translation run) gets no unimodal or language-modality set there.
     """
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)} (or all)")
@@ -127,10 +130,13 @@ def preset_label_sets(
     def is_mod(value) -> str:
         return f"{mod} = {sql_literal(value)}"
 
+    def present(value, m) -> bool:
+        return pairs is None or m is None or (value, m) in pairs
+
     sets = []
     if preset == "unimodal":
         for m in modalities or [None]:
-            for value in languages:
+            for value in (v for v in languages if present(v, m)):
                 if m is None:
                     sets.append(LabelSet(f"unimodal/{slug(str(value))}", is_lang(value), None, preset))
                 else:
@@ -151,5 +157,6 @@ def preset_label_sets(
             LabelSet(f"language-modality/{slug(str(m))}/{slug(str(v))}", f"{is_lang(v)} AND {is_mod(m)}", None, preset)
             for m in modalities
             for v in languages
+            if present(v, m)
         ]
     return sets

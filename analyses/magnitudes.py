@@ -69,20 +69,17 @@ def layer_magnitudes(
     if not layered:
         raise UserError("none of the chosen hook points belongs to a layer: pick layer hook points with --hooks")
     runs = ", ".join(sql_literal(run) for run in examples.group.runs)
-    names = ", ".join(sql_literal(h.hook) for h in layered)
-    value = "list_avg(list_transform(a.activation, lambda x: abs(x)))" if absolute else "list_avg(a.activation)"
     groups = ", ".join(f"e.{quote_name(c)}" for c in by)
     where = "" if examples.where is None else f" AND ({examples.where})"
-    sql = f"""
-        WITH per_hook AS (
-            SELECT a.run, a.example_id, a.hook, {value} AS m
-            FROM activations a WHERE a.run IN ({runs}) AND a.hook IN ({names})
-        ), per_layer AS (
+    ctes = f"""
+        WITH per_hook AS ({_per_hook(examples, layered, absolute)}
+        ), chosen AS (
+            SELECT * FROM examples WHERE run IN ({runs}){where}
+        )"""
+    sql = f"""{ctes}, per_layer AS (
             SELECT p.run, p.example_id, h.component, h.layer, avg(p.m) AS magnitude
             FROM per_hook p JOIN hooks h ON h.run = p.run AND h.hook = p.hook
             GROUP BY ALL
-        ), chosen AS (
-            SELECT * FROM examples WHERE run IN ({runs}){where}
         ), grouped AS (
             SELECT l.component, l.layer, {groups}, avg(l.magnitude) AS magnitude, count(*) AS examples
             FROM per_layer l JOIN chosen e ON e.run = l.run AND e.example_id = l.example_id
@@ -91,7 +88,53 @@ def layer_magnitudes(
         SELECT *, magnitude - avg(magnitude) OVER (PARTITION BY component, layer) AS deviation
         FROM grouped ORDER BY component, layer, {", ".join(quote_name(c) for c in by)}
     """
-    return session.sql(sql)
+    table = session.sql(sql)
+    if table.num_rows and not np.isfinite(table["magnitude"].to_numpy(zero_copy_only=False)).all():
+        bad = session.sql(
+            f"""{ctes} SELECT p.hook, count(*) AS n, min(p.example_id) AS example FROM per_hook p
+                JOIN chosen e ON e.run = p.run AND e.example_id = p.example_id
+                WHERE NOT isfinite(p.m) GROUP BY p.hook ORDER BY p.hook"""
+        ).to_pylist()[0]
+        raise UserError(
+            f"hook {bad['hook']} holds NaN or infinite activations ({bad['n']} example(s), e.g. {bad['example']!r}): "
+            "leave it out with --hooks, or record the run again"
+        )
+    return table
+
+
+def _per_hook(examples: ExampleSet, hooks: list[StoredHook], absolute: bool) -> str:
+    """SQL of (run, example_id, hook, m): the mean over the neurons of each example's vector at each hook.
+
+    A per-step run's decoder hooks hold one row per generation step; they are pooled with the run's pooling
+    (mean, max or last over the steps) first, as the recorder stores them without ``--per-step`` and as
+    :class:`hookpoints.analyses.hook_matrix.HookMatrixReader` reads them. The last step's mean, and the mean of
+    the steps' means (signed), need one number per row; |mean| and max pool each neuron over the steps, which
+    holds an example's steps of a hook in memory.
+    """
+    absolute_mean = "list_avg(list_transform({v}, lambda x: abs(x)))"
+    mean = absolute_mean if absolute else "list_avg({v})"
+    parts = []
+    for run in examples.group.runs:
+        settings = examples.group.settings[run]
+        steps = [h.hook for h in hooks if settings.rows_per_example(h.space) == "steps"]
+        one = [h.hook for h in hooks if settings.rows_per_example(h.space) != "steps"]
+        scope = f"FROM activations WHERE run = {sql_literal(run)} AND hook IN "
+        if one:
+            m = mean.format(v="activation")
+            parts.append(f"SELECT run, example_id, hook, {m} AS m {scope}({', '.join(map(sql_literal, one))})")
+        if not steps:
+            continue
+        how, rows = settings.pooling.value, f"{scope}({', '.join(map(sql_literal, steps))}) GROUP BY ALL"
+        if how == "last":
+            m = f"arg_max({mean.format(v='activation')}, position)"
+        elif how == "mean" and not absolute:
+            m = "avg(list_avg(activation))"  # every step has the same width: the mean of the pooled vector
+        else:
+            per_neuron = "list_avg" if how == "mean" else "list_max"
+            column = f"{per_neuron}(list_transform(list(activation), lambda r: r[i]))"  # neuron i over the steps
+            m = mean.format(v=f"list_transform(range(1, max(len(activation)) + 1), lambda i: {column})")
+        parts.append(f"SELECT run, example_id, hook, {m} AS m {rows}")
+    return "\n            UNION ALL ".join(parts)
 
 
 @dataclass(frozen=True)

@@ -171,8 +171,9 @@ def preset_sets(
         )
     languages = examples.values(session, language_column) if preset != "modality" else []
     modalities = examples.values(session, modality_column)
+    pairs = examples.pairs(session, language_column, modality_column) if languages and modalities else None
     return preset_label_sets(
-        preset, languages, modalities, language_column=language_column, modality_column=modality_column
+        preset, languages, modalities, language_column=language_column, modality_column=modality_column, pairs=pairs
     )
 
 

@@ -5,6 +5,7 @@ Kept apart from hookpoints.analyses.intervention_sweep (planning and running), w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hookpoints.analyses.interventions import KINDS, NEURON_TYPES
@@ -69,6 +70,10 @@ def check_spec(spec: SweepSpec) -> None:
         raise UserError(f"--kind must be one of {', '.join(KINDS)}, not {spec.kind!r}")
     check_side(spec.side, SIDE_CHOICES)
     check_ks(spec.ks)
+    if spec.value is not None and not math.isfinite(spec.value):
+        raise UserError(f"--value must be a finite number, not {spec.value}: it becomes the neurons' value or shift")
+    if spec.seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, not {spec.seed}")
     if spec.limit < 1 or spec.batch_size < 1 or spec.max_new_tokens < 1:
         raise UserError("--limit, --batch-size and --max-new-tokens must be at least 1")
     ranked = [t for t in neuron_types(spec) if t not in ("random", "none")] + list(spec.label_sets)

@@ -48,12 +48,17 @@ def score_table(scores: pa.Table) -> list[dict]:
 
     >>> rows = score_table(sweep(store, spec))  # doctest: +SKIP
     """
-    rows: dict[tuple[str, str], dict] = {}
+    rows: dict[tuple, dict] = {}
     for row in scores.to_pylist():
+        # by neuron type, side and k (as Figure 5): a --label-set NAME with {language} names another label set
+        # per language, one condition each, and is still one row
+        key = (row["task"], row["neuron_type"], row["side"], row["k"])
         entry = rows.setdefault(
-            (row["task"], row["condition"]),
+            key,
             {"task": row["task"], "condition": row["condition"], "neurons": row["n_neurons"], "metric": row["metric"]},
         )
+        if entry["condition"] != row["condition"]:
+            entry["condition"] = f"{row['neuron_type']}/{row['side']}/k={row['k']}"
         entry[row["language"]] = round(row["score"], 3)
     for entry in rows.values():
         values = [v for key, v in entry.items() if key not in ("task", "condition", "neurons", "metric")]

@@ -103,6 +103,7 @@ def sentence_scores(task: str, reference: str, hypothesis: str, target: str) -> 
 
 
 def _base(language: str) -> str:
-    """``de_de`` -> ``de``; SeamlessM4T codes (``cmn``) and ``cmn_Hant`` are kept."""
+    """``de_de`` and ``de-DE`` -> ``de`` (FLEURS and BCP 47 / Common Voice forms: ``zh-CN`` is Mandarin);
+    SeamlessM4T codes (``cmn``) and ``cmn_Hant`` are kept."""
     language = str(language or "")
-    return language if language in CHARACTER_LANGUAGES else language.split("_")[0].lower()
+    return language if language in CHARACTER_LANGUAGES else language.replace("-", "_").split("_")[0].lower()

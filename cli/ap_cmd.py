@@ -109,6 +109,8 @@ def command(
         language_column=language_column,
         modality_column=modality_column,
     )
+    with store.query() as session:
+        note_left_out(session, job.group.runs, job.hooks, list(patterns) or None)
     sizes = {c: sum(h.width for h in job.hooks if h.component == c) for c in job.components}
     report_k = _report_k(job.ks, report_k, min(sizes.values()))
     check_plots_dir(plots_dir)
@@ -135,6 +137,20 @@ def command(
         f'\nQuery them: hookpoints sql --store {store_path} "SELECT hook, neuron, ap FROM scores WHERE '
         f"run = '{job.group.key}' AND label_set = '{names[0]}' AND top_rank <= {report_k} ORDER BY top_rank\""
     )
+
+
+def note_left_out(session, runs, hooks, patterns) -> None:
+    """Say which hook points of the analysed module groups are left out because not every run recorded them."""
+    from hookpoints.analyses.hook_matrix import left_out
+
+    missing = left_out(session, runs, hooks, patterns=patterns)
+    for component in dict.fromkeys(h.component for h in missing):
+        names = [h.hook for h in missing if h.component == component]
+        out.print(
+            f"[yellow]note:[/yellow] {len(names)} hook point(s) of {component} are left out: not every run recorded "
+            f"them (e.g. {', '.join(names[:3])}{' ...' if len(names) > 3 else ''})",
+            highlight=False,
+        )
 
 
 def _report_k(ks: tuple[int, ...], report_k: int | None, smallest_group: int) -> int:

@@ -28,7 +28,7 @@ def command(store_path, runs, by, where, patterns, components, absolute, scale, 
     from hookpoints.analyses.examples import open_runs, select_examples
     from hookpoints.analyses.hook_matrix import shared_hooks
     from hookpoints.analyses.magnitudes import activation_gini, example_groups, group_columns, layer_magnitudes
-    from hookpoints.cli.ap_cmd import check_plots_dir
+    from hookpoints.cli.ap_cmd import check_plots_dir, note_left_out
     from hookpoints.store.catalog import Store
 
     check_plots_dir(plots_dir)
@@ -38,6 +38,7 @@ def command(store_path, runs, by, where, patterns, components, absolute, scale, 
         examples = select_examples(session, group, where)
         hooks = shared_hooks(session, group.runs, patterns=list(patterns) or None, components=list(components) or None)
         columns = group_columns(session, examples, list(by) or None)
+        note_left_out(session, group.runs, hooks, list(patterns) or None)
         magnitudes = layer_magnitudes(session, examples, hooks, columns, absolute=absolute)
         groups = example_groups(session, examples, columns) if with_gini else None
     label = "|activation|" if absolute else "activation"

@@ -55,6 +55,10 @@ def command(
             component = components[0] if len(components) == 1 else None
             render(selected_neurons(session, run, sets[0].label_set, k, side=side, component=component), fmt)
             return
+        columns_run = run_key(overlap_runs) if overlap_runs else run
+        if overlap is not None:  # checked before the summary is printed
+            rows = [s.label_set for s in stored_sets(session, run, [overlap[0]])]
+            cols_sets = stored_sets(session, columns_run, [overlap[1]])
     report(
         store,
         run,
@@ -67,10 +71,7 @@ def command(
     )
     if overlap is None:
         return
-    columns_run = run_key(overlap_runs) if overlap_runs else run
     with store.query() as session:
-        rows = [s.label_set for s in stored_sets(session, run, [overlap[0]])]
-        cols_sets = stored_sets(session, columns_run, [overlap[1]])
         columns = [s.label_set for s in cols_sets]
         shared = sorted(set.intersection(*(set(s.components) for s in cols_sets)) & set(sets[0].components))
         for component in [c for c in shared if not components or c in components]:

@@ -152,3 +152,37 @@ def test_library_entry_points_refuse_bad_input(tmp_path):
     with pytest.raises(UserError, match="limit must be at least 1, not 0"):
         run_demo(store, limit=0)
     assert store.table_names() == sorted(store.table_names()) and "scores" not in store.table_names()
+
+
+def test_hooks_recorded_by_only_some_runs_are_named_not_dropped_silently(tmp_path, run_cli):
+    """The ranking and the magnitudes use the hook points every run recorded; a decoder layer one run lacks used
+    to vanish from both without a word."""
+    path = str(tmp_path / "store")
+    store = Store.open(path, create=True)
+    speech = examples_table(3, "speech", seed=1, prefix="s")
+    text = examples_table(3, "text", seed=2, prefix="t")
+    write_run(store, "s2tt", speech, hook_rows("speech_encoder", 1, ENCODER) + hook_rows("text_decoder", 2, DECODER))
+    write_run(store, "t2tt", text, hook_rows("text_decoder", 1, DECODER))  # layer 0 only
+    note = "note: 3 hook point(s) of text_decoder are left out: not every run recorded them"
+    ap = ("ap", "--store", path, "--preset", "unimodal", "--k", "2")
+    code, out, err = run_cli(*ap, "--run", "s2tt", "--run", "t2tt")
+    assert code == 0, err
+    assert note in " ".join(out.split()) and "text_decoder.layers.1.ffn.fc1" in out
+    assert "speech_encoder" not in out  # a module group of one run is not ranked over both (documented), not a note
+    code, out, err = run_cli("magnitudes", "--store", path, "--run", "s2tt", "--run", "t2tt", "--no-gini")
+    assert code == 0, err
+    assert note in " ".join(out.split())
+    code, out, err = run_cli(*ap, "--run", "s2tt")
+    assert code == 0, err
+    assert "left out" not in out
+
+
+def test_selection_refuses_a_bad_overlap_before_printing_the_summary(store_path, run_cli):
+    code, _, err = run_cli("ap", "--store", store_path, "--run", "s2tt", "--preset", "unimodal", "--k", "5")
+    assert code == 0, err
+    code, out, err = run_cli(
+        "selection", "--store", store_path, "--run", "s2tt", "--k", "5",
+        "--overlap", "unimodal/speech/*", "unimodal/speech/*", "--overlap-run", "nope",
+    )  # fmt: skip
+    assert code == 2 and "has no ranking of run(s) 'nope'" in err
+    assert out == ""  # the summary used to be printed first, the error after it

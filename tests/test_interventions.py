@@ -7,6 +7,7 @@ sentences) of the corpus' first meaning, and the decoder is ranked in the paper'
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hookpoints.analyses.interventions import (
     Selection,
@@ -145,6 +146,14 @@ def test_scores_equal_sacrebleu_and_jiwer():
     zh = corpus_scores("asr", ["今天天气很好。"], ["今天天汽很好"], "zh")
     assert zh["metric"] == "cer" and zh["score"] == pytest.approx(jiwer.cer(["今天天气很好"], ["今天天汽很好"]))
     assert corpus_scores("asr", ["x"], ["x"], "ja_jp")["metric"] == "cer"
+    # BCP 47 / Common Voice codes: zh-CN is Mandarin (CER, BLEU tokenised as zh), ja-JP Japanese
+    cv = corpus_scores("asr", ["今天天气很好。"], ["今天天汽很好"], "zh-CN")
+    assert cv["metric"] == "cer" and cv["score"] == pytest.approx(zh["score"])
+    assert corpus_scores("asr", ["x"], ["x"], "ja-JP")["metric"] == "cer"
+    zh_refs, zh_hyps = ["今天天气很好。"], ["今天天气不错。"]
+    assert corpus_scores("t2tt", zh_refs, zh_hyps, "zh-CN")["bleu"] == pytest.approx(
+        BLEU(tokenize="zh").corpus_score(zh_hyps, [zh_refs]).score
+    )
     one = sentence_scores("t2tt", refs[0], hyps[0], "eng")
     expected = BLEU(effective_order=True).sentence_score(hyps[0], [refs[0]]).score
     assert one["bleu"] == pytest.approx(expected)
@@ -214,3 +223,130 @@ def test_intervene_bad_input_writes_nothing(swept, run_cli):
     assert code == 0
     code, _, err = run_cli(*base, "--k", "5", "--sweep", "dup")
     assert code != 0 and "already in the store" in err
+
+
+def test_a_non_finite_statistics_row_is_refused_not_ranked_into_the_median(tmp_path):
+    """An inf in one example's activation made DuckDB's median rank it as the largest value and come out finite."""
+    from selectivity_helpers import examples_table, hook_rows, write_run
+
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(2, "speech", seed=1)
+    hooks = hook_rows("text_decoder", 1, {"ffn.fc1": 3}, layer_output=False)
+    hook = hooks[0]["hook"]
+    values = np.arange(18, dtype=np.float32).reshape(6, 3)
+    values[1, 1] = np.inf
+    write_run(store, "r", examples, hooks, values={hook: values})
+    bad = examples["example_id"][1].as_py()
+    with store.query() as session:
+        for kind in ("median", "mean"):
+            with pytest.raises(UserError, match=r"holds NaN or infinite activations of .*ffn.fc1\[1\]"):
+                replacement_values(session, _explicit(f"{hook}:1,2"), kind, run="r")
+        # neuron 2 is finite everywhere, and neuron 1 without the bad example: numpy's median
+        assert replacement_values(session, _explicit(f"{hook}:2"), "median", run="r") == pytest.approx(
+            [np.median(values[:, 2])]
+        )
+        kept = replacement_values(session, _explicit(f"{hook}:1"), "median", run="r", where=f"example_id <> '{bad}'")
+    assert kept == pytest.approx([np.median(np.delete(values[:, 1], 1))])
+
+
+def test_default_unimodal_type_finds_a_ranking_without_modality_column(tmp_path):
+    """A manifest without a modality column ranks unimodal/{language}; the sweep's default --type unimodal asked
+    for unimodal/speech/{language} and stopped with "matches no label set"."""
+    from hookpoints.analyses.intervention_sweep import SweepSpec, _conditions
+    from selectivity_helpers import examples_table, hook_rows, write_run
+
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(4, None, seed=1)  # language only
+    hooks = hook_rows("text_decoder", 2, {"ffn.fc1": 6}, layer_output=False)
+    values = write_run(store, "fwd", examples, hooks)
+    write_scores(store, rank(store, plan_ranking(store, ["fwd"], presets=["unimodal"], ks=(3,))))
+    spec = SweepSpec("sw", runs=("fwd",), tasks=("asr",), ks=(3,))
+    common = {"stats_run": "fwd", "stats_where": None}
+    with store.query() as session:
+        conditions = _conditions(session, spec, "fwd", common, "speech", "de", None)
+        top = session.sql(
+            "SELECT hook, neuron FROM scores WHERE label_set = 'unimodal/de' AND top_rank <= 3 ORDER BY hook, neuron"
+        ).to_pylist()
+    names = [c.fields["condition"] for c in conditions]
+    assert names == ["none", "unimodal/top/k=3", "random/k=3"]
+    unimodal = conditions[1]
+    assert unimodal.fields["label_set"] == "unimodal/de"
+    neurons = unimodal.selection.neurons
+    chosen = list(zip(neurons["hook"].to_pylist(), neurons["neuron"].to_pylist(), strict=True))
+    assert chosen == [(r["hook"], r["neuron"]) for r in top]
+    expected = [np.median(values[hook][:, neuron].astype(np.float64)) for hook, neuron in chosen]
+    assert unimodal.values == pytest.approx(expected, rel=1e-6)
+    assert conditions[2].selection.per_component() == {"text_decoder": 3}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"kind": "constant", "value": float("nan")}, "--value must be a finite number, not nan"),
+        ({"kind": "steer", "value": float("inf"), "stats_where": "language = 'de'"}, "--value must be a finite"),
+        ({"seed": -1}, "--seed must be a non-negative integer, not -1"),
+    ],
+)
+def test_sweep_options_that_would_edit_with_nan_or_fail_in_numpy_are_refused(options, message):
+    """--value nan replaced the neurons with NaN without a word; --seed -1 failed deep in numpy's default_rng
+    ("ValueError: expected non-negative integer") after the models were loaded."""
+    from hookpoints.analyses.sweep_spec import SweepSpec, check_spec
+
+    with pytest.raises(UserError, match=message):
+        check_spec(SweepSpec("sw", runs=("s2tt",), tasks=("s2tt",), ks=(5,), **options))
+
+
+def test_each_label_set_is_its_own_neuron_type_and_line_of_figure_5(tmp_path):
+    """Two --label-set selections were both neuron_type 'label-set' (or both their preset, e.g. 'unimodal' for
+    unimodal/speech/{language} and unimodal/text/{language}): Figure 5 and the report averaged them into one line."""
+    from hookpoints.analyses.figures_interventions import mean_by_type
+    from hookpoints.analyses.intervention_sweep import SweepSpec, _conditions
+    from hookpoints.analyses.labels import custom_label_set
+    from selectivity_helpers import examples_table, hook_rows, write_run
+
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(4, "speech", seed=1)
+    write_run(store, "fwd", examples, hook_rows("text_decoder", 2, {"ffn.fc1": 6}, layer_output=False))
+    custom = [custom_label_set("language = 'de'", name="is-de"), custom_label_set("language <> 'de'", name="not-de")]
+    write_scores(store, rank(store, plan_ranking(store, ["fwd"], presets=["unimodal"], custom=custom, ks=(3,))))
+    spec = SweepSpec(
+        "sw", runs=("fwd",), tasks=("asr",), ks=(3,), label_sets=("is-de", "not-de", "unimodal/speech/{language}")
+    )
+    with store.query() as session:
+        conditions = _conditions(session, spec, "fwd", {"stats_run": "fwd", "stats_where": None}, "speech", "de", None)
+    types = {c.fields["condition"]: c.fields["neuron_type"] for c in conditions}
+    assert types == {
+        "none": "none",
+        "label-set:is-de/top/k=3": "label-set:is-de",
+        "label-set:not-de/top/k=3": "label-set:not-de",
+        "label-set:unimodal/speech/de/top/k=3": "label-set:unimodal/speech/{language}",
+        "random/k=3": "random",
+    }
+    scores = pa.Table.from_pylist(
+        [{"task": "asr", "metric": "wer", "neuron_type": t, "k": 3 if t != "none" else 0, "score": float(i)}
+         for i, t in enumerate(types.values())]
+    )  # fmt: skip
+    lines, none, _ = mean_by_type(scores, "asr")
+    assert none == 0.0 and {name: line[3] for name, line in lines.items()} == {
+        "label-set:is-de": 1.0, "label-set:not-de": 2.0, "label-set:unimodal/speech/{language}": 3.0, "random": 4.0
+    }  # fmt: skip
+
+
+def test_score_table_averages_a_templated_label_set_over_languages_like_figure_5():
+    from hookpoints.analyses.figures_interventions import mean_by_type
+    from hookpoints.analyses.sweeps import score_table
+
+    rows = []
+    for language, base in (("de", 1.0), ("ja", 3.0)):
+        for condition, neuron_type, side, k, shift in (
+            ("none", "none", None, 0, 0.0),
+            (f"label-set:unimodal/speech/{language}/top/k=5", "label-set:unimodal/speech/{language}", "top", 5, 0.5),
+            ("random/k=5", "random", None, 5, 0.25),
+        ):
+            rows.append({"task": "asr", "condition": condition, "neuron_type": neuron_type, "side": side, "k": k,
+                         "n_neurons": k, "metric": "wer", "language": language, "score": base + shift})  # fmt: skip
+    table = score_table(pa.Table.from_pylist(rows))
+    means = {row["condition"]: row["mean"] for row in table}
+    assert means == {"none": 2.0, "label-set:unimodal/speech/{language}/top/k=5": 2.5, "random/k=5": 2.25}
+    lines, none, _ = mean_by_type(pa.Table.from_pylist(rows), "asr")
+    assert none == 2.0 and lines["label-set:unimodal/speech/{language}"][5] == 2.5 and lines["random"][5] == 2.25

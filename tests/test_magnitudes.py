@@ -96,3 +96,72 @@ def test_bad_group_columns_are_refused(runs):
         examples = select_examples(session, open_runs(session, ["s2tt"]))
         with pytest.raises(UserError, match="--by 'speaker' is not a column"):
             group_columns(session, examples, ["speaker"])
+
+
+def _per_step_run(store, run: str, pooling: str, examples, steps: int, seed: int) -> dict[str, np.ndarray]:
+    """A per-step run: a decoder hook with one row per step and an encoder-space hook with one row, one layer."""
+    from hookpoints.store.writer import HookRows, open_run
+
+    hooks = hook_rows("text_decoder", 1, {"ffn.fc1": 5, "encoder_attn.k_proj": 3}, layer_output=False)
+    hooks[0]["space"], hooks[1]["space"] = "decoder", "encoder"
+    rng = np.random.default_rng(seed)
+    ids = examples["example_id"].to_pylist()
+    decoder = rng.normal(size=(len(ids), steps, 5)).astype(np.float32)
+    encoder = rng.normal(size=(len(ids), 3)).astype(np.float32)
+    settings = {"model": "synthetic", "task": "t2tt", "pooling": f"{pooling}+steps", "dtype": "float32"}
+    writer = open_run(store, run, settings=settings, config={}, hooks=hooks, examples_schema=examples.schema)
+    step_ids = [i for i in ids for _ in range(steps)]
+    positions = np.tile(np.arange(steps, dtype=np.int32), len(ids))
+    order = np.random.default_rng(seed + 1).permutation(len(step_ids))  # rows not in step order
+    writer.add(
+        examples,
+        {
+            hooks[0]["hook"]: HookRows([step_ids[i] for i in order], decoder.reshape(-1, 5)[order], positions[order]),
+            hooks[1]["hook"]: HookRows(ids, encoder),
+        },
+    )
+    writer.finish()
+    return {"decoder": decoder, "encoder": encoder}
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last", "max"])
+@pytest.mark.parametrize("absolute", [False, True])
+def test_per_step_run_magnitudes_pool_the_steps_like_its_pooled_twin(tmp_path, pooling, absolute):
+    """Each decoder hook's step rows are pooled with the run's pooling before the mean over neurons, and the
+    layer averages its hooks (not its rows): the steps used to count as separate hook vectors."""
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(2, "text", seed=3)
+    values = _per_step_run(store, "steps", pooling, examples, steps=4, seed=5)
+    pool = {"mean": lambda v: v.mean(1), "last": lambda v: v[:, -1], "max": lambda v: v.max(1)}[pooling]
+    f = np.abs if absolute else (lambda v: v)
+    per_example = (f(pool(values["decoder"].astype(np.float64))).mean(1) + f(values["encoder"]).mean(1)) / 2
+    languages = np.array(examples["language"].to_pylist())
+    with store.query() as session:
+        group = open_runs(session, ["steps"])
+        examples_set = select_examples(session, group)
+        hooks = shared_hooks(session, group.runs)
+        table = layer_magnitudes(session, examples_set, hooks, ["language"], absolute=absolute)
+    rows = table.to_pylist()
+    assert len(rows) == len(set(languages))
+    for row in rows:
+        assert row["magnitude"] == pytest.approx(per_example[languages == row["language"]].mean(), rel=1e-5)
+        assert row["examples"] == 2
+
+
+def test_non_finite_activations_are_refused_not_averaged_into_nan(tmp_path):
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(2, "speech", seed=1)
+    hooks = hook_rows("text_decoder", 2, DECODER)
+    values = {h["hook"]: np.ones((examples.num_rows, h["width"]), np.float32) for h in hooks}
+    bad = examples["example_id"].to_pylist()[3]
+    values["text_decoder.layers.1.ffn.fc1"][3, 2] = np.nan
+    write_run(store, "r", examples, hooks, values=values)
+    with store.query() as session:
+        group = open_runs(session, ["r"])
+        hooks_ = shared_hooks(session, group.runs)
+        with pytest.raises(UserError, match=f"hook text_decoder.layers.1.ffn.fc1 holds NaN .*1 example.*{bad}"):
+            layer_magnitudes(session, select_examples(session, group), hooks_, ["language"])
+        # the example left out: every magnitude is the finite 1.0
+        subset = select_examples(session, group, f"example_id <> '{bad}'")
+        table = layer_magnitudes(session, subset, hooks_, ["language"])
+    assert table["magnitude"].to_pylist() == pytest.approx([1.0] * table.num_rows)

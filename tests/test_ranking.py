@@ -172,3 +172,52 @@ def test_a_hook_wider_than_the_memory_budget_is_read_in_neuron_slices(tmp_path):
         y = job.masks.positive[s]
         expected = [average_precision_score(y, x[order, j]) for j in range(40)]
         np.testing.assert_allclose(sliced.ap[s], expected, rtol=1e-12)
+
+
+def test_presets_skip_a_language_missing_from_one_modality(two_runs):
+    """X -> English translation data has no English text: the unimodal and language-modality presets used to
+    build unimodal/text/en anyway and refuse the whole ranking ("has no positive examples")."""
+    store, values = two_runs
+    where = "NOT (language = 'en' AND modality = 'text')"
+    job = plan_ranking(store, ["s2tt", "t2tt"], presets=["all"], where=where, ks=(5,))
+    names = [ls.name for ls in job.masks.label_sets]
+    assert "unimodal/text/en" not in names and "language-modality/text/en" not in names
+    assert {"unimodal/speech/en", "language-modality/speech/en", "multimodal/en", "unimodal/text/de"} <= set(names)
+    assert len(names) == 5 + 3 + 2 + 5  # unimodal, multimodal, modality, language-modality
+    ranking = rank(store, job)
+    assert len(job.examples) == 3 * 12 + 2 * 10
+    table = job.examples.table
+    language = {
+        (run, i): lang
+        for run, (examples, _) in values.items()
+        for i, lang in zip(examples["example_id"].to_pylist(), examples["language"].to_pylist(), strict=True)
+    }
+    runs, ids = table["run"].to_pylist(), table["example_id"].to_pylist()
+    labels = np.array([run == "t2tt" and language[run, i] == "de" for run, i in zip(runs, ids, strict=True)])
+    among = np.array([run == "t2tt" for run in runs])
+    hook = job.hooks[0].hook
+    x = matrix(values, job, hook)
+    s = names.index("unimodal/text/de")
+    for j in range(x.shape[1]):
+        assert ranking.ap[s, j] == pytest.approx(average_precision_score(labels[among], x[among, j]), abs=1e-12)
+
+
+def test_preset_languages_skip_nulls_even_beside_a_manifest_column_named_v(tmp_path):
+    """The distinct languages were filtered with the alias ``v IS NOT NULL``, which a manifest column ``v``
+    shadows: a null language became a label set ``language = 'None'`` (multimodal/none) and the ranking was
+    refused."""
+    import pyarrow as pa
+
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(3, "speech", seed=1)
+    languages = examples["language"].to_pylist()
+    languages[0] = None
+    examples = examples.set_column(2, "language", pa.array(languages)).append_column("v", pa.array(["x"] * 9))
+    hooks = hook_rows("text_decoder", 1, DECODER)
+    rng = np.random.default_rng(0)
+    write_run(store, "r", examples, hooks, values={h["hook"]: rng.normal(size=(9, h["width"])) for h in hooks})
+    job = plan_ranking(store, ["r"], presets=["unimodal"], ks=(3,))
+    names = [ls.name for ls in job.masks.label_sets]
+    assert names == ["unimodal/speech/de", "unimodal/speech/en", "unimodal/speech/ja"]
+    with store.query() as session:  # what multimodal / language-modality build their sets from
+        assert job.examples.values(session, "language") == ["de", "en", "ja"]

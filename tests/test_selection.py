@@ -141,3 +141,32 @@ def test_ap_summary_equals_the_ranking(ranked):
 )
 def test_panels_follow_the_papers_figures(submodule, panel):
     assert panel_of(submodule) == panel
+
+
+def test_report_components_filter_the_overlaps_and_an_unknown_one_is_refused(tmp_path):
+    """--component nope printed an empty summary (0 rows) and the overlaps of every module group; the overlaps
+    ignored --component altogether."""
+    import pyarrow as pa
+    from hookpoints.analyses.ap_report import selectivity_report
+
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(4, "speech", seed=1, prefix="s")
+    texts = examples_table(4, "text", seed=2, prefix="t")
+    both = pa.concat_tables([examples, texts])
+    write_run(store, "r", both, hook_rows("text_encoder", 2, ENCODER) + hook_rows("text_decoder", 2, DECODER))
+    write_scores(store, rank(store, plan_ranking(store, ["r"], presets=["unimodal"], ks=(3,))))
+    names = [f"unimodal/{m}/{lang}" for m in ("speech", "text") for lang in ("de", "en", "ja")]
+    every = selectivity_report(store, "r", names, 3)
+    assert {o.component for o in every.overlaps} == {"text_encoder", "text_decoder"}
+    decoder = selectivity_report(store, "r", names, 3, components=["text_decoder"])
+    assert {row.component for row in decoder.rows} == {o.component for o in decoder.overlaps} == {"text_decoder"}
+    with store.query() as session:  # the decoder's overlap: intersections of the stored top-3 sets
+        rows = session.sql(
+            "SELECT label_set, hook, neuron FROM scores WHERE component = 'text_decoder' AND top_rank <= 3"
+        ).to_pylist()
+    chosen = {name: {(r["hook"], r["neuron"]) for r in rows if r["label_set"] == name} for name in names}
+    expected = [[len(chosen[a] & chosen[b]) for b in names[3:]] for a in names[:3]]
+    (top,) = [o for o in decoder.overlaps if o.side == "top"]
+    assert top.result.counts.tolist() == expected
+    with pytest.raises(UserError, match="component 'nope' is not ranked in run.* it has text_encoder, text_decoder"):
+        selectivity_report(store, "r", names, 3, components=["nope"])
