@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pyarrow as pa
 import pytest
 from hookpoints.store.catalog import Store
 from hookpoints.store.location import StoreLocation
@@ -109,3 +110,33 @@ def test_a_file_cut_short_by_a_killed_writer_is_a_warning_and_anything_else_an_e
     assert len(found) == 1 and found[0][0] == level, report.findings
     assert ("cut short by an interrupted write" in found[0][1]) == (level == "warning")
     assert report.ok == (level == "warning")
+
+
+@pytest.mark.parametrize("table", ["activations", "examples"])
+@pytest.mark.parametrize("prefix", ["../../", "%2E%2E/%2E%2E/"])
+def test_a_log_entry_adding_a_file_outside_the_store_is_not_read(store, tmp_path, run_cli, table, prefix):
+    """A hostile log entry ``{"add": {"path": "../../secret.parquet"}}``: delta-rs and Arrow followed it, so SQL
+    returned the rows of a Parquet file outside the store (any file the reader can read). Now every reader
+    refuses the table with one line naming verify; verify names the entry."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    fill(store, "r1")
+    root = tmp_path / "store"
+    secret = pq.read_table(data_file(root, table))
+    secret = secret.set_column(secret.schema.get_field_index("example_id"), "example_id", pa.array(["SECRET"] * 3))
+    pq.write_table(secret, tmp_path / "secret.parquet")  # beside the store, where its log entry will point
+    log = root / table / "_delta_log"
+    number = len(list(log.glob("*.json")))
+    partition = {"run": "evil", "hook": "h0"} if table == "activations" else {"run": "evil"}
+    add = {"path": prefix + "secret.parquet", "partitionValues": partition, "dataChange": True, "modificationTime": 0,
+           "size": (tmp_path / "secret.parquet").stat().st_size, "stats": json.dumps({"numRecords": 3})}  # fmt: skip
+    entry = log / f"{number:020d}.json"
+    entry.write_text(json.dumps({"commitInfo": {"operation": "WRITE"}}) + "\n" + json.dumps({"add": add}) + "\n")
+    code, out, err = run_cli("sql", "--store", str(root), "--format", "csv", f"SELECT example_id FROM {table}")
+    assert code == 2 and "SECRET" not in out, out
+    assert err.startswith("error: table") and "outside the table's folder" in err and "store verify" in err, err
+    assert len(err.strip().splitlines()) == 1
+    found = errors(store)
+    assert len(found) == 1 and entry.name in found[0] and "outside" in found[0], found
