@@ -251,11 +251,17 @@ class Store:
         info = self.run_info(run)
         if info is None:
             raise UserError(f"there is no run {run!r} in store {self.location.uri}")
+        # A writer still recording the run (another machine, a process thought dead) is fenced: its next commit
+        # stops it (store/commits.py) instead of bringing back part of a deleted run, logged complete.
+        from hookpoints.store.commits import app_id
+
+        writers = [app_id(run, (index, info.shards)) for index in range(info.shards)]
         for name in ["activations", "examples", "hooks", *self.table_names()]:
             if name in ("store_meta", "run_events") or not delta_read.exists(self.location, name):
                 continue
             if "run" in self.dataset(name).schema.names:
-                _table_io().delete(self.location, name, _table_io().equals("run", run))
+                fence = writers if name in ("activations", "examples") else ()
+                _table_io().delete(self.location, name, _table_io().equals("run", run), fence=fence)
         settings = {key: getattr(info, key) for key in RUN_SETTINGS}
         self.log_run_event(run, "deleted", settings, info.config, shard=None)
 
