@@ -112,7 +112,9 @@ def neuron_stats(
     for run_name in dict.fromkeys(row["run"] for row in targets):
         groups = _example_groups(session, run_name, columns, where)
         for row in (r for r in targets if r["run"] == run_name):
-            parts.append(_hook_stats(session, row["run"], row["hook"], int(row["width"]), groups, spec, memory_bytes))
+            with np.errstate(invalid="ignore"):  # NaN and inf give NaN as in numpy, without a RuntimeWarning
+                part = _hook_stats(session, row["run"], row["hook"], int(row["width"]), groups, spec, memory_bytes)
+            parts.append(part)
     return _assemble(parts, columns, spec)
 
 
@@ -228,8 +230,9 @@ def _hook_stats(session, run, hook, width, groups: _Groups, spec: StatSpec, memo
         for g in np.unique(group[group >= 0]):
             xs = x[group == g]  # [rows of g, width]
             d = xs.astype(np.float64)
-            if count[g] == 0:
-                shift[g] = d.mean(axis=0)
+            if count[g] == 0:  # a finite shift: an inf in the first batch must give inf (as numpy), not inf - inf
+                first = d.mean(axis=0)
+                shift[g] = np.where(np.isfinite(first), first, 0.0)
             d -= shift[g]
             s1[g] += d.sum(axis=0)
             s2[g] += np.einsum("ij,ij->j", d, d)

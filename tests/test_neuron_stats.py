@@ -245,3 +245,30 @@ def test_compaction_keeps_the_vector_encoding(tmp_path):
     with Store.open(tmp_path / "store").query() as session:
         result = neuron_stats(session, "enc.layers.0.fc2", stats="avg").sort_by("neuron")
     np.testing.assert_allclose(result["avg"].to_numpy(), data["enc.layers.0.fc2"][0].mean(axis=0, dtype=np.float64))
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_an_infinity_gives_what_numpy_gives_wherever_it_is(tmp_path, first):
+    """A +inf (a float16 overflow) among a neuron's values: numpy's mean and sum are inf. neuron_stats gave NaN
+    when the inf was in a group's first batch (its shift, the batch mean, was inf: inf - inf), inf otherwise."""
+    store = Store.open(tmp_path / "store", create=True)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3000, 4)).astype(np.float32)  # [examples, neurons]: three batches of 1,024 rows
+    x[5 if first else 2500, 0] = np.inf
+    x[7 if first else 2600, 1] = -np.inf
+    x[9 if first else 2700, 1] = np.inf  # inf - inf: NaN in numpy too
+    ids = [f"e{i:04d}" for i in range(len(x))]
+    examples = pa.table({"example_id": ids})
+    hook = {"hook": "h", "module": "h", "io": "output", "component": "c", "layer": 0, "submodule": "s", "width": 4,
+            "shape": [4], "neuron_axis": 1, "space": "c", "layer_output": False}  # fmt: skip
+    settings = {"model": "m", "task": "forward", "pooling": "mean", "dtype": "float32"}
+    writer = open_run(store, "r", settings=settings, config={}, hooks=[hook], examples_schema=examples.schema)
+    writer.add(examples, {"h": HookRows(ids, x)})
+    writer.finish()
+    with store.query() as session:
+        got = session.neuron_stats("h", stats="sum, avg, stddev, min, max").sort_by("neuron")
+    d = x.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        expected = {"sum": d.sum(0), "avg": d.mean(0), "stddev": d.std(0, ddof=1), "min": d.min(0), "max": d.max(0)}
+    for name, values in expected.items():
+        np.testing.assert_allclose(got[name].to_numpy(), values, rtol=1e-9, err_msg=name)
