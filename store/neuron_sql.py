@@ -136,18 +136,23 @@ def _group_columns(session, group_by: str) -> list[str]:
 
 
 def _checked_predicate(session, where: str) -> str:
+    """``where`` as DuckDB renders its parse tree, in parentheses: one expression whatever its text does with
+    parentheses (``a) OR (b`` would otherwise escape the ``run = ...  AND (...)`` it is put into and choose
+    examples of every run) or comments (a trailing ``-- note`` would swallow the closing parenthesis)."""
     where = (where or "").strip()
     if not where:
         return "TRUE"
-    text = f"SELECT 1 FROM examples WHERE ({where})"
+    text = f"SELECT 1 FROM examples WHERE ({where}\n)"
     tree = json.loads(session.con.execute("SELECT json_serialize_sql($q)", {"q": text}).fetchall()[0][0])
     statements = tree.get("statements", [])
     node = statements[0]["node"] if len(statements) == 1 else {}
-    if tree.get("error") or node.get("type") != "SELECT_NODE" or node.get("modifiers"):
+    extra = ("modifiers", "group_expressions", "having", "qualify", "sample")
+    if tree.get("error") or node.get("type") != "SELECT_NODE" or any(node.get(part) for part in extra):
         raise UserError(
             f"neuron_stats: examples_where {where!r} is not one boolean SQL expression, e.g. \"language = 'de'\""
         )
-    return f"({where})"
+    rendered = session.con.execute("SELECT json_deserialize_sql($t)", {"t": json.dumps(tree)}).fetchall()[0][0]
+    return f"({rendered.split(' WHERE ', 1)[1]})"  # after "SELECT 1 FROM examples"
 
 
 def _example_groups(session, run: str, columns: list[str], where: str) -> _Groups:

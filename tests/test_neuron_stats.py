@@ -272,3 +272,28 @@ def test_an_infinity_gives_what_numpy_gives_wherever_it_is(tmp_path, first):
         expected = {"sum": d.sum(0), "avg": d.mean(0), "stddev": d.std(0, ddof=1), "min": d.min(0), "max": d.max(0)}
     for name, values in expected.items():
         np.testing.assert_allclose(got[name].to_numpy(), values, rtol=1e-9, err_msg=name)
+
+
+def test_examples_where_stays_one_predicate_over_the_run(tmp_path):
+    """``a') OR ('b`` in examples_where closed the parentheses it was put in, so `run = 'a' AND (...) OR (...)`
+    chose the examples of every run: run a's rows were averaged under run b's labels (the same ids). A trailing
+    ``-- comment`` was refused. Both are now read as DuckDB parses them, over the run's own examples."""
+    store = Store.open(tmp_path / "store", create=True)
+    ids = [f"e{i}" for i in range(6)]
+    x = np.random.default_rng(5).normal(size=(6, 4)).astype(np.float32)  # [examples, neurons]
+    hook = {"hook": "h", "module": "h", "io": "output", "component": "c", "layer": 0, "submodule": "s", "width": 4,
+            "shape": [4], "neuron_axis": 1, "space": "c", "layer_output": False}  # fmt: skip
+    settings = {"model": "m", "task": "forward", "pooling": "mean", "dtype": "float32"}
+    for run, languages in (("a", ["de", "en", "en", "en", "en", "en"]), ("b", ["fr"] * 6)):
+        examples = pa.table({"example_id": ids, "language": languages})
+        writer = open_run(store, run, settings=settings, config={}, hooks=[hook], examples_schema=examples.schema)
+        writer.add(examples, {"h": HookRows(ids, x)})
+        writer.finish()
+    with store.query() as session:
+        escaped = session.neuron_stats(
+            "h", run="a", stats="count, avg", examples_where="language = 'de') OR (language = 'fr'"
+        )
+        commented = session.neuron_stats("h", run="a", stats="count, avg", examples_where="language = 'de' -- German")
+    for result in (escaped, commented):  # run a: only e0 is de (none is fr)
+        assert result["count"].to_pylist() == [1] * 4
+        np.testing.assert_allclose(result.sort_by("neuron")["avg"].to_numpy(), x[0].astype(np.float64))
