@@ -297,3 +297,36 @@ def test_examples_where_stays_one_predicate_over_the_run(tmp_path):
     for result in (escaped, commented):  # run a: only e0 is de (none is fr)
         assert result["count"].to_pylist() == [1] * 4
         np.testing.assert_allclose(result.sort_by("neuron")["avg"].to_numpy(), x[0].astype(np.float64))
+
+
+@pytest.mark.parametrize("stats", ["avg", "median"])
+def test_vectors_of_another_length_than_the_hook_are_refused(tmp_path, stats):
+    """Rows appended by another tool (deltalake, as docs/reading-the-store.md shows) with vectors of 3 and 5
+    values at a hook of width 4: reshaped to [rows, 4], they passed as two vectors of 4 and entered the
+    statistics silently. Now one line names the hook and says to run verify."""
+    from deltalake import write_deltalake
+    from hookpoints.store.schema import ACTIVATIONS
+
+    store = Store.open(tmp_path / "store", create=True)
+    x = np.random.default_rng(4).normal(size=(4, 4)).astype(np.float32)
+    ids = [f"e{i}" for i in range(4)]
+    examples = pa.table({"example_id": ids})
+    hook = {"hook": "h", "module": "h", "io": "output", "component": "c", "layer": 0, "submodule": "s", "width": 4,
+            "shape": [4], "neuron_axis": 1, "space": "c", "layer_output": False}  # fmt: skip
+    settings = {"model": "m", "task": "forward", "pooling": "mean", "dtype": "float32"}
+    writer = open_run(store, "r", settings=settings, config={}, hooks=[hook], examples_schema=examples.schema)
+    writer.add(examples, {"h": HookRows(ids, x)})
+    writer.finish()
+    with store.query() as session:
+        healthy = session.neuron_stats("h", stats=stats)
+    ragged = pa.table(
+        {"run": ["r", "r"], "hook": ["h", "h"], "example_id": ["e0", "e1"], "position": pa.nulls(2, pa.int32()),
+         "activation": pa.array([[9.0] * 3, [9.0] * 5], pa.list_(pa.float32())),
+         "activation_f16": pa.nulls(2, pa.list_(pa.int16())), "finite": [True, True]},
+        schema=ACTIVATIONS,
+    )  # fmt: skip
+    write_deltalake(store.location.table_uri("activations"), ragged, mode="append", partition_by=["run", "hook"])
+    expected = np.quantile(x.astype(np.float64), 0.5, axis=0) if stats == "median" else x.mean(0, dtype=np.float64)
+    np.testing.assert_allclose(healthy.sort_by("neuron")[stats].to_numpy(), expected)
+    with store.query() as session, pytest.raises(UserError, match="stores a vector of 3 values, not its width 4"):
+        session.neuron_stats("h", stats=stats)
