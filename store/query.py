@@ -185,7 +185,14 @@ class QuerySession:
         if name == "activations" and "float16" in self.dataset("run_events").column("dtype").to_pylist():
             self._define_f16()
             activation = "coalesce(activation, list_transform(activation_f16, lambda b: f16_to_float(b)))"
-        self.con.execute(f"CREATE VIEW {name} AS {_VIEWS[name].format(activation=activation)}")
+        try:
+            self.con.execute(f"CREATE VIEW {name} AS {_VIEWS[name].format(activation=activation)}")
+        except duckdb.Error as error:  # a table whose columns are not the store's (a log that changed its schema)
+            uri = self.store.location.uri
+            raise UserError(
+                f"the {name} view cannot be defined over store {uri} ({_first_line(error)[:200]}): its tables do "
+                f"not have the store's columns; run `hookpoints store verify {uri}`"
+            ) from None
         self._views.add(name)
 
     def _define_table(self, table: str) -> None:

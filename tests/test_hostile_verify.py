@@ -140,3 +140,34 @@ def test_a_log_entry_adding_a_file_outside_the_store_is_not_read(store, tmp_path
     assert len(err.strip().splitlines()) == 1
     found = errors(store)
     assert len(found) == 1 and entry.name in found[0] and "outside" in found[0], found
+
+
+def test_a_log_entry_that_changes_a_column_type_is_one_line_for_sql(store, tmp_path, run_cli):
+    """A log entry whose metaData makes ``activation`` a string: `hookpoints sql` printed DuckDB's Binder Error
+    over several lines (exit 1); now one line naming verify, which names the column."""
+    import json
+
+    import numpy as np
+    from hookpoints.store.writer import HookRows, open_run
+
+    from tests.hostile_helpers import SETTINGS, hooks
+
+    fill(store, "r1")
+    examples = pa.table({"example_id": ["a"]})
+    settings = {**SETTINGS, "dtype": "float16"}  # a float16 run: the view decodes it (coalesce with activation)
+    writer = open_run(store, "r2", settings=settings, config={}, hooks=hooks(), examples_schema=examples.schema)
+    writer.add(examples, {point["hook"]: HookRows(["a"], np.ones((1, 4), np.float32)) for point in hooks()})
+    writer.finish()
+    log = tmp_path / "store" / "activations" / "_delta_log"
+    first = [json.loads(line) for line in (log / f"{0:020d}.json").read_text().splitlines() if line.strip()]
+    meta = next(action["metaData"] for action in first if "metaData" in action)
+    schema = json.loads(meta["schemaString"])
+    for field in schema["fields"]:
+        if field["name"] == "activation":
+            field["type"] = "string"
+    entry = log / f"{len(list(log.glob('*.json'))):020d}.json"
+    entry.write_text(json.dumps({"metaData": {**meta, "schemaString": json.dumps(schema)}}) + "\n")
+    code, out, err = run_cli("sql", "--store", str(tmp_path / "store"), "SELECT count(*) FROM activations")
+    assert code == 2 and err.startswith("error: the activations view cannot be defined"), err
+    assert "store verify" in err and len(err.strip().splitlines()) == 1, err
+    assert "column 'activation' is string" in " ".join(errors(store))
