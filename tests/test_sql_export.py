@@ -3,6 +3,8 @@ decoded), bad combinations refused in one line; terminal tables never break a na
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -129,3 +131,19 @@ def test_csv_keeps_nan_and_infinities_inside_vectors(store, run_cli):
     rows = list(csv.reader(io.StringIO(out)))[1:]
     got = np.array([json.loads(cell) for _, cell in rows], np.float32)
     np.testing.assert_array_equal(got, x)  # NaN where NaN, inf and -inf where they were
+
+
+@pytest.mark.parametrize("inside", ["results.parquet", "store_meta/_delta_log/00000000000000000000.json"])
+def test_an_export_into_the_store_is_refused(runs, run_cli, inside):
+    """`--out STORE/store_meta/_delta_log/00000000000000000000.json` replaced the store's first log entry with a
+    Parquet file: the store could no longer be opened. `--out STORE/results.parquet` made verify fail."""
+    from tests.hostile_helpers import checksums
+
+    store, _, _ = runs
+    root = Path(store.location.uri)
+    before = checksums(root)
+    code, _, err = run_cli("sql", "--store", str(root), "--format", "parquet", "--out", str(root / inside), "SELECT 1")
+    assert code == 2 and "is inside the store" in err and len(err.strip().splitlines()) == 1, err
+    assert checksums(root) == before
+    code, out, _ = run_cli("sql", "--store", str(root), "--format", "csv", "SELECT count(*) AS n FROM runs")
+    assert code == 0 and out.split() == ["n", "2"]
