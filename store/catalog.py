@@ -256,7 +256,7 @@ class Store:
         from hookpoints.store.commits import app_id
 
         writers = [app_id(run, (index, info.shards)) for index in range(info.shards)]
-        for name in ["activations", "examples", "hooks", *self.table_names()]:
+        for name in dict.fromkeys(["activations", "examples", "hooks", *self.table_names()]):
             if name in ("store_meta", "run_events") or not delta_read.exists(self.location, name):
                 continue
             if "run" in self.dataset(name).schema.names:

@@ -192,3 +192,25 @@ def test_an_overwritten_run_survives_compaction_and_vacuum(store):
     assert vectors(store, "r1") == expected
     report = verify(store)
     assert report.ok, report.findings
+
+
+def test_an_overwrite_deletes_the_old_runs_analysis_rows(store):
+    """`record --overwrite` swapped in the new rows but left the old run's rows in the analysis tables (an AP
+    ranking in `scores`): `SELECT ... FROM scores WHERE run = 'r1'` returned the ranking of activations that no
+    longer exist, as if it were the new recording's. Now they go, as with `store delete`; other runs' stay."""
+    from hookpoints.analyses.ranking import SCORES_SCHEMA, SCORES_TABLE
+
+    fill(store, "r1", seed=1)
+    fill(store, "r2", seed=2)
+    row = {"label_set": "modality/text", "hook": "h0", "neuron": 0, "ap": 0.9, "n_positive": 1, "n_among": 3}
+    rows = [{**row, "run": run, "runs": [run]} for run in ("r1", "r2")]
+    store.append(SCORES_TABLE, pa.Table.from_pylist(rows, schema=SCORES_SCHEMA))
+    writer = overwrite_r1(store)
+    writer.add(
+        pa.table({"example_id": ["a"]}), {h["hook"]: HookRows(["a"], np.ones((1, 4), np.float32)) for h in hooks()}
+    )
+    writer.finish()
+    assert vectors(store, "r1") == {(h["hook"], "a"): [1.0] * 4 for h in hooks()}  # the new run is in
+    with store.query() as session:
+        assert session.sql("SELECT run FROM scores ORDER BY run")["run"].to_pylist() == ["r2"]
+    assert verify(store).ok
