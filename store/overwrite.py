@@ -28,6 +28,7 @@ from datetime import timedelta
 from urllib.parse import unquote
 
 import pyarrow as pa
+from deltalake import CommitProperties
 from deltalake.transaction import AddAction, RemoveAction
 from hookpoints.store import tables
 from hookpoints.store.catalog import RUN_SETTINGS, Store, _now
@@ -129,8 +130,14 @@ def move_run(store: Store, table: str, source: str, target: str) -> None:
             for file in files
             if file["partition"]["run"] == target
         ]
+        # Only onto the version read: a commit that landed since (a compaction rewriting the old run's files
+        # into new ones, which the removes above do not name) fails this one, retried against it below.
         delta.create_write_transaction(
-            actions, mode="append", schema=delta.schema(), partition_by=list(spec.partition_by)
+            actions,
+            mode="append",
+            schema=delta.schema(),
+            partition_by=list(spec.partition_by),
+            commit_properties=CommitProperties(max_commit_retries=0),
         )
 
     tables.retrying(commit)

@@ -214,3 +214,32 @@ def test_an_overwrite_deletes_the_old_runs_analysis_rows(store):
     with store.query() as session:
         assert session.sql("SELECT run FROM scores ORDER BY run")["run"].to_pylist() == ["r2"]
     assert verify(store).ok
+
+
+def test_a_compaction_racing_an_overwrites_swap_does_not_bring_the_old_rows_back(store, monkeypatch):
+    """`store compact` committing between the swap's read of the log and its commit rewrote the old run's files
+    into new ones the swap's removes did not name: the overwritten run held its old rows next to the new ones
+    (20 vectors for 2). The swap now commits only onto the version it read, and retries."""
+    from hookpoints.store import maintenance, overwrite
+
+    for seed in range(3):  # three commits: small files that compaction merges
+        ids = [f"old{seed}{i}" for i in range(3)]
+        fill(store, "r1", seed=seed, if_exists="resume" if seed else "error", columns={"example_id": ids})
+    open_table, raced = overwrite.tables.open_table, []
+
+    def compact_first(location, table):
+        delta = open_table(location, table)
+        if table == "activations" and not raced:  # the swap has read the activations' log: compact now
+            raced.append(None)
+            raced[0] = maintenance.compact(store)
+        return delta
+
+    writer = overwrite_r1(store)
+    new = np.random.default_rng(7).normal(size=(1, 4)).astype(np.float32)
+    writer.add(pa.table({"example_id": ["a"]}), {h["hook"]: HookRows(["a"], new) for h in hooks()})
+    monkeypatch.setattr(overwrite.tables, "open_table", compact_first)
+    writer.finish()
+    monkeypatch.undo()
+    assert raced and any(row["rewritten"] for row in raced[0])  # the compaction did rewrite files meanwhile
+    assert vectors(store, "r1") == {(h["hook"], "a"): new[0].tolist() for h in hooks()}
+    assert verify(store).ok
