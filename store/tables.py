@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 import pyarrow.fs as pafs
 from deltalake import ColumnProperties, CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.fs import DeltaStorageHandler
 from hookpoints.store.delta_read import exists, open_table  # noqa: F401 - pyarrow-free, used via tables
 from hookpoints.store.location import StoreLocation
@@ -193,5 +193,9 @@ def filesystem(location: StoreLocation, table: str | None = None) -> pafs.FileSy
 
 def list_files(location: StoreLocation, table: str | None = None) -> dict[str, int]:
     """Every file under the table's folder (or the store's root), recursively: relative path -> size."""
-    infos = filesystem(location, table).get_file_info(pafs.FileSelector("", recursive=True, allow_not_found=True))
+    try:
+        handler = filesystem(location, table)
+    except TableNotFoundError:  # a local folder that is not there (a registered table whose folder was deleted)
+        return {}
+    infos = handler.get_file_info(pafs.FileSelector("", recursive=True, allow_not_found=True))
     return {info.path: info.size for info in infos if info.type == pafs.FileType.File}

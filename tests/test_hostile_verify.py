@@ -171,3 +171,21 @@ def test_a_log_entry_that_changes_a_column_type_is_one_line_for_sql(store, tmp_p
     assert code == 2 and err.startswith("error: the activations view cannot be defined"), err
     assert "store verify" in err and len(err.strip().splitlines()) == 1, err
     assert "column 'activation' is string" in " ".join(errors(store))
+
+
+def test_a_registered_table_whose_folder_was_deleted(store, tmp_path, run_cli):
+    """`rm -rf STORE/scores` (dropping the analyses) left `table:scores` in store_meta: every `hookpoints sql`,
+    even over `runs`, failed with FileNotFoundError, and `store verify` crashed with TableNotFoundError. Now SQL
+    reads the other tables and verify names the table."""
+    from hookpoints.analyses.ranking import SCORES_SCHEMA, SCORES_TABLE
+
+    fill(store, "r1")
+    store.append(SCORES_TABLE, pa.Table.from_pylist([{"run": "r1", "label_set": "x", "ap": 0.5}], schema=SCORES_SCHEMA))
+    shutil.rmtree(tmp_path / "store" / "scores")
+    code, out, err = run_cli("sql", "--store", str(tmp_path / "store"), "--format", "csv", "SELECT run FROM runs")
+    assert code == 0 and out.split() == ["run", "r1"], err
+    code, _, err = run_cli("sql", "--store", str(tmp_path / "store"), "SELECT * FROM scores")
+    assert code == 2 and "scores does not exist" in err
+    assert errors(store) == ["scores: scores/_delta_log is missing: the table cannot be read"]
+    code, out, err = run_cli("store", "verify", str(tmp_path / "store"))
+    assert code == 1 and "scores/_delta_log is missing" in out and "Error" not in err, err
