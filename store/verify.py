@@ -286,7 +286,8 @@ _INTEGRITY = [
         "store",
         """SELECT DISTINCT run FROM (SELECT run FROM _examples UNION ALL SELECT run FROM _hooks
            UNION ALL SELECT run FROM _activations) ANTI JOIN runs USING (run)""",
-        "rows of run {run!r}, which is deleted or was never started",
+        "rows of run {run!r}, which is deleted or was never started: `hookpoints store delete STORE --run {run}` "
+        "removes them",
     ),
     (
         "activations",

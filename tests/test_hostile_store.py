@@ -243,3 +243,22 @@ def test_a_compaction_racing_an_overwrites_swap_does_not_bring_the_old_rows_back
     assert raced and any(row["rewritten"] for row in raced[0])  # the compaction did rewrite files meanwhile
     assert vectors(store, "r1") == {(h["hook"], "a"): new[0].tolist() for h in hooks()}
     assert verify(store).ok
+
+
+def test_rows_left_of_a_deleted_run_can_be_deleted(store, run_cli):
+    """Rows of a run whose log says deleted (a process that went on writing before deletes fenced it, a swap
+    racing a compaction): verify reported them, and `store delete --run` said there was no such run, so no
+    command could remove them. Now it removes them, and verify says so."""
+    fill(store, "keep")
+    fill(store, "r1")
+    store.log_run_event("r1", "deleted", SETTINGS, {}, shard=None)  # the log says deleted; the rows stay
+    found = [finding.message for finding in verify(store).findings if finding.level == "error"]
+    assert found == [
+        "rows of run 'r1', which is deleted or was never started: `hookpoints store delete STORE --run r1` removes them"
+    ]
+    code, _, err = run_cli("store", "delete", store.location.uri, "--run", "r1")
+    assert code == 0, err
+    assert verify(store).ok
+    assert vectors(store, "r1") == {} and len(vectors(store, "keep")) == 6
+    code, _, err = run_cli("store", "delete", store.location.uri, "--run", "r1")
+    assert code == 2 and "there is no run 'r1'" in err
