@@ -262,3 +262,30 @@ def test_rows_left_of_a_deleted_run_can_be_deleted(store, run_cli):
     assert vectors(store, "r1") == {} and len(vectors(store, "keep")) == 6
     code, _, err = run_cli("store", "delete", store.location.uri, "--run", "r1")
     assert code == 2 and "there is no run 'r1'" in err
+
+
+def test_verify_says_how_to_finish_an_overwrite_killed_while_swapping_in(store):
+    """Killed between two tables' swaps, readers saw the old run's vectors under the new run's labels and verify
+    listed only dangling rows of `r1~overwrite`. It now says what finishes the swap, and that does."""
+    from hookpoints.store import overwrite
+
+    fill(store, "r1", seed=1)
+    writer = overwrite_r1(store)
+    new = np.random.default_rng(3).normal(size=(1, 4)).astype(np.float32)
+    writer.add(pa.table({"example_id": ["a"]}), {h["hook"]: HookRows(["a"], new) for h in hooks()})
+    writer.replaces = None  # killed right after the staging run was logged complete ...
+    writer.finish()
+    overwrite.move_run(store, "hooks", staging_name("r1"), "r1")  # ... and after the first table's swap
+    found = [finding.message for finding in verify(store).findings if finding.table == "runs"]
+    assert found == [
+        "the overwrite of run 'r1' was killed while swapping in its new rows (complete as run 'r1~overwrite'): "
+        "`hookpoints record` of run 'r1' with --resume and the overwrite's other options finishes it"
+    ]
+    schema = pa.table({"example_id": ["a"]}).schema
+    again = open_run(
+        store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema, if_exists="resume"
+    )
+    again.add(pa.table({"example_id": ["a"]}), {h["hook"]: HookRows(["a"], new) for h in hooks()})  # already there
+    again.finish()
+    assert vectors(store, "r1") == {(h["hook"], "a"): new[0].tolist() for h in hooks()}
+    assert verify(store).ok
