@@ -140,6 +140,9 @@ class Store:
                 self._meta_log = delta_read.open_table(self.location, "store_meta")
             delta = self._meta_log
             if self._meta is None or self._meta[0] != delta.version():
+                if self._meta is not None and delta_read.outside_files(delta):  # open_table checked the first
+                    self._meta_log = None
+                    delta_read.open_table(self.location, "store_meta")  # raises, naming the file
                 rows = delta_read.read_small(delta)
                 keys, values = rows.column("key").to_pylist(), rows.column("value").to_pylist()
                 self._meta = (delta.version(), dict(zip(keys, values, strict=True)))
