@@ -189,3 +189,23 @@ def test_a_registered_table_whose_folder_was_deleted(store, tmp_path, run_cli):
     assert errors(store) == ["scores: scores/_delta_log is missing: the table cannot be read"]
     code, out, err = run_cli("store", "verify", str(tmp_path / "store"))
     assert code == 1 and "scores/_delta_log is missing" in out and "Error" not in err, err
+
+
+def test_a_store_meta_entry_outside_the_store_added_while_a_store_is_open_is_refused(store, tmp_path):
+    """A Store object follows store_meta's log incrementally: an entry adding `../../x.parquet` committed after
+    its first read made it read that file's keys (a table registered by a file outside the store)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from hookpoints.errors import UserError
+
+    fill(store, "r1")
+    assert "table:evil" not in store.meta()
+    pq.write_table(pa.table({"key": ["table:evil"], "value": ["{}"]}), tmp_path / "secret.parquet")
+    log = tmp_path / "store" / "store_meta" / "_delta_log"
+    add = {"path": "../../secret.parquet", "partitionValues": {}, "dataChange": True, "modificationTime": 0,
+           "size": (tmp_path / "secret.parquet").stat().st_size}  # fmt: skip
+    (log / f"{len(list(log.glob('*.json'))):020d}.json").write_text(json.dumps({"add": add}) + "\n")
+    with pytest.raises(UserError, match="outside the table's folder"):
+        store.meta()
