@@ -29,8 +29,16 @@ def command(store_path: str, fmt: str, out_path: str | None, timeout: float, que
     from hookpoints.cli.sql_output import write_stream
     from hookpoints.store.catalog import Store
 
+    from hookpoints.errors import UserError
+
     path = check_export(fmt, out_path)
-    with Store.open(store_path).query() as session:
+    store = Store.open(store_path)
+    if path is not None and store.location.is_local and path.resolve().is_relative_to(store.location.uri):
+        raise UserError(
+            f"--out {path} is inside the store: write the result elsewhere (a store holds only its own tables, and a "
+            "file there could replace one of them)"
+        )
+    with store.query() as session:
         if path is not None:
             rows = export(session.batches(query, timeout=timeout), fmt, path)
             click.echo(f"{rows} rows -> {path}", err=True)

@@ -1,9 +1,10 @@
 """Printing a query's result as it streams: batch by batch, text from the store printed literally.
 
 ``csv`` and ``json`` write every row, one batch at a time, so a 2 M-row SELECT never sits in memory; ``json``
-is strict JSON (NaN and infinities become null). ``table`` is for reading on a screen: it shows the first
-:data:`TABLE_ROWS` rows and says when there are more. Cells are rich ``Text``, never markup, so a manifest
-text like ``[/INST]``, ``[bold red]`` or ``:-1:`` prints as written.
+is strict JSON (NaN and infinities become null); ``csv`` keeps them (a vector cell is ``[1.0, NaN, -Infinity]``).
+``table`` is for reading on a screen: it shows the first :data:`TABLE_ROWS` rows and says when there are more.
+Cells are rich ``Text``, never markup, so a manifest text like ``[/INST]``, ``[bold red]`` or ``:-1:`` prints as
+written.
 
 Example::
 
@@ -17,10 +18,11 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import sys
 from collections.abc import Iterable
 
-from hookpoints.cli.console import out, strict_json
+from hookpoints.cli.console import _plain, out, strict_json
 from rich.table import Table
 from rich.text import Text
 
@@ -86,10 +88,12 @@ def _table(names, chunks) -> int:
 
 
 def _csv_cell(value) -> str:
+    """A csv cell: lists and structs as JSON that keeps NaN and infinities (``NaN``, ``Infinity``, ``-Infinity``,
+    as Python's json reads them, and as the scalars of the same file print ``nan``/``inf``); never null."""
     if value is None:
         return ""
     if isinstance(value, (list, dict)):
-        return json_line(value)
+        return json.dumps(value, default=_plain, ensure_ascii=False)
     return str(value)
 
 

@@ -6,6 +6,7 @@ import sys
 
 import click
 from hookpoints.cli.console import err, out, progress, render
+from hookpoints.cli.params import FiniteFloat
 from rich.markup import escape
 
 
@@ -60,7 +61,9 @@ def verify(store_path: str) -> None:
 
 @command.command("compact")
 @click.argument("store_path", metavar="STORE")
-@click.option("--target-mb", type=float, default=64, show_default=True, help="Size of the merged files.")
+@click.option(
+    "--target-mb", type=FiniteFloat(0, strict=True), default=64, show_default=True, help="Size of the merged files."
+)
 def compact(store_path: str, target_mb: float) -> None:
     """Merge STORE's small files into larger ones (safe while others read and record)."""
     from hookpoints.store.catalog import Store

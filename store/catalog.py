@@ -140,6 +140,9 @@ class Store:
                 self._meta_log = delta_read.open_table(self.location, "store_meta")
             delta = self._meta_log
             if self._meta is None or self._meta[0] != delta.version():
+                if self._meta is not None and delta_read.outside_files(delta):  # open_table checked the first
+                    self._meta_log = None
+                    delta_read.open_table(self.location, "store_meta")  # raises, naming the file
                 rows = delta_read.read_small(delta)
                 keys, values = rows.column("key").to_pylist(), rows.column("value").to_pylist()
                 self._meta = (delta.version(), dict(zip(keys, values, strict=True)))
@@ -247,17 +250,33 @@ class Store:
         return self.dataset("hooks").to_table(filter=pc.field("run") == run)
 
     def delete_run(self, run: str) -> None:
-        """Remove a run's rows from every run-partitioned table, then log it as deleted."""
+        """Remove a run's rows from every run-partitioned table, then log it as deleted.
+
+        Rows left of a run already deleted (or never started), which ``store verify`` reports, are removed too.
+        """
+        import pyarrow.compute as pc
+
         info = self.run_info(run)
-        if info is None:
+        names = [
+            name
+            for name in dict.fromkeys(["activations", "examples", "hooks", *self.table_names()])
+            if name not in ("store_meta", "run_events")
+            and delta_read.exists(self.location, name)
+            and "run" in self.dataset(name).schema.names
+        ]
+        if info is None and not any(self.dataset(name).count_rows(filter=pc.field("run") == run) for name in names):
             raise UserError(f"there is no run {run!r} in store {self.location.uri}")
-        for name in ["activations", "examples", "hooks", *self.table_names()]:
-            if name in ("store_meta", "run_events") or not delta_read.exists(self.location, name):
-                continue
-            if "run" in self.dataset(name).schema.names:
-                _table_io().delete(self.location, name, _table_io().equals("run", run))
-        settings = {key: getattr(info, key) for key in RUN_SETTINGS}
-        self.log_run_event(run, "deleted", settings, info.config, shard=None)
+        # A writer still recording the run (another machine, a process thought dead) is fenced: its next commit
+        # stops it (store/commits.py) instead of bringing back part of a deleted run, logged complete.
+        from hookpoints.store.commits import app_id
+
+        writers = [app_id(run, (index, info.shards)) for index in range(info.shards)] if info is not None else []
+        for name in names:
+            fence = writers if name in ("activations", "examples") else ()
+            _table_io().delete(self.location, name, _table_io().equals("run", run), fence=fence)
+        if info is not None:
+            settings = {key: getattr(info, key) for key in RUN_SETTINGS}
+            self.log_run_event(run, "deleted", settings, info.config, shard=None)
 
     def recorded_example_ids(self, run: str, n_hooks: int, activations=None) -> set[str]:
         """Ids of the examples whose activations are committed at all ``n_hooks`` hooks of the run.

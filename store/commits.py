@@ -76,8 +76,8 @@ class FencedAppender:
             if (self.table.transaction_version(self.app) or 0) != self.version:
                 raise WriterFenced(
                     f"another process committed to {self.what} while this one was recording (two recordings of "
-                    "the same run or shard at once?): this one stops so nothing is recorded twice; everything "
-                    "committed so far is kept, and --resume continues once only one process is left"
+                    "the same run or shard at once, or the run deleted?): this one stops so nothing is recorded "
+                    "twice; everything committed so far is kept, and --resume continues once only one process is left"
                 )
             transactions = [Transaction(self.app, target), Transaction(self.own, target)]
             properties = CommitProperties(app_transactions=transactions)

@@ -11,6 +11,9 @@ tables, which DuckDB scans through the Arrow C interface. Example::
 
 from __future__ import annotations
 
+import re
+from urllib.parse import unquote
+
 from deltalake import DeltaTable, QueryBuilder
 from deltalake.exceptions import DeltaError, TableNotFoundError
 from hookpoints.store.location import StoreLocation, without_backtrace
@@ -23,9 +26,14 @@ def exists(location: StoreLocation, table: str) -> bool:
 
 
 def open_table(location: StoreLocation, table: str) -> DeltaTable:
-    """The table's current version (its Delta log read, no data)."""
+    """The table's current version (its Delta log read, no data).
+
+    A version whose log adds a file outside the table's folder (``../../x.parquet``, ``s3://other/...``:
+    never written by hookpoints) is refused: delta-rs and Arrow would read that file, anywhere this process
+    can read, into the table.
+    """
     try:
-        return DeltaTable(location.table_uri(table), storage_options=location.storage_options)
+        delta = DeltaTable(location.table_uri(table), storage_options=location.storage_options)
     except TableNotFoundError as error:
         raise FileNotFoundError(f"table {table!r} is missing from store {location.uri}") from error
     except DeltaError as error:  # a damaged log (delta-rs: "Kernel error: Json error ...")
@@ -33,6 +41,29 @@ def open_table(location: StoreLocation, table: str) -> DeltaTable:
             f"table {table!r} of store {location.uri} cannot be read ({without_backtrace(error)[:200]}): its log "
             f"is damaged; run `hookpoints store verify {location.uri}` to see what"
         ) from None
+    outside = outside_files(delta)
+    if outside:
+        raise UserError(
+            f"table {table!r} of store {location.uri} cannot be read: its log adds a file outside the table's "
+            f"folder ({outside[0][:200]!r}); run `hookpoints store verify {location.uri}` to see what"
+        )
+    return delta
+
+
+def inside(path: str) -> bool:
+    """Whether a path from a log entry stays inside its table's folder (relative, no ``..``)."""
+    plain = unquote(path)
+    return not ("://" in plain or plain.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", plain))
+
+
+def outside_files(delta: DeltaTable) -> list[str]:
+    """The paths of ``delta``'s version's files that lie outside its table's folder (none in a healthy store).
+
+    50,000 files: about 25 ms (only paths holding ``..``, ``:``, ``%``, ``\\`` or a leading ``/`` are parsed).
+    """
+    paths = delta.get_add_actions(flatten=False).column("path").to_pylist()
+    suspect = (path for path in paths if ".." in path or ":" in path or "%" in path or "\\" in path or path[:1] == "/")
+    return [path for path in suspect if not inside(path)]
 
 
 def read_small(delta: DeltaTable):

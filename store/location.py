@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hookpoints.errors import UserError
+
 #: Environment variables passed to Delta Lake's object store for ``s3://`` stores.
 _S3_ENV = {
     "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
@@ -29,6 +31,11 @@ class StoreLocation:
     @classmethod
     def parse(cls, where: str | Path, storage_options: dict[str, str] | None = None) -> StoreLocation:
         text = str(where)
+        if not text.strip():
+            raise UserError("the store path is empty: give a folder or an s3://bucket/prefix URI")
+        scheme, _, rest = text.partition("://")
+        if scheme in ("s3", "s3a") and not rest.split("/", 1)[0]:
+            raise UserError(f"store URI {text!r} names no bucket: give s3://BUCKET or s3://BUCKET/PREFIX")
         if "://" in text:
             options = {}
             if text.startswith("s3://"):

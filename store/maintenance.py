@@ -14,6 +14,7 @@ Both are safe while others read and record:
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -33,6 +34,8 @@ _RETRIES = 10
 
 def compact(store: Store, *, target_mb: float = DEFAULT_TARGET_MB) -> list[dict]:
     """Merge each table's small files (per partition) and write a log checkpoint; one row per table."""
+    if not (isinstance(target_mb, int | float) and math.isfinite(target_mb) and target_mb * 2**20 >= 1):
+        raise UserError(f"the target file size must be a positive number of MiB, not {target_mb!r}")
     rows = []
     for name in ["store_meta", *store.table_names()]:
         before = _files(store, name)

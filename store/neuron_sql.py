@@ -112,7 +112,9 @@ def neuron_stats(
     for run_name in dict.fromkeys(row["run"] for row in targets):
         groups = _example_groups(session, run_name, columns, where)
         for row in (r for r in targets if r["run"] == run_name):
-            parts.append(_hook_stats(session, row["run"], row["hook"], int(row["width"]), groups, spec, memory_bytes))
+            with np.errstate(invalid="ignore"):  # NaN and inf give NaN as in numpy, without a RuntimeWarning
+                part = _hook_stats(session, row["run"], row["hook"], int(row["width"]), groups, spec, memory_bytes)
+            parts.append(part)
     return _assemble(parts, columns, spec)
 
 
@@ -134,18 +136,23 @@ def _group_columns(session, group_by: str) -> list[str]:
 
 
 def _checked_predicate(session, where: str) -> str:
+    """``where`` as DuckDB renders its parse tree, in parentheses: one expression whatever its text does with
+    parentheses (``a) OR (b`` would otherwise escape the ``run = ...  AND (...)`` it is put into and choose
+    examples of every run) or comments (a trailing ``-- note`` would swallow the closing parenthesis)."""
     where = (where or "").strip()
     if not where:
         return "TRUE"
-    text = f"SELECT 1 FROM examples WHERE ({where})"
+    text = f"SELECT 1 FROM examples WHERE ({where}\n)"
     tree = json.loads(session.con.execute("SELECT json_serialize_sql($q)", {"q": text}).fetchall()[0][0])
     statements = tree.get("statements", [])
     node = statements[0]["node"] if len(statements) == 1 else {}
-    if tree.get("error") or node.get("type") != "SELECT_NODE" or node.get("modifiers"):
+    extra = ("modifiers", "group_expressions", "having", "qualify", "sample")
+    if tree.get("error") or node.get("type") != "SELECT_NODE" or any(node.get(part) for part in extra):
         raise UserError(
             f"neuron_stats: examples_where {where!r} is not one boolean SQL expression, e.g. \"language = 'de'\""
         )
-    return f"({where})"
+    rendered = session.con.execute("SELECT json_deserialize_sql($t)", {"t": json.dumps(tree)}).fetchall()[0][0]
+    return f"({rendered.split(' WHERE ', 1)[1]})"  # after "SELECT 1 FROM examples"
 
 
 def _example_groups(session, run: str, columns: list[str], where: str) -> _Groups:
@@ -165,10 +172,11 @@ def _example_groups(session, run: str, columns: list[str], where: str) -> _Group
     return _Groups(table["example_id"], group, table.select(columns).take(pa.array(first)))
 
 
-def _batches(session, run: str, hook: str, *, vectors: bool = True):
+def _batches(session, run: str, hook: str, width: int, *, vectors: bool = True):
     """The hook's rows as ``(example_id, [rows, width] float32)`` batches from the session's snapshot.
 
-    ``vectors=False``: only the example ids (``None`` for the matrix), to count rows without decoding.
+    ``vectors=False``: only the example ids (``None`` for the matrix), to count rows without decoding. A vector
+    of another length than ``width`` is a UserError (reshaped, a 15 and a 17 would pass as two of 16).
     """
     import pyarrow.compute as pc  # 40 ms to import: only for neuron_stats, not every session
 
@@ -203,6 +211,12 @@ def _batches(session, run: str, hook: str, *, vectors: bool = True):
             )
         flat = column.values.to_numpy(zero_copy_only=False)
         rows = batch.num_rows
+        lengths = np.diff(column.offsets.to_numpy())  # [rows]
+        if np.any(lengths != width):
+            raise UserError(
+                f"neuron_stats: hook {hook} of run {run!r} stores a vector of {int(lengths[lengths != width][0])} "
+                f"values, not its width {width}; run hookpoints store verify"
+            )
         x = flat[column.offsets[0].as_py() : column.offsets[rows].as_py()].reshape(rows, -1)  # [rows, width]
         yield batch.column("example_id"), (x.view(np.float16).astype(np.float32) if half else x)
 
@@ -215,21 +229,18 @@ def _hook_stats(session, run, hook, width, groups: _Groups, spec: StatSpec, memo
     s2 = np.zeros((n_groups, width))  # [groups, width] sum of (x - shift)^2
     low = np.full((n_groups, width), np.inf, np.float32)
     high = np.full((n_groups, width), -np.inf, np.float32)
-    for ids, x in _batches(session, run, hook, vectors=bool(spec.moments)):
+    for ids, x in _batches(session, run, hook, width, vectors=bool(spec.moments)):
         if x is None:  # percentiles only: count the rows, the slices read the vectors
             group = _row_groups(ids, groups)
             count += np.bincount(group[group >= 0], minlength=n_groups)
             continue
-        if x.shape[1] != width:
-            raise UserError(
-                f"neuron_stats: hook {hook} of run {run!r} stores vectors of {x.shape[1]}, not its width {width}"
-            )
         group = _row_groups(ids, groups)
         for g in np.unique(group[group >= 0]):
             xs = x[group == g]  # [rows of g, width]
             d = xs.astype(np.float64)
-            if count[g] == 0:
-                shift[g] = d.mean(axis=0)
+            if count[g] == 0:  # a finite shift: an inf in the first batch must give inf (as numpy), not inf - inf
+                first = d.mean(axis=0)
+                shift[g] = np.where(np.isfinite(first), first, 0.0)
             d -= shift[g]
             s1[g] += d.sum(axis=0)
             s2[g] += np.einsum("ij,ij->j", d, d)
@@ -296,7 +307,7 @@ def _slice_blocks(session, run, hook, groups: _Groups, slices, rows: int, folder
     group_of_row = np.empty(rows, np.int64)
     filled = 0
     try:
-        for ids, x in _batches(session, run, hook):
+        for ids, x in _batches(session, run, hook, slices[-1][1]):
             group = _row_groups(ids, groups)
             keep = group >= 0
             n = int(keep.sum())

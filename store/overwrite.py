@@ -4,8 +4,9 @@ The new recording goes to a staging run, ``<run>~overwrite`` (``~`` is not allow
 never be a user's run), while the old run stays untouched and readable. Only when the staging run is
 complete is it swapped in, table by table, each swap one Delta commit that removes the old run's files and
 re-adds the staging run's files under the run's name (the Parquet files do not hold the partition columns,
-so nothing is copied). Then one ``run_events`` commit logs the old run deleted, the new one complete, and the
-staging run deleted.
+so nothing is copied). The old run's rows in the analysis tables (``scores``, ``clusters``, ...: computed from
+the rows just replaced) are deleted, as ``store delete`` does. Then one ``run_events`` commit logs the old run
+deleted, the new one complete, and the staging run deleted.
 
 - The new recording fails (a bad manifest value, a crash, a full disk): the old run is as it was; the
   staging run is logged ``failed`` with the error (``store info`` and ``verify`` show it) and the next
@@ -27,6 +28,7 @@ from datetime import timedelta
 from urllib.parse import unquote
 
 import pyarrow as pa
+from deltalake import CommitProperties
 from deltalake.transaction import AddAction, RemoveAction
 from hookpoints.store import tables
 from hookpoints.store.catalog import RUN_SETTINGS, Store, _now
@@ -62,6 +64,9 @@ def swap(store: Store, run: str, settings: dict, config: dict) -> None:
     staging = staging_name(run)
     for name in _RUN_TABLES:
         move_run(store, name, staging, run)
+    for name in store.table_names():  # the analyses of the old run (scores, clusters, ...) describe rows now gone
+        if name not in CORE_TABLES and "run" in store.dataset(name).schema.names:
+            tables.delete(store.location, name, tables.equals("run", run))
     old = store.run_info(run)
     now = _now()
     base = {"config": json.dumps(config, sort_keys=True, default=str), "writer": "", "shard": None, "shards": None}
@@ -125,8 +130,14 @@ def move_run(store: Store, table: str, source: str, target: str) -> None:
             for file in files
             if file["partition"]["run"] == target
         ]
+        # Only onto the version read: a commit that landed since (a compaction rewriting the old run's files
+        # into new ones, which the removes above do not name) fails this one, retried against it below.
         delta.create_write_transaction(
-            actions, mode="append", schema=delta.schema(), partition_by=list(spec.partition_by)
+            actions,
+            mode="append",
+            schema=delta.schema(),
+            partition_by=list(spec.partition_by),
+            commit_properties=CommitProperties(max_commit_retries=0),
         )
 
     tables.retrying(commit)

@@ -82,11 +82,15 @@ class QuerySession:
         # One snapshot: every table's current version is pinned now (its Delta log read, no data), in the
         # order above; a table's data is registered in DuckDB only when a statement names it (_load), so
         # `SELECT 1` or a look at `runs` never builds the activations' Arrow dataset (store/tables.py).
-        names = store.table_names()
-        self._snapshots = {
-            table: delta_read.open_table(store.location, table)
-            for table in sorted(names, key=lambda name: (_SNAPSHOT_ORDER + (name,)).index(name))
-        }
+        self._snapshots = {}
+        for table in sorted(store.table_names(), key=lambda name: (_SNAPSHOT_ORDER + (name,)).index(name)):
+            try:
+                self._snapshots[table] = delta_read.open_table(store.location, table)
+            except FileNotFoundError:
+                if table in _SNAPSHOT_ORDER:
+                    uri = store.location.uri
+                    raise UserError(f"store {uri} has no {table} table: run `hookpoints store verify {uri}`") from None
+                # an analysis table registered but gone (its folder deleted): the session reads the others
         self._tables: set[str] = set()  # store tables registered in DuckDB so far
         self._views: set[str] = set()  # views of _VIEWS created so far
         self._macro = False  # neuron_stats(...) defined (when a statement names it: its module imports numpy)
@@ -185,7 +189,14 @@ class QuerySession:
         if name == "activations" and "float16" in self.dataset("run_events").column("dtype").to_pylist():
             self._define_f16()
             activation = "coalesce(activation, list_transform(activation_f16, lambda b: f16_to_float(b)))"
-        self.con.execute(f"CREATE VIEW {name} AS {_VIEWS[name].format(activation=activation)}")
+        try:
+            self.con.execute(f"CREATE VIEW {name} AS {_VIEWS[name].format(activation=activation)}")
+        except duckdb.Error as error:  # a table whose columns are not the store's (a log that changed its schema)
+            uri = self.store.location.uri
+            raise UserError(
+                f"the {name} view cannot be defined over store {uri} ({_first_line(error)[:200]}): its tables do "
+                f"not have the store's columns; run `hookpoints store verify {uri}`"
+            ) from None
         self._views.add(name)
 
     def _define_table(self, table: str) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-from deltalake import ColumnProperties, DeltaTable, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError
+from deltalake import ColumnProperties, CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.fs import DeltaStorageHandler
 from hookpoints.store.delta_read import exists, open_table  # noqa: F401 - pyarrow-free, used via tables
 from hookpoints.store.location import StoreLocation
@@ -157,9 +157,28 @@ def replace(
     )
 
 
-def delete(location: StoreLocation, table: str, predicate: str) -> None:
-    """Delete the rows matching a Delta predicate (partition predicates only drop whole files)."""
-    retrying(lambda: open_table(location, table).delete(predicate))
+def delete(location: StoreLocation, table: str, predicate: str, *, fence: Sequence[str] = ()) -> None:
+    """Delete the rows matching a Delta predicate (partition predicates only drop whole files).
+
+    ``fence``: application ids (store/commits.py) whose transaction number is raised first, in a commit of its
+    own (a delete that matches nothing commits nothing), so a writer still committing under one of them stops
+    (``WriterFenced``) instead of adding rows of a deleted run after the delete.
+    """
+
+    def commit() -> None:
+        delta = open_table(location, table)
+        if fence:
+            raised = [Transaction(app, (delta.transaction_version(app) or 0) + 1) for app in fence]
+            delta.create_write_transaction(
+                [],
+                mode="append",
+                schema=delta.schema(),
+                partition_by=delta.metadata().partition_columns or None,
+                commit_properties=CommitProperties(app_transactions=raised),
+            )
+        delta.delete(predicate)
+
+    retrying(commit)
 
 
 def filesystem(location: StoreLocation, table: str | None = None) -> pafs.FileSystem:
@@ -174,5 +193,9 @@ def filesystem(location: StoreLocation, table: str | None = None) -> pafs.FileSy
 
 def list_files(location: StoreLocation, table: str | None = None) -> dict[str, int]:
     """Every file under the table's folder (or the store's root), recursively: relative path -> size."""
-    infos = filesystem(location, table).get_file_info(pafs.FileSelector("", recursive=True, allow_not_found=True))
+    try:
+        handler = filesystem(location, table)
+    except TableNotFoundError:  # a local folder that is not there (a registered table whose folder was deleted)
+        return {}
+    infos = handler.get_file_info(pafs.FileSelector("", recursive=True, allow_not_found=True))
     return {info.path: info.size for info in infos if info.type == pafs.FileType.File}

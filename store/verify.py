@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from hookpoints.store import tables, verify_logs
 from hookpoints.store.catalog import Store
+from hookpoints.store.overwrite import STAGING_SUFFIX
 from hookpoints.store.runs import runs_sql
 from hookpoints.store.schema import CORE_TABLES, SCHEMA_VERSION
 
@@ -286,7 +287,8 @@ _INTEGRITY = [
         "store",
         """SELECT DISTINCT run FROM (SELECT run FROM _examples UNION ALL SELECT run FROM _hooks
            UNION ALL SELECT run FROM _activations) ANTI JOIN runs USING (run)""",
-        "rows of run {run!r}, which is deleted or was never started",
+        "rows of run {run!r}, which is deleted or was never started: `hookpoints store delete STORE --run {run}` "
+        "removes them",
     ),
     (
         "activations",
@@ -325,8 +327,19 @@ def _check_runs(store: Store, report: VerifyReport) -> None:
     con = duckdb.connect()
     try:
         con.register("_run_events", store.dataset("run_events").to_table())
-        rows = con.sql(f"SELECT run, status, message FROM ({runs_sql('_run_events')}) WHERE status <> 'complete'")
+        rows = con.sql(f"SELECT run, status, message FROM ({runs_sql('_run_events')})")
         for row in rows.to_arrow_table().to_pylist():
+            if row["status"] == "complete" and row["run"].endswith(STAGING_SUFFIX):  # killed while swapping in
+                run = row["run"].removesuffix(STAGING_SUFFIX)
+                report.add(
+                    "error",
+                    "runs",
+                    f"the overwrite of run {run!r} was killed while swapping in its new rows (complete as run "
+                    f"{row['run']!r}): `hookpoints record` of run {run!r} with --resume and the overwrite's other "
+                    "options finishes it",
+                )
+            if row["status"] == "complete":
+                continue
             said = f": {row['message']}" if row["message"] else ""
             what = "failed" if row["status"] == "failed" else "is still recording (or its process was killed)"
             report.add("warning", "runs", f"run {row['run']!r} {what}{said}")

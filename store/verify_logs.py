@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import re
-from urllib.parse import unquote
 
 from hookpoints.store import tables
 from hookpoints.store.catalog import TABLE_NAME, Store
+from hookpoints.store.delta_read import inside
 from hookpoints.store.location import without_backtrace
 
 _COMMIT = re.compile(r"^_delta_log/(\d{20})\.json$")
@@ -78,12 +78,6 @@ def _check_commit(store: Store, table: str, path: str) -> str | None:
             if isinstance(file, dict) and not inside(str(file.get("path", ""))):
                 return f"points outside the table ({kind} {file.get('path')!r}): restore the table from a backup"
     return None
-
-
-def inside(path: str) -> bool:
-    """Whether a path from a log entry stays inside its table's folder (relative, no ``..``)."""
-    plain = unquote(path)
-    return not ("://" in plain or plain.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", plain))
 
 
 def is_parquet(store: Store, table: str, path: str) -> bool:

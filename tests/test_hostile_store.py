@@ -192,3 +192,100 @@ def test_an_overwritten_run_survives_compaction_and_vacuum(store):
     assert vectors(store, "r1") == expected
     report = verify(store)
     assert report.ok, report.findings
+
+
+def test_an_overwrite_deletes_the_old_runs_analysis_rows(store):
+    """`record --overwrite` swapped in the new rows but left the old run's rows in the analysis tables (an AP
+    ranking in `scores`): `SELECT ... FROM scores WHERE run = 'r1'` returned the ranking of activations that no
+    longer exist, as if it were the new recording's. Now they go, as with `store delete`; other runs' stay."""
+    from hookpoints.analyses.ranking import SCORES_SCHEMA, SCORES_TABLE
+
+    fill(store, "r1", seed=1)
+    fill(store, "r2", seed=2)
+    row = {"label_set": "modality/text", "hook": "h0", "neuron": 0, "ap": 0.9, "n_positive": 1, "n_among": 3}
+    rows = [{**row, "run": run, "runs": [run]} for run in ("r1", "r2")]
+    store.append(SCORES_TABLE, pa.Table.from_pylist(rows, schema=SCORES_SCHEMA))
+    writer = overwrite_r1(store)
+    writer.add(
+        pa.table({"example_id": ["a"]}), {h["hook"]: HookRows(["a"], np.ones((1, 4), np.float32)) for h in hooks()}
+    )
+    writer.finish()
+    assert vectors(store, "r1") == {(h["hook"], "a"): [1.0] * 4 for h in hooks()}  # the new run is in
+    with store.query() as session:
+        assert session.sql("SELECT run FROM scores ORDER BY run")["run"].to_pylist() == ["r2"]
+    assert verify(store).ok
+
+
+def test_a_compaction_racing_an_overwrites_swap_does_not_bring_the_old_rows_back(store, monkeypatch):
+    """`store compact` committing between the swap's read of the log and its commit rewrote the old run's files
+    into new ones the swap's removes did not name: the overwritten run held its old rows next to the new ones
+    (20 vectors for 2). The swap now commits only onto the version it read, and retries."""
+    from hookpoints.store import maintenance, overwrite
+
+    for seed in range(3):  # three commits: small files that compaction merges
+        ids = [f"old{seed}{i}" for i in range(3)]
+        fill(store, "r1", seed=seed, if_exists="resume" if seed else "error", columns={"example_id": ids})
+    open_table, raced = overwrite.tables.open_table, []
+
+    def compact_first(location, table):
+        delta = open_table(location, table)
+        if table == "activations" and not raced:  # the swap has read the activations' log: compact now
+            raced.append(None)
+            raced[0] = maintenance.compact(store)
+        return delta
+
+    writer = overwrite_r1(store)
+    new = np.random.default_rng(7).normal(size=(1, 4)).astype(np.float32)
+    writer.add(pa.table({"example_id": ["a"]}), {h["hook"]: HookRows(["a"], new) for h in hooks()})
+    monkeypatch.setattr(overwrite.tables, "open_table", compact_first)
+    writer.finish()
+    monkeypatch.undo()
+    assert raced and any(row["rewritten"] for row in raced[0])  # the compaction did rewrite files meanwhile
+    assert vectors(store, "r1") == {(h["hook"], "a"): new[0].tolist() for h in hooks()}
+    assert verify(store).ok
+
+
+def test_rows_left_of_a_deleted_run_can_be_deleted(store, run_cli):
+    """Rows of a run whose log says deleted (a process that went on writing before deletes fenced it, a swap
+    racing a compaction): verify reported them, and `store delete --run` said there was no such run, so no
+    command could remove them. Now it removes them, and verify says so."""
+    fill(store, "keep")
+    fill(store, "r1")
+    store.log_run_event("r1", "deleted", SETTINGS, {}, shard=None)  # the log says deleted; the rows stay
+    found = [finding.message for finding in verify(store).findings if finding.level == "error"]
+    assert found == [
+        "rows of run 'r1', which is deleted or was never started: `hookpoints store delete STORE --run r1` removes them"
+    ]
+    code, _, err = run_cli("store", "delete", store.location.uri, "--run", "r1")
+    assert code == 0, err
+    assert verify(store).ok
+    assert vectors(store, "r1") == {} and len(vectors(store, "keep")) == 6
+    code, _, err = run_cli("store", "delete", store.location.uri, "--run", "r1")
+    assert code == 2 and "there is no run 'r1'" in err
+
+
+def test_verify_says_how_to_finish_an_overwrite_killed_while_swapping_in(store):
+    """Killed between two tables' swaps, readers saw the old run's vectors under the new run's labels and verify
+    listed only dangling rows of `r1~overwrite`. It now says what finishes the swap, and that does."""
+    from hookpoints.store import overwrite
+
+    fill(store, "r1", seed=1)
+    writer = overwrite_r1(store)
+    new = np.random.default_rng(3).normal(size=(1, 4)).astype(np.float32)
+    writer.add(pa.table({"example_id": ["a"]}), {h["hook"]: HookRows(["a"], new) for h in hooks()})
+    writer.replaces = None  # killed right after the staging run was logged complete ...
+    writer.finish()
+    overwrite.move_run(store, "hooks", staging_name("r1"), "r1")  # ... and after the first table's swap
+    found = [finding.message for finding in verify(store).findings if finding.table == "runs"]
+    assert found == [
+        "the overwrite of run 'r1' was killed while swapping in its new rows (complete as run 'r1~overwrite'): "
+        "`hookpoints record` of run 'r1' with --resume and the overwrite's other options finishes it"
+    ]
+    schema = pa.table({"example_id": ["a"]}).schema
+    again = open_run(
+        store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema, if_exists="resume"
+    )
+    again.add(pa.table({"example_id": ["a"]}), {h["hook"]: HookRows(["a"], new) for h in hooks()})  # already there
+    again.finish()
+    assert vectors(store, "r1") == {(h["hook"], "a"): new[0].tolist() for h in hooks()}
+    assert verify(store).ok

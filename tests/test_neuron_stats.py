@@ -245,3 +245,88 @@ def test_compaction_keeps_the_vector_encoding(tmp_path):
     with Store.open(tmp_path / "store").query() as session:
         result = neuron_stats(session, "enc.layers.0.fc2", stats="avg").sort_by("neuron")
     np.testing.assert_allclose(result["avg"].to_numpy(), data["enc.layers.0.fc2"][0].mean(axis=0, dtype=np.float64))
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_an_infinity_gives_what_numpy_gives_wherever_it_is(tmp_path, first):
+    """A +inf (a float16 overflow) among a neuron's values: numpy's mean and sum are inf. neuron_stats gave NaN
+    when the inf was in a group's first batch (its shift, the batch mean, was inf: inf - inf), inf otherwise."""
+    store = Store.open(tmp_path / "store", create=True)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3000, 4)).astype(np.float32)  # [examples, neurons]: three batches of 1,024 rows
+    x[5 if first else 2500, 0] = np.inf
+    x[7 if first else 2600, 1] = -np.inf
+    x[9 if first else 2700, 1] = np.inf  # inf - inf: NaN in numpy too
+    ids = [f"e{i:04d}" for i in range(len(x))]
+    examples = pa.table({"example_id": ids})
+    hook = {"hook": "h", "module": "h", "io": "output", "component": "c", "layer": 0, "submodule": "s", "width": 4,
+            "shape": [4], "neuron_axis": 1, "space": "c", "layer_output": False}  # fmt: skip
+    settings = {"model": "m", "task": "forward", "pooling": "mean", "dtype": "float32"}
+    writer = open_run(store, "r", settings=settings, config={}, hooks=[hook], examples_schema=examples.schema)
+    writer.add(examples, {"h": HookRows(ids, x)})
+    writer.finish()
+    with store.query() as session:
+        got = session.neuron_stats("h", stats="sum, avg, stddev, min, max").sort_by("neuron")
+    d = x.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        expected = {"sum": d.sum(0), "avg": d.mean(0), "stddev": d.std(0, ddof=1), "min": d.min(0), "max": d.max(0)}
+    for name, values in expected.items():
+        np.testing.assert_allclose(got[name].to_numpy(), values, rtol=1e-9, err_msg=name)
+
+
+def test_examples_where_stays_one_predicate_over_the_run(tmp_path):
+    """``a') OR ('b`` in examples_where closed the parentheses it was put in, so `run = 'a' AND (...) OR (...)`
+    chose the examples of every run: run a's rows were averaged under run b's labels (the same ids). A trailing
+    ``-- comment`` was refused. Both are now read as DuckDB parses them, over the run's own examples."""
+    store = Store.open(tmp_path / "store", create=True)
+    ids = [f"e{i}" for i in range(6)]
+    x = np.random.default_rng(5).normal(size=(6, 4)).astype(np.float32)  # [examples, neurons]
+    hook = {"hook": "h", "module": "h", "io": "output", "component": "c", "layer": 0, "submodule": "s", "width": 4,
+            "shape": [4], "neuron_axis": 1, "space": "c", "layer_output": False}  # fmt: skip
+    settings = {"model": "m", "task": "forward", "pooling": "mean", "dtype": "float32"}
+    for run, languages in (("a", ["de", "en", "en", "en", "en", "en"]), ("b", ["fr"] * 6)):
+        examples = pa.table({"example_id": ids, "language": languages})
+        writer = open_run(store, run, settings=settings, config={}, hooks=[hook], examples_schema=examples.schema)
+        writer.add(examples, {"h": HookRows(ids, x)})
+        writer.finish()
+    with store.query() as session:
+        escaped = session.neuron_stats(
+            "h", run="a", stats="count, avg", examples_where="language = 'de') OR (language = 'fr'"
+        )
+        commented = session.neuron_stats("h", run="a", stats="count, avg", examples_where="language = 'de' -- German")
+    for result in (escaped, commented):  # run a: only e0 is de (none is fr)
+        assert result["count"].to_pylist() == [1] * 4
+        np.testing.assert_allclose(result.sort_by("neuron")["avg"].to_numpy(), x[0].astype(np.float64))
+
+
+@pytest.mark.parametrize("stats", ["avg", "median"])
+def test_vectors_of_another_length_than_the_hook_are_refused(tmp_path, stats):
+    """Rows appended by another tool (deltalake, as docs/reading-the-store.md shows) with vectors of 3 and 5
+    values at a hook of width 4: reshaped to [rows, 4], they passed as two vectors of 4 and entered the
+    statistics silently. Now one line names the hook and says to run verify."""
+    from deltalake import write_deltalake
+    from hookpoints.store.schema import ACTIVATIONS
+
+    store = Store.open(tmp_path / "store", create=True)
+    x = np.random.default_rng(4).normal(size=(4, 4)).astype(np.float32)
+    ids = [f"e{i}" for i in range(4)]
+    examples = pa.table({"example_id": ids})
+    hook = {"hook": "h", "module": "h", "io": "output", "component": "c", "layer": 0, "submodule": "s", "width": 4,
+            "shape": [4], "neuron_axis": 1, "space": "c", "layer_output": False}  # fmt: skip
+    settings = {"model": "m", "task": "forward", "pooling": "mean", "dtype": "float32"}
+    writer = open_run(store, "r", settings=settings, config={}, hooks=[hook], examples_schema=examples.schema)
+    writer.add(examples, {"h": HookRows(ids, x)})
+    writer.finish()
+    with store.query() as session:
+        healthy = session.neuron_stats("h", stats=stats)
+    ragged = pa.table(
+        {"run": ["r", "r"], "hook": ["h", "h"], "example_id": ["e0", "e1"], "position": pa.nulls(2, pa.int32()),
+         "activation": pa.array([[9.0] * 3, [9.0] * 5], pa.list_(pa.float32())),
+         "activation_f16": pa.nulls(2, pa.list_(pa.int16())), "finite": [True, True]},
+        schema=ACTIVATIONS,
+    )  # fmt: skip
+    write_deltalake(store.location.table_uri("activations"), ragged, mode="append", partition_by=["run", "hook"])
+    expected = np.quantile(x.astype(np.float64), 0.5, axis=0) if stats == "median" else x.mean(0, dtype=np.float64)
+    np.testing.assert_allclose(healthy.sort_by("neuron")[stats].to_numpy(), expected)
+    with store.query() as session, pytest.raises(UserError, match="stores a vector of 3 values, not its width 4"):
+        session.neuron_stats("h", stats=stats)

@@ -3,6 +3,8 @@ decoded), bad combinations refused in one line; terminal tables never break a na
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -103,3 +105,45 @@ def test_shorten_middle_leaves_names_and_short_paths():
     assert shorten_middle("runs/a.parquet") == "runs/a.parquet"
     short = shorten_middle("/x" * 50 + "/file.parquet", 20)
     assert len(short) == 20 and short.count("…") == 1 and short.endswith("/file.parquet")
+
+
+def test_csv_keeps_nan_and_infinities_inside_vectors(store, run_cli):
+    """csv printed a vector's NaN, inf and -inf all as null (strict JSON's rule), while the scalars of the same
+    file print nan/inf: a stored inf could not be told from NaN. Now each cell reads back (json.loads) as stored."""
+    import csv
+    import io
+    import json
+
+    from hookpoints.store.writer import HookRows, open_run
+
+    x = np.random.default_rng(2).normal(size=(3, 4)).astype(np.float32)  # [examples, neurons]
+    x[0, 1], x[1, 2], x[2, 3] = np.nan, np.inf, -np.inf
+    examples = pa.table({"example_id": ["a", "b", "c"]})
+    hook = {"hook": "h", "module": "h", "io": "output", "component": "c", "layer": 0, "submodule": "s", "width": 4,
+            "shape": [4], "neuron_axis": 1, "space": "c", "layer_output": False}  # fmt: skip
+    settings = {"model": "m", "task": "forward", "pooling": "mean", "dtype": "float32"}
+    writer = open_run(store, "r", settings=settings, config={}, hooks=[hook], examples_schema=examples.schema)
+    writer.add(examples, {"h": HookRows(["a", "b", "c"], x)})
+    writer.finish()
+    query = "SELECT example_id, activation FROM activations ORDER BY example_id"
+    code, out, err = run_cli("sql", "--store", store.location.uri, "--format", "csv", query)
+    assert code == 0, err
+    rows = list(csv.reader(io.StringIO(out)))[1:]
+    got = np.array([json.loads(cell) for _, cell in rows], np.float32)
+    np.testing.assert_array_equal(got, x)  # NaN where NaN, inf and -inf where they were
+
+
+@pytest.mark.parametrize("inside", ["results.parquet", "store_meta/_delta_log/00000000000000000000.json"])
+def test_an_export_into_the_store_is_refused(runs, run_cli, inside):
+    """`--out STORE/store_meta/_delta_log/00000000000000000000.json` replaced the store's first log entry with a
+    Parquet file: the store could no longer be opened. `--out STORE/results.parquet` made verify fail."""
+    from tests.hostile_helpers import checksums
+
+    store, _, _ = runs
+    root = Path(store.location.uri)
+    before = checksums(root)
+    code, _, err = run_cli("sql", "--store", str(root), "--format", "parquet", "--out", str(root / inside), "SELECT 1")
+    assert code == 2 and "is inside the store" in err and len(err.strip().splitlines()) == 1, err
+    assert checksums(root) == before
+    code, out, _ = run_cli("sql", "--store", str(root), "--format", "csv", "SELECT count(*) AS n FROM runs")
+    assert code == 0 and out.split() == ["n", "2"]

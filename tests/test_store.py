@@ -123,3 +123,15 @@ def test_reserved_manifest_columns_are_refused(store):
             hooks=HOOKS,
             examples_schema=bad.schema,
         )
+
+
+@pytest.mark.parametrize(
+    ("where", "message"), [("", "store path is empty"), ("s3://", "names no bucket"), ("s3:///x", "names no bucket")]
+)
+def test_a_store_uri_without_a_bucket_or_path_is_one_line(run_cli, where, message):
+    """`--store s3://` gave "error: DeltaError: Generic error: Unable to recognise URL ..."; `--store ''` opened the
+    current folder ("error:  is not a hookpoints store")."""
+    with pytest.raises(UserError, match=message):
+        Store.open(where)
+    code, _, err = run_cli("sql", "--store", where, "SELECT 1")
+    assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hookpoints.store import tables
@@ -96,3 +97,21 @@ def test_vacuum_refuses_a_retention_that_would_break_readers(small_files_store, 
     assert code == 2
     assert "retention must be a whole number of hours, 0 or more" in err
     assert tables.list_files(small_files_store.location) == files
+
+
+@pytest.mark.parametrize("target", ["nan", "inf", "-5", "0"])
+def test_a_bad_compaction_target_is_refused_and_changes_nothing(store, run_cli, target):
+    """`store compact --target-mb nan` (inf, -5, 0) gave ValueError / OverflowError from deep inside; now the
+    option type refuses it, and the Python function refuses a size under one byte."""
+    from hookpoints.store.maintenance import compact
+
+    from tests.hostile_helpers import checksums, fill
+
+    fill(store, "r1")
+    root = Path(store.location.uri)
+    before = checksums(root)
+    code, _, err = run_cli("store", "compact", str(root), f"--target-mb={target}")
+    assert code == 2 and "Invalid value for '--target-mb'" in err, err
+    with pytest.raises(UserError, match="positive number of MiB"):
+        compact(store, target_mb=float(target) if target != "0" else 1e-9)
+    assert checksums(root) == before

@@ -350,3 +350,40 @@ def test_the_default_buffer_is_a_32nd_of_memory_between_64_and_512_mib(monkeypat
     monkeypatch.setattr(buffer.os, "sysconf", sysconf)
     monkeypatch.setattr(buffer.Path, "read_text", read_text)
     assert buffer.default_buffer_bytes() == mib << 20
+
+
+@pytest.mark.parametrize("committed_before", [True, False])
+def test_deleting_a_run_that_is_being_recorded_stops_its_writer(store, committed_before):
+    """`store delete` while the run records (another machine, a process thought dead): the writer went on, and
+    the run came back `complete` with only the rows committed after the delete and no hook points. Now its
+    next commit is fenced; the run stays deleted, and a new recording of the same name stores everything."""
+    from hookpoints.store.catalog import Store
+
+    batches = list(_batches(2, 3))
+    writer = _open(store, buffer_examples=0, background=False)
+    if committed_before:
+        writer.add(*batches[0])
+    Store.open(store.location.uri).delete_run("r")
+    with pytest.raises(WriterFenced, match="or the run deleted"):
+        writer.add(*batches[1])
+    writer.finish()  # fenced: logs nothing
+    with store.query() as session:
+        assert session.sql("SELECT run FROM runs").num_rows == 0
+        assert session.sql("SELECT * FROM activations").num_rows == 0
+        assert session.sql("SELECT * FROM examples").num_rows == 0
+    again = _open(store, buffer_examples=0, background=False)
+    for examples, rows in batches:
+        again.add(examples, rows)
+    again.finish()
+    ids = [example for examples, _ in batches for example in examples["example_id"].to_pylist()]
+    assert_exactly_once(store, "r", ids, len(HOOKS))
+    expected = {
+        (hook, example, None) for _, rows in batches for hook, chunk in rows.items() for example in chunk.example_ids
+    }
+    stored = _stored(store, "r")
+    assert set(stored) == expected
+    for _, rows in batches:
+        for hook, chunk in rows.items():
+            for example, vector in zip(chunk.example_ids, chunk.values, strict=True):
+                np.testing.assert_array_equal(np.array(stored[hook, example, None][0], np.float32), vector)
+    assert store.run_info("r").status == "complete"
