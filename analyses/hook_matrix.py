@@ -227,9 +227,20 @@ def _vectors(column: pa.Array, n_rows: int, hook: StoredHook, run: str) -> np.nd
     """A batch's list column as ``[rows, width]`` (float32 view without a copy; float16 bits viewed as half)."""
     if column.null_count:
         raise UserError(f"run {run!r} stores empty vectors at {hook.hook}: the run is damaged (record it again)")
+    check_lengths(column, hook, run)
     flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
     if flat.dtype == np.int16:
         flat = flat.view(np.float16)
-    if flat.size != n_rows * hook.width:
-        raise UserError(f"run {run!r} holds vectors at {hook.hook} whose width is not {hook.width}: the run is damaged")
     return flat.reshape(n_rows, hook.width)
+
+
+def check_lengths(column: pa.Array, hook: StoredHook, run: str) -> None:
+    """Refuse a batch holding a vector of another length than the hook's width (a 3 and a 5 at a width-4 hook
+    would otherwise be reshaped into two wrong rows of 4)."""
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)  # [rows]
+    wrong = lengths != hook.width
+    if wrong.any():
+        raise UserError(
+            f"run {run!r} stores a vector of {int(lengths[wrong][0])} values at {hook.hook}, not its width "
+            f"{hook.width}: the run is damaged; run hookpoints store verify"
+        )

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from hookpoints.analyses import examples
+from hookpoints.analyses.hook_matrix import check_lengths
 from hookpoints.analyses.hooks import StoredHook, run_hooks, select_hooks
 from hookpoints.analyses.subsets import Subset
 from hookpoints.store.query import QuerySession
@@ -84,7 +85,7 @@ def read_layer(
         matrix.fill(-np.inf)
     for batch in session.batches(query, params):
         rows = batch.column("row").to_numpy().astype(np.int64)  # [batch]
-        values = _vectors(batch, hook)  # [batch, width]
+        values = _vectors(batch, hook, subset.run)  # [batch, width]
         finite = np.isfinite(values).all(1)
         if not finite.all():
             bad = subset.example_ids[int(rows[np.flatnonzero(~finite)[0]])]
@@ -103,16 +104,16 @@ def read_layer(
     return matrix
 
 
-def _vectors(batch: pa.RecordBatch, hook: StoredHook) -> np.ndarray:
+def _vectors(batch: pa.RecordBatch, hook: StoredHook, run: str) -> np.ndarray:
     """The batch's vectors as ``[rows, width]`` float32 (a zero-copy view for float32 runs)."""
     column = batch.column("activation")
     if column.null_count == len(column):  # a float16 run: IEEE half bit patterns
+        check_lengths(batch.column("activation_f16"), hook, run)
         bits = pc.list_flatten(batch.column("activation_f16")).to_numpy(zero_copy_only=False)
         flat = bits.astype(np.int16, copy=False).view(np.float16).astype(np.float32)
     else:
+        check_lengths(column, hook, run)
         flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-    if flat.size != len(batch) * hook.width:
-        raise UserError(f"hook {hook.hook} holds vectors whose width is not {hook.width}: the run is damaged")
     return flat.reshape(len(batch), hook.width)
 
 
