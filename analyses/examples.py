@@ -14,12 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from hookpoints.analyses.labels import LabelSet, check_predicate, quote_name
+from hookpoints.store.names import RUN_KEY_SEPARATOR
 from hookpoints.store.query import QuerySession
 
 from hookpoints.errors import UserError
 from hookpoints.settings import Pooling, RunSettings
-
-RUN_KEY_SEPARATOR = "+"  # not allowed in run names, so a key names its runs unambiguously
 
 
 @dataclass(frozen=True)

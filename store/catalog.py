@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import duckdb
 from hookpoints.store import delta_read
 from hookpoints.store.location import StoreLocation, storage_error
-from hookpoints.store.names import RUN_NAME, SCHEMA_VERSION
+from hookpoints.store.names import RUN_NAME, SCHEMA_VERSION, names_run
 from hookpoints.store.runs import runs_sql, shard_states_sql
 
 from hookpoints.errors import UserError
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from hookpoints.store.schema import TableSpec
 
 RUN_SETTINGS = ("model", "task", "pooling", "dtype")
+#: Tables holding a run's recorded rows (their ``run`` is a run's name, never a key of several runs).
+_RUN_TABLES = ("hooks", "examples", "activations")
 #: A table of the store is a folder directly under its root: a plain name, never a path.
 TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
@@ -264,7 +266,10 @@ class Store:
             and delta_read.exists(self.location, name)
             and "run" in self.dataset(name).schema.names
         ]
-        if info is None and not any(self.dataset(name).count_rows(filter=pc.field("run") == run) for name in names):
+        keys = {name: [run] if name in _RUN_TABLES else self.run_keys(name, run) for name in names}
+        if info is None and not any(
+            keys[name] and self.dataset(name).count_rows(filter=pc.field("run").isin(keys[name])) for name in names
+        ):
             raise UserError(f"there is no run {run!r} in store {self.location.uri}")
         # A writer still recording the run (another machine, a process thought dead) is fenced: its next commit
         # stops it (store/commits.py) instead of bringing back part of a deleted run, logged complete.
@@ -273,10 +278,19 @@ class Store:
         writers = [app_id(run, (index, info.shards)) for index in range(info.shards)] if info is not None else []
         for name in names:
             fence = writers if name in ("activations", "examples") else ()
-            _table_io().delete(self.location, name, _table_io().equals("run", run), fence=fence)
+            if keys[name] or fence:
+                _table_io().delete(self.location, name, _table_io().any_of("run", keys[name]), fence=fence)
         if info is not None:
             settings = {key: getattr(info, key) for key in RUN_SETTINGS}
             self.log_run_event(run, "deleted", settings, info.config, shard=None)
+
+    def run_keys(self, table: str, run: str) -> list[str]:
+        """The ``run`` keys of an analysis table that hold ``run``: its own, and those of the analyses that
+        compared it with other runs (``r1+r2``), which describe its rows too."""
+        import pyarrow.compute as pc
+
+        found = self.dataset(table).to_table(columns=["run"], filter=pc.match_substring(pc.field("run"), run))
+        return sorted(key for key in pc.unique(found.column("run")).to_pylist() if key and names_run(key, run))
 
     def recorded_example_ids(self, run: str, n_hooks: int, activations=None) -> set[str]:
         """Ids of the examples whose activations are committed at all ``n_hooks`` hooks of the run.

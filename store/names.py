@@ -14,3 +14,12 @@ import re
 SCHEMA_VERSION = 2
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+#: Joins the runs an analysis compared together into its tables' ``run`` key (``s2tt+t2tt``): not allowed in
+#: run names, so a key names its runs unambiguously.
+RUN_KEY_SEPARATOR = "+"
+
+
+def names_run(key: str, run: str) -> bool:
+    """Whether an analysis table's ``run`` key is ``run`` or a key of runs analysed together that holds it."""
+    return run in key.split(RUN_KEY_SEPARATOR)

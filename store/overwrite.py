@@ -5,8 +5,9 @@ never be a user's run), while the old run stays untouched and readable. Only whe
 complete is it swapped in, table by table, each swap one Delta commit that removes the old run's files and
 re-adds the staging run's files under the run's name (the Parquet files do not hold the partition columns,
 so nothing is copied). The old run's rows in the analysis tables (``scores``, ``clusters``, ...: computed from
-the rows just replaced) are deleted, as ``store delete`` does. Then one ``run_events`` commit logs the old run
-deleted, the new one complete, and the staging run deleted.
+the rows just replaced), those of analyses comparing it with other runs (``run = 'r1+r2'``) too, are deleted,
+as ``store delete`` does. Then one ``run_events`` commit logs the old run deleted, the new one complete, and the
+staging run deleted.
 
 - The new recording fails (a bad manifest value, a crash, a full disk): the old run is as it was; the
   staging run is logged ``failed`` with the error (``store info`` and ``verify`` show it) and the next
@@ -66,7 +67,9 @@ def swap(store: Store, run: str, settings: dict, config: dict) -> None:
         move_run(store, name, staging, run)
     for name in store.table_names():  # the analyses of the old run (scores, clusters, ...) describe rows now gone
         if name not in CORE_TABLES and "run" in store.dataset(name).schema.names:
-            tables.delete(store.location, name, tables.equals("run", run))
+            keys = store.run_keys(name, run)  # its own and those of analyses comparing it with others (r1+r2)
+            if keys:
+                tables.delete(store.location, name, tables.any_of("run", keys))
     old = store.run_info(run)
     now = _now()
     base = {"config": json.dumps(config, sort_keys=True, default=str), "writer": "", "shard": None, "shards": None}

@@ -26,3 +26,8 @@ def equals(column: str, value: str) -> str:
     if not column.isidentifier():
         raise ValueError(f"not a plain column name: {column!r}")
     return f"{column} = {sql_string(value)}"
+
+
+def any_of(column: str, values: list[str]) -> str:
+    """A Delta predicate true where ``column`` equals one of ``values`` (each quoted)."""
+    return " OR ".join(equals(column, value) for value in values)

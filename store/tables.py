@@ -13,7 +13,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.fs import DeltaStorageHandler
 from hookpoints.store.delta_read import exists, open_table  # noqa: F401 - pyarrow-free, used via tables
 from hookpoints.store.location import StoreLocation
-from hookpoints.store.quoting import equals, sql_string  # noqa: F401 - the one quoting helper, used via tables
+from hookpoints.store.quoting import any_of, equals, sql_string  # noqa: F401 - the one quoting helper, used via tables
 from hookpoints.store.schema import TableSpec
 
 #: About 1,000 rows per row group lets DuckDB parallelise scans and skip row groups by statistics.

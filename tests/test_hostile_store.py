@@ -289,3 +289,49 @@ def test_verify_says_how_to_finish_an_overwrite_killed_while_swapping_in(store):
     again.finish()
     assert vectors(store, "r1") == {(h["hook"], "a"): new[0].tolist() for h in hooks()}
     assert verify(store).ok
+
+
+def _rankings(store, keys):
+    """Rows in `scores` under each run key (a ranking of several runs together is stored as `r1+r2`)."""
+    from hookpoints.analyses.ranking import SCORES_SCHEMA, SCORES_TABLE
+
+    row = {"label_set": "modality/text", "hook": "h0", "neuron": 0, "ap": 0.9, "n_positive": 1, "n_among": 3}
+    rows = [{**row, "run": key, "runs": key.split("+")} for key in keys]
+    store.append(SCORES_TABLE, pa.Table.from_pylist(rows, schema=SCORES_SCHEMA))
+
+
+def _scored(store):
+    with store.query() as session:
+        return session.sql("SELECT run FROM scores ORDER BY run")["run"].to_pylist()
+
+
+KEYS = ["r1", "r1+r2", "r0+r1+r2", "r10+r2", "r2", "r1.x+r2"]  # the last three do not hold run r1
+
+
+def test_deleting_a_run_deletes_the_rankings_it_took_part_in(store, run_cli):
+    """A ranking of runs r1 and r2 together is stored under run = 'r1+r2'; `store delete --run r1` removed the
+    rows of run = 'r1' only, so the joint ranking stayed and read as current. Now every key naming r1 goes."""
+    for run in ("r1", "r2"):
+        fill(store, run)
+    _rankings(store, KEYS)
+    code, _, err = run_cli("store", "delete", store.location.uri, "--run", "r1")
+    assert code == 0, err
+    assert _scored(store) == ["r1.x+r2", "r10+r2", "r2"]
+    # A joint ranking left of a run deleted before (by an older version) can be removed the same way.
+    _rankings(store, ["r1+r2"])
+    code, _, err = run_cli("store", "delete", store.location.uri, "--run", "r1")
+    assert code == 0, err
+    assert _scored(store) == ["r1.x+r2", "r10+r2", "r2"]
+
+
+def test_an_overwrite_deletes_the_rankings_the_old_run_took_part_in(store):
+    fill(store, "r1", seed=1)
+    fill(store, "r2", seed=2)
+    _rankings(store, KEYS)
+    writer = overwrite_r1(store)
+    writer.add(
+        pa.table({"example_id": ["a"]}), {h["hook"]: HookRows(["a"], np.ones((1, 4), np.float32)) for h in hooks()}
+    )
+    writer.finish()
+    assert _scored(store) == ["r1.x+r2", "r10+r2", "r2"]
+    assert verify(store).ok
