@@ -6,7 +6,8 @@ Checks, in order:
 2. every data file the current version refers to: present, of the size the log recorded, a readable
    Parquet footer with the logged row count, and every page decodable (a truncated or damaged file is named);
 3. nothing else lives in the store: only Parquet files and Delta's JSON logs (no pickle or anything else
-   that runs code when read); files not in the current version are counted (vacuum removes them);
+   that runs code when read), and no symbolic link in a local store (readers would follow it anywhere);
+   files not in the current version are counted (vacuum removes them);
 4. activations: each vector's width is its hook's width, exactly one of ``activation``/``activation_f16``
    is set, and no NaN or inf unless the writer flagged the row (``finite = false``);
 5. integrity: no duplicate example, hook or activation row; every activation's example and hook exist; no
@@ -15,9 +16,11 @@ Checks, in order:
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import unquote
 
 import duckdb
@@ -65,6 +68,7 @@ def verify(store: Store, *, on_file: Callable[[str], None] | None = None) -> Ver
         hint = "run `hookpoints store migrate`" if older else "use the hookpoints that wrote it"
         report.add("error", "store_meta", f"schema version {version}, this hookpoints checks {SCHEMA_VERSION}: {hint}")
         return report
+    _check_links(store, report)
     names = ["store_meta", *verify_logs.registered_names(store, report)]
     missing = [name for name in CORE_TABLES if name not in names]
     for name in missing:
@@ -200,6 +204,28 @@ def _check_root(store: Store, names: list[str], report: VerifyReport) -> None:
         top = path.split("/", 1)[0]
         if top not in names and top not in CORE_TABLES:
             report.add("error", "store", f"unexpected file {path}: it belongs to no table of the store; remove it")
+
+
+def _check_links(store: Store, report: VerifyReport) -> None:
+    """No symbolic link in a local store: readers follow links (the log names a file, the file system opens what
+    it points to), so a link planted in a shared store reads any file of the reader's machine into a table."""
+    if not store.location.is_local:
+        return
+    root, links, folders = Path(store.location.uri), [], [store.location.uri]
+    while folders:
+        with os.scandir(folders.pop()) as entries:  # one listing per folder, no stat per file
+            for entry in entries:
+                if entry.is_symlink():
+                    links.append((Path(entry.path).relative_to(root).as_posix(), os.readlink(entry.path)))
+                elif entry.is_dir():
+                    folders.append(entry.path)
+    for path, target in sorted(links):
+        report.add(
+            "error",
+            "store",
+            f"{path} is a symbolic link (to {target}): readers would read what it points to; a store holds plain "
+            "files and folders only: replace it with the file itself or record the run again",
+        )
 
 
 # -- activation vectors ------------------------------------------------------------------------------------

@@ -209,3 +209,23 @@ def test_a_store_meta_entry_outside_the_store_added_while_a_store_is_open_is_ref
     (log / f"{len(list(log.glob('*.json'))):020d}.json").write_text(json.dumps({"add": add}) + "\n")
     with pytest.raises(UserError, match="outside the table's folder"):
         store.meta()
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_a_symbolic_link_in_a_local_store_is_named(store, tmp_path, what):
+    """A teammate's store can hold a link in place of a data file (or of a partition folder): readers follow
+    it, so a table reads whatever file it points to on the reader's machine. The Parquet read through it is
+    whole, so verify passed. Now verify names every link (readers do not check: docs/team-store.md)."""
+    fill(store, "r1")
+    path = data_file(tmp_path / "store")
+    if what == "folder":
+        path = path.parent
+    elsewhere = tmp_path / "elsewhere" / path.name
+    elsewhere.parent.mkdir()
+    shutil.move(path, elsewhere)
+    path.symlink_to(elsewhere)
+    relative = path.relative_to(tmp_path / "store").as_posix()
+    assert errors(store) == [
+        f"store: {relative} is a symbolic link (to {elsewhere}): readers would read what it points to; a store "
+        "holds plain files and folders only: replace it with the file itself or record the run again"
+    ]
