@@ -8,6 +8,7 @@ through SQL (the macro), through the CLI, and with a memory budget small enough 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -250,7 +251,8 @@ def test_compaction_keeps_the_vector_encoding(tmp_path):
 @pytest.mark.parametrize("first", [True, False])
 def test_an_infinity_gives_what_numpy_gives_wherever_it_is(tmp_path, first):
     """A +inf (a float16 overflow) among a neuron's values: numpy's mean and sum are inf. neuron_stats gave NaN
-    when the inf was in a group's first batch (its shift, the batch mean, was inf: inf - inf), inf otherwise."""
+    when the inf was in a group's first batch (its shift, the batch mean, was inf: inf - inf), inf otherwise.
+    The inf - inf of the variance also leaked numpy's RuntimeWarning to the user."""
     store = Store.open(tmp_path / "store", create=True)
     rng = np.random.default_rng(3)
     x = rng.normal(size=(3000, 4)).astype(np.float32)  # [examples, neurons]: three batches of 1,024 rows
@@ -265,11 +267,13 @@ def test_an_infinity_gives_what_numpy_gives_wherever_it_is(tmp_path, first):
     writer = open_run(store, "r", settings=settings, config={}, hooks=[hook], examples_schema=examples.schema)
     writer.add(examples, {"h": HookRows(ids, x)})
     writer.finish()
-    with store.query() as session:
-        got = session.neuron_stats("h", stats="sum, avg, stddev, min, max").sort_by("neuron")
+    with store.query() as session, warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's "invalid value" warnings leaked to users
+        got = session.neuron_stats("h", stats="sum, avg, stddev, min, max, variance").sort_by("neuron")
     d = x.astype(np.float64)
     with np.errstate(invalid="ignore"):
-        expected = {"sum": d.sum(0), "avg": d.mean(0), "stddev": d.std(0, ddof=1), "min": d.min(0), "max": d.max(0)}
+        expected = {"sum": d.sum(0), "avg": d.mean(0), "stddev": d.std(0, ddof=1), "min": d.min(0), "max": d.max(0),
+                    "variance": d.var(0, ddof=1)}  # fmt: skip
     for name, values in expected.items():
         np.testing.assert_allclose(got[name].to_numpy(), values, rtol=1e-9, err_msg=name)
 
