@@ -120,14 +120,26 @@ class ActivationCache(Mapping):
         return ActivationCache(pooled, self.points, self.masks, method)
 
     def mean(self, name: str) -> torch.Tensor:
-        """Hook ``name``'s mean over every valid position of every example: ``[*d]`` (for mean ablation)."""
+        """Hook ``name``'s mean over every valid position of every example: ``[*d]`` (for mean ablation).
+
+        A cache pooled by mean gives the same (each example's mean weighed by its valid positions); one pooled
+        by last or max cannot and is refused.
+        """
         tensor = self[name].float()
         point = self.points[self._name(name)]
         if point.keys is not None:
             raise UserError(f"hook {name} is an attention map [batch, head, query_pos, key_pos]: average it yourself")
-        if self.pooling or point.time_axis is None:
+        if point.time_axis is None:
             return tensor.mean(0)
         mask = self.masks.get(point.space)
+        if self.pooling:
+            if self.pooling != "mean" or mask is None:
+                raise UserError(
+                    f"cannot average {name} over positions: this cache is pooled by {self.pooling}; pass a cache "
+                    "from run_with_cache without pooling (or pooling='mean')"
+                )
+            counts = mask.sum(1).to(tensor.device, tensor.dtype)  # [batch] valid positions per example
+            return torch.tensordot(counts, tensor, dims=1) / counts.sum()
         if mask is None:
             return tensor.mean((0, 1))
         return tensor[mask.to(tensor.device)].mean(0)

@@ -90,6 +90,27 @@ def test_steer_and_mean_ablate_equal_torch_hooks(gpt2):
     assert torch.allclose(out, reference_logits(gpt2, TEXTS, "transformer.h.0.mlp.act", change), atol=1e-6)
 
 
+def test_mean_ablation_from_a_pooled_cache_is_over_positions_or_refused(gpt2):
+    """A cache pooled by mean (run_with_cache(..., pooling="mean")) averaged its per-example means: a 7-token
+    text weighed as much as a 3-token one, while TransformerLens' mean ablation (and cache.mean's docstring)
+    averages over every real position. Now it weighs each example's mean by its real positions (the masks
+    come with the cache); a cache pooled by last or max cannot give that mean and is refused."""
+    others = ["seven birds sing", "over the lazy fox and the dog jumps high"]
+    name = "blocks.0.mlp.hook_post"
+    _, cache = gpt2.run_with_cache(others, names=name)
+    mean = cache[name][cache.mask].mean(0)  # [d_mlp] over the other texts' real tokens
+    _, pooled = gpt2.run_with_cache(others, names=name, pooling="mean")
+    assert torch.allclose(pooled.mean(name), mean, atol=1e-6)
+    expected = gpt2.run_with_hooks(TEXTS, fwd_hooks=[(name, hp.mean_ablate(cache, [2, 9]))]).logits
+    out = gpt2.run_with_hooks(TEXTS, fwd_hooks=[(name, hp.mean_ablate(pooled, [2, 9]))]).logits
+    assert torch.allclose(out, expected, atol=1e-6)
+    for how in ("last", "max"):
+        _, other = gpt2.run_with_cache(others, names=name, pooling=how)
+        message = f"cannot average {name} over positions: this cache is pooled by {how}; pass a cache from "
+        with pytest.raises(UserError, match=rf"^{message}run_with_cache without pooling \(or pooling='mean'\)$"):
+            gpt2.run_with_hooks(TEXTS, fwd_hooks=[(name, hp.mean_ablate(other))])
+
+
 def test_patching_the_last_residual_gives_the_source_logits(gpt2):
     clean = gpt2.inputs(["the quick brown fox"]).kwargs["input_ids"]  # [1, tokens]
     corrupt = clean.flip(1)  # same length, other tokens (token ids are inputs too)
