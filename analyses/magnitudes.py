@@ -77,11 +77,12 @@ def layer_magnitudes(
             SELECT * FROM examples WHERE run IN ({runs}){where}
         )"""
     sql = f"""{ctes}, per_layer AS (
-            SELECT p.run, p.example_id, h.component, h.layer, avg(p.m) AS magnitude
+            SELECT p.run, p.example_id, h.component, h.layer, avg(p.m) AS magnitude, count(*) AS hooks
             FROM per_hook p JOIN hooks h ON h.run = p.run AND h.hook = p.hook
             GROUP BY ALL
         ), grouped AS (
-            SELECT l.component, l.layer, {groups}, avg(l.magnitude) AS magnitude, count(*) AS examples
+            SELECT l.component, l.layer, {groups}, avg(l.magnitude) AS magnitude, count(*) AS examples,
+                min(l.hooks) AS fewest_hooks, max(l.hooks) AS most_hooks
             FROM per_layer l JOIN chosen e ON e.run = l.run AND e.example_id = l.example_id
             GROUP BY ALL
         )
@@ -89,6 +90,8 @@ def layer_magnitudes(
         FROM grouped ORDER BY component, layer, {", ".join(quote_name(c) for c in by)}
     """
     table = session.sql(sql)
+    _check_complete(session, examples, layered, table, ctes)
+    table = table.drop_columns(["fewest_hooks", "most_hooks"])
     if table.num_rows and not np.isfinite(table["magnitude"].to_numpy(zero_copy_only=False)).all():
         bad = session.sql(
             f"""{ctes} SELECT p.hook, count(*) AS n, min(p.example_id) AS example FROM per_hook p
@@ -100,6 +103,47 @@ def layer_magnitudes(
             "leave it out with --hooks, or record the run again"
         )
     return table
+
+
+def _check_complete(
+    session: QuerySession, examples: ExampleSet, hooks: list[StoredHook], table: pa.Table, ctes: str
+) -> None:
+    """Refuse examples without activations at a chosen hook (a recording killed between commits), as ap and
+    the activation Gini do: they would drop out of their group's average, or their layer's magnitude would
+    come from the hooks they have."""
+    expected: dict[tuple, int] = {}  # (component, layer) -> hooks
+    for hook in hooks:
+        expected[(hook.component, hook.layer)] = expected.get((hook.component, hook.layer), 0) + 1
+    seen: dict[tuple, list[int]] = {}  # (component, layer) -> [examples, fewest hooks of one, most hooks of one]
+    for row in table.select(["component", "layer", "examples", "fewest_hooks", "most_hooks"]).to_pylist():
+        counts = seen.setdefault((row["component"], row["layer"]), [0, row["fewest_hooks"], row["most_hooks"]])
+        counts[0] += row["examples"]
+        counts[1], counts[2] = min(counts[1], row["fewest_hooks"]), max(counts[2], row["most_hooks"])
+    if all(seen.get(key) == [len(examples), n, n] for key, n in expected.items()):
+        return
+    names = ", ".join(sql_literal(h.hook) for h in hooks)
+    runs = ", ".join(sql_literal(run) for run in examples.group.runs)
+    gap = session.sql(
+        f"""{ctes}, present AS (
+            SELECT DISTINCT run, example_id, hook FROM activations WHERE run IN ({runs}) AND hook IN ({names})
+        ), wanted AS (
+            SELECT e.run, e.example_id, h.hook FROM chosen e CROSS JOIN (SELECT unnest([{names}]) AS hook) h
+        )
+        SELECT w.run, w.hook, count(*) AS n, min(w.example_id) AS example
+        FROM wanted w ANTI JOIN present p ON p.run = w.run AND p.example_id = w.example_id AND p.hook = w.hook
+        GROUP BY ALL ORDER BY w.run, w.hook LIMIT 1"""
+    ).to_pylist()
+    if not gap:  # every example at every hook, some more than once
+        raise UserError(
+            f"run(s) {', '.join(examples.group.runs)} hold more than one vector of an example at a hook: the run is "
+            "damaged; run hookpoints store verify"
+        )
+    gap = gap[0]
+    start, stop = examples.offsets[gap["run"]]
+    raise UserError(
+        f"run {gap['run']!r} has no activations at {gap['hook']} for {gap['n']} of its {stop - start} examples "
+        f"(e.g. {gap['example']!r}): finish the recording (hookpoints record --resume) or leave them out with --where"
+    )
 
 
 def _per_hook(examples: ExampleSet, hooks: list[StoredHook], absolute: bool) -> str:

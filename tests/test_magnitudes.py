@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+import pyarrow as pa
 import pytest
 from hookpoints.analyses import gini
 from hookpoints.analyses.examples import open_runs, select_examples
@@ -165,3 +168,68 @@ def test_non_finite_activations_are_refused_not_averaged_into_nan(tmp_path):
         subset = select_examples(session, group, f"example_id <> '{bad}'")
         table = layer_magnitudes(session, subset, hooks_, ["language"])
     assert table["magnitude"].to_pylist() == pytest.approx([1.0] * table.num_rows)
+
+
+def test_an_example_stored_twice_at_a_hook_is_refused(tmp_path):
+    """A second vector of an example at a hook (rows appended by another tool) was averaged in as one more
+    submodule of its layer."""
+    from deltalake import write_deltalake
+    from hookpoints.store.schema import ACTIVATIONS
+
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(2, "text", seed=4)
+    write_run(store, "r", examples, hook_rows("text_decoder", 1, DECODER))
+    extra = pa.table(
+        {"run": ["r"], "hook": ["text_decoder.layers.0.ffn.fc1"], "example_id": [examples["example_id"][0].as_py()],
+         "position": pa.nulls(1, pa.int32()), "activation": pa.array([[50.0] * 9], pa.list_(pa.float32())),
+         "activation_f16": pa.nulls(1, pa.list_(pa.int16())), "finite": [True]},
+        schema=ACTIVATIONS,
+    )  # fmt: skip
+    write_deltalake(store.location.table_uri("activations"), extra, mode="append", partition_by=["run", "hook"])
+    with store.query() as session:
+        group = open_runs(session, ["r"])
+        with pytest.raises(UserError, match=r"^run\(s\) r hold more than one vector of an example at a hook: "):
+            layer_magnitudes(session, select_examples(session, group), shared_hooks(session, group.runs), ["language"])
+
+
+@pytest.mark.parametrize("gap", ["example", "hook"])
+def test_examples_without_activations_are_refused_not_left_out_of_the_averages(tmp_path, gap):
+    """An example in the examples table with no activations at all (a recording killed between commits), or
+    none at one hook of a layer: its layer magnitude came from the hooks it had, or it dropped out of its
+    group's average (and `examples` count) silently, while ap and the activation Gini refused the run. Now
+    magnitudes refuses it the same way; left out with --where, the rest equals numpy's."""
+    from deltalake import DeltaTable
+    from hookpoints.store.schema import CORE_TABLES
+
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(2, "text", seed=4)
+    hooks = hook_rows("text_decoder", 2, DECODER)
+    values = write_run(store, "r", examples, hooks)
+    ids = examples["example_id"].to_pylist()
+    hook = "text_decoder.layers.1.ffn.fc1"
+    if gap == "example":
+        late = {"run": ["r"], "example_id": ["late"], "text": ["x"], "language": ["de"], "modality": ["text"]}
+        store.append(CORE_TABLES["examples"], pa.table(late), merge_schema=True)  # an example recorded nowhere
+        missing, hook, n = "late", "text_decoder.layers.0.cross_attention.v_proj", 7
+    else:
+        missing, n = ids[2], 6
+        DeltaTable(store.location.table_uri("activations")).delete(f"hook = '{hook}' AND example_id = '{missing}'")
+    message = (
+        f"run 'r' has no activations at {hook} for 1 of its {n} examples (e.g. '{missing}'): finish the "
+        "recording (hookpoints record --resume) or leave them out with --where"
+    )
+    with store.query() as session:
+        group = open_runs(session, ["r"])
+        chosen = shared_hooks(session, group.runs)
+        with pytest.raises(UserError, match=rf"^{re.escape(message)}$"):
+            layer_magnitudes(session, select_examples(session, group), chosen, ["language"])
+        table = layer_magnitudes(
+            session, select_examples(session, group, f"example_id <> '{missing}'"), chosen, ["language"]
+        )
+    keep = np.array(ids) != missing
+    languages = np.array(examples["language"].to_pylist())[keep]
+    for row in table.to_pylist():
+        layer = [values[f"text_decoder.layers.{row['layer']}.{sub}"][keep].astype(np.float64) for sub in DECODER]
+        per_example = np.mean([v.mean(1) for v in layer], axis=0)
+        assert row["magnitude"] == pytest.approx(per_example[languages == row["language"]].mean(), rel=1e-6)
+        assert row["examples"] == (languages == row["language"]).sum()
