@@ -2,7 +2,8 @@
 
 - ASR: word error rate (jiwer) for space-delimited languages, character error rate for Mandarin and Japanese
   (and other languages written without spaces). Both after lower-casing, removing punctuation and
-  collapsing white space (for CER: removing it).
+  collapsing white space (for CER: removing it). A reference left empty ("…") counts its hypothesis as
+  insertions, as jiwer does.
 - Translation (S2TT, T2TT): BLEU and chrF (sacrebleu, default settings; BLEU tokenised for the target
   language) and the paper's combined score ``0.6 * BLEU + 0.4 * chrF`` (Singh et al., 2025).
 
@@ -40,16 +41,22 @@ def normalise(text: str, metric: str) -> str:
 
 
 def error_rate(references: list[str], hypotheses: list[str], metric: str) -> float:
-    """Corpus WER or CER: edits over all examples divided by the references' words (characters)."""
+    """Corpus WER or CER: edits over all examples divided by the references' words (characters).
+
+    A reference empty after normalisation ("…") adds its hypothesis' words (characters) as insertions and
+    nothing to the divisor, as jiwer counts it; if every reference is empty there is nothing to divide by.
+    """
     refs = [normalise(r, metric) for r in references]
     hyps = [normalise(h, metric) for h in hypotheses]
     kept = [(r, h) for r, h in zip(refs, hyps, strict=True) if r]
     if not kept:
         raise UserError("every reference is empty after normalisation: nothing to score")
-    refs, hyps = [r for r, _ in kept], [h for _, h in kept]
-    if metric == "cer":
-        return jiwer.cer(refs, hyps)
-    return jiwer.wer(refs, hyps)
+    # the empty references' insertions counted here: jiwer 3 refuses an empty reference, jiwer 4 counts them so
+    extra = sum(len(h) if metric == "cer" else len(h.split()) for r, h in zip(refs, hyps, strict=True) if not r)
+    process = jiwer.process_characters if metric == "cer" else jiwer.process_words
+    edits = process([r for r, _ in kept], [h for _, h in kept])
+    errors = edits.substitutions + edits.deletions + edits.insertions + extra
+    return errors / (edits.substitutions + edits.deletions + edits.hits)
 
 
 def bleu_tokenizer(target: str) -> str:

@@ -159,6 +159,27 @@ def test_scores_equal_sacrebleu_and_jiwer():
     assert one["bleu"] == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(("language", "metric"), [("en", "wer"), ("zh", "cer")])
+def test_a_reference_empty_after_normalisation_counts_its_hypothesis_as_insertions(language, metric):
+    """A reference that normalises to nothing ("…", "¿?") was dropped from the corpus WER/CER with its
+    hypothesis: a condition that made the model babble on such examples scored as if it had not. jiwer counts
+    the hypothesis' words (characters) as insertions over the other references' words; so do the scores now."""
+    import jiwer
+
+    refs = ["The cat sat on the mat.", "…", "今天天气很好。"]
+    hyps = ["the cat sat on a mat", "and then some words", "今天天汽很好"]
+    normalised = ([" ".join(r.lower().strip(".").split()) for r in refs[:1]] + ["", "今天天气很好"], hyps)
+    if metric == "cer":
+        normalised = tuple([t.replace(" ", "") for t in texts] for texts in normalised)
+    expected = (jiwer.cer if metric == "cer" else jiwer.wer)(*normalised)
+    scores = corpus_scores("asr", refs, hyps, language)
+    assert scores["metric"] == metric and scores["error_rate"] == pytest.approx(expected)
+    assert expected > (jiwer.cer if metric == "cer" else jiwer.wer)(normalised[0][::2], normalised[1][::2])
+    assert sentence_scores("asr", refs[1], hyps[1], language)["score"] is None  # no rate of one empty reference
+    with pytest.raises(UserError, match="every reference is empty after normalisation: nothing to score"):
+        corpus_scores("asr", ["…", "?"], hyps[:2], language)
+
+
 def test_intervene_command_stores_and_plots(swept, run_cli, tmp_path):
     store, model_dir = swept
     args = ["intervene", "--store", str(store.location.uri), "--run", "s2tt", "--run", "t2tt"]
