@@ -8,7 +8,7 @@ samples and resamples them with a polyphase filter (``scipy.signal.resample_poly
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import gcd
+from math import ceil, gcd
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +77,17 @@ def inspect_audio(path: str | Path, example_id: str) -> AudioInfo:
             f"least {MIN_SECONDS * 1000:.0f} ms: remove the example"
         )
     return found
+
+
+def check_window(info: AudioInfo, example_id: str, window: int | None) -> None:
+    """Refuse a recording longer than ``window`` samples at 16 kHz: a fixed-window feature extractor (Whisper's:
+    30 s) would cut the rest off without a word, so the activations and the transcript would miss it."""
+    if window is None or ceil(info.frames * SAMPLE_RATE / info.sample_rate) <= window:
+        return
+    raise UserError(
+        f"example {example_id!r}: audio file {info.path} lasts {info.seconds:.1f} s; this model reads at most "
+        f"{window / SAMPLE_RATE:g} s (the rest would be cut off): split it into shorter recordings"
+    )
 
 
 def load_audio(path: str | Path, example_id: str) -> np.ndarray:
