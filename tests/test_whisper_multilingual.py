@@ -118,3 +118,28 @@ def test_generate_and_inputs_refuse_what_the_window_would_cut(whisper):
         whisper.inputs([long])
     with pytest.raises(UserError, match="runs past the 64 decoder positions"):
         whisper.generate([long[:16_000]], whisper.decoder_prompt(["deu"]), 100)
+
+
+def test_per_step_rows_equal_hooks_at_every_step_of_generate(whisper, tmp_path):
+    """Steps numbered from the first generated token after the 4-token prompt, each equal to what a hook sees
+    at that step of ``generate`` (nnsight's step loop, which a language-detection pass would also shift)."""
+    path = manifest(tmp_path, [("a", 1.0, "de"), ("b", 2.5, "ja")])
+    store = Store.open(tmp_path / "store", create=True)
+    record(whisper, read_manifest(path, required=("audio",)), store, "steps", hooks=HOOKS[:1], task="s2tt",
+           per_step=True, max_new_tokens=6, batch_size=2)  # fmt: skip
+    with store.query() as session:
+        rows = session.sql(
+            "SELECT a.example_id, a.hook, a.position, a.activation, e.generated_tokens FROM activations a "
+            "JOIN examples e USING (run, example_id) ORDER BY a.hook, a.example_id, a.position"
+        ).to_pylist()
+    points = whisper.select(HOOKS)
+    for example, language in (("a", "deu"), ("b", "jpn")):
+        wave, _ = soundfile.read(tmp_path / f"{example}.wav", dtype="float32")
+        prompt = whisper.decoder_prompt(["eng"], task="s2tt", sources=[language])
+        reference, generation = whisper.pooled_per_step(whisper.inputs([wave]), prompt, points, "none", 6)
+        for point in points:
+            mine = [r for r in rows if r["example_id"] == example and r["hook"] == point.name]
+            assert [r["position"] for r in mine] == list(range(int(generation.lengths[0])))
+            assert mine[0]["generated_tokens"] == len(mine)
+            stored = torch.tensor([r["activation"] for r in mine])
+            torch.testing.assert_close(stored, reference[point.name][: len(mine)], atol=2e-5, rtol=1e-4)
