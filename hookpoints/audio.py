@@ -8,7 +8,7 @@ samples and resamples them with a polyphase filter (``scipy.signal.resample_poly
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import ceil, gcd
+from math import gcd
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +82,7 @@ def inspect_audio(path: str | Path, example_id: str) -> AudioInfo:
 def check_window(info: AudioInfo, example_id: str, window: int | None) -> None:
     """Refuse a recording longer than ``window`` samples at 16 kHz: a fixed-window feature extractor (Whisper's:
     30 s) would cut the rest off without a word, so the activations and the transcript would miss it."""
-    if window is None or ceil(info.frames * SAMPLE_RATE / info.sample_rate) <= window:
+    if window is None or -(-info.frames * SAMPLE_RATE // info.sample_rate) <= window:  # resampled length
         return
     raise UserError(
         f"example {example_id!r}: audio file {info.path} lasts {info.seconds:.1f} s; this model reads at most "
