@@ -154,6 +154,13 @@ class HookedModel(GenerationMethods, ModelApi):
             raise UserError(
                 f"model {self.source} has no feature extractor: save one next to it (feature_extractor.save_pretrained)"
             )
+        window = getattr(self.processor, "n_samples", None)  # a fixed window (Whisper: 30 s) cuts the rest silently
+        longest = max(range(len(waveforms)), key=lambda i: len(waveforms[i]), default=None)
+        if window is not None and longest is not None and len(waveforms[longest]) > window:
+            raise UserError(
+                f"waveform {longest} lasts {len(waveforms[longest]) / 16_000:.1f} s; {self.source} reads at most "
+                f"{window / 16_000:g} s (the rest would be cut off): split it into shorter pieces"
+            )
         inputs = self.adapter.speech_inputs(self.model, self.processor, self.tokenizer, waveforms, frames=frames)
         return inputs.to(self.device, self.model.dtype)  # features in the model's precision (bf16 on a GPU)
 

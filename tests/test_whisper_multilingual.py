@@ -116,6 +116,8 @@ def test_generate_and_inputs_refuse_what_the_window_would_cut(whisper):
     long = np.zeros(16_000 * WINDOW + 1, dtype=np.float32)
     with pytest.raises(UserError, match=r"waveform 0 lasts 5.0 s; .* at most 5 s"):
         whisper.inputs([long])
+    with pytest.raises(UserError, match=r"waveform 1 lasts 5.0 s; .* at most 5 s"):
+        whisper.speech_inputs([long[:16_000], long])
     with pytest.raises(UserError, match="runs past the 64 decoder positions"):
         whisper.generate([long[:16_000]], whisper.decoder_prompt(["deu"]), 100)
 
