@@ -271,6 +271,7 @@ def plan_examples(
         for example, text in zip(ids, texts, strict=True):
             if not isinstance(text, str) or not text.strip():
                 raise UserError(f"example {example!r} has empty text; give it text or remove it")
+        model.check_text_lengths(texts, [f"example {example!r}" for example in ids], marked=task.needs_source_language)
         sizes = [len(text) for text in texts]
     languages = manifest.column("language") if "language" in columns else None
     sources = source_languages(task, languages, ids) if task.needs_source_language else None
