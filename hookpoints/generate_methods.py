@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from hookpoints.alignment import LogitsFingerprint, check_prompt
+from hookpoints.alignment import LogitsFingerprint, check_prompt, check_steps
 from hookpoints.attention import eager as eager_attention
 from hookpoints.attention import needs_eager
 from hookpoints.edit_folding import edits_applied
@@ -78,6 +78,7 @@ class GenerationMethods:
         generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
         check_prompt(generation, prompt)
         generation.fingerprint = fingerprint.result()
+        check_steps(generation)
         return generation
 
     def pooled_generating(

@@ -145,3 +145,15 @@ def test_per_step_rows_equal_hooks_at_every_step_of_generate(whisper, tmp_path):
             assert mine[0]["generated_tokens"] == len(mine)
             stored = torch.tensor([r["activation"] for r in mine])
             torch.testing.assert_close(stored, reference[point.name][: len(mine)], atol=2e-5, rtol=1e-4)
+
+
+def test_an_extra_lm_head_call_in_generate_fails_loudly(whisper, monkeypatch):
+    """Without the language and task, generate detects the language first: one LM-head call more than the steps.
+    The recorder must say the steps would be misaligned (it crashed in a gather inside the trace)."""
+    from hookpoints.adapters.whisper import Whisper
+
+    monkeypatch.setattr(Whisper, "prompt_kwargs", lambda self, model, prompt: {})
+    inputs = whisper.inputs([np.zeros(16_000, dtype=np.float32)])
+    prompt = whisper.decoder_prompt(["deu"])
+    with pytest.raises(RuntimeError, match="ran the LM head 5 times for 4 decoder steps .* misaligned"):
+        whisper.pooled_generating(inputs, prompt, whisper.select(HOOKS), "mean", 4)
