@@ -71,6 +71,17 @@ def check_prompt(generation, prompt: torch.Tensor) -> None:
         )
 
 
+def check_steps(generation) -> None:
+    """generate must have called the LM head once per step it took; raises RuntimeError if not (an extra call,
+    such as Whisper's language detection before decoding, would be taken for step 0)."""
+    calls = generation.fingerprint.values.shape[1]
+    if calls != generation.steps:
+        raise RuntimeError(
+            f"generate() ran the LM head {calls} times for {generation.steps} decoder steps (a pass besides "
+            "decoding, e.g. language detection): the recorded decoder steps would be misaligned"
+        )
+
+
 def check_alignment(generation, logits: torch.Tensor) -> None:
     """``logits`` (``[batch, steps, TOP]``: the teacher-forced pass's logits at the fingerprint's token ids)
     must equal generate's at every step each example took; raises RuntimeError naming the first step that differs.

@@ -79,6 +79,17 @@ def inspect_audio(path: str | Path, example_id: str) -> AudioInfo:
     return found
 
 
+def check_window(info: AudioInfo, example_id: str, window: int | None) -> None:
+    """Refuse a recording longer than ``window`` samples at 16 kHz: a fixed-window feature extractor (Whisper's:
+    30 s) would cut the rest off without a word, so the activations and the transcript would miss it."""
+    if window is None or -(-info.frames * SAMPLE_RATE // info.sample_rate) <= window:  # resampled length
+        return
+    raise UserError(
+        f"example {example_id!r}: audio file {info.path} lasts {info.seconds:.1f} s; this model reads at most "
+        f"{window / SAMPLE_RATE:g} s (the rest would be cut off): split it into shorter recordings"
+    )
+
+
 def load_audio(path: str | Path, example_id: str) -> np.ndarray:
     """The recording as float32 samples in [-1, 1] at 16 kHz (``[samples]``)."""
     info = inspect_audio(path, example_id)

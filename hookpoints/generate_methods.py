@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from hookpoints.alignment import LogitsFingerprint, check_prompt
+from hookpoints.alignment import LogitsFingerprint, check_prompt, check_steps
 from hookpoints.attention import eager as eager_attention
 from hookpoints.attention import needs_eager
 from hookpoints.edit_folding import edits_applied
@@ -57,6 +57,7 @@ class GenerationMethods:
         strings, waveforms or audio paths (hookpoints.user_inputs).
         """
         self._check_generates()
+        self.check_room(prompt.shape[1], max_new_tokens)
         if not isinstance(inputs, ModelInputs):
             inputs = self.inputs(inputs)
         if edits:
@@ -64,7 +65,7 @@ class GenerationMethods:
                 raise UserError("generate: give edits or encoder_outputs, not both")
             return self.generate_edited(inputs, prompt, list(edits), max_new_tokens)[0]
         collector = TokenCollector()
-        kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
+        kwargs = {**inputs.kwargs, **self._prompt_kwargs(prompt), "decoder_input_ids": prompt, "streamer": collector}
         if encoder_outputs is not None:
             kwargs = {**without_encoder_inputs(kwargs), "encoder_outputs": encoder_outputs}
             if "input_features" in inputs.kwargs:
@@ -77,6 +78,7 @@ class GenerationMethods:
         generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
         check_prompt(generation, prompt)
         generation.fingerprint = fingerprint.result()
+        check_steps(generation)
         return generation
 
     def pooled_generating(
@@ -133,6 +135,7 @@ class GenerationMethods:
         (hookpoints.edit_folding: no hook at all for them, the same values; ``fold=False`` keeps a hook per tensor).
         """
         self._check_generates()
+        self.check_room(prompt.shape[1], max_new_tokens)
         modules = dict(self.model.named_modules())
         for point in [edit.point for edit in edits] + list(record):
             if point.module not in modules:
@@ -149,7 +152,7 @@ class GenerationMethods:
         recorded: dict[str, list[torch.Tensor]] = {point.name: [] for point in record}
         wanted = {point.name for point in record}
         collector = TokenCollector()
-        kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
+        kwargs = {**inputs.kwargs, **self._prompt_kwargs(prompt), "decoder_input_ids": prompt, "streamer": collector}
         with warnings.catch_warnings():
             # A batch whose examples all stop early ends the step loop before max_new_tokens; nnsight warns.
             warnings.simplefilter("ignore", UserWarning)
@@ -187,7 +190,7 @@ class GenerationMethods:
         other edited tensor gets one hook making one in-place ``where`` per call from masks placed once
         (hookpoints.editing.EditGroup; bench/edit_overhead.py)."""
         collector = TokenCollector()
-        kwargs = {**inputs.kwargs, "decoder_input_ids": prompt, "streamer": collector}
+        kwargs = {**inputs.kwargs, **self._prompt_kwargs(prompt), "decoder_input_ids": prompt, "streamer": collector}
         with (
             edits_applied(self.model, edits, fold=fold),
             torch.inference_mode(),
@@ -206,6 +209,18 @@ class GenerationMethods:
                 "generate and decoder_prompt are for the encoder-decoder families (SeamlessM4T v2, Whisper)"
             )
 
+    def check_room(self, prompt_length: int, max_new_tokens: int) -> None:
+        """A UserError when the prompt and ``max_new_tokens`` run past the decoder's learned positions (Whisper:
+        448; its ``generate`` raises a ValueError there). Sinusoidal decoders (SeamlessM4T) have no limit."""
+        if max_new_tokens < 1:
+            raise UserError(f"max new tokens must be at least 1, not {max_new_tokens}")
+        limit = getattr(self.model.config, "max_target_positions", None)
+        if limit is not None and prompt_length + max_new_tokens > limit:
+            raise UserError(
+                f"max new tokens {max_new_tokens} after a {prompt_length}-token decoder prompt runs past the "
+                f"{limit} decoder positions of {self.source}: give at most {limit - prompt_length}"
+            )
+
     def modules_run_every_step(self, inputs: ModelInputs, prompt: torch.Tensor) -> frozenset[str]:
         """Module paths that run at every step of ``generate`` (not only at step 0), found once by watching
         two steps of a one-example generation with plain forward hooks."""
@@ -222,13 +237,17 @@ class GenerationMethods:
             )
             try:
                 with torch.inference_mode(), self.adapter.batch_guard(self.model, one):
-                    kwargs = {**first, "decoder_input_ids": prompt[:1], **greedy_kwargs(3), "min_new_tokens": 3}
+                    kwargs = {**first, **self._prompt_kwargs(prompt[:1]), "decoder_input_ids": prompt[:1]}
+                    kwargs.update(greedy_kwargs(3), min_new_tokens=3)
                     self.model.generate(**kwargs)
             finally:
                 for handle in handles:
                     handle.remove()
             self._every_step = frozenset(path for path, count in calls.items() if count >= 3)
         return self._every_step
+
+    def _prompt_kwargs(self, prompt: torch.Tensor) -> dict:
+        return self.adapter.prompt_kwargs(self.model, prompt)
 
     def decode(self, generation: Generation) -> list[str]:
         """The generated text of every example (special tokens and EOS left out)."""

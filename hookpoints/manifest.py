@@ -119,6 +119,13 @@ def _require(table: pa.Table, source: str, column: str, ids: list[str]) -> None:
     if column not in table.column_names:
         raise UserError(f"{source} has no {column!r} column (it has: {', '.join(table.column_names)}): add it")
     values = table[column].to_pylist()
+    wrong = [(ids[i], value) for i, value in enumerate(values) if value is not None and not isinstance(value, str)]
+    if wrong:
+        example, value = wrong[0]
+        raise UserError(
+            f"{source}: example {example!r} has {column} {value!r} ({type(value).__name__}), not a string; "
+            f"make the {column!r} column text (in JSON, quote it)"
+        )
     empty = [ids[i] for i, value in enumerate(values) if not isinstance(value, str) or not value.strip()]
     if empty:
         what = "text" if column == "text" else f"{column!r}"
@@ -154,7 +161,9 @@ def _read_jsonl(path: Path) -> pa.Table:
 
 
 def _read_csv(path: Path) -> pa.Table:
-    options = pacsv.ConvertOptions(column_types={"id": pa.string()}, strings_can_be_null=False)
+    # ids, inputs and languages are text even when they look like numbers ("001", a text "1984")
+    text = {name: pa.string() for name in ("id", "text", "audio", "language")}
+    options = pacsv.ConvertOptions(column_types=text, strings_can_be_null=False)
     _check_utf8(path)
     try:
         return pacsv.read_csv(path, convert_options=options)

@@ -9,7 +9,7 @@ import nnsight
 import torch
 from torch import nn
 
-from hookpoints.adapters.base import Adapter
+from hookpoints.adapters.base import Adapter, max_positions
 from hookpoints.alignment import CHECK, check_alignment
 from hookpoints.api_methods import ModelApi
 from hookpoints.attention import Hook as AttentionHook
@@ -139,6 +139,7 @@ class HookedModel(GenerationMethods, ModelApi):
         """Tokenised, right-padded text inputs with their position masks (BOS first with ``prepend_bos``)."""
         if self.tokenizer is None:
             raise UserError(f"model {self.source} has no tokenizer: save one next to it (tokenizer.save_pretrained)")
+        self.check_text_lengths(texts)
         inputs = self.adapter.text_inputs(self.model, self.tokenizer, texts)
         if self.prepend_bos:
             inputs = self.adapter.with_bos(self.model, self.tokenizer, inputs)
@@ -154,6 +155,13 @@ class HookedModel(GenerationMethods, ModelApi):
             raise UserError(
                 f"model {self.source} has no feature extractor: save one next to it (feature_extractor.save_pretrained)"
             )
+        window = getattr(self.processor, "n_samples", None)  # a fixed window (Whisper: 30 s) cuts the rest silently
+        longest = max(range(len(waveforms)), key=lambda i: len(waveforms[i]), default=None)
+        if window is not None and longest is not None and len(waveforms[longest]) > window:
+            raise UserError(
+                f"waveform {longest} lasts {len(waveforms[longest]) / 16_000:.1f} s; {self.source} reads at most "
+                f"{window / 16_000:g} s (the rest would be cut off): split it into shorter pieces"
+            )
         inputs = self.adapter.speech_inputs(self.model, self.processor, self.tokenizer, waveforms, frames=frames)
         return inputs.to(self.device, self.model.dtype)  # features in the model's precision (bf16 on a GPU)
 
@@ -161,7 +169,27 @@ class HookedModel(GenerationMethods, ModelApi):
         """Text inputs marked with their source languages (model codes, e.g. ``deu``), for translation."""
         if self.tokenizer is None:
             raise UserError(f"model {self.source} has no tokenizer: save one next to it (tokenizer.save_pretrained)")
+        self.check_text_lengths(texts, marked=True)
         return self.adapter.source_inputs(self.model, self.tokenizer, texts, languages).to(self.device)
+
+    def check_text_lengths(self, texts: list[str], names: list[str] | None = None, *, marked: bool = False) -> None:
+        """Refuse, naming it, a text with more tokens than the model has positions: tokenising would cut it off
+        without a word. ``marked``: a language token and EOS go around each text (:meth:`source_inputs`)."""
+        limit = max_positions(self.model)
+        if not limit or self.tokenizer is None or not texts:
+            return
+        tokenized = self.tokenizer(list(texts), add_special_tokens=not marked, verbose=False)["input_ids"]
+        bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.cls_token_id
+        counts = [
+            len(ids) + (2 if marked else int(self.prepend_bos and (not ids or ids[0] != bos))) for ids in tokenized
+        ]
+        worst = max(range(len(counts)), key=counts.__getitem__)
+        if counts[worst] > limit:
+            name = names[worst] if names else f"text {worst}"
+            raise UserError(
+                f"{name} has {counts[worst]} tokens, more than the {limit} positions of {self.source} (the rest "
+                "would be cut off): shorten or split it"
+            )
 
     @property
     def tasks(self) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 
 import hookpoints
-from hookpoints.audio import inspect_audio, load_audio
+from hookpoints.audio import check_window, inspect_audio, load_audio
 from hookpoints.errors import UserError
 from hookpoints.heap_trim import HeapTrim
 from hookpoints.host_copy import HostCopy, one_behind
@@ -151,7 +151,7 @@ def record(
     if max_new_tokens < 1:
         raise UserError(f"max new tokens must be at least 1, not {max_new_tokens}")
     check_shard(shard)
-    plan = plan_examples(model, manifest, get_task(task), tgt_lang)
+    plan = plan_examples(model, manifest, get_task(task), tgt_lang, max_new_tokens)
     if frames is not None and model.modality != "speech":
         raise UserError("frames applies to speech input; this run reads text")
     points = model.select(hooks)
@@ -236,8 +236,11 @@ def _check_size(
     check_budget(per_example * examples, budget, examples, per_example, biggest)
 
 
-def plan_examples(model: HookedModel, manifest: Manifest, task: Task, tgt_lang: str | None) -> ExamplePlan:
-    """Check the task against the model and every example's input; nothing is written before this passes."""
+def plan_examples(
+    model: HookedModel, manifest: Manifest, task: Task, tgt_lang: str | None, max_new_tokens: int | None = None
+) -> ExamplePlan:
+    """Check the task against the model and every example's input (and for a generating task, its decoder prompt
+    and ``max_new_tokens``); nothing is written before this passes."""
     if task.name not in model.tasks:
         raise UserError(
             f"model {model.source} ({model.adapter.name}, {model.modality} input) cannot do task {task.name}; "
@@ -255,7 +258,12 @@ def plan_examples(model: HookedModel, manifest: Manifest, task: Task, tgt_lang: 
             if not isinstance(value, str) or not value.strip():
                 raise UserError(f"example {example!r} has no audio file; give one or remove the example")
             audio.append(manifest.audio_path(value))
-        sizes = [inspect_audio(path, example).seconds for path, example in zip(audio, ids, strict=True)]
+        window = getattr(model.processor, "n_samples", None)  # Whisper-style extractors: one fixed window
+        sizes = []
+        for path, example in zip(audio, ids, strict=True):
+            info = inspect_audio(path, example)
+            check_window(info, example, window)
+            sizes.append(info.seconds)
     else:
         if "text" not in columns:
             raise UserError(f"{manifest.path} has no 'text' column: text input needs one")
@@ -263,6 +271,7 @@ def plan_examples(model: HookedModel, manifest: Manifest, task: Task, tgt_lang: 
         for example, text in zip(ids, texts, strict=True):
             if not isinstance(text, str) or not text.strip():
                 raise UserError(f"example {example!r} has empty text; give it text or remove it")
+        model.check_text_lengths(texts, [f"example {example!r}" for example in ids], marked=task.needs_source_language)
         sizes = [len(text) for text in texts]
     languages = manifest.column("language") if "language" in columns else None
     sources = source_languages(task, languages, ids) if task.needs_source_language else None
@@ -276,6 +285,9 @@ def plan_examples(model: HookedModel, manifest: Manifest, task: Task, tgt_lang: 
                     f"example {example!r}: unknown {kind} language {code!r} for model {model.source}"
                     + (f"; it knows: {listed}" if known else "")
                 )
+    if task.generates:  # the prompts the batches will start from (Whisper: s2tt into English, source languages)
+        prompt = model.decoder_prompt(targets, task=task.name, sources=known_sources(manifest.table))
+        model.check_room(prompt.shape[1], max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
     return ExamplePlan(task, sizes)
 
 

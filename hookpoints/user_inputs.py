@@ -46,7 +46,8 @@ def as_inputs(model, inputs) -> ModelInputs:
             f"tensors, not {_describe(inputs)}"
         )
     if all(isinstance(item, (np.ndarray, torch.Tensor)) for item in inputs):
-        return model.speech_inputs([_waveform(item, i) for i, item in enumerate(inputs)])
+        waves = [_waveform(item, i) for i, item in enumerate(inputs)]
+        return model.speech_inputs(_in_window(model, waves, [f"waveform {i}" for i in range(len(waves))]))
     if not all(isinstance(item, (str, Path)) for item in inputs):
         kinds = sorted({type(item).__name__ for item in inputs})
         raise UserError(f"inputs mix {', '.join(kinds)}: give all strings, all waveforms or all audio paths")
@@ -60,7 +61,8 @@ def as_inputs(model, inputs) -> ModelInputs:
                     f"model {model.source} was loaded for speech: give audio files or waveforms, not text "
                     f"({str(path)[:60]!r}); load it with modality='text' to read text"
                 )
-        return model.speech_inputs([load_audio(path, path.name) for path in paths])
+        waves = [load_audio(path, path.name) for path in paths]
+        return model.speech_inputs(_in_window(model, waves, [f"audio file {path}" for path in paths]))
     texts = [str(item) for item in inputs]
     if not all(text.strip() for text in texts):
         raise UserError("inputs hold an empty string: give every example some text")
@@ -114,6 +116,19 @@ def _left_padded(mask: torch.Tensor) -> bool:
     """Whether some example's padding comes before its real tokens."""
     valid = mask.bool()
     return bool((valid[:, 1:] & ~valid[:, :-1]).any())
+
+
+def _in_window(model, waves: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
+    """``waves``, refused when longer than a fixed-window feature extractor reads (Whisper's 30 s: it would cut
+    the rest off without a word)."""
+    window = getattr(model.processor, "n_samples", None)
+    for wave, name in zip(waves, names, strict=True):
+        if window is not None and len(wave) > window:
+            raise UserError(
+                f"{name} lasts {len(wave) / 16_000:.1f} s; {model.source} reads at most {window / 16_000:g} s "
+                "(the rest would be cut off): split it into shorter pieces"
+            )
+    return waves
 
 
 def _waveform(item, index: int) -> np.ndarray:

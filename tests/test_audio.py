@@ -62,3 +62,22 @@ def test_empty_audio_is_refused(tmp_path):
     soundfile.write(path, np.zeros(0, dtype=np.float32), 16_000)
     with pytest.raises(UserError, match=r"example 'ex4': .* holds no samples"):
         load_audio(path, "ex4")
+
+
+@pytest.mark.parametrize("rate", [16_000, 22_050, 44_100, 48_000])
+def test_window_check_counts_the_samples_resampling_gives(tmp_path, rate):
+    """A fixed window of 2 s at 16 kHz: a file that resamples to exactly 32,000 samples fits, one more does not
+    (the count is the resampled length, in integers: a float ratio could refuse an exact fit)."""
+    from hookpoints.audio import check_window
+
+    exact = 2 * rate
+    for frames, fits in ((exact, True), (exact + rate // 16_000 + 1, False)):
+        path = tmp_path / f"{frames}.wav"
+        soundfile.write(path, np.zeros(frames, dtype=np.float32), rate)
+        info = inspect_audio(path, "e")
+        assert (len(load_audio(path, "e")) <= 32_000) == fits
+        if fits:
+            check_window(info, "e", 32_000)
+        else:
+            with pytest.raises(UserError, match=r"example 'e': .* lasts 2.0 s; this model reads at most 2 s"):
+                check_window(info, "e", 32_000)

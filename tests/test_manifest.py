@@ -25,6 +25,15 @@ def test_the_three_formats_give_the_same_table(tmp_path, write_manifest):
     assert tables[0].equals(tables[2])
 
 
+def test_csv_inputs_that_look_like_numbers_stay_text(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("id,text,language,speaker\n001,1984,1,007\n002,2001,2,008\n", encoding="utf-8")
+    table = read_manifest(path).table
+    assert table["text"].to_pylist() == ["1984", "2001"]
+    assert table["language"].to_pylist() == ["1", "2"]
+    assert table["speaker"].to_pylist() == [7, 8]  # labels other than these keep the CSV's inferred types
+
+
 def test_numeric_ids_become_strings(write_manifest):
     manifest = read_manifest(write_manifest([{"id": 7, "text": "a"}, {"id": 8, "text": "b"}]))
     assert manifest.ids == ["7", "8"]
@@ -38,6 +47,7 @@ def test_numeric_ids_become_strings(write_manifest):
         ('{"id": "a"}\n', "m.jsonl", "has no 'text' column \\(it has: id\\): add it"),
         ('{"text": "x"}\n', "m.jsonl", "has no 'id' column"),
         ('{"id": "a", "text": "x"}\n{"id": "b", "text": "   "}\n', "m.jsonl", "example 'b' has empty text"),
+        ('{"id": "a", "text": 1984}\n', "m.jsonl", "example 'a' has text 1984 \\(int\\), not a string; .* quote it"),
         ('{"id": "a", "text": "x"}\n{"id": "b", "text": }\n', "m.jsonl", "line 2: not valid JSON"),
         ('["a", "x"]\n', "m.jsonl", "line 1: expected a JSON object per line"),
         ('{"id": "a", "text": "x", "n": 1}\n{"id": "b", "text": "y", "n": "two"}\n', "m.jsonl", "mixes types"),

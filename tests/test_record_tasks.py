@@ -219,3 +219,28 @@ def test_null_filters_on_columns_a_later_run_added(run_cli, seamless, corpus, tm
     )
     assert rows == [{"run": "fwd", "filled": 0, "empty": 6}, {"run": "gen", "filled": 6, "empty": 0}]
     assert sql(store, "SELECT count(*) AS n FROM examples WHERE generated_text IS NOT NULL") == [{"n": 6}]
+
+
+def test_a_model_code_with_capitals_is_found(seamless, write_manifest, tmp_path):
+    """SeamlessM4T v2's ``cmn_Hant`` (Traditional Chinese): labels are lower-cased (``DE`` -> ``deu``), so the
+    model's own mixed-case code must still be found, and generate the same text as HF ``generate(tgt_lang=...)``."""
+    from hookpoints.languages import model_code
+    from hookpoints.manifest import read_manifest
+    from hookpoints.recorder import record as record_api
+
+    model = load(seamless, modality="text")
+    mapping = model.model.generation_config.text_decoder_lang_to_code_id
+    mapping["cmn_Hant"] = model.tokenizer.convert_tokens_to_ids("__jpn__")  # a token of its own in the tiny vocab
+    assert model.decoder_prompt([model_code("cmn_Hant")], task="t2tt")[0].tolist() == [3, mapping["cmn_Hant"]]
+    path = write_manifest([{"id": "a", "text": "Das Wetter ist schön.", "language": "de"}])
+    store = Store.open(tmp_path / "store", create=True)
+    record_api(model, read_manifest(path), store, "r", hooks=["text_decoder.layers.0.ffn.fc1"], task="t2tt",
+               tgt_lang="cmn_Hant", max_new_tokens=6)  # fmt: skip
+    inputs = model.source_inputs(["Das Wetter ist schön."], ["deu"])
+    with torch.inference_mode():
+        ids = model.model.generate(
+            input_ids=inputs.kwargs["input_ids"], attention_mask=inputs.kwargs["attention_mask"],
+            tgt_lang="cmn_Hant", max_new_tokens=6, do_sample=False,
+        )  # fmt: skip
+    [stored] = sql(tmp_path / "store", "SELECT generated_text FROM examples")
+    assert stored["generated_text"] == model.tokenizer.decode(ids[0, 2:], skip_special_tokens=True)

@@ -238,3 +238,39 @@ def test_manifest_column_type_conflicting_with_the_store_is_refused(tiny_model_d
             session.sql("SELECT score FROM examples WHERE run = 'third' AND example_id = 'a'")["score"][0].as_py()
             == 1.0
         )
+
+
+def text_of(tokenizer, tokens: int, *, special: bool = True) -> str:
+    """A text the tokenizer makes exactly ``tokens`` tokens of (its own special tokens counted if ``special``)."""
+    for length in range(tokens - 4, tokens + 4):
+        text = "x" * length  # no merge of the tiny tokenizers holds an x: one token per character
+        if len(tokenizer(text, add_special_tokens=special)["input_ids"]) == tokens:
+            return text
+    raise AssertionError(f"no text of {tokens} tokens")
+
+
+@pytest.mark.parametrize(
+    ("family", "prepend_bos", "task", "extra"),
+    [("gpt2", False, "forward", 0), ("gpt2", True, "forward", 1), ("bert", False, "forward", 0),
+     ("seamless_m4t_v2", False, "t2tt", 2)],
+)  # fmt: skip
+def test_a_text_longer_than_the_model_takes_is_refused_not_cut(
+    tiny_model_dir, write_manifest, store, family, prepend_bos, task, extra
+):
+    """Tokenising cut such a text to the model's positions without a word (activations of its start only)."""
+    model = load(tiny_model_dir(family), modality="text", prepend_bos=prepend_bos)
+    limit = model.model.config.get_text_config().max_position_embeddings if family != "gpt2" else 256
+    fits = text_of(model.tokenizer, limit - extra, special=task != "t2tt")
+    longer = text_of(model.tokenizer, limit - extra + 1, special=task != "t2tt")
+    rows = [{"id": "fits", "text": fits, "language": "de"}, {"id": "long", "text": longer, "language": "de"}]
+    hooks = ["text_encoder.layers.0.ffn.fc1"] if task == "t2tt" else ["blocks.0.hook_resid_post"]
+    with pytest.raises(UserError, match=f"example 'long' has {limit + 1} tokens, more than the {limit} positions"):
+        record(model, read_manifest(write_manifest(rows)), store, "r", hooks=hooks, task=task, max_new_tokens=2)
+    assert store.run_info("r") is None
+    record(model, read_manifest(write_manifest(rows[:1])), store, "r", hooks=hooks, task=task, max_new_tokens=2,
+           pooling="none")  # fmt: skip
+    with store.query() as session:
+        [row] = session.sql(f"SELECT max(position) + 1 AS n FROM activations WHERE hook = '{hooks[0]}'").to_pylist()
+    assert row["n"] == limit  # every token of the text that fits
+    with pytest.raises(UserError, match=f"text 0 has {limit + 1} tokens"):
+        model.run_with_cache([longer] if task != "t2tt" else model.source_inputs([longer], ["deu"]))

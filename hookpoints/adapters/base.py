@@ -125,6 +125,11 @@ class Adapter:
         """``generate`` arguments when the encoder's output replaces its input (some families need more)."""
         return kwargs
 
+    def prompt_kwargs(self, model: nn.Module, prompt: torch.Tensor) -> dict:
+        """``generate`` arguments that say what ``prompt`` already says (Whisper: else it detects the language
+        first, one more decoder pass than the steps, before it decodes from the prompt)."""
+        return {}
+
     def batch_guard(self, model: nn.Module, inputs: ModelInputs) -> AbstractContextManager:
         """Held around every forward pass of a padded batch: fixes that keep padding out of the values."""
         return nullcontext()

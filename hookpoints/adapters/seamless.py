@@ -155,6 +155,9 @@ class Seamless(Adapter):
         mapping = getattr(model.generation_config, "text_decoder_lang_to_code_id", None) or {}
         if code in mapping:
             return int(mapping[code])
+        folded = {name.lower(): token for name, token in mapping.items()}  # labels are lower-cased: cmn_Hant
+        if code.lower() in folded:
+            return int(folded[code.lower()])
         if tokenizer is None:
             return None
         token = tokenizer.convert_tokens_to_ids(f"__{code}__")

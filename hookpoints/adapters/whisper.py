@@ -57,6 +57,7 @@ class Whisper(Adapter):
     def key_positions(self, model, space):
         config = model.config
         return config.max_source_positions if space == "encoder" else config.max_target_positions
+
     def tasks(self, config, modality):
         """asr (``<|transcribe|>``) everywhere; s2tt (``<|translate|>``, X -> English) on multilingual checkpoints
         only: English-only (``.en``) ones were never trained to translate."""
@@ -93,7 +94,29 @@ class Whisper(Adapter):
             languages, marker = sources, vocab["<|translate|>"]
         else:
             languages, marker = targets, vocab["<|transcribe|>"]
-        return torch.tensor([[start, self.language_token(model, tokenizer, code), marker, plain] for code in languages])
+        tokens = [self.language_token(model, tokenizer, code) for code in languages]
+        if None in tokens:
+            code = languages[tokens.index(None)]
+            kind = "source" if task == "s2tt" else "target"
+            known = ", ".join(self.languages(model, tokenizer))
+            raise UserError(f"unknown {kind} language {code!r} for Whisper; it knows: {known}")
+        return torch.tensor([[start, token, marker, plain] for token in tokens])
+
+    def prompt_kwargs(self, model, prompt):
+        """``language`` (per example) and ``task`` from a multilingual prompt: without them ``generate`` runs a
+        language-detection pass first (its LM-head call would be taken for step 0) and keeps its result only
+        for the processors' begin index, while decoding from the prompt given."""
+        generation = model.generation_config
+        lang_to_id = getattr(generation, "lang_to_id", None)
+        if not multilingual(model.config) or not lang_to_id or prompt.shape[1] < 3:
+            return {}
+        languages = {token_id: token for token, token_id in lang_to_id.items()}
+        tasks = {token_id: task for task, token_id in (getattr(generation, "task_to_id", None) or {}).items()}
+        found = [languages.get(int(token)) for token in prompt[:, 1]]
+        task = {tasks.get(int(token)) for token in prompt[:, 2]}
+        if None in found or len(task) != 1 or None in task:
+            return {}
+        return {"language": found, "task": task.pop()}
 
     def probe_inputs(self, model):
         config = model.config
