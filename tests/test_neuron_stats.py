@@ -21,6 +21,11 @@ from hookpoints.store.writer import HookRows, open_run
 
 from hookpoints.errors import UserError
 
+#: one hook of width 4 and a float32 run's settings, for runs written by hand
+WIDTH4_HOOK = {"hook": "h", "module": "h", "io": "output", "component": "c", "layer": 0, "submodule": "s", "width": 4,
+               "shape": [4], "neuron_axis": 1, "space": "c", "layer_output": False}  # fmt: skip
+SETTINGS = {"model": "m", "task": "forward", "pooling": "mean", "dtype": "float32"}
+
 WIDTHS = {"enc.layers.0.fc1": 24, "enc.layers.0.fc2": 8, "enc.layers.1.fc1": 24}
 LANGUAGES = np.array(["de", "en", "fr"])
 
@@ -261,10 +266,7 @@ def test_an_infinity_gives_what_numpy_gives_wherever_it_is(tmp_path, first):
     x[9 if first else 2700, 1] = np.inf  # inf - inf: NaN in numpy too
     ids = [f"e{i:04d}" for i in range(len(x))]
     examples = pa.table({"example_id": ids})
-    hook = {"hook": "h", "module": "h", "io": "output", "component": "c", "layer": 0, "submodule": "s", "width": 4,
-            "shape": [4], "neuron_axis": 1, "space": "c", "layer_output": False}  # fmt: skip
-    settings = {"model": "m", "task": "forward", "pooling": "mean", "dtype": "float32"}
-    writer = open_run(store, "r", settings=settings, config={}, hooks=[hook], examples_schema=examples.schema)
+    writer = open_run(store, "r", settings=SETTINGS, config={}, hooks=[WIDTH4_HOOK], examples_schema=examples.schema)
     writer.add(examples, {"h": HookRows(ids, x)})
     writer.finish()
     with store.query() as session, warnings.catch_warnings():
@@ -285,12 +287,11 @@ def test_examples_where_stays_one_predicate_over_the_run(tmp_path):
     store = Store.open(tmp_path / "store", create=True)
     ids = [f"e{i}" for i in range(6)]
     x = np.random.default_rng(5).normal(size=(6, 4)).astype(np.float32)  # [examples, neurons]
-    hook = {"hook": "h", "module": "h", "io": "output", "component": "c", "layer": 0, "submodule": "s", "width": 4,
-            "shape": [4], "neuron_axis": 1, "space": "c", "layer_output": False}  # fmt: skip
-    settings = {"model": "m", "task": "forward", "pooling": "mean", "dtype": "float32"}
     for run, languages in (("a", ["de", "en", "en", "en", "en", "en"]), ("b", ["fr"] * 6)):
         examples = pa.table({"example_id": ids, "language": languages})
-        writer = open_run(store, run, settings=settings, config={}, hooks=[hook], examples_schema=examples.schema)
+        writer = open_run(
+            store, run, settings=SETTINGS, config={}, hooks=[WIDTH4_HOOK], examples_schema=examples.schema
+        )
         writer.add(examples, {"h": HookRows(ids, x)})
         writer.finish()
     with store.query() as session:
@@ -315,10 +316,7 @@ def test_vectors_of_another_length_than_the_hook_are_refused(tmp_path, stats):
     x = np.random.default_rng(4).normal(size=(4, 4)).astype(np.float32)
     ids = [f"e{i}" for i in range(4)]
     examples = pa.table({"example_id": ids})
-    hook = {"hook": "h", "module": "h", "io": "output", "component": "c", "layer": 0, "submodule": "s", "width": 4,
-            "shape": [4], "neuron_axis": 1, "space": "c", "layer_output": False}  # fmt: skip
-    settings = {"model": "m", "task": "forward", "pooling": "mean", "dtype": "float32"}
-    writer = open_run(store, "r", settings=settings, config={}, hooks=[hook], examples_schema=examples.schema)
+    writer = open_run(store, "r", settings=SETTINGS, config={}, hooks=[WIDTH4_HOOK], examples_schema=examples.schema)
     writer.add(examples, {"h": HookRows(ids, x)})
     writer.finish()
     with store.query() as session:
