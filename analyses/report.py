@@ -67,7 +67,8 @@ def write_report(
         section = page.section(f"Language- and modality-specific neurons ({SEAMLESS})")
         found = rankings(session, chosen if runs else None)
         if not found:
-            section.add(absent("AP ranking (scores table)", f"hookpoints ap --store {uri} --run RUN [--run RUN2]"))
+            command = f"hookpoints ap --store {uri} --run RUN [--run RUN2] --preset all"
+            section.add(absent("AP ranking (scores table)", command))
         for ranking in found:
             step(f"ranking {ranking['ranking']}")
             add_ranking(section.section(f"AP ranking {ranking['ranking']}"), session, ranking, magnitudes=magnitudes)
@@ -76,7 +77,8 @@ def write_report(
         section = page.section(f"Interventions (Figure 5 of {SEAMLESS})")
         found = sweeps(session, chosen if runs else None)
         if not found:
-            section.add(absent("intervention sweep", f"hookpoints intervene --store {uri} --run RUN --sweep NAME ..."))
+            command = f"hookpoints intervene --store {uri} --run RUN --task s2tt --sweep NAME ..."
+            section.add(absent("intervention sweep", command))
         for sweep in found:
             step(f"sweep {sweep}")
             add_sweep(section.section(f"Sweep {sweep}"), session, sweep)

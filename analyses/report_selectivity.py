@@ -108,8 +108,8 @@ def _add_overlaps(section: Section, session: QuerySession, key: str, sets: list[
     if len(by_modality) < 2:
         section.add(
             absent(
-                "ranking of unimodal label sets in two modalities for this run group",
-                f"hookpoints ap --store S --run SPEECH_RUN --run TEXT_RUN --preset unimodal  (ranking {key})",
+                f"ranking of unimodal label sets in two modalities for ranking {key}",
+                f"hookpoints ap --store {session.store.location.uri} --run SPEECH_RUN --run TEXT_RUN --preset unimodal",
             )
         )
         return

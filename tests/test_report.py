@@ -162,3 +162,47 @@ def test_python_entry_point_refuses_unknown_runs(full_store, tmp_path):
     with pytest.raises(UserError, match="not in store"):
         write_report(full_store, ["ghost"], tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
+
+
+def _suggested_commands(html: str) -> list[list[str]]:
+    """Every ``hookpoints ...`` command the report suggests, as arguments, with the optional ``[...]`` parts and
+    the trailing ``...`` left out."""
+    import html as html_module
+    import shlex
+
+    commands = []
+    for code in re.findall(r"<code>(hookpoints .*?)</code>", html):
+        text = re.sub(r"\[[^\]]*\]", "", html_module.unescape(code)).replace("...", "")
+        commands.append(shlex.split(text)[1:])
+    return commands
+
+
+def test_every_command_the_report_suggests_parses_and_names_what_it_needs(store, tmp_path):
+    """A reader copies the command the report names for an absent analysis: its options exist, its required
+    options are there (click parses it as the CLI would), and ``ap`` names a label set."""
+    from clusters_helpers import clustered, write_run
+    from hookpoints.analyses.clusters import ClusterSettings, cluster_layers, write_clusters
+    from hookpoints.analyses.labels import custom_label_set
+    from hookpoints.analyses.ranking import plan_ranking, rank, write_scores
+    from hookpoints.cli.main import cli
+    from hookpoints.store.catalog import Store
+
+    empty = Store.open(tmp_path / "empty", create=True)
+    pages = [write_report(empty, out=tmp_path / "empty.html").read_text()]
+    write_run(store, "only", *clustered())
+    pages.append(write_report(store, out=tmp_path / "runs.html").read_text())
+    write_clusters(store, cluster_layers(store, "only", ClusterSettings(labels=("language",), tsne=False)))
+    label_set = custom_label_set("language = 'l0'", None, "l0")
+    job = plan_ranking(store, ["only"], custom=[label_set], hooks=["blocks.*.hook_resid_post"], ks=(2,))
+    write_scores(store, rank(store, job))
+    pages.append(write_report(store, out=tmp_path / "analyses.html").read_text())
+    commands = [command for page in pages for command in _suggested_commands(page)]
+    assert {command[0] for command in commands} == {"record", "ap", "intervene", "clusters"}, commands
+    # empty: record, ap, intervene, clusters; runs only: ap, intervene, clusters; analyses: intervene, overlaps,
+    # t-SNE maps, distances
+    assert len(commands) == 11, commands
+    for name, *args in commands:
+        command = cli.get_command(None, name)
+        command.make_context(name, list(args))  # raises click's UsageError for an unknown or missing option
+        if name == "ap":
+            assert "--preset" in args or "--positive" in args, args
