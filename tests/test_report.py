@@ -137,16 +137,23 @@ def test_runs_narrow_the_report_to_their_analyses(full_store, tmp_path):
         (["--run", "nope"], "run 'nope' is not in store"),
         (["--out", "{tmp}"], "is a folder"),
         (["--out", "{tmp}/report.txt"], "must end in .html"),
+        (["--out", "{tmp}/store/report.html"], "is inside the store: write the report elsewhere"),
+        (["--out", "{tmp}/store/../store/scores/x.html"], "is inside the store"),
+        (["--out", "/proc/report.html"], "cannot write the report to /proc/report.html"),
+        (["--out", "{tmp}/file/report.html"], "cannot write the report to"),
     ],
 )
 def test_bad_input_is_one_clear_error(store, tmp_path, run_cli, args, message):
     from clusters_helpers import clustered, write_run
 
     write_run(store, "only", *clustered())
+    (tmp_path / "file").write_text("a file where a folder is asked for")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     code, out, err = run_cli("report", "--store", str(store.location.uri), *args)
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written anywhere
 
 
 def test_cli_writes_the_report_and_prints_its_path(full_store, tmp_path, run_cli):
