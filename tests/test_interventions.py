@@ -350,3 +350,19 @@ def test_score_table_averages_a_templated_label_set_over_languages_like_figure_5
     assert means == {"none": 2.0, "label-set:unimodal/speech/{language}/top/k=5": 2.5, "random/k=5": 2.25}
     lines, none, _ = mean_by_type(pa.Table.from_pylist(rows), "asr")
     assert none == 2.0 and lines["label-set:unimodal/speech/{language}"][5] == 2.5 and lines["random"][5] == 2.25
+
+
+def test_score_table_mean_is_the_rounded_mean_of_the_scores_as_in_the_report():
+    """The CLI's mean column averaged the scores after rounding each to 3 decimals: 0.001 for scores whose mean is
+    0.0017, where the report (SQL round(avg(score), 3)) and Figure 5 said 0.002."""
+    from hookpoints.analyses.sweeps import score_table
+
+    scores = {"de": 0.0014, "es": 0.0014, "ja": 0.0024}
+    rows = [
+        {"task": "s2tt", "condition": "none", "neuron_type": "none", "side": None, "k": 0, "n_neurons": 0,
+         "metric": "combined", "language": language, "score": score}
+        for language, score in scores.items()
+    ]  # fmt: skip
+    (row,) = score_table(pa.Table.from_pylist(rows))
+    assert row["mean"] == round(float(np.mean(list(scores.values()))), 3) == 0.002
+    assert [row[language] for language in scores] == [0.001, 0.001, 0.002]
