@@ -186,3 +186,34 @@ def test_selection_refuses_a_bad_overlap_before_printing_the_summary(store_path,
     )  # fmt: skip
     assert code == 2 and "has no ranking of run(s) 'nope'" in err
     assert out == ""  # the summary used to be printed first, the error after it
+
+
+def test_selection_csv_and_json_are_one_clean_table(store_path, tmp_path, run_cli):
+    """`selection --format csv` printed the rich summary table (and json with --overlap two arrays after it):
+    neither parsed. Now stdout holds one table: the summary's rows, or with --overlap the overlaps."""
+    import csv
+    import io
+
+    from hookpoints.analyses.ap_report import selectivity_report
+
+    code, _, err = run_cli("ap", "--store", store_path, "--run", "s2tt", "--preset", "unimodal", "--k", "5")
+    assert code == 0, err
+    base = ["selection", "--store", store_path, "--run", "s2tt", "--k", "4"]
+    code, out, err = run_cli(*base, "--format", "csv", "--plots", str(tmp_path))
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    expected = selectivity_report(Store.open(store_path), "s2tt", [r["label_set"] for r in rows], 4, overlaps=False)
+    assert [(r["label_set"], r["component"]) for r in rows] == [(r.label_set, r.component) for r in expected.rows]
+    for row, want in zip(rows, expected.rows, strict=True):
+        assert float(row["gini_top"]) == pytest.approx(want.gini_top) and row["best_neuron"] == want.best_neuron
+        assert sum(int(row[f"top_{p}"]) for p in want.top) == 4 and int(row["n_among"]) == want.n_among
+    assert "plots:" in err and "plots:" not in out
+    code, out, err = run_cli(*base, "--format", "json", "--overlap", "unimodal/speech/*", "unimodal/speech/*")
+    assert code == 0, err
+    overlaps = json.loads(out)  # one JSON document: both sides of every module group
+    assert {(r["component"], r["side"]) for r in overlaps} == {
+        (c, s) for c in ("speech_encoder", "text_decoder") for s in ("bottom", "top")
+    }
+    assert all(r[r["row"]] == 4 for r in overlaps)  # a selection shares all its k neurons with itself
+    code, _, err = run_cli(*base, "--overlap-run", "s2tt")
+    assert code == 2 and "give --overlap ROWS COLUMNS too" in err
