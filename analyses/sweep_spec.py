@@ -76,6 +76,8 @@ def check_spec(spec: SweepSpec) -> None:
         raise UserError(f"--seed must be a non-negative integer, not {spec.seed}")
     if spec.limit < 1 or spec.batch_size < 1 or spec.max_new_tokens < 1:
         raise UserError("--limit, --batch-size and --max-new-tokens must be at least 1")
+    if spec.frames is not None and spec.frames < 1:
+        raise UserError(f"--frames must be at least 1, not {spec.frames}")
     ranked = [t for t in neuron_types(spec) if t not in ("random", "none")] + list(spec.label_sets)
     if "random" in neuron_types(spec) and not ranked and not spec.neurons:
         raise UserError(

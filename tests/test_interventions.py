@@ -285,6 +285,8 @@ def test_default_unimodal_type_finds_a_ranking_without_modality_column(tmp_path)
         ({"kind": "constant", "value": float("nan")}, "--value must be a finite number, not nan"),
         ({"kind": "steer", "value": float("inf"), "stats_where": "language = 'de'"}, "--value must be a finite"),
         ({"seed": -1}, "--seed must be a non-negative integer, not -1"),
+        ({"frames": 0}, "--frames must be at least 1, not 0"),  # was a RuntimeError from torch's narrow / reshape
+        ({"frames": -1}, "--frames must be at least 1, not -1"),
     ],
 )
 def test_sweep_options_that_would_edit_with_nan_or_fail_in_numpy_are_refused(options, message):
