@@ -145,3 +145,18 @@ def test_magnitudes_scale_must_be_a_positive_finite_number(tmp_path, run_cli, sc
     scale flipped the deviations' sign."""
     code, out, err = run_cli("magnitudes", "--store", str(tmp_path / "s"), "--run", "r", "--scale", scale)
     assert code == 2 and "Invalid value for '--scale'" in err and "Traceback" not in err and out == ""
+
+
+def test_an_error_before_the_progress_bar_starts_prints_only_the_error(tmp_path, capsys):
+    """An input refused inside a `counting` block (the clustering checks, before its bar starts) printed a blank
+    line before the error on a piped stderr: rich's Progress.stop writes one even for a bar never shown."""
+    from hookpoints.cli.console import counting
+
+    with pytest.raises(UserError), counting("clustering r") as (on_start, on_advance):
+        raise UserError("refused")
+    assert capsys.readouterr().err == ""
+    with counting("clustering r") as (on_start, on_advance):
+        on_start(2)
+        on_advance(2)
+    shown = capsys.readouterr().err
+    assert "clustering r" in shown and "2/2" in shown
