@@ -217,3 +217,23 @@ def test_selection_csv_and_json_are_one_clean_table(store_path, tmp_path, run_cl
     assert all(r[r["row"]] == 4 for r in overlaps)  # a selection shares all its k neurons with itself
     code, _, err = run_cli(*base, "--overlap-run", "s2tt")
     assert code == 2 and "give --overlap ROWS COLUMNS too" in err
+
+
+def test_selection_csv_keeps_every_digit_of_the_ap(store_path, run_cli):
+    """csv cells of `selection --list` were rounded to 6 significant digits (`hookpoints sql --format csv` keeps
+    them all): APs that differ in the 7th digit printed equal."""
+    import csv
+    import io
+
+    code, _, err = run_cli("ap", "--store", store_path, "--run", "s2tt", "--preset", "unimodal", "--k", "5")
+    assert code == 0, err
+    args = ["--store", store_path, "--run", "s2tt", "--label-set", "unimodal/speech/de", "--k", "5", "--side", "top"]
+    code, out, err = run_cli("selection", *args, "--list", "--format", "csv")
+    assert code == 0, err
+    listed = {(r["hook"], int(r["neuron"])): float(r["ap"]) for r in csv.DictReader(io.StringIO(out))}
+    with Store.open(store_path).query() as session:
+        stored = session.sql(
+            "SELECT hook, neuron, ap FROM scores WHERE run = 's2tt' AND label_set = 'unimodal/speech/de' "
+            "AND top_rank <= 5"
+        )
+    assert listed == {(r["hook"], r["neuron"]): r["ap"] for r in stored.to_pylist()}
