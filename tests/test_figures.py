@@ -121,3 +121,20 @@ def test_cluster_measures_have_integer_layer_ticks_and_save_writes_png_and_svg(t
     assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.stat().st_size > 1000 for p in paths)
     png = png_bytes(measures_figure(maps(3)[0]))
     assert png.startswith(b"\x89PNG")
+
+
+def test_dendrograms_of_several_layers_share_one_distance_scale():
+    """The first, middle and last layer's trees are drawn side by side to be compared; each had its own distance
+    axis (scipy fits it to the tree), so a last layer whose centroids sit half as far apart looked as spread."""
+    from hookpoints.analyses.figures_clusters import dendrogram_figure
+    from scipy.cluster.hierarchy import linkage
+
+    few, labelling = maps(4)
+    rng = np.random.default_rng(2)
+    for scale, layer in zip((6.0, 3.0, 1.0), few.layers, strict=True):
+        layer.linkages["speaker"] = linkage(rng.normal(size=(4, 5)) * scale, method="average")
+    fig = dendrogram_figure(few, labelling, few.layers)
+    reach = max(layer.linkages["speaker"][:, 2].max() for layer in few.layers)
+    limits = [ax.get_xlim() for ax in fig.axes]
+    assert len(set(limits)) == 1 and limits[0][1] == 0 and limits[0][0] >= reach
+    assert all(ax.get_xlabel() == "Euclidean distance between centroids" for ax in fig.axes)
