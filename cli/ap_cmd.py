@@ -154,10 +154,12 @@ def note_left_out(session, runs, hooks, patterns) -> None:
 
 
 def _report_k(ks: tuple[int, ...], report_k: int | None, smallest_group: int) -> int:
+    from hookpoints.analyses.selection import shown_k
+
     from hookpoints.errors import UserError
 
     if report_k is None:
-        return 1000 if 1000 in ks else min(ks)
+        return shown_k(ks)
     if not 1 <= report_k <= smallest_group:
         raise UserError(f"--report-k must be between 1 and the smallest module group's {smallest_group:,} neurons")
     return report_k

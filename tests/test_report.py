@@ -213,3 +213,23 @@ def test_every_command_the_report_suggests_parses_and_names_what_it_needs(store,
         command.make_context(name, list(args))  # raises click's UsageError for an unknown or missing option
         if name == "ap":
             assert "--preset" in args or "--positive" in args, args
+
+
+def test_report_shows_the_k_that_ap_prints_the_papers_1000(tmp_path, run_cli):
+    """With the paper's ks (500 ... 5000) `hookpoints ap` prints top-1000 selections (the paper's Figures 2-4) but
+    the report drew top-500 ones: its Gini table disagreed with the CLI's for the same ranking."""
+    from hookpoints.analyses.ap_report import selectivity_report
+    from hookpoints.store.catalog import Store
+    from selectivity_helpers import examples_table, hook_rows, write_run
+
+    store = Store.open(tmp_path / "store", create=True)
+    write_run(store, "big", examples_table(3, "text"), hook_rows("lm", 2, {"ffn.fc1": 600}, layer_output=False))
+    args = ["ap", "--store", str(tmp_path / "store"), "--run", "big", "--preset", "unimodal", "--k", "500"]
+    code, out, err = run_cli(*args, "--k", "1000")
+    assert code == 0, err
+    assert "top-1000" in out
+    html = write_report(store, out=tmp_path / "r.html", magnitudes=False).read_text()
+    assert "Where the top-1000 and bottom-1000 neurons are" in html and "top-500" not in html
+    expected = selectivity_report(store, "big", ["unimodal/text/de"], 1000, overlaps=False).rows[0]
+    row = re.search(r"<tr><td>unimodal/text/de</td><td>lm</td><td[^>]*>([\d.]+)</td><td[^>]*>([\d.]+)</td>", html)
+    assert (float(row.group(1)), float(row.group(2))) == (round(expected.gini_top, 3), round(expected.gini_bottom, 3))
