@@ -138,3 +138,22 @@ def test_dendrograms_of_several_layers_share_one_distance_scale():
     limits = [ax.get_xlim() for ax in fig.axes]
     assert len(set(limits)) == 1 and limits[0][1] == 0 and limits[0][0] >= reach
     assert all(ax.get_xlabel() == "Euclidean distance between centroids" for ax in fig.axes)
+
+
+def test_distribution_draws_the_selected_neurons_of_hook_points_outside_the_layers():
+    """Neurons of hook points without a layer (hook_embed, hook_pos_embed ...) were in the legend but had no bar:
+    a top-50 figure of a BERT-style encoder showed 35 neurons where the summary table counted 50."""
+    counts = pa.Table.from_pylist(
+        [{"layer": None, "submodule": "hook_embed", "neurons": 8, "top": 4, "bottom": 1}]
+        + [
+            {"layer": layer, "submodule": sub, "neurons": 8, "top": 2, "bottom": 3}
+            for layer in range(3)
+            for sub in ("attn.hook_q", "mlp.hook_post")
+        ]
+    )
+    fig = distribution_figure(counts, "encoder", 16, "top-16")
+    drawn = {ax.get_title(): sum(bar.get_height() for bar in ax.patches) for ax in fig.axes if ax.patches}
+    assert sum(v for title, v in drawn.items() if "Top" in title) == 4 + 2 * 6
+    assert sum(v for title, v in drawn.items() if "Bottom" in title) == 1 + 3 * 6
+    other = next(ax for ax in fig.axes if ax.get_title().endswith("Top Other"))
+    assert [t.get_text() for t in other.get_xticklabels()] == ["no layer", "0", "1", "2"]
