@@ -79,6 +79,8 @@ def command(
 
     from hookpoints.errors import UserError
 
+    if plots_dir and no_plots:
+        raise UserError("give --plots DIR or --no-plots, not both")
     if tsne_threads < 0:
         raise UserError(f"--tsne-threads must be 0 (all cores) or more, not {tsne_threads}")
     settings = ClusterSettings(

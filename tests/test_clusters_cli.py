@@ -91,6 +91,7 @@ def test_default_plot_folder_is_next_to_the_store(store_path, run_cli):
         (["--label", "language", "--no-tsne", "--tsne-threads", "-1"], "--tsne-threads must be 0"),
         (["--label", "language", "--no-tsne", "--dendrogram-layers", "x"], "--dendrogram-layers takes layer numbers"),
         (["--label", "language", "--no-tsne", "--dendrogram-layers", "0,7"], "--dendrogram-layers 7 is not a layer"),
+        (["--label", "language", "--no-tsne", "--plots", "figs"], "give --plots DIR or --no-plots, not both"),
         (["--label", "language", "--no-tsne", "--pooling", "mean"], "cannot give mean"),
         (["--label", "language", "--no-tsne", "--examples", "s00-l0"], "at least 2 example ids"),
     ],

@@ -287,6 +287,8 @@ def test_default_unimodal_type_finds_a_ranking_without_modality_column(tmp_path)
         ({"seed": -1}, "--seed must be a non-negative integer, not -1"),
         ({"frames": 0}, "--frames must be at least 1, not 0"),  # was a RuntimeError from torch's narrow / reshape
         ({"frames": -1}, "--frames must be at least 1, not -1"),
+        ({"value": 3.0}, "--value is for --kind constant or steer; --kind median does not use it"),  # was ignored
+        ({"kind": "zero", "value": 0.0}, "--kind zero does not use it"),
     ],
 )
 def test_sweep_options_that_would_edit_with_nan_or_fail_in_numpy_are_refused(options, message):
