@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from hookpoints.cli.console import counting, out, render
+from hookpoints.cli.console import counting, err, out, render
 from hookpoints.cli.params import FiniteFloat
 
 
@@ -46,7 +46,8 @@ def command(store_path, runs, by, where, patterns, components, absolute, scale, 
         hooks = shared_hooks(session, group.runs, patterns=list(patterns) or None, components=list(components) or None)
         columns = group_columns(session, examples, list(by) or None)
         note_left_out(session, group.runs, hooks, list(patterns) or None)
-        magnitudes = layer_magnitudes(session, examples, hooks, columns, absolute=absolute)
+        with err.status("layer-wise magnitudes: one aggregate over the runs' activations"):  # minutes at scale
+            magnitudes = layer_magnitudes(session, examples, hooks, columns, absolute=absolute)
         groups = example_groups(session, examples, columns) if with_gini else None
     label = "|activation|" if absolute else "activation"
     shown = magnitudes.to_pylist()

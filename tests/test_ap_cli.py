@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from importlib import resources
 
@@ -237,3 +238,16 @@ def test_selection_csv_keeps_every_digit_of_the_ap(store_path, run_cli):
             "AND top_rank <= 5"
         )
     assert listed == {(r["hook"], r["neuron"]): r["ap"] for r in stored.to_pylist()}
+
+
+def test_magnitudes_shows_that_it_is_working_during_its_aggregate(store_path, run_cli, monkeypatch):
+    """The one SQL aggregate over every activation (minutes on a full store, docs/report.md) ran without a word in
+    a terminal; only the Gini after it had a bar."""
+    from hookpoints.cli import magnitudes_cmd
+    from rich.console import Console
+
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=100)
+    monkeypatch.setattr(magnitudes_cmd, "err", terminal)
+    code, _, err = run_cli("magnitudes", "--store", store_path, "--run", "s2tt", "--no-gini")
+    assert code == 0, err
+    assert "layer-wise magnitudes: one aggregate over the runs' activations" in terminal.file.getvalue()
