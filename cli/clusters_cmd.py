@@ -75,6 +75,7 @@ def command(
     Results are appended to the store's `clusters` table (query it with `hookpoints sql`).
     """
     from hookpoints.analyses.clusters import ClusterSettings
+    from hookpoints.cli.ap_cmd import check_plots_dir
     from hookpoints.store.catalog import Store
 
     from hookpoints.errors import UserError
@@ -98,6 +99,7 @@ def command(
     )
     store = Store.open(store_path)
     folder = None if no_plots else Path(plots_dir) if plots_dir else default_plot_folder(store)
+    check_plots_dir(folder)  # a folder that cannot be written fails now, not after the analysis is stored
     layers = _layer_list(dendrogram_layers)
     if layers is not None:
         _check_layers(store, run, list(patterns), layers)  # before minutes of t-SNE, not after

@@ -209,6 +209,7 @@ def test_intervene_bad_input_writes_nothing(swept, run_cli):
         (["--k", "5", "--language", "xx", "--sweep", "b6"], "no example in language 'xx'"),
         (["--k", "5", "--kind", "constant", "--sweep", "b7"], "needs --value"),
         (["--k", "5", "--sweep", "bad name!"], "label set name|not allowed"),
+        (["--k", "5", "--sweep", "b8", "--plots", "/proc/plots"], "cannot write plots to /proc/plots"),  # was: after
     ]
     for extra, message in cases:
         code, _, err = run_cli(*base, *extra)
