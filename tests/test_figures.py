@@ -157,3 +157,19 @@ def test_distribution_draws_the_selected_neurons_of_hook_points_outside_the_laye
     assert sum(v for title, v in drawn.items() if "Bottom" in title) == 1 + 3 * 6
     other = next(ax for ax in fig.axes if ax.get_title().endswith("Top Other"))
     assert [t.get_text() for t in other.get_xticklabels()] == ["no layer", "0", "1", "2"]
+
+
+def test_figure5_panels_of_one_metric_share_their_scale():
+    """S2TT and T2TT (both 0.6 BLEU + 0.4 chrF) are set side by side to compare how much each degrades; each panel
+    had its own y range, so a drop of 1 point and one of 20 looked alike. ASR's WER keeps its own scale."""
+    from hookpoints.analyses.figures_interventions import figure5
+
+    rows = []
+    for task, metric, scores in (("s2tt", "combined", (40.0, 39.0)), ("t2tt", "combined", (60.0, 40.0)),
+                                 ("asr", "wer", (0.2, 0.9))):  # fmt: skip
+        rows.append({"task": task, "metric": metric, "neuron_type": "none", "k": 0, "score": scores[0]})
+        for k, score in ((500, scores[0]), (1000, scores[1])):
+            rows.append({"task": task, "metric": metric, "neuron_type": "unimodal", "k": k, "score": score})
+    s2tt, t2tt, asr = figure5(pa.Table.from_pylist(rows), "sweep").axes
+    assert s2tt.get_ylim() == t2tt.get_ylim() and s2tt.get_ylim()[0] <= 39.0 and s2tt.get_ylim()[1] >= 60.0
+    assert asr.get_ylim()[1] < 2 and asr.get_ylabel() == "WER" and s2tt.get_ylabel() == "0.6 BLEU + 0.4 chrF"
