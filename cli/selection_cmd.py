@@ -13,7 +13,13 @@ from hookpoints.cli.console import FORMATS, err, out, render
 @click.option("--run", "runs", multiple=True, required=True, help="The run(s) of the ranking (as given to ap).")
 @click.option("--label-set", "patterns", multiple=True, metavar="GLOB", help="Label sets to show (default: all).")
 @click.option("--component", "components", multiple=True, help="Only these module groups (repeatable).")
-@click.option("--k", "k", type=int, default=1000, show_default=True, help="Size of the top-k / bottom-k selection.")
+@click.option(
+    "--k",
+    "k",
+    type=int,
+    help="Size of the top-k / bottom-k selection (default: 1000 if the ranking stored it, else its smallest k: "
+    "what ap and the report show).",
+)
 @click.option(
     "--gini-unit",
     type=click.Choice(["layer_submodule", "submodule", "layer"]),
@@ -55,8 +61,8 @@ def command(
 ) -> None:
     """Counts per layer x submodule, Gini and overlaps of the neurons selected by a ranking (hookpoints ap)."""
     from hookpoints.analyses.examples import run_key
+    from hookpoints.analyses.selection import FIGURE_K, selected_neurons, shown_k, stored_sets
     from hookpoints.analyses.selection import overlap as overlap_matrix
-    from hookpoints.analyses.selection import selected_neurons, stored_sets
     from hookpoints.cli.ap_cmd import check_plots_dir, report
     from hookpoints.store.catalog import Store
 
@@ -69,6 +75,9 @@ def command(
     run = run_key(runs)
     with store.query() as session:
         sets = stored_sets(session, run, list(patterns) or None)
+        if k is None:
+            stored = session.sql("SELECT any_value(ks) AS ks FROM scores WHERE run = $run", {"run": run})
+            k = shown_k(stored["ks"][0].as_py() or [FIGURE_K])
         if list_neurons:
             if len(sets) != 1:
                 raise UserError(f"--list shows one label set; --label-set matches {len(sets)}: narrow it")

@@ -251,3 +251,14 @@ def test_magnitudes_shows_that_it_is_working_during_its_aggregate(store_path, ru
     code, _, err = run_cli("magnitudes", "--store", store_path, "--run", "s2tt", "--no-gini")
     assert code == 0, err
     assert "layer-wise magnitudes: one aggregate over the runs' activations" in terminal.file.getvalue()
+
+
+def test_selection_defaults_to_the_k_ap_and_the_report_show(store_path, run_cli):
+    """`selection` without --k asked for top-1000 selections of a ranking that stored ks 5 and 10 and was refused
+    ("k=1000 is larger than module group"), while ap and the report showed top-5."""
+    args = ["ap", "--store", store_path, "--run", "s2tt", "--preset", "unimodal"]
+    code, out, err = run_cli(*args, "--k", "5", "--k", "10")
+    assert code == 0 and "top-5" in out, err
+    code, out, err = run_cli("selection", "--store", store_path, "--run", "s2tt", "--label-set", "unimodal/speech/de")
+    assert code == 0, err
+    assert "top-5" in out and "top-1000" not in out
