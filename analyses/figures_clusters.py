@@ -188,9 +188,12 @@ def dendrogram_figure(maps: ClusterMaps, labelling: MapLabelling, layers: list[M
 
     height = max(2.8, 0.22 * len(labelling.classes))
     fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), height), squeeze=False)
+    # one distance scale for every layer: the trees are compared side by side (scipy sets each axis to its own)
+    reach = max((float(layer.linkages[labelling.name][:, 2].max(initial=0.0)) for layer in layers), default=0.0)
     for ax, layer in zip(axes[0], layers, strict=True):
         tree = layer.linkages[labelling.name]
         dendrogram(tree, labels=labelling.classes, orientation="left", ax=ax, leaf_font_size=8, color_threshold=0)
+        ax.set_xlim(1.05 * reach or 1.0, 0)
         ax.set_title(layer.title, fontsize=9)
         ax.set_xlabel("Euclidean distance between centroids")
     fig.suptitle(

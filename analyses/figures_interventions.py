@@ -45,8 +45,10 @@ def figure5(scores: pa.Table, title: str) -> plt.Figure:
     """
     tasks = list(dict.fromkeys(scores["task"].to_pylist()))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
+    by_metric: dict[str, list] = {}
     for ax, task in zip(axes[0], tasks, strict=True):
         lines, none, metric = mean_by_type(scores, task)
+        by_metric.setdefault(metric, []).append(ax)
         for neuron_type, points in lines.items():
             ks = sorted(points)
             style = {"color": "black", "linestyle": ":"} if neuron_type == "random" else {}
@@ -62,6 +64,11 @@ def figure5(scores: pa.Table, title: str) -> plt.Figure:
         ax.set_title(TASK_TITLES.get(task, task))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    for same in by_metric.values():  # S2TT and T2TT panels are compared by eye: one scale per metric
+        low = min(ax.get_ylim()[0] for ax in same)
+        high = max(ax.get_ylim()[1] for ax in same)
+        for ax in same:
+            ax.set_ylim(low, high)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig

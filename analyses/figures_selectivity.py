@@ -36,7 +36,11 @@ def distribution_figure(counts: pa.Table, component: str, k: int, title: str) ->
     ...     figure = distribution_figure(layer_counts(session, "r1", "de", "lm", 10), "lm", 10, "de")
     """
     rows = counts.to_pylist()
-    layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
+    numbered = sorted({r["layer"] for r in rows if r["layer"] is not None})
+    # hook points outside the layers (embeddings, final norms) get their own bar left of layer 0, "no layer"
+    outside = any(r["layer"] is None for r in rows)
+    layers = ([None] if outside else []) + numbered
+    where = ([min(numbered, default=0) - 1] if outside else []) + numbered  # x of each bar
     submodules = sorted({r["submodule"] for r in rows})
     panels = [p for p in panel_order(component) if any(panel_of(s) == p for s in submodules)]
     fig, axes = plt.subplots(len(panels), 2, figsize=(12, 3.3 * len(panels)), squeeze=False)
@@ -51,14 +55,15 @@ def distribution_figure(counts: pa.Table, component: str, k: int, title: str) ->
             base = np.zeros(len(layers))
             for i, submodule in enumerate(members):
                 heights = np.array([value.get((layer, submodule, side), 0) for layer in layers], dtype=float)
-                ax.bar(layers, heights, bottom=base, color=colours(i % colours.N), label=submodule, width=0.8)
+                ax.bar(where, heights, bottom=base, color=colours(i % colours.N), label=submodule, width=0.8)
                 base += heights
             peak = max(peak, base.max() if len(base) else 0)
             ax.set_title(f"({next(letter)}) {side.capitalize()} {PANEL_TITLES[panel]}", fontsize=10)
             ax.set_xlabel("Layer index")
             ax.set_ylabel("Neuron count")
             if layers:
-                ax.set_xticks(layers if len(layers) <= 12 else layers[:: max(1, len(layers) // 12)])
+                ticks = numbered if len(numbered) <= 12 else numbered[:: max(1, len(numbered) // 12)]
+                ax.set_xticks(where[:1] + ticks if outside else ticks, (["no layer"] if outside else []) + ticks)
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(axis="y", alpha=0.3)
         for col in range(2):

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -51,6 +52,7 @@ def write_report(
     started = time.perf_counter()
     step = on_step or (lambda _: None)
     path = _out_path(store, out)
+    _check_writable(path)  # before the work: a bad --out fails in a second, not after the figures
     uri = store.location.uri
     page = Page(f"hookpoints report: {uri}")
     with store.query() as session:
@@ -67,7 +69,8 @@ def write_report(
         section = page.section(f"Language- and modality-specific neurons ({SEAMLESS})")
         found = rankings(session, chosen if runs else None)
         if not found:
-            section.add(absent("AP ranking (scores table)", f"hookpoints ap --store {uri} --run RUN [--run RUN2]"))
+            command = f"hookpoints ap --store {uri} --run RUN [--run RUN2] --preset all"
+            section.add(absent("AP ranking (scores table)", command))
         for ranking in found:
             step(f"ranking {ranking['ranking']}")
             add_ranking(section.section(f"AP ranking {ranking['ranking']}"), session, ranking, magnitudes=magnitudes)
@@ -76,7 +79,8 @@ def write_report(
         section = page.section(f"Interventions (Figure 5 of {SEAMLESS})")
         found = sweeps(session, chosen if runs else None)
         if not found:
-            section.add(absent("intervention sweep", f"hookpoints intervene --store {uri} --run RUN --sweep NAME ..."))
+            command = f"hookpoints intervene --store {uri} --run RUN --task s2tt --sweep NAME ..."
+            section.add(absent("intervention sweep", command))
         for sweep in found:
             step(f"sweep {sweep}")
             add_sweep(section.section(f"Sweep {sweep}"), session, sweep)
@@ -103,8 +107,13 @@ def write_report(
         "median-replacement interventions, activation magnitudes; its seed text carries no title) and "
         f"<i>{esc(LALM)}</i>; figure and table numbers in the section titles are those papers'.</p>"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page.html(), encoding="utf-8")
+    partial = _partial(path)
+    try:
+        partial.write_text(page.html(), encoding="utf-8")
+        os.replace(partial, path)  # a failed write leaves no half report
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"cannot write the report to {path}: {error.strerror or error}") from None
     return path
 
 
@@ -115,11 +124,31 @@ def _out_path(store: Store, out: str | Path | None) -> Path:
             raise UserError(f"--out {path} is a folder: give a file name such as {path / 'report.html'}")
         if path.suffix.lower() not in (".html", ".htm"):
             raise UserError(f"--out {path} must end in .html (the report is one HTML file)")
+        if store.location.is_local and path.resolve().is_relative_to(Path(store.location.uri).resolve()):
+            raise UserError(
+                f"--out {path} is inside the store: write the report elsewhere (a store holds only its own tables; "
+                "`hookpoints store verify` flags any other file)"
+            )
         return path
     if store.location.is_local:
         root = Path(store.location.uri)
         return root.parent / f"{root.name}-report.html"
     return Path.cwd() / "hookpoints-report.html"
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
+def _check_writable(path: Path) -> None:
+    """Make ``path``'s folder and write a probe file there, or a one-line UserError."""
+    probe = _partial(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write the report to {path}: {error.strerror or error}; pick another --out") from None
 
 
 #: ``hookpoints.report(store, ...)``: the name the package root exports.

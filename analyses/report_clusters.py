@@ -135,6 +135,7 @@ def add_analysis(section: Section, session: QuerySession, info: dict) -> None:
     """Every figure and table of one stored clustering analysis."""
     maps = load_maps(session, info)
     labels = ", ".join(info["labels"] or [])
+    again = f"hookpoints clusters --store {session.store.location.uri} --run {maps.run}"
     section.add(
         paragraph(
             f"Analysis {info['analysis']}: {maps.caption}; labels {labels}; "
@@ -152,7 +153,7 @@ def add_analysis(section: Section, session: QuerySession, info: dict) -> None:
         tsne.add(
             absent(
                 f"t-SNE maps for analysis {info['analysis']} (run with --no-tsne, or before maps were stored)",
-                f"hookpoints clusters --store S --run {maps.run} --label {' --label '.join(info['labels'] or ['L'])}",
+                f"{again} --label {' --label '.join(info['labels'] or ['L'])}",
             )
         )
     trees = section.section("Dendrograms of class centroids (Figure 13c)")
@@ -183,7 +184,7 @@ def add_analysis(section: Section, session: QuerySession, info: dict) -> None:
         distances.add(
             absent(
                 "example distance table for this analysis",
-                f"hookpoints clusters --store S --run {maps.run} --label L --examples ID,ID,...",
+                f"{again} --label L --examples ID,ID,...",
             )
         )
 

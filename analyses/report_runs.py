@@ -23,7 +23,7 @@ def columns_of(session: QuerySession, view: str) -> list[str]:
 def add_runs(section: Section, session: QuerySession, runs: list[str], store_uri: str) -> None:
     """Fill ``section`` with one subsection per run (``runs`` in the order of the store)."""
     if not runs:
-        section.add(absent("runs", f"hookpoints record --store {store_uri} --model M --manifest F --run R"))
+        section.add(absent("runs", f"hookpoints record --store {store_uri} --model MODEL --data MANIFEST --run RUN"))
         return
     names = literals(runs)
     overview = session.sql(

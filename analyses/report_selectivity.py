@@ -15,7 +15,7 @@ from hookpoints.analyses.figures_interventions import figure5, sweep_title
 from hookpoints.analyses.figures_selectivity import distribution_figure, magnitude_figure, overlap_figure
 from hookpoints.analyses.report_html import Section, absent, image, paragraph, table
 from hookpoints.analyses.report_runs import literals
-from hookpoints.analyses.selection import overlap, selection_gini
+from hookpoints.analyses.selection import overlap, selection_gini, shown_k
 from hookpoints.store.query import QuerySession
 
 from hookpoints.errors import UserError
@@ -37,7 +37,7 @@ def rankings(session: QuerySession, runs: list[str] | None) -> list[dict]:
 def add_ranking(section: Section, session: QuerySession, ranking: dict, *, magnitudes: bool = True) -> None:
     """Distributions, overlaps, Gini table and magnitudes of one ranking."""
     key = ranking["ranking"]
-    k = min(ranking["ks"] or [50])
+    k = shown_k(ranking["ks"] or [50])  # as `hookpoints ap` prints it
     sets = session.sql(
         f"""SELECT label_set, any_value(preset) AS preset, any_value(positive) AS positive,
                    any_value(among) AS among, any_value(n_positive) AS n_positive, any_value(n_among) AS n_among
@@ -108,8 +108,8 @@ def _add_overlaps(section: Section, session: QuerySession, key: str, sets: list[
     if len(by_modality) < 2:
         section.add(
             absent(
-                "ranking of unimodal label sets in two modalities for this run group",
-                f"hookpoints ap --store S --run SPEECH_RUN --run TEXT_RUN --preset unimodal  (ranking {key})",
+                f"ranking of unimodal label sets in two modalities for ranking {key}",
+                f"hookpoints ap --store {session.store.location.uri} --run SPEECH_RUN --run TEXT_RUN --preset unimodal",
             )
         )
         return

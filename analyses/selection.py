@@ -23,6 +23,19 @@ from hookpoints.errors import UserError
 
 #: The paper's selection sizes (neurons per module group); the default of ranking and of the sweep.
 PAPER_KS = (500, 1000, 2500, 5000)
+#: The k the paper's Figures 2-4 show: what `ap` prints and the report draws when the ranking stored it.
+FIGURE_K = 1000
+
+
+def shown_k(ks: list[int] | tuple[int, ...]) -> int:
+    """The k a summary shows of a ranking that stored ``ks``: the paper's 1000 if stored, else the smallest.
+
+    >>> shown_k((500, 1000, 2500, 5000)), shown_k((20, 50))
+    (1000, 20)
+    """
+    return FIGURE_K if FIGURE_K in ks else min(ks)
+
+
 #: The sides of a ranking a selection takes; interventions may also take ``both``.
 SIDES = ("top", "bottom")
 SIDE_CHOICES = (*SIDES, "both")

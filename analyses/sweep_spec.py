@@ -72,10 +72,17 @@ def check_spec(spec: SweepSpec) -> None:
     check_ks(spec.ks)
     if spec.value is not None and not math.isfinite(spec.value):
         raise UserError(f"--value must be a finite number, not {spec.value}: it becomes the neurons' value or shift")
+    if spec.value is not None and spec.kind not in ("constant", "steer"):
+        raise UserError(
+            f"--value is for --kind constant or steer; --kind {spec.kind} does not use it (it was ignored, and "
+            "stored with the sweep's rows)"
+        )
     if spec.seed < 0:
         raise UserError(f"--seed must be a non-negative integer, not {spec.seed}")
     if spec.limit < 1 or spec.batch_size < 1 or spec.max_new_tokens < 1:
         raise UserError("--limit, --batch-size and --max-new-tokens must be at least 1")
+    if spec.frames is not None and spec.frames < 1:
+        raise UserError(f"--frames must be at least 1, not {spec.frames}")
     ranked = [t for t in neuron_types(spec) if t not in ("random", "none")] + list(spec.label_sets)
     if "random" in neuron_types(spec) and not ranked and not spec.neurons:
         raise UserError(

@@ -49,6 +49,7 @@ def score_table(scores: pa.Table) -> list[dict]:
     >>> rows = score_table(sweep(store, spec))  # doctest: +SKIP
     """
     rows: dict[tuple, dict] = {}
+    raw: dict[tuple, list[float]] = {}  # the mean is of the scores, not of the rounded ones shown
     for row in scores.to_pylist():
         # by neuron type, side and k (as Figure 5): a --label-set NAME with {language} names another label set
         # per language, one condition each, and is still one row
@@ -60,7 +61,7 @@ def score_table(scores: pa.Table) -> list[dict]:
         if entry["condition"] != row["condition"]:
             entry["condition"] = f"{row['neuron_type']}/{row['side']}/k={row['k']}"
         entry[row["language"]] = round(row["score"], 3)
-    for entry in rows.values():
-        values = [v for key, v in entry.items() if key not in ("task", "condition", "neurons", "metric")]
-        entry["mean"] = round(sum(values) / len(values), 3)
+        raw.setdefault(key, []).append(row["score"])
+    for key, entry in rows.items():
+        entry["mean"] = round(sum(raw[key]) / len(raw[key]), 3)
     return list(rows.values())

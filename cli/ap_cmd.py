@@ -154,10 +154,12 @@ def note_left_out(session, runs, hooks, patterns) -> None:
 
 
 def _report_k(ks: tuple[int, ...], report_k: int | None, smallest_group: int) -> int:
+    from hookpoints.analyses.selection import shown_k
+
     from hookpoints.errors import UserError
 
     if report_k is None:
-        return 1000 if 1000 in ks else min(ks)
+        return shown_k(ks)
     if not 1 <= report_k <= smallest_group:
         raise UserError(f"--report-k must be between 1 and the smallest module group's {smallest_group:,} neurons")
     return report_k
@@ -190,19 +192,29 @@ def report(
     components: list[str] | None = None,
     gini_unit: str = "layer_submodule",
     overlaps: bool = True,
+    fmt: str | None = "table",
 ) -> list[Path]:
-    """Print the summary of ranked label sets (and save its figures); returns the files written."""
+    """Print the summary of ranked label sets (and save its figures); returns the files written.
+
+    ``fmt``: ``table`` (with the modality overlaps), ``csv`` or ``json`` (the summary rows alone, nothing else on
+    stdout), or None (printed nothing: only the figures)."""
     from hookpoints.analyses.ap_report import selectivity_report
 
+    if fmt is None and plots_dir is None:
+        return []
     summary = selectivity_report(
         store, run, label_sets, k, components=components, gini_unit=gini_unit, overlaps=overlaps
     )
-    show_report(summary)
-    return save_figures(summary, plots_dir)
+    if fmt == "table":
+        show_report(summary)
+    elif fmt is not None:
+        render(summary_rows(summary), fmt)
+    return save_figures(summary, plots_dir, note=out if fmt == "table" else err)
 
 
-def save_figures(summary, plots_dir: Path | None) -> list[Path]:
-    """Save a selectivity report's figures (PNG and SVG) into ``plots_dir``; returns the files."""
+def save_figures(summary, plots_dir: Path | None, note=out) -> list[Path]:
+    """Save a selectivity report's figures (PNG and SVG) into ``plots_dir``; returns the files. ``note``: the
+    console that says where they are (stderr where stdout holds csv or json)."""
     from hookpoints.analyses.figures import save
 
     paths: list[Path] = []
@@ -211,8 +223,33 @@ def save_figures(summary, plots_dir: Path | None) -> list[Path]:
     for name, figure in summary.figures():
         paths += save(figure, plots_dir, name)
     if paths:
-        out.print(f"plots: {len(paths)} files in {plots_dir} (e.g. {paths[0].name})")
+        note.print(f"plots: {len(paths)} files in {plots_dir} (e.g. {paths[0].name})", soft_wrap=True)
     return paths
+
+
+def summary_rows(summary) -> list[dict]:
+    """The summary as plain values for csv / json: one row per label set and module group, the same columns in
+    every row (neurons of the top-k / bottom-k per panel, 0 where a group has no such panel)."""
+    panels = [p for p in PANEL_SHORT if any(p in row.top or p in row.bottom for row in summary.rows)]
+    return [
+        {
+            "label_set": row.label_set,
+            "component": row.component,
+            "k": summary.k,
+            "n_positive": row.n_positive,
+            "n_among": row.n_among,
+            "max_ap": row.max_ap,
+            "best_neuron": row.best_neuron,
+            "median_ap": row.median_ap,
+            "min_ap": row.min_ap,
+            **{f"top_{panel}": row.top.get(panel, 0) for panel in panels},
+            **{f"bottom_{panel}": row.bottom.get(panel, 0) for panel in panels},
+            "gini_top": row.gini_top,
+            "gini_bottom": row.gini_bottom,
+            "gini_unit": summary.gini_unit,
+        }
+        for row in summary.rows
+    ]
 
 
 def show_report(summary) -> None:

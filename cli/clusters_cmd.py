@@ -75,10 +75,13 @@ def command(
     Results are appended to the store's `clusters` table (query it with `hookpoints sql`).
     """
     from hookpoints.analyses.clusters import ClusterSettings
+    from hookpoints.cli.ap_cmd import check_plots_dir
     from hookpoints.store.catalog import Store
 
     from hookpoints.errors import UserError
 
+    if plots_dir and no_plots:
+        raise UserError("give --plots DIR or --no-plots, not both")
     if tsne_threads < 0:
         raise UserError(f"--tsne-threads must be 0 (all cores) or more, not {tsne_threads}")
     settings = ClusterSettings(
@@ -96,7 +99,11 @@ def command(
     )
     store = Store.open(store_path)
     folder = None if no_plots else Path(plots_dir) if plots_dir else default_plot_folder(store)
-    analyse(store, run, settings, folder, fmt=fmt, dendrogram_layers=_layer_list(dendrogram_layers))
+    check_plots_dir(folder)  # a folder that cannot be written fails now, not after the analysis is stored
+    layers = _layer_list(dendrogram_layers)
+    if layers is not None:
+        _check_layers(store, run, list(patterns), layers)  # before minutes of t-SNE, not after
+    analyse(store, run, settings, folder, fmt=fmt, dendrogram_layers=layers)
 
 
 def analyse(store, run: str, settings, folder: Path | None, *, fmt: str = "table", dendrogram_layers=None):
@@ -191,6 +198,22 @@ def _first_and_last(layers: list) -> list:
 
 def _id_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _check_layers(store, run: str, patterns: list[str], layers: list[int]) -> None:
+    """Every --dendrogram-layers number is a layer of the hook points compared, or a one-line UserError."""
+    from hookpoints.analyses.layers import layer_hooks
+
+    from hookpoints.errors import UserError
+
+    with store.query() as session:
+        known = sorted({h.layer for h in layer_hooks(session, run, patterns or None) if h.layer is not None})
+    missing = [layer for layer in layers if layer not in known]
+    if missing:
+        raise UserError(
+            f"--dendrogram-layers {missing[0]} is not a layer of the hook points compared; they have layers "
+            f"{', '.join(map(str, known)) or 'none'}"
+        )
 
 
 def _layer_list(text: str) -> list[int] | None:

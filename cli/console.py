@@ -158,12 +158,12 @@ def _plain(value):
 def _cell(value, *, csv_cell: bool = False) -> str:
     if value is None:
         return "" if csv_cell else NULL
-    if isinstance(value, float):
-        return f"{value:.6g}"
+    if isinstance(value, float):  # csv keeps every digit (as `hookpoints sql` does); a table shows 6
+        return str(value) if csv_cell else f"{value:.6g}"
     if isinstance(value, list):
         if csv_cell:
             return json.dumps(value, default=_plain)
-        shown = ", ".join(_cell(v, csv_cell=True) for v in value[:6])
+        shown = ", ".join(f"{v:.6g}" if isinstance(v, float) else _cell(v, csv_cell=True) for v in value[:6])
         return f"[{shown}{', …' if len(value) > 6 else ''}] ({len(value)})"
     if isinstance(value, (datetime.datetime, datetime.date)):
         return value.isoformat(timespec="seconds")

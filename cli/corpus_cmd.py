@@ -11,15 +11,16 @@ from hookpoints.cli.console import out, progress
 @click.option("--limit", type=int, help="Only the first N sentences per language.")
 @click.option("--text-only", is_flag=True, help="Write the text manifest only (no espeak-ng needed).")
 def command(directory: str | None, limit: int | None, text_only: bool) -> None:
-    """Write text.jsonl and speech.jsonl of the bundled corpus (en, de, es, fr, zh, ja; espeak-ng speech)."""
+    """Write text.jsonl and speech.jsonl of the bundled corpus (en, de, es, fr, zh, ja; espeak-ng speech);
+    text-limitN.jsonl and speech-limitN.jsonl with --limit N."""
     from hookpoints.corpus import VARIANTS, corpus_manifests, corpus_rows
 
-    total = len(corpus_rows(limit=limit)) * len(VARIANTS)
-    with progress() as bar:
-        task = bar.add_task("speech (espeak-ng)", total=0 if text_only else total)
-        manifests = corpus_manifests(
-            directory, limit=limit, speech=not text_only, on_file=lambda n: bar.advance(task, n)
-        )
+    if text_only:  # no speech, no bar (an empty "speech 0/0" bar was printed)
+        manifests = corpus_manifests(directory, limit=limit, speech=False)
+    else:
+        with progress() as bar:
+            task = bar.add_task("speech (espeak-ng)", total=len(corpus_rows(limit=limit)) * len(VARIANTS))
+            manifests = corpus_manifests(directory, limit=limit, on_file=lambda n: bar.advance(task, n))
     out.print(f"text:   {manifests.text}  ({manifests.text_rows} rows)")
     if manifests.speech:
         out.print(f"speech: {manifests.speech}  ({manifests.speech_rows} rows, voices {', '.join(VARIANTS)})")

@@ -55,6 +55,19 @@ def show_stage(name: str, demo, result, plots_dir: Path) -> None:
             show(demo.store, clusters, plots_dir)
 
 
+def _check_model(model: str) -> None:
+    """``--model`` names a SeamlessM4T v2 checkpoint that is there, or a one-line UserError."""
+    from transformers import AutoConfig
+
+    from hookpoints.errors import UserError
+    from hookpoints.loading import model_modalities
+
+    model_modalities(model)  # a missing path, an unreachable hub id, an unreadable config: one line each
+    kind = AutoConfig.from_pretrained(model).model_type
+    if kind != "seamless_m4t_v2":
+        raise UserError(f"--model {model} is a {kind} model: the demo needs a SeamlessM4T v2 one (ASR, S2TT, T2TT)")
+
+
 def show_store(demo) -> None:
     from hookpoints.analyses.demo_queries import STORE_QUERIES
     from hookpoints.store.summary import run_summary
@@ -90,6 +103,8 @@ def command(store_path: str, model: str | None, limit: int | None, threads: int 
         raise UserError(f"--limit must be at least 1, not {limit}")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be at least 1, not {threads}")
+    if model:
+        _check_model(model)  # before the store is made and the corpus recorded, not at the SeamlessM4T stage
     if threads or not model:
         # Small models gain nothing from intra-op threads, and on a busy machine their spinning costs several times
         # the work (all-MiniLM-L6-v2 on the corpus: 6 s of CPU with 1 thread, 43 s with 2 on a loaded 2-core box).

@@ -68,8 +68,10 @@ def command(
 ) -> None:
     """Replace selected neurons during generation and score what happens (Experiment 2 and Figure 5 of the
     SeamlessM4T v2 neuron paper)."""
+    from hookpoints.cli.ap_cmd import check_plots_dir
     from hookpoints.store.catalog import Store
 
+    check_plots_dir(plots_dir)  # before the generations, not after them
     placement = load_options(device, model_dtype, device_map, offload_folder)
     name = sweep_name or datetime.now(UTC).strftime("sweep-%Y%m%dT%H%M%S")
     spec = SweepSpec(

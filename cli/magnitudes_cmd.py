@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from hookpoints.cli.console import counting, out, render
+from hookpoints.cli.console import counting, err, out, render
+from hookpoints.cli.params import FiniteFloat
 
 
 @click.command("magnitudes")
@@ -19,7 +20,13 @@ from hookpoints.cli.console import counting, out, render
 )
 @click.option("--component", "components", multiple=True, help="Only these module groups (repeatable).")
 @click.option("--absolute", is_flag=True, help="Average |activation| instead of the signed activation.")
-@click.option("--scale", type=float, default=1000.0, show_default=True, help="Factor the deviations are shown at.")
+@click.option(
+    "--scale",
+    type=FiniteFloat(0, strict=True),
+    default=1000.0,
+    show_default=True,
+    help="Factor the deviations are shown at.",
+)
 @click.option("--gini/--no-gini", "with_gini", default=True, show_default=True, help="Also activation inequality.")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), help="Write figures here.")
 def command(store_path, runs, by, where, patterns, components, absolute, scale, with_gini, plots_dir) -> None:
@@ -39,7 +46,8 @@ def command(store_path, runs, by, where, patterns, components, absolute, scale, 
         hooks = shared_hooks(session, group.runs, patterns=list(patterns) or None, components=list(components) or None)
         columns = group_columns(session, examples, list(by) or None)
         note_left_out(session, group.runs, hooks, list(patterns) or None)
-        magnitudes = layer_magnitudes(session, examples, hooks, columns, absolute=absolute)
+        with err.status("layer-wise magnitudes: one aggregate over the runs' activations"):  # minutes at scale
+            magnitudes = layer_magnitudes(session, examples, hooks, columns, absolute=absolute)
         groups = example_groups(session, examples, columns) if with_gini else None
     label = "|activation|" if absolute else "activation"
     shown = magnitudes.to_pylist()

@@ -9,7 +9,13 @@ from hookpoints.cli.console import err, out
 @click.command("report")
 @click.option("--store", "store_path", required=True, help="Store folder or s3:// URI.")
 @click.option("--run", "runs", multiple=True, help="Only these runs and the analyses over them (repeatable).")
-@click.option("--out", "out_path", metavar="FILE.html", help="HTML file (default: STORE-report.html beside it).")
+@click.option(
+    "--out",
+    "out_path",
+    metavar="FILE.html",
+    help="HTML file, not inside the store (default: STORE-report.html beside a local store, "
+    "hookpoints-report.html here for s3://).",
+)
 @click.option(
     "--magnitudes/--no-magnitudes",
     default=True,

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from hookpoints.errors import UserError
+from hookpoints.loading import quiet_transformers
 
 BINARY_VERSION = 6
 DTYPES = (np.float32, np.int8, np.int16, np.int32, np.float16, "bfloat16")  # CTranslate2's DataType order
@@ -243,6 +244,7 @@ def convert_ct2_whisper(source: str | Path, destination: str | Path) -> Path:
         generation.alignment_heads = [list(pair) for pair in ct2_config["alignment_heads"]]
     generation.max_length = sizes["max_target_positions"]
     destination.mkdir(parents=True, exist_ok=True)
+    quiet_transformers()  # no "Writing model shards" tqdm bar on stderr (carriage returns in a log)
     model.save_pretrained(destination)
     tokenizer.save_pretrained(destination)
     WhisperFeatureExtractor(feature_size=sizes["num_mel_bins"]).save_pretrained(destination)

@@ -20,13 +20,17 @@ from rich.progress import Progress
 def bar_callbacks(bar: Progress, label: str) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
     """``(on_start(total), on_batch(n))`` for one task of ``bar``, which appears only once work starts."""
     task = bar.add_task(label, start=False)
+    started = False
 
     def on_start(total: int) -> None:
+        nonlocal started
         bar.update(task, total=total)
         bar.start()
         bar.start_task(task)
+        started = True
 
     try:
         yield on_start, lambda n: bar.advance(task, n)
     finally:
-        bar.stop()
+        if started:  # a bar never shown prints nothing (rich's stop writes a blank line where output is piped)
+            bar.stop()

@@ -120,11 +120,14 @@ def _progress(label: str, show: bool) -> Iterator[tuple[Callable[[int], None], C
     if not show:
         yield (lambda total: None), (lambda n: None)
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hookpoints.progress_bar import bar_callbacks
 
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    # on stderr, as the CLI's: a script's stdout (`python export.py > rows.csv`) stays its own; Jupyter shows it too
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    bar = Progress(*columns, console=Console(stderr=True))
     with bar_callbacks(bar, label) as callbacks:
         yield callbacks
 

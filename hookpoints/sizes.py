@@ -7,6 +7,7 @@ query position, so a per-position pattern grows with the square of the input's l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from hookpoints.errors import UserError
@@ -61,6 +62,6 @@ def parse_size(text: str) -> int:
         number = float(value[: len(value) - len(unit)])
     except ValueError:
         raise UserError(f"--max-bytes must be a size like 2G, 500M or 1048576, not {text!r}") from None
-    if number <= 0:
-        raise UserError(f"--max-bytes must be more than 0, not {text!r}")
+    if not math.isfinite(number) or number <= 0:
+        raise UserError(f"--max-bytes must be a finite size more than 0, not {text!r}")
     return int(number * units[unit])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from importlib import resources
 
@@ -186,3 +187,78 @@ def test_selection_refuses_a_bad_overlap_before_printing_the_summary(store_path,
     )  # fmt: skip
     assert code == 2 and "has no ranking of run(s) 'nope'" in err
     assert out == ""  # the summary used to be printed first, the error after it
+
+
+def test_selection_csv_and_json_are_one_clean_table(store_path, tmp_path, run_cli):
+    """`selection --format csv` printed the rich summary table (and json with --overlap two arrays after it):
+    neither parsed. Now stdout holds one table: the summary's rows, or with --overlap the overlaps."""
+    import csv
+    import io
+
+    from hookpoints.analyses.ap_report import selectivity_report
+
+    code, _, err = run_cli("ap", "--store", store_path, "--run", "s2tt", "--preset", "unimodal", "--k", "5")
+    assert code == 0, err
+    base = ["selection", "--store", store_path, "--run", "s2tt", "--k", "4"]
+    code, out, err = run_cli(*base, "--format", "csv", "--plots", str(tmp_path))
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    expected = selectivity_report(Store.open(store_path), "s2tt", [r["label_set"] for r in rows], 4, overlaps=False)
+    assert [(r["label_set"], r["component"]) for r in rows] == [(r.label_set, r.component) for r in expected.rows]
+    for row, want in zip(rows, expected.rows, strict=True):
+        assert float(row["gini_top"]) == pytest.approx(want.gini_top) and row["best_neuron"] == want.best_neuron
+        assert sum(int(row[f"top_{p}"]) for p in want.top) == 4 and int(row["n_among"]) == want.n_among
+    assert "plots:" in err and "plots:" not in out
+    code, out, err = run_cli(*base, "--format", "json", "--overlap", "unimodal/speech/*", "unimodal/speech/*")
+    assert code == 0, err
+    overlaps = json.loads(out)  # one JSON document: both sides of every module group
+    assert {(r["component"], r["side"]) for r in overlaps} == {
+        (c, s) for c in ("speech_encoder", "text_decoder") for s in ("bottom", "top")
+    }
+    assert all(r[r["row"]] == 4 for r in overlaps)  # a selection shares all its k neurons with itself
+    code, _, err = run_cli(*base, "--overlap-run", "s2tt")
+    assert code == 2 and "give --overlap ROWS COLUMNS too" in err
+
+
+def test_selection_csv_keeps_every_digit_of_the_ap(store_path, run_cli):
+    """csv cells of `selection --list` were rounded to 6 significant digits (`hookpoints sql --format csv` keeps
+    them all): APs that differ in the 7th digit printed equal."""
+    import csv
+    import io
+
+    code, _, err = run_cli("ap", "--store", store_path, "--run", "s2tt", "--preset", "unimodal", "--k", "5")
+    assert code == 0, err
+    args = ["--store", store_path, "--run", "s2tt", "--label-set", "unimodal/speech/de", "--k", "5", "--side", "top"]
+    code, out, err = run_cli("selection", *args, "--list", "--format", "csv")
+    assert code == 0, err
+    listed = {(r["hook"], int(r["neuron"])): float(r["ap"]) for r in csv.DictReader(io.StringIO(out))}
+    with Store.open(store_path).query() as session:
+        stored = session.sql(
+            "SELECT hook, neuron, ap FROM scores WHERE run = 's2tt' AND label_set = 'unimodal/speech/de' "
+            "AND top_rank <= 5"
+        )
+    assert listed == {(r["hook"], r["neuron"]): r["ap"] for r in stored.to_pylist()}
+
+
+def test_magnitudes_shows_that_it_is_working_during_its_aggregate(store_path, run_cli, monkeypatch):
+    """The one SQL aggregate over every activation (minutes on a full store, docs/report.md) ran without a word in
+    a terminal; only the Gini after it had a bar."""
+    from hookpoints.cli import magnitudes_cmd
+    from rich.console import Console
+
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=100)
+    monkeypatch.setattr(magnitudes_cmd, "err", terminal)
+    code, _, err = run_cli("magnitudes", "--store", store_path, "--run", "s2tt", "--no-gini")
+    assert code == 0, err
+    assert "layer-wise magnitudes: one aggregate over the runs' activations" in terminal.file.getvalue()
+
+
+def test_selection_defaults_to_the_k_ap_and_the_report_show(store_path, run_cli):
+    """`selection` without --k asked for top-1000 selections of a ranking that stored ks 5 and 10 and was refused
+    ("k=1000 is larger than module group"), while ap and the report showed top-5."""
+    args = ["ap", "--store", store_path, "--run", "s2tt", "--preset", "unimodal"]
+    code, out, err = run_cli(*args, "--k", "5", "--k", "10")
+    assert code == 0 and "top-5" in out, err
+    code, out, err = run_cli("selection", "--store", store_path, "--run", "s2tt", "--label-set", "unimodal/speech/de")
+    assert code == 0, err
+    assert "top-5" in out and "top-1000" not in out

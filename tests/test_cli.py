@@ -127,3 +127,36 @@ def test_bad_input_is_one_line(tiny_model_dir, write_manifest, tmp_path, run_cli
 def test_debug_shows_the_traceback(run_cli):
     with pytest.raises(UserError, match="does not exist"):
         run_cli("--debug", "hooks", "/nowhere/model")
+
+
+@pytest.mark.parametrize("size", ["nanG", "inf", "-infM", "1e400"])
+def test_a_max_bytes_that_is_not_a_finite_size_is_one_line(size):
+    """`record --max-bytes nanG` failed with "ValueError: cannot convert float NaN to integer" (exit 1)."""
+    from hookpoints.sizes import parse_size
+
+    with pytest.raises(UserError, match="--max-bytes must be a finite size more than 0"):
+        parse_size(size)
+    assert parse_size("1.5K") == 1536
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "0", "-1000"])
+def test_magnitudes_scale_must_be_a_positive_finite_number(tmp_path, run_cli, scale):
+    """`magnitudes --scale nan` printed a column of NaN headed "deviation xnan"; 0 printed zeros, a negative
+    scale flipped the deviations' sign."""
+    code, out, err = run_cli("magnitudes", "--store", str(tmp_path / "s"), "--run", "r", "--scale", scale)
+    assert code == 2 and "Invalid value for '--scale'" in err and "Traceback" not in err and out == ""
+
+
+def test_an_error_before_the_progress_bar_starts_prints_only_the_error(tmp_path, capsys):
+    """An input refused inside a `counting` block (the clustering checks, before its bar starts) printed a blank
+    line before the error on a piped stderr: rich's Progress.stop writes one even for a bar never shown."""
+    from hookpoints.cli.console import counting
+
+    with pytest.raises(UserError), counting("clustering r") as (on_start, on_advance):
+        raise UserError("refused")
+    assert capsys.readouterr().err == ""
+    with counting("clustering r") as (on_start, on_advance):
+        on_start(2)
+        on_advance(2)
+    shown = capsys.readouterr().err
+    assert "clustering r" in shown and "2/2" in shown

@@ -90,6 +90,8 @@ def test_default_plot_folder_is_next_to_the_store(store_path, run_cli):
         (["--label", "language"], "t-SNE with perplexity 30 needs more than 30 examples"),
         (["--label", "language", "--no-tsne", "--tsne-threads", "-1"], "--tsne-threads must be 0"),
         (["--label", "language", "--no-tsne", "--dendrogram-layers", "x"], "--dendrogram-layers takes layer numbers"),
+        (["--label", "language", "--no-tsne", "--dendrogram-layers", "0,7"], "--dendrogram-layers 7 is not a layer"),
+        (["--label", "language", "--no-tsne", "--plots", "figs"], "give --plots DIR or --no-plots, not both"),
         (["--label", "language", "--no-tsne", "--pooling", "mean"], "cannot give mean"),
         (["--label", "language", "--no-tsne", "--examples", "s00-l0"], "at least 2 example ids"),
     ],
@@ -108,3 +110,15 @@ def test_unknown_run_and_store(store_path, tmp_path, run_cli):
     assert code == 2 and "there is no run 'nope'" in err
     code, _, err = run_cli("clusters", "--store", str(tmp_path / "none"), "--run", "syn", "--label", "language")
     assert code == 2 and "is not a hookpoints store" in err
+
+
+def test_a_plot_folder_that_cannot_be_written_is_refused_before_the_analysis(store_path, tmp_path, run_cli):
+    """`clusters --plots /proc/x` measured every layer, stored the analysis, then failed with FileNotFoundError
+    (exit 1) when it came to the plots."""
+    (tmp_path / "file").write_text("not a folder")
+    for folder in ("/proc/plots", str(tmp_path / "file" / "plots")):
+        code, out, err = run_cli("clusters", "--store", store_path, "--run", "syn", "--label", "language",
+                                 "--no-tsne", "--plots", folder)  # fmt: skip
+        assert code == 2 and f"cannot write plots to {folder}" in " ".join(err.split()) and out == "", err
+    code, _, err = run_cli("sql", "--store", store_path, "SELECT count(*) FROM clusters")
+    assert code == 2 and "clusters" in err  # nothing was stored

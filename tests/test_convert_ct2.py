@@ -121,3 +121,14 @@ def test_bad_input(tmp_path, run_cli):
     code, _, err = run_cli("convert", "ct2-whisper", str(ct2_folder()), str(full))
     assert code == 2 and "not empty" in err
     assert (full / "x").read_text() == "keep me"
+
+
+def test_the_command_prints_one_line_and_no_progress_bar_of_transformers(tmp_path, run_cli):
+    """`convert ct2-whisper` left transformers' "Writing model shards" tqdm bar on stderr (carriage returns in a
+    log) before its own line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a fresh process
+    code, out, err = run_cli("convert", "ct2-whisper", str(ct2_folder()), str(tmp_path / "whisper"))
+    assert code == 0, err
+    assert out == "" and err.strip() == f"wrote {tmp_path / 'whisper'}" and "\r" not in err

@@ -97,5 +97,6 @@ def test_corpus_command_writes_manifests(run_cli, tmp_path):
     code, out, err = run_cli("corpus", "--out", str(tmp_path), "--limit", "1", "--text-only")
     assert code == 0, err
     assert (tmp_path / "text-limit1.jsonl").is_file() and "6 rows" in out
+    assert err == ""  # --text-only synthesises nothing: no "speech (espeak-ng) 0/0" bar
     code, _, err = run_cli("corpus", "--out", str(tmp_path), "--limit", "0")
     assert code == 2 and "limit must be at least 1" in err

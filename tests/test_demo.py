@@ -105,3 +105,16 @@ def test_demo_runs_end_to_end(run_cli, tmp_path, monkeypatch):
 def test_demo_bad_limit(run_cli, tmp_path):
     code, _, err = run_cli("demo", "--store", str(tmp_path / "s"), "--limit", "0")
     assert code == 2 and "--limit must be at least 1" in err
+
+
+def test_demo_refuses_a_model_it_cannot_use_before_recording_anything(run_cli, tmp_path, tiny_model_dir):
+    """`demo --model /nonexistent` (or a GPT-2) recorded the corpus with MiniLM first and failed only at the
+    SeamlessM4T stage, leaving a half-filled store."""
+    store = tmp_path / "s"
+    for model, message in (
+        ("/nowhere/seamless", "model path /nowhere/seamless does not exist"),
+        (str(tiny_model_dir("gpt2")), "is a gpt2 model: the demo needs a SeamlessM4T v2 one"),
+    ):
+        code, out, err = run_cli("demo", "--store", str(store), "--model", model, "--limit", "1")
+        assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, err
+        assert not store.exists() and out == ""

@@ -121,3 +121,55 @@ def test_cluster_measures_have_integer_layer_ticks_and_save_writes_png_and_svg(t
     assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.stat().st_size > 1000 for p in paths)
     png = png_bytes(measures_figure(maps(3)[0]))
     assert png.startswith(b"\x89PNG")
+
+
+def test_dendrograms_of_several_layers_share_one_distance_scale():
+    """The first, middle and last layer's trees are drawn side by side to be compared; each had its own distance
+    axis (scipy fits it to the tree), so a last layer whose centroids sit half as far apart looked as spread."""
+    from hookpoints.analyses.figures_clusters import dendrogram_figure
+    from scipy.cluster.hierarchy import linkage
+
+    few, labelling = maps(4)
+    rng = np.random.default_rng(2)
+    for scale, layer in zip((6.0, 3.0, 1.0), few.layers, strict=True):
+        layer.linkages["speaker"] = linkage(rng.normal(size=(4, 5)) * scale, method="average")
+    fig = dendrogram_figure(few, labelling, few.layers)
+    reach = max(layer.linkages["speaker"][:, 2].max() for layer in few.layers)
+    limits = [ax.get_xlim() for ax in fig.axes]
+    assert len(set(limits)) == 1 and limits[0][1] == 0 and limits[0][0] >= reach
+    assert all(ax.get_xlabel() == "Euclidean distance between centroids" for ax in fig.axes)
+
+
+def test_distribution_draws_the_selected_neurons_of_hook_points_outside_the_layers():
+    """Neurons of hook points without a layer (hook_embed, hook_pos_embed ...) were in the legend but had no bar:
+    a top-50 figure of a BERT-style encoder showed 35 neurons where the summary table counted 50."""
+    counts = pa.Table.from_pylist(
+        [{"layer": None, "submodule": "hook_embed", "neurons": 8, "top": 4, "bottom": 1}]
+        + [
+            {"layer": layer, "submodule": sub, "neurons": 8, "top": 2, "bottom": 3}
+            for layer in range(3)
+            for sub in ("attn.hook_q", "mlp.hook_post")
+        ]
+    )
+    fig = distribution_figure(counts, "encoder", 16, "top-16")
+    drawn = {ax.get_title(): sum(bar.get_height() for bar in ax.patches) for ax in fig.axes if ax.patches}
+    assert sum(v for title, v in drawn.items() if "Top" in title) == 4 + 2 * 6
+    assert sum(v for title, v in drawn.items() if "Bottom" in title) == 1 + 3 * 6
+    other = next(ax for ax in fig.axes if ax.get_title().endswith("Top Other"))
+    assert [t.get_text() for t in other.get_xticklabels()] == ["no layer", "0", "1", "2"]
+
+
+def test_figure5_panels_of_one_metric_share_their_scale():
+    """S2TT and T2TT (both 0.6 BLEU + 0.4 chrF) are set side by side to compare how much each degrades; each panel
+    had its own y range, so a drop of 1 point and one of 20 looked alike. ASR's WER keeps its own scale."""
+    from hookpoints.analyses.figures_interventions import figure5
+
+    rows = []
+    for task, metric, scores in (("s2tt", "combined", (40.0, 39.0)), ("t2tt", "combined", (60.0, 40.0)),
+                                 ("asr", "wer", (0.2, 0.9))):  # fmt: skip
+        rows.append({"task": task, "metric": metric, "neuron_type": "none", "k": 0, "score": scores[0]})
+        for k, score in ((500, scores[0]), (1000, scores[1])):
+            rows.append({"task": task, "metric": metric, "neuron_type": "unimodal", "k": k, "score": score})
+    s2tt, t2tt, asr = figure5(pa.Table.from_pylist(rows), "sweep").axes
+    assert s2tt.get_ylim() == t2tt.get_ylim() and s2tt.get_ylim()[0] <= 39.0 and s2tt.get_ylim()[1] >= 60.0
+    assert asr.get_ylim()[1] < 2 and asr.get_ylabel() == "WER" and s2tt.get_ylabel() == "0.6 BLEU + 0.4 chrF"

@@ -230,6 +230,7 @@ def test_intervene_bad_input_writes_nothing(swept, run_cli):
         (["--k", "5", "--language", "xx", "--sweep", "b6"], "no example in language 'xx'"),
         (["--k", "5", "--kind", "constant", "--sweep", "b7"], "needs --value"),
         (["--k", "5", "--sweep", "bad name!"], "label set name|not allowed"),
+        (["--k", "5", "--sweep", "b8", "--plots", "/proc/plots"], "cannot write plots to /proc/plots"),  # was: after
     ]
     for extra, message in cases:
         code, _, err = run_cli(*base, *extra)
@@ -306,6 +307,10 @@ def test_default_unimodal_type_finds_a_ranking_without_modality_column(tmp_path)
         ({"kind": "constant", "value": float("nan")}, "--value must be a finite number, not nan"),
         ({"kind": "steer", "value": float("inf"), "stats_where": "language = 'de'"}, "--value must be a finite"),
         ({"seed": -1}, "--seed must be a non-negative integer, not -1"),
+        ({"frames": 0}, "--frames must be at least 1, not 0"),  # was a RuntimeError from torch's narrow / reshape
+        ({"frames": -1}, "--frames must be at least 1, not -1"),
+        ({"value": 3.0}, "--value is for --kind constant or steer; --kind median does not use it"),  # was ignored
+        ({"kind": "zero", "value": 0.0}, "--kind zero does not use it"),
     ],
 )
 def test_sweep_options_that_would_edit_with_nan_or_fail_in_numpy_are_refused(options, message):
@@ -371,3 +376,19 @@ def test_score_table_averages_a_templated_label_set_over_languages_like_figure_5
     assert means == {"none": 2.0, "label-set:unimodal/speech/{language}/top/k=5": 2.5, "random/k=5": 2.25}
     lines, none, _ = mean_by_type(pa.Table.from_pylist(rows), "asr")
     assert none == 2.0 and lines["label-set:unimodal/speech/{language}"][5] == 2.5 and lines["random"][5] == 2.25
+
+
+def test_score_table_mean_is_the_rounded_mean_of_the_scores_as_in_the_report():
+    """The CLI's mean column averaged the scores after rounding each to 3 decimals: 0.001 for scores whose mean is
+    0.0017, where the report (SQL round(avg(score), 3)) and Figure 5 said 0.002."""
+    from hookpoints.analyses.sweeps import score_table
+
+    scores = {"de": 0.0014, "es": 0.0014, "ja": 0.0024}
+    rows = [
+        {"task": "s2tt", "condition": "none", "neuron_type": "none", "side": None, "k": 0, "n_neurons": 0,
+         "metric": "combined", "language": language, "score": score}
+        for language, score in scores.items()
+    ]  # fmt: skip
+    (row,) = score_table(pa.Table.from_pylist(rows))
+    assert row["mean"] == round(float(np.mean(list(scores.values()))), 3) == 0.002
+    assert [row[language] for language in scores] == [0.001, 0.001, 0.002]

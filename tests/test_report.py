@@ -137,16 +137,23 @@ def test_runs_narrow_the_report_to_their_analyses(full_store, tmp_path):
         (["--run", "nope"], "run 'nope' is not in store"),
         (["--out", "{tmp}"], "is a folder"),
         (["--out", "{tmp}/report.txt"], "must end in .html"),
+        (["--out", "{tmp}/store/report.html"], "is inside the store: write the report elsewhere"),
+        (["--out", "{tmp}/store/../store/scores/x.html"], "is inside the store"),
+        (["--out", "/proc/report.html"], "cannot write the report to /proc/report.html"),
+        (["--out", "{tmp}/file/report.html"], "cannot write the report to"),
     ],
 )
 def test_bad_input_is_one_clear_error(store, tmp_path, run_cli, args, message):
     from clusters_helpers import clustered, write_run
 
     write_run(store, "only", *clustered())
+    (tmp_path / "file").write_text("a file where a folder is asked for")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     code, out, err = run_cli("report", "--store", str(store.location.uri), *args)
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written anywhere
 
 
 def test_cli_writes_the_report_and_prints_its_path(full_store, tmp_path, run_cli):
@@ -162,3 +169,67 @@ def test_python_entry_point_refuses_unknown_runs(full_store, tmp_path):
     with pytest.raises(UserError, match="not in store"):
         write_report(full_store, ["ghost"], tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
+
+
+def _suggested_commands(html: str) -> list[list[str]]:
+    """Every ``hookpoints ...`` command the report suggests, as arguments, with the optional ``[...]`` parts and
+    the trailing ``...`` left out."""
+    import html as html_module
+    import shlex
+
+    commands = []
+    for code in re.findall(r"<code>(hookpoints .*?)</code>", html):
+        text = re.sub(r"\[[^\]]*\]", "", html_module.unescape(code)).replace("...", "")
+        commands.append(shlex.split(text)[1:])
+    return commands
+
+
+def test_every_command_the_report_suggests_parses_and_names_what_it_needs(store, tmp_path):
+    """A reader copies the command the report names for an absent analysis: its options exist, its required
+    options are there (click parses it as the CLI would), and ``ap`` names a label set."""
+    from clusters_helpers import clustered, write_run
+    from hookpoints.analyses.clusters import ClusterSettings, cluster_layers, write_clusters
+    from hookpoints.analyses.labels import custom_label_set
+    from hookpoints.analyses.ranking import plan_ranking, rank, write_scores
+    from hookpoints.cli.main import cli
+    from hookpoints.store.catalog import Store
+
+    empty = Store.open(tmp_path / "empty", create=True)
+    pages = [write_report(empty, out=tmp_path / "empty.html").read_text()]
+    write_run(store, "only", *clustered())
+    pages.append(write_report(store, out=tmp_path / "runs.html").read_text())
+    write_clusters(store, cluster_layers(store, "only", ClusterSettings(labels=("language",), tsne=False)))
+    label_set = custom_label_set("language = 'l0'", None, "l0")
+    job = plan_ranking(store, ["only"], custom=[label_set], hooks=["blocks.*.hook_resid_post"], ks=(2,))
+    write_scores(store, rank(store, job))
+    pages.append(write_report(store, out=tmp_path / "analyses.html").read_text())
+    commands = [command for page in pages for command in _suggested_commands(page)]
+    assert {command[0] for command in commands} == {"record", "ap", "intervene", "clusters"}, commands
+    # empty: record, ap, intervene, clusters; runs only: ap, intervene, clusters; analyses: intervene, overlaps,
+    # t-SNE maps, distances
+    assert len(commands) == 11, commands
+    for name, *args in commands:
+        command = cli.get_command(None, name)
+        command.make_context(name, list(args))  # raises click's UsageError for an unknown or missing option
+        if name == "ap":
+            assert "--preset" in args or "--positive" in args, args
+
+
+def test_report_shows_the_k_that_ap_prints_the_papers_1000(tmp_path, run_cli):
+    """With the paper's ks (500 ... 5000) `hookpoints ap` prints top-1000 selections (the paper's Figures 2-4) but
+    the report drew top-500 ones: its Gini table disagreed with the CLI's for the same ranking."""
+    from hookpoints.analyses.ap_report import selectivity_report
+    from hookpoints.store.catalog import Store
+    from selectivity_helpers import examples_table, hook_rows, write_run
+
+    store = Store.open(tmp_path / "store", create=True)
+    write_run(store, "big", examples_table(3, "text"), hook_rows("lm", 2, {"ffn.fc1": 600}, layer_output=False))
+    args = ["ap", "--store", str(tmp_path / "store"), "--run", "big", "--preset", "unimodal", "--k", "500"]
+    code, out, err = run_cli(*args, "--k", "1000")
+    assert code == 0, err
+    assert "top-1000" in out
+    html = write_report(store, out=tmp_path / "r.html", magnitudes=False).read_text()
+    assert "Where the top-1000 and bottom-1000 neurons are" in html and "top-500" not in html
+    expected = selectivity_report(store, "big", ["unimodal/text/de"], 1000, overlaps=False).rows[0]
+    row = re.search(r"<tr><td>unimodal/text/de</td><td>lm</td><td[^>]*>([\d.]+)</td><td[^>]*>([\d.]+)</td>", html)
+    assert (float(row.group(1)), float(row.group(2))) == (round(expected.gini_top, 3), round(expected.gini_bottom, 3))
