@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,12 +164,44 @@ def _read_jsonl(path: Path) -> pa.Table:
 def _read_csv(path: Path) -> pa.Table:
     # ids, inputs and languages are text even when they look like numbers ("001", a text "1984")
     text = {name: pa.string() for name in ("id", "text", "audio", "language")}
-    options = pacsv.ConvertOptions(column_types=text, strings_can_be_null=False)
     _check_utf8(path)
     try:
-        return pacsv.read_csv(path, convert_options=options)
+        inferred = pacsv.read_csv(path, convert_options=_csv_options(text))
+        raw = pacsv.read_csv(path, convert_options=_csv_options(dict.fromkeys(inferred.column_names, pa.string())))
     except (pa.ArrowInvalid, UnicodeDecodeError) as error:
         raise UserError(f"manifest {path} is not a readable CSV file: {_one_line(error)}") from None
+    columns = [
+        column if _reads_back(column, raw.column(i)) else raw.column(i) for i, column in enumerate(inferred.columns)
+    ]
+    return pa.table(columns, names=inferred.column_names)
+
+
+def _csv_options(column_types: dict[str, pa.DataType]) -> pacsv.ConvertOptions:
+    return pacsv.ConvertOptions(column_types=column_types, strings_can_be_null=False)
+
+
+_PLAIN_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+
+
+def _reads_back(column: pa.ChunkedArray, raw: pa.ChunkedArray) -> bool:
+    """Whether a label column may keep the number/boolean type pyarrow inferred: no value's text is lost.
+
+    Every text must be a plain number (no ``007``, ``+1``, ``.5``) and no two texts may read as the same value
+    (``1`` and ``1.0``, ``true`` and ``True``); dates and other inferred types stay text.
+    """
+    if pa.types.is_string(column.type) or pa.types.is_null(column.type):
+        return True
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type)):
+        return False
+    texts: dict[object, str] = {}
+    for value, text in zip(column.to_pylist(), raw.to_pylist(), strict=True):
+        if value is None:
+            continue
+        if not pa.types.is_boolean(column.type) and not _PLAIN_NUMBER.fullmatch(text):
+            return False
+        if texts.setdefault(value, text) != text:
+            return False
+    return True
 
 
 def _read_parquet(path: Path) -> pa.Table:

@@ -31,7 +31,22 @@ def test_csv_inputs_that_look_like_numbers_stay_text(tmp_path):
     table = read_manifest(path).table
     assert table["text"].to_pylist() == ["1984", "2001"]
     assert table["language"].to_pylist() == ["1", "2"]
-    assert table["speaker"].to_pylist() == [7, 8]  # labels other than these keep the CSV's inferred types
+    assert table["speaker"].to_pylist() == ["007", "008"]  # a label that would lose its leading zeros stays text
+
+
+def test_csv_labels_keep_a_number_type_only_when_no_text_changes(tmp_path):
+    path = tmp_path / "m.csv"
+    rows = ["1,+1,1,7,0.5,2024-01-01,true,1,", "2,2,1.0,12,2.25,2024-01-02,false,,"]
+    path.write_text("id,sign,mixed,age,score,day,flag,gap,empty\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    table = read_manifest(path, required=()).table
+    assert table["sign"].to_pylist() == ["+1", "2"]
+    assert table["mixed"].to_pylist() == ["1", "1.0"]  # 1 and 1.0 would both read as 1.0
+    assert table["day"].to_pylist() == ["2024-01-01", "2024-01-02"]
+    assert table["age"].to_pylist() == [7, 12] and table["age"].type == pa.int64()
+    assert table["score"].to_pylist() == [0.5, 2.25]
+    assert table["flag"].to_pylist() == [True, False]
+    assert table["gap"].to_pylist() == [1, None]  # an empty cell of a number column is null
+    assert table["empty"].null_count == 2
 
 
 def test_numeric_ids_become_strings(write_manifest):
