@@ -101,9 +101,11 @@ def checked(table: pa.Table, source: str, *, required: tuple[str, ...], id_colum
     if id_column != "example_id" and "example_id" in table.column_names:
         raise UserError(f"{source} has an 'example_id' column: the store names ids that way, call it 'id'")
     ids = [None if value is None else str(value) for value in table[id_column].to_pylist()]
-    missing = [row for row, value in enumerate(ids, start=1) if not value]
+    missing = [(row, value) for row, value in enumerate(ids, start=1) if not value or not value.strip()]
     if missing:
-        raise UserError(f"{source}: row {missing[0]} has no id; every example needs a unique id")
+        row, value = missing[0]
+        what = f"an id of only whitespace ({value!r})" if value else "no id"
+        raise UserError(f"{source}: row {row} has {what}; every example needs a unique id")
     duplicates = [value for value, count in Counter(ids).items() if count > 1]
     if duplicates:
         raise UserError(
@@ -136,7 +138,7 @@ def _require(table: pa.Table, source: str, column: str, ids: list[str]) -> None:
 def _read_jsonl(path: Path) -> pa.Table:
     rows = []
     _check_utf8(path)
-    with path.open(encoding="utf-8") as lines:
+    with path.open(encoding="utf-8-sig") as lines:  # a byte-order mark (Windows editors) is skipped
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue

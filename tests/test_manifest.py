@@ -67,6 +67,8 @@ def test_numeric_ids_become_strings(write_manifest):
         ('["a", "x"]\n', "m.jsonl", "line 1: expected a JSON object per line"),
         ('{"id": "a", "text": "x", "n": 1}\n{"id": "b", "text": "y", "n": "two"}\n', "m.jsonl", "mixes types"),
         ('{"id": "", "text": "x"}\n', "m.jsonl", "row 1 has no id"),
+        ('{"id": "a", "text": "x"}\n{"id": " \\t", "text": "y"}\n', "m.jsonl", "row 2 has an id of only whitespace"),
+        ("id,text\na,x\n  ,y\n", "m.csv", "row 2 has an id of only whitespace \\('  '\\)"),
         ('{"id": "a", "example_id": "b", "text": "x"}\n', "m.jsonl", "has an 'example_id' column"),
         ("id,text\n", "m.csv", "has no rows"),
         ("id,text\na,1,2\n", "m.csv", "is not a readable CSV file"),
@@ -85,3 +87,10 @@ def test_bad_manifests(tmp_path, content, name, message):
 def test_missing_manifest(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         read_manifest(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize(("name", "content"), [("m.jsonl", '{"id": "a", "text": "x"}\n'), ("m.csv", "id,text\na,x\n")])
+def test_a_byte_order_mark_is_skipped(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + content.encode())
+    assert read_manifest(path).table.to_pylist() == [{"example_id": "a", "text": "x"}]
