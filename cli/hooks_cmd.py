@@ -20,8 +20,11 @@ from hookpoints.cli.console import render
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def command(model: str, patterns: tuple[str, ...], show_all: bool, modality: str | None, fmt: str) -> None:
     """List MODEL's hook points (MODEL: a folder written by save_pretrained, or a hub id)."""
+    from hookpoints.errors import UserError
     from hookpoints.loading import load
 
+    if patterns and show_all:
+        raise UserError("give --filter or --all, not both (--filter matches module paths too)")
     hooked = load(model, modality=modality)
     if patterns:
         points = hooked.hook_points.select(list(patterns))

@@ -78,7 +78,7 @@ from hookpoints.tasks import TASKS
     "[default: 512, or a 32nd of this machine's memory where that is less]",
 )
 @click.option("--ray", "use_ray", is_flag=True, help="Run the model in a Ray actor pool (RAY_ADDRESS: a cluster).")
-@click.option("--workers", type=int, default=1, show_default=True, help="With --ray: actors, one model each.")
+@click.option("--workers", type=int, help="With --ray: actors, one model each.  [default: 1]")
 @click.option("--remote", is_flag=True, help="Run MODEL (a hub id) on NDIF through nnsight (needs NDIF_API_KEY).")
 @click.option(
     "--prepend-bos", is_flag=True, help="Put the BOS token first in every text, as TransformerLens does by default."
@@ -136,6 +136,8 @@ def command(
         raise UserError("give --resume or --overwrite, not both")
     if use_ray and remote:
         raise UserError("give --ray or --remote, not both (NDIF runs the model for you)")
+    if workers is not None and not use_ray:
+        raise UserError("--workers is for --ray (actors, one model each); add --ray or leave --workers out")
     if buffer_mb is not None and buffer_mb < 0:
         raise UserError(f"--buffer-mb must be 0 or more, not {buffer_mb}")
     shard_of = parse_shard(shard)
@@ -167,7 +169,9 @@ def command(
         # "auto" resolved here: Ray gives an actor a GPU only when the device names CUDA.
         device_here = str(resolve_device(device))
         options = {"modality": hooked.modality, **placement, "device": device_here, "prepend_bos": prepend_bos}
-        run_batches = ray_runner(model, load_options=options, workers=workers, batch_size=batch_size)
+        run_batches = ray_runner(
+            model, load_options=options, workers=1 if workers is None else workers, batch_size=batch_size
+        )
     store = Store.open(store_path, create=True)
     label = f"recording {run} ({task})" + (f" shard {shard}" if shard else "")
     with counting(label) as (on_start, on_batch):

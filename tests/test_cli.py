@@ -104,6 +104,11 @@ def test_record_sql_and_store_info(tiny_model_dir, write_manifest, tmp_path, run
             ["record", "--model", "{gpt2}", "--data", "{manifest}", "--store", "{tmp}/s", "--run", "a b"],
             "run name 'a b' is not allowed",
         ),
+        (["hooks", "{gpt2}", "--all", "--filter", "blocks.*"], "give --filter or --all, not both"),
+        (
+            ["record", "--model", "{gpt2}", "--data", "{manifest}", "--store", "{tmp}/s", "--run", "r", "--workers=1"],
+            "--workers is for --ray",
+        ),
         (["sql", "--store", "{tmp}/nostore", "SELECT 1"], "is not a hookpoints store"),
         (["sql", "--store", "{store}", "SELEC 1"], "SQL does not parse"),
         (["sql", "--store", "{store}", "DELETE FROM examples"], "read-only through SQL: DELETE statements are refused"),
