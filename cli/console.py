@@ -67,7 +67,7 @@ def render(rows: pa.Table | list[dict], fmt: str = "table", *, title: str | None
     if fmt == "json":
         sys.stdout.write(strict_json(records, indent=1) + "\n")
     elif fmt == "csv":
-        writer = csv.writer(sys.stdout)
+        writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(columns)
         for record in records:
             writer.writerow([_cell(record[c], csv_cell=True) for c in columns])

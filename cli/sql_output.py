@@ -39,7 +39,7 @@ def write_stream(names: list[str], chunks: Iterable[list[tuple]], fmt: str) -> i
 
 
 def _csv(names, chunks) -> int:
-    writer, rows = csv.writer(sys.stdout), 0
+    writer, rows = csv.writer(sys.stdout, lineterminator="\n"), 0  # LF, as DuckDB COPY and pandas write
     writer.writerow(names)  # also for an empty result
     for chunk in chunks:
         for record in chunk:

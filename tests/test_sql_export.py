@@ -147,3 +147,22 @@ def test_an_export_into_the_store_is_refused(runs, run_cli, inside):
     assert checksums(root) == before
     code, out, _ = run_cli("sql", "--store", str(root), "--format", "csv", "SELECT count(*) AS n FROM runs")
     assert code == 0 and out.split() == ["n", "2"]
+
+
+def test_csv_lines_end_with_lf_and_parse_back(store, run_cli, capsys):
+    """csv output ended every line with CRLF (Python's csv default) while DuckDB's COPY and pandas write LF: awk
+    and grep saw a trailing \\r in the last column. Quoting stays as it was; the rows read back with csv."""
+    import csv
+    import io
+
+    from hookpoints.cli.console import render
+
+    query = "SELECT * FROM (VALUES ('a,b', 'say \"hi\"', 'two\nlines', 1.5), ('c', '', 'x', 2.0)) t(p, q, r, s)"
+    code, out, err = run_cli("sql", "--store", store.location.uri, "--format", "csv", query)
+    assert code == 0, err
+    assert "\r" not in out and out.endswith("2.0\n")
+    expected = [["p", "q", "r", "s"], ["a,b", 'say "hi"', "two\nlines", "1.5"], ["c", "", "x", "2.0"]]
+    assert list(csv.reader(io.StringIO(out, newline=""))) == expected
+    render([dict(zip(expected[0], row, strict=True)) for row in expected[1:]], "csv")  # selection, neurons, ...
+    out = capsys.readouterr().out
+    assert "\r" not in out and list(csv.reader(io.StringIO(out, newline=""))) == expected
