@@ -159,8 +159,11 @@ def _series(table: pa.Table, by: list[str], component: str, group: tuple, column
     return [r["layer"] for r in rows], [r[column] for r in rows]
 
 
-def magnitude_figure(table: pa.Table, by: list[str], component: str, scale: float, title: str) -> plt.Figure:
-    """Mean magnitude by layer, and deviation from the mean trend (x ``scale``) by layer, one line per group.
+def magnitude_figure(
+    table: pa.Table, by: list[str], component: str, scale: float, title: str, *, absolute: bool = False
+) -> plt.Figure:
+    """Mean magnitude by layer, and deviation from the mean trend (x ``scale``) by layer, one line per group
+    (``absolute``: the table averages |activation|, as ``layer_magnitudes(..., absolute=True)`` gives).
 
     >>> table = layer_magnitudes(session, examples, hooks, ["language"])
     >>> figure = magnitude_figure(table, ["language"], "lm", 1.0, "r1")
@@ -176,6 +179,9 @@ def magnitude_figure(table: pa.Table, by: list[str], component: str, scale: floa
     axes[0].set_title("(a) layer-wise activation magnitude", fontsize=10)
     axes[1].set_title(f"(b) deviation from the mean trend (x{scale:g})", fontsize=10)
     axes[1].axhline(0, color="black", linewidth=0.8)
+    quantity = "|activation|" if absolute else "activation"
+    axes[0].set_ylabel(f"Mean {quantity} (over neurons, submodules, examples)")
+    axes[1].set_ylabel(f"Group mean {quantity} minus mean over groups (x{scale:g})")
     for ax in axes:
         ax.set_xlabel("Layer index")
         integer_axis(ax.xaxis)

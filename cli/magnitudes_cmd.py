@@ -71,7 +71,7 @@ def command(store_path, runs, by, where, patterns, components, absolute, scale, 
         paths = []
         for component in dict.fromkeys(magnitudes["component"].to_pylist()):
             title = f"run(s) {group.key}: mean {label} by layer"
-            figure = magnitude_figure(magnitudes, columns, component, scale, title)
+            figure = magnitude_figure(magnitudes, columns, component, scale, title, absolute=absolute)
             paths += save(figure, plots_dir, f"magnitudes-{safe(group.key)}-{component}")
             if inequality is not None:
                 figure = activation_gini_figure(inequality, columns, component, f"run(s) {group.key}")

@@ -56,6 +56,17 @@ def test_magnitudes_layers_are_integers_and_speech_and_text_are_told_apart():
     assert lines["en · speech"].get_marker() == speech.get_marker()
 
 
+def test_magnitude_axes_say_what_is_plotted_and_its_scale():
+    """The magnitude figure had no y-axis labels: neither the quantity nor the x1000 of the deviation showed."""
+    fig = magnitude_figure(magnitudes_table(), ["language", "modality"], "text_decoder", 1000.0, "r")
+    assert [ax.get_xlabel() for ax in fig.axes[:2]] == ["Layer index", "Layer index"]
+    assert fig.axes[0].get_ylabel() == "Mean activation (over neurons, submodules, examples)"
+    assert fig.axes[1].get_ylabel() == "Group mean activation minus mean over groups (x1000)"
+    fig = magnitude_figure(magnitudes_table(), ["language"], "text_decoder", 1.0, "r", absolute=True)
+    assert fig.axes[0].get_ylabel() == "Mean |activation| (over neurons, submodules, examples)"
+    assert fig.axes[1].get_ylabel().endswith("|activation| minus mean over groups (x1)")
+
+
 def test_overlap_colorbar_counts_are_integers():
     result = Overlap(
         ["u/speech/de", "u/speech/en"],
