@@ -185,7 +185,7 @@ def write(args) -> dict:
         hooks=rows_meta,
         examples_schema=table.schema,
         if_exists="overwrite",
-        max_buffer_bytes=1 << 62,  # flushed explicitly, once per batch of examples
+        max_buffer_bytes=2**31,  # the most open_run takes; flushed explicitly, once per batch of examples
         max_buffer_seconds=float("inf"),
     )
     ids = table["example_id"].to_pylist()

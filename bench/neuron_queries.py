@@ -132,7 +132,7 @@ table, cell = ap_store.examples(n, 0)
 meta = [h for h in ap_store.hooks(1) if h["submodule"] in keep]
 settings = {"model": "synthetic", "task": "forward", "pooling": "mean", "dtype": "float32"}
 writer = open_run(Store.open(path, create=True), ap_store.RUN, settings=settings, config={}, hooks=meta,
-                  examples_schema=table.schema, max_buffer_bytes=1 << 62, max_buffer_seconds=float("inf"))
+                  examples_schema=table.schema, max_buffer_bytes=2**31, max_buffer_seconds=float("inf"))
 ids = table["example_id"].to_pylist()
 for start in range(0, n, 1000):
     rows = slice(start, min(n, start + 1000))
