@@ -56,6 +56,8 @@ def main() -> None:
     prompt = model.decoder_prompt(["eng"])
     model.model.generation_config.min_new_tokens = args.tokens  # every variant: exactly N new tokens
     points = [p for p in model.hook_points.listed() if p.component == "text_decoder" and p.width]
+    # only the points a NeuronEdit takes: not attention maps (listed since 91a0892) nor derived hooks
+    points = [p for p in points if p.keys is None and not p.derived]
     edits = median_edits(model, inputs, prompt, points, args)
     kwargs = {"decoder_input_ids": prompt, "max_new_tokens": args.tokens, "do_sample": False, "num_beams": 1}
 
