@@ -165,12 +165,19 @@ def legacy_writer_properties(spec=None, schema=None):
     return WriterProperties(max_row_group_size=rows, compression="ZSTD", compression_level=1)
 
 
+def legacy_pyarrow_encodings(schema=None) -> dict:
+    """The same for pyarrow's writer (store/files.py, which writes the activation files): its defaults,
+    dictionary on every column."""
+    return {}
+
+
 def write(args) -> dict:
     from hookpoints.store import tables
     from hookpoints.store.writer import HookRows, open_run
 
     if args.legacy_encoding:
         tables.writer_properties = legacy_writer_properties
+        tables.pyarrow_encodings = legacy_pyarrow_encodings  # the run writer's activation files (store/files.py)
 
     store = Store.open(args.store, create=True)
     table, cell = examples(args.examples, args.seed)

@@ -240,15 +240,16 @@ def encodings(args) -> list[dict]:
     from hookpoints.store import tables
 
     settings = {
-        "dictionary (before)": ap_store.legacy_writer_properties,
-        "byte_stream_split (now)": tables.writer_properties,
+        "dictionary (before)": (ap_store.legacy_writer_properties, ap_store.legacy_pyarrow_encodings),
+        "byte_stream_split (now)": (tables.writer_properties, tables.pyarrow_encodings),
     }
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as folder:
         scratch = Path(folder)
         model = recording_overhead.build_model(scratch / "gpt2")
-        for i, (name, properties) in enumerate(settings.items()):
+        for i, (name, (properties, encodings)) in enumerate(settings.items()):
             tables.writer_properties = properties  # the writers look it up in the module at each commit
+            tables.pyarrow_encodings = encodings  # and the run writer's activation files (store/files.py)
             (scratch / f"gpt2-{i}").mkdir()
             sizes = recording_overhead.bytes_per_value(model, scratch / f"gpt2-{i}")
             rows.append({"encoding": name, **{f"{k} bytes/value": round(v, 2) for k, v in sizes.items()}})
