@@ -15,8 +15,9 @@ Inside :class:`MaskSkips` the question is answered without reading the GPU, from
   is "skip", the claim "this mask is all true" is checked on the device (``padding_mask.all()``, no sync) and
   read later with the pooled rows (:func:`check_claims`): a wrong claim raises before anything is written.
 
-On the CPU the sync is free, so CPU masks get transformers' own answer (``ANSWER_CPU_MASKS`` turns the host
-answers on for CPU masks too, for tests).
+Only the thread holding a :class:`MaskSkips` gets these answers (a notebook recording in one thread leaves
+another thread's forward passes alone). On the CPU the sync is free, so CPU masks get transformers' own
+answer (``ANSWER_CPU_MASKS`` turns the host answers on for CPU masks too, for tests).
 
 >>> with MaskSkips.for_batch(inputs) as skips:  # doctest: +SKIP
 ...     model(**inputs.kwargs)
@@ -26,6 +27,7 @@ answers on for CPU masks too, for tests).
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 import torch
@@ -38,14 +40,59 @@ MASK_CHECK = "__mask_skip_check__"
 ANSWER_CPU_MASKS = False
 _QUESTIONS = ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa")
 
+_HELD = threading.local()  # .skips: the MaskSkips this thread holds
+_LOCK = threading.Lock()
+_ORIGINALS: dict[str, object] = {}  # transformers' functions while replaced
+_HOLDERS = 0
+
+
+def _dispatcher(original):
+    def question(padding_mask, *args, **kwargs):
+        skips = getattr(_HELD, "skips", None)
+        if skips is None or padding_mask is None or (padding_mask.device.type == "cpu" and not ANSWER_CPU_MASKS):
+            return original(padding_mask, *args, **kwargs)
+        return skips.answer(original, padding_mask, *args, **kwargs)
+
+    return question
+
+
+def _install() -> None:
+    global _HOLDERS
+    from transformers import masking_utils
+
+    with _LOCK:
+        if _HOLDERS == 0:
+            for name in _QUESTIONS:
+                original = getattr(masking_utils, name, None)
+                if original is not None:
+                    _ORIGINALS[name] = original
+                    setattr(masking_utils, name, _dispatcher(original))
+        _HOLDERS += 1
+
+
+def _uninstall() -> None:
+    global _HOLDERS
+    from transformers import masking_utils
+
+    with _LOCK:
+        _HOLDERS -= 1
+        if _HOLDERS == 0:
+            for name, original in _ORIGINALS.items():
+                setattr(masking_utils, name, original)
+            _ORIGINALS.clear()
+
 
 class MaskSkips:
-    """While held, transformers' mask-skip questions about non-CPU masks are answered without a host sync."""
+    """While held, transformers' mask-skip questions about non-CPU masks are answered without a host sync.
+
+    Only in the thread that holds it: transformers' functions are replaced while any thread holds one, by
+    dispatchers that give every other thread transformers' own answer.
+    """
 
     def __init__(self, padded: bool):
         self.padded = padded  # some mask of the batch has padding (on its CPU copy)
         self.claims: list[torch.Tensor] = []  # each: the mask's all() on its device, claimed true
-        self._saved: dict[str, object] = {}
+        self._outer: MaskSkips | None = None
 
     @classmethod
     def for_batch(cls, inputs: ModelInputs) -> contextlib.AbstractContextManager:
@@ -55,35 +102,24 @@ class MaskSkips:
         return cls(padded=any(not bool(mask.all()) for mask in inputs.host_masks.values()))
 
     def __enter__(self) -> MaskSkips:
-        from transformers import masking_utils
-
-        for name in _QUESTIONS:
-            original = getattr(masking_utils, name, None)
-            if original is not None:
-                self._saved[name] = original
-                setattr(masking_utils, name, self._answer(original))
+        _install()
+        self._outer = getattr(_HELD, "skips", None)
+        _HELD.skips = self
         return self
 
     def __exit__(self, *exc) -> None:
-        from transformers import masking_utils
+        _HELD.skips = self._outer
+        _uninstall()
 
-        for name, original in self._saved.items():
-            setattr(masking_utils, name, original)
-        self._saved.clear()
-
-    def _answer(self, original):
-        def answer(padding_mask, *args, **kwargs):
-            if padding_mask is None or (padding_mask.device.type == "cpu" and not ANSWER_CPU_MASKS):
-                return original(padding_mask, *args, **kwargs)
-            if self.padded:
-                return False  # build the mask: right whatever it holds
-            stand_in = torch.ones(padding_mask.shape, dtype=torch.bool)  # on the CPU: nothing waits
-            skip = bool(original(stand_in, *args, **kwargs))
-            if skip:
-                self.claims.append(padding_mask.all())  # [] bool on the mask's device, read with the rows
-            return skip
-
-        return answer
+    def answer(self, original, padding_mask: torch.Tensor, *args, **kwargs) -> bool:
+        """Transformers' ``original`` question about ``padding_mask``, answered without reading it."""
+        if self.padded:
+            return False  # build the mask: right whatever it holds
+        stand_in = torch.ones(padding_mask.shape, dtype=torch.bool)  # on the CPU: nothing waits
+        skip = bool(original(stand_in, *args, **kwargs))
+        if skip:
+            self.claims.append(padding_mask.all())  # [] bool on the mask's device, read with the rows
+        return skip
 
     def verdict(self) -> torch.Tensor | None:
         """``[1]`` float32 on the claims' device: 1.0 when every "all true" claim held; None without claims."""

@@ -7,6 +7,7 @@ here with ``ANSWER_CPU_MASKS`` on: no sync left in a recorded forward pass, the 
 
 from __future__ import annotations
 
+import threading
 import traceback
 
 import numpy as np
@@ -117,6 +118,27 @@ def test_the_patch_is_undone_after_an_error():
         assert masking_utils._ignore_causal_mask_sdpa is not originals["_ignore_causal_mask_sdpa"]
         raise ValueError
     assert {name: getattr(masking_utils, name) for name in originals} == originals
+
+
+def test_only_the_holding_thread_gets_the_answers(tiny_model_dir, monkeypatch):
+    model = load(tiny_model_dir("bert"), device="cpu")
+    inputs = model.text_inputs(TEXTS)  # padded, and BERT attends both ways: the mask matters
+    monkeypatch.setattr(mask_skips, "ANSWER_CPU_MASKS", True)
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode():
+            return model.model(**inputs.kwargs)[0]  # [batch, pos, d_model]
+
+    expected = forward()
+    other: list[torch.Tensor] = []
+    with MaskSkips(padded=False):  # a lie, held by this thread only
+        lied = forward()
+        thread = threading.Thread(target=lambda: other.append(forward()))
+        thread.start()
+        thread.join()
+    assert not torch.allclose(lied, expected)  # the lie reaches this thread's attention (the test can fail)
+    torch.testing.assert_close(other[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(forward(), expected, rtol=0, atol=0)  # and nothing after
 
 
 def test_check_claims_passes_held_claims_and_strips_the_key():
