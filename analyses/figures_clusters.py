@@ -11,6 +11,7 @@ store (analyses.report_clusters), so the CLI and the report draw the same figure
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +98,7 @@ def measures_figure(maps: ClusterMaps) -> plt.Figure:
     >>> figure = measures_figure(from_result(cluster_layers(store, "r1", ClusterSettings(labels=("language",)))))
     """
     components = list(dict.fromkeys(layer.component for layer in maps.layers))
+    shared = components_with_shared_layers(maps.layers)
     measures = list(MEASURE_TITLES)
     fig, axes = plt.subplots(
         len(components), len(measures), figsize=(5.2 * len(measures), 3.4 * len(components)), squeeze=False
@@ -105,20 +107,26 @@ def measures_figure(maps: ClusterMaps) -> plt.Figure:
     for row, component in enumerate(components):
         for col, measure in enumerate(measures):
             ax = axes[row][col]
-            for index, labelling in enumerate(maps.labellings):
-                for space, style in (("original", "-"), ("tsne", "--")):
-                    points = sorted(
-                        (r["layer"] if r["layer"] is not None else i, r["value"])
-                        for i, r in enumerate(maps.rows)
-                        if r["component"] == component
-                        and r["label"] == labelling.name
-                        and r["measure"] == measure
-                        and r["space"] == space
-                    )
-                    if points:
-                        xs, ys = zip(*points, strict=True)
-                        name = f"{labelling.name} ({'t-SNE' if space == 'tsne' else 'original space'})"
-                        ax.plot(xs, ys, style, marker="o", ms=3.5, color=colours(index % 10), label=name)
+            # one line per hook series of the component (blocks.*.attn, blocks.*.mlp) when a layer has several
+            series: dict[str | None, list[dict]] = {}
+            for i, r in enumerate(maps.rows):
+                if r["component"] == component and r["measure"] == measure:
+                    key = series_name(r.get("hook"), r["layer"]) if component in shared else None
+                    series.setdefault(key, []).append({**r, "x": r["layer"] if r["layer"] is not None else i})
+            for number, (key, members) in enumerate(sorted(series.items(), key=lambda item: str(item[0]))):
+                marker = SERIES_MARKERS[number % len(SERIES_MARKERS)]
+                for index, labelling in enumerate(maps.labellings):
+                    for space, style in (("original", "-"), ("tsne", "--")):
+                        points = sorted(
+                            (r["x"], r["value"])
+                            for r in members
+                            if r["label"] == labelling.name and r["space"] == space
+                        )
+                        if points:
+                            xs, ys = zip(*points, strict=True)
+                            name = f"{labelling.name} ({'t-SNE' if space == 'tsne' else 'original space'})"
+                            name += f" {key}" if key else ""
+                            ax.plot(xs, ys, style, marker=marker, ms=3.5, color=colours(index % 10), label=name)
             ax.set_title(f"{component or 'layers'}: {MEASURE_TITLES[measure]}", fontsize=10)
             ax.set_xlabel("layer")
             integer_axis(ax.xaxis)
@@ -133,6 +141,24 @@ def measures_figure(maps: ClusterMaps) -> plt.Figure:
     fig.suptitle(f"clusters by {labels}; {maps.caption}", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+SERIES_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def series_name(hook: str | None, layer: int | None) -> str | None:
+    """The hook's name with its layer number as ``*`` (``blocks.3.mlp`` -> ``blocks.*.mlp``): its series."""
+    if hook is None or layer is None:
+        return hook
+    return re.sub(rf"(^|\.){layer}(\.|$)", r"\1*\2", hook, count=1)
+
+
+def components_with_shared_layers(layers: list[MapLayer]) -> set:
+    """Components where one layer has several hook points (``--hooks`` chose more than one per layer)."""
+    seen: dict[tuple, set[str]] = {}
+    for layer in layers:
+        seen.setdefault((layer.component, layer.layer), set()).add(layer.hook)
+    return {component for (component, number), hooks in seen.items() if number is not None and len(hooks) > 1}
 
 
 def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> plt.Figure:
@@ -151,6 +177,7 @@ def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> plt.Figure:
     codes = labelling.codes
     many = len(labelling.classes) > LEGEND_MAX_CLASSES
     colours = plt.get_cmap("tab20" if len(labelling.classes) > 10 else "tab10")
+    shared = components_with_shared_layers(maps.layers)
     for ax, layer in zip(axes.flat, layers, strict=False):
         ax.scatter(*layer.tsne[codes < 0].T, s=6, c="lightgrey", label="(no label)")
         for code, name in enumerate(labelling.classes):
@@ -159,7 +186,7 @@ def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> plt.Figure:
             if many and mine.any():
                 centre = np.median(layer.tsne[mine], axis=0)
                 ax.annotate(name, centre, fontsize=6, ha="center", va="center", alpha=0.9)
-        ax.set_title(layer.title, fontsize=9)
+        ax.set_title(layer.hook if layer.component in shared else layer.title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in axes.flat[len(layers) :]:
@@ -190,11 +217,12 @@ def dendrogram_figure(maps: ClusterMaps, labelling: MapLabelling, layers: list[M
     fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), height), squeeze=False)
     # one distance scale for every layer: the trees are compared side by side (scipy sets each axis to its own)
     reach = max((float(layer.linkages[labelling.name][:, 2].max(initial=0.0)) for layer in layers), default=0.0)
+    shared = components_with_shared_layers(maps.layers)
     for ax, layer in zip(axes[0], layers, strict=True):
         tree = layer.linkages[labelling.name]
         dendrogram(tree, labels=labelling.classes, orientation="left", ax=ax, leaf_font_size=8, color_threshold=0)
         ax.set_xlim(1.05 * reach or 1.0, 0)
-        ax.set_title(layer.title, fontsize=9)
+        ax.set_title(layer.hook if layer.component in shared else layer.title, fontsize=9)
         ax.set_xlabel("Euclidean distance between centroids")
     fig.suptitle(
         f"{maps.linkage}-linkage clustering of {labelling.name} centroids ({len(labelling.classes)} classes)\n"
