@@ -77,9 +77,21 @@ def from_result(result) -> ClusterMaps:
     return ClusterMaps(result.run, caption(result), result.rows, labellings, layers, result.settings.linkage)
 
 
+def as_maps(result) -> ClusterMaps:
+    """``result`` as the figures' view: a ClusterMaps as it is, a ClusterResult through :func:`from_result`."""
+    return result if isinstance(result, ClusterMaps) else from_result(result)
+
+
+def _map_labelling(maps: ClusterMaps, labelling) -> MapLabelling:
+    """The map labelling of ``labelling`` (a MapLabelling, a ClusterResult's Labelling, or a label name): its
+    codes over the sample the maps hold, not over the whole subset."""
+    name = labelling if isinstance(labelling, str) else labelling.name
+    return next(m for m in maps.labellings if m.name == name)
+
+
 def plot_all(result, folder: Path, *, dendrogram_layers: list[int] | None = None) -> list[Path]:
     """Every plot of ``result`` (a ClusterResult or ClusterMaps) into ``folder``; returns the files written."""
-    maps = result if isinstance(result, ClusterMaps) else from_result(result)
+    maps = as_maps(result)
     stem = f"clusters-{safe(maps.run)}"
     paths = save(measures_figure(maps), folder, f"{stem}-measures")
     for labelling in maps.labellings:
@@ -95,8 +107,11 @@ def plot_all(result, folder: Path, *, dendrogram_layers: list[int] | None = None
 def measures_figure(maps: ClusterMaps) -> plt.Figure:
     """Silhouette and Davies-Bouldin against layer: a row per component, a line per label and space.
 
-    >>> figure = measures_figure(from_result(cluster_layers(store, "r1", ClusterSettings(labels=("language",)))))
+    ``maps``: a ClusterMaps, or the ClusterResult of :func:`hookpoints.analyses.clusters.cluster_layers`.
+
+    >>> figure = measures_figure(cluster_layers(store, "r1", ClusterSettings(labels=("language",))))
     """
+    maps = as_maps(maps)
     components = list(dict.fromkeys(layer.component for layer in maps.layers))
     shared = components_with_shared_layers(maps.layers)
     measures = list(MEASURE_TITLES)
@@ -167,9 +182,13 @@ def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> plt.Figure:
     Up to LEGEND_MAX_CLASSES classes get distinct colours and a legend; more get their names written at
     their centroid on every map (colours repeat, names do not).
 
-    >>> maps = from_result(cluster_layers(store, "r1", ClusterSettings(labels=("language",))))
-    >>> figure = tsne_figure(maps, maps.labellings[0])
+    ``maps``: a ClusterMaps or a ClusterResult; ``labelling``: one of its labellings, or a label name.
+
+    >>> result = cluster_layers(store, "r1", ClusterSettings(labels=("language",)))
+    >>> figure = tsne_figure(result, "language")
     """
+    maps = as_maps(maps)
+    labelling = _map_labelling(maps, labelling)
     layers = [layer for layer in maps.layers if layer.tsne is not None]
     columns = min(4, len(layers))
     rows = -(-len(layers) // columns)
@@ -209,8 +228,19 @@ def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> plt.Figure:
 def dendrogram_figure(maps: ClusterMaps, labelling: MapLabelling, layers: list[MapLayer]) -> plt.Figure:
     """Hierarchical clustering of ``labelling``'s class centroids at each of ``layers``.
 
-    >>> figure = dendrogram_figure(maps, maps.labellings[0], maps.layers[-1:])
+    ``maps``: a ClusterMaps or a ClusterResult; ``labelling``: one of its labellings or a label name;
+    ``layers``: its layers (MapLayer or the result's LayerResult), or layer numbers.
+
+    >>> figure = dendrogram_figure(result, "language", [0, 5])
     """
+    maps = as_maps(maps)
+    labelling = _map_labelling(maps, labelling)
+    by_hook = {layer.hook: layer for layer in maps.layers}
+    layers = [
+        next(m for m in maps.layers if m.layer == layer) if isinstance(layer, int)
+        else by_hook[layer.hook if isinstance(layer, MapLayer) else layer.hook.hook]
+        for layer in layers
+    ]  # fmt: skip
     from scipy.cluster.hierarchy import dendrogram
 
     height = max(2.8, 0.22 * len(labelling.classes))

@@ -80,3 +80,28 @@ def test_one_hook_per_layer_keeps_the_plain_tables_and_lines(store):
     assert [line.get_label() for line in fig.axes[0].get_lines() if "language" in line.get_label()] == [
         "language (original space)"
     ]
+
+
+def test_figures_take_the_result_cluster_layers_returns(store):
+    """``hp.measures_figure(result)``, as cluster_layers' docstring shows, raised AttributeError ('LayerResult' has
+    no 'component'): the figures took only the ClusterMaps view. They take the result, its labellings (codes over
+    the sampled examples the maps hold, not the whole subset) and layers, or names."""
+    from clusters_helpers import clustered
+    from clusters_helpers import write_run as write
+
+    import hookpoints as hp
+
+    examples, vectors = clustered(n_meanings=12)
+    write(store, "one", examples, vectors)
+    settings = hp.ClusterSettings(labels=("language",), sample=20, perplexity=4.0)  # a sample of the 36 examples
+    result = hp.cluster_layers(store, "one", settings)
+    maps = from_result(result)
+    expected = [list(line.get_ydata()) for line in measures_figure(maps).axes[0].get_lines()]
+    assert [list(line.get_ydata()) for line in hp.measures_figure(result).axes[0].get_lines()] == expected
+    for labelling in (result.labellings[0], "language"):
+        figure = hp.tsne_figure(result, labelling)
+        points = sum(len(c.get_offsets()) for c in figure.axes[0].collections)
+        assert points == len(result.sample) == 20
+    figure = hp.dendrogram_figure(result, result.labellings[0], result.layers[-1:])
+    assert figure.axes[0].get_title().endswith(f"layer {result.layers[-1].hook.layer}")
+    assert hp.dendrogram_figure(result, "language", [0, 2]).axes[1].get_title().endswith("layer 2")
