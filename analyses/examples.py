@@ -122,7 +122,7 @@ class ExampleSet:
         """Distinct non-null values of an examples column among these examples (None: no such column)."""
         if column not in self.columns(session):
             return None
-        where = "" if self.where is None else f" AND {self.where}"
+        where = "" if self.where is None else f" AND ({self.where})"
         rows = session.sql(
             f"SELECT DISTINCT {quote_name(column)} AS v FROM (SELECT * FROM examples WHERE list_contains($runs, run)) "
             f"WHERE {quote_name(column)} IS NOT NULL{where} ORDER BY v",
@@ -133,7 +133,7 @@ class ExampleSet:
     def pairs(self, session: QuerySession, first: str, second: str) -> set[tuple]:
         """The distinct (first, second) value pairs among these examples, both non-null."""
         a, b = quote_name(first), quote_name(second)
-        where = "" if self.where is None else f" AND {self.where}"
+        where = "" if self.where is None else f" AND ({self.where})"
         rows = session.sql(
             f"SELECT DISTINCT {a} AS a, {b} AS b FROM (SELECT * FROM examples WHERE list_contains($runs, run)) "
             f"WHERE {a} IS NOT NULL AND {b} IS NOT NULL{where}",

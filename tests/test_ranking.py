@@ -221,3 +221,33 @@ def test_preset_languages_skip_nulls_even_beside_a_manifest_column_named_v(tmp_p
     assert names == ["unimodal/speech/de", "unimodal/speech/en", "unimodal/speech/ja"]
     with store.query() as session:  # what multimodal / language-modality build their sets from
         assert job.examples.values(session, "language") == ["de", "en", "ja"]
+
+
+def test_preset_languages_skip_nulls_under_a_where_with_or(tmp_path):
+    """The distinct languages (and language x modality pairs) were read with ``... IS NOT NULL AND {where}``:
+    a --where with OR bound looser than the AND, so a null language came back, became a label set
+    ``language = 'None'`` (unimodal/speech/none) and the ranking was refused."""
+    import pyarrow as pa
+
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(3, "speech", seed=1)
+    languages = examples["language"].to_pylist()
+    languages[0] = None
+    examples = examples.set_column(2, "language", pa.array(languages))
+    hooks = hook_rows("text_decoder", 1, DECODER)
+    rng = np.random.default_rng(0)
+    write_run(store, "r", examples, hooks, values={h["hook"]: rng.normal(size=(9, h["width"])) for h in hooks})
+    where = "language <> 'ja' OR modality = 'speech'"  # every example, the null-language one included
+    job = plan_ranking(store, ["r"], presets=["unimodal"], where=where, ks=(3,))
+    assert [ls.name for ls in job.masks.label_sets] == [
+        "unimodal/speech/de",
+        "unimodal/speech/en",
+        "unimodal/speech/ja",
+    ]
+    with store.query() as session:
+        assert job.examples.values(session, "language") == ["de", "en", "ja"]
+        assert job.examples.pairs(session, "language", "modality") == {
+            ("de", "speech"),
+            ("en", "speech"),
+            ("ja", "speech"),
+        }
