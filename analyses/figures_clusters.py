@@ -122,12 +122,14 @@ def measures_figure(maps: ClusterMaps) -> plt.Figure:
     for row, component in enumerate(components):
         for col, measure in enumerate(measures):
             ax = axes[row][col]
-            # one line per hook series of the component (blocks.*.attn, blocks.*.mlp) when a layer has several
+            # one line per hook series of the component (blocks.*.attn, blocks.*.mlp) when a layer has several;
+            # a hook point outside the layers (embeddings, a final norm) is its own point left of layer 0
             series: dict[str | None, list[dict]] = {}
-            for i, r in enumerate(maps.rows):
+            for r in maps.rows:
                 if r["component"] == component and r["measure"] == measure:
-                    key = series_name(r.get("hook"), r["layer"]) if component in shared else None
-                    series.setdefault(key, []).append({**r, "x": r["layer"] if r["layer"] is not None else i})
+                    outside = r["layer"] is None
+                    key = series_name(r.get("hook"), r["layer"]) if component in shared or outside else None
+                    series.setdefault(key, []).append({**r, "x": -1 if outside else r["layer"]})
             for number, (key, members) in enumerate(sorted(series.items(), key=lambda item: str(item[0]))):
                 marker = SERIES_MARKERS[number % len(SERIES_MARKERS)]
                 for index, labelling in enumerate(maps.labellings):
@@ -169,11 +171,12 @@ def series_name(hook: str | None, layer: int | None) -> str | None:
 
 
 def components_with_shared_layers(layers: list[MapLayer]) -> set:
-    """Components where one layer has several hook points (``--hooks`` chose more than one per layer)."""
+    """Components where one layer (or the outside of the layers) has several hook points (``--hooks`` chose
+    more than one per layer)."""
     seen: dict[tuple, set[str]] = {}
     for layer in layers:
         seen.setdefault((layer.component, layer.layer), set()).add(layer.hook)
-    return {component for (component, number), hooks in seen.items() if number is not None and len(hooks) > 1}
+    return {component for (component, _), hooks in seen.items() if len(hooks) > 1}
 
 
 def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> plt.Figure:

@@ -151,7 +151,7 @@ def summary_rows(result) -> list[dict]:
     for layer in result.layers:
         key = (layer.hook.component, layer.hook.layer)
         per_layer[key] = per_layer.get(key, 0) + 1
-    named = any(count > 1 for (_, number), count in per_layer.items() if number is not None)
+    named = any(count > 1 for count in per_layer.values())
     rows = []
     for layer in result.layers:
         for labelling in result.labellings:

@@ -105,3 +105,18 @@ def test_figures_take_the_result_cluster_layers_returns(store):
     figure = hp.dendrogram_figure(result, result.labellings[0], result.layers[-1:])
     assert figure.axes[0].get_title().endswith(f"layer {result.layers[-1].hook.layer}")
     assert hp.dendrogram_figure(result, "language", [0, 2]).axes[1].get_title().endswith("layer 2")
+
+
+def test_hook_points_outside_the_layers_sit_left_of_layer_0_not_at_a_row_index(store):
+    """A hook point without a layer (an embedding) was drawn at x = its row's index in the result rows (e.g. 9)."""
+    rng = np.random.default_rng(5)
+    n = 24
+    examples = [{"example_id": f"e{i:03d}", "language": ["de", "en", "ja"][i % 3]} for i in range(n)]
+    hooks = [{**hook_row(0, 4, name="embed", layer_output=False), "layer": None, "submodule": "embed"}]
+    hooks += [hook_row(layer, 4) for layer in range(2)]
+    vectors = {h["hook"]: rng.normal(size=(n, 4)) for h in hooks}
+    write_run(store, "r", examples, vectors, hooks=hooks)
+    result = cluster_layers(store, "r", ClusterSettings(labels=("language",), hooks=("*",), tsne=False))
+    lines = [line for line in measures_figure(result).axes[0].get_lines() if "language" in line.get_label()]
+    xs = sorted(x for line in lines for x in line.get_xdata())
+    assert xs == [-1, 0, 1]
