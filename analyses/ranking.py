@@ -171,10 +171,31 @@ def preset_sets(
         )
     languages = examples.values(session, language_column) if preset != "modality" else []
     modalities = examples.values(session, modality_column)
+    if preset == "unimodal" and modalities is None:
+        _refuse_mixed_inputs(session, examples.group.runs, modality_column)
     pairs = examples.pairs(session, language_column, modality_column) if languages and modalities else None
     return preset_label_sets(
         preset, languages, modalities, language_column=language_column, modality_column=modality_column, pairs=pairs
     )
+
+
+def _refuse_mixed_inputs(session, runs: tuple[str, ...], modality_column: str) -> None:
+    """Without a modality column, unimodal compares languages over every example: over runs that read speech
+    and text (recorded in their config), that is the multimodal setting under a unimodal name."""
+    if len(runs) < 2:
+        return
+    read = session.sql(
+        "SELECT run, json_extract_string(config, '$.modality') AS m FROM runs WHERE list_contains($runs, run) "
+        "ORDER BY run",
+        {"runs": list(runs)},
+    ).to_pylist()
+    if len({row["m"] for row in read if row["m"]}) > 1:
+        shown = ", ".join(f"{row['run']} ({row['m']})" for row in read)
+        raise UserError(
+            f"runs {shown} read different modalities, but the examples have no {modality_column!r} column: "
+            "--preset unimodal would compare languages over both at once (the multimodal setting). Rank each run "
+            "on its own (one --run), or name the column that holds the modality with --modality-column"
+        )
 
 
 def rank(

@@ -12,6 +12,8 @@ from hookpoints.store.catalog import Store
 from selectivity_helpers import DECODER, ENCODER, examples_table, hook_rows, write_run
 from sklearn.metrics import average_precision_score
 
+from hookpoints.errors import UserError
+
 SUMMARY = "SELECT label_set, count(*) AS n, max(ks) AS ks, max(computed_at) AS at FROM scores GROUP BY label_set"
 
 
@@ -251,3 +253,28 @@ def test_preset_languages_skip_nulls_under_a_where_with_or(tmp_path):
             ("en", "speech"),
             ("ja", "speech"),
         }
+
+
+def test_unimodal_without_a_modality_column_refuses_runs_of_both_modalities(tmp_path):
+    """Examples without a modality column from a speech run and a text run: --preset unimodal ranked
+    unimodal/{language} over both at once (the multimodal setting under a unimodal name), silently."""
+    from hookpoints.store.writer import HookRows, open_run
+
+    store = Store.open(tmp_path / "store", create=True)
+    hooks = hook_rows("text_decoder", 1, DECODER)
+    rng = np.random.default_rng(0)
+    for run, modality in (("s2tt", "speech"), ("t2tt", "text")):
+        examples = examples_table(3, None, seed=1, prefix=run)  # language only
+        writer = open_run(
+            store, run, settings={"model": "m", "task": run, "pooling": "mean", "dtype": "float32"},
+            config={"modality": modality}, hooks=hooks, examples_schema=examples.schema,
+        )  # fmt: skip
+        ids = examples["example_id"].to_pylist()
+        writer.add(
+            examples, {h["hook"]: HookRows(ids, rng.normal(size=(9, h["width"])).astype(np.float32)) for h in hooks}
+        )
+        writer.finish()
+    with pytest.raises(UserError, match=r"s2tt \(speech\), t2tt \(text\) read different modalities.*one --run"):
+        plan_ranking(store, ["s2tt", "t2tt"], presets=["unimodal"], ks=(3,))
+    job = plan_ranking(store, ["s2tt"], presets=["unimodal"], ks=(3,))  # one run: one modality, as before
+    assert [ls.name for ls in job.masks.label_sets] == ["unimodal/de", "unimodal/en", "unimodal/ja"]
