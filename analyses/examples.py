@@ -71,6 +71,16 @@ def run_settings(session: QuerySession, runs: list[str] | tuple[str, ...]) -> di
     return {run: RunSettings.from_row(rows[run]) for run in names}
 
 
+def recorded_modalities(session: QuerySession, runs: list[str] | tuple[str, ...]) -> dict[str, str | None]:
+    """run -> the input modality it was recorded with (speech / text, from its config; None if not said)."""
+    rows = session.sql(
+        "SELECT run, json_extract_string(config, '$.modality') AS m FROM runs WHERE list_contains($runs, run) "
+        "ORDER BY run",
+        {"runs": sorted(set(runs))},
+    ).to_pylist()
+    return {row["run"]: row["m"] for row in rows}
+
+
 def open_runs(session: QuerySession, runs: list[str] | tuple[str, ...]) -> RunGroup:
     """Check that ``runs`` exist and can be analysed together (same pooling, one vector per example).
 

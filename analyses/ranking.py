@@ -26,7 +26,15 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 from hookpoints.analyses.ap import LabelSetPlan
-from hookpoints.analyses.examples import ExampleSet, LabelMasks, RunGroup, label_masks, open_runs, select_examples
+from hookpoints.analyses.examples import (
+    ExampleSet,
+    LabelMasks,
+    RunGroup,
+    label_masks,
+    open_runs,
+    recorded_modalities,
+    select_examples,
+)
 from hookpoints.analyses.hook_matrix import HookMatrixReader, neuron_slices, shared_hooks
 from hookpoints.analyses.hooks import StoredHook
 from hookpoints.analyses.labels import MODALITY_PRESETS, PRESETS, LabelSet, preset_label_sets
@@ -182,15 +190,9 @@ def preset_sets(
 def _refuse_mixed_inputs(session, runs: tuple[str, ...], modality_column: str) -> None:
     """Without a modality column, unimodal compares languages over every example: over runs that read speech
     and text (recorded in their config), that is the multimodal setting under a unimodal name."""
-    if len(runs) < 2:
-        return
-    read = session.sql(
-        "SELECT run, json_extract_string(config, '$.modality') AS m FROM runs WHERE list_contains($runs, run) "
-        "ORDER BY run",
-        {"runs": list(runs)},
-    ).to_pylist()
-    if len({row["m"] for row in read if row["m"]}) > 1:
-        shown = ", ".join(f"{row['run']} ({row['m']})" for row in read)
+    read = recorded_modalities(session, runs)
+    if len({m for m in read.values() if m}) > 1:
+        shown = ", ".join(f"{run} ({m})" for run, m in read.items())
         raise UserError(
             f"runs {shown} read different modalities, but the examples have no {modality_column!r} column: "
             "--preset unimodal would compare languages over both at once (the multimodal setting). Rank each run "
