@@ -11,7 +11,6 @@ store (analyses.report_clusters), so the CLI and the report draw the same figure
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,7 +166,9 @@ def series_name(hook: str | None, layer: int | None) -> str | None:
     """The hook's name with its layer number as ``*`` (``blocks.3.mlp`` -> ``blocks.*.mlp``): its series."""
     if hook is None or layer is None:
         return hook
-    return re.sub(rf"(^|\.){layer}(\.|$)", r"\1*\2", hook, count=1)
+    parts = hook.split(".")
+    last = max((i for i, part in enumerate(parts) if part == str(layer)), default=None)  # after any stack index
+    return hook if last is None else ".".join(parts[:last] + ["*"] + parts[last + 1 :])
 
 
 def components_with_shared_layers(layers: list[MapLayer]) -> set:
