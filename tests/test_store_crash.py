@@ -164,3 +164,50 @@ def _assert_values_match_torch_hooks(store: Store, model_dir, ids: list[str], te
             handle.remove()
         expected = captured["value"][0].mean(0).numpy()  # [d_model]: one example, no padding
         np.testing.assert_allclose(np.array(row["activation"]), expected, rtol=1e-4, atol=1e-5)
+
+
+# `hookpoints store delete`, SIGKILLed right after its first table's delete commit (the activations').
+KILL_IN_DELETE = """
+import os, signal, sys
+import hookpoints.store.tables as tables
+real = tables.delete
+def delete_then_die(*args, **options):
+    real(*args, **options)
+    os.kill(os.getpid(), signal.SIGKILL)
+tables.delete = delete_then_die
+from hookpoints.cli.main import main
+main(["store", "delete", sys.argv[1], "--run", "r1"])
+"""
+
+
+def test_a_delete_killed_half_way_never_leaves_a_complete_run_with_rows_missing(store, run_cli):
+    """Killed between its tables, `store delete` left run r1 `complete` with its activations gone and its
+    examples there: SQL readers saw a complete run without vectors, and verify named only that symptom. Now
+    the run reads `failed` (not complete) from before the first row goes, verify says to delete it again, and
+    that finishes it."""
+    from tests.hostile_helpers import fill, vectors
+
+    fill(store, "keep", seed=1)
+    kept = vectors(store, "keep")
+    fill(store, "r1", seed=2)
+    process = subprocess.run(
+        [sys.executable, "-c", KILL_IN_DELETE, store.location.uri], env=_env(), capture_output=True, text=True
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    with store.query() as session:
+        assert session.sql("SELECT count(*) AS n FROM activations WHERE run = 'r1'").to_pylist() == [{"n": 0}]
+        assert session.sql("SELECT count(*) AS n FROM examples WHERE run = 'r1'").to_pylist() == [{"n": 3}]
+        status = session.sql("SELECT status FROM runs WHERE run = 'r1'")["status"].to_pylist()
+    assert status == ["failed"]  # never `complete` with its rows half gone
+    findings = [(f.level, f.message) for f in verify(store).findings if f.level != "info"]
+    assert findings == [
+        (
+            "warning",
+            "run 'r1' failed: being deleted; if `hookpoints store delete` was interrupted, run it again",
+        )
+    ]
+    code, _, err = run_cli("store", "delete", store.location.uri, "--run", "r1")
+    assert code == 0, err
+    assert vectors(store, "r1") == {} and vectors(store, "keep") == kept
+    assert verify(store).ok and not [f for f in verify(store).findings if f.level != "info"]
+    assert store.run_info("r1") is None
