@@ -255,7 +255,8 @@ class Store:
         """Remove a run's rows from every run-partitioned table, then log it as deleted.
 
         The run is logged ``failed`` ("being deleted") before its first rows go, so a delete killed half-way
-        leaves a run that no reader takes for complete; running the delete again finishes it. Rows left of a run already deleted (or never started), which ``store verify`` reports, are removed too.
+        leaves a run that no reader takes for complete; running the delete again finishes it.
+        Rows left of a run already deleted (or never started), which ``store verify`` reports, are removed too.
         """
         import pyarrow.compute as pc
 
