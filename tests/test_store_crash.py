@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from deltalake import DeltaTable
@@ -211,3 +212,65 @@ def test_a_delete_killed_half_way_never_leaves_a_complete_run_with_rows_missing(
     assert vectors(store, "r1") == {} and vectors(store, "keep") == kept
     assert verify(store).ok and not [f for f in verify(store).findings if f.level != "info"]
     assert store.run_info("r1") is None
+
+
+# An overwrite of run r1 (new labels, new vectors), SIGKILLed after its swap moved examples, before activations.
+KILL_IN_SWAP = """
+import os, signal, sys
+import numpy as np, pyarrow as pa
+import hookpoints.store.overwrite as overwrite
+from hookpoints.store.catalog import Store
+from hookpoints.store.writer import HookRows, open_run
+from tests.hostile_helpers import SETTINGS, hooks
+real = overwrite.move_run
+def move_then_die(store, table, source, target):
+    real(store, table, source, target)
+    if table == "examples":
+        os.kill(os.getpid(), signal.SIGKILL)
+overwrite.move_run = move_then_die
+store = Store.open(sys.argv[1])
+examples = pa.table({"example_id": ["a", "b", "c"], "text": ["new a", "new b", "new c"]})
+writer = open_run(store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=examples.schema,
+                  if_exists="overwrite")
+writer.add(examples, {h["hook"]: HookRows(["a", "b", "c"], np.full((3, 4), 7, np.float32)) for h in hooks()})
+writer.finish()
+"""
+
+
+def test_an_overwrite_killed_while_swapping_in_is_never_read_as_complete(store):
+    """Killed between two tables' swaps, the overwritten run read `complete` with the new recording's examples
+    (its labels) and the old recording's vectors: any reader trusting the status mixed the two. Now the run
+    reads `failed` ("being overwritten") from before the swap's first table until its last; verify says how to
+    finish it, and the next record of the run does."""
+    from tests.hostile_helpers import fill, hooks, vectors
+
+    fill(store, "r1", seed=1)
+    process = subprocess.run(
+        [sys.executable, "-c", KILL_IN_SWAP, store.location.uri], env=_env(), capture_output=True, text=True
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    with store.query() as session:
+        assert sorted(session.sql("SELECT text FROM examples WHERE run = 'r1'")["text"].to_pylist()) == [
+            "new a", "new b", "new c"
+        ]  # fmt: skip
+        assert all(v != [7.0] * 4 for v in vectors(store, "r1").values())  # the old vectors, still
+        status = session.sql("SELECT status FROM runs WHERE run = 'r1'")["status"].to_pylist()
+    assert status == ["failed"]
+    findings = [(f.level, f.message) for f in verify(store).findings if f.table == "runs"]
+    assert (
+        "warning",
+        "run 'r1' failed: being overwritten; if it was interrupted, `hookpoints record` of run 'r1' with --resume "
+        "and the overwrite's other options finishes it",
+    ) in findings
+    schema = pa.table({"example_id": ["a"]}).schema
+    from hookpoints.store.writer import open_run
+
+    from tests.hostile_helpers import SETTINGS
+
+    again = open_run(store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema,
+                     if_exists="resume")  # fmt: skip
+    again.finish()
+    assert vectors(store, "r1") == {(h["hook"], e): [7.0] * 4 for h in hooks() for e in "abc"}
+    assert store.run_info("r1").status == "complete"
+    report = verify(store)
+    assert report.ok and not [f for f in report.findings if f.level != "info"], report.findings
