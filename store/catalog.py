@@ -163,8 +163,10 @@ class Store:
             return
         if not delta_read.exists(self.location, spec.name):
             _table_io().create(self.location, spec)
-            if spec.name != "store_meta":
-                self._append_meta({f"table:{spec.name}": json.dumps({"partition_by": list(spec.partition_by)})})
+        # Registered whenever it is not yet, not only by its creator: one killed between the two commits (or a
+        # concurrent creator not there yet) would leave the table unregistered, its rows unseen by every reader.
+        if spec.name != "store_meta" and f"table:{spec.name}" not in self.meta():
+            self._append_meta({f"table:{spec.name}": json.dumps({"partition_by": list(spec.partition_by)})})
         self._tables.add(spec.name)
 
     def table_names(self) -> list[str]:

@@ -23,6 +23,7 @@ import pytest
 import torch
 from deltalake import DeltaTable
 from hookpoints.store.catalog import Store
+from hookpoints.store.schema import TableSpec
 from hookpoints.store.verify import verify
 
 from hookpoints.loading import load
@@ -272,5 +273,47 @@ def test_an_overwrite_killed_while_swapping_in_is_never_read_as_complete(store):
     again.finish()
     assert vectors(store, "r1") == {(h["hook"], e): [7.0] * 4 for h in hooks() for e in "abc"}
     assert store.run_info("r1").status == "complete"
+    report = verify(store)
+    assert report.ok and not [f for f in report.findings if f.level != "info"], report.findings
+
+
+# Opens (or creates) the store at argv[1], SIGKILLed right after it creates table argv[2], before registering it.
+KILL_AFTER_CREATE = """
+import os, signal, sys
+import pyarrow as pa
+import hookpoints.store.tables as tables
+from hookpoints.store.catalog import Store
+from hookpoints.store.schema import TableSpec
+SCORES = TableSpec("scores", pa.schema([("run", pa.string()), ("score", pa.float64())]), ("run",))
+real = tables.create
+def create_then_die(location, spec):
+    real(location, spec)
+    if spec.name == sys.argv[2]:
+        os.kill(os.getpid(), signal.SIGKILL)
+tables.create = create_then_die
+store = Store.open(sys.argv[1], create=True)
+store.append(SCORES, pa.table({"run": ["r1"], "score": [1.0]}, schema=SCORES.schema))
+"""
+
+
+SCORES = TableSpec("scores", pa.schema([("run", pa.string()), ("score", pa.float64())]), ("run",))
+
+
+@pytest.mark.parametrize("table", ["scores", "examples"])
+def test_a_table_created_by_a_process_killed_before_registering_it_is_registered_by_the_next(tmp_path, table):
+    """Killed between creating a table and registering it in store_meta (an analysis' first write, or the store's
+    own creation), the table stayed unregistered for ever: later rows went into it unseen by SQL, `store delete`
+    and compaction, and verify called its files unexpected ("remove it"). Now the next writer registers it."""
+    where = tmp_path / "store"
+    process = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_CREATE, str(where), table], env=_env(), capture_output=True, text=True
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    store = Store.open(where, create=True)
+    store.append(SCORES, pa.table({"run": ["r1"], "score": [2.5]}, schema=SCORES.schema))
+    assert table in store.table_names() and "scores" in store.table_names()
+    with store.query() as session:
+        assert session.sql("SELECT run, score FROM scores").to_pylist() == [{"run": "r1", "score": 2.5}]
+        assert session.sql("SELECT count(*) AS n FROM examples").to_pylist() == [{"n": 0}]
     report = verify(store)
     assert report.ok and not [f for f in report.findings if f.level != "info"], report.findings
