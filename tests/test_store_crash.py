@@ -26,6 +26,7 @@ from hookpoints.store.catalog import Store
 from hookpoints.store.schema import TableSpec
 from hookpoints.store.verify import verify
 
+from hookpoints.errors import UserError
 from hookpoints.loading import load
 from tests.store_checks import assert_exactly_once
 
@@ -317,3 +318,47 @@ def test_a_table_created_by_a_process_killed_before_registering_it_is_registered
         assert session.sql("SELECT count(*) AS n FROM examples").to_pylist() == [{"n": 0}]
     report = verify(store)
     assert report.ok and not [f for f in report.findings if f.level != "info"], report.findings
+
+
+# Records 3 of run r1's 6 examples through the writer, commits them, and is SIGKILLed before finishing.
+KILL_AFTER_A_FLUSH = """
+import os, signal, sys
+import numpy as np, pyarrow as pa
+from hookpoints.store.catalog import Store
+from hookpoints.store.writer import HookRows, open_run
+from tests.hostile_helpers import SETTINGS, hooks
+store = Store.open(sys.argv[1])
+examples = pa.table({"example_id": ["a", "b", "c"], "text": ["x", "y", "z"]})
+writer = open_run(store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=examples.schema)
+writer.add(examples, {h["hook"]: HookRows(["a", "b", "c"], np.ones((3, 4), np.float32)) for h in hooks()})
+writer.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_an_analysis_of_a_run_killed_mid_recording_is_refused_not_run_on_part_of_it(store, run_cli):
+    """A recording killed between two flushes leaves a consistent part of its run (every committed example at
+    every hook), `recording` in `runs`: ap, magnitudes and clusters analysed that part as if it were the run,
+    without a word, and stored the result under the run's name. Now they refuse a run that is not complete."""
+    from hookpoints.analyses.examples import open_runs
+    from hookpoints.analyses.layers import run_settings
+
+    from tests.hostile_helpers import fill
+
+    fill(store, "done", seed=1)
+    process = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_A_FLUSH, store.location.uri], env=_env(), capture_output=True, text=True
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    message = (
+        "run 'r1' is not complete (status recording), so an analysis would see only part of it: finish it with "
+        "`hookpoints record ... --resume` (or wait for its recording to end)"
+    )
+    with store.query() as session:
+        assert open_runs(session, ["done"]).runs == ("done",)
+        for analysis in (lambda: open_runs(session, ["done", "r1"]), lambda: run_settings(session, "r1")):
+            with pytest.raises(UserError) as caught:
+                analysis()
+            assert str(caught.value) == message
+    code, _, err = run_cli("magnitudes", "--store", store.location.uri, "--run", "r1")
+    assert code == 2 and err.strip() == f"error: {message}"
