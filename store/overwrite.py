@@ -11,7 +11,7 @@ staging run deleted.
 
 - The new recording fails (a bad manifest value, a crash, a full disk): the old run is as it was; the
   staging run is logged ``failed`` with the error (``store info`` and ``verify`` show it) and the next
-  ``--overwrite`` starts it afresh.
+  ``--overwrite`` starts it afresh; ``--resume`` continues it (store/writer.py), killed or failed.
 - Killed during the swap (milliseconds): the staging run is complete, so the next ``record`` of that run
   finishes the swap before anything else (:func:`recover`); each table's swap is idempotent. The run is
   logged ``failed`` ("being overwritten") before the first table's swap, so until the swap is finished no

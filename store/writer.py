@@ -86,6 +86,11 @@ def open_run(
         overwrite.recover(store, run)  # an earlier overwrite killed while swapping in: finish it first
         info = store.run_info(run)
     replaces = None  # the run an overwrite records aside and swaps in when complete (store/overwrite.py)
+    if info is not None and if_exists == "resume":
+        with damage_said(store, run):
+            staged = store.run_info(overwrite.staging_name(run))
+        if staged is not None:  # an overwrite killed (or failed) while recording: --resume continues it
+            replaces, run, info = run, overwrite.staging_name(run), staged
     if info is not None and if_exists == "overwrite":
         if count > 1:
             raise UserError(

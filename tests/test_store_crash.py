@@ -362,3 +362,52 @@ def test_an_analysis_of_a_run_killed_mid_recording_is_refused_not_run_on_part_of
             assert str(caught.value) == message
     code, _, err = run_cli("magnitudes", "--store", store.location.uri, "--run", "r1")
     assert code == 2 and err.strip() == f"error: {message}"
+
+
+# An overwrite of run r1 that commits example a's new vectors (7s), then is SIGKILLed while recording.
+KILL_DURING_OVERWRITE = """
+import os, signal, sys
+import numpy as np, pyarrow as pa
+from hookpoints.store.catalog import Store
+from hookpoints.store.writer import HookRows, open_run
+from tests.hostile_helpers import SETTINGS, hooks
+store = Store.open(sys.argv[1])
+examples = pa.table({"example_id": ["a"], "text": ["new a"]})
+writer = open_run(store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=examples.schema,
+                  if_exists="overwrite")
+writer.add(examples, {h["hook"]: HookRows(["a"], np.full((1, 4), 7, np.float32)) for h in hooks()})
+writer.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_resume_after_an_overwrite_killed_while_recording_continues_the_overwrite(store):
+    """`record --overwrite` killed while recording, then `--resume`: the resume continued the old run, found it
+    complete, recorded nothing and said the run was done, the old vectors kept under the run's name and the
+    overwrite's part left aside as `r1~overwrite`. Now `--resume` continues the overwrite: only the examples it
+    had not committed are recorded, and the finished recording is swapped in."""
+    from hookpoints.store.overwrite import staging_name
+    from hookpoints.store.writer import HookRows, open_run
+
+    from tests.hostile_helpers import SETTINGS, fill, hooks, vectors
+
+    fill(store, "r1", seed=1)
+    process = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_OVERWRITE, store.location.uri], env=_env(), capture_output=True, text=True
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    examples = pa.table({"example_id": ["a", "b", "c"], "text": ["new a", "new b", "new c"]})
+    writer = open_run(store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=examples.schema,
+                      if_exists="resume")  # fmt: skip
+    assert writer.done == {"a"}  # the overwrite's committed example
+    new = {h["hook"]: np.arange(12, dtype=np.float32).reshape(3, 4) for h in hooks()}
+    writer.add(examples, {hook: HookRows(["a", "b", "c"], values) for hook, values in new.items()})
+    writer.finish()
+    expected = {(h, e): ([7.0] * 4 if e == "a" else new[h][i].tolist()) for h in new for i, e in enumerate("abc")}
+    assert vectors(store, "r1") == expected
+    assert store.run_info("r1").status == "complete" and store.run_info(staging_name("r1")) is None
+    with store.query() as session:
+        texts = session.sql("SELECT text FROM examples WHERE run = 'r1' ORDER BY example_id")["text"].to_pylist()
+    assert texts == ["new a", "new b", "new c"]
+    report = verify(store)
+    assert report.ok and not [f for f in report.findings if f.level != "info"], report.findings
