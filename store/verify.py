@@ -66,6 +66,8 @@ def verify(store: Store, *, on_file: Callable[[str], None] | None = None) -> Ver
     if version != SCHEMA_VERSION:
         older = version is not None and version < SCHEMA_VERSION
         hint = "run `hookpoints store migrate`" if older else "use the hookpoints that wrote it"
+        if version is None and "created_at" not in store.meta():  # written last with the version, at creation
+            hint = "its creation was interrupted (the process creating it killed?): recording into it finishes it"
         report.add("error", "store_meta", f"schema version {version}, this hookpoints checks {SCHEMA_VERSION}: {hint}")
         return report
     _check_links(store, report)
