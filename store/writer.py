@@ -356,6 +356,8 @@ def _check_no_rows_left(store: Store, run: str) -> None:
     for name in ("hooks", "examples", "activations"):
         actions = tables.open_table(store.location, name).get_add_actions(flatten=True)
         if run in actions.column("partition.run").to_pylist():
+            if store.run_info(run) is not None:
+                return  # another process has just started the run (a shard of it): its rows, not leftovers
             uri = store.location.uri
             raise UserError(
                 f"store {uri} still holds {name} rows of an earlier run {run!r} that was deleted: remove them with "
