@@ -35,6 +35,7 @@ from deltalake import CommitProperties
 from deltalake.transaction import AddAction, RemoveAction
 from hookpoints.store import tables
 from hookpoints.store.catalog import RUN_SETTINGS, Store, _now
+from hookpoints.store.commits import app_id
 from hookpoints.store.schema import CORE_TABLES, RUN_EVENTS
 
 STAGING_SUFFIX = "~overwrite"
@@ -73,6 +74,10 @@ def swap(store: Store, run: str, settings: dict, config: dict) -> None:
         )
         kept = {key: getattr(old, key) for key in RUN_SETTINGS}
         store.log_run_event(run, "failed", kept, old.config, message, shard=(0, old.shards))
+        # A process still recording the old run (one thought dead) must not commit into the new one: fenced.
+        writers = [app_id(run, (index, old.shards)) for index in range(old.shards)]
+        for name in ("examples", "activations"):
+            tables.fence(store.location, name, writers)
     for name in _RUN_TABLES:
         move_run(store, name, staging, run)
     for name in store.table_names():  # the analyses of the old run (scores, clusters, ...) describe rows now gone

@@ -358,3 +358,24 @@ def test_a_new_run_is_refused_where_rows_of_a_deleted_run_of_its_name_remain(sto
     new = fill(store, "r1", seed=2, hook_names=("h0", "h2"))
     assert vectors(store, "r1") == {(h, e): pytest.approx(new[h][i].tolist()) for h in new for i, e in enumerate("abc")}
     assert verify(store).ok
+
+
+def test_a_process_still_recording_the_old_run_stops_at_the_overwrites_swap(store):
+    """`record --overwrite` of a run another process still records (one thought dead): that process went on
+    committing into the new run after the swap, example b then stored twice (old and new vectors) in a run
+    logged complete. The swap now fences the old run's writers, as `store delete` does."""
+    from hookpoints.store.commits import WriterFenced
+
+    schema = pa.table({"example_id": ["a"], "text": ["old"]}).schema
+    old = open_run(store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema,
+                   max_buffer_bytes=0, background=False)  # fmt: skip
+    zeros = np.zeros((1, 4), np.float32)
+    old.add(pa.table({"example_id": ["a"], "text": ["old"]}), {h["hook"]: HookRows(["a"], zeros) for h in hooks()})
+    new = fill(store, "r1", seed=3, if_exists="overwrite")
+    with pytest.raises(WriterFenced, match="another process committed to run 'r1'"):
+        old.add(pa.table({"example_id": ["b"], "text": ["old"]}), {h["hook"]: HookRows(["b"], zeros) for h in hooks()})
+    old.finish()  # fenced: logs nothing
+    assert vectors(store, "r1") == {(h, e): pytest.approx(new[h][i].tolist()) for h in new for i, e in enumerate("abc")}
+    assert store.run_info("r1").status == "complete"
+    report = verify(store)
+    assert report.ok and not [f for f in report.findings if f.level == "error"], report.findings
