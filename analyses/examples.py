@@ -59,7 +59,8 @@ def run_settings(session: QuerySession, runs: list[str] | tuple[str, ...]) -> di
     rows = {
         row["run"]: row
         for row in session.sql(
-            "SELECT run, model, task, pooling, dtype, config FROM runs WHERE list_contains($runs, run)",
+            "SELECT run, model, task, pooling, dtype, config, status, shards, shards_complete, message FROM runs "
+            "WHERE list_contains($runs, run)",
             {"runs": names},
         ).to_pylist()
     }
@@ -68,6 +69,15 @@ def run_settings(session: QuerySession, runs: list[str] | tuple[str, ...]) -> di
         known = session.sql("SELECT run FROM runs ORDER BY run")["run"].to_pylist()
         listed = ", ".join(known[:10]) + (" ..." if len(known) > 10 else "") if known else "none"
         raise UserError(f"there is no run {missing[0]!r} in this store (runs: {listed})")
+    for run in names:  # a run still recording, killed or failed holds only part of its examples
+        row = rows[run]
+        if row["status"] != "complete":
+            shards = f", {row['shards_complete']} of {row['shards']} shards complete" if row["shards"] > 1 else ""
+            said = f": {row['message'][:200]}" if row["status"] == "failed" and row["message"] else ""
+            raise UserError(
+                f"run {run!r} is not complete (status {row['status']}{shards}{said}), so an analysis would see only "
+                "part of it: finish it with `hookpoints record ... --resume` (or wait for its recording to end)"
+            )
     return {run: RunSettings.from_row(rows[run]) for run in names}
 
 

@@ -163,8 +163,10 @@ class Store:
             return
         if not delta_read.exists(self.location, spec.name):
             _table_io().create(self.location, spec)
-            if spec.name != "store_meta":
-                self._append_meta({f"table:{spec.name}": json.dumps({"partition_by": list(spec.partition_by)})})
+        # Registered whenever it is not yet, not only by its creator: one killed between the two commits (or a
+        # concurrent creator not there yet) would leave the table unregistered, its rows unseen by every reader.
+        if spec.name != "store_meta" and f"table:{spec.name}" not in self.meta():
+            self._append_meta({f"table:{spec.name}": json.dumps({"partition_by": list(spec.partition_by)})})
         self._tables.add(spec.name)
 
     def table_names(self) -> list[str]:
@@ -254,6 +256,8 @@ class Store:
     def delete_run(self, run: str) -> None:
         """Remove a run's rows from every run-partitioned table, then log it as deleted.
 
+        The run is logged ``failed`` ("being deleted") before its first rows go, so a delete killed half-way
+        leaves a run that no reader takes for complete; running the delete again finishes it.
         Rows left of a run already deleted (or never started), which ``store verify`` reports, are removed too.
         """
         import pyarrow.compute as pc
@@ -275,6 +279,10 @@ class Store:
         # stops it (store/commits.py) instead of bringing back part of a deleted run, logged complete.
         from hookpoints.store.commits import app_id
 
+        if info is not None:  # first: a delete killed between its tables must not leave the run `complete`
+            settings = {key: getattr(info, key) for key in RUN_SETTINGS}
+            message = "being deleted; if `hookpoints store delete` was interrupted, run it again"
+            self.log_run_event(run, "failed", settings, info.config, message, shard=(0, info.shards))
         writers = [app_id(run, (index, info.shards)) for index in range(info.shards)] if info is not None else []
         for name in names:
             fence = writers if name in ("activations", "examples") else ()

@@ -4,7 +4,8 @@ Both are safe while others read and record:
 
 - ``compact`` rewrites each partition's small files into larger ones in a new table version. Readers of
   older versions keep reading the old files, which stay on storage; recorders only append, which never
-  conflicts with a compaction (delta-rs retries against the new version).
+  conflicts with a compaction (delta-rs retries against the new version; an activations merge, written with
+  page checksums here, retries its commit alone while the files it replaces are still in the table).
 - ``vacuum`` deletes files no version newer than the retention period refers to: files replaced by a
   compaction or a deleted run, and files of writes that never committed (a killed recorder). A reader that
   took its snapshot less than ``retention_hours`` ago keeps working; one holding an older snapshot may find
@@ -17,10 +18,16 @@ from __future__ import annotations
 import math
 import random
 import time
+from urllib.parse import unquote
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+from deltalake import CommitProperties
 from deltalake.exceptions import CommitFailedError
-from hookpoints.store import tables
+from deltalake.transaction import RemoveAction
+from hookpoints.store import files, tables
 from hookpoints.store.catalog import Store
+from hookpoints.store.schema import CORE_TABLES, TableSpec
 
 from hookpoints.errors import UserError
 
@@ -30,6 +37,7 @@ DEFAULT_RETENTION_HOURS = 168
 MIN_RETENTION_HOURS = 1
 DEFAULT_TARGET_MB = 64
 _RETRIES = 10
+_MERGE_ATTEMPTS = 100  # a merge's commit is retried alone (milliseconds); its file is written once
 
 
 def compact(store: Store, *, target_mb: float = DEFAULT_TARGET_MB) -> list[dict]:
@@ -39,12 +47,15 @@ def compact(store: Store, *, target_mb: float = DEFAULT_TARGET_MB) -> list[dict]
     rows = []
     for name in ["store_meta", *store.table_names()]:
         before = _files(store, name)
-        metrics = _retrying(
-            lambda name=name: tables.open_table(store.location, name).optimize.compact(
-                target_size=int(target_mb * 2**20),
-                writer_properties=tables.writer_properties(schema=store.dataset(name).schema),
+        if name == "activations":  # rewritten with page checksums, as the writer writes them (store/files.py)
+            metrics = {"numFilesRemoved": compact_checksummed(store, CORE_TABLES[name], int(target_mb * 2**20))}
+        else:
+            metrics = _retrying(
+                lambda name=name: tables.open_table(store.location, name).optimize.compact(
+                    target_size=int(target_mb * 2**20),
+                    writer_properties=tables.writer_properties(schema=store.dataset(name).schema),
+                )
             )
-        )
         table = tables.open_table(store.location, name)
         table.create_checkpoint()
         after = _files(store, name)
@@ -58,6 +69,72 @@ def compact(store: Store, *, target_mb: float = DEFAULT_TARGET_MB) -> list[dict]
             }
         )
     return rows
+
+
+def compact_checksummed(store: Store, spec: TableSpec, target_bytes: int) -> int:
+    """Merge each partition's small files into files of about ``target_bytes``, written with page checksums by
+    store/files.py (delta-rs' compaction writes none: flipped bytes in its files read as wrong numbers); a merged
+    file holds its files' rows in their order. Each merge is one commit onto the version it read (a concurrent
+    commit makes it read again), removing the files it merged. Returns how many files were merged away."""
+    logged = pa.table(tables.open_table(store.location, spec.name).get_add_actions(flatten=False)).to_pylist()
+    partitions: dict[tuple, list[dict]] = {}
+    for file in logged:
+        if file["size_bytes"] < target_bytes:
+            partitions.setdefault(tuple(sorted(file["partition"].items())), []).append(file)
+    merged = 0
+    for small in partitions.values():
+        bins, size = [[]], 0
+        for file in small:  # consecutive files, in the log's order, up to the target size
+            if bins[-1] and size + file["size_bytes"] > target_bytes:
+                bins, size = [*bins, []], 0
+            bins[-1].append(file)
+            size += file["size_bytes"]
+        for group in bins:
+            if len(group) > 1:
+                merged += _merge(store, spec, group)
+    return merged
+
+
+def _merge(store: Store, spec: TableSpec, group: list[dict]) -> int:
+    """One merged file written once, committed onto the latest version as long as every file it replaces is
+    still in it (each attempt only onto the version just read: delta-rs does not check that a concurrent commit
+    removed them, so a merge racing a delete or a swap would bring their rows back)."""
+    delta = tables.open_table(store.location, spec.name)
+    paths = [unquote(file["path"]) for file in group]
+    if not _all_live(delta, paths):
+        return 0
+    filesystem = tables.filesystem(store.location, spec.name)
+    body = pa.schema([field for field in spec.schema if field.name not in spec.partition_by])
+    data = pa.concat_tables([pq.read_table(path, filesystem=filesystem, schema=body) for path in paths])
+    for key, value in group[0]["partition"].items():
+        data = data.append_column(key, pa.array([value] * data.num_rows, spec.schema.field(key).type))
+    stamp = int(time.time() * 1000)
+    removes = [
+        RemoveAction(path, True, stamp, file["size_bytes"], file["partition"])
+        for path, file in zip(paths, group, strict=True)
+    ]
+    actions = [*files.write_files(store.location, spec, data), *removes]
+    for attempt in range(_MERGE_ATTEMPTS):
+        try:
+            delta.create_write_transaction(
+                actions,
+                mode="append",
+                schema=delta.schema(),
+                partition_by=list(spec.partition_by) or None,
+                commit_properties=CommitProperties(max_commit_retries=0),
+            )
+            return len(group)
+        except CommitFailedError:  # another commit landed first (a recorder's append): read again, try again
+            time.sleep(min(1.0, 0.01 * 2 ** min(attempt, 7)) * random.random())
+            delta.update_incremental()
+            if not _all_live(delta, paths):
+                return 0  # merged or removed by someone else meanwhile: the written file is left to vacuum
+    raise CommitFailedError(f"could not commit a merge of {len(group)} {spec.name} files: the table changes too often")
+
+
+def _all_live(delta, paths: list[str]) -> bool:
+    live = {unquote(path) for path in delta.get_add_actions(flatten=True).column("path").to_pylist()}
+    return set(paths) <= live
 
 
 def vacuum(

@@ -11,9 +11,11 @@ staging run deleted.
 
 - The new recording fails (a bad manifest value, a crash, a full disk): the old run is as it was; the
   staging run is logged ``failed`` with the error (``store info`` and ``verify`` show it) and the next
-  ``--overwrite`` starts it afresh.
+  ``--overwrite`` starts it afresh; ``--resume`` continues it (store/writer.py), killed or failed.
 - Killed during the swap (milliseconds): the staging run is complete, so the next ``record`` of that run
-  finishes the swap before anything else (:func:`recover`); each table's swap is idempotent.
+  finishes the swap before anything else (:func:`recover`); each table's swap is idempotent. The run is
+  logged ``failed`` ("being overwritten") before the first table's swap, so until the swap is finished no
+  reader takes the run, its rows then partly old and partly new, for complete.
 
 Example::
 
@@ -33,6 +35,7 @@ from deltalake import CommitProperties
 from deltalake.transaction import AddAction, RemoveAction
 from hookpoints.store import tables
 from hookpoints.store.catalog import RUN_SETTINGS, Store, _now
+from hookpoints.store.commits import app_id
 from hookpoints.store.schema import CORE_TABLES, RUN_EVENTS
 
 STAGING_SUFFIX = "~overwrite"
@@ -63,6 +66,18 @@ def recover(store: Store, run: str) -> bool:
 def swap(store: Store, run: str, settings: dict, config: dict) -> None:
     """Replace ``run``'s rows with its complete staging run's, then log the change (see the module docstring)."""
     staging = staging_name(run)
+    old = store.run_info(run)
+    if old is not None:  # first: killed between two tables' moves, the run must not read complete (mixed rows)
+        message = (
+            f"being overwritten; if it was interrupted, `hookpoints record` of run {run!r} with --resume and the "
+            "overwrite's other options finishes it"
+        )
+        kept = {key: getattr(old, key) for key in RUN_SETTINGS}
+        store.log_run_event(run, "failed", kept, old.config, message, shard=(0, old.shards))
+        # A process still recording the old run (one thought dead) must not commit into the new one: fenced.
+        writers = [app_id(run, (index, old.shards)) for index in range(old.shards)]
+        for name in ("examples", "activations"):
+            tables.fence(store.location, name, writers)
     for name in _RUN_TABLES:
         move_run(store, name, staging, run)
     for name in store.table_names():  # the analyses of the old run (scores, clusters, ...) describe rows now gone
@@ -70,7 +85,6 @@ def swap(store: Store, run: str, settings: dict, config: dict) -> None:
             keys = store.run_keys(name, run)  # its own and those of analyses comparing it with others (r1+r2)
             if keys:
                 tables.delete(store.location, name, tables.any_of("run", keys))
-    old = store.run_info(run)
     now = _now()
     base = {"config": json.dumps(config, sort_keys=True, default=str), "writer": "", "shard": None, "shards": None}
     rows = [

@@ -181,6 +181,24 @@ def delete(location: StoreLocation, table: str, predicate: str, *, fence: Sequen
     retrying(commit)
 
 
+def fence(location: StoreLocation, table: str, apps: Sequence[str]) -> None:
+    """Raise the transaction number of each application id in ``apps`` (store/commits.py) in one commit that
+    adds nothing: a writer still committing under one of them stops at its next commit (``WriterFenced``)."""
+
+    def commit() -> None:
+        delta = open_table(location, table)
+        raised = [Transaction(app, (delta.transaction_version(app) or 0) + 1) for app in apps]
+        delta.create_write_transaction(
+            [],
+            mode="append",
+            schema=delta.schema(),
+            partition_by=delta.metadata().partition_columns or None,
+            commit_properties=CommitProperties(app_transactions=raised),
+        )
+
+    retrying(commit)
+
+
 def filesystem(location: StoreLocation, table: str | None = None) -> pafs.FileSystem:
     """A pyarrow filesystem rooted at the table's folder (or the store's root), through Delta's object store.
 

@@ -66,6 +66,8 @@ def verify(store: Store, *, on_file: Callable[[str], None] | None = None) -> Ver
     if version != SCHEMA_VERSION:
         older = version is not None and version < SCHEMA_VERSION
         hint = "run `hookpoints store migrate`" if older else "use the hookpoints that wrote it"
+        if version is None and "created_at" not in store.meta():  # written last with the version, at creation
+            hint = "its creation was interrupted (the process creating it killed?): recording into it finishes it"
         report.add("error", "store_meta", f"schema version {version}, this hookpoints checks {SCHEMA_VERSION}: {hint}")
         return report
     _check_links(store, report)
@@ -200,9 +202,18 @@ def _is_store_file(store: Store, table: str, path: str) -> bool:
 
 def _check_root(store: Store, names: list[str], report: VerifyReport) -> None:
     """Nothing outside the tables' folders (e.g. a pickle dropped next to them)."""
-    for path in tables.list_files(store.location):
+    listing = tables.list_files(store.location)
+    unregistered = {path.split("/", 1)[0] for path in listing if verify_logs.LOG_FILE.match(path.partition("/")[2])}
+    for top in sorted(unregistered - {*names, *CORE_TABLES}):  # created by a process killed before registering it
+        report.add(
+            "error",
+            "store",
+            f"folder {top} is a Delta table that store_meta does not register (its creator was killed before "
+            "registering it?): readers do not see its rows; the next write to that table registers it",
+        )
+    for path in listing:
         top = path.split("/", 1)[0]
-        if top not in names and top not in CORE_TABLES:
+        if top not in names and top not in CORE_TABLES and top not in unregistered:
             report.add("error", "store", f"unexpected file {path}: it belongs to no table of the store; remove it")
 
 

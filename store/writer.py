@@ -29,7 +29,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake.exceptions import CommitFailedError, DeltaError
-from hookpoints.store import overwrite
+from hookpoints.store import overwrite, tables
 from hookpoints.store.buffer import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_SECONDS, Buffer, HookRows
 from hookpoints.store.catalog import RUN_SETTINGS, Store, validate_run_name
 from hookpoints.store.commits import FencedAppender, WriterFenced, app_id, append_once
@@ -86,6 +86,11 @@ def open_run(
         overwrite.recover(store, run)  # an earlier overwrite killed while swapping in: finish it first
         info = store.run_info(run)
     replaces = None  # the run an overwrite records aside and swaps in when complete (store/overwrite.py)
+    if info is not None and if_exists == "resume":
+        with damage_said(store, run):
+            staged = store.run_info(overwrite.staging_name(run))
+        if staged is not None:  # an overwrite killed (or failed) while recording: --resume continues it
+            replaces, run, info = run, overwrite.staging_name(run), staged
     if info is not None and if_exists == "overwrite":
         if count > 1:
             raise UserError(
@@ -96,6 +101,8 @@ def open_run(
         replaces, run, info = run, overwrite.staging_name(run), None
     with damage_said(store, run):
         states = {} if info is None else store.shard_states(run)
+        if info is None:
+            _check_no_rows_left(store, run)
         if info is not None:
             _check_shards(store, run, info, count)
             _check_resumable(store, run, info, settings, hooks)
@@ -341,6 +348,21 @@ def _has_run(run: str):
         return dataset.count_rows(filter=pc.field("run") == run) > 0
 
     return present
+
+
+def _check_no_rows_left(store: Store, run: str) -> None:
+    """A new run must not find rows under its name: rows left of a deleted run (a writer that raced the delete;
+    ``store verify`` names them) would mix with it, its hooks taken for the new run's, its examples doubled."""
+    for name in ("hooks", "examples", "activations"):
+        actions = tables.open_table(store.location, name).get_add_actions(flatten=True)
+        if run in actions.column("partition.run").to_pylist():
+            if store.run_info(run) is not None:
+                return  # another process has just started the run (a shard of it): its rows, not leftovers
+            uri = store.location.uri
+            raise UserError(
+                f"store {uri} still holds {name} rows of an earlier run {run!r} that was deleted: remove them with "
+                f"`hookpoints store delete {uri} --run {run}`, then record again"
+            )
 
 
 def _check_shards(store: Store, run: str, info, count: int) -> None:

@@ -335,3 +335,47 @@ def test_an_overwrite_deletes_the_rankings_the_old_run_took_part_in(store):
     writer.finish()
     assert _scored(store) == ["r1.x+r2", "r10+r2", "r2"]
     assert verify(store).ok
+
+
+def test_a_new_run_is_refused_where_rows_of_a_deleted_run_of_its_name_remain(store, run_cli):
+    """Rows left of a deleted run r1 (a writer that raced the delete): a new recording named r1 was accepted and
+    mixed with them, complete with every example stored twice, the old hooks' rows taken for its own (its hook
+    h2 missing from `hooks`) and the old vectors at h1. Now it is refused before anything is written, saying what
+    removes them; after that the new recording holds exactly its own rows."""
+    fill(store, "r1", seed=1)
+    store.log_run_event("r1", "deleted", SETTINGS, {}, shard=None)  # the log says deleted; the rows stay
+    before = checksums(Path(store.location.uri))
+    with pytest.raises(UserError) as caught:
+        fill(store, "r1", seed=2, hook_names=("h0", "h2"))
+    uri = store.location.uri
+    assert str(caught.value) == (
+        f"store {uri} still holds hooks rows of an earlier run 'r1' that was deleted: remove them with "
+        f"`hookpoints store delete {uri} --run r1`, then record again"
+    )
+    assert checksums(Path(uri)) == before
+    code, _, err = run_cli("store", "delete", uri, "--run", "r1")
+    assert code == 0, err
+    new = fill(store, "r1", seed=2, hook_names=("h0", "h2"))
+    assert vectors(store, "r1") == {(h, e): pytest.approx(new[h][i].tolist()) for h in new for i, e in enumerate("abc")}
+    assert verify(store).ok
+
+
+def test_a_process_still_recording_the_old_run_stops_at_the_overwrites_swap(store):
+    """`record --overwrite` of a run another process still records (one thought dead): that process went on
+    committing into the new run after the swap, example b then stored twice (old and new vectors) in a run
+    logged complete. The swap now fences the old run's writers, as `store delete` does."""
+    from hookpoints.store.commits import WriterFenced
+
+    schema = pa.table({"example_id": ["a"], "text": ["old"]}).schema
+    old = open_run(store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema,
+                   max_buffer_bytes=0, background=False)  # fmt: skip
+    zeros = np.zeros((1, 4), np.float32)
+    old.add(pa.table({"example_id": ["a"], "text": ["old"]}), {h["hook"]: HookRows(["a"], zeros) for h in hooks()})
+    new = fill(store, "r1", seed=3, if_exists="overwrite")
+    with pytest.raises(WriterFenced, match="another process committed to run 'r1'"):
+        old.add(pa.table({"example_id": ["b"], "text": ["old"]}), {h["hook"]: HookRows(["b"], zeros) for h in hooks()})
+    old.finish()  # fenced: logs nothing
+    assert vectors(store, "r1") == {(h, e): pytest.approx(new[h][i].tolist()) for h in new for i, e in enumerate("abc")}
+    assert store.run_info("r1").status == "complete"
+    report = verify(store)
+    assert report.ok and not [f for f in report.findings if f.level == "error"], report.findings

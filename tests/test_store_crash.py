@@ -18,12 +18,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from deltalake import DeltaTable
 from hookpoints.store.catalog import Store
+from hookpoints.store.schema import TableSpec
 from hookpoints.store.verify import verify
 
+from hookpoints.errors import UserError
 from hookpoints.loading import load
 from tests.store_checks import assert_exactly_once
 
@@ -164,3 +167,262 @@ def _assert_values_match_torch_hooks(store: Store, model_dir, ids: list[str], te
             handle.remove()
         expected = captured["value"][0].mean(0).numpy()  # [d_model]: one example, no padding
         np.testing.assert_allclose(np.array(row["activation"]), expected, rtol=1e-4, atol=1e-5)
+
+
+# `hookpoints store delete`, SIGKILLed right after its first table's delete commit (the activations').
+KILL_IN_DELETE = """
+import os, signal, sys
+import hookpoints.store.tables as tables
+real = tables.delete
+def delete_then_die(*args, **options):
+    real(*args, **options)
+    os.kill(os.getpid(), signal.SIGKILL)
+tables.delete = delete_then_die
+from hookpoints.cli.main import main
+main(["store", "delete", sys.argv[1], "--run", "r1"])
+"""
+
+
+def test_a_delete_killed_half_way_never_leaves_a_complete_run_with_rows_missing(store, run_cli):
+    """Killed between its tables, `store delete` left run r1 `complete` with its activations gone and its
+    examples there: SQL readers saw a complete run without vectors, and verify named only that symptom. Now
+    the run reads `failed` (not complete) from before the first row goes, verify says to delete it again, and
+    that finishes it."""
+    from tests.hostile_helpers import fill, vectors
+
+    fill(store, "keep", seed=1)
+    kept = vectors(store, "keep")
+    fill(store, "r1", seed=2)
+    process = subprocess.run(
+        [sys.executable, "-c", KILL_IN_DELETE, store.location.uri], env=_env(), capture_output=True, text=True
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    with store.query() as session:
+        assert session.sql("SELECT count(*) AS n FROM activations WHERE run = 'r1'").to_pylist() == [{"n": 0}]
+        assert session.sql("SELECT count(*) AS n FROM examples WHERE run = 'r1'").to_pylist() == [{"n": 3}]
+        status = session.sql("SELECT status FROM runs WHERE run = 'r1'")["status"].to_pylist()
+    assert status == ["failed"]  # never `complete` with its rows half gone
+    findings = [(f.level, f.message) for f in verify(store).findings if f.level != "info"]
+    assert findings == [
+        (
+            "warning",
+            "run 'r1' failed: being deleted; if `hookpoints store delete` was interrupted, run it again",
+        )
+    ]
+    code, _, err = run_cli("store", "delete", store.location.uri, "--run", "r1")
+    assert code == 0, err
+    assert vectors(store, "r1") == {} and vectors(store, "keep") == kept
+    assert verify(store).ok and not [f for f in verify(store).findings if f.level != "info"]
+    assert store.run_info("r1") is None
+
+
+# An overwrite of run r1 (new labels, new vectors), SIGKILLed after its swap moved examples, before activations.
+KILL_IN_SWAP = """
+import os, signal, sys
+import numpy as np, pyarrow as pa
+import hookpoints.store.overwrite as overwrite
+from hookpoints.store.catalog import Store
+from hookpoints.store.writer import HookRows, open_run
+from tests.hostile_helpers import SETTINGS, hooks
+real = overwrite.move_run
+def move_then_die(store, table, source, target):
+    real(store, table, source, target)
+    if table == "examples":
+        os.kill(os.getpid(), signal.SIGKILL)
+overwrite.move_run = move_then_die
+store = Store.open(sys.argv[1])
+examples = pa.table({"example_id": ["a", "b", "c"], "text": ["new a", "new b", "new c"]})
+writer = open_run(store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=examples.schema,
+                  if_exists="overwrite")
+writer.add(examples, {h["hook"]: HookRows(["a", "b", "c"], np.full((3, 4), 7, np.float32)) for h in hooks()})
+writer.finish()
+"""
+
+
+def test_an_overwrite_killed_while_swapping_in_is_never_read_as_complete(store):
+    """Killed between two tables' swaps, the overwritten run read `complete` with the new recording's examples
+    (its labels) and the old recording's vectors: any reader trusting the status mixed the two. Now the run
+    reads `failed` ("being overwritten") from before the swap's first table until its last; verify says how to
+    finish it, and the next record of the run does."""
+    from tests.hostile_helpers import fill, hooks, vectors
+
+    fill(store, "r1", seed=1)
+    process = subprocess.run(
+        [sys.executable, "-c", KILL_IN_SWAP, store.location.uri], env=_env(), capture_output=True, text=True
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    with store.query() as session:
+        assert sorted(session.sql("SELECT text FROM examples WHERE run = 'r1'")["text"].to_pylist()) == [
+            "new a", "new b", "new c"
+        ]  # fmt: skip
+        assert all(v != [7.0] * 4 for v in vectors(store, "r1").values())  # the old vectors, still
+        status = session.sql("SELECT status FROM runs WHERE run = 'r1'")["status"].to_pylist()
+    assert status == ["failed"]
+    findings = [(f.level, f.message) for f in verify(store).findings if f.table == "runs"]
+    assert (
+        "warning",
+        "run 'r1' failed: being overwritten; if it was interrupted, `hookpoints record` of run 'r1' with --resume "
+        "and the overwrite's other options finishes it",
+    ) in findings
+    schema = pa.table({"example_id": ["a"]}).schema
+    from hookpoints.store.writer import open_run
+
+    from tests.hostile_helpers import SETTINGS
+
+    again = open_run(store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema,
+                     if_exists="resume")  # fmt: skip
+    again.finish()
+    assert vectors(store, "r1") == {(h["hook"], e): [7.0] * 4 for h in hooks() for e in "abc"}
+    assert store.run_info("r1").status == "complete"
+    report = verify(store)
+    assert report.ok and not [f for f in report.findings if f.level != "info"], report.findings
+
+
+# Opens (or creates) the store at argv[1], SIGKILLed right after it creates table argv[2], before registering it.
+KILL_AFTER_CREATE = """
+import os, signal, sys
+import pyarrow as pa
+import hookpoints.store.tables as tables
+from hookpoints.store.catalog import Store
+from hookpoints.store.schema import TableSpec
+SCORES = TableSpec("scores", pa.schema([("run", pa.string()), ("score", pa.float64())]), ("run",))
+real = tables.create
+def create_then_die(location, spec):
+    real(location, spec)
+    if spec.name == sys.argv[2]:
+        os.kill(os.getpid(), signal.SIGKILL)
+tables.create = create_then_die
+store = Store.open(sys.argv[1], create=True)
+store.append(SCORES, pa.table({"run": ["r1"], "score": [1.0]}, schema=SCORES.schema))
+"""
+
+
+SCORES = TableSpec("scores", pa.schema([("run", pa.string()), ("score", pa.float64())]), ("run",))
+
+
+@pytest.mark.parametrize("table", ["scores", "examples"])
+def test_a_table_created_by_a_process_killed_before_registering_it_is_registered_by_the_next(tmp_path, table):
+    """Killed between creating a table and registering it in store_meta (an analysis' first write, or the store's
+    own creation), the table stayed unregistered for ever: later rows went into it unseen by SQL, `store delete`
+    and compaction, and verify called its files unexpected ("remove it"). Now the next writer registers it."""
+    where = tmp_path / "store"
+    process = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_CREATE, str(where), table], env=_env(), capture_output=True, text=True
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    if table == "scores":  # named as what it is, not as files to remove
+        found = [f.message for f in verify(Store.open(where)).findings if f.level == "error"]
+        assert found == [
+            "folder scores is a Delta table that store_meta does not register (its creator was killed before "
+            "registering it?): readers do not see its rows; the next write to that table registers it"
+        ]
+    else:  # the store's own creation was killed: no schema version yet
+        found = [(f.level, f.message) for f in verify(Store.open(where, check_version=False)).findings]
+        assert found == [
+            (
+                "error",
+                "schema version None, this hookpoints checks 2: its creation was interrupted (the process creating "
+                "it killed?): recording into it finishes it",
+            )
+        ]
+    store = Store.open(where, create=True)
+    store.append(SCORES, pa.table({"run": ["r1"], "score": [2.5]}, schema=SCORES.schema))
+    assert table in store.table_names() and "scores" in store.table_names()
+    with store.query() as session:
+        assert session.sql("SELECT run, score FROM scores").to_pylist() == [{"run": "r1", "score": 2.5}]
+        assert session.sql("SELECT count(*) AS n FROM examples").to_pylist() == [{"n": 0}]
+    report = verify(store)
+    assert report.ok and not [f for f in report.findings if f.level != "info"], report.findings
+
+
+# Records 3 of run r1's 6 examples through the writer, commits them, and is SIGKILLed before finishing.
+KILL_AFTER_A_FLUSH = """
+import os, signal, sys
+import numpy as np, pyarrow as pa
+from hookpoints.store.catalog import Store
+from hookpoints.store.writer import HookRows, open_run
+from tests.hostile_helpers import SETTINGS, hooks
+store = Store.open(sys.argv[1])
+examples = pa.table({"example_id": ["a", "b", "c"], "text": ["x", "y", "z"]})
+writer = open_run(store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=examples.schema)
+writer.add(examples, {h["hook"]: HookRows(["a", "b", "c"], np.ones((3, 4), np.float32)) for h in hooks()})
+writer.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_an_analysis_of_a_run_killed_mid_recording_is_refused_not_run_on_part_of_it(store, run_cli):
+    """A recording killed between two flushes leaves a consistent part of its run (every committed example at
+    every hook), `recording` in `runs`: ap, magnitudes and clusters analysed that part as if it were the run,
+    without a word, and stored the result under the run's name. Now they refuse a run that is not complete."""
+    from hookpoints.analyses.examples import open_runs
+    from hookpoints.analyses.layers import run_settings
+
+    from tests.hostile_helpers import fill
+
+    fill(store, "done", seed=1)
+    process = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_A_FLUSH, store.location.uri], env=_env(), capture_output=True, text=True
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    message = (
+        "run 'r1' is not complete (status recording), so an analysis would see only part of it: finish it with "
+        "`hookpoints record ... --resume` (or wait for its recording to end)"
+    )
+    with store.query() as session:
+        assert open_runs(session, ["done"]).runs == ("done",)
+        for analysis in (lambda: open_runs(session, ["done", "r1"]), lambda: run_settings(session, "r1")):
+            with pytest.raises(UserError) as caught:
+                analysis()
+            assert str(caught.value) == message
+    code, _, err = run_cli("magnitudes", "--store", store.location.uri, "--run", "r1")
+    assert code == 2 and err.strip() == f"error: {message}"
+
+
+# An overwrite of run r1 that commits example a's new vectors (7s), then is SIGKILLed while recording.
+KILL_DURING_OVERWRITE = """
+import os, signal, sys
+import numpy as np, pyarrow as pa
+from hookpoints.store.catalog import Store
+from hookpoints.store.writer import HookRows, open_run
+from tests.hostile_helpers import SETTINGS, hooks
+store = Store.open(sys.argv[1])
+examples = pa.table({"example_id": ["a"], "text": ["new a"]})
+writer = open_run(store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=examples.schema,
+                  if_exists="overwrite")
+writer.add(examples, {h["hook"]: HookRows(["a"], np.full((1, 4), 7, np.float32)) for h in hooks()})
+writer.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_resume_after_an_overwrite_killed_while_recording_continues_the_overwrite(store):
+    """`record --overwrite` killed while recording, then `--resume`: the resume continued the old run, found it
+    complete, recorded nothing and said the run was done, the old vectors kept under the run's name and the
+    overwrite's part left aside as `r1~overwrite`. Now `--resume` continues the overwrite: only the examples it
+    had not committed are recorded, and the finished recording is swapped in."""
+    from hookpoints.store.overwrite import staging_name
+    from hookpoints.store.writer import HookRows, open_run
+
+    from tests.hostile_helpers import SETTINGS, fill, hooks, vectors
+
+    fill(store, "r1", seed=1)
+    process = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_OVERWRITE, store.location.uri], env=_env(), capture_output=True, text=True
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    examples = pa.table({"example_id": ["a", "b", "c"], "text": ["new a", "new b", "new c"]})
+    writer = open_run(store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=examples.schema,
+                      if_exists="resume")  # fmt: skip
+    assert writer.done == {"a"}  # the overwrite's committed example
+    new = {h["hook"]: np.arange(12, dtype=np.float32).reshape(3, 4) for h in hooks()}
+    writer.add(examples, {hook: HookRows(["a", "b", "c"], values) for hook, values in new.items()})
+    writer.finish()
+    expected = {(h, e): ([7.0] * 4 if e == "a" else new[h][i].tolist()) for h in new for i, e in enumerate("abc")}
+    assert vectors(store, "r1") == expected
+    assert store.run_info("r1").status == "complete" and store.run_info(staging_name("r1")) is None
+    with store.query() as session:
+        texts = session.sql("SELECT text FROM examples WHERE run = 'r1' ORDER BY example_id")["text"].to_pylist()
+    assert texts == ["new a", "new b", "new c"]
+    report = verify(store)
+    assert report.ok and not [f for f in report.findings if f.level != "info"], report.findings

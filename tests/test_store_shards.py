@@ -203,3 +203,27 @@ def test_a_commit_that_failed_reports_its_error(store, monkeypatch):
     writer.flush()  # the buffer is kept: a later flush commits it
     writer.finish()
     assert_exactly_once(store, "r", ["a"], len(HOOKS))
+
+
+def test_a_shard_starting_as_another_commits_the_runs_first_rows_is_not_refused(store, monkeypatch):
+    """A shard that read "no such run" just before another shard started the run finds that shard's hook rows:
+    they are the run's own, not rows left of a deleted run, so it records its examples."""
+    from hookpoints.store.catalog import Store
+
+    first = _open(store, shard=(0, 2))
+    stale, run_info = [True], Store.run_info
+
+    def first_read_stale(self, run):
+        if run == "r" and stale:
+            return stale.pop() and None  # read before shard 0 logged the run
+        return run_info(self, run)
+
+    monkeypatch.setattr(Store, "run_info", first_read_stale)
+    second = _open(store, shard=(1, 2))
+    monkeypatch.undo()
+    ids = [f"e{i}" for i in range(8)]
+    for writer, shard in ((first, (0, 2)), (second, (1, 2))):
+        writer.add(*_batch([example for example in ids if in_shard(example, shard)]))
+        writer.finish()
+    assert_exactly_once(store, "r", ids, len(HOOKS))
+    assert store.run_info("r").status == "complete"
