@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 import torch
-from hookpoints.analyses.examples import run_key
+from hookpoints.analyses.examples import run_key, run_settings
 from hookpoints.analyses.intervention_tables import INTERVENTION_NEURONS, INTERVENTION_SCORES, INTERVENTIONS, TABLES
 from hookpoints.analyses.interventions import (
     Selection,
@@ -93,6 +93,7 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
         for name in (*spec.runs, *spec.stats_runs):
             if name not in runs:
                 raise UserError(f"no run {name!r} in the store; it has: {', '.join(sorted(runs)) or 'none'}")
+        run_settings(session, sorted({*spec.runs, *spec.stats_runs}))  # each complete: else medians of a part
         for task_name in spec.tasks:
             task = get_task(task_name)
             if not task.generates:

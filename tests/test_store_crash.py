@@ -25,6 +25,7 @@ from deltalake import DeltaTable
 from hookpoints.store.catalog import Store
 from hookpoints.store.schema import TableSpec
 from hookpoints.store.verify import verify
+from hookpoints.store.writer import HookRows, open_run
 
 from hookpoints.errors import UserError
 from hookpoints.loading import load
@@ -426,3 +427,21 @@ def test_resume_after_an_overwrite_killed_while_recording_continues_the_overwrit
     assert texts == ["new a", "new b", "new c"]
     report = verify(store)
     assert report.ok and not [f for f in report.findings if f.level != "info"], report.findings
+
+
+def test_an_intervention_sweep_refuses_statistics_of_a_run_that_is_not_complete(store):
+    """Medians from a run still recording (or killed) are medians of part of it: refused like ap's runs."""
+    from hookpoints.analyses.intervention_sweep import plan_sweep
+    from hookpoints.analyses.sweep_spec import SweepSpec
+
+    from tests.hostile_helpers import SETTINGS, fill, hooks
+
+    fill(store, "done", seed=1)
+    examples = pa.table({"example_id": ["a"], "text": ["x"]})
+    writer = open_run(store, "partial", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=examples.schema)
+    writer.add(examples, {h["hook"]: HookRows(["a"], np.ones((1, 4), np.float32)) for h in hooks()})
+    writer.flush()  # committed, still recording
+    spec = SweepSpec("sw", runs=("done",), tasks=("s2tt",), stats_runs=("partial",), ks=(1,))
+    with pytest.raises(UserError, match="run 'partial' is not complete"):
+        plan_sweep(store, spec, lambda model, modality: pytest.fail("no model is loaded for a refused sweep"))
+    writer.finish("complete")
