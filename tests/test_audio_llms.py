@@ -165,3 +165,27 @@ def test_whisper_style_batches_equal_batch_size_one(tiny_model_dir, corpus, fami
         alone = hooked.pooled(hooked.speech_inputs([wave]), points, "mean")
         for name, value in alone.items():
             torch.testing.assert_close(batched[name][i], value[0], atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(("family", "norm"), [("qwen2_audio", "model.language_model.norm"),
+                                              ("ultravox", "language_model.model.norm")])  # fmt: skip
+def test_audio_llm_final_norm_names_mean_what_transformerlens_says(tiny_model_dir, corpus, family, norm):
+    """``ln_final.hook_normalized`` is the final RMSNorm's input over its scale, before the gain (as for LLaMA,
+    docs/hook-points.md), and ``ln_final.hook_scale`` exists; both from a plain torch hook on the norm's input."""
+    hooked = load(tiny_model_dir(family), modality="speech")
+    module = dict(hooked.model.named_modules())[norm]
+    assert not torch.allclose(module.weight, torch.ones_like(module.weight))  # a gain of 1 would hide the bug
+    waves = [samples for _, samples in speech(corpus, 2)]
+    got = hooked.pooled(hooked.speech_inputs(waves), hooked.select(["ln_final.*"]), "none")  # [valid positions, width]
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        with torch.inference_mode():
+            for wave in waves:  # one at a time, as the model's own code runs it
+                hooked.model(**hooked.speech_inputs([wave]).kwargs)
+    finally:
+        handle.remove()
+    x = torch.cat([value[0] for value in seen]).float()  # [positions, d_model]: no padding at batch size 1
+    scale = (x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon).sqrt()
+    torch.testing.assert_close(got["ln_final.hook_scale"], scale, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got["ln_final.hook_normalized"], x / scale, atol=2e-5, rtol=2e-5)

@@ -110,7 +110,15 @@ QWEN2_AUDIO = Qwen2Audio(
         Single("audio_encoder.layer_norm", "model.audio_tower.layer_norm", "audio_encoder", "layer_norm"),
         Single("audio_projector.linear", "model.multi_modal_projector.linear", "audio_projector", "linear"),
         Single("hook_embed", "model.language_model.embed_tokens", "lm", "hook_embed"),
-        Single("ln_final.hook_normalized", "model.language_model.norm", "lm", "ln_final.hook_normalized"),
+        # TransformerLens' meaning, as for LLaMA: from the final norm's input, before its gain
+        Single("ln_final.hook_scale", "model.language_model.norm", "lm", "ln_final.hook_scale", derived="scale"),
+        Single(
+            "ln_final.hook_normalized",
+            "model.language_model.norm",
+            "lm",
+            "ln_final.hook_normalized",
+            derived="normalized",
+        ),
     ),
     components={
         "model.audio_tower": "audio_encoder",

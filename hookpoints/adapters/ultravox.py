@@ -145,7 +145,15 @@ ULTRAVOX = Ultravox(
         Single("audio_projector.linear_2", "multi_modal_projector.linear_2", "audio_projector", "linear_2"),
         Single("audio_projector.ln_post", "multi_modal_projector.ln_post", "audio_projector", "ln_post"),
         Single("hook_embed", "language_model.model.embed_tokens", "lm", "hook_embed"),
-        Single("ln_final.hook_normalized", "language_model.model.norm", "lm", "ln_final.hook_normalized"),
+        # TransformerLens' meaning, as for LLaMA: from the final norm's input, before its gain
+        Single("ln_final.hook_scale", "language_model.model.norm", "lm", "ln_final.hook_scale", derived="scale"),
+        Single(
+            "ln_final.hook_normalized",
+            "language_model.model.norm",
+            "lm",
+            "ln_final.hook_normalized",
+            derived="normalized",
+        ),
     ),
     components={
         "audio_tower": "audio_encoder",
