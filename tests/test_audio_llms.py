@@ -189,3 +189,19 @@ def test_audio_llm_final_norm_names_mean_what_transformerlens_says(tiny_model_di
     scale = (x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon).sqrt()
     torch.testing.assert_close(got["ln_final.hook_scale"], scale, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(got["ln_final.hook_normalized"], x / scale, atol=2e-5, rtol=2e-5)
+
+
+def test_ultravox_reads_the_audio_of_a_one_token_prompt(tiny_model_dir):
+    """A short utterance (0.1 s: 5 encoder positions, one audio token) with a tokenizer that adds no BOS is a
+    one-token prompt: the LM must still read the projected audio there, not the placeholder's embedding."""
+    hooked = load(tiny_model_dir("ultravox"), modality="speech")
+    assert hooked.tokenizer("", add_special_tokens=True)["input_ids"] == []  # no BOS: the prompt is the audio
+    wave = (0.1 * np.random.default_rng(0).standard_normal(1_600)).astype(np.float32)
+    inputs = hooked.speech_inputs([wave])
+    assert inputs.kwargs["input_ids"].shape == (1, 1)
+    got = hooked.pooled(inputs, hooked.select(["blocks.0.hook_resid_pre"]), "none")["blocks.0.hook_resid_pre"]
+    model = hooked.model
+    with torch.inference_mode():
+        encoded = model.audio_tower(inputs.kwargs["audio_values"], audio_len=inputs.kwargs["audio_lens"])
+        expected = model.multi_modal_projector(encoded.last_hidden_state)[0]  # [1 audio token, d_model]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
