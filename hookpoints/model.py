@@ -16,6 +16,7 @@ from hookpoints.attention import Hook as AttentionHook
 from hookpoints.attention import eager as eager_attention
 from hookpoints.attention import install as install_attention_hooks
 from hookpoints.attention import needs_eager
+from hookpoints.audio import MIN_SECONDS, SAMPLE_RATE
 from hookpoints.errors import UserError
 from hookpoints.generate_methods import GenerationMethods, Pooling, pooling_methods
 from hookpoints.generation import Generation
@@ -161,6 +162,12 @@ class HookedModel(GenerationMethods, ModelApi):
             raise UserError(
                 f"waveform {longest} lasts {len(waveforms[longest]) / 16_000:.1f} s; {self.source} reads at most "
                 f"{window / 16_000:g} s (the rest would be cut off): split it into shorter pieces"
+            )
+        shortest = min(range(len(waveforms)), key=lambda i: len(waveforms[i]), default=None)
+        if shortest is not None and len(waveforms[shortest]) < MIN_SECONDS * SAMPLE_RATE:  # as audio files
+            raise UserError(
+                f"waveform {shortest} holds {len(waveforms[shortest])} samples; speech models need at least "
+                f"{MIN_SECONDS * 1000:.0f} ms ({MIN_SECONDS * SAMPLE_RATE:.0f} samples at 16 kHz): drop it"
             )
         inputs = self.adapter.speech_inputs(self.model, self.processor, self.tokenizer, waveforms, frames=frames)
         return inputs.to(self.device, self.model.dtype)  # features in the model's precision (bf16 on a GPU)
