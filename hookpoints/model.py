@@ -23,7 +23,7 @@ from hookpoints.generation import Generation
 from hookpoints.inputs import ModelInputs
 from hookpoints.placement import execution_device
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
-from hookpoints.pooling import SpaceMask, pool, prepare_masks
+from hookpoints.pooling import SpaceMask, check_widths, pool, prepare_masks
 from hookpoints.probe import measure, observe
 
 __all__ = ["HookedModel", "Pooling"]
@@ -258,6 +258,7 @@ class HookedModel(GenerationMethods, ModelApi):
             tracer.stop()
         if check is not None:
             check_alignment(check, saved.pop(CHECK))
+        check_widths(points, saved)
         return {name: tensor.detach() if tensor.requires_grad else tensor for name, tensor in saved.items()}
 
     def _request(
