@@ -21,6 +21,7 @@ from hookpoints.errors import UserError
 from hookpoints.generate_methods import GenerationMethods, Pooling, pooling_methods
 from hookpoints.generation import Generation
 from hookpoints.inputs import ModelInputs
+from hookpoints.languages import model_code
 from hookpoints.placement import execution_device
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
 from hookpoints.pooling import SpaceMask, check_widths, pool, prepare_masks
@@ -216,8 +217,17 @@ class HookedModel(GenerationMethods, ModelApi):
         self, targets: list[str], *, task: str = "asr", sources: list[str] | None = None
     ) -> torch.Tensor:
         """``[batch, prompt]`` decoder ids that start ``task`` into each target language (``sources``: the
-        inputs' own languages, where the manifest has them)."""
+        inputs' own languages, where the manifest has them). Codes are read as manifest labels are (``de``,
+        ``de_de`` and ``DEU`` are ``deu``)."""
         self._check_generates()
+        targets = [model_code(str(code)) for code in targets]
+        sources = None if sources is None else [model_code(str(code)) for code in sources]
+        unknown = next((code for code in targets if self.language_token(code) is None), None)
+        if unknown is not None:
+            known = self.languages
+            listed = ", ".join(known[:12]) + (" ..." if len(known) > 12 else "")
+            hint = f"; it knows: {listed}" if known else ""
+            raise UserError(f"unknown target language {unknown!r} for model {self.source}{hint}")
         prompt = self.adapter.decoder_prompt(self.model, self.tokenizer, targets, task=task, sources=sources)
         return prompt.to(self.device)
 
