@@ -294,6 +294,6 @@ class HookedModel(GenerationMethods, ModelApi):
             if key not in values:
                 envoy = self._envoys[point.module]
                 values[key] = envoy.output if point.io == "output" else envoy.input
-            key_mask = inputs.masks.get(point.key_space) if point.keys is not None else None
+            key_mask = self.adapter.key_mask(inputs, point.key_space) if point.keys is not None else None
             saved[point.name] = pool(values[key], point, spaces.get(point.space), methods[point.name], key_mask).save()
         return saved

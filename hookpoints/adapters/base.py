@@ -201,6 +201,11 @@ class Adapter:
                 found.append(name[: -len(canonical)] + alias)
         return tuple(found)
 
+    def key_mask(self, inputs: ModelInputs, space: str) -> torch.Tensor | None:
+        """``[batch, keys]``: the keys an attention map over ``space`` attends to (others are stored as 0):
+        the space's valid positions, its padding being masked in attention; None: every key."""
+        return inputs.masks.get(space)
+
     def key_positions(self, model: nn.Module, space: str) -> int | None:
         """The most key positions an attention map over ``space`` can have (its row layout in the store)."""
         return max_positions(model)
