@@ -61,7 +61,7 @@ class Whisper(Adapter):
     def key_mask(self, inputs, space):
         """Every encoder position: Whisper attends over its whole window (the silence after a short utterance
         is input, not masked padding), in its encoder and in the decoder's cross-attention."""
-        return None if space == "encoder" else inputs.masks.get(space)
+        return None if space == "encoder" else super().key_mask(inputs, space)
 
     def tasks(self, config, modality):
         """asr (``<|transcribe|>``) everywhere; s2tt (``<|translate|>``, X -> English) on multilingual checkpoints
