@@ -205,3 +205,25 @@ def test_ultravox_reads_the_audio_of_a_one_token_prompt(tiny_model_dir):
         encoded = model.audio_tower(inputs.kwargs["audio_values"], audio_len=inputs.kwargs["audio_lens"])
         expected = model.multi_modal_projector(encoded.last_hidden_state)[0]  # [1 audio token, d_model]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_audio", "ultravox"])
+def test_audio_encoder_maps_are_laid_out_for_the_encoder_window(tiny_model_dir, tmp_path, family):
+    """An audio encoder's attention map holds a row of keys as long as its key space can be: the encoder's window
+    (docs/hook-points.md), not the language model's context (Qwen2-Audio: 8,192, LLaMA 3.1: 131,072, which made
+    every row 5 to 87 times too wide, and a context shorter than the window refused speech the model reads)."""
+    import shutil
+
+    folder = tmp_path / family
+    shutil.copytree(tiny_model_dir(family), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 128  # a context shorter than the 250-position window
+    (folder / "config.json").write_text(json.dumps(config))
+    hooked = load(folder, modality="speech")
+    point = hooked.select(["audio_encoder.layers.0.self_attn.hook_pattern"])[0]
+    assert point.keys == hooked.model.config.audio_config.max_source_positions == 250
+    assert hooked.select(["blocks.0.attn.hook_pattern"])[0].keys == 128
+    wave = (0.1 * np.random.default_rng(0).standard_normal(48_000)).astype(np.float32)  # 3 s: 150 positions
+    rows = hooked.pooled(hooked.speech_inputs([wave]), [point], "none")[point.name]
+    assert rows.shape == (150, point.heads * 250)
+    torch.testing.assert_close(rows.view(150, point.heads, 250).sum(-1), torch.ones(150, point.heads))

@@ -24,6 +24,12 @@ class Qwen2Audio(Adapter):
     def model_class(self, config, modality):
         return Qwen2AudioForConditionalGeneration
 
+    def key_positions(self, model, space):
+        """The audio encoder's maps have keys up to its window (Whisper's 1500 positions), the LM's its context."""
+        if space == "audio_encoder":
+            return model.config.audio_config.max_source_positions
+        return super().key_positions(model, space)
+
     def probe_inputs(self, model):
         config = model.config
         frames = 2 * config.audio_config.max_source_positions

@@ -27,6 +27,12 @@ class Ultravox(Adapter):
     def model_class(self, config, modality):
         return UltravoxModel
 
+    def key_positions(self, model, space):
+        """The audio encoder's maps have keys up to its window (Whisper's 1500 positions), the LM's its context."""
+        if space == "audio_encoder":
+            return model.config.audio_config.max_source_positions
+        return super().key_positions(model, space)
+
     def probe_inputs(self, model):
         mels = model.config.audio_config.num_mel_bins
         # Odd lengths, distinct per space and from any width (stack factor 8: 74 frames, 37 encoder positions,
