@@ -184,3 +184,17 @@ def test_figure5_panels_of_one_metric_share_their_scale():
     s2tt, t2tt, asr = figure5(pa.Table.from_pylist(rows), "sweep").axes
     assert s2tt.get_ylim() == t2tt.get_ylim() and s2tt.get_ylim()[0] <= 39.0 and s2tt.get_ylim()[1] >= 60.0
     assert asr.get_ylim()[1] < 2 and asr.get_ylabel() == "WER" and s2tt.get_ylabel() == "0.6 BLEU + 0.4 chrF"
+
+
+def test_figure5_asr_over_wer_and_cer_languages_says_so():
+    """ASR of de (WER) and ja (CER) averaged in one panel: its y label read 'cer/wer' (the label 'WER / CER' was
+    keyed 'wer/cer', which the sorted metrics never give)."""
+    from hookpoints.analyses.figures_interventions import figure5
+
+    rows = [
+        {"task": "asr", "metric": metric, "neuron_type": kind, "k": k, "score": 0.3}
+        for metric in ("wer", "cer")
+        for kind, k in (("none", 0), ("unimodal", 500))
+    ]
+    (asr,) = figure5(pa.Table.from_pylist(rows), "sweep").axes
+    assert asr.get_ylabel() == "WER / CER"
