@@ -202,6 +202,9 @@ def convert_ct2_whisper(source: str | Path, destination: str | Path) -> Path:
     for name in ("model.bin", "config.json", "tokenizer.json"):
         if not (source / name).is_file():
             raise UserError(f"{source} has no {name}: give a CTranslate2 Whisper folder (model.bin, config.json, ...)")
+    blocking = next((path for path in (destination, *destination.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"{blocking} is a file, not a folder: give a new folder to write the model to")
     if destination.exists() and any(destination.iterdir()):
         raise UserError(f"{destination} exists and is not empty: give a new folder")
     weights, sizes = state_dict(read_model_bin(source / "model.bin"))

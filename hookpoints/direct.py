@@ -40,7 +40,7 @@ def pooled_direct(
 
     def keeper(point: HookPoint):
         mask = spaces.get(point.space)
-        key_mask = inputs.masks.get(point.key_space) if point.keys is not None else None
+        key_mask = model.adapter.key_mask(inputs, point.key_space) if point.keys is not None else None
 
         def keep(value) -> None:
             if point.name in pooled:

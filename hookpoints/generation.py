@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hookpoints.inputs import ModelInputs
+from hookpoints.inputs import KEYS, ModelInputs
 
 
 @dataclass
@@ -44,6 +44,13 @@ class Generation:
         )
         return torch.cat([before, self.step_mask], dim=1)
 
+    @property
+    def key_mask(self) -> torch.Tensor:
+        """``[batch, prompt + steps - 1]``: the positions the teacher-forced pass reads for each example (the whole
+        prompt, then its steps): the keys its decoder self-attention attends to (the prompt's are no step)."""
+        read = self.prompt_length - 1 + self.lengths  # [batch]
+        return torch.arange(self.sequences.shape[1] - 1, device=self.lengths.device)[None, :] < read[:, None]
+
     def generated(self, example: int) -> list[int]:
         """Example ``example``'s generated token ids (EOS included)."""
         start = self.prompt_length
@@ -59,7 +66,9 @@ class Generation:
         masks = dict(inputs.masks)
         masks["decoder"] = self.decoder_mask
         host = {space: mask for space, mask in inputs.host_masks.items() if space != "decoder"}  # still true
-        return ModelInputs(kwargs, masks, dict(inputs.extras), host, dict(inputs.host_extras))
+        extras = {**inputs.extras, KEYS + "decoder": self.key_mask}
+        host_extras = {key: value for key, value in inputs.host_extras.items() if key != KEYS + "decoder"}
+        return ModelInputs(kwargs, masks, extras, host, host_extras)
 
 
 class TokenCollector:

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+#: ``extras[KEYS + space]``: the keys attention maps over ``space`` attend to, where they differ from the space's
+#: valid positions (a teacher-forced decoder pass: the steps are the positions, the prompt is keys too).
+KEYS = "keys:"
+
 
 @dataclass
 class ModelInputs:

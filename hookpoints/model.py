@@ -17,14 +17,16 @@ from hookpoints.attention import Hook as AttentionHook
 from hookpoints.attention import eager as eager_attention
 from hookpoints.attention import install as install_attention_hooks
 from hookpoints.attention import needs_eager
+from hookpoints.audio import MIN_SECONDS, SAMPLE_RATE
 from hookpoints.errors import UserError
 from hookpoints.generate_methods import GenerationMethods, Pooling, pooling_methods
 from hookpoints.generation import Generation
 from hookpoints.inputs import ModelInputs
+from hookpoints.languages import model_code
 from hookpoints.mask_skips import MaskSkips, settle
 from hookpoints.placement import execution_device
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
-from hookpoints.pooling import SpaceMask, pool, prepare_masks
+from hookpoints.pooling import SpaceMask, check_widths, pool, prepare_masks
 from hookpoints.probe import measure, observe
 
 __all__ = ["HookedModel", "Pooling"]
@@ -164,6 +166,12 @@ class HookedModel(GenerationMethods, ModelApi):
                 f"waveform {longest} lasts {len(waveforms[longest]) / 16_000:.1f} s; {self.source} reads at most "
                 f"{window / 16_000:g} s (the rest would be cut off): split it into shorter pieces"
             )
+        shortest = min(range(len(waveforms)), key=lambda i: len(waveforms[i]), default=None)
+        if shortest is not None and len(waveforms[shortest]) < MIN_SECONDS * SAMPLE_RATE:  # as audio files
+            raise UserError(
+                f"waveform {shortest} holds {len(waveforms[shortest])} samples; speech models need at least "
+                f"{MIN_SECONDS * 1000:.0f} ms ({MIN_SECONDS * SAMPLE_RATE:.0f} samples at 16 kHz): drop it"
+            )
         inputs = self.adapter.speech_inputs(self.model, self.processor, self.tokenizer, waveforms, frames=frames)
         return inputs.to(self.device, self.model.dtype)  # features in the model's precision (bf16 on a GPU)
 
@@ -211,8 +219,17 @@ class HookedModel(GenerationMethods, ModelApi):
         self, targets: list[str], *, task: str = "asr", sources: list[str] | None = None
     ) -> torch.Tensor:
         """``[batch, prompt]`` decoder ids that start ``task`` into each target language (``sources``: the
-        inputs' own languages, where the manifest has them)."""
+        inputs' own languages, where the manifest has them). Codes are read as manifest labels are (``de``,
+        ``de_de`` and ``DEU`` are ``deu``)."""
         self._check_generates()
+        targets = [model_code(str(code)) for code in targets]
+        sources = None if sources is None else [model_code(str(code)) for code in sources]
+        unknown = next((code for code in targets if self.language_token(code) is None), None)
+        if unknown is not None:
+            known = self.languages
+            listed = ", ".join(known[:12]) + (" ..." if len(known) > 12 else "")
+            hint = f"; it knows: {listed}" if known else ""
+            raise UserError(f"unknown target language {unknown!r} for model {self.source}{hint}")
         prompt = self.adapter.decoder_prompt(self.model, self.tokenizer, targets, task=task, sources=sources)
         return prompt.to(self.device)
 
@@ -264,6 +281,7 @@ class HookedModel(GenerationMethods, ModelApi):
             tracer.stop()
         if check is not None:
             check_alignment(check, saved.pop(CHECK))
+        check_widths(points, saved)
         settle(skips, saved, defer_check)
         return {name: tensor.detach() if tensor.requires_grad else tensor for name, tensor in saved.items()}
 
@@ -290,6 +308,6 @@ class HookedModel(GenerationMethods, ModelApi):
             if key not in values:
                 envoy = self._envoys[point.module]
                 values[key] = envoy.output if point.io == "output" else envoy.input
-            key_mask = inputs.masks.get(point.key_space) if point.keys is not None else None
+            key_mask = self.adapter.key_mask(inputs, point.key_space) if point.keys is not None else None
             saved[point.name] = pool(values[key], point, spaces.get(point.space), methods[point.name], key_mask).save()
         return saved

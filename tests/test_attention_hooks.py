@@ -234,3 +234,28 @@ def test_record_max_bytes_from_python(tiny_model_dir, texts_manifest, store):
     assert store.run_info("r") is None  # refused before anything was written
     summary = record(model, manifest, store, "r", hooks=hooks, pooling="mean", max_bytes=4 * 4 * 256 * 4)
     assert summary.recorded == 4  # pooled: one [head, key_pos] row per example fits the same budget
+
+
+def test_whisper_patterns_keep_the_window_the_model_attends_to(tiny_model_dir):
+    """Whisper attends over its whole window (30 s; 5 s here): the silence after a short utterance is no masked
+    padding. Its encoder self-attention and the decoder's cross-attention maps must keep the weight on those
+    keys (the model's own pattern, rows summing to 1), not zero it as padding (on the trained tiny.en, rows of a
+    3 s clip kept as little as 0.1% of their weight)."""
+    import numpy as np
+
+    folder = tiny_model_dir("whisper")
+    model = load(folder, modality="speech")
+    rng = np.random.default_rng(0)
+    inputs = model.speech_inputs([(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (16_000, 30_000)])
+    assert not inputs.masks["encoder"].all()  # 1 s and 1.9 s of a 5 s window
+    names = ["speech_encoder.layers.1.self_attn.hook_pattern", "text_decoder.layers.0.encoder_attn.hook_pattern"]
+    expected = hf_attentions(folder, "whisper", inputs)
+    points = model.select(names)
+    got = model.pooled(inputs, points, "none")
+    for point in points:
+        queries = inputs.masks[point.space]
+        for example, rows in enumerate(rows_by_example(got[point.name], queries)):
+            pattern = rows.view(rows.shape[0], point.heads, point.keys).transpose(0, 1)  # [head, query, keys]
+            want = expected[point.name][example][:, queries[example]]  # [head, query, 250 window positions]
+            torch.testing.assert_close(pattern, want, atol=2e-6, rtol=1e-5, msg=point.name)
+            torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:2]), msg=point.name)

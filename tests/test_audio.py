@@ -81,3 +81,20 @@ def test_window_check_counts_the_samples_resampling_gives(tmp_path, rate):
         else:
             with pytest.raises(UserError, match=r"example 'e': .* lasts 2.0 s; this model reads at most 2 s"):
                 check_window(info, "e", 32_000)
+
+
+@pytest.mark.parametrize("family", ["seamless_m4t_v2", "ultravox"])
+def test_a_waveform_shorter_than_a_file_may_be_is_refused(tiny_model_dir, family):
+    """Waveforms given to the Python API meet the audio files' 50 ms floor. Below it SeamlessM4T's fbank has
+    at most one frame (400-559 samples: NaN features, every frame masked: an all-zero pooled vector, silently;
+    under 400: a numpy ValueError) and Ultravox's extractor a torch padding error."""
+    from hookpoints.loading import load
+
+    model = load(tiny_model_dir(family), modality="speech")
+    fine = (0.1 * np.random.default_rng(0).standard_normal(800)).astype(np.float32)  # 50 ms: the floor
+    model.speech_inputs([fine])
+    for samples in (300, 500):
+        with pytest.raises(UserError, match=f"waveform 1 holds {samples} samples; .* at least 50 ms"):
+            model.speech_inputs([fine, fine[:samples]])
+        with pytest.raises(UserError, match="at least 50 ms"):
+            model.run_with_cache(fine[:samples], names="*.layers.0.hook_resid_post")

@@ -165,3 +165,65 @@ def test_whisper_style_batches_equal_batch_size_one(tiny_model_dir, corpus, fami
         alone = hooked.pooled(hooked.speech_inputs([wave]), points, "mean")
         for name, value in alone.items():
             torch.testing.assert_close(batched[name][i], value[0], atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(("family", "norm"), [("qwen2_audio", "model.language_model.norm"),
+                                              ("ultravox", "language_model.model.norm")])  # fmt: skip
+def test_audio_llm_final_norm_names_mean_what_transformerlens_says(tiny_model_dir, corpus, family, norm):
+    """``ln_final.hook_normalized`` is the final RMSNorm's input over its scale, before the gain (as for LLaMA,
+    docs/hook-points.md), and ``ln_final.hook_scale`` exists; both from a plain torch hook on the norm's input."""
+    hooked = load(tiny_model_dir(family), modality="speech")
+    module = dict(hooked.model.named_modules())[norm]
+    assert not torch.allclose(module.weight, torch.ones_like(module.weight))  # a gain of 1 would hide the bug
+    waves = [samples for _, samples in speech(corpus, 2)]
+    got = hooked.pooled(hooked.speech_inputs(waves), hooked.select(["ln_final.*"]), "none")  # [valid positions, width]
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        with torch.inference_mode():
+            for wave in waves:  # one at a time, as the model's own code runs it
+                hooked.model(**hooked.speech_inputs([wave]).kwargs)
+    finally:
+        handle.remove()
+    x = torch.cat([value[0] for value in seen]).float()  # [positions, d_model]: no padding at batch size 1
+    scale = (x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon).sqrt()
+    torch.testing.assert_close(got["ln_final.hook_scale"], scale, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got["ln_final.hook_normalized"], x / scale, atol=2e-5, rtol=2e-5)
+
+
+def test_ultravox_reads_the_audio_of_a_one_token_prompt(tiny_model_dir):
+    """A short utterance (0.1 s: 5 encoder positions, one audio token) with a tokenizer that adds no BOS is a
+    one-token prompt: the LM must still read the projected audio there, not the placeholder's embedding."""
+    hooked = load(tiny_model_dir("ultravox"), modality="speech")
+    assert hooked.tokenizer("", add_special_tokens=True)["input_ids"] == []  # no BOS: the prompt is the audio
+    wave = (0.1 * np.random.default_rng(0).standard_normal(1_600)).astype(np.float32)
+    inputs = hooked.speech_inputs([wave])
+    assert inputs.kwargs["input_ids"].shape == (1, 1)
+    got = hooked.pooled(inputs, hooked.select(["blocks.0.hook_resid_pre"]), "none")["blocks.0.hook_resid_pre"]
+    model = hooked.model
+    with torch.inference_mode():
+        encoded = model.audio_tower(inputs.kwargs["audio_values"], audio_len=inputs.kwargs["audio_lens"])
+        expected = model.multi_modal_projector(encoded.last_hidden_state)[0]  # [1 audio token, d_model]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_audio", "ultravox"])
+def test_audio_encoder_maps_are_laid_out_for_the_encoder_window(tiny_model_dir, tmp_path, family):
+    """An audio encoder's attention map holds a row of keys as long as its key space can be: the encoder's window
+    (docs/hook-points.md), not the language model's context (Qwen2-Audio: 8,192, LLaMA 3.1: 131,072, which made
+    every row 5 to 87 times too wide, and a context shorter than the window refused speech the model reads)."""
+    import shutil
+
+    folder = tmp_path / family
+    shutil.copytree(tiny_model_dir(family), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 128  # a context shorter than the 250-position window
+    (folder / "config.json").write_text(json.dumps(config))
+    hooked = load(folder, modality="speech")
+    point = hooked.select(["audio_encoder.layers.0.self_attn.hook_pattern"])[0]
+    assert point.keys == hooked.model.config.audio_config.max_source_positions == 250
+    assert hooked.select(["blocks.0.attn.hook_pattern"])[0].keys == 128
+    wave = (0.1 * np.random.default_rng(0).standard_normal(48_000)).astype(np.float32)  # 3 s: 150 positions
+    rows = hooked.pooled(hooked.speech_inputs([wave]), [point], "none")[point.name]
+    assert rows.shape == (150, point.heads * 250)
+    torch.testing.assert_close(rows.view(150, point.heads, 250).sum(-1), torch.ones(150, point.heads))

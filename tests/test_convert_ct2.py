@@ -132,3 +132,12 @@ def test_the_command_prints_one_line_and_no_progress_bar_of_transformers(tmp_pat
     code, out, err = run_cli("convert", "ct2-whisper", str(ct2_folder()), str(tmp_path / "whisper"))
     assert code == 0, err
     assert out == "" and err.strip() == f"wrote {tmp_path / 'whisper'}" and "\r" not in err
+
+
+def test_a_destination_under_a_file_is_refused_before_converting(tmp_path, run_cli):
+    """``DST`` inside a path whose parent is a file failed after the whole conversion with a bare
+    NotADirectoryError (exit 1); it is a one-line error (exit 2) before anything is read."""
+    (tmp_path / "afile").write_text("keep me")
+    code, _, err = run_cli("convert", "ct2-whisper", str(ct2_folder()), str(tmp_path / "afile" / "whisper"))
+    assert code == 2 and "is a file, not a folder" in err and "NotADirectoryError" not in err, err
+    assert (tmp_path / "afile").read_text() == "keep me"

@@ -186,3 +186,33 @@ def test_per_step_option_stores_one_row_per_generation_step(tiny_model_dir, tmp_
         torch.testing.assert_close(stored, reference[points[1].name], atol=2e-5, rtol=1e-4)
         encoder = [r for r in rows if r["example_id"] == example and r["hook"].startswith("text_encoder")]
         assert len(encoder) == 1 and encoder[0]["position"] is None  # encoder hooks stay pooled (mean)
+
+
+def test_decoder_self_attention_maps_keep_the_prompt_keys(speech_model, tiny_model_dir, monkeypatch):
+    """The teacher-forced pass's decoder positions are the generation steps (the queries), but every step attends
+    to the whole prompt too (``</s>`` first, often an attention sink): its self-attention pattern must keep
+    those keys, as HF's eager attention weights over ``prompt + generated[:-1]`` (one example at a time) have
+    them. They were zeroed as padding: rows summed to as little as 0.001."""
+    import transformers as tf
+
+    inputs = speech_model.speech_inputs(waveforms(5, seed=1))
+    prompt = speech_model.decoder_prompt(["eng"] * 5)
+    early_stopping(speech_model, inputs, prompt, monkeypatch)  # examples of different lengths
+    name = "text_decoder.layers.1.self_attn.hook_pattern"
+    points = speech_model.select([name])
+    pooled, generation = speech_model.pooled_generating(inputs, prompt, points, "none", STEPS)
+    assert len(set(generation.lengths.tolist())) > 1
+    folder = tiny_model_dir("seamless_m4t_v2")
+    stock = tf.SeamlessM4Tv2ForSpeechToText.from_pretrained(folder, attn_implementation="eager")
+    heads, keys = points[0].heads, points[0].keys
+    rows = pooled[name].split(generation.lengths.tolist())  # [steps, head * keys] per example
+    for i, wave in enumerate(waveforms(5, seed=1)):
+        one = speech_model.speech_inputs([wave])
+        used = generation.prompt_length - 1 + int(generation.lengths[i])  # positions the pass reads: prompt + steps
+        with torch.no_grad():
+            out = stock.eval()(**{**one.kwargs, "decoder_input_ids": generation.sequences[i : i + 1, :used]},
+                               output_attentions=True)  # fmt: skip
+        want = out.decoder_attentions[1][0][:, generation.prompt_length - 1 :]  # [head, steps, used keys]
+        got = rows[i].view(-1, heads, keys).transpose(0, 1)  # [head, steps, keys]
+        torch.testing.assert_close(got[..., :used], want, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:2]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from hookpoints.adapters.seamless import MAPS, TABLE1
@@ -151,3 +152,20 @@ def test_audio_spaces(tiny_model_dir):
     assert qwen.get("audio_encoder.layers.0.fc1").space == "audio_encoder"
     assert qwen.get("audio_projector.linear").space == "audio_tokens"
     assert qwen.get("blocks.0.hook_resid_post").space == "input"
+
+
+def test_a_tensor_whose_positions_match_no_space_is_refused_not_flattened(tiny_model_dir):
+    """The Conformer's ``depthwise_conv:input`` carries a causal left pad (kernel - 1 frames): its time axis
+    matches no position space, so the probe reads it as one vector per example, [channels x probe frames].
+    Recorded on other lengths, its rows were [channels x frames + 6] values (3,520 for a 4,864-wide hook):
+    positions flattened into neurons, a width that changes per batch. It must be refused, naming the hook."""
+    model = load(tiny_model_dir("seamless_m4t_v2"), modality="speech")
+    name = "speech_encoder.encoder.layers.0.conv_module.depthwise_conv:input"
+    point = model.select([name])[0]
+    assert point.time_axis is None and point.width == 64 * (70 + 6)  # the probe's 70 frames, 64 channels
+    rng = np.random.default_rng(0)
+    waves = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (16_000, 9_000)]
+    with pytest.raises(UserError, match=f"{name} .* 3520 values per example .* 4864"):
+        model.pooled(model.speech_inputs(waves), [point], "mean")
+    glu = model.select(["speech_encoder.layers.0.conv_module.glu"])  # the same tensor without the pad: fine
+    assert model.pooled(model.speech_inputs(waves), glu, "mean")[glu[0].name].shape == (2, 64)

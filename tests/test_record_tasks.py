@@ -244,3 +244,17 @@ def test_a_model_code_with_capitals_is_found(seamless, write_manifest, tmp_path)
         )  # fmt: skip
     [stored] = sql(tmp_path / "store", "SELECT generated_text FROM examples")
     assert stored["generated_text"] == model.tokenizer.decode(ids[0, 2:], skip_special_tokens=True)
+
+
+def test_decoder_prompt_takes_the_labels_a_manifest_may_hold_and_names_an_unknown_one(seamless):
+    """The Python API's ``decoder_prompt`` reads language labels as the recorder does (``de``, ``de_de``, ``DEU``:
+    docs/recording-speech.md) and refuses an unknown one in one line (it raised torch's "Could not infer dtype of
+    NoneType")."""
+    from hookpoints.errors import UserError
+
+    model = load(seamless, modality="speech")
+    expected = torch.tensor([[model.model.config.decoder_start_token_id, model.language_token("deu")]])
+    for label in ("deu", "de", "de_de", "DEU"):
+        assert torch.equal(model.decoder_prompt([label]), expected), label
+    with pytest.raises(UserError, match="unknown target language 'xyz' for model .*; it knows: .*deu"):
+        model.decoder_prompt(["eng", "xyz"])

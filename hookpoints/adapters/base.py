@@ -16,7 +16,7 @@ from torch import nn
 
 from hookpoints.derived import norm_kind
 from hookpoints.errors import UserError
-from hookpoints.inputs import ModelInputs
+from hookpoints.inputs import KEYS, ModelInputs
 from hookpoints.points import HookPoint, module_alias
 
 LAYER_OUTPUT = "hook_resid_post"
@@ -200,6 +200,13 @@ class Adapter:
             elif name.endswith("." + canonical):
                 found.append(name[: -len(canonical)] + alias)
         return tuple(found)
+
+    def key_mask(self, inputs: ModelInputs, space: str) -> torch.Tensor | None:
+        """``[batch, keys]``: the keys an attention map over ``space`` attends to (others are stored as 0):
+        the space's valid positions, its padding being masked in attention (or ``extras[KEYS + space]`` where the
+        batch says otherwise: a teacher-forced decoder pass's prompt); None: every key."""
+        keys = inputs.extras.get(KEYS + space)
+        return keys if keys is not None else inputs.masks.get(space)
 
     def key_positions(self, model: nn.Module, space: str) -> int | None:
         """The most key positions an attention map over ``space`` can have (its row layout in the store)."""

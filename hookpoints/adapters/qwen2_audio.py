@@ -24,6 +24,12 @@ class Qwen2Audio(Adapter):
     def model_class(self, config, modality):
         return Qwen2AudioForConditionalGeneration
 
+    def key_positions(self, model, space):
+        """The audio encoder's maps have keys up to its window (Whisper's 1500 positions), the LM's its context."""
+        if space == "audio_encoder":
+            return model.config.audio_config.max_source_positions
+        return super().key_positions(model, space)
+
     def probe_inputs(self, model):
         config = model.config
         frames = 2 * config.audio_config.max_source_positions
@@ -110,7 +116,15 @@ QWEN2_AUDIO = Qwen2Audio(
         Single("audio_encoder.layer_norm", "model.audio_tower.layer_norm", "audio_encoder", "layer_norm"),
         Single("audio_projector.linear", "model.multi_modal_projector.linear", "audio_projector", "linear"),
         Single("hook_embed", "model.language_model.embed_tokens", "lm", "hook_embed"),
-        Single("ln_final.hook_normalized", "model.language_model.norm", "lm", "ln_final.hook_normalized"),
+        # TransformerLens' meaning, as for LLaMA: from the final norm's input, before its gain
+        Single("ln_final.hook_scale", "model.language_model.norm", "lm", "ln_final.hook_scale", derived="scale"),
+        Single(
+            "ln_final.hook_normalized",
+            "model.language_model.norm",
+            "lm",
+            "ln_final.hook_normalized",
+            derived="normalized",
+        ),
     ),
     components={
         "model.audio_tower": "audio_encoder",

@@ -27,6 +27,12 @@ class Ultravox(Adapter):
     def model_class(self, config, modality):
         return UltravoxModel
 
+    def key_positions(self, model, space):
+        """The audio encoder's maps have keys up to its window (Whisper's 1500 positions), the LM's its context."""
+        if space == "audio_encoder":
+            return model.config.audio_config.max_source_positions
+        return super().key_positions(model, space)
+
     def probe_inputs(self, model):
         mels = model.config.audio_config.num_mel_bins
         # Odd lengths, distinct per space and from any width (stack factor 8: 74 frames, 37 encoder positions,
@@ -145,7 +151,15 @@ ULTRAVOX = Ultravox(
         Single("audio_projector.linear_2", "multi_modal_projector.linear_2", "audio_projector", "linear_2"),
         Single("audio_projector.ln_post", "multi_modal_projector.ln_post", "audio_projector", "ln_post"),
         Single("hook_embed", "language_model.model.embed_tokens", "lm", "hook_embed"),
-        Single("ln_final.hook_normalized", "language_model.model.norm", "lm", "ln_final.hook_normalized"),
+        # TransformerLens' meaning, as for LLaMA: from the final norm's input, before its gain
+        Single("ln_final.hook_scale", "language_model.model.norm", "lm", "ln_final.hook_scale", derived="scale"),
+        Single(
+            "ln_final.hook_normalized",
+            "language_model.model.norm",
+            "lm",
+            "ln_final.hook_normalized",
+            derived="normalized",
+        ),
     ),
     components={
         "audio_tower": "audio_encoder",

@@ -58,6 +58,11 @@ class Whisper(Adapter):
         config = model.config
         return config.max_source_positions if space == "encoder" else config.max_target_positions
 
+    def key_mask(self, inputs, space):
+        """Every encoder position: Whisper attends over its whole window (the silence after a short utterance
+        is input, not masked padding), in its encoder and in the decoder's cross-attention."""
+        return None if space == "encoder" else super().key_mask(inputs, space)
+
     def tasks(self, config, modality):
         """asr (``<|transcribe|>``) everywhere; s2tt (``<|translate|>``, X -> English) on multilingual checkpoints
         only: English-only (``.en``) ones were never trained to translate."""

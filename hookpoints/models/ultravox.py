@@ -190,7 +190,10 @@ class UltravoxModel(PreTrainedModel):
         ``audio_token_start_idx[i] : + audio_token_len[i]``."""
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [batch, tokens, d_model]
-        if audio_values is not None and (input_ids is None or input_ids.shape[1] > 1):
+        # Not when a cache already holds the prompt (a later decoding step); a one-token prompt (one audio
+        # token, no BOS) still reads its audio.
+        cache = kwargs.get("past_key_values")
+        if audio_values is not None and (cache is None or cache.get_seq_length() == 0):
             audio = self.audio_tower(audio_values.to(self.audio_tower.dtype), audio_len=audio_lens)
             tokens = self.multi_modal_projector(audio.last_hidden_state.to(inputs_embeds.dtype))
             inputs_embeds = inputs_embeds.clone()
