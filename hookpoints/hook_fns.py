@@ -199,9 +199,22 @@ def resolve_hooks(model, fwd_hooks) -> list[tuple[HookPoint, HookFn]]:
 
 
 def _neuron_view(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-    """``x`` as ``[lead..., width]`` (neurons flat, numbered as in the store)."""
+    """``x`` as ``[lead..., width]`` (neurons flat, numbered as in the store). An attention map ``[batch, head,
+    query, key]`` becomes the store's rows ``[batch, query, head * keys]`` (its key axis padded with 0 to
+    ``hook.keys``), so neuron ``n`` is head ``n // keys``, key ``n % keys``."""
+    if hook.keys is not None:
+        padded = torch.nn.functional.pad(x, (0, hook.keys - x.shape[-1]))  # [batch, head, query, keys]
+        return padded.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
     lead = 1 if hook.time_axis is None else 2
     return x.reshape(*x.shape[:lead], -1)
+
+
+def _from_neuron_view(flat: torch.Tensor, x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+    """The inverse of :func:`_neuron_view`: ``flat`` back in ``x``'s shape."""
+    if hook.keys is not None:
+        batch, heads, queries, keys = x.shape
+        return flat.reshape(batch, queries, heads, hook.keys).transpose(1, 2)[..., :keys]
+    return flat.reshape(x.shape)
 
 
 def _chosen(neurons: Sequence[int] | int | None, hook: HookPoint) -> list[int] | slice:
@@ -225,7 +238,7 @@ def ablate(neurons: Sequence[int] | None = None, value: float = 0.0) -> HookFn:
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         flat = _neuron_view(x, hook).clone()
         flat[..., _chosen(neurons, hook)] = value
-        return flat.reshape(x.shape)
+        return _from_neuron_view(flat, x, hook)
 
     return fn
 
@@ -245,7 +258,7 @@ def mean_ablate(cache, neurons: Sequence[int] | None = None) -> HookFn:
         flat = _neuron_view(x, hook).clone()
         chosen = _chosen(neurons, hook)
         flat[..., chosen] = mean[chosen]
-        return flat.reshape(x.shape)
+        return _from_neuron_view(flat, x, hook)
 
     return fn
 
@@ -285,6 +298,6 @@ def steer(vector, scale: float = 1.0) -> HookFn:
         if vector.numel() != (hook.width or 0):
             raise UserError(f"steering vector has {vector.numel()} entries, hook {hook.name} has {hook.width} neurons")
         flat = _neuron_view(x, hook)
-        return (flat + scale * vector.reshape(-1).to(x.device, x.dtype)).reshape(x.shape)
+        return _from_neuron_view(flat + scale * vector.reshape(-1).to(x.device, x.dtype), x, hook)
 
     return fn

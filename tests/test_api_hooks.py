@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import hookpoints as hp
+from hookpoints.attention import eager
 from hookpoints.errors import UserError
 from tests.api_helpers import randomise, sine
 
@@ -307,3 +308,30 @@ def test_ready_made_hook_function_arguments(gpt2):
 
     reference = reference_logits(gpt2, TEXTS, "transformer.h.0.mlp.act", change)
     assert torch.allclose(one, reference, atol=1e-6)
+
+
+def test_ready_made_hook_functions_on_an_attention_map_use_the_stores_neuron_numbers(gpt2):
+    """A map's neuron ``n`` is head ``n // keys``, key ``n % keys`` (a stored row: [head * keys] per query), as
+    NeuronEdit and the store number it; ablate([n]) once zeroed query 0, key ``n`` of every head (a no-op under
+    the causal mask) and steer raised a bare RuntimeError."""
+    name = "blocks.0.attn.hook_pattern"
+    point = gpt2.hook_points.get(name)
+    keys = point.keys  # the store's key axis: the longest input
+    chosen = [1 * keys + 2, 3 * keys + 0]  # head 1 key 2, head 3 key 0
+    out = gpt2.run_with_hooks(TEXTS, fwd_hooks=[(name, hp.ablate(chosen, value=0.25))]).logits
+    vector = torch.randn(point.width, generator=torch.Generator().manual_seed(0))  # [head * keys]
+    steered = gpt2.run_with_hooks(TEXTS, fwd_hooks=[(name, hp.steer(vector, scale=0.5))]).logits
+
+    def shift(pattern):
+        pattern += 0.5 * vector.view(point.heads, keys)[None, :, None, : pattern.shape[-1]]
+
+    def change(pattern):  # the module's own [batch, head, query, key] tensor
+        pattern[:, 1, :, 2] = 0.25
+        pattern[:, 3, :, 0] = 0.25
+
+    with eager():  # the SDPA path never calls the map's hook module
+        reference = reference_logits(gpt2, TEXTS, point.module, change)
+        shifted = reference_logits(gpt2, TEXTS, point.module, shift)
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(out, gpt2.run_with_hooks(TEXTS).logits, atol=1e-4)
+    torch.testing.assert_close(steered, shifted, atol=1e-6, rtol=1e-6)
