@@ -39,6 +39,11 @@ def as_inputs(model, inputs) -> ModelInputs:
     if isinstance(inputs, Mapping):
         return _from_kwargs(model, dict(inputs)).to(model.device)
     if isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == 1:
+        if not (inputs.is_floating_point() if isinstance(inputs, torch.Tensor) else inputs.dtype.kind == "f"):
+            raise UserError(  # no 16 kHz waveform is integers: token ids of one example (TL's tokens[0])
+                f"inputs are a 1-D {inputs.dtype} array; token ids need a batch axis: give a [batch, tokens] tensor "
+                "(ids[None]); a waveform is floats in [-1, 1]"
+            )
         inputs = [inputs]
     if not isinstance(inputs, (list, tuple)) or not inputs:
         raise UserError(

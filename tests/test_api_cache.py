@@ -251,6 +251,8 @@ def test_left_padded_tensors_give_what_each_example_gives_alone(gpt2):
         (torch.zeros(0, 5, dtype=torch.long), "no example"),
         (torch.tensor([[10**6, 2]]), "token id 1000000 is out of range"),
         (torch.ones(1, 300, dtype=torch.long), "300 positions, more than the 256"),
+        (torch.tensor([5, 6, 7]), "token ids need a batch axis: give a [batch, tokens] tensor (ids[None])"),
+        ([torch.tensor([5, 6, 7])], "waveform 0 holds int64 samples"),  # a list: waveforms, as for speech
         (
             {"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)},
             "attention_mask has shape [1, 4], input_ids [1, 3]",
