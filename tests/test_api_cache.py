@@ -269,3 +269,16 @@ def test_mean_of_an_attention_map_is_a_user_error(gpt2):
     _, cache = gpt2.run_with_cache(TEXTS, names="blocks.0.attn.hook_pattern")
     with pytest.raises(UserError, match="attention map"):
         cache.mean("blocks.0.attn.hook_pattern")
+
+
+def test_the_users_tokenizer_keeps_its_padding_side(tiny_model_dir):
+    """hookpoints pads on the right for its own batches without setting the tokenizer's padding side for good
+    (it did: a notebook's own ``model.tokenizer(texts, padding=True)`` then padded on the right, as HF's generate
+    warns against for decoder-only models)."""
+    model = hp.load(tiny_model_dir("gpt2"))
+    model.tokenizer.padding_side = "left"
+    _, cache = model.run_with_cache(TEXTS, names="blocks.0.hook_resid_post")
+    assert model.tokenizer.padding_side == "left"
+    assert cache.mask[:, 0].all() and not cache.mask[:, -1].all()  # hookpoints' batch: right-padded
+    left = model.tokenizer(TEXTS, padding=True, return_tensors="pt")["attention_mask"]
+    assert left[:, -1].all() and not left[:, 0].all()
