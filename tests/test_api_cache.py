@@ -282,3 +282,19 @@ def test_the_users_tokenizer_keeps_its_padding_side(tiny_model_dir):
     assert cache.mask[:, 0].all() and not cache.mask[:, -1].all()  # hookpoints' batch: right-padded
     left = model.tokenizer(TEXTS, padding=True, return_tensors="pt")["attention_mask"]
     assert left[:, -1].all() and not left[:, 0].all()
+
+
+def test_cache_and_output_tensors_are_ordinary_tensors(gpt2):
+    """As TransformerLens' cache: a probe trains on cached activations and a cached tensor can be changed in
+    place (they were inference-mode tensors: 'Inference tensors cannot be saved for backward')."""
+    name = "blocks.1.hook_resid_post"
+    output, cache = gpt2.run_with_cache(TEXTS, names=name)
+    last = cache[name][:, -1]  # [batch, d_model]
+    probe = torch.nn.Linear(last.shape[-1], 2)
+    torch.nn.functional.cross_entropy(probe(last), torch.tensor([0, 1, 0])).backward()
+    assert probe.weight.grad is not None and not cache[name].requires_grad
+    cache[name][:, 0] = 0.0
+    assert not cache[name][:, 0].any()
+    for logits in (output.logits, gpt2.run_with_hooks(TEXTS).logits):
+        assert not logits.is_inference() and not logits.requires_grad
+        torch.nn.functional.cross_entropy(probe(last) + logits[:, -1, :2], torch.tensor([0, 1, 0])).backward()
