@@ -184,3 +184,25 @@ def test_figure5_panels_of_one_metric_share_their_scale():
     s2tt, t2tt, asr = figure5(pa.Table.from_pylist(rows), "sweep").axes
     assert s2tt.get_ylim() == t2tt.get_ylim() and s2tt.get_ylim()[0] <= 39.0 and s2tt.get_ylim()[1] >= 60.0
     assert asr.get_ylim()[1] < 2 and asr.get_ylabel() == "WER" and s2tt.get_ylabel() == "0.6 BLEU + 0.4 chrF"
+
+
+def test_figures_leave_the_notebooks_matplotlib_alone():
+    """Importing the figure functions switched the process to Agg (``matplotlib.use``), so a Jupyter notebook's
+    own ``plt.plot`` cells showed nothing afterwards; and each figure was a pyplot figure, which the inline
+    backend shows at the end of the cell besides the returned one. Now: the backend stays, pyplot knows none."""
+    import subprocess
+    import sys
+
+    code = (
+        "import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot as plt; import hookpoints as hp; "
+        "hp.distribution_figure, hp.measures_figure, hp.figure5; import hookpoints.analyses.figures; "
+        "print(matplotlib.get_backend())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "svg"
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    figure = magnitude_figure(magnitudes_table(), ["language", "modality"], "text_decoder", 1.0, "r1")
+    assert isinstance(figure, Figure) and plt.get_fignums() == before
+    assert png_bytes(figure).startswith(b"\x89PNG")
