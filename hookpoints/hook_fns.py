@@ -18,6 +18,7 @@ import torch
 from hookpoints.editing import NeuronEdit, apply_edit
 from hookpoints.errors import UserError
 from hookpoints.points import HookPoint
+from hookpoints.pooling import check_width
 from hookpoints.probe import first_tensor
 
 #: ``fn(tensor, hook) -> tensor | None``, as in TransformerLens.
@@ -36,6 +37,7 @@ def layout(tensor: torch.Tensor, point: HookPoint, batch: int | None = None) -> 
         index, count = point.part
         width = flat.shape[-1] // count
         flat = flat[..., index * width : (index + 1) * width]
+    check_width(flat.shape[-1], point)
     x = flat.reshape(*flat.shape[:2], *point.shape)
     x = x[:, 0] if point.time_axis is None else x
     if batch is not None and x.shape[0] == 1 and batch > 1:

@@ -298,3 +298,26 @@ def test_cache_and_output_tensors_are_ordinary_tensors(gpt2):
     for logits in (output.logits, gpt2.run_with_hooks(TEXTS).logits):
         assert not logits.is_inference() and not logits.requires_grad
         torch.nn.functional.cross_entropy(probe(last) + logits[:, -1, :2], torch.tensor([0, 1, 0])).backward()
+
+
+def test_a_tensor_whose_size_follows_the_input_but_no_position_space_is_refused(seamless_speech, tmp_path):
+    """A Conformer's depthwise conv input carries a causal left pad (kernel - 1 frames): its time axis lines up
+    with no position space, so the probe measured it as one [channels * probe frames] vector. Other inputs then
+    raised bare reshape RuntimeErrors (run_with_cache, run_with_hooks, e.g. from a names predicate) and
+    ``hp.record`` silently stored vectors of every length under the hook's one width."""
+    name = "speech_encoder.encoder.layers.0.conv_module.depthwise_conv:input"
+    point = seamless_speech.hook_points.get(name)
+    assert point.time_axis is None  # the probe could not place its positions
+    waves = [sine(0.9, 200.0), sine(0.45, 330.0)]
+    expected = f"hook {name} has "
+    with pytest.raises(UserError, match=expected) as caught:
+        seamless_speech.run_with_cache(waves, names=lambda hook: "depthwise_conv" in hook)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(UserError, match=expected):
+        seamless_speech.run_with_hooks(waves, fwd_hooks=[(name, lambda x, hook: x)])
+    import soundfile
+
+    soundfile.write(tmp_path / "a.wav", waves[0], 16_000, subtype="FLOAT")
+    with pytest.raises(UserError, match=expected):
+        hp.record(seamless_speech, [{"id": "a", "audio": str(tmp_path / "a.wav")}], tmp_path / "store", run="r1",
+                  hooks=name, progress=False)  # fmt: skip
