@@ -71,6 +71,16 @@ def run_settings(session: QuerySession, runs: list[str] | tuple[str, ...]) -> di
     return {run: RunSettings.from_row(rows[run]) for run in names}
 
 
+def recorded_modalities(session: QuerySession, runs: list[str] | tuple[str, ...]) -> dict[str, str | None]:
+    """run -> the input modality it was recorded with (speech / text, from its config; None if not said)."""
+    rows = session.sql(
+        "SELECT run, json_extract_string(config, '$.modality') AS m FROM runs WHERE list_contains($runs, run) "
+        "ORDER BY run",
+        {"runs": sorted(set(runs))},
+    ).to_pylist()
+    return {row["run"]: row["m"] for row in rows}
+
+
 def open_runs(session: QuerySession, runs: list[str] | tuple[str, ...]) -> RunGroup:
     """Check that ``runs`` exist and can be analysed together (same pooling, one vector per example).
 
@@ -122,7 +132,7 @@ class ExampleSet:
         """Distinct non-null values of an examples column among these examples (None: no such column)."""
         if column not in self.columns(session):
             return None
-        where = "" if self.where is None else f" AND {self.where}"
+        where = "" if self.where is None else f" AND ({self.where})"
         rows = session.sql(
             f"SELECT DISTINCT {quote_name(column)} AS v FROM (SELECT * FROM examples WHERE list_contains($runs, run)) "
             f"WHERE {quote_name(column)} IS NOT NULL{where} ORDER BY v",
@@ -133,7 +143,7 @@ class ExampleSet:
     def pairs(self, session: QuerySession, first: str, second: str) -> set[tuple]:
         """The distinct (first, second) value pairs among these examples, both non-null."""
         a, b = quote_name(first), quote_name(second)
-        where = "" if self.where is None else f" AND {self.where}"
+        where = "" if self.where is None else f" AND ({self.where})"
         rows = session.sql(
             f"SELECT DISTINCT {a} AS a, {b} AS b FROM (SELECT * FROM examples WHERE list_contains($runs, run)) "
             f"WHERE {a} IS NOT NULL AND {b} IS NOT NULL{where}",

@@ -73,9 +73,21 @@ def from_result(result) -> ClusterMaps:
     return ClusterMaps(result.run, caption(result), result.rows, labellings, layers, result.settings.linkage)
 
 
+def as_maps(result) -> ClusterMaps:
+    """``result`` as the figures' view: a ClusterMaps as it is, a ClusterResult through :func:`from_result`."""
+    return result if isinstance(result, ClusterMaps) else from_result(result)
+
+
+def _map_labelling(maps: ClusterMaps, labelling) -> MapLabelling:
+    """The map labelling of ``labelling`` (a MapLabelling, a ClusterResult's Labelling, or a label name): its
+    codes over the sample the maps hold, not over the whole subset."""
+    name = labelling if isinstance(labelling, str) else labelling.name
+    return next(m for m in maps.labellings if m.name == name)
+
+
 def plot_all(result, folder: Path, *, dendrogram_layers: list[int] | None = None) -> list[Path]:
     """Every plot of ``result`` (a ClusterResult or ClusterMaps) into ``folder``; returns the files written."""
-    maps = result if isinstance(result, ClusterMaps) else from_result(result)
+    maps = as_maps(result)
     stem = f"clusters-{safe(maps.run)}"
     paths = save(measures_figure(maps), folder, f"{stem}-measures")
     for labelling in maps.labellings:
@@ -91,9 +103,13 @@ def plot_all(result, folder: Path, *, dendrogram_layers: list[int] | None = None
 def measures_figure(maps: ClusterMaps) -> Figure:
     """Silhouette and Davies-Bouldin against layer: a row per component, a line per label and space.
 
-    >>> figure = measures_figure(from_result(cluster_layers(store, "r1", ClusterSettings(labels=("language",)))))
+    ``maps``: a ClusterMaps, or the ClusterResult of :func:`hookpoints.analyses.clusters.cluster_layers`.
+
+    >>> figure = measures_figure(cluster_layers(store, "r1", ClusterSettings(labels=("language",))))
     """
+    maps = as_maps(maps)
     components = list(dict.fromkeys(layer.component for layer in maps.layers))
+    shared = components_with_shared_layers(maps.layers)
     measures = list(MEASURE_TITLES)
     fig, axes = subplots(
         len(components), len(measures), figsize=(5.2 * len(measures), 3.4 * len(components)), squeeze=False
@@ -102,20 +118,28 @@ def measures_figure(maps: ClusterMaps) -> Figure:
     for row, component in enumerate(components):
         for col, measure in enumerate(measures):
             ax = axes[row][col]
-            for index, labelling in enumerate(maps.labellings):
-                for space, style in (("original", "-"), ("tsne", "--")):
-                    points = sorted(
-                        (r["layer"] if r["layer"] is not None else i, r["value"])
-                        for i, r in enumerate(maps.rows)
-                        if r["component"] == component
-                        and r["label"] == labelling.name
-                        and r["measure"] == measure
-                        and r["space"] == space
-                    )
-                    if points:
-                        xs, ys = zip(*points, strict=True)
-                        name = f"{labelling.name} ({'t-SNE' if space == 'tsne' else 'original space'})"
-                        ax.plot(xs, ys, style, marker="o", ms=3.5, color=colours(index % 10), label=name)
+            # one line per hook series of the component (blocks.*.attn, blocks.*.mlp) when a layer has several;
+            # a hook point outside the layers (embeddings, a final norm) is its own point left of layer 0
+            series: dict[str | None, list[dict]] = {}
+            for r in maps.rows:
+                if r["component"] == component and r["measure"] == measure:
+                    outside = r["layer"] is None
+                    key = series_name(r.get("hook"), r["layer"]) if component in shared or outside else None
+                    series.setdefault(key, []).append({**r, "x": -1 if outside else r["layer"]})
+            for number, (key, members) in enumerate(sorted(series.items(), key=lambda item: str(item[0]))):
+                marker = SERIES_MARKERS[number % len(SERIES_MARKERS)]
+                for index, labelling in enumerate(maps.labellings):
+                    for space, style in (("original", "-"), ("tsne", "--")):
+                        points = sorted(
+                            (r["x"], r["value"])
+                            for r in members
+                            if r["label"] == labelling.name and r["space"] == space
+                        )
+                        if points:
+                            xs, ys = zip(*points, strict=True)
+                            name = f"{labelling.name} ({'t-SNE' if space == 'tsne' else 'original space'})"
+                            name += f" {key}" if key else ""
+                            ax.plot(xs, ys, style, marker=marker, ms=3.5, color=colours(index % 10), label=name)
             ax.set_title(f"{component or 'layers'}: {MEASURE_TITLES[measure]}", fontsize=10)
             ax.set_xlabel("layer")
             integer_axis(ax.xaxis)
@@ -132,15 +156,40 @@ def measures_figure(maps: ClusterMaps) -> Figure:
     return fig
 
 
+SERIES_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def series_name(hook: str | None, layer: int | None) -> str | None:
+    """The hook's name with its layer number as ``*`` (``blocks.3.mlp`` -> ``blocks.*.mlp``): its series."""
+    if hook is None or layer is None:
+        return hook
+    parts = hook.split(".")
+    last = max((i for i, part in enumerate(parts) if part == str(layer)), default=None)  # after any stack index
+    return hook if last is None else ".".join(parts[:last] + ["*"] + parts[last + 1 :])
+
+
+def components_with_shared_layers(layers: list[MapLayer]) -> set:
+    """Components where one layer (or the outside of the layers) has several hook points (``--hooks`` chose
+    more than one per layer)."""
+    seen: dict[tuple, set[str]] = {}
+    for layer in layers:
+        seen.setdefault((layer.component, layer.layer), set()).add(layer.hook)
+    return {component for (component, _), hooks in seen.items() if len(hooks) > 1}
+
+
 def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> Figure:
     """The t-SNE map of every layer in a grid, points coloured by ``labelling``'s classes.
 
     Up to LEGEND_MAX_CLASSES classes get distinct colours and a legend; more get their names written at
     their centroid on every map (colours repeat, names do not).
 
-    >>> maps = from_result(cluster_layers(store, "r1", ClusterSettings(labels=("language",))))
-    >>> figure = tsne_figure(maps, maps.labellings[0])
+    ``maps``: a ClusterMaps or a ClusterResult; ``labelling``: one of its labellings, or a label name.
+
+    >>> result = cluster_layers(store, "r1", ClusterSettings(labels=("language",)))
+    >>> figure = tsne_figure(result, "language")
     """
+    maps = as_maps(maps)
+    labelling = _map_labelling(maps, labelling)
     layers = [layer for layer in maps.layers if layer.tsne is not None]
     columns = min(4, len(layers))
     rows = -(-len(layers) // columns)
@@ -148,6 +197,7 @@ def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> Figure:
     codes = labelling.codes
     many = len(labelling.classes) > LEGEND_MAX_CLASSES
     colours = matplotlib.colormaps.get_cmap("tab20" if len(labelling.classes) > 10 else "tab10")
+    shared = components_with_shared_layers(maps.layers)
     for ax, layer in zip(axes.flat, layers, strict=False):
         ax.scatter(*layer.tsne[codes < 0].T, s=6, c="lightgrey", label="(no label)")
         for code, name in enumerate(labelling.classes):
@@ -156,7 +206,7 @@ def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> Figure:
             if many and mine.any():
                 centre = np.median(layer.tsne[mine], axis=0)
                 ax.annotate(name, centre, fontsize=6, ha="center", va="center", alpha=0.9)
-        ax.set_title(layer.title, fontsize=9)
+        ax.set_title(layer.hook if layer.component in shared else layer.title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in axes.flat[len(layers) :]:
@@ -179,19 +229,31 @@ def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> Figure:
 def dendrogram_figure(maps: ClusterMaps, labelling: MapLabelling, layers: list[MapLayer]) -> Figure:
     """Hierarchical clustering of ``labelling``'s class centroids at each of ``layers``.
 
-    >>> figure = dendrogram_figure(maps, maps.labellings[0], maps.layers[-1:])
+    ``maps``: a ClusterMaps or a ClusterResult; ``labelling``: one of its labellings or a label name;
+    ``layers``: its layers (MapLayer or the result's LayerResult), or layer numbers.
+
+    >>> figure = dendrogram_figure(result, "language", [0, 5])
     """
+    maps = as_maps(maps)
+    labelling = _map_labelling(maps, labelling)
+    by_hook = {layer.hook: layer for layer in maps.layers}
+    layers = [
+        next(m for m in maps.layers if m.layer == layer) if isinstance(layer, int)
+        else by_hook[layer.hook if isinstance(layer, MapLayer) else layer.hook.hook]
+        for layer in layers
+    ]  # fmt: skip
     from scipy.cluster.hierarchy import dendrogram
 
     height = max(2.8, 0.22 * len(labelling.classes))
     fig, axes = subplots(1, len(layers), figsize=(4.2 * len(layers), height), squeeze=False)
     # one distance scale for every layer: the trees are compared side by side (scipy sets each axis to its own)
     reach = max((float(layer.linkages[labelling.name][:, 2].max(initial=0.0)) for layer in layers), default=0.0)
+    shared = components_with_shared_layers(maps.layers)
     for ax, layer in zip(axes[0], layers, strict=True):
         tree = layer.linkages[labelling.name]
         dendrogram(tree, labels=labelling.classes, orientation="left", ax=ax, leaf_font_size=8, color_threshold=0)
         ax.set_xlim(1.05 * reach or 1.0, 0)
-        ax.set_title(layer.title, fontsize=9)
+        ax.set_title(layer.hook if layer.component in shared else layer.title, fontsize=9)
         ax.set_xlabel("Euclidean distance between centroids")
     fig.suptitle(
         f"{maps.linkage}-linkage clustering of {labelling.name} centroids ({len(labelling.classes)} classes)\n"

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator, ScalarFormatter
 
 TASK_TITLES = {"asr": "ASR", "s2tt": "Speech-to-text translation", "t2tt": "Text-to-text translation"}
-METRIC_LABELS = {"combined": "0.6 BLEU + 0.4 chrF", "wer": "WER", "cer": "CER", "wer/cer": "WER / CER"}
+METRIC_LABELS = {"combined": "0.6 BLEU + 0.4 chrF", "wer": "WER", "cer": "CER", "cer/wer": "WER / CER"}
 
 
 def mean_by_type(scores: pa.Table, task: str) -> tuple[dict[str, dict[int, float]], float | None, str]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from hookpoints.analyses.examples import ExampleSet
+from hookpoints.analyses.examples import ExampleSet, recorded_modalities
 from hookpoints.analyses.gini import gini
 from hookpoints.analyses.hook_matrix import HookMatrixReader, neuron_slices
 from hookpoints.analyses.hooks import StoredHook
@@ -36,7 +36,8 @@ DEFAULT_GROUPS = ("language", "modality")
 
 
 def group_columns(session: QuerySession, examples: ExampleSet, by: list[str] | None) -> list[str]:
-    """The examples columns to group by: ``by``, or those of language and modality that exist."""
+    """The examples columns to group by: ``by``, or those of language and modality that exist (and ``run`` in place
+    of a missing modality column when the runs read speech and text: the modalities stay apart)."""
     columns = examples.columns(session)
     if by:
         for column in by:
@@ -45,6 +46,11 @@ def group_columns(session: QuerySession, examples: ExampleSet, by: list[str] | N
                 raise UserError(f"--by {column!r} is not a column of the examples table; it has {shown}")
         return list(dict.fromkeys(by))
     found = [c for c in DEFAULT_GROUPS if c in columns]
+    if (
+        "modality" not in found
+        and len({m for m in recorded_modalities(session, examples.group.runs).values() if m}) > 1
+    ):
+        found.append("run")  # speech and text runs without a modality column: each run is one modality
     if not found:
         raise UserError("the examples have no language or modality column: name the columns to group by with --by")
     return found

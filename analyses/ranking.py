@@ -26,7 +26,15 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 from hookpoints.analyses.ap import LabelSetPlan
-from hookpoints.analyses.examples import ExampleSet, LabelMasks, RunGroup, label_masks, open_runs, select_examples
+from hookpoints.analyses.examples import (
+    ExampleSet,
+    LabelMasks,
+    RunGroup,
+    label_masks,
+    open_runs,
+    recorded_modalities,
+    select_examples,
+)
 from hookpoints.analyses.hook_matrix import HookMatrixReader, neuron_slices, shared_hooks
 from hookpoints.analyses.hooks import StoredHook
 from hookpoints.analyses.labels import MODALITY_PRESETS, PRESETS, LabelSet, preset_label_sets
@@ -171,10 +179,25 @@ def preset_sets(
         )
     languages = examples.values(session, language_column) if preset != "modality" else []
     modalities = examples.values(session, modality_column)
+    if preset == "unimodal" and modalities is None:
+        _refuse_mixed_inputs(session, examples.group.runs, modality_column)
     pairs = examples.pairs(session, language_column, modality_column) if languages and modalities else None
     return preset_label_sets(
         preset, languages, modalities, language_column=language_column, modality_column=modality_column, pairs=pairs
     )
+
+
+def _refuse_mixed_inputs(session, runs: tuple[str, ...], modality_column: str) -> None:
+    """Without a modality column, unimodal compares languages over every example: over runs that read speech
+    and text (recorded in their config), that is the multimodal setting under a unimodal name."""
+    read = recorded_modalities(session, runs)
+    if len({m for m in read.values() if m}) > 1:
+        shown = ", ".join(f"{run} ({m})" for run, m in read.items())
+        raise UserError(
+            f"runs {shown} read different modalities, but the examples have no {modality_column!r} column: "
+            "--preset unimodal would compare languages over both at once (the multimodal setting). Rank each run "
+            "on its own (one --run), or name the column that holds the modality with --modality-column"
+        )
 
 
 def rank(

@@ -16,6 +16,7 @@ from hookpoints.analyses.figures_clusters import (
     ClusterMaps,
     MapLabelling,
     MapLayer,
+    components_with_shared_layers,
     dendrogram_figure,
     dendrogram_layers_of,
     measures_figure,
@@ -190,13 +191,16 @@ def add_analysis(section: Section, session: QuerySession, info: dict) -> None:
 
 
 def _measure_table(maps: ClusterMaps) -> list[dict]:
+    """Silhouette and Davies-Bouldin per layer and label; per hook too where a layer has several hook points."""
+    named = bool(components_with_shared_layers(maps.layers))
     values: dict[tuple, dict] = {}
     for r in maps.rows:
         if r["a"] is not None or r["measure"] not in ("silhouette", "davies_bouldin"):
             continue
+        hook = {"hook": r["hook"]} if named else {}
         entry = values.setdefault(
-            (r["component"] or "", r["layer"] if r["layer"] is not None else -1, r["label"]),
-            {"component": r["component"], "layer": r["layer"], "label": r["label"]},
+            (r["component"] or "", r["layer"] if r["layer"] is not None else -1, r["hook"], r["label"]),
+            {"component": r["component"], "layer": r["layer"], **hook, "label": r["label"]},
         )
         entry[f"{r['measure']} ({r['space']})"] = round(r["value"], 3)
     return [values[key] for key in sorted(values)]

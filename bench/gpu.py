@@ -38,6 +38,7 @@ sizes (a check of the script, numbers meaningless). docs/benchmarks.md holds the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -88,6 +89,7 @@ from hookpoints.host_copy import HostCopy, one_behind  # noqa: E402
 from hookpoints.inputs import ModelInputs  # noqa: E402
 from hookpoints.loading import quiet_transformers  # noqa: E402
 from hookpoints.manifest import read_manifest  # noqa: E402
+from hookpoints.mask_skips import MaskSkips, check_claims  # noqa: E402
 from hookpoints.model import HookedModel  # noqa: E402
 from hookpoints.op_count import OpCount  # noqa: E402
 from hookpoints.placement import Placement  # noqa: E402
@@ -120,15 +122,28 @@ class Recording:
     (with a store) handed to the run writer."""
 
     def __init__(self, model: HookedModel, points, store: Store | None, batch: int, direct: bool = False,
-                 side_stream: bool = False):  # fmt: skip
+                 side_stream: bool = False, mask_syncs: bool = False):  # fmt: skip
         self.model, self.points, self.store, self.batch = model, points, store, batch
         self.side_stream = side_stream
+        self.mask_syncs = mask_syncs  # before: transformers reads its masks on the host (2 syncs per batch)
         self.values: list[dict[str, np.ndarray]] = []  # with keep=True: every batch's rows, for a check
         self.keep = False
         self.calls = 0
-        self.pooled = (lambda *a: pooled_direct(model, *a)) if direct else model.pooled  # nnsight trace or hooks
+        # nnsight trace or hooks; the mask skips' check crosses with the rows, as in the recorder
+        self.pooled = (lambda *a: pooled_direct(model, *a, defer_check=True)) if direct else (
+            lambda *a: model.pooled(*a, defer_check=True))  # fmt: skip
 
     def __call__(self, batches: list[ModelInputs]) -> None:
+        if not self.mask_syncs:
+            return self.run(batches)
+        answers = MaskSkips.for_batch
+        MaskSkips.for_batch = classmethod(lambda cls, inputs: contextlib.nullcontext())  # transformers' own reads
+        try:
+            return self.run(batches)
+        finally:
+            MaskSkips.for_batch = answers
+
+    def run(self, batches: list[ModelInputs]) -> None:
         writer = None
         if self.store is not None:
             self.calls += 1
@@ -145,7 +160,7 @@ class Recording:
                 yield k, HostCopy(pooled, dtype=storage, side_stream=self.side_stream)
 
         for k, copy_ in one_behind(started(), lambda item: item):
-            values = copy_.wait()
+            values = check_claims(copy_.wait())
             if self.keep:
                 self.values.append({name: array.copy() for name, array in values.items()})
             if writer is not None:
@@ -178,6 +193,8 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
         **({"bare forward, no LM head": body} if family == "llama" else {}),
         "recording (pooled, to host)": lambda: Recording(model, points, None, batch)(batches),
         "recording, torch hooks (pooled, to host)": lambda: Recording(model, points, None, batch, direct=True)(batches),
+        "recording, transformers' mask syncs (before)": lambda: Recording(model, points, None, batch,
+                                                                          mask_syncs=True)(batches),
         **({"recording, copy on a side stream": lambda: Recording(model, points, None, batch, side_stream=True)(
             batches)} if model.device.type == "cuda" else {}),
         **({"recording + store": lambda: Recording(model, points, store, batch)(batches)} if with_store else {}),
@@ -203,7 +220,7 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
         profile = profiled(lambda: Recording(model, points, None, batch)(batches), model.device)
         profile += "\n\nThe bare forward, the same batches:\n" + profiled(bare, model.device)
     syncs = {name: syncs_per_batch(cases[name], len(batches), model.device) for name in ("bare forward",
-             "recording (pooled, to host)")}  # fmt: skip
+             "recording (pooled, to host)", "recording, transformers' mask syncs (before)")}  # fmt: skip
     return {
         "side_stream_check": side_stream_check(model, points, batch, (long_run or batches)[:8]),
         "profile": profile,

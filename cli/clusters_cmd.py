@@ -147,11 +147,17 @@ def summary_rows(result) -> list[dict]:
         if row["a"] is None
     }
     several = len({layer.hook.component for layer in result.layers}) > 1
+    per_layer: dict[tuple, int] = {}  # several hook points of one layer (--hooks): each row names its hook
+    for layer in result.layers:
+        key = (layer.hook.component, layer.hook.layer)
+        per_layer[key] = per_layer.get(key, 0) + 1
+    named = any(count > 1 for count in per_layer.values())
     rows = []
     for layer in result.layers:
         for labelling in result.labellings:
             row = {"component": layer.hook.component} if several else {}
-            row.update({"layer": layer.hook.layer, "label": labelling.name})
+            row.update({"layer": layer.hook.layer, **({"hook": layer.hook.hook} if named else {})})
+            row["label"] = labelling.name
             for measure, space, title in SHOWN:
                 value = values.get((layer.hook.hook, labelling.name, measure, space))
                 if value is not None:

@@ -149,7 +149,7 @@ def command(
     manifest = read_data(data, required=(), split=split, languages=chosen, limit=limit)
     has_audio = "audio" in manifest.table.column_names
     modality = input_modality(spec, modality, has_audio, model_modalities(model))
-    manifest.require("audio" if modality == "speech" else "text")
+    manifest.read_as("audio" if modality == "speech" else "text")
     run_batches = None
     with err.status(f"loading {model}"):
         if remote:

@@ -86,7 +86,8 @@ def command(
             return
         columns_run = run_key(overlap_runs) if overlap_runs else run
         if overlap is not None:  # checked before the summary is printed
-            rows = [s.label_set for s in stored_sets(session, run, [overlap[0]])]
+            rows_sets = stored_sets(session, run, [overlap[0]])
+            rows = [s.label_set for s in rows_sets]
             cols_sets = stored_sets(session, columns_run, [overlap[1]])
     report(
         store,
@@ -105,7 +106,7 @@ def command(
     machine_rows = []
     with store.query() as session:
         columns = [s.label_set for s in cols_sets]
-        shared = sorted(set.intersection(*(set(s.components) for s in cols_sets)) & set(sets[0].components))
+        shared = sorted(set.intersection(*(set(s.components) for s in [*rows_sets, *cols_sets])))
         for component in [c for c in shared if not components or c in components]:
             for chosen in ("bottom", "top") if side == "both" else (side,):
                 result = overlap_matrix(session, (run, rows), (columns_run, columns), component, k, chosen)

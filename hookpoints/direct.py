@@ -16,6 +16,7 @@ import torch
 from hookpoints.attention import eager as eager_attention
 from hookpoints.attention import needs_eager
 from hookpoints.inputs import ModelInputs
+from hookpoints.mask_skips import MaskSkips, settle
 from hookpoints.points import HookPoint
 from hookpoints.pooling import pool, prepare_masks
 
@@ -24,9 +25,12 @@ class _Stop(Exception):
     """Raised by the last hook: everything asked for is pooled."""
 
 
-def pooled_direct(model, inputs: ModelInputs, points: list[HookPoint], pooling) -> dict[str, torch.Tensor]:
+def pooled_direct(
+    model, inputs: ModelInputs, points: list[HookPoint], pooling, *, defer_check: bool = False
+) -> dict[str, torch.Tensor]:
     """Hook name -> ``[batch, width]`` float32 (``[valid positions, width]`` for ``none``), as
-    ``HookedModel.pooled``; ``pooling`` is a method or a function of the hook point."""
+    ``HookedModel.pooled``; ``pooling`` is a method or a function of the hook point (``defer_check`` as there:
+    transformers' mask questions answered from the CPU masks, :mod:`hookpoints.mask_skips`)."""
     methods = {point.name: pooling(point) if callable(pooling) else pooling for point in points}
     pooled: dict[str, torch.Tensor] = {}
     last = max(points, key=lambda p: p.order).name if points else None
@@ -56,11 +60,13 @@ def pooled_direct(model, inputs: ModelInputs, points: list[HookPoint], pooling) 
         else:
             hook = module.register_forward_hook(lambda m, args, output, keep=keep: keep(output))
         handles.append(hook)
+    skips = MaskSkips.for_batch(inputs)
     try:
         with (
             torch.inference_mode(),
             model.adapter.batch_guard(model.model, inputs),
             eager_attention(needs_eager(p.module for p in points)),
+            skips,
         ):
             model.model(**inputs.kwargs)
     except _Stop:
@@ -71,7 +77,7 @@ def pooled_direct(model, inputs: ModelInputs, points: list[HookPoint], pooling) 
     missing = [point.name for point in points if point.name not in pooled]
     if missing:
         raise RuntimeError(f"hook points {missing[:3]} did not run in the forward pass")
-    return pooled
+    return settle(skips, pooled, defer_check)
 
 
 def _first(args: tuple, kwargs: dict):

@@ -50,6 +50,15 @@ class Manifest:
         """Check that every example has a non-empty ``column`` (the input a run reads)."""
         _require(self.table, f"{'FLEURS folder' if self.path.is_dir() else 'manifest'} {self.path}", column, self.ids)
 
+    def read_as(self, column: str) -> None:
+        """Check the input a run reads (``text`` or ``audio``) and label a FLEURS folder's rows with it: they
+        say ``modality = speech`` (recordings), but a run that reads their transcripts (T2TT) saw text, and the
+        analyses compare modalities by that label (a T2TT run of FLEURS was counted as speech)."""
+        self.require(column)
+        if self.path.is_dir() and "modality" in self.table.column_names:
+            modality = pa.array([("speech" if column == "audio" else "text")] * self.table.num_rows, pa.string())
+            self.table = self.table.set_column(self.table.column_names.index("modality"), "modality", modality)
+
     def audio_path(self, value: str) -> Path:
         return audio_path(self.base, value)
 

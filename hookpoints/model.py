@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import replace
 
 import nnsight
@@ -20,6 +21,7 @@ from hookpoints.errors import UserError
 from hookpoints.generate_methods import GenerationMethods, Pooling, pooling_methods
 from hookpoints.generation import Generation
 from hookpoints.inputs import ModelInputs
+from hookpoints.mask_skips import MaskSkips, settle
 from hookpoints.placement import execution_device
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
 from hookpoints.pooling import SpaceMask, pool, prepare_masks
@@ -223,7 +225,13 @@ class HookedModel(GenerationMethods, ModelApi):
         return self._envoys[point.module]
 
     def pooled(
-        self, inputs: ModelInputs, points: list[HookPoint], pooling: Pooling, *, check: Generation | None = None
+        self,
+        inputs: ModelInputs,
+        points: list[HookPoint],
+        pooling: Pooling,
+        *,
+        check: Generation | None = None,
+        defer_check: bool = False,
     ) -> dict[str, torch.Tensor]:
         """One nnsight trace over the batch; each hook point pooled per example, in float32.
 
@@ -232,16 +240,21 @@ class HookedModel(GenerationMethods, ModelApi):
         The trace stops after the last requested tensor, so later layers and the LM head do not run.
         ``check`` (a teacher-forced pass over that generation): the LM head runs too, and its logits must give
         back the ones ``generate`` saw at every step (:func:`hookpoints.alignment.check_alignment`).
+        Transformers' attention-mask questions are answered from the masks' CPU copies (no host sync,
+        :mod:`hookpoints.mask_skips`); their check is read here, or with ``defer_check`` returned under
+        ``MASK_CHECK`` for the caller to copy with the rows and pass to :func:`~hookpoints.mask_skips.check_claims`.
         """
         methods = pooling_methods(points, pooling)
         saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
         options = {"remote": self.remote} if self.remote else {}
         # once per batch, before the trace, from the masks' CPU copies: nothing waits for the GPU
         spaces = prepare_masks(inputs.masks, inputs.host_masks)
+        skips = nullcontext() if self.remote else MaskSkips.for_batch(inputs)
         with (
             torch.inference_mode(),
             self.adapter.batch_guard(self.model, inputs),
             eager_attention(needs_eager(p.module for p in points)),
+            skips,
             self.traced.trace(**inputs.kwargs, **options) as tracer,
         ):
             saved.update(self._request(points, inputs, methods, spaces))
@@ -252,6 +265,7 @@ class HookedModel(GenerationMethods, ModelApi):
             tracer.stop()
         if check is not None:
             check_alignment(check, saved.pop(CHECK))
+        settle(skips, saved, defer_check)
         return {name: tensor.detach() if tensor.requires_grad else tensor for name, tensor in saved.items()}
 
     def _request(

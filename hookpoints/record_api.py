@@ -82,7 +82,7 @@ def as_manifest(data, input_column: str, **fleurs) -> Manifest:
     ``fleurs`` (split, languages, limit) choose recordings of a FLEURS folder."""
     if isinstance(data, (str, Path)):
         manifest = read_data(data, required=(), **fleurs)
-        manifest.require(input_column)
+        manifest.read_as(input_column)
         return manifest
     if any(value is not None for value in fleurs.values()):
         raise UserError("split, languages and limit choose recordings of a FLEURS folder, not of in-memory data")

@@ -20,6 +20,7 @@ from hookpoints.host_copy import HostCopy, one_behind
 from hookpoints.inputs import ModelInputs
 from hookpoints.languages import model_code
 from hookpoints.manifest import Manifest, audio_path
+from hookpoints.mask_skips import MASK_CHECK, check_claims
 from hookpoints.model import HookedModel
 from hookpoints.points import HookPoint
 from hookpoints.settings import RunSettings
@@ -32,12 +33,8 @@ from hookpoints.tasks import Task, get_task, source_languages, target_languages
 DEFAULT_MAX_NEW_TOKENS = 128
 
 #: Columns generating tasks add to each example row (forward runs keep exactly the manifest's columns).
-GENERATION_COLUMNS = {
-    "task": pa.string(),
-    "tgt_lang": pa.string(),
-    "generated_text": pa.string(),
-    "generated_tokens": pa.int32(),
-}
+_TEXT = pa.string()
+GENERATION_COLUMNS = {"task": _TEXT, "tgt_lang": _TEXT, "generated_text": _TEXT, "generated_tokens": pa.int32()}
 
 
 @dataclass(frozen=True)
@@ -348,7 +345,7 @@ class StartedBatch:
 
     def finish(self) -> tuple[dict[str, HookRows], dict[str, list]]:
         """Wait for the copies; the hooks' rows and the batch's new columns."""
-        values = self.copy.wait()
+        values = check_claims(self.copy.wait())  # a wrong attention-mask claim raises before anything is written
         activations = {
             name: HookRows(ids, values[name]) if positions is None else HookRows(ids, values[name], positions)
             for name, (ids, positions) in self.rows.items()
@@ -375,9 +372,10 @@ def start_batch(model: HookedModel, examples: pa.Table, points: list[HookPoint],
             "generated_tokens": generation.lengths.tolist(),
         }
     else:
-        pooled = model.pooled(inputs, points, job.method)
+        pooled = model.pooled(inputs, points, job.method, defer_check=True)
     storage = torch.float16 if job.storage == "float16" else None  # the writer stores float16 rows as given
-    copy = HostCopy({point.name: pooled[point.name] for point in points}, dtype=storage)
+    checks = {MASK_CHECK: pooled[MASK_CHECK]} if MASK_CHECK in pooled else {}
+    copy = HostCopy({**{point.name: pooled[point.name] for point in points}, **checks}, dtype=storage)
     rows: dict[str, tuple[list[str], np.ndarray | None]] = {}
     per_space: dict[str, tuple[list[str], np.ndarray]] = {}  # once per space, not per hook (a host sync each)
     for point in points:

@@ -262,3 +262,22 @@ def test_selection_defaults_to_the_k_ap_and_the_report_show(store_path, run_cli)
     code, out, err = run_cli("selection", "--store", store_path, "--run", "s2tt", "--label-set", "unimodal/speech/de")
     assert code == 0, err
     assert "top-5" in out and "top-1000" not in out
+
+
+def test_selection_overlap_covers_the_module_groups_of_its_own_label_sets(tmp_path, run_cli):
+    """The overlap's module groups were those of the first --label-set summary row, not of the overlapped sets:
+    with --label-set naming a set ranked on the speech encoder alone, the decoder's overlap was left out."""
+    path = str(tmp_path / "store")
+    store = Store.open(path, create=True)
+    speech = examples_table(6, "speech", seed=1, prefix="s")
+    write_run(store, "s2tt", speech, hook_rows("speech_encoder", 2, ENCODER) + hook_rows("text_decoder", 2, DECODER))
+    base = ["--store", path, "--run", "s2tt", "--k", "3"]
+    assert run_cli("ap", *base, "--preset", "unimodal")[0] == 0
+    assert run_cli("ap", *base, "--positive", "language = 'de'", "--name", "a", "--component", "speech_encoder")[0] == 0
+    code, out, err = run_cli(
+        "selection", "--store", path, "--run", "s2tt", "--label-set", "a", "--k", "3", "--format", "json",
+        "--overlap", "unimodal/speech/de", "unimodal/speech/*",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = json.loads(out)
+    assert {row["component"] for row in rows} == {"speech_encoder", "text_decoder"}

@@ -186,6 +186,20 @@ def test_figure5_panels_of_one_metric_share_their_scale():
     assert asr.get_ylim()[1] < 2 and asr.get_ylabel() == "WER" and s2tt.get_ylabel() == "0.6 BLEU + 0.4 chrF"
 
 
+def test_figure5_asr_over_wer_and_cer_languages_says_so():
+    """ASR of de (WER) and ja (CER) averaged in one panel: its y label read 'cer/wer' (the label 'WER / CER' was
+    keyed 'wer/cer', which the sorted metrics never give)."""
+    from hookpoints.analyses.figures_interventions import figure5
+
+    rows = [
+        {"task": "asr", "metric": metric, "neuron_type": kind, "k": k, "score": 0.3}
+        for metric in ("wer", "cer")
+        for kind, k in (("none", 0), ("unimodal", 500))
+    ]
+    (asr,) = figure5(pa.Table.from_pylist(rows), "sweep").axes
+    assert asr.get_ylabel() == "WER / CER"
+
+
 def test_figures_leave_the_notebooks_matplotlib_alone():
     """Importing the figure functions switched the process to Agg (``matplotlib.use``), so a Jupyter notebook's
     own ``plt.plot`` cells showed nothing afterwards; and each figure was a pyplot figure, which the inline

@@ -83,3 +83,32 @@ def test_bad_fleurs_input(fleurs, tmp_path):
     (fleurs / "data" / "de_de" / "test.tsv").write_text("1001 no tabs here\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"test.tsv, line 1: expected tab-separated FLEURS columns"):
         read_data(fleurs)
+
+
+def test_a_text_run_of_fleurs_is_labelled_text(run_cli, tiny_model_dir, fleurs, tmp_path):
+    """FLEURS rows say modality = speech; a T2TT run reads their transcripts, and was stored as speech: ranking
+    it with an S2TT run refused the modality presets ("only modality = 'speech'") and --preset unimodal mixed the
+    text-conditioned decoder into unimodal/speech/* (and magnitudes --by modality merged the two)."""
+    store = tmp_path / "store"
+    model = str(tiny_model_dir("seamless_m4t_v2"))
+    common = ["--data", str(fleurs), "--store", str(store), "--limit", "2", "--max-new-tokens", "2"]
+    hooks = ["--hooks", "text_decoder.layers.*.ffn.fc1"]
+    for run, task in (("s2tt", "s2tt"), ("t2tt", "t2tt")):
+        code, _, err = run_cli("record", "--model", model, "--run", run, "--task", task, *common, *hooks)
+        assert code == 0, err
+    with Store.open(store).query() as session:
+        rows = session.sql("SELECT run, modality, count(*) AS n FROM examples GROUP BY ALL ORDER BY ALL").to_pylist()
+    assert rows == [{"run": "s2tt", "modality": "speech", "n": 4}, {"run": "t2tt", "modality": "text", "n": 4}]
+    code, out, err = run_cli("ap", "--store", str(store), "--run", "s2tt", "--run", "t2tt", "--preset", "modality",
+                             "--k", "2")  # fmt: skip
+    assert code == 0, err
+    with Store.open(store).query() as session:
+        sets = session.sql("SELECT DISTINCT label_set, n_positive FROM scores ORDER BY 1").to_pylist()
+    assert sets == [{"label_set": "modality/speech", "n_positive": 4}, {"label_set": "modality/text", "n_positive": 4}]
+
+
+def test_the_python_api_labels_a_text_read_of_fleurs_text(fleurs):
+    from hookpoints.record_api import as_manifest
+
+    assert set(as_manifest(fleurs, "text").table["modality"].to_pylist()) == {"text"}
+    assert set(as_manifest(fleurs, "audio").table["modality"].to_pylist()) == {"speech"}

@@ -233,3 +233,36 @@ def test_examples_without_activations_are_refused_not_left_out_of_the_averages(t
         per_example = np.mean([v.mean(1) for v in layer], axis=0)
         assert row["magnitude"] == pytest.approx(per_example[languages == row["language"]].mean(), rel=1e-6)
         assert row["examples"] == (languages == row["language"]).sum()
+
+
+def test_speech_and_text_runs_without_a_modality_column_stay_apart(tmp_path):
+    """Figure 6 compares languages x modalities. Examples of a speech run and a text run without a modality column
+    were grouped by language alone: each group's magnitude averaged S2T and T2T together, silently. The runs'
+    recorded input modality keeps them apart (grouped by language and run)."""
+    from hookpoints.store.writer import HookRows, open_run
+
+    store = Store.open(tmp_path / "store", create=True)
+    hooks = hook_rows("text_decoder", 2, DECODER, layer_output=False)
+    rng = np.random.default_rng(0)
+    written = {}
+    for run, modality, shift in (("s2tt", "speech", 5.0), ("t2tt", "text", -5.0)):
+        examples = examples_table(2, None, seed=1, prefix=run)  # language only
+        writer = open_run(
+            store, run, settings={"model": "m", "task": run, "pooling": "mean", "dtype": "float32"},
+            config={"modality": modality}, hooks=hooks, examples_schema=examples.schema,
+        )  # fmt: skip
+        ids = examples["example_id"].to_pylist()
+        values = {h["hook"]: (rng.normal(size=(6, h["width"])) + shift).astype(np.float32) for h in hooks}
+        writer.add(examples, {hook: HookRows(ids, x) for hook, x in values.items()})
+        writer.finish()
+        written[run] = (examples["language"].to_pylist(), values)
+    with store.query() as session:
+        examples = select_examples(session, open_runs(session, ["s2tt", "t2tt"]))
+        columns = group_columns(session, examples, None)
+        table = layer_magnitudes(session, examples, shared_hooks(session, ("s2tt", "t2tt")), columns)
+    assert columns == ["language", "run"]
+    for row in table.to_pylist():
+        languages, values = written[row["run"]]
+        chosen = np.array(languages) == row["language"]
+        subs = [x[chosen].astype(np.float64).mean(axis=1) for h, x in values.items() if f".{row['layer']}." in h]
+        assert row["magnitude"] == pytest.approx(np.mean(subs, axis=0).mean(), rel=1e-9)

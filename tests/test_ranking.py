@@ -12,6 +12,8 @@ from hookpoints.store.catalog import Store
 from selectivity_helpers import DECODER, ENCODER, examples_table, hook_rows, write_run
 from sklearn.metrics import average_precision_score
 
+from hookpoints.errors import UserError
+
 SUMMARY = "SELECT label_set, count(*) AS n, max(ks) AS ks, max(computed_at) AS at FROM scores GROUP BY label_set"
 
 
@@ -221,3 +223,58 @@ def test_preset_languages_skip_nulls_even_beside_a_manifest_column_named_v(tmp_p
     assert names == ["unimodal/speech/de", "unimodal/speech/en", "unimodal/speech/ja"]
     with store.query() as session:  # what multimodal / language-modality build their sets from
         assert job.examples.values(session, "language") == ["de", "en", "ja"]
+
+
+def test_preset_languages_skip_nulls_under_a_where_with_or(tmp_path):
+    """The distinct languages (and language x modality pairs) were read with ``... IS NOT NULL AND {where}``:
+    a --where with OR bound looser than the AND, so a null language came back, became a label set
+    ``language = 'None'`` (unimodal/speech/none) and the ranking was refused."""
+    import pyarrow as pa
+
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(3, "speech", seed=1)
+    languages = examples["language"].to_pylist()
+    languages[0] = None
+    examples = examples.set_column(2, "language", pa.array(languages))
+    hooks = hook_rows("text_decoder", 1, DECODER)
+    rng = np.random.default_rng(0)
+    write_run(store, "r", examples, hooks, values={h["hook"]: rng.normal(size=(9, h["width"])) for h in hooks})
+    where = "language <> 'ja' OR modality = 'speech'"  # every example, the null-language one included
+    job = plan_ranking(store, ["r"], presets=["unimodal"], where=where, ks=(3,))
+    assert [ls.name for ls in job.masks.label_sets] == [
+        "unimodal/speech/de",
+        "unimodal/speech/en",
+        "unimodal/speech/ja",
+    ]
+    with store.query() as session:
+        assert job.examples.values(session, "language") == ["de", "en", "ja"]
+        assert job.examples.pairs(session, "language", "modality") == {
+            ("de", "speech"),
+            ("en", "speech"),
+            ("ja", "speech"),
+        }
+
+
+def test_unimodal_without_a_modality_column_refuses_runs_of_both_modalities(tmp_path):
+    """Examples without a modality column from a speech run and a text run: --preset unimodal ranked
+    unimodal/{language} over both at once (the multimodal setting under a unimodal name), silently."""
+    from hookpoints.store.writer import HookRows, open_run
+
+    store = Store.open(tmp_path / "store", create=True)
+    hooks = hook_rows("text_decoder", 1, DECODER)
+    rng = np.random.default_rng(0)
+    for run, modality in (("s2tt", "speech"), ("t2tt", "text")):
+        examples = examples_table(3, None, seed=1, prefix=run)  # language only
+        writer = open_run(
+            store, run, settings={"model": "m", "task": run, "pooling": "mean", "dtype": "float32"},
+            config={"modality": modality}, hooks=hooks, examples_schema=examples.schema,
+        )  # fmt: skip
+        ids = examples["example_id"].to_pylist()
+        writer.add(
+            examples, {h["hook"]: HookRows(ids, rng.normal(size=(9, h["width"])).astype(np.float32)) for h in hooks}
+        )
+        writer.finish()
+    with pytest.raises(UserError, match=r"s2tt \(speech\), t2tt \(text\) read different modalities.*one --run"):
+        plan_ranking(store, ["s2tt", "t2tt"], presets=["unimodal"], ks=(3,))
+    job = plan_ranking(store, ["s2tt"], presets=["unimodal"], ks=(3,))  # one run: one modality, as before
+    assert [ls.name for ls in job.masks.label_sets] == ["unimodal/de", "unimodal/en", "unimodal/ja"]
