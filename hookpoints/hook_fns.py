@@ -189,6 +189,10 @@ def resolve_hooks(model, fwd_hooks) -> list[tuple[HookPoint, HookFn]]:
         names, fn = item
         if callable(names):
             points = [p for p in model.hook_points if p.unavailable is None and names(p.name)]
+            if not points:  # as run_with_cache's names filter: not a forward pass left silently unhooked
+                raise UserError(
+                    "the names filter of a hook function picks no hook point; list them with model.hook_points"
+                )
         elif isinstance(names, str):
             points = model.select([names])
         else:

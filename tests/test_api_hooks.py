@@ -165,6 +165,10 @@ def test_generate_with_edits_equals_torch_hooks_during_generate(tiny_model_dir):
         ([("blocks.0.hook_resid_post",)], "pair"),
         ([("blocks.9.hook_nothing", hp.ablate())], "no hook point is called"),
         ([(3, hp.ablate())], "a hook name must be"),
+        (
+            [(lambda name: name.endswith("hook_result"), hp.ablate())],
+            "names filter of a hook function picks no",
+        ),  # ran unhooked
         ([("blocks.0.hook_resid_post", lambda x, hook: x[:, :1])], "returned shape"),
         ([("blocks.0.hook_resid_post", hp.steer(torch.ones(5)))], "steering vector has 5 entries"),
         (
