@@ -321,3 +321,23 @@ def test_a_tensor_whose_size_follows_the_input_but_no_position_space_is_refused(
     with pytest.raises(UserError, match=expected):
         hp.record(seamless_speech, [{"id": "a", "audio": str(tmp_path / "a.wav")}], tmp_path / "store", run="r1",
                   hooks=name, progress=False)  # fmt: skip
+
+
+def test_a_text_model_refuses_audio_files_instead_of_reading_their_names(tiny_model_dir, gpt2, tmp_path):
+    """SeamlessM4T loads for text by default: an audio file's path was tokenised as the text '/.../a.wav' and
+    its activations returned without a word. A Path, or a string naming an existing audio file, is refused; a
+    text that merely ends like a file name is still text."""
+    import soundfile
+
+    path = tmp_path / "a.wav"
+    soundfile.write(path, sine(0.5), 16_000)
+    seamless_text = hp.load(tiny_model_dir("seamless_m4t_v2"))
+    assert seamless_text.modality == "text"
+    for inputs in ([str(path)], [path], path):
+        with pytest.raises(UserError, match="was loaded for text input: load it with modality='speech'") as caught:
+            seamless_text.run_with_cache(inputs, names="text_encoder.layers.0.hook_resid_post")
+        assert "\n" not in str(caught.value)
+    with pytest.raises(UserError, match="takes text, not audio files"):
+        gpt2.run_with_cache([path])
+    _, cache = gpt2.run_with_cache(["my favourite song.mp3"], names="blocks.0.hook_resid_post")  # no such file
+    assert cache["blocks.0.hook_resid_post"].shape[0] == 1
