@@ -13,28 +13,31 @@ import io
 import re
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
-def save(fig: plt.Figure, folder: Path, stem: str) -> list[Path]:
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | None = None, **options):
+    """``pyplot.subplots`` without pyplot: ``(Figure, axes)``, drawn by Agg when saved. No backend is chosen and
+    pyplot does not know the figure, so a notebook's own plots keep its backend (``matplotlib.use("Agg")`` here
+    switched the whole process) and Jupyter shows a returned figure once (the inline backend also shows every
+    pyplot figure at the end of the cell)."""
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(nrows, ncols, **options)
+
+
+def save(fig: Figure, folder: Path, stem: str) -> list[Path]:
     """Write ``fig`` as ``folder/stem.png`` and ``.svg``; returns both paths."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{stem}.png", folder / f"{stem}.svg"]
     for path in paths:
         fig.savefig(path, dpi=130 if path.suffix == ".png" else None, bbox_inches="tight")
-    plt.close(fig)
     return paths
 
 
-def png_bytes(fig: plt.Figure, dpi: int = 110) -> bytes:
-    """``fig`` as PNG bytes (closed afterwards), for embedding."""
+def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
+    """``fig`` as PNG bytes, for embedding."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
     return buffer.getvalue()
 
 

@@ -15,12 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from hookpoints.analyses.figures import integer_axis, safe, save  # noqa: E402
+import numpy as np
+from hookpoints.analyses.figures import integer_axis, safe, save, subplots
+from matplotlib.figure import Figure
 
 #: Up to this many classes a map gets a legend (distinct colours of tab20); above, classes are named at their
 #: centroids on the map (colours repeat).
@@ -103,7 +100,7 @@ def plot_all(result, folder: Path, *, dendrogram_layers: list[int] | None = None
     return paths
 
 
-def measures_figure(maps: ClusterMaps) -> plt.Figure:
+def measures_figure(maps: ClusterMaps) -> Figure:
     """Silhouette and Davies-Bouldin against layer: a row per component, a line per label and space.
 
     ``maps``: a ClusterMaps, or the ClusterResult of :func:`hookpoints.analyses.clusters.cluster_layers`.
@@ -114,10 +111,10 @@ def measures_figure(maps: ClusterMaps) -> plt.Figure:
     components = list(dict.fromkeys(layer.component for layer in maps.layers))
     shared = components_with_shared_layers(maps.layers)
     measures = list(MEASURE_TITLES)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         len(components), len(measures), figsize=(5.2 * len(measures), 3.4 * len(components)), squeeze=False
     )
-    colours = plt.get_cmap("tab10")
+    colours = matplotlib.colormaps.get_cmap("tab10")
     for row, component in enumerate(components):
         for col, measure in enumerate(measures):
             ax = axes[row][col]
@@ -180,7 +177,7 @@ def components_with_shared_layers(layers: list[MapLayer]) -> set:
     return {component for (component, _), hooks in seen.items() if len(hooks) > 1}
 
 
-def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> plt.Figure:
+def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> Figure:
     """The t-SNE map of every layer in a grid, points coloured by ``labelling``'s classes.
 
     Up to LEGEND_MAX_CLASSES classes get distinct colours and a legend; more get their names written at
@@ -196,10 +193,10 @@ def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> plt.Figure:
     layers = [layer for layer in maps.layers if layer.tsne is not None]
     columns = min(4, len(layers))
     rows = -(-len(layers) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 3.1 * rows), squeeze=False)
+    fig, axes = subplots(rows, columns, figsize=(3.3 * columns, 3.1 * rows), squeeze=False)
     codes = labelling.codes
     many = len(labelling.classes) > LEGEND_MAX_CLASSES
-    colours = plt.get_cmap("tab20" if len(labelling.classes) > 10 else "tab10")
+    colours = matplotlib.colormaps.get_cmap("tab20" if len(labelling.classes) > 10 else "tab10")
     shared = components_with_shared_layers(maps.layers)
     for ax, layer in zip(axes.flat, layers, strict=False):
         ax.scatter(*layer.tsne[codes < 0].T, s=6, c="lightgrey", label="(no label)")
@@ -229,7 +226,7 @@ def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> plt.Figure:
     return fig
 
 
-def dendrogram_figure(maps: ClusterMaps, labelling: MapLabelling, layers: list[MapLayer]) -> plt.Figure:
+def dendrogram_figure(maps: ClusterMaps, labelling: MapLabelling, layers: list[MapLayer]) -> Figure:
     """Hierarchical clustering of ``labelling``'s class centroids at each of ``layers``.
 
     ``maps``: a ClusterMaps or a ClusterResult; ``labelling``: one of its labellings or a label name;
@@ -248,7 +245,7 @@ def dendrogram_figure(maps: ClusterMaps, labelling: MapLabelling, layers: list[M
     from scipy.cluster.hierarchy import dendrogram
 
     height = max(2.8, 0.22 * len(labelling.classes))
-    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), height), squeeze=False)
+    fig, axes = subplots(1, len(layers), figsize=(4.2 * len(layers), height), squeeze=False)
     # one distance scale for every layer: the trees are compared side by side (scipy sets each axis to its own)
     reach = max((float(layer.linkages[labelling.name][:, 2].max(initial=0.0)) for layer in layers), default=0.0)
     shared = components_with_shared_layers(maps.layers)

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow as pa  # noqa: E402
-from hookpoints.analyses.figures import safe, save  # noqa: E402
-from matplotlib.ticker import NullLocator, ScalarFormatter  # noqa: E402
+import pyarrow as pa
+from hookpoints.analyses.figures import safe, save, subplots
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator, ScalarFormatter
 
 TASK_TITLES = {"asr": "ASR", "s2tt": "Speech-to-text translation", "t2tt": "Text-to-text translation"}
 METRIC_LABELS = {"combined": "0.6 BLEU + 0.4 chrF", "wer": "WER", "cer": "CER", "cer/wer": "WER / CER"}
@@ -38,13 +34,13 @@ def mean_by_type(scores: pa.Table, task: str) -> tuple[dict[str, dict[int, float
     return lines, (sum(none) / len(none) if none else None), "/".join(metrics)
 
 
-def figure5(scores: pa.Table, title: str) -> plt.Figure:
+def figure5(scores: pa.Table, title: str) -> Figure:
     """Score against k per neuron type, one panel per task (``scores``: intervention_scores rows).
 
     >>> figure = figure5(run_sweep(store, spec, cells), "sweep sw1")
     """
     tasks = list(dict.fromkeys(scores["task"].to_pylist()))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
+    fig, axes = subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
     by_metric: dict[str, list] = {}
     for ax, task in zip(axes[0], tasks, strict=True):
         lines, none, metric = mean_by_type(scores, task)

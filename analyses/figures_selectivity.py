@@ -11,23 +11,20 @@
 from __future__ import annotations
 
 import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-from hookpoints.analyses.figures import integer_axis  # noqa: E402
-from hookpoints.analyses.selection import Overlap, panel_of, panel_order  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np
+import pyarrow as pa
+from hookpoints.analyses.figures import integer_axis, subplots
+from hookpoints.analyses.selection import Overlap, panel_of, panel_order
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 PANEL_TITLES = {"attention": "Attention", "ffn": "FFN", "convolution": "Convolution", "other": "Other"}
 LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D"]
 
 
-def distribution_figure(counts: pa.Table, component: str, k: int, title: str) -> plt.Figure:
+def distribution_figure(counts: pa.Table, component: str, k: int, title: str) -> Figure:
     """Selected neurons per layer, stacked by submodule: a row per panel, bottom-k left and top-k right.
 
     ``counts``: analyses.selection.layer_counts (layer, submodule, neurons, top, bottom).
@@ -43,12 +40,12 @@ def distribution_figure(counts: pa.Table, component: str, k: int, title: str) ->
     where = ([min(numbered, default=0) - 1] if outside else []) + numbered  # x of each bar
     submodules = sorted({r["submodule"] for r in rows})
     panels = [p for p in panel_order(component) if any(panel_of(s) == p for s in submodules)]
-    fig, axes = plt.subplots(len(panels), 2, figsize=(12, 3.3 * len(panels)), squeeze=False)
+    fig, axes = subplots(len(panels), 2, figsize=(12, 3.3 * len(panels)), squeeze=False)
     value = {(r["layer"], r["submodule"], side): r[side] for r in rows for side in ("top", "bottom")}
     letter = iter("abcdefghijklmnopqrstuvwxyz")
     for row, panel in enumerate(panels):
         members = [s for s in submodules if panel_of(s) == panel]
-        colours = plt.get_cmap("tab20" if len(members) > 10 else "tab10")
+        colours = matplotlib.colormaps.get_cmap("tab20" if len(members) > 10 else "tab10")
         peak = 0
         for col, side in enumerate(("bottom", "top")):
             ax = axes[row][col]
@@ -84,7 +81,7 @@ def short_labels(names: list[str]) -> tuple[list[str], str]:
     return ["/".join(p[common:]) for p in parts], prefix
 
 
-def overlap_figure(result: Overlap, title: str) -> plt.Figure:
+def overlap_figure(result: Overlap, title: str) -> Figure:
     """Shared neurons between row and column selections, as an annotated matrix (Figure 3).
 
     >>> figure = overlap_figure(overlap(session, run, rows, columns, "text_decoder", 1000), "speech vs text")
@@ -92,7 +89,7 @@ def overlap_figure(result: Overlap, title: str) -> plt.Figure:
     rows, row_prefix = short_labels(result.rows)
     cols, col_prefix = short_labels(result.columns)
     size = 0.6 * max(len(rows), len(cols)) + 2.5
-    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    fig, ax = subplots(figsize=(size + 1.2, size))
     image = ax.imshow(result.counts, cmap="Blues", vmin=0)
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), rows)
@@ -116,7 +113,7 @@ def _group_styles(table: pa.Table, by: list[str]) -> list[tuple[tuple, dict]]:
     groups = sorted(set(zip(*(table[c].to_pylist() for c in by), strict=True)), key=lambda g: tuple(str(v) for v in g))
     firsts = sorted({str(g[0]) for g in groups})
     seconds = sorted({str(g[1]) for g in groups}) if len(by) > 1 else []
-    colours = plt.get_cmap("tab10")
+    colours = matplotlib.colormaps.get_cmap("tab10")
     styles = []
     for group in groups:
         style = {"color": colours(firsts.index(str(group[0])) % 10)}
@@ -161,14 +158,14 @@ def _series(table: pa.Table, by: list[str], component: str, group: tuple, column
 
 def magnitude_figure(
     table: pa.Table, by: list[str], component: str, scale: float, title: str, *, absolute: bool = False
-) -> plt.Figure:
+) -> Figure:
     """Mean magnitude by layer, and deviation from the mean trend (x ``scale``) by layer, one line per group
     (``absolute``: the table averages |activation|, as ``layer_magnitudes(..., absolute=True)`` gives).
 
     >>> table = layer_magnitudes(session, examples, hooks, ["language"])
     >>> figure = magnitude_figure(table, ["language"], "lm", 1.0, "r1")
     """
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    fig, axes = subplots(1, 2, figsize=(13, 4.2))
     for group, style in _group_styles(table, by):
         label = " · ".join(str(v) for v in group)
         style = {"marker": "o", **style}
@@ -192,12 +189,12 @@ def magnitude_figure(
     return fig
 
 
-def activation_gini_figure(table: pa.Table, by: list[str], component: str, title: str) -> plt.Figure:
+def activation_gini_figure(table: pa.Table, by: list[str], component: str, title: str) -> Figure:
     """Gini of the neurons' mean |activation| by layer, one line per group.
 
     >>> figure = activation_gini_figure(activation_gini(store, examples, hooks, groups), ["language"], "lm", "r1")
     """
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = subplots(figsize=(8, 4.2))
     for group, style in _group_styles(table, by):
         layers, values = _series(table, by, component, group, "gini")
         style = {"marker": "o", **style}

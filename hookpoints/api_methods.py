@@ -72,7 +72,7 @@ class ModelApi:
 
         maps = needs_eager(point.module for point, _ in changes)  # the SDPA path never calls the map hooks
         with (
-            torch.inference_mode(),
+            torch.no_grad(),  # not inference_mode: the output is an ordinary tensor (a probe may train on it)
             self.adapter.batch_guard(self.model, inputs),
             eager(maps),
             hooked(self, changes),

@@ -111,6 +111,33 @@ def eager(on: bool = True) -> Iterator[None]:
         _STATE.eager = before
 
 
+@contextlib.contextmanager
+def changing_keys(on: bool = True) -> Iterator[None]:
+    """Within: ``hook_rot_k`` gets a copy of the keys (see :func:`_own_keys`); for edits made through nnsight,
+    which :func:`_own_keys` cannot see (torch hooks on the hook module it sees itself)."""
+    before = getattr(_STATE, "copy_keys", False)
+    _STATE.copy_keys = on or before
+    try:
+        yield
+    finally:
+        _STATE.copy_keys = before
+
+
+def changes_keys(modules: Iterable[str]) -> bool:
+    """Whether any of these module paths is a ``hook_rot_k``."""
+    return any(module.rsplit(".", 1)[-1] == "hook_rot_k" for module in modules)
+
+
+def _own_keys(key: torch.Tensor, hook: nn.Module) -> torch.Tensor:
+    """The keys ``hook_rot_k`` gets: a copy while something may change them (a torch hook on it, or an nnsight
+    edit within :func:`changing_keys`). With a KV cache they are the cache's own tensor (HF updates the cache
+    before attention): a change in place would land in the cache and be made again at the next step, so an
+    added edit would add up (TransformerLens' cache holds the keys before this hook)."""
+    if hook._forward_hooks or hook._forward_pre_hooks or getattr(_STATE, "copy_keys", False):
+        return key.clone()
+    return key
+
+
 def needs_eager(modules: Iterable[str]) -> bool:
     """Whether any of these module paths is a score or pattern hook."""
     return any(module.rsplit(".", 1)[-1] in MAP_HOOKS for module in modules)
@@ -125,7 +152,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     query = module.hook_rot_q(query.transpose(1, 2)).transpose(1, 2)  # hooked as [batch, pos, head, d_head]
-    key = module.hook_rot_k(key.transpose(1, 2)).transpose(1, 2)
+    key = module.hook_rot_k(_own_keys(key, module.hook_rot_k).transpose(1, 2)).transpose(1, 2)
     native_sdpa = getattr(module, "hookpoints_native", None) == "sdpa"
     if native_sdpa and not getattr(_STATE, "eager", False):
         return sdpa_attention_forward(

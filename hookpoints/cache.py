@@ -167,7 +167,7 @@ def run_with_cache(model, inputs: ModelInputs, points: list[HookPoint], pooling:
     saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
     batch = inputs.batch_size
     with (
-        torch.inference_mode(),
+        torch.no_grad(),  # not inference_mode: the cache holds tensors autograd and in-place changes take
         model.adapter.batch_guard(model.model, inputs),
         eager_attention(needs_eager(p.module for p in points)),
         model.traced.trace(**inputs.kwargs),

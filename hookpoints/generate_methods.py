@@ -14,8 +14,8 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from hookpoints.alignment import LogitsFingerprint, check_prompt, check_steps
+from hookpoints.attention import changes_keys, changing_keys, needs_eager
 from hookpoints.attention import eager as eager_attention
-from hookpoints.attention import needs_eager
 from hookpoints.edit_folding import edits_applied
 from hookpoints.editing import EditGroup, NeuronEdit
 from hookpoints.errors import UserError
@@ -161,6 +161,7 @@ class GenerationMethods:
                 torch.inference_mode(),
                 self.adapter.batch_guard(self.model, inputs),
                 eager_attention(needs_eager(p.module for p in ordered)),
+                changing_keys(changes_keys(edit.point.module for edit in edits)),
                 self.traced.trace(fn="generate", **kwargs, **greedy_kwargs(max_new_tokens)) as tracer,
             ):
                 for step in tracer.iter[:max_new_tokens]:

@@ -18,6 +18,7 @@ import torch
 from hookpoints.editing import NeuronEdit, apply_edit
 from hookpoints.errors import UserError
 from hookpoints.points import HookPoint
+from hookpoints.pooling import check_width
 from hookpoints.probe import first_tensor
 
 #: ``fn(tensor, hook) -> tensor | None``, as in TransformerLens.
@@ -36,6 +37,7 @@ def layout(tensor: torch.Tensor, point: HookPoint, batch: int | None = None) -> 
         index, count = point.part
         width = flat.shape[-1] // count
         flat = flat[..., index * width : (index + 1) * width]
+    check_width(flat.shape[-1], point)
     x = flat.reshape(*flat.shape[:2], *point.shape)
     x = x[:, 0] if point.time_axis is None else x
     if batch is not None and x.shape[0] == 1 and batch > 1:
@@ -187,6 +189,10 @@ def resolve_hooks(model, fwd_hooks) -> list[tuple[HookPoint, HookFn]]:
         names, fn = item
         if callable(names):
             points = [p for p in model.hook_points if p.unavailable is None and names(p.name)]
+            if not points:  # as run_with_cache's names filter: not a forward pass left silently unhooked
+                raise UserError(
+                    "the names filter of a hook function picks no hook point; list them with model.hook_points"
+                )
         elif isinstance(names, str):
             points = model.select([names])
         else:
@@ -199,9 +205,22 @@ def resolve_hooks(model, fwd_hooks) -> list[tuple[HookPoint, HookFn]]:
 
 
 def _neuron_view(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-    """``x`` as ``[lead..., width]`` (neurons flat, numbered as in the store)."""
+    """``x`` as ``[lead..., width]`` (neurons flat, numbered as in the store). An attention map ``[batch, head,
+    query, key]`` becomes the store's rows ``[batch, query, head * keys]`` (its key axis padded with 0 to
+    ``hook.keys``), so neuron ``n`` is head ``n // keys``, key ``n % keys``."""
+    if hook.keys is not None:
+        padded = torch.nn.functional.pad(x, (0, hook.keys - x.shape[-1]))  # [batch, head, query, keys]
+        return padded.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
     lead = 1 if hook.time_axis is None else 2
     return x.reshape(*x.shape[:lead], -1)
+
+
+def _from_neuron_view(flat: torch.Tensor, x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+    """The inverse of :func:`_neuron_view`: ``flat`` back in ``x``'s shape."""
+    if hook.keys is not None:
+        batch, heads, queries, keys = x.shape
+        return flat.reshape(batch, queries, heads, hook.keys).transpose(1, 2)[..., :keys]
+    return flat.reshape(x.shape)
 
 
 def _chosen(neurons: Sequence[int] | int | None, hook: HookPoint) -> list[int] | slice:
@@ -225,7 +244,7 @@ def ablate(neurons: Sequence[int] | None = None, value: float = 0.0) -> HookFn:
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         flat = _neuron_view(x, hook).clone()
         flat[..., _chosen(neurons, hook)] = value
-        return flat.reshape(x.shape)
+        return _from_neuron_view(flat, x, hook)
 
     return fn
 
@@ -245,7 +264,7 @@ def mean_ablate(cache, neurons: Sequence[int] | None = None) -> HookFn:
         flat = _neuron_view(x, hook).clone()
         chosen = _chosen(neurons, hook)
         flat[..., chosen] = mean[chosen]
-        return flat.reshape(x.shape)
+        return _from_neuron_view(flat, x, hook)
 
     return fn
 
@@ -285,6 +304,6 @@ def steer(vector, scale: float = 1.0) -> HookFn:
         if vector.numel() != (hook.width or 0):
             raise UserError(f"steering vector has {vector.numel()} entries, hook {hook.name} has {hook.width} neurons")
         flat = _neuron_view(x, hook)
-        return (flat + scale * vector.reshape(-1).to(x.device, x.dtype)).reshape(x.shape)
+        return _from_neuron_view(flat + scale * vector.reshape(-1).to(x.device, x.dtype), x, hook)
 
     return fn

@@ -237,7 +237,8 @@ class HookedModel(GenerationMethods, ModelApi):
         return next(path for path, candidate in self.model.named_modules() if candidate is module)
 
     def envoy(self, point: HookPoint):
-        """The nnsight envoy of a hook point's module (to read or edit it inside a trace)."""
+        """The nnsight envoy of a hook point's module (to read or edit it inside a trace; an attention map's
+        module runs only within ``hookpoints.attention.eager()``, see docs/gotchas.md)."""
         return self._envoys[point.module]
 
     def pooled(

@@ -127,7 +127,20 @@ def positions_first(value, point: HookPoint, key_mask: torch.Tensor | None = Non
         index, count = point.part
         width = tensor.shape[-1] // count
         tensor = tensor[..., index * width : (index + 1) * width]
+    check_width(tensor.shape[-1], point)
     return tensor
+
+
+def check_width(width: int, point: HookPoint) -> None:
+    """A UserError unless a tensor gives the ``point.width`` values per position the probe measured: a tensor
+    whose length follows the input along an axis that is no position space (a Conformer's left-padded depthwise
+    conv input) was measured as one vector of the probe's length, and would be cut wrongly or stored ragged."""
+    if point.width is not None and width != point.width:
+        raise UserError(
+            f"hook {point.name} has {width} values per position here, {point.width} in the probe's forward pass: "
+            "its tensor's size follows the input along an axis hookpoints cannot line up with the input's "
+            "positions; use another hook point (model.select() lists the usual ones)"
+        )
 
 
 def pool(

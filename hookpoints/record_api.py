@@ -58,7 +58,14 @@ def record(
     validate_run_name(run)
     if pooling not in POOLINGS:
         raise UserError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
-    patterns = [hooks] if isinstance(hooks, str) else list(hooks) if hooks else None
+    patterns = [hooks] if isinstance(hooks, str) else list(hooks) if isinstance(hooks, (list, tuple)) else hooks
+    if patterns is not None and not (isinstance(patterns, list) and all(isinstance(h, str) for h in patterns)):
+        shown = (
+            "a function (for a names predicate, pass the names it picks: "
+            "[p.name for p in model.hook_points if p.unavailable is None and predicate(p.name)])"
+        )
+        raise UserError(f"hooks must be a glob or a list of globs, not {shown if callable(hooks) else repr(hooks)}")
+    patterns = patterns or None
     model.select(patterns)  # unknown globs fail here, before the store is touched
     fleurs = {"split": split, "languages": tuple(languages) if languages else None, "limit": limit}
     manifest = as_manifest(data, "audio" if model.modality == "speech" else "text", **fleurs)

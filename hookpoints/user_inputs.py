@@ -39,6 +39,11 @@ def as_inputs(model, inputs) -> ModelInputs:
     if isinstance(inputs, Mapping):
         return _from_kwargs(model, dict(inputs)).to(model.device)
     if isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == 1:
+        if not (inputs.is_floating_point() if isinstance(inputs, torch.Tensor) else inputs.dtype.kind == "f"):
+            raise UserError(  # no 16 kHz waveform is integers: token ids of one example (TL's tokens[0])
+                f"inputs are a 1-D {inputs.dtype} array; token ids need a batch axis: give a [batch, tokens] tensor "
+                "(ids[None]); a waveform is floats in [-1, 1]"
+            )
         inputs = [inputs]
     if not isinstance(inputs, (list, tuple)) or not inputs:
         raise UserError(
@@ -63,10 +68,33 @@ def as_inputs(model, inputs) -> ModelInputs:
                 )
         waves = [load_audio(path, path.name) for path in paths]
         return model.speech_inputs(_in_window(model, waves, [f"audio file {path}" for path in paths]))
+    audio = next((item for item in inputs if _audio_file(item)), None)
+    if audio is not None:  # its path would be tokenised as text, without a word
+        if "speech" in model.adapter.modalities(model.model.config):
+            raise UserError(
+                f"{str(audio)[-60:]!r} is an audio file; model {model.source} was loaded for text input: load it "
+                "with modality='speech' to read audio"
+            )
+        raise UserError(f"model {model.source} ({model.adapter.name}) takes text, not audio files ({audio})")
     texts = [str(item) for item in inputs]
     if not all(text.strip() for text in texts):
         raise UserError("inputs hold an empty string: give every example some text")
     return model.text_inputs(texts)
+
+
+def _audio_file(item) -> bool:
+    """A Path with an audio suffix, or a string naming an existing such file (a text that only ends like one is
+    text)."""
+    if not str(item).lower().endswith(AUDIO_SUFFIXES):
+        return False
+    if isinstance(item, Path):
+        return True
+    if len(item) > 4096:
+        return False
+    try:
+        return Path(item).expanduser().is_file()
+    except (OSError, ValueError):  # not a usable path (a NUL byte, a name too long)
+        return False
 
 
 def _from_kwargs(model, kwargs: dict) -> ModelInputs:

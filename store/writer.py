@@ -109,10 +109,10 @@ def open_run(
     if info is not None:
         if index in states and if_exists == "error":
             part = f"run {run!r}" if count == 1 else f"shard {index}/{count} of run {run!r}"
-            also = " or --overwrite to replace it" if count == 1 else ""
+            also = " or --overwrite (if_exists='overwrite') to replace it" if count == 1 else ""
             raise UserError(
-                f"{part} already exists in {store.location.uri} (status {states[index]}): pass --resume to "
-                f"continue it{also}, or choose another run name"
+                f"{part} already exists in {store.location.uri} (status {states[index]}): pass --resume "
+                f"(in Python: if_exists='resume') to continue it{also}, or choose another run name"
             )
 
     what = f"run {run!r}" if count == 1 else f"shard {index}/{count} of run {run!r}"

@@ -251,6 +251,8 @@ def test_left_padded_tensors_give_what_each_example_gives_alone(gpt2):
         (torch.zeros(0, 5, dtype=torch.long), "no example"),
         (torch.tensor([[10**6, 2]]), "token id 1000000 is out of range"),
         (torch.ones(1, 300, dtype=torch.long), "300 positions, more than the 256"),
+        (torch.tensor([5, 6, 7]), "token ids need a batch axis: give a [batch, tokens] tensor (ids[None])"),
+        ([torch.tensor([5, 6, 7])], "waveform 0 holds int64 samples"),  # a list: waveforms, as for speech
         (
             {"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)},
             "attention_mask has shape [1, 4], input_ids [1, 3]",
@@ -267,3 +269,75 @@ def test_mean_of_an_attention_map_is_a_user_error(gpt2):
     _, cache = gpt2.run_with_cache(TEXTS, names="blocks.0.attn.hook_pattern")
     with pytest.raises(UserError, match="attention map"):
         cache.mean("blocks.0.attn.hook_pattern")
+
+
+def test_the_users_tokenizer_keeps_its_padding_side(tiny_model_dir):
+    """hookpoints pads on the right for its own batches without setting the tokenizer's padding side for good
+    (it did: a notebook's own ``model.tokenizer(texts, padding=True)`` then padded on the right, as HF's generate
+    warns against for decoder-only models)."""
+    model = hp.load(tiny_model_dir("gpt2"))
+    model.tokenizer.padding_side = "left"
+    _, cache = model.run_with_cache(TEXTS, names="blocks.0.hook_resid_post")
+    assert model.tokenizer.padding_side == "left"
+    assert cache.mask[:, 0].all() and not cache.mask[:, -1].all()  # hookpoints' batch: right-padded
+    left = model.tokenizer(TEXTS, padding=True, return_tensors="pt")["attention_mask"]
+    assert left[:, -1].all() and not left[:, 0].all()
+
+
+def test_cache_and_output_tensors_are_ordinary_tensors(gpt2):
+    """As TransformerLens' cache: a probe trains on cached activations and a cached tensor can be changed in
+    place (they were inference-mode tensors: 'Inference tensors cannot be saved for backward')."""
+    name = "blocks.1.hook_resid_post"
+    output, cache = gpt2.run_with_cache(TEXTS, names=name)
+    last = cache[name][:, -1]  # [batch, d_model]
+    probe = torch.nn.Linear(last.shape[-1], 2)
+    torch.nn.functional.cross_entropy(probe(last), torch.tensor([0, 1, 0])).backward()
+    assert probe.weight.grad is not None and not cache[name].requires_grad
+    cache[name][:, 0] = 0.0
+    assert not cache[name][:, 0].any()
+    for logits in (output.logits, gpt2.run_with_hooks(TEXTS).logits):
+        assert not logits.is_inference() and not logits.requires_grad
+        torch.nn.functional.cross_entropy(probe(last) + logits[:, -1, :2], torch.tensor([0, 1, 0])).backward()
+
+
+def test_a_tensor_whose_size_follows_the_input_but_no_position_space_is_refused(seamless_speech, tmp_path):
+    """A Conformer's depthwise conv input carries a causal left pad (kernel - 1 frames): its time axis lines up
+    with no position space, so the probe measured it as one [channels * probe frames] vector. Other inputs then
+    raised bare reshape RuntimeErrors (run_with_cache, run_with_hooks, e.g. from a names predicate) and
+    ``hp.record`` silently stored vectors of every length under the hook's one width."""
+    name = "speech_encoder.encoder.layers.0.conv_module.depthwise_conv:input"
+    point = seamless_speech.hook_points.get(name)
+    assert point.time_axis is None  # the probe could not place its positions
+    waves = [sine(0.9, 200.0), sine(0.45, 330.0)]
+    expected = f"hook {name} has "
+    with pytest.raises(UserError, match=expected) as caught:
+        seamless_speech.run_with_cache(waves, names=lambda hook: "depthwise_conv" in hook)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(UserError, match=expected):
+        seamless_speech.run_with_hooks(waves, fwd_hooks=[(name, lambda x, hook: x)])
+    import soundfile
+
+    soundfile.write(tmp_path / "a.wav", waves[0], 16_000, subtype="FLOAT")
+    with pytest.raises(UserError, match=expected):
+        hp.record(seamless_speech, [{"id": "a", "audio": str(tmp_path / "a.wav")}], tmp_path / "store", run="r1",
+                  hooks=name, progress=False)  # fmt: skip
+
+
+def test_a_text_model_refuses_audio_files_instead_of_reading_their_names(tiny_model_dir, gpt2, tmp_path):
+    """SeamlessM4T loads for text by default: an audio file's path was tokenised as the text '/.../a.wav' and
+    its activations returned without a word. A Path, or a string naming an existing audio file, is refused; a
+    text that merely ends like a file name is still text."""
+    import soundfile
+
+    path = tmp_path / "a.wav"
+    soundfile.write(path, sine(0.5), 16_000)
+    seamless_text = hp.load(tiny_model_dir("seamless_m4t_v2"))
+    assert seamless_text.modality == "text"
+    for inputs in ([str(path)], [path], path):
+        with pytest.raises(UserError, match="was loaded for text input: load it with modality='speech'") as caught:
+            seamless_text.run_with_cache(inputs, names="text_encoder.layers.0.hook_resid_post")
+        assert "\n" not in str(caught.value)
+    with pytest.raises(UserError, match="takes text, not audio files"):
+        gpt2.run_with_cache([path])
+    _, cache = gpt2.run_with_cache(["my favourite song.mp3"], names="blocks.0.hook_resid_post")  # no such file
+    assert cache["blocks.0.hook_resid_post"].shape[0] == 1

@@ -3,12 +3,13 @@ each against plain torch hooks making the same change on the module's own tensor
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
 
 import hookpoints as hp
+from hookpoints.attention import eager
 from hookpoints.errors import UserError
 from tests.api_helpers import randomise, sine
 
@@ -164,6 +165,10 @@ def test_generate_with_edits_equals_torch_hooks_during_generate(tiny_model_dir):
         ([("blocks.0.hook_resid_post",)], "pair"),
         ([("blocks.9.hook_nothing", hp.ablate())], "no hook point is called"),
         ([(3, hp.ablate())], "a hook name must be"),
+        (
+            [(lambda name: name.endswith("hook_result"), hp.ablate())],
+            "names filter of a hook function picks no",
+        ),  # ran unhooked
         ([("blocks.0.hook_resid_post", lambda x, hook: x[:, :1])], "returned shape"),
         ([("blocks.0.hook_resid_post", hp.steer(torch.ones(5)))], "steering vector has 5 entries"),
         (
@@ -307,3 +312,67 @@ def test_ready_made_hook_function_arguments(gpt2):
 
     reference = reference_logits(gpt2, TEXTS, "transformer.h.0.mlp.act", change)
     assert torch.allclose(one, reference, atol=1e-6)
+
+
+def test_ready_made_hook_functions_on_an_attention_map_use_the_stores_neuron_numbers(gpt2):
+    """A map's neuron ``n`` is head ``n // keys``, key ``n % keys`` (a stored row: [head * keys] per query), as
+    NeuronEdit and the store number it; ablate([n]) once zeroed query 0, key ``n`` of every head (a no-op under
+    the causal mask) and steer raised a bare RuntimeError."""
+    name = "blocks.0.attn.hook_pattern"
+    point = gpt2.hook_points.get(name)
+    keys = point.keys  # the store's key axis: the longest input
+    chosen = [1 * keys + 2, 3 * keys + 0]  # head 1 key 2, head 3 key 0
+    out = gpt2.run_with_hooks(TEXTS, fwd_hooks=[(name, hp.ablate(chosen, value=0.25))]).logits
+    vector = torch.randn(point.width, generator=torch.Generator().manual_seed(0))  # [head * keys]
+    steered = gpt2.run_with_hooks(TEXTS, fwd_hooks=[(name, hp.steer(vector, scale=0.5))]).logits
+
+    def shift(pattern):
+        pattern += 0.5 * vector.view(point.heads, keys)[None, :, None, : pattern.shape[-1]]
+
+    def change(pattern):  # the module's own [batch, head, query, key] tensor
+        pattern[:, 1, :, 2] = 0.25
+        pattern[:, 3, :, 0] = 0.25
+
+    with eager():  # the SDPA path never calls the map's hook module
+        reference = reference_logits(gpt2, TEXTS, point.module, change)
+        shifted = reference_logits(gpt2, TEXTS, point.module, shift)
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(out, gpt2.run_with_hooks(TEXTS).logits, atol=1e-4)
+    torch.testing.assert_close(steered, shifted, atol=1e-6, rtol=1e-6)
+
+
+def greedy_without_cache(model, inputs, prompt, steps: int, hooks=nullcontext) -> torch.Tensor:
+    """Greedy decoding by whole forward passes (no KV cache): every call sees the whole sequence once."""
+    sequences = prompt
+    encoder = {k: v for k, v in inputs.kwargs.items() if k != "decoder_input_ids"}
+    with torch.inference_mode(), hooks():
+        for _ in range(steps):
+            logits = model.model(**encoder, decoder_input_ids=sequences, use_cache=False).logits
+            sequences = torch.cat([sequences, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return sequences
+
+
+def test_steering_the_rotary_keys_during_generate_shifts_each_key_once(tiny_model_dir):
+    """``hook_rot_k`` gets the keys after the KV cache was updated: the cache's own tensor. An added edit changed
+    it in place, so a cached position was shifted again at every later step (TransformerLens' cache holds the
+    keys before this hook) and the text changed, where one shift of every key leaves attention as it is.
+    References: greedy decoding without a KV cache, the edit made once per call; the keys recorded unedited."""
+    model = hp.load(tiny_model_dir("seamless_m4t_v2"), modality="text")
+    randomise(model, scale=0.05)
+    inputs = model.source_inputs(["Das Wetter ist schön.", "Il fait beau."], ["deu", "fra"])
+    prompt = model.decoder_prompt(["eng", "eng"])
+    neurons = list(range(0, 64, 2))
+    edit = model.edit("text_decoder.layers.0.self_attn.hook_rot_k", neurons, 3.0, add=True)
+
+    def shift(keys):  # [batch, pos, head, d_head], as the hook module gets them
+        keys.view(*keys.shape[:2], -1)[..., neurons] += 3.0
+
+    expected = greedy_without_cache(model, inputs, prompt, 8, lambda: torch_hook(model, edit.point.module, shift))
+    assert torch.equal(model.generate(inputs, prompt, 8, edits=[edit]).sequences, expected)  # torch hooks
+    generation, seen = model.generate_edited(inputs, prompt, [edit], 8, record=[edit.point])  # through nnsight
+    assert torch.equal(generation.sequences, expected)
+    _, plain = model.generate_edited(inputs, prompt, [], 8, record=[edit.point])
+    for step, (edited, unedited) in enumerate(zip(seen[edit.point.name], plain[edit.point.name], strict=True)):
+        unedited = unedited.clone()
+        unedited[..., neurons] += 3.0  # [batch, pos, width]: every position shifted once, at every step
+        torch.testing.assert_close(edited, unedited, atol=1e-5, rtol=1e-5, msg=f"step {step}")

@@ -100,6 +100,9 @@ def test_record_a_fleurs_folder_with_languages_and_limit(tiny_model_dir, fleurs,
         (pd.DataFrame({"id": ["a"], "words": ["x"]}), {}, "has no 'text' column"),
         ("no/such/manifest.jsonl", {}, "does not exist"),
         (ROWS, {"hooks": "blocks.*.no_such"}, "matches no recordable hook point"),
+        (ROWS, {"hooks": lambda name: "resid" in name}, "hooks must be a glob or a list of globs, not a function"),
+        (ROWS, {"hooks": 3}, "hooks must be a glob or a list of globs, not 3"),  # were bare TypeErrors
+        (ROWS, {"hooks": ["blocks.0.hook_resid_post", 3]}, "hooks must be a glob or a list of globs"),
         (ROWS, {"pooling": "median"}, "pooling must be one of"),
         (ROWS, {"run": "bad name!"}, "run name 'bad name!' is not allowed"),
         (ROWS, {"task": "t2tt"}, "cannot do task t2tt"),
@@ -147,3 +150,36 @@ def test_store_sql_is_read_only_and_open_refuses_a_non_store(tmp_path):
     with pytest.raises(UserError, match="is not a hookpoints store"):
         hp.Store.open(tmp_path / "elsewhere")
     assert store.runs().num_rows == 0
+
+
+def test_rerunning_an_interrupted_record_cell_names_the_python_option_and_resumes(gpt2, tmp_path):
+    """A cell interrupted mid-run (KeyboardInterrupt) and run again: the error names ``if_exists`` (it named only
+    the CLI's --resume / --overwrite), and resuming records what is missing, the values of an uninterrupted run."""
+    rows = [{"id": f"e{i}", "text": f"{ROWS[i % 3]['text']} {i}", "language": "en"} for i in range(6)]
+    calls = []
+
+    def interrupt_second_batch(module, args, output):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    assert gpt2.hook_points  # probed now: the probe's forward pass is not a batch
+    handle = gpt2.model.transformer.h[1].mlp.register_forward_hook(interrupt_second_batch)  # (a trace stops at h[1])
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            hp.record(gpt2, rows, tmp_path / "store", run="r1", hooks=HOOKS, progress=False, batch_size=2)
+    finally:
+        handle.remove()
+    with pytest.raises(UserError, match=r"if_exists='resume'.*if_exists='overwrite'") as caught:
+        hp.record(gpt2, rows, tmp_path / "store", run="r1", hooks=HOOKS, progress=False, batch_size=2)
+    assert "\n" not in str(caught.value)
+    summary = hp.record(
+        gpt2, rows, tmp_path / "store", run="r1", hooks=HOOKS, progress=False, batch_size=2, if_exists="resume"
+    )
+    assert (summary.recorded, summary.skipped) == (4, 2)
+    _, cache = gpt2.run_with_cache([row["text"] for row in rows], names=HOOKS, pooling="mean")
+    frame = hp.Store.open(tmp_path / "store").sql("SELECT hook, example_id, activation FROM activations").to_pandas()
+    assert len(frame) == 2 * len(rows)
+    for row in frame.itertuples():
+        expected = cache[row.hook][int(row.example_id[1:])].numpy()
+        np.testing.assert_allclose(np.asarray(row.activation), expected, atol=1e-5, rtol=1e-5)

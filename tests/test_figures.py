@@ -198,3 +198,25 @@ def test_figure5_asr_over_wer_and_cer_languages_says_so():
     ]
     (asr,) = figure5(pa.Table.from_pylist(rows), "sweep").axes
     assert asr.get_ylabel() == "WER / CER"
+
+
+def test_figures_leave_the_notebooks_matplotlib_alone():
+    """Importing the figure functions switched the process to Agg (``matplotlib.use``), so a Jupyter notebook's
+    own ``plt.plot`` cells showed nothing afterwards; and each figure was a pyplot figure, which the inline
+    backend shows at the end of the cell besides the returned one. Now: the backend stays, pyplot knows none."""
+    import subprocess
+    import sys
+
+    code = (
+        "import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot as plt; import hookpoints as hp; "
+        "hp.distribution_figure, hp.measures_figure, hp.figure5; import hookpoints.analyses.figures; "
+        "print(matplotlib.get_backend())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "svg"
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    figure = magnitude_figure(magnitudes_table(), ["language", "modality"], "text_decoder", 1.0, "r1")
+    assert isinstance(figure, Figure) and plt.get_fignums() == before
+    assert png_bytes(figure).startswith(b"\x89PNG")

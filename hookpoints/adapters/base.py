@@ -276,10 +276,10 @@ def token_batch(tokenizer, texts: list[str], *, max_length: int | None = None) -
     """Right-padded token ids and attention mask ([batch, tokens] each) for ``texts``."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    tokenizer.padding_side = "right"
     encoded = tokenizer(
         texts,
         padding=True,
+        padding_side="right",  # for this call: the tokenizer's own setting is the user's
         truncation=max_length is not None,
         max_length=max_length,
         return_tensors="pt",
