@@ -22,7 +22,7 @@ from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import HookPoint
-from hookpoints.pooling import check_widths, pool_positions, positions_first
+from hookpoints.pooling import pool_positions, positions_first
 from hookpoints.probe import first_tensor
 from hookpoints.tasks import get_task
 
@@ -104,7 +104,6 @@ class GenerationMethods:
             saved.update(self._request(inside, inputs, methods))
             encoded = self._envoys[encoder].output.save()
             tracer.stop()
-        check_widths(inside, saved)
         encoder_outputs = BaseModelOutput(last_hidden_state=first_tensor(encoded))
         generation = self.generate(inputs, prompt, max_new_tokens, encoder_outputs=encoder_outputs)
         decoder_inputs = generation.teacher_forced(inputs, encoder_outputs=encoder_outputs)

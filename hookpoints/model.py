@@ -26,7 +26,7 @@ from hookpoints.languages import model_code
 from hookpoints.mask_skips import MaskSkips, settle
 from hookpoints.placement import execution_device
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
-from hookpoints.pooling import SpaceMask, check_widths, pool, prepare_masks
+from hookpoints.pooling import SpaceMask, pool, prepare_masks
 from hookpoints.probe import measure, observe
 
 __all__ = ["HookedModel", "Pooling"]
@@ -282,7 +282,6 @@ class HookedModel(GenerationMethods, ModelApi):
             tracer.stop()
         if check is not None:
             check_alignment(check, saved.pop(CHECK))
-        check_widths(points, saved)
         settle(skips, saved, defer_check)
         return {name: tensor.detach() if tensor.requires_grad else tensor for name, tensor in saved.items()}
 

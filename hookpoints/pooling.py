@@ -228,17 +228,3 @@ def _padded_sum(x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
 def _float(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32, without a dispatcher call when it is float32 already."""
     return x if x.dtype == torch.float32 else x.float()
-
-
-def check_widths(points: list[HookPoint], saved: dict[str, torch.Tensor]) -> None:
-    """A UserError when a hook read as one vector per example (no time axis) holds another number of values
-    than the probe measured: its positions match no space (a padded convolution's input), so they were
-    flattened into its neurons and its width follows the input's length."""
-    for point in points:
-        value = saved.get(point.name)
-        if point.time_axis is None and point.keys is None and value is not None and value.shape[-1] != point.width:
-            raise UserError(
-                f"hook {point.name} holds {value.shape[-1]} values per example in this batch, {point.width} in the "
-                "shape probe: its positions match no position space, so they cannot be pooled; record a "
-                "neighbouring hook point (the module's output, or the one before it) instead"
-            )
