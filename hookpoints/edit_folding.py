@@ -52,7 +52,7 @@ def edits_applied(model: nn.Module, edits: list[NeuronEdit], *, fold: bool = Tru
             if io == "output":
                 handles.append(modules[path].register_forward_hook(group.output_hook))
             else:
-                handles.append(modules[path].register_forward_pre_hook(group.input_hook))
+                handles.append(modules[path].register_forward_pre_hook(group.input_hook, with_kwargs=True))
         with folded or nullcontext():  # the weights restored on the way out, raised or not
             yield folded
     finally:

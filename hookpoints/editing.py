@@ -208,9 +208,11 @@ class EditGroup:
         """A torch forward hook editing the module's output: ``module.register_forward_hook(group.output_hook)``."""
         self.apply(output)
 
-    def input_hook(self, module, args) -> None:
-        """A torch forward pre-hook editing the module's first input."""
-        self.apply(args)
+    def input_hook(self, module, args, kwargs) -> None:
+        """A torch forward pre-hook editing the module's first input: its first positional argument, else its
+        first keyword argument (attention modules take ``hidden_states=``), as the recorder reads it.
+        ``module.register_forward_pre_hook(group.input_hook, with_kwargs=True)``."""
+        self.apply(args[0] if args else next(iter(kwargs.values()), None))
 
 
 def groups(edits: list[NeuronEdit]) -> dict[tuple[str, str], EditGroup]:

@@ -35,6 +35,19 @@ def pooling_methods(points: list[HookPoint], pooling: Pooling) -> dict[str, str]
     return {point.name: pooling(point) if callable(pooling) else pooling for point in points}
 
 
+def refuse_cached_shifts(edits: list[NeuronEdit]) -> None:
+    """A UserError for a shift of ``hook_rot_k`` in generation: that hook is handed the KV cache's keys (every
+    position so far) in place, so a shift would be added again at every step (a replacement is unaffected)."""
+    for edit in edits:
+        attention, _, hook = edit.point.module.rpartition(".")
+        if edit.add and hook == "hook_rot_k":
+            raise UserError(
+                f"hook {edit.point.name}: a shift of the keys cannot be made during generation (the attention reads "
+                "them from the KV cache, where the shift would be added again at every step); shift the key "
+                f"projection's output ({attention}.k_proj) instead, or replace the neurons"
+            )
+
+
 class GenerationMethods:
     """Mixed into :class:`~hookpoints.model.HookedModel`: decoding, edited decoding, recording while decoding.
 
@@ -136,6 +149,7 @@ class GenerationMethods:
         """
         self._check_generates()
         self.check_room(prompt.shape[1], max_new_tokens)
+        refuse_cached_shifts(edits)
         modules = dict(self.model.named_modules())
         for point in [edit.point for edit in edits] + list(record):
             if point.module not in modules:
