@@ -142,3 +142,50 @@ def test_inputs_passed_by_keyword_are_edited(seamless, add):
     edits = [_edit(model, "text_decoder.layers.0.self_attn:input", [0, 5, 9, 33], add, seed=2)]
     reference = _reference(model, inputs, prompt, edits, use_cache=False)
     _same(model, inputs, prompt, edits, reference)
+
+
+def _mixed(model, decoder: str, encoder: str, cross: str, modules: str) -> list[NeuronEdit]:
+    """Every kind of edit on every kind of tensor: replacements of Linear outputs (folded) and of LayerNorm,
+    attention-module and layer outputs, per-head q and k (hooks); shifts of each (hooks); an encoder Linear and
+    layer, and cross-attention keys/values, which run at step 0 only. ``modules``: the decoder's module path."""
+    names = [
+        (f"{decoder}.layers.0.fc1", False), (f"{decoder}.layers.1.fc2", True),
+        (f"{decoder}.layers.0.self_attn.q_proj", False), (f"{decoder}.layers.1.self_attn.v_proj", True),
+        (f"{decoder}.layers.0.{cross}.k_proj", False), (f"{decoder}.layers.1.{cross}.v_proj", False),
+        (f"{decoder}.layers.1.final_layer_norm", False), (f"{decoder}.layers.0.self_attn_layer_norm", True),
+        (f"{modules}.layers.1.self_attn", False), (f"{modules}.layers.0.{cross}", True),
+        (f"{modules}.layers.1.self_attn.hook_rot_q", True), (f"{modules}.layers.1.self_attn.hook_rot_k", False),
+        (f"{decoder}.layers.0.hook_resid_post", True), (f"{encoder}.layers.1.fc1", False),
+        (f"{encoder}.layers.0.hook_resid_post", False),
+    ]  # fmt: skip
+    edits = []
+    for seed, (name, add) in enumerate(names):
+        name = name if name in model.hook_points else name.replace(".fc", ".ffn.fc").replace("final_", "ffn_")
+        width = model.hook_points.get(name).width
+        edits.append(_edit(model, name, list(range(seed % 3, width, 5)), add, scale=1.0, seed=seed))
+    return edits
+
+
+@pytest.mark.parametrize("batch", [2, 1])
+def test_seamless_edits_of_every_kind_equal_plain_hooks_without_the_cache(seamless, batch):
+    model, inputs, prompt = seamless
+    if batch == 1:
+        inputs = model.source_inputs(["Il fait beau."], ["fra"])
+        prompt = prompt[:1]
+    edits = _mixed(model, "text_decoder", "text_encoder", "cross_attention", "text_decoder")
+    reference = _reference(model, inputs, prompt, edits, use_cache=False)
+    assert not torch.equal(reference[0], _reference(model, inputs, prompt, [], use_cache=True)[0])  # they matter
+    _same(model, inputs, prompt, edits, reference)
+
+
+def test_whisper_edits_of_every_kind_equal_plain_hooks_without_the_cache(tiny_model_dir):
+    model = load(tiny_model_dir("whisper"), modality="speech")
+    randomise(model, seed=12, scale=0.05)
+    generator = torch.Generator().manual_seed(0)
+    waves = [0.1 * torch.randn(16_000, generator=generator), 0.1 * torch.randn(7_000, generator=generator)]
+    inputs = model.speech_inputs([wave.numpy() for wave in waves])
+    prompt = torch.tensor([[model.model.config.decoder_start_token_id, 5]] * 2)  # the tiny tokenizer has no tasks
+    edits = _mixed(model, "text_decoder", "speech_encoder", "encoder_attn", "model.decoder")
+    reference = _reference(model, inputs, prompt, edits, use_cache=False)
+    assert not torch.equal(reference[0], _reference(model, inputs, prompt, [], use_cache=True)[0])
+    _same(model, inputs, prompt, edits, reference, recorded="text_decoder.layers.1.fc1")
