@@ -221,3 +221,16 @@ def groups(edits: list[NeuronEdit]) -> dict[tuple[str, str], EditGroup]:
     for edit in edits:
         by_tensor.setdefault((edit.point.module, edit.point.io), []).append(edit)
     return {key: EditGroup(group) for key, group in by_tensor.items()}
+
+
+def refuse_cached_shifts(edits: list[NeuronEdit]) -> None:
+    """A UserError for a shift of ``hook_rot_k`` in generation: that hook is handed the KV cache's keys (every
+    position so far) in place, so a shift would be added again at every step (a replacement is unaffected)."""
+    for edit in edits:
+        attention, _, hook = edit.point.module.rpartition(".")
+        if edit.add and hook == "hook_rot_k":
+            raise UserError(
+                f"hook {edit.point.name}: a shift of the keys cannot be made during generation (the attention reads "
+                "them from the KV cache, where the shift would be added again at every step); shift the key "
+                f"projection's output ({attention}.k_proj) instead, or replace the neurons"
+            )

@@ -17,7 +17,7 @@ from hookpoints.alignment import LogitsFingerprint, check_prompt, check_steps
 from hookpoints.attention import eager as eager_attention
 from hookpoints.attention import needs_eager
 from hookpoints.edit_folding import edits_applied
-from hookpoints.editing import EditGroup, NeuronEdit
+from hookpoints.editing import EditGroup, NeuronEdit, refuse_cached_shifts
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
@@ -33,19 +33,6 @@ Pooling = str | Callable[[HookPoint], str]
 def pooling_methods(points: list[HookPoint], pooling: Pooling) -> dict[str, str]:
     """Hook name -> pooling method (``pooling`` is one method for all, or a function of the hook point)."""
     return {point.name: pooling(point) if callable(pooling) else pooling for point in points}
-
-
-def refuse_cached_shifts(edits: list[NeuronEdit]) -> None:
-    """A UserError for a shift of ``hook_rot_k`` in generation: that hook is handed the KV cache's keys (every
-    position so far) in place, so a shift would be added again at every step (a replacement is unaffected)."""
-    for edit in edits:
-        attention, _, hook = edit.point.module.rpartition(".")
-        if edit.add and hook == "hook_rot_k":
-            raise UserError(
-                f"hook {edit.point.name}: a shift of the keys cannot be made during generation (the attention reads "
-                "them from the KV cache, where the shift would be added again at every step); shift the key "
-                f"projection's output ({attention}.k_proj) instead, or replace the neurons"
-            )
 
 
 class GenerationMethods:

@@ -6,6 +6,7 @@ hooked, and traced through nnsight) must give the same tokens and the same logit
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,3 +190,17 @@ def test_whisper_edits_of_every_kind_equal_plain_hooks_without_the_cache(tiny_mo
     reference = _reference(model, inputs, prompt, edits, use_cache=False)
     assert not torch.equal(reference[0], _reference(model, inputs, prompt, [], use_cache=True)[0])
     _same(model, inputs, prompt, edits, reference, recorded="text_decoder.layers.1.fc1")
+
+
+def test_a_sweep_refuses_key_shifts_while_planning(seamless):
+    """``--kind steer`` of hook_rot_k neurons is refused with the sweep's other checks, before any generation."""
+    from hookpoints.analyses.intervention_sweep import Condition, _edits
+    from hookpoints.analyses.interventions import explicit_selection
+
+    model, _, _ = seamless
+    hooks = {point.name: (point.component, point.width) for point in model.hook_points if point.unavailable is None}
+    selection = explicit_selection(["text_decoder.layers.0.self_attn.hook_rot_k:1,2"], hooks)
+    with pytest.raises(UserError, match="a shift of the keys cannot be made during generation"):
+        _edits(model, Condition({"kind": "steer"}, selection, np.array([0.5, -0.5])))
+    (edit,) = _edits(model, Condition({"kind": "median"}, selection, np.array([0.5, -0.5])))
+    assert not edit.add and edit.neurons.tolist() == [1, 2]
