@@ -144,9 +144,14 @@ class GenerationMethods:
         if not record and not self.remote:
             return self._generate_with_torch_hooks(inputs, prompt, edits, max_new_tokens, fold), {}
         every_step = self.modules_run_every_step(inputs, prompt)
+        # Inputs are edited by torch pre-hooks registered before the adapter's batch guard, as without recording:
+        # nnsight hands a module its input after every pre-hook has run, so an input edit made there would land
+        # after the guard zeroed a padded batch's frames (SeamlessM4T's adaptor convolutions) and reach real ones.
+        inputs_hooked = [] if self.remote else [edit for edit in edits if edit.point.io == "input"]
         by_point: dict[str, list[NeuronEdit]] = {}
         for edit in edits:
-            by_point.setdefault(edit.point.name, []).append(edit)
+            if self.remote or edit.point.io != "input":
+                by_point.setdefault(edit.point.name, []).append(edit)
         edit_groups = {name: EditGroup(group) for name, group in by_point.items()}
         targets = {edit.point.name: edit.point for edit in edits} | {point.name: point for point in record}
         ordered = sorted(targets.values(), key=lambda p: p.order)
@@ -158,6 +163,7 @@ class GenerationMethods:
             # A batch whose examples all stop early ends the step loop before max_new_tokens; nnsight warns.
             warnings.simplefilter("ignore", UserWarning)
             with (
+                edits_applied(self.model, inputs_hooked, fold=False),
                 torch.inference_mode(),
                 self.adapter.batch_guard(self.model, inputs),
                 eager_attention(needs_eager(p.module for p in ordered)),

@@ -204,3 +204,25 @@ def test_a_sweep_refuses_key_shifts_while_planning(seamless):
         _edits(model, Condition({"kind": "steer"}, selection, np.array([0.5, -0.5])))
     (edit,) = _edits(model, Condition({"kind": "median"}, selection, np.array([0.5, -0.5])))
     assert not edit.add and edit.neurons.tolist() == [1, 2]
+
+
+def test_input_edits_while_recording_land_before_the_padding_is_zeroed(tiny_model_dir):
+    """SeamlessM4T's batch guard zeroes a padded speech batch's frames before the adaptor's strided convolutions
+    (pre-hooks). The traced path (recording) edited those convolutions' inputs after the guard, inside nnsight's
+    forward, so the edit values at padding frames reached the short example's last positions."""
+    model = load(tiny_model_dir("seamless_m4t_v2"), modality="speech")
+    randomise(model, seed=11, scale=0.05)
+    generator = torch.Generator().manual_seed(0)
+    waves = [0.1 * torch.randn(16_000, generator=generator), 0.1 * torch.randn(6_000, generator=generator)]
+    inputs = model.speech_inputs([wave.numpy() for wave in waves])
+    assert not bool(inputs.masks["input"].all())  # padded
+    prompt = model.decoder_prompt(["eng", "eng"])
+    edits = [_edit(model, "speech_encoder.adapter.layers.0.residual_conv:input", list(range(0, 64, 3)), seed=5)]
+    reference = _reference(model, inputs, prompt, edits, use_cache=False)
+    _same(model, inputs, prompt, edits, reference)
+    recorded = model.hook_points.get("speech_encoder.adapter.layers.0.residual_conv:input")
+    _, seen = model.generate_edited(inputs, prompt, edits, STEPS, record=[recorded])
+    (tensor,) = seen[recorded.name]  # [batch, frames, channels]: edited at the real frames, zero at padding
+    valid = inputs.masks["input"][:, : tensor.shape[1]]
+    assert torch.equal(tensor[valid][:, edits[0].neurons], edits[0].values.expand(int(valid.sum()), -1))
+    assert not bool(tensor[~valid].any())
