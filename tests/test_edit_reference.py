@@ -226,3 +226,57 @@ def test_input_edits_while_recording_land_before_the_padding_is_zeroed(tiny_mode
     valid = inputs.masks["input"][:, : tensor.shape[1]]
     assert torch.equal(tensor[valid][:, edits[0].neurons], edits[0].values.expand(int(valid.sum()), -1))
     assert not bool(tensor[~valid].any())
+
+
+def _model_state(model) -> tuple:
+    """Every parameter and buffer (non-persistent ones too) as bytes, every hook, the attention settings."""
+    from hookpoints import attention
+
+    tensors = {name: t.detach().clone() for name, t in model.model.named_parameters(remove_duplicate=False)}
+    tensors |= {f"buffer:{name}": t.clone() for name, t in model.model.named_buffers(remove_duplicate=False)}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.model.modules())
+    settings = (
+        getattr(attention._STATE, "eager", False),
+        [getattr(m.config, "_attn_implementation", None) for m in model.model.modules() if hasattr(m, "config")],
+        model.model.generation_config.to_json_string(),
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+    )
+    return tensors, hooks, settings
+
+
+def _unchanged(before: tuple, after: tuple) -> bool:
+    same_bits = before[0].keys() == after[0].keys() and all(
+        torch.equal(before[0][k].view(torch.uint8), after[0][k].view(torch.uint8))
+        if before[0][k].is_floating_point()
+        else torch.equal(before[0][k], after[0][k])
+        for k in before[0]
+    )
+    return same_bits and before[1:] == after[1:]
+
+
+@pytest.mark.parametrize("path", ["fold", "hooks", "nnsight"])
+def test_the_model_is_bit_identical_after_a_generation_stopped_half_way(seamless, path):
+    model, inputs, prompt = seamless
+    edits = _mixed(model, "text_decoder", "text_encoder", "cross_attention", "text_decoder")
+    edits.append(_edit(model, "text_decoder.layers.1.self_attn:input", [3, 4], seed=20))
+    pattern = model.hook_points.get("text_decoder.layers.0.self_attn.hook_pattern")  # eager attention inside
+    options = {"fold": {"fold": True}, "hooks": {"fold": False}, "nnsight": {"record": [pattern]}}[path]
+    model.modules_run_every_step(inputs, prompt)
+    before = _model_state(model)
+    calls = []
+
+    def stop_at_step_three(module, args, output):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    handle = model.model.get_output_embeddings().register_forward_hook(stop_at_step_three)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.generate_edited(inputs, prompt, edits, STEPS, **options)
+    finally:
+        handle.remove()
+    assert _unchanged(before, _model_state(model))
+    model.generate_edited(inputs, prompt, edits, STEPS, **options)
+    assert _unchanged(before, _model_state(model))
