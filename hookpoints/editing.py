@@ -234,3 +234,15 @@ def refuse_cached_shifts(edits: list[NeuronEdit]) -> None:
                 "them from the KV cache, where the shift would be added again at every step); shift the key "
                 f"projection's output ({attention}.k_proj) instead, or replace the neurons"
             )
+
+
+def own_inputs(kwargs: dict, points) -> dict:
+    """``kwargs`` with its floating-point tensors copied when an edit changes a module's input (in place) at one
+    of ``points``: a module may be handed the caller's own tensor (SeamlessM4T's feature projection reads
+    ``input_features`` as given, Whisper's ``conv1`` too), which the edit would change for every later call."""
+    if not any(point.io == "input" for point in points):
+        return kwargs
+    return {
+        key: value.clone() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        for key, value in kwargs.items()
+    }

@@ -17,7 +17,7 @@ from hookpoints.alignment import LogitsFingerprint, check_prompt, check_steps
 from hookpoints.attention import eager as eager_attention
 from hookpoints.attention import needs_eager
 from hookpoints.edit_folding import edits_applied
-from hookpoints.editing import EditGroup, NeuronEdit, refuse_cached_shifts
+from hookpoints.editing import EditGroup, NeuronEdit, own_inputs, refuse_cached_shifts
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
@@ -158,7 +158,8 @@ class GenerationMethods:
         recorded: dict[str, list[torch.Tensor]] = {point.name: [] for point in record}
         wanted = {point.name for point in record}
         collector = TokenCollector()
-        kwargs = {**inputs.kwargs, **self._prompt_kwargs(prompt), "decoder_input_ids": prompt, "streamer": collector}
+        given = own_inputs(inputs.kwargs, [edit.point for edit in edits])  # the caller's tensors never edited
+        kwargs = {**given, **self._prompt_kwargs(prompt), "decoder_input_ids": prompt, "streamer": collector}
         with warnings.catch_warnings():
             # A batch whose examples all stop early ends the step loop before max_new_tokens; nnsight warns.
             warnings.simplefilter("ignore", UserWarning)
@@ -197,7 +198,8 @@ class GenerationMethods:
         other edited tensor gets one hook making one in-place ``where`` per call from masks placed once
         (hookpoints.editing.EditGroup; bench/edit_overhead.py)."""
         collector = TokenCollector()
-        kwargs = {**inputs.kwargs, **self._prompt_kwargs(prompt), "decoder_input_ids": prompt, "streamer": collector}
+        given = own_inputs(inputs.kwargs, [edit.point for edit in edits])  # the caller's tensors never edited
+        kwargs = {**given, **self._prompt_kwargs(prompt), "decoder_input_ids": prompt, "streamer": collector}
         with (
             edits_applied(self.model, edits, fold=fold),
             torch.inference_mode(),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import hookpoints as hp
 from hookpoints.editing import NeuronEdit
 from hookpoints.errors import UserError
 from hookpoints.generation import greedy_kwargs
@@ -280,3 +281,28 @@ def test_the_model_is_bit_identical_after_a_generation_stopped_half_way(seamless
     assert _unchanged(before, _model_state(model))
     model.generate_edited(inputs, prompt, edits, STEPS, **options)
     assert _unchanged(before, _model_state(model))
+
+
+@pytest.mark.parametrize(
+    ("family", "name"),
+    [("seamless_m4t_v2", "speech_encoder.feature_projection:input"), ("whisper", "model.encoder.conv1:input")],
+)
+def test_an_input_edit_never_changes_the_callers_features(tiny_model_dir, family, name):
+    """The feature projection (Whisper: conv1) is handed the caller's input_features itself: an edit of its input
+    changed them in place, so every later generation from those inputs (a sweep's next condition) started from
+    features edited by the conditions before it."""
+    model = load(tiny_model_dir(family), modality="speech")
+    randomise(model, seed=13, scale=0.05)
+    generator = torch.Generator().manual_seed(1)
+    inputs = model.speech_inputs([0.1 * torch.randn(12_000, generator=generator).numpy()])
+    start = model.model.config.decoder_start_token_id
+    prompt = model.decoder_prompt(["eng"]) if family == "seamless_m4t_v2" else torch.tensor([[start, 5]])
+    features = inputs.kwargs["input_features"].clone()
+    first, second = (_edit(model, name, list(range(i, 40, 2)), scale=4.0, seed=i) for i in (0, 1))
+    reference = _reference(model, inputs, prompt, [second], use_cache=False)
+    model.generate_edited(inputs, prompt, [first], STEPS)
+    model.generate_edited(inputs, prompt, [first], STEPS, record=[model.hook_points.get(name)])
+    model.run_with_edits(inputs, [first])
+    model.run_with_hooks(inputs, fwd_hooks=[(name, hp.ablate([0, 3]))])
+    assert torch.equal(inputs.kwargs["input_features"], features)
+    _same(model, inputs, prompt, [second], reference, recorded=name)
