@@ -35,8 +35,8 @@ def _changed(tensor: torch.Tensor, edit: NeuronEdit) -> torch.Tensor:
 
 def _reference(model, inputs, prompt, edits, *, use_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens ``[batch, prompt + steps]`` and logits ``[steps, batch, vocab]`` of HF ``generate`` with one plain
-    forward hook per edit replacing the module's tensor (its output, or its first argument: positional, else the
-    first keyword)."""
+    forward hook per edit replacing the module's tensor (its output, or its input: the first positional argument,
+    else the features or hidden states by name, else the first keyword)."""
     modules = dict(model.model.named_modules())
     handles = []
 
@@ -52,7 +52,7 @@ def _reference(model, inputs, prompt, edits, *, use_cache: bool) -> tuple[torch.
         def hook(module, args, kwargs):
             if args:
                 return (_changed(args[0], edit), *args[1:]), kwargs
-            key = next(iter(kwargs))
+            key = next((k for k in ("input_features", "hidden_states") if k in kwargs), next(iter(kwargs)))
             return args, {**kwargs, key: _changed(kwargs[key], edit)}
 
         return hook
@@ -306,3 +306,22 @@ def test_an_input_edit_never_changes_the_callers_features(tiny_model_dir, family
     model.run_with_hooks(inputs, fwd_hooks=[(name, hp.ablate([0, 3]))])
     assert torch.equal(inputs.kwargs["input_features"], features)
     _same(model, inputs, prompt, [second], reference, recorded=name)
+
+
+@pytest.mark.parametrize(
+    ("family", "name"), [("seamless_m4t_v2", "speech_encoder:input"), ("whisper", "model.encoder:input")]
+)
+def test_an_encoders_input_is_edited_in_generation_as_in_a_forward_pass(tiny_model_dir, family, name):
+    """generate calls the encoder with keywords, input_features last (``encoder(attention_mask=..., ...,
+    input_features=...)``): the edit took the first keyword (the mask, or None) and raised a UserError."""
+    model = load(tiny_model_dir(family), modality="speech")
+    randomise(model, seed=14, scale=0.05)
+    generator = torch.Generator().manual_seed(2)
+    inputs = model.speech_inputs([0.1 * torch.randn(12_000, generator=generator).numpy()])
+    start = model.model.config.decoder_start_token_id
+    prompt = model.decoder_prompt(["eng"]) if family == "seamless_m4t_v2" else torch.tensor([[start, 5]])
+    edits = [_edit(model, name, list(range(0, 80, 2)), scale=30.0, seed=3)]
+    reference = _reference(model, inputs, prompt, edits, use_cache=False)
+    assert not torch.equal(reference[1], _reference(model, inputs, prompt, [], use_cache=True)[1])
+    decoder = "text_decoder.layers.1.ffn.fc1" if family == "seamless_m4t_v2" else "text_decoder.layers.1.fc1"
+    _same(model, inputs, prompt, edits, reference, recorded=decoder)
