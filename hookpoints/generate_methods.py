@@ -17,7 +17,7 @@ from hookpoints.alignment import LogitsFingerprint, check_prompt, check_steps
 from hookpoints.attention import eager as eager_attention
 from hookpoints.attention import needs_eager
 from hookpoints.edit_folding import edits_applied
-from hookpoints.editing import EditGroup, NeuronEdit, own_inputs, refuse_cached_shifts
+from hookpoints.editing import EditGroup, NeuronEdit, first_input, own_inputs, refuse_cached_shifts
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
@@ -175,7 +175,12 @@ class GenerationMethods:
                         if step > 0 and point.module not in every_step:
                             continue  # it ran at step 0 only (an encoder, cross-attention keys/values)
                         envoy = self._envoys[point.module]
-                        value = envoy.output if point.io == "output" else envoy.input
+                        if point.io == "output":
+                            value = envoy.output
+                        elif self.remote:
+                            value = envoy.input
+                        else:  # as the edits' pre-hooks take it (generate calls an encoder by keyword)
+                            value = first_input(modules[point.module], *envoy.inputs)
                         if point.name in edit_groups:
                             edit_groups[point.name].apply(value)
                         if point.name in wanted:

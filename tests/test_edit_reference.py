@@ -323,5 +323,7 @@ def test_an_encoders_input_is_edited_in_generation_as_in_a_forward_pass(tiny_mod
     edits = [_edit(model, name, list(range(0, 80, 2)), scale=30.0, seed=3)]
     reference = _reference(model, inputs, prompt, edits, use_cache=False)
     assert not torch.equal(reference[1], _reference(model, inputs, prompt, [], use_cache=True)[1])
-    decoder = "text_decoder.layers.1.ffn.fc1" if family == "seamless_m4t_v2" else "text_decoder.layers.1.fc1"
-    _same(model, inputs, prompt, edits, reference, recorded=decoder)
+    _same(model, inputs, prompt, edits, reference, recorded=name)
+    _, seen = model.generate_edited(inputs, prompt, edits, STEPS, record=[edits[0].point])
+    (features,) = seen[name]  # recorded at step 0 (the encoder runs once), edited
+    assert torch.equal(features[..., edits[0].neurons], edits[0].values.expand(*features.shape[:2], -1))
