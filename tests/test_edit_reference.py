@@ -327,3 +327,32 @@ def test_an_encoders_input_is_edited_in_generation_as_in_a_forward_pass(tiny_mod
     _, seen = model.generate_edited(inputs, prompt, edits, STEPS, record=[edits[0].point])
     (features,) = seen[name]  # recorded at step 0 (the encoder runs once), edited
     assert torch.equal(features[..., edits[0].neurons], edits[0].values.expand(*features.shape[:2], -1))
+
+
+def test_a_decoder_only_lm_under_generate_refuses_key_shifts(tiny_model_dir):
+    """Llama (left-padded batch, HF generate inside edits_applied): a replacement of hook_rot_k (after rotary)
+    equals plain hooks without the cache; a shift, re-added to the cached keys at every step, is refused."""
+    from hookpoints.edit_folding import edits_applied
+
+    model = hp.load(tiny_model_dir("llama"))
+    randomise(model, seed=3, scale=0.05)
+    batch = dict(model.tokenizer(["Hello there my friend, how are you", "Hi"], padding=True, padding_side="left",
+                                 return_tensors="pt"))  # fmt: skip
+    options = {"max_new_tokens": STEPS, "min_new_tokens": STEPS, "do_sample": False, "output_logits": True,
+               "return_dict_in_generate": True}  # fmt: skip
+    replace = _edit(model, "blocks.0.attn.hook_rot_k", list(range(0, 32, 3)), seed=2)
+    module = model.model.get_submodule(replace.point.module)
+    handle = module.register_forward_hook(lambda m, args, output: _changed(output, replace))
+    try:
+        with torch.inference_mode():
+            reference = model.model.generate(**batch, **options, use_cache=False)
+    finally:
+        handle.remove()
+    with edits_applied(model.model, [replace]), torch.inference_mode():
+        ours = model.model.generate(**batch, **options)
+    assert torch.equal(ours.sequences, reference.sequences)
+    assert torch.allclose(torch.stack(ours.logits), torch.stack(reference.logits), atol=1e-4, rtol=1e-4)
+    shift = NeuronEdit(replace.point, replace.neurons, replace.values, add=True)
+    with pytest.raises(UserError, match="a shift of the keys cannot be made during generation"):
+        with edits_applied(model.model, [shift]):
+            pass
