@@ -61,6 +61,12 @@ class NeuronEdit:
             raise UserError(f"neuron {bad} is out of range for hook {self.point.name} (width {width}: 0..{width - 1})")
         if len(torch.unique(self.neurons)) != len(self.neurons):
             raise UserError(f"edit of {self.point.name} names a neuron twice")
+        if not bool(torch.isfinite(self.values).all()):  # NaN made every later value NaN; a fold's check misfired
+            bad = int((~torch.isfinite(self.values)).nonzero()[0])
+            raise UserError(
+                f"edit of {self.point.name}: value {float(self.values[bad])} for neuron {int(self.neurons[bad])} "
+                "is not a finite number"
+            )
 
 
 def apply_edit(value, edit: NeuronEdit) -> None:

@@ -356,3 +356,11 @@ def test_a_decoder_only_lm_under_generate_refuses_key_shifts(tiny_model_dir):
     with pytest.raises(UserError, match="a shift of the keys cannot be made during generation"):
         with edits_applied(model.model, [shift]):
             pass
+
+
+def test_non_finite_values_are_refused_when_the_edit_is_made(seamless):
+    """A NaN value gave NaN logits on the hook path and, folded, a RuntimeError blaming the layer's input."""
+    model, _, _ = seamless
+    for value in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(UserError, match=rf"ffn.fc1: value {value} for neuron 2 is not a finite number"):
+            model.edit("text_decoder.layers.0.ffn.fc1", [1, 2], [0.0, value])
