@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from hookpoints.editing import NeuronEdit
+from hookpoints.editing import NeuronEdit, own_inputs
 from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
 
@@ -77,4 +77,4 @@ class ModelApi:
             eager(maps),
             hooked(self, changes),
         ):
-            return self.model(**inputs.kwargs)
+            return self.model(**own_inputs(inputs.kwargs, [point for point, _ in changes]))  # caller's untouched

@@ -31,7 +31,7 @@ from operator import is_ as op_is
 import torch
 from torch import nn
 
-from hookpoints.editing import EditGroup, NeuronEdit, block_shape, groups
+from hookpoints.editing import EditGroup, NeuronEdit, block_shape, groups, refuse_cached_shifts
 from hookpoints.probe import first_tensor
 
 
@@ -43,6 +43,7 @@ def edits_applied(model: nn.Module, edits: list[NeuronEdit], *, fold: bool = Tru
     >>> with edits_applied(model.model, edits) as folded, torch.inference_mode():
     ...     model.model.generate(**kwargs)
     """
+    refuse_cached_shifts(edits)  # it is held around generate, whose KV cache hook_rot_k is handed
     modules = dict(model.named_modules())
     edit_groups = groups(edits)
     folded = FoldedEdits(model, edit_groups, modules) if fold else None
@@ -52,7 +53,7 @@ def edits_applied(model: nn.Module, edits: list[NeuronEdit], *, fold: bool = Tru
             if io == "output":
                 handles.append(modules[path].register_forward_hook(group.output_hook))
             else:
-                handles.append(modules[path].register_forward_pre_hook(group.input_hook))
+                handles.append(modules[path].register_forward_pre_hook(group.input_hook, with_kwargs=True))
         with folded or nullcontext():  # the weights restored on the way out, raised or not
             yield folded
     finally:

@@ -13,6 +13,8 @@ applies them from torch hooks, or through nnsight when it also records; from tor
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -59,6 +61,12 @@ class NeuronEdit:
             raise UserError(f"neuron {bad} is out of range for hook {self.point.name} (width {width}: 0..{width - 1})")
         if len(torch.unique(self.neurons)) != len(self.neurons):
             raise UserError(f"edit of {self.point.name} names a neuron twice")
+        if not bool(torch.isfinite(self.values).all()):  # NaN made every later value NaN; a fold's check misfired
+            bad = int((~torch.isfinite(self.values)).nonzero()[0])
+            raise UserError(
+                f"edit of {self.point.name}: value {float(self.values[bad])} for neuron {int(self.neurons[bad])} "
+                "is not a finite number"
+            )
 
 
 def apply_edit(value, edit: NeuronEdit) -> None:
@@ -208,9 +216,29 @@ class EditGroup:
         """A torch forward hook editing the module's output: ``module.register_forward_hook(group.output_hook)``."""
         self.apply(output)
 
-    def input_hook(self, module, args) -> None:
-        """A torch forward pre-hook editing the module's first input."""
-        self.apply(args)
+    def input_hook(self, module, args, kwargs) -> None:
+        """A torch forward pre-hook editing the module's first input (:func:`first_input`):
+        ``module.register_forward_pre_hook(group.input_hook, with_kwargs=True)``."""
+        self.apply(first_input(module, args, kwargs))
+
+
+def first_input(module, args: tuple, kwargs: dict):
+    """A module's first input: its first positional argument, else the keyword argument named as ``forward``'s
+    first parameter (``generate`` calls an encoder ``encoder(attention_mask=..., ..., input_features=...)``), else
+    the first keyword argument (attention modules' ``hidden_states=``): what a forward pass records."""
+    if args:
+        return args[0]
+    name = _first_parameter(type(module))
+    return kwargs[name] if name in kwargs else next(iter(kwargs.values()), None)
+
+
+@functools.cache
+def _first_parameter(kind: type) -> str | None:
+    try:
+        names = list(inspect.signature(kind.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names[1] if len(names) > 1 else None
 
 
 def groups(edits: list[NeuronEdit]) -> dict[tuple[str, str], EditGroup]:
@@ -219,3 +247,28 @@ def groups(edits: list[NeuronEdit]) -> dict[tuple[str, str], EditGroup]:
     for edit in edits:
         by_tensor.setdefault((edit.point.module, edit.point.io), []).append(edit)
     return {key: EditGroup(group) for key, group in by_tensor.items()}
+
+
+def refuse_cached_shifts(edits: list[NeuronEdit]) -> None:
+    """A UserError for a shift of ``hook_rot_k`` in generation: that hook is handed the KV cache's keys (every
+    position so far) in place, so a shift would be added again at every step (a replacement is unaffected)."""
+    for edit in edits:
+        attention, _, hook = edit.point.module.rpartition(".")
+        if edit.add and hook == "hook_rot_k":
+            raise UserError(
+                f"hook {edit.point.name}: a shift of the keys cannot be made during generation (the attention reads "
+                "them from the KV cache, where the shift would be added again at every step); shift the key "
+                f"projection's output ({attention}.k_proj) instead, or replace the neurons"
+            )
+
+
+def own_inputs(kwargs: dict, points) -> dict:
+    """``kwargs`` with its floating-point tensors copied when an edit changes a module's input (in place) at one
+    of ``points``: a module may be handed the caller's own tensor (SeamlessM4T's feature projection reads
+    ``input_features`` as given, Whisper's ``conv1`` too), which the edit would change for every later call."""
+    if not any(point.io == "input" for point in points):
+        return kwargs
+    return {
+        key: value.clone() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        for key, value in kwargs.items()
+    }

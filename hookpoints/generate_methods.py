@@ -17,7 +17,7 @@ from hookpoints.alignment import LogitsFingerprint, check_prompt, check_steps
 from hookpoints.attention import changes_keys, changing_keys, needs_eager
 from hookpoints.attention import eager as eager_attention
 from hookpoints.edit_folding import edits_applied
-from hookpoints.editing import EditGroup, NeuronEdit
+from hookpoints.editing import EditGroup, NeuronEdit, first_input, own_inputs, refuse_cached_shifts
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
@@ -136,6 +136,7 @@ class GenerationMethods:
         """
         self._check_generates()
         self.check_room(prompt.shape[1], max_new_tokens)
+        refuse_cached_shifts(edits)
         modules = dict(self.model.named_modules())
         for point in [edit.point for edit in edits] + list(record):
             if point.module not in modules:
@@ -143,20 +144,27 @@ class GenerationMethods:
         if not record and not self.remote:
             return self._generate_with_torch_hooks(inputs, prompt, edits, max_new_tokens, fold), {}
         every_step = self.modules_run_every_step(inputs, prompt)
+        # Inputs are edited by torch pre-hooks registered before the adapter's batch guard, as without recording:
+        # nnsight hands a module its input after every pre-hook has run, so an input edit made there would land
+        # after the guard zeroed a padded batch's frames (SeamlessM4T's adaptor convolutions) and reach real ones.
+        inputs_hooked = [] if self.remote else [edit for edit in edits if edit.point.io == "input"]
         by_point: dict[str, list[NeuronEdit]] = {}
         for edit in edits:
-            by_point.setdefault(edit.point.name, []).append(edit)
+            if self.remote or edit.point.io != "input":
+                by_point.setdefault(edit.point.name, []).append(edit)
         edit_groups = {name: EditGroup(group) for name, group in by_point.items()}
         targets = {edit.point.name: edit.point for edit in edits} | {point.name: point for point in record}
         ordered = sorted(targets.values(), key=lambda p: p.order)
         recorded: dict[str, list[torch.Tensor]] = {point.name: [] for point in record}
         wanted = {point.name for point in record}
         collector = TokenCollector()
-        kwargs = {**inputs.kwargs, **self._prompt_kwargs(prompt), "decoder_input_ids": prompt, "streamer": collector}
+        given = own_inputs(inputs.kwargs, [edit.point for edit in edits])  # the caller's tensors never edited
+        kwargs = {**given, **self._prompt_kwargs(prompt), "decoder_input_ids": prompt, "streamer": collector}
         with warnings.catch_warnings():
             # A batch whose examples all stop early ends the step loop before max_new_tokens; nnsight warns.
             warnings.simplefilter("ignore", UserWarning)
             with (
+                edits_applied(self.model, inputs_hooked, fold=False),
                 torch.inference_mode(),
                 self.adapter.batch_guard(self.model, inputs),
                 eager_attention(needs_eager(p.module for p in ordered)),
@@ -168,7 +176,12 @@ class GenerationMethods:
                         if step > 0 and point.module not in every_step:
                             continue  # it ran at step 0 only (an encoder, cross-attention keys/values)
                         envoy = self._envoys[point.module]
-                        value = envoy.output if point.io == "output" else envoy.input
+                        if point.io == "output":
+                            value = envoy.output
+                        elif self.remote:
+                            value = envoy.input
+                        else:  # as the edits' pre-hooks take it (generate calls an encoder by keyword)
+                            value = first_input(modules[point.module], *envoy.inputs)
                         if point.name in edit_groups:
                             edit_groups[point.name].apply(value)
                         if point.name in wanted:
@@ -191,7 +204,8 @@ class GenerationMethods:
         other edited tensor gets one hook making one in-place ``where`` per call from masks placed once
         (hookpoints.editing.EditGroup; bench/edit_overhead.py)."""
         collector = TokenCollector()
-        kwargs = {**inputs.kwargs, **self._prompt_kwargs(prompt), "decoder_input_ids": prompt, "streamer": collector}
+        given = own_inputs(inputs.kwargs, [edit.point for edit in edits])  # the caller's tensors never edited
+        kwargs = {**given, **self._prompt_kwargs(prompt), "decoder_input_ids": prompt, "streamer": collector}
         with (
             edits_applied(self.model, edits, fold=fold),
             torch.inference_mode(),
