@@ -37,7 +37,7 @@ from hookpoints.store import tables
 from hookpoints.store.catalog import Store
 from hookpoints.store.tables import sql_string
 
-from hookpoints.editing import NeuronEdit, refuse_cached_shifts
+from hookpoints.editing import NeuronEdit
 from hookpoints.errors import UserError
 from hookpoints.languages import model_code
 from hookpoints.manifest import Manifest
@@ -238,7 +238,6 @@ def _edits(model: HookedModel, condition: Condition) -> list[NeuronEdit]:
                 add=condition.fields["kind"] == "steer",
             )
         )
-    refuse_cached_shifts(edits)  # here, before the first generation, not at the condition's turn
     return edits
 
 

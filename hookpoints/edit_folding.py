@@ -31,7 +31,7 @@ from operator import is_ as op_is
 import torch
 from torch import nn
 
-from hookpoints.editing import EditGroup, NeuronEdit, block_shape, groups, refuse_cached_shifts
+from hookpoints.editing import EditGroup, NeuronEdit, block_shape, groups
 from hookpoints.probe import first_tensor
 
 
@@ -43,7 +43,6 @@ def edits_applied(model: nn.Module, edits: list[NeuronEdit], *, fold: bool = Tru
     >>> with edits_applied(model.model, edits) as folded, torch.inference_mode():
     ...     model.model.generate(**kwargs)
     """
-    refuse_cached_shifts(edits)  # it is held around generate, whose KV cache hook_rot_k is handed
     modules = dict(model.named_modules())
     edit_groups = groups(edits)
     folded = FoldedEdits(model, edit_groups, modules) if fold else None

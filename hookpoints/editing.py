@@ -249,19 +249,6 @@ def groups(edits: list[NeuronEdit]) -> dict[tuple[str, str], EditGroup]:
     return {key: EditGroup(group) for key, group in by_tensor.items()}
 
 
-def refuse_cached_shifts(edits: list[NeuronEdit]) -> None:
-    """A UserError for a shift of ``hook_rot_k`` in generation: that hook is handed the KV cache's keys (every
-    position so far) in place, so a shift would be added again at every step (a replacement is unaffected)."""
-    for edit in edits:
-        attention, _, hook = edit.point.module.rpartition(".")
-        if edit.add and hook == "hook_rot_k":
-            raise UserError(
-                f"hook {edit.point.name}: a shift of the keys cannot be made during generation (the attention reads "
-                "them from the KV cache, where the shift would be added again at every step); shift the key "
-                f"projection's output ({attention}.k_proj) instead, or replace the neurons"
-            )
-
-
 def own_inputs(kwargs: dict, points) -> dict:
     """``kwargs`` with its floating-point tensors copied when an edit changes a module's input (in place) at one
     of ``points``: a module may be handed the caller's own tensor (SeamlessM4T's feature projection reads

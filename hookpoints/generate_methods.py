@@ -17,7 +17,7 @@ from hookpoints.alignment import LogitsFingerprint, check_prompt, check_steps
 from hookpoints.attention import changes_keys, changing_keys, needs_eager
 from hookpoints.attention import eager as eager_attention
 from hookpoints.edit_folding import edits_applied
-from hookpoints.editing import EditGroup, NeuronEdit, first_input, own_inputs, refuse_cached_shifts
+from hookpoints.editing import EditGroup, NeuronEdit, first_input, own_inputs
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
@@ -136,7 +136,6 @@ class GenerationMethods:
         """
         self._check_generates()
         self.check_room(prompt.shape[1], max_new_tokens)
-        refuse_cached_shifts(edits)
         modules = dict(self.model.named_modules())
         for point in [edit.point for edit in edits] + list(record):
             if point.module not in modules:

@@ -115,10 +115,11 @@ def _edit(model, name, neurons, add=False, scale=3.0, seed=0):
     return NeuronEdit(model.hook_points.get(name), torch.tensor(neurons), values, add)
 
 
-def test_keys_the_cache_hands_back_are_replaced_and_never_shifted_twice(seamless):
-    """hook_rot_k is called with the cache's keys (every position so far), in place: a replacement there equals
-    the reference; a shift was added again at every later step (the prompt's keys shifted steps + 1 times, other
-    tokens than without the cache) and is refused; the same shift of k_proj (before the cache) equals it."""
+def test_keys_the_cache_hands_back_are_replaced_and_shifted_once(seamless):
+    """hook_rot_k is called with the cache's keys (every position so far): a replacement there equals the
+    reference, and so does a shift (once added in place to the cache's own tensor, so again at every later step:
+    the prompt's keys shifted steps + 1 times; the hook now gets a copy, hookpoints.attention._own_keys); the
+    same shift of k_proj (before the cache; no rotary in this decoder) equals it too."""
     model, inputs, prompt = seamless
     rot_k = "text_decoder.layers.0.self_attn.hook_rot_k"
     neurons = list(range(0, 64, 3))
@@ -128,10 +129,7 @@ def test_keys_the_cache_hands_back_are_replaced_and_never_shifted_twice(seamless
     _same(model, inputs, prompt, replace, reference)
     shift = [_edit(model, rot_k, neurons, add=True, seed=1)]
     reference = _reference(model, inputs, prompt, shift, use_cache=False)
-    for options in ({"fold": True}, {"record": [model.hook_points.get("text_decoder.layers.1.ffn.fc1")]}):
-        with pytest.raises(UserError, match=r"hook_rot_k: a shift of the keys cannot be made during generation .*"
-                                            r"text_decoder.layers.0.self_attn.k_proj"):  # fmt: skip
-            model.generate_edited(inputs, prompt, shift, STEPS, **options)
+    _same(model, inputs, prompt, shift, reference)
     k_proj = model.hook_points.get("text_decoder.layers.0.self_attn.k_proj")
     k_proj = [NeuronEdit(k_proj, shift[0].neurons, shift[0].values, add=True)]
     _same(model, inputs, prompt, k_proj, reference)
@@ -193,16 +191,16 @@ def test_whisper_edits_of_every_kind_equal_plain_hooks_without_the_cache(tiny_mo
     _same(model, inputs, prompt, edits, reference, recorded="text_decoder.layers.1.fc1")
 
 
-def test_a_sweep_refuses_key_shifts_while_planning(seamless):
-    """``--kind steer`` of hook_rot_k neurons is refused with the sweep's other checks, before any generation."""
+def test_a_sweep_steers_keys_as_an_added_edit(seamless):
+    """``--kind steer`` of hook_rot_k neurons is an added edit (once refused, while a shift there added up)."""
     from hookpoints.analyses.intervention_sweep import Condition, _edits
     from hookpoints.analyses.interventions import explicit_selection
 
     model, _, _ = seamless
     hooks = {point.name: (point.component, point.width) for point in model.hook_points if point.unavailable is None}
     selection = explicit_selection(["text_decoder.layers.0.self_attn.hook_rot_k:1,2"], hooks)
-    with pytest.raises(UserError, match="a shift of the keys cannot be made during generation"):
-        _edits(model, Condition({"kind": "steer"}, selection, np.array([0.5, -0.5])))
+    (steer,) = _edits(model, Condition({"kind": "steer"}, selection, np.array([0.5, -0.5])))
+    assert steer.add and steer.neurons.tolist() == [1, 2]
     (edit,) = _edits(model, Condition({"kind": "median"}, selection, np.array([0.5, -0.5])))
     assert not edit.add and edit.neurons.tolist() == [1, 2]
 
@@ -329,9 +327,9 @@ def test_an_encoders_input_is_edited_in_generation_as_in_a_forward_pass(tiny_mod
     assert torch.equal(features[..., edits[0].neurons], edits[0].values.expand(*features.shape[:2], -1))
 
 
-def test_a_decoder_only_lm_under_generate_refuses_key_shifts(tiny_model_dir):
-    """Llama (left-padded batch, HF generate inside edits_applied): a replacement of hook_rot_k (after rotary)
-    equals plain hooks without the cache; a shift, re-added to the cached keys at every step, is refused."""
+def test_a_decoder_only_lm_under_generate_edits_the_keys_once(tiny_model_dir):
+    """Llama (left-padded batch, HF generate inside edits_applied): a replacement and a shift of hook_rot_k
+    (after rotary) equal plain hooks without the cache (a shift was re-added to the cached keys at every step)."""
     from hookpoints.edit_folding import edits_applied
 
     model = hp.load(tiny_model_dir("llama"))
@@ -341,21 +339,19 @@ def test_a_decoder_only_lm_under_generate_refuses_key_shifts(tiny_model_dir):
     options = {"max_new_tokens": STEPS, "min_new_tokens": STEPS, "do_sample": False, "output_logits": True,
                "return_dict_in_generate": True}  # fmt: skip
     replace = _edit(model, "blocks.0.attn.hook_rot_k", list(range(0, 32, 3)), seed=2)
-    module = model.model.get_submodule(replace.point.module)
-    handle = module.register_forward_hook(lambda m, args, output: _changed(output, replace))
-    try:
-        with torch.inference_mode():
-            reference = model.model.generate(**batch, **options, use_cache=False)
-    finally:
-        handle.remove()
-    with edits_applied(model.model, [replace]), torch.inference_mode():
-        ours = model.model.generate(**batch, **options)
-    assert torch.equal(ours.sequences, reference.sequences)
-    assert torch.allclose(torch.stack(ours.logits), torch.stack(reference.logits), atol=1e-4, rtol=1e-4)
     shift = NeuronEdit(replace.point, replace.neurons, replace.values, add=True)
-    with pytest.raises(UserError, match="a shift of the keys cannot be made during generation"):
-        with edits_applied(model.model, [shift]):
-            pass
+    module = model.model.get_submodule(replace.point.module)
+    for edit in (replace, shift):
+        handle = module.register_forward_hook(lambda m, args, output, edit=edit: _changed(output, edit))
+        try:
+            with torch.inference_mode():
+                reference = model.model.generate(**batch, **options, use_cache=False)
+        finally:
+            handle.remove()
+        with edits_applied(model.model, [edit]), torch.inference_mode():
+            ours = model.model.generate(**batch, **options)
+        assert torch.equal(ours.sequences, reference.sequences), edit.add
+        assert torch.allclose(torch.stack(ours.logits), torch.stack(reference.logits), atol=1e-4, rtol=1e-4)
 
 
 def test_non_finite_values_are_refused_when_the_edit_is_made(seamless):
