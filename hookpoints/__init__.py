@@ -29,6 +29,7 @@ _EXPORTS = {
     "convert_ct2_whisper": "hookpoints.convert_ct2",
     # activations and interventions
     "ActivationCache": "hookpoints.cache",
+    "act_name": "hookpoints.cache",
     "NeuronEdit": "hookpoints.editing",
     "ablate": "hookpoints.hook_fns",
     "mean_ablate": "hookpoints.hook_fns",

@@ -22,15 +22,27 @@ class ModelApi:
 
         return as_inputs(self, inputs)
 
-    def run_with_cache(self, inputs, names=None, pooling: str | None = None):
+    def run_with_cache(
+        self, inputs, names=None, pooling: str | None = None, *, names_filter=None, remove_batch_dim: bool = False
+    ):
         """One forward pass; ``(output, cache)`` with the ``names`` hook points' tensors (globs or a predicate).
+
+        ``names_filter`` is TransformerLens' name for ``names``; ``remove_batch_dim`` (one example) drops the
+        batch axis of every cached tensor, as TransformerLens does.
 
         >>> output, cache = model.run_with_cache(["Hello world", "Hi"], names="blocks.*.hook_resid_post")
         >>> cache["blocks.0.hook_resid_post"].shape, cache.mask.shape  # [batch, pos, d_model], [batch, pos]
+        >>> cache["resid_post", 0].shape  # TransformerLens' shorthand
         """
         from hookpoints.cache import run_with_cache, select_names
 
-        return run_with_cache(self, self.inputs(inputs), select_names(self, names), pooling)
+        if names is not None and names_filter is not None:
+            raise UserError("give names or names_filter (TransformerLens' name for it), not both")
+        inputs = self.inputs(inputs)
+        if remove_batch_dim and inputs.batch_size != 1:
+            raise UserError(f"remove_batch_dim needs one example, not {inputs.batch_size}")
+        output, cache = run_with_cache(self, inputs, select_names(self, names_filter or names), pooling)
+        return output, cache.without_batch_axis() if remove_batch_dim else cache
 
     def run_with_hooks(self, inputs, fwd_hooks=()):
         """One forward pass with ``fn(tensor, hook)`` applied at each ``(name or glob, fn)``; the model output.

@@ -9,6 +9,7 @@ position axis, averaging (or taking the last or the largest) over each example's
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -22,6 +23,10 @@ from hookpoints.pooling import pool_positions, positions_first
 from hookpoints.probe import first_tensor
 
 CACHE_POOLINGS = ("mean", "last", "max")
+_PER_HEAD = ("k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores")
+_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
+            "mlp_pre": "pre", "mlp_mid": "mid", "mlp_post": "post"}  # fmt: skip
+_LAYER_TYPES = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
 #: Which hook points to cache: globs, or a function of the hook name (TransformerLens' ``names_filter``).
 Names = str | list[str] | Callable[[str], bool] | None
 
@@ -46,8 +51,13 @@ class ActivationCache(Mapping):
         self.masks = masks  # space -> [batch, pos] bool: which positions are real (not padding)
         self.pooling = pooling  # None, or how positions were pooled away
         self._aliases = {alias: point.name for point in points.values() for alias in point.aliases}
+        self.batchless = False  # made by without_batch_axis (run_with_cache's remove_batch_dim)
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def __getitem__(self, name: str | tuple) -> torch.Tensor:
+        """By hook name or alias, or TransformerLens' shorthand: ``cache["resid_pre", 0]``, ``cache["scale", 2,
+        "ln1"]``, ``cache["embed"]`` (:func:`act_name`)."""
+        if isinstance(name, tuple):
+            name = act_name(*name)
         return self._tensors[self._name(name)]
 
     def __iter__(self) -> Iterator[str]:
@@ -71,6 +81,10 @@ class ActivationCache(Mapping):
             return self._aliases[name]
         raise KeyError(f"{name!r} is not in this cache (it holds: {', '.join(list(self._tensors)[:8])} ...)")
 
+    def _need_batch_axis(self, what: str) -> None:
+        if self.batchless:
+            raise UserError(f"cannot {what} a cache without its batch axis: run_with_cache without remove_batch_dim")
+
     @property
     def mask(self) -> torch.Tensor | None:
         """``[batch, pos]`` bool: the real (non-padding) positions of the model's input."""
@@ -83,11 +97,22 @@ class ActivationCache(Mapping):
             return None
         return self.masks.get(point.space)
 
+    def without_batch_axis(self) -> ActivationCache:
+        """One example's cache without its batch axis: ``[pos, d_model]`` (``remove_batch_dim=True``)."""
+        if self.batchless or any(t.shape[0] != 1 for t in self._tensors.values()):
+            raise UserError("only a cache of one example loses its batch axis")
+        tensors = {name: t[0] for name, t in self._tensors.items()}
+        cache = ActivationCache(tensors, self.points, {space: m[0] for space, m in self.masks.items()}, self.pooling)
+        cache.batchless = True
+        return cache
+
     def to(self, device: torch.device | str) -> ActivationCache:
         """The cache with every tensor and mask moved to ``device``."""
         tensors = {name: t.to(device) for name, t in self._tensors.items()}
         masks = {space: m.to(device) for space, m in self.masks.items()}
-        return ActivationCache(tensors, self.points, masks, self.pooling)
+        moved = ActivationCache(tensors, self.points, masks, self.pooling)
+        moved.batchless = self.batchless
+        return moved
 
     def pooled(self, method: str) -> ActivationCache:
         """Each tensor pooled over its example's valid positions: ``[batch, pos, *d] -> [batch, *d]`` (float32).
@@ -97,6 +122,7 @@ class ActivationCache(Mapping):
         """
         if method not in CACHE_POOLINGS:
             raise UserError(f"pooling must be one of {', '.join(CACHE_POOLINGS)} or None, not {method!r}")
+        self._need_batch_axis("pool")
         if self.pooling:
             raise UserError(f"this cache is already pooled ({self.pooling})")
         pooled = {}
@@ -125,6 +151,7 @@ class ActivationCache(Mapping):
         A cache pooled by mean gives the same (each example's mean weighed by its valid positions); one pooled
         by last or max cannot and is refused.
         """
+        self._need_batch_axis("average")
         tensor = self[name].float()
         point = self.points[self._name(name)]
         if point.keys is not None:
@@ -143,6 +170,30 @@ class ActivationCache(Mapping):
         if mask is None:
             return tensor.mean((0, 1))
         return tensor[mask.to(tensor.device)].mean(0)
+
+
+def act_name(name: str, layer: int | str | None = None, layer_type: str | None = None) -> str:
+    """A hook name from TransformerLens' shorthand, as its ``utils.get_act_name`` makes it.
+
+    >>> act_name("resid_pre", 0), act_name("k6"), act_name("scale", 4, "ln1"), act_name("normalized")
+    ('blocks.0.hook_resid_pre', 'blocks.6.attn.hook_k', 'blocks.4.ln1.hook_scale', 'ln_final.hook_normalized')
+    """
+    if not isinstance(name, str):
+        raise UserError(f"a hook name is a string (or TransformerLens' shorthand, 'resid_pre', 0), not {name!r}")
+    if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
+        return name
+    match = re.match(r"([a-z]+)(\d+)([a-z]?.*)", name)
+    if match is not None:
+        name, layer, layer_type = match.groups(0)
+    name = _ALIASES.get(name, name)
+    if name in _PER_HEAD:
+        layer_type = "attn"
+    elif name in ("pre", "post", "mid", "pre_linear"):
+        layer_type = "mlp"
+    elif layer_type in _LAYER_TYPES:
+        layer_type = _LAYER_TYPES[layer_type]
+    full = (f"blocks.{layer}." if layer is not None else "") + (f"{layer_type}." if layer_type else "") + f"hook_{name}"
+    return f"ln_final.{full}" if name in ("scale", "normalized") and layer is None else full
 
 
 def hook_tensor(value, point: HookPoint, batch: int) -> torch.Tensor:

@@ -341,3 +341,53 @@ def test_a_text_model_refuses_audio_files_instead_of_reading_their_names(tiny_mo
         gpt2.run_with_cache([path])
     _, cache = gpt2.run_with_cache(["my favourite song.mp3"], names="blocks.0.hook_resid_post")  # no such file
     assert cache["blocks.0.hook_resid_post"].shape[0] == 1
+
+
+def test_transformer_lens_shorthand_names_filter_and_remove_batch_dim(gpt2):
+    """TransformerLens' habits, against TransformerLens itself: ``get_act_name``'s shorthand (``cache["resid_pre",
+    0]``), ``names_filter=`` and ``remove_batch_dim=True`` (TransformerLens' own run_with_cache on the same weights)."""
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from transformer_lens.utils import get_act_name
+
+    names = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "q", "k", "v", "z", "pattern", "attn",
+             "attn_scores", "attn_logits", "key", "query", "value", "pre", "post", "mlp_pre", "mlp_post", "scale",
+             "normalized", "embed", "pos_embed", "rot_k"]  # fmt: skip
+    cases = [(n, layer, kind) for n in names for layer in (None, 0, 3) for kind in (None, "ln1", "ln2", "a", "m")]
+    cases += [("k6",), ("scale4ln1",), ("pre5",), ("blocks.0.hook_resid_pre",), ("hook_embed",)]
+    for case in cases:
+        assert hp.act_name(*case) == get_act_name(*case), case
+    with pytest.raises(UserError, match="a hook name is a string"):
+        hp.act_name(0)
+
+    c = gpt2.model.config
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
+        d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN",
+        eps=c.layer_norm_epsilon, positional_embedding_type="standard", default_prepend_bos=False,
+    )  # fmt: skip
+    reference = HookedTransformer(cfg)
+    reference.load_state_dict(convert_gpt2_weights(gpt2.model, cfg), strict=False)
+    ids = gpt2.inputs([TEXTS[0]]).kwargs["input_ids"]  # [1, tokens]
+
+    def wanted(name: str) -> bool:
+        return name.endswith(("hook_resid_pre", "hook_q", "ln1.hook_scale"))
+
+    with torch.inference_mode():
+        _, expected = reference.run_with_cache(ids, names_filter=wanted, remove_batch_dim=True)
+    _, cache = gpt2.run_with_cache(ids, names_filter=wanted, remove_batch_dim=True)
+    assert set(cache) == set(expected.cache_dict)
+    for key in (("resid_pre", 0), ("q", 1), ("scale", 1, "ln1"), ("q1",)):
+        assert cache[key].shape == expected[key].shape, key  # [pos, d_model], [pos, head, d_head], [pos, 1]
+        torch.testing.assert_close(cache[key], expected[key], atol=1e-5, rtol=1e-5, msg=str(key))
+    with pytest.raises(UserError, match="cannot pool a cache without its batch axis"):
+        cache.pooled("mean")
+    with pytest.raises(UserError, match="remove_batch_dim needs one example, not 2"):
+        gpt2.run_with_cache(TEXTS[:2], names_filter=wanted, remove_batch_dim=True)
+    with pytest.raises(UserError, match="not both"):
+        gpt2.run_with_cache(ids, names="blocks.0.*", names_filter=wanted)
