@@ -52,7 +52,7 @@ def command(store_path, runs, by, where, patterns, components, absolute, scale, 
     label = "|activation|" if absolute else "activation"
     shown = magnitudes.to_pylist()
     for row in shown:
-        row["magnitude"] = round(row["magnitude"], 6)
+        row["magnitude"] = float(f"{row['magnitude']:.6g}")  # 6 significant digits: 3e-09 is no 0
         row[f"deviation x{scale:g}"] = round(row.pop("deviation") * scale, 3)
     render(shown, title=f"layer-wise mean {label} of run(s) {group.key} by {', '.join(columns)}")
     inequality = None

@@ -266,3 +266,23 @@ def test_speech_and_text_runs_without_a_modality_column_stay_apart(tmp_path):
         chosen = np.array(languages) == row["language"]
         subs = [x[chosen].astype(np.float64).mean(axis=1) for h, x in values.items() if f".{row['layer']}." in h]
         assert row["magnitude"] == pytest.approx(np.mean(subs, axis=0).mean(), rel=1e-9)
+
+
+def test_the_cli_prints_tiny_magnitudes_with_their_digits(tmp_path, run_cli):
+    """Magnitudes were rounded to 6 decimal places: a layer whose activations are ~3e-9 printed as 0."""
+    import numpy as np
+    import pyarrow as pa
+    from hookpoints.store.catalog import Store
+    from hookpoints.store.writer import HookRows, open_run
+
+    from tests.hostile_helpers import SETTINGS, hooks
+
+    store = Store.open(tmp_path / "store", create=True)
+    examples = pa.table({"example_id": ["a", "b"], "language": ["en", "de"]})
+    writer = open_run(store, "tiny", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=examples.schema)
+    values = np.full((2, 4), 3.25e-9, np.float32)
+    writer.add(examples, {h["hook"]: HookRows(["a", "b"], values) for h in hooks()})
+    writer.finish()
+    code, out, err = run_cli("magnitudes", "--store", str(tmp_path / "store"), "--run", "tiny", "--by", "language")
+    assert code == 0, err
+    assert "3.25e-09" in out.replace("\n", " ") and " 0.0 " not in out, out
