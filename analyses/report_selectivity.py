@@ -178,7 +178,8 @@ def add_sweep(section: Section, session: QuerySession, sweep: str) -> None:
     title = sweep_title(scores, sweep)
     section.add(image(png_bytes(figure5(scores, title)), title))
     numbers = session.sql(
-        f"""SELECT task, neuron_type, k, any_value(metric) AS metric, round(avg(score), 3) AS mean_score,
+        f"""SELECT task, neuron_type, k, string_agg(DISTINCT metric, '/' ORDER BY metric) AS metric,
+                   round(avg(score), 3) AS mean_score,
                    count(DISTINCT language) AS languages, sum(n_generations) AS generations
             FROM intervention_scores WHERE sweep IN ({literals([sweep])})
             GROUP BY task, neuron_type, k ORDER BY task, neuron_type, k"""

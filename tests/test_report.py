@@ -233,3 +233,30 @@ def test_report_shows_the_k_that_ap_prints_the_papers_1000(tmp_path, run_cli):
     expected = selectivity_report(store, "big", ["unimodal/text/de"], 1000, overlaps=False).rows[0]
     row = re.search(r"<tr><td>unimodal/text/de</td><td>lm</td><td[^>]*>([\d.]+)</td><td[^>]*>([\d.]+)</td>", html)
     assert (float(row.group(1)), float(row.group(2))) == (round(expected.gini_top, 3), round(expected.gini_bottom, 3))
+
+
+def test_the_sweep_table_names_both_asr_metrics_it_averages():
+    """ASR over a WER language (de) and a CER one (ja), averaged into one row: the row named one metric only
+    (``any_value``), the figure both (rv3-edits' report)."""
+    import duckdb
+    import pyarrow as pa
+    from hookpoints.analyses.report_html import Section
+    from hookpoints.analyses.report_selectivity import add_sweep
+
+    rows = [
+        {"sweep": "s", "task": "asr", "language": language, "metric": metric, "neuron_type": kind, "k": k,
+         "score": 0.25, "n_generations": 2}
+        for language, metric in (("de", "wer"), ("ja", "cer"))
+        for kind, k in (("none", 0), ("unimodal", 5))
+    ]  # fmt: skip
+    connection = duckdb.connect()
+    connection.register("intervention_scores", pa.Table.from_pylist(rows))
+
+    class Session:
+        def sql(self, query, params=None):
+            return connection.sql(query).to_arrow_table()
+
+    section = Section("sweep", "sweep")
+    add_sweep(section, Session(), "s")
+    table_html = section.parts[-1]
+    assert "cer/wer" in table_html and table_html.count("<tr>") >= 3, table_html[:400]
