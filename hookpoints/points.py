@@ -21,6 +21,14 @@ INPUT_SUFFIX = ":input"
 DERIVED_SUFFIXES = ("hook_normalized", "hook_scale")
 
 
+class LayerIndex(int):
+    """A hook point's layer number that TransformerLens code may also call: ``hook.layer == hook.layer() == 3``
+    (TransformerLens' ``HookPoint.layer()`` is a method; hook functions written for it call it)."""
+
+    def __call__(self) -> int:
+        return int(self)
+
+
 @dataclass(frozen=True)
 class HookPoint:
     """One named tensor of a model, with what the shape probe learnt about it.
@@ -56,6 +64,10 @@ class HookPoint:
     key_space: str | None = None  # attention maps: the positions the keys index
     order: int = -1  # when the tensor appears in a forward pass (nnsight needs requests in this order)
     unavailable: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.layer is not None and not isinstance(self.layer, LayerIndex):
+            object.__setattr__(self, "layer", LayerIndex(self.layer))
 
     @property
     def shape(self) -> tuple[int, ...]:

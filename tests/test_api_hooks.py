@@ -376,3 +376,23 @@ def test_steering_the_rotary_keys_during_generate_shifts_each_key_once(tiny_mode
         unedited = unedited.clone()
         unedited[..., neurons] += 3.0  # [batch, pos, width]: every position shifted once, at every step
         torch.testing.assert_close(edited, unedited, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+
+
+def test_hook_functions_written_for_transformer_lens_call_hook_layer(gpt2):
+    """TransformerLens' ``hook.layer()`` is a method: a hook function that calls it (a layer-dependent scale, as
+    TransformerLens tutorials write) runs here too, and gives what the same scale written by hand gives."""
+
+    def by_layer(x, hook):
+        return x * (1.0 + hook.layer())  # blocks.l.hook_resid_post scaled by l + 1
+
+    def by_hand(x, hook):
+        return x * (1.0 + int(hook.name.split(".")[1]))
+
+    names = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    called = gpt2.run_with_hooks(["a lazy dog"], fwd_hooks=[(name, by_layer) for name in names]).logits
+    expected = gpt2.run_with_hooks(["a lazy dog"], fwd_hooks=[(name, by_hand) for name in names]).logits
+    plain = gpt2.run_with_hooks(["a lazy dog"], fwd_hooks=[]).logits
+    torch.testing.assert_close(called, expected, rtol=0, atol=0)
+    assert not torch.allclose(called, plain)  # the scale changed something (layer 1 doubled)
+    point = gpt2.hook_points.get("blocks.1.hook_resid_post")
+    assert point.layer == 1 and point.layer() == 1 and point.row()["layer"] == 1
