@@ -180,8 +180,8 @@ def test_load_and_select_bad_input(gpt2, tiny_model_dir, tmp_path):
         hp.load(tiny_model_dir("gpt2"), dtype="float8")
 
 
-def test_gpt2_cache_equals_transformer_lens_run_with_cache(gpt2):
-    """TransformerLens itself, loaded with the same (randomised) weights: same names, shapes and values."""
+def transformer_lens_gpt2(gpt2):
+    """TransformerLens' HookedTransformer with the (randomised) weights of the tiny GPT-2."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
 
@@ -193,6 +193,12 @@ def test_gpt2_cache_equals_transformer_lens_run_with_cache(gpt2):
     )  # fmt: skip
     reference = HookedTransformer(cfg)
     reference.load_state_dict(convert_gpt2_weights(gpt2.model, cfg), strict=False)
+    return reference
+
+
+def test_gpt2_cache_equals_transformer_lens_run_with_cache(gpt2):
+    """TransformerLens itself, loaded with the same (randomised) weights: same names, shapes and values."""
+    reference = transformer_lens_gpt2(gpt2)
     ids = gpt2.inputs([TEXTS[0]]).kwargs["input_ids"]  # [1, tokens]
     with torch.inference_mode():
         logits, expected = reference.run_with_cache(ids)
@@ -348,9 +354,6 @@ def test_transformer_lens_shorthand_names_filter_and_remove_batch_dim(gpt2):
     0]``), ``names_filter=`` and ``remove_batch_dim=True`` (TransformerLens' own run_with_cache on the same weights)."""
     import warnings
 
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from transformer_lens.utils import get_act_name
@@ -365,14 +368,7 @@ def test_transformer_lens_shorthand_names_filter_and_remove_batch_dim(gpt2):
     with pytest.raises(UserError, match="a hook name is a string"):
         hp.act_name(0)
 
-    c = gpt2.model.config
-    cfg = HookedTransformerConfig(
-        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
-        d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN",
-        eps=c.layer_norm_epsilon, positional_embedding_type="standard", default_prepend_bos=False,
-    )  # fmt: skip
-    reference = HookedTransformer(cfg)
-    reference.load_state_dict(convert_gpt2_weights(gpt2.model, cfg), strict=False)
+    reference = transformer_lens_gpt2(gpt2)
     ids = gpt2.inputs([TEXTS[0]]).kwargs["input_ids"]  # [1, tokens]
 
     def wanted(name: str) -> bool:
