@@ -73,9 +73,13 @@ def old_store(base: str) -> dict:
     try:
         for name in names:
             copied = ROOT / "bench" / "base" / base / f"{name}.py"  # bench/gpu_bundle.sh: a tree without .git
-            source = copied.read_text() if copied.exists() else subprocess.run(
-                ["git", "show", f"{base}:store/{name}.py"], cwd=ROOT, capture_output=True, text=True, check=True
-            ).stdout
+            source = (
+                copied.read_text()
+                if copied.exists()
+                else subprocess.run(
+                    ["git", "show", f"{base}:store/{name}.py"], cwd=ROOT, capture_output=True, text=True, check=True
+                ).stdout
+            )
             spec = importlib.util.spec_from_loader(f"hookpoints.store.{name}", loader=None)
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module
@@ -219,10 +223,14 @@ def main() -> None:
                         beside.setdefault((case, name, way), []).append((statistics.median(flusher.times), share))
                         print(f"{case} {way} {name}: {beside[case, name, way][-1]}", file=sys.stderr, flush=True)
     median = statistics.median
-    print(f"Flush of {args.rows} rows per hook on {len(cores) - 1} core(s), a probe on its own core; base "
-          f"{args.base} with {args.workers} file threads; medians of {args.rounds} rounds x {args.flushes} flushes\n")
-    print("| shape | dtype | MB per flush | flush alone: before | now | beside Python: flush before | now | "
-          "probe's rate before | now | beside torch ops: flush before | now | probe's rate before | now |")
+    print(
+        f"Flush of {args.rows} rows per hook on {len(cores) - 1} core(s), a probe on its own core; base "
+        f"{args.base} with {args.workers} file threads; medians of {args.rounds} rounds x {args.flushes} flushes\n"
+    )
+    print(
+        "| shape | dtype | MB per flush | flush alone: before | now | beside Python: flush before | now | "
+        "probe's rate before | now | beside torch ops: flush before | now | probe's rate before | now |"
+    )
     print("|---|---|---:|" + "---:|" * 10)
     for shape, dtype in cases:
         megabytes = args.rows * sum(SHAPES[shape]) * (2 if dtype == "float16" else 4) / 1e6

@@ -37,7 +37,10 @@ from hookpoints.cli.placement_options import load_options, placement_options
     help="Explicit neurons, e.g. 'text_decoder.layers.3.ffn.fc1:0,5,7-9'.",
 )
 @click.option(
-    "--label-set", "label_sets", multiple=True, metavar="NAME",
+    "--label-set",
+    "label_sets",
+    multiple=True,
+    metavar="NAME",
     help="Any label set ranked in scores, e.g. an 'ap --name' one; may name {language} (repeatable).",
 )
 @click.option("--language", "languages", multiple=True, help="Languages (manifest labels) to generate from.")

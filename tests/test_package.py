@@ -20,7 +20,9 @@ NOT_ON_LIGHT_PATHS = (
 def _modules_after(code: str) -> set[str]:
     out = subprocess.run(
         [sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sys.modules))"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return set(out.split())
 
@@ -33,8 +35,7 @@ def test_cli_imports_no_model_library():
 def test_light_commands_import_no_model_library():
     for argv in (["--help"], ["sql", "--help"], ["store", "info", "--help"]):
         loaded = _modules_after(
-            "from hookpoints.cli.main import main\n"
-            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass"
+            f"from hookpoints.cli.main import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
         )
         assert not loaded & set(HEAVY), (argv, sorted(loaded & set(HEAVY)))
         assert not loaded & set(NOT_ON_LIGHT_PATHS), (argv, sorted(loaded & set(NOT_ON_LIGHT_PATHS)))
@@ -46,7 +47,8 @@ def test_wheel_holds_one_top_level_package(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
         + ["-w", str(tmp_path), str(root)],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     (wheel,) = tmp_path.glob("hookpoints-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -197,4 +197,3 @@ def test_replacing_top_voice_neurons_moves_wer_further_than_random_ones(forward_
         "intervene", "--store", store, "--run", "fwd", "--task", "asr", "--label-set", "nope", "--k", "5",
     )  # fmt: skip
     assert code == 2 and "--label-set nope matches no label set" in err
-
