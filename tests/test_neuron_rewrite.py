@@ -280,10 +280,12 @@ def test_timeout_stops_the_rewritten_query(store_data, monkeypatch):
 
     store, _ = store_data
     original = module._row_groups
-    monkeypatch.setattr(module, "_row_groups", lambda *a: time.sleep(0.2) or original(*a))
+    # each batch outlasts the 0.1 s timeout by far, so a timer thread slowed by a busy machine still fires first
+    monkeypatch.setattr(module, "_row_groups", lambda *a: time.sleep(0.6) or original(*a))
     sql = "SELECT hook, neuron, avg(value) FROM neurons WHERE run = 'f16' GROUP BY ALL"
     with store.query() as session:
         with pytest.raises(UserError, match="ran past its timeout") as error:
             session.sql(sql, timeout=0.1)
         assert "\n" not in str(error.value)
+        monkeypatch.setattr(module, "_row_groups", original)
         assert session.sql(sql).num_rows == sum(WIDTHS.values())  # no timeout: the next statement runs whole
