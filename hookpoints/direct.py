@@ -19,6 +19,7 @@ from hookpoints.inputs import ModelInputs
 from hookpoints.mask_skips import MaskSkips, settle
 from hookpoints.points import HookPoint
 from hookpoints.pooling import pool, prepare_masks
+from hookpoints.probe import first_input
 
 
 class _Stop(Exception):
@@ -55,8 +56,9 @@ def pooled_direct(
         keep = keeper(point)
         module = modules[point.module]
         if point.io == "input":
-            hook = module.register_forward_pre_hook(lambda m, args, kwargs, keep=keep: keep(_first(args, kwargs)),
-                                                    with_kwargs=True)  # fmt: skip
+            hook = module.register_forward_pre_hook(
+                lambda m, args, kwargs, keep=keep: keep(first_input(m, args, kwargs)), with_kwargs=True
+            )
         else:
             hook = module.register_forward_hook(lambda m, args, output, keep=keep: keep(output))
         handles.append(hook)
@@ -78,7 +80,3 @@ def pooled_direct(
     if missing:
         raise RuntimeError(f"hook points {missing[:3]} did not run in the forward pass")
     return settle(skips, pooled, defer_check)
-
-
-def _first(args: tuple, kwargs: dict):
-    return args[0] if args else next(iter(kwargs.values()), None)

@@ -13,8 +13,6 @@ applies them from torch hooks, or through nnsight when it also records; from tor
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -22,7 +20,7 @@ import torch
 
 from hookpoints.errors import UserError
 from hookpoints.points import HookPoint
-from hookpoints.probe import first_tensor
+from hookpoints.probe import first_input, first_tensor
 
 
 @dataclass(frozen=True)
@@ -220,25 +218,6 @@ class EditGroup:
         """A torch forward pre-hook editing the module's first input (:func:`first_input`):
         ``module.register_forward_pre_hook(group.input_hook, with_kwargs=True)``."""
         self.apply(first_input(module, args, kwargs))
-
-
-def first_input(module, args: tuple, kwargs: dict):
-    """A module's first input: its first positional argument, else the keyword argument named as ``forward``'s
-    first parameter (``generate`` calls an encoder ``encoder(attention_mask=..., ..., input_features=...)``), else
-    the first keyword argument (attention modules' ``hidden_states=``): what a forward pass records."""
-    if args:
-        return args[0]
-    name = _first_parameter(type(module))
-    return kwargs[name] if name in kwargs else next(iter(kwargs.values()), None)
-
-
-@functools.cache
-def _first_parameter(kind: type) -> str | None:
-    try:
-        names = list(inspect.signature(kind.forward).parameters)
-    except (TypeError, ValueError):
-        return None
-    return names[1] if len(names) > 1 else None
 
 
 def groups(edits: list[NeuronEdit]) -> dict[tuple[str, str], EditGroup]:

@@ -17,13 +17,13 @@ from hookpoints.alignment import LogitsFingerprint, check_prompt, check_steps
 from hookpoints.attention import changes_keys, changing_keys, needs_eager
 from hookpoints.attention import eager as eager_attention
 from hookpoints.edit_folding import edits_applied
-from hookpoints.editing import EditGroup, NeuronEdit, first_input, own_inputs
+from hookpoints.editing import EditGroup, NeuronEdit, own_inputs
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import HookPoint
 from hookpoints.pooling import pool_positions, positions_first
-from hookpoints.probe import first_tensor
+from hookpoints.probe import first_input, first_tensor
 from hookpoints.tasks import get_task
 
 #: A pooling method for every hook point, or a function choosing one per hook point.

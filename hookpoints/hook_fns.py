@@ -19,7 +19,7 @@ from hookpoints.editing import NeuronEdit, apply_edit
 from hookpoints.errors import UserError
 from hookpoints.points import HookPoint
 from hookpoints.pooling import check_width
-from hookpoints.probe import first_tensor
+from hookpoints.probe import first_input_key, first_tensor
 
 #: ``fn(tensor, hook) -> tensor | None``, as in TransformerLens.
 HookFn = Callable[[torch.Tensor, HookPoint], torch.Tensor | None]
@@ -99,7 +99,7 @@ def hooked(model, edits: Sequence[tuple[HookPoint, Callable[[torch.Tensor], torc
             if args:
                 new = change(_tensor_of(args[0], module))
                 return None if new is None else ((_replaced(args[0], new), *args[1:]), kwargs)
-            key = next(iter(kwargs), None)
+            key = first_input_key(module, kwargs)
             new = change(_tensor_of(kwargs.get(key), module))
             return None if new is None else (args, {**kwargs, key: _replaced(kwargs[key], new)})
 

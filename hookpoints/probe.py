@@ -8,6 +8,8 @@ the time axis, and the remaining axes hold the neurons.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import math
 from collections.abc import Mapping
@@ -39,6 +41,32 @@ def first_tensor(value):
     return value if isinstance(value, torch.Tensor) else None
 
 
+def first_input(module: nn.Module, args: tuple, kwargs: dict):
+    """A module's first input (its ``:input`` hook point): the first positional argument, else the keyword
+    argument :func:`first_input_key` names."""
+    if args:
+        return args[0]
+    key = first_input_key(module, kwargs)
+    return None if key is None else kwargs[key]
+
+
+def first_input_key(module: nn.Module, kwargs: dict) -> str | None:
+    """The keyword argument that is a module's first input when it gets no positional one: the one named as
+    ``forward``'s first parameter (``generate`` calls an encoder ``encoder(attention_mask=..., ...,
+    input_features=...)``), else the first one (attention modules' ``hidden_states=``)."""
+    name = _first_parameter(type(module))
+    return name if name in kwargs else next(iter(kwargs), None)
+
+
+@functools.cache
+def _first_parameter(kind: type) -> str | None:
+    try:
+        names = list(inspect.signature(kind.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names[1] if len(names) > 1 else None
+
+
 def observe(model: nn.Module, inputs: ModelInputs) -> dict[tuple[str, str], Seen]:
     """Run ``model`` once on ``inputs``; map (module path, "input" | "output") to what was seen."""
     counter = itertools.count()
@@ -53,7 +81,7 @@ def observe(model: nn.Module, inputs: ModelInputs) -> dict[tuple[str, str], Seen
 
     def on_input(name):
         def hook(module, args, kwargs):
-            note((name, "input"), args[0] if args else next(iter(kwargs.values()), None))
+            note((name, "input"), first_input(module, args, kwargs))
 
         return hook
 

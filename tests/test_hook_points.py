@@ -169,3 +169,50 @@ def test_a_tensor_whose_positions_match_no_space_is_refused_not_flattened(tiny_m
         model.pooled(model.speech_inputs(waves), [point], "mean")
     glu = model.select(["speech_encoder.layers.0.conv_module.glu"])  # the same tensor without the pad: fine
     assert model.pooled(model.speech_inputs(waves), glu, "mean")[glu[0].name].shape == (2, 64)
+
+
+def test_every_path_reads_the_same_first_input_of_a_module_called_by_keyword():
+    """``generate`` calls an encoder ``encoder(attention_mask=..., input_features=...)``: the probe, the edit
+    groups and the plain torch hooks all take the keyword named as ``forward``'s first parameter (the probe and
+    the hooks took the first keyword given: they measured and changed the mask)."""
+    import torch
+    from torch import nn
+
+    from hookpoints.editing import EditGroup, NeuronEdit
+    from hookpoints.hook_fns import hooked
+    from hookpoints.inputs import ModelInputs
+    from hookpoints.points import HookPoint
+    from hookpoints.probe import observe
+
+    class Encoder(nn.Module):
+        def forward(self, input_features, attention_mask=None):
+            return input_features * attention_mask[..., None]
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = Encoder()
+
+        def forward(self, input_features, attention_mask):
+            return self.encoder(attention_mask=attention_mask, input_features=input_features)
+
+    wrapper = Wrapper()
+    features, mask = torch.ones(2, 5, 3), torch.ones(2, 5)
+    seen = observe(wrapper, ModelInputs({"input_features": features, "attention_mask": mask}, {"input": mask > 0}))
+    assert seen["encoder", "input"].shape == (2, 5, 3)  # the features, not the [2, 5] mask
+
+    point = HookPoint("encoder:input", "encoder", io="input", width=3, neuron_axis=2, time_axis=1, space="input")
+
+    class Model:  # what hooked() reads of a HookedModel
+        model = wrapper
+
+    with hooked(Model(), [(point, lambda x: x.index_fill(-1, torch.tensor([1]), 7.0))]):
+        out = wrapper(features, mask)
+    assert out[..., 1].eq(7).all() and out[..., 0].eq(1).all()
+    group = EditGroup([NeuronEdit(point, torch.tensor([2]), torch.tensor([5.0]))])
+    handle = wrapper.encoder.register_forward_pre_hook(group.input_hook, with_kwargs=True)
+    try:
+        out = wrapper(features.clone(), mask)
+    finally:
+        handle.remove()
+    assert out[..., 2].eq(5).all() and out[..., 0].eq(1).all()
