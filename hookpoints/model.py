@@ -149,8 +149,11 @@ class HookedModel(GenerationMethods, ModelApi):
             inputs = self.adapter.with_bos(self.model, self.tokenizer, inputs)
         return inputs.to(self.device)
 
-    def speech_inputs(self, waveforms: list, *, frames: int | None = None) -> ModelInputs:
-        """Inputs for 16 kHz mono ``waveforms`` (``[samples]`` arrays), through the checkpoint's feature extractor."""
+    def speech_inputs(
+        self, waveforms: list, *, frames: int | None = None, names: list[str] | None = None
+    ) -> ModelInputs:
+        """Inputs for 16 kHz mono ``waveforms`` (``[samples]`` arrays), through the checkpoint's feature extractor.
+        ``names`` (e.g. their files) name a refused waveform; default ``waveform i``."""
         if self.modality != "speech":
             if "speech" not in self.adapter.modalities(self.model.config):
                 raise UserError(f"model {self.source} ({self.adapter.name}) takes text, not waveforms or audio")
@@ -159,17 +162,18 @@ class HookedModel(GenerationMethods, ModelApi):
             raise UserError(
                 f"model {self.source} has no feature extractor: save one next to it (feature_extractor.save_pretrained)"
             )
+        names = names or [f"waveform {i}" for i in range(len(waveforms))]
         window = getattr(self.processor, "n_samples", None)  # a fixed window (Whisper: 30 s) cuts the rest silently
         longest = max(range(len(waveforms)), key=lambda i: len(waveforms[i]), default=None)
         if window is not None and longest is not None and len(waveforms[longest]) > window:
             raise UserError(
-                f"waveform {longest} lasts {len(waveforms[longest]) / 16_000:.1f} s; {self.source} reads at most "
-                f"{window / 16_000:g} s (the rest would be cut off): split it into shorter pieces"
+                f"{names[longest]} lasts {len(waveforms[longest]) / SAMPLE_RATE:.1f} s; {self.source} reads at most "
+                f"{window / SAMPLE_RATE:g} s (the rest would be cut off): split it into shorter pieces"
             )
         shortest = min(range(len(waveforms)), key=lambda i: len(waveforms[i]), default=None)
         if shortest is not None and len(waveforms[shortest]) < MIN_SECONDS * SAMPLE_RATE:  # as audio files
             raise UserError(
-                f"waveform {shortest} holds {len(waveforms[shortest])} samples; speech models need at least "
+                f"{names[shortest]} holds {len(waveforms[shortest])} samples; speech models need at least "
                 f"{MIN_SECONDS * 1000:.0f} ms ({MIN_SECONDS * SAMPLE_RATE:.0f} samples at 16 kHz): drop it"
             )
         inputs = self.adapter.speech_inputs(self.model, self.processor, self.tokenizer, waveforms, frames=frames)

@@ -51,8 +51,7 @@ def as_inputs(model, inputs) -> ModelInputs:
             f"tensors, not {_describe(inputs)}"
         )
     if all(isinstance(item, (np.ndarray, torch.Tensor)) for item in inputs):
-        waves = [_waveform(item, i) for i, item in enumerate(inputs)]
-        return model.speech_inputs(_in_window(model, waves, [f"waveform {i}" for i in range(len(waves))]))
+        return model.speech_inputs([_waveform(item, i) for i, item in enumerate(inputs)])
     if not all(isinstance(item, (str, Path)) for item in inputs):
         kinds = sorted({type(item).__name__ for item in inputs})
         raise UserError(f"inputs mix {', '.join(kinds)}: give all strings, all waveforms or all audio paths")
@@ -67,7 +66,7 @@ def as_inputs(model, inputs) -> ModelInputs:
                     f"({str(path)[:60]!r}); load it with modality='text' to read text"
                 )
         waves = [load_audio(path, path.name) for path in paths]
-        return model.speech_inputs(_in_window(model, waves, [f"audio file {path}" for path in paths]))
+        return model.speech_inputs(waves, names=[f"audio file {path}" for path in paths])
     audio = next((item for item in inputs if _audio_file(item)), None)
     if audio is not None:  # its path would be tokenised as text, without a word
         if "speech" in model.adapter.modalities(model.model.config):
@@ -144,19 +143,6 @@ def _left_padded(mask: torch.Tensor) -> bool:
     """Whether some example's padding comes before its real tokens."""
     valid = mask.bool()
     return bool((valid[:, 1:] & ~valid[:, :-1]).any())
-
-
-def _in_window(model, waves: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
-    """``waves``, refused when longer than a fixed-window feature extractor reads (Whisper's 30 s: it would cut
-    the rest off without a word)."""
-    window = getattr(model.processor, "n_samples", None)
-    for wave, name in zip(waves, names, strict=True):
-        if window is not None and len(wave) > window:
-            raise UserError(
-                f"{name} lasts {len(wave) / 16_000:.1f} s; {model.source} reads at most {window / 16_000:g} s "
-                "(the rest would be cut off): split it into shorter pieces"
-            )
-    return waves
 
 
 def _waveform(item, index: int) -> np.ndarray:
