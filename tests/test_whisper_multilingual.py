@@ -122,6 +122,15 @@ def test_generate_and_inputs_refuse_what_the_window_would_cut(whisper):
         whisper.generate([long[:16_000]], whisper.decoder_prompt(["deu"]), 100)
 
 
+def test_a_file_too_long_for_the_window_is_named(whisper, tmp_path):
+    import soundfile
+
+    path = tmp_path / "long.wav"
+    soundfile.write(path, np.zeros(16_000 * WINDOW + 8_000, dtype=np.float32), 16_000)
+    with pytest.raises(UserError, match=r"audio file .*long.wav lasts 5.5 s; .* at most 5 s"):
+        whisper.inputs([str(path)])
+
+
 def test_per_step_rows_equal_hooks_at_every_step_of_generate(whisper, tmp_path):
     """Steps numbered from the first generated token after the 4-token prompt, each equal to what a hook sees
     at that step of ``generate`` (nnsight's step loop, which a language-detection pass would also shift)."""
