@@ -279,8 +279,8 @@ class Store:
         # stops it (store/commits.py) instead of bringing back part of a deleted run, logged complete.
         from hookpoints.store.commits import app_id
 
+        settings = {key: getattr(info, key) for key in RUN_SETTINGS} if info is not None else {}
         if info is not None:  # first: a delete killed between its tables must not leave the run `complete`
-            settings = {key: getattr(info, key) for key in RUN_SETTINGS}
             message = "being deleted; if `hookpoints store delete` was interrupted, run it again"
             self.log_run_event(run, "failed", settings, info.config, message, shard=(0, info.shards))
         writers = [app_id(run, (index, info.shards)) for index in range(info.shards)] if info is not None else []
@@ -289,7 +289,6 @@ class Store:
             if keys[name] or fence:
                 _table_io().delete(self.location, name, _table_io().any_of("run", keys[name]), fence=fence)
         if info is not None:
-            settings = {key: getattr(info, key) for key in RUN_SETTINGS}
             self.log_run_event(run, "deleted", settings, info.config, shard=None)
 
     def run_keys(self, table: str, run: str) -> list[str]:
