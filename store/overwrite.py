@@ -77,7 +77,7 @@ def swap(store: Store, run: str, settings: dict, config: dict) -> None:
         # A process still recording the old run (one thought dead) must not commit into the new one: fenced.
         writers = [app_id(run, (index, old.shards)) for index in range(old.shards)]
         for name in ("examples", "activations"):
-            tables.fence(store.location, name, writers)
+            tables.fence_writers(store.location, name, writers)
     for name in _RUN_TABLES:
         move_run(store, name, staging, run)
     for name in store.table_names():  # the analyses of the old run (scores, clusters, ...) describe rows now gone

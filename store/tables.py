@@ -164,24 +164,12 @@ def delete(location: StoreLocation, table: str, predicate: str, *, fence: Sequen
     own (a delete that matches nothing commits nothing), so a writer still committing under one of them stops
     (``WriterFenced``) instead of adding rows of a deleted run after the delete.
     """
-
-    def commit() -> None:
-        delta = open_table(location, table)
-        if fence:
-            raised = [Transaction(app, (delta.transaction_version(app) or 0) + 1) for app in fence]
-            delta.create_write_transaction(
-                [],
-                mode="append",
-                schema=delta.schema(),
-                partition_by=delta.metadata().partition_columns or None,
-                commit_properties=CommitProperties(app_transactions=raised),
-            )
-        delta.delete(predicate)
-
-    retrying(commit)
+    if fence:
+        fence_writers(location, table, fence)
+    retrying(lambda: open_table(location, table).delete(predicate))
 
 
-def fence(location: StoreLocation, table: str, apps: Sequence[str]) -> None:
+def fence_writers(location: StoreLocation, table: str, apps: Sequence[str]) -> None:
     """Raise the transaction number of each application id in ``apps`` (store/commits.py) in one commit that
     adds nothing: a writer still committing under one of them stops at its next commit (``WriterFenced``)."""
 
