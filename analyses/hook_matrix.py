@@ -173,7 +173,7 @@ class HookMatrixReader:
                 continue
             rows = pc.index_in(batch.column(0), value_set=self._lookup[run])
             rows = pc.fill_null(rows, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-            values = _vectors(batch.column(1), batch.num_rows, hook, run)
+            values = row_vectors(batch.column(1), batch.num_rows, hook, run)
             if positions:
                 steps = batch.column(2)
                 if steps.null_count:
@@ -223,7 +223,7 @@ class HookMatrixReader:
             raise UserError(f"run {run!r} holds more than one vector per example at {hook.hook}: the run is damaged")
 
 
-def _vectors(column: pa.Array, n_rows: int, hook: StoredHook, run: str) -> np.ndarray:
+def row_vectors(column: pa.Array, n_rows: int, hook: StoredHook, run: str) -> np.ndarray:
     """A batch's list column as ``[rows, width]`` (float32 view without a copy; float16 bits viewed as half)."""
     if column.null_count:
         raise UserError(f"run {run!r} stores empty vectors at {hook.hook}: the run is damaged (record it again)")

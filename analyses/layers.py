@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from hookpoints.analyses import examples
-from hookpoints.analyses.hook_matrix import check_lengths
+from hookpoints.analyses.hook_matrix import row_vectors
 from hookpoints.analyses.hooks import StoredHook, run_hooks, select_hooks
 from hookpoints.analyses.subsets import Subset
 from hookpoints.store.query import QuerySession
@@ -108,13 +107,8 @@ def _vectors(batch: pa.RecordBatch, hook: StoredHook, run: str) -> np.ndarray:
     """The batch's vectors as ``[rows, width]`` float32 (a zero-copy view for float32 runs)."""
     column = batch.column("activation")
     if column.null_count == len(column):  # a float16 run: IEEE half bit patterns
-        check_lengths(batch.column("activation_f16"), hook, run)
-        bits = pc.list_flatten(batch.column("activation_f16")).to_numpy(zero_copy_only=False)
-        flat = bits.astype(np.int16, copy=False).view(np.float16).astype(np.float32)
-    else:
-        check_lengths(column, hook, run)
-        flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-    return flat.reshape(len(batch), hook.width)
+        column = batch.column("activation_f16")
+    return row_vectors(column, len(batch), hook, run).astype(np.float32, copy=False)
 
 
 def _reduce_into(matrix: np.ndarray, filled: np.ndarray, rows: np.ndarray, values: np.ndarray, how: str) -> None:
