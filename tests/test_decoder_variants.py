@@ -1,0 +1,199 @@
+"""The decoder-only names on the variants TransformerLens 3.9 does not load as HF runs them.
+
+TransformerLens 3.9 drops LLaMA's ``attention_bias`` / ``mlp_bias`` and Qwen3's q/k/v biases, ignores Qwen2 /
+Qwen3 sliding windows and linear RoPE scaling (its logits differ from HF's by 0.2 to 1.0 on these tiny models;
+tests/test_transformerlens_names.py compares the plain variants and Mistral with TransformerLens itself). Here
+every TransformerLens name of these variants is compared, at every real position of a right-padded batch, with
+plain torch hooks on the stock model run with HF's own eager attention (``output_attentions``), and the norms'
+``hook_scale`` / ``hook_normalized`` with TransformerLens' arithmetic on the norm's input.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from hookpoints.loading import load
+from hookpoints.tiny import randomise_norms_and_biases, tiny_tokenizer
+
+TEXTS = ["the quick brown fox jumps over the lazy dog by the river", "a lazy dog by the river"]  # windows of 4
+LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}
+WINDOW = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}  # layer 1 windowed
+VARIANTS = {
+    "llama-biases": (tf.LlamaConfig, tf.LlamaForCausalLM, {"attention_bias": True, "mlp_bias": True}),
+    "llama-linear-rope": (
+        tf.LlamaConfig, tf.LlamaForCausalLM, {"rope_parameters": LINEAR_ROPE},
+    ),
+    "mistral-window": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": 4, "head_dim": 16}),
+    "qwen2-window": (tf.Qwen2Config, tf.Qwen2ForCausalLM, WINDOW),
+    "qwen3-window-biases": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {**WINDOW, "head_dim": 32, "attention_bias": True}),
+}  # fmt: skip
+
+
+def build(folder, variant: str):
+    config_class, model_class, extra = VARIANTS[variant]
+    tokenizer = tiny_tokenizer()
+    sizes = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+    sizes |= {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+    torch.manual_seed(0)
+    model = model_class(config_class(**sizes, pad_token_id=0, bos_token_id=2, eos_token_id=3, **extra)).eval()
+    randomise_norms_and_biases(model, 0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model_class
+
+
+def stock_tensors(stock, inputs) -> dict[str, torch.Tensor]:
+    """TransformerLens names -> the stock model's tensors ([batch, pos, ...]), read with plain torch hooks."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def output(name, index=None):
+        def hook(_module, _args, out):
+            seen[name] = out if index is None else out[index]
+
+        return hook
+
+    def first_input(name):
+        def hook(_module, args, kwargs):
+            seen[name] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def on(module, name, index=None):
+        handles.append(module.register_forward_hook(output(name, index)))
+
+    def before(module, name):
+        handles.append(module.register_forward_pre_hook(first_input(name), with_kwargs=True))
+
+    base = stock.model
+    on(base.embed_tokens, "hook_embed")
+    before(base.norm, "ln_final")
+    for layer, block in enumerate(base.layers):
+        name = f"blocks.{layer}"
+        before(block, f"{name}.hook_resid_pre")
+        on(block, f"{name}.hook_resid_post")
+        before(block.input_layernorm, f"{name}.ln1")
+        for key in ("q", "k", "v"):
+            on(getattr(block.self_attn, f"{key}_proj"), f"{name}.attn.hook_{key}")
+        for key in ("q", "k"):
+            if hasattr(block.self_attn, f"{key}_norm"):
+                before(getattr(block.self_attn, f"{key}_norm"), f"{name}.attn.{key}_norm")
+                on(getattr(block.self_attn, f"{key}_norm"), f"{name}.attn.{key}_normed")
+        before(block.self_attn.o_proj, f"{name}.attn.hook_z")
+        on(block.self_attn, f"{name}.hook_attn_out", 0)
+        before(block.post_attention_layernorm, f"{name}.hook_resid_mid")
+        before(block.post_attention_layernorm, f"{name}.ln2")
+        on(block.mlp.gate_proj, f"{name}.mlp.hook_pre")
+        on(block.mlp.up_proj, f"{name}.mlp.hook_pre_linear")
+        before(block.mlp.down_proj, f"{name}.mlp.hook_post")
+        on(block.mlp, f"{name}.hook_mlp_out")
+        handles.append(block.register_forward_pre_hook(keep_rotary(seen, name), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            out = stock(**inputs.kwargs, output_attentions=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    config = stock.config
+    for layer, block in enumerate(base.layers):
+        name = f"blocks.{layer}"
+        for norm, module in (("ln1", block.input_layernorm), ("ln2", block.post_attention_layernorm)):
+            tl_norm(seen, f"{name}.{norm}", seen.pop(f"{name}.{norm}"), module.variance_epsilon)
+        batch, pos = inputs.kwargs["input_ids"].shape
+        q = seen[f"{name}.attn.hook_q"].view(batch, pos, -1, block.self_attn.head_dim)
+        k = seen[f"{name}.attn.hook_k"].view(batch, pos, -1, block.self_attn.head_dim)
+        if f"{name}.attn.q_norm" in seen:
+            for key in ("q", "k"):
+                normed = seen.pop(f"{name}.attn.{key}_norm")
+                tl_norm(seen, f"{name}.attn.{key}_norm", normed, block.self_attn.q_norm.variance_epsilon)
+            q, k = seen.pop(f"{name}.attn.q_normed"), seen.pop(f"{name}.attn.k_normed")
+        cos, sin = seen.pop(f"{name}.rotary")
+        module = __import__(type(block).__module__, fromlist=["apply_rotary_pos_emb"])
+        rot_q, rot_k = module.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        seen[f"{name}.attn.hook_rot_q"], seen[f"{name}.attn.hook_rot_k"] = rot_q.transpose(1, 2), rot_k.transpose(1, 2)
+        seen[f"{name}.attn.hook_pattern"] = out.attentions[layer]  # HF's eager weights
+        groups = config.num_attention_heads // config.num_key_value_heads
+        keys = rot_k.repeat_interleave(groups, 1)  # [batch, head, pos, d_head]
+        seen[f"{name}.attn.hook_attn_scores"] = rot_q @ keys.transpose(2, 3) * block.self_attn.scaling
+    tl_norm(seen, "ln_final", seen.pop("ln_final"), base.norm.variance_epsilon)
+    return seen
+
+
+def keep_rotary(seen, name):
+    def hook(_module, _args, kwargs):
+        seen[f"{name}.rotary"] = kwargs["position_embeddings"]
+
+    return hook
+
+
+def tl_norm(seen, name: str, x: torch.Tensor, eps: float) -> None:
+    """TransformerLens' RMS ``hook_scale`` / ``hook_normalized`` of ``x`` (before the gain)."""
+    scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    seen[f"{name}.hook_scale"], seen[f"{name}.hook_normalized"] = scale, x / scale
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_name_equals_plain_torch_hooks(tmp_path, variant):
+    model_class = build(tmp_path, variant)
+    model = load(tmp_path, dtype="float32")
+    stock = model_class.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    inputs = model.text_inputs(TEXTS)
+    valid = inputs.masks["input"]
+    assert not valid.all() and valid.sum(1).min() > 4  # padded, and longer than the windows
+    expected = stock_tensors(stock, inputs)
+    output, got = model.run_with_cache(inputs, names=list(expected))
+    torch.testing.assert_close(output.logits[valid], stock(**inputs.kwargs).logits[valid], atol=1e-5, rtol=1e-5)
+    names = [p.name for p in model.hook_points if p.canonical and p.unavailable is None]
+    assert sorted(expected) == sorted(names)  # every TransformerLens name of the model
+    for name in names:
+        for i in range(len(TEXTS)):
+            real = valid[i]
+            actual, want = got[name][i], expected[name][i]
+            if name.endswith(("hook_pattern", "hook_attn_scores")):  # [head, query, key]
+                actual, want = actual[:, real][:, :, real], want[:, real][:, :, real]
+                if name.endswith("hook_attn_scores"):  # outside the window or the future: the mask
+                    masked = expected[name.replace("attn_scores", "pattern")][i][:, real][:, :, real] == 0
+                    assert (actual[masked] < -1e30).all(), name
+                    actual, want = actual[~masked], want[~masked]
+            else:
+                actual, want = actual[real], want[real].reshape(actual[real].shape)
+            torch.testing.assert_close(actual, want, atol=2e-5, rtol=2e-5, msg=f"{variant} {name} example {i}")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # HookedTransformer: deprecated in favour of 4.x's bridge
+@pytest.mark.parametrize("ungroup", [False, True])
+def test_mistral_window_and_grouped_keys_equal_transformerlens(tmp_path, ungroup):
+    """Mistral with a window of 4 keys (shorter than the texts) and 2 key-value heads for 4 query heads, against
+    TransformerLens 3.9 given the same padded batch. TransformerLens' ``hook_k`` / ``hook_v`` / ``hook_rot_k``
+    hold the key-value heads, or with ``ungroup_grouped_query_attention`` each repeated for its query heads
+    (``repeat_interleave``): hookpoints keeps the key-value heads."""
+    from tests.test_transformerlens_names import NOT_GIVEN, transformerlens_model
+
+    build(tmp_path / "mistral", "mistral-window")
+    model = load(tmp_path / "mistral", dtype="float32")
+    peer = transformerlens_model("mistral", tmp_path / "mistral", tmp_path)
+    assert peer.cfg.window_size == 4 and peer.cfg.n_key_value_heads == 2
+    peer.cfg.ungroup_grouped_query_attention = ungroup
+    inputs = model.text_inputs(TEXTS)
+    ids, mask = inputs.kwargs["input_ids"], inputs.kwargs["attention_mask"]
+    with torch.no_grad():
+        logits, cache = peer.run_with_cache(ids, attention_mask=mask)
+    names = [name for name in cache.keys() if not name.startswith(NOT_GIVEN)]
+    output, got = model.run_with_cache(inputs, names=names)
+    valid = mask.bool()
+    torch.testing.assert_close(output.logits[valid], logits[valid], atol=5e-5, rtol=5e-5)
+    for name in names:
+        for i in range(len(TEXTS)):
+            actual, expected = got[name][i], cache[name][i]
+            if name.endswith(("hook_pattern", "hook_attn_scores")):  # [head, query, key]: real queries and keys
+                actual, expected = actual[:, valid[i]][:, :, valid[i]], expected[:, valid[i]][:, :, valid[i]]
+                kept = torch.isfinite(expected)  # TransformerLens: -inf at masked keys (the future, the window)
+                assert (actual[~kept] < -1e30).all() if name.endswith("scores") else (actual[~kept] == 0).all()
+                actual, expected = actual[kept], expected[kept]
+            else:
+                actual, expected = actual[valid[i]], expected[valid[i]]
+                if ungroup and name.endswith(("attn.hook_k", "attn.hook_v", "hook_rot_k")):  # [pos, kv head, d]
+                    actual = actual.repeat_interleave(peer.cfg.n_heads // peer.cfg.n_key_value_heads, 1)
+            torch.testing.assert_close(actual, expected, atol=5e-5, rtol=5e-5, msg=f"{name} example {i}")
