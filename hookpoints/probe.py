@@ -125,8 +125,10 @@ def measure(point: HookPoint, seen: Seen | None, lengths: dict[str, int], batch:
         return replace(point, order=seen.order, unavailable=f"its positions match several spaces ({list(shape)})")
     time_axis, space = time[0] if time else (None, None)
     neuron_axes = [axis for axis in range(1, len(shape)) if axis != time_axis]
-    if not neuron_axes or neuron_axes != list(range(neuron_axes[0], neuron_axes[-1] + 1)):
+    if not neuron_axes:
         return replace(point, order=seen.order, unavailable=f"its tensor has no neuron axis ({list(shape)})")
+    if neuron_axes != list(range(neuron_axes[0], neuron_axes[-1] + 1)):  # Phi's q_layernorm: [batch, head, pos, d]
+        return replace(point, order=seen.order, unavailable=_split_neurons(shape, time_axis))
     width = math.prod(shape[axis] for axis in neuron_axes)
     if point.part:
         if width % point.part[1]:
@@ -136,6 +138,14 @@ def measure(point: HookPoint, seen: Seen | None, lengths: dict[str, int], batch:
         # one divisor per normalised vector: [batch, pos, 1], or one per head for a per-head norm (Qwen3's q_norm)
         width = math.prod(shape[axis] for axis in neuron_axes[:-1])
     return replace(point, width=width, neuron_axis=neuron_axes[0], time_axis=time_axis, space=space, order=seen.order)
+
+
+def _split_neurons(shape: tuple[int, ...], time_axis: int) -> str:
+    return (
+        f"its positions (axis {time_axis} of {list(shape)}) lie between its neuron axes, e.g. [batch, head, pos, "
+        "d_head], a layout hookpoints does not record: record the module before or after it (for attention heads "
+        "the q/k projection, or hook_rot_q / hook_rot_k)"
+    )
 
 
 def _measure_map(point: HookPoint, shape: tuple[int, ...], order: int, lengths: dict[str, int]) -> HookPoint:
