@@ -197,3 +197,40 @@ def test_mistral_window_and_grouped_keys_equal_transformerlens(tmp_path, ungroup
                 if ungroup and name.endswith(("attn.hook_k", "attn.hook_v", "hook_rot_k")):  # [pos, kv head, d]
                     actual = actual.repeat_interleave(peer.cfg.n_heads // peer.cfg.n_key_value_heads, 1)
             torch.testing.assert_close(actual, expected, atol=5e-5, rtol=5e-5, msg=f"{name} example {i}")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize(("family", "peer_family"), [("qwen2_audio", "qwen2"), ("ultravox", "llama")])
+def test_audio_llm_language_model_names_equal_transformerlens(tiny_model_dir, tmp_path, family, peer_family):
+    """The audio LLMs' language models (on text) under TransformerLens' names: their weights loaded into
+    TransformerLens 3.9 as a plain Qwen2 / LLaMA, every name it caches compared."""
+    from tests.test_transformerlens_names import NOT_GIVEN, TEXT, transformerlens_model
+
+    model = load(tiny_model_dir(family), modality="text")
+    body, head = {"qwen2_audio": ("model.language_model.", "lm_head."), "ultravox": ("language_model.model.", "")}[
+        family
+    ]
+    head = head or "language_model.lm_head."
+    weights = model.model.state_dict()
+    plain = {"model." + k.removeprefix(body): v for k, v in weights.items() if k.startswith(body)}
+    plain |= {"lm_head." + k.removeprefix(head): v for k, v in weights.items() if k.startswith(head)}
+    lm_class = tf.Qwen2ForCausalLM if family == "qwen2_audio" else tf.LlamaForCausalLM
+    lm = lm_class(model.model.config.text_config).eval()
+    lm.load_state_dict(plain, strict=True)
+    lm.save_pretrained(tmp_path / "lm")
+    model.tokenizer.save_pretrained(tmp_path / "lm")  # TransformerLens loads one
+    (tmp_path / "scratch").mkdir()
+    peer = transformerlens_model(peer_family, tmp_path / "lm", tmp_path / "scratch")
+    ids = model.text_inputs([TEXT]).kwargs["input_ids"]
+    with torch.no_grad():
+        logits, cache = peer.run_with_cache(ids)
+    names = [name for name in cache.keys() if not name.startswith(NOT_GIVEN)]
+    output, got = model.run_with_cache(ids, names=names)
+    torch.testing.assert_close(output.logits, logits, atol=5e-5, rtol=5e-5)
+    for name in names:
+        actual, expected = got[name][0], cache[name][0]
+        if name.endswith(("hook_pattern", "hook_attn_scores")):
+            masked = torch.isinf(expected)
+            assert (actual[masked] < -1e30).all(), name
+            actual, expected = actual.masked_fill(masked, 0), expected.masked_fill(masked, 0)
+        torch.testing.assert_close(actual, expected, atol=5e-5, rtol=5e-5, msg=f"{family} {name}")
