@@ -234,3 +234,42 @@ def test_audio_llm_language_model_names_equal_transformerlens(tiny_model_dir, tm
             assert (actual[masked] < -1e30).all(), name
             actual, expected = actual.masked_fill(masked, 0), expected.masked_fill(masked, 0)
         torch.testing.assert_close(actual, expected, atol=5e-5, rtol=5e-5, msg=f"{family} {name}")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_recorded_mistral_window_equals_transformerlens(tmp_path):
+    """What ``record`` stores (pooling ``none``, a padded batch of 3) for every TransformerLens name of Mistral with
+    a window shorter than the texts, read back from the store, against TransformerLens run on each text alone."""
+    from hookpoints.store.catalog import Store
+
+    from hookpoints.record_api import record
+    from tests.store_checks import table_rows
+    from tests.test_transformerlens_names import NOT_GIVEN, transformerlens_model
+
+    build(tmp_path / "mistral", "mistral-window")
+    model = load(tmp_path / "mistral", dtype="float32")
+    peer = transformerlens_model("mistral", tmp_path / "mistral", tmp_path)
+    texts = [*TEXTS, "the river"]
+    rows = [{"id": f"t{i}", "text": text} for i, text in enumerate(texts)]
+    with torch.no_grad():
+        caches = [peer.run_with_cache(model.text_inputs([text]).kwargs["input_ids"])[1] for text in texts]
+    names = [name for name in caches[0].keys() if not name.startswith(NOT_GIVEN)]
+    store = Store.open(tmp_path / "store", create=True)
+    record(model, rows, store, "r", hooks=names, pooling="none", batch_size=3, progress=False)
+    table = table_rows(store, "activations", "r", ["hook", "example_id", "position", "activation"])
+    stored = {(hook, example, position): torch.tensor(vector) for hook, example, position, vector in table}
+    heads, keys = peer.cfg.n_heads, model.hook_points.get("blocks.0.attn.hook_pattern").keys
+    for name in names:
+        for i, cache in enumerate(caches):
+            expected = cache[name][0]  # [pos, ...] or [head, query, key]
+            positions = expected.shape[1] if name.endswith(("hook_pattern", "hook_attn_scores")) else len(expected)
+            actual = torch.stack([stored[name, f"t{i}", position] for position in range(positions)])
+            assert (name, f"t{i}", positions) not in stored  # nothing recorded at padding
+            if name.endswith(("hook_pattern", "hook_attn_scores")):
+                actual = actual.view(positions, heads, keys)  # [query, head, key], zeros past the example's keys
+                assert not actual[:, :, positions:].any()
+                actual = actual[:, :, :positions].transpose(0, 1)
+                kept = torch.isfinite(expected)  # the future and outside the window: -inf in TransformerLens
+                assert (actual[~kept] < -1e30).all() if name.endswith("scores") else (actual[~kept] == 0).all()
+                actual, expected = actual[kept], expected[kept]
+            torch.testing.assert_close(actual, expected.reshape(actual.shape), atol=5e-5, rtol=5e-5, msg=name)
