@@ -70,11 +70,19 @@ def test_padded_batches_record_what_each_text_gives_alone(generic):
     _same_as_alone(model, dict(left), left["attention_mask"], names)
 
 
-def test_transformerlens_names_are_refused_not_guessed(generic):
+def test_transformerlens_names_are_refused_not_guessed(generic, tiny_model_dir):
+    """A TransformerLens name on a family hookpoints does not name is refused, saying why (it only said to list
+    the names) and how this model's points are named."""
     family, model = generic
     assert not [p.name for p in model.hook_points if p.name.startswith(("blocks.", "hook_embed", "ln_final"))]
-    with pytest.raises(UserError, match="no hook point is called 'blocks.0.hook_resid_post'"):
-        model.run_with_cache(TEXTS, names="blocks.0.hook_resid_post")
+    layer = {"gpt_neox": "gpt_neox.layers.0", "opt": "model.decoder.layers.0"}.get(family, "model.layers.0")
+    why = rf"no TransformerLens names in hookpoints .*: its hook points are module paths, e.g. {layer};"
+    for name in ("blocks.0.hook_resid_post", "blocks.*.mlp.hook_post", "hook_embed"):
+        with pytest.raises(UserError, match=why):
+            model.run_with_cache(TEXTS, names=name)
+    with pytest.raises(UserError) as refused:  # a family with TransformerLens names: no such hint
+        load(tiny_model_dir("llama")).run_with_cache(TEXTS, names="blocks.9.hook_resid_post")
+    assert "TransformerLens" not in str(refused.value)
 
 
 def test_heads_before_positions_are_refused_with_the_reason(generic):
