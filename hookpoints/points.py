@@ -212,12 +212,11 @@ class HookPointSet:
         names = [p.name for p in self.listed()] + self.names.aliases()
         close = difflib.get_close_matches(probe, names, n=5, cutoff=0.5)
         hint = ""
-        if name.startswith(TL_PREFIXES) and not any(p.canonical for p in self._points.values()):
-            layers = [p.name for p in self.listed() if p.layer == 0 and not p.submodule] or names[:1]
-            hint = (
-                "this model's family has no TransformerLens names in hookpoints (no adapter names it): its hook "
-                f"points are module paths{f', e.g. {layers[0]}' if layers else ''}; "
-            )
+        if name.startswith(TL_PREFIXES) and not any(p.name.startswith(TL_PREFIXES) for p in self._points.values()):
+            listed = self.listed()
+            examples = [p.name for p in listed if p.layer_output or (p.layer == 0 and not p.submodule)]
+            hint = "this model has no TransformerLens names in hookpoints (they name GPT-2, LLaMA-layout LMs and BERT)"
+            hint += f"; its names look like {(examples or names)[0]}; " if examples or names else "; "
         if not close:
             return hint + "run `hookpoints hooks MODEL` to list the names"
         return hint + "closest: " + ", ".join(close)

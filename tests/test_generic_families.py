@@ -76,7 +76,7 @@ def test_transformerlens_names_are_refused_not_guessed(generic, tiny_model_dir):
     family, model = generic
     assert not [p.name for p in model.hook_points if p.name.startswith(("blocks.", "hook_embed", "ln_final"))]
     layer = {"gpt_neox": "gpt_neox.layers.0", "opt": "model.decoder.layers.0"}.get(family, "model.layers.0")
-    why = rf"no TransformerLens names in hookpoints .*: its hook points are module paths, e.g. {layer};"
+    why = rf"no TransformerLens names in hookpoints \(.*\); its names look like {layer}"
     for name in ("blocks.0.hook_resid_post", "blocks.*.mlp.hook_post", "hook_embed"):
         with pytest.raises(UserError, match=why):
             model.run_with_cache(TEXTS, names=name)
