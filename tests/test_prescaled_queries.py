@@ -82,10 +82,16 @@ def test_hook_rot_q_is_the_unscaled_query(family):
     model, stock, inputs, module, prefix = family
     _, seen = _stock_run(stock, inputs, module)
     names = [f"{prefix}.hook_rot_q", f"{prefix}.hook_rot_k"]
-    _, cache = model.run_with_cache(inputs, names=names)
+    _, cache = model.run_with_cache(inputs, names=[*names, f"{prefix}.hook_attn_scores"])
     for name, projection in zip(names, ("q_proj", "k_proj"), strict=True):
-        got = cache[name]  # [batch, pos, head, d_head]
+        got = cache[name]  # [batch, pos, head * d_head]
         torch.testing.assert_close(got.flatten(2), seen[projection], atol=1e-6, rtol=1e-5, msg=name)
+    heads = cache[f"{prefix}.hook_attn_scores"].shape[1]
+    q, k = (cache[name].unflatten(2, (heads, -1)).transpose(1, 2) for name in names)  # [batch, head, pos, d_head]
+    scores = q @ k.transpose(2, 3) / q.shape[-1] ** 0.5  # TransformerLens' hook_attn_scores, before the mask
+    got = cache[f"{prefix}.hook_attn_scores"]
+    kept = got > -1e30  # the mask (causal, padding) where it applies
+    torch.testing.assert_close(got[kept], scores[kept], atol=1e-5, rtol=1e-5)
 
 
 def test_an_edit_of_hook_rot_q_is_an_edit_of_the_query(family):
