@@ -22,6 +22,9 @@ from hookpoints.derived import is_map
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import HookPoint
 
+#: hookpoints.attention's per-head hooks, ``[batch, pos, head, d_head]``
+ROTARY_HOOKS = ("hook_rot_q", "hook_rot_k")
+
 
 @dataclass(frozen=True)
 class Seen:
@@ -137,7 +140,12 @@ def measure(point: HookPoint, seen: Seen | None, lengths: dict[str, int], batch:
     if point.derived and point.derived.endswith("scale"):
         # one divisor per normalised vector: [batch, pos, 1], or one per head for a per-head norm (Qwen3's q_norm)
         width = math.prod(shape[axis] for axis in neuron_axes[:-1])
-    return replace(point, width=width, neuron_axis=neuron_axes[0], time_axis=time_axis, space=space, order=seen.order)
+    heads = point.heads
+    if heads is None and point.module.rsplit(".", 1)[-1] in ROTARY_HOOKS and len(neuron_axes) == 2:
+        heads = shape[neuron_axes[0]]  # an attention module's hook_rot_q/k under its module path: [.., head, d_head]
+    return replace(
+        point, width=width, heads=heads, neuron_axis=neuron_axes[0], time_axis=time_axis, space=space, order=seen.order
+    )
 
 
 def _split_neurons(shape: tuple[int, ...], time_axis: int) -> str:

@@ -96,3 +96,28 @@ def test_heads_before_positions_are_refused_with_the_reason(generic):
     assert point.unavailable is not None and "lie between its neuron axes" in point.unavailable
     with pytest.raises(UserError, match=r"axis 2 of \[2, 4, 11, 16\]\) lie between its neuron axes"):
         model.run_with_cache(TEXTS, names=name)
+
+
+def test_rotary_hooks_keep_their_heads(generic):
+    """An attention module's ``hook_rot_q`` / ``hook_rot_k`` under its module path is ``[batch, pos, head, d_head]``
+    in the cache and in hook functions, as the module's own tensor (it came flattened to ``[batch, pos, width]``)."""
+    family, model = generic
+    attention = {"gpt_neox": "gpt_neox.layers.1.attention", "opt": "model.decoder.layers.1.self_attn"}
+    module = attention.get(family, "model.layers.1.self_attn")
+    seen = {}
+    modules = dict(model.model.named_modules())
+    handles = [
+        modules[f"{module}.{hook}"].register_forward_hook(lambda _m, _a, out, hook=hook: seen.__setitem__(hook, out))
+        for hook in ("hook_rot_q", "hook_rot_k")
+    ]
+    try:
+        with torch.no_grad():
+            model.model(**model.text_inputs(TEXTS).kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    _, cache = model.run_with_cache(TEXTS, names=[f"{module}.hook_rot_q", f"{module}.hook_rot_k"])
+    for hook, tensor in seen.items():
+        assert tensor.dim() == 4  # [batch, pos, head, d_head]
+        torch.testing.assert_close(cache[f"{module}.{hook}"], tensor, msg=hook)
+        assert model.hook_points.get(f"{module}.{hook}").shape == tuple(tensor.shape[2:])

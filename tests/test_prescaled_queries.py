@@ -84,10 +84,10 @@ def test_hook_rot_q_is_the_unscaled_query(family):
     names = [f"{prefix}.hook_rot_q", f"{prefix}.hook_rot_k"]
     _, cache = model.run_with_cache(inputs, names=[*names, f"{prefix}.hook_attn_scores"])
     for name, projection in zip(names, ("q_proj", "k_proj"), strict=True):
-        got = cache[name]  # [batch, pos, head * d_head]
+        got = cache[name]  # [batch, pos, head, d_head]
         torch.testing.assert_close(got.flatten(2), seen[projection], atol=1e-6, rtol=1e-5, msg=name)
     heads = cache[f"{prefix}.hook_attn_scores"].shape[1]
-    q, k = (cache[name].unflatten(2, (heads, -1)).transpose(1, 2) for name in names)  # [batch, head, pos, d_head]
+    q, k = (cache[name].flatten(2).unflatten(2, (heads, -1)).transpose(1, 2) for name in names)  # [b, head, pos, d]
     scores = q @ k.transpose(2, 3) / q.shape[-1] ** 0.5  # TransformerLens' hook_attn_scores, before the mask
     got = cache[f"{prefix}.hook_attn_scores"]
     kept = got > -1e30  # the mask (causal, padding) where it applies
