@@ -145,7 +145,7 @@ def _prescaled(module: nn.Module, scaling) -> float | None:
     """The factor ``module`` multiplied its query by before calling the attention function with ``scaling=1.0``
     (Whisper, Qwen2-Audio's encoder, OPT, Voxtral: ``q_proj(x) * self.scaling``), or None."""
     factor = getattr(module, "scaling", None)
-    if scaling == 1.0 and isinstance(factor, float) and factor not in (0.0, 1.0):
+    if isinstance(scaling, float) and scaling == 1.0 and isinstance(factor, float) and factor not in (0.0, 1.0):
         return factor
     return None
 
