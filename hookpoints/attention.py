@@ -20,6 +20,9 @@ model at :func:`attention`, which calls them:
 Models whose attention modules do not call transformers' attention interface (Falcon, GPT-J: they branch on
 the implementation's name and add the mask themselves) are left as they are, without these hook points.
 
+A query the module scaled by ``1 / sqrt(d_head)`` before the call (``scaling=1.0``: Whisper, OPT) reaches
+``hook_rot_q`` unscaled (q itself, TransformerLens' meaning) and is scaled again after it.
+
 Masked entries of the scores hold the additive mask (about ``-3.4e38``, TransformerLens: ``-inf``); a
 pattern's masked entries are 0. Grouped-query keys are repeated per query head before the scores.
 """
@@ -138,6 +141,15 @@ def _own_keys(key: torch.Tensor, hook: nn.Module) -> torch.Tensor:
     return key
 
 
+def _prescaled(module: nn.Module, scaling) -> float | None:
+    """The factor ``module`` multiplied its query by before calling the attention function with ``scaling=1.0``
+    (Whisper, Qwen2-Audio's encoder, OPT, Voxtral: ``q_proj(x) * self.scaling``), or None."""
+    factor = getattr(module, "scaling", None)
+    if isinstance(scaling, float) and scaling == 1.0 and isinstance(factor, float) and factor not in (0.0, 1.0):
+        return factor
+    return None
+
+
 def needs_eager(modules: Iterable[str]) -> bool:
     """Whether any of these module paths is a score or pattern hook."""
     return any(module.rsplit(".", 1)[-1] in MAP_HOOKS for module in modules)
@@ -151,7 +163,11 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    query = module.hook_rot_q(query.transpose(1, 2)).transpose(1, 2)  # hooked as [batch, pos, head, d_head]
+    prescaled = _prescaled(module, scaling)
+    if prescaled is None:
+        query = module.hook_rot_q(query.transpose(1, 2)).transpose(1, 2)  # hooked as [batch, pos, head, d_head]
+    else:  # the hook gets q itself (TransformerLens' hook_rot_q), the attention the query as the module scaled it
+        query = (module.hook_rot_q(query.transpose(1, 2) / prescaled) * prescaled).transpose(1, 2)
     key = module.hook_rot_k(_own_keys(key, module.hook_rot_k).transpose(1, 2)).transpose(1, 2)
     native_sdpa = getattr(module, "hookpoints_native", None) == "sdpa"
     if native_sdpa and not getattr(_STATE, "eager", False):

@@ -19,6 +19,8 @@ from hookpoints.errors import UserError
 INPUT_SUFFIX = ":input"
 #: hook points computed from a norm's input (TransformerLens' meaning): never a module-path alias
 DERIVED_SUFFIXES = ("hook_normalized", "hook_scale")
+#: How TransformerLens names begin (blocks.0.hook_resid_post, hook_embed, ln_final.hook_scale, embed.ln...)
+TL_PREFIXES = ("blocks.", "hook_", "ln_final.", "embed.", "pos_embed.", "unembed.")
 
 
 class LayerIndex(int):
@@ -209,6 +211,12 @@ class HookPointSet:
         probe = name.replace("*", "0").replace("?", "x")
         names = [p.name for p in self.listed()] + self.names.aliases()
         close = difflib.get_close_matches(probe, names, n=5, cutoff=0.5)
+        hint = ""
+        if name.startswith(TL_PREFIXES) and not any(p.name.startswith(TL_PREFIXES) for p in self._points.values()):
+            listed = self.listed()
+            examples = [p.name for p in listed if p.layer_output or (p.layer == 0 and not p.submodule)]
+            hint = "this model has no TransformerLens names in hookpoints (they name GPT-2, LLaMA-layout LMs and BERT)"
+            hint += f"; its names look like {(examples or names)[0]}; " if examples or names else "; "
         if not close:
-            return "run `hookpoints hooks MODEL` to list the names"
-        return "closest: " + ", ".join(close)
+            return hint + "run `hookpoints hooks MODEL` to list the names"
+        return hint + "closest: " + ", ".join(close)

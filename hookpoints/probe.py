@@ -22,6 +22,9 @@ from hookpoints.derived import is_map
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import HookPoint
 
+#: hookpoints.attention's per-head hooks, ``[batch, pos, head, d_head]``
+ROTARY_HOOKS = ("hook_rot_q", "hook_rot_k")
+
 
 @dataclass(frozen=True)
 class Seen:
@@ -125,8 +128,10 @@ def measure(point: HookPoint, seen: Seen | None, lengths: dict[str, int], batch:
         return replace(point, order=seen.order, unavailable=f"its positions match several spaces ({list(shape)})")
     time_axis, space = time[0] if time else (None, None)
     neuron_axes = [axis for axis in range(1, len(shape)) if axis != time_axis]
-    if not neuron_axes or neuron_axes != list(range(neuron_axes[0], neuron_axes[-1] + 1)):
+    if not neuron_axes:
         return replace(point, order=seen.order, unavailable=f"its tensor has no neuron axis ({list(shape)})")
+    if neuron_axes != list(range(neuron_axes[0], neuron_axes[-1] + 1)):  # Phi's q_layernorm: [batch, head, pos, d]
+        return replace(point, order=seen.order, unavailable=_split_neurons(shape, time_axis))
     width = math.prod(shape[axis] for axis in neuron_axes)
     if point.part:
         if width % point.part[1]:
@@ -135,7 +140,20 @@ def measure(point: HookPoint, seen: Seen | None, lengths: dict[str, int], batch:
     if point.derived and point.derived.endswith("scale"):
         # one divisor per normalised vector: [batch, pos, 1], or one per head for a per-head norm (Qwen3's q_norm)
         width = math.prod(shape[axis] for axis in neuron_axes[:-1])
-    return replace(point, width=width, neuron_axis=neuron_axes[0], time_axis=time_axis, space=space, order=seen.order)
+    heads = point.heads
+    if heads is None and point.module.rsplit(".", 1)[-1] in ROTARY_HOOKS and len(neuron_axes) == 2:
+        heads = shape[neuron_axes[0]]  # an attention module's hook_rot_q/k under its module path: [.., head, d_head]
+    return replace(
+        point, width=width, heads=heads, neuron_axis=neuron_axes[0], time_axis=time_axis, space=space, order=seen.order
+    )
+
+
+def _split_neurons(shape: tuple[int, ...], time_axis: int) -> str:
+    return (
+        f"its positions (axis {time_axis} of {list(shape)}) lie between its neuron axes, e.g. [batch, head, pos, "
+        "d_head], a layout hookpoints does not record: record the module before or after it (for attention heads "
+        "the q/k projection, or hook_rot_q / hook_rot_k)"
+    )
 
 
 def _measure_map(point: HookPoint, shape: tuple[int, ...], order: int, lengths: dict[str, int]) -> HookPoint:

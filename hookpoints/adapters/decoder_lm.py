@@ -127,3 +127,15 @@ LLAMA = DecoderLM(
     components={"model": "lm", "lm_head": "lm"},
     renames=GATED_RENAMES,
 )
+
+
+def llama_layout(config) -> bool:
+    """Whether a language model (an audio LLM's ``text_config``) has the layer layout ``LLAMA_BLOCK`` names. Others
+    (Gemma 2 / 3 norm the attention and MLP outputs too: LLaMA's names would call the attention output
+    ``hook_resid_mid``) are named by module paths."""
+    return getattr(config, "model_type", None) in LLAMA.model_types
+
+
+def without_foreign_lm(points: list, config) -> list:
+    """``points`` without the language model's (component ``lm``) unless it has LLaMA's layout."""
+    return points if llama_layout(config) else [point for point in points if point.component != "lm"]

@@ -12,12 +12,16 @@ import torch
 from transformers import Qwen2AudioForConditionalGeneration
 
 from hookpoints.adapters.base import Adapter, Single, Stack, random_ids, token_batch
-from hookpoints.adapters.decoder_lm import LLAMA_BLOCK
+from hookpoints.adapters.decoder_lm import LLAMA_BLOCK, without_foreign_lm
 from hookpoints.adapters.whisper import ENCODER_LAYER, lengths_mask, window_features
 from hookpoints.inputs import ModelInputs
 
 
 class Qwen2Audio(Adapter):
+    def hook_points(self, model):
+        """The TransformerLens names of the language model only where it has LLaMA's layout (decoder_lm)."""
+        return without_foreign_lm(super().hook_points(model), model.config.text_config)
+
     def modalities(self, config):
         return ("text", "speech")
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from hookpoints.adapters.base import Adapter, Single, Stack, random_ids, token_batch
-from hookpoints.adapters.decoder_lm import LLAMA_BLOCK
+from hookpoints.adapters.decoder_lm import LLAMA_BLOCK, without_foreign_lm
 from hookpoints.adapters.whisper import ENCODER_LAYER, lengths_mask
 from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
@@ -21,6 +21,10 @@ from hookpoints.models.ultravox import UltravoxModel, audio_token_lengths, encod
 
 
 class Ultravox(Adapter):
+    def hook_points(self, model):
+        """The TransformerLens names of the language model only where it has LLaMA's layout (decoder_lm)."""
+        return without_foreign_lm(super().hook_points(model), model.config.text_config)
+
     def modalities(self, config):
         return ("text", "speech")
 
