@@ -249,6 +249,7 @@ def _hook_stats(session, run, hook, width, groups: _Groups, spec: StatSpec, memo
             count[g] += xs.shape[0]
     kept = count > 0
     out = {"run": run, "hook": hook, "width": width, "groups": np.flatnonzero(kept), "labels": groups.labels}
+    out["single"] = count[kept] < 2  # [groups kept] sample variance and stddev NULL there, as DuckDB's
     n = count[kept, None].astype(np.float64)
     mean_shifted = s1[kept] / n
     variance = (s2[kept] - s1[kept] * mean_shifted) / np.maximum(n - 1, 1)
@@ -349,6 +350,7 @@ def _assemble(parts: list[dict], columns: list[str], spec: StatSpec) -> pa.Table
         }
         for name in names:
             values = np.ascontiguousarray(part["values"][name]).ravel()
-            data[name] = pa.array(values.astype(np.int64) if name == "count" else values)
+            null = np.repeat(part["single"], width) if name in ("variance", "stddev") else None
+            data[name] = pa.array(values.astype(np.int64) if name == "count" else values, mask=null)
         chunks.append(pa.table(data))
     return pa.concat_tables(chunks)
