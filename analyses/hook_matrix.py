@@ -198,7 +198,7 @@ class HookMatrixReader:
             starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
             targets = rows[starts]
             if how == "mean":
-                out[targets] += np.add.reduceat(values, starts, axis=0)
+                out[targets] += np.add.reduceat(values, starts, axis=0, dtype=np.float64)  # float16 sums overflow
             elif how == "max":
                 out[targets] = np.maximum(out[targets], np.maximum.reduceat(values, starts, axis=0))
             else:  # last: the latest step seen so far

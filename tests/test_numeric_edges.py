@@ -1,0 +1,50 @@
+"""Numerical edges a real dataset hits, each checked against an independent computation (numpy by hand,
+sklearn, scipy): float16 storage near its range, per-step pooling of float16 rows, ties and degenerate label
+sets, degenerate clusters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from hookpoints.analyses.examples import open_runs, select_examples
+from hookpoints.analyses.hook_matrix import HookMatrixReader, shared_hooks
+from hookpoints.store.catalog import Store
+from hookpoints.store.writer import HookRows, open_run
+from selectivity_helpers import examples_table, hook_rows
+
+
+def _per_step_float16_run(store: Store, examples: pa.Table, decoder: np.ndarray) -> None:
+    """A float16 run with mean pooling kept per step: ``decoder`` ``[examples, steps, 4]`` at one decoder hook."""
+    hooks = hook_rows("text_decoder", 1, {"ffn.fc1": 4}, layer_output=False)
+    hooks[0]["space"] = "decoder"
+    ids = examples["example_id"].to_pylist()
+    steps = decoder.shape[1]
+    settings = {"model": "synthetic", "task": "t2tt", "pooling": "mean+steps", "dtype": "float16"}
+    writer = open_run(store, "steps", settings=settings, config={}, hooks=hooks, examples_schema=examples.schema)
+    step_ids = [i for i in ids for _ in range(steps)]
+    positions = np.tile(np.arange(steps, dtype=np.int32), len(ids))
+    writer.add(examples, {hooks[0]["hook"]: HookRows(step_ids, decoder.reshape(-1, 4), positions)})
+    writer.finish()
+
+
+def test_per_step_float16_rows_are_averaged_in_float32_not_half(tmp_path):
+    """The steps of a float16 run were summed in float16 before dividing: 40 steps of 3,000 (each stored
+    exactly) summed past 65,504 to inf, so ap refused the hook as holding infinite activations and clusters
+    had inf rows; smaller sums were rounded to half precision (2048 and 39 x 0.1 gave 51.3, not 51.2975).
+    The reference: numpy's float64 mean of the stored half values."""
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(1, "text", seed=3)  # 3 examples
+    decoder = np.full((3, 40, 4), 3000.0, np.float32)  # [examples, steps, neurons]
+    decoder[1] = 0.1
+    decoder[1, 0] = 2048.0
+    decoder[2] = np.random.default_rng(0).normal(size=(40, 4)) * 500
+    _per_step_float16_run(store, examples, decoder)
+    with store.query() as session:
+        group = open_runs(session, ["steps"])
+        chosen = select_examples(session, group)
+        hooks = shared_hooks(session, group.runs)
+    got = HookMatrixReader(store, chosen).read(hooks[0])  # [examples, neurons], rows in example_id order
+    order = np.argsort(examples["example_id"].to_pylist())
+    expected = decoder.astype(np.float16).astype(np.float64).mean(axis=1)[order]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
