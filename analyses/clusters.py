@@ -199,13 +199,18 @@ def tsne_map(x: np.ndarray, perplexity: float, seed: int, threads: int | None = 
 
     ``threads`` caps the OpenMP threads of the Barnes-Hut gradient (None: all cores). One thread is the
     default: on a busy machine OpenMP's waiting threads made t-SNE up to 6x slower (docs/gotchas.md).
+    Points that are all one vector map to the origin (scikit-learn's PCA start divides by their zero spread,
+    and its Barnes-Hut gradient then crashes the process).
     """
+    x = np.asarray(x, np.float32)
+    if len(x) and (x == x[0]).all():
+        return np.zeros((len(x), 2))
     from sklearn.manifold import TSNE  # loads the OpenMP runtime, so the limit below reaches it
     from threadpoolctl import threadpool_limits
 
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
     with threadpool_limits(threads, user_api="openmp"):
-        return tsne.fit_transform(np.asarray(x, np.float32)).astype(np.float64)
+        return tsne.fit_transform(x).astype(np.float64)
 
 
 # -- one layer ---------------------------------------------------------------------------------------------

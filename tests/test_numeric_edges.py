@@ -74,3 +74,31 @@ def test_davies_bouldin_of_float32_points_is_computed_in_float64():
     ratios = (spread[:, None] + spread[None]) / np.where(between == 0, np.inf, between)
     assert stats.davies_bouldin == pytest.approx(ratios.max(axis=1).mean(), rel=1e-12)
     assert stats.davies_bouldin == pytest.approx(davies_bouldin_score(x64, codes), rel=1e-7)  # its own rounding
+
+
+def test_tsne_of_a_layer_whose_examples_all_hold_one_vector_is_the_origin():
+    """A layer whose sampled examples all hold the same vector (a dead or constant hook point, the same text
+    recorded under every id): scikit-learn's PCA initialisation divides by a zero spread and its Barnes-Hut
+    t-SNE then crashed the process (SIGSEGV) in `hookpoints clusters`. The map is now every point at the
+    origin, so its silhouette and Davies-Bouldin are 0, as scikit-learn gives for the identical original points.
+    Run in a child process, since the old code killed its interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from hookpoints.analyses.clusters import tsne_map\n"
+        "m = tsne_map(np.full((40, 8), 0.5, np.float32), 5, 0)\n"
+        "print(m.shape, np.abs(m).max())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.split() == ["(40,", "2)", "0.0"]
+    from hookpoints.analyses.cluster_measures import centroid_stats, silhouettes
+    from sklearn.metrics import davies_bouldin_score, silhouette_score
+
+    codes = np.repeat([0, 1], 20)
+    same = np.full((40, 8), 0.5)
+    origin = np.zeros((40, 2))
+    assert silhouettes(origin, [codes])[0].silhouette == silhouette_score(same, codes) == 0.0
+    assert centroid_stats(origin, codes).davies_bouldin == davies_bouldin_score(same, codes) == 0.0
