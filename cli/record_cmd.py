@@ -202,3 +202,31 @@ def command(
         f"recorded {summary.recorded} examples ({summary.skipped} already there{others}) at {summary.hooks} hook "
         f"points into run [bold]{run}[/bold] of {store.location.uri} in {summary.seconds:.1f} s"
     )
+    _say_nonfinite(store, run, dtype)
+
+
+def _say_nonfinite(store, run: str, dtype: str) -> None:
+    """A note naming the hook points whose stored vectors hold NaN or inf (``finite`` false): a float16 run
+    stores a value beyond ±65,504 as inf, and the analyses refuse such a hook later."""
+    with store.query() as session:
+        rows = session.sql(
+            "SELECT hook, count(*) AS n FROM activations WHERE run = $run AND finite = false "
+            "GROUP BY hook ORDER BY n DESC, hook",
+            {"run": run},
+        ).to_pylist()
+    if not rows:
+        return
+    shown = ", ".join(f"{row['hook']} ({row['n']})" for row in rows[:3]) + (" ..." if len(rows) > 3 else "")
+    total = sum(row["n"] for row in rows)
+    why = (
+        "values beyond float16's range (±65,504) are stored as inf: record those hook points with --dtype float32"
+        if dtype == "float16"
+        else "the model produced them"
+    )
+    from rich.text import Text
+
+    message = (
+        f" {total} stored vector(s) at {len(rows)} hook point(s) hold NaN or inf (finite = false): {shown}; "
+        f"{why}. ap, magnitudes and clusters refuse those hook points"
+    )
+    err.print(Text.assemble(("note:", "yellow"), message), highlight=False)  # hook names print as written

@@ -102,3 +102,37 @@ def test_tsne_of_a_layer_whose_examples_all_hold_one_vector_is_the_origin():
     origin = np.zeros((40, 2))
     assert silhouettes(origin, [codes])[0].silhouette == silhouette_score(same, codes) == 0.0
     assert centroid_stats(origin, codes).davies_bouldin == davies_bouldin_score(same, codes) == 0.0
+
+
+def test_record_says_which_hooks_overflowed_float16(tiny_model_dir, write_manifest, tmp_path, run_cli):
+    """`record --dtype float16` of a hook whose pooled values pass 65,504 stored them as inf (flagged
+    `finite = false`) without a word; the first anyone heard of it was ap refusing the hook, whose advice
+    ("record the run again") gives the same inf. The reference: numpy's float16 cast of the float32 recording."""
+    import transformers as tf
+
+    folder = tmp_path / "loud"
+    model = tf.GPT2LMHeadModel.from_pretrained(tiny_model_dir("gpt2"))
+    model.transformer.wte.weight.data += 1e5  # embeddings beyond float16's range (the layer norm brings them back)
+    model.save_pretrained(folder)
+    tf.AutoTokenizer.from_pretrained(tiny_model_dir("gpt2")).save_pretrained(folder)
+    manifest = write_manifest([{"id": f"x{i}", "text": f"some words {i}"} for i in range(3)])
+    runs = {}
+    for dtype in ("float32", "float16"):
+        args = ["record", "--model", str(folder), "--data", str(manifest), "--store", str(tmp_path / "s")]
+        args += ["--run", dtype, "--dtype", dtype, "--hooks", "blocks.0.hook_resid_pre", "--hooks", "blocks.0.ln1.*"]
+        runs[dtype] = run_cli(*args)
+        assert runs[dtype][0] == 0, runs[dtype]
+    with Store.open(tmp_path / "s").query() as session:
+        query = "SELECT activation FROM activations WHERE run = 'float32' AND hook = 'blocks.0.hook_resid_pre'"
+        exact = np.array(session.sql(query)["activation"].to_pylist(), np.float32)
+    with np.errstate(over="ignore"):
+        overflowed = int((~np.isfinite(exact.astype(np.float16))).any(axis=1).sum())
+    assert overflowed == 3 and np.isfinite(exact).all()
+    note = " ".join(runs["float16"][2].split())
+    assert f"note: {overflowed} stored vector(s) at 1 hook point(s) hold NaN or inf" in note
+    assert "blocks.0.hook_resid_pre (3)" in note and "--dtype float32" in note
+    assert "note:" not in runs["float32"][2]  # nothing to say of the float32 run
+    ap = ["ap", "--store", str(tmp_path / "s"), "--positive", "example_id = 'x0'", "--k", "1"]
+    ap += ["--hooks", "blocks.0.hook_resid_pre"]
+    code, _, refusal = run_cli(*ap, "--run", "float16")
+    assert code == 2 and "--dtype float32" in " ".join(refusal.split())  # not "record the run again" alone
