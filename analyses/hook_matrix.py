@@ -228,7 +228,13 @@ def row_vectors(column: pa.Array, n_rows: int, hook: StoredHook, run: str) -> np
     if column.null_count:
         raise UserError(f"run {run!r} stores empty vectors at {hook.hook}: the run is damaged (record it again)")
     check_lengths(column, hook, run)
-    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    values = pc.list_flatten(column)
+    if values.null_count:  # to_numpy would make them NaN, and turn float16 bit patterns into their integers
+        raise UserError(
+            f"run {run!r} stores {values.null_count} null value(s) inside its vectors at {hook.hook}: the run is "
+            "damaged; run hookpoints store verify"
+        )
+    flat = values.to_numpy(zero_copy_only=False)
     if flat.dtype == np.int16:
         flat = flat.view(np.float16)
     return flat.reshape(n_rows, hook.width)

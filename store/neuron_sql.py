@@ -217,6 +217,11 @@ def _batches(session, run: str, hook: str, width: int, *, vectors: bool = True):
                 f"neuron_stats: hook {hook} of run {run!r} stores a vector of {int(lengths[lengths != width][0])} "
                 f"values, not its width {width}; run hookpoints store verify"
             )
+        if column.flatten().null_count:  # NaN in numpy, skipped by DuckDB; float16 bits would not view as half
+            raise UserError(
+                f"neuron_stats: hook {hook} of run {run!r} stores null values inside its vectors; run hookpoints "
+                "store verify"
+            )
         x = flat[column.offsets[0].as_py() : column.offsets[rows].as_py()].reshape(rows, -1)  # [rows, width]
         yield batch.column("example_id"), (x.view(np.float16).astype(np.float32) if half else x)
 
