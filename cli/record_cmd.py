@@ -208,25 +208,20 @@ def command(
 def _say_nonfinite(store, run: str, dtype: str) -> None:
     """A note naming the hook points whose stored vectors hold NaN or inf (``finite`` false): a float16 run
     stores a value beyond ±65,504 as inf, and the analyses refuse such a hook later."""
-    with store.query() as session:
-        rows = session.sql(
-            "SELECT hook, count(*) AS n FROM activations WHERE run = $run AND finite = false "
-            "GROUP BY hook ORDER BY n DESC, hook",
-            {"run": run},
-        ).to_pylist()
-    if not rows:
+    from hookpoints.store.summary import nonfinite_hooks
+    from rich.text import Text
+
+    hooks = nonfinite_hooks(store, run)
+    if not hooks:
         return
-    shown = ", ".join(f"{row['hook']} ({row['n']})" for row in rows[:3]) + (" ..." if len(rows) > 3 else "")
-    total = sum(row["n"] for row in rows)
+    shown = ", ".join(hooks[:3]) + (" ..." if len(hooks) > 3 else "")
     why = (
         "values beyond float16's range (±65,504) are stored as inf: record those hook points with --dtype float32"
         if dtype == "float16"
         else "the model produced them"
     )
-    from rich.text import Text
-
     message = (
-        f" {total} stored vector(s) at {len(rows)} hook point(s) hold NaN or inf (finite = false): {shown}; "
+        f" {len(hooks)} hook point(s) of run {run} store vectors holding NaN or inf (finite = false): {shown}; "
         f"{why}. ap, magnitudes and clusters refuse those hook points"
     )
     err.print(Text.assemble(("note:", "yellow"), message), highlight=False)  # hook names print as written

@@ -56,3 +56,14 @@ def table_sizes(store: Store, session: QuerySession | None = None) -> list[dict]
             {"table": name, "files": stats["files"], "rows": stats["rows"], "MiB": round(stats["bytes"] / 2**20, 2)}
         )
     return rows
+
+
+def nonfinite_hooks(store: Store, run: str) -> list[str]:
+    """The run's hook points with a stored vector holding NaN or inf (``finite`` false), sorted: read from each
+    activations file's statistics in the Delta log (no data file opened: a run may have millions of files)."""
+    actions = delta_read.open_table(store.location, "activations").get_add_actions(flatten=True)
+    if "min.finite" not in actions.column_names:
+        return []
+    runs, hooks = actions.column("partition.run").to_pylist(), actions.column("partition.hook").to_pylist()
+    lowest = actions.column("min.finite").to_pylist()  # False: some row of the file is flagged
+    return sorted({hook for r, hook, low in zip(runs, hooks, lowest, strict=True) if r == run and low is False})

@@ -129,8 +129,9 @@ def test_record_says_which_hooks_overflowed_float16(tiny_model_dir, write_manife
         overflowed = int((~np.isfinite(exact.astype(np.float16))).any(axis=1).sum())
     assert overflowed == 3 and np.isfinite(exact).all()
     note = " ".join(runs["float16"][2].split())
-    assert f"note: {overflowed} stored vector(s) at 1 hook point(s) hold NaN or inf" in note
-    assert "blocks.0.hook_resid_pre (3)" in note and "--dtype float32" in note
+    assert "note: 1 hook point(s) of run float16 store vectors holding NaN or inf (finite = false): " in note
+    assert "finite = false): blocks.0.hook_resid_pre; values beyond float16's range" in note
+    assert "--dtype float32" in note
     assert "note:" not in runs["float32"][2]  # nothing to say of the float32 run
     ap = ["ap", "--store", str(tmp_path / "s"), "--positive", "example_id = 'x0'", "--k", "1"]
     ap += ["--hooks", "blocks.0.hook_resid_pre"]
