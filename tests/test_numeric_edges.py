@@ -133,6 +133,9 @@ def test_record_says_which_hooks_overflowed_float16(tiny_model_dir, write_manife
     assert "finite = false): blocks.0.hook_resid_pre; values beyond float16's range" in note
     assert "--dtype float32" in note
     assert "note:" not in runs["float32"][2]  # nothing to say of the float32 run
+    code, _, again = run_cli(*args, "--overwrite")  # args: the float16 run's
+    assert code == 0, again
+    assert "finite = false): blocks.0.hook_resid_pre;" in " ".join(again.split())  # swapped-in files
     ap = ["ap", "--store", str(tmp_path / "s"), "--positive", "example_id = 'x0'", "--k", "1"]
     ap += ["--hooks", "blocks.0.hook_resid_pre"]
     code, _, refusal = run_cli(*ap, "--run", "float16")
