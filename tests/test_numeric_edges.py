@@ -78,22 +78,23 @@ def test_davies_bouldin_of_float32_points_is_computed_in_float64():
 
 def test_tsne_of_a_layer_whose_examples_all_hold_one_vector_is_the_origin():
     """A layer whose sampled examples all hold the same vector (a dead or constant hook point, the same text
-    recorded under every id): scikit-learn's PCA initialisation divides by a zero spread and its Barnes-Hut
-    t-SNE then crashed the process (SIGSEGV) in `hookpoints clusters`. The map is now every point at the
-    origin, so its silhouette and Davies-Bouldin are 0, as scikit-learn gives for the identical original points.
-    Run in a child process, since the old code killed its interpreter."""
+    recorded under every id), or differ by 1e-30: scikit-learn's PCA initialisation divides by a zero spread
+    and its Barnes-Hut t-SNE then crashed the process (SIGSEGV) in `hookpoints clusters`. The map is now every
+    point at the origin, so its silhouette and Davies-Bouldin are 0, as scikit-learn gives for the identical
+    original points. Run in a child process, since the old code killed its interpreter."""
     import subprocess
     import sys
 
-    code = (
-        "import numpy as np\n"
-        "from hookpoints.analyses.clusters import tsne_map\n"
-        "m = tsne_map(np.full((40, 8), 0.5, np.float32), 5, 0)\n"
-        "print(m.shape, np.abs(m).max())\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-500:]
-    assert done.stdout.split() == ["(40,", "2)", "0.0"]
+    for points in ("np.full((40, 8), 0.5, np.float32)", "np.zeros((40, 8), np.float32) + np.eye(40, 8) * 1e-30"):
+        code = (
+            "import numpy as np\n"
+            "from hookpoints.analyses.clusters import tsne_map\n"
+            f"m = tsne_map({points}, 5, 0)\n"
+            "print(m.shape, np.abs(m).max())\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-500:]  # -11 (SIGSEGV) before
+        assert done.stdout.split() == ["(40,", "2)", "0.0"]
     from hookpoints.analyses.cluster_measures import centroid_stats, silhouettes
     from sklearn.metrics import davies_bouldin_score, silhouette_score
 
@@ -140,3 +141,19 @@ def test_record_says_which_hooks_overflowed_float16(tiny_model_dir, write_manife
     ap += ["--hooks", "blocks.0.hook_resid_pre"]
     code, _, refusal = run_cli(*ap, "--run", "float16")
     assert code == 2 and "--dtype float32" in " ".join(refusal.split())  # not "record the run again" alone
+
+
+def test_tsne_of_a_width_one_hook_is_the_tsne_of_its_points_with_a_zero_column():
+    """`--hooks` naming a width-1 hook point (a norm's hook_scale): scikit-learn's PCA start cannot take 2
+    components of 1 feature, and clusters ended in "error: ValueError: n_components=2 must be between 0 and
+    min(n_samples, n_features)=1". A zero second column keeps every distance: the reference is scikit-learn's
+    t-SNE of the points so padded."""
+    from hookpoints.analyses.clusters import tsne_map
+    from sklearn.manifold import TSNE
+
+    x = np.random.default_rng(0).normal(size=(30, 1)).astype(np.float32)
+    got = tsne_map(x, 5, 0)
+    padded = np.hstack([x, np.zeros_like(x)])
+    tsne = TSNE(n_components=2, perplexity=5, init="pca", learning_rate="auto", random_state=0)
+    reference = tsne.fit_transform(padded)
+    np.testing.assert_allclose(got, reference, rtol=1e-6, atol=1e-6)
