@@ -199,13 +199,26 @@ def tsne_map(x: np.ndarray, perplexity: float, seed: int, threads: int | None = 
 
     ``threads`` caps the OpenMP threads of the Barnes-Hut gradient (None: all cores). One thread is the
     default: on a busy machine OpenMP's waiting threads made t-SNE up to 6x slower (docs/gotchas.md).
+    Points whose first principal component has no spread in float32 (all one vector, or differences of 1e-30)
+    map to the origin: scikit-learn's PCA start divides by that spread and its Barnes-Hut gradient then crashes
+    the process. One-dimensional points get a zero second column.
     """
+    from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE  # loads the OpenMP runtime, so the limit below reaches it
     from threadpoolctl import threadpool_limits
 
+    x = np.asarray(x, np.float32)
+    if x.shape[1] < 2:  # a width-1 hook (a norm's scale): a zero column keeps every distance, and lets PCA start
+        x = np.pad(x, ((0, 0), (0, 2 - x.shape[1])))
+    with np.errstate(invalid="ignore", divide="ignore"):  # PCA's explained variance ratio of no variance
+        start = PCA(n_components=2, random_state=seed).fit_transform(x).astype(np.float32)[:, 0]  # TSNE's start
+        spread = float(np.std(start))
+    if not (np.isfinite(spread) and spread > 0):  # TSNE divides by it: NaN, then a crash
+        return np.zeros((len(x), 2))
+
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
     with threadpool_limits(threads, user_api="openmp"):
-        return tsne.fit_transform(np.asarray(x, np.float32)).astype(np.float64)
+        return tsne.fit_transform(x).astype(np.float64)
 
 
 # -- one layer ---------------------------------------------------------------------------------------------

@@ -81,6 +81,14 @@ def run_settings(session: QuerySession, runs: list[str] | tuple[str, ...]) -> di
     return {run: RunSettings.from_row(rows[run]) for run in names}
 
 
+def record_again(dtypes) -> str:
+    """The advice for a hook holding NaN or inf: a float16 run stored values beyond +-65,504 as inf, and recording
+    it again in float16 gives the same inf."""
+    if "float16" in set(dtypes):
+        return "record the run again with --dtype float32 (float16 storage turns values beyond ±65,504 into inf)"
+    return "record the run again"
+
+
 def recorded_modalities(session: QuerySession, runs: list[str] | tuple[str, ...]) -> dict[str, str | None]:
     """run -> the input modality it was recorded with (speech / text, from its config; None if not said)."""
     rows = session.sql(

@@ -198,7 +198,7 @@ class HookMatrixReader:
             starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
             targets = rows[starts]
             if how == "mean":
-                out[targets] += np.add.reduceat(values, starts, axis=0)
+                out[targets] += np.add.reduceat(values, starts, axis=0, dtype=np.float64)  # float16 sums overflow
             elif how == "max":
                 out[targets] = np.maximum(out[targets], np.maximum.reduceat(values, starts, axis=0))
             else:  # last: the latest step seen so far
@@ -228,7 +228,13 @@ def row_vectors(column: pa.Array, n_rows: int, hook: StoredHook, run: str) -> np
     if column.null_count:
         raise UserError(f"run {run!r} stores empty vectors at {hook.hook}: the run is damaged (record it again)")
     check_lengths(column, hook, run)
-    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    values = pc.list_flatten(column)
+    if values.null_count:  # to_numpy would make them NaN, and turn float16 bit patterns into their integers
+        raise UserError(
+            f"run {run!r} stores {values.null_count} null value(s) inside its vectors at {hook.hook}: the run is "
+            "damaged; run hookpoints store verify"
+        )
+    flat = values.to_numpy(zero_copy_only=False)
     if flat.dtype == np.int16:
         flat = flat.view(np.float16)
     return flat.reshape(n_rows, hook.width)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from hookpoints.analyses.examples import record_again, run_settings
 from hookpoints.analyses.labels import PRESETS, check_predicate, slug
 from hookpoints.analyses.selection import SIDE_CHOICES, check_side, selected_neurons, stored_sets
 from hookpoints.store.neuron_sql import neuron_stats
@@ -256,8 +257,9 @@ def _statistic(session: QuerySession, selection: Selection, function: str, run: 
                 f"(width {widths[hook]}): check the neuron index and --stats-where"
             )
         if not finite[hook, neuron]:
+            again = record_again([run_settings(session, [run])[run].dtype.value])
             raise UserError(
                 f"run {run!r} holds NaN or infinite activations of {hook}[{neuron}] for the chosen examples: "
-                "leave those examples out with --stats-where, or record the run again"
+                f"leave those examples out with --stats-where, or {again}"
             )
     return np.array([values[key] for key in order], np.float64)

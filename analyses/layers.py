@@ -90,7 +90,7 @@ def read_layer(
             bad = subset.example_ids[int(rows[np.flatnonzero(~finite)[0]])]
             raise UserError(
                 f"hook {hook.hook} of run {subset.run!r} holds NaN or infinite activations (example {bad!r}): "
-                "leave such examples out with --where, or record them again"
+                f"leave such examples out with --where, or {examples.record_again([settings.dtype.value])}"
             )
         if reduce is None:
             matrix[rows] = values

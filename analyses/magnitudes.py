@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from hookpoints.analyses.examples import ExampleSet, recorded_modalities
+from hookpoints.analyses.examples import ExampleSet, record_again, recorded_modalities
 from hookpoints.analyses.gini import gini
 from hookpoints.analyses.hook_matrix import HookMatrixReader, neuron_slices
 from hookpoints.analyses.hooks import StoredHook
@@ -106,7 +106,7 @@ def layer_magnitudes(
         ).to_pylist()[0]
         raise UserError(
             f"hook {bad['hook']} holds NaN or infinite activations ({bad['n']} example(s), e.g. {bad['example']!r}): "
-            "leave it out with --hooks, or record the run again"
+            f"leave it out with --hooks, or {record_again(examples.group.dtypes.values())}"
         )
     return table
 
@@ -238,8 +238,8 @@ def activation_gini(
             x = reader.read(hook, part, out=buffer)  # [examples, neurons]
             if not np.isfinite(x).all():
                 raise UserError(
-                    f"hook {hook.hook} holds NaN or infinite activations: leave it out with --hooks, or record "
-                    "the run again"
+                    f"hook {hook.hook} holds NaN or infinite activations: leave it out with --hooks, or "
+                    f"{record_again(examples.group.dtypes.values())}"
                 )
             np.abs(x, out=x)
             per_layer.setdefault((hook.component, hook.layer), []).append(onehot @ x)  # [groups, neurons]

@@ -32,6 +32,7 @@ from hookpoints.analyses.examples import (
     RunGroup,
     label_masks,
     open_runs,
+    record_again,
     recorded_modalities,
     select_examples,
 )
@@ -258,7 +259,7 @@ def rank(
                 raise UserError(
                     f"hook {hook.hook} of run(s) {job.group.key} holds NaN or infinite activations "
                     f"({str(error).split(' values in ')[-1].split(';')[0]}, neurons counted from {part.start}): "
-                    "leave the hook out with --hooks, or record the run again"
+                    f"leave the hook out with --hooks, or {record_again(job.group.dtypes.values())}"
                 ) from None
             timings["kernel_s"] += time.perf_counter() - t1
             timings["kernel_cpu_s"] += _cpu() - c1

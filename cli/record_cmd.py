@@ -202,3 +202,26 @@ def command(
         f"recorded {summary.recorded} examples ({summary.skipped} already there{others}) at {summary.hooks} hook "
         f"points into run [bold]{run}[/bold] of {store.location.uri} in {summary.seconds:.1f} s"
     )
+    _say_nonfinite(store, run, dtype)
+
+
+def _say_nonfinite(store, run: str, dtype: str) -> None:
+    """A note naming the hook points whose stored vectors hold NaN or inf (``finite`` false): a float16 run
+    stores a value beyond ±65,504 as inf, and the analyses refuse such a hook later."""
+    from hookpoints.store.summary import nonfinite_hooks
+    from rich.text import Text
+
+    hooks = nonfinite_hooks(store, run)
+    if not hooks:
+        return
+    shown = ", ".join(hooks[:3]) + (" ..." if len(hooks) > 3 else "")
+    why = (
+        "values beyond float16's range (±65,504) are stored as inf: record those hook points with --dtype float32"
+        if dtype == "float16"
+        else "the model produced them"
+    )
+    message = (
+        f" {len(hooks)} hook point(s) of run {run} store vectors holding NaN or inf (finite = false): {shown}; "
+        f"{why}. ap, magnitudes and clusters refuse those hook points"
+    )
+    err.print(Text.assemble(("note:", "yellow"), message), highlight=False)  # hook names print as written

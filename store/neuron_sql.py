@@ -217,6 +217,11 @@ def _batches(session, run: str, hook: str, width: int, *, vectors: bool = True):
                 f"neuron_stats: hook {hook} of run {run!r} stores a vector of {int(lengths[lengths != width][0])} "
                 f"values, not its width {width}; run hookpoints store verify"
             )
+        if column.flatten().null_count:  # NaN in numpy, skipped by DuckDB; float16 bits would not view as half
+            raise UserError(
+                f"neuron_stats: hook {hook} of run {run!r} stores null values inside its vectors; run hookpoints "
+                "store verify"
+            )
         x = flat[column.offsets[0].as_py() : column.offsets[rows].as_py()].reshape(rows, -1)  # [rows, width]
         yield batch.column("example_id"), (x.view(np.float16).astype(np.float32) if half else x)
 
@@ -249,6 +254,7 @@ def _hook_stats(session, run, hook, width, groups: _Groups, spec: StatSpec, memo
             count[g] += xs.shape[0]
     kept = count > 0
     out = {"run": run, "hook": hook, "width": width, "groups": np.flatnonzero(kept), "labels": groups.labels}
+    out["single"] = count[kept] < 2  # [groups kept] sample variance and stddev NULL there, as DuckDB's
     n = count[kept, None].astype(np.float64)
     mean_shifted = s1[kept] / n
     variance = (s2[kept] - s1[kept] * mean_shifted) / np.maximum(n - 1, 1)
@@ -349,6 +355,7 @@ def _assemble(parts: list[dict], columns: list[str], spec: StatSpec) -> pa.Table
         }
         for name in names:
             values = np.ascontiguousarray(part["values"][name]).ravel()
-            data[name] = pa.array(values.astype(np.int64) if name == "count" else values)
+            null = np.repeat(part["single"], width) if name in ("variance", "stddev") else None
+            data[name] = pa.array(values.astype(np.int64) if name == "count" else values, mask=null)
         chunks.append(pa.table(data))
     return pa.concat_tables(chunks)

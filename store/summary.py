@@ -56,3 +56,28 @@ def table_sizes(store: Store, session: QuerySession | None = None) -> list[dict]
             {"table": name, "files": stats["files"], "rows": stats["rows"], "MiB": round(stats["bytes"] / 2**20, 2)}
         )
     return rows
+
+
+def nonfinite_hooks(store: Store, run: str) -> list[str]:
+    """The run's hook points with a stored vector holding NaN or inf (``finite`` false), sorted.
+
+    Read from each activations file's statistics in the Delta log (no data file opened: a run may have millions
+    of files); only files without that statistic (an overwrite's swap re-adds files with their row count alone)
+    are scanned, for their ``finite`` column.
+    """
+    delta = delta_read.open_table(store.location, "activations")
+    actions = delta.get_add_actions(flatten=True)
+    runs, hooks = actions.column("partition.run").to_pylist(), actions.column("partition.hook").to_pylist()
+    names = actions.column_names
+    lowest = actions.column("min.finite").to_pylist() if "min.finite" in names else [None] * len(runs)
+    mine = [(hook, low) for r, hook, low in zip(runs, hooks, lowest, strict=True) if r == run]
+    flagged = {hook for hook, low in mine if low is False}  # some row of the file is flagged
+    unknown = sorted({hook for hook, low in mine if low is None} - flagged)
+    if unknown:
+        import pyarrow.compute as pc
+        from hookpoints.store import tables
+
+        scope = (pc.field("run") == run) & pc.field("hook").isin(unknown) & (pc.field("finite") == False)  # noqa: E712
+        found = tables.dataset(store.location, "activations", delta).to_table(["hook"], filter=scope)
+        flagged |= set(found["hook"].to_pylist())
+    return sorted(flagged)

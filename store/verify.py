@@ -270,7 +270,11 @@ def _check_vectors(name, path, data: pa.Table, row: dict, widths, report: Verify
         if wrong:
             report.add("error", name, f"file {where}: {wrong} vectors are not {width} wide (the width of {hook!r})")
             return
-        values = np.asarray(present.flatten()).reshape(-1, width)  # [rows, width]
+        flat = present.flatten()
+        if flat.null_count:  # the writer never stores one (a float16 null would read as NaN bits)
+            report.add("error", name, f"file {where}: {flat.null_count} null values inside vectors of {hook!r}")
+            return
+        values = np.asarray(flat).reshape(-1, width)  # [rows, width]
         nonfinite_rows[set_rows] = is_bad(values).any(axis=1)
     finite = data["finite"] if "finite" in data.column_names else pa.nulls(data.num_rows, pa.bool_())  # (v1 files)
     flagged = np.asarray(pc.fill_null(pc.invert(finite), False))  # the writer said: not finite

@@ -65,7 +65,7 @@ def test_davies_bouldin_and_centroids_equal_sklearn_and_numpy(points):
         centroids = np.stack([x64[labels == c].mean(0) for c in range(labels.max() + 1)])
         np.testing.assert_allclose(stats.centroids, centroids, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(stats.distances, cdist(centroids, centroids), rtol=1e-7, atol=1e-9)
-        # float32 points (as read from the store) are measured in float32 with float64 sums
+        # float32 points (as read from the store) are measured in float64
         assert centroid_stats(x, labels).davies_bouldin == pytest.approx(stats.davies_bouldin, rel=1e-5)
 
 

@@ -65,3 +65,44 @@ def test_vectors_of_another_length_than_the_hook_are_refused(tmp_path, read):
     damaged, _ = _store(tmp_path / "damaged", ragged=True)
     with pytest.raises(UserError, match=r"^run 'r' stores a vector of 3 values at h, not its width 4: .*verify"):
         read(damaged)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_null_values_inside_vectors_are_refused(tmp_path, dtype):
+    """A vector with a null element (rows appended by another tool from a frame holding None). float16: every
+    vector of the batch was read as its bit patterns' integers (1.0 as 15360.0) beside a NaN, so ap and
+    clusters refused it as "NaN or infinite" (advising float32), neuron_stats crashed with a numpy ValueError,
+    and verify passed the store. float32: NaN in numpy but skipped by DuckDB's avg, and verify said "NaN or
+    inf". Now every reader names the null values and verify reports the file."""
+    from hookpoints.store.verify import verify
+
+    store = Store.open(tmp_path / "store", create=True)
+    x = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.float32)  # exact in float16
+    examples = pa.table({"example_id": ["e0", "e1"]})
+    settings = {"model": "m", "task": "forward", "pooling": "mean", "dtype": dtype}
+    writer = open_run(store, "r", settings=settings, config={}, hooks=[HOOK], examples_schema=examples.schema)
+    writer.add(examples, {"h": HookRows(["e0", "e1"], x)})
+    writer.finish()
+    np.testing.assert_array_equal(_hook_matrix(store), x)
+    uri = store.location.table_uri("activations")
+    DeltaTable(uri).delete("run = 'r' AND hook = 'h'")
+    if dtype == "float16":
+        bits = x.astype(np.float16).view(np.int16).tolist()
+        bits[0][1] = None
+        f32, f16 = pa.nulls(2, pa.list_(pa.float32())), pa.array(bits, pa.list_(pa.int16()))
+    else:
+        f32 = pa.array([[1.0, None, 3.0, 4.0], x[1].tolist()], pa.list_(pa.float32()))
+        f16 = pa.nulls(2, pa.list_(pa.int16()))
+    rows = pa.table(
+        {"run": ["r", "r"], "hook": ["h", "h"], "example_id": ["e0", "e1"], "position": pa.nulls(2, pa.int32()),
+         "activation": f32, "activation_f16": f16, "finite": [True, True]},
+        schema=ACTIVATIONS,
+    )  # fmt: skip
+    write_deltalake(uri, rows, mode="append", partition_by=["run", "hook"])
+    for read in (_hook_matrix, _layer):
+        with pytest.raises(UserError, match=r"^run 'r' stores 1 null value\(s\) inside its vectors at h: .*verify"):
+            read(store)
+    with store.query() as session, pytest.raises(UserError, match="stores null values inside its vectors"):
+        session.neuron_stats("h", stats="avg")
+    errors = [f.message for f in verify(store).findings if f.level == "error"]
+    assert len(errors) == 1 and "1 null values inside vectors of 'h'" in errors[0]

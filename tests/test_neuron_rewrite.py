@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from hookpoints.store.catalog import Store
 from hookpoints.store.neuron_rewrite import rewrite
@@ -289,3 +290,32 @@ def test_timeout_stops_the_rewritten_query(store_data, monkeypatch):
         assert "\n" not in str(error.value)
         monkeypatch.setattr(module, "_row_groups", original)
         assert session.sql(sql).num_rows == sum(WIDTHS.values())  # no timeout: the next statement runs whole
+
+
+def test_stddev_of_a_one_example_group_is_null_as_in_duckdb(store_data):
+    """A group of one example ('en' in run nul): DuckDB's sample stddev and variance are NULL. The rewritten query
+    (and neuron_stats) gave NaN, so `avg(sd)` over the neurons, `sd > 0` or `ORDER BY sd` differed from the plan
+    written (NaN poisons an average that NULL leaves out)."""
+    store, data = store_data
+    sql = (
+        "SELECT n.hook, e.language, n.neuron, count(*) AS c, stddev(n.value) AS sd, variance(n.value) AS var "
+        "FROM neurons n JOIN examples e USING (run, example_id) WHERE n.run = 'nul' GROUP BY ALL ORDER BY ALL"
+    )
+    outer = f"SELECT language, avg(sd) AS mean_sd FROM ({sql}) GROUP BY ALL ORDER BY ALL"
+    with store.query() as session:
+        session.sql("SELECT 1 FROM neurons n JOIN examples e USING (run, example_id) LIMIT 0")
+        assert "neuron_stats(" in rewrite(session, sql)
+        fast, fast_outer = session.sql(sql), session.sql(outer)
+        direct = session.neuron_stats("enc.layers.0.fc2", run="nul", group_by="language", stats="stddev, variance")
+        session.rewrite_neuron_groups = False
+        slow, slow_outer = session.sql(sql), session.sql(outer)
+    x = data["nul"]
+    en = fast.filter(pc.equal(fast["language"], "en"))
+    assert en["c"].to_pylist() == [1] * 4 and en["sd"].null_count == 4 and en["var"].null_count == 4
+    for column in ("sd", "var"):  # NULL where DuckDB's is, equal to float64 rounding elsewhere
+        assert fast[column].is_null().to_pylist() == slow[column].is_null().to_pylist()
+        np.testing.assert_allclose(fast[column].to_numpy(), slow[column].to_numpy(), rtol=1e-12)
+    assert direct.filter(pc.equal(direct["language"], "en"))["stddev"].null_count == 4
+    assert fast_outer["mean_sd"].to_pylist()[1] is None  # en: every sd NULL
+    de = x[[0, 4]].astype(np.float64).std(axis=0, ddof=1).mean()  # numpy over the two German examples
+    np.testing.assert_allclose([fast_outer["mean_sd"][0].as_py(), slow_outer["mean_sd"][0].as_py()], [de, de])
