@@ -84,7 +84,7 @@ def short_labels(names: list[str]) -> tuple[list[str], str]:
 def overlap_figure(result: Overlap, title: str) -> Figure:
     """Shared neurons between row and column selections, as an annotated matrix (Figure 3).
 
-    >>> figure = overlap_figure(overlap(session, run, rows, columns, "text_decoder", 1000), "speech vs text")
+    >>> figure = overlap_figure(overlap(session, speech, text, "text_decoder", 1000, "top"), "speech vs text")
     """
     rows, row_prefix = short_labels(result.rows)
     cols, col_prefix = short_labels(result.columns)
