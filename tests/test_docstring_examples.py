@@ -48,11 +48,9 @@ def context(tiny_model_dir, tmp_path_factory):
 
 
 def test_every_docstring_example_of_the_public_names_runs(context, monkeypatch, capsys):
-    from hookpoints.analyses.magnitudes import example_groups
-
     folder, gpt2, store, paths = context
     monkeypatch.chdir(folder)
-    namespace = {"hp": hp, "np": np, "store": store, "example_groups": example_groups, "direction": np.ones(64)}
+    namespace = {"hp": hp, "np": np, "store": store, "direction": np.ones(64)}
     namespace.update({name: getattr(hp, name) for name in hp.__all__})
     ran, failures = [], []
     for name in hp.__all__:
