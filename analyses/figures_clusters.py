@@ -19,6 +19,8 @@ import numpy as np
 from hookpoints.analyses.figures import integer_axis, safe, save, subplots
 from matplotlib.figure import Figure
 
+from hookpoints.errors import UserError
+
 #: Up to this many classes a map gets a legend (distinct colours of tab20); above, classes are named at their
 #: centroids on the map (colours repeat).
 LEGEND_MAX_CLASSES = 20
@@ -82,7 +84,22 @@ def _map_labelling(maps: ClusterMaps, labelling) -> MapLabelling:
     """The map labelling of ``labelling`` (a MapLabelling, a ClusterResult's Labelling, or a label name): its
     codes over the sample the maps hold, not over the whole subset."""
     name = labelling if isinstance(labelling, str) else labelling.name
-    return next(m for m in maps.labellings if m.name == name)
+    found = [m for m in maps.labellings if m.name == name]
+    if not found:
+        have = ", ".join(m.name for m in maps.labellings)
+        raise UserError(f"label {name!r} was not clustered in run {maps.run}; its labels: {have}")
+    return found[0]
+
+
+def _map_layer(maps: ClusterMaps, layer) -> MapLayer:
+    """The MapLayer of ``layer``: a MapLayer, a ClusterResult's LayerResult, or a layer number (its first hook)."""
+    if isinstance(layer, int):
+        found = [m for m in maps.layers if m.layer == layer]
+        if not found:
+            have = ", ".join(str(n) for n in sorted({m.layer for m in maps.layers}))
+            raise UserError(f"layer {layer} was not clustered in run {maps.run}; its layers: {have}")
+        return found[0]
+    return {m.hook: m for m in maps.layers}[layer.hook if isinstance(layer, MapLayer) else layer.hook.hook]
 
 
 def plot_all(result, folder: Path, *, dendrogram_layers: list[int] | None = None) -> list[Path]:
@@ -191,6 +208,8 @@ def tsne_figure(maps: ClusterMaps, labelling: MapLabelling) -> Figure:
     maps = as_maps(maps)
     labelling = _map_labelling(maps, labelling)
     layers = [layer for layer in maps.layers if layer.tsne is not None]
+    if not layers:
+        raise UserError(f"run {maps.run}'s clustering has no t-SNE maps (it was made with tsne=False / --no-tsne)")
     columns = min(4, len(layers))
     rows = -(-len(layers) // columns)
     fig, axes = subplots(rows, columns, figsize=(3.3 * columns, 3.1 * rows), squeeze=False)
@@ -232,16 +251,13 @@ def dendrogram_figure(maps: ClusterMaps, labelling: MapLabelling, layers: list[M
     ``maps``: a ClusterMaps or a ClusterResult; ``labelling``: one of its labellings or a label name;
     ``layers``: its layers (MapLayer or the result's LayerResult), or layer numbers.
 
-    >>> figure = dendrogram_figure(result, "language", [0, 5])
+    >>> figure = dendrogram_figure(result, "language", [0, 1])
     """
     maps = as_maps(maps)
     labelling = _map_labelling(maps, labelling)
-    by_hook = {layer.hook: layer for layer in maps.layers}
-    layers = [
-        next(m for m in maps.layers if m.layer == layer) if isinstance(layer, int)
-        else by_hook[layer.hook if isinstance(layer, MapLayer) else layer.hook.hook]
-        for layer in layers
-    ]  # fmt: skip
+    layers = [_map_layer(maps, layer) for layer in layers]
+    if not layers or any(labelling.name not in layer.linkages for layer in layers):
+        raise UserError(f"no dendrogram of {labelling.name!r} at these layers (labels of at most 100 classes have one)")
     from scipy.cluster.hierarchy import dendrogram
 
     height = max(2.8, 0.22 * len(labelling.classes))

@@ -84,7 +84,9 @@ def short_labels(names: list[str]) -> tuple[list[str], str]:
 def overlap_figure(result: Overlap, title: str) -> Figure:
     """Shared neurons between row and column selections, as an annotated matrix (Figure 3).
 
-    >>> figure = overlap_figure(overlap(session, run, rows, columns, "text_decoder", 1000), "speech vs text")
+    >>> with store.query() as session:
+    ...     shared = overlap(session, speech, text, "text_decoder", 1000, "top")  # speech, text: (run, label sets)
+    >>> figure = overlap_figure(shared, "speech vs text")
     """
     rows, row_prefix = short_labels(result.rows)
     cols, col_prefix = short_labels(result.columns)
@@ -162,7 +164,8 @@ def magnitude_figure(
     """Mean magnitude by layer, and deviation from the mean trend (x ``scale``) by layer, one line per group
     (``absolute``: the table averages |activation|, as ``layer_magnitudes(..., absolute=True)`` gives).
 
-    >>> table = layer_magnitudes(session, examples, hooks, ["language"])
+    >>> with store.query() as session:
+    ...     table = layer_magnitudes(session, examples, hooks, ["language"])
     >>> figure = magnitude_figure(table, ["language"], "lm", 1.0, "r1")
     """
     fig, axes = subplots(1, 2, figsize=(13, 4.2))

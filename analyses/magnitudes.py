@@ -218,6 +218,7 @@ def activation_gini(
 ) -> pa.Table:
     """Per (component, layer, group): Gini over the layer's neurons of their mean |activation| in the group.
 
+    >>> from hookpoints.analyses.magnitudes import example_groups  # not in hookpoints' top-level names
     >>> with store.query() as session:
     ...     examples = select_examples(session, open_runs(session, ["r1"]))
     ...     hooks = shared_hooks(session, ("r1",), layer_outputs=True)

@@ -221,7 +221,8 @@ def overlap(
     different rankings of the same model (e.g. a speech run's and a text run's decoder) compare too.
 
     >>> with store.query() as session:
-    ...     shared = overlap(session, "s2tt+t2tt", ["unimodal/speech/de"], ["unimodal/text/de"], "text_decoder", 1000)
+    ...     speech, text = ("s2tt+t2tt", ["unimodal/speech/de"]), ("s2tt+t2tt", ["unimodal/text/de"])
+    ...     shared = overlap(session, speech, text, "text_decoder", 1000, "top")  # shared.counts: [rows, columns]
     """
     rank = _rank_column(side)
     (row_run, row_sets), (col_run, col_sets) = rows, columns

@@ -58,6 +58,8 @@ class ActivationCache(Mapping):
         "ln1"]``, ``cache["embed"]`` (:func:`act_name`)."""
         if isinstance(name, tuple):
             name = act_name(*name)
+        elif isinstance(name, str) and name not in self._tensors and name not in self._aliases:
+            name = act_name(name)  # TransformerLens looks a string up as given, then as get_act_name's shorthand
         return self._tensors[self._name(name)]
 
     def __iter__(self) -> Iterator[str]:

@@ -9,6 +9,7 @@ class UserError(Exception):
 
     >>> try:
     ...     hp.load("no/such/folder/")
-    >>> except hp.UserError as error:
-    ...     print(error)  # model path no/such/folder/ does not exist
+    ... except hp.UserError as error:
+    ...     print(error)
+    model path no/such/folder/ does not exist
     """

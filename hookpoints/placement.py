@@ -131,11 +131,16 @@ def check_device_map(device_map: DeviceMap, offload_folder: str | Path | None) -
     for module, place in device_map.items():
         if not isinstance(module, str):
             raise UserError(f"device map keys are module paths, not {module!r}")
-        if place in MAP_PLACES or isinstance(place, int) and not isinstance(place, bool):
+        if place in MAP_PLACES:
             continue
-        if not (isinstance(place, str) and place.startswith("cuda")):
+        if isinstance(place, int) and not isinstance(place, bool):
+            place = f"cuda:{place}"  # a GPU index: checked like cuda:N (transformers raised a RuntimeError)
+        elif not (isinstance(place, str) and place.startswith("cuda")):
             raise UserError(f"device map: module {module} goes to {place!r}; use cpu, disk, a GPU index or cuda:N")
-        resolve_device(place)
+        try:
+            resolve_device(place)
+        except UserError as error:
+            raise UserError(f"device map: module {module} goes to {device_map[module]!r}: {error}") from None
     if "disk" in device_map.values() and not offload_folder:
         raise UserError("device map offloads modules to disk: give an offload folder (--offload-folder)")
     return device_map

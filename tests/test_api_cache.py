@@ -372,13 +372,13 @@ def test_transformer_lens_shorthand_names_filter_and_remove_batch_dim(gpt2):
     ids = gpt2.inputs([TEXTS[0]]).kwargs["input_ids"]  # [1, tokens]
 
     def wanted(name: str) -> bool:
-        return name.endswith(("hook_resid_pre", "hook_q", "ln1.hook_scale"))
+        return name.endswith(("hook_resid_pre", "hook_q", "ln1.hook_scale", "hook_embed"))
 
     with torch.inference_mode():
         _, expected = reference.run_with_cache(ids, names_filter=wanted, remove_batch_dim=True)
     _, cache = gpt2.run_with_cache(ids, names_filter=wanted, remove_batch_dim=True)
     assert set(cache) == set(expected.cache_dict)
-    for key in (("resid_pre", 0), ("q", 1), ("scale", 1, "ln1"), ("q1",)):
+    for key in (("resid_pre", 0), ("q", 1), ("scale", 1, "ln1"), ("q1",), "q1", "embed", "scale1ln1"):
         assert cache[key].shape == expected[key].shape, key  # [pos, d_model], [pos, head, d_head], [pos, 1]
         torch.testing.assert_close(cache[key], expected[key], atol=1e-5, rtol=1e-5, msg=str(key))
     with pytest.raises(UserError, match="cannot pool a cache without its batch axis"):

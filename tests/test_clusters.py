@@ -267,3 +267,39 @@ def test_a_label_of_numbers_with_fractions_or_lists_is_refused(store):
             cluster_layers(store, "typed", ClusterSettings(labels=(label,), tsne=False))
     result = cluster_layers(store, "typed", ClusterSettings(labels=("turn",), tsne=False))  # integers are fine
     assert result.labellings[0].classes == ["0", "1"]
+
+
+def test_the_sql_recipes_of_clusters_md_give_one_row_per_component_layer(store):
+    """docs/clusters.md's two queries, run as written (run renamed): on a model with two stacks (SeamlessM4T's text
+    encoder and decoder share layer numbers) they gave two silhouette rows per layer and the last layer's
+    distances of both stacks, with nothing to tell them apart."""
+    import re
+    from pathlib import Path
+
+    examples, vectors = clustered(layers=4)
+    hooks = []
+    for i in range(len(vectors)):
+        component, layer = ("text_encoder", i) if i < 2 else ("text_decoder", i - 2)
+        hooks.append(
+            {**hook_row(layer, 16, name=f"{component}.layers.{layer}.hook_resid_post"), "component": component}
+        )
+    renamed = {hook["hook"]: matrix for hook, matrix in zip(hooks, vectors.values(), strict=True)}
+    write_run(store, "r1", examples, renamed, hooks=hooks)
+    write_clusters(store, cluster_layers(store, "r1", ClusterSettings(labels=("language",), tsne=False)))
+    latest = cluster_layers(store, "r1", ClusterSettings(labels=("language",), tsne=False, seed=1))
+    write_clusters(store, latest)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "clusters.md").read_text()
+    silhouette, distances = [q for q in re.findall(r"```sql\n(.*?)```", doc, re.S)[0].split(";") if q.strip()]
+    with store.query() as session:
+        rows, shown = session.sql(silhouette).to_pylist(), session.sql(distances).to_pylist()
+    keys = [(r["component"], r["layer"]) for r in rows]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 4
+    expected = {(r["component"], r["layer"]): r["value"] for r in latest.rows if r["measure"] == "silhouette"}
+    assert all(abs(r["silhouette"] - expected[r["component"], r["layer"]]) < 1e-3 for r in rows)
+    last = {
+        (r["a"], r["b"]): r["value"]
+        for r in latest.rows
+        if r["measure"] == "centroid_distance" and r["hook"] == "text_decoder.layers.1.hook_resid_post"
+    }
+    assert len(shown) == len(last) == 3
+    assert all(abs(r["distance"] - last[r["a"], r["b"]]) < 1e-2 for r in shown)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from hookpoints.analyses.figures import png_bytes, save
 from hookpoints.analyses.figures_clusters import ClusterMaps, MapLabelling, MapLayer, measures_figure, tsne_figure
 from hookpoints.analyses.figures_selectivity import distribution_figure, magnitude_figure, overlap_figure
@@ -220,3 +221,28 @@ def test_figures_leave_the_notebooks_matplotlib_alone():
     figure = magnitude_figure(magnitudes_table(), ["language", "modality"], "text_decoder", 1.0, "r1")
     assert isinstance(figure, Figure) and plt.get_fignums() == before
     assert png_bytes(figure).startswith(b"\x89PNG")
+
+
+def test_cluster_figures_refuse_what_the_clustering_lacks_in_one_line():
+    """tsne_figure of a clustering made without t-SNE was a ZeroDivisionError, and a label or layer it lacks (the
+    docstring's own ``[0, 5]`` on a 2-layer model) a bare StopIteration; now each is a UserError naming what exists."""
+    from hookpoints.analyses.figures_clusters import dendrogram_figure
+    from scipy.cluster.hierarchy import linkage
+
+    from hookpoints.errors import UserError
+
+    few, labelling = maps(4)
+    for layer in few.layers:
+        layer.linkages["speaker"] = linkage(np.eye(4), method="average")
+    with pytest.raises(UserError, match=r"layer 5 was not clustered in run run-x; its layers: 0, 1, 2"):
+        dendrogram_figure(few, labelling, [0, 5])
+    with pytest.raises(UserError, match=r"label 'language' was not clustered in run run-x; its labels: speaker"):
+        tsne_figure(few, "language")
+    assert len(dendrogram_figure(few, "speaker", [0, 2]).axes) == 2
+    del few.layers[1].linkages["speaker"]  # a label of more than 100 classes has no linkage
+    with pytest.raises(UserError, match="no dendrogram of 'speaker'"):
+        dendrogram_figure(few, "speaker", [1])
+    for layer in few.layers:
+        layer.tsne = None
+    with pytest.raises(UserError, match="has no t-SNE maps"):
+        tsne_figure(few, labelling)

@@ -207,6 +207,19 @@ def test_bad_device_maps_are_one_line_errors(device_map, folder, message):
         check_device_map(device_map, folder)
 
 
+def test_a_device_map_naming_a_missing_gpu_by_index_is_one_line(tiny_model_dir, tmp_path):
+    """python-api/gpu.md's device map names GPUs 0 and 1 by index; where there are fewer (or none), "cuda:1" was
+    refused in one line but the index 1 reached transformers: "RuntimeError: Cannot access accelerator device"."""
+    missing = torch.cuda.device_count()  # the first index this machine does not have
+    for place in (missing, f"cuda:{missing}", -1):
+        with pytest.raises(UserError, match=rf"device map: module model.layers.1 goes to {place!r}: "):
+            check_device_map({"model.layers.0": "cpu", "model.layers.1": place}, None)
+    split = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": missing, "model.norm": "cpu",
+             "lm_head": "disk"}  # fmt: skip
+    with pytest.raises(UserError, match=f"module model.layers.1 goes to {missing}: "):
+        load(tiny_model_dir("llama"), device_map=split, offload_folder=tmp_path)
+
+
 def test_bad_device_and_dtype(tiny_model_dir, monkeypatch, tmp_path):
     monkeypatch.setattr(placement, "cuda_available", lambda: False)
     with pytest.raises(UserError, match="torch sees no CUDA GPU"):
