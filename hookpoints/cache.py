@@ -45,6 +45,7 @@ class ActivationCache(Mapping):
         points: dict[str, HookPoint],
         masks: dict[str, torch.Tensor],
         pooling: str | None = None,
+        layers: int | None = None,
     ):
         self._tensors = tensors
         self.points = points  # hook name -> HookPoint (its layout, space and aliases)
@@ -52,15 +53,24 @@ class ActivationCache(Mapping):
         self.pooling = pooling  # None, or how positions were pooled away
         self._aliases = {alias: point.name for point in points.values() for alias in point.aliases}
         self.batchless = False  # made by without_batch_axis (run_with_cache's remove_batch_dim)
+        self.layers = layers  # the model's number of blocks: cache["resid_pre", -1] is the last one's
 
     def __getitem__(self, name: str | tuple) -> torch.Tensor:
         """By hook name or alias, or TransformerLens' shorthand: ``cache["resid_pre", 0]``, ``cache["scale", 2,
         "ln1"]``, ``cache["embed"]`` (:func:`act_name`)."""
         if isinstance(name, tuple):
-            name = act_name(*name)
+            name = act_name(*self._layer_from_end(name))
         elif isinstance(name, str) and name not in self._tensors and name not in self._aliases:
             name = act_name(name)  # TransformerLens looks a string up as given, then as get_act_name's shorthand
         return self._tensors[self._name(name)]
+
+    def _layer_from_end(self, key: tuple) -> tuple:
+        """TransformerLens' negative layer index (``cache["resid_post", -1]``) counted from the model's blocks."""
+        if len(key) < 2 or not isinstance(key[1], int) or key[1] >= 0:
+            return key
+        if self.layers is None or key[1] < -self.layers:
+            raise UserError(f"layer {key[1]} is not a block of this model ({self.layers or 'no'} blocks)")
+        return (key[0], self.layers + key[1], *key[2:])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -104,7 +114,8 @@ class ActivationCache(Mapping):
         if self.batchless or any(t.shape[0] != 1 for t in self._tensors.values()):
             raise UserError("only a cache of one example loses its batch axis")
         tensors = {name: t[0] for name, t in self._tensors.items()}
-        cache = ActivationCache(tensors, self.points, {space: m[0] for space, m in self.masks.items()}, self.pooling)
+        masks = {space: m[0] for space, m in self.masks.items()}
+        cache = ActivationCache(tensors, self.points, masks, self.pooling, self.layers)
         cache.batchless = True
         return cache
 
@@ -112,7 +123,7 @@ class ActivationCache(Mapping):
         """The cache with every tensor and mask moved to ``device``."""
         tensors = {name: t.to(device) for name, t in self._tensors.items()}
         masks = {space: m.to(device) for space, m in self.masks.items()}
-        moved = ActivationCache(tensors, self.points, masks, self.pooling)
+        moved = ActivationCache(tensors, self.points, masks, self.pooling, self.layers)
         moved.batchless = self.batchless
         return moved
 
@@ -145,7 +156,7 @@ class ActivationCache(Mapping):
                 )
             flat = tensor.flatten(2).float()  # [batch, pos, width]
             pooled[name] = pool_positions(flat, mask, method).reshape(tensor.shape[0], *tensor.shape[2:])
-        return ActivationCache(pooled, self.points, self.masks, method)
+        return ActivationCache(pooled, self.points, self.masks, method, self.layers)
 
     def mean(self, name: str) -> torch.Tensor:
         """Hook ``name``'s mean over every valid position of every example: ``[*d]`` (for mean ablation).
@@ -231,7 +242,9 @@ def run_with_cache(model, inputs: ModelInputs, points: list[HookPoint], pooling:
             saved[point.name] = hook_tensor(value, point, batch).clone().save()
         output = model.traced.output.save()
     tensors = {point.name: saved[point.name] for point in points}
-    cache = ActivationCache(tensors, {point.name: point for point in points}, dict(inputs.masks))
+    blocks = {p.layer for p in model.hook_points if p.layer is not None and p.name.startswith("blocks.")}
+    layers = max(blocks) + 1 if blocks else None
+    cache = ActivationCache(tensors, {point.name: point for point in points}, dict(inputs.masks), layers=layers)
     return output, cache.pooled(pooling) if pooling else cache
 
 

@@ -378,9 +378,16 @@ def test_transformer_lens_shorthand_names_filter_and_remove_batch_dim(gpt2):
         _, expected = reference.run_with_cache(ids, names_filter=wanted, remove_batch_dim=True)
     _, cache = gpt2.run_with_cache(ids, names_filter=wanted, remove_batch_dim=True)
     assert set(cache) == set(expected.cache_dict)
-    for key in (("resid_pre", 0), ("q", 1), ("scale", 1, "ln1"), ("q1",), "q1", "embed", "scale1ln1"):
+    keys = [("resid_pre", 0), ("q", 1), ("scale", 1, "ln1"), ("q1",), "q1", "embed", "scale1ln1"]
+    keys += [("resid_pre", -1), ("q", -2), ("scale", -1, "ln1")]  # TransformerLens counts negative layers from the end
+    for key in keys:
         assert cache[key].shape == expected[key].shape, key  # [pos, d_model], [pos, head, d_head], [pos, 1]
         torch.testing.assert_close(cache[key], expected[key], atol=1e-5, rtol=1e-5, msg=str(key))
+    layers = reference.cfg.n_layers
+    assert cache.layers == layers
+    torch.testing.assert_close(cache["resid_pre", -1], cache["resid_pre", layers - 1])
+    with pytest.raises(UserError, match=f"layer {-layers - 1} is not a block of this model"):
+        cache["resid_pre", -layers - 1]
     with pytest.raises(UserError, match="cannot pool a cache without its batch axis"):
         cache.pooled("mean")
     with pytest.raises(UserError, match="remove_batch_dim needs one example, not 2"):
