@@ -237,7 +237,8 @@ class GenerationMethods:
 
     def modules_run_every_step(self, inputs: ModelInputs, prompt: torch.Tensor) -> frozenset[str]:
         """Module paths that run at every step of ``generate`` (not only at step 0), found once by watching
-        two steps of a one-example generation with plain forward hooks."""
+        three steps of a one-example generation with plain forward hooks (attention computed eagerly, so the
+        attention-map hooks, which SDPA skips, are seen too)."""
         if self._every_step is None:
             calls: dict[str, int] = {}
             handles = [
@@ -249,8 +250,8 @@ class GenerationMethods:
             one = ModelInputs(
                 first, {k: v[:1] for k, v in inputs.masks.items()}, {k: v[:1] for k, v in inputs.extras.items()}
             )
-            try:
-                with torch.inference_mode(), self.adapter.batch_guard(self.model, one):
+            try:  # eager: attention maps' hook modules run only then (and, like queries, at every step)
+                with torch.inference_mode(), self.adapter.batch_guard(self.model, one), eager_attention():
                     kwargs = {**first, **self._prompt_kwargs(prompt[:1]), "decoder_input_ids": prompt[:1]}
                     kwargs.update(greedy_kwargs(3), min_new_tokens=3)
                     self.model.generate(**kwargs)

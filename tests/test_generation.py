@@ -216,3 +216,36 @@ def test_decoder_self_attention_maps_keep_the_prompt_keys(speech_model, tiny_mod
         got = rows[i].view(-1, heads, keys).transpose(0, 1)  # [head, steps, keys]
         torch.testing.assert_close(got[..., :used], want, atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:2]))
+
+
+def test_attention_maps_recorded_during_generate_are_kept_at_every_step(speech_model, tiny_model_dir):
+    """``generate_edited(record=[...hook_pattern])`` keeps each step's attention row, equal to HF's eager attention
+    weights over ``prompt + generated`` (one example at a time). The maps' hook modules run only with eager
+    attention, so the 3-step watch that finds what runs at every step missed them: the maps were recorded at step 0
+    only (one call, silently), and ``pooled_per_step`` raised a RuntimeError on them."""
+    import transformers as tf
+
+    inputs = speech_model.speech_inputs(waveforms(2, seed=1))
+    prompt = speech_model.decoder_prompt(["eng"] * 2)
+    names = ["text_decoder.layers.1.self_attn.hook_pattern", "text_decoder.layers.0.cross_attention.hook_pattern"]
+    points = speech_model.select(names)
+    generation, seen = speech_model.generate_edited(inputs, prompt, [], STEPS, record=points)
+    assert [len(seen[name]) for name in names] == [generation.steps] * 2
+    folder = tiny_model_dir("seamless_m4t_v2")
+    stock = tf.SeamlessM4Tv2ForSpeechToText.from_pretrained(folder, attn_implementation="eager")
+    for i, wave in enumerate(waveforms(2, seed=1)):
+        one = speech_model.speech_inputs([wave])
+        used = generation.prompt_length - 1 + int(generation.lengths[i])
+        with torch.no_grad():
+            out = stock.eval()(**{**one.kwargs, "decoder_input_ids": generation.sequences[i : i + 1, :used]},
+                               output_attentions=True)  # fmt: skip
+        for name, attentions in zip(names, (out.decoder_attentions[1], out.cross_attentions[0]), strict=True):
+            point = speech_model.hook_points.get(name)
+            for step in range(int(generation.lengths[i])):
+                query = generation.prompt_length - 1 + step
+                want = attentions[0, :, query]  # [head, keys]
+                got = seen[point.name][step][i, -1].view(point.heads, point.keys)[:, : want.shape[-1]]
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    reference, _ = speech_model.pooled_per_step(inputs, prompt, points, "mean", STEPS)
+    ours, _ = speech_model.pooled_generating(inputs, prompt, points, "mean", STEPS)
+    assert_pooled_equal(ours, reference)
