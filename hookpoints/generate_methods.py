@@ -57,9 +57,9 @@ class GenerationMethods:
         strings, waveforms or audio paths (hookpoints.user_inputs).
         """
         self._check_generates()
-        self.check_room(prompt.shape[1], max_new_tokens)
         if not isinstance(inputs, ModelInputs):
             inputs = self.inputs(inputs)
+        prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
         if edits:
             if encoder_outputs is not None:
                 raise UserError("generate: give edits or encoder_outputs, not both")
@@ -91,6 +91,7 @@ class GenerationMethods:
         3. One traced pass of the decoder over ``prompt + generated[:-1]`` (hookpoints.generation) records the
            decoder's hook points, pooled over the generated tokens' steps.
         """
+        prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
         encoder = self._module_path(self.model.get_encoder())
         inside = [p for p in points if p.module == encoder or p.module.startswith(encoder + ".")]
         methods = pooling_methods(inside, pooling)
@@ -135,7 +136,9 @@ class GenerationMethods:
         (hookpoints.edit_folding: no hook at all for them, the same values; ``fold=False`` keeps a hook per tensor).
         """
         self._check_generates()
-        self.check_room(prompt.shape[1], max_new_tokens)
+        if not isinstance(inputs, ModelInputs):
+            inputs = self.inputs(inputs)
+        prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
         modules = dict(self.model.named_modules())
         for point in [edit.point for edit in edits] + list(record):
             if point.module not in modules:
@@ -222,6 +225,31 @@ class GenerationMethods:
                 f"model {self.source} ({self.adapter.name}, {self.modality} input) does not generate here: "
                 "generate and decoder_prompt are for the encoder-decoder families (SeamlessM4T v2, Whisper)"
             )
+
+    def checked_prompt(self, inputs: ModelInputs, prompt, max_new_tokens: int) -> torch.Tensor:
+        """``prompt`` as ``[batch, prompt]`` token ids on the model's device, one row per example of ``inputs``;
+        a UserError for anything else (a one-row prompt for a larger batch failed deep in the decoder)."""
+        if (
+            not isinstance(prompt, torch.Tensor)
+            or prompt.dim() != 2
+            or prompt.is_floating_point()
+            or not prompt.numel()
+        ):
+            raise UserError(
+                f"the decoder prompt must be a [batch, tokens] tensor of token ids (model.decoder_prompt(...)), "
+                f"not {prompt!r:.80}"
+            )
+        if prompt.shape[0] != inputs.batch_size:
+            raise UserError(
+                f"the decoder prompt has {prompt.shape[0]} rows for {inputs.batch_size} examples: give one per "
+                f"example (model.decoder_prompt([target] * {inputs.batch_size}))"
+            )
+        vocab = getattr(self.model.get_output_embeddings(), "out_features", None)
+        if vocab is not None and (int(prompt.min()) < 0 or int(prompt.max()) >= vocab):
+            bad = int(prompt.max()) if int(prompt.max()) >= vocab else int(prompt.min())
+            raise UserError(f"decoder prompt token {bad} is out of range for {self.source} (vocabulary of {vocab})")
+        self.check_room(prompt.shape[1], max_new_tokens)
+        return prompt.to(self.device)
 
     def check_room(self, prompt_length: int, max_new_tokens: int) -> None:
         """A UserError when the prompt and ``max_new_tokens`` run past the decoder's learned positions (Whisper:

@@ -249,3 +249,38 @@ def test_attention_maps_recorded_during_generate_are_kept_at_every_step(speech_m
     reference, _ = speech_model.pooled_per_step(inputs, prompt, points, "mean", STEPS)
     ours, _ = speech_model.pooled_generating(inputs, prompt, points, "mean", STEPS)
     assert_pooled_equal(ours, reference)
+
+
+def test_a_prompt_that_does_not_fit_the_batch_is_a_user_error(text_model):
+    """A one-row prompt for three examples (``decoder_prompt(["eng"])``) raised torch's "mat1 and mat2 shapes cannot
+    be multiplied" from inside the decoder; a prompt is one row of token ids per example."""
+    from hookpoints.errors import UserError
+
+    texts = ["Das Wetter ist schön.", "Il fait beau.", "Hoy hace buen tiempo."]
+    inputs = text_model.source_inputs(texts, ["deu", "fra", "spa"])
+    edit = text_model.edit("text_decoder.layers.0.ffn.fc1", [1], [0.0])
+    points = text_model.select(["text_decoder.layers.0.ffn.fc1"])
+    vocab = text_model.model.get_output_embeddings().out_features
+    cases = [
+        (text_model.decoder_prompt(["eng"]), "the decoder prompt has 1 rows for 3 examples"),
+        (text_model.decoder_prompt(["eng"] * 4), "the decoder prompt has 4 rows for 3 examples"),
+        (text_model.decoder_prompt(["eng"] * 3)[0], "must be a \\[batch, tokens\\] tensor of token ids"),
+        ([[3, 4]] * 3, "must be a \\[batch, tokens\\] tensor of token ids"),
+        (torch.full((3, 2), vocab), f"decoder prompt token {vocab} is out of range"),
+    ]
+    for prompt, message in cases:
+        for call in (
+            lambda p: text_model.generate(inputs, p, 3),
+            lambda p: text_model.generate(inputs, p, 3, edits=[edit]),
+            lambda p: text_model.generate_edited(inputs, p, [edit], 3, record=points),
+            lambda p: text_model.pooled_generating(inputs, p, points, "mean", 3),
+        ):
+            with pytest.raises(UserError, match=message) as caught:
+                call(prompt)
+            assert "\n" not in str(caught.value)
+    # the right prompt, as the documented calls build it, still generates what each example generates alone
+    prompt = text_model.decoder_prompt(["eng"] * 3)
+    batch = text_model.generate(inputs, prompt, 4)
+    for i, text in enumerate(texts):
+        one = text_model.generate(text_model.source_inputs([text], [["deu", "fra", "spa"][i]]), prompt[:1], 4)
+        assert batch.generated(i) == one.generated(0)
