@@ -35,6 +35,13 @@ def pooling_methods(points: list[HookPoint], pooling: Pooling) -> dict[str, str]
     return {point.name: pooling(point) if callable(pooling) else pooling for point in points}
 
 
+def _runs_with_encoder(point: HookPoint, encoder: str) -> bool:
+    """Whether ``point`` is read in the encoder's pass: inside the encoder, or the input of a module holding it."""
+    if point.module == encoder or point.module.startswith(encoder + "."):
+        return True
+    return point.io == "input" and (not point.module or encoder.startswith(point.module + "."))
+
+
 class GenerationMethods:
     """Mixed into :class:`~hookpoints.model.HookedModel`: decoding, edited decoding, recording while decoding.
 
@@ -93,7 +100,9 @@ class GenerationMethods:
         """
         prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
         encoder = self._module_path(self.model.get_encoder())
-        inside = [p for p in points if p.module == encoder or p.module.startswith(encoder + ".")]
+        # the encoder's hook points, and the inputs of modules around it (Whisper's ``model:input`` is the
+        # features): the teacher-forced pass gets the encoder's output instead of them
+        inside = [p for p in points if _runs_with_encoder(p, encoder)]
         methods = pooling_methods(inside, pooling)
         saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
         with (
@@ -187,6 +196,11 @@ class GenerationMethods:
                         if point.name in edit_groups:
                             edit_groups[point.name].apply(value)
                         if point.name in wanted:
+                            if first_tensor(value) is None:  # Whisper's model:input: generate runs the encoder
+                                raise UserError(
+                                    f"hook {point.name}: module {point.module} gets no tensor in generate; "
+                                    "record it in a forward pass"
+                                )
                             recorded[point.name].append(positions_first(value, point).clone().save())
         generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
         return generation, recorded

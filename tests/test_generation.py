@@ -284,3 +284,34 @@ def test_a_prompt_that_does_not_fit_the_batch_is_a_user_error(text_model):
     for i, text in enumerate(texts):
         one = text_model.generate(text_model.source_inputs([text], [["deu", "fra", "spa"][i]]), prompt[:1], 4)
         assert batch.generated(i) == one.generated(0)
+
+
+def test_the_input_of_a_module_holding_the_encoder_is_recorded_while_generating(tiny_model_dir):
+    """Whisper's ``model:input`` is the features (``WhisperModel`` holds encoder and decoder). The teacher-forced pass
+    gets the encoder's output instead, so recording it in a generating task raised an AttributeError on None; it is
+    read in the encoder's pass, as a forward pass reads it (a plain torch pre-hook here). Hooks at every step of
+    ``generate`` never see it (generate runs the encoder itself): a one-line UserError."""
+    from hookpoints.errors import UserError
+
+    model = load(tiny_model_dir("whisper"), modality="speech")
+    inputs = model.speech_inputs(waveforms(2, seed=1))
+    prompt = torch.tensor([[model.model.config.decoder_start_token_id, 5]] * 2)
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen["features"] = (args[0] if args else kwargs["input_features"]).clone()  # [batch, mel, frames]
+
+    handle = model.model.model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model.model(**inputs.kwargs)
+    finally:
+        handle.remove()
+    mask = inputs.masks["input"].float()  # [batch, frames]
+    want = (seen["features"] * mask[:, None, :]).sum(-1) / mask.sum(-1, keepdim=True)  # [batch, mel]
+    points = model.select(["model:input", "model.decoder.layers.0.fc1"])
+    pooled, _ = model.pooled_generating(inputs, prompt, points, "mean", 4)
+    torch.testing.assert_close(pooled["model:input"], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="hook model:input: module model gets no tensor in generate") as caught:
+        model.generate_edited(inputs, prompt, [], 4, record=points)
+    assert "\n" not in str(caught.value)
