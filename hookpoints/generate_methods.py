@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from numbers import Integral
 
 import torch
 from transformers.modeling_outputs import BaseModelOutput
@@ -268,8 +269,9 @@ class GenerationMethods:
     def check_room(self, prompt_length: int, max_new_tokens: int) -> None:
         """A UserError when the prompt and ``max_new_tokens`` run past the decoder's learned positions (Whisper:
         448; its ``generate`` raises a ValueError there). Sinusoidal decoders (SeamlessM4T) have no limit."""
-        if max_new_tokens < 1:
-            raise UserError(f"max new tokens must be at least 1, not {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
+            # 2.5 generated 3 tokens without a word; "4" and None raised a TypeError
+            raise UserError(f"max new tokens must be a whole number of at least 1, not {max_new_tokens!r}")
         limit = getattr(self.model.config, "max_target_positions", None)
         if limit is not None and prompt_length + max_new_tokens > limit:
             raise UserError(

@@ -315,3 +315,16 @@ def test_the_input_of_a_module_holding_the_encoder_is_recorded_while_generating(
     with pytest.raises(UserError, match="hook model:input: module model gets no tensor in generate") as caught:
         model.generate_edited(inputs, prompt, [], 4, record=points)
     assert "\n" not in str(caught.value)
+
+
+def test_max_new_tokens_must_be_a_whole_number(text_model):
+    """2.5 generated 3 tokens without a word (HF's loop ran while the length was below prompt + 2.5); "4" and None
+    raised a TypeError from a comparison."""
+    from hookpoints.errors import UserError
+
+    inputs = text_model.source_inputs(["Das Wetter ist schön."], ["deu"])
+    prompt = text_model.decoder_prompt(["eng"])
+    for bad in (2.5, "4", None, True, 0):
+        with pytest.raises(UserError, match=f"max new tokens must be a whole number of at least 1, not {bad!r}"):
+            text_model.generate(inputs, prompt, bad)
+    assert text_model.generate(inputs, prompt, np.int64(3)).steps == 3  # numpy's integers are whole numbers
