@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from numbers import Integral
 
 import torch
 from transformers.modeling_outputs import BaseModelOutput
@@ -35,6 +36,13 @@ def pooling_methods(points: list[HookPoint], pooling: Pooling) -> dict[str, str]
     return {point.name: pooling(point) if callable(pooling) else pooling for point in points}
 
 
+def _runs_with_encoder(point: HookPoint, encoder: str) -> bool:
+    """Whether ``point`` is read in the encoder's pass: inside the encoder, or the input of a module holding it."""
+    if point.module == encoder or point.module.startswith(encoder + "."):
+        return True
+    return point.io == "input" and (not point.module or encoder.startswith(point.module + "."))
+
+
 class GenerationMethods:
     """Mixed into :class:`~hookpoints.model.HookedModel`: decoding, edited decoding, recording while decoding.
 
@@ -57,9 +65,9 @@ class GenerationMethods:
         strings, waveforms or audio paths (hookpoints.user_inputs).
         """
         self._check_generates()
-        self.check_room(prompt.shape[1], max_new_tokens)
         if not isinstance(inputs, ModelInputs):
             inputs = self.inputs(inputs)
+        prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
         if edits:
             if encoder_outputs is not None:
                 raise UserError("generate: give edits or encoder_outputs, not both")
@@ -91,8 +99,11 @@ class GenerationMethods:
         3. One traced pass of the decoder over ``prompt + generated[:-1]`` (hookpoints.generation) records the
            decoder's hook points, pooled over the generated tokens' steps.
         """
+        prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
         encoder = self._module_path(self.model.get_encoder())
-        inside = [p for p in points if p.module == encoder or p.module.startswith(encoder + ".")]
+        # the encoder's hook points, and the inputs of modules around it (Whisper's ``model:input`` is the
+        # features): the teacher-forced pass gets the encoder's output instead of them
+        inside = [p for p in points if _runs_with_encoder(p, encoder)]
         methods = pooling_methods(inside, pooling)
         saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
         with (
@@ -135,7 +146,9 @@ class GenerationMethods:
         (hookpoints.edit_folding: no hook at all for them, the same values; ``fold=False`` keeps a hook per tensor).
         """
         self._check_generates()
-        self.check_room(prompt.shape[1], max_new_tokens)
+        if not isinstance(inputs, ModelInputs):
+            inputs = self.inputs(inputs)
+        prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
         modules = dict(self.model.named_modules())
         for point in [edit.point for edit in edits] + list(record):
             if point.module not in modules:
@@ -184,6 +197,11 @@ class GenerationMethods:
                         if point.name in edit_groups:
                             edit_groups[point.name].apply(value)
                         if point.name in wanted:
+                            if first_tensor(value) is None:  # Whisper's model:input: generate runs the encoder
+                                raise UserError(
+                                    f"hook {point.name}: module {point.module} gets no tensor in generate; "
+                                    "record it in a forward pass"
+                                )
                             recorded[point.name].append(positions_first(value, point).clone().save())
         generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
         return generation, recorded
@@ -223,11 +241,37 @@ class GenerationMethods:
                 "generate and decoder_prompt are for the encoder-decoder families (SeamlessM4T v2, Whisper)"
             )
 
+    def checked_prompt(self, inputs: ModelInputs, prompt, max_new_tokens: int) -> torch.Tensor:
+        """``prompt`` as ``[batch, prompt]`` token ids on the model's device, one row per example of ``inputs``;
+        a UserError for anything else (a one-row prompt for a larger batch failed deep in the decoder)."""
+        if (
+            not isinstance(prompt, torch.Tensor)
+            or prompt.dim() != 2
+            or prompt.is_floating_point()
+            or not prompt.numel()
+        ):
+            raise UserError(
+                f"the decoder prompt must be a [batch, tokens] tensor of token ids (model.decoder_prompt(...)), "
+                f"not {prompt!r:.80}"
+            )
+        if prompt.shape[0] != inputs.batch_size:
+            raise UserError(
+                f"the decoder prompt has {prompt.shape[0]} rows for {inputs.batch_size} examples: give one per "
+                f"example (model.decoder_prompt([target] * {inputs.batch_size}))"
+            )
+        vocab = getattr(self.model.get_output_embeddings(), "out_features", None)
+        if vocab is not None and (int(prompt.min()) < 0 or int(prompt.max()) >= vocab):
+            bad = int(prompt.max()) if int(prompt.max()) >= vocab else int(prompt.min())
+            raise UserError(f"decoder prompt token {bad} is out of range for {self.source} (vocabulary of {vocab})")
+        self.check_room(prompt.shape[1], max_new_tokens)
+        return prompt.to(self.device)
+
     def check_room(self, prompt_length: int, max_new_tokens: int) -> None:
         """A UserError when the prompt and ``max_new_tokens`` run past the decoder's learned positions (Whisper:
         448; its ``generate`` raises a ValueError there). Sinusoidal decoders (SeamlessM4T) have no limit."""
-        if max_new_tokens < 1:
-            raise UserError(f"max new tokens must be at least 1, not {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
+            # 2.5 generated 3 tokens without a word; "4" and None raised a TypeError
+            raise UserError(f"max new tokens must be a whole number of at least 1, not {max_new_tokens!r}")
         limit = getattr(self.model.config, "max_target_positions", None)
         if limit is not None and prompt_length + max_new_tokens > limit:
             raise UserError(
@@ -237,7 +281,8 @@ class GenerationMethods:
 
     def modules_run_every_step(self, inputs: ModelInputs, prompt: torch.Tensor) -> frozenset[str]:
         """Module paths that run at every step of ``generate`` (not only at step 0), found once by watching
-        two steps of a one-example generation with plain forward hooks."""
+        three steps of a one-example generation with plain forward hooks (attention computed eagerly, so the
+        attention-map hooks, which SDPA skips, are seen too)."""
         if self._every_step is None:
             calls: dict[str, int] = {}
             handles = [
@@ -249,8 +294,8 @@ class GenerationMethods:
             one = ModelInputs(
                 first, {k: v[:1] for k, v in inputs.masks.items()}, {k: v[:1] for k, v in inputs.extras.items()}
             )
-            try:
-                with torch.inference_mode(), self.adapter.batch_guard(self.model, one):
+            try:  # eager: attention maps' hook modules run only then (and, like queries, at every step)
+                with torch.inference_mode(), self.adapter.batch_guard(self.model, one), eager_attention():
                     kwargs = {**first, **self._prompt_kwargs(prompt[:1]), "decoder_input_ids": prompt[:1]}
                     kwargs.update(greedy_kwargs(3), min_new_tokens=3)
                     self.model.generate(**kwargs)

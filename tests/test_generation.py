@@ -216,3 +216,115 @@ def test_decoder_self_attention_maps_keep_the_prompt_keys(speech_model, tiny_mod
         got = rows[i].view(-1, heads, keys).transpose(0, 1)  # [head, steps, keys]
         torch.testing.assert_close(got[..., :used], want, atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:2]))
+
+
+def test_attention_maps_recorded_during_generate_are_kept_at_every_step(speech_model, tiny_model_dir):
+    """``generate_edited(record=[...hook_pattern])`` keeps each step's attention row, equal to HF's eager attention
+    weights over ``prompt + generated`` (one example at a time). The maps' hook modules run only with eager
+    attention, so the 3-step watch that finds what runs at every step missed them: the maps were recorded at step 0
+    only (one call, silently), and ``pooled_per_step`` raised a RuntimeError on them."""
+    import transformers as tf
+
+    inputs = speech_model.speech_inputs(waveforms(2, seed=1))
+    prompt = speech_model.decoder_prompt(["eng"] * 2)
+    names = ["text_decoder.layers.1.self_attn.hook_pattern", "text_decoder.layers.0.cross_attention.hook_pattern"]
+    points = speech_model.select(names)
+    generation, seen = speech_model.generate_edited(inputs, prompt, [], STEPS, record=points)
+    assert [len(seen[name]) for name in names] == [generation.steps] * 2
+    folder = tiny_model_dir("seamless_m4t_v2")
+    stock = tf.SeamlessM4Tv2ForSpeechToText.from_pretrained(folder, attn_implementation="eager")
+    for i, wave in enumerate(waveforms(2, seed=1)):
+        one = speech_model.speech_inputs([wave])
+        used = generation.prompt_length - 1 + int(generation.lengths[i])
+        with torch.no_grad():
+            out = stock.eval()(**{**one.kwargs, "decoder_input_ids": generation.sequences[i : i + 1, :used]},
+                               output_attentions=True)  # fmt: skip
+        for name, attentions in zip(names, (out.decoder_attentions[1], out.cross_attentions[0]), strict=True):
+            point = speech_model.hook_points.get(name)
+            for step in range(int(generation.lengths[i])):
+                query = generation.prompt_length - 1 + step
+                want = attentions[0, :, query]  # [head, keys]
+                got = seen[point.name][step][i, -1].view(point.heads, point.keys)[:, : want.shape[-1]]
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    reference, _ = speech_model.pooled_per_step(inputs, prompt, points, "mean", STEPS)
+    ours, _ = speech_model.pooled_generating(inputs, prompt, points, "mean", STEPS)
+    assert_pooled_equal(ours, reference)
+
+
+def test_a_prompt_that_does_not_fit_the_batch_is_a_user_error(text_model):
+    """A one-row prompt for three examples (``decoder_prompt(["eng"])``) raised torch's "mat1 and mat2 shapes cannot
+    be multiplied" from inside the decoder; a prompt is one row of token ids per example."""
+    from hookpoints.errors import UserError
+
+    texts = ["Das Wetter ist schön.", "Il fait beau.", "Hoy hace buen tiempo."]
+    inputs = text_model.source_inputs(texts, ["deu", "fra", "spa"])
+    edit = text_model.edit("text_decoder.layers.0.ffn.fc1", [1], [0.0])
+    points = text_model.select(["text_decoder.layers.0.ffn.fc1"])
+    vocab = text_model.model.get_output_embeddings().out_features
+    cases = [
+        (text_model.decoder_prompt(["eng"]), "the decoder prompt has 1 rows for 3 examples"),
+        (text_model.decoder_prompt(["eng"] * 4), "the decoder prompt has 4 rows for 3 examples"),
+        (text_model.decoder_prompt(["eng"] * 3)[0], "must be a \\[batch, tokens\\] tensor of token ids"),
+        ([[3, 4]] * 3, "must be a \\[batch, tokens\\] tensor of token ids"),
+        (torch.full((3, 2), vocab), f"decoder prompt token {vocab} is out of range"),
+    ]
+    for prompt, message in cases:
+        for call in (
+            lambda p: text_model.generate(inputs, p, 3),
+            lambda p: text_model.generate(inputs, p, 3, edits=[edit]),
+            lambda p: text_model.generate_edited(inputs, p, [edit], 3, record=points),
+            lambda p: text_model.pooled_generating(inputs, p, points, "mean", 3),
+        ):
+            with pytest.raises(UserError, match=message) as caught:
+                call(prompt)
+            assert "\n" not in str(caught.value)
+    # the right prompt, as the documented calls build it, still generates what each example generates alone
+    prompt = text_model.decoder_prompt(["eng"] * 3)
+    batch = text_model.generate(inputs, prompt, 4)
+    for i, text in enumerate(texts):
+        one = text_model.generate(text_model.source_inputs([text], [["deu", "fra", "spa"][i]]), prompt[:1], 4)
+        assert batch.generated(i) == one.generated(0)
+
+
+def test_the_input_of_a_module_holding_the_encoder_is_recorded_while_generating(tiny_model_dir):
+    """Whisper's ``model:input`` is the features (``WhisperModel`` holds encoder and decoder). The teacher-forced pass
+    gets the encoder's output instead, so recording it in a generating task raised an AttributeError on None; it is
+    read in the encoder's pass, as a forward pass reads it (a plain torch pre-hook here). Hooks at every step of
+    ``generate`` never see it (generate runs the encoder itself): a one-line UserError."""
+    from hookpoints.errors import UserError
+
+    model = load(tiny_model_dir("whisper"), modality="speech")
+    inputs = model.speech_inputs(waveforms(2, seed=1))
+    prompt = torch.tensor([[model.model.config.decoder_start_token_id, 5]] * 2)
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen["features"] = (args[0] if args else kwargs["input_features"]).clone()  # [batch, mel, frames]
+
+    handle = model.model.model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model.model(**inputs.kwargs)
+    finally:
+        handle.remove()
+    mask = inputs.masks["input"].float()  # [batch, frames]
+    want = (seen["features"] * mask[:, None, :]).sum(-1) / mask.sum(-1, keepdim=True)  # [batch, mel]
+    points = model.select(["model:input", "model.decoder.layers.0.fc1"])
+    pooled, _ = model.pooled_generating(inputs, prompt, points, "mean", 4)
+    torch.testing.assert_close(pooled["model:input"], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="hook model:input: module model gets no tensor in generate") as caught:
+        model.generate_edited(inputs, prompt, [], 4, record=points)
+    assert "\n" not in str(caught.value)
+
+
+def test_max_new_tokens_must_be_a_whole_number(text_model):
+    """2.5 generated 3 tokens without a word (HF's loop ran while the length was below prompt + 2.5); "4" and None
+    raised a TypeError from a comparison."""
+    from hookpoints.errors import UserError
+
+    inputs = text_model.source_inputs(["Das Wetter ist schön."], ["deu"])
+    prompt = text_model.decoder_prompt(["eng"])
+    for bad in (2.5, "4", None, True, 0):
+        with pytest.raises(UserError, match=f"max new tokens must be a whole number of at least 1, not {bad!r}"):
+            text_model.generate(inputs, prompt, bad)
+    assert text_model.generate(inputs, prompt, np.int64(3)).steps == 3  # numpy's integers are whole numbers
