@@ -328,3 +328,28 @@ def test_max_new_tokens_must_be_a_whole_number(text_model):
         with pytest.raises(UserError, match=f"max new tokens must be a whole number of at least 1, not {bad!r}"):
             text_model.generate(inputs, prompt, bad)
     assert text_model.generate(inputs, prompt, np.int64(3)).steps == 3  # numpy's integers are whole numbers
+
+
+def test_a_nan_in_the_teacher_forced_pass_is_a_misalignment():
+    """NaN compares false with everything, so ``|got - want| > tol`` let a NaN logit pass the alignment check;
+    a NaN where generate saw a number (or the reverse) must fail it, and equal values (inf too) must not."""
+    from types import SimpleNamespace
+
+    from hookpoints.alignment import Fingerprint, check_alignment
+
+    want = torch.tensor([[[5.0, 1.0], [4.0, float("inf")]]])  # [batch, steps, top]
+    generation = SimpleNamespace(
+        fingerprint=Fingerprint(want, torch.zeros(want.shape, dtype=torch.long)),
+        step_mask=torch.ones(1, 2, dtype=torch.bool),
+    )
+    check_alignment(generation, want.clone())  # equal, inf included: no error
+    got = want.clone()
+    got[0, 1, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="at step 1 of example 0"):
+        check_alignment(generation, got)
+    nan_want = want.clone()
+    nan_want[0, 0, 1] = float("nan")
+    generation.fingerprint = Fingerprint(nan_want, generation.fingerprint.indices)
+    with pytest.raises(RuntimeError, match="at step 0 of example 0"):
+        check_alignment(generation, want.clone())
+    check_alignment(generation, nan_want.clone())  # NaN where generate saw NaN: the same pass
