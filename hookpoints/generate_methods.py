@@ -46,7 +46,8 @@ def _runs_with_encoder(point: HookPoint, encoder: str) -> bool:
 class GenerationMethods:
     """Mixed into :class:`~hookpoints.model.HookedModel`: decoding, edited decoding, recording while decoding.
 
-    >>> generation = model.generate(["Hallo Welt"], model.decoder_prompt(["eng"], task="t2tt"), 20)
+    >>> texts = model.source_inputs(["Hallo Welt"], ["deu"])  # SeamlessM4T text: marked with its language
+    >>> generation = model.generate(texts, model.decoder_prompt(["eng"], task="t2tt"), 20)
     >>> model.decode(generation)
     """
 
@@ -65,8 +66,7 @@ class GenerationMethods:
         strings, waveforms or audio paths (hookpoints.user_inputs).
         """
         self._check_generates()
-        if not isinstance(inputs, ModelInputs):
-            inputs = self.inputs(inputs)
+        inputs = self.generation_inputs(inputs)
         prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
         if edits:
             if encoder_outputs is not None:
@@ -146,8 +146,7 @@ class GenerationMethods:
         (hookpoints.edit_folding: no hook at all for them, the same values; ``fold=False`` keeps a hook per tensor).
         """
         self._check_generates()
-        if not isinstance(inputs, ModelInputs):
-            inputs = self.inputs(inputs)
+        inputs = self.generation_inputs(inputs)
         prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
         modules = dict(self.model.named_modules())
         for point in [edit.point for edit in edits] + list(record):
@@ -240,6 +239,21 @@ class GenerationMethods:
                 f"model {self.source} ({self.adapter.name}, {self.modality} input) does not generate here: "
                 "generate and decoder_prompt are for the encoder-decoder families (SeamlessM4T v2, Whisper)"
             )
+
+    def generation_inputs(self, inputs) -> ModelInputs:
+        """``inputs`` as a batch to generate from (:meth:`inputs`). Bare strings are refused for a text encoder that
+        reads the source language's token first (SeamlessM4T): its tokenizer would mark every text with its default
+        language (``__eng__``), so a German text was translated as English, without a word."""
+        if isinstance(inputs, ModelInputs):
+            return inputs
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        bare = isinstance(texts, (list, tuple)) and bool(texts) and all(isinstance(t, str) for t in texts)
+        if bare and self.modality == "text" and "t2tt" in self.tasks:
+            raise UserError(
+                f"{self.adapter.name}'s text encoder reads each text's source language first: give "
+                "model.source_inputs(texts, languages) (model codes such as 'deu'), not bare strings"
+            )
+        return self.inputs(inputs)
 
     def checked_prompt(self, inputs: ModelInputs, prompt, max_new_tokens: int) -> torch.Tensor:
         """``prompt`` as ``[batch, prompt]`` token ids on the model's device, one row per example of ``inputs``;

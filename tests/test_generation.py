@@ -353,3 +353,26 @@ def test_a_nan_in_the_teacher_forced_pass_is_a_misalignment():
     with pytest.raises(RuntimeError, match="at step 0 of example 0"):
         check_alignment(generation, want.clone())
     check_alignment(generation, nan_want.clone())  # NaN where generate saw NaN: the same pass
+
+
+def test_bare_strings_to_generate_from_a_seamless_text_model_are_refused(text_model):
+    """SeamlessM4T's tokenizer marks a bare string with its default source language (``__eng__``), so
+    ``generate(["Das Wetter ist schön."], ...)`` translated German as English without a word; the text must come
+    with its language (``source_inputs``), whose batch starts with that language's token."""
+    from hookpoints.errors import UserError
+
+    text = "Das Wetter ist schön."
+    prompt = text_model.decoder_prompt(["eng"])
+    edit = text_model.edit("text_decoder.layers.0.ffn.fc1", [1], [0.0])
+    for call in (
+        lambda: text_model.generate([text], prompt, 3),
+        lambda: text_model.generate(text, prompt, 3, edits=[edit]),
+        lambda: text_model.generate_edited([text], prompt, [edit], 3),
+    ):
+        with pytest.raises(UserError, match=r"give model.source_inputs\(texts, languages\)") as caught:
+            call()
+        assert "\n" not in str(caught.value)
+    marked = text_model.source_inputs([text], ["deu"])
+    first = int(marked.kwargs["input_ids"][0, 0])
+    assert first == text_model.language_token("deu") != text_model.language_token("eng")
+    assert text_model.generate(marked, prompt, 3).generated(0)  # the documented call generates
