@@ -159,10 +159,24 @@ def pool(
     without looking for a common prefix: nothing waits for the device).
     """
     x = positions_first(value, point, key_mask)  # [batch, pos, width], the model's dtype
-    if point.time_axis is None or mask is None:
+    space = mask if isinstance(mask, SpaceMask) or mask is None else SpaceMask(mask, check=False)
+    if method == "mean" and point.keys is not None and point.module.endswith("hook_attn_scores"):
+        return mean_of_scores(x, space)
+    if point.time_axis is None or space is None:
         return pool_all(x, method)
-    space = mask if isinstance(mask, SpaceMask) else SpaceMask(mask, check=False)
     return pool_prepared(x, space, method)
+
+
+def mean_of_scores(x: torch.Tensor, space: SpaceMask | None) -> torch.Tensor:
+    """Attention scores (``[batch, query_pos, head * keys]``) averaged over the valid query positions that see each
+    key, in float32. A causal attention's scores hold the additive mask at the keys a query cannot see (the dtype's
+    minimum; TransformerLens: -inf): a plain mean over queries was -inf on a GPU and a finite -1e37 through the
+    CPU's matmul, both meaningless. NaN still propagates; a key no query sees gives 0."""
+    seen = ~(x <= torch.finfo(x.dtype).min / 2)  # [batch, query_pos, width]; NaN counts as seen
+    if space is not None:
+        seen = seen & space.on(x.device).valid[..., None]
+    total = torch.where(seen, x, 0).sum(1, dtype=torch.float32)  # [batch, width]
+    return total / seen.sum(1).clamp(min=1)
 
 
 def pool_all(x: torch.Tensor, method: str) -> torch.Tensor:

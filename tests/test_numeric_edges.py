@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from hookpoints.analyses.examples import open_runs, select_examples
 from hookpoints.analyses.hook_matrix import HookMatrixReader, shared_hooks
 from hookpoints.store.catalog import Store
@@ -157,3 +158,38 @@ def test_tsne_of_a_width_one_hook_is_the_tsne_of_its_points_with_a_zero_column()
     tsne = TSNE(n_components=2, perplexity=5, init="pca", learning_rate="auto", random_state=0)
     reference = tsne.fit_transform(padded)
     np.testing.assert_allclose(got, reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_mean_pooled_causal_attention_scores_average_the_queries_that_see_each_key(tiny_model_dir, padded):
+    """A causal attention's scores hold the mask (-3.4e38) at future keys: their mean over positions was a finite
+    -1e37 on the CPU (the matmul's weights scale the mask before summing) and -inf on a GPU, and ap ranked it. The
+    mean is over the valid queries that see each key. Reference: q k^T / sqrt(d_head) from plain torch hooks on
+    GPT-2's c_attn, averaged by hand over queries i >= j of each example's own tokens."""
+    from hookpoints.loading import load
+
+    model = load(str(tiny_model_dir("gpt2")), device="cpu")
+    texts = ["some words here and there", "few"] if padded else ["some words here", "more words now"]
+    inputs = model.inputs(texts)
+    point = model.hook_points.get("blocks.1.attn.hook_attn_scores")
+    qkv = []
+    attn = model.model.transformer.h[1].attn
+    handle = attn.c_attn.register_forward_hook(lambda module, args, out: qkv.append(out.detach()))
+    try:
+        pooled = model.pooled(inputs, [point], "mean")[point.name]  # [batch, head * keys]
+    finally:
+        handle.remove()
+    heads, d_model = model.model.config.n_head, model.model.config.n_embd
+    q, k, _ = qkv[0].split(d_model, dim=2)  # [batch, pos, d_model] each
+    d_head = d_model // heads
+    q = q.reshape(*q.shape[:2], heads, d_head).transpose(1, 2)  # [batch, head, pos, d_head]
+    k = k.reshape(*k.shape[:2], heads, d_head).transpose(1, 2)
+    scores = q @ k.transpose(2, 3) / d_head**0.5  # [batch, head, query, key]
+    lengths = inputs.masks["input"].sum(1).tolist()
+    for example, length in enumerate(lengths):
+        want = np.zeros((heads, point.keys), np.float64)
+        for j in range(length):
+            want[:, j] = scores[example, :, j:length, j].double().mean(-1).numpy()  # queries i >= j
+        got = pooled[example].reshape(heads, point.keys).double().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(pooled).all()
