@@ -105,6 +105,9 @@ def checked(table: pa.Table, source: str, *, required: tuple[str, ...], id_colum
     """``table`` with ids checked (present, unique) and renamed to ``example_id``, and required inputs present."""
     if table.num_rows == 0:
         raise UserError(f"{source} has no rows")
+    twice = [name for name, count in Counter(table.column_names).items() if count > 1]
+    if twice:  # a CSV header naming a column twice was a KeyError (exit 1)
+        raise UserError(f"{source} has two columns named {twice[0]!r}: rename or drop one")
     if id_column not in table.column_names:
         raise UserError(f"{source} has no {id_column!r} column (it has: {', '.join(table.column_names)}): add it")
     if id_column != "example_id" and "example_id" in table.column_names:

@@ -97,6 +97,10 @@ class HookedModel(GenerationMethods, ModelApi):
         """Recordable hook points matching glob ``patterns`` (default: the listed ones), in execution order."""
         if isinstance(patterns, str):
             patterns = [patterns]
+        if patterns is not None and not (
+            isinstance(patterns, list | tuple) and all(isinstance(p, str) for p in patterns)
+        ):
+            raise UserError(f"hook patterns must be a glob or a list of globs, not {patterns!r:.80}")
         if not patterns:  # attention maps only when named: they hold a row per query position
             return [p for p in self.hook_points.listed() if p.unavailable is None and p.key_space is None]
         return self.hook_points.select(patterns)

@@ -1,0 +1,180 @@
+"""A bad-input matrix over the public entry points (round 4): wrong types, empty lists, numpy / torch values,
+odd numbers. Each refusal is one ``UserError`` line naming the fix, and a store is left exactly as it was
+(md5 of every file, and its runs); values that should work (numpy and torch indices) are checked against
+plain torch hooks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hookpoints as hp
+from hookpoints.errors import UserError
+from tests.api_helpers import randomise
+from tests.hostile_helpers import checksums
+
+TEXTS = ["the quick brown fox jumps over", "a lazy dog"]
+ROWS = [{"id": f"e{i}", "text": text, "language": lang} for i, (text, lang) in enumerate(
+    [("hello world", "en"), ("hallo welt", "de"), ("good day", "en"), ("guten tag", "de")])]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_model_dir):
+    model = hp.load(tiny_model_dir("gpt2"))
+    randomise(model)
+    return model
+
+
+@pytest.fixture
+def recorded(gpt2, tmp_path):
+    """A store holding run r1 (two hooks), with its checksums and runs before anything else."""
+    root = tmp_path / "store"
+    hp.record(gpt2, ROWS, str(root), run="r1", hooks="blocks.*.mlp.hook_post", progress=False)
+    return root, checksums(root)
+
+
+def runs_of(root: Path) -> list[tuple]:
+    rows = hp.Store.open(str(root)).sql("SELECT run, status FROM runs ORDER BY run").to_pylist()
+    return [(row["run"], row["status"]) for row in rows]
+
+
+def one_line_error(call) -> str:
+    with pytest.raises(UserError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
+
+
+def zeroed_by_torch(model, neurons: list[int]) -> torch.Tensor:
+    """Logits with c_proj's input (blocks.0.mlp.hook_post) zeroed at ``neurons``, by a plain torch pre-hook."""
+    module = dict(model.model.named_modules())["transformer.h.0.mlp.c_proj"]
+
+    def change(_, args):
+        args[0][..., neurons] = 0.0
+
+    handle = module.register_forward_pre_hook(change)
+    try:
+        with torch.inference_mode():
+            return model.model(**model.inputs(TEXTS).kwargs).logits
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize(
+    "indices", [np.array([3, 7]), torch.tensor([3, 7]), (np.int64(3), np.int64(7)), torch.tensor([3, 7]).topk(2)[0]]
+)
+def test_ablate_takes_numpy_and_torch_indices(gpt2, indices):
+    # they were refused as "neuron np.int64(3) is out of range (width 256: 0..255)"
+    out = gpt2.run_with_hooks(TEXTS, fwd_hooks=[("blocks.0.mlp.hook_post", hp.ablate(indices))]).logits
+    assert torch.allclose(out, zeroed_by_torch(gpt2, [3, 7]), atol=1e-6)
+    _, reference = gpt2.run_with_cache(TEXTS, names="blocks.0.mlp.hook_post")
+    mean_out = gpt2.run_with_hooks(TEXTS, fwd_hooks=[("blocks.0.mlp.hook_post", hp.mean_ablate(reference, indices))])
+    plain = gpt2.run_with_hooks(TEXTS).logits
+    assert not torch.allclose(mean_out.logits, plain, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        # a boolean mask was read as neurons 1 and 0 (model.edit) without a word
+        (lambda m: m.edit("blocks.0.mlp.hook_post", [True, False], [0.0, 0.0]), "not torch.bool (a mask"),
+        (lambda m: hp.ablate(np.array([True, False])), "for a boolean mask, pass mask.nonzero()"),
+        (lambda m: hp.ablate([1.5]), "neuron indices must be whole numbers, not 1.5"),
+        # NaN steering made every later activation NaN (NeuronEdit already refused NaN values)
+        (lambda m: hp.steer(torch.full((256,), float("nan"))), "must be finite numbers"),
+        (lambda m: hp.steer(torch.ones(256), scale=float("inf")), "must be finite numbers"),
+        # TypeError / RuntimeError / AttributeError before
+        (lambda m: m.edit("blocks.0.mlp.hook_post", None, [0.0]), "neurons must be whole numbers"),
+        (lambda m: m.edit("blocks.0.mlp.hook_post", [1], "x"), "values real numbers"),
+        (lambda m: m.edit(None, [1], [0.0]), "a hook point name is a string, not NoneType"),
+        (lambda m: m.hook_points.get(["blocks.0.mlp.hook_post"]), "a hook point name is a string, not list"),
+        (lambda m: m.select(5), "hook patterns must be a glob or a list of globs, not 5"),
+        (lambda m: hp.NeuronEdit("blocks.0.mlp.hook_post", torch.tensor([1]), torch.tensor([0.0])), "model.edit("),
+        (
+            lambda m: hp.NeuronEdit(m.hook_points.get("blocks.0.mlp.hook_post"), torch.tensor([1.5]), torch.ones(1)),
+            "an integer tensor, not torch.float32",
+        ),
+        (lambda m: hp.mean_ablate(None), "mean_ablate needs a cache from run_with_cache, not NoneType"),
+        (lambda m: hp.patch(None), "patch needs a cache from run_with_cache, not NoneType"),
+        (lambda m: m.run_with_cache(torch.zeros((1, 0), dtype=torch.long)), "input_ids hold no tokens"),
+    ],
+)
+def test_bad_python_arguments_are_one_line_user_errors(gpt2, call, message):
+    assert message in one_line_error(lambda: call(gpt2))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        # a float batch size failed after the run was opened: the run stayed 'recording' for ever
+        ({"batch_size": 2.5}, "batch size must be at least 1 (a whole number), not 2.5"),
+        ({"batch_size": "8"}, "batch size must be at least 1 (a whole number), not '8'"),
+        ({"max_new_tokens": None}, "max new tokens must be at least 1 (a whole number), not None"),
+        ({"max_bytes": "1G"}, "max_bytes must be at least 1 (a whole number), not '1G'"),
+        # shard (0.5, 2) matched no example: a complete run of 0 examples
+        ({"shard": (0.5, 2)}, "shard must be two whole numbers (I, N)"),
+        ({"shard": "0/2"}, "shard must be two whole numbers (I, N)"),
+        ({"if_exists": "replace"}, "if_exists must be error, resume or overwrite, not 'replace'"),
+        # an empty list recorded every hook point of the model (run_with_cache refuses names=[])
+        ({"hooks": []}, "hooks is empty"),
+    ],
+)
+def test_bad_record_options_leave_the_store_as_it_was(gpt2, recorded, options, message):
+    root, before = recorded
+    options = {"hooks": "blocks.0.mlp.hook_post", **options}
+    error = one_line_error(lambda: hp.record(gpt2, ROWS, str(root), run="r2", progress=False, **options))
+    assert message in error
+    assert checksums(root) == before and runs_of(root) == [("r1", "complete")]
+
+
+def test_an_existing_run_without_resume_says_it_exists(gpt2, recorded):
+    # it said "cannot resume run 'r1' with other hook points ... pass the same --hooks", though no resume was asked
+    root, before = recorded
+    error = one_line_error(lambda: hp.record(gpt2, ROWS, str(root), run="r1", hooks="blocks.0.*", progress=False))
+    assert "run 'r1' already exists" in error and "if_exists='resume'" in error
+    assert checksums(root) == before
+    resumed = lambda: hp.record(gpt2, ROWS, str(root), run="r1", hooks="blocks.0.*", progress=False, if_exists="resume")  # noqa: E731
+    assert "cannot resume run 'r1' with other hook points" in one_line_error(resumed)
+
+
+def test_a_model_without_a_tokenizer_is_refused_before_the_store_is_touched(recorded, gpt2_dir, tmp_path, run_cli):
+    # the run was opened (hooks written, logged 'recording'), then failed at its first batch
+    root, before = recorded
+    model = tmp_path / "no-tokenizer"
+    shutil.copytree(gpt2_dir, model)
+    for path in model.iterdir():
+        if "token" in path.name or path.name in ("vocab.json", "merges.txt"):
+            path.unlink()
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "text": "hello"}\n')
+    code, _, err = run_cli(
+        "record", "--model", str(model), "--data", str(manifest), "--store", str(root), "--run", "r2"
+    )
+    assert (
+        code == 2
+        and err.strip() == f"error: model {model} has no tokenizer: save one next to it (tokenizer.save_pretrained)"
+    )
+    assert checksums(root) == before and runs_of(root) == [("r1", "complete")]
+
+
+@pytest.mark.parametrize(
+    "manifest, extra, message",
+    [
+        ("id,text,text\na,x,y\n", (), "has two columns named 'text': rename or drop one"),  # KeyError, exit 1
+        ('{"id": "a", "text": "x"}\n', ("--device", "mps"), "device must be auto, cpu, cuda or cuda:N, not 'mps'"),
+    ],
+)
+def test_cli_bad_inputs_are_one_line(recorded, gpt2_dir, tmp_path, run_cli, manifest, extra, message):
+    root, before = recorded
+    path = tmp_path / ("m.csv" if manifest.startswith("id,") else "m.jsonl")
+    path.write_text(manifest)
+    code, _, err = run_cli(
+        "record", "--model", str(gpt2_dir), "--data", str(path), "--store", str(root), "--run", "r2", *extra
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert checksums(root) == before
