@@ -76,7 +76,12 @@ def _rank_column(side: str) -> str:
 
 def check_ks(ks) -> tuple[int, ...]:
     """Selection sizes: at least one, each at least 1; sorted and without repeats (``--k``)."""
-    ks = tuple(sorted({int(k) for k in ks}))
+    given = [ks] if isinstance(ks, int | np.integer) else ks
+    if not isinstance(given, list | tuple | set | range) or not all(
+        isinstance(k, int | np.integer) and not isinstance(k, bool) for k in given
+    ):  # int() read k=2.5 as 2 and "5" as 5 without a word
+        raise UserError(f"k must be whole numbers (an int or a list of ints), not {ks!r:.80}")
+    ks = tuple(sorted({int(k) for k in given}))
     if not ks:
         raise UserError("give at least one --k")
     if ks[0] < 1:

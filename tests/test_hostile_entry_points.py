@@ -178,3 +178,75 @@ def test_cli_bad_inputs_are_one_line(recorded, gpt2_dir, tmp_path, run_cli, mani
     )
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert checksums(root) == before
+
+
+def test_analyses_take_one_name_for_a_list_and_a_store_path(recorded):
+    # a string was read letter by letter ("there is no run '1'", "a label is given twice (l, a, n, ...)"), a store
+    # path fell over with an AttributeError, and k=2.5 ranked the top 2 without a word
+    root, before = recorded
+    store = hp.Store.open(str(root))
+    listed = hp.plan_ranking(store, ["r1"], presets=["unimodal"], hooks=["blocks.0.*"], ks=(2,))
+    named = hp.plan_ranking(str(root), "r1", presets="unimodal", hooks="blocks.0.*", ks=2)
+    assert named.group.runs == listed.group.runs == ("r1",) and named.ks == listed.ks == (2,)
+    assert (
+        [s.name for s in named.masks.label_sets]
+        == [s.name for s in listed.masks.label_sets]
+        == [
+            "unimodal/de",
+            "unimodal/en",
+        ]
+    )
+    assert [h.hook for h in named.hooks] == [h.hook for h in listed.hooks] == ["blocks.0.mlp.hook_post"]
+    settings = hp.ClusterSettings(labels="language", hooks="blocks.*", examples=("e0", "e1"), tsne=False)
+    assert settings.labels == ("language",) and settings.hooks == ("blocks.*",)
+    result = hp.cluster_layers(str(root), "r1", settings)
+    assert [layer.hook.hook for layer in result.layers] == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
+    with store.query() as session:
+        examples = hp.select_examples(session, hp.open_runs(session, "r1"))
+        hooks = hp.shared_hooks(session, "r1")
+        one = hp.layer_magnitudes(session, examples, hooks, "language").to_pylist()
+        assert one == hp.layer_magnitudes(session, examples, hooks, ["language"]).to_pylist()
+        # by hand: mean over each language's examples of the mean activation of layer 0
+        vectors = store.sql(
+            "SELECT e.language, a.activation FROM activations a JOIN examples e USING (run, example_id) "
+            "WHERE a.run = 'r1' AND a.hook = 'blocks.0.mlp.hook_post'"
+        ).to_pylist()
+        for language in ("de", "en"):
+            expected = np.mean([np.mean(r["activation"]) for r in vectors if r["language"] == language])
+            row = next(r for r in one if r["layer"] == 0 and r["language"] == language)
+            assert row["magnitude"] == pytest.approx(expected, rel=1e-5)
+    assert checksums(root) == before
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda s: hp.plan_ranking(s, ["r1"], presets=["unimodal"], ks=(2.5,)), "k must be whole numbers"),
+        (lambda s: hp.plan_ranking(s, ["r1"], presets=["unimodal"], ks=("5",)), "k must be whole numbers"),
+        (lambda s: hp.plan_ranking(s, ["r1"], custom=["language = 'de'"], ks=(2,)), "made by custom_label_set"),
+        (lambda s: hp.plan_ranking(s, [1], presets=["unimodal"]), "runs must be a name or a list of names, not [1]"),
+        (lambda s: hp.rank(s, None), "rank takes the job plan_ranking(...) returns, not NoneType"),
+        (lambda s: hp.write_scores(s, None), "write_scores takes the ranking rank(...) returns"),
+        (lambda s: hp.cluster_layers(s, ["r1"], hp.ClusterSettings(labels=("language",))), "give its name"),
+        (lambda s: hp.ClusterSettings(labels=None), "labels must be a name or a list of names, not None"),
+        (lambda s: hp.write_report(5), "store must be a Store (hp.Store.open(path)) or its path, not int"),
+        (lambda s: hp.plan_ranking("/no/such/store", ["r1"], presets=["unimodal"]), "is not a hookpoints store"),
+    ],
+)
+def test_bad_analysis_arguments_are_one_line_user_errors(recorded, call, message):
+    root, before = recorded
+    assert message in one_line_error(lambda: call(hp.Store.open(str(root))))
+    assert checksums(root) == before
+
+
+def test_layer_magnitudes_checks_its_group_columns(recorded):
+    # an unknown column was a DuckDB Binder Error, an empty list a Parser Error
+    root, _ = recorded
+    store = hp.Store.open(str(root))
+    with store.query() as session:
+        examples = hp.select_examples(session, hp.open_runs(session, ["r1"]))
+        hooks = hp.shared_hooks(session, ("r1",))
+        error = one_line_error(lambda: hp.layer_magnitudes(session, examples, hooks, ["nope"]))
+        assert error == "--by 'nope' is not a column of the examples table; it has text, language"
+        default = hp.layer_magnitudes(session, examples, hooks, [])  # the default groups, as the CLI's --by
+        assert default.to_pylist() == hp.layer_magnitudes(session, examples, hooks, ["language"]).to_pylist()
