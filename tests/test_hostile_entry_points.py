@@ -250,3 +250,16 @@ def test_layer_magnitudes_checks_its_group_columns(recorded):
         assert error == "--by 'nope' is not a column of the examples table; it has text, language"
         default = hp.layer_magnitudes(session, examples, hooks, [])  # the default groups, as the CLI's --by
         assert default.to_pylist() == hp.layer_magnitudes(session, examples, hooks, ["language"]).to_pylist()
+
+
+@pytest.mark.parametrize(
+    "query, params, message",
+    [
+        (None, None, "SQL must be a string holding one SELECT, not NoneType"),  # a TypeError listing signatures
+        ("SELECT $x", [1], "SQL params must be a dict of $name -> value, not list"),  # "Mixing named and ..."
+    ],
+)
+def test_store_sql_refuses_wrong_types_in_one_line(recorded, query, params, message):
+    root, before = recorded
+    assert one_line_error(lambda: hp.Store.open(str(root)).sql(query, params)) == message
+    assert checksums(root) == before
