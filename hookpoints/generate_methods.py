@@ -56,10 +56,7 @@ class GenerationMethods:
         With ``edits``, every edit is applied at every step (:meth:`generate_edited`). ``inputs`` may also be
         strings, waveforms or audio paths (hookpoints.user_inputs).
         """
-        self._check_generates()
-        self.check_room(prompt.shape[1], max_new_tokens)
-        if not isinstance(inputs, ModelInputs):
-            inputs = self.inputs(inputs)
+        inputs = self._check_request(inputs, prompt, max_new_tokens, [] if edits is None else edits)
         if edits:
             if encoder_outputs is not None:
                 raise UserError("generate: give edits or encoder_outputs, not both")
@@ -134,8 +131,7 @@ class GenerationMethods:
         default) replacements of ``nn.Linear`` outputs are folded into the layers' weights for the generation
         (hookpoints.edit_folding: no hook at all for them, the same values; ``fold=False`` keeps a hook per tensor).
         """
-        self._check_generates()
-        self.check_room(prompt.shape[1], max_new_tokens)
+        inputs = self._check_request(inputs, prompt, max_new_tokens, edits)
         modules = dict(self.model.named_modules())
         for point in [edit.point for edit in edits] + list(record):
             if point.module not in modules:
@@ -223,11 +219,41 @@ class GenerationMethods:
                 "generate and decoder_prompt are for the encoder-decoder families (SeamlessM4T v2, Whisper)"
             )
 
+    def _check_request(self, inputs, prompt, max_new_tokens: int, edits) -> ModelInputs:
+        """The inputs as ModelInputs, with the decoder prompt, ``max_new_tokens`` and ``edits`` checked against them:
+        a prompt of more rows than examples generated the extra rows without a word; other mistakes were
+        AttributeErrors, IndexErrors or torch RuntimeErrors."""
+        self._check_generates()
+        if not isinstance(edits, list | tuple) or not all(isinstance(edit, NeuronEdit) for edit in edits):
+            raise UserError(f"edits must be a list of NeuronEdit (model.edit(...)), not {edits!r:.80}")
+        if not isinstance(inputs, ModelInputs):
+            inputs = self.inputs(inputs)
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.is_floating_point():
+            shown = (
+                f"a {prompt.dtype} tensor of shape {list(prompt.shape)}" if isinstance(prompt, torch.Tensor) else prompt
+            )
+            raise UserError(
+                f"the decoder prompt must be a [batch, tokens] id tensor (model.decoder_prompt), not {shown!r:.80}"
+            )
+        if prompt.shape[0] != inputs.batch_size:
+            raise UserError(
+                f"the decoder prompt has {prompt.shape[0]} rows, the inputs {inputs.batch_size} examples: "
+                "give one prompt row per example"
+            )
+        vocab = getattr(self.model.get_output_embeddings(), "out_features", None)
+        if vocab and prompt.numel() and not (0 <= int(prompt.min()) and int(prompt.max()) < vocab):
+            raise UserError(
+                f"the decoder prompt holds token ids outside the vocabulary of {self.source} (0..{vocab - 1})"
+            )
+        self.check_room(prompt.shape[1], max_new_tokens)
+        return inputs
+
     def check_room(self, prompt_length: int, max_new_tokens: int) -> None:
         """A UserError when the prompt and ``max_new_tokens`` run past the decoder's learned positions (Whisper:
         448; its ``generate`` raises a ValueError there). Sinusoidal decoders (SeamlessM4T) have no limit."""
-        if max_new_tokens < 1:
-            raise UserError(f"max new tokens must be at least 1, not {max_new_tokens}")
+        whole = hasattr(max_new_tokens, "__index__") and not isinstance(max_new_tokens, bool)
+        if not whole or max_new_tokens < 1:  # None was a TypeError, 2.5 generated 3 tokens
+            raise UserError(f"max new tokens must be at least 1 (a whole number), not {max_new_tokens!r}")
         limit = getattr(self.model.config, "max_target_positions", None)
         if limit is not None and prompt_length + max_new_tokens > limit:
             raise UserError(
@@ -265,6 +291,8 @@ class GenerationMethods:
 
     def decode(self, generation: Generation) -> list[str]:
         """The generated text of every example (special tokens and EOS left out)."""
+        if not isinstance(generation, Generation):
+            raise UserError(f"decode takes what generate returns, not {type(generation).__name__}")
         tokens = [generation.generated(i) for i in range(generation.sequences.shape[0])]
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 

@@ -263,3 +263,43 @@ def test_store_sql_refuses_wrong_types_in_one_line(recorded, query, params, mess
     root, before = recorded
     assert one_line_error(lambda: hp.Store.open(str(root)).sql(query, params)) == message
     assert checksums(root) == before
+
+
+@pytest.fixture(scope="module")
+def seamless(tiny_model_dir):
+    return hp.load(tiny_model_dir("seamless_m4t_v2"), modality="text")
+
+
+def test_a_decoder_prompt_names_one_language_as_a_string(seamless):
+    # "eng" was read as the languages e, n, g ("unknown target language 'e'")
+    assert torch.equal(seamless.decoder_prompt("eng", task="t2tt"), seamless.decoder_prompt(["eng"], task="t2tt"))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        # two prompt rows for one example generated two sequences without a word
+        (
+            lambda m, i, p: m.generate(i, p.repeat(2, 1), 3),
+            "the decoder prompt has 2 rows, the inputs 1 examples: give one prompt row per example",
+        ),
+        (lambda m, i, p: m.generate(i, p[0], 3), "must be a [batch, tokens] id tensor"),  # IndexError
+        (lambda m, i, p: m.generate(i, p.float(), 3), "must be a [batch, tokens] id tensor"),  # torch RuntimeError
+        (lambda m, i, p: m.generate(i, p + 10**6, 3), "token ids outside the vocabulary"),  # IndexError
+        (lambda m, i, p: m.generate(i, p, 2.5), "max new tokens must be at least 1 (a whole number), not 2.5"),
+        (lambda m, i, p: m.generate(i, p, None), "max new tokens must be at least 1 (a whole number), not None"),
+        (lambda m, i, p: m.generate(i, p, 3, edits=5), "edits must be a list of NeuronEdit"),  # TypeError
+        (lambda m, i, p: m.generate_edited(i, p, None, 3), "edits must be a list of NeuronEdit"),
+        (lambda m, i, p: m.decode(None), "decode takes what generate returns, not NoneType"),
+        (lambda m, i, p: m.decoder_prompt(["eng"], task="nope"), "task must be one of"),  # accepted before
+        (lambda m, i, p: m.decoder_prompt([], task="t2tt"), "decoder_prompt takes a list of target languages"),
+        # a string was read letter by letter: three texts 'a', 'b', 'c'
+        (lambda m, i, p: m.source_inputs("abc", ["deu"] * 3), "source_inputs takes a list of texts"),
+        (lambda m, i, p: m.source_inputs(["a", "b"], ["deu"]), "source_inputs takes a list of texts"),  # ValueError
+        (lambda m, i, p: m.source_inputs(["a"], ["xx"]), "unknown source language 'xx'"),  # RuntimeError
+    ],
+)
+def test_bad_generation_arguments_are_one_line_user_errors(seamless, call, message):
+    inputs = seamless.source_inputs(["Das Wetter ist schön."], ["deu"])
+    prompt = seamless.decoder_prompt(["eng"], task="t2tt")
+    assert message in one_line_error(lambda: call(seamless, inputs, prompt))
