@@ -60,7 +60,7 @@ def neuron_types(spec: SweepSpec) -> tuple[str, ...]:
 
 def check_spec(spec: SweepSpec) -> None:
     """A one-line UserError for the first option that cannot work (before anything is loaded or written)."""
-    check_name(spec.sweep)
+    check_name(spec.sweep, "sweep name (--sweep)")  # it said 'label set name', naming no option given
     if not spec.tasks:
         raise UserError("give at least one --task (asr, s2tt, t2tt)")
     for neuron_type in neuron_types(spec):

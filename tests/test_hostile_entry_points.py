@@ -303,3 +303,12 @@ def test_bad_generation_arguments_are_one_line_user_errors(seamless, call, messa
     inputs = seamless.source_inputs(["Das Wetter ist schön."], ["deu"])
     prompt = seamless.decoder_prompt(["eng"], task="t2tt")
     assert message in one_line_error(lambda: call(seamless, inputs, prompt))
+
+
+def test_a_bad_sweep_name_is_named_as_such(recorded, run_cli):
+    # it said "label set name 'a b' is not allowed", an option the command was not given
+    root, before = recorded
+    args = ["intervene", "--store", str(root), "--run", "r1", "--task", "t2tt", "--type", "unimodal"]
+    code, _, err = run_cli(*args, "--sweep", "a b")
+    assert code == 2 and err.startswith("error: sweep name (--sweep) 'a b' is not allowed: use letters"), err
+    assert len(err.strip().splitlines()) == 1 and checksums(root) == before
