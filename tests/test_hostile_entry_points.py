@@ -312,3 +312,11 @@ def test_a_bad_sweep_name_is_named_as_such(recorded, run_cli):
     code, _, err = run_cli(*args, "--sweep", "a b")
     assert code == 2 and err.startswith("error: sweep name (--sweep) 'a b' is not allowed: use letters"), err
     assert len(err.strip().splitlines()) == 1 and checksums(root) == before
+
+
+@pytest.mark.parametrize("run", [None, 5, ["r1"]])
+def test_delete_run_takes_one_name(recorded, run):
+    root, before = recorded
+    error = one_line_error(lambda: hp.Store.open(str(root)).delete_run(run))
+    assert error == f"delete_run takes one run name, not {run!r}"  # an Arrow kernel error before
+    assert checksums(root) == before and runs_of(root) == [("r1", "complete")]
