@@ -320,3 +320,36 @@ def test_delete_run_takes_one_name(recorded, run):
     error = one_line_error(lambda: hp.Store.open(str(root)).delete_run(run))
     assert error == f"delete_run takes one run name, not {run!r}"  # an Arrow kernel error before
     assert checksums(root) == before and runs_of(root) == [("r1", "complete")]
+
+
+def test_label_columns_are_stored_as_delta_can_hold_them(gpt2, tmp_path):
+    # float16 and uint8 200 failed at the first commit (a Rust backtrace, the run left 'failed'); a pandas
+    # categorical or datetime (ns) column was refused once the store held that column (as text, as us)
+    import pandas as pd
+    import pyarrow as pa
+
+    root = str(tmp_path / "store")
+    columns = {
+        "language": pa.array(["de", "en"]).dictionary_encode(),
+        "h": pa.array(np.array([1.5, 2.0], np.float16)),
+        "u8": pa.array([200, 1], pa.uint8()),
+        "when": pa.array(pd.to_datetime(["2024-01-01", "2024-01-02"])),
+    }
+    table = pa.table({"id": ["a", "b"], "text": ["hello world", "hallo welt"], **columns})
+    for run in ("r1", "r2"):
+        hp.record(gpt2, table, root, run=run, hooks="blocks.0.mlp.hook_post", progress=False)
+    assert runs_of(Path(root)) == [("r1", "complete"), ("r2", "complete")]
+    rows = hp.Store.open(root).sql('SELECT language, h, u8, "when" FROM examples ORDER BY run, example_id')
+    expected = {"language": ["de", "en"], "h": [1.5, 2.0], "u8": [200, 1]}
+    for name, values in expected.items():
+        assert rows[name].to_pylist() == values * 2
+    assert [str(value.date()) for value in rows["when"].to_pylist()] == ["2024-01-01", "2024-01-02"] * 2
+    before = checksums(Path(root))
+    for name, column, message in [
+        ("d", pa.array([1, 2], pa.duration("s")), "column 'd' holds duration[s], which the store (Delta Lake) cannot"),
+        ("big", pa.array([2**63, 1], pa.uint64()), "column 'big' holds values over 2**63 - 1: store them as text"),
+    ]:
+        bad = pa.table({"id": ["a", "b"], "text": ["x", "y"], name: column})
+        error = one_line_error(lambda bad=bad: hp.record(gpt2, bad, root, run="r3", progress=False))
+        assert message in error
+    assert checksums(Path(root)) == before
