@@ -353,3 +353,13 @@ def test_label_columns_are_stored_as_delta_can_hold_them(gpt2, tmp_path):
         error = one_line_error(lambda bad=bad: hp.record(gpt2, bad, root, run="r3", progress=False))
         assert message in error
     assert checksums(Path(root)) == before
+
+
+def test_a_retention_past_the_calendar_is_one_line(recorded, run_cli):
+    # a Rust panic (chrono: "TimeDelta::hours out of bounds") with a stack backtrace
+    root, before = recorded
+    code, _, err = run_cli("store", "vacuum", str(root), "--retention-hours", "99999999999999", "--dry-run")
+    assert code == 2 and err.strip() == (
+        "error: retention 99999999999999 hours is more than 100 years: give at most 878400"
+    ), err
+    assert checksums(root) == before
