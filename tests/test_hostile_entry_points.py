@@ -363,3 +363,15 @@ def test_a_retention_past_the_calendar_is_one_line(recorded, run_cli):
         "error: retention 99999999999999 hours is more than 100 years: give at most 878400"
     ), err
     assert checksums(root) == before
+
+
+def test_build_tiny_refuses_a_file_and_an_unknown_family(tmp_path):
+    # onto a file: save_pretrained only logged it, and the file's path came back as a model folder
+    path = tmp_path / "notes.txt"
+    path.write_text("keep me")
+    assert (
+        one_line_error(lambda: hp.build_tiny("gpt2", path))
+        == f"{path} is a file: give build_tiny a folder to write the model to"
+    )
+    assert path.read_text() == "keep me"
+    assert "build_tiny knows the families gpt2, llama" in one_line_error(lambda: hp.build_tiny("t5", tmp_path / "t5"))
