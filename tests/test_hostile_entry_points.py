@@ -375,3 +375,18 @@ def test_build_tiny_refuses_a_file_and_an_unknown_family(tmp_path):
     )
     assert path.read_text() == "keep me"
     assert "build_tiny knows the families gpt2, llama" in one_line_error(lambda: hp.build_tiny("t5", tmp_path / "t5"))
+
+
+def test_a_fleurs_tsv_that_is_not_utf8_names_its_line(recorded, gpt2_dir, tmp_path, run_cli):
+    # a UnicodeDecodeError (exit 1) before
+    root, before = recorded
+    folder = tmp_path / "fleurs" / "de_de"
+    (folder / "audio" / "test").mkdir(parents=True)
+    (folder / "test.tsv").write_bytes(b"1\ta.wav\thallo\tx\tp\t16000\tMALE\n2\tb.wav\tcaf\xe9\tx\tp\t16000\tMALE\n")
+    args = ["record", "--model", str(gpt2_dir), "--data", str(tmp_path / "fleurs"), "--store", str(root), "--run", "f"]
+    code, _, err = run_cli(*args)
+    assert (
+        code == 2
+        and err.strip() == f"error: {folder / 'test.tsv'}, line 2: not UTF-8 (byte 0xe9); save the file as UTF-8"
+    )
+    assert checksums(root) == before
