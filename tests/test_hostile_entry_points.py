@@ -390,3 +390,13 @@ def test_a_fleurs_tsv_that_is_not_utf8_names_its_line(recorded, gpt2_dir, tmp_pa
         and err.strip() == f"error: {folder / 'test.tsv'}, line 2: not UTF-8 (byte 0xe9); save the file as UTF-8"
     )
     assert checksums(root) == before
+
+
+def test_a_sweep_spec_takes_one_name_for_a_list():
+    # runs="r1" was read as runs "r" and "1" (the ranking key "1+r"), tasks="t2tt" as tasks t, 2, t, t
+    spec = hp.SweepSpec("sw", runs="r1", tasks="t2tt", neuron_types="unimodal", languages="de", ks=5)
+    listed = hp.SweepSpec("sw", runs=("r1",), tasks=("t2tt",), neuron_types=("unimodal",), languages=("de",), ks=(5,))
+    assert spec == listed
+    assert "runs must be a name or a list of names, not None" in one_line_error(
+        lambda: hp.SweepSpec("sw", runs=None, tasks=("t2tt",))
+    )
