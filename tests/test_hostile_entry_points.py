@@ -400,3 +400,20 @@ def test_a_sweep_spec_takes_one_name_for_a_list():
     assert "runs must be a name or a list of names, not None" in one_line_error(
         lambda: hp.SweepSpec("sw", runs=None, tasks=("t2tt",))
     )
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: hp.selected_neurons(s, "r1", "unimodal/de", 5),
+        lambda s: hp.layer_counts(s, "r1", "unimodal/de", "lm", 5),
+        lambda s: hp.ap_summary(s, "r1", ["unimodal/de"]),
+        lambda s: hp.overlap(s, ("r1", ["unimodal/de"]), ("r1", ["unimodal/en"]), "lm", 5, "top"),
+    ],
+)
+def test_selections_of_a_store_never_ranked_say_so(recorded, call):
+    # "SQL failed: Catalog Error: Table with name scores does not exist! Did you mean "hooks"?"
+    root, _ = recorded
+    with hp.Store.open(str(root)).query() as session:
+        error = one_line_error(lambda: call(session))
+    assert error == "this store has no scores table yet: rank neurons first with hookpoints ap"
