@@ -68,7 +68,10 @@ def record(
     if patterns == []:  # recording every hook point of the model instead was a surprise (run_with_cache refuses it)
         raise UserError("hooks is empty: give a glob or a list of globs (None: the listed hook points)")
     model.select(patterns)  # unknown globs fail here, before the store is touched
-    fleurs = {"split": split, "languages": tuple(languages) if languages else None, "limit": limit}
+    languages = [languages] if isinstance(languages, str) else languages
+    if languages is not None and not languages:  # [] recorded every language of the folder
+        raise UserError("languages is empty: name the FLEURS languages (['de_de']), or leave it out for all")
+    fleurs = {"split": split, "languages": None if languages is None else tuple(languages), "limit": limit}
     manifest = as_manifest(data, "audio" if model.modality == "speech" else "text", **fleurs)
     store = open_store(store)
     with _progress(f"recording {run} ({task})", progress) as (on_start, on_batch):

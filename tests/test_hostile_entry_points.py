@@ -417,3 +417,21 @@ def test_selections_of_a_store_never_ranked_say_so(recorded, call):
     with hp.Store.open(str(root)).query() as session:
         error = one_line_error(lambda: call(session))
     assert error == "this store has no scores table yet: rank neurons first with hookpoints ap"
+
+
+def test_an_empty_languages_option_is_refused(recorded, gpt2_dir, tmp_path, run_cli):
+    # --languages "$LANGS" with LANGS unset recorded every language of the FLEURS folder
+    root, before = recorded
+    args = ["record", "--model", str(gpt2_dir), "--data", str(tmp_path), "--store", str(root), "--run", "f"]
+    code, _, err = run_cli(*args, "--languages", " , ")
+    assert code == 2 and err.strip() == (
+        "error: --languages is empty: name the FLEURS languages (de_de,ja_jp), or leave it out for all"
+    ), err
+    assert checksums(root) == before
+
+
+def test_record_languages_empty_is_refused(gpt2, recorded):
+    root, before = recorded
+    error = one_line_error(lambda: hp.record(gpt2, ROWS, str(root), run="r2", languages=[], progress=False))
+    assert error == "languages is empty: name the FLEURS languages (['de_de']), or leave it out for all"
+    assert checksums(root) == before
