@@ -11,7 +11,7 @@ values. The ready-made functions below ablate, patch and steer. ``model.run_with
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -233,7 +233,7 @@ def _indices(neurons) -> list[int] | None:
         return None
     if hasattr(neurons, "tolist"):  # numpy arrays and tensors, and their scalars
         neurons = neurons.tolist()
-    chosen = list(neurons) if isinstance(neurons, list | tuple | range) else [neurons]
+    chosen = list(neurons) if isinstance(neurons, Iterable) and not isinstance(neurons, str | bytes) else [neurons]
     for n in chosen:
         if isinstance(n, bool) or not hasattr(n, "__index__"):
             raise UserError(

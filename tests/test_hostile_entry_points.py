@@ -66,7 +66,8 @@ def zeroed_by_torch(model, neurons: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "indices", [np.array([3, 7]), torch.tensor([3, 7]), (np.int64(3), np.int64(7)), torch.tensor([3, 7]).topk(2)[0]]
+    "indices",
+    [np.array([3, 7]), torch.tensor([3, 7]), (np.int64(3), np.int64(7)), torch.tensor([3, 7]).topk(2)[0], {3, 7}],
 )
 def test_ablate_takes_numpy_and_torch_indices(gpt2, indices):
     # they were refused as "neuron np.int64(3) is out of range (width 256: 0..255)"
