@@ -139,7 +139,8 @@ def plan_ranking(
     """
     ks = check_ks(ks)
     store = as_store(store)
-    presets = name_list(presets, "presets")
+    presets = name_list(presets or (), "presets")
+    custom = [custom] if isinstance(custom, LabelSet) else list(custom or ())
     if not all(isinstance(label_set, LabelSet) for label_set in custom):
         raise UserError(f"custom takes label sets made by custom_label_set(...), not {list(custom)!r:.80}")
     with store.query() as session:
