@@ -52,11 +52,14 @@ class ActivationCache(Mapping):
         self.pooling = pooling  # None, or how positions were pooled away
         self._aliases = {alias: point.name for point in points.values() for alias in point.aliases}
         self.batchless = False  # made by without_batch_axis (run_with_cache's remove_batch_dim)
+        self.n_layers: int | None = None  # the model's blocks.N layers: cache["resid_post", -1] is the last
 
     def __getitem__(self, name: str | tuple) -> torch.Tensor:
         """By hook name or alias, or TransformerLens' shorthand: ``cache["resid_pre", 0]``, ``cache["scale", 2,
         "ln1"]``, ``cache["embed"]`` (:func:`act_name`)."""
         if isinstance(name, tuple):
+            if len(name) > 1 and isinstance(name[1], int) and name[1] < 0 and self.n_layers:
+                name = (name[0], self.n_layers + name[1], *name[2:])  # from the end, as TransformerLens counts
             name = act_name(*name)
         return self._tensors[self._name(name)]
 
@@ -103,7 +106,7 @@ class ActivationCache(Mapping):
             raise UserError("only a cache of one example loses its batch axis")
         tensors = {name: t[0] for name, t in self._tensors.items()}
         cache = ActivationCache(tensors, self.points, {space: m[0] for space, m in self.masks.items()}, self.pooling)
-        cache.batchless = True
+        cache.batchless, cache.n_layers = True, self.n_layers
         return cache
 
     def to(self, device: torch.device | str) -> ActivationCache:
@@ -111,7 +114,7 @@ class ActivationCache(Mapping):
         tensors = {name: t.to(device) for name, t in self._tensors.items()}
         masks = {space: m.to(device) for space, m in self.masks.items()}
         moved = ActivationCache(tensors, self.points, masks, self.pooling)
-        moved.batchless = self.batchless
+        moved.batchless, moved.n_layers = self.batchless, self.n_layers
         return moved
 
     def pooled(self, method: str) -> ActivationCache:
@@ -143,7 +146,9 @@ class ActivationCache(Mapping):
                 )
             flat = tensor.flatten(2).float()  # [batch, pos, width]
             pooled[name] = pool_positions(flat, mask, method).reshape(tensor.shape[0], *tensor.shape[2:])
-        return ActivationCache(pooled, self.points, self.masks, method)
+        result = ActivationCache(pooled, self.points, self.masks, method)
+        result.n_layers = self.n_layers
+        return result
 
     def mean(self, name: str) -> torch.Tensor:
         """Hook ``name``'s mean over every valid position of every example: ``[*d]`` (for mean ablation).
@@ -230,6 +235,8 @@ def run_with_cache(model, inputs: ModelInputs, points: list[HookPoint], pooling:
         output = model.traced.output.save()
     tensors = {point.name: saved[point.name] for point in points}
     cache = ActivationCache(tensors, {point.name: point for point in points}, dict(inputs.masks))
+    layers = [p.layer for p in model.hook_points if p.name.startswith("blocks.") and p.layer is not None]
+    cache.n_layers = max(layers) + 1 if layers else None
     return output, cache.pooled(pooling) if pooling else cache
 
 

@@ -436,3 +436,17 @@ def test_record_languages_empty_is_refused(gpt2, recorded):
     error = one_line_error(lambda: hp.record(gpt2, ROWS, str(root), run="r2", languages=[], progress=False))
     assert error == "languages is empty: name the FLEURS languages (['de_de']), or leave it out for all"
     assert checksums(root) == before
+
+
+def test_a_negative_layer_counts_from_the_end_as_in_transformer_lens(gpt2):
+    # cache["resid_post", -1] (TransformerLens' last layer) was a KeyError for 'blocks.-1.hook_resid_post'
+    from tests.test_api_cache import transformer_lens_gpt2
+
+    reference = transformer_lens_gpt2(gpt2)
+    ids = gpt2.inputs([TEXTS[0]]).kwargs["input_ids"]
+    with torch.inference_mode():
+        _, expected = reference.run_with_cache(ids)
+    _, cache = gpt2.run_with_cache(ids, names="blocks.*.hook_resid_post")
+    for key in [("resid_post", -1), ("resid_post", -2)]:
+        torch.testing.assert_close(cache[key], expected[key], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.pooled("mean")[key], cache[key].mean(1), atol=1e-6, rtol=1e-6)
