@@ -86,7 +86,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
     whole = isinstance(shard, tuple | list) and len(shard) == 2
-    if not whole or not all(isinstance(n, int) and not isinstance(n, bool) for n in shard):
+    if not whole or not all(hasattr(n, "__index__") and not isinstance(n, bool) for n in shard):
         # (0.5, 2) matched no example: a run of 0 examples, recorded without a word
         raise UserError(f"shard must be two whole numbers (I, N), e.g. (0, 4) for the first of four, not {shard!r}")
     index, count = shard
