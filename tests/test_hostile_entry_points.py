@@ -450,3 +450,18 @@ def test_a_negative_layer_counts_from_the_end_as_in_transformer_lens(gpt2):
     for key in [("resid_post", -1), ("resid_post", -2)]:
         torch.testing.assert_close(cache[key], expected[key], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cache.pooled("mean")[key], cache[key].mean(1), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "where, options, message",
+    [
+        (None, None, "a store is a folder or an s3://bucket/prefix URI, not NoneType"),
+        (5, None, "a store is a folder or an s3://bucket/prefix URI, not int"),
+        ("store", "x", "storage_options must be a dict of option -> value, not str"),  # a ValueError
+    ],
+)
+def test_store_open_refuses_what_is_not_a_path(tmp_path, monkeypatch, where, options, message):
+    # Store.open(None, create=True) made a store in a folder named "None"
+    monkeypatch.chdir(tmp_path)
+    error = one_line_error(lambda: hp.Store.open(where, create=True, storage_options=options))
+    assert error == message and list(tmp_path.iterdir()) == []
