@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from hookpoints.analyses.arguments import as_store, name_list
 from hookpoints.analyses.cluster_measures import centroid_stats, pairwise_distances, silhouettes
 from hookpoints.analyses.hooks import StoredHook
 from hookpoints.analyses.layers import layer_hooks, read_layer, resolve_pooling, run_settings
@@ -82,6 +83,10 @@ class ClusterSettings:
     tsne_threads: int | None = 1  # OpenMP threads for t-SNE (None: all cores)
     examples: tuple[str, ...] = ()  # example ids for the distance tables
     linkage: str = "average"  # scipy.cluster.hierarchy.linkage method over class centroids
+
+    def __post_init__(self):  # a string here was read letter by letter ("a label is given twice (l, a, n, ...)")
+        for name in ("labels", "hooks", "examples"):
+            object.__setattr__(self, name, tuple(name_list(getattr(self, name), name)))
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,9 @@ def cluster_layers(
     >>> result = cluster_layers(store, "r1", ClusterSettings(labels=("language",), sample=500))
     >>> measures_figure(result)
     """
+    store = as_store(store)
+    if not isinstance(run, str):
+        raise UserError(f"cluster_layers analyses one run: give its name, not {run!r:.60}")
     if not settings.labels:
         raise UserError("give at least one label column to cluster by (--label language)")
     if len(set(settings.labels)) != len(settings.labels):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from hookpoints.analyses.arguments import name_list
 from hookpoints.analyses.labels import LabelSet, check_predicate, quote_name
 from hookpoints.store.names import RUN_KEY_SEPARATOR
 from hookpoints.store.query import QuerySession
@@ -55,7 +56,7 @@ def run_key(runs: list[str] | tuple[str, ...]) -> str:
 
 def run_settings(session: QuerySession, runs: list[str] | tuple[str, ...]) -> dict[str, RunSettings]:
     """What each run was recorded with, parsed from the ``runs`` table (one place: RunSettings.from_row)."""
-    names = sorted(set(runs))
+    names = sorted(set(name_list(runs, "runs")))
     rows = {
         row["run"]: row
         for row in session.sql(
@@ -107,6 +108,7 @@ def open_runs(session: QuerySession, runs: list[str] | tuple[str, ...]) -> RunGr
     """
     if not runs:
         raise UserError("give at least one --run")
+    runs = name_list(runs, "runs")
     settings = run_settings(session, runs)
     names = sorted(settings)
     poolings = {s.pooling for s in settings.values()}

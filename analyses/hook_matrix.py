@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from hookpoints.analyses.arguments import name_list
 from hookpoints.analyses.examples import ExampleSet
 from hookpoints.analyses.hooks import StoredHook, run_hooks, select_hooks
 from hookpoints.store.catalog import Store
@@ -42,6 +43,9 @@ def shared_hooks(
     >>> with store.query() as session:
     ...     hooks = shared_hooks(session, ("r1",), layer_outputs=True)
     """
+    runs = name_list(runs, "runs")
+    patterns = None if patterns is None else name_list(patterns, "hooks")
+    components = None if components is None else name_list(components, "components")
     per_run = {}
     for run in runs:
         per_run[run] = run_hooks(session, run)

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 import torch
+from hookpoints.analyses.arguments import as_store
 from hookpoints.analyses.examples import run_key, run_settings
 from hookpoints.analyses.intervention_tables import INTERVENTION_NEURONS, INTERVENTION_SCORES, INTERVENTIONS, TABLES
 from hookpoints.analyses.interventions import (
@@ -81,6 +82,7 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
     >>> cells = plan_sweep(store, spec, lambda model, modality: hp.load(model, modality=modality))
     >>> scores = run_sweep(store, spec, cells)
     """
+    store = as_store(store)
     check_spec(spec)
     ranking = run_key(spec.runs)
     cells = []

@@ -56,10 +56,10 @@ def check_predicate(text: str | None, option: str, columns: list[str] | None = N
     return predicates.check_predicate(text, option, columns)
 
 
-def check_name(name: str) -> str:
-    if not LABEL_SET_NAME.match(name or ""):
+def check_name(name: str, what: str = "label set name") -> str:
+    if not isinstance(name, str) or not LABEL_SET_NAME.match(name):
         raise UserError(
-            f"label set name {name!r} is not allowed: use letters, digits and _ . : / = + - (at most 128 "
+            f"{what} {name!r} is not allowed: use letters, digits and _ . : / = + - (at most 128 "
             "characters, starting with a letter or digit)"
         )
     return name

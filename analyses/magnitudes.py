@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from hookpoints.analyses.arguments import as_store, name_list
 from hookpoints.analyses.examples import ExampleSet, record_again, recorded_modalities
 from hookpoints.analyses.gini import gini
 from hookpoints.analyses.hook_matrix import HookMatrixReader, neuron_slices
@@ -71,6 +72,8 @@ def layer_magnitudes(
     ...     hooks = shared_hooks(session, ("r1",), layer_outputs=True)
     ...     table = layer_magnitudes(session, examples, hooks, ["language"])
     """
+    # checked here too: an unknown column was a Binder Error, [] a Parser Error and a string read letter by letter
+    by = group_columns(session, examples, name_list(by, "by") if by else None)
     layered = [h for h in hooks if h.layer is not None]
     if not layered:
         raise UserError("none of the chosen hook points belongs to a layer: pick layer hook points with --hooks")
@@ -225,6 +228,7 @@ def activation_gini(
     ...     groups = example_groups(session, examples, ["language"])
     >>> table = activation_gini(store, examples, hooks, groups)
     """
+    store = as_store(store)
     layered = [h for h in hooks if h.layer is not None]
     reader = HookMatrixReader(store, examples)
     onehot = np.zeros((len(groups), len(examples)), np.float32)  # [groups, examples]

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 from hookpoints.analyses.ap import LabelSetPlan
+from hookpoints.analyses.arguments import as_store, name_list
 from hookpoints.analyses.examples import (
     ExampleSet,
     LabelMasks,
@@ -138,6 +139,11 @@ def plan_ranking(
     >>> job = plan_ranking(store, ["s2tt", "t2tt"], presets=["unimodal"], ks=(500, 1000))
     """
     ks = check_ks(ks)
+    store = as_store(store)
+    presets = name_list(presets or (), "presets")
+    custom = [custom] if isinstance(custom, LabelSet) else list(custom or ())
+    if not all(isinstance(label_set, LabelSet) for label_set in custom):
+        raise UserError(f"custom takes label sets made by custom_label_set(...), not {list(custom)!r:.80}")
     with store.query() as session:
         group = open_runs(session, runs)
         examples = select_examples(session, group, where)
@@ -215,6 +221,9 @@ def rank(
     >>> ranking = rank(store, plan_ranking(store, ["r1"], custom=[custom_label_set("language = 'de'")], ks=(10,)))
     >>> write_scores(store, ranking)
     """
+    store = as_store(store)
+    if not isinstance(job, RankingJob):
+        raise UserError(f"rank takes the job plan_ranking(...) returns, not {type(job).__name__}")
     masks = job.masks
     plan = LabelSetPlan(masks.positive, masks.among)
     reader = HookMatrixReader(store, job.examples)
@@ -354,6 +363,9 @@ def write_scores(store: Store, ranking: Ranking) -> None:
 
     >>> write_scores(store, rank(store, job))  # then: store.sql("SELECT * FROM scores")
     """
+    store = as_store(store)
+    if not isinstance(ranking, Ranking):
+        raise UserError(f"write_scores takes the ranking rank(...) returns, not {type(ranking).__name__}")
     job = ranking.job
     names = ", ".join(sql_string(ls.name) for ls in job.masks.label_sets)
     predicate = f"run = {sql_string(job.group.key)} AND label_set IN ({names})"

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from hookpoints.analyses.arguments import as_store, name_list
 from hookpoints.analyses.report_html import Page, absent, esc, paragraph
 from hookpoints.store.catalog import Store
 
@@ -51,6 +52,8 @@ def write_report(
 
     started = time.perf_counter()
     step = on_step or (lambda _: None)
+    store = as_store(store)
+    runs = name_list(runs, "runs") if runs is not None else None
     path = _out_path(store, out)
     _check_writable(path)  # before the work: a bad --out fails in a second, not after the figures
     uri = store.location.uri

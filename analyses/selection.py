@@ -76,7 +76,12 @@ def _rank_column(side: str) -> str:
 
 def check_ks(ks) -> tuple[int, ...]:
     """Selection sizes: at least one, each at least 1; sorted and without repeats (``--k``)."""
-    ks = tuple(sorted({int(k) for k in ks}))
+    given = [ks] if isinstance(ks, int | np.integer) else ks
+    if not isinstance(given, list | tuple | set | range) or not all(
+        isinstance(k, int | np.integer) and not isinstance(k, bool) for k in given
+    ):  # int() read k=2.5 as 2 and "5" as 5 without a word
+        raise UserError(f"k must be whole numbers (an int or a list of ints), not {ks!r:.80}")
+    ks = tuple(sorted({int(k) for k in given}))
     if not ks:
         raise UserError("give at least one --k")
     if ks[0] < 1:
@@ -102,10 +107,15 @@ class StoredSet:
     components: dict[str, int]  # component -> neurons ranked
 
 
-def stored_sets(session: QuerySession, run: str, patterns: list[str] | None = None) -> list[StoredSet]:
-    """The label sets of ranking ``run`` (a run key) in the scores table, optionally matching globs."""
+def _need_scores(session: QuerySession) -> None:
+    """Before reading scores: a store never ranked said "Catalog Error: Table with name scores does not exist"."""
     if "scores" not in session.store.table_names():
         raise UserError("this store has no scores table yet: rank neurons first with hookpoints ap")
+
+
+def stored_sets(session: QuerySession, run: str, patterns: list[str] | None = None) -> list[StoredSet]:
+    """The label sets of ranking ``run`` (a run key) in the scores table, optionally matching globs."""
+    _need_scores(session)
     # one row per (label set, component): its top-ranked neuron carries the label set's description
     rows = session.sql(
         """SELECT label_set, preset, positive, among, n_positive, n_among, component, group_size AS neurons
@@ -153,6 +163,7 @@ def layer_counts(session: QuerySession, run: str, label_set: str, component: str
     >>> with store.query() as session:
     ...     counts = layer_counts(session, "r1", "de", "lm", k=10)  # then distribution_figure(counts, ...)
     """
+    _need_scores(session)
     table = session.sql(
         """SELECT layer, submodule, count(*) AS neurons,
                   count(*) FILTER (WHERE top_rank <= $k) AS top,
@@ -224,6 +235,7 @@ def overlap(
     ...     speech, text = ("s2tt+t2tt", ["unimodal/speech/de"]), ("s2tt+t2tt", ["unimodal/text/de"])
     ...     shared = overlap(session, speech, text, "text_decoder", 1000, "top")  # shared.counts: [rows, columns]
     """
+    _need_scores(session)
     rank = _rank_column(side)
     (row_run, row_sets), (col_run, col_sets) = rows, columns
     result = session.sql(
@@ -259,6 +271,7 @@ def selected_neurons(
     >>> with store.query() as session:
     ...     top = selected_neurons(session, "r1", "de", k=10).to_pandas()
     """
+    _need_scores(session)
     sides = SIDES if check_side(side, SIDE_CHOICES) == "both" else (side,)
     condition = " OR ".join(f"{_rank_column(s)} <= $k" for s in sides)
     component_filter = "" if component is None else " AND component = $component"
@@ -283,6 +296,7 @@ def ap_summary(session: QuerySession, run: str, label_sets: list[str]) -> list[d
     >>> with store.query() as session:
     ...     rows = ap_summary(session, "r1", ["de"])
     """
+    _need_scores(session)
     sets = _literals(label_sets)
     extremes = session.sql(
         f"""SELECT label_set, component, n_positive, n_among, group_size AS neurons, top_rank, bottom_rank, ap,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from hookpoints.analyses.arguments import name_list
 from hookpoints.analyses.interventions import KINDS, NEURON_TYPES
 from hookpoints.analyses.labels import check_name
 from hookpoints.analyses.selection import PAPER_KS, SIDE_CHOICES, check_ks, check_side
@@ -50,6 +51,12 @@ class SweepSpec:
     pair_column: str = "semantic_id"
     if_exists: str = "error"
 
+    def __post_init__(self):  # a string here was read letter by letter (runs="r1": the ranking of runs "1+r")
+        for name in ("runs", "tasks", "neuron_types", "neurons", "label_sets", "languages", "stats_runs"):
+            object.__setattr__(self, name, tuple(name_list(getattr(self, name), name)))
+        if isinstance(self.ks, int):
+            object.__setattr__(self, "ks", (self.ks,))
+
 
 def neuron_types(spec: SweepSpec) -> tuple[str, ...]:
     """The swept neuron types; none given: unimodal and random, or random alone beside label sets / neurons."""
@@ -60,7 +67,7 @@ def neuron_types(spec: SweepSpec) -> tuple[str, ...]:
 
 def check_spec(spec: SweepSpec) -> None:
     """A one-line UserError for the first option that cannot work (before anything is loaded or written)."""
-    check_name(spec.sweep)
+    check_name(spec.sweep, "sweep name (--sweep)")  # it said 'label set name', naming no option given
     if not spec.tasks:
         raise UserError("give at least one --task (asr, s2tt, t2tt)")
     for neuron_type in neuron_types(spec):

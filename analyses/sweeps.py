@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pyarrow as pa
+from hookpoints.analyses.arguments import as_store
 from hookpoints.analyses.intervention_sweep import SweepSpec, plan_sweep, run_sweep
 from hookpoints.analyses.progress import Progress, quiet
 
@@ -34,6 +35,7 @@ def sweep(store, spec: SweepSpec, *, progress: Progress = quiet, load_model: Cal
                 models[source, modality] = load(source, modality=modality)
             return models[source, modality]
 
+    store = as_store(store)
     cells = plan_sweep(store, spec, load_model)
     total = sum(cell.examples.num_rows * len(cell.conditions) for cell in cells)
     conditions = {c.fields["condition"] for cell in cells for c in cell.conditions}

@@ -145,7 +145,9 @@ def command(
     budget = parse_size(max_bytes) if max_bytes is not None else None
     validate_run_name(run)
     spec = get_task(task)
-    chosen = tuple(code.strip() for code in languages.split(",") if code.strip()) if languages else None
+    chosen = None if languages is None else tuple(code.strip() for code in languages.split(",") if code.strip())
+    if chosen == ():  # an empty --languages "$LANGS" recorded every language of the folder
+        raise UserError("--languages is empty: name the FLEURS languages (de_de,ja_jp), or leave it out for all")
     manifest = read_data(data, required=(), split=split, languages=chosen, limit=limit)
     has_audio = "audio" in manifest.table.column_names
     modality = input_modality(spec, modality, has_audio, model_modalities(model))

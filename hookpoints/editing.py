@@ -41,6 +41,13 @@ class NeuronEdit:
     _placed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        kinds = (self.point, self.neurons, self.values)
+        if not isinstance(self.point, HookPoint) or not all(isinstance(t, torch.Tensor) for t in kinds[1:]):
+            raise UserError("make a NeuronEdit with model.edit(name, neurons, values): it checks and converts them")
+        if self.neurons.is_floating_point() or self.neurons.dtype == torch.bool:
+            raise UserError(
+                f"edit of {self.point.name}: neuron indices must be an integer tensor, not {self.neurons.dtype}"
+            )
         if self.point.derived or self.point.keys is not None:
             raise UserError(
                 f"hook {self.point.name} is computed from {self.point.module}'s {self.point.io} and cannot be edited; "

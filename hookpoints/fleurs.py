@@ -89,7 +89,23 @@ def _read_language(name: str, folder: Path, split: str, limit: int | None) -> li
     if not tsv.is_file():
         return []
     audio_dirs = [folder / "audio" / split, folder / "audio" / split / split, folder / split, folder / "audio"]
-    rows = []
+    rows: list[dict] = []
+    try:
+        _read_rows(name, tsv, split, limit, audio_dirs, rows)
+    except UnicodeDecodeError:  # a UnicodeDecodeError (exit 1) before
+        for number, line in enumerate(tsv.read_bytes().split(b"\n"), start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                byte = line[error.start]
+                raise UserError(
+                    f"{tsv}, line {number}: not UTF-8 (byte 0x{byte:02x}); save the file as UTF-8"
+                ) from None
+        raise
+    return rows
+
+
+def _read_rows(name: str, tsv: Path, split: str, limit: int | None, audio_dirs: list[Path], rows: list) -> None:
     with tsv.open(encoding="utf-8", newline="") as lines:
         for number, fields in enumerate(csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
             if not fields:
@@ -114,4 +130,3 @@ def _read_language(name: str, folder: Path, split: str, limit: int | None) -> li
             )
             if limit is not None and len(rows) >= limit:
                 break
-    return rows

@@ -65,9 +65,7 @@ class GenerationMethods:
         With ``edits``, every edit is applied at every step (:meth:`generate_edited`). ``inputs`` may also be
         strings, waveforms or audio paths (hookpoints.user_inputs).
         """
-        self._check_generates()
-        inputs = self.generation_inputs(inputs)
-        prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
+        inputs, prompt = self._check_request(inputs, prompt, max_new_tokens, [] if edits is None else edits)
         if edits:
             if encoder_outputs is not None:
                 raise UserError("generate: give edits or encoder_outputs, not both")
@@ -145,9 +143,7 @@ class GenerationMethods:
         default) replacements of ``nn.Linear`` outputs are folded into the layers' weights for the generation
         (hookpoints.edit_folding: no hook at all for them, the same values; ``fold=False`` keeps a hook per tensor).
         """
-        self._check_generates()
-        inputs = self.generation_inputs(inputs)
-        prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
+        inputs, prompt = self._check_request(inputs, prompt, max_new_tokens, edits)
         modules = dict(self.model.named_modules())
         for point in [edit.point for edit in edits] + list(record):
             if point.module not in modules:
@@ -240,6 +236,14 @@ class GenerationMethods:
                 "generate and decoder_prompt are for the encoder-decoder families (SeamlessM4T v2, Whisper)"
             )
 
+    def _check_request(self, inputs, prompt, max_new_tokens: int, edits) -> tuple[ModelInputs, torch.Tensor]:
+        """Checks the arguments of ``generate`` and ``generate_edited``: the inputs as a batch, the prompt on device."""
+        self._check_generates()
+        if not isinstance(edits, list | tuple) or not all(isinstance(edit, NeuronEdit) for edit in edits):
+            raise UserError(f"edits must be a list of NeuronEdit (model.edit(...)), not {edits!r:.80}")
+        inputs = self.generation_inputs(inputs)
+        return inputs, self.checked_prompt(inputs, prompt, max_new_tokens)
+
     def generation_inputs(self, inputs) -> ModelInputs:
         """``inputs`` as a batch to generate from (:meth:`inputs`). Bare strings are refused for a text encoder that
         reads the source language's token first (SeamlessM4T): its tokenizer would mark every text with its default
@@ -324,6 +328,8 @@ class GenerationMethods:
 
     def decode(self, generation: Generation) -> list[str]:
         """The generated text of every example (special tokens and EOS left out)."""
+        if not isinstance(generation, Generation):
+            raise UserError(f"decode takes what generate returns, not {type(generation).__name__}")
         tokens = [generation.generated(i) for i in range(generation.sequences.shape[0])]
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 

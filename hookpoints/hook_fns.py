@@ -10,7 +10,8 @@ values. The ready-made functions below ablate, patch and steer. ``model.run_with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -223,16 +224,40 @@ def _from_neuron_view(flat: torch.Tensor, x: torch.Tensor, hook: HookPoint) -> t
     return flat.reshape(x.shape)
 
 
-def _chosen(neurons: Sequence[int] | int | None, hook: HookPoint) -> list[int] | slice:
-    """``neurons`` as indices into the hook's flat vector (all of them for None); out of range is a UserError."""
+def _indices(neurons) -> list[int] | None:
+    """``neurons`` (an int, a sequence, a numpy array or tensor of ints; None: all) as a list of Python ints.
+
+    numpy and torch integers were refused as "out of range" (``topk(...).indices``); a boolean mask was read as
+    indices 0 and 1."""
+    if neurons is None:
+        return None
+    if hasattr(neurons, "tolist"):  # numpy arrays and tensors, and their scalars
+        neurons = neurons.tolist()
+    chosen = list(neurons) if isinstance(neurons, Iterable) and not isinstance(neurons, str | bytes) else [neurons]
+    for n in chosen:
+        if isinstance(n, bool) or not hasattr(n, "__index__"):
+            raise UserError(
+                f"neuron indices must be whole numbers, not {n!r}"
+                + (" (for a boolean mask, pass mask.nonzero() indices)" if isinstance(n, bool) else "")
+            )
+    return [int(n) for n in chosen]
+
+
+def _chosen(neurons: list[int] | None, hook: HookPoint) -> list[int] | slice:
+    """``neurons`` (from :func:`_indices`) into the hook's flat vector (all of them for None); out of range is a
+    UserError."""
     if neurons is None:
         return slice(None)
-    chosen = [neurons] if isinstance(neurons, int) else list(neurons)
     width = hook.width or 0
-    bad = [n for n in chosen if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < width]
+    bad = [n for n in neurons if not 0 <= n < width]
     if bad:
         raise UserError(f"neuron {bad[0]!r} is out of range for hook {hook.name} (width {width}: 0..{width - 1})")
-    return chosen
+    return neurons
+
+
+def _check_cache(cache, what: str) -> None:
+    if not isinstance(cache, Mapping):
+        raise UserError(f"{what} needs a cache from run_with_cache, not {type(cache).__name__}")
 
 
 def ablate(neurons: Sequence[int] | None = None, value: float = 0.0) -> HookFn:
@@ -240,6 +265,7 @@ def ablate(neurons: Sequence[int] | None = None, value: float = 0.0) -> HookFn:
 
     >>> model.run_with_hooks(["Hi"], fwd_hooks=[("blocks.0.mlp.hook_post", ablate([3, 7]))])  # doctest: +SKIP
     """
+    neurons = _indices(neurons)
 
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         flat = _neuron_view(x, hook).clone()
@@ -256,6 +282,8 @@ def mean_ablate(cache, neurons: Sequence[int] | None = None) -> HookFn:
     >>> _, reference = model.run_with_cache(texts, names="blocks.0.mlp.hook_post")  # doctest: +SKIP
     >>> model.run_with_hooks(["Hi"], fwd_hooks=[("blocks.0.mlp.hook_post", mean_ablate(reference))])  # doctest: +SKIP
     """
+    _check_cache(cache, "mean_ablate")
+    neurons = _indices(neurons)
 
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         if hook.name not in cache:
@@ -275,6 +303,7 @@ def patch(cache) -> HookFn:
     >>> _, clean = model.run_with_cache(["The cat"], names="blocks.1.hook_resid_post")  # doctest: +SKIP
     >>> model.run_with_hooks(["The dog"], fwd_hooks=[("blocks.1.hook_resid_post", patch(clean))])  # doctest: +SKIP
     """
+    _check_cache(cache, "patch")
 
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         if hook.name not in cache:
@@ -299,6 +328,8 @@ def steer(vector, scale: float = 1.0) -> HookFn:
         vector = torch.as_tensor(vector)
     except (TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"steering vector must be numbers ([d] or [head, d_head]), not {vector!r:.60}") from error
+    if not (bool(torch.isfinite(vector).all()) and math.isfinite(scale)):  # made every later activation NaN
+        raise UserError("steering vector and scale must be finite numbers (no NaN or inf)")
 
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         if vector.numel() != (hook.width or 0):

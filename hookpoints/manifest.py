@@ -105,6 +105,9 @@ def checked(table: pa.Table, source: str, *, required: tuple[str, ...], id_colum
     """``table`` with ids checked (present, unique) and renamed to ``example_id``, and required inputs present."""
     if table.num_rows == 0:
         raise UserError(f"{source} has no rows")
+    twice = [name for name, count in Counter(table.column_names).items() if count > 1]
+    if twice:  # a CSV header naming a column twice was a KeyError (exit 1)
+        raise UserError(f"{source} has two columns named {twice[0]!r}: rename or drop one")
     if id_column not in table.column_names:
         raise UserError(f"{source} has no {id_column!r} column (it has: {', '.join(table.column_names)}): add it")
     if id_column != "example_id" and "example_id" in table.column_names:
@@ -123,8 +126,49 @@ def checked(table: pa.Table, source: str, *, required: tuple[str, ...], id_colum
         )
     for column in required:
         _require(table, source, column, ids)
-    rest = table.drop_columns([id_column])
+    rest = _storable(table.drop_columns([id_column]), source)
     return rest.add_column(0, "example_id", pa.array(ids, pa.string()))
+
+
+def _storable(table: pa.Table, source: str) -> pa.Table:
+    """Label columns as the store (Delta Lake) holds them: a pandas categorical (dictionary) column as its values,
+    float16 as float32, timestamps in microseconds, unsigned integers as wider signed ones; a type Delta refuses
+    (durations, times, 256-bit decimals) is named before anything is written. Before, float16 and uint8 values
+    over 127 failed at the first commit (a Rust backtrace, the run left failed), and a categorical or a pandas
+    datetime (ns) column was refused once the store held that column (as text, as us)."""
+    for i, field in enumerate(table.schema):
+        kind = field.type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if pa.types.is_float16(kind):
+            kind = pa.float32()
+        elif pa.types.is_timestamp(kind) and kind.unit != "us":  # Delta keeps microseconds: a later ns column
+            kind = pa.timestamp("us", kind.tz)  # (pandas' datetimes) was refused against the stored us one
+        elif pa.types.is_unsigned_integer(kind):  # Delta reads uint8 as int8: 200 failed at the commit
+            kind = {8: pa.int16(), 16: pa.int32()}.get(kind.bit_width, pa.int64())
+        if kind != field.type:
+            try:
+                table = table.set_column(
+                    i, field.name, table.column(i).cast(kind, safe=not pa.types.is_timestamp(kind))
+                )
+            except pa.ArrowInvalid:
+                raise UserError(
+                    f"{source}: column {field.name!r} holds values over 2**63 - 1: store them as text"
+                ) from None
+        if _unstorable(kind):
+            raise UserError(
+                f"{source}: column {field.name!r} holds {kind}, which the store (Delta Lake) cannot hold: convert it "
+                "(to text or a number)"
+            )
+    return table
+
+
+def _unstorable(kind: pa.DataType) -> bool:
+    if pa.types.is_duration(kind) or pa.types.is_time(kind) or pa.types.is_decimal256(kind):
+        return True
+    if pa.types.is_float16(kind) or pa.types.is_interval(kind) or pa.types.is_dictionary(kind):
+        return True  # nested in a list or struct (a top-level one was cast above)
+    return any(_unstorable(kind.field(i).type) for i in range(kind.num_fields))
 
 
 def _require(table: pa.Table, source: str, column: str, ids: list[str]) -> None:

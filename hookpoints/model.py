@@ -28,6 +28,7 @@ from hookpoints.placement import execution_device
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
 from hookpoints.pooling import SpaceMask, pool, prepare_masks
 from hookpoints.probe import measure, observe
+from hookpoints.tasks import get_task
 
 __all__ = ["HookedModel", "Pooling"]
 
@@ -97,6 +98,10 @@ class HookedModel(GenerationMethods, ModelApi):
         """Recordable hook points matching glob ``patterns`` (default: the listed ones), in execution order."""
         if isinstance(patterns, str):
             patterns = [patterns]
+        if patterns is not None and not (
+            isinstance(patterns, list | tuple) and all(isinstance(p, str) for p in patterns)
+        ):
+            raise UserError(f"hook patterns must be a glob or a list of globs, not {patterns!r:.80}")
         if not patterns:  # attention maps only when named: they hold a row per query position
             return [p for p in self.hook_points.listed() if p.unavailable is None and p.key_space is None]
         return self.hook_points.select(patterns)
@@ -183,6 +188,14 @@ class HookedModel(GenerationMethods, ModelApi):
         """Text inputs marked with their source languages (model codes, e.g. ``deu``), for translation."""
         if self.tokenizer is None:
             raise UserError(f"model {self.source} has no tokenizer: save one next to it (tokenizer.save_pretrained)")
+        lists = all(isinstance(given, list | tuple) for given in (texts, languages))
+        if not lists or len(texts) != len(languages):  # a string was read letter by letter: 'abc' as 3 texts
+            raise UserError("source_inputs takes a list of texts and a list of their languages, one per text")
+        unknown = next((code for code in languages if self.language_token(model_code(str(code))) is None), None)
+        if unknown is not None:
+            raise UserError(
+                f"unknown source language {unknown!r} for model {self.source}; it knows: {', '.join(self.languages)}"
+            )
         self.check_text_lengths(texts, marked=True)
         return self.adapter.source_inputs(self.model, self.tokenizer, texts, languages).to(self.device)
 
@@ -226,6 +239,12 @@ class HookedModel(GenerationMethods, ModelApi):
         inputs' own languages, where the manifest has them). Codes are read as manifest labels are (``de``,
         ``de_de`` and ``DEU`` are ``deu``)."""
         self._check_generates()
+        targets = [targets] if isinstance(targets, str) else targets  # "eng" was read as languages e, n, g
+        if not isinstance(targets, list | tuple) or not targets or not get_task(task).generates:
+            raise UserError(
+                f"decoder_prompt takes a list of target languages (one per example) and a generating task "
+                f"(asr, s2tt, t2tt), not {targets!r:.60} and {task!r}"
+            )
         targets = [model_code(str(code)) for code in targets]
         sources = None if sources is None else [model_code(str(code)) for code in sources]
         unknown = next((code for code in targets if self.language_token(code) is None), None)

@@ -95,6 +95,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise UserError(f"device must be auto, cpu, cuda or cuda:N, not {name!r}") from None
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, meta: a torch RuntimeError at the first .to()
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N, not {name!r}")
     if device.type == "cuda" and not cuda_available():
         raise UserError(
             f"device {name} asked for, but there is no such device here: torch sees no CUDA GPU (devices: cpu); "

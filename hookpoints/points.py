@@ -179,6 +179,8 @@ class HookPointSet:
 
     def get(self, name: str) -> HookPoint:
         """The hook point called ``name`` (a canonical name, an alias or a module path)."""
+        if not isinstance(name, str):
+            raise UserError(f"a hook point name is a string, not {type(name).__name__} ({name!r:.60})")
         canonical = self.names.canonical(name)
         if canonical is not None:
             return self._points[canonical]

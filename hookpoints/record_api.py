@@ -65,9 +65,13 @@ def record(
             "[p.name for p in model.hook_points if p.unavailable is None and predicate(p.name)])"
         )
         raise UserError(f"hooks must be a glob or a list of globs, not {shown if callable(hooks) else repr(hooks)}")
-    patterns = patterns or None
+    if patterns == []:  # recording every hook point of the model instead was a surprise (run_with_cache refuses it)
+        raise UserError("hooks is empty: give a glob or a list of globs (None: the listed hook points)")
     model.select(patterns)  # unknown globs fail here, before the store is touched
-    fleurs = {"split": split, "languages": tuple(languages) if languages else None, "limit": limit}
+    languages = [languages] if isinstance(languages, str) else languages
+    if languages is not None and not languages:  # [] recorded every language of the folder
+        raise UserError("languages is empty: name the FLEURS languages (['de_de']), or leave it out for all")
+    fleurs = {"split": split, "languages": None if languages is None else tuple(languages), "limit": limit}
     manifest = as_manifest(data, "audio" if model.modality == "speech" else "text", **fleurs)
     store = open_store(store)
     with _progress(f"recording {run} ({task})", progress) as (on_start, on_batch):
@@ -88,6 +92,9 @@ def as_manifest(data, input_column: str, **fleurs) -> Manifest:
         raise UserError("split, languages and limit choose recordings of a FLEURS folder, not of in-memory data")
     if type(data).__module__.split(".")[0] == "pandas" and type(data).__name__ == "DataFrame":
         source = "DataFrame"
+        twice = list(data.columns[data.columns.duplicated()])
+        if twice:
+            raise UserError(f"the DataFrame has two columns named {twice[0]!r}: rename or drop one")
         try:
             table = pa.Table.from_pandas(data, preserve_index=False)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as error:

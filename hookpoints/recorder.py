@@ -132,8 +132,10 @@ def record(
     ``none`` grow with the square of the length). ``on_start(n)`` is called once everything is checked and
     ``n`` examples are about to be recorded; ``on_batch(k)`` after each batch.
     """
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, not {batch_size}")
+    _check_count("batch size", batch_size)
+    _check_count("max new tokens", max_new_tokens)
+    if max_bytes is not None:
+        _check_count("max_bytes", max_bytes)
     generates = get_task(task).generates
     settings = RunSettings(
         pooling=pooling,
@@ -145,8 +147,6 @@ def record(
         frames=frames,
         max_new_tokens=max_new_tokens if generates else None,
     )
-    if max_new_tokens < 1:
-        raise UserError(f"max new tokens must be at least 1, not {max_new_tokens}")
     check_shard(shard)
     plan = plan_examples(model, manifest, get_task(task), tgt_lang, max_new_tokens)
     if frames is not None and model.modality != "speech":
@@ -233,6 +233,12 @@ def _check_size(
     check_budget(per_example * examples, budget, examples, per_example, biggest)
 
 
+def _check_count(what: str, value) -> None:
+    """A whole number, at least 1 (a float batch size failed after the run was opened, leaving it 'recording')."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise UserError(f"{what} must be at least 1 (a whole number), not {value!r}")
+
+
 def plan_examples(
     model: HookedModel, manifest: Manifest, task: Task, tgt_lang: str | None, max_new_tokens: int | None = None
 ) -> ExamplePlan:
@@ -246,6 +252,13 @@ def plan_examples(
         )
     ids = manifest.ids
     columns = manifest.table.column_names
+    kind, missing = (
+        ("feature extractor", model.processor) if model.modality == "speech" else ("tokenizer", model.tokenizer)
+    )
+    if missing is None:  # found at the first batch, the run was opened already and left failed
+        raise UserError(
+            f"model {model.source} has no {kind}: save one next to it ({kind.replace(' ', '_')}.save_pretrained)"
+        )
     if model.modality == "speech":
         if "audio" not in columns:
             raise UserError(f"{manifest.path} has no 'audio' column: speech input needs a WAV/FLAC path per example")

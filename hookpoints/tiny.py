@@ -13,6 +13,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from hookpoints.errors import UserError
+
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 #: SeamlessM4T-style language tokens, so translation models can be told a target language.
 LANGUAGE_TOKENS = ["__eng__", "__deu__", "__spa__", "__fra__", "__cmn__", "__jpn__"]
@@ -157,7 +159,7 @@ def _config(family: str, vocab: int):
             initializer_range=0.3,
             **ids,
         )
-    raise ValueError(f"no tiny config for {family!r}")
+    raise UserError(f"build_tiny knows the families {', '.join(FAMILIES)}, not {family!r}")
 
 
 def randomise_norms_and_biases(model: torch.nn.Module, seed: int = 0) -> None:
@@ -204,6 +206,8 @@ def build_tiny(
 
     quiet_transformers()
     directory = Path(directory)
+    if directory.is_file():  # save_pretrained only logged it, and the file's path came back as a model folder
+        raise UserError(f"{directory} is a file: give build_tiny a folder to write the model to")
     tokenizer = tiny_tokenizer(texts, vocab_size=vocab_size)
     config = _config(family, len(tokenizer))
     for name, value in (sizes or {}).items():

@@ -125,6 +125,8 @@ def _check_ids(model, ids: torch.Tensor, mask) -> None:
     """Token ids the model can read: ``[batch, tokens]`` integers within its vocabulary and context."""
     if ids.dim() != 2 or ids.is_floating_point():
         raise UserError(f"input_ids must be a [batch, tokens] integer tensor, not {_describe(ids)}")
+    if ids.shape[1] == 0:  # an IndexError deep in transformers' mask code
+        raise UserError(f"input_ids hold no tokens ({_describe(ids)}): give at least one per example")
     if isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
         raise UserError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}: give them alike")
     try:

@@ -262,6 +262,8 @@ class Store:
         """
         import pyarrow.compute as pc
 
+        if not isinstance(run, str):  # an Arrow kernel error (None, 5, ["r1"])
+            raise UserError(f"delete_run takes one run name, not {run!r:.60}")
         info = self.run_info(run)
         names = [
             name

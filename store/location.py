@@ -30,6 +30,10 @@ class StoreLocation:
 
     @classmethod
     def parse(cls, where: str | Path, storage_options: dict[str, str] | None = None) -> StoreLocation:
+        if not isinstance(where, str | Path):  # None made (with create=True) a store in a folder named "None"
+            raise UserError(f"a store is a folder or an s3://bucket/prefix URI, not {type(where).__name__}")
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise UserError(f"storage_options must be a dict of option -> value, not {type(storage_options).__name__}")
         text = str(where)
         if not text.strip():
             raise UserError("the store path is empty: give a folder or an s3://bucket/prefix URI")

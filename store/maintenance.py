@@ -137,12 +137,17 @@ def _all_live(delta, paths: list[str]) -> bool:
     return set(paths) <= live
 
 
+MAX_RETENTION_HOURS = 100 * 366 * 24
+
+
 def vacuum(
     store: Store, *, retention_hours: int = DEFAULT_RETENTION_HOURS, dry_run: bool = False, force: bool = False
 ) -> list[dict]:
     """Delete files that no table version of the last ``retention_hours`` uses; one row per table."""
     if retention_hours < 0 or int(retention_hours) != retention_hours:
         raise UserError(f"retention must be a whole number of hours, 0 or more, not {retention_hours}")
+    if retention_hours > MAX_RETENTION_HOURS:  # past chrono's range: a Rust panic with a backtrace
+        raise UserError(f"retention {retention_hours} hours is more than 100 years: give at most {MAX_RETENTION_HOURS}")
     if retention_hours < MIN_RETENTION_HOURS and not force:
         raise UserError(
             f"a retention of {retention_hours} hours can delete files that running SQL sessions or recorders "

@@ -139,6 +139,8 @@ class QuerySession:
     def _relation(self, text: str, params: dict | None) -> duckdb.DuckDBPyRelation:
         """``con.sql``; a name this session has not defined yet (a typo, a table name built in SQL) gets every
         table and view defined and one more try, so DuckDB's error and its "Did you mean" see them all."""
+        if params is not None and not isinstance(params, dict):  # a list was "Mixing named and positional ..."
+            raise UserError(f"SQL params must be a dict of $name -> value, not {type(params).__name__}")
         try:
             return self.con.sql(text, params=params)
         except duckdb.CatalogException:
@@ -325,6 +327,8 @@ class QuerySession:
         return neuron_sql.neuron_stats(self, hooks, **options)
 
     def _check_read_only(self, text: str) -> None:
+        if not isinstance(text, str):  # a TypeError from DuckDB's bindings listing their signatures
+            raise UserError(f"SQL must be a string holding one SELECT, not {type(text).__name__}")
         try:
             statements = self.con.extract_statements(text)
         except duckdb.Error as error:

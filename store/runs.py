@@ -85,6 +85,10 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    whole = isinstance(shard, tuple | list) and len(shard) == 2
+    if not whole or not all(hasattr(n, "__index__") and not isinstance(n, bool) for n in shard):
+        # (0.5, 2) matched no example: a run of 0 examples, recorded without a word
+        raise UserError(f"shard must be two whole numbers (I, N), e.g. (0, 4) for the first of four, not {shard!r}")
     index, count = shard
     if count < 1 or not 0 <= index < count:
         raise UserError(f"shard {index}/{count} does not exist: give I/N with 0 <= I < N (N >= 1)")

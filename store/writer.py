@@ -80,7 +80,7 @@ def open_run(
     if not (seconds_ok and max_buffer_seconds >= 0):  # NaN fails >= too
         raise UserError(f"max_buffer_seconds must be a number of seconds, 0 or more, not {max_buffer_seconds!r}")
     if if_exists not in ("error", "resume", "overwrite"):
-        raise ValueError(f"if_exists must be error, resume or overwrite, not {if_exists!r}")
+        raise UserError(f"if_exists must be error, resume or overwrite, not {if_exists!r}")
     with damage_said(store, run):
         examples_cast = examples_casts(store, examples_schema)
         overwrite.recover(store, run)  # an earlier overwrite killed while swapping in: finish it first
@@ -105,15 +105,16 @@ def open_run(
             _check_no_rows_left(store, run)
         if info is not None:
             _check_shards(store, run, info, count)
-            _check_resumable(store, run, info, settings, hooks)
     if info is not None:
-        if index in states and if_exists == "error":
+        if index in states and if_exists == "error":  # before the resume checks: no --resume was asked for
             part = f"run {run!r}" if count == 1 else f"shard {index}/{count} of run {run!r}"
             also = " or --overwrite (if_exists='overwrite') to replace it" if count == 1 else ""
             raise UserError(
                 f"{part} already exists in {store.location.uri} (status {states[index]}): pass --resume "
                 f"(in Python: if_exists='resume') to continue it{also}, or choose another run name"
             )
+        with damage_said(store, run):
+            _check_resumable(store, run, info, settings, hooks)
 
     what = f"run {run!r}" if count == 1 else f"shard {index}/{count} of run {run!r}"
     resuming = index in states

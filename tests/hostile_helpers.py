@@ -61,3 +61,30 @@ def vectors(store: Store, run: str) -> dict:
     with store.query() as session:
         rows = session.sql("SELECT hook, example_id, activation FROM activations WHERE run = $r", {"r": run})
     return {(r["hook"], r["example_id"]): r["activation"] for r in rows.to_pylist()}
+
+
+#: Four labelled texts: the run the entry-point matrix (tests/test_hostile_entry_points.py) records first.
+ROWS = [{"id": f"e{i}", "text": text, "language": lang} for i, (text, lang) in enumerate(
+    [("hello world", "en"), ("hallo welt", "de"), ("good day", "en"), ("guten tag", "de")])]  # fmt: skip
+
+
+def recorded_store(model, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A store holding run r1 of ``ROWS`` (two hooks), and the md5 of its files."""
+    import hookpoints as hp
+
+    root = tmp_path / "store"
+    hp.record(model, ROWS, str(root), run="r1", hooks="blocks.*.mlp.hook_post", progress=False)
+    return root, checksums(root)
+
+
+def one_line_error(call) -> str:
+    """The message of the UserError ``call()`` raises, checked to be one line."""
+    import pytest
+
+    from hookpoints.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
