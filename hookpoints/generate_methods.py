@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from numbers import Integral
 
 import torch
 from transformers.modeling_outputs import BaseModelOutput
@@ -19,7 +18,7 @@ from hookpoints.attention import changes_keys, changing_keys, needs_eager
 from hookpoints.attention import eager as eager_attention
 from hookpoints.edit_folding import edits_applied
 from hookpoints.editing import EditGroup, NeuronEdit, own_inputs
-from hookpoints.errors import UserError
+from hookpoints.errors import UserError, check_count
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import HookPoint
@@ -287,9 +286,7 @@ class GenerationMethods:
     def check_room(self, prompt_length: int, max_new_tokens: int) -> None:
         """A UserError when the prompt and ``max_new_tokens`` run past the decoder's learned positions (Whisper:
         448; its ``generate`` raises a ValueError there). Sinusoidal decoders (SeamlessM4T) have no limit."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
-            # 2.5 generated 3 tokens without a word; "4" and None raised a TypeError
-            raise UserError(f"max new tokens must be a whole number of at least 1, not {max_new_tokens!r}")
+        check_count("max new tokens", max_new_tokens)
         limit = getattr(self.model.config, "max_target_positions", None)
         if limit is not None and prompt_length + max_new_tokens > limit:
             raise UserError(

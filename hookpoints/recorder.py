@@ -14,7 +14,7 @@ import torch
 
 import hookpoints
 from hookpoints.audio import check_window, inspect_audio, load_audio
-from hookpoints.errors import UserError
+from hookpoints.errors import UserError, check_count
 from hookpoints.heap_trim import HeapTrim
 from hookpoints.host_copy import HostCopy, one_behind
 from hookpoints.inputs import ModelInputs
@@ -132,10 +132,10 @@ def record(
     ``none`` grow with the square of the length). ``on_start(n)`` is called once everything is checked and
     ``n`` examples are about to be recorded; ``on_batch(k)`` after each batch.
     """
-    _check_count("batch size", batch_size)
-    _check_count("max new tokens", max_new_tokens)
+    check_count("batch size", batch_size)
+    check_count("max new tokens", max_new_tokens)
     if max_bytes is not None:
-        _check_count("max_bytes", max_bytes)
+        check_count("max_bytes", max_bytes)
     generates = get_task(task).generates
     settings = RunSettings(
         pooling=pooling,
@@ -231,12 +231,6 @@ def _check_size(
     per_example = example_bytes(points, job.method, positions, dtype)
     biggest = max(points, key=lambda p: example_bytes([p], job.method, positions, dtype), default=None)
     check_budget(per_example * examples, budget, examples, per_example, biggest)
-
-
-def _check_count(what: str, value) -> None:
-    """A whole number, at least 1 (a float batch size failed after the run was opened, leaving it 'recording')."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise UserError(f"{what} must be at least 1 (a whole number), not {value!r}")
 
 
 def plan_examples(

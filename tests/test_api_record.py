@@ -106,7 +106,7 @@ def test_record_a_fleurs_folder_with_languages_and_limit(tiny_model_dir, fleurs,
         (ROWS, {"pooling": "median"}, "pooling must be one of"),
         (ROWS, {"run": "bad name!"}, "run name 'bad name!' is not allowed"),
         (ROWS, {"task": "t2tt"}, "cannot do task t2tt"),
-        (ROWS, {"batch_size": 0}, "batch size must be at least 1"),
+        (ROWS, {"batch_size": 0}, "batch size must be a whole number of at least 1"),
         (ROWS, {"limit": 2}, "choose recordings of a FLEURS folder"),
     ],
 )

@@ -100,10 +100,10 @@ def test_bad_python_arguments_are_one_line_user_errors(gpt2, call, message):
     "options, message",
     [
         # a float batch size failed after the run was opened: the run stayed 'recording' for ever
-        ({"batch_size": 2.5}, "batch size must be at least 1 (a whole number), not 2.5"),
-        ({"batch_size": "8"}, "batch size must be at least 1 (a whole number), not '8'"),
-        ({"max_new_tokens": None}, "max new tokens must be at least 1 (a whole number), not None"),
-        ({"max_bytes": "1G"}, "max_bytes must be at least 1 (a whole number), not '1G'"),
+        ({"batch_size": 2.5}, "batch size must be a whole number of at least 1, not 2.5"),
+        ({"batch_size": "8"}, "batch size must be a whole number of at least 1, not '8'"),
+        ({"max_new_tokens": None}, "max new tokens must be a whole number of at least 1, not None"),
+        ({"max_bytes": "1G"}, "max_bytes must be a whole number of at least 1, not '1G'"),
         # shard (0.5, 2) matched no example: a complete run of 0 examples
         ({"shard": (0.5, 2)}, "shard must be two whole numbers (I, N)"),
         ({"shard": "0/2"}, "shard must be two whole numbers (I, N)"),

@@ -136,7 +136,7 @@ def test_bad_task_options(run_cli, seamless, corpus, tmp_path):
                    "--tgt-lang applies to generating tasks")  # fmt: skip
     assert_refused(record(run_cli, seamless, corpus.text, store, "r", "--frames", "30"), "frames applies to speech")
     assert_refused(record(run_cli, seamless, corpus.speech, store, "r", "--task", "asr", "--max-new-tokens", "0"),
-                   "max new tokens must be at least 1")  # fmt: skip
+                   "max new tokens must be a whole number of at least 1")  # fmt: skip
     assert_refused(record(run_cli, seamless, corpus.text, store, "r", "--limit", "3"), "apply to a FLEURS folder")
     assert sql(store, "SELECT * FROM runs") == []  # nothing was written
 

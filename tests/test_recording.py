@@ -207,7 +207,7 @@ def test_existing_run_is_refused_resumed_or_overwritten(tiny_model_dir, write_ma
     [
         ({"pooling": "median"}, "pooling must be one of mean, last, max, none"),
         ({"dtype": "int8"}, "storage dtype must be one of float32, float16"),
-        ({"batch_size": 0}, "batch size must be at least 1"),
+        ({"batch_size": 0}, "batch size must be a whole number of at least 1"),
         ({"hooks": ["blocks.9.*"]}, "matches no recordable hook point"),
     ],
 )
