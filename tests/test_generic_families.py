@@ -85,12 +85,11 @@ def test_transformerlens_names_are_refused_not_guessed(generic, tiny_model_dir):
     assert "TransformerLens" not in str(refused.value)
 
 
+@pytest.mark.parametrize("generic", ["phi"], indirect=True)  # the one family with per-head q/k norms
 def test_heads_before_positions_are_refused_with_the_reason(generic):
     """Phi's per-head q/k LayerNorms run on [batch, head, pos, d_head]: refused, saying so (it said the tensor had
     no neuron axis)."""
-    family, model = generic
-    if family != "phi":
-        pytest.skip("Phi's qk_layernorm")
+    _, model = generic
     name = "model.layers.0.self_attn.q_layernorm"
     point = model.hook_points.get(name)
     assert point.unavailable is not None and "lie between its neuron axes" in point.unavailable
