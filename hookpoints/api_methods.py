@@ -69,19 +69,15 @@ class ModelApi:
 
     def edit(self, name: str, neurons, values, *, add: bool = False) -> NeuronEdit:
         """A :class:`NeuronEdit` of hook ``name``: set (or with ``add``, shift) ``neurons`` to ``values``."""
+        from hookpoints.hook_fns import neuron_indices  # the one rule for neuron numbers (ablate, patch, ...)
+
+        if neurons is None:
+            raise UserError(f"edit of {name}: neurons must be whole numbers (the neurons to edit), not None")
+        neurons = torch.tensor(neuron_indices(neurons), dtype=torch.long)
         try:
-            given = torch.as_tensor(neurons).reshape(-1)
             values = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
         except (TypeError, ValueError, RuntimeError):
-            raise UserError(
-                f"edit of {name}: neurons must be whole numbers and values real numbers, not {neurons!r:.40} and "
-                f"{values!r:.40}"
-            ) from None
-        if given.dtype == torch.bool or given.is_complex():  # a boolean mask was read as neurons 0 and 1
-            raise UserError(f"neuron indices must be whole numbers, not {given.dtype} (a mask: pass mask.nonzero())")
-        if given.is_floating_point() and not bool((given == given.round()).all()):
-            raise UserError(f"neuron indices must be whole numbers, not {given.tolist()!r:.80}")
-        neurons = given.long()
+            raise UserError(f"edit of {name}: values must be real numbers, not {values!r:.40}") from None
         if values.numel() == 1 and neurons.numel() > 1:
             values = values.expand(neurons.numel()).clone()
         return NeuronEdit(self.hook_points.get(name), neurons, values, add=add)

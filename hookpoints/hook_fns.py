@@ -224,7 +224,7 @@ def _from_neuron_view(flat: torch.Tensor, x: torch.Tensor, hook: HookPoint) -> t
     return flat.reshape(x.shape)
 
 
-def _indices(neurons) -> list[int] | None:
+def neuron_indices(neurons) -> list[int] | None:
     """``neurons`` (an int, a sequence, a numpy array or tensor of ints; None: all) as a list of Python ints.
 
     numpy and torch integers were refused as "out of range" (``topk(...).indices``); a boolean mask was read as
@@ -244,7 +244,7 @@ def _indices(neurons) -> list[int] | None:
 
 
 def _chosen(neurons: list[int] | None, hook: HookPoint) -> list[int] | slice:
-    """``neurons`` (from :func:`_indices`) into the hook's flat vector (all of them for None); out of range is a
+    """``neurons`` (from :func:`neuron_indices`) into the hook's flat vector (all of them for None); out of range is a
     UserError."""
     if neurons is None:
         return slice(None)
@@ -265,7 +265,7 @@ def ablate(neurons: Sequence[int] | None = None, value: float = 0.0) -> HookFn:
 
     >>> model.run_with_hooks(["Hi"], fwd_hooks=[("blocks.0.mlp.hook_post", ablate([3, 7]))])  # doctest: +SKIP
     """
-    neurons = _indices(neurons)
+    neurons = neuron_indices(neurons)
 
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         flat = _neuron_view(x, hook).clone()
@@ -283,7 +283,7 @@ def mean_ablate(cache, neurons: Sequence[int] | None = None) -> HookFn:
     >>> model.run_with_hooks(["Hi"], fwd_hooks=[("blocks.0.mlp.hook_post", mean_ablate(reference))])  # doctest: +SKIP
     """
     _check_cache(cache, "mean_ablate")
-    neurons = _indices(neurons)
+    neurons = neuron_indices(neurons)
 
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         if hook.name not in cache:

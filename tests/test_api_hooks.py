@@ -278,7 +278,7 @@ def test_hook_function_returning_no_tensor_is_a_user_error(gpt2, returned):
 
 
 def test_bad_edit_arguments_are_user_errors(gpt2):
-    with pytest.raises(UserError, match=r"neuron indices must be whole numbers, not \[1.5\]"):
+    with pytest.raises(UserError, match=r"neuron indices must be whole numbers, not 1.5"):
         gpt2.edit("blocks.0.mlp.hook_post", [1.5], [0.0])  # was silently neuron 1
     edit = gpt2.edit("blocks.0.mlp.hook_post", [1], [0.0])
     with pytest.raises(UserError, match="edits must be a list of NeuronEdit"):

@@ -70,7 +70,7 @@ def test_ablate_takes_numpy_and_torch_indices(gpt2, indices):
     "call, message",
     [
         # a boolean mask was read as neurons 1 and 0 (model.edit) without a word
-        (lambda m: m.edit("blocks.0.mlp.hook_post", [True, False], [0.0, 0.0]), "not torch.bool (a mask"),
+        (lambda m: m.edit("blocks.0.mlp.hook_post", [True, False], [0.0, 0.0]), "for a boolean mask, pass mask"),
         (lambda m: hp.ablate(np.array([True, False])), "for a boolean mask, pass mask.nonzero()"),
         (lambda m: hp.ablate([1.5]), "neuron indices must be whole numbers, not 1.5"),
         # NaN steering made every later activation NaN (NeuronEdit already refused NaN values)
@@ -78,7 +78,7 @@ def test_ablate_takes_numpy_and_torch_indices(gpt2, indices):
         (lambda m: hp.steer(torch.ones(256), scale=float("inf")), "must be finite numbers"),
         # TypeError / RuntimeError / AttributeError before
         (lambda m: m.edit("blocks.0.mlp.hook_post", None, [0.0]), "neurons must be whole numbers"),
-        (lambda m: m.edit("blocks.0.mlp.hook_post", [1], "x"), "values real numbers"),
+        (lambda m: m.edit("blocks.0.mlp.hook_post", [1], "x"), "values must be real numbers"),
         (lambda m: m.edit(None, [1], [0.0]), "a hook point name is a string, not NoneType"),
         (lambda m: m.hook_points.get(["blocks.0.mlp.hook_post"]), "a hook point name is a string, not list"),
         (lambda m: m.select(5), "hook patterns must be a glob or a list of globs, not 5"),
