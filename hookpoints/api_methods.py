@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from hookpoints.editing import NeuronEdit, own_inputs
+from hookpoints.editing import NeuronEdit, check_edits, own_inputs
 from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
 
@@ -63,8 +63,7 @@ class ModelApi:
         """
         from hookpoints.hook_fns import edit_hook
 
-        if not isinstance(edits, (list, tuple)) or not all(isinstance(edit, NeuronEdit) for edit in edits):
-            raise UserError(f"edits must be a list of NeuronEdit (model.edit(...)), not {edits!r:.80}")
+        check_edits(edits)
         return self._forward(self.inputs(inputs), [(edit.point, edit_hook(edit)) for edit in edits])
 
     def edit(self, name: str, neurons, values, *, add: bool = False) -> NeuronEdit:

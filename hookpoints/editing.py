@@ -74,6 +74,12 @@ class NeuronEdit:
             )
 
 
+def check_edits(edits) -> None:
+    """A UserError unless ``edits`` is a list (or tuple) of :class:`NeuronEdit`."""
+    if not isinstance(edits, list | tuple) or not all(isinstance(edit, NeuronEdit) for edit in edits):
+        raise UserError(f"edits must be a list of NeuronEdit (model.edit(...)), not {edits!r:.80}")
+
+
 def apply_edit(value, edit: NeuronEdit) -> None:
     """Edit the hook's tensor (a module's output or first input, possibly inside a tuple) in place."""
     EditGroup([edit]).apply(value)

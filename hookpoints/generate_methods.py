@@ -17,7 +17,7 @@ from hookpoints.alignment import LogitsFingerprint, check_prompt, check_steps
 from hookpoints.attention import changes_keys, changing_keys, needs_eager
 from hookpoints.attention import eager as eager_attention
 from hookpoints.edit_folding import edits_applied
-from hookpoints.editing import EditGroup, NeuronEdit, own_inputs
+from hookpoints.editing import EditGroup, NeuronEdit, check_edits, own_inputs
 from hookpoints.errors import UserError, check_count
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.inputs import ModelInputs
@@ -238,8 +238,7 @@ class GenerationMethods:
     def _check_request(self, inputs, prompt, max_new_tokens: int, edits) -> tuple[ModelInputs, torch.Tensor]:
         """Checks the arguments of ``generate`` and ``generate_edited``: the inputs as a batch, the prompt on device."""
         self._check_generates()
-        if not isinstance(edits, list | tuple) or not all(isinstance(edit, NeuronEdit) for edit in edits):
-            raise UserError(f"edits must be a list of NeuronEdit (model.edit(...)), not {edits!r:.80}")
+        check_edits(edits)
         inputs = self.generation_inputs(inputs)
         return inputs, self.checked_prompt(inputs, prompt, max_new_tokens)
 
