@@ -98,8 +98,15 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
         run_settings(session, sorted({*spec.runs, *spec.stats_runs}))  # each complete: else medians of a part
         for task_name in spec.tasks:
             task = get_task(task_name)
-            if not task.generates:
-                raise UserError(f"interventions score generated text: use asr, s2tt or t2tt, not {task_name}")
+            if not task.generates or task.target is None:  # continue: no reference to score against
+                raise UserError(
+                    f"interventions score generated text against references: use asr, s2tt or t2tt, not {task_name}"
+                    + (
+                        " (edit a continuation from Python: model.generate(texts, max_new_tokens=N, edits=...))"
+                        if task.generates
+                        else ""
+                    )
+                )
             stats_run = stats_run_for(spec, task_name, runs)
             source = spec.model or runs[stats_run]["model"]
             model = load_model(source, task.modality)

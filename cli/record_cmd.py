@@ -48,11 +48,12 @@ from hookpoints.tasks import TASKS
     type=click.Choice(list(TASKS)),
     default="forward",
     show_default=True,
-    help="forward pass, or greedy ASR / speech-to-text / text-to-text translation (decoder recorded over the output).",
+    help="forward pass; greedy ASR / speech-to-text / text-to-text translation (decoder recorded over the output); "
+    "continue: a decoder-only LM's greedy continuation (recorded over the generated tokens).",
 )
 @click.option("--tgt-lang", help="Target language: s2tt/t2tt default eng; asr default each example's language.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Generation length limit.")
-@click.option("--per-step", is_flag=True, help="Keep decoder hooks per generation step (position = step).")
+@click.option("--per-step", is_flag=True, help="Keep the generated steps' hooks per step (position = step).")
 @click.option("--frames", type=int, help="Fix speech features to N frames by truncation / zero-padding (paper: 300).")
 @click.option("--split", help="FLEURS split (train, dev, test; default test).")
 @click.option("--languages", help="FLEURS languages, comma-separated (de_de or de).")

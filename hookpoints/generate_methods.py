@@ -17,14 +17,14 @@ from hookpoints.alignment import LogitsFingerprint, check_prompt, check_steps
 from hookpoints.attention import changes_keys, changing_keys, needs_eager
 from hookpoints.attention import eager as eager_attention
 from hookpoints.edit_folding import edits_applied
-from hookpoints.editing import EditGroup, NeuronEdit, check_edits, own_inputs
-from hookpoints.errors import UserError, check_count
+from hookpoints.editing import EditGroup, NeuronEdit, own_inputs
+from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
+from hookpoints.generation_requests import GenerationRequests
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import HookPoint
 from hookpoints.pooling import pool_positions, positions_first
 from hookpoints.probe import first_input, first_tensor
-from hookpoints.tasks import get_task
 
 #: A pooling method for every hook point, or a function choosing one per hook point.
 Pooling = str | Callable[[HookPoint], str]
@@ -42,24 +42,29 @@ def _runs_with_encoder(point: HookPoint, encoder: str) -> bool:
     return point.io == "input" and (not point.module or encoder.startswith(point.module + "."))
 
 
-class GenerationMethods:
+class GenerationMethods(GenerationRequests):
     """Mixed into :class:`~hookpoints.model.HookedModel`: decoding, edited decoding, recording while decoding.
 
     >>> texts = model.source_inputs(["Hallo Welt"], ["deu"])  # SeamlessM4T text: marked with its language
     >>> generation = model.generate(texts, model.decoder_prompt(["eng"], task="t2tt"), 20)
     >>> model.decode(generation)
+
+    A decoder-only LM continues its inputs (no decoder prompt)::
+
+        generation = gpt2.generate(["The cat sat on", "Hello"], max_new_tokens=20)
     """
 
     def generate(
         self,
         inputs: ModelInputs,
-        prompt: torch.Tensor,
-        max_new_tokens: int,
+        prompt: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
         *,
         encoder_outputs=None,
         edits: list[NeuronEdit] | None = None,
     ) -> Generation:
-        """Greedy decoding from ``prompt``; from ``encoder_outputs`` when given (no encoder run).
+        """Greedy decoding from ``prompt`` (an encoder-decoder's decoder prompt; none for a decoder-only LM, which
+        continues its inputs); from ``encoder_outputs`` when given (no encoder run).
 
         With ``edits``, every edit is applied at every step (:meth:`generate_edited`). ``inputs`` may also be
         strings, waveforms or audio paths (hookpoints.user_inputs).
@@ -70,7 +75,8 @@ class GenerationMethods:
                 raise UserError("generate: give edits or encoder_outputs, not both")
             return self.generate_edited(inputs, prompt, list(edits), max_new_tokens)[0]
         collector = TokenCollector()
-        kwargs = {**inputs.kwargs, **self._prompt_kwargs(prompt), "decoder_input_ids": prompt, "streamer": collector}
+        kwargs, start, prompt_inputs = self._start(inputs, prompt)
+        kwargs["streamer"] = collector
         if encoder_outputs is not None:
             kwargs = {**without_encoder_inputs(kwargs), "encoder_outputs": encoder_outputs}
             if "input_features" in inputs.kwargs:
@@ -80,14 +86,19 @@ class GenerationMethods:
             self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
         # What generate returns differs by family (Whisper's drops the prompt and trailing EOS); the streamer
         # sees exactly the prompt, then each step's tokens.
-        generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
-        check_prompt(generation, prompt)
+        generation = self._generation(collector.sequences().to(self.device), start.shape[1], prompt_inputs)
+        check_prompt(generation, start)
         generation.fingerprint = fingerprint.result()
         check_steps(generation)
         return generation
 
     def pooled_generating(
-        self, inputs: ModelInputs, prompt: torch.Tensor, points: list[HookPoint], pooling: Pooling, max_new_tokens: int
+        self,
+        inputs: ModelInputs,
+        prompt: torch.Tensor | None,
+        points: list[HookPoint],
+        pooling: Pooling,
+        max_new_tokens: int,
     ) -> tuple[dict[str, torch.Tensor], Generation]:
         """Record a generating task: the encoder once, greedy generation, one teacher-forced decoder pass.
 
@@ -95,8 +106,14 @@ class GenerationMethods:
         2. ``generate`` decodes from that output: the encoder does not run again.
         3. One traced pass of the decoder over ``prompt + generated[:-1]`` (hookpoints.generation) records the
            decoder's hook points, pooled over the generated tokens' steps.
+
+        A decoder-only LM (``prompt`` None) generates, then records every hook point in one teacher-forced pass
+        over ``input + generated[:-1]``, pooled over the generated tokens' steps.
         """
         prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
+        if self.continues:
+            generation = self.generate(inputs, None, max_new_tokens)
+            return self.pooled(generation.teacher_forced(inputs), points, pooling, check=generation), generation
         encoder = self._module_path(self.model.get_encoder())
         # the encoder's hook points, and the inputs of modules around it (Whisper's ``model:input`` is the
         # features): the teacher-forced pass gets the encoder's output instead of them
@@ -123,7 +140,7 @@ class GenerationMethods:
     def generate_edited(
         self,
         inputs: ModelInputs,
-        prompt: torch.Tensor,
+        prompt: torch.Tensor | None,
         edits: list[NeuronEdit],
         max_new_tokens: int,
         *,
@@ -138,9 +155,11 @@ class GenerationMethods:
         saved after the edits, per call: name -> ``[batch, pos, width]`` tensors, one per call (the test that
         edits land exactly where they should). Without edits the output equals :meth:`generate`'s.
 
-        Without ``record`` (and not remote), plain torch hooks edit instead of nnsight, and with ``fold`` (the
-        default) replacements of ``nn.Linear`` outputs are folded into the layers' weights for the generation
-        (hookpoints.edit_folding: no hook at all for them, the same values; ``fold=False`` keeps a hook per tensor).
+        A decoder-only LM takes ``prompt`` None (it continues its inputs, left-padded: ``record``'s first call
+        holds the padding first). Without ``record`` (and not remote), plain torch hooks edit instead of nnsight,
+        and with ``fold`` (the default) replacements of ``nn.Linear`` outputs are folded into the layers' weights for
+        the generation (hookpoints.edit_folding: no hook at all for them, the same values; ``fold=False`` keeps a
+        hook per tensor).
         """
         inputs, prompt = self._check_request(inputs, prompt, max_new_tokens, edits)
         modules = dict(self.model.named_modules())
@@ -164,8 +183,8 @@ class GenerationMethods:
         recorded: dict[str, list[torch.Tensor]] = {point.name: [] for point in record}
         wanted = {point.name for point in record}
         collector = TokenCollector()
-        given = own_inputs(inputs.kwargs, [edit.point for edit in edits])  # the caller's tensors never edited
-        kwargs = {**given, **self._prompt_kwargs(prompt), "decoder_input_ids": prompt, "streamer": collector}
+        kwargs, start, prompt_inputs = self._start(inputs, prompt)
+        kwargs = {**own_inputs(kwargs, [edit.point for edit in edits]), "streamer": collector}  # caller's kept
         with warnings.catch_warnings():
             # A batch whose examples all stop early ends the step loop before max_new_tokens; nnsight warns.
             warnings.simplefilter("ignore", UserWarning)
@@ -197,13 +216,14 @@ class GenerationMethods:
                                     "record it in a forward pass"
                                 )
                             recorded[point.name].append(positions_first(value, point).clone().save())
-        generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
+        generation = self._generation(collector.sequences().to(self.device), start.shape[1], prompt_inputs)
+        check_prompt(generation, start)
         return generation, recorded
 
     def _generate_with_torch_hooks(
         self,
         inputs: ModelInputs,
-        prompt: torch.Tensor,
+        prompt: torch.Tensor | None,
         edits: list[NeuronEdit],
         max_new_tokens: int,
         fold: bool = True,
@@ -215,83 +235,17 @@ class GenerationMethods:
         other edited tensor gets one hook making one in-place ``where`` per call from masks placed once
         (hookpoints.editing.EditGroup; bench/edit_overhead.py)."""
         collector = TokenCollector()
-        given = own_inputs(inputs.kwargs, [edit.point for edit in edits])  # the caller's tensors never edited
-        kwargs = {**given, **self._prompt_kwargs(prompt), "decoder_input_ids": prompt, "streamer": collector}
+        kwargs, start, prompt_inputs = self._start(inputs, prompt)
+        kwargs = {**own_inputs(kwargs, [edit.point for edit in edits]), "streamer": collector}  # caller's kept
         with (
             edits_applied(self.model, edits, fold=fold),
             torch.inference_mode(),
             self.adapter.batch_guard(self.model, inputs),
         ):
             self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
-        generation = self._generation(collector.sequences().to(self.device), prompt.shape[1])
-        check_prompt(generation, prompt)
+        generation = self._generation(collector.sequences().to(self.device), start.shape[1], prompt_inputs)
+        check_prompt(generation, start)
         return generation
-
-    def _check_generates(self) -> None:
-        """A UserError unless the model has a generating task (encoder-decoder families: SeamlessM4T, Whisper)."""
-        if not any(get_task(task).generates for task in self.tasks):
-            raise UserError(
-                f"model {self.source} ({self.adapter.name}, {self.modality} input) does not generate here: "
-                "generate and decoder_prompt are for the encoder-decoder families (SeamlessM4T v2, Whisper)"
-            )
-
-    def _check_request(self, inputs, prompt, max_new_tokens: int, edits) -> tuple[ModelInputs, torch.Tensor]:
-        """Checks the arguments of ``generate`` and ``generate_edited``: the inputs as a batch, the prompt on device."""
-        self._check_generates()
-        check_edits(edits)
-        inputs = self.generation_inputs(inputs)
-        return inputs, self.checked_prompt(inputs, prompt, max_new_tokens)
-
-    def generation_inputs(self, inputs) -> ModelInputs:
-        """``inputs`` as a batch to generate from (:meth:`inputs`). Bare strings are refused for a text encoder that
-        reads the source language's token first (SeamlessM4T): its tokenizer would mark every text with its default
-        language (``__eng__``), so a German text was translated as English, without a word."""
-        if isinstance(inputs, ModelInputs):
-            return inputs
-        texts = [inputs] if isinstance(inputs, str) else inputs
-        bare = isinstance(texts, (list, tuple)) and bool(texts) and all(isinstance(t, str) for t in texts)
-        if bare and self.modality == "text" and "t2tt" in self.tasks:
-            raise UserError(
-                f"{self.adapter.name}'s text encoder reads each text's source language first: give "
-                "model.source_inputs(texts, languages) (model codes such as 'deu'), not bare strings"
-            )
-        return self.inputs(inputs)
-
-    def checked_prompt(self, inputs: ModelInputs, prompt, max_new_tokens: int) -> torch.Tensor:
-        """``prompt`` as ``[batch, prompt]`` token ids on the model's device, one row per example of ``inputs``;
-        a UserError for anything else (a one-row prompt for a larger batch failed deep in the decoder)."""
-        if (
-            not isinstance(prompt, torch.Tensor)
-            or prompt.dim() != 2
-            or prompt.is_floating_point()
-            or not prompt.numel()
-        ):
-            raise UserError(
-                f"the decoder prompt must be a [batch, tokens] tensor of token ids (model.decoder_prompt(...)), "
-                f"not {prompt!r:.80}"
-            )
-        if prompt.shape[0] != inputs.batch_size:
-            raise UserError(
-                f"the decoder prompt has {prompt.shape[0]} rows for {inputs.batch_size} examples: give one per "
-                f"example (model.decoder_prompt([target] * {inputs.batch_size}))"
-            )
-        vocab = getattr(self.model.get_output_embeddings(), "out_features", None)
-        if vocab is not None and (int(prompt.min()) < 0 or int(prompt.max()) >= vocab):
-            bad = int(prompt.max()) if int(prompt.max()) >= vocab else int(prompt.min())
-            raise UserError(f"decoder prompt token {bad} is out of range for {self.source} (vocabulary of {vocab})")
-        self.check_room(prompt.shape[1], max_new_tokens)
-        return prompt.to(self.device)
-
-    def check_room(self, prompt_length: int, max_new_tokens: int) -> None:
-        """A UserError when the prompt and ``max_new_tokens`` run past the decoder's learned positions (Whisper:
-        448; its ``generate`` raises a ValueError there). Sinusoidal decoders (SeamlessM4T) have no limit."""
-        check_count("max new tokens", max_new_tokens)
-        limit = getattr(self.model.config, "max_target_positions", None)
-        if limit is not None and prompt_length + max_new_tokens > limit:
-            raise UserError(
-                f"max new tokens {max_new_tokens} after a {prompt_length}-token decoder prompt runs past the "
-                f"{limit} decoder positions of {self.source}: give at most {limit - prompt_length}"
-            )
 
     def modules_run_every_step(self, inputs: ModelInputs, prompt: torch.Tensor) -> frozenset[str]:
         """Module paths that run at every step of ``generate`` (not only at step 0), found once by watching
@@ -310,7 +264,7 @@ class GenerationMethods:
             )
             try:  # eager: attention maps' hook modules run only then (and, like queries, at every step)
                 with torch.inference_mode(), self.adapter.batch_guard(self.model, one), eager_attention():
-                    kwargs = {**first, **self._prompt_kwargs(prompt[:1]), "decoder_input_ids": prompt[:1]}
+                    kwargs = self._start(one, None if prompt is None else prompt[:1])[0]
                     kwargs.update(greedy_kwargs(3), min_new_tokens=3)
                     self.model.generate(**kwargs)
             finally:
@@ -319,9 +273,6 @@ class GenerationMethods:
             self._every_step = frozenset(path for path, count in calls.items() if count >= 3)
         return self._every_step
 
-    def _prompt_kwargs(self, prompt: torch.Tensor) -> dict:
-        return self.adapter.prompt_kwargs(self.model, prompt)
-
     def decode(self, generation: Generation) -> list[str]:
         """The generated text of every example (special tokens and EOS left out)."""
         if not isinstance(generation, Generation):
@@ -329,9 +280,12 @@ class GenerationMethods:
         tokens = [generation.generated(i) for i in range(generation.sequences.shape[0])]
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
-    def _generation(self, sequences: torch.Tensor, prompt_length: int) -> Generation:
+    def _generation(
+        self, sequences: torch.Tensor, prompt_length: int, prompt_inputs: ModelInputs | None = None
+    ) -> Generation:
         eos = self.model.generation_config.eos_token_id
-        return Generation(sequences, prompt_length, lengths_after(sequences, prompt_length, eos))
+        lengths = lengths_after(sequences, prompt_length, eos)
+        return Generation(sequences, prompt_length, lengths, prompt_inputs=prompt_inputs)
 
     def pooled_per_step(
         self,
@@ -352,7 +306,7 @@ class GenerationMethods:
         pooled = {}
         for point in points:
             calls = [call.float() for call in seen[point.name]]  # [batch, pos, width] per call
-            if point.space == "decoder" and point.module in every_step:
+            if point.space == generation.space and point.module in every_step:
                 newest = torch.cat([call[:, -1:, :] for call in calls], dim=1)  # [batch, steps, width]
                 pooled[point.name] = pool_positions(newest, generation.step_mask, pooling)
                 continue

@@ -7,15 +7,24 @@ position ``prompt - 1 + k`` holding step ``k`` (the KV cache of ``generate`` onl
 So the recorder generates, then runs that one pass and pools decoder hooks over the *step positions*
 (:attr:`Generation.decoder_mask`): one per generated token, the EOS included. Encoder hooks see the same input
 as in ``generate``. ``tests/test_generation.py`` checks this against hooks at every step of ``generate``.
+
+A decoder-only LM (task ``continue``) has no decoder prompt: it continues its input. The batch is left-padded
+(:func:`left_padded`) so every example's last token sits at the prompt's last position, as HF's ``generate``
+and TransformerLens need; the steps are then positions of the ``input`` space (:attr:`Generation.space`).
+``tests/test_continue.py`` checks it against HF's ``generate`` one example at a time and TransformerLens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from hookpoints.errors import UserError
 from hookpoints.inputs import KEYS, ModelInputs
+
+#: Forward arguments a decoder-only LM's generation reads (anything else would be dropped by left padding).
+TOKEN_KWARGS = ("input_ids", "attention_mask", "position_ids")
 
 
 @dataclass
@@ -26,6 +35,14 @@ class Generation:
     prompt_length: int
     lengths: torch.Tensor  # [batch] generated tokens per example, EOS included
     fingerprint: object = None  # hookpoints.alignment.Fingerprint: generate's top logits per step, if kept
+    #: A decoder-only LM's left-padded input that generate continued (its ``input`` mask: the prompt's real
+    #: tokens); None for an encoder-decoder, whose decoder prompt has no padding.
+    prompt_inputs: ModelInputs | None = field(default=None, repr=False)
+
+    @property
+    def space(self) -> str:
+        """The position space of the steps: ``decoder``, or ``input`` for a decoder-only LM (task ``continue``)."""
+        return "decoder" if self.prompt_inputs is None else "input"
 
     @property
     def steps(self) -> int:
@@ -49,7 +66,18 @@ class Generation:
         """``[batch, prompt + steps - 1]``: the positions the teacher-forced pass reads for each example (the whole
         prompt, then its steps): the keys its decoder self-attention attends to (the prompt's are no step)."""
         read = self.prompt_length - 1 + self.lengths  # [batch]
-        return torch.arange(self.sequences.shape[1] - 1, device=self.lengths.device)[None, :] < read[:, None]
+        keys = torch.arange(self.sequences.shape[1] - 1, device=self.lengths.device)[None, :] < read[:, None]
+        if self.prompt_inputs is not None:  # a left-padded prompt: its padding is no key
+            keys = keys & self.attention_mask.bool().to(keys.device)
+        return keys
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """``[batch, prompt + steps - 1]`` of a decoder-only LM's teacher-forced pass: the prompt's real tokens,
+        then every step's (as ``generate`` extends it)."""
+        prompt = self.prompt_inputs.masks["input"].to(self.sequences.device)
+        steps = torch.ones((prompt.shape[0], self.steps - 1), dtype=prompt.dtype, device=prompt.device)
+        return torch.cat([prompt, steps], dim=1).long()
 
     def generated(self, example: int) -> list[int]:
         """Example ``example``'s generated token ids (EOS included)."""
@@ -58,7 +86,10 @@ class Generation:
 
     def teacher_forced(self, inputs: ModelInputs, *, encoder_outputs=None) -> ModelInputs:
         """``inputs`` with the decoder fed ``prompt + generated[:-1]`` and its ``decoder`` space = the steps;
-        with ``encoder_outputs``, the encoder's input is replaced by its output (the encoder does not run)."""
+        with ``encoder_outputs``, the encoder's input is replaced by its output (the encoder does not run).
+        A decoder-only LM's pass is built from the input generate continued (``inputs`` is not read)."""
+        if self.prompt_inputs is not None:
+            return self._continued()
         kwargs = dict(inputs.kwargs)
         if encoder_outputs is not None:
             kwargs = {**without_encoder_inputs(kwargs), "encoder_outputs": encoder_outputs}
@@ -69,6 +100,15 @@ class Generation:
         extras = {**inputs.extras, KEYS + "decoder": self.key_mask}
         host_extras = {key: value for key, value in inputs.host_extras.items() if key != KEYS + "decoder"}
         return ModelInputs(kwargs, masks, extras, host, host_extras)
+
+    def _continued(self) -> ModelInputs:
+        """A decoder-only LM's teacher-forced pass: the left-padded prompt, then ``generated[:-1]``; its ``input``
+        space = the steps (position ids counted from each example's first real token, as ``generate`` counts)."""
+        attention = self.attention_mask  # [batch, prompt + steps - 1]
+        kwargs = {"input_ids": self.sequences[:, :-1], "attention_mask": attention}
+        if "position_ids" in self.prompt_inputs.kwargs:
+            kwargs["position_ids"] = positions(attention)
+        return ModelInputs(kwargs, {"input": self.decoder_mask}, {KEYS + "input": self.key_mask})
 
 
 class TokenCollector:
@@ -90,6 +130,32 @@ class TokenCollector:
 def without_encoder_inputs(kwargs: dict) -> dict:
     """Forward arguments without what only the encoder reads (the attention mask stays: it masks cross-attention)."""
     return {key: value for key, value in kwargs.items() if key not in ("input_features", "input_ids", "inputs_embeds")}
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counted from each example's first real token (``[batch, pos]``; padding at 0), as HF's
+    ``generate`` and TransformerLens count them for a left-padded batch."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_padded(inputs: ModelInputs, *, with_positions: bool) -> ModelInputs:
+    """A decoder-only LM's token batch with every example's padding moved before its tokens (a stable sort of
+    each row by its mask: the tokens keep their order), so that all prompts end at the last position.
+    ``with_positions``: position ids too (for models that take them; :func:`positions`)."""
+    mask = inputs.masks.get("input")
+    other = [name for name in inputs.kwargs if name not in TOKEN_KWARGS]
+    if "input_ids" not in inputs.kwargs or mask is None or other:
+        given = ", ".join(other) or "no input_ids"
+        raise UserError(
+            f"a decoder-only LM generates from token ids: give texts or input_ids with an attention_mask, not {given}"
+        )
+    order = torch.sort(mask.int(), dim=1, stable=True).indices  # [batch, pos]: padding first, tokens in order
+    ids = inputs.kwargs["input_ids"].gather(1, order.to(inputs.kwargs["input_ids"].device))
+    mask = mask.gather(1, order.to(mask.device))
+    kwargs = {"input_ids": ids, "attention_mask": mask.long()}
+    if with_positions:
+        kwargs["position_ids"] = positions(mask)
+    return ModelInputs(kwargs, {"input": mask})
 
 
 def greedy_kwargs(max_new_tokens: int) -> dict:

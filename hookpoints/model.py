@@ -199,9 +199,12 @@ class HookedModel(GenerationMethods, ModelApi):
         self.check_text_lengths(texts, marked=True)
         return self.adapter.source_inputs(self.model, self.tokenizer, texts, languages).to(self.device)
 
-    def check_text_lengths(self, texts: list[str], names: list[str] | None = None, *, marked: bool = False) -> None:
+    def check_text_lengths(
+        self, texts: list[str], names: list[str] | None = None, *, marked: bool = False, room: int = 0
+    ) -> None:
         """Refuse, naming it, a text with more tokens than the model has positions: tokenising would cut it off
-        without a word. ``marked``: a language token and EOS go around each text (:meth:`source_inputs`)."""
+        without a word. ``marked``: a language token and EOS go around each text (:meth:`source_inputs`);
+        ``room``: positions to leave after each text (a decoder-only LM's ``max_new_tokens``)."""
         limit = max_positions(self.model)
         if not limit or self.tokenizer is None or not texts:
             return
@@ -211,8 +214,13 @@ class HookedModel(GenerationMethods, ModelApi):
             len(ids) + (2 if marked else int(self.prepend_bos and (not ids or ids[0] != bos))) for ids in tokenized
         ]
         worst = max(range(len(counts)), key=counts.__getitem__)
-        if counts[worst] > limit:
+        if counts[worst] + room > limit:
             name = names[worst] if names else f"text {worst}"
+            if room:
+                raise UserError(
+                    f"{name} has {counts[worst]} tokens: with {room} new tokens it runs past the {limit} positions "
+                    f"of {self.source}; shorten it or give max new tokens of at most {max(limit - counts[worst], 0)}"
+                )
             raise UserError(
                 f"{name} has {counts[worst]} tokens, more than the {limit} positions of {self.source} (the rest "
                 "would be cut off): shorten or split it"
@@ -239,6 +247,11 @@ class HookedModel(GenerationMethods, ModelApi):
         inputs' own languages, where the manifest has them). Codes are read as manifest labels are (``de``,
         ``de_de`` and ``DEU`` are ``deu``)."""
         self._check_generates()
+        if self.continues:
+            raise UserError(
+                f"{self.source} is a decoder-only LM: it continues its inputs and has no decoder prompt "
+                "(model.generate(texts, max_new_tokens=20))"
+            )
         targets = [targets] if isinstance(targets, str) else targets  # "eng" was read as languages e, n, g
         if not isinstance(targets, list | tuple) or not targets or not get_task(task).generates:
             raise UserError(

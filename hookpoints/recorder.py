@@ -226,8 +226,9 @@ def _check_size(
     """Refuse a recording over ``budget`` bytes, estimated from the inputs of the longest examples."""
     inputs, _ = batch_inputs(model, longest, job)
     positions = {space: int(mask.sum(1).max()) for space, mask in inputs.masks.items()}
-    if get_task(job.task).generates:  # decoder positions: the prompt and every generated token
-        positions["decoder"] = positions.get("decoder", 1) + job.max_new_tokens
+    task = get_task(job.task)
+    if task.generates:  # the steps' positions: the prompt and every generated token
+        positions[task.step_space] = positions.get(task.step_space, 1) + job.max_new_tokens
     per_example = example_bytes(points, job.method, positions, dtype)
     biggest = max(points, key=lambda p: example_bytes([p], job.method, positions, dtype), default=None)
     check_budget(per_example * examples, budget, examples, per_example, biggest)
@@ -275,7 +276,9 @@ def plan_examples(
         for example, text in zip(ids, texts, strict=True):
             if not isinstance(text, str) or not text.strip():
                 raise UserError(f"example {example!r} has empty text; give it text or remove it")
-        model.check_text_lengths(texts, [f"example {example!r}" for example in ids], marked=task.needs_source_language)
+        room = (max_new_tokens or DEFAULT_MAX_NEW_TOKENS) if task.generates and task.step_space == "input" else 0
+        names = [f"example {example!r}" for example in ids]
+        model.check_text_lengths(texts, names, marked=task.needs_source_language, room=room)
         sizes = [len(text) for text in texts]
     languages = manifest.column("language") if "language" in columns else None
     sources = source_languages(task, languages, ids) if task.needs_source_language else None
@@ -289,7 +292,7 @@ def plan_examples(
                     f"example {example!r}: unknown {kind} language {code!r} for model {model.source}"
                     + (f"; it knows: {listed}" if known else "")
                 )
-    if task.generates:  # the prompts the batches will start from (Whisper: s2tt into English, source languages)
+    if task.generates and task.target is not None:  # the prompts the batches start from (Whisper: s2tt into English)
         prompt = model.decoder_prompt(targets, task=task.name, sources=known_sources(manifest.table))
         model.check_room(prompt.shape[1], max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
     return ExamplePlan(task, sizes)
@@ -368,13 +371,15 @@ def start_batch(model: HookedModel, examples: pa.Table, points: list[HookPoint],
     added: dict[str, list] = {}
     step_offset = 0
     if task.generates:
-        prompt = model.decoder_prompt(targets, task=task.name, sources=known_sources(examples))
+        prompt = None  # a decoder-only LM continues its input
+        if task.target is not None:
+            prompt = model.decoder_prompt(targets, task=task.name, sources=known_sources(examples))
         pooled, generation = model.pooled_generating(inputs, prompt, points, job.method, job.max_new_tokens)
-        inputs = generation.teacher_forced(inputs)  # for its masks: decoder positions = generation steps
-        step_offset = generation.prompt_length - 1  # decoder position of step 0
+        inputs = generation.teacher_forced(inputs)  # for its masks: the steps' positions
+        step_offset = generation.prompt_length - 1  # position of step 0 (task.step_space)
         added = {
             "task": [task.name] * len(ids),
-            "tgt_lang": targets,
+            "tgt_lang": targets if targets is not None else [None] * len(ids),
             "generated_text": model.decode(generation),
             "generated_tokens": generation.lengths.tolist(),
         }
@@ -391,7 +396,7 @@ def start_batch(model: HookedModel, examples: pa.Table, points: list[HookPoint],
             continue
         if point.space not in per_space:
             where = inputs.masks[point.space].nonzero().cpu().numpy()  # [valid positions, (example, position)]
-            positions = where[:, 1] - (step_offset if point.space == "decoder" else 0)
+            positions = where[:, 1] - (step_offset if point.space == task.step_space else 0)
             per_space[point.space] = ([ids[i] for i in where[:, 0]], positions)
         rows[point.name] = per_space[point.space]
     return StartedBatch(examples, copy, rows, added)

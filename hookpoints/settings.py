@@ -145,13 +145,13 @@ class RunSettings:
     # --- what the stored rows mean ----------------------------------------------------------------------
     def hook_pooling(self, space: str | None) -> Pooling:
         """How the recorder stores a hook point of this ``space``: per-step decoder hooks keep every step."""
-        return Pooling.NONE if self.per_step and space == "decoder" else self.pooling
+        return Pooling.NONE if self.per_step and space == TASKS[self.task].step_space else self.pooling
 
     def rows_per_example(self, space: str | None) -> str:
         """``one`` (a pooled vector), ``positions`` (pooling none) or ``steps`` (a per-step decoder hook)."""
         if space is None:  # no time axis: one vector whatever the pooling
             return "one"
-        if self.per_step and space == "decoder":
+        if self.per_step and space == TASKS[self.task].step_space:
             return "steps"
         return "positions" if self.pooling is Pooling.NONE else "one"
 

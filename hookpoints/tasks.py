@@ -4,6 +4,7 @@
 - ``asr``: speech -> text in the speech's own language (the example's ``language``, or ``--tgt-lang``).
 - ``s2tt``: speech -> text in ``--tgt-lang`` (default ``eng``: X -> En, as in the SeamlessM4T paper).
 - ``t2tt``: text in the example's ``language`` -> text in ``--tgt-lang``.
+- ``continue``: a decoder-only LM's greedy continuation of the text (no target language).
 
 Generating tasks decode greedily, save the generated text with the example, and record the decoder over
 the generated tokens (hookpoints.generation).
@@ -24,6 +25,9 @@ class Task:
     generates: bool
     target: str | None  # "source": the example's own language; "given": --tgt-lang (default eng)
     needs_source_language: bool = False
+    #: the position space of a generating task's steps: an encoder-decoder's ``decoder``, or the ``input`` a
+    #: decoder-only LM continues (its hook points are pooled over the generated tokens' positions there)
+    step_space: str = "decoder"
 
 
 TASKS = {
@@ -31,6 +35,7 @@ TASKS = {
     "asr": Task("asr", "speech", True, "source"),
     "s2tt": Task("s2tt", "speech", True, "given"),
     "t2tt": Task("t2tt", "text", True, "given", needs_source_language=True),
+    "continue": Task("continue", "text", True, None, step_space="input"),
 }
 DEFAULT_TARGET = "eng"
 
@@ -54,9 +59,11 @@ def input_modality(task: Task, given: str | None, has_audio: bool, modalities: t
 
 def target_languages(task: Task, languages: list | None, tgt_lang: str | None, ids: list[str]) -> list[str] | None:
     """Model codes of the language each example is generated into (None for tasks that do not generate)."""
-    if not task.generates:
+    if task.target is None:
         if tgt_lang is not None:
-            raise UserError(f"--tgt-lang applies to generating tasks (asr, s2tt, t2tt), not to task {task.name}")
+            raise UserError(
+                f"--tgt-lang applies to generating tasks into a language (asr, s2tt, t2tt), not to task {task.name}"
+            )
         return None
     if tgt_lang is not None or task.target == "given":
         return [model_code(tgt_lang or DEFAULT_TARGET)] * len(ids)

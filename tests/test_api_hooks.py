@@ -287,14 +287,15 @@ def test_bad_edit_arguments_are_user_errors(gpt2):
         gpt2.run_with_edits(TEXTS, ["blocks.0.mlp.hook_post"])
 
 
-def test_generating_with_a_model_that_does_not_generate_is_a_user_error(gpt2):
+def test_a_decoder_prompt_for_a_decoder_only_lm_is_a_user_error(gpt2):
+    """GPT-2 continues its inputs (tests/test_continue.py): a decoder prompt, with or without edits, is refused."""
     edit = gpt2.edit("blocks.0.mlp.hook_post", [1], [0.0])
     for call in (
         lambda: gpt2.decoder_prompt(["eng"]),
         lambda: gpt2.generate(TEXTS, torch.tensor([[1], [1]]), 3),
         lambda: gpt2.generate(TEXTS, torch.tensor([[1], [1]]), 3, edits=[edit]),
     ):
-        with pytest.raises(UserError, match="does not generate here") as caught:
+        with pytest.raises(UserError, match="is a decoder-only LM: it continues its inputs") as caught:
             call()
         assert "\n" not in str(caught.value)
 

@@ -59,6 +59,8 @@ def local(tiny_model_dir, fleurs, tmp_path, monkeypatch):  # noqa: F811
         'dtype="float16", device="cuda"': 'dtype="float32", device="cpu"',
         '"path/to/fleurs"': repr(str(fleurs)),
         "layers.3.": "layers.1.",
+        'hp.load("gpt2")': f"hp.load({str(tiny_model_dir('gpt2'))!r})",
+        "blocks.5.": "blocks.1.",
     }
 
 
@@ -76,6 +78,9 @@ def test_the_python_api_page_runs_as_written(local):
     assert cache.mean("blocks.0.hook_resid_post").shape == (64,) and pooled["blocks.0.hook_resid_post"].shape == (2, 64)
     assert namespace["np"].stack(namespace["one"]["activation"].to_pylist()).shape == (5, 256)
     assert isinstance(namespace["seamless"].decode(namespace["generation"])[0], str)
+    continuation = namespace["continuation"]  # GPT-2 continues its two texts: each as it would alone
+    alone = namespace["gpt2"].generate(["Hello"], max_new_tokens=20)
+    assert continuation.generated(1) == alone.generated(0) and continuation.space == "input"
     assert {r["run"] for r in namespace["store"].runs().to_pylist()} == {"r1", "r2", "r3", "fleurs"}
 
 

@@ -25,6 +25,10 @@ class DecoderLM(TokenAdapter):
     def model_class(self, config, modality):
         return AutoModelForCausalLM
 
+    def tasks(self, config, modality):
+        """forward, and ``continue``: greedy generation from the text (hookpoints.generation)."""
+        return ("forward", "continue")
+
 
 def norm_points(tl: str, module: str) -> tuple[Point, Point]:
     """TransformerLens' ``{tl}.hook_scale`` and ``{tl}.hook_normalized``, computed from ``module``'s input."""

@@ -18,6 +18,11 @@ class Generic(Adapter):
         causal = any(name.endswith("ForCausalLM") for name in (config.architectures or []))
         return AutoModelForCausalLM if causal else AutoModel
 
+    def tasks(self, config, modality):
+        """forward; a causal LM (``...ForCausalLM``) also ``continue`` (greedy generation from the text)."""
+        causal = self.model_class(config, modality) is AutoModelForCausalLM and not config.is_encoder_decoder
+        return ("forward", "continue") if causal else ("forward",)
+
     def probe_inputs(self, model):
         ids = random_ids(model, 2, 11)
         mask = ids.new_ones(ids.shape)

@@ -1,0 +1,237 @@
+"""Decoder-only LMs generate (task ``continue``): against HF's ``generate`` alone and TransformerLens 3.9.
+
+hookpoints left-pads a batch of unequal texts and continues it greedily; each example must get exactly the tokens
+HF's ``generate`` and TransformerLens' ``generate`` give it alone (no padding at all), with and without edits at
+every position of every call. Recording the continuation (one teacher-forced pass) must equal TransformerLens'
+cache of each example's own sequence at the generated steps, in the Python API and through ``hookpoints record``.
+The tiny models use a larger initialiser range so that greedy output differs between texts and steps.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hookpoints.analyses.intervention_sweep import SweepSpec, plan_sweep
+from hookpoints.store.catalog import Store
+from test_transformerlens_names import transformerlens_model
+
+from hookpoints.errors import UserError
+from hookpoints.generation import Generation
+from hookpoints.loading import load
+from hookpoints.tiny import build_tiny
+
+TEXTS = ["The weather is nice today.", "Hi", "Das Wetter ist heute", "今天天气很好。"]
+STEPS = 7
+FAMILIES = ["gpt2", "llama", "qwen2"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """family -> a tiny seeded model whose greedy output varies (initializer range 0.3)."""
+    return {
+        family: build_tiny(family, tmp_path_factory.mktemp(f"{family}-varied"), sizes={"initializer_range": 0.3})
+        for family in FAMILIES
+    }
+
+
+def with_early_eos(model) -> int:
+    """Make a token generated mid-way by the first text the model's EOS (so examples stop at different steps)."""
+    alone = model.generate(TEXTS[:1], max_new_tokens=STEPS)
+    eos = alone.generated(0)[2]
+    model.model.generation_config.eos_token_id = eos
+    return eos
+
+
+def hf_alone(model, text: str, steps: int) -> list[int]:
+    """HF's own greedy generate on one text, no padding, no hookpoints; cut after the first EOS."""
+    ids = model.tokenizer([text], return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False, pad_token_id=0
+        )
+    new = out[0, ids.shape[1] :].tolist()
+    eos = model.model.generation_config.eos_token_id
+    return new[: new.index(eos) + 1] if eos in new else new
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_padded_batch_continues_each_text_as_hf_generate_does_alone(folders, family):
+    model = load(folders[family])
+    eos = with_early_eos(model)
+    generation = model.generate(TEXTS, max_new_tokens=STEPS)  # right-padded inputs, left-padded for generate
+    assert isinstance(generation, Generation) and generation.space == "input"
+    assert not generation.prompt_inputs.masks["input"].all()  # the batch was padded
+    lengths = generation.lengths.tolist()
+    assert 3 in lengths and max(lengths) == STEPS  # one example stopped at its EOS, another ran on
+    for i, text in enumerate(TEXTS):
+        assert generation.generated(i) == hf_alone(model, text, STEPS), f"{family} example {i}"
+    assert generation.generated(lengths.index(3))[-1] == eos
+    texts = model.decode(generation)
+    assert texts == [model.tokenizer.decode(generation.generated(i), skip_special_tokens=True) for i in range(4)]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generation_and_edited_generation_equal_transformerlens(folders, tmp_path, family):
+    """TransformerLens' greedy generate, one text at a time with its KV cache, with hooks doing what the edits do
+    (replace two MLP neurons; add a steering vector to the residual stream) at every position of every call."""
+    model = load(folders[family])
+    peer = transformerlens_model(family, folders[family], tmp_path)
+    width = model.hook_points.get("blocks.1.hook_resid_post").width
+    direction = torch.linspace(-3, 3, width)
+    edits = [
+        model.edit("blocks.0.mlp.hook_post", [1, 5], [2.5, -1.5]),
+        model.edit("blocks.1.hook_resid_post", list(range(width)), direction.tolist(), add=True),
+    ]
+
+    def replace(x, hook):  # [batch, pos, d_mlp]
+        x[..., [1, 5]] = torch.tensor([2.5, -1.5])
+        return x
+
+    def add(x, hook):  # [batch, pos, d_model]
+        return x + direction
+
+    hooks = [("blocks.0.mlp.hook_post", replace), ("blocks.1.hook_resid_post", add)]
+    plain = model.generate(TEXTS, max_new_tokens=STEPS)
+    edited = model.generate(TEXTS, max_new_tokens=STEPS, edits=edits)  # torch hooks, Linear outputs folded
+    watched = [model.hook_points.get("blocks.0.hook_resid_post")]
+    recorded, _ = model.generate_edited(TEXTS, None, edits, STEPS, record=watched)  # through nnsight
+    for i, text in enumerate(TEXTS):
+        tokens = model.tokenizer([text], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            want = peer.generate(tokens, max_new_tokens=STEPS, do_sample=False, stop_at_eos=False, verbose=False)
+            with peer.hooks(fwd_hooks=hooks):
+                want_edited = peer.generate(
+                    tokens, max_new_tokens=STEPS, do_sample=False, stop_at_eos=False, verbose=False
+                )
+        assert plain.generated(i) == want[0, tokens.shape[1] :].tolist()[: int(plain.lengths[i])], f"{family} {i}"
+        assert edited.generated(i) == want_edited[0, tokens.shape[1] :].tolist()[: int(edited.lengths[i])]
+        assert recorded.generated(i) == edited.generated(i)  # nnsight's edits equal the torch hooks'
+    assert any(plain.generated(i) != edited.generated(i) for i in range(len(TEXTS)))  # the edits changed text
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_recording_a_continuation_equals_transformerlens_at_the_generated_steps(folders, tmp_path):
+    """``pooled_generating`` (one teacher-forced pass over a left-padded batch) against TransformerLens'
+    cache of each example's own unpadded sequence, mean over the generated steps; and against hookpoints'
+    hooks at every step of ``generate`` (nnsight)."""
+    model = load(folders["gpt2"])
+    with_early_eos(model)
+    peer = transformerlens_model("gpt2", folders["gpt2"], tmp_path)
+    names = ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z", "blocks.1.mlp.hook_post", "ln_final.hook_normalized"]
+    points = model.select(names)
+    pooled, generation = model.pooled_generating(model.inputs(TEXTS), None, points, "mean", STEPS)
+    per_step, again = model.pooled_per_step(model.inputs(TEXTS), None, points, "mean", STEPS)
+    assert torch.equal(again.sequences, generation.sequences)
+    for i, text in enumerate(TEXTS):
+        prompt = model.tokenizer([text], return_tensors="pt")["input_ids"][0].tolist()
+        steps = generation.generated(i)
+        sequence = torch.tensor([prompt + steps[:-1]])  # step k reads position len(prompt) - 1 + k
+        with torch.no_grad():
+            _, cache = peer.run_with_cache(sequence)
+        at_steps = slice(len(prompt) - 1, len(prompt) - 1 + len(steps))
+        for name in names:
+            want = cache[name][0, at_steps].reshape(len(steps), -1).mean(0)
+            torch.testing.assert_close(pooled[name][i], want, atol=5e-5, rtol=5e-5, msg=f"{name} example {i}")
+            torch.testing.assert_close(per_step[name][i], want, atol=5e-5, rtol=5e-5, msg=f"{name} per step {i}")
+
+
+def test_the_alignment_check_catches_positions_counted_over_the_padding(folders, monkeypatch):
+    """GPT-2's absolute positions: a teacher-forced pass that counted positions from the padding (not from each
+    example's first token) would record shifted values; the run-time check refuses it."""
+    import hookpoints.generation as generation_module
+
+    model = load(folders["gpt2"])
+    monkeypatch.setattr(generation_module, "positions", lambda mask: torch.arange(mask.shape[1]).expand(mask.shape))
+    with pytest.raises(RuntimeError, match="does not reproduce generate"):
+        model.pooled_generating(model.inputs(TEXTS), None, model.select(["blocks.1.hook_resid_post"]), "mean", 4)
+
+
+def test_record_continue_stores_text_and_steps_equal_to_transformerlens(run_cli, folders, tmp_path):
+    """``hookpoints record --task continue --per-step``: the generated text, and one row per generated step
+    (``position`` = step) equal to TransformerLens' cache of each example's sequence at that step."""
+    model = load(folders["gpt2"])
+    peer = transformerlens_model("gpt2", folders["gpt2"], tmp_path)
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"id": f"t{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    store = tmp_path / "store"
+    name = "blocks.1.hook_resid_post"
+    args = ["--model", str(folders["gpt2"]), "--data", str(data), "--store", str(store), "--hooks", name]
+    code, _, err = run_cli("record", *args, "--run", "c", "--task", "continue", "--max-new-tokens", "5", "--per-step")
+    assert code == 0, err
+    with Store.open(store).query() as session:
+        examples = session.sql("SELECT example_id, task, tgt_lang, generated_text, generated_tokens FROM examples")
+        rows = session.sql(f"SELECT example_id, position, activation FROM activations WHERE hook = '{name}'")
+        examples, rows = examples.to_pylist(), rows.to_pylist()
+    generation = model.generate(TEXTS, max_new_tokens=5)
+    decoded = model.decode(generation)
+    for row in examples:
+        i = int(row["example_id"][1:])
+        assert (row["task"], row["tgt_lang"]) == ("continue", None)
+        assert row["generated_text"] == decoded[i] and row["generated_tokens"] == int(generation.lengths[i])
+    assert len(rows) == int(generation.lengths.sum())
+    for row in rows:
+        i = int(row["example_id"][1:])
+        prompt = model.tokenizer([TEXTS[i]], return_tensors="pt")["input_ids"][0].tolist()
+        with torch.no_grad():
+            _, cache = peer.run_with_cache(torch.tensor([prompt + generation.generated(i)[:-1]]))
+        want = cache[name][0, len(prompt) - 1 + row["position"]]
+        torch.testing.assert_close(torch.tensor(row["activation"]), want, atol=5e-5, rtol=5e-5)
+
+    # the intervention sweep scores against references, which a continuation has none of: one line, from Python too
+    spec = SweepSpec("sw", runs=("c",), tasks=("continue",), ks=(2,), limit=2)
+    with pytest.raises(UserError, match=r"use asr, s2tt or t2tt, not continue \(edit a continuation from Python"):
+        plan_sweep(Store.open(store), spec, lambda source, modality: load(source))
+
+
+# -- bad input: one line each, nothing written ----------------------------------------------------------------
+
+
+def test_bad_generation_requests_get_one_line(folders, tiny_model_dir):
+    model = load(folders["gpt2"])
+    prompt = torch.tensor([[2, 5]] * len(TEXTS))
+    with pytest.raises(UserError, match="decoder-only LM: it continues its inputs and takes no decoder prompt"):
+        model.generate(TEXTS, prompt, 5)
+    with pytest.raises(UserError, match="give max_new_tokens=5"):
+        model.generate(TEXTS, 5)  # TransformerLens' positional max_new_tokens
+    with pytest.raises(UserError, match="max new tokens must be a whole number of at least 1, not None"):
+        model.generate(TEXTS)
+    with pytest.raises(UserError, match="max new tokens must be a whole number of at least 1, not 2.5"):
+        model.generate(TEXTS, max_new_tokens=2.5)
+    with pytest.raises(UserError, match="has no decoder prompt"):
+        model.decoder_prompt(["eng"])
+    long = "x " * 125
+    room = 256 - len(model.tokenizer(long)["input_ids"])
+    with pytest.raises(UserError, match=f"max new tokens 10 after a .* runs past the 256 positions .* at most {room}$"):
+        model.generate([long], max_new_tokens=10)
+    embeds = {"inputs_embeds": torch.zeros(1, 3, 64), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with pytest.raises(UserError, match="generates from token ids: .*not inputs_embeds"):
+        model.generate(embeds, max_new_tokens=3)
+    with pytest.raises(UserError, match=r"does not generate here"):
+        load(tiny_model_dir("bert")).generate(["Hi"], max_new_tokens=3)
+    seamless = load(tiny_model_dir("seamless_m4t_v2"), modality="text")
+    with pytest.raises(UserError, match="decoder prompt must be a .* not None"):
+        seamless.generate(seamless.source_inputs(["Hallo"], ["deu"]), max_new_tokens=3)
+
+
+def test_bad_continue_recordings_are_refused_before_anything_is_written(run_cli, folders, tiny_model_dir, tmp_path):
+    data = tmp_path / "texts.jsonl"
+    data.write_text(json.dumps({"id": "a", "text": "Hi"}) + "\n" + json.dumps({"id": "b", "text": "x " * 125}) + "\n")
+    store = tmp_path / "store"
+
+    def record(model, *extra):
+        args = ["--model", str(model), "--data", str(data), "--store", str(store), "--run", "r", "--task", "continue"]
+        return run_cli("record", *args, *extra)
+
+    code, _, err = record(folders["gpt2"], "--max-new-tokens", "20")
+    assert code != 0 and "example 'b' has" in err and "runs past the 256 positions" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = record(folders["gpt2"], "--max-new-tokens", "2", "--tgt-lang", "deu")
+    assert code != 0 and "--tgt-lang applies to generating tasks into a language" in err
+    code, _, err = record(tiny_model_dir("bert"), "--max-new-tokens", "2")
+    assert code != 0 and "cannot do task continue" in err
+    if store.exists():
+        with Store.open(store).query() as session:
+            assert session.sql("SELECT * FROM runs").num_rows == 0  # no run was opened
