@@ -26,19 +26,23 @@ FAMILIES = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def generic(request, tmp_path_factory):
-    config_class, model_class, extra = FAMILIES[request.param]
-    folder = tmp_path_factory.mktemp(request.param)
+def build(family: str, folder, **more):
+    """A tiny seeded ``family`` model saved in ``folder``, loaded (``more``: config overrides)."""
+    config_class, model_class, extra = FAMILIES[family]
     tokenizer = tiny_tokenizer()
     sizes = {"vocab_size": len(tokenizer), "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
     ids = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3, "max_position_embeddings": 256}
     torch.manual_seed(0)
-    model = model_class(config_class(**sizes, **ids, **extra)).eval()
+    model = model_class(config_class(**sizes, **ids, **extra, **more)).eval()
     randomise_norms_and_biases(model, 0)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return request.param, load(folder, dtype="float32")
+    return load(folder, dtype="float32")
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def generic(request, tmp_path_factory):
+    return request.param, build(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def _same_as_alone(model, batch, masks, names):
@@ -120,3 +124,46 @@ def test_rotary_hooks_keep_their_heads(generic):
         assert tensor.dim() == 4  # [batch, pos, head, d_head]
         torch.testing.assert_close(cache[f"{module}.{hook}"], tensor, msg=hook)
         assert model.hook_points.get(f"{module}.{hook}").shape == tuple(tensor.shape[2:])
+
+
+#: A Linear output inside the first layer of each family (an edit there is folded into its weights).
+EDITED = {
+    "gpt_neox": "gpt_neox.layers.0.mlp.dense_h_to_4h",
+    "opt": "model.decoder.layers.0.self_attn.q_proj",
+    "phi": "model.layers.0.mlp.fc1",
+    "gemma": "model.layers.0.mlp.up_proj",
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_padded_batch_continues_each_text_as_hf_generate_does_alone_with_and_without_an_edit(family, tmp_path):
+    """A causal LM of the generic adapter generates (task ``continue``): each text of a left-padded batch gets
+    HF's greedy tokens for it alone, and an edit of a module path equals a plain torch hook doing the same around
+    HF's generate; recording the continuation passes the run-time logits check (positions counted right)."""
+    model = build(family, tmp_path, initializer_range=0.3)  # greedy output that varies between texts
+    assert model.continues
+    layer = model.hook_points.get(EDITED[family])
+    edit = model.edit(layer.name, [0, 3], [40.0, -40.0])
+    plain, edited = (model.generate(TEXTS, max_new_tokens=6, edits=e) for e in (None, [edit]))
+    module = dict(model.model.named_modules())[layer.module]
+
+    def replace(mod, args, output):  # [batch, pos, width]
+        output = output.clone()
+        output[..., [0, 3]] = torch.tensor([40.0, -40.0])
+        return output
+
+    for i, text in enumerate(TEXTS):
+        ids = model.tokenizer([text], return_tensors="pt")["input_ids"]
+        for generation, hooked in ((plain, False), (edited, True)):
+            handle = module.register_forward_hook(replace) if hooked else None
+            try:
+                with torch.inference_mode():
+                    out = model.model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            want = out[0, ids.shape[1] :].tolist()
+            assert generation.generated(i) == want[: len(generation.generated(i))], f"{family} {i} edited={hooked}"
+    assert any(plain.generated(i) != edited.generated(i) for i in range(len(TEXTS)))  # the edit changed text
+    pooled, _ = model.pooled_generating(model.inputs(TEXTS), None, [layer], "mean", 6)  # the logits check holds
+    assert pooled[layer.name].shape == (len(TEXTS), layer.width)
