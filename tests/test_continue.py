@@ -17,6 +17,7 @@ from hookpoints.analyses.intervention_sweep import SweepSpec, plan_sweep
 from hookpoints.store.catalog import Store
 from test_transformerlens_names import transformerlens_model
 
+import hookpoints as hp
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation
 from hookpoints.loading import load
@@ -96,6 +97,9 @@ def test_generation_and_edited_generation_equal_transformerlens(folders, tmp_pat
     hooks = [("blocks.0.mlp.hook_post", replace), ("blocks.1.hook_resid_post", add)]
     plain = model.generate(TEXTS, max_new_tokens=STEPS)
     edited = model.generate(TEXTS, max_new_tokens=STEPS, edits=edits)  # torch hooks, Linear outputs folded
+    # the same as TransformerLens-style hook functions, the steering by hp.steer
+    steered = [("blocks.0.mlp.hook_post", replace), ("blocks.1.hook_resid_post", hp.steer(direction))]
+    hooked = model.generate(TEXTS, max_new_tokens=STEPS, fwd_hooks=steered)
     watched = [model.hook_points.get("blocks.0.hook_resid_post")]
     recorded, _ = model.generate_edited(TEXTS, None, edits, STEPS, record=watched)  # through nnsight
     for i, text in enumerate(TEXTS):
@@ -109,6 +113,7 @@ def test_generation_and_edited_generation_equal_transformerlens(folders, tmp_pat
         assert plain.generated(i) == want[0, tokens.shape[1] :].tolist()[: int(plain.lengths[i])], f"{family} {i}"
         assert edited.generated(i) == want_edited[0, tokens.shape[1] :].tolist()[: int(edited.lengths[i])]
         assert recorded.generated(i) == edited.generated(i)  # nnsight's edits equal the torch hooks'
+        assert hooked.generated(i) == want_edited[0, tokens.shape[1] :].tolist()[: int(hooked.lengths[i])]
     assert any(plain.generated(i) != edited.generated(i) for i in range(len(TEXTS)))  # the edits changed text
 
 
@@ -209,6 +214,13 @@ def test_bad_generation_requests_get_one_line(folders, tiny_model_dir):
     embeds = {"inputs_embeds": torch.zeros(1, 3, 64), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     with pytest.raises(UserError, match="generates from token ids: .*not inputs_embeds"):
         model.generate(embeds, max_new_tokens=3)
+    hook = [("blocks.0.mlp.hook_post", hp.ablate([1]))]
+    with pytest.raises(UserError, match="give edits, or encoder_outputs or fwd_hooks, not both"):
+        model.generate(
+            TEXTS, max_new_tokens=3, edits=[model.edit("blocks.0.mlp.hook_post", [1], [0.0])], fwd_hooks=hook
+        )
+    with pytest.raises(UserError, match="blocks.9.mlp.hook_post"):
+        model.generate(TEXTS, max_new_tokens=3, fwd_hooks=[("blocks.9.mlp.hook_post", hp.ablate([1]))])
     with pytest.raises(UserError, match=r"does not generate here"):
         load(tiny_model_dir("bert")).generate(["Hi"], max_new_tokens=3)
     seamless = load(tiny_model_dir("seamless_m4t_v2"), modality="text")
