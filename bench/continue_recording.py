@@ -10,7 +10,7 @@ On one left-padded batch of unequal texts, greedy, exactly ``--tokens`` new toke
 - **hooks at every step**: ``pooled_per_step`` (nnsight ``tracer.iter`` over ``generate``), the reference the
   teacher-forced pass is tested against; the largest difference between the two is reported;
 - **1,000-neuron replacement**: ``generate(..., edits=...)`` replacing 1,000 random neurons of the MLP and
-  attention projections of every block (Linear outputs folded into the weights).
+  attention projections of every block (one hook per edited tensor: GPT-2's Conv1D layers are not folded).
 
 Model: a randomly initialised GPT-2 with the sizes below, built locally. Ratios are measured in one run; absolute
 times depend on the machine's load.
