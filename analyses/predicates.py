@@ -26,6 +26,9 @@ from hookpoints.errors import UserError
 
 _ALLOWED = {"COLUMN_REF", "CONSTANT", "COMPARISON", "CONJUNCTION", "OPERATOR", "FUNCTION", "CAST", "CASE"}
 _ALLOWED |= {"BETWEEN", "COLLATE"}
+# the type a CAST names (DuckDB 2 parses it as an expression node of class TYPE): without it every cast,
+# ``score::DOUBLE > 0.5``, was refused as "type is not allowed in a predicate"
+_ALLOWED |= {"TYPE"}
 _CLAUSES = ("where_clause", "having", "sample", "qualify")
 
 
