@@ -83,7 +83,7 @@ def layer_magnitudes(
     ctes = f"""
         WITH per_hook AS ({_per_hook(examples, layered, absolute)}
         ), chosen AS (
-            SELECT * FROM examples WHERE run IN ({runs}){where}
+            SELECT * FROM {examples.source} WHERE run IN ({runs}){where}
         )"""
     sql = f"""{ctes}, per_layer AS (
             SELECT p.run, p.example_id, h.component, h.layer, avg(p.m) AS magnitude, count(*) AS hooks

@@ -111,6 +111,13 @@ def command(
     )
     with store.query() as session:
         note_left_out(session, job.group.runs, job.hooks, list(patterns) or None)
+    for label_set, n in zip(job.masks.label_sets, job.masks.left_out, strict=True):
+        if n:
+            out.print(
+                f"[yellow]note:[/yellow] label set {label_set.name}: {n:,} example(s) are left out: --positive "
+                f"{label_set.positive!r} is NULL for them (a NULL or NaN label is neither positive nor negative)",
+                highlight=False,
+            )
     sizes = {c: sum(h.width for h in job.hooks if h.component == c) for c in job.components}
     report_k = _report_k(job.ks, report_k, min(sizes.values()))
     check_plots_dir(plots_dir)
