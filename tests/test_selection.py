@@ -170,3 +170,39 @@ def test_report_components_filter_the_overlaps_and_an_unknown_one_is_refused(tmp
     assert top.result.counts.tolist() == expected
     with pytest.raises(UserError, match="component 'nope' is not ranked in run.* it has text_encoder, text_decoder"):
         selectivity_report(store, "r", names, 3, components=["nope"])
+
+
+def test_a_modules_input_and_output_hooks_are_two_cells_of_the_gini(tmp_path):
+    """A module's input hook (``...mlp.act:input``, bare module paths) had the module's path as its submodule,
+    as its output hook: their selected neurons were summed into one cell (paper 5.2: a cell is layer l x
+    submodule m, m one hooked activation)."""
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(6, "text", seed=4)
+    hooks = []
+    for layer in range(2):
+        for io, width in (("output", 5), ("input", 7)):
+            module = f"transformer.h.{layer}.mlp.act"
+            hooks += hook_rows("lm", 1, {"mlp.act": width}, layer_output=False)
+            hooks[-1].update(
+                hook=module + (":input" if io == "input" else ""), module=module, io=io, layer=layer
+            )
+    write_run(store, "r", examples, hooks)
+    job = plan_ranking(store, ["r"], presets=["unimodal"], ks=(K,))
+    write_scores(store, rank(store, job))
+    with store.query() as session:
+        scores = session.sql("SELECT label_set, layer, hook, top_rank, bottom_rank FROM scores").to_pandas()
+        for name in scores["label_set"].unique():
+            counts = layer_counts(session, "r", name, "lm", K)
+            assert sorted(counts["submodule"].to_pylist()) == ["mlp.act", "mlp.act", "mlp.act:input", "mlp.act:input"]
+            rows = scores[scores["label_set"] == name]
+            for side in ("top", "bottom"):
+                per_hook = (rows[f"{side}_rank"] <= K).groupby(rows["hook"]).sum().to_numpy(np.float64)  # 4 cells
+                x = np.sort(per_hook)
+                n = len(x)
+                expected = float(((2 * np.arange(1, n + 1) - n - 1) * x).sum() / (n * x.sum()))
+                assert selection_gini(counts, side) == pytest.approx(expected, abs=1e-12)
+                by_submodule = [
+                    per_hook[[h.endswith(":input") for h in sorted(rows["hook"].unique())]].sum(),
+                    per_hook[[not h.endswith(":input") for h in sorted(rows["hook"].unique())]].sum(),
+                ]
+                assert selection_gini(counts, side, "submodule") == pytest.approx(gini(by_submodule), abs=1e-12)
