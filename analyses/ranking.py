@@ -262,7 +262,7 @@ def rank(
                 pending = prefetch.submit(load, i + 1)
             try:
                 ap[:, offset + part.start : offset + part.stop] = plan.score(x, threads=threads)
-            except ValueError as error:
+            except UserError as error:
                 if "NaN/inf" not in str(error):
                     raise
                 raise UserError(
