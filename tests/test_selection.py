@@ -183,9 +183,7 @@ def test_a_modules_input_and_output_hooks_are_two_cells_of_the_gini(tmp_path):
         for io, width in (("output", 5), ("input", 7)):
             module = f"transformer.h.{layer}.mlp.act"
             hooks += hook_rows("lm", 1, {"mlp.act": width}, layer_output=False)
-            hooks[-1].update(
-                hook=module + (":input" if io == "input" else ""), module=module, io=io, layer=layer
-            )
+            hooks[-1].update(hook=module + (":input" if io == "input" else ""), module=module, io=io, layer=layer)
     write_run(store, "r", examples, hooks)
     job = plan_ranking(store, ["r"], presets=["unimodal"], ks=(K,))
     write_scores(store, rank(store, job))
@@ -206,3 +204,34 @@ def test_a_modules_input_and_output_hooks_are_two_cells_of_the_gini(tmp_path):
                     per_hook[[not h.endswith(":input") for h in sorted(rows["hook"].unique())]].sum(),
                 ]
                 assert selection_gini(counts, side, "submodule") == pytest.approx(gini(by_submodule), abs=1e-12)
+
+
+def test_label_sets_given_as_one_name_or_unknown_are_not_read_as_nothing(ranked):
+    """A string was read letter by letter and an unknown label set, run or component matched no row: ap_summary
+    came back [] and overlap a matrix of zeros (one row per letter), without a word."""
+    from hookpoints.analyses.ap_report import selectivity_report
+
+    store, result = ranked
+    names = [ls.name for ls in result.job.masks.label_sets]
+    speech, text = "unimodal/speech/de", "unimodal/text/de"
+    with store.query() as session:
+        assert ap_summary(session, "s2tt+t2tt", speech) == ap_summary(session, "s2tt+t2tt", [speech])
+        one = overlap(session, ("s2tt+t2tt", speech), ("s2tt+t2tt", text), "text_decoder", K, "top")
+        listed = overlap(session, ("s2tt+t2tt", [speech]), ("s2tt+t2tt", [text]), "text_decoder", K, "top")
+        s, t = names.index(speech), names.index(text)
+        expected = len(
+            set(result.selected(s, "text_decoder", K, "top")) & set(result.selected(t, "text_decoder", K, "top"))
+        )
+        assert one.counts.tolist() == listed.counts.tolist() == [[expected]]
+        with pytest.raises(UserError, match=r"label set 'nope' is not ranked in run\(s\) 's2tt\+t2tt'; it has "):
+            ap_summary(session, "s2tt+t2tt", [speech, "nope"])
+        with pytest.raises(UserError, match=r"label set 'nope' is not ranked"):
+            overlap(session, ("s2tt+t2tt", ["nope"]), ("s2tt+t2tt", [text]), "text_decoder", K, "top")
+        with pytest.raises(UserError, match=r"ranks no neuron of component 'nope'; it ranks "):
+            overlap(session, ("s2tt+t2tt", [speech]), ("s2tt+t2tt", [text]), "nope", K, "top")
+        with pytest.raises(UserError, match=r"k=100000 is larger than module group text_decoder"):
+            overlap(session, ("s2tt+t2tt", [speech]), ("s2tt+t2tt", [text]), "text_decoder", 100_000, "top")
+        with pytest.raises(UserError, match=r"a \(run, label sets\) pair"):
+            overlap(session, "s2tt+t2tt", ("s2tt+t2tt", [text]), "text_decoder", K, "top")
+    report = selectivity_report(store, "s2tt+t2tt", speech, K, components="text_decoder", overlaps=False)
+    assert [(row.label_set, row.component) for row in report.rows] == [(speech, "text_decoder")]
