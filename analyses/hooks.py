@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from hookpoints.analyses.arguments import name_list
 from hookpoints.store.query import QuerySession
 
 from hookpoints.errors import UserError
@@ -105,6 +106,7 @@ def select_hooks(hooks: list[StoredHook], patterns: list[str], owner: str) -> li
     >>> with store.query() as session:  # doctest: +SKIP
     ...     chosen = select_hooks(run_hooks(session, "r1"), ["blocks.*.hook_resid_post"], "of run 'r1'")
     """
+    patterns = name_list(patterns, "hook patterns")  # None or 5 was a TypeError, a string read letter by letter
     names = hook_names(hooks)
     chosen: set[str] = set()
     for pattern in patterns:

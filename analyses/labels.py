@@ -80,8 +80,8 @@ def custom_label_set(positive: str, among: str | None = None, name: str | None =
     positive = check_predicate(positive, "--positive")
     among = None if among is None else check_predicate(among, "--among")
     if name is None:
-        name = slug(positive) + ("" if among is None else "/among_" + slug(among, 60))
-    return LabelSet(check_name(name[:128]), positive, among)
+        name = (slug(positive) + ("" if among is None else "/among_" + slug(among, 60)))[:128]
+    return LabelSet(check_name(name), positive, among)
 
 
 def quote_name(name: str) -> str:

@@ -37,6 +37,8 @@ def check_predicate(text: str | None, option: str, columns: list[str] | None = N
 
     ``columns``: when given, the only column names it may use (compared case-insensitively, like DuckDB).
     """
+    if text is not None and not isinstance(text, str):  # 5 or ["a = 1"] was an AttributeError on .strip
+        raise UserError(f"{option} must be a SQL boolean expression (a string), not {type(text).__name__}")
     text = (text or "").strip()
     if not text:
         raise UserError(f"{option} is empty: give a boolean SQL expression, e.g. \"language = 'de'\"")

@@ -258,6 +258,8 @@ def overlap(
     if not all(isinstance(pair, tuple | list) and len(pair) == 2 for pair in (rows, columns)):
         raise UserError("overlap's rows and columns are each a (run, label sets) pair, e.g. ('r1', ['de', 'fr'])")
     (row_run, row_sets), (col_run, col_sets) = rows, columns
+    if not isinstance(component, str):
+        raise UserError(f"component must be the name of a module group, not {component!r:.80}")
     k = check_k(k)
     for run, label_sets in ((row_run, row_sets), (col_run, col_sets)):
         for name, stored in ranked_sets(session, run, label_sets).items():
@@ -306,6 +308,8 @@ def selected_neurons(
     ...     top = selected_neurons(session, "r1", "de", k=10).to_pandas()
     """
     _need_scores(session)
+    if not isinstance(label_set, str):  # None was a TypeError in the glob match of the error message
+        raise UserError(f"label_set must be the name of a ranked label set, not {label_set!r:.80}")
     sides = SIDES if check_side(side, SIDE_CHOICES) == "both" else (side,)
     condition = " OR ".join(f"{_rank_column(s)} <= $k" for s in sides)
     component_filter = "" if component is None else " AND component = $component"

@@ -19,6 +19,7 @@ from hookpoints.analyses.selection import (
 from hookpoints.store.catalog import Store
 from selectivity_helpers import DECODER, ENCODER, examples_table, hook_rows, write_run
 
+import hookpoints as hp
 from hookpoints.errors import UserError
 
 K = 6
@@ -235,3 +236,36 @@ def test_label_sets_given_as_one_name_or_unknown_are_not_read_as_nothing(ranked)
             overlap(session, "s2tt+t2tt", ("s2tt+t2tt", [text]), "text_decoder", K, "top")
     report = selectivity_report(store, "s2tt+t2tt", speech, K, components="text_decoder", overlaps=False)
     assert [(row.label_set, row.component) for row in report.rows] == [(speech, "text_decoder")]
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [  # each was an AttributeError / TypeError / IndexError before
+        (lambda st, s, j: hp.custom_label_set(5), "--positive must be a SQL boolean expression (a string), not int"),
+        (lambda st, s, j: hp.custom_label_set("language = 'de'", ["x"]), "--among must be a SQL boolean expression"),
+        (lambda st, s, j: hp.custom_label_set("language = 'de'", name=5), "label set name 5 is not allowed"),
+        (lambda st, s, j: hp.custom_label_set("language = 'de'", name="x" * 200), "at most 128 characters"),
+        (lambda st, s, j: hp.plan_ranking(st, ["s2tt"], presets=["unimodal"], where=5), "--where must be a SQL"),
+        (
+            lambda st, s, j: hp.plan_ranking(st, ["s2tt"], presets=["unimodal"], language_column=None),
+            "language_column must be the name of an examples column, not None",
+        ),
+        (lambda st, s, j: hp.plan_ranking(st, ["s2tt"], custom=5), "custom takes label sets made by custom_label_set"),
+        (lambda st, s, j: hp.rank(st, j, memory_bytes=None), "memory_bytes must be a whole number of at least 1"),
+        (lambda st, s, j: hp.rank(st, j, threads="2"), "threads must be a whole number of at least 1, not '2'"),
+        (lambda st, s, j: hp.shared_hooks(s, []), "give at least one run"),
+        (lambda st, s, j: hp.select_hooks(j.hooks, None, "of run 'r'"), "hook patterns must be a name or a list"),
+        (lambda st, s, j: hp.selected_neurons(s, "s2tt+t2tt", None, K), "label_set must be the name of a ranked"),
+        (
+            lambda st, s, j: hp.overlap(
+                s, ("s2tt+t2tt", ["modality/speech"]), ("s2tt+t2tt", ["modality/text"]), [], K, "top"
+            ),
+            "component must be the name of a module group",
+        ),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_one_line_user_errors(ranked, call, message):
+    store, result = ranked
+    with store.query() as session, pytest.raises(UserError) as caught:
+        call(store, session, result.job)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
