@@ -102,3 +102,13 @@ def test_the_ap_command_says_how_many_examples_are_left_out(store_with_missing_l
     )
     assert code == 0, err
     assert "label set s: 3 example(s) are left out: --positive 'score > 0.5' is NULL for them" in " ".join(out.split())
+
+
+def test_a_nan_never_passes_the_where_of_clusters(store_with_missing_labels):
+    from hookpoints.analyses.subsets import select_subset
+
+    store, frame, _ = store_with_missing_labels
+    with store.query() as session:
+        subset = select_subset(session, "r", "score > 0.5 OR language = 'ja'", ["language"])
+    chosen = frame[(frame["score"] > 0.5) | (frame["language"] == "ja")]
+    assert subset.example_ids == sorted(chosen["example_id"])
