@@ -66,7 +66,8 @@ def example_columns(session: QuerySession) -> list[str]:
 
 def select_subset(session: QuerySession, run: str, where: str | None, labels: list[str]) -> Subset:
     """The examples of ``run`` matching ``where``, with the ``labels`` columns; clear errors for bad input."""
-    where = check_predicate(where, "--where") if where and where.strip() else ""
+    blank = where is None or (isinstance(where, str) and not where.strip())
+    where = "" if blank else check_predicate(where, "--where")  # a non-string is refused there
     columns = example_columns(session)
     for label in labels:
         if label not in columns:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hookpoints.analyses import gini
+from hookpoints.analyses.magnitudes import example_groups
 from hookpoints.analyses.ranking import plan_ranking, rank, write_scores
 from hookpoints.analyses.selection import (
     ap_summary,
@@ -254,6 +255,12 @@ def test_label_sets_given_as_one_name_or_unknown_are_not_read_as_nothing(ranked)
         (lambda st, s, j: hp.rank(st, j, memory_bytes=None), "memory_bytes must be a whole number of at least 1"),
         (lambda st, s, j: hp.rank(st, j, threads="2"), "threads must be a whole number of at least 1, not '2'"),
         (lambda st, s, j: hp.shared_hooks(s, []), "give at least one run"),
+        (
+            lambda st, s, j: hp.activation_gini(
+                st, j.examples, j.hooks, example_groups(s, j.examples, []), memory_bytes=None
+            ),
+            "memory_bytes must be a whole number of at least 1, not None",
+        ),
         (lambda st, s, j: hp.select_hooks(j.hooks, None, "of run 'r'"), "hook patterns must be a name or a list"),
         (lambda st, s, j: hp.selected_neurons(s, "s2tt+t2tt", None, K), "label_set must be the name of a ranked"),
         (
