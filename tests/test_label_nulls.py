@@ -112,3 +112,12 @@ def test_a_nan_never_passes_the_where_of_clusters(store_with_missing_labels):
         subset = select_subset(session, "r", "score > 0.5 OR language = 'ja'", ["language"])
     chosen = frame[(frame["score"] > 0.5) | (frame["language"] == "ja")]
     assert subset.example_ids == sorted(chosen["example_id"])
+
+
+def test_the_note_is_one_line_for_the_label_sets_of_a_preset(store_with_missing_labels, run_cli):
+    store, _, _ = store_with_missing_labels
+    code, out, err = run_cli("ap", "--store", store.location.uri, "--run", "r", "--preset", "unimodal", "--k", "2")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "note: 3 label sets (e.g. unimodal/speech/de, unimodal/speech/en): 1 example(s) are left out" in text
+    assert text.count("are left out") == 1
