@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from hookpoints.store.catalog import Store
 
 from hookpoints.errors import UserError
@@ -58,3 +59,17 @@ def binary_array(value, what: str) -> np.ndarray:
         bad = array[~np.isin(array, (0, 1))].ravel()[:3]
         raise UserError(f"{what} must be binary (True/False or 0/1), but hold {', '.join(map(repr, bad.tolist()))}")
     return array.astype(bool)
+
+
+def table_columns(table, columns: list[str], made_by: str) -> pa.Table:
+    """``table`` if it is an Arrow table with ``columns``, else a UserError naming the function that makes it
+    (a wrong table was a KeyError 'Field "top" does not exist in schema', anything else an AttributeError)."""
+    if not isinstance(table, pa.Table):
+        raise UserError(f"pass the Arrow table {made_by} returns, not {type(table).__name__}")
+    missing = [column for column in columns if column not in table.column_names]
+    if missing:
+        raise UserError(
+            f"this table has no column {', '.join(map(repr, missing))}: pass the table {made_by} returns "
+            f"(it has {', '.join(table.column_names[:8])}{' ...' if table.num_columns > 8 else ''})"
+        )
+    return table

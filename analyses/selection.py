@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from hookpoints.analyses.arguments import name_list
+from hookpoints.analyses.arguments import name_list, table_columns
 from hookpoints.analyses.gini import gini
 from hookpoints.store.query import QuerySession
 from hookpoints.store.quoting import sql_string
@@ -207,6 +207,7 @@ def selection_gini(counts: pa.Table, side: str, unit: str = "layer_submodule") -
     if unit not in GINI_UNITS:
         raise UserError(f"Gini unit must be one of {', '.join(GINI_UNITS)}, not {unit!r}")
     _rank_column(side)
+    table_columns(counts, [side] + ([] if unit == "layer_submodule" else [unit]), "layer_counts(...)")
     values = np.asarray(counts[side].to_pylist(), dtype=np.float64)
     if unit == "layer_submodule":
         return gini(values)

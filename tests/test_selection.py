@@ -276,3 +276,37 @@ def test_arguments_of_the_wrong_type_are_one_line_user_errors(ranked, call, mess
     with store.query() as session, pytest.raises(UserError) as caught:
         call(store, session, result.job)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_wrong_table_given_to_a_figure_or_summary_names_the_function_that_makes_the_right_one(ranked):
+    """Each was a KeyError ('Field "top" does not exist in schema'), and a component the magnitudes table lacks
+    drew an empty figure without a word."""
+    import pyarrow as pa
+
+    store, _ = ranked
+    with store.query() as session:
+        listed = selected_neurons(session, "s2tt+t2tt", "modality/speech", K)
+        counts = layer_counts(session, "s2tt+t2tt", "modality/speech", "text_decoder", K)
+    magnitudes = pa.table(
+        {"component": ["lm"], "layer": [0], "language": ["de"], "magnitude": [1.0], "deviation": [0.0]}
+    )
+    cases = [
+        (lambda: selection_gini(listed, "top"), "no column 'top': pass the table layer_counts(...) returns"),
+        (lambda: selection_gini(counts.drop(["submodule"]), "top", "submodule"), "no column 'submodule'"),
+        (lambda: hp.distribution_figure(listed, "text_decoder", K, "t"), "pass the table layer_counts(...) returns"),
+        (lambda: hp.distribution_figure(None, "text_decoder", K, "t"), "not NoneType"),
+        (lambda: hp.magnitude_figure(counts, ["language"], "lm", 1.0, "t"), "layer_magnitudes(...) returns"),
+        (lambda: hp.magnitude_figure(magnitudes, "modality", "lm", 1.0, "t"), "no column 'modality'"),
+        (
+            lambda: hp.magnitude_figure(magnitudes, ["language"], "nope", 1.0, "t"),
+            "no rows of component 'nope'; it has lm",
+        ),
+        (lambda: hp.activation_gini_figure(magnitudes, ["language"], "lm", "t"), "no column 'gini'"),
+        (lambda: hp.score_table(counts), "pass the table run_sweep(...) or sweep(...) returns"),
+        (lambda: hp.figure5(counts, "t"), "pass the table run_sweep(...) or sweep(...) returns"),
+    ]
+    for call, message in cases:
+        with pytest.raises(UserError) as caught:
+            call()
+        assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert selection_gini(counts, "top") == pytest.approx(gini(np.array(counts["top"].to_pylist(), float)))
