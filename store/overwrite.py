@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 from datetime import timedelta
 from urllib.parse import unquote
 
@@ -117,6 +118,36 @@ def swap(store: Store, run: str, settings: dict, config: dict) -> None:
     tables.append(store.location, CORE_TABLES["run_events"], pa.Table.from_pylist(rows, schema=RUN_EVENTS))
 
 
+def statistics(file: dict) -> str:
+    """The Delta statistics of one file of ``get_add_actions(flatten=False)``, as its ``add`` action's JSON.
+
+    Rows, null counts and min/max of the scalar columns (store/files.py), so that readers still skip the
+    file by them (``WHERE example_id = 'x'``). A value JSON cannot hold as Delta does (a timestamp, bytes,
+    NaN) is left out: a missing bound only stops a reader skipping the file, never makes it skip wrongly.
+    """
+    stats: dict = {"numRecords": file["num_records"]}
+    for key, field in (("nullCount", "null_count"), ("minValues", "min"), ("maxValues", "max")):
+        values = _plain(file.get(field))
+        if values:
+            stats[key] = values
+    return json.dumps(stats)
+
+
+def _plain(values: dict | None) -> dict:
+    """A statistics struct's values that JSON holds as they are (nested structs recursively), Nones left out."""
+    kept: dict = {}
+    for name, value in (values or {}).items():
+        if isinstance(value, dict):
+            value = _plain(value) or None
+        elif isinstance(value, float) and not math.isfinite(value):
+            value = None
+        elif not isinstance(value, str | int | float):  # bool is an int; datetime, bytes, Decimal: left out
+            value = None
+        if value is not None:
+            kept[name] = value
+    return kept
+
+
 def move_run(store: Store, table: str, source: str, target: str) -> None:
     """One commit: ``target``'s files removed, ``source``'s files re-added as ``target``'s (no copy).
 
@@ -138,7 +169,7 @@ def move_run(store: Store, table: str, source: str, target: str) -> None:
                 {**file["partition"], "run": target},
                 int(file["modification_time"]),
                 True,
-                json.dumps({"numRecords": file["num_records"]}),
+                statistics(file),
             )
             for file in moved
         ]
