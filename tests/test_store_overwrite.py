@@ -54,3 +54,61 @@ def test_data_skipping_still_prunes_the_files_of_an_overwritten_run(store):
     kept = list(dataset.get_fragments(filter=ds.field("example_id") == "e11"))
     assert len(kept) == 2  # only the file of each hook holding e10..e12
     assert dataset.to_table(filter=ds.field("example_id") == "e11").num_rows == 2
+
+
+class _Paused(Exception):
+    """Stops an overwrite's swap just before it moves the activations (another process, mid-swap)."""
+
+
+def test_a_session_opened_during_an_overwrites_swap_never_takes_mixed_rows_for_a_complete_run(store, monkeypatch):
+    """A session pins each table's version one after the other, and the swap commits each table's move on its
+    own: a session that read `run_events` before the swap began and the other tables during it showed run r1
+    `complete` (the old run's settings) with the new recording's examples beside the old one's activations.
+    A session now checks that `run_events` did not change while it pinned the others, and pins again if it did:
+    it shows r1 as being overwritten (analyses refuse it) or all of one recording."""
+    from hookpoints.store import delta_read, overwrite
+
+    record(store, "r1")  # the old recording: texts "te00".., random vectors
+    schema = pa.table({"example_id": ["a"], "text": ["x"]}).schema
+    writer = open_run(
+        store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema, if_exists="overwrite"
+    )
+    new = {h["hook"]: HookRows(["e00"], np.full((1, 4), 7, np.float32)) for h in hooks()}
+    writer.add(pa.table({"example_id": ["e00"], "text": ["new"]}), new)
+    writer.replaces = None  # the staging run is complete; its swap is started below, while a session opens
+    writer.finish()
+
+    move_run, open_table, swapped = overwrite.move_run, delta_read.open_table, []
+
+    def move_until_activations(store, table, source, target):
+        if table == "activations":
+            raise _Paused
+        move_run(store, table, source, target)
+
+    def swap_while_pinning(location, table):
+        delta = open_table(location, table)
+        if table == "activations" and not swapped:  # the session pinned run_events and activations: swap now
+            swapped.append(table)
+            monkeypatch.setattr(overwrite, "move_run", move_until_activations)
+            try:
+                overwrite.swap(store, "r1", SETTINGS, {})
+            except _Paused:
+                pass
+            monkeypatch.setattr(overwrite, "move_run", move_run)
+        return delta
+
+    monkeypatch.setattr(delta_read, "open_table", swap_while_pinning)
+    with store.query() as session:
+        status = session.sql("SELECT status, message FROM runs WHERE run = 'r1'").to_pylist()
+        texts = session.sql("SELECT text FROM examples WHERE run = 'r1' ORDER BY example_id")["text"].to_pylist()
+        values = session.sql("SELECT activation FROM activations WHERE run = 'r1'")["activation"].to_pylist()
+    monkeypatch.undo()
+    assert swapped  # the swap did run while the session pinned its tables
+    assert texts == ["new"] and len(values) == 18  # the new examples beside the old activations: mixed ...
+    assert status[0]["status"] == "failed" and status[0]["message"].startswith("being overwritten")  # ... not complete
+
+    assert overwrite.recover(store, "r1")  # the swap finished (the next record does this)
+    with store.query() as session:
+        assert session.sql("SELECT status FROM runs WHERE run = 'r1'")["status"].to_pylist() == ["complete"]
+        values = session.sql("SELECT activation FROM activations WHERE run = 'r1'")["activation"].to_pylist()
+    assert values == [[7.0] * 4] * 2
