@@ -258,7 +258,9 @@ class Store:
 
         The run is logged ``failed`` ("being deleted") before its first rows go, so a delete killed half-way
         leaves a run that no reader takes for complete; running the delete again finishes it.
-        Rows left of a run already deleted (or never started), which ``store verify`` reports, are removed too.
+        Rows left of a run already deleted (or never started), which ``store verify`` reports, are removed too,
+        and so is an overwrite of the run killed while swapping in (store/overwrite.py): the next ``record``
+        would have finished its swap, bringing the run back without the rows deleted here.
         """
         import pyarrow.compute as pc
 
@@ -292,6 +294,11 @@ class Store:
                 _table_io().delete(self.location, name, _table_io().any_of("run", keys[name]), fence=fence)
         if info is not None:
             self.log_run_event(run, "deleted", settings, info.config, shard=None)
+        from hookpoints.store.overwrite import staging_name  # it imports this module
+
+        staged = self.run_info(staging_name(run))
+        if staged is not None and staged.status == "complete":  # an overwrite killed while swapping in: deleted too
+            self.delete_run(staging_name(run))
 
     def run_keys(self, table: str, run: str) -> list[str]:
         """The ``run`` keys of an analysis table that hold ``run``: its own, and those of the analyses that

@@ -60,6 +60,11 @@ def recover(store: Store, run: str) -> bool:
     info = store.run_info(staging_name(run))
     if info is None or info.status != "complete":
         return False
+    if store.run_info(run) is None and not store.run_hooks(staging_name(run)).num_rows:
+        # The swap had begun (hooks move first) and the run was deleted since: finishing it would log the rest of
+        # the new recording complete without the rows the delete took. What is left of it goes instead.
+        store.delete_run(staging_name(run))
+        return False
     swap(store, run, {key: getattr(info, key) for key in RUN_SETTINGS}, info.config)
     return True
 

@@ -112,3 +112,59 @@ def test_a_session_opened_during_an_overwrites_swap_never_takes_mixed_rows_for_a
         assert session.sql("SELECT status FROM runs WHERE run = 'r1'")["status"].to_pylist() == ["complete"]
         values = session.sql("SELECT activation FROM activations WHERE run = 'r1'")["activation"].to_pylist()
     assert values == [[7.0] * 4] * 2
+
+
+def killed_while_swapping(store):
+    """r1 recorded, then overwritten with one example of 7s, killed after the swap moved the hooks."""
+    from hookpoints.store import overwrite
+
+    record(store, "r1")
+    schema = pa.table({"example_id": ["a"], "text": ["x"]}).schema
+    writer = open_run(
+        store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema, if_exists="overwrite"
+    )
+    new = {h["hook"]: HookRows(["e00"], np.full((1, 4), 7, np.float32)) for h in hooks()}
+    writer.add(pa.table({"example_id": ["e00"], "text": ["new"]}), new)
+    writer.replaces = None  # killed right after the staging run was logged complete ...
+    writer.finish()
+    overwrite.move_run(store, "hooks", overwrite.staging_name("r1"), "r1")  # ... and after the hooks' swap
+
+
+def core_rows(store) -> dict:
+    with store.query() as session:
+        return {
+            table: session.sql(f"SELECT run, count(*) AS n FROM {table} GROUP BY run ORDER BY run").to_pylist()
+            for table in ("hooks", "examples", "activations")
+        }
+
+
+def test_deleting_a_run_whose_overwrite_was_killed_while_swapping_in_deletes_the_overwrite_too(store):
+    """`store delete --run r1` left the killed overwrite `r1~overwrite` (complete, its hooks already moved and
+    deleted with r1): the next `record` of r1 finished its swap, logging r1 `complete` with activations and no
+    hooks, and refused the new recording ("already exists"). The delete now removes the pending overwrite too."""
+    from hookpoints.store.verify import verify
+
+    killed_while_swapping(store)
+    store.delete_run("r1")
+    assert store.run_info("r1") is None and store.run_info("r1~overwrite") is None
+    assert core_rows(store) == {"hooks": [], "examples": [], "activations": []}
+    assert verify(store).ok, verify(store).findings
+    record(store, "r1")  # a new recording under the name, as after any delete
+    assert core_rows(store)["activations"] == [{"run": "r1", "n": 18}]
+
+
+def test_a_record_after_a_run_deleted_during_its_swap_does_not_bring_back_part_of_it(store, monkeypatch):
+    """The same, with the delete done before this fix (or killed before it reached the overwrite): the next
+    `record` no longer finishes a swap whose run was deleted since; it deletes what is left of the overwrite."""
+    from hookpoints.store import catalog, overwrite
+
+    killed_while_swapping(store)
+    monkeypatch.setattr(overwrite, "staging_name", lambda run: run + "~none")  # the delete does not see it
+    catalog.Store.delete_run(store, "r1")
+    monkeypatch.undo()
+    assert store.run_info("r1~overwrite").status == "complete"  # left, its hooks gone with r1
+    record(store, "r1")
+    assert store.run_info("r1").status == "complete" and store.run_info("r1~overwrite") is None
+    assert core_rows(store) == {
+        table: [{"run": "r1", "n": n}] for table, n in [("hooks", 2), ("examples", 9), ("activations", 18)]
+    }
