@@ -87,7 +87,12 @@ def swap(store: Store, run: str, settings: dict, config: dict) -> None:
     for name in _RUN_TABLES:
         move_run(store, name, staging, run)
     for name in store.table_names():  # the analyses of the old run (scores, clusters, ...) describe rows now gone
-        if name not in CORE_TABLES and "run" in store.dataset(name).schema.names:
+        # (one registered but whose folder is gone holds no rows: skipped, as `store delete` and SQL sessions do)
+        if (
+            name not in CORE_TABLES
+            and tables.exists(store.location, name)
+            and "run" in store.dataset(name).schema.names
+        ):
             keys = store.run_keys(name, run)  # its own and those of analyses comparing it with others (r1+r2)
             if keys:
                 tables.delete(store.location, name, tables.any_of("run", keys))

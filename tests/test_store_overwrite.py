@@ -168,3 +168,30 @@ def test_a_record_after_a_run_deleted_during_its_swap_does_not_bring_back_part_o
     assert core_rows(store) == {
         table: [{"run": "r1", "n": n}] for table, n in [("hooks", 2), ("examples", 9), ("activations", 18)]
     }
+
+
+def test_an_overwrite_swaps_in_past_an_analysis_table_whose_folder_was_deleted(store):
+    """`scores` registered but its folder removed by hand (`store delete` and SQL sessions skip such a table): the
+    swap moved the rows, then stopped on the table with a FileNotFoundError traceback, leaving r1 `failed` ("being
+    overwritten") and every later `record` of r1 stopping the same way. The swap now skips it too."""
+    import shutil
+
+    from hookpoints.analyses.ranking import SCORES_SCHEMA, SCORES_TABLE
+
+    record(store, "r1")
+    row = {"label_set": "modality/text", "hook": "h0", "neuron": 0, "ap": 0.9, "n_positive": 1, "n_among": 3}
+    store.append(SCORES_TABLE, pa.Table.from_pylist([{**row, "run": "r1", "runs": ["r1"]}], schema=SCORES_SCHEMA))
+    shutil.rmtree(f"{store.location.uri}/{SCORES_TABLE.name}")
+    schema = pa.table({"example_id": ["a"], "text": ["x"]}).schema
+    writer = open_run(
+        store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema, if_exists="overwrite"
+    )
+    writer.add(
+        pa.table({"example_id": ["e00"], "text": ["new"]}),
+        {h["hook"]: HookRows(["e00"], np.ones((1, 4), np.float32)) for h in hooks()},
+    )
+    writer.finish()
+    assert store.run_info("r1").status == "complete" and store.run_info("r1~overwrite") is None
+    assert core_rows(store) == {
+        table: [{"run": "r1", "n": n}] for table, n in [("hooks", 2), ("examples", 1), ("activations", 2)]
+    }
