@@ -157,12 +157,19 @@ def test_a_record_after_a_run_deleted_during_its_swap_does_not_bring_back_part_o
     """The same, with the delete done before this fix (or killed before it reached the overwrite): the next
     `record` no longer finishes a swap whose run was deleted since; it deletes what is left of the overwrite."""
     from hookpoints.store import catalog, overwrite
+    from hookpoints.store.verify import verify
 
     killed_while_swapping(store)
     monkeypatch.setattr(overwrite, "staging_name", lambda run: run + "~none")  # the delete does not see it
     catalog.Store.delete_run(store, "r1")
     monkeypatch.undo()
     assert store.run_info("r1~overwrite").status == "complete"  # left, its hooks gone with r1
+    found = [finding.message for finding in verify(store).findings if finding.table == "runs"]
+    assert found == [  # not "record ... --resume finishes it": r1 is gone
+        "the overwrite of run 'r1' was killed while swapping in its new rows (complete as run 'r1~overwrite'): run "
+        f"'r1' was deleted since: `hookpoints store delete {store.location.uri} --run r1~overwrite` removes what is "
+        "left of the overwrite"
+    ]
     record(store, "r1")
     assert store.run_info("r1").status == "complete" and store.run_info("r1~overwrite") is None
     assert core_rows(store) == {
@@ -195,3 +202,16 @@ def test_an_overwrite_swaps_in_past_an_analysis_table_whose_folder_was_deleted(s
     assert core_rows(store) == {
         table: [{"run": "r1", "n": n}] for table, n in [("hooks", 2), ("examples", 1), ("activations", 2)]
     }
+
+
+def test_what_verify_says_removes_an_overwrite_left_of_a_deleted_run(store, monkeypatch, run_cli):
+    from hookpoints.store import catalog, overwrite
+    from hookpoints.store.verify import verify
+
+    killed_while_swapping(store)
+    monkeypatch.setattr(overwrite, "staging_name", lambda run: run + "~none")  # a delete of before this fix
+    catalog.Store.delete_run(store, "r1")
+    monkeypatch.undo()
+    code, _, err = run_cli("store", "delete", store.location.uri, "--run", "r1~overwrite")
+    assert code == 0, err
+    assert verify(store).ok and core_rows(store) == {"hooks": [], "examples": [], "activations": []}
