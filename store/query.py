@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import duckdb
-from deltalake.exceptions import DeltaError
 from hookpoints.store import delta_read, query_rows
 from hookpoints.store.catalog import Store
 from hookpoints.store.runs import runs_sql
@@ -32,8 +31,6 @@ _CORE = ("run_events", "hooks", "examples", "activations")
 _SNAPSHOT_ORDER = ("store_meta", "run_events", "activations", "examples", "hooks")
 #: Read whole (a row per event, hook or example); the others are scanned as Arrow datasets.
 _SMALL = ("store_meta", "run_events", "hooks", "examples")
-#: Times a session pins its tables' versions before it gives up on a store whose runs keep changing (_pin).
-_PIN_TRIES = 10
 _WORD = re.compile(r"[a-z_][a-z0-9_]*")
 #: Words of a statement that lists or reads the catalog, or runs SQL given as a string: all tables are defined.
 _CATALOG = {"show", "describe", "summarize", "information_schema", "pg_catalog", "sqlite_master"}
@@ -85,7 +82,8 @@ class QuerySession:
         # One snapshot: every table's current version is pinned now (its Delta log read, no data), in the
         # order above; a table's data is registered in DuckDB only when a statement names it (_load), so
         # `SELECT 1` or a look at `runs` never builds the activations' Arrow dataset (store/tables.py).
-        self._snapshots = _pin(store)
+        order = sorted(store.table_names(), key=lambda name: (_SNAPSHOT_ORDER + (name,)).index(name))
+        self._snapshots = delta_read.pin(store.location, order, required=_SNAPSHOT_ORDER)
         self._tables: set[str] = set()  # store tables registered in DuckDB so far
         self._views: set[str] = set()  # views of _VIEWS created so far
         self._macro = False  # neuron_stats(...) defined (when a statement names it: its module imports numpy)
@@ -347,41 +345,6 @@ class QuerySession:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _pin(store: Store) -> dict:
-    """Every table's current version, pinned in ``_SNAPSHOT_ORDER``, ``run_events`` unchanged meanwhile.
-
-    An overwrite's swap and a delete commit each table on its own, between two ``run_events`` commits: the
-    run logged ``failed`` ("being overwritten", "being deleted") first, its new state last (store/overwrite.py).
-    A session whose ``run_events`` was pinned before such a change and the other tables during it would show
-    the run ``complete`` over the old recording's activations and the new one's examples; when ``run_events``
-    changed while the others were pinned, they are all pinned again.
-    """
-    order = sorted(store.table_names(), key=lambda name: (_SNAPSHOT_ORDER + (name,)).index(name))
-    for _ in range(_PIN_TRIES):
-        snapshots = {}
-        for table in order:
-            try:
-                snapshots[table] = delta_read.open_table(store.location, table)
-            except FileNotFoundError:
-                if table in _SNAPSHOT_ORDER:
-                    uri = store.location.uri
-                    raise UserError(f"store {uri} has no {table} table: run `hookpoints store verify {uri}`") from None
-                # an analysis table registered but gone (its folder deleted): the session reads the others
-        events = snapshots["run_events"]
-        pinned = events.version()
-        try:
-            events.update_incremental()  # reads only the log's newer commits, if any (under 1 ms)
-        except DeltaError:  # a newer commit that cannot be read: pinning again says what (delta_read.open_table)
-            continue
-        if events.version() == pinned:
-            return snapshots
-    uri = store.location.uri
-    raise UserError(
-        f"store {uri} changed {_PIN_TRIES} times while a session read its tables' versions (runs being recorded, "
-        "overwritten or deleted at this moment): try again"
-    )
 
 
 def _first_line(error: Exception) -> str:

@@ -215,3 +215,29 @@ def test_what_verify_says_removes_an_overwrite_left_of_a_deleted_run(store, monk
     code, _, err = run_cli("store", "delete", store.location.uri, "--run", "r1~overwrite")
     assert code == 0, err
     assert verify(store).ok and core_rows(store) == {"hooks": [], "examples": [], "activations": []}
+
+
+def test_a_run_starting_or_ending_while_a_session_pins_its_tables_leaves_its_snapshot_as_pinned(store, monkeypatch):
+    """Only a commit that may change rows already there (a swap's, a delete's) makes a session pin again: a run
+    starting or ending meanwhile (100 shards starting at once) does not, and its end does not show, as the
+    run's last rows may come after the session's activations."""
+    from hookpoints.store import delta_read
+
+    record(store, "r1")
+    open_table, opened = delta_read.open_table, []
+
+    def log_while_pinning(location, table):
+        opened.append(table)
+        delta = open_table(location, table)
+        if table == "activations" and opened.count(table) == 1:
+            store.log_run_event("r2", "recording", SETTINGS, {}, shard=(0, 1))
+            store.log_run_event("r2", "complete", SETTINGS, {}, shard=(0, 1))
+        return delta
+
+    monkeypatch.setattr(delta_read, "open_table", log_while_pinning)
+    with store.query() as session:
+        runs = session.sql("SELECT run FROM runs ORDER BY run")["run"].to_pylist()
+    monkeypatch.undo()
+    assert runs == ["r1"] and opened.count("activations") == 1  # pinned once, r2 not in its snapshot
+    with store.query() as session:
+        assert session.sql("SELECT run FROM runs ORDER BY run")["run"].to_pylist() == ["r1", "r2"]
