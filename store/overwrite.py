@@ -60,13 +60,30 @@ def recover(store: Store, run: str) -> bool:
     info = store.run_info(staging_name(run))
     if info is None or info.status != "complete":
         return False
-    if store.run_info(run) is None and not store.run_hooks(staging_name(run)).num_rows:
-        # The swap had begun (hooks move first) and the run was deleted since: finishing it would log the rest of
-        # the new recording complete without the rows the delete took. What is left of it goes instead.
+    if store.run_info(run) is None and _deleted_since_complete(store, run):
+        # The run was deleted during the swap (or after the staging run was complete): finishing it would log
+        # the rest of the new recording complete without the rows the delete took. What is left of it goes.
         store.delete_run(staging_name(run))
         return False
     swap(store, run, {key: getattr(info, key) for key in RUN_SETTINGS}, info.config)
     return True
+
+
+def _deleted_since_complete(store: Store, run: str) -> bool:
+    """Whether ``run`` was last deleted after its staging run was last logged complete. (Deleted before, while
+    the overwrite recorded: the swap moves the new recording in under the free name, as it would have.)"""
+    import pyarrow.compute as pc
+
+    events = store.dataset("run_events").to_table(
+        columns=["run", "status", "event_at"], filter=pc.field("run").isin([run, staging_name(run)])
+    )
+
+    def latest(name: str, status: str):
+        mask = pc.and_(pc.equal(events["run"], name), pc.equal(events["status"], status))
+        return pc.max(pc.filter(events["event_at"], mask)).as_py()
+
+    deleted, complete = latest(run, "deleted"), latest(staging_name(run), "complete")
+    return deleted is not None and complete is not None and deleted > complete
 
 
 def swap(store: Store, run: str, settings: dict, config: dict) -> None:

@@ -369,13 +369,14 @@ def _check_runs(store: Store, report: VerifyReport) -> None:
     try:
         con.register("_run_events", store.dataset("run_events").to_table())
         rows = con.sql(f"SELECT run, status, message FROM ({runs_sql('_run_events')})").to_arrow_table().to_pylist()
-        live = {row["run"] for row in rows}
+        latest = con.sql("SELECT run, status, max(event_at) AS at FROM _run_events GROUP BY ALL").to_arrow_table()
+        at = {(row["run"], row["status"]): row["at"] for row in latest.to_pylist()}  # each status' last event
         for row in rows:
             if row["status"] == "complete" and row["run"].endswith(STAGING_SUFFIX):  # killed while swapping in
                 run = row["run"].removesuffix(STAGING_SUFFIX)
                 finish = (
                     f"`hookpoints record` of run {run!r} with --resume and the overwrite's other options finishes it"
-                    if run in live
+                    if at.get((run, "deleted")) is None or at[run, "deleted"] <= at[row["run"], "complete"]
                     else f"run {run!r} was deleted since: `hookpoints store delete {store.location.uri} --run "
                     f"{row['run']}` removes what is left of the overwrite"
                 )

@@ -241,3 +241,32 @@ def test_a_run_starting_or_ending_while_a_session_pins_its_tables_leaves_its_sna
     assert runs == ["r1"] and opened.count("activations") == 1  # pinned once, r2 not in its snapshot
     with store.query() as session:
         assert session.sql("SELECT run FROM runs ORDER BY run")["run"].to_pylist() == ["r1", "r2"]
+
+
+def test_an_overwrite_whose_run_was_deleted_while_it_recorded_is_still_finished_after_a_kill(store):
+    """Deleted before the new recording was complete, the run's name is free: the overwrite swaps in under it, and
+    a swap killed half-way is finished by the next `record`, not taken for a run deleted during its swap."""
+    from hookpoints.store import overwrite
+    from hookpoints.store.verify import verify
+
+    record(store, "r1")
+    schema = pa.table({"example_id": ["a"], "text": ["x"]}).schema
+    writer = open_run(
+        store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema, if_exists="overwrite"
+    )
+    store.delete_run("r1")  # while the overwrite records: its staging run is not complete, so it stays
+    new = {h["hook"]: HookRows(["e00"], np.full((1, 4), 7, np.float32)) for h in hooks()}
+    writer.add(pa.table({"example_id": ["e00"], "text": ["new"]}), new)
+    writer.replaces = None  # killed right after the staging run was logged complete ...
+    writer.finish()
+    overwrite.move_run(store, "hooks", overwrite.staging_name("r1"), "r1")  # ... and after the hooks' swap
+    found = [finding.message for finding in verify(store).findings if finding.table == "runs"]
+    assert found == [
+        "the overwrite of run 'r1' was killed while swapping in its new rows (complete as run 'r1~overwrite'): "
+        "`hookpoints record` of run 'r1' with --resume and the overwrite's other options finishes it"
+    ]
+    assert overwrite.recover(store, "r1")
+    assert store.run_info("r1").status == "complete" and store.run_info("r1~overwrite") is None
+    assert core_rows(store) == {
+        table: [{"run": "r1", "n": n}] for table, n in [("hooks", 2), ("examples", 1), ("activations", 2)]
+    }
