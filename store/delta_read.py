@@ -79,7 +79,7 @@ def pin(location: StoreLocation, tables: Sequence[str], *, required: Sequence[st
                     uri = location.uri
                     raise UserError(f"store {uri} has no {table} table: run `hookpoints store verify {uri}`") from None
                 # an analysis table registered but gone (its folder deleted): the session reads the others
-        if _unchanged(snapshots["run_events"]):
+        if "run_events" not in snapshots or _unchanged(snapshots["run_events"]):
             return snapshots
         time.sleep(0.01 * 2**attempt)  # a swap takes milliseconds
     raise UserError(
