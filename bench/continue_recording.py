@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,27 +30,14 @@ from pathlib import Path
 import torch
 
 from hookpoints.corpus import corpus_rows
-from hookpoints.editing import NeuronEdit
 from hookpoints.loading import load
 from hookpoints.tiny import build_tiny
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from edit_overhead import random_edits  # noqa: E402  (bench/)
+
 SIZES = {"n_embd": 256, "n_layer": 6, "n_head": 8, "n_inner": 1024, "initializer_range": 0.3}
 EDITED = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "mlp.hook_pre", "mlp.hook_post")
-
-
-def edits_of(model, count: int, seed: int = 0) -> list[NeuronEdit]:
-    """``count`` random neurons over the EDITED hook points of every block, each replaced by a random value."""
-    points = model.select([f"blocks.*.{name}" for name in EDITED])
-    generator = torch.Generator().manual_seed(seed)
-    widths = torch.tensor([p.width for p in points])
-    flat = torch.randperm(int(widths.sum()), generator=generator)[:count].sort().values
-    starts = torch.cumsum(widths, 0) - widths
-    which = torch.searchsorted(starts, flat, right=True) - 1
-    return [
-        NeuronEdit(point, flat[which == i] - starts[i], torch.randn(int((which == i).sum()), generator=generator))
-        for i, point in enumerate(points)
-        if (which == i).any()
-    ]
 
 
 def main() -> None:
@@ -65,7 +53,7 @@ def main() -> None:
         model = load(build_tiny("gpt2", Path(tmp), sizes=SIZES, texts=texts + ["filler text"] * 4))
         model.model.generation_config.min_new_tokens = args.tokens  # exactly N new tokens (no early EOS)
         points = model.select()
-        edits = edits_of(model, 1000)
+        edits = random_edits(model.select([f"blocks.*.{name}" for name in EDITED]), 1000)
         tokenizer = model.tokenizer
         left = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
         pad = tokenizer.pad_token_id

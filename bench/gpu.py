@@ -78,14 +78,13 @@ except ModuleNotFoundError:  # a bare checkout (the GPU machine): the same mappi
     hookpoints.__path__.append(str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
-from edit_overhead import legacy_apply_edit  # noqa: E402  (bench/: the edit path before issue 16's change)
+from edit_overhead import legacy_apply_edit, random_edits  # noqa: E402  (bench/: the edit path before issue 16's change)
 from gpu_models import SAMPLE_RATE, batch_of, build, table1_points, waveforms  # noqa: E402
 from hookpoints.store.catalog import Store  # noqa: E402
 from hookpoints.store.writer import HookRows, open_run  # noqa: E402
 
 from hookpoints.adapters.seamless import TABLE1  # noqa: E402
 from hookpoints.direct import pooled_direct  # noqa: E402
-from hookpoints.editing import NeuronEdit  # noqa: E402
 from hookpoints.host_copy import HostCopy, one_behind  # noqa: E402
 from hookpoints.inputs import ModelInputs  # noqa: E402
 from hookpoints.loading import quiet_transformers  # noqa: E402
@@ -313,16 +312,7 @@ def interventions(model: HookedModel, family: str, args) -> list[dict]:
         points = model.select([f"text_decoder.layers.*.{sub}" for sub in TABLE1["text_decoder"]])
     else:
         points = model.select([f"blocks.*.{sub}" for sub in LM_EDITED])
-    generator = torch.Generator().manual_seed(1234)
-    widths = torch.tensor([p.width for p in points])
-    flat = torch.randperm(int(widths.sum()), generator=generator)[: args.neurons].sort().values
-    starts = torch.cumsum(widths, 0) - widths
-    which = torch.searchsorted(starts, flat, right=True) - 1
-    edits = [
-        NeuronEdit(point, flat[which == i] - starts[i], torch.randn(int((which == i).sum()), generator=generator))
-        for i, point in enumerate(points)
-        if (which == i).any()
-    ]
+    edits = random_edits(points, args.neurons)
     model.model.generation_config.min_new_tokens = args.gen_tokens  # exactly N new tokens
     results = []
     for batch in (1, 8):
