@@ -69,6 +69,9 @@ class Adapter:
     components: dict[str, str] = field(default_factory=dict)  # module path prefix -> component
     #: (canonical name or in-layer suffix, alias): other names of the same tensor (TransformerLens 4's, ...)
     renames: tuple[tuple[str, str], ...] = ()
+    #: forward arguments held per example, not per token (an audio LLM's features): a left-padded batch keeps
+    #: them as they are (hookpoints.generation.left_padded; a decoder-only family that continues its inputs)
+    per_example_kwargs: tuple[str, ...] = ()
 
     # -- loading and inputs (overridden per family) -----------------------------------------------------
 

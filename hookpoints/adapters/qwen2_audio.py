@@ -28,6 +28,10 @@ class Qwen2Audio(Adapter):
     def model_class(self, config, modality):
         return Qwen2AudioForConditionalGeneration
 
+    def tasks(self, config, modality):
+        """forward, and ``continue``: greedy generation after the text or the speech prompt (its audio tokens)."""
+        return ("forward", "continue")
+
     def key_positions(self, model, space):
         """The audio encoder's maps have keys up to its window (Whisper's 1500 positions), the LM's its context."""
         if space == "audio_encoder":
@@ -136,4 +140,6 @@ QWEN2_AUDIO = Qwen2Audio(
         "model.language_model": "lm",
         "lm_head": "lm",
     },
+    # the audio's features and frame mask: merged into the prompt's audio tokens in their order, row by row
+    per_example_kwargs=("input_features", "feature_attention_mask"),
 )
