@@ -104,3 +104,61 @@ def test_record_continue_on_speech_stores_the_generated_text(run_cli, folder, tm
     assert sorted((r["example_id"], r["task"], r["generated_text"]) for r in stored) == [
         (f"u{i}", "continue", text) for i, text in enumerate(decoded)
     ]
+
+
+def test_a_prompt_template_puts_the_instruction_around_the_audio(folder, tiny_model_dir):
+    """``speech_inputs(template=...)``: the instruction's tokens before and after the audio tokens (Qwen2-Audio)
+    or placeholders (Ultravox, whose projector then fills the placeholders after them); generation from a
+    padded batch of templated prompts equals HF's generate on each alone."""
+    template = "Listen: {audio} Generate the caption in English:"
+    model = load(folder, modality="speech")
+    before = model.tokenizer("Listen: ", add_special_tokens=False)["input_ids"]
+    after = model.tokenizer(" Generate the caption in English:", add_special_tokens=False)["input_ids"]
+    plain, templated = model.speech_inputs(waves()), model.speech_inputs(waves(), template=template)
+    audio = model.model.config.audio_token_id
+    for i in range(3):
+        ids = templated.kwargs["input_ids"][i][templated.masks["input"][i]].tolist()
+        count = plain.kwargs["input_ids"][i].eq(audio).sum().item()
+        assert ids == [*before, *[audio] * count, *after], f"example {i}"
+    generation = model.generate(templated, max_new_tokens=STEPS)
+    for i, wave in enumerate(waves()):
+        one = model.speech_inputs([wave], template=template)
+        with torch.inference_mode():
+            out = model.model.generate(**one.kwargs, max_new_tokens=STEPS, do_sample=False, pad_token_id=0)
+        assert (
+            generation.generated(i)
+            == out[0, one.kwargs["input_ids"].shape[1] :].tolist()[: len(generation.generated(i))]
+        )
+
+    ultravox = load(tiny_model_dir("ultravox"), modality="speech")
+    inputs = ultravox.speech_inputs(waves(2), template=template)
+    bos = ultravox.tokenizer("", add_special_tokens=True)["input_ids"]
+    start = len(bos) + len(ultravox.tokenizer("Listen: ", add_special_tokens=False)["input_ids"])
+    assert inputs.kwargs["audio_token_start_idx"].tolist() == [start, start]
+    ids = inputs.kwargs["input_ids"][0].tolist()
+    assert (
+        ids[: len(bos)] == bos
+        and ids[len(bos) : start] == ultravox.tokenizer("Listen: ", add_special_tokens=False)["input_ids"]
+    )
+    _, cache = ultravox.run_with_cache(inputs, names="blocks.0.hook_resid_pre")
+    _, untemplated = ultravox.run_with_cache(ultravox.speech_inputs(waves(2)), names="blocks.0.hook_resid_pre")
+    count = int(inputs.kwargs["audio_token_len"][0])  # the projector's rows fill the placeholders after the text
+    torch.testing.assert_close(
+        cache["blocks.0.hook_resid_pre"][0, start : start + count],
+        untemplated["blocks.0.hook_resid_pre"][0, len(bos) : len(bos) + count],
+    )
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [("no audio here", "one {audio}"), ("{audio} and {audio}", "one {audio}"), (3, "one {audio}")],
+)
+def test_bad_prompt_templates_are_one_line(folder, tiny_model_dir, template, message):
+    from hookpoints.errors import UserError
+
+    model = load(folder, modality="speech")
+    with pytest.raises(UserError, match=message):
+        model.speech_inputs(waves(1), template=template)
+    whisper = load(tiny_model_dir("whisper"))
+    with pytest.raises(UserError, match="applies to audio LLMs"):
+        whisper.speech_inputs(waves(1), template="{audio}")

@@ -290,6 +290,14 @@ def token_batch(tokenizer, texts: list[str], *, max_length: int | None = None) -
     return encoded["input_ids"], encoded["attention_mask"]
 
 
+def template_ids(tokenizer, template: str | None) -> tuple[list[int], list[int]]:
+    """The token ids of a speech prompt's text before and after its ``{audio}`` (none without a template)."""
+    if template is None:
+        return [], []
+    before, after = template.split("{audio}")
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] if text else [] for text in (before, after)]
+
+
 def random_ids(model: nn.Module, batch: int, length: int, *, low: int = 4, high: int | None = None) -> torch.Tensor:
     """Random token ids in ``[low, high)`` (default: the vocabulary past the first special ids), for probing."""
     high = high or model.get_input_embeddings().num_embeddings
