@@ -43,7 +43,8 @@ from hookpoints.errors import UserError
 from hookpoints.languages import model_code
 from hookpoints.manifest import Manifest
 from hookpoints.model import HookedModel
-from hookpoints.recorder import BatchJob, batch_inputs, known_sources, plan_examples
+from hookpoints.record_plan import known_sources, plan_examples
+from hookpoints.recorder import BatchJob, batch_inputs
 from hookpoints.tasks import DEFAULT_TARGET, get_task
 
 __all__ = ["PAPER_SEED", "Cell", "Condition", "SweepSpec", "neuron_types", "plan_sweep", "run_sweep"]

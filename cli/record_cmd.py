@@ -55,6 +55,11 @@ from hookpoints.tasks import TASKS
 @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Generation length limit.")
 @click.option("--per-step", is_flag=True, help="Keep the generated steps' hooks per step (position = step).")
 @click.option("--frames", type=int, help="Fix speech features to N frames by truncation / zero-padding (paper: 300).")
+@click.option(
+    "--template",
+    metavar="TEXT",
+    help="Audio LLMs: the prompt's text around the audio, which goes at {audio} (e.g. '{audio}Describe it:').",
+)
 @click.option("--split", help="FLEURS split (train, dev, test; default test).")
 @click.option("--languages", help="FLEURS languages, comma-separated (de_de or de).")
 @click.option("--limit", type=int, help="FLEURS recordings per language at most.")
@@ -103,6 +108,7 @@ def command(
     max_new_tokens,
     per_step,
     frames,
+    template,
     split,
     languages,
     limit,
@@ -192,6 +198,7 @@ def command(
             max_new_tokens=max_new_tokens,
             per_step=per_step,
             frames=frames,
+            template=template,
             if_exists="resume" if resume else "overwrite" if overwrite else "error",
             on_start=on_start,
             on_batch=on_batch,

@@ -193,17 +193,17 @@ class HookedModel(GenerationMethods, ModelApi):
             )
         options = {"frames": frames}
         if template is not None:
-            if "template" not in inspect.signature(self.adapter.speech_inputs).parameters:
-                raise UserError(
-                    f"a prompt template applies to audio LLMs (Qwen2-Audio, Ultravox), not {self.adapter.name}"
-                )
-            if not isinstance(template, str) or template.count("{audio}") != 1:
-                raise UserError(
-                    f"a prompt template is text with one {{audio}} where the audio goes, not {template!r:.60}"
-                )
+            self.check_template(template)
             options["template"] = template
         inputs = self.adapter.speech_inputs(self.model, self.processor, self.tokenizer, waveforms, **options)
         return inputs.to(self.device, self.model.dtype)  # features in the model's precision (bf16 on a GPU)
+
+    def check_template(self, template) -> None:
+        """A UserError unless ``template`` is text with one ``{audio}`` and this model's speech prompt takes one."""
+        if "template" not in inspect.signature(self.adapter.speech_inputs).parameters:
+            raise UserError(f"a prompt template applies to audio LLMs (Qwen2-Audio, Ultravox), not {self.adapter.name}")
+        if not isinstance(template, str) or template.count("{audio}") != 1:
+            raise UserError(f"a prompt template is text with one {{audio}} where the audio goes, not {template!r:.60}")
 
     def source_inputs(self, texts: list[str], languages: list[str]) -> ModelInputs:
         """Text inputs marked with their source languages (model codes, e.g. ``deu``), for translation."""

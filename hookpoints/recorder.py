@@ -13,24 +13,22 @@ import pyarrow as pa
 import torch
 
 import hookpoints
-from hookpoints.audio import check_window, inspect_audio, load_audio
+from hookpoints.audio import load_audio
 from hookpoints.errors import UserError, check_count
 from hookpoints.heap_trim import HeapTrim
 from hookpoints.host_copy import HostCopy, one_behind
 from hookpoints.inputs import ModelInputs
-from hookpoints.languages import model_code
 from hookpoints.manifest import Manifest, audio_path
 from hookpoints.mask_skips import MASK_CHECK, check_claims
 from hookpoints.model import HookedModel
 from hookpoints.points import HookPoint
+from hookpoints.record_plan import DEFAULT_MAX_NEW_TOKENS, known_sources, plan_examples
 from hookpoints.settings import RunSettings
 from hookpoints.sizes import check_budget, example_bytes
 from hookpoints.store.catalog import Store
 from hookpoints.store.runs import check_shard, in_shard
 from hookpoints.store.writer import DEFAULT_BUFFER_BYTES, HookRows, open_run
 from hookpoints.tasks import Task, get_task, source_languages, target_languages
-
-DEFAULT_MAX_NEW_TOKENS = 128
 
 #: Columns generating tasks add to each example row (forward runs keep exactly the manifest's columns).
 _TEXT = pa.string()
@@ -66,6 +64,7 @@ class BatchJob:
     tgt_lang: str | None = None
     base: str = "."  # the manifest's folder: relative audio paths start there
     storage: str = "float32"  # the run's --dtype: float16 rows are cast where they were pooled (half the copy)
+    template: str | None = None  # an audio LLM's prompt text around the audio ({audio})
 
     @cached_property
     def settings(self) -> RunSettings:
@@ -81,14 +80,6 @@ class BatchJob:
 BatchRunner = Callable[
     [Iterable[pa.Table], list[HookPoint], BatchJob], Iterator[tuple[pa.Table, dict[str, HookRows], dict[str, list]]]
 ]
-
-
-@dataclass(frozen=True)
-class ExamplePlan:
-    """What every example needs, checked before anything is written."""
-
-    task: Task
-    sizes: list[float]  # per manifest row: characters or seconds (batches group similar sizes)
 
 
 def record(
@@ -113,6 +104,7 @@ def record(
     shard: tuple[int, int] = (0, 1),
     run_batches: BatchRunner | None = None,
     max_bytes: int | None = None,
+    template: str | None = None,
 ) -> RecordSummary:
     """Record every example of ``manifest`` at ``hooks`` (globs; default: the model's listed hook points).
 
@@ -124,6 +116,7 @@ def record(
     ``max_new_tokens``), save the text with the example, and pool decoder hooks over the generated tokens;
     with ``per_step`` decoder hooks keep one row per generation step instead (``position`` = step).
     ``frames`` fixes speech features to that many frames (truncation / masked zero-padding; the paper: 300).
+    ``template`` (audio LLMs): the prompt's text around the audio, at ``{audio}``.
     ``if_exists``: error, resume (record only what is missing) or overwrite. ``shard=(I, N)`` records only
     the examples of shard I of N (several processes can record one run side by side). ``run_batches`` runs
     the model somewhere else (hookpoints.scale_out); the rows are committed here either way.
@@ -146,11 +139,17 @@ def record(
         tgt_lang=tgt_lang,
         frames=frames,
         max_new_tokens=max_new_tokens if generates else None,
+        template=template,
     )
     check_shard(shard)
     plan = plan_examples(model, manifest, get_task(task), tgt_lang, max_new_tokens)
-    if frames is not None and model.modality != "speech":
-        raise UserError("frames applies to speech input; this run reads text")
+    for name, value in (("frames", frames), ("a prompt template", template)):
+        if value is not None and model.modality != "speech":
+            raise UserError(f"{name} applies to speech input; this run reads text")
+    if template is not None:
+        model.check_template(template)  # here, not at the first batch (the run opened)
+    if if_exists == "resume" and (info := store.run_info(run)) is not None:
+        settings.check_resumable(run, info.config, prepend_bos=model.prepend_bos)
     points = model.select(hooks)
     started = time.perf_counter()
     config = {
@@ -164,7 +163,7 @@ def record(
         "prepend_bos": model.prepend_bos,
         "versions": {"hookpoints": hookpoints.__version__, "torch": torch.__version__},
     }
-    job = BatchJob(task, pooling, per_step, frames, max_new_tokens, tgt_lang, str(manifest.base), dtype)
+    job = BatchJob(task, pooling, per_step, frames, max_new_tokens, tgt_lang, str(manifest.base), dtype, template)
     if max_bytes is not None:  # before anything is written (resume: counts the shard's examples already there)
         rows = [r for r, example in enumerate(manifest.ids) if in_shard(example, shard)]
         rows.sort(key=plan.sizes.__getitem__)
@@ -234,70 +233,6 @@ def _check_size(
     check_budget(per_example * examples, budget, examples, per_example, biggest)
 
 
-def plan_examples(
-    model: HookedModel, manifest: Manifest, task: Task, tgt_lang: str | None, max_new_tokens: int | None = None
-) -> ExamplePlan:
-    """Check the task against the model and every example's input (and for a generating task, its decoder prompt
-    and ``max_new_tokens``); nothing is written before this passes."""
-    if task.name not in model.tasks:
-        raise UserError(
-            f"model {model.source} ({model.adapter.name}, {model.modality} input) cannot do task {task.name}; "
-            f"it can do: {', '.join(model.tasks)}"
-            + ("" if model.modality != "text" or task.modality != "speech" else " (task needs speech input)")
-        )
-    ids = manifest.ids
-    columns = manifest.table.column_names
-    kind, missing = (
-        ("feature extractor", model.processor) if model.modality == "speech" else ("tokenizer", model.tokenizer)
-    )
-    if missing is None:  # found at the first batch, the run was opened already and left failed
-        raise UserError(
-            f"model {model.source} has no {kind}: save one next to it ({kind.replace(' ', '_')}.save_pretrained)"
-        )
-    if model.modality == "speech":
-        if "audio" not in columns:
-            raise UserError(f"{manifest.path} has no 'audio' column: speech input needs a WAV/FLAC path per example")
-        values = manifest.column("audio")
-        audio = []
-        for example, value in zip(ids, values, strict=True):
-            if not isinstance(value, str) or not value.strip():
-                raise UserError(f"example {example!r} has no audio file; give one or remove the example")
-            audio.append(manifest.audio_path(value))
-        window = getattr(model.processor, "n_samples", None)  # Whisper-style extractors: one fixed window
-        sizes = []
-        for path, example in zip(audio, ids, strict=True):
-            info = inspect_audio(path, example)
-            check_window(info, example, window)
-            sizes.append(info.seconds)
-    else:
-        if "text" not in columns:
-            raise UserError(f"{manifest.path} has no 'text' column: text input needs one")
-        texts = manifest.column("text")
-        for example, text in zip(ids, texts, strict=True):
-            if not isinstance(text, str) or not text.strip():
-                raise UserError(f"example {example!r} has empty text; give it text or remove it")
-        room = (max_new_tokens or DEFAULT_MAX_NEW_TOKENS) if task.generates and task.step_space == "input" else 0
-        names = [f"example {example!r}" for example in ids]
-        model.check_text_lengths(texts, names, marked=task.needs_source_language, room=room)
-        sizes = [len(text) for text in texts]
-    languages = manifest.column("language") if "language" in columns else None
-    sources = source_languages(task, languages, ids) if task.needs_source_language else None
-    targets = target_languages(task, languages, tgt_lang, ids)
-    for kind, codes in (("source", sources), ("target", targets)):
-        for example, code in zip(ids, codes or [], strict=False):
-            if model.language_token(code) is None:
-                known = model.languages
-                listed = ", ".join(known[:12]) + (" ..." if len(known) > 12 else "")
-                raise UserError(
-                    f"example {example!r}: unknown {kind} language {code!r} for model {model.source}"
-                    + (f"; it knows: {listed}" if known else "")
-                )
-    if task.generates and task.target is not None:  # the prompts the batches start from (Whisper: s2tt into English)
-        prompt = model.decoder_prompt(targets, task=task.name, sources=known_sources(manifest.table))
-        model.check_room(prompt.shape[1], max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
-    return ExamplePlan(task, sizes)
-
-
 def _added_columns(manifest: Manifest, task: Task) -> dict[str, pa.DataType]:
     added = dict(GENERATION_COLUMNS) if task.generates else {}
     clash = [name for name in added if name in manifest.table.column_names]
@@ -317,21 +252,13 @@ def batch_inputs(model: HookedModel, examples: pa.Table, job: BatchJob) -> tuple
     if model.modality == "speech":
         paths = [audio_path(Path(job.base), value) for value in examples["audio"].to_pylist()]
         waveforms = [load_audio(path, example) for path, example in zip(paths, ids, strict=True)]
-        inputs = model.speech_inputs(waveforms, frames=job.frames)
+        inputs = model.speech_inputs(waveforms, frames=job.frames, template=job.template)
     elif task.needs_source_language:
         inputs = model.source_inputs(examples["text"].to_pylist(), source_languages(task, languages, ids))
     else:
         inputs = model.text_inputs(examples["text"].to_pylist())
     targets = target_languages(task, languages, job.tgt_lang, ids) if task.generates else None
     return inputs, targets
-
-
-def known_sources(examples: pa.Table) -> list[str] | None:
-    """Model codes of the examples' own languages, where every example has one (else None)."""
-    if "language" not in examples.column_names:
-        return None
-    languages = examples["language"].to_pylist()
-    return [model_code(str(language)) for language in languages] if all(languages) else None
 
 
 def record_batch(

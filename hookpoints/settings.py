@@ -85,6 +85,7 @@ class RunSettings:
     tgt_lang: str | None = None
     frames: int | None = None
     max_new_tokens: int | None = None
+    template: str | None = None  # an audio LLM's prompt text around the audio ({audio}); None: the audio alone
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pooling", parse_pooling(self.pooling))
@@ -101,6 +102,10 @@ class RunSettings:
             raise UserError(f"frames must be at least 1, not {self.frames}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise UserError(f"max new tokens must be at least 1, not {self.max_new_tokens}")
+        if self.template is not None and (not isinstance(self.template, str) or self.template.count("{audio}") != 1):
+            raise UserError(
+                f"a prompt template is text with one {{audio}} where the audio goes, not {self.template!r:.60}"
+            )
 
     # --- written into the store -------------------------------------------------------------------------
     def stored_pooling(self) -> str:
@@ -113,12 +118,26 @@ class RunSettings:
 
     def config(self) -> dict:
         """The settings that live in the run's JSON ``config``."""
-        return {
+        config = {
             "tgt_lang": self.tgt_lang,
             "max_new_tokens": self.max_new_tokens,
             "per_step": self.per_step,
             "frames": self.frames,
         }
+        return config if self.template is None else {**config, "template": self.template}
+
+    def check_resumable(self, run: str, stored: dict, *, prepend_bos: bool = False) -> None:
+        """A UserError when the run's stored ``config`` was recorded with other settings than these (``--frames``,
+        ``--tgt-lang``, ``--max-new-tokens``, ``--template``, ``--prepend-bos``): resumed, its examples would mix
+        two recordings."""
+        stored = {"prepend_bos": False, **stored}  # runs recorded before prepend_bos was kept
+        for key, value in {**self.config(), "prepend_bos": prepend_bos}.items():
+            if key != "per_step" and stored.get(key) != value:  # per_step: in the pooling column, checked there
+                option = "--" + key.replace("_", "-")
+                raise UserError(
+                    f"cannot resume run {run!r} with {option} {value}: it was recorded with {option} "
+                    f"{stored.get(key)} (use --overwrite to start it again)"
+                )
 
     @classmethod
     def from_row(cls, row: dict) -> RunSettings:
@@ -140,6 +159,7 @@ class RunSettings:
             tgt_lang=config.get("tgt_lang"),
             frames=config.get("frames"),
             max_new_tokens=config.get("max_new_tokens"),
+            template=config.get("template"),
         )
 
     # --- what the stored rows mean ----------------------------------------------------------------------

@@ -162,3 +162,41 @@ def test_bad_prompt_templates_are_one_line(folder, tiny_model_dir, template, mes
     whisper = load(tiny_model_dir("whisper"))
     with pytest.raises(UserError, match="applies to audio LLMs"):
         whisper.speech_inputs(waves(1), template="{audio}")
+
+
+def test_record_with_a_template_stores_what_the_templated_prompt_gives(run_cli, folder, tmp_path):
+    """``record --template``: the stored vectors are the templated prompt's (not the audio alone's); the template
+    is kept with the run, and a resume with another template, a template without ``{audio}`` or one for a text
+    run is refused in one line before anything is written."""
+    import json
+
+    import soundfile
+
+    for i, wave in enumerate(waves()):
+        soundfile.write(tmp_path / f"u{i}.wav", wave, 16_000)
+    data = tmp_path / "speech.jsonl"
+    data.write_text("".join(json.dumps({"id": f"u{i}", "audio": f"u{i}.wav", "text": "hi"}) + "\n" for i in range(3)))
+    store = tmp_path / "store"
+    template = "Listen: {audio} Describe it:"
+    name = "blocks.1.hook_resid_post"
+    base = ["--data", str(data), "--store", str(store), "--hooks", name, "--pooling", "last"]
+    code, _, err = run_cli("record", "--model", str(folder), *base, "--run", "t", "--template", template)
+    assert code == 0, err
+    model = load(folder, modality="speech")
+    want = model.pooled(model.speech_inputs(waves(), template=template), [model.hook_points.get(name)], "last")[name]
+    plain = model.pooled(model.speech_inputs(waves()), [model.hook_points.get(name)], "last")[name]
+    with Store.open(store).query() as session:
+        rows = session.sql(f"SELECT example_id, activation FROM activations WHERE hook = '{name}' ORDER BY 1")
+        config = json.loads(session.sql("SELECT config FROM runs").to_pylist()[0]["config"])
+    got = torch.tensor(rows.to_pydict()["activation"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3) and config["template"] == template
+    for extra, message in (
+        (["--run", "t", "--template", "{audio} Other:", "--resume"], "cannot resume run 't' with --template"),
+        (["--run", "x", "--template", "no audio"], "one {audio}"),
+        (["--run", "x", "--template", "{audio}", "--modality", "text"], "applies to speech input"),
+    ):
+        code, _, err = run_cli("record", "--model", str(folder), *base, *extra)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    with Store.open(store).query() as session:
+        assert session.sql("SELECT run FROM runs").to_pylist() == [{"run": "t"}]  # nothing else written
