@@ -138,6 +138,32 @@ def test_recording_a_continuation_equals_transformerlens_at_the_generated_steps(
             torch.testing.assert_close(per_step[name][i], want, atol=5e-5, rtol=5e-5, msg=f"{name} per step {i}")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_recorded_attention_maps_index_keys_as_each_example_alone(folders, tmp_path):
+    """An attention map's stored key ``j`` is key ``j`` of the example's own sequence, as in TransformerLens' cache
+    of that sequence alone: the left padding generate needs does not shift a shorter example's keys (it did: key
+    0, the text's first token, was stored at key ``padding``)."""
+    model = load(folders["gpt2"])
+    peer = transformerlens_model("gpt2", folders["gpt2"], tmp_path)
+    names = ["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_attn_scores"]
+    mean, generation = model.pooled_generating(model.inputs(TEXTS), None, model.select(names[:1]), "mean", STEPS)
+    last, _ = model.pooled_generating(model.inputs(TEXTS), None, model.select(names), "last", STEPS)
+    assert not generation.prompt_inputs.masks["input"].all()  # the batch was padded
+    for i, text in enumerate(TEXTS):
+        prompt = model.tokenizer([text], return_tensors="pt")["input_ids"][0].tolist()
+        steps = generation.generated(i)
+        with torch.no_grad():
+            _, cache = peer.run_with_cache(torch.tensor([prompt + steps[:-1]]))
+        keys = len(prompt) + len(steps) - 1
+        at_steps = slice(len(prompt) - 1, keys)
+        got = mean[names[0]][i].reshape(4, -1)  # [head, keys laid out to the model's positions]
+        torch.testing.assert_close(got[:, :keys], cache[names[0]][0, :, at_steps].mean(1), atol=5e-5, rtol=5e-5)
+        assert not got[:, keys:].any()
+        for name in names:  # the last step reads every key
+            got = last[name][i].reshape(4, -1)
+            torch.testing.assert_close(got[:, :keys], cache[name][0, :, keys - 1], atol=5e-5, rtol=5e-5, msg=name)
+
+
 def test_the_alignment_check_catches_positions_counted_over_the_padding(folders, monkeypatch):
     """GPT-2's absolute positions: a teacher-forced pass that counted positions from the padding (not from each
     example's first token) would record shifted values; the run-time check refuses it."""
