@@ -212,6 +212,24 @@ def test_record_continue_stores_text_and_steps_equal_to_transformerlens(run_cli,
         plan_sweep(Store.open(store), spec, lambda source, modality: load(source))
 
 
+def test_max_bytes_counts_a_continuations_steps_not_its_text(run_cli, folders, tmp_path):
+    """--max-bytes of a ``continue`` run with pooling none: the rows are the generated steps (at most
+    max-new-tokens per example), not the text's positions (the estimate counted 150 text tokens + 4 steps and
+    refused a recording of 4 rows)."""
+    data = tmp_path / "texts.jsonl"
+    data.write_text(json.dumps({"id": "a", "text": "x " * 75}) + "\n")
+    name = "blocks.1.hook_resid_post"
+    args = ["--model", str(folders["gpt2"]), "--data", str(data), "--store", str(tmp_path / "store")]
+    args += ["--task", "continue", "--max-new-tokens", "4", "--hooks", name, "--pooling", "none"]
+    code, _, err = run_cli("record", *args, "--run", "fits", "--max-bytes", str(5 * 64 * 4))  # 5 rows of 64 floats
+    assert code == 0, err
+    with Store.open(tmp_path / "store").query() as session:
+        rows = session.sql(f"SELECT count(*) AS n FROM activations WHERE run = 'fits' AND hook = '{name}'")
+        assert 1 <= rows["n"][0].as_py() <= 4
+    code, _, err = run_cli("record", *args, "--run", "over", "--max-bytes", str(3 * 64 * 4))
+    assert code == 2 and "over --max-bytes 768 B" in err and "(1 examples x up to 1.0 KiB each" in err
+
+
 # -- bad input: one line each, nothing written ----------------------------------------------------------------
 
 
