@@ -32,7 +32,14 @@ class GenerationRequests:
         return "continue" in self.tasks
 
     def _check_generates(self) -> None:
-        """A UserError unless the model has a generating task (encoder-decoder families, decoder-only LMs)."""
+        """A UserError unless the model has a generating task (encoder-decoder families, decoder-only LMs) and its
+        weights are here (a model on NDIF, ``remote=True``, has none: HF's ``generate`` would run on the meta
+        device)."""
+        if self.remote is True:
+            raise UserError(
+                f"{self.source} runs on NDIF (--remote), where hookpoints records forward passes only: generate "
+                "(or record a generating task) with the model loaded locally"
+            )
         if not any(get_task(task).generates for task in self.tasks):
             raise UserError(
                 f"model {self.source} ({self.adapter.name}, {self.modality} input) does not generate here: "

@@ -279,3 +279,31 @@ def test_bad_continue_recordings_are_refused_before_anything_is_written(run_cli,
     if store.exists():
         with Store.open(store).query() as session:
             assert session.sql("SELECT * FROM runs").num_rows == 0  # no run was opened
+
+
+def test_a_remote_lm_refuses_to_generate_before_anything_is_written(folders, tmp_path):
+    """A model on NDIF (``--remote``) has its weights there and a meta-device stand-in here: generating ran HF's
+    ``generate`` on the stand-in (a RuntimeError about the meta device; the run was opened and left failed). One line
+    instead, and no run in the store."""
+    from transformers import AutoConfig
+
+    from hookpoints.adapters import adapter_for
+    from hookpoints.manifest import read_manifest
+    from hookpoints.model import HookedModel
+    from hookpoints.recorder import record
+
+    config = AutoConfig.from_pretrained(folders["llama"])
+    adapter = adapter_for(config.model_type)
+    with torch.device("meta"):
+        stand_in = adapter.model_class(config, "text").from_config(config)
+    local = load(folders["llama"])
+    remote = HookedModel(stand_in, adapter, tokenizer=local.tokenizer, source="meta-llama/x", remote=True)
+    with pytest.raises(UserError, match=r"runs on NDIF \(--remote\), where hookpoints records forward passes only"):
+        remote.generate(["Hi"], max_new_tokens=3)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "text": "Hi"}) + "\n")
+    store = Store.open(tmp_path / "store", create=True)
+    with pytest.raises(UserError, match="records forward passes only"):
+        record(remote, read_manifest(tmp_path / "m.jsonl"), store, "r", hooks=["blocks.0.hook_resid_post"],
+               task="continue", max_new_tokens=3)  # fmt: skip
+    with store.query() as session:
+        assert session.sql("SELECT * FROM runs").num_rows == 0
