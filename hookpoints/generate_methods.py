@@ -70,6 +70,8 @@ class GenerationMethods(GenerationRequests):
         strings, waveforms or audio paths (hookpoints.user_inputs).
         """
         inputs, prompt = self._check_request(inputs, prompt, max_new_tokens, [] if edits is None else edits)
+        if encoder_outputs is not None and self.continues:  # HF's ValueError about unused model_kwargs
+            raise UserError(f"{self.source} is a decoder-only LM: it has no encoder, so no encoder_outputs to give")
         if edits:
             if encoder_outputs is not None:
                 raise UserError("generate: give edits or encoder_outputs, not both")
@@ -162,6 +164,8 @@ class GenerationMethods(GenerationRequests):
         hook per tensor).
         """
         inputs, prompt = self._check_request(inputs, prompt, max_new_tokens, edits)
+        if isinstance(record, str) or any(isinstance(point, str) for point in record):
+            record = self.select(record)  # names or globs, as run_with_cache takes them
         modules = dict(self.model.named_modules())
         for point in [edit.point for edit in edits] + list(record):
             if point.module not in modules:

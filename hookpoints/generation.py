@@ -149,6 +149,11 @@ def left_padded(inputs: ModelInputs, *, with_positions: bool) -> ModelInputs:
         raise UserError(
             f"a decoder-only LM generates from token ids: give texts or input_ids with an attention_mask, not {given}"
         )
+    empty = (~mask.bool()).all(1).nonzero()
+    if len(empty):  # HF would continue it from nothing (attention over no key)
+        raise UserError(
+            f"example {int(empty[0])} has no tokens (its attention_mask is all 0): give every example at least one"
+        )
     order = torch.sort(mask.int(), dim=1, stable=True).indices  # [batch, pos]: padding first, tokens in order
     ids = inputs.kwargs["input_ids"].gather(1, order.to(inputs.kwargs["input_ids"].device))
     mask = mask.gather(1, order.to(mask.device))

@@ -307,3 +307,23 @@ def test_a_remote_lm_refuses_to_generate_before_anything_is_written(folders, tmp
                task="continue", max_new_tokens=3)  # fmt: skip
     with store.query() as session:
         assert session.sql("SELECT * FROM runs").num_rows == 0
+
+
+def test_more_generation_requests_get_one_line_or_work_as_named(folders):
+    """An example whose attention_mask is all 0 was continued from nothing (garbage tokens, no word);
+    encoder_outputs for a decoder-only LM was HF's ValueError about unused model_kwargs; ``record`` given hook
+    names (as run_with_cache takes them) was an AttributeError."""
+    model = load(folders["gpt2"])
+    ids = model.inputs(TEXTS[:2]).kwargs["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    with pytest.raises(UserError, match=r"^example 1 has no tokens \(its attention_mask is all 0\)"):
+        model.generate({"input_ids": ids, "attention_mask": mask}, max_new_tokens=3)
+    with pytest.raises(UserError, match="decoder-only LM: it has no encoder, so no encoder_outputs to give"):
+        model.generate(TEXTS, max_new_tokens=3, encoder_outputs=torch.zeros(4, 2, 64))
+    name = "blocks.0.hook_resid_post"
+    by_name = model.generate_edited(TEXTS, None, [], 3, record=[name])
+    by_point = model.generate_edited(TEXTS, None, [], 3, record=model.select([name]))
+    assert torch.equal(by_name[0].sequences, by_point[0].sequences)
+    assert len(by_name[1][name]) == 3
+    assert all(torch.equal(a, b) for a, b in zip(by_name[1][name], by_point[1][name], strict=True))
