@@ -21,6 +21,24 @@ from hookpoints.generation import left_padded
 from hookpoints.inputs import ModelInputs
 from hookpoints.tasks import get_task
 
+#: A decoder-only LM continues by the argmax of its logits, as TransformerLens' greedy ``generate`` does: a
+#: checkpoint's own logits processors (Qwen2.5-Instruct's ``repetition_penalty`` 1.05, ``no_repeat_ngram_size``,
+#: banned or forced tokens) would pick other tokens, without a word (the logits themselves are unchanged).
+PLAIN_ARGMAX = {
+    "repetition_penalty": None,
+    "encoder_repetition_penalty": None,
+    "no_repeat_ngram_size": None,
+    "min_length": None,
+    "min_new_tokens": None,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+}
+
 
 class GenerationRequests:
     """Mixed into :class:`~hookpoints.model.HookedModel` (through GenerationMethods): argument checks of the
@@ -132,6 +150,7 @@ class GenerationRequests:
             "input_ids": given.kwargs["input_ids"],
             "attention_mask": given.kwargs["attention_mask"],
             "pad_token_id": self._pad_token(),
+            **PLAIN_ARGMAX,
         }
         return kwargs, given.kwargs["input_ids"], given
 

@@ -327,3 +327,24 @@ def test_more_generation_requests_get_one_line_or_work_as_named(folders):
     assert torch.equal(by_name[0].sequences, by_point[0].sequences)
     assert len(by_name[1][name]) == 3
     assert all(torch.equal(a, b) for a, b in zip(by_name[1][name], by_point[1][name], strict=True))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_checkpoints_logits_processors_do_not_change_the_greedy_continuation(folders, tmp_path):
+    """A checkpoint's generation_config may carry a repetition penalty (Qwen2.5-Instruct: 1.05) or n-gram and
+    token bans: HF's generate applied them, so the "greedy" continuation was not the argmax TransformerLens'
+    generate picks (and the alignment check, which compares logits, could not see it)."""
+    model = load(folders["gpt2"])
+    peer = transformerlens_model("gpt2", folders["gpt2"], tmp_path)
+    config = model.model.generation_config
+    config.repetition_penalty, config.no_repeat_ngram_size, config.min_new_tokens = 1.5, 2, STEPS
+    config.suppress_tokens = list(range(200, 300))
+    generation = model.generate(TEXTS, max_new_tokens=STEPS)
+    recorded, again = model.pooled_generating(model.inputs(TEXTS), None, model.select(["blocks.0.hook_resid_post"]),
+                                              "mean", STEPS)  # fmt: skip
+    assert torch.equal(again.sequences, generation.sequences)
+    for i, text in enumerate(TEXTS):
+        tokens = model.tokenizer([text], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            want = peer.generate(tokens, max_new_tokens=STEPS, do_sample=False, stop_at_eos=False, verbose=False)
+        assert generation.generated(i) == want[0, tokens.shape[1] :].tolist()[: int(generation.lengths[i])], i
