@@ -94,7 +94,7 @@ class RunSettings:
         if self.task not in TASKS:
             raise UserError(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
         if self.per_step and not TASKS[self.task].generates:
-            raise UserError(f"per-step recording needs a generating task (asr, s2tt, t2tt), not {self.task}")
+            raise UserError(f"per-step recording needs a generating task (asr, s2tt, t2tt, continue), not {self.task}")
         if self.per_step and self.pooling is Pooling.NONE:
             raise UserError("per-step recording pools the other hook points: give --pooling mean, last or max")
         if self.frames is not None and self.frames < 1:
