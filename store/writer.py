@@ -114,7 +114,7 @@ def open_run(
                 f"(in Python: if_exists='resume') to continue it{also}, or choose another run name"
             )
         with damage_said(store, run):
-            _check_resumable(store, run, info, settings, hooks)
+            _check_resumable(store, run, info, settings, hooks, config)
 
     what = f"run {run!r}" if count == 1 else f"shard {index}/{count} of run {run!r}"
     resuming = index in states
@@ -380,12 +380,25 @@ def _check_shards(store: Store, run: str, info, count: int) -> None:
     )
 
 
-def _check_resumable(store: Store, run: str, info, settings: dict[str, str], hooks: list[dict]) -> None:
+#: Values of a run's config that change what its rows hold: a resumed run, or another shard of it, repeats them
+#: (a shard recorded with other --max-new-tokens or --prepend-bos was mixed into the run without a word).
+RESUMED_CONFIG = ("tgt_lang", "max_new_tokens", "frames", "prepend_bos", "modality")
+
+
+def _check_resumable(
+    store: Store, run: str, info, settings: dict[str, str], hooks: list[dict], config: dict | None = None
+) -> None:
     for key in RUN_SETTINGS:
         if getattr(info, key) != settings[key]:
             raise UserError(
                 f"cannot resume run {run!r} with {key}={settings[key]}: it was recorded with "
                 f"{key}={getattr(info, key)} (use --overwrite to start it again)"
+            )
+    for key in RESUMED_CONFIG:  # where both say (older runs' configs may lack a key)
+        if key in (info.config or {}) and key in (config or {}) and info.config[key] != config[key]:
+            raise UserError(
+                f"cannot resume run {run!r} with {key}={config[key]}: it was recorded with "
+                f"{key}={info.config[key]} (use --overwrite to start it again)"
             )
     stored = sorted(store.run_hooks(run)["hook"].to_pylist())
     if stored and stored != sorted(hook["hook"] for hook in hooks):

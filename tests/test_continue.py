@@ -348,3 +348,23 @@ def test_a_checkpoints_logits_processors_do_not_change_the_greedy_continuation(f
         with torch.no_grad():
             want = peer.generate(tokens, max_new_tokens=STEPS, do_sample=False, stop_at_eos=False, verbose=False)
         assert generation.generated(i) == want[0, tokens.shape[1] :].tolist()[: int(generation.lengths[i])], i
+
+
+def test_a_shard_or_resume_repeats_what_the_run_generated_with(run_cli, folders, tmp_path):
+    """A second shard recorded with another --max-new-tokens (or --prepend-bos) was mixed into the run without a
+    word: rows of 5-token and 6-token continuations under one run. Refused, naming the value to repeat."""
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"id": f"t{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    args = ["--model", str(folders["gpt2"]), "--data", str(data), "--store", str(tmp_path / "store"), "--run", "c"]
+    args += ["--task", "continue", "--hooks", "blocks.1.hook_resid_post"]
+    code, _, err = run_cli("record", *args, "--max-new-tokens", "5", "--shard", "0/2")
+    assert code == 0, err
+    code, _, err = run_cli("record", *args, "--max-new-tokens", "6", "--shard", "1/2")
+    assert code == 2 and "cannot resume run 'c' with max_new_tokens=6: it was recorded with max_new_tokens=5" in err
+    code, _, err = run_cli("record", *args, "--max-new-tokens", "5", "--shard", "1/2", "--prepend-bos")
+    assert code == 2 and "with prepend_bos=True: it was recorded with prepend_bos=False" in err
+    code, _, err = run_cli("record", *args, "--max-new-tokens", "5", "--shard", "1/2")
+    assert code == 0, err
+    with Store.open(tmp_path / "store").query() as session:
+        tokens = session.sql("SELECT generated_tokens AS n FROM examples WHERE run = 'c'")["n"].to_pylist()
+    assert len(tokens) == len(TEXTS) and max(tokens) <= 5
