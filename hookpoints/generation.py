@@ -157,6 +157,14 @@ def left_padded(inputs: ModelInputs, *, with_positions: bool) -> ModelInputs:
     order = torch.sort(mask.int(), dim=1, stable=True).indices  # [batch, pos]: padding first, tokens in order
     ids = inputs.kwargs["input_ids"].gather(1, order.to(inputs.kwargs["input_ids"].device))
     mask = mask.gather(1, order.to(mask.device))
+    given = inputs.kwargs.get("position_ids")
+    if isinstance(given, torch.Tensor):  # generate counts them itself: others would be dropped without a word
+        given = given.expand(ids.shape).gather(1, order.to(given.device)).to(mask.device)
+        if not torch.equal(given[mask.bool()], positions(mask)[mask.bool()]):
+            raise UserError(
+                "generate counts each example's positions from its first token (0, 1, 2, ...): give input_ids and "
+                "an attention_mask without position_ids of your own"
+            )
     kwargs = {"input_ids": ids, "attention_mask": mask.long()}
     if with_positions:
         kwargs["position_ids"] = positions(mask)

@@ -368,3 +368,17 @@ def test_a_shard_or_resume_repeats_what_the_run_generated_with(run_cli, folders,
     with Store.open(tmp_path / "store").query() as session:
         tokens = session.sql("SELECT generated_tokens AS n FROM examples WHERE run = 'c'")["n"].to_pylist()
     assert len(tokens) == len(TEXTS) and max(tokens) <= 5
+
+
+def test_position_ids_of_ones_own_are_refused_not_dropped(folders):
+    """generate counts positions from each example's first token; position_ids that say otherwise (an offset)
+    were dropped without a word. The ones it would count itself are taken."""
+    model = load(folders["gpt2"])
+    model.tokenizer.padding_side = "left"
+    batch = model.tokenizer(TEXTS, return_tensors="pt", padding=True)
+    model.tokenizer.padding_side = "right"
+    counted = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    same = model.generate({**batch, "position_ids": counted}, max_new_tokens=3)
+    assert torch.equal(same.sequences, model.generate(TEXTS, max_new_tokens=3).sequences)
+    with pytest.raises(UserError, match=r"positions from its first token .* without position_ids"):
+        model.generate({**batch, "position_ids": counted + 5}, max_new_tokens=3)
