@@ -112,6 +112,8 @@ class GenerationMethods(GenerationRequests):
         A decoder-only LM (``prompt`` None) generates, then records every hook point in one teacher-forced pass
         over ``input + generated[:-1]``, pooled over the generated tokens' steps.
         """
+        self._check_generates()
+        inputs = self.generation_inputs(inputs)  # texts too, as generate takes them
         prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
         if self.continues:
             generation = self.generate(inputs, None, max_new_tokens)

@@ -326,6 +326,9 @@ def test_more_generation_requests_get_one_line_or_work_as_named(folders):
     by_point = model.generate_edited(TEXTS, None, [], 3, record=model.select([name]))
     assert torch.equal(by_name[0].sequences, by_point[0].sequences)
     assert len(by_name[1][name]) == 3
+    from_texts, _ = model.pooled_generating(TEXTS, None, model.select([name]), "mean", 3)  # an AttributeError
+    from_batch, _ = model.pooled_generating(model.inputs(TEXTS), None, model.select([name]), "mean", 3)
+    torch.testing.assert_close(from_texts[name], from_batch[name], atol=0, rtol=0)
     assert all(torch.equal(a, b) for a, b in zip(by_name[1][name], by_point[1][name], strict=True))
 
 
