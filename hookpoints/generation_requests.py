@@ -98,6 +98,11 @@ class GenerationRequests:
                     f"{self.source} is a decoder-only LM: it continues its inputs and takes no decoder prompt "
                     f"(model.generate(texts, max_new_tokens=20){'; give ' + hint if hint else ''})"
                 )
+            if "input" not in inputs.masks:  # a hand-built ModelInputs: a KeyError
+                raise UserError(
+                    "a decoder-only LM generates from token ids: give texts, or a ModelInputs with an 'input' mask "
+                    "(model.inputs(...) builds one)"
+                )
             self.check_room(int(inputs.masks["input"].shape[1]), max_new_tokens)
             return None
         if (

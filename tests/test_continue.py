@@ -19,6 +19,7 @@ from test_transformerlens_names import transformerlens_model
 
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation
+from hookpoints.inputs import ModelInputs
 from hookpoints.loading import load
 from hookpoints.tiny import build_tiny
 
@@ -321,6 +322,8 @@ def test_more_generation_requests_get_one_line_or_work_as_named(folders):
         model.generate({"input_ids": ids, "attention_mask": mask}, max_new_tokens=3)
     with pytest.raises(UserError, match="decoder-only LM: it has no encoder, so no encoder_outputs to give"):
         model.generate(TEXTS, max_new_tokens=3, encoder_outputs=torch.zeros(4, 2, 64))
+    with pytest.raises(UserError, match="a ModelInputs with an 'input' mask"):  # a KeyError
+        model.generate(ModelInputs({"input_ids": ids}, {}), max_new_tokens=3)
     name = "blocks.0.hook_resid_post"
     by_name = model.generate_edited(TEXTS, None, [], 3, record=[name])
     by_point = model.generate_edited(TEXTS, None, [], 3, record=model.select([name]))
