@@ -39,6 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from hookpoints.analyses.ap_kernels import resolve_backend
 from hookpoints.analyses.ap_numpy import NonFinite, NumpyBackend, make_family
+from hookpoints.analyses.arguments import binary_array, number_array
+
+from hookpoints.errors import UserError, check_count
 
 __all__ = [
     "LabelSetPlan",
@@ -55,19 +58,15 @@ _SCRATCH_BYTES = {"numba": 12, "numpy": 120}
 
 
 def _as_bool_matrix(a, name: str, n: int) -> np.ndarray:
-    a = np.asarray(a)
+    a = binary_array(a, name)
     if a.ndim == 1:
         a = a[None, :]
     if a.ndim != 2:
-        raise ValueError(f"{name} must be [sets, examples]; got an array of shape {a.shape}")
+        raise UserError(f"{name} must be [sets, examples]; got an array of shape {a.shape}")
     if a.shape[1] != n:
-        raise ValueError(
+        raise UserError(
             f"{name} has {a.shape[1]} examples per set but scores have {n} examples (rows); pass one entry per example"
         )
-    if a.dtype != bool:
-        if not (np.issubdtype(a.dtype, np.integer) and np.isin(a, (0, 1)).all()):
-            raise ValueError(f"{name} must be bool (or 0/1 integers); got dtype {a.dtype}")
-        a = a.astype(bool)
     return a
 
 
@@ -84,9 +83,9 @@ class LabelSetPlan(NumpyBackend):
     """
 
     def __init__(self, label_sets, among=None, *, n_examples: int | None = None):
-        ls = np.asarray(label_sets)
-        n = ls.shape[-1] if n_examples is None else n_examples
-        ls = _as_bool_matrix(ls, "label_sets", n)
+        ls = binary_array(label_sets, "label_sets")
+        n = (ls.shape[-1] if ls.ndim else 0) if n_examples is None else n_examples
+        ls = _as_bool_matrix(ls, "labels" if ls.ndim == 1 else "label_sets", n)
         n_sets = ls.shape[0]
         if among is None:
             am = None
@@ -95,7 +94,7 @@ class LabelSetPlan(NumpyBackend):
             if am.shape[0] == 1 and n_sets > 1:
                 am = np.broadcast_to(am, ls.shape)
             if am.shape[0] != n_sets:
-                raise ValueError(f"among has {am.shape[0]} sets but label_sets has {n_sets}; pass one mask per set")
+                raise UserError(f"among has {am.shape[0]} sets but label_sets has {n_sets}; pass one mask per set")
         self.n_examples = n
         self.n_sets = n_sets
 
@@ -106,9 +105,9 @@ class LabelSetPlan(NumpyBackend):
             where = f"label set {s}" if n_sets > 1 else "labels"
             scope = "" if am is None else f" among the {n_in} examples of its 'among' mask"
             if n_pos == 0:
-                raise ValueError(f"{where} has no positive examples{scope}; AP is undefined - give it >= 1 True")
+                raise UserError(f"{where} has no positive examples{scope}; AP is undefined - give it >= 1 True")
             if n_pos == n_in:
-                raise ValueError(
+                raise UserError(
                     f"{where} has no negative examples{scope} (all {n_in} positive); "
                     "AP is undefined - give it >= 1 False"
                 )
@@ -198,16 +197,15 @@ class LabelSetPlan(NumpyBackend):
         (Fortran-ordered, i.e. ``neuron_major.T``) reads fastest. ``backend`` is "numba",
         "numpy" or "auto" (numba when importable).
         """
-        x = np.asarray(scores)
+        x = number_array(scores, "scores")
         if x.ndim != 2:
-            raise ValueError(f"scores must be 2-D [examples, neurons]; got shape {x.shape}")
+            one = "; for one neuron pass scores[:, None]" if x.ndim == 1 else ""
+            raise UserError(f"scores must be 2-D [examples, neurons]; got shape {x.shape}{one}")
         if x.shape[0] != self.n_examples:
-            raise ValueError(
+            raise UserError(
                 f"scores have {x.shape[0]} examples (rows) but the labels have {self.n_examples}; "
                 "pass scores as [examples, neurons]"
             )
-        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == bool):
-            raise ValueError(f"scores must be a real numeric array; got dtype {x.dtype}")
         if x.dtype not in (np.float32, np.float64):
             x = x.astype(np.float32 if x.dtype.itemsize <= 2 else np.float64)
         kernels = resolve_backend(backend)
@@ -215,7 +213,7 @@ class LabelSetPlan(NumpyBackend):
         out = np.empty((self.n_sets, n_neurons), dtype=np.float64)  # [sets, neurons]
         if n_neurons == 0:
             return out
-        block = max(1, int(block))
+        check_count("block", block)
         xt = x.T  # [neurons, examples] view
         n_blocks = -(-n_neurons // block)
         next_block = itertools.count().__next__  # atomic under the GIL
@@ -239,7 +237,9 @@ class LabelSetPlan(NumpyBackend):
                     failed.append(e)
                     raise
 
-        threads = _default_threads() if threads is None else max(1, int(threads))
+        if threads is not None:
+            check_count("threads", threads)
+        threads = _default_threads() if threads is None else threads
         with ThreadPoolExecutor(max_workers=min(threads, n_blocks)) as pool:
             futures = [pool.submit(worker) for _ in range(min(threads, n_blocks))]
         if failed:
@@ -247,7 +247,7 @@ class LabelSetPlan(NumpyBackend):
                 bad = ~np.isfinite(x)
                 cols = np.flatnonzero(bad.any(axis=0))
                 shown = ", ".join(map(str, cols[:10])) + (", ..." if len(cols) > 10 else "")
-                raise ValueError(
+                raise UserError(
                     f"scores contain {int(bad.sum())} NaN/inf values in {len(cols)} neuron columns "
                     f"[{shown}]; drop or impute those neurons first"
                 ) from None
@@ -307,7 +307,7 @@ def average_precision_many(
     ``sklearn.metrics.average_precision_score(label_sets[s][among[s]], scores[among[s], j])``.
     For many chunks, build a :class:`LabelSetPlan` once and call its ``score``.
     """
-    x = np.asarray(scores)
+    x = number_array(scores, "scores")
     n = x.shape[0] if x.ndim == 2 else None
     plan = LabelSetPlan(label_sets, among, n_examples=n)
     return plan.score(x, threads=threads, block=block, backend=backend)
@@ -321,10 +321,10 @@ def average_precision(scores, labels, *, threads: int | None = None, backend: st
     >>> average_precision(np.array([[0.9], [0.1], [0.8]]), np.array([1, 0, 1]))
     array([1.])
     """
-    labels = np.asarray(labels)
+    labels = binary_array(labels, "labels")
     if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D [examples]; got shape {labels.shape}")
-    return average_precision_many(scores, labels[None, :], threads=threads, backend=backend)[0]
+        raise UserError(f"labels must be 1-D [examples]; got shape {labels.shape}")
+    return average_precision_many(scores, labels, threads=threads, backend=backend)[0]
 
 
 def neuron_chunk_size(

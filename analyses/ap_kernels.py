@@ -7,6 +7,8 @@ import functools
 
 import numpy as np
 
+from hookpoints.errors import UserError
+
 
 def pack_keys(src, atom, abits, f32, keys):  # pragma: no cover - compiled by numba
     """Sort keys for rows ``src`` ``[m, examples]``: ``(descending score bits << abits) | atom``.
@@ -138,10 +140,10 @@ def numba_kernels():
 
 def resolve_backend(backend: str):
     if backend not in ("auto", "numba", "numpy"):
-        raise ValueError(f"backend must be 'auto', 'numba' or 'numpy'; got {backend!r}")
+        raise UserError(f"backend must be 'auto', 'numba' or 'numpy'; got {backend!r}")
     if backend == "numpy":
         return None
     kernels = numba_kernels()
     if kernels is None and backend == "numba":
-        raise ValueError("backend='numba' needs numba installed (pip install numba); or use backend='numpy'")
+        raise UserError("backend='numba' needs numba installed (pip install numba); or use backend='numpy'")
     return kernels

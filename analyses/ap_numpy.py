@@ -10,7 +10,7 @@ import numpy as np
 
 
 class NonFinite(Exception):
-    """Raised inside a worker; the caller turns it into a ValueError with a full report."""
+    """Raised inside a worker; the caller turns it into a UserError with a full report."""
 
 
 @dataclass(frozen=True)

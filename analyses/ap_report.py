@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+from hookpoints.analyses.arguments import as_store, name_list
 from hookpoints.analyses.selection import (
     SIDES,
     Overlap,
@@ -114,6 +115,9 @@ def selectivity_report(
     >>> report = selectivity_report(store, "s2tt+t2tt", ["language/de", "language/fr"], k=500)  # doctest: +SKIP
     """
     check_k(k)
+    store = as_store(store)
+    label_sets = name_list(label_sets, "label_sets")  # a string was read letter by letter
+    components = None if components is None else name_list(components, "components")
     if not label_sets:
         raise UserError("give at least one label set to summarise")
     rows = []

@@ -280,14 +280,21 @@ def _measure_layer(result: ClusterResult, hook: StoredHook, x: np.ndarray) -> La
 
 
 def _check_numbers(settings: ClusterSettings) -> None:
-    if settings.sample < 3:
-        raise UserError(f"--sample must be at least 3 examples, not {settings.sample}")
-    if settings.seed < 0:
-        raise UserError(f"--seed must be a non-negative integer, not {settings.seed}")
+    # None or "5" was a TypeError on the comparison; sample=2.5 drew 2.5 rows (numpy's "negative dimensions" for nan)
+    if not _whole(settings.sample) or settings.sample < 3:
+        raise UserError(f"--sample must be a whole number of at least 3 examples, not {settings.sample!r}")
+    if not _whole(settings.seed) or settings.seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, not {settings.seed!r}")
+    if isinstance(settings.perplexity, bool) or not isinstance(settings.perplexity, int | float | np.number):
+        raise UserError(f"--perplexity must be a positive number, not {settings.perplexity!r}")
     if not settings.perplexity > 0:
         raise UserError(f"--perplexity must be positive, not {settings.perplexity}")
     if settings.linkage not in LINKAGES:
         raise UserError(f"--linkage must be one of {', '.join(LINKAGES)}, not {settings.linkage!r}")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _labelling(subset: Subset, name: str) -> Labelling:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from hookpoints.analyses.arguments import name_list
 from hookpoints.analyses.labels import LabelSet, check_predicate, quote_name
+from hookpoints.analyses.subsets import examples_source
 from hookpoints.store.names import RUN_KEY_SEPARATOR
 from hookpoints.store.query import QuerySession
 
@@ -131,6 +132,7 @@ class ExampleSet:
     where: str | None
     table: pa.Table  # run, example_id; row i is example i of every matrix
     offsets: dict[str, tuple[int, int]]  # run -> its rows [start, stop)
+    source: str = "examples"  # the examples as predicates read them: NaN as NULL (subsets.examples_source)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -142,8 +144,12 @@ class ExampleSet:
     def base_sql(self, columns: str) -> str:
         """SELECT ``columns`` over these examples (parameter ``$runs``), in the set's order."""
         where = "" if self.where is None else f" WHERE {self.where}"
-        runs = "(SELECT * FROM examples WHERE list_contains($runs, run))"  # a predicate sees these runs only
+        runs = self.runs_sql()  # a predicate sees these runs only
         return f"SELECT {columns} FROM {runs}{where} ORDER BY run, example_id"
+
+    def runs_sql(self) -> str:
+        """The examples of the group's runs (parameter ``$runs``), NaN read as NULL: what predicates see."""
+        return f"(SELECT * FROM {self.source} WHERE list_contains($runs, run))"
 
     def columns(self, session: QuerySession) -> list[str]:
         return session.sql("SELECT * FROM examples LIMIT 0").column_names
@@ -154,7 +160,7 @@ class ExampleSet:
             return None
         where = "" if self.where is None else f" AND ({self.where})"
         rows = session.sql(
-            f"SELECT DISTINCT {quote_name(column)} AS v FROM (SELECT * FROM examples WHERE list_contains($runs, run)) "
+            f"SELECT DISTINCT {quote_name(column)} AS v FROM {self.runs_sql()} "
             f"WHERE {quote_name(column)} IS NOT NULL{where} ORDER BY v",
             {"runs": list(self.group.runs)},
         )
@@ -165,14 +171,14 @@ class ExampleSet:
         a, b = quote_name(first), quote_name(second)
         where = "" if self.where is None else f" AND ({self.where})"
         rows = session.sql(
-            f"SELECT DISTINCT {a} AS a, {b} AS b FROM (SELECT * FROM examples WHERE list_contains($runs, run)) "
+            f"SELECT DISTINCT {a} AS a, {b} AS b FROM {self.runs_sql()} "
             f"WHERE {a} IS NOT NULL AND {b} IS NOT NULL{where}",
             {"runs": list(self.group.runs)},
         ).to_pylist()
         return {(row["a"], row["b"]) for row in rows}
 
-    def mask(self, session: QuerySession, predicate: str, option: str) -> np.ndarray:
-        """``[examples]`` bool: the predicate over each example (NULL -> False)."""
+    def mask(self, session: QuerySession, predicate: str, option: str) -> tuple[np.ndarray, np.ndarray]:
+        """``[examples]`` bool twice: where the predicate is true, and where it is NULL (a NULL or NaN label)."""
         try:
             result = session.sql(self.base_sql(f"({predicate}) AS v"), {"runs": list(self.group.runs)})
         except UserError as error:
@@ -186,11 +192,10 @@ class ExampleSet:
             )
         if len(column) != len(self):
             raise UserError(f"{option} {predicate!r} changed the examples it was evaluated over: simplify it")
-        return (
-            pc.fill_null(column, False).to_numpy(zero_copy_only=False).astype(bool)
-            if len(column)
-            else np.zeros(0, bool)
-        )
+        if not len(column):
+            return np.zeros(0, bool), np.zeros(0, bool)
+        unknown = column.is_null().to_numpy(zero_copy_only=False).astype(bool)
+        return pc.fill_null(column, False).to_numpy(zero_copy_only=False).astype(bool), unknown
 
 
 def select_examples(session: QuerySession, group: RunGroup, where: str | None = None) -> ExampleSet:
@@ -200,7 +205,8 @@ def select_examples(session: QuerySession, group: RunGroup, where: str | None = 
     ...     examples = select_examples(session, open_runs(session, ["r1"]), where="language = 'de'")
     """
     where = None if where is None else check_predicate(where, "--where")
-    probe = ExampleSet(group, where, pa.table({"run": pa.array([], pa.string())}), {})
+    source = examples_source(session)
+    probe = ExampleSet(group, where, pa.table({"run": pa.array([], pa.string())}), {}, source)
     try:
         table = session.sql(probe.base_sql("run, example_id"), {"runs": list(group.runs)})
     except UserError as error:
@@ -218,7 +224,7 @@ def select_examples(session: QuerySession, group: RunGroup, where: str | None = 
         raise UserError(
             f"the examples table lists an example twice in run(s) {', '.join(group.runs)}: the run is damaged"
         )
-    return ExampleSet(group, where, table.select(["run", "example_id"]), offsets)
+    return ExampleSet(group, where, table.select(["run", "example_id"]), offsets, source)
 
 
 @dataclass(frozen=True)
@@ -228,6 +234,7 @@ class LabelMasks:
     label_sets: list[LabelSet]
     positive: np.ndarray  # [sets, examples] bool (already restricted to among)
     among: np.ndarray  # [sets, examples] bool
+    left_out: np.ndarray  # [sets] int: examples of among whose --positive is NULL (a NULL or NaN label)
 
     @property
     def n_positive(self) -> np.ndarray:
@@ -248,9 +255,9 @@ def label_masks(session: QuerySession, examples: ExampleSet, label_sets: list[La
         raise UserError(f"label set {dup!r} is given twice: give each label set its own --name")
     cache: dict[str, np.ndarray] = {}
 
-    def mask(predicate: str | None, option: str) -> np.ndarray:
+    def mask(predicate: str | None, option: str) -> tuple[np.ndarray, np.ndarray]:
         if predicate is None:
-            return np.ones(len(examples), bool)
+            return np.ones(len(examples), bool), np.zeros(len(examples), bool)
         if predicate not in cache:
             cache[predicate] = examples.mask(session, predicate, option)
         return cache[predicate]
@@ -258,11 +265,20 @@ def label_masks(session: QuerySession, examples: ExampleSet, label_sets: list[La
     n = len(examples)
     positive = np.zeros((len(label_sets), n), bool)
     among = np.zeros((len(label_sets), n), bool)
+    left_out = np.zeros(len(label_sets), np.int64)
     for s, ls in enumerate(label_sets):
-        among[s] = mask(ls.among, "--among")
-        positive[s] = mask(ls.positive, "--positive") & among[s]
+        among[s] = mask(ls.among, "--among")[0]  # NULL: not among
+        is_positive, unknown = mask(ls.positive, "--positive")
+        left_out[s] = int((among[s] & unknown).sum())  # neither positive nor negative: left out
+        among[s] &= ~unknown
+        positive[s] = is_positive & among[s]
         n_in, n_pos = int(among[s].sum()), int(positive[s].sum())
         scope = f"among the {n_in} examples of --among {ls.among!r}" if ls.among else f"among the {n_in} examples"
+        if n_in == 0 and left_out[s]:
+            raise UserError(
+                f"label set {ls.name}: --positive {ls.positive!r} is NULL for every example (a NULL or NaN label), "
+                "so none is positive or negative; check the column's values"
+            )
         if n_in == 0:
             raise UserError(f"label set {ls.name}: --among {ls.among!r} matches no example; check its values")
         if n_pos == 0:
@@ -275,4 +291,4 @@ def label_masks(session: QuerySession, examples: ExampleSet, label_sets: list[La
                 f"label set {ls.name} has no negative examples: all {n_in} examples match {ls.positive!r}; "
                 "AP is undefined - widen --among or narrow --positive"
             )
-    return LabelMasks(list(label_sets), positive, among)
+    return LabelMasks(list(label_sets), positive, among, left_out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+from hookpoints.analyses.arguments import table_columns
 from hookpoints.analyses.figures import safe, save, subplots
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator, ScalarFormatter
@@ -39,6 +40,7 @@ def figure5(scores: pa.Table, title: str) -> Figure:
 
     >>> figure = figure5(run_sweep(store, spec, cells), "sweep sw1")
     """
+    table_columns(scores, ["task", "neuron_type", "k", "score", "metric"], "run_sweep(...) or sweep(...)")
     tasks = list(dict.fromkeys(scores["task"].to_pylist()))
     fig, axes = subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
     by_metric: dict[str, list] = {}

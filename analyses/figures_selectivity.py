@@ -13,11 +13,14 @@ from __future__ import annotations
 import matplotlib
 import numpy as np
 import pyarrow as pa
+from hookpoints.analyses.arguments import name_list, table_columns
 from hookpoints.analyses.figures import integer_axis, subplots
 from hookpoints.analyses.selection import Overlap, panel_of, panel_order
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
+
+from hookpoints.errors import UserError
 
 PANEL_TITLES = {"attention": "Attention", "ffn": "FFN", "convolution": "Convolution", "other": "Other"}
 LINESTYLES = ["-", "--", ":", "-."]
@@ -32,7 +35,7 @@ def distribution_figure(counts: pa.Table, component: str, k: int, title: str) ->
     >>> with store.query() as session:
     ...     figure = distribution_figure(layer_counts(session, "r1", "de", "lm", 10), "lm", 10, "de")
     """
-    rows = counts.to_pylist()
+    rows = table_columns(counts, ["layer", "submodule", "top", "bottom"], "layer_counts(...)").to_pylist()
     numbered = sorted({r["layer"] for r in rows if r["layer"] is not None})
     # hook points outside the layers (embeddings, final norms) get their own bar left of layer 0, "no layer"
     outside = any(r["layer"] is None for r in rows)
@@ -148,6 +151,17 @@ def _group_legend(ax, table: pa.Table, by: list[str]) -> None:
         ax.legend(handles=handles, title=by[1], fontsize=7, loc="lower left", bbox_to_anchor=(1.01, 0.0), frameon=False)
 
 
+def _check_groups(table, by, component: str, values: list[str], made_by: str) -> list[str]:
+    """``by`` as a list, once the table has its columns and rows of ``component`` (a component it lacks drew an
+    empty figure without a word; a wrong table or column was a KeyError)."""
+    by = name_list(by, "by")
+    table_columns(table, ["component", "layer", *values, *by], made_by)
+    components = list(dict.fromkeys(table["component"].to_pylist()))
+    if component not in components:
+        raise UserError(f"the table has no rows of component {component!r}; it has {', '.join(map(str, components))}")
+    return by
+
+
 def _series(table: pa.Table, by: list[str], component: str, group: tuple, column: str) -> tuple[list, list]:
     rows = [
         r
@@ -168,6 +182,7 @@ def magnitude_figure(
     ...     table = layer_magnitudes(session, examples, hooks, ["language"])
     >>> figure = magnitude_figure(table, ["language"], "lm", 1.0, "r1")
     """
+    by = _check_groups(table, by, component, ["magnitude", "deviation"], "layer_magnitudes(...)")
     fig, axes = subplots(1, 2, figsize=(13, 4.2))
     for group, style in _group_styles(table, by):
         label = " · ".join(str(v) for v in group)
@@ -197,6 +212,7 @@ def activation_gini_figure(table: pa.Table, by: list[str], component: str, title
 
     >>> figure = activation_gini_figure(activation_gini(store, examples, hooks, groups), ["language"], "lm", "r1")
     """
+    by = _check_groups(table, by, component, ["gini"], "activation_gini(...)")
     fig, ax = subplots(figsize=(8, 4.2))
     for group, style in _group_styles(table, by):
         layers, values = _series(table, by, component, group, "gini")

@@ -12,6 +12,7 @@ unequal).
 from __future__ import annotations
 
 import numpy as np
+from hookpoints.analyses.arguments import number_array
 
 from hookpoints.errors import UserError
 
@@ -27,9 +28,11 @@ def gini(values, axis: int = -1) -> np.ndarray | float:
     >>> gini([1.0, 1.0, 1.0, 1.0]), gini([0.0, 0.0, 0.0, 4.0])
     (0.0, 0.75)
     """
-    x = np.asarray(values, dtype=np.float64)
+    x = np.asarray(number_array(values, "gini's values"), dtype=np.float64)
     if x.ndim == 0:
         raise UserError("gini needs an array of values, not a single number")
+    if isinstance(axis, bool) or not isinstance(axis, int | np.integer) or not -x.ndim <= axis < x.ndim:
+        raise UserError(f"gini's axis must be a whole number from {-x.ndim} to {x.ndim - 1} here, not {axis!r}")
     x = np.moveaxis(x, axis, -1)
     n = x.shape[-1]
     if n == 0:

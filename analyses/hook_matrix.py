@@ -44,6 +44,8 @@ def shared_hooks(
     ...     hooks = shared_hooks(session, ("r1",), layer_outputs=True)
     """
     runs = name_list(runs, "runs")
+    if not runs:
+        raise UserError("give at least one run")  # set.intersection() of nothing was a TypeError
     patterns = None if patterns is None else name_list(patterns, "hooks")
     components = None if components is None else name_list(components, "components")
     per_run = {}

@@ -18,10 +18,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from hookpoints.analyses.arguments import name_list
 from hookpoints.store.query import QuerySession
 
 from hookpoints.errors import UserError
-from hookpoints.points import DERIVED_SUFFIXES, HookNames, module_alias
+from hookpoints.points import DERIVED_SUFFIXES, INPUT_SUFFIX, HookNames, module_alias
 
 COLUMNS = "hook, module, io, component, layer, submodule, width, space, layer_output"
 
@@ -33,7 +34,7 @@ class StoredHook:
     hook: str
     component: str  # module group (speech_encoder, text_encoder, text_decoder, ...); "other" if unknown
     layer: int | None
-    submodule: str  # the hook's own name when it has none
+    submodule: str  # the hook's own name when it has none; ``...:input`` for a module's input (cell_submodule)
     width: int
     space: str | None  # input | encoder | decoder: the positions it has; None: one vector per example
     layer_output: bool  # the output of a whole layer (what layer-wise analyses compare)
@@ -52,7 +53,7 @@ class StoredHook:
             row["hook"],
             row["component"] or "other",
             row["layer"],
-            row["submodule"] or row["hook"],
+            cell_submodule(row["submodule"], row["hook"]),
             int(row["width"]),
             row["space"],
             bool(row["layer_output"]),
@@ -60,6 +61,23 @@ class StoredHook:
             row.get("module"),
             row.get("io") or "output",
         )
+
+
+def cell_submodule(submodule: str | None, hook: str) -> str:
+    """The submodule a hook's neurons count under in a layer (the paper's cell, section 5.2: layer l x
+    submodule m, m one hooked activation): ``mlp.act:input`` for the input hook ``transformer.h.0.mlp.act:input``.
+
+    A module's input and output hooks both had the module's path as their submodule (``mlp.act``), so their
+    selected neurons were summed as one cell of the selection Gini and stacked as one bar of the figures.
+
+    >>> cell_submodule("mlp.act", "transformer.h.0.mlp.act:input"), cell_submodule(None, "lm_head")
+    ('mlp.act:input', 'lm_head')
+    """
+    if not submodule:
+        return hook
+    if hook.endswith(INPUT_SUFFIX) and not submodule.endswith(INPUT_SUFFIX):
+        return submodule + INPUT_SUFFIX
+    return submodule
 
 
 def run_hooks(session: QuerySession, run: str) -> list[StoredHook]:
@@ -88,6 +106,7 @@ def select_hooks(hooks: list[StoredHook], patterns: list[str], owner: str) -> li
     >>> with store.query() as session:  # doctest: +SKIP
     ...     chosen = select_hooks(run_hooks(session, "r1"), ["blocks.*.hook_resid_post"], "of run 'r1'")
     """
+    patterns = name_list(patterns, "hook patterns")  # None or 5 was a TypeError, a string read letter by letter
     names = hook_names(hooks)
     chosen: set[str] = set()
     for pattern in patterns:

@@ -3,7 +3,8 @@
 A label set is a positive predicate (``language = 'de' AND modality = 'speech'``) and an optional "among"
 predicate (``modality = 'speech'``) restricting the examples its AP is computed over (the others drop out).
 Both are DuckDB boolean expressions over the examples view's columns (run, example_id and every manifest
-column); NULL counts as false.
+column), a float NaN read as NULL; an example whose positive predicate is NULL is in no group (left out and
+counted, analyses/examples.py label_masks), one whose among predicate is NULL is not among.
 
 Presets build the paper's four specialization settings (seeds/seamless-m4t-v2-neurons.txt, section 3.2) over
 every language (and modality) present among the examples:
@@ -79,8 +80,8 @@ def custom_label_set(positive: str, among: str | None = None, name: str | None =
     positive = check_predicate(positive, "--positive")
     among = None if among is None else check_predicate(among, "--among")
     if name is None:
-        name = slug(positive) + ("" if among is None else "/among_" + slug(among, 60))
-    return LabelSet(check_name(name[:128]), positive, among)
+        name = (slug(positive) + ("" if among is None else "/among_" + slug(among, 60)))[:128]
+    return LabelSet(check_name(name), positive, among)
 
 
 def quote_name(name: str) -> str:

@@ -31,7 +31,7 @@ from hookpoints.analyses.labels import quote_name, sql_literal
 from hookpoints.store.catalog import Store
 from hookpoints.store.query import QuerySession
 
-from hookpoints.errors import UserError
+from hookpoints.errors import UserError, check_count
 
 DEFAULT_GROUPS = ("language", "modality")
 
@@ -83,7 +83,7 @@ def layer_magnitudes(
     ctes = f"""
         WITH per_hook AS ({_per_hook(examples, layered, absolute)}
         ), chosen AS (
-            SELECT * FROM examples WHERE run IN ({runs}){where}
+            SELECT * FROM {examples.source} WHERE run IN ({runs}){where}
         )"""
     sql = f"""{ctes}, per_layer AS (
             SELECT p.run, p.example_id, h.component, h.layer, avg(p.m) AS magnitude, count(*) AS hooks
@@ -203,8 +203,10 @@ class Groups:
 
 
 def example_groups(session: QuerySession, examples: ExampleSet, by: list[str]) -> Groups:
+    if not by:  # one group of every example ("SELECT  FROM" did not parse)
+        return Groups([], [()], np.zeros(len(examples), np.int64))
     table = session.sql(examples.base_sql(", ".join(quote_name(c) for c in by)), {"runs": list(examples.group.runs)})
-    rows = list(zip(*(table[c].to_pylist() for c in by), strict=True)) if by else [()] * len(examples)
+    rows = list(zip(*(table[c].to_pylist() for c in by), strict=True))
     labels = sorted(set(rows), key=lambda row: tuple("" if v is None else str(v) for v in row))
     lookup = {label: i for i, label in enumerate(labels)}
     return Groups(list(by), labels, np.array([lookup[row] for row in rows], np.int64))
@@ -229,6 +231,7 @@ def activation_gini(
     >>> table = activation_gini(store, examples, hooks, groups)
     """
     store = as_store(store)
+    check_count("memory_bytes", memory_bytes)  # None was a TypeError after the first hook was read
     layered = [h for h in hooks if h.layer is not None]
     reader = HookMatrixReader(store, examples)
     onehot = np.zeros((len(groups), len(examples)), np.float32)  # [groups, examples]

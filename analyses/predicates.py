@@ -26,6 +26,9 @@ from hookpoints.errors import UserError
 
 _ALLOWED = {"COLUMN_REF", "CONSTANT", "COMPARISON", "CONJUNCTION", "OPERATOR", "FUNCTION", "CAST", "CASE"}
 _ALLOWED |= {"BETWEEN", "COLLATE"}
+# the type a CAST names (DuckDB 2 parses it as an expression node of class TYPE): without it every cast,
+# ``score::DOUBLE > 0.5``, was refused as "type is not allowed in a predicate"
+_ALLOWED |= {"TYPE"}
 _CLAUSES = ("where_clause", "having", "sample", "qualify")
 
 
@@ -34,6 +37,8 @@ def check_predicate(text: str | None, option: str, columns: list[str] | None = N
 
     ``columns``: when given, the only column names it may use (compared case-insensitively, like DuckDB).
     """
+    if text is not None and not isinstance(text, str):  # 5 or ["a = 1"] was an AttributeError on .strip
+        raise UserError(f"{option} must be a SQL boolean expression (a string), not {type(text).__name__}")
     text = (text or "").strip()
     if not text:
         raise UserError(f"{option} is empty: give a boolean SQL expression, e.g. \"language = 'de'\"")

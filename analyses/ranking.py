@@ -45,7 +45,7 @@ from hookpoints.store.catalog import Store
 from hookpoints.store.schema import TableSpec
 from hookpoints.store.tables import sql_string
 
-from hookpoints.errors import UserError
+from hookpoints.errors import UserError, check_count
 
 WRITE_BATCH_ROWS = 8192
 DEFAULT_MEMORY_BYTES = 2 * 2**30  # for the two hook matrices (or neuron slices) in memory at a time
@@ -140,10 +140,13 @@ def plan_ranking(
     """
     ks = check_ks(ks)
     store = as_store(store)
+    for option, column in (("language_column", language_column), ("modality_column", modality_column)):
+        if not isinstance(column, str) or not column:
+            raise UserError(f"{option} must be the name of an examples column, not {column!r:.80}")
     presets = name_list(presets or (), "presets")
-    custom = [custom] if isinstance(custom, LabelSet) else list(custom or ())
-    if not all(isinstance(label_set, LabelSet) for label_set in custom):
-        raise UserError(f"custom takes label sets made by custom_label_set(...), not {list(custom)!r:.80}")
+    custom = [custom] if isinstance(custom, LabelSet) else custom or ()
+    if not isinstance(custom, list | tuple) or not all(isinstance(label_set, LabelSet) for label_set in custom):
+        raise UserError(f"custom takes label sets made by custom_label_set(...), not {custom!r:.80}")
     with store.query() as session:
         group = open_runs(session, runs)
         examples = select_examples(session, group, where)
@@ -224,6 +227,9 @@ def rank(
     store = as_store(store)
     if not isinstance(job, RankingJob):
         raise UserError(f"rank takes the job plan_ranking(...) returns, not {type(job).__name__}")
+    check_count("memory_bytes", memory_bytes)  # None or "2G" was a TypeError after the job was read
+    if threads is not None:
+        check_count("threads", threads)
     masks = job.masks
     plan = LabelSetPlan(masks.positive, masks.among)
     reader = HookMatrixReader(store, job.examples)
@@ -262,7 +268,7 @@ def rank(
                 pending = prefetch.submit(load, i + 1)
             try:
                 ap[:, offset + part.start : offset + part.stop] = plan.score(x, threads=threads)
-            except ValueError as error:
+            except UserError as error:
                 if "NaN/inf" not in str(error):
                     raise
                 raise UserError(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from hookpoints.analyses.arguments import name_list, table_columns
 from hookpoints.analyses.gini import gini
 from hookpoints.store.query import QuerySession
 from hookpoints.store.quoting import sql_string
@@ -155,6 +156,24 @@ def stored_sets(session: QuerySession, run: str, patterns: list[str] | None = No
     return chosen
 
 
+def ranked_sets(session: QuerySession, run: str, label_sets) -> dict[str, StoredSet]:
+    """``label_sets`` (names, or one name) of ranking ``run``, each of which must be in the scores table: a
+    string was read letter by letter and an unknown name matched no row, so a summary came back empty and an
+    overlap all zeros without a word."""
+    names = name_list(label_sets, "label_sets")
+    if not names:
+        raise UserError("no label sets given")
+    stored = {s.label_set: s for s in stored_sets(session, run)}
+    missing = [name for name in names if name not in stored]
+    if missing:
+        known = sorted(stored)
+        raise UserError(
+            f"label set {missing[0]!r} is not ranked in run(s) {run!r}; it has {', '.join(known[:8])}"
+            f"{' ...' if len(known) > 8 else ''}"
+        )
+    return {name: stored[name] for name in names}
+
+
 def layer_counts(session: QuerySession, run: str, label_set: str, component: str, k: int) -> pa.Table:
     """Per (layer, submodule) of the group: neurons, and how many are in the top-k and the bottom-k.
 
@@ -188,6 +207,7 @@ def selection_gini(counts: pa.Table, side: str, unit: str = "layer_submodule") -
     if unit not in GINI_UNITS:
         raise UserError(f"Gini unit must be one of {', '.join(GINI_UNITS)}, not {unit!r}")
     _rank_column(side)
+    table_columns(counts, [side] + ([] if unit == "layer_submodule" else [unit]), "layer_counts(...)")
     values = np.asarray(counts[side].to_pylist(), dtype=np.float64)
     if unit == "layer_submodule":
         return gini(values)
@@ -235,9 +255,26 @@ def overlap(
     ...     speech, text = ("s2tt+t2tt", ["unimodal/speech/de"]), ("s2tt+t2tt", ["unimodal/text/de"])
     ...     shared = overlap(session, speech, text, "text_decoder", 1000, "top")  # shared.counts: [rows, columns]
     """
-    _need_scores(session)
     rank = _rank_column(side)
+    if not all(isinstance(pair, tuple | list) and len(pair) == 2 for pair in (rows, columns)):
+        raise UserError("overlap's rows and columns are each a (run, label sets) pair, e.g. ('r1', ['de', 'fr'])")
     (row_run, row_sets), (col_run, col_sets) = rows, columns
+    if not isinstance(component, str):
+        raise UserError(f"component must be the name of a module group, not {component!r:.80}")
+    k = check_k(k)
+    for run, label_sets in ((row_run, row_sets), (col_run, col_sets)):
+        for name, stored in ranked_sets(session, run, label_sets).items():
+            if component not in stored.components:
+                raise UserError(
+                    f"label set {name!r} of run(s) {run!r} ranks no neuron of component {component!r}; it ranks "
+                    f"{', '.join(stored.components)}"
+                )
+            if k > stored.components[component]:
+                raise UserError(
+                    f"k={k} is larger than module group {component} ({stored.components[component]:,} neurons): "
+                    "pass a smaller k"
+                )
+    row_sets, col_sets = name_list(row_sets, "label_sets"), name_list(col_sets, "label_sets")
     result = session.sql(
         f"""WITH a AS (SELECT label_set, hook, neuron FROM scores
                        WHERE run = $row_run AND label_set IN ({_literals(row_sets)})
@@ -247,7 +284,7 @@ def overlap(
                          AND component = $component AND {rank} <= $k)
             SELECT a.label_set AS a, b.label_set AS b, count(*) AS shared
             FROM a JOIN b USING (hook, neuron) GROUP BY ALL""",
-        {"row_run": row_run, "col_run": col_run, "component": component, "k": check_k(k)},
+        {"row_run": row_run, "col_run": col_run, "component": component, "k": k},
     ).to_pylist()
     counts = np.zeros((len(row_sets), len(col_sets)), np.int64)
     for row in result:
@@ -272,6 +309,8 @@ def selected_neurons(
     ...     top = selected_neurons(session, "r1", "de", k=10).to_pandas()
     """
     _need_scores(session)
+    if not isinstance(label_set, str):  # None was a TypeError in the glob match of the error message
+        raise UserError(f"label_set must be the name of a ranked label set, not {label_set!r:.80}")
     sides = SIDES if check_side(side, SIDE_CHOICES) == "both" else (side,)
     condition = " OR ".join(f"{_rank_column(s)} <= $k" for s in sides)
     component_filter = "" if component is None else " AND component = $component"
@@ -296,7 +335,7 @@ def ap_summary(session: QuerySession, run: str, label_sets: list[str]) -> list[d
     >>> with store.query() as session:
     ...     rows = ap_summary(session, "r1", ["de"])
     """
-    _need_scores(session)
+    label_sets = list(ranked_sets(session, run, label_sets))
     sets = _literals(label_sets)
     extremes = session.sql(
         f"""SELECT label_set, component, n_positive, n_among, group_size AS neurons, top_rank, bottom_rank, ap,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pyarrow as pa
-from hookpoints.analyses.arguments import as_store
+from hookpoints.analyses.arguments import as_store, table_columns
 from hookpoints.analyses.intervention_sweep import SweepSpec, plan_sweep, run_sweep
 from hookpoints.analyses.progress import Progress, quiet
 
@@ -52,7 +52,8 @@ def score_table(scores: pa.Table) -> list[dict]:
     """
     rows: dict[tuple, dict] = {}
     raw: dict[tuple, list[float]] = {}  # the mean is of the scores, not of the rounded ones shown
-    for row in scores.to_pylist():
+    columns = ["task", "neuron_type", "side", "k", "condition", "n_neurons", "metric", "language", "score"]
+    for row in table_columns(scores, columns, "run_sweep(...) or sweep(...)").to_pylist():
         # by neuron type, side and k (as Figure 5): a --label-set NAME with {language} names another label set
         # per language, one condition each, and is still one row
         key = (row["task"], row["neuron_type"], row["side"], row["k"])

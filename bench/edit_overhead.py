@@ -117,8 +117,13 @@ def with_hooks(model, edits, hook_of):
 def median_replacement(model, layers: int, neurons: int) -> list[NeuronEdit]:
     """``neurons`` decoder neurons drawn uniformly over the Table 1 components of every layer (seed 1234)."""
     names = [f"text_decoder.layers.{i}.{s}" for i in range(layers) for s in TEXT_DECODER_SUBMODULES]
-    points = [model.hook_points.get(name) for name in names]
-    generator = torch.Generator().manual_seed(1234)
+    return random_edits([model.hook_points.get(name) for name in names], neurons)
+
+
+def random_edits(points, neurons: int, seed: int = 1234) -> list[NeuronEdit]:
+    """``neurons`` neurons drawn uniformly over ``points`` (all their neurons pooled), each replaced by a random
+    value: one NeuronEdit per hook point drawn from (bench/gpu.py and bench/continue_recording.py use it too)."""
+    generator = torch.Generator().manual_seed(seed)
     widths = torch.tensor([p.width for p in points])
     flat = torch.randperm(int(widths.sum()), generator=generator)[:neurons].sort().values
     starts = torch.cumsum(widths, 0) - widths

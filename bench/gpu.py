@@ -17,7 +17,8 @@ Timed, interleaved call by call, CUDA-synchronised, medians over ``--rounds``:
   batch behind (hookpoints.recorder's own pipeline: ``start_batch`` / ``one_behind``); with ``+ store``
   the rows go through the store's run writer too (Delta tables on local disk, float16 storage);
 - **plain generate** against **1,000-neuron median replacement** during generation
-  (``HookedModel.generate_edited``; Seamless, text decoder, Table 1 components of all 24 layers), exactly
+  (``HookedModel.generate_edited``; Seamless: text decoder, Table 1 components of all 24 layers; the LM, which
+  continues its ``--tokens-in`` tokens: q, k, v, z, MLP pre and post of all 16 blocks), exactly
   ``--tokens`` new tokens, batch 1 (the paper's) and batch 8 (Linear replacements folded into the weights,
   hookpoints/edit_folding.py); against the same edits without folding (``fold=False``: one ``EditGroup`` hook
   per edited tensor) and by the edit path before issue 16's change (one hook per edit with ``index_put_``:
@@ -77,14 +78,13 @@ except ModuleNotFoundError:  # a bare checkout (the GPU machine): the same mappi
     hookpoints.__path__.append(str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
-from edit_overhead import legacy_apply_edit  # noqa: E402  (bench/: the edit path before issue 16's change)
+from edit_overhead import legacy_apply_edit, random_edits  # noqa: E402  (bench/: the edit path before issue 16's change)
 from gpu_models import SAMPLE_RATE, batch_of, build, table1_points, waveforms  # noqa: E402
 from hookpoints.store.catalog import Store  # noqa: E402
 from hookpoints.store.writer import HookRows, open_run  # noqa: E402
 
 from hookpoints.adapters.seamless import TABLE1  # noqa: E402
 from hookpoints.direct import pooled_direct  # noqa: E402
-from hookpoints.editing import NeuronEdit  # noqa: E402
 from hookpoints.host_copy import HostCopy, one_behind  # noqa: E402
 from hookpoints.inputs import ModelInputs  # noqa: E402
 from hookpoints.loading import quiet_transformers  # noqa: E402
@@ -301,24 +301,26 @@ def profiled(call, device: torch.device) -> str:
     return "\n".join(tables)
 
 
-def interventions(model: HookedModel, args) -> list[dict]:
-    """Plain generate against a 1,000-neuron median replacement (Seamless text decoder, Table 1 components)."""
-    points = model.select([f"text_decoder.layers.*.{sub}" for sub in TABLE1["text_decoder"]])
-    generator = torch.Generator().manual_seed(1234)
-    widths = torch.tensor([p.width for p in points])
-    flat = torch.randperm(int(widths.sum()), generator=generator)[: args.neurons].sort().values
-    starts = torch.cumsum(widths, 0) - widths
-    which = torch.searchsorted(starts, flat, right=True) - 1
-    edits = [
-        NeuronEdit(point, flat[which == i] - starts[i], torch.randn(int((which == i).sum()), generator=generator))
-        for i, point in enumerate(points)
-        if (which == i).any()
-    ]
+#: The LM's counterparts of Table 1's decoder components (attention projections, MLP in and out).
+LM_EDITED = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "mlp.hook_pre", "mlp.hook_post")
+
+
+def interventions(model: HookedModel, family: str, args) -> list[dict]:
+    """Plain generate against a 1,000-neuron median replacement (Seamless: the text decoder's Table 1 components;
+    the LM, which continues its text: the same components of every block)."""
+    if family == "seamless":
+        points = model.select([f"text_decoder.layers.*.{sub}" for sub in TABLE1["text_decoder"]])
+    else:
+        points = model.select([f"blocks.*.{sub}" for sub in LM_EDITED])
+    edits = random_edits(points, args.neurons)
     model.model.generation_config.min_new_tokens = args.gen_tokens  # exactly N new tokens
     results = []
     for batch in (1, 8):
-        inputs = batch_of(model, batch, args.frames, 100 + batch)
-        prompt = model.decoder_prompt(["eng"] * batch)
+        if family == "seamless":
+            inputs = batch_of(model, batch, args.frames, 100 + batch)
+            prompt = model.decoder_prompt(["eng"] * batch)
+        else:
+            inputs, prompt = batch_of(model, batch, args.tokens_in, 100 + batch), None
         cases = {
             "plain generate": lambda i=inputs, p=prompt: model.generate(i, p, args.gen_tokens),
             "traced, no edit": lambda i=inputs, p=prompt: model.generate_edited(i, p, [], args.gen_tokens),
@@ -331,7 +333,7 @@ def interventions(model: HookedModel, args) -> list[dict]:
         seconds = timed(cases, args.rounds, model.device)
         edited, hooked = cases["median replacement"]()[0], cases["before: per-edit index_put_ hooks"]()
         same = torch.equal(edited.sequences, hooked.sequences)
-        results.append({"same_tokens_as_before": same,
+        results.append({"same_tokens_as_before": same, "family": family,
             "batch": batch, "tokens": args.gen_tokens, "neurons": sum(len(e.neurons) for e in edits),
             "hooks_edited": len(edits), "seconds": seconds,
             "x_plain": {name: s / seconds["plain generate"] for name, s in seconds.items()},
@@ -438,16 +440,20 @@ def markdown(report: dict) -> str:
             lines += ["", f"Profile, {row['family']} batch {row['batch']} (one recording call):", "```", row["profile"],
                       "```"]  # fmt: skip
     if report.get("interventions"):
-        lines += ["", "| generation (Seamless) | batch | new tokens | ms per call | x plain generate |",
-                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        lines += ["", "| model | generation | batch | new tokens | ms per call | x plain generate |",
+                  "|---|---|---:|---:|---:|---:|"]  # fmt: skip
         for row in report["interventions"]:
             for case, seconds in row["seconds"].items():
                 label = f"{case} ({row['neurons']} neurons)" if case == "median replacement" else case
                 ms, ratio = 1000 * seconds, row["x_plain"][case]
-                lines.append(f"| {label} | {row['batch']} | {row['tokens']} | {ms:.0f} | {ratio:.2f} |")
+                lines.append(
+                    f"| {row.get('family', 'seamless')} | {label} | {row['batch']} | {row['tokens']} | {ms:.0f} "
+                    f"| {ratio:.2f} |"
+                )
     for row in report.get("interventions", []):
         same = "the same" if row["same_tokens_as_before"] else "DIFFERENT"
-        lines.append(f"\nBatch {row['batch']}: the replacement before and after issue 16 generates {same} tokens.")
+        lines.append(f"\n{row.get('family', 'seamless')} batch {row['batch']}: the median replacement (folded) and "
+                     f"the same edits by one index_put_ hook each generate {same} tokens.")  # fmt: skip
     lines += ["", "| values vs CPU float32 | examples | hooks | rel. error median | p95 | max (hook) |",
               "|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for family, check in report["values"].items():
@@ -510,9 +516,8 @@ def main() -> None:
             for k, batch in enumerate(args.batch):
                 report["throughput"].append(throughput(model, family, args, store, batch, with_store=k == 0))
             save(f"{family}: throughput")
-            if family == "seamless":
-                report["interventions"] = interventions(model, args)
-                save(f"{family}: interventions")
+            report["interventions"] += interventions(model, family, args)
+            save(f"{family}: interventions")
             report["values"][family] = check_values(model, family, folder, args)
             save(f"{family}: values")
             del model

@@ -111,6 +111,7 @@ def command(
     )
     with store.query() as session:
         note_left_out(session, job.group.runs, job.hooks, list(patterns) or None)
+    note_null_labels(job.masks)
     sizes = {c: sum(h.width for h in job.hooks if h.component == c) for c in job.components}
     report_k = _report_k(job.ks, report_k, min(sizes.values()))
     check_plots_dir(plots_dir)
@@ -137,6 +138,26 @@ def command(
         f'\nQuery them: hookpoints sql --store {store_path} "SELECT hook, neuron, ap FROM scores WHERE '
         f"run = '{job.group.key}' AND label_set = '{names[0]}' AND top_rank <= {report_k} ORDER BY top_rank\""
     )
+
+
+def note_null_labels(masks) -> None:
+    """Say how many examples each label set leaves out because its --positive is NULL for them (one line per
+    count: a preset's 32 label sets over examples with a NULL language would otherwise print 32 lines)."""
+    by_count: dict[int, list] = {}
+    for label_set, n in zip(masks.label_sets, masks.left_out, strict=True):
+        if n:
+            by_count.setdefault(int(n), []).append(label_set)
+    for n, sets in by_count.items():
+        which = (
+            f"label set {sets[0].name}"
+            if len(sets) == 1
+            else f"{len(sets)} label sets (e.g. {sets[0].name}, {sets[1].name})"
+        )
+        out.print(
+            f"[yellow]note:[/yellow] {which}: {n:,} example(s) are left out: --positive {sets[0].positive!r} is NULL "
+            "for them (a NULL or NaN label is neither positive nor negative)",
+            highlight=False,
+        )
 
 
 def note_left_out(session, runs, hooks, patterns) -> None:

@@ -21,6 +21,7 @@ from hookpoints.editing import EditGroup, NeuronEdit, own_inputs
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
 from hookpoints.generation_requests import GenerationRequests
+from hookpoints.hook_fns import hooked, resolve_hooks, user_hook
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import HookPoint
 from hookpoints.pooling import pool_positions, positions_first
@@ -62,29 +63,42 @@ class GenerationMethods(GenerationRequests):
         *,
         encoder_outputs=None,
         edits: list[NeuronEdit] | None = None,
+        fwd_hooks=(),
     ) -> Generation:
         """Greedy decoding from ``prompt`` (an encoder-decoder's decoder prompt; none for a decoder-only LM, which
         continues its inputs); from ``encoder_outputs`` when given (no encoder run).
 
-        With ``edits``, every edit is applied at every step (:meth:`generate_edited`). ``inputs`` may also be
-        strings, waveforms or audio paths (hookpoints.user_inputs).
+        With ``edits``, every edit is applied at every step (:meth:`generate_edited`). With ``fwd_hooks``
+        (``[(name or glob, fn)]``, as :meth:`run_with_hooks` takes them) each ``fn(tensor, hook)`` runs at every
+        call of its module, as TransformerLens' hooks do during its ``generate`` with the KV cache: over the whole
+        prompt at the first step, over the newest position after it (an encoder's hooks once). ``inputs`` may also
+        be strings, waveforms or audio paths (hookpoints.user_inputs).
+
+        >>> model.generate(["The cat"], max_new_tokens=8, fwd_hooks=[("blocks.1.hook_resid_post", hp.steer(v, 4.0))])
         """
         inputs, prompt = self._check_request(inputs, prompt, max_new_tokens, [] if edits is None else edits)
         if encoder_outputs is not None and self.continues:  # HF's ValueError about unused model_kwargs
-            raise UserError(f"{self.source} is a decoder-only LM: it has no encoder, so no encoder_outputs to give")
+            raise UserError(f"{self.source} continues its inputs: its generate takes no encoder_outputs")
+        changes = self._hook_changes(inputs, fwd_hooks)
         if edits:
-            if encoder_outputs is not None:
-                raise UserError("generate: give edits or encoder_outputs, not both")
+            if encoder_outputs is not None or changes:
+                raise UserError("generate: give edits, or encoder_outputs or fwd_hooks, not both")
             return self.generate_edited(inputs, prompt, list(edits), max_new_tokens)[0]
         collector = TokenCollector()
         kwargs, start, prompt_inputs = self._start(inputs, prompt)
-        kwargs["streamer"] = collector
+        kwargs = {**own_inputs(kwargs, [point for point, _ in changes]), "streamer": collector}  # caller's kept
         if encoder_outputs is not None:
             kwargs = {**without_encoder_inputs(kwargs), "encoder_outputs": encoder_outputs}
             if "input_features" in inputs.kwargs:
                 kwargs = self.adapter.generate_kwargs(kwargs)
         fingerprint = LogitsFingerprint(self.model.get_output_embeddings())
-        with torch.inference_mode(), self.adapter.batch_guard(self.model, inputs), fingerprint:
+        with (
+            torch.inference_mode(),
+            self.adapter.batch_guard(self.model, inputs),
+            eager_attention(needs_eager(point.module for point, _ in changes)),  # maps: their hooks run eagerly
+            hooked(self, changes),
+            fingerprint,
+        ):
             self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
         # What generate returns differs by family (Whisper's drops the prompt and trailing EOS); the streamer
         # sees exactly the prompt, then each step's tokens.
@@ -93,6 +107,12 @@ class GenerationMethods(GenerationRequests):
         generation.fingerprint = fingerprint.result()
         check_steps(generation)
         return generation
+
+    def _hook_changes(self, inputs: ModelInputs, fwd_hooks) -> list:
+        """``fwd_hooks`` as (hook point, change of its tensor) pairs for :func:`hookpoints.hook_fns.hooked`."""
+        if not fwd_hooks:
+            return []
+        return [(point, user_hook(point, fn, inputs.batch_size)) for point, fn in resolve_hooks(self, fwd_hooks)]
 
     def pooled_generating(
         self,

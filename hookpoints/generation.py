@@ -104,11 +104,13 @@ class Generation:
     def _continued(self) -> ModelInputs:
         """A decoder-only LM's teacher-forced pass: the left-padded prompt, then ``generated[:-1]``; its ``input``
         space = the steps (position ids counted from each example's first real token, as ``generate`` counts)."""
+        given = self.prompt_inputs  # its other arguments (an audio LLM's features) and spaces are per example
         attention = self.attention_mask  # [batch, prompt + steps - 1]
-        kwargs = {"input_ids": self.sequences[:, :-1], "attention_mask": attention}
-        if "position_ids" in self.prompt_inputs.kwargs:
+        kwargs = {**given.kwargs, "input_ids": self.sequences[:, :-1], "attention_mask": attention}
+        if "position_ids" in given.kwargs:
             kwargs["position_ids"] = positions(attention)
-        return ModelInputs(kwargs, {"input": self.decoder_mask}, {KEYS + "input": self.key_mask})
+        masks = {**given.masks, "input": self.decoder_mask}
+        return ModelInputs(kwargs, masks, {**given.extras, KEYS + "input": self.key_mask})
 
 
 class TokenCollector:
@@ -138,12 +140,14 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def left_padded(inputs: ModelInputs, *, with_positions: bool) -> ModelInputs:
+def left_padded(inputs: ModelInputs, *, with_positions: bool, carried: tuple[str, ...] = ()) -> ModelInputs:
     """A decoder-only LM's token batch with every example's padding moved before its tokens (a stable sort of
     each row by its mask: the tokens keep their order), so that all prompts end at the last position.
-    ``with_positions``: position ids too (for models that take them; :func:`positions`)."""
+    ``with_positions``: position ids too (for models that take them; :func:`positions`). ``carried``: forward
+    arguments held per example, not per token (an audio LLM's features), kept as they are, with the masks of
+    their spaces; any other argument is refused (it would be misaligned by the padding's move)."""
     mask = inputs.masks.get("input")
-    other = [name for name in inputs.kwargs if name not in TOKEN_KWARGS]
+    other = [name for name in inputs.kwargs if name not in TOKEN_KWARGS and name not in carried]
     if "input_ids" not in inputs.kwargs or mask is None or other:
         given = ", ".join(other) or "no input_ids"
         raise UserError(
@@ -165,10 +169,12 @@ def left_padded(inputs: ModelInputs, *, with_positions: bool) -> ModelInputs:
                 "generate counts each example's positions from its first token (0, 1, 2, ...): give input_ids and "
                 "an attention_mask without position_ids of your own"
             )
-    kwargs = {"input_ids": ids, "attention_mask": mask.long()}
+    kwargs = {name: value for name, value in inputs.kwargs.items() if name in carried}
+    kwargs.update(input_ids=ids, attention_mask=mask.long())
     if with_positions:
         kwargs["position_ids"] = positions(mask)
-    return ModelInputs(kwargs, {"input": mask})
+    masks = {space: value for space, value in inputs.masks.items() if space != "input"}
+    return ModelInputs(kwargs, {**masks, "input": mask}, dict(inputs.extras))
 
 
 def greedy_kwargs(max_new_tokens: int) -> dict:

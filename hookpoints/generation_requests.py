@@ -150,14 +150,9 @@ class GenerationRequests:
             kwargs = {**inputs.kwargs, **self.adapter.prompt_kwargs(self.model, prompt), "decoder_input_ids": prompt}
             return kwargs, prompt, None
         accepts = "position_ids" in inspect.signature(self.model.forward).parameters
-        given = left_padded(inputs, with_positions=accepts)
-        kwargs = {
-            "input_ids": given.kwargs["input_ids"],
-            "attention_mask": given.kwargs["attention_mask"],
-            "pad_token_id": self._pad_token(),
-            **PLAIN_ARGMAX,
-        }
-        return kwargs, given.kwargs["input_ids"], given
+        given = left_padded(inputs, with_positions=accepts, carried=self.adapter.per_example_kwargs)
+        kwargs = {name: value for name, value in given.kwargs.items() if name != "position_ids"}  # generate's own
+        return {**kwargs, "pad_token_id": self._pad_token(), **PLAIN_ARGMAX}, given.kwargs["input_ids"], given
 
     def _pad_token(self) -> int:
         """The id generate pads finished examples with (the tokenizer's pad, else EOS; HF warns without one)."""

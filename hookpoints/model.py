@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from contextlib import nullcontext
 from dataclasses import replace
@@ -155,10 +156,19 @@ class HookedModel(GenerationMethods, ModelApi):
         return inputs.to(self.device)
 
     def speech_inputs(
-        self, waveforms: list, *, frames: int | None = None, names: list[str] | None = None
+        self,
+        waveforms: list,
+        *,
+        frames: int | None = None,
+        names: list[str] | None = None,
+        template: str | None = None,
     ) -> ModelInputs:
         """Inputs for 16 kHz mono ``waveforms`` (``[samples]`` arrays), through the checkpoint's feature extractor.
-        ``names`` (e.g. their files) name a refused waveform; default ``waveform i``."""
+        ``names`` (e.g. their files) name a refused waveform; default ``waveform i``. ``template`` (audio LLMs):
+        the prompt's text around the audio, which goes at ``{audio}``.
+
+        >>> qwen.speech_inputs(waves, template="{audio}Generate the caption in English:")
+        """
         if self.modality != "speech":
             if "speech" not in self.adapter.modalities(self.model.config):
                 raise UserError(f"model {self.source} ({self.adapter.name}) takes text, not waveforms or audio")
@@ -181,7 +191,18 @@ class HookedModel(GenerationMethods, ModelApi):
                 f"{names[shortest]} holds {len(waveforms[shortest])} samples; speech models need at least "
                 f"{MIN_SECONDS * 1000:.0f} ms ({MIN_SECONDS * SAMPLE_RATE:.0f} samples at 16 kHz): drop it"
             )
-        inputs = self.adapter.speech_inputs(self.model, self.processor, self.tokenizer, waveforms, frames=frames)
+        options = {"frames": frames}
+        if template is not None:
+            if "template" not in inspect.signature(self.adapter.speech_inputs).parameters:
+                raise UserError(
+                    f"a prompt template applies to audio LLMs (Qwen2-Audio, Ultravox), not {self.adapter.name}"
+                )
+            if not isinstance(template, str) or template.count("{audio}") != 1:
+                raise UserError(
+                    f"a prompt template is text with one {{audio}} where the audio goes, not {template!r:.60}"
+                )
+            options["template"] = template
+        inputs = self.adapter.speech_inputs(self.model, self.processor, self.tokenizer, waveforms, **options)
         return inputs.to(self.device, self.model.dtype)  # features in the model's precision (bf16 on a GPU)
 
     def source_inputs(self, texts: list[str], languages: list[str]) -> ModelInputs:

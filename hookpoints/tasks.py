@@ -4,7 +4,8 @@
 - ``asr``: speech -> text in the speech's own language (the example's ``language``, or ``--tgt-lang``).
 - ``s2tt``: speech -> text in ``--tgt-lang`` (default ``eng``: X -> En, as in the SeamlessM4T paper).
 - ``t2tt``: text in the example's ``language`` -> text in ``--tgt-lang``.
-- ``continue``: a decoder-only LM's greedy continuation of the text (no target language).
+- ``continue``: a decoder-only LM's greedy continuation of its input (no target language): the text, or an
+  audio LLM's speech prompt (Qwen2-Audio).
 
 Generating tasks decode greedily, save the generated text with the example, and record the decoder over
 the generated tokens (hookpoints.generation).
@@ -35,7 +36,7 @@ TASKS = {
     "asr": Task("asr", "speech", True, "source"),
     "s2tt": Task("s2tt", "speech", True, "given"),
     "t2tt": Task("t2tt", "text", True, "given", needs_source_language=True),
-    "continue": Task("continue", "text", True, None, step_space="input"),
+    "continue": Task("continue", None, True, None, step_space="input"),
 }
 DEFAULT_TARGET = "eng"
 

@@ -246,7 +246,8 @@ class Store:
         import pyarrow as pa
         from hookpoints.store.schema import CORE_TABLES, RUN_EVENTS
 
-        _table_io().append(self.location, CORE_TABLES["run_events"], pa.Table.from_pylist([row], schema=RUN_EVENTS))
+        events = pa.Table.from_pylist([row], schema=RUN_EVENTS)
+        _table_io().append(self.location, CORE_TABLES["run_events"], events, metadata={delta_read.EVENT_TAG: status})
 
     def run_hooks(self, run: str) -> pa.Table:
         import pyarrow.compute as pc
@@ -258,7 +259,9 @@ class Store:
 
         The run is logged ``failed`` ("being deleted") before its first rows go, so a delete killed half-way
         leaves a run that no reader takes for complete; running the delete again finishes it.
-        Rows left of a run already deleted (or never started), which ``store verify`` reports, are removed too.
+        Rows left of a run already deleted (or never started), which ``store verify`` reports, are removed too,
+        and so is an overwrite of the run killed while swapping in (store/overwrite.py): the next ``record``
+        would have finished its swap, bringing the run back without the rows deleted here.
         """
         import pyarrow.compute as pc
 
@@ -292,6 +295,11 @@ class Store:
                 _table_io().delete(self.location, name, _table_io().any_of("run", keys[name]), fence=fence)
         if info is not None:
             self.log_run_event(run, "deleted", settings, info.config, shard=None)
+        from hookpoints.store.overwrite import staging_name  # it imports this module
+
+        staged = self.run_info(staging_name(run))
+        if staged is not None and staged.status == "complete":  # an overwrite killed while swapping in: deleted too
+            self.delete_run(staging_name(run))
 
     def run_keys(self, table: str, run: str) -> list[str]:
         """The ``run`` keys of an analysis table that hold ``run``: its own, and those of the analyses that

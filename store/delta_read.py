@@ -1,4 +1,4 @@
-"""Reading a store's Delta tables without pyarrow: a table's version, its files, a small table's rows.
+"""Reading a store's Delta tables without pyarrow: versions (all tables' as one snapshot), files, small tables' rows.
 
 ``hookpoints sql`` and ``store info`` import neither pyarrow nor numpy (about 0.1 s, as long as importing DuckDB
 and Delta Lake): the Delta log is read by delta-rs, a small table's rows by delta-rs' own reader
@@ -12,6 +12,8 @@ tables, which DuckDB scans through the Arrow C interface. Example::
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Sequence
 from urllib.parse import unquote
 
 from deltalake import DeltaTable, QueryBuilder
@@ -48,6 +50,60 @@ def open_table(location: StoreLocation, table: str) -> DeltaTable:
             f"folder ({outside[0][:200]!r}); run `hookpoints store verify {location.uri}` to see what"
         )
     return delta
+
+
+#: The commit metadata key under which store/catalog.py tags a ``run_events`` commit with the event's status.
+EVENT_TAG = "hookpoints.run_event"
+#: Events that only add to a run (its start, its end): landing while a session pins its tables, they leave it be.
+_PLAIN_EVENTS = ("recording", "resumed", "complete")
+_PIN_TRIES = 10
+
+
+def pin(location: StoreLocation, tables: Sequence[str], *, required: Sequence[str]) -> dict[str, DeltaTable]:
+    """Each table's current version, opened in ``tables``' order (one with ``run_events``), as one snapshot.
+
+    An overwrite's swap and a delete change a run's tables one commit each, between two ``run_events``
+    commits (the run logged ``failed``, "being overwritten" or "being deleted", first; store/overwrite.py).
+    Tables pinned while that happened, after a ``run_events`` pinned before it, would show the run ``complete``
+    over the old recording's activations and the new one's examples: when ``run_events`` gained any commit but
+    a tagged start or end of a run meanwhile, every table is pinned again. A table of ``tables`` that is gone
+    is left out, unless ``required``.
+    """
+    for attempt in range(_PIN_TRIES):
+        snapshots = {}
+        for table in tables:
+            try:
+                snapshots[table] = open_table(location, table)
+            except FileNotFoundError:
+                if table in required:
+                    uri = location.uri
+                    raise UserError(f"store {uri} has no {table} table: run `hookpoints store verify {uri}`") from None
+                # an analysis table registered but gone (its folder deleted): the session reads the others
+        if "run_events" not in snapshots or _unchanged(snapshots["run_events"]):
+            return snapshots
+        time.sleep(0.01 * 2**attempt)  # a swap takes milliseconds
+    raise UserError(
+        f"store {location.uri} changed {_PIN_TRIES} times while a session read its tables' versions (runs being "
+        "overwritten or deleted at this moment): try again"
+    )
+
+
+def _unchanged(events: DeltaTable) -> bool:
+    """Whether ``events``' table gained no commit but tagged starts and ends of runs since ``events``' version
+    (then ``events`` is left at its version; otherwise at the latest)."""
+    pinned = events.version()
+    try:
+        events.update_incremental()  # reads only the log's newer commits, if any (under 1 ms)
+    except DeltaError:  # a newer commit that cannot be read: pinning again says what (open_table)
+        return False
+    latest = events.version()
+    if latest == pinned:
+        return True
+    added = [commit for commit in events.history(latest - pinned) if commit.get("version", latest) > pinned]
+    if any(commit.get(EVENT_TAG) not in _PLAIN_EVENTS for commit in added):
+        return False
+    events.load_as_version(pinned)  # a run's end logged since must not show: its last rows may not be pinned
+    return True
 
 
 def inside(path: str) -> bool:

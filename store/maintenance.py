@@ -45,7 +45,7 @@ def compact(store: Store, *, target_mb: float = DEFAULT_TARGET_MB) -> list[dict]
     if not (isinstance(target_mb, int | float) and math.isfinite(target_mb) and target_mb * 2**20 >= 1):
         raise UserError(f"the target file size must be a positive number of MiB, not {target_mb!r}")
     rows = []
-    for name in ["store_meta", *store.table_names()]:
+    for name in _present(store):
         before = _files(store, name)
         if name == "activations":  # rewritten with page checksums, as the writer writes them (store/files.py)
             metrics = {"numFilesRemoved": compact_checksummed(store, CORE_TABLES[name], int(target_mb * 2**20))}
@@ -154,7 +154,7 @@ def vacuum(
             f"still use: give at least {MIN_RETENTION_HOURS} hour, or --force if nobody else uses the store now"
         )
     rows = []
-    for name in ["store_meta", *store.table_names()]:
+    for name in _present(store):
         table = tables.open_table(store.location, name)
         sizes = _file_sizes(store, name)
         deleted = _retrying(
@@ -173,6 +173,13 @@ def vacuum(
             }
         )
     return rows
+
+
+def _present(store: Store) -> list[str]:
+    """store_meta and the registered tables, less an analysis table whose folder is gone (`store verify` names
+    it; SQL sessions and `store delete` skip it too): it held no files to merge or delete, and stopped the rest."""
+    names = ["store_meta", *store.table_names()]
+    return [name for name in names if name in CORE_TABLES or tables.exists(store.location, name)]
 
 
 def _retrying(operation):

@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 from datetime import timedelta
 from urllib.parse import unquote
 
@@ -59,8 +60,30 @@ def recover(store: Store, run: str) -> bool:
     info = store.run_info(staging_name(run))
     if info is None or info.status != "complete":
         return False
+    if store.run_info(run) is None and _deleted_since_complete(store, run):
+        # The run was deleted during the swap (or after the staging run was complete): finishing it would log
+        # the rest of the new recording complete without the rows the delete took. What is left of it goes.
+        store.delete_run(staging_name(run))
+        return False
     swap(store, run, {key: getattr(info, key) for key in RUN_SETTINGS}, info.config)
     return True
+
+
+def _deleted_since_complete(store: Store, run: str) -> bool:
+    """Whether ``run`` was last deleted after its staging run was last logged complete. (Deleted before, while
+    the overwrite recorded: the swap moves the new recording in under the free name, as it would have.)"""
+    import pyarrow.compute as pc
+
+    events = store.dataset("run_events").to_table(
+        columns=["run", "status", "event_at"], filter=pc.field("run").isin([run, staging_name(run)])
+    )
+
+    def latest(name: str, status: str):
+        mask = pc.and_(pc.equal(events["run"], name), pc.equal(events["status"], status))
+        return pc.max(pc.filter(events["event_at"], mask)).as_py()
+
+    deleted, complete = latest(run, "deleted"), latest(staging_name(run), "complete")
+    return deleted is not None and complete is not None and deleted > complete
 
 
 def swap(store: Store, run: str, settings: dict, config: dict) -> None:
@@ -81,7 +104,12 @@ def swap(store: Store, run: str, settings: dict, config: dict) -> None:
     for name in _RUN_TABLES:
         move_run(store, name, staging, run)
     for name in store.table_names():  # the analyses of the old run (scores, clusters, ...) describe rows now gone
-        if name not in CORE_TABLES and "run" in store.dataset(name).schema.names:
+        # (one registered but whose folder is gone holds no rows: skipped, as `store delete` and SQL sessions do)
+        if (
+            name not in CORE_TABLES
+            and tables.exists(store.location, name)
+            and "run" in store.dataset(name).schema.names
+        ):
             keys = store.run_keys(name, run)  # its own and those of analyses comparing it with others (r1+r2)
             if keys:
                 tables.delete(store.location, name, tables.any_of("run", keys))
@@ -117,6 +145,36 @@ def swap(store: Store, run: str, settings: dict, config: dict) -> None:
     tables.append(store.location, CORE_TABLES["run_events"], pa.Table.from_pylist(rows, schema=RUN_EVENTS))
 
 
+def statistics(file: dict) -> str:
+    """The Delta statistics of one file of ``get_add_actions(flatten=False)``, as its ``add`` action's JSON.
+
+    Rows, null counts and min/max of the scalar columns (store/files.py), so that readers still skip the
+    file by them (``WHERE example_id = 'x'``). A value JSON cannot hold as Delta does (a timestamp, bytes,
+    NaN) is left out: a missing bound only stops a reader skipping the file, never makes it skip wrongly.
+    """
+    stats: dict = {"numRecords": file["num_records"]}
+    for key, field in (("nullCount", "null_count"), ("minValues", "min"), ("maxValues", "max")):
+        values = _plain(file.get(field))
+        if values:
+            stats[key] = values
+    return json.dumps(stats)
+
+
+def _plain(values: dict | None) -> dict:
+    """A statistics struct's values that JSON holds as they are (nested structs recursively), Nones left out."""
+    kept: dict = {}
+    for name, value in (values or {}).items():
+        if isinstance(value, dict):
+            value = _plain(value) or None
+        elif isinstance(value, float) and not math.isfinite(value):
+            value = None
+        elif not isinstance(value, str | int | float):  # bool is an int; datetime, bytes, Decimal: left out
+            value = None
+        if value is not None:
+            kept[name] = value
+    return kept
+
+
 def move_run(store: Store, table: str, source: str, target: str) -> None:
     """One commit: ``target``'s files removed, ``source``'s files re-added as ``target``'s (no copy).
 
@@ -138,7 +196,7 @@ def move_run(store: Store, table: str, source: str, target: str) -> None:
                 {**file["partition"], "run": target},
                 int(file["modification_time"]),
                 True,
-                json.dumps({"numRecords": file["num_records"]}),
+                statistics(file),
             )
             for file in moved
         ]

@@ -82,15 +82,8 @@ class QuerySession:
         # One snapshot: every table's current version is pinned now (its Delta log read, no data), in the
         # order above; a table's data is registered in DuckDB only when a statement names it (_load), so
         # `SELECT 1` or a look at `runs` never builds the activations' Arrow dataset (store/tables.py).
-        self._snapshots = {}
-        for table in sorted(store.table_names(), key=lambda name: (_SNAPSHOT_ORDER + (name,)).index(name)):
-            try:
-                self._snapshots[table] = delta_read.open_table(store.location, table)
-            except FileNotFoundError:
-                if table in _SNAPSHOT_ORDER:
-                    uri = store.location.uri
-                    raise UserError(f"store {uri} has no {table} table: run `hookpoints store verify {uri}`") from None
-                # an analysis table registered but gone (its folder deleted): the session reads the others
+        order = sorted(store.table_names(), key=lambda name: (_SNAPSHOT_ORDER + (name,)).index(name))
+        self._snapshots = delta_read.pin(store.location, order, required=_SNAPSHOT_ORDER)
         self._tables: set[str] = set()  # store tables registered in DuckDB so far
         self._views: set[str] = set()  # views of _VIEWS created so far
         self._macro = False  # neuron_stats(...) defined (when a statement names it: its module imports numpy)

@@ -62,8 +62,8 @@ def nonfinite_hooks(store: Store, run: str) -> list[str]:
     """The run's hook points with a stored vector holding NaN or inf (``finite`` false), sorted.
 
     Read from each activations file's statistics in the Delta log (no data file opened: a run may have millions
-    of files); only files without that statistic (an overwrite's swap re-adds files with their row count alone)
-    are scanned, for their ``finite`` column.
+    of files); only files without that statistic (re-added with their row count alone by an overwrite's swap of
+    an older hookpoints) are scanned, for their ``finite`` column.
     """
     delta = delta_read.open_table(store.location, "activations")
     actions = delta.get_add_actions(flatten=True)

@@ -368,16 +368,23 @@ def _check_runs(store: Store, report: VerifyReport) -> None:
     con = duckdb.connect()
     try:
         con.register("_run_events", store.dataset("run_events").to_table())
-        rows = con.sql(f"SELECT run, status, message FROM ({runs_sql('_run_events')})")
-        for row in rows.to_arrow_table().to_pylist():
+        rows = con.sql(f"SELECT run, status, message FROM ({runs_sql('_run_events')})").to_arrow_table().to_pylist()
+        latest = con.sql("SELECT run, status, max(event_at) AS at FROM _run_events GROUP BY ALL").to_arrow_table()
+        at = {(row["run"], row["status"]): row["at"] for row in latest.to_pylist()}  # each status' last event
+        for row in rows:
             if row["status"] == "complete" and row["run"].endswith(STAGING_SUFFIX):  # killed while swapping in
                 run = row["run"].removesuffix(STAGING_SUFFIX)
+                finish = (
+                    f"`hookpoints record` of run {run!r} with --resume and the overwrite's other options finishes it"
+                    if at.get((run, "deleted")) is None or at[run, "deleted"] <= at[row["run"], "complete"]
+                    else f"run {run!r} was deleted since: `hookpoints store delete {store.location.uri} --run "
+                    f"{row['run']}` removes what is left of the overwrite"
+                )
                 report.add(
                     "error",
                     "runs",
                     f"the overwrite of run {run!r} was killed while swapping in its new rows (complete as run "
-                    f"{row['run']!r}): `hookpoints record` of run {run!r} with --resume and the overwrite's other "
-                    "options finishes it",
+                    f"{row['run']!r}): {finish}",
                 )
             if row["status"] == "complete":
                 continue

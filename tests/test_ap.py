@@ -8,6 +8,8 @@ from hookpoints.analyses import average_precision
 from hookpoints.analyses.ap import LabelSetPlan, average_precision_many, neuron_chunk_size
 from sklearn.metrics import average_precision_score
 
+from hookpoints.errors import UserError
+
 BACKENDS = [
     "numpy",
     pytest.param(
@@ -207,18 +209,18 @@ def test_other_numeric_inputs_and_empty():
         (np.zeros((5, 2)), np.array([1, 1, 0, 0, 0], bool), np.arange(5) < 2, r"no negative .*among"),
         (np.zeros((5, 2)), np.array([1, 0, 0, 0], bool), None, r"4 examples per set but scores have 5"),
         (np.zeros(5), np.array([1, 0, 0, 0, 0], bool), None, r"scores must be 2-D"),
-        (np.zeros((5, 2)), np.array([2, 0, 0, 0, 1]), None, r"must be bool"),
+        (np.zeros((5, 2)), np.array([2, 0, 0, 0, 1]), None, r"must be binary \(True/False or 0/1\), but hold 2"),
         (np.zeros((5, 2)), np.array([1, 0, 1, 0, 1], bool), np.ones((2, 5), bool), r"among has 2 sets"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(scores, labels, among, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         average_precision_many(scores, labels, among)
 
 
 def test_error_names_the_failing_label_set():
     sets = np.array([[1, 0, 1, 0], [0, 0, 0, 0]], bool)
-    with pytest.raises(ValueError, match=r"^label set 1 has no positive examples"):
+    with pytest.raises(UserError, match=r"^label set 1 has no positive examples"):
         average_precision_many(np.zeros((4, 3)), sets)
 
 
@@ -230,18 +232,18 @@ def test_non_finite_scores_name_count_and_columns(backend):
     x[0, 33] = -np.inf
     y = np.arange(50) % 2 == 0
     msg = r"scores contain 3 NaN/inf values in 2 neuron columns \[7, 33\]; drop or impute"
-    with pytest.raises(ValueError, match=msg) as e:
+    with pytest.raises(UserError, match=msg) as e:
         average_precision(x, y, backend=backend)
     assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match=r"1 NaN/inf values in 1 neuron columns \[1\]"):
+    with pytest.raises(UserError, match=r"1 NaN/inf values in 1 neuron columns \[1\]"):
         x64 = np.array([[0.0, 1.0], [1.0, np.nan], [2.0, 3.0]])
         average_precision(x64, [True, False, True], backend=backend)
 
 
 def test_labels_must_be_one_dimensional_and_backend_known():
-    with pytest.raises(ValueError, match=r"labels must be 1-D"):
+    with pytest.raises(UserError, match=r"labels must be 1-D"):
         average_precision(np.zeros((4, 2)), np.zeros((2, 4), bool))
-    with pytest.raises(ValueError, match=r"backend must be"):
+    with pytest.raises(UserError, match=r"backend must be"):
         average_precision(np.zeros((4, 2)), np.array([1, 0, 1, 0], bool), backend="cuda")
 
 
@@ -254,3 +256,40 @@ def test_neuron_chunk_size_fits_the_budget():
     assert scratch + (cols + 16) * (2 * n * 4 + 32 * 8) > budget  # and it is the largest such
     assert neuron_chunk_size(n, 1 << 20, block=16) == 16  # never below one block
     assert neuron_chunk_size(n, 4 << 30) > neuron_chunk_size(n, 1 << 30)
+
+
+SCORES = np.array([[0.9, 0.1], [0.1, 0.5], [0.8, 0.3], [0.4, 0.4]])
+
+
+@pytest.mark.parametrize(
+    ("scores", "labels", "kwargs", "message"),
+    [
+        ("abc", [1, 0, 1, 0], {}, r"^scores must be an array of numbers, not str$"),
+        (None, [1, 0, 1, 0], {}, r"^scores must be an array of numbers, not NoneType$"),
+        ([[1.0, 2.0], [3.0]], [1, 0], {}, r"^scores must be an array of numbers of one shape"),
+        (SCORES[:, 0], [1, 0, 1, 0], {}, r"scores must be 2-D .* for one neuron pass scores\[:, None\]"),
+        (SCORES + 1j, [1, 0, 1, 0], {}, r"scores must hold real numbers .*not complex128"),
+        (SCORES.astype(object), [1, 0, 1, 0], {}, r"scores must hold real numbers .*not object"),
+        (np.zeros((0, 2)), [], {}, r"^labels has no positive examples"),
+        (SCORES, [0, 1, 2, 0], {}, r"^labels must be binary \(True/False or 0/1\), but hold 2$"),
+        (SCORES, [0, 1, np.nan, 0], {}, r"^labels must be binary .*but hold nan$"),
+        (SCORES, "1010", {}, r"^labels must be an array of numbers, not str$"),
+        (SCORES, ["a", "b", "a", "b"], {}, r"^labels must hold real numbers .*not <U1"),
+        (SCORES, [1, 0, 1], {}, r"^labels has 3 examples per set but scores have 4"),
+        (np.array([[np.nan], [1.0], [2.0], [3.0]]), [1, 0, 1, 0], {}, r"scores contain 1 NaN/inf values"),
+        (SCORES, [1, 0, 1, 0], {"threads": "2"}, r"^threads must be a whole number of at least 1, not '2'$"),
+        (SCORES, [1, 0, 1, 0], {"backend": None}, r"^backend must be 'auto', 'numba' or 'numpy'; got None$"),
+    ],
+)
+def test_bad_input_to_average_precision_is_one_user_error(scores, labels, kwargs, message):
+    """Each gave a ValueError / TypeError with numpy's words ("could not convert", "inhomogeneous shape", "label_sets
+    must be bool ... got dtype float64" for labels [] or with a NaN), not the project's UserError."""
+    with pytest.raises(UserError, match=message) as caught:
+        average_precision(scores, labels, **kwargs)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("labels", [[1, 0, 1, 0], [1.0, 0.0, 1.0, 0.0], [True, False, True, False], (1, 0, 1, 0)])
+def test_good_labels_of_any_binary_form_equal_sklearn(labels):
+    expected = [average_precision_score(np.asarray(labels, float), SCORES[:, j]) for j in range(2)]
+    np.testing.assert_allclose(average_precision(SCORES.tolist(), labels), expected, rtol=1e-12)

@@ -155,6 +155,12 @@ def test_generate_with_edits_equals_torch_hooks_during_generate(tiny_model_dir):
     with torch_hook(model, edit.point.module, change):
         reference = model.generate(inputs, prompt, 8)
     assert torch.equal(edited.sequences, reference.sequences)
+
+    def set_four(x, hook):  # TransformerLens style, during generate: [batch, pos, d_model]
+        x[..., neurons] = 4.0
+
+    hooked = model.generate(inputs, prompt, 8, fwd_hooks=[(edit.point.name, set_four)])
+    assert torch.equal(hooked.sequences, reference.sequences)
     assert not torch.equal(edited.sequences, model.generate(inputs, prompt, 8).sequences)
 
 
@@ -370,6 +376,12 @@ def test_steering_the_rotary_keys_during_generate_shifts_each_key_once(tiny_mode
 
     expected = greedy_without_cache(model, inputs, prompt, 8, lambda: torch_hook(model, edit.point.module, shift))
     assert torch.equal(model.generate(inputs, prompt, 8, edits=[edit]).sequences, expected)  # torch hooks
+
+    def steer_keys(x, hook):  # a hook function on [batch, pos, head, d_head], as TransformerLens passes it
+        return (x.flatten(2) + torch.isin(torch.arange(x[0, 0].numel()), torch.tensor(neurons)) * 3.0).view(x.shape)
+
+    steered = model.generate(inputs, prompt, 8, fwd_hooks=[(edit.point.name, steer_keys)])
+    assert torch.equal(steered.sequences, expected)
     generation, seen = model.generate_edited(inputs, prompt, [edit], 8, record=[edit.point])  # through nnsight
     assert torch.equal(generation.sequences, expected)
     _, plain = model.generate_edited(inputs, prompt, [], 8, record=[edit.point])

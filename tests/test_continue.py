@@ -17,6 +17,7 @@ from hookpoints.analyses.intervention_sweep import SweepSpec, plan_sweep
 from hookpoints.store.catalog import Store
 from test_transformerlens_names import transformerlens_model
 
+import hookpoints as hp
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation
 from hookpoints.inputs import ModelInputs
@@ -97,6 +98,9 @@ def test_generation_and_edited_generation_equal_transformerlens(folders, tmp_pat
     hooks = [("blocks.0.mlp.hook_post", replace), ("blocks.1.hook_resid_post", add)]
     plain = model.generate(TEXTS, max_new_tokens=STEPS)
     edited = model.generate(TEXTS, max_new_tokens=STEPS, edits=edits)  # torch hooks, Linear outputs folded
+    # the same as TransformerLens-style hook functions, the steering by hp.steer
+    steered = [("blocks.0.mlp.hook_post", replace), ("blocks.1.hook_resid_post", hp.steer(direction))]
+    hooked = model.generate(TEXTS, max_new_tokens=STEPS, fwd_hooks=steered)
     watched = [model.hook_points.get("blocks.0.hook_resid_post")]
     recorded, _ = model.generate_edited(TEXTS, None, edits, STEPS, record=watched)  # through nnsight
     for i, text in enumerate(TEXTS):
@@ -110,6 +114,7 @@ def test_generation_and_edited_generation_equal_transformerlens(folders, tmp_pat
         assert plain.generated(i) == want[0, tokens.shape[1] :].tolist()[: int(plain.lengths[i])], f"{family} {i}"
         assert edited.generated(i) == want_edited[0, tokens.shape[1] :].tolist()[: int(edited.lengths[i])]
         assert recorded.generated(i) == edited.generated(i)  # nnsight's edits equal the torch hooks'
+        assert hooked.generated(i) == want_edited[0, tokens.shape[1] :].tolist()[: int(hooked.lengths[i])]
     assert any(plain.generated(i) != edited.generated(i) for i in range(len(TEXTS)))  # the edits changed text
 
 
@@ -254,6 +259,13 @@ def test_bad_generation_requests_get_one_line(folders, tiny_model_dir):
     embeds = {"inputs_embeds": torch.zeros(1, 3, 64), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     with pytest.raises(UserError, match="generates from token ids: .*not inputs_embeds"):
         model.generate(embeds, max_new_tokens=3)
+    hook = [("blocks.0.mlp.hook_post", hp.ablate([1]))]
+    with pytest.raises(UserError, match="give edits, or encoder_outputs or fwd_hooks, not both"):
+        model.generate(
+            TEXTS, max_new_tokens=3, edits=[model.edit("blocks.0.mlp.hook_post", [1], [0.0])], fwd_hooks=hook
+        )
+    with pytest.raises(UserError, match="blocks.9.mlp.hook_post"):
+        model.generate(TEXTS, max_new_tokens=3, fwd_hooks=[("blocks.9.mlp.hook_post", hp.ablate([1]))])
     with pytest.raises(UserError, match=r"does not generate here"):
         load(tiny_model_dir("bert")).generate(["Hi"], max_new_tokens=3)
     seamless = load(tiny_model_dir("seamless_m4t_v2"), modality="text")
@@ -320,7 +332,7 @@ def test_more_generation_requests_get_one_line_or_work_as_named(folders):
     mask[1] = 0
     with pytest.raises(UserError, match=r"^example 1 has no tokens \(its attention_mask is all 0\)"):
         model.generate({"input_ids": ids, "attention_mask": mask}, max_new_tokens=3)
-    with pytest.raises(UserError, match="decoder-only LM: it has no encoder, so no encoder_outputs to give"):
+    with pytest.raises(UserError, match="continues its inputs: its generate takes no encoder_outputs"):
         model.generate(TEXTS, max_new_tokens=3, encoder_outputs=torch.zeros(4, 2, 64))
     with pytest.raises(UserError, match="a ModelInputs with an 'input' mask"):  # a KeyError
         model.generate(ModelInputs({"input_ids": ids}, {}), max_new_tokens=3)

@@ -44,8 +44,28 @@ def test_known_values_and_axis():
         ([1.0, np.inf], "NaN or infinite"),
         ([], "no values"),
         (3.0, "an array"),
+        # numpy's ValueError / TypeError before
+        ("abc", "^gini's values must be an array of numbers, not str$"),
+        (None, "^gini's values must be an array of numbers, not NoneType$"),
+        ({1: 2}, "not dict"),
+        ([[1.0, 2.0], [3.0]], "of one shape, not lists of different lengths"),
+        ([1j, 2], "must hold real numbers .*not complex128"),
+        (np.zeros((3, 0)), "no values"),
     ],
 )
 def test_bad_values_are_refused(values, message):
     with pytest.raises(UserError, match=message):
         gini(values)
+
+
+@pytest.mark.parametrize("axis", [2, -3, "a", 1.0, True])
+def test_a_bad_axis_is_refused(axis):
+    """An AxisError ("source: axis 2 is out of bounds") or TypeError before."""
+    with pytest.raises(UserError, match=rf"^gini's axis must be a whole number from -2 to 1 here, not {axis!r}$"):
+        gini(np.ones((2, 3)), axis=axis)
+
+
+def test_good_input_of_any_form_equals_the_mean_absolute_difference_form():
+    rows = [[1, 0, 3], [2, 2, 2]]
+    np.testing.assert_allclose(gini(rows, axis=np.int64(1)), [gini_mad(np.array(r)) for r in rows], atol=1e-12)
+    assert gini([True, False, False]) == pytest.approx(gini_mad(np.array([1.0, 0.0, 0.0])), abs=1e-12)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hookpoints.analyses import gini
+from hookpoints.analyses.magnitudes import example_groups
 from hookpoints.analyses.ranking import plan_ranking, rank, write_scores
 from hookpoints.analyses.selection import (
     ap_summary,
@@ -19,6 +20,7 @@ from hookpoints.analyses.selection import (
 from hookpoints.store.catalog import Store
 from selectivity_helpers import DECODER, ENCODER, examples_table, hook_rows, write_run
 
+import hookpoints as hp
 from hookpoints.errors import UserError
 
 K = 6
@@ -170,3 +172,141 @@ def test_report_components_filter_the_overlaps_and_an_unknown_one_is_refused(tmp
     assert top.result.counts.tolist() == expected
     with pytest.raises(UserError, match="component 'nope' is not ranked in run.* it has text_encoder, text_decoder"):
         selectivity_report(store, "r", names, 3, components=["nope"])
+
+
+def test_a_modules_input_and_output_hooks_are_two_cells_of_the_gini(tmp_path):
+    """A module's input hook (``...mlp.act:input``, bare module paths) had the module's path as its submodule,
+    as its output hook: their selected neurons were summed into one cell (paper 5.2: a cell is layer l x
+    submodule m, m one hooked activation)."""
+    store = Store.open(tmp_path / "store", create=True)
+    examples = examples_table(6, "text", seed=4)
+    hooks = []
+    for layer in range(2):
+        for io, width in (("output", 5), ("input", 7)):
+            module = f"transformer.h.{layer}.mlp.act"
+            hooks += hook_rows("lm", 1, {"mlp.act": width}, layer_output=False)
+            hooks[-1].update(hook=module + (":input" if io == "input" else ""), module=module, io=io, layer=layer)
+    write_run(store, "r", examples, hooks)
+    job = plan_ranking(store, ["r"], presets=["unimodal"], ks=(K,))
+    write_scores(store, rank(store, job))
+    with store.query() as session:
+        scores = session.sql("SELECT label_set, layer, hook, top_rank, bottom_rank FROM scores").to_pandas()
+        for name in scores["label_set"].unique():
+            counts = layer_counts(session, "r", name, "lm", K)
+            assert sorted(counts["submodule"].to_pylist()) == ["mlp.act", "mlp.act", "mlp.act:input", "mlp.act:input"]
+            rows = scores[scores["label_set"] == name]
+            for side in ("top", "bottom"):
+                per_hook = (rows[f"{side}_rank"] <= K).groupby(rows["hook"]).sum().to_numpy(np.float64)  # 4 cells
+                x = np.sort(per_hook)
+                n = len(x)
+                expected = float(((2 * np.arange(1, n + 1) - n - 1) * x).sum() / (n * x.sum()))
+                assert selection_gini(counts, side) == pytest.approx(expected, abs=1e-12)
+                by_submodule = [
+                    per_hook[[h.endswith(":input") for h in sorted(rows["hook"].unique())]].sum(),
+                    per_hook[[not h.endswith(":input") for h in sorted(rows["hook"].unique())]].sum(),
+                ]
+                assert selection_gini(counts, side, "submodule") == pytest.approx(gini(by_submodule), abs=1e-12)
+
+
+def test_label_sets_given_as_one_name_or_unknown_are_not_read_as_nothing(ranked):
+    """A string was read letter by letter and an unknown label set, run or component matched no row: ap_summary
+    came back [] and overlap a matrix of zeros (one row per letter), without a word."""
+    from hookpoints.analyses.ap_report import selectivity_report
+
+    store, result = ranked
+    names = [ls.name for ls in result.job.masks.label_sets]
+    speech, text = "unimodal/speech/de", "unimodal/text/de"
+    with store.query() as session:
+        assert ap_summary(session, "s2tt+t2tt", speech) == ap_summary(session, "s2tt+t2tt", [speech])
+        one = overlap(session, ("s2tt+t2tt", speech), ("s2tt+t2tt", text), "text_decoder", K, "top")
+        listed = overlap(session, ("s2tt+t2tt", [speech]), ("s2tt+t2tt", [text]), "text_decoder", K, "top")
+        s, t = names.index(speech), names.index(text)
+        expected = len(
+            set(result.selected(s, "text_decoder", K, "top")) & set(result.selected(t, "text_decoder", K, "top"))
+        )
+        assert one.counts.tolist() == listed.counts.tolist() == [[expected]]
+        with pytest.raises(UserError, match=r"label set 'nope' is not ranked in run\(s\) 's2tt\+t2tt'; it has "):
+            ap_summary(session, "s2tt+t2tt", [speech, "nope"])
+        with pytest.raises(UserError, match=r"label set 'nope' is not ranked"):
+            overlap(session, ("s2tt+t2tt", ["nope"]), ("s2tt+t2tt", [text]), "text_decoder", K, "top")
+        with pytest.raises(UserError, match=r"ranks no neuron of component 'nope'; it ranks "):
+            overlap(session, ("s2tt+t2tt", [speech]), ("s2tt+t2tt", [text]), "nope", K, "top")
+        with pytest.raises(UserError, match=r"k=100000 is larger than module group text_decoder"):
+            overlap(session, ("s2tt+t2tt", [speech]), ("s2tt+t2tt", [text]), "text_decoder", 100_000, "top")
+        with pytest.raises(UserError, match=r"a \(run, label sets\) pair"):
+            overlap(session, "s2tt+t2tt", ("s2tt+t2tt", [text]), "text_decoder", K, "top")
+    report = selectivity_report(store, "s2tt+t2tt", speech, K, components="text_decoder", overlaps=False)
+    assert [(row.label_set, row.component) for row in report.rows] == [(speech, "text_decoder")]
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [  # each was an AttributeError / TypeError / IndexError before
+        (lambda st, s, j: hp.custom_label_set(5), "--positive must be a SQL boolean expression (a string), not int"),
+        (lambda st, s, j: hp.custom_label_set("language = 'de'", ["x"]), "--among must be a SQL boolean expression"),
+        (lambda st, s, j: hp.custom_label_set("language = 'de'", name=5), "label set name 5 is not allowed"),
+        (lambda st, s, j: hp.custom_label_set("language = 'de'", name="x" * 200), "at most 128 characters"),
+        (lambda st, s, j: hp.plan_ranking(st, ["s2tt"], presets=["unimodal"], where=5), "--where must be a SQL"),
+        (
+            lambda st, s, j: hp.plan_ranking(st, ["s2tt"], presets=["unimodal"], language_column=None),
+            "language_column must be the name of an examples column, not None",
+        ),
+        (lambda st, s, j: hp.plan_ranking(st, ["s2tt"], custom=5), "custom takes label sets made by custom_label_set"),
+        (lambda st, s, j: hp.rank(st, j, memory_bytes=None), "memory_bytes must be a whole number of at least 1"),
+        (lambda st, s, j: hp.rank(st, j, threads="2"), "threads must be a whole number of at least 1, not '2'"),
+        (lambda st, s, j: hp.shared_hooks(s, []), "give at least one run"),
+        (
+            lambda st, s, j: hp.activation_gini(
+                st, j.examples, j.hooks, example_groups(s, j.examples, []), memory_bytes=None
+            ),
+            "memory_bytes must be a whole number of at least 1, not None",
+        ),
+        (lambda st, s, j: hp.select_hooks(j.hooks, None, "of run 'r'"), "hook patterns must be a name or a list"),
+        (lambda st, s, j: hp.selected_neurons(s, "s2tt+t2tt", None, K), "label_set must be the name of a ranked"),
+        (
+            lambda st, s, j: hp.overlap(
+                s, ("s2tt+t2tt", ["modality/speech"]), ("s2tt+t2tt", ["modality/text"]), [], K, "top"
+            ),
+            "component must be the name of a module group",
+        ),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_one_line_user_errors(ranked, call, message):
+    store, result = ranked
+    with store.query() as session, pytest.raises(UserError) as caught:
+        call(store, session, result.job)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_wrong_table_given_to_a_figure_or_summary_names_the_function_that_makes_the_right_one(ranked):
+    """Each was a KeyError ('Field "top" does not exist in schema'), and a component the magnitudes table lacks
+    drew an empty figure without a word."""
+    import pyarrow as pa
+
+    store, _ = ranked
+    with store.query() as session:
+        listed = selected_neurons(session, "s2tt+t2tt", "modality/speech", K)
+        counts = layer_counts(session, "s2tt+t2tt", "modality/speech", "text_decoder", K)
+    magnitudes = pa.table(
+        {"component": ["lm"], "layer": [0], "language": ["de"], "magnitude": [1.0], "deviation": [0.0]}
+    )
+    cases = [
+        (lambda: selection_gini(listed, "top"), "no column 'top': pass the table layer_counts(...) returns"),
+        (lambda: selection_gini(counts.drop(["submodule"]), "top", "submodule"), "no column 'submodule'"),
+        (lambda: hp.distribution_figure(listed, "text_decoder", K, "t"), "pass the table layer_counts(...) returns"),
+        (lambda: hp.distribution_figure(None, "text_decoder", K, "t"), "not NoneType"),
+        (lambda: hp.magnitude_figure(counts, ["language"], "lm", 1.0, "t"), "layer_magnitudes(...) returns"),
+        (lambda: hp.magnitude_figure(magnitudes, "modality", "lm", 1.0, "t"), "no column 'modality'"),
+        (
+            lambda: hp.magnitude_figure(magnitudes, ["language"], "nope", 1.0, "t"),
+            "no rows of component 'nope'; it has lm",
+        ),
+        (lambda: hp.activation_gini_figure(magnitudes, ["language"], "lm", "t"), "no column 'gini'"),
+        (lambda: hp.score_table(counts), "pass the table run_sweep(...) or sweep(...) returns"),
+        (lambda: hp.figure5(counts, "t"), "pass the table run_sweep(...) or sweep(...) returns"),
+    ]
+    for call, message in cases:
+        with pytest.raises(UserError) as caught:
+            call()
+        assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert selection_gini(counts, "top") == pytest.approx(gini(np.array(counts["top"].to_pylist(), float)))

@@ -167,3 +167,31 @@ def test_a_compaction_racing_a_delete_does_not_bring_the_deleted_rows_back(small
     with store.query() as session:
         assert session.sql(QUERY).to_pylist() == kept  # run a stays deleted; run b whole
     assert verify(store).ok
+
+
+def test_compact_and_vacuum_go_past_an_analysis_table_whose_folder_was_deleted(store, run_cli):
+    """`scores` registered but its folder removed by hand: `store compact` and `store vacuum` stopped at it
+    ("FileNotFoundError: table 'scores' is missing"), so no table of the store could be compacted or vacuumed.
+    They now skip it, as SQL sessions and `store delete` do; a missing core table still stops them."""
+    import shutil
+
+    import pyarrow as pa
+    from hookpoints.analyses.ranking import SCORES_SCHEMA, SCORES_TABLE
+
+    from tests.hostile_helpers import fill, vectors
+
+    for seed in range(3):  # three small commits of r1: files to merge
+        fill(store, "r1", seed=seed, if_exists="resume" if seed else "error", columns={"example_id": [f"e{seed}"]})
+    row = {"label_set": "l", "hook": "h0", "neuron": 0, "ap": 0.9, "n_positive": 1, "n_among": 3}
+    store.append(SCORES_TABLE, pa.Table.from_pylist([{**row, "run": "r1", "runs": ["r1"]}], schema=SCORES_SCHEMA))
+    shutil.rmtree(f"{store.location.uri}/{SCORES_TABLE.name}")
+    before = vectors(store, "r1")
+    code, out, err = run_cli("store", "compact", store.location.uri)
+    assert code == 0, err
+    assert _data_files(store, "activations") == 2 + 6  # one merged file per hook (the merged ones until vacuum)
+    code, out, err = run_cli("store", "vacuum", store.location.uri, "--retention-hours", "0", "--force")
+    assert code == 0, err
+    assert _data_files(store, "activations") == 2 and vectors(store, "r1") == before
+    shutil.rmtree(f"{store.location.uri}/hooks")
+    code, out, err = run_cli("store", "compact", store.location.uri)
+    assert code != 0 and "table 'hooks' is missing" in err

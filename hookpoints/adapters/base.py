@@ -69,6 +69,9 @@ class Adapter:
     components: dict[str, str] = field(default_factory=dict)  # module path prefix -> component
     #: (canonical name or in-layer suffix, alias): other names of the same tensor (TransformerLens 4's, ...)
     renames: tuple[tuple[str, str], ...] = ()
+    #: forward arguments held per example, not per token (an audio LLM's features): a left-padded batch keeps
+    #: them as they are (hookpoints.generation.left_padded; a decoder-only family that continues its inputs)
+    per_example_kwargs: tuple[str, ...] = ()
 
     # -- loading and inputs (overridden per family) -----------------------------------------------------
 
@@ -285,6 +288,14 @@ def token_batch(tokenizer, texts: list[str], *, max_length: int | None = None) -
         return_tensors="pt",
     )
     return encoded["input_ids"], encoded["attention_mask"]
+
+
+def template_ids(tokenizer, template: str | None) -> tuple[list[int], list[int]]:
+    """The token ids of a speech prompt's text before and after its ``{audio}`` (none without a template)."""
+    if template is None:
+        return [], []
+    before, after = template.split("{audio}")
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] if text else [] for text in (before, after)]
 
 
 def random_ids(model: nn.Module, batch: int, length: int, *, low: int = 4, high: int | None = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import Qwen2AudioForConditionalGeneration
 
-from hookpoints.adapters.base import Adapter, Single, Stack, random_ids, token_batch
+from hookpoints.adapters.base import Adapter, Single, Stack, random_ids, template_ids, token_batch
 from hookpoints.adapters.decoder_lm import LLAMA_BLOCK, without_foreign_lm
 from hookpoints.adapters.whisper import ENCODER_LAYER, lengths_mask, window_features
 from hookpoints.inputs import ModelInputs
@@ -27,6 +27,10 @@ class Qwen2Audio(Adapter):
 
     def model_class(self, config, modality):
         return Qwen2AudioForConditionalGeneration
+
+    def tasks(self, config, modality):
+        """forward, and ``continue``: greedy generation after the text or the speech prompt (its audio tokens)."""
+        return ("forward", "continue")
 
     def key_positions(self, model, space):
         """The audio encoder's maps have keys up to its window (Whisper's 1500 positions), the LM's its context."""
@@ -63,13 +67,14 @@ class Qwen2Audio(Adapter):
         ids, mask = token_batch(tokenizer, texts, max_length=model.config.text_config.max_position_embeddings)
         return ModelInputs({"input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})
 
-    def speech_inputs(self, model, processor, tokenizer, waveforms, *, frames=None):
+    def speech_inputs(self, model, processor, tokenizer, waveforms, *, frames=None, template=None):
         """A speech prompt: the audio's tokens (wrapped in ``<|audio_bos|>``/``<|audio_eos|>`` when the
-        tokenizer has them), as Qwen2-Audio's processor expands ``<|AUDIO|>``; right-padded."""
+        tokenizer has them), as Qwen2-Audio's processor expands ``<|AUDIO|>``; right-padded. ``template``: text
+        around them, the audio at ``{audio}`` (an instruction, a chat turn)."""
         features, frame_mask = window_features(processor, waveforms, frames)
         tower = model.model.audio_tower
         encoder_lengths, token_lengths = tower._get_feat_extract_output_lengths(frame_mask.sum(-1))
-        ids, mask = audio_prompts(tokenizer, token_lengths.tolist(), model.config.audio_token_id)
+        ids, mask = audio_prompts(tokenizer, token_lengths.tolist(), model.config.audio_token_id, template)
         window = features.shape[-1]
         return ModelInputs(
             {
@@ -87,11 +92,18 @@ class Qwen2Audio(Adapter):
         )
 
 
-def audio_prompts(tokenizer, counts: list[int], audio_token: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[batch, tokens]`` ids and mask: per example ``counts[i]`` audio tokens, wrapped when possible."""
+def audio_prompts(
+    tokenizer, counts: list[int], audio_token: int, template: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[batch, tokens]`` ids and mask: per example ``counts[i]`` audio tokens, wrapped when possible, with
+    ``template``'s text (tokenised without special tokens) before and after them."""
     wrap = [tokenizer.convert_tokens_to_ids(t) for t in ("<|audio_bos|>", "<|audio_eos|>")]
     wrap = wrap if all(isinstance(t, int) and t != tokenizer.unk_token_id for t in wrap) else None
-    rows = [([wrap[0]] if wrap else []) + [audio_token] * n + ([wrap[1]] if wrap else []) for n in counts]
+    before, after = template_ids(tokenizer, template)
+    rows = [
+        [*before, *([wrap[0]] if wrap else []), *[audio_token] * n, *([wrap[1]] if wrap else []), *after]
+        for n in counts
+    ]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -136,4 +148,6 @@ QWEN2_AUDIO = Qwen2Audio(
         "model.language_model": "lm",
         "lm_head": "lm",
     },
+    # the audio's features and frame mask: merged into the prompt's audio tokens in their order, row by row
+    per_example_kwargs=("input_features", "feature_attention_mask"),
 )

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from hookpoints.adapters.base import Adapter, Single, Stack, random_ids, token_batch
+from hookpoints.adapters.base import Adapter, Single, Stack, random_ids, template_ids, token_batch
 from hookpoints.adapters.decoder_lm import LLAMA_BLOCK, without_foreign_lm
 from hookpoints.adapters.whisper import ENCODER_LAYER, lengths_mask
 from hookpoints.errors import UserError
@@ -49,7 +49,7 @@ class Ultravox(Adapter):
         ids, mask = token_batch(tokenizer, texts, max_length=model.config.text_config.max_position_embeddings)
         return ModelInputs({"input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})
 
-    def speech_inputs(self, model, processor, tokenizer, waveforms, *, frames=None):
+    def speech_inputs(self, model, processor, tokenizer, waveforms, *, frames=None, template=None):
         """Each utterance's own log-mel frames (not a whole window, as Ultravox's processor does), zero-padded.
 
         Features are extracted one utterance at a time: extracted as a padded batch, an utterance's last frame
@@ -65,17 +65,20 @@ class Ultravox(Adapter):
         features = torch.zeros(len(each), each[0].shape[0], int(lengths.max()))
         for i, feature in enumerate(each):
             features[i, :, : feature.shape[-1]] = feature
-        return self._speech(model, tokenizer, features, lengths)
+        return self._speech(model, tokenizer, features, lengths, template=template)
 
-    def _speech(self, model, tokenizer, features, lengths, *, text=None) -> ModelInputs:
-        """A prompt of audio placeholders (after the tokenizer's BOS, if it adds one), then ``text`` if given."""
+    def _speech(self, model, tokenizer, features, lengths, *, text=None, template=None) -> ModelInputs:
+        """A prompt of audio placeholders (after the tokenizer's BOS, if it adds one), then ``text`` if given;
+        ``template``: text around them, the audio at ``{audio}`` (after the BOS)."""
         counts = audio_token_lengths(lengths, model.config.stack_factor)  # [batch]
         prefix = tokenizer("", add_special_tokens=True)["input_ids"] if tokenizer is not None else []
+        before, after = template_ids(tokenizer, template)
+        prefix = [*prefix, *before]
         placeholder = model.config.text_config.eos_token_id if tokenizer is None else tokenizer.eos_token_id
         placeholder = placeholder[0] if isinstance(placeholder, list) else placeholder
         rows = []
         for i, count in enumerate(counts.tolist()):
-            extra = text[i].tolist() if text is not None else []
+            extra = text[i].tolist() if text is not None else after
             rows.append([*prefix, *[placeholder] * count, *extra])
         width = max(map(len, rows))
         pad = (tokenizer.pad_token_id if tokenizer is not None else None) or 0
