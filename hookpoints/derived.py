@@ -60,7 +60,11 @@ def is_map(module: str) -> bool:
 
 
 def map_rows(tensor: torch.Tensor, keys: int, key_mask: torch.Tensor | None, name: str) -> torch.Tensor:
-    """``[batch, head, query, key]`` -> ``[batch, query, head * keys]``, keys padded with 0 to ``keys``."""
+    """``[batch, head, query, key]`` -> ``[batch, query, head * keys]``, keys padded with 0 to ``keys``.
+
+    With ``key_mask``, stored key ``j`` is the ``j``-th key an example attends to: its keys are moved before the
+    masked ones (a stable sort; a no-op for right padding), so a left-padded batch (a decoder-only LM's
+    continuation, hookpoints.generation) stores what the example gives alone, not keys shifted by its padding."""
     batch, heads, queries, present = tensor.shape
     if present > keys:
         raise UserError(
@@ -68,6 +72,10 @@ def map_rows(tensor: torch.Tensor, keys: int, key_mask: torch.Tensor | None, nam
             "(the model's longest input); shorten the input"
         )
     if key_mask is not None and key_mask.shape[-1] == present:
-        tensor = torch.where(key_mask.to(tensor.device, torch.bool)[:, None, None, :], tensor, 0.0)
+        kept = key_mask.to(tensor.device, torch.bool)  # [batch, keys]
+        order = torch.sort((~kept).int(), dim=-1, stable=True).indices  # its keys first, in order
+        kept = kept.gather(-1, order)
+        tensor = tensor.gather(-1, order[:, None, None, :].expand(tensor.shape))
+        tensor = torch.where(kept[:, None, None, :], tensor, 0.0)
     tensor = torch.nn.functional.pad(tensor, (0, keys - present))  # [batch, head, query, keys]
     return tensor.transpose(1, 2).flatten(2)  # [batch, query, head * keys]

@@ -77,6 +77,8 @@ class GenerationMethods(GenerationRequests):
         >>> model.generate(["The cat"], max_new_tokens=8, fwd_hooks=[("blocks.1.hook_resid_post", hp.steer(v, 4.0))])
         """
         inputs, prompt = self._check_request(inputs, prompt, max_new_tokens, [] if edits is None else edits)
+        if encoder_outputs is not None and self.continues:  # HF's ValueError about unused model_kwargs
+            raise UserError(f"{self.source} continues its inputs: its generate takes no encoder_outputs")
         changes = self._hook_changes(inputs, fwd_hooks)
         if edits:
             if encoder_outputs is not None or changes:
@@ -130,6 +132,8 @@ class GenerationMethods(GenerationRequests):
         A decoder-only LM (``prompt`` None) generates, then records every hook point in one teacher-forced pass
         over ``input + generated[:-1]``, pooled over the generated tokens' steps.
         """
+        self._check_generates()
+        inputs = self.generation_inputs(inputs)  # texts too, as generate takes them
         prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
         if self.continues:
             generation = self.generate(inputs, None, max_new_tokens)
@@ -182,6 +186,8 @@ class GenerationMethods(GenerationRequests):
         hook per tensor).
         """
         inputs, prompt = self._check_request(inputs, prompt, max_new_tokens, edits)
+        if isinstance(record, str) or any(isinstance(point, str) for point in record):
+            record = self.select(record)  # names or globs, as run_with_cache takes them
         modules = dict(self.model.named_modules())
         for point in [edit.point for edit in edits] + list(record):
             if point.module not in modules:

@@ -153,9 +153,22 @@ def left_padded(inputs: ModelInputs, *, with_positions: bool, carried: tuple[str
         raise UserError(
             f"a decoder-only LM generates from token ids: give texts or input_ids with an attention_mask, not {given}"
         )
+    empty = (~mask.bool()).all(1).nonzero()
+    if len(empty):  # HF would continue it from nothing (attention over no key)
+        raise UserError(
+            f"example {int(empty[0])} has no tokens (its attention_mask is all 0): give every example at least one"
+        )
     order = torch.sort(mask.int(), dim=1, stable=True).indices  # [batch, pos]: padding first, tokens in order
     ids = inputs.kwargs["input_ids"].gather(1, order.to(inputs.kwargs["input_ids"].device))
     mask = mask.gather(1, order.to(mask.device))
+    given = inputs.kwargs.get("position_ids")
+    if isinstance(given, torch.Tensor):  # generate counts them itself: others would be dropped without a word
+        given = given.expand(ids.shape).gather(1, order.to(given.device)).to(mask.device)
+        if not torch.equal(given[mask.bool()], positions(mask)[mask.bool()]):
+            raise UserError(
+                "generate counts each example's positions from its first token (0, 1, 2, ...): give input_ids and "
+                "an attention_mask without position_ids of your own"
+            )
     kwargs = {name: value for name, value in inputs.kwargs.items() if name in carried}
     kwargs.update(input_ids=ids, attention_mask=mask.long())
     if with_positions:

@@ -21,6 +21,24 @@ from hookpoints.generation import left_padded
 from hookpoints.inputs import ModelInputs
 from hookpoints.tasks import get_task
 
+#: A decoder-only LM continues by the argmax of its logits, as TransformerLens' greedy ``generate`` does: a
+#: checkpoint's own logits processors (Qwen2.5-Instruct's ``repetition_penalty`` 1.05, ``no_repeat_ngram_size``,
+#: banned or forced tokens) would pick other tokens, without a word (the logits themselves are unchanged).
+PLAIN_ARGMAX = {
+    "repetition_penalty": None,
+    "encoder_repetition_penalty": None,
+    "no_repeat_ngram_size": None,
+    "min_length": None,
+    "min_new_tokens": None,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+}
+
 
 class GenerationRequests:
     """Mixed into :class:`~hookpoints.model.HookedModel` (through GenerationMethods): argument checks of the
@@ -32,7 +50,14 @@ class GenerationRequests:
         return "continue" in self.tasks
 
     def _check_generates(self) -> None:
-        """A UserError unless the model has a generating task (encoder-decoder families, decoder-only LMs)."""
+        """A UserError unless the model has a generating task (encoder-decoder families, decoder-only LMs) and its
+        weights are here (a model on NDIF, ``remote=True``, has none: HF's ``generate`` would run on the meta
+        device)."""
+        if self.remote is True:
+            raise UserError(
+                f"{self.source} runs on NDIF (--remote), where hookpoints records forward passes only: generate "
+                "(or record a generating task) with the model loaded locally"
+            )
         if not any(get_task(task).generates for task in self.tasks):
             raise UserError(
                 f"model {self.source} ({self.adapter.name}, {self.modality} input) does not generate here: "
@@ -72,6 +97,11 @@ class GenerationRequests:
                 raise UserError(
                     f"{self.source} is a decoder-only LM: it continues its inputs and takes no decoder prompt "
                     f"(model.generate(texts, max_new_tokens=20){'; give ' + hint if hint else ''})"
+                )
+            if "input" not in inputs.masks:  # a hand-built ModelInputs: a KeyError
+                raise UserError(
+                    "a decoder-only LM generates from token ids: give texts, or a ModelInputs with an 'input' mask "
+                    "(model.inputs(...) builds one)"
                 )
             self.check_room(int(inputs.masks["input"].shape[1]), max_new_tokens)
             return None
@@ -122,7 +152,7 @@ class GenerationRequests:
         accepts = "position_ids" in inspect.signature(self.model.forward).parameters
         given = left_padded(inputs, with_positions=accepts, carried=self.adapter.per_example_kwargs)
         kwargs = {name: value for name, value in given.kwargs.items() if name != "position_ids"}  # generate's own
-        return {**kwargs, "pad_token_id": self._pad_token()}, given.kwargs["input_ids"], given
+        return {**kwargs, "pad_token_id": self._pad_token(), **PLAIN_ARGMAX}, given.kwargs["input_ids"], given
 
     def _pad_token(self) -> int:
         """The id generate pads finished examples with (the tokenizer's pad, else EOS; HF warns without one)."""

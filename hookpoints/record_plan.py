@@ -36,6 +36,8 @@ def plan_examples(
             f"it can do: {', '.join(model.tasks)}"
             + ("" if model.modality != "text" or task.modality != "speech" else " (task needs speech input)")
         )
+    if task.generates:
+        model._check_generates()  # a model on NDIF (--remote) records forward passes only
     ids = manifest.ids
     columns = manifest.table.column_names
     kind, missing = (

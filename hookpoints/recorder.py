@@ -148,8 +148,6 @@ def record(
             raise UserError(f"{name} applies to speech input; this run reads text")
     if template is not None:
         model.check_template(template)  # here, not at the first batch (the run opened)
-    if if_exists == "resume" and (info := store.run_info(run)) is not None:
-        settings.check_resumable(run, info.config, prepend_bos=model.prepend_bos)
     points = model.select(hooks)
     started = time.perf_counter()
     config = {
@@ -227,7 +225,9 @@ def _check_size(
     positions = {space: int(mask.sum(1).max()) for space, mask in inputs.masks.items()}
     task = get_task(job.task)
     if task.generates:  # the steps' positions: the prompt and every generated token
-        positions[task.step_space] = positions.get(task.step_space, 1) + job.max_new_tokens
+        # a continuation stores only its steps' positions, not the text's (the input space held the text)
+        prompt = positions.get(task.step_space, 1) if task.step_space == "decoder" else 0
+        positions[task.step_space] = prompt + job.max_new_tokens
     per_example = example_bytes(points, job.method, positions, dtype)
     biggest = max(points, key=lambda p: example_bytes([p], job.method, positions, dtype), default=None)
     check_budget(per_example * examples, budget, examples, per_example, biggest)

@@ -95,7 +95,7 @@ class RunSettings:
         if self.task not in TASKS:
             raise UserError(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
         if self.per_step and not TASKS[self.task].generates:
-            raise UserError(f"per-step recording needs a generating task (asr, s2tt, t2tt), not {self.task}")
+            raise UserError(f"per-step recording needs a generating task (asr, s2tt, t2tt, continue), not {self.task}")
         if self.per_step and self.pooling is Pooling.NONE:
             raise UserError("per-step recording pools the other hook points: give --pooling mean, last or max")
         if self.frames is not None and self.frames < 1:
@@ -125,19 +125,6 @@ class RunSettings:
             "frames": self.frames,
         }
         return config if self.template is None else {**config, "template": self.template}
-
-    def check_resumable(self, run: str, stored: dict, *, prepend_bos: bool = False) -> None:
-        """A UserError when the run's stored ``config`` was recorded with other settings than these (``--frames``,
-        ``--tgt-lang``, ``--max-new-tokens``, ``--template``, ``--prepend-bos``): resumed, its examples would mix
-        two recordings."""
-        stored = {"prepend_bos": False, **stored}  # runs recorded before prepend_bos was kept
-        for key, value in {**self.config(), "prepend_bos": prepend_bos}.items():
-            if key != "per_step" and stored.get(key) != value:  # per_step: in the pooling column, checked there
-                option = "--" + key.replace("_", "-")
-                raise UserError(
-                    f"cannot resume run {run!r} with {option} {value}: it was recorded with {option} "
-                    f"{stored.get(key)} (use --overwrite to start it again)"
-                )
 
     @classmethod
     def from_row(cls, row: dict) -> RunSettings:

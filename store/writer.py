@@ -114,7 +114,7 @@ def open_run(
                 f"(in Python: if_exists='resume') to continue it{also}, or choose another run name"
             )
         with damage_said(store, run):
-            _check_resumable(store, run, info, settings, hooks)
+            _check_resumable(store, run, info, settings, hooks, config)
 
     what = f"run {run!r}" if count == 1 else f"shard {index}/{count} of run {run!r}"
     resuming = index in states
@@ -380,12 +380,28 @@ def _check_shards(store: Store, run: str, info, count: int) -> None:
     )
 
 
-def _check_resumable(store: Store, run: str, info, settings: dict[str, str], hooks: list[dict]) -> None:
+#: Values of a run's config that change what its rows hold: a resumed run, or another shard of it, repeats them
+#: (a shard recorded with other --max-new-tokens or --prepend-bos was mixed into the run without a word).
+RESUMED_CONFIG = ("tgt_lang", "max_new_tokens", "frames", "prepend_bos", "modality")
+#: Config values a run holds only where they were given (an audio LLM's prompt template): absent means none.
+OPTIONAL_CONFIG = ("template",)
+
+
+def _check_resumable(
+    store: Store, run: str, info, settings: dict[str, str], hooks: list[dict], config: dict | None = None
+) -> None:
     for key in RUN_SETTINGS:
         if getattr(info, key) != settings[key]:
             raise UserError(
                 f"cannot resume run {run!r} with {key}={settings[key]}: it was recorded with "
                 f"{key}={getattr(info, key)} (use --overwrite to start it again)"
+            )
+    stored, given = info.config or {}, config or {}
+    for key in (*RESUMED_CONFIG, *OPTIONAL_CONFIG):  # RESUMED_CONFIG where both say (older configs may lack one)
+        if (key in OPTIONAL_CONFIG or (key in stored and key in given)) and stored.get(key) != given.get(key):
+            raise UserError(
+                f"cannot resume run {run!r} with {key}={given.get(key)}: it was recorded with "
+                f"{key}={stored.get(key)} (use --overwrite to start it again)"
             )
     stored = sorted(store.run_hooks(run)["hook"].to_pylist())
     if stored and stored != sorted(hook["hook"] for hook in hooks):

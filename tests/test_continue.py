@@ -20,6 +20,7 @@ from test_transformerlens_names import transformerlens_model
 import hookpoints as hp
 from hookpoints.errors import UserError
 from hookpoints.generation import Generation
+from hookpoints.inputs import ModelInputs
 from hookpoints.loading import load
 from hookpoints.tiny import build_tiny
 
@@ -143,6 +144,32 @@ def test_recording_a_continuation_equals_transformerlens_at_the_generated_steps(
             torch.testing.assert_close(per_step[name][i], want, atol=5e-5, rtol=5e-5, msg=f"{name} per step {i}")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_recorded_attention_maps_index_keys_as_each_example_alone(folders, tmp_path):
+    """An attention map's stored key ``j`` is key ``j`` of the example's own sequence, as in TransformerLens' cache
+    of that sequence alone: the left padding generate needs does not shift a shorter example's keys (it did: key
+    0, the text's first token, was stored at key ``padding``)."""
+    model = load(folders["gpt2"])
+    peer = transformerlens_model("gpt2", folders["gpt2"], tmp_path)
+    names = ["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_attn_scores"]
+    mean, generation = model.pooled_generating(model.inputs(TEXTS), None, model.select(names[:1]), "mean", STEPS)
+    last, _ = model.pooled_generating(model.inputs(TEXTS), None, model.select(names), "last", STEPS)
+    assert not generation.prompt_inputs.masks["input"].all()  # the batch was padded
+    for i, text in enumerate(TEXTS):
+        prompt = model.tokenizer([text], return_tensors="pt")["input_ids"][0].tolist()
+        steps = generation.generated(i)
+        with torch.no_grad():
+            _, cache = peer.run_with_cache(torch.tensor([prompt + steps[:-1]]))
+        keys = len(prompt) + len(steps) - 1
+        at_steps = slice(len(prompt) - 1, keys)
+        got = mean[names[0]][i].reshape(4, -1)  # [head, keys laid out to the model's positions]
+        torch.testing.assert_close(got[:, :keys], cache[names[0]][0, :, at_steps].mean(1), atol=5e-5, rtol=5e-5)
+        assert not got[:, keys:].any()
+        for name in names:  # the last step reads every key
+            got = last[name][i].reshape(4, -1)
+            torch.testing.assert_close(got[:, :keys], cache[name][0, :, keys - 1], atol=5e-5, rtol=5e-5, msg=name)
+
+
 def test_the_alignment_check_catches_positions_counted_over_the_padding(folders, monkeypatch):
     """GPT-2's absolute positions: a teacher-forced pass that counted positions from the padding (not from each
     example's first token) would record shifted values; the run-time check refuses it."""
@@ -189,6 +216,24 @@ def test_record_continue_stores_text_and_steps_equal_to_transformerlens(run_cli,
     spec = SweepSpec("sw", runs=("c",), tasks=("continue",), ks=(2,), limit=2)
     with pytest.raises(UserError, match=r"use asr, s2tt or t2tt, not continue \(edit a continuation from Python"):
         plan_sweep(Store.open(store), spec, lambda source, modality: load(source))
+
+
+def test_max_bytes_counts_a_continuations_steps_not_its_text(run_cli, folders, tmp_path):
+    """--max-bytes of a ``continue`` run with pooling none: the rows are the generated steps (at most
+    max-new-tokens per example), not the text's positions (the estimate counted 150 text tokens + 4 steps and
+    refused a recording of 4 rows)."""
+    data = tmp_path / "texts.jsonl"
+    data.write_text(json.dumps({"id": "a", "text": "x " * 75}) + "\n")
+    name = "blocks.1.hook_resid_post"
+    args = ["--model", str(folders["gpt2"]), "--data", str(data), "--store", str(tmp_path / "store")]
+    args += ["--task", "continue", "--max-new-tokens", "4", "--hooks", name, "--pooling", "none"]
+    code, _, err = run_cli("record", *args, "--run", "fits", "--max-bytes", str(5 * 64 * 4))  # 5 rows of 64 floats
+    assert code == 0, err
+    with Store.open(tmp_path / "store").query() as session:
+        rows = session.sql(f"SELECT count(*) AS n FROM activations WHERE run = 'fits' AND hook = '{name}'")
+        assert 1 <= rows["n"][0].as_py() <= 4
+    code, _, err = run_cli("record", *args, "--run", "over", "--max-bytes", str(3 * 64 * 4))
+    assert code == 2 and "over --max-bytes 768 B" in err and "(1 examples x up to 1.0 KiB each" in err
 
 
 # -- bad input: one line each, nothing written ----------------------------------------------------------------
@@ -247,3 +292,111 @@ def test_bad_continue_recordings_are_refused_before_anything_is_written(run_cli,
     if store.exists():
         with Store.open(store).query() as session:
             assert session.sql("SELECT * FROM runs").num_rows == 0  # no run was opened
+
+
+def test_a_remote_lm_refuses_to_generate_before_anything_is_written(folders, tmp_path):
+    """A model on NDIF (``--remote``) has its weights there and a meta-device stand-in here: generating ran HF's
+    ``generate`` on the stand-in (a RuntimeError about the meta device; the run was opened and left failed). One line
+    instead, and no run in the store."""
+    from transformers import AutoConfig
+
+    from hookpoints.adapters import adapter_for
+    from hookpoints.manifest import read_manifest
+    from hookpoints.model import HookedModel
+    from hookpoints.recorder import record
+
+    config = AutoConfig.from_pretrained(folders["llama"])
+    adapter = adapter_for(config.model_type)
+    with torch.device("meta"):
+        stand_in = adapter.model_class(config, "text").from_config(config)
+    local = load(folders["llama"])
+    remote = HookedModel(stand_in, adapter, tokenizer=local.tokenizer, source="meta-llama/x", remote=True)
+    with pytest.raises(UserError, match=r"runs on NDIF \(--remote\), where hookpoints records forward passes only"):
+        remote.generate(["Hi"], max_new_tokens=3)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "text": "Hi"}) + "\n")
+    store = Store.open(tmp_path / "store", create=True)
+    with pytest.raises(UserError, match="records forward passes only"):
+        record(remote, read_manifest(tmp_path / "m.jsonl"), store, "r", hooks=["blocks.0.hook_resid_post"],
+               task="continue", max_new_tokens=3)  # fmt: skip
+    with store.query() as session:
+        assert session.sql("SELECT * FROM runs").num_rows == 0
+
+
+def test_more_generation_requests_get_one_line_or_work_as_named(folders):
+    """An example whose attention_mask is all 0 was continued from nothing (garbage tokens, no word);
+    encoder_outputs for a decoder-only LM was HF's ValueError about unused model_kwargs; ``record`` given hook
+    names (as run_with_cache takes them) was an AttributeError."""
+    model = load(folders["gpt2"])
+    ids = model.inputs(TEXTS[:2]).kwargs["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    with pytest.raises(UserError, match=r"^example 1 has no tokens \(its attention_mask is all 0\)"):
+        model.generate({"input_ids": ids, "attention_mask": mask}, max_new_tokens=3)
+    with pytest.raises(UserError, match="continues its inputs: its generate takes no encoder_outputs"):
+        model.generate(TEXTS, max_new_tokens=3, encoder_outputs=torch.zeros(4, 2, 64))
+    with pytest.raises(UserError, match="a ModelInputs with an 'input' mask"):  # a KeyError
+        model.generate(ModelInputs({"input_ids": ids}, {}), max_new_tokens=3)
+    name = "blocks.0.hook_resid_post"
+    by_name = model.generate_edited(TEXTS, None, [], 3, record=[name])
+    by_point = model.generate_edited(TEXTS, None, [], 3, record=model.select([name]))
+    assert torch.equal(by_name[0].sequences, by_point[0].sequences)
+    assert len(by_name[1][name]) == 3
+    from_texts, _ = model.pooled_generating(TEXTS, None, model.select([name]), "mean", 3)  # an AttributeError
+    from_batch, _ = model.pooled_generating(model.inputs(TEXTS), None, model.select([name]), "mean", 3)
+    torch.testing.assert_close(from_texts[name], from_batch[name], atol=0, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(by_name[1][name], by_point[1][name], strict=True))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_checkpoints_logits_processors_do_not_change_the_greedy_continuation(folders, tmp_path):
+    """A checkpoint's generation_config may carry a repetition penalty (Qwen2.5-Instruct: 1.05) or n-gram and
+    token bans: HF's generate applied them, so the "greedy" continuation was not the argmax TransformerLens'
+    generate picks (and the alignment check, which compares logits, could not see it)."""
+    model = load(folders["gpt2"])
+    peer = transformerlens_model("gpt2", folders["gpt2"], tmp_path)
+    config = model.model.generation_config
+    config.repetition_penalty, config.no_repeat_ngram_size, config.min_new_tokens = 1.5, 2, STEPS
+    config.suppress_tokens = list(range(200, 300))
+    generation = model.generate(TEXTS, max_new_tokens=STEPS)
+    recorded, again = model.pooled_generating(model.inputs(TEXTS), None, model.select(["blocks.0.hook_resid_post"]),
+                                              "mean", STEPS)  # fmt: skip
+    assert torch.equal(again.sequences, generation.sequences)
+    for i, text in enumerate(TEXTS):
+        tokens = model.tokenizer([text], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            want = peer.generate(tokens, max_new_tokens=STEPS, do_sample=False, stop_at_eos=False, verbose=False)
+        assert generation.generated(i) == want[0, tokens.shape[1] :].tolist()[: int(generation.lengths[i])], i
+
+
+def test_a_shard_or_resume_repeats_what_the_run_generated_with(run_cli, folders, tmp_path):
+    """A second shard recorded with another --max-new-tokens (or --prepend-bos) was mixed into the run without a
+    word: rows of 5-token and 6-token continuations under one run. Refused, naming the value to repeat."""
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"id": f"t{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    args = ["--model", str(folders["gpt2"]), "--data", str(data), "--store", str(tmp_path / "store"), "--run", "c"]
+    args += ["--task", "continue", "--hooks", "blocks.1.hook_resid_post"]
+    code, _, err = run_cli("record", *args, "--max-new-tokens", "5", "--shard", "0/2")
+    assert code == 0, err
+    code, _, err = run_cli("record", *args, "--max-new-tokens", "6", "--shard", "1/2")
+    assert code == 2 and "cannot resume run 'c' with max_new_tokens=6: it was recorded with max_new_tokens=5" in err
+    code, _, err = run_cli("record", *args, "--max-new-tokens", "5", "--shard", "1/2", "--prepend-bos")
+    assert code == 2 and "with prepend_bos=True: it was recorded with prepend_bos=False" in err
+    code, _, err = run_cli("record", *args, "--max-new-tokens", "5", "--shard", "1/2")
+    assert code == 0, err
+    with Store.open(tmp_path / "store").query() as session:
+        tokens = session.sql("SELECT generated_tokens AS n FROM examples WHERE run = 'c'")["n"].to_pylist()
+    assert len(tokens) == len(TEXTS) and max(tokens) <= 5
+
+
+def test_position_ids_of_ones_own_are_refused_not_dropped(folders):
+    """generate counts positions from each example's first token; position_ids that say otherwise (an offset)
+    were dropped without a word. The ones it would count itself are taken."""
+    model = load(folders["gpt2"])
+    model.tokenizer.padding_side = "left"
+    batch = model.tokenizer(TEXTS, return_tensors="pt", padding=True)
+    model.tokenizer.padding_side = "right"
+    counted = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    same = model.generate({**batch, "position_ids": counted}, max_new_tokens=3)
+    assert torch.equal(same.sequences, model.generate(TEXTS, max_new_tokens=3).sequences)
+    with pytest.raises(UserError, match=r"positions from its first token .* without position_ids"):
+        model.generate({**batch, "position_ids": counted + 5}, max_new_tokens=3)

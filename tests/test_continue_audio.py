@@ -192,7 +192,7 @@ def test_record_with_a_template_stores_what_the_templated_prompt_gives(run_cli, 
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, plain, atol=1e-3) and config["template"] == template
     for extra, message in (
-        (["--run", "t", "--template", "{audio} Other:", "--resume"], "cannot resume run 't' with --template"),
+        (["--run", "t", "--template", "{audio} Other:", "--resume"], "with template={audio} Other:"),
         (["--run", "x", "--template", "no audio"], "one {audio}"),
         (["--run", "x", "--template", "{audio}", "--modality", "text"], "applies to speech input"),
     ):

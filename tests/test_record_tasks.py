@@ -198,8 +198,11 @@ def test_audio_lost_mid_run_keeps_what_was_recorded(run_cli, seamless, corpus, t
     assert len(kept) == 6 and longest["id"] not in {row["example_id"] for row in kept}
     (data / "moved.flac").rename(data / longest["audio"])
     # resumed with other settings, the run would mix two recordings: refused, the run as it was
-    for other, named in ((["--max-new-tokens", "4"], "--max-new-tokens 4"), (["--max-new-tokens", "3", "--frames",
-                         "120"], "--frames 120"), (["--max-new-tokens", "3", "--tgt-lang", "fra"], "--tgt-lang fra")):
+    for other, named in (
+        (["--max-new-tokens", "4"], "max_new_tokens=4"),
+        (["--max-new-tokens", "3", "--frames", "120"], "frames=120"),
+        (["--max-new-tokens", "3", "--tgt-lang", "fra"], "tgt_lang=fra"),
+    ):
         assert_refused(record(run_cli, seamless, manifest, store, "r", "--task", "asr", "--batch-size", "6", *other,
                               "--resume"), f"cannot resume run 'r' with {named}: it was recorded with")  # fmt: skip
     assert sql(store, "SELECT count(DISTINCT example_id) AS n FROM activations") == [{"n": 6}]
