@@ -21,7 +21,7 @@ import duckdb
 from hookpoints.store import delta_read
 from hookpoints.store.location import StoreLocation, storage_error
 from hookpoints.store.names import RUN_NAME, SCHEMA_VERSION, names_run
-from hookpoints.store.runs import runs_sql, shard_states_sql
+from hookpoints.store.runs import config_json, runs_sql, shard_states_sql
 
 from hookpoints.errors import UserError
 
@@ -236,7 +236,7 @@ class Store:
             "run": run,
             "status": status,
             "event_at": _now(),
-            "config": json.dumps(config, sort_keys=True, default=str),
+            "config": config_json(config),
             "message": message,
             "shard": None if shard is None else shard[0],
             "shards": None if shard is None else shard[1],

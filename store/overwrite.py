@@ -37,6 +37,7 @@ from deltalake.transaction import AddAction, RemoveAction
 from hookpoints.store import tables
 from hookpoints.store.catalog import RUN_SETTINGS, Store, _now
 from hookpoints.store.commits import app_id
+from hookpoints.store.runs import config_json
 from hookpoints.store.schema import CORE_TABLES, RUN_EVENTS
 
 STAGING_SUFFIX = "~overwrite"
@@ -114,7 +115,7 @@ def swap(store: Store, run: str, settings: dict, config: dict) -> None:
             if keys:
                 tables.delete(store.location, name, tables.any_of("run", keys))
     now = _now()
-    base = {"config": json.dumps(config, sort_keys=True, default=str), "writer": "", "shard": None, "shards": None}
+    base = {"config": config_json(config), "writer": "", "shard": None, "shards": None}
     rows = [
         {**base, "run": staging, "status": "deleted", "event_at": now, "message": f"swapped in as run {run!r}"},
         {
@@ -138,7 +139,7 @@ def swap(store: Store, run: str, settings: dict, config: dict) -> None:
                 "status": "deleted",
                 "event_at": now,
                 "message": "overwritten",
-                "config": json.dumps(old.config, sort_keys=True, default=str),
+                "config": config_json(old.config),
                 **deleted,
             },
         )

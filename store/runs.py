@@ -14,6 +14,7 @@ Events written before schema version 2 have no shard columns: they read as shard
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 
 from hookpoints.errors import UserError
@@ -102,3 +103,17 @@ def in_shard(example_id: str, shard: tuple[int, int]) -> bool:
         return True
     digest = hashlib.blake2b(example_id.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") % count == index
+
+
+def config_json(config: dict) -> str:
+    """A run's config as ``run_events`` holds it: numpy / torch numbers as numbers (check_count takes np.int64(5):
+    stored as "5", every resume or shard repeating it was refused), anything else JSON lacks as ``str``."""
+
+    def plain(value):
+        try:
+            item = value.item()
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            return str(value)
+        return item if isinstance(item, bool | int | float | str) else str(value)
+
+    return json.dumps(config, sort_keys=True, default=plain)
