@@ -32,13 +32,15 @@ from datetime import timedelta
 from urllib.parse import unquote
 
 import pyarrow as pa
-from deltalake import CommitProperties
+from deltalake import CommitProperties, write_deltalake
 from deltalake.transaction import AddAction, RemoveAction
 from hookpoints.store import tables
 from hookpoints.store.catalog import RUN_SETTINGS, Store, _now
 from hookpoints.store.commits import app_id
 from hookpoints.store.runs import config_json
 from hookpoints.store.schema import CORE_TABLES, RUN_EVENTS
+
+from hookpoints.errors import UserError
 
 STAGING_SUFFIX = "~overwrite"
 #: Tables holding a run's rows, in the order writers commit them (store/writer.py).
@@ -102,6 +104,7 @@ def swap(store: Store, run: str, settings: dict, config: dict) -> None:
         writers = [app_id(run, (index, old.shards)) for index in range(old.shards)]
         for name in ("examples", "activations"):
             tables.fence_writers(store.location, name, writers)
+    deletes = _deletes(store, tables.open_table(store.location, "run_events"), run)
     for name in _RUN_TABLES:
         move_run(store, name, staging, run)
     for name in store.table_names():  # the analyses of the old run (scores, clusters, ...) describe rows now gone
@@ -143,7 +146,30 @@ def swap(store: Store, run: str, settings: dict, config: dict) -> None:
                 **deleted,
             },
         )
-    tables.append(store.location, CORE_TABLES["run_events"], pa.Table.from_pylist(rows, schema=RUN_EVENTS))
+    events = pa.Table.from_pylist(rows, schema=RUN_EVENTS)
+
+    def commit() -> None:  # onto the version checked: a `store delete` of the run landing meanwhile is seen
+        delta = tables.open_table(store.location, "run_events")
+        if _deletes(store, delta, run) != deletes:  # it took the run's rows: logged complete, it would hold none
+            raise UserError(
+                f"run {run!r} was deleted while its overwrite swapped in: the overwrite is dropped with it (run "
+                f"`hookpoints store verify {store.location.uri}` to see whether rows are left)"
+            )
+        writer = tables.writer_properties(CORE_TABLES["run_events"], events.schema)
+        options = CommitProperties(max_commit_retries=0)
+        write_deltalake(delta, events, mode="append", writer_properties=writer, commit_properties=options)
+
+    tables.retrying(commit)
+
+
+def _deletes(store: Store, events, run: str) -> int:
+    """How many times ``run`` or its staging run was logged deleted in the ``run_events`` version ``events``."""
+    import pyarrow.compute as pc
+
+    deleted = pc.field("status") == "deleted"
+    return tables.dataset(store.location, "run_events", events).count_rows(
+        filter=deleted & pc.field("run").isin([run, staging_name(run)])
+    )
 
 
 def statistics(file: dict) -> str:

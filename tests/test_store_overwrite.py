@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pytest
 from hookpoints.store import tables
 from hookpoints.store.writer import HookRows, open_run
 
+from hookpoints.errors import UserError
 from tests.hostile_helpers import SETTINGS, hooks
 
 _STATS = ("num_records", "null_count", "min", "max", "partition")
@@ -270,3 +272,36 @@ def test_an_overwrite_whose_run_was_deleted_while_it_recorded_is_still_finished_
     assert core_rows(store) == {
         table: [{"run": "r1", "n": n}] for table, n in [("hooks", 2), ("examples", 1), ("activations", 2)]
     }
+
+
+def test_a_delete_landing_during_an_overwrites_swap_leaves_no_complete_run_without_rows(store, monkeypatch):
+    """`store delete --run r1` run while r1's overwrite swaps in (after its moves, before its last commit): the
+    delete took every row of r1 and logged it deleted, then the swap logged r1 `complete` ("overwritten") over
+    nothing: a complete run without hooks, examples or activations, and the next `record` of r1 refused. The
+    swap's last commit now lands only onto the run_events version it checked; finding the delete, it stops."""
+    from hookpoints.store import overwrite
+    from hookpoints.store.verify import verify
+
+    record(store, "r1")
+    schema = pa.table({"example_id": ["a"], "text": ["x"]}).schema
+    writer = open_run(
+        store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema, if_exists="overwrite"
+    )
+    new = {h["hook"]: HookRows(["e00"], np.full((1, 4), 7, np.float32)) for h in hooks()}
+    writer.add(pa.table({"example_id": ["e00"], "text": ["new"]}), new)
+    move_run = overwrite.move_run
+
+    def move_then_delete(store, table, source, target):
+        move_run(store, table, source, target)
+        if table == "activations":  # another member's `store delete --run r1`, between the swap's commits
+            store.delete_run("r1")
+
+    monkeypatch.setattr(overwrite, "move_run", move_then_delete)
+    with pytest.raises(UserError, match="^run 'r1' was deleted while its overwrite swapped in: the overwrite is"):
+        writer.finish()
+    monkeypatch.undo()
+    assert store.run_info("r1") is None and store.run_info("r1~overwrite") is None  # as the delete asked
+    assert core_rows(store) == {"hooks": [], "examples": [], "activations": []}
+    assert verify(store).ok, verify(store).findings
+    record(store, "r1")  # the name is free again
+    assert store.run_info("r1").status == "complete" and core_rows(store)["activations"] == [{"run": "r1", "n": 18}]
