@@ -129,3 +129,22 @@ def test_s3_locations_that_cannot_be_used_are_clear_errors(s3, run_cli, monkeypa
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     code, _, err = run_cli("store", "info", f"s3://{BUCKET}/team/store")
     assert code == 2 and "cannot reach store" in err and "Connection refused" in err
+
+
+def test_an_overwrite_on_s3_swaps_in_with_the_files_statistics(s3, run_cli, gpt2_dir, texts_manifest):
+    """The swap's last commit is made onto the run_events version it checked (store/overwrite.py): on S3 too, and
+    the files it re-adds keep their statistics, so a reader filtering on example_id skips the others."""
+    from hookpoints.store import tables
+
+    where = f"s3://{BUCKET}/team/overwritten"
+    manifest = texts_manifest(9)
+    assert _record(run_cli, gpt2_dir, manifest, where)[0] == 0
+    code, _, err = _record(run_cli, gpt2_dir, manifest, where, "--overwrite")
+    assert code == 0, err
+    store = Store.open(where)
+    assert store.run_info("r").status == "complete" and store.run_info("r~overwrite") is None
+    actions = tables.open_table(store.location, "activations").get_add_actions(flatten=True)
+    assert None not in actions.column("min.example_id").to_pylist()
+    with store.query() as session:
+        assert session.sql("SELECT count(*) AS n FROM activations WHERE example_id = 'ex0004'")["n"][0].as_py() == 2
+    assert verify(store).ok
