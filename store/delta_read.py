@@ -52,7 +52,8 @@ def open_table(location: StoreLocation, table: str) -> DeltaTable:
     return delta
 
 
-#: The commit metadata key under which store/catalog.py tags a ``run_events`` commit with the event's status.
+#: The commit metadata key under which store/catalog.py tags a ``run_events`` commit with the event's status
+#: (for a reader of the log's history; ``pin`` reads the events themselves, those of older writers untagged).
 EVENT_TAG = "hookpoints.run_event"
 #: Events that only add to a run (its start, its end): landing while a session pins its tables, they leave it be.
 _PLAIN_EVENTS = ("recording", "resumed", "complete")
@@ -65,8 +66,8 @@ def pin(location: StoreLocation, tables: Sequence[str], *, required: Sequence[st
     An overwrite's swap and a delete change a run's tables one commit each, between two ``run_events``
     commits (the run logged ``failed``, "being overwritten" or "being deleted", first; store/overwrite.py).
     Tables pinned while that happened, after a ``run_events`` pinned before it, would show the run ``complete``
-    over the old recording's activations and the new one's examples: when ``run_events`` gained any commit but
-    a tagged start or end of a run meanwhile, every table is pinned again. A table of ``tables`` that is gone
+    over the old recording's activations and the new one's examples: when ``run_events`` gained any event but
+    a start or end of a run meanwhile, every table is pinned again. A table of ``tables`` that is gone
     is left out, unless ``required``.
     """
     for attempt in range(_PIN_TRIES):
@@ -89,21 +90,31 @@ def pin(location: StoreLocation, tables: Sequence[str], *, required: Sequence[st
 
 
 def _unchanged(events: DeltaTable) -> bool:
-    """Whether ``events``' table gained no commit but tagged starts and ends of runs since ``events``' version
-    (then ``events`` is left at its version; otherwise at the latest)."""
+    """Whether ``events``' table gained no event but starts and ends of runs since ``events``' version (then
+    ``events`` is left at its version; otherwise at the latest).
+
+    The events are counted, not the commits' tags read from ``history()``: delta-rs lists the newest commits on
+    storage there, numbered from the version loaded, so a run starting just after the log was read hid a swap's
+    ``failed`` commit. The log is append-only (a compaction rewrites the same rows): a count that did not grow
+    means no swap or delete began or ended since.
+    """
     pinned = events.version()
     try:
         events.update_incremental()  # reads only the log's newer commits, if any (under 1 ms)
     except DeltaError:  # a newer commit that cannot be read: pinning again says what (open_table)
         return False
-    latest = events.version()
-    if latest == pinned:
+    if events.version() == pinned:
         return True
-    added = [commit for commit in events.history(latest - pinned) if commit.get("version", latest) > pinned]
-    if any(commit.get(EVENT_TAG) not in _PLAIN_EVENTS for commit in added):
-        return False
+    latest = _unsettled(events)
     events.load_as_version(pinned)  # a run's end logged since must not show: its last rows may not be pinned
-    return True
+    return _unsettled(events) == latest
+
+
+def _unsettled(events: DeltaTable) -> int:
+    """How many events of ``events``' version are neither a start nor an end of a run (failed, deleted, ...)."""
+    plain = ", ".join(f"'{status}'" for status in _PLAIN_EVENTS)
+    sql = f"SELECT count(*) AS n FROM t WHERE status IS NULL OR status NOT IN ({plain})"
+    return QueryBuilder().register("t", events).execute(sql).read_all().column("n").to_pylist()[0]
 
 
 def inside(path: str) -> bool:

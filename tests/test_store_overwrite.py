@@ -305,3 +305,55 @@ def test_a_delete_landing_during_an_overwrites_swap_leaves_no_complete_run_witho
     assert verify(store).ok, verify(store).findings
     record(store, "r1")  # the name is free again
     assert store.run_info("r1").status == "complete" and core_rows(store)["activations"] == [{"run": "r1", "n": 18}]
+
+
+def test_a_run_starting_just_after_a_swap_began_does_not_hide_the_swap_from_a_session(store, monkeypatch):
+    """A session pinning its tables during a swap pins again (above), but it read which commits landed from
+    delta-rs' `history()`, which lists the newest commits on storage while numbering them from the version
+    loaded: a shard starting between the session's look at the log and that call hid the swap's `failed`
+    commit, and the session showed r1 `complete` over the new examples and the old activations."""
+    from deltalake import DeltaTable
+    from hookpoints.store import delta_read, overwrite
+
+    record(store, "r1")
+    schema = pa.table({"example_id": ["a"], "text": ["x"]}).schema
+    writer = open_run(
+        store, "r1", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema, if_exists="overwrite"
+    )
+    new = {h["hook"]: HookRows(["e00"], np.full((1, 4), 7, np.float32)) for h in hooks()}
+    writer.add(pa.table({"example_id": ["e00"], "text": ["new"]}), new)
+    writer.replaces = None
+    writer.finish()
+
+    move_run, open_table, update, done = overwrite.move_run, delta_read.open_table, DeltaTable.update_incremental, []
+
+    def move_until_activations(store, table, source, target):
+        if table == "activations":
+            raise _Paused
+        move_run(store, table, source, target)
+
+    def swap_while_pinning(location, table):
+        delta = open_table(location, table)
+        if table == "activations" and "swap" not in done:
+            done.append("swap")
+            monkeypatch.setattr(overwrite, "move_run", move_until_activations)
+            with pytest.raises(_Paused):
+                overwrite.swap(store, "r1", SETTINGS, {})
+            monkeypatch.setattr(overwrite, "move_run", move_run)
+        return delta
+
+    def update_then_a_shard_starts(self, *args, **kwargs):
+        update(self, *args, **kwargs)
+        if done == ["swap"]:  # another team member's shard logs its start right now
+            done.append("start")
+            store.log_run_event("r2", "recording", SETTINGS, {}, shard=(0, 2))
+
+    monkeypatch.setattr(delta_read, "open_table", swap_while_pinning)
+    monkeypatch.setattr(DeltaTable, "update_incremental", update_then_a_shard_starts)
+    with store.query() as session:
+        status = session.sql("SELECT status FROM runs WHERE run = 'r1'")["status"].to_pylist()
+        texts = session.sql("SELECT text FROM examples WHERE run = 'r1'")["text"].to_pylist()
+        values = session.sql("SELECT activation FROM activations WHERE run = 'r1'")["activation"].to_pylist()
+    monkeypatch.undo()
+    assert done == ["swap", "start"] and texts == ["new"] and len(values) == 18  # mixed rows ...
+    assert status == ["failed"]  # ... never shown as a complete run
