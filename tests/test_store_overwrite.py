@@ -357,3 +357,36 @@ def test_a_run_starting_just_after_a_swap_began_does_not_hide_the_swap_from_a_se
     monkeypatch.undo()
     assert done == ["swap", "start"] and texts == ["new"] and len(values) == 18  # mixed rows ...
     assert status == ["failed"]  # ... never shown as a complete run
+
+
+def test_verify_while_a_teammate_starts_a_run_or_deletes_one_finds_nothing(store, monkeypatch):
+    """verify read run_events, then activations, examples and hooks, each at its latest version: a run started
+    (its first rows committed) or deleted in between was named as 'rows of run 'r2', which is deleted or was never
+    started: `hookpoints store delete STORE --run r2` removes them', sending the user to delete a live recording.
+    Runs whose events changed while the tables were read are left to the next verify."""
+    from hookpoints.store import catalog
+    from hookpoints.store.verify import verify
+
+    record(store, "r1")
+    record(store, "r3")
+    dataset, moved = catalog.Store.dataset, []
+    schema = pa.table({"example_id": ["a"], "text": ["x"]}).schema
+
+    def change_after_run_events(self, name):
+        if name == "activations" and not moved:  # verify's integrity check has just read run_events
+            moved.append(name)
+            writer = open_run(self, "r2", settings=SETTINGS, config={}, hooks=hooks(), examples_schema=schema)
+            rows = {h["hook"]: HookRows(["e00"], np.ones((1, 4), np.float32)) for h in hooks()}
+            writer.add(pa.table({"example_id": ["e00"], "text": ["t"]}), rows)
+            writer.flush()  # still recording
+            self.delete_run("r3")
+        return dataset(self, name)
+
+    monkeypatch.setattr(catalog.Store, "dataset", change_after_run_events)
+    report = verify(store)
+    monkeypatch.undo()
+    assert moved
+    assert [f.message for f in report.findings if f.level == "error"] == []
+    assert [(f.level, f.message) for f in verify(store).findings if f.table == "runs"] == [
+        ("warning", "run 'r2' is still recording (or its process was killed)")
+    ]
