@@ -151,6 +151,9 @@ def swap(store: Store, run: str, settings: dict, config: dict) -> None:
     def commit() -> None:  # onto the version checked: a `store delete` of the run landing meanwhile is seen
         delta = tables.open_table(store.location, "run_events")
         if _deletes(store, delta, run) != deletes:  # it took the run's rows: logged complete, it would hold none
+            finished = store.run_info(run)  # (or another process finished this swap: nothing left to do)
+            if finished is not None and finished.status == "complete" and store.run_info(staging) is None:
+                return
             raise UserError(
                 f"run {run!r} was deleted while its overwrite swapped in: the overwrite is dropped with it (run "
                 f"`hookpoints store verify {store.location.uri}` to see whether rows are left)"

@@ -390,3 +390,26 @@ def test_verify_while_a_teammate_starts_a_run_or_deletes_one_finds_nothing(store
     assert [(f.level, f.message) for f in verify(store).findings if f.table == "runs"] == [
         ("warning", "run 'r2' is still recording (or its process was killed)")
     ]
+
+
+def test_two_records_finishing_the_same_killed_swap_at_once_both_go_on(store, monkeypatch):
+    """Two `record --resume` of r1 after a kill during its swap both finish it (each table's move is idempotent):
+    the one whose last commit comes second found the first's events, and must not say r1 was deleted."""
+    from hookpoints.store import overwrite
+
+    killed_while_swapping(store)
+    move_run, raced = overwrite.move_run, []
+
+    def move_and_race(store, table, source, target):
+        move_run(store, table, source, target)
+        if table == "activations" and not raced:
+            raced.append(table)
+            assert overwrite.recover(store, "r1")  # the other process, all the way
+
+    monkeypatch.setattr(overwrite, "move_run", move_and_race)
+    assert overwrite.recover(store, "r1")
+    monkeypatch.undo()
+    assert raced and store.run_info("r1").status == "complete" and store.run_info("r1~overwrite") is None
+    assert core_rows(store) == {
+        table: [{"run": "r1", "n": n}] for table, n in [("hooks", 2), ("examples", 1), ("activations", 2)]
+    }
