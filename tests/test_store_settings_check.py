@@ -46,3 +46,12 @@ def test_a_resume_of_a_run_recorded_before_template_existed(store):
     start(store, {"max_new_tokens": None}, if_exists="resume").finish()
     with pytest.raises(UserError, match=r"with template=<\|audio\|> \{audio\}: it was recorded with template=None"):
         start(store, {"max_new_tokens": None, "template": "<|audio|> {audio}"}, if_exists="resume")
+
+
+def test_a_shard_of_a_run_whose_config_an_older_hookpoints_wrote_without_the_keys(store):
+    """A run started by an older hookpoints (no prepend_bos, modality or frames in its config): a new shard that
+    gives them is not refused for the keys the run does not say; one it does say is still compared."""
+    start(store, {"max_new_tokens": 5}, shard=(0, 3)).finish()
+    start(store, {"max_new_tokens": 5, "prepend_bos": True, "modality": "text", "frames": None}, shard=(1, 3))
+    with pytest.raises(UserError, match="^cannot resume run 'r' with max_new_tokens=7: it was recorded with"):
+        start(store, {"max_new_tokens": 7, "prepend_bos": True}, shard=(2, 3))
