@@ -181,3 +181,38 @@ def _events(store_path, status: str) -> bool:
     except (UserError, FileNotFoundError, OSError):
         return False
     return status in events
+
+
+_LOG_EVENTS = """
+import sys
+from hookpoints.store.catalog import Store
+store, run = Store.open(sys.argv[1]), sys.argv[2]
+settings = {"model": "m", "task": "forward", "pooling": "mean", "dtype": "float32"}
+for i in range(60):
+    store.log_run_event(run, ("recording", "complete")[i % 2], settings, {}, shard=(i % 8, 8))
+"""
+
+
+def test_sessions_pin_once_under_a_stream_of_runs_starting_and_ending(tmp_path, monkeypatch):
+    """Four processes log shards starting and ending as fast as they can while sessions open: no session gives
+    up ("changed 10 times") or pins again for them (each reads run_events' log once, plus the one check)."""
+    from hookpoints.store import delta_read
+
+    store = Store.open(tmp_path / "store", create=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1].parent)}
+    loggers = [
+        subprocess.Popen([sys.executable, "-c", _LOG_EVENTS, str(tmp_path / "store"), f"r{k}"], env=env)
+        for k in range(4)
+    ]
+    open_table, opened = delta_read.open_table, []
+    monkeypatch.setattr(delta_read, "open_table", lambda loc, table: (opened.append(table), open_table(loc, table))[1])
+    sessions = 0
+    while any(logger.poll() is None for logger in loggers) or not sessions:
+        before = len(opened)
+        with store.query() as session:
+            session.sql("SELECT count(*) FROM runs").to_pylist()
+        assert opened[before:].count("run_events") == 1
+        sessions += 1
+    assert [logger.wait() for logger in loggers] == [0] * 4
+    assert sessions > 5, sessions
+    assert store.dataset("run_events").count_rows() == 240
