@@ -31,9 +31,10 @@ import pyarrow.compute as pc
 from deltalake.exceptions import CommitFailedError, DeltaError
 from hookpoints.store import overwrite, tables
 from hookpoints.store.buffer import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_SECONDS, Buffer, HookRows
-from hookpoints.store.catalog import RUN_SETTINGS, Store, validate_run_name
+from hookpoints.store.catalog import Store, validate_run_name
 from hookpoints.store.commits import FencedAppender, WriterFenced, app_id, append_once
 from hookpoints.store.example_columns import examples_casts
+from hookpoints.store.run_checks import check_resumable, check_shards
 from hookpoints.store.runs import check_shard
 from hookpoints.store.schema import CORE_TABLES, HOOKS
 from hookpoints.store.verify_logs import one_line
@@ -104,7 +105,7 @@ def open_run(
         if info is None:
             _check_no_rows_left(store, run)
         if info is not None:
-            _check_shards(store, run, info, count)
+            check_shards(run, info, count)
     if info is not None:
         if index in states and if_exists == "error":  # before the resume checks: no --resume was asked for
             part = f"run {run!r}" if count == 1 else f"shard {index}/{count} of run {run!r}"
@@ -114,7 +115,7 @@ def open_run(
                 f"(in Python: if_exists='resume') to continue it{also}, or choose another run name"
             )
         with damage_said(store, run):
-            _check_resumable(store, run, info, settings, hooks, config)
+            check_resumable(store, run, info, settings, hooks, config)
 
     what = f"run {run!r}" if count == 1 else f"shard {index}/{count} of run {run!r}"
     resuming = index in states
@@ -364,48 +365,3 @@ def _check_no_rows_left(store: Store, run: str) -> None:
                 f"store {uri} still holds {name} rows of an earlier run {run!r} that was deleted: remove them with "
                 f"`hookpoints store delete {uri} --run {run}`, then record again"
             )
-
-
-def _check_shards(store: Store, run: str, info, count: int) -> None:
-    if info.shards == count:
-        return
-    if info.shards == 1:
-        raise UserError(
-            f"run {run!r} is recorded without --shard: resume it without --shard (or --overwrite it, or "
-            "choose another run name)"
-        )
-    raise UserError(
-        f"run {run!r} is recorded in {info.shards} shards: pass --shard I/{info.shards} "
-        f"(0 <= I < {info.shards}) to record or resume one of them"
-    )
-
-
-#: Values of a run's config that change what its rows hold: a resumed run, or another shard of it, repeats them
-#: (a shard recorded with other --max-new-tokens or --prepend-bos was mixed into the run without a word).
-RESUMED_CONFIG = ("tgt_lang", "max_new_tokens", "frames", "prepend_bos", "modality")
-#: Config values a run holds only where they were given (an audio LLM's prompt template): absent means none.
-OPTIONAL_CONFIG = ("template",)
-
-
-def _check_resumable(
-    store: Store, run: str, info, settings: dict[str, str], hooks: list[dict], config: dict | None = None
-) -> None:
-    for key in RUN_SETTINGS:
-        if getattr(info, key) != settings[key]:
-            raise UserError(
-                f"cannot resume run {run!r} with {key}={settings[key]}: it was recorded with "
-                f"{key}={getattr(info, key)} (use --overwrite to start it again)"
-            )
-    stored, given = info.config or {}, config or {}
-    for key in (*RESUMED_CONFIG, *OPTIONAL_CONFIG):  # RESUMED_CONFIG where both say (older configs may lack one)
-        if (key in OPTIONAL_CONFIG or (key in stored and key in given)) and stored.get(key) != given.get(key):
-            raise UserError(
-                f"cannot resume run {run!r} with {key}={given.get(key)}: it was recorded with "
-                f"{key}={stored.get(key)} (use --overwrite to start it again)"
-            )
-    stored = sorted(store.run_hooks(run)["hook"].to_pylist())
-    if stored and stored != sorted(hook["hook"] for hook in hooks):
-        raise UserError(
-            f"cannot resume run {run!r} with other hook points ({len(hooks)} asked, {len(stored)} recorded): "
-            "pass the same --hooks, or --overwrite"
-        )

@@ -1,4 +1,4 @@
-"""The settings a resumed run or another shard must repeat (store/writer.py `_check_resumable`)."""
+"""The settings a resumed run or another shard must repeat (store/run_checks.py `check_resumable`)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,58 @@
+"""What a resumed run, or another shard of a run, must repeat: its shard count, settings, config and hook points.
+
+Called by :func:`hookpoints.store.writer.open_run` before anything is written.
+"""
+
+from __future__ import annotations
+
+from hookpoints.store.catalog import RUN_SETTINGS, Store
+
+from hookpoints.errors import UserError
+
+
+def check_shards(run: str, info, count: int) -> None:
+    """A UserError unless a run of ``info.shards`` shards is continued with as many (``--shard I/N``)."""
+    if info.shards == count:
+        return
+    if info.shards == 1:
+        raise UserError(
+            f"run {run!r} is recorded without --shard: resume it without --shard (or --overwrite it, or "
+            "choose another run name)"
+        )
+    raise UserError(
+        f"run {run!r} is recorded in {info.shards} shards: pass --shard I/{info.shards} "
+        f"(0 <= I < {info.shards}) to record or resume one of them"
+    )
+
+
+#: Values of a run's config that change what its rows hold: a resumed run, or another shard of it, repeats them
+#: (a shard recorded with other --max-new-tokens or --prepend-bos was mixed into the run without a word).
+RESUMED_CONFIG = ("tgt_lang", "max_new_tokens", "frames", "prepend_bos", "modality")
+#: Config values a run holds only where they were given (an audio LLM's prompt template): absent means none.
+OPTIONAL_CONFIG = ("template",)
+
+
+def check_resumable(
+    store: Store, run: str, info, settings: dict[str, str], hooks: list[dict], config: dict | None = None
+) -> None:
+    """A UserError unless a resumed run, or another shard of it, repeats the run's settings, config values and
+    hook points: else its rows would mix two recordings without a word."""
+    for key in RUN_SETTINGS:
+        if getattr(info, key) != settings[key]:
+            raise UserError(
+                f"cannot resume run {run!r} with {key}={settings[key]}: it was recorded with "
+                f"{key}={getattr(info, key)} (use --overwrite to start it again)"
+            )
+    stored, given = info.config or {}, config or {}
+    for key in (*RESUMED_CONFIG, *OPTIONAL_CONFIG):  # RESUMED_CONFIG where both say (older configs may lack one)
+        if (key in OPTIONAL_CONFIG or (key in stored and key in given)) and stored.get(key) != given.get(key):
+            raise UserError(
+                f"cannot resume run {run!r} with {key}={given.get(key)}: it was recorded with "
+                f"{key}={stored.get(key)} (use --overwrite to start it again)"
+            )
+    stored = sorted(store.run_hooks(run)["hook"].to_pylist())
+    if stored and stored != sorted(hook["hook"] for hook in hooks):
+        raise UserError(
+            f"cannot resume run {run!r} with other hook points ({len(hooks)} asked, {len(stored)} recorded): "
+            "pass the same --hooks, or --overwrite"
+        )
