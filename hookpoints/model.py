@@ -204,6 +204,7 @@ class HookedModel(GenerationMethods, ModelApi):
             raise UserError(f"a prompt template applies to audio LLMs (Qwen2-Audio, Ultravox), not {self.adapter.name}")
         if not isinstance(template, str) or template.count("{audio}") != 1:
             raise UserError(f"a prompt template is text with one {{audio}} where the audio goes, not {template!r:.60}")
+        self.adapter.check_template(self.model, self.tokenizer, template)  # its special tokens
 
     def source_inputs(self, texts: list[str], languages: list[str]) -> ModelInputs:
         """Text inputs marked with their source languages (model codes, e.g. ``deu``), for translation."""

@@ -1,0 +1,81 @@
+"""Qwen2-Audio with its ``<|audio_bos|>``/``<|AUDIO|>``/``<|audio_eos|>`` tokens (as the real checkpoint's tokenizer
+has them): speech prompts, templates and continuations against HF's own Qwen2AudioProcessor and generate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers as tf
+from test_continue_audio import waves
+
+from hookpoints.errors import UserError
+from hookpoints.loading import load
+from hookpoints.store.catalog import Store
+from hookpoints.tiny import build_tiny
+
+SPECIAL = ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny Qwen2-Audio whose tokenizer has the three audio tokens, ``<|AUDIO|>`` its audio token."""
+    base = build_tiny("qwen2_audio", tmp_path_factory.mktemp("qwen2-audio-base"), sizes={"initializer_range": 0.3})
+    out = tmp_path_factory.mktemp("qwen2-audio-special")
+    tokenizer = tf.AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL})
+    model = tf.Qwen2AudioForConditionalGeneration.from_pretrained(base)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[-3:].normal_(0, 0.3)
+        model.get_output_embeddings().weight[-3:].normal_(0, 0.3)
+    model.config.audio_token_id = tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    shutil.copy(base / "preprocessor_config.json", out)
+    return out
+
+
+@pytest.mark.parametrize("template", [None, "Listen: {audio} Describe it:", "<|im_start|>user\n{audio}<|im_end|>\n"])
+def test_speech_prompts_equal_hf_qwen2_audio_processor(folder, template):
+    model = load(folder, modality="speech")
+    processor = tf.Qwen2AudioProcessor(
+        feature_extractor=tf.WhisperFeatureExtractor.from_pretrained(folder), tokenizer=model.tokenizer
+    )
+    text = (template or "{audio}").replace("{audio}", "".join(SPECIAL))
+    theirs = processor(text=[text] * 3, audio=waves(), return_tensors="pt", padding=True, sampling_rate=16_000)
+    mine = model.speech_inputs(waves(), template=template)
+    for i in range(3):
+        assert (
+            mine.kwargs["input_ids"][i][mine.masks["input"][i]].tolist()
+            == theirs["input_ids"][i][theirs["attention_mask"][i].bool()].tolist()
+        )
+    torch.testing.assert_close(mine.kwargs["input_features"], theirs["input_features"])
+
+
+@pytest.mark.parametrize(
+    ("template", "held"),
+    [
+        ("Audio 1: <|audio_bos|>{audio}<|audio_eos|>\n", "<|audio_bos|>, <|audio_eos|>"),  # HF's chat text
+        ("<|AUDIO|> {audio}", "<|AUDIO|>"),  # was HF's ValueError: tokens and features do not match
+    ],
+)
+def test_a_template_holding_the_audio_tokens_is_one_line(run_cli, folder, tmp_path, template, held):
+    """Before: the first template wrapped the audio twice without a word (``<|audio_bos|><|audio_bos|>...``)."""
+    import soundfile
+
+    model = load(folder, modality="speech")
+    with pytest.raises(UserError, match=f"holds {held}"):
+        model.speech_inputs(waves(1), template=template)
+    soundfile.write(tmp_path / "u.wav", waves(1)[0], 16_000)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": "u", "audio": "u.wav"}) + "\n")
+    store = tmp_path / "store"
+    Store.open(store, create=True)
+    args = ["--model", str(folder), "--data", str(tmp_path / "d.jsonl"), "--store", str(store), "--run", "r"]
+    code, _, err = run_cli("record", *args, "--hooks", "blocks.0.hook_resid_post", "--template", template)
+    assert code == 2 and f"holds {held}" in err and len(err.strip().splitlines()) == 1, err
+    with Store.open(store).query() as session:
+        assert session.sql("SELECT run FROM runs").to_pylist() == []
