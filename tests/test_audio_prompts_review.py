@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 import transformers as tf
+from hookpoints.store.catalog import Store
 from test_continue_audio import waves
 
 from hookpoints.errors import UserError
 from hookpoints.loading import load
-from hookpoints.store.catalog import Store
 from hookpoints.tiny import build_tiny
 
 SPECIAL = ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
