@@ -137,6 +137,7 @@ class GenerationMethods(GenerationRequests):
         prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
         if self.continues:
             generation = self.generate(inputs, None, max_new_tokens)
+            self._check_no_audio_generated(inputs, generation)
             return self.pooled(generation.teacher_forced(inputs), points, pooling, check=generation), generation
         encoder = self._module_path(self.model.get_encoder())
         # the encoder's hook points, and the inputs of modules around it (Whisper's ``model:input`` is the
@@ -160,6 +161,18 @@ class GenerationMethods(GenerationRequests):
         pooled = {name: tensor.detach() for name, tensor in saved.items()}
         pooled.update(self.pooled(decoder_inputs, outside, pooling, check=generation))
         return pooled, generation
+
+    def _check_no_audio_generated(self, inputs: ModelInputs, generation: Generation) -> None:
+        """An audio LLM that generated its audio token (``<|AUDIO|>``) cannot be teacher-forced: its forward
+        would read the generated one as audio (HF's ValueError: tokens and features do not match)."""
+        audio = getattr(self.model.config, "audio_token_id", None)
+        fed = generation.sequences[:, generation.prompt_length : -1]  # the generated tokens the pass reads
+        if audio is not None and "input_features" in inputs.kwargs and bool(fed.eq(audio).any()):
+            example = int(fed.eq(audio).any(1).nonzero()[0])
+            raise UserError(
+                f"example {example} generated the audio token (id {audio}), which a teacher-forced pass reads as "
+                "audio: record it with hooks at every step (--per-step, model.pooled_per_step)"
+            )
 
     def generate_edited(
         self,
