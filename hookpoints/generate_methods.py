@@ -86,11 +86,12 @@ class GenerationMethods(GenerationRequests):
             return self.generate_edited(inputs, prompt, list(edits), max_new_tokens)[0]
         collector = TokenCollector()
         kwargs, start, prompt_inputs = self._start(inputs, prompt)
-        kwargs = {**own_inputs(kwargs, [point for point, _ in changes]), "streamer": collector}  # caller's kept
         if encoder_outputs is not None:
             kwargs = {**without_encoder_inputs(kwargs), "encoder_outputs": encoder_outputs}
             if "input_features" in inputs.kwargs:
                 kwargs = self.adapter.generate_kwargs(kwargs)
+        # the caller's tensors kept (the given encoder_outputs too: cross-attention's k_proj:input is its tensor)
+        kwargs = {**own_inputs(kwargs, [point for point, _ in changes]), "streamer": collector}
         fingerprint = LogitsFingerprint(self.model.get_output_embeddings())
         with (
             torch.inference_mode(),

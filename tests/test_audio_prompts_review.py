@@ -96,3 +96,38 @@ def test_a_continuation_that_generates_the_audio_token_is_refused_in_one_line(fo
         model.pooled_generating(model.speech_inputs(waves()), None, points, "mean", 3)
     _, again = model.pooled_per_step(model.speech_inputs(waves()), None, points, "mean", 3)
     assert torch.equal(again.sequences, generation.sequences)
+
+
+def test_an_input_hook_in_generate_leaves_the_callers_encoder_outputs_untouched(tiny_model_dir):
+    """``generate(encoder_outputs=..., fwd_hooks=[(k_proj:input, fn)])``: cross-attention's keys read the given
+    encoder output itself; a hook changing it in place changed the caller's tensor (a second call added twice)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    model = load(tiny_model_dir("whisper"))
+    inputs = model.speech_inputs(waves(2))
+    prompt = torch.full((2, 1), model.model.config.decoder_start_token_id)
+    with torch.inference_mode():
+        encoded = model.model.get_encoder()(inputs.kwargs["input_features"]).last_hidden_state
+    kept = encoded.clone()
+    name = "model.decoder.layers.0.encoder_attn.k_proj:input"
+
+    def shift(x, hook):
+        x += 0.5
+
+    given = BaseModelOutput(last_hidden_state=encoded)
+    first = model.generate(inputs, prompt, 4, encoder_outputs=given, fwd_hooks=[(name, shift)])
+    assert torch.equal(encoded, kept)
+    second = model.generate(inputs, prompt, 4, encoder_outputs=given, fwd_hooks=[(name, shift)])
+    module = model.model.model.decoder.layers[0].encoder_attn.k_proj  # peer: a plain torch pre-hook on a copy
+    handle = module.register_forward_pre_hook(lambda _, args: [args[0].add_(0.5)] and None)  # in place (gotchas)
+    try:
+        theirs = model.generate(inputs, prompt, 4, encoder_outputs=BaseModelOutput(last_hidden_state=kept.clone()))
+    finally:
+        handle.remove()
+    for ours in (first, second):  # the top logits of every step, as well as the tokens
+        assert torch.equal(ours.sequences, theirs.sequences)
+        torch.testing.assert_close(ours.fingerprint.values, theirs.fingerprint.values)
+    plain = model.generate(
+        inputs, prompt, 4, encoder_outputs=BaseModelOutput(last_hidden_state=kept)
+    ).fingerprint.values
+    assert not torch.allclose(plain, theirs.fingerprint.values, atol=1e-3)  # the hook changed the logits
