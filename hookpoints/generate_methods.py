@@ -171,8 +171,8 @@ class GenerationMethods(GenerationRequests):
         if audio is not None and "input_features" in inputs.kwargs and bool(fed.eq(audio).any()):
             example = int(fed.eq(audio).any(1).nonzero()[0])
             raise UserError(
-                f"example {example} generated the audio token (id {audio}), which a teacher-forced pass reads as "
-                "audio: record it with hooks at every step (--per-step, model.pooled_per_step)"
+                f"example {example} generated the audio token (id {audio}), which record's teacher-forced pass "
+                "(--per-step too) reads as audio: record it with hooks at every step (model.pooled_per_step)"
             )
 
     def generate_edited(

@@ -83,7 +83,7 @@ def test_a_template_holding_the_audio_tokens_is_one_line(run_cli, folder, tmp_pa
 
 def test_a_continuation_that_generates_the_audio_token_is_refused_in_one_line(folder):
     """The teacher-forced pass would feed a generated ``<|AUDIO|>`` as audio: HF's forward raised a ValueError
-    (tokens and features do not match); hooks at every step (per-step) still record it, as generate ran it."""
+    (tokens and features do not match); hooks at every step of generate still record it, as generate ran it."""
     model = load(folder, modality="speech")
     audio = model.model.config.audio_token_id
     first = model.generate(waves(), max_new_tokens=1).generated(0)[0]
@@ -92,7 +92,7 @@ def test_a_continuation_that_generates_the_audio_token_is_refused_in_one_line(fo
     generation = model.generate(waves(), max_new_tokens=3)
     assert audio in generation.generated(0)[:2]
     points = model.select(["blocks.1.hook_resid_post"])
-    with pytest.raises(UserError, match=f"generated the audio token \\(id {audio}\\).*--per-step"):
+    with pytest.raises(UserError, match=f"generated the audio token \\(id {audio}\\).*pooled_per_step"):
         model.pooled_generating(model.speech_inputs(waves()), None, points, "mean", 3)
     _, again = model.pooled_per_step(model.speech_inputs(waves()), None, points, "mean", 3)
     assert torch.equal(again.sequences, generation.sequences)
