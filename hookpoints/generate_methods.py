@@ -225,6 +225,10 @@ class GenerationMethods(GenerationRequests):
         collector = TokenCollector()
         kwargs, start, prompt_inputs = self._start(inputs, prompt)
         kwargs = {**own_inputs(kwargs, [edit.point for edit in edits]), "streamer": collector}  # caller's kept
+        padded = None  # a left-padded prompt: an attention map's keys at ``step`` (padding none), as alone
+        if prompt_inputs is not None:
+            mask = prompt_inputs.masks["input"]
+            padded = lambda step: torch.cat([mask, mask.new_ones(mask.shape[0], step)], 1)  # noqa: E731
         with warnings.catch_warnings():
             # A batch whose examples all stop early ends the step loop before max_new_tokens; nnsight warns.
             warnings.simplefilter("ignore", UserWarning)
@@ -255,7 +259,8 @@ class GenerationMethods(GenerationRequests):
                                     f"hook {point.name}: module {point.module} gets no tensor in generate; "
                                     "record it in a forward pass"
                                 )
-                            recorded[point.name].append(positions_first(value, point).clone().save())
+                            keys = None if padded is None or point.key_space != "input" else padded(step)
+                            recorded[point.name].append(positions_first(value, point, keys).clone().save())
         generation = self._generation(collector.sequences().to(self.device), start.shape[1], prompt_inputs)
         check_prompt(generation, start)
         return generation, recorded

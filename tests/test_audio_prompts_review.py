@@ -131,3 +131,18 @@ def test_an_input_hook_in_generate_leaves_the_callers_encoder_outputs_untouched(
         inputs, prompt, 4, encoder_outputs=BaseModelOutput(last_hidden_state=kept)
     ).fingerprint.values
     assert not torch.allclose(plain, theirs.fingerprint.values, atol=1e-3)  # the hook changed the logits
+
+
+def test_attention_maps_at_every_step_of_a_padded_continuation_are_each_utterances_alone(folder):
+    """``pooled_per_step`` (hooks at every step of generate, the documented reference) stored an attention map's
+    keys in the left-padded batch's positions: a shorter utterance's keys moved by its padding (0.06 off here,
+    0.97 for texts). Now as each utterance gives alone (no padding) and as the teacher-forced pass stores them."""
+    model = load(folder, modality="speech")
+    name = "blocks.0.attn.hook_pattern"
+    points = model.select([name])
+    batch, _ = model.pooled_per_step(model.speech_inputs(waves()), None, points, "mean", 4)
+    forced, _ = model.pooled_generating(model.speech_inputs(waves()), None, points, "mean", 4)
+    for i, wave in enumerate(waves()):
+        alone, _ = model.pooled_per_step(model.speech_inputs([wave]), None, points, "mean", 4)
+        torch.testing.assert_close(batch[name][i], alone[name][0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(forced[name][i], alone[name][0], atol=1e-6, rtol=1e-5)
