@@ -84,6 +84,13 @@ class GenerationMethods(GenerationRequests):
             if encoder_outputs is not None or changes:
                 raise UserError("generate: give edits, or encoder_outputs or fwd_hooks, not both")
             return self.generate_edited(inputs, prompt, list(edits), max_new_tokens)[0]
+        if encoder_outputs is not None and changes:  # the encoder does not run: its hooks would never be called
+            encoder = self._module_path(self.model.get_encoder())
+            idle = next((point.name for point, _ in changes if _runs_with_encoder(point, encoder)), None)
+            if idle is not None:
+                raise UserError(
+                    f"generate: hook {idle} is read in the encoder, which does not run from encoder_outputs"
+                )
         collector = TokenCollector()
         kwargs, start, prompt_inputs = self._start(inputs, prompt)
         if encoder_outputs is not None:

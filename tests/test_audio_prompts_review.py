@@ -146,3 +146,23 @@ def test_attention_maps_at_every_step_of_a_padded_continuation_are_each_utteranc
         alone, _ = model.pooled_per_step(model.speech_inputs([wave]), None, points, "mean", 4)
         torch.testing.assert_close(batch[name][i], alone[name][0], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(forced[name][i], alone[name][0], atol=1e-6, rtol=1e-5)
+
+
+def test_an_encoder_hook_with_given_encoder_outputs_is_one_line(tiny_model_dir):
+    """With ``encoder_outputs`` the encoder does not run: a hook function on it was never called, without a word
+    (the caller believed the encoder ablated)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    model = load(tiny_model_dir("whisper"))
+    inputs = model.speech_inputs(waves(1))
+    prompt = torch.full((1, 1), model.model.config.decoder_start_token_id)
+    with torch.inference_mode():
+        given = BaseModelOutput(last_hidden_state=model.model.get_encoder()(inputs.kwargs["input_features"])[0])
+    calls = []
+    for name in ("speech_encoder.layers.0.fc1", "model:input"):
+        with pytest.raises(UserError, match=f"hook {name} is read in the encoder"):
+            model.generate(
+                inputs, prompt, 2, encoder_outputs=given, fwd_hooks=[(name, lambda x, hook: calls.append(1))]
+            )
+    model.generate(inputs, prompt, 2, fwd_hooks=[("speech_encoder.layers.0.fc1", lambda x, hook: calls.append(1))])
+    assert calls == [1]  # without encoder_outputs it runs, once
