@@ -166,3 +166,27 @@ def test_an_encoder_hook_with_given_encoder_outputs_is_one_line(tiny_model_dir):
             )
     model.generate(inputs, prompt, 2, fwd_hooks=[("speech_encoder.layers.0.fc1", lambda x, hook: calls.append(1))])
     assert calls == [1]  # without encoder_outputs it runs, once
+
+
+def test_record_continue_refuses_a_speech_prompt_past_the_positions_before_writing(run_cli, folder, tmp_path):
+    """A template (or ``--max-new-tokens``) that runs the longest utterance's prompt past the LM's positions was
+    refused at the first batch, with the run already opened; now in planning, naming the example."""
+    import soundfile
+
+    for i, wave in enumerate(waves()):
+        soundfile.write(tmp_path / f"u{i}.wav", wave, 16_000)
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps({"id": f"u{i}", "audio": f"u{i}.wav"}) + "\n" for i in range(3))
+    )
+    store = tmp_path / "store"
+    Store.open(store, create=True)
+    model = load(folder, modality="speech")
+    template = "word " * 100 + "{audio}"
+    longest = model.speech_inputs(waves()[:1], template=template).kwargs["input_ids"].shape[1]  # u0: 1.5 s
+    args = ["--model", str(folder), "--data", str(tmp_path / "d.jsonl"), "--store", str(store), "--run", "r"]
+    args += ["--task", "continue", "--max-new-tokens", "4", "--hooks", "blocks.0.hook_resid_post"]
+    code, _, err = run_cli("record", *args, "--template", template)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"example 'u0': max new tokens 4 after a {longest}-token input runs past the 256 positions" in err
+    with Store.open(store).query() as session:
+        assert session.sql("SELECT run FROM runs").to_pylist() == []
