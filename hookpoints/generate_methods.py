@@ -120,7 +120,15 @@ class GenerationMethods(GenerationRequests):
         """``fwd_hooks`` as (hook point, change of its tensor) pairs for :func:`hookpoints.hook_fns.hooked`."""
         if not fwd_hooks:
             return []
-        return [(point, user_hook(point, fn, inputs.batch_size)) for point, fn in resolve_hooks(self, fwd_hooks)]
+        resolved = resolve_hooks(self, fwd_hooks)
+        mask = inputs.masks.get("input")
+        padded = self.continues and mask is not None and not bool(mask.all())  # generate moves its padding first
+        if padded and any(getattr(fn, "reads_positions", False) for _, fn in resolved):
+            raise UserError(
+                "generate: patch(cache) reads positions as run_with_cache lays them out (padding last), but generate "
+                "left-pads prompts of different lengths: patch a batch of one, or of prompts of one length"
+            )
+        return [(point, user_hook(point, fn, inputs.batch_size)) for point, fn in resolved]
 
     def pooled_generating(
         self,

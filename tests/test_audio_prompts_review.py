@@ -190,3 +190,22 @@ def test_record_continue_refuses_a_speech_prompt_past_the_positions_before_writi
     assert f"example 'u0': max new tokens 4 after a {longest}-token input runs past the 256 positions" in err
     with Store.open(store).query() as session:
         assert session.sql("SELECT run FROM runs").to_pylist() == []
+
+
+def test_patch_during_generate_of_a_padded_batch_is_refused(gpt2_dir):
+    """Patching a generation with its own prompts' cache must change nothing (TransformerLens' activation patching
+    of a run with itself). run_with_cache pads last, generate first: a shorter prompt got another position's
+    values (another next token for "hi" with a tiny GPT-2), without a word. A batch of one still patches."""
+    import hookpoints as hp
+
+    model = load(gpt2_dir)
+    name = "blocks.0.hook_resid_post"
+    texts = ["hello there", "hi"]
+    _, clean = model.run_with_cache(texts, names=name)
+    with pytest.raises(UserError, match="left-pads prompts of different lengths"):
+        model.generate(texts, max_new_tokens=1, fwd_hooks=[(name, hp.patch(clean))])
+    _, own = model.run_with_cache(texts[1:], names=name)
+    patched = model.generate(texts[1:], max_new_tokens=1, fwd_hooks=[(name, hp.patch(own))])
+    plain = model.generate(texts[1:], max_new_tokens=1)
+    assert torch.equal(patched.sequences, plain.sequences)
+    torch.testing.assert_close(patched.fingerprint.values, plain.fingerprint.values)
