@@ -6,6 +6,7 @@ import inspect
 import warnings
 from contextlib import nullcontext
 from dataclasses import replace
+from pathlib import PurePath
 
 import nnsight
 import torch
@@ -176,6 +177,11 @@ class HookedModel(GenerationMethods, ModelApi):
         if self.processor is None:
             raise UserError(
                 f"model {self.source} has no feature extractor: save one next to it (feature_extractor.save_pretrained)"
+            )
+        if isinstance(waveforms, str | PurePath) or any(isinstance(w, str | PurePath) for w in waveforms):
+            raise UserError(  # a path was read as a waveform of one sample per character
+                "speech_inputs takes waveforms ([samples] arrays at 16 kHz), not audio paths: give the paths to "
+                "generate or run_with_cache, or read them with hookpoints.audio.load_audio"
             )
         names = names or [f"waveform {i}" for i in range(len(waveforms))]
         window = getattr(self.processor, "n_samples", None)  # a fixed window (Whisper: 30 s) cuts the rest silently

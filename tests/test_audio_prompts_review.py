@@ -209,3 +209,16 @@ def test_patch_during_generate_of_a_padded_batch_is_refused(gpt2_dir):
     plain = model.generate(texts[1:], max_new_tokens=1)
     assert torch.equal(patched.sequences, plain.sequences)
     torch.testing.assert_close(patched.fingerprint.values, plain.fingerprint.values)
+
+
+def test_an_audio_path_given_to_speech_inputs_is_one_line(folder, tmp_path):
+    """A path was read as a waveform of one sample per character ("waveform 0 holds 13 samples ...")."""
+    import soundfile
+
+    soundfile.write(tmp_path / "u.wav", waves(1)[0], 16_000)
+    model = load(folder, modality="speech")
+    for given in ([str(tmp_path / "u.wav")], [tmp_path / "u.wav"], str(tmp_path / "u.wav")):
+        with pytest.raises(UserError, match="takes waveforms .* not audio paths"):
+            model.speech_inputs(given, template="{audio} Describe it:")
+    generation = model.generate([str(tmp_path / "u.wav")], max_new_tokens=2)  # generate reads paths
+    assert generation.generated(0) == model.generate(waves(1), max_new_tokens=2).generated(0)
