@@ -210,6 +210,8 @@ class HookedModel(GenerationMethods, ModelApi):
             raise UserError(f"a prompt template applies to audio LLMs (Qwen2-Audio, Ultravox), not {self.adapter.name}")
         if not isinstance(template, str) or template.count("{audio}") != 1:
             raise UserError(f"a prompt template is text with one {{audio}} where the audio goes, not {template!r:.60}")
+        if self.tokenizer is None:  # its text is tokenised (a TypeError from template_ids)
+            raise UserError(f"a prompt template needs {self.source}'s tokenizer: save one next to it")
         self.adapter.check_template(self.model, self.tokenizer, template)  # its special tokens
 
     def source_inputs(self, texts: list[str], languages: list[str]) -> ModelInputs:

@@ -222,3 +222,12 @@ def test_an_audio_path_given_to_speech_inputs_is_one_line(folder, tmp_path):
             model.speech_inputs(given, template="{audio} Describe it:")
     generation = model.generate([str(tmp_path / "u.wav")], max_new_tokens=2)  # generate reads paths
     assert generation.generated(0) == model.generate(waves(1), max_new_tokens=2).generated(0)
+
+
+def test_a_template_for_a_model_without_a_tokenizer_is_one_line(tiny_model_dir):
+    """Ultravox runs without a tokenizer (its placeholders from the config); a template's text was a TypeError."""
+    model = load(tiny_model_dir("ultravox"), modality="speech")
+    model.tokenizer = None  # as a checkpoint saved without one loads
+    assert model.speech_inputs(waves(1)).kwargs["input_ids"].shape[0] == 1
+    with pytest.raises(UserError, match="a prompt template needs .*tokenizer"):
+        model.speech_inputs(waves(1), template="Listen: {audio}")
