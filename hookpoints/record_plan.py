@@ -32,6 +32,7 @@ def plan_examples(
     tgt_lang: str | None,
     max_new_tokens: int | None = None,
     template: str | None = None,
+    frames: int | None = None,
 ) -> ExamplePlan:
     """Check the task against the model and every example's input (and for a generating task, its decoder prompt
     and ``max_new_tokens``; an audio LLM's speech prompt, with its ``template``); nothing is written before this
@@ -68,10 +69,13 @@ def plan_examples(
             info = inspect_audio(path, example)
             check_window(info, example, window)
             sizes.append(info.seconds)
-        if task.generates and task.step_space == "input":  # an audio LLM continues: the longest prompt has room
-            longest = max(range(len(sizes)), key=sizes.__getitem__)
-            wave = load_audio(audio[longest], ids[longest])
-            length = model.speech_inputs([wave], template=template).kwargs["input_ids"].shape[1]
+        # the longest utterance's inputs: --frames and --template refused here, not at the first batch (the run
+        # opened); an audio LLM that continues needs room for its longest prompt
+        longest = max(range(len(sizes)), key=sizes.__getitem__, default=None)
+        wave = None if longest is None else load_audio(audio[longest], ids[longest])
+        inputs = None if wave is None else model.speech_inputs([wave], frames=frames, template=template)
+        if inputs is not None and task.generates and task.step_space == "input":
+            length = inputs.kwargs["input_ids"].shape[1]
             try:
                 model.check_room(length, max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
             except UserError as error:

@@ -231,3 +231,18 @@ def test_a_template_for_a_model_without_a_tokenizer_is_one_line(tiny_model_dir):
     assert model.speech_inputs(waves(1)).kwargs["input_ids"].shape[0] == 1
     with pytest.raises(UserError, match="a prompt template needs .*tokenizer"):
         model.speech_inputs(waves(1), template="Listen: {audio}")
+
+
+def test_record_frames_on_a_fixed_window_model_writes_nothing(run_cli, folder, tmp_path):
+    """``--frames`` on Qwen2-Audio (a Whisper window) was refused at the first batch: the run was left 'failed'."""
+    import soundfile
+
+    soundfile.write(tmp_path / "u.wav", waves(1)[0], 16_000)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": "u", "audio": "u.wav"}) + "\n")
+    store = tmp_path / "store"
+    Store.open(store, create=True)
+    args = ["--model", str(folder), "--data", str(tmp_path / "d.jsonl"), "--store", str(store), "--run", "r"]
+    code, _, err = run_cli("record", *args, "--hooks", "blocks.0.hook_resid_post", "--frames", "100")
+    assert code == 2 and "drop --frames" in err and len(err.strip().splitlines()) == 1, err
+    with Store.open(store).query() as session:
+        assert session.sql("SELECT run FROM runs").to_pylist() == []
