@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from transformers.utils import ModelOutput
 
 from hookpoints.errors import UserError
 from hookpoints.points import HookPoint
@@ -247,7 +248,15 @@ def own_inputs(kwargs: dict, points) -> dict:
     ``input_features`` as given, Whisper's ``conv1`` too), which the edit would change for every later call."""
     if not any(point.io == "input" for point in points):
         return kwargs
-    return {
-        key: value.clone() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-        for key, value in kwargs.items()
-    }
+    return {key: _copied(value) for key, value in kwargs.items()}
+
+
+def _copied(value):
+    """``value``'s floating-point tensors copied, inside an ``encoder_outputs`` (a ModelOutput, a tuple) too."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_floating_point() else value
+    if isinstance(value, ModelOutput):
+        return type(value)(**{key: _copied(item) for key, item in value.items()})
+    if isinstance(value, tuple):
+        return tuple(_copied(item) for item in value)
+    return value

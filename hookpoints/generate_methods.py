@@ -84,13 +84,21 @@ class GenerationMethods(GenerationRequests):
             if encoder_outputs is not None or changes:
                 raise UserError("generate: give edits, or encoder_outputs or fwd_hooks, not both")
             return self.generate_edited(inputs, prompt, list(edits), max_new_tokens)[0]
+        if encoder_outputs is not None and changes:  # the encoder does not run: its hooks would never be called
+            encoder = self._module_path(self.model.get_encoder())
+            idle = next((point.name for point, _ in changes if _runs_with_encoder(point, encoder)), None)
+            if idle is not None:
+                raise UserError(
+                    f"generate: hook {idle} is read in the encoder, which does not run from encoder_outputs"
+                )
         collector = TokenCollector()
         kwargs, start, prompt_inputs = self._start(inputs, prompt)
-        kwargs = {**own_inputs(kwargs, [point for point, _ in changes]), "streamer": collector}  # caller's kept
         if encoder_outputs is not None:
             kwargs = {**without_encoder_inputs(kwargs), "encoder_outputs": encoder_outputs}
             if "input_features" in inputs.kwargs:
                 kwargs = self.adapter.generate_kwargs(kwargs)
+        # the caller's tensors kept (the given encoder_outputs too: cross-attention's k_proj:input is its tensor)
+        kwargs = {**own_inputs(kwargs, [point for point, _ in changes]), "streamer": collector}
         fingerprint = LogitsFingerprint(self.model.get_output_embeddings())
         with (
             torch.inference_mode(),
@@ -112,7 +120,15 @@ class GenerationMethods(GenerationRequests):
         """``fwd_hooks`` as (hook point, change of its tensor) pairs for :func:`hookpoints.hook_fns.hooked`."""
         if not fwd_hooks:
             return []
-        return [(point, user_hook(point, fn, inputs.batch_size)) for point, fn in resolve_hooks(self, fwd_hooks)]
+        resolved = resolve_hooks(self, fwd_hooks)
+        mask = inputs.masks.get("input")
+        padded = self.continues and mask is not None and not bool(mask.all())  # generate moves its padding first
+        if padded and any(getattr(fn, "reads_positions", False) for _, fn in resolved):
+            raise UserError(
+                "generate: patch(cache) reads positions as run_with_cache lays them out (padding last), but generate "
+                "left-pads prompts of different lengths: patch a batch of one, or of prompts of one length"
+            )
+        return [(point, user_hook(point, fn, inputs.batch_size)) for point, fn in resolved]
 
     def pooled_generating(
         self,
@@ -137,6 +153,7 @@ class GenerationMethods(GenerationRequests):
         prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
         if self.continues:
             generation = self.generate(inputs, None, max_new_tokens)
+            self._check_no_audio_generated(inputs, generation)
             return self.pooled(generation.teacher_forced(inputs), points, pooling, check=generation), generation
         encoder = self._module_path(self.model.get_encoder())
         # the encoder's hook points, and the inputs of modules around it (Whisper's ``model:input`` is the
@@ -160,6 +177,18 @@ class GenerationMethods(GenerationRequests):
         pooled = {name: tensor.detach() for name, tensor in saved.items()}
         pooled.update(self.pooled(decoder_inputs, outside, pooling, check=generation))
         return pooled, generation
+
+    def _check_no_audio_generated(self, inputs: ModelInputs, generation: Generation) -> None:
+        """An audio LLM that generated its audio token (``<|AUDIO|>``) cannot be teacher-forced: its forward
+        would read the generated one as audio (HF's ValueError: tokens and features do not match)."""
+        audio = getattr(self.model.config, "audio_token_id", None)
+        fed = generation.sequences[:, generation.prompt_length : -1]  # the generated tokens the pass reads
+        if audio is not None and "input_features" in inputs.kwargs and bool(fed.eq(audio).any()):
+            example = int(fed.eq(audio).any(1).nonzero()[0])
+            raise UserError(
+                f"example {example} generated the audio token (id {audio}), which record's teacher-forced pass "
+                "(--per-step too) reads as audio: record it with hooks at every step (model.pooled_per_step)"
+            )
 
     def generate_edited(
         self,
@@ -211,6 +240,10 @@ class GenerationMethods(GenerationRequests):
         collector = TokenCollector()
         kwargs, start, prompt_inputs = self._start(inputs, prompt)
         kwargs = {**own_inputs(kwargs, [edit.point for edit in edits]), "streamer": collector}  # caller's kept
+        padded = None  # a left-padded prompt: an attention map's keys at ``step`` (padding none), as alone
+        if prompt_inputs is not None:
+            mask = prompt_inputs.masks["input"]
+            padded = lambda step: torch.cat([mask, mask.new_ones(mask.shape[0], step)], 1)  # noqa: E731
         with warnings.catch_warnings():
             # A batch whose examples all stop early ends the step loop before max_new_tokens; nnsight warns.
             warnings.simplefilter("ignore", UserWarning)
@@ -241,7 +274,8 @@ class GenerationMethods(GenerationRequests):
                                     f"hook {point.name}: module {point.module} gets no tensor in generate; "
                                     "record it in a forward pass"
                                 )
-                            recorded[point.name].append(positions_first(value, point).clone().save())
+                            keys = None if padded is None or point.key_space != "input" else padded(step)
+                            recorded[point.name].append(positions_first(value, point, keys).clone().save())
         generation = self._generation(collector.sequences().to(self.device), start.shape[1], prompt_inputs)
         check_prompt(generation, start)
         return generation, recorded

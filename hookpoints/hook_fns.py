@@ -316,6 +316,7 @@ def patch(cache) -> HookFn:
             )
         return source.to(x.device, x.dtype)
 
+    fn.reads_positions = True  # the cache's positions: generate refuses it on a left-padded batch
     return fn
 
 

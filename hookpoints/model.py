@@ -6,6 +6,7 @@ import inspect
 import warnings
 from contextlib import nullcontext
 from dataclasses import replace
+from pathlib import PurePath
 
 import nnsight
 import torch
@@ -177,6 +178,11 @@ class HookedModel(GenerationMethods, ModelApi):
             raise UserError(
                 f"model {self.source} has no feature extractor: save one next to it (feature_extractor.save_pretrained)"
             )
+        if isinstance(waveforms, str | PurePath) or any(isinstance(w, str | PurePath) for w in waveforms):
+            raise UserError(  # a path was read as a waveform of one sample per character
+                "speech_inputs takes waveforms ([samples] arrays at 16 kHz), not audio paths: give the paths to "
+                "generate or run_with_cache, or read them with hookpoints.audio.load_audio"
+            )
         names = names or [f"waveform {i}" for i in range(len(waveforms))]
         window = getattr(self.processor, "n_samples", None)  # a fixed window (Whisper: 30 s) cuts the rest silently
         longest = max(range(len(waveforms)), key=lambda i: len(waveforms[i]), default=None)
@@ -204,6 +210,9 @@ class HookedModel(GenerationMethods, ModelApi):
             raise UserError(f"a prompt template applies to audio LLMs (Qwen2-Audio, Ultravox), not {self.adapter.name}")
         if not isinstance(template, str) or template.count("{audio}") != 1:
             raise UserError(f"a prompt template is text with one {{audio}} where the audio goes, not {template!r:.60}")
+        if self.tokenizer is None:  # its text is tokenised (a TypeError from template_ids)
+            raise UserError(f"a prompt template needs {self.source}'s tokenizer: save one next to it")
+        self.adapter.check_template(self.model, self.tokenizer, template)  # its special tokens
 
     def source_inputs(self, texts: list[str], languages: list[str]) -> ModelInputs:
         """Text inputs marked with their source languages (model codes, e.g. ``deu``), for translation."""

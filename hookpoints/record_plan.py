@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from hookpoints.audio import check_window, inspect_audio
+from hookpoints.audio import check_window, inspect_audio, load_audio
 from hookpoints.errors import UserError
 from hookpoints.languages import model_code
 from hookpoints.manifest import Manifest
@@ -26,10 +26,17 @@ class ExamplePlan:
 
 
 def plan_examples(
-    model: HookedModel, manifest: Manifest, task: Task, tgt_lang: str | None, max_new_tokens: int | None = None
+    model: HookedModel,
+    manifest: Manifest,
+    task: Task,
+    tgt_lang: str | None,
+    max_new_tokens: int | None = None,
+    template: str | None = None,
+    frames: int | None = None,
 ) -> ExamplePlan:
     """Check the task against the model and every example's input (and for a generating task, its decoder prompt
-    and ``max_new_tokens``); nothing is written before this passes."""
+    and ``max_new_tokens``; an audio LLM's speech prompt, with its ``template``); nothing is written before this
+    passes."""
     if task.name not in model.tasks:
         raise UserError(
             f"model {model.source} ({model.adapter.name}, {model.modality} input) cannot do task {task.name}; "
@@ -62,6 +69,17 @@ def plan_examples(
             info = inspect_audio(path, example)
             check_window(info, example, window)
             sizes.append(info.seconds)
+        # the longest utterance's inputs: --frames and --template refused here, not at the first batch (the run
+        # opened); an audio LLM that continues needs room for its longest prompt
+        longest = max(range(len(sizes)), key=sizes.__getitem__, default=None)
+        wave = None if longest is None else load_audio(audio[longest], ids[longest])
+        inputs = None if wave is None else model.speech_inputs([wave], frames=frames, template=template)
+        if inputs is not None and task.generates and task.step_space == "input":
+            length = inputs.kwargs["input_ids"].shape[1]
+            try:
+                model.check_room(length, max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+            except UserError as error:
+                raise UserError(f"example {ids[longest]!r}: {error}") from None
     else:
         if "text" not in columns:
             raise UserError(f"{manifest.path} has no 'text' column: text input needs one")

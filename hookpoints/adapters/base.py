@@ -75,6 +75,9 @@ class Adapter:
 
     # -- loading and inputs (overridden per family) -----------------------------------------------------
 
+    def check_template(self, model: nn.Module, tokenizer, template: str) -> None:
+        """A UserError for a speech prompt template this family cannot take (its text checked beforehand)."""
+
     def model_class(self, config, modality: str) -> type[nn.Module]:
         raise NotImplementedError
 

@@ -14,6 +14,7 @@ from transformers import Qwen2AudioForConditionalGeneration
 from hookpoints.adapters.base import Adapter, Single, Stack, random_ids, template_ids, token_batch
 from hookpoints.adapters.decoder_lm import LLAMA_BLOCK, without_foreign_lm
 from hookpoints.adapters.whisper import ENCODER_LAYER, lengths_mask, window_features
+from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
 
 
@@ -67,6 +68,10 @@ class Qwen2Audio(Adapter):
         ids, mask = token_batch(tokenizer, texts, max_length=model.config.text_config.max_position_embeddings)
         return ModelInputs({"input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})
 
+    def check_template(self, model, tokenizer, template: str) -> None:
+        """A UserError for a template holding the audio token or its wrapping (:func:`checked_template`)."""
+        checked_template(tokenizer, template, model.config.audio_token_id)
+
     def speech_inputs(self, model, processor, tokenizer, waveforms, *, frames=None, template=None):
         """A speech prompt: the audio's tokens (wrapped in ``<|audio_bos|>``/``<|audio_eos|>`` when the
         tokenizer has them), as Qwen2-Audio's processor expands ``<|AUDIO|>``; right-padded. ``template``: text
@@ -92,14 +97,32 @@ class Qwen2Audio(Adapter):
         )
 
 
+def audio_wrap(tokenizer) -> list[int] | None:
+    """The ids of ``<|audio_bos|>`` and ``<|audio_eos|>``, or None where the tokenizer lacks them."""
+    wrap = [tokenizer.convert_tokens_to_ids(t) for t in ("<|audio_bos|>", "<|audio_eos|>")]
+    return wrap if all(isinstance(t, int) and t != tokenizer.unk_token_id for t in wrap) else None
+
+
+def checked_template(tokenizer, template: str | None, audio_token: int) -> tuple[list[int], list[int]]:
+    """:func:`template_ids`, refused when its text holds the audio token or its wrapping (as HF's chat text
+    writes them): they would wrap the audio twice, or be audio tokens without features (HF's ValueError)."""
+    before, after = template_ids(tokenizer, template)
+    held = sorted({audio_token, *(audio_wrap(tokenizer) or [])} & {*before, *after})
+    if held:
+        raise UserError(
+            f"the prompt template holds {', '.join(tokenizer.convert_ids_to_tokens(held))}: {{audio}} stands for "
+            f"the audio's tokens with their <|audio_bos|>/<|audio_eos|>; leave them out, not {template!r:.60}"
+        )
+    return before, after
+
+
 def audio_prompts(
     tokenizer, counts: list[int], audio_token: int, template: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[batch, tokens]`` ids and mask: per example ``counts[i]`` audio tokens, wrapped when possible, with
     ``template``'s text (tokenised without special tokens) before and after them."""
-    wrap = [tokenizer.convert_tokens_to_ids(t) for t in ("<|audio_bos|>", "<|audio_eos|>")]
-    wrap = wrap if all(isinstance(t, int) and t != tokenizer.unk_token_id for t in wrap) else None
-    before, after = template_ids(tokenizer, template)
+    wrap = audio_wrap(tokenizer)
+    before, after = checked_template(tokenizer, template, audio_token)
     rows = [
         [*before, *([wrap[0]] if wrap else []), *[audio_token] * n, *([wrap[1]] if wrap else []), *after]
         for n in counts
