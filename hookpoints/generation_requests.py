@@ -137,10 +137,15 @@ class GenerationRequests:
         else:
             limit = getattr(self.model.config, "max_target_positions", None)
             what, positions = "decoder prompt", "decoder positions"
+        if limit is not None and prompt_length >= limit:  # no new token fits: "give at most 0" named no fix
+            raise UserError(
+                f"the {what} alone holds {prompt_length} tokens, as many as the {limit} {positions} of "
+                f"{self.source} or more: no new token fits; shorten it"
+            )
         if limit is not None and prompt_length + max_new_tokens > limit:
             raise UserError(
                 f"max new tokens {max_new_tokens} after a {prompt_length}-token {what} runs past the "
-                f"{limit} {positions} of {self.source}: give at most {max(limit - prompt_length, 0)}"
+                f"{limit} {positions} of {self.source}: give at most {limit - prompt_length}"
             )
 
     def _start(self, inputs: ModelInputs, prompt: torch.Tensor | None) -> tuple[dict, torch.Tensor, ModelInputs | None]:

@@ -187,7 +187,7 @@ def test_record_continue_refuses_a_speech_prompt_past_the_positions_before_writi
     args += ["--task", "continue", "--max-new-tokens", "4", "--hooks", "blocks.0.hook_resid_post"]
     code, _, err = run_cli("record", *args, "--template", template)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert f"example 'u0': max new tokens 4 after a {longest}-token input runs past the 256 positions" in err
+    assert f"example 'u0': the input alone holds {longest} tokens, as many as the 256 positions" in err
     with Store.open(store).query() as session:
         assert session.sql("SELECT run FROM runs").to_pylist() == []
 

@@ -252,6 +252,10 @@ def test_bad_generation_requests_get_one_line(folders, tiny_model_dir):
         model.generate(TEXTS, max_new_tokens=2.5)
     with pytest.raises(UserError, match="has no decoder prompt"):
         model.decoder_prompt(["eng"])
+    whole = "x " * 128  # 256 tokens: the model's positions, none left
+    assert len(model.tokenizer(whole)["input_ids"]) == 256
+    with pytest.raises(UserError, match="the input alone holds 256 tokens, as many as the 256 positions .* shorten"):
+        model.generate([whole], max_new_tokens=1)
     long = "x " * 125
     room = 256 - len(model.tokenizer(long)["input_ids"])
     with pytest.raises(UserError, match=f"max new tokens 10 after a .* runs past the 256 positions .* at most {room}$"):
