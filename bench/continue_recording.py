@@ -51,7 +51,8 @@ def main() -> None:
     texts = [row["text"] for row in corpus_rows()][: args.batch]
     with tempfile.TemporaryDirectory() as tmp:
         model = load(build_tiny("gpt2", Path(tmp), sizes=SIZES, texts=texts + ["filler text"] * 4))
-        model.model.generation_config.min_new_tokens = args.tokens  # exactly N new tokens (no early EOS)
+        # exactly N new tokens: no EOS (a continuation ignores min_new_tokens, hookpoints.generation_requests)
+        model.model.generation_config.eos_token_id = None
         points = model.select()
         edits = random_edits(model.select([f"blocks.*.{name}" for name in EDITED]), 1000)
         tokenizer = model.tokenizer
@@ -90,6 +91,7 @@ def main() -> None:
         hf_tokens = hf()[:, left["input_ids"].shape[1] :]
         ours = model.generate(texts, max_new_tokens=args.tokens)
         same = all(ours.generated(i) == hf_tokens[i].tolist() for i in range(len(texts)))
+        exact = bool((ours.lengths == args.tokens).all())
     parameters = sum(p.numel() for p in model.model.parameters())
     medians = {name: statistics.median(times) for name, times in seconds.items()}
     print(
@@ -106,6 +108,7 @@ def main() -> None:
         "hook's largest |value|)."
     )
     print(f"hookpoints generate gives HF generate's tokens for every example: {same}.")
+    print(f"Every example generated exactly {args.tokens} tokens: {exact}.")
 
 
 if __name__ == "__main__":

@@ -314,6 +314,8 @@ def interventions(model: HookedModel, family: str, args) -> list[dict]:
         points = model.select([f"blocks.*.{sub}" for sub in LM_EDITED])
     edits = random_edits(points, args.neurons)
     model.model.generation_config.min_new_tokens = args.gen_tokens  # exactly N new tokens
+    if model.continues:  # a continuation is the plain argmax (min_new_tokens off): no EOS instead
+        model.model.generation_config.eos_token_id = None
     results = []
     for batch in (1, 8):
         if family == "seamless":

@@ -19,7 +19,14 @@ from hookpoints.attention import eager as eager_attention
 from hookpoints.edit_folding import edits_applied
 from hookpoints.editing import EditGroup, NeuronEdit, own_inputs
 from hookpoints.errors import UserError
-from hookpoints.generation import Generation, TokenCollector, greedy_kwargs, lengths_after, without_encoder_inputs
+from hookpoints.generation import (
+    Generation,
+    TokenCollector,
+    extended,
+    greedy_kwargs,
+    lengths_after,
+    without_encoder_inputs,
+)
 from hookpoints.generation_requests import GenerationRequests
 from hookpoints.hook_fns import hooked, resolve_hooks, user_hook
 from hookpoints.inputs import ModelInputs
@@ -240,10 +247,7 @@ class GenerationMethods(GenerationRequests):
         collector = TokenCollector()
         kwargs, start, prompt_inputs = self._start(inputs, prompt)
         kwargs = {**own_inputs(kwargs, [edit.point for edit in edits]), "streamer": collector}  # caller's kept
-        padded = None  # a left-padded prompt: an attention map's keys at ``step`` (padding none), as alone
-        if prompt_inputs is not None:
-            mask = prompt_inputs.masks["input"]
-            padded = lambda step: torch.cat([mask, mask.new_ones(mask.shape[0], step)], 1)  # noqa: E731
+        prompt_mask = None if prompt_inputs is None else prompt_inputs.masks["input"]  # left-padded: keys as alone
         with warnings.catch_warnings():
             # A batch whose examples all stop early ends the step loop before max_new_tokens; nnsight warns.
             warnings.simplefilter("ignore", UserWarning)
@@ -274,7 +278,11 @@ class GenerationMethods(GenerationRequests):
                                     f"hook {point.name}: module {point.module} gets no tensor in generate; "
                                     "record it in a forward pass"
                                 )
-                            keys = None if padded is None or point.key_space != "input" else padded(step)
+                            keys = (
+                                None
+                                if prompt_mask is None or point.key_space != "input"
+                                else extended(prompt_mask, step)
+                            )
                             recorded[point.name].append(positions_first(value, point, keys).clone().save())
         generation = self._generation(collector.sequences().to(self.device), start.shape[1], prompt_inputs)
         check_prompt(generation, start)

@@ -16,6 +16,7 @@ and TransformerLens need; the steps are then positions of the ``input`` space (:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -75,9 +76,7 @@ class Generation:
     def attention_mask(self) -> torch.Tensor:
         """``[batch, prompt + steps - 1]`` of a decoder-only LM's teacher-forced pass: the prompt's real tokens,
         then every step's (as ``generate`` extends it)."""
-        prompt = self.prompt_inputs.masks["input"].to(self.sequences.device)
-        steps = torch.ones((prompt.shape[0], self.steps - 1), dtype=prompt.dtype, device=prompt.device)
-        return torch.cat([prompt, steps], dim=1).long()
+        return extended(self.prompt_inputs.masks["input"].to(self.sequences.device), self.steps - 1).long()
 
     def generated(self, example: int) -> list[int]:
         """Example ``example``'s generated token ids (EOS included)."""
@@ -132,6 +131,17 @@ class TokenCollector:
 def without_encoder_inputs(kwargs: dict) -> dict:
     """Forward arguments without what only the encoder reads (the attention mask stays: it masks cross-attention)."""
     return {key: value for key, value in kwargs.items() if key not in ("input_features", "input_ids", "inputs_embeds")}
+
+
+def extended(mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """A left-padded prompt's mask (``[batch, prompt]``) after ``steps`` generated tokens (``[batch, prompt +
+    steps]``: the tokens generate has added are all real)."""
+    return torch.cat([mask, mask.new_ones(mask.shape[0], steps)], dim=1)
+
+
+def takes_position_ids(model) -> bool:
+    """Whether ``model``'s forward takes ``position_ids`` (then a left-padded batch gets :func:`positions`)."""
+    return "position_ids" in inspect.signature(model.forward).parameters
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

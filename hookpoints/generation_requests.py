@@ -10,14 +10,12 @@ Kept apart from hookpoints.generate_methods so each stays small. Two kinds of mo
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from hookpoints.adapters.base import max_positions
 from hookpoints.editing import check_edits
 from hookpoints.errors import UserError, check_count
-from hookpoints.generation import left_padded
+from hookpoints.generation import left_padded, takes_position_ids
 from hookpoints.inputs import ModelInputs
 from hookpoints.tasks import get_task
 
@@ -154,8 +152,9 @@ class GenerationRequests:
         if not self.continues:
             kwargs = {**inputs.kwargs, **self.adapter.prompt_kwargs(self.model, prompt), "decoder_input_ids": prompt}
             return kwargs, prompt, None
-        accepts = "position_ids" in inspect.signature(self.model.forward).parameters
-        given = left_padded(inputs, with_positions=accepts, carried=self.adapter.per_example_kwargs)
+        given = left_padded(
+            inputs, with_positions=takes_position_ids(self.model), carried=self.adapter.per_example_kwargs
+        )
         kwargs = {name: value for name, value in given.kwargs.items() if name != "position_ids"}  # generate's own
         return {**kwargs, "pad_token_id": self._pad_token(), **PLAIN_ARGMAX}, given.kwargs["input_ids"], given
 

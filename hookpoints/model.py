@@ -30,6 +30,7 @@ from hookpoints.placement import execution_device
 from hookpoints.points import INPUT_SUFFIX, HookPoint, HookPointSet
 from hookpoints.pooling import SpaceMask, pool, prepare_masks
 from hookpoints.probe import measure, observe
+from hookpoints.settings import check_template_text
 from hookpoints.tasks import get_task
 
 __all__ = ["HookedModel", "Pooling"]
@@ -208,8 +209,7 @@ class HookedModel(GenerationMethods, ModelApi):
         """A UserError unless ``template`` is text with one ``{audio}`` and this model's speech prompt takes one."""
         if "template" not in inspect.signature(self.adapter.speech_inputs).parameters:
             raise UserError(f"a prompt template applies to audio LLMs (Qwen2-Audio, Ultravox), not {self.adapter.name}")
-        if not isinstance(template, str) or template.count("{audio}") != 1:
-            raise UserError(f"a prompt template is text with one {{audio}} where the audio goes, not {template!r:.60}")
+        check_template_text(template)
         if self.tokenizer is None:  # its text is tokenised (a TypeError from template_ids)
             raise UserError(f"a prompt template needs {self.source}'s tokenizer: save one next to it")
         self.adapter.check_template(self.model, self.tokenizer, template)  # its special tokens

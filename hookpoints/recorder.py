@@ -145,8 +145,6 @@ def record(
     for name, value in (("frames", frames), ("a prompt template", template)):
         if value is not None and model.modality != "speech":
             raise UserError(f"{name} applies to speech input; this run reads text")
-    if template is not None:
-        model.check_template(template)  # here, not at the first batch (the run opened)
     plan = plan_examples(model, manifest, get_task(task), tgt_lang, max_new_tokens, template, frames)
     points = model.select(hooks)
     started = time.perf_counter()

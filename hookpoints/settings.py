@@ -66,6 +66,12 @@ def parse_pooling(value: str | Pooling, *, allowed: tuple[str, ...] = POOLINGS) 
     return Pooling(value)
 
 
+def check_template_text(template) -> None:
+    """A UserError unless ``template`` (an audio LLM's prompt text) is a string with one ``{audio}``."""
+    if not isinstance(template, str) or template.count("{audio}") != 1:
+        raise UserError(f"a prompt template is text with one {{audio}} where the audio goes, not {template!r:.60}")
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """What a run was recorded with (the ``runs`` table's model, task, pooling and dtype, and its config).
@@ -102,10 +108,8 @@ class RunSettings:
             raise UserError(f"frames must be at least 1, not {self.frames}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise UserError(f"max new tokens must be at least 1, not {self.max_new_tokens}")
-        if self.template is not None and (not isinstance(self.template, str) or self.template.count("{audio}") != 1):
-            raise UserError(
-                f"a prompt template is text with one {{audio}} where the audio goes, not {self.template!r:.60}"
-            )
+        if self.template is not None:
+            check_template_text(self.template)
 
     # --- written into the store -------------------------------------------------------------------------
     def stored_pooling(self) -> str:

@@ -10,7 +10,6 @@ mask of every position space (input, encoder, decoder); raw tensors only the ``i
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from hookpoints.adapters.base import max_positions
 from hookpoints.errors import UserError
+from hookpoints.generation import positions, takes_position_ids
 from hookpoints.inputs import ModelInputs
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
@@ -113,9 +113,8 @@ def _from_kwargs(model, kwargs: dict) -> ModelInputs:
     if isinstance(ids, torch.Tensor):
         _check_ids(model, ids, mask)
         if isinstance(mask, torch.Tensor) and "position_ids" not in kwargs and _left_padded(mask):
-            forward = inspect.signature(model.model.forward).parameters
-            if "position_ids" in forward:
-                kwargs = {**kwargs, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+            if takes_position_ids(model.model):
+                kwargs = {**kwargs, "position_ids": positions(mask)}
     if mask is None:
         mask = torch.ones(first.shape[:2], dtype=torch.bool)
     return ModelInputs(kwargs, {"input": mask.bool()})

@@ -246,8 +246,7 @@ class Store:
         import pyarrow as pa
         from hookpoints.store.schema import CORE_TABLES, RUN_EVENTS
 
-        events = pa.Table.from_pylist([row], schema=RUN_EVENTS)
-        _table_io().append(self.location, CORE_TABLES["run_events"], events, metadata={delta_read.EVENT_TAG: status})
+        _table_io().append(self.location, CORE_TABLES["run_events"], pa.Table.from_pylist([row], schema=RUN_EVENTS))
 
     def run_hooks(self, run: str) -> pa.Table:
         import pyarrow.compute as pc

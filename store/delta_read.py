@@ -52,9 +52,6 @@ def open_table(location: StoreLocation, table: str) -> DeltaTable:
     return delta
 
 
-#: The commit metadata key under which store/catalog.py tags a ``run_events`` commit with the event's status
-#: (for a reader of the log's history; ``pin`` reads the events themselves, those of older writers untagged).
-EVENT_TAG = "hookpoints.run_event"
 #: Events that only add to a run (its start, its end): landing while a session pins its tables, they leave it be.
 _PLAIN_EVENTS = ("recording", "resumed", "complete")
 _PIN_TRIES = 10
@@ -93,7 +90,7 @@ def _unchanged(events: DeltaTable) -> bool:
     """Whether ``events``' table gained no event but starts and ends of runs since ``events``' version (then
     ``events`` is left at its version; otherwise at the latest).
 
-    The events are counted, not the commits' tags read from ``history()``: delta-rs lists the newest commits on
+    The events are counted, not commits read from ``history()``: delta-rs lists the newest commits on
     storage there, numbered from the version loaded, so a run starting just after the log was read hid a swap's
     ``failed`` commit. The log is append-only (a compaction rewrites the same rows): a count that did not grow
     means no swap or delete began or ended since.

@@ -117,16 +117,8 @@ def retrying(commit: Callable[[], object]) -> None:
             time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
 
 
-def append(
-    location: StoreLocation,
-    spec: TableSpec,
-    data: pa.Table,
-    *,
-    merge_schema: bool = False,
-    metadata: dict[str, str] | None = None,
-) -> None:
-    """Append ``data`` as one atomic commit: readers see all of it or none of it. ``metadata``: the commit's
-    custom metadata (a ``run_events`` commit's event, read by store/delta_read.py's ``pin``)."""
+def append(location: StoreLocation, spec: TableSpec, data: pa.Table, *, merge_schema: bool = False) -> None:
+    """Append ``data`` as one atomic commit: readers see all of it or none of it."""
     retrying(
         lambda: write_deltalake(
             location.table_uri(spec.name),
@@ -136,7 +128,6 @@ def append(
             schema_mode="merge" if merge_schema else None,
             storage_options=location.storage_options,
             writer_properties=writer_properties(spec, data.schema),
-            commit_properties=CommitProperties(custom_metadata=metadata) if metadata else None,
         )
     )
 
