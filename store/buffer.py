@@ -117,10 +117,7 @@ class Buffer:
         offsets = np.zeros(int(counts.sum()) + 1, np.int32)  # [rows + 1]
         np.cumsum(np.repeat(widths, counts), out=offsets[1:])
         flat = np.frombuffer(values.buffers()[1], np.uint16 if float16 else np.float32, len(values))
-        ok = (flat & _F16_EXPONENT) != _F16_EXPONENT if float16 else np.isfinite(flat)  # [values]
-        starts = np.minimum(offsets[:-1], max(len(ok) - 1, 0))  # [rows] (an empty vector last: in range)
-        finite = np.logical_and.reduceat(ok, starts) if len(ok) else np.ones(len(starts), bool)
-        finite[offsets[:-1] == offsets[1:]] = True  # an empty vector (reduceat would read its neighbour)
+        finite = finite_rows(flat, offsets, float16=float16)  # [rows]
         vectors = pa.ListArray.from_arrays(pa.array(offsets), values)
         n = len(offsets) - 1
         empty = pa.nulls(n, pa.list_(pa.float32() if float16 else pa.int16()))
@@ -150,6 +147,38 @@ class Buffer:
         # 720 Seamless hooks of 32 rows, measured)
         bounds = zip([0, *ends[:-1]], ends, strict=True)
         return pa.Table.from_batches([batch.slice(start, stop - start) for start, stop in bounds if stop > start])
+
+
+#: Values :func:`finite_rows` checks per call: its two scratch arrays (48 MiB for float16) are reused, where
+#: whole-buffer temporaries (850 MB for a 512 MiB float16 flush) cost 0.2-2 s of fresh pages on one core.
+FINITE_BLOCK = 1 << 24
+
+
+def finite_rows(flat: np.ndarray, offsets: np.ndarray, *, float16: bool) -> np.ndarray:
+    """[rows] whether each vector ``flat[offsets[i]:offsets[i + 1]]`` holds no inf or NaN (an empty one: True).
+
+    ``flat``: float16 bit patterns (uint16) or float32 values. Checked in blocks of :data:`FINITE_BLOCK` values
+    with reused scratch arrays, a few numpy calls per block (each gives the GIL back once, not once per hook).
+
+    >>> finite_rows(np.array([1, 2, np.inf, 4], np.float32), np.array([0, 2, 4, 4]), float16=False).tolist()
+    [True, False, True]
+    """
+    finite = np.ones(len(offsets) - 1, bool)  # [rows]
+    block = min(FINITE_BLOCK, len(flat))
+    scratch = np.empty(block, np.uint16) if float16 else None  # [block] exponent bits
+    bad = np.empty(block, bool)  # [block]
+    for start in range(0, len(flat), max(block, 1)):
+        part = flat[start : start + block]
+        if float16:
+            np.bitwise_and(part, _F16_EXPONENT, out=scratch[: len(part)])
+            np.equal(scratch[: len(part)], _F16_EXPONENT, out=bad[: len(part)])
+        else:
+            np.isfinite(part, out=bad[: len(part)])
+            np.logical_not(bad[: len(part)], out=bad[: len(part)])
+        if bad[: len(part)].any():  # rare: map the values to their rows
+            where = start + np.flatnonzero(bad[: len(part)])
+            finite[np.searchsorted(offsets, where, side="right") - 1] = False
+    return finite
 
 
 def _flat(values: np.ndarray, float16: bool) -> pa.Array:
