@@ -14,7 +14,9 @@ Timed, interleaved call by call, CUDA-synchronised, medians over ``--rounds``:
 - **bare forward**: ``model(**inputs)`` under ``inference_mode``;
 - **recording**: every Table 1 hook point (Seamless: speech encoder and text decoder; Llama: every listed
   hook point) mean-pooled on the GPU in float32, rows copied to pinned host memory without blocking, one
-  batch behind (hookpoints.recorder's own pipeline: ``start_batch`` / ``one_behind``); with ``+ store``
+  batch behind (hookpoints.recorder's own pipeline: ``start_batch`` / ``one_behind``), on a side stream as
+  the recorder copies (against ``copy on the compute stream (before)``, and a bit-equality check of the two
+  over a pipelined run); with ``+ store``
   the rows go through the store's run writer too (Delta tables on local disk, float16 storage);
 - **plain generate** against **1,000-neuron median replacement** during generation
   (``HookedModel.generate_edited``; Seamless: text decoder, Table 1 components of all 24 layers; the LM, which
@@ -122,7 +124,7 @@ class Recording:
     (with a store) handed to the run writer."""
 
     def __init__(self, model: HookedModel, points, store: Store | None, batch: int, direct: bool = False,
-                 side_stream: bool = False, mask_syncs: bool = False):  # fmt: skip
+                 side_stream: bool = True, mask_syncs: bool = False):  # fmt: skip
         self.model, self.points, self.store, self.batch = model, points, store, batch
         self.side_stream = side_stream
         self.mask_syncs = mask_syncs  # before: transformers reads its masks on the host (2 syncs per batch)
@@ -195,8 +197,8 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
         "recording, torch hooks (pooled, to host)": lambda: Recording(model, points, None, batch, direct=True)(batches),
         "recording, transformers' mask syncs (before)": lambda: Recording(model, points, None, batch,
                                                                           mask_syncs=True)(batches),
-        **({"recording, copy on a side stream": lambda: Recording(model, points, None, batch, side_stream=True)(
-            batches)} if model.device.type == "cuda" else {}),
+        **({"recording, copy on the compute stream (before)": lambda: Recording(model, points, None, batch,
+            side_stream=False)(batches)} if model.device.type == "cuda" else {}),
         **({"recording + store": lambda: Recording(model, points, store, batch)(batches)} if with_store else {}),
         **({f"recording + store, {len(long_run)} batches": lambda: Recording(model, points, store, batch)(long_run)}
            if with_store and args.store_batches else {}),
@@ -335,7 +337,13 @@ def interventions(model: HookedModel, family: str, args) -> list[dict]:
         seconds = timed(cases, args.rounds, model.device)
         edited, hooked = cases["median replacement"]()[0], cases["before: per-edit index_put_ hooks"]()
         same = torch.equal(edited.sequences, hooked.sequences)
-        results.append({"same_tokens_as_before": same, "family": family,
+        # Where the two differ: does each path repeat its own tokens on the GPU (kernels may differ run to run)?
+        repeats = {
+            "plain": torch.equal(cases["plain generate"]().sequences, cases["plain generate"]().sequences),
+            "edited": torch.equal(edited.sequences, cases["median replacement"]()[0].sequences),
+            "before": torch.equal(hooked.sequences, cases["before: per-edit index_put_ hooks"]().sequences),
+        }
+        results.append({"same_tokens_as_before": same, "repeats": repeats, "family": family,
             "batch": batch, "tokens": args.gen_tokens, "neurons": sum(len(e.neurons) for e in edits),
             "hooks_edited": len(edits), "seconds": seconds,
             "x_plain": {name: s / seconds["plain generate"] for name, s in seconds.items()},
@@ -454,8 +462,10 @@ def markdown(report: dict) -> str:
                 )
     for row in report.get("interventions", []):
         same = "the same" if row["same_tokens_as_before"] else "DIFFERENT"
+        repeats = ", ".join(f"{path} {'yes' if ok else 'NO'}" for path, ok in row.get("repeats", {}).items())
         lines.append(f"\n{row.get('family', 'seamless')} batch {row['batch']}: the median replacement (folded) and "
-                     f"the same edits by one index_put_ hook each generate {same} tokens.")  # fmt: skip
+                     f"the same edits by one index_put_ hook each generate {same} tokens (each path run twice "
+                     f"gives its own tokens again: {repeats}).")  # fmt: skip
     lines += ["", "| values vs CPU float32 | examples | hooks | rel. error median | p95 | max (hook) |",
               "|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for family, check in report["values"].items():
