@@ -6,12 +6,16 @@ here instead: one file per partition, zstd level 1, the table's row group size, 
 writer then commits the files' :class:`AddAction` s in one Delta transaction (store/commits.py), and
 ``hookpoints store verify`` reads every page with checksum verification, naming a damaged file.
 
-A call's files are written by one ``pyarrow.dataset.write_dataset`` per 512 partitions (fewer where few
-files may be open), on Arrow's threads with the GIL released throughout. Writing them one ``pq.write_table``
-after the other, even from a thread pool, gave the GIL back and retook it a few times per file: beside a
-recorder of torch operations that cut the recorder to 0.5-0.6 of its speed, and beside pure Python the writer
-waited out a 5 ms switch interval at each retaking, 17-25 times slower (docs/benchmarks.md, "The run writer
-beside a busy recorder").
+A call's files are written by a few ``pyarrow.dataset.write_dataset`` calls side by side (:data:`WRITE_CALLS`,
+each over a share of the partitions, at most half the process' open-file limit open at once), on Arrow's
+threads with the GIL released throughout. Writing them one ``pq.write_table`` after the other, even from a
+thread pool, gave the GIL back and retook it a few times per file: beside a recorder of torch operations that
+cut the recorder to 0.5-0.6 of its speed, and beside pure Python the writer waited out a 5 ms switch interval
+at each retaking, 17-25 times slower (docs/benchmarks.md, "The run writer beside a busy recorder"). One call
+for all partitions was slower on the H200's host than the thread pool before it (a flush of 566 MB: 2.58 s
+against 1.13 s): a dataset writer holds every small partition back until the call ends and then hands them
+out one after the other; a few calls side by side share that out (on 2 cores, 1.9-2.1 s of a Llama flush
+against 2.5-3.2 s with one call, and less CPU).
 
 Example::
 
@@ -25,6 +29,7 @@ import json
 import math
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 import numpy as np
@@ -60,8 +65,10 @@ def _partitions_per_call() -> int:
     return max(64, min(512, soft // 2))
 
 
-#: Partitions written by one ``write_dataset`` call (each keeps a file open until the call ends).
+#: Files open at once across a call's ``write_dataset`` calls (each keeps its files open until it ends).
 PARTITIONS_PER_CALL = _partitions_per_call()
+#: ``write_dataset`` calls run side by side: Arrow's I/O threads (which encode the files), 8 by default.
+WRITE_CALLS = max(1, pa.io_thread_count())
 _FOLDER = "__folder"  # the column that names each row's partition folder while writing (not stored)
 
 
@@ -83,11 +90,22 @@ def write_files(location: StoreLocation, spec: TableSpec, data: pa.Table) -> lis
     folder_of_row = pa.DictionaryArray.from_arrays(pa.array(group, pa.int32()), pa.array(folders, pa.string()))
     table = body.append_column(_FOLDER, folder_of_row)
     firsts = np.flatnonzero(np.r_[True, np.diff(group) != 0])  # [partitions] each one's first row
-    bounds = [*firsts[::PARTITIONS_PER_CALL].tolist(), len(group)]
+    calls = max(1, min(WRITE_CALLS, len(firsts), PARTITIONS_PER_CALL))  # side by side, together at most
+    # PARTITIONS_PER_CALL files open
+    per_call = max(1, min(-(-len(firsts) // calls), PARTITIONS_PER_CALL // calls))
+    bounds = [*firsts[::per_call].tolist(), len(group)]
     filesystem = _filesystem(location, spec.name)
     name = f"part-{uuid.uuid4().hex}-{{i}}.zstd.parquet"  # {i}: Arrow numbers the files of a folder from 0
-    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        _write(filesystem, table.slice(start, stop - start), name, spec.row_group_rows, keyed=bool(keys))
+    slices = [table.slice(start, stop - start) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def write(rows: pa.Table) -> None:
+        _write(filesystem, rows, name, spec.row_group_rows, keyed=bool(keys))
+
+    if len(slices) == 1:
+        write(slices[0])
+    else:
+        with ThreadPoolExecutor(calls, "hookpoints-files") as pool:
+            list(pool.map(write, slices))  # the first error is raised (after every call has ended)
     paths = [f"{folder}/{name.format(i=0)}" if folder else name.format(i=0) for folder in folders]
     infos = filesystem.get_file_info(paths)  # one call for all: sizes
     stats = _partition_stats(table, folders)

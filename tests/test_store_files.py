@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 from urllib.parse import quote
 
 import numpy as np
@@ -166,3 +168,41 @@ def test_a_call_keeps_at_most_half_the_open_file_limit_open(monkeypatch, soft, p
 
     monkeypatch.setattr(resource, "getrlimit", lambda kind: (soft, 2**20))
     assert files._partitions_per_call() == per_call
+
+
+@pytest.mark.parametrize(("write_calls", "budget", "sizes"), [(3, 512, [6, 6, 6]), (8, 4, [1] * 18), (1, 7, [7, 7, 4])])
+def test_calls_side_by_side_keep_within_the_open_file_budget(tmp_path, monkeypatch, write_calls, budget, sizes):
+    """The partitions are shared out over WRITE_CALLS write_dataset calls that run side by side, never more
+    than PARTITIONS_PER_CALL files open at once across them; the files are the same as one call's."""
+    monkeypatch.setattr(files, "WRITE_CALLS", write_calls)
+    monkeypatch.setattr(files, "PARTITIONS_PER_CALL", budget)
+    original, lock, state = files._write, threading.Lock(), {"open": 0, "most": 0, "sizes": []}
+
+    def counted(filesystem, rows, *args, **kwargs):
+        partitions = len(set(rows["__folder"].to_pylist()))
+        with lock:
+            state["open"] += partitions
+            state["most"] = max(state["most"], state["open"])
+            state["sizes"].append(partitions)
+        time.sleep(0.05)  # long enough for the calls of a pool to overlap
+        try:
+            return original(filesystem, rows, *args, **kwargs)
+        finally:
+            with lock:
+                state["open"] -= partitions
+
+    monkeypatch.setattr(files, "_write", counted)
+    spec = TableSpec("t", SCHEMA, ("run", "hook"), row_group_rows=16)
+    location = StoreLocation.parse(tmp_path)
+    (tmp_path / "t").mkdir()
+    actions = files.write_files(location, spec, _rows(1500))
+    assert sorted(state["sizes"]) == sorted(sizes)
+    assert state["most"] <= budget
+    if write_calls > 1:
+        assert state["most"] > max(sizes)  # they did run side by side
+    stored = {a.path.rsplit("/", 1)[0]: pq.read_table(tmp_path / "t" / a.path).num_rows for a in actions}
+    expected: dict = {}
+    for row in _rows(1500).to_pylist():
+        folder = f"run={quote(row['run'], safe='')}/hook={quote(row['hook'], safe='')}"
+        expected[folder] = expected.get(folder, 0) + 1
+    assert stored == expected
