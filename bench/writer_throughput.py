@@ -6,7 +6,9 @@ Delta, by:
 
 - ``before``: the writer of a base commit (``--base``, read with ``git show``): one ``pq.write_table`` per hook
   from a pool of ``--workers`` threads;
-- ``now``: this tree's (``Buffer.table``, then one ``write_dataset`` per 256 hooks, store/files.py).
+- ``now``: this tree's (``Buffer.table``, then ``write_dataset`` calls side by side, store/files.py);
+- ``one-call`` (with ``--ways``): this tree's with one ``write_dataset`` call at a time (``WRITE_CALLS = 1``),
+  as the writer was before the calls ran side by side.
 
 The flush runs in a thread pinned, with every thread it starts, to all cores but the first; a probe that
 stands for the recorder runs on the first core alone, so the two meet only at the GIL:
@@ -50,6 +52,7 @@ except ModuleNotFoundError:  # a bare tree (the GPU machine, bench/gpu_bundle.sh
     import hookpoints
 
     hookpoints.__path__.append(str(ROOT))
+from hookpoints.store import files  # noqa: E402
 from hookpoints.store.buffer import Buffer, HookRows  # noqa: E402
 from hookpoints.store.commits import FencedAppender  # noqa: E402
 from hookpoints.store.location import StoreLocation  # noqa: E402
@@ -125,6 +128,18 @@ class Flusher:
         os.sched_setaffinity(threading.get_native_id(), self.cores)
         pool = ThreadPoolExecutor(self.workers) if self.way == "before" else None
         hooks = sorted(self.buffer.rows)
+        calls = files.WRITE_CALLS
+        files.WRITE_CALLS = 1 if self.way == "one-call" else calls  # (one flush runs at a time)
+        try:
+            self._flush(count, pool, hooks)
+        finally:
+            files.WRITE_CALLS = calls
+        if pool is not None:
+            pool.shutdown()
+        if done is not None:
+            done.append(True)
+
+    def _flush(self, count: int, pool, hooks: list[str]) -> None:
         for _ in range(count):
             shutil.rmtree(self.scratch, ignore_errors=True)
             location = StoreLocation.parse(self.scratch)
@@ -138,10 +153,6 @@ class Flusher:
                 appender = FencedAppender(location, spec, "bench", what="bench")
                 appender.append(self.buffer.table("r", hooks, float16=self._float16))
             self.times.append(time.perf_counter() - started)
-        if pool is not None:
-            pool.shutdown()
-        if done is not None:
-            done.append(True)
 
     @property
     def _float16(self) -> bool:
@@ -184,6 +195,8 @@ def main() -> None:
     parser.add_argument("--flushes", type=int, default=2, help="flushes per measurement (1 beside pure Python)")
     parser.add_argument("--workers", type=int, default=2, help="the 'before' writer's file threads")
     parser.add_argument("--base", default="c455c46", help="the commit whose writer is 'before'")
+    parser.add_argument("--ways", default="before,now", help="writers to compare: before, now, one-call")
+    parser.add_argument("--probes", default="python,torch", help="recorders beside the flush: python, torch")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
@@ -193,7 +206,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     old = old_store(args.base)
-    ways, probes = ("before", "now"), {"python": probe_python, "torch": probe_torch}
+    ways = tuple(args.ways.split(","))
+    probes = {name: {"python": probe_python, "torch": probe_torch}[name] for name in args.probes.split(",")}
     cases = [(shape, dtype) for shape in args.shapes.split(",") for dtype in args.dtypes.split(",")]
     alone: dict = {}  # (case, way) -> flush seconds
     beside: dict = {}  # (case, probe, way) -> (flush seconds, probe rate / rate alone)
@@ -202,7 +216,7 @@ def main() -> None:
             now, before = buffers(SHAPES[case[0]], args.rows, case[1], old)
             flushers = {
                 way: Flusher(way, buffer, old, set(cores[1:]), Path(scratch) / way, args.workers)
-                for way, buffer in (("before", before), ("now", now))
+                for way, buffer in ((way, before if way == "before" else now) for way in ways)
             }
             for flusher in flushers.values():
                 flusher.run(1)  # warm-up: thread pools started, pages faulted in
@@ -212,6 +226,7 @@ def main() -> None:
                     flusher.times = []
                     flusher.run(args.flushes)
                     alone.setdefault((case, way), []).extend(flusher.times)
+                    print(f"{case} {way} alone: {flusher.times}", file=sys.stderr, flush=True)
                     for name, probe in probes.items():
                         rate = probe_rate(probe)
                         flusher.times, done = [], []
@@ -227,11 +242,12 @@ def main() -> None:
         f"Flush of {args.rows} rows per hook on {len(cores) - 1} core(s), a probe on its own core; base "
         f"{args.base} with {args.workers} file threads; medians of {args.rounds} rounds x {args.flushes} flushes\n"
     )
-    print(
-        "| shape | dtype | MB per flush | flush alone: before | now | beside Python: flush before | now | "
-        "probe's rate before | now | beside torch ops: flush before | now | probe's rate before | now |"
-    )
-    print("|---|---|---:|" + "---:|" * 10)
+    labels = {"python": "beside Python", "torch": "beside torch ops"}
+    header = [f"flush alone: {way}" for way in ways]
+    for name in probes:
+        header += [f"{labels[name]}: flush {way}" for way in ways] + [f"probe's rate {way}" for way in ways]
+    print("| shape | dtype | MB per flush | " + " | ".join(header) + " |")
+    print("|---|---|---:|" + "---:|" * len(header))
     for shape, dtype in cases:
         megabytes = args.rows * sum(SHAPES[shape]) * (2 if dtype == "float16" else 4) / 1e6
         cells = [f"{median(alone[(shape, dtype), way]):.2f} s ({megabytes / median(alone[(shape, dtype), way]):.0f} "
