@@ -129,6 +129,7 @@ class Recording:
         self.side_stream = side_stream
         self.mask_syncs = mask_syncs  # before: transformers reads its masks on the host (2 syncs per batch)
         self.values: list[dict[str, np.ndarray]] = []  # with keep=True: every batch's rows, for a check
+        self.stats = None  # with a store: the last call's WriteStats (flushes, MB/s, the producer's wait)
         self.keep = False
         self.calls = 0
         # nnsight trace or hooks; the mask skips' check crosses with the rows, as in the recorder
@@ -171,6 +172,7 @@ class Recording:
                 writer.add(pa.table({"example_id": ids}), rows)
         if writer is not None:
             writer.finish("complete")
+            self.stats = writer.stats
 
 
 def throughput(model: HookedModel, family: str, args, store: Store, batch: int, with_store: bool) -> dict:
@@ -179,6 +181,7 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
     points = table1_points(model, family)
     # the store's steady state: enough batches that its last flush (which `finish` waits for) is a small part
     long_run = [batches[k % len(batches)] for k in range(args.store_batches)]
+    stored = {name: Recording(model, points, store, batch) for name in ("short", "long")}  # their stats kept
 
     def bare():
         with torch.inference_mode():
@@ -199,8 +202,8 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
                                                                           mask_syncs=True)(batches),
         **({"recording, copy on the compute stream (before)": lambda: Recording(model, points, None, batch,
             side_stream=False)(batches)} if model.device.type == "cuda" else {}),
-        **({"recording + store": lambda: Recording(model, points, store, batch)(batches)} if with_store else {}),
-        **({f"recording + store, {len(long_run)} batches": lambda: Recording(model, points, store, batch)(long_run)}
+        **({"recording + store": lambda: stored["short"](batches)} if with_store else {}),
+        **({f"recording + store, {len(long_run)} batches": lambda: stored["long"](long_run)}
            if with_store and args.store_batches else {}),
     }  # fmt: skip
     seconds = timed(cases, args.rounds, model.device)
@@ -225,6 +228,17 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
              "recording (pooled, to host)", "recording, transformers' mask syncs (before)")}  # fmt: skip
     return {
         "side_stream_check": side_stream_check(model, points, batch, (long_run or batches)[:8]),
+        "store_stats": {
+            name: {
+                "flushes": r.stats.flushes,
+                "mb": r.stats.bytes / 1e6,
+                "flush_seconds": r.stats.flush_seconds,
+                "mb_per_second": r.stats.mb_per_second,
+                "waited_seconds": r.stats.waited_seconds,
+            }
+            for name, r in stored.items()
+            if r.stats is not None
+        },  # fmt: skip
         "profile": profile,
         "ops_per_hook": per_hook,
         "syncs_per_batch": syncs,
@@ -438,6 +452,12 @@ def markdown(report: dict) -> str:
             if found:
                 lines.append(f"\n{row['family']} batch {row['batch']}, {case}: {found['per_batch']:.1f} host syncs "
                              f"per batch ({'; '.join(found['first'])})")  # fmt: skip
+    for row in report["throughput"]:
+        for name, found in row.get("store_stats", {}).items():
+            lines.append(f"\n{row['family']} batch {row['batch']}, recording + store ({name}, last call): "
+                         f"{found['mb']:.1f} MB in {found['flushes']} flushes, {found['flush_seconds']:.2f} s of "
+                         f"flushing ({found['mb_per_second']:.0f} MB/s); the recorder waited "
+                         f"{found['waited_seconds']:.2f} s for the store")  # fmt: skip
     for row in report["throughput"]:
         check = row.get("side_stream_check")
         if check:

@@ -212,6 +212,13 @@ def command(
         f"recorded {summary.recorded} examples ({summary.skipped} already there{others}) at {summary.hooks} hook "
         f"points into run [bold]{run}[/bold] of {store.location.uri} in {summary.seconds:.1f} s"
     )
+    written = summary.store
+    if written.flushes:
+        out.print(
+            f"the store wrote {written.bytes / 1e6:,.1f} MB of vectors in {written.flushes} flush(es) at "
+            f"{written.mb_per_second:,.0f} MB/s; recording waited {written.waited_seconds:.1f} s of "
+            f"{summary.seconds:.1f} s for it"
+        )
     _say_nonfinite(store, run, dtype)
 
 

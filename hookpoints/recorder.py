@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from hookpoints.settings import RunSettings
 from hookpoints.sizes import check_budget, example_bytes
 from hookpoints.store.catalog import Store
 from hookpoints.store.runs import check_shard, in_shard
-from hookpoints.store.writer import DEFAULT_BUFFER_BYTES, HookRows, open_run
+from hookpoints.store.writer import DEFAULT_BUFFER_BYTES, HookRows, WriteStats, open_run
 from hookpoints.tasks import Task, get_task, source_languages, target_languages
 
 #: Columns generating tasks add to each example row (forward runs keep exactly the manifest's columns).
@@ -50,6 +50,7 @@ class RecordSummary:
     seconds: float
     shard: tuple[int, int] = (0, 1)
     other_shards: int = 0  # examples of the manifest that other shards record
+    store: WriteStats = field(default_factory=WriteStats)  # what was written, and how long recording waited for it
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,8 @@ def record(
         raise
     writer.finish("complete")
     seconds = time.perf_counter() - started
-    return RecordSummary(run, len(todo), len(mine) - len(todo), len(points), seconds, shard, len(manifest) - len(mine))
+    others = len(manifest) - len(mine)
+    return RecordSummary(run, len(todo), len(mine) - len(todo), len(points), seconds, shard, others, writer.stats)
 
 
 def _check_size(

@@ -1,10 +1,12 @@
-"""What a resumed run, or another shard of a run, must repeat: its shard count, settings, config and hook points.
+"""What a new run must not find (rows left of a deleted run), and what a resumed run, or another shard of a run,
+must repeat: its shard count, settings, config and hook points.
 
 Called by :func:`hookpoints.store.writer.open_run` before anything is written.
 """
 
 from __future__ import annotations
 
+from hookpoints.store import tables
 from hookpoints.store.catalog import RUN_SETTINGS, Store
 
 from hookpoints.errors import UserError
@@ -56,3 +58,18 @@ def check_resumable(
             f"cannot resume run {run!r} with other hook points ({len(hooks)} asked, {len(stored)} recorded): "
             "pass the same --hooks, or --overwrite"
         )
+
+
+def check_no_rows_left(store: Store, run: str) -> None:
+    """A new run must not find rows under its name: rows left of a deleted run (a writer that raced the delete;
+    ``store verify`` names them) would mix with it, its hooks taken for the new run's, its examples doubled."""
+    for name in ("hooks", "examples", "activations"):
+        actions = tables.open_table(store.location, name).get_add_actions(flatten=True)
+        if run in actions.column("partition.run").to_pylist():
+            if store.run_info(run) is not None:
+                return  # another process has just started the run (a shard of it): its rows, not leftovers
+            uri = store.location.uri
+            raise UserError(
+                f"store {uri} still holds {name} rows of an earlier run {run!r} that was deleted: remove them with "
+                f"`hookpoints store delete {uri} --run {run}`, then record again"
+            )

@@ -24,22 +24,45 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake.exceptions import CommitFailedError, DeltaError
-from hookpoints.store import overwrite, tables
+from hookpoints.store import overwrite
 from hookpoints.store.buffer import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_SECONDS, Buffer, HookRows
 from hookpoints.store.catalog import Store, validate_run_name
 from hookpoints.store.commits import FencedAppender, WriterFenced, app_id, append_once
 from hookpoints.store.example_columns import examples_casts
-from hookpoints.store.run_checks import check_resumable, check_shards
+from hookpoints.store.run_checks import check_no_rows_left, check_resumable, check_shards
 from hookpoints.store.runs import check_shard
 from hookpoints.store.schema import CORE_TABLES, HOOKS
 from hookpoints.store.verify_logs import one_line
 
 from hookpoints.errors import UserError
+
+
+@dataclass
+class WriteStats:
+    """What a run writer committed, and how long its producer waited for the store (:attr:`RunWriter.stats`).
+
+    ``waited_seconds`` is the time ``add``, ``flush`` and ``finish`` blocked the producer: with a GPU recording
+    most of it means the store, not the model, sets the pace (docs/gpu.md).
+
+    >>> WriteStats(flushes=2, bytes=300_000_000, flush_seconds=2.0).mb_per_second
+    150.0
+    """
+
+    flushes: int = 0  # commits of buffered rows
+    bytes: int = 0  # the committed vectors' bytes (float16 or float32, as buffered)
+    flush_seconds: float = 0.0  # time spent committing them (examples, files, Delta commits)
+    waited_seconds: float = 0.0  # time the producer was blocked on the store
+
+    @property
+    def mb_per_second(self) -> float:
+        """Vector megabytes committed per second of flushing (0 before the first flush)."""
+        return self.bytes / self.flush_seconds / 1e6 if self.flush_seconds else 0.0
 
 
 def open_run(
@@ -103,7 +126,7 @@ def open_run(
     with damage_said(store, run):
         states = {} if info is None else store.shard_states(run)
         if info is None:
-            _check_no_rows_left(store, run)
+            check_no_rows_left(store, run)
         if info is not None:
             check_shards(run, info, count)
     if info is not None:
@@ -221,6 +244,7 @@ class RunWriter:
         self._examples_present = examples_present  # example ids already in the examples table (flush's own)
         self._committer = ThreadPoolExecutor(1, "hookpoints-flush") if background else None
         self._in_flight: tuple[Buffer, Future] | None = None
+        self.stats = WriteStats()
 
     def add(self, examples: pa.Table, rows: dict[str, HookRows]) -> None:
         """Buffer one batch: its manifest rows (``example_id`` + labels) and every hook's vectors.
@@ -247,7 +271,11 @@ class RunWriter:
             or now - (self._filled_since or now) >= self.max_buffer_seconds
         )
         if full and self._committer is not None:
-            self._settle(block=True)  # the producer waits only while the previous flush still runs
+            waiting = time.perf_counter()
+            try:
+                self._settle(block=True)  # the producer waits only while the previous flush still runs
+            finally:
+                self.stats.waited_seconds += time.perf_counter() - waiting
         self._buffer.add(examples, {hook: rows[hook] for hook in self.hooks})
         self._buffered_ids.update(ids)
         if not full:
@@ -263,17 +291,21 @@ class RunWriter:
     def flush(self) -> None:
         """Commit the buffer now and wait for it (after any flush in flight): examples first, then all hooks'
         activations in one commit. On an error the rows stay buffered, so a later flush commits them."""
-        self._settle(block=True)
-        buffer, self._buffer = self._buffer, Buffer()
-        self._filled_since = None
+        waiting = time.perf_counter()
         try:
-            self._commit(buffer)
-        except BaseException as error:
-            self._buffer.prepend(buffer)
-            if isinstance(error, WriterFenced):
-                self.fenced = True
-            raise
-        self._committed(buffer)
+            self._settle(block=True)
+            buffer, self._buffer = self._buffer, Buffer()
+            self._filled_since = None
+            try:
+                self._commit(buffer)
+            except BaseException as error:
+                self._buffer.prepend(buffer)
+                if isinstance(error, WriterFenced):
+                    self.fenced = True
+                raise
+            self._committed(buffer)
+        finally:
+            self.stats.waited_seconds += time.perf_counter() - waiting
 
     def finish(self, status: str = "complete", message: str = "") -> None:
         """Flush what is buffered and log the shard's new status (complete, or failed with a message).
@@ -327,6 +359,7 @@ class RunWriter:
         """Examples first, then every hook's activations in one commit (runs in the flush thread)."""
         if not buffer.ids:
             return
+        started = time.perf_counter()
         new = [i for i, example in enumerate(buffer.ids) if example not in self._examples_present]
         if new:
             rows = pa.concat_tables(buffer.examples).take(new).cast(self._examples_cast)
@@ -334,6 +367,9 @@ class RunWriter:
             self._examples_appender.append(rows, merge_schema=True)
             self._examples_present.update(buffer.ids)
         self._activations_appender.append(buffer.table(self.run, self.hooks, float16=self.float16))
+        self.stats.flushes += 1  # (one flush at a time: the flush thread or, without one, the caller)
+        self.stats.bytes += buffer.nbytes
+        self.stats.flush_seconds += time.perf_counter() - started
 
     def _committed(self, buffer: Buffer) -> None:
         self.done.update(buffer.ids)
@@ -350,18 +386,3 @@ def _has_run(run: str):
         return dataset.count_rows(filter=pc.field("run") == run) > 0
 
     return present
-
-
-def _check_no_rows_left(store: Store, run: str) -> None:
-    """A new run must not find rows under its name: rows left of a deleted run (a writer that raced the delete;
-    ``store verify`` names them) would mix with it, its hooks taken for the new run's, its examples doubled."""
-    for name in ("hooks", "examples", "activations"):
-        actions = tables.open_table(store.location, name).get_add_actions(flatten=True)
-        if run in actions.column("partition.run").to_pylist():
-            if store.run_info(run) is not None:
-                return  # another process has just started the run (a shard of it): its rows, not leftovers
-            uri = store.location.uri
-            raise UserError(
-                f"store {uri} still holds {name} rows of an earlier run {run!r} that was deleted: remove them with "
-                f"`hookpoints store delete {uri} --run {run}`, then record again"
-            )

@@ -1,0 +1,62 @@
+"""RunWriter.stats and RecordSummary.store: what the store wrote and how long the producer waited for it
+(issue 16: on a GPU the store, not the model, can set the pace, and a researcher should see that)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hookpoints.store import commits
+
+from tests.test_store_writer import BATCH_BYTES, _batches, _open
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_stats_count_every_flush_its_bytes_and_the_waits(store, monkeypatch, background):
+    pause = 0.3
+    original = commits.FencedAppender.append
+
+    def slow(self, data, **kwargs):
+        if self.spec.name == "activations":
+            time.sleep(pause)  # a slow store: every activations commit takes at least this long
+        return original(self, data, **kwargs)
+
+    monkeypatch.setattr(commits.FencedAppender, "append", slow)
+    writer = _open(store, buffer_examples=3, background=background)
+    batches = list(_batches(4, 3))  # 4 batches of 3 examples, a buffer of 3: a flush per batch
+    for examples, rows in batches:
+        writer.add(examples, rows)
+    writer.finish()
+    stats = writer.stats
+    assert stats.flushes == 4
+    assert stats.bytes == sum(r.values.nbytes for _, rows in batches for r in rows.values()) == 12 * BATCH_BYTES
+    assert stats.flush_seconds >= 4 * pause
+    assert stats.mb_per_second == pytest.approx(stats.bytes / stats.flush_seconds / 1e6)
+    # background: each add after the first waits for the flush before it, finish for the last; serial: the
+    # producer runs every flush itself
+    assert stats.waited_seconds >= (4 * pause if not background else 3 * pause)
+    assert stats.waited_seconds <= stats.flush_seconds + 5  # it cannot wait much longer than the store works
+
+
+def test_a_writer_that_flushed_nothing_says_zero(store):
+    writer = _open(store)
+    writer.finish()
+    assert (writer.stats.flushes, writer.stats.bytes, writer.stats.mb_per_second) == (0, 0, 0.0)
+
+
+def test_record_returns_the_store_stats_and_the_cli_prints_them(gpt2_dir, write_manifest, tmp_path, run_cli):
+    import hookpoints as hp
+
+    manifest = write_manifest([{"id": f"e{i}", "text": f"text number {i}"} for i in range(5)])
+    model = hp.load(gpt2_dir)
+    summary = hp.record(model, manifest, tmp_path / "s1", run="r1", hooks=["blocks.0.hook_resid_post"])
+    width = model.model.config.n_embd
+    assert summary.store.flushes >= 1
+    assert summary.store.bytes == 5 * width * 4  # float32, one pooled vector per example
+    assert 0 <= summary.store.waited_seconds <= summary.seconds
+    code, out, err = run_cli("record", "--model", str(gpt2_dir), "--data", str(manifest), "--store",
+                             str(tmp_path / "s2"), "--run", "r1", "--hooks", "blocks.0.hook_resid_post")  # fmt: skip
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert f"the store wrote {5 * width * 4 / 1e6:,.1f} MB of vectors in 1 flush(es)" in said
+    assert "recording waited" in said
