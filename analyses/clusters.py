@@ -31,6 +31,7 @@ from hookpoints.analyses.hooks import StoredHook
 from hookpoints.analyses.layers import layer_hooks, read_layer, resolve_pooling, run_settings
 from hookpoints.analyses.subsets import Subset, select_subset
 from hookpoints.store.catalog import Store
+from hookpoints.store.run_marks import RunMarks
 from hookpoints.store.schema import TableSpec
 
 from hookpoints.errors import UserError
@@ -117,6 +118,7 @@ class ClusterResult:
     example_rows: np.ndarray  # [examples] rows of the subset chosen for the distance tables
     layers: list[LayerResult] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
+    marks: RunMarks | None = None  # the run's events when read: written only if none changed since
     analysis: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     computed_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
@@ -165,6 +167,7 @@ def cluster_layers(
     _check_numbers(settings)
     with store.query() as session:
         recorded = run_settings(session, run)
+        marks = RunMarks.read(session, [run])
         pooling = resolve_pooling(recorded, settings.pooling, run)
         hooks = layer_hooks(session, run, list(settings.hooks))
         subset = select_subset(session, run, settings.where, list(settings.labels))
@@ -175,6 +178,7 @@ def cluster_layers(
         if settings.tsne:
             _check_perplexity(len(sample), settings.perplexity)
         result = ClusterResult(run, pooling, settings, subset, labellings, sample, _example_rows(subset, settings))
+        result.marks = marks
         if on_start:
             on_start(len(hooks))
         for hook in hooks:
@@ -191,6 +195,8 @@ def write_clusters(store: Store, result: ClusterResult) -> None:
     ``clusters`` table (one atomic commit each)."""
     from hookpoints.analyses.cluster_tables import write_maps
 
+    if result.marks is not None:
+        result.marks.check(store, "clustering")
     write_maps(store, result)
     store.append(CLUSTERS_TABLE, result.table())
 

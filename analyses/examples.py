@@ -18,6 +18,7 @@ from hookpoints.analyses.labels import LabelSet, check_predicate, quote_name
 from hookpoints.analyses.subsets import examples_source
 from hookpoints.store.names import RUN_KEY_SEPARATOR
 from hookpoints.store.query import QuerySession
+from hookpoints.store.run_marks import RunMarks
 
 from hookpoints.errors import UserError
 from hookpoints.settings import Pooling, RunSettings
@@ -34,6 +35,7 @@ class RunGroup:
 
     runs: tuple[str, ...]  # sorted
     settings: dict[str, RunSettings]  # run -> what it was recorded with
+    marks: RunMarks | None = None  # the runs' events when read: results are written only if none changed
 
     @property
     def pooling(self) -> Pooling:
@@ -121,7 +123,7 @@ def open_runs(session: QuerySession, runs: list[str] | tuple[str, ...]) -> RunGr
             f"run {names[0]!r} keeps every position (pooling none), but this analysis compares one vector per "
             "example: record with --pooling mean (the paper's choice)"
         )
-    return RunGroup(tuple(names), settings)
+    return RunGroup(tuple(names), settings, RunMarks.read(session, names))
 
 
 @dataclass(frozen=True)

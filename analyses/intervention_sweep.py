@@ -36,6 +36,7 @@ from hookpoints.analyses.sweep_spec import PAPER_SEED, SweepSpec, check_spec, ne
 from hookpoints.analyses.text_scores import corpus_scores, sentence_scores
 from hookpoints.store import tables
 from hookpoints.store.catalog import Store
+from hookpoints.store.run_marks import RunMarks
 from hookpoints.store.tables import sql_string
 
 from hookpoints.editing import NeuronEdit
@@ -72,6 +73,7 @@ class Cell:
     model: HookedModel
     job: BatchJob
     conditions: list[Condition]
+    marks: RunMarks | None = None  # the runs' events when the sweep was planned: a cell is written only if unchanged
 
 
 # -- planning ---------------------------------------------------------------------------------------------
@@ -97,6 +99,7 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
             if name not in runs:
                 raise UserError(f"no run {name!r} in the store; it has: {', '.join(sorted(runs)) or 'none'}")
         run_settings(session, sorted({*spec.runs, *spec.stats_runs}))  # each complete: else medians of a part
+        marks = RunMarks.read(session, {*spec.runs, *spec.stats_runs})
         for task_name in spec.tasks:
             task = get_task(task_name)
             if not task.generates or task.target is None:  # continue: no reference to score against
@@ -138,7 +141,7 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
                     task_name, "mean", frames=spec.frames, max_new_tokens=spec.max_new_tokens,
                     tgt_lang=spec.tgt_lang, base=str(manifest.base),
                 )  # fmt: skip
-                cells.append(Cell(task_name, language, target, examples, references, model, job, conditions))
+                cells.append(Cell(task_name, language, target, examples, references, model, job, conditions, marks))
     return cells
 
 
@@ -269,7 +272,7 @@ def run_sweep(
             if tables.exists(store.location, table.name):
                 tables.delete(store.location, table.name, f"sweep = {sql_string(spec.sweep)}")
     all_scores = []
-    for cell in cells:
+    for done, cell in enumerate(cells):
         now = datetime.now(UTC)
         batches = [cell.examples.slice(i, spec.batch_size) for i in range(0, cell.examples.num_rows, spec.batch_size)]
         prepared = []
@@ -303,6 +306,13 @@ def run_sweep(
             corpus = corpus_scores(cell.task, cell.references, texts, cell.target)
             scores.append({**condition.fields, "n_generations": len(texts), **_score_fields(corpus), "created_at": now})
             neurons += _neuron_rows(condition)
+        changed = cell.marks.changed(store) if cell.marks is not None else None  # the medians came from the
+        if changed is not None:  # runs as they were when the sweep was planned
+            raise UserError(
+                f"run {changed!r} changed during sweep {spec.sweep!r} (a teammate overwrote, deleted or resumed it): "
+                f"{done} of its {len(cells)} (task, language) cells were stored, computed from the run as it was; "
+                "nothing more was written. Run the sweep again with --overwrite"
+            )
         store.append(INTERVENTIONS, pa.Table.from_pylist(rows, INTERVENTIONS.schema))
         store.append(INTERVENTION_NEURONS, pa.Table.from_pylist(neurons, INTERVENTION_NEURONS.schema))
         store.append(INTERVENTION_SCORES, pa.Table.from_pylist(scores, INTERVENTION_SCORES.schema))

@@ -373,6 +373,8 @@ def write_scores(store: Store, ranking: Ranking) -> None:
     if not isinstance(ranking, Ranking):
         raise UserError(f"write_scores takes the ranking rank(...) returns, not {type(ranking).__name__}")
     job = ranking.job
+    if job.group.marks is not None:
+        job.group.marks.check(store, "ranking")
     names = ", ".join(sql_string(ls.name) for ls in job.masks.label_sets)
     predicate = f"run = {sql_string(job.group.key)} AND label_set IN ({names})"
     computed_at = datetime.now(UTC)

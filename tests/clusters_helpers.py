@@ -34,6 +34,7 @@ def write_run(
     dtype: str = "float32",
     positions: np.ndarray | None = None,
     hooks: list[dict] | None = None,
+    if_exists: str = "error",
 ) -> None:
     """Write a run: ``examples`` rows (``example_id`` + labels), ``vectors[hook]`` ``[rows, width]``.
 
@@ -50,6 +51,7 @@ def write_run(
         config={},
         hooks=hooks,
         examples_schema=table.schema,
+        if_exists=if_exists,
     )
     ids = table["example_id"].to_pylist()
     rows = {}

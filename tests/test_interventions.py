@@ -392,3 +392,23 @@ def test_score_table_mean_is_the_rounded_mean_of_the_scores_as_in_the_report():
     (row,) = score_table(pa.Table.from_pylist(rows))
     assert row["mean"] == round(float(np.mean(list(scores.values()))), 3) == 0.002
     assert [row[language] for language in scores] == [0.001, 0.001, 0.002]
+
+
+def test_a_sweep_stops_before_a_cell_once_its_runs_changed(swept):
+    """A run changed during a sweep (a teammate's overwrite, delete or resume: its event count moves) stops it
+    before the next cell is stored, in one line that says how many cells are stored; nothing more is written."""
+    from hookpoints.analyses.intervention_sweep import SweepSpec, plan_sweep, run_sweep
+    from hookpoints.store.run_marks import RunMarks
+
+    store, model_dir = swept
+    spec = SweepSpec("marks", runs=("s2tt", "t2tt"), tasks=("t2tt",), ks=(5,), languages=("de", "ja"),
+                     max_new_tokens=4, model=str(model_dir))  # fmt: skip
+    cells = plan_sweep(store, spec, lambda model, modality: load(model, modality=modality))
+    assert len(cells) == 2 and cells[0].marks.changed(store) is None  # planned from the runs as they are
+    stale = RunMarks({**cells[1].marks.events, "t2tt": cells[1].marks.events["t2tt"] - 1})  # as if t2tt moved on
+    cells[1].marks = stale
+    with pytest.raises(UserError, match=r"^run 't2tt' changed during sweep 'marks' .*: 1 of its 2 \(task, language\)"):
+        run_sweep(store, spec, cells)
+    with store.query() as session:
+        stored = session.sql("SELECT DISTINCT language FROM interventions WHERE sweep = 'marks'")["language"]
+    assert stored.to_pylist() == [cells[0].language]
