@@ -21,7 +21,7 @@ import duckdb
 from hookpoints.store import delta_read
 from hookpoints.store.location import StoreLocation, storage_error
 from hookpoints.store.names import RUN_NAME, SCHEMA_VERSION, names_run
-from hookpoints.store.runs import config_json, runs_sql, shard_states_sql
+from hookpoints.store.runs import config_json, next_event_at, runs_sql, shard_states_sql
 
 from hookpoints.errors import UserError
 
@@ -235,7 +235,7 @@ class Store:
         row = {
             "run": run,
             "status": status,
-            "event_at": _now(),
+            "event_at": next_event_at(self.dataset("run_events"), [run], _now()),
             "config": config_json(config),
             "message": message,
             "shard": None if shard is None else shard[0],

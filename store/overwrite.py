@@ -37,7 +37,7 @@ from deltalake.transaction import AddAction, RemoveAction
 from hookpoints.store import tables
 from hookpoints.store.catalog import RUN_SETTINGS, Store, _now
 from hookpoints.store.commits import app_id
-from hookpoints.store.runs import config_json
+from hookpoints.store.runs import config_json, next_event_at
 from hookpoints.store.schema import CORE_TABLES, RUN_EVENTS
 
 from hookpoints.errors import UserError
@@ -117,7 +117,7 @@ def swap(store: Store, run: str, settings: dict, config: dict) -> None:
             keys = store.run_keys(name, run)  # its own and those of analyses comparing it with others (r1+r2)
             if keys:
                 tables.delete(store.location, name, tables.any_of("run", keys))
-    now = _now()
+    now = next_event_at(store.dataset("run_events"), [run, staging], _now())  # after both runs' events
     base = {"config": config_json(config), "writer": "", "shard": None, "shards": None}
     rows = [
         {**base, "run": staging, "status": "deleted", "event_at": now, "message": f"swapped in as run {run!r}"},

@@ -16,8 +16,25 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from datetime import datetime, timedelta
 
 from hookpoints.errors import UserError
+
+
+def next_event_at(dataset, runs: list[str], now: datetime) -> datetime:
+    """The time stamp of a new event of ``runs``: ``now``, or 1 us after their latest event where that is later.
+
+    A run's state orders its events by ``event_at``, written by each machine's clock. A machine whose clock is
+    behind would log a resumed shard's ``complete`` before its own ``failed``, or a run recorded again after a
+    ``store delete`` before the delete (and so deleted). Stamping each event after the run's latest keeps the
+    order in which they were logged. ``dataset``: the ``run_events`` table (an Arrow dataset).
+    """
+    import pyarrow.compute as pc
+
+    stamps = dataset.to_table(columns=["event_at"], filter=pc.field("run").isin(runs))["event_at"]
+    latest = pc.max(stamps).as_py() if len(stamps) else None
+    return now if latest is None or latest < now else latest + timedelta(microseconds=1)
+
 
 #: Per shard: its latest status. ``{events}`` is the name of a relation with ``run_events``' columns.
 SHARD_STATES_SQL = """
