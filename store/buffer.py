@@ -150,7 +150,8 @@ class Buffer:
 
 
 #: Values :func:`finite_rows` checks per call: its two scratch arrays (48 MiB for float16) are reused, where
-#: whole-buffer temporaries (850 MB for a 512 MiB float16 flush) cost 0.2-2 s of fresh pages on one core.
+#: whole-buffer temporaries (3 bytes a value: 805 MB for a 512 MiB float16 flush, 850 MB for the writer bench's
+#: 566 MB one) cost 0.2-2 s of fresh pages on one core.
 FINITE_BLOCK = 1 << 24
 
 
