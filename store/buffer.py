@@ -176,9 +176,12 @@ def finite_rows(flat: np.ndarray, offsets: np.ndarray, *, float16: bool) -> np.n
         else:
             np.isfinite(part, out=bad[: len(part)])
             np.logical_not(bad[: len(part)], out=bad[: len(part)])
-        if bad[: len(part)].any():  # rare: map the values to their rows
-            where = start + np.flatnonzero(bad[: len(part)])
-            finite[np.searchsorted(offsets, where, side="right") - 1] = False
+        if bad[: len(part)].any():  # each row the block holds part of: is any of its values there bad?
+            first = int(np.searchsorted(offsets, start, side="right")) - 1  # the row of value `start`
+            last = int(np.searchsorted(offsets, start + len(part)))  # rows [first, last) begin in or before it
+            hit = np.logical_or.reduceat(bad[: len(part)], np.maximum(offsets[first:last], start) - start)
+            hit &= offsets[first:last] != offsets[first + 1 : last + 1]  # an empty one (reduceat read a neighbour)
+            finite[first:last] &= ~hit
     return finite
 
 
