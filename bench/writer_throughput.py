@@ -245,7 +245,7 @@ def main() -> None:
     labels = {"python": "beside Python", "torch": "beside torch ops"}
     header = [f"flush alone: {way}" for way in ways]
     for name in probes:
-        header += [f"{labels[name]}: flush {way}" for way in ways] + [f"probe's rate {way}" for way in ways]
+        header += [f"{labels[name]}: {what} {way}" for what in ("flush", "probe's rate") for way in ways]
     print("| shape | dtype | MB per flush | " + " | ".join(header) + " |")
     print("|---|---|---:|" + "---:|" * len(header))
     for shape, dtype in cases:

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from urllib.parse import quote
 
 import numpy as np
@@ -97,15 +98,7 @@ def write_files(location: StoreLocation, spec: TableSpec, data: pa.Table) -> lis
     filesystem = _filesystem(location, spec.name)
     name = f"part-{uuid.uuid4().hex}-{{i}}.zstd.parquet"  # {i}: Arrow numbers the files of a folder from 0
     slices = [table.slice(start, stop - start) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
-
-    def write(rows: pa.Table) -> None:
-        _write(filesystem, rows, name, spec.row_group_rows, keyed=bool(keys))
-
-    if len(slices) == 1:
-        write(slices[0])
-    else:
-        with ThreadPoolExecutor(calls, "hookpoints-files") as pool:
-            list(pool.map(write, slices))  # the first error is raised (after every call has ended)
+    _side_by_side(lambda rows: _write(filesystem, rows, name, spec.row_group_rows, keyed=bool(keys)), slices, calls)
     paths = [f"{folder}/{name.format(i=0)}" if folder else name.format(i=0) for folder in folders]
     infos = filesystem.get_file_info(paths)  # one call for all: sizes
     stats = _partition_stats(table, folders)
@@ -116,6 +109,37 @@ def write_files(location: StoreLocation, spec: TableSpec, data: pa.Table) -> lis
             raise RuntimeError(f"writing {spec.name} left no file at {info.path}: nothing was committed")
         actions.append(AddAction(info.path, info.size, partition, now, True, stat))
     return actions
+
+
+def _side_by_side(write: Callable[[pa.Table], None], slices: list[pa.Table], calls: int) -> None:
+    """``write`` each slice, ``calls`` at a time; the first slice's error is raised once every call has ended.
+
+    Plain threads, not a ``ThreadPoolExecutor``: a background flush still running when the main thread ends
+    (a script that never called ``finish``) runs after ``concurrent.futures``' exit hook, where an executor
+    refuses work ("cannot schedule new futures after interpreter shutdown") and the flush's rows were lost.
+    """
+    if len(slices) == 1:
+        return write(slices[0])
+    pending, lock, errors = iter(enumerate(slices)), threading.Lock(), {}
+
+    def work() -> None:
+        while True:
+            with lock:
+                item = next(pending, None)
+            if item is None:
+                return
+            try:
+                write(item[1])
+            except BaseException as error:  # noqa: BLE001 - raised in the caller's thread below
+                errors[item[0]] = error
+
+    threads = [threading.Thread(target=work, name="hookpoints-files") for _ in range(min(calls, len(slices)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[min(errors)]
 
 
 def _partitions(data: pa.Table, keys: list[str]) -> tuple[list[str], list[dict], np.ndarray]:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
+import uuid
 from urllib.parse import quote
 
 import numpy as np
@@ -206,3 +208,50 @@ def test_calls_side_by_side_keep_within_the_open_file_budget(tmp_path, monkeypat
         folder = f"run={quote(row['run'], safe='')}/hook={quote(row['hook'], safe='')}"
         expected[folder] = expected.get(folder, 0) + 1
     assert stored == expected
+
+
+def test_a_failing_call_raises_its_error_once_every_call_has_ended(tmp_path, monkeypatch):
+    """One write_dataset call of several fails: write_files raises that call's error (the first one's, where two
+    fail) after the other calls have ended, and returns no actions, so nothing is committed."""
+    monkeypatch.setattr(files, "WRITE_CALLS", 3)
+    monkeypatch.setattr(files, "PARTITIONS_PER_CALL", 6)  # 18 partitions: 9 calls of 2, 3 at a time
+    original, ended = files._write, []
+
+    def failing(filesystem, rows, *args, **kwargs):
+        folders = set(rows["__folder"].to_pylist())
+        time.sleep(0.02)
+        bad = sorted(folder for folder in folders if folder.endswith("hook=z"))
+        if bad:
+            raise OSError(f"disk full at {bad[0]}")
+        original(filesystem, rows, *args, **kwargs)
+        ended.append(folders)
+
+    monkeypatch.setattr(files, "_write", failing)
+    spec = TableSpec("t", SCHEMA, ("run", "hook"), row_group_rows=16)
+    (tmp_path / "t").mkdir()
+    folders = files._partitions(_rows(1500), ["run", "hook"])[0]  # the calls' order: 2 partitions each
+    first = next(folder for folder in folders if folder.endswith("hook=z"))  # 'z' of both runs fails
+    with pytest.raises(OSError, match=f"^disk full at {re.escape(first)}$"):
+        files.write_files(StoreLocation.parse(tmp_path), spec, _rows(1500))
+    assert not [t for t in threading.enumerate() if t.name.startswith("hookpoints-files")]
+    assert len(ended) == 7  # the calls that did not fail all ran to their end
+
+
+@pytest.mark.parametrize(("write_calls", "budget"), [(8, 512), (8, 4), (3, 7), (8, 1)])
+def test_calls_side_by_side_write_the_bytes_of_one_call_at_a_time(tmp_path, monkeypatch, write_calls, budget):
+    """Each file byte for byte (rows, order, row groups, Parquet statistics, checksums) and each action (name,
+    size, partition, Delta statistics) the same as with one write_dataset call at a time."""
+    monkeypatch.setattr(files.uuid, "uuid4", lambda: uuid.UUID(int=7))  # the same file names in both
+    spec = TableSpec("t", SCHEMA, ("run", "hook"), row_group_rows=16)
+    written = {}
+    for calls in (1, write_calls):
+        monkeypatch.setattr(files, "WRITE_CALLS", calls)
+        monkeypatch.setattr(files, "PARTITIONS_PER_CALL", budget if calls > 1 else 512)
+        (tmp_path / str(calls) / "t").mkdir(parents=True)
+        actions = files.write_files(StoreLocation.parse(tmp_path / str(calls)), spec, _rows(3000, seed=3))
+        written[calls] = {
+            a.path: ((tmp_path / str(calls) / "t" / a.path).read_bytes(), a.size, a.partition_values, a.stats)
+            for a in actions
+        }
+    assert len(written[1]) == 18
+    assert written[write_calls] == written[1]

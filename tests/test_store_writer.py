@@ -387,3 +387,49 @@ def test_deleting_a_run_that_is_being_recorded_stops_its_writer(store, committed
             for example, vector in zip(chunk.example_ids, chunk.values, strict=True):
                 np.testing.assert_array_equal(np.array(stored[hook, example, None][0], np.float32), vector)
     assert store.run_info("r").status == "complete"
+
+
+_ENDS_MID_FLUSH = """
+import json, sys, time
+import concurrent.futures.thread as executors
+import numpy as np, pyarrow as pa
+from hookpoints.store import files
+from hookpoints.store.catalog import Store
+from hookpoints.store.writer import HookRows, open_run
+
+hooks, write_files = json.loads(sys.argv[2]), files.write_files
+
+def after_the_exit_hooks(*args):  # the flush writes its files once concurrent.futures' exit hook has run
+    while not executors._shutdown:
+        time.sleep(0.01)
+    return write_files(*args)
+
+store = Store.open(sys.argv[1], create=True)
+settings = {"model": "tiny", "task": "forward", "pooling": "mean", "dtype": "float32"}
+schema = pa.schema([("example_id", pa.string())])
+writer = open_run(store, "r", settings=settings, config={}, hooks=hooks, examples_schema=schema, max_buffer_bytes=1)
+files.write_files = after_the_exit_hooks
+ids = ["a", "b"]
+rows = {hook["hook"]: HookRows(ids, np.full((2, hook["width"]), 1.5, np.float32)) for hook in hooks}
+writer.add(pa.table({"example_id": ids}), rows)  # full: its flush starts in the background
+"""  # then the script ends with the flush in flight, without finish()
+
+
+def test_a_flush_in_flight_when_the_main_thread_ends_still_commits(tmp_path):
+    """The flush's files are written by several write_dataset calls side by side; from a ThreadPoolExecutor,
+    which refuses work once the main thread has ended, so the flush of a script that ended without finish()
+    failed silently and its rows were lost (the serial writer committed them)."""
+    import subprocess
+    import sys
+
+    from hookpoints.store.catalog import Store
+
+    where = tmp_path / "store"
+    done = subprocess.run([sys.executable, "-c", _ENDS_MID_FLUSH, str(where), json.dumps(HOOKS)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    stored = Store.open(where).dataset("activations").to_table().to_pylist()
+    assert sorted((row["hook"], row["example_id"]) for row in stored) == sorted(
+        (hook["hook"], example) for hook in HOOKS for example in ["a", "b"]
+    )
+    assert all(row["activation"] == [1.5] * len(row["activation"]) for row in stored)
