@@ -68,8 +68,9 @@ def _partitions_per_call() -> int:
 
 #: Files open at once across a call's ``write_dataset`` calls (each keeps its files open until it ends).
 PARTITIONS_PER_CALL = _partitions_per_call()
-#: ``write_dataset`` calls run side by side: Arrow's I/O threads (which encode the files), 8 by default.
-WRITE_CALLS = max(1, pa.io_thread_count())
+#: ``write_dataset`` calls run side by side; None: Arrow's I/O threads at the time of the call (they encode the
+#: files; 8 by default, ``pyarrow.set_io_thread_count(n)`` to change).
+WRITE_CALLS: int | None = None
 _FOLDER = "__folder"  # the column that names each row's partition folder while writing (not stored)
 
 
@@ -91,8 +92,8 @@ def write_files(location: StoreLocation, spec: TableSpec, data: pa.Table) -> lis
     folder_of_row = pa.DictionaryArray.from_arrays(pa.array(group, pa.int32()), pa.array(folders, pa.string()))
     table = body.append_column(_FOLDER, folder_of_row)
     firsts = np.flatnonzero(np.r_[True, np.diff(group) != 0])  # [partitions] each one's first row
-    calls = max(1, min(WRITE_CALLS, len(firsts), PARTITIONS_PER_CALL))  # side by side, together at most
-    # PARTITIONS_PER_CALL files open
+    # side by side, together at most PARTITIONS_PER_CALL files open
+    calls = max(1, min(WRITE_CALLS or pa.io_thread_count(), len(firsts), PARTITIONS_PER_CALL))
     per_call = max(1, min(-(-len(firsts) // calls), PARTITIONS_PER_CALL // calls))
     bounds = [*firsts[::per_call].tolist(), len(group)]
     filesystem = _filesystem(location, spec.name)
