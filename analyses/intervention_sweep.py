@@ -46,7 +46,7 @@ from hookpoints.manifest import Manifest
 from hookpoints.model import HookedModel
 from hookpoints.record_plan import known_sources, plan_examples
 from hookpoints.recorder import BatchJob, batch_inputs
-from hookpoints.tasks import DEFAULT_TARGET, get_task
+from hookpoints.tasks import CONTINUE, DEFAULT_TARGET, get_task
 
 __all__ = ["PAPER_SEED", "Cell", "Condition", "SweepSpec", "neuron_types", "plan_sweep", "run_sweep"]
 
@@ -102,18 +102,18 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
         marks = RunMarks.read(session, {*spec.runs, *spec.stats_runs})
         for task_name in spec.tasks:
             task = get_task(task_name)
-            if not task.generates or task.target is None:  # continue: no reference to score against
-                raise UserError(
-                    f"interventions score generated text against references: use asr, s2tt or t2tt, not {task_name}"
-                    + (
-                        " (edit a continuation from Python: model.generate(texts, max_new_tokens=N, edits=...))"
-                        if task.generates
-                        else ""
-                    )
-                )
+            if not task.generates:
+                raise UserError(f"interventions score generated text: use asr, s2tt, t2tt or continue, not {task_name}")
             stats_run = stats_run_for(spec, task_name, runs)
             source = spec.model or runs[stats_run]["model"]
             model = load_model(source, task.modality)
+            if (task_name == CONTINUE) != model.continues:
+                raise UserError(
+                    f"{source} cannot {task_name}: a decoder-only LM (or Qwen2-Audio) continues its input, "
+                    "a speech-text model decodes into a target language (asr, s2tt, t2tt)"
+                    if task_name == CONTINUE
+                    else f"{source} is a decoder-only LM: it continues its input; sweep --task continue"
+                )
             manifest = sweep_manifest(spec, runs[stats_run], task.modality)
             hooks = {p.name: (p.component, p.width) for p in model.hook_points if p.unavailable is None}
             explicit = explicit_selection(list(spec.neurons), hooks) if spec.neurons else None
@@ -278,7 +278,11 @@ def run_sweep(
         prepared = []
         for examples in batches:
             inputs, targets = batch_inputs(cell.model, examples, cell.job)
-            prompt = cell.model.decoder_prompt(targets, task=cell.job.task, sources=known_sources(examples))
+            prompt = (
+                None
+                if cell.model.continues
+                else cell.model.decoder_prompt(targets, task=cell.job.task, sources=known_sources(examples))
+            )
             prepared.append((examples, inputs, prompt))
         rows, scores, neurons = [], [], []
         for condition in cell.conditions:
@@ -289,6 +293,8 @@ def run_sweep(
                 lengths += generation.lengths.tolist()
                 if on_generations:
                     on_generations(examples.num_rows)
+            if cell.task == CONTINUE and condition.fields["condition"] == "none":
+                cell.references = texts  # the unedited continuation (none, run first): every condition's reference
             for example_id, reference, text, length in zip(
                 cell.examples["example_id"].to_pylist(), cell.references, texts, lengths, strict=True
             ):

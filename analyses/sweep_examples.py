@@ -15,6 +15,7 @@ from hookpoints.analyses.sweep_spec import SweepSpec
 from hookpoints.errors import UserError
 from hookpoints.languages import model_code
 from hookpoints.manifest import Manifest, read_data
+from hookpoints.tasks import CONTINUE
 
 
 def stats_run_for(spec: SweepSpec, task: str, runs: dict[str, dict]) -> str:
@@ -61,7 +62,12 @@ def examples_by_language(spec: SweepSpec, manifest: Manifest, task: str, target:
 
 def reference_texts(spec: SweepSpec, table: pa.Table, examples: pa.Table, task: str, target: str | None) -> list[str]:
     """ASR: each example's own text; translation: ``--reference-column``, else the target-language example
-    with the same ``--pair-column`` value (the corpus' and FLEURS' ``semantic_id``)."""
+    with the same ``--pair-column`` value (the corpus' and FLEURS' ``semantic_id``); continue: none yet (the
+    sweep's unedited continuation, generated first, is the reference of every condition)."""
+    if task == CONTINUE:
+        if spec.reference_column:
+            raise UserError("a continuation is scored against the unedited continuation: leave out --reference-column")
+        return []
     ids = examples["example_id"].to_pylist()
     if spec.reference_column:
         if spec.reference_column not in examples.column_names:

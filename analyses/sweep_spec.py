@@ -69,7 +69,7 @@ def check_spec(spec: SweepSpec) -> None:
     """A one-line UserError for the first option that cannot work (before anything is loaded or written)."""
     check_name(spec.sweep, "sweep name (--sweep)")  # it said 'label set name', naming no option given
     if not spec.tasks:
-        raise UserError("give at least one --task (asr, s2tt, t2tt)")
+        raise UserError("give at least one --task (asr, s2tt, t2tt, continue)")
     for neuron_type in neuron_types(spec):
         if neuron_type not in NEURON_TYPES:
             raise UserError(f"--type must be one of {', '.join(NEURON_TYPES)}, not {neuron_type!r}")

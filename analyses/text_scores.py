@@ -24,6 +24,8 @@ from hookpoints.errors import UserError
 CHARACTER_LANGUAGES = frozenset({"zh", "ja", "cmn", "cmn_Hant", "jpn", "yue", "zho", "th", "tha"})
 BLEU_WEIGHT, CHRF_WEIGHT = 0.6, 0.4
 TRANSLATION_TASKS = ("s2tt", "t2tt")
+#: Scored like translation, against the unedited continuation (the intervention sweep's ``none`` condition).
+CONTINUATION_TASKS = ("continue",)
 RECOGNITION_TASKS = ("asr",)
 
 
@@ -83,8 +85,12 @@ def corpus_scores(task: str, references: list[str], hypotheses: list[str], targe
         metric = error_metric(target)
         rate = error_rate(references, hypotheses, metric)
         return {"metric": metric, "score": rate, "error_rate": rate, "bleu": None, "chrf": None}
-    if task in TRANSLATION_TASKS:
-        bleu = BLEU(tokenize=bleu_tokenizer(target)).corpus_score(hypotheses, [references]).score
+    if task in TRANSLATION_TASKS or task in CONTINUATION_TASKS:
+        # a continuation of a few tokens may have no 4-gram: BLEU's orders with nothing to count are left out
+        # (as sentence BLEU does), so an unchanged continuation scores 100, not 0
+        effective = task in CONTINUATION_TASKS
+        bleu = BLEU(tokenize=bleu_tokenizer(target), effective_order=effective).corpus_score(hypotheses, [references])
+        bleu = bleu.score
         chrf = CHRF().corpus_score(hypotheses, [references]).score
         return {
             "metric": "combined",
@@ -93,7 +99,7 @@ def corpus_scores(task: str, references: list[str], hypotheses: list[str], targe
             "bleu": bleu,
             "chrf": chrf,
         }
-    raise UserError(f"task {task!r} has no score: scores exist for asr, s2tt and t2tt")
+    raise UserError(f"task {task!r} has no score: scores exist for asr, s2tt, t2tt and continue")
 
 
 def sentence_scores(task: str, reference: str, hypothesis: str, target: str) -> dict[str, float | None]:

@@ -17,7 +17,7 @@ from hookpoints.cli.placement_options import load_options, placement_options
 @click.command("intervene")
 @click.option("--store", "store_path", required=True, help="Store folder or s3:// URI.")
 @click.option("--run", "runs", multiple=True, required=True, help="The runs the neurons were ranked over (repeatable).")
-@click.option("--task", "tasks", multiple=True, required=True, type=click.Choice(["asr", "s2tt", "t2tt"]))
+@click.option("--task", "tasks", multiple=True, required=True, type=click.Choice(["asr", "s2tt", "t2tt", "continue"]))
 @click.option(
     "--type", "neuron_types", multiple=True, type=click.Choice([t for t in NEURON_TYPES if t != "none"]),
     help="Neuron types to replace (repeatable; default: unimodal random, or random beside --label-set/--neurons).",

@@ -31,12 +31,15 @@ class Task:
     step_space: str = "decoder"
 
 
+#: The task of a decoder-only LM's continuation (its name, where code tests for it).
+CONTINUE = "continue"
+
 TASKS = {
     "forward": Task("forward", None, False, None),
     "asr": Task("asr", "speech", True, "source"),
     "s2tt": Task("s2tt", "speech", True, "given"),
     "t2tt": Task("t2tt", "text", True, "given", needs_source_language=True),
-    "continue": Task("continue", None, True, None, step_space="input"),
+    CONTINUE: Task(CONTINUE, None, True, None, step_space="input"),
 }
 DEFAULT_TARGET = "eng"
 

@@ -13,7 +13,6 @@ import json
 
 import pytest
 import torch
-from hookpoints.analyses.intervention_sweep import SweepSpec, plan_sweep
 from hookpoints.store.catalog import Store
 from test_transformerlens_names import transformerlens_model
 
@@ -212,10 +211,7 @@ def test_record_continue_stores_text_and_steps_equal_to_transformerlens(run_cli,
         want = cache[name][0, len(prompt) - 1 + row["position"]]
         torch.testing.assert_close(torch.tensor(row["activation"]), want, atol=5e-5, rtol=5e-5)
 
-    # the intervention sweep scores against references, which a continuation has none of: one line, from Python too
-    spec = SweepSpec("sw", runs=("c",), tasks=("continue",), ks=(2,), limit=2)
-    with pytest.raises(UserError, match=r"use asr, s2tt or t2tt, not continue \(edit a continuation from Python"):
-        plan_sweep(Store.open(store), spec, lambda source, modality: load(source))
+    # intervention sweeps of a continuation: tests/test_intervene_continue.py
 
 
 def test_max_bytes_counts_a_continuations_steps_not_its_text(run_cli, folders, tmp_path):
