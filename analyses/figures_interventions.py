@@ -16,7 +16,12 @@ from hookpoints.analyses.figures import safe, save, subplots
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator, ScalarFormatter
 
-TASK_TITLES = {"asr": "ASR", "s2tt": "Speech-to-text translation", "t2tt": "Text-to-text translation"}
+TASK_TITLES = {
+    "asr": "ASR",
+    "s2tt": "Speech-to-text translation",
+    "t2tt": "Text-to-text translation",
+    "continue": "Continuation (vs unedited)",
+}
 METRIC_LABELS = {"combined": "0.6 BLEU + 0.4 chrF", "wer": "WER", "cer": "CER", "cer/wer": "WER / CER"}
 
 

@@ -91,9 +91,10 @@ def test_the_cli_sweeps_a_continuation_and_refuses_the_wrong_task_in_one_line(lm
     store, model_dir, _ = lm_store
     base = ["intervene", "--store", str(store.location.uri), "--run", "lm", "--k", "16", "--language", "de",
             "--limit", "2", "--max-new-tokens", "4", "--model", str(model_dir)]  # fmt: skip
-    code, out, err = run_cli(*base, "--task", "continue", "--sweep", "c2")
+    code, out, err = run_cli(*base, "--task", "continue", "--sweep", "c2", "--plots", str(tmp_path / "plots"))
     assert code == 0, err
     assert "intervention scores (c2)" in " ".join(out.split())
+    assert (tmp_path / "plots" / "interventions-c2.png").stat().st_size > 0
     code, _, err = run_cli(*base, "--task", "t2tt", "--sweep", "c3")
     assert code != 0 and "is a decoder-only LM: it continues its input; sweep --task continue" in err
     assert "Traceback" not in err
