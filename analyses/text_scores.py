@@ -89,6 +89,8 @@ def corpus_scores(task: str, references: list[str], hypotheses: list[str], targe
         # a continuation of a few tokens may have no 4-gram: BLEU's orders with nothing to count are left out
         # (as sentence BLEU does), so an unchanged continuation scores 100, not 0
         effective = task in CONTINUATION_TASKS
+        if effective and not any(references) and not any(hypotheses):  # every continuation empty, unchanged
+            return _unchanged()
         bleu = BLEU(tokenize=bleu_tokenizer(target), effective_order=effective).corpus_score(hypotheses, [references])
         bleu = bleu.score
         chrf = CHRF().corpus_score(hypotheses, [references]).score
@@ -110,9 +112,17 @@ def sentence_scores(task: str, reference: str, hypothesis: str, target: str) -> 
             return {"metric": metric, "score": None, "error_rate": None, "bleu": None, "chrf": None}
         rate = error_rate([reference], [hypothesis], metric)
         return {"metric": metric, "score": rate, "error_rate": rate, "bleu": None, "chrf": None}
+    if task in CONTINUATION_TASKS and not reference and not hypothesis:  # sacrebleu: 0 for nothing vs nothing
+        return _unchanged()
     bleu = BLEU(tokenize=bleu_tokenizer(target), effective_order=True).sentence_score(hypothesis, [reference]).score
     chrf = CHRF().sentence_score(hypothesis, [reference]).score
     return {"metric": "combined", "score": combined_score(bleu, chrf), "error_rate": None, "bleu": bleu, "chrf": chrf}
+
+
+def _unchanged() -> dict[str, float | None]:
+    """A continuation left empty by the edit as it was unedited (EOS first): unchanged, so 100, where sacrebleu
+    scores an empty text against an empty reference 0 (each example's row; a cell of only such examples)."""
+    return {"metric": "combined", "score": 100.0, "error_rate": None, "bleu": 100.0, "chrf": 100.0}
 
 
 def _base(language: str) -> str:

@@ -111,3 +111,24 @@ def test_a_speech_text_model_cannot_sweep_a_continuation(tiny_model_dir, tmp_pat
     spec = _spec("c5", seamless)
     with pytest.raises(UserError, match="cannot continue: a decoder-only LM"):
         plan_sweep(store, spec, lambda model, modality: load(model, modality="text"))
+
+
+def test_an_empty_continuation_left_empty_by_the_edit_scores_unchanged():
+    """An LM that ends a text at once (EOS first) continues it with '': an edit that leaves it so changed nothing
+    (100), where sacrebleu scores '' against '' 0; a non-empty text against it, and mixed corpora, are sacrebleu's."""
+    from hookpoints.analyses.text_scores import corpus_scores, sentence_scores
+
+    def sacre(hyps, refs):
+        bleu = BLEU(tokenize="13a", effective_order=True).corpus_score(hyps, [refs]).score
+        return 0.6 * bleu + 0.4 * CHRF().corpus_score(hyps, [refs]).score
+
+    assert sacre([""], [""]) == 0.0  # what the scores were
+    assert sentence_scores("continue", "", "", "deu")["score"] == 100.0
+    assert corpus_scores("continue", ["", ""], ["", ""], "deu")["score"] == 100.0
+    assert corpus_scores("continue", ["", ""], ["", "und"], "deu")["score"] == pytest.approx(
+        sacre(["", "und"], ["", ""])
+    )
+    assert sentence_scores("continue", "", "und", "deu")["score"] == pytest.approx(sacre(["und"], [""]))
+    mixed = (["der die das", ""], ["der die das", ""])
+    assert corpus_scores("continue", *mixed, "deu")["score"] == pytest.approx(sacre(*mixed))
+    assert sentence_scores("t2tt", "", "", "deu")["score"] == 0.0  # translation: a real reference, unchanged rules
