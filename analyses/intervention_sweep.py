@@ -268,6 +268,7 @@ def run_sweep(
     for table in TABLES:
         store.ensure_table(table)
     if spec.if_exists == "overwrite":
+        _check_runs(store, spec, cells, 0)  # before the sweep's stored rows go: a run changed since planning
         for table in TABLES:
             if tables.exists(store.location, table.name):
                 tables.delete(store.location, table.name, f"sweep = {sql_string(spec.sweep)}")
@@ -312,18 +313,24 @@ def run_sweep(
             corpus = corpus_scores(cell.task, cell.references, texts, cell.target)
             scores.append({**condition.fields, "n_generations": len(texts), **_score_fields(corpus), "created_at": now})
             neurons += _neuron_rows(condition)
-        changed = cell.marks.changed(store) if cell.marks is not None else None  # the medians came from the
-        if changed is not None:  # runs as they were when the sweep was planned
-            raise UserError(
-                f"run {changed!r} changed during sweep {spec.sweep!r} (a teammate overwrote, deleted or resumed it): "
-                f"{done} of its {len(cells)} (task, language) cells were stored, computed from the run as it was; "
-                "nothing more was written. Run the sweep again with --overwrite"
-            )
+        _check_runs(store, spec, [cell], done, len(cells))  # the medians came from the runs as planned
         store.append(INTERVENTIONS, pa.Table.from_pylist(rows, INTERVENTIONS.schema))
         store.append(INTERVENTION_NEURONS, pa.Table.from_pylist(neurons, INTERVENTION_NEURONS.schema))
         store.append(INTERVENTION_SCORES, pa.Table.from_pylist(scores, INTERVENTION_SCORES.schema))
         all_scores += scores
     return pa.Table.from_pylist(all_scores, INTERVENTION_SCORES.schema)
+
+
+def _check_runs(store: Store, spec: SweepSpec, cells: list[Cell], done: int, total: int | None = None) -> None:
+    """A UserError if a run of ``cells`` changed since the sweep was planned (``done`` cells stored so far)."""
+    marks = {id(cell.marks): cell.marks for cell in cells if cell.marks is not None}
+    changed = next((run for mark in marks.values() if (run := mark.changed(store)) is not None), None)
+    if changed is not None:
+        raise UserError(
+            f"run {changed!r} changed during sweep {spec.sweep!r} (a teammate overwrote, deleted or resumed it): "
+            f"{done} of its {total or len(cells)} (task, language) cells were stored, computed from the run as it "
+            "was; nothing more was written. Run the sweep again with --overwrite"
+        )
 
 
 def _score_fields(scores: dict) -> dict:

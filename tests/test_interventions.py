@@ -412,3 +412,30 @@ def test_a_sweep_stops_before_a_cell_once_its_runs_changed(swept):
     with store.query() as session:
         stored = session.sql("SELECT DISTINCT language FROM interventions WHERE sweep = 'marks'")["language"]
     assert stored.to_pylist() == [cells[0].language]
+
+
+def test_an_overwrite_of_a_sweep_whose_runs_changed_since_planning_deletes_nothing(swept):
+    """--overwrite deletes the sweep's stored rows before its first cell: a run changed between planning and
+    that delete is refused first, so the sweep's earlier rows stay (they had been deleted and nothing stored)."""
+    from hookpoints.analyses.intervention_sweep import SweepSpec, plan_sweep, run_sweep
+    from hookpoints.store.run_marks import RunMarks
+
+    store, model_dir = swept
+    options = {"runs": ("s2tt", "t2tt"), "tasks": ("t2tt",), "ks": (5,), "languages": ("de",), "max_new_tokens": 4}
+    spec = SweepSpec("kept", model=str(model_dir), **options)
+    run_sweep(store, spec, plan_sweep(store, spec, lambda model, modality: load(model, modality=modality)))
+
+    def stored() -> list[dict]:
+        with store.query() as session:
+            return session.sql("SELECT * FROM interventions WHERE sweep = 'kept' ORDER BY condition").to_pylist()
+
+    before = stored()
+    assert before
+    again = SweepSpec("kept", model=str(model_dir), if_exists="overwrite", **options)
+    cells = plan_sweep(store, again, lambda model, modality: load(model, modality=modality))
+    stale = RunMarks({**cells[0].marks.events, "s2tt": cells[0].marks.events["s2tt"] - 1})  # as if s2tt moved on
+    for cell in cells:
+        cell.marks = stale
+    with pytest.raises(UserError, match=r"^run 's2tt' changed during sweep 'kept' .*: 0 of its 1 \(task, language\)"):
+        run_sweep(store, again, cells)
+    assert stored() == before
