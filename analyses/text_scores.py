@@ -89,7 +89,7 @@ def corpus_scores(task: str, references: list[str], hypotheses: list[str], targe
         # a continuation of a few tokens may have no 4-gram: BLEU's orders with nothing to count are left out
         # (as sentence BLEU does), so an unchanged continuation scores 100, not 0
         effective = task in CONTINUATION_TASKS
-        if effective and not any(references) and not any(hypotheses):  # every continuation empty, unchanged
+        if effective and hypotheses == references and not any(r.strip() for r in references):  # all blank, kept
             return _unchanged()
         bleu = BLEU(tokenize=bleu_tokenizer(target), effective_order=effective).corpus_score(hypotheses, [references])
         bleu = bleu.score
@@ -112,7 +112,7 @@ def sentence_scores(task: str, reference: str, hypothesis: str, target: str) -> 
             return {"metric": metric, "score": None, "error_rate": None, "bleu": None, "chrf": None}
         rate = error_rate([reference], [hypothesis], metric)
         return {"metric": metric, "score": rate, "error_rate": rate, "bleu": None, "chrf": None}
-    if task in CONTINUATION_TASKS and not reference and not hypothesis:  # sacrebleu: 0 for nothing vs nothing
+    if task in CONTINUATION_TASKS and hypothesis == reference and not reference.strip():  # sacrebleu: 0 for it
         return _unchanged()
     bleu = BLEU(tokenize=bleu_tokenizer(target), effective_order=True).sentence_score(hypothesis, [reference]).score
     chrf = CHRF().sentence_score(hypothesis, [reference]).score
@@ -120,8 +120,8 @@ def sentence_scores(task: str, reference: str, hypothesis: str, target: str) -> 
 
 
 def _unchanged() -> dict[str, float | None]:
-    """A continuation left empty by the edit as it was unedited (EOS first): unchanged, so 100, where sacrebleu
-    scores an empty text against an empty reference 0 (each example's row; a cell of only such examples)."""
+    """A continuation left empty (EOS first) or blank ('\\n\\n') by the edit as it was unedited: unchanged, so 100,
+    where sacrebleu, with no token to count, scores it 0 (each example's row; a cell of only such examples)."""
     return {"metric": "combined", "score": 100.0, "error_rate": None, "bleu": 100.0, "chrf": 100.0}
 
 

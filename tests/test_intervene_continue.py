@@ -125,6 +125,10 @@ def test_an_empty_continuation_left_empty_by_the_edit_scores_unchanged():
     assert sacre([""], [""]) == 0.0  # what the scores were
     assert sentence_scores("continue", "", "", "deu")["score"] == 100.0
     assert corpus_scores("continue", ["", ""], ["", ""], "deu")["score"] == 100.0
+    assert sacre(["\n\n"], ["\n\n"]) == 0.0  # GPT-2's paragraph break, unchanged
+    assert sentence_scores("continue", "\n\n", "\n\n", "deu")["score"] == 100.0
+    assert corpus_scores("continue", ["\n\n", ""], ["\n\n", ""], "deu")["score"] == 100.0
+    assert corpus_scores("continue", ["\n", ""], ["\n\n", ""], "deu")["score"] == sacre(["\n\n", ""], ["\n", ""])
     assert corpus_scores("continue", ["", ""], ["", "und"], "deu")["score"] == pytest.approx(
         sacre(["", "und"], ["", ""])
     )
