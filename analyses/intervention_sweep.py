@@ -106,7 +106,9 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
                 raise UserError(f"interventions score generated text: use asr, s2tt, t2tt or continue, not {task_name}")
             stats_run = stats_run_for(spec, task_name, runs)
             source = spec.model or runs[stats_run]["model"]
-            model = load_model(source, task.modality)
+            # continue: the modality the stats run was recorded in (Qwen2-Audio continues speech or text)
+            modality = task.modality or _run_modality(runs[stats_run])
+            model = load_model(source, modality)
             if (task_name == CONTINUE) != model.continues:
                 raise UserError(
                     f"{source} cannot {task_name}: a decoder-only LM (or Qwen2-Audio) continues its input, "
@@ -114,7 +116,7 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
                     if task_name == CONTINUE
                     else f"{source} is a decoder-only LM: it continues its input; sweep --task continue"
                 )
-            manifest = sweep_manifest(spec, runs[stats_run], task.modality)
+            manifest = sweep_manifest(spec, runs[stats_run], modality)
             hooks = {p.name: (p.component, p.width) for p in model.hook_points if p.unavailable is None}
             explicit = explicit_selection(list(spec.neurons), hooks) if spec.neurons else None
             tgt = model_code(spec.tgt_lang or DEFAULT_TARGET) if task.target == "given" else None
@@ -134,7 +136,7 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
                     "language": language,
                     "tgt_lang": target,
                 }
-                conditions = _conditions(session, spec, ranking, common, task.modality, language, explicit)
+                conditions = _conditions(session, spec, ranking, common, modality, language, explicit)
                 for condition in conditions:
                     condition.edits = _edits(model, condition)
                 job = BatchJob(
@@ -143,6 +145,13 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
                 )  # fmt: skip
                 cells.append(Cell(task_name, language, target, examples, references, model, job, conditions, marks))
     return cells
+
+
+def _run_modality(run: dict) -> str | None:
+    """The modality a run was recorded in (its config's ``modality``), or None where it does not say."""
+    import json
+
+    return json.loads(run["config"] or "{}").get("modality")
 
 
 def _where(where: str | None, language: str) -> str | None:

@@ -136,3 +136,43 @@ def test_an_empty_continuation_left_empty_by_the_edit_scores_unchanged():
     mixed = (["der die das", ""], ["der die das", ""])
     assert corpus_scores("continue", *mixed, "deu")["score"] == pytest.approx(sacre(*mixed))
     assert sentence_scores("t2tt", "", "", "deu")["score"] == 0.0  # translation: a real reference, unchanged rules
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2_audio"])
+def test_a_continuation_sweep_continues_in_the_modality_its_run_was_recorded_in(
+    family, tiny_model_dir, corpus, tmp_path
+):
+    """The bundled corpus (a ``modality`` column): an LM ranked on its texts wrote unimodal/text/{language}, a
+    Qwen2-Audio ranked on its speech unimodal/speech/{language}. The sweep looked up unimodal/{language} (and
+    continued Qwen2-Audio's transcripts, not its speech): refused with '--label-set ... matches no label set'.
+    Now each continues as its run did; checked against the model's own generate on the texts / waves."""
+    from hookpoints.audio import load_audio
+    from hookpoints.manifest import read_manifest
+    from hookpoints.tiny import build_tiny
+
+    speech = family == "qwen2_audio"
+    folder = build_tiny(family, tmp_path / "m", sizes={"initializer_range": 0.3}) if speech else tiny_model_dir(family)
+    path, modality = (corpus.speech, "speech") if speech else (corpus.text, "text")
+    store = Store.open(tmp_path / "store", create=True)
+    manifest = read_manifest(path, required=("audio",) if speech else ("text",))
+    model = load(folder, modality=modality)
+    record(model, manifest, store, "r", hooks=["blocks.*.mlp.hook_post"], task="continue", max_new_tokens=3)
+    write_scores(store, rank(store, plan_ranking(store, ["r"], presets=["unimodal"], ks=(8,))))
+    spec = SweepSpec("s", runs=("r",), tasks=("continue",), ks=(8,), languages=("de",), max_new_tokens=4,
+                     model=str(folder), kind="constant", value=8.0)  # fmt: skip
+    (cell,) = plan_sweep(store, spec, lambda source, modality: load(source, modality=modality))
+    run_sweep(store, spec, [cell])
+    assert cell.conditions[1].fields["label_set"] == f"unimodal/{modality}/de"
+    if speech:
+        ids = cell.examples["example_id"].to_pylist()
+        inputs = [
+            load_audio(manifest.base / a, i) for a, i in zip(cell.examples["audio"].to_pylist(), ids, strict=True)
+        ]
+    else:
+        inputs = cell.examples["text"].to_pylist()
+    with store.query() as session:
+        rows = session.sql("SELECT condition, generated_text FROM interventions WHERE sweep = 's' ORDER BY example_id")
+    for condition in cell.conditions:
+        expected = model.decode(model.generate(inputs, max_new_tokens=4, edits=condition.edits or None))
+        stored = [r["generated_text"] for r in rows.to_pylist() if r["condition"] == condition.fields["condition"]]
+        assert stored == expected
