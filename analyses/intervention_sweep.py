@@ -274,6 +274,12 @@ def run_sweep(
     >>> scores = run_sweep(store, spec, plan_sweep(store, spec, load_model))
     >>> figure5(scores, "sw1")
     """
+    for cell in cells:  # continue: the none condition's continuation is the reference of those after it
+        if cell.task == CONTINUE and (not cell.conditions or cell.conditions[0].fields["condition"] != "none"):
+            raise UserError(
+                f"the continuation cell of {cell.language!r} does not start with the none condition, whose unedited "
+                "continuation is every condition's reference: keep plan_sweep's conditions in their order"
+            )
     for table in TABLES:
         store.ensure_table(table)
     if spec.if_exists == "overwrite":

@@ -176,3 +176,17 @@ def test_a_continuation_sweep_continues_in_the_modality_its_run_was_recorded_in(
         expected = model.decode(model.generate(inputs, max_new_tokens=4, edits=condition.edits or None))
         stored = [r["generated_text"] for r in rows.to_pylist() if r["condition"] == condition.fields["condition"]]
         assert stored == expected
+
+
+def test_a_continuation_cell_without_its_none_condition_first_is_refused_before_anything_is_written(lm_store):
+    """The none condition's continuation is every condition's reference: a cell whose conditions were filtered
+    or reordered (Python API) had no references for the first ones, a zip() traceback after generating."""
+    store, model_dir, _ = lm_store
+    spec = _spec("c6", model_dir)
+    cells = plan_sweep(store, spec, lambda model, modality: load(model, modality=modality))
+    cells[1].conditions = cells[1].conditions[1:]
+    with pytest.raises(UserError, match=r"^the continuation cell of 'fr' does not start with the none condition"):
+        run_sweep(store, spec, cells)
+    if "interventions" in store.table_names():  # (not made yet when this test runs alone)
+        with store.query() as session:
+            assert session.sql("SELECT count(*) AS n FROM interventions WHERE sweep = 'c6'")["n"][0].as_py() == 0
