@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from hookpoints.analyses.arguments import as_store
-from hookpoints.analyses.examples import run_key, run_settings
+from hookpoints.analyses.examples import recorded_modalities, run_key, run_settings
 from hookpoints.analyses.intervention_tables import INTERVENTION_NEURONS, INTERVENTION_SCORES, INTERVENTIONS, TABLES
 from hookpoints.analyses.interventions import (
     Selection,
@@ -107,7 +107,7 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
             stats_run = stats_run_for(spec, task_name, runs)
             source = spec.model or runs[stats_run]["model"]
             # continue: the modality the stats run was recorded in (Qwen2-Audio continues speech or text)
-            modality = task.modality or _run_modality(runs[stats_run])
+            modality = task.modality or recorded_modalities(session, [stats_run])[stats_run]
             model = load_model(source, modality)
             if (task_name == CONTINUE) != model.continues:
                 raise UserError(
@@ -145,13 +145,6 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
                 )  # fmt: skip
                 cells.append(Cell(task_name, language, target, examples, references, model, job, conditions, marks))
     return cells
-
-
-def _run_modality(run: dict) -> str | None:
-    """The modality a run was recorded in (its config's ``modality``), or None where it does not say."""
-    import json
-
-    return json.loads(run["config"] or "{}").get("modality")
 
 
 def _where(where: str | None, language: str) -> str | None:

@@ -271,11 +271,8 @@ class RunWriter:
             or now - (self._filled_since or now) >= self.max_buffer_seconds
         )
         if full and self._committer is not None:
-            waiting = time.perf_counter()
-            try:
+            with self._waiting():
                 self._settle(block=True)  # the producer waits only while the previous flush still runs
-            finally:
-                self.stats.waited_seconds += time.perf_counter() - waiting
         self._buffer.add(examples, {hook: rows[hook] for hook in self.hooks})
         self._buffered_ids.update(ids)
         if not full:
@@ -291,8 +288,7 @@ class RunWriter:
     def flush(self) -> None:
         """Commit the buffer now and wait for it (after any flush in flight): examples first, then all hooks'
         activations in one commit. On an error the rows stay buffered, so a later flush commits them."""
-        waiting = time.perf_counter()
-        try:
+        with self._waiting():
             self._settle(block=True)
             buffer, self._buffer = self._buffer, Buffer()
             self._filled_since = None
@@ -304,8 +300,6 @@ class RunWriter:
                     self.fenced = True
                 raise
             self._committed(buffer)
-        finally:
-            self.stats.waited_seconds += time.perf_counter() - waiting
 
     def finish(self, status: str = "complete", message: str = "") -> None:
         """Flush what is buffered and log the shard's new status (complete, or failed with a message).
@@ -370,6 +364,15 @@ class RunWriter:
         self.stats.flushes += 1  # (one flush at a time: the flush thread or, without one, the caller)
         self.stats.bytes += buffer.nbytes
         self.stats.flush_seconds += time.perf_counter() - started
+
+    @contextmanager
+    def _waiting(self):
+        """Count the time inside as the producer blocked on the store (``stats.waited_seconds``)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stats.waited_seconds += time.perf_counter() - started
 
     def _committed(self, buffer: Buffer) -> None:
         self.done.update(buffer.ids)
