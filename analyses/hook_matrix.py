@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 from hookpoints.analyses.arguments import name_list
 from hookpoints.analyses.examples import ExampleSet
 from hookpoints.analyses.hooks import StoredHook, run_hooks, select_hooks
+from hookpoints.store import vectors
 from hookpoints.store.catalog import Store
 from hookpoints.store.query import QuerySession
 
@@ -168,9 +168,11 @@ class HookMatrixReader:
     def _batches(self, run: str, hook: StoredHook, *, positions: bool = False) -> Iterator[tuple]:
         """(row of each vector in the run's examples or -1, ``[rows, width]`` vectors) per Arrow batch; with
         ``positions``, also each vector's position (generation step)."""
-        column = "activation_f16" if self.examples.group.dtypes[run] == "float16" else "activation"
+        half = self.examples.group.dtypes[run] == "float16"
+        wanted = ("activation_f16", "activation_f16_bytes") if half else ("activation",)
+        columns = ["example_id", *(c for c in vectors.present(self.dataset.schema.names) if c in wanted)]
         scanner = self.dataset.scanner(
-            columns=["example_id", column, "position"] if positions else ["example_id", column],
+            columns=[*columns, "position"] if positions else columns,
             filter=(pc.field("run") == run) & (pc.field("hook") == hook.hook),
             batch_size=BATCH_ROWS,
         )
@@ -179,9 +181,9 @@ class HookMatrixReader:
                 continue
             rows = pc.index_in(batch.column(0), value_set=self._lookup[run])
             rows = pc.fill_null(rows, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-            values = row_vectors(batch.column(1), batch.num_rows, hook, run)
+            values = vectors.matrix(batch, hook.width, run=run, hook=hook.hook)  # [rows, width]
             if positions:
-                steps = batch.column(2)
+                steps = batch.column("position")
                 if steps.null_count:
                     raise UserError(f"run {run!r} mixes pooled and per-step rows at {hook.hook}: the run is damaged")
                 yield rows, values, steps.to_numpy(zero_copy_only=False).astype(np.int64)
@@ -227,32 +229,3 @@ class HookMatrixReader:
             )
         if (filled > 1).any():
             raise UserError(f"run {run!r} holds more than one vector per example at {hook.hook}: the run is damaged")
-
-
-def row_vectors(column: pa.Array, n_rows: int, hook: StoredHook, run: str) -> np.ndarray:
-    """A batch's list column as ``[rows, width]`` (float32 view without a copy; float16 bits viewed as half)."""
-    if column.null_count:
-        raise UserError(f"run {run!r} stores empty vectors at {hook.hook}: the run is damaged (record it again)")
-    check_lengths(column, hook, run)
-    values = pc.list_flatten(column)
-    if values.null_count:  # to_numpy would make them NaN, and turn float16 bit patterns into their integers
-        raise UserError(
-            f"run {run!r} stores {values.null_count} null value(s) inside its vectors at {hook.hook}: the run is "
-            "damaged; run hookpoints store verify"
-        )
-    flat = values.to_numpy(zero_copy_only=False)
-    if flat.dtype == np.int16:
-        flat = flat.view(np.float16)
-    return flat.reshape(n_rows, hook.width)
-
-
-def check_lengths(column: pa.Array, hook: StoredHook, run: str) -> None:
-    """Refuse a batch holding a vector of another length than the hook's width (a 3 and a 5 at a width-4 hook
-    would otherwise be reshaped into two wrong rows of 4)."""
-    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)  # [rows]
-    wrong = lengths != hook.width
-    if wrong.any():
-        raise UserError(
-            f"run {run!r} stores a vector of {int(lengths[wrong][0])} values at {hook.hook}, not its width "
-            f"{hook.width}: the run is damaged; run hookpoints store verify"
-        )

@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 from hookpoints.analyses import examples
-from hookpoints.analyses.hook_matrix import row_vectors
 from hookpoints.analyses.hooks import StoredHook, run_hooks, select_hooks
 from hookpoints.analyses.subsets import Subset
+from hookpoints.store import vectors
 from hookpoints.store.query import QuerySession
 
 from hookpoints.errors import UserError
@@ -69,15 +69,16 @@ def read_layer(
         FROM _activations a JOIN ({subset.sql()}) s USING (example_id)
         WHERE a.run = $run AND a.hook = $hook"""
     if settings.rows_per_example(hook.space) == "one":
-        query, reduce = f"SELECT s.row, a.activation, a.activation_f16 {source}", None
+        query, reduce = f"SELECT s.row, a.activation, a.activation_f16, a.activation_f16_bytes {source}", None
     elif pooling == "last":
         query = (
             "SELECT s.row, arg_max(a.activation, a.position) AS activation, "
-            f"arg_max(a.activation_f16, a.position) AS activation_f16 {source} GROUP BY s.row"
+            "arg_max(a.activation_f16, a.position) AS activation_f16, "
+            f"arg_max(a.activation_f16_bytes, a.position) AS activation_f16_bytes {source} GROUP BY s.row"
         )
         reduce = None
     else:
-        query, reduce = f"SELECT s.row, a.activation, a.activation_f16 {source}", pooling
+        query, reduce = f"SELECT s.row, a.activation, a.activation_f16, a.activation_f16_bytes {source}", pooling
     matrix = np.zeros((len(subset), hook.width), np.float32)  # [examples, width]
     filled = np.zeros(len(subset), np.int64)  # rows (positions) seen per example
     if reduce == "max":
@@ -105,10 +106,7 @@ def read_layer(
 
 def _vectors(batch: pa.RecordBatch, hook: StoredHook, run: str) -> np.ndarray:
     """The batch's vectors as ``[rows, width]`` float32 (a zero-copy view for float32 runs)."""
-    column = batch.column("activation")
-    if column.null_count == len(column):  # a float16 run: IEEE half bit patterns
-        column = batch.column("activation_f16")
-    return row_vectors(column, len(batch), hook, run).astype(np.float32, copy=False)
+    return vectors.matrix(batch, hook.width, run=run, hook=hook.hook).astype(np.float32, copy=False)
 
 
 def _reduce_into(matrix: np.ndarray, filled: np.ndarray, rows: np.ndarray, values: np.ndarray, how: str) -> None:

@@ -41,6 +41,7 @@ def vectors(seed: int = 0) -> pa.Table:
             pa.ListArray.from_arrays(offsets, pa.array(values.ravel())),
             pa.nulls(N, ACTIVATIONS.field("activation_f16").type),
             pa.array(np.ones(N, bool)),
+            pa.nulls(N, ACTIVATIONS.field("activation_f16_bytes").type),
         ]
         pieces.append(pa.table(columns, schema=ACTIVATIONS))
     return pa.concat_tables(pieces)

@@ -93,7 +93,7 @@ def write_read(where: str) -> dict:
 def commit_ms(store: Store, *, fenced: bool, by_uri: bool = False, commits: int = 30) -> float:
     rows = pa.Table.from_pylist(
         [{"run": "commits", "hook": f"h{i}", "example_id": "x", "position": None, "activation": [0.0] * WIDTH,
-          "activation_f16": None, "finite": True} for i in range(HOOKS)],
+          "activation_f16": None, "finite": True, "activation_f16_bytes": None} for i in range(HOOKS)],
         schema=ACTIVATIONS,
     )  # fmt: skip
     spec = CORE_TABLES["activations"]

@@ -5,11 +5,12 @@ hook point of a Seamless batch is hundreds of MB per second to encode. This time
 alone (one thread, in memory, zstd level 1, 1,024-row groups, no statistics on the vector) on the same values
 in each layout, and reads each file back:
 
-- ``list<int16>``, ``list<float32>``, BYTE_STREAM_SPLIT: what the store writes today (float16 runs keep IEEE
-  half bit patterns as int16, which Parquet stores as INT32: Delta Lake has no float16 type);
-- ``list<float16>`` (Parquet's FLOAT16 logical type): not a Delta type, so not an option for the store as is;
-- ``binary``: one blob of the vector's bytes per row (no list levels, no byte-stream split): a Delta type, but
-  DuckDB cannot turn a blob into ``FLOAT[]`` without an extension, so SQL over it would need another reader.
+- ``list<int16>``, ``list<float32>``, BYTE_STREAM_SPLIT: float32 runs (and float16 runs of stores before schema
+  version 3, IEEE half bit patterns as int16, which Parquet stores as INT32: Delta Lake has no float16 type);
+- ``list<float16>`` (Parquet's FLOAT16 logical type): not a Delta type, so not an option for the store;
+- ``binary``: one blob of the vector's bytes per row (no list levels, no byte-stream split): what float16 runs
+  store since schema version 3 (``activation_f16_bytes``); DuckDB turns no blob into ``FLOAT[]`` by itself, so
+  a query session registers a numpy function that does (store/vectors.py).
 
 Values: ``--kind random`` (normal: the worst case for compression) or ``--kind activations`` (the MLP
 activations of a random-weight GPT-2 with d_model 256, tiled; built on the fly). Run:
@@ -60,10 +61,10 @@ def layouts(data: np.ndarray) -> dict[str, tuple[pa.Table, dict]]:
         return pa.table({"v": pa.array([row.tobytes() for row in array], pa.binary())})
 
     return {
-        "float16 as list<int16>, BYTE_STREAM_SPLIT (the store today)": (lists(bits), split),
+        "float16 as list<int16>, BYTE_STREAM_SPLIT (the store before schema 3)": (lists(bits), split),
         "float16 as list<float16> (Parquet FLOAT16; no Delta type)": (lists(half), split),
-        "float16 as binary, one blob per vector": (blobs(half), plain),
-        "float32 as list<float32>, BYTE_STREAM_SPLIT (the store today)": (lists(data), split),
+        "float16 as binary, one blob per vector (the store since schema 3)": (blobs(half), plain),
+        "float32 as list<float32>, BYTE_STREAM_SPLIT (the store)": (lists(data), split),
         "float32 as binary, one blob per vector": (blobs(data), plain),
     }
 

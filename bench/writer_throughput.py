@@ -8,7 +8,9 @@ Delta, by:
   from a pool of ``--workers`` threads;
 - ``now``: this tree's (``Buffer.table``, then ``write_dataset`` calls side by side, store/files.py);
 - ``one-call`` (with ``--ways``): this tree's with one ``write_dataset`` call at a time (``WRITE_CALLS = 1``),
-  as the writer was before the calls ran side by side.
+  as the writer was before the calls ran side by side;
+- ``lists`` (with ``--ways``): this tree's writer given the table of ``--lists-base``'s buffer (float16 as
+  ``list<int16>``, the layout before schema 3's one blob per vector): the layout's cost alone.
 
 The flush runs in a thread pinned, with every thread it starts, to all cores but the first; a probe that
 stands for the recorder runs on the first core alone, so the two meet only at the GIL:
@@ -96,17 +98,17 @@ def old_store(base: str) -> dict:
     return loaded
 
 
-def buffers(widths: list[int], rows: int, dtype: str, old: dict) -> tuple:
+def buffers(widths: list[int], rows: int, dtype: str, *olds: dict) -> tuple:
     """One flush's rows, as the recorder hands them (float16 for a float16 run: cast where pooled), in this
-    tree's buffer and the base's."""
+    tree's buffer and each base's."""
     rng = np.random.default_rng(0)
     pool = {w: rng.normal(size=(rows, w)).astype(dtype) for w in set(widths)}  # [rows, width]
     ids = [f"e{i}" for i in range(rows)]
     chunks = {f"h{i:03d}": HookRows(ids, pool[w]) for i, w in enumerate(widths)}
-    now, before = Buffer(), old["buffer"].Buffer()
-    for buffer in (now, before):
+    made = [Buffer(), *(old["buffer"].Buffer() for old in olds)]
+    for buffer in made:
         buffer.add(pa.table({"example_id": ids}), chunks)
-    return now, before
+    return tuple(made)
 
 
 class Flusher:
@@ -195,7 +197,8 @@ def main() -> None:
     parser.add_argument("--flushes", type=int, default=2, help="flushes per measurement (1 beside pure Python)")
     parser.add_argument("--workers", type=int, default=2, help="the 'before' writer's file threads")
     parser.add_argument("--base", default="c455c46", help="the commit whose writer is 'before'")
-    parser.add_argument("--ways", default="before,now", help="writers to compare: before, now, one-call")
+    parser.add_argument("--ways", default="before,now", help="writers to compare: before, now, one-call, lists")
+    parser.add_argument("--lists-base", default="fd80660", help="the commit whose buffer builds 'lists' tables")
     parser.add_argument("--probes", default="python,torch", help="recorders beside the flush: python, torch")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
@@ -206,6 +209,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     old = old_store(args.base)
+    lists = old_store(args.lists_base)
     ways = tuple(args.ways.split(","))
     probes = {name: {"python": probe_python, "torch": probe_torch}[name] for name in args.probes.split(",")}
     cases = [(shape, dtype) for shape in args.shapes.split(",") for dtype in args.dtypes.split(",")]
@@ -213,10 +217,11 @@ def main() -> None:
     beside: dict = {}  # (case, probe, way) -> (flush seconds, probe rate / rate alone)
     with tempfile.TemporaryDirectory() as scratch:
         for case in cases:
-            now, before = buffers(SHAPES[case[0]], args.rows, case[1], old)
+            made = buffers(SHAPES[case[0]], args.rows, case[1], old, lists)
+            made = dict(zip(("now", "before", "lists"), made, strict=True))
             flushers = {
-                way: Flusher(way, buffer, old, set(cores[1:]), Path(scratch) / way, args.workers)
-                for way, buffer in ((way, before if way == "before" else now) for way in ways)
+                way: Flusher(way, made.get(way, made["now"]), old, set(cores[1:]), Path(scratch) / way, args.workers)
+                for way in ways
             }
             for flusher in flushers.values():
                 flusher.run(1)  # warm-up: thread pools started, pages faulted in

@@ -45,7 +45,7 @@ class Pooling(StrEnum):
 
 
 class StorageDtype(StrEnum):
-    """How vectors are stored (float16 as IEEE half bit patterns in ``activation_f16``)."""
+    """How vectors are stored (float16: each vector's IEEE halves as one blob in ``activation_f16_bytes``)."""
 
     FLOAT32 = "float32"
     FLOAT16 = "float16"

@@ -103,25 +103,29 @@ class Buffer:
         after hook, built with a few whole-buffer Arrow and numpy calls: no call per hook that gives the GIL
         back and waits to retake it (store/files.py).
 
-        float16 runs store the IEEE half bit patterns (``activation_f16``); ``finite`` is false for a row that
-        holds NaN or inf after the cast (values beyond float16's range become inf).
+        float16 runs store each vector's IEEE half values as one blob (``activation_f16_bytes``: the flush's
+        values buffer, not copied); ``finite`` is false for a row that holds NaN or inf after the cast (values
+        beyond float16's range become inf).
         """
         chunks = [(h, chunk) for h, hook in enumerate(hooks) for chunk in self.rows[hook]]
         if not chunks:
             return ACTIVATIONS.empty_table()
         counts = np.array([len(chunk.example_ids) for _, chunk in chunks], np.int64)  # [chunks]
         widths = np.array([chunk.values.shape[1] for _, chunk in chunks], np.int64)  # [chunks]
-        if int(counts @ widths) >= 2**31:
-            raise ValueError("one flush holds 2**31 values or more: lower max_buffer_bytes")
+        if int(counts @ widths) * (2 if float16 else 1) >= 2**31:  # Arrow's int32 offsets: of blob bytes, list values
+            raise ValueError("one flush holds 2 GiB of float16 or 2**31 values or more: lower max_buffer_bytes")
         values = pa.concat_arrays([_flat(chunk.values, float16) for _, chunk in chunks])  # [values] one copy
         offsets = np.zeros(int(counts.sum()) + 1, np.int32)  # [rows + 1]
         np.cumsum(np.repeat(widths, counts), out=offsets[1:])
         flat = np.frombuffer(values.buffers()[1], np.uint16 if float16 else np.float32, len(values))
         finite = finite_rows(flat, offsets, float16=float16)  # [rows]
-        vectors = pa.ListArray.from_arrays(pa.array(offsets), values)
         n = len(offsets) - 1
-        empty = pa.nulls(n, pa.list_(pa.float32() if float16 else pa.int16()))
-        f32, f16 = (empty, vectors) if float16 else (vectors, empty)
+        if float16:  # [rows] blobs of width * 2 bytes over the same buffer
+            halves = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets * 2), values.buffers()[1]])
+            f32 = pa.nulls(n, pa.list_(pa.float32()))
+        else:
+            halves = pa.nulls(n, pa.binary())
+            f32 = pa.ListArray.from_arrays(pa.array(offsets), values)  # [rows, width]
         ids: dict[int, pa.Array] = {}  # pooled rows share their batch's id list across hooks: built once
         for _, chunk in chunks:
             if id(chunk.example_ids) not in ids:
@@ -138,8 +142,9 @@ class Buffer:
             "example_id": example_ids,
             "position": positions,
             "activation": f32,
-            "activation_f16": f16,
+            "activation_f16": pa.nulls(n, pa.list_(pa.int16())),  # schema 1-2's float16 column
             "finite": pa.array(finite, pa.bool_()),
+            "activation_f16_bytes": halves,
         }
         batch = pa.record_batch(columns)
         ends = np.cumsum(np.bincount(hook_codes, minlength=len(hooks))).tolist()  # [hooks] each one's last row + 1

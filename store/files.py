@@ -190,8 +190,8 @@ def _write(filesystem: pafs.FileSystem, rows: pa.Table, name: str, row_group_row
 def _options(schema: pa.Schema) -> dict:
     """zstd level 1, page CRCs, the encodings of store/tables.py, and Parquet min/max statistics only where a
     reader can use them: the scalar columns (no reader filters on a vector's elements; computing them cost
-    3-11% of the encoding)."""
-    scalars = [field.name for field in schema if not pa.types.is_nested(field.type)]
+    3-11% of the encoding), not the float16 blobs (a vector's bytes as its min or max)."""
+    scalars = [field.name for field in schema if _has_min_max(field.type)]
     return {
         "compression": "zstd",
         "compression_level": 1,

@@ -19,6 +19,7 @@ from hookpoints.errors import UserError
 #: version -> {table: columns that version added} (the columns' types come from store/schema.py)
 ADDED_COLUMNS: dict[int, dict[str, list[str]]] = {
     2: {"run_events": ["shard", "shards", "writer"], "activations": ["finite"]},
+    3: {"activations": ["activation_f16_bytes"]},
 }
 
 

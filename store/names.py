@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 
-#: Version 2 added ``run_events.shard/shards/writer`` and ``activations.finite`` (store/migrate.py upgrades 1).
-SCHEMA_VERSION = 2
+#: Version 2 added ``run_events.shard/shards/writer`` and ``activations.finite``; version 3
+#: ``activations.activation_f16_bytes`` (store/migrate.py upgrades older stores).
+SCHEMA_VERSION = 3
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 

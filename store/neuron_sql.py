@@ -172,19 +172,20 @@ def _example_groups(session, run: str, columns: list[str], where: str) -> _Group
     return _Groups(table["example_id"], group, table.select(columns).take(pa.array(first)))
 
 
-def _batches(session, run: str, hook: str, width: int, *, vectors: bool = True):
+def _batches(session, run: str, hook: str, width: int, *, decode: bool = True):
     """The hook's rows as ``(example_id, [rows, width] float32)`` batches from the session's snapshot.
 
-    ``vectors=False``: only the example ids (``None`` for the matrix), to count rows without decoding. A vector
+    ``decode=False``: only the example ids (``None`` for the matrix), to count rows without decoding. A vector
     of another length than ``width`` is a UserError (reshaped, a 15 and a 17 would pass as two of 16).
     """
     import pyarrow.compute as pc  # 40 ms to import: only for neuron_stats, not every session
+    from hookpoints.store import vectors
 
     dataset = session.dataset("activations")
     names = set(dataset.schema.names)
-    vectors = [c for c in ("activation", "activation_f16") if c in names] if vectors else []
+    columns = vectors.present(names) if decode else []
     scan = dataset.to_batches(
-        columns=["example_id", *vectors],
+        columns=["example_id", *columns],
         filter=(pc.field("run") == run) & (pc.field("hook") == hook),
         batch_size=_BATCH_ROWS,
         **READAHEAD,
@@ -197,33 +198,14 @@ def _batches(session, run: str, hook: str, width: int, *, vectors: bool = True):
             )
         if batch.num_rows == 0:
             continue
-        if not vectors:
+        if not decode:
             yield batch.column("example_id"), None
             continue
-        column = batch.column("activation")
-        if column.null_count == batch.num_rows and "activation_f16" in vectors:
-            column, half = batch.column("activation_f16"), True
-        else:
-            half = False
-        if column.null_count:
-            raise UserError(
-                f"neuron_stats: hook {hook} of run {run!r} has rows without a vector; run hookpoints store verify"
-            )
-        flat = column.values.to_numpy(zero_copy_only=False)
-        rows = batch.num_rows
-        lengths = np.diff(column.offsets.to_numpy())  # [rows]
-        if np.any(lengths != width):
-            raise UserError(
-                f"neuron_stats: hook {hook} of run {run!r} stores a vector of {int(lengths[lengths != width][0])} "
-                f"values, not its width {width}; run hookpoints store verify"
-            )
-        if column.flatten().null_count:  # NaN in numpy, skipped by DuckDB; float16 bits would not view as half
-            raise UserError(
-                f"neuron_stats: hook {hook} of run {run!r} stores null values inside its vectors; run hookpoints "
-                "store verify"
-            )
-        x = flat[column.offsets[0].as_py() : column.offsets[rows].as_py()].reshape(rows, -1)  # [rows, width]
-        yield batch.column("example_id"), (x.view(np.float16).astype(np.float32) if half else x)
+        try:
+            x = vectors.matrix(batch, width, run=run, hook=hook)  # [rows, width]
+        except UserError as error:
+            raise UserError(f"neuron_stats: {error}") from None
+        yield batch.column("example_id"), x.astype(np.float32, copy=False)
 
 
 def _hook_stats(session, run, hook, width, groups: _Groups, spec: StatSpec, memory_bytes: int) -> dict:
@@ -234,7 +216,7 @@ def _hook_stats(session, run, hook, width, groups: _Groups, spec: StatSpec, memo
     s2 = np.zeros((n_groups, width))  # [groups, width] sum of (x - shift)^2
     low = np.full((n_groups, width), np.inf, np.float32)
     high = np.full((n_groups, width), -np.inf, np.float32)
-    for ids, x in _batches(session, run, hook, width, vectors=bool(spec.moments)):
+    for ids, x in _batches(session, run, hook, width, decode=bool(spec.moments)):
         if x is None:  # percentiles only: count the rows, the slices read the vectors
             group = _row_groups(ids, groups)
             count += np.bincount(group[group >= 0], minlength=n_groups)

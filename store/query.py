@@ -8,9 +8,11 @@ only SELECT statements: nothing run through a session can change the store or re
 
 from __future__ import annotations
 
+import atexit
 import math
 import re
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -121,7 +123,7 @@ class QuerySession:
         if words & _CATALOG or any(word.startswith(("duckdb_", "pragma_")) for word in words):
             self._define_all()
             return
-        if "f16_to_float" in words:
+        if words & {"f16_to_float", "f16_bytes_to_float"}:
             self._define_f16()
         for word in sorted(words):
             if word in _VIEWS:
@@ -152,8 +154,16 @@ class QuerySession:
         self._define_macro()
 
     def _define_f16(self) -> None:
+        """``f16_to_float`` (a macro: one int16 bit pattern, the rows of schema 1-2) and ``f16_bytes_to_float``
+        (our Python function, vectorised over Arrow arrays: a float16 blob of schema 3 as ``FLOAT[]``)."""
         if not self._f16:
+            import duckdb.sqltypes as types
+            from hookpoints.store import vectors
+
             self.con.execute(_F16_MACRO)
+            floats = duckdb.list_type(types.FLOAT)
+            self.con.create_function("f16_bytes_to_float", vectors.float_lists, [types.BLOB], floats, type="arrow")
+            _WITH_FUNCTIONS.add(self)  # closed before the interpreter ends (see _close_all)
             self._f16 = True
 
     def _define_macro(self) -> None:
@@ -183,7 +193,10 @@ class QuerySession:
         activation = "activation"
         if name == "activations" and "float16" in self.dataset("run_events").column("dtype").to_pylist():
             self._define_f16()
-            activation = "coalesce(activation, list_transform(activation_f16, lambda b: f16_to_float(b)))"
+            halves = ["list_transform(activation_f16, lambda b: f16_to_float(b))"]
+            if "activation_f16_bytes" in self.dataset("activations").schema.names:  # schema 3 (verify reads 2)
+                halves.insert(0, "f16_bytes_to_float(activation_f16_bytes)")
+            activation = f"coalesce(activation, {', '.join(halves)})"
         try:
             self.con.execute(f"CREATE VIEW {name} AS {_VIEWS[name].format(activation=activation)}")
         except duckdb.Error as error:  # a table whose columns are not the store's (a log that changed its schema)
@@ -345,6 +358,17 @@ class QuerySession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+#: Sessions that registered a Python function in DuckDB: closed at exit, since a connection still holding one
+#: when the interpreter ends makes nanobind print a page of "leaked instance" warnings.
+_WITH_FUNCTIONS: weakref.WeakSet[QuerySession] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for session in list(_WITH_FUNCTIONS):
+        session.close()
 
 
 def _first_line(error: Exception) -> str:

@@ -1,8 +1,10 @@
 """Arrow schemas of the store's tables: the contract teammates query (docs/store.md describes them).
 
-Every table is a Delta Lake table under the store's root, one folder per table. Vectors are stored as
-``list<float32>`` (Delta Lake has no fixed-size list and no float16; float16 runs store the IEEE half
-bit patterns in ``activation_f16`` as ``list<int16>`` and the DuckDB views decode them).
+Every table is a Delta Lake table under the store's root, one folder per table. float32 vectors are stored as
+``list<float32>``. Delta Lake has no float16: float16 runs store each vector's IEEE half values as one
+blob (``activation_f16_bytes``, 2 little-endian bytes a value; schema version 3), which Parquet encodes 4-5x
+faster than a list (no per-value levels; docs/benchmarks.md), and the DuckDB views decode it. Rows written
+before version 3 hold the bit patterns as ``list<int16>`` in ``activation_f16``; both are read.
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ ACTIVATIONS = pa.schema(
         ("example_id", pa.string()),
         ("position", pa.int32()),  # null when pooled; the position in its sequence when pooling is none
         ("activation", pa.list_(pa.float32())),  # [width], float32 runs
-        ("activation_f16", pa.list_(pa.int16())),  # [width], float16 runs: IEEE half bit patterns
+        ("activation_f16", pa.list_(pa.int16())),  # [width], float16 rows of schema 1-2: IEEE half bit patterns
         ("finite", pa.bool_()),  # false when the stored vector holds NaN or inf (flagged by the writer)
+        ("activation_f16_bytes", pa.binary()),  # [width * 2 bytes], float16 runs: IEEE half, little-endian
     ]
 )
 
@@ -87,4 +90,6 @@ CORE_TABLES: dict[str, TableSpec] = {
 }
 
 #: Columns the store adds to each example; a manifest may not use these names.
-RESERVED_EXAMPLE_COLUMNS = {"run", "example_id", "hook", "position", "activation", "activation_f16", "finite"}
+RESERVED_EXAMPLE_COLUMNS = {
+    *("run", "example_id", "hook", "position", "activation", "activation_f16", "finite", "activation_f16_bytes")
+}

@@ -8,8 +8,9 @@ Checks, in order:
 3. nothing else lives in the store: only Parquet files and Delta's JSON logs (no pickle or anything else
    that runs code when read), and no symbolic link in a local store (readers would follow it anywhere);
    files not in the current version are counted (vacuum removes them);
-4. activations: each vector's width is its hook's width, exactly one of ``activation``/``activation_f16``
-   is set, and no NaN or inf unless the writer flagged the row (``finite = false``);
+4. activations: each vector's width is its hook's width, exactly one of the vector columns (``activation``,
+   ``activation_f16``, ``activation_f16_bytes``) is set, and no NaN or inf unless the writer flagged the row
+   (``finite = false``);
 5. integrity: no duplicate example, hook or activation row; every activation's example and hook exist; no
    rows of deleted runs; every example of a complete run is recorded at every hook of the run.
 """
@@ -27,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from hookpoints.store import tables, verify_logs, verify_tables
+from hookpoints.store import tables, vectors, verify_logs, verify_tables
 from hookpoints.store.catalog import Store
 from hookpoints.store.schema import CORE_TABLES, SCHEMA_VERSION
 
@@ -250,29 +251,38 @@ def _check_vectors(name, path, data: pa.Table, row: dict, widths, report: Verify
     width = widths.get((run, hook))
     if width is None:
         return  # reported by the integrity check (an activation of an unknown hook)
-    f32, f16 = data["activation"], data["activation_f16"]
-    both = pc.sum(pc.and_(f32.is_valid(), f16.is_valid())).as_py() or 0
-    neither = pc.sum(pc.and_(f32.is_null(), f16.is_null())).as_py() or 0
-    if both or neither:
-        report.add("error", name, f"file {where}: {both + neither} rows do not hold exactly one activation vector")
+    held = {column: data[column] for column in vectors.present(data.column_names)}  # (older files lack newer ones)
+    count = np.zeros(data.num_rows, np.int64)  # [rows] vector columns set
+    for column in held.values():
+        count += np.asarray(column.is_valid())
+    if (count != 1).any():
+        wrong = int((count != 1).sum())
+        report.add("error", name, f"file {where}: {wrong} rows do not hold exactly one activation vector")
         return
     nonfinite_rows = np.zeros(data.num_rows, dtype=bool)
-    for column, is_bad in ((f32, _nonfinite_f32), (f16, _nonfinite_f16)):
+    for kind, column in held.items():
         set_rows = np.asarray(column.is_valid())
         if not set_rows.any():
             continue
-        present = column.combine_chunks().filter(pa.array(set_rows))
-        lengths = np.asarray(pc.list_value_length(present))
+        column = vectors.as_binary(column) if kind == "activation_f16_bytes" else column.combine_chunks()
+        present = column.filter(pa.array(set_rows))
+        if kind == "activation_f16_bytes":
+            lengths = np.asarray(pc.binary_length(present)) / 2  # bytes -> float16 values
+        else:
+            lengths = np.asarray(pc.list_value_length(present))
         wrong = int((lengths != width).sum())
         if wrong:
             report.add("error", name, f"file {where}: {wrong} vectors are not {width} wide (the width of {hook!r})")
             return
-        flat = present.flatten()
-        if flat.null_count:  # the writer never stores one (a float16 null would read as NaN bits)
-            report.add("error", name, f"file {where}: {flat.null_count} null values inside vectors of {hook!r}")
-            return
-        values = np.asarray(flat).reshape(-1, width)  # [rows, width]
-        nonfinite_rows[set_rows] = is_bad(values).any(axis=1)
+        if kind == "activation_f16_bytes":
+            values = vectors.halves(present)[0].view(np.int16).reshape(-1, width)  # [rows, width] bit patterns
+        else:
+            flat = present.flatten()
+            if flat.null_count:  # the writer never stores one (a float16 null would read as NaN bits)
+                report.add("error", name, f"file {where}: {flat.null_count} null values inside vectors of {hook!r}")
+                return
+            values = np.asarray(flat).reshape(-1, width)  # [rows, width]
+        nonfinite_rows[set_rows] = (_nonfinite_f32 if kind == "activation" else _nonfinite_f16)(values).any(axis=1)
     finite = data["finite"] if "finite" in data.column_names else pa.nulls(data.num_rows, pa.bool_())  # (v1 files)
     flagged = np.asarray(pc.fill_null(pc.invert(finite), False))  # the writer said: not finite
     unflagged = int((nonfinite_rows & ~flagged).sum())

@@ -182,7 +182,8 @@ def test_an_example_stored_twice_at_a_hook_is_refused(tmp_path):
     extra = pa.table(
         {"run": ["r"], "hook": ["text_decoder.layers.0.ffn.fc1"], "example_id": [examples["example_id"][0].as_py()],
          "position": pa.nulls(1, pa.int32()), "activation": pa.array([[50.0] * 9], pa.list_(pa.float32())),
-         "activation_f16": pa.nulls(1, pa.list_(pa.int16())), "finite": [True]},
+         "activation_f16": pa.nulls(1, pa.list_(pa.int16())), "finite": [True],
+         "activation_f16_bytes": pa.nulls(1, pa.binary())},
         schema=ACTIVATIONS,
     )  # fmt: skip
     write_deltalake(store.location.table_uri("activations"), extra, mode="append", partition_by=["run", "hook"])

@@ -23,7 +23,7 @@ import pytest
 import torch
 from deltalake import DeltaTable
 from hookpoints.store.catalog import Store
-from hookpoints.store.schema import TableSpec
+from hookpoints.store.schema import SCHEMA_VERSION, TableSpec
 from hookpoints.store.verify import verify
 from hookpoints.store.writer import HookRows, open_run
 
@@ -322,8 +322,8 @@ def test_a_table_created_by_a_process_killed_before_registering_it_is_registered
         assert found == [
             (
                 "error",
-                "schema version None, this hookpoints checks 2: its creation was interrupted (the process creating "
-                "it killed?): recording into it finishes it",
+                f"schema version None, this hookpoints checks {SCHEMA_VERSION}: its creation was interrupted (the "
+                "process creating it killed?): recording into it finishes it",
             )
         ]
     store = Store.open(where, create=True)

@@ -38,7 +38,10 @@ def version_1_store(tmp_path, gpt2_dir, manifest):
     first_four = Manifest(manifest.path, manifest.table.slice(0, 4))
     record(load(gpt2_dir), first_four, current, "r", hooks=[HOOK])
     old = tmp_path / "old"
-    dropped = ADDED_COLUMNS[2]
+    dropped = {}  # every column added after version 1
+    for added in ADDED_COLUMNS.values():
+        for table, columns in added.items():
+            dropped[table] = [*dropped.get(table, []), *columns]
     for name, spec in CORE_TABLES.items():
         data = current.dataset(name).to_table()
         if name == "run_events":
@@ -54,7 +57,7 @@ def version_1_store(tmp_path, gpt2_dir, manifest):
 def test_an_older_store_is_refused_with_the_migrate_command(version_1_store, run_cli):
     code, _, err = run_cli("sql", "--store", str(version_1_store), "SELECT * FROM runs")
     assert code == 2
-    assert "has schema version 1, older than this hookpoints' 2: run `hookpoints store migrate" in err
+    assert f"has schema version 1, older than this hookpoints' {SCHEMA_VERSION}: run `hookpoints store migrate" in err
 
 
 def test_migrate_then_everything_works_on_the_old_rows(version_1_store, run_cli, gpt2_dir, manifest):

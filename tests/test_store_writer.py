@@ -58,7 +58,10 @@ def _stored(store, run: str) -> dict:
     table = delta.to_pyarrow_dataset().to_table(filter=pc.field("run") == run)
     out = {}
     for row in table.to_pylist():
-        vector = row["activation"] if row["activation"] is not None else row["activation_f16"]
+        vector = row["activation"]
+        if row["activation_f16_bytes"] is not None:  # float16: the blob's little-endian IEEE halves, as bits
+            assert row["activation_f16"] is None
+            vector = np.frombuffer(row["activation_f16_bytes"], "<i2").tolist()
         out[row["hook"], row["example_id"], row["position"]] = (vector, row["finite"])
     return out
 
