@@ -20,9 +20,12 @@ packages=${PACKAGES:-"nnsight duckdb deltalake arro3-core Deprecated wrapt cloud
   certifi idna websocket-client"}
 grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 rm -rf .gpu && mkdir .gpu && git archive HEAD | tar -x -C .gpu
-base=$(sed -n 's/.*"--base", default="\([0-9a-f]*\)".*/\1/p' bench/writer_throughput.py)
-mkdir -p ".gpu/bench/base/$base"  # bench/writer_throughput.py's "before" writer (no .git there)
-for name in buffer files commits; do git show "$base:store/$name.py" > ".gpu/bench/base/$base/$name.py"; done
+# bench/writer_throughput.py's "before" writer and its "lists" buffer (no .git there)
+for option in base lists-base; do
+  base=$(sed -n "s/.*\"--$option\", default=\"\([0-9a-f]*\)\".*/\1/p" bench/writer_throughput.py)
+  mkdir -p ".gpu/bench/base/$base"
+  for name in buffer files commits; do git show "$base:store/$name.py" > ".gpu/bench/base/$base/$name.py"; done
+done
 work=$(mktemp -d)
 pins=()
 for name in $packages; do
