@@ -155,7 +155,17 @@ def _partitions(data: pa.Table, keys: list[str]) -> tuple[list[str], list[dict],
             column = pc.dictionary_encode(column, null_encoding="encode")
         codes.append(pc.fill_null(column.indices, -1).to_numpy().astype(np.int64))
         labels.append([None if value is None else str(value) for value in column.dictionary.to_pylist()])
-    combos, group = np.unique(np.stack(codes, axis=1), axis=0, return_inverse=True)
+    # one int64 key per row, ordered as (code of key 0, code of key 1, ...): a 1-D unique (np.unique over rows,
+    # axis=0, took 0.12 s for a Seamless flush of 184,320 rows, on the flush's serial path)
+    sizes = [len(names) + 1 for names in labels]  # codes -1 (null) .. len - 1
+    key = np.zeros(data.num_rows, np.int64)  # [rows]
+    for code, size in zip(codes, sizes, strict=True):
+        key = key * size + (code + 1)
+    unique, group = np.unique(key, return_inverse=True)
+    combos = np.zeros((len(unique), len(keys)), np.int64)  # [partitions, keys] the codes back from each key
+    for k in range(len(keys) - 1, -1, -1):
+        combos[:, k] = unique % sizes[k] - 1
+        unique = unique // sizes[k]
     values = [
         {key: None if code < 0 else labels[k][code] for k, (key, code) in enumerate(zip(keys, combo, strict=True))}
         for combo in combos.tolist()
