@@ -182,3 +182,16 @@ def test_a_session_left_open_exits_quietly(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[4.0, 4.0]"
     assert "leak" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_hook_of_width_0_verifies_and_reads_as_empty_vectors(tmp_path, dtype):
+    """Empty vectors (a hook of width 0): verify found them healthy only after a ValueError ("cannot reshape
+    array of size 0 into shape (0)": reshape(-1, 0)); SQL and neuron_stats read them as empty."""
+    store = Store.open(tmp_path / "store", create=True)
+    _write(store, "r", np.zeros((3, 0), np.float32), dtype=dtype)
+    report = verify(store)
+    assert report.ok and not [f for f in report.findings if f.level == "error"], report.findings
+    assert _sql_matrix(store, "r", "h").shape == (3, 0)
+    with store.query() as session:
+        assert session.neuron_stats("h", stats="avg").num_rows == 0
