@@ -195,3 +195,19 @@ def test_a_hook_of_width_0_verifies_and_reads_as_empty_vectors(tmp_path, dtype):
     assert _sql_matrix(store, "r", "h").shape == (3, 0)
     with store.query() as session:
         assert session.neuron_stats("h", stats="avg").num_rows == 0
+
+
+def test_a_stream_stopped_by_its_timeout_midway_says_so(tmp_path):
+    """``batches`` past its timeout after batches were already read (hookpoints sql --format parquet/arrow):
+    DuckDB's interrupt reached the caller through Arrow's stream as ``OSError: INTERRUPT Error: Interrupted!``,
+    not the one-line timeout error ``sql`` and ``rows`` give."""
+    store = Store.open(tmp_path / "store", create=True)
+    _write(store, "r", np.random.default_rng(0).normal(size=(2000, 64)).astype(np.float32))
+    query = "SELECT a.activation, r.range FROM activations a, range(10000000) r"
+    with store.query() as session:
+        read = 0
+        with pytest.raises(UserError, match=r"^the query ran past its timeout of 2 s and was stopped"):
+            for batch in session.batches(query, timeout=2):
+                read += batch.num_rows
+        assert 0 < read < 2000 * 10000000  # stopped midway
+        assert session.sql("SELECT count(*) AS n FROM activations")["n"].to_pylist() == [2000]
