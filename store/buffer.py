@@ -7,7 +7,7 @@ Example::
 
     buffer = Buffer()
     buffer.add(examples, {"h0": HookRows(["a"], np.ones((1, 4), np.float32))})
-    rows = buffer.table("r1", ["h0"], float16=True)   # run, hook, example_id, ..., activation_f16, finite
+    rows = buffer.table("r1", ["h0"], float16=True)   # run, hook, example_id, ..., finite, activation_f16_bytes
 """
 
 from __future__ import annotations
