@@ -7,7 +7,7 @@ Example::
 
     buffer = Buffer()
     buffer.add(examples, {"h0": HookRows(["a"], np.ones((1, 4), np.float32))})
-    rows = buffer.table("r1", ["h0"], float16=True)   # run, hook, example_id, ..., activation_f16, finite
+    rows = buffer.table("r1", ["h0"], float16=True)   # run, hook, example_id, ..., finite, activation_f16_bytes
 """
 
 from __future__ import annotations
@@ -112,19 +112,18 @@ class Buffer:
             return ACTIVATIONS.empty_table()
         counts = np.array([len(chunk.example_ids) for _, chunk in chunks], np.int64)  # [chunks]
         widths = np.array([chunk.values.shape[1] for _, chunk in chunks], np.int64)  # [chunks]
-        if int(counts @ widths) * (2 if float16 else 1) >= 2**31:  # Arrow's int32 offsets: of blob bytes, list values
-            raise ValueError("one flush holds 2 GiB of float16 or 2**31 values or more: lower max_buffer_bytes")
+        if int(counts @ widths) >= 2**31:  # Arrow's int32 offsets of the list values (blobs: per piece below)
+            raise ValueError("one flush holds 2**31 values or more: lower max_buffer_bytes")
         values = pa.concat_arrays([_flat(chunk.values, float16) for _, chunk in chunks])  # [values] one copy
         offsets = np.zeros(int(counts.sum()) + 1, np.int32)  # [rows + 1]
         np.cumsum(np.repeat(widths, counts), out=offsets[1:])
         flat = np.frombuffer(values.buffers()[1], np.uint16 if float16 else np.float32, len(values))
         finite = finite_rows(flat, offsets, float16=float16)  # [rows]
         n = len(offsets) - 1
-        if float16:  # [rows] blobs of width * 2 bytes over the same buffer
-            halves = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets * 2), values.buffers()[1]])
+        halves = pa.nulls(n, pa.binary())  # float16: each piece's blobs are set below
+        if float16:
             f32 = pa.nulls(n, pa.list_(pa.float32()))
         else:
-            halves = pa.nulls(n, pa.binary())
             f32 = pa.ListArray.from_arrays(pa.array(offsets), values)  # [rows, width]
         ids: dict[int, pa.Array] = {}  # pooled rows share their batch's id list across hooks: built once
         for _, chunk in chunks:
@@ -150,8 +149,19 @@ class Buffer:
         ends = np.cumsum(np.bincount(hook_codes, minlength=len(hooks))).tolist()  # [hooks] each one's last row + 1
         # one chunk per hook: Arrow's dataset writer then files each chunk whole (0.6 s instead of 0.8-1.5 s for
         # 720 Seamless hooks of 32 rows, measured)
-        bounds = zip([0, *ends[:-1]], ends, strict=True)
-        return pa.Table.from_batches([batch.slice(start, stop - start) for start, stop in bounds if stop > start])
+        bounds = [(start, stop) for start, stop in zip([0, *ends[:-1]], ends, strict=True) if stop > start]
+        if not float16:
+            return pa.Table.from_batches([batch.slice(start, stop - start) for start, stop in bounds])
+        column = batch.schema.get_field_index("activation_f16_bytes")
+        byte_ends = offsets.astype(np.int64) * 2  # [rows + 1] each vector's blob within the values buffer
+        pieces = [piece for start, stop in bounds for piece in _blob_pieces(byte_ends, start, stop)]
+        data = values.buffers()[1]
+        return pa.Table.from_batches(
+            [
+                batch.slice(a, b - a).set_column(column, "activation_f16_bytes", _blobs(data, byte_ends, a, b))
+                for a, b in pieces
+            ]
+        )
 
 
 #: Values :func:`finite_rows` checks per call: its two scratch arrays (48 MiB for float16) are reused, where
@@ -200,6 +210,35 @@ def _flat(values: np.ndarray, float16: bool) -> pa.Array:
     flat = np.ascontiguousarray(values).reshape(-1)  # [rows * width]
     kind = pa.int16() if float16 else pa.float32()
     return pa.Array.from_buffers(kind, len(flat), [None, pa.py_buffer(flat)])
+
+
+#: Bytes of float16 blobs one Arrow ``binary`` array holds (int32 offsets): a flush's hook holding more (a 2 GiB
+#: buffer, the most ``max_buffer_bytes`` allows) is stored as several pieces of its rows, each one array.
+BLOB_ARRAY_BYTES = 2**31 - 1
+
+
+def _blob_pieces(byte_ends: np.ndarray, start: int, stop: int) -> list[tuple[int, int]]:
+    """Rows ``[start, stop)`` cut into consecutive ranges whose blobs hold at most :data:`BLOB_ARRAY_BYTES`
+    (``byte_ends``: ``[rows + 1]`` byte offsets); one range unless the hook's rows hold more."""
+    if byte_ends[stop] - byte_ends[start] <= BLOB_ARRAY_BYTES:
+        return [(start, stop)]
+    pieces = []
+    while start < stop:
+        end = min(int(np.searchsorted(byte_ends, byte_ends[start] + BLOB_ARRAY_BYTES, side="right")) - 1, stop)
+        if end <= start:
+            raise ValueError(f"one float16 vector holds more than {BLOB_ARRAY_BYTES} bytes")
+        pieces.append((start, end))
+        start = end
+    return pieces
+
+
+def _blobs(data: pa.Buffer, byte_ends: np.ndarray, start: int, stop: int) -> pa.Array:
+    """Rows ``[start, stop)`` as blobs of their IEEE halves: a view of the flush's values buffer ``data``."""
+    first = int(byte_ends[start])
+    offsets = (byte_ends[start : stop + 1] - first).astype(np.int32)  # [rows + 1]
+    return pa.Array.from_buffers(
+        pa.binary(), stop - start, [None, pa.py_buffer(offsets), data.slice(first, int(byte_ends[stop]) - first)]
+    )
 
 
 def _positions(chunk: HookRows) -> pa.Array:

@@ -286,7 +286,7 @@ class QuerySession:
         def stream() -> Iterator:
             try:
                 yield from items
-            except duckdb.Error as error:
+            except (duckdb.Error, OSError) as error:  # OSError: DuckDB's error through Arrow's batch stream
                 raise self._failure(error, timeout) from None
             finally:
                 deadline.__exit__(None, None, None)
@@ -315,8 +315,9 @@ class QuerySession:
         finally:
             timer.cancel()
 
-    def _failure(self, error: duckdb.Error, timeout: float | None) -> UserError:
-        if isinstance(error, duckdb.InterruptException) and getattr(self, "_timed_out", False):
+    def _failure(self, error: duckdb.Error | OSError, timeout: float | None) -> UserError:
+        interrupted = isinstance(error, duckdb.InterruptException) or str(error).startswith("INTERRUPT Error")
+        if interrupted and getattr(self, "_timed_out", False):
             return UserError(
                 f"the query ran past its timeout of {timeout:g} s and was stopped: narrow it (WHERE run = ..., "
                 "LIMIT) or give a longer --timeout"

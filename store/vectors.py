@@ -80,6 +80,8 @@ def as_binary(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     """A blob column as one ``binary`` or ``large_binary`` array (a binary view, as delta-rs' reader and
     DuckDB's results may give, is cast: Arrow's kernels and the offsets read here need one of those two)."""
     if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks > 1 and column.type != pa.large_binary():  # together they may hold 2 GiB or more:
+            column = column.cast(pa.large_binary())  # too many for binary's int32 offsets ("offset overflow")
         column = column.combine_chunks()
     if column.type not in (pa.binary(), pa.large_binary()):
         column = column.cast(pa.large_binary())

@@ -275,13 +275,13 @@ def _check_vectors(name, path, data: pa.Table, row: dict, widths, report: Verify
             report.add("error", name, f"file {where}: {wrong} vectors are not {width} wide (the width of {hook!r})")
             return
         if kind == "activation_f16_bytes":
-            values = vectors.halves(present)[0].view(np.int16).reshape(-1, width)  # [rows, width] bit patterns
+            values = vectors.halves(present)[0].view(np.int16).reshape(len(present), width)  # [rows, width] bits
         else:
             flat = present.flatten()
             if flat.null_count:  # the writer never stores one (a float16 null would read as NaN bits)
                 report.add("error", name, f"file {where}: {flat.null_count} null values inside vectors of {hook!r}")
                 return
-            values = np.asarray(flat).reshape(-1, width)  # [rows, width]
+            values = np.asarray(flat).reshape(len(present), width)  # [rows, width] (-1 is ambiguous at width 0)
         nonfinite_rows[set_rows] = (_nonfinite_f32 if kind == "activation" else _nonfinite_f16)(values).any(axis=1)
     finite = data["finite"] if "finite" in data.column_names else pa.nulls(data.num_rows, pa.bool_())  # (v1 files)
     flagged = np.asarray(pc.fill_null(pc.invert(finite), False))  # the writer said: not finite

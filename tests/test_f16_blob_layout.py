@@ -182,3 +182,87 @@ def test_a_session_left_open_exits_quietly(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[4.0, 4.0]"
     assert "leak" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_hook_of_width_0_verifies_and_reads_as_empty_vectors(tmp_path, dtype):
+    """Empty vectors (a hook of width 0): verify found them healthy only after a ValueError ("cannot reshape
+    array of size 0 into shape (0)": reshape(-1, 0)); SQL and neuron_stats read them as empty."""
+    store = Store.open(tmp_path / "store", create=True)
+    _write(store, "r", np.zeros((3, 0), np.float32), dtype=dtype)
+    report = verify(store)
+    assert report.ok and not [f for f in report.findings if f.level == "error"], report.findings
+    assert _sql_matrix(store, "r", "h").shape == (3, 0)
+    with store.query() as session:
+        assert session.neuron_stats("h", stats="avg").num_rows == 0
+
+
+def test_a_stream_stopped_by_its_timeout_midway_says_so(tmp_path):
+    """``batches`` past its timeout after batches were already read (hookpoints sql --format parquet/arrow):
+    DuckDB's interrupt reached the caller through Arrow's stream as ``OSError: INTERRUPT Error: Interrupted!``,
+    not the one-line timeout error ``sql`` and ``rows`` give."""
+    store = Store.open(tmp_path / "store", create=True)
+    _write(store, "r", np.random.default_rng(0).normal(size=(2000, 64)).astype(np.float32))
+    query = "SELECT a.activation, r.range FROM activations a, range(10000000) r"
+    with store.query() as session:
+        read = 0
+        with pytest.raises(UserError, match=r"^the query ran past its timeout of 2 s and was stopped"):
+            for batch in session.batches(query, timeout=2):
+                read += batch.num_rows
+        assert 0 < read < 2000 * 10000000  # stopped midway
+        assert session.sql("SELECT count(*) AS n FROM activations")["n"].to_pylist() == [2000]
+
+
+def test_a_flush_of_more_blob_bytes_than_one_arrow_array_holds_is_stored_in_pieces(tmp_path, monkeypatch):
+    """A float16 flush of 2 GiB (``max_buffer_bytes`` allows 2**31: ``--buffer-mb 2048``) was refused by every
+    flush ("one flush holds 2 GiB of float16 ...": the blobs were one Arrow ``binary`` array, int32 byte offsets),
+    so such a recording could commit nothing. The blobs are now cut into arrays of at most BLOB_ARRAY_BYTES;
+    here that limit is 20 bytes (2 vectors of 4 halves), and every reader gets numpy's float16 of each vector."""
+    from hookpoints.store import buffer
+
+    monkeypatch.setattr(buffer, "BLOB_ARRAY_BYTES", 20)
+    store = Store.open(tmp_path / "store", create=True)
+    rng = np.random.default_rng(3)
+    x = {"h": rng.normal(size=(7, 4)).astype(np.float32), "g": rng.normal(size=(7, 4)).astype(np.float32)}
+    ids = [f"e{i}" for i in range(7)]
+    examples = pa.table({"example_id": ids})
+    settings = {"model": "m", "task": "forward", "pooling": "mean", "dtype": "float16"}
+    hooks = [{**HOOK, "hook": name, "module": name} for name in x]
+    writer = open_run(store, "r", settings=settings, config={}, hooks=hooks, examples_schema=examples.schema)
+    writer.add(examples.slice(0, 3), {name: HookRows(ids[:3], v[:3]) for name, v in x.items()})
+    writer.add(examples.slice(3), {name: HookRows(ids[3:], v[3:]) for name, v in x.items()})
+    writer.finish()
+    rows = buffer.Buffer()
+    rows.add(examples, {name: HookRows(ids, v) for name, v in x.items()})
+    table = rows.table("r", list(x), float16=True)
+    assert [len(chunk) for chunk in table["activation_f16_bytes"].chunks] == [2, 2, 2, 1, 2, 2, 2, 1]
+    assert verify(store).ok
+    with store.query() as session:
+        group = open_runs(session, ["r"])
+        examples_ = select_examples(session, group)
+        stored = {h.hook: h for h in shared_hooks(session, group.runs, layer_outputs=True)}
+        stats = session.neuron_stats("h", stats="avg").sort_by("neuron")
+    for name, v in x.items():
+        expected = v.astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(_sql_matrix(store, "r", name), expected)
+        np.testing.assert_array_equal(HookMatrixReader(store, examples_).read(stored[name]), expected)
+    np.testing.assert_allclose(stats["avg"].to_numpy(), x["h"].astype(np.float16).astype(np.float64).mean(0))
+    assert len(list(Path(store.location.uri, "activations").rglob("*.parquet"))) == 2  # still a file per hook
+    monkeypatch.setattr(buffer, "BLOB_ARRAY_BYTES", 7)  # one vector (8 bytes) over the limit: said, not mangled
+    with pytest.raises(ValueError, match="one float16 vector holds more than 7 bytes"):
+        rows.table("r", list(x), float16=True)
+
+
+def test_a_blob_column_in_chunks_is_combined_without_int32_offsets():
+    """verify reads a file whole: its blob column comes in chunks, which together may hold 2 GiB (a 2 GiB flush of
+    one hook, or a compaction) and failed to combine into one ``binary`` array ("offset overflow", checked with
+    two chunks of 1 GiB: 2.6 GB of memory, too much for the suite). Combined as ``large_binary`` now; decoded as
+    numpy decodes the bytes."""
+    from hookpoints.store import vectors
+
+    x = np.random.default_rng(4).normal(size=(5, 3)).astype("<f2")
+    column = pa.chunked_array([pa.array([row.tobytes() for row in x[:2]]), pa.array([row.tobytes() for row in x[2:]])])
+    assert vectors.as_binary(column).type == pa.large_binary()  # int64 offsets
+    values, offsets = vectors.halves(column)
+    np.testing.assert_array_equal(values.reshape(5, 3), x)
+    assert offsets.tolist() == [0, 3, 6, 9, 12, 15]
