@@ -233,6 +233,7 @@ def throughput(model: HookedModel, family: str, args, store: Store, batch: int, 
                 "flushes": r.stats.flushes,
                 "mb": r.stats.bytes / 1e6,
                 "flush_seconds": r.stats.flush_seconds,
+                "build_seconds": r.stats.build_seconds,
                 "mb_per_second": r.stats.mb_per_second,
                 "waited_seconds": r.stats.waited_seconds,
             }
@@ -456,7 +457,8 @@ def markdown(report: dict) -> str:
         for name, found in row.get("store_stats", {}).items():
             lines.append(f"\n{row['family']} batch {row['batch']}, recording + store ({name}, last call): "
                          f"{found['mb']:.1f} MB in {found['flushes']} flushes, {found['flush_seconds']:.2f} s of "
-                         f"flushing ({found['mb_per_second']:.0f} MB/s); the recorder waited "
+                         f"flushing ({found['mb_per_second']:.0f} MB/s; {found.get('build_seconds', 0):.2f} s of it "
+                         "building the tables, on one core); the recorder waited "
                          f"{found['waited_seconds']:.2f} s for the store")  # fmt: skip
     for row in report["throughput"]:
         check = row.get("side_stream_check")

@@ -57,6 +57,7 @@ class WriteStats:
     flushes: int = 0  # commits of buffered rows
     bytes: int = 0  # the committed vectors' bytes (float16 or float32, as buffered)
     flush_seconds: float = 0.0  # time spent committing them (examples, files, Delta commits)
+    build_seconds: float = 0.0  # of which building each flush's Arrow table (one core; the files: several)
     waited_seconds: float = 0.0  # time the producer was blocked on the store
 
     @property
@@ -360,7 +361,10 @@ class RunWriter:
             rows = rows.add_column(0, "run", pa.array([self.run] * rows.num_rows, pa.string()))
             self._examples_appender.append(rows, merge_schema=True)
             self._examples_present.update(buffer.ids)
-        self._activations_appender.append(buffer.table(self.run, self.hooks, float16=self.float16))
+        building = time.perf_counter()
+        table = buffer.table(self.run, self.hooks, float16=self.float16)
+        self.stats.build_seconds += time.perf_counter() - building
+        self._activations_appender.append(table)
         self.stats.flushes += 1  # (one flush at a time: the flush thread or, without one, the caller)
         self.stats.bytes += buffer.nbytes
         self.stats.flush_seconds += time.perf_counter() - started

@@ -38,6 +38,31 @@ def test_stats_count_every_flush_its_bytes_and_the_waits(store, monkeypatch, bac
     assert stats.waited_seconds <= stats.flush_seconds + 5  # it cannot wait much longer than the store works
 
 
+def test_build_seconds_count_the_table_building_alone(store, monkeypatch):
+    """``build_seconds``: building each flush's Arrow table (the part of a flush on one core), inside
+    ``flush_seconds``; a slow build shows there, a slow commit does not."""
+    from hookpoints.store.buffer import Buffer
+
+    pause = 0.25
+    build, append = Buffer.table, commits.FencedAppender.append
+    monkeypatch.setattr(Buffer, "table", lambda self, *a, **k: time.sleep(pause) or build(self, *a, **k))
+
+    def slow_append(self, data, **kwargs):
+        if self.spec.name == "activations":
+            time.sleep(2 * pause)
+        return append(self, data, **kwargs)
+
+    monkeypatch.setattr(commits.FencedAppender, "append", slow_append)
+    writer = _open(store, buffer_examples=3)
+    for examples, rows in _batches(2, 3):
+        writer.add(examples, rows)
+    writer.finish()
+    stats = writer.stats
+    assert stats.flushes == 2
+    assert 2 * pause <= stats.build_seconds < 2 * pause + 1.0  # the builds, not the commits' 2 x 0.5 s
+    assert stats.flush_seconds >= stats.build_seconds + 4 * pause
+
+
 def test_a_writer_that_flushed_nothing_says_zero(store):
     writer = _open(store)
     writer.finish()
