@@ -15,8 +15,11 @@ def reference(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("float16", [True, False])
 @pytest.mark.parametrize("block", [1, 3, 7, 64, 1 << 24])
-def test_finite_rows_equals_a_per_row_check(monkeypatch, float16, block):
-    monkeypatch.setattr(buffer, "FINITE_BLOCK", block)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_finite_rows_equals_a_per_row_check(monkeypatch, float16, block, threads):
+    """Blocks of ``block`` values over ``threads`` threads (a row split across blocks of two threads included)."""
+    monkeypatch.setattr(buffer, "FINITE_BLOCK", block * threads)
+    monkeypatch.setattr(buffer, "FINITE_THREADS", threads)
     rng = np.random.default_rng(block)
     widths = rng.integers(0, 9, size=40)  # empty vectors included
     widths[[0, -1]] = 0  # first and last empty too
