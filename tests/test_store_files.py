@@ -271,3 +271,25 @@ def test_calls_side_by_side_write_the_bytes_of_one_call_at_a_time(tmp_path, monk
         }
     assert len(written[1]) == 18
     assert written[write_calls] == written[1]
+
+
+@pytest.mark.parametrize("one_key", [True, False])
+def test_partitions_group_rows_as_a_python_dict_does(monkeypatch, one_key):
+    """files._partitions (one int64 key per row, or np.unique over rows when that key could overflow) against
+    grouping the rows' values in Python: nulls, a dictionary-encoded and a plain column, URL-quoted folders."""
+    from hookpoints.store import files
+
+    if not one_key:
+        monkeypatch.setattr(files, "_KEY_LIMIT", 1)
+    rng = np.random.default_rng(3)
+    n = 5000
+    codes = rng.integers(0, 4, n).astype(np.int32)
+    run = pa.DictionaryArray.from_arrays(pa.array(codes, mask=rng.random(n) < 0.1), pa.array(["a", "b", "c", "d"]))
+    hook = pa.array(rng.choice(["h1", "h/2", "h 3", None], n).tolist())
+    table = pa.table({"run": run, "hook": hook})
+    folders, values, group = files._partitions(table, ["run", "hook"])
+    rows = list(zip(table["run"].to_pylist(), table["hook"].to_pylist(), strict=True))
+    assert [(values[g]["run"], values[g]["hook"]) for g in group.tolist()] == rows
+    assert sorted((v["run"] or "", v["hook"] or "") for v in values) == sorted({(r or "", h or "") for r, h in rows})
+    assert len(set(folders)) == len(folders) == len(values)
+    assert all("/" not in folder.split("/", 1)[1].removeprefix("hook=") for folder in folders)  # quoted
