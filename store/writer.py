@@ -106,6 +106,10 @@ def open_run(
         raise UserError(f"max_buffer_seconds must be a number of seconds, 0 or more, not {max_buffer_seconds!r}")
     if if_exists not in ("error", "resume", "overwrite"):
         raise UserError(f"if_exists must be error, resume or overwrite, not {if_exists!r}")
+    seen: set = set()  # a hook twice: stored twice in hooks, its rows twice in its partition (verify: damaged)
+    twice = [hook.get("hook") for hook in hooks if hook.get("hook") in seen or seen.add(hook.get("hook"))]
+    if twice:
+        raise UserError(f"hooks lists {twice[0]!r} twice: give each hook point once")
     with damage_said(store, run):
         examples_cast = examples_casts(store, examples_schema)
         overwrite.recover(store, run)  # an earlier overwrite killed while swapping in: finish it first
