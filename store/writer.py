@@ -367,8 +367,9 @@ class RunWriter:
             self._examples_present.update(buffer.ids)
         building = time.perf_counter()
         table = buffer.table(self.run, self.hooks, float16=self.float16)
-        self.stats.build_seconds += time.perf_counter() - building
+        built = time.perf_counter() - building  # counted with the flush once it committed, as flush_seconds
         self._activations_appender.append(table)
+        self.stats.build_seconds += built
         self.stats.flushes += 1  # (one flush at a time: the flush thread or, without one, the caller)
         self.stats.bytes += buffer.nbytes
         self.stats.flush_seconds += time.perf_counter() - started
