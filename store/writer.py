@@ -107,7 +107,9 @@ def open_run(
     if if_exists not in ("error", "resume", "overwrite"):
         raise UserError(f"if_exists must be error, resume or overwrite, not {if_exists!r}")
     seen: set = set()  # a hook twice: stored twice in hooks, its rows twice in its partition (verify: damaged)
-    twice = [hook.get("hook") for hook in hooks if hook.get("hook") in seen or seen.add(hook.get("hook"))]
+    twice = [
+        name for name in (hook.get("hook") for hook in hooks) if name is not None and (name in seen or seen.add(name))
+    ]
     if twice:
         raise UserError(f"hooks lists {twice[0]!r} twice: give each hook point once")
     with damage_said(store, run):
