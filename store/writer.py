@@ -106,6 +106,12 @@ def open_run(
         raise UserError(f"max_buffer_seconds must be a number of seconds, 0 or more, not {max_buffer_seconds!r}")
     if if_exists not in ("error", "resume", "overwrite"):
         raise UserError(f"if_exists must be error, resume or overwrite, not {if_exists!r}")
+    seen: set = set()  # a hook twice: stored twice in hooks, its rows twice in its partition (verify: damaged)
+    twice = [
+        name for name in (hook.get("hook") for hook in hooks) if name is not None and (name in seen or seen.add(name))
+    ]
+    if twice:
+        raise UserError(f"hooks lists {twice[0]!r} twice: give each hook point once")
     with damage_said(store, run):
         examples_cast = examples_casts(store, examples_schema)
         overwrite.recover(store, run)  # an earlier overwrite killed while swapping in: finish it first
@@ -363,8 +369,9 @@ class RunWriter:
             self._examples_present.update(buffer.ids)
         building = time.perf_counter()
         table = buffer.table(self.run, self.hooks, float16=self.float16)
-        self.stats.build_seconds += time.perf_counter() - building
+        built = time.perf_counter() - building  # counted with the flush once it committed, as flush_seconds
         self._activations_appender.append(table)
+        self.stats.build_seconds += built
         self.stats.flushes += 1  # (one flush at a time: the flush thread or, without one, the caller)
         self.stats.bytes += buffer.nbytes
         self.stats.flush_seconds += time.perf_counter() - started

@@ -293,3 +293,28 @@ def test_partitions_group_rows_as_a_python_dict_does(monkeypatch, one_key):
     assert sorted((v["run"] or "", v["hook"] or "") for v in values) == sorted({(r or "", h or "") for r, h in rows})
     assert len(set(folders)) == len(folders) == len(values)
     assert all("/" not in folder.split("/", 1)[1].removeprefix("hook=") for folder in folders)  # quoted
+
+
+@pytest.mark.parametrize("one_key", [True, False])
+@pytest.mark.parametrize("index_type", [pa.int32(), pa.uint8()])
+def test_a_dictionary_that_holds_a_value_twice_is_one_partition_of_all_its_rows(tmp_path, monkeypatch, one_key,
+                                                                                index_type):  # fmt: skip
+    """Partition columns in a dictionary that names a value twice (``["a", "b", "a"]``: a run writer given the
+    same hook twice) or holds a null: each code was its own partition, two partitions shared the folder and the
+    file name, one file overwrote the other and its rows were lost, committed twice under one path. Now one
+    partition per value, every row in it, in order; unsigned indices (a valid Arrow dictionary) too."""
+    if not one_key:
+        monkeypatch.setattr(files, "_KEY_LIMIT", 1)
+    spec = TableSpec("t", pa.schema([("k", pa.string()), ("x", pa.int64())]), ("k",))
+    indices = pa.array([0, 1, 2, 0, 2, None, 3, 1], index_type)
+    k = pa.DictionaryArray.from_arrays(indices, pa.array(["a", "b", "a", None]))
+    data = pa.table({"k": k, "x": list(range(8))})
+    (tmp_path / "t").mkdir()
+    actions = files.write_files(StoreLocation.parse(tmp_path), spec, data)
+    expected: dict = {}  # grouped in Python
+    for value, x in zip(k.to_pylist(), range(8), strict=True):
+        expected.setdefault(value, []).append(x)
+    stored = {a.partition_values["k"]: pq.read_table(tmp_path / "t" / a.path)["x"].to_pylist() for a in actions}
+    assert len(actions) == len({a.path for a in actions}) == 3
+    assert stored == expected == {"a": [0, 2, 3, 4], "b": [1, 7], None: [5, 6]}
+    assert {a.partition_values["k"]: json.loads(a.stats)["numRecords"] for a in actions} == {"a": 4, "b": 2, None: 2}

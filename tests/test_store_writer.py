@@ -333,6 +333,19 @@ def test_a_bad_buffer_age_is_refused_before_anything_is_written(store, seconds):
     assert store.run_info("r") is None
 
 
+def test_a_hook_listed_twice_is_refused_before_anything_is_written(store):
+    """open_run (docs/reading-the-store.md) with the same hook twice in ``hooks`` wrote it twice to the hooks table,
+    its rows twice into one partition of two codes (one file overwrote the other), and `store verify` then called
+    the new run damaged ("hook 'h0' of run 'r' is stored 2 times")."""
+    settings = {"model": "tiny", "task": "forward", "pooling": "mean", "dtype": "float32"}
+    schema = pa.schema([("example_id", pa.string())])
+    hooks = [HOOKS[0], HOOKS[1], HOOKS[0]]
+    with pytest.raises(UserError, match=r"^hooks lists 'h0' twice: give each hook point once$"):
+        open_run(store, "r", settings=settings, config={}, hooks=hooks, examples_schema=schema)
+    assert store.run_info("r") is None
+    assert store.dataset("hooks").count_rows() == 0
+
+
 @pytest.mark.parametrize(
     ("memory", "limit", "mib"),
     [(64 << 30, None, 512), (8 << 30, None, 256), (1 << 30, None, 64), (64 << 30, str(4 << 30), 128), (None, None, 64)],

@@ -63,6 +63,34 @@ def test_build_seconds_count_the_table_building_alone(store, monkeypatch):
     assert stats.flush_seconds >= stats.build_seconds + 4 * pause
 
 
+
+def test_build_seconds_of_a_flush_that_failed_are_not_counted(store, monkeypatch):
+    """A flush whose commit fails is not in ``flush_seconds`` (its rows are retried by the next one), so the time
+    it spent building its table is not in ``build_seconds`` either: before, it was, and ``build_seconds``, "the part
+    of flush_seconds spent building", came out larger than ``flush_seconds``."""
+    from hookpoints.store.buffer import Buffer
+
+    pause = 0.25
+    build, append = Buffer.table, commits.FencedAppender.append
+    monkeypatch.setattr(Buffer, "table", lambda self, *a, **k: time.sleep(pause) or build(self, *a, **k))
+    failures = [OSError("disk full")]
+
+    def failing_once(self, data, **kwargs):
+        if self.spec.name == "activations" and failures:
+            raise failures.pop()
+        return append(self, data, **kwargs)
+
+    monkeypatch.setattr(commits.FencedAppender, "append", failing_once)
+    writer = _open(store, buffer_examples=3, background=False)
+    ((examples, rows),) = _batches(1, 3)
+    with pytest.raises(OSError, match="disk full"):
+        writer.add(examples, rows)  # full: flushed at once, and that flush fails
+    writer.finish()  # the same rows, committed
+    stats = writer.stats
+    assert stats.flushes == 1
+    assert pause <= stats.build_seconds < 2 * pause  # the build of the flush that committed, not both
+    assert stats.build_seconds <= stats.flush_seconds
+
 def test_a_writer_that_flushed_nothing_says_zero(store):
     writer = _open(store)
     writer.finish()
