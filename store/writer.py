@@ -22,6 +22,7 @@ application ids, so they commit side by side; the run is complete when every sha
 from __future__ import annotations
 
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -106,10 +107,7 @@ def open_run(
         raise UserError(f"max_buffer_seconds must be a number of seconds, 0 or more, not {max_buffer_seconds!r}")
     if if_exists not in ("error", "resume", "overwrite"):
         raise UserError(f"if_exists must be error, resume or overwrite, not {if_exists!r}")
-    seen: set = set()  # a hook twice: stored twice in hooks, its rows twice in its partition (verify: damaged)
-    twice = [
-        name for name in (hook.get("hook") for hook in hooks) if name is not None and (name in seen or seen.add(name))
-    ]
+    twice = [name for name, n in Counter(hook.get("hook") for hook in hooks).items() if n > 1 and name is not None]
     if twice:
         raise UserError(f"hooks lists {twice[0]!r} twice: give each hook point once")
     with damage_said(store, run):
