@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -96,12 +97,17 @@ def write_files(location: StoreLocation, spec: TableSpec, data: pa.Table) -> lis
     # side by side, together at most PARTITIONS_PER_CALL files open
     calls = max(1, min(WRITE_CALLS or pa.io_thread_count(), len(firsts), PARTITIONS_PER_CALL))
     per_call = max(1, min(-(-len(firsts) // calls), PARTITIONS_PER_CALL // calls))
+    if len({folder.casefold() for folder in folders}) < len(folders):  # hooks H0 and h0: one folder on macOS
+        per_call = 1  # each partition its own call and file name, so a case-insensitive file system keeps both
     bounds = [*firsts[::per_call].tolist(), len(group)]
     filesystem = _filesystem(location, spec.name)
-    name = f"part-{uuid.uuid4().hex}-{{i}}.zstd.parquet"  # {i}: Arrow numbers the files of a folder from 0
     slices = [table.slice(start, stop - start) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
-    _side_by_side(lambda rows: _write(filesystem, rows, name, spec.row_group_rows, keyed=bool(keys)), slices, calls)
-    paths = [f"{folder}/{name.format(i=0)}" if folder else name.format(i=0) for folder in folders]
+    # a file name per call; {i}: Arrow numbers the files of a folder from 0
+    names = [f"part-{uuid.uuid4().hex}-{{i}}.zstd.parquet" for _ in slices]
+    work = list(zip(slices, names, strict=True))
+    _side_by_side(lambda item: _write(filesystem, *item, spec.row_group_rows, keyed=bool(keys)), work, calls)
+    files = [names[p // per_call].format(i=0) for p in range(len(folders))]  # [partitions] (rows: in order)
+    paths = [f"{folder}/{file}" if folder else file for folder, file in zip(folders, files, strict=True)]
     infos = filesystem.get_file_info(paths)  # one call for all: sizes
     stats = _partition_stats(table, folders)
     now = int(time.time() * 1000)
@@ -113,7 +119,7 @@ def write_files(location: StoreLocation, spec: TableSpec, data: pa.Table) -> lis
     return actions
 
 
-def _side_by_side(write: Callable[[pa.Table], None], slices: list[pa.Table], calls: int) -> None:
+def _side_by_side(write: Callable[[Any], None], slices: list, calls: int) -> None:
     """``write`` each slice, ``calls`` at a time; the first slice's error is raised once every call has ended.
 
     Plain threads, not a ``ThreadPoolExecutor``: a background flush still running when the main thread ends

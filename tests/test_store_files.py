@@ -318,3 +318,21 @@ def test_a_dictionary_that_holds_a_value_twice_is_one_partition_of_all_its_rows(
     assert len(actions) == len({a.path for a in actions}) == 3
     assert stored == expected == {"a": [0, 2, 3, 4], "b": [1, 7], None: [5, 6]}
     assert {a.partition_values["k"]: json.loads(a.stats)["numRecords"] for a in actions} == {"a": 4, "b": 2, None: 2}
+
+
+def test_folders_that_differ_only_in_case_get_files_of_different_names(tmp_path):
+    """Hooks H0 and h0 are one folder on a case-insensitive file system (macOS): with one file name for every
+    partition of a call, the second file replaced the first there and a hook's rows were lost. Each such
+    partition now gets its own name; the rows read back per hook, on this (case-sensitive) file system."""
+    spec = TableSpec("t", SCHEMA, ("run", "hook"), row_group_rows=16)
+    rows = _rows(60)
+    hooks = ["H0", "h0", "x"] * 20
+    rows = rows.set_column(rows.schema.get_field_index("hook"), "hook", pa.array(hooks))
+    (tmp_path / "t").mkdir()
+    actions = files.write_files(StoreLocation.parse(tmp_path), spec, rows)
+    by_hook = {a.partition_values["hook"]: a.path for a in actions if a.partition_values["run"] == "r1"}
+    assert len({path.casefold() for path in by_hook.values()}) == len(by_hook) >= 3
+    for action in actions:
+        stored = pq.read_table(tmp_path / "t" / action.path)
+        expected = [r for r in rows.to_pylist() if (r["run"], r["hook"]) == tuple(action.partition_values.values())]
+        assert stored.num_rows == len(expected) > 0
