@@ -108,6 +108,8 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
             source = spec.model or runs[stats_run]["model"]
             # continue: the modality the stats run was recorded in (Qwen2-Audio continues speech or text)
             modality = task.modality or recorded_modalities(session, [stats_run])[stats_run]
+            if spec.frames is not None and modality != "speech":  # as record refuses it (hookpoints.recorder)
+                raise UserError(f"--frames applies to speech input; task {task_name} reads {modality} here")
             model = load_model(source, modality)
             if (task_name == CONTINUE) != model.continues:
                 raise UserError(

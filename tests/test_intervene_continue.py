@@ -100,9 +100,12 @@ def test_the_cli_sweeps_a_continuation_and_refuses_the_wrong_task_in_one_line(lm
     assert "Traceback" not in err
     code, _, err = run_cli(*base, "--task", "continue", "--reference-column", "text", "--sweep", "c4")
     assert code != 0 and "leave out --reference-column" in err and "Traceback" not in err
+    code, _, err = run_cli(*base, "--task", "continue", "--frames", "300", "--sweep", "c5")  # was ignored
+    assert code == 2 and "--frames applies to speech input; task continue reads text here" in err
+    assert "Traceback" not in err
     with store.query() as session:
         names = session.sql("SELECT DISTINCT sweep FROM interventions")["sweep"].to_pylist()
-    assert "c3" not in names and "c4" not in names
+    assert "c3" not in names and "c4" not in names and "c5" not in names
 
 
 def test_a_speech_text_model_cannot_sweep_a_continuation(tiny_model_dir, tmp_path, lm_store):
