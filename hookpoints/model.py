@@ -265,6 +265,11 @@ class HookedModel(GenerationMethods, ModelApi):
         """The token id naming language ``code`` (``deu``), or None if the model does not know it."""
         return self.adapter.language_token(self.model, self.tokenizer, code)
 
+    def knows_language(self, code: str) -> bool:
+        """Whether the model can be told language ``code`` (``deu``): a token names it, or it is the model's only
+        language (an English-only Whisper, whose prompt names none)."""
+        return self.language_token(code) is not None or self.languages == [code]
+
     @property
     def languages(self) -> list[str]:
         """Language codes the model can be told (source or target), e.g. ``['cmn', 'deu', 'eng', ...]``."""
@@ -290,7 +295,7 @@ class HookedModel(GenerationMethods, ModelApi):
             )
         targets = [model_code(str(code)) for code in targets]
         sources = None if sources is None else [model_code(str(code)) for code in sources]
-        unknown = next((code for code in targets if self.language_token(code) is None), None)
+        unknown = next((code for code in targets if not self.knows_language(code)), None)
         if unknown is not None:
             known = self.languages
             listed = ", ".join(known[:12]) + (" ..." if len(known) > 12 else "")

@@ -96,7 +96,7 @@ def plan_examples(
     targets = target_languages(task, languages, tgt_lang, ids)
     for kind, codes in (("source", sources), ("target", targets)):
         for example, code in zip(ids, codes or [], strict=False):
-            if model.language_token(code) is None:
+            if not model.knows_language(code):
                 known = model.languages
                 listed = ", ".join(known[:12]) + (" ..." if len(known) > 12 else "")
                 raise UserError(

@@ -106,6 +106,19 @@ def test_a_decoder_prompt_names_one_language_as_a_string(seamless):
     assert torch.equal(seamless.decoder_prompt("eng", task="t2tt"), seamless.decoder_prompt(["eng"], task="t2tt"))
 
 
+def test_an_english_only_whisper_knows_english_without_a_language_token(tiny_model_dir):
+    """The tiny Whisper (English-only, a hand-made tokenizer without <|en|>) said "unknown target language 'eng'
+    ...; it knows: eng", then a KeyError for its missing <|notimestamps|>: its only language is known (the prompt
+    of an English-only Whisper names none), and a tokenizer that is not Whisper's is a one-line error."""
+    whisper = hp.load(tiny_model_dir("whisper"))
+    assert whisper.languages == ["eng"] and whisper.language_token("eng") is None
+    assert whisper.knows_language("eng") and not whisper.knows_language("deu")
+    with pytest.raises(hp.UserError, match=r"^unknown target language 'deu' for model .*; it knows: eng$"):
+        whisper.decoder_prompt(["deu"], task="asr")
+    with pytest.raises(hp.UserError, match=r"^this Whisper's tokenizer has no <\|notimestamps\|> token: save"):
+        whisper.decoder_prompt(["eng"], task="asr")
+
+
 @pytest.mark.parametrize(
     "call, message",
     [

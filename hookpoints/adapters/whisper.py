@@ -88,6 +88,12 @@ class Whisper(Adapter):
         asr names the speech's language (= the target), s2tt the *source* language and translates into English.
         """
         vocab = tokenizer.get_vocab()
+        needed = ["<|notimestamps|>"]
+        if multilingual(model.config):
+            needed.append("<|translate|>" if task == "s2tt" else "<|transcribe|>")
+        missing = [token for token in needed if token not in vocab]
+        if missing:  # a tokenizer that is not Whisper's (a converted or hand-made checkpoint)
+            raise UserError(f"this Whisper's tokenizer has no {missing[0]} token: save Whisper's own tokenizer with it")
         start, plain = model.config.decoder_start_token_id, vocab["<|notimestamps|>"]
         if not multilingual(model.config):
             return torch.tensor([[start, plain]] * len(targets))
