@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from hookpoints.store.schema import ACTIVATIONS
+from hookpoints.store.threads import side_by_side
 
 _F16_EXPONENT = 0x7C00  # IEEE half: all exponent bits set means inf or NaN
 
@@ -189,44 +190,29 @@ def finite_rows(flat: np.ndarray, offsets: np.ndarray, *, float16: bool) -> np.n
     threads = FINITE_THREADS or min(4, pa.io_thread_count())
     block = max(1, min(FINITE_BLOCK // threads, len(flat)))
     starts = range(0, len(flat), block)
-    threads = max(1, min(threads, len(starts)))
     hits: list[tuple[int, int, np.ndarray]] = []  # (first row, last row + 1, which of them hold a bad value)
+    local = threading.local()  # each thread's scratch, reused block after block
 
-    def check(share: range) -> None:
-        scratch = np.empty(block, np.uint16) if float16 else None  # [block] exponent bits
-        bad = np.empty(block, bool)  # [block]
-        for start in share:
-            part = flat[start : start + block]
-            if float16:
-                np.bitwise_and(part, _F16_EXPONENT, out=scratch[: len(part)])
-                np.equal(scratch[: len(part)], _F16_EXPONENT, out=bad[: len(part)])
-            else:
-                np.isfinite(part, out=bad[: len(part)])
-                np.logical_not(bad[: len(part)], out=bad[: len(part)])
-            if bad[: len(part)].any():  # each row the block holds part of: is any of its values there bad?
-                first = int(np.searchsorted(offsets, start, side="right")) - 1  # the row of value `start`
-                last = int(np.searchsorted(offsets, start + len(part)))  # rows [first, last) begin in or before it
-                hit = np.logical_or.reduceat(bad[: len(part)], np.maximum(offsets[first:last], start) - start)
-                hit &= offsets[first:last] != offsets[first + 1 : last + 1]  # an empty one (reduceat read a neighbour)
-                hits.append((first, last, hit))
+    def check(start: int) -> None:
+        if not hasattr(local, "bad"):
+            local.scratch = np.empty(block, np.uint16) if float16 else None  # [block] exponent bits
+            local.bad = np.empty(block, bool)  # [block]
+        part = flat[start : start + block]
+        bad = local.bad[: len(part)]
+        if float16:
+            np.bitwise_and(part, _F16_EXPONENT, out=local.scratch[: len(part)])
+            np.equal(local.scratch[: len(part)], _F16_EXPONENT, out=bad)
+        else:
+            np.isfinite(part, out=bad)
+            np.logical_not(bad, out=bad)
+        if bad.any():  # each row the block holds part of: is any of its values there bad?
+            first = int(np.searchsorted(offsets, start, side="right")) - 1  # the row of value `start`
+            last = int(np.searchsorted(offsets, start + len(part)))  # rows [first, last) begin in or before it
+            hit = np.logical_or.reduceat(bad, np.maximum(offsets[first:last], start) - start)
+            hit &= offsets[first:last] != offsets[first + 1 : last + 1]  # an empty one (reduceat read a neighbour)
+            hits.append((first, last, hit))
 
-    errors: list[BaseException] = []
-
-    def checked(share: range) -> None:  # a thread's error raised below: a block left unchecked reads as finite
-        try:
-            check(share)
-        except BaseException as error:  # noqa: BLE001
-            errors.append(error)
-
-    shares = [starts[i::threads] for i in range(threads)]
-    workers = [threading.Thread(target=checked, args=(share,), name="hookpoints-finite") for share in shares[1:]]
-    for worker in workers:  # plain threads: a flush may run while the interpreter shuts down (store/files.py)
-        worker.start()
-    checked(shares[0])
-    for worker in workers:
-        worker.join()
-    if errors:
-        raise errors[0]
+    side_by_side(check, starts, threads, name="hookpoints-finite")
     for first, last, hit in hits:  # rows split across blocks: applied here, one thread
         finite[first:last] &= ~hit
     return finite

@@ -273,14 +273,11 @@ def test_calls_side_by_side_write_the_bytes_of_one_call_at_a_time(tmp_path, monk
     assert written[write_calls] == written[1]
 
 
-@pytest.mark.parametrize("one_key", [True, False])
-def test_partitions_group_rows_as_a_python_dict_does(monkeypatch, one_key):
-    """files._partitions (one int64 key per row, or np.unique over rows when that key could overflow) against
-    grouping the rows' values in Python: nulls, a dictionary-encoded and a plain column, URL-quoted folders."""
+def test_partitions_group_rows_as_a_python_dict_does():
+    """files._partitions (an int64 key per row, key by key) against grouping the rows' values in Python: nulls,
+    a dictionary-encoded and a plain column, URL-quoted folders."""
     from hookpoints.store import files
 
-    if not one_key:
-        monkeypatch.setattr(files, "_KEY_LIMIT", 1)
     rng = np.random.default_rng(3)
     n = 5000
     codes = rng.integers(0, 4, n).astype(np.int32)
@@ -295,16 +292,12 @@ def test_partitions_group_rows_as_a_python_dict_does(monkeypatch, one_key):
     assert all("/" not in folder.split("/", 1)[1].removeprefix("hook=") for folder in folders)  # quoted
 
 
-@pytest.mark.parametrize("one_key", [True, False])
 @pytest.mark.parametrize("index_type", [pa.int32(), pa.uint8()])
-def test_a_dictionary_that_holds_a_value_twice_is_one_partition_of_all_its_rows(tmp_path, monkeypatch, one_key,
-                                                                                index_type):  # fmt: skip
+def test_a_dictionary_that_holds_a_value_twice_is_one_partition_of_all_its_rows(tmp_path, index_type):
     """Partition columns in a dictionary that names a value twice (``["a", "b", "a"]``: a run writer given the
     same hook twice) or holds a null: each code was its own partition, two partitions shared the folder and the
     file name, one file overwrote the other and its rows were lost, committed twice under one path. Now one
     partition per value, every row in it, in order; unsigned indices (a valid Arrow dictionary) too."""
-    if not one_key:
-        monkeypatch.setattr(files, "_KEY_LIMIT", 1)
     spec = TableSpec("t", pa.schema([("k", pa.string()), ("x", pa.int64())]), ("k",))
     indices = pa.array([0, 1, 2, 0, 2, None, 3, 1], index_type)
     k = pa.DictionaryArray.from_arrays(indices, pa.array(["a", "b", "a", None]))
