@@ -150,12 +150,16 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def left_padded(inputs: ModelInputs, *, with_positions: bool, carried: tuple[str, ...] = ()) -> ModelInputs:
+def left_padded(
+    inputs: ModelInputs, *, with_positions: bool, carried: tuple[str, ...] = (), moved: tuple[str, ...] = ()
+) -> ModelInputs:
     """A decoder-only LM's token batch with every example's padding moved before its tokens (a stable sort of
     each row by its mask: the tokens keep their order), so that all prompts end at the last position.
     ``with_positions``: position ids too (for models that take them; :func:`positions`). ``carried``: forward
     arguments held per example, not per token (an audio LLM's features), kept as they are, with the masks of
-    their spaces; any other argument is refused (it would be misaligned by the padding's move)."""
+    their spaces; any other argument is refused (it would be misaligned by the padding's move). ``moved``: those
+    of them that hold one position per example in its tokens (``[batch]``: Ultravox's first audio token), moved
+    with the token they point at; a position on padding or past the tokens is refused."""
     mask = inputs.masks.get("input")
     other = [name for name in inputs.kwargs if name not in TOKEN_KWARGS and name not in carried]
     if "input_ids" not in inputs.kwargs or mask is None or other:
@@ -180,11 +184,31 @@ def left_padded(inputs: ModelInputs, *, with_positions: bool, carried: tuple[str
                 "an attention_mask without position_ids of your own"
             )
     kwargs = {name: value for name, value in inputs.kwargs.items() if name in carried}
+    for name in moved:
+        if name in kwargs:
+            kwargs[name] = moved_positions(kwargs[name], order, inputs.masks["input"], name)
     kwargs.update(input_ids=ids, attention_mask=mask.long())
     if with_positions:
         kwargs["position_ids"] = positions(mask)
     masks = {space: value for space, value in inputs.masks.items() if space != "input"}
     return ModelInputs(kwargs, {**masks, "input": mask}, dict(inputs.extras))
+
+
+def moved_positions(given: torch.Tensor, order: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
+    """Each example's position ``given[i]`` of a token, after its row was reordered by ``order`` (``[batch,
+    pos]``: new position -> old); ``mask`` is the row's real tokens before. A UserError for a position that
+    points at padding or past the row (the audio would land on other tokens without a word)."""
+    given = torch.as_tensor(given)
+    width = order.shape[1]
+    old = given.reshape(-1).long().to(order.device)  # [batch]
+    if old.shape[0] != order.shape[0] or bool(((old < 0) | (old >= width)).any()):
+        raise UserError(f"{name} must hold one position per example within its {width} tokens, not {given.tolist()}")
+    real = mask.bool().to(order.device).gather(1, old[:, None])[:, 0]
+    if not bool(real.all()):
+        bad = int((~real).nonzero()[0])
+        raise UserError(f"example {bad}'s {name} {int(old[bad])} points at padding: it must point at one of its tokens")
+    new = torch.argsort(order, dim=1).gather(1, old[:, None])[:, 0]  # [batch]: old position -> new
+    return new.to(device=given.device, dtype=given.dtype)
 
 
 def greedy_kwargs(max_new_tokens: int) -> dict:

@@ -153,7 +153,10 @@ class GenerationRequests:
             kwargs = {**inputs.kwargs, **self.adapter.prompt_kwargs(self.model, prompt), "decoder_input_ids": prompt}
             return kwargs, prompt, None
         given = left_padded(
-            inputs, with_positions=takes_position_ids(self.model), carried=self.adapter.per_example_kwargs
+            inputs,
+            with_positions=takes_position_ids(self.model),
+            carried=self.adapter.per_example_kwargs,
+            moved=self.adapter.per_example_positions,
         )
         kwargs = {name: value for name, value in given.kwargs.items() if name != "position_ids"}  # generate's own
         return {**kwargs, "pad_token_id": self._pad_token(), **PLAIN_ARGMAX}, given.kwargs["input_ids"], given

@@ -141,7 +141,7 @@ def test_an_empty_continuation_left_empty_by_the_edit_scores_unchanged():
     assert sentence_scores("t2tt", "", "", "deu")["score"] == 0.0  # translation: a real reference, unchanged rules
 
 
-@pytest.mark.parametrize("family", ["gpt2", "qwen2_audio"])
+@pytest.mark.parametrize("family", ["gpt2", "qwen2_audio", "ultravox"])
 def test_a_continuation_sweep_continues_in_the_modality_its_run_was_recorded_in(
     family, tiny_model_dir, corpus, tmp_path
 ):
@@ -153,8 +153,9 @@ def test_a_continuation_sweep_continues_in_the_modality_its_run_was_recorded_in(
     from hookpoints.manifest import read_manifest
     from hookpoints.tiny import build_tiny
 
-    speech = family == "qwen2_audio"
-    folder = build_tiny(family, tmp_path / "m", sizes={"initializer_range": 0.3}) if speech else tiny_model_dir(family)
+    speech = family in ("qwen2_audio", "ultravox")
+    sizes = {"initializer_range": 0.3} if family == "qwen2_audio" else None
+    folder = build_tiny(family, tmp_path / "m", sizes=sizes) if speech else tiny_model_dir(family)
     path, modality = (corpus.speech, "speech") if speech else (corpus.text, "text")
     store = Store.open(tmp_path / "store", create=True)
     manifest = read_manifest(path, required=("audio",) if speech else ("text",))

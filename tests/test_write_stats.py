@@ -63,7 +63,6 @@ def test_build_seconds_count_the_table_building_alone(store, monkeypatch):
     assert stats.flush_seconds >= stats.build_seconds + 4 * pause
 
 
-
 def test_build_seconds_of_a_flush_that_failed_are_not_counted(store, monkeypatch):
     """A flush whose commit fails is not in ``flush_seconds`` (its rows are retried by the next one), so the time
     it spent building its table is not in ``build_seconds`` either: before, it was, and ``build_seconds``, "the part
@@ -90,6 +89,7 @@ def test_build_seconds_of_a_flush_that_failed_are_not_counted(store, monkeypatch
     assert stats.flushes == 1
     assert pause <= stats.build_seconds < 2 * pause  # the build of the flush that committed, not both
     assert stats.build_seconds <= stats.flush_seconds
+
 
 def test_a_writer_that_flushed_nothing_says_zero(store):
     writer = _open(store)

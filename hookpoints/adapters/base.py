@@ -72,6 +72,9 @@ class Adapter:
     #: forward arguments held per example, not per token (an audio LLM's features): a left-padded batch keeps
     #: them as they are (hookpoints.generation.left_padded; a decoder-only family that continues its inputs)
     per_example_kwargs: tuple[str, ...] = ()
+    #: those of them that hold a position in each example's tokens (Ultravox's ``audio_token_start_idx``): a
+    #: left-padded batch moves them with the token they point at
+    per_example_positions: tuple[str, ...] = ()
 
     # -- loading and inputs (overridden per family) -----------------------------------------------------
 

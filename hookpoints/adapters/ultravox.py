@@ -31,6 +31,10 @@ class Ultravox(Adapter):
     def model_class(self, config, modality):
         return UltravoxModel
 
+    def tasks(self, config, modality):
+        """forward, and ``continue``: greedy generation after the text or the speech prompt (its audio tokens)."""
+        return ("forward", "continue")
+
     def key_positions(self, model, space):
         """The audio encoder's maps have keys up to its window (Whisper's 1500 positions), the LM's its context."""
         if space == "audio_encoder":
@@ -173,4 +177,7 @@ ULTRAVOX = Ultravox(
         "multi_modal_projector": "audio_projector",
         "language_model": "lm",
     },
+    # the audio's features and where its tokens go: left padding moves each example's first audio token
+    per_example_kwargs=("audio_values", "audio_lens", "audio_token_start_idx", "audio_token_len"),
+    per_example_positions=("audio_token_start_idx",),
 )

@@ -8,7 +8,9 @@ registers ``model_type="ultravox"`` with ``AutoConfig``. So a hub checkpoint loa
 remote code: its ``model.safetensors`` holds the projector, and ``audio_model_id`` / ``text_model_id`` name
 the Whisper and LLaMA checkpoints whose weights fill the other two parts (as Ultravox's own code does).
 
-hookpoints records it with forward passes (the LALM paper's setting); generation is not wired up.
+hookpoints records its forward passes (the LALM paper's setting) and its greedy continuations (task
+``continue``): :class:`UltravoxModel` generates through transformers' ``GenerationMixin``, the audio read at
+the first step only (the KV cache holds the prompt after it).
 
 Speech goes in as log-mel features (``audio_values``, ``[batch, mels, frames]``, up to the encoder's
 window) with ``audio_lens`` (real frames per example); the projector's output replaces ``audio_token_len``
@@ -26,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.activations import get_activation
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -126,7 +129,7 @@ class UltravoxProjector(nn.Module):
         return self.ln_post(self.linear_2(hidden))
 
 
-class UltravoxModel(PreTrainedModel):
+class UltravoxModel(PreTrainedModel, GenerationMixin):
     config_class = UltravoxConfig
     config: UltravoxConfig
     base_model_prefix = ""
@@ -184,10 +187,12 @@ class UltravoxModel(PreTrainedModel):
         audio_token_start_idx: torch.Tensor | None = None,
         audio_token_len: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         **kwargs,
     ):
         """One audio per example: its projected tokens replace the prompt's placeholders at
-        ``audio_token_start_idx[i] : + audio_token_len[i]``."""
+        ``audio_token_start_idx[i] : + audio_token_len[i]``. ``position_ids`` is named so that ``generate``
+        counts a left-padded prompt's positions from each example's first token (as for LLaMA)."""
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [batch, tokens, d_model]
         # Not when a cache already holds the prompt (a later decoding step); a one-token prompt (one audio
@@ -199,8 +204,17 @@ class UltravoxModel(PreTrainedModel):
             inputs_embeds = inputs_embeds.clone()
             for i in range(inputs_embeds.shape[0]):
                 start, length = int(audio_token_start_idx[i]), int(audio_token_len[i])
+                if attention_mask is not None and attention_mask.dim() == 2:
+                    span = attention_mask[i, start : start + length]
+                    if span.shape[0] != length or not bool(span.all()):  # the audio would land on padding
+                        raise ValueError(
+                            f"example {i}'s {length} audio tokens from position {start} are not all real tokens "
+                            "of its prompt (attention_mask 1): audio_token_start_idx is off"
+                        )
                 inputs_embeds[i, start : start + length] = tokens[i, :length]
-        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        return self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
 
 
 def _fill(part: nn.Module, prefix: str, missing: set[str], load) -> None:
