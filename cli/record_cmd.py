@@ -6,6 +6,7 @@ import click
 from hookpoints.cli.console import counting, err, out
 from hookpoints.cli.params import FiniteFloat
 from hookpoints.cli.placement_options import load_options, placement_options
+from hookpoints.cli.sampling_options import sampling_from, sampling_options
 
 from hookpoints.settings import POOLINGS, STORAGE_DTYPES
 from hookpoints.tasks import TASKS
@@ -48,8 +49,8 @@ from hookpoints.tasks import TASKS
     type=click.Choice(list(TASKS)),
     default="forward",
     show_default=True,
-    help="forward pass; greedy ASR / speech-to-text / text-to-text translation (decoder recorded over the output); "
-    "continue: a decoder-only LM's greedy continuation (recorded over the generated tokens).",
+    help="forward pass; ASR / speech-to-text / text-to-text translation (decoder recorded over the output); "
+    "continue: a decoder-only LM's continuation (recorded over the generated tokens). Greedy unless --sample.",
 )
 @click.option("--tgt-lang", help="Target language: s2tt/t2tt default eng; asr default each example's language.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Generation length limit.")
@@ -60,6 +61,7 @@ from hookpoints.tasks import TASKS
     metavar="TEXT",
     help="Audio LLMs: the prompt's text around the audio, which goes at {audio} (e.g. '{audio}Describe it:').",
 )
+@sampling_options
 @click.option("--split", help="FLEURS split (train, dev, test; default test).")
 @click.option("--languages", help="FLEURS languages, comma-separated (de_de or de).")
 @click.option("--limit", type=int, help="FLEURS recordings per language at most.")
@@ -109,6 +111,11 @@ def command(
     per_step,
     frames,
     template,
+    sample,
+    temperature,
+    top_k,
+    top_p,
+    sample_seed,
     split,
     languages,
     limit,
@@ -147,6 +154,7 @@ def command(
         raise UserError("--workers is for --ray (actors, one model each); add --ray or leave --workers out")
     if buffer_mb is not None and buffer_mb < 0:
         raise UserError(f"--buffer-mb must be 0 or more, not {buffer_mb}")
+    sampling = sampling_from(sample, temperature, top_k, top_p, sample_seed)
     shard_of = parse_shard(shard)
     placement = load_options(device, model_dtype, device_map, offload_folder)
     budget = parse_size(max_bytes) if max_bytes is not None else None
@@ -199,6 +207,7 @@ def command(
             per_step=per_step,
             frames=frames,
             template=template,
+            sampling=sampling,
             if_exists="resume" if resume else "overwrite" if overwrite else "error",
             on_start=on_start,
             on_batch=on_batch,

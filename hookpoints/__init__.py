@@ -43,6 +43,7 @@ _EXPORTS = {
     "neuron_stats": "hookpoints.store.neuron_sql",
     "RunSettings": "hookpoints.settings",
     "Pooling": "hookpoints.settings",
+    "Sampling": "hookpoints.settings",
     # analyses: AP selectivity
     "average_precision": "hookpoints.analyses.ap",
     "custom_label_set": "hookpoints.analyses.labels",

@@ -28,11 +28,12 @@ from hookpoints.generation import (
     without_encoder_inputs,
 )
 from hookpoints.generation_requests import GenerationRequests
-from hookpoints.hook_fns import hooked, resolve_hooks, user_hook
+from hookpoints.hook_fns import hooked
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import HookPoint
 from hookpoints.pooling import pool_positions, positions_first
 from hookpoints.probe import first_input, first_tensor
+from hookpoints.settings import Sampling
 
 #: A pooling method for every hook point, or a function choosing one per hook point.
 Pooling = str | Callable[[HookPoint], str]
@@ -71,9 +72,13 @@ class GenerationMethods(GenerationRequests):
         encoder_outputs=None,
         edits: list[NeuronEdit] | None = None,
         fwd_hooks=(),
+        sampling: Sampling | None = None,
+        sample_keys: list | None = None,
     ) -> Generation:
         """Greedy decoding from ``prompt`` (an encoder-decoder's decoder prompt; none for a decoder-only LM, which
-        continues its inputs); from ``encoder_outputs`` when given (no encoder run).
+        continues its inputs); from ``encoder_outputs`` when given (no encoder run). With ``sampling``
+        (:class:`~hookpoints.settings.Sampling`) each example's tokens are drawn from its own stream, keyed by
+        ``sample_keys`` (one per example; default its index in the batch; hookpoints.sampling).
 
         With ``edits``, every edit is applied at every step (:meth:`generate_edited`). With ``fwd_hooks``
         (``[(name or glob, fn)]``, as :meth:`run_with_hooks` takes them) each ``fn(tensor, hook)`` runs at every
@@ -90,7 +95,9 @@ class GenerationMethods(GenerationRequests):
         if edits:
             if encoder_outputs is not None or changes:
                 raise UserError("generate: give edits, or encoder_outputs or fwd_hooks, not both")
-            return self.generate_edited(inputs, prompt, list(edits), max_new_tokens)[0]
+            return self.generate_edited(
+                inputs, prompt, list(edits), max_new_tokens, sampling=sampling, sample_keys=sample_keys
+            )[0]
         if encoder_outputs is not None and changes:  # the encoder does not run: its hooks would never be called
             encoder = self._module_path(self.model.get_encoder())
             idle = next((point.name for point, _ in changes if _runs_with_encoder(point, encoder)), None)
@@ -114,7 +121,9 @@ class GenerationMethods(GenerationRequests):
             hooked(self, changes),
             fingerprint,
         ):
-            self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
+            self.model.generate(
+                **kwargs, **greedy_kwargs(max_new_tokens), **self._sampled(inputs, sampling, sample_keys)
+            )
         # What generate returns differs by family (Whisper's drops the prompt and trailing EOS); the streamer
         # sees exactly the prompt, then each step's tokens.
         generation = self._generation(collector.sequences().to(self.device), start.shape[1], prompt_inputs)
@@ -123,20 +132,6 @@ class GenerationMethods(GenerationRequests):
         check_steps(generation)
         return generation
 
-    def _hook_changes(self, inputs: ModelInputs, fwd_hooks) -> list:
-        """``fwd_hooks`` as (hook point, change of its tensor) pairs for :func:`hookpoints.hook_fns.hooked`."""
-        if not fwd_hooks:
-            return []
-        resolved = resolve_hooks(self, fwd_hooks)
-        mask = inputs.masks.get("input")
-        padded = self.continues and mask is not None and not bool(mask.all())  # generate moves its padding first
-        if padded and any(getattr(fn, "reads_positions", False) for _, fn in resolved):
-            raise UserError(
-                "generate: patch(cache) reads positions as run_with_cache lays them out (padding last), but generate "
-                "left-pads prompts of different lengths: patch a batch of one, or of prompts of one length"
-            )
-        return [(point, user_hook(point, fn, inputs.batch_size)) for point, fn in resolved]
-
     def pooled_generating(
         self,
         inputs: ModelInputs,
@@ -144,8 +139,12 @@ class GenerationMethods(GenerationRequests):
         points: list[HookPoint],
         pooling: Pooling,
         max_new_tokens: int,
+        *,
+        sampling: Sampling | None = None,
+        sample_keys: list | None = None,
     ) -> tuple[dict[str, torch.Tensor], Generation]:
-        """Record a generating task: the encoder once, greedy generation, one teacher-forced decoder pass.
+        """Record a generating task: the encoder once, generation (greedy, or ``sampling`` as in :meth:`generate`),
+        one teacher-forced decoder pass.
 
         1. One traced pass through the encoder records its hook points and keeps its output (then stops).
         2. ``generate`` decodes from that output: the encoder does not run again.
@@ -159,7 +158,7 @@ class GenerationMethods(GenerationRequests):
         inputs = self.generation_inputs(inputs)  # texts too, as generate takes them
         prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
         if self.continues:
-            generation = self.generate(inputs, None, max_new_tokens)
+            generation = self.generate(inputs, None, max_new_tokens, sampling=sampling, sample_keys=sample_keys)
             self._check_no_audio_generated(inputs, generation)
             return self.pooled(generation.teacher_forced(inputs), points, pooling, check=generation), generation
         encoder = self._module_path(self.model.get_encoder())
@@ -178,24 +177,14 @@ class GenerationMethods(GenerationRequests):
             encoded = self._envoys[encoder].output.save()
             tracer.stop()
         encoder_outputs = BaseModelOutput(last_hidden_state=first_tensor(encoded))
-        generation = self.generate(inputs, prompt, max_new_tokens, encoder_outputs=encoder_outputs)
+        generation = self.generate(
+            inputs, prompt, max_new_tokens, encoder_outputs=encoder_outputs, sampling=sampling, sample_keys=sample_keys
+        )
         decoder_inputs = generation.teacher_forced(inputs, encoder_outputs=encoder_outputs)
         outside = [p for p in points if p.name not in saved]
         pooled = {name: tensor.detach() for name, tensor in saved.items()}
         pooled.update(self.pooled(decoder_inputs, outside, pooling, check=generation))
         return pooled, generation
-
-    def _check_no_audio_generated(self, inputs: ModelInputs, generation: Generation) -> None:
-        """An audio LLM that generated its audio token (``<|AUDIO|>``) cannot be teacher-forced: its forward
-        would read the generated one as audio (HF's ValueError: tokens and features do not match)."""
-        audio = getattr(self.model.config, "audio_token_id", None)
-        fed = generation.sequences[:, generation.prompt_length : -1]  # the generated tokens the pass reads
-        if audio is not None and "input_features" in inputs.kwargs and bool(fed.eq(audio).any()):
-            example = int(fed.eq(audio).any(1).nonzero()[0])
-            raise UserError(
-                f"example {example} generated the audio token (id {audio}), which record's teacher-forced pass "
-                "(--per-step too) reads as audio: record it with hooks at every step (model.pooled_per_step)"
-            )
 
     def generate_edited(
         self,
@@ -206,6 +195,8 @@ class GenerationMethods(GenerationRequests):
         *,
         record: list[HookPoint] = (),
         fold: bool = True,
+        sampling: Sampling | None = None,
+        sample_keys: list | None = None,
     ) -> tuple[Generation, dict[str, list[torch.Tensor]]]:
         """Greedy decoding from ``prompt`` with every edit applied at every position of every call.
 
@@ -219,9 +210,11 @@ class GenerationMethods(GenerationRequests):
         holds the padding first). Without ``record`` (and not remote), plain torch hooks edit instead of nnsight,
         and with ``fold`` (the default) replacements of ``nn.Linear`` outputs are folded into the layers' weights for
         the generation (hookpoints.edit_folding: no hook at all for them, the same values; ``fold=False`` keeps a
-        hook per tensor).
+        hook per tensor). ``sampling`` / ``sample_keys``: as in :meth:`generate` (the same draws with and without
+        edits: common random numbers).
         """
         inputs, prompt = self._check_request(inputs, prompt, max_new_tokens, edits)
+        sampled = self._sampled(inputs, sampling, sample_keys)
         if isinstance(record, str) or any(isinstance(point, str) for point in record):
             record = self.select(record)  # names or globs, as run_with_cache takes them
         modules = dict(self.model.named_modules())
@@ -229,7 +222,7 @@ class GenerationMethods(GenerationRequests):
             if point.module not in modules:
                 raise UserError(f"hook {point.name} is on module {point.module}, which this model does not have")
         if not record and not self.remote:
-            return self._generate_with_torch_hooks(inputs, prompt, edits, max_new_tokens, fold), {}
+            return self._generate_with_torch_hooks(inputs, prompt, edits, max_new_tokens, fold, sampled), {}
         every_step = self.modules_run_every_step(inputs, prompt)
         # Inputs are edited by torch pre-hooks registered before the adapter's batch guard, as without recording:
         # nnsight hands a module its input after every pre-hook has run, so an input edit made there would land
@@ -257,7 +250,7 @@ class GenerationMethods(GenerationRequests):
                 self.adapter.batch_guard(self.model, inputs),
                 eager_attention(needs_eager(p.module for p in ordered)),
                 changing_keys(changes_keys(edit.point.module for edit in edits)),
-                self.traced.trace(fn="generate", **kwargs, **greedy_kwargs(max_new_tokens)) as tracer,
+                self.traced.trace(fn="generate", **kwargs, **greedy_kwargs(max_new_tokens), **sampled) as tracer,
             ):
                 for step in tracer.iter[:max_new_tokens]:
                     for point in ordered:
@@ -295,6 +288,7 @@ class GenerationMethods(GenerationRequests):
         edits: list[NeuronEdit],
         max_new_tokens: int,
         fold: bool = True,
+        sampled: dict | None = None,
     ) -> Generation:
         """:meth:`generate_edited` without recording: the same edits on the same tensors at every call, from plain
         torch hooks (nnsight's per-edit hand-off costs ~0.1 ms per hook point and step, which dominates a small
@@ -310,7 +304,7 @@ class GenerationMethods(GenerationRequests):
             torch.inference_mode(),
             self.adapter.batch_guard(self.model, inputs),
         ):
-            self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens))
+            self.model.generate(**kwargs, **greedy_kwargs(max_new_tokens), **(sampled or {}))
         generation = self._generation(collector.sequences().to(self.device), start.shape[1], prompt_inputs)
         check_prompt(generation, start)
         return generation
@@ -362,6 +356,9 @@ class GenerationMethods(GenerationRequests):
         points: list[HookPoint],
         pooling: str,
         max_new_tokens: int,
+        *,
+        sampling: Sampling | None = None,
+        sample_keys: list | None = None,
     ) -> tuple[dict[str, torch.Tensor], Generation]:
         """Record with hooks at every step of ``generate`` (the reference the teacher-forced pass is tested on).
 
@@ -369,7 +366,9 @@ class GenerationMethods(GenerationRequests):
         example took; hooks that run once (encoders, cross-attention keys and values, at step 0) are pooled over
         their positions as in :meth:`pooled`.
         """
-        generation, seen = self.generate_edited(inputs, prompt, [], max_new_tokens, record=points)
+        generation, seen = self.generate_edited(
+            inputs, prompt, [], max_new_tokens, record=points, sampling=sampling, sample_keys=sample_keys
+        )
         every_step = self.modules_run_every_step(inputs, prompt)
         pooled = {}
         for point in points:

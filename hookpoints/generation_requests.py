@@ -15,8 +15,11 @@ import torch
 from hookpoints.adapters.base import max_positions
 from hookpoints.editing import check_edits
 from hookpoints.errors import UserError, check_count
-from hookpoints.generation import left_padded, takes_position_ids
+from hookpoints.generation import Generation, left_padded, takes_position_ids
+from hookpoints.hook_fns import resolve_hooks, user_hook
 from hookpoints.inputs import ModelInputs
+from hookpoints.sampling import sampling_kwargs
+from hookpoints.settings import Sampling
 from hookpoints.tasks import get_task
 
 #: A decoder-only LM continues by the argmax of its logits, as TransformerLens' greedy ``generate`` does: a
@@ -160,6 +163,40 @@ class GenerationRequests:
         )
         kwargs = {name: value for name, value in given.kwargs.items() if name != "position_ids"}  # generate's own
         return {**kwargs, "pad_token_id": self._pad_token(), **PLAIN_ARGMAX}, given.kwargs["input_ids"], given
+
+    def _hook_changes(self, inputs: ModelInputs, fwd_hooks) -> list:
+        """``fwd_hooks`` as (hook point, change of its tensor) pairs for :func:`hookpoints.hook_fns.hooked`."""
+        if not fwd_hooks:
+            return []
+        resolved = resolve_hooks(self, fwd_hooks)
+        mask = inputs.masks.get("input")
+        padded = self.continues and mask is not None and not bool(mask.all())  # generate moves its padding first
+        if padded and any(getattr(fn, "reads_positions", False) for _, fn in resolved):
+            raise UserError(
+                "generate: patch(cache) reads positions as run_with_cache lays them out (padding last), but generate "
+                "left-pads prompts of different lengths: patch a batch of one, or of prompts of one length"
+            )
+        return [(point, user_hook(point, fn, inputs.batch_size)) for point, fn in resolved]
+
+    def _check_no_audio_generated(self, inputs: ModelInputs, generation: Generation) -> None:
+        """An audio LLM that generated its audio token (``<|AUDIO|>``) cannot be teacher-forced: its forward
+        would read the generated one as audio (HF's ValueError: tokens and features do not match)."""
+        audio = getattr(self.model.config, "audio_token_id", None)
+        fed = generation.sequences[:, generation.prompt_length : -1]  # the generated tokens the pass reads
+        if audio is not None and "input_features" in inputs.kwargs and bool(fed.eq(audio).any()):
+            example = int(fed.eq(audio).any(1).nonzero()[0])
+            raise UserError(
+                f"example {example} generated the audio token (id {audio}), which record's teacher-forced pass "
+                "(--per-step too) reads as audio: record it with hooks at every step (model.pooled_per_step)"
+            )
+
+    def _sampled(self, inputs: ModelInputs, sampling: Sampling | None, keys: list | None) -> dict:
+        """``generate``'s arguments for ``sampling`` (none for greedy decoding; hookpoints.sampling)."""
+        if sampling is not None and not isinstance(sampling, Sampling):
+            raise UserError(f"sampling must be a hookpoints.Sampling (or None: greedy), not {sampling!r:.60}")
+        if keys is not None and sampling is None:
+            raise UserError("sample_keys key the streams of sampled decoding: give sampling=hp.Sampling(...) too")
+        return sampling_kwargs(sampling, keys, inputs.batch_size)
 
     def _pad_token(self) -> int:
         """The id generate pads finished examples with (the tokenizer's pad, else EOS; HF warns without one)."""

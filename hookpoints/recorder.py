@@ -23,7 +23,7 @@ from hookpoints.mask_skips import MASK_CHECK, check_claims
 from hookpoints.model import HookedModel
 from hookpoints.points import HookPoint
 from hookpoints.record_plan import DEFAULT_MAX_NEW_TOKENS, known_sources, plan_examples
-from hookpoints.settings import RunSettings
+from hookpoints.settings import RunSettings, Sampling
 from hookpoints.sizes import check_budget, example_bytes
 from hookpoints.store.catalog import Store
 from hookpoints.store.runs import check_shard, in_shard
@@ -66,6 +66,7 @@ class BatchJob:
     base: str = "."  # the manifest's folder: relative audio paths start there
     storage: str = "float32"  # the run's --dtype: float16 rows are cast where they were pooled (half the copy)
     template: str | None = None  # an audio LLM's prompt text around the audio ({audio})
+    sampling: Sampling | None = None  # sampled decoding, each example's stream keyed by its id; None: greedy
 
     @cached_property
     def settings(self) -> RunSettings:
@@ -106,6 +107,7 @@ def record(
     run_batches: BatchRunner | None = None,
     max_bytes: int | None = None,
     template: str | None = None,
+    sampling: Sampling | None = None,
 ) -> RecordSummary:
     """Record every example of ``manifest`` at ``hooks`` (globs; default: the model's listed hook points).
 
@@ -117,7 +119,9 @@ def record(
     ``max_new_tokens``), save the text with the example, and pool decoder hooks over the generated tokens;
     with ``per_step`` decoder hooks keep one row per generation step instead (``position`` = step).
     ``frames`` fixes speech features to that many frames (truncation / masked zero-padding; the paper: 300).
-    ``template`` (audio LLMs): the prompt's text around the audio, at ``{audio}``.
+    ``template`` (audio LLMs): the prompt's text around the audio, at ``{audio}``. ``sampling``
+    (:class:`~hookpoints.settings.Sampling`): generating tasks sample instead, each example from its own stream
+    keyed by its id (the same tokens in any batch, shard or resume).
     ``if_exists``: error, resume (record only what is missing) or overwrite. ``shard=(I, N)`` records only
     the examples of shard I of N (several processes can record one run side by side). ``run_batches`` runs
     the model somewhere else (hookpoints.scale_out); the rows are committed here either way.
@@ -141,6 +145,7 @@ def record(
         frames=frames,
         max_new_tokens=max_new_tokens if generates else None,
         template=template,
+        sampling=sampling,
     )
     check_shard(shard)
     for name, value in (("frames", frames), ("a prompt template", template)):
@@ -160,7 +165,9 @@ def record(
         "prepend_bos": model.prepend_bos,
         "versions": {"hookpoints": hookpoints.__version__, "torch": torch.__version__},
     }
-    job = BatchJob(task, pooling, per_step, frames, max_new_tokens, tgt_lang, str(manifest.base), dtype, template)
+    job = BatchJob(
+        task, pooling, per_step, frames, max_new_tokens, tgt_lang, str(manifest.base), dtype, template, sampling
+    )
     if max_bytes is not None:  # before anything is written (resume: counts the shard's examples already there)
         rows = [r for r, example in enumerate(manifest.ids) if in_shard(example, shard)]
         rows.sort(key=plan.sizes.__getitem__)
@@ -301,7 +308,10 @@ def start_batch(model: HookedModel, examples: pa.Table, points: list[HookPoint],
         prompt = None  # a decoder-only LM continues its input
         if task.target is not None:
             prompt = model.decoder_prompt(targets, task=task.name, sources=known_sources(examples))
-        pooled, generation = model.pooled_generating(inputs, prompt, points, job.method, job.max_new_tokens)
+        keys = ids if job.sampling is not None else None  # each example's stream: its id, whatever the batch
+        pooled, generation = model.pooled_generating(
+            inputs, prompt, points, job.method, job.max_new_tokens, sampling=job.sampling, sample_keys=keys
+        )
         inputs = generation.teacher_forced(inputs)  # for its masks: the steps' positions
         step_offset = generation.prompt_length - 1  # position of step 0 (task.step_space)
         added = {

@@ -73,6 +73,57 @@ def check_template_text(template) -> None:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding instead of greedy: the logits divided by ``temperature``, then only the ``top_k`` most
+    likely tokens, then the fewest tokens holding ``top_p`` of the probability (transformers' own warpers, in
+    that order), one token drawn per example and step from the example's own random stream (``seed`` and the
+    example's key: its id when recording, its index in the batch otherwise; hookpoints.sampling). So an example
+    draws the same tokens in any batch, on any device, given the same probabilities.
+
+    >>> Sampling(temperature=0.7, top_p=0.9).config()
+    {'temperature': 0.7, 'top_k': None, 'top_p': 0.9, 'seed': 0}
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        number = isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
+        if not number or not 0 < self.temperature < float("inf"):
+            raise UserError(f"temperature must be a number above 0, not {self.temperature!r}")
+        if self.top_k is not None and (not _whole(self.top_k) or self.top_k < 1):
+            raise UserError(f"top_k must be a whole number of at least 1, not {self.top_k!r}")
+        if self.top_p is not None and (
+            isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1
+        ):
+            raise UserError(f"top_p must be a number above 0 and at most 1, not {self.top_p!r}")
+        if not _whole(self.seed) or self.seed < 0:
+            raise UserError(f"the sampling seed must be a whole number of at least 0, not {self.seed!r}")
+        object.__setattr__(self, "temperature", float(self.temperature))
+        if self.top_p is not None:
+            object.__setattr__(self, "top_p", float(self.top_p))
+
+    def config(self) -> dict:
+        """As the run's config keeps it (and :meth:`from_config` reads it back)."""
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config: dict | None) -> Sampling | None:
+        """A run config's ``sampling`` value (None: greedy)."""
+        if config is None:
+            return None
+        if not isinstance(config, dict) or set(config) - {"temperature", "top_k", "top_p", "seed"}:
+            raise UserError(f"the run's config holds an unknown sampling {config!r:.80}: the run is damaged")
+        return cls(**config)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """What a run was recorded with (the ``runs`` table's model, task, pooling and dtype, and its config).
 
@@ -92,6 +143,7 @@ class RunSettings:
     frames: int | None = None
     max_new_tokens: int | None = None
     template: str | None = None  # an audio LLM's prompt text around the audio ({audio}); None: the audio alone
+    sampling: Sampling | None = None  # sampled decoding of a generating task; None: greedy
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pooling", parse_pooling(self.pooling))
@@ -110,6 +162,10 @@ class RunSettings:
             raise UserError(f"max new tokens must be at least 1, not {self.max_new_tokens}")
         if self.template is not None:
             check_template_text(self.template)
+        if self.sampling is not None and not isinstance(self.sampling, Sampling):
+            raise UserError(f"sampling must be a hookpoints.Sampling (or None: greedy), not {self.sampling!r:.60}")
+        if self.sampling is not None and not TASKS[self.task].generates:
+            raise UserError(f"sampling applies to generating tasks (asr, s2tt, t2tt, continue), not {self.task}")
 
     # --- written into the store -------------------------------------------------------------------------
     def stored_pooling(self) -> str:
@@ -128,7 +184,11 @@ class RunSettings:
             "per_step": self.per_step,
             "frames": self.frames,
         }
-        return config if self.template is None else {**config, "template": self.template}
+        if self.template is not None:
+            config["template"] = self.template
+        if self.sampling is not None:
+            config["sampling"] = self.sampling.config()
+        return config
 
     @classmethod
     def from_row(cls, row: dict) -> RunSettings:
@@ -151,6 +211,7 @@ class RunSettings:
             frames=config.get("frames"),
             max_new_tokens=config.get("max_new_tokens"),
             template=config.get("template"),
+            sampling=Sampling.from_config(config.get("sampling")),
         )
 
     # --- what the stored rows mean ----------------------------------------------------------------------

@@ -31,7 +31,7 @@ def check_shards(run: str, info, count: int) -> None:
 #: (a shard recorded with other --max-new-tokens or --prepend-bos was mixed into the run without a word).
 RESUMED_CONFIG = ("tgt_lang", "max_new_tokens", "frames", "prepend_bos", "modality")
 #: Config values a run holds only where they were given (an audio LLM's prompt template): absent means none.
-OPTIONAL_CONFIG = ("template",)
+OPTIONAL_CONFIG = ("template", "sampling")
 
 
 def check_resumable(
