@@ -99,6 +99,34 @@ def test_recording_an_ultravox_continuation_equals_hooks_at_every_step(folder):
         torch.testing.assert_close(pooled[point.name], forward[point.name], msg=point.name)
 
 
+def test_a_hook_on_an_input_the_batch_guard_zeroes_acts_on_each_utterance_as_alone(folder):
+    """A ``fwd_hooks`` change of ``multi_modal_projector:input`` (the encoder's output) or a conv's input: the
+    batch guard zeroes what lies past each utterance there, and ran before the hook, so the hook's change of the
+    padding reached the last stacked audio token of a shorter utterance (logits off by 0.6; another continuation),
+    without a word. Now the hooks run first (as generate_edited's input edits do), in generate and a forward pass."""
+    model = load(folder, modality="speech")
+    inputs = model.speech_inputs(waves(), template=TEMPLATE)
+
+    def shift(tensor, hook):
+        return tensor + 3.0
+
+    for name in ("multi_modal_projector:input", "audio_tower.conv1:input"):
+        module = model.hook_points.get(name).module
+        generation = model.generate(inputs, max_new_tokens=STEPS, fwd_hooks=[(name, shift)])
+        logits = model.run_with_hooks(inputs, fwd_hooks=[(name, shift)]).logits  # [batch, pos, vocab]
+        handle = dict(model.model.named_modules())[module].register_forward_pre_hook(lambda m, a: (a[0] + 3.0,))
+        try:
+            alone = [greedy_alone(model, wave, STEPS) for wave in waves()]
+            with torch.inference_mode():
+                each = [model.model(**model.speech_inputs([wave], template=TEMPLATE).kwargs).logits for wave in waves()]
+        finally:
+            handle.remove()
+        for i in range(3):
+            assert generation.generated(i) == alone[i], f"{name}: example {i}"
+            real = each[i].shape[1]  # right-padded: the example's tokens come first
+            torch.testing.assert_close(logits[i, :real], each[i][0], atol=1e-5, rtol=1e-5, msg=f"{name}: {i}")
+
+
 def test_record_continue_on_ultravox_speech_stores_the_generated_text(run_cli, folder, tmp_path):
     import json
 
