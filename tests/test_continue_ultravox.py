@@ -186,6 +186,26 @@ def test_ultravox_refuses_audio_placed_on_padding(folder):
         model.model(**kwargs)
 
 
+def test_ultravox_refuses_audio_tokens_it_does_not_make_and_missing_placement(folder):
+    """A hand-built ``audio_token_len`` short of what an utterance makes placed only its first tokens and left the
+    other placeholders as text (EOS embeddings), without a word; a missing ``audio_token_start_idx`` was a
+    TypeError ('NoneType' object is not subscriptable). Each is now a one-line ValueError, in generate too."""
+    model = load(folder, modality="speech")
+    inputs = model.speech_inputs(waves(2), template=TEMPLATE)
+    short = {**inputs.kwargs, "audio_token_len": inputs.kwargs["audio_token_len"] - torch.tensor([0, 1])}
+    missing = {k: v for k, v in inputs.kwargs.items() if k != "audio_token_start_idx"}
+    count = int(inputs.kwargs["audio_token_len"][1])
+    for kwargs, message in (
+        (short, f"example 1's audio makes {count} audio tokens, but audio_token_len says {count - 1}"),
+        (missing, "audio_values needs audio_token_start_idx and audio_token_len"),
+    ):
+        with torch.inference_mode(), pytest.raises(ValueError, match=message) as caught:
+            model.model(**kwargs)
+        assert "\n" not in str(caught.value)
+        with pytest.raises(ValueError, match=message):
+            model.generate(ModelInputs(kwargs, dict(inputs.masks)), max_new_tokens=2)
+
+
 def test_ultravox_on_text_continues_as_its_language_model_alone(folder):
     """Text input: no audio, so Ultravox is its LLaMA; each text of a padded batch against the LLaMA's own
     ``generate`` on that text alone."""
