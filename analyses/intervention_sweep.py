@@ -107,14 +107,14 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
                 raise UserError(f"interventions score generated text: use asr, s2tt, t2tt or continue, not {task_name}")
             stats_run = stats_run_for(spec, task_name, runs)
             source = spec.model or runs[stats_run]["model"]
-            # continue: the modality the stats run was recorded in (Qwen2-Audio continues speech or text)
+            # continue: the modality the stats run was recorded in (an audio LLM continues speech or text)
             modality = task.modality or recorded_modalities(session, [stats_run])[stats_run]
             if spec.frames is not None and modality != "speech":  # as record refuses it (hookpoints.recorder)
                 raise UserError(f"--frames applies to speech input; task {task_name} reads {modality} here")
             model = load_model(source, modality)
             if (task_name == CONTINUE) != model.continues:
                 raise UserError(
-                    f"{source} cannot {task_name}: a decoder-only LM (or Qwen2-Audio) continues its input, "
+                    f"{source} cannot {task_name}: a decoder-only LM (or an audio LLM) continues its input, "
                     "a speech-text model decodes into a target language (asr, s2tt, t2tt)"
                     if task_name == CONTINUE
                     else f"{source} is a decoder-only LM: it continues its input; sweep --task continue"
