@@ -167,6 +167,7 @@ def test_left_padding_moves_a_per_example_position_with_its_token():
         (torch.tensor([3, 2]), "example 0's start 3 points at padding"),
         (torch.tensor([1, 4]), "one position per example within its 4 tokens"),
         (torch.tensor([1]), "one position per example"),
+        (torch.tensor([1, 0]), "example 1 has padding .* between its tokens after its start 0"),  # 8, _, 9, 10
     ):
         wrong = ModelInputs({**inputs.kwargs, "start": bad}, {"input": mask})
         with pytest.raises(UserError, match=message):
