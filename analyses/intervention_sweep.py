@@ -12,6 +12,7 @@ and its checks: hookpoints.analyses.sweep_spec; the examples and references: hoo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -106,26 +107,29 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
                 raise UserError(f"interventions score generated text: use asr, s2tt, t2tt or continue, not {task_name}")
             stats_run = stats_run_for(spec, task_name, runs)
             source = spec.model or runs[stats_run]["model"]
-            # continue: the modality the stats run was recorded in (Qwen2-Audio continues speech or text)
+            # continue: the modality the stats run was recorded in (an audio LLM continues speech or text)
             modality = task.modality or recorded_modalities(session, [stats_run])[stats_run]
             if spec.frames is not None and modality != "speech":  # as record refuses it (hookpoints.recorder)
                 raise UserError(f"--frames applies to speech input; task {task_name} reads {modality} here")
             model = load_model(source, modality)
             if (task_name == CONTINUE) != model.continues:
                 raise UserError(
-                    f"{source} cannot {task_name}: a decoder-only LM (or Qwen2-Audio) continues its input, "
+                    f"{source} cannot {task_name}: a decoder-only LM (or an audio LLM) continues its input, "
                     "a speech-text model decodes into a target language (asr, s2tt, t2tt)"
                     if task_name == CONTINUE
                     else f"{source} is a decoder-only LM: it continues its input; sweep --task continue"
                 )
             manifest = sweep_manifest(spec, runs[stats_run], modality)
+            # an audio LLM's speech prompt as the run recorded it (its --template), not the bare audio
+            template = json.loads(runs[stats_run]["config"] or "{}").get("template") if modality == "speech" else None
             hooks = {p.name: (p.component, p.width) for p in model.hook_points if p.unavailable is None}
             explicit = explicit_selection(list(spec.neurons), hooks) if spec.neurons else None
             tgt = model_code(spec.tgt_lang or DEFAULT_TARGET) if task.target == "given" else None
             for language, examples, references in examples_by_language(spec, manifest, task_name, tgt):
                 target = tgt or model_code(language)
                 sub = Manifest(manifest.path, examples)
-                plan_examples(model, sub, task, spec.tgt_lang)  # audio files, texts, language codes
+                # audio files, texts, language codes, room for the tokens, the prompt template, --frames
+                plan_examples(model, sub, task, spec.tgt_lang, spec.max_new_tokens, template, spec.frames)
                 common = {
                     "sweep": spec.sweep,
                     "kind": spec.kind,
@@ -143,7 +147,7 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
                     condition.edits = _edits(model, condition)
                 job = BatchJob(
                     task_name, "mean", frames=spec.frames, max_new_tokens=spec.max_new_tokens,
-                    tgt_lang=spec.tgt_lang, base=str(manifest.base),
+                    tgt_lang=spec.tgt_lang, base=str(manifest.base), template=template,
                 )  # fmt: skip
                 cells.append(Cell(task_name, language, target, examples, references, model, job, conditions, marks))
     return cells

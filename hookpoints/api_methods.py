@@ -88,8 +88,8 @@ class ModelApi:
         maps = needs_eager(point.module for point, _ in changes)  # the SDPA path never calls the map hooks
         with (
             torch.no_grad(),  # not inference_mode: the output is an ordinary tensor (a probe may train on it)
+            hooked(self, changes),  # before the guard: its zeroing of padding comes after an input hook's change
             self.adapter.batch_guard(self.model, inputs),
             eager(maps),
-            hooked(self, changes),
         ):
             return self.model(**own_inputs(inputs.kwargs, [point for point, _ in changes]))  # caller's untouched

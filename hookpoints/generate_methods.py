@@ -116,9 +116,9 @@ class GenerationMethods(GenerationRequests):
         fingerprint = LogitsFingerprint(self.model.get_output_embeddings())
         with (
             torch.inference_mode(),
+            hooked(self, changes),  # before the guard: its zeroing of padding comes after an input hook's change
             self.adapter.batch_guard(self.model, inputs),
             eager_attention(needs_eager(point.module for point, _ in changes)),  # maps: their hooks run eagerly
-            hooked(self, changes),
             fingerprint,
         ):
             self.model.generate(

@@ -207,6 +207,17 @@ def moved_positions(given: torch.Tensor, order: torch.Tensor, mask: torch.Tensor
     if not bool(real.all()):
         bad = int((~real).nonzero()[0])
         raise UserError(f"example {bad}'s {name} {int(old[bad])} points at padding: it must point at one of its tokens")
+    # the tokens from there on must be one run: padding between them would be moved out, shifting what follows
+    valid = mask.bool().to(order.device)
+    last = width - 1 - valid.flip(1).int().argmax(1)  # [batch]: each row's last real token
+    after = torch.arange(width, device=order.device)[None, :] >= old[:, None]
+    gaps = (valid & after).sum(1) != last - old + 1
+    if bool(gaps.any()):
+        bad = int(gaps.nonzero()[0])
+        raise UserError(
+            f"example {bad} has padding (attention_mask 0) between its tokens after its {name} {int(old[bad])}: "
+            "give its tokens from there on without gaps"
+        )
     new = torch.argsort(order, dim=1).gather(1, old[:, None])[:, 0]  # [batch]: old position -> new
     return new.to(device=given.device, dtype=given.dtype)
 

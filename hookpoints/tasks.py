@@ -5,7 +5,7 @@
 - ``s2tt``: speech -> text in ``--tgt-lang`` (default ``eng``: X -> En, as in the SeamlessM4T paper).
 - ``t2tt``: text in the example's ``language`` -> text in ``--tgt-lang``.
 - ``continue``: a decoder-only LM's greedy continuation of its input (no target language): the text, or an
-  audio LLM's speech prompt (Qwen2-Audio).
+  audio LLM's speech prompt (Qwen2-Audio, Ultravox).
 
 Generating tasks decode greedily, save the generated text with the example, and record the decoder over
 the generated tokens (hookpoints.generation).

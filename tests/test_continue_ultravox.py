@@ -99,6 +99,34 @@ def test_recording_an_ultravox_continuation_equals_hooks_at_every_step(folder):
         torch.testing.assert_close(pooled[point.name], forward[point.name], msg=point.name)
 
 
+def test_a_hook_on_an_input_the_batch_guard_zeroes_acts_on_each_utterance_as_alone(folder):
+    """A ``fwd_hooks`` change of ``multi_modal_projector:input`` (the encoder's output) or a conv's input: the
+    batch guard zeroes what lies past each utterance there, and ran before the hook, so the hook's change of the
+    padding reached the last stacked audio token of a shorter utterance (logits off by 0.6; another continuation),
+    without a word. Now the hooks run first (as generate_edited's input edits do), in generate and a forward pass."""
+    model = load(folder, modality="speech")
+    inputs = model.speech_inputs(waves(), template=TEMPLATE)
+
+    def shift(tensor, hook):
+        return tensor + 3.0
+
+    for name in ("multi_modal_projector:input", "audio_tower.conv1:input"):
+        module = model.hook_points.get(name).module
+        generation = model.generate(inputs, max_new_tokens=STEPS, fwd_hooks=[(name, shift)])
+        logits = model.run_with_hooks(inputs, fwd_hooks=[(name, shift)]).logits  # [batch, pos, vocab]
+        handle = dict(model.model.named_modules())[module].register_forward_pre_hook(lambda m, a: (a[0] + 3.0,))
+        try:
+            alone = [greedy_alone(model, wave, STEPS) for wave in waves()]
+            with torch.inference_mode():
+                each = [model.model(**model.speech_inputs([wave], template=TEMPLATE).kwargs).logits for wave in waves()]
+        finally:
+            handle.remove()
+        for i in range(3):
+            assert generation.generated(i) == alone[i], f"{name}: example {i}"
+            real = each[i].shape[1]  # right-padded: the example's tokens come first
+            torch.testing.assert_close(logits[i, :real], each[i][0], atol=1e-5, rtol=1e-5, msg=f"{name}: {i}")
+
+
 def test_record_continue_on_ultravox_speech_stores_the_generated_text(run_cli, folder, tmp_path):
     import json
 
@@ -139,6 +167,7 @@ def test_left_padding_moves_a_per_example_position_with_its_token():
         (torch.tensor([3, 2]), "example 0's start 3 points at padding"),
         (torch.tensor([1, 4]), "one position per example within its 4 tokens"),
         (torch.tensor([1]), "one position per example"),
+        (torch.tensor([1, 0]), "example 1 has padding .* between its tokens after its start 0"),  # 8, _, 9, 10
     ):
         wrong = ModelInputs({**inputs.kwargs, "start": bad}, {"input": mask})
         with pytest.raises(UserError, match=message):
@@ -156,6 +185,26 @@ def test_ultravox_refuses_audio_placed_on_padding(folder):
     kwargs["audio_token_start_idx"][short] = real - count + 1  # its last audio token on the first padding
     with torch.inference_mode(), pytest.raises(ValueError, match=f"example {short}'s .* not all real tokens"):
         model.model(**kwargs)
+
+
+def test_ultravox_refuses_audio_tokens_it_does_not_make_and_missing_placement(folder):
+    """A hand-built ``audio_token_len`` short of what an utterance makes placed only its first tokens and left the
+    other placeholders as text (EOS embeddings), without a word; a missing ``audio_token_start_idx`` was a
+    TypeError ('NoneType' object is not subscriptable). Each is now a one-line ValueError, in generate too."""
+    model = load(folder, modality="speech")
+    inputs = model.speech_inputs(waves(2), template=TEMPLATE)
+    short = {**inputs.kwargs, "audio_token_len": inputs.kwargs["audio_token_len"] - torch.tensor([0, 1])}
+    missing = {k: v for k, v in inputs.kwargs.items() if k != "audio_token_start_idx"}
+    count = int(inputs.kwargs["audio_token_len"][1])
+    for kwargs, message in (
+        (short, f"example 1's audio makes {count} audio tokens, but audio_token_len says {count - 1}"),
+        (missing, "audio_values needs audio_token_start_idx and audio_token_len"),
+    ):
+        with torch.inference_mode(), pytest.raises(ValueError, match=message) as caught:
+            model.model(**kwargs)
+        assert "\n" not in str(caught.value)
+        with pytest.raises(ValueError, match=message):
+            model.generate(ModelInputs(kwargs, dict(inputs.masks)), max_new_tokens=2)
 
 
 def test_ultravox_on_text_continues_as_its_language_model_alone(folder):

@@ -5,6 +5,8 @@ model's own ``generate(texts, edits=...)`` and sacrebleu on the stored texts."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hookpoints.analyses.intervention_sweep import SweepSpec, plan_sweep, run_sweep
 from hookpoints.analyses.ranking import plan_ranking, rank, write_scores
@@ -182,6 +184,15 @@ def test_a_continuation_sweep_continues_in_the_modality_its_run_was_recorded_in(
         assert stored == expected
 
 
+def test_a_sweep_too_long_for_the_models_positions_is_refused_when_planned(lm_store):
+    """plan_sweep checked the room for 128 new tokens, not the sweep's --max-new-tokens: 250 on a 256-position
+    GPT-2 was planned, then refused at the first generation (after an --overwrite deleted the old rows)."""
+    store, model_dir, _ = lm_store
+    spec = dataclasses.replace(_spec("c7", model_dir), max_new_tokens=250)
+    with pytest.raises(UserError, match=r"with 250 new tokens it runs past the 256 positions"):
+        plan_sweep(store, spec, lambda model, modality: load(model, modality=modality))
+
+
 def test_a_continuation_cell_without_its_none_condition_first_is_refused_before_anything_is_written(lm_store):
     """The none condition's continuation is every condition's reference: a cell whose conditions were filtered
     or reordered (Python API) had no references for the first ones, a zip() traceback after generating."""
@@ -194,3 +205,41 @@ def test_a_continuation_cell_without_its_none_condition_first_is_refused_before_
     if "interventions" in store.table_names():  # (not made yet when this test runs alone)
         with store.query() as session:
             assert session.sql("SELECT count(*) AS n FROM interventions WHERE sweep = 'c6'")["n"][0].as_py() == 0
+
+
+def test_a_sweep_of_a_speech_run_recorded_with_a_template_continues_the_templated_prompt(corpus, tmp_path):
+    """An audio LLM's speech run recorded with ``--template`` (its prompt: "Listen: <audio> Say:"): the sweep
+    continued the bare audio (the run's template was dropped), a prompt the run never saw, without a word. Now it
+    continues the prompt the run recorded; checked against ``generate`` on that prompt."""
+    from hookpoints.audio import load_audio
+    from hookpoints.manifest import read_manifest
+    from hookpoints.tiny import build_tiny
+
+    template = "Listen: {audio} Say:"
+    folder = build_tiny("ultravox", tmp_path / "m")
+    store = Store.open(tmp_path / "store", create=True)
+    manifest = read_manifest(corpus.speech, required=("audio",))
+    model = load(folder, modality="speech")
+    hooks = ["blocks.*.mlp.hook_post"]
+    record(model, manifest, store, "r", hooks=hooks, task="continue", max_new_tokens=3, template=template)
+    write_scores(store, rank(store, plan_ranking(store, ["r"], presets=["unimodal"], ks=(8,))))
+    spec = SweepSpec("s", runs=("r",), tasks=("continue",), ks=(8,), languages=("de",), max_new_tokens=4,
+                     model=str(folder), kind="constant", value=8.0)  # fmt: skip
+    (cell,) = plan_sweep(store, spec, lambda source, modality: load(source, modality=modality))
+    run_sweep(store, spec, [cell])
+    ids = cell.examples["example_id"].to_pylist()
+    waves = [load_audio(manifest.base / a, i) for a, i in zip(cell.examples["audio"].to_pylist(), ids, strict=True)]
+    with store.query() as session:
+        rows = session.sql("SELECT condition, generated_text FROM interventions WHERE sweep = 's' ORDER BY example_id")
+    differs = []
+    for condition in cell.conditions:
+        inputs = model.speech_inputs(waves, template=template)
+        expected = model.decode(model.generate(inputs, max_new_tokens=4, edits=condition.edits or None))
+        bare = model.decode(model.generate(waves, max_new_tokens=4, edits=condition.edits or None))
+        differs.append(expected != bare)
+        stored = [r["generated_text"] for r in rows.to_pylist() if r["condition"] == condition.fields["condition"]]
+        assert stored == expected, condition.fields["condition"]
+    assert differs[0]  # the template matters to this model (unedited): the check above tells the prompts apart
+    # --frames (SeamlessM4T's) is refused when planned, as record refuses it, not at the first batch
+    with pytest.raises(UserError, match="--frames applies to SeamlessM4T"):
+        plan_sweep(store, dataclasses.replace(spec, sweep="f", frames=300), lambda s, m: load(s, modality=m))

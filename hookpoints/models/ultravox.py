@@ -199,11 +199,17 @@ class UltravoxModel(PreTrainedModel, GenerationMixin):
         # token, no BOS) still reads its audio.
         cache = kwargs.get("past_key_values")
         if audio_values is not None and (cache is None or cache.get_seq_length() == 0):
+            starts, lengths = _placement(audio_token_start_idx, audio_token_len, inputs_embeds.shape[0])
             audio = self.audio_tower(audio_values.to(self.audio_tower.dtype), audio_len=audio_lens)
             tokens = self.multi_modal_projector(audio.last_hidden_state.to(inputs_embeds.dtype))
+            # each example's own audio tokens (its audio_lens), else the batch's
+            made = audio_token_lengths(audio_lens, self.config.stack_factor) if audio_lens is not None else None
             inputs_embeds = inputs_embeds.clone()
             for i in range(inputs_embeds.shape[0]):
-                start, length = int(audio_token_start_idx[i]), int(audio_token_len[i])
+                start, length = int(starts[i]), int(lengths[i])
+                own = tokens.shape[1] if made is None else int(made[i])
+                if length > own or (made is not None and length != own):  # audio cut, or placeholders left as text
+                    raise ValueError(f"example {i}'s audio makes {own} audio tokens, but audio_token_len says {length}")
                 if attention_mask is not None and attention_mask.dim() == 2:
                     span = attention_mask[i, start : start + length]
                     if span.shape[0] != length or not bool(span.all()):  # the audio would land on padding
@@ -215,6 +221,23 @@ class UltravoxModel(PreTrainedModel, GenerationMixin):
         return self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
         )
+
+
+def _placement(starts, lengths, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``audio_token_start_idx`` and ``audio_token_len`` as ``[batch]`` tensors; a one-line ValueError for
+    missing ones or another count (a TypeError deep in the loop before)."""
+    if starts is None or lengths is None:
+        raise ValueError(
+            "audio_values needs audio_token_start_idx and audio_token_len: where each example's audio tokens go "
+            "in its prompt, and how many (model.speech_inputs builds them)"
+        )
+    starts, lengths = torch.as_tensor(starts).reshape(-1), torch.as_tensor(lengths).reshape(-1)
+    if starts.numel() != batch or lengths.numel() != batch:
+        raise ValueError(
+            f"audio_token_start_idx and audio_token_len hold one value per example ({batch}), not "
+            f"{starts.numel()} and {lengths.numel()}"
+        )
+    return starts, lengths
 
 
 def _fill(part: nn.Module, prefix: str, missing: set[str], load) -> None:
