@@ -103,7 +103,8 @@ class ActivationCache(Mapping):
         return self.masks.get("input")
 
     def mask_of(self, name: str) -> torch.Tensor | None:
-        """``[batch, pos]`` bool mask of hook ``name``'s positions, or None when it has no position axis."""
+        """``[batch, pos]`` bool mask of hook ``name``'s positions, or None when it has no position axis (or its
+        space's padding is unknown: raw tensor inputs give only the ``input`` space's mask)."""
         point = self.points[self._name(name)]
         if point.time_axis is None or self.pooling:
             return None
@@ -180,8 +181,11 @@ class ActivationCache(Mapping):
                 )
             counts = mask.sum(1).to(tensor.device, tensor.dtype)  # [batch] valid positions per example
             return torch.tensordot(counts, tensor, dims=1) / counts.sum()
-        if mask is None:
-            return tensor.mean((0, 1))
+        if mask is None:  # raw tensor inputs: padding there would be averaged in, without a word (as pooled says)
+            raise UserError(
+                f"cannot average hook {name} over positions: the padding mask of its {point.space!r} positions is "
+                "unknown for raw tensor inputs; pass strings, waveforms or audio paths, or average it yourself"
+            )
         return tensor[mask.to(tensor.device)].mean(0)
 
 

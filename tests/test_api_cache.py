@@ -394,3 +394,19 @@ def test_transformer_lens_shorthand_names_filter_and_remove_batch_dim(gpt2):
         gpt2.run_with_cache(TEXTS[:2], names_filter=wanted, remove_batch_dim=True)
     with pytest.raises(UserError, match="not both"):
         gpt2.run_with_cache(ids, names="blocks.0.*", names_filter=wanted)
+
+
+def test_mean_of_a_space_whose_padding_raw_inputs_do_not_say_is_refused(tiny_model_dir):
+    """A dict of forward arguments gives only the ``input`` space's mask: an audio encoder's mean over positions
+    averaged the padded frames of shorter utterances in (0.018 off here), without a word; pooling refused it."""
+    from test_continue_audio import waves
+
+    ultravox = hp.load(tiny_model_dir("ultravox"), modality="speech")
+    built = ultravox.speech_inputs(waves())
+    name = "audio_encoder.layers.0.hook_resid_post"
+    _, raw = ultravox.run_with_cache(dict(built.kwargs), names=[name, "blocks.0.hook_resid_post"])
+    with pytest.raises(hp.UserError, match=f"cannot average hook {name} over positions: the padding mask"):
+        raw.mean(name)
+    _, cache = ultravox.run_with_cache(built, names=[name, "blocks.0.hook_resid_post"])
+    torch.testing.assert_close(raw.mean("blocks.0.hook_resid_post"), cache.mean("blocks.0.hook_resid_post"))
+    assert raw.mask_of(name) is None and cache.mask_of(name) is not None
