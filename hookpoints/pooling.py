@@ -160,11 +160,23 @@ def pool(
     """
     x = positions_first(value, point, key_mask)  # [batch, pos, width], the model's dtype
     space = mask if isinstance(mask, SpaceMask) or mask is None else SpaceMask(mask, check=False)
-    if method == "mean" and point.keys is not None and point.module.endswith("hook_attn_scores"):
+    if method == "mean" and is_scores(point):
         return mean_of_scores(x, space)
     if point.time_axis is None or space is None:
         return pool_all(x, method)
     return pool_prepared(x, space, method)
+
+
+def is_scores(point: HookPoint) -> bool:
+    """Whether ``point`` is an attention map of scores (``hook_attn_scores``: the additive mask at keys not seen)."""
+    return point.keys is not None and point.module.endswith("hook_attn_scores")
+
+
+def scores_for_half(rows: torch.Tensor) -> torch.Tensor:
+    """Pooled attention-score rows (float32) ready for float16 storage: the mask's entries (the model dtype's
+    minimum, about -3.4e38 for float32 and bf16 models) become float16's minimum (-65,504) instead of -inf, so the
+    rows stay finite and usable; any other value is left to the cast (beyond float16's range: inf, flagged)."""
+    return rows.masked_fill(rows <= torch.finfo(torch.float32).min / 2, torch.finfo(torch.float16).min)
 
 
 def mean_of_scores(x: torch.Tensor, space: SpaceMask | None) -> torch.Tensor:

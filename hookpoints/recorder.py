@@ -22,6 +22,7 @@ from hookpoints.manifest import Manifest, audio_path
 from hookpoints.mask_skips import MASK_CHECK, check_claims
 from hookpoints.model import HookedModel
 from hookpoints.points import HookPoint
+from hookpoints.pooling import is_scores, scores_for_half
 from hookpoints.record_plan import DEFAULT_MAX_NEW_TOKENS, known_sources, plan_examples
 from hookpoints.settings import RunSettings, Sampling
 from hookpoints.sizes import check_budget, example_bytes
@@ -323,6 +324,8 @@ def start_batch(model: HookedModel, examples: pa.Table, points: list[HookPoint],
     else:
         pooled = model.pooled(inputs, points, job.method, defer_check=True)
     storage = torch.float16 if job.storage == "float16" else None  # the writer stores float16 rows as given
+    if storage is not None:  # attention scores' mask: float16's minimum, not -inf (which marks the row non-finite)
+        pooled.update({point.name: scores_for_half(pooled[point.name]) for point in points if is_scores(point)})
     checks = {MASK_CHECK: pooled[MASK_CHECK]} if MASK_CHECK in pooled else {}
     copy = HostCopy({**{point.name: pooled[point.name] for point in points}, **checks}, dtype=storage)
     rows: dict[str, tuple[list[str], np.ndarray | None]] = {}
