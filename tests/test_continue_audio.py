@@ -9,6 +9,8 @@ step of ``generate``; ``hookpoints record --task continue`` stores it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -28,6 +30,21 @@ def waves(count: int = 3) -> list[np.ndarray]:
         t = np.arange(n) / 16_000
         out.append((0.3 * np.sin(2 * np.pi * (200 + 70 * i) * t) + 0.05 * rng.standard_normal(n)).astype(np.float32))
     return out
+
+
+def speech_manifest(folder) -> Path:
+    """``waves()`` as WAV files u0.wav ... in ``folder`` and a JSONL manifest of them (ids u0 ...)."""
+    import json
+
+    import soundfile
+
+    rows = []
+    for i, wave in enumerate(waves()):
+        soundfile.write(folder / f"u{i}.wav", wave, 16_000)
+        rows.append({"id": f"u{i}", "audio": f"u{i}.wav"})
+    data = folder / "speech.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return data
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +98,7 @@ def test_recording_a_speech_continuation_equals_hooks_at_every_step(folder):
 
 
 def test_record_continue_on_speech_stores_the_generated_text(run_cli, folder, tmp_path):
-    import json
-
-    import soundfile
-
-    rows = []
-    for i, wave in enumerate(waves()):
-        soundfile.write(tmp_path / f"u{i}.wav", wave, 16_000)
-        rows.append({"id": f"u{i}", "audio": f"u{i}.wav"})
-    data = tmp_path / "speech.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = speech_manifest(tmp_path)
     store = tmp_path / "store"
     args = ["--model", str(folder), "--data", str(data), "--store", str(store), "--run", "s"]
     code, _, err = run_cli(

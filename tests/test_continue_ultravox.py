@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hookpoints.store.catalog import Store
-from test_continue_audio import waves
+from test_continue_audio import speech_manifest, waves
 
 from hookpoints.errors import UserError
 from hookpoints.generation import left_padded
@@ -128,16 +128,7 @@ def test_a_hook_on_an_input_the_batch_guard_zeroes_acts_on_each_utterance_as_alo
 
 
 def test_record_continue_on_ultravox_speech_stores_the_generated_text(run_cli, folder, tmp_path):
-    import json
-
-    import soundfile
-
-    rows = []
-    for i, wave in enumerate(waves()):
-        soundfile.write(tmp_path / f"u{i}.wav", wave, 16_000)
-        rows.append({"id": f"u{i}", "audio": f"u{i}.wav"})
-    data = tmp_path / "speech.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = speech_manifest(tmp_path)
     store = tmp_path / "store"
     args = ["--model", str(folder), "--data", str(data), "--store", str(store), "--run", "s", "--template", TEMPLATE]
     code, _, err = run_cli(
