@@ -57,9 +57,19 @@ class SampledChoice(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
         if scores.shape[0] != len(self.streams):  # beams, or a batch that is not the one the keys describe
             raise RuntimeError(f"sampling has {len(self.streams)} example streams for a batch of {scores.shape[0]}")
-        warped = self.warpers(input_ids, scores)  # [batch, vocab]
-        probabilities = torch.softmax(warped.float(), dim=-1)  # [batch, vocab]
-        cdf = probabilities.double().cumsum(dim=-1)  # [batch, vocab]
+        # each row's best score taken to 0 first, in float64: the same distribution, and a small temperature
+        # cannot overflow (float32 scores / 1e-38 were inf, / 1e-46 divided by 0: softmax NaN, and the vocabulary's
+        # last token was "drawn", without a word)
+        scores64 = scores.double()
+        shifted = scores64 - scores64.amax(dim=-1, keepdim=True)  # [batch, vocab]
+        probabilities = torch.softmax(self.warpers(input_ids, shifted), dim=-1)  # [batch, vocab]
+        broken = ~probabilities.isfinite().all(dim=-1)  # NaN or +inf logits, or no finite score: no distribution
+        if bool(broken.any()):
+            example = int(broken.nonzero()[0])
+            raise RuntimeError(
+                f"sampling: example {example}'s scores hold NaN or no finite value: nothing to draw from"
+            )
+        cdf = probabilities.cumsum(dim=-1)  # [batch, vocab]
         draws = torch.tensor([stream.random() for stream in self.streams], dtype=torch.float64)  # [batch] in [0, 1)
         target = draws.to(cdf.device)[:, None] * cdf[:, -1:]  # [batch, 1]
         # the first token whose cumulative probability passes the draw: never one of probability 0

@@ -60,6 +60,21 @@ def test_each_token_is_drawn_with_its_probability(sampling):
     np.testing.assert_allclose(frequency, want, atol=0.012)  # 4.8 sigma at most (p(1-p)/n <= 0.0025**2)
 
 
+def test_a_tiny_temperature_draws_the_best_token_and_scores_without_a_distribution_are_refused():
+    """Scores divided by 1e-38 overflowed to inf: softmax gave NaN and the vocabulary's last token (probability
+    ~0) was taken, without a word. A NaN or +inf logit, or a row without a finite score, has nothing to draw from."""
+    scores = torch.tensor([[1.0, 5.0, 3.0, -2.0], [0.0, -1.0, 2.0, float("-inf")]])  # [batch, vocab]
+    for temperature in (1e-4, 1e-38, 1e-300):
+        choice = SampledChoice(Sampling(temperature=temperature), ["a", "b"])
+        assert choice(None, scores.clone()).argmax(-1).tolist() == [1, 2]
+    for bad in (float("nan"), float("inf")):
+        row = torch.tensor([[1.0, bad, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+        with pytest.raises(RuntimeError, match="example 0's scores hold NaN or no finite value"):
+            SampledChoice(Sampling(), ["a", "b"])(None, row)
+    with pytest.raises(RuntimeError, match="example 1's scores hold NaN or no finite value"):
+        SampledChoice(Sampling(), ["a", "b"])(None, torch.tensor([[0.0, 1.0], [float("-inf")] * 2]))
+
+
 def test_an_example_draws_from_its_own_stream():
     scores = torch.zeros(3, 50)  # uniform: the draws alone decide
     first = SampledChoice(Sampling(seed=5), ["a", "b", "c"])
