@@ -20,7 +20,7 @@ torch.Size([2])
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -83,6 +83,10 @@ def sampling_kwargs(sampling: Sampling | None, keys: Sequence[object] | None, ba
     (``keys`` None: each example's index in the batch)."""
     if sampling is None:
         return {}
+    if isinstance(keys, (torch.Tensor, np.ndarray)):
+        keys = keys.tolist()  # its numbers (a 0-d tensor: one number, refused below)
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable | None):  # "ab": keys "a" and "b"
+        raise UserError(f"sample_keys is a list of keys, one per example (such as their ids), not {keys!r:.60}")
     keys = list(range(batch_size)) if keys is None else list(keys)
     if len(keys) != batch_size:
         raise UserError(f"sample_keys holds {len(keys)} keys for a batch of {batch_size}: give one per example")
