@@ -60,8 +60,8 @@ class SampledChoice(LogitsProcessor):
         # each row's best score taken to 0 first, in float64: the same distribution, and a small temperature
         # cannot overflow (float32 scores / 1e-38 were inf, / 1e-46 divided by 0: softmax NaN, and the vocabulary's
         # last token was "drawn", without a word)
-        scores64 = scores.double()
-        shifted = scores64 - scores64.amax(dim=-1, keepdim=True)  # [batch, vocab]
+        shifted = scores.to(torch.float64, copy=True)  # [batch, vocab]
+        shifted -= shifted.amax(dim=-1, keepdim=True)
         probabilities = torch.softmax(self.warpers(input_ids, shifted), dim=-1)  # [batch, vocab]
         broken = ~probabilities.isfinite().all(dim=-1)  # NaN or +inf logits, or no finite score: no distribution
         if bool(broken.any()):
