@@ -214,13 +214,15 @@ def test_bad_sampling_requests_are_one_line(tiny_model_dir):
 
 def test_sample_keys_are_a_list_of_keys(tiny_model_dir):
     """A string was split into one key per character, without a word; a number (or a 0-d tensor) was a
-    TypeError. A tensor or an array keys as the list of its numbers."""
+    TypeError, a key with a lone surrogate a UnicodeEncodeError. A tensor or an array keys as its numbers."""
     gpt2 = hp.load(tiny_model_dir("gpt2"))
     sampling = Sampling(temperature=1.5, seed=2)
     listed = gpt2.generate(TEXTS[:2], max_new_tokens=6, sampling=sampling, sample_keys=[7, 8])
     for keys in (torch.tensor([7, 8]), np.array([7, 8])):
         given = gpt2.generate(TEXTS[:2], max_new_tokens=6, sampling=sampling, sample_keys=keys)
         assert torch.equal(given.sequences, listed.sequences)
+    odd = gpt2.generate(TEXTS[:2], max_new_tokens=2, sampling=sampling, sample_keys=["\ud800", "été"])  # any text
+    assert odd.sequences.shape == (2, listed.prompt_length + 2)
     for keys in (5, "ab", b"ab", torch.tensor(3)):
         with pytest.raises(UserError, match="sample_keys is a list of keys, one per example") as caught:
             gpt2.generate(TEXTS[:2], max_new_tokens=2, sampling=sampling, sample_keys=keys)
