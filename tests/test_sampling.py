@@ -198,6 +198,16 @@ def test_bad_sampling_settings_are_one_line(given, message):
     assert "\n" not in str(caught.value)
 
 
+def test_numpy_and_torch_numbers_are_sampling_settings():
+    """As every other count takes them: np.int64(5) was refused as "not a whole number"."""
+    given = Sampling(temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float64(0.75), seed=torch.tensor(3))
+    assert given == Sampling(temperature=0.5, top_k=5, top_p=0.75, seed=3)
+    assert [type(value) for value in given.config().values()] == [float, int, float, int]
+    for bad in ({"top_k": np.True_}, {"seed": torch.tensor(2.5)}, {"temperature": np.bool_(True)}):
+        with pytest.raises(UserError, match="must be"):
+            Sampling(**bad)
+
+
 def test_bad_sampling_requests_are_one_line(tiny_model_dir):
     gpt2 = hp.load(tiny_model_dir("gpt2"))
     for call, message in (
