@@ -20,7 +20,7 @@ torch.Size([2])
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ def example_seed(seed: int, key: object) -> int:
     >>> example_seed(0, "u1") == example_seed(0, "u1") != example_seed(1, "u1")
     True
     """
-    return int.from_bytes(hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest(), "little")
+    text = f"{seed}\0{key}".encode("utf-8", "surrogatepass")  # a key with a lone surrogate too
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
 
 class SampledChoice(LogitsProcessor):
@@ -57,9 +58,19 @@ class SampledChoice(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
         if scores.shape[0] != len(self.streams):  # beams, or a batch that is not the one the keys describe
             raise RuntimeError(f"sampling has {len(self.streams)} example streams for a batch of {scores.shape[0]}")
-        warped = self.warpers(input_ids, scores)  # [batch, vocab]
-        probabilities = torch.softmax(warped.float(), dim=-1)  # [batch, vocab]
-        cdf = probabilities.double().cumsum(dim=-1)  # [batch, vocab]
+        # each row's best score taken to 0 first, in float64: the same distribution, and a small temperature
+        # cannot overflow (float32 scores / 1e-38 were inf, / 1e-46 divided by 0: softmax NaN, and the vocabulary's
+        # last token was "drawn", without a word)
+        shifted = scores.to(torch.float64, copy=True)  # [batch, vocab]
+        shifted -= shifted.amax(dim=-1, keepdim=True)
+        probabilities = torch.softmax(self.warpers(input_ids, shifted), dim=-1)  # [batch, vocab]
+        broken = ~probabilities.isfinite().all(dim=-1)  # NaN or +inf logits, or no finite score: no distribution
+        if bool(broken.any()):
+            example = int(broken.nonzero()[0])
+            raise RuntimeError(
+                f"sampling: example {example}'s scores hold NaN or no finite value: nothing to draw from"
+            )
+        cdf = probabilities.cumsum(dim=-1)  # [batch, vocab]
         draws = torch.tensor([stream.random() for stream in self.streams], dtype=torch.float64)  # [batch] in [0, 1)
         target = draws.to(cdf.device)[:, None] * cdf[:, -1:]  # [batch, 1]
         # the first token whose cumulative probability passes the draw: never one of probability 0
@@ -73,6 +84,10 @@ def sampling_kwargs(sampling: Sampling | None, keys: Sequence[object] | None, ba
     (``keys`` None: each example's index in the batch)."""
     if sampling is None:
         return {}
+    if isinstance(keys, (torch.Tensor, np.ndarray)):
+        keys = keys.tolist()  # its numbers (a 0-d tensor: one number, refused below)
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable | None):  # "ab": keys "a" and "b"
+        raise UserError(f"sample_keys is a list of keys, one per example (such as their ids), not {keys!r:.60}")
     keys = list(range(batch_size)) if keys is None else list(keys)
     if len(keys) != batch_size:
         raise UserError(f"sample_keys holds {len(keys)} keys for a batch of {batch_size}: give one per example")

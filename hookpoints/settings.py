@@ -22,6 +22,8 @@ Light on purpose: no torch, so the CLI's ``--help`` and the analyses import it f
 from __future__ import annotations
 
 import json
+import numbers
+import operator
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -90,20 +92,21 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        number = isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
-        if not number or not 0 < self.temperature < float("inf"):
+        # numpy / torch numbers too, as the other counts (np.int64(5) was refused as "not a whole number")
+        if not _real(self.temperature) or not 0 < self.temperature < float("inf"):
             raise UserError(f"temperature must be a number above 0, not {self.temperature!r}")
-        if self.top_k is not None and (not _whole(self.top_k) or self.top_k < 1):
+        if self.top_k is not None and (_whole(self.top_k) is None or self.top_k < 1):
             raise UserError(f"top_k must be a whole number of at least 1, not {self.top_k!r}")
-        if self.top_p is not None and (
-            isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1
-        ):
+        if self.top_p is not None and (not _real(self.top_p) or not 0 < self.top_p <= 1):
             raise UserError(f"top_p must be a number above 0 and at most 1, not {self.top_p!r}")
-        if not _whole(self.seed) or self.seed < 0:
+        if _whole(self.seed) is None or self.seed < 0:
             raise UserError(f"the sampling seed must be a whole number of at least 0, not {self.seed!r}")
         object.__setattr__(self, "temperature", float(self.temperature))
         if self.top_p is not None:
             object.__setattr__(self, "top_p", float(self.top_p))
+        if self.top_k is not None:
+            object.__setattr__(self, "top_k", _whole(self.top_k))
+        object.__setattr__(self, "seed", _whole(self.seed))
 
     def config(self) -> dict:
         """As the run's config keeps it (and :meth:`from_config` reads it back)."""
@@ -119,8 +122,19 @@ class Sampling:
         return cls(**config)
 
 
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _whole(value) -> int | None:
+    """``value`` as an int if it is a whole number (numpy and torch integers too; not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _real(value) -> bool:
+    """Whether ``value`` is a real number (numpy floats too; not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

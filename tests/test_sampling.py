@@ -60,6 +60,21 @@ def test_each_token_is_drawn_with_its_probability(sampling):
     np.testing.assert_allclose(frequency, want, atol=0.012)  # 4.8 sigma at most (p(1-p)/n <= 0.0025**2)
 
 
+def test_a_tiny_temperature_draws_the_best_token_and_scores_without_a_distribution_are_refused():
+    """Scores divided by 1e-38 overflowed to inf: softmax gave NaN and the vocabulary's last token (probability
+    ~0) was taken, without a word. A NaN or +inf logit, or a row without a finite score, has nothing to draw from."""
+    scores = torch.tensor([[1.0, 5.0, 3.0, -2.0], [0.0, -1.0, 2.0, float("-inf")]])  # [batch, vocab]
+    for temperature in (1e-4, 1e-38, 1e-300):
+        choice = SampledChoice(Sampling(temperature=temperature), ["a", "b"])
+        assert choice(None, scores.clone()).argmax(-1).tolist() == [1, 2]
+    for bad in (float("nan"), float("inf")):
+        row = torch.tensor([[1.0, bad, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+        with pytest.raises(RuntimeError, match="example 0's scores hold NaN or no finite value"):
+            SampledChoice(Sampling(), ["a", "b"])(None, row)
+    with pytest.raises(RuntimeError, match="example 1's scores hold NaN or no finite value"):
+        SampledChoice(Sampling(), ["a", "b"])(None, torch.tensor([[0.0, 1.0], [float("-inf")] * 2]))
+
+
 def test_an_example_draws_from_its_own_stream():
     scores = torch.zeros(3, 50)  # uniform: the draws alone decide
     first = SampledChoice(Sampling(seed=5), ["a", "b", "c"])
@@ -183,6 +198,16 @@ def test_bad_sampling_settings_are_one_line(given, message):
     assert "\n" not in str(caught.value)
 
 
+def test_numpy_and_torch_numbers_are_sampling_settings():
+    """As every other count takes them: np.int64(5) was refused as "not a whole number"."""
+    given = Sampling(temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float64(0.75), seed=torch.tensor(3))
+    assert given == Sampling(temperature=0.5, top_k=5, top_p=0.75, seed=3)
+    assert [type(value) for value in given.config().values()] == [float, int, float, int]
+    for bad in ({"top_k": np.True_}, {"seed": torch.tensor(2.5)}, {"temperature": np.bool_(True)}):
+        with pytest.raises(UserError, match="must be"):
+            Sampling(**bad)
+
+
 def test_bad_sampling_requests_are_one_line(tiny_model_dir):
     gpt2 = hp.load(tiny_model_dir("gpt2"))
     for call, message in (
@@ -194,6 +219,23 @@ def test_bad_sampling_requests_are_one_line(tiny_model_dir):
     ):
         with pytest.raises(UserError, match=message) as caught:
             call()
+        assert "\n" not in str(caught.value)
+
+
+def test_sample_keys_are_a_list_of_keys(tiny_model_dir):
+    """A string was split into one key per character, without a word; a number (or a 0-d tensor) was a
+    TypeError, a key with a lone surrogate a UnicodeEncodeError. A tensor or an array keys as its numbers."""
+    gpt2 = hp.load(tiny_model_dir("gpt2"))
+    sampling = Sampling(temperature=1.5, seed=2)
+    listed = gpt2.generate(TEXTS[:2], max_new_tokens=6, sampling=sampling, sample_keys=[7, 8])
+    for keys in (torch.tensor([7, 8]), np.array([7, 8])):
+        given = gpt2.generate(TEXTS[:2], max_new_tokens=6, sampling=sampling, sample_keys=keys)
+        assert torch.equal(given.sequences, listed.sequences)
+    odd = gpt2.generate(TEXTS[:2], max_new_tokens=2, sampling=sampling, sample_keys=["\ud800", "été"])  # any text
+    assert odd.sequences.shape == (2, listed.prompt_length + 2)
+    for keys in (5, "ab", b"ab", torch.tensor(3)):
+        with pytest.raises(UserError, match="sample_keys is a list of keys, one per example") as caught:
+            gpt2.generate(TEXTS[:2], max_new_tokens=2, sampling=sampling, sample_keys=keys)
         assert "\n" not in str(caught.value)
 
 
