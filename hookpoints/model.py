@@ -345,11 +345,13 @@ class HookedModel(GenerationMethods, ModelApi):
             skips,
             self.traced.trace(**inputs.kwargs, **options) as tracer,
         ):
-            saved.update(self._request(points, inputs, methods, spaces))
+            head = self._module_path(self.model.get_output_embeddings()) if check is not None else None
+            late = [p for p in points if head is not None and _encloses(p, head)]  # their output ends after the head's
+            saved.update(self._request([p for p in points if p not in late], inputs, methods, spaces))
             if check is not None:
-                head = self._envoys[self._module_path(self.model.get_output_embeddings())]
-                logits = head.output[:, check.prompt_length - 1 :, :]  # [batch, steps, vocab]
+                logits = self._envoys[head].output[:, check.prompt_length - 1 :, :]  # [batch, steps, vocab]
                 saved[CHECK] = logits.gather(2, check.fingerprint.indices.to(logits.device)).save()
+            saved.update(self._request(late, inputs, methods, spaces))  # (nnsight: in execution order)
             tracer.stop()
         if check is not None:
             check_alignment(check, saved.pop(CHECK))
@@ -382,3 +384,10 @@ class HookedModel(GenerationMethods, ModelApi):
             key_mask = self.adapter.key_mask(inputs, point.key_space) if point.keys is not None else None
             saved[point.name] = pool(values[key], point, spaces.get(point.space), methods[point.name], key_mask).save()
         return saved
+
+
+def _encloses(point: HookPoint, module: str) -> bool:
+    """Whether ``point`` is the output of a module holding ``module`` (Ultravox's ``language_model`` holds its LM
+    head): that output is ready only after ``module``'s."""
+    inside = not point.module or module.startswith(point.module + ".")
+    return point.io == "output" and point.module != module and inside

@@ -222,3 +222,14 @@ def test_bad_ultravox_generation_requests_are_one_line(folder):
         with pytest.raises(UserError, match=message) as caught:
             call()
         assert "\n" not in str(caught.value)
+
+
+def test_a_hook_point_holding_the_lm_head_records_a_continuation(folder):
+    """Ultravox's ``language_model`` holds its LM head, whose logits the alignment check reads: the check was
+    requested after the point, out of execution order (nnsight's OutOfOrderError)."""
+    model = load(folder, modality="speech")
+    points = model.select(["language_model", "blocks.1.hook_resid_post"])
+    pooled, _ = model.pooled_generating(model.speech_inputs(waves()), None, points, "mean", STEPS)
+    per_step, _ = model.pooled_per_step(model.speech_inputs(waves()), None, points, "mean", STEPS)
+    for point in points:
+        torch.testing.assert_close(pooled[point.name], per_step[point.name], atol=2e-5, rtol=2e-5, msg=point.name)
