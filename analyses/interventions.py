@@ -12,6 +12,7 @@ runs the sweep (analyses/intervention_sweep.py).
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -144,7 +145,8 @@ def explicit_selection(specs: list[str], hooks: dict[str, tuple[str | None, int]
             raise UserError(f"--neurons {spec!r}: write HOOK:INDICES, e.g. text_decoder.layers.3.ffn.fc1:0,5,7-9")
         hook = match["hook"]
         if hook not in hooks:
-            close = [name for name in hooks if name.split(".")[-1] == hook.split(".")[-1]][:3]
+            same_end = [name for name in hooks if name.split(".")[-1] == hook.split(".")[-1]]
+            close = (same_end or difflib.get_close_matches(hook, list(hooks), n=3, cutoff=0.6))[:3]  # a typo
             raise UserError(f"--neurons: no hook point {hook!r} here" + (f"; e.g. {', '.join(close)}" if close else ""))
         component, width = hooks[hook]
         for index in _indices(match["neurons"], width, hook):
