@@ -76,11 +76,22 @@ def scored_selection(
 ) -> Selection:
     """Top-k / bottom-k / both of a ranked label set, k per module group (checked against each group's size)."""
     check_side(side, SIDE_CHOICES)
-    stored = next((s for s in stored_sets(session, ranking, [label_set]) if s.label_set == label_set), None)
-    if stored is None:
-        if any(char in label_set for char in "*?["):
-            raise UserError(f"give one label set by name, not the pattern {label_set!r}")
-        raise UserError(f"no label set {label_set!r} is ranked over {ranking!r}: rank it with hookpoints ap first")
+    if any(char in label_set for char in "*?["):
+        raise UserError(f"give one label set by name, not the pattern {label_set!r}")
+    ranked = {s.label_set: s for s in stored_sets(session, ranking)}
+    stored = ranked.get(label_set)
+    if stored is None:  # a --type names no label set itself: say which one it needs, and which preset writes it
+        names = sorted(ranked)
+        raise UserError(
+            (
+                f"--type {neuron_type} reads label set {label_set}: it"
+                if neuron_type in PRESETS
+                else f"--label-set {label_set}"
+            )
+            + f" matches no label set of run(s) {ranking!r}; it has "
+            + f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+            + (f" (hookpoints ap --preset {neuron_type} writes it)" if neuron_type in PRESETS else "")
+        )
     for component, size in stored.components.items():
         if k > size:
             raise UserError(

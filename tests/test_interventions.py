@@ -110,6 +110,9 @@ def test_bad_selections_are_refused(swept):
             scored_selection(session, RANKING, "unimodal/speech/de", 5000, "top")
         with pytest.raises(UserError, match="matches no label set"):
             scored_selection(session, RANKING, "unimodal/speech/xx", 5, "top")
+        # a --type names no label set itself: the error says which one it reads and what writes it
+        with pytest.raises(UserError, match="--type unimodal reads label set unimodal/speech/xx: .*--preset unimodal"):
+            scored_selection(session, RANKING, "unimodal/speech/xx", 5, "top", "unimodal")
         with pytest.raises(UserError, match="has no ranking of run"):
             scored_selection(session, "nope", "unimodal/speech/de", 5, "top")
         selection = scored_selection(session, RANKING, "unimodal/speech/de", 5, "top")
