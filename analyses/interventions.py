@@ -241,9 +241,11 @@ def _statistic(session: QuerySession, selection: Selection, function: str, run: 
             f"run {run!r} did not record hook {missing[0]!r}: record it there, or choose another --stats-run"
         )
     subset = "TRUE" if where is None else f"({check_predicate(where, '--stats-where')})"
-    n_examples = session.sql(f"SELECT count(*) AS n FROM examples WHERE run = $run AND {subset}", {"run": run})["n"][
-        0
-    ].as_py()
+    try:
+        counted = session.sql(f"SELECT count(*) AS n FROM examples WHERE run = $run AND {subset}", {"run": run})
+    except UserError as error:  # an unknown column: say which option to fix
+        raise UserError(f"--stats-where {where!r} does not work on the examples table: {error}") from None
+    n_examples = counted["n"][0].as_py()
     if n_examples == 0:
         raise UserError(
             f"no example of run {run!r} matches --stats-where {where!r}: a {function} over an empty subset; "

@@ -75,6 +75,8 @@ def test_medians_and_means_come_from_the_store(swept):
         steer = replacement_values(session, selection, "steer", run="s2tt", where="language = 'ja'", value=2.0)
         assert np.array_equal(replacement_values(session, selection, "zero"), np.zeros(20))
         assert np.array_equal(replacement_values(session, selection, "constant", value=1.5), np.full(20, 1.5))
+        with pytest.raises(UserError, match="--stats-where \"langauge = 'ja'\" does not work on the examples"):
+            replacement_values(session, selection, "mean", run="s2tt", where="langauge = 'ja'")
     hooks, neurons = selection.neurons["hook"].to_pylist(), selection.neurons["neuron"].to_pylist()
     for i, (hook, neuron) in enumerate(zip(hooks, neurons, strict=True)):
         every = _activations(store, "s2tt", hook)[:, neuron]
