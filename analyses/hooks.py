@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -113,9 +114,12 @@ def select_hooks(hooks: list[StoredHook], patterns: list[str], owner: str) -> li
         matched = names.match(pattern)
         if not matched:
             listed = sorted(h.hook for h in hooks)
+            probe = pattern.replace("*", "0").replace("?", "x")  # a typo: the names a layer's match would be near
+            close = difflib.get_close_matches(probe, listed, n=5, cutoff=0.6)
+            shown = f"closest: {', '.join(close)}" if close else f"it has {', '.join(listed[:8])}"
             raise UserError(
-                f"--hooks {pattern} matches no hook point {owner}; it has "
-                f"{', '.join(listed[:8])}{' ...' if len(listed) > 8 else ''} (globs match names and module paths; "
+                f"--hooks {pattern} matches no hook point {owner}; {shown}"
+                f"{' ...' if len(listed) > 8 and not close else ''} (globs match names and module paths; "
                 "input hooks only match globs ending in :input)"
             )
         chosen.update(matched)

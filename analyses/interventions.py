@@ -12,6 +12,7 @@ runs the sweep (analyses/intervention_sweep.py).
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -75,11 +76,22 @@ def scored_selection(
 ) -> Selection:
     """Top-k / bottom-k / both of a ranked label set, k per module group (checked against each group's size)."""
     check_side(side, SIDE_CHOICES)
-    stored = next((s for s in stored_sets(session, ranking, [label_set]) if s.label_set == label_set), None)
-    if stored is None:
-        if any(char in label_set for char in "*?["):
-            raise UserError(f"give one label set by name, not the pattern {label_set!r}")
-        raise UserError(f"no label set {label_set!r} is ranked over {ranking!r}: rank it with hookpoints ap first")
+    if any(char in label_set for char in "*?["):
+        raise UserError(f"give one label set by name, not the pattern {label_set!r}")
+    ranked = {s.label_set: s for s in stored_sets(session, ranking)}
+    stored = ranked.get(label_set)
+    if stored is None:  # a --type names no label set itself: say which one it needs, and which preset writes it
+        names = sorted(ranked)
+        raise UserError(
+            (
+                f"--type {neuron_type} reads label set {label_set}: it"
+                if neuron_type in PRESETS
+                else f"--label-set {label_set}"
+            )
+            + f" matches no label set of run(s) {ranking!r}; it has "
+            + f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+            + (f" (hookpoints ap --preset {neuron_type} writes it)" if neuron_type in PRESETS else "")
+        )
     for component, size in stored.components.items():
         if k > size:
             raise UserError(
@@ -144,7 +156,8 @@ def explicit_selection(specs: list[str], hooks: dict[str, tuple[str | None, int]
             raise UserError(f"--neurons {spec!r}: write HOOK:INDICES, e.g. text_decoder.layers.3.ffn.fc1:0,5,7-9")
         hook = match["hook"]
         if hook not in hooks:
-            close = [name for name in hooks if name.split(".")[-1] == hook.split(".")[-1]][:3]
+            same_end = [name for name in hooks if name.split(".")[-1] == hook.split(".")[-1]]
+            close = (same_end or difflib.get_close_matches(hook, list(hooks), n=3, cutoff=0.6))[:3]  # a typo
             raise UserError(f"--neurons: no hook point {hook!r} here" + (f"; e.g. {', '.join(close)}" if close else ""))
         component, width = hooks[hook]
         for index in _indices(match["neurons"], width, hook):
@@ -228,9 +241,11 @@ def _statistic(session: QuerySession, selection: Selection, function: str, run: 
             f"run {run!r} did not record hook {missing[0]!r}: record it there, or choose another --stats-run"
         )
     subset = "TRUE" if where is None else f"({check_predicate(where, '--stats-where')})"
-    n_examples = session.sql(f"SELECT count(*) AS n FROM examples WHERE run = $run AND {subset}", {"run": run})["n"][
-        0
-    ].as_py()
+    try:
+        counted = session.sql(f"SELECT count(*) AS n FROM examples WHERE run = $run AND {subset}", {"run": run})
+    except UserError as error:  # an unknown column: say which option to fix
+        raise UserError(f"--stats-where {where!r} does not work on the examples table: {error}") from None
+    n_examples = counted["n"][0].as_py()
     if n_examples == 0:
         raise UserError(
             f"no example of run {run!r} matches --stats-where {where!r}: a {function} over an empty subset; "

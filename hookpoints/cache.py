@@ -9,6 +9,7 @@ position axis, averaging (or taking the last or the largest) over each example's
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Iterator, Mapping
 
@@ -91,7 +92,14 @@ class ActivationCache(Mapping):
             return name
         if name in self._aliases:
             return self._aliases[name]
-        raise KeyError(f"{name!r} is not in this cache (it holds: {', '.join(list(self._tensors)[:8])} ...)")
+        close = difflib.get_close_matches(name, [*self._tensors, *self._aliases], n=3, cutoff=0.8)  # a typo
+        held = list(self._tensors)
+        listed = ", ".join(held[:8]) + (" ..." if len(held) > 8 else "")
+        raise KeyError(
+            f"{name!r} is not in this cache ("
+            + (f"closest: {', '.join(close)}" if close else f"it holds: {listed}")
+            + ")"
+        )
 
     def _need_batch_axis(self, what: str) -> None:
         if self.batchless:

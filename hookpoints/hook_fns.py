@@ -309,6 +309,11 @@ def patch(cache) -> HookFn:
         if hook.name not in cache:
             raise UserError(f"cannot patch {hook.name}: the cache does not hold it (cache it with names=...)")
         source = cache[hook.name]
+        if source.shape != x.shape and getattr(cache, "pooling", None):
+            raise UserError(
+                f"cannot patch {hook.name}: the cache is pooled ({cache.pooling}), one vector per example; patch "
+                "from a cache of run_with_cache without pooling"
+            )
         if source.shape != x.shape:
             raise UserError(
                 f"cannot patch {hook.name}: the cache holds shape {list(source.shape)}, this run {list(x.shape)} "

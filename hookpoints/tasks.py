@@ -55,6 +55,11 @@ def input_modality(task: Task, given: str | None, has_audio: bool, modalities: t
     if task.modality is not None:
         if given is not None and given != task.modality:
             raise UserError(f"task {task.name} reads {task.modality} input; drop --modality {given}")
+        if task.modality not in modalities:  # before the manifest is asked for a column of that input
+            raise UserError(
+                f"the model takes {' or '.join(modalities)} input, not {task.modality}, which task {task.name} "
+                "reads: pick a task the model can do"
+            )
         return task.modality
     if given is not None:
         return given

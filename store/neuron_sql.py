@@ -152,7 +152,12 @@ def _checked_predicate(session, where: str) -> str:
             f"neuron_stats: examples_where {where!r} is not one boolean SQL expression, e.g. \"language = 'de'\""
         )
     rendered = session.con.execute("SELECT json_deserialize_sql($t)", {"t": json.dumps(tree)}).fetchall()[0][0]
-    return f"({rendered.split(' WHERE ', 1)[1]})"  # after "SELECT 1 FROM examples"
+    checked = f"({rendered.split(' WHERE ', 1)[1]})"  # after "SELECT 1 FROM examples"
+    try:  # bound once here, so an unknown column names the argument to fix
+        session.sql(f"SELECT 1 FROM examples WHERE {checked} LIMIT 0")
+    except UserError as error:
+        raise UserError(f"neuron_stats: examples_where {where!r} does not work on the examples: {error}") from None
+    return checked
 
 
 def _example_groups(session, run: str, columns: list[str], where: str) -> _Groups:

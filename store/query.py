@@ -343,6 +343,11 @@ class QuerySession:
         if len(statements) != 1:
             raise UserError(f"give exactly one SQL statement (got {len(statements)})")
         kind = statements[0].type
+        if kind == duckdb.StatementType.MULTI and re.search(r"\bPIVOT\b", statements[0].query, re.IGNORECASE):
+            raise UserError(
+                "PIVOT without an IN (...) list runs several statements, which the read-only store refuses: name "
+                "the values (PIVOT t ON language IN ('de', 'en') USING ...), or use count(*) FILTER (WHERE ...)"
+            )
         if kind not in _READ_ONLY_TYPES:
             raise UserError(f"the store is read-only through SQL: {kind.name} statements are refused; use SELECT")
         if kind == duckdb.StatementType.EXPLAIN:  # EXPLAIN ANALYZE runs its statement: check that one too

@@ -141,6 +141,8 @@ def test_raw_tensor_inputs_and_cache_methods(gpt2):
     mean = from_text.mean("blocks.1.hook_resid_post")
     x, mask = from_text["blocks.1.hook_resid_post"], from_text.mask
     assert torch.allclose(mean, x[mask].mean(0))
+    with pytest.raises(KeyError, match="closest: blocks.1.hook_resid_post"):  # a typo names the right key
+        from_text["blocks.1.hook_resid_pots"]
 
 
 @pytest.mark.parametrize(

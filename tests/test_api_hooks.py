@@ -122,6 +122,9 @@ def test_patching_the_last_residual_gives_the_source_logits(gpt2):
         gpt2.run_with_hooks(corrupt, fwd_hooks=[("blocks.*.hook_resid_post", hp.patch(cache))])
     with pytest.raises(UserError, match="cannot patch blocks.1.hook_resid_post: the cache holds shape"):
         gpt2.run_with_hooks(corrupt[:, :-1], fwd_hooks=[("blocks.1.hook_resid_post", hp.patch(cache))])
+    _, pooled = gpt2.run_with_cache(clean, names="blocks.1.hook_resid_post", pooling="last")
+    with pytest.raises(UserError, match="the cache is pooled \\(last\\), one vector per example"):
+        gpt2.run_with_hooks(corrupt, fwd_hooks=[("blocks.1.hook_resid_post", hp.patch(pooled))])
 
 
 def test_conformer_conv_channels_axis(tiny_model_dir):

@@ -75,6 +75,8 @@ def test_a_pattern_selecting_nothing_is_a_user_error(recorded):
             select_hooks(hooks, ["blocks.0.hook_resid_post", "nothing.*"], "of run 'r'")
         with pytest.raises(UserError, match="matches no hook point the run\\(s\\) share"):
             shared_hooks(session, ("r",), patterns=["transformer.h.9.*"])
+        with pytest.raises(UserError, match="closest: blocks.0.hook_resid_post"):  # a typo names what was meant
+            select_hooks(hooks, ["blocks.*.hook_resid_pots"], "of run 'r'")
 
 
 def test_hook_names_rule():

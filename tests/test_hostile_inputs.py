@@ -134,6 +134,14 @@ def test_a_backwards_neuron_range_is_refused():
     assert explicit_selection(["blocks.0.mlp.fc1:2-5"], hooks).neurons.num_rows == 4
 
 
+def test_a_misspelt_neurons_hook_gets_the_closest_names():
+    from hookpoints.analyses.interventions import explicit_selection
+
+    hooks = {"blocks.0.mlp.hook_post": ("lm", 8), "blocks.1.mlp.hook_post": ("lm", 8)}
+    with pytest.raises(UserError, match="no hook point 'blocks.0.mlp.hook_pst' here; e.g. blocks.0.mlp.hook_post"):
+        explicit_selection(["blocks.0.mlp.hook_pst:1"], hooks)
+
+
 def test_a_truncated_audio_file_is_refused(tmp_path):
     from hookpoints.audio import load_audio
 

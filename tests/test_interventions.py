@@ -75,6 +75,8 @@ def test_medians_and_means_come_from_the_store(swept):
         steer = replacement_values(session, selection, "steer", run="s2tt", where="language = 'ja'", value=2.0)
         assert np.array_equal(replacement_values(session, selection, "zero"), np.zeros(20))
         assert np.array_equal(replacement_values(session, selection, "constant", value=1.5), np.full(20, 1.5))
+        with pytest.raises(UserError, match="--stats-where \"langauge = 'ja'\" does not work on the examples"):
+            replacement_values(session, selection, "mean", run="s2tt", where="langauge = 'ja'")
     hooks, neurons = selection.neurons["hook"].to_pylist(), selection.neurons["neuron"].to_pylist()
     for i, (hook, neuron) in enumerate(zip(hooks, neurons, strict=True)):
         every = _activations(store, "s2tt", hook)[:, neuron]
@@ -110,6 +112,9 @@ def test_bad_selections_are_refused(swept):
             scored_selection(session, RANKING, "unimodal/speech/de", 5000, "top")
         with pytest.raises(UserError, match="matches no label set"):
             scored_selection(session, RANKING, "unimodal/speech/xx", 5, "top")
+        # a --type names no label set itself: the error says which one it reads and what writes it
+        with pytest.raises(UserError, match="--type unimodal reads label set unimodal/speech/xx: .*--preset unimodal"):
+            scored_selection(session, RANKING, "unimodal/speech/xx", 5, "top", "unimodal")
         with pytest.raises(UserError, match="has no ranking of run"):
             scored_selection(session, "nope", "unimodal/speech/de", 5, "top")
         selection = scored_selection(session, RANKING, "unimodal/speech/de", 5, "top")

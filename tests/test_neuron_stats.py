@@ -189,7 +189,10 @@ BAD = [
     ("SELECT * FROM neuron_stats('enc.%', stats := 'mode')", "unknown statistic"),
     ("SELECT * FROM neuron_stats('enc.%', stats := ' , ')", "stats is empty"),
     ("SELECT * FROM neuron_stats('enc.%', examples_where := '1) UNION SELECT (1')", "not one boolean"),
-    ("SELECT * FROM neuron_stats('enc.%', examples_where := 'no_such_column = 1')", "SQL failed"),
+    (
+        "SELECT * FROM neuron_stats('enc.%', examples_where := 'no_such_column = 1')",
+        "examples_where 'no_such_column = 1' does not work on the examples: SQL failed",
+    ),
     ("SELECT * FROM neuron_stats(42)", "quoted string constant"),
     ("SELECT * FROM neuron_stats('enc.%', run := 'f' || '32')", "quoted string constant"),
     ("SELECT * FROM neuron_stats('enc.%', colour := 'x')", "unknown argument"),

@@ -120,6 +120,9 @@ def test_task_the_model_cannot_do(run_cli, tiny_model_dir, corpus, tmp_path):
     store = tmp_path / "store"
     assert_refused(record(run_cli, tiny_model_dir("bert"), corpus.speech, store, "r", "--task", "asr"),
                    "takes text input, not speech")  # fmt: skip
+    # a text manifest: the model's input is what is wrong, not the manifest's missing audio column
+    assert_refused(record(run_cli, tiny_model_dir("bert"), corpus.text, store, "r", "--task", "asr"),
+                   "takes text input, not speech")  # fmt: skip
     assert_refused(record(run_cli, tiny_model_dir("qwen2_audio"), corpus.speech, store, "r", "--task", "asr"),
                    "cannot do task asr", "it can do: forward")  # fmt: skip
     assert_refused(record(run_cli, tiny_model_dir("whisper"), corpus.text, store, "r", "--task", "t2tt"),

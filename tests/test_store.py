@@ -77,6 +77,7 @@ def test_float16_bit_patterns_decode_exactly_in_sql(store):
         ("SET enable_external_access = true", "read-only through SQL: SET statements are refused"),
         ("SELECT * FROM read_parquet('/etc/hosts')", "file system operations are disabled"),
         ("SELECT 1; SELECT 2", "give exactly one SQL statement"),
+        ("PIVOT examples ON example_id USING count(*)", "PIVOT without an IN \\(...\\) list"),  # says the fix
         ("SELEC * FROM runs", "SQL does not parse"),
         ("SELECT * FROM activatons", 'Did you mean "activations"'),
         ("SELECT nonexistent FROM runs", "SQL failed: Binder Error"),
