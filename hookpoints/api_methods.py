@@ -81,6 +81,51 @@ class ModelApi:
             values = values.expand(neurons.numel()).clone()
         return NeuronEdit(self.hook_points.get(name), neurons, values, add=add)
 
+    def to_tokens(self, inputs) -> torch.Tensor:
+        """Texts as the ``[batch, pos]`` token ids a forward pass reads, as TransformerLens' ``to_tokens``: the
+        BOS first with ``prepend_bos``, shorter texts padded at the end (``model.inputs(texts).masks["input"]``).
+
+        >>> model.to_tokens("The cat sat").shape  # [1, pos]
+        """
+        ids = self.inputs(inputs).kwargs.get("input_ids")
+        if ids is None:
+            raise UserError(f"{self.source} ({self.modality} input) reads no token ids: to_tokens is for text input")
+        return ids
+
+    def to_str_tokens(self, inputs) -> list[str] | list[list[str]]:
+        """Each token as the text it decodes to, as TransformerLens' ``to_str_tokens``: position ``i`` of a cached
+        tensor is ``to_str_tokens(text)[i]``. A text (or 1-D token ids) gives a list; a list of texts one list
+        per text, its padding left out; ``[batch, pos]`` ids one list per row, every position.
+
+        >>> model.to_str_tokens("The cat sat")  # ['The', ' cat', ' sat']
+        """
+        if isinstance(inputs, torch.Tensor) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            ids = _token_ids(inputs)
+            rows = [ids] if ids.dim() == 1 else list(ids)
+            pieces = [self._pieces(row.tolist()) for row in rows]
+            return pieces[0] if ids.dim() == 1 else pieces
+        batch = self.inputs(inputs)
+        ids = batch.kwargs.get("input_ids")
+        if ids is None:
+            raise UserError(f"{self.source} ({self.modality} input) reads no tokens: to_str_tokens is for text input")
+        mask = batch.masks["input"].to(ids.device)
+        pieces = [self._pieces(row[real].tolist()) for row, real in zip(ids, mask, strict=True)]
+        return pieces[0] if isinstance(inputs, str) else pieces
+
+    def to_string(self, tokens) -> str | list[str]:
+        """Token ids back to text, special tokens kept, as TransformerLens' ``to_string``: ``[pos]`` (or a list of
+        ids) gives one string, ``[batch, pos]`` one per row.
+
+        >>> model.to_string(model.to_tokens("The cat sat")[0])  # 'The cat sat'
+        """
+        ids = _token_ids(tokens)
+        if ids.dim() == 1:
+            return self.tokenizer.decode(ids.tolist(), clean_up_tokenization_spaces=False)
+        return self.tokenizer.batch_decode(ids.tolist(), clean_up_tokenization_spaces=False)
+
+    def _pieces(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([token], clean_up_tokenization_spaces=False) for token in ids]
+
     def _forward(self, inputs: ModelInputs, changes):
         from hookpoints.attention import eager, needs_eager
         from hookpoints.hook_fns import hooked
@@ -93,3 +138,16 @@ class ModelApi:
             eager(maps),
         ):
             return self.model(**own_inputs(inputs.kwargs, [point for point, _ in changes]))  # caller's untouched
+
+
+def _token_ids(tokens) -> torch.Tensor:
+    """``tokens`` (a tensor or a list of ids) as a ``[pos]`` or ``[batch, pos]`` integer tensor; else a UserError."""
+    try:
+        ids = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError):
+        ids = None
+    if ids is None or ids.dim() not in (1, 2) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise UserError(
+            f"token ids must be a [pos] or [batch, pos] tensor (or list) of whole numbers, not {tokens!r:.60}"
+        )
+    return ids

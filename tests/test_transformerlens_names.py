@@ -14,10 +14,12 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from hookpoints.errors import UserError
 from hookpoints.loading import load
 
 TEXT = "The weather is nice today, and the river is calm."
@@ -341,3 +343,26 @@ def test_padded_batch_equals_transformerlens_with_its_attention_mask(tiny_model_
             else:
                 actual, expected = actual[valid[i]], expected[valid[i]]
             torch.testing.assert_close(actual, expected, atol=5e-5, rtol=5e-5, msg=f"{family} {name} example {i}")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_token_helpers_match_transformerlens(tiny_model_dir, tmp_path):
+    """to_tokens / to_str_tokens / to_string, as TransformerLens gives them (BOS first by default there)."""
+    folder = tiny_model_dir("gpt2")
+    model = load(folder, prepend_bos=True)
+    peer = transformerlens_model("gpt2", folder, tmp_path)
+    peer.set_tokenizer(model.tokenizer)
+    assert torch.equal(model.to_tokens(TEXT), peer.to_tokens(TEXT))
+    assert model.to_str_tokens(TEXT) == peer.to_str_tokens(TEXT)
+    tokens = model.to_tokens(TEXT)[0]
+    assert model.to_string(tokens) == peer.to_string(tokens)
+    assert model.to_str_tokens(tokens) == peer.to_str_tokens(tokens)
+    texts = [TEXT, "a calm river"]
+    assert model.to_str_tokens(texts) == [peer.to_str_tokens(text) for text in texts]  # each without padding
+    _, cache = model.run_with_cache(texts, names="blocks.0.hook_resid_post")
+    assert [len(row) for row in model.to_str_tokens(texts)] == cache.mask.sum(1).tolist()  # position i: token i
+    for bad in (1.5, [[1.0]], "x", None):
+        with pytest.raises(UserError, match="token ids must be"):
+            model.to_string(bad)
+    with pytest.raises(UserError, match="to_tokens is for text input"):
+        load(tiny_model_dir("whisper")).to_tokens([np.zeros(16_000, np.float32)])
