@@ -136,6 +136,51 @@ class ActivationCache(Mapping):
         moved.batchless = self.batchless
         return moved
 
+    def stack_activation(self, name: str, layer: int | None = -1, sublayer_type: str | None = None) -> torch.Tensor:
+        """Hook ``name`` of every block before ``layer`` (-1 or None: every block) stacked on a new first axis:
+        ``[layers, batch, pos, d]``, as TransformerLens' ``stack_activation`` (``name``: its shorthand,
+        ``"resid_post"``, ``"q"``, or ``"scale"`` with ``sublayer_type="ln1"``).
+
+        >>> cache.stack_activation("resid_post").shape  # [layers, batch, pos, d_model]  # doctest: +SKIP
+        """
+        stop = self._blocks_before(layer)
+        return torch.stack([self[act_name(name, block, sublayer_type)] for block in range(stop)])
+
+    def accumulated_resid(
+        self, layer: int | None = None, *, incl_mid: bool = False, return_labels: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
+        """The residual stream entering blocks 0 to ``layer`` (None or -1: every block, then the last block's
+        output), stacked: ``[components, batch, pos, d_model]``, as TransformerLens' ``accumulated_resid``
+        (``incl_mid``: each block's ``resid_mid`` before ``layer`` too; ``return_labels``: also ``["0_pre",
+        "0_mid", ..., "final_post"]``). Without the final norm (TransformerLens' ``apply_ln=False``).
+
+        >>> stack, labels = cache.accumulated_resid(return_labels=True)  # doctest: +SKIP
+        """
+        last = self._blocks_before(-1 if layer is None else layer)
+        names, labels = [], []
+        for block in range(last + 1):
+            if block == self.layers:
+                names.append(act_name("resid_post", self.layers - 1))
+                labels.append("final_post")
+                continue
+            names.append(act_name("resid_pre", block))
+            labels.append(f"{block}_pre")
+            if incl_mid and block < last:
+                names.append(act_name("resid_mid", block))
+                labels.append(f"{block}_mid")
+        stacked = torch.stack([self[name] for name in names])
+        return (stacked, labels) if return_labels else stacked
+
+    def _blocks_before(self, layer: int | None) -> int:
+        """``layer`` as a block count (-1 or None: every block), checked."""
+        if not self.layers:
+            raise UserError("this model has no blocks (blocks.{l}.*) to stack: index the cache by hook name")
+        if layer is None or layer == -1:
+            return self.layers
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer <= self.layers:
+            raise UserError(f"layer must be -1 or a block count from 0 to {self.layers}, not {layer!r}")
+        return layer
+
     def pooled(self, method: str) -> ActivationCache:
         """Each tensor pooled over its example's valid positions: ``[batch, pos, *d] -> [batch, *d]`` (float32).
 

@@ -366,3 +366,32 @@ def test_token_helpers_match_transformerlens(tiny_model_dir, tmp_path):
             model.to_string(bad)
     with pytest.raises(UserError, match="to_tokens is for text input"):
         load(tiny_model_dir("whisper")).to_tokens([np.zeros(16_000, np.float32)])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_stacked_activations_match_transformerlens(tiny_model_dir, tmp_path, family):
+    """cache.stack_activation and cache.accumulated_resid give TransformerLens' stacks and labels."""
+    model = load(tiny_model_dir(family))
+    peer = transformerlens_model(family, tiny_model_dir(family), tmp_path)
+    ids = model.text_inputs([TEXT]).kwargs["input_ids"]
+    with torch.no_grad():
+        _, expected = peer.run_with_cache(ids)
+    _, cache = model.run_with_cache(
+        ids, names=["blocks.*.hook_resid_*", "blocks.*.ln1.hook_scale", "blocks.*.attn.hook_q"]
+    )
+
+    def close(got, want):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=5e-5)
+
+    for args in (("resid_post",), ("resid_pre", 1), ("scale", -1, "ln1"), ("q", None)):
+        close(cache.stack_activation(*args), expected.stack_activation(*args))
+    for layer in (None, -1, 0, 1, model.model.config.num_hidden_layers):
+        for incl_mid in (False, True):
+            got, labels = cache.accumulated_resid(layer, incl_mid=incl_mid, return_labels=True)
+            want, want_labels = expected.accumulated_resid(layer, incl_mid=incl_mid, return_labels=True)
+            assert labels == want_labels
+            close(got, want)
+    for bad in (7, -2, 1.5):
+        with pytest.raises(UserError, match="layer must be -1 or a block count"):
+            cache.stack_activation("resid_post", bad)
