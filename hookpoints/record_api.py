@@ -46,7 +46,7 @@ def record(
     model) and any label columns. ``store``: a :class:`Store` or a folder / ``s3://`` URI (created if
     missing). ``split``, ``languages`` (``["de_de", "ja"]``) and ``limit`` (per language) choose recordings of a
     FLEURS folder. ``options`` are the recorder's (batch_size, dtype, tgt_lang, max_new_tokens, per_step, frames,
-    if_exists, shard; see :func:`hookpoints.recorder.record`).
+    template, sampling, if_exists, shard, max_bytes; see :func:`hookpoints.recorder.record`).
 
     >>> hp.record(model, [{"id": "a", "text": "Hallo", "language": "de"}], "my-store", run="r1",
     ...           hooks="blocks.*.hook_resid_post", pooling="mean")  # doctest: +SKIP
