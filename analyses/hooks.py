@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ from hookpoints.analyses.arguments import name_list
 from hookpoints.store.query import QuerySession
 
 from hookpoints.errors import UserError
-from hookpoints.points import DERIVED_SUFFIXES, INPUT_SUFFIX, HookNames, module_alias
+from hookpoints.points import DERIVED_SUFFIXES, INPUT_SUFFIX, HookNames, closest_names, module_alias
 
 COLUMNS = "hook, module, io, component, layer, submodule, width, space, layer_output"
 
@@ -114,8 +113,7 @@ def select_hooks(hooks: list[StoredHook], patterns: list[str], owner: str) -> li
         matched = names.match(pattern)
         if not matched:
             listed = sorted(h.hook for h in hooks)
-            probe = pattern.replace("*", "0").replace("?", "x")  # a typo: the names a layer's match would be near
-            close = difflib.get_close_matches(probe, listed, n=5, cutoff=0.6)
+            close = closest_names(pattern, listed)  # a typo
             shown = f"closest: {', '.join(close)}" if close else f"it has {', '.join(listed[:8])}"
             raise UserError(
                 f"--hooks {pattern} matches no hook point {owner}; {shown}"

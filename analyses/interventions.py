@@ -12,7 +12,6 @@ runs the sweep (analyses/intervention_sweep.py).
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from hookpoints.store.neuron_sql import neuron_stats
 from hookpoints.store.query import QuerySession
 
 from hookpoints.errors import UserError
+from hookpoints.points import closest_names
 
 #: Neuron types of a sweep: the four settings of the selectivity analysis, random neurons, or none at all.
 NEURON_TYPES = (*PRESETS, "random", "none")
@@ -157,7 +157,7 @@ def explicit_selection(specs: list[str], hooks: dict[str, tuple[str | None, int]
         hook = match["hook"]
         if hook not in hooks:
             same_end = [name for name in hooks if name.split(".")[-1] == hook.split(".")[-1]]
-            close = (same_end or difflib.get_close_matches(hook, list(hooks), n=3, cutoff=0.6))[:3]  # a typo
+            close = (same_end or closest_names(hook, hooks, count=3))[:3]  # a typo
             raise UserError(f"--neurons: no hook point {hook!r} here" + (f"; e.g. {', '.join(close)}" if close else ""))
         component, width = hooks[hook]
         for index in _indices(match["neurons"], width, hook):

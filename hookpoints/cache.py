@@ -9,7 +9,6 @@ position axis, averaging (or taking the last or the largest) over each example's
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Iterator, Mapping
 
@@ -19,7 +18,7 @@ from hookpoints.attention import eager as eager_attention
 from hookpoints.attention import needs_eager
 from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
-from hookpoints.points import HookPoint
+from hookpoints.points import HookPoint, closest_names
 from hookpoints.pooling import pool_positions, positions_first
 from hookpoints.probe import first_tensor
 
@@ -92,7 +91,7 @@ class ActivationCache(Mapping):
             return name
         if name in self._aliases:
             return self._aliases[name]
-        close = difflib.get_close_matches(name, [*self._tensors, *self._aliases], n=3, cutoff=0.8)  # a typo
+        close = closest_names(name, [*self._tensors, *self._aliases], count=3, cutoff=0.8)  # a typo
         held = list(self._tensors)
         listed = ", ".join(held[:8]) + (" ..." if len(held) > 8 else "")
         raise KeyError(

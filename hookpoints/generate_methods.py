@@ -113,6 +113,7 @@ class GenerationMethods(GenerationRequests):
                 kwargs = self.adapter.generate_kwargs(kwargs)
         # the caller's tensors kept (the given encoder_outputs too: cross-attention's k_proj:input is its tensor)
         kwargs = {**own_inputs(kwargs, [point for point, _ in changes]), "streamer": collector}
+        kwargs.update(greedy_kwargs(max_new_tokens), **self._sampled(inputs, sampling, sample_keys))
         fingerprint = LogitsFingerprint(self.model.get_output_embeddings())
         with (
             torch.inference_mode(),
@@ -121,9 +122,7 @@ class GenerationMethods(GenerationRequests):
             eager_attention(needs_eager(point.module for point, _ in changes)),  # maps: their hooks run eagerly
             fingerprint,
         ):
-            self.model.generate(
-                **kwargs, **greedy_kwargs(max_new_tokens), **self._sampled(inputs, sampling, sample_keys)
-            )
+            self.model.generate(**kwargs)
         # What generate returns differs by family (Whisper's drops the prompt and trailing EOS); the streamer
         # sees exactly the prompt, then each step's tokens.
         generation = self._generation(collector.sequences().to(self.device), start.shape[1], prompt_inputs)

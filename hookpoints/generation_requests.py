@@ -19,7 +19,7 @@ from hookpoints.generation import Generation, left_padded, takes_position_ids
 from hookpoints.hook_fns import resolve_hooks, user_hook
 from hookpoints.inputs import ModelInputs
 from hookpoints.sampling import sampling_kwargs
-from hookpoints.settings import Sampling
+from hookpoints.settings import Sampling, check_sampling
 from hookpoints.tasks import get_task
 
 #: A decoder-only LM continues by the argmax of its logits, as TransformerLens' greedy ``generate`` does: a
@@ -192,9 +192,7 @@ class GenerationRequests:
 
     def _sampled(self, inputs: ModelInputs, sampling: Sampling | None, keys: list | None) -> dict:
         """``generate``'s arguments for ``sampling`` (none for greedy decoding; hookpoints.sampling)."""
-        if sampling is not None and not isinstance(sampling, Sampling):
-            raise UserError(f"sampling must be a hookpoints.Sampling (or None: greedy), not {sampling!r:.60}")
-        if keys is not None and sampling is None:
+        if check_sampling(sampling) is None and keys is not None:
             raise UserError("sample_keys key the streams of sampled decoding: give sampling=hp.Sampling(...) too")
         return sampling_kwargs(sampling, keys, inputs.batch_size)
 

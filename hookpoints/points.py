@@ -210,9 +210,8 @@ class HookPointSet:
         return sorted(chosen.values(), key=lambda p: p.order)
 
     def _closest(self, name: str) -> str:
-        probe = name.replace("*", "0").replace("?", "x")
         names = [p.name for p in self.listed()] + self.names.aliases()
-        close = difflib.get_close_matches(probe, names, n=5, cutoff=0.5)
+        close = closest_names(name, names, cutoff=0.5)
         hint = ""
         if name.startswith(TL_PREFIXES) and not any(p.name.startswith(TL_PREFIXES) for p in self._points.values()):
             listed = self.listed()
@@ -222,3 +221,13 @@ class HookPointSet:
         if not close:
             return hint + "run `hookpoints hooks MODEL` to list the names"
         return hint + "closest: " + ", ".join(close)
+
+
+def closest_names(name: str, names: Iterable[str], *, count: int = 5, cutoff: float = 0.6) -> list[str]:
+    """The ``names`` nearest a misspelt name or glob (its ``*`` read as a layer number, ``?`` as a letter).
+
+    >>> closest_names("blocks.*.hook_resid_pots", ["blocks.0.hook_resid_post", "blocks.0.attn.hook_q"])
+    ['blocks.0.hook_resid_post']
+    """
+    probe = name.replace("*", "0").replace("?", "x")
+    return difflib.get_close_matches(probe, list(names), n=count, cutoff=cutoff)

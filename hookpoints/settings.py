@@ -122,6 +122,13 @@ class Sampling:
         return cls(**config)
 
 
+def check_sampling(value) -> Sampling | None:
+    """``value`` if it is a :class:`Sampling` or None (greedy); else a one-line UserError."""
+    if value is not None and not isinstance(value, Sampling):
+        raise UserError(f"sampling must be a hookpoints.Sampling (or None: greedy), not {value!r:.60}")
+    return value
+
+
 def _whole(value) -> int | None:
     """``value`` as an int if it is a whole number (numpy and torch integers too; not a bool), else None."""
     if isinstance(value, bool):
@@ -176,9 +183,7 @@ class RunSettings:
             raise UserError(f"max new tokens must be at least 1, not {self.max_new_tokens}")
         if self.template is not None:
             check_template_text(self.template)
-        if self.sampling is not None and not isinstance(self.sampling, Sampling):
-            raise UserError(f"sampling must be a hookpoints.Sampling (or None: greedy), not {self.sampling!r:.60}")
-        if self.sampling is not None and not TASKS[self.task].generates:
+        if check_sampling(self.sampling) is not None and not TASKS[self.task].generates:
             raise UserError(f"sampling applies to generating tasks (asr, s2tt, t2tt, continue), not {self.task}")
 
     # --- written into the store -------------------------------------------------------------------------
