@@ -298,13 +298,18 @@ def test_every_name_equals_transformerlens(tiny_model_dir, tmp_path, family):
         torch.testing.assert_close(actual, expected, atol=5e-5, rtol=5e-5, msg=f"{family} {name}")
 
 
+def gpt2_with_bos(tiny_model_dir, tmp_path):
+    """The tiny GPT-2 loaded with ``prepend_bos`` and TransformerLens' copy of it, on the same tokenizer."""
+    model = load(tiny_model_dir("gpt2"), prepend_bos=True)
+    peer = transformerlens_model("gpt2", tiny_model_dir("gpt2"), tmp_path)
+    peer.set_tokenizer(model.tokenizer)
+    return model, peer
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_prepend_bos_matches_transformerlens_text_input(tiny_model_dir, tmp_path):
     """TransformerLens tokenises text with BOS first by default; hookpoints does so with prepend_bos."""
-    folder = tiny_model_dir("gpt2")
-    model = load(folder, prepend_bos=True)
-    peer = transformerlens_model("gpt2", folder, tmp_path)
-    peer.set_tokenizer(model.tokenizer)
+    model, peer = gpt2_with_bos(tiny_model_dir, tmp_path)
     inputs = model.text_inputs([TEXT])
     assert torch.equal(inputs.kwargs["input_ids"], peer.to_tokens(TEXT))  # BOS, then the tokenizer's ids
     with torch.no_grad():
@@ -312,7 +317,8 @@ def test_prepend_bos_matches_transformerlens_text_input(tiny_model_dir, tmp_path
     name = "blocks.1.hook_resid_post"
     got = model.pooled(inputs, model.select([name]), "none")[name]
     torch.testing.assert_close(got, cache[name][0], atol=5e-5, rtol=5e-5)
-    without = load(folder).pooled(load(folder).text_inputs([TEXT]), model.select([name]), "mean")[name]
+    plain = load(tiny_model_dir("gpt2"))
+    without = plain.pooled(plain.text_inputs([TEXT]), model.select([name]), "mean")[name]
     assert not torch.allclose(without, got.mean(0, keepdim=True), atol=1e-4)  # the BOS changes every position
 
 
@@ -348,10 +354,7 @@ def test_padded_batch_equals_transformerlens_with_its_attention_mask(tiny_model_
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_token_helpers_match_transformerlens(tiny_model_dir, tmp_path):
     """to_tokens / to_str_tokens / to_string, as TransformerLens gives them (BOS first by default there)."""
-    folder = tiny_model_dir("gpt2")
-    model = load(folder, prepend_bos=True)
-    peer = transformerlens_model("gpt2", folder, tmp_path)
-    peer.set_tokenizer(model.tokenizer)
+    model, peer = gpt2_with_bos(tiny_model_dir, tmp_path)
     assert torch.equal(model.to_tokens(TEXT), peer.to_tokens(TEXT))
     assert model.to_str_tokens(TEXT) == peer.to_str_tokens(TEXT)
     tokens = model.to_tokens(TEXT)[0]
