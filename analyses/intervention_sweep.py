@@ -45,6 +45,7 @@ from hookpoints.errors import UserError
 from hookpoints.languages import model_code
 from hookpoints.manifest import Manifest
 from hookpoints.model import HookedModel
+from hookpoints.model_digest import check_weights
 from hookpoints.record_plan import known_sources, plan_examples
 from hookpoints.recorder import BatchJob, batch_inputs
 from hookpoints.tasks import CONTINUE, DEFAULT_TARGET, get_task
@@ -112,6 +113,8 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
             if spec.frames is not None and modality != "speech":  # as record refuses it (hookpoints.recorder)
                 raise UserError(f"--frames applies to speech input; task {task_name} reads {modality} here")
             model = load_model(source, modality)
+            # its medians are this model's values only if its weights are those the stats run was recorded with
+            check_weights(model.model, json.loads(runs[stats_run]["config"] or "{}"), stats_run, source)
             if (task_name == CONTINUE) != model.continues:
                 raise UserError(
                     f"{source} cannot {task_name}: a decoder-only LM (or an audio LLM) continues its input, "

@@ -21,6 +21,7 @@ from hookpoints.inputs import ModelInputs
 from hookpoints.manifest import Manifest, audio_path
 from hookpoints.mask_skips import MASK_CHECK, check_claims
 from hookpoints.model import HookedModel
+from hookpoints.model_digest import model_digests, weights_dtype
 from hookpoints.points import HookPoint
 from hookpoints.pooling import is_scores, scores_for_half
 from hookpoints.record_plan import DEFAULT_MAX_NEW_TOKENS, known_sources, plan_examples
@@ -160,6 +161,8 @@ def record(
         "batch_size": batch_size,
         "modality": model.modality,
         "model_class": type(model.model).__name__,
+        "model_digest": model_digests(model.model),
+        "model_dtype": weights_dtype(model.model),
         "adapter": model.adapter.name,
         "manifest": str(manifest.path),
         **settings.config(),

@@ -38,14 +38,18 @@ def check_resumable(
     store: Store, run: str, info, settings: dict[str, str], hooks: list[dict], config: dict | None = None
 ) -> None:
     """A UserError unless a resumed run, or another shard of it, repeats the run's settings, config values and
-    hook points: else its rows would mix two recordings without a word."""
+    hook points: else its rows would mix two recordings without a word. The model is compared by its weights
+    where both configs hold their digest (another path to the same checkpoint is the same model), else by name."""
+    stored, given = info.config or {}, config or {}
+    same_weights = _check_weights(run, info.model, settings["model"], stored, given)
     for key in RUN_SETTINGS:
+        if key == "model" and same_weights:
+            continue
         if getattr(info, key) != settings[key]:
             raise UserError(
                 f"cannot resume run {run!r} with {key}={settings[key]}: it was recorded with "
                 f"{key}={getattr(info, key)} (use --overwrite to start it again)"
             )
-    stored, given = info.config or {}, config or {}
     for key in (*RESUMED_CONFIG, *OPTIONAL_CONFIG):  # RESUMED_CONFIG where both say (older configs may lack one)
         if (key in OPTIONAL_CONFIG or (key in stored and key in given)) and stored.get(key) != given.get(key):
             raise UserError(
@@ -58,6 +62,27 @@ def check_resumable(
             f"cannot resume run {run!r} with other hook points ({len(hooks)} asked, {len(stored)} recorded): "
             "pass the same --hooks, or --overwrite"
         )
+
+
+def _check_weights(run: str, recorded_from: str, model: str, stored: dict, given: dict) -> bool:
+    """Whether ``model`` has the weights ``run`` was recorded with, by dtype and digest (hookpoints.model_digest);
+    False where either config lacks the digest (a run recorded before it was kept); a UserError if they differ."""
+    if stored.get("model_dtype") and given.get("model_dtype") and stored["model_dtype"] != given["model_dtype"]:
+        raise UserError(
+            f"cannot resume run {run!r} with the model's weights in {given['model_dtype']}: it was recorded with "
+            f"them in {stored['model_dtype']} (pass --model-dtype {stored['model_dtype']}, or --overwrite)"
+        )
+    dtype = stored.get("model_dtype")
+    recorded, here = (config.get("model_digest") or {} for config in (stored, given))
+    if not isinstance(recorded, dict) or dtype not in recorded or dtype not in here:
+        return False
+    if recorded[dtype] != here[dtype]:
+        raise UserError(
+            f"cannot resume run {run!r} with model {model}: its weights are not those the run was recorded with "
+            f"(from {recorded_from}; digest {here[dtype][:12]} != {recorded[dtype][:12]}); give that checkpoint, "
+            "or --overwrite"
+        )
+    return True
 
 
 def check_no_rows_left(store: Store, run: str) -> None:

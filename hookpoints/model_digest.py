@@ -1,0 +1,147 @@
+"""Which model a run's rows come from: a digest of its config and weights, and the weights' dtype.
+
+A run's ``model`` column holds the path or hub id as given, which names files, not weights: a checkpoint saved
+again under the same folder (another fine-tuning step) has the same name, and the same checkpoint copied
+elsewhere another. The recorder keeps :func:`model_digests` and :func:`weights_dtype` in the run's config;
+a resumed run and another shard of it compare those instead (hookpoints.store.run_checks), and so does an
+intervention sweep on a run's medians (:func:`check_weights`).
+
+The digest reads the config (less the keys that name files or loading choices) and, for every parameter, its
+name and shape and 4,096 of its values at positions drawn from its name: a different checkpoint or a fine-tune
+changes it; an edit of a few weights may not. It is kept in the weights' dtype and in each coarser one (values
+cast down as ``from_pretrained(dtype=...)`` casts them), so float32 weights are also checked against the same
+checkpoint loaded in bfloat16. Parameters a device map offloads are read from accelerate's weights map; those on
+the meta device with no values anywhere (a remote model) add their name only. Values are read where they live (GPU or CPU), 4,096 per parameter: 26 ms for 1 B
+parameters in 128 tensors on the CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from collections import Counter
+
+import torch
+from torch import nn
+
+from hookpoints.errors import UserError
+
+#: Values read per parameter (all of a smaller one).
+SAMPLES = 4096
+#: Config keys that name files or loading choices, not the model: other values change what it computes.
+_LOADING_KEYS = ("transformers_version", "dtype", "torch_dtype", "architectures", "use_cache")
+#: The dtypes a digest is kept in for weights in each dtype: their own, and those a cast down to gives
+#: (a run recorded in float32 is checked against a sweep that loads the checkpoint in bfloat16).
+DIGEST_DTYPES = {"float32": ("float32", "bfloat16", "float16"), "bfloat16": ("bfloat16",), "float16": ("float16",)}
+
+__all__ = ["DIGEST_DTYPES", "SAMPLES", "check_weights", "model_digests", "weights_dtype"]
+
+
+def model_digests(model: nn.Module) -> dict[str, str]:
+    """``{dtype: hex digest}`` of ``model``'s config and weights (module docstring), for its weights' dtype
+    and each coarser one: equal for the same checkpoint wherever it is loaded from, on whatever device.
+
+    >>> model_digests(model.model)  # doctest: +SKIP
+    {'float32': '3f1c...', 'bfloat16': '9a0e...', 'float16': '52d7...'}
+    """
+    samples = _samples(model)
+    config = _config_text(model).encode()
+    return {dtype: _digest(config, samples, dtype) for dtype in DIGEST_DTYPES.get(weights_dtype(model), ())}
+
+
+def weights_dtype(model: nn.Module) -> str:
+    """The dtype most of ``model``'s floating-point parameter values are in (``bfloat16``, ``float32``, ...)."""
+    counts: Counter[str] = Counter()
+    for param in model.parameters():
+        if param.is_floating_point():
+            counts[str(param.dtype).removeprefix("torch.")] += param.numel()
+    return counts.most_common(1)[0][0] if counts else "none"
+
+
+def check_weights(model: nn.Module, config: dict, run: str, source: str) -> None:
+    """A UserError unless ``model`` (loaded from ``source``) has the weights run ``run`` was recorded with,
+    by the digests in its ``config``; nothing to compare for a run recorded before they were kept."""
+    recorded = config.get("model_digest")
+    if not isinstance(recorded, dict):
+        return
+    common = [dtype for dtype in DIGEST_DTYPES.get(weights_dtype(model), ()) if dtype in recorded]
+    if not common:
+        raise UserError(
+            f"cannot check that model {source} ({weights_dtype(model)} here) has the weights run {run!r} was "
+            f"recorded with ({config.get('model_dtype')} there): load it with --model-dtype {config.get('model_dtype')}"
+        )
+    here = _digest(_config_text(model).encode(), _samples(model), common[0])
+    if here != recorded[common[0]]:
+        raise UserError(
+            f"model {source} does not have the weights run {run!r} was recorded with (digest {here[:12]} != "
+            f"{recorded[common[0]][:12]} in {common[0]}): give the checkpoint that run was recorded with"
+        )
+
+
+def _samples(model: nn.Module) -> list[tuple[str, tuple, torch.Tensor | None]]:
+    """Each parameter's name, shape and SAMPLES of its values (all of a smaller one; None on the meta device)."""
+    found = []
+    modules = dict(model.named_modules())
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if param.device.type == "meta":
+            param = _offloaded(modules, name)
+        values = None
+        if param is not None and param.device.type != "meta":
+            flat = param.detach().reshape(-1)
+            if flat.numel() > SAMPLES:
+                flat = flat[_positions(name, flat.numel()).to(flat.device)]
+            values = flat.cpu()
+        found.append((name, tuple(param.shape) if param is not None else None, values))
+    return found
+
+
+def _offloaded(modules: dict[str, nn.Module], name: str) -> torch.Tensor | None:
+    """The value of parameter ``name`` that accelerate offloaded (a device map's ``disk`` or ``cpu`` offload):
+    the weights map of the hook on its module or a module above it; None where there is none (a remote model)."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        hook = getattr(modules.get(".".join(parts[:cut])), "_hf_hook", None)
+        for one in getattr(hook, "hooks", (hook,)):
+            weights = getattr(one, "weights_map", None)
+            if weights is not None:
+                try:
+                    return weights[".".join(parts[cut:])]
+                except KeyError:
+                    continue
+    return None
+
+
+def _digest(config: bytes, samples: list, dtype: str) -> str:
+    """The digest of the samples with every floating-point value cast to ``dtype`` (exact for its own dtype)."""
+    digest = hashlib.blake2b(config, digest_size=16)
+    for name, shape, values in samples:
+        digest.update(f"\n{name}|{shape}|".encode())
+        if values is not None:
+            values = values.to(getattr(torch, dtype)) if values.is_floating_point() else values
+            digest.update(values.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _positions(name: str, size: int) -> torch.Tensor:
+    """SAMPLES positions in ``[0, size)``, the same for a parameter's name on every machine."""
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return torch.randint(size, (SAMPLES,), generator=generator)
+
+
+def _config_text(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    if config is None:
+        return ""
+    return json.dumps(_model_values(config.to_dict()), sort_keys=True, default=str)
+
+
+def _model_values(values):
+    """A config dict (and the sub-configs in it) without the keys that name files or loading choices."""
+    if isinstance(values, dict):
+        return {
+            key: _model_values(value)
+            for key, value in values.items()
+            if not str(key).startswith("_") and key not in _LOADING_KEYS and not str(key).endswith("name_or_path")
+        }
+    return values
