@@ -142,6 +142,7 @@ def command(
     from hookpoints.errors import UserError
     from hookpoints.loading import load, model_modalities
     from hookpoints.manifest import read_data
+    from hookpoints.record_api import open_store
     from hookpoints.recorder import record
     from hookpoints.sizes import parse_size
     from hookpoints.tasks import get_task, input_modality
@@ -189,7 +190,7 @@ def command(
         run_batches = ray_runner(
             model, load_options=options, workers=1 if workers is None else workers, batch_size=batch_size
         )
-    store = Store.open(store_path, create=True)
+    store = open_store(store_path)  # or created at the first write: a refused recording leaves no folder
     label = f"recording {run} ({task})" + (f" shard {shard}" if shard else "")
     with counting(label) as (on_start, on_batch):
         summary = record(
@@ -216,6 +217,7 @@ def command(
             run_batches=run_batches,
             max_bytes=budget,
         )
+    store = Store.open(store_path)  # there now: the recorder created it at its first write
     others = f", {summary.other_shards} left to other shards" if summary.other_shards else ""
     out.print(
         f"recorded {summary.recorded} examples ({summary.skipped} already there{others}) at {summary.hooks} hook "

@@ -11,8 +11,8 @@ name and shape and 4,096 of its values at positions drawn from its name: a diffe
 changes it; an edit of a few weights may not. It is kept in the weights' dtype and in each coarser one (values
 cast down as ``from_pretrained(dtype=...)`` casts them), so float32 weights are also checked against the same
 checkpoint loaded in bfloat16. Parameters a device map offloads are read from accelerate's weights map; those on
-the meta device with no values anywhere (a remote model) add their name only. Values are read where they live (GPU or CPU), 4,096 per parameter: 26 ms for 1 B
-parameters in 128 tensors on the CPU.
+the meta device with no values anywhere (a remote model) add their name only. Values are read where they live
+(GPU or CPU), 4,096 per parameter: 26 ms for 1 B parameters in 128 tensors on the CPU.
 """
 
 from __future__ import annotations

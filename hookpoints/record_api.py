@@ -119,13 +119,17 @@ def as_manifest(data, input_column: str, **fleurs) -> Manifest:
     return Manifest(Path(f"<{source}>"), table)  # relative audio paths start at the working folder
 
 
-def open_store(store) -> Store:
-    """A :class:`Store` as given, or the store at a folder / URI (created there if missing)."""
+def open_store(store) -> Store | Callable[[], Store]:
+    """A :class:`Store` as given, the store at a folder / URI, or where there is none yet, a function that
+    creates it there: the recorder calls it just before its first write, so a refused recording leaves no
+    empty store folder behind."""
     if isinstance(store, CatalogStore):
         return store
     if not isinstance(store, (str, Path)):
         raise UserError(f"store must be a Store, a folder or an s3:// URI, not {type(store).__name__}")
-    return Store.open(store, create=True)
+    if Store.exists(store):
+        return Store.open(store, create=True)
+    return lambda: Store.open(store, create=True)
 
 
 @contextmanager

@@ -89,7 +89,7 @@ BatchRunner = Callable[
 def record(
     model: HookedModel,
     manifest: Manifest,
-    store: Store,
+    store: Store | Callable[[], Store],
     run: str,
     *,
     hooks: list[str] | None = None,
@@ -181,6 +181,8 @@ def record(
     schema = manifest.table.schema
     for name, kind in added.items():
         schema = schema.append(pa.field(name, kind))
+    if callable(store):  # created only now: a recording refused above leaves no empty store behind
+        store = store()
     writer = open_run(
         store,
         run,

@@ -102,6 +102,11 @@ class Store:
             store._append_meta({"schema_version": str(SCHEMA_VERSION), "created_at": _now().isoformat()})
         return store
 
+    @classmethod
+    def exists(cls, where: str | Path, storage_options: dict[str, str] | None = None) -> bool:
+        """Whether there is a store at ``where`` (one being created by another process counts)."""
+        return _exists(StoreLocation.parse(where, storage_options), "store_meta", where)
+
     def schema_version(self) -> int | None:
         """The schema version the store was written with (None if store_meta does not say)."""
         version = self.meta().get("schema_version")

@@ -142,7 +142,8 @@ def test_a_sweep_refuses_a_model_that_is_not_its_stats_runs(tiny_model_dir, tmp_
 
     def plan(model, dtype="float32", stats_run="lm") -> list:
         spec = SweepSpec("s", runs=("lm",), tasks=("continue",), ks=(4,), languages=("en", "de"), limit=2,
-                         max_new_tokens=3, model=str(model), kind="constant", value=8.0, stats_runs=(stats_run,))  # fmt: skip
+                         max_new_tokens=3, model=str(model), kind="constant", value=8.0,
+                         stats_runs=(stats_run,))  # fmt: skip
         return plan_sweep(store, spec, lambda source, modality: load(source, modality=modality, dtype=dtype))
 
     assert len(plan(_copy(folder, tmp_path / "moved"))) == 2  # the checkpoint moved: the same weights
