@@ -12,6 +12,7 @@ import json
 
 import pytest
 from deltalake import write_deltalake
+from hookpoints.analyses.figures_interventions import sweep_title
 from hookpoints.analyses.intervention_sweep import SweepSpec, plan_sweep, run_sweep
 from hookpoints.analyses.intervention_tables import INTERVENTIONS
 from hookpoints.store import tables
@@ -110,6 +111,12 @@ def test_the_sampling_settings_are_stored_with_every_row_and_greedy_is_null(swep
             assert Sampling.from_config(json.loads(sampled["sampling"])) == HOT
             nulls = session.sql(f"SELECT DISTINCT sweep FROM {table} WHERE sampling IS NULL AND sweep IN ('g1', 's1')")
             assert nulls.to_pylist() == [{"sweep": "g1"}]
+        titles = {
+            sweep: sweep_title(session.sql(f"SELECT * FROM intervention_scores WHERE sweep = '{sweep}'"), sweep)
+            for sweep in ("g1", "s1")
+        }
+    assert titles["s1"].endswith("; sampled (seed 7, temperature 1.5, top_p 0.95)")  # Figure 5 and the report
+    assert "sampled" not in titles["g1"]
 
 
 def test_a_sweep_name_taken_is_refused_and_an_overwrite_leaves_no_greedy_row(swept):
