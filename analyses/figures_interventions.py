@@ -8,6 +8,7 @@ rate (WER/CER, lower is better).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -78,11 +79,12 @@ def figure5(scores: pa.Table, title: str) -> Figure:
 
 
 def sweep_title(scores: pa.Table, sweep: str) -> str:
-    """Names the sweep, the ranking its neurons come from, the kind of edit and the ks."""
+    """Names the sweep, the ranking its neurons come from, the kind of edit, the ks, and sampled decoding."""
     rows = scores.to_pylist()
     rankings = sorted({r["ranking"] for r in rows if r.get("ranking")})
     kinds = sorted({r["kind"] for r in rows if r.get("kind")})
     ks = sorted({r["k"] for r in rows if r.get("k")})
+    sampled = sorted({r["sampling"] for r in rows if r.get("sampling")})  # JSON; null (or no column): greedy
     parts = [f"sweep {sweep}"]
     if rankings:
         parts.append(f"neurons of ranking {', '.join(rankings)}")
@@ -90,6 +92,9 @@ def sweep_title(scores: pa.Table, sweep: str) -> str:
         parts.append(f"{'/'.join(kinds)} replacement")
     if ks:
         parts.append(f"k = {', '.join(str(k) for k in ks)}")
+    for config in sampled:
+        settings = ", ".join(f"{name} {value}" for name, value in json.loads(config).items() if value is not None)
+        parts.append(f"sampled ({settings})")
     return "Interventions: " + "; ".join(parts)
 
 

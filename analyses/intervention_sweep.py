@@ -4,6 +4,8 @@ The paper's Experiment 2 (seeds/seamless-m4t-v2-neurons.txt, 3.3 and 5.2): repla
 their median during generation and compare ASR (WER/CER) and translation (0.6 BLEU + 0.4 chrF) with random
 neurons of the same number per module group. Every condition of a (task, language) runs on the same
 examples and the same inputs; ``none`` (no edit, through the same traced generation) is the reference level.
+Decoding is greedy, or sampled (``SweepSpec.sampling``) with each example's stream keyed by its id in every
+condition: the edited and unedited generations share their draws (common random numbers).
 
 :func:`plan_sweep` checks everything and computes every edit's values before anything is generated or
 written; :func:`run_sweep` generates, scores and commits each (task, language) as it finishes. What to sweep
@@ -38,6 +40,7 @@ from hookpoints.analyses.text_scores import corpus_scores, sentence_scores
 from hookpoints.store import tables
 from hookpoints.store.catalog import Store
 from hookpoints.store.run_marks import RunMarks
+from hookpoints.store.runs import config_json
 from hookpoints.store.tables import sql_string
 
 from hookpoints.editing import NeuronEdit
@@ -144,13 +147,14 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
                     "task": task_name,
                     "language": language,
                     "tgt_lang": target,
+                    "sampling": None if spec.sampling is None else config_json(spec.sampling.config()),
                 }
                 conditions = _conditions(session, spec, ranking, common, modality, language, explicit)
                 for condition in conditions:
                     condition.edits = _edits(model, condition)
                 job = BatchJob(
                     task_name, "mean", frames=spec.frames, max_new_tokens=spec.max_new_tokens,
-                    tgt_lang=spec.tgt_lang, base=str(manifest.base), template=template,
+                    tgt_lang=spec.tgt_lang, base=str(manifest.base), template=template, sampling=spec.sampling,
                 )  # fmt: skip
                 cells.append(Cell(task_name, language, target, examples, references, model, job, conditions, marks))
     return cells
@@ -284,6 +288,7 @@ def run_sweep(
             )
     for table in TABLES:
         store.ensure_table(table)
+        tables.add_columns(store.location, table)  # an older store's tables: sampling (null for their greedy rows)
     if spec.if_exists == "overwrite":
         _check_runs(store, spec, cells, 0)  # before the sweep's stored rows go: a run changed since planning
         for table in TABLES:
@@ -301,12 +306,16 @@ def run_sweep(
                 if cell.model.continues
                 else cell.model.decoder_prompt(targets, task=cell.job.task, sources=known_sources(examples))
             )
-            prepared.append((examples, inputs, prompt))
+            # sampled: each example's stream keyed by its id, in every condition (common random numbers)
+            keys = examples["example_id"].to_pylist() if cell.job.sampling is not None else None
+            prepared.append((examples, inputs, prompt, keys))
         rows, scores, neurons = [], [], []
         for condition in cell.conditions:
             texts, lengths = [], []
-            for examples, inputs, prompt in prepared:
-                generation, _ = cell.model.generate_edited(inputs, prompt, condition.edits, spec.max_new_tokens)
+            for examples, inputs, prompt, keys in prepared:
+                generation, _ = cell.model.generate_edited(
+                    inputs, prompt, condition.edits, spec.max_new_tokens, sampling=cell.job.sampling, sample_keys=keys
+                )
                 texts += cell.model.decode(generation)
                 lengths += generation.lengths.tolist()
                 if on_generations:

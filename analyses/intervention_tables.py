@@ -4,7 +4,9 @@
 - ``intervention_scores``: corpus scores per (sweep, condition, task, language): what Figure 5 plots.
 - ``intervention_neurons``: the neurons each condition edited and the values they took (or were shifted by).
 
-All are partitioned by sweep; a sweep's rows of one (task, language) are committed together.
+All are partitioned by sweep; a sweep's rows of one (task, language) are committed together. ``sampling`` was
+added later: a sweep gives an older store's tables the column (rows before it: null, greedy; store/tables.py
+add_columns).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ CONDITION_FIELDS = [
     ("tgt_lang", pa.string()),  # the language generated into (model code)
     ("label_set", pa.string()),  # the ranked label set the neurons come from, for this language
     ("n_neurons", pa.int32()),
+    ("sampling", pa.string()),  # sampled decoding's settings, JSON (Sampling.config()); null: greedy
 ]
 SCORE_FIELDS = [
     ("metric", pa.string()),  # wer | cer | combined

@@ -14,6 +14,7 @@ from hookpoints.analyses.labels import check_name
 from hookpoints.analyses.selection import PAPER_KS, SIDE_CHOICES, check_ks, check_side
 
 from hookpoints.errors import UserError
+from hookpoints.settings import Sampling, check_sampling
 
 PAPER_SEED = 1234  # "a fixed random seed of 1234" (Appendix G)
 
@@ -50,6 +51,7 @@ class SweepSpec:
     reference_column: str | None = None
     pair_column: str = "semantic_id"
     if_exists: str = "error"
+    sampling: Sampling | None = None  # sampled decoding, every condition with the same draws; None: greedy
 
     def __post_init__(self):  # a string here was read letter by letter (runs="r1": the ranking of runs "1+r")
         for name in ("runs", "tasks", "neuron_types", "neurons", "label_sets", "languages", "stats_runs"):
@@ -100,5 +102,6 @@ def check_spec(spec: SweepSpec) -> None:
         raise UserError(
             f"--random-like {spec.random_like!r} is not one of the swept types or label sets ({', '.join(ranked)})"
         )
+    check_sampling(spec.sampling)
     if spec.if_exists not in ("error", "overwrite"):
         raise UserError(f"if_exists must be error or overwrite, not {spec.if_exists!r}")

@@ -12,6 +12,7 @@ from hookpoints.analyses.interventions import KINDS, NEURON_TYPES
 from hookpoints.analyses.selection import PAPER_KS, SIDE_CHOICES
 from hookpoints.cli.console import counting, out, render
 from hookpoints.cli.placement_options import load_options, placement_options
+from hookpoints.cli.sampling_options import sampling_from, sampling_options
 
 
 @click.command("intervene")
@@ -65,22 +66,26 @@ from hookpoints.cli.placement_options import load_options, placement_options
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder for the score-vs-k plot (Figure 5 of the SeamlessM4T v2 neuron paper).",
 )
+@sampling_options
 @placement_options
 def command(
-    store_path, sweep_name, overwrite, plots_dir, device, model_dtype, device_map, offload_folder, **options
-) -> None:
+    store_path, sweep_name, overwrite, plots_dir, device, model_dtype, device_map, offload_folder,
+    sample, temperature, top_k, top_p, sample_seed, **options,
+) -> None:  # fmt: skip
     """Replace selected neurons during generation and score what happens (Experiment 2 and Figure 5 of the
     SeamlessM4T v2 neuron paper)."""
     from hookpoints.cli.ap_cmd import check_plots_dir
     from hookpoints.store.catalog import Store
 
     check_plots_dir(plots_dir)  # before the generations, not after them
+    sampling = sampling_from(sample, temperature, top_k, top_p, sample_seed)
     placement = load_options(device, model_dtype, device_map, offload_folder)
     name = sweep_name or datetime.now(UTC).strftime("sweep-%Y%m%dT%H%M%S")
     spec = SweepSpec(
         sweep=name,
         **{key: tuple(value) if isinstance(value, (list, tuple)) else value for key, value in options.items()},
         if_exists="overwrite" if overwrite else "error",
+        sampling=sampling,
     )
     store = Store.open(store_path)
     scores = sweep(store, spec, plots_dir, placement)

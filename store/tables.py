@@ -157,6 +157,41 @@ def replace(
     )
 
 
+def add_columns(location: StoreLocation, spec: TableSpec) -> list[str]:
+    """Give an existing analysis table the (nullable) columns of ``spec`` it lacks; returns their names.
+
+    Its rows are rewritten with them null, in one atomic commit (readers see the old version or the new one),
+    so that every file holds every column: a metadata-only add (store/migrate.py) leaves old files without it,
+    and pyarrow 26 filters such a column wrongly in SQL (``IS NULL`` skips those rows, ``IS NOT NULL`` keeps
+    them). For small analysis tables (intervention results); the core tables are migrated (store/migrate.py).
+    """
+    present = set(open_table(location, spec.name).schema().to_arrow().names)  # arro3 schema
+    missing = [field for field in spec.schema if field.name not in present]
+    if not missing:
+        return []
+
+    def commit() -> None:
+        delta = open_table(location, spec.name)  # again at each try: a concurrent append's rows are kept
+        rows = dataset(location, spec.name, delta).to_table()
+        for field in missing:
+            if field.name not in rows.column_names:
+                rows = rows.append_column(field, pa.nulls(rows.num_rows, field.type))
+        known = [field.name for field in spec.schema]
+        extra = [name for name in rows.column_names if name not in known]  # kept, after the spec's
+        rows = rows.select(known + extra).cast(pa.schema([*spec.schema, *(rows.schema.field(n) for n in extra)]))
+        write_deltalake(
+            delta,
+            rows,
+            partition_by=list(spec.partition_by) or None,
+            mode="overwrite",
+            schema_mode="overwrite",
+            writer_properties=writer_properties(spec, rows.schema),
+        )
+
+    retrying(commit)
+    return [field.name for field in missing]
+
+
 def delete(location: StoreLocation, table: str, predicate: str, *, fence: Sequence[str] = ()) -> None:
     """Delete the rows matching a Delta predicate (partition predicates only drop whole files).
 

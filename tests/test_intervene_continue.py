@@ -17,34 +17,13 @@ from sacrebleu.metrics import BLEU, CHRF
 from hookpoints.errors import UserError
 from hookpoints.loading import load
 from hookpoints.recorder import record
-
-WORDS = {
-    "de": "der die das und ist nicht ein eine mit von zu auf".split(),
-    "en": "the a and is not one with of to on in at".split(),
-    "fr": "le la les et est pas un une avec de sur dans".split(),
-}
+from tests.intervene_helpers import make_lm_store
 
 
 @pytest.fixture(scope="module")
 def lm_store(tiny_model_dir, tmp_path_factory):
     """A tiny GPT-2 recorded on 8 texts per language, ranked by language (unimodal/{language})."""
-    folder = tmp_path_factory.mktemp("continue")
-    rows = [
-        {"id": f"{lang}{i}", "text": " ".join(words[(i + j) % len(words)] for j in range(4 + i % 3)), "language": lang}
-        for lang, words in WORDS.items()
-        for i in range(8)
-    ]
-    import json
-
-    manifest = folder / "texts.jsonl"
-    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    model_dir = tiny_model_dir("gpt2")
-    store = Store.open(folder / "store", create=True)
-    from hookpoints.manifest import read_manifest
-
-    record(load(model_dir), read_manifest(manifest, required=("text",)), store, "lm", hooks=["blocks.*.mlp.hook_post"])
-    write_scores(store, rank(store, plan_ranking(store, ["lm"], presets=["unimodal"], ks=(16,))))
-    return store, model_dir, manifest
+    return make_lm_store(tiny_model_dir("gpt2"), tmp_path_factory.mktemp("continue"))
 
 
 def _spec(name: str, model_dir, **options) -> SweepSpec:
