@@ -116,8 +116,6 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
             if spec.frames is not None and modality != "speech":  # as record refuses it (hookpoints.recorder)
                 raise UserError(f"--frames applies to speech input; task {task_name} reads {modality} here")
             model = load_model(source, modality)
-            # its medians are this model's values only if its weights are those the stats run was recorded with
-            check_weights(model.model, json.loads(runs[stats_run]["config"] or "{}"), stats_run, source)
             if (task_name == CONTINUE) != model.continues:
                 raise UserError(
                     f"{source} cannot {task_name}: a decoder-only LM (or an audio LLM) continues its input, "
@@ -125,6 +123,8 @@ def plan_sweep(store: Store, spec: SweepSpec, load_model: Callable[[str, str], H
                     if task_name == CONTINUE
                     else f"{source} is a decoder-only LM: it continues its input; sweep --task continue"
                 )
+            # its medians are this model's values only if its weights are those the stats run was recorded with
+            check_weights(model.model, json.loads(runs[stats_run]["config"] or "{}"), stats_run, source)
             manifest = sweep_manifest(spec, runs[stats_run], modality)
             # an audio LLM's speech prompt as the run recorded it (its --template), not the bare audio
             template = json.loads(runs[stats_run]["config"] or "{}").get("template") if modality == "speech" else None
