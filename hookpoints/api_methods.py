@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 
+from hookpoints.added_hooks import AddedHooks
 from hookpoints.editing import NeuronEdit, check_edits, own_inputs
 from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
@@ -24,7 +25,7 @@ class LogitsAndLoss(NamedTuple):
     loss: torch.Tensor
 
 
-class ModelApi:
+class ModelApi(AddedHooks):
     """Mixed into :class:`~hookpoints.model.HookedModel`: the methods a notebook calls."""
 
     def __call__(
@@ -35,7 +36,7 @@ class ModelApi:
         loss_per_token: bool = False,
         attention_mask: torch.Tensor | None = None,
     ):
-        """One forward pass, as TransformerLens' ``model(input, return_type=...)``:
+        """One forward pass (with the added hooks), as TransformerLens' ``model(input, return_type=...)``:
         ``"logits"`` ``[batch, pos, d_vocab]``; ``"loss"`` the mean next-token cross-entropy over real positions
         (a position and the next both real; ``loss_per_token``: ``[batch, pos - 1]``, 0 where not real);
         ``"both"`` ``(logits, loss)``; None nothing. Loss is for decoder-only LMs on text. ``attention_mask``
@@ -100,7 +101,8 @@ class ModelApi:
         return output, cache.without_batch_axis() if remove_batch_dim else cache
 
     def run_with_hooks(self, inputs, fwd_hooks=()):
-        """One forward pass with ``fn(tensor, hook)`` applied at each ``(name or glob, fn)``; the model output.
+        """One forward pass with ``fn(tensor, hook)`` applied at each ``(name or glob, fn)``, after the added hooks
+        (:meth:`add_hook`); the model output.
 
         >>> model.run_with_hooks(["Hi"], fwd_hooks=[("blocks.0.mlp.hook_post", hp.ablate([3]))]).logits
         """
@@ -182,9 +184,11 @@ class ModelApi:
         return [self.tokenizer.decode([token], clean_up_tokenization_spaces=False) for token in ids]
 
     def _forward(self, inputs: ModelInputs, changes):
+        """The model's forward pass with the added hooks' changes, then ``changes``, on their tensors."""
         from hookpoints.attention import eager, needs_eager
         from hookpoints.hook_fns import hooked
 
+        changes = [*self._added_changes(inputs.batch_size), *changes]  # in the order added, as TransformerLens
         maps = needs_eager(point.module for point, _ in changes)  # the SDPA path never calls the map hooks
         with (
             torch.no_grad(),  # not inference_mode: the output is an ordinary tensor (a probe may train on it)
