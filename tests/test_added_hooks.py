@@ -1,14 +1,17 @@
 """Hooks added with ``model.add_hook`` / ``model.hooks()`` against TransformerLens 3.9's (the same functions on
-the same tiny GPT-2, every parameter random) and against plain torch hooks on the HF modules; their removal; and
-generation under them."""
+the same tiny GPT-2, every parameter random) and against plain torch hooks on the HF modules; their removal;
+generation under them; and recording's refusal while they are held."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 from test_transformerlens_names import TEXT, gpt2_with_bos
 
 import hookpoints as hp
+from analyses.intervention_sweep import run_sweep
 from hookpoints.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # HookedTransformer is deprecated in 3.x
@@ -169,6 +172,34 @@ def test_generate_under_hooks_equals_generate_with_fwd_hooks(pair):
     assert torch.equal(held.sequences, given.sequences)
     assert not torch.equal(held.sequences, plain.sequences)
     assert torch.equal(model.generate(TEXTS, max_new_tokens=6).sequences, plain.sequences)  # removed
+
+
+def test_recording_refuses_while_hooks_are_added(pair, tmp_path):
+    model, _ = pair
+    model.add_hook(RESID, double)
+    message = r"^the model has 1 hook added \(add_hook/hooks\(\)\): reset_hooks\(\) before"
+    rows = [{"id": "a", "text": TEXT}]
+    with pytest.raises(UserError, match=message + " recording$"):
+        hp.record(model, rows, tmp_path / "store", run="r1", hooks=RESID, progress=False)
+    assert not (tmp_path / "store").exists()  # refused before a store was made
+    inputs, points = model.inputs(TEXTS), model.select([RESID])
+    with pytest.raises(UserError, match=message + " recording$"):
+        model.pooled(inputs, points, "mean")
+    with pytest.raises(UserError, match=message + " recording$"):
+        model.pooled_generating(inputs, None, points, "mean", 2)
+    with pytest.raises(UserError, match=message + " generate_edited"):
+        model.pooled_per_step(inputs, None, points, "mean", 2)
+    with pytest.raises(UserError, match=message + " generate_edited"):  # the sweep's decoding
+        model.generate_edited(inputs, None, [model.edit(RESID, [3], [0.0])], 2)
+    with pytest.raises(UserError, match=message + " generate with edits"):
+        model.generate(inputs, max_new_tokens=2, edits=[model.edit(RESID, [3], [0.0])])
+    with pytest.raises(UserError, match=message + " the sweep$"):  # before any stored row is deleted
+        run_sweep(None, None, [SimpleNamespace(model=model)])
+    with model.hooks(fwd_hooks=[(POST, double)]):
+        with pytest.raises(UserError, match="the model has 2 hooks added"):
+            model.pooled(inputs, points, "mean")
+    model.reset_hooks()
+    assert set(model.pooled(inputs, points, "mean")) == {RESID}
 
 
 def test_bad_hooks_are_refused_in_one_line(pair):
