@@ -47,11 +47,17 @@ class ModelApi(AddedHooks):
         if return_type not in RETURN_TYPES:
             raise UserError(f"return_type must be 'logits', 'loss', 'both' or None, not {return_type!r:.60}")
         wants_loss = return_type in ("loss", "both")
-        if wants_loss and not (self.continues and self.modality == "text"):
-            kind = "a decoder-only LM on text" if self.continues else "not a decoder-only LM"
+        headless = self.model.get_output_embeddings() is None  # BertModel: hidden states, no logits
+        if (wants_loss or return_type == "logits") and (headless or wants_loss and not self.continues):
+            why = (
+                "has no LM head (no logits)" if headless else "is not a decoder-only LM (next-token loss is undefined)"
+            )
+            supported = "None" if headless else "'logits' and None"
+            raise UserError(f"{self.source} ({self.adapter.name}) {why}: model(...) supports return_type {supported}")
+        if wants_loss and self.modality != "text":
             raise UserError(
-                f"{self.source} ({self.adapter.name}, {self.modality} input) is {kind}: next-token loss is undefined "
-                "here; model(...) supports return_type 'logits' and None"
+                f"{self.source} was loaded for {self.modality} input: next-token loss is for text (return_type "
+                "'logits' and None here; load it with modality='text')"
             )
         if attention_mask is not None:
             if not isinstance(inputs, torch.Tensor):

@@ -103,9 +103,27 @@ def test_bad_return_types_and_models(pair, tiny_model_dir):
     whisper = load(tiny_model_dir("whisper"))
     wave = np.random.default_rng(0).normal(0, 0.1, 16_000).astype(np.float32)
     for return_type in ("loss", "both"):
-        with pytest.raises(UserError, match="not a decoder-only LM: .* supports return_type 'logits' and None"):
+        with pytest.raises(
+            UserError, match=r"is not a decoder-only LM \(.*\): model\(...\) supports return_type 'logits' and None$"
+        ):
             whisper([wave], return_type=return_type)
     assert whisper([wave]).dim() == 3  # its decoder prompt's logits
-    bert = load(tiny_model_dir("bert"))
-    with pytest.raises(UserError, match="not a decoder-only LM"):
-        bert(TEXT, return_type="loss")
+    bert = load(tiny_model_dir("bert"))  # BertModel: hidden states only
+    for return_type in ("logits", "loss", "both"):
+        with pytest.raises(UserError, match="has no LM head .*: model\\(...\\) supports return_type None$"):
+            bert(TEXT, return_type=return_type)
+    assert bert(TEXT, return_type=None) is None
+
+
+def test_loss_of_an_audio_llm_loaded_for_speech_is_refused(tiny_model_dir):
+    """Its positions hold audio placeholder tokens: next-token loss is for text (load it for text)."""
+    qwen = load(tiny_model_dir("qwen2_audio"), modality="speech")
+    wave = np.random.default_rng(0).normal(0, 0.1, 16_000).astype(np.float32)
+    with pytest.raises(UserError, match="was loaded for speech input: next-token loss is for text"):
+        qwen([wave], return_type="loss")
+    assert qwen([wave]).dim() == 3
+    text = load(tiny_model_dir("qwen2_audio"))
+    logits, loss = text(TEXT, return_type="both")
+    ids = text.to_tokens(TEXT)
+    plain = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+    close(loss, plain)
