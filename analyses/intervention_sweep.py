@@ -281,6 +281,7 @@ def run_sweep(
     >>> figure5(scores, "sw1")
     """
     for cell in cells:  # continue: the none condition's continuation is the reference of those after it
+        cell.model.check_no_added_hooks("the sweep")  # before stored rows go (generate_edited refuses too)
         if cell.task == CONTINUE and (not cell.conditions or cell.conditions[0].fields["condition"] != "none"):
             raise UserError(
                 f"the continuation cell of {cell.language!r} does not start with the none condition, whose unedited "

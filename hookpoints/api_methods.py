@@ -6,15 +6,77 @@ Kept apart from hookpoints.model so the model class stays small; the work is don
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from hookpoints.added_hooks import AddedHooks
 from hookpoints.editing import NeuronEdit, check_edits, own_inputs
 from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
 
+RETURN_TYPES = ("logits", "loss", "both", None)
 
-class ModelApi:
+
+class LogitsAndLoss(NamedTuple):
+    """``model(inputs, return_type="both")``: unpacks as ``logits, loss`` (TransformerLens' ``Output``)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor
+
+
+class ModelApi(AddedHooks):
     """Mixed into :class:`~hookpoints.model.HookedModel`: the methods a notebook calls."""
+
+    def __call__(
+        self,
+        inputs,
+        return_type: str | None = "logits",
+        *,
+        loss_per_token: bool = False,
+        attention_mask: torch.Tensor | None = None,
+    ):
+        """One forward pass (with the added hooks), as TransformerLens' ``model(input, return_type=...)``:
+        ``"logits"`` ``[batch, pos, d_vocab]``; ``"loss"`` the mean next-token cross-entropy over real positions
+        (a position and the next both real; ``loss_per_token``: ``[batch, pos - 1]``, 0 where not real);
+        ``"both"`` ``(logits, loss)``; None nothing. Loss is for decoder-only LMs on text. ``attention_mask``
+        goes with ``[batch, pos]`` token ids (0 marks padding), as TransformerLens takes it.
+
+        >>> model(["The cat sat", "Hi"], return_type="loss")  # tensor(5.72)
+        """
+        if return_type not in RETURN_TYPES:
+            raise UserError(f"return_type must be 'logits', 'loss', 'both' or None, not {return_type!r:.60}")
+        wants_loss = return_type in ("loss", "both")
+        headless = self.model.get_output_embeddings() is None  # BertModel: hidden states, no logits
+        if (wants_loss or return_type == "logits") and (headless or wants_loss and not self.continues):
+            why = (
+                "has no LM head (no logits)" if headless else "is not a decoder-only LM (next-token loss is undefined)"
+            )
+            supported = "None" if headless else "'logits' and None"
+            raise UserError(f"{self.source} ({self.adapter.name}) {why}: model(...) supports return_type {supported}")
+        if wants_loss and self.modality != "text":
+            raise UserError(
+                f"{self.source} was loaded for {self.modality} input: next-token loss is for text (return_type "
+                "'logits' and None here; load it with modality='text')"
+            )
+        if attention_mask is not None:
+            if not isinstance(inputs, torch.Tensor):
+                raise UserError("attention_mask goes with [batch, pos] token ids, not with texts (they get their own)")
+            inputs = {"input_ids": inputs, "attention_mask": attention_mask}
+        batch = self.inputs(inputs)
+        output = self._forward(batch, [])
+        if return_type is None:
+            return None
+        logits = getattr(output, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise UserError(
+                f"{self.source} ({type(self.model).__name__}) outputs no logits: model(...) supports return_type None "
+                "here (run_with_cache for its tensors)"
+            )
+        if not wants_loss:
+            return logits
+        loss = next_token_loss(logits, batch.kwargs["input_ids"], batch.masks["input"], per_token=loss_per_token)
+        return loss if return_type == "loss" else LogitsAndLoss(logits, loss)
 
     def inputs(self, inputs) -> ModelInputs:
         """Strings, waveforms, audio paths or tensors as a padded batch (see hookpoints.user_inputs)."""
@@ -45,7 +107,8 @@ class ModelApi:
         return output, cache.without_batch_axis() if remove_batch_dim else cache
 
     def run_with_hooks(self, inputs, fwd_hooks=()):
-        """One forward pass with ``fn(tensor, hook)`` applied at each ``(name or glob, fn)``; the model output.
+        """One forward pass with ``fn(tensor, hook)`` applied at each ``(name or glob, fn)``, after the added hooks
+        (:meth:`add_hook`); the model output.
 
         >>> model.run_with_hooks(["Hi"], fwd_hooks=[("blocks.0.mlp.hook_post", hp.ablate([3]))]).logits
         """
@@ -127,9 +190,11 @@ class ModelApi:
         return [self.tokenizer.decode([token], clean_up_tokenization_spaces=False) for token in ids]
 
     def _forward(self, inputs: ModelInputs, changes):
+        """The model's forward pass with the added hooks' changes, then ``changes``, on their tensors."""
         from hookpoints.attention import eager, needs_eager
         from hookpoints.hook_fns import hooked
 
+        changes = [*self._added_changes(inputs.batch_size), *changes]  # in the order added, as TransformerLens
         maps = needs_eager(point.module for point, _ in changes)  # the SDPA path never calls the map hooks
         with (
             torch.no_grad(),  # not inference_mode: the output is an ordinary tensor (a probe may train on it)
@@ -138,6 +203,26 @@ class ModelApi:
             eager(maps),
         ):
             return self.model(**own_inputs(inputs.kwargs, [point for point, _ in changes]))  # caller's untouched
+
+
+def next_token_loss(
+    logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, *, per_token: bool = False
+) -> torch.Tensor:
+    """Cross-entropy of predicting token ``t + 1`` from position ``t`` (TransformerLens' ``lm_cross_entropy_loss``
+    given the attention mask): counted where both positions are real (``mask``), in float32. The mean over those,
+    or with ``per_token`` ``[batch, pos - 1]`` (0 elsewhere).
+
+    >>> next_token_loss(logits, ids, mask)  # doctest: +SKIP
+    """
+    tokens, mask = tokens.to(logits.device), mask.to(logits.device, torch.bool)
+    log_probs = logits.float().log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]  # [batch, pos - 1]
+    counted = mask[:, :-1] & mask[:, 1:]
+    losses = -log_probs.masked_fill(~counted, 0.0)
+    if per_token:
+        return losses
+    if not bool(counted.any()):
+        raise UserError("no example has two real tokens: next-token loss needs at least two per example")
+    return losses.sum() / counted.sum()
 
 
 def _token_ids(tokens) -> torch.Tensor:

@@ -286,22 +286,37 @@ def run_with_cache(model, inputs: ModelInputs, points: list[HookPoint], pooling:
         raise UserError(f"pooling must be one of {', '.join(CACHE_POOLINGS)} or None, not {pooling!r}")
     saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
     batch = inputs.batch_size
-    with (
-        torch.no_grad(),  # not inference_mode: the cache holds tensors autograd and in-place changes take
-        model.adapter.batch_guard(model.model, inputs),
-        eager_attention(needs_eager(p.module for p in points)),
-        model.traced.trace(**inputs.kwargs),
-    ):
-        for point in sorted(points, key=lambda p: p.order):  # nnsight needs requests in execution order
-            envoy = model.envoy(point)
-            value = envoy.output if point.io == "output" else envoy.input
-            saved[point.name] = hook_tensor(value, point, batch).clone().save()
-        output = model.traced.output.save()
+    if model._hook_entries:  # hooks added (model.add_hook): the cache holds what they made, as in TransformerLens
+        output = model._forward(inputs, [(point, _reader(point, batch, saved)) for point in points])
+    else:
+        with (
+            torch.no_grad(),  # not inference_mode: the cache holds tensors autograd and in-place changes take
+            model.adapter.batch_guard(model.model, inputs),
+            eager_attention(needs_eager(p.module for p in points)),
+            model.traced.trace(**inputs.kwargs),
+        ):
+            for point in sorted(points, key=lambda p: p.order):  # nnsight needs requests in execution order
+                envoy = model.envoy(point)
+                value = envoy.output if point.io == "output" else envoy.input
+                saved[point.name] = hook_tensor(value, point, batch).clone().save()
+            output = model.traced.output.save()
     tensors = {point.name: saved[point.name] for point in points}
     blocks = {p.layer for p in model.hook_points if p.layer is not None and p.name.startswith("blocks.")}
     layers = max(blocks) + 1 if blocks else None
     cache = ActivationCache(tensors, {point.name: point for point in points}, dict(inputs.masks), layers=layers)
     return output, cache.pooled(pooling) if pooling else cache
+
+
+def _reader(point: HookPoint, batch: int, saved: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], None]:
+    """A change (hookpoints.hook_fns.hooked) that changes nothing and keeps the hook's tensor in cache layout.
+
+    Held after the added hooks' torch hooks, it reads what they made, as TransformerLens' cache hook (added after
+    them on the HookPoint) does; an nnsight trace reads a module's output before torch's forward hooks run."""
+
+    def read(tensor: torch.Tensor) -> None:
+        saved[point.name] = hook_tensor(tensor, point, batch).clone()
+
+    return read
 
 
 def select_names(model, names: Names) -> list[HookPoint]:

@@ -88,6 +88,8 @@ class GenerationMethods(GenerationRequests):
 
         >>> model.generate(["The cat"], max_new_tokens=8, fwd_hooks=[("blocks.1.hook_resid_post", hp.steer(v, 4.0))])
         """
+        if edits:  # generate_edited applies its edits only
+            self.check_no_added_hooks("generate with edits (or give the edits as fwd_hooks: hp.ablate, hp.steer)")
         inputs, prompt = self._check_request(inputs, prompt, max_new_tokens, [] if edits is None else edits)
         if encoder_outputs is not None and self.continues:  # HF's ValueError about unused model_kwargs
             raise UserError(f"{self.source} continues its inputs: its generate takes no encoder_outputs")
@@ -153,6 +155,7 @@ class GenerationMethods(GenerationRequests):
         A decoder-only LM (``prompt`` None) generates, then records every hook point in one teacher-forced pass
         over ``input + generated[:-1]``, pooled over the generated tokens' steps.
         """
+        self.check_no_added_hooks()  # its generate would apply them
         self._check_generates()
         inputs = self.generation_inputs(inputs)  # texts too, as generate takes them
         prompt = self.checked_prompt(inputs, prompt, max_new_tokens)
@@ -212,6 +215,7 @@ class GenerationMethods(GenerationRequests):
         hook per tensor). ``sampling`` / ``sample_keys``: as in :meth:`generate` (the same draws with and without
         edits: common random numbers).
         """
+        self.check_no_added_hooks("generate_edited (the sweep's and per-step recording's decoding, without them)")
         inputs, prompt = self._check_request(inputs, prompt, max_new_tokens, edits)
         sampled = self._sampled(inputs, sampling, sample_keys)
         if isinstance(record, str) or any(isinstance(point, str) for point in record):

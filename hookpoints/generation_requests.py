@@ -165,10 +165,11 @@ class GenerationRequests:
         return {**kwargs, "pad_token_id": self._pad_token(), **PLAIN_ARGMAX}, given.kwargs["input_ids"], given
 
     def _hook_changes(self, inputs: ModelInputs, fwd_hooks) -> list:
-        """``fwd_hooks`` as (hook point, change of its tensor) pairs for :func:`hookpoints.hook_fns.hooked`."""
-        if not fwd_hooks:
+        """The added hooks (``model.add_hook``), then ``fwd_hooks``, as (hook point, change of its tensor) pairs for
+        :func:`hookpoints.hook_fns.hooked`."""
+        resolved = [*self._added_resolved(), *(resolve_hooks(self, fwd_hooks) if fwd_hooks else [])]
+        if not resolved:
             return []
-        resolved = resolve_hooks(self, fwd_hooks)
         mask = inputs.masks.get("input")
         padded = self.continues and mask is not None and not bool(mask.all())  # generate moves its padding first
         if padded and any(getattr(fn, "reads_positions", False) for _, fn in resolved):

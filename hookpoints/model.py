@@ -332,6 +332,7 @@ class HookedModel(GenerationMethods, ModelApi):
         :mod:`hookpoints.mask_skips`); their check is read here, or with ``defer_check`` returned under
         ``MASK_CHECK`` for the caller to copy with the rows and pass to :func:`~hookpoints.mask_skips.check_claims`.
         """
+        self.check_no_added_hooks()  # its trace runs without them: the rows would not be what the notebook sees
         methods = pooling_methods(points, pooling)
         saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
         options = {"remote": self.remote} if self.remote else {}

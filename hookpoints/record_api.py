@@ -53,6 +53,7 @@ def record(
     """
     if not isinstance(model, HookedModel):
         raise UserError(f"record needs a model loaded with hp.load, not {type(model).__name__}")
+    model.check_no_added_hooks()  # before a store is opened (or made)
     if not isinstance(run, str):
         raise UserError(f"run must be a name (a string), not {type(run).__name__}")
     validate_run_name(run)

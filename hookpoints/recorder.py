@@ -132,6 +132,7 @@ def record(
     ``none`` grow with the square of the length). ``on_start(n)`` is called once everything is checked and
     ``n`` examples are about to be recorded; ``on_batch(k)`` after each batch.
     """
+    model.check_no_added_hooks()  # before the store is touched (HookedModel.pooled refuses too)
     check_count("batch size", batch_size)
     check_count("max new tokens", max_new_tokens)
     if max_bytes is not None:

@@ -82,6 +82,10 @@ def test_the_python_api_page_runs_as_written(local):
     alone = namespace["gpt2"].generate(["Hello"], max_new_tokens=20)
     assert continuation.generated(1) == alone.generated(0) and continuation.space == "input"
     assert {r["run"] for r in namespace["store"].runs().to_pylist()} == {"r1", "r2", "r3", "fleurs"}
+    model = namespace["model"]  # the TransformerLens habits: hooks gone after reset_hooks and the hooks() block
+    assert not namespace["ablated_cache"]["blocks.0.mlp.hook_post"][..., [3, 7]].any() and not model._hook_entries
+    assert namespace["per_token"].shape == (2, namespace["logits"].shape[1] - 1) and namespace["loss"].dim() == 0
+    assert not torch.isclose(namespace["ablated_loss"], namespace["loss"])
 
 
 def test_the_readme_python_block_runs_as_written(local):
