@@ -356,16 +356,20 @@ def _table_io():
     return tables
 
 
+_WRITE_PROBE = ".write-test-"
+
+
 def _check_local_folder(root: Path) -> None:
     from hookpoints.store.schema import CORE_TABLES
 
     if root.exists() and not root.is_dir():
         raise UserError(f"store path {root} is a file: give a folder")
-    if root.is_dir() and any(entry.name not in CORE_TABLES for entry in root.iterdir()):
+    # a concurrent creator's tables and write probe are not foreign files
+    if root.is_dir() and any(e.name not in CORE_TABLES and not e.name.startswith(_WRITE_PROBE) for e in root.iterdir()):
         raise UserError(f"{root} is a folder that is not a hookpoints store and is not empty: pick an empty folder")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{os.getpid()}"
+        probe = root / f"{_WRITE_PROBE}{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
