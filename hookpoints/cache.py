@@ -16,6 +16,7 @@ import torch
 
 from hookpoints.attention import eager as eager_attention
 from hookpoints.attention import needs_eager
+from hookpoints.cache_attribution import CacheAttribution
 from hookpoints.errors import UserError
 from hookpoints.inputs import ModelInputs
 from hookpoints.points import HookPoint, closest_names
@@ -31,7 +32,7 @@ _LAYER_TYPES = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "at
 Names = str | list[str] | Callable[[str], bool] | None
 
 
-class ActivationCache(Mapping):
+class ActivationCache(CacheAttribution, Mapping):
     """Hook name -> tensor, with the padding masks of the batch (like TransformerLens' ``ActivationCache``).
 
     >>> output, cache = model.run_with_cache(["Hello world", "Hi"], names="blocks.*.hook_resid_post")  # doctest: +SKIP
@@ -46,6 +47,7 @@ class ActivationCache(Mapping):
         masks: dict[str, torch.Tensor],
         pooling: str | None = None,
         layers: int | None = None,
+        model=None,
     ):
         self._tensors = tensors
         self.points = points  # hook name -> HookPoint (its layout, space and aliases)
@@ -54,6 +56,7 @@ class ActivationCache(Mapping):
         self._aliases = {alias: point.name for point in points.values() for alias in point.aliases}
         self.batchless = False  # made by without_batch_axis (run_with_cache's remove_batch_dim)
         self.layers = layers  # the model's number of blocks: cache["resid_pre", -1] is the last one's
+        self.model = model  # the HookedModel that made it (cfg, W_U, final norm: hookpoints.cache_attribution)
 
     def __getitem__(self, name: str | tuple) -> torch.Tensor:
         """By hook name or alias, or TransformerLens' shorthand: ``cache["resid_pre", 0]``, ``cache["scale", 2,
@@ -123,7 +126,7 @@ class ActivationCache(Mapping):
             raise UserError("only a cache of one example loses its batch axis")
         tensors = {name: t[0] for name, t in self._tensors.items()}
         masks = {space: m[0] for space, m in self.masks.items()}
-        cache = ActivationCache(tensors, self.points, masks, self.pooling, self.layers)
+        cache = ActivationCache(tensors, self.points, masks, self.pooling, self.layers, self.model)
         cache.batchless = True
         return cache
 
@@ -131,7 +134,7 @@ class ActivationCache(Mapping):
         """The cache with every tensor and mask moved to ``device``."""
         tensors = {name: t.to(device) for name, t in self._tensors.items()}
         masks = {space: m.to(device) for space, m in self.masks.items()}
-        moved = ActivationCache(tensors, self.points, masks, self.pooling, self.layers)
+        moved = ActivationCache(tensors, self.points, masks, self.pooling, self.layers, self.model)
         moved.batchless = self.batchless
         return moved
 
@@ -144,31 +147,6 @@ class ActivationCache(Mapping):
         """
         stop = self._blocks_before(layer)
         return torch.stack([self[act_name(name, block, sublayer_type)] for block in range(stop)])
-
-    def accumulated_resid(
-        self, layer: int | None = None, *, incl_mid: bool = False, return_labels: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
-        """The residual stream entering blocks 0 to ``layer`` (None or -1: every block, then the last block's
-        output), stacked: ``[components, batch, pos, d_model]``, as TransformerLens' ``accumulated_resid``
-        (``incl_mid``: each block's ``resid_mid`` before ``layer`` too; ``return_labels``: also ``["0_pre",
-        "0_mid", ..., "final_post"]``). Without the final norm (TransformerLens' ``apply_ln=False``).
-
-        >>> stack, labels = cache.accumulated_resid(return_labels=True)  # doctest: +SKIP
-        """
-        last = self._blocks_before(-1 if layer is None else layer)
-        names, labels = [], []
-        for block in range(last + 1):
-            if block == self.layers:
-                names.append(act_name("resid_post", self.layers - 1))
-                labels.append("final_post")
-                continue
-            names.append(act_name("resid_pre", block))
-            labels.append(f"{block}_pre")
-            if incl_mid and block < last:
-                names.append(act_name("resid_mid", block))
-                labels.append(f"{block}_mid")
-        stacked = torch.stack([self[name] for name in names])
-        return (stacked, labels) if return_labels else stacked
 
     def _blocks_before(self, layer: int | None) -> int:
         """``layer`` as a block count (-1 or None: every block), checked."""
@@ -209,7 +187,7 @@ class ActivationCache(Mapping):
                 )
             flat = tensor.flatten(2).float()  # [batch, pos, width]
             pooled[name] = pool_positions(flat, mask, method).reshape(tensor.shape[0], *tensor.shape[2:])
-        return ActivationCache(pooled, self.points, self.masks, method, self.layers)
+        return ActivationCache(pooled, self.points, self.masks, method, self.layers, self.model)
 
     def mean(self, name: str) -> torch.Tensor:
         """Hook ``name``'s mean over every valid position of every example: ``[*d]`` (for mean ablation).
@@ -304,6 +282,7 @@ def run_with_cache(model, inputs: ModelInputs, points: list[HookPoint], pooling:
     blocks = {p.layer for p in model.hook_points if p.layer is not None and p.name.startswith("blocks.")}
     layers = max(blocks) + 1 if blocks else None
     cache = ActivationCache(tensors, {point.name: point for point in points}, dict(inputs.masks), layers=layers)
+    cache.model = model  # for its cfg, W_U and final norm (hookpoints.cache_attribution)
     return output, cache.pooled(pooling) if pooling else cache
 
 

@@ -32,11 +32,12 @@ from hookpoints.pooling import SpaceMask, pool, prepare_masks
 from hookpoints.probe import measure, observe
 from hookpoints.settings import check_template_text
 from hookpoints.tasks import get_task
+from hookpoints.tl_weights import WeightsApi
 
 __all__ = ["HookedModel", "Pooling"]
 
 
-class HookedModel(GenerationMethods, ModelApi):
+class HookedModel(GenerationMethods, ModelApi, WeightsApi):
     """A model wrapped by nnsight whose tensors are reachable by hook-point name.
 
     >>> model = HookedModel.from_pretrained("facebook/seamless-m4t-v2-large", modality="speech")

@@ -86,6 +86,8 @@ def test_the_python_api_page_runs_as_written(local):
     assert not namespace["ablated_cache"]["blocks.0.mlp.hook_post"][..., [3, 7]].any() and not model._hook_entries
     assert namespace["per_token"].shape == (2, namespace["logits"].shape[1] - 1) and namespace["loss"].dim() == 0
     assert not torch.isclose(namespace["ablated_loss"], namespace["loss"])
+    real = namespace["cache"].mask  # direct logit attribution: a value at every real position, NaN at padding
+    assert namespace["diff"][:, real].isfinite().all() and namespace["diff"][:, ~real].isnan().all()
 
 
 def test_the_readme_python_block_runs_as_written(local):
