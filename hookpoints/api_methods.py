@@ -253,7 +253,9 @@ class ModelApi(AddedHooks):
 
         bwd = [*self._added_resolved("bwd"), *bwd_hooks]
         grad = roots is not None or (bool(bwd) and torch.is_grad_enabled())
-        first, last = backward_changes(bwd, inputs.batch_size, [] if roots is None else roots) if grad else ([], [])
+        first, last = (
+            backward_changes(self, bwd, inputs.batch_size, [] if roots is None else roots) if grad else ([], [])
+        )
         changes = [*first, *self._added_changes(inputs.batch_size), *changes, *last]  # added ones first, as TL
         maps = needs_eager(point.module for point, _ in changes)  # the SDPA path never calls the map hooks
         with (

@@ -18,15 +18,21 @@ before every forward change of the point (``first``) and one after them (``last`
 ``save_hook``.
 
 Derived hook points (a norm's ``hook_scale`` / ``hook_normalized``: computed from the norm's input, no tensor
-of the HF model's forward pass) have no gradient here and are refused.
+of the HF model's forward pass) get TransformerLens' gradient computed from the norm output's, ``g``, with the
+norm's gain ``w`` (``out = normalized * w + b``): ``normalized``: ``g * w``; ``scale``: ``-sum(g * w *
+normalized) / scale`` (:func:`_derived_changes`). They are cached (``incl_bwd``); a backward hook there, which
+could replace them, is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
 
+from hookpoints.derived import derive_norm
 from hookpoints.errors import UserError
 from hookpoints.hook_fns import layout, resolve_hooks, write_back
 from hookpoints.points import HookPoint
@@ -36,7 +42,8 @@ BwdFn = Callable[[torch.Tensor, HookPoint], torch.Tensor | None]
 
 
 def check_backward_points(points: list[HookPoint], caller: str) -> None:
-    """A UserError for a derived hook point: it has no gradient (no tensor of the model's forward pass).
+    """A UserError for a backward hook on a derived hook point (no tensor of the model's forward pass to replace
+    the gradient of; ``run_with_cache(incl_bwd=True)`` computes theirs).
 
     >>> check_backward_points(model.select(["blocks.0.ln1.hook_scale"]), "add_hook")  # doctest: +SKIP
     """
@@ -45,7 +52,7 @@ def check_backward_points(points: list[HookPoint], caller: str) -> None:
             io = "" if point.io == "output" else ":input"
             raise UserError(
                 f"{caller}: {point.name} is computed from {point.module}{io}, not a tensor of the model's forward "
-                f"pass, so it has no gradient here; use {point.module}{io} or {point.module} instead"
+                f"pass, so a backward hook cannot replace its gradient; hook {point.module}{io} or {point.module}"
             )
 
 
@@ -68,7 +75,7 @@ def grad_saver(grads: dict[str, torch.Tensor]) -> BwdFn:
     return save
 
 
-def backward_changes(hooks: list[tuple[HookPoint, BwdFn]], batch: int, roots: list[torch.Tensor]):
+def backward_changes(model, hooks: list[tuple[HookPoint, BwdFn]], batch: int, roots: list[torch.Tensor]):
     """``(first, last)``: changes (hookpoints.hook_fns.hooked) to hold before and after every forward change,
     that run ``hooks`` (in order, per point) in the backward pass of the forward pass they are held in.
 
@@ -82,6 +89,9 @@ def backward_changes(hooks: list[tuple[HookPoint, BwdFn]], batch: int, roots: li
     first, last = [], []
     for name, fns in by_name.items():
         point, state = points[name], {}
+        if point.derived:
+            last += _derived_changes(model, point, fns, batch, roots)
+            continue
         if not all(getattr(fn, "reads_only", False) for fn in fns):
             first.append((point, _before(point, batch, state)))
         last.append((point, _after(point, fns, batch, state, roots)))
@@ -160,6 +170,54 @@ def _after(point: HookPoint, fns: list[BwdFn], batch: int, state: dict, roots: l
         return None if own is tensor else own
 
     return change
+
+
+def _derived_changes(model, point: HookPoint, fns: list[BwdFn], batch: int, roots: list[torch.Tensor]) -> list:
+    """A derived norm point's read-only backward hooks ``fns``: the norm's input kept, and its output's gradient
+    turned into TransformerLens' gradient of ``hook_normalized`` / ``hook_scale`` (see the module docstring)."""
+    from hookpoints.cache import hook_tensor
+
+    module = dict(model.model.named_modules())[point.module]
+    laid = dataclasses.replace(point, derived=None)  # lays out the computed gradient as the value is laid out
+    kept = {}
+
+    def keep_input(tensor: torch.Tensor) -> None:
+        kept["x"] = tensor.detach()
+
+    def on_output(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.requires_grad:
+            tensor = tensor.detach().requires_grad_()
+        roots.append(tensor)
+        own = tensor.clone()
+        gain = _gain(module, point, kept["x"])
+
+        def run(grad: torch.Tensor) -> None:
+            x = kept["x"]
+            normalized = derive_norm(x, point.derived.replace("scale", "normalized"), point.eps)
+            value = grad.float() * gain  # d loss / d normalized
+            if point.derived.endswith("scale"):
+                value = -(value * normalized).sum(-1, keepdim=True) / derive_norm(x, point.derived, point.eps)
+            value = hook_tensor(value.to(grad.dtype), laid, batch)
+            for fn in fns:
+                if fn(value, point) is not None:
+                    raise UserError(f"a backward hook on {point.name} (a derived point) cannot replace its gradient")
+
+        own.register_hook(run)
+        return own
+
+    return [(point, keep_input), (dataclasses.replace(point, io="output", derived=None, part=None), on_output)]
+
+
+def _gain(module: torch.nn.Module, point: HookPoint, x: torch.Tensor) -> torch.Tensor:
+    """The norm's per-feature gain ``w`` (``out = normalized * w [+ b]``), in float32: a LayerNorm's weight; an
+    RMSNorm's (``weight``, Gemma's ``1 + weight``) read off its output for a row of ones, whose scale is
+    ``sqrt(1 + eps)``."""
+    with torch.no_grad():
+        if point.derived.startswith("ln_"):
+            weight = getattr(module, "weight", None)
+            return torch.ones(x.shape[-1], device=x.device) if weight is None else weight.float()
+        ones = torch.ones(1, x.shape[-1], dtype=x.dtype, device=x.device)
+        return module.forward(ones)[0].float() * math.sqrt(1 + point.eps)
 
 
 def _checked(result, grad: torch.Tensor, point: HookPoint) -> torch.Tensor:

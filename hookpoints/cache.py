@@ -297,9 +297,8 @@ def run_with_cache(
     batch = inputs.batch_size
     readers = [(point, _reader(point, batch, saved)) for point in points]
     if scalar is not None:  # through torch hooks: backward hooks save each point's gradient, held last
-        from hookpoints.backward import check_backward_points, grad_saver
+        from hookpoints.backward import grad_saver
 
-        check_backward_points(points, "run_with_cache(incl_bwd=True)")
         roots: list[torch.Tensor] = []
         save = grad_saver(saved)
         value = scalar(model._forward(inputs, readers, [(point, save) for point in points], roots=roots))

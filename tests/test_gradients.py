@@ -31,6 +31,10 @@ NAMES = [
     "blocks.1.hook_mlp_out",
     "blocks.1.hook_resid_post",
 ]
+#: TransformerLens 3.9's cached gradients of these disagree with its own autograd (its retain_grad on the norm's
+#: output times the gain), about 0 where the true gradient is not; hookpoints' equal the HF model's autograd
+#: (test_derived_norm_gradients_equal_torch_autograd), and are left out of the comparison with TransformerLens.
+DERIVED = ("hook_scale", "hook_normalized")
 #: TransformerLens parameter -> the HF GPT-2's (untied ones: TL's W_E is no copy of the tied unembedding)
 PARAMS = {
     "pos_embed.W_pos": "transformer.wpe.weight",
@@ -99,6 +103,28 @@ def test_gradients_equal_transformerlens(pair, inputs):
     assert all(p.requires_grad for p in model.model.parameters())
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_gradients_of_rotary_and_rms_norm_models_equal_transformerlens(tiny_model_dir, tmp_path, family):
+    """Rotary q/k, grouped-query keys, RMSNorm and Qwen3's per-head q/k norms in the graph: every gradient
+    TransformerLens caches for one text (its norms' own hook_scale / hook_normalized aside: DERIVED)."""
+    from test_transformerlens_names import NOT_GIVEN, transformerlens_model
+
+    from hookpoints.loading import load
+
+    model = load(tiny_model_dir(family))
+    peer = transformerlens_model(family, tiny_model_dir(family), tmp_path)
+    ids = model.to_tokens(TEXT)
+    expected_loss, expected = peer.run_with_cache(ids, incl_bwd=True, return_type="loss")
+    names = [n for n in expected.keys() if not n.startswith(NOT_GIVEN) and not n.endswith(("_grad", *DERIVED))]
+    assert any(n.endswith("hook_rot_k") for n in names) and len(names) > 20
+    loss, cache = model.run_with_cache(ids, names=names, return_type="loss", incl_bwd=True)
+    close(loss, expected_loss.detach())
+    for name in names:
+        got, want = cache[f"{name}_grad"], expected[f"{name}_grad"]
+        assert want.abs().sum() > 0 or name.endswith("hook_attn_scores"), name
+        close(got.reshape(want.shape), want, f"{family} {name}_grad")
+
+
 def test_gradients_equal_torch_autograd_on_the_hf_model(pair):
     """The HF model's own loss (labels, -100 at padding) backpropagated, gradients kept with retain_grad on the
     modules' tensors: block 0's output, block 1's MLP activation, c_proj's input (z) and ln_2's input."""
@@ -132,6 +158,43 @@ def test_gradients_equal_torch_autograd_on_the_hf_model(pair):
     _, cache = model.run_with_cache(TEXTS, names=list(modules), return_type="loss", incl_bwd=True)
     for name, tensor in kept.items():
         close(cache[f"{name}_grad"], tensor.grad.reshape(cache[name].shape), name)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_derived_norm_gradients_equal_torch_autograd(tiny_model_dir, family):
+    """A norm's hook_normalized / hook_scale gradient (TransformerLens' meaning: before the gain, ``out =
+    normalized * w + b``): from the HF model's autograd, the norm output's gradient ``g`` kept with retain_grad,
+    ``g * w`` and ``-sum(g * w * normalized) / scale``; LayerNorm (GPT-2) and RMSNorm (LLaMA), a padded batch."""
+    from hookpoints.loading import load
+
+    model = load(tiny_model_dir(family))
+    inputs = model.inputs(TEXTS)
+    ids, mask = inputs.kwargs["input_ids"], inputs.masks["input"]
+    hf = model.model
+    norm = hf.transformer.h[1].ln_2 if family == "gpt2" else hf.model.layers[1].post_attention_layernorm
+    kept = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        kept["x"], kept["out"] = args[0].detach(), output
+
+    handle = norm.register_forward_hook(keep)
+    try:
+        hf(**inputs.kwargs, labels=ids.masked_fill(~mask, -100)).loss.backward()
+    finally:
+        handle.remove()
+        hf.zero_grad(set_to_none=True)
+    x, eps = kept["x"], norm.eps if family == "gpt2" else norm.variance_epsilon
+    if family == "gpt2":
+        x = x - x.mean(-1, keepdim=True)
+    scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    normalized_grad = kept["out"].grad * norm.weight
+    scale_grad = -(normalized_grad * x / scale).sum(-1, keepdim=True) / scale
+    names = ["blocks.1.ln2.hook_normalized", "blocks.1.ln2.hook_scale"]
+    _, cache = model.run_with_cache(TEXTS, names=names, return_type="loss", incl_bwd=True)
+    close(cache["blocks.1.ln2.hook_normalized_grad"], normalized_grad)
+    close(cache["blocks.1.ln2.hook_scale_grad"], scale_grad)
+    assert scale_grad.abs().sum() > 0 and normalized_grad.abs().sum() > 0
 
 
 def test_gradients_with_frozen_weights_and_added_hooks(pair):
@@ -286,15 +349,12 @@ def test_bad_gradient_requests_are_one_line_user_errors(pair):
         model.add_hook("blocks.0.hook_resid_pots", times(2), dir="bwd")
     with pytest.raises(UserError, match="^add_hook: dir must be 'fwd' or 'bwd', not 'both'$"):
         model.add_hook("blocks.0.hook_resid_post", times(2), dir="both")
-    derived = "^{}: blocks.0.ln1.hook_scale is computed from transformer.h.0.ln_1:input, not a tensor of the model"
+    derived = "^{}: blocks.0.ln1.hook_scale is computed from transformer.h.0.ln_1:input, not a tensor of the model's "
+    derived += "forward pass, so a backward hook cannot replace its gradient; hook transformer.h.0.ln_1:input or"
     with pytest.raises(UserError, match=derived.format("add_hook")):
         model.add_hook("blocks.0.ln1.hook_scale", times(2), dir="bwd")
     with pytest.raises(UserError, match=derived.format("run_with_hooks")):
         model.run_with_hooks(TEXT, bwd_hooks=[("blocks.0.ln1.hook_scale", times(2))])
-    with pytest.raises(UserError, match=derived.format(r"run_with_cache\(incl_bwd=True\)")):
-        model.run_with_cache(
-            TEXT, names=["blocks.0.hook_resid_pre", "blocks.0.ln1.hook_scale"], incl_bwd=True, return_type="loss"
-        )
     with pytest.raises(UserError, match="bwd_hooks must be a list"):
         model.run_with_hooks(TEXT, bwd_hooks="blocks.0.hook_resid_post")
     assert model._hook_entries == []
