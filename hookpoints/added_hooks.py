@@ -3,8 +3,9 @@
 An added hook is kept as data (its hook point and function), not as a torch hook on the module: the notebook
 methods (``model(...)``, ``run_with_cache``, ``run_with_hooks``, ``run_with_edits``, ``generate``) apply the added
 hooks first, then their own, as TransformerLens runs a HookPoint's hooks in the order they were added. Recording
-into a store and the intervention sweep refuse to run while hooks are added (:meth:`AddedHooks.check_no_added_hooks`):
-their rows would hold edited activations under the plain run's name.
+into a store and the intervention sweep refuse to run while forward hooks are added
+(:meth:`AddedHooks.check_no_added_hooks`): their rows would hold edited activations under the plain run's name.
+Backward hooks (``dir="bwd"``, hookpoints.backward) run in the backward pass of a forward pass made with them.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from hookpoints.points import HookPoint
 
 @dataclass(frozen=True)
 class AddedHook:
-    """One hook function on one hook point; ``level`` is the ``hooks()`` block that added it (None: ``add_hook``)."""
+    """One hook function on one hook point; ``level`` is the ``hooks()`` block that added it (None: ``add_hook``);
+    ``direction`` "fwd" or "bwd"."""
 
     point: HookPoint
     fn: HookFn
     level: int | None = None
+    direction: str = "fwd"
 
 
 class AddedHooks:
@@ -42,6 +45,8 @@ class AddedHooks:
     def add_hook(self, name, hook: HookFn, dir: str = "fwd") -> None:  # noqa: A002 - TransformerLens' name
         """Add ``hook`` (``fn(tensor, hook)``, as in ``fwd_hooks``) at hook ``name`` (a name, glob or predicate of
         the name) for every later forward pass, until :meth:`reset_hooks`, as TransformerLens' ``add_hook``.
+        ``dir="bwd"``: ``fn(grad, hook)`` runs in the backward pass of every later forward pass (which then
+        keeps a graph while autograd is on) and may return a replacement gradient (hookpoints.backward).
 
         >>> model.add_hook("blocks.*.hook_resid_post", hp.steer(direction, 4.0))  # doctest: +SKIP
         """
@@ -55,9 +60,9 @@ class AddedHooks:
         self._hook_entries.clear()
 
     @contextmanager
-    def hooks(self, fwd_hooks=(), *, reset_hooks_end: bool = True) -> Iterator:
-        """Add ``fwd_hooks`` (``[(name or glob, fn)]``) for the block; at its end (an exception too) they are
-        removed, and hooks added with :meth:`add_hook` meanwhile stay (TransformerLens' ``hooks()``).
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), *, reset_hooks_end: bool = True) -> Iterator:
+        """Add ``fwd_hooks`` and ``bwd_hooks`` (``[(name or glob, fn)]``) for the block; at its end (an exception
+        too) they are removed, and hooks added with :meth:`add_hook` meanwhile stay (TransformerLens' ``hooks()``).
 
         >>> with model.hooks(fwd_hooks=[("blocks.0.mlp.hook_post", hp.ablate([3]))]):  # doctest: +SKIP
         ...     loss = model(texts, return_type="loss")
@@ -66,6 +71,7 @@ class AddedHooks:
         self.__dict__["_added_hook_level"] = level
         try:
             self._add(fwd_hooks, level, "hooks()")
+            self._add(bwd_hooks, level, "hooks()", "bwd")
             yield self
         finally:
             if reset_hooks_end:
@@ -73,11 +79,12 @@ class AddedHooks:
             self.__dict__["_added_hook_level"] = level - 1
 
     def check_no_added_hooks(self, action: str = "recording") -> None:
-        """A UserError while hooks are added: recording would store edited activations as the model's own.
+        """A UserError while forward hooks are added: recording would store edited activations as the model's own
+        (backward hooks change no activation).
 
         >>> model.check_no_added_hooks()  # doctest: +SKIP
         """
-        count = len(self._hook_entries)
+        count = len(self._added_resolved())
         if count:
             plural = "s" if count != 1 else ""
             raise UserError(
@@ -85,21 +92,25 @@ class AddedHooks:
             )
 
     def _add(self, fwd_hooks, level: int | None, caller: str, direction: str = "fwd") -> None:
-        if direction != "fwd":
-            raise UserError(f"{caller}: only forward hooks (dir='fwd'); hookpoints runs no backward hooks")
+        if direction not in ("fwd", "bwd"):
+            raise UserError(f"{caller}: dir must be 'fwd' or 'bwd', not {direction!r:.40}")
         if not isinstance(fwd_hooks, (list, tuple)):
-            raise UserError(f"{caller}: fwd_hooks must be a list of (hook name or glob, function) pairs")
+            raise UserError(f"{caller}: {direction}_hooks must be a list of (hook name or glob, function) pairs")
         for item in fwd_hooks:
             if isinstance(item, (list, tuple)) and len(item) == 2 and not callable(item[1]):
                 raise UserError(
                     f"{caller}: the hook of {item[0]!r} must be a function fn(tensor, hook), not {item[1]!r:.60}"
                 )
         resolved = resolve_hooks(self, list(fwd_hooks))  # every name checked before any is added
-        self._hook_entries.extend(AddedHook(point, fn, level) for point, fn in resolved)
+        if direction == "bwd":
+            from hookpoints.backward import check_backward_points
 
-    def _added_resolved(self) -> list[tuple[HookPoint, HookFn]]:
-        """The added hooks as ``(hook point, fn)``, in the order they were added."""
-        return [(entry.point, entry.fn) for entry in self._hook_entries]
+            check_backward_points([point for point, _ in resolved], caller)
+        self._hook_entries.extend(AddedHook(point, fn, level, direction) for point, fn in resolved)
+
+    def _added_resolved(self, direction: str = "fwd") -> list[tuple[HookPoint, HookFn]]:
+        """The added forward (or backward) hooks as ``(hook point, fn)``, in the order they were added."""
+        return [(entry.point, entry.fn) for entry in self._hook_entries if entry.direction == direction]
 
     def _added_changes(self, batch: int) -> list:
         """The added hooks as changes of their modules' tensors (:func:`hookpoints.hook_fns.hooked`)."""

@@ -44,8 +44,20 @@ class ModelApi(AddedHooks):
 
         >>> model(["The cat sat", "Hi"], return_type="loss")  # tensor(5.72)
         """
-        if return_type not in RETURN_TYPES:
-            raise UserError(f"return_type must be 'logits', 'loss', 'both' or None, not {return_type!r:.60}")
+        self._check_return_type(return_type)
+        if attention_mask is not None:
+            if not isinstance(inputs, torch.Tensor):
+                raise UserError("attention_mask goes with [batch, pos] token ids, not with texts (they get their own)")
+            inputs = {"input_ids": inputs, "attention_mask": attention_mask}
+        batch = self.inputs(inputs)
+        return self._returned(self._forward(batch, []), batch, return_type, loss_per_token)
+
+    def _check_return_type(self, return_type, *, output: bool = False) -> None:
+        """A UserError unless ``return_type`` is one of :data:`RETURN_TYPES` (or with ``output``, "output": the HF
+        model's output object) that this model gives."""
+        if return_type not in RETURN_TYPES and not (output and return_type == "output"):
+            also = "'output' (the model's output object), " if output else ""
+            raise UserError(f"return_type must be {also}'logits', 'loss', 'both' or None, not {return_type!r:.60}")
         wants_loss = return_type in ("loss", "both")
         headless = self.model.get_output_embeddings() is None  # BertModel: hidden states, no logits
         if (wants_loss or return_type == "logits") and (headless or wants_loss and not self.continues):
@@ -59,12 +71,11 @@ class ModelApi(AddedHooks):
                 f"{self.source} was loaded for {self.modality} input: next-token loss is for text (return_type "
                 "'logits' and None here; load it with modality='text')"
             )
-        if attention_mask is not None:
-            if not isinstance(inputs, torch.Tensor):
-                raise UserError("attention_mask goes with [batch, pos] token ids, not with texts (they get their own)")
-            inputs = {"input_ids": inputs, "attention_mask": attention_mask}
-        batch = self.inputs(inputs)
-        output = self._forward(batch, [])
+
+    def _returned(self, output, batch: ModelInputs, return_type, loss_per_token: bool = False):
+        """The model ``output`` as ``return_type`` asks (checked by :meth:`_check_return_type`)."""
+        if return_type == "output":
+            return output
         if return_type is None:
             return None
         logits = getattr(output, "logits", None)
@@ -73,7 +84,7 @@ class ModelApi(AddedHooks):
                 f"{self.source} ({type(self.model).__name__}) outputs no logits: model(...) supports return_type None "
                 "here (run_with_cache for its tensors)"
             )
-        if not wants_loss:
+        if return_type == "logits":
             return logits
         loss = next_token_loss(logits, batch.kwargs["input_ids"], batch.masks["input"], per_token=loss_per_token)
         return loss if return_type == "loss" else LogitsAndLoss(logits, loss)
@@ -85,39 +96,81 @@ class ModelApi(AddedHooks):
         return as_inputs(self, inputs)
 
     def run_with_cache(
-        self, inputs, names=None, pooling: str | None = None, *, names_filter=None, remove_batch_dim: bool = False
+        self,
+        inputs,
+        names=None,
+        pooling: str | None = None,
+        *,
+        names_filter=None,
+        remove_batch_dim: bool = False,
+        return_type: str | None = "output",
+        incl_bwd: bool = False,
     ):
         """One forward pass; ``(output, cache)`` with the ``names`` hook points' tensors (globs or a predicate).
 
         ``names_filter`` is TransformerLens' name for ``names``; ``remove_batch_dim`` (one example) drops the
-        batch axis of every cached tensor, as TransformerLens does.
+        batch axis of every cached tensor, as TransformerLens does. ``return_type`` as in ``model(...)``
+        ("logits", "loss", "both", None); the default "output" is the HF model's output object (``.logits``).
+        ``incl_bwd`` (with ``return_type="loss"``): also backpropagate the loss and cache each point's gradient
+        as ``NAME_grad``, as TransformerLens (no parameter's ``.grad`` is touched).
 
         >>> output, cache = model.run_with_cache(["Hello world", "Hi"], names="blocks.*.hook_resid_post")
         >>> cache["blocks.0.hook_resid_post"].shape, cache.mask.shape  # [batch, pos, d_model], [batch, pos]
         >>> cache["resid_post", 0].shape  # TransformerLens' shorthand
+        >>> loss, cache = model.run_with_cache("Hi there", names="blocks.*", return_type="loss", incl_bwd=True)
+        >>> cache["blocks.0.hook_resid_post_grad"].shape  # [batch, pos, d_model]
         """
         from hookpoints.cache import run_with_cache, select_names
 
         if names is not None and names_filter is not None:
             raise UserError("give names or names_filter (TransformerLens' name for it), not both")
+        self._check_return_type(return_type, output=True)
+        if incl_bwd and return_type != "loss":
+            raise UserError(
+                f"incl_bwd backpropagates the output, which must be a scalar: pass return_type='loss', not "
+                f"{return_type!r:.40} (TransformerLens' rule too)"
+            )
         inputs = self.inputs(inputs)
         if remove_batch_dim and inputs.batch_size != 1:
             raise UserError(f"remove_batch_dim needs one example, not {inputs.batch_size}")
-        output, cache = run_with_cache(self, inputs, select_names(self, names_filter or names), pooling)
-        return output, cache.without_batch_axis() if remove_batch_dim else cache
+        scalar = (lambda output: self._returned(output, inputs, "loss")) if incl_bwd else None
+        points = select_names(self, names_filter or names)
+        output, cache = run_with_cache(self, inputs, points, pooling, scalar=scalar)
+        returned = output if incl_bwd else self._returned(output, inputs, return_type)
+        return returned, cache.without_batch_axis() if remove_batch_dim else cache
 
-    def run_with_hooks(self, inputs, fwd_hooks=()):
+    def run_with_hooks(
+        self,
+        inputs,
+        fwd_hooks=(),
+        bwd_hooks=(),
+        *,
+        return_type: str | None = "output",
+        reset_hooks_end: bool = True,
+    ):
         """One forward pass with ``fn(tensor, hook)`` applied at each ``(name or glob, fn)``, after the added hooks
-        (:meth:`add_hook`); the model output.
+        (:meth:`add_hook`); the model output (``return_type`` as in :meth:`run_with_cache`).
+
+        ``bwd_hooks``: ``fn(grad, hook)`` pairs run when you call ``.backward()`` on the output (the pass keeps
+        a graph while autograd is on), as TransformerLens'. ``reset_hooks_end=False`` leaves this call's hooks
+        added, until :meth:`reset_hooks`.
 
         >>> model.run_with_hooks(["Hi"], fwd_hooks=[("blocks.0.mlp.hook_post", hp.ablate([3]))]).logits
+        >>> loss = model.run_with_hooks("Hi there", bwd_hooks=[("blocks.0.hook_resid_post", fn)], return_type="loss")
+        >>> loss.backward()  # fn(grad, hook) runs; the weights' .grad fill
         """
+        from hookpoints.backward import resolve_bwd_hooks
         from hookpoints.hook_fns import resolve_hooks, user_hook
 
+        self._check_return_type(return_type, output=True)
         inputs = self.inputs(inputs)
-        batch = inputs.batch_size
-        changes = [(point, user_hook(point, fn, batch)) for point, fn in resolve_hooks(self, fwd_hooks)]
-        return self._forward(inputs, changes)
+        fwd, bwd = resolve_hooks(self, fwd_hooks), resolve_bwd_hooks(self, bwd_hooks, "run_with_hooks")
+        if not reset_hooks_end:  # as TransformerLens: they stay added after the call
+            self._add(list(fwd_hooks), None, "run_with_hooks")
+            self._add(list(bwd_hooks), None, "run_with_hooks", "bwd")
+            fwd, bwd = [], []
+        changes = [(point, user_hook(point, fn, inputs.batch_size)) for point, fn in fwd]
+        return self._returned(self._forward(inputs, changes, bwd), inputs, return_type)
 
     def run_with_edits(self, inputs, edits: list[NeuronEdit]):
         """One forward pass with neuron ``edits`` applied at every position; the model output.
@@ -189,15 +242,24 @@ class ModelApi(AddedHooks):
     def _pieces(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([token], clean_up_tokenization_spaces=False) for token in ids]
 
-    def _forward(self, inputs: ModelInputs, changes):
-        """The model's forward pass with the added hooks' changes, then ``changes``, on their tensors."""
+    def _forward(self, inputs: ModelInputs, changes, bwd_hooks=(), roots: list | None = None):
+        """The model's forward pass with the added hooks' changes, then ``changes``, on their tensors.
+
+        Backward hooks (the added ones, then ``bwd_hooks``: ``[(HookPoint, fn)]``) make it keep a graph while
+        autograd is on, whose backward runs them; with ``roots`` (a list, filled: hookpoints.backward) always."""
         from hookpoints.attention import eager, needs_eager
+        from hookpoints.backward import backward_changes
         from hookpoints.hook_fns import hooked
 
-        changes = [*self._added_changes(inputs.batch_size), *changes]  # in the order added, as TransformerLens
+        bwd = [*self._added_resolved("bwd"), *bwd_hooks]
+        grad = roots is not None or (bool(bwd) and torch.is_grad_enabled())
+        first, last = (
+            backward_changes(self, bwd, inputs.batch_size, [] if roots is None else roots) if grad else ([], [])
+        )
+        changes = [*first, *self._added_changes(inputs.batch_size), *changes, *last]  # added ones first, as TL
         maps = needs_eager(point.module for point, _ in changes)  # the SDPA path never calls the map hooks
         with (
-            torch.no_grad(),  # not inference_mode: the output is an ordinary tensor (a probe may train on it)
+            torch.enable_grad() if grad else torch.no_grad(),  # no_grad, not inference_mode: a probe may train on it
             hooked(self, changes),  # before the guard: its zeroing of padding comes after an input hook's change
             self.adapter.batch_guard(self.model, inputs),
             eager(maps),

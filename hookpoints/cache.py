@@ -258,14 +258,32 @@ def hook_tensor(value, point: HookPoint, batch: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], *point.shape)
 
 
-def run_with_cache(model, inputs: ModelInputs, points: list[HookPoint], pooling: str | None = None):
-    """One nnsight trace of ``model`` (a HookedModel) on ``inputs``: ``(output, ActivationCache)``."""
+def run_with_cache(
+    model,
+    inputs: ModelInputs,
+    points: list[HookPoint],
+    pooling: str | None = None,
+    scalar: Callable[[object], torch.Tensor] | None = None,
+):
+    """One forward pass of ``model`` (a HookedModel) on ``inputs``: ``(output, ActivationCache)``.
+
+    With ``scalar`` (``fn(model output) -> scalar tensor``, TransformerLens' ``incl_bwd``): its value is
+    backpropagated and each point's gradient cached as ``NAME_grad`` (hookpoints.backward); ``(value, cache)``."""
     if pooling is not None and pooling not in CACHE_POOLINGS:
         raise UserError(f"pooling must be one of {', '.join(CACHE_POOLINGS)} or None, not {pooling!r}")
     saved: dict[str, torch.Tensor] = {}  # filled inside the trace (nnsight keeps only saved names set there)
     batch = inputs.batch_size
-    if model._hook_entries:  # hooks added (model.add_hook): the cache holds what they made, as in TransformerLens
-        output = model._forward(inputs, [(point, _reader(point, batch, saved)) for point in points])
+    readers = [(point, _reader(point, batch, saved)) for point in points]
+    if scalar is not None:  # through torch hooks: backward hooks save each point's gradient, held last
+        from hookpoints.backward import grad_saver
+
+        roots: list[torch.Tensor] = []
+        save = grad_saver(saved)
+        value = scalar(model._forward(inputs, readers, [(point, save) for point in points], roots=roots))
+        torch.autograd.grad(value, roots, allow_unused=True)  # runs the backward hooks; fills no parameter's .grad
+        output = value.detach()
+    elif model._hook_entries:  # hooks added (model.add_hook): the cache holds what they made, as in TransformerLens
+        output = model._forward(inputs, readers)
     else:
         with (
             torch.no_grad(),  # not inference_mode: the cache holds tensors autograd and in-place changes take
@@ -279,9 +297,14 @@ def run_with_cache(model, inputs: ModelInputs, points: list[HookPoint], pooling:
                 saved[point.name] = hook_tensor(value, point, batch).clone().save()
             output = model.traced.output.save()
     tensors = {point.name: saved[point.name] for point in points}
+    named = {point.name: point for point in points}
+    if scalar is not None:  # a point the value does not depend on has gradient 0 (TransformerLens: no entry)
+        for point in points:
+            tensors[f"{point.name}_grad"] = saved.get(f"{point.name}_grad", torch.zeros_like(tensors[point.name]))
+            named[f"{point.name}_grad"] = point
     blocks = {p.layer for p in model.hook_points if p.layer is not None and p.name.startswith("blocks.")}
     layers = max(blocks) + 1 if blocks else None
-    cache = ActivationCache(tensors, {point.name: point for point in points}, dict(inputs.masks), layers=layers)
+    cache = ActivationCache(tensors, named, dict(inputs.masks), layers=layers)
     cache.model = model  # for its cfg, W_U and final norm (hookpoints.cache_attribution)
     return output, cache.pooled(pooling) if pooling else cache
 
@@ -293,7 +316,7 @@ def _reader(point: HookPoint, batch: int, saved: dict[str, torch.Tensor]) -> Cal
     them on the HookPoint) does; an nnsight trace reads a module's output before torch's forward hooks run."""
 
     def read(tensor: torch.Tensor) -> None:
-        saved[point.name] = hook_tensor(tensor, point, batch).clone()
+        saved[point.name] = hook_tensor(tensor, point, batch).detach().clone()
 
     return read
 

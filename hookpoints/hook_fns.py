@@ -145,6 +145,9 @@ def user_hook(point: HookPoint, fn: HookFn, batch: int | None = None) -> Callabl
     def change(tensor: torch.Tensor) -> torch.Tensor | None:
         x = layout(tensor, point, batch)
         result = fn(x, point)
+        if tensor.requires_grad and point.io == "output":  # a graph is kept: autograd may have saved it (a softmax's
+            own = tensor.clone()  # output); the copy replaces the module's output for every reader
+            return write_back(own, point, x if result is None else result, batch) or own
         return write_back(tensor, point, x if result is None else result, batch)
 
     return change

@@ -210,8 +210,8 @@ def test_bad_hooks_are_refused_in_one_line(pair):
         model.add_hook("blocks.*.hook_nothing", double)
     with pytest.raises(UserError, match="add_hook: the hook of 'blocks.0.hook_resid_post' must be a function"):
         model.add_hook(RESID, 3)
-    with pytest.raises(UserError, match="only forward hooks"):
-        model.add_hook(RESID, double, dir="bwd")
+    with pytest.raises(UserError, match="add_hook: dir must be 'fwd' or 'bwd', not 'backward'"):
+        model.add_hook(RESID, double, dir="backward")
     with pytest.raises(UserError, match="hooks\\(\\): the hook of .* must be a function"):
         with model.hooks(fwd_hooks=[(RESID, double), (POST, "ablate")]):
             pass

@@ -88,6 +88,11 @@ def test_the_python_api_page_runs_as_written(local):
     assert not torch.isclose(namespace["ablated_loss"], namespace["loss"])
     real = namespace["cache"].mask  # direct logit attribution: a value at every real position, NaN at padding
     assert namespace["diff"][:, real].isfinite().all() and namespace["diff"][:, ~real].isnan().all()
+    grads = namespace["grads"]  # gradients at every cached point, in its layout; no weight's .grad left
+    assert grads["blocks.0.hook_resid_post_grad"].shape == grads["blocks.0.hook_resid_post"].shape
+    assert grads["blocks.0.hook_resid_post_grad"].abs().sum() > 0 and namespace["train_loss"].dim() == 0
+    assert torch.equal(namespace["logits"], model(namespace["texts"]))
+    assert all(p.grad is None for p in model.model.parameters()) and namespace["hooked_loss"].requires_grad
 
 
 def test_the_readme_python_block_runs_as_written(local):
