@@ -29,21 +29,26 @@ def as_index(value: SliceInput, what: str):
         return slice(None)
     if isinstance(value, bool):
         raise UserError(f"{what} must be an int, a tuple, a slice or a list of indices, not {value!r}")
-    if isinstance(value, int) or isinstance(value, slice):
+    if isinstance(value, int):
         return value
     if isinstance(value, tuple):
-        try:
-            return slice(*value)
-        except TypeError:
-            raise UserError(
-                f"{what} as a tuple is (stop,), (start, stop) or (start, stop, step), not {value!r}"
-            ) from None
+        if not 1 <= len(value) <= 3 or not all(part is None or _whole(part) for part in value):
+            raise UserError(f"{what} as a tuple is (stop,), (start, stop) or (start, stop, step), not {value!r:.60}")
+        return slice(*value)
+    if isinstance(value, slice):
+        if not all(part is None or _whole(part) for part in (value.start, value.stop, value.step)):
+            raise UserError(f"{what} as a slice needs whole numbers (or None), not {value!r:.60}")
+        return value
     if isinstance(value, (list, np.ndarray, torch.Tensor)):
         index = torch.as_tensor(np.asarray(value))
         if index.dtype.is_floating_point or index.dtype == torch.bool or index.dim() != 1:
             raise UserError(f"{what} as indices must be a flat list of whole numbers, not {value!r:.60}")
         return index
     raise UserError(f"{what} must be an int, a tuple, a slice or a list of indices, not {value!r:.60}")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def take(tensor: torch.Tensor, index, dim: int) -> torch.Tensor:
@@ -184,6 +189,8 @@ class CacheAttribution:
         last = self._blocks_before(-1 if layer is None else layer)
         if not isinstance(residual_stack, torch.Tensor) or residual_stack.dim() < 2:
             raise UserError(f"residual_stack must be a [components, ..., d_model] tensor, not {residual_stack!r:.40}")
+        if not residual_stack.is_floating_point():
+            raise UserError(f"residual_stack must hold real numbers, not {residual_stack.dtype}")
         if residual_stack.shape[-1] != model.cfg.d_model:
             raise UserError(
                 f"residual_stack's last axis is {residual_stack.shape[-1]}, not d_model {model.cfg.d_model}"
@@ -197,6 +204,11 @@ class CacheAttribution:
         scale = take(self._needed(name, "apply_ln_to_stack"), pos, -2)  # [batch, pos, 1]
         if not self.batchless:
             scale = take(scale, batch, 0)
+        if residual_stack.shape[1:-1] != scale.shape[:-1]:  # else it broadcasts, or fails in torch
+            raise UserError(
+                f"residual_stack's [batch, pos] axes are {list(residual_stack.shape[1:-1])}, the cache's (with "
+                f"pos_slice and batch_slice) {list(scale.shape[:-1])}: give the stack as decompose_resid sliced it"
+            )
         mask = self._real(pos, batch, scale.shape[:-1])
         if model.cfg.normalization_type == "LN":
             residual_stack = residual_stack - residual_stack.mean(-1, keepdim=True)
@@ -234,13 +246,15 @@ class CacheAttribution:
         scaled = self.apply_ln_to_stack(
             residual_stack, -1, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim
         )
-        try:
-            return (scaled * directions.to(scaled.device)).sum(-1)
-        except RuntimeError:
+        # ids per example and position: exactly the stack's [batch, pos] (a one-example stack: its [pos] too).
+        # Broadcasting alone would lay [batch] ids along the positions when there are as many of each.
+        ids, axes = directions.shape[:-1], scaled.shape[1:-1]
+        if ids and ids != axes and ids != axes[next((i for i, n in enumerate(axes) if n != 1), len(axes)) :]:
             raise UserError(
-                f"tokens of shape {tuple(_token_shape(tokens))} do not fit the stack's {tuple(scaled.shape[1:-1])} "
-                "[batch, pos]: give one token, [batch] ids, or [batch, pos] ids"
-            ) from None
+                f"tokens of shape {tuple(_token_shape(tokens))} do not fit the stack's {tuple(axes)} [batch, pos]: "
+                "give one token, or ids of the stack's shape ([batch] ids go with pos_slice of one position)"
+            )
+        return (scaled * directions.to(scaled.device)).sum(-1)
 
     # -- what every method needs ------------------------------------------------------------------------
 

@@ -193,6 +193,29 @@ def test_padded_batch_equals_transformerlens_at_real_positions(pair, family):
         cache.logit_attrs(cache.decompose_resid(pos_slice=-1), 5, pos_slice=-1)
 
 
+def test_token_ids_that_do_not_match_the_stacks_examples_are_refused(pair):
+    """``[batch]`` ids against a stack that keeps positions would broadcast along the position axis when there
+    are as many positions as examples (TransformerLens 3.9 silently does): refused; ``[batch, pos]`` ids, and a
+    ``[pos]`` row for a one-example stack, are the ids per position."""
+    model, _ = pair("gpt2")
+    ids = model.to_tokens([TEXT])[:, :3].repeat(3, 1)  # [3, 3]: as many positions as examples
+    ids[1], ids[2] = ids[1].roll(1), ids[2].roll(2)
+    _, cache = model.run_with_cache(ids)
+    stack = cache.decompose_resid()  # [components, 3, 3, d_model]
+    answers = torch.tensor([5, 6, 7])  # one per example
+    with pytest.raises(UserError, match=r"tokens of shape \(3,\) do not fit the stack's \(3, 3\)"):
+        cache.logit_attrs(stack, answers)
+    with pytest.raises(UserError, match=r"incorrect_tokens"):
+        cache.logit_attrs(stack, answers[:, None].expand(3, 3), torch.tensor([1, 2, 3]))
+    per_position = cache.logit_attrs(stack, answers[:, None].expand(3, 3))
+    assert per_position.shape == (len(stack), 3, 3)
+    last = cache.logit_attrs(cache.decompose_resid(pos_slice=-1), answers, pos_slice=-1)  # [components, batch]
+    close(last, per_position[:, :, -1])
+    _, one = model.run_with_cache(ids[:1])
+    row = one.logit_attrs(one.decompose_resid(), ids[0])  # [pos] ids for a one-example stack
+    close(row, one.logit_attrs(one.decompose_resid(), ids[:1]))
+
+
 def test_bad_inputs_are_one_line_user_errors(pair, tiny_model_dir):
     model, _ = pair("gpt2")
     ids = model.to_tokens([TEXT])
@@ -225,6 +248,11 @@ def test_bad_inputs_are_one_line_user_errors(pair, tiny_model_dir):
         (lambda: cache.decompose_resid(pos_slice=[[0]]), "flat list of whole numbers"),
         (lambda: cache.decompose_resid(pos_slice=99), "slice out of range"),
         (lambda: cache.pooled("mean").decompose_resid(), "this cache is pooled"),
+        (lambda: cache.decompose_resid(pos_slice=("a",)), "as a tuple is"),
+        (lambda: cache.decompose_resid(pos_slice=slice("a", None)), "pos_slice as a slice needs whole numbers"),
+        (lambda: cache.apply_ln_to_stack(stack[:, :, :2]), r"residual_stack's \[batch, pos\] axes are \[1, 2\]"),
+        (lambda: cache.apply_ln_to_stack(torch.cat([stack, stack], 1)), r"axes are \[2, \d+\]"),
+        (lambda: cache.apply_ln_to_stack(stack.long()), "residual_stack must hold real numbers"),
     ]
     for call, message in bad:
         with pytest.raises(UserError, match=message) as error:
