@@ -48,6 +48,10 @@ class ModelApi(AddedHooks):
         if attention_mask is not None:
             if not isinstance(inputs, torch.Tensor):
                 raise UserError("attention_mask goes with [batch, pos] token ids, not with texts (they get their own)")
+            if not isinstance(attention_mask, torch.Tensor):
+                raise UserError(
+                    f"attention_mask must be a [batch, pos] tensor (0 at padding), not {attention_mask!r:.40}"
+                )
             inputs = {"input_ids": inputs, "attention_mask": attention_mask}
         batch = self.inputs(inputs)
         return self._returned(self._forward(batch, []), batch, return_type, loss_per_token)
@@ -86,7 +90,10 @@ class ModelApi(AddedHooks):
             )
         if return_type == "logits":
             return logits
-        loss = next_token_loss(logits, batch.kwargs["input_ids"], batch.masks["input"], per_token=loss_per_token)
+        ids = batch.kwargs.get("input_ids")
+        if not isinstance(ids, torch.Tensor):  # inputs_embeds: nothing says which token comes next
+            raise UserError("next-token loss needs the token ids (input_ids); these inputs have none: use 'logits'")
+        loss = next_token_loss(logits, ids, batch.masks["input"], per_token=loss_per_token)
         return loss if return_type == "loss" else LogitsAndLoss(logits, loss)
 
     def inputs(self, inputs) -> ModelInputs:

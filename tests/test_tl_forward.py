@@ -100,6 +100,18 @@ def test_bad_return_types_and_models(pair, tiny_model_dir):
             model(TEXT, return_type=bad)
     with pytest.raises(UserError, match="attention_mask goes with"):
         model(TEXT, attention_mask=torch.ones(1, 3))
+    ids = model.to_tokens(TEXT)
+    with pytest.raises(UserError, match=r"attention_mask must be a \[batch, pos\] tensor"):
+        model(ids, attention_mask=[[1] * ids.shape[1]])
+    embeds = model.model.get_input_embeddings()(ids).detach()
+    assert model({"inputs_embeds": embeds}).shape[:2] == ids.shape  # logits need no ids
+    for call in (
+        lambda: model({"inputs_embeds": embeds}, return_type="loss"),
+        lambda: model.run_with_cache({"inputs_embeds": embeds}, "blocks.0.*", return_type="both"),
+        lambda: model.run_with_cache({"inputs_embeds": embeds}, "blocks.0.*", return_type="loss", incl_bwd=True),
+    ):
+        with pytest.raises(UserError, match="next-token loss needs the token ids"):
+            call()
     whisper = load(tiny_model_dir("whisper"))
     wave = np.random.default_rng(0).normal(0, 0.1, 16_000).astype(np.float32)
     for return_type in ("loss", "both"):
