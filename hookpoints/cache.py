@@ -296,6 +296,12 @@ def run_with_cache(
                 value = envoy.output if point.io == "output" else envoy.input
                 saved[point.name] = hook_tensor(value, point, batch).clone().save()
             output = model.traced.output.save()
+    idle = [point.name for point in points if point.name not in saved]  # only through torch hooks (nnsight fails)
+    if idle:
+        raise UserError(
+            f"hook point(s) {', '.join(idle[:3])}{' ...' if len(idle) > 3 else ''} did not run in this forward pass "
+            "(an audio encoder on text, hook_embed with inputs_embeds): leave them out of names"
+        )
     tensors = {point.name: saved[point.name] for point in points}
     named = {point.name: point for point in points}
     if scalar is not None:  # a point the value does not depend on has gradient 0 (TransformerLens: no entry)

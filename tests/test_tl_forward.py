@@ -105,6 +105,15 @@ def test_bad_return_types_and_models(pair, tiny_model_dir):
         model(ids, attention_mask=[[1] * ids.shape[1]])
     embeds = model.model.get_input_embeddings()(ids).detach()
     assert model({"inputs_embeds": embeds}).shape[:2] == ids.shape  # logits need no ids
+    model.add_hook("blocks.0.hook_resid_post", lambda x, hook: None)  # run_with_cache reads through torch hooks
+    try:
+        with pytest.raises(UserError, match=r"hook point\(s\) hook_embed did not run in this forward pass"):
+            model.run_with_cache({"inputs_embeds": embeds}, "hook_embed")
+    finally:
+        model.reset_hooks()
+    audio_llm = load(tiny_model_dir("qwen2_audio"))  # for text: its audio encoder does not run
+    with pytest.raises(UserError, match=r"hook point\(s\) audio_encoder.conv1 did not run"):
+        audio_llm.run_with_cache(TEXT, ["audio_encoder.conv1", "blocks.0.*"], return_type="loss", incl_bwd=True)
     for call in (
         lambda: model({"inputs_embeds": embeds}, return_type="loss"),
         lambda: model.run_with_cache({"inputs_embeds": embeds}, "blocks.0.*", return_type="both"),
