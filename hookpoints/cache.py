@@ -277,10 +277,13 @@ def run_with_cache(
     if scalar is not None:  # through torch hooks: backward hooks save each point's gradient, held last
         from hookpoints.backward import grad_saver
 
+        if torch.is_inference_mode_enabled():
+            raise UserError("incl_bwd needs autograd: call run_with_cache outside torch.inference_mode()")
         roots: list[torch.Tensor] = []
         save = grad_saver(saved)
-        value = scalar(model._forward(inputs, readers, [(point, save) for point in points], roots=roots))
-        torch.autograd.grad(value, roots, allow_unused=True)  # runs the backward hooks; fills no parameter's .grad
+        with torch.enable_grad():  # the scalar too: a notebook's torch.set_grad_enabled(False) would leave no graph
+            value = scalar(model._forward(inputs, readers, [(point, save) for point in points], roots=roots))
+            torch.autograd.grad(value, roots, allow_unused=True)  # runs the backward hooks; fills no .grad
         output = value.detach()
     elif model._hook_entries:  # hooks added (model.add_hook): the cache holds what they made, as in TransformerLens
         output = model._forward(inputs, readers)

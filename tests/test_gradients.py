@@ -361,3 +361,25 @@ def test_bad_gradient_requests_are_one_line_user_errors(pair):
     loss = model.run_with_hooks(TEXT, bwd_hooks=[("blocks.0.hook_resid_post", lambda g, h: g[0])], return_type="loss")
     with pytest.raises(UserError, match=r"^backward hook for blocks.0.hook_resid_post returned \[\d+, 64\]; return"):
         loss.backward()
+
+
+def test_incl_bwd_under_a_notebooks_no_grad(pair):
+    """TransformerLens notebooks start with ``torch.set_grad_enabled(False)``: ``incl_bwd`` still backpropagates
+    (the loss is computed with autograd on), the same gradients, and the caller's grad mode is left as it was;
+    under ``torch.inference_mode()`` no graph can be made, which is one line."""
+    model, _ = pair
+    names = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_pattern"]
+    expected_loss, expected = model.run_with_cache(TEXTS, names=names, return_type="loss", incl_bwd=True)
+    for off in (torch.no_grad, lambda: torch.set_grad_enabled(False)):
+        with off():
+            loss, cache = model.run_with_cache(TEXTS, names=names, return_type="loss", incl_bwd=True)
+            assert not torch.is_grad_enabled()
+        close(loss, expected_loss)
+        for name in names:
+            close(cache[f"{name}_grad"], expected[f"{name}_grad"], name)
+    assert torch.is_grad_enabled()
+    with torch.inference_mode():
+        with pytest.raises(
+            UserError, match=r"^incl_bwd needs autograd: call run_with_cache outside torch.inference_mode\(\)$"
+        ):
+            model.run_with_cache(TEXT, names=names, return_type="loss", incl_bwd=True)
