@@ -10,9 +10,10 @@ The digest reads the config (less the keys that name files or loading choices) a
 name and shape and 4,096 of its values at positions drawn from its name: a different checkpoint or a fine-tune
 changes it; an edit of a few weights may not. It is kept in the weights' dtype and in each coarser one (values
 cast down as ``from_pretrained(dtype=...)`` casts them), so float32 weights are also checked against the same
-checkpoint loaded in bfloat16. Parameters a device map offloads are read from accelerate's weights map; those on
-the meta device with no values anywhere (a remote model) add their name only. Values are read where they live
-(GPU or CPU), 4,096 per parameter: 26 ms for 1 B parameters in 128 tensors on the CPU.
+checkpoint loaded in bfloat16. Parameters a device map offloads are read from accelerate's weights map. A model
+with a parameter on the meta device and no values anywhere (a remote model's stand-in) has no digest (``{}``): its
+config and shapes are those of every checkpoint of the architecture, so it is compared by name instead. Values
+are read where they live (GPU or CPU), 4,096 per parameter: 26 ms for 1 B parameters in 128 tensors on the CPU.
 """
 
 from __future__ import annotations
@@ -40,12 +41,16 @@ __all__ = ["DIGEST_DTYPES", "SAMPLES", "check_weights", "model_digests", "weight
 
 def model_digests(model: nn.Module) -> dict[str, str]:
     """``{dtype: hex digest}`` of ``model``'s config and weights (module docstring), for its weights' dtype
-    and each coarser one: equal for the same checkpoint wherever it is loaded from, on whatever device.
+    and each coarser one: equal for the same checkpoint wherever it is loaded from, on whatever device; ``{}``
+    where some weights are not here to read (a remote model: a digest of its config and shapes alone would be
+    equal for every fine-tune of the architecture).
 
     >>> model_digests(model.model)  # doctest: +SKIP
     {'float32': '3f1c...', 'bfloat16': '9a0e...', 'float16': '52d7...'}
     """
     samples = _samples(model)
+    if any(values is None for _, _, values in samples):
+        return {}
     config = _config_text(model).encode()
     return {dtype: _digest(config, samples, dtype) for dtype in DIGEST_DTYPES.get(weights_dtype(model), ())}
 
@@ -63,7 +68,7 @@ def check_weights(model: nn.Module, config: dict, run: str, source: str) -> None
     """A UserError unless ``model`` (loaded from ``source``) has the weights run ``run`` was recorded with,
     by the digests in its ``config``; nothing to compare for a run recorded before they were kept."""
     recorded = config.get("model_digest")
-    if not isinstance(recorded, dict):
+    if not isinstance(recorded, dict) or not recorded:  # {}: recorded where its weights were not (a remote model)
         return
     common = [dtype for dtype in DIGEST_DTYPES.get(weights_dtype(model), ()) if dtype in recorded]
     if not common:
