@@ -28,6 +28,7 @@ from hookpoints.record_plan import DEFAULT_MAX_NEW_TOKENS, known_sources, plan_e
 from hookpoints.settings import RunSettings, Sampling
 from hookpoints.sizes import check_budget, example_bytes
 from hookpoints.store.catalog import Store
+from hookpoints.store.run_checks import check_open_options
 from hookpoints.store.runs import check_shard, in_shard
 from hookpoints.store.writer import DEFAULT_BUFFER_BYTES, HookRows, WriteStats, open_run
 from hookpoints.tasks import Task, get_task, source_languages, target_languages
@@ -151,6 +152,7 @@ def record(
         sampling=sampling,
     )
     check_shard(shard)
+    check_open_options(if_exists, max_buffer_bytes)  # before a new store is created for it
     for name, value in (("frames", frames), ("a prompt template", template)):
         if value is not None and model.modality != "speech":
             raise UserError(f"{name} applies to speech input; this run reads text")
