@@ -169,6 +169,14 @@ def command(
     modality = input_modality(spec, modality, has_audio, model_modalities(model))
     manifest.read_as("audio" if modality == "speech" else "text")
     run_batches = None
+    if use_ray:  # "auto" resolved here, for the actors' device: Ray gives an actor a GPU only when the device
+        # names CUDA, and the model loaded here (on the CPU, which tells the hook points apart and whose weights'
+        # digest and dtype the run keeps) is loaded in the dtype the actors run, not the CPU's float32
+        from hookpoints.placement import resolve_device, resolve_dtype
+
+        there = resolve_device(device)
+        device_here, dtype_there = str(there), str(resolve_dtype(model_dtype, there)).removeprefix("torch.")
+        placement = {**placement, "dtype": dtype_there}
     with err.status(f"loading {model}"):
         if remote:
             from hookpoints.remote import load_remote
@@ -176,16 +184,13 @@ def command(
             # NDIF places the model; the local stand-in's precision is the one asked for (auto: float32).
             hooked = load_remote(model, modality=modality, dtype="float32" if model_dtype == "auto" else model_dtype)
         else:
-            # With --ray the model runs in the actors; here it only tells the hook points apart.
+            # With --ray the model runs in the actors; here it tells the hook points apart and gives the digest.
             local = {**placement, "device": "cpu", "device_map": None} if use_ray else placement
             hooked = load(model, modality=modality, prepend_bos=prepend_bos, **local)
         hooked.select(list(patterns) or None)  # bad hook patterns fail here, before the store is touched
     if use_ray:
-        from hookpoints.placement import resolve_device
         from hookpoints.scale_out import ray_runner
 
-        # "auto" resolved here: Ray gives an actor a GPU only when the device names CUDA.
-        device_here = str(resolve_device(device))
         options = {"modality": hooked.modality, **placement, "device": device_here, "prepend_bos": prepend_bos}
         run_batches = ray_runner(
             model, load_options=options, workers=1 if workers is None else workers, batch_size=batch_size

@@ -10,9 +10,10 @@ The digest reads the config (less the keys that name files or loading choices) a
 name and shape and 4,096 of its values at positions drawn from its name: a different checkpoint or a fine-tune
 changes it; an edit of a few weights may not. It is kept in the weights' dtype and in each coarser one (values
 cast down as ``from_pretrained(dtype=...)`` casts them), so float32 weights are also checked against the same
-checkpoint loaded in bfloat16. Parameters a device map offloads are read from accelerate's weights map; those on
-the meta device with no values anywhere (a remote model) add their name only. Values are read where they live
-(GPU or CPU), 4,096 per parameter: 26 ms for 1 B parameters in 128 tensors on the CPU.
+checkpoint loaded in bfloat16. Parameters a device map offloads are read from accelerate's weights map. A model
+with a parameter on the meta device and no values anywhere (a remote model's stand-in) has no digest (``{}``): its
+config and shapes are those of every checkpoint of the architecture, so it is compared by name instead. Values
+are read where they live (GPU or CPU), 4,096 per parameter: 26 ms for 1 B parameters in 128 tensors on the CPU.
 """
 
 from __future__ import annotations
@@ -35,17 +36,21 @@ _LOADING_KEYS = ("transformers_version", "dtype", "torch_dtype", "architectures"
 #: (a run recorded in float32 is checked against a sweep that loads the checkpoint in bfloat16).
 DIGEST_DTYPES = {"float32": ("float32", "bfloat16", "float16"), "bfloat16": ("bfloat16",), "float16": ("float16",)}
 
-__all__ = ["DIGEST_DTYPES", "SAMPLES", "check_weights", "model_digests", "weights_dtype"]
+__all__ = ["DIGEST_DTYPES", "SAMPLES", "check_weights", "model_digests", "part_digests", "weights_dtype"]
 
 
 def model_digests(model: nn.Module) -> dict[str, str]:
     """``{dtype: hex digest}`` of ``model``'s config and weights (module docstring), for its weights' dtype
-    and each coarser one: equal for the same checkpoint wherever it is loaded from, on whatever device.
+    and each coarser one: equal for the same checkpoint wherever it is loaded from, on whatever device; ``{}``
+    where some weights are not here to read (a remote model: a digest of its config and shapes alone would be
+    equal for every fine-tune of the architecture).
 
     >>> model_digests(model.model)  # doctest: +SKIP
     {'float32': '3f1c...', 'bfloat16': '9a0e...', 'float16': '52d7...'}
     """
     samples = _samples(model)
+    if any(values is None for _, _, values in samples):
+        return {}
     config = _config_text(model).encode()
     return {dtype: _digest(config, samples, dtype) for dtype in DIGEST_DTYPES.get(weights_dtype(model), ())}
 
@@ -59,11 +64,24 @@ def weights_dtype(model: nn.Module) -> str:
     return counts.most_common(1)[0][0] if counts else "none"
 
 
+def part_digests(model: nn.Module) -> dict[str, dict[str, str]]:
+    """``{dtype: {part: hex digest}}``: as :func:`model_digests`, one per top-level module of ``model``
+    (``text_decoder``, ``lm_head``, ...), tied weights read under each of their names. Another class loaded
+    from the same checkpoint (SeamlessM4T v2 for text or for speech) shares some parts: :func:`check_weights`
+    compares those.
+    """
+    samples = _samples(model, every_name=True)
+    if any(values is None for _, _, values in samples):
+        return {}
+    return {dtype: _part_digests(model, samples, dtype) for dtype in DIGEST_DTYPES.get(weights_dtype(model), ())}
+
+
 def check_weights(model: nn.Module, config: dict, run: str, source: str) -> None:
     """A UserError unless ``model`` (loaded from ``source``) has the weights run ``run`` was recorded with,
-    by the digests in its ``config``; nothing to compare for a run recorded before they were kept."""
+    by the digests in its ``config``; nothing to compare for a run recorded before they were kept. A model of
+    another class than the run's (the other modality of SeamlessM4T v2) is compared by the parts both have."""
     recorded = config.get("model_digest")
-    if not isinstance(recorded, dict):
+    if not isinstance(recorded, dict) or not recorded:  # {}: recorded where its weights were not (a remote model)
         return
     common = [dtype for dtype in DIGEST_DTYPES.get(weights_dtype(model), ()) if dtype in recorded]
     if not common:
@@ -71,19 +89,35 @@ def check_weights(model: nn.Module, config: dict, run: str, source: str) -> None
             f"cannot check that model {source} ({weights_dtype(model)} here) has the weights run {run!r} was "
             f"recorded with ({config.get('model_dtype')} there): load it with --model-dtype {config.get('model_dtype')}"
         )
-    here = _digest(_config_text(model).encode(), _samples(model), common[0])
-    if here != recorded[common[0]]:
+    dtype, recorded_class, here_class = common[0], config.get("model_class"), type(model).__name__
+    if recorded_class in (None, here_class):
+        here, there, what = _digest(_config_text(model).encode(), _samples(model), dtype), recorded[dtype], "digest"
+    else:  # the whole digests cover other parameters: compare the parts both classes have
+        parts = (config.get("model_digest_parts") or {}).get(dtype) or {}
+        mine = _part_digests(model, _samples(model, every_name=True), dtype)
+        shared = sorted(set(parts) & set(mine))
+        if not shared:
+            raise UserError(
+                f"cannot check that model {source} (loaded as {here_class}) has the weights run {run!r} was recorded "
+                f"with (as {recorded_class}): they share no part to compare; use a run recorded in this modality"
+            )
+        differ = [part for part in shared if parts[part] != mine[part]]
+        part = (differ or shared)[0]
+        here, there, what = mine[part], parts[part], f"digest of {part}"
+    if here != there:
         raise UserError(
-            f"model {source} does not have the weights run {run!r} was recorded with (digest {here[:12]} != "
-            f"{recorded[common[0]][:12]} in {common[0]}): give the checkpoint that run was recorded with"
+            f"model {source} does not have the weights run {run!r} was recorded with ({what} {here[:12]} != "
+            f"{there[:12]} in {dtype}): give the checkpoint that run was recorded with"
         )
 
 
-def _samples(model: nn.Module) -> list[tuple[str, tuple, torch.Tensor | None]]:
-    """Each parameter's name, shape and SAMPLES of its values (all of a smaller one; None on the meta device)."""
+def _samples(model: nn.Module, every_name: bool = False) -> list[tuple[str, tuple, torch.Tensor | None]]:
+    """Each parameter's name, shape and SAMPLES of its values (all of a smaller one; None on the meta device);
+    a tied one under its first name, or with ``every_name`` under each."""
     found = []
     modules = dict(model.named_modules())
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+    named = model.named_parameters(remove_duplicate=not every_name)
+    for name, param in sorted(named, key=lambda item: item[0]):
         if param.device.type == "meta":
             param = _offloaded(modules, name)
         values = None
@@ -121,6 +155,15 @@ def _digest(config: bytes, samples: list, dtype: str) -> str:
             values = values.to(getattr(torch, dtype)) if values.is_floating_point() else values
             digest.update(values.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _part_digests(model: nn.Module, samples: list, dtype: str) -> dict[str, str]:
+    """The digest of each top-level module's samples (with the config), in ``dtype``."""
+    parts: dict[str, list] = {}
+    for sample in samples:
+        parts.setdefault(sample[0].split(".")[0], []).append(sample)
+    config = _config_text(model).encode()
+    return {part: _digest(config, found, dtype) for part, found in parts.items()}
 
 
 def _positions(name: str, size: int) -> torch.Tensor:

@@ -21,13 +21,14 @@ from hookpoints.inputs import ModelInputs
 from hookpoints.manifest import Manifest, audio_path
 from hookpoints.mask_skips import MASK_CHECK, check_claims
 from hookpoints.model import HookedModel
-from hookpoints.model_digest import model_digests, weights_dtype
+from hookpoints.model_digest import model_digests, part_digests, weights_dtype
 from hookpoints.points import HookPoint
 from hookpoints.pooling import is_scores, scores_for_half
 from hookpoints.record_plan import DEFAULT_MAX_NEW_TOKENS, known_sources, plan_examples
 from hookpoints.settings import RunSettings, Sampling
 from hookpoints.sizes import check_budget, example_bytes
 from hookpoints.store.catalog import Store
+from hookpoints.store.run_checks import check_open_options
 from hookpoints.store.runs import check_shard, in_shard
 from hookpoints.store.writer import DEFAULT_BUFFER_BYTES, HookRows, WriteStats, open_run
 from hookpoints.tasks import Task, get_task, source_languages, target_languages
@@ -151,6 +152,7 @@ def record(
         sampling=sampling,
     )
     check_shard(shard)
+    check_open_options(if_exists, max_buffer_bytes)  # before a new store is created for it
     for name, value in (("frames", frames), ("a prompt template", template)):
         if value is not None and model.modality != "speech":
             raise UserError(f"{name} applies to speech input; this run reads text")
@@ -163,6 +165,7 @@ def record(
         "modality": model.modality,
         "model_class": type(model.model).__name__,
         "model_digest": model_digests(model.model),
+        "model_digest_parts": part_digests(model.model),  # a sweep's model of another class shares some
         "model_dtype": weights_dtype(model.model),
         "adapter": model.adapter.name,
         "manifest": str(manifest.path),

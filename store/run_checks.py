@@ -12,6 +12,22 @@ from hookpoints.store.catalog import RUN_SETTINGS, Store
 from hookpoints.errors import UserError
 
 
+def check_open_options(if_exists: str, max_buffer_bytes: int, max_buffer_seconds: float = 0.0) -> None:
+    """A UserError unless open_run's options are valid: the recorder checks them before it creates a new store
+    (a recording refused for them left an empty store behind)."""
+    bytes_ok = isinstance(max_buffer_bytes, int) and not isinstance(max_buffer_bytes, bool)
+    if not (bytes_ok and 0 <= max_buffer_bytes <= 2**31):  # a flush's vectors are one Arrow list (int32 offsets)
+        raise UserError(
+            f"max_buffer_bytes must be a whole number of bytes from 0 (a commit per batch) to 2**31 (2 GiB), "
+            f"not {max_buffer_bytes!r}"
+        )
+    seconds_ok = isinstance(max_buffer_seconds, int | float) and not isinstance(max_buffer_seconds, bool)
+    if not (seconds_ok and max_buffer_seconds >= 0):  # NaN fails >= too
+        raise UserError(f"max_buffer_seconds must be a number of seconds, 0 or more, not {max_buffer_seconds!r}")
+    if if_exists not in ("error", "resume", "overwrite"):
+        raise UserError(f"if_exists must be error, resume or overwrite, not {if_exists!r}")
+
+
 def check_shards(run: str, info, count: int) -> None:
     """A UserError unless a run of ``info.shards`` shards is continued with as many (``--shard I/N``)."""
     if info.shards == count:

@@ -36,7 +36,7 @@ from hookpoints.store.buffer import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_SECONDS
 from hookpoints.store.catalog import Store, validate_run_name
 from hookpoints.store.commits import FencedAppender, WriterFenced, app_id, append_once
 from hookpoints.store.example_columns import examples_casts
-from hookpoints.store.run_checks import check_no_rows_left, check_resumable, check_shards
+from hookpoints.store.run_checks import check_no_rows_left, check_open_options, check_resumable, check_shards
 from hookpoints.store.runs import check_shard
 from hookpoints.store.schema import CORE_TABLES, HOOKS
 from hookpoints.store.verify_logs import one_line
@@ -96,17 +96,7 @@ def open_run(
     """
     validate_run_name(run)
     index, count = check_shard(shard)
-    bytes_ok = isinstance(max_buffer_bytes, int) and not isinstance(max_buffer_bytes, bool)
-    if not (bytes_ok and 0 <= max_buffer_bytes <= 2**31):  # a flush's vectors are one Arrow list (int32 offsets)
-        raise UserError(
-            f"max_buffer_bytes must be a whole number of bytes from 0 (a commit per batch) to 2**31 (2 GiB), "
-            f"not {max_buffer_bytes!r}"
-        )
-    seconds_ok = isinstance(max_buffer_seconds, int | float) and not isinstance(max_buffer_seconds, bool)
-    if not (seconds_ok and max_buffer_seconds >= 0):  # NaN fails >= too
-        raise UserError(f"max_buffer_seconds must be a number of seconds, 0 or more, not {max_buffer_seconds!r}")
-    if if_exists not in ("error", "resume", "overwrite"):
-        raise UserError(f"if_exists must be error, resume or overwrite, not {if_exists!r}")
+    check_open_options(if_exists, max_buffer_bytes, max_buffer_seconds)
     twice = [name for name, n in Counter(hook.get("hook") for hook in hooks).items() if n > 1 and name is not None]
     if twice:
         raise UserError(f"hooks lists {twice[0]!r} twice: give each hook point once")

@@ -11,12 +11,15 @@ import pytest
 import torch
 from hookpoints.analyses.intervention_sweep import SweepSpec, plan_sweep
 from hookpoints.analyses.ranking import plan_ranking, rank, write_scores
-from hookpoints.store.catalog import Store
+from hookpoints.store.catalog import RunInfo, Store
+from hookpoints.store.run_checks import check_resumable
+from transformers import AutoConfig
 
+from hookpoints.adapters import adapter_for
 from hookpoints.errors import UserError
 from hookpoints.loading import load
 from hookpoints.manifest import read_manifest
-from hookpoints.model_digest import SAMPLES, model_digests, weights_dtype
+from hookpoints.model_digest import SAMPLES, check_weights, model_digests, weights_dtype
 from hookpoints.recorder import record
 from tests.test_placement import SPLIT
 
@@ -156,3 +159,22 @@ def test_a_sweep_refuses_a_model_that_is_not_its_stats_runs(tiny_model_dir, tmp_
     assert len(plan(folder, stats_run="lm16")) == 2  # recorded in bfloat16, checked as float32 cast down
     with pytest.raises(UserError, match=r"^cannot check that model .* \(float16 here\) .* --model-dtype bfloat16"):
         plan(folder, dtype="float16", stats_run="lm16")
+
+
+def test_a_model_whose_weights_are_not_here_has_no_digest_and_is_compared_by_name(tiny_model_dir, store):
+    """A remote model's meta-device stand-in: a digest of its config and shapes alone was the same for two
+    checkpoints of one architecture, and a resume from the other one skipped the comparison by name."""
+
+    def stand_in(folder):
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            return adapter_for(config.model_type).model_class(config, "text").from_config(config)
+
+    first, second = stand_in(tiny_model_dir("llama")), stand_in(tiny_model_dir("llama", seed=1))
+    assert model_digests(first) == model_digests(second) == {}
+    config = {"model_digest": model_digests(first), "model_dtype": weights_dtype(first)}
+    info = RunInfo("r", "complete", "org/base", "forward", "mean", "float32", config)
+    settings = {"model": "org/fine-tune", "task": "forward", "pooling": "mean", "dtype": "float32"}
+    with pytest.raises(UserError, match="^cannot resume run 'r' with model=org/fine-tune: it was recorded with"):
+        check_resumable(store, "r", info, settings, [], {**config, "model_digest": model_digests(second)})
+    check_weights(load(tiny_model_dir("llama"), device="cpu").model, config, "r", "x")  # nothing to compare

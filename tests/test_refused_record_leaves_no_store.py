@@ -14,6 +14,8 @@ REFUSED = {
     "sampling a forward pass": ({"task": "forward", "sampling": hp.Sampling(temperature=0.7)}, "sampling applies to"),
     "frames on text": ({"frames": 300}, "frames applies to speech input"),
     "over max_bytes": ({"hooks": "blocks.*.attn.hook_pattern", "pooling": "none", "max_bytes": 1024}, "over"),
+    "a bad if_exists": ({"if_exists": "replace"}, "if_exists must be error, resume or overwrite"),
+    "a bad buffer size": ({"max_buffer_bytes": -1}, "max_buffer_bytes must be a whole number"),
 }
 
 

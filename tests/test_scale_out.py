@@ -61,3 +61,31 @@ def test_record_with_ray_equals_the_plain_loop(tmp_path, gpt2_dir, run_cli):
 
     code, _, err = run_cli(*args, "--ray", "--workers", "0", "--resume")
     assert code == 2 and "--workers must be at least 1" in err
+
+
+def test_a_ray_run_keeps_the_dtype_and_digest_of_the_weights_its_actors_run(tmp_path, gpt2_dir, run_cli, monkeypatch):
+    """--ray --device cuda with --model-dtype auto: the actors load bfloat16 (a GPU that supports it); the run's
+    config said float32 (the model loaded here on the CPU to list its hook points), and a resume without --ray in
+    bfloat16, the weights the rows came from, was refused with advice to pass --model-dtype float32."""
+    import torch
+
+    import hookpoints.placement as placement
+    import hookpoints.scale_out as scale_out
+
+    actors = {}
+
+    def ray_runner(source, *, load_options, workers, batch_size):
+        actors.update(load_options)
+        return None  # the batches run here, on the model loaded here (as an actor would, on the CPU)
+
+    monkeypatch.setattr(placement, "resolve_device", torch.device)  # "cuda" without asking torch for one
+    monkeypatch.setattr(placement, "bf16_supported", lambda: True)
+    monkeypatch.setattr(scale_out, "ray_runner", ray_runner)
+    (tmp_path / "m.jsonl").write_text(
+        "".join(json.dumps({"id": f"e{i}", "text": f"words {i}"}) + "\n" for i in range(3))
+    )
+    args = ["record", "--model", str(gpt2_dir), "--data", str(tmp_path / "m.jsonl"), "--store", str(tmp_path / "s")]
+    code, _, err = run_cli(*args, "--run", "r", "--hooks", HOOKS[0], "--ray", "--device", "cuda")
+    assert code == 0, err
+    assert (actors["device"], actors["dtype"]) == ("cuda", "bfloat16")
+    assert Store.open(tmp_path / "s").run_info("r").config["model_dtype"] == "bfloat16"

@@ -107,6 +107,18 @@ def test_opening_paths_that_are_not_stores(tmp_path):
         Store.open(tmp_path / "file" / "store", create=True)
 
 
+def test_another_creators_write_probe_is_not_a_foreign_file(tmp_path):
+    """Processes creating one new store at once: one saw another's ``.write-test-PID`` (written and removed as it
+    checks the folder is writable) and refused the folder as "not a hookpoints store"."""
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / ".write-test-4242").write_bytes(b"")  # another process, between its write and unlink
+    assert Store.open(tmp_path / "new", create=True).schema_version() is not None
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / ".write-tests").mkdir()  # the prefix, not a name: mine
+    with pytest.raises(UserError, match="folder that is not a hookpoints store and is not empty"):
+        Store.open(tmp_path / "other", create=True)
+
+
 def test_run_names_are_checked(store):
     with pytest.raises(UserError, match="run name 'bad name' is not allowed"):
         fill(store, "bad name", np.zeros((3, 4), np.float32))
