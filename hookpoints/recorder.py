@@ -21,7 +21,7 @@ from hookpoints.inputs import ModelInputs
 from hookpoints.manifest import Manifest, audio_path
 from hookpoints.mask_skips import MASK_CHECK, check_claims
 from hookpoints.model import HookedModel
-from hookpoints.model_digest import model_digests, part_digests, weights_dtype
+from hookpoints.model_digest import model_config, model_digests, part_digests, weights_dtype
 from hookpoints.points import HookPoint
 from hookpoints.pooling import is_scores, scores_for_half
 from hookpoints.record_plan import DEFAULT_MAX_NEW_TOKENS, known_sources, plan_examples
@@ -165,6 +165,7 @@ def record(
         "modality": model.modality,
         "model_class": type(model.model).__name__,
         "model_digest": model_digests(model.model),
+        "model_config": model_config(model.model),  # compared key by key: not in the digest
         "model_digest_parts": part_digests(model.model),  # a sweep's model of another class shares some
         "model_dtype": weights_dtype(model.model),
         "adapter": model.adapter.name,

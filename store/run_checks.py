@@ -88,6 +88,12 @@ def _check_weights(run: str, recorded_from: str, model: str, stored: dict, given
             f"cannot resume run {run!r} with the model's weights in {given['model_dtype']}: it was recorded with "
             f"them in {stored['model_dtype']} (pass --model-dtype {stored['model_dtype']}, or --overwrite)"
         )
+    differ = config_differences(stored.get("model_config") or {}, given.get("model_config") or {})
+    if differ:
+        raise UserError(
+            f"cannot resume run {run!r} with model {model}: it is not configured as the model the run was recorded "
+            f"with (from {recorded_from}; {differ[0]}); give that checkpoint, or --overwrite"
+        )
     dtype = stored.get("model_dtype")
     recorded, here = (config.get("model_digest") or {} for config in (stored, given))
     if not isinstance(recorded, dict) or dtype not in recorded or dtype not in here:
@@ -99,6 +105,23 @@ def _check_weights(run: str, recorded_from: str, model: str, stored: dict, given
             "or --overwrite"
         )
     return True
+
+
+def config_differences(recorded: dict, here: dict, prefix: str = "") -> list[str]:
+    """``key: value here != value recorded`` for each config key (sub-configs as ``text_config.key``) that both
+    dicts hold with other values; keys only one holds are not compared (a newer transformers writes more).
+
+    >>> config_differences({"rope_theta": 10000.0, "a": 1}, {"rope_theta": 500000.0, "b": 2})
+    ['rope_theta: 500000.0 here != 10000.0 recorded']
+    """
+    found = []
+    for key in sorted(set(recorded) & set(here)):
+        mine, theirs = here[key], recorded[key]
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            found += config_differences(theirs, mine, f"{prefix}{key}.")
+        elif mine != theirs:
+            found.append(f"{prefix}{key}: {mine!r:.40} here != {theirs!r:.40} recorded")
+    return found
 
 
 def check_no_rows_left(store: Store, run: str) -> None:

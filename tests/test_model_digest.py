@@ -4,7 +4,9 @@ another dtype, is refused; an intervention sweep refuses a model that is not its
 
 from __future__ import annotations
 
+import json
 import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -12,14 +14,14 @@ import torch
 from hookpoints.analyses.intervention_sweep import SweepSpec, plan_sweep
 from hookpoints.analyses.ranking import plan_ranking, rank, write_scores
 from hookpoints.store.catalog import RunInfo, Store
-from hookpoints.store.run_checks import check_resumable
+from hookpoints.store.run_checks import check_resumable, config_differences
 from transformers import AutoConfig
 
 from hookpoints.adapters import adapter_for
 from hookpoints.errors import UserError
 from hookpoints.loading import load
 from hookpoints.manifest import read_manifest
-from hookpoints.model_digest import SAMPLES, check_weights, model_digests, weights_dtype
+from hookpoints.model_digest import SAMPLES, _positions, check_weights, model_config, model_digests, weights_dtype
 from hookpoints.recorder import record
 from tests.test_placement import SPLIT
 
@@ -69,9 +71,9 @@ def test_offloaded_weights_are_read_from_the_device_map(tiny_model_dir, tmp_path
     assert model_digests(split) == model_digests(load(folder, device="cpu").model)
 
 
-def test_other_weights_or_config_change_the_digest_and_loading_keys_do_not(tiny_model_dir):
+def test_other_weights_change_the_digest_and_config_values_are_compared_by_key(tiny_model_dir):
     model = load(tiny_model_dir("llama"), device="cpu").model
-    digest = model_digests(model)["float32"]
+    digest, config = model_digests(model)["float32"], model_config(model)
     assert model_digests(load(tiny_model_dir("llama", seed=1), device="cpu").model)["float32"] != digest
     weight = model.model.layers[1].mlp.down_proj.weight  # one matrix, every value moved by a fine-tune's step
     assert weight.numel() > SAMPLES  # sampled, not read whole
@@ -81,10 +83,34 @@ def test_other_weights_or_config_change_the_digest_and_loading_keys_do_not(tiny_
         assert model_digests(model)["float32"] != digest
         weight.copy_(saved)
     assert model_digests(model)["float32"] == digest
+    assert "name_or_path" not in json.dumps(config) and "transformers_version" not in config
     model.config.use_cache = not model.config.use_cache  # how it is run, not what it computes
+    model.config.output_hidden_states = True
+    assert config_differences(config, model_config(model)) == []
+    model.config.rms_norm_eps *= 2  # what it computes: named, and not in the digest
+    assert config_differences(config, model_config(model)) == [
+        f"rms_norm_eps: {model.config.rms_norm_eps!r} here != {config['rms_norm_eps']!r} recorded"
+    ]
     assert model_digests(model)["float32"] == digest
-    model.config.rms_norm_eps *= 2
-    assert model_digests(model)["float32"] != digest
+    newer = {**model_config(model), "a_key_a_newer_transformers_writes": 1}
+    assert config_differences(model_config(model), newer) == []  # only the keys both hold are compared
+
+
+def test_sample_positions_are_splitmix64_written_out():
+    """The positions are the same with any torch or numpy: splitmix64 (Steele, Lea, Flood 2014) step by step in
+    Python integers against the vectorised version."""
+    mask = 2**64 - 1
+
+    def splitmix(seed: int, i: int) -> int:
+        z = (seed + i * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    seed = zlib.crc32(b"model.layers.0.mlp.up_proj.weight")
+    expected = [splitmix(seed, i) % 12_345 for i in range(1, SAMPLES + 1)]
+    assert _positions("model.layers.0.mlp.up_proj.weight", 12_345).tolist() == expected
+    assert len(set(expected)) > 3_000  # spread, not a stride
 
 
 def test_a_resume_and_a_shard_from_a_copy_of_the_checkpoint_are_the_same_model(
@@ -178,3 +204,23 @@ def test_a_model_whose_weights_are_not_here_has_no_digest_and_is_compared_by_nam
     with pytest.raises(UserError, match="^cannot resume run 'r' with model=org/fine-tune: it was recorded with"):
         check_resumable(store, "r", info, settings, [], {**config, "model_digest": model_digests(second)})
     check_weights(load(tiny_model_dir("llama"), device="cpu").model, config, "r", "x")  # nothing to compare
+
+
+def test_a_checkpoint_whose_config_was_edited_is_refused_naming_the_key(tiny_model_dir, tmp_path, manifests, store):
+    folder = _copy(tiny_model_dir("gpt2"), tmp_path / "ckpt")
+    record(load(folder), manifests(2), store, "r", hooks=HOOKS)
+    config = json.loads((folder / "config.json").read_text())
+    epsilon = config["layer_norm_epsilon"]
+    config["layer_norm_epsilon"] = epsilon * 10  # the same weights, another computation
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        UserError, match=r"^cannot resume run 'r' with model .*: it is not configured as .*layer_norm_eps"
+    ):
+        record(load(folder), manifests(), store, "r", hooks=HOOKS, if_exists="resume")
+    recorded = store.run_info("r").config
+    with pytest.raises(UserError, match=r"^model .* is not configured as the model run 'r' .*layer_norm_epsilon"):
+        check_weights(load(folder).model, recorded, "r", str(folder))
+    config["transformers_version"] = "9.99"  # written by another version: not a computation
+    config["layer_norm_epsilon"] = epsilon
+    (folder / "config.json").write_text(json.dumps(config))
+    assert record(load(folder), manifests(), store, "r", hooks=HOOKS, if_exists="resume").recorded == 4
