@@ -112,7 +112,7 @@ class HookedModel(GenerationMethods, ModelApi, WeightsApi):
 
     def _probe(self) -> HookPointSet:
         weights = execution_device(self.model)  # meta: a remote model's stand-in (offloaded weights are not)
-        inputs = self.adapter.probe_inputs(self.model).to(weights, self.model.dtype)
+        inputs = self.adapter.probe_inputs(self.model, self.modality).to(weights, self.model.dtype)
         if weights.type == "meta":  # a remote model's local stand-in: HF mask code calls .item() on the mask
             inputs.kwargs.pop("attention_mask", None)  # (all ones in the probe batch anyway)
         with eager_attention():

@@ -173,8 +173,9 @@ class HookPointSet:
         return name in self.names
 
     def listed(self) -> list[HookPoint]:
-        """What ``hookpoints hooks`` shows by default: the canonical names, or every module output if none."""
-        canonical = [p for p in self if p.canonical]
+        """What ``hookpoints hooks`` shows by default: the canonical names that run on the model's input (not an
+        audio LLM's audio tower on text), or every module output if there are none."""
+        canonical = [p for p in self if p.canonical and p.unavailable is None]
         return canonical or [p for p in self if p.unavailable is None and INPUT_SUFFIX not in p.name]
 
     def get(self, name: str) -> HookPoint:

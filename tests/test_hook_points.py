@@ -132,7 +132,8 @@ def test_unrecordable_hook_point_is_refused_with_its_reason(tiny_model_dir):
     ("family", "modality", "components"),
     [
         ("whisper", None, {"speech_encoder", "text_decoder"}),
-        ("qwen2_audio", None, {"audio_encoder", "audio_projector", "lm"}),
+        ("qwen2_audio", "speech", {"audio_encoder", "audio_projector", "lm"}),
+        ("qwen2_audio", None, {"lm"}),  # for text (its first modality): the audio tower does not run
         ("bert", None, {"encoder"}),
         ("qwen2", None, {"lm"}),
     ],
@@ -148,7 +149,7 @@ def test_audio_spaces(tiny_model_dir):
     assert (whisper.get("speech_encoder.conv1").space, whisper.get("speech_encoder.conv1").neuron_axis) == ("input", 1)
     assert whisper.get("speech_encoder.layers.0.fc1").space == "encoder"
     assert whisper.get("text_decoder.layers.0.encoder_attn.k_proj").space == "encoder"
-    qwen = load(tiny_model_dir("qwen2_audio")).hook_points
+    qwen = load(tiny_model_dir("qwen2_audio"), modality="speech").hook_points
     assert qwen.get("audio_encoder.layers.0.fc1").space == "audio_encoder"
     assert qwen.get("audio_projector.linear").space == "audio_tokens"
     assert qwen.get("blocks.0.hook_resid_post").space == "input"

@@ -88,8 +88,10 @@ class Adapter:
         """The input modalities this family's models take (the first is the default)."""
         return ("text",)
 
-    def probe_inputs(self, model: nn.Module) -> ModelInputs:
-        """A tiny batch of 2 whose position counts differ per space (so the probe can tell them apart)."""
+    def probe_inputs(self, model: nn.Module, modality: str = "text") -> ModelInputs:
+        """A tiny batch of 2 whose position counts differ per space (so the probe can tell them apart), of the
+        input ``modality`` the model was loaded for: an audio LLM's text probe leaves its audio out, so the
+        points of its audio tower are unavailable on text, as they are in its forward pass."""
         raise NotImplementedError
 
     def text_inputs(self, model: nn.Module, tokenizer, texts: list[str]) -> ModelInputs:
@@ -236,7 +238,7 @@ class Adapter:
 class TokenAdapter(Adapter):
     """Families fed token ids (decoder-only LMs, BERT encoders): probed with random ids, record tokenised text."""
 
-    def probe_inputs(self, model):
+    def probe_inputs(self, model, modality="text"):
         ids = random_ids(model, 2, 11)
         mask = ids.new_ones(ids.shape)
         return ModelInputs({"input_ids": ids, "attention_mask": mask}, {"input": mask.bool()})

@@ -23,7 +23,7 @@ class Generic(Adapter):
         causal = self.model_class(config, modality) is AutoModelForCausalLM and not config.is_encoder_decoder
         return ("forward", "continue") if causal else ("forward",)
 
-    def probe_inputs(self, model):
+    def probe_inputs(self, model, modality="text"):
         ids = random_ids(model, 2, 11)
         mask = ids.new_ones(ids.shape)
         return self._with_decoder(model, {"input_ids": ids, "attention_mask": mask}, 3)

@@ -39,14 +39,18 @@ class Qwen2Audio(Adapter):
             return model.config.audio_config.max_source_positions
         return super().key_positions(model, space)
 
-    def probe_inputs(self, model):
+    def probe_inputs(self, model, modality="text"):
         config = model.config
+        high = min(config.audio_token_id, model.get_input_embeddings().num_embeddings)
+        if modality == "text":  # the LM alone: the audio tower does not run on text
+            ids = random_ids(model, 2, 11, high=high)
+            return ModelInputs({"input_ids": ids, "attention_mask": ids.new_ones(ids.shape)}, {"input": ids > -1})
         frames = 2 * config.audio_config.max_source_positions
         features = torch.randn(2, config.audio_config.num_mel_bins, frames, generator=torch.Generator().manual_seed(0))
         feature_mask = torch.ones(2, frames, dtype=torch.long)
         encoder_lengths, token_lengths = model.model.audio_tower._get_feat_extract_output_lengths(feature_mask.sum(-1))
         n_audio = int(token_lengths[0])
-        text = random_ids(model, 2, 4, high=min(config.audio_token_id, model.get_input_embeddings().num_embeddings))
+        text = random_ids(model, 2, 4, high=high)
         ids = torch.cat([torch.full((2, n_audio), config.audio_token_id), text], dim=1)
         mask = torch.ones_like(ids)
         return ModelInputs(

@@ -95,7 +95,7 @@ class Seamless(Adapter):
     def model_class(self, config, modality):
         return SeamlessM4Tv2ForSpeechToText if modality == "speech" else SeamlessM4Tv2ForTextToText
 
-    def probe_inputs(self, model):
+    def probe_inputs(self, model, modality="text"):
         decoder = torch.full((2, 3), model.config.decoder_start_token_id)
         if hasattr(model, "speech_encoder"):
             features = torch.randn(2, 70, model.config.feature_projection_input_dim, generator=_seeded())

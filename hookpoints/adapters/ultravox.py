@@ -41,7 +41,10 @@ class Ultravox(Adapter):
             return model.config.audio_config.max_source_positions
         return super().key_positions(model, space)
 
-    def probe_inputs(self, model):
+    def probe_inputs(self, model, modality="text"):
+        if modality == "text":  # the LM alone: the audio tower does not run on text
+            ids = random_ids(model, 2, 11)
+            return ModelInputs({"input_ids": ids, "attention_mask": ids.new_ones(ids.shape)}, {"input": ids > -1})
         mels = model.config.audio_config.num_mel_bins
         # Odd lengths, distinct per space and from any width (stack factor 8: 74 frames, 37 encoder positions,
         # 5 audio tokens, 11 LM tokens).

@@ -129,7 +129,7 @@ class Whisper(Adapter):
             return {}
         return {"language": found, "task": task.pop()}
 
-    def probe_inputs(self, model):
+    def probe_inputs(self, model, modality="text"):
         config = model.config
         frames = 2 * config.max_source_positions  # Whisper only takes full 30 s windows
         features = torch.randn(2, config.num_mel_bins, frames, generator=torch.Generator().manual_seed(0))
