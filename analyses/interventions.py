@@ -20,7 +20,7 @@ import pyarrow as pa
 from hookpoints.analyses.examples import record_again, run_settings
 from hookpoints.analyses.labels import PRESETS, check_predicate, slug
 from hookpoints.analyses.selection import SIDE_CHOICES, check_side, selected_neurons, stored_sets
-from hookpoints.store.neuron_sql import neuron_stats
+from hookpoints.store.neuron_surface import session_neuron_stats
 from hookpoints.store.query import QuerySession
 
 from hookpoints.errors import UserError
@@ -258,7 +258,7 @@ def _statistic(session: QuerySession, selection: Selection, function: str, run: 
     values, finite = {}, {}
     for hook in hooks:
         wanted = "avg" if function == "avg" else f"{function}, avg"
-        stats = neuron_stats(session, hook, stats=wanted, run=run, examples_where=subset if where else "")
+        stats = session_neuron_stats(session, hook, stats=wanted, run=run, examples_where=subset if where else "")
         for neuron, value, mean in zip(
             stats["neuron"].to_pylist(), stats[function].to_numpy(), stats["avg"].to_numpy(), strict=True
         ):

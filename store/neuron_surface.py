@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 
+import pyarrow as pa
 from hookpoints.store.neuron_rewrite import EXPLAIN, rewrite
 from hookpoints.store.neuron_sql import ARGUMENTS, neuron_stats
 from hookpoints.store.sql_tree import is_select, nodes
@@ -50,11 +51,19 @@ def prepare(session, text: str, params: dict | None = None) -> str:
         return text  # the statement itself reports the parse error
     for call in _calls(tree):
         hooks, args = _call_arguments(call)
-        name = table_name(hooks, args)
-        if name not in session.neuron_stats_results:
-            session.neuron_stats_results[name] = neuron_stats(session, hooks, **args)
-            session.con.register(name, session.neuron_stats_results[name])
+        session_neuron_stats(session, hooks, **args)
     return text
+
+
+def session_neuron_stats(session, hooks: str, **args: str) -> pa.Table:
+    """``neuron_stats(session, hooks, **args)`` computed once per session (its snapshot does not change), and
+    registered under the name the SQL macro reads: a sweep planning many conditions over the same hooks, or a
+    statement naming the same call again, reads the result computed the first time."""
+    name = table_name(hooks, args)
+    if name not in session.neuron_stats_results:
+        session.neuron_stats_results[name] = neuron_stats(session, hooks, **args)
+        session.con.register(name, session.neuron_stats_results[name])
+    return session.neuron_stats_results[name]
 
 
 def _check_plan(session, text: str, params: dict | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,16 @@ def recorded_store(model, tmp_path: Path) -> tuple[Path, dict[str, str]]:
     root = tmp_path / "store"
     hp.record(model, ROWS, str(root), run="r1", hooks="blocks.*.mlp.hook_post", progress=False)
     return root, checksums(root)
+
+
+def copied_store(recorded: tuple[Path, dict[str, str]], tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """Each test's own copy of a store :func:`recorded_store` made once per module (in ``tmp_path / "store"``,
+    byte for byte its files), and the md5 of its files: a test that changes its store changes only its copy."""
+    root = tmp_path / "store"
+    shutil.copytree(recorded[0], root)
+    before = checksums(root)
+    assert before == recorded[1]
+    return root, before
 
 
 def one_line_error(call) -> str:

@@ -9,7 +9,7 @@ import torch
 
 import hookpoints as hp
 from tests.api_helpers import randomise
-from tests.hostile_helpers import checksums, one_line_error, recorded_store
+from tests.hostile_helpers import checksums, copied_store, one_line_error, recorded_store
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +19,16 @@ def gpt2(tiny_model_dir):
     return model
 
 
+@pytest.fixture(scope="module")
+def recorded_once(gpt2, tmp_path_factory):
+    return recorded_store(gpt2, tmp_path_factory.mktemp("recorded"))
+
+
 @pytest.fixture
-def recorded(gpt2, tmp_path):
-    return recorded_store(gpt2, tmp_path)
+def recorded(recorded_once, tmp_path):
+    """A store holding run r1 (two hooks), with its checksums before anything else: the test's own copy of the
+    one recorded for the module (recording it again for each test gave the same files)."""
+    return copied_store(recorded_once, tmp_path)
 
 
 def test_analyses_take_one_name_for_a_list_and_a_store_path(recorded):

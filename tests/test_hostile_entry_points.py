@@ -14,7 +14,7 @@ import torch
 
 import hookpoints as hp
 from tests.api_helpers import randomise
-from tests.hostile_helpers import ROWS, checksums, one_line_error, recorded_store
+from tests.hostile_helpers import ROWS, checksums, copied_store, one_line_error, recorded_store
 
 TEXTS = ["the quick brown fox jumps over", "a lazy dog"]
 
@@ -26,10 +26,16 @@ def gpt2(tiny_model_dir):
     return model
 
 
+@pytest.fixture(scope="module")
+def recorded_once(gpt2, tmp_path_factory):
+    return recorded_store(gpt2, tmp_path_factory.mktemp("recorded"))
+
+
 @pytest.fixture
-def recorded(gpt2, tmp_path):
-    """A store holding run r1 (two hooks), with its checksums and runs before anything else."""
-    return recorded_store(gpt2, tmp_path)
+def recorded(recorded_once, tmp_path):
+    """A store holding run r1 (two hooks), with its checksums before anything else: the test's own copy of the
+    one recorded for the module (recording it again for each test gave the same files)."""
+    return copied_store(recorded_once, tmp_path)
 
 
 def runs_of(root: Path) -> list[tuple]:

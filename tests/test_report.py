@@ -12,15 +12,25 @@ import numpy as np
 import pytest
 from browser_check import check_page, pixel_spread, screenshot
 from hookpoints.analyses.report import write_report
+from hookpoints.store.catalog import Store
 from report_helpers import write_report_store
 
 from hookpoints.errors import UserError
 
 
+@pytest.fixture(scope="module")
+def full_store_recorded(tmp_path_factory):
+    """A store of every analysis (write_report_store: a run, its ranking, clustering and a sweep), made once."""
+    folder = tmp_path_factory.mktemp("full") / "store"
+    write_report_store(Store.open(folder, create=True))
+    return folder
+
+
 @pytest.fixture
-def full_store(store):
-    write_report_store(store)
-    return store
+def full_store(full_store_recorded, tmp_path):
+    """Each test's own copy of that store (byte for byte its files): a test may add runs to it."""
+    shutil.copytree(full_store_recorded, tmp_path / "store")
+    return Store.open(tmp_path / "store")
 
 
 def assert_renders(html, tmp_path, artefact: str | None = None, *, images: bool = True) -> dict:

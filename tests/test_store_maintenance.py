@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,16 +20,24 @@ from hookpoints.recorder import record
 QUERY = "SELECT run, hook, example_id, activation FROM activations ORDER BY ALL"
 
 
-@pytest.fixture
-def small_files_store(tmp_path, gpt2_dir):
-    """Two runs, each committed in many small files (a commit per batch of 2)."""
+@pytest.fixture(scope="module")
+def small_files_recorded(tmp_path_factory, gpt2_dir) -> Path:
+    """Two runs, each committed in many small files (a commit per batch of 2): recorded once for the module."""
+    folder = tmp_path_factory.mktemp("small-files")
     rows = [{"id": f"ex{i}", "text": f"a sentence of {i} words " * (1 + i % 2), "lang": "en"} for i in range(10)]
-    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    store = Store.open(tmp_path / "store", create=True)
-    model, manifest = load(gpt2_dir), read_manifest(tmp_path / "m.jsonl")
+    (folder / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    store = Store.open(folder / "store", create=True)
+    model, manifest = load(gpt2_dir), read_manifest(folder / "m.jsonl")
     for run in ("a", "b"):
         record(model, manifest, store, run, hooks=["blocks.*.hook_resid_post"], batch_size=2, max_buffer_bytes=0)
-    return store
+    return folder / "store"
+
+
+@pytest.fixture
+def small_files_store(small_files_recorded, tmp_path) -> Store:
+    """Each test's own copy of the two-run store (byte for byte its files), to compact, vacuum or damage."""
+    shutil.copytree(small_files_recorded, tmp_path / "store")
+    return Store.open(tmp_path / "store")
 
 
 def _data_files(store: Store, table: str) -> int:
