@@ -125,3 +125,13 @@ def cli_process():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir, tmp_path_factory):
+    """The tiny GPT-2 loaded with ``prepend_bos`` and TransformerLens' copy of it (one per test module)."""
+    from tests.test_transformerlens_names import gpt2_with_bos
+
+    model, peer = gpt2_with_bos(tiny_model_dir, tmp_path_factory.mktemp("tl"))
+    yield model, peer
+    model.reset_hooks()

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_transformerlens_names import TEXT, gpt2_with_bos
+from test_transformerlens_names import TEXT
 
 import hookpoints as hp
 from analyses.intervention_sweep import run_sweep
@@ -34,13 +34,6 @@ def double(x, hook):
 
 def plus_ramp(x, hook):  # not a constant, which the next LayerNorm would take out again
     return x + torch.linspace(0, 1, x.shape[-1])
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_model_dir, tmp_path_factory):
-    model, peer = gpt2_with_bos(tiny_model_dir, tmp_path_factory.mktemp("tl"))
-    yield model, peer
-    model.reset_hooks()
 
 
 @pytest.fixture(autouse=True)

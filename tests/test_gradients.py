@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_transformerlens_names import TEXT, gpt2_with_bos
+from test_transformerlens_names import TEXT
 
 from hookpoints.errors import UserError
 
@@ -42,13 +42,6 @@ PARAMS = {
     "blocks.0.mlp.W_in": "transformer.h.0.mlp.c_fc.weight",
     "blocks.1.attn.b_O": "transformer.h.1.attn.c_proj.bias",
 }
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_model_dir, tmp_path_factory):
-    model, peer = gpt2_with_bos(tiny_model_dir, tmp_path_factory.mktemp("tl"))
-    yield model, peer
-    model.reset_hooks()
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_transformerlens_names import TEXT, gpt2_with_bos
+from test_transformerlens_names import TEXT
 
 from hookpoints.errors import UserError
 from hookpoints.loading import load
@@ -15,12 +15,6 @@ from hookpoints.loading import load
 TEXTS = [TEXT, "a calm river", "The weather"]
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # HookedTransformer is deprecated in 3.x
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_model_dir, tmp_path_factory):
-    model, peer = gpt2_with_bos(tiny_model_dir, tmp_path_factory.mktemp("tl"))
-    return model, peer
 
 
 def close(actual, expected):
