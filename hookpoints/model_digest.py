@@ -100,7 +100,7 @@ def part_digests(model: nn.Module) -> dict[str, dict[str, str]]:
     samples = _samples(model, every_name=True)
     if any(values is None for _, _, values in samples):
         return {}
-    return {dtype: _part_digests(model, samples, dtype) for dtype in DIGEST_DTYPES.get(weights_dtype(model), ())}
+    return {dtype: _part_digests(samples, dtype) for dtype in DIGEST_DTYPES.get(weights_dtype(model), ())}
 
 
 def check_weights(model: nn.Module, config: dict, run: str, source: str) -> None:
@@ -127,7 +127,7 @@ def check_weights(model: nn.Module, config: dict, run: str, source: str) -> None
         here, there, what = _digest(_samples(model), dtype), recorded[dtype], "digest"
     else:  # the whole digests cover other parameters: compare the parts both classes have
         parts = (config.get("model_digest_parts") or {}).get(dtype) or {}
-        mine = _part_digests(model, _samples(model, every_name=True), dtype)
+        mine = _part_digests(_samples(model, every_name=True), dtype)
         shared = sorted(set(parts) & set(mine))
         if not shared:
             raise UserError(
@@ -190,7 +190,7 @@ def _digest(samples: list, dtype: str) -> str:
     return digest.hexdigest()
 
 
-def _part_digests(model: nn.Module, samples: list, dtype: str) -> dict[str, str]:
+def _part_digests(samples: list, dtype: str) -> dict[str, str]:
     """The digest of each top-level module's samples, in ``dtype``."""
     parts: dict[str, list] = {}
     for sample in samples:
